@@ -1,0 +1,132 @@
+//! Types shared by the eBPF programs and the agent.
+//!
+//! Every map key, map value and counter index that crosses the kernel boundary
+//! is defined here once, `#[repr(C)]` with explicit padding, and its size is
+//! asserted at compile time so both sides agree byte for byte. Multi-byte
+//! integers are in host byte order unless the field name ends in `_be`.
+//! Addresses are stored as 16 bytes: an IPv4 address occupies the first four
+//! bytes in network order and the rest is zero.
+#![no_std]
+
+pub mod maps;
+
+/// Address family tag used in keys: IPv4.
+pub const FAMILY_V4: u8 = 4;
+/// Address family tag used in keys: IPv6.
+pub const FAMILY_V6: u8 = 6;
+
+/// Direction of a security-group rule, seen from the VM.
+pub const DIR_INGRESS: u8 = 0;
+/// Traffic the VM sends.
+pub const DIR_EGRESS: u8 = 1;
+
+/// IP protocol numbers the dataplane interprets.
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// Why a packet was dropped. Index into the `DROPS` per-CPU counter array.
+///
+/// One enum for every drop, so every drop is counted by reason.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// The interface has no port configuration (fail closed).
+    UnknownPort = 0,
+    /// A header was cut short.
+    Truncated = 1,
+    /// An Ethernet type the port does not carry (VLAN tags, LLDP, ...).
+    UnsupportedEthertype = 2,
+    /// Malformed IP header (bad version, IHL, length).
+    BadIpHeader = 3,
+    /// IPv4 or IPv6 fragment: ports cannot be checked, so fragments are refused.
+    Fragment = 4,
+    /// IPv6 extension-header chain longer than the parser follows.
+    ExtChainTooLong = 5,
+    /// Source MAC is not the port's MAC.
+    SpoofMac = 6,
+    /// Source IP is not one of the port's addresses.
+    SpoofIp = 7,
+    /// ARP sender hardware or protocol address is not the port's.
+    SpoofArp = 8,
+    /// Neighbour-discovery message claims an address or MAC that is not the port's.
+    SpoofNd = 9,
+    /// Router advertisement or redirect sent by a VM.
+    RaGuard = 10,
+    /// No security-group rule allows this inbound packet.
+    PolicyIngress = 11,
+    /// No security-group rule allows this outbound packet.
+    PolicyEgress = 12,
+    /// An established flow that the current rules no longer allow.
+    PolicyRevoked = 13,
+    /// Malformed ARP packet.
+    BadArp = 14,
+}
+
+/// Number of slots in the drop counter array (room to grow).
+pub const DROP_REASON_SLOTS: u32 = 32;
+
+impl DropReason {
+    /// Every reason, in index order.
+    pub const ALL: [DropReason; 15] = [
+        DropReason::UnknownPort,
+        DropReason::Truncated,
+        DropReason::UnsupportedEthertype,
+        DropReason::BadIpHeader,
+        DropReason::Fragment,
+        DropReason::ExtChainTooLong,
+        DropReason::SpoofMac,
+        DropReason::SpoofIp,
+        DropReason::SpoofArp,
+        DropReason::SpoofNd,
+        DropReason::RaGuard,
+        DropReason::PolicyIngress,
+        DropReason::PolicyEgress,
+        DropReason::PolicyRevoked,
+        DropReason::BadArp,
+    ];
+
+    /// Stable snake_case name, used in logs and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DropReason::UnknownPort => "unknown_port",
+            DropReason::Truncated => "truncated",
+            DropReason::UnsupportedEthertype => "unsupported_ethertype",
+            DropReason::BadIpHeader => "bad_ip_header",
+            DropReason::Fragment => "fragment",
+            DropReason::ExtChainTooLong => "ipv6_ext_chain_too_long",
+            DropReason::SpoofMac => "spoof_mac",
+            DropReason::SpoofIp => "spoof_ip",
+            DropReason::SpoofArp => "spoof_arp",
+            DropReason::SpoofNd => "spoof_nd",
+            DropReason::RaGuard => "ra_guard",
+            DropReason::PolicyIngress => "policy_ingress",
+            DropReason::PolicyEgress => "policy_egress",
+            DropReason::PolicyRevoked => "policy_revoked",
+            DropReason::BadArp => "bad_arp",
+        }
+    }
+}
+
+/// Packet counters other than drops. Index into the `STATS` per-CPU array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stat {
+    /// Packets passed because a conntrack entry matched.
+    CtHit = 0,
+    /// New conntrack entries created after a rule allowed a packet.
+    CtNew = 1,
+    /// Conntrack entries re-checked after the port's policy changed.
+    CtRevalidated = 2,
+    /// ARP and neighbour-discovery packets passed after anti-spoofing.
+    Neighbour = 3,
+    /// Packets passed in total.
+    Passed = 4,
+}
+
+/// Number of slots in the stats array.
+pub const STAT_SLOTS: u32 = 8;
+
+/// The maximum number of IPv6 extension headers the parser follows.
+pub const MAX_IPV6_EXT_HEADERS: u32 = 8;

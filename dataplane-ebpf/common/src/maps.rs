@@ -1,0 +1,192 @@
+//! Keys and values of every pinned map, with the map names and sizes.
+//!
+//! Both the programs (`dataplane-ebpf`) and the agent use these definitions;
+//! the `SIZE` assertions fail the build if the layout drifts.
+
+/// Pinned name of the per-port configuration map (`u32` ifindex -> [`PortInfo`]).
+pub const PORTS: &str = "SDN_PORTS";
+/// Pinned name of the anti-spoofing address set ([`PortAddrKey`] -> `u8`).
+pub const PORT_ADDRS: &str = "SDN_PORT_ADDRS";
+/// Pinned name of the prefix-length index ([`PolicyDirKey`] -> [`PrefixLens`]).
+pub const POLICY_PLENS: &str = "SDN_POLICY_PLENS";
+/// Pinned name of the remote-address classifier ([`AddrKey`] -> [`AddrIdentity`]).
+pub const SG_ADDR: &str = "SDN_SG_ADDR";
+/// Pinned name of the allowed service set ([`RuleKey`] -> `u8`).
+pub const SG_RULES: &str = "SDN_SG_RULES";
+/// Pinned name of the connection-tracking table ([`CtKey`] -> [`CtValue`]).
+pub const CT: &str = "SDN_CT";
+/// Pinned name of the per-CPU drop counters (index: `DropReason`).
+pub const DROPS: &str = "SDN_DROPS";
+/// Pinned name of the per-CPU stats counters (index: `Stat`).
+pub const STATS: &str = "SDN_STATS";
+
+pub const PORTS_MAX: u32 = 4096;
+pub const PORT_ADDRS_MAX: u32 = 16384;
+pub const POLICY_PLENS_MAX: u32 = 16384;
+pub const SG_ADDR_MAX: u32 = 524288;
+pub const SG_RULES_MAX: u32 = 524288;
+pub const CT_MAX: u32 = 262144;
+
+/// Port flag: the port has no egress rules, so everything it sends is allowed.
+pub const PORT_F_EGRESS_OPEN: u32 = 1;
+
+/// Configuration of one VM port, keyed by the ifindex of its host-side device.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortInfo {
+    /// The only source MAC the port may send from.
+    pub mac: [u8; 6],
+    pub _pad0: [u8; 2],
+    /// Compiled policy (one per distinct set of security groups).
+    pub policy_id: u32,
+    /// Changes whenever the port's effective rules change; conntrack entries
+    /// made under another epoch are re-checked against the current rules.
+    pub epoch: u32,
+    /// `PORT_F_*` flags.
+    pub flags: u32,
+    pub _pad1: u32,
+}
+
+/// One address a port may send from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortAddrKey {
+    pub ifindex: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+/// Selects the prefix lengths used by one policy in one direction and family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyDirKey {
+    pub policy_id: u32,
+    pub dir: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Bit `n` set means some remote prefix of length `n` exists (n in 0..=128).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct PrefixLens {
+    pub bits: [u64; 3],
+}
+
+impl PrefixLens {
+    pub fn set(&mut self, plen: u8) {
+        self.bits[(plen / 64) as usize] |= 1u64 << (plen % 64);
+    }
+}
+
+/// A remote prefix of a policy: `addr` masked to `plen` bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AddrKey {
+    pub policy_id: u32,
+    pub dir: u8,
+    pub family: u8,
+    pub plen: u8,
+    pub _pad: u8,
+    pub addr: [u8; 16],
+}
+
+/// What a remote prefix may reach: an identity naming a set of services.
+///
+/// The set is the union of the rules of every prefix containing this one, so
+/// the longest matching prefix alone decides.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddrIdentity {
+    pub identity: u32,
+    /// Bit `n` set: some [`RuleKey`] of this identity has `port_plen == n` (0..=16).
+    pub port_plens: u32,
+    /// Non-zero: every protocol and port is allowed.
+    pub any_proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// An allowed (protocol, port block) of an identity. For TCP and UDP the port
+/// is the destination port; for ICMP and ICMPv6 it is the message type.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleKey {
+    pub identity: u32,
+    pub proto: u8,
+    /// Number of leading port bits that must match (0..=16).
+    pub port_plen: u8,
+    /// The port block's first port, host order.
+    pub port: u16,
+}
+
+/// Connection tracking key, normalised to the port: `local` is the VM side.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub ifindex: u32,
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: [u8; 2],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub local: [u8; 16],
+    pub remote: [u8; 16],
+}
+
+/// The flow was opened by the VM.
+pub const CT_ORIGIN_OUT: u8 = 0;
+/// The flow was opened towards the VM.
+pub const CT_ORIGIN_IN: u8 = 1;
+/// A TCP FIN or RST was seen; the entry expires soon.
+pub const CT_F_CLOSING: u8 = 1;
+
+/// Connection tracking state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtValue {
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub packets_out: u64,
+    pub packets_in: u64,
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+    /// The port epoch under which the flow was last judged.
+    pub epoch: u32,
+    pub origin: u8,
+    pub flags: u8,
+    /// The service the flow was judged on: destination port of its first
+    /// packet for TCP/UDP, message type for ICMP.
+    pub svc: u16,
+}
+
+/// Idle timeouts, nanoseconds.
+pub const CT_TIMEOUT_TCP_NS: u64 = 2 * 3600 * 1_000_000_000;
+pub const CT_TIMEOUT_CLOSING_NS: u64 = 10 * 1_000_000_000;
+pub const CT_TIMEOUT_UDP_NS: u64 = 60 * 1_000_000_000;
+pub const CT_TIMEOUT_OTHER_NS: u64 = 30 * 1_000_000_000;
+
+const _: () = assert!(core::mem::size_of::<PortInfo>() == 24);
+const _: () = assert!(core::mem::size_of::<PortAddrKey>() == 24);
+const _: () = assert!(core::mem::size_of::<PolicyDirKey>() == 8);
+const _: () = assert!(core::mem::size_of::<PrefixLens>() == 24);
+const _: () = assert!(core::mem::size_of::<AddrKey>() == 24);
+const _: () = assert!(core::mem::size_of::<AddrIdentity>() == 12);
+const _: () = assert!(core::mem::size_of::<RuleKey>() == 8);
+const _: () = assert!(core::mem::size_of::<CtKey>() == 44);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 56);
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all are repr(C), Copy, with explicit padding and no pointers.
+    unsafe impl aya::Pod for PortInfo {}
+    unsafe impl aya::Pod for PortAddrKey {}
+    unsafe impl aya::Pod for PolicyDirKey {}
+    unsafe impl aya::Pod for PrefixLens {}
+    unsafe impl aya::Pod for AddrKey {}
+    unsafe impl aya::Pod for AddrIdentity {}
+    unsafe impl aya::Pod for RuleKey {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+}

@@ -1,0 +1,54 @@
+//! The programs' maps. Names, keys, values and sizes come from `dataplane_common::maps`.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use dataplane_common::{
+    maps::{
+        AddrIdentity, AddrKey, CtKey, CtValue, PolicyDirKey, PortAddrKey, PortInfo, PrefixLens,
+        RuleKey, CT_MAX, POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, SG_ADDR_MAX, SG_RULES_MAX,
+    },
+    DropReason, Stat, DROP_REASON_SLOTS, STAT_SLOTS,
+};
+
+#[map(name = "SDN_PORTS")]
+pub static PORTS: HashMap<u32, PortInfo> = HashMap::pinned(PORTS_MAX, 0);
+
+#[map(name = "SDN_PORT_ADDRS")]
+pub static PORT_ADDRS: HashMap<PortAddrKey, u8> = HashMap::pinned(PORT_ADDRS_MAX, 0);
+
+#[map(name = "SDN_POLICY_PLENS")]
+pub static POLICY_PLENS: HashMap<PolicyDirKey, PrefixLens> =
+    HashMap::pinned(POLICY_PLENS_MAX, 0);
+
+#[map(name = "SDN_SG_ADDR")]
+pub static SG_ADDR: HashMap<AddrKey, AddrIdentity> = HashMap::pinned(SG_ADDR_MAX, 0);
+
+#[map(name = "SDN_SG_RULES")]
+pub static SG_RULES: HashMap<RuleKey, u8> = HashMap::pinned(SG_RULES_MAX, 0);
+
+#[map(name = "SDN_CT")]
+pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CT_MAX, 0);
+
+#[map(name = "SDN_DROPS")]
+pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DROP_REASON_SLOTS, 0);
+
+#[map(name = "SDN_STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(STAT_SLOTS, 0);
+
+#[inline(always)]
+pub fn count_drop(reason: DropReason) {
+    if let Some(p) = DROPS.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count(stat: Stat) {
+    if let Some(p) = STATS.get_ptr_mut(stat as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *p += 1 };
+    }
+}

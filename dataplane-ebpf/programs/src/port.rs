@@ -1,0 +1,219 @@
+//! The per-port pipeline: anti-spoofing for what the VM sends, then the
+//! security groups with conntrack in both directions.
+
+use aya_ebpf::programs::TcContext;
+use dataplane_common::{
+    maps::{CtKey, PortAddrKey, PortInfo, CT_ORIGIN_IN, CT_ORIGIN_OUT},
+    DropReason, Stat, DIR_EGRESS, DIR_INGRESS, FAMILY_V4, FAMILY_V6, PROTO_ICMPV6,
+};
+
+use crate::{
+    conntrack::{self, Ct},
+    maps::{count, PORTS, PORT_ADDRS},
+    parse::{self, Ip, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6},
+    policy,
+};
+
+// ICMPv6 message types handled outside the security groups.
+const ND_RS: u8 = 133;
+const ND_RA: u8 = 134;
+const ND_NS: u8 = 135;
+const ND_NA: u8 = 136;
+const ND_REDIRECT: u8 = 137;
+const MLD_QUERY: u8 = 130;
+const MLD_REPORT: u8 = 131;
+const MLD_DONE: u8 = 132;
+const MLD2_REPORT: u8 = 143;
+
+#[inline(always)]
+fn port_of(ctx: &TcContext) -> Result<PortInfo, DropReason> {
+    // SAFETY: reading the ifindex field of the context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: the value is copied out at once.
+    match unsafe { PORTS.get(&ifindex) } {
+        Some(p) => Ok(*p),
+        None => Err(DropReason::UnknownPort),
+    }
+}
+
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: reading the ifindex field of the context.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+#[inline(always)]
+fn owns(ifindex: u32, family: u8, addr: &[u8; 16]) -> bool {
+    let k = PortAddrKey { ifindex, family, _pad: [0; 3], addr: *addr };
+    // SAFETY: presence check only.
+    unsafe { PORT_ADDRS.get(&k) }.is_some()
+}
+
+/// Packets the VM sends.
+#[inline(always)]
+pub fn from_vm(ctx: &TcContext) -> Result<(), DropReason> {
+    let port = port_of(ctx)?;
+    let ifx = ifindex(ctx);
+    let eth = parse::eth(ctx)?;
+    if eth.src != port.mac {
+        return Err(DropReason::SpoofMac);
+    }
+    let ip = match eth.proto {
+        ETH_P_ARP => {
+            let a = parse::arp(ctx)?;
+            let mut ip = [0u8; 16];
+            ip[..4].copy_from_slice(&a.sender_ip);
+            // 0.0.0.0 is an ARP probe (RFC 5227).
+            if a.sender_mac != port.mac || (a.sender_ip != [0; 4] && !owns(ifx, FAMILY_V4, &ip)) {
+                return Err(DropReason::SpoofArp);
+            }
+            count(Stat::Neighbour);
+            return Ok(());
+        }
+        ETH_P_IP => parse::ipv4(ctx)?,
+        ETH_P_IPV6 => parse::ipv6(ctx)?,
+        _ => return Err(DropReason::UnsupportedEthertype),
+    };
+    if ip.family == FAMILY_V6 && ip.proto == PROTO_ICMPV6 {
+        if let Some(r) = neighbour_from_vm(ctx, ifx, &port, &ip) {
+            return r;
+        }
+    }
+    if !owns(ifx, ip.family, &ip.src) {
+        return Err(DropReason::SpoofIp);
+    }
+    let key = CtKey {
+        ifindex: ifx,
+        family: ip.family,
+        proto: ip.proto,
+        _pad: [0; 2],
+        local_port: ip.sport,
+        remote_port: ip.dport,
+        local: ip.src,
+        remote: ip.dst,
+    };
+    let len = ctx.len();
+    if let Ct::Established = conntrack::lookup(&key, &port, true, ip.tcp_flags, len)? {
+        return Ok(());
+    }
+    let svc = ip.service();
+    if !policy::allowed(&port, DIR_EGRESS, ip.family, &ip.dst, ip.proto, svc) {
+        return Err(DropReason::PolicyEgress);
+    }
+    conntrack::create(&key, &port, CT_ORIGIN_OUT, svc, ip.tcp_flags, len);
+    Ok(())
+}
+
+/// Neighbour discovery and MLD the VM sends: checked for spoofing, never
+/// subject to security groups. `None` means an ordinary ICMPv6 message.
+#[inline(always)]
+fn neighbour_from_vm(
+    ctx: &TcContext,
+    ifx: u32,
+    port: &PortInfo,
+    ip: &Ip,
+) -> Option<Result<(), DropReason>> {
+    let unspecified = ip.src == [0u8; 16];
+    let src_ok = owns(ifx, FAMILY_V6, &ip.src);
+    let r = match ip.icmp_type {
+        ND_RA | ND_REDIRECT => Err(DropReason::RaGuard),
+        ND_RS | MLD_REPORT | MLD_DONE | MLD2_REPORT => {
+            if src_ok || unspecified {
+                Ok(())
+            } else {
+                Err(DropReason::SpoofIp)
+            }
+        }
+        ND_NS => {
+            if !(src_ok || unspecified) {
+                Err(DropReason::SpoofIp)
+            } else {
+                check_lladdr_option(ctx, ip.l4_off + 24, 1, port)
+            }
+        }
+        ND_NA => {
+            if !src_ok {
+                return Some(Err(DropReason::SpoofIp));
+            }
+            // The target address must be the port's own.
+            let target: [u8; 16] = match ctx.load(ip.l4_off + 8) {
+                Ok(t) => t,
+                Err(_) => return Some(Err(DropReason::Truncated)),
+            };
+            if !owns(ifx, FAMILY_V6, &target) {
+                Err(DropReason::SpoofNd)
+            } else {
+                check_lladdr_option(ctx, ip.l4_off + 24, 2, port)
+            }
+        }
+        MLD_QUERY => Err(DropReason::RaGuard),
+        _ => return None,
+    };
+    if r.is_ok() {
+        count(Stat::Neighbour);
+    }
+    Some(r)
+}
+
+/// If the first ND option is a link-layer address option of `kind`
+/// (1 source, 2 target), it must carry the port's MAC.
+#[inline(always)]
+fn check_lladdr_option(ctx: &TcContext, off: usize, kind: u8, port: &PortInfo) -> Result<(), DropReason> {
+    let opt: [u8; 8] = match ctx.load(off) {
+        Ok(o) => o,
+        // No options at all.
+        Err(_) => return Ok(()),
+    };
+    if opt[0] == kind && opt[1] == 1 && opt[2..8] != port.mac {
+        return Err(DropReason::SpoofNd);
+    }
+    Ok(())
+}
+
+/// Packets towards the VM.
+#[inline(always)]
+pub fn to_vm(ctx: &TcContext) -> Result<(), DropReason> {
+    let port = port_of(ctx)?;
+    let ifx = ifindex(ctx);
+    let eth = parse::eth(ctx)?;
+    let ip = match eth.proto {
+        ETH_P_ARP => {
+            parse::arp(ctx)?;
+            count(Stat::Neighbour);
+            return Ok(());
+        }
+        ETH_P_IP => parse::ipv4(ctx)?,
+        ETH_P_IPV6 => parse::ipv6(ctx)?,
+        _ => return Err(DropReason::UnsupportedEthertype),
+    };
+    if ip.family == FAMILY_V6
+        && ip.proto == PROTO_ICMPV6
+        && matches!(
+            ip.icmp_type,
+            ND_RS | ND_RA | ND_NS | ND_NA | ND_REDIRECT | MLD_QUERY | MLD_REPORT | MLD_DONE | MLD2_REPORT
+        )
+    {
+        count(Stat::Neighbour);
+        return Ok(());
+    }
+    let key = CtKey {
+        ifindex: ifx,
+        family: ip.family,
+        proto: ip.proto,
+        _pad: [0; 2],
+        local_port: ip.dport,
+        remote_port: ip.sport,
+        local: ip.dst,
+        remote: ip.src,
+    };
+    let len = ctx.len();
+    if let Ct::Established = conntrack::lookup(&key, &port, false, ip.tcp_flags, len)? {
+        return Ok(());
+    }
+    let svc = ip.service();
+    if !policy::allowed(&port, DIR_INGRESS, ip.family, &ip.src, ip.proto, svc) {
+        return Err(DropReason::PolicyIngress);
+    }
+    conntrack::create(&key, &port, CT_ORIGIN_IN, svc, ip.tcp_flags, len);
+    Ok(())
+}

@@ -1,0 +1,278 @@
+//! Typed objects of the network model. Text from the API or from YAML is
+//! parsed into these types once, at the edge; the parse error names the field.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
+
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
+use serde::{Deserialize, Serialize};
+
+/// A tenant: one government department.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tenant {
+    pub id: String,
+    pub name: String,
+}
+
+/// A tenant's VPC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vpc {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+}
+
+/// A subnet of a VPC, IPv4, IPv6 or both.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subnet {
+    pub id: String,
+    pub vpc_id: String,
+    pub cidr_v4: Option<Ipv4Network>,
+    pub cidr_v6: Option<Ipv6Network>,
+}
+
+/// A hypervisor host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Host {
+    pub id: String,
+    pub underlay_ip: IpAddr,
+}
+
+/// A VM network interface.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Port {
+    pub id: String,
+    pub tenant_id: String,
+    pub subnet_id: String,
+    pub host_id: String,
+    pub device: String,
+    pub mac: Mac,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+    pub security_group_ids: Vec<String>,
+}
+
+impl Port {
+    /// The port's addresses, IPv4 first.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.ipv4.map(IpAddr::V4).into_iter().chain(self.ipv6.map(IpAddr::V6))
+    }
+}
+
+/// A tenant's security group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecurityGroup {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    pub rules: Vec<Rule>,
+}
+
+/// Direction of a rule, seen from the port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+/// Address family of a rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum EtherType {
+    IPv4,
+    IPv6,
+}
+
+/// Protocol of a rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Any,
+    Tcp,
+    Udp,
+    Icmp,
+    Icmpv6,
+}
+
+impl Protocol {
+    /// The IP protocol number; `None` for any.
+    pub fn number(self) -> Option<u8> {
+        match self {
+            Protocol::Any => None,
+            Protocol::Tcp => Some(6),
+            Protocol::Udp => Some(17),
+            Protocol::Icmp => Some(1),
+            Protocol::Icmpv6 => Some(58),
+        }
+    }
+}
+
+/// Whom a rule admits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Remote {
+    /// Any address of the rule's family.
+    Any,
+    /// A prefix of the rule's family.
+    Cidr(IpNetwork),
+    /// The addresses of the ports in a security group.
+    Group(String),
+}
+
+/// One allow rule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    pub id: String,
+    pub direction: Direction,
+    pub ether_type: EtherType,
+    pub protocol: Protocol,
+    /// Inclusive range of ports (TCP/UDP) or ICMP types; `None`: all.
+    pub ports: Option<(u16, u16)>,
+    pub remote: Remote,
+}
+
+/// A MAC address.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Mac(pub [u8; 6]);
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+    }
+}
+
+impl fmt::Debug for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for Mac {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 6 {
+            return Err(format!("invalid MAC {s:?}: expected six hex octets separated by ':'"));
+        }
+        let mut m = [0u8; 6];
+        for (i, p) in parts.iter().enumerate() {
+            if p.len() != 2 {
+                return Err(format!("invalid MAC {s:?}: octet {p:?} is not two hex digits"));
+            }
+            m[i] = u8::from_str_radix(p, 16)
+                .map_err(|_| format!("invalid MAC {s:?}: octet {p:?} is not hex"))?;
+        }
+        if m[0] & 1 != 0 {
+            return Err(format!("invalid MAC {s:?}: multicast/broadcast address"));
+        }
+        if m == [0; 6] {
+            return Err(format!("invalid MAC {s:?}: all zero"));
+        }
+        Ok(Mac(m))
+    }
+}
+
+impl Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Mac {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Kinds of object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Kind {
+    Tenant,
+    Vpc,
+    Subnet,
+    Host,
+    Port,
+    SecurityGroup,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Tenant => "tenant",
+            Kind::Vpc => "vpc",
+            Kind::Subnet => "subnet",
+            Kind::Host => "host",
+            Kind::Port => "port",
+            Kind::SecurityGroup => "security_group",
+        }
+    }
+}
+
+/// One change of a batch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    PutTenant(Tenant),
+    PutVpc(Vpc),
+    PutSubnet(Subnet),
+    PutHost(Host),
+    PutPort(Port),
+    PutSecurityGroup(SecurityGroup),
+    Delete { kind: Kind, id: String },
+}
+
+impl Op {
+    /// The field name of this operation in the API (`put_port`, `delete`, ...).
+    pub fn field(&self) -> &'static str {
+        match self {
+            Op::PutTenant(_) => "put_tenant",
+            Op::PutVpc(_) => "put_vpc",
+            Op::PutSubnet(_) => "put_subnet",
+            Op::PutHost(_) => "put_host",
+            Op::PutPort(_) => "put_port",
+            Op::PutSecurityGroup(_) => "put_security_group",
+            Op::Delete { .. } => "delete",
+        }
+    }
+
+    /// One line for the audit record.
+    pub fn describe(&self) -> String {
+        match self {
+            Op::PutTenant(t) => format!("put tenant {}", t.id),
+            Op::PutVpc(v) => format!("put vpc {}", v.id),
+            Op::PutSubnet(s) => format!("put subnet {}", s.id),
+            Op::PutHost(h) => format!("put host {}", h.id),
+            Op::PutPort(p) => format!("put port {}", p.id),
+            Op::PutSecurityGroup(g) => format!("put security_group {} ({} rules)", g.id, g.rules.len()),
+            Op::Delete { kind, id } => format!("delete {} {}", kind.name(), id),
+        }
+    }
+}
+
+/// Checks an object id: 1-64 characters of `[A-Za-z0-9._-]`.
+pub fn check_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if id.len() > 64 {
+        return Err(format!("{id:?} is longer than 64 characters"));
+    }
+    if let Some(c) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return Err(format!("{id:?} contains {c:?}; allowed: letters, digits, '.', '_', '-'"));
+    }
+    Ok(())
+}
+
+/// Parses a prefix and refuses host bits past the prefix length.
+pub fn parse_cidr(s: &str) -> Result<IpNetwork, String> {
+    let n: IpNetwork = s.parse().map_err(|e| format!("invalid CIDR {s:?}: {e}"))?;
+    if !s.contains('/') {
+        return Err(format!("invalid CIDR {s:?}: missing prefix length"));
+    }
+    if n.network() != n.ip() {
+        return Err(format!("invalid CIDR {s:?}: host bits set (did you mean {}/{}?)", n.network(), n.prefix()));
+    }
+    Ok(n)
+}

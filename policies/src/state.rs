@@ -1,0 +1,499 @@
+//! The store's state and the rules every change must obey. A batch is
+//! checked against the state as the batch's own earlier operations left it,
+//! and applies whole or not at all.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+
+use crate::model::*;
+
+/// Why a batch was refused: which operation, which field, what is wrong.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub struct BatchError {
+    /// Index of the operation in the batch.
+    pub index: usize,
+    /// Path of the offending field, e.g. `operations[2].put_port.mac`.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for BatchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Every object of the model, keyed by id.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    pub tenants: BTreeMap<String, Tenant>,
+    pub vpcs: BTreeMap<String, Vpc>,
+    pub subnets: BTreeMap<String, Subnet>,
+    pub hosts: BTreeMap<String, Host>,
+    pub ports: BTreeMap<String, Port>,
+    pub security_groups: BTreeMap<String, SecurityGroup>,
+}
+
+struct Ctx<'a> {
+    index: usize,
+    op: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, field: &str, message: impl Into<String>) -> BatchError {
+        let field = if field.is_empty() {
+            format!("operations[{}].{}", self.index, self.op)
+        } else {
+            format!("operations[{}].{}.{}", self.index, self.op, field)
+        };
+        BatchError { index: self.index, field, message: message.into() }
+    }
+}
+
+impl State {
+    /// Applies a batch: every operation or none. Returns one line per change.
+    pub fn apply_batch(&mut self, ops: &[Op]) -> Result<Vec<String>, BatchError> {
+        if ops.is_empty() {
+            return Err(BatchError {
+                index: 0,
+                field: "operations".into(),
+                message: "the batch is empty".into(),
+            });
+        }
+        let mut next = self.clone();
+        let mut changes = Vec::with_capacity(ops.len());
+        for (index, op) in ops.iter().enumerate() {
+            let ctx = Ctx { index, op: op.field() };
+            next.apply_one(&ctx, op)?;
+            changes.push(op.describe());
+        }
+        *self = next;
+        Ok(changes)
+    }
+
+    fn apply_one(&mut self, c: &Ctx, op: &Op) -> Result<(), BatchError> {
+        match op {
+            Op::PutTenant(t) => {
+                check_id(&t.id).map_err(|m| c.err("id", m))?;
+                self.tenants.insert(t.id.clone(), t.clone());
+            }
+            Op::PutVpc(v) => {
+                check_id(&v.id).map_err(|m| c.err("id", m))?;
+                self.need_tenant(c, "tenant_id", &v.tenant_id)?;
+                if let Some(old) = self.vpcs.get(&v.id) {
+                    if old.tenant_id != v.tenant_id {
+                        return Err(c.err("tenant_id", format!("vpc {} belongs to tenant {}; a VPC cannot change tenant", v.id, old.tenant_id)));
+                    }
+                }
+                self.vpcs.insert(v.id.clone(), v.clone());
+            }
+            Op::PutSubnet(s) => self.put_subnet(c, s)?,
+            Op::PutHost(h) => {
+                check_id(&h.id).map_err(|m| c.err("id", m))?;
+                if h.underlay_ip.is_unspecified() || h.underlay_ip.is_multicast() {
+                    return Err(c.err("underlay_ip", format!("{} is not a unicast address", h.underlay_ip)));
+                }
+                self.hosts.insert(h.id.clone(), h.clone());
+            }
+            Op::PutPort(p) => self.put_port(c, p)?,
+            Op::PutSecurityGroup(g) => self.put_group(c, g)?,
+            Op::Delete { kind, id } => self.delete(c, *kind, id)?,
+        }
+        Ok(())
+    }
+
+    fn need_tenant(&self, c: &Ctx, field: &str, id: &str) -> Result<(), BatchError> {
+        if self.tenants.contains_key(id) {
+            Ok(())
+        } else {
+            Err(c.err(field, format!("unknown tenant {id:?}")))
+        }
+    }
+
+    fn put_subnet(&mut self, c: &Ctx, s: &Subnet) -> Result<(), BatchError> {
+        check_id(&s.id).map_err(|m| c.err("id", m))?;
+        if !self.vpcs.contains_key(&s.vpc_id) {
+            return Err(c.err("vpc_id", format!("unknown vpc {:?}", s.vpc_id)));
+        }
+        if s.cidr_v4.is_none() && s.cidr_v6.is_none() {
+            return Err(c.err("cidr_v4", "a subnet needs cidr_v4, cidr_v6 or both"));
+        }
+        if let Some(n) = s.cidr_v4 {
+            if n.prefix() > 30 {
+                return Err(c.err("cidr_v4", format!("{n} is too small for VMs (longest allowed /30)")));
+            }
+        }
+        if let Some(n) = s.cidr_v6 {
+            if n.prefix() > 126 {
+                return Err(c.err("cidr_v6", format!("{n} is too small for VMs (longest allowed /126)")));
+            }
+        }
+        if let Some(old) = self.subnets.get(&s.id) {
+            if old.vpc_id != s.vpc_id {
+                return Err(c.err("vpc_id", format!("subnet {} belongs to vpc {}; a subnet cannot move", s.id, old.vpc_id)));
+            }
+        }
+        for other in self.subnets.values().filter(|o| o.vpc_id == s.vpc_id && o.id != s.id) {
+            if let (Some(a), Some(b)) = (s.cidr_v4, other.cidr_v4) {
+                if a.overlaps(b) {
+                    return Err(c.err("cidr_v4", format!("{a} overlaps {b} of subnet {} in vpc {}", other.id, s.vpc_id)));
+                }
+            }
+            if let (Some(a), Some(b)) = (s.cidr_v6, other.cidr_v6) {
+                if a.overlaps(b) {
+                    return Err(c.err("cidr_v6", format!("{a} overlaps {b} of subnet {} in vpc {}", other.id, s.vpc_id)));
+                }
+            }
+        }
+        for p in self.ports.values().filter(|p| p.subnet_id == s.id) {
+            if let Some(ip) = p.ipv4 {
+                if !s.cidr_v4.is_some_and(|n| n.contains(ip)) {
+                    return Err(c.err("cidr_v4", format!("port {} has address {ip} outside the new prefix", p.id)));
+                }
+            }
+            if let Some(ip) = p.ipv6 {
+                if !s.cidr_v6.is_some_and(|n| n.contains(ip)) {
+                    return Err(c.err("cidr_v6", format!("port {} has address {ip} outside the new prefix", p.id)));
+                }
+            }
+        }
+        self.subnets.insert(s.id.clone(), s.clone());
+        Ok(())
+    }
+
+    fn put_port(&mut self, c: &Ctx, p: &Port) -> Result<(), BatchError> {
+        check_id(&p.id).map_err(|m| c.err("id", m))?;
+        self.need_tenant(c, "tenant_id", &p.tenant_id)?;
+        let subnet = self
+            .subnets
+            .get(&p.subnet_id)
+            .ok_or_else(|| c.err("subnet_id", format!("unknown subnet {:?}", p.subnet_id)))?;
+        let vpc = &self.vpcs[&subnet.vpc_id];
+        if vpc.tenant_id != p.tenant_id {
+            return Err(c.err("subnet_id", format!("subnet {} is in vpc {} of tenant {}, not {}", subnet.id, vpc.id, vpc.tenant_id, p.tenant_id)));
+        }
+        if !self.hosts.contains_key(&p.host_id) {
+            return Err(c.err("host_id", format!("unknown host {:?}", p.host_id)));
+        }
+        check_device(&p.device).map_err(|m| c.err("device", m))?;
+        if p.ipv4.is_none() && p.ipv6.is_none() {
+            return Err(c.err("ipv4", "a port needs an IPv4 address, an IPv6 address or both"));
+        }
+        if let Some(ip) = p.ipv4 {
+            match subnet.cidr_v4 {
+                None => return Err(c.err("ipv4", format!("subnet {} has no IPv4 prefix", subnet.id))),
+                Some(n) if !n.contains(ip) => return Err(c.err("ipv4", format!("{ip} is outside subnet {} ({n})", subnet.id))),
+                Some(n) if ip == n.network() || ip == n.broadcast() => {
+                    return Err(c.err("ipv4", format!("{ip} is the network or broadcast address of {n}")))
+                }
+                _ => {}
+            }
+        }
+        if let Some(ip) = p.ipv6 {
+            match subnet.cidr_v6 {
+                None => return Err(c.err("ipv6", format!("subnet {} has no IPv6 prefix", subnet.id))),
+                Some(n) if !n.contains(ip) => return Err(c.err("ipv6", format!("{ip} is outside subnet {} ({n})", subnet.id))),
+                Some(n) if ip == n.network() => return Err(c.err("ipv6", format!("{ip} is the subnet-router anycast address of {n}"))),
+                _ => {}
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for (i, g) in p.security_group_ids.iter().enumerate() {
+            let field = format!("security_group_ids[{i}]");
+            let grp = self.security_groups.get(g).ok_or_else(|| c.err(&field, format!("unknown security group {g:?}")))?;
+            if grp.tenant_id != p.tenant_id {
+                return Err(c.err(&field, format!("security group {g} belongs to tenant {}, not {}", grp.tenant_id, p.tenant_id)));
+            }
+            if !seen.insert(g) {
+                return Err(c.err(&field, format!("security group {g} listed twice")));
+            }
+        }
+        for other in self.ports.values().filter(|o| o.id != p.id) {
+            if other.host_id == p.host_id && other.device == p.device {
+                return Err(c.err("device", format!("device {} on host {} is already port {}", p.device, p.host_id, other.id)));
+            }
+            let other_vpc = &self.subnets[&other.subnet_id].vpc_id;
+            if *other_vpc == subnet.vpc_id {
+                if p.ipv4.is_some() && other.ipv4 == p.ipv4 {
+                    return Err(c.err("ipv4", format!("{} is already used by port {} in vpc {}", p.ipv4.unwrap(), other.id, other_vpc)));
+                }
+                if p.ipv6.is_some() && other.ipv6 == p.ipv6 {
+                    return Err(c.err("ipv6", format!("{} is already used by port {} in vpc {}", p.ipv6.unwrap(), other.id, other_vpc)));
+                }
+                if other.mac == p.mac {
+                    return Err(c.err("mac", format!("{} is already used by port {} in vpc {}", p.mac, other.id, other_vpc)));
+                }
+            }
+        }
+        self.ports.insert(p.id.clone(), p.clone());
+        Ok(())
+    }
+
+    fn put_group(&mut self, c: &Ctx, g: &SecurityGroup) -> Result<(), BatchError> {
+        check_id(&g.id).map_err(|m| c.err("id", m))?;
+        self.need_tenant(c, "tenant_id", &g.tenant_id)?;
+        if let Some(old) = self.security_groups.get(&g.id) {
+            if old.tenant_id != g.tenant_id {
+                return Err(c.err("tenant_id", format!("security group {} belongs to tenant {}; a group cannot change tenant", g.id, old.tenant_id)));
+            }
+        }
+        let mut ids = BTreeSet::new();
+        for (i, r) in g.rules.iter().enumerate() {
+            let f = |name: &str| format!("rules[{i}].{name}");
+            check_id(&r.id).map_err(|m| c.err(&f("id"), m))?;
+            if !ids.insert(&r.id) {
+                return Err(c.err(&f("id"), format!("rule id {} used twice", r.id)));
+            }
+            match (r.protocol, r.ether_type) {
+                (Protocol::Icmp, EtherType::IPv6) => return Err(c.err(&f("protocol"), "icmp is for IPv4 rules; use icmpv6")),
+                (Protocol::Icmpv6, EtherType::IPv4) => return Err(c.err(&f("protocol"), "icmpv6 is for IPv6 rules; use icmp")),
+                _ => {}
+            }
+            if let Some((lo, hi)) = r.ports {
+                if lo > hi {
+                    return Err(c.err(&f("port_min"), format!("port_min {lo} is above port_max {hi}")));
+                }
+                match r.protocol {
+                    Protocol::Any => return Err(c.err(&f("port_min"), "a port range needs protocol tcp, udp, icmp or icmpv6")),
+                    Protocol::Icmp | Protocol::Icmpv6 if hi > 255 => {
+                        return Err(c.err(&f("port_max"), format!("ICMP type {hi} is above 255")))
+                    }
+                    _ => {}
+                }
+            }
+            match &r.remote {
+                Remote::Any => {}
+                Remote::Cidr(n) => {
+                    let fam_ok = matches!((n, r.ether_type), (IpNetwork::V4(_), EtherType::IPv4) | (IpNetwork::V6(_), EtherType::IPv6));
+                    if !fam_ok {
+                        return Err(c.err(&f("remote_cidr"), format!("{n} does not match ether_type {:?}", r.ether_type)));
+                    }
+                    if n.network() != n.ip() {
+                        return Err(c.err(&f("remote_cidr"), format!("{n} has host bits set")));
+                    }
+                }
+                Remote::Group(id) => {
+                    let grp_tenant = if *id == g.id {
+                        Some(&g.tenant_id)
+                    } else {
+                        self.security_groups.get(id).map(|x| &x.tenant_id)
+                    };
+                    match grp_tenant {
+                        None => return Err(c.err(&f("remote_group_id"), format!("unknown security group {id:?}"))),
+                        Some(t) if *t != g.tenant_id => {
+                            return Err(c.err(&f("remote_group_id"), format!("security group {id} belongs to tenant {t}, not {}", g.tenant_id)))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        self.security_groups.insert(g.id.clone(), g.clone());
+        Ok(())
+    }
+
+    fn delete(&mut self, c: &Ctx, kind: Kind, id: &str) -> Result<(), BatchError> {
+        let in_use = |what: String| Err(c.err("id", format!("{} {id} is still used by {what}", kind.name())));
+        match kind {
+            Kind::Tenant => {
+                if !self.tenants.contains_key(id) {
+                    return Err(c.err("id", format!("unknown tenant {id:?}")));
+                }
+                if let Some(v) = self.vpcs.values().find(|v| v.tenant_id == id) {
+                    return in_use(format!("vpc {}", v.id));
+                }
+                if let Some(g) = self.security_groups.values().find(|g| g.tenant_id == id) {
+                    return in_use(format!("security group {}", g.id));
+                }
+                self.tenants.remove(id);
+            }
+            Kind::Vpc => {
+                if !self.vpcs.contains_key(id) {
+                    return Err(c.err("id", format!("unknown vpc {id:?}")));
+                }
+                if let Some(s) = self.subnets.values().find(|s| s.vpc_id == id) {
+                    return in_use(format!("subnet {}", s.id));
+                }
+                self.vpcs.remove(id);
+            }
+            Kind::Subnet => {
+                if !self.subnets.contains_key(id) {
+                    return Err(c.err("id", format!("unknown subnet {id:?}")));
+                }
+                if let Some(p) = self.ports.values().find(|p| p.subnet_id == id) {
+                    return in_use(format!("port {}", p.id));
+                }
+                self.subnets.remove(id);
+            }
+            Kind::Host => {
+                if !self.hosts.contains_key(id) {
+                    return Err(c.err("id", format!("unknown host {id:?}")));
+                }
+                if let Some(p) = self.ports.values().find(|p| p.host_id == id) {
+                    return in_use(format!("port {}", p.id));
+                }
+                self.hosts.remove(id);
+            }
+            Kind::Port => {
+                if self.ports.remove(id).is_none() {
+                    return Err(c.err("id", format!("unknown port {id:?}")));
+                }
+            }
+            Kind::SecurityGroup => {
+                if !self.security_groups.contains_key(id) {
+                    return Err(c.err("id", format!("unknown security group {id:?}")));
+                }
+                if let Some(p) = self.ports.values().find(|p| p.security_group_ids.iter().any(|g| g == id)) {
+                    return in_use(format!("port {}", p.id));
+                }
+                if let Some(g) = self.security_groups.values().find(|g| {
+                    g.id != id && g.rules.iter().any(|r| r.remote == Remote::Group(id.to_string()))
+                }) {
+                    return in_use(format!("a remote-group rule of security group {}", g.id));
+                }
+                self.security_groups.remove(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Addresses of every port in a security group.
+    pub fn group_members(&self, group: &str) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = self
+            .ports
+            .values()
+            .filter(|p| p.security_group_ids.iter().any(|g| g == group))
+            .flat_map(|p| p.addresses())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+/// Checks a Linux interface name: 1-15 bytes, no '/', whitespace or ':'.
+pub fn check_device(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 15 {
+        return Err(format!("{name:?} is not 1-15 bytes long"));
+    }
+    if name == "." || name == ".." || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control()) {
+        return Err(format!("{name:?} is not a valid interface name"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> State {
+        let mut s = State::default();
+        s.apply_batch(&[
+            Op::PutTenant(Tenant { id: "t1".into(), name: "Dept 1".into() }),
+            Op::PutVpc(Vpc { id: "v1".into(), tenant_id: "t1".into(), name: "v".into() }),
+            Op::PutSubnet(Subnet { id: "s1".into(), vpc_id: "v1".into(), cidr_v4: Some("10.0.0.0/24".parse().unwrap()), cidr_v6: Some("fd00::/64".parse().unwrap()) }),
+            Op::PutHost(Host { id: "h1".into(), underlay_ip: "192.0.2.1".parse().unwrap() }),
+        ])
+        .unwrap();
+        s
+    }
+
+    fn port(id: &str, ip: &str) -> Port {
+        Port {
+            id: id.into(),
+            tenant_id: "t1".into(),
+            subnet_id: "s1".into(),
+            host_id: "h1".into(),
+            device: format!("d{id}"),
+            mac: format!("02:00:00:00:00:{:02x}", id.len() + ip.len()).parse().unwrap(),
+            ipv4: Some(ip.parse().unwrap()),
+            ipv6: None,
+            security_group_ids: vec![],
+        }
+    }
+
+    #[test]
+    fn batch_is_all_or_nothing() {
+        let mut s = base();
+        let before = s.clone();
+        let err = s
+            .apply_batch(&[Op::PutPort(port("p1", "10.0.0.5")), Op::PutPort(port("p2", "10.9.0.5"))])
+            .unwrap_err();
+        assert_eq!(err.index, 1);
+        assert_eq!(err.field, "operations[1].put_port.ipv4");
+        assert_eq!(s, before, "a refused batch must leave the state as it was");
+    }
+
+    #[test]
+    fn overlapping_subnets_are_refused() {
+        let mut s = base();
+        let err = s
+            .apply_batch(&[Op::PutSubnet(Subnet { id: "s2".into(), vpc_id: "v1".into(), cidr_v4: Some("10.0.0.128/25".parse().unwrap()), cidr_v6: None })])
+            .unwrap_err();
+        assert_eq!(err.field, "operations[0].put_subnet.cidr_v4");
+        assert!(err.message.contains("overlaps"), "{err}");
+    }
+
+    #[test]
+    fn unknown_references_name_the_field() {
+        let mut s = base();
+        let mut p = port("p1", "10.0.0.5");
+        p.security_group_ids = vec!["nope".into()];
+        let err = s.apply_batch(&[Op::PutPort(p)]).unwrap_err();
+        assert_eq!(err.field, "operations[0].put_port.security_group_ids[0]");
+        let err = s.apply_batch(&[Op::Delete { kind: Kind::Host, id: "zz".into() }]).unwrap_err();
+        assert!(err.message.contains("unknown host"), "{err}");
+    }
+
+    #[test]
+    fn rules_are_checked() {
+        let mut s = base();
+        let rule = |protocol, ports, remote| Rule { id: "r".into(), direction: Direction::Ingress, ether_type: EtherType::IPv4, protocol, ports, remote };
+        for (r, field) in [
+            (rule(Protocol::Tcp, Some((90, 80)), Remote::Any), "rules[0].port_min"),
+            (rule(Protocol::Any, Some((80, 80)), Remote::Any), "rules[0].port_min"),
+            (rule(Protocol::Icmpv6, None, Remote::Any), "rules[0].protocol"),
+            (rule(Protocol::Tcp, None, Remote::Cidr("fd00::/8".parse().unwrap())), "rules[0].remote_cidr"),
+            (rule(Protocol::Tcp, None, Remote::Group("other".into())), "rules[0].remote_group_id"),
+        ] {
+            let g = SecurityGroup { id: "g".into(), tenant_id: "t1".into(), name: "g".into(), rules: vec![r] };
+            let err = s.apply_batch(&[Op::PutSecurityGroup(g)]).unwrap_err();
+            assert_eq!(err.field, format!("operations[0].put_security_group.{field}"), "{err}");
+        }
+    }
+
+    #[test]
+    fn groups_in_use_cannot_be_deleted() {
+        let mut s = base();
+        let g = SecurityGroup { id: "g".into(), tenant_id: "t1".into(), name: "g".into(), rules: vec![] };
+        let mut p = port("p1", "10.0.0.5");
+        p.security_group_ids = vec!["g".into()];
+        s.apply_batch(&[Op::PutSecurityGroup(g), Op::PutPort(p)]).unwrap();
+        assert_eq!(s.group_members("g"), vec!["10.0.0.5".parse::<IpAddr>().unwrap()]);
+        let err = s.apply_batch(&[Op::Delete { kind: Kind::SecurityGroup, id: "g".into() }]).unwrap_err();
+        assert!(err.message.contains("still used by port p1"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_addresses_in_a_vpc_are_refused() {
+        let mut s = base();
+        s.apply_batch(&[Op::PutPort(port("p1", "10.0.0.5"))]).unwrap();
+        let mut p2 = port("p2", "10.0.0.5");
+        p2.mac = "02:00:00:00:01:01".parse().unwrap();
+        let err = s.apply_batch(&[Op::PutPort(p2)]).unwrap_err();
+        assert_eq!(err.field, "operations[0].put_port.ipv4");
+    }
+
+    #[test]
+    fn cidrs_and_macs_parse_strictly() {
+        assert!(parse_cidr("10.0.0.1/24").unwrap_err().contains("host bits"));
+        assert!(parse_cidr("10.0.0.0/33").is_err());
+        assert!(parse_cidr("10.0.0.0").is_err());
+        assert!("01:00:00:00:00:01".parse::<Mac>().unwrap_err().contains("multicast"));
+        assert!("02:00:00:00:00".parse::<Mac>().is_err());
+        assert!(check_id("a b").is_err());
+    }
+}
