@@ -1,1 +1,8 @@
+//! The controller: provisioning API, replicated store, per-host slices,
+//! watch fan-out and audit.
 
+pub mod convert;
+pub mod enforcement;
+pub mod service;
+pub mod slice;
+pub mod store;

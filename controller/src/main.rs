@@ -1,1 +1,96 @@
-fn main() {}
+//! `sdn-controller`: serves the provisioning and agent APIs over a replicated
+//! store (a one-member Raft cluster by default).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use clap::Parser;
+use sdn_controller::{enforcement::Enforcement, service::Controller, slice, store::Store};
+use sdn_proto::v1::{agent_server::AgentServer, provisioning_server::ProvisioningServer};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "SDN controller: provisioning and agent APIs over a Raft store")]
+struct Args {
+    /// Directory of the store (created if missing).
+    #[arg(long, env = "SDN_DATA_DIR", default_value = "/var/lib/sdn-controller")]
+    data_dir: PathBuf,
+    /// Raft node id of this replica.
+    #[arg(long, default_value_t = 1)]
+    node_id: u64,
+    /// TCP address to serve on.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: String,
+    /// Unix socket to serve on as well (agents in other network namespaces use it).
+    #[arg(long)]
+    listen_unix: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,openraft=warn".into()))
+        .init();
+    let args = Args::parse();
+    let store = Store::open(&args.data_dir, args.node_id, &args.listen, slice::host_digests)
+        .await
+        .with_context(|| format!("opening the store in {}", args.data_dir.display()))?;
+    let ctl = Controller { store: store.clone(), enforcement: Arc::new(Enforcement::default()) };
+
+    let tcp = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    tracing::info!(addr = %args.listen, data_dir = %args.data_dir.display(), "controller serving");
+    let router = || {
+        tonic::transport::Server::builder()
+            .add_service(ProvisioningServer::new(ctl.clone()))
+            .add_service(AgentServer::new(ctl.clone()))
+    };
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = term.recv() => {},
+        }
+        tracing::info!("shutting down");
+    };
+    let (stop_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let mut servers = tokio::task::JoinSet::new();
+    {
+        let mut rx = stop_tx.subscribe();
+        let r = router();
+        servers.spawn(async move {
+            r.serve_with_incoming_shutdown(TcpListenerStream::new(tcp), async move {
+                let _ = rx.recv().await;
+            })
+            .await
+        });
+    }
+    if let Some(path) = &args.listen_unix {
+        let _ = std::fs::remove_file(path);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let uds = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+        tracing::info!(socket = %path.display(), "controller serving on a unix socket");
+        let mut rx = stop_tx.subscribe();
+        let r = router();
+        servers.spawn(async move {
+            r.serve_with_incoming_shutdown(UnixListenerStream::new(uds), async move {
+                let _ = rx.recv().await;
+            })
+            .await
+        });
+    }
+    tokio::select! {
+        _ = shutdown => {},
+        Some(r) = servers.join_next() => { r??; }
+    }
+    let _ = stop_tx.send(());
+    // Open watch streams keep servers busy; do not wait for them forever.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async { while servers.join_next().await.is_some() {} }).await;
+    store.raft.shutdown().await.ok();
+    if let Some(path) = &args.listen_unix {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}

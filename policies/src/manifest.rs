@@ -1,1 +1,513 @@
-pub fn _placeholder() {}
+//! Administrators' manifests: Kubernetes-style YAML documents
+//! (`apiVersion`, `kind`, `metadata`, `spec`), several per file separated by
+//! `---`. Every error carries the file and line.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{self, Direction, EtherType, Mac, Op, Protocol, Remote};
+
+/// The API version manifests must declare.
+pub const API_VERSION: &str = "sdn/v1";
+
+/// An error in a manifest, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestError {
+    pub file: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.column) {
+            (Some(l), Some(c)) => write!(f, "{}:{}:{}: {}", self.file, l, c, self.message),
+            (Some(l), None) => write!(f, "{}:{}: {}", self.file, l, self.message),
+            _ => write!(f, "{}: {}", self.file, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ManifestError {}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct Metadata {
+    name: String,
+    #[serde(default)]
+    tenant: Option<String>,
+}
+
+/// One document of a known kind, parsed straight from the text so that every
+/// error keeps its line.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Typed<S> {
+    #[serde(rename = "apiVersion")]
+    api_version: String,
+    #[allow(dead_code)]
+    kind: String,
+    metadata: Metadata,
+    #[serde(default = "Option::default")]
+    spec: Option<S>,
+}
+
+enum Doc {
+    Tenant(Typed<TenantSpec>),
+    Vpc(Typed<VpcSpec>),
+    Subnet(Typed<SubnetSpec>),
+    Host(Typed<HostSpec>),
+    Port(Typed<PortSpec>),
+    SecurityGroup(Typed<SecurityGroupSpec>),
+}
+
+/// The kinds a manifest may declare.
+pub const KINDS: [&str; 6] = ["Tenant", "Vpc", "Subnet", "Host", "Port", "SecurityGroup"];
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TenantSpec {
+    #[serde(default)]
+    display_name: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VpcSpec {
+    #[serde(default)]
+    display_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct SubnetSpec {
+    vpc: String,
+    #[serde(default)]
+    cidr_v4: Option<Cidr>,
+    #[serde(default)]
+    cidr_v6: Option<Cidr>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct HostSpec {
+    underlay_ip: IpAddr,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PortSpec {
+    subnet: String,
+    host: String,
+    device: String,
+    mac: Mac,
+    #[serde(default)]
+    ipv4: Option<Ipv4Addr>,
+    #[serde(default)]
+    ipv6: Option<Ipv6Addr>,
+    #[serde(default)]
+    security_groups: Vec<String>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct SecurityGroupSpec {
+    #[serde(default)]
+    display_name: Option<String>,
+    #[serde(default)]
+    rules: Vec<RuleSpec>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RuleSpec {
+    id: String,
+    direction: Direction,
+    ether_type: EtherType,
+    protocol: Protocol,
+    #[serde(default)]
+    ports: Option<PortRange>,
+    #[serde(default)]
+    remote_cidr: Option<Cidr>,
+    #[serde(default)]
+    remote_group: Option<String>,
+}
+
+/// A prefix written as text; host bits are refused while parsing, so the
+/// error carries the line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Cidr(IpNetwork);
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        model::parse_cidr(&s).map(Cidr).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+/// `80`, or `"8000-8080"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PortRange(u16, u16);
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        let one = |n: u64| u16::try_from(n).map_err(|_| D::Error::custom(format!("port {n} is above 65535")));
+        match Raw::deserialize(d)? {
+            Raw::N(n) => {
+                let p = one(n)?;
+                Ok(PortRange(p, p))
+            }
+            Raw::S(s) => {
+                let parse = |t: &str| -> Result<u16, D::Error> {
+                    let n: u64 = t.trim().parse().map_err(|_| D::Error::custom(format!("invalid port range {s:?}: expected N or N-M")))?;
+                    one(n)
+                };
+                let (a, b) = match s.split_once('-') {
+                    Some((a, b)) => (parse(a)?, parse(b)?),
+                    None => {
+                        let p = parse(&s)?;
+                        (p, p)
+                    }
+                };
+                if a > b {
+                    return Err(D::Error::custom(format!("invalid port range {s:?}: {a} is above {b}")));
+                }
+                Ok(PortRange(a, b))
+            }
+        }
+    }
+}
+
+impl Serialize for PortRange {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0 == self.1 {
+            s.serialize_u16(self.0)
+        } else {
+            s.collect_str(&format_args!("{}-{}", self.0, self.1))
+        }
+    }
+}
+
+/// An operation and where its document starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Located {
+    pub op: Op,
+    pub file: String,
+    pub line: usize,
+}
+
+fn at(file: &str, line: Option<usize>, column: Option<usize>, message: impl Into<String>) -> ManifestError {
+    ManifestError { file: file.to_string(), line, column, message: message.into() }
+}
+
+/// Parses every document of one file's text.
+pub fn parse_str(file: &str, text: &str) -> Result<Vec<Located>, ManifestError> {
+    let mut out = Vec::new();
+    // Split on document markers ourselves, to know each document's first line.
+    let mut docs: Vec<(usize, String)> = vec![(1, String::new())];
+    for (i, line) in text.lines().enumerate() {
+        if line.trim_end() == "---" {
+            docs.push((i + 2, String::new()));
+        } else {
+            let d = &mut docs.last_mut().expect("one document").1;
+            d.push_str(line);
+            d.push('\n');
+        }
+    }
+    for (start, body) in docs {
+        if body.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
+            continue;
+        }
+        let yerr = |e: serde_yaml::Error| {
+            let loc = e.location();
+            let msg = e.to_string();
+            // serde_yaml appends " at line L column C"; we report it ourselves.
+            let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+            at(file, loc.as_ref().map(|l| l.line() + start - 1).or(Some(start)), loc.map(|l| l.column()), msg)
+        };
+        let header: serde_yaml::Value = serde_yaml::from_str(&body).map_err(yerr)?;
+        let kind = header.get("kind").and_then(|k| k.as_str()).ok_or_else(|| {
+            at(file, Some(start), None, format!("kind: missing; one of {}", KINDS.join(", ")))
+        })?;
+        let doc = match kind {
+            "Tenant" => Doc::Tenant(serde_yaml::from_str(&body).map_err(yerr)?),
+            "Vpc" => Doc::Vpc(serde_yaml::from_str(&body).map_err(yerr)?),
+            "Subnet" => Doc::Subnet(serde_yaml::from_str(&body).map_err(yerr)?),
+            "Host" => Doc::Host(serde_yaml::from_str(&body).map_err(yerr)?),
+            "Port" => Doc::Port(serde_yaml::from_str(&body).map_err(yerr)?),
+            "SecurityGroup" => Doc::SecurityGroup(serde_yaml::from_str(&body).map_err(yerr)?),
+            other => {
+                let line = body.lines().position(|l| l.starts_with("kind:")).map(|i| i + start);
+                return Err(at(file, line.or(Some(start)), None, format!("kind: unknown kind {other:?}; one of {}", KINDS.join(", "))));
+            }
+        };
+        let op = to_op(doc).map_err(|m| at(file, Some(start), None, m))?;
+        out.push(Located { op, file: file.to_string(), line: start });
+    }
+    Ok(out)
+}
+
+fn check_version(v: &str) -> Result<(), String> {
+    if v == API_VERSION {
+        Ok(())
+    } else {
+        Err(format!("apiVersion: {v:?} is not supported; use {API_VERSION:?}"))
+    }
+}
+
+fn need_tenant(m: &Metadata, kind: &str) -> Result<String, String> {
+    m.tenant.clone().ok_or_else(|| format!("metadata.tenant: a {kind} needs its tenant"))
+}
+
+fn spec<S>(spec: Option<S>) -> Result<S, String> {
+    spec.ok_or_else(|| "spec: missing".to_string())
+}
+
+fn to_op(doc: Doc) -> Result<Op, String> {
+    Ok(match doc {
+        Doc::Tenant(Typed { api_version, metadata, spec, .. }) => {
+            check_version(&api_version)?;
+            let spec = spec.unwrap_or_default();
+            Op::PutTenant(model::Tenant { name: spec.display_name.unwrap_or_else(|| metadata.name.clone()), id: metadata.name })
+        }
+        Doc::Vpc(Typed { api_version, metadata, spec, .. }) => {
+            check_version(&api_version)?;
+            let spec = spec.unwrap_or_default();
+            Op::PutVpc(model::Vpc {
+                tenant_id: need_tenant(&metadata, "Vpc")?,
+                name: spec.display_name.unwrap_or_else(|| metadata.name.clone()),
+                id: metadata.name,
+            })
+        }
+        Doc::Subnet(Typed { api_version, metadata, spec, .. }) => {
+            check_version(&api_version)?;
+            let spec = self::spec(spec)?;
+            let cidr_v4 = match spec.cidr_v4.map(|c| c.0) {
+                None => None,
+                Some(IpNetwork::V4(n)) => Some(n),
+                Some(n) => return Err(format!("spec.cidrV4: {n} is not an IPv4 prefix")),
+            };
+            let cidr_v6 = match spec.cidr_v6.map(|c| c.0) {
+                None => None,
+                Some(IpNetwork::V6(n)) => Some(n),
+                Some(n) => return Err(format!("spec.cidrV6: {n} is not an IPv6 prefix")),
+            };
+            Op::PutSubnet(model::Subnet { id: metadata.name, vpc_id: spec.vpc, cidr_v4, cidr_v6 })
+        }
+        Doc::Host(Typed { api_version, metadata, spec, .. }) => {
+            check_version(&api_version)?;
+            Op::PutHost(model::Host { id: metadata.name, underlay_ip: self::spec(spec)?.underlay_ip })
+        }
+        Doc::Port(Typed { api_version, metadata, spec, .. }) => {
+            check_version(&api_version)?;
+            let spec = self::spec(spec)?;
+            Op::PutPort(model::Port {
+                tenant_id: need_tenant(&metadata, "Port")?,
+                id: metadata.name,
+                subnet_id: spec.subnet,
+                host_id: spec.host,
+                device: spec.device,
+                mac: spec.mac,
+                ipv4: spec.ipv4,
+                ipv6: spec.ipv6,
+                security_group_ids: spec.security_groups,
+            })
+        }
+        Doc::SecurityGroup(Typed { api_version, metadata, spec, .. }) => {
+            check_version(&api_version)?;
+            let spec = self::spec(spec)?;
+            let mut rules = Vec::new();
+            for (i, r) in spec.rules.into_iter().enumerate() {
+                let remote = match (r.remote_cidr, r.remote_group) {
+                    (Some(_), Some(_)) => return Err(format!("spec.rules[{i}]: set remoteCidr or remoteGroup, not both")),
+                    (Some(c), None) => Remote::Cidr(c.0),
+                    (None, Some(g)) => Remote::Group(g),
+                    (None, None) => Remote::Any,
+                };
+                rules.push(model::Rule {
+                    id: r.id,
+                    direction: r.direction,
+                    ether_type: r.ether_type,
+                    protocol: r.protocol,
+                    ports: r.ports.map(|p| (p.0, p.1)),
+                    remote,
+                });
+            }
+            Op::PutSecurityGroup(model::SecurityGroup {
+                tenant_id: need_tenant(&metadata, "SecurityGroup")?,
+                name: spec.display_name.unwrap_or_else(|| metadata.name.clone()),
+                id: metadata.name,
+                rules,
+            })
+        }
+    })
+}
+
+/// Reads a file, or every `.yaml`/`.yml` file under a directory (sorted).
+pub fn load_path(path: &Path) -> Result<Vec<Located>, ManifestError> {
+    let mut files: Vec<PathBuf> = Vec::new();
+    if path.is_dir() {
+        let mut stack = vec![path.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            let rd = std::fs::read_dir(&dir).map_err(|e| at(&dir.display().to_string(), None, None, e.to_string()))?;
+            for entry in rd {
+                let p = entry.map_err(|e| at(&dir.display().to_string(), None, None, e.to_string()))?.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+                    files.push(p);
+                }
+            }
+        }
+        files.sort();
+    } else {
+        files.push(path.to_path_buf());
+    }
+    let mut out = Vec::new();
+    for f in files {
+        let name = f.display().to_string();
+        let text = std::fs::read_to_string(&f).map_err(|e| at(&name, None, None, format!("cannot read: {e}")))?;
+        out.extend(parse_str(&name, &text)?);
+    }
+    Ok(out)
+}
+
+/// Orders operations so that what others refer to comes first.
+pub fn dependency_order(mut ops: Vec<Located>) -> Vec<Located> {
+    fn rank(op: &Op) -> u8 {
+        match op {
+            Op::PutTenant(_) => 0,
+            Op::PutVpc(_) => 1,
+            Op::PutSubnet(_) => 2,
+            Op::PutHost(_) => 3,
+            Op::PutSecurityGroup(_) => 4,
+            Op::PutPort(_) => 5,
+            Op::Delete { .. } => 6,
+        }
+    }
+    ops.sort_by_key(|l| rank(&l.op));
+    ops
+}
+
+/// Checks manifests offline: everything that does not need the server's
+/// state. References to objects not in the manifests are left to the server.
+pub fn validate_offline(ops: &[Located]) -> Result<(), ManifestError> {
+    for l in ops {
+        let single = match &l.op {
+            Op::PutSecurityGroup(g) => {
+                // Check the group alone, with stand-ins for its tenant and remote groups.
+                let mut st = crate::State::default();
+                let mut pre = vec![Op::PutTenant(model::Tenant { id: g.tenant_id.clone(), name: String::new() })];
+                for r in &g.rules {
+                    if let Remote::Group(rg) = &r.remote {
+                        if *rg != g.id && model::check_id(rg).is_ok() {
+                            pre.push(Op::PutSecurityGroup(model::SecurityGroup { id: rg.clone(), tenant_id: g.tenant_id.clone(), name: String::new(), rules: vec![] }));
+                        }
+                    }
+                }
+                if model::check_id(&g.tenant_id).is_ok() {
+                    st.apply_batch(&pre).ok();
+                }
+                st.apply_batch(&[l.op.clone()]).err()
+            }
+            Op::PutTenant(t) => model::check_id(&t.id).err().map(|m| crate::BatchError { index: 0, field: "metadata.name".into(), message: m }),
+            _ => None,
+        };
+        if let Some(e) = single {
+            let field = e.field.replace("operations[0].put_security_group.", "spec.");
+            return Err(at(&l.file, Some(l.line), None, format!("{field}: {}", e.message)));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "\
+apiVersion: sdn/v1
+kind: SecurityGroup
+metadata:
+  name: web
+  tenant: t1
+spec:
+  rules:
+    - id: http
+      direction: ingress
+      etherType: IPv4
+      protocol: tcp
+      ports: 80
+    - id: alt
+      direction: ingress
+      etherType: IPv6
+      protocol: tcp
+      ports: \"8000-8080\"
+      remoteCidr: fd00::/8
+---
+apiVersion: sdn/v1
+kind: Tenant
+metadata:
+  name: t1
+";
+
+    #[test]
+    fn parses_documents() {
+        let ops = parse_str("g.yaml", GOOD).unwrap();
+        assert_eq!(ops.len(), 2);
+        assert_eq!(ops[1].line, 20);
+        let Op::PutSecurityGroup(g) = &ops[0].op else { panic!() };
+        assert_eq!(g.rules[1].ports, Some((8000, 8080)));
+        let ordered = dependency_order(ops);
+        assert!(matches!(ordered[0].op, Op::PutTenant(_)));
+        validate_offline(&ordered).unwrap();
+    }
+
+    #[test]
+    fn errors_carry_lines() {
+        let bad = GOOD.replace("remoteCidr: fd00::/8", "remoteCidr: fd00::1/8");
+        let e = parse_str("g.yaml", &bad).unwrap_err();
+        assert_eq!(e.line, Some(13), "{e}"); // the rule that holds it
+        assert!(e.message.contains("host bits"), "{e}");
+
+        let bad = GOOD.replace("ports: 80", "portz: 80");
+        let e = parse_str("g.yaml", &bad).unwrap_err();
+        assert_eq!(e.line, Some(12), "{e}");
+        assert!(e.message.contains("unknown field `portz`"), "{e}");
+
+        let bad = GOOD.replace("ports: 80", "ports: \"90-80\"");
+        assert!(parse_str("g.yaml", &bad).unwrap_err().message.contains("90 is above 80"));
+
+        let bad = GOOD.replace("kind: Tenant", "kind: Tenent");
+        let e = parse_str("g.yaml", &bad).unwrap_err();
+        assert!(e.line.unwrap() >= 20, "{e}");
+
+        let bad = GOOD.replace("protocol: tcp\n      ports: 80", "protocol: icmpv6\n      ports: 80");
+        let ops = parse_str("g.yaml", &bad).unwrap();
+        let e = validate_offline(&ops).unwrap_err();
+        assert_eq!(e.line, Some(1));
+        assert!(e.message.contains("spec.rules[0].protocol"), "{e}");
+
+        let e = parse_str("g.yaml", "apiVersion: sdn/v1\nkind: Tenant\nmetadata: [\n").unwrap_err();
+        assert!(e.line.is_some(), "{e}");
+    }
+}

@@ -71,6 +71,14 @@ impl State {
             next.apply_one(&ctx, op)?;
             changes.push(op.describe());
         }
+        // Remote-group references may point forward within the batch (two
+        // groups that admit each other), so they are checked at its end.
+        for (index, op) in ops.iter().enumerate() {
+            if let Op::PutSecurityGroup(g) = op {
+                let ctx = Ctx { index, op: op.field() };
+                next.check_remote_groups(&ctx, g)?;
+            }
+        }
         *self = next;
         Ok(changes)
     }
@@ -276,23 +284,26 @@ impl State {
                         return Err(c.err(&f("remote_cidr"), format!("{n} has host bits set")));
                     }
                 }
-                Remote::Group(id) => {
-                    let grp_tenant = if *id == g.id {
-                        Some(&g.tenant_id)
-                    } else {
-                        self.security_groups.get(id).map(|x| &x.tenant_id)
-                    };
-                    match grp_tenant {
-                        None => return Err(c.err(&f("remote_group_id"), format!("unknown security group {id:?}"))),
-                        Some(t) if *t != g.tenant_id => {
-                            return Err(c.err(&f("remote_group_id"), format!("security group {id} belongs to tenant {t}, not {}", g.tenant_id)))
-                        }
-                        _ => {}
-                    }
-                }
+                Remote::Group(id) => check_id(id).map_err(|m| c.err(&f("remote_group_id"), m))?,
             }
         }
         self.security_groups.insert(g.id.clone(), g.clone());
+        Ok(())
+    }
+
+    fn check_remote_groups(&self, c: &Ctx, g: &SecurityGroup) -> Result<(), BatchError> {
+        for (i, r) in g.rules.iter().enumerate() {
+            if let Remote::Group(id) = &r.remote {
+                let field = format!("rules[{i}].remote_group_id");
+                match self.security_groups.get(id) {
+                    None => return Err(c.err(&field, format!("unknown security group {id:?}"))),
+                    Some(x) if x.tenant_id != g.tenant_id => {
+                        return Err(c.err(&field, format!("security group {id} belongs to tenant {}, not {}", x.tenant_id, g.tenant_id)))
+                    }
+                    _ => {}
+                }
+            }
+        }
         Ok(())
     }
 

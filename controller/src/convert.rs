@@ -1,0 +1,304 @@
+//! Conversion between the API's messages and the model. Parsing happens here,
+//! once; an error names the operation and the field.
+
+use sdn_policies as m;
+use sdn_proto::v1 as pb;
+
+/// A conversion error: the field path and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+struct At<'a>(&'a str);
+
+impl At<'_> {
+    fn err(&self, field: &str, message: impl Into<String>) -> FieldError {
+        FieldError { field: format!("{}.{}", self.0, field), message: message.into() }
+    }
+}
+
+fn opt_text(s: &str) -> Option<&str> {
+    let t = s.trim();
+    (!t.is_empty()).then_some(t)
+}
+
+/// Converts the operations of an `ApplyRequest`.
+pub fn ops_from_pb(ops: &[pb::Operation]) -> Result<Vec<m::Op>, FieldError> {
+    ops.iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let Some(op) = &o.op else {
+                return Err(FieldError { field: format!("operations[{i}]"), message: "no operation set".into() });
+            };
+            op_from_pb(i, op)
+        })
+        .collect()
+}
+
+fn op_from_pb(i: usize, op: &pb::operation::Op) -> Result<m::Op, FieldError> {
+    use pb::operation::Op as P;
+    Ok(match op {
+        P::PutTenant(t) => m::Op::PutTenant(m::Tenant { id: t.id.clone(), name: t.name.clone() }),
+        P::PutVpc(v) => m::Op::PutVpc(m::Vpc { id: v.id.clone(), tenant_id: v.tenant_id.clone(), name: v.name.clone() }),
+        P::PutSubnet(s) => {
+            let at = format!("operations[{i}].put_subnet");
+            let at = At(&at);
+            let cidr_v4 = match opt_text(&s.cidr_v4) {
+                None => None,
+                Some(t) => match m::parse_cidr(t).map_err(|e| at.err("cidr_v4", e))? {
+                    ipnetwork::IpNetwork::V4(n) => Some(n),
+                    ipnetwork::IpNetwork::V6(_) => return Err(at.err("cidr_v4", format!("{t} is not an IPv4 prefix"))),
+                },
+            };
+            let cidr_v6 = match opt_text(&s.cidr_v6) {
+                None => None,
+                Some(t) => match m::parse_cidr(t).map_err(|e| at.err("cidr_v6", e))? {
+                    ipnetwork::IpNetwork::V6(n) => Some(n),
+                    ipnetwork::IpNetwork::V4(_) => return Err(at.err("cidr_v6", format!("{t} is not an IPv6 prefix"))),
+                },
+            };
+            m::Op::PutSubnet(m::Subnet { id: s.id.clone(), vpc_id: s.vpc_id.clone(), cidr_v4, cidr_v6 })
+        }
+        P::PutHost(h) => {
+            let at = format!("operations[{i}].put_host");
+            let underlay_ip = h.underlay_ip.trim().parse().map_err(|_| At(&at).err("underlay_ip", format!("invalid IP address {:?}", h.underlay_ip)))?;
+            m::Op::PutHost(m::Host { id: h.id.clone(), underlay_ip })
+        }
+        P::PutPort(p) => m::Op::PutPort(port_from_pb(&format!("operations[{i}].put_port"), p)?),
+        P::PutSecurityGroup(g) => m::Op::PutSecurityGroup(group_from_pb(&format!("operations[{i}].put_security_group"), g)?),
+        P::Delete(r) => {
+            let kind = kind_from_pb(r.kind).ok_or_else(|| FieldError {
+                field: format!("operations[{i}].delete.kind"),
+                message: format!("unknown or unset kind {}", r.kind),
+            })?;
+            m::Op::Delete { kind, id: r.id.clone() }
+        }
+    })
+}
+
+pub fn kind_from_pb(k: i32) -> Option<m::Kind> {
+    Some(match pb::Kind::try_from(k).ok()? {
+        pb::Kind::Tenant => m::Kind::Tenant,
+        pb::Kind::Vpc => m::Kind::Vpc,
+        pb::Kind::Subnet => m::Kind::Subnet,
+        pb::Kind::Host => m::Kind::Host,
+        pb::Kind::Port => m::Kind::Port,
+        pb::Kind::SecurityGroup => m::Kind::SecurityGroup,
+        pb::Kind::Unspecified => return None,
+    })
+}
+
+pub fn kind_to_pb(k: m::Kind) -> pb::Kind {
+    match k {
+        m::Kind::Tenant => pb::Kind::Tenant,
+        m::Kind::Vpc => pb::Kind::Vpc,
+        m::Kind::Subnet => pb::Kind::Subnet,
+        m::Kind::Host => pb::Kind::Host,
+        m::Kind::Port => pb::Kind::Port,
+        m::Kind::SecurityGroup => pb::Kind::SecurityGroup,
+    }
+}
+
+fn port_from_pb(at: &str, p: &pb::Port) -> Result<m::Port, FieldError> {
+    let at = At(at);
+    let mac = p.mac.trim().parse().map_err(|e: String| at.err("mac", e))?;
+    let ipv4 = match opt_text(&p.ipv4) {
+        None => None,
+        Some(t) => Some(t.parse().map_err(|_| at.err("ipv4", format!("invalid IPv4 address {t:?}")))?),
+    };
+    let ipv6 = match opt_text(&p.ipv6) {
+        None => None,
+        Some(t) => Some(t.parse().map_err(|_| at.err("ipv6", format!("invalid IPv6 address {t:?}")))?),
+    };
+    Ok(m::Port {
+        id: p.id.clone(),
+        tenant_id: p.tenant_id.clone(),
+        subnet_id: p.subnet_id.clone(),
+        host_id: p.host_id.clone(),
+        device: p.device.clone(),
+        mac,
+        ipv4,
+        ipv6,
+        security_group_ids: p.security_group_ids.clone(),
+    })
+}
+
+fn group_from_pb(at: &str, g: &pb::SecurityGroup) -> Result<m::SecurityGroup, FieldError> {
+    let mut rules = Vec::with_capacity(g.rules.len());
+    for (i, r) in g.rules.iter().enumerate() {
+        let rat = format!("{at}.rules[{i}]");
+        rules.push(rule_from_pb(&At(&rat), r)?);
+    }
+    Ok(m::SecurityGroup { id: g.id.clone(), tenant_id: g.tenant_id.clone(), name: g.name.clone(), rules })
+}
+
+fn rule_from_pb(at: &At, r: &pb::SecurityGroupRule) -> Result<m::Rule, FieldError> {
+    let direction = match pb::Direction::try_from(r.direction) {
+        Ok(pb::Direction::Ingress) => m::Direction::Ingress,
+        Ok(pb::Direction::Egress) => m::Direction::Egress,
+        _ => return Err(at.err("direction", format!("must be INGRESS or EGRESS, got {}", r.direction))),
+    };
+    let ether_type = match pb::EtherType::try_from(r.ether_type) {
+        Ok(pb::EtherType::Ipv4) => m::EtherType::IPv4,
+        Ok(pb::EtherType::Ipv6) => m::EtherType::IPv6,
+        _ => return Err(at.err("ether_type", format!("must be IPV4 or IPV6, got {}", r.ether_type))),
+    };
+    let protocol = match pb::Protocol::try_from(r.protocol) {
+        Ok(pb::Protocol::Any) => m::Protocol::Any,
+        Ok(pb::Protocol::Tcp) => m::Protocol::Tcp,
+        Ok(pb::Protocol::Udp) => m::Protocol::Udp,
+        Ok(pb::Protocol::Icmp) => m::Protocol::Icmp,
+        Ok(pb::Protocol::Icmpv6) => m::Protocol::Icmpv6,
+        _ => return Err(at.err("protocol", format!("must be ANY, TCP, UDP, ICMP or ICMPV6, got {}", r.protocol))),
+    };
+    if r.port_min > 65535 {
+        return Err(at.err("port_min", format!("{} is above 65535", r.port_min)));
+    }
+    if r.port_max > 65535 {
+        return Err(at.err("port_max", format!("{} is above 65535", r.port_max)));
+    }
+    let ports = if r.port_min == 0 && r.port_max == 0 { None } else { Some((r.port_min as u16, r.port_max as u16)) };
+    let remote = match (opt_text(&r.remote_cidr), opt_text(&r.remote_group_id)) {
+        (Some(_), Some(_)) => return Err(at.err("remote_group_id", "set remote_cidr or remote_group_id, not both")),
+        (Some(c), None) => m::Remote::Cidr(m::parse_cidr(c).map_err(|e| at.err("remote_cidr", e))?),
+        (None, Some(g)) => m::Remote::Group(g.to_string()),
+        (None, None) => m::Remote::Any,
+    };
+    Ok(m::Rule { id: r.id.clone(), direction, ether_type, protocol, ports, remote })
+}
+
+pub fn port_to_pb(p: &m::Port) -> pb::Port {
+    pb::Port {
+        id: p.id.clone(),
+        tenant_id: p.tenant_id.clone(),
+        subnet_id: p.subnet_id.clone(),
+        host_id: p.host_id.clone(),
+        device: p.device.clone(),
+        mac: p.mac.to_string(),
+        ipv4: p.ipv4.map(|a| a.to_string()).unwrap_or_default(),
+        ipv6: p.ipv6.map(|a| a.to_string()).unwrap_or_default(),
+        security_group_ids: p.security_group_ids.clone(),
+    }
+}
+
+pub fn group_to_pb(g: &m::SecurityGroup) -> pb::SecurityGroup {
+    pb::SecurityGroup {
+        id: g.id.clone(),
+        tenant_id: g.tenant_id.clone(),
+        name: g.name.clone(),
+        rules: g.rules.iter().map(rule_to_pb).collect(),
+    }
+}
+
+fn rule_to_pb(r: &m::Rule) -> pb::SecurityGroupRule {
+    let (port_min, port_max) = r.ports.map(|(a, b)| (a as u32, b as u32)).unwrap_or((0, 0));
+    let (remote_cidr, remote_group_id) = match &r.remote {
+        m::Remote::Any => (String::new(), String::new()),
+        m::Remote::Cidr(n) => (n.to_string(), String::new()),
+        m::Remote::Group(g) => (String::new(), g.clone()),
+    };
+    pb::SecurityGroupRule {
+        id: r.id.clone(),
+        direction: match r.direction {
+            m::Direction::Ingress => pb::Direction::Ingress,
+            m::Direction::Egress => pb::Direction::Egress,
+        } as i32,
+        ether_type: match r.ether_type {
+            m::EtherType::IPv4 => pb::EtherType::Ipv4,
+            m::EtherType::IPv6 => pb::EtherType::Ipv6,
+        } as i32,
+        protocol: match r.protocol {
+            m::Protocol::Any => pb::Protocol::Any,
+            m::Protocol::Tcp => pb::Protocol::Tcp,
+            m::Protocol::Udp => pb::Protocol::Udp,
+            m::Protocol::Icmp => pb::Protocol::Icmp,
+            m::Protocol::Icmpv6 => pb::Protocol::Icmpv6,
+        } as i32,
+        port_min,
+        port_max,
+        remote_cidr,
+        remote_group_id,
+    }
+}
+
+/// Converts a model operation to the API's form (used by `sdnctl`).
+pub fn op_to_pb(op: &m::Op) -> pb::Operation {
+    use pb::operation::Op as P;
+    let o = match op {
+        m::Op::PutTenant(t) => P::PutTenant(pb::Tenant { id: t.id.clone(), name: t.name.clone() }),
+        m::Op::PutVpc(v) => P::PutVpc(pb::Vpc { id: v.id.clone(), tenant_id: v.tenant_id.clone(), name: v.name.clone() }),
+        m::Op::PutSubnet(s) => P::PutSubnet(pb::Subnet {
+            id: s.id.clone(),
+            vpc_id: s.vpc_id.clone(),
+            cidr_v4: s.cidr_v4.map(|n| n.to_string()).unwrap_or_default(),
+            cidr_v6: s.cidr_v6.map(|n| n.to_string()).unwrap_or_default(),
+        }),
+        m::Op::PutHost(h) => P::PutHost(pb::Host { id: h.id.clone(), underlay_ip: h.underlay_ip.to_string() }),
+        m::Op::PutPort(p) => P::PutPort(port_to_pb(p)),
+        m::Op::PutSecurityGroup(g) => P::PutSecurityGroup(group_to_pb(g)),
+        m::Op::Delete { kind, id } => P::Delete(pb::ObjectRef { kind: kind_to_pb(*kind) as i32, id: id.clone() }),
+    };
+    pb::Operation { op: Some(o) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_fields_are_named() {
+        let ops = vec![pb::Operation {
+            op: Some(pb::operation::Op::PutSecurityGroup(pb::SecurityGroup {
+                id: "g".into(),
+                tenant_id: "t".into(),
+                name: "g".into(),
+                rules: vec![pb::SecurityGroupRule {
+                    id: "r".into(),
+                    direction: pb::Direction::Ingress as i32,
+                    ether_type: pb::EtherType::Ipv4 as i32,
+                    protocol: pb::Protocol::Tcp as i32,
+                    port_min: 1,
+                    port_max: 70000,
+                    ..Default::default()
+                }],
+            })),
+        }];
+        let e = ops_from_pb(&ops).unwrap_err();
+        assert_eq!(e.field, "operations[0].put_security_group.rules[0].port_max");
+        let ops = vec![pb::Operation { op: None }];
+        assert_eq!(ops_from_pb(&ops).unwrap_err().field, "operations[0]");
+        let ops = vec![pb::Operation {
+            op: Some(pb::operation::Op::PutSubnet(pb::Subnet { id: "s".into(), vpc_id: "v".into(), cidr_v4: "10.0.0.1/8".into(), cidr_v6: String::new() })),
+        }];
+        let e = ops_from_pb(&ops).unwrap_err();
+        assert_eq!(e.field, "operations[0].put_subnet.cidr_v4");
+        assert!(e.message.contains("host bits"));
+    }
+
+    #[test]
+    fn round_trip() {
+        let g = m::SecurityGroup {
+            id: "g".into(),
+            tenant_id: "t".into(),
+            name: "web".into(),
+            rules: vec![m::Rule {
+                id: "r".into(),
+                direction: m::Direction::Egress,
+                ether_type: m::EtherType::IPv6,
+                protocol: m::Protocol::Udp,
+                ports: Some((53, 53)),
+                remote: m::Remote::Cidr("fd00::/8".parse().unwrap()),
+            }],
+        };
+        let pb = op_to_pb(&m::Op::PutSecurityGroup(g.clone()));
+        assert_eq!(ops_from_pb(&[pb]).unwrap(), vec![m::Op::PutSecurityGroup(g)]);
+    }
+}

@@ -1,0 +1,244 @@
+//! The gRPC services: `Provisioning` for the cloud platform and `Agent` for
+//! the host agents.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use sdn_proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::convert;
+use crate::enforcement::{Enforcement, WaitError};
+use crate::slice::host_slice;
+use crate::store::{Store, WriteError};
+
+/// Everything the services share.
+#[derive(Clone)]
+pub struct Controller {
+    pub store: Store,
+    pub enforcement: Arc<Enforcement>,
+}
+
+const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+const MAX_BATCH: usize = 10_000;
+
+#[tonic::async_trait]
+impl pb::provisioning_server::Provisioning for Controller {
+    async fn apply(&self, req: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        let req = req.into_inner();
+        if req.operations.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "operations: {} operations in one batch; at most {MAX_BATCH}",
+                req.operations.len()
+            )));
+        }
+        let ops = convert::ops_from_pb(&req.operations).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let actor = if req.actor.trim().is_empty() { "unknown".to_string() } else { req.actor.clone() };
+        let outcome = self.store.write(&actor, ops).await.map_err(|e| match e {
+            WriteError::Invalid(b) => Status::invalid_argument(b.to_string()),
+            WriteError::Raft(m) => Status::unavailable(m),
+        })?;
+        tracing::info!(revision = outcome.revision, actor = %actor, hosts = ?outcome.hosts, "applied batch");
+        let mut enforced = false;
+        if req.wait {
+            let timeout = if req.wait_timeout_ms == 0 { DEFAULT_WAIT } else { Duration::from_millis(req.wait_timeout_ms as u64) };
+            match self.enforcement.wait(&outcome.hosts, outcome.revision, timeout).await {
+                Ok(()) => enforced = true,
+                Err(WaitError::Timeout { pending }) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "revision {} was committed but is not yet enforced on: {}",
+                        outcome.revision,
+                        pending.join(", ")
+                    )))
+                }
+                Err(e @ WaitError::Nack { .. }) => {
+                    return Err(Status::aborted(format!("revision {} was committed but {e}", outcome.revision)))
+                }
+            }
+        }
+        Ok(Response::new(pb::ApplyResponse { revision: outcome.revision, hosts: outcome.hosts, enforced }))
+    }
+
+    async fn list(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
+        let req = req.into_inner();
+        let kind = if req.kind == 0 {
+            None
+        } else {
+            Some(convert::kind_from_pb(req.kind).ok_or_else(|| Status::invalid_argument(format!("kind: unknown kind {}", req.kind)))?)
+        };
+        self.store.linearizable().await.map_err(Status::unavailable)?;
+        let shared = self.store.shared.read().await;
+        let s = &shared.state;
+        use sdn_policies::Kind as K;
+        let want = |k: K| kind.is_none() || kind == Some(k);
+        let mut out = pb::ListResponse { revision: shared.revision, ..Default::default() };
+        if want(K::Tenant) {
+            out.tenants = s.tenants.values().map(|t| pb::Tenant { id: t.id.clone(), name: t.name.clone() }).collect();
+        }
+        if want(K::Vpc) {
+            out.vpcs = s.vpcs.values().map(|v| pb::Vpc { id: v.id.clone(), tenant_id: v.tenant_id.clone(), name: v.name.clone() }).collect();
+        }
+        if want(K::Subnet) {
+            out.subnets = s
+                .subnets
+                .values()
+                .map(|x| pb::Subnet {
+                    id: x.id.clone(),
+                    vpc_id: x.vpc_id.clone(),
+                    cidr_v4: x.cidr_v4.map(|n| n.to_string()).unwrap_or_default(),
+                    cidr_v6: x.cidr_v6.map(|n| n.to_string()).unwrap_or_default(),
+                })
+                .collect();
+        }
+        if want(K::Host) {
+            out.hosts = s.hosts.values().map(|h| pb::Host { id: h.id.clone(), underlay_ip: h.underlay_ip.to_string() }).collect();
+        }
+        if want(K::Port) {
+            out.ports = s.ports.values().map(convert::port_to_pb).collect();
+        }
+        if want(K::SecurityGroup) {
+            out.security_groups = s.security_groups.values().map(convert::group_to_pb).collect();
+        }
+        Ok(Response::new(out))
+    }
+
+    async fn audit(&self, req: Request<pb::AuditRequest>) -> Result<Response<pb::AuditResponse>, Status> {
+        let req = req.into_inner();
+        let limit = match req.limit {
+            0 => 100,
+            n if n > 10_000 => return Err(Status::invalid_argument(format!("limit: {n} is above 10000"))),
+            n => n as usize,
+        };
+        let records = self
+            .store
+            .audit(req.after_revision, limit)
+            .map_err(|e| Status::internal(format!("reading the audit log: {e:#}")))?
+            .into_iter()
+            .map(|r| pb::AuditRecord { revision: r.revision, actor: r.actor, time_unix_ms: r.time_unix_ms, changes: r.changes })
+            .collect();
+        Ok(Response::new(pb::AuditResponse { records }))
+    }
+
+    async fn enforcement(&self, _req: Request<pb::EnforcementRequest>) -> Result<Response<pb::EnforcementResponse>, Status> {
+        let shared = self.store.shared.read().await;
+        let status = self.enforcement.status();
+        let hosts = shared
+            .state
+            .hosts
+            .keys()
+            .map(|h| {
+                let s = status.get(h).cloned().unwrap_or_default();
+                pb::HostEnforcement {
+                    host_id: h.clone(),
+                    connected: s.streams > 0,
+                    enforced_revision: s.enforced,
+                    nack_reason: s.nack.map(|(_, r)| r).unwrap_or_default(),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::EnforcementResponse { current_revision: shared.revision, hosts }))
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::agent_server::Agent for Controller {
+    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        let req = req.into_inner();
+        let shared = self.store.shared.read().await;
+        if !shared.state.hosts.contains_key(&req.host_id) {
+            return Err(Status::not_found(format!("host_id: unknown host {:?}; provision it first", req.host_id)));
+        }
+        tracing::info!(host = %req.host_id, version = %req.agent_version, "agent registered");
+        Ok(Response::new(pb::RegisterResponse { revision: shared.revision }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let req = req.into_inner();
+        let host = req.host_id.clone();
+        let current = {
+            let shared = self.store.shared.read().await;
+            if !shared.state.hosts.contains_key(&host) {
+                return Err(Status::not_found(format!("host_id: unknown host {host:?}")));
+            }
+            shared.revision
+        };
+        // Resume from what the agent holds, unless it claims a revision this
+        // store never reached (another cluster, or a reset): then start over.
+        let resume = req.revision > 0 && req.revision <= current;
+        let held: BTreeMap<String, String> = if resume { req.resource_versions.into_iter().collect() } else { BTreeMap::new() };
+        let (tx, rx) = mpsc::channel(16);
+        let ctl = self.clone();
+        tokio::spawn(async move {
+            ctl.enforcement.stream_opened(&host);
+            tracing::info!(host = %host, from = req.revision, resume, "watch started");
+            ctl.stream(&host, held, !resume, tx).await;
+            ctl.enforcement.stream_closed(&host);
+            tracing::info!(host = %host, "watch ended");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn ack(&self, req: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
+        let req = req.into_inner();
+        if req.host_id.is_empty() {
+            return Err(Status::invalid_argument("host_id: must not be empty"));
+        }
+        if req.ok {
+            self.enforcement.ack(&req.host_id, req.revision);
+        } else {
+            tracing::warn!(host = %req.host_id, revision = req.revision, reason = %req.reason, "agent refused a revision");
+            self.enforcement.nack(&req.host_id, req.revision, req.reason);
+        }
+        Ok(Response::new(pb::AckResponse {}))
+    }
+}
+
+impl Controller {
+    /// Sends the host's share, then a delta at every new revision, until the
+    /// agent goes away.
+    async fn stream(
+        &self,
+        host: &str,
+        mut held: BTreeMap<String, String>,
+        mut snapshot: bool,
+        tx: mpsc::Sender<Result<pb::WatchResponse, Status>>,
+    ) {
+        let mut revisions = self.store.revisions.clone();
+        let mut sent_revision = 0u64;
+        loop {
+            let (revision, slice) = {
+                let shared = self.store.shared.read().await;
+                if !shared.state.hosts.contains_key(host) {
+                    let _ = tx.send(Err(Status::not_found(format!("host {host} was deleted")))).await;
+                    return;
+                }
+                (shared.revision, host_slice(&shared.state, host))
+            };
+            let upserts: Vec<pb::Resource> =
+                slice.values().filter(|r| held.get(&r.name) != Some(&r.version)).cloned().collect();
+            let removals: Vec<String> = held.keys().filter(|n| !slice.contains_key(*n)).cloned().collect();
+            if snapshot || revision != sent_revision {
+                let msg = pb::WatchResponse { revision, snapshot, upserts, removals };
+                if tx.send(Ok(msg)).await.is_err() {
+                    return;
+                }
+                held = slice.into_iter().map(|(n, r)| (n, r.version)).collect();
+                sent_revision = revision;
+                snapshot = false;
+            }
+            tokio::select! {
+                r = revisions.changed() => if r.is_err() { return },
+                _ = tx.closed() => return,
+            }
+        }
+    }
+}

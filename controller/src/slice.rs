@@ -1,0 +1,71 @@
+//! Each host's share of the state: its ports, the security groups they use,
+//! and the members of every group those groups' rules refer to.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use prost::Message;
+use sdn_policies::{Remote, State};
+use sdn_proto::v1 as pb;
+
+use crate::convert::{group_to_pb, port_to_pb};
+
+/// FNV-1a, 64 bits: a digest that is the same on every replica and release.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
+}
+
+fn resource(name: String, kind: pb::resource::Kind) -> (String, pb::Resource) {
+    let mut r = pb::Resource { name: name.clone(), version: String::new(), kind: Some(kind) };
+    r.version = format!("{:016x}", fnv1a(&r.encode_to_vec()));
+    (name, r)
+}
+
+/// The resources of one host, by name.
+pub fn host_slice(state: &State, host: &str) -> BTreeMap<String, pb::Resource> {
+    let mut out = BTreeMap::new();
+    let mut groups: BTreeSet<&str> = BTreeSet::new();
+    for p in state.ports.values().filter(|p| p.host_id == host) {
+        out.extend([resource(format!("port/{}", p.id), pb::resource::Kind::Port(port_to_pb(p)))]);
+        groups.extend(p.security_group_ids.iter().map(String::as_str));
+    }
+    let mut remote_groups: BTreeSet<&str> = BTreeSet::new();
+    for g in &groups {
+        if let Some(sg) = state.security_groups.get(*g) {
+            out.extend([resource(format!("sg/{g}"), pb::resource::Kind::SecurityGroup(group_to_pb(sg)))]);
+            for r in &sg.rules {
+                if let Remote::Group(rg) = &r.remote {
+                    remote_groups.insert(rg);
+                }
+            }
+        }
+    }
+    for g in remote_groups {
+        let members = pb::GroupMembers {
+            group_id: g.to_string(),
+            addresses: state.group_members(g).iter().map(|a| a.to_string()).collect(),
+        };
+        out.extend([resource(format!("members/{g}"), pb::resource::Kind::GroupMembers(members))]);
+    }
+    out
+}
+
+/// The digest of every host's share.
+pub fn host_digests(state: &State) -> BTreeMap<String, u64> {
+    state
+        .hosts
+        .keys()
+        .map(|h| {
+            let mut acc = Vec::new();
+            for (name, r) in host_slice(state, h) {
+                acc.extend_from_slice(name.as_bytes());
+                acc.extend_from_slice(r.version.as_bytes());
+            }
+            (h.clone(), fnv1a(&acc))
+        })
+        .collect()
+}

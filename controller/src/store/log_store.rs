@@ -1,0 +1,177 @@
+//! The Raft log on redb: entries keyed by index, plus the vote, the committed
+//! log id and the last purged log id. Every write is a durable transaction.
+
+use std::fmt::Debug;
+use std::ops::RangeBounds;
+use std::sync::Arc;
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{AnyError, Entry, LogId, OptionalSend, RaftLogReader, StorageError, Vote};
+use redb::{Database, ReadableTable, TableDefinition};
+
+use super::TypeConfig;
+
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
+
+const VOTE: &str = "vote";
+const COMMITTED: &str = "committed";
+const PURGED: &str = "last_purged";
+
+type SErr = StorageError<u64>;
+
+fn any<E: std::error::Error + 'static>(e: E) -> AnyError {
+    AnyError::new(&e)
+}
+
+/// The log store. Cloning shares the database.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+}
+
+impl LogStore {
+    pub fn open(db: Arc<Database>) -> Result<Self, redb::Error> {
+        let tx = db.begin_write()?;
+        tx.open_table(LOG)?;
+        tx.open_table(META)?;
+        tx.commit()?;
+        Ok(LogStore { db })
+    }
+
+    fn get_meta<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, AnyError> {
+        let tx = self.db.begin_read().map_err(any)?;
+        let t = tx.open_table(META).map_err(any)?;
+        match t.get(key).map_err(any)? {
+            None => Ok(None),
+            Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(any)?)),
+        }
+    }
+
+    fn put_meta<T: serde::Serialize>(&self, key: &str, v: &T) -> Result<(), AnyError> {
+        let bytes = serde_json::to_vec(v).map_err(any)?;
+        let tx = self.db.begin_write().map_err(any)?;
+        {
+            let mut t = tx.open_table(META).map_err(any)?;
+            t.insert(key, bytes.as_slice()).map_err(any)?;
+        }
+        tx.commit().map_err(any)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, SErr> {
+        let read = || -> Result<Vec<Entry<TypeConfig>>, AnyError> {
+            let tx = self.db.begin_read().map_err(any)?;
+            let t = tx.open_table(LOG).map_err(any)?;
+            let mut out = Vec::new();
+            for item in t.range(range.clone()).map_err(any)? {
+                let (_, v) = item.map_err(any)?;
+                out.push(serde_json::from_slice(v.value()).map_err(any)?);
+            }
+            Ok(out)
+        };
+        read().map_err(super::sio::read_logs)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, SErr> {
+        let last_purged: Option<LogId<u64>> = self.get_meta(PURGED).map_err(super::sio::read_logs)?;
+        let last = (|| -> Result<Option<LogId<u64>>, AnyError> {
+            let tx = self.db.begin_read().map_err(any)?;
+            let t = tx.open_table(LOG).map_err(any)?;
+            let last = t.last().map_err(any)?;
+            let r = match last {
+                None => None,
+                Some((_, v)) => {
+                    let e: Entry<TypeConfig> = serde_json::from_slice(v.value()).map_err(any)?;
+                    Some(e.log_id)
+                }
+            };
+            Ok(r)
+        })()
+        .map_err(super::sio::read_logs)?;
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last.or(last_purged) })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), SErr> {
+        self.put_meta(VOTE, vote).map_err(super::sio::write_vote)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, SErr> {
+        self.get_meta(VOTE).map_err(super::sio::read_vote)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), SErr> {
+        self.put_meta(COMMITTED, &committed).map_err(super::sio::write_logs)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, SErr> {
+        Ok(self.get_meta::<Option<LogId<u64>>>(COMMITTED).map_err(super::sio::read_logs)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), SErr>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let res = (|| -> Result<(), AnyError> {
+            let tx = self.db.begin_write().map_err(any)?;
+            {
+                let mut t = tx.open_table(LOG).map_err(any)?;
+                for e in entries {
+                    let bytes = serde_json::to_vec(&e).map_err(any)?;
+                    t.insert(e.log_id.index, bytes.as_slice()).map_err(any)?;
+                }
+            }
+            tx.commit().map_err(any)
+        })();
+        match res {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(super::sio::write_logs(e))
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), SErr> {
+        (|| -> Result<(), AnyError> {
+            let tx = self.db.begin_write().map_err(any)?;
+            {
+                let mut t = tx.open_table(LOG).map_err(any)?;
+                t.retain_in(log_id.index.., |_, _| false).map_err(any)?;
+            }
+            tx.commit().map_err(any)
+        })()
+        .map_err(super::sio::write_logs)
+    }
+
+    async fn purge(&mut self, log_id: LogId<u64>) -> Result<(), SErr> {
+        (|| -> Result<(), AnyError> {
+            let bytes = serde_json::to_vec(&log_id).map_err(any)?;
+            let tx = self.db.begin_write().map_err(any)?;
+            {
+                let mut m = tx.open_table(META).map_err(any)?;
+                m.insert(PURGED, bytes.as_slice()).map_err(any)?;
+                let mut t = tx.open_table(LOG).map_err(any)?;
+                t.retain_in(..=log_id.index, |_, _| false).map_err(any)?;
+            }
+            tx.commit().map_err(any)
+        })()
+        .map_err(super::sio::write_logs)
+    }
+}

@@ -1,0 +1,176 @@
+//! The replicated store: an openraft log and state machine on redb.
+//!
+//! One node is the embedded default: a one-member Raft cluster, the same code
+//! path as a real cluster. The state machine holds the network model
+//! (`sdn_policies::State`), the revision, and the audit log.
+
+mod log_store;
+mod network;
+mod state_machine;
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use openraft::{BasicNode, Config, Raft};
+use redb::Database;
+use sdn_policies::{BatchError, Op, State};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, RwLock};
+
+pub use state_machine::AuditRecord;
+
+/// A batch of operations as it travels through the Raft log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// Who asked (audit).
+    pub actor: String,
+    /// When the leader accepted it, Unix ms (audit; chosen before the
+    /// proposal so every replica records the same time).
+    pub time_unix_ms: u64,
+    pub ops: Vec<Op>,
+}
+
+/// What applying a command did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    /// The revision the command created; 0 when refused.
+    pub revision: u64,
+    /// Hosts whose share of the state changed.
+    pub hosts: Vec<String>,
+    /// Why the state machine refused the batch.
+    pub error: Option<BatchError>,
+}
+
+openraft::declare_raft_types!(
+    /// The controller's Raft type configuration.
+    pub TypeConfig:
+        D = Command,
+        R = Outcome,
+        NodeId = u64,
+        Node = BasicNode,
+);
+
+/// The state the controller serves, shared with the state machine.
+#[derive(Debug, Default)]
+pub struct Shared {
+    pub state: State,
+    pub revision: u64,
+    /// Digest of each host's share, to tell which hosts a change concerns.
+    pub host_digests: BTreeMap<String, u64>,
+}
+
+/// Computes the digest of each host's share of a state.
+pub type DigestFn = fn(&State) -> BTreeMap<String, u64>;
+
+/// The store handle used by the API services.
+#[derive(Clone)]
+pub struct Store {
+    pub raft: Raft<TypeConfig>,
+    pub shared: Arc<RwLock<Shared>>,
+    /// Carries the latest revision; the watch fan-out waits on it.
+    pub revisions: watch::Receiver<u64>,
+    db: Arc<Database>,
+}
+
+/// Why a write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("{0}")]
+    Invalid(BatchError),
+    #[error("the store cannot commit: {0}")]
+    Raft(String),
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir` and starts the Raft node.
+    /// A new store initialises itself as a one-member cluster.
+    pub async fn open(dir: &Path, node_id: u64, addr: &str, digest: DigestFn) -> anyhow::Result<Store> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
+        let path = dir.join("store.redb");
+        let db = Arc::new(Database::create(&path).with_context(|| format!("opening {}", path.display()))?);
+        let (rev_tx, rev_rx) = watch::channel(0);
+        let shared = Arc::new(RwLock::new(Shared::default()));
+        let log = log_store::LogStore::open(db.clone()).context("opening the Raft log")?;
+        let sm = state_machine::StateMachine::open(db.clone(), shared.clone(), rev_tx, digest)
+            .await
+            .context("opening the state machine")?;
+        let config = Config {
+            cluster_name: "sdn".into(),
+            heartbeat_interval: 100,
+            election_timeout_min: 300,
+            election_timeout_max: 600,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),
+            max_in_snapshot_log_to_keep: 100,
+            ..Default::default()
+        };
+        let config = Arc::new(config.validate().context("Raft configuration")?);
+        let raft = Raft::new(node_id, config, network::Network, log, sm).await.context("starting Raft")?;
+        if !raft.is_initialized().await.context("reading Raft state")? {
+            let mut members = std::collections::BTreeMap::new();
+            members.insert(node_id, BasicNode { addr: addr.to_string() });
+            raft.initialize(members).await.context("initialising the one-member cluster")?;
+            tracing::info!(node_id, "initialised a new one-member cluster");
+        }
+        Ok(Store { raft, shared, revisions: rev_rx, db })
+    }
+
+    /// Proposes a batch and waits until it is committed and applied.
+    pub async fn write(&self, actor: &str, ops: Vec<Op>) -> Result<Outcome, WriteError> {
+        // Validate against the current state first: a quick, clear refusal.
+        // The state machine validates again when it applies, against the
+        // state the log order gives, which is what decides.
+        {
+            let shared = self.shared.read().await;
+            let mut probe = shared.state.clone();
+            probe.apply_batch(&ops).map_err(WriteError::Invalid)?;
+        }
+        let time_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let cmd = Command { actor: actor.to_string(), time_unix_ms, ops };
+        let resp = self.raft.client_write(cmd).await.map_err(|e| WriteError::Raft(e.to_string()))?;
+        let outcome = resp.data;
+        if let Some(e) = outcome.error.clone() {
+            return Err(WriteError::Invalid(e));
+        }
+        Ok(outcome)
+    }
+
+    /// Waits until reads on this node see every write committed before the call.
+    pub async fn linearizable(&self) -> Result<(), String> {
+        self.raft.ensure_linearizable().await.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// Audit records with a revision above `after`, at most `limit`.
+    pub fn audit(&self, after: u64, limit: usize) -> anyhow::Result<Vec<AuditRecord>> {
+        state_machine::read_audit(&self.db, after, limit)
+    }
+}
+
+/// Storage error constructors in the shape openraft expects.
+pub(crate) mod sio {
+    use openraft::{AnyError, StorageError, StorageIOError};
+
+    pub fn read_logs(e: AnyError) -> StorageError<u64> {
+        StorageIOError::read_logs(e).into()
+    }
+    pub fn write_logs(e: AnyError) -> StorageError<u64> {
+        StorageIOError::write_logs(e).into()
+    }
+    pub fn read_vote(e: AnyError) -> StorageError<u64> {
+        StorageIOError::read_vote(e).into()
+    }
+    pub fn write_vote(e: AnyError) -> StorageError<u64> {
+        StorageIOError::write_vote(e).into()
+    }
+    pub fn read_state_machine(e: AnyError) -> StorageError<u64> {
+        StorageIOError::read_state_machine(e).into()
+    }
+    pub fn write_state_machine(e: AnyError) -> StorageError<u64> {
+        StorageIOError::write_state_machine(e).into()
+    }
+}

@@ -1,0 +1,369 @@
+//! The Raft state machine: applies batches to the network model, bumps the
+//! revision, appends the audit record, and persists all of it in redb in the
+//! same transaction as the last applied log id.
+
+use std::collections::BTreeSet;
+use std::io::Cursor;
+use std::sync::Arc;
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
+    StorageError, StoredMembership,
+};
+use redb::{Database, ReadableTable, TableDefinition};
+use sdn_policies::{Kind, Op, State};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{watch, RwLock};
+
+use super::{Command, DigestFn, Outcome, Shared, TypeConfig};
+
+const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
+const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
+const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
+
+type SErr = StorageError<u64>;
+
+fn any<E: std::error::Error + 'static>(e: E) -> AnyError {
+    AnyError::new(&e)
+}
+
+/// One accepted change, as the audit log keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub revision: u64,
+    pub actor: String,
+    pub time_unix_ms: u64,
+    pub changes: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotData {
+    state: State,
+    revision: u64,
+    audit: Vec<AuditRecord>,
+}
+
+#[derive(Clone, Default, Serialize, Deserialize)]
+struct Applied {
+    last_applied: Option<LogId<u64>>,
+    membership: StoredMembership<u64, BasicNode>,
+    revision: u64,
+}
+
+/// The state machine. Cloning shares everything.
+#[derive(Clone)]
+pub struct StateMachine {
+    db: Arc<Database>,
+    shared: Arc<RwLock<Shared>>,
+    applied: Arc<RwLock<Applied>>,
+    revisions: Arc<watch::Sender<u64>>,
+    digest: DigestFn,
+}
+
+fn object_key(kind: Kind, id: &str) -> String {
+    format!("{}/{}", kind.name(), id)
+}
+
+fn object_json(state: &State, kind: Kind, id: &str) -> Option<Vec<u8>> {
+    let j = match kind {
+        Kind::Tenant => state.tenants.get(id).map(serde_json::to_vec),
+        Kind::Vpc => state.vpcs.get(id).map(serde_json::to_vec),
+        Kind::Subnet => state.subnets.get(id).map(serde_json::to_vec),
+        Kind::Host => state.hosts.get(id).map(serde_json::to_vec),
+        Kind::Port => state.ports.get(id).map(serde_json::to_vec),
+        Kind::SecurityGroup => state.security_groups.get(id).map(serde_json::to_vec),
+    };
+    j.map(|r| r.expect("model objects serialise"))
+}
+
+fn op_key(op: &Op) -> (Kind, String) {
+    match op {
+        Op::PutTenant(x) => (Kind::Tenant, x.id.clone()),
+        Op::PutVpc(x) => (Kind::Vpc, x.id.clone()),
+        Op::PutSubnet(x) => (Kind::Subnet, x.id.clone()),
+        Op::PutHost(x) => (Kind::Host, x.id.clone()),
+        Op::PutPort(x) => (Kind::Port, x.id.clone()),
+        Op::PutSecurityGroup(x) => (Kind::SecurityGroup, x.id.clone()),
+        Op::Delete { kind, id } => (*kind, id.clone()),
+    }
+}
+
+fn load_state(db: &Database) -> Result<(State, Applied), AnyError> {
+    let tx = db.begin_read().map_err(any)?;
+    let mut state = State::default();
+    let objects = tx.open_table(OBJECTS).map_err(any)?;
+    for item in objects.iter().map_err(any)? {
+        let (k, v) = item.map_err(any)?;
+        let (kind, id) = k.value().split_once('/').ok_or_else(|| AnyError::error(format!("bad object key {:?}", k.value())))?;
+        let v = v.value();
+        let id = id.to_string();
+        match kind {
+            "tenant" => { state.tenants.insert(id, serde_json::from_slice(v).map_err(any)?); }
+            "vpc" => { state.vpcs.insert(id, serde_json::from_slice(v).map_err(any)?); }
+            "subnet" => { state.subnets.insert(id, serde_json::from_slice(v).map_err(any)?); }
+            "host" => { state.hosts.insert(id, serde_json::from_slice(v).map_err(any)?); }
+            "port" => { state.ports.insert(id, serde_json::from_slice(v).map_err(any)?); }
+            "security_group" => { state.security_groups.insert(id, serde_json::from_slice(v).map_err(any)?); }
+            other => return Err(AnyError::error(format!("unknown object kind {other:?} in the store"))),
+        }
+    }
+    let meta = tx.open_table(SM_META).map_err(any)?;
+    let applied = match meta.get("applied").map_err(any)? {
+        Some(v) => serde_json::from_slice(v.value()).map_err(any)?,
+        None => Applied::default(),
+    };
+    Ok((state, applied))
+}
+
+/// Reads audit records after a revision.
+pub fn read_audit(db: &Database, after: u64, limit: usize) -> anyhow::Result<Vec<AuditRecord>> {
+    let tx = db.begin_read()?;
+    let t = tx.open_table(AUDIT)?;
+    let mut out = Vec::new();
+    for item in t.range(after.saturating_add(1)..)? {
+        let (_, v) = item?;
+        out.push(serde_json::from_slice(v.value())?);
+        if out.len() >= limit {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+impl StateMachine {
+    pub async fn open(
+        db: Arc<Database>,
+        shared: Arc<RwLock<Shared>>,
+        revisions: watch::Sender<u64>,
+        digest: DigestFn,
+    ) -> Result<Self, AnyError> {
+        {
+            let tx = db.begin_write().map_err(any)?;
+            tx.open_table(OBJECTS).map_err(any)?;
+            tx.open_table(SM_META).map_err(any)?;
+            tx.open_table(AUDIT).map_err(any)?;
+            tx.open_table(SNAPSHOT).map_err(any)?;
+            tx.commit().map_err(any)?;
+        }
+        let (state, applied) = load_state(&db)?;
+        {
+            let mut s = shared.write().await;
+            s.host_digests = digest(&state);
+            s.state = state;
+            s.revision = applied.revision;
+        }
+        revisions.send_replace(applied.revision);
+        tracing::info!(revision = applied.revision, "state machine loaded");
+        Ok(StateMachine {
+            db,
+            shared,
+            applied: Arc::new(RwLock::new(applied)),
+            revisions: Arc::new(revisions),
+            digest,
+        })
+    }
+
+    fn build(&self, state: &State, revision: u64) -> Result<Vec<u8>, AnyError> {
+        let audit = read_audit(&self.db, 0, usize::MAX).map_err(|e| AnyError::error(e.to_string()))?;
+        serde_json::to_vec(&SnapshotData { state: state.clone(), revision, audit }).map_err(any)
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
+        let shared = self.shared.read().await;
+        let applied = self.applied.read().await.clone();
+        let data = self.build(&shared.state, shared.revision).map_err(super::sio::read_state_machine)?;
+        drop(shared);
+        let snapshot_id = format!(
+            "{}-{}",
+            applied.last_applied.map(|l| l.to_string()).unwrap_or_default(),
+            applied.revision
+        );
+        let meta = SnapshotMeta {
+            last_log_id: applied.last_applied,
+            last_membership: applied.membership.clone(),
+            snapshot_id,
+        };
+        let meta_bytes = serde_json::to_vec(&meta).map_err(|e| super::sio::write_state_machine(any(e)))?;
+        (|| -> Result<(), AnyError> {
+            let tx = self.db.begin_write().map_err(any)?;
+            {
+                let mut t = tx.open_table(SNAPSHOT).map_err(any)?;
+                t.insert("meta", meta_bytes.as_slice()).map_err(any)?;
+                t.insert("data", data.as_slice()).map_err(any)?;
+            }
+            tx.commit().map_err(any)
+        })()
+        .map_err(super::sio::write_state_machine)?;
+        tracing::info!(revision = applied.revision, bytes = data.len(), "built a snapshot");
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>), SErr> {
+        let a = self.applied.read().await;
+        Ok((a.last_applied, a.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Outcome>, SErr>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut shared = self.shared.write().await;
+        let mut applied = self.applied.write().await;
+        let mut next_applied = applied.clone();
+        let mut state = shared.state.clone();
+        let mut digests = shared.host_digests.clone();
+        let mut touched: BTreeSet<(Kind, String)> = BTreeSet::new();
+        let mut audit: Vec<AuditRecord> = Vec::new();
+        let mut outcomes = Vec::new();
+        for entry in entries {
+            next_applied.last_applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => outcomes.push(Outcome::default()),
+                EntryPayload::Membership(m) => {
+                    next_applied.membership = StoredMembership::new(Some(entry.log_id), m);
+                    outcomes.push(Outcome::default());
+                }
+                EntryPayload::Normal(Command { actor, time_unix_ms, ops }) => {
+                    match state.apply_batch(&ops) {
+                        Ok(changes) => {
+                            next_applied.revision += 1;
+                            let revision = next_applied.revision;
+                            touched.extend(ops.iter().map(op_key));
+                            let new_digests = (self.digest)(&state);
+                            let mut hosts: BTreeSet<String> = BTreeSet::new();
+                            for (h, d) in &new_digests {
+                                if digests.get(h) != Some(d) {
+                                    hosts.insert(h.clone());
+                                }
+                            }
+                            hosts.extend(digests.keys().filter(|h| !new_digests.contains_key(*h)).cloned());
+                            digests = new_digests;
+                            audit.push(AuditRecord { revision, actor, time_unix_ms, changes });
+                            outcomes.push(Outcome { revision, hosts: hosts.into_iter().collect(), error: None });
+                        }
+                        Err(e) => outcomes.push(Outcome { revision: 0, hosts: vec![], error: Some(e) }),
+                    }
+                }
+            }
+        }
+        let applied_bytes = serde_json::to_vec(&next_applied).map_err(|e| super::sio::write_state_machine(any(e)))?;
+        (|| -> Result<(), AnyError> {
+            let tx = self.db.begin_write().map_err(any)?;
+            {
+                let mut objects = tx.open_table(OBJECTS).map_err(any)?;
+                for (kind, id) in &touched {
+                    let key = object_key(*kind, id);
+                    match object_json(&state, *kind, id) {
+                        Some(j) => {
+                            objects.insert(key.as_str(), j.as_slice()).map_err(any)?;
+                        }
+                        None => {
+                            objects.remove(key.as_str()).map_err(any)?;
+                        }
+                    }
+                }
+                let mut a = tx.open_table(AUDIT).map_err(any)?;
+                for r in &audit {
+                    let j = serde_json::to_vec(r).map_err(any)?;
+                    a.insert(r.revision, j.as_slice()).map_err(any)?;
+                }
+                let mut m = tx.open_table(SM_META).map_err(any)?;
+                m.insert("applied", applied_bytes.as_slice()).map_err(any)?;
+            }
+            tx.commit().map_err(any)
+        })()
+        .map_err(super::sio::write_state_machine)?;
+        shared.state = state;
+        shared.revision = next_applied.revision;
+        shared.host_digests = digests;
+        *applied = next_applied;
+        self.revisions.send_replace(shared.revision);
+        Ok(outcomes)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, SErr> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), SErr> {
+        let bytes = snapshot.into_inner();
+        let data: SnapshotData = serde_json::from_slice(&bytes).map_err(|e| super::sio::read_state_machine(any(e)))?;
+        let applied = Applied {
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+            revision: data.revision,
+        };
+        let applied_bytes = serde_json::to_vec(&applied).map_err(|e| super::sio::write_state_machine(any(e)))?;
+        let meta_bytes = serde_json::to_vec(meta).map_err(|e| super::sio::write_state_machine(any(e)))?;
+        (|| -> Result<(), AnyError> {
+            let tx = self.db.begin_write().map_err(any)?;
+            {
+                let mut objects = tx.open_table(OBJECTS).map_err(any)?;
+                objects.retain(|_, _| false).map_err(any)?;
+                let s = &data.state;
+                let all = s.tenants.keys().map(|k| (Kind::Tenant, k))
+                    .chain(s.vpcs.keys().map(|k| (Kind::Vpc, k)))
+                    .chain(s.subnets.keys().map(|k| (Kind::Subnet, k)))
+                    .chain(s.hosts.keys().map(|k| (Kind::Host, k)))
+                    .chain(s.ports.keys().map(|k| (Kind::Port, k)))
+                    .chain(s.security_groups.keys().map(|k| (Kind::SecurityGroup, k)));
+                for (kind, id) in all {
+                    let j = object_json(s, kind, id).expect("present");
+                    objects.insert(object_key(kind, id).as_str(), j.as_slice()).map_err(any)?;
+                }
+                let mut a = tx.open_table(AUDIT).map_err(any)?;
+                a.retain(|_, _| false).map_err(any)?;
+                for r in &data.audit {
+                    let j = serde_json::to_vec(r).map_err(any)?;
+                    a.insert(r.revision, j.as_slice()).map_err(any)?;
+                }
+                let mut m = tx.open_table(SM_META).map_err(any)?;
+                m.insert("applied", applied_bytes.as_slice()).map_err(any)?;
+                let mut sn = tx.open_table(SNAPSHOT).map_err(any)?;
+                sn.insert("meta", meta_bytes.as_slice()).map_err(any)?;
+                sn.insert("data", bytes.as_slice()).map_err(any)?;
+            }
+            tx.commit().map_err(any)
+        })()
+        .map_err(super::sio::write_state_machine)?;
+        let mut shared = self.shared.write().await;
+        shared.host_digests = (self.digest)(&data.state);
+        shared.state = data.state;
+        shared.revision = data.revision;
+        *self.applied.write().await = applied;
+        self.revisions.send_replace(shared.revision);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, SErr> {
+        (|| -> Result<Option<Snapshot<TypeConfig>>, AnyError> {
+            let tx = self.db.begin_read().map_err(any)?;
+            let t = tx.open_table(SNAPSHOT).map_err(any)?;
+            let (Some(m), Some(d)) = (t.get("meta").map_err(any)?, t.get("data").map_err(any)?) else {
+                return Ok(None);
+            };
+            let meta: SnapshotMeta<u64, BasicNode> = serde_json::from_slice(m.value()).map_err(any)?;
+            Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(d.value().to_vec())) }))
+        })()
+        .map_err(super::sio::read_state_machine)
+    }
+}
