@@ -1,1 +1,77 @@
-fn main() {}
+//! `sdn-agent`: enforces a host's share of the network state with eBPF.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use sdn_agent::{dataplane, watch::Agent};
+
+#[derive(Parser)]
+#[command(version, about = "SDN host agent")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Watch the controller and enforce this host's share.
+    Run {
+        /// This host's id, as provisioned.
+        #[arg(long, env = "SDN_HOST")]
+        host: String,
+        /// Controller addresses (http://HOST:PORT or unix:///PATH); tried in turn.
+        #[arg(long = "controller", env = "SDN_CONTROLLER", value_delimiter = ',', required = true)]
+        controllers: Vec<String>,
+        /// Directory on bpffs for this agent's maps and links.
+        #[arg(long, default_value = "/sys/fs/bpf/sdn")]
+        pin_dir: PathBuf,
+    },
+    /// Print drop and pass counters as JSON.
+    Counters {
+        #[arg(long, default_value = "/sys/fs/bpf/sdn")]
+        pin_dir: PathBuf,
+    },
+    /// Detach every program and remove every pin (uninstall).
+    Purge {
+        #[arg(long, default_value = "/sys/fs/bpf/sdn")]
+        pin_dir: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Run { host, controllers, pin_dir } => {
+            let dp = dataplane::Dataplane::load(&pin_dir).with_context(|| format!("loading the dataplane under {}", pin_dir.display()))?;
+            let mut agent = Agent::new(host, controllers, dp)?;
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                _ = agent.run() => {}
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            // Programs and maps stay pinned: traffic keeps flowing while the
+            // agent is down, and the next agent adopts them.
+            tracing::info!("agent stopping; the dataplane stays in place");
+        }
+        Cmd::Counters { pin_dir } => {
+            let (drops, stats) = dataplane::read_counters(&pin_dir)?;
+            let j = serde_json::json!({
+                "drops": drops.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+                "stats": stats.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+            });
+            println!("{}", serde_json::to_string_pretty(&j)?);
+        }
+        Cmd::Purge { pin_dir } => {
+            if pin_dir.exists() {
+                std::fs::remove_dir_all(&pin_dir).with_context(|| format!("removing {}", pin_dir.display()))?;
+            }
+            println!("removed {}", pin_dir.display());
+        }
+    }
+    Ok(())
+}

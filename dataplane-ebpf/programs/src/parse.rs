@@ -20,7 +20,6 @@ pub const TCP_ACK: u8 = 0x10;
 
 /// The Ethernet header fields the programs use.
 pub struct Eth {
-    pub dst: [u8; 6],
     pub src: [u8; 6],
     pub proto: u16,
 }
@@ -29,7 +28,6 @@ pub struct Eth {
 pub fn eth(ctx: &TcContext) -> Result<Eth, DropReason> {
     let h: [u8; 14] = ctx.load(0).map_err(|_| DropReason::Truncated)?;
     Ok(Eth {
-        dst: [h[0], h[1], h[2], h[3], h[4], h[5]],
         src: [h[6], h[7], h[8], h[9], h[10], h[11]],
         proto: u16::from_be_bytes([h[12], h[13]]),
     })
@@ -62,6 +60,8 @@ pub struct Ip {
     pub dst: [u8; 16],
     /// Offset of the transport header.
     pub l4_off: usize,
+    /// Offset just past the IP packet (its length field, not the frame's).
+    pub end: usize,
     /// TCP/UDP ports; for ICMP echo both are the identifier.
     pub sport: u16,
     pub dport: u16,
@@ -108,6 +108,7 @@ pub fn ipv4(ctx: &TcContext) -> Result<Ip, DropReason> {
         src: [0; 16],
         dst: [0; 16],
         l4_off: ETH_HLEN + ihl,
+        end: ETH_HLEN + total,
         sport: 0,
         dport: 0,
         icmp_type: 0,
@@ -163,6 +164,7 @@ pub fn ipv6(ctx: &TcContext) -> Result<Ip, DropReason> {
         src: [0; 16],
         dst: [0; 16],
         l4_off: off,
+        end: ETH_HLEN + 40 + payload,
         sport: 0,
         dport: 0,
         icmp_type: 0,
@@ -178,6 +180,15 @@ pub fn ipv6(ctx: &TcContext) -> Result<Ip, DropReason> {
 #[inline(always)]
 fn transport(ctx: &TcContext, ip: &mut Ip) -> Result<(), DropReason> {
     let off = ip.l4_off;
+    // Bytes of transport header the packet must hold, by its own length.
+    let need = match ip.proto {
+        PROTO_TCP => 20,
+        PROTO_UDP | PROTO_ICMP | PROTO_ICMPV6 => 8,
+        _ => 0,
+    };
+    if off + need > ip.end {
+        return Err(DropReason::Truncated);
+    }
     match ip.proto {
         PROTO_TCP => {
             let t: [u8; 14] = ctx.load(off).map_err(|_| DropReason::Truncated)?;

@@ -44,7 +44,7 @@ pub fn allowed(port: &PortInfo, dir: u8, family: u8, remote: &[u8; 16], proto: u
             if plen > max_plen {
                 continue;
             }
-            let (mh, ml) = masked(hi, lo, family, plen);
+            let (mh, ml) = masked(hi, lo, plen);
             key.plen = plen as u8;
             key.addr[..8].copy_from_slice(&mh.to_be_bytes());
             key.addr[8..].copy_from_slice(&ml.to_be_bytes());
@@ -63,8 +63,8 @@ pub fn allowed(port: &PortInfo, dir: u8, family: u8, remote: &[u8; 16], proto: u
 /// Masks an address (as two big-endian halves) to `plen` bits. IPv4 lives in
 /// the top 32 bits of `hi`.
 #[inline(always)]
-fn masked(hi: u64, lo: u64, family: u8, plen: u32) -> (u64, u64) {
-    let bits = if family == FAMILY_V4 { plen } else { plen };
+fn masked(hi: u64, lo: u64, plen: u32) -> (u64, u64) {
+    let bits = plen;
     let mh = if bits >= 64 {
         hi
     } else if bits == 0 {

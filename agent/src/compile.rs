@@ -1,0 +1,440 @@
+//! Compiles a host's share of the state into the map contents the programs
+//! read. Pure: the same resources and interface indexes always give the same
+//! maps, except for identity numbers, which the caller's allocator assigns.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv6Addr};
+
+use dataplane_common::maps::{
+    AddrIdentity, AddrKey, PolicyDirKey, PortAddrKey, PortInfo, PrefixLens, RuleKey, PORT_F_EGRESS_OPEN,
+};
+use dataplane_common::{DIR_EGRESS, DIR_INGRESS, FAMILY_V4, FAMILY_V6};
+use sdn_proto::v1 as pb;
+
+/// A block of services: protocol (0: any) and an aligned port block.
+pub type Block = (u8, u8, u16);
+
+/// The services an identity admits. `any` admits everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceSet {
+    pub any: bool,
+    pub blocks: BTreeSet<Block>,
+}
+
+impl ServiceSet {
+    fn add(&mut self, other: &ServiceSet) {
+        if other.any {
+            self.any = true;
+        }
+        self.blocks.extend(other.blocks.iter().copied());
+    }
+    fn normalised(mut self) -> ServiceSet {
+        if self.any {
+            self.blocks.clear();
+        }
+        self
+    }
+}
+
+/// Everything the maps should hold, identities still symbolic.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Desired {
+    pub ports: BTreeMap<u32, PortInfo>,
+    pub port_addrs: BTreeSet<PortAddrKey>,
+    pub plens: BTreeMap<PolicyDirKey, PrefixLens>,
+    /// Remote prefix -> the services it may use.
+    pub sg_addr: BTreeMap<AddrKey, ServiceSet>,
+    /// Ports whose device is not on this host yet, by port id.
+    pub missing_devices: Vec<(String, String)>,
+}
+
+/// Why a share could not be compiled. The agent NACKs with this text.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CompileError {
+    #[error("port {port}: {field}: {message}")]
+    Port { port: String, field: &'static str, message: String },
+    #[error("security group {group} rule {rule}: {message}")]
+    Rule { group: String, rule: String, message: String },
+}
+
+/// Splits an inclusive range into aligned power-of-two blocks.
+pub fn port_blocks(lo: u16, hi: u16) -> Vec<(u8, u16)> {
+    let mut out = Vec::new();
+    let (mut lo, hi) = (lo as u32, hi as u32);
+    while lo <= hi {
+        // Largest block aligned at lo that fits in [lo, hi].
+        let mut size = if lo == 0 { 1u32 << 16 } else { 1u32 << lo.trailing_zeros().min(16) };
+        while lo + size - 1 > hi {
+            size >>= 1;
+        }
+        let plen = 16 - size.trailing_zeros() as u8;
+        out.push((plen, lo as u16));
+        lo += size;
+    }
+    out
+}
+
+/// The IPv6 link-local address a Linux guest derives from its MAC (EUI-64).
+pub fn link_local(mac: [u8; 6]) -> Ipv6Addr {
+    Ipv6Addr::from([
+        0xfe, 0x80, 0, 0, 0, 0, 0, 0, mac[0] ^ 0x02, mac[1], mac[2], 0xff, 0xfe, mac[3], mac[4], mac[5],
+    ])
+}
+
+fn addr16(ip: IpAddr) -> (u8, [u8; 16]) {
+    let mut a = [0u8; 16];
+    match ip {
+        IpAddr::V4(v4) => {
+            a[..4].copy_from_slice(&v4.octets());
+            (FAMILY_V4, a)
+        }
+        IpAddr::V6(v6) => (FAMILY_V6, v6.octets()),
+    }
+}
+
+fn mask16(family: u8, addr: [u8; 16], plen: u8) -> [u8; 16] {
+    let max = if family == FAMILY_V4 { 32 } else { 128 };
+    let plen = plen.min(max) as u32;
+    let v = u128::from_be_bytes(addr);
+    let m = if plen == 0 { 0 } else { u128::MAX << (128 - plen) };
+    (v & m).to_be_bytes()
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut m = [0u8; 6];
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    for (i, p) in parts.iter().enumerate() {
+        m[i] = u8::from_str_radix(p, 16).ok()?;
+    }
+    Some(m)
+}
+
+fn fnv32(bytes: &[u8]) -> u32 {
+    let mut h: u32 = 0x811c9dc5;
+    for b in bytes {
+        h ^= *b as u32;
+        h = h.wrapping_mul(0x01000193);
+    }
+    h
+}
+
+/// The resources an agent holds, by name.
+pub type Resources = BTreeMap<String, pb::Resource>;
+
+/// Compiles the share. `ifindex` resolves a device name on this host.
+pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<Desired, CompileError> {
+    let mut groups: BTreeMap<&str, &pb::SecurityGroup> = BTreeMap::new();
+    let mut members: BTreeMap<&str, Vec<IpAddr>> = BTreeMap::new();
+    let mut ports: Vec<&pb::Port> = Vec::new();
+    for r in res.values() {
+        match &r.kind {
+            Some(pb::resource::Kind::Port(p)) => ports.push(p),
+            Some(pb::resource::Kind::SecurityGroup(g)) => {
+                groups.insert(&g.id, g);
+            }
+            Some(pb::resource::Kind::GroupMembers(m)) => {
+                // Addresses come from the validated store; skip any that do not parse.
+                members.insert(&m.group_id, m.addresses.iter().filter_map(|a| a.parse().ok()).collect());
+            }
+            None => {}
+        }
+    }
+    let mut d = Desired::default();
+    for p in ports {
+        let perr = |field: &'static str, message: String| CompileError::Port { port: p.id.clone(), field, message };
+        let mac = parse_mac(&p.mac).ok_or_else(|| perr("mac", format!("invalid MAC {:?}", p.mac)))?;
+        let Some(ifx) = ifindex(&p.device) else {
+            d.missing_devices.push((p.id.clone(), p.device.clone()));
+            continue;
+        };
+        let mut addrs: Vec<IpAddr> = Vec::new();
+        if !p.ipv4.is_empty() {
+            addrs.push(p.ipv4.parse().map_err(|_| perr("ipv4", format!("invalid address {:?}", p.ipv4)))?);
+        }
+        if !p.ipv6.is_empty() {
+            addrs.push(p.ipv6.parse().map_err(|_| perr("ipv6", format!("invalid address {:?}", p.ipv6)))?);
+        }
+        addrs.push(IpAddr::V6(link_local(mac)));
+        for a in &addrs {
+            let (family, addr) = addr16(*a);
+            d.port_addrs.insert(PortAddrKey { ifindex: ifx, family, _pad: [0; 3], addr });
+        }
+
+        // Direct rules: (dir, family) -> prefix -> services.
+        let mut direct: BTreeMap<(u8, u8), BTreeMap<(u8, [u8; 16]), ServiceSet>> = BTreeMap::new();
+        let mut has_egress = false;
+        for gid in &p.security_group_ids {
+            let Some(g) = groups.get(gid.as_str()) else {
+                return Err(perr("security_group_ids", format!("group {gid} missing from the share")));
+            };
+            for r in &g.rules {
+                let rerr = |message: String| CompileError::Rule { group: g.id.clone(), rule: r.id.clone(), message };
+                let dir = match pb::Direction::try_from(r.direction) {
+                    Ok(pb::Direction::Ingress) => DIR_INGRESS,
+                    Ok(pb::Direction::Egress) => DIR_EGRESS,
+                    _ => return Err(rerr("unknown direction".into())),
+                };
+                if dir == DIR_EGRESS {
+                    has_egress = true;
+                }
+                let family = match pb::EtherType::try_from(r.ether_type) {
+                    Ok(pb::EtherType::Ipv4) => FAMILY_V4,
+                    Ok(pb::EtherType::Ipv6) => FAMILY_V6,
+                    _ => return Err(rerr("unknown ether type".into())),
+                };
+                let proto: u8 = match pb::Protocol::try_from(r.protocol) {
+                    Ok(pb::Protocol::Any) => 0,
+                    Ok(pb::Protocol::Tcp) => 6,
+                    Ok(pb::Protocol::Udp) => 17,
+                    Ok(pb::Protocol::Icmp) => 1,
+                    Ok(pb::Protocol::Icmpv6) => 58,
+                    _ => return Err(rerr("unknown protocol".into())),
+                };
+                let mut svc = ServiceSet::default();
+                if proto == 0 {
+                    svc.any = true;
+                } else if r.port_min == 0 && r.port_max == 0 {
+                    svc.blocks.insert((proto, 0, 0));
+                } else {
+                    if r.port_min > r.port_max || r.port_max > 65535 {
+                        return Err(rerr(format!("bad port range {}-{}", r.port_min, r.port_max)));
+                    }
+                    for (plen, port) in port_blocks(r.port_min as u16, r.port_max as u16) {
+                        svc.blocks.insert((proto, plen, port));
+                    }
+                }
+                let prefixes: Vec<(u8, [u8; 16])> = if !r.remote_cidr.is_empty() {
+                    let n: ipnetwork::IpNetwork = r.remote_cidr.parse().map_err(|_| rerr(format!("invalid remote_cidr {:?}", r.remote_cidr)))?;
+                    let (f, a) = addr16(n.network());
+                    if f != family {
+                        return Err(rerr("remote_cidr family differs from ether_type".into()));
+                    }
+                    vec![(n.prefix(), a)]
+                } else if !r.remote_group_id.is_empty() {
+                    members
+                        .get(r.remote_group_id.as_str())
+                        .map(|v| v.as_slice())
+                        .unwrap_or(&[])
+                        .iter()
+                        .map(|ip| addr16(*ip))
+                        .filter(|(f, _)| *f == family)
+                        .map(|(f, a)| (if f == FAMILY_V4 { 32 } else { 128 }, a))
+                        .collect()
+                } else {
+                    vec![(0, [0u8; 16])]
+                };
+                let table = direct.entry((dir, family)).or_default();
+                for (plen, a) in prefixes {
+                    table.entry((plen, mask16(family, a, plen))).or_default().add(&svc);
+                }
+            }
+        }
+
+        let mut flags = 0;
+        if !has_egress {
+            flags |= PORT_F_EGRESS_OPEN;
+        }
+        // Close each prefix's set over the prefixes that contain it, so the
+        // longest match alone decides.
+        let mut digest: Vec<u8> = Vec::new();
+        for ((dir, family), table) in &direct {
+            let lens: BTreeSet<u8> = table.keys().map(|(l, _)| *l).collect();
+            let mut pl = PrefixLens::default();
+            for l in &lens {
+                pl.set(*l);
+            }
+            d.plens.insert(PolicyDirKey { policy_id: ifx, dir: *dir, family: *family, _pad: [0; 2] }, pl);
+            for ((plen, a), svc) in table {
+                let mut closed = svc.clone();
+                for l in lens.iter().filter(|l| **l < *plen) {
+                    if let Some(parent) = table.get(&(*l, mask16(*family, *a, *l))) {
+                        closed.add(parent);
+                    }
+                }
+                let closed = closed.normalised();
+                digest.extend_from_slice(&[*dir, *family, *plen]);
+                digest.extend_from_slice(a);
+                digest.push(closed.any as u8);
+                for (pr, bl, po) in &closed.blocks {
+                    digest.extend_from_slice(&[*pr, *bl]);
+                    digest.extend_from_slice(&po.to_be_bytes());
+                }
+                d.sg_addr.insert(AddrKey { policy_id: ifx, dir: *dir, family: *family, plen: *plen, _pad: 0, addr: *a }, closed);
+            }
+        }
+        digest.extend_from_slice(&flags.to_be_bytes());
+        let epoch = fnv32(&digest).max(1);
+        d.ports.insert(ifx, PortInfo { mac, _pad0: [0; 2], policy_id: ifx, epoch, flags, _pad1: 0 });
+    }
+    Ok(d)
+}
+
+/// Assigns stable identity numbers to service sets. Identity 0 is never used.
+#[derive(Debug, Default)]
+pub struct Identities {
+    by_set: BTreeMap<ServiceSet, u32>,
+    by_id: BTreeMap<u32, ServiceSet>,
+}
+
+impl Identities {
+    /// Rebuilds the allocator from the maps' contents (agent restart).
+    pub fn adopt(rules: &BTreeMap<RuleKey, u8>, addrs: &BTreeMap<AddrKey, AddrIdentity>) -> Identities {
+        let mut by_id: BTreeMap<u32, ServiceSet> = BTreeMap::new();
+        for k in rules.keys() {
+            by_id.entry(k.identity).or_default().blocks.insert((k.proto, k.port_plen, k.port));
+        }
+        for v in addrs.values() {
+            if v.any_proto != 0 {
+                by_id.entry(v.identity).or_default().any = true;
+            }
+        }
+        let by_set = by_id.iter().map(|(i, s)| (s.clone(), *i)).collect();
+        Identities { by_set, by_id }
+    }
+
+    pub fn get_or_alloc(&mut self, set: &ServiceSet) -> u32 {
+        if let Some(i) = self.by_set.get(set) {
+            return *i;
+        }
+        let mut id = 1;
+        for k in self.by_id.keys() {
+            if *k != id {
+                break;
+            }
+            id += 1;
+        }
+        self.by_set.insert(set.clone(), id);
+        self.by_id.insert(id, set.clone());
+        id
+    }
+
+    /// Forgets identities not in `used`.
+    pub fn retain(&mut self, used: &BTreeSet<u32>) {
+        self.by_id.retain(|i, _| used.contains(i));
+        self.by_set.retain(|_, i| used.contains(i));
+    }
+
+    pub fn set(&self, id: u32) -> Option<&ServiceSet> {
+        self.by_id.get(&id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_cover_ranges_exactly() {
+        for (lo, hi) in [(0u16, 65535u16), (80, 80), (1, 1023), (8000, 8080), (0, 0), (65535, 65535), (3, 17)] {
+            let blocks = port_blocks(lo, hi);
+            let mut covered = 0u32;
+            for (plen, start) in &blocks {
+                let size = 1u32 << (16 - *plen as u32);
+                assert_eq!(*start as u32 % size, 0, "block {start}/{plen} is aligned");
+                assert!(*start as u32 >= lo as u32 && *start as u32 + size - 1 <= hi as u32);
+                covered += size;
+            }
+            assert_eq!(covered, hi as u32 - lo as u32 + 1, "{lo}-{hi}: {blocks:?}");
+        }
+        assert_eq!(port_blocks(0, 65535), vec![(0, 0)]);
+        assert!(port_blocks(1, 65535).len() <= 16);
+    }
+
+    #[test]
+    fn link_local_follows_eui64() {
+        assert_eq!(link_local([0x02, 0, 0, 0, 0, 0x01]), "fe80::ff:fe00:1".parse::<Ipv6Addr>().unwrap());
+    }
+
+    fn share(rules: Vec<pb::SecurityGroupRule>) -> Resources {
+        let mut r = Resources::new();
+        r.insert(
+            "port/p1".into(),
+            pb::Resource {
+                name: "port/p1".into(),
+                version: "1".into(),
+                kind: Some(pb::resource::Kind::Port(pb::Port {
+                    id: "p1".into(),
+                    device: "vm1".into(),
+                    mac: "02:00:00:00:00:01".into(),
+                    ipv4: "10.0.0.1".into(),
+                    security_group_ids: vec!["g".into()],
+                    ..Default::default()
+                })),
+            },
+        );
+        r.insert(
+            "sg/g".into(),
+            pb::Resource {
+                name: "sg/g".into(),
+                version: "1".into(),
+                kind: Some(pb::resource::Kind::SecurityGroup(pb::SecurityGroup { id: "g".into(), rules, ..Default::default() })),
+            },
+        );
+        r
+    }
+
+    fn rule(dir: pb::Direction, proto: pb::Protocol, ports: (u32, u32), cidr: &str) -> pb::SecurityGroupRule {
+        pb::SecurityGroupRule {
+            id: "r".into(),
+            direction: dir as i32,
+            ether_type: pb::EtherType::Ipv4 as i32,
+            protocol: proto as i32,
+            port_min: ports.0,
+            port_max: ports.1,
+            remote_cidr: cidr.into(),
+            remote_group_id: String::new(),
+        }
+    }
+
+    #[test]
+    fn nested_prefixes_inherit_their_parents_services() {
+        let res = share(vec![
+            rule(pb::Direction::Ingress, pb::Protocol::Tcp, (22, 22), "10.0.0.0/8"),
+            rule(pb::Direction::Ingress, pb::Protocol::Tcp, (443, 443), "10.1.0.0/16"),
+        ]);
+        let d = compile(&res, &|n| (n == "vm1").then_some(7)).unwrap();
+        let port = d.ports[&7];
+        assert_eq!(port.flags & PORT_F_EGRESS_OPEN, PORT_F_EGRESS_OPEN, "no egress rules: egress open");
+        let k16 = d.sg_addr.keys().find(|k| k.plen == 16).unwrap();
+        let s16 = &d.sg_addr[k16];
+        assert!(s16.blocks.contains(&(6, 0, 22)) || s16.blocks.iter().any(|b| b.2 == 22), "{s16:?}");
+        assert!(s16.blocks.iter().any(|b| b.2 == 443));
+        let k8 = d.sg_addr.keys().find(|k| k.plen == 8).unwrap();
+        assert!(!d.sg_addr[k8].blocks.iter().any(|b| b.2 == 443));
+        // Anti-spoofing holds the IPv4 address and the derived link-local.
+        assert_eq!(d.port_addrs.len(), 2);
+    }
+
+    #[test]
+    fn epoch_changes_with_rules_and_missing_devices_are_reported() {
+        let a = compile(&share(vec![rule(pb::Direction::Ingress, pb::Protocol::Tcp, (80, 80), "")]), &|_| Some(3)).unwrap();
+        let b = compile(&share(vec![rule(pb::Direction::Ingress, pb::Protocol::Tcp, (81, 81), "")]), &|_| Some(3)).unwrap();
+        assert_ne!(a.ports[&3].epoch, b.ports[&3].epoch);
+        let c = compile(&share(vec![]), &|_| None).unwrap();
+        assert_eq!(c.missing_devices, vec![("p1".to_string(), "vm1".to_string())]);
+        assert!(c.ports.is_empty());
+    }
+
+    #[test]
+    fn identities_are_stable_and_adoptable() {
+        let mut ids = Identities::default();
+        let s1 = ServiceSet { any: false, blocks: [(6, 16, 80)].into() };
+        let s2 = ServiceSet { any: true, blocks: BTreeSet::new() };
+        let i1 = ids.get_or_alloc(&s1);
+        let i2 = ids.get_or_alloc(&s2);
+        assert_ne!(i1, i2);
+        assert_eq!(ids.get_or_alloc(&s1), i1);
+        let rules: BTreeMap<RuleKey, u8> = [(RuleKey { identity: i1, proto: 6, port_plen: 16, port: 80 }, 1)].into();
+        let addrs: BTreeMap<AddrKey, AddrIdentity> = [(
+            AddrKey { policy_id: 1, dir: 0, family: 4, plen: 0, _pad: 0, addr: [0; 16] },
+            AddrIdentity { identity: i2, port_plens: 0, any_proto: 1, _pad: [0; 3] },
+        )]
+        .into();
+        let mut adopted = Identities::adopt(&rules, &addrs);
+        assert_eq!(adopted.get_or_alloc(&s1), i1);
+        assert_eq!(adopted.get_or_alloc(&s2), i2);
+    }
+}

@@ -1,0 +1,241 @@
+//! The kernel side: loads the embedded eBPF object with its maps pinned in
+//! bpffs, attaches the TC programs to VM devices through pinned TCX links,
+//! and adopts what an earlier agent left pinned, so a restart or upgrade
+//! never detaches a program or empties a map.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::{SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader, Pod};
+use dataplane_common::maps as m;
+use dataplane_common::{DropReason, Stat, DROP_REASON_SLOTS, STAT_SLOTS};
+
+use crate::reconcile::{MapSet, Table};
+
+/// The compiled eBPF object.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane"));
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// The two attach points of a VM port.
+pub const PROGRAMS: [(&str, TcAttachType, &str); 2] =
+    [("from_vm", TcAttachType::Ingress, "ingress"), ("to_vm", TcAttachType::Egress, "egress")];
+
+/// Checks that `dir` is on a bpffs mount.
+pub fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
+    // SAFETY: statfs writes into the zeroed struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("statfs {}", dir.display()));
+    }
+    if st.f_type as i64 != BPF_FS_MAGIC {
+        anyhow::bail!(
+            "{} is not on a bpffs mount; mount one with `mount -t bpf bpf {}` or pass --pin-dir on /sys/fs/bpf",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Resolves an interface name in this network namespace.
+pub fn ifindex(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: plain libc call on a valid C string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+/// The loaded dataplane of one agent.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+}
+
+struct AyaTable<K: Pod, V: Pod>(BpfHashMap<MapData, K, V>);
+
+impl<K: Pod + Send, V: Pod + Send> Table<K, V> for AyaTable<K, V> {
+    fn entries(&self) -> anyhow::Result<Vec<(K, V)>> {
+        let mut out = Vec::new();
+        for item in self.0.iter() {
+            out.push(item?);
+        }
+        Ok(out)
+    }
+    fn put(&mut self, k: &K, v: &V) -> anyhow::Result<()> {
+        self.0.insert(k, v, 0)?;
+        Ok(())
+    }
+    fn del(&mut self, k: &K) -> anyhow::Result<()> {
+        match self.0.remove(k) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl Dataplane {
+    /// Loads the programs, reusing maps pinned under `pin_dir/maps`.
+    pub fn load(pin_dir: &Path) -> anyhow::Result<Dataplane> {
+        std::fs::create_dir_all(pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
+        check_bpffs(pin_dir)?;
+        let maps_dir = pin_dir.join("maps");
+        let links_dir = pin_dir.join("links");
+        for d in [&maps_dir, &links_dir] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .map_pin_path(&maps_dir)
+            .load(OBJECT)
+            .context("loading the eBPF object (maps pinned under the pin directory)")?;
+        for (name, _, _) in PROGRAMS {
+            let p: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing from the object"))?
+                .try_into()?;
+            p.load().with_context(|| format!("verifying and loading program {name}"))?;
+        }
+        Ok(Dataplane { ebpf, pin_dir: pin_dir.to_path_buf() })
+    }
+
+    fn link_pin(&self, ifindex: u32, dir: &str) -> PathBuf {
+        self.pin_dir.join("links").join(format!("{ifindex}-{dir}"))
+    }
+
+    /// Attaches both programs to a device, or atomically swaps the program
+    /// of a link an earlier agent pinned.
+    pub fn attach(&mut self, ifname: &str, ifindex: u32) -> anyhow::Result<()> {
+        for (name, attach_type, dir) in PROGRAMS {
+            let pin = self.link_pin(ifindex, dir);
+            let prog: &mut SchedClassifier = self.ebpf.program_mut(name).expect("loaded").try_into()?;
+            if pin.exists() {
+                let adopted = PinnedLink::from_pin(&pin)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|p| Ok(SchedClassifierLink::try_from(FdLink::from(p))?))
+                    .and_then(|l| Ok(prog.attach_to_link(l)?));
+                match adopted {
+                    Ok(id) => {
+                        // The pin keeps the link; our handle may go.
+                        let link = prog.take_link(id)?;
+                        drop(link);
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(device = ifname, pin = %pin.display(), error = %format!("{e:#}"), "stale link pin; attaching afresh");
+                        let _ = std::fs::remove_file(&pin);
+                    }
+                }
+            }
+            let id = prog
+                .attach_with_options(ifname, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default()))
+                .with_context(|| format!("attaching {name} to {ifname} ({dir})"))?;
+            let link = prog.take_link(id)?;
+            let fd: FdLink = link.try_into().context("TCX link expected")?;
+            fd.pin(&pin).with_context(|| format!("pinning link {}", pin.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Detaches both programs from a device by removing the link pins.
+    pub fn detach(&mut self, ifindex: u32) {
+        for (_, _, dir) in PROGRAMS {
+            let pin = self.link_pin(ifindex, dir);
+            if let Err(e) = std::fs::remove_file(&pin) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(pin = %pin.display(), error = %e, "removing link pin");
+                }
+            }
+        }
+    }
+
+    /// Devices that have pinned links.
+    pub fn attached(&self) -> BTreeSet<u32> {
+        let mut out = BTreeSet::new();
+        if let Ok(rd) = std::fs::read_dir(self.pin_dir.join("links")) {
+            for e in rd.flatten() {
+                if let Some(i) = e.file_name().to_str().and_then(|n| n.split('-').next()).and_then(|n| n.parse().ok()) {
+                    out.insert(i);
+                }
+            }
+        }
+        out
+    }
+
+    fn take<K: Pod + Send, V: Pod + Send>(&mut self, name: &str) -> anyhow::Result<Box<dyn Table<K, V>>> {
+        let map = self.ebpf.take_map(name).with_context(|| format!("map {name} missing"))?;
+        Ok(Box::new(AyaTable(BpfHashMap::try_from(map).with_context(|| format!("map {name} type"))?)))
+    }
+
+    /// Hands the policy maps to a reconciler.
+    pub fn map_set(&mut self) -> anyhow::Result<MapSet> {
+        Ok(MapSet {
+            ports: self.take(m::PORTS)?,
+            port_addrs: self.take(m::PORT_ADDRS)?,
+            plens: self.take(m::POLICY_PLENS)?,
+            sg_addr: self.take(m::SG_ADDR)?,
+            sg_rules: self.take(m::SG_RULES)?,
+        })
+    }
+
+    /// Removes conntrack entries of ports that are gone.
+    pub fn flush_conntrack(&mut self, ifindexes: &BTreeSet<u32>) -> anyhow::Result<usize> {
+        if ifindexes.is_empty() {
+            return Ok(0);
+        }
+        let map = self.ebpf.map_mut(m::CT).context("map CT missing")?;
+        let mut ct: BpfHashMap<&mut MapData, m::CtKey, m::CtValue> = BpfHashMap::try_from(map)?;
+        let doomed: Vec<m::CtKey> = ct.keys().filter_map(|k| k.ok()).filter(|k| ifindexes.contains(&k.ifindex)).collect();
+        for k in &doomed {
+            let _ = ct.remove(k);
+        }
+        Ok(doomed.len())
+    }
+
+    /// The program file descriptor, for BPF_PROG_TEST_RUN.
+    pub fn program_fd(&self, name: &str) -> anyhow::Result<std::os::fd::RawFd> {
+        use std::os::fd::{AsFd, AsRawFd};
+        let p: &SchedClassifier = self.ebpf.program(name).context("no such program")?.try_into()?;
+        Ok(p.fd()?.as_fd().as_raw_fd())
+    }
+
+    /// Direct access to a pinned map, for tests and benchmarks.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+}
+
+/// Drop and stats counters, summed over CPUs, read from a pin directory.
+pub fn read_counters(pin_dir: &Path) -> anyhow::Result<(Vec<(&'static str, u64)>, Vec<(&'static str, u64)>)> {
+    let maps_dir = pin_dir.join("maps");
+    let sum = |name: &str, slots: u32| -> anyhow::Result<Vec<u64>> {
+        let data = MapData::from_pin(maps_dir.join(name)).with_context(|| format!("opening pinned map {name}"))?;
+        let arr: PerCpuArray<MapData, u64> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?;
+        let mut out = Vec::new();
+        for i in 0..slots {
+            out.push(arr.get(&i, 0)?.iter().sum());
+        }
+        Ok(out)
+    };
+    let drops = sum(m::DROPS, DROP_REASON_SLOTS)?;
+    let stats = sum(m::STATS, STAT_SLOTS)?;
+    let d = DropReason::ALL.iter().map(|r| (r.name(), drops[*r as usize])).collect();
+    let s = [
+        ("ct_hit", Stat::CtHit),
+        ("ct_new", Stat::CtNew),
+        ("ct_revalidated", Stat::CtRevalidated),
+        ("neighbour", Stat::Neighbour),
+        ("passed", Stat::Passed),
+    ]
+    .iter()
+    .map(|(n, s)| (*n, stats[*s as usize]))
+    .collect();
+    Ok((d, s))
+}

@@ -1,0 +1,9 @@
+//! The host agent: watches its host's share of the state and enforces it in
+//! the kernel with eBPF.
+
+pub mod compile;
+pub mod dataplane;
+pub mod reconcile;
+pub mod testrun;
+pub mod testutil;
+pub mod watch;

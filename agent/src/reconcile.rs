@@ -1,0 +1,230 @@
+//! The reconciler: turns the compiled share into map contents, diffs against
+//! what the maps hold, and applies only the difference. Running it twice
+//! changes nothing. Maps sit behind [`Table`], with an in-memory fake for tests.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use dataplane_common::maps::{
+    AddrIdentity, AddrKey, PolicyDirKey, PortAddrKey, PortInfo, PrefixLens, RuleKey, POLICY_PLENS_MAX, PORTS_MAX,
+    PORT_ADDRS_MAX, SG_ADDR_MAX, SG_RULES_MAX,
+};
+
+use crate::compile::{Desired, Identities};
+
+/// One kernel map, or a fake.
+pub trait Table<K, V>: Send {
+    /// Every entry.
+    fn entries(&self) -> anyhow::Result<Vec<(K, V)>>;
+    /// Inserts or replaces.
+    fn put(&mut self, k: &K, v: &V) -> anyhow::Result<()>;
+    /// Removes; a key that is already gone is success.
+    fn del(&mut self, k: &K) -> anyhow::Result<()>;
+}
+
+/// In-memory table for unit tests.
+impl<K: Ord + Clone + Send, V: Clone + Send> Table<K, V> for BTreeMap<K, V> {
+    fn entries(&self) -> anyhow::Result<Vec<(K, V)>> {
+        Ok(self.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+    }
+    fn put(&mut self, k: &K, v: &V) -> anyhow::Result<()> {
+        self.insert(k.clone(), v.clone());
+        Ok(())
+    }
+    fn del(&mut self, k: &K) -> anyhow::Result<()> {
+        self.remove(k);
+        Ok(())
+    }
+}
+
+/// The maps the reconciler owns.
+pub struct MapSet {
+    pub ports: Box<dyn Table<u32, PortInfo>>,
+    pub port_addrs: Box<dyn Table<PortAddrKey, u8>>,
+    pub plens: Box<dyn Table<PolicyDirKey, PrefixLens>>,
+    pub sg_addr: Box<dyn Table<AddrKey, AddrIdentity>>,
+    pub sg_rules: Box<dyn Table<RuleKey, u8>>,
+}
+
+/// What one pass changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Changes {
+    pub put: usize,
+    pub deleted: usize,
+}
+
+/// The cached view of the maps, read once at start and kept in step.
+#[derive(Default)]
+struct Held {
+    ports: BTreeMap<u32, PortInfo>,
+    port_addrs: BTreeMap<PortAddrKey, u8>,
+    plens: BTreeMap<PolicyDirKey, PrefixLens>,
+    sg_addr: BTreeMap<AddrKey, AddrIdentity>,
+    sg_rules: BTreeMap<RuleKey, u8>,
+}
+
+pub struct Reconciler {
+    maps: MapSet,
+    held: Held,
+    ids: Identities,
+}
+
+fn diff<K: Ord + Clone, V: PartialEq + Clone>(
+    held: &BTreeMap<K, V>,
+    want: &BTreeMap<K, V>,
+) -> (Vec<(K, V)>, Vec<K>) {
+    let puts = want.iter().filter(|(k, v)| held.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let dels = held.keys().filter(|k| !want.contains_key(*k)).cloned().collect();
+    (puts, dels)
+}
+
+fn apply<K: Ord + Clone, V: PartialEq + Clone>(
+    table: &mut dyn Table<K, V>,
+    held: &mut BTreeMap<K, V>,
+    puts: &[(K, V)],
+    c: &mut Changes,
+) -> anyhow::Result<()> {
+    for (k, v) in puts {
+        table.put(k, v)?;
+        held.insert(k.clone(), v.clone());
+        c.put += 1;
+    }
+    Ok(())
+}
+
+fn remove<K: Ord + Clone, V>(table: &mut dyn Table<K, V>, held: &mut BTreeMap<K, V>, dels: &[K], c: &mut Changes) -> anyhow::Result<()> {
+    for k in dels {
+        table.del(k)?;
+        held.remove(k);
+        c.deleted += 1;
+    }
+    Ok(())
+}
+
+fn check_capacity(name: &str, n: usize, max: u32) -> anyhow::Result<()> {
+    if n > max as usize {
+        anyhow::bail!("{name} would need {n} entries; the map holds {max}");
+    }
+    Ok(())
+}
+
+impl Reconciler {
+    /// Adopts whatever the maps already hold.
+    pub fn new(maps: MapSet) -> anyhow::Result<Reconciler> {
+        let held = Held {
+            ports: maps.ports.entries()?.into_iter().collect(),
+            port_addrs: maps.port_addrs.entries()?.into_iter().collect(),
+            plens: maps.plens.entries()?.into_iter().collect(),
+            sg_addr: maps.sg_addr.entries()?.into_iter().collect(),
+            sg_rules: maps.sg_rules.entries()?.into_iter().collect(),
+        };
+        let ids = Identities::adopt(&held.sg_rules, &held.sg_addr);
+        Ok(Reconciler { maps, held, ids })
+    }
+
+    /// Number of ports the maps hold.
+    pub fn port_count(&self) -> usize {
+        self.held.ports.len()
+    }
+
+    /// Makes the maps hold `d`. Order keeps every intermediate state safe:
+    /// services before the prefixes that name them, prefixes before the
+    /// prefix-length index, all before the port that uses them; removals last,
+    /// in the reverse order.
+    pub fn reconcile(&mut self, d: &Desired) -> anyhow::Result<Changes> {
+        // Resolve identities and the wanted contents of every map.
+        let mut want_addr: BTreeMap<AddrKey, AddrIdentity> = BTreeMap::new();
+        let mut used: BTreeSet<u32> = BTreeSet::new();
+        for (k, set) in &d.sg_addr {
+            let id = self.ids.get_or_alloc(set);
+            used.insert(id);
+            let mut port_plens = 0u32;
+            for (_, plen, _) in &set.blocks {
+                port_plens |= 1 << plen;
+            }
+            want_addr.insert(*k, AddrIdentity { identity: id, port_plens, any_proto: set.any as u8, _pad: [0; 3] });
+        }
+        let mut want_rules: BTreeMap<RuleKey, u8> = BTreeMap::new();
+        for id in &used {
+            let set = self.ids.set(*id).expect("allocated").clone();
+            for (proto, port_plen, port) in set.blocks {
+                want_rules.insert(RuleKey { identity: *id, proto, port_plen, port }, 1);
+            }
+        }
+        let want_addrs: BTreeMap<PortAddrKey, u8> = d.port_addrs.iter().map(|k| (*k, 1)).collect();
+
+        check_capacity("ports", d.ports.len(), PORTS_MAX)?;
+        check_capacity("port addresses", want_addrs.len(), PORT_ADDRS_MAX)?;
+        check_capacity("prefix-length index", d.plens.len(), POLICY_PLENS_MAX)?;
+        check_capacity("remote prefixes", want_addr.len(), SG_ADDR_MAX)?;
+        check_capacity("service entries", want_rules.len(), SG_RULES_MAX)?;
+
+        let (rule_puts, rule_dels) = diff(&self.held.sg_rules, &want_rules);
+        let (addr_puts, addr_dels) = diff(&self.held.sg_addr, &want_addr);
+        let (plen_puts, plen_dels) = diff(&self.held.plens, &d.plens);
+        let (paddr_puts, paddr_dels) = diff(&self.held.port_addrs, &want_addrs);
+        let (port_puts, port_dels) = diff(&self.held.ports, &d.ports);
+
+        let mut c = Changes::default();
+        let m = &mut self.maps;
+        let h = &mut self.held;
+        apply(m.sg_rules.as_mut(), &mut h.sg_rules, &rule_puts, &mut c)?;
+        apply(m.sg_addr.as_mut(), &mut h.sg_addr, &addr_puts, &mut c)?;
+        apply(m.plens.as_mut(), &mut h.plens, &plen_puts, &mut c)?;
+        apply(m.port_addrs.as_mut(), &mut h.port_addrs, &paddr_puts, &mut c)?;
+        apply(m.ports.as_mut(), &mut h.ports, &port_puts, &mut c)?;
+        remove(m.ports.as_mut(), &mut h.ports, &port_dels, &mut c)?;
+        remove(m.port_addrs.as_mut(), &mut h.port_addrs, &paddr_dels, &mut c)?;
+        remove(m.plens.as_mut(), &mut h.plens, &plen_dels, &mut c)?;
+        remove(m.sg_addr.as_mut(), &mut h.sg_addr, &addr_dels, &mut c)?;
+        remove(m.sg_rules.as_mut(), &mut h.sg_rules, &rule_dels, &mut c)?;
+        self.ids.retain(&used);
+        Ok(c)
+    }
+
+    /// Ports (ifindexes) the maps hold.
+    pub fn ports(&self) -> BTreeSet<u32> {
+        self.held.ports.keys().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::ServiceSet;
+
+    fn fake() -> MapSet {
+        MapSet {
+            ports: Box::new(BTreeMap::new()),
+            port_addrs: Box::new(BTreeMap::new()),
+            plens: Box::new(BTreeMap::new()),
+            sg_addr: Box::new(BTreeMap::new()),
+            sg_rules: Box::new(BTreeMap::new()),
+        }
+    }
+
+    fn desired(port: u16) -> Desired {
+        let mut d = Desired::default();
+        d.ports.insert(5, PortInfo { mac: [2, 0, 0, 0, 0, 1], _pad0: [0; 2], policy_id: 5, epoch: port as u32, flags: 0, _pad1: 0 });
+        let key = AddrKey { policy_id: 5, dir: 0, family: 4, plen: 0, _pad: 0, addr: [0; 16] };
+        d.sg_addr.insert(key, ServiceSet { any: false, blocks: [(6, 16, port)].into() });
+        let mut pl = PrefixLens::default();
+        pl.set(0);
+        d.plens.insert(PolicyDirKey { policy_id: 5, dir: 0, family: 4, _pad: [0; 2] }, pl);
+        d
+    }
+
+    #[test]
+    fn idempotent_and_minimal() {
+        let mut r = Reconciler::new(fake()).unwrap();
+        let c1 = r.reconcile(&desired(80)).unwrap();
+        assert_eq!(c1.put, 4);
+        assert_eq!(r.reconcile(&desired(80)).unwrap(), Changes::default(), "second pass changes nothing");
+        let c3 = r.reconcile(&desired(443)).unwrap();
+        // New service entry, changed prefix identity, changed port epoch; old service removed.
+        assert_eq!(c3, Changes { put: 3, deleted: 1 });
+        let c4 = r.reconcile(&Desired::default()).unwrap();
+        assert_eq!(c4.put, 0);
+        assert_eq!(c4.deleted, 4);
+        assert_eq!(r.port_count(), 0);
+    }
+}

@@ -1,0 +1,195 @@
+//! The watch client: connects to any controller, registers, receives the
+//! host's share (a snapshot, then deltas), enforces each revision and acks
+//! it. On a broken stream it retries with backoff, moving through the given
+//! controllers, and resumes from the revision and resource versions it holds.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sdn_proto::v1 as pb;
+use tonic::transport::Channel;
+
+use crate::compile::{self, Resources};
+use crate::dataplane::{self, Dataplane};
+use crate::reconcile::Reconciler;
+
+/// One agent: its host, its controllers, and its dataplane.
+pub struct Agent {
+    pub host: String,
+    pub controllers: Vec<String>,
+    dp: Dataplane,
+    rec: Reconciler,
+    resources: Resources,
+    revision: u64,
+    /// Devices whose links this process attached or adopted.
+    attached: BTreeSet<u32>,
+}
+
+/// The outcome of enforcing the held share.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Enforced {
+    /// Everything is in the kernel.
+    Done,
+    /// Some ports' devices are not on the host yet; retried on the next tick.
+    Pending(Vec<(String, String)>),
+}
+
+impl Agent {
+    pub fn new(host: String, controllers: Vec<String>, mut dp: Dataplane) -> anyhow::Result<Agent> {
+        let rec = Reconciler::new(dp.map_set()?).context("reading the pinned maps")?;
+        tracing::info!(host = %host, ports = rec.port_count(), links = dp.attached().len(), "adopted pinned dataplane state");
+        Ok(Agent { host, controllers, dp, rec, resources: Resources::new(), revision: 0, attached: BTreeSet::new() })
+    }
+
+    /// Makes the kernel match the held share.
+    pub fn enforce(&mut self) -> anyhow::Result<Enforced> {
+        let desired = compile::compile(&self.resources, &dataplane::ifindex)?;
+        let want: BTreeSet<u32> = desired.ports.keys().copied().collect();
+        // Detach from devices that are no longer ports before their entries go.
+        let gone: BTreeSet<u32> = self.dp.attached().union(&self.rec.ports()).copied().filter(|i| !want.contains(i)).collect();
+        for i in &gone {
+            self.dp.detach(*i);
+            self.attached.remove(i);
+        }
+        let changes = self.rec.reconcile(&desired)?;
+        // Attach after the port's entries exist: the programs fail closed.
+        let fresh: Vec<u32> = want.difference(&self.attached).copied().collect();
+        for ifx in fresh {
+            let name = self.device_name(ifx).unwrap_or_default();
+            self.dp.attach(&name, ifx)?;
+            self.attached.insert(ifx);
+            tracing::info!(device = %name, ifindex = ifx, "programs attached");
+        }
+        let flushed = self.dp.flush_conntrack(&gone)?;
+        if changes.put + changes.deleted + gone.len() > 0 {
+            tracing::info!(revision = self.revision, put = changes.put, deleted = changes.deleted, detached = gone.len(), flushed, "reconciled");
+        }
+        Ok(if desired.missing_devices.is_empty() { Enforced::Done } else { Enforced::Pending(desired.missing_devices) })
+    }
+
+    fn device_name(&self, ifindex: u32) -> Option<String> {
+        let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+        // SAFETY: buf is IF_NAMESIZE bytes as if_indextoname requires.
+        let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: if_indextoname wrote a NUL-terminated name into buf.
+        Some(unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+    }
+
+    fn apply_message(&mut self, msg: pb::WatchResponse) {
+        if msg.snapshot {
+            self.resources.clear();
+        }
+        for name in msg.removals {
+            self.resources.remove(&name);
+        }
+        for r in msg.upserts {
+            self.resources.insert(r.name.clone(), r);
+        }
+        self.revision = msg.revision;
+    }
+
+    /// Runs forever: watch, enforce, ack; reconnect with backoff.
+    pub async fn run(&mut self) -> ! {
+        let mut backoff = Duration::from_millis(100);
+        let mut idx = 0usize;
+        loop {
+            let addr = self.controllers[idx % self.controllers.len()].clone();
+            match self.session(&addr).await {
+                Ok(progressed) => {
+                    tracing::warn!(controller = %addr, "watch stream ended");
+                    if progressed {
+                        backoff = Duration::from_millis(100);
+                    }
+                }
+                Err((progressed, e)) => {
+                    if progressed {
+                        backoff = Duration::from_millis(100);
+                    }
+                    tracing::warn!(controller = %addr, error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "controller unreachable or stream broken")
+                }
+            }
+            idx += 1;
+            // Jitter of up to a quarter of the delay, from the clock.
+            let jitter = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) as u64
+                % (backoff.as_millis() as u64 / 4 + 1);
+            tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn ack(&self, client: &mut pb::agent_client::AgentClient<Channel>, ok: bool, reason: String) -> anyhow::Result<()> {
+        client
+            .ack(pb::AckRequest { host_id: self.host.clone(), revision: self.revision, ok, reason })
+            .await
+            .context("sending the ack")?;
+        Ok(())
+    }
+
+    /// One connection. Returns whether any message arrived.
+    async fn session(&mut self, addr: &str) -> Result<bool, (bool, anyhow::Error)> {
+        let mut progressed = false;
+        let ch = sdn_proto::connect(addr).await.map_err(|e| (false, anyhow::Error::from(e).context("connecting")))?;
+        let mut client = pb::agent_client::AgentClient::new(ch);
+        client
+            .register(pb::RegisterRequest { host_id: self.host.clone(), agent_version: env!("CARGO_PKG_VERSION").into() })
+            .await
+            .map_err(|s| (false, anyhow::anyhow!("register: {:?}: {}", s.code(), s.message())))?;
+        let req = pb::WatchRequest {
+            host_id: self.host.clone(),
+            revision: self.revision,
+            resource_versions: self.resources.iter().map(|(n, r)| (n.clone(), r.version.clone())).collect(),
+        };
+        tracing::info!(controller = %addr, from_revision = self.revision, held = self.resources.len(), "watching");
+        let mut stream = client
+            .watch(req)
+            .await
+            .map_err(|s| (false, anyhow::anyhow!("watch: {:?}: {}", s.code(), s.message())))?
+            .into_inner();
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut pending = false;
+        loop {
+            tokio::select! {
+                msg = stream.message() => {
+                    let msg = match msg {
+                        Ok(Some(m)) => m,
+                        Ok(None) => return Ok(progressed),
+                        Err(s) => return Err((progressed, anyhow::anyhow!("stream: {:?}: {}", s.code(), s.message()))),
+                    };
+                    progressed = true;
+                    let (snap, up, rm) = (msg.snapshot, msg.upserts.len(), msg.removals.len());
+                    self.apply_message(msg);
+                    tracing::debug!(revision = self.revision, snapshot = snap, upserts = up, removals = rm, "update");
+                    pending = self.enforce_and_ack(&mut client).await.map_err(|e| (progressed, e))?;
+                }
+                _ = tick.tick(), if pending => {
+                    pending = self.enforce_and_ack(&mut client).await.map_err(|e| (progressed, e))?;
+                }
+            }
+        }
+    }
+
+    /// Enforces and acks; returns whether devices are still missing.
+    async fn enforce_and_ack(&mut self, client: &mut pb::agent_client::AgentClient<Channel>) -> anyhow::Result<bool> {
+        match self.enforce() {
+            Ok(Enforced::Done) => {
+                self.ack(client, true, String::new()).await?;
+                Ok(false)
+            }
+            Ok(Enforced::Pending(missing)) => {
+                let list: Vec<String> = missing.iter().map(|(p, d)| format!("{p} ({d})")).collect();
+                tracing::info!(revision = self.revision, waiting_for = %list.join(", "), "ports whose devices are not on this host yet");
+                Ok(true)
+            }
+            Err(e) => {
+                let reason = format!("{e:#}");
+                tracing::error!(revision = self.revision, reason = %reason, "cannot enforce; the dataplane keeps its previous state where it could");
+                self.ack(client, false, reason).await?;
+                Ok(false)
+            }
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! Packet fixtures: each row is a packet, the program it goes through, the
+//! expected verdict and drop reason, and the expected output packet, run in
+//! the kernel with BPF_PROG_TEST_RUN against a policy compiled by the agent.
+
+use std::collections::BTreeMap;
+
+use dataplane_common::DropReason;
+use sdn_agent::compile::{self, Resources};
+use sdn_agent::dataplane::{read_counters, Dataplane};
+use sdn_agent::reconcile::Reconciler;
+use sdn_agent::testrun;
+use sdn_agent::testutil::{can_load_bpf, BpffsMount};
+use sdn_proto::v1 as pb;
+
+const VM_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+const VM4: [u8; 4] = [10, 0, 0, 1];
+const VM6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Prog {
+    FromVm,
+    ToVm,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Expect {
+    Pass,
+    Drop(DropReason),
+}
+
+fn rule(id: &str, dir: pb::Direction, et: pb::EtherType, proto: pb::Protocol, ports: (u32, u32), cidr: &str, group: &str) -> pb::SecurityGroupRule {
+    pb::SecurityGroupRule {
+        id: id.into(),
+        direction: dir as i32,
+        ether_type: et as i32,
+        protocol: proto as i32,
+        port_min: ports.0,
+        port_max: ports.1,
+        remote_cidr: cidr.into(),
+        remote_group_id: group.into(),
+    }
+}
+
+fn share(rules: Vec<pb::SecurityGroupRule>, members: &[&str]) -> Resources {
+    let mut r = Resources::new();
+    let port = pb::Port {
+        id: "p1".into(),
+        device: "lo".into(),
+        mac: "02:00:00:00:00:01".into(),
+        ipv4: "10.0.0.1".into(),
+        ipv6: "fd00::1".into(),
+        security_group_ids: vec!["web".into()],
+        ..Default::default()
+    };
+    r.insert("port/p1".into(), pb::Resource { name: "port/p1".into(), version: "1".into(), kind: Some(pb::resource::Kind::Port(port)) });
+    let g = pb::SecurityGroup { id: "web".into(), rules, ..Default::default() };
+    r.insert("sg/web".into(), pb::Resource { name: "sg/web".into(), version: "1".into(), kind: Some(pb::resource::Kind::SecurityGroup(g)) });
+    let m = pb::GroupMembers { group_id: "db".into(), addresses: members.iter().map(|s| s.to_string()).collect() };
+    r.insert("members/db".into(), pb::Resource { name: "members/db".into(), version: "1".into(), kind: Some(pb::resource::Kind::GroupMembers(m)) });
+    r
+}
+
+fn base_rules() -> Vec<pb::SecurityGroupRule> {
+    use pb::{Direction::*, EtherType::*, Protocol::*};
+    vec![
+        rule("ssh", Ingress, Ipv4, Tcp, (22, 22), "", ""),
+        rule("dns", Ingress, Ipv4, Udp, (53, 53), "10.0.0.0/8", ""),
+        rule("ping", Ingress, Ipv4, Icmp, (8, 8), "", ""),
+        rule("web6", Ingress, Ipv6, Tcp, (8000, 8080), "fd00::/16", ""),
+        rule("db", Ingress, Ipv4, Tcp, (5432, 5432), "", "db"),
+    ]
+}
+
+// ---- packet builders ----------------------------------------------------
+
+fn eth(src: [u8; 6], dst: [u8; 6], ethertype: u16) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&ethertype.to_be_bytes());
+    p
+}
+
+fn tcp4(smac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, syn: bool) -> Vec<u8> {
+    let b = etherparse::PacketBuilder::ethernet2(smac, GW_MAC).ipv4(src, dst, 64).tcp(sport, dport, 1, 1024);
+    let b = if syn { b.syn() } else { b.ack(1) };
+    let mut v = Vec::new();
+    b.write(&mut v, &[]).unwrap();
+    v
+}
+
+fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut v = Vec::new();
+    etherparse::PacketBuilder::ethernet2(GW_MAC, VM_MAC).ipv4(src, dst, 64).udp(sport, dport).write(&mut v, b"q").unwrap();
+    v
+}
+
+fn ping4(src: [u8; 4], dst: [u8; 4], smac: [u8; 6]) -> Vec<u8> {
+    let mut v = Vec::new();
+    etherparse::PacketBuilder::ethernet2(smac, GW_MAC).ipv4(src, dst, 64).icmpv4_echo_request(7, 1).write(&mut v, b"ping").unwrap();
+    v
+}
+
+fn tcp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, smac: [u8; 6]) -> Vec<u8> {
+    let mut v = Vec::new();
+    etherparse::PacketBuilder::ethernet2(smac, GW_MAC).ipv6(src, dst, 64).tcp(sport, dport, 1, 1024).syn().write(&mut v, &[]).unwrap();
+    v
+}
+
+/// IPv6 with `n` destination-options headers before TCP (checksums are not
+/// checked by the program, so zero is fine).
+fn ipv6_ext_chain(n: usize, first_nh: u8, dport: u16) -> Vec<u8> {
+    let mut p = eth(GW_MAC, VM_MAC, 0x86dd);
+    let payload_len = n * 8 + 20;
+    p.extend_from_slice(&[0x60, 0, 0, 0]);
+    p.extend_from_slice(&(payload_len as u16).to_be_bytes());
+    p.push(if n == 0 { 6 } else { first_nh });
+    p.push(64);
+    let src: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&VM6);
+    for i in 0..n {
+        let next = if i + 1 == n { 6 } else { 60 };
+        p.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]); // PadN option
+    }
+    let mut tcp = [0u8; 20];
+    tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+    tcp[2..4].copy_from_slice(&dport.to_be_bytes());
+    tcp[12] = 5 << 4;
+    tcp[13] = 0x02;
+    p.extend_from_slice(&tcp);
+    p
+}
+
+fn arp(sender_mac: [u8; 6], sender_ip: [u8; 4]) -> Vec<u8> {
+    let mut p = eth(VM_MAC, [0xff; 6], 0x0806);
+    p.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    p.extend_from_slice(&sender_mac);
+    p.extend_from_slice(&sender_ip);
+    p.extend_from_slice(&[0; 6]);
+    p.extend_from_slice(&[10, 0, 0, 254]);
+    p
+}
+
+/// ICMPv6 neighbour message from the VM: type, source, target, option.
+fn nd(ty: u8, src: [u8; 16], target: [u8; 16], opt_mac: Option<[u8; 6]>) -> Vec<u8> {
+    let mut p = eth(VM_MAC, [0x33, 0x33, 0, 0, 0, 1], 0x86dd);
+    let mut icmp = vec![ty, 0, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&target);
+    if let Some(m) = opt_mac {
+        icmp.extend_from_slice(&[if ty == 135 { 1 } else { 2 }, 1]);
+        icmp.extend_from_slice(&m);
+    }
+    p.extend_from_slice(&[0x60, 0, 0, 0]);
+    p.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    p.extend_from_slice(&[58, 255]);
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&[0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    p.extend_from_slice(&icmp);
+    p
+}
+
+/// An IPv4 packet whose total length covers only 8 bytes of TCP header.
+fn short_tcp() -> Vec<u8> {
+    let mut v = tcp4(GW_MAC, [198, 51, 100, 1], VM4, 1, 22, true);
+    v.truncate(14 + 20 + 8);
+    v[16..18].copy_from_slice(&28u16.to_be_bytes());
+    v
+}
+
+fn bad_ihl() -> Vec<u8> {
+    let mut v = tcp4(GW_MAC, [198, 51, 100, 1], VM4, 1, 22, true);
+    v[14] = 0x44;
+    v
+}
+
+fn frag4() -> Vec<u8> {
+    let mut v = udp4([10, 1, 1, 1], VM4, 5000, 53);
+    v[14 + 6] = 0x20; // more fragments
+    v
+}
+
+// ---- harness --------------------------------------------------------------
+
+struct Harness {
+    _mount: BpffsMount,
+    dp: Dataplane,
+    rec: Reconciler,
+    pin: std::path::PathBuf,
+}
+
+impl Harness {
+    fn new() -> Option<Harness> {
+        if !can_load_bpf() {
+            eprintln!("skipping: loading eBPF needs root");
+            return None;
+        }
+        let mount = BpffsMount::new("fixtures").expect("bpffs");
+        let pin = mount.path().join("agent");
+        let mut dp = Dataplane::load(&pin).expect("load dataplane");
+        let rec = Reconciler::new(dp.map_set().unwrap()).unwrap();
+        Some(Harness { _mount: mount, dp, rec, pin })
+    }
+
+    fn policy(&mut self, res: &Resources) {
+        // BPF_PROG_TEST_RUN runs on the loopback device of this namespace.
+        let d = compile::compile(res, &|n| (n == "lo").then_some(1)).unwrap();
+        self.rec.reconcile(&d).unwrap();
+    }
+
+    fn drops(&self) -> BTreeMap<&'static str, u64> {
+        read_counters(&self.pin).unwrap().0.into_iter().collect()
+    }
+
+    fn check(&mut self, name: &str, prog: Prog, pkt: &[u8], expect: Expect) {
+        let fd = self.dp.program_fd(if prog == Prog::FromVm { "from_vm" } else { "to_vm" }).unwrap();
+        let before = self.drops();
+        let run = testrun::run(fd, pkt, 1).unwrap_or_else(|e| panic!("{name}: test run failed: {e}"));
+        let after = self.drops();
+        match expect {
+            Expect::Pass => {
+                assert_eq!(run.retval, TC_ACT_OK, "{name}: expected pass; drops changed: {:?}", changed(&before, &after));
+                assert_eq!(run.packet, pkt, "{name}: output packet differs from input");
+            }
+            Expect::Drop(reason) => {
+                assert_eq!(run.retval, TC_ACT_SHOT, "{name}: expected drop ({})", reason.name());
+                assert_eq!(changed(&before, &after), vec![reason.name()], "{name}: wrong drop reason");
+            }
+        }
+    }
+}
+
+fn changed(a: &BTreeMap<&'static str, u64>, b: &BTreeMap<&'static str, u64>) -> Vec<&'static str> {
+    b.iter().filter(|(k, v)| a.get(*k) != Some(*v)).map(|(k, _)| *k).collect()
+}
+
+#[test]
+fn fixture_table() {
+    let Some(mut h) = Harness::new() else { return };
+    h.policy(&share(base_rules(), &["10.0.0.7", "fd00::7"]));
+    let other = [0x02, 0, 0, 0, 0, 0x99];
+    let remote6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
+    let ll = compile::link_local(VM_MAC).octets();
+    use DropReason::*;
+    use Expect::*;
+    use Prog::*;
+    let table: Vec<(&str, Prog, Vec<u8>, Expect)> = vec![
+        ("arp from the VM with its own addresses", FromVm, arp(VM_MAC, VM4), Pass),
+        ("arp probe from 0.0.0.0", FromVm, arp(VM_MAC, [0, 0, 0, 0]), Pass),
+        ("arp claiming another IP", FromVm, arp(VM_MAC, [10, 0, 0, 2]), Drop(SpoofArp)),
+        ("arp claiming another MAC", FromVm, arp(other, VM4), Drop(SpoofArp)),
+        ("tcp from a foreign MAC", FromVm, tcp4(other, VM4, [192, 0, 2, 1], 40000, 80, true), Drop(SpoofMac)),
+        ("tcp from a foreign IP", FromVm, tcp4(VM_MAC, [10, 0, 0, 2], [192, 0, 2, 1], 40000, 80, true), Drop(SpoofIp)),
+        ("tcp out, no egress rules: allowed", FromVm, tcp4(VM_MAC, VM4, [192, 0, 2, 1], 40000, 443, true), Pass),
+        ("reply to that flow: conntrack", ToVm, tcp4(GW_MAC, [192, 0, 2, 1], VM4, 443, 40000, false), Pass),
+        ("tcp 22 in from anywhere", ToVm, tcp4(GW_MAC, [198, 51, 100, 1], VM4, 50000, 22, true), Pass),
+        ("tcp 23 in: no rule", ToVm, tcp4(GW_MAC, [198, 51, 100, 1], VM4, 50000, 23, true), Drop(PolicyIngress)),
+        ("udp 53 from 10/8", ToVm, udp4([10, 9, 9, 9], VM4, 5353, 53), Pass),
+        ("udp 53 from outside 10/8", ToVm, udp4([11, 9, 9, 9], VM4, 5353, 53), Drop(PolicyIngress)),
+        ("icmp echo request in", ToVm, ping4([198, 51, 100, 1], VM4, GW_MAC), Pass),
+        ("tcp 5432 from a db member", ToVm, tcp4(GW_MAC, [10, 0, 0, 7], VM4, 40001, 5432, true), Pass),
+        ("tcp 5432 from a non-member", ToVm, tcp4(GW_MAC, [10, 0, 0, 8], VM4, 40001, 5432, true), Drop(PolicyIngress)),
+        ("ipv6 tcp 8080 from fd00::/16", ToVm, tcp6(remote6, VM6, 40000, 8080, GW_MAC), Pass),
+        ("ipv6 tcp 8081 outside the range", ToVm, tcp6(remote6, VM6, 40000, 8081, GW_MAC), Drop(PolicyIngress)),
+        ("ipv6 tcp 8080 behind two extension headers", ToVm, ipv6_ext_chain(2, 0, 8080), Pass),
+        ("ipv6 chain of nine extension headers", ToVm, ipv6_ext_chain(9, 60, 8080), Drop(ExtChainTooLong)),
+        ("ipv6 fragment header", ToVm, ipv6_ext_chain(1, 44, 8080), Drop(Fragment)),
+        ("ipv4 fragment", ToVm, frag4(), Drop(Fragment)),
+        ("ipv4 total length beyond the frame", ToVm, tcp4(GW_MAC, [198, 51, 100, 1], VM4, 1, 22, true)[..40].to_vec(), Drop(BadIpHeader)),
+        ("tcp header cut short", ToVm, short_tcp(), Drop(Truncated)),
+        ("ipv4 header length below 20", ToVm, bad_ihl(), Drop(BadIpHeader)),
+        ("ipv6 payload length beyond the frame", ToVm, tcp6(remote6, VM6, 40000, 8080, GW_MAC)[..60].to_vec(), Drop(BadIpHeader)),
+        ("802.1Q tagged frame", FromVm, eth(VM_MAC, GW_MAC, 0x8100).into_iter().chain([0u8; 46]).collect(), Drop(UnsupportedEthertype)),
+        ("ipv6 from the VM's own address", FromVm, tcp6(VM6, remote6, 40000, 80, VM_MAC), Pass),
+        ("ipv6 from a foreign address", FromVm, tcp6(remote6, VM6, 40000, 80, VM_MAC), Drop(SpoofIp)),
+        ("neighbour solicitation for DAD from ::", FromVm, nd(135, [0; 16], VM6, None), Pass),
+        ("neighbour advertisement for its own address", FromVm, nd(136, ll, VM6, Some(VM_MAC)), Pass),
+        ("neighbour advertisement for another address", FromVm, nd(136, ll, remote6, Some(VM_MAC)), Drop(SpoofNd)),
+        ("neighbour advertisement with a foreign MAC", FromVm, nd(136, ll, VM6, Some(other)), Drop(SpoofNd)),
+        ("router advertisement from a VM", FromVm, nd(134, ll, [0; 16], None), Drop(RaGuard)),
+    ];
+    for (name, prog, pkt, expect) in &table {
+        h.check(name, *prog, pkt, *expect);
+    }
+    eprintln!("{} fixtures passed", table.len());
+}
+
+#[test]
+fn rule_changes_revoke_established_flows() {
+    let Some(mut h) = Harness::new() else { return };
+    h.policy(&share(base_rules(), &[]));
+    let syn = tcp4(GW_MAC, [198, 51, 100, 1], VM4, 50000, 22, true);
+    let ack = tcp4(GW_MAC, [198, 51, 100, 1], VM4, 50000, 22, false);
+    let reply = tcp4(VM_MAC, VM4, [198, 51, 100, 1], 22, 50000, false);
+    h.check("ssh syn", Prog::ToVm, &syn, Expect::Pass);
+    h.check("ssh reply", Prog::FromVm, &reply, Expect::Pass);
+    h.check("ssh ack", Prog::ToVm, &ack, Expect::Pass);
+    // Remove the ssh rule: the established flow is judged again and cut.
+    let rules: Vec<_> = base_rules().into_iter().filter(|r| r.id != "ssh").collect();
+    h.policy(&share(rules, &[]));
+    h.check("ssh after the rule is gone", Prog::ToVm, &ack, Expect::Drop(DropReason::PolicyRevoked));
+    h.check("new ssh syn after the rule is gone", Prog::ToVm, &syn, Expect::Drop(DropReason::PolicyIngress));
+}
+
+#[test]
+fn egress_rules_close_the_default_open_egress() {
+    let Some(mut h) = Harness::new() else { return };
+    use pb::{Direction::*, EtherType::*, Protocol::*};
+    let mut rules = base_rules();
+    rules.push(rule("https-out", Egress, Ipv4, Tcp, (443, 443), "", ""));
+    h.policy(&share(rules, &[]));
+    h.check("tcp 443 out allowed", Prog::FromVm, &tcp4(VM_MAC, VM4, [192, 0, 2, 1], 40000, 443, true), Expect::Pass);
+    h.check("tcp 80 out refused", Prog::FromVm, &tcp4(VM_MAC, VM4, [192, 0, 2, 1], 40000, 80, true), Expect::Drop(DropReason::PolicyEgress));
+}
+
+#[test]
+fn unknown_ports_fail_closed() {
+    let Some(mut h) = Harness::new() else { return };
+    // No policy at all: the loopback device is not a port.
+    h.check("packet on a device with no port", Prog::ToVm, &tcp4(GW_MAC, [198, 51, 100, 1], VM4, 1, 22, true), Expect::Drop(DropReason::UnknownPort));
+}
