@@ -69,3 +69,8 @@ pub fn host_digests(state: &State) -> BTreeMap<String, u64> {
         })
         .collect()
 }
+
+/// The digest of a host with nothing on it.
+pub fn empty_digest() -> u64 {
+    fnv1a(&[])
+}

@@ -1,1 +1,468 @@
+//! The test topology: network namespaces as hosts and VMs, a routed underlay
+//! between hosts, and real controller and agent processes. Every namespace,
+//! process and mount is owned by a guard that removes it on drop, so a failing
+//! test leaves nothing behind.
 
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+/// Runs a command, failing with its stderr.
+pub fn sh(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("running {args:?}"))?;
+    if !out.status.success() {
+        bail!("{args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs a command inside a namespace.
+pub fn ns_sh(ns: &str, args: &[&str]) -> anyhow::Result<String> {
+    let mut v = vec!["ip", "netns", "exec", ns];
+    v.extend_from_slice(args);
+    sh(&v)
+}
+
+/// The directory holding the workspace's built binaries.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("SDN_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    // target/<profile>/deps/<test> -> target/<profile>
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("deps dir");
+    if dir.ends_with("deps") { dir.parent().expect("profile dir").to_path_buf() } else { dir.to_path_buf() }
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(p.exists(), "{} not built; run `cargo build --workspace --bins` first", p.display());
+    p
+}
+
+/// Whether the tests can make namespaces and load eBPF.
+pub fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: &str) -> anyhow::Result<Netns> {
+        let _ = sh(&["ip", "netns", "del", name]);
+        sh(&["ip", "netns", "add", name])?;
+        let ns = Netns { name: name.to_string() };
+        ns.sh(&["ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    pub fn sh(&self, args: &[&str]) -> anyhow::Result<String> {
+        ns_sh(&self.name, args)
+    }
+
+    pub fn sysctl(&self, kv: &str) -> anyhow::Result<()> {
+        self.sh(&["sysctl", "-qw", kv]).map(|_| ())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = sh(&["ip", "netns", "del", &self.name]);
+    }
+}
+
+/// A child process killed on drop. Its output goes to a log file.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, netns: Option<&str>, program: &Path, args: &[&str], log_dir: &Path) -> anyhow::Result<Proc> {
+        let log = log_dir.join(format!("{name}.log"));
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
+        cmd.args(args).stdin(Stdio::null()).stdout(f.try_clone()?).stderr(f);
+        let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        Ok(Proc { name: name.to_string(), child: Some(child), log })
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: signalling our own child by pid.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A bpffs mount for the agents' pins, unmounted on drop.
+pub struct Bpffs {
+    pub path: PathBuf,
+}
+
+impl Bpffs {
+    pub fn new(path: &Path) -> anyhow::Result<Bpffs> {
+        std::fs::create_dir_all(path)?;
+        sh(&["mount", "-t", "bpf", "bpf", path.to_str().unwrap()])?;
+        Ok(Bpffs { path: path.to_path_buf() })
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        // Removing the pins detaches every program and frees the maps.
+        let _ = sh(&["umount", "-l", self.path.to_str().unwrap()]);
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A VM: its namespace, port identity and addresses.
+pub struct Vm {
+    pub ns: Netns,
+    pub host: String,
+    pub device: String,
+    pub mac: String,
+    pub v4: String,
+    pub v6: String,
+}
+
+/// Hosts joined by a routed underlay, and VMs on them.
+pub struct Topology {
+    pub tag: String,
+    pub hosts: Vec<(String, Netns, String, String)>,
+    pub vms: Vec<Vm>,
+    pub dir: PathBuf,
+}
+
+impl Topology {
+    /// Creates `hosts` host namespaces on one underlay segment (a bridge-free
+    /// star: each host has a veth to a small router namespace).
+    pub fn new(tag: &str, hosts: &[&str]) -> anyhow::Result<Topology> {
+        let dir = std::env::temp_dir().join(format!("sdn-{tag}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let mut t = Topology { tag: tag.to_string(), hosts: Vec::new(), vms: Vec::new(), dir };
+        // Underlay: a router namespace with one veth per host.
+        let router = Netns::new(&format!("{tag}-fabric"))?;
+        router.sysctl("net.ipv4.ip_forward=1")?;
+        router.sysctl("net.ipv6.conf.all.forwarding=1")?;
+        for (i, h) in hosts.iter().enumerate() {
+            let n = i + 1;
+            let ns = Netns::new(&format!("{tag}-{h}"))?;
+            let (a, b) = (format!("{tag}u{n}"), format!("{tag}f{n}"));
+            sh(&["ip", "link", "add", &a, "netns", &ns.name, "type", "veth", "peer", "name", &b, "netns", &router.name])?;
+            ns.sh(&["ip", "link", "set", &a, "name", "ul0"])?;
+            ns.sh(&["ip", "addr", "add", &format!("192.168.{n}.2/24"), "dev", "ul0"])?;
+            ns.sh(&["ip", "-6", "addr", "add", &format!("fd99:{n}::2/64"), "dev", "ul0", "nodad"])?;
+            ns.sh(&["ip", "link", "set", "ul0", "up"])?;
+            ns.sh(&["ip", "route", "add", "default", "via", &format!("192.168.{n}.1")])?;
+            ns.sh(&["ip", "-6", "route", "add", "default", "via", &format!("fd99:{n}::1")])?;
+            ns.sysctl("net.ipv4.ip_forward=1")?;
+            ns.sysctl("net.ipv6.conf.all.forwarding=1")?;
+            ns.sh(&["ip", "addr", "add", "169.254.1.1/32", "dev", "lo"])?;
+            router.sh(&["ip", "addr", "add", &format!("192.168.{n}.1/24"), "dev", &b])?;
+            router.sh(&["ip", "-6", "addr", "add", &format!("fd99:{n}::1/64"), "dev", &b, "nodad"])?;
+            router.sh(&["ip", "link", "set", &b, "up"])?;
+            t.hosts.push((h.to_string(), ns, format!("192.168.{n}.2"), format!("fd99:{n}::2")));
+        }
+        // Keep the router alive as long as the topology: store it as a pseudo host.
+        t.hosts.push(("fabric".into(), router, String::new(), String::new()));
+        Ok(t)
+    }
+
+    pub fn host_ns(&self, host: &str) -> &Netns {
+        &self.hosts.iter().find(|h| h.0 == host).expect("known host").1
+    }
+
+    pub fn underlay_ip(&self, host: &str) -> String {
+        self.hosts.iter().find(|h| h.0 == host).expect("known host").2.clone()
+    }
+
+    fn fabric(&self) -> &Netns {
+        self.host_ns("fabric")
+    }
+
+    /// Creates a VM on `host` the way a compute driver would: a namespace,
+    /// a veth whose host end is `device`, the port's MAC and addresses,
+    /// host routes, and routes on the fabric to reach it from other hosts.
+    pub fn add_vm(&mut self, name: &str, host: &str, mac: &str, v4: &str, v6: &str) -> anyhow::Result<()> {
+        let ns = Netns::new(&format!("{}-{name}", self.tag))?;
+        let device = format!("{}{}", &name[..name.len().min(8)], "h");
+        let hns = self.host_ns(host).name.clone();
+        let tmp = format!("{}t{}", self.tag, self.vms.len());
+        sh(&["ip", "link", "add", &tmp, "netns", &ns.name, "type", "veth", "peer", "name", &device, "netns", &hns])?;
+        ns.sh(&["ip", "link", "set", &tmp, "name", "eth0"])?;
+        ns.sysctl("net.ipv6.conf.all.accept_dad=0")?;
+        ns.sysctl("net.ipv6.conf.default.accept_dad=0")?;
+        ns.sysctl("net.ipv6.conf.eth0.accept_dad=0")?;
+        ns.sysctl("net.ipv6.conf.eth0.addr_gen_mode=0")?;
+        ns.sh(&["ip", "link", "set", "eth0", "address", mac])?;
+        ns.sh(&["ip", "link", "set", "eth0", "up"])?;
+        ns.sh(&["ip", "addr", "add", &format!("{v4}/32"), "dev", "eth0"])?;
+        ns.sh(&["ip", "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
+        ns.sh(&["ip", "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
+        ns.sh(&["ip", "-6", "addr", "add", &format!("{v6}/128"), "dev", "eth0", "nodad"])?;
+        ns.sh(&["ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"])?;
+        let h = self.host_ns(host);
+        h.sysctl(&format!("net.ipv6.conf.{device}.accept_dad=0")).ok();
+        h.sh(&["ip", "link", "set", &device, "up"])?;
+        h.sh(&["ip", "-6", "addr", "add", "fe80::1/64", "dev", &device, "nodad"])?;
+        h.sh(&["ip", "route", "add", &format!("{v4}/32"), "dev", &device])?;
+        h.sh(&["ip", "-6", "route", "add", &format!("{v6}/128"), "dev", &device])?;
+        let (u4, u6) = (self.underlay_ip(host), self.hosts.iter().find(|x| x.0 == host).unwrap().3.clone());
+        self.fabric().sh(&["ip", "route", "add", &format!("{v4}/32"), "via", &u4])?;
+        self.fabric().sh(&["ip", "-6", "route", "add", &format!("{v6}/128"), "via", &u6])?;
+        self.vms.push(Vm { ns, host: host.to_string(), device, mac: mac.into(), v4: v4.into(), v6: v6.into() });
+        Ok(())
+    }
+
+    pub fn vm(&self, name: &str) -> &Vm {
+        let full = format!("{}-{name}", self.tag);
+        self.vms.iter().find(|v| v.ns.name == full).expect("known vm")
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        // VMs first (their veths die with them), then hosts and the fabric.
+        self.vms.clear();
+        self.hosts.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Waits for a condition, polling.
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("timed out after {timeout:?} waiting for {what}")
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A running single-node controller, its agents, and a client.
+pub mod cluster {
+    use super::*;
+    use sdn_proto::v1 as pb;
+
+    pub struct Cluster {
+        pub controller: Proc,
+        pub agents: Vec<(String, Proc)>,
+        pub addr: String,
+        pub socket: PathBuf,
+        pub data_dir: PathBuf,
+        pub bpffs: Bpffs,
+        pub dir: PathBuf,
+        pub listen: String,
+    }
+
+    impl Cluster {
+        pub fn start(dir: &Path) -> anyhow::Result<Cluster> {
+            let data_dir = dir.join("controller-data");
+            let socket = dir.join("controller.sock");
+            let port = free_port();
+            let listen = format!("127.0.0.1:{port}");
+            let bpffs = Bpffs::new(&dir.join("bpffs"))?;
+            let controller = Self::spawn_controller(dir, &data_dir, &socket, &listen)?;
+            let c = Cluster { controller, agents: Vec::new(), addr: format!("http://{listen}"), socket, data_dir, bpffs, dir: dir.to_path_buf(), listen };
+            c.wait_ready()?;
+            Ok(c)
+        }
+
+        fn spawn_controller(dir: &Path, data_dir: &Path, socket: &Path, listen: &str) -> anyhow::Result<Proc> {
+            Proc::spawn(
+                "controller",
+                None,
+                &bin("sdn-controller"),
+                &["--data-dir", data_dir.to_str().unwrap(), "--listen", listen, "--listen-unix", socket.to_str().unwrap()],
+                dir,
+            )
+        }
+
+        fn wait_ready(&self) -> anyhow::Result<()> {
+            let addr = self.addr.clone();
+            // A thread of its own: callers may be inside a tokio runtime.
+            let r = std::thread::spawn(move || -> anyhow::Result<()> {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                wait_for("the controller to answer", Duration::from_secs(20), || {
+                    rt.block_on(async {
+                        match sdn_proto::connect(&addr).await {
+                            Ok(ch) => pb::provisioning_client::ProvisioningClient::new(ch).list(pb::ListRequest { kind: 0 }).await.is_ok(),
+                            Err(_) => false,
+                        }
+                    })
+                })
+            })
+            .join()
+            .expect("readiness thread");
+            r.with_context(|| format!("controller log:\n{}", self.controller.log_text()))
+        }
+
+        /// Kills the controller (SIGKILL) and starts it again on the same data.
+        pub fn restart_controller(&mut self) -> anyhow::Result<()> {
+            self.controller.kill();
+            self.controller = Self::spawn_controller(&self.dir, &self.data_dir, &self.socket, &self.listen)?;
+            self.wait_ready()
+        }
+
+        pub fn pin_dir(&self, host: &str) -> PathBuf {
+            self.bpffs.path.join(host)
+        }
+
+        pub fn start_agent(&mut self, topo: &Topology, host: &str) -> anyhow::Result<()> {
+            let ns = topo.host_ns(host).name.clone();
+            let ctl = format!("unix://{}", self.socket.display());
+            let pin = self.pin_dir(host);
+            let p = Proc::spawn(
+                &format!("agent-{host}"),
+                Some(&ns),
+                &bin("sdn-agent"),
+                &["run", "--host", host, "--controller", &ctl, "--pin-dir", pin.to_str().unwrap()],
+                &self.dir,
+            )?;
+            self.agents.retain(|(h, _)| h != host);
+            self.agents.push((host.to_string(), p));
+            Ok(())
+        }
+
+        pub fn agent(&mut self, host: &str) -> &mut Proc {
+            &mut self.agents.iter_mut().find(|(h, _)| h == host).expect("agent").1
+        }
+
+        pub async fn client(&self) -> anyhow::Result<pb::provisioning_client::ProvisioningClient<tonic::transport::Channel>> {
+            Ok(pb::provisioning_client::ProvisioningClient::new(sdn_proto::connect(&self.addr).await?))
+        }
+
+        /// Applies a batch and waits for enforcement.
+        pub async fn apply(&self, ops: Vec<pb::operation::Op>) -> Result<pb::ApplyResponse, tonic::Status> {
+            let mut c = self.client().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            c.apply(pb::ApplyRequest {
+                operations: ops.into_iter().map(|o| pb::Operation { op: Some(o) }).collect(),
+                actor: "integration-test".into(),
+                wait: true,
+                wait_timeout_ms: 20_000,
+            })
+            .await
+            .map(|r| r.into_inner())
+        }
+
+        /// Drop counters of a host's agent, by reason.
+        pub fn drops(&self, topo: &Topology, host: &str) -> anyhow::Result<serde_json::Value> {
+            let out = ns_sh(
+                &topo.host_ns(host).name,
+                &[bin("sdn-agent").to_str().unwrap(), "counters", "--pin-dir", self.pin_dir(host).to_str().unwrap()],
+            )?;
+            Ok(serde_json::from_str(&out)?)
+        }
+    }
+}
+
+/// Builders for provisioning messages.
+pub mod ops {
+    use sdn_proto::v1 as pb;
+    use pb::operation::Op;
+
+    pub fn tenant(id: &str) -> Op {
+        Op::PutTenant(pb::Tenant { id: id.into(), name: id.into() })
+    }
+    pub fn vpc(id: &str, tenant: &str) -> Op {
+        Op::PutVpc(pb::Vpc { id: id.into(), tenant_id: tenant.into(), name: id.into() })
+    }
+    pub fn subnet(id: &str, vpc: &str, v4: &str, v6: &str) -> Op {
+        Op::PutSubnet(pb::Subnet { id: id.into(), vpc_id: vpc.into(), cidr_v4: v4.into(), cidr_v6: v6.into() })
+    }
+    pub fn host(id: &str, ip: &str) -> Op {
+        Op::PutHost(pb::Host { id: id.into(), underlay_ip: ip.into() })
+    }
+    #[allow(clippy::too_many_arguments)]
+    pub fn port(id: &str, tenant: &str, subnet: &str, host: &str, device: &str, mac: &str, v4: &str, v6: &str, groups: &[&str]) -> Op {
+        Op::PutPort(pb::Port {
+            id: id.into(),
+            tenant_id: tenant.into(),
+            subnet_id: subnet.into(),
+            host_id: host.into(),
+            device: device.into(),
+            mac: mac.into(),
+            ipv4: v4.into(),
+            ipv6: v6.into(),
+            security_group_ids: groups.iter().map(|g| g.to_string()).collect(),
+        })
+    }
+    pub fn group(id: &str, tenant: &str, rules: Vec<pb::SecurityGroupRule>) -> Op {
+        Op::PutSecurityGroup(pb::SecurityGroup { id: id.into(), tenant_id: tenant.into(), name: id.into(), rules })
+    }
+    /// An ingress rule: "tcp", "udp", "icmp", "icmpv6" or "any"; v6 picks the family.
+    pub fn ingress(id: &str, v6: bool, proto: &str, ports: (u32, u32), cidr: &str, remote_group: &str) -> pb::SecurityGroupRule {
+        let protocol = match proto {
+            "tcp" => pb::Protocol::Tcp,
+            "udp" => pb::Protocol::Udp,
+            "icmp" => pb::Protocol::Icmp,
+            "icmpv6" => pb::Protocol::Icmpv6,
+            _ => pb::Protocol::Any,
+        };
+        pb::SecurityGroupRule {
+            id: id.into(),
+            direction: pb::Direction::Ingress as i32,
+            ether_type: if v6 { pb::EtherType::Ipv6 } else { pb::EtherType::Ipv4 } as i32,
+            protocol: protocol as i32,
+            port_min: ports.0,
+            port_max: ports.1,
+            remote_cidr: cidr.into(),
+            remote_group_id: remote_group.into(),
+        }
+    }
+}

@@ -241,13 +241,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             let revision = next_applied.revision;
                             touched.extend(ops.iter().map(op_key));
                             let new_digests = (self.digest)(&state);
-                            let mut hosts: BTreeSet<String> = BTreeSet::new();
-                            for (h, d) in &new_digests {
-                                if digests.get(h) != Some(d) {
-                                    hosts.insert(h.clone());
-                                }
-                            }
-                            hosts.extend(digests.keys().filter(|h| !new_digests.contains_key(*h)).cloned());
+                            // A host that is absent has an empty share: adding a host
+                            // with nothing on it concerns nobody.
+                            let empty = crate::slice::empty_digest();
+                            let all: BTreeSet<&String> = digests.keys().chain(new_digests.keys()).collect();
+                            let hosts: BTreeSet<String> = all
+                                .into_iter()
+                                .filter(|h| digests.get(*h).unwrap_or(&empty) != new_digests.get(*h).unwrap_or(&empty))
+                                .cloned()
+                                .collect();
                             digests = new_digests;
                             audit.push(AuditRecord { revision, actor, time_unix_ms, changes });
                             outcomes.push(Outcome { revision, hosts: hosts.into_iter().collect(), error: None });
