@@ -185,6 +185,8 @@ impl Topology {
     /// star: each host has a veth to a small router namespace).
     pub fn new(tag: &str, hosts: &[&str]) -> anyhow::Result<Topology> {
         let dir = std::env::temp_dir().join(format!("sdn-{tag}"));
+        // An interrupted earlier run may have left its bpffs mounted here.
+        let _ = sh(&["umount", "-l", dir.join("bpffs").to_str().unwrap()]);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let mut t = Topology { tag: tag.to_string(), hosts: Vec::new(), vms: Vec::new(), dir };
@@ -308,6 +310,8 @@ pub mod cluster {
         pub bpffs: Bpffs,
         pub dir: PathBuf,
         pub listen: String,
+        /// Recorded in the audit log for writes made through [`Cluster::apply`].
+        pub actor: String,
     }
 
     impl Cluster {
@@ -318,7 +322,7 @@ pub mod cluster {
             let listen = format!("127.0.0.1:{port}");
             let bpffs = Bpffs::new(&dir.join("bpffs"))?;
             let controller = Self::spawn_controller(dir, &data_dir, &socket, &listen)?;
-            let c = Cluster { controller, agents: Vec::new(), addr: format!("http://{listen}"), socket, data_dir, bpffs, dir: dir.to_path_buf(), listen };
+            let c = Cluster { controller, agents: Vec::new(), addr: format!("http://{listen}"), socket, data_dir, bpffs, dir: dir.to_path_buf(), listen, actor: "integration-test".into() };
             c.wait_ready()?;
             Ok(c)
         }
@@ -392,7 +396,7 @@ pub mod cluster {
             let mut c = self.client().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
             c.apply(pb::ApplyRequest {
                 operations: ops.into_iter().map(|o| pb::Operation { op: Some(o) }).collect(),
-                actor: "integration-test".into(),
+                actor: self.actor.clone(),
                 wait: true,
                 wait_timeout_ms: 20_000,
             })

@@ -11,10 +11,12 @@ use sdn_proto::v1 as pb;
 
 const T: &str = "dept-a";
 
+/// Fields drop in order: traffic end points, then the controller, agents and
+/// bpffs, then the namespaces.
 struct Env {
-    topo: Topology,
-    cluster: Cluster,
     _servers: Vec<Proc>,
+    cluster: Cluster,
+    topo: Topology,
 }
 
 fn web_rules(with_http: bool) -> Vec<pb::SecurityGroupRule> {
@@ -73,7 +75,7 @@ async fn setup(tag: &str) -> anyhow::Result<Env> {
         servers.push(Proc::spawn(&format!("probe-{vm}"), Some(&ns), &probe, &["serve", "--tcp", "80", "--tcp", "81", "--tcp", "5432", "--udp", "5353"], &topo.dir)?);
     }
     std::thread::sleep(Duration::from_millis(300));
-    Ok(Env { topo, cluster, _servers: servers })
+    Ok(Env { _servers: servers, cluster, topo })
 }
 
 impl Env {
