@@ -33,7 +33,7 @@ pub fn bin_dir() -> PathBuf {
     // target/<profile>/deps/<test> -> target/<profile>
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().expect("deps dir");
-    if dir.ends_with("deps") { dir.parent().expect("profile dir").to_path_buf() } else { dir.to_path_buf() }
+    if dir.ends_with("deps") || dir.ends_with("examples") { dir.parent().expect("profile dir").to_path_buf() } else { dir.to_path_buf() }
 }
 
 pub fn bin(name: &str) -> PathBuf {
@@ -469,4 +469,15 @@ pub mod ops {
             remote_group_id: remote_group.into(),
         }
     }
+}
+
+/// Moves the calling thread into a network namespace (by name).
+pub fn enter_netns(name: &str) -> anyhow::Result<()> {
+    let f = std::fs::File::open(format!("/var/run/netns/{name}")).with_context(|| format!("opening netns {name}"))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns on a valid namespace fd affects only this thread.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("setns");
+    }
+    Ok(())
 }

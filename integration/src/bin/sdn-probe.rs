@@ -30,6 +30,18 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
     },
+    /// Sends UDP datagrams as fast as it can for a duration, rotating over
+    /// `flows` source ports; prints the number sent.
+    Flood {
+        addr: String,
+        port: u16,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 16)]
+        flows: usize,
+        #[arg(long, default_value_t = 18)]
+        payload: usize,
+    },
     /// Keeps one TCP connection and exchanges a message every interval for a
     /// duration; reports failed exchanges. Exits 0 only if none failed.
     Hold {
@@ -141,6 +153,28 @@ fn hold(addr: &str, port: u16, seconds: u64, interval: Duration) -> Result<u64, 
     if failed == 0 { Ok(ok) } else { Err(format!("{failed} exchanges failed")) }
 }
 
+fn flood(addr: &str, port: u16, seconds: u64, flows: usize, payload: usize) -> std::io::Result<u64> {
+    let ip: std::net::IpAddr = addr.parse().map_err(|_| std::io::Error::other("bad address"))?;
+    let dst = SocketAddr::new(ip, port);
+    let local: SocketAddr = if ip.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+    let socks: Vec<UdpSocket> = (0..flows.max(1)).map(|_| UdpSocket::bind(local)).collect::<Result<_, _>>()?;
+    for s in &socks {
+        s.connect(dst)?;
+    }
+    let buf = vec![0x5au8; payload];
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let mut sent = 0u64;
+    while Instant::now() < end {
+        for s in &socks {
+            // Errors (e.g. ENOBUFS) are counted as not sent.
+            if s.send(&buf).is_ok() {
+                sent += 1;
+            }
+        }
+    }
+    Ok(sent)
+}
+
 fn main() {
     let cli = Cli::parse();
     let code = match cli.cmd {
@@ -158,6 +192,16 @@ fn main() {
             }
             Err(e) => {
                 println!("{e}");
+                1
+            }
+        },
+        Cmd::Flood { addr, port, seconds, flows, payload } => match flood(&addr, port, seconds, flows, payload) {
+            Ok(n) => {
+                println!("{n}");
+                0
+            }
+            Err(e) => {
+                eprintln!("flood: {e}");
                 1
             }
         },
