@@ -6,7 +6,7 @@
 //! `wait` and times until the agent acknowledged enforcement.
 //!
 //! Run as root after `cargo build --workspace --bins`:
-//! `cargo run --release -p sdn-integration --example enforcement_latency`
+//! `cargo run -p sdn-integration --example enforcement_latency`
 
 use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc;
@@ -60,7 +60,7 @@ async fn main() -> anyhow::Result<()> {
         let dst: SocketAddr = "10.10.0.11:80".parse().unwrap();
         for start in req_rx {
             loop {
-                if TcpStream::connect_timeout(&dst, Duration::from_millis(2)).is_ok() {
+                if TcpStream::connect_timeout(&dst, Duration::from_millis(1)).is_ok() {
                     break;
                 }
                 if start.elapsed() > Duration::from_secs(10) {

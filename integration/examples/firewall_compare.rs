@@ -9,7 +9,7 @@
 //! interface. Modes alternate over several rounds; the median is reported.
 //!
 //! Run as root after `cargo build --workspace --bins`:
-//! `cargo run --release -p sdn-integration --example firewall_compare`
+//! `cargo run -p sdn-integration --example firewall_compare`
 
 use std::time::Duration;
 
