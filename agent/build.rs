@@ -12,7 +12,11 @@ fn main() -> anyhow::Result<()> {
     // The common crate is a path dependency; rebuild when it changes too.
     println!("cargo:rerun-if-changed={root}/../common/src");
     aya_build::build_ebpf(
-        [aya_build::Package { name: "dataplane-ebpf", root_dir: &root, ..Default::default() }],
+        [aya_build::Package {
+            name: "dataplane-ebpf",
+            root_dir: &root,
+            ..Default::default()
+        }],
         aya_build::Toolchain::default(),
     )
 }

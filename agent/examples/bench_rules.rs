@@ -16,7 +16,10 @@ fn rules(n: usize) -> Vec<pb::SecurityGroupRule> {
     (0..n)
         .map(|i| {
             let (cidr, port) = match i % 3 {
-                0 => (format!("172.{}.{}.{}/32", 16 + (i >> 16) % 16, (i >> 8) & 255, i & 255), 1000 + (i % 20000) as u32),
+                0 => (
+                    format!("172.{}.{}.{}/32", 16 + (i >> 16) % 16, (i >> 8) & 255, i & 255),
+                    1000 + (i % 20000) as u32,
+                ),
                 1 => (format!("100.{}.{}.0/24", 64 + (i >> 16) % 64, (i >> 8) & 255), 443),
                 _ => (format!("10.{}.0.0/16", i % 200 + 20), 8000 + (i % 100) as u32),
             };
@@ -44,9 +47,27 @@ fn share(n: usize) -> Resources {
         security_group_ids: vec!["g".into()],
         ..Default::default()
     };
-    r.insert("port/p".into(), pb::Resource { name: "port/p".into(), version: "1".into(), kind: Some(pb::resource::Kind::Port(port)) });
-    let g = pb::SecurityGroup { id: "g".into(), rules: rules(n), ..Default::default() };
-    r.insert("sg/g".into(), pb::Resource { name: "sg/g".into(), version: "1".into(), kind: Some(pb::resource::Kind::SecurityGroup(g)) });
+    r.insert(
+        "port/p".into(),
+        pb::Resource {
+            name: "port/p".into(),
+            version: "1".into(),
+            kind: Some(pb::resource::Kind::Port(port)),
+        },
+    );
+    let g = pb::SecurityGroup {
+        id: "g".into(),
+        rules: rules(n),
+        ..Default::default()
+    };
+    r.insert(
+        "sg/g".into(),
+        pb::Resource {
+            name: "sg/g".into(),
+            version: "1".into(),
+            kind: Some(pb::resource::Kind::SecurityGroup(g)),
+        },
+    );
     r
 }
 
@@ -73,7 +94,10 @@ fn main() -> anyhow::Result<()> {
     // would create the same conntrack entry, so this is measured as a
     // conntrack hit after the first run.
     let allowed = tcp([172, 16, 0, 0], 40000, 1000);
-    println!("{:>8} {:>14} {:>14} {:>12}", "rules", "denied ns/pkt", "ct-hit ns/pkt", "map entries");
+    println!(
+        "{:>8} {:>14} {:>14} {:>12}",
+        "rules", "denied ns/pkt", "ct-hit ns/pkt", "map entries"
+    );
     let mut base = None;
     let mut rows = Vec::new();
     for n in [10usize, 1_000, 10_000, 100_000] {

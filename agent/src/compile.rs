@@ -52,9 +52,17 @@ pub struct Desired {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CompileError {
     #[error("port {port}: {field}: {message}")]
-    Port { port: String, field: &'static str, message: String },
+    Port {
+        port: String,
+        field: &'static str,
+        message: String,
+    },
     #[error("security group {group} rule {rule}: {message}")]
-    Rule { group: String, rule: String, message: String },
+    Rule {
+        group: String,
+        rule: String,
+        message: String,
+    },
 }
 
 /// Splits an inclusive range into aligned power-of-two blocks.
@@ -63,7 +71,11 @@ pub fn port_blocks(lo: u16, hi: u16) -> Vec<(u8, u16)> {
     let (mut lo, hi) = (lo as u32, hi as u32);
     while lo <= hi {
         // Largest block aligned at lo that fits in [lo, hi].
-        let mut size = if lo == 0 { 1u32 << 16 } else { 1u32 << lo.trailing_zeros().min(16) };
+        let mut size = if lo == 0 {
+            1u32 << 16
+        } else {
+            1u32 << lo.trailing_zeros().min(16)
+        };
         while lo + size - 1 > hi {
             size >>= 1;
         }
@@ -77,7 +89,22 @@ pub fn port_blocks(lo: u16, hi: u16) -> Vec<(u8, u16)> {
 /// The IPv6 link-local address a Linux guest derives from its MAC (EUI-64).
 pub fn link_local(mac: [u8; 6]) -> Ipv6Addr {
     Ipv6Addr::from([
-        0xfe, 0x80, 0, 0, 0, 0, 0, 0, mac[0] ^ 0x02, mac[1], mac[2], 0xff, 0xfe, mac[3], mac[4], mac[5],
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        mac[0] ^ 0x02,
+        mac[1],
+        mac[2],
+        0xff,
+        0xfe,
+        mac[3],
+        mac[4],
+        mac[5],
     ])
 }
 
@@ -121,6 +148,9 @@ fn fnv32(bytes: &[u8]) -> u32 {
     h
 }
 
+/// A policy direction's remote prefixes, (length, masked address), and what each may use.
+type PrefixTable = BTreeMap<(u8, [u8; 16]), ServiceSet>;
+
 /// The resources an agent holds, by name.
 pub type Resources = BTreeMap<String, pb::Resource>;
 
@@ -144,7 +174,11 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>) -> Result
     }
     let mut d = Desired::default();
     for p in ports {
-        let perr = |field: &'static str, message: String| CompileError::Port { port: p.id.clone(), field, message };
+        let perr = |field: &'static str, message: String| CompileError::Port {
+            port: p.id.clone(),
+            field,
+            message,
+        };
         let mac = parse_mac(&p.mac).ok_or_else(|| perr("mac", format!("invalid MAC {:?}", p.mac)))?;
         let Some(ifx) = ifindex(&p.device) else {
             d.missing_devices.push((p.id.clone(), p.device.clone()));
@@ -152,26 +186,46 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>) -> Result
         };
         let mut addrs: Vec<IpAddr> = Vec::new();
         if !p.ipv4.is_empty() {
-            addrs.push(p.ipv4.parse().map_err(|_| perr("ipv4", format!("invalid address {:?}", p.ipv4)))?);
+            addrs.push(
+                p.ipv4
+                    .parse()
+                    .map_err(|_| perr("ipv4", format!("invalid address {:?}", p.ipv4)))?,
+            );
         }
         if !p.ipv6.is_empty() {
-            addrs.push(p.ipv6.parse().map_err(|_| perr("ipv6", format!("invalid address {:?}", p.ipv6)))?);
+            addrs.push(
+                p.ipv6
+                    .parse()
+                    .map_err(|_| perr("ipv6", format!("invalid address {:?}", p.ipv6)))?,
+            );
         }
         addrs.push(IpAddr::V6(link_local(mac)));
         for a in &addrs {
             let (family, addr) = addr16(*a);
-            d.port_addrs.insert(PortAddrKey { ifindex: ifx, family, _pad: [0; 3], addr });
+            d.port_addrs.insert(PortAddrKey {
+                ifindex: ifx,
+                family,
+                _pad: [0; 3],
+                addr,
+            });
         }
 
         // Direct rules: (dir, family) -> prefix -> services.
-        let mut direct: BTreeMap<(u8, u8), BTreeMap<(u8, [u8; 16]), ServiceSet>> = BTreeMap::new();
+        let mut direct: BTreeMap<(u8, u8), PrefixTable> = BTreeMap::new();
         let mut has_egress = false;
         for gid in &p.security_group_ids {
             let Some(g) = groups.get(gid.as_str()) else {
-                return Err(perr("security_group_ids", format!("group {gid} missing from the share")));
+                return Err(perr(
+                    "security_group_ids",
+                    format!("group {gid} missing from the share"),
+                ));
             };
             for r in &g.rules {
-                let rerr = |message: String| CompileError::Rule { group: g.id.clone(), rule: r.id.clone(), message };
+                let rerr = |message: String| CompileError::Rule {
+                    group: g.id.clone(),
+                    rule: r.id.clone(),
+                    message,
+                };
                 let dir = match pb::Direction::try_from(r.direction) {
                     Ok(pb::Direction::Ingress) => DIR_INGRESS,
                     Ok(pb::Direction::Egress) => DIR_EGRESS,
@@ -207,7 +261,10 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>) -> Result
                     }
                 }
                 let prefixes: Vec<(u8, [u8; 16])> = if !r.remote_cidr.is_empty() {
-                    let n: ipnetwork::IpNetwork = r.remote_cidr.parse().map_err(|_| rerr(format!("invalid remote_cidr {:?}", r.remote_cidr)))?;
+                    let n: ipnetwork::IpNetwork = r
+                        .remote_cidr
+                        .parse()
+                        .map_err(|_| rerr(format!("invalid remote_cidr {:?}", r.remote_cidr)))?;
                     let (f, a) = addr16(n.network());
                     if f != family {
                         return Err(rerr("remote_cidr family differs from ether_type".into()));
@@ -246,7 +303,15 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>) -> Result
             for l in &lens {
                 pl.set(*l);
             }
-            d.plens.insert(PolicyDirKey { policy_id: ifx, dir: *dir, family: *family, _pad: [0; 2] }, pl);
+            d.plens.insert(
+                PolicyDirKey {
+                    policy_id: ifx,
+                    dir: *dir,
+                    family: *family,
+                    _pad: [0; 2],
+                },
+                pl,
+            );
             for ((plen, a), svc) in table {
                 let mut closed = svc.clone();
                 for l in lens.iter().filter(|l| **l < *plen) {
@@ -262,12 +327,32 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>) -> Result
                     digest.extend_from_slice(&[*pr, *bl]);
                     digest.extend_from_slice(&po.to_be_bytes());
                 }
-                d.sg_addr.insert(AddrKey { policy_id: ifx, dir: *dir, family: *family, plen: *plen, _pad: 0, addr: *a }, closed);
+                d.sg_addr.insert(
+                    AddrKey {
+                        policy_id: ifx,
+                        dir: *dir,
+                        family: *family,
+                        plen: *plen,
+                        _pad: 0,
+                        addr: *a,
+                    },
+                    closed,
+                );
             }
         }
         digest.extend_from_slice(&flags.to_be_bytes());
         let epoch = fnv32(&digest).max(1);
-        d.ports.insert(ifx, PortInfo { mac, _pad0: [0; 2], policy_id: ifx, epoch, flags, _pad1: 0 });
+        d.ports.insert(
+            ifx,
+            PortInfo {
+                mac,
+                _pad0: [0; 2],
+                policy_id: ifx,
+                epoch,
+                flags,
+                _pad1: 0,
+            },
+        );
     }
     Ok(d)
 }
@@ -284,7 +369,11 @@ impl Identities {
     pub fn adopt(rules: &BTreeMap<RuleKey, u8>, addrs: &BTreeMap<AddrKey, AddrIdentity>) -> Identities {
         let mut by_id: BTreeMap<u32, ServiceSet> = BTreeMap::new();
         for k in rules.keys() {
-            by_id.entry(k.identity).or_default().blocks.insert((k.proto, k.port_plen, k.port));
+            by_id
+                .entry(k.identity)
+                .or_default()
+                .blocks
+                .insert((k.proto, k.port_plen, k.port));
         }
         for v in addrs.values() {
             if v.any_proto != 0 {
@@ -328,7 +417,15 @@ mod tests {
 
     #[test]
     fn blocks_cover_ranges_exactly() {
-        for (lo, hi) in [(0u16, 65535u16), (80, 80), (1, 1023), (8000, 8080), (0, 0), (65535, 65535), (3, 17)] {
+        for (lo, hi) in [
+            (0u16, 65535u16),
+            (80, 80),
+            (1, 1023),
+            (8000, 8080),
+            (0, 0),
+            (65535, 65535),
+            (3, 17),
+        ] {
             let blocks = port_blocks(lo, hi);
             let mut covered = 0u32;
             for (plen, start) in &blocks {
@@ -345,7 +442,10 @@ mod tests {
 
     #[test]
     fn link_local_follows_eui64() {
-        assert_eq!(link_local([0x02, 0, 0, 0, 0, 0x01]), "fe80::ff:fe00:1".parse::<Ipv6Addr>().unwrap());
+        assert_eq!(
+            link_local([0x02, 0, 0, 0, 0, 0x01]),
+            "fe80::ff:fe00:1".parse::<Ipv6Addr>().unwrap()
+        );
     }
 
     fn share(rules: Vec<pb::SecurityGroupRule>) -> Resources {
@@ -370,7 +470,11 @@ mod tests {
             pb::Resource {
                 name: "sg/g".into(),
                 version: "1".into(),
-                kind: Some(pb::resource::Kind::SecurityGroup(pb::SecurityGroup { id: "g".into(), rules, ..Default::default() })),
+                kind: Some(pb::resource::Kind::SecurityGroup(pb::SecurityGroup {
+                    id: "g".into(),
+                    rules,
+                    ..Default::default()
+                })),
             },
         );
         r
@@ -397,10 +501,17 @@ mod tests {
         ]);
         let d = compile(&res, &|n| (n == "vm1").then_some(7)).unwrap();
         let port = d.ports[&7];
-        assert_eq!(port.flags & PORT_F_EGRESS_OPEN, PORT_F_EGRESS_OPEN, "no egress rules: egress open");
+        assert_eq!(
+            port.flags & PORT_F_EGRESS_OPEN,
+            PORT_F_EGRESS_OPEN,
+            "no egress rules: egress open"
+        );
         let k16 = d.sg_addr.keys().find(|k| k.plen == 16).unwrap();
         let s16 = &d.sg_addr[k16];
-        assert!(s16.blocks.contains(&(6, 0, 22)) || s16.blocks.iter().any(|b| b.2 == 22), "{s16:?}");
+        assert!(
+            s16.blocks.contains(&(6, 0, 22)) || s16.blocks.iter().any(|b| b.2 == 22),
+            "{s16:?}"
+        );
         assert!(s16.blocks.iter().any(|b| b.2 == 443));
         let k8 = d.sg_addr.keys().find(|k| k.plen == 8).unwrap();
         assert!(!d.sg_addr[k8].blocks.iter().any(|b| b.2 == 443));
@@ -410,8 +521,16 @@ mod tests {
 
     #[test]
     fn epoch_changes_with_rules_and_missing_devices_are_reported() {
-        let a = compile(&share(vec![rule(pb::Direction::Ingress, pb::Protocol::Tcp, (80, 80), "")]), &|_| Some(3)).unwrap();
-        let b = compile(&share(vec![rule(pb::Direction::Ingress, pb::Protocol::Tcp, (81, 81), "")]), &|_| Some(3)).unwrap();
+        let a = compile(
+            &share(vec![rule(pb::Direction::Ingress, pb::Protocol::Tcp, (80, 80), "")]),
+            &|_| Some(3),
+        )
+        .unwrap();
+        let b = compile(
+            &share(vec![rule(pb::Direction::Ingress, pb::Protocol::Tcp, (81, 81), "")]),
+            &|_| Some(3),
+        )
+        .unwrap();
         assert_ne!(a.ports[&3].epoch, b.ports[&3].epoch);
         let c = compile(&share(vec![]), &|_| None).unwrap();
         assert_eq!(c.missing_devices, vec![("p1".to_string(), "vm1".to_string())]);
@@ -421,16 +540,43 @@ mod tests {
     #[test]
     fn identities_are_stable_and_adoptable() {
         let mut ids = Identities::default();
-        let s1 = ServiceSet { any: false, blocks: [(6, 16, 80)].into() };
-        let s2 = ServiceSet { any: true, blocks: BTreeSet::new() };
+        let s1 = ServiceSet {
+            any: false,
+            blocks: [(6, 16, 80)].into(),
+        };
+        let s2 = ServiceSet {
+            any: true,
+            blocks: BTreeSet::new(),
+        };
         let i1 = ids.get_or_alloc(&s1);
         let i2 = ids.get_or_alloc(&s2);
         assert_ne!(i1, i2);
         assert_eq!(ids.get_or_alloc(&s1), i1);
-        let rules: BTreeMap<RuleKey, u8> = [(RuleKey { identity: i1, proto: 6, port_plen: 16, port: 80 }, 1)].into();
+        let rules: BTreeMap<RuleKey, u8> = [(
+            RuleKey {
+                identity: i1,
+                proto: 6,
+                port_plen: 16,
+                port: 80,
+            },
+            1,
+        )]
+        .into();
         let addrs: BTreeMap<AddrKey, AddrIdentity> = [(
-            AddrKey { policy_id: 1, dir: 0, family: 4, plen: 0, _pad: 0, addr: [0; 16] },
-            AddrIdentity { identity: i2, port_plens: 0, any_proto: 1, _pad: [0; 3] },
+            AddrKey {
+                policy_id: 1,
+                dir: 0,
+                family: 4,
+                plen: 0,
+                _pad: 0,
+                addr: [0; 16],
+            },
+            AddrIdentity {
+                identity: i2,
+                port_plens: 0,
+                any_proto: 1,
+                _pad: [0; 3],
+            },
         )]
         .into();
         let mut adopted = Identities::adopt(&rules, &addrs);

@@ -23,8 +23,10 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 /// The two attach points of a VM port.
-pub const PROGRAMS: [(&str, TcAttachType, &str); 2] =
-    [("from_vm", TcAttachType::Ingress, "ingress"), ("to_vm", TcAttachType::Egress, "egress")];
+pub const PROGRAMS: [(&str, TcAttachType, &str); 2] = [
+    ("from_vm", TcAttachType::Ingress, "ingress"),
+    ("to_vm", TcAttachType::Egress, "egress"),
+];
 
 /// Checks that `dir` is on a bpffs mount.
 pub fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
@@ -101,9 +103,13 @@ impl Dataplane {
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the object"))?
                 .try_into()?;
-            p.load().with_context(|| format!("verifying and loading program {name}"))?;
+            p.load()
+                .with_context(|| format!("verifying and loading program {name}"))?;
         }
-        Ok(Dataplane { ebpf, pin_dir: pin_dir.to_path_buf() })
+        Ok(Dataplane {
+            ebpf,
+            pin_dir: pin_dir.to_path_buf(),
+        })
     }
 
     fn link_pin(&self, ifindex: u32, dir: &str) -> PathBuf {
@@ -139,7 +145,8 @@ impl Dataplane {
                 .with_context(|| format!("attaching {name} to {ifname} ({dir})"))?;
             let link = prog.take_link(id)?;
             let fd: FdLink = link.try_into().context("TCX link expected")?;
-            fd.pin(&pin).with_context(|| format!("pinning link {}", pin.display()))?;
+            fd.pin(&pin)
+                .with_context(|| format!("pinning link {}", pin.display()))?;
         }
         Ok(())
     }
@@ -161,7 +168,12 @@ impl Dataplane {
         let mut out = BTreeSet::new();
         if let Ok(rd) = std::fs::read_dir(self.pin_dir.join("links")) {
             for e in rd.flatten() {
-                if let Some(i) = e.file_name().to_str().and_then(|n| n.split('-').next()).and_then(|n| n.parse().ok()) {
+                if let Some(i) = e
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.split('-').next())
+                    .and_then(|n| n.parse().ok())
+                {
                     out.insert(i);
                 }
             }
@@ -170,8 +182,13 @@ impl Dataplane {
     }
 
     fn take<K: Pod + Send, V: Pod + Send>(&mut self, name: &str) -> anyhow::Result<Box<dyn Table<K, V>>> {
-        let map = self.ebpf.take_map(name).with_context(|| format!("map {name} missing"))?;
-        Ok(Box::new(AyaTable(BpfHashMap::try_from(map).with_context(|| format!("map {name} type"))?)))
+        let map = self
+            .ebpf
+            .take_map(name)
+            .with_context(|| format!("map {name} missing"))?;
+        Ok(Box::new(AyaTable(
+            BpfHashMap::try_from(map).with_context(|| format!("map {name} type"))?,
+        )))
     }
 
     /// Hands the policy maps to a reconciler.
@@ -192,7 +209,11 @@ impl Dataplane {
         }
         let map = self.ebpf.map_mut(m::CT).context("map CT missing")?;
         let mut ct: BpfHashMap<&mut MapData, m::CtKey, m::CtValue> = BpfHashMap::try_from(map)?;
-        let doomed: Vec<m::CtKey> = ct.keys().filter_map(|k| k.ok()).filter(|k| ifindexes.contains(&k.ifindex)).collect();
+        let doomed: Vec<m::CtKey> = ct
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| ifindexes.contains(&k.ifindex))
+            .collect();
         for k in &doomed {
             let _ = ct.remove(k);
         }
@@ -212,8 +233,11 @@ impl Dataplane {
     }
 }
 
+/// Named counters, in index order.
+pub type Counters = Vec<(&'static str, u64)>;
+
 /// Drop and stats counters, summed over CPUs, read from a pin directory.
-pub fn read_counters(pin_dir: &Path) -> anyhow::Result<(Vec<(&'static str, u64)>, Vec<(&'static str, u64)>)> {
+pub fn read_counters(pin_dir: &Path) -> anyhow::Result<(Counters, Counters)> {
     let maps_dir = pin_dir.join("maps");
     let sum = |name: &str, slots: u32| -> anyhow::Result<Vec<u64>> {
         let data = MapData::from_pin(maps_dir.join(name)).with_context(|| format!("opening pinned map {name}"))?;

@@ -42,11 +42,18 @@ enum Cmd {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     match Cli::parse().cmd {
-        Cmd::Run { host, controllers, pin_dir } => {
-            let dp = dataplane::Dataplane::load(&pin_dir).with_context(|| format!("loading the dataplane under {}", pin_dir.display()))?;
+        Cmd::Run {
+            host,
+            controllers,
+            pin_dir,
+        } => {
+            let dp = dataplane::Dataplane::load(&pin_dir)
+                .with_context(|| format!("loading the dataplane under {}", pin_dir.display()))?;
             let mut agent = Agent::new(host, controllers, dp)?;
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {

@@ -68,11 +68,12 @@ pub struct Reconciler {
     ids: Identities,
 }
 
-fn diff<K: Ord + Clone, V: PartialEq + Clone>(
-    held: &BTreeMap<K, V>,
-    want: &BTreeMap<K, V>,
-) -> (Vec<(K, V)>, Vec<K>) {
-    let puts = want.iter().filter(|(k, v)| held.get(*k) != Some(*v)).map(|(k, v)| (k.clone(), v.clone())).collect();
+fn diff<K: Ord + Clone, V: PartialEq + Clone>(held: &BTreeMap<K, V>, want: &BTreeMap<K, V>) -> (Vec<(K, V)>, Vec<K>) {
+    let puts = want
+        .iter()
+        .filter(|(k, v)| held.get(*k) != Some(*v))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let dels = held.keys().filter(|k| !want.contains_key(*k)).cloned().collect();
     (puts, dels)
 }
@@ -91,7 +92,12 @@ fn apply<K: Ord + Clone, V: PartialEq + Clone>(
     Ok(())
 }
 
-fn remove<K: Ord + Clone, V>(table: &mut dyn Table<K, V>, held: &mut BTreeMap<K, V>, dels: &[K], c: &mut Changes) -> anyhow::Result<()> {
+fn remove<K: Ord + Clone, V>(
+    table: &mut dyn Table<K, V>,
+    held: &mut BTreeMap<K, V>,
+    dels: &[K],
+    c: &mut Changes,
+) -> anyhow::Result<()> {
     for k in dels {
         table.del(k)?;
         held.remove(k);
@@ -141,13 +147,29 @@ impl Reconciler {
             for (_, plen, _) in &set.blocks {
                 port_plens |= 1 << plen;
             }
-            want_addr.insert(*k, AddrIdentity { identity: id, port_plens, any_proto: set.any as u8, _pad: [0; 3] });
+            want_addr.insert(
+                *k,
+                AddrIdentity {
+                    identity: id,
+                    port_plens,
+                    any_proto: set.any as u8,
+                    _pad: [0; 3],
+                },
+            );
         }
         let mut want_rules: BTreeMap<RuleKey, u8> = BTreeMap::new();
         for id in &used {
             let set = self.ids.set(*id).expect("allocated").clone();
             for (proto, port_plen, port) in set.blocks {
-                want_rules.insert(RuleKey { identity: *id, proto, port_plen, port }, 1);
+                want_rules.insert(
+                    RuleKey {
+                        identity: *id,
+                        proto,
+                        port_plen,
+                        port,
+                    },
+                    1,
+                );
             }
         }
         let want_addrs: BTreeMap<PortAddrKey, u8> = d.port_addrs.iter().map(|k| (*k, 1)).collect();
@@ -204,12 +226,43 @@ mod tests {
 
     fn desired(port: u16) -> Desired {
         let mut d = Desired::default();
-        d.ports.insert(5, PortInfo { mac: [2, 0, 0, 0, 0, 1], _pad0: [0; 2], policy_id: 5, epoch: port as u32, flags: 0, _pad1: 0 });
-        let key = AddrKey { policy_id: 5, dir: 0, family: 4, plen: 0, _pad: 0, addr: [0; 16] };
-        d.sg_addr.insert(key, ServiceSet { any: false, blocks: [(6, 16, port)].into() });
+        d.ports.insert(
+            5,
+            PortInfo {
+                mac: [2, 0, 0, 0, 0, 1],
+                _pad0: [0; 2],
+                policy_id: 5,
+                epoch: port as u32,
+                flags: 0,
+                _pad1: 0,
+            },
+        );
+        let key = AddrKey {
+            policy_id: 5,
+            dir: 0,
+            family: 4,
+            plen: 0,
+            _pad: 0,
+            addr: [0; 16],
+        };
+        d.sg_addr.insert(
+            key,
+            ServiceSet {
+                any: false,
+                blocks: [(6, 16, port)].into(),
+            },
+        );
         let mut pl = PrefixLens::default();
         pl.set(0);
-        d.plens.insert(PolicyDirKey { policy_id: 5, dir: 0, family: 4, _pad: [0; 2] }, pl);
+        d.plens.insert(
+            PolicyDirKey {
+                policy_id: 5,
+                dir: 0,
+                family: 4,
+                _pad: [0; 2],
+            },
+            pl,
+        );
         d
     }
 
@@ -218,7 +271,11 @@ mod tests {
         let mut r = Reconciler::new(fake()).unwrap();
         let c1 = r.reconcile(&desired(80)).unwrap();
         assert_eq!(c1.put, 4);
-        assert_eq!(r.reconcile(&desired(80)).unwrap(), Changes::default(), "second pass changes nothing");
+        assert_eq!(
+            r.reconcile(&desired(80)).unwrap(),
+            Changes::default(),
+            "second pass changes nothing"
+        );
         let c3 = r.reconcile(&desired(443)).unwrap();
         // New service entry, changed prefix identity, changed port epoch; old service removed.
         assert_eq!(c3, Changes { put: 3, deleted: 1 });

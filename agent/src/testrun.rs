@@ -64,5 +64,9 @@ pub fn run(prog_fd: RawFd, packet: &[u8], repeat: u32) -> std::io::Result<Run> {
         return Err(std::io::Error::last_os_error());
     }
     out.truncate(attr.data_size_out as usize);
-    Ok(Run { retval: attr.retval, packet: out, ns_per_run: attr.duration })
+    Ok(Run {
+        retval: attr.retval,
+        packet: out,
+        ns_per_run: attr.duration,
+    })
 }

@@ -16,7 +16,11 @@ impl BpffsMount {
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let path = std::env::temp_dir().join(format!("sdn-bpffs-{tag}-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&path)?;
-        let st = std::process::Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&path).status().context("running mount")?;
+        let st = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&path)
+            .status()
+            .context("running mount")?;
         if !st.success() {
             let _ = std::fs::remove_dir(&path);
             anyhow::bail!("mount -t bpf failed on {} (root needed)", path.display());

@@ -39,7 +39,15 @@ impl Agent {
     pub fn new(host: String, controllers: Vec<String>, mut dp: Dataplane) -> anyhow::Result<Agent> {
         let rec = Reconciler::new(dp.map_set()?).context("reading the pinned maps")?;
         tracing::info!(host = %host, ports = rec.port_count(), links = dp.attached().len(), "adopted pinned dataplane state");
-        Ok(Agent { host, controllers, dp, rec, resources: Resources::new(), revision: 0, attached: BTreeSet::new() })
+        Ok(Agent {
+            host,
+            controllers,
+            dp,
+            rec,
+            resources: Resources::new(),
+            revision: 0,
+            attached: BTreeSet::new(),
+        })
     }
 
     /// Makes the kernel match the held share.
@@ -47,7 +55,13 @@ impl Agent {
         let desired = compile::compile(&self.resources, &dataplane::ifindex)?;
         let want: BTreeSet<u32> = desired.ports.keys().copied().collect();
         // Detach from devices that are no longer ports before their entries go.
-        let gone: BTreeSet<u32> = self.dp.attached().union(&self.rec.ports()).copied().filter(|i| !want.contains(i)).collect();
+        let gone: BTreeSet<u32> = self
+            .dp
+            .attached()
+            .union(&self.rec.ports())
+            .copied()
+            .filter(|i| !want.contains(i))
+            .collect();
         for i in &gone {
             self.dp.detach(*i);
             self.attached.remove(i);
@@ -63,9 +77,20 @@ impl Agent {
         }
         let flushed = self.dp.flush_conntrack(&gone)?;
         if changes.put + changes.deleted + gone.len() > 0 {
-            tracing::info!(revision = self.revision, put = changes.put, deleted = changes.deleted, detached = gone.len(), flushed, "reconciled");
+            tracing::info!(
+                revision = self.revision,
+                put = changes.put,
+                deleted = changes.deleted,
+                detached = gone.len(),
+                flushed,
+                "reconciled"
+            );
         }
-        Ok(if desired.missing_devices.is_empty() { Enforced::Done } else { Enforced::Pending(desired.missing_devices) })
+        Ok(if desired.missing_devices.is_empty() {
+            Enforced::Done
+        } else {
+            Enforced::Pending(desired.missing_devices)
+        })
     }
 
     fn device_name(&self, ifindex: u32) -> Option<String> {
@@ -76,7 +101,11 @@ impl Agent {
             return None;
         }
         // SAFETY: if_indextoname wrote a NUL-terminated name into buf.
-        Some(unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+        Some(
+            unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+                .to_string_lossy()
+                .into_owned(),
+        )
     }
 
     fn apply_message(&mut self, msg: pb::WatchResponse) {
@@ -114,16 +143,29 @@ impl Agent {
             }
             idx += 1;
             // Jitter of up to a quarter of the delay, from the clock.
-            let jitter = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) as u64
+            let jitter = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0) as u64
                 % (backoff.as_millis() as u64 / 4 + 1);
             tokio::time::sleep(backoff + Duration::from_millis(jitter)).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 
-    async fn ack(&self, client: &mut pb::agent_client::AgentClient<Channel>, ok: bool, reason: String) -> anyhow::Result<()> {
+    async fn ack(
+        &self,
+        client: &mut pb::agent_client::AgentClient<Channel>,
+        ok: bool,
+        reason: String,
+    ) -> anyhow::Result<()> {
         client
-            .ack(pb::AckRequest { host_id: self.host.clone(), revision: self.revision, ok, reason })
+            .ack(pb::AckRequest {
+                host_id: self.host.clone(),
+                revision: self.revision,
+                ok,
+                reason,
+            })
             .await
             .context("sending the ack")?;
         Ok(())
@@ -132,16 +174,25 @@ impl Agent {
     /// One connection. Returns whether any message arrived.
     async fn session(&mut self, addr: &str) -> Result<bool, (bool, anyhow::Error)> {
         let mut progressed = false;
-        let ch = sdn_proto::connect(addr).await.map_err(|e| (false, anyhow::Error::from(e).context("connecting")))?;
+        let ch = sdn_proto::connect(addr)
+            .await
+            .map_err(|e| (false, anyhow::Error::from(e).context("connecting")))?;
         let mut client = pb::agent_client::AgentClient::new(ch);
         client
-            .register(pb::RegisterRequest { host_id: self.host.clone(), agent_version: env!("CARGO_PKG_VERSION").into() })
+            .register(pb::RegisterRequest {
+                host_id: self.host.clone(),
+                agent_version: env!("CARGO_PKG_VERSION").into(),
+            })
             .await
             .map_err(|s| (false, anyhow::anyhow!("register: {:?}: {}", s.code(), s.message())))?;
         let req = pb::WatchRequest {
             host_id: self.host.clone(),
             revision: self.revision,
-            resource_versions: self.resources.iter().map(|(n, r)| (n.clone(), r.version.clone())).collect(),
+            resource_versions: self
+                .resources
+                .iter()
+                .map(|(n, r)| (n.clone(), r.version.clone()))
+                .collect(),
         };
         tracing::info!(controller = %addr, from_revision = self.revision, held = self.resources.len(), "watching");
         let mut stream = client

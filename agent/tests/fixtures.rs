@@ -31,7 +31,15 @@ enum Expect {
     Drop(DropReason),
 }
 
-fn rule(id: &str, dir: pb::Direction, et: pb::EtherType, proto: pb::Protocol, ports: (u32, u32), cidr: &str, group: &str) -> pb::SecurityGroupRule {
+fn rule(
+    id: &str,
+    dir: pb::Direction,
+    et: pb::EtherType,
+    proto: pb::Protocol,
+    ports: (u32, u32),
+    cidr: &str,
+    group: &str,
+) -> pb::SecurityGroupRule {
     pb::SecurityGroupRule {
         id: id.into(),
         direction: dir as i32,
@@ -55,11 +63,39 @@ fn share(rules: Vec<pb::SecurityGroupRule>, members: &[&str]) -> Resources {
         security_group_ids: vec!["web".into()],
         ..Default::default()
     };
-    r.insert("port/p1".into(), pb::Resource { name: "port/p1".into(), version: "1".into(), kind: Some(pb::resource::Kind::Port(port)) });
-    let g = pb::SecurityGroup { id: "web".into(), rules, ..Default::default() };
-    r.insert("sg/web".into(), pb::Resource { name: "sg/web".into(), version: "1".into(), kind: Some(pb::resource::Kind::SecurityGroup(g)) });
-    let m = pb::GroupMembers { group_id: "db".into(), addresses: members.iter().map(|s| s.to_string()).collect() };
-    r.insert("members/db".into(), pb::Resource { name: "members/db".into(), version: "1".into(), kind: Some(pb::resource::Kind::GroupMembers(m)) });
+    r.insert(
+        "port/p1".into(),
+        pb::Resource {
+            name: "port/p1".into(),
+            version: "1".into(),
+            kind: Some(pb::resource::Kind::Port(port)),
+        },
+    );
+    let g = pb::SecurityGroup {
+        id: "web".into(),
+        rules,
+        ..Default::default()
+    };
+    r.insert(
+        "sg/web".into(),
+        pb::Resource {
+            name: "sg/web".into(),
+            version: "1".into(),
+            kind: Some(pb::resource::Kind::SecurityGroup(g)),
+        },
+    );
+    let m = pb::GroupMembers {
+        group_id: "db".into(),
+        addresses: members.iter().map(|s| s.to_string()).collect(),
+    };
+    r.insert(
+        "members/db".into(),
+        pb::Resource {
+            name: "members/db".into(),
+            version: "1".into(),
+            kind: Some(pb::resource::Kind::GroupMembers(m)),
+        },
+    );
     r
 }
 
@@ -85,7 +121,9 @@ fn eth(src: [u8; 6], dst: [u8; 6], ethertype: u16) -> Vec<u8> {
 }
 
 fn tcp4(smac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, syn: bool) -> Vec<u8> {
-    let b = etherparse::PacketBuilder::ethernet2(smac, GW_MAC).ipv4(src, dst, 64).tcp(sport, dport, 1, 1024);
+    let b = etherparse::PacketBuilder::ethernet2(smac, GW_MAC)
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, 1, 1024);
     let b = if syn { b.syn() } else { b.ack(1) };
     let mut v = Vec::new();
     b.write(&mut v, &[]).unwrap();
@@ -94,19 +132,32 @@ fn tcp4(smac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, syn: 
 
 fn udp4(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
     let mut v = Vec::new();
-    etherparse::PacketBuilder::ethernet2(GW_MAC, VM_MAC).ipv4(src, dst, 64).udp(sport, dport).write(&mut v, b"q").unwrap();
+    etherparse::PacketBuilder::ethernet2(GW_MAC, VM_MAC)
+        .ipv4(src, dst, 64)
+        .udp(sport, dport)
+        .write(&mut v, b"q")
+        .unwrap();
     v
 }
 
 fn ping4(src: [u8; 4], dst: [u8; 4], smac: [u8; 6]) -> Vec<u8> {
     let mut v = Vec::new();
-    etherparse::PacketBuilder::ethernet2(smac, GW_MAC).ipv4(src, dst, 64).icmpv4_echo_request(7, 1).write(&mut v, b"ping").unwrap();
+    etherparse::PacketBuilder::ethernet2(smac, GW_MAC)
+        .ipv4(src, dst, 64)
+        .icmpv4_echo_request(7, 1)
+        .write(&mut v, b"ping")
+        .unwrap();
     v
 }
 
 fn tcp6(src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, smac: [u8; 6]) -> Vec<u8> {
     let mut v = Vec::new();
-    etherparse::PacketBuilder::ethernet2(smac, GW_MAC).ipv6(src, dst, 64).tcp(sport, dport, 1, 1024).syn().write(&mut v, &[]).unwrap();
+    etherparse::PacketBuilder::ethernet2(smac, GW_MAC)
+        .ipv6(src, dst, 64)
+        .tcp(sport, dport, 1, 1024)
+        .syn()
+        .write(&mut v, &[])
+        .unwrap();
     v
 }
 
@@ -202,7 +253,12 @@ impl Harness {
         let pin = mount.path().join("agent");
         let mut dp = Dataplane::load(&pin).expect("load dataplane");
         let rec = Reconciler::new(dp.map_set().unwrap()).unwrap();
-        Some(Harness { _mount: mount, dp, rec, pin })
+        Some(Harness {
+            _mount: mount,
+            dp,
+            rec,
+            pin,
+        })
     }
 
     fn policy(&mut self, res: &Resources) {
@@ -216,25 +272,40 @@ impl Harness {
     }
 
     fn check(&mut self, name: &str, prog: Prog, pkt: &[u8], expect: Expect) {
-        let fd = self.dp.program_fd(if prog == Prog::FromVm { "from_vm" } else { "to_vm" }).unwrap();
+        let fd = self
+            .dp
+            .program_fd(if prog == Prog::FromVm { "from_vm" } else { "to_vm" })
+            .unwrap();
         let before = self.drops();
         let run = testrun::run(fd, pkt, 1).unwrap_or_else(|e| panic!("{name}: test run failed: {e}"));
         let after = self.drops();
         match expect {
             Expect::Pass => {
-                assert_eq!(run.retval, TC_ACT_OK, "{name}: expected pass; drops changed: {:?}", changed(&before, &after));
+                assert_eq!(
+                    run.retval,
+                    TC_ACT_OK,
+                    "{name}: expected pass; drops changed: {:?}",
+                    changed(&before, &after)
+                );
                 assert_eq!(run.packet, pkt, "{name}: output packet differs from input");
             }
             Expect::Drop(reason) => {
                 assert_eq!(run.retval, TC_ACT_SHOT, "{name}: expected drop ({})", reason.name());
-                assert_eq!(changed(&before, &after), vec![reason.name()], "{name}: wrong drop reason");
+                assert_eq!(
+                    changed(&before, &after),
+                    vec![reason.name()],
+                    "{name}: wrong drop reason"
+                );
             }
         }
     }
 }
 
 fn changed(a: &BTreeMap<&'static str, u64>, b: &BTreeMap<&'static str, u64>) -> Vec<&'static str> {
-    b.iter().filter(|(k, v)| a.get(*k) != Some(*v)).map(|(k, _)| *k).collect()
+    b.iter()
+        .filter(|(k, v)| a.get(*k) != Some(*v))
+        .map(|(k, _)| *k)
+        .collect()
 }
 
 #[test]
@@ -250,37 +321,167 @@ fn fixture_table() {
     let table: Vec<(&str, Prog, Vec<u8>, Expect)> = vec![
         ("arp from the VM with its own addresses", FromVm, arp(VM_MAC, VM4), Pass),
         ("arp probe from 0.0.0.0", FromVm, arp(VM_MAC, [0, 0, 0, 0]), Pass),
-        ("arp claiming another IP", FromVm, arp(VM_MAC, [10, 0, 0, 2]), Drop(SpoofArp)),
+        (
+            "arp claiming another IP",
+            FromVm,
+            arp(VM_MAC, [10, 0, 0, 2]),
+            Drop(SpoofArp),
+        ),
         ("arp claiming another MAC", FromVm, arp(other, VM4), Drop(SpoofArp)),
-        ("tcp from a foreign MAC", FromVm, tcp4(other, VM4, [192, 0, 2, 1], 40000, 80, true), Drop(SpoofMac)),
-        ("tcp from a foreign IP", FromVm, tcp4(VM_MAC, [10, 0, 0, 2], [192, 0, 2, 1], 40000, 80, true), Drop(SpoofIp)),
-        ("tcp out, no egress rules: allowed", FromVm, tcp4(VM_MAC, VM4, [192, 0, 2, 1], 40000, 443, true), Pass),
-        ("reply to that flow: conntrack", ToVm, tcp4(GW_MAC, [192, 0, 2, 1], VM4, 443, 40000, false), Pass),
-        ("tcp 22 in from anywhere", ToVm, tcp4(GW_MAC, [198, 51, 100, 1], VM4, 50000, 22, true), Pass),
-        ("tcp 23 in: no rule", ToVm, tcp4(GW_MAC, [198, 51, 100, 1], VM4, 50000, 23, true), Drop(PolicyIngress)),
+        (
+            "tcp from a foreign MAC",
+            FromVm,
+            tcp4(other, VM4, [192, 0, 2, 1], 40000, 80, true),
+            Drop(SpoofMac),
+        ),
+        (
+            "tcp from a foreign IP",
+            FromVm,
+            tcp4(VM_MAC, [10, 0, 0, 2], [192, 0, 2, 1], 40000, 80, true),
+            Drop(SpoofIp),
+        ),
+        (
+            "tcp out, no egress rules: allowed",
+            FromVm,
+            tcp4(VM_MAC, VM4, [192, 0, 2, 1], 40000, 443, true),
+            Pass,
+        ),
+        (
+            "reply to that flow: conntrack",
+            ToVm,
+            tcp4(GW_MAC, [192, 0, 2, 1], VM4, 443, 40000, false),
+            Pass,
+        ),
+        (
+            "tcp 22 in from anywhere",
+            ToVm,
+            tcp4(GW_MAC, [198, 51, 100, 1], VM4, 50000, 22, true),
+            Pass,
+        ),
+        (
+            "tcp 23 in: no rule",
+            ToVm,
+            tcp4(GW_MAC, [198, 51, 100, 1], VM4, 50000, 23, true),
+            Drop(PolicyIngress),
+        ),
         ("udp 53 from 10/8", ToVm, udp4([10, 9, 9, 9], VM4, 5353, 53), Pass),
-        ("udp 53 from outside 10/8", ToVm, udp4([11, 9, 9, 9], VM4, 5353, 53), Drop(PolicyIngress)),
-        ("icmp echo request in", ToVm, ping4([198, 51, 100, 1], VM4, GW_MAC), Pass),
-        ("tcp 5432 from a db member", ToVm, tcp4(GW_MAC, [10, 0, 0, 7], VM4, 40001, 5432, true), Pass),
-        ("tcp 5432 from a non-member", ToVm, tcp4(GW_MAC, [10, 0, 0, 8], VM4, 40001, 5432, true), Drop(PolicyIngress)),
-        ("ipv6 tcp 8080 from fd00::/16", ToVm, tcp6(remote6, VM6, 40000, 8080, GW_MAC), Pass),
-        ("ipv6 tcp 8081 outside the range", ToVm, tcp6(remote6, VM6, 40000, 8081, GW_MAC), Drop(PolicyIngress)),
-        ("ipv6 tcp 8080 behind two extension headers", ToVm, ipv6_ext_chain(2, 0, 8080), Pass),
-        ("ipv6 chain of nine extension headers", ToVm, ipv6_ext_chain(9, 60, 8080), Drop(ExtChainTooLong)),
-        ("ipv6 fragment header", ToVm, ipv6_ext_chain(1, 44, 8080), Drop(Fragment)),
+        (
+            "udp 53 from outside 10/8",
+            ToVm,
+            udp4([11, 9, 9, 9], VM4, 5353, 53),
+            Drop(PolicyIngress),
+        ),
+        (
+            "icmp echo request in",
+            ToVm,
+            ping4([198, 51, 100, 1], VM4, GW_MAC),
+            Pass,
+        ),
+        (
+            "tcp 5432 from a db member",
+            ToVm,
+            tcp4(GW_MAC, [10, 0, 0, 7], VM4, 40001, 5432, true),
+            Pass,
+        ),
+        (
+            "tcp 5432 from a non-member",
+            ToVm,
+            tcp4(GW_MAC, [10, 0, 0, 8], VM4, 40001, 5432, true),
+            Drop(PolicyIngress),
+        ),
+        (
+            "ipv6 tcp 8080 from fd00::/16",
+            ToVm,
+            tcp6(remote6, VM6, 40000, 8080, GW_MAC),
+            Pass,
+        ),
+        (
+            "ipv6 tcp 8081 outside the range",
+            ToVm,
+            tcp6(remote6, VM6, 40000, 8081, GW_MAC),
+            Drop(PolicyIngress),
+        ),
+        (
+            "ipv6 tcp 8080 behind two extension headers",
+            ToVm,
+            ipv6_ext_chain(2, 0, 8080),
+            Pass,
+        ),
+        (
+            "ipv6 chain of nine extension headers",
+            ToVm,
+            ipv6_ext_chain(9, 60, 8080),
+            Drop(ExtChainTooLong),
+        ),
+        (
+            "ipv6 fragment header",
+            ToVm,
+            ipv6_ext_chain(1, 44, 8080),
+            Drop(Fragment),
+        ),
         ("ipv4 fragment", ToVm, frag4(), Drop(Fragment)),
-        ("ipv4 total length beyond the frame", ToVm, tcp4(GW_MAC, [198, 51, 100, 1], VM4, 1, 22, true)[..40].to_vec(), Drop(BadIpHeader)),
+        (
+            "ipv4 total length beyond the frame",
+            ToVm,
+            tcp4(GW_MAC, [198, 51, 100, 1], VM4, 1, 22, true)[..40].to_vec(),
+            Drop(BadIpHeader),
+        ),
         ("tcp header cut short", ToVm, short_tcp(), Drop(Truncated)),
         ("ipv4 header length below 20", ToVm, bad_ihl(), Drop(BadIpHeader)),
-        ("ipv6 payload length beyond the frame", ToVm, tcp6(remote6, VM6, 40000, 8080, GW_MAC)[..60].to_vec(), Drop(BadIpHeader)),
-        ("802.1Q tagged frame", FromVm, eth(VM_MAC, GW_MAC, 0x8100).into_iter().chain([0u8; 46]).collect(), Drop(UnsupportedEthertype)),
-        ("ipv6 from the VM's own address", FromVm, tcp6(VM6, remote6, 40000, 80, VM_MAC), Pass),
-        ("ipv6 from a foreign address", FromVm, tcp6(remote6, VM6, 40000, 80, VM_MAC), Drop(SpoofIp)),
-        ("neighbour solicitation for DAD from ::", FromVm, nd(135, [0; 16], VM6, None), Pass),
-        ("neighbour advertisement for its own address", FromVm, nd(136, ll, VM6, Some(VM_MAC)), Pass),
-        ("neighbour advertisement for another address", FromVm, nd(136, ll, remote6, Some(VM_MAC)), Drop(SpoofNd)),
-        ("neighbour advertisement with a foreign MAC", FromVm, nd(136, ll, VM6, Some(other)), Drop(SpoofNd)),
-        ("router advertisement from a VM", FromVm, nd(134, ll, [0; 16], None), Drop(RaGuard)),
+        (
+            "ipv6 payload length beyond the frame",
+            ToVm,
+            tcp6(remote6, VM6, 40000, 8080, GW_MAC)[..60].to_vec(),
+            Drop(BadIpHeader),
+        ),
+        (
+            "802.1Q tagged frame",
+            FromVm,
+            eth(VM_MAC, GW_MAC, 0x8100).into_iter().chain([0u8; 46]).collect(),
+            Drop(UnsupportedEthertype),
+        ),
+        (
+            "ipv6 from the VM's own address",
+            FromVm,
+            tcp6(VM6, remote6, 40000, 80, VM_MAC),
+            Pass,
+        ),
+        (
+            "ipv6 from a foreign address",
+            FromVm,
+            tcp6(remote6, VM6, 40000, 80, VM_MAC),
+            Drop(SpoofIp),
+        ),
+        (
+            "neighbour solicitation for DAD from ::",
+            FromVm,
+            nd(135, [0; 16], VM6, None),
+            Pass,
+        ),
+        (
+            "neighbour advertisement for its own address",
+            FromVm,
+            nd(136, ll, VM6, Some(VM_MAC)),
+            Pass,
+        ),
+        (
+            "neighbour advertisement for another address",
+            FromVm,
+            nd(136, ll, remote6, Some(VM_MAC)),
+            Drop(SpoofNd),
+        ),
+        (
+            "neighbour advertisement with a foreign MAC",
+            FromVm,
+            nd(136, ll, VM6, Some(other)),
+            Drop(SpoofNd),
+        ),
+        (
+            "router advertisement from a VM",
+            FromVm,
+            nd(134, ll, [0; 16], None),
+            Drop(RaGuard),
+        ),
     ];
     for (name, prog, pkt, expect) in &table {
         h.check(name, *prog, pkt, *expect);
@@ -301,8 +502,18 @@ fn rule_changes_revoke_established_flows() {
     // Remove the ssh rule: the established flow is judged again and cut.
     let rules: Vec<_> = base_rules().into_iter().filter(|r| r.id != "ssh").collect();
     h.policy(&share(rules, &[]));
-    h.check("ssh after the rule is gone", Prog::ToVm, &ack, Expect::Drop(DropReason::PolicyRevoked));
-    h.check("new ssh syn after the rule is gone", Prog::ToVm, &syn, Expect::Drop(DropReason::PolicyIngress));
+    h.check(
+        "ssh after the rule is gone",
+        Prog::ToVm,
+        &ack,
+        Expect::Drop(DropReason::PolicyRevoked),
+    );
+    h.check(
+        "new ssh syn after the rule is gone",
+        Prog::ToVm,
+        &syn,
+        Expect::Drop(DropReason::PolicyIngress),
+    );
 }
 
 #[test]
@@ -312,13 +523,28 @@ fn egress_rules_close_the_default_open_egress() {
     let mut rules = base_rules();
     rules.push(rule("https-out", Egress, Ipv4, Tcp, (443, 443), "", ""));
     h.policy(&share(rules, &[]));
-    h.check("tcp 443 out allowed", Prog::FromVm, &tcp4(VM_MAC, VM4, [192, 0, 2, 1], 40000, 443, true), Expect::Pass);
-    h.check("tcp 80 out refused", Prog::FromVm, &tcp4(VM_MAC, VM4, [192, 0, 2, 1], 40000, 80, true), Expect::Drop(DropReason::PolicyEgress));
+    h.check(
+        "tcp 443 out allowed",
+        Prog::FromVm,
+        &tcp4(VM_MAC, VM4, [192, 0, 2, 1], 40000, 443, true),
+        Expect::Pass,
+    );
+    h.check(
+        "tcp 80 out refused",
+        Prog::FromVm,
+        &tcp4(VM_MAC, VM4, [192, 0, 2, 1], 40000, 80, true),
+        Expect::Drop(DropReason::PolicyEgress),
+    );
 }
 
 #[test]
 fn unknown_ports_fail_closed() {
     let Some(mut h) = Harness::new() else { return };
     // No policy at all: the loopback device is not a port.
-    h.check("packet on a device with no port", Prog::ToVm, &tcp4(GW_MAC, [198, 51, 100, 1], VM4, 1, 22, true), Expect::Drop(DropReason::UnknownPort));
+    h.check(
+        "packet on a device with no port",
+        Prog::ToVm,
+        &tcp4(GW_MAC, [198, 51, 100, 1], VM4, 1, 22, true),
+        Expect::Drop(DropReason::UnknownPort),
+    );
 }

@@ -21,7 +21,10 @@ struct At<'a>(&'a str);
 
 impl At<'_> {
     fn err(&self, field: &str, message: impl Into<String>) -> FieldError {
-        FieldError { field: format!("{}.{}", self.0, field), message: message.into() }
+        FieldError {
+            field: format!("{}.{}", self.0, field),
+            message: message.into(),
+        }
     }
 }
 
@@ -36,7 +39,10 @@ pub fn ops_from_pb(ops: &[pb::Operation]) -> Result<Vec<m::Op>, FieldError> {
         .enumerate()
         .map(|(i, o)| {
             let Some(op) = &o.op else {
-                return Err(FieldError { field: format!("operations[{i}]"), message: "no operation set".into() });
+                return Err(FieldError {
+                    field: format!("operations[{i}]"),
+                    message: "no operation set".into(),
+                });
             };
             op_from_pb(i, op)
         })
@@ -46,8 +52,15 @@ pub fn ops_from_pb(ops: &[pb::Operation]) -> Result<Vec<m::Op>, FieldError> {
 fn op_from_pb(i: usize, op: &pb::operation::Op) -> Result<m::Op, FieldError> {
     use pb::operation::Op as P;
     Ok(match op {
-        P::PutTenant(t) => m::Op::PutTenant(m::Tenant { id: t.id.clone(), name: t.name.clone() }),
-        P::PutVpc(v) => m::Op::PutVpc(m::Vpc { id: v.id.clone(), tenant_id: v.tenant_id.clone(), name: v.name.clone() }),
+        P::PutTenant(t) => m::Op::PutTenant(m::Tenant {
+            id: t.id.clone(),
+            name: t.name.clone(),
+        }),
+        P::PutVpc(v) => m::Op::PutVpc(m::Vpc {
+            id: v.id.clone(),
+            tenant_id: v.tenant_id.clone(),
+            name: v.name.clone(),
+        }),
         P::PutSubnet(s) => {
             let at = format!("operations[{i}].put_subnet");
             let at = At(&at);
@@ -65,15 +78,29 @@ fn op_from_pb(i: usize, op: &pb::operation::Op) -> Result<m::Op, FieldError> {
                     ipnetwork::IpNetwork::V4(_) => return Err(at.err("cidr_v6", format!("{t} is not an IPv6 prefix"))),
                 },
             };
-            m::Op::PutSubnet(m::Subnet { id: s.id.clone(), vpc_id: s.vpc_id.clone(), cidr_v4, cidr_v6 })
+            m::Op::PutSubnet(m::Subnet {
+                id: s.id.clone(),
+                vpc_id: s.vpc_id.clone(),
+                cidr_v4,
+                cidr_v6,
+            })
         }
         P::PutHost(h) => {
             let at = format!("operations[{i}].put_host");
-            let underlay_ip = h.underlay_ip.trim().parse().map_err(|_| At(&at).err("underlay_ip", format!("invalid IP address {:?}", h.underlay_ip)))?;
-            m::Op::PutHost(m::Host { id: h.id.clone(), underlay_ip })
+            let underlay_ip = h
+                .underlay_ip
+                .trim()
+                .parse()
+                .map_err(|_| At(&at).err("underlay_ip", format!("invalid IP address {:?}", h.underlay_ip)))?;
+            m::Op::PutHost(m::Host {
+                id: h.id.clone(),
+                underlay_ip,
+            })
         }
         P::PutPort(p) => m::Op::PutPort(port_from_pb(&format!("operations[{i}].put_port"), p)?),
-        P::PutSecurityGroup(g) => m::Op::PutSecurityGroup(group_from_pb(&format!("operations[{i}].put_security_group"), g)?),
+        P::PutSecurityGroup(g) => {
+            m::Op::PutSecurityGroup(group_from_pb(&format!("operations[{i}].put_security_group"), g)?)
+        }
         P::Delete(r) => {
             let kind = kind_from_pb(r.kind).ok_or_else(|| FieldError {
                 field: format!("operations[{i}].delete.kind"),
@@ -112,11 +139,17 @@ fn port_from_pb(at: &str, p: &pb::Port) -> Result<m::Port, FieldError> {
     let mac = p.mac.trim().parse().map_err(|e: String| at.err("mac", e))?;
     let ipv4 = match opt_text(&p.ipv4) {
         None => None,
-        Some(t) => Some(t.parse().map_err(|_| at.err("ipv4", format!("invalid IPv4 address {t:?}")))?),
+        Some(t) => Some(
+            t.parse()
+                .map_err(|_| at.err("ipv4", format!("invalid IPv4 address {t:?}")))?,
+        ),
     };
     let ipv6 = match opt_text(&p.ipv6) {
         None => None,
-        Some(t) => Some(t.parse().map_err(|_| at.err("ipv6", format!("invalid IPv6 address {t:?}")))?),
+        Some(t) => Some(
+            t.parse()
+                .map_err(|_| at.err("ipv6", format!("invalid IPv6 address {t:?}")))?,
+        ),
     };
     Ok(m::Port {
         id: p.id.clone(),
@@ -137,7 +170,12 @@ fn group_from_pb(at: &str, g: &pb::SecurityGroup) -> Result<m::SecurityGroup, Fi
         let rat = format!("{at}.rules[{i}]");
         rules.push(rule_from_pb(&At(&rat), r)?);
     }
-    Ok(m::SecurityGroup { id: g.id.clone(), tenant_id: g.tenant_id.clone(), name: g.name.clone(), rules })
+    Ok(m::SecurityGroup {
+        id: g.id.clone(),
+        tenant_id: g.tenant_id.clone(),
+        name: g.name.clone(),
+        rules,
+    })
 }
 
 fn rule_from_pb(at: &At, r: &pb::SecurityGroupRule) -> Result<m::Rule, FieldError> {
@@ -157,7 +195,12 @@ fn rule_from_pb(at: &At, r: &pb::SecurityGroupRule) -> Result<m::Rule, FieldErro
         Ok(pb::Protocol::Udp) => m::Protocol::Udp,
         Ok(pb::Protocol::Icmp) => m::Protocol::Icmp,
         Ok(pb::Protocol::Icmpv6) => m::Protocol::Icmpv6,
-        _ => return Err(at.err("protocol", format!("must be ANY, TCP, UDP, ICMP or ICMPV6, got {}", r.protocol))),
+        _ => {
+            return Err(at.err(
+                "protocol",
+                format!("must be ANY, TCP, UDP, ICMP or ICMPV6, got {}", r.protocol),
+            ))
+        }
     };
     if r.port_min > 65535 {
         return Err(at.err("port_min", format!("{} is above 65535", r.port_min)));
@@ -165,14 +208,25 @@ fn rule_from_pb(at: &At, r: &pb::SecurityGroupRule) -> Result<m::Rule, FieldErro
     if r.port_max > 65535 {
         return Err(at.err("port_max", format!("{} is above 65535", r.port_max)));
     }
-    let ports = if r.port_min == 0 && r.port_max == 0 { None } else { Some((r.port_min as u16, r.port_max as u16)) };
+    let ports = if r.port_min == 0 && r.port_max == 0 {
+        None
+    } else {
+        Some((r.port_min as u16, r.port_max as u16))
+    };
     let remote = match (opt_text(&r.remote_cidr), opt_text(&r.remote_group_id)) {
         (Some(_), Some(_)) => return Err(at.err("remote_group_id", "set remote_cidr or remote_group_id, not both")),
         (Some(c), None) => m::Remote::Cidr(m::parse_cidr(c).map_err(|e| at.err("remote_cidr", e))?),
         (None, Some(g)) => m::Remote::Group(g.to_string()),
         (None, None) => m::Remote::Any,
     };
-    Ok(m::Rule { id: r.id.clone(), direction, ether_type, protocol, ports, remote })
+    Ok(m::Rule {
+        id: r.id.clone(),
+        direction,
+        ether_type,
+        protocol,
+        ports,
+        remote,
+    })
 }
 
 pub fn port_to_pb(p: &m::Port) -> pb::Port {
@@ -233,18 +287,31 @@ fn rule_to_pb(r: &m::Rule) -> pb::SecurityGroupRule {
 pub fn op_to_pb(op: &m::Op) -> pb::Operation {
     use pb::operation::Op as P;
     let o = match op {
-        m::Op::PutTenant(t) => P::PutTenant(pb::Tenant { id: t.id.clone(), name: t.name.clone() }),
-        m::Op::PutVpc(v) => P::PutVpc(pb::Vpc { id: v.id.clone(), tenant_id: v.tenant_id.clone(), name: v.name.clone() }),
+        m::Op::PutTenant(t) => P::PutTenant(pb::Tenant {
+            id: t.id.clone(),
+            name: t.name.clone(),
+        }),
+        m::Op::PutVpc(v) => P::PutVpc(pb::Vpc {
+            id: v.id.clone(),
+            tenant_id: v.tenant_id.clone(),
+            name: v.name.clone(),
+        }),
         m::Op::PutSubnet(s) => P::PutSubnet(pb::Subnet {
             id: s.id.clone(),
             vpc_id: s.vpc_id.clone(),
             cidr_v4: s.cidr_v4.map(|n| n.to_string()).unwrap_or_default(),
             cidr_v6: s.cidr_v6.map(|n| n.to_string()).unwrap_or_default(),
         }),
-        m::Op::PutHost(h) => P::PutHost(pb::Host { id: h.id.clone(), underlay_ip: h.underlay_ip.to_string() }),
+        m::Op::PutHost(h) => P::PutHost(pb::Host {
+            id: h.id.clone(),
+            underlay_ip: h.underlay_ip.to_string(),
+        }),
         m::Op::PutPort(p) => P::PutPort(port_to_pb(p)),
         m::Op::PutSecurityGroup(g) => P::PutSecurityGroup(group_to_pb(g)),
-        m::Op::Delete { kind, id } => P::Delete(pb::ObjectRef { kind: kind_to_pb(*kind) as i32, id: id.clone() }),
+        m::Op::Delete { kind, id } => P::Delete(pb::ObjectRef {
+            kind: kind_to_pb(*kind) as i32,
+            id: id.clone(),
+        }),
     };
     pb::Operation { op: Some(o) }
 }
@@ -276,7 +343,12 @@ mod tests {
         let ops = vec![pb::Operation { op: None }];
         assert_eq!(ops_from_pb(&ops).unwrap_err().field, "operations[0]");
         let ops = vec![pb::Operation {
-            op: Some(pb::operation::Op::PutSubnet(pb::Subnet { id: "s".into(), vpc_id: "v".into(), cidr_v4: "10.0.0.1/8".into(), cidr_v6: String::new() })),
+            op: Some(pb::operation::Op::PutSubnet(pb::Subnet {
+                id: "s".into(),
+                vpc_id: "v".into(),
+                cidr_v4: "10.0.0.1/8".into(),
+                cidr_v6: String::new(),
+            })),
         }];
         let e = ops_from_pb(&ops).unwrap_err();
         assert_eq!(e.field, "operations[0].put_subnet.cidr_v4");

@@ -28,14 +28,21 @@ pub struct Enforcement {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum WaitError {
     #[error("host {host} refused revision {revision}: {reason}")]
-    Nack { host: String, revision: u64, reason: String },
+    Nack {
+        host: String,
+        revision: u64,
+        reason: String,
+    },
     #[error("not enforced within the timeout on: {}", .pending.join(", "))]
     Timeout { pending: Vec<String> },
 }
 
 impl Default for Enforcement {
     fn default() -> Self {
-        Enforcement { hosts: Mutex::new(BTreeMap::new()), changed: watch::channel(0).0 }
+        Enforcement {
+            hosts: Mutex::new(BTreeMap::new()),
+            changed: watch::channel(0).0,
+        }
     }
 }
 
@@ -87,7 +94,11 @@ impl Enforcement {
                     }
                     if let Some((r, reason)) = s.nack {
                         if r >= revision {
-                            return Err(WaitError::Nack { host: h.clone(), revision: r, reason });
+                            return Err(WaitError::Nack {
+                                host: h.clone(),
+                                revision: r,
+                                reason,
+                            });
                         }
                     }
                     pending.push(h.clone());
@@ -120,7 +131,10 @@ mod tests {
         e.ack("b", 6);
         assert_eq!(t.await.unwrap(), Ok(()));
         e.nack("a", 7, "map full".into());
-        assert!(matches!(e.wait(&hosts, 7, Duration::from_secs(1)).await, Err(WaitError::Nack { .. })));
+        assert!(matches!(
+            e.wait(&hosts, 7, Duration::from_secs(1)).await,
+            Err(WaitError::Nack { .. })
+        ));
         let r = e.wait(&hosts, 9, Duration::from_millis(30)).await;
         assert_eq!(r, Err(WaitError::Timeout { pending: hosts.clone() }));
     }

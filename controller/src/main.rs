@@ -30,15 +30,24 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,openraft=warn".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,openraft=warn".into()),
+        )
         .init();
     let args = Args::parse();
     let store = Store::open(&args.data_dir, args.node_id, &args.listen, slice::host_digests)
         .await
         .with_context(|| format!("opening the store in {}", args.data_dir.display()))?;
-    let ctl = Controller { store: store.clone(), enforcement: Arc::new(Enforcement::default()) };
+    let ctl = Controller {
+        store: store.clone(),
+        enforcement: Arc::new(Enforcement::default()),
+    };
 
-    let tcp = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let tcp = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(addr = %args.listen, data_dir = %args.data_dir.display(), "controller serving");
     let router = || {
         tonic::transport::Server::builder()
@@ -46,7 +55,8 @@ async fn main() -> anyhow::Result<()> {
             .add_service(AgentServer::new(ctl.clone()))
     };
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {},
             _ = term.recv() => {},
@@ -87,7 +97,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(());
     // Open watch streams keep servers busy; do not wait for them forever.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async { while servers.join_next().await.is_some() {} }).await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        while servers.join_next().await.is_some() {}
+    })
+    .await;
     store.raft.shutdown().await.ok();
     if let Some(path) = &args.listen_unix {
         let _ = std::fs::remove_file(path);

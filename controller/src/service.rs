@@ -38,7 +38,11 @@ impl pb::provisioning_server::Provisioning for Controller {
             )));
         }
         let ops = convert::ops_from_pb(&req.operations).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let actor = if req.actor.trim().is_empty() { "unknown".to_string() } else { req.actor.clone() };
+        let actor = if req.actor.trim().is_empty() {
+            "unknown".to_string()
+        } else {
+            req.actor.clone()
+        };
         let outcome = self.store.write(&actor, ops).await.map_err(|e| match e {
             WriteError::Invalid(b) => Status::invalid_argument(b.to_string()),
             WriteError::Raft(m) => Status::unavailable(m),
@@ -46,7 +50,11 @@ impl pb::provisioning_server::Provisioning for Controller {
         tracing::info!(revision = outcome.revision, actor = %actor, hosts = ?outcome.hosts, "applied batch");
         let mut enforced = false;
         if req.wait {
-            let timeout = if req.wait_timeout_ms == 0 { DEFAULT_WAIT } else { Duration::from_millis(req.wait_timeout_ms as u64) };
+            let timeout = if req.wait_timeout_ms == 0 {
+                DEFAULT_WAIT
+            } else {
+                Duration::from_millis(req.wait_timeout_ms as u64)
+            };
             match self.enforcement.wait(&outcome.hosts, outcome.revision, timeout).await {
                 Ok(()) => enforced = true,
                 Err(WaitError::Timeout { pending }) => {
@@ -57,11 +65,18 @@ impl pb::provisioning_server::Provisioning for Controller {
                     )))
                 }
                 Err(e @ WaitError::Nack { .. }) => {
-                    return Err(Status::aborted(format!("revision {} was committed but {e}", outcome.revision)))
+                    return Err(Status::aborted(format!(
+                        "revision {} was committed but {e}",
+                        outcome.revision
+                    )))
                 }
             }
         }
-        Ok(Response::new(pb::ApplyResponse { revision: outcome.revision, hosts: outcome.hosts, enforced }))
+        Ok(Response::new(pb::ApplyResponse {
+            revision: outcome.revision,
+            hosts: outcome.hosts,
+            enforced,
+        }))
     }
 
     async fn list(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
@@ -69,19 +84,40 @@ impl pb::provisioning_server::Provisioning for Controller {
         let kind = if req.kind == 0 {
             None
         } else {
-            Some(convert::kind_from_pb(req.kind).ok_or_else(|| Status::invalid_argument(format!("kind: unknown kind {}", req.kind)))?)
+            Some(
+                convert::kind_from_pb(req.kind)
+                    .ok_or_else(|| Status::invalid_argument(format!("kind: unknown kind {}", req.kind)))?,
+            )
         };
         self.store.linearizable().await.map_err(Status::unavailable)?;
         let shared = self.store.shared.read().await;
         let s = &shared.state;
         use sdn_policies::Kind as K;
         let want = |k: K| kind.is_none() || kind == Some(k);
-        let mut out = pb::ListResponse { revision: shared.revision, ..Default::default() };
+        let mut out = pb::ListResponse {
+            revision: shared.revision,
+            ..Default::default()
+        };
         if want(K::Tenant) {
-            out.tenants = s.tenants.values().map(|t| pb::Tenant { id: t.id.clone(), name: t.name.clone() }).collect();
+            out.tenants = s
+                .tenants
+                .values()
+                .map(|t| pb::Tenant {
+                    id: t.id.clone(),
+                    name: t.name.clone(),
+                })
+                .collect();
         }
         if want(K::Vpc) {
-            out.vpcs = s.vpcs.values().map(|v| pb::Vpc { id: v.id.clone(), tenant_id: v.tenant_id.clone(), name: v.name.clone() }).collect();
+            out.vpcs = s
+                .vpcs
+                .values()
+                .map(|v| pb::Vpc {
+                    id: v.id.clone(),
+                    tenant_id: v.tenant_id.clone(),
+                    name: v.name.clone(),
+                })
+                .collect();
         }
         if want(K::Subnet) {
             out.subnets = s
@@ -96,7 +132,14 @@ impl pb::provisioning_server::Provisioning for Controller {
                 .collect();
         }
         if want(K::Host) {
-            out.hosts = s.hosts.values().map(|h| pb::Host { id: h.id.clone(), underlay_ip: h.underlay_ip.to_string() }).collect();
+            out.hosts = s
+                .hosts
+                .values()
+                .map(|h| pb::Host {
+                    id: h.id.clone(),
+                    underlay_ip: h.underlay_ip.to_string(),
+                })
+                .collect();
         }
         if want(K::Port) {
             out.ports = s.ports.values().map(convert::port_to_pb).collect();
@@ -119,12 +162,20 @@ impl pb::provisioning_server::Provisioning for Controller {
             .audit(req.after_revision, limit)
             .map_err(|e| Status::internal(format!("reading the audit log: {e:#}")))?
             .into_iter()
-            .map(|r| pb::AuditRecord { revision: r.revision, actor: r.actor, time_unix_ms: r.time_unix_ms, changes: r.changes })
+            .map(|r| pb::AuditRecord {
+                revision: r.revision,
+                actor: r.actor,
+                time_unix_ms: r.time_unix_ms,
+                changes: r.changes,
+            })
             .collect();
         Ok(Response::new(pb::AuditResponse { records }))
     }
 
-    async fn enforcement(&self, _req: Request<pb::EnforcementRequest>) -> Result<Response<pb::EnforcementResponse>, Status> {
+    async fn enforcement(
+        &self,
+        _req: Request<pb::EnforcementRequest>,
+    ) -> Result<Response<pb::EnforcementResponse>, Status> {
         let shared = self.store.shared.read().await;
         let status = self.enforcement.status();
         let hosts = shared
@@ -141,7 +192,10 @@ impl pb::provisioning_server::Provisioning for Controller {
                 }
             })
             .collect();
-        Ok(Response::new(pb::EnforcementResponse { current_revision: shared.revision, hosts }))
+        Ok(Response::new(pb::EnforcementResponse {
+            current_revision: shared.revision,
+            hosts,
+        }))
     }
 }
 
@@ -153,10 +207,15 @@ impl pb::agent_server::Agent for Controller {
         let req = req.into_inner();
         let shared = self.store.shared.read().await;
         if !shared.state.hosts.contains_key(&req.host_id) {
-            return Err(Status::not_found(format!("host_id: unknown host {:?}; provision it first", req.host_id)));
+            return Err(Status::not_found(format!(
+                "host_id: unknown host {:?}; provision it first",
+                req.host_id
+            )));
         }
         tracing::info!(host = %req.host_id, version = %req.agent_version, "agent registered");
-        Ok(Response::new(pb::RegisterResponse { revision: shared.revision }))
+        Ok(Response::new(pb::RegisterResponse {
+            revision: shared.revision,
+        }))
     }
 
     type WatchStream = WatchStream;
@@ -174,7 +233,11 @@ impl pb::agent_server::Agent for Controller {
         // Resume from what the agent holds, unless it claims a revision this
         // store never reached (another cluster, or a reset): then start over.
         let resume = req.revision > 0 && req.revision <= current;
-        let held: BTreeMap<String, String> = if resume { req.resource_versions.into_iter().collect() } else { BTreeMap::new() };
+        let held: BTreeMap<String, String> = if resume {
+            req.resource_versions.into_iter().collect()
+        } else {
+            BTreeMap::new()
+        };
         let (tx, rx) = mpsc::channel(16);
         let ctl = self.clone();
         tokio::spawn(async move {
@@ -218,16 +281,26 @@ impl Controller {
             let (revision, slice) = {
                 let shared = self.store.shared.read().await;
                 if !shared.state.hosts.contains_key(host) {
-                    let _ = tx.send(Err(Status::not_found(format!("host {host} was deleted")))).await;
+                    let _ = tx
+                        .send(Err(Status::not_found(format!("host {host} was deleted"))))
+                        .await;
                     return;
                 }
                 (shared.revision, host_slice(&shared.state, host))
             };
-            let upserts: Vec<pb::Resource> =
-                slice.values().filter(|r| held.get(&r.name) != Some(&r.version)).cloned().collect();
+            let upserts: Vec<pb::Resource> = slice
+                .values()
+                .filter(|r| held.get(&r.name) != Some(&r.version))
+                .cloned()
+                .collect();
             let removals: Vec<String> = held.keys().filter(|n| !slice.contains_key(*n)).cloned().collect();
             if snapshot || revision != sent_revision {
-                let msg = pb::WatchResponse { revision, snapshot, upserts, removals };
+                let msg = pb::WatchResponse {
+                    revision,
+                    snapshot,
+                    upserts,
+                    removals,
+                };
                 if tx.send(Ok(msg)).await.is_err() {
                     return;
                 }

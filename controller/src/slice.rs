@@ -20,7 +20,11 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 fn resource(name: String, kind: pb::resource::Kind) -> (String, pb::Resource) {
-    let mut r = pb::Resource { name: name.clone(), version: String::new(), kind: Some(kind) };
+    let mut r = pb::Resource {
+        name: name.clone(),
+        version: String::new(),
+        kind: Some(kind),
+    };
     r.version = format!("{:016x}", fnv1a(&r.encode_to_vec()));
     (name, r)
 }
@@ -30,13 +34,19 @@ pub fn host_slice(state: &State, host: &str) -> BTreeMap<String, pb::Resource> {
     let mut out = BTreeMap::new();
     let mut groups: BTreeSet<&str> = BTreeSet::new();
     for p in state.ports.values().filter(|p| p.host_id == host) {
-        out.extend([resource(format!("port/{}", p.id), pb::resource::Kind::Port(port_to_pb(p)))]);
+        out.extend([resource(
+            format!("port/{}", p.id),
+            pb::resource::Kind::Port(port_to_pb(p)),
+        )]);
         groups.extend(p.security_group_ids.iter().map(String::as_str));
     }
     let mut remote_groups: BTreeSet<&str> = BTreeSet::new();
     for g in &groups {
         if let Some(sg) = state.security_groups.get(*g) {
-            out.extend([resource(format!("sg/{g}"), pb::resource::Kind::SecurityGroup(group_to_pb(sg)))]);
+            out.extend([resource(
+                format!("sg/{g}"),
+                pb::resource::Kind::SecurityGroup(group_to_pb(sg)),
+            )]);
             for r in &sg.rules {
                 if let Remote::Group(rg) = &r.remote {
                     remote_groups.insert(rg);
@@ -49,7 +59,10 @@ pub fn host_slice(state: &State, host: &str) -> BTreeMap<String, pb::Resource> {
             group_id: g.to_string(),
             addresses: state.group_members(g).iter().map(|a| a.to_string()).collect(),
         };
-        out.extend([resource(format!("members/{g}"), pb::resource::Kind::GroupMembers(members))]);
+        out.extend([resource(
+            format!("members/{g}"),
+            pb::resource::Kind::GroupMembers(members),
+        )]);
     }
     out
 }

@@ -40,15 +40,39 @@ async fn main() -> anyhow::Result<()> {
     topo.add_vm("vm1", "h1", "02:00:00:00:00:11", "10.10.0.11", "fd10::11")?;
     topo.add_vm("vm2", "h1", "02:00:00:00:00:12", "10.10.0.12", "fd10::12")?;
     let mut cluster = Cluster::start(&topo.dir)?;
-    cluster.apply(vec![tenant(T), vpc("v", T), subnet("s", "v", "10.10.0.0/24", ""), host("h1", &topo.underlay_ip("h1")), group("web", T, rules(false))]).await?;
+    cluster
+        .apply(vec![
+            tenant(T),
+            vpc("v", T),
+            subnet("s", "v", "10.10.0.0/24", ""),
+            host("h1", &topo.underlay_ip("h1")),
+            group("web", T, rules(false)),
+        ])
+        .await?;
     cluster.start_agent(&topo, "h1")?;
     cluster
         .apply(vec![
-            port("vm1", T, "s", "h1", "vm1h", "02:00:00:00:00:11", "10.10.0.11", "", &["web"]),
+            port(
+                "vm1",
+                T,
+                "s",
+                "h1",
+                "vm1h",
+                "02:00:00:00:00:11",
+                "10.10.0.11",
+                "",
+                &["web"],
+            ),
             port("vm2", T, "s", "h1", "vm2h", "02:00:00:00:00:12", "10.10.0.12", "", &[]),
         ])
         .await?;
-    let _server = Proc::spawn("server", Some(&topo.vm("vm1").ns.name), &bin("sdn-probe"), &["serve", "--tcp", "80"], &topo.dir)?;
+    let _server = Proc::spawn(
+        "server",
+        Some(&topo.vm("vm1").ns.name),
+        &bin("sdn-probe"),
+        &["serve", "--tcp", "80"],
+        &topo.dir,
+    )?;
     std::thread::sleep(Duration::from_millis(300));
 
     // A thread inside vm2 that, on request, connects until one succeeds.
@@ -73,7 +97,9 @@ async fn main() -> anyhow::Result<()> {
 
     let mut client = cluster.client().await?;
     let apply = |http: bool, wait: bool| pb::ApplyRequest {
-        operations: vec![pb::Operation { op: Some(group("web", T, rules(http))) }],
+        operations: vec![pb::Operation {
+            op: Some(group("web", T, rules(http))),
+        }],
         actor: "bench".into(),
         wait,
         wait_timeout_ms: 10_000,
@@ -91,7 +117,17 @@ async fn main() -> anyhow::Result<()> {
         close_ack_ms.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     println!("rounds: {rounds}");
-    println!("API call -> traffic passes (open):   p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms", pct(&mut open_ms, 0.5), pct(&mut open_ms, 0.99), pct(&mut open_ms, 1.0));
-    println!("API call -> agent acked (apply --wait, close): p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms", pct(&mut close_ack_ms, 0.5), pct(&mut close_ack_ms, 0.99), pct(&mut close_ack_ms, 1.0));
+    println!(
+        "API call -> traffic passes (open):   p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        pct(&mut open_ms, 0.5),
+        pct(&mut open_ms, 0.99),
+        pct(&mut open_ms, 1.0)
+    );
+    println!(
+        "API call -> agent acked (apply --wait, close): p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms",
+        pct(&mut close_ack_ms, 0.5),
+        pct(&mut close_ack_ms, 0.99),
+        pct(&mut close_ack_ms, 1.0)
+    );
     Ok(())
 }

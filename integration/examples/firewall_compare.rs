@@ -24,7 +24,9 @@ const PORT: u16 = 9000;
 
 fn sources() -> Vec<String> {
     // 9,999 addresses that are not the generator, then the generator's.
-    let mut v: Vec<String> = (0..RULES - 1).map(|i| format!("172.{}.{}.{}", 16 + i / 65536, (i / 256) % 256, i % 256)).collect();
+    let mut v: Vec<String> = (0..RULES - 1)
+        .map(|i| format!("172.{}.{}.{}", 16 + i / 65536, (i / 256) % 256, i % 256))
+        .collect();
     v.push("192.168.1.1".into());
     v
 }
@@ -33,13 +35,28 @@ fn sg_rules(on: bool) -> Vec<pb::SecurityGroupRule> {
     if !on {
         return vec![];
     }
-    sources().iter().enumerate().map(|(i, s)| ingress(&format!("r{i}"), false, "udp", (PORT as u32, PORT as u32), &format!("{s}/32"), "")).collect()
+    sources()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            ingress(
+                &format!("r{i}"),
+                false,
+                "udp",
+                (PORT as u32, PORT as u32),
+                &format!("{s}/32"),
+                "",
+            )
+        })
+        .collect()
 }
 
 fn iptables_rules() -> String {
     let mut s = String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n");
     for src in sources() {
-        s.push_str(&format!("-A FORWARD -s {src}/32 -d 10.10.0.11/32 -p udp -m udp --dport {PORT} -j ACCEPT\n"));
+        s.push_str(&format!(
+            "-A FORWARD -s {src}/32 -d 10.10.0.11/32 -p udp -m udp --dport {PORT} -j ACCEPT\n"
+        ));
     }
     s.push_str("COMMIT\n");
     s
@@ -54,13 +71,32 @@ fn nft_rules() -> String {
 }
 
 fn rx(topo: &Topology) -> u64 {
-    topo.vm("vm1").ns.sh(&["cat", "/sys/class/net/eth0/statistics/rx_packets"]).unwrap().trim().parse().unwrap()
+    topo.vm("vm1")
+        .ns
+        .sh(&["cat", "/sys/class/net/eth0/statistics/rx_packets"])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 fn measure(topo: &Topology, secs: u64) -> (f64, f64) {
     let before = rx(topo);
     let fabric = &topo.host_ns("fabric").name;
-    let out = sdn_integration::ns_sh(fabric, &[bin("sdn-probe").to_str().unwrap(), "flood", "10.10.0.11", &PORT.to_string(), "--seconds", &secs.to_string(), "--flows", "16"]).unwrap();
+    let out = sdn_integration::ns_sh(
+        fabric,
+        &[
+            bin("sdn-probe").to_str().unwrap(),
+            "flood",
+            "10.10.0.11",
+            &PORT.to_string(),
+            "--seconds",
+            &secs.to_string(),
+            "--flows",
+            "16",
+        ],
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let got = rx(topo) - before;
     let sent: u64 = out.trim().parse().unwrap();
@@ -80,22 +116,67 @@ async fn main() -> anyhow::Result<()> {
     topo.add_vm("vm1", "h1", "02:00:00:00:00:11", "10.10.0.11", "fd10::11")?;
     let h1 = topo.host_ns("h1").name.clone();
     let mut cluster = Cluster::start(&topo.dir)?;
-    cluster.apply(vec![tenant(T), vpc("v", T), subnet("s", "v", "10.10.0.0/24", ""), host("h1", &topo.underlay_ip("h1")), group("g", T, sg_rules(false))]).await?;
+    cluster
+        .apply(vec![
+            tenant(T),
+            vpc("v", T),
+            subnet("s", "v", "10.10.0.0/24", ""),
+            host("h1", &topo.underlay_ip("h1")),
+            group("g", T, sg_rules(false)),
+        ])
+        .await?;
     cluster.start_agent(&topo, "h1")?;
-    cluster.apply(vec![port("vm1", T, "s", "h1", "vm1h", "02:00:00:00:00:11", "10.10.0.11", "", &["g"])]).await?;
+    cluster
+        .apply(vec![port(
+            "vm1",
+            T,
+            "s",
+            "h1",
+            "vm1h",
+            "02:00:00:00:00:11",
+            "10.10.0.11",
+            "",
+            &["g"],
+        )])
+        .await?;
 
-    let ipt = if std::path::Path::new("/usr/sbin/iptables-legacy-restore").exists() { "iptables-legacy" } else { "iptables" };
+    let ipt = if std::path::Path::new("/usr/sbin/iptables-legacy-restore").exists() {
+        "iptables-legacy"
+    } else {
+        "iptables"
+    };
     let ipt_file = topo.dir.join("iptables.rules");
     std::fs::write(&ipt_file, iptables_rules())?;
     let nft_file = topo.dir.join("nft.rules");
     std::fs::write(&nft_file, nft_rules())?;
     let ipt_restore = format!("{ipt}-restore");
 
-    let vm1_port = || port("vm1", T, "s", "h1", "vm1h", "02:00:00:00:00:11", "10.10.0.11", "", &["g"]);
-    let no_port = || pb::operation::Op::Delete(pb::ObjectRef { kind: pb::Kind::Port as i32, id: "vm1".into() });
+    let vm1_port = || {
+        port(
+            "vm1",
+            T,
+            "s",
+            "h1",
+            "vm1h",
+            "02:00:00:00:00:11",
+            "10.10.0.11",
+            "",
+            &["g"],
+        )
+    };
+    let no_port = || {
+        pb::operation::Op::Delete(pb::ObjectRef {
+            kind: pb::Kind::Port as i32,
+            id: "vm1".into(),
+        })
+    };
     cluster.apply(vec![group("g", T, sg_rules(true))]).await?;
-    let mut results: Vec<(&str, Vec<f64>)> =
-        vec![("sdn eBPF security group", vec![]), ("iptables linear chain", vec![]), ("nftables set", vec![]), ("no filtering", vec![])];
+    let mut results: Vec<(&str, Vec<f64>)> = vec![
+        ("sdn eBPF security group", vec![]),
+        ("iptables linear chain", vec![]),
+        ("nftables set", vec![]),
+        ("no filtering", vec![]),
+    ];
     let mut port_on = true;
     for round in 0..rounds {
         for (mode, samples) in results.iter_mut() {

@@ -11,7 +11,10 @@ use anyhow::{bail, Context as _};
 
 /// Runs a command, failing with its stderr.
 pub fn sh(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(args[0]).args(&args[1..]).output().with_context(|| format!("running {args:?}"))?;
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {args:?}"))?;
     if !out.status.success() {
         bail!("{args:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
@@ -33,12 +36,20 @@ pub fn bin_dir() -> PathBuf {
     // target/<profile>/deps/<test> -> target/<profile>
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().expect("deps dir");
-    if dir.ends_with("deps") || dir.ends_with("examples") { dir.parent().expect("profile dir").to_path_buf() } else { dir.to_path_buf() }
+    if dir.ends_with("deps") || dir.ends_with("examples") {
+        dir.parent().expect("profile dir").to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
 }
 
 pub fn bin(name: &str) -> PathBuf {
     let p = bin_dir().join(name);
-    assert!(p.exists(), "{} not built; run `cargo build --workspace --bins` first", p.display());
+    assert!(
+        p.exists(),
+        "{} not built; run `cargo build --workspace --bins` first",
+        p.display()
+    );
     p
 }
 
@@ -85,7 +96,13 @@ pub struct Proc {
 }
 
 impl Proc {
-    pub fn spawn(name: &str, netns: Option<&str>, program: &Path, args: &[&str], log_dir: &Path) -> anyhow::Result<Proc> {
+    pub fn spawn(
+        name: &str,
+        netns: Option<&str>,
+        program: &Path,
+        args: &[&str],
+        log_dir: &Path,
+    ) -> anyhow::Result<Proc> {
         let log = log_dir.join(format!("{name}.log"));
         let f = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
         let mut cmd = match netns {
@@ -98,7 +115,11 @@ impl Proc {
         };
         cmd.args(args).stdin(Stdio::null()).stdout(f.try_clone()?).stderr(f);
         let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
-        Ok(Proc { name: name.to_string(), child: Some(child), log })
+        Ok(Proc {
+            name: name.to_string(),
+            child: Some(child),
+            log,
+        })
     }
 
     /// SIGKILL, as a crash would.
@@ -150,7 +171,9 @@ impl Bpffs {
     pub fn new(path: &Path) -> anyhow::Result<Bpffs> {
         std::fs::create_dir_all(path)?;
         sh(&["mount", "-t", "bpf", "bpf", path.to_str().unwrap()])?;
-        Ok(Bpffs { path: path.to_path_buf() })
+        Ok(Bpffs {
+            path: path.to_path_buf(),
+        })
     }
 }
 
@@ -189,7 +212,12 @@ impl Topology {
         let _ = sh(&["umount", "-l", dir.join("bpffs").to_str().unwrap()]);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let mut t = Topology { tag: tag.to_string(), hosts: Vec::new(), vms: Vec::new(), dir };
+        let mut t = Topology {
+            tag: tag.to_string(),
+            hosts: Vec::new(),
+            vms: Vec::new(),
+            dir,
+        };
         // Underlay: a router namespace with one veth per host.
         let router = Netns::new(&format!("{tag}-fabric"))?;
         router.sysctl("net.ipv4.ip_forward=1")?;
@@ -198,10 +226,33 @@ impl Topology {
             let n = i + 1;
             let ns = Netns::new(&format!("{tag}-{h}"))?;
             let (a, b) = (format!("{tag}u{n}"), format!("{tag}f{n}"));
-            sh(&["ip", "link", "add", &a, "netns", &ns.name, "type", "veth", "peer", "name", &b, "netns", &router.name])?;
+            sh(&[
+                "ip",
+                "link",
+                "add",
+                &a,
+                "netns",
+                &ns.name,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &b,
+                "netns",
+                &router.name,
+            ])?;
             ns.sh(&["ip", "link", "set", &a, "name", "ul0"])?;
             ns.sh(&["ip", "addr", "add", &format!("192.168.{n}.2/24"), "dev", "ul0"])?;
-            ns.sh(&["ip", "-6", "addr", "add", &format!("fd99:{n}::2/64"), "dev", "ul0", "nodad"])?;
+            ns.sh(&[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("fd99:{n}::2/64"),
+                "dev",
+                "ul0",
+                "nodad",
+            ])?;
             ns.sh(&["ip", "link", "set", "ul0", "up"])?;
             ns.sh(&["ip", "route", "add", "default", "via", &format!("192.168.{n}.1")])?;
             ns.sh(&["ip", "-6", "route", "add", "default", "via", &format!("fd99:{n}::1")])?;
@@ -209,9 +260,19 @@ impl Topology {
             ns.sysctl("net.ipv6.conf.all.forwarding=1")?;
             ns.sh(&["ip", "addr", "add", "169.254.1.1/32", "dev", "lo"])?;
             router.sh(&["ip", "addr", "add", &format!("192.168.{n}.1/24"), "dev", &b])?;
-            router.sh(&["ip", "-6", "addr", "add", &format!("fd99:{n}::1/64"), "dev", &b, "nodad"])?;
+            router.sh(&[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("fd99:{n}::1/64"),
+                "dev",
+                &b,
+                "nodad",
+            ])?;
             router.sh(&["ip", "link", "set", &b, "up"])?;
-            t.hosts.push((h.to_string(), ns, format!("192.168.{n}.2"), format!("fd99:{n}::2")));
+            t.hosts
+                .push((h.to_string(), ns, format!("192.168.{n}.2"), format!("fd99:{n}::2")));
         }
         // Keep the router alive as long as the topology: store it as a pseudo host.
         t.hosts.push(("fabric".into(), router, String::new(), String::new()));
@@ -238,7 +299,9 @@ impl Topology {
         let device = format!("{}{}", &name[..name.len().min(8)], "h");
         let hns = self.host_ns(host).name.clone();
         let tmp = format!("{}t{}", self.tag, self.vms.len());
-        sh(&["ip", "link", "add", &tmp, "netns", &ns.name, "type", "veth", "peer", "name", &device, "netns", &hns])?;
+        sh(&[
+            "ip", "link", "add", &tmp, "netns", &ns.name, "type", "veth", "peer", "name", &device, "netns", &hns,
+        ])?;
         ns.sh(&["ip", "link", "set", &tmp, "name", "eth0"])?;
         ns.sysctl("net.ipv6.conf.all.accept_dad=0")?;
         ns.sysctl("net.ipv6.conf.default.accept_dad=0")?;
@@ -257,10 +320,22 @@ impl Topology {
         h.sh(&["ip", "-6", "addr", "add", "fe80::1/64", "dev", &device, "nodad"])?;
         h.sh(&["ip", "route", "add", &format!("{v4}/32"), "dev", &device])?;
         h.sh(&["ip", "-6", "route", "add", &format!("{v6}/128"), "dev", &device])?;
-        let (u4, u6) = (self.underlay_ip(host), self.hosts.iter().find(|x| x.0 == host).unwrap().3.clone());
-        self.fabric().sh(&["ip", "route", "add", &format!("{v4}/32"), "via", &u4])?;
-        self.fabric().sh(&["ip", "-6", "route", "add", &format!("{v6}/128"), "via", &u6])?;
-        self.vms.push(Vm { ns, host: host.to_string(), device, mac: mac.into(), v4: v4.into(), v6: v6.into() });
+        let (u4, u6) = (
+            self.underlay_ip(host),
+            self.hosts.iter().find(|x| x.0 == host).unwrap().3.clone(),
+        );
+        self.fabric()
+            .sh(&["ip", "route", "add", &format!("{v4}/32"), "via", &u4])?;
+        self.fabric()
+            .sh(&["ip", "-6", "route", "add", &format!("{v6}/128"), "via", &u6])?;
+        self.vms.push(Vm {
+            ns,
+            host: host.to_string(),
+            device,
+            mac: mac.into(),
+            v4: v4.into(),
+            v6: v6.into(),
+        });
         Ok(())
     }
 
@@ -293,7 +368,11 @@ pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) -> a
 
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A running single-node controller, its agents, and a client.
@@ -322,7 +401,17 @@ pub mod cluster {
             let listen = format!("127.0.0.1:{port}");
             let bpffs = Bpffs::new(&dir.join("bpffs"))?;
             let controller = Self::spawn_controller(dir, &data_dir, &socket, &listen)?;
-            let c = Cluster { controller, agents: Vec::new(), addr: format!("http://{listen}"), socket, data_dir, bpffs, dir: dir.to_path_buf(), listen, actor: "integration-test".into() };
+            let c = Cluster {
+                controller,
+                agents: Vec::new(),
+                addr: format!("http://{listen}"),
+                socket,
+                data_dir,
+                bpffs,
+                dir: dir.to_path_buf(),
+                listen,
+                actor: "integration-test".into(),
+            };
             c.wait_ready()?;
             Ok(c)
         }
@@ -332,7 +421,14 @@ pub mod cluster {
                 "controller",
                 None,
                 &bin("sdn-controller"),
-                &["--data-dir", data_dir.to_str().unwrap(), "--listen", listen, "--listen-unix", socket.to_str().unwrap()],
+                &[
+                    "--data-dir",
+                    data_dir.to_str().unwrap(),
+                    "--listen",
+                    listen,
+                    "--listen-unix",
+                    socket.to_str().unwrap(),
+                ],
                 dir,
             )
         }
@@ -345,7 +441,10 @@ pub mod cluster {
                 wait_for("the controller to answer", Duration::from_secs(20), || {
                     rt.block_on(async {
                         match sdn_proto::connect(&addr).await {
-                            Ok(ch) => pb::provisioning_client::ProvisioningClient::new(ch).list(pb::ListRequest { kind: 0 }).await.is_ok(),
+                            Ok(ch) => pb::provisioning_client::ProvisioningClient::new(ch)
+                                .list(pb::ListRequest { kind: 0 })
+                                .await
+                                .is_ok(),
                             Err(_) => false,
                         }
                     })
@@ -375,7 +474,15 @@ pub mod cluster {
                 &format!("agent-{host}"),
                 Some(&ns),
                 &bin("sdn-agent"),
-                &["run", "--host", host, "--controller", &ctl, "--pin-dir", pin.to_str().unwrap()],
+                &[
+                    "run",
+                    "--host",
+                    host,
+                    "--controller",
+                    &ctl,
+                    "--pin-dir",
+                    pin.to_str().unwrap(),
+                ],
                 &self.dir,
             )?;
             self.agents.retain(|(h, _)| h != host);
@@ -387,13 +494,20 @@ pub mod cluster {
             &mut self.agents.iter_mut().find(|(h, _)| h == host).expect("agent").1
         }
 
-        pub async fn client(&self) -> anyhow::Result<pb::provisioning_client::ProvisioningClient<tonic::transport::Channel>> {
-            Ok(pb::provisioning_client::ProvisioningClient::new(sdn_proto::connect(&self.addr).await?))
+        pub async fn client(
+            &self,
+        ) -> anyhow::Result<pb::provisioning_client::ProvisioningClient<tonic::transport::Channel>> {
+            Ok(pb::provisioning_client::ProvisioningClient::new(
+                sdn_proto::connect(&self.addr).await?,
+            ))
         }
 
         /// Applies a batch and waits for enforcement.
         pub async fn apply(&self, ops: Vec<pb::operation::Op>) -> Result<pb::ApplyResponse, tonic::Status> {
-            let mut c = self.client().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            let mut c = self
+                .client()
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
             c.apply(pb::ApplyRequest {
                 operations: ops.into_iter().map(|o| pb::Operation { op: Some(o) }).collect(),
                 actor: self.actor.clone(),
@@ -408,7 +522,12 @@ pub mod cluster {
         pub fn drops(&self, topo: &Topology, host: &str) -> anyhow::Result<serde_json::Value> {
             let out = ns_sh(
                 &topo.host_ns(host).name,
-                &[bin("sdn-agent").to_str().unwrap(), "counters", "--pin-dir", self.pin_dir(host).to_str().unwrap()],
+                &[
+                    bin("sdn-agent").to_str().unwrap(),
+                    "counters",
+                    "--pin-dir",
+                    self.pin_dir(host).to_str().unwrap(),
+                ],
             )?;
             Ok(serde_json::from_str(&out)?)
         }
@@ -417,23 +536,48 @@ pub mod cluster {
 
 /// Builders for provisioning messages.
 pub mod ops {
-    use sdn_proto::v1 as pb;
     use pb::operation::Op;
+    use sdn_proto::v1 as pb;
 
     pub fn tenant(id: &str) -> Op {
-        Op::PutTenant(pb::Tenant { id: id.into(), name: id.into() })
+        Op::PutTenant(pb::Tenant {
+            id: id.into(),
+            name: id.into(),
+        })
     }
     pub fn vpc(id: &str, tenant: &str) -> Op {
-        Op::PutVpc(pb::Vpc { id: id.into(), tenant_id: tenant.into(), name: id.into() })
+        Op::PutVpc(pb::Vpc {
+            id: id.into(),
+            tenant_id: tenant.into(),
+            name: id.into(),
+        })
     }
     pub fn subnet(id: &str, vpc: &str, v4: &str, v6: &str) -> Op {
-        Op::PutSubnet(pb::Subnet { id: id.into(), vpc_id: vpc.into(), cidr_v4: v4.into(), cidr_v6: v6.into() })
+        Op::PutSubnet(pb::Subnet {
+            id: id.into(),
+            vpc_id: vpc.into(),
+            cidr_v4: v4.into(),
+            cidr_v6: v6.into(),
+        })
     }
     pub fn host(id: &str, ip: &str) -> Op {
-        Op::PutHost(pb::Host { id: id.into(), underlay_ip: ip.into() })
+        Op::PutHost(pb::Host {
+            id: id.into(),
+            underlay_ip: ip.into(),
+        })
     }
     #[allow(clippy::too_many_arguments)]
-    pub fn port(id: &str, tenant: &str, subnet: &str, host: &str, device: &str, mac: &str, v4: &str, v6: &str, groups: &[&str]) -> Op {
+    pub fn port(
+        id: &str,
+        tenant: &str,
+        subnet: &str,
+        host: &str,
+        device: &str,
+        mac: &str,
+        v4: &str,
+        v6: &str,
+        groups: &[&str],
+    ) -> Op {
         Op::PutPort(pb::Port {
             id: id.into(),
             tenant_id: tenant.into(),
@@ -447,10 +591,22 @@ pub mod ops {
         })
     }
     pub fn group(id: &str, tenant: &str, rules: Vec<pb::SecurityGroupRule>) -> Op {
-        Op::PutSecurityGroup(pb::SecurityGroup { id: id.into(), tenant_id: tenant.into(), name: id.into(), rules })
+        Op::PutSecurityGroup(pb::SecurityGroup {
+            id: id.into(),
+            tenant_id: tenant.into(),
+            name: id.into(),
+            rules,
+        })
     }
     /// An ingress rule: "tcp", "udp", "icmp", "icmpv6" or "any"; v6 picks the family.
-    pub fn ingress(id: &str, v6: bool, proto: &str, ports: (u32, u32), cidr: &str, remote_group: &str) -> pb::SecurityGroupRule {
+    pub fn ingress(
+        id: &str,
+        v6: bool,
+        proto: &str,
+        ports: (u32, u32),
+        cidr: &str,
+        remote_group: &str,
+    ) -> pb::SecurityGroupRule {
         let protocol = match proto {
             "tcp" => pb::Protocol::Tcp,
             "udp" => pb::Protocol::Udp,

@@ -51,7 +51,14 @@ async fn raw_call(addr: &str, path: &'static str, body: Vec<u8>) -> tonic::Statu
     let ch = sdn_proto::connect(addr).await.unwrap();
     let mut g = tonic::client::Grpc::new(ch);
     g.ready().await.unwrap();
-    match g.unary(tonic::Request::new(body), http::uri::PathAndQuery::from_static(path), RawCodec).await {
+    match g
+        .unary(
+            tonic::Request::new(body),
+            http::uri::PathAndQuery::from_static(path),
+            RawCodec,
+        )
+        .await
+    {
         Ok(_) => tonic::Status::ok("unexpected success"),
         Err(s) => s,
     }
@@ -59,9 +66,14 @@ async fn raw_call(addr: &str, path: &'static str, body: Vec<u8>) -> tonic::Statu
 
 async fn apply_nowait(c: &Cluster, ops: Vec<pb::operation::Op>) -> Result<pb::ApplyResponse, tonic::Status> {
     let mut cl = c.client().await.unwrap();
-    cl.apply(pb::ApplyRequest { operations: ops.into_iter().map(|o| pb::Operation { op: Some(o) }).collect(), actor: "t".into(), wait: false, wait_timeout_ms: 0 })
-        .await
-        .map(|r| r.into_inner())
+    cl.apply(pb::ApplyRequest {
+        operations: ops.into_iter().map(|o| pb::Operation { op: Some(o) }).collect(),
+        actor: "t".into(),
+        wait: false,
+        wait_timeout_ms: 0,
+    })
+    .await
+    .map(|r| r.into_inner())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -74,28 +86,102 @@ async fn bad_requests_are_refused_whole_and_named() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let mut cluster = Cluster::start(&dir).unwrap();
-    let base = apply_nowait(&cluster, vec![tenant("t"), vpc("v", "t"), subnet("s", "v", "10.0.0.0/24", "fd00::/64"), host("h", "192.0.2.1")]).await.unwrap();
+    let base = apply_nowait(
+        &cluster,
+        vec![
+            tenant("t"),
+            vpc("v", "t"),
+            subnet("s", "v", "10.0.0.0/24", "fd00::/64"),
+            host("h", "192.0.2.1"),
+        ],
+    )
+    .await
+    .unwrap();
     assert_eq!(base.revision, 1);
 
     let cases: Vec<(Vec<pb::operation::Op>, &str)> = vec![
-        (vec![port("p", "t", "s", "h", "d0", "zz:00:00:00:00:01", "10.0.0.5", "", &[])], "operations[0].put_port.mac"),
-        (vec![port("p", "t", "s", "h", "d0", "02:00:00:00:00:01", "10.0.1.5", "", &[])], "operations[0].put_port.ipv4"),
-        (vec![port("p", "t", "nope", "h", "d0", "02:00:00:00:00:01", "10.0.0.5", "", &[])], "operations[0].put_port.subnet_id"),
-        (vec![port("p", "t", "s", "h", "d0", "02:00:00:00:00:01", "10.0.0.5", "", &["nope"])], "operations[0].put_port.security_group_ids[0]"),
-        (vec![subnet("s2", "v", "10.0.0.128/25", "")], "operations[0].put_subnet.cidr_v4"),
-        (vec![subnet("s3", "v", "10.0.0.1/24", "")], "operations[0].put_subnet.cidr_v4"),
-        (vec![subnet("s4", "v", "300.0.0.0/8", "")], "operations[0].put_subnet.cidr_v4"),
-        (vec![group("g", "t", vec![ingress("r", false, "tcp", (90, 80), "", "")])], "operations[0].put_security_group.rules[0].port_min"),
-        (vec![group("g", "t", vec![ingress("r", false, "tcp", (1, 70000), "", "")])], "operations[0].put_security_group.rules[0].port_max"),
-        (vec![group("g", "t", vec![ingress("r", false, "tcp", (80, 80), "fd00::/8", "")])], "operations[0].put_security_group.rules[0].remote_cidr"),
-        (vec![group("g", "t", vec![ingress("r", false, "tcp", (80, 80), "", "ghost")])], "operations[0].put_security_group.rules[0].remote_group_id"),
+        (
+            vec![port("p", "t", "s", "h", "d0", "zz:00:00:00:00:01", "10.0.0.5", "", &[])],
+            "operations[0].put_port.mac",
+        ),
+        (
+            vec![port("p", "t", "s", "h", "d0", "02:00:00:00:00:01", "10.0.1.5", "", &[])],
+            "operations[0].put_port.ipv4",
+        ),
+        (
+            vec![port(
+                "p",
+                "t",
+                "nope",
+                "h",
+                "d0",
+                "02:00:00:00:00:01",
+                "10.0.0.5",
+                "",
+                &[],
+            )],
+            "operations[0].put_port.subnet_id",
+        ),
+        (
+            vec![port(
+                "p",
+                "t",
+                "s",
+                "h",
+                "d0",
+                "02:00:00:00:00:01",
+                "10.0.0.5",
+                "",
+                &["nope"],
+            )],
+            "operations[0].put_port.security_group_ids[0]",
+        ),
+        (
+            vec![subnet("s2", "v", "10.0.0.128/25", "")],
+            "operations[0].put_subnet.cidr_v4",
+        ),
+        (
+            vec![subnet("s3", "v", "10.0.0.1/24", "")],
+            "operations[0].put_subnet.cidr_v4",
+        ),
+        (
+            vec![subnet("s4", "v", "300.0.0.0/8", "")],
+            "operations[0].put_subnet.cidr_v4",
+        ),
+        (
+            vec![group("g", "t", vec![ingress("r", false, "tcp", (90, 80), "", "")])],
+            "operations[0].put_security_group.rules[0].port_min",
+        ),
+        (
+            vec![group("g", "t", vec![ingress("r", false, "tcp", (1, 70000), "", "")])],
+            "operations[0].put_security_group.rules[0].port_max",
+        ),
+        (
+            vec![group(
+                "g",
+                "t",
+                vec![ingress("r", false, "tcp", (80, 80), "fd00::/8", "")],
+            )],
+            "operations[0].put_security_group.rules[0].remote_cidr",
+        ),
+        (
+            vec![group("g", "t", vec![ingress("r", false, "tcp", (80, 80), "", "ghost")])],
+            "operations[0].put_security_group.rules[0].remote_group_id",
+        ),
         // A good operation followed by a bad one: nothing is applied.
-        (vec![tenant("t2"), vpc("v2", "missing")], "operations[1].put_vpc.tenant_id"),
+        (
+            vec![tenant("t2"), vpc("v2", "missing")],
+            "operations[1].put_vpc.tenant_id",
+        ),
     ];
     for (ops, field) in cases {
         let e = apply_nowait(&cluster, ops).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
-        assert!(e.message().starts_with(field), "expected the message to name {field}: {}", e.message());
+        assert!(
+            e.message().starts_with(field),
+            "expected the message to name {field}: {}",
+            e.message()
+        );
         eprintln!("refused: {}", e.message());
     }
     let mut c = cluster.client().await.unwrap();
@@ -104,23 +190,51 @@ async fn bad_requests_are_refused_whole_and_named() {
     assert_eq!(all.tenants.len(), 1, "the good half of a refused batch was not applied");
 
     // An operation with nothing set, an unknown enum value, an empty batch.
-    let e = c.apply(pb::ApplyRequest { operations: vec![pb::Operation { op: None }], ..Default::default() }).await.unwrap_err();
-    assert_eq!((e.code(), e.message()), (Code::InvalidArgument, "operations[0]: no operation set"));
+    let e = c
+        .apply(pb::ApplyRequest {
+            operations: vec![pb::Operation { op: None }],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (Code::InvalidArgument, "operations[0]: no operation set")
+    );
     let e = c.list(pb::ListRequest { kind: 42 }).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     let e = c.apply(pb::ApplyRequest::default()).await.unwrap_err();
     assert!(e.message().contains("empty"), "{e:?}");
 
     // Bytes that are not protobuf at all, and a truncated message.
-    let s = raw_call(&cluster.addr, "/sdn.v1.Provisioning/Apply", vec![0xff, 0xff, 0xff, 0xff, 0x0f, 0x01]).await;
+    let s = raw_call(
+        &cluster.addr,
+        "/sdn.v1.Provisioning/Apply",
+        vec![0xff, 0xff, 0xff, 0xff, 0x0f, 0x01],
+    )
+    .await;
     assert_ne!(s.code(), Code::Ok);
     eprintln!("garbage body: {:?} {}", s.code(), s.message());
-    let good = prost::Message::encode_to_vec(&pb::ApplyRequest { operations: vec![pb::Operation { op: Some(tenant("zz")) }], ..Default::default() });
-    let s = raw_call(&cluster.addr, "/sdn.v1.Provisioning/Apply", good[..good.len() - 2].to_vec()).await;
+    let good = prost::Message::encode_to_vec(&pb::ApplyRequest {
+        operations: vec![pb::Operation { op: Some(tenant("zz")) }],
+        ..Default::default()
+    });
+    let s = raw_call(
+        &cluster.addr,
+        "/sdn.v1.Provisioning/Apply",
+        good[..good.len() - 2].to_vec(),
+    )
+    .await;
     assert_ne!(s.code(), Code::Ok);
     // An agent that names a host that does not exist.
     let mut a = pb::agent_client::AgentClient::new(sdn_proto::connect(&cluster.addr).await.unwrap());
-    let e = a.register(pb::RegisterRequest { host_id: "ghost".into(), agent_version: "x".into() }).await.unwrap_err();
+    let e = a
+        .register(pb::RegisterRequest {
+            host_id: "ghost".into(),
+            agent_version: "x".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     assert!(e.message().contains("host_id"));
 
@@ -141,13 +255,21 @@ fn sdnctl_validate_reports_lines() {
         "apiVersion: sdn/v1\nkind: SecurityGroup\nmetadata:\n  name: web\n  tenant: t\nspec:\n  rules:\n    - id: a\n      direction: ingress\n      etherType: IPv4\n      protocol: tcpp\n",
     )
     .unwrap();
-    let out = std::process::Command::new(bin("sdnctl")).args(["validate", "-f"]).arg(&f).output().unwrap();
+    let out = std::process::Command::new(bin("sdnctl"))
+        .args(["validate", "-f"])
+        .arg(&f)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("bad.yaml:11"), "the error names the line: {err}");
     assert!(err.contains("tcpp"), "{err}");
     let good = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/examples");
-    let out = std::process::Command::new(bin("sdnctl")).args(["validate", "-f"]).arg(&good).output().unwrap();
+    let out = std::process::Command::new(bin("sdnctl"))
+        .args(["validate", "-f"])
+        .arg(&good)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -24,6 +24,7 @@ fn web_rules(with_http: bool) -> Vec<pb::SecurityGroupRule> {
         ingress("ping4", false, "icmp", (0, 0), "", ""),
         ingress("ping6", true, "icmpv6", (128, 128), "", ""),
         ingress("dns", false, "udp", (5353, 5353), "10.10.0.0/16", ""),
+        ingress("dns6", true, "udp", (5353, 5353), "fd10::/64", ""),
     ];
     if with_http {
         r.push(ingress("http4", false, "tcp", (80, 80), "", ""));
@@ -33,11 +34,24 @@ fn web_rules(with_http: bool) -> Vec<pb::SecurityGroupRule> {
 }
 
 fn db_rules() -> Vec<pb::SecurityGroupRule> {
-    vec![ingress("pg4", false, "tcp", (5432, 5432), "", "web"), ingress("pg6", true, "tcp", (5432, 5432), "", "web")]
+    vec![
+        ingress("pg4", false, "tcp", (5432, 5432), "", "web"),
+        ingress("pg6", true, "tcp", (5432, 5432), "", "web"),
+    ]
 }
 
 fn vm3_port(groups: &[&str]) -> pb::operation::Op {
-    port("vm3", T, "sn1", "h2", "vm3h", "02:00:00:00:00:13", "10.10.0.13", "fd10::13", groups)
+    port(
+        "vm3",
+        T,
+        "sn1",
+        "h2",
+        "vm3h",
+        "02:00:00:00:00:13",
+        "10.10.0.13",
+        "fd10::13",
+        groups,
+    )
 }
 
 async fn setup(tag: &str) -> anyhow::Result<Env> {
@@ -61,8 +75,28 @@ async fn setup(tag: &str) -> anyhow::Result<Env> {
     cluster.start_agent(&topo, "h2")?;
     let r = cluster
         .apply(vec![
-            port("vm1", T, "sn1", "h1", "vm1h", "02:00:00:00:00:11", "10.10.0.11", "fd10::11", &["web"]),
-            port("vm2", T, "sn1", "h1", "vm2h", "02:00:00:00:00:12", "10.10.0.12", "fd10::12", &["db"]),
+            port(
+                "vm1",
+                T,
+                "sn1",
+                "h1",
+                "vm1h",
+                "02:00:00:00:00:11",
+                "10.10.0.11",
+                "fd10::11",
+                &["web"],
+            ),
+            port(
+                "vm2",
+                T,
+                "sn1",
+                "h1",
+                "vm2h",
+                "02:00:00:00:00:12",
+                "10.10.0.12",
+                "fd10::12",
+                &["db"],
+            ),
             vm3_port(&["web"]),
         ])
         .await?;
@@ -72,16 +106,30 @@ async fn setup(tag: &str) -> anyhow::Result<Env> {
     let mut servers = Vec::new();
     for vm in ["vm1", "vm2", "vm3"] {
         let ns = topo.vm(vm).ns.name.clone();
-        servers.push(Proc::spawn(&format!("probe-{vm}"), Some(&ns), &probe, &["serve", "--tcp", "80", "--tcp", "81", "--tcp", "5432", "--udp", "5353"], &topo.dir)?);
+        servers.push(Proc::spawn(
+            &format!("probe-{vm}"),
+            Some(&ns),
+            &probe,
+            &["serve", "--tcp", "80", "--tcp", "81", "--tcp", "5432", "--udp", "5353"],
+            &topo.dir,
+        )?);
     }
     std::thread::sleep(Duration::from_millis(300));
-    Ok(Env { _servers: servers, cluster, topo })
+    Ok(Env {
+        _servers: servers,
+        cluster,
+        topo,
+    })
 }
 
 impl Env {
     fn addr(&self, vm: &str, v6: bool) -> String {
         let v = self.topo.vm(vm);
-        if v6 { v.v6.clone() } else { v.v4.clone() }
+        if v6 {
+            v.v6.clone()
+        } else {
+            v.v4.clone()
+        }
     }
 
     /// Whether `from` reaches `to` with `proto` ("tcp", "udp", "icmp").
@@ -92,7 +140,16 @@ impl Env {
             let fam = if v6 { "-6" } else { "-4" };
             return ns.sh(&["ping", fam, "-c", "1", "-W", "1", &dst]).is_ok();
         }
-        ns.sh(&[bin("sdn-probe").to_str().unwrap(), "connect", proto, &dst, &port.to_string(), "--timeout-ms", "700"]).is_ok()
+        ns.sh(&[
+            bin("sdn-probe").to_str().unwrap(),
+            "connect",
+            proto,
+            &dst,
+            &port.to_string(),
+            "--timeout-ms",
+            "700",
+        ])
+        .is_ok()
     }
 
     fn expect(&self, cases: &[(&str, &str, &str, u16, bool, bool)]) {
@@ -100,9 +157,16 @@ impl Env {
         for (from, to, proto, port, v6, want) in cases {
             let got = self.reach(from, to, proto, *port, *v6);
             let fam = if *v6 { "v6" } else { "v4" };
-            eprintln!("  {from} -> {to} {proto}/{port} {fam}: {}", if got { "PASS" } else { "DROP" });
+            eprintln!(
+                "  {from} -> {to} {proto}/{port} {fam}: {}",
+                if got { "PASS" } else { "DROP" }
+            );
             if got != *want {
-                wrong.push(format!("{from}->{to} {proto}/{port} {fam}: expected {}, got {}", if *want { "pass" } else { "drop" }, if got { "pass" } else { "drop" }));
+                wrong.push(format!(
+                    "{from}->{to} {proto}/{port} {fam}: expected {}, got {}",
+                    if *want { "pass" } else { "drop" },
+                    if got { "pass" } else { "drop" }
+                ));
             }
         }
         assert!(wrong.is_empty(), "matrix mismatch:\n{}", wrong.join("\n"));
@@ -127,6 +191,8 @@ async fn matrix_follows_the_api() {
         ("vm2", "vm1", "udp", 5353, false, true),
         ("vm3", "vm1", "udp", 5353, false, true),
         ("vm1", "vm2", "udp", 5353, false, false), // db allows no udp
+        ("vm3", "vm1", "udp", 5353, true, true),
+        ("vm1", "vm2", "udp", 5353, true, false),
         ("vm2", "vm1", "icmp", 0, false, true),
         ("vm3", "vm1", "icmp", 0, true, true),
         ("vm1", "vm2", "icmp", 0, false, false),
@@ -136,21 +202,46 @@ async fn matrix_follows_the_api() {
     ]);
 
     eprintln!("remove http from web");
-    env.cluster.apply(vec![group("web", T, web_rules(false))]).await.expect("apply");
-    env.expect(&[("vm2", "vm1", "tcp", 80, false, false), ("vm3", "vm1", "tcp", 80, true, false), ("vm2", "vm1", "icmp", 0, false, true)]);
+    env.cluster
+        .apply(vec![group("web", T, web_rules(false))])
+        .await
+        .expect("apply");
+    env.expect(&[
+        ("vm2", "vm1", "tcp", 80, false, false),
+        ("vm3", "vm1", "tcp", 80, true, false),
+        ("vm2", "vm1", "icmp", 0, false, true),
+    ]);
 
     eprintln!("vm3 leaves web: remote-group rules follow membership");
     env.cluster.apply(vec![vm3_port(&[])]).await.expect("apply");
-    env.expect(&[("vm3", "vm2", "tcp", 5432, false, false), ("vm3", "vm2", "tcp", 5432, true, false), ("vm1", "vm2", "tcp", 5432, false, true)]);
+    env.expect(&[
+        ("vm3", "vm2", "tcp", 5432, false, false),
+        ("vm3", "vm2", "tcp", 5432, true, false),
+        ("vm1", "vm2", "tcp", 5432, false, true),
+    ]);
 
     eprintln!("vm3 rejoins web and http comes back");
-    env.cluster.apply(vec![group("web", T, web_rules(true)), vm3_port(&["web"])]).await.expect("apply");
-    env.expect(&[("vm3", "vm2", "tcp", 5432, false, true), ("vm2", "vm1", "tcp", 80, false, true), ("vm3", "vm1", "tcp", 80, true, true)]);
+    env.cluster
+        .apply(vec![group("web", T, web_rules(true)), vm3_port(&["web"])])
+        .await
+        .expect("apply");
+    env.expect(&[
+        ("vm3", "vm2", "tcp", 5432, false, true),
+        ("vm2", "vm1", "tcp", 80, false, true),
+        ("vm3", "vm1", "tcp", 80, true, true),
+    ]);
 
     let drops = env.cluster.drops(&env.topo, "h1").expect("counters");
     eprintln!("h1 drops: {drops}");
-    assert!(drops["drops"]["policy_ingress"].as_u64().unwrap() > 0, "denied packets are counted");
-    assert_eq!(drops["drops"]["spoof_ip"].as_u64().unwrap(), 0, "no legitimate packet was taken for spoofing");
+    assert!(
+        drops["drops"]["policy_ingress"].as_u64().unwrap() > 0,
+        "denied packets are counted"
+    );
+    assert_eq!(
+        drops["drops"]["spoof_ip"].as_u64().unwrap(),
+        0,
+        "no legitimate packet was taken for spoofing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -164,20 +255,40 @@ async fn spoofing_and_fragments_are_dropped_on_the_wire() {
     let before = env.cluster.drops(&env.topo, "h1").unwrap();
     // A second address the port does not own: its packets must not leave.
     vm2.sh(&["ip", "addr", "add", "10.10.0.99/32", "dev", "eth0"]).unwrap();
-    let spoofed = vm2.sh(&[bin("sdn-probe").to_str().unwrap(), "connect", "tcp", "10.10.0.13", "80", "--timeout-ms", "500"]);
+    let spoofed = vm2.sh(&[
+        bin("sdn-probe").to_str().unwrap(),
+        "connect",
+        "tcp",
+        "10.10.0.13",
+        "80",
+        "--timeout-ms",
+        "500",
+    ]);
     assert!(spoofed.is_ok(), "the real address still works");
     let from_fake = vm2.sh(&["ping", "-c", "1", "-W", "1", "-I", "10.10.0.99", "10.10.0.11"]);
     assert!(from_fake.is_err(), "a forged source address must not get through");
     // A different MAC on the VM's NIC.
-    vm2.sh(&["ip", "link", "set", "eth0", "address", "02:00:00:00:00:99"]).unwrap();
-    assert!(!env.reach("vm2", "vm1", "icmp", 0, false), "a forged MAC must not get through");
-    vm2.sh(&["ip", "link", "set", "eth0", "address", "02:00:00:00:00:12"]).unwrap();
+    vm2.sh(&["ip", "link", "set", "eth0", "address", "02:00:00:00:00:99"])
+        .unwrap();
+    assert!(
+        !env.reach("vm2", "vm1", "icmp", 0, false),
+        "a forged MAC must not get through"
+    );
+    vm2.sh(&["ip", "link", "set", "eth0", "address", "02:00:00:00:00:12"])
+        .unwrap();
     // Fragments: a 3000-byte ping is fragmented by the VM's kernel.
-    let _ = env.topo.vm("vm1").ns.sh(&["ping", "-c", "1", "-W", "1", "-s", "3000", "10.10.0.11"]);
+    let _ = env
+        .topo
+        .vm("vm1")
+        .ns
+        .sh(&["ping", "-c", "1", "-W", "1", "-s", "3000", "10.10.0.11"]);
     let _ = vm2.sh(&["ping", "-c", "1", "-W", "1", "-s", "3000", "10.10.0.11"]);
     let after = env.cluster.drops(&env.topo, "h1").unwrap();
     for reason in ["spoof_ip", "spoof_mac", "fragment"] {
-        let (b, a) = (before["drops"][reason].as_u64().unwrap(), after["drops"][reason].as_u64().unwrap());
+        let (b, a) = (
+            before["drops"][reason].as_u64().unwrap(),
+            after["drops"][reason].as_u64().unwrap(),
+        );
         eprintln!("{reason}: {b} -> {a}");
         assert!(a > b, "{reason} drops are counted");
     }
@@ -193,49 +304,108 @@ async fn restarts_keep_state_and_flows() {
     let mut env = setup("sgr").await.expect("topology");
     // A long-lived connection from vm3 (h2) to vm1 (h1), exchanging every 50 ms.
     let ns3 = env.topo.vm("vm3").ns.name.clone();
-    let mut hold = Proc::spawn("hold", Some(&ns3), &bin("sdn-probe"), &["hold", "10.10.0.11", "80", "--seconds", "5", "--interval-ms", "50"], &env.topo.dir).unwrap();
+    let mut hold = Proc::spawn(
+        "hold",
+        Some(&ns3),
+        &bin("sdn-probe"),
+        &["hold", "10.10.0.11", "80", "--seconds", "8", "--interval-ms", "50"],
+        &env.topo.dir,
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(500));
 
-    // Kill both agents (as a crash would) and the controller, then restart all.
+    // The controller crashes and comes back: the agents resume their watch
+    // from the revision and resource versions they hold, without a snapshot.
+    env.cluster.restart_controller().expect("controller restart");
+    let mut c = env.cluster.client().await.unwrap();
+    wait_all_enforced(&mut c).await;
+    let ctl_log = env.cluster.controller.log_text();
+    let resumed = ctl_log
+        .lines()
+        .filter(|l| l.contains("watch started") && l.contains("resume=true"))
+        .count();
+    assert!(resumed >= 2, "both agents resumed their watch:\n{ctl_log}");
+
+    // Both agents crash; the dataplane keeps enforcing without them.
     env.cluster.agent("h1").kill();
     env.cluster.agent("h2").kill();
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(env.reach("vm2", "vm1", "tcp", 80, false), "the dataplane works with no agent");
-    assert!(!env.reach("vm2", "vm1", "tcp", 81, false), "and still enforces with no agent");
-    env.cluster.restart_controller().expect("controller restart");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        env.reach("vm2", "vm1", "tcp", 80, false),
+        "the dataplane works with no agent"
+    );
+    assert!(
+        !env.reach("vm2", "vm1", "tcp", 81, false),
+        "and still enforces with no agent"
+    );
     env.cluster.start_agent(&env.topo, "h1").unwrap();
     env.cluster.start_agent(&env.topo, "h2").unwrap();
 
     // Both agents reconnect, adopt the pinned dataplane and ack the current revision.
-    let mut c = env.cluster.client().await.unwrap();
-    for _ in 0..100 {
-        let e = c.enforcement(pb::EnforcementRequest { revision: 0 }).await.unwrap().into_inner();
-        if e.hosts.iter().all(|h| h.connected && h.enforced_revision == e.current_revision) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let e = c.enforcement(pb::EnforcementRequest { revision: 0 }).await.unwrap().into_inner();
-    assert!(e.hosts.iter().all(|h| h.connected && h.enforced_revision == e.current_revision), "{e:?}");
+    wait_all_enforced(&mut c).await;
 
     // The established flow crossed agent crashes, a controller crash and the
     // restarts without losing one exchange.
     wait_for("the hold probe to finish", Duration::from_secs(20), || !hold.alive()).unwrap();
     let log = hold.log_text();
     eprintln!("hold probe: {log}");
-    assert!(log.contains("failed=0"), "the long-lived connection lost exchanges:\n{log}");
+    assert!(
+        log.contains("failed=0"),
+        "the long-lived connection lost exchanges:\n{log}"
+    );
 
     // State survived the controller restart.
-    let list = c.list(pb::ListRequest { kind: pb::Kind::Port as i32 }).await.unwrap().into_inner();
+    let list = c
+        .list(pb::ListRequest {
+            kind: pb::Kind::Port as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(list.ports.len(), 3);
-    let audit = c.audit(pb::AuditRequest { after_revision: 0, limit: 100 }).await.unwrap().into_inner();
+    let audit = c
+        .audit(pb::AuditRequest {
+            after_revision: 0,
+            limit: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(audit.records.len(), 2);
     assert_eq!(audit.records[1].actor, "integration-test");
-    assert!(audit.records[1].changes.iter().any(|l| l == "put port vm3"), "{:?}", audit.records[1].changes);
+    assert!(
+        audit.records[1].changes.iter().any(|l| l == "put port vm3"),
+        "{:?}",
+        audit.records[1].changes
+    );
 
     // A change made now is enforced by the restarted agents.
-    env.cluster.apply(vec![group("web", T, web_rules(false))]).await.expect("apply after restarts");
+    env.cluster
+        .apply(vec![group("web", T, web_rules(false))])
+        .await
+        .expect("apply after restarts");
     assert!(!env.reach("vm2", "vm1", "tcp", 80, false));
     let h1 = env.cluster.agent("h1").log_text();
     assert!(h1.contains("adopted pinned dataplane state"), "agent log:\n{h1}");
+}
+
+/// Waits until every host's agent is connected and enforces the current revision.
+async fn wait_all_enforced(c: &mut pb::provisioning_client::ProvisioningClient<tonic::transport::Channel>) {
+    let mut last = None;
+    for _ in 0..200 {
+        let e = c
+            .enforcement(pb::EnforcementRequest { revision: 0 })
+            .await
+            .unwrap()
+            .into_inner();
+        if e.hosts
+            .iter()
+            .all(|h| h.connected && h.enforced_revision == e.current_revision)
+        {
+            return;
+        }
+        last = Some(e);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("agents did not all enforce the current revision: {last:?}");
 }

@@ -178,7 +178,10 @@ impl<'de> Deserialize<'de> for PortRange {
             }
             Raw::S(s) => {
                 let parse = |t: &str| -> Result<u16, D::Error> {
-                    let n: u64 = t.trim().parse().map_err(|_| D::Error::custom(format!("invalid port range {s:?}: expected N or N-M")))?;
+                    let n: u64 = t
+                        .trim()
+                        .parse()
+                        .map_err(|_| D::Error::custom(format!("invalid port range {s:?}: expected N or N-M")))?;
                     one(n)
                 };
                 let (a, b) = match s.split_once('-') {
@@ -216,7 +219,12 @@ pub struct Located {
 }
 
 fn at(file: &str, line: Option<usize>, column: Option<usize>, message: impl Into<String>) -> ManifestError {
-    ManifestError { file: file.to_string(), line, column, message: message.into() }
+    ManifestError {
+        file: file.to_string(),
+        line,
+        column,
+        message: message.into(),
+    }
 }
 
 /// Parses every document of one file's text.
@@ -234,7 +242,10 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Located>, ManifestError> 
         }
     }
     for (start, body) in docs {
-        if body.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
+        if body
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+        {
             continue;
         }
         let yerr = |e: serde_yaml::Error| {
@@ -242,11 +253,21 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Located>, ManifestError> 
             let msg = e.to_string();
             // serde_yaml appends " at line L column C"; we report it ourselves.
             let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
-            at(file, loc.as_ref().map(|l| l.line() + start - 1).or(Some(start)), loc.map(|l| l.column()), msg)
+            at(
+                file,
+                loc.as_ref().map(|l| l.line() + start - 1).or(Some(start)),
+                loc.map(|l| l.column()),
+                msg,
+            )
         };
         let header: serde_yaml::Value = serde_yaml::from_str(&body).map_err(yerr)?;
         let kind = header.get("kind").and_then(|k| k.as_str()).ok_or_else(|| {
-            at(file, Some(start), None, format!("kind: missing; one of {}", KINDS.join(", ")))
+            at(
+                file,
+                Some(start),
+                None,
+                format!("kind: missing; one of {}", KINDS.join(", ")),
+            )
         })?;
         let doc = match kind {
             "Tenant" => Doc::Tenant(serde_yaml::from_str(&body).map_err(yerr)?),
@@ -257,11 +278,20 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Located>, ManifestError> 
             "SecurityGroup" => Doc::SecurityGroup(serde_yaml::from_str(&body).map_err(yerr)?),
             other => {
                 let line = body.lines().position(|l| l.starts_with("kind:")).map(|i| i + start);
-                return Err(at(file, line.or(Some(start)), None, format!("kind: unknown kind {other:?}; one of {}", KINDS.join(", "))));
+                return Err(at(
+                    file,
+                    line.or(Some(start)),
+                    None,
+                    format!("kind: unknown kind {other:?}; one of {}", KINDS.join(", ")),
+                ));
             }
         };
         let op = to_op(doc).map_err(|m| at(file, Some(start), None, m))?;
-        out.push(Located { op, file: file.to_string(), line: start });
+        out.push(Located {
+            op,
+            file: file.to_string(),
+            line: start,
+        });
     }
     Ok(out)
 }
@@ -275,7 +305,9 @@ fn check_version(v: &str) -> Result<(), String> {
 }
 
 fn need_tenant(m: &Metadata, kind: &str) -> Result<String, String> {
-    m.tenant.clone().ok_or_else(|| format!("metadata.tenant: a {kind} needs its tenant"))
+    m.tenant
+        .clone()
+        .ok_or_else(|| format!("metadata.tenant: a {kind} needs its tenant"))
 }
 
 fn spec<S>(spec: Option<S>) -> Result<S, String> {
@@ -284,12 +316,25 @@ fn spec<S>(spec: Option<S>) -> Result<S, String> {
 
 fn to_op(doc: Doc) -> Result<Op, String> {
     Ok(match doc {
-        Doc::Tenant(Typed { api_version, metadata, spec, .. }) => {
+        Doc::Tenant(Typed {
+            api_version,
+            metadata,
+            spec,
+            ..
+        }) => {
             check_version(&api_version)?;
             let spec = spec.unwrap_or_default();
-            Op::PutTenant(model::Tenant { name: spec.display_name.unwrap_or_else(|| metadata.name.clone()), id: metadata.name })
+            Op::PutTenant(model::Tenant {
+                name: spec.display_name.unwrap_or_else(|| metadata.name.clone()),
+                id: metadata.name,
+            })
         }
-        Doc::Vpc(Typed { api_version, metadata, spec, .. }) => {
+        Doc::Vpc(Typed {
+            api_version,
+            metadata,
+            spec,
+            ..
+        }) => {
             check_version(&api_version)?;
             let spec = spec.unwrap_or_default();
             Op::PutVpc(model::Vpc {
@@ -298,7 +343,12 @@ fn to_op(doc: Doc) -> Result<Op, String> {
                 id: metadata.name,
             })
         }
-        Doc::Subnet(Typed { api_version, metadata, spec, .. }) => {
+        Doc::Subnet(Typed {
+            api_version,
+            metadata,
+            spec,
+            ..
+        }) => {
             check_version(&api_version)?;
             let spec = self::spec(spec)?;
             let cidr_v4 = match spec.cidr_v4.map(|c| c.0) {
@@ -311,13 +361,31 @@ fn to_op(doc: Doc) -> Result<Op, String> {
                 Some(IpNetwork::V6(n)) => Some(n),
                 Some(n) => return Err(format!("spec.cidrV6: {n} is not an IPv6 prefix")),
             };
-            Op::PutSubnet(model::Subnet { id: metadata.name, vpc_id: spec.vpc, cidr_v4, cidr_v6 })
+            Op::PutSubnet(model::Subnet {
+                id: metadata.name,
+                vpc_id: spec.vpc,
+                cidr_v4,
+                cidr_v6,
+            })
         }
-        Doc::Host(Typed { api_version, metadata, spec, .. }) => {
+        Doc::Host(Typed {
+            api_version,
+            metadata,
+            spec,
+            ..
+        }) => {
             check_version(&api_version)?;
-            Op::PutHost(model::Host { id: metadata.name, underlay_ip: self::spec(spec)?.underlay_ip })
+            Op::PutHost(model::Host {
+                id: metadata.name,
+                underlay_ip: self::spec(spec)?.underlay_ip,
+            })
         }
-        Doc::Port(Typed { api_version, metadata, spec, .. }) => {
+        Doc::Port(Typed {
+            api_version,
+            metadata,
+            spec,
+            ..
+        }) => {
             check_version(&api_version)?;
             let spec = self::spec(spec)?;
             Op::PutPort(model::Port {
@@ -332,13 +400,20 @@ fn to_op(doc: Doc) -> Result<Op, String> {
                 security_group_ids: spec.security_groups,
             })
         }
-        Doc::SecurityGroup(Typed { api_version, metadata, spec, .. }) => {
+        Doc::SecurityGroup(Typed {
+            api_version,
+            metadata,
+            spec,
+            ..
+        }) => {
             check_version(&api_version)?;
             let spec = self::spec(spec)?;
             let mut rules = Vec::new();
             for (i, r) in spec.rules.into_iter().enumerate() {
                 let remote = match (r.remote_cidr, r.remote_group) {
-                    (Some(_), Some(_)) => return Err(format!("spec.rules[{i}]: set remoteCidr or remoteGroup, not both")),
+                    (Some(_), Some(_)) => {
+                        return Err(format!("spec.rules[{i}]: set remoteCidr or remoteGroup, not both"))
+                    }
                     (Some(c), None) => Remote::Cidr(c.0),
                     (None, Some(g)) => Remote::Group(g),
                     (None, None) => Remote::Any,
@@ -370,7 +445,9 @@ pub fn load_path(path: &Path) -> Result<Vec<Located>, ManifestError> {
         while let Some(dir) = stack.pop() {
             let rd = std::fs::read_dir(&dir).map_err(|e| at(&dir.display().to_string(), None, None, e.to_string()))?;
             for entry in rd {
-                let p = entry.map_err(|e| at(&dir.display().to_string(), None, None, e.to_string()))?.path();
+                let p = entry
+                    .map_err(|e| at(&dir.display().to_string(), None, None, e.to_string()))?
+                    .path();
                 if p.is_dir() {
                     stack.push(p);
                 } else if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
@@ -416,20 +493,32 @@ pub fn validate_offline(ops: &[Located]) -> Result<(), ManifestError> {
             Op::PutSecurityGroup(g) => {
                 // Check the group alone, with stand-ins for its tenant and remote groups.
                 let mut st = crate::State::default();
-                let mut pre = vec![Op::PutTenant(model::Tenant { id: g.tenant_id.clone(), name: String::new() })];
+                let mut pre = vec![Op::PutTenant(model::Tenant {
+                    id: g.tenant_id.clone(),
+                    name: String::new(),
+                })];
                 for r in &g.rules {
                     if let Remote::Group(rg) = &r.remote {
                         if *rg != g.id && model::check_id(rg).is_ok() {
-                            pre.push(Op::PutSecurityGroup(model::SecurityGroup { id: rg.clone(), tenant_id: g.tenant_id.clone(), name: String::new(), rules: vec![] }));
+                            pre.push(Op::PutSecurityGroup(model::SecurityGroup {
+                                id: rg.clone(),
+                                tenant_id: g.tenant_id.clone(),
+                                name: String::new(),
+                                rules: vec![],
+                            }));
                         }
                     }
                 }
                 if model::check_id(&g.tenant_id).is_ok() {
                     st.apply_batch(&pre).ok();
                 }
-                st.apply_batch(&[l.op.clone()]).err()
+                st.apply_batch(std::slice::from_ref(&l.op)).err()
             }
-            Op::PutTenant(t) => model::check_id(&t.id).err().map(|m| crate::BatchError { index: 0, field: "metadata.name".into(), message: m }),
+            Op::PutTenant(t) => model::check_id(&t.id).err().map(|m| crate::BatchError {
+                index: 0,
+                field: "metadata.name".into(),
+                message: m,
+            }),
             _ => None,
         };
         if let Some(e) = single {
@@ -495,7 +584,10 @@ metadata:
         assert!(e.message.contains("unknown field `portz`"), "{e}");
 
         let bad = GOOD.replace("ports: 80", "ports: \"90-80\"");
-        assert!(parse_str("g.yaml", &bad).unwrap_err().message.contains("90 is above 80"));
+        assert!(parse_str("g.yaml", &bad)
+            .unwrap_err()
+            .message
+            .contains("90 is above 80"));
 
         let bad = GOOD.replace("kind: Tenant", "kind: Tenent");
         let e = parse_str("g.yaml", &bad).unwrap_err();

@@ -139,7 +139,11 @@ pub struct Mac(pub [u8; 6]);
 impl fmt::Display for Mac {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
     }
 }
 
@@ -161,8 +165,7 @@ impl FromStr for Mac {
             if p.len() != 2 {
                 return Err(format!("invalid MAC {s:?}: octet {p:?} is not two hex digits"));
             }
-            m[i] = u8::from_str_radix(p, 16)
-                .map_err(|_| format!("invalid MAC {s:?}: octet {p:?} is not hex"))?;
+            m[i] = u8::from_str_radix(p, 16).map_err(|_| format!("invalid MAC {s:?}: octet {p:?} is not hex"))?;
         }
         if m[0] & 1 != 0 {
             return Err(format!("invalid MAC {s:?}: multicast/broadcast address"));
@@ -259,8 +262,13 @@ pub fn check_id(id: &str) -> Result<(), String> {
     if id.len() > 64 {
         return Err(format!("{id:?} is longer than 64 characters"));
     }
-    if let Some(c) = id.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(format!("{id:?} contains {c:?}; allowed: letters, digits, '.', '_', '-'"));
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{id:?} contains {c:?}; allowed: letters, digits, '.', '_', '-'"
+        ));
     }
     Ok(())
 }
@@ -272,7 +280,11 @@ pub fn parse_cidr(s: &str) -> Result<IpNetwork, String> {
         return Err(format!("invalid CIDR {s:?}: missing prefix length"));
     }
     if n.network() != n.ip() {
-        return Err(format!("invalid CIDR {s:?}: host bits set (did you mean {}/{}?)", n.network(), n.prefix()));
+        return Err(format!(
+            "invalid CIDR {s:?}: host bits set (did you mean {}/{}?)",
+            n.network(),
+            n.prefix()
+        ));
     }
     Ok(n)
 }

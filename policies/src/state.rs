@@ -50,7 +50,11 @@ impl Ctx<'_> {
         } else {
             format!("operations[{}].{}.{}", self.index, self.op, field)
         };
-        BatchError { index: self.index, field, message: message.into() }
+        BatchError {
+            index: self.index,
+            field,
+            message: message.into(),
+        }
     }
 }
 
@@ -94,7 +98,13 @@ impl State {
                 self.need_tenant(c, "tenant_id", &v.tenant_id)?;
                 if let Some(old) = self.vpcs.get(&v.id) {
                     if old.tenant_id != v.tenant_id {
-                        return Err(c.err("tenant_id", format!("vpc {} belongs to tenant {}; a VPC cannot change tenant", v.id, old.tenant_id)));
+                        return Err(c.err(
+                            "tenant_id",
+                            format!(
+                                "vpc {} belongs to tenant {}; a VPC cannot change tenant",
+                                v.id, old.tenant_id
+                            ),
+                        ));
                     }
                 }
                 self.vpcs.insert(v.id.clone(), v.clone());
@@ -142,30 +152,45 @@ impl State {
         }
         if let Some(old) = self.subnets.get(&s.id) {
             if old.vpc_id != s.vpc_id {
-                return Err(c.err("vpc_id", format!("subnet {} belongs to vpc {}; a subnet cannot move", s.id, old.vpc_id)));
+                return Err(c.err(
+                    "vpc_id",
+                    format!("subnet {} belongs to vpc {}; a subnet cannot move", s.id, old.vpc_id),
+                ));
             }
         }
         for other in self.subnets.values().filter(|o| o.vpc_id == s.vpc_id && o.id != s.id) {
             if let (Some(a), Some(b)) = (s.cidr_v4, other.cidr_v4) {
                 if a.overlaps(b) {
-                    return Err(c.err("cidr_v4", format!("{a} overlaps {b} of subnet {} in vpc {}", other.id, s.vpc_id)));
+                    return Err(c.err(
+                        "cidr_v4",
+                        format!("{a} overlaps {b} of subnet {} in vpc {}", other.id, s.vpc_id),
+                    ));
                 }
             }
             if let (Some(a), Some(b)) = (s.cidr_v6, other.cidr_v6) {
                 if a.overlaps(b) {
-                    return Err(c.err("cidr_v6", format!("{a} overlaps {b} of subnet {} in vpc {}", other.id, s.vpc_id)));
+                    return Err(c.err(
+                        "cidr_v6",
+                        format!("{a} overlaps {b} of subnet {} in vpc {}", other.id, s.vpc_id),
+                    ));
                 }
             }
         }
         for p in self.ports.values().filter(|p| p.subnet_id == s.id) {
             if let Some(ip) = p.ipv4 {
                 if !s.cidr_v4.is_some_and(|n| n.contains(ip)) {
-                    return Err(c.err("cidr_v4", format!("port {} has address {ip} outside the new prefix", p.id)));
+                    return Err(c.err(
+                        "cidr_v4",
+                        format!("port {} has address {ip} outside the new prefix", p.id),
+                    ));
                 }
             }
             if let Some(ip) = p.ipv6 {
                 if !s.cidr_v6.is_some_and(|n| n.contains(ip)) {
-                    return Err(c.err("cidr_v6", format!("port {} has address {ip} outside the new prefix", p.id)));
+                    return Err(c.err(
+                        "cidr_v6",
+                        format!("port {} has address {ip} outside the new prefix", p.id),
+                    ));
                 }
             }
         }
@@ -182,7 +207,13 @@ impl State {
             .ok_or_else(|| c.err("subnet_id", format!("unknown subnet {:?}", p.subnet_id)))?;
         let vpc = &self.vpcs[&subnet.vpc_id];
         if vpc.tenant_id != p.tenant_id {
-            return Err(c.err("subnet_id", format!("subnet {} is in vpc {} of tenant {}, not {}", subnet.id, vpc.id, vpc.tenant_id, p.tenant_id)));
+            return Err(c.err(
+                "subnet_id",
+                format!(
+                    "subnet {} is in vpc {} of tenant {}, not {}",
+                    subnet.id, vpc.id, vpc.tenant_id, p.tenant_id
+                ),
+            ));
         }
         if !self.hosts.contains_key(&p.host_id) {
             return Err(c.err("host_id", format!("unknown host {:?}", p.host_id)));
@@ -194,7 +225,9 @@ impl State {
         if let Some(ip) = p.ipv4 {
             match subnet.cidr_v4 {
                 None => return Err(c.err("ipv4", format!("subnet {} has no IPv4 prefix", subnet.id))),
-                Some(n) if !n.contains(ip) => return Err(c.err("ipv4", format!("{ip} is outside subnet {} ({n})", subnet.id))),
+                Some(n) if !n.contains(ip) => {
+                    return Err(c.err("ipv4", format!("{ip} is outside subnet {} ({n})", subnet.id)))
+                }
                 Some(n) if ip == n.network() || ip == n.broadcast() => {
                     return Err(c.err("ipv4", format!("{ip} is the network or broadcast address of {n}")))
                 }
@@ -204,17 +237,30 @@ impl State {
         if let Some(ip) = p.ipv6 {
             match subnet.cidr_v6 {
                 None => return Err(c.err("ipv6", format!("subnet {} has no IPv6 prefix", subnet.id))),
-                Some(n) if !n.contains(ip) => return Err(c.err("ipv6", format!("{ip} is outside subnet {} ({n})", subnet.id))),
-                Some(n) if ip == n.network() => return Err(c.err("ipv6", format!("{ip} is the subnet-router anycast address of {n}"))),
+                Some(n) if !n.contains(ip) => {
+                    return Err(c.err("ipv6", format!("{ip} is outside subnet {} ({n})", subnet.id)))
+                }
+                Some(n) if ip == n.network() => {
+                    return Err(c.err("ipv6", format!("{ip} is the subnet-router anycast address of {n}")))
+                }
                 _ => {}
             }
         }
         let mut seen = BTreeSet::new();
         for (i, g) in p.security_group_ids.iter().enumerate() {
             let field = format!("security_group_ids[{i}]");
-            let grp = self.security_groups.get(g).ok_or_else(|| c.err(&field, format!("unknown security group {g:?}")))?;
+            let grp = self
+                .security_groups
+                .get(g)
+                .ok_or_else(|| c.err(&field, format!("unknown security group {g:?}")))?;
             if grp.tenant_id != p.tenant_id {
-                return Err(c.err(&field, format!("security group {g} belongs to tenant {}, not {}", grp.tenant_id, p.tenant_id)));
+                return Err(c.err(
+                    &field,
+                    format!(
+                        "security group {g} belongs to tenant {}, not {}",
+                        grp.tenant_id, p.tenant_id
+                    ),
+                ));
             }
             if !seen.insert(g) {
                 return Err(c.err(&field, format!("security group {g} listed twice")));
@@ -222,18 +268,26 @@ impl State {
         }
         for other in self.ports.values().filter(|o| o.id != p.id) {
             if other.host_id == p.host_id && other.device == p.device {
-                return Err(c.err("device", format!("device {} on host {} is already port {}", p.device, p.host_id, other.id)));
+                return Err(c.err(
+                    "device",
+                    format!("device {} on host {} is already port {}", p.device, p.host_id, other.id),
+                ));
             }
             let other_vpc = &self.subnets[&other.subnet_id].vpc_id;
             if *other_vpc == subnet.vpc_id {
-                if p.ipv4.is_some() && other.ipv4 == p.ipv4 {
-                    return Err(c.err("ipv4", format!("{} is already used by port {} in vpc {}", p.ipv4.unwrap(), other.id, other_vpc)));
+                if let Some(ip) = p.ipv4.filter(|ip| other.ipv4 == Some(*ip)) {
+                    let msg = format!("{ip} is already used by port {} in vpc {other_vpc}", other.id);
+                    return Err(c.err("ipv4", msg));
                 }
-                if p.ipv6.is_some() && other.ipv6 == p.ipv6 {
-                    return Err(c.err("ipv6", format!("{} is already used by port {} in vpc {}", p.ipv6.unwrap(), other.id, other_vpc)));
+                if let Some(ip) = p.ipv6.filter(|ip| other.ipv6 == Some(*ip)) {
+                    let msg = format!("{ip} is already used by port {} in vpc {other_vpc}", other.id);
+                    return Err(c.err("ipv6", msg));
                 }
                 if other.mac == p.mac {
-                    return Err(c.err("mac", format!("{} is already used by port {} in vpc {}", p.mac, other.id, other_vpc)));
+                    return Err(c.err(
+                        "mac",
+                        format!("{} is already used by port {} in vpc {}", p.mac, other.id, other_vpc),
+                    ));
                 }
             }
         }
@@ -246,7 +300,13 @@ impl State {
         self.need_tenant(c, "tenant_id", &g.tenant_id)?;
         if let Some(old) = self.security_groups.get(&g.id) {
             if old.tenant_id != g.tenant_id {
-                return Err(c.err("tenant_id", format!("security group {} belongs to tenant {}; a group cannot change tenant", g.id, old.tenant_id)));
+                return Err(c.err(
+                    "tenant_id",
+                    format!(
+                        "security group {} belongs to tenant {}; a group cannot change tenant",
+                        g.id, old.tenant_id
+                    ),
+                ));
             }
         }
         let mut ids = BTreeSet::new();
@@ -257,8 +317,12 @@ impl State {
                 return Err(c.err(&f("id"), format!("rule id {} used twice", r.id)));
             }
             match (r.protocol, r.ether_type) {
-                (Protocol::Icmp, EtherType::IPv6) => return Err(c.err(&f("protocol"), "icmp is for IPv4 rules; use icmpv6")),
-                (Protocol::Icmpv6, EtherType::IPv4) => return Err(c.err(&f("protocol"), "icmpv6 is for IPv6 rules; use icmp")),
+                (Protocol::Icmp, EtherType::IPv6) => {
+                    return Err(c.err(&f("protocol"), "icmp is for IPv4 rules; use icmpv6"))
+                }
+                (Protocol::Icmpv6, EtherType::IPv4) => {
+                    return Err(c.err(&f("protocol"), "icmpv6 is for IPv6 rules; use icmp"))
+                }
                 _ => {}
             }
             if let Some((lo, hi)) = r.ports {
@@ -266,7 +330,9 @@ impl State {
                     return Err(c.err(&f("port_min"), format!("port_min {lo} is above port_max {hi}")));
                 }
                 match r.protocol {
-                    Protocol::Any => return Err(c.err(&f("port_min"), "a port range needs protocol tcp, udp, icmp or icmpv6")),
+                    Protocol::Any => {
+                        return Err(c.err(&f("port_min"), "a port range needs protocol tcp, udp, icmp or icmpv6"))
+                    }
                     Protocol::Icmp | Protocol::Icmpv6 if hi > 255 => {
                         return Err(c.err(&f("port_max"), format!("ICMP type {hi} is above 255")))
                     }
@@ -276,9 +342,15 @@ impl State {
             match &r.remote {
                 Remote::Any => {}
                 Remote::Cidr(n) => {
-                    let fam_ok = matches!((n, r.ether_type), (IpNetwork::V4(_), EtherType::IPv4) | (IpNetwork::V6(_), EtherType::IPv6));
+                    let fam_ok = matches!(
+                        (n, r.ether_type),
+                        (IpNetwork::V4(_), EtherType::IPv4) | (IpNetwork::V6(_), EtherType::IPv6)
+                    );
                     if !fam_ok {
-                        return Err(c.err(&f("remote_cidr"), format!("{n} does not match ether_type {:?}", r.ether_type)));
+                        return Err(c.err(
+                            &f("remote_cidr"),
+                            format!("{n} does not match ether_type {:?}", r.ether_type),
+                        ));
                     }
                     if n.network() != n.ip() {
                         return Err(c.err(&f("remote_cidr"), format!("{n} has host bits set")));
@@ -298,7 +370,13 @@ impl State {
                 match self.security_groups.get(id) {
                     None => return Err(c.err(&field, format!("unknown security group {id:?}"))),
                     Some(x) if x.tenant_id != g.tenant_id => {
-                        return Err(c.err(&field, format!("security group {id} belongs to tenant {}, not {}", x.tenant_id, g.tenant_id)))
+                        return Err(c.err(
+                            &field,
+                            format!(
+                                "security group {id} belongs to tenant {}, not {}",
+                                x.tenant_id, g.tenant_id
+                            ),
+                        ))
                     }
                     _ => {}
                 }
@@ -358,12 +436,18 @@ impl State {
                 if !self.security_groups.contains_key(id) {
                     return Err(c.err("id", format!("unknown security group {id:?}")));
                 }
-                if let Some(p) = self.ports.values().find(|p| p.security_group_ids.iter().any(|g| g == id)) {
+                if let Some(p) = self
+                    .ports
+                    .values()
+                    .find(|p| p.security_group_ids.iter().any(|g| g == id))
+                {
                     return in_use(format!("port {}", p.id));
                 }
-                if let Some(g) = self.security_groups.values().find(|g| {
-                    g.id != id && g.rules.iter().any(|r| r.remote == Remote::Group(id.to_string()))
-                }) {
+                if let Some(g) = self
+                    .security_groups
+                    .values()
+                    .find(|g| g.id != id && g.rules.iter().any(|r| r.remote == Remote::Group(id.to_string())))
+                {
                     return in_use(format!("a remote-group rule of security group {}", g.id));
                 }
                 self.security_groups.remove(id);
@@ -390,7 +474,12 @@ pub fn check_device(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 15 {
         return Err(format!("{name:?} is not 1-15 bytes long"));
     }
-    if name == "." || name == ".." || name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control()) {
+    if name == "."
+        || name == ".."
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    {
         return Err(format!("{name:?} is not a valid interface name"));
     }
     Ok(())
@@ -403,10 +492,25 @@ mod tests {
     fn base() -> State {
         let mut s = State::default();
         s.apply_batch(&[
-            Op::PutTenant(Tenant { id: "t1".into(), name: "Dept 1".into() }),
-            Op::PutVpc(Vpc { id: "v1".into(), tenant_id: "t1".into(), name: "v".into() }),
-            Op::PutSubnet(Subnet { id: "s1".into(), vpc_id: "v1".into(), cidr_v4: Some("10.0.0.0/24".parse().unwrap()), cidr_v6: Some("fd00::/64".parse().unwrap()) }),
-            Op::PutHost(Host { id: "h1".into(), underlay_ip: "192.0.2.1".parse().unwrap() }),
+            Op::PutTenant(Tenant {
+                id: "t1".into(),
+                name: "Dept 1".into(),
+            }),
+            Op::PutVpc(Vpc {
+                id: "v1".into(),
+                tenant_id: "t1".into(),
+                name: "v".into(),
+            }),
+            Op::PutSubnet(Subnet {
+                id: "s1".into(),
+                vpc_id: "v1".into(),
+                cidr_v4: Some("10.0.0.0/24".parse().unwrap()),
+                cidr_v6: Some("fd00::/64".parse().unwrap()),
+            }),
+            Op::PutHost(Host {
+                id: "h1".into(),
+                underlay_ip: "192.0.2.1".parse().unwrap(),
+            }),
         ])
         .unwrap();
         s
@@ -442,7 +546,12 @@ mod tests {
     fn overlapping_subnets_are_refused() {
         let mut s = base();
         let err = s
-            .apply_batch(&[Op::PutSubnet(Subnet { id: "s2".into(), vpc_id: "v1".into(), cidr_v4: Some("10.0.0.128/25".parse().unwrap()), cidr_v6: None })])
+            .apply_batch(&[Op::PutSubnet(Subnet {
+                id: "s2".into(),
+                vpc_id: "v1".into(),
+                cidr_v4: Some("10.0.0.128/25".parse().unwrap()),
+                cidr_v6: None,
+            })])
             .unwrap_err();
         assert_eq!(err.field, "operations[0].put_subnet.cidr_v4");
         assert!(err.message.contains("overlaps"), "{err}");
@@ -455,22 +564,45 @@ mod tests {
         p.security_group_ids = vec!["nope".into()];
         let err = s.apply_batch(&[Op::PutPort(p)]).unwrap_err();
         assert_eq!(err.field, "operations[0].put_port.security_group_ids[0]");
-        let err = s.apply_batch(&[Op::Delete { kind: Kind::Host, id: "zz".into() }]).unwrap_err();
+        let err = s
+            .apply_batch(&[Op::Delete {
+                kind: Kind::Host,
+                id: "zz".into(),
+            }])
+            .unwrap_err();
         assert!(err.message.contains("unknown host"), "{err}");
     }
 
     #[test]
     fn rules_are_checked() {
         let mut s = base();
-        let rule = |protocol, ports, remote| Rule { id: "r".into(), direction: Direction::Ingress, ether_type: EtherType::IPv4, protocol, ports, remote };
+        let rule = |protocol, ports, remote| Rule {
+            id: "r".into(),
+            direction: Direction::Ingress,
+            ether_type: EtherType::IPv4,
+            protocol,
+            ports,
+            remote,
+        };
         for (r, field) in [
             (rule(Protocol::Tcp, Some((90, 80)), Remote::Any), "rules[0].port_min"),
             (rule(Protocol::Any, Some((80, 80)), Remote::Any), "rules[0].port_min"),
             (rule(Protocol::Icmpv6, None, Remote::Any), "rules[0].protocol"),
-            (rule(Protocol::Tcp, None, Remote::Cidr("fd00::/8".parse().unwrap())), "rules[0].remote_cidr"),
-            (rule(Protocol::Tcp, None, Remote::Group("other".into())), "rules[0].remote_group_id"),
+            (
+                rule(Protocol::Tcp, None, Remote::Cidr("fd00::/8".parse().unwrap())),
+                "rules[0].remote_cidr",
+            ),
+            (
+                rule(Protocol::Tcp, None, Remote::Group("other".into())),
+                "rules[0].remote_group_id",
+            ),
         ] {
-            let g = SecurityGroup { id: "g".into(), tenant_id: "t1".into(), name: "g".into(), rules: vec![r] };
+            let g = SecurityGroup {
+                id: "g".into(),
+                tenant_id: "t1".into(),
+                name: "g".into(),
+                rules: vec![r],
+            };
             let err = s.apply_batch(&[Op::PutSecurityGroup(g)]).unwrap_err();
             assert_eq!(err.field, format!("operations[0].put_security_group.{field}"), "{err}");
         }
@@ -479,12 +611,22 @@ mod tests {
     #[test]
     fn groups_in_use_cannot_be_deleted() {
         let mut s = base();
-        let g = SecurityGroup { id: "g".into(), tenant_id: "t1".into(), name: "g".into(), rules: vec![] };
+        let g = SecurityGroup {
+            id: "g".into(),
+            tenant_id: "t1".into(),
+            name: "g".into(),
+            rules: vec![],
+        };
         let mut p = port("p1", "10.0.0.5");
         p.security_group_ids = vec!["g".into()];
         s.apply_batch(&[Op::PutSecurityGroup(g), Op::PutPort(p)]).unwrap();
         assert_eq!(s.group_members("g"), vec!["10.0.0.5".parse::<IpAddr>().unwrap()]);
-        let err = s.apply_batch(&[Op::Delete { kind: Kind::SecurityGroup, id: "g".into() }]).unwrap_err();
+        let err = s
+            .apply_batch(&[Op::Delete {
+                kind: Kind::SecurityGroup,
+                id: "g".into(),
+            }])
+            .unwrap_err();
         assert!(err.message.contains("still used by port p1"), "{err}");
     }
 

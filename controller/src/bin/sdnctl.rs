@@ -98,7 +98,9 @@ async fn main() -> ExitCode {
 }
 
 async fn client(addr: &str) -> anyhow::Result<pb::provisioning_client::ProvisioningClient<tonic::transport::Channel>> {
-    let ch = sdn_proto::connect(addr).await.with_context(|| format!("connecting to the controller at {addr}"))?;
+    let ch = sdn_proto::connect(addr)
+        .await
+        .with_context(|| format!("connecting to the controller at {addr}"))?;
     Ok(pb::provisioning_client::ProvisioningClient::new(ch))
 }
 
@@ -113,15 +115,30 @@ async fn apply(addr: &str, ops: Vec<pb::Operation>, wait: bool, timeout: u32, ac
         eprintln!("applying {n} operation(s) and waiting up to {timeout}s for enforcement...");
     }
     let r = c
-        .apply(pb::ApplyRequest { operations: ops, actor, wait, wait_timeout_ms: timeout.saturating_mul(1000) })
+        .apply(pb::ApplyRequest {
+            operations: ops,
+            actor,
+            wait,
+            wait_timeout_ms: timeout.saturating_mul(1000),
+        })
         .await
         .map_err(status_err)?
         .into_inner();
-    let hosts = if r.hosts.is_empty() { "none".to_string() } else { r.hosts.join(", ") };
-    if wait {
-        println!("revision {}: {n} operation(s) applied, enforced on hosts: {hosts}", r.revision);
+    let hosts = if r.hosts.is_empty() {
+        "none".to_string()
     } else {
-        println!("revision {}: {n} operation(s) applied; hosts concerned: {hosts}", r.revision);
+        r.hosts.join(", ")
+    };
+    if wait {
+        println!(
+            "revision {}: {n} operation(s) applied, enforced on hosts: {hosts}",
+            r.revision
+        );
+    } else {
+        println!(
+            "revision {}: {n} operation(s) applied; hosts concerned: {hosts}",
+            r.revision
+        );
     }
     Ok(())
 }
@@ -134,32 +151,51 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             manifest::validate_offline(&ops)?;
             println!("{}: {} object(s) valid", path.display(), ops.len());
         }
-        Cmd::Apply { path, wait, timeout, actor } => {
+        Cmd::Apply {
+            path,
+            wait,
+            timeout,
+            actor,
+        } => {
             let ops = manifest::dependency_order(manifest::load_path(&path)?);
             manifest::validate_offline(&ops)?;
             if ops.is_empty() {
                 anyhow::bail!("{}: no manifests found", path.display());
             }
             let pb_ops = ops.iter().map(|l| convert::op_to_pb(&l.op)).collect();
-            apply(&cli.controller, pb_ops, wait, timeout, actor).await.map_err(|e| {
-                // Map "operations[i]" back to the manifest that produced it.
-                let msg = format!("{e:#}");
-                if let Some(i) = msg.split("operations[").nth(1).and_then(|t| t.split(']').next()).and_then(|t| t.parse::<usize>().ok()) {
-                    if let Some(l) = ops.get(i) {
-                        return anyhow::anyhow!("{}:{}: {msg}", l.file, l.line);
+            apply(&cli.controller, pb_ops, wait, timeout, actor)
+                .await
+                .map_err(|e| {
+                    // Map "operations[i]" back to the manifest that produced it.
+                    let msg = format!("{e:#}");
+                    if let Some(i) = msg
+                        .split("operations[")
+                        .nth(1)
+                        .and_then(|t| t.split(']').next())
+                        .and_then(|t| t.parse::<usize>().ok())
+                    {
+                        if let Some(l) = ops.get(i) {
+                            return anyhow::anyhow!("{}:{}: {msg}", l.file, l.line);
+                        }
                     }
-                }
-                e
-            })?;
+                    e
+                })?;
         }
         Cmd::Delete { kind, id, wait, actor } => {
-            let op = pb::Operation { op: Some(pb::operation::Op::Delete(pb::ObjectRef { kind: kind.pb() as i32, id })) };
+            let op = pb::Operation {
+                op: Some(pb::operation::Op::Delete(pb::ObjectRef {
+                    kind: kind.pb() as i32,
+                    id,
+                })),
+            };
             apply(&cli.controller, vec![op], wait, 30, actor).await?;
         }
         Cmd::Get { kind } => {
             let mut c = client(&cli.controller).await?;
             let r = c
-                .list(pb::ListRequest { kind: kind.map(|k| k.pb() as i32).unwrap_or(0) })
+                .list(pb::ListRequest {
+                    kind: kind.map(|k| k.pb() as i32).unwrap_or(0),
+                })
                 .await
                 .map_err(status_err)?
                 .into_inner();
@@ -177,7 +213,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("host {} underlay={}", h.id, h.underlay_ip);
             }
             for p in r.ports {
-                println!("port {} host={} device={} mac={} v4={} v6={} groups={}", p.id, p.host_id, p.device, p.mac, p.ipv4, p.ipv6, p.security_group_ids.join(","));
+                println!(
+                    "port {} host={} device={} mac={} v4={} v6={} groups={}",
+                    p.id,
+                    p.host_id,
+                    p.device,
+                    p.mac,
+                    p.ipv4,
+                    p.ipv6,
+                    p.security_group_ids.join(",")
+                );
             }
             for g in r.security_groups {
                 println!("security_group {} tenant={} rules={}", g.id, g.tenant_id, g.rules.len());
@@ -185,18 +230,42 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Audit { after } => {
             let mut c = client(&cli.controller).await?;
-            let r = c.audit(pb::AuditRequest { after_revision: after, limit: 1000 }).await.map_err(status_err)?.into_inner();
+            let r = c
+                .audit(pb::AuditRequest {
+                    after_revision: after,
+                    limit: 1000,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
             for a in r.records {
-                println!("rev {} at {} by {}: {}", a.revision, a.time_unix_ms, a.actor, a.changes.join("; "));
+                println!(
+                    "rev {} at {} by {}: {}",
+                    a.revision,
+                    a.time_unix_ms,
+                    a.actor,
+                    a.changes.join("; ")
+                );
             }
         }
         Cmd::Status => {
             let mut c = client(&cli.controller).await?;
-            let r = c.enforcement(pb::EnforcementRequest { revision: 0 }).await.map_err(status_err)?.into_inner();
+            let r = c
+                .enforcement(pb::EnforcementRequest { revision: 0 })
+                .await
+                .map_err(status_err)?
+                .into_inner();
             println!("current revision {}", r.current_revision);
             for h in r.hosts {
-                let nack = if h.nack_reason.is_empty() { String::new() } else { format!(" nack={:?}", h.nack_reason) };
-                println!("host {} connected={} enforced={}{nack}", h.host_id, h.connected, h.enforced_revision);
+                let nack = if h.nack_reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" nack={:?}", h.nack_reason)
+                };
+                println!(
+                    "host {} connected={} enforced={}{nack}",
+                    h.host_id, h.connected, h.enforced_revision
+                );
             }
         }
     }

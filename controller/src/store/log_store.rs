@@ -31,11 +31,11 @@ pub struct LogStore {
 }
 
 impl LogStore {
-    pub fn open(db: Arc<Database>) -> Result<Self, redb::Error> {
-        let tx = db.begin_write()?;
-        tx.open_table(LOG)?;
-        tx.open_table(META)?;
-        tx.commit()?;
+    pub fn open(db: Arc<Database>) -> Result<Self, AnyError> {
+        let tx = db.begin_write().map_err(any)?;
+        tx.open_table(LOG).map_err(any)?;
+        tx.open_table(META).map_err(any)?;
+        tx.commit().map_err(any)?;
         Ok(LogStore { db })
     }
 
@@ -97,7 +97,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Ok(r)
         })()
         .map_err(super::sio::read_logs)?;
-        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last.or(last_purged) })
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last.or(last_purged),
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -117,7 +120,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, SErr> {
-        Ok(self.get_meta::<Option<LogId<u64>>>(COMMITTED).map_err(super::sio::read_logs)?.flatten())
+        Ok(self
+            .get_meta::<Option<LogId<u64>>>(COMMITTED)
+            .map_err(super::sio::read_logs)?
+            .flatten())
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), SErr>

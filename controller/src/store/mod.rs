@@ -107,14 +107,23 @@ impl Store {
             ..Default::default()
         };
         let config = Arc::new(config.validate().context("Raft configuration")?);
-        let raft = Raft::new(node_id, config, network::Network, log, sm).await.context("starting Raft")?;
+        let raft = Raft::new(node_id, config, network::Network, log, sm)
+            .await
+            .context("starting Raft")?;
         if !raft.is_initialized().await.context("reading Raft state")? {
             let mut members = std::collections::BTreeMap::new();
             members.insert(node_id, BasicNode { addr: addr.to_string() });
-            raft.initialize(members).await.context("initialising the one-member cluster")?;
+            raft.initialize(members)
+                .await
+                .context("initialising the one-member cluster")?;
             tracing::info!(node_id, "initialised a new one-member cluster");
         }
-        Ok(Store { raft, shared, revisions: rev_rx, db })
+        Ok(Store {
+            raft,
+            shared,
+            revisions: rev_rx,
+            db,
+        })
     }
 
     /// Proposes a batch and waits until it is committed and applied.
@@ -131,8 +140,16 @@ impl Store {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let cmd = Command { actor: actor.to_string(), time_unix_ms, ops };
-        let resp = self.raft.client_write(cmd).await.map_err(|e| WriteError::Raft(e.to_string()))?;
+        let cmd = Command {
+            actor: actor.to_string(),
+            time_unix_ms,
+            ops,
+        };
+        let resp = self
+            .raft
+            .client_write(cmd)
+            .await
+            .map_err(|e| WriteError::Raft(e.to_string()))?;
         let outcome = resp.data;
         if let Some(e) = outcome.error.clone() {
             return Err(WriteError::Invalid(e));
@@ -142,7 +159,11 @@ impl Store {
 
     /// Waits until reads on this node see every write committed before the call.
     pub async fn linearizable(&self) -> Result<(), String> {
-        self.raft.ensure_linearizable().await.map(|_| ()).map_err(|e| e.to_string())
+        self.raft
+            .ensure_linearizable()
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     /// Audit records with a revision above `after`, at most `limit`.

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    AnyError, BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
-    StorageError, StoredMembership,
+    AnyError, BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StoredMembership,
 };
 use redb::{Database, ReadableTable, TableDefinition};
 use sdn_policies::{Kind, Op, State};
@@ -96,16 +96,33 @@ fn load_state(db: &Database) -> Result<(State, Applied), AnyError> {
     let objects = tx.open_table(OBJECTS).map_err(any)?;
     for item in objects.iter().map_err(any)? {
         let (k, v) = item.map_err(any)?;
-        let (kind, id) = k.value().split_once('/').ok_or_else(|| AnyError::error(format!("bad object key {:?}", k.value())))?;
+        let (kind, id) = k
+            .value()
+            .split_once('/')
+            .ok_or_else(|| AnyError::error(format!("bad object key {:?}", k.value())))?;
         let v = v.value();
         let id = id.to_string();
         match kind {
-            "tenant" => { state.tenants.insert(id, serde_json::from_slice(v).map_err(any)?); }
-            "vpc" => { state.vpcs.insert(id, serde_json::from_slice(v).map_err(any)?); }
-            "subnet" => { state.subnets.insert(id, serde_json::from_slice(v).map_err(any)?); }
-            "host" => { state.hosts.insert(id, serde_json::from_slice(v).map_err(any)?); }
-            "port" => { state.ports.insert(id, serde_json::from_slice(v).map_err(any)?); }
-            "security_group" => { state.security_groups.insert(id, serde_json::from_slice(v).map_err(any)?); }
+            "tenant" => {
+                state.tenants.insert(id, serde_json::from_slice(v).map_err(any)?);
+            }
+            "vpc" => {
+                state.vpcs.insert(id, serde_json::from_slice(v).map_err(any)?);
+            }
+            "subnet" => {
+                state.subnets.insert(id, serde_json::from_slice(v).map_err(any)?);
+            }
+            "host" => {
+                state.hosts.insert(id, serde_json::from_slice(v).map_err(any)?);
+            }
+            "port" => {
+                state.ports.insert(id, serde_json::from_slice(v).map_err(any)?);
+            }
+            "security_group" => {
+                state
+                    .security_groups
+                    .insert(id, serde_json::from_slice(v).map_err(any)?);
+            }
             other => return Err(AnyError::error(format!("unknown object kind {other:?} in the store"))),
         }
     }
@@ -167,7 +184,12 @@ impl StateMachine {
 
     fn build(&self, state: &State, revision: u64) -> Result<Vec<u8>, AnyError> {
         let audit = read_audit(&self.db, 0, usize::MAX).map_err(|e| AnyError::error(e.to_string()))?;
-        serde_json::to_vec(&SnapshotData { state: state.clone(), revision, audit }).map_err(any)
+        serde_json::to_vec(&SnapshotData {
+            state: state.clone(),
+            revision,
+            audit,
+        })
+        .map_err(any)
     }
 }
 
@@ -175,7 +197,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, SErr> {
         let shared = self.shared.read().await;
         let applied = self.applied.read().await.clone();
-        let data = self.build(&shared.state, shared.revision).map_err(super::sio::read_state_machine)?;
+        let data = self
+            .build(&shared.state, shared.revision)
+            .map_err(super::sio::read_state_machine)?;
         drop(shared);
         let snapshot_id = format!(
             "{}-{}",
@@ -199,16 +223,17 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         })()
         .map_err(super::sio::write_state_machine)?;
         tracing::info!(revision = applied.revision, bytes = data.len(), "built a snapshot");
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = StateMachine;
 
-    async fn applied_state(
-        &mut self,
-    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>), SErr> {
+    async fn applied_state(&mut self) -> Result<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>), SErr> {
         let a = self.applied.read().await;
         Ok((a.last_applied, a.membership.clone()))
     }
@@ -234,7 +259,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     next_applied.membership = StoredMembership::new(Some(entry.log_id), m);
                     outcomes.push(Outcome::default());
                 }
-                EntryPayload::Normal(Command { actor, time_unix_ms, ops }) => {
+                EntryPayload::Normal(Command {
+                    actor,
+                    time_unix_ms,
+                    ops,
+                }) => {
                     match state.apply_batch(&ops) {
                         Ok(changes) => {
                             next_applied.revision += 1;
@@ -251,10 +280,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                 .cloned()
                                 .collect();
                             digests = new_digests;
-                            audit.push(AuditRecord { revision, actor, time_unix_ms, changes });
-                            outcomes.push(Outcome { revision, hosts: hosts.into_iter().collect(), error: None });
+                            audit.push(AuditRecord {
+                                revision,
+                                actor,
+                                time_unix_ms,
+                                changes,
+                            });
+                            outcomes.push(Outcome {
+                                revision,
+                                hosts: hosts.into_iter().collect(),
+                                error: None,
+                            });
                         }
-                        Err(e) => outcomes.push(Outcome { revision: 0, hosts: vec![], error: Some(e) }),
+                        Err(e) => outcomes.push(Outcome {
+                            revision: 0,
+                            hosts: vec![],
+                            error: Some(e),
+                        }),
                     }
                 }
             }
@@ -322,7 +364,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 let mut objects = tx.open_table(OBJECTS).map_err(any)?;
                 objects.retain(|_, _| false).map_err(any)?;
                 let s = &data.state;
-                let all = s.tenants.keys().map(|k| (Kind::Tenant, k))
+                let all = s
+                    .tenants
+                    .keys()
+                    .map(|k| (Kind::Tenant, k))
                     .chain(s.vpcs.keys().map(|k| (Kind::Vpc, k)))
                     .chain(s.subnets.keys().map(|k| (Kind::Subnet, k)))
                     .chain(s.hosts.keys().map(|k| (Kind::Host, k)))
@@ -330,7 +375,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     .chain(s.security_groups.keys().map(|k| (Kind::SecurityGroup, k)));
                 for (kind, id) in all {
                     let j = object_json(s, kind, id).expect("present");
-                    objects.insert(object_key(kind, id).as_str(), j.as_slice()).map_err(any)?;
+                    objects
+                        .insert(object_key(kind, id).as_str(), j.as_slice())
+                        .map_err(any)?;
                 }
                 let mut a = tx.open_table(AUDIT).map_err(any)?;
                 a.retain(|_, _| false).map_err(any)?;
@@ -364,7 +411,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 return Ok(None);
             };
             let meta: SnapshotMeta<u64, BasicNode> = serde_json::from_slice(m.value()).map_err(any)?;
-            Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(d.value().to_vec())) }))
+            Ok(Some(Snapshot {
+                meta,
+                snapshot: Box::new(Cursor::new(d.value().to_vec())),
+            }))
         })()
         .map_err(super::sio::read_state_machine)
     }

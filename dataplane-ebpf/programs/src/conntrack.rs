@@ -4,8 +4,8 @@
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use dataplane_common::{
     maps::{
-        CtKey, CtValue, PortInfo, CT_F_CLOSING, CT_ORIGIN_OUT, CT_TIMEOUT_CLOSING_NS,
-        CT_TIMEOUT_OTHER_NS, CT_TIMEOUT_TCP_NS, CT_TIMEOUT_UDP_NS,
+        CtKey, CtValue, PortInfo, CT_F_CLOSING, CT_ORIGIN_OUT, CT_TIMEOUT_CLOSING_NS, CT_TIMEOUT_OTHER_NS,
+        CT_TIMEOUT_TCP_NS, CT_TIMEOUT_UDP_NS,
     },
     DropReason, Stat, DIR_EGRESS, DIR_INGRESS, PROTO_TCP, PROTO_UDP,
 };
@@ -38,13 +38,7 @@ fn timeout(proto: u8, flags: u8) -> u64 {
 /// for packets the VM sends. A flow judged under an older policy epoch is
 /// judged again; a flow the rules no longer allow is removed and dropped.
 #[inline(always)]
-pub fn lookup(
-    key: &CtKey,
-    port: &PortInfo,
-    outbound: bool,
-    tcp_flags: u8,
-    len: u32,
-) -> Result<Ct, DropReason> {
+pub fn lookup(key: &CtKey, port: &PortInfo, outbound: bool, tcp_flags: u8, len: u32) -> Result<Ct, DropReason> {
     let Some(p) = CT.get_ptr_mut(key) else {
         return Ok(Ct::New);
     };
@@ -56,10 +50,7 @@ pub fn lookup(
         return Ok(Ct::New);
     }
     // A fresh SYN on a closing TCP entry starts a new connection.
-    if key.proto == PROTO_TCP
-        && v.flags & CT_F_CLOSING != 0
-        && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
-    {
+    if key.proto == PROTO_TCP && v.flags & CT_F_CLOSING != 0 && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
         return Ok(Ct::New);
     }
     if v.epoch != port.epoch {

@@ -6,8 +6,8 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     maps::{
-        AddrIdentity, AddrKey, CtKey, CtValue, PolicyDirKey, PortAddrKey, PortInfo, PrefixLens,
-        RuleKey, CT_MAX, POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, SG_ADDR_MAX, SG_RULES_MAX,
+        AddrIdentity, AddrKey, CtKey, CtValue, PolicyDirKey, PortAddrKey, PortInfo, PrefixLens, RuleKey, CT_MAX,
+        POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, SG_ADDR_MAX, SG_RULES_MAX,
     },
     DropReason, Stat, DROP_REASON_SLOTS, STAT_SLOTS,
 };
@@ -19,8 +19,7 @@ pub static PORTS: HashMap<u32, PortInfo> = HashMap::pinned(PORTS_MAX, 0);
 pub static PORT_ADDRS: HashMap<PortAddrKey, u8> = HashMap::pinned(PORT_ADDRS_MAX, 0);
 
 #[map(name = "SDN_POLICY_PLENS")]
-pub static POLICY_PLENS: HashMap<PolicyDirKey, PrefixLens> =
-    HashMap::pinned(POLICY_PLENS_MAX, 0);
+pub static POLICY_PLENS: HashMap<PolicyDirKey, PrefixLens> = HashMap::pinned(POLICY_PLENS_MAX, 0);
 
 #[map(name = "SDN_SG_ADDR")]
 pub static SG_ADDR: HashMap<AddrKey, AddrIdentity> = HashMap::pinned(SG_ADDR_MAX, 0);

@@ -4,8 +4,7 @@
 
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{
-    DropReason, FAMILY_V4, FAMILY_V6, MAX_IPV6_EXT_HEADERS, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
-    PROTO_UDP,
+    DropReason, FAMILY_V4, FAMILY_V6, MAX_IPV6_EXT_HEADERS, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 };
 
 pub const ETH_HLEN: usize = 14;

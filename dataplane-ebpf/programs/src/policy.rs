@@ -17,7 +17,12 @@ pub fn allowed(port: &PortInfo, dir: u8, family: u8, remote: &[u8; 16], proto: u
     if dir == DIR_EGRESS && port.flags & PORT_F_EGRESS_OPEN != 0 {
         return true;
     }
-    let pk = PolicyDirKey { policy_id: port.policy_id, dir, family, _pad: [0; 2] };
+    let pk = PolicyDirKey {
+        policy_id: port.policy_id,
+        dir,
+        family,
+        _pad: [0; 2],
+    };
     // SAFETY: read-only map value used only within this call.
     let Some(lens) = (unsafe { POLICY_PLENS.get(&pk) }) else {
         return false;
@@ -29,7 +34,14 @@ pub fn allowed(port: &PortInfo, dir: u8, family: u8, remote: &[u8; 16], proto: u
         remote[8], remote[9], remote[10], remote[11], remote[12], remote[13], remote[14], remote[15],
     ]);
     let max_plen: u32 = if family == FAMILY_V4 { 32 } else { 128 };
-    let mut key = AddrKey { policy_id: port.policy_id, dir, family, plen: 0, _pad: 0, addr: [0; 16] };
+    let mut key = AddrKey {
+        policy_id: port.policy_id,
+        dir,
+        family,
+        plen: 0,
+        _pad: 0,
+        addr: [0; 16],
+    };
     let mut word: i32 = 2;
     while word >= 0 {
         let mut bits = lens.bits[(word & 3) as usize];
@@ -88,7 +100,12 @@ fn service_allowed(identity: u32, port_plens: u32, any_proto: u8, proto: u8, svc
         return true;
     }
     let mut bits = port_plens & 0x1ffff;
-    let mut key = RuleKey { identity, proto, port_plen: 0, port: 0 };
+    let mut key = RuleKey {
+        identity,
+        proto,
+        port_plen: 0,
+        port: 0,
+    };
     for _ in 0..17 {
         if bits == 0 {
             break;

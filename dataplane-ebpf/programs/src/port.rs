@@ -44,7 +44,12 @@ fn ifindex(ctx: &TcContext) -> u32 {
 
 #[inline(always)]
 fn owns(ifindex: u32, family: u8, addr: &[u8; 16]) -> bool {
-    let k = PortAddrKey { ifindex, family, _pad: [0; 3], addr: *addr };
+    let k = PortAddrKey {
+        ifindex,
+        family,
+        _pad: [0; 3],
+        addr: *addr,
+    };
     // SAFETY: presence check only.
     unsafe { PORT_ADDRS.get(&k) }.is_some()
 }
@@ -107,12 +112,7 @@ pub fn from_vm(ctx: &TcContext) -> Result<(), DropReason> {
 /// Neighbour discovery and MLD the VM sends: checked for spoofing, never
 /// subject to security groups. `None` means an ordinary ICMPv6 message.
 #[inline(always)]
-fn neighbour_from_vm(
-    ctx: &TcContext,
-    ifx: u32,
-    port: &PortInfo,
-    ip: &Ip,
-) -> Option<Result<(), DropReason>> {
+fn neighbour_from_vm(ctx: &TcContext, ifx: u32, port: &PortInfo, ip: &Ip) -> Option<Result<(), DropReason>> {
     let unspecified = ip.src == [0u8; 16];
     let src_ok = owns(ifx, FAMILY_V6, &ip.src);
     let r = match ip.icmp_type {

@@ -31,29 +31,77 @@ fn sdnctl(cluster: &Cluster, args: &[&str]) -> anyhow::Result<()> {
 /// Prints the matrix; returns how many results differ from the policy.
 fn matrix(topo: &Topology, http_open: bool) -> usize {
     let probe = bin("sdn-probe");
-    let http_why = if http_open { "web: http from anywhere" } else { "web: http closed for maintenance" };
+    let http_why = if http_open {
+        "web: http from anywhere"
+    } else {
+        "web: http closed for maintenance"
+    };
     let cases: [(&str, &str, &str, u16, bool, bool, &str); 10] = [
         ("vm2", "vm1", "tcp", 80, false, http_open, http_why),
         ("vm3", "vm1", "tcp", 80, false, http_open, "same, across hosts"),
         ("vm3", "vm1", "tcp", 80, true, http_open, "same, IPv6 from fd10::/64"),
-        ("vm3", "vm1", "tcp", 81, false, false, "no rule for 81: inbound denied by default"),
-        ("vm2", "vm1", "udp", 5353, false, true, "web: udp 5353 from 10.10.0.0/16"),
+        (
+            "vm3",
+            "vm1",
+            "tcp",
+            81,
+            false,
+            false,
+            "no rule for 81: inbound denied by default",
+        ),
+        (
+            "vm2",
+            "vm1",
+            "udp",
+            5353,
+            false,
+            true,
+            "web: udp 5353 from 10.10.0.0/16",
+        ),
         ("vm3", "vm1", "icmp", 0, false, true, "web: ping"),
         ("vm1", "vm2", "icmp", 0, false, false, "db: no ping rule"),
-        ("vm1", "vm2", "tcp", 5432, false, true, "db: postgres from members of web"),
+        (
+            "vm1",
+            "vm2",
+            "tcp",
+            5432,
+            false,
+            true,
+            "db: postgres from members of web",
+        ),
         ("vm3", "vm2", "tcp", 5432, true, true, "same, IPv6, across hosts"),
-        ("vm2", "vm3", "tcp", 5432, false, false, "vm3 is in web, which has no 5432 rule"),
+        (
+            "vm2",
+            "vm3",
+            "tcp",
+            5432,
+            false,
+            false,
+            "vm3 is in web, which has no 5432 rule",
+        ),
     ];
     let mut wrong = 0;
-    println!("  {:<22} {:<6} {}", "flow", "result", "policy");
+    println!("  {:<22} {:<6} policy", "flow", "result");
     for (from, to, proto, port, v6, want, why) in cases {
         let src = topo.vm(from);
         let dst = topo.vm(to);
         let addr = if v6 { &dst.v6 } else { &dst.v4 };
         let ok = if proto == "icmp" {
-            src.ns.sh(&["ping", if v6 { "-6" } else { "-4" }, "-c", "1", "-W", "1", addr]).is_ok()
+            src.ns
+                .sh(&["ping", if v6 { "-6" } else { "-4" }, "-c", "1", "-W", "1", addr])
+                .is_ok()
         } else {
-            src.ns.sh(&[probe.to_str().unwrap(), "connect", proto, addr, &port.to_string(), "--timeout-ms", "700"]).is_ok()
+            src.ns
+                .sh(&[
+                    probe.to_str().unwrap(),
+                    "connect",
+                    proto,
+                    addr,
+                    &port.to_string(),
+                    "--timeout-ms",
+                    "700",
+                ])
+                .is_ok()
         };
         let flow = format!("{from}->{to} {proto}/{port}{}", if v6 { " v6" } else { "" });
         let mark = if ok == want { "" } else { "   <-- UNEXPECTED" };
@@ -67,9 +115,17 @@ fn matrix(topo: &Topology, http_open: bool) -> usize {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    anyhow::ensure!(privileged(), "the demo needs root: it creates network namespaces and loads eBPF");
-    let examples = std::env::var("SDN_EXAMPLES").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("policies/examples"));
-    anyhow::ensure!(examples.join("security-groups.yaml").exists(), "run from the repository root (policies/examples not found)");
+    anyhow::ensure!(
+        privileged(),
+        "the demo needs root: it creates network namespaces and loads eBPF"
+    );
+    let examples = std::env::var("SDN_EXAMPLES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from("policies/examples"));
+    anyhow::ensure!(
+        examples.join("security-groups.yaml").exists(),
+        "run from the repository root (policies/examples not found)"
+    );
 
     step("topology: hosts h1 and h2 on a routed underlay; vm1, vm2 on h1, vm3 on h2");
     let mut topo = Topology::new("demo", &["h1", "h2"])?;
@@ -78,23 +134,68 @@ async fn main() -> anyhow::Result<()> {
     topo.add_vm("vm3", "h2", "02:00:00:00:00:13", "10.10.0.13", "fd10::13")?;
     let mut cluster = Cluster::start(&topo.dir).context("starting the controller")?;
     cluster.actor = "cloud-platform".into();
-    println!("controller on {} (single-node Raft, redb store in {})", cluster.addr, cluster.data_dir.display());
+    println!(
+        "controller on {} (single-node Raft, redb store in {})",
+        cluster.addr,
+        cluster.data_dir.display()
+    );
 
     step("administrator: sdnctl validate and apply the security groups (policies/examples/security-groups.yaml)");
-    cluster.apply(vec![tenant(T), vpc("portal", T), subnet("portal-a", "portal", "10.10.0.0/24", "fd10::/64")]).await?;
+    cluster
+        .apply(vec![
+            tenant(T),
+            vpc("portal", T),
+            subnet("portal-a", "portal", "10.10.0.0/24", "fd10::/64"),
+        ])
+        .await?;
     let sg = examples.join("security-groups.yaml");
     sdnctl(&cluster, &["validate", "-f", sg.to_str().unwrap()])?;
     sdnctl(&cluster, &["apply", "-f", sg.to_str().unwrap(), "--wait"])?;
 
     step("cloud platform: hosts and ports over gRPC; agents start on h1 and h2");
-    cluster.apply(vec![host("h1", &topo.underlay_ip("h1")), host("h2", &topo.underlay_ip("h2"))]).await?;
+    cluster
+        .apply(vec![
+            host("h1", &topo.underlay_ip("h1")),
+            host("h2", &topo.underlay_ip("h2")),
+        ])
+        .await?;
     cluster.start_agent(&topo, "h1")?;
     cluster.start_agent(&topo, "h2")?;
     let r = cluster
         .apply(vec![
-            port("vm1", T, "portal-a", "h1", "vm1h", "02:00:00:00:00:11", "10.10.0.11", "fd10::11", &["web"]),
-            port("vm2", T, "portal-a", "h1", "vm2h", "02:00:00:00:00:12", "10.10.0.12", "fd10::12", &["db"]),
-            port("vm3", T, "portal-a", "h2", "vm3h", "02:00:00:00:00:13", "10.10.0.13", "fd10::13", &["web"]),
+            port(
+                "vm1",
+                T,
+                "portal-a",
+                "h1",
+                "vm1h",
+                "02:00:00:00:00:11",
+                "10.10.0.11",
+                "fd10::11",
+                &["web"],
+            ),
+            port(
+                "vm2",
+                T,
+                "portal-a",
+                "h1",
+                "vm2h",
+                "02:00:00:00:00:12",
+                "10.10.0.12",
+                "fd10::12",
+                &["db"],
+            ),
+            port(
+                "vm3",
+                T,
+                "portal-a",
+                "h2",
+                "vm3h",
+                "02:00:00:00:00:13",
+                "10.10.0.13",
+                "fd10::13",
+                &["web"],
+            ),
         ])
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
@@ -102,7 +203,13 @@ async fn main() -> anyhow::Result<()> {
     let mut servers = Vec::new();
     for vm in ["vm1", "vm2", "vm3"] {
         let ns = topo.vm(vm).ns.name.clone();
-        servers.push(Proc::spawn(&format!("probe-{vm}"), Some(&ns), &bin("sdn-probe"), &["serve", "--tcp", "80", "--tcp", "81", "--tcp", "5432", "--udp", "5353"], &topo.dir)?);
+        servers.push(Proc::spawn(
+            &format!("probe-{vm}"),
+            Some(&ns),
+            &bin("sdn-probe"),
+            &["serve", "--tcp", "80", "--tcp", "81", "--tcp", "5432", "--udp", "5353"],
+            &topo.dir,
+        )?);
     }
     std::thread::sleep(Duration::from_millis(300));
 
@@ -121,8 +228,13 @@ async fn main() -> anyhow::Result<()> {
     step("a forged source address from vm2 is dropped by anti-spoofing");
     let vm2 = &topo.vm("vm2").ns;
     vm2.sh(&["ip", "addr", "add", "10.10.0.99/32", "dev", "eth0"])?;
-    let forged = vm2.sh(&["ping", "-c", "1", "-W", "1", "-I", "10.10.0.99", "10.10.0.11"]).is_ok();
-    println!("  ping from 10.10.0.99 (not vm2's): {}", if forged { "PASS   <-- UNEXPECTED" } else { "DROP" });
+    let forged = vm2
+        .sh(&["ping", "-c", "1", "-W", "1", "-I", "10.10.0.99", "10.10.0.11"])
+        .is_ok();
+    println!(
+        "  ping from 10.10.0.99 (not vm2's): {}",
+        if forged { "PASS   <-- UNEXPECTED" } else { "DROP" }
+    );
     wrong += forged as usize;
 
     step("drop counters on h1, by reason");

@@ -117,7 +117,11 @@ fn connect(proto: &str, addr: &str, port: u16, timeout: Duration) -> Result<(), 
             Ok(())
         }
         "udp" => {
-            let local: SocketAddr = if ip.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
+            let local: SocketAddr = if ip.is_ipv4() {
+                "0.0.0.0:0".parse().unwrap()
+            } else {
+                "[::]:0".parse().unwrap()
+            };
             let s = UdpSocket::bind(local).map_err(|e| format!("error: {e}"))?;
             s.set_read_timeout(Some(timeout)).ok();
             s.send_to(b"probe", sa).map_err(|e| format!("error: {e}"))?;
@@ -134,7 +138,8 @@ fn connect(proto: &str, addr: &str, port: u16, timeout: Duration) -> Result<(), 
 
 fn hold(addr: &str, port: u16, seconds: u64, interval: Duration) -> Result<u64, String> {
     let ip: std::net::IpAddr = addr.parse().map_err(|_| format!("bad address {addr}"))?;
-    let mut s = TcpStream::connect_timeout(&SocketAddr::new(ip, port), Duration::from_secs(2)).map_err(|e| format!("connect: {e}"))?;
+    let mut s = TcpStream::connect_timeout(&SocketAddr::new(ip, port), Duration::from_secs(2))
+        .map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(Duration::from_millis(500))).ok();
     let end = Instant::now() + Duration::from_secs(seconds);
     let (mut ok, mut failed) = (0u64, 0u64);
@@ -150,14 +155,24 @@ fn hold(addr: &str, port: u16, seconds: u64, interval: Duration) -> Result<u64, 
         std::thread::sleep(interval);
     }
     println!("exchanges ok={ok} failed={failed}");
-    if failed == 0 { Ok(ok) } else { Err(format!("{failed} exchanges failed")) }
+    if failed == 0 {
+        Ok(ok)
+    } else {
+        Err(format!("{failed} exchanges failed"))
+    }
 }
 
 fn flood(addr: &str, port: u16, seconds: u64, flows: usize, payload: usize) -> std::io::Result<u64> {
     let ip: std::net::IpAddr = addr.parse().map_err(|_| std::io::Error::other("bad address"))?;
     let dst = SocketAddr::new(ip, port);
-    let local: SocketAddr = if ip.is_ipv4() { "0.0.0.0:0".parse().unwrap() } else { "[::]:0".parse().unwrap() };
-    let socks: Vec<UdpSocket> = (0..flows.max(1)).map(|_| UdpSocket::bind(local)).collect::<Result<_, _>>()?;
+    let local: SocketAddr = if ip.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let socks: Vec<UdpSocket> = (0..flows.max(1))
+        .map(|_| UdpSocket::bind(local))
+        .collect::<Result<_, _>>()?;
     for s in &socks {
         s.connect(dst)?;
     }
@@ -185,7 +200,12 @@ fn main() {
                 1
             }
         },
-        Cmd::Connect { proto, addr, port, timeout_ms } => match connect(&proto, &addr, port, Duration::from_millis(timeout_ms)) {
+        Cmd::Connect {
+            proto,
+            addr,
+            port,
+            timeout_ms,
+        } => match connect(&proto, &addr, port, Duration::from_millis(timeout_ms)) {
             Ok(()) => {
                 println!("ok");
                 0
@@ -195,7 +215,13 @@ fn main() {
                 1
             }
         },
-        Cmd::Flood { addr, port, seconds, flows, payload } => match flood(&addr, port, seconds, flows, payload) {
+        Cmd::Flood {
+            addr,
+            port,
+            seconds,
+            flows,
+            payload,
+        } => match flood(&addr, port, seconds, flows, payload) {
             Ok(n) => {
                 println!("{n}");
                 0
@@ -205,7 +231,12 @@ fn main() {
                 1
             }
         },
-        Cmd::Hold { addr, port, seconds, interval_ms } => match hold(&addr, port, seconds, Duration::from_millis(interval_ms)) {
+        Cmd::Hold {
+            addr,
+            port,
+            seconds,
+            interval_ms,
+        } => match hold(&addr, port, seconds, Duration::from_millis(interval_ms)) {
             Ok(_) => 0,
             Err(e) => {
                 eprintln!("hold: {e}");
