@@ -1,6 +1,7 @@
 //! The controller: provisioning API, replicated store, per-host slices,
 //! watch fan-out and audit.
 
+pub mod cluster;
 pub mod convert;
 pub mod enforcement;
 pub mod service;

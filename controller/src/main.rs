@@ -6,8 +6,13 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use clap::Parser;
-use sdn_controller::{enforcement::Enforcement, service::Controller, slice, store::Store};
-use sdn_proto::v1::{agent_server::AgentServer, provisioning_server::ProvisioningServer};
+use sdn_controller::cluster::{ClusterService, RaftService};
+use sdn_controller::store::{Start, Store};
+use sdn_controller::{enforcement::Enforcement, service::Controller, slice};
+use sdn_proto::v1::{
+    agent_server::AgentServer, cluster_server::ClusterServer, provisioning_server::ProvisioningServer,
+    raft_server::RaftServer,
+};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 
 #[derive(Parser, Debug)]
@@ -25,6 +30,13 @@ struct Args {
     /// Unix socket to serve on as well (agents in other network namespaces use it).
     #[arg(long)]
     listen_unix: Option<PathBuf>,
+    /// Address other replicas reach this one at (default: http://LISTEN).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Do not bootstrap a new cluster: wait to be added to an existing one
+    /// (`sdnctl cluster add-learner`).
+    #[arg(long)]
+    join: bool,
 }
 
 #[tokio::main]
@@ -37,7 +49,12 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    let store = Store::open(&args.data_dir, args.node_id, &args.listen, slice::host_digests)
+    let advertise = args
+        .advertise
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", args.listen));
+    let start = if args.join { Start::Join } else { Start::Bootstrap };
+    let store = Store::open(&args.data_dir, args.node_id, &advertise, slice::host_digests, start)
         .await
         .with_context(|| format!("opening the store in {}", args.data_dir.display()))?;
     let ctl = Controller {
@@ -53,6 +70,8 @@ async fn main() -> anyhow::Result<()> {
         tonic::transport::Server::builder()
             .add_service(ProvisioningServer::new(ctl.clone()))
             .add_service(AgentServer::new(ctl.clone()))
+            .add_service(RaftServer::new(RaftService { store: store.clone() }))
+            .add_service(ClusterServer::new(ClusterService { store: store.clone() }))
     };
     let shutdown = async {
         let mut term =

@@ -26,10 +26,42 @@ pub struct Controller {
 
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 const MAX_BATCH: usize = 10_000;
+/// Set on requests a follower forwards, so they are never forwarded twice.
+const FORWARDED: &str = "sdn-forwarded";
+
+fn forwarded<T>(req: &Request<T>) -> bool {
+    req.metadata().get(FORWARDED).is_some()
+}
+
+fn mark<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert(FORWARDED, "1".parse().expect("ascii"));
+    r
+}
+
+async fn leader_client(
+    addr: &str,
+) -> Result<pb::provisioning_client::ProvisioningClient<tonic::transport::Channel>, Status> {
+    let ch = tokio::time::timeout(Duration::from_secs(2), sdn_proto::connect(addr))
+        .await
+        .map_err(|_| Status::unavailable(format!("forwarding to the leader at {addr}: connect timed out")))?
+        .map_err(|e| Status::unavailable(format!("forwarding to the leader at {addr}: {e}")))?;
+    Ok(pb::provisioning_client::ProvisioningClient::new(ch))
+}
+
+/// Where a request that this replica cannot serve should go.
+fn not_leader(leader: Option<String>, already_forwarded: bool) -> Result<String, Status> {
+    match leader {
+        _ if already_forwarded => Err(Status::unavailable("leadership moved while forwarding; retry")),
+        Some(addr) => Ok(addr),
+        None => Err(Status::unavailable("no leader is elected yet; retry")),
+    }
+}
 
 #[tonic::async_trait]
 impl pb::provisioning_server::Provisioning for Controller {
     async fn apply(&self, req: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        let was_forwarded = forwarded(&req);
         let req = req.into_inner();
         if req.operations.len() > MAX_BATCH {
             return Err(Status::invalid_argument(format!(
@@ -43,10 +75,16 @@ impl pb::provisioning_server::Provisioning for Controller {
         } else {
             req.actor.clone()
         };
-        let outcome = self.store.write(&actor, ops).await.map_err(|e| match e {
-            WriteError::Invalid(b) => Status::invalid_argument(b.to_string()),
-            WriteError::Raft(m) => Status::unavailable(m),
-        })?;
+        let outcome = match self.store.write(&actor, ops).await {
+            Ok(o) => o,
+            Err(WriteError::Invalid(b)) => return Err(Status::invalid_argument(b.to_string())),
+            Err(WriteError::Raft(m)) => return Err(Status::unavailable(m)),
+            Err(WriteError::NotLeader(leader)) => {
+                let addr = not_leader(leader, was_forwarded)?;
+                tracing::debug!(leader = %addr, "forwarding a write to the leader");
+                return leader_client(&addr).await?.apply(mark(req)).await;
+            }
+        };
         tracing::info!(revision = outcome.revision, actor = %actor, hosts = ?outcome.hosts, "applied batch");
         let mut enforced = false;
         if req.wait {
@@ -80,6 +118,7 @@ impl pb::provisioning_server::Provisioning for Controller {
     }
 
     async fn list(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
+        let was_forwarded = forwarded(&req);
         let req = req.into_inner();
         let kind = if req.kind == 0 {
             None
@@ -89,7 +128,16 @@ impl pb::provisioning_server::Provisioning for Controller {
                     .ok_or_else(|| Status::invalid_argument(format!("kind: unknown kind {}", req.kind)))?,
             )
         };
-        self.store.linearizable().await.map_err(Status::unavailable)?;
+        if !req.stale {
+            match self.store.linearizable().await {
+                Ok(()) => {}
+                Err(WriteError::NotLeader(leader)) => {
+                    let addr = not_leader(leader, was_forwarded)?;
+                    return leader_client(&addr).await?.list(mark(req)).await;
+                }
+                Err(e) => return Err(Status::unavailable(e.to_string())),
+            }
+        }
         let shared = self.store.shared.read().await;
         let s = &shared.state;
         use sdn_policies::Kind as K;
@@ -151,12 +199,21 @@ impl pb::provisioning_server::Provisioning for Controller {
     }
 
     async fn audit(&self, req: Request<pb::AuditRequest>) -> Result<Response<pb::AuditResponse>, Status> {
+        let was_forwarded = forwarded(&req);
         let req = req.into_inner();
         let limit = match req.limit {
             0 => 100,
             n if n > 10_000 => return Err(Status::invalid_argument(format!("limit: {n} is above 10000"))),
             n => n as usize,
         };
+        match self.store.linearizable().await {
+            Ok(()) => {}
+            Err(WriteError::NotLeader(leader)) => {
+                let addr = not_leader(leader, was_forwarded)?;
+                return leader_client(&addr).await?.audit(mark(req)).await;
+            }
+            Err(e) => return Err(Status::unavailable(e.to_string())),
+        }
         let records = self
             .store
             .audit(req.after_revision, limit)
@@ -174,8 +231,13 @@ impl pb::provisioning_server::Provisioning for Controller {
 
     async fn enforcement(
         &self,
-        _req: Request<pb::EnforcementRequest>,
+        req: Request<pb::EnforcementRequest>,
     ) -> Result<Response<pb::EnforcementResponse>, Status> {
+        // Agents' acks gather on the leader: ask it.
+        if !self.store.is_leader() {
+            let addr = not_leader(self.store.leader().map(|l| l.1), forwarded(&req))?;
+            return leader_client(&addr).await?.enforcement(mark(req.into_inner())).await;
+        }
         let shared = self.store.shared.read().await;
         let status = self.enforcement.status();
         let hosts = shared
@@ -251,6 +313,7 @@ impl pb::agent_server::Agent for Controller {
     }
 
     async fn ack(&self, req: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
+        let forwarded_ack = forwarded(&req);
         let req = req.into_inner();
         if req.host_id.is_empty() {
             return Err(Status::invalid_argument("host_id: must not be empty"));
@@ -259,7 +322,27 @@ impl pb::agent_server::Agent for Controller {
             self.enforcement.ack(&req.host_id, req.revision);
         } else {
             tracing::warn!(host = %req.host_id, revision = req.revision, reason = %req.reason, "agent refused a revision");
-            self.enforcement.nack(&req.host_id, req.revision, req.reason);
+            self.enforcement.nack(&req.host_id, req.revision, req.reason.clone());
+        }
+        // Waiting writers wait on the leader: pass the answer on.
+        if !self.store.is_leader() && !forwarded_ack {
+            if let Some((_, addr)) = self.store.leader() {
+                tokio::spawn(async move {
+                    let r = async {
+                        let ch = sdn_proto::connect(&addr).await.map_err(|e| e.to_string())?;
+                        pb::agent_client::AgentClient::new(ch)
+                            .ack(mark(req))
+                            .await
+                            .map_err(|e| e.to_string())
+                    };
+                    let r = tokio::time::timeout(Duration::from_secs(2), r)
+                        .await
+                        .unwrap_or(Err("timed out".into()));
+                    if let Err(e) = r {
+                        tracing::debug!(leader = %addr, error = %e, "passing an ack to the leader failed");
+                    }
+                });
+            }
         }
         Ok(Response::new(pb::AckResponse {}))
     }

@@ -185,7 +185,11 @@ async fn bad_requests_are_refused_whole_and_named() {
         eprintln!("refused: {}", e.message());
     }
     let mut c = cluster.client().await.unwrap();
-    let all = c.list(pb::ListRequest { kind: 0 }).await.unwrap().into_inner();
+    let all = c
+        .list(pb::ListRequest { kind: 0, stale: false })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(all.revision, 1, "no refused batch was applied");
     assert_eq!(all.tenants.len(), 1, "the good half of a refused batch was not applied");
 
@@ -201,7 +205,7 @@ async fn bad_requests_are_refused_whole_and_named() {
         (e.code(), e.message()),
         (Code::InvalidArgument, "operations[0]: no operation set")
     );
-    let e = c.list(pb::ListRequest { kind: 42 }).await.unwrap_err();
+    let e = c.list(pb::ListRequest { kind: 42, stale: false }).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     let e = c.apply(pb::ApplyRequest::default()).await.unwrap_err();
     assert!(e.message().contains("empty"), "{e:?}");
@@ -239,7 +243,11 @@ async fn bad_requests_are_refused_whole_and_named() {
     assert!(e.message().contains("host_id"));
 
     assert!(cluster.controller.alive(), "the controller survived");
-    let after = c.list(pb::ListRequest { kind: 0 }).await.unwrap().into_inner();
+    let after = c
+        .list(pb::ListRequest { kind: 0, stale: false })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(after.revision, 1);
     drop(cluster);
     let _ = std::fs::remove_dir_all(&dir);

@@ -358,6 +358,7 @@ async fn restarts_keep_state_and_flows() {
     let list = c
         .list(pb::ListRequest {
             kind: pb::Kind::Port as i32,
+            stale: false,
         })
         .await
         .unwrap()

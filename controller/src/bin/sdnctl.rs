@@ -44,6 +44,22 @@ impl KindArg {
 }
 
 #[derive(Subcommand)]
+enum ClusterCmd {
+    /// Show the members, the leader and each replica's progress.
+    Status,
+    /// Add a replica as a learner (it must run with --join and an empty data directory).
+    AddLearner {
+        node_id: u64,
+        /// Its address, e.g. http://10.0.0.2:7070.
+        addr: String,
+    },
+    /// Make a learner a voter.
+    Promote { node_id: u64 },
+    /// Remove a member (refused if the remaining voters could not form a quorum).
+    Remove { node_id: u64 },
+}
+
+#[derive(Subcommand)]
 enum Cmd {
     /// Check manifests without a controller. Exit code 1 on the first error.
     Validate {
@@ -74,8 +90,16 @@ enum Cmd {
         #[arg(long, env = "SDN_ACTOR", default_value = "sdnctl")]
         actor: String,
     },
-    /// List objects as JSON.
-    Get { kind: Option<KindArg> },
+    /// List objects. Reads are linearizable unless --stale.
+    Get {
+        kind: Option<KindArg>,
+        /// Answer from the contacted replica's own state, which may lag.
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Controller cluster membership.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// Print audit records.
     Audit {
         #[arg(long, default_value_t = 0)]
@@ -190,11 +214,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             apply(&cli.controller, vec![op], wait, 30, actor).await?;
         }
-        Cmd::Get { kind } => {
+        Cmd::Cluster(c) => cluster(&cli.controller, c).await?,
+        Cmd::Get { kind, stale } => {
             let mut c = client(&cli.controller).await?;
             let r = c
                 .list(pb::ListRequest {
                     kind: kind.map(|k| k.pb() as i32).unwrap_or(0),
+                    stale,
                 })
                 .await
                 .map_err(status_err)?
@@ -269,5 +295,47 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn print_status(s: &pb::ClusterStatus) {
+    println!(
+        "cluster {} | answered by node {} | leader {} | term {} | revision {} | applied {} | snapshot {}",
+        s.cluster_id,
+        s.node_id,
+        if s.leader_id == 0 {
+            "none".to_string()
+        } else {
+            s.leader_id.to_string()
+        },
+        s.term,
+        s.revision,
+        s.last_applied,
+        s.snapshot_index
+    );
+    for m in &s.members {
+        let role = if m.voter { "voter" } else { "learner" };
+        let lead = if m.node_id == s.leader_id { " (leader)" } else { "" };
+        println!(
+            "  node {} {role}{lead} {} matched={}",
+            m.node_id, m.addr, m.matched_index
+        );
+    }
+}
+
+async fn cluster(addr: &str, cmd: ClusterCmd) -> anyhow::Result<()> {
+    let ch = sdn_proto::connect(addr)
+        .await
+        .with_context(|| format!("connecting to the controller at {addr}"))?;
+    let mut c = pb::cluster_client::ClusterClient::new(ch);
+    let s = match cmd {
+        ClusterCmd::Status => c.status(pb::ClusterStatusRequest {}).await,
+        ClusterCmd::AddLearner { node_id, addr } => c.add_learner(pb::AddLearnerRequest { node_id, addr }).await,
+        ClusterCmd::Promote { node_id } => c.promote(pb::MemberRequest { node_id }).await,
+        ClusterCmd::Remove { node_id } => c.remove(pb::MemberRequest { node_id }).await,
+    }
+    .map_err(status_err)?
+    .into_inner();
+    print_status(&s);
     Ok(())
 }

@@ -5,7 +5,7 @@
 //! (`sdn_policies::State`), the revision, and the audit log.
 
 mod log_store;
-mod network;
+pub mod network;
 mod state_machine;
 
 use std::collections::BTreeMap;
@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use openraft::{BasicNode, Config, Raft};
-use redb::Database;
+use redb::{Database, ReadableTable};
 use sdn_policies::{BatchError, Op, State};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, RwLock};
@@ -72,6 +72,10 @@ pub struct Store {
     pub shared: Arc<RwLock<Shared>>,
     /// Carries the latest revision; the watch fan-out waits on it.
     pub revisions: watch::Receiver<u64>,
+    /// This replica's node id.
+    pub node_id: u64,
+    /// The cluster this replica belongs to (None until it joins one).
+    pub cluster_id: network::ClusterId,
     db: Arc<Database>,
 }
 
@@ -80,23 +84,70 @@ pub struct Store {
 pub enum WriteError {
     #[error("{0}")]
     Invalid(BatchError),
+    /// This replica is not the leader; the leader's address when known.
+    #[error("not the leader")]
+    NotLeader(Option<String>),
     #[error("the store cannot commit: {0}")]
     Raft(String),
 }
 
+/// How a replica starts when its data directory holds no cluster yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Become a one-member cluster (the embedded default, or the first
+    /// replica of a new cluster).
+    Bootstrap,
+    /// Wait to be added to an existing cluster as a learner.
+    Join,
+}
+
+const CLUSTER_META: redb::TableDefinition<&str, &str> = redb::TableDefinition::new("cluster");
+
+fn new_cluster_id(node_id: u64) -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let seed = format!("{t}-{}-{node_id}", std::process::id());
+    format!("{:016x}", crate::slice::fnv1a(seed.as_bytes()))
+}
+
 impl Store {
     /// Opens (or creates) the store in `dir` and starts the Raft node.
-    /// A new store initialises itself as a one-member cluster.
-    pub async fn open(dir: &Path, node_id: u64, addr: &str, digest: DigestFn) -> anyhow::Result<Store> {
+    pub async fn open(dir: &Path, node_id: u64, addr: &str, digest: DigestFn, start: Start) -> anyhow::Result<Store> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
         let path = dir.join("store.redb");
         let db = Arc::new(Database::create(&path).with_context(|| format!("opening {}", path.display()))?);
+        let stored_id = {
+            let tx = db.begin_write()?;
+            let id = {
+                let t = tx.open_table(CLUSTER_META)?;
+                let node = t.get("node_id")?.map(|v| v.value().to_string());
+                if let Some(n) = node {
+                    if n != node_id.to_string() {
+                        anyhow::bail!(
+                            "{} holds the data of node {n}, not node {node_id}; start with --node-id {n} or use another --data-dir",
+                            dir.display()
+                        );
+                    }
+                }
+                let id = t.get("cluster_id")?.map(|v| v.value().to_string());
+                id
+            };
+            {
+                let mut t = tx.open_table(CLUSTER_META)?;
+                t.insert("node_id", node_id.to_string().as_str())?;
+            }
+            tx.commit()?;
+            id
+        };
+        let cluster_id: network::ClusterId = Arc::new(std::sync::RwLock::new(stored_id.clone()));
         let (rev_tx, rev_rx) = watch::channel(0);
         let shared = Arc::new(RwLock::new(Shared::default()));
-        let log = log_store::LogStore::open(db.clone()).context("opening the Raft log")?;
+        let log = log_store::LogStore::open(db.clone()).map_err(|e| anyhow::anyhow!("opening the Raft log: {e}"))?;
         let sm = state_machine::StateMachine::open(db.clone(), shared.clone(), rev_tx, digest)
             .await
-            .context("opening the state machine")?;
+            .map_err(|e| anyhow::anyhow!("opening the state machine: {e}"))?;
         let config = Config {
             cluster_name: "sdn".into(),
             heartbeat_interval: 100,
@@ -107,23 +158,70 @@ impl Store {
             ..Default::default()
         };
         let config = Arc::new(config.validate().context("Raft configuration")?);
-        let raft = Raft::new(node_id, config, network::Network, log, sm)
+        let net = network::Network {
+            cluster_id: cluster_id.clone(),
+        };
+        let raft = Raft::new(node_id, config, net, log, sm)
             .await
             .context("starting Raft")?;
-        if !raft.is_initialized().await.context("reading Raft state")? {
-            let mut members = std::collections::BTreeMap::new();
-            members.insert(node_id, BasicNode { addr: addr.to_string() });
-            raft.initialize(members)
-                .await
-                .context("initialising the one-member cluster")?;
-            tracing::info!(node_id, "initialised a new one-member cluster");
-        }
-        Ok(Store {
+        let store = Store {
             raft,
             shared,
             revisions: rev_rx,
+            node_id,
+            cluster_id,
             db,
-        })
+        };
+        if !store.raft.is_initialized().await.context("reading Raft state")? {
+            match start {
+                Start::Bootstrap => {
+                    let id = stored_id.unwrap_or_else(|| new_cluster_id(node_id));
+                    store.set_cluster_id(&id)?;
+                    let mut members = std::collections::BTreeMap::new();
+                    members.insert(node_id, BasicNode { addr: addr.to_string() });
+                    store
+                        .raft
+                        .initialize(members)
+                        .await
+                        .context("initialising the one-member cluster")?;
+                    tracing::info!(node_id, cluster_id = %id, "bootstrapped a new cluster");
+                }
+                Start::Join => tracing::info!(node_id, "waiting to be added to a cluster"),
+            }
+        } else {
+            tracing::info!(node_id, cluster_id = ?store.cluster_id(), "rejoined the cluster from the data directory");
+        }
+        Ok(store)
+    }
+
+    /// The cluster id, once known.
+    pub fn cluster_id(&self) -> Option<String> {
+        self.cluster_id.read().expect("cluster id lock").clone()
+    }
+
+    /// Records the cluster this replica belongs to (durably).
+    pub fn set_cluster_id(&self, id: &str) -> anyhow::Result<()> {
+        let tx = self.db.begin_write()?;
+        {
+            let mut t = tx.open_table(CLUSTER_META)?;
+            t.insert("cluster_id", id)?;
+        }
+        tx.commit()?;
+        *self.cluster_id.write().expect("cluster id lock") = Some(id.to_string());
+        Ok(())
+    }
+
+    /// The current leader's id and address, as this replica knows them.
+    pub fn leader(&self) -> Option<(u64, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id).map(|n| n.addr.clone())?;
+        Some((id, addr))
+    }
+
+    /// Whether this replica is the leader.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.node_id)
     }
 
     /// Proposes a batch and waits until it is committed and applied.
@@ -149,7 +247,10 @@ impl Store {
             .raft
             .client_write(cmd)
             .await
-            .map_err(|e| WriteError::Raft(e.to_string()))?;
+            .map_err(|e| match e.forward_to_leader() {
+                Some(f) => WriteError::NotLeader(f.leader_node.as_ref().map(|n: &BasicNode| n.addr.clone())),
+                None => WriteError::Raft(e.to_string()),
+            })?;
         let outcome = resp.data;
         if let Some(e) = outcome.error.clone() {
             return Err(WriteError::Invalid(e));
@@ -158,12 +259,15 @@ impl Store {
     }
 
     /// Waits until reads on this node see every write committed before the call.
-    pub async fn linearizable(&self) -> Result<(), String> {
+    pub async fn linearizable(&self) -> Result<(), WriteError> {
         self.raft
             .ensure_linearizable()
             .await
             .map(|_| ())
-            .map_err(|e| e.to_string())
+            .map_err(|e| match e.forward_to_leader() {
+                Some(f) => WriteError::NotLeader(f.leader_node.as_ref().map(|n: &BasicNode| n.addr.clone())),
+                None => WriteError::Raft(e.to_string()),
+            })
     }
 
     /// Audit records with a revision above `after`, at most `limit`.

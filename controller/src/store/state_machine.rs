@@ -25,6 +25,9 @@ const SNAPSHOT: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshot");
 
 type SErr = StorageError<u64>;
 
+/// Audit records kept; older ones are trimmed so the disk stays bounded.
+pub const AUDIT_KEEP: u64 = 100_000;
+
 fn any<E: std::error::Error + 'static>(e: E) -> AnyError {
     AnyError::new(&e)
 }
@@ -321,6 +324,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 for r in &audit {
                     let j = serde_json::to_vec(r).map_err(any)?;
                     a.insert(r.revision, j.as_slice()).map_err(any)?;
+                }
+                if let Some(last) = audit.last() {
+                    if last.revision > AUDIT_KEEP {
+                        let cut = last.revision - AUDIT_KEEP;
+                        a.retain_in(..=cut, |_, _| false).map_err(any)?;
+                    }
                 }
                 let mut m = tx.open_table(SM_META).map_err(any)?;
                 m.insert("applied", applied_bytes.as_slice()).map_err(any)?;

@@ -1,0 +1,327 @@
+//! The replicas' side of clustering: the `Raft` service that carries
+//! replication between them, and the `Cluster` service administrators use to
+//! change membership.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use openraft::{BasicNode, ChangeMembers};
+use sdn_proto::v1 as pb;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::{Request, Response, Status};
+
+use crate::store::Store;
+
+/// Serves Raft messages from peers.
+#[derive(Clone)]
+pub struct RaftService {
+    pub store: Store,
+}
+
+impl RaftService {
+    /// Refuses messages from another cluster; a replica that has not joined
+    /// any cluster yet adopts the sender's.
+    fn check_cluster(&self, theirs: &str) -> Result<(), Status> {
+        if theirs.is_empty() {
+            return Err(Status::failed_precondition("cluster_id: missing"));
+        }
+        match self.store.cluster_id() {
+            Some(ours) if ours == theirs => Ok(()),
+            Some(ours) => Err(Status::failed_precondition(format!(
+                "this replica belongs to cluster {ours}; refusing a message from cluster {theirs}"
+            ))),
+            None => {
+                self.store
+                    .set_cluster_id(theirs)
+                    .map_err(|e| Status::internal(format!("recording the cluster id: {e:#}")))?;
+                tracing::info!(cluster_id = theirs, "joined cluster");
+                Ok(())
+            }
+        }
+    }
+
+    fn decode<T: DeserializeOwned>(msg: &pb::RaftMessage) -> Result<T, Status> {
+        serde_json::from_slice(&msg.json)
+            .map_err(|e| Status::invalid_argument(format!("json: not a valid Raft message: {e}")))
+    }
+
+    fn encode<T: Serialize>(&self, v: &T) -> Result<Response<pb::RaftMessage>, Status> {
+        let json = serde_json::to_vec(v).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(pb::RaftMessage {
+            cluster_id: self.store.cluster_id().unwrap_or_default(),
+            json,
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::raft_server::Raft for RaftService {
+    async fn append_entries(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        let msg = req.into_inner();
+        self.check_cluster(&msg.cluster_id)?;
+        let r = self.store.raft.append_entries(Self::decode(&msg)?).await;
+        self.encode(&r)
+    }
+
+    async fn install_snapshot(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        let msg = req.into_inner();
+        self.check_cluster(&msg.cluster_id)?;
+        let r = self.store.raft.install_snapshot(Self::decode(&msg)?).await;
+        self.encode(&r)
+    }
+
+    async fn vote(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        let msg = req.into_inner();
+        self.check_cluster(&msg.cluster_id)?;
+        let r = self.store.raft.vote(Self::decode(&msg)?).await;
+        self.encode(&r)
+    }
+}
+
+/// Membership administration.
+#[derive(Clone)]
+pub struct ClusterService {
+    pub store: Store,
+}
+
+async fn cluster_client(addr: &str) -> Result<pb::cluster_client::ClusterClient<tonic::transport::Channel>, Status> {
+    let ch = tokio::time::timeout(Duration::from_secs(2), sdn_proto::connect(addr))
+        .await
+        .map_err(|_| Status::unavailable(format!("connecting to {addr}: timed out")))?
+        .map_err(|e| Status::unavailable(format!("connecting to {addr}: {e}")))?;
+    Ok(pb::cluster_client::ClusterClient::new(ch))
+}
+
+/// Asks a replica for its status, with a short deadline.
+async fn probe(addr: &str) -> Result<pb::ClusterStatus, Status> {
+    let mut c = cluster_client(addr).await?;
+    tokio::time::timeout(Duration::from_secs(1), c.status(pb::ClusterStatusRequest {}))
+        .await
+        .map_err(|_| Status::unavailable(format!("{addr}: no answer within 1s")))?
+        .map(|r| r.into_inner())
+}
+
+impl ClusterService {
+    fn status_now(&self) -> pb::ClusterStatus {
+        let m = self.store.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let matched = m.replication.clone().unwrap_or_default();
+        let members = membership
+            .nodes()
+            .map(|(id, node)| pb::Member {
+                node_id: *id,
+                addr: node.addr.clone(),
+                voter: voters.contains(id),
+                matched_index: matched.get(id).cloned().flatten().map(|l| l.index).unwrap_or(0),
+            })
+            .collect();
+        let revision = self.store.revisions.borrow().to_owned();
+        pb::ClusterStatus {
+            cluster_id: self.store.cluster_id().unwrap_or_default(),
+            node_id: self.store.node_id,
+            leader_id: m.current_leader.unwrap_or(0),
+            term: m.current_term,
+            last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            members,
+            revision,
+            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            purged_index: m.purged.map(|l| l.index).unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0),
+        }
+    }
+
+    /// Runs `f` here if this replica leads, else forwards to the leader.
+    async fn on_leader<'a, F, Fut>(&'a self, forward: F) -> Result<Option<pb::ClusterStatus>, Status>
+    where
+        F: FnOnce(pb::cluster_client::ClusterClient<tonic::transport::Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<pb::ClusterStatus, Status>>,
+    {
+        if self.store.is_leader() {
+            return Ok(None);
+        }
+        let Some((_, addr)) = self.store.leader() else {
+            return Err(Status::unavailable("no leader is elected yet; retry"));
+        };
+        let c = cluster_client(&addr).await?;
+        forward(c).await.map(Some)
+    }
+
+    fn voters(&self) -> BTreeSet<u64> {
+        self.store
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect()
+    }
+
+    fn node_addr(&self, id: u64) -> Option<String> {
+        self.store
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|n| n.addr.clone())
+    }
+
+    /// Refuses a voter set whose reachable members could not form a quorum.
+    async fn check_quorum(&self, new_voters: &BTreeSet<u64>) -> Result<(), Status> {
+        if new_voters.is_empty() {
+            return Err(Status::failed_precondition("the change would leave no voter"));
+        }
+        let mut reachable = Vec::new();
+        let mut unreachable = Vec::new();
+        for id in new_voters {
+            if *id == self.store.node_id {
+                reachable.push(*id);
+                continue;
+            }
+            let ok = match self.node_addr(*id) {
+                Some(addr) => probe(&addr).await.is_ok(),
+                None => false,
+            };
+            if ok {
+                reachable.push(*id)
+            } else {
+                unreachable.push(*id)
+            }
+        }
+        let quorum = new_voters.len() / 2 + 1;
+        if reachable.len() < quorum {
+            return Err(Status::failed_precondition(format!(
+                "the change would lose quorum: the new voters {new_voters:?} need {quorum} reachable, but only {reachable:?} answer ({unreachable:?} do not)"
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn raft_status<E: std::fmt::Display>(what: &str, e: E) -> Status {
+    Status::unavailable(format!("{what}: {e}"))
+}
+
+#[tonic::async_trait]
+impl pb::cluster_server::Cluster for ClusterService {
+    async fn status(&self, _req: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+        Ok(Response::new(self.status_now()))
+    }
+
+    async fn add_learner(&self, req: Request<pb::AddLearnerRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+        let req = req.into_inner();
+        let fwd = req.clone();
+        if let Some(s) = self
+            .on_leader(|mut c| async move { c.add_learner(fwd).await.map(|r| r.into_inner()) })
+            .await?
+        {
+            return Ok(Response::new(s));
+        }
+        if req.node_id == 0 {
+            return Err(Status::invalid_argument("node_id: must be above 0"));
+        }
+        if self.node_addr(req.node_id).is_some() {
+            return Err(Status::already_exists(format!(
+                "node_id: node {} is already a member",
+                req.node_id
+            )));
+        }
+        let them = probe(&req.addr).await.map_err(|e| {
+            Status::unavailable(format!(
+                "addr: the replica at {} does not answer: {}",
+                req.addr,
+                e.message()
+            ))
+        })?;
+        if them.node_id != req.node_id {
+            return Err(Status::invalid_argument(format!(
+                "node_id: the replica at {} is node {}, not {}",
+                req.addr, them.node_id, req.node_id
+            )));
+        }
+        let ours = self.store.cluster_id().unwrap_or_default();
+        if !them.cluster_id.is_empty() && them.cluster_id != ours {
+            return Err(Status::failed_precondition(format!(
+                "the replica at {} holds data of cluster {}, not this cluster ({ours}); give it an empty --data-dir",
+                req.addr, them.cluster_id
+            )));
+        }
+        tracing::info!(node = req.node_id, addr = %req.addr, "adding learner");
+        self.store
+            .raft
+            .add_learner(req.node_id, BasicNode { addr: req.addr.clone() }, true)
+            .await
+            .map_err(|e| raft_status("adding the learner", e))?;
+        Ok(Response::new(self.status_now()))
+    }
+
+    async fn promote(&self, req: Request<pb::MemberRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+        let req = req.into_inner();
+        if let Some(s) = self
+            .on_leader(|mut c| async move { c.promote(req).await.map(|r| r.into_inner()) })
+            .await?
+        {
+            return Ok(Response::new(s));
+        }
+        let mut voters = self.voters();
+        if voters.contains(&req.node_id) {
+            return Err(Status::already_exists(format!(
+                "node_id: node {} is already a voter",
+                req.node_id
+            )));
+        }
+        if self.node_addr(req.node_id).is_none() {
+            return Err(Status::not_found(format!(
+                "node_id: node {} is not a learner of this cluster; add it first",
+                req.node_id
+            )));
+        }
+        voters.insert(req.node_id);
+        self.check_quorum(&voters).await?;
+        tracing::info!(node = req.node_id, "promoting learner to voter");
+        self.store
+            .raft
+            .change_membership(ChangeMembers::AddVoterIds([req.node_id].into()), false)
+            .await
+            .map_err(|e| raft_status("promoting", e))?;
+        Ok(Response::new(self.status_now()))
+    }
+
+    async fn remove(&self, req: Request<pb::MemberRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+        let req = req.into_inner();
+        if let Some(s) = self
+            .on_leader(|mut c| async move { c.remove(req).await.map(|r| r.into_inner()) })
+            .await?
+        {
+            return Ok(Response::new(s));
+        }
+        if self.node_addr(req.node_id).is_none() {
+            return Err(Status::not_found(format!(
+                "node_id: node {} is not a member of this cluster",
+                req.node_id
+            )));
+        }
+        let mut voters = self.voters();
+        if voters.remove(&req.node_id) {
+            self.check_quorum(&voters).await?;
+            tracing::info!(node = req.node_id, "removing voter");
+            self.store
+                .raft
+                .change_membership(ChangeMembers::RemoveVoters([req.node_id].into()), false)
+                .await
+                .map_err(|e| raft_status("removing the voter", e))?;
+        } else {
+            tracing::info!(node = req.node_id, "removing learner");
+            self.store
+                .raft
+                .change_membership(ChangeMembers::RemoveNodes([req.node_id].into()), false)
+                .await
+                .map_err(|e| raft_status("removing the learner", e))?;
+        }
+        Ok(Response::new(self.status_now()))
+    }
+}

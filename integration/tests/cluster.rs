@@ -1,0 +1,492 @@
+//! The clustered controller as real processes: three replicas, each in its
+//! own network namespace. Leader kills under load with a linearizability
+//! check, a partition cut with nftables, a rolling upgrade under a live
+//! connection, catch-up from a snapshot, and membership errors.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sdn_integration::linearizability::{self, Event, Op};
+use sdn_integration::ops::*;
+use sdn_integration::replicas::{cluster_client, prov_client, Replicas};
+use sdn_integration::{bin, privileged, Proc, Topology};
+use sdn_proto::v1 as pb;
+use tonic::Code;
+
+/// Shared record of a run: the history and the acknowledged unique writes.
+#[derive(Default)]
+struct Record {
+    history: Vec<Event>,
+    acked_unique: Vec<String>,
+    ok_writes: u64,
+    failed_writes: u64,
+    ok_reads: u64,
+}
+
+async fn put_tenant(addr: &str, id: &str, name: &str, timeout: Duration) -> Result<u64, tonic::Status> {
+    let fut = async {
+        let mut c = prov_client(addr)
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        c.apply(pb::ApplyRequest {
+            operations: vec![pb::Operation {
+                op: Some(pb::operation::Op::PutTenant(pb::Tenant {
+                    id: id.into(),
+                    name: name.into(),
+                })),
+            }],
+            actor: "load".into(),
+            wait: false,
+            wait_timeout_ms: 0,
+        })
+        .await
+        .map(|r| r.into_inner().revision)
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("client timeout")))
+}
+
+async fn list_tenants(addr: &str, stale: bool, timeout: Duration) -> Result<pb::ListResponse, tonic::Status> {
+    let fut = async {
+        let mut c = prov_client(addr)
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        c.list(pb::ListRequest {
+            kind: pb::Kind::Tenant as i32,
+            stale,
+        })
+        .await
+        .map(|r| r.into_inner())
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("client timeout")))
+}
+
+const KEYS: usize = 3;
+
+/// Starts writers and readers against every replica until `stop` is set.
+fn start_load(
+    addrs: Vec<String>,
+    start: Instant,
+    rec: Arc<Mutex<Record>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let mut tasks = Vec::new();
+    let ns = move || start.elapsed().as_nanos() as u64;
+    for w in 0..4usize {
+        let (addrs, rec, stop) = (addrs.clone(), rec.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut seq = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                seq += 1;
+                let addr = &addrs[(w + seq) % addrs.len()];
+                let unique = seq % 4 == 0;
+                let (key, value) = if unique {
+                    (format!("u{w}-{seq}"), "x".to_string())
+                } else {
+                    (format!("k{}", (w * 7 + seq) % KEYS), format!("w{w}-{seq}"))
+                };
+                let call = ns();
+                let r = put_tenant(addr, &key, &value, Duration::from_secs(2)).await;
+                let ret = ns();
+                let failed = {
+                    let mut g = rec.lock().unwrap();
+                    match r {
+                        Ok(_) => {
+                            g.ok_writes += 1;
+                            if unique {
+                                g.acked_unique.push(key.clone());
+                            }
+                            g.history.push(Event {
+                                key,
+                                op: Op::Write(value),
+                                call,
+                                ret: Some(ret),
+                            });
+                            false
+                        }
+                        Err(e) => {
+                            g.failed_writes += 1;
+                            // Refused before any proposal: it did not happen. Otherwise unknown.
+                            if e.code() != Code::InvalidArgument {
+                                g.history.push(Event {
+                                    key,
+                                    op: Op::Write(value),
+                                    call,
+                                    ret: None,
+                                });
+                            }
+                            true
+                        }
+                    }
+                };
+                if failed {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }));
+    }
+    for rd in 0..2usize {
+        let (addrs, rec, stop) = (addrs.clone(), rec.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut seq = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                seq += 1;
+                let addr = &addrs[(rd + seq) % addrs.len()];
+                let call = ns();
+                let r = list_tenants(addr, false, Duration::from_secs(2)).await;
+                let ret = ns();
+                match r {
+                    Ok(l) => {
+                        let mut g = rec.lock().unwrap();
+                        g.ok_reads += 1;
+                        for k in 0..KEYS {
+                            let key = format!("k{k}");
+                            let v = l.tenants.iter().find(|t| t.id == key).map(|t| t.name.clone());
+                            g.history.push(Event {
+                                key,
+                                op: Op::Read(v),
+                                call,
+                                ret: Some(ret),
+                            });
+                        }
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        }));
+    }
+    tasks
+}
+
+async fn finish_and_check(
+    r: &Replicas,
+    rec: &Arc<Mutex<Record>>,
+    stop: &Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+) {
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let leader = r.wait_leader(Duration::from_secs(10)).await.unwrap();
+    let all = list_tenants(&r.replicas[leader].local(), false, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let present: BTreeSet<String> = all.tenants.iter().map(|t| t.id.clone()).collect();
+    let g = rec.lock().unwrap();
+    let lost: Vec<&String> = g.acked_unique.iter().filter(|k| !present.contains(*k)).collect();
+    eprintln!(
+        "writes ok={} failed={} reads ok={}; acknowledged unique writes {}; history {} events",
+        g.ok_writes,
+        g.failed_writes,
+        g.ok_reads,
+        g.acked_unique.len(),
+        g.history.len()
+    );
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    assert!(g.ok_writes > 50 && g.ok_reads > 20, "the load made progress");
+    let t = Instant::now();
+    linearizability::check(&g.history).expect("linearizable history");
+    eprintln!("history is linearizable (checked in {:?})", t.elapsed());
+}
+
+fn skip() -> bool {
+    if !privileged() {
+        eprintln!("skipping: needs root");
+        return true;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_kills_under_load_lose_nothing_and_stay_linearizable() {
+    if skip() {
+        return;
+    }
+    let topo = Topology::new("clk", &["c1", "c2", "c3"]).unwrap();
+    let mut r = Replicas::start(&topo, &["c1", "c2", "c3"]).await.unwrap();
+    let status = r.status(2).await.unwrap();
+    assert_eq!(status.members.iter().filter(|m| m.voter).count(), 3, "{status:?}");
+
+    let addrs: Vec<String> = r.replicas.iter().map(|x| x.local()).collect();
+    let rec = Arc::new(Mutex::new(Record::default()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tasks = start_load(addrs, Instant::now(), rec.clone(), stop.clone());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    for round in 0..5 {
+        let l = r.wait_leader(Duration::from_secs(10)).await.unwrap();
+        eprintln!("round {round}: SIGKILL leader node {}", l + 1);
+        r.kill(l);
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        r.spawn(l, true).unwrap();
+        r.wait_answering(l).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    finish_and_check(&r, &rec, &stop, tasks).await;
+}
+
+fn nft_cut(ns: &str, on: bool) {
+    if on {
+        let rules = "table inet sdncut {\n chain in { type filter hook input priority -10; policy accept; iifname \"ul0\" drop; }\n chain out { type filter hook output priority -10; policy accept; oifname \"ul0\" drop; }\n}\n";
+        let f = std::env::temp_dir().join(format!("{ns}-cut.nft"));
+        std::fs::write(&f, rules).unwrap();
+        sdn_integration::ns_sh(ns, &["nft", "-f", f.to_str().unwrap()]).unwrap();
+    } else {
+        sdn_integration::ns_sh(ns, &["nft", "delete", "table", "inet", "sdncut"]).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cut_off_minority_acknowledges_nothing_and_heals() {
+    if skip() {
+        return;
+    }
+    let topo = Topology::new("clp", &["c1", "c2", "c3"]).unwrap();
+    let r = Replicas::start(&topo, &["c1", "c2", "c3"]).await.unwrap();
+    put_tenant(&r.replicas[0].local(), "before", "x", Duration::from_secs(5))
+        .await
+        .unwrap();
+    // Cut off the leader: the worst case, a minority that believed it led.
+    let cut = r.wait_leader(Duration::from_secs(10)).await.unwrap();
+    let others: Vec<usize> = (0..3).filter(|i| *i != cut).collect();
+    eprintln!("cutting node {} off with nftables", cut + 1);
+    nft_cut(&r.replicas[cut].ns, true);
+
+    // The minority acknowledges nothing, for writes and linearizable reads.
+    let mut minority_acks = 0;
+    for i in 0..5 {
+        if put_tenant(
+            &r.replicas[cut].local(),
+            &format!("minority{i}"),
+            "x",
+            Duration::from_secs(2),
+        )
+        .await
+        .is_ok()
+        {
+            minority_acks += 1;
+        }
+    }
+    assert_eq!(minority_acks, 0, "the cut-off node acknowledged writes");
+    assert!(
+        list_tenants(&r.replicas[cut].local(), false, Duration::from_secs(2))
+            .await
+            .is_err(),
+        "no linearizable read on the minority"
+    );
+    let stale = list_tenants(&r.replicas[cut].local(), true, Duration::from_secs(2))
+        .await
+        .expect("stale reads still answer");
+    assert!(stale.tenants.iter().any(|t| t.id == "before"));
+
+    // The majority elects a leader and keeps acknowledging.
+    let mut majority_acks = 0;
+    for i in 0..10 {
+        let addr = r.replicas[others[i % 2]].local();
+        if put_tenant(&addr, &format!("majority{i}"), "x", Duration::from_secs(3))
+            .await
+            .is_ok()
+        {
+            majority_acks += 1;
+        }
+    }
+    assert!(majority_acks >= 8, "the majority kept working: {majority_acks}/10");
+
+    // Heal: the cut node catches up and serves again.
+    nft_cut(&r.replicas[cut].ns, false);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let a = r.status(others[0]).await.unwrap();
+        let b = r.status(cut).await.unwrap();
+        if b.revision == a.revision && a.revision > 0 && b.leader_id != 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the healed node did not catch up: {b:?} vs {a:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    put_tenant(&r.replicas[cut].local(), "after", "x", Duration::from_secs(5))
+        .await
+        .expect("the healed node accepts writes again");
+    let l = list_tenants(&r.replicas[cut].local(), false, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let ids: BTreeSet<&str> = l.tenants.iter().map(|t| t.id.as_str()).collect();
+    assert!(ids.contains("after") && ids.contains("majority0"));
+    assert!(
+        !ids.iter().any(|i| i.starts_with("minority")),
+        "no minority write survived: {ids:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lagging_replica_catches_up_from_a_snapshot_and_the_log_stays_bounded() {
+    if skip() {
+        return;
+    }
+    let topo = Topology::new("cls", &["c1", "c2", "c3"]).unwrap();
+    let mut r = Replicas::start(&topo, &["c1", "c2", "c3"]).await.unwrap();
+    let l = r.wait_leader(Duration::from_secs(10)).await.unwrap();
+    let away = (l + 1) % 3;
+    r.stop(away);
+    let addr = r.replicas[l].local();
+    let mut c = prov_client(&addr).await.unwrap();
+    // Enough writes for two snapshots and log purges.
+    for i in 0..2300 {
+        c.apply(pb::ApplyRequest {
+            operations: vec![pb::Operation {
+                op: Some(tenant(&format!("t{}", i % 50))),
+            }],
+            actor: "load".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let s = r.status(l).await.unwrap();
+    eprintln!(
+        "leader: last log {} purged {} snapshot {}",
+        s.last_log_index, s.purged_index, s.snapshot_index
+    );
+    assert!(
+        s.snapshot_index >= 1000 && s.purged_index > 0,
+        "snapshots and compaction ran: {s:?}"
+    );
+    assert!(
+        s.last_log_index - s.purged_index <= 1000 + 100 + 50,
+        "the log is bounded: {s:?}"
+    );
+
+    r.spawn(away, true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let b = r.status(away).await;
+        if let Ok(b) = &b {
+            if b.revision == s.revision {
+                eprintln!(
+                    "replica {} caught up: snapshot {} revision {}",
+                    away + 1,
+                    b.snapshot_index,
+                    b.revision
+                );
+                assert!(b.snapshot_index > 0, "it caught up from a snapshot: {b:?}");
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the replica did not catch up: {b:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stale = list_tenants(&r.replicas[away].local(), true, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(stale.tenants.len(), 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn membership_errors_are_refused_clearly() {
+    if skip() {
+        return;
+    }
+    let topo = Topology::new("clm", &["c1", "c2", "c3", "c4"]).unwrap();
+    let mut r = Replicas::start(&topo, &["c1", "c2", "c3"]).await.unwrap();
+    let mut c = cluster_client(&r.replicas[0].local()).await.unwrap();
+
+    let e = c.promote(pb::MemberRequest { node_id: 9 }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert!(e.message().contains("node 9"), "{e:?}");
+    let e = c.remove(pb::MemberRequest { node_id: 9 }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = c
+        .add_learner(pb::AddLearnerRequest {
+            node_id: 2,
+            addr: r.replicas[1].addr(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+
+    // With one replica down, removing another would leave one of two: refused.
+    let l = r.wait_leader(Duration::from_secs(10)).await.unwrap();
+    let down = (l + 1) % 3;
+    let other = (l + 2) % 3;
+    r.kill(down);
+    let mut lc = cluster_client(&r.replicas[l].local()).await.unwrap();
+    let e = lc
+        .remove(pb::MemberRequest {
+            node_id: other as u64 + 1,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("lose quorum"), "{e:?}");
+    r.spawn(down, true).unwrap();
+    r.wait_answering(down).await.unwrap();
+
+    // A replica whose data directory belongs to another cluster is refused.
+    let foreign_dir = topo.dir.join("foreign-data");
+    let ns4 = topo.host_ns("c4").name.clone();
+    let ip4 = topo.underlay_ip("c4");
+    let sock4 = topo.dir.join("c4.sock");
+    let mut foreign = Proc::spawn(
+        "foreign",
+        Some(&ns4),
+        &bin("sdn-controller"),
+        &[
+            "--node-id",
+            "4",
+            "--data-dir",
+            foreign_dir.to_str().unwrap(),
+            "--listen",
+            &format!("{ip4}:7070"),
+            "--listen-unix",
+            sock4.to_str().unwrap(),
+        ],
+        &topo.dir,
+    )
+    .unwrap();
+    let faddr = format!("unix://{}", sock4.display());
+    for _ in 0..100 {
+        if let Ok(mut fc) = cluster_client(&faddr).await {
+            if fc.status(pb::ClusterStatusRequest {}).await.is_ok() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let e = c
+        .add_learner(pb::AddLearnerRequest {
+            node_id: 4,
+            addr: format!("http://{ip4}:7070"),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("holds data of cluster"), "{e:?}");
+    foreign.stop();
+    // And a data directory of another node id does not start at all.
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns4])
+        .arg(bin("sdn-controller"))
+        .args([
+            "--node-id",
+            "7",
+            "--data-dir",
+            foreign_dir.to_str().unwrap(),
+            "--listen",
+            &format!("{ip4}:7071"),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("holds the data of node 4"), "{err}");
+    // The cluster still has its three voters.
+    let s = r.status(0).await.unwrap();
+    assert_eq!(s.members.iter().filter(|m| m.voter).count(), 3, "{s:?}");
+}
