@@ -490,3 +490,210 @@ async fn membership_errors_are_refused_clearly() {
     let s = r.status(0).await.unwrap();
     assert_eq!(s.members.iter().filter(|m| m.voter).count(), 3, "{s:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rolling_upgrade_and_leader_kill_keep_writes_and_flows() {
+    if skip() {
+        return;
+    }
+    let mut topo = Topology::new("clr", &["c1", "c2", "c3", "h1"]).unwrap();
+    topo.add_vm("vm1", "h1", "02:00:00:00:00:11", "10.10.0.11", "fd10::11")
+        .unwrap();
+    topo.add_vm("vm2", "h1", "02:00:00:00:00:12", "10.10.0.12", "fd10::12")
+        .unwrap();
+    let mut r = Replicas::start(&topo, &["c1", "c2", "c3"]).await.unwrap();
+    let bpffs = sdn_integration::Bpffs::new(&topo.dir.join("bpffs")).unwrap();
+    let controllers: Vec<String> = r.replicas.iter().map(|x| x.addr()).collect();
+    let h1 = topo.host_ns("h1").name.clone();
+    let _agent = Proc::spawn(
+        "agent-h1",
+        Some(&h1),
+        &bin("sdn-agent"),
+        &[
+            "run",
+            "--host",
+            "h1",
+            "--controller",
+            &controllers.join(","),
+            "--pin-dir",
+            bpffs.path.join("h1").to_str().unwrap(),
+        ],
+        &topo.dir,
+    )
+    .unwrap();
+    let web = |alt: bool| {
+        let mut rules = vec![
+            ingress("ping", false, "icmp", (0, 0), "", ""),
+            ingress("http", false, "tcp", (80, 80), "", ""),
+        ];
+        if alt {
+            rules.push(ingress("alt", false, "tcp", (81, 81), "", ""));
+        }
+        group("web", "t", rules)
+    };
+    let apply = |addr: String, ops: Vec<pb::operation::Op>| async move {
+        let mut c = prov_client(&addr).await.unwrap();
+        c.apply(pb::ApplyRequest {
+            operations: ops.into_iter().map(|o| pb::Operation { op: Some(o) }).collect(),
+            actor: "platform".into(),
+            wait: true,
+            wait_timeout_ms: 15_000,
+        })
+        .await
+    };
+    // Provision through a follower: the write is forwarded, and the wait is
+    // released by the agent's ack, itself passed on to the leader.
+    let l = r.wait_leader(Duration::from_secs(10)).await.unwrap();
+    let follower = r.replicas[(l + 1) % 3].local();
+    apply(
+        follower.clone(),
+        vec![
+            tenant("t"),
+            vpc("v", "t"),
+            subnet("s", "v", "10.10.0.0/24", ""),
+            host("h1", "192.168.4.2"),
+            web(false),
+        ],
+    )
+    .await
+    .unwrap();
+    let resp = apply(
+        follower.clone(),
+        vec![
+            port(
+                "vm1",
+                "t",
+                "s",
+                "h1",
+                "vm1h",
+                "02:00:00:00:00:11",
+                "10.10.0.11",
+                "",
+                &["web"],
+            ),
+            port(
+                "vm2",
+                "t",
+                "s",
+                "h1",
+                "vm2h",
+                "02:00:00:00:00:12",
+                "10.10.0.12",
+                "",
+                &[],
+            ),
+        ],
+    )
+    .await
+    .expect("ports enforced");
+    assert!(resp.into_inner().enforced);
+
+    let vm1 = topo.vm("vm1").ns.name.clone();
+    let vm2 = topo.vm("vm2").ns.name.clone();
+    let _server = Proc::spawn(
+        "server",
+        Some(&vm1),
+        &bin("sdn-probe"),
+        &["serve", "--tcp", "80", "--tcp", "81"],
+        &topo.dir,
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let probe81 = || {
+        sdn_integration::ns_sh(
+            &vm2,
+            &[
+                bin("sdn-probe").to_str().unwrap(),
+                "connect",
+                "tcp",
+                "10.10.0.11",
+                "81",
+                "--timeout-ms",
+                "500",
+            ],
+        )
+    };
+    assert!(probe81().is_err(), "81 is closed before the change");
+    let mut hold = Proc::spawn(
+        "hold",
+        Some(&vm2),
+        &bin("sdn-probe"),
+        &["hold", "10.10.0.11", "80", "--seconds", "16", "--interval-ms", "50"],
+        &topo.dir,
+    )
+    .unwrap();
+
+    // Steady writes to every replica, recording what was acknowledged.
+    let addrs: Vec<String> = r.replicas.iter().map(|x| x.local()).collect();
+    let rec = Arc::new(Mutex::new(Record::default()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tasks = start_load(addrs, Instant::now(), rec.clone(), stop.clone());
+
+    // Rolling upgrade: stop each replica, replace its binary, start it, let it catch up.
+    let upgraded = topo.dir.join("sdn-controller-next");
+    std::fs::copy(bin("sdn-controller"), &upgraded).unwrap();
+    for i in 0..3 {
+        eprintln!("upgrading node {}", i + 1);
+        r.stop(i);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        r.replicas[i].binary = upgraded.clone();
+        r.spawn(i, true).unwrap();
+        r.wait_answering(i).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let lead = r.wait_leader(Duration::from_secs(10)).await.unwrap();
+            let (a, b) = (r.status(lead).await.unwrap(), r.status(i).await.unwrap());
+            if b.last_applied + 20 >= a.last_applied {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {} did not catch up", i + 1);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // And a leader killed outright.
+    let l = r.wait_leader(Duration::from_secs(10)).await.unwrap();
+    eprintln!("SIGKILL leader node {}", l + 1);
+    r.kill(l);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    r.spawn(l, true).unwrap();
+    r.wait_answering(l).await.unwrap();
+
+    finish_and_check(&r, &rec, &stop, tasks).await;
+
+    // A policy change after all that is enforced by the agent, which followed the cluster.
+    let any = r.replicas[2].local();
+    let resp = apply(any, vec![web(true)]).await.expect("enforced after the upgrade");
+    assert!(resp.into_inner().enforced);
+    assert!(probe81().is_ok(), "the change took effect in traffic");
+
+    // The established connection lived through all of it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while hold.alive() {
+        assert!(Instant::now() < deadline, "hold probe did not finish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = hold.log_text();
+    eprintln!("hold: {log}");
+    assert!(
+        log.contains("failed=0"),
+        "the established connection lost exchanges:\n{log}"
+    );
+    let agent_log = std::fs::read_to_string(topo.dir.join("agent-h1.log")).unwrap();
+    let watches: Vec<&str> = agent_log.lines().filter(|l| l.contains("watching")).collect();
+    eprintln!("agent watches:\n{}", watches.join("\n"));
+    assert!(watches.len() >= 2, "the agent moved between replicas");
+    assert!(
+        watches[1..].iter().all(|l| !l.contains("from_revision=0")),
+        "the agent resumed, without a full resync"
+    );
+    let resumed: usize = (0..3)
+        .map(|i| {
+            r.log(i)
+                .lines()
+                .filter(|l| l.contains("watch started") && l.contains("resume=true"))
+                .count()
+        })
+        .sum();
+    assert!(resumed >= 1, "a replica served the agent's resumed watch");
+    drop(bpffs);
+}
