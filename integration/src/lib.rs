@@ -377,6 +377,12 @@ pub fn free_port() -> u16 {
 
 pub mod linearizability;
 
+/// A generated client for the subset of etcd's v3 API the benchmarks use.
+pub mod etcd {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("etcdserverpb");
+}
+
 /// A running single-node controller, its agents, and a client.
 pub mod cluster {
     use super::*;

@@ -190,7 +190,16 @@ async fn finish_and_check(
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
     assert!(g.ok_writes > 50 && g.ok_reads > 20, "the load made progress");
     let t = Instant::now();
-    linearizability::check(&g.history).expect("linearizable history");
+    if let Err(e) = linearizability::check(&g.history) {
+        let dump = std::env::temp_dir().join("sdn-nonlinearizable-history.txt");
+        let text: Vec<String> = g
+            .history
+            .iter()
+            .map(|e| format!("{}\t{:?}\t{}\t{:?}", e.key, e.op, e.call, e.ret))
+            .collect();
+        std::fs::write(&dump, text.join("\n")).unwrap();
+        panic!("{e}; history written to {}", dump.display());
+    }
     eprintln!("history is linearizable (checked in {:?})", t.elapsed());
 }
 
