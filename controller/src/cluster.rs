@@ -133,7 +133,7 @@ impl ClusterService {
     }
 
     /// Runs `f` here if this replica leads, else forwards to the leader.
-    async fn on_leader<'a, F, Fut>(&'a self, forward: F) -> Result<Option<pb::ClusterStatus>, Status>
+    async fn on_leader<F, Fut>(&self, forward: F) -> Result<Option<pb::ClusterStatus>, Status>
     where
         F: FnOnce(pb::cluster_client::ClusterClient<tonic::transport::Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<pb::ClusterStatus, Status>>,

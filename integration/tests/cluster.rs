@@ -83,7 +83,7 @@ fn start_load(
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 seq += 1;
                 let addr = &addrs[(w + seq) % addrs.len()];
-                let unique = seq % 4 == 0;
+                let unique = seq.is_multiple_of(4);
                 let (key, value) = if unique {
                     (format!("u{w}-{seq}"), "x".to_string())
                 } else {
