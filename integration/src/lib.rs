@@ -770,9 +770,10 @@ pub mod replicas {
                     if let Ok(Ok(s)) =
                         tokio::time::timeout(Duration::from_millis(500), c.status(pb::ClusterStatusRequest {})).await
                     {
+                        // Only a replica that itself says it leads counts.
                         let s = s.into_inner();
-                        if s.leader_id != 0 && self.replicas[s.leader_id as usize - 1].proc.is_some() {
-                            return Some(s.leader_id as usize - 1);
+                        if s.leader_id != 0 && s.leader_id == s.node_id {
+                            return Some(s.node_id as usize - 1);
                         }
                     }
                 }

@@ -172,10 +172,22 @@ async fn finish_and_check(
     for t in tasks {
         t.await.unwrap();
     }
-    let leader = r.wait_leader(Duration::from_secs(10)).await.unwrap();
-    let all = list_tenants(&r.replicas[leader].local(), false, Duration::from_secs(5))
-        .await
-        .unwrap();
+    // A linearizable read through any replica, retried while an election settles.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let all = loop {
+        let mut got = None;
+        for rep in &r.replicas {
+            if let Ok(l) = list_tenants(&rep.local(), false, Duration::from_secs(3)).await {
+                got = Some(l);
+                break;
+            }
+        }
+        if let Some(l) = got {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "no replica served a linearizable read");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let present: BTreeSet<String> = all.tenants.iter().map(|t| t.id.clone()).collect();
     let g = rec.lock().unwrap();
     let lost: Vec<&String> = g.acked_unique.iter().filter(|k| !present.contains(*k)).collect();
