@@ -718,3 +718,94 @@ async fn rolling_upgrade_and_leader_kill_keep_writes_and_flows() {
     assert!(resumed >= 1, "a replica served the agent's resumed watch");
     drop(bpffs);
 }
+
+/// Runs sdnctl against a replica; returns stdout, or the error output.
+fn sdnctl(addr: &str, args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new(bin("sdnctl"))
+        .arg("--controller")
+        .arg(addr)
+        .args(args)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_replicas_managed_with_sdnctl_survive_two_losses() {
+    if skip() {
+        return;
+    }
+    let hosts = ["c1", "c2", "c3", "c4", "c5"];
+    let topo = Topology::new("cl5", &hosts).unwrap();
+    // Start the first replica, and the others waiting to join.
+    let mut r = Replicas {
+        replicas: Vec::new(),
+        dir: topo.dir.clone(),
+    };
+    for (i, h) in hosts.iter().enumerate() {
+        let id = i as u64 + 1;
+        r.replicas.push(sdn_integration::replicas::Replica {
+            id,
+            ns: topo.host_ns(h).name.clone(),
+            ip: topo.underlay_ip(h),
+            socket: topo.dir.join(format!("c{id}.sock")),
+            data_dir: topo.dir.join(format!("c{id}-data")),
+            proc: None,
+            binary: bin("sdn-controller"),
+        });
+    }
+    for i in 0..5 {
+        r.spawn(i, i > 0).unwrap();
+        r.wait_answering(i).await.unwrap();
+    }
+    // The administrator grows the cluster with sdnctl, through replica 1.
+    let first = r.replicas[0].local();
+    for rep in &r.replicas[1..] {
+        sdnctl(&first, &["cluster", "add-learner", &rep.id.to_string(), &rep.addr()]).unwrap();
+        sdnctl(&first, &["cluster", "promote", &rep.id.to_string()]).unwrap();
+    }
+    let status = sdnctl(&r.replicas[4].local(), &["cluster", "status"]).unwrap();
+    eprintln!("{status}");
+    assert_eq!(status.matches(" voter").count(), 5, "{status}");
+    assert!(sdnctl(&first, &["cluster", "promote", "9"])
+        .unwrap_err()
+        .contains("node 9 is not a learner"));
+
+    // Two replicas die, the leader among them: three of five still form a quorum.
+    let l = r.wait_leader(Duration::from_secs(10)).await.unwrap();
+    let other = (l + 1) % 5;
+    r.kill(l);
+    r.kill(other);
+    let alive: Vec<usize> = (0..5).filter(|i| *i != l && *i != other).collect();
+    let mut acked = 0;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while acked < 5 {
+        assert!(Instant::now() < deadline, "the surviving majority did not take writes");
+        let addr = r.replicas[alive[acked % alive.len()]].local();
+        if put_tenant(&addr, &format!("five{acked}"), "x", Duration::from_secs(2))
+            .await
+            .is_ok()
+        {
+            acked += 1;
+        } else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Removing a third replica would leave 2 of 4 reachable: refused.
+    let victim = r.replicas[alive[0]].id.to_string();
+    let err = sdnctl(&r.replicas[alive[1]].local(), &["cluster", "remove", &victim]).unwrap_err();
+    assert!(err.contains("lose quorum"), "{err}");
+    // Removing a dead one is fine: four voters remain, three of them alive.
+    let dead = r.replicas[other].id.to_string();
+    sdnctl(&r.replicas[alive[1]].local(), &["cluster", "remove", &dead]).unwrap();
+    let status = sdnctl(&r.replicas[alive[2]].local(), &["cluster", "status"]).unwrap();
+    assert_eq!(status.matches(" voter").count(), 4, "{status}");
+    let l = list_tenants(&r.replicas[alive[2]].local(), false, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(l.tenants.iter().filter(|t| t.id.starts_with("five")).count(), 5);
+}

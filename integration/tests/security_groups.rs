@@ -132,8 +132,14 @@ impl Env {
         }
     }
 
-    /// Whether `from` reaches `to` with `proto` ("tcp", "udp", "icmp").
+    /// Whether `from` reaches `to` with `proto` ("tcp", "udp", "icmp"). A
+    /// second attempt covers the first contact of a path, whose packets
+    /// wait for neighbour resolution at each hop; a denied flow fails both.
     fn reach(&self, from: &str, to: &str, proto: &str, port: u16, v6: bool) -> bool {
+        self.reach_once(from, to, proto, port, v6) || self.reach_once(from, to, proto, port, v6)
+    }
+
+    fn reach_once(&self, from: &str, to: &str, proto: &str, port: u16, v6: bool) -> bool {
         let ns = &self.topo.vm(from).ns;
         let dst = self.addr(to, v6);
         if proto == "icmp" {

@@ -86,23 +86,29 @@ fn matrix(topo: &Topology, http_open: bool) -> usize {
         let src = topo.vm(from);
         let dst = topo.vm(to);
         let addr = if v6 { &dst.v6 } else { &dst.v4 };
-        let ok = if proto == "icmp" {
-            src.ns
-                .sh(&["ping", if v6 { "-6" } else { "-4" }, "-c", "1", "-W", "1", addr])
-                .is_ok()
-        } else {
-            src.ns
-                .sh(&[
-                    probe.to_str().unwrap(),
-                    "connect",
-                    proto,
-                    addr,
-                    &port.to_string(),
-                    "--timeout-ms",
-                    "700",
-                ])
-                .is_ok()
+        // Two attempts: the first contact of a path waits for neighbour
+        // resolution at each hop; a denied flow fails both.
+        let port_s = port.to_string();
+        let attempt = || {
+            if proto == "icmp" {
+                src.ns
+                    .sh(&["ping", if v6 { "-6" } else { "-4" }, "-c", "1", "-W", "1", addr])
+                    .is_ok()
+            } else {
+                src.ns
+                    .sh(&[
+                        probe.to_str().unwrap(),
+                        "connect",
+                        proto,
+                        addr,
+                        &port_s,
+                        "--timeout-ms",
+                        "700",
+                    ])
+                    .is_ok()
+            }
         };
+        let ok = attempt() || attempt();
         let flow = format!("{from}->{to} {proto}/{port}{}", if v6 { " v6" } else { "" });
         let mark = if ok == want { "" } else { "   <-- UNEXPECTED" };
         if ok != want {
