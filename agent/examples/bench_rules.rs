@@ -101,7 +101,7 @@ fn main() -> anyhow::Result<()> {
     let mut base = None;
     let mut rows = Vec::new();
     for n in [10usize, 1_000, 10_000, 100_000] {
-        let d = compile::compile(&share(n), &|name| (name == "lo").then_some(1))?;
+        let d = compile::compile(&share(n), &|name| (name == "lo").then_some(1), 0)?;
         let entries = d.sg_addr.len();
         rec.reconcile(&d)?;
         // Best of five runs of `repeat` packets each, to damp noise from the shared machine.

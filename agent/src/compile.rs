@@ -7,6 +7,7 @@ use std::net::{IpAddr, Ipv6Addr};
 
 use dataplane_common::maps::{
     AddrIdentity, AddrKey, PolicyDirKey, PortAddrKey, PortInfo, PrefixLens, RuleKey, PORT_F_EGRESS_OPEN,
+    PORT_F_QUARANTINED,
 };
 use dataplane_common::{DIR_EGRESS, DIR_INGRESS, FAMILY_V4, FAMILY_V6};
 use sdn_proto::v1 as pb;
@@ -46,6 +47,10 @@ pub struct Desired {
     pub sg_addr: BTreeMap<AddrKey, ServiceSet>,
     /// Ports whose device is not on this host yet, by port id.
     pub missing_devices: Vec<(String, String)>,
+    /// Quarantined ports now: port id -> (quarantine id, reason).
+    pub quarantined: BTreeMap<String, (String, String)>,
+    /// The next time a quarantine expires, Unix ms.
+    pub next_expiry: Option<u64>,
 }
 
 /// Why a share could not be compiled. The agent NACKs with this text.
@@ -154,8 +159,25 @@ type PrefixTable = BTreeMap<(u8, [u8; 16]), ServiceSet>;
 /// The resources an agent holds, by name.
 pub type Resources = BTreeMap<String, pb::Resource>;
 
-/// Compiles the share. `ifindex` resolves a device name on this host.
-pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>) -> Result<Desired, CompileError> {
+/// Compiles the share. `ifindex` resolves a device name on this host;
+/// `now_ms` (Unix ms) decides which quarantines have expired.
+pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u64) -> Result<Desired, CompileError> {
+    let mut quarantined: BTreeMap<String, (String, String)> = BTreeMap::new();
+    let mut next_expiry: Option<u64> = None;
+    for r in res.values() {
+        if let Some(pb::resource::Kind::Quarantine(q)) = &r.kind {
+            let Some(qq) = &q.quarantine else { continue };
+            if qq.expires_unix_ms != 0 && qq.expires_unix_ms <= now_ms {
+                continue;
+            }
+            if qq.expires_unix_ms != 0 {
+                next_expiry = Some(next_expiry.map_or(qq.expires_unix_ms, |n| n.min(qq.expires_unix_ms)));
+            }
+            for p in &q.port_ids {
+                quarantined.insert(p.clone(), (qq.id.clone(), qq.reason.clone()));
+            }
+        }
+    }
     let mut groups: BTreeMap<&str, &pb::SecurityGroup> = BTreeMap::new();
     let mut members: BTreeMap<&str, Vec<IpAddr>> = BTreeMap::new();
     let mut ports: Vec<&pb::Port> = Vec::new();
@@ -169,10 +191,14 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>) -> Result
                 // Addresses come from the validated store; skip any that do not parse.
                 members.insert(&m.group_id, m.addresses.iter().filter_map(|a| a.parse().ok()).collect());
             }
-            None => {}
+            Some(pb::resource::Kind::Quarantine(_)) | None => {}
         }
     }
-    let mut d = Desired::default();
+    let mut d = Desired {
+        quarantined,
+        next_expiry,
+        ..Desired::default()
+    };
     for p in ports {
         let perr = |field: &'static str, message: String| CompileError::Port {
             port: p.id.clone(),
@@ -293,6 +319,9 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>) -> Result
         let mut flags = 0;
         if !has_egress {
             flags |= PORT_F_EGRESS_OPEN;
+        }
+        if d.quarantined.contains_key(&p.id) {
+            flags |= PORT_F_QUARANTINED;
         }
         // Close each prefix's set over the prefixes that contain it, so the
         // longest match alone decides.
@@ -499,7 +528,7 @@ mod tests {
             rule(pb::Direction::Ingress, pb::Protocol::Tcp, (22, 22), "10.0.0.0/8"),
             rule(pb::Direction::Ingress, pb::Protocol::Tcp, (443, 443), "10.1.0.0/16"),
         ]);
-        let d = compile(&res, &|n| (n == "vm1").then_some(7)).unwrap();
+        let d = compile(&res, &|n| (n == "vm1").then_some(7), 0).unwrap();
         let port = d.ports[&7];
         assert_eq!(
             port.flags & PORT_F_EGRESS_OPEN,
@@ -524,17 +553,49 @@ mod tests {
         let a = compile(
             &share(vec![rule(pb::Direction::Ingress, pb::Protocol::Tcp, (80, 80), "")]),
             &|_| Some(3),
+            0,
         )
         .unwrap();
         let b = compile(
             &share(vec![rule(pb::Direction::Ingress, pb::Protocol::Tcp, (81, 81), "")]),
             &|_| Some(3),
+            0,
         )
         .unwrap();
         assert_ne!(a.ports[&3].epoch, b.ports[&3].epoch);
-        let c = compile(&share(vec![]), &|_| None).unwrap();
+        let c = compile(&share(vec![]), &|_| None, 0).unwrap();
         assert_eq!(c.missing_devices, vec![("p1".to_string(), "vm1".to_string())]);
         assert!(c.ports.is_empty());
+    }
+
+    #[test]
+    fn quarantines_flag_ports_until_they_expire() {
+        let mut res = share(vec![]);
+        let q = pb::QuarantineOnHost {
+            quarantine: Some(pb::Quarantine {
+                id: "q".into(),
+                target_id: "p1".into(),
+                reason: "incident".into(),
+                expires_unix_ms: 5000,
+                ..Default::default()
+            }),
+            port_ids: vec!["p1".into()],
+        };
+        res.insert(
+            "quarantine/q".into(),
+            pb::Resource {
+                name: "quarantine/q".into(),
+                version: "1".into(),
+                kind: Some(pb::resource::Kind::Quarantine(q)),
+            },
+        );
+        let before = compile(&res, &|_| Some(3), 1000).unwrap();
+        assert_eq!(before.ports[&3].flags & PORT_F_QUARANTINED, PORT_F_QUARANTINED);
+        assert_eq!(before.next_expiry, Some(5000));
+        assert_eq!(before.quarantined["p1"], ("q".to_string(), "incident".to_string()));
+        let after = compile(&res, &|_| Some(3), 5000).unwrap();
+        assert_eq!(after.ports[&3].flags & PORT_F_QUARANTINED, 0);
+        assert_ne!(before.ports[&3].epoch, after.ports[&3].epoch);
     }
 
     #[test]

@@ -24,6 +24,10 @@ pub struct Agent {
     revision: u64,
     /// Devices whose links this process attached or adopted.
     attached: BTreeSet<u32>,
+    /// Ports quarantined as of the last pass, for the event log.
+    quarantined: std::collections::BTreeMap<String, (String, String)>,
+    /// When the next quarantine expires (Unix ms).
+    next_expiry: Option<u64>,
 }
 
 /// The outcome of enforcing the held share.
@@ -47,12 +51,18 @@ impl Agent {
             resources: Resources::new(),
             revision: 0,
             attached: BTreeSet::new(),
+            quarantined: Default::default(),
+            next_expiry: None,
         })
     }
 
     /// Makes the kernel match the held share.
     pub fn enforce(&mut self) -> anyhow::Result<Enforced> {
-        let desired = compile::compile(&self.resources, &dataplane::ifindex)?;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let desired = compile::compile(&self.resources, &dataplane::ifindex, now_ms)?;
         let want: BTreeSet<u32> = desired.ports.keys().copied().collect();
         // Detach from devices that are no longer ports before their entries go.
         let gone: BTreeSet<u32> = self
@@ -76,6 +86,19 @@ impl Agent {
             tracing::info!(device = %name, ifindex = ifx, "programs attached");
         }
         let flushed = self.dp.flush_conntrack(&gone)?;
+        // Security events: quarantines applied and lifted on this host.
+        for (port, (q, reason)) in &desired.quarantined {
+            if !self.quarantined.contains_key(port) {
+                tracing::warn!(event = "quarantine_applied", host = %self.host, port = %port, quarantine = %q, reason = %reason, "port quarantined: all its traffic is dropped");
+            }
+        }
+        for (port, (q, _)) in &self.quarantined {
+            if !desired.quarantined.contains_key(port) {
+                tracing::warn!(event = "quarantine_lifted", host = %self.host, port = %port, quarantine = %q, "quarantine lifted");
+            }
+        }
+        self.quarantined = desired.quarantined.clone();
+        self.next_expiry = desired.next_expiry;
         if changes.put + changes.deleted + gone.len() > 0 {
             tracing::info!(
                 revision = self.revision,
@@ -216,7 +239,7 @@ impl Agent {
                     tracing::debug!(revision = self.revision, snapshot = snap, upserts = up, removals = rm, "update");
                     pending = self.enforce_and_ack(&mut client).await.map_err(|e| (progressed, e))?;
                 }
-                _ = tick.tick(), if pending => {
+                _ = tick.tick(), if pending || self.next_expiry.is_some() => {
                     pending = self.enforce_and_ack(&mut client).await.map_err(|e| (progressed, e))?;
                 }
             }

@@ -263,7 +263,7 @@ impl Harness {
 
     fn policy(&mut self, res: &Resources) {
         // BPF_PROG_TEST_RUN runs on the loopback device of this namespace.
-        let d = compile::compile(res, &|n| (n == "lo").then_some(1)).unwrap();
+        let d = compile::compile(res, &|n| (n == "lo").then_some(1), 0).unwrap();
         self.rec.reconcile(&d).unwrap();
     }
 
@@ -547,4 +547,52 @@ fn unknown_ports_fail_closed() {
         &tcp4(GW_MAC, [198, 51, 100, 1], VM4, 1, 22, true),
         Expect::Drop(DropReason::UnknownPort),
     );
+}
+
+#[test]
+fn quarantine_cuts_everything_at_once_and_lifts() {
+    let Some(mut h) = Harness::new() else { return };
+    let mut res = share(base_rules(), &[]);
+    h.policy(&res);
+    let syn = tcp4(GW_MAC, [198, 51, 100, 1], VM4, 50000, 22, true);
+    let ack = tcp4(GW_MAC, [198, 51, 100, 1], VM4, 50000, 22, false);
+    let out = tcp4(VM_MAC, VM4, [192, 0, 2, 1], 40000, 443, true);
+    h.check("ssh syn before", Prog::ToVm, &syn, Expect::Pass);
+    let q = pb::QuarantineOnHost {
+        quarantine: Some(pb::Quarantine {
+            id: "q1".into(),
+            target_id: "p1".into(),
+            reason: "incident 42".into(),
+            ..Default::default()
+        }),
+        port_ids: vec!["p1".into()],
+    };
+    res.insert(
+        "quarantine/q1".into(),
+        pb::Resource {
+            name: "quarantine/q1".into(),
+            version: "1".into(),
+            kind: Some(pb::resource::Kind::Quarantine(q)),
+        },
+    );
+    h.policy(&res);
+    use DropReason::Quarantined;
+    h.check(
+        "established ssh, quarantined",
+        Prog::ToVm,
+        &ack,
+        Expect::Drop(Quarantined),
+    );
+    h.check("new ssh, quarantined", Prog::ToVm, &syn, Expect::Drop(Quarantined));
+    h.check("outbound, quarantined", Prog::FromVm, &out, Expect::Drop(Quarantined));
+    h.check(
+        "arp, quarantined",
+        Prog::FromVm,
+        &arp(VM_MAC, VM4),
+        Expect::Drop(Quarantined),
+    );
+    res.remove("quarantine/q1");
+    h.policy(&res);
+    h.check("ssh after the lift", Prog::ToVm, &ack, Expect::Pass);
+    h.check("outbound after the lift", Prog::FromVm, &out, Expect::Pass);
 }

@@ -52,6 +52,21 @@ pub fn ops_from_pb(ops: &[pb::Operation]) -> Result<Vec<m::Op>, FieldError> {
 fn op_from_pb(i: usize, op: &pb::operation::Op) -> Result<m::Op, FieldError> {
     use pb::operation::Op as P;
     Ok(match op {
+        P::PutQuarantine(q) => {
+            let at = format!("operations[{i}].put_quarantine");
+            let target = match pb::Kind::try_from(q.target_kind) {
+                Ok(pb::Kind::Port) => m::QuarantineTarget::Port,
+                Ok(pb::Kind::Vpc) => m::QuarantineTarget::Vpc,
+                _ => return Err(At(&at).err("target_kind", format!("must be PORT or VPC, got {}", q.target_kind))),
+            };
+            m::Op::PutQuarantine(m::Quarantine {
+                id: q.id.clone(),
+                target,
+                target_id: q.target_id.clone(),
+                reason: q.reason.clone(),
+                expires_unix_ms: (q.expires_unix_ms != 0).then_some(q.expires_unix_ms),
+            })
+        }
         P::PutTenant(t) => m::Op::PutTenant(m::Tenant {
             id: t.id.clone(),
             name: t.name.clone(),
@@ -119,6 +134,7 @@ pub fn kind_from_pb(k: i32) -> Option<m::Kind> {
         pb::Kind::Host => m::Kind::Host,
         pb::Kind::Port => m::Kind::Port,
         pb::Kind::SecurityGroup => m::Kind::SecurityGroup,
+        pb::Kind::Quarantine => m::Kind::Quarantine,
         pb::Kind::Unspecified => return None,
     })
 }
@@ -131,6 +147,7 @@ pub fn kind_to_pb(k: m::Kind) -> pb::Kind {
         m::Kind::Host => pb::Kind::Host,
         m::Kind::Port => pb::Kind::Port,
         m::Kind::SecurityGroup => pb::Kind::SecurityGroup,
+        m::Kind::Quarantine => pb::Kind::Quarantine,
     }
 }
 
@@ -283,6 +300,19 @@ fn rule_to_pb(r: &m::Rule) -> pb::SecurityGroupRule {
     }
 }
 
+pub fn quarantine_to_pb(q: &m::Quarantine) -> pb::Quarantine {
+    pb::Quarantine {
+        id: q.id.clone(),
+        target_kind: match q.target {
+            m::QuarantineTarget::Port => pb::Kind::Port,
+            m::QuarantineTarget::Vpc => pb::Kind::Vpc,
+        } as i32,
+        target_id: q.target_id.clone(),
+        reason: q.reason.clone(),
+        expires_unix_ms: q.expires_unix_ms.unwrap_or(0),
+    }
+}
+
 /// Converts a model operation to the API's form (used by `sdnctl`).
 pub fn op_to_pb(op: &m::Op) -> pb::Operation {
     use pb::operation::Op as P;
@@ -308,6 +338,7 @@ pub fn op_to_pb(op: &m::Op) -> pb::Operation {
         }),
         m::Op::PutPort(p) => P::PutPort(port_to_pb(p)),
         m::Op::PutSecurityGroup(g) => P::PutSecurityGroup(group_to_pb(g)),
+        m::Op::PutQuarantine(q) => P::PutQuarantine(quarantine_to_pb(q)),
         m::Op::Delete { kind, id } => P::Delete(pb::ObjectRef {
             kind: kind_to_pb(*kind) as i32,
             id: id.clone(),

@@ -70,6 +70,20 @@ impl pb::provisioning_server::Provisioning for Controller {
             )));
         }
         let ops = convert::ops_from_pb(&req.operations).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        for (i, op) in ops.iter().enumerate() {
+            if let sdn_policies::Op::PutQuarantine(q) = op {
+                if q.expires_unix_ms.is_some_and(|t| t <= now_ms) {
+                    return Err(Status::invalid_argument(format!(
+                        "operations[{i}].put_quarantine.expires_unix_ms: {} is in the past",
+                        q.expires_unix_ms.unwrap_or(0)
+                    )));
+                }
+            }
+        }
         let actor = if req.actor.trim().is_empty() {
             "unknown".to_string()
         } else {
@@ -191,6 +205,9 @@ impl pb::provisioning_server::Provisioning for Controller {
         }
         if want(K::Port) {
             out.ports = s.ports.values().map(convert::port_to_pb).collect();
+        }
+        if want(K::Quarantine) {
+            out.quarantines = s.quarantines.values().map(convert::quarantine_to_pb).collect();
         }
         if want(K::SecurityGroup) {
             out.security_groups = s.security_groups.values().map(convert::group_to_pb).collect();

@@ -54,6 +54,24 @@ pub fn host_slice(state: &State, host: &str) -> BTreeMap<String, pb::Resource> {
             }
         }
     }
+    for q in state.quarantines.values() {
+        let port_ids: Vec<String> = state
+            .quarantined_ports(q)
+            .into_iter()
+            .filter(|p| p.host_id == host)
+            .map(|p| p.id.clone())
+            .collect();
+        if !port_ids.is_empty() {
+            let on_host = pb::QuarantineOnHost {
+                quarantine: Some(crate::convert::quarantine_to_pb(q)),
+                port_ids,
+            };
+            out.extend([resource(
+                format!("quarantine/{}", q.id),
+                pb::resource::Kind::Quarantine(on_host),
+            )]);
+        }
+    }
     for g in remote_groups {
         let members = pb::GroupMembers {
             group_id: g.to_string(),

@@ -416,3 +416,133 @@ async fn wait_all_enforced(c: &mut pb::provisioning_client::ProvisioningClient<t
     }
     panic!("agents did not all enforce the current revision: {last:?}");
 }
+
+fn quarantine(id: &str, kind: pb::Kind, target: &str, reason: &str, expires_unix_ms: u64) -> pb::operation::Op {
+    pb::operation::Op::PutQuarantine(pb::Quarantine {
+        id: id.into(),
+        target_kind: kind as i32,
+        target_id: target.into(),
+        reason: reason.into(),
+        expires_unix_ms,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quarantine_cuts_off_at_once_and_lifts() {
+    if !privileged() {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    let env = setup("sgq").await.expect("topology");
+    assert!(env.reach("vm2", "vm1", "icmp", 0, false));
+    assert!(env.reach("vm1", "vm3", "tcp", 80, false));
+    // A live connection into vm1 that the quarantine must cut too.
+    let ns3 = env.topo.vm("vm3").ns.name.clone();
+    let mut hold = Proc::spawn(
+        "hold-q",
+        Some(&ns3),
+        &bin("sdn-probe"),
+        &["hold", "10.10.0.11", "80", "--seconds", "3", "--interval-ms", "50"],
+        &env.topo.dir,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    let r = env
+        .cluster
+        .apply(vec![quarantine(
+            "q-vm1",
+            pb::Kind::Port,
+            "vm1",
+            "malware beacon, ticket 4711",
+            0,
+        )])
+        .await
+        .expect("quarantine");
+    assert!(r.enforced && r.hosts == vec!["h1".to_string()], "{r:?}");
+    env.expect(&[
+        ("vm2", "vm1", "icmp", 0, false, false),
+        ("vm3", "vm1", "tcp", 80, true, false),
+        ("vm1", "vm3", "tcp", 80, false, false),  // outbound too
+        ("vm3", "vm2", "tcp", 5432, false, true), // others unaffected
+    ]);
+    wait_for("the hold probe to finish", Duration::from_secs(10), || !hold.alive()).unwrap();
+    assert!(
+        !hold.log_text().contains("failed=0"),
+        "the established connection was cut: {}",
+        hold.log_text()
+    );
+    let drops = env.cluster.drops(&env.topo, "h1").unwrap();
+    assert!(drops["drops"]["quarantined"].as_u64().unwrap() > 0, "{drops}");
+    let agent_log = env.cluster.agents.iter().find(|(h, _)| h == "h1").unwrap().1.log_text();
+    assert!(
+        agent_log.contains("quarantine_applied") && agent_log.contains("ticket 4711"),
+        "the agent logs a security event"
+    );
+
+    // Deleting the port while quarantined is refused; lifting restores the policy.
+    let e = env
+        .cluster
+        .apply(vec![pb::operation::Op::Delete(pb::ObjectRef {
+            kind: pb::Kind::Port as i32,
+            id: "vm1".into(),
+        })])
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("quarantine q-vm1"), "{e:?}");
+    env.cluster
+        .apply(vec![pb::operation::Op::Delete(pb::ObjectRef {
+            kind: pb::Kind::Quarantine as i32,
+            id: "q-vm1".into(),
+        })])
+        .await
+        .expect("lift");
+    env.expect(&[
+        ("vm2", "vm1", "icmp", 0, false, true),
+        ("vm3", "vm1", "tcp", 81, false, false),
+        ("vm1", "vm3", "tcp", 80, false, true),
+    ]);
+
+    // A whole VPC, with an expiry: it lifts by itself.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    env.cluster
+        .apply(vec![quarantine("q-vpc", pb::Kind::Vpc, "vpc1", "exercise", now + 2500)])
+        .await
+        .expect("vpc quarantine");
+    env.expect(&[
+        ("vm2", "vm1", "icmp", 0, false, false),
+        ("vm1", "vm2", "tcp", 5432, false, false),
+    ]);
+    std::thread::sleep(Duration::from_millis(2500));
+    wait_for("the quarantine to expire", Duration::from_secs(5), || {
+        env.reach("vm2", "vm1", "icmp", 0, false)
+    })
+    .unwrap();
+    env.expect(&[("vm1", "vm2", "tcp", 5432, false, true)]);
+    let e = env
+        .cluster
+        .apply(vec![quarantine("q-old", pb::Kind::Port, "vm1", "late", 1000)])
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("expires_unix_ms"), "{e:?}");
+    let mut c = env.cluster.client().await.unwrap();
+    let audit = c
+        .audit(pb::AuditRequest {
+            after_revision: 0,
+            limit: 100,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let lines: Vec<String> = audit.records.iter().flat_map(|r| r.changes.clone()).collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("quarantine q-vm1 port vm1") && l.contains("ticket 4711")),
+        "{lines:?}"
+    );
+    assert!(lines.iter().any(|l| l == "lift quarantine q-vm1"), "{lines:?}");
+}

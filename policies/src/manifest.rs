@@ -478,7 +478,8 @@ pub fn dependency_order(mut ops: Vec<Located>) -> Vec<Located> {
             Op::PutHost(_) => 3,
             Op::PutSecurityGroup(_) => 4,
             Op::PutPort(_) => 5,
-            Op::Delete { .. } => 6,
+            Op::PutQuarantine(_) => 6,
+            Op::Delete { .. } => 7,
         }
     }
     ops.sort_by_key(|l| rank(&l.op));

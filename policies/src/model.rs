@@ -69,6 +69,24 @@ pub struct SecurityGroup {
     pub rules: Vec<Rule>,
 }
 
+/// What a quarantine isolates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum QuarantineTarget {
+    Port,
+    Vpc,
+}
+
+/// An emergency quarantine: all traffic to and from the target is dropped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quarantine {
+    pub id: String,
+    pub target: QuarantineTarget,
+    pub target_id: String,
+    pub reason: String,
+    /// Unix milliseconds when it lifts by itself; `None`: when deleted.
+    pub expires_unix_ms: Option<u64>,
+}
+
 /// Direction of a rule, seen from the port.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -199,6 +217,7 @@ pub enum Kind {
     Host,
     Port,
     SecurityGroup,
+    Quarantine,
 }
 
 impl Kind {
@@ -210,6 +229,7 @@ impl Kind {
             Kind::Host => "host",
             Kind::Port => "port",
             Kind::SecurityGroup => "security_group",
+            Kind::Quarantine => "quarantine",
         }
     }
 }
@@ -223,6 +243,7 @@ pub enum Op {
     PutHost(Host),
     PutPort(Port),
     PutSecurityGroup(SecurityGroup),
+    PutQuarantine(Quarantine),
     Delete { kind: Kind, id: String },
 }
 
@@ -236,6 +257,7 @@ impl Op {
             Op::PutHost(_) => "put_host",
             Op::PutPort(_) => "put_port",
             Op::PutSecurityGroup(_) => "put_security_group",
+            Op::PutQuarantine(_) => "put_quarantine",
             Op::Delete { .. } => "delete",
         }
     }
@@ -249,6 +271,18 @@ impl Op {
             Op::PutHost(h) => format!("put host {}", h.id),
             Op::PutPort(p) => format!("put port {}", p.id),
             Op::PutSecurityGroup(g) => format!("put security_group {} ({} rules)", g.id, g.rules.len()),
+            Op::PutQuarantine(q) => {
+                let target = match q.target {
+                    QuarantineTarget::Port => "port",
+                    QuarantineTarget::Vpc => "vpc",
+                };
+                let until = q.expires_unix_ms.map(|t| format!(" until {t}")).unwrap_or_default();
+                format!("quarantine {} {target} {}{until}: {}", q.id, q.target_id, q.reason)
+            }
+            Op::Delete {
+                kind: Kind::Quarantine,
+                id,
+            } => format!("lift quarantine {id}"),
             Op::Delete { kind, id } => format!("delete {} {}", kind.name(), id),
         }
     }

@@ -36,6 +36,8 @@ pub struct State {
     pub hosts: BTreeMap<String, Host>,
     pub ports: BTreeMap<String, Port>,
     pub security_groups: BTreeMap<String, SecurityGroup>,
+    #[serde(default)]
+    pub quarantines: BTreeMap<String, Quarantine>,
 }
 
 struct Ctx<'a> {
@@ -119,6 +121,23 @@ impl State {
             }
             Op::PutPort(p) => self.put_port(c, p)?,
             Op::PutSecurityGroup(g) => self.put_group(c, g)?,
+            Op::PutQuarantine(q) => {
+                check_id(&q.id).map_err(|m| c.err("id", m))?;
+                if q.reason.trim().is_empty() {
+                    return Err(c.err("reason", "a quarantine needs a reason"));
+                }
+                let exists = match q.target {
+                    QuarantineTarget::Port => self.ports.contains_key(&q.target_id),
+                    QuarantineTarget::Vpc => self.vpcs.contains_key(&q.target_id),
+                };
+                if !exists {
+                    return Err(c.err(
+                        "target_id",
+                        format!("unknown {:?} {:?}", q.target, q.target_id).to_lowercase(),
+                    ));
+                }
+                self.quarantines.insert(q.id.clone(), q.clone());
+            }
             Op::Delete { kind, id } => self.delete(c, *kind, id)?,
         }
         Ok(())
@@ -407,6 +426,13 @@ impl State {
                 if let Some(s) = self.subnets.values().find(|s| s.vpc_id == id) {
                     return in_use(format!("subnet {}", s.id));
                 }
+                if let Some(q) = self
+                    .quarantines
+                    .values()
+                    .find(|q| q.target == QuarantineTarget::Vpc && q.target_id == id)
+                {
+                    return in_use(format!("quarantine {} (lift it first)", q.id));
+                }
                 self.vpcs.remove(id);
             }
             Kind::Subnet => {
@@ -428,8 +454,20 @@ impl State {
                 self.hosts.remove(id);
             }
             Kind::Port => {
+                if let Some(q) = self
+                    .quarantines
+                    .values()
+                    .find(|q| q.target == QuarantineTarget::Port && q.target_id == id)
+                {
+                    return in_use(format!("quarantine {} (lift it first)", q.id));
+                }
                 if self.ports.remove(id).is_none() {
                     return Err(c.err("id", format!("unknown port {id:?}")));
+                }
+            }
+            Kind::Quarantine => {
+                if self.quarantines.remove(id).is_none() {
+                    return Err(c.err("id", format!("unknown quarantine {id:?}")));
                 }
             }
             Kind::SecurityGroup => {
@@ -454,6 +492,17 @@ impl State {
             }
         }
         Ok(())
+    }
+
+    /// Ids of the ports a quarantine covers.
+    pub fn quarantined_ports(&self, q: &Quarantine) -> Vec<&Port> {
+        self.ports
+            .values()
+            .filter(|p| match q.target {
+                QuarantineTarget::Port => p.id == q.target_id,
+                QuarantineTarget::Vpc => self.subnets.get(&p.subnet_id).is_some_and(|s| s.vpc_id == q.target_id),
+            })
+            .collect()
     }
 
     /// Addresses of every port in a security group.

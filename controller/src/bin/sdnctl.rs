@@ -28,6 +28,7 @@ enum KindArg {
     Host,
     Port,
     SecurityGroup,
+    Quarantine,
 }
 
 impl KindArg {
@@ -39,6 +40,7 @@ impl KindArg {
             KindArg::Host => pb::Kind::Host,
             KindArg::Port => pb::Kind::Port,
             KindArg::SecurityGroup => pb::Kind::SecurityGroup,
+            KindArg::Quarantine => pb::Kind::Quarantine,
         }
     }
 }
@@ -96,6 +98,31 @@ enum Cmd {
         /// Answer from the contacted replica's own state, which may lag.
         #[arg(long)]
         stale: bool,
+    },
+    /// Cut a port or a whole VPC off at once: every packet to and from it is
+    /// dropped, established connections included, until lifted or expired.
+    Quarantine {
+        /// port or vpc.
+        target: String,
+        /// The port's or the VPC's id.
+        id: String,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: String,
+        /// Lift by itself after this many seconds.
+        #[arg(long)]
+        expires_in: Option<u64>,
+        /// Id of the quarantine (default: q-<target id>).
+        #[arg(long = "name")]
+        name: Option<String>,
+        #[arg(long, env = "SDN_ACTOR", default_value = "sdnctl")]
+        actor: String,
+    },
+    /// Lift a quarantine.
+    Lift {
+        name: String,
+        #[arg(long, env = "SDN_ACTOR", default_value = "sdnctl")]
+        actor: String,
     },
     /// Controller cluster membership.
     #[command(subcommand)]
@@ -215,6 +242,48 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             apply(&cli.controller, vec![op], wait, 30, actor).await?;
         }
         Cmd::Cluster(c) => cluster(&cli.controller, c).await?,
+        Cmd::Quarantine {
+            target,
+            id,
+            reason,
+            expires_in,
+            name,
+            actor,
+        } => {
+            let target_kind = match target.as_str() {
+                "port" => pb::Kind::Port,
+                "vpc" => pb::Kind::Vpc,
+                other => anyhow::bail!("target: {other:?} is not port or vpc"),
+            };
+            let expires_unix_ms = expires_in
+                .map(|s| {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    now.as_millis() as u64 + s * 1000
+                })
+                .unwrap_or(0);
+            let q = pb::Quarantine {
+                id: name.unwrap_or_else(|| format!("q-{id}")),
+                target_kind: target_kind as i32,
+                target_id: id,
+                reason,
+                expires_unix_ms,
+            };
+            let op = pb::Operation {
+                op: Some(pb::operation::Op::PutQuarantine(q)),
+            };
+            apply(&cli.controller, vec![op], true, 30, actor).await?;
+        }
+        Cmd::Lift { name, actor } => {
+            let op = pb::Operation {
+                op: Some(pb::operation::Op::Delete(pb::ObjectRef {
+                    kind: pb::Kind::Quarantine as i32,
+                    id: name,
+                })),
+            };
+            apply(&cli.controller, vec![op], true, 30, actor).await?;
+        }
         Cmd::Get { kind, stale } => {
             let mut c = client(&cli.controller).await?;
             let r = c
@@ -248,6 +317,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     p.ipv4,
                     p.ipv6,
                     p.security_group_ids.join(",")
+                );
+            }
+            for q in r.quarantines {
+                println!(
+                    "quarantine {} target={}/{} expires={} reason={:?}",
+                    q.id,
+                    if q.target_kind == pb::Kind::Vpc as i32 {
+                        "vpc"
+                    } else {
+                        "port"
+                    },
+                    q.target_id,
+                    q.expires_unix_ms,
+                    q.reason
                 );
             }
             for g in r.security_groups {

@@ -77,6 +77,7 @@ fn object_json(state: &State, kind: Kind, id: &str) -> Option<Vec<u8>> {
         Kind::Host => state.hosts.get(id).map(serde_json::to_vec),
         Kind::Port => state.ports.get(id).map(serde_json::to_vec),
         Kind::SecurityGroup => state.security_groups.get(id).map(serde_json::to_vec),
+        Kind::Quarantine => state.quarantines.get(id).map(serde_json::to_vec),
     };
     j.map(|r| r.expect("model objects serialise"))
 }
@@ -89,6 +90,7 @@ fn op_key(op: &Op) -> (Kind, String) {
         Op::PutHost(x) => (Kind::Host, x.id.clone()),
         Op::PutPort(x) => (Kind::Port, x.id.clone()),
         Op::PutSecurityGroup(x) => (Kind::SecurityGroup, x.id.clone()),
+        Op::PutQuarantine(x) => (Kind::Quarantine, x.id.clone()),
         Op::Delete { kind, id } => (*kind, id.clone()),
     }
 }
@@ -120,6 +122,9 @@ fn load_state(db: &Database) -> Result<(State, Applied), AnyError> {
             }
             "port" => {
                 state.ports.insert(id, serde_json::from_slice(v).map_err(any)?);
+            }
+            "quarantine" => {
+                state.quarantines.insert(id, serde_json::from_slice(v).map_err(any)?);
             }
             "security_group" => {
                 state
@@ -381,7 +386,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     .chain(s.subnets.keys().map(|k| (Kind::Subnet, k)))
                     .chain(s.hosts.keys().map(|k| (Kind::Host, k)))
                     .chain(s.ports.keys().map(|k| (Kind::Port, k)))
-                    .chain(s.security_groups.keys().map(|k| (Kind::SecurityGroup, k)));
+                    .chain(s.security_groups.keys().map(|k| (Kind::SecurityGroup, k)))
+                    .chain(s.quarantines.keys().map(|k| (Kind::Quarantine, k)));
                 for (kind, id) in all {
                     let j = object_json(s, kind, id).expect("present");
                     objects

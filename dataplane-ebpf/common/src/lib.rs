@@ -62,6 +62,8 @@ pub enum DropReason {
     PolicyRevoked = 13,
     /// Malformed ARP packet.
     BadArp = 14,
+    /// The port is quarantined: nothing goes in or out.
+    Quarantined = 15,
 }
 
 /// Number of slots in the drop counter array (room to grow).
@@ -69,7 +71,7 @@ pub const DROP_REASON_SLOTS: u32 = 32;
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::UnknownPort,
         DropReason::Truncated,
         DropReason::UnsupportedEthertype,
@@ -85,6 +87,7 @@ impl DropReason {
         DropReason::PolicyEgress,
         DropReason::PolicyRevoked,
         DropReason::BadArp,
+        DropReason::Quarantined,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -105,6 +108,7 @@ impl DropReason {
             DropReason::PolicyEgress => "policy_egress",
             DropReason::PolicyRevoked => "policy_revoked",
             DropReason::BadArp => "bad_arp",
+            DropReason::Quarantined => "quarantined",
         }
     }
 }

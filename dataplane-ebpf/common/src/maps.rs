@@ -29,6 +29,9 @@ pub const CT_MAX: u32 = 262144;
 
 /// Port flag: the port has no egress rules, so everything it sends is allowed.
 pub const PORT_F_EGRESS_OPEN: u32 = 1;
+/// Port flag: the port is quarantined; every packet in either direction is
+/// dropped before any other rule (policy tier 1).
+pub const PORT_F_QUARANTINED: u32 = 2;
 
 /// Configuration of one VM port, keyed by the ifindex of its host-side device.
 #[repr(C)]

@@ -3,7 +3,7 @@
 
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{
-    maps::{CtKey, PortAddrKey, PortInfo, CT_ORIGIN_IN, CT_ORIGIN_OUT},
+    maps::{CtKey, PortAddrKey, PortInfo, CT_ORIGIN_IN, CT_ORIGIN_OUT, PORT_F_QUARANTINED},
     DropReason, Stat, DIR_EGRESS, DIR_INGRESS, FAMILY_V4, FAMILY_V6, PROTO_ICMPV6,
 };
 
@@ -25,12 +25,15 @@ const MLD_REPORT: u8 = 131;
 const MLD_DONE: u8 = 132;
 const MLD2_REPORT: u8 = 143;
 
+/// The port's configuration. A quarantined port stops here: tier 1 of the
+/// policy order, before anti-spoofing, conntrack and every rule.
 #[inline(always)]
 fn port_of(ctx: &TcContext) -> Result<PortInfo, DropReason> {
     // SAFETY: reading the ifindex field of the context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: the value is copied out at once.
     match unsafe { PORTS.get(&ifindex) } {
+        Some(p) if p.flags & PORT_F_QUARANTINED != 0 => Err(DropReason::Quarantined),
         Some(p) => Ok(*p),
         None => Err(DropReason::UnknownPort),
     }

@@ -243,6 +243,38 @@ async fn main() -> anyhow::Result<()> {
     );
     wrong += forged as usize;
 
+    step("operator: emergency quarantine of vm1, then lift it");
+    let ping = |from: &str, to: &str| {
+        topo.vm(from)
+            .ns
+            .sh(&["ping", "-c", "1", "-W", "1", &topo.vm(to).v4])
+            .is_ok()
+    };
+    sdnctl(
+        &cluster,
+        &[
+            "quarantine",
+            "port",
+            "vm1",
+            "--reason",
+            "suspected compromise, ticket 4711",
+        ],
+    )?;
+    let (a, b) = (ping("vm2", "vm1"), ping("vm1", "vm3"));
+    println!(
+        "  vm2->vm1 ping: {}   vm1->vm3 ping: {}",
+        if a { "PASS   <-- UNEXPECTED" } else { "DROP" },
+        if b { "PASS   <-- UNEXPECTED" } else { "DROP" }
+    );
+    wrong += a as usize + b as usize;
+    sdnctl(&cluster, &["lift", "q-vm1"])?;
+    let a = ping("vm2", "vm1") || ping("vm2", "vm1");
+    println!(
+        "  vm2->vm1 ping after the lift: {}",
+        if a { "PASS" } else { "DROP   <-- UNEXPECTED" }
+    );
+    wrong += (!a) as usize;
+
     step("drop counters on h1, by reason");
     let drops = cluster.drops(&topo, "h1")?;
     for (k, v) in drops["drops"].as_object().unwrap() {
