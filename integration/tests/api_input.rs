@@ -281,3 +281,64 @@ fn sdnctl_validate_reports_lines() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sdnctl_diff_and_get_round_trip() {
+    if !privileged() {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    let dir = std::env::temp_dir().join("sdn-sdnctl-diff");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cluster = Cluster::start(&dir).unwrap();
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(bin("sdnctl"))
+            .arg("--controller")
+            .arg(&cluster.addr)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "sdnctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/examples");
+    let sg = examples.join("security-groups.yaml");
+    let maint = examples.join("security-groups-maintenance.yaml");
+    let tenant = dir.join("tenant.yaml");
+    std::fs::write(&tenant, "apiVersion: sdn/v1\nkind: Tenant\nmetadata:\n  name: dept-a\n").unwrap();
+    ctl(&["apply", "-f", tenant.to_str().unwrap()]);
+    let d = ctl(&["diff", "-f", sg.to_str().unwrap()]);
+    assert!(
+        d.contains("+ SecurityGroup/web") && d.contains("2 to create, 0 to change"),
+        "{d}"
+    );
+    ctl(&["apply", "-f", sg.to_str().unwrap(), "--wait"]);
+    let d = ctl(&["diff", "-f", sg.to_str().unwrap()]);
+    assert!(d.contains("0 to create, 0 to change, 2 unchanged"), "{d}");
+    let d = ctl(&["diff", "-f", maint.to_str().unwrap()]);
+    let removed_http = d.lines().any(|l| l.starts_with('-') && l.ends_with("- id: http"));
+    assert!(
+        d.contains("~ SecurityGroup/web") && removed_http && d.contains("1 to change"),
+        "{d}"
+    );
+    // What get -o yaml prints, apply takes back unchanged.
+    let yaml = ctl(&["get", "-o", "yaml"]);
+    let f = dir.join("all.yaml");
+    std::fs::write(&f, &yaml).unwrap();
+    let d = ctl(&["diff", "-f", f.to_str().unwrap()]);
+    assert!(d.contains("0 to create, 0 to change, 3 unchanged"), "{d}\n{yaml}");
+    let json: serde_json::Value = serde_json::from_str(&ctl(&["get", "security-group", "-o", "json"])).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 2);
+    let table = ctl(&["get"]);
+    assert!(
+        table.contains("KIND") && table.contains("security_group  web"),
+        "{table}"
+    );
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -604,3 +604,131 @@ metadata:
         assert!(e.line.is_some(), "{e}");
     }
 }
+
+/// Renders an object (a put operation) as a manifest document, the inverse
+/// of parsing: `parse_str` of the YAML of this value gives the operation back.
+pub fn render(op: &Op) -> Option<serde_json::Value> {
+    use serde_json::json;
+    let doc = |kind: &str, name: &str, tenant: Option<&str>, spec: serde_json::Value| {
+        let mut meta = json!({ "name": name });
+        if let Some(t) = tenant {
+            meta["tenant"] = json!(t);
+        }
+        let mut d = json!({ "apiVersion": API_VERSION, "kind": kind, "metadata": meta });
+        if !spec.as_object().is_some_and(|o| o.is_empty()) {
+            d["spec"] = spec;
+        }
+        d
+    };
+    Some(match op {
+        Op::PutTenant(t) => {
+            let spec = if t.name != t.id {
+                json!({ "displayName": t.name })
+            } else {
+                json!({})
+            };
+            doc("Tenant", &t.id, None, spec)
+        }
+        Op::PutVpc(v) => {
+            let spec = if v.name != v.id {
+                json!({ "displayName": v.name })
+            } else {
+                json!({})
+            };
+            doc("Vpc", &v.id, Some(&v.tenant_id), spec)
+        }
+        Op::PutSubnet(s) => {
+            let mut spec = json!({ "vpc": s.vpc_id });
+            if let Some(n) = s.cidr_v4 {
+                spec["cidrV4"] = json!(n.to_string());
+            }
+            if let Some(n) = s.cidr_v6 {
+                spec["cidrV6"] = json!(n.to_string());
+            }
+            doc("Subnet", &s.id, None, spec)
+        }
+        Op::PutHost(h) => doc("Host", &h.id, None, json!({ "underlayIp": h.underlay_ip.to_string() })),
+        Op::PutPort(p) => {
+            let mut spec =
+                json!({ "subnet": p.subnet_id, "host": p.host_id, "device": p.device, "mac": p.mac.to_string() });
+            if let Some(a) = p.ipv4 {
+                spec["ipv4"] = json!(a.to_string());
+            }
+            if let Some(a) = p.ipv6 {
+                spec["ipv6"] = json!(a.to_string());
+            }
+            if !p.security_group_ids.is_empty() {
+                spec["securityGroups"] = json!(p.security_group_ids);
+            }
+            doc("Port", &p.id, Some(&p.tenant_id), spec)
+        }
+        Op::PutSecurityGroup(g) => {
+            let rules: Vec<serde_json::Value> = g
+                .rules
+                .iter()
+                .map(|r| {
+                    let mut v = json!({
+                        "id": r.id,
+                        "direction": r.direction,
+                        "etherType": r.ether_type,
+                        "protocol": r.protocol,
+                    });
+                    if let Some((a, b)) = r.ports {
+                        v["ports"] = if a == b { json!(a) } else { json!(format!("{a}-{b}")) };
+                    }
+                    match &r.remote {
+                        Remote::Any => {}
+                        Remote::Cidr(n) => v["remoteCidr"] = json!(n.to_string()),
+                        Remote::Group(id) => v["remoteGroup"] = json!(id),
+                    }
+                    v
+                })
+                .collect();
+            let mut spec = json!({ "rules": rules });
+            if g.name != g.id {
+                spec["displayName"] = json!(g.name);
+            }
+            doc("SecurityGroup", &g.id, Some(&g.tenant_id), spec)
+        }
+        Op::PutQuarantine(_) | Op::Delete { .. } => return None,
+    })
+}
+
+/// Renders documents as a YAML stream.
+pub fn to_yaml(docs: &[serde_json::Value]) -> String {
+    docs.iter()
+        .map(|d| serde_yaml::to_string(d).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+#[cfg(test)]
+mod render_tests {
+    use super::*;
+
+    #[test]
+    fn render_round_trips_through_the_parser() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/security-groups.yaml")).unwrap();
+        let mut ops: Vec<Op> = parse_str("ex.yaml", &text).unwrap().into_iter().map(|l| l.op).collect();
+        ops.push(Op::PutPort(crate::model::Port {
+            id: "p".into(),
+            tenant_id: "t".into(),
+            subnet_id: "s".into(),
+            host_id: "h".into(),
+            device: "tap0".into(),
+            mac: "02:00:00:00:00:01".parse().unwrap(),
+            ipv4: Some("10.0.0.5".parse().unwrap()),
+            ipv6: None,
+            security_group_ids: vec!["web".into()],
+        }));
+        let docs: Vec<serde_json::Value> = ops.iter().filter_map(render).collect();
+        let yaml = to_yaml(&docs);
+        let back: Vec<Op> = parse_str("rendered.yaml", &yaml)
+            .unwrap()
+            .into_iter()
+            .map(|l| l.op)
+            .collect();
+        assert_eq!(back, ops, "{yaml}");
+    }
+}

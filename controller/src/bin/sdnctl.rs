@@ -45,6 +45,61 @@ impl KindArg {
     }
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Yaml,
+    Json,
+}
+
+/// The listed objects as put operations of the model, in dependency order.
+fn listed_ops(r: &pb::ListResponse) -> anyhow::Result<Vec<sdn_policies::Op>> {
+    use pb::operation::Op as P;
+    let mut ops: Vec<P> = Vec::new();
+    ops.extend(r.tenants.iter().cloned().map(P::PutTenant));
+    ops.extend(r.vpcs.iter().cloned().map(P::PutVpc));
+    ops.extend(r.subnets.iter().cloned().map(P::PutSubnet));
+    ops.extend(r.hosts.iter().cloned().map(P::PutHost));
+    ops.extend(r.security_groups.iter().cloned().map(P::PutSecurityGroup));
+    ops.extend(r.ports.iter().cloned().map(P::PutPort));
+    let ops: Vec<pb::Operation> = ops.into_iter().map(|o| pb::Operation { op: Some(o) }).collect();
+    convert::ops_from_pb(&ops)
+        .map_err(|e| anyhow::anyhow!("the controller returned an object this sdnctl cannot read: {e}"))
+}
+
+fn doc_key(d: &serde_json::Value) -> String {
+    format!(
+        "{}/{}",
+        d["kind"].as_str().unwrap_or("?"),
+        d["metadata"]["name"].as_str().unwrap_or("?")
+    )
+}
+
+/// Draws a progress bar on a terminal, or one line per change otherwise.
+fn progress(done: usize, total: usize, revision: u64, last: &mut Option<usize>) {
+    use std::io::{IsTerminal, Write};
+    if *last == Some(done) {
+        return;
+    }
+    *last = Some(done);
+    let width = 30;
+    let filled = if total == 0 { width } else { done * width / total };
+    let bar = format!(
+        "[{}{}] {done}/{total} hosts enforce revision {revision}",
+        "#".repeat(filled),
+        ".".repeat(width - filled)
+    );
+    let mut err = std::io::stderr();
+    if err.is_terminal() {
+        let _ = write!(err, "\r{bar}");
+        if done == total {
+            let _ = writeln!(err);
+        }
+    } else {
+        let _ = writeln!(err, "{bar}");
+    }
+}
+
 #[derive(Subcommand)]
 enum ClusterCmd {
     /// Show the members, the leader and each replica's progress.
@@ -98,6 +153,14 @@ enum Cmd {
         /// Answer from the contacted replica's own state, which may lag.
         #[arg(long)]
         stale: bool,
+        /// Output: table, yaml (manifests that `apply -f` takes back) or json.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: Output,
+    },
+    /// Show what applying manifests would change, without changing anything.
+    Diff {
+        #[arg(short = 'f', long = "file")]
+        path: PathBuf,
     },
     /// Cut a port or a whole VPC off at once: every packet to and from it is
     /// dropped, established connections included, until lifted or expired.
@@ -162,15 +225,12 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
 async fn apply(addr: &str, ops: Vec<pb::Operation>, wait: bool, timeout: u32, actor: String) -> anyhow::Result<()> {
     let n = ops.len();
     let mut c = client(addr).await?;
-    if wait {
-        eprintln!("applying {n} operation(s) and waiting up to {timeout}s for enforcement...");
-    }
     let r = c
         .apply(pb::ApplyRequest {
             operations: ops,
             actor,
-            wait,
-            wait_timeout_ms: timeout.saturating_mul(1000),
+            wait: false,
+            wait_timeout_ms: 0,
         })
         .await
         .map_err(status_err)?
@@ -180,17 +240,62 @@ async fn apply(addr: &str, ops: Vec<pb::Operation>, wait: bool, timeout: u32, ac
     } else {
         r.hosts.join(", ")
     };
-    if wait {
-        println!(
-            "revision {}: {n} operation(s) applied, enforced on hosts: {hosts}",
-            r.revision
-        );
-    } else {
+    if !wait || r.hosts.is_empty() {
         println!(
             "revision {}: {n} operation(s) applied; hosts concerned: {hosts}",
             r.revision
         );
+        return Ok(());
     }
+    // Wait for every concerned host's agent to enforce the revision.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout as u64);
+    let mut last = None;
+    loop {
+        let e = c
+            .enforcement(pb::EnforcementRequest { revision: r.revision })
+            .await
+            .map_err(status_err)?
+            .into_inner();
+        let mut done = 0;
+        for h in &r.hosts {
+            let Some(s) = e.hosts.iter().find(|x| &x.host_id == h) else {
+                continue;
+            };
+            if s.enforced_revision >= r.revision {
+                done += 1;
+            } else if !s.nack_reason.is_empty() {
+                anyhow::bail!(
+                    "revision {} was committed but host {h} refused it: {}",
+                    r.revision,
+                    s.nack_reason
+                );
+            }
+        }
+        progress(done, r.hosts.len(), r.revision, &mut last);
+        if done == r.hosts.len() {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let pending: Vec<&String> = r
+                .hosts
+                .iter()
+                .filter(|h| {
+                    !e.hosts
+                        .iter()
+                        .any(|x| &x.host_id == *h && x.enforced_revision >= r.revision)
+                })
+                .collect();
+            anyhow::bail!(
+                "revision {} was committed but is not enforced after {timeout}s on: {pending:?}",
+                r.revision
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    println!(
+        "revision {}: {n} operation(s) applied, enforced on hosts: {hosts}",
+        r.revision
+    );
     Ok(())
 }
 
@@ -284,7 +389,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             apply(&cli.controller, vec![op], true, 30, actor).await?;
         }
-        Cmd::Get { kind, stale } => {
+        Cmd::Get { kind, stale, output } => {
             let mut c = client(&cli.controller).await?;
             let r = c
                 .list(pb::ListRequest {
@@ -294,48 +399,67 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            println!("# revision {}", r.revision);
-            for t in r.tenants {
-                println!("tenant {} name={:?}", t.id, t.name);
+            match output {
+                Output::Yaml => {
+                    let docs: Vec<serde_json::Value> = listed_ops(&r)?.iter().filter_map(manifest::render).collect();
+                    print!("{}", manifest::to_yaml(&docs));
+                }
+                Output::Json => {
+                    let docs: Vec<serde_json::Value> = listed_ops(&r)?.iter().filter_map(manifest::render).collect();
+                    println!("{}", serde_json::to_string_pretty(&docs)?);
+                }
+                Output::Table => print_table(&r),
             }
-            for v in r.vpcs {
-                println!("vpc {} tenant={} name={:?}", v.id, v.tenant_id, v.name);
+        }
+        Cmd::Diff { path } => {
+            let ops = manifest::dependency_order(manifest::load_path(&path)?);
+            manifest::validate_offline(&ops)?;
+            let mut c = client(&cli.controller).await?;
+            let r = c
+                .list(pb::ListRequest { kind: 0, stale: false })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let current: std::collections::BTreeMap<String, serde_json::Value> = listed_ops(&r)?
+                .iter()
+                .filter_map(manifest::render)
+                .map(|d| (doc_key(&d), d))
+                .collect();
+            let (mut create, mut change, mut same) = (0, 0, 0);
+            for l in &ops {
+                let Some(want) = manifest::render(&l.op) else { continue };
+                let key = doc_key(&want);
+                match current.get(&key) {
+                    None => {
+                        create += 1;
+                        println!("+ {key} (new, {}:{})", l.file, l.line);
+                        for line in manifest::to_yaml(std::slice::from_ref(&want)).lines() {
+                            println!("+   {line}");
+                        }
+                    }
+                    Some(have) if *have == want => same += 1,
+                    Some(have) => {
+                        change += 1;
+                        println!("~ {key} ({}:{})", l.file, l.line);
+                        let (old, new) = (
+                            manifest::to_yaml(std::slice::from_ref(have)),
+                            manifest::to_yaml(std::slice::from_ref(&want)),
+                        );
+                        for d in similar::TextDiff::from_lines(&old, &new).iter_all_changes() {
+                            let sign = match d.tag() {
+                                similar::ChangeTag::Delete => "-",
+                                similar::ChangeTag::Insert => "+",
+                                similar::ChangeTag::Equal => " ",
+                            };
+                            print!("{sign}   {d}");
+                        }
+                    }
+                }
             }
-            for s in r.subnets {
-                println!("subnet {} vpc={} v4={} v6={}", s.id, s.vpc_id, s.cidr_v4, s.cidr_v6);
-            }
-            for h in r.hosts {
-                println!("host {} underlay={}", h.id, h.underlay_ip);
-            }
-            for p in r.ports {
-                println!(
-                    "port {} host={} device={} mac={} v4={} v6={} groups={}",
-                    p.id,
-                    p.host_id,
-                    p.device,
-                    p.mac,
-                    p.ipv4,
-                    p.ipv6,
-                    p.security_group_ids.join(",")
-                );
-            }
-            for q in r.quarantines {
-                println!(
-                    "quarantine {} target={}/{} expires={} reason={:?}",
-                    q.id,
-                    if q.target_kind == pb::Kind::Vpc as i32 {
-                        "vpc"
-                    } else {
-                        "port"
-                    },
-                    q.target_id,
-                    q.expires_unix_ms,
-                    q.reason
-                );
-            }
-            for g in r.security_groups {
-                println!("security_group {} tenant={} rules={}", g.id, g.tenant_id, g.rules.len());
-            }
+            println!(
+                "at revision {}: {create} to create, {change} to change, {same} unchanged",
+                r.revision
+            );
         }
         Cmd::Audit { after } => {
             let mut c = client(&cli.controller).await?;
@@ -421,4 +545,72 @@ async fn cluster(addr: &str, cmd: ClusterCmd) -> anyhow::Result<()> {
     .into_inner();
     print_status(&s);
     Ok(())
+}
+
+fn print_table(r: &pb::ListResponse) {
+    println!("# revision {}", r.revision);
+    let rows: Vec<[String; 3]> = r
+        .tenants
+        .iter()
+        .map(|t| ["tenant".into(), t.id.clone(), format!("name={:?}", t.name)])
+        .chain(r.vpcs.iter().map(|v| {
+            [
+                "vpc".into(),
+                v.id.clone(),
+                format!("tenant={} name={:?}", v.tenant_id, v.name),
+            ]
+        }))
+        .chain(r.subnets.iter().map(|s| {
+            [
+                "subnet".into(),
+                s.id.clone(),
+                format!("vpc={} v4={} v6={}", s.vpc_id, s.cidr_v4, s.cidr_v6),
+            ]
+        }))
+        .chain(
+            r.hosts
+                .iter()
+                .map(|h| ["host".into(), h.id.clone(), format!("underlay={}", h.underlay_ip)]),
+        )
+        .chain(r.ports.iter().map(|p| {
+            let detail = format!(
+                "host={} device={} mac={} v4={} v6={} groups={}",
+                p.host_id,
+                p.device,
+                p.mac,
+                p.ipv4,
+                p.ipv6,
+                p.security_group_ids.join(",")
+            );
+            ["port".into(), p.id.clone(), detail]
+        }))
+        .chain(r.security_groups.iter().map(|g| {
+            [
+                "security_group".into(),
+                g.id.clone(),
+                format!("tenant={} rules={}", g.tenant_id, g.rules.len()),
+            ]
+        }))
+        .chain(r.quarantines.iter().map(|q| {
+            let target = if q.target_kind == pb::Kind::Vpc as i32 {
+                "vpc"
+            } else {
+                "port"
+            };
+            [
+                "quarantine".into(),
+                q.id.clone(),
+                format!(
+                    "target={target}/{} expires={} reason={:?}",
+                    q.target_id, q.expires_unix_ms, q.reason
+                ),
+            ]
+        }))
+        .collect();
+    let w0 = rows.iter().map(|r| r[0].len()).max().unwrap_or(4).max(4);
+    let w1 = rows.iter().map(|r| r[1].len()).max().unwrap_or(2).max(2);
+    println!("{:<w0$}  {:<w1$}  DETAILS", "KIND", "ID");
+    for r in rows {
+        println!("{:<w0$}  {:<w1$}  {}", r[0], r[1], r[2]);
+    }
 }
