@@ -83,7 +83,7 @@ fn progress(done: usize, total: usize, revision: u64, last: &mut Option<usize>) 
     }
     *last = Some(done);
     let width = 30;
-    let filled = if total == 0 { width } else { done * width / total };
+    let filled = (done * width).checked_div(total).unwrap_or(width);
     let bar = format!(
         "[{}{}] {done}/{total} hosts enforce revision {revision}",
         "#".repeat(filled),
