@@ -732,3 +732,58 @@ mod render_tests {
         assert_eq!(back, ops, "{yaml}");
     }
 }
+
+/// The JSON schema of a manifest document, for editors.
+pub const SCHEMA: &str = include_str!("../schema/sdn-v1.schema.json");
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+
+    fn validator() -> jsonschema::Validator {
+        let schema: serde_json::Value = serde_json::from_str(SCHEMA).expect("the schema is JSON");
+        jsonschema::validator_for(&schema).expect("the schema compiles")
+    }
+
+    #[test]
+    fn examples_and_rendered_objects_satisfy_the_schema() {
+        let v = validator();
+        for f in ["security-groups.yaml", "security-groups-maintenance.yaml"] {
+            let text = std::fs::read_to_string(format!("{}/examples/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+            for doc in serde_yaml::Deserializer::from_str(&text) {
+                let value: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+                let errors: Vec<String> = v.iter_errors(&value).map(|e| e.to_string()).collect();
+                assert!(errors.is_empty(), "{f}: {errors:?}");
+                // And what the parser accepts, rendered back, too.
+                let yaml = serde_yaml::to_string(&value).unwrap();
+                for l in parse_str(f, &yaml).unwrap() {
+                    let r = render(&l.op).unwrap();
+                    assert!(v.is_valid(&r), "{r}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_schema_catches_what_the_parser_refuses() {
+        let v = validator();
+        let ok = serde_json::json!({"apiVersion": "sdn/v1", "kind": "SecurityGroup", "metadata": {"name": "web", "tenant": "t"},
+            "spec": {"rules": [{"id": "a", "direction": "ingress", "etherType": "IPv4", "protocol": "tcp", "ports": "80-90"}]}});
+        assert!(v.is_valid(&ok));
+        let mut typo = ok.clone();
+        typo["spec"]["rules"][0]["portz"] = serde_json::json!(80);
+        assert!(!v.is_valid(&typo), "unknown rule field");
+        let mut proto = ok.clone();
+        proto["spec"]["rules"][0]["protocol"] = serde_json::json!("tcpp");
+        assert!(!v.is_valid(&proto), "unknown protocol");
+        let mut no_tenant = ok.clone();
+        no_tenant["metadata"] = serde_json::json!({"name": "web"});
+        assert!(!v.is_valid(&no_tenant), "a security group needs its tenant");
+        let mut both = ok.clone();
+        both["spec"]["rules"][0]["remoteCidr"] = serde_json::json!("10.0.0.0/8");
+        both["spec"]["rules"][0]["remoteGroup"] = serde_json::json!("db");
+        assert!(!v.is_valid(&both), "remoteCidr and remoteGroup are exclusive");
+        let kind = serde_json::json!({"apiVersion": "sdn/v1", "kind": "Tenent", "metadata": {"name": "x"}});
+        assert!(!v.is_valid(&kind));
+    }
+}

@@ -157,6 +157,8 @@ enum Cmd {
         #[arg(short = 'o', long, default_value = "table")]
         output: Output,
     },
+    /// Print the JSON schema of manifest documents (for editors).
+    Schema,
     /// Show what applying manifests would change, without changing anything.
     Diff {
         #[arg(short = 'f', long = "file")]
@@ -411,6 +413,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Output::Table => print_table(&r),
             }
         }
+        Cmd::Schema => print!("{}", manifest::SCHEMA),
         Cmd::Diff { path } => {
             let ops = manifest::dependency_order(manifest::load_path(&path)?);
             manifest::validate_offline(&ops)?;
