@@ -147,6 +147,11 @@ impl Proc {
         }
     }
 
+    /// The process id (`ip netns exec` execs the program, so it is the program's).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn alive(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }

@@ -809,3 +809,37 @@ async fn five_replicas_managed_with_sdnctl_survive_two_losses() {
         .unwrap();
     assert_eq!(l.tenants.iter().filter(|t| t.id.starts_with("five")).count(), 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lagging_follower_forwards_writes_it_cannot_validate_yet() {
+    if skip() {
+        return;
+    }
+    let topo = Topology::new("cll", &["c1", "c2", "c3"]).unwrap();
+    let r = Replicas::start(&topo, &["c1", "c2", "c3"]).await.unwrap();
+    let l = r.wait_leader(Duration::from_secs(10)).await.unwrap();
+    let f = (l + 1) % 3;
+    // Freeze a follower, create a tenant through the leader, thaw the follower
+    // and at once write through it what needs that tenant.
+    let pid = r.replicas[f].proc.as_ref().unwrap().pid().unwrap() as i32;
+    // SAFETY: signalling a child process of this test.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    put_tenant(&r.replicas[l].local(), "fresh", "x", Duration::from_secs(5))
+        .await
+        .unwrap();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let mut c = prov_client(&r.replicas[f].local()).await.unwrap();
+    let resp = c
+        .apply(pb::ApplyRequest {
+            operations: vec![pb::Operation {
+                op: Some(vpc("fresh-vpc", "fresh")),
+            }],
+            actor: "t".into(),
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        resp.is_ok(),
+        "a lagging follower must not refuse against its stale state: {resp:?}"
+    );
+}

@@ -226,6 +226,14 @@ impl Store {
 
     /// Proposes a batch and waits until it is committed and applied.
     pub async fn write(&self, actor: &str, ops: Vec<Op>) -> Result<Outcome, WriteError> {
+        // Only the leader validates: a follower's state may lag behind
+        // writes the caller already saw acknowledged, and refusing against
+        // it would be wrong. A follower hands the batch to the leader.
+        if !self.is_leader() {
+            if let Some((_, addr)) = self.leader() {
+                return Err(WriteError::NotLeader(Some(addr)));
+            }
+        }
         // Validate against the current state first: a quick, clear refusal.
         // The state machine validates again when it applies, against the
         // state the log order gives, which is what decides.
