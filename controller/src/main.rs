@@ -68,6 +68,9 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(addr = %args.listen, data_dir = %args.data_dir.display(), "controller serving");
     let router = || {
         tonic::transport::Server::builder()
+            .layer(tower::util::MapResponseLayer::new(
+                malformed_is_invalid_argument::<tonic::body::Body>,
+            ))
             .add_service(ProvisioningServer::new(ctl.clone()))
             .add_service(AgentServer::new(ctl.clone()))
             .add_service(RaftServer::new(RaftService { store: store.clone() }))
@@ -127,4 +130,20 @@ async fn main() -> anyhow::Result<()> {
         let _ = std::fs::remove_file(path);
     }
     Ok(())
+}
+
+/// A request body that is not valid protobuf is the caller's error: tonic
+/// answers INTERNAL ("failed to decode Protobuf message"); say
+/// INVALID_ARGUMENT instead, keeping the message.
+fn malformed_is_invalid_argument<B>(mut resp: http::Response<B>) -> http::Response<B> {
+    let h = resp.headers();
+    let decode_error = h.get("grpc-status").is_some_and(|v| v == "13")
+        && h.get("grpc-message")
+            .and_then(|m| m.to_str().ok())
+            .is_some_and(|m| m.starts_with("failed%20to%20decode") || m.starts_with("failed to decode"));
+    if decode_error {
+        resp.headers_mut()
+            .insert("grpc-status", http::HeaderValue::from_static("3"));
+    }
+    resp
 }
