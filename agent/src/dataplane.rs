@@ -257,6 +257,7 @@ pub fn read_counters(pin_dir: &Path) -> anyhow::Result<(Counters, Counters)> {
         ("ct_revalidated", Stat::CtRevalidated),
         ("neighbour", Stat::Neighbour),
         ("passed", Stat::Passed),
+        ("ct_related", Stat::CtRelated),
     ]
     .iter()
     .map(|(n, s)| (*n, stats[*s as usize]))

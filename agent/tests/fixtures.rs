@@ -596,3 +596,48 @@ fn quarantine_cuts_everything_at_once_and_lifts() {
     h.check("ssh after the lift", Prog::ToVm, &ack, Expect::Pass);
     h.check("outbound after the lift", Prog::FromVm, &out, Expect::Pass);
 }
+
+/// An ICMPv4 destination-unreachable from `router` to the VM, quoting a UDP
+/// packet the VM sent to `dst:dport` from `sport`.
+fn icmp4_unreachable(router: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut quoted = Vec::new();
+    etherparse::PacketBuilder::ipv4(VM4, dst, 64)
+        .udp(sport, dport)
+        .write(&mut quoted, b"query")
+        .unwrap();
+    quoted.truncate(28);
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&quoted);
+    let mut v = Vec::new();
+    etherparse::PacketBuilder::ethernet2(GW_MAC, VM_MAC)
+        .ipv4(router, VM4, 64)
+        .write(&mut v, etherparse::IpNumber::ICMP, &icmp)
+        .unwrap();
+    v
+}
+
+#[test]
+fn icmp_errors_for_tracked_flows_pass_as_related() {
+    let Some(mut h) = Harness::new() else { return };
+    h.policy(&share(base_rules(), &[]));
+    let mut dns = Vec::new();
+    etherparse::PacketBuilder::ethernet2(VM_MAC, GW_MAC)
+        .ipv4(VM4, [192, 0, 2, 53], 64)
+        .udp(40000, 53)
+        .write(&mut dns, b"query")
+        .unwrap();
+    h.check("udp query out (egress open)", Prog::FromVm, &dns, Expect::Pass);
+    let router = [198, 51, 100, 254];
+    h.check(
+        "port unreachable for that query",
+        Prog::ToVm,
+        &icmp4_unreachable(router, [192, 0, 2, 53], 40000, 53),
+        Expect::Pass,
+    );
+    h.check(
+        "unreachable quoting a flow that was never sent",
+        Prog::ToVm,
+        &icmp4_unreachable(router, [192, 0, 2, 54], 40000, 53),
+        Expect::Drop(DropReason::PolicyIngress),
+    );
+}

@@ -127,6 +127,8 @@ pub enum Stat {
     Neighbour = 3,
     /// Packets passed in total.
     Passed = 4,
+    /// ICMP errors passed because they concern a tracked flow.
+    CtRelated = 5,
 }
 
 /// Number of slots in the stats array.

@@ -220,3 +220,67 @@ fn transport(ctx: &TcContext, ip: &mut Ip) -> Result<(), DropReason> {
 pub fn is_echo(proto: u8, ty: u8) -> bool {
     (proto == PROTO_ICMP && (ty == 8 || ty == 0)) || (proto == PROTO_ICMPV6 && (ty == 128 || ty == 129))
 }
+
+/// An ICMP or ICMPv6 error message, which carries the start of the packet
+/// that caused it: destination unreachable, packet too big (v6), time
+/// exceeded, parameter problem.
+#[inline(always)]
+pub fn is_icmp_error(proto: u8, ty: u8) -> bool {
+    (proto == PROTO_ICMP && (ty == 3 || ty == 11 || ty == 12)) || (proto == PROTO_ICMPV6 && (1..=4).contains(&ty))
+}
+
+/// The flow of the packet quoted in an ICMP error: (proto, src, dst, sport, dport).
+pub struct Inner {
+    pub proto: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// Parses the quoted packet of an ICMP error (IPv4 in ICMP, IPv6 without
+/// extension headers in ICMPv6). `None` when it is cut short or unusual.
+#[inline(always)]
+pub fn icmp_inner(ctx: &TcContext, ip: &Ip) -> Option<Inner> {
+    let off = ip.l4_off + 8;
+    let mut inner = Inner {
+        proto: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        sport: 0,
+        dport: 0,
+    };
+    let l4 = if ip.family == FAMILY_V4 {
+        let h: [u8; 20] = ctx.load(off).ok()?;
+        if h[0] >> 4 != 4 || (h[0] & 0x0f) < 5 {
+            return None;
+        }
+        inner.proto = h[9];
+        inner.src[..4].copy_from_slice(&h[12..16]);
+        inner.dst[..4].copy_from_slice(&h[16..20]);
+        off + ((h[0] & 0x0f) as usize) * 4
+    } else {
+        let h: [u8; 40] = ctx.load(off).ok()?;
+        if h[0] >> 4 != 6 {
+            return None;
+        }
+        inner.proto = h[6];
+        inner.src.copy_from_slice(&h[8..24]);
+        inner.dst.copy_from_slice(&h[24..40]);
+        off + 40
+    };
+    let p: [u8; 8] = ctx.load(l4).ok()?;
+    match inner.proto {
+        PROTO_TCP | PROTO_UDP => {
+            inner.sport = u16::from_be_bytes([p[0], p[1]]);
+            inner.dport = u16::from_be_bytes([p[2], p[3]]);
+        }
+        PROTO_ICMP | PROTO_ICMPV6 if is_echo(inner.proto, p[0]) => {
+            let id = u16::from_be_bytes([p[4], p[5]]);
+            inner.sport = id;
+            inner.dport = id;
+        }
+        _ => return None,
+    }
+    Some(inner)
+}

@@ -9,7 +9,7 @@ use dataplane_common::{
 
 use crate::{
     conntrack::{self, Ct},
-    maps::{count, PORTS, PORT_ADDRS},
+    maps::{count, CT, PORTS, PORT_ADDRS},
     parse::{self, Ip, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6},
     policy,
 };
@@ -89,6 +89,27 @@ pub fn from_vm(ctx: &TcContext) -> Result<(), DropReason> {
     }
     if !owns(ifx, ip.family, &ip.src) {
         return Err(DropReason::SpoofIp);
+    }
+    // An ICMP error the VM sends about a packet of a tracked flow it
+    // received (e.g. port unreachable) passes as related.
+    if parse::is_icmp_error(ip.proto, ip.icmp_type) {
+        if let Some(inner) = parse::icmp_inner(ctx, &ip) {
+            // The quoted packet is one the VM received: the VM is its destination.
+            let k = CtKey {
+                ifindex: ifx,
+                family: ip.family,
+                proto: inner.proto,
+                _pad: [0; 2],
+                local_port: inner.dport,
+                remote_port: inner.sport,
+                local: inner.dst,
+                remote: inner.src,
+            };
+            if CT.get_ptr(&k).is_some() && inner.dst == ip.src {
+                count(Stat::CtRelated);
+                return Ok(());
+            }
+        }
     }
     let key = CtKey {
         ifindex: ifx,
@@ -198,6 +219,27 @@ pub fn to_vm(ctx: &TcContext) -> Result<(), DropReason> {
     {
         count(Stat::Neighbour);
         return Ok(());
+    }
+    // An ICMP error about a packet of a tracked flow passes as related
+    // (destination unreachable, packet too big for path MTU discovery...).
+    if parse::is_icmp_error(ip.proto, ip.icmp_type) {
+        if let Some(inner) = parse::icmp_inner(ctx, &ip) {
+            // The quoted packet is one the VM sent: the VM is its source.
+            let k = CtKey {
+                ifindex: ifx,
+                family: ip.family,
+                proto: inner.proto,
+                _pad: [0; 2],
+                local_port: inner.sport,
+                remote_port: inner.dport,
+                local: inner.src,
+                remote: inner.dst,
+            };
+            if CT.get_ptr(&k).is_some() && inner.src == ip.dst {
+                count(Stat::CtRelated);
+                return Ok(());
+            }
+        }
     }
     let key = CtKey {
         ifindex: ifx,
