@@ -134,8 +134,14 @@ fn check_register(ops: &[&Event]) -> Option<bool> {
         if next[n] == end {
             return Some(true);
         }
-        if cur == end {
-            // Nothing more can be linearized here: backtrack.
+        let (is_ret, op) = if cur == end {
+            (true, usize::MAX)
+        } else {
+            (entries[cur].1, entries[cur].2)
+        };
+        if is_ret {
+            // Nothing more can be linearized here, or an operation returned
+            // before it could be: undo the last choice and try the next.
             let Some((c, s)) = stack.pop() else { return Some(false) };
             let op = entries[c].2;
             state = s;
@@ -145,32 +151,20 @@ fn check_register(ops: &[&Event]) -> Option<bool> {
             cur = next[c];
             continue;
         }
-        let (_, is_ret, op) = entries[cur];
-        if !is_ret {
-            if let Some(new_state) = step(&state, &ops[op].op) {
-                let mut bits = linearized.clone();
-                bits[op / 64] |= 1 << (op % 64);
-                if cache.insert((bits.clone(), new_state.clone())) {
-                    stack.push((cur, state.clone()));
-                    state = new_state;
-                    linearized = bits;
-                    unlink(&mut next, &mut prev, cur);
-                    unlink(&mut next, &mut prev, ret_of[op]);
-                    cur = next[n];
-                    continue;
-                }
+        if let Some(new_state) = step(&state, &ops[op].op) {
+            let mut bits = linearized.clone();
+            bits[op / 64] |= 1 << (op % 64);
+            if cache.insert((bits.clone(), new_state.clone())) {
+                stack.push((cur, state.clone()));
+                state = new_state;
+                linearized = bits;
+                unlink(&mut next, &mut prev, cur);
+                unlink(&mut next, &mut prev, ret_of[op]);
+                cur = next[n];
+                continue;
             }
-            cur = next[cur];
-        } else {
-            // An operation returned before it could be linearized: backtrack.
-            let Some((c, s)) = stack.pop() else { return Some(false) };
-            let op = entries[c].2;
-            state = s;
-            linearized[op / 64] &= !(1 << (op % 64));
-            relink(&mut next, &mut prev, ret_of[op]);
-            relink(&mut next, &mut prev, c);
-            cur = next[c];
         }
+        cur = next[cur];
     }
 }
 

@@ -57,6 +57,43 @@ fn owns(ifindex: u32, family: u8, addr: &[u8; 16]) -> bool {
     unsafe { PORT_ADDRS.get(&k) }.is_some()
 }
 
+/// Whether `ip` is an ICMP error quoting a packet of a tracked flow of this
+/// port. `towards_vm`: the error goes to the VM, so the quoted packet is one
+/// the VM sent (the VM is its source); otherwise the VM sends the error about
+/// a packet it received (the VM is its destination).
+#[inline(always)]
+fn related(ctx: &TcContext, ifx: u32, ip: &Ip, towards_vm: bool) -> bool {
+    if !parse::is_icmp_error(ip.proto, ip.icmp_type) {
+        return false;
+    }
+    let Some(inner) = parse::icmp_inner(ctx, ip) else {
+        return false;
+    };
+    let (local, remote, local_port, remote_port, vm) = if towards_vm {
+        (inner.src, inner.dst, inner.sport, inner.dport, ip.dst)
+    } else {
+        (inner.dst, inner.src, inner.dport, inner.sport, ip.src)
+    };
+    if local != vm {
+        return false;
+    }
+    let k = CtKey {
+        ifindex: ifx,
+        family: ip.family,
+        proto: inner.proto,
+        _pad: [0; 2],
+        local_port,
+        remote_port,
+        local,
+        remote,
+    };
+    if CT.get_ptr(&k).is_none() {
+        return false;
+    }
+    count(Stat::CtRelated);
+    true
+}
+
 /// Packets the VM sends.
 #[inline(always)]
 pub fn from_vm(ctx: &TcContext) -> Result<(), DropReason> {
@@ -90,26 +127,10 @@ pub fn from_vm(ctx: &TcContext) -> Result<(), DropReason> {
     if !owns(ifx, ip.family, &ip.src) {
         return Err(DropReason::SpoofIp);
     }
-    // An ICMP error the VM sends about a packet of a tracked flow it
-    // received (e.g. port unreachable) passes as related.
-    if parse::is_icmp_error(ip.proto, ip.icmp_type) {
-        if let Some(inner) = parse::icmp_inner(ctx, &ip) {
-            // The quoted packet is one the VM received: the VM is its destination.
-            let k = CtKey {
-                ifindex: ifx,
-                family: ip.family,
-                proto: inner.proto,
-                _pad: [0; 2],
-                local_port: inner.dport,
-                remote_port: inner.sport,
-                local: inner.dst,
-                remote: inner.src,
-            };
-            if CT.get_ptr(&k).is_some() && inner.dst == ip.src {
-                count(Stat::CtRelated);
-                return Ok(());
-            }
-        }
+    // An ICMP error the VM sends about a packet it received (e.g. port
+    // unreachable) passes when that packet belongs to a tracked flow.
+    if related(ctx, ifx, &ip, false) {
+        return Ok(());
     }
     let key = CtKey {
         ifindex: ifx,
@@ -220,26 +241,11 @@ pub fn to_vm(ctx: &TcContext) -> Result<(), DropReason> {
         count(Stat::Neighbour);
         return Ok(());
     }
-    // An ICMP error about a packet of a tracked flow passes as related
-    // (destination unreachable, packet too big for path MTU discovery...).
-    if parse::is_icmp_error(ip.proto, ip.icmp_type) {
-        if let Some(inner) = parse::icmp_inner(ctx, &ip) {
-            // The quoted packet is one the VM sent: the VM is its source.
-            let k = CtKey {
-                ifindex: ifx,
-                family: ip.family,
-                proto: inner.proto,
-                _pad: [0; 2],
-                local_port: inner.sport,
-                remote_port: inner.dport,
-                local: inner.src,
-                remote: inner.dst,
-            };
-            if CT.get_ptr(&k).is_some() && inner.src == ip.dst {
-                count(Stat::CtRelated);
-                return Ok(());
-            }
-        }
+    // An ICMP error about a packet the VM sent passes when that packet
+    // belongs to a tracked flow (unreachable, packet too big for path MTU
+    // discovery, ...).
+    if related(ctx, ifx, &ip, true) {
+        return Ok(());
     }
     let key = CtKey {
         ifindex: ifx,
