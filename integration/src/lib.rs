@@ -344,6 +344,36 @@ impl Topology {
         Ok(())
     }
 
+    /// Whether VM `from` reaches VM `to` with `proto` ("tcp", "udp" through
+    /// `sdn-probe`, "icmp" through ping). A second attempt covers the first
+    /// contact of a path, whose packets wait for neighbour resolution at each
+    /// hop; a denied flow fails both.
+    pub fn reach(&self, from: &str, to: &str, proto: &str, port: u16, v6: bool) -> bool {
+        let ns = &self.vm(from).ns;
+        let dst = self.vm(to);
+        let addr = if v6 { &dst.v6 } else { &dst.v4 };
+        let port = port.to_string();
+        let probe = bin("sdn-probe");
+        let attempt = || {
+            if proto == "icmp" {
+                ns.sh(&["ping", if v6 { "-6" } else { "-4" }, "-c", "1", "-W", "1", addr])
+                    .is_ok()
+            } else {
+                ns.sh(&[
+                    probe.to_str().unwrap(),
+                    "connect",
+                    proto,
+                    addr,
+                    &port,
+                    "--timeout-ms",
+                    "700",
+                ])
+                .is_ok()
+            }
+        };
+        attempt() || attempt()
+    }
+
     pub fn vm(&self, name: &str) -> &Vm {
         let full = format!("{}-{name}", self.tag);
         self.vms.iter().find(|v| v.ns.name == full).expect("known vm")
@@ -688,22 +718,7 @@ pub mod replicas {
         /// addresses); the first bootstraps, the others join. Then adds and
         /// promotes them through the Cluster API.
         pub async fn start(topo: &Topology, hosts: &[&str]) -> anyhow::Result<Replicas> {
-            let mut r = Replicas {
-                replicas: Vec::new(),
-                dir: topo.dir.clone(),
-            };
-            for (i, h) in hosts.iter().enumerate() {
-                let id = i as u64 + 1;
-                r.replicas.push(Replica {
-                    id,
-                    ns: topo.host_ns(h).name.clone(),
-                    ip: topo.underlay_ip(h),
-                    socket: topo.dir.join(format!("c{id}.sock")),
-                    data_dir: topo.dir.join(format!("c{id}-data")),
-                    proc: None,
-                    binary: bin("sdn-controller"),
-                });
-            }
+            let mut r = Replicas::new(topo, hosts);
             for i in 0..r.replicas.len() {
                 r.spawn(i, i > 0)?;
             }
@@ -720,6 +735,30 @@ pub mod replicas {
                 c.promote(pb::MemberRequest { node_id: rep.id }).await?;
             }
             Ok(r)
+        }
+
+        /// Describes one replica per host (node ids from 1), none running.
+        pub fn new(topo: &Topology, hosts: &[&str]) -> Replicas {
+            let replicas = hosts
+                .iter()
+                .enumerate()
+                .map(|(i, h)| {
+                    let id = i as u64 + 1;
+                    Replica {
+                        id,
+                        ns: topo.host_ns(h).name.clone(),
+                        ip: topo.underlay_ip(h),
+                        socket: topo.dir.join(format!("c{id}.sock")),
+                        data_dir: topo.dir.join(format!("c{id}-data")),
+                        proc: None,
+                        binary: bin("sdn-controller"),
+                    }
+                })
+                .collect();
+            Replicas {
+                replicas,
+                dir: topo.dir.clone(),
+            }
         }
 
         pub fn spawn(&mut self, i: usize, join: bool) -> anyhow::Result<()> {

@@ -742,22 +742,7 @@ async fn five_replicas_managed_with_sdnctl_survive_two_losses() {
     let hosts = ["c1", "c2", "c3", "c4", "c5"];
     let topo = Topology::new("cl5", &hosts).unwrap();
     // Start the first replica, and the others waiting to join.
-    let mut r = Replicas {
-        replicas: Vec::new(),
-        dir: topo.dir.clone(),
-    };
-    for (i, h) in hosts.iter().enumerate() {
-        let id = i as u64 + 1;
-        r.replicas.push(sdn_integration::replicas::Replica {
-            id,
-            ns: topo.host_ns(h).name.clone(),
-            ip: topo.underlay_ip(h),
-            socket: topo.dir.join(format!("c{id}.sock")),
-            data_dir: topo.dir.join(format!("c{id}-data")),
-            proc: None,
-            binary: bin("sdn-controller"),
-        });
-    }
+    let mut r = Replicas::new(&topo, &hosts);
     for i in 0..5 {
         r.spawn(i, i > 0).unwrap();
         r.wait_answering(i).await.unwrap();

@@ -123,39 +123,8 @@ async fn setup(tag: &str) -> anyhow::Result<Env> {
 }
 
 impl Env {
-    fn addr(&self, vm: &str, v6: bool) -> String {
-        let v = self.topo.vm(vm);
-        if v6 {
-            v.v6.clone()
-        } else {
-            v.v4.clone()
-        }
-    }
-
-    /// Whether `from` reaches `to` with `proto` ("tcp", "udp", "icmp"). A
-    /// second attempt covers the first contact of a path, whose packets
-    /// wait for neighbour resolution at each hop; a denied flow fails both.
     fn reach(&self, from: &str, to: &str, proto: &str, port: u16, v6: bool) -> bool {
-        self.reach_once(from, to, proto, port, v6) || self.reach_once(from, to, proto, port, v6)
-    }
-
-    fn reach_once(&self, from: &str, to: &str, proto: &str, port: u16, v6: bool) -> bool {
-        let ns = &self.topo.vm(from).ns;
-        let dst = self.addr(to, v6);
-        if proto == "icmp" {
-            let fam = if v6 { "-6" } else { "-4" };
-            return ns.sh(&["ping", fam, "-c", "1", "-W", "1", &dst]).is_ok();
-        }
-        ns.sh(&[
-            bin("sdn-probe").to_str().unwrap(),
-            "connect",
-            proto,
-            &dst,
-            &port.to_string(),
-            "--timeout-ms",
-            "700",
-        ])
-        .is_ok()
+        self.topo.reach(from, to, proto, port, v6)
     }
 
     fn expect(&self, cases: &[(&str, &str, &str, u16, bool, bool)]) {
