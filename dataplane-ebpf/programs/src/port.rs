@@ -25,24 +25,19 @@ const MLD_REPORT: u8 = 131;
 const MLD_DONE: u8 = 132;
 const MLD2_REPORT: u8 = 143;
 
-/// The port's configuration. A quarantined port stops here: tier 1 of the
-/// policy order, before anti-spoofing, conntrack and every rule.
+/// The device's ifindex and its port's configuration. A quarantined port
+/// stops here: tier 1 of the policy order, before anti-spoofing, conntrack
+/// and every rule.
 #[inline(always)]
-fn port_of(ctx: &TcContext) -> Result<PortInfo, DropReason> {
+fn port_of(ctx: &TcContext) -> Result<(u32, PortInfo), DropReason> {
     // SAFETY: reading the ifindex field of the context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     // SAFETY: the value is copied out at once.
     match unsafe { PORTS.get(&ifindex) } {
         Some(p) if p.flags & PORT_F_QUARANTINED != 0 => Err(DropReason::Quarantined),
-        Some(p) => Ok(*p),
+        Some(p) => Ok((ifindex, *p)),
         None => Err(DropReason::UnknownPort),
     }
-}
-
-#[inline(always)]
-fn ifindex(ctx: &TcContext) -> u32 {
-    // SAFETY: reading the ifindex field of the context.
-    unsafe { (*ctx.skb.skb).ifindex }
 }
 
 #[inline(always)]
@@ -97,8 +92,7 @@ fn related(ctx: &TcContext, ifx: u32, ip: &Ip, towards_vm: bool) -> bool {
 /// Packets the VM sends.
 #[inline(always)]
 pub fn from_vm(ctx: &TcContext) -> Result<(), DropReason> {
-    let port = port_of(ctx)?;
-    let ifx = ifindex(ctx);
+    let (ifx, port) = port_of(ctx)?;
     let eth = parse::eth(ctx)?;
     if eth.src != port.mac {
         return Err(DropReason::SpoofMac);
@@ -218,8 +212,7 @@ fn check_lladdr_option(ctx: &TcContext, off: usize, kind: u8, port: &PortInfo) -
 /// Packets towards the VM.
 #[inline(always)]
 pub fn to_vm(ctx: &TcContext) -> Result<(), DropReason> {
-    let port = port_of(ctx)?;
-    let ifx = ifindex(ctx);
+    let (ifx, port) = port_of(ctx)?;
     let eth = parse::eth(ctx)?;
     let ip = match eth.proto {
         ETH_P_ARP => {
