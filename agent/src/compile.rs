@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr};
 
 use dataplane_common::maps::{
-    AddrIdentity, AddrKey, PolicyDirKey, PortAddrKey, PortInfo, PrefixLens, RuleKey, PORT_F_EGRESS_OPEN,
-    PORT_F_QUARANTINED,
+    AddrIdentity, AddrKey, Endpoint, EndpointKey, PolicyDirKey, PortAddrKey, PortInfo, PrefixLens, RuleKey,
+    EP_F_GATEWAY, GATEWAY_MAC, PORT_F_EGRESS_OPEN, PORT_F_QUARANTINED,
 };
 use dataplane_common::{DIR_EGRESS, DIR_INGRESS, FAMILY_V4, FAMILY_V6};
 use sdn_proto::v1 as pb;
@@ -45,6 +45,8 @@ pub struct Desired {
     pub plens: BTreeMap<PolicyDirKey, PrefixLens>,
     /// Remote prefix -> the services it may use.
     pub sg_addr: BTreeMap<AddrKey, ServiceSet>,
+    /// Every address of every VPC with a port here: where it lives.
+    pub endpoints: BTreeMap<EndpointKey, Endpoint>,
     /// Ports whose device is not on this host yet, by port id.
     pub missing_devices: Vec<(String, String)>,
     /// Quarantined ports now: port id -> (quarantine id, reason).
@@ -68,6 +70,8 @@ pub enum CompileError {
         rule: String,
         message: String,
     },
+    #[error("vpc {vpc}: {message}")]
+    Vpc { vpc: String, message: String },
 }
 
 /// Splits an inclusive range into aligned power-of-two blocks.
@@ -181,9 +185,11 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
     let mut groups: BTreeMap<&str, &pb::SecurityGroup> = BTreeMap::new();
     let mut members: BTreeMap<&str, Vec<IpAddr>> = BTreeMap::new();
     let mut ports: Vec<&pb::Port> = Vec::new();
+    let mut networks: Vec<&pb::VpcNetwork> = Vec::new();
     for r in res.values() {
         match &r.kind {
             Some(pb::resource::Kind::Port(p)) => ports.push(p),
+            Some(pb::resource::Kind::VpcNetwork(n)) => networks.push(n),
             Some(pb::resource::Kind::SecurityGroup(g)) => {
                 groups.insert(&g.id, g);
             }
@@ -199,6 +205,14 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
         next_expiry,
         ..Desired::default()
     };
+    let local: BTreeMap<&str, &pb::Port> = ports.iter().map(|p| (p.id.as_str(), *p)).collect();
+    let mut subnet_vni: BTreeMap<&str, u32> = BTreeMap::new();
+    for n in &networks {
+        compile_network(n, &local, ifindex, &mut d.endpoints)?;
+        for g in &n.gateways {
+            subnet_vni.insert(&g.subnet_id, n.vni);
+        }
+    }
     for p in ports {
         let perr = |field: &'static str, message: String| CompileError::Port {
             port: p.id.clone(),
@@ -206,6 +220,9 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
             message,
         };
         let mac = parse_mac(&p.mac).ok_or_else(|| perr("mac", format!("invalid MAC {:?}", p.mac)))?;
+        let vni = *subnet_vni
+            .get(p.subnet_id.as_str())
+            .ok_or_else(|| perr("subnet_id", format!("the VPC of subnet {} is missing from the share", p.subnet_id)))?;
         let Some(ifx) = ifindex(&p.device) else {
             d.missing_devices.push((p.id.clone(), p.device.clone()));
             continue;
@@ -379,11 +396,91 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
                 policy_id: ifx,
                 epoch,
                 flags,
-                _pad1: 0,
+                vni,
             },
         );
     }
     Ok(d)
+}
+
+/// The endpoints of one VPC: its gateways, its ports here (by device) and
+/// its ports elsewhere (by host).
+fn compile_network(
+    n: &pb::VpcNetwork,
+    local: &BTreeMap<&str, &pb::Port>,
+    ifindex: &dyn Fn(&str) -> Option<u32>,
+    out: &mut BTreeMap<EndpointKey, Endpoint>,
+) -> Result<(), CompileError> {
+    let verr = |message: String| CompileError::Vpc {
+        vpc: n.vpc_id.clone(),
+        message,
+    };
+    if n.vni == 0 {
+        return Err(verr("no VNI".into()));
+    }
+    let mut put = |addr: &str, ep: Endpoint| -> Result<(), CompileError> {
+        if addr.is_empty() {
+            return Ok(());
+        }
+        let ip: IpAddr = addr.parse().map_err(|_| verr(format!("invalid address {addr:?}")))?;
+        let (family, addr) = addr16(ip);
+        out.insert(
+            EndpointKey {
+                vni: n.vni,
+                family,
+                _pad: [0; 3],
+                addr,
+            },
+            ep,
+        );
+        Ok(())
+    };
+    for g in &n.gateways {
+        let gw = Endpoint {
+            ifindex: 0,
+            host_v4: [0; 4],
+            mac: GATEWAY_MAC,
+            flags: EP_F_GATEWAY,
+        };
+        put(&g.gateway_v4, gw)?;
+        put(&g.gateway_v6, gw)?;
+    }
+    for e in &n.endpoints {
+        let mac = parse_mac(&e.mac).ok_or_else(|| verr(format!("port {}: invalid MAC {:?}", e.port_id, e.mac)))?;
+        let ifx = match local.get(e.port_id.as_str()) {
+            // A port here whose device is missing gets no route yet.
+            Some(p) => match ifindex(&p.device) {
+                Some(i) => i,
+                None => continue,
+            },
+            None => 0,
+        };
+        let host_v4 = match e.host_underlay_ip.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => a.octets(),
+            Ok(IpAddr::V6(a)) => {
+                return Err(verr(format!(
+                    "port {}: host {} has an IPv6 underlay address {a}; the overlay runs over IPv4 underlays only",
+                    e.port_id, e.host_id
+                )))
+            }
+            Err(_) if ifx != 0 => [0; 4],
+            Err(_) => {
+                return Err(verr(format!(
+                    "port {}: host {} has no usable underlay address {:?}",
+                    e.port_id, e.host_id, e.host_underlay_ip
+                )))
+            }
+        };
+        let ep = Endpoint {
+            ifindex: ifx,
+            host_v4,
+            mac,
+            flags: 0,
+        };
+        put(&e.ipv4, ep)?;
+        put(&e.ipv6, ep)?;
+    }
+    Ok(())
 }
 
 /// Assigns stable identity numbers to service sets. Identity 0 is never used.

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{SchedClassifier, TcAttachType};
@@ -27,6 +27,10 @@ pub const PROGRAMS: [(&str, TcAttachType, &str); 2] = [
     ("from_vm", TcAttachType::Ingress, "ingress"),
     ("to_vm", TcAttachType::Egress, "egress"),
 ];
+
+/// The program on the VXLAN device's ingress, and its link pin's name.
+pub const OVERLAY_PROGRAM: &str = "from_overlay";
+const OVERLAY_PIN: &str = "overlay-ingress";
 
 /// Checks that `dir` is on a bpffs mount.
 pub fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
@@ -98,7 +102,7 @@ impl Dataplane {
             .map_pin_path(&maps_dir)
             .load(OBJECT)
             .context("loading the eBPF object (maps pinned under the pin directory)")?;
-        for (name, _, _) in PROGRAMS {
+        for name in PROGRAMS.iter().map(|p| p.0).chain([OVERLAY_PROGRAM]) {
             let p: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the object"))?
@@ -121,33 +125,66 @@ impl Dataplane {
     pub fn attach(&mut self, ifname: &str, ifindex: u32) -> anyhow::Result<()> {
         for (name, attach_type, dir) in PROGRAMS {
             let pin = self.link_pin(ifindex, dir);
-            let prog: &mut SchedClassifier = self.ebpf.program_mut(name).expect("loaded").try_into()?;
-            if pin.exists() {
-                let adopted = PinnedLink::from_pin(&pin)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|p| Ok(SchedClassifierLink::try_from(FdLink::from(p))?))
-                    .and_then(|l| Ok(prog.attach_to_link(l)?));
-                match adopted {
-                    Ok(id) => {
-                        // The pin keeps the link; our handle may go.
-                        let link = prog.take_link(id)?;
-                        drop(link);
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::warn!(device = ifname, pin = %pin.display(), error = %format!("{e:#}"), "stale link pin; attaching afresh");
-                        let _ = std::fs::remove_file(&pin);
-                    }
+            self.attach_pinned(name, attach_type, ifname, &pin)?;
+        }
+        Ok(())
+    }
+
+    /// Attaches the overlay program to the VXLAN device's ingress (or swaps
+    /// the program of the pinned link) and tells the programs its ifindex.
+    pub fn attach_overlay(&mut self, ifname: &str, ifindex: u32) -> anyhow::Result<()> {
+        let pin = self.pin_dir.join("links").join(format!("{OVERLAY_PIN}-{ifindex}"));
+        // A link pinned for an earlier device of that name is stale.
+        if let Ok(rd) = std::fs::read_dir(self.pin_dir.join("links")) {
+            for e in rd.flatten() {
+                let n = e.file_name();
+                if n.to_string_lossy().starts_with(OVERLAY_PIN) && e.path() != pin {
+                    let _ = std::fs::remove_file(e.path());
                 }
             }
-            let id = prog
-                .attach_with_options(ifname, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default()))
-                .with_context(|| format!("attaching {name} to {ifname} ({dir})"))?;
-            let link = prog.take_link(id)?;
-            let fd: FdLink = link.try_into().context("TCX link expected")?;
-            fd.pin(&pin)
-                .with_context(|| format!("pinning link {}", pin.display()))?;
         }
+        self.attach_pinned(OVERLAY_PROGRAM, TcAttachType::Ingress, ifname, &pin)?;
+        let map = self.ebpf.map_mut(m::CONFIG).context("map CONFIG missing")?;
+        let mut cfg: Array<&mut MapData, m::HostConfig> = Array::try_from(map)?;
+        cfg.set(
+            0,
+            m::HostConfig {
+                vxlan_ifindex: ifindex,
+                _pad: 0,
+            },
+            0,
+        )
+        .context("writing the host configuration")?;
+        Ok(())
+    }
+
+    fn attach_pinned(&mut self, name: &str, attach_type: TcAttachType, ifname: &str, pin: &Path) -> anyhow::Result<()> {
+        let prog: &mut SchedClassifier = self.ebpf.program_mut(name).expect("loaded").try_into()?;
+        if pin.exists() {
+            let adopted = PinnedLink::from_pin(pin)
+                .map_err(anyhow::Error::from)
+                .and_then(|p| Ok(SchedClassifierLink::try_from(FdLink::from(p))?))
+                .and_then(|l| Ok(prog.attach_to_link(l)?));
+            match adopted {
+                Ok(id) => {
+                    // The pin keeps the link; our handle may go.
+                    let link = prog.take_link(id)?;
+                    drop(link);
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(device = ifname, pin = %pin.display(), error = %format!("{e:#}"), "stale link pin; attaching afresh");
+                    let _ = std::fs::remove_file(pin);
+                }
+            }
+        }
+        let id = prog
+            .attach_with_options(ifname, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .with_context(|| format!("attaching {name} to {ifname} ({attach_type:?})"))?;
+        let link = prog.take_link(id)?;
+        let fd: FdLink = link.try_into().context("TCX link expected")?;
+        fd.pin(pin)
+            .with_context(|| format!("pinning link {}", pin.display()))?;
         Ok(())
     }
 
@@ -199,6 +236,7 @@ impl Dataplane {
             plens: self.take(m::POLICY_PLENS)?,
             sg_addr: self.take(m::SG_ADDR)?,
             sg_rules: self.take(m::SG_RULES)?,
+            endpoints: self.take(m::ENDPOINTS)?,
         })
     }
 
@@ -258,6 +296,10 @@ pub fn read_counters(pin_dir: &Path) -> anyhow::Result<(Counters, Counters)> {
         ("neighbour", Stat::Neighbour),
         ("passed", Stat::Passed),
         ("ct_related", Stat::CtRelated),
+        ("forwarded_local", Stat::ForwardedLocal),
+        ("encapsulated", Stat::Encapsulated),
+        ("decapsulated", Stat::Decapsulated),
+        ("neighbour_answered", Stat::NeighbourAnswered),
     ]
     .iter()
     .map(|(n, s)| (*n, stats[*s as usize]))

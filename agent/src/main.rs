@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use sdn_agent::{dataplane, watch::Agent};
+use sdn_agent::{dataplane, overlay, watch::Agent};
 
 #[derive(Parser)]
 #[command(version, about = "SDN host agent")]
@@ -26,6 +26,10 @@ enum Cmd {
         /// Directory on bpffs for this agent's maps and links.
         #[arg(long, default_value = "/sys/fs/bpf/sdn")]
         pin_dir: PathBuf,
+        /// Name of the collect-metadata VXLAN device carrying every VPC
+        /// (created if missing, UDP port 4789).
+        #[arg(long, default_value = "sdn-vx")]
+        vxlan_device: String,
     },
     /// Print drop and pass counters as JSON.
     Counters {
@@ -51,9 +55,14 @@ async fn main() -> anyhow::Result<()> {
             host,
             controllers,
             pin_dir,
+            vxlan_device,
         } => {
-            let dp = dataplane::Dataplane::load(&pin_dir)
+            let mut dp = dataplane::Dataplane::load(&pin_dir)
                 .with_context(|| format!("loading the dataplane under {}", pin_dir.display()))?;
+            let vx = overlay::ensure_vxlan(&vxlan_device).await?;
+            dp.attach_overlay(&vxlan_device, vx)
+                .with_context(|| format!("attaching the overlay program to {vxlan_device}"))?;
+            tracing::info!(device = %vxlan_device, ifindex = vx, "overlay ready");
             let mut agent = Agent::new(host, controllers, dp)?;
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {

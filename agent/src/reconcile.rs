@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use dataplane_common::maps::{
-    AddrIdentity, AddrKey, PolicyDirKey, PortAddrKey, PortInfo, PrefixLens, RuleKey, POLICY_PLENS_MAX, PORTS_MAX,
-    PORT_ADDRS_MAX, SG_ADDR_MAX, SG_RULES_MAX,
+    AddrIdentity, AddrKey, Endpoint, EndpointKey, PolicyDirKey, PortAddrKey, PortInfo, PrefixLens, RuleKey,
+    ENDPOINTS_MAX, POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, SG_ADDR_MAX, SG_RULES_MAX,
 };
 
 use crate::compile::{Desired, Identities};
@@ -43,6 +43,7 @@ pub struct MapSet {
     pub plens: Box<dyn Table<PolicyDirKey, PrefixLens>>,
     pub sg_addr: Box<dyn Table<AddrKey, AddrIdentity>>,
     pub sg_rules: Box<dyn Table<RuleKey, u8>>,
+    pub endpoints: Box<dyn Table<EndpointKey, Endpoint>>,
 }
 
 /// What one pass changed.
@@ -60,6 +61,7 @@ struct Held {
     plens: BTreeMap<PolicyDirKey, PrefixLens>,
     sg_addr: BTreeMap<AddrKey, AddrIdentity>,
     sg_rules: BTreeMap<RuleKey, u8>,
+    endpoints: BTreeMap<EndpointKey, Endpoint>,
 }
 
 pub struct Reconciler {
@@ -122,6 +124,7 @@ impl Reconciler {
             plens: maps.plens.entries()?.into_iter().collect(),
             sg_addr: maps.sg_addr.entries()?.into_iter().collect(),
             sg_rules: maps.sg_rules.entries()?.into_iter().collect(),
+            endpoints: maps.endpoints.entries()?.into_iter().collect(),
         };
         let ids = Identities::adopt(&held.sg_rules, &held.sg_addr);
         Ok(Reconciler { maps, held, ids })
@@ -179,12 +182,14 @@ impl Reconciler {
         check_capacity("prefix-length index", d.plens.len(), POLICY_PLENS_MAX)?;
         check_capacity("remote prefixes", want_addr.len(), SG_ADDR_MAX)?;
         check_capacity("service entries", want_rules.len(), SG_RULES_MAX)?;
+        check_capacity("overlay endpoints", d.endpoints.len(), ENDPOINTS_MAX)?;
 
         let (rule_puts, rule_dels) = diff(&self.held.sg_rules, &want_rules);
         let (addr_puts, addr_dels) = diff(&self.held.sg_addr, &want_addr);
         let (plen_puts, plen_dels) = diff(&self.held.plens, &d.plens);
         let (paddr_puts, paddr_dels) = diff(&self.held.port_addrs, &want_addrs);
         let (port_puts, port_dels) = diff(&self.held.ports, &d.ports);
+        let (ep_puts, ep_dels) = diff(&self.held.endpoints, &d.endpoints);
 
         let mut c = Changes::default();
         let m = &mut self.maps;
@@ -193,8 +198,11 @@ impl Reconciler {
         apply(m.sg_addr.as_mut(), &mut h.sg_addr, &addr_puts, &mut c)?;
         apply(m.plens.as_mut(), &mut h.plens, &plen_puts, &mut c)?;
         apply(m.port_addrs.as_mut(), &mut h.port_addrs, &paddr_puts, &mut c)?;
+        // Routes before the ports that use them; gone after.
+        apply(m.endpoints.as_mut(), &mut h.endpoints, &ep_puts, &mut c)?;
         apply(m.ports.as_mut(), &mut h.ports, &port_puts, &mut c)?;
         remove(m.ports.as_mut(), &mut h.ports, &port_dels, &mut c)?;
+        remove(m.endpoints.as_mut(), &mut h.endpoints, &ep_dels, &mut c)?;
         remove(m.port_addrs.as_mut(), &mut h.port_addrs, &paddr_dels, &mut c)?;
         remove(m.plens.as_mut(), &mut h.plens, &plen_dels, &mut c)?;
         remove(m.sg_addr.as_mut(), &mut h.sg_addr, &addr_dels, &mut c)?;
@@ -221,6 +229,7 @@ mod tests {
             plens: Box::new(BTreeMap::new()),
             sg_addr: Box::new(BTreeMap::new()),
             sg_rules: Box::new(BTreeMap::new()),
+            endpoints: Box::new(BTreeMap::new()),
         }
     }
 
@@ -234,7 +243,7 @@ mod tests {
                 policy_id: 5,
                 epoch: port as u32,
                 flags: 0,
-                _pad1: 0,
+                vni: 7,
             },
         );
         let key = AddrKey {

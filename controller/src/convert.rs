@@ -75,6 +75,7 @@ fn op_from_pb(i: usize, op: &pb::operation::Op) -> Result<m::Op, FieldError> {
             id: v.id.clone(),
             tenant_id: v.tenant_id.clone(),
             name: v.name.clone(),
+            vni: v.vni,
         }),
         P::PutSubnet(s) => {
             let at = format!("operations[{i}].put_subnet");
@@ -325,6 +326,7 @@ pub fn op_to_pb(op: &m::Op) -> pb::Operation {
             id: v.id.clone(),
             tenant_id: v.tenant_id.clone(),
             name: v.name.clone(),
+            vni: v.vni,
         }),
         m::Op::PutSubnet(s) => P::PutSubnet(pb::Subnet {
             id: s.id.clone(),

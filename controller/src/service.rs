@@ -178,6 +178,7 @@ impl pb::provisioning_server::Provisioning for Controller {
                     id: v.id.clone(),
                     tenant_id: v.tenant_id.clone(),
                     name: v.name.clone(),
+                    vni: v.vni,
                 })
                 .collect();
         }

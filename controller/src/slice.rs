@@ -1,5 +1,6 @@
 //! Each host's share of the state: its ports, the security groups they use,
-//! and the members of every group those groups' rules refer to.
+//! the members of every group those groups' rules refer to, and the overlay
+//! of every VPC with a port on the host.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -39,6 +40,18 @@ pub fn host_slice(state: &State, host: &str) -> BTreeMap<String, pb::Resource> {
             pb::resource::Kind::Port(port_to_pb(p)),
         )]);
         groups.extend(p.security_group_ids.iter().map(String::as_str));
+    }
+    let vpcs: BTreeSet<&str> = state
+        .ports
+        .values()
+        .filter(|p| p.host_id == host)
+        .filter_map(|p| state.subnets.get(&p.subnet_id))
+        .map(|s| s.vpc_id.as_str())
+        .collect();
+    for v in vpcs {
+        if let Some(net) = vpc_network(state, v) {
+            out.extend([resource(format!("vpc/{v}"), pb::resource::Kind::VpcNetwork(net))]);
+        }
     }
     let mut remote_groups: BTreeSet<&str> = BTreeSet::new();
     for g in &groups {
@@ -83,6 +96,40 @@ pub fn host_slice(state: &State, host: &str) -> BTreeMap<String, pb::Resource> {
         )]);
     }
     out
+}
+
+/// The overlay of a VPC: VNI, subnet gateways and every port with its host.
+fn vpc_network(state: &State, vpc_id: &str) -> Option<pb::VpcNetwork> {
+    let vpc = state.vpcs.get(vpc_id)?;
+    let opt = |a: Option<String>| a.unwrap_or_default();
+    let subnets: Vec<&sdn_policies::Subnet> = state.subnets.values().filter(|s| s.vpc_id == vpc_id).collect();
+    let gateways = subnets
+        .iter()
+        .map(|s| pb::SubnetGateway {
+            subnet_id: s.id.clone(),
+            gateway_v4: opt(s.gateway_v4().map(|a| a.to_string())),
+            gateway_v6: opt(s.gateway_v6().map(|a| a.to_string())),
+        })
+        .collect();
+    let endpoints = state
+        .ports
+        .values()
+        .filter(|p| subnets.iter().any(|s| s.id == p.subnet_id))
+        .map(|p| pb::Endpoint {
+            port_id: p.id.clone(),
+            mac: p.mac.to_string(),
+            ipv4: opt(p.ipv4.map(|a| a.to_string())),
+            ipv6: opt(p.ipv6.map(|a| a.to_string())),
+            host_id: p.host_id.clone(),
+            host_underlay_ip: opt(state.hosts.get(&p.host_id).map(|h| h.underlay_ip.to_string())),
+        })
+        .collect();
+    Some(pb::VpcNetwork {
+        vpc_id: vpc_id.to_string(),
+        vni: vpc.vni,
+        gateways,
+        endpoints,
+    })
 }
 
 /// The digest of every host's share.

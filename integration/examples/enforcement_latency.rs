@@ -37,8 +37,8 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 async fn main() -> anyhow::Result<()> {
     let rounds: usize = std::env::var("ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(100);
     let mut topo = Topology::new("lat", &["h1"])?;
-    topo.add_vm("vm1", "h1", "02:00:00:00:00:11", "10.10.0.11", "fd10::11")?;
-    topo.add_vm("vm2", "h1", "02:00:00:00:00:12", "10.10.0.12", "fd10::12")?;
+    topo.add_vm("vm1", "h1", "02:00:00:00:00:11", "10.10.0.11/24", "fd10::11/64")?;
+    topo.add_vm("vm2", "h1", "02:00:00:00:00:12", "10.10.0.12/24", "fd10::12/64")?;
     let mut cluster = Cluster::start(&topo.dir)?;
     cluster
         .apply(vec![

@@ -113,8 +113,12 @@ async fn main() -> anyhow::Result<()> {
     let rounds: usize = std::env::var("ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     let secs: u64 = std::env::var("SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
     let mut topo = Topology::new("fwb", &["h1"])?;
-    topo.add_vm("vm1", "h1", "02:00:00:00:00:11", "10.10.0.11", "fd10::11")?;
+    topo.add_vm("vm1", "h1", "02:00:00:00:00:11", "10.10.0.11/24", "fd10::11/64")?;
     let h1 = topo.host_ns("h1").name.clone();
+    // The generator's packets reach vm1 routed by the host's kernel (the
+    // path iptables and nftables filter), not through the overlay.
+    topo.host_ns("h1").sh(&["ip", "route", "add", "10.10.0.11/32", "dev", "vm1h"])?;
+    topo.host_ns("fabric").sh(&["ip", "route", "add", "10.10.0.11/32", "via", &topo.underlay_ip("h1")])?;
     let mut cluster = Cluster::start(&topo.dir)?;
     cluster
         .apply(vec![

@@ -263,7 +263,6 @@ impl Topology {
             ns.sh(&["ip", "-6", "route", "add", "default", "via", &format!("fd99:{n}::1")])?;
             ns.sysctl("net.ipv4.ip_forward=1")?;
             ns.sysctl("net.ipv6.conf.all.forwarding=1")?;
-            ns.sh(&["ip", "addr", "add", "169.254.1.1/32", "dev", "lo"])?;
             router.sh(&["ip", "addr", "add", &format!("192.168.{n}.1/24"), "dev", &b])?;
             router.sh(&[
                 "ip",
@@ -292,13 +291,11 @@ impl Topology {
         self.hosts.iter().find(|h| h.0 == host).expect("known host").2.clone()
     }
 
-    fn fabric(&self) -> &Netns {
-        self.host_ns("fabric")
-    }
-
     /// Creates a VM on `host` the way a compute driver would: a namespace,
-    /// a veth whose host end is `device`, the port's MAC and addresses,
-    /// host routes, and routes on the fabric to reach it from other hosts.
+    /// a veth whose host end is `device`, the port's MAC, its addresses with
+    /// their subnet prefix (`10.0.0.5/24`, `fd00::5/64`; either may be empty)
+    /// and default routes via the subnet gateways (the first address of each
+    /// prefix). The MTU leaves room for the VXLAN header on a 1500 underlay.
     pub fn add_vm(&mut self, name: &str, host: &str, mac: &str, v4: &str, v6: &str) -> anyhow::Result<()> {
         let ns = Netns::new(&format!("{}-{name}", self.tag))?;
         let device = format!("{}{}", &name[..name.len().min(8)], "h");
@@ -312,34 +309,34 @@ impl Topology {
         ns.sysctl("net.ipv6.conf.default.accept_dad=0")?;
         ns.sysctl("net.ipv6.conf.eth0.accept_dad=0")?;
         ns.sysctl("net.ipv6.conf.eth0.addr_gen_mode=0")?;
-        ns.sh(&["ip", "link", "set", "eth0", "address", mac])?;
+        ns.sh(&["ip", "link", "set", "eth0", "address", mac, "mtu", "1450"])?;
         ns.sh(&["ip", "link", "set", "eth0", "up"])?;
-        ns.sh(&["ip", "addr", "add", &format!("{v4}/32"), "dev", "eth0"])?;
-        ns.sh(&["ip", "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"])?;
-        ns.sh(&["ip", "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"])?;
-        ns.sh(&["ip", "-6", "addr", "add", &format!("{v6}/128"), "dev", "eth0", "nodad"])?;
-        ns.sh(&["ip", "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"])?;
+        ns.sh(&["ip", "link", "set", "lo", "up"])?;
+        let (mut a4, mut a6) = (String::new(), String::new());
+        if !v4.is_empty() {
+            let n: ipnetwork::Ipv4Network = v4.parse()?;
+            let gw = std::net::Ipv4Addr::from(u32::from(n.network()) + 1);
+            ns.sh(&["ip", "addr", "add", v4, "dev", "eth0"])?;
+            ns.sh(&["ip", "route", "add", "default", "via", &gw.to_string(), "dev", "eth0"])?;
+            a4 = n.ip().to_string();
+        }
+        if !v6.is_empty() {
+            let n: ipnetwork::Ipv6Network = v6.parse()?;
+            let gw = std::net::Ipv6Addr::from(u128::from(n.network()) + 1);
+            ns.sh(&["ip", "-6", "addr", "add", v6, "dev", "eth0", "nodad"])?;
+            ns.sh(&["ip", "-6", "route", "add", "default", "via", &gw.to_string(), "dev", "eth0"])?;
+            a6 = n.ip().to_string();
+        }
         let h = self.host_ns(host);
         h.sysctl(&format!("net.ipv6.conf.{device}.accept_dad=0")).ok();
         h.sh(&["ip", "link", "set", &device, "up"])?;
-        h.sh(&["ip", "-6", "addr", "add", "fe80::1/64", "dev", &device, "nodad"])?;
-        h.sh(&["ip", "route", "add", &format!("{v4}/32"), "dev", &device])?;
-        h.sh(&["ip", "-6", "route", "add", &format!("{v6}/128"), "dev", &device])?;
-        let (u4, u6) = (
-            self.underlay_ip(host),
-            self.hosts.iter().find(|x| x.0 == host).unwrap().3.clone(),
-        );
-        self.fabric()
-            .sh(&["ip", "route", "add", &format!("{v4}/32"), "via", &u4])?;
-        self.fabric()
-            .sh(&["ip", "-6", "route", "add", &format!("{v6}/128"), "via", &u6])?;
         self.vms.push(Vm {
             ns,
             host: host.to_string(),
             device,
             mac: mac.into(),
-            v4: v4.into(),
-            v6: v6.into(),
+            v4: a4,
+            v6: a6,
         });
         Ok(())
     }
@@ -593,6 +590,7 @@ pub mod ops {
             id: id.into(),
             tenant_id: tenant.into(),
             name: id.into(),
+            vni: 0,
         })
     }
     pub fn subnet(id: &str, vpc: &str, v4: &str, v6: &str) -> Op {

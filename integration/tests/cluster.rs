@@ -518,9 +518,9 @@ async fn rolling_upgrade_and_leader_kill_keep_writes_and_flows() {
         return;
     }
     let mut topo = Topology::new("clr", &["c1", "c2", "c3", "h1"]).unwrap();
-    topo.add_vm("vm1", "h1", "02:00:00:00:00:11", "10.10.0.11", "fd10::11")
+    topo.add_vm("vm1", "h1", "02:00:00:00:00:11", "10.10.0.11/24", "fd10::11/64")
         .unwrap();
-    topo.add_vm("vm2", "h1", "02:00:00:00:00:12", "10.10.0.12", "fd10::12")
+    topo.add_vm("vm2", "h1", "02:00:00:00:00:12", "10.10.0.12/24", "fd10::12/64")
         .unwrap();
     let mut r = Replicas::start(&topo, &["c1", "c2", "c3"]).await.unwrap();
     let bpffs = sdn_integration::Bpffs::new(&topo.dir.join("bpffs")).unwrap();

@@ -56,9 +56,9 @@ fn vm3_port(groups: &[&str]) -> pb::operation::Op {
 
 async fn setup(tag: &str) -> anyhow::Result<Env> {
     let mut topo = Topology::new(tag, &["h1", "h2"])?;
-    topo.add_vm("vm1", "h1", "02:00:00:00:00:11", "10.10.0.11", "fd10::11")?;
-    topo.add_vm("vm2", "h1", "02:00:00:00:00:12", "10.10.0.12", "fd10::12")?;
-    topo.add_vm("vm3", "h2", "02:00:00:00:00:13", "10.10.0.13", "fd10::13")?;
+    topo.add_vm("vm1", "h1", "02:00:00:00:00:11", "10.10.0.11/24", "fd10::11/64")?;
+    topo.add_vm("vm2", "h1", "02:00:00:00:00:12", "10.10.0.12/24", "fd10::12/64")?;
+    topo.add_vm("vm3", "h2", "02:00:00:00:00:13", "10.10.0.13/24", "fd10::13/64")?;
     let mut cluster = Cluster::start(&topo.dir)?;
     cluster
         .apply(vec![
@@ -240,6 +240,9 @@ async fn spoofing_and_fragments_are_dropped_on_the_wire() {
         "500",
     ]);
     assert!(spoofed.is_ok(), "the real address still works");
+    // vm1 is on vm2's subnet: resolve it with the real address first, so the
+    // forged packet itself goes out (not an ARP request from the fake address).
+    assert!(env.reach("vm2", "vm1", "icmp", 0, false));
     let from_fake = vm2.sh(&["ping", "-c", "1", "-W", "1", "-I", "10.10.0.99", "10.10.0.11"]);
     assert!(from_fake.is_err(), "a forged source address must not get through");
     // A different MAC on the VM's NIC.

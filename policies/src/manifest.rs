@@ -82,6 +82,9 @@ struct TenantSpec {
 struct VpcSpec {
     #[serde(default)]
     display_name: Option<String>,
+    /// VXLAN network identifier; left out: the store picks one.
+    #[serde(default)]
+    vni: Option<u32>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -341,6 +344,7 @@ fn to_op(doc: Doc) -> Result<Op, String> {
                 tenant_id: need_tenant(&metadata, "Vpc")?,
                 name: spec.display_name.unwrap_or_else(|| metadata.name.clone()),
                 id: metadata.name,
+                vni: spec.vni.unwrap_or(0),
             })
         }
         Doc::Subnet(Typed {
@@ -630,11 +634,14 @@ pub fn render(op: &Op) -> Option<serde_json::Value> {
             doc("Tenant", &t.id, None, spec)
         }
         Op::PutVpc(v) => {
-            let spec = if v.name != v.id {
+            let mut spec = if v.name != v.id {
                 json!({ "displayName": v.name })
             } else {
                 json!({})
             };
+            if v.vni != 0 {
+                spec["vni"] = json!(v.vni);
+            }
             doc("Vpc", &v.id, Some(&v.tenant_id), spec)
         }
         Op::PutSubnet(s) => {

@@ -21,7 +21,15 @@ pub struct Vpc {
     pub id: String,
     pub tenant_id: String,
     pub name: String,
+    /// VXLAN network identifier; 0 in a request asks the store to pick one.
+    #[serde(default)]
+    pub vni: u32,
 }
+
+/// The highest VNI (24 bits).
+pub const VNI_MAX: u32 = (1 << 24) - 1;
+/// The first VNI the store picks when a request leaves it to the store.
+pub const VNI_AUTO_FIRST: u32 = 4096;
 
 /// A subnet of a VPC, IPv4, IPv6 or both.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,6 +38,18 @@ pub struct Subnet {
     pub vpc_id: String,
     pub cidr_v4: Option<Ipv4Network>,
     pub cidr_v6: Option<Ipv6Network>,
+}
+
+impl Subnet {
+    /// The IPv4 gateway: the first address of the prefix.
+    pub fn gateway_v4(&self) -> Option<Ipv4Addr> {
+        self.cidr_v4.map(|n| Ipv4Addr::from(u32::from(n.network()) + 1))
+    }
+
+    /// The IPv6 gateway: the first address after the subnet-router anycast address.
+    pub fn gateway_v6(&self) -> Option<Ipv6Addr> {
+        self.cidr_v6.map(|n| Ipv6Addr::from(u128::from(n.network()) + 1))
+    }
 }
 
 /// A hypervisor host.

@@ -98,6 +98,7 @@ impl State {
             Op::PutVpc(v) => {
                 check_id(&v.id).map_err(|m| c.err("id", m))?;
                 self.need_tenant(c, "tenant_id", &v.tenant_id)?;
+                let mut v = v.clone();
                 if let Some(old) = self.vpcs.get(&v.id) {
                     if old.tenant_id != v.tenant_id {
                         return Err(c.err(
@@ -108,8 +109,27 @@ impl State {
                             ),
                         ));
                     }
+                    if v.vni == 0 {
+                        v.vni = old.vni;
+                    } else if v.vni != old.vni {
+                        return Err(c.err(
+                            "vni",
+                            format!("vpc {} has vni {}; a VPC's vni cannot change", v.id, old.vni),
+                        ));
+                    }
                 }
-                self.vpcs.insert(v.id.clone(), v.clone());
+                if v.vni > VNI_MAX {
+                    return Err(c.err("vni", format!("{} is above the largest VNI {VNI_MAX}", v.vni)));
+                }
+                let used: BTreeSet<u32> = self.vpcs.values().filter(|o| o.id != v.id).map(|o| o.vni).collect();
+                if v.vni == 0 {
+                    v.vni = (VNI_AUTO_FIRST..=VNI_MAX)
+                        .find(|n| !used.contains(n))
+                        .ok_or_else(|| c.err("vni", "every VNI is in use"))?;
+                } else if let Some(o) = self.vpcs.values().find(|o| o.id != v.id && o.vni == v.vni) {
+                    return Err(c.err("vni", format!("vni {} is already used by vpc {}", v.vni, o.id)));
+                }
+                self.vpcs.insert(v.id.clone(), v);
             }
             Op::PutSubnet(s) => self.put_subnet(c, s)?,
             Op::PutHost(h) => {
@@ -250,6 +270,9 @@ impl State {
                 Some(n) if ip == n.network() || ip == n.broadcast() => {
                     return Err(c.err("ipv4", format!("{ip} is the network or broadcast address of {n}")))
                 }
+                Some(_) if Some(ip) == subnet.gateway_v4() => {
+                    return Err(c.err("ipv4", format!("{ip} is the gateway of subnet {}", subnet.id)))
+                }
                 _ => {}
             }
         }
@@ -261,6 +284,9 @@ impl State {
                 }
                 Some(n) if ip == n.network() => {
                     return Err(c.err("ipv6", format!("{ip} is the subnet-router anycast address of {n}")))
+                }
+                Some(_) if Some(ip) == subnet.gateway_v6() => {
+                    return Err(c.err("ipv6", format!("{ip} is the gateway of subnet {}", subnet.id)))
                 }
                 _ => {}
             }
@@ -549,6 +575,7 @@ mod tests {
                 id: "v1".into(),
                 tenant_id: "t1".into(),
                 name: "v".into(),
+                vni: 0,
             }),
             Op::PutSubnet(Subnet {
                 id: "s1".into(),

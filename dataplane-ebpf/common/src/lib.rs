@@ -64,6 +64,17 @@ pub enum DropReason {
     BadArp = 14,
     /// The port is quarantined: nothing goes in or out.
     Quarantined = 15,
+    /// The destination is no endpoint of the VPC and nothing else routes it.
+    NoRoute = 16,
+    /// ARP or neighbour solicitation for an address no endpoint of the VPC has.
+    UnknownNeighbour = 17,
+    /// An overlay packet whose VNI and inner source are not an endpoint on
+    /// the sending host: a forged VNI, a spoofed source, or an unknown host.
+    OverlaySpoof = 18,
+    /// An overlay packet for an address that is not a port on this host.
+    OverlayUnknownDst = 19,
+    /// An overlay packet that is not IPv4 or IPv6.
+    OverlayNotIp = 20,
 }
 
 /// Number of slots in the drop counter array (room to grow).
@@ -71,7 +82,7 @@ pub const DROP_REASON_SLOTS: u32 = 32;
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 21] = [
         DropReason::UnknownPort,
         DropReason::Truncated,
         DropReason::UnsupportedEthertype,
@@ -88,6 +99,11 @@ impl DropReason {
         DropReason::PolicyRevoked,
         DropReason::BadArp,
         DropReason::Quarantined,
+        DropReason::NoRoute,
+        DropReason::UnknownNeighbour,
+        DropReason::OverlaySpoof,
+        DropReason::OverlayUnknownDst,
+        DropReason::OverlayNotIp,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -109,6 +125,11 @@ impl DropReason {
             DropReason::PolicyRevoked => "policy_revoked",
             DropReason::BadArp => "bad_arp",
             DropReason::Quarantined => "quarantined",
+            DropReason::NoRoute => "no_route",
+            DropReason::UnknownNeighbour => "unknown_neighbour",
+            DropReason::OverlaySpoof => "overlay_spoof",
+            DropReason::OverlayUnknownDst => "overlay_unknown_destination",
+            DropReason::OverlayNotIp => "overlay_not_ip",
         }
     }
 }
@@ -129,10 +150,18 @@ pub enum Stat {
     Passed = 4,
     /// ICMP errors passed because they concern a tracked flow.
     CtRelated = 5,
+    /// Packets delivered to a port on the same host.
+    ForwardedLocal = 6,
+    /// Packets sent into the overlay towards another host.
+    Encapsulated = 7,
+    /// Packets received from the overlay and delivered to a port.
+    Decapsulated = 8,
+    /// ARP requests and neighbour solicitations answered by the host.
+    NeighbourAnswered = 9,
 }
 
 /// Number of slots in the stats array.
-pub const STAT_SLOTS: u32 = 8;
+pub const STAT_SLOTS: u32 = 16;
 
 /// The maximum number of IPv6 extension headers the parser follows.
 pub const MAX_IPV6_EXT_HEADERS: u32 = 8;

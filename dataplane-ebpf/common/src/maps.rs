@@ -3,6 +3,10 @@
 //! Both the programs (`dataplane-ebpf`) and the agent use these definitions;
 //! the `SIZE` assertions fail the build if the layout drifts.
 
+/// Pinned name of the overlay endpoint map ([`EndpointKey`] -> [`Endpoint`]).
+pub const ENDPOINTS: &str = "SDN_ENDPOINTS";
+/// Pinned name of the host configuration (array of one [`HostConfig`]).
+pub const CONFIG: &str = "SDN_CONFIG";
 /// Pinned name of the per-port configuration map (`u32` ifindex -> [`PortInfo`]).
 pub const PORTS: &str = "SDN_PORTS";
 /// Pinned name of the anti-spoofing address set ([`PortAddrKey`] -> `u8`).
@@ -26,6 +30,12 @@ pub const POLICY_PLENS_MAX: u32 = 16384;
 pub const SG_ADDR_MAX: u32 = 524288;
 pub const SG_RULES_MAX: u32 = 524288;
 pub const CT_MAX: u32 = 262144;
+pub const ENDPOINTS_MAX: u32 = 262144;
+
+/// The MAC of every subnet gateway, on every host: a distributed router. The
+/// host answers ARP and neighbour solicitations for the gateway and for the
+/// VPC's other ports with it, and routes what VMs send to it.
+pub const GATEWAY_MAC: [u8; 6] = [0x0e, 0x5d, 0x6e, 0x00, 0x00, 0x01];
 
 /// Port flag: the port has no egress rules, so everything it sends is allowed.
 pub const PORT_F_EGRESS_OPEN: u32 = 1;
@@ -47,7 +57,45 @@ pub struct PortInfo {
     pub epoch: u32,
     /// `PORT_F_*` flags.
     pub flags: u32,
-    pub _pad1: u32,
+    /// The VNI of the port's VPC: selects its endpoints.
+    pub vni: u32,
+}
+
+/// An address in a VPC: the VPC's VNI and the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointKey {
+    pub vni: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+/// Endpoint flag: the address is a subnet gateway (answered, never forwarded to).
+pub const EP_F_GATEWAY: u16 = 1;
+
+/// Where an address of a VPC lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// Host-side device of a port on this host; 0: on another host.
+    pub ifindex: u32,
+    /// Underlay IPv4 address of the host it is on (network order); for a
+    /// local port, this host's own.
+    pub host_v4: [u8; 4],
+    /// The port's MAC.
+    pub mac: [u8; 6],
+    /// `EP_F_*` flags.
+    pub flags: u16,
+}
+
+/// Host-wide settings, slot 0 of the `CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct HostConfig {
+    /// The collect-metadata VXLAN device; 0 while it is not set up.
+    pub vxlan_ifindex: u32,
+    pub _pad: u32,
 }
 
 /// One address a port may send from.
@@ -170,6 +218,9 @@ pub const CT_TIMEOUT_UDP_NS: u64 = 60 * 1_000_000_000;
 pub const CT_TIMEOUT_OTHER_NS: u64 = 30 * 1_000_000_000;
 
 const _: () = assert!(core::mem::size_of::<PortInfo>() == 24);
+const _: () = assert!(core::mem::size_of::<EndpointKey>() == 24);
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 16);
+const _: () = assert!(core::mem::size_of::<HostConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<PortAddrKey>() == 24);
 const _: () = assert!(core::mem::size_of::<PolicyDirKey>() == 8);
 const _: () = assert!(core::mem::size_of::<PrefixLens>() == 24);
@@ -184,6 +235,9 @@ mod pod {
     use super::*;
     // SAFETY: all are repr(C), Copy, with explicit padding and no pointers.
     unsafe impl aya::Pod for PortInfo {}
+    unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for Endpoint {}
+    unsafe impl aya::Pod for HostConfig {}
     unsafe impl aya::Pod for PortAddrKey {}
     unsafe impl aya::Pod for PolicyDirKey {}
     unsafe impl aya::Pod for PrefixLens {}

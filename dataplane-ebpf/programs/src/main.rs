@@ -4,6 +4,8 @@
 //! anti-spoofing, then egress security groups with conntrack.
 //! `to_vm` runs at TC egress of the same device (packets towards the VM):
 //! ingress security groups with conntrack.
+//! `from_overlay` runs at TC ingress of the host's collect-metadata VXLAN
+//! device: it checks the VNI against the sender and delivers to the port.
 //!
 //! Policy order (DESIGN.md): quarantine, zones, firewalls and security groups;
 //! this first program carries the security-group tier.
@@ -12,6 +14,8 @@
 
 #[cfg(target_arch = "bpf")]
 mod conntrack;
+#[cfg(target_arch = "bpf")]
+mod forward;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
@@ -23,21 +27,27 @@ mod port;
 
 #[cfg(target_arch = "bpf")]
 mod progs {
-    use aya_ebpf::{macros::classifier, programs::TcContext};
+    use aya_ebpf::{helpers::gen, macros::classifier, programs::TcContext};
     use dataplane_common::{DropReason, Stat};
 
-    use crate::{maps, port};
+    use crate::{forward, forward::Action, maps, port};
 
     const TC_ACT_OK: i32 = 0;
     const TC_ACT_SHOT: i32 = 2;
 
     #[inline(always)]
-    fn verdict(r: Result<(), DropReason>) -> i32 {
+    fn verdict(r: Result<Action, DropReason>) -> i32 {
         match r {
-            Ok(()) => {
+            Ok(Action::Pass) => {
                 maps::count(Stat::Passed);
                 TC_ACT_OK
             }
+            Ok(Action::Redirect(ifindex)) => {
+                maps::count(Stat::Passed);
+                // SAFETY: plain helper call; it returns TC_ACT_REDIRECT or TC_ACT_SHOT.
+                unsafe { gen::bpf_redirect(ifindex, 0) as i32 }
+            }
+            Ok(Action::Consume) => TC_ACT_SHOT,
             Err(reason) => {
                 maps::count_drop(reason);
                 TC_ACT_SHOT
@@ -45,16 +55,22 @@ mod progs {
         }
     }
 
-    /// Packets the VM sends.
+    /// Packets the VM sends (TC ingress of the host-side device).
     #[classifier]
-    pub fn from_vm(ctx: TcContext) -> i32 {
-        verdict(port::from_vm(&ctx))
+    pub fn from_vm(mut ctx: TcContext) -> i32 {
+        verdict(port::from_vm(&mut ctx))
     }
 
-    /// Packets towards the VM.
+    /// Packets towards the VM (TC egress of the host-side device).
     #[classifier]
     pub fn to_vm(ctx: TcContext) -> i32 {
         verdict(port::to_vm(&ctx))
+    }
+
+    /// Packets from the overlay (TC ingress of the VXLAN device).
+    #[classifier]
+    pub fn from_overlay(mut ctx: TcContext) -> i32 {
+        verdict(forward::from_overlay(&mut ctx))
     }
 
     #[panic_handler]

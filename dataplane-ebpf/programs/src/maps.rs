@@ -2,12 +2,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use dataplane_common::{
     maps::{
-        AddrIdentity, AddrKey, CtKey, CtValue, PolicyDirKey, PortAddrKey, PortInfo, PrefixLens, RuleKey, CT_MAX,
-        POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, SG_ADDR_MAX, SG_RULES_MAX,
+        AddrIdentity, AddrKey, CtKey, CtValue, Endpoint, EndpointKey, HostConfig, PolicyDirKey, PortAddrKey, PortInfo,
+        PrefixLens, RuleKey, CT_MAX, ENDPOINTS_MAX, POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, SG_ADDR_MAX,
+        SG_RULES_MAX,
     },
     DropReason, Stat, DROP_REASON_SLOTS, STAT_SLOTS,
 };
@@ -29,6 +30,12 @@ pub static SG_RULES: HashMap<RuleKey, u8> = HashMap::pinned(SG_RULES_MAX, 0);
 
 #[map(name = "SDN_CT")]
 pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CT_MAX, 0);
+
+#[map(name = "SDN_ENDPOINTS")]
+pub static ENDPOINTS: HashMap<EndpointKey, Endpoint> = HashMap::pinned(ENDPOINTS_MAX, 0);
+
+#[map(name = "SDN_CONFIG")]
+pub static CONFIG: Array<HostConfig> = Array::pinned(1, 0);
 
 #[map(name = "SDN_DROPS")]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DROP_REASON_SLOTS, 0);

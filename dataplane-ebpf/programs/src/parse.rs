@@ -34,8 +34,11 @@ pub fn eth(ctx: &TcContext) -> Result<Eth, DropReason> {
 
 /// An ARP packet for IPv4 over Ethernet.
 pub struct Arp {
+    /// 1 request, 2 reply.
+    pub op: u16,
     pub sender_mac: [u8; 6],
     pub sender_ip: [u8; 4],
+    pub target_ip: [u8; 4],
 }
 
 #[inline(always)]
@@ -46,8 +49,10 @@ pub fn arp(ctx: &TcContext) -> Result<Arp, DropReason> {
         return Err(DropReason::BadArp);
     }
     Ok(Arp {
+        op: u16::from_be_bytes([h[6], h[7]]),
         sender_mac: [h[8], h[9], h[10], h[11], h[12], h[13]],
         sender_ip: [h[14], h[15], h[16], h[17]],
+        target_ip: [h[24], h[25], h[26], h[27]],
     })
 }
 

@@ -9,6 +9,7 @@ use dataplane_common::{
 
 use crate::{
     conntrack::{self, Ct},
+    forward::{self, Action},
     maps::{count, CT, PORTS, PORT_ADDRS},
     parse::{self, Ip, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6},
     policy,
@@ -89,11 +90,36 @@ fn related(ctx: &TcContext, ifx: u32, ip: &Ip, towards_vm: bool) -> bool {
     true
 }
 
-/// Packets the VM sends.
+/// Packets the VM sends: judged, then answered or routed.
 #[inline(always)]
-pub fn from_vm(ctx: &TcContext) -> Result<(), DropReason> {
+pub fn from_vm(ctx: &mut TcContext) -> Result<Action, DropReason> {
     let (ifx, port) = port_of(ctx)?;
     let eth = parse::eth(ctx)?;
+    let ip = match judge_from_vm(ctx, ifx, &port, &eth)? {
+        Judged::Ip(ip) => ip,
+        Judged::Arp(a) => return forward::answer_arp(ctx, ifx, &port, &a),
+        Judged::Solicitation(ip) => return forward::answer_ns(ctx, ifx, &port, &ip, &eth.src),
+        Judged::Neighbour => return Ok(Action::Pass),
+    };
+    forward::route(ctx, ifx, &port, &ip)
+}
+
+/// What the checks of a packet from the VM let through.
+enum Judged {
+    /// An IP packet the rules allow.
+    Ip(Ip),
+    /// An ARP packet with the port's own addresses.
+    Arp(parse::Arp),
+    /// A neighbour solicitation with the port's own addresses.
+    Solicitation(Ip),
+    /// Other neighbour discovery and MLD, for the host.
+    Neighbour,
+}
+
+/// Anti-spoofing, conntrack and the egress rules.
+#[inline(always)]
+fn judge_from_vm(ctx: &TcContext, ifx: u32, port: &PortInfo, eth: &parse::Eth) -> Result<Judged, DropReason> {
+    let port = *port;
     if eth.src != port.mac {
         return Err(DropReason::SpoofMac);
     }
@@ -107,7 +133,7 @@ pub fn from_vm(ctx: &TcContext) -> Result<(), DropReason> {
                 return Err(DropReason::SpoofArp);
             }
             count(Stat::Neighbour);
-            return Ok(());
+            return Ok(Judged::Arp(a));
         }
         ETH_P_IP => parse::ipv4(ctx)?,
         ETH_P_IPV6 => parse::ipv6(ctx)?,
@@ -115,7 +141,13 @@ pub fn from_vm(ctx: &TcContext) -> Result<(), DropReason> {
     };
     if ip.family == FAMILY_V6 && ip.proto == PROTO_ICMPV6 {
         if let Some(r) = neighbour_from_vm(ctx, ifx, &port, &ip) {
-            return r;
+            r?;
+            count(Stat::Neighbour);
+            return Ok(if ip.icmp_type == ND_NS {
+                Judged::Solicitation(ip)
+            } else {
+                Judged::Neighbour
+            });
         }
     }
     if !owns(ifx, ip.family, &ip.src) {
@@ -124,7 +156,7 @@ pub fn from_vm(ctx: &TcContext) -> Result<(), DropReason> {
     // An ICMP error the VM sends about a packet it received (e.g. port
     // unreachable) passes when that packet belongs to a tracked flow.
     if related(ctx, ifx, &ip, false) {
-        return Ok(());
+        return Ok(Judged::Ip(ip));
     }
     let key = CtKey {
         ifindex: ifx,
@@ -138,14 +170,14 @@ pub fn from_vm(ctx: &TcContext) -> Result<(), DropReason> {
     };
     let len = ctx.len();
     if let Ct::Established = conntrack::lookup(&key, &port, true, ip.tcp_flags, len)? {
-        return Ok(());
+        return Ok(Judged::Ip(ip));
     }
     let svc = ip.service();
     if !policy::allowed(&port, DIR_EGRESS, ip.family, &ip.dst, ip.proto, svc) {
         return Err(DropReason::PolicyEgress);
     }
     conntrack::create(&key, &port, CT_ORIGIN_OUT, svc, ip.tcp_flags, len);
-    Ok(())
+    Ok(Judged::Ip(ip))
 }
 
 /// Neighbour discovery and MLD the VM sends: checked for spoofing, never
@@ -188,9 +220,6 @@ fn neighbour_from_vm(ctx: &TcContext, ifx: u32, port: &PortInfo, ip: &Ip) -> Opt
         MLD_QUERY => Err(DropReason::RaGuard),
         _ => return None,
     };
-    if r.is_ok() {
-        count(Stat::Neighbour);
-    }
     Some(r)
 }
 
@@ -211,7 +240,13 @@ fn check_lladdr_option(ctx: &TcContext, off: usize, kind: u8, port: &PortInfo) -
 
 /// Packets towards the VM.
 #[inline(always)]
-pub fn to_vm(ctx: &TcContext) -> Result<(), DropReason> {
+pub fn to_vm(ctx: &TcContext) -> Result<Action, DropReason> {
+    judge_to_vm(ctx).map(|()| Action::Pass)
+}
+
+/// Conntrack and the ingress rules.
+#[inline(always)]
+fn judge_to_vm(ctx: &TcContext) -> Result<(), DropReason> {
     let (ifx, port) = port_of(ctx)?;
     let eth = parse::eth(ctx)?;
     let ip = match eth.proto {

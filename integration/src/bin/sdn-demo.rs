@@ -109,9 +109,9 @@ async fn main() -> anyhow::Result<()> {
 
     step("topology: hosts h1 and h2 on a routed underlay; vm1, vm2 on h1, vm3 on h2");
     let mut topo = Topology::new("demo", &["h1", "h2"])?;
-    topo.add_vm("vm1", "h1", "02:00:00:00:00:11", "10.10.0.11", "fd10::11")?;
-    topo.add_vm("vm2", "h1", "02:00:00:00:00:12", "10.10.0.12", "fd10::12")?;
-    topo.add_vm("vm3", "h2", "02:00:00:00:00:13", "10.10.0.13", "fd10::13")?;
+    topo.add_vm("vm1", "h1", "02:00:00:00:00:11", "10.10.0.11/24", "fd10::11/64")?;
+    topo.add_vm("vm2", "h1", "02:00:00:00:00:12", "10.10.0.12/24", "fd10::12/64")?;
+    topo.add_vm("vm3", "h2", "02:00:00:00:00:13", "10.10.0.13/24", "fd10::13/64")?;
     let mut cluster = Cluster::start(&topo.dir).context("starting the controller")?;
     cluster.actor = "cloud-platform".into();
     println!(
