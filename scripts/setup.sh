@@ -20,6 +20,9 @@ PKGS=(
     tcpdump
     nftables iptables   # benchmark peers
     iperf3              # traffic generator for benchmarks
+    nmap                # cross-zone scans
+    arping ndisc6       # gateway ARP and neighbour-discovery checks
+    python3-scapy       # hand-made packets (forged VXLAN headers)
     bpftool             # inspection of loaded programs and pins
     clang llvm          # not needed to build, useful to read verifier output
 )

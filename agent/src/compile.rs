@@ -220,9 +220,12 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
             message,
         };
         let mac = parse_mac(&p.mac).ok_or_else(|| perr("mac", format!("invalid MAC {:?}", p.mac)))?;
-        let vni = *subnet_vni
-            .get(p.subnet_id.as_str())
-            .ok_or_else(|| perr("subnet_id", format!("the VPC of subnet {} is missing from the share", p.subnet_id)))?;
+        let vni = *subnet_vni.get(p.subnet_id.as_str()).ok_or_else(|| {
+            perr(
+                "subnet_id",
+                format!("the VPC of subnet {} is missing from the share", p.subnet_id),
+            )
+        })?;
         let Some(ifx) = ifindex(&p.device) else {
             d.missing_devices.push((p.id.clone(), p.device.clone()));
             continue;
@@ -583,11 +586,46 @@ mod tests {
                 version: "1".into(),
                 kind: Some(pb::resource::Kind::Port(pb::Port {
                     id: "p1".into(),
+                    subnet_id: "s".into(),
                     device: "vm1".into(),
                     mac: "02:00:00:00:00:01".into(),
                     ipv4: "10.0.0.1".into(),
                     security_group_ids: vec!["g".into()],
                     ..Default::default()
+                })),
+            },
+        );
+        r.insert(
+            "vpc/v".into(),
+            pb::Resource {
+                name: "vpc/v".into(),
+                version: "1".into(),
+                kind: Some(pb::resource::Kind::VpcNetwork(pb::VpcNetwork {
+                    vpc_id: "v".into(),
+                    vni: 9,
+                    gateways: vec![pb::SubnetGateway {
+                        subnet_id: "s".into(),
+                        gateway_v4: "10.0.0.254".into(),
+                        gateway_v6: String::new(),
+                    }],
+                    endpoints: vec![
+                        pb::Endpoint {
+                            port_id: "p1".into(),
+                            mac: "02:00:00:00:00:01".into(),
+                            ipv4: "10.0.0.1".into(),
+                            host_id: "h1".into(),
+                            host_underlay_ip: "192.168.1.2".into(),
+                            ..Default::default()
+                        },
+                        pb::Endpoint {
+                            port_id: "p2".into(),
+                            mac: "02:00:00:00:00:02".into(),
+                            ipv4: "10.0.0.2".into(),
+                            ipv6: "fd00::2".into(),
+                            host_id: "h2".into(),
+                            host_underlay_ip: "192.168.2.2".into(),
+                        },
+                    ],
                 })),
             },
         );
@@ -617,6 +655,37 @@ mod tests {
             remote_cidr: cidr.into(),
             remote_group_id: String::new(),
         }
+    }
+
+    #[test]
+    fn vpc_endpoints_say_where_each_address_lives() {
+        let d = compile(&share(vec![]), &|n| (n == "vm1").then_some(5), 0).unwrap();
+        let key = |family, a: &str| EndpointKey {
+            vni: 9,
+            family,
+            _pad: [0; 3],
+            addr: addr16(a.parse().unwrap()).1,
+        };
+        let here = d.endpoints[&key(FAMILY_V4, "10.0.0.1")];
+        assert_eq!((here.ifindex, here.host_v4), (5, [192, 168, 1, 2]));
+        let there = d.endpoints[&key(FAMILY_V6, "fd00::2")];
+        assert_eq!((there.ifindex, there.host_v4, there.flags), (0, [192, 168, 2, 2], 0));
+        let gw = d.endpoints[&key(FAMILY_V4, "10.0.0.254")];
+        assert_eq!((gw.flags, gw.mac), (EP_F_GATEWAY, GATEWAY_MAC));
+        assert_eq!(d.endpoints.len(), 4);
+        assert_eq!(d.ports[&5].vni, 9);
+        // An IPv6 underlay is refused with the port and host named.
+        let mut res = share(vec![]);
+        if let Some(pb::resource::Kind::VpcNetwork(n)) = &mut res.get_mut("vpc/v").unwrap().kind {
+            n.endpoints[1].host_underlay_ip = "fd99::2".into();
+        }
+        let e = compile(&res, &|n| (n == "vm1").then_some(5), 0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("port p2") && e.contains("host h2") && e.contains("IPv6 underlay"),
+            "{e}"
+        );
     }
 
     #[test]

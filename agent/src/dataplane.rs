@@ -144,17 +144,17 @@ impl Dataplane {
             }
         }
         self.attach_pinned(OVERLAY_PROGRAM, TcAttachType::Ingress, ifname, &pin)?;
+        self.set_host_config(m::HostConfig {
+            vxlan_ifindex: ifindex,
+            _pad: 0,
+        })
+    }
+
+    /// Writes the host-wide settings the programs read.
+    pub fn set_host_config(&mut self, c: m::HostConfig) -> anyhow::Result<()> {
         let map = self.ebpf.map_mut(m::CONFIG).context("map CONFIG missing")?;
         let mut cfg: Array<&mut MapData, m::HostConfig> = Array::try_from(map)?;
-        cfg.set(
-            0,
-            m::HostConfig {
-                vxlan_ifindex: ifindex,
-                _pad: 0,
-            },
-            0,
-        )
-        .context("writing the host configuration")?;
+        cfg.set(0, c, 0).context("writing the host configuration")?;
         Ok(())
     }
 
@@ -183,8 +183,7 @@ impl Dataplane {
             .with_context(|| format!("attaching {name} to {ifname} ({attach_type:?})"))?;
         let link = prog.take_link(id)?;
         let fd: FdLink = link.try_into().context("TCX link expected")?;
-        fd.pin(pin)
-            .with_context(|| format!("pinning link {}", pin.display()))?;
+        fd.pin(pin).with_context(|| format!("pinning link {}", pin.display()))?;
         Ok(())
     }
 

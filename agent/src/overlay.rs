@@ -62,7 +62,11 @@ pub async fn ensure_vxlan(name: &str) -> anyhow::Result<u32> {
                     .execute()
                     .await
                     .with_context(|| format!("creating VXLAN device {name}"))?;
-                tracing::info!(device = name, port = VXLAN_PORT, "created the collect-metadata VXLAN device");
+                tracing::info!(
+                    device = name,
+                    port = VXLAN_PORT,
+                    "created the collect-metadata VXLAN device"
+                );
                 handle
                     .link()
                     .get()

@@ -18,16 +18,28 @@ const VM4: [u8; 4] = [10, 0, 0, 1];
 const VM6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+/// The ifindex the harness gives the VXLAN device (never resolved by a test run).
+const VXLAN_IFINDEX: u32 = 42;
+const GATEWAY4: [u8; 4] = [10, 0, 0, 254];
+const REMOTE_HOST: [u8; 4] = [192, 168, 9, 2];
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Prog {
     FromVm,
     ToVm,
+    FromOverlay,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Expect {
+    /// Towards the VM: delivered unchanged. From the VM: routed or answered
+    /// (redirected), nothing dropped.
     Pass,
+    /// From the VM: handed to the host's stack unchanged.
+    Host,
+    /// Absorbed by the host, not counted as a drop.
+    Absorbed,
     Drop(DropReason),
 }
 
@@ -56,6 +68,7 @@ fn share(rules: Vec<pb::SecurityGroupRule>, members: &[&str]) -> Resources {
     let mut r = Resources::new();
     let port = pb::Port {
         id: "p1".into(),
+        subnet_id: "s".into(),
         device: "lo".into(),
         mac: "02:00:00:00:00:01".into(),
         ipv4: "10.0.0.1".into(),
@@ -82,6 +95,38 @@ fn share(rules: Vec<pb::SecurityGroupRule>, members: &[&str]) -> Resources {
             name: "sg/web".into(),
             version: "1".into(),
             kind: Some(pb::resource::Kind::SecurityGroup(g)),
+        },
+    );
+    // The VPC: the port here; peers on another host; a gateway.
+    let endpoint = |id: &str, v4: &str, v6: &str, host: &str| pb::Endpoint {
+        port_id: id.into(),
+        mac: "02:00:00:00:00:77".into(),
+        ipv4: v4.into(),
+        ipv6: v6.into(),
+        host_id: host.into(),
+        host_underlay_ip: std::net::Ipv4Addr::from(REMOTE_HOST).to_string(),
+    };
+    let net = pb::VpcNetwork {
+        vpc_id: "v".into(),
+        vni: 7,
+        gateways: vec![pb::SubnetGateway {
+            subnet_id: "s".into(),
+            gateway_v4: std::net::Ipv4Addr::from(GATEWAY4).to_string(),
+            gateway_v6: "fd00::fe".into(),
+        }],
+        endpoints: vec![
+            endpoint("p1", "10.0.0.1", "fd00::1", "here"),
+            endpoint("peer", "192.0.2.1", "fd00::9", "there"),
+            endpoint("dns", "192.0.2.53", "", "there"),
+            endpoint("client", "198.51.100.1", "", "there"),
+        ],
+    };
+    r.insert(
+        "vpc/v".into(),
+        pb::Resource {
+            name: "vpc/v".into(),
+            version: "1".into(),
+            kind: Some(pb::resource::Kind::VpcNetwork(net)),
         },
     );
     let m = pb::GroupMembers {
@@ -252,6 +297,11 @@ impl Harness {
         let mount = BpffsMount::new("fixtures").expect("bpffs");
         let pin = mount.path().join("agent");
         let mut dp = Dataplane::load(&pin).expect("load dataplane");
+        dp.set_host_config(dataplane_common::maps::HostConfig {
+            vxlan_ifindex: VXLAN_IFINDEX,
+            _pad: 0,
+        })
+        .unwrap();
         let rec = Reconciler::new(dp.map_set().unwrap()).unwrap();
         Some(Harness {
             _mount: mount,
@@ -274,13 +324,33 @@ impl Harness {
     fn check(&mut self, name: &str, prog: Prog, pkt: &[u8], expect: Expect) {
         let fd = self
             .dp
-            .program_fd(if prog == Prog::FromVm { "from_vm" } else { "to_vm" })
+            .program_fd(match prog {
+                Prog::FromVm => "from_vm",
+                Prog::ToVm => "to_vm",
+                Prog::FromOverlay => "from_overlay",
+            })
             .unwrap();
         let before = self.drops();
         let run = testrun::run(fd, pkt, 1).unwrap_or_else(|e| panic!("{name}: test run failed: {e}"));
         let after = self.drops();
         match expect {
-            Expect::Pass => {
+            Expect::Pass if prog == Prog::FromVm => {
+                assert_eq!(
+                    run.retval,
+                    TC_ACT_REDIRECT,
+                    "{name}: expected routed or answered; drops changed: {:?}",
+                    changed(&before, &after)
+                );
+                assert!(changed(&before, &after).is_empty(), "{name}: a drop was counted");
+            }
+            Expect::Absorbed => {
+                assert_eq!(run.retval, TC_ACT_SHOT, "{name}: expected absorbed");
+                assert!(
+                    changed(&before, &after).is_empty(),
+                    "{name}: absorbed, yet counted as a drop"
+                );
+            }
+            Expect::Pass | Expect::Host => {
                 assert_eq!(
                     run.retval,
                     TC_ACT_OK,
@@ -456,13 +526,13 @@ fn fixture_table() {
             "neighbour solicitation for DAD from ::",
             FromVm,
             nd(135, [0; 16], VM6, None),
-            Pass,
+            Absorbed,
         ),
         (
             "neighbour advertisement for its own address",
             FromVm,
             nd(136, ll, VM6, Some(VM_MAC)),
-            Pass,
+            Host,
         ),
         (
             "neighbour advertisement for another address",
@@ -639,5 +709,108 @@ fn icmp_errors_for_tracked_flows_pass_as_related() {
         Prog::ToVm,
         &icmp4_unreachable(router, [192, 0, 2, 54], 40000, 53),
         Expect::Drop(DropReason::PolicyIngress),
+    );
+}
+
+/// RFC 1071 checksum of ICMPv6 over the pseudo-header, computed here
+/// independently of the program.
+fn icmpv6_checksum_ok(ip6: &[u8]) -> bool {
+    let payload = &ip6[40..];
+    let mut sum: u32 = 0;
+    let mut add = |b: &[u8]| {
+        for c in b.chunks(2) {
+            sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+        }
+    };
+    add(&ip6[8..40]);
+    add(&(payload.len() as u32).to_be_bytes());
+    add(&[0, 0, 0, 58]);
+    add(payload);
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum == 0xffff
+}
+
+#[test]
+fn overlay_answers_neighbours_and_routes() {
+    let Some(mut h) = Harness::new() else { return };
+    h.policy(&share(base_rules(), &[]));
+    let gw_mac = dataplane_common::maps::GATEWAY_MAC;
+    let fd = h.dp.program_fd("from_vm").unwrap();
+
+    // ARP for the gateway: the request comes back as the reply.
+    let run = testrun::run(fd, &arp(VM_MAC, VM4), 1).unwrap();
+    assert_eq!(run.retval, TC_ACT_REDIRECT);
+    let r = &run.packet;
+    assert_eq!(&r[0..6], &VM_MAC, "to the asker");
+    assert_eq!(&r[6..12], &gw_mac, "from the gateway MAC");
+    assert_eq!(&r[20..22], &[0, 2], "an ARP reply");
+    assert_eq!(&r[22..28], &gw_mac, "sender hardware address");
+    assert_eq!(&r[28..32], &GATEWAY4, "sender protocol address: the gateway");
+    assert_eq!(&r[32..38], &VM_MAC);
+    assert_eq!(&r[38..42], &VM4);
+    // ARP for an address nobody in the VPC has.
+    let mut unknown = arp(VM_MAC, VM4);
+    unknown[38..42].copy_from_slice(&[10, 0, 0, 77]);
+    h.check(
+        "arp for nobody",
+        Prog::FromVm,
+        &unknown,
+        Expect::Drop(DropReason::UnknownNeighbour),
+    );
+
+    // Neighbour solicitation for the IPv6 gateway: answered with a valid
+    // advertisement carrying the gateway MAC.
+    let gw6: [u8; 16] = "fd00::fe".parse::<std::net::Ipv6Addr>().unwrap().octets();
+    let run = testrun::run(fd, &nd(135, VM6, gw6, Some(VM_MAC)), 1).unwrap();
+    assert_eq!(run.retval, TC_ACT_REDIRECT);
+    let na = etherparse::SlicedPacket::from_ethernet(&run.packet).expect("a well-formed advertisement");
+    let ip6 = &run.packet[14..];
+    assert_eq!(&run.packet[0..6], &VM_MAC);
+    assert_eq!(&run.packet[6..12], &gw_mac);
+    assert_eq!(&ip6[8..24], &gw6, "from the gateway address");
+    assert_eq!(&ip6[24..40], &VM6, "to the soliciting address");
+    assert_eq!(ip6[7], 255, "hop limit 255");
+    assert_eq!(ip6[40], 136, "a neighbour advertisement");
+    assert_eq!(ip6[44], 0xe0, "router, solicited, override");
+    assert_eq!(&ip6[48..64], &gw6, "target");
+    assert_eq!(&ip6[64..66], &[2, 1], "target link-layer address option");
+    assert_eq!(&ip6[66..72], &gw_mac);
+    assert!(icmpv6_checksum_ok(ip6), "ICMPv6 checksum");
+    assert!(na.net.is_some());
+    let mut nobody6 = gw6;
+    nobody6[15] = 0x77;
+    h.check(
+        "neighbour solicitation for nobody",
+        Prog::FromVm,
+        &nd(135, VM6, nobody6, Some(VM_MAC)),
+        Expect::Drop(DropReason::UnknownNeighbour),
+    );
+
+    // A peer on another host: rewritten for it and sent to the tunnel.
+    let run = testrun::run(fd, &tcp4(VM_MAC, VM4, [192, 0, 2, 1], 40000, 443, true), 1).unwrap();
+    assert_eq!(run.retval, TC_ACT_REDIRECT);
+    assert_eq!(&run.packet[0..6], &[0x02, 0, 0, 0, 0, 0x77], "to the peer's MAC");
+    assert_eq!(&run.packet[6..12], &gw_mac, "from the gateway MAC");
+    // Outside the VPC: no route.
+    h.check(
+        "tcp to an address outside the VPC",
+        Prog::FromVm,
+        &tcp4(VM_MAC, VM4, [203, 0, 113, 9], 40000, 443, true),
+        Expect::Drop(DropReason::NoRoute),
+    );
+    h.check(
+        "the gateway itself is not a destination",
+        Prog::FromVm,
+        &tcp4(VM_MAC, VM4, GATEWAY4, 40000, 443, true),
+        Expect::Drop(DropReason::NoRoute),
+    );
+    // The overlay program refuses packets without tunnel metadata.
+    h.check(
+        "overlay packet without tunnel metadata",
+        Prog::FromOverlay,
+        &tcp4(GW_MAC, [192, 0, 2, 1], VM4, 443, 40000, false),
+        Expect::Drop(DropReason::OverlaySpoof),
     );
 }

@@ -117,8 +117,10 @@ async fn main() -> anyhow::Result<()> {
     let h1 = topo.host_ns("h1").name.clone();
     // The generator's packets reach vm1 routed by the host's kernel (the
     // path iptables and nftables filter), not through the overlay.
-    topo.host_ns("h1").sh(&["ip", "route", "add", "10.10.0.11/32", "dev", "vm1h"])?;
-    topo.host_ns("fabric").sh(&["ip", "route", "add", "10.10.0.11/32", "via", &topo.underlay_ip("h1")])?;
+    topo.host_ns("h1")
+        .sh(&["ip", "route", "add", "10.10.0.11/32", "dev", "vm1h"])?;
+    topo.host_ns("fabric")
+        .sh(&["ip", "route", "add", "10.10.0.11/32", "via", &topo.underlay_ip("h1")])?;
     let mut cluster = Cluster::start(&topo.dir)?;
     cluster
         .apply(vec![

@@ -324,7 +324,17 @@ impl Topology {
             let n: ipnetwork::Ipv6Network = v6.parse()?;
             let gw = std::net::Ipv6Addr::from(u128::from(n.network()) + 1);
             ns.sh(&["ip", "-6", "addr", "add", v6, "dev", "eth0", "nodad"])?;
-            ns.sh(&["ip", "-6", "route", "add", "default", "via", &gw.to_string(), "dev", "eth0"])?;
+            ns.sh(&[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &gw.to_string(),
+                "dev",
+                "eth0",
+            ])?;
             a6 = n.ip().to_string();
         }
         let h = self.host_ns(host);
@@ -346,9 +356,14 @@ impl Topology {
     /// contact of a path, whose packets wait for neighbour resolution at each
     /// hop; a denied flow fails both.
     pub fn reach(&self, from: &str, to: &str, proto: &str, port: u16, v6: bool) -> bool {
-        let ns = &self.vm(from).ns;
         let dst = self.vm(to);
-        let addr = if v6 { &dst.v6 } else { &dst.v4 };
+        self.reach_addr(from, if v6 { &dst.v6 } else { &dst.v4 }, proto, port)
+    }
+
+    /// Like [`Topology::reach`], towards any address.
+    pub fn reach_addr(&self, from: &str, addr: &str, proto: &str, port: u16) -> bool {
+        let ns = &self.vm(from).ns;
+        let v6 = addr.contains(':');
         let port = port.to_string();
         let probe = bin("sdn-probe");
         let attempt = || {
@@ -586,11 +601,14 @@ pub mod ops {
         })
     }
     pub fn vpc(id: &str, tenant: &str) -> Op {
+        vpc_vni(id, tenant, 0)
+    }
+    pub fn vpc_vni(id: &str, tenant: &str, vni: u32) -> Op {
         Op::PutVpc(pb::Vpc {
             id: id.into(),
             tenant_id: tenant.into(),
             name: id.into(),
-            vni: 0,
+            vni,
         })
     }
     pub fn subnet(id: &str, vpc: &str, v4: &str, v6: &str) -> Op {

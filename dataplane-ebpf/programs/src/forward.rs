@@ -63,9 +63,13 @@ pub fn answer_arp(ctx: &mut TcContext, ifx: u32, port: &PortInfo, a: &Arp) -> Re
     let mut target = [0u8; 16];
     target[..4].copy_from_slice(&a.target_ip);
     match endpoint(port.vni, FAMILY_V4, &target) {
-        Some(ep) if ep.ifindex != ifx => {}
-        // Its own address (a probe) or nobody's.
-        _ => return Err(DropReason::UnknownNeighbour),
+        // A probe for its own address: nobody else has it, so no answer.
+        Some(ep) if ep.ifindex == ifx => {
+            count(Stat::Neighbour);
+            return Ok(Action::Consume);
+        }
+        Some(_) => {}
+        None => return Err(DropReason::UnknownNeighbour),
     }
     // The request becomes the reply in place: Ethernet addresses, opcode,
     // sender (the gateway MAC and the asked address) and target (the asker).
@@ -88,12 +92,19 @@ pub fn answer_arp(ctx: &mut TcContext, ifx: u32, port: &PortInfo, a: &Arp) -> Re
 /// is answered: a specified source and one source link-layer address option
 /// (what every IPv6 stack sends once it has an address).
 #[inline(always)]
-pub fn answer_ns(ctx: &mut TcContext, ifx: u32, port: &PortInfo, ip: &Ip, vm_mac: &[u8; 6]) -> Result<Action, DropReason> {
+pub fn answer_ns(
+    ctx: &mut TcContext,
+    ifx: u32,
+    port: &PortInfo,
+    ip: &Ip,
+    vm_mac: &[u8; 6],
+) -> Result<Action, DropReason> {
     let target: [u8; 16] = ctx.load(ip.l4_off + 8).map_err(|_| DropReason::Truncated)?;
     let ep = match endpoint(port.vni, FAMILY_V6, &target) {
-        Some(ep) if ep.ifindex != ifx => ep,
-        // Duplicate address detection for its own address, or nobody's.
-        _ => return Err(DropReason::UnknownNeighbour),
+        // Duplicate address detection for its own address: no answer.
+        Some(ep) if ep.ifindex == ifx => return Ok(Action::Consume),
+        Some(ep) => ep,
+        None => return Err(DropReason::UnknownNeighbour),
     };
     let frame_len = ETH_HLEN + 40 + 32;
     if ip.src == [0u8; 16] || ip.l4_off != ETH_HLEN + 40 || ip.end != frame_len || ctx.len() as usize != frame_len {
