@@ -14,3 +14,4 @@ echo "== rule-count scaling"; ./target/release/examples/bench_rules
 echo "== iptables / nftables"; ./target/release/examples/firewall_compare
 echo "== enforcement latency"; ./target/release/examples/enforcement_latency
 echo "== controller cluster vs etcd"; ./target/release/examples/raft_compare
+echo "== overlay throughput vs bare kernel VXLAN"; ./target/release/examples/overlay_throughput
