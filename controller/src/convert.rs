@@ -57,7 +57,8 @@ fn op_from_pb(i: usize, op: &pb::operation::Op) -> Result<m::Op, FieldError> {
             let target = match pb::Kind::try_from(q.target_kind) {
                 Ok(pb::Kind::Port) => m::QuarantineTarget::Port,
                 Ok(pb::Kind::Vpc) => m::QuarantineTarget::Vpc,
-                _ => return Err(At(&at).err("target_kind", format!("must be PORT or VPC, got {}", q.target_kind))),
+                Ok(pb::Kind::Vm) => m::QuarantineTarget::Vm,
+                _ => return Err(At(&at).err("target_kind", format!("must be PORT, VPC or VM, got {}", q.target_kind))),
             };
             m::Op::PutQuarantine(m::Quarantine {
                 id: q.id.clone(),
@@ -136,7 +137,7 @@ pub fn kind_from_pb(k: i32) -> Option<m::Kind> {
         pb::Kind::Port => m::Kind::Port,
         pb::Kind::SecurityGroup => m::Kind::SecurityGroup,
         pb::Kind::Quarantine => m::Kind::Quarantine,
-        pb::Kind::Unspecified => return None,
+        pb::Kind::Unspecified | pb::Kind::Vm => return None,
     })
 }
 
@@ -179,6 +180,7 @@ fn port_from_pb(at: &str, p: &pb::Port) -> Result<m::Port, FieldError> {
         ipv4,
         ipv6,
         security_group_ids: p.security_group_ids.clone(),
+        vm_id: p.vm_id.clone(),
     })
 }
 
@@ -258,6 +260,7 @@ pub fn port_to_pb(p: &m::Port) -> pb::Port {
         ipv4: p.ipv4.map(|a| a.to_string()).unwrap_or_default(),
         ipv6: p.ipv6.map(|a| a.to_string()).unwrap_or_default(),
         security_group_ids: p.security_group_ids.clone(),
+        vm_id: p.vm_id.clone(),
     }
 }
 
@@ -307,6 +310,7 @@ pub fn quarantine_to_pb(q: &m::Quarantine) -> pb::Quarantine {
         target_kind: match q.target {
             m::QuarantineTarget::Port => pb::Kind::Port,
             m::QuarantineTarget::Vpc => pb::Kind::Vpc,
+            m::QuarantineTarget::Vm => pb::Kind::Vm,
         } as i32,
         target_id: q.target_id.clone(),
         reason: q.reason.clone(),

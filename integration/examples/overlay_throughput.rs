@@ -141,8 +141,20 @@ async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(r.enforced, "ports not enforced");
 
     let _servers = [
-        Proc::spawn("iperf-vm2", Some(&topo.vm("vm2").ns.name), "iperf3".as_ref(), &["-s"], &topo.dir)?,
-        Proc::spawn("iperf-bare2", Some(&topo.vm("bare2").ns.name), "iperf3".as_ref(), &["-s"], &topo.dir)?,
+        Proc::spawn(
+            "iperf-vm2",
+            Some(&topo.vm("vm2").ns.name),
+            "iperf3".as_ref(),
+            &["-s"],
+            &topo.dir,
+        )?,
+        Proc::spawn(
+            "iperf-bare2",
+            Some(&topo.vm("bare2").ns.name),
+            "iperf3".as_ref(),
+            &["-s"],
+            &topo.dir,
+        )?,
     ];
     std::thread::sleep(Duration::from_millis(500));
     // Warm up both paths (neighbour resolution, bridge learning).

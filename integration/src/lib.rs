@@ -647,6 +647,7 @@ pub mod ops {
             ipv4: v4.into(),
             ipv6: v6.into(),
             security_group_ids: groups.iter().map(|g| g.to_string()).collect(),
+            vm_id: String::new(),
         })
     }
     pub fn group(id: &str, tenant: &str, rules: Vec<pb::SecurityGroupRule>) -> Op {

@@ -475,6 +475,38 @@ async fn quarantine_cuts_off_at_once_and_lifts() {
         ("vm1", "vm3", "tcp", 80, false, true),
     ]);
 
+    // A VM by the id the compute platform gave its ports: vm3's port names
+    // its VM; quarantining the VM cuts the port on its host (h2), both
+    // families, and lifting it restores the policy.
+    let mut p3 = vm3_port(&["web"]);
+    if let pb::operation::Op::PutPort(p) = &mut p3 {
+        p.vm_id = "vm-0003".into();
+    }
+    env.cluster.apply(vec![p3]).await.expect("name vm3's VM");
+    env.cluster
+        .apply(vec![pb::operation::Op::PutQuarantine(pb::Quarantine {
+            id: "q-vm3".into(),
+            target_kind: pb::Kind::Vm as i32,
+            target_id: "vm-0003".into(),
+            reason: "scanning its neighbours".into(),
+            expires_unix_ms: 0,
+        })])
+        .await
+        .expect("quarantine the VM");
+    env.expect(&[
+        ("vm1", "vm3", "tcp", 80, false, false),
+        ("vm1", "vm3", "icmp", 0, true, false),
+        ("vm3", "vm1", "icmp", 0, false, false),
+    ]);
+    env.cluster
+        .apply(vec![pb::operation::Op::Delete(pb::ObjectRef {
+            kind: pb::Kind::Quarantine as i32,
+            id: "q-vm3".into(),
+        })])
+        .await
+        .expect("lift the VM quarantine");
+    env.expect(&[("vm1", "vm3", "tcp", 80, false, true)]);
+
     // A whole VPC, with an expiry: it lifts by itself.
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -116,6 +116,9 @@ struct PortSpec {
     ipv6: Option<Ipv6Addr>,
     #[serde(default)]
     security_groups: Vec<String>,
+    /// The VM the interface belongs to (for quarantining a whole VM).
+    #[serde(default)]
+    vm: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -402,6 +405,7 @@ fn to_op(doc: Doc) -> Result<Op, String> {
                 ipv4: spec.ipv4,
                 ipv6: spec.ipv6,
                 security_group_ids: spec.security_groups,
+                vm_id: spec.vm.unwrap_or_default(),
             })
         }
         Doc::SecurityGroup(Typed {
@@ -667,6 +671,9 @@ pub fn render(op: &Op) -> Option<serde_json::Value> {
             if !p.security_group_ids.is_empty() {
                 spec["securityGroups"] = json!(p.security_group_ids);
             }
+            if !p.vm_id.is_empty() {
+                spec["vm"] = json!(p.vm_id);
+            }
             doc("Port", &p.id, Some(&p.tenant_id), spec)
         }
         Op::PutSecurityGroup(g) => {
@@ -728,6 +735,7 @@ mod render_tests {
             ipv4: Some("10.0.0.5".parse().unwrap()),
             ipv6: None,
             security_group_ids: vec!["web".into()],
+            vm_id: String::new(),
         }));
         let docs: Vec<serde_json::Value> = ops.iter().filter_map(render).collect();
         let yaml = to_yaml(&docs);

@@ -71,6 +71,10 @@ pub struct Port {
     pub ipv4: Option<Ipv4Addr>,
     pub ipv6: Option<Ipv6Addr>,
     pub security_group_ids: Vec<String>,
+    /// The VM this interface belongs to, as the compute platform names it;
+    /// empty: not given. A quarantine of the VM covers all its ports.
+    #[serde(default)]
+    pub vm_id: String,
 }
 
 impl Port {
@@ -94,6 +98,8 @@ pub struct SecurityGroup {
 pub enum QuarantineTarget {
     Port,
     Vpc,
+    /// Every port whose `vm_id` is the target.
+    Vm,
 }
 
 /// An emergency quarantine: all traffic to and from the target is dropped.
@@ -295,6 +301,7 @@ impl Op {
                 let target = match q.target {
                     QuarantineTarget::Port => "port",
                     QuarantineTarget::Vpc => "vpc",
+                    QuarantineTarget::Vm => "vm",
                 };
                 let until = q.expires_unix_ms.map(|t| format!(" until {t}")).unwrap_or_default();
                 format!("quarantine {} {target} {}{until}: {}", q.id, q.target_id, q.reason)

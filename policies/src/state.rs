@@ -149,6 +149,7 @@ impl State {
                 let exists = match q.target {
                     QuarantineTarget::Port => self.ports.contains_key(&q.target_id),
                     QuarantineTarget::Vpc => self.vpcs.contains_key(&q.target_id),
+                    QuarantineTarget::Vm => self.ports.values().any(|p| p.vm_id == q.target_id),
                 };
                 if !exists {
                     return Err(c.err(
@@ -527,6 +528,7 @@ impl State {
             .filter(|p| match q.target {
                 QuarantineTarget::Port => p.id == q.target_id,
                 QuarantineTarget::Vpc => self.subnets.get(&p.subnet_id).is_some_and(|s| s.vpc_id == q.target_id),
+                QuarantineTarget::Vm => p.vm_id == q.target_id,
             })
             .collect()
     }
@@ -603,6 +605,7 @@ mod tests {
             ipv4: Some(ip.parse().unwrap()),
             ipv6: None,
             security_group_ids: vec![],
+            vm_id: String::new(),
         }
     }
 
@@ -724,5 +727,64 @@ mod tests {
         assert!("01:00:00:00:00:01".parse::<Mac>().unwrap_err().contains("multicast"));
         assert!("02:00:00:00:00".parse::<Mac>().is_err());
         assert!(check_id("a b").is_err());
+    }
+
+    #[test]
+    fn a_vm_quarantine_covers_every_port_of_the_vm() {
+        let mut s = base();
+        let mut p1 = port("p1", "10.0.0.5");
+        p1.vm_id = "vm-7".into();
+        let mut p2 = port("p22", "10.0.0.6");
+        p2.vm_id = "vm-7".into();
+        let p3 = port("p333", "10.0.0.7");
+        s.apply_batch(&[Op::PutPort(p1), Op::PutPort(p2), Op::PutPort(p3)])
+            .unwrap();
+        let q = Quarantine {
+            id: "q".into(),
+            target: QuarantineTarget::Vm,
+            target_id: "vm-7".into(),
+            reason: "malware beacon".into(),
+            expires_unix_ms: None,
+        };
+        s.apply_batch(&[Op::PutQuarantine(q.clone())]).unwrap();
+        let ids: Vec<&str> = s.quarantined_ports(&q).iter().map(|p| p.id.as_str()).collect();
+        assert_eq!(ids, vec!["p1", "p22"]);
+        let err = s
+            .apply_batch(&[Op::PutQuarantine(Quarantine {
+                target_id: "vm-8".into(),
+                ..q
+            })])
+            .unwrap_err();
+        assert_eq!(err.field, "operations[0].put_quarantine.target_id");
+        assert!(err.message.contains("unknown vm"), "{err}");
+    }
+
+    #[test]
+    fn vnis_are_picked_unique_and_never_change() {
+        let mut s = base();
+        assert_eq!(s.vpcs["v1"].vni, VNI_AUTO_FIRST);
+        let v = |id: &str, vni: u32| {
+            Op::PutVpc(Vpc {
+                id: id.into(),
+                tenant_id: "t1".into(),
+                name: id.into(),
+                vni,
+            })
+        };
+        s.apply_batch(&[v("v2", 0), v("v3", 77)]).unwrap();
+        assert_eq!(s.vpcs["v2"].vni, VNI_AUTO_FIRST + 1);
+        assert_eq!(s.vpcs["v3"].vni, 77);
+        // A replace without a VNI keeps it; another VNI is refused.
+        s.apply_batch(&[v("v3", 0)]).unwrap();
+        assert_eq!(s.vpcs["v3"].vni, 77);
+        let e = s.apply_batch(&[v("v3", 78)]).unwrap_err();
+        assert_eq!(e.field, "operations[0].put_vpc.vni");
+        let e = s.apply_batch(&[v("v4", 77)]).unwrap_err();
+        assert!(e.message.contains("already used by vpc v3"), "{e}");
+        let e = s.apply_batch(&[v("v4", 1 << 24)]).unwrap_err();
+        assert!(e.message.contains("above the largest VNI"), "{e}");
+        // The gateway is no port address.
+        let e = s.apply_batch(&[Op::PutPort(port("p1", "10.0.0.1"))]).unwrap_err();
+        assert!(e.message.contains("gateway of subnet s1"), "{e}");
     }
 }

@@ -164,12 +164,13 @@ enum Cmd {
         #[arg(short = 'f', long = "file")]
         path: PathBuf,
     },
-    /// Cut a port or a whole VPC off at once: every packet to and from it is
-    /// dropped, established connections included, until lifted or expired.
+    /// Cut a port, a VM (all its ports) or a whole VPC off at once: every
+    /// packet to and from it is dropped, established connections included,
+    /// until lifted or expired.
     Quarantine {
-        /// port or vpc.
+        /// port, vm or vpc.
         target: String,
-        /// The port's or the VPC's id.
+        /// The port's or the VPC's id, or the VM id given on its ports.
         id: String,
         /// Why (recorded in the audit log).
         #[arg(long)]
@@ -360,7 +361,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let target_kind = match target.as_str() {
                 "port" => pb::Kind::Port,
                 "vpc" => pb::Kind::Vpc,
-                other => anyhow::bail!("target: {other:?} is not port or vpc"),
+                "vm" => pb::Kind::Vm,
+                other => anyhow::bail!("target: {other:?} is not port, vpc or vm"),
             };
             let expires_unix_ms = expires_in
                 .map(|s| {
@@ -595,10 +597,10 @@ fn print_table(r: &pb::ListResponse) {
             ]
         }))
         .chain(r.quarantines.iter().map(|q| {
-            let target = if q.target_kind == pb::Kind::Vpc as i32 {
-                "vpc"
-            } else {
-                "port"
+            let target = match pb::Kind::try_from(q.target_kind) {
+                Ok(pb::Kind::Vpc) => "vpc",
+                Ok(pb::Kind::Vm) => "vm",
+                _ => "port",
             };
             [
                 "quarantine".into(),
