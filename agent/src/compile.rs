@@ -6,8 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr};
 
 use dataplane_common::maps::{
-    AddrIdentity, AddrKey, Endpoint, EndpointKey, PolicyDirKey, PortAddrKey, PortInfo, PrefixLens, RuleKey,
-    EP_F_GATEWAY, GATEWAY_MAC, PORT_F_EGRESS_OPEN, PORT_F_QUARANTINED,
+    zone_net_data, AddrIdentity, AddrKey, Endpoint, EndpointKey, ExchangeRule, PolicyDirKey, PortAddrKey, PortInfo,
+    PrefixLens, RuleKey, ZoneAddrKey, ZoneEndpoint, EP_F_GATEWAY, GATEWAY_MAC, PORT_F_EGRESS_OPEN, PORT_F_QUARANTINED,
+    PORT_F_UPLINK,
 };
 use dataplane_common::{DIR_EGRESS, DIR_INGRESS, FAMILY_V4, FAMILY_V6};
 use sdn_proto::v1 as pb;
@@ -47,6 +48,20 @@ pub struct Desired {
     pub sg_addr: BTreeMap<AddrKey, ServiceSet>,
     /// Every address of every VPC with a port here: where it lives.
     pub endpoints: BTreeMap<EndpointKey, Endpoint>,
+    /// Zone address spaces: (key length, family + address) -> zone number.
+    pub zone_nets: BTreeMap<(u32, [u8; 20]), u32>,
+    /// Uplink ifindex -> zone number, and back.
+    pub uplinks: BTreeMap<u32, u32>,
+    pub zone_uplink: BTreeMap<u32, u32>,
+    /// Uplink devices by ifindex, for attaching the zone guard.
+    pub uplink_devices: BTreeMap<u32, String>,
+    /// Zones whose uplink device is not on this host: (zone, device). Their
+    /// traffic has no way out here (and nothing gets in).
+    pub missing_uplinks: Vec<(String, String)>,
+    /// Addresses of VPCs with a zone (ports here and elsewhere).
+    pub zone_endpoints: BTreeMap<ZoneAddrKey, ZoneEndpoint>,
+    /// Exchange paths, in slot order.
+    pub exchange: BTreeMap<u32, ExchangeRule>,
     /// Ports whose device is not on this host yet, by port id.
     pub missing_devices: Vec<(String, String)>,
     /// Quarantined ports now: port id -> (quarantine id, reason).
@@ -72,6 +87,8 @@ pub enum CompileError {
     },
     #[error("vpc {vpc}: {message}")]
     Vpc { vpc: String, message: String },
+    #[error("{what}: {message}")]
+    Zone { what: String, message: String },
 }
 
 /// Splits an inclusive range into aligned power-of-two blocks.
@@ -186,10 +203,16 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
     let mut members: BTreeMap<&str, Vec<IpAddr>> = BTreeMap::new();
     let mut ports: Vec<&pb::Port> = Vec::new();
     let mut networks: Vec<&pb::VpcNetwork> = Vec::new();
+    let mut zones: BTreeMap<&str, &pb::Zone> = BTreeMap::new();
+    let mut exchanges: Vec<&pb::ExchangePath> = Vec::new();
     for r in res.values() {
         match &r.kind {
             Some(pb::resource::Kind::Port(p)) => ports.push(p),
             Some(pb::resource::Kind::VpcNetwork(n)) => networks.push(n),
+            Some(pb::resource::Kind::Zone(z)) => {
+                zones.insert(&z.id, z);
+            }
+            Some(pb::resource::Kind::ExchangePath(x)) => exchanges.push(x),
             Some(pb::resource::Kind::SecurityGroup(g)) => {
                 groups.insert(&g.id, g);
             }
@@ -206,11 +229,39 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
         ..Desired::default()
     };
     let local: BTreeMap<&str, &pb::Port> = ports.iter().map(|p| (p.id.as_str(), *p)).collect();
+    let zone_no = compile_zones(&zones, &exchanges, ifindex, &mut d)?;
     let mut subnet_vni: BTreeMap<&str, u32> = BTreeMap::new();
+    let mut zoned_subnets: BTreeSet<&str> = BTreeSet::new();
     for n in &networks {
         compile_network(n, &local, ifindex, &mut d.endpoints)?;
         for g in &n.gateways {
             subnet_vni.insert(&g.subnet_id, n.vni);
+        }
+        if !n.zone_id.is_empty() {
+            let zone = *zone_no.get(n.zone_id.as_str()).ok_or_else(|| CompileError::Vpc {
+                vpc: n.vpc_id.clone(),
+                message: format!("zone {} is missing from the share", n.zone_id),
+            })?;
+            zoned_subnets.extend(n.gateways.iter().map(|g| g.subnet_id.as_str()));
+            for (k, ep) in d
+                .endpoints
+                .iter()
+                .filter(|(k, e)| k.vni == n.vni && e.flags & EP_F_GATEWAY == 0)
+            {
+                d.zone_endpoints.insert(
+                    ZoneAddrKey {
+                        family: k.family,
+                        _pad: [0; 3],
+                        addr: k.addr,
+                    },
+                    ZoneEndpoint {
+                        ifindex: ep.ifindex,
+                        zone,
+                        mac: ep.mac,
+                        _pad: [0; 2],
+                    },
+                );
+            }
         }
     }
     for p in ports {
@@ -343,6 +394,9 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
         if d.quarantined.contains_key(&p.id) {
             flags |= PORT_F_QUARANTINED;
         }
+        if zoned_subnets.contains(p.subnet_id.as_str()) {
+            flags |= PORT_F_UPLINK;
+        }
         // Close each prefix's set over the prefixes that contain it, so the
         // longest match alone decides.
         let mut digest: Vec<u8> = Vec::new();
@@ -404,6 +458,80 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
         );
     }
     Ok(d)
+}
+
+/// Zones: numbers (1.., in id order), address spaces, uplinks; exchange
+/// paths in id order. Returns the zone numbers by id.
+fn compile_zones<'a>(
+    zones: &BTreeMap<&'a str, &pb::Zone>,
+    exchanges: &[&pb::ExchangePath],
+    ifindex: &dyn Fn(&str) -> Option<u32>,
+    d: &mut Desired,
+) -> Result<BTreeMap<&'a str, u32>, CompileError> {
+    let mut no = BTreeMap::new();
+    for (i, (id, z)) in zones.iter().enumerate() {
+        let n = i as u32 + 1;
+        no.insert(*id, n);
+        let zerr = |message: String| CompileError::Zone {
+            what: format!("zone {id}"),
+            message,
+        };
+        for p in &z.prefixes {
+            let net: ipnetwork::IpNetwork = p.parse().map_err(|_| zerr(format!("invalid prefix {p:?}")))?;
+            let (family, a) = addr16(net.network());
+            d.zone_nets
+                .insert((8 + net.prefix() as u32, zone_net_data(family, &a)), n);
+        }
+        match ifindex(&z.uplink_device) {
+            Some(ifx) => {
+                d.uplinks.insert(ifx, n);
+                d.zone_uplink.insert(n, ifx);
+                d.uplink_devices.insert(ifx, z.uplink_device.clone());
+            }
+            None => d.missing_uplinks.push((id.to_string(), z.uplink_device.clone())),
+        }
+    }
+    let mut sorted: Vec<&&pb::ExchangePath> = exchanges.iter().collect();
+    sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    for (slot, x) in sorted.into_iter().enumerate() {
+        let xerr = |message: String| CompileError::Zone {
+            what: format!("exchange path {}", x.id),
+            message,
+        };
+        let (Some(from), Some(to)) = (no.get(x.from_zone.as_str()), no.get(x.to_zone.as_str())) else {
+            return Err(xerr("a zone it names is missing from the share".into()));
+        };
+        let src: ipnetwork::IpNetwork = x.source_cidr.parse().map_err(|_| xerr("invalid source".into()))?;
+        let dst: ipnetwork::IpNetwork = x
+            .destination_cidr
+            .parse()
+            .map_err(|_| xerr("invalid destination".into()))?;
+        let (family, s) = addr16(src.network());
+        let (_, t) = addr16(dst.network());
+        let proto = match pb::Protocol::try_from(x.protocol) {
+            Ok(pb::Protocol::Tcp) => 6,
+            Ok(pb::Protocol::Udp) => 17,
+            Ok(pb::Protocol::Icmp) => 1,
+            Ok(pb::Protocol::Icmpv6) => 58,
+            _ => return Err(xerr(format!("protocol {} cannot cross zones", x.protocol))),
+        };
+        d.exchange.insert(
+            slot as u32,
+            ExchangeRule {
+                from: *from,
+                to: *to,
+                family,
+                proto,
+                src_plen: src.prefix(),
+                dst_plen: dst.prefix(),
+                port_lo: x.port_min as u16,
+                port_hi: x.port_max as u16,
+                src: s,
+                dst: t,
+            },
+        );
+    }
+    Ok(no)
 }
 
 /// The endpoints of one VPC: its gateways, its ports here (by device) and
@@ -603,6 +731,7 @@ mod tests {
                 kind: Some(pb::resource::Kind::VpcNetwork(pb::VpcNetwork {
                     vpc_id: "v".into(),
                     vni: 9,
+                    zone_id: String::new(),
                     gateways: vec![pb::SubnetGateway {
                         subnet_id: "s".into(),
                         gateway_v4: "10.0.0.254".into(),

@@ -28,6 +28,12 @@ pub const PROGRAMS: [(&str, TcAttachType, &str); 2] = [
     ("to_vm", TcAttachType::Egress, "egress"),
 ];
 
+/// The two attach points of a zone uplink.
+pub const UPLINK_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
+    ("from_uplink", TcAttachType::Ingress, "ingress"),
+    ("to_uplink", TcAttachType::Egress, "egress"),
+];
+
 /// The program on the VXLAN device's ingress, and its link pin's name.
 pub const OVERLAY_PROGRAM: &str = "from_overlay";
 const OVERLAY_PIN: &str = "overlay-ingress";
@@ -62,6 +68,56 @@ pub fn ifindex(name: &str) -> Option<u32> {
 pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+}
+
+/// An LPM trie as a table keyed by (prefix length, data).
+struct LpmTable<K: Pod>(aya::maps::lpm_trie::LpmTrie<MapData, K, u32>);
+
+impl<K: Pod + Send> Table<(u32, K), u32> for LpmTable<K> {
+    fn entries(&self) -> anyhow::Result<Vec<((u32, K), u32)>> {
+        let mut out = Vec::new();
+        for item in self.0.iter() {
+            let (k, v) = item?;
+            out.push(((k.prefix_len(), k.data()), v));
+        }
+        Ok(out)
+    }
+    fn put(&mut self, k: &(u32, K), v: &u32) -> anyhow::Result<()> {
+        self.0.insert(&aya::maps::lpm_trie::Key::new(k.0, k.1), v, 0)?;
+        Ok(())
+    }
+    fn del(&mut self, k: &(u32, K)) -> anyhow::Result<()> {
+        match self.0.remove(&aya::maps::lpm_trie::Key::new(k.0, k.1)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// An array as a table: present entries are the non-default ones; removing
+/// writes the default value back.
+struct ArrayTable<V: Pod + Default + PartialEq>(Array<MapData, V>);
+
+impl<V: Pod + Default + PartialEq + Send> Table<u32, V> for ArrayTable<V> {
+    fn entries(&self) -> anyhow::Result<Vec<(u32, V)>> {
+        let mut out = Vec::new();
+        for (i, v) in self.0.iter().enumerate() {
+            let v = v?;
+            if v != V::default() {
+                out.push((i as u32, v));
+            }
+        }
+        Ok(out)
+    }
+    fn put(&mut self, k: &u32, v: &V) -> anyhow::Result<()> {
+        self.0.set(*k, v, 0)?;
+        Ok(())
+    }
+    fn del(&mut self, k: &u32) -> anyhow::Result<()> {
+        self.0.set(*k, V::default(), 0)?;
+        Ok(())
+    }
 }
 
 struct AyaTable<K: Pod, V: Pod>(BpfHashMap<MapData, K, V>);
@@ -102,7 +158,12 @@ impl Dataplane {
             .map_pin_path(&maps_dir)
             .load(OBJECT)
             .context("loading the eBPF object (maps pinned under the pin directory)")?;
-        for name in PROGRAMS.iter().map(|p| p.0).chain([OVERLAY_PROGRAM]) {
+        for name in PROGRAMS
+            .iter()
+            .chain(UPLINK_PROGRAMS.iter())
+            .map(|p| p.0)
+            .chain([OVERLAY_PROGRAM])
+        {
             let p: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the object"))?
@@ -128,6 +189,40 @@ impl Dataplane {
             self.attach_pinned(name, attach_type, ifname, &pin)?;
         }
         Ok(())
+    }
+
+    /// Attaches the zone guard to an uplink device (or swaps the programs of
+    /// the pinned links).
+    pub fn attach_uplink(&mut self, ifname: &str, ifindex: u32) -> anyhow::Result<()> {
+        for (name, attach_type, dir) in UPLINK_PROGRAMS {
+            let pin = self.pin_dir.join("links").join(format!("uplink-{ifindex}-{dir}"));
+            self.attach_pinned(name, attach_type, ifname, &pin)?;
+        }
+        Ok(())
+    }
+
+    /// Uplink devices that have pinned links.
+    pub fn attached_uplinks(&self) -> BTreeSet<u32> {
+        let mut out = BTreeSet::new();
+        if let Ok(rd) = std::fs::read_dir(self.pin_dir.join("links")) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if let Some(i) = n
+                    .strip_prefix("uplink-")
+                    .and_then(|r| r.split('-').next()?.parse().ok())
+                {
+                    out.insert(i);
+                }
+            }
+        }
+        out
+    }
+
+    /// Detaches the zone guard from a device that is no longer an uplink.
+    pub fn detach_uplink(&mut self, ifindex: u32) {
+        for (_, _, dir) in UPLINK_PROGRAMS {
+            let _ = std::fs::remove_file(self.pin_dir.join("links").join(format!("uplink-{ifindex}-{dir}")));
+        }
     }
 
     /// Attaches the overlay program to the VXLAN device's ingress (or swaps
@@ -217,6 +312,10 @@ impl Dataplane {
         out
     }
 
+    fn take_map(&mut self, name: &str) -> anyhow::Result<aya::maps::Map> {
+        self.ebpf.take_map(name).with_context(|| format!("map {name} missing"))
+    }
+
     fn take<K: Pod + Send, V: Pod + Send>(&mut self, name: &str) -> anyhow::Result<Box<dyn Table<K, V>>> {
         let map = self
             .ebpf
@@ -236,6 +335,11 @@ impl Dataplane {
             sg_addr: self.take(m::SG_ADDR)?,
             sg_rules: self.take(m::SG_RULES)?,
             endpoints: self.take(m::ENDPOINTS)?,
+            zone_nets: Box::new(LpmTable(self.take_map(m::ZONE_NETS)?.try_into()?)),
+            uplinks: self.take(m::UPLINKS)?,
+            zone_uplink: self.take(m::ZONE_UPLINK)?,
+            zone_endpoints: self.take(m::ZONE_ENDPOINTS)?,
+            exchange: Box::new(ArrayTable(self.take_map(m::EXCHANGE)?.try_into()?)),
         })
     }
 
@@ -299,6 +403,9 @@ pub fn read_counters(pin_dir: &Path) -> anyhow::Result<(Counters, Counters)> {
         ("encapsulated", Stat::Encapsulated),
         ("decapsulated", Stat::Decapsulated),
         ("neighbour_answered", Stat::NeighbourAnswered),
+        ("to_uplink", Stat::ToUplink),
+        ("from_uplink", Stat::FromUplink),
+        ("exchanged", Stat::Exchanged),
     ]
     .iter()
     .map(|(n, s)| (*n, stats[*s as usize]))

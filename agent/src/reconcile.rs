@@ -5,8 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use dataplane_common::maps::{
-    AddrIdentity, AddrKey, Endpoint, EndpointKey, PolicyDirKey, PortAddrKey, PortInfo, PrefixLens, RuleKey,
-    ENDPOINTS_MAX, POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, SG_ADDR_MAX, SG_RULES_MAX,
+    AddrIdentity, AddrKey, Endpoint, EndpointKey, ExchangeRule, PolicyDirKey, PortAddrKey, PortInfo, PrefixLens,
+    RuleKey, ZoneAddrKey, ZoneEndpoint, ENDPOINTS_MAX, EXCHANGE_MAX, POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX,
+    SG_ADDR_MAX, SG_RULES_MAX, ZONES_MAX, ZONE_ENDPOINTS_MAX, ZONE_NETS_MAX,
 };
 
 use crate::compile::{Desired, Identities};
@@ -44,6 +45,11 @@ pub struct MapSet {
     pub sg_addr: Box<dyn Table<AddrKey, AddrIdentity>>,
     pub sg_rules: Box<dyn Table<RuleKey, u8>>,
     pub endpoints: Box<dyn Table<EndpointKey, Endpoint>>,
+    pub zone_nets: Box<dyn Table<(u32, [u8; 20]), u32>>,
+    pub uplinks: Box<dyn Table<u32, u32>>,
+    pub zone_uplink: Box<dyn Table<u32, u32>>,
+    pub zone_endpoints: Box<dyn Table<ZoneAddrKey, ZoneEndpoint>>,
+    pub exchange: Box<dyn Table<u32, ExchangeRule>>,
 }
 
 /// What one pass changed.
@@ -62,6 +68,11 @@ struct Held {
     sg_addr: BTreeMap<AddrKey, AddrIdentity>,
     sg_rules: BTreeMap<RuleKey, u8>,
     endpoints: BTreeMap<EndpointKey, Endpoint>,
+    zone_nets: BTreeMap<(u32, [u8; 20]), u32>,
+    uplinks: BTreeMap<u32, u32>,
+    zone_uplink: BTreeMap<u32, u32>,
+    zone_endpoints: BTreeMap<ZoneAddrKey, ZoneEndpoint>,
+    exchange: BTreeMap<u32, ExchangeRule>,
 }
 
 pub struct Reconciler {
@@ -125,6 +136,11 @@ impl Reconciler {
             sg_addr: maps.sg_addr.entries()?.into_iter().collect(),
             sg_rules: maps.sg_rules.entries()?.into_iter().collect(),
             endpoints: maps.endpoints.entries()?.into_iter().collect(),
+            zone_nets: maps.zone_nets.entries()?.into_iter().collect(),
+            uplinks: maps.uplinks.entries()?.into_iter().collect(),
+            zone_uplink: maps.zone_uplink.entries()?.into_iter().collect(),
+            zone_endpoints: maps.zone_endpoints.entries()?.into_iter().collect(),
+            exchange: maps.exchange.entries()?.into_iter().collect(),
         };
         let ids = Identities::adopt(&held.sg_rules, &held.sg_addr);
         Ok(Reconciler { maps, held, ids })
@@ -183,6 +199,14 @@ impl Reconciler {
         check_capacity("remote prefixes", want_addr.len(), SG_ADDR_MAX)?;
         check_capacity("service entries", want_rules.len(), SG_RULES_MAX)?;
         check_capacity("overlay endpoints", d.endpoints.len(), ENDPOINTS_MAX)?;
+        check_capacity("zone prefixes", d.zone_nets.len(), ZONE_NETS_MAX)?;
+        check_capacity("zones", d.zone_uplink.len(), ZONES_MAX)?;
+        check_capacity(
+            "addresses of VPCs with a zone",
+            d.zone_endpoints.len(),
+            ZONE_ENDPOINTS_MAX,
+        )?;
+        check_capacity("exchange paths", d.exchange.len(), EXCHANGE_MAX)?;
 
         let (rule_puts, rule_dels) = diff(&self.held.sg_rules, &want_rules);
         let (addr_puts, addr_dels) = diff(&self.held.sg_addr, &want_addr);
@@ -198,11 +222,29 @@ impl Reconciler {
         apply(m.sg_addr.as_mut(), &mut h.sg_addr, &addr_puts, &mut c)?;
         apply(m.plens.as_mut(), &mut h.plens, &plen_puts, &mut c)?;
         apply(m.port_addrs.as_mut(), &mut h.port_addrs, &paddr_puts, &mut c)?;
-        // Routes before the ports that use them; gone after.
+        // Zones before the routes that use them; routes before the ports
+        // that use them; removals after, in reverse. The exchange list is
+        // rewritten in place (a short window with a mix of old and new
+        // paths; every entry is whole).
+        let (zn_puts, zn_dels) = diff(&h.zone_nets, &d.zone_nets);
+        let (ul_puts, ul_dels) = diff(&h.uplinks, &d.uplinks);
+        let (zu_puts, zu_dels) = diff(&h.zone_uplink, &d.zone_uplink);
+        let (ze_puts, ze_dels) = diff(&h.zone_endpoints, &d.zone_endpoints);
+        let (ex_puts, ex_dels) = diff(&h.exchange, &d.exchange);
+        apply(m.exchange.as_mut(), &mut h.exchange, &ex_puts, &mut c)?;
+        remove(m.exchange.as_mut(), &mut h.exchange, &ex_dels, &mut c)?;
+        apply(m.zone_nets.as_mut(), &mut h.zone_nets, &zn_puts, &mut c)?;
+        apply(m.uplinks.as_mut(), &mut h.uplinks, &ul_puts, &mut c)?;
+        apply(m.zone_uplink.as_mut(), &mut h.zone_uplink, &zu_puts, &mut c)?;
+        apply(m.zone_endpoints.as_mut(), &mut h.zone_endpoints, &ze_puts, &mut c)?;
         apply(m.endpoints.as_mut(), &mut h.endpoints, &ep_puts, &mut c)?;
         apply(m.ports.as_mut(), &mut h.ports, &port_puts, &mut c)?;
         remove(m.ports.as_mut(), &mut h.ports, &port_dels, &mut c)?;
         remove(m.endpoints.as_mut(), &mut h.endpoints, &ep_dels, &mut c)?;
+        remove(m.zone_endpoints.as_mut(), &mut h.zone_endpoints, &ze_dels, &mut c)?;
+        remove(m.zone_uplink.as_mut(), &mut h.zone_uplink, &zu_dels, &mut c)?;
+        remove(m.uplinks.as_mut(), &mut h.uplinks, &ul_dels, &mut c)?;
+        remove(m.zone_nets.as_mut(), &mut h.zone_nets, &zn_dels, &mut c)?;
         remove(m.port_addrs.as_mut(), &mut h.port_addrs, &paddr_dels, &mut c)?;
         remove(m.plens.as_mut(), &mut h.plens, &plen_dels, &mut c)?;
         remove(m.sg_addr.as_mut(), &mut h.sg_addr, &addr_dels, &mut c)?;
@@ -230,6 +272,11 @@ mod tests {
             sg_addr: Box::new(BTreeMap::new()),
             sg_rules: Box::new(BTreeMap::new()),
             endpoints: Box::new(BTreeMap::new()),
+            zone_nets: Box::new(BTreeMap::new()),
+            uplinks: Box::new(BTreeMap::new()),
+            zone_uplink: Box::new(BTreeMap::new()),
+            zone_endpoints: Box::new(BTreeMap::new()),
+            exchange: Box::new(BTreeMap::new()),
         }
     }
 

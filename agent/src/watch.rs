@@ -28,6 +28,10 @@ pub struct Agent {
     quarantined: std::collections::BTreeMap<String, (String, String)>,
     /// When the next quarantine expires (Unix ms).
     next_expiry: Option<u64>,
+    /// Uplinks this process attached the zone guard to or adopted.
+    uplinks: BTreeSet<u32>,
+    /// Zones whose uplink device is missing, as last logged.
+    missing_uplinks: Vec<(String, String)>,
 }
 
 /// The outcome of enforcing the held share.
@@ -53,6 +57,8 @@ impl Agent {
             attached: BTreeSet::new(),
             quarantined: Default::default(),
             next_expiry: None,
+            uplinks: BTreeSet::new(),
+            missing_uplinks: Vec::new(),
         })
     }
 
@@ -84,6 +90,31 @@ impl Agent {
             self.dp.attach(&name, ifx)?;
             self.attached.insert(ifx);
             tracing::info!(device = %name, ifindex = ifx, "programs attached");
+        }
+        // The zone guard on every uplink; off devices that no longer are one.
+        let held_uplinks = self.dp.attached_uplinks();
+        for (ifx, name) in &desired.uplink_devices {
+            if !self.uplinks.contains(ifx) {
+                self.dp.attach_uplink(name, *ifx)?;
+                self.uplinks.insert(*ifx);
+                tracing::info!(device = %name, ifindex = ifx, "zone guard attached to uplink");
+            }
+        }
+        for ifx in held_uplinks.union(&self.uplinks.clone()) {
+            if !desired.uplink_devices.contains_key(ifx) {
+                self.dp.detach_uplink(*ifx);
+                self.uplinks.remove(ifx);
+                tracing::info!(
+                    ifindex = ifx,
+                    "zone guard detached from a device that is no uplink any more"
+                );
+            }
+        }
+        if desired.missing_uplinks != self.missing_uplinks {
+            for (zone, dev) in &desired.missing_uplinks {
+                tracing::warn!(zone = %zone, device = %dev, "uplink device missing on this host: the zone is unreachable from here");
+            }
+            self.missing_uplinks = desired.missing_uplinks.clone();
         }
         let flushed = self.dp.flush_conntrack(&gone)?;
         // Security events: quarantines applied and lifted on this host.

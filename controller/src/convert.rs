@@ -52,6 +52,10 @@ pub fn ops_from_pb(ops: &[pb::Operation]) -> Result<Vec<m::Op>, FieldError> {
 fn op_from_pb(i: usize, op: &pb::operation::Op) -> Result<m::Op, FieldError> {
     use pb::operation::Op as P;
     Ok(match op {
+        P::PutZone(z) => m::Op::PutZone(zone_from_pb(&At(&format!("operations[{i}].put_zone")), z)?),
+        P::PutExchangePath(x) => {
+            m::Op::PutExchangePath(exchange_from_pb(&At(&format!("operations[{i}].put_exchange_path")), x)?)
+        }
         P::PutQuarantine(q) => {
             let at = format!("operations[{i}].put_quarantine");
             let target = match pb::Kind::try_from(q.target_kind) {
@@ -77,6 +81,7 @@ fn op_from_pb(i: usize, op: &pb::operation::Op) -> Result<m::Op, FieldError> {
             tenant_id: v.tenant_id.clone(),
             name: v.name.clone(),
             vni: v.vni,
+            zone_id: v.zone_id.clone(),
         }),
         P::PutSubnet(s) => {
             let at = format!("operations[{i}].put_subnet");
@@ -137,6 +142,8 @@ pub fn kind_from_pb(k: i32) -> Option<m::Kind> {
         pb::Kind::Port => m::Kind::Port,
         pb::Kind::SecurityGroup => m::Kind::SecurityGroup,
         pb::Kind::Quarantine => m::Kind::Quarantine,
+        pb::Kind::Zone => m::Kind::Zone,
+        pb::Kind::ExchangePath => m::Kind::ExchangePath,
         pb::Kind::Unspecified | pb::Kind::Vm => return None,
     })
 }
@@ -150,6 +157,8 @@ pub fn kind_to_pb(k: m::Kind) -> pb::Kind {
         m::Kind::Port => pb::Kind::Port,
         m::Kind::SecurityGroup => pb::Kind::SecurityGroup,
         m::Kind::Quarantine => pb::Kind::Quarantine,
+        m::Kind::Zone => pb::Kind::Zone,
+        m::Kind::ExchangePath => pb::Kind::ExchangePath,
     }
 }
 
@@ -198,6 +207,87 @@ fn group_from_pb(at: &str, g: &pb::SecurityGroup) -> Result<m::SecurityGroup, Fi
     })
 }
 
+fn protocol_from_pb(at: &At, p: i32) -> Result<m::Protocol, FieldError> {
+    Ok(match pb::Protocol::try_from(p) {
+        Ok(pb::Protocol::Any) => m::Protocol::Any,
+        Ok(pb::Protocol::Tcp) => m::Protocol::Tcp,
+        Ok(pb::Protocol::Udp) => m::Protocol::Udp,
+        Ok(pb::Protocol::Icmp) => m::Protocol::Icmp,
+        Ok(pb::Protocol::Icmpv6) => m::Protocol::Icmpv6,
+        _ => return Err(at.err("protocol", format!("must be ANY, TCP, UDP, ICMP or ICMPV6, got {p}"))),
+    })
+}
+
+fn protocol_to_pb(p: m::Protocol) -> pb::Protocol {
+    match p {
+        m::Protocol::Any => pb::Protocol::Any,
+        m::Protocol::Tcp => pb::Protocol::Tcp,
+        m::Protocol::Udp => pb::Protocol::Udp,
+        m::Protocol::Icmp => pb::Protocol::Icmp,
+        m::Protocol::Icmpv6 => pb::Protocol::Icmpv6,
+    }
+}
+
+fn zone_from_pb(at: &At, z: &pb::Zone) -> Result<m::Zone, FieldError> {
+    let prefixes = z
+        .prefixes
+        .iter()
+        .enumerate()
+        .map(|(i, p)| m::parse_cidr(p).map_err(|e| at.err(&format!("prefixes[{i}]"), e)))
+        .collect::<Result<_, _>>()?;
+    Ok(m::Zone {
+        id: z.id.clone(),
+        name: if z.name.is_empty() {
+            z.id.clone()
+        } else {
+            z.name.clone()
+        },
+        prefixes,
+        uplink_device: z.uplink_device.clone(),
+    })
+}
+
+pub fn zone_to_pb(z: &m::Zone) -> pb::Zone {
+    pb::Zone {
+        id: z.id.clone(),
+        name: z.name.clone(),
+        prefixes: z.prefixes.iter().map(|n| n.to_string()).collect(),
+        uplink_device: z.uplink_device.clone(),
+    }
+}
+
+fn exchange_from_pb(at: &At, x: &pb::ExchangePath) -> Result<m::ExchangePath, FieldError> {
+    let source = m::parse_cidr(&x.source_cidr).map_err(|e| at.err("source_cidr", e))?;
+    let destination = m::parse_cidr(&x.destination_cidr).map_err(|e| at.err("destination_cidr", e))?;
+    for (f, v) in [("port_min", x.port_min), ("port_max", x.port_max)] {
+        if v > 65535 {
+            return Err(at.err(f, format!("{v} is above 65535")));
+        }
+    }
+    Ok(m::ExchangePath {
+        id: x.id.clone(),
+        from_zone: x.from_zone.clone(),
+        to_zone: x.to_zone.clone(),
+        source,
+        destination,
+        protocol: protocol_from_pb(at, x.protocol)?,
+        ports: (x.port_min as u16, x.port_max as u16),
+    })
+}
+
+pub fn exchange_to_pb(x: &m::ExchangePath) -> pb::ExchangePath {
+    pb::ExchangePath {
+        id: x.id.clone(),
+        from_zone: x.from_zone.clone(),
+        to_zone: x.to_zone.clone(),
+        source_cidr: x.source.to_string(),
+        destination_cidr: x.destination.to_string(),
+        protocol: protocol_to_pb(x.protocol) as i32,
+        port_min: x.ports.0 as u32,
+        port_max: x.ports.1 as u32,
+    }
+}
+
 fn rule_from_pb(at: &At, r: &pb::SecurityGroupRule) -> Result<m::Rule, FieldError> {
     let direction = match pb::Direction::try_from(r.direction) {
         Ok(pb::Direction::Ingress) => m::Direction::Ingress,
@@ -209,19 +299,7 @@ fn rule_from_pb(at: &At, r: &pb::SecurityGroupRule) -> Result<m::Rule, FieldErro
         Ok(pb::EtherType::Ipv6) => m::EtherType::IPv6,
         _ => return Err(at.err("ether_type", format!("must be IPV4 or IPV6, got {}", r.ether_type))),
     };
-    let protocol = match pb::Protocol::try_from(r.protocol) {
-        Ok(pb::Protocol::Any) => m::Protocol::Any,
-        Ok(pb::Protocol::Tcp) => m::Protocol::Tcp,
-        Ok(pb::Protocol::Udp) => m::Protocol::Udp,
-        Ok(pb::Protocol::Icmp) => m::Protocol::Icmp,
-        Ok(pb::Protocol::Icmpv6) => m::Protocol::Icmpv6,
-        _ => {
-            return Err(at.err(
-                "protocol",
-                format!("must be ANY, TCP, UDP, ICMP or ICMPV6, got {}", r.protocol),
-            ))
-        }
-    };
+    let protocol = protocol_from_pb(at, r.protocol)?;
     if r.port_min > 65535 {
         return Err(at.err("port_min", format!("{} is above 65535", r.port_min)));
     }
@@ -290,13 +368,7 @@ fn rule_to_pb(r: &m::Rule) -> pb::SecurityGroupRule {
             m::EtherType::IPv4 => pb::EtherType::Ipv4,
             m::EtherType::IPv6 => pb::EtherType::Ipv6,
         } as i32,
-        protocol: match r.protocol {
-            m::Protocol::Any => pb::Protocol::Any,
-            m::Protocol::Tcp => pb::Protocol::Tcp,
-            m::Protocol::Udp => pb::Protocol::Udp,
-            m::Protocol::Icmp => pb::Protocol::Icmp,
-            m::Protocol::Icmpv6 => pb::Protocol::Icmpv6,
-        } as i32,
+        protocol: protocol_to_pb(r.protocol) as i32,
         port_min,
         port_max,
         remote_cidr,
@@ -331,6 +403,7 @@ pub fn op_to_pb(op: &m::Op) -> pb::Operation {
             tenant_id: v.tenant_id.clone(),
             name: v.name.clone(),
             vni: v.vni,
+            zone_id: v.zone_id.clone(),
         }),
         m::Op::PutSubnet(s) => P::PutSubnet(pb::Subnet {
             id: s.id.clone(),
@@ -345,6 +418,8 @@ pub fn op_to_pb(op: &m::Op) -> pb::Operation {
         m::Op::PutPort(p) => P::PutPort(port_to_pb(p)),
         m::Op::PutSecurityGroup(g) => P::PutSecurityGroup(group_to_pb(g)),
         m::Op::PutQuarantine(q) => P::PutQuarantine(quarantine_to_pb(q)),
+        m::Op::PutZone(z) => P::PutZone(zone_to_pb(z)),
+        m::Op::PutExchangePath(x) => P::PutExchangePath(exchange_to_pb(x)),
         m::Op::Delete { kind, id } => P::Delete(pb::ObjectRef {
             kind: kind_to_pb(*kind) as i32,
             id: id.clone(),

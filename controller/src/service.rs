@@ -179,6 +179,7 @@ impl pb::provisioning_server::Provisioning for Controller {
                     tenant_id: v.tenant_id.clone(),
                     name: v.name.clone(),
                     vni: v.vni,
+                    zone_id: v.zone_id.clone(),
                 })
                 .collect();
         }
@@ -209,6 +210,12 @@ impl pb::provisioning_server::Provisioning for Controller {
         }
         if want(K::Quarantine) {
             out.quarantines = s.quarantines.values().map(convert::quarantine_to_pb).collect();
+        }
+        if want(K::Zone) {
+            out.zones = s.zones.values().map(convert::zone_to_pb).collect();
+        }
+        if want(K::ExchangePath) {
+            out.exchange_paths = s.exchange_paths.values().map(convert::exchange_to_pb).collect();
         }
         if want(K::SecurityGroup) {
             out.security_groups = s.security_groups.values().map(convert::group_to_pb).collect();

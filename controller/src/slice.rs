@@ -53,6 +53,19 @@ pub fn host_slice(state: &State, host: &str) -> BTreeMap<String, pb::Resource> {
             out.extend([resource(format!("vpc/{v}"), pb::resource::Kind::VpcNetwork(net))]);
         }
     }
+    // Zones and exchange paths are small and the same for every host.
+    for z in state.zones.values() {
+        out.extend([resource(
+            format!("zone/{}", z.id),
+            pb::resource::Kind::Zone(crate::convert::zone_to_pb(z)),
+        )]);
+    }
+    for x in state.exchange_paths.values() {
+        out.extend([resource(
+            format!("exchange/{}", x.id),
+            pb::resource::Kind::ExchangePath(crate::convert::exchange_to_pb(x)),
+        )]);
+    }
     let mut remote_groups: BTreeSet<&str> = BTreeSet::new();
     for g in &groups {
         if let Some(sg) = state.security_groups.get(*g) {
@@ -127,6 +140,7 @@ fn vpc_network(state: &State, vpc_id: &str) -> Option<pb::VpcNetwork> {
     Some(pb::VpcNetwork {
         vpc_id: vpc_id.to_string(),
         vni: vpc.vni,
+        zone_id: vpc.zone_id.clone(),
         gateways,
         endpoints,
     })

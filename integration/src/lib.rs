@@ -205,6 +205,8 @@ pub struct Topology {
     pub tag: String,
     pub hosts: Vec<(String, Netns, String, String)>,
     pub vms: Vec<Vm>,
+    /// Zones: (name, namespace, IPv4 /24 prefix "a.b.c", IPv6 /64 prefix "x:y").
+    pub zones: Vec<(String, Netns, String, String)>,
     pub dir: PathBuf,
 }
 
@@ -221,6 +223,7 @@ impl Topology {
             tag: tag.to_string(),
             hosts: Vec::new(),
             vms: Vec::new(),
+            zones: Vec::new(),
             dir,
         };
         // Underlay: a router namespace with one veth per host.
@@ -259,8 +262,10 @@ impl Topology {
                 "nodad",
             ])?;
             ns.sh(&["ip", "link", "set", "ul0", "up"])?;
-            ns.sh(&["ip", "route", "add", "default", "via", &format!("192.168.{n}.1")])?;
-            ns.sh(&["ip", "-6", "route", "add", "default", "via", &format!("fd99:{n}::1")])?;
+            // Only the underlay goes through the fabric; zones get their own
+            // uplinks (Topology::add_zone).
+            ns.sh(&["ip", "route", "add", "192.168.0.0/16", "via", &format!("192.168.{n}.1")])?;
+            ns.sh(&["ip", "-6", "route", "add", "fd99::/16", "via", &format!("fd99:{n}::1")])?;
             ns.sysctl("net.ipv4.ip_forward=1")?;
             ns.sysctl("net.ipv6.conf.all.forwarding=1")?;
             router.sh(&["ip", "addr", "add", &format!("192.168.{n}.1/24"), "dev", &b])?;
@@ -281,6 +286,127 @@ impl Topology {
         // Keep the router alive as long as the topology: store it as a pseudo host.
         t.hosts.push(("fabric".into(), router, String::new(), String::new()));
         Ok(t)
+    }
+
+    /// Adds a zone: a namespace `<tag>-z<name>` acting as the zone's network,
+    /// with a bridge every host's uplink device (`uplink`) joins. The zone
+    /// router is `<v4 net>.1` / `<v6 net>::1`; host i gets `.1i`. Each host
+    /// routes the zone's `prefixes` through its uplink. `addresses` are put
+    /// on the zone's loopback: machines of the zone.
+    pub fn add_zone(
+        &mut self,
+        name: &str,
+        uplink: &str,
+        v4_net: &str,
+        v6_net: &str,
+        prefixes: &[&str],
+        addresses: &[&str],
+    ) -> anyhow::Result<()> {
+        let ns = Netns::new(&format!("{}-z{name}", self.tag))?;
+        ns.sysctl("net.ipv4.ip_forward=1")?;
+        ns.sysctl("net.ipv6.conf.all.forwarding=1")?;
+        ns.sysctl("net.ipv6.conf.default.accept_dad=0")?;
+        ns.sh(&["ip", "link", "set", "lo", "up"])?;
+        ns.sh(&["ip", "link", "add", "br0", "type", "bridge"])?;
+        ns.sh(&["ip", "link", "set", "br0", "up"])?;
+        ns.sh(&["ip", "addr", "add", &format!("{v4_net}.1/24"), "dev", "br0"])?;
+        ns.sh(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{v6_net}::1/64"),
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
+        for a in addresses {
+            let plen = if a.contains(':') { "128" } else { "32" };
+            ns.sh(&["ip", "addr", "add", &format!("{a}/{plen}"), "dev", "lo"])?;
+        }
+        let hosts: Vec<(String, String)> = self
+            .hosts
+            .iter()
+            .filter(|h| h.0 != "fabric")
+            .map(|h| (h.0.clone(), h.1.name.clone()))
+            .collect();
+        for (i, (h, hns)) in hosts.iter().enumerate() {
+            let peer = format!("{}{}{}", self.tag, name.chars().next().unwrap_or('z'), i + 1);
+            sh(&[
+                "ip", "link", "add", uplink, "netns", hns, "type", "veth", "peer", "name", &peer, "netns", &ns.name,
+            ])?;
+            ns.sh(&["ip", "link", "set", &peer, "master", "br0", "up"])?;
+            let hn = self.host_ns(h);
+            hn.sysctl(&format!("net.ipv6.conf.{uplink}.accept_dad=0")).ok();
+            hn.sh(&["ip", "addr", "add", &format!("{v4_net}.{}/24", 11 + i), "dev", uplink])?;
+            hn.sh(&[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("{v6_net}::{}/64", 11 + i),
+                "dev",
+                uplink,
+                "nodad",
+            ])?;
+            hn.sh(&["ip", "link", "set", uplink, "up"])?;
+            for p in prefixes {
+                let (fam, gw) = if p.contains(':') {
+                    ("-6", format!("{v6_net}::1"))
+                } else {
+                    ("-4", format!("{v4_net}.1"))
+                };
+                let dst = if *p == "0.0.0.0/0" || *p == "::/0" {
+                    "default"
+                } else {
+                    p
+                };
+                hn.sh(&["ip", fam, "route", "add", dst, "via", &gw, "dev", uplink])?;
+            }
+        }
+        self.zones
+            .push((name.to_string(), ns, v4_net.to_string(), v6_net.to_string()));
+        Ok(())
+    }
+
+    /// The zone's network namespace.
+    pub fn zone_ns(&self, name: &str) -> &Netns {
+        &self.zones.iter().find(|z| z.0 == name).expect("known zone").1
+    }
+
+    /// Routes a VM's addresses in a zone's network to the VM's host, as the
+    /// host would announce them.
+    pub fn announce(&self, zone: &str, vm: &str) -> anyhow::Result<()> {
+        let z = self.zones.iter().find(|z| z.0 == zone).expect("known zone");
+        let v = self.vm(vm);
+        let i = self
+            .hosts
+            .iter()
+            .filter(|h| h.0 != "fabric")
+            .position(|h| h.0 == v.host)
+            .expect("known host");
+        if !v.v4.is_empty() {
+            z.1.sh(&[
+                "ip",
+                "route",
+                "add",
+                &format!("{}/32", v.v4),
+                "via",
+                &format!("{}.{}", z.2, 11 + i),
+            ])?;
+        }
+        if !v.v6.is_empty() {
+            z.1.sh(&[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                &format!("{}/128", v.v6),
+                "via",
+                &format!("{}::{}", z.3, 11 + i),
+            ])?;
+        }
+        Ok(())
     }
 
     pub fn host_ns(&self, host: &str) -> &Netns {
@@ -394,8 +520,9 @@ impl Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
-        // VMs first (their veths die with them), then hosts and the fabric.
+        // VMs first (their veths die with them), then zones, hosts and the fabric.
         self.vms.clear();
+        self.zones.clear();
         self.hosts.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
@@ -609,6 +736,38 @@ pub mod ops {
             tenant_id: tenant.into(),
             name: id.into(),
             vni,
+            zone_id: String::new(),
+        })
+    }
+    /// A VPC attached to a zone's uplink.
+    pub fn vpc_in_zone(id: &str, tenant: &str, zone: &str) -> Op {
+        Op::PutVpc(pb::Vpc {
+            id: id.into(),
+            tenant_id: tenant.into(),
+            name: id.into(),
+            vni: 0,
+            zone_id: zone.into(),
+        })
+    }
+    pub fn zone(id: &str, prefixes: &[&str], uplink: &str) -> Op {
+        Op::PutZone(pb::Zone {
+            id: id.into(),
+            name: id.into(),
+            prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
+            uplink_device: uplink.into(),
+        })
+    }
+    /// An exchange path for TCP to `ports`.
+    pub fn exchange(id: &str, from: &str, to: &str, src: &str, dst: &str, ports: (u32, u32)) -> Op {
+        Op::PutExchangePath(pb::ExchangePath {
+            id: id.into(),
+            from_zone: from.into(),
+            to_zone: to.into(),
+            source_cidr: src.into(),
+            destination_cidr: dst.into(),
+            protocol: pb::Protocol::Tcp as i32,
+            port_min: ports.0,
+            port_max: ports.1,
         })
     }
     pub fn subnet(id: &str, vpc: &str, v4: &str, v6: &str) -> Op {

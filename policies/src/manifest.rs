@@ -65,10 +65,41 @@ enum Doc {
     Host(Typed<HostSpec>),
     Port(Typed<PortSpec>),
     SecurityGroup(Typed<SecurityGroupSpec>),
+    Zone(Typed<ZoneSpec>),
+    ExchangePath(Typed<ExchangePathSpec>),
 }
 
 /// The kinds a manifest may declare.
-pub const KINDS: [&str; 6] = ["Tenant", "Vpc", "Subnet", "Host", "Port", "SecurityGroup"];
+pub const KINDS: [&str; 8] = [
+    "Tenant",
+    "Vpc",
+    "Subnet",
+    "Host",
+    "Port",
+    "SecurityGroup",
+    "Zone",
+    "ExchangePath",
+];
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ZoneSpec {
+    #[serde(default)]
+    display_name: Option<String>,
+    prefixes: Vec<Cidr>,
+    uplink_device: String,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ExchangePathSpec {
+    from: String,
+    to: String,
+    source: Cidr,
+    destination: Cidr,
+    protocol: Protocol,
+    ports: PortRange,
+}
 
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -82,6 +113,9 @@ struct TenantSpec {
 struct VpcSpec {
     #[serde(default)]
     display_name: Option<String>,
+    /// The zone whose uplink carries the VPC's outside traffic.
+    #[serde(default)]
+    zone: Option<String>,
     /// VXLAN network identifier; left out: the store picks one.
     #[serde(default)]
     vni: Option<u32>,
@@ -282,6 +316,8 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Located>, ManifestError> 
             "Host" => Doc::Host(serde_yaml::from_str(&body).map_err(yerr)?),
             "Port" => Doc::Port(serde_yaml::from_str(&body).map_err(yerr)?),
             "SecurityGroup" => Doc::SecurityGroup(serde_yaml::from_str(&body).map_err(yerr)?),
+            "Zone" => Doc::Zone(serde_yaml::from_str(&body).map_err(yerr)?),
+            "ExchangePath" => Doc::ExchangePath(serde_yaml::from_str(&body).map_err(yerr)?),
             other => {
                 let line = body.lines().position(|l| l.starts_with("kind:")).map(|i| i + start);
                 return Err(at(
@@ -348,6 +384,7 @@ fn to_op(doc: Doc) -> Result<Op, String> {
                 name: spec.display_name.unwrap_or_else(|| metadata.name.clone()),
                 id: metadata.name,
                 vni: spec.vni.unwrap_or(0),
+                zone_id: spec.zone.unwrap_or_default(),
             })
         }
         Doc::Subnet(Typed {
@@ -373,6 +410,39 @@ fn to_op(doc: Doc) -> Result<Op, String> {
                 vpc_id: spec.vpc,
                 cidr_v4,
                 cidr_v6,
+            })
+        }
+        Doc::Zone(Typed {
+            api_version,
+            metadata,
+            spec,
+            ..
+        }) => {
+            check_version(&api_version)?;
+            let spec = self::spec(spec)?;
+            Op::PutZone(model::Zone {
+                name: spec.display_name.unwrap_or_else(|| metadata.name.clone()),
+                id: metadata.name,
+                prefixes: spec.prefixes.into_iter().map(|c| c.0).collect(),
+                uplink_device: spec.uplink_device,
+            })
+        }
+        Doc::ExchangePath(Typed {
+            api_version,
+            metadata,
+            spec,
+            ..
+        }) => {
+            check_version(&api_version)?;
+            let spec = self::spec(spec)?;
+            Op::PutExchangePath(model::ExchangePath {
+                id: metadata.name,
+                from_zone: spec.from,
+                to_zone: spec.to,
+                source: spec.source.0,
+                destination: spec.destination.0,
+                protocol: spec.protocol,
+                ports: (spec.ports.0, spec.ports.1),
             })
         }
         Doc::Host(Typed {
@@ -480,7 +550,8 @@ pub fn load_path(path: &Path) -> Result<Vec<Located>, ManifestError> {
 pub fn dependency_order(mut ops: Vec<Located>) -> Vec<Located> {
     fn rank(op: &Op) -> u8 {
         match op {
-            Op::PutTenant(_) => 0,
+            Op::PutTenant(_) | Op::PutZone(_) => 0,
+            Op::PutExchangePath(_) => 1,
             Op::PutVpc(_) => 1,
             Op::PutSubnet(_) => 2,
             Op::PutHost(_) => 3,
@@ -646,6 +717,9 @@ pub fn render(op: &Op) -> Option<serde_json::Value> {
             if v.vni != 0 {
                 spec["vni"] = json!(v.vni);
             }
+            if !v.zone_id.is_empty() {
+                spec["zone"] = json!(v.zone_id);
+            }
             doc("Vpc", &v.id, Some(&v.tenant_id), spec)
         }
         Op::PutSubnet(s) => {
@@ -659,6 +733,32 @@ pub fn render(op: &Op) -> Option<serde_json::Value> {
             doc("Subnet", &s.id, None, spec)
         }
         Op::PutHost(h) => doc("Host", &h.id, None, json!({ "underlayIp": h.underlay_ip.to_string() })),
+        Op::PutZone(z) => {
+            let mut spec = json!({
+                "prefixes": z.prefixes.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+                "uplinkDevice": z.uplink_device,
+            });
+            if z.name != z.id {
+                spec["displayName"] = json!(z.name);
+            }
+            doc("Zone", &z.id, None, spec)
+        }
+        Op::PutExchangePath(x) => {
+            let ports = if x.ports.0 == x.ports.1 {
+                json!(x.ports.0)
+            } else {
+                json!(format!("{}-{}", x.ports.0, x.ports.1))
+            };
+            let spec = json!({
+                "from": x.from_zone,
+                "to": x.to_zone,
+                "source": x.source.to_string(),
+                "destination": x.destination.to_string(),
+                "protocol": x.protocol,
+                "ports": ports,
+            });
+            doc("ExchangePath", &x.id, None, spec)
+        }
         Op::PutPort(p) => {
             let mut spec =
                 json!({ "subnet": p.subnet_id, "host": p.host_id, "device": p.device, "mac": p.mac.to_string() });

@@ -24,6 +24,40 @@ pub struct Vpc {
     /// VXLAN network identifier; 0 in a request asks the store to pick one.
     #[serde(default)]
     pub vni: u32,
+    /// The zone whose uplink carries the VPC's north-south traffic; empty:
+    /// an isolated VPC with no uplink.
+    #[serde(default)]
+    pub zone_id: String,
+}
+
+/// A network zone outside the VPCs (the e-government extranet, the
+/// internet), reached through an uplink device on every host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Zone {
+    pub id: String,
+    pub name: String,
+    /// The zone's address space; the longest matching prefix of all zones
+    /// decides which zone an outside address is in.
+    pub prefixes: Vec<IpNetwork>,
+    /// Name of the host device facing the zone, the same on every host.
+    pub uplink_device: String,
+}
+
+/// A declared path between two zones: the only traffic that may cross.
+/// Replies of a flow it admits pass too.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExchangePath {
+    pub id: String,
+    pub from_zone: String,
+    pub to_zone: String,
+    /// Addresses the flows may come from.
+    pub source: IpNetwork,
+    /// Addresses the flows may go to.
+    pub destination: IpNetwork,
+    /// tcp, udp, icmp or icmpv6 (never any).
+    pub protocol: Protocol,
+    /// Destination ports (ICMP: message types), inclusive.
+    pub ports: (u16, u16),
 }
 
 /// The highest VNI (24 bits).
@@ -244,6 +278,8 @@ pub enum Kind {
     Port,
     SecurityGroup,
     Quarantine,
+    Zone,
+    ExchangePath,
 }
 
 impl Kind {
@@ -256,6 +292,8 @@ impl Kind {
             Kind::Port => "port",
             Kind::SecurityGroup => "security_group",
             Kind::Quarantine => "quarantine",
+            Kind::Zone => "zone",
+            Kind::ExchangePath => "exchange_path",
         }
     }
 }
@@ -270,6 +308,8 @@ pub enum Op {
     PutPort(Port),
     PutSecurityGroup(SecurityGroup),
     PutQuarantine(Quarantine),
+    PutZone(Zone),
+    PutExchangePath(ExchangePath),
     Delete { kind: Kind, id: String },
 }
 
@@ -284,6 +324,8 @@ impl Op {
             Op::PutPort(_) => "put_port",
             Op::PutSecurityGroup(_) => "put_security_group",
             Op::PutQuarantine(_) => "put_quarantine",
+            Op::PutZone(_) => "put_zone",
+            Op::PutExchangePath(_) => "put_exchange_path",
             Op::Delete { .. } => "delete",
         }
     }
@@ -306,6 +348,16 @@ impl Op {
                 let until = q.expires_unix_ms.map(|t| format!(" until {t}")).unwrap_or_default();
                 format!("quarantine {} {target} {}{until}: {}", q.id, q.target_id, q.reason)
             }
+            Op::PutZone(z) => format!(
+                "put zone {} ({} prefixes, uplink {})",
+                z.id,
+                z.prefixes.len(),
+                z.uplink_device
+            ),
+            Op::PutExchangePath(x) => format!(
+                "put exchange_path {}: {} {} -> {} {} {:?} {}-{}",
+                x.id, x.from_zone, x.source, x.to_zone, x.destination, x.protocol, x.ports.0, x.ports.1
+            ),
             Op::Delete {
                 kind: Kind::Quarantine,
                 id,

@@ -38,6 +38,10 @@ pub struct State {
     pub security_groups: BTreeMap<String, SecurityGroup>,
     #[serde(default)]
     pub quarantines: BTreeMap<String, Quarantine>,
+    #[serde(default)]
+    pub zones: BTreeMap<String, Zone>,
+    #[serde(default)]
+    pub exchange_paths: BTreeMap<String, ExchangePath>,
 }
 
 struct Ctx<'a> {
@@ -121,6 +125,25 @@ impl State {
                 if v.vni > VNI_MAX {
                     return Err(c.err("vni", format!("{} is above the largest VNI {VNI_MAX}", v.vni)));
                 }
+                if let Some(old) = self.vpcs.get(&v.id) {
+                    if old.zone_id != v.zone_id && self.ports.values().any(|p| self.vpc_of(p) == v.id) {
+                        return Err(c.err(
+                            "zone_id",
+                            format!(
+                                "vpc {} has ports; it cannot move from zone {:?} to {:?}",
+                                v.id, old.zone_id, v.zone_id
+                            ),
+                        ));
+                    }
+                }
+                if !v.zone_id.is_empty() {
+                    if !self.zones.contains_key(&v.zone_id) {
+                        return Err(c.err("zone_id", format!("unknown zone {:?}", v.zone_id)));
+                    }
+                    for s in self.subnets.values().filter(|s| s.vpc_id == v.id) {
+                        self.check_attached_subnet(c, "zone_id", &v.id, &v.zone_id, s)?;
+                    }
+                }
                 let used: BTreeSet<u32> = self.vpcs.values().filter(|o| o.id != v.id).map(|o| o.vni).collect();
                 if v.vni == 0 {
                     v.vni = (VNI_AUTO_FIRST..=VNI_MAX)
@@ -159,8 +182,175 @@ impl State {
                 }
                 self.quarantines.insert(q.id.clone(), q.clone());
             }
+            Op::PutZone(z) => self.put_zone(c, z)?,
+            Op::PutExchangePath(x) => self.put_exchange_path(c, x)?,
             Op::Delete { kind, id } => self.delete(c, *kind, id)?,
         }
+        Ok(())
+    }
+
+    fn vpc_of(&self, p: &Port) -> &str {
+        self.subnets.get(&p.subnet_id).map(|s| s.vpc_id.as_str()).unwrap_or("")
+    }
+
+    /// The zone an outside address belongs to: the longest matching prefix
+    /// over every zone's prefixes.
+    pub fn zone_of(&self, ip: IpAddr) -> Option<&Zone> {
+        self.zones
+            .values()
+            .flat_map(|z| z.prefixes.iter().map(move |n| (n, z)))
+            .filter(|(n, _)| n.contains(ip))
+            .max_by_key(|(n, _)| n.prefix())
+            .map(|(_, z)| z)
+    }
+
+    /// A subnet of a VPC attached to `zone`: its prefixes are routed on that
+    /// zone's uplink, so they must be the zone's own addresses (else the
+    /// dataplane would count them in another zone: a path nobody declared)
+    /// and no other attached VPC may use them.
+    fn check_attached_subnet(&self, c: &Ctx, field: &str, vpc: &str, zone: &str, s: &Subnet) -> Result<(), BatchError> {
+        let nets: Vec<IpNetwork> = s
+            .cidr_v4
+            .map(IpNetwork::V4)
+            .into_iter()
+            .chain(s.cidr_v6.map(IpNetwork::V6))
+            .collect();
+        for n in nets {
+            for probe in [n.network(), last_address(n)] {
+                match self.zone_of(probe) {
+                    Some(z) if z.id == zone => {}
+                    Some(z) => {
+                        return Err(c.err(
+                            field,
+                            format!(
+                                "subnet {} ({n}) of vpc {vpc} in zone {zone} holds addresses of zone {};                                  that would open a path between the zones",
+                                s.id, z.id
+                            ),
+                        ))
+                    }
+                    None => {
+                        return Err(c.err(
+                            field,
+                            format!("subnet {} ({n}) of vpc {vpc} is outside every prefix of zone {zone}", s.id),
+                        ))
+                    }
+                }
+            }
+            for o in self.subnets.values().filter(|o| o.vpc_id != vpc) {
+                let attached = self.vpcs.get(&o.vpc_id).is_some_and(|v| !v.zone_id.is_empty());
+                let overlap = match n {
+                    IpNetwork::V4(a) => o.cidr_v4.is_some_and(|b| a.overlaps(b)),
+                    IpNetwork::V6(a) => o.cidr_v6.is_some_and(|b| a.overlaps(b)),
+                };
+                if attached && overlap {
+                    return Err(c.err(
+                        field,
+                        format!(
+                            "subnet {} ({n}) overlaps subnet {} of vpc {}; VPCs with an uplink need their own addresses",
+                            s.id, o.id, o.vpc_id
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn put_zone(&mut self, c: &Ctx, z: &Zone) -> Result<(), BatchError> {
+        check_id(&z.id).map_err(|m| c.err("id", m))?;
+        check_device(&z.uplink_device).map_err(|m| c.err("uplink_device", m))?;
+        if z.prefixes.is_empty() {
+            return Err(c.err("prefixes", "a zone needs at least one prefix"));
+        }
+        for (i, n) in z.prefixes.iter().enumerate() {
+            if n.network() != n.ip() {
+                return Err(c.err(&format!("prefixes[{i}]"), format!("{n} has host bits set")));
+            }
+            for o in self.zones.values().filter(|o| o.id != z.id) {
+                if o.prefixes.contains(n) {
+                    return Err(c.err(
+                        &format!("prefixes[{i}]"),
+                        format!("{n} is already a prefix of zone {}", o.id),
+                    ));
+                }
+                if o.uplink_device == z.uplink_device {
+                    return Err(c.err(
+                        "uplink_device",
+                        format!("{} is already the uplink of zone {}", z.uplink_device, o.id),
+                    ));
+                }
+            }
+        }
+        let old = self.zones.insert(z.id.clone(), z.clone());
+        // Every attached VPC must still be inside its own zone.
+        let attached: Vec<(String, String)> = self
+            .vpcs
+            .values()
+            .filter(|v| !v.zone_id.is_empty())
+            .map(|v| (v.id.clone(), v.zone_id.clone()))
+            .collect();
+        for (vpc, zone) in attached {
+            for s in self.subnets.values().filter(|s| s.vpc_id == vpc) {
+                if let Err(e) = self.check_attached_subnet(c, "prefixes", &vpc, &zone, s) {
+                    match old {
+                        Some(o) => self.zones.insert(o.id.clone(), o),
+                        None => self.zones.remove(&z.id),
+                    };
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn put_exchange_path(&mut self, c: &Ctx, x: &ExchangePath) -> Result<(), BatchError> {
+        check_id(&x.id).map_err(|m| c.err("id", m))?;
+        for (field, z) in [("from_zone", &x.from_zone), ("to_zone", &x.to_zone)] {
+            if !self.zones.contains_key(z) {
+                return Err(c.err(field, format!("unknown zone {z:?}")));
+            }
+        }
+        if x.from_zone == x.to_zone {
+            return Err(c.err("to_zone", "an exchange path joins two different zones"));
+        }
+        if x.source.is_ipv4() != x.destination.is_ipv4() {
+            return Err(c.err("destination", "source and destination must be of one address family"));
+        }
+        for (field, n) in [("source", x.source), ("destination", x.destination)] {
+            if n.network() != n.ip() {
+                return Err(c.err(field, format!("{n} has host bits set")));
+            }
+        }
+        if x.destination.prefix() == 0 {
+            return Err(c.err(
+                "destination",
+                "an exchange path must name its destination; a default route would join the zones",
+            ));
+        }
+        match (x.protocol, x.source.is_ipv4()) {
+            (Protocol::Any, _) => {
+                return Err(c.err("protocol", "an exchange path names tcp, udp, icmp or icmpv6, never any"))
+            }
+            (Protocol::Icmp, false) => return Err(c.err("protocol", "icmp is for IPv4; use icmpv6")),
+            (Protocol::Icmpv6, true) => return Err(c.err("protocol", "icmpv6 is for IPv6; use icmp")),
+            _ => {}
+        }
+        if x.ports.0 > x.ports.1 {
+            return Err(c.err(
+                "port_min",
+                format!("port_min {} is above port_max {}", x.ports.0, x.ports.1),
+            ));
+        }
+        if matches!(x.protocol, Protocol::Tcp | Protocol::Udp) && x.ports == (0, 65535) {
+            return Err(c.err(
+                "port_min",
+                "an exchange path names its ports; all ports would join the zones",
+            ));
+        }
+        if matches!(x.protocol, Protocol::Icmp | Protocol::Icmpv6) && x.ports.1 > 255 {
+            return Err(c.err("port_max", format!("ICMP type {} is above 255", x.ports.1)));
+        }
+        self.exchange_paths.insert(x.id.clone(), x.clone());
         Ok(())
     }
 
@@ -233,6 +423,10 @@ impl State {
                     ));
                 }
             }
+        }
+        if let Some(v) = self.vpcs.get(&s.vpc_id).filter(|v| !v.zone_id.is_empty()) {
+            let (vpc, zone) = (v.id.clone(), v.zone_id.clone());
+            self.check_attached_subnet(c, "cidr_v4", &vpc, &zone, s)?;
         }
         self.subnets.insert(s.id.clone(), s.clone());
         Ok(())
@@ -492,6 +686,27 @@ impl State {
                     return Err(c.err("id", format!("unknown port {id:?}")));
                 }
             }
+            Kind::Zone => {
+                if !self.zones.contains_key(id) {
+                    return Err(c.err("id", format!("unknown zone {id:?}")));
+                }
+                if let Some(v) = self.vpcs.values().find(|v| v.zone_id == id) {
+                    return in_use(format!("vpc {}", v.id));
+                }
+                if let Some(x) = self
+                    .exchange_paths
+                    .values()
+                    .find(|x| x.from_zone == id || x.to_zone == id)
+                {
+                    return in_use(format!("exchange path {}", x.id));
+                }
+                self.zones.remove(id);
+            }
+            Kind::ExchangePath => {
+                if self.exchange_paths.remove(id).is_none() {
+                    return Err(c.err("id", format!("unknown exchange path {id:?}")));
+                }
+            }
             Kind::Quarantine => {
                 if self.quarantines.remove(id).is_none() {
                     return Err(c.err("id", format!("unknown quarantine {id:?}")));
@@ -546,6 +761,21 @@ impl State {
     }
 }
 
+/// The last address of a prefix.
+fn last_address(n: IpNetwork) -> IpAddr {
+    match n {
+        IpNetwork::V4(a) => IpAddr::V4(a.broadcast()),
+        IpNetwork::V6(a) => {
+            let host = if a.prefix() == 0 {
+                u128::MAX
+            } else {
+                (1u128 << (128 - a.prefix() as u32)) - 1
+            };
+            IpAddr::V6((u128::from(a.network()) | host).into())
+        }
+    }
+}
+
 /// Checks a Linux interface name: 1-15 bytes, no '/', whitespace or ':'.
 pub fn check_device(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 15 {
@@ -578,6 +808,7 @@ mod tests {
                 tenant_id: "t1".into(),
                 name: "v".into(),
                 vni: 0,
+                zone_id: String::new(),
             }),
             Op::PutSubnet(Subnet {
                 id: "s1".into(),
@@ -769,6 +1000,7 @@ mod tests {
                 tenant_id: "t1".into(),
                 name: id.into(),
                 vni,
+                zone_id: String::new(),
             })
         };
         s.apply_batch(&[v("v2", 0), v("v3", 77)]).unwrap();

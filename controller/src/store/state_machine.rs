@@ -78,6 +78,8 @@ fn object_json(state: &State, kind: Kind, id: &str) -> Option<Vec<u8>> {
         Kind::Port => state.ports.get(id).map(serde_json::to_vec),
         Kind::SecurityGroup => state.security_groups.get(id).map(serde_json::to_vec),
         Kind::Quarantine => state.quarantines.get(id).map(serde_json::to_vec),
+        Kind::Zone => state.zones.get(id).map(serde_json::to_vec),
+        Kind::ExchangePath => state.exchange_paths.get(id).map(serde_json::to_vec),
     };
     j.map(|r| r.expect("model objects serialise"))
 }
@@ -91,6 +93,8 @@ fn op_key(op: &Op) -> (Kind, String) {
         Op::PutPort(x) => (Kind::Port, x.id.clone()),
         Op::PutSecurityGroup(x) => (Kind::SecurityGroup, x.id.clone()),
         Op::PutQuarantine(x) => (Kind::Quarantine, x.id.clone()),
+        Op::PutZone(x) => (Kind::Zone, x.id.clone()),
+        Op::PutExchangePath(x) => (Kind::ExchangePath, x.id.clone()),
         Op::Delete { kind, id } => (*kind, id.clone()),
     }
 }
@@ -125,6 +129,12 @@ fn load_state(db: &Database) -> Result<(State, Applied), AnyError> {
             }
             "quarantine" => {
                 state.quarantines.insert(id, serde_json::from_slice(v).map_err(any)?);
+            }
+            "zone" => {
+                state.zones.insert(id, serde_json::from_slice(v).map_err(any)?);
+            }
+            "exchange_path" => {
+                state.exchange_paths.insert(id, serde_json::from_slice(v).map_err(any)?);
             }
             "security_group" => {
                 state
@@ -387,7 +397,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     .chain(s.hosts.keys().map(|k| (Kind::Host, k)))
                     .chain(s.ports.keys().map(|k| (Kind::Port, k)))
                     .chain(s.security_groups.keys().map(|k| (Kind::SecurityGroup, k)))
-                    .chain(s.quarantines.keys().map(|k| (Kind::Quarantine, k)));
+                    .chain(s.quarantines.keys().map(|k| (Kind::Quarantine, k)))
+                    .chain(s.zones.keys().map(|k| (Kind::Zone, k)))
+                    .chain(s.exchange_paths.keys().map(|k| (Kind::ExchangePath, k)));
                 for (kind, id) in all {
                     let j = object_json(s, kind, id).expect("present");
                     objects

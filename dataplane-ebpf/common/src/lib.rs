@@ -75,6 +75,8 @@ pub enum DropReason {
     OverlayUnknownDst = 19,
     /// An overlay packet that is not IPv4 or IPv6.
     OverlayNotIp = 20,
+    /// A packet between two zones that no exchange path admits.
+    ZoneIsolation = 21,
 }
 
 /// Number of slots in the drop counter array (room to grow).
@@ -82,7 +84,7 @@ pub const DROP_REASON_SLOTS: u32 = 32;
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 21] = [
+    pub const ALL: [DropReason; 22] = [
         DropReason::UnknownPort,
         DropReason::Truncated,
         DropReason::UnsupportedEthertype,
@@ -104,6 +106,7 @@ impl DropReason {
         DropReason::OverlaySpoof,
         DropReason::OverlayUnknownDst,
         DropReason::OverlayNotIp,
+        DropReason::ZoneIsolation,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -130,6 +133,7 @@ impl DropReason {
             DropReason::OverlaySpoof => "overlay_spoof",
             DropReason::OverlayUnknownDst => "overlay_unknown_destination",
             DropReason::OverlayNotIp => "overlay_not_ip",
+            DropReason::ZoneIsolation => "zone_isolation",
         }
     }
 }
@@ -158,6 +162,12 @@ pub enum Stat {
     Decapsulated = 8,
     /// ARP requests and neighbour solicitations answered by the host.
     NeighbourAnswered = 9,
+    /// Packets a VM sent out of a zone uplink.
+    ToUplink = 10,
+    /// Packets from a zone uplink delivered to a VM.
+    FromUplink = 11,
+    /// Packets that crossed between zones on an exchange path.
+    Exchanged = 12,
 }
 
 /// Number of slots in the stats array.

@@ -5,6 +5,32 @@
 
 /// Pinned name of the overlay endpoint map ([`EndpointKey`] -> [`Endpoint`]).
 pub const ENDPOINTS: &str = "SDN_ENDPOINTS";
+/// Pinned name of the zone address spaces (LPM trie; data: [`zone_net_data`],
+/// value: zone number).
+pub const ZONE_NETS: &str = "SDN_ZONE_NETS";
+
+/// The data of a zone-prefix key: the family byte, then the address (IPv4
+/// in the first four bytes). A prefix of length `plen` is a key of length
+/// `8 + plen`, so both families live in one trie and one lookup.
+pub const fn zone_net_data(family: u8, addr: &[u8; 16]) -> [u8; 20] {
+    let mut d = [0u8; 20];
+    d[0] = family;
+    let mut i = 0;
+    while i < 16 {
+        d[i + 1] = addr[i];
+        i += 1;
+    }
+    d
+}
+/// Pinned name of the uplink devices (`u32` ifindex -> `u32` zone number).
+pub const UPLINKS: &str = "SDN_UPLINKS";
+/// Pinned name of the zones' uplinks (`u32` zone number -> `u32` ifindex).
+pub const ZONE_UPLINK: &str = "SDN_ZONE_UPLINK";
+/// Pinned name of the addresses of VPCs with an uplink ([`ZoneAddrKey`] -> [`ZoneEndpoint`]).
+pub const ZONE_ENDPOINTS: &str = "SDN_ZONE_ENDPOINTS";
+/// Pinned name of the exchange paths (array of [`ExchangeRule`]; the first
+/// slot whose `from` is 0 ends the list).
+pub const EXCHANGE: &str = "SDN_EXCHANGE";
 /// Pinned name of the host configuration (array of one [`HostConfig`]).
 pub const CONFIG: &str = "SDN_CONFIG";
 /// Pinned name of the per-port configuration map (`u32` ifindex -> [`PortInfo`]).
@@ -31,6 +57,11 @@ pub const SG_ADDR_MAX: u32 = 524288;
 pub const SG_RULES_MAX: u32 = 524288;
 pub const CT_MAX: u32 = 262144;
 pub const ENDPOINTS_MAX: u32 = 262144;
+pub const ZONE_NETS_MAX: u32 = 4096;
+pub const ZONES_MAX: u32 = 64;
+pub const ZONE_ENDPOINTS_MAX: u32 = 65536;
+/// Exchange paths are checked in order, one by one: keep them few.
+pub const EXCHANGE_MAX: u32 = 64;
 
 /// The MAC of every subnet gateway, on every host: a distributed router. The
 /// host answers ARP and neighbour solicitations for the gateway and for the
@@ -42,6 +73,9 @@ pub const PORT_F_EGRESS_OPEN: u32 = 1;
 /// Port flag: the port is quarantined; every packet in either direction is
 /// dropped before any other rule (policy tier 1).
 pub const PORT_F_QUARANTINED: u32 = 2;
+/// Port flag: the port's VPC has a zone; destinations outside the VPC leave
+/// through the uplink of the zone they belong to.
+pub const PORT_F_UPLINK: u32 = 4;
 
 /// Configuration of one VM port, keyed by the ifindex of its host-side device.
 #[repr(C)]
@@ -96,6 +130,46 @@ pub struct HostConfig {
     /// The collect-metadata VXLAN device; 0 while it is not set up.
     pub vxlan_ifindex: u32,
     pub _pad: u32,
+}
+
+/// An address of a VPC with a zone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ZoneAddrKey {
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+/// Where an address of a VPC with a zone lives, and its zone.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ZoneEndpoint {
+    /// Host-side device of the port; 0: on another host.
+    pub ifindex: u32,
+    /// The VPC's zone number.
+    pub zone: u32,
+    /// The port's MAC.
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+/// One exchange path, compiled: flows from `src` in zone `from` to `dst`
+/// in zone `to`, protocol `proto`, destination port (ICMP type) in
+/// `port_lo..=port_hi`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ExchangeRule {
+    pub from: u32,
+    pub to: u32,
+    pub family: u8,
+    pub proto: u8,
+    pub src_plen: u8,
+    pub dst_plen: u8,
+    pub port_lo: u16,
+    pub port_hi: u16,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
 }
 
 /// One address a port may send from.
@@ -221,6 +295,9 @@ const _: () = assert!(core::mem::size_of::<PortInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 24);
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 16);
 const _: () = assert!(core::mem::size_of::<HostConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<ZoneAddrKey>() == 20);
+const _: () = assert!(core::mem::size_of::<ZoneEndpoint>() == 16);
+const _: () = assert!(core::mem::size_of::<ExchangeRule>() == 48);
 const _: () = assert!(core::mem::size_of::<PortAddrKey>() == 24);
 const _: () = assert!(core::mem::size_of::<PolicyDirKey>() == 8);
 const _: () = assert!(core::mem::size_of::<PrefixLens>() == 24);
@@ -238,6 +315,9 @@ mod pod {
     unsafe impl aya::Pod for EndpointKey {}
     unsafe impl aya::Pod for Endpoint {}
     unsafe impl aya::Pod for HostConfig {}
+    unsafe impl aya::Pod for ZoneAddrKey {}
+    unsafe impl aya::Pod for ZoneEndpoint {}
+    unsafe impl aya::Pod for ExchangeRule {}
     unsafe impl aya::Pod for PortAddrKey {}
     unsafe impl aya::Pod for PolicyDirKey {}
     unsafe impl aya::Pod for PrefixLens {}

@@ -6,7 +6,7 @@
 
 use aya_ebpf::{helpers::gen, programs::TcContext};
 use dataplane_common::{
-    maps::{Endpoint, EndpointKey, PortInfo, EP_F_GATEWAY, GATEWAY_MAC},
+    maps::{Endpoint, EndpointKey, PortInfo, EP_F_GATEWAY, GATEWAY_MAC, PORT_F_UPLINK},
     DropReason, Stat, FAMILY_V4, FAMILY_V6, PROTO_ICMPV6,
 };
 
@@ -23,6 +23,9 @@ pub enum Action {
     Redirect(u32),
     /// Answered or absorbed by the host: stop here (not a drop).
     Consume,
+    /// Send it out of this device with its Ethernet addresses filled in by
+    /// the kernel's routes and neighbours (a zone uplink).
+    Neighbour(u32),
 }
 
 /// `struct bpf_tunnel_key` of the kernel (IPv4 fields used).
@@ -164,7 +167,16 @@ fn set_macs(ctx: &mut TcContext, mac: &[u8; 6]) -> Result<(), DropReason> {
 /// Routes an allowed packet of the port to its destination in the VPC.
 #[inline(always)]
 pub fn route(ctx: &mut TcContext, ifx: u32, port: &PortInfo, ip: &Ip) -> Result<Action, DropReason> {
-    let ep = endpoint(port.vni, ip.family, &ip.dst).ok_or(DropReason::NoRoute)?;
+    let Some(ep) = endpoint(port.vni, ip.family, &ip.dst) else {
+        // Outside the VPC: out of the uplink of the zone the destination is
+        // in, where the zone guard decides.
+        if port.flags & PORT_F_UPLINK != 0 {
+            if let Some(uplink) = crate::zone::uplink_for(ip.family, &ip.dst) {
+                return Ok(Action::Neighbour(uplink));
+            }
+        }
+        return Err(DropReason::NoRoute);
+    };
     if ep.flags & EP_F_GATEWAY != 0 || ep.ifindex == ifx {
         return Err(DropReason::NoRoute);
     }

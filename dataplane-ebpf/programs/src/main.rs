@@ -24,13 +24,15 @@ mod parse;
 mod policy;
 #[cfg(target_arch = "bpf")]
 mod port;
+#[cfg(target_arch = "bpf")]
+mod zone;
 
 #[cfg(target_arch = "bpf")]
 mod progs {
     use aya_ebpf::{helpers::gen, macros::classifier, programs::TcContext};
     use dataplane_common::{DropReason, Stat};
 
-    use crate::{forward, forward::Action, maps, port};
+    use crate::{forward, forward::Action, maps, port, zone};
 
     const TC_ACT_OK: i32 = 0;
     const TC_ACT_SHOT: i32 = 2;
@@ -46,6 +48,11 @@ mod progs {
                 maps::count(Stat::Passed);
                 // SAFETY: plain helper call; it returns TC_ACT_REDIRECT or TC_ACT_SHOT.
                 unsafe { gen::bpf_redirect(ifindex, 0) as i32 }
+            }
+            Ok(Action::Neighbour(ifindex)) => {
+                maps::count(Stat::Passed);
+                // SAFETY: no parameters: the kernel looks up the next hop.
+                unsafe { gen::bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
             }
             Ok(Action::Consume) => TC_ACT_SHOT,
             Err(reason) => {
@@ -65,6 +72,18 @@ mod progs {
     #[classifier]
     pub fn to_vm(ctx: TcContext) -> i32 {
         verdict(port::to_vm(&ctx))
+    }
+
+    /// Packets leaving through a zone uplink (TC egress).
+    #[classifier]
+    pub fn to_uplink(ctx: TcContext) -> i32 {
+        verdict(zone::to_uplink(&ctx))
+    }
+
+    /// Packets arriving from a zone uplink (TC ingress).
+    #[classifier]
+    pub fn from_uplink(mut ctx: TcContext) -> i32 {
+        verdict(zone::from_uplink(&mut ctx))
     }
 
     /// Packets from the overlay (TC ingress of the VXLAN device).

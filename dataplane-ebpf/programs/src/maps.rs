@@ -2,13 +2,14 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray},
 };
 use dataplane_common::{
     maps::{
-        AddrIdentity, AddrKey, CtKey, CtValue, Endpoint, EndpointKey, HostConfig, PolicyDirKey, PortAddrKey, PortInfo,
-        PrefixLens, RuleKey, CT_MAX, ENDPOINTS_MAX, POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, SG_ADDR_MAX,
-        SG_RULES_MAX,
+        AddrIdentity, AddrKey, CtKey, CtValue, Endpoint, EndpointKey, ExchangeRule, HostConfig, PolicyDirKey,
+        PortAddrKey, PortInfo, PrefixLens, RuleKey, ZoneAddrKey, ZoneEndpoint, CT_MAX, ENDPOINTS_MAX, EXCHANGE_MAX,
+        POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, SG_ADDR_MAX, SG_RULES_MAX, ZONES_MAX, ZONE_ENDPOINTS_MAX,
+        ZONE_NETS_MAX,
     },
     DropReason, Stat, DROP_REASON_SLOTS, STAT_SLOTS,
 };
@@ -36,6 +37,24 @@ pub static ENDPOINTS: HashMap<EndpointKey, Endpoint> = HashMap::pinned(ENDPOINTS
 
 #[map(name = "SDN_CONFIG")]
 pub static CONFIG: Array<HostConfig> = Array::pinned(1, 0);
+
+/// LPM tries need BPF_F_NO_PREALLOC.
+const NO_PREALLOC: u32 = 1;
+
+#[map(name = "SDN_ZONE_NETS")]
+pub static ZONE_NETS: LpmTrie<[u8; 20], u32> = LpmTrie::pinned(ZONE_NETS_MAX, NO_PREALLOC);
+
+#[map(name = "SDN_UPLINKS")]
+pub static UPLINKS: HashMap<u32, u32> = HashMap::pinned(ZONES_MAX, 0);
+
+#[map(name = "SDN_ZONE_UPLINK")]
+pub static ZONE_UPLINK: HashMap<u32, u32> = HashMap::pinned(ZONES_MAX, 0);
+
+#[map(name = "SDN_ZONE_ENDPOINTS")]
+pub static ZONE_ENDPOINTS: HashMap<ZoneAddrKey, ZoneEndpoint> = HashMap::pinned(ZONE_ENDPOINTS_MAX, 0);
+
+#[map(name = "SDN_EXCHANGE")]
+pub static EXCHANGE: Array<ExchangeRule> = Array::pinned(EXCHANGE_MAX, 0);
 
 #[map(name = "SDN_DROPS")]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DROP_REASON_SLOTS, 0);

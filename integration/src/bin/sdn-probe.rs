@@ -29,6 +29,9 @@ enum Cmd {
         port: u16,
         #[arg(long, default_value_t = 1000)]
         timeout_ms: u64,
+        /// Source address for TCP (it must be an address of this machine).
+        #[arg(long)]
+        bind: Option<std::net::IpAddr>,
     },
     /// Sends UDP datagrams as fast as it can for a duration, rotating over
     /// `flows` source ports; prints the number sent.
@@ -100,12 +103,32 @@ fn serve(tcp: Vec<u16>, udp: Vec<u16>) -> std::io::Result<()> {
     Ok(())
 }
 
-fn connect(proto: &str, addr: &str, port: u16, timeout: Duration) -> Result<(), String> {
+fn tcp_connect(sa: SocketAddr, bind: Option<std::net::IpAddr>, timeout: Duration) -> std::io::Result<TcpStream> {
+    let Some(b) = bind else {
+        return TcpStream::connect_timeout(&sa, timeout);
+    };
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(sa),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    s.bind(&SocketAddr::new(b, 0).into())?;
+    s.connect_timeout(&sa.into(), timeout)?;
+    Ok(s.into())
+}
+
+fn connect(
+    proto: &str,
+    addr: &str,
+    port: u16,
+    timeout: Duration,
+    bind: Option<std::net::IpAddr>,
+) -> Result<(), String> {
     let ip: std::net::IpAddr = addr.parse().map_err(|_| format!("error: bad address {addr}"))?;
     let sa = SocketAddr::new(ip, port);
     match proto {
         "tcp" => {
-            let mut s = TcpStream::connect_timeout(&sa, timeout).map_err(|e| match e.kind() {
+            let mut s = tcp_connect(sa, bind, timeout).map_err(|e| match e.kind() {
                 std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => "timeout".to_string(),
                 std::io::ErrorKind::ConnectionRefused => "refused".to_string(),
                 _ => format!("error: {e}"),
@@ -205,7 +228,8 @@ fn main() {
             addr,
             port,
             timeout_ms,
-        } => match connect(&proto, &addr, port, Duration::from_millis(timeout_ms)) {
+            bind,
+        } => match connect(&proto, &addr, port, Duration::from_millis(timeout_ms), bind) {
             Ok(()) => {
                 println!("ok");
                 0
