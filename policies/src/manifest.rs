@@ -863,7 +863,13 @@ mod schema_tests {
     #[test]
     fn examples_and_rendered_objects_satisfy_the_schema() {
         let v = validator();
-        for f in ["security-groups.yaml", "security-groups-maintenance.yaml"] {
+        for f in [
+            "security-groups.yaml",
+            "security-groups-maintenance.yaml",
+            "gov-cloud/00-zones.yaml",
+            "gov-cloud/10-departments.yaml",
+            "gov-cloud/20-shared-service.yaml",
+        ] {
             let text = std::fs::read_to_string(format!("{}/examples/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap();
             for doc in serde_yaml::Deserializer::from_str(&text) {
                 let value: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
@@ -877,6 +883,20 @@ mod schema_tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_example_cloud_is_consistent() {
+        let dir = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gov-cloud"));
+        let ops = dependency_order(load_path(&dir).expect("the example parses"));
+        validate_offline(&ops).expect("offline checks");
+        let mut s = crate::State::default();
+        let ops: Vec<Op> = ops.into_iter().map(|l| l.op).collect();
+        s.apply_batch(&ops).expect("the example applies as one batch");
+        assert_eq!(s.zones.len(), 2);
+        assert_eq!(s.exchange_paths.len(), 3);
+        assert_eq!(s.tenants.len(), 4, "three departments and the shared service");
+        assert_eq!(s.vpcs.values().filter(|v| v.zone_id == "extranet").count(), 4);
     }
 
     #[test]

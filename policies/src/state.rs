@@ -1019,4 +1019,125 @@ mod tests {
         let e = s.apply_batch(&[Op::PutPort(port("p1", "10.0.0.1"))]).unwrap_err();
         assert!(e.message.contains("gateway of subnet s1"), "{e}");
     }
+
+    fn zones() -> State {
+        let mut s = base();
+        let z = |id: &str, prefixes: &[&str], dev: &str| {
+            Op::PutZone(Zone {
+                id: id.into(),
+                name: id.into(),
+                prefixes: prefixes.iter().map(|p| p.parse().unwrap()).collect(),
+                uplink_device: dev.into(),
+            })
+        };
+        s.apply_batch(&[
+            z("ext", &["10.0.0.0/8", "fd00::/8"], "up-ext"),
+            z("net", &["0.0.0.0/0", "::/0"], "up-net"),
+        ])
+        .unwrap();
+        s
+    }
+
+    fn zoned_vpc(id: &str, zone: &str) -> Op {
+        Op::PutVpc(Vpc {
+            id: id.into(),
+            tenant_id: "t1".into(),
+            name: id.into(),
+            vni: 0,
+            zone_id: zone.into(),
+        })
+    }
+
+    fn path(from: &str, to: &str, dst: &str, protocol: Protocol, ports: (u16, u16)) -> Op {
+        Op::PutExchangePath(ExchangePath {
+            id: "x".into(),
+            from_zone: from.into(),
+            to_zone: to.into(),
+            source: "0.0.0.0/0".parse().unwrap(),
+            destination: dst.parse().unwrap(),
+            protocol,
+            ports,
+        })
+    }
+
+    #[test]
+    fn zones_refuse_what_would_open_another_path() {
+        let mut s = zones();
+        assert_eq!(s.zone_of("10.1.2.3".parse().unwrap()).unwrap().id, "ext");
+        assert_eq!(s.zone_of("8.8.8.8".parse().unwrap()).unwrap().id, "net");
+        // The existing VPC v1 (10.0.0.0/24) joins the extranet: inside its prefixes.
+        s.apply_batch(&[zoned_vpc("v1", "ext")]).unwrap();
+        // A VPC of the internet zone with extranet addresses would be
+        // counted in the extranet by the dataplane: refused.
+        let e = s
+            .apply_batch(&[
+                zoned_vpc("v9", "net"),
+                Op::PutSubnet(Subnet {
+                    id: "s9".into(),
+                    vpc_id: "v9".into(),
+                    cidr_v4: Some("10.9.0.0/24".parse().unwrap()),
+                    cidr_v6: None,
+                }),
+            ])
+            .unwrap_err();
+        assert_eq!(e.field, "operations[1].put_subnet.cidr_v4");
+        assert!(e.message.contains("holds addresses of zone ext"), "{e}");
+        // Two VPCs with uplinks may not share addresses.
+        let e = s
+            .apply_batch(&[
+                zoned_vpc("v8", "ext"),
+                Op::PutSubnet(Subnet {
+                    id: "s8".into(),
+                    vpc_id: "v8".into(),
+                    cidr_v4: Some("10.0.0.0/25".parse().unwrap()),
+                    cidr_v6: None,
+                }),
+            ])
+            .unwrap_err();
+        assert!(e.message.contains("overlaps subnet s1 of vpc v1"), "{e}");
+        // A zone may not shrink so that a VPC falls out of it.
+        let e = s
+            .apply_batch(&[Op::PutZone(Zone {
+                id: "ext".into(),
+                name: "ext".into(),
+                prefixes: vec!["172.16.0.0/12".parse().unwrap()],
+                uplink_device: "up-ext".into(),
+            })])
+            .unwrap_err();
+        assert_eq!(e.field, "operations[0].put_zone.prefixes");
+        assert_eq!(s.zones["ext"].prefixes.len(), 2, "the zone is unchanged");
+        // Nor can a VPC with ports change zone.
+        s.apply_batch(&[Op::PutPort(port("p1", "10.0.0.5"))]).unwrap();
+        let e = s.apply_batch(&[zoned_vpc("v1", "net")]).unwrap_err();
+        assert!(e.message.contains("cannot move from zone"), "{e}");
+        // Exchange paths: two zones, a named destination, a protocol, ports.
+        let bad = [
+            (path("ext", "ext", "10.0.0.5/32", Protocol::Tcp, (443, 443)), "to_zone"),
+            (
+                path("net", "ext", "0.0.0.0/0", Protocol::Tcp, (443, 443)),
+                "destination",
+            ),
+            (path("net", "ext", "10.0.0.5/32", Protocol::Any, (0, 0)), "protocol"),
+            (path("net", "ext", "10.0.0.5/32", Protocol::Tcp, (0, 65535)), "port_min"),
+            (path("net", "dmz", "10.0.0.5/32", Protocol::Tcp, (443, 443)), "to_zone"),
+            (
+                path("net", "ext", "fd00::5/128", Protocol::Tcp, (443, 443)),
+                "destination",
+            ),
+        ];
+        for (op, field) in bad {
+            let e = s.apply_batch(&[op]).unwrap_err();
+            assert_eq!(e.field, format!("operations[0].put_exchange_path.{field}"), "{e}");
+        }
+        s.apply_batch(&[path("net", "ext", "10.0.0.5/32", Protocol::Tcp, (443, 443))])
+            .unwrap();
+        // A zone in use cannot go.
+        let e = s
+            .apply_batch(&[Op::Delete {
+                kind: Kind::Zone,
+                id: "net".into(),
+            }])
+            .unwrap_err();
+        assert!(e.message.contains("still used by exchange path x"), "{e}");
+    }
 }

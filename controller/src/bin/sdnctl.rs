@@ -29,6 +29,8 @@ enum KindArg {
     Port,
     SecurityGroup,
     Quarantine,
+    Zone,
+    ExchangePath,
 }
 
 impl KindArg {
@@ -41,6 +43,8 @@ impl KindArg {
             KindArg::Port => pb::Kind::Port,
             KindArg::SecurityGroup => pb::Kind::SecurityGroup,
             KindArg::Quarantine => pb::Kind::Quarantine,
+            KindArg::Zone => pb::Kind::Zone,
+            KindArg::ExchangePath => pb::Kind::ExchangePath,
         }
     }
 }
@@ -56,6 +60,8 @@ enum Output {
 fn listed_ops(r: &pb::ListResponse) -> anyhow::Result<Vec<sdn_policies::Op>> {
     use pb::operation::Op as P;
     let mut ops: Vec<P> = Vec::new();
+    ops.extend(r.zones.iter().cloned().map(P::PutZone));
+    ops.extend(r.exchange_paths.iter().cloned().map(P::PutExchangePath));
     ops.extend(r.tenants.iter().cloned().map(P::PutTenant));
     ops.extend(r.vpcs.iter().cloned().map(P::PutVpc));
     ops.extend(r.subnets.iter().cloned().map(P::PutSubnet));
@@ -555,14 +561,46 @@ async fn cluster(addr: &str, cmd: ClusterCmd) -> anyhow::Result<()> {
 fn print_table(r: &pb::ListResponse) {
     println!("# revision {}", r.revision);
     let rows: Vec<[String; 3]> = r
-        .tenants
+        .zones
         .iter()
-        .map(|t| ["tenant".into(), t.id.clone(), format!("name={:?}", t.name)])
+        .map(|z| {
+            [
+                "zone".into(),
+                z.id.clone(),
+                format!("uplink={} prefixes={}", z.uplink_device, z.prefixes.join(",")),
+            ]
+        })
+        .chain(r.exchange_paths.iter().map(|x| {
+            [
+                "exchange_path".into(),
+                x.id.clone(),
+                format!(
+                    "{} {} -> {} {} {} {}-{}",
+                    x.from_zone,
+                    x.source_cidr,
+                    x.to_zone,
+                    x.destination_cidr,
+                    pb::Protocol::try_from(x.protocol)
+                        .map(|p| p.as_str_name().to_lowercase())
+                        .unwrap_or_default(),
+                    x.port_min,
+                    x.port_max
+                ),
+            ]
+        }))
+        .chain(
+            r.tenants
+                .iter()
+                .map(|t| ["tenant".into(), t.id.clone(), format!("name={:?}", t.name)]),
+        )
         .chain(r.vpcs.iter().map(|v| {
             [
                 "vpc".into(),
                 v.id.clone(),
-                format!("tenant={} name={:?}", v.tenant_id, v.name),
+                format!(
+                    "tenant={} name={:?} vni={} zone={}",
+                    v.tenant_id, v.name, v.vni, v.zone_id
+                ),
             ]
         }))
         .chain(r.subnets.iter().map(|s| {
