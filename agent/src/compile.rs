@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr};
 
 use dataplane_common::maps::{
-    zone_net_data, AddrIdentity, AddrKey, Endpoint, EndpointKey, ExchangeRule, PolicyDirKey, PortAddrKey, PortInfo,
-    PrefixLens, RuleKey, ZoneAddrKey, ZoneEndpoint, EP_F_GATEWAY, GATEWAY_MAC, PORT_F_EGRESS_OPEN, PORT_F_QUARANTINED,
-    PORT_F_UPLINK,
+    zone_net_data, AddrIdentity, AddrKey, Endpoint, EndpointKey, ExchangeRule, FwPolicy, FwRule, PolicyDirKey,
+    PortAddrKey, PortInfo, PrefixLens, RuleKey, ZoneAddrKey, ZoneEndpoint, EP_F_GATEWAY, FW_ALLOW, FW_DENY,
+    FW_POLICY_RULES_MAX, GATEWAY_MAC, PORT_F_EGRESS_OPEN, PORT_F_QUARANTINED, PORT_F_UPLINK,
 };
 use dataplane_common::{DIR_EGRESS, DIR_INGRESS, FAMILY_V4, FAMILY_V6};
 use sdn_proto::v1 as pb;
@@ -62,6 +62,11 @@ pub struct Desired {
     pub zone_endpoints: BTreeMap<ZoneAddrKey, ZoneEndpoint>,
     /// Exchange paths, in slot order.
     pub exchange: BTreeMap<u32, ExchangeRule>,
+    /// Firewall policies by number (1..), their rules by slot, and the names
+    /// of rule numbers ("policy/rule", "policy/default").
+    pub fw_policies: BTreeMap<u32, FwPolicy>,
+    pub fw_rules: BTreeMap<u32, FwRule>,
+    pub fw_names: BTreeMap<u32, dataplane_common::maps::RuleName>,
     /// Ports whose device is not on this host yet, by port id.
     pub missing_devices: Vec<(String, String)>,
     /// Quarantined ports now: port id -> (quarantine id, reason).
@@ -205,6 +210,7 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
     let mut networks: Vec<&pb::VpcNetwork> = Vec::new();
     let mut zones: BTreeMap<&str, &pb::Zone> = BTreeMap::new();
     let mut exchanges: Vec<&pb::ExchangePath> = Vec::new();
+    let mut firewalls: BTreeMap<&str, &pb::FirewallPolicy> = BTreeMap::new();
     for r in res.values() {
         match &r.kind {
             Some(pb::resource::Kind::Port(p)) => ports.push(p),
@@ -213,6 +219,9 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
                 zones.insert(&z.id, z);
             }
             Some(pb::resource::Kind::ExchangePath(x)) => exchanges.push(x),
+            Some(pb::resource::Kind::FirewallPolicy(f)) => {
+                firewalls.insert(&f.id, f);
+            }
             Some(pb::resource::Kind::SecurityGroup(g)) => {
                 groups.insert(&g.id, g);
             }
@@ -230,6 +239,7 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
     };
     let local: BTreeMap<&str, &pb::Port> = ports.iter().map(|p| (p.id.as_str(), *p)).collect();
     let zone_no = compile_zones(&zones, &exchanges, ifindex, &mut d)?;
+    let fw_no = compile_firewalls(&firewalls, &mut d)?;
     let mut subnet_vni: BTreeMap<&str, u32> = BTreeMap::new();
     let mut zoned_subnets: BTreeSet<&str> = BTreeSet::new();
     for n in &networks {
@@ -243,6 +253,16 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
                 message: format!("zone {} is missing from the share", n.zone_id),
             })?;
             zoned_subnets.extend(n.gateways.iter().map(|g| g.subnet_id.as_str()));
+            let border = if n.border_policy_id.is_empty() {
+                0
+            } else {
+                *fw_no
+                    .get(n.border_policy_id.as_str())
+                    .ok_or_else(|| CompileError::Vpc {
+                        vpc: n.vpc_id.clone(),
+                        message: format!("firewall policy {} is missing from the share", n.border_policy_id),
+                    })?
+            };
             for (k, ep) in d
                 .endpoints
                 .iter()
@@ -259,6 +279,7 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
                         zone,
                         mac: ep.mac,
                         _pad: [0; 2],
+                        border,
                     },
                 );
             }
@@ -458,6 +479,111 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
         );
     }
     Ok(d)
+}
+
+fn rule_name(s: &str) -> dataplane_common::maps::RuleName {
+    let mut n = [0u8; 136];
+    let b = s.as_bytes();
+    n[..b.len().min(136)].copy_from_slice(&b[..b.len().min(136)]);
+    n
+}
+
+/// The stable number of a firewall rule (or a policy's default), as
+/// recorded with each verdict.
+pub fn fw_rule_id(policy: &str, rule: &str) -> u32 {
+    fnv32(format!("{policy}/{rule}").as_bytes()).max(1)
+}
+
+/// Firewall policies: numbers (1.., in id order), each with its rules in
+/// priority order in slots `n * 64 ..`.
+fn compile_firewalls<'a>(
+    firewalls: &BTreeMap<&'a str, &pb::FirewallPolicy>,
+    d: &mut Desired,
+) -> Result<BTreeMap<&'a str, u32>, CompileError> {
+    let mut no = BTreeMap::new();
+    for (i, (id, f)) in firewalls.iter().enumerate() {
+        let n = i as u32 + 1;
+        no.insert(*id, n);
+        let ferr = |message: String| CompileError::Zone {
+            what: format!("firewall policy {id}"),
+            message,
+        };
+        let action = |a: i32| match pb::Action::try_from(a) {
+            Ok(pb::Action::Allow) => Ok(FW_ALLOW),
+            Ok(pb::Action::Deny) => Ok(FW_DENY),
+            _ => Err(ferr(format!("unknown action {a}"))),
+        };
+        if f.rules.len() > FW_POLICY_RULES_MAX as usize {
+            return Err(ferr(format!("{} rules; at most {FW_POLICY_RULES_MAX}", f.rules.len())));
+        }
+        let mut rules: Vec<&pb::FirewallRule> = f.rules.iter().collect();
+        rules.sort_by_key(|r| (r.priority, r.id.clone()));
+        let first = n * FW_POLICY_RULES_MAX;
+        let default_rule_id = fw_rule_id(id, "default");
+        d.fw_names.insert(default_rule_id, rule_name(&format!("{id}/default")));
+        for (j, r) in rules.iter().enumerate() {
+            let family = match pb::EtherType::try_from(r.ether_type) {
+                Ok(pb::EtherType::Ipv4) => FAMILY_V4,
+                Ok(pb::EtherType::Ipv6) => FAMILY_V6,
+                _ => return Err(ferr(format!("rule {}: unknown ether type", r.id))),
+            };
+            let proto = match pb::Protocol::try_from(r.protocol) {
+                Ok(pb::Protocol::Any) => 0,
+                Ok(pb::Protocol::Tcp) => 6,
+                Ok(pb::Protocol::Udp) => 17,
+                Ok(pb::Protocol::Icmp) => 1,
+                Ok(pb::Protocol::Icmpv6) => 58,
+                _ => return Err(ferr(format!("rule {}: unknown protocol", r.id))),
+            };
+            let dir = match pb::Direction::try_from(r.direction) {
+                Ok(pb::Direction::Ingress) => DIR_INGRESS,
+                Ok(pb::Direction::Egress) => DIR_EGRESS,
+                _ => return Err(ferr(format!("rule {}: unknown direction", r.id))),
+            };
+            let (plen, addr) = if r.remote_cidr.is_empty() {
+                (0, [0u8; 16])
+            } else {
+                let net: ipnetwork::IpNetwork = r
+                    .remote_cidr
+                    .parse()
+                    .map_err(|_| ferr(format!("rule {}: invalid remote_cidr", r.id)))?;
+                (net.prefix(), addr16(net.network()).1)
+            };
+            let (port_lo, port_hi) = if r.port_min == 0 && r.port_max == 0 {
+                (0, u16::MAX)
+            } else {
+                (r.port_min as u16, r.port_max as u16)
+            };
+            let rule_id = fw_rule_id(id, &r.id);
+            d.fw_names.insert(rule_id, rule_name(&format!("{id}/{}", r.id)));
+            d.fw_rules.insert(
+                first + j as u32,
+                FwRule {
+                    rule_id,
+                    action: action(r.action)?,
+                    dir,
+                    family,
+                    proto,
+                    port_lo,
+                    port_hi,
+                    plen,
+                    _pad: [0; 3],
+                    addr,
+                },
+            );
+        }
+        d.fw_policies.insert(
+            n,
+            FwPolicy {
+                first,
+                count: rules.len() as u32,
+                default_rule_id,
+                default_action: action(f.default_action)?,
+                _pad: [0; 3],
+            },
+        );
+    }
+    Ok(no)
 }
 
 /// Zones: numbers (1.., in id order), address spaces, uplinks; exchange
@@ -732,6 +858,7 @@ mod tests {
                     vpc_id: "v".into(),
                     vni: 9,
                     zone_id: String::new(),
+                    border_policy_id: String::new(),
                     gateways: vec![pb::SubnetGateway {
                         subnet_id: "s".into(),
                         gateway_v4: "10.0.0.254".into(),

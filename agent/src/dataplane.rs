@@ -340,6 +340,9 @@ impl Dataplane {
             zone_uplink: self.take(m::ZONE_UPLINK)?,
             zone_endpoints: self.take(m::ZONE_ENDPOINTS)?,
             exchange: Box::new(ArrayTable(self.take_map(m::EXCHANGE)?.try_into()?)),
+            fw_policies: self.take(m::FW_POLICIES)?,
+            fw_rules: Box::new(ArrayTable(self.take_map(m::FW_RULES)?.try_into()?)),
+            fw_names: self.take(m::FW_NAMES)?,
         })
     }
 
@@ -372,6 +375,46 @@ impl Dataplane {
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }
+}
+
+/// The firewall verdicts recorded per flow, with rule names, from a pin
+/// directory: one JSON object per flow.
+pub fn read_verdicts(pin_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    let names_data = MapData::from_pin(pin_dir.join("maps").join(m::FW_NAMES)).context("opening the rule names")?;
+    let names_map: BpfHashMap<MapData, u32, m::RuleName> =
+        BpfHashMap::try_from(aya::maps::Map::HashMap(names_data)).context("rule name map type")?;
+    let mut names = std::collections::BTreeMap::new();
+    for item in names_map.iter() {
+        let (k, v) = item?;
+        let end = v.iter().position(|b| *b == 0).unwrap_or(v.len());
+        names.insert(k, String::from_utf8_lossy(&v[..end]).into_owned());
+    }
+    let data = MapData::from_pin(pin_dir.join("maps").join(m::FW_VERDICTS)).context("opening the verdict map")?;
+    let map: BpfHashMap<MapData, m::CtKey, m::FwVerdict> =
+        BpfHashMap::try_from(aya::maps::Map::LruHashMap(data)).context("verdict map type")?;
+    let addr = |family: u8, a: [u8; 16]| -> String {
+        if family == dataplane_common::FAMILY_V4 {
+            std::net::Ipv4Addr::new(a[0], a[1], a[2], a[3]).to_string()
+        } else {
+            std::net::Ipv6Addr::from(a).to_string()
+        }
+    };
+    let mut out = Vec::new();
+    for item in map.iter() {
+        let (k, v) = item?;
+        out.push(serde_json::json!({
+            "vm": addr(k.family, k.local),
+            "vm_port": k.local_port,
+            "remote": addr(k.family, k.remote),
+            "remote_port": k.remote_port,
+            "protocol": k.proto,
+            "direction": if v.dir == dataplane_common::DIR_INGRESS { "ingress" } else { "egress" },
+            "action": if v.action == m::FW_ALLOW { "allow" } else { "deny" },
+            "rule": names.get(&v.rule_id).cloned().unwrap_or_else(|| format!("#{}", v.rule_id)),
+            "packets": v.packets,
+        }));
+    }
+    Ok(out)
 }
 
 /// Named counters, in index order.

@@ -36,6 +36,12 @@ enum Cmd {
         #[arg(long, default_value = "/sys/fs/bpf/sdn")]
         pin_dir: PathBuf,
     },
+    /// Print the border-firewall verdict of each recent flow, with the rule
+    /// that decided it, as JSON lines.
+    Verdicts {
+        #[arg(long, default_value = "/sys/fs/bpf/sdn")]
+        pin_dir: PathBuf,
+    },
     /// Detach every program and remove every pin (uninstall).
     Purge {
         #[arg(long, default_value = "/sys/fs/bpf/sdn")]
@@ -81,6 +87,11 @@ async fn main() -> anyhow::Result<()> {
                 "stats": stats.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
             });
             println!("{}", serde_json::to_string_pretty(&j)?);
+        }
+        Cmd::Verdicts { pin_dir } => {
+            for v in dataplane::read_verdicts(&pin_dir)? {
+                println!("{v}");
+            }
         }
         Cmd::Purge { pin_dir } => {
             if pin_dir.exists() {

@@ -5,9 +5,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use dataplane_common::maps::{
-    AddrIdentity, AddrKey, Endpoint, EndpointKey, ExchangeRule, PolicyDirKey, PortAddrKey, PortInfo, PrefixLens,
-    RuleKey, ZoneAddrKey, ZoneEndpoint, ENDPOINTS_MAX, EXCHANGE_MAX, POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX,
-    SG_ADDR_MAX, SG_RULES_MAX, ZONES_MAX, ZONE_ENDPOINTS_MAX, ZONE_NETS_MAX,
+    AddrIdentity, AddrKey, Endpoint, EndpointKey, ExchangeRule, FwPolicy, FwRule, PolicyDirKey, PortAddrKey, PortInfo,
+    PrefixLens, RuleKey, ZoneAddrKey, ZoneEndpoint, ENDPOINTS_MAX, EXCHANGE_MAX, FW_POLICIES_MAX, FW_RULES_MAX,
+    POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, SG_ADDR_MAX, SG_RULES_MAX, ZONES_MAX, ZONE_ENDPOINTS_MAX,
+    ZONE_NETS_MAX,
 };
 
 use crate::compile::{Desired, Identities};
@@ -50,6 +51,9 @@ pub struct MapSet {
     pub zone_uplink: Box<dyn Table<u32, u32>>,
     pub zone_endpoints: Box<dyn Table<ZoneAddrKey, ZoneEndpoint>>,
     pub exchange: Box<dyn Table<u32, ExchangeRule>>,
+    pub fw_policies: Box<dyn Table<u32, FwPolicy>>,
+    pub fw_rules: Box<dyn Table<u32, FwRule>>,
+    pub fw_names: Box<dyn Table<u32, dataplane_common::maps::RuleName>>,
 }
 
 /// What one pass changed.
@@ -73,6 +77,9 @@ struct Held {
     zone_uplink: BTreeMap<u32, u32>,
     zone_endpoints: BTreeMap<ZoneAddrKey, ZoneEndpoint>,
     exchange: BTreeMap<u32, ExchangeRule>,
+    fw_policies: BTreeMap<u32, FwPolicy>,
+    fw_rules: BTreeMap<u32, FwRule>,
+    fw_names: BTreeMap<u32, dataplane_common::maps::RuleName>,
 }
 
 pub struct Reconciler {
@@ -141,6 +148,9 @@ impl Reconciler {
             zone_uplink: maps.zone_uplink.entries()?.into_iter().collect(),
             zone_endpoints: maps.zone_endpoints.entries()?.into_iter().collect(),
             exchange: maps.exchange.entries()?.into_iter().collect(),
+            fw_policies: maps.fw_policies.entries()?.into_iter().collect(),
+            fw_rules: maps.fw_rules.entries()?.into_iter().collect(),
+            fw_names: maps.fw_names.entries()?.into_iter().collect(),
         };
         let ids = Identities::adopt(&held.sg_rules, &held.sg_addr);
         Ok(Reconciler { maps, held, ids })
@@ -207,6 +217,10 @@ impl Reconciler {
             ZONE_ENDPOINTS_MAX,
         )?;
         check_capacity("exchange paths", d.exchange.len(), EXCHANGE_MAX)?;
+        check_capacity("firewall policies", d.fw_policies.len(), FW_POLICIES_MAX)?;
+        if let Some(last) = d.fw_rules.keys().last() {
+            check_capacity("firewall rule slots", *last as usize + 1, FW_RULES_MAX)?;
+        }
 
         let (rule_puts, rule_dels) = diff(&self.held.sg_rules, &want_rules);
         let (addr_puts, addr_dels) = diff(&self.held.sg_addr, &want_addr);
@@ -231,6 +245,13 @@ impl Reconciler {
         let (zu_puts, zu_dels) = diff(&h.zone_uplink, &d.zone_uplink);
         let (ze_puts, ze_dels) = diff(&h.zone_endpoints, &d.zone_endpoints);
         let (ex_puts, ex_dels) = diff(&h.exchange, &d.exchange);
+        let (nm_puts, nm_dels) = diff(&h.fw_names, &d.fw_names);
+        apply(m.fw_names.as_mut(), &mut h.fw_names, &nm_puts, &mut c)?;
+        let (fr_puts, fr_dels) = diff(&h.fw_rules, &d.fw_rules);
+        let (fp_puts, fp_dels) = diff(&h.fw_policies, &d.fw_policies);
+        // Rules before the policy headers that count them.
+        apply(m.fw_rules.as_mut(), &mut h.fw_rules, &fr_puts, &mut c)?;
+        apply(m.fw_policies.as_mut(), &mut h.fw_policies, &fp_puts, &mut c)?;
         apply(m.exchange.as_mut(), &mut h.exchange, &ex_puts, &mut c)?;
         remove(m.exchange.as_mut(), &mut h.exchange, &ex_dels, &mut c)?;
         apply(m.zone_nets.as_mut(), &mut h.zone_nets, &zn_puts, &mut c)?;
@@ -245,6 +266,9 @@ impl Reconciler {
         remove(m.zone_uplink.as_mut(), &mut h.zone_uplink, &zu_dels, &mut c)?;
         remove(m.uplinks.as_mut(), &mut h.uplinks, &ul_dels, &mut c)?;
         remove(m.zone_nets.as_mut(), &mut h.zone_nets, &zn_dels, &mut c)?;
+        remove(m.fw_policies.as_mut(), &mut h.fw_policies, &fp_dels, &mut c)?;
+        remove(m.fw_rules.as_mut(), &mut h.fw_rules, &fr_dels, &mut c)?;
+        remove(m.fw_names.as_mut(), &mut h.fw_names, &nm_dels, &mut c)?;
         remove(m.port_addrs.as_mut(), &mut h.port_addrs, &paddr_dels, &mut c)?;
         remove(m.plens.as_mut(), &mut h.plens, &plen_dels, &mut c)?;
         remove(m.sg_addr.as_mut(), &mut h.sg_addr, &addr_dels, &mut c)?;
@@ -277,6 +301,9 @@ mod tests {
             zone_uplink: Box::new(BTreeMap::new()),
             zone_endpoints: Box::new(BTreeMap::new()),
             exchange: Box::new(BTreeMap::new()),
+            fw_policies: Box::new(BTreeMap::new()),
+            fw_rules: Box::new(BTreeMap::new()),
+            fw_names: Box::new(BTreeMap::new()),
         }
     }
 

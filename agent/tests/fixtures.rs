@@ -110,6 +110,7 @@ fn share(rules: Vec<pb::SecurityGroupRule>, members: &[&str]) -> Resources {
         vpc_id: "v".into(),
         vni: 7,
         zone_id: String::new(),
+        border_policy_id: String::new(),
         gateways: vec![pb::SubnetGateway {
             subnet_id: "s".into(),
             gateway_v4: std::net::Ipv4Addr::from(GATEWAY4).to_string(),

@@ -53,6 +53,10 @@ fn op_from_pb(i: usize, op: &pb::operation::Op) -> Result<m::Op, FieldError> {
     use pb::operation::Op as P;
     Ok(match op {
         P::PutZone(z) => m::Op::PutZone(zone_from_pb(&At(&format!("operations[{i}].put_zone")), z)?),
+        P::PutFirewallPolicy(f) => m::Op::PutFirewallPolicy(firewall_from_pb(
+            &At(&format!("operations[{i}].put_firewall_policy")),
+            f,
+        )?),
         P::PutExchangePath(x) => {
             m::Op::PutExchangePath(exchange_from_pb(&At(&format!("operations[{i}].put_exchange_path")), x)?)
         }
@@ -82,6 +86,7 @@ fn op_from_pb(i: usize, op: &pb::operation::Op) -> Result<m::Op, FieldError> {
             name: v.name.clone(),
             vni: v.vni,
             zone_id: v.zone_id.clone(),
+            border_policy_id: v.border_policy_id.clone(),
         }),
         P::PutSubnet(s) => {
             let at = format!("operations[{i}].put_subnet");
@@ -144,6 +149,7 @@ pub fn kind_from_pb(k: i32) -> Option<m::Kind> {
         pb::Kind::Quarantine => m::Kind::Quarantine,
         pb::Kind::Zone => m::Kind::Zone,
         pb::Kind::ExchangePath => m::Kind::ExchangePath,
+        pb::Kind::FirewallPolicy => m::Kind::FirewallPolicy,
         pb::Kind::Unspecified | pb::Kind::Vm => return None,
     })
 }
@@ -159,6 +165,7 @@ pub fn kind_to_pb(k: m::Kind) -> pb::Kind {
         m::Kind::Quarantine => pb::Kind::Quarantine,
         m::Kind::Zone => pb::Kind::Zone,
         m::Kind::ExchangePath => pb::Kind::ExchangePath,
+        m::Kind::FirewallPolicy => pb::Kind::FirewallPolicy,
     }
 }
 
@@ -288,6 +295,93 @@ pub fn exchange_to_pb(x: &m::ExchangePath) -> pb::ExchangePath {
     }
 }
 
+fn firewall_from_pb(at: &At, f: &pb::FirewallPolicy) -> Result<m::FirewallPolicy, FieldError> {
+    let action = |field: &str, a: i32| match pb::Action::try_from(a) {
+        Ok(pb::Action::Allow) => Ok(m::Action::Allow),
+        Ok(pb::Action::Deny) => Ok(m::Action::Deny),
+        _ => Err(at.err(field, format!("must be ALLOW or DENY, got {a}"))),
+    };
+    let mut rules = Vec::new();
+    for (i, r) in f.rules.iter().enumerate() {
+        let rat = format!("{}.rules[{i}]", at.0);
+        let rat = At(&rat);
+        // The fields a firewall rule shares with a security-group rule.
+        let sg = rule_from_pb(
+            &rat,
+            &pb::SecurityGroupRule {
+                id: r.id.clone(),
+                direction: r.direction,
+                ether_type: r.ether_type,
+                protocol: r.protocol,
+                port_min: r.port_min,
+                port_max: r.port_max,
+                remote_cidr: r.remote_cidr.clone(),
+                remote_group_id: String::new(),
+            },
+        )?;
+        rules.push(m::FirewallRule {
+            id: sg.id,
+            priority: r.priority,
+            action: match pb::Action::try_from(r.action) {
+                Ok(pb::Action::Allow) => m::Action::Allow,
+                Ok(pb::Action::Deny) => m::Action::Deny,
+                _ => return Err(rat.err("action", format!("must be ALLOW or DENY, got {}", r.action))),
+            },
+            direction: sg.direction,
+            ether_type: sg.ether_type,
+            protocol: sg.protocol,
+            ports: sg.ports,
+            remote: match sg.remote {
+                m::Remote::Cidr(n) => Some(n),
+                _ => None,
+            },
+        });
+    }
+    Ok(m::FirewallPolicy {
+        id: f.id.clone(),
+        name: if f.name.is_empty() {
+            f.id.clone()
+        } else {
+            f.name.clone()
+        },
+        default_action: action("default_action", f.default_action)?,
+        rules,
+    })
+}
+
+pub fn firewall_to_pb(f: &m::FirewallPolicy) -> pb::FirewallPolicy {
+    let action = |a: m::Action| match a {
+        m::Action::Allow => pb::Action::Allow as i32,
+        m::Action::Deny => pb::Action::Deny as i32,
+    };
+    pb::FirewallPolicy {
+        id: f.id.clone(),
+        name: f.name.clone(),
+        default_action: action(f.default_action),
+        rules: f
+            .rules
+            .iter()
+            .map(|r| pb::FirewallRule {
+                id: r.id.clone(),
+                priority: r.priority,
+                action: action(r.action),
+                direction: match r.direction {
+                    m::Direction::Ingress => pb::Direction::Ingress,
+                    m::Direction::Egress => pb::Direction::Egress,
+                } as i32,
+                ether_type: match r.ether_type {
+                    m::EtherType::IPv4 => pb::EtherType::Ipv4,
+                    m::EtherType::IPv6 => pb::EtherType::Ipv6,
+                } as i32,
+                protocol: protocol_to_pb(r.protocol) as i32,
+                port_min: r.ports.map(|p| p.0 as u32).unwrap_or(0),
+                port_max: r.ports.map(|p| p.1 as u32).unwrap_or(0),
+                remote_cidr: r.remote.map(|n| n.to_string()).unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
 fn rule_from_pb(at: &At, r: &pb::SecurityGroupRule) -> Result<m::Rule, FieldError> {
     let direction = match pb::Direction::try_from(r.direction) {
         Ok(pb::Direction::Ingress) => m::Direction::Ingress,
@@ -404,6 +498,7 @@ pub fn op_to_pb(op: &m::Op) -> pb::Operation {
             name: v.name.clone(),
             vni: v.vni,
             zone_id: v.zone_id.clone(),
+            border_policy_id: v.border_policy_id.clone(),
         }),
         m::Op::PutSubnet(s) => P::PutSubnet(pb::Subnet {
             id: s.id.clone(),
@@ -420,6 +515,7 @@ pub fn op_to_pb(op: &m::Op) -> pb::Operation {
         m::Op::PutQuarantine(q) => P::PutQuarantine(quarantine_to_pb(q)),
         m::Op::PutZone(z) => P::PutZone(zone_to_pb(z)),
         m::Op::PutExchangePath(x) => P::PutExchangePath(exchange_to_pb(x)),
+        m::Op::PutFirewallPolicy(f) => P::PutFirewallPolicy(firewall_to_pb(f)),
         m::Op::Delete { kind, id } => P::Delete(pb::ObjectRef {
             kind: kind_to_pb(*kind) as i32,
             id: id.clone(),

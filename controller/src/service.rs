@@ -180,6 +180,7 @@ impl pb::provisioning_server::Provisioning for Controller {
                     name: v.name.clone(),
                     vni: v.vni,
                     zone_id: v.zone_id.clone(),
+                    border_policy_id: v.border_policy_id.clone(),
                 })
                 .collect();
         }
@@ -213,6 +214,9 @@ impl pb::provisioning_server::Provisioning for Controller {
         }
         if want(K::Zone) {
             out.zones = s.zones.values().map(convert::zone_to_pb).collect();
+        }
+        if want(K::FirewallPolicy) {
+            out.firewall_policies = s.firewall_policies.values().map(convert::firewall_to_pb).collect();
         }
         if want(K::ExchangePath) {
             out.exchange_paths = s.exchange_paths.values().map(convert::exchange_to_pb).collect();

@@ -48,6 +48,15 @@ pub fn host_slice(state: &State, host: &str) -> BTreeMap<String, pb::Resource> {
         .filter_map(|p| state.subnets.get(&p.subnet_id))
         .map(|s| s.vpc_id.as_str())
         .collect();
+    for v in &vpcs {
+        let policy = state.vpcs.get(*v).map(|x| x.border_policy_id.as_str()).unwrap_or("");
+        if let Some(f) = state.firewall_policies.get(policy) {
+            out.extend([resource(
+                format!("firewall/{}", f.id),
+                pb::resource::Kind::FirewallPolicy(crate::convert::firewall_to_pb(f)),
+            )]);
+        }
+    }
     for v in vpcs {
         if let Some(net) = vpc_network(state, v) {
             out.extend([resource(format!("vpc/{v}"), pb::resource::Kind::VpcNetwork(net))]);
@@ -141,6 +150,7 @@ fn vpc_network(state: &State, vpc_id: &str) -> Option<pb::VpcNetwork> {
         vpc_id: vpc_id.to_string(),
         vni: vpc.vni,
         zone_id: vpc.zone_id.clone(),
+        border_policy_id: vpc.border_policy_id.clone(),
         gateways,
         endpoints,
     })

@@ -737,6 +737,7 @@ pub mod ops {
             name: id.into(),
             vni,
             zone_id: String::new(),
+            border_policy_id: String::new(),
         })
     }
     /// A VPC attached to a zone's uplink.
@@ -747,6 +748,7 @@ pub mod ops {
             name: id.into(),
             vni: 0,
             zone_id: zone.into(),
+            border_policy_id: String::new(),
         })
     }
     pub fn zone(id: &str, prefixes: &[&str], uplink: &str) -> Op {

@@ -67,10 +67,12 @@ enum Doc {
     SecurityGroup(Typed<SecurityGroupSpec>),
     Zone(Typed<ZoneSpec>),
     ExchangePath(Typed<ExchangePathSpec>),
+    FirewallPolicy(Typed<FirewallPolicySpec>),
 }
 
 /// The kinds a manifest may declare.
-pub const KINDS: [&str; 8] = [
+pub const KINDS: [&str; 9] = [
+    "FirewallPolicy",
     "Tenant",
     "Vpc",
     "Subnet",
@@ -88,6 +90,31 @@ struct ZoneSpec {
     display_name: Option<String>,
     prefixes: Vec<Cidr>,
     uplink_device: String,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FirewallPolicySpec {
+    #[serde(default)]
+    display_name: Option<String>,
+    default_action: model::Action,
+    #[serde(default)]
+    rules: Vec<FirewallRuleSpec>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FirewallRuleSpec {
+    id: String,
+    priority: u32,
+    action: model::Action,
+    direction: Direction,
+    ether_type: EtherType,
+    protocol: Protocol,
+    #[serde(default)]
+    ports: Option<PortRange>,
+    #[serde(default)]
+    remote_cidr: Option<Cidr>,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -116,6 +143,9 @@ struct VpcSpec {
     /// The zone whose uplink carries the VPC's outside traffic.
     #[serde(default)]
     zone: Option<String>,
+    /// The firewall policy between the VPC and its zone's uplink.
+    #[serde(default)]
+    border_firewall: Option<String>,
     /// VXLAN network identifier; left out: the store picks one.
     #[serde(default)]
     vni: Option<u32>,
@@ -318,6 +348,7 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Located>, ManifestError> 
             "SecurityGroup" => Doc::SecurityGroup(serde_yaml::from_str(&body).map_err(yerr)?),
             "Zone" => Doc::Zone(serde_yaml::from_str(&body).map_err(yerr)?),
             "ExchangePath" => Doc::ExchangePath(serde_yaml::from_str(&body).map_err(yerr)?),
+            "FirewallPolicy" => Doc::FirewallPolicy(serde_yaml::from_str(&body).map_err(yerr)?),
             other => {
                 let line = body.lines().position(|l| l.starts_with("kind:")).map(|i| i + start);
                 return Err(at(
@@ -385,6 +416,7 @@ fn to_op(doc: Doc) -> Result<Op, String> {
                 id: metadata.name,
                 vni: spec.vni.unwrap_or(0),
                 zone_id: spec.zone.unwrap_or_default(),
+                border_policy_id: spec.border_firewall.unwrap_or_default(),
             })
         }
         Doc::Subnet(Typed {
@@ -425,6 +457,34 @@ fn to_op(doc: Doc) -> Result<Op, String> {
                 id: metadata.name,
                 prefixes: spec.prefixes.into_iter().map(|c| c.0).collect(),
                 uplink_device: spec.uplink_device,
+            })
+        }
+        Doc::FirewallPolicy(Typed {
+            api_version,
+            metadata,
+            spec,
+            ..
+        }) => {
+            check_version(&api_version)?;
+            let spec = self::spec(spec)?;
+            Op::PutFirewallPolicy(model::FirewallPolicy {
+                name: spec.display_name.unwrap_or_else(|| metadata.name.clone()),
+                id: metadata.name,
+                default_action: spec.default_action,
+                rules: spec
+                    .rules
+                    .into_iter()
+                    .map(|r| model::FirewallRule {
+                        id: r.id,
+                        priority: r.priority,
+                        action: r.action,
+                        direction: r.direction,
+                        ether_type: r.ether_type,
+                        protocol: r.protocol,
+                        ports: r.ports.map(|p| (p.0, p.1)),
+                        remote: r.remote_cidr.map(|c| c.0),
+                    })
+                    .collect(),
             })
         }
         Doc::ExchangePath(Typed {
@@ -550,7 +610,7 @@ pub fn load_path(path: &Path) -> Result<Vec<Located>, ManifestError> {
 pub fn dependency_order(mut ops: Vec<Located>) -> Vec<Located> {
     fn rank(op: &Op) -> u8 {
         match op {
-            Op::PutTenant(_) | Op::PutZone(_) => 0,
+            Op::PutTenant(_) | Op::PutZone(_) | Op::PutFirewallPolicy(_) => 0,
             Op::PutExchangePath(_) => 1,
             Op::PutVpc(_) => 1,
             Op::PutSubnet(_) => 2,
@@ -720,6 +780,9 @@ pub fn render(op: &Op) -> Option<serde_json::Value> {
             if !v.zone_id.is_empty() {
                 spec["zone"] = json!(v.zone_id);
             }
+            if !v.border_policy_id.is_empty() {
+                spec["borderFirewall"] = json!(v.border_policy_id);
+            }
             doc("Vpc", &v.id, Some(&v.tenant_id), spec)
         }
         Op::PutSubnet(s) => {
@@ -803,6 +866,34 @@ pub fn render(op: &Op) -> Option<serde_json::Value> {
                 spec["displayName"] = json!(g.name);
             }
             doc("SecurityGroup", &g.id, Some(&g.tenant_id), spec)
+        }
+        Op::PutFirewallPolicy(f) => {
+            let rules: Vec<serde_json::Value> = f
+                .rules
+                .iter()
+                .map(|r| {
+                    let mut v = json!({
+                        "id": r.id,
+                        "priority": r.priority,
+                        "action": r.action,
+                        "direction": r.direction,
+                        "etherType": r.ether_type,
+                        "protocol": r.protocol,
+                    });
+                    if let Some((a, b)) = r.ports {
+                        v["ports"] = if a == b { json!(a) } else { json!(format!("{a}-{b}")) };
+                    }
+                    if let Some(n) = r.remote {
+                        v["remoteCidr"] = json!(n.to_string());
+                    }
+                    v
+                })
+                .collect();
+            let mut spec = json!({ "defaultAction": f.default_action, "rules": rules });
+            if f.name != f.id {
+                spec["displayName"] = json!(f.name);
+            }
+            doc("FirewallPolicy", &f.id, None, spec)
         }
         Op::PutQuarantine(_) | Op::Delete { .. } => return None,
     })

@@ -28,7 +28,49 @@ pub struct Vpc {
     /// an isolated VPC with no uplink.
     #[serde(default)]
     pub zone_id: String,
+    /// The border firewall between the VPC and its zone's uplink; empty: none
+    /// (zone isolation and security groups still apply).
+    #[serde(default)]
+    pub border_policy_id: String,
 }
+
+/// Allow or deny.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+/// One rule of a firewall policy. The lowest priority number is checked
+/// first; the first rule that matches decides.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirewallRule {
+    pub id: String,
+    pub priority: u32,
+    pub action: Action,
+    /// Seen from the VPC: ingress comes from outside, egress goes out.
+    pub direction: Direction,
+    pub ether_type: EtherType,
+    pub protocol: Protocol,
+    /// Destination ports (ICMP types), inclusive; `None`: all.
+    pub ports: Option<(u16, u16)>,
+    /// The outside address range; `None`: any of the family.
+    pub remote: Option<IpNetwork>,
+}
+
+/// An administrators' firewall policy: ordered allow/deny rules and what
+/// happens when none matches.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirewallPolicy {
+    pub id: String,
+    pub name: String,
+    pub default_action: Action,
+    pub rules: Vec<FirewallRule>,
+}
+
+/// The most rules one firewall policy may hold (they are checked in order).
+pub const FIREWALL_RULES_MAX: usize = 64;
 
 /// A network zone outside the VPCs (the e-government extranet, the
 /// internet), reached through an uplink device on every host.
@@ -280,6 +322,7 @@ pub enum Kind {
     Quarantine,
     Zone,
     ExchangePath,
+    FirewallPolicy,
 }
 
 impl Kind {
@@ -294,6 +337,7 @@ impl Kind {
             Kind::Quarantine => "quarantine",
             Kind::Zone => "zone",
             Kind::ExchangePath => "exchange_path",
+            Kind::FirewallPolicy => "firewall_policy",
         }
     }
 }
@@ -310,6 +354,7 @@ pub enum Op {
     PutQuarantine(Quarantine),
     PutZone(Zone),
     PutExchangePath(ExchangePath),
+    PutFirewallPolicy(FirewallPolicy),
     Delete { kind: Kind, id: String },
 }
 
@@ -326,6 +371,7 @@ impl Op {
             Op::PutQuarantine(_) => "put_quarantine",
             Op::PutZone(_) => "put_zone",
             Op::PutExchangePath(_) => "put_exchange_path",
+            Op::PutFirewallPolicy(_) => "put_firewall_policy",
             Op::Delete { .. } => "delete",
         }
     }
@@ -357,6 +403,12 @@ impl Op {
             Op::PutExchangePath(x) => format!(
                 "put exchange_path {}: {} {} -> {} {} {:?} {}-{}",
                 x.id, x.from_zone, x.source, x.to_zone, x.destination, x.protocol, x.ports.0, x.ports.1
+            ),
+            Op::PutFirewallPolicy(f) => format!(
+                "put firewall_policy {} ({} rules, default {:?})",
+                f.id,
+                f.rules.len(),
+                f.default_action
             ),
             Op::Delete {
                 kind: Kind::Quarantine,

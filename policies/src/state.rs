@@ -42,6 +42,8 @@ pub struct State {
     pub zones: BTreeMap<String, Zone>,
     #[serde(default)]
     pub exchange_paths: BTreeMap<String, ExchangePath>,
+    #[serde(default)]
+    pub firewall_policies: BTreeMap<String, FirewallPolicy>,
 }
 
 struct Ctx<'a> {
@@ -136,6 +138,17 @@ impl State {
                         ));
                     }
                 }
+                if !v.border_policy_id.is_empty() {
+                    if v.zone_id.is_empty() {
+                        return Err(c.err("border_policy_id", "a border firewall needs the VPC to have a zone"));
+                    }
+                    if !self.firewall_policies.contains_key(&v.border_policy_id) {
+                        return Err(c.err(
+                            "border_policy_id",
+                            format!("unknown firewall policy {:?}", v.border_policy_id),
+                        ));
+                    }
+                }
                 if !v.zone_id.is_empty() {
                     if !self.zones.contains_key(&v.zone_id) {
                         return Err(c.err("zone_id", format!("unknown zone {:?}", v.zone_id)));
@@ -184,6 +197,7 @@ impl State {
             }
             Op::PutZone(z) => self.put_zone(c, z)?,
             Op::PutExchangePath(x) => self.put_exchange_path(c, x)?,
+            Op::PutFirewallPolicy(f) => self.put_firewall_policy(c, f)?,
             Op::Delete { kind, id } => self.delete(c, *kind, id)?,
         }
         Ok(())
@@ -300,6 +314,63 @@ impl State {
                 }
             }
         }
+        Ok(())
+    }
+
+    fn put_firewall_policy(&mut self, c: &Ctx, f: &FirewallPolicy) -> Result<(), BatchError> {
+        check_id(&f.id).map_err(|m| c.err("id", m))?;
+        if f.rules.len() > FIREWALL_RULES_MAX {
+            return Err(c.err(
+                "rules",
+                format!("{} rules; a policy holds at most {FIREWALL_RULES_MAX}", f.rules.len()),
+            ));
+        }
+        let mut ids = BTreeSet::new();
+        for (i, r) in f.rules.iter().enumerate() {
+            let fld = |name: &str| format!("rules[{i}].{name}");
+            check_id(&r.id).map_err(|m| c.err(&fld("id"), m))?;
+            if !ids.insert(&r.id) {
+                return Err(c.err(&fld("id"), format!("rule id {} used twice", r.id)));
+            }
+            if let Some(o) = f.rules[..i].iter().find(|o| o.priority == r.priority) {
+                return Err(c.err(
+                    &fld("priority"),
+                    format!(
+                        "priority {} is also rule {}'s; the order must be explicit",
+                        r.priority, o.id
+                    ),
+                ));
+            }
+            match (r.protocol, r.ether_type) {
+                (Protocol::Icmp, EtherType::IPv6) => {
+                    return Err(c.err(&fld("protocol"), "icmp is for IPv4; use icmpv6"))
+                }
+                (Protocol::Icmpv6, EtherType::IPv4) => {
+                    return Err(c.err(&fld("protocol"), "icmpv6 is for IPv6; use icmp"))
+                }
+                _ => {}
+            }
+            if let Some((lo, hi)) = r.ports {
+                if lo > hi {
+                    return Err(c.err(&fld("port_min"), format!("port_min {lo} is above port_max {hi}")));
+                }
+                if r.protocol == Protocol::Any {
+                    return Err(c.err(&fld("port_min"), "a port range needs protocol tcp, udp, icmp or icmpv6"));
+                }
+            }
+            if let Some(n) = r.remote {
+                if n.is_ipv4() != (r.ether_type == EtherType::IPv4) {
+                    return Err(c.err(
+                        &fld("remote_cidr"),
+                        format!("{n} does not match ether_type {:?}", r.ether_type),
+                    ));
+                }
+                if n.network() != n.ip() {
+                    return Err(c.err(&fld("remote_cidr"), format!("{n} has host bits set")));
+                }
+            }
+        }
+        self.firewall_policies.insert(f.id.clone(), f.clone());
         Ok(())
     }
 
@@ -702,6 +773,15 @@ impl State {
                 }
                 self.zones.remove(id);
             }
+            Kind::FirewallPolicy => {
+                if !self.firewall_policies.contains_key(id) {
+                    return Err(c.err("id", format!("unknown firewall policy {id:?}")));
+                }
+                if let Some(v) = self.vpcs.values().find(|v| v.border_policy_id == id) {
+                    return in_use(format!("vpc {} (its border firewall)", v.id));
+                }
+                self.firewall_policies.remove(id);
+            }
             Kind::ExchangePath => {
                 if self.exchange_paths.remove(id).is_none() {
                     return Err(c.err("id", format!("unknown exchange path {id:?}")));
@@ -809,6 +889,7 @@ mod tests {
                 name: "v".into(),
                 vni: 0,
                 zone_id: String::new(),
+                border_policy_id: String::new(),
             }),
             Op::PutSubnet(Subnet {
                 id: "s1".into(),
@@ -1001,6 +1082,7 @@ mod tests {
                 name: id.into(),
                 vni,
                 zone_id: String::new(),
+                border_policy_id: String::new(),
             })
         };
         s.apply_batch(&[v("v2", 0), v("v3", 77)]).unwrap();
@@ -1045,6 +1127,7 @@ mod tests {
             name: id.into(),
             vni: 0,
             zone_id: zone.into(),
+            border_policy_id: String::new(),
         })
     }
 

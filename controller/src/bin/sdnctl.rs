@@ -31,6 +31,7 @@ enum KindArg {
     Quarantine,
     Zone,
     ExchangePath,
+    FirewallPolicy,
 }
 
 impl KindArg {
@@ -45,6 +46,7 @@ impl KindArg {
             KindArg::Quarantine => pb::Kind::Quarantine,
             KindArg::Zone => pb::Kind::Zone,
             KindArg::ExchangePath => pb::Kind::ExchangePath,
+            KindArg::FirewallPolicy => pb::Kind::FirewallPolicy,
         }
     }
 }
@@ -61,6 +63,7 @@ fn listed_ops(r: &pb::ListResponse) -> anyhow::Result<Vec<sdn_policies::Op>> {
     use pb::operation::Op as P;
     let mut ops: Vec<P> = Vec::new();
     ops.extend(r.zones.iter().cloned().map(P::PutZone));
+    ops.extend(r.firewall_policies.iter().cloned().map(P::PutFirewallPolicy));
     ops.extend(r.exchange_paths.iter().cloned().map(P::PutExchangePath));
     ops.extend(r.tenants.iter().cloned().map(P::PutTenant));
     ops.extend(r.vpcs.iter().cloned().map(P::PutVpc));
@@ -570,6 +573,19 @@ fn print_table(r: &pb::ListResponse) {
                 format!("uplink={} prefixes={}", z.uplink_device, z.prefixes.join(",")),
             ]
         })
+        .chain(r.firewall_policies.iter().map(|f| {
+            [
+                "firewall_policy".into(),
+                f.id.clone(),
+                format!(
+                    "rules={} default={}",
+                    f.rules.len(),
+                    pb::Action::try_from(f.default_action)
+                        .map(|a| a.as_str_name().to_lowercase())
+                        .unwrap_or_default()
+                ),
+            ]
+        }))
         .chain(r.exchange_paths.iter().map(|x| {
             [
                 "exchange_path".into(),

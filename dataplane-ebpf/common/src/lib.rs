@@ -77,6 +77,8 @@ pub enum DropReason {
     OverlayNotIp = 20,
     /// A packet between two zones that no exchange path admits.
     ZoneIsolation = 21,
+    /// Denied by the border firewall (a rule, or its default).
+    BorderFirewall = 22,
 }
 
 /// Number of slots in the drop counter array (room to grow).
@@ -84,7 +86,7 @@ pub const DROP_REASON_SLOTS: u32 = 32;
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 22] = [
+    pub const ALL: [DropReason; 23] = [
         DropReason::UnknownPort,
         DropReason::Truncated,
         DropReason::UnsupportedEthertype,
@@ -107,6 +109,7 @@ impl DropReason {
         DropReason::OverlayUnknownDst,
         DropReason::OverlayNotIp,
         DropReason::ZoneIsolation,
+        DropReason::BorderFirewall,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -134,6 +137,7 @@ impl DropReason {
             DropReason::OverlayUnknownDst => "overlay_unknown_destination",
             DropReason::OverlayNotIp => "overlay_not_ip",
             DropReason::ZoneIsolation => "zone_isolation",
+            DropReason::BorderFirewall => "border_firewall",
         }
     }
 }

@@ -31,6 +31,16 @@ pub const ZONE_ENDPOINTS: &str = "SDN_ZONE_ENDPOINTS";
 /// Pinned name of the exchange paths (array of [`ExchangeRule`]; the first
 /// slot whose `from` is 0 ends the list).
 pub const EXCHANGE: &str = "SDN_EXCHANGE";
+/// Pinned name of the firewall policies (`u32` policy number -> [`FwPolicy`]).
+pub const FW_POLICIES: &str = "SDN_FW_POLICIES";
+/// Pinned name of the firewall rules (array of [`FwRule`], each policy's in
+/// priority order from its `first` slot).
+pub const FW_RULES: &str = "SDN_FW_RULES";
+/// Pinned name of the firewall verdicts, per flow ([`CtKey`] -> [`FwVerdict`]).
+pub const FW_VERDICTS: &str = "SDN_FW_VERDICTS";
+/// Pinned name of the firewall rule names (`u32` rule number -> [`RuleName`]);
+/// written by the agent, read by `sdn-agent verdicts`, not by the programs.
+pub const FW_NAMES: &str = "SDN_FW_NAMES";
 /// Pinned name of the host configuration (array of one [`HostConfig`]).
 pub const CONFIG: &str = "SDN_CONFIG";
 /// Pinned name of the per-port configuration map (`u32` ifindex -> [`PortInfo`]).
@@ -62,6 +72,19 @@ pub const ZONES_MAX: u32 = 64;
 pub const ZONE_ENDPOINTS_MAX: u32 = 65536;
 /// Exchange paths are checked in order, one by one: keep them few.
 pub const EXCHANGE_MAX: u32 = 64;
+pub const FW_POLICIES_MAX: u32 = 1024;
+pub const FW_RULES_MAX: u32 = 16384;
+/// Rules of one policy, checked in order.
+pub const FW_POLICY_RULES_MAX: u32 = 64;
+pub const FW_VERDICTS_MAX: u32 = 262144;
+pub const FW_NAMES_MAX: u32 = 16384;
+
+/// A rule name, "policy/rule", NUL-padded (longer names are cut).
+pub type RuleName = [u8; 136];
+
+/// Firewall actions.
+pub const FW_ALLOW: u8 = 1;
+pub const FW_DENY: u8 = 2;
 
 /// The MAC of every subnet gateway, on every host: a distributed router. The
 /// host answers ARP and neighbour solicitations for the gateway and for the
@@ -152,6 +175,55 @@ pub struct ZoneEndpoint {
     /// The port's MAC.
     pub mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// The VPC's border firewall policy number; 0: none.
+    pub border: u32,
+}
+
+/// A firewall policy: where its rules are and what happens when none matches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FwPolicy {
+    /// First slot of its rules in `FW_RULES`.
+    pub first: u32,
+    /// Number of rules (at most `FW_POLICY_RULES_MAX`).
+    pub count: u32,
+    /// Recorded as the rule of a verdict no rule decided.
+    pub default_rule_id: u32,
+    /// `FW_ALLOW` or `FW_DENY`.
+    pub default_action: u8,
+    pub _pad: [u8; 3],
+}
+
+/// One firewall rule, compiled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct FwRule {
+    /// Stable number of the rule (the agent maps it back to its name).
+    pub rule_id: u32,
+    pub action: u8,
+    /// `DIR_INGRESS` (into the VPC) or `DIR_EGRESS`.
+    pub dir: u8,
+    pub family: u8,
+    /// 0: any protocol.
+    pub proto: u8,
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// Remote prefix length; 0 with a zero address: any.
+    pub plen: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+/// The last firewall verdict of a flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FwVerdict {
+    pub rule_id: u32,
+    pub action: u8,
+    pub dir: u8,
+    pub _pad: [u8; 2],
+    pub packets: u64,
+    pub last_ns: u64,
 }
 
 /// One exchange path, compiled: flows from `src` in zone `from` to `dst`
@@ -296,7 +368,10 @@ const _: () = assert!(core::mem::size_of::<EndpointKey>() == 24);
 const _: () = assert!(core::mem::size_of::<Endpoint>() == 16);
 const _: () = assert!(core::mem::size_of::<HostConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<ZoneAddrKey>() == 20);
-const _: () = assert!(core::mem::size_of::<ZoneEndpoint>() == 16);
+const _: () = assert!(core::mem::size_of::<ZoneEndpoint>() == 20);
+const _: () = assert!(core::mem::size_of::<FwPolicy>() == 16);
+const _: () = assert!(core::mem::size_of::<FwRule>() == 32);
+const _: () = assert!(core::mem::size_of::<FwVerdict>() == 24);
 const _: () = assert!(core::mem::size_of::<ExchangeRule>() == 48);
 const _: () = assert!(core::mem::size_of::<PortAddrKey>() == 24);
 const _: () = assert!(core::mem::size_of::<PolicyDirKey>() == 8);
@@ -318,6 +393,9 @@ mod pod {
     unsafe impl aya::Pod for ZoneAddrKey {}
     unsafe impl aya::Pod for ZoneEndpoint {}
     unsafe impl aya::Pod for ExchangeRule {}
+    unsafe impl aya::Pod for FwPolicy {}
+    unsafe impl aya::Pod for FwRule {}
+    unsafe impl aya::Pod for FwVerdict {}
     unsafe impl aya::Pod for PortAddrKey {}
     unsafe impl aya::Pod for PolicyDirKey {}
     unsafe impl aya::Pod for PrefixLens {}

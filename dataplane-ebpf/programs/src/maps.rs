@@ -6,8 +6,9 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     maps::{
-        AddrIdentity, AddrKey, CtKey, CtValue, Endpoint, EndpointKey, ExchangeRule, HostConfig, PolicyDirKey,
-        PortAddrKey, PortInfo, PrefixLens, RuleKey, ZoneAddrKey, ZoneEndpoint, CT_MAX, ENDPOINTS_MAX, EXCHANGE_MAX,
+        AddrIdentity, AddrKey, CtKey, CtValue, Endpoint, EndpointKey, ExchangeRule, FwPolicy, FwRule, FwVerdict,
+        HostConfig, PolicyDirKey, PortAddrKey, PortInfo, PrefixLens, RuleKey, RuleName, ZoneAddrKey, ZoneEndpoint,
+        CT_MAX, ENDPOINTS_MAX, EXCHANGE_MAX, FW_NAMES_MAX, FW_POLICIES_MAX, FW_RULES_MAX, FW_VERDICTS_MAX,
         POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, SG_ADDR_MAX, SG_RULES_MAX, ZONES_MAX, ZONE_ENDPOINTS_MAX,
         ZONE_NETS_MAX,
     },
@@ -55,6 +56,19 @@ pub static ZONE_ENDPOINTS: HashMap<ZoneAddrKey, ZoneEndpoint> = HashMap::pinned(
 
 #[map(name = "SDN_EXCHANGE")]
 pub static EXCHANGE: Array<ExchangeRule> = Array::pinned(EXCHANGE_MAX, 0);
+
+#[map(name = "SDN_FW_POLICIES")]
+pub static FW_POLICIES: HashMap<u32, FwPolicy> = HashMap::pinned(FW_POLICIES_MAX, 0);
+
+#[map(name = "SDN_FW_RULES")]
+pub static FW_RULES: Array<FwRule> = Array::pinned(FW_RULES_MAX, 0);
+
+#[map(name = "SDN_FW_VERDICTS")]
+pub static FW_VERDICTS: LruHashMap<CtKey, FwVerdict> = LruHashMap::pinned(FW_VERDICTS_MAX, 0);
+
+/// Read by user space only.
+#[map(name = "SDN_FW_NAMES")]
+pub static FW_NAMES: HashMap<u32, RuleName> = HashMap::pinned(FW_NAMES_MAX, 0);
 
 #[map(name = "SDN_DROPS")]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DROP_REASON_SLOTS, 0);

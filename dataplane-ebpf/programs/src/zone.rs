@@ -6,13 +6,16 @@
 
 use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use dataplane_common::{
-    maps::{zone_net_data, CtKey, ZoneAddrKey, ZoneEndpoint, CT_ORIGIN_IN, CT_ORIGIN_OUT, EXCHANGE_MAX, GATEWAY_MAC},
-    DropReason, Stat,
+    maps::{
+        zone_net_data, CtKey, FwVerdict, ZoneAddrKey, ZoneEndpoint, CT_ORIGIN_IN, CT_ORIGIN_OUT, EXCHANGE_MAX,
+        FW_ALLOW, FW_POLICY_RULES_MAX, GATEWAY_MAC,
+    },
+    DropReason, Stat, DIR_EGRESS, DIR_INGRESS,
 };
 
 use crate::{
     forward::Action,
-    maps::{count, CT, EXCHANGE, UPLINKS, ZONE_ENDPOINTS, ZONE_NETS, ZONE_UPLINK},
+    maps::{count, CT, EXCHANGE, FW_POLICIES, FW_RULES, FW_VERDICTS, UPLINKS, ZONE_ENDPOINTS, ZONE_NETS, ZONE_UPLINK},
     parse::{self, Ip, ETH_P_IP, ETH_P_IPV6},
 };
 
@@ -139,6 +142,81 @@ fn uplink_ip(ctx: &TcContext) -> Result<Option<(u32, Ip)>, DropReason> {
     Ok(Some((zone, ip)))
 }
 
+/// The border firewall (policy tier 3): the first rule of the VPC's policy
+/// matching the flow decides, else the policy's default. The verdict and the
+/// rule are recorded for the flow (keyed like conntrack, from the VM port).
+#[inline(always)]
+fn border_firewall(ep: &ZoneEndpoint, ip: &Ip, dir: u8) -> Result<(), DropReason> {
+    if ep.border == 0 {
+        return Ok(());
+    }
+    // SAFETY: the value is copied out at once.
+    let Some(p) = (unsafe { FW_POLICIES.get(&ep.border) }).copied() else {
+        // A VPC whose policy is missing fails closed.
+        return Err(DropReason::BorderFirewall);
+    };
+    let (remote, local, lp, rp) = if dir == DIR_EGRESS {
+        (ip.dst, ip.src, ip.sport, ip.dport)
+    } else {
+        (ip.src, ip.dst, ip.dport, ip.sport)
+    };
+    let rem = halves(&remote);
+    let svc = ip.service();
+    let mut action = p.default_action;
+    let mut rule_id = p.default_rule_id;
+    for i in 0..FW_POLICY_RULES_MAX {
+        if i >= p.count {
+            break;
+        }
+        let Some(r) = FW_RULES.get(p.first + i) else { break };
+        if r.dir == dir
+            && r.family == ip.family
+            && (r.proto == 0 || r.proto == ip.proto)
+            && (r.proto == 0 || (svc >= r.port_lo && svc <= r.port_hi))
+            && in_prefix(rem, halves(&r.addr), r.plen)
+        {
+            action = r.action;
+            rule_id = r.rule_id;
+            break;
+        }
+    }
+    let k = CtKey {
+        ifindex: ep.ifindex,
+        family: ip.family,
+        proto: ip.proto,
+        _pad: [0; 2],
+        local_port: lp,
+        remote_port: rp,
+        local,
+        remote,
+    };
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    match FW_VERDICTS.get_ptr_mut(&k) {
+        // SAFETY: a live map value; racing updates only lose counts.
+        Some(v) if unsafe { (*v).rule_id == rule_id } => unsafe {
+            (*v).packets += 1;
+            (*v).last_ns = now;
+        },
+        _ => {
+            let v = FwVerdict {
+                rule_id,
+                action,
+                dir,
+                _pad: [0; 2],
+                packets: 1,
+                last_ns: now,
+            };
+            let _ = FW_VERDICTS.insert(&k, &v, 0);
+        }
+    }
+    if action == FW_ALLOW {
+        Ok(())
+    } else {
+        Err(DropReason::BorderFirewall)
+    }
+}
+
 /// Packets leaving through an uplink (TC egress).
 #[inline(always)]
 pub fn to_uplink(ctx: &TcContext) -> Result<Action, DropReason> {
@@ -150,14 +228,18 @@ pub fn to_uplink(ctx: &TcContext) -> Result<Action, DropReason> {
         return Ok(Action::Pass);
     };
     count(Stat::ToUplink);
-    if ep.zone == zone || flow_origin(&ep, &ip, true) == Some(CT_ORIGIN_IN) {
+    // Replies of flows opened from outside were judged on the way in.
+    if flow_origin(&ep, &ip, true) == Some(CT_ORIGIN_IN) {
         return Ok(Action::Pass);
     }
-    if exchange_admits(ep.zone, zone, &ip) {
+    if ep.zone != zone {
+        if !exchange_admits(ep.zone, zone, &ip) {
+            return Err(DropReason::ZoneIsolation);
+        }
         count(Stat::Exchanged);
-        return Ok(Action::Pass);
     }
-    Err(DropReason::ZoneIsolation)
+    border_firewall(&ep, &ip, DIR_EGRESS)?;
+    Ok(Action::Pass)
 }
 
 /// Packets arriving from an uplink (TC ingress): delivered to the VM port
@@ -173,16 +255,15 @@ pub fn from_uplink(ctx: &mut TcContext) -> Result<Action, DropReason> {
     if ep.ifindex == 0 {
         return Err(DropReason::NoRoute);
     }
-    let admitted = ep.zone == zone
-        || flow_origin(&ep, &ip, false) == Some(CT_ORIGIN_OUT)
-        || if exchange_admits(zone, ep.zone, &ip) {
+    // Replies of flows the VM opened were judged on the way out.
+    if flow_origin(&ep, &ip, false) != Some(CT_ORIGIN_OUT) {
+        if ep.zone != zone {
+            if !exchange_admits(zone, ep.zone, &ip) {
+                return Err(DropReason::ZoneIsolation);
+            }
             count(Stat::Exchanged);
-            true
-        } else {
-            false
-        };
-    if !admitted {
-        return Err(DropReason::ZoneIsolation);
+        }
+        border_firewall(&ep, &ip, DIR_INGRESS)?;
     }
     let mut m = [0u8; 12];
     m[..6].copy_from_slice(&ep.mac);
