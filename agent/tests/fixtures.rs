@@ -29,6 +29,8 @@ enum Prog {
     FromVm,
     ToVm,
     FromOverlay,
+    FromUplink,
+    ToUplink,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -330,6 +332,8 @@ impl Harness {
                 Prog::FromVm => "from_vm",
                 Prog::ToVm => "to_vm",
                 Prog::FromOverlay => "from_overlay",
+                Prog::FromUplink => "from_uplink",
+                Prog::ToUplink => "to_uplink",
             })
             .unwrap();
         let before = self.drops();
@@ -814,5 +818,121 @@ fn overlay_answers_neighbours_and_routes() {
         Prog::FromOverlay,
         &tcp4(GW_MAC, [192, 0, 2, 1], VM4, 443, 40000, false),
         Expect::Drop(DropReason::OverlaySpoof),
+    );
+}
+
+/// The share with zones: the port's VPC in the extranet (10/8), the
+/// internet (everything else) on this test device as its uplink, one
+/// exchange path (internet -> 10.0.0.1 TCP 443), and a border firewall that
+/// allows everything: the zone guard alone must hold.
+fn zoned_share() -> Resources {
+    let mut r = share(
+        vec![rule(
+            "any",
+            pb::Direction::Ingress,
+            pb::EtherType::Ipv4,
+            pb::Protocol::Any,
+            (0, 0),
+            "",
+            "",
+        )],
+        &[],
+    );
+    if let Some(pb::resource::Kind::VpcNetwork(n)) = &mut r.get_mut("vpc/v").unwrap().kind {
+        n.zone_id = "ext".into();
+        n.border_policy_id = "allow-all".into();
+    }
+    let mut put = |name: &str, kind: pb::resource::Kind| {
+        r.insert(
+            name.into(),
+            pb::Resource {
+                name: name.into(),
+                version: "1".into(),
+                kind: Some(kind),
+            },
+        );
+    };
+    put(
+        "zone/ext",
+        pb::resource::Kind::Zone(pb::Zone {
+            id: "ext".into(),
+            name: "ext".into(),
+            prefixes: vec!["10.0.0.0/8".into(), "192.0.2.0/24".into()],
+            uplink_device: "not-here".into(),
+        }),
+    );
+    put(
+        "zone/net",
+        pb::resource::Kind::Zone(pb::Zone {
+            id: "net".into(),
+            name: "net".into(),
+            prefixes: vec!["0.0.0.0/0".into()],
+            uplink_device: "lo".into(),
+        }),
+    );
+    put(
+        "exchange/in",
+        pb::resource::Kind::ExchangePath(pb::ExchangePath {
+            id: "in".into(),
+            from_zone: "net".into(),
+            to_zone: "ext".into(),
+            source_cidr: "0.0.0.0/0".into(),
+            destination_cidr: "10.0.0.1/32".into(),
+            protocol: pb::Protocol::Tcp as i32,
+            port_min: 443,
+            port_max: 443,
+        }),
+    );
+    put(
+        "firewall/allow-all",
+        pb::resource::Kind::FirewallPolicy(pb::FirewallPolicy {
+            id: "allow-all".into(),
+            name: "a policy that lets everything through".into(),
+            default_action: pb::Action::Allow as i32,
+            rules: vec![],
+        }),
+    );
+    r
+}
+
+#[test]
+fn the_zone_guard_holds_even_when_everything_else_allows() {
+    let Some(mut h) = Harness::new() else { return };
+    h.policy(&zoned_share());
+    let fd_in = h.dp.program_fd("from_uplink").unwrap();
+    let internet = [198, 51, 100, 1];
+    // From the internet uplink to the extranet VM: only the exchange port.
+    h.check(
+        "internet -> extranet VM, ssh",
+        Prog::FromUplink,
+        &tcp4(GW_MAC, internet, VM4, 40000, 22, true),
+        Expect::Drop(DropReason::ZoneIsolation),
+    );
+    let run = testrun::run(fd_in, &tcp4(GW_MAC, internet, VM4, 40000, 443, true), 1).unwrap();
+    assert_eq!(
+        run.retval, TC_ACT_REDIRECT,
+        "the exchange path admits 443 and delivers to the port"
+    );
+    assert_eq!(&run.packet[0..6], &[0x02, 0, 0, 0, 0, 0x77], "to the port's MAC");
+    // A source claiming an extranet address is still the internet's.
+    h.check(
+        "spoofed extranet source on the internet uplink",
+        Prog::FromUplink,
+        &tcp4(GW_MAC, [10, 9, 9, 9], VM4, 40000, 22, true),
+        Expect::Drop(DropReason::ZoneIsolation),
+    );
+    // The VM opening a flow into the internet: no path that way.
+    h.check(
+        "extranet VM -> internet",
+        Prog::ToUplink,
+        &tcp4(VM_MAC, VM4, internet, 40000, 80, true),
+        Expect::Drop(DropReason::ZoneIsolation),
+    );
+    // Traffic of the host itself on the uplink is not the guard's business.
+    h.check(
+        "host traffic on the uplink",
+        Prog::ToUplink,
+        &tcp4(GW_MAC, [198, 51, 100, 9], internet, 40000, 80, true),
+        Expect::Pass,
     );
 }

@@ -317,24 +317,21 @@ async fn zones_meet_only_on_exchange_paths() {
     assert!(!env.zone_connects("net", "10.99.0.7", "10.40.1.11", 443));
 }
 
-fn fw_rule(
-    id: &str,
-    priority: u32,
-    allow: bool,
-    ingress: bool,
-    v6: bool,
-    proto: &str,
-    ports: (u32, u32),
-    cidr: &str,
-) -> pb::FirewallRule {
-    let mut r = sdn_integration::ops::ingress(id, v6, proto, ports, cidr, "");
-    if !ingress {
+/// A firewall rule; `what` is "<allow|deny> <in|out> <v4|v6>".
+fn fw_rule(id: &str, priority: u32, what: &str, proto: &str, ports: (u32, u32), cidr: &str) -> pb::FirewallRule {
+    let w: Vec<&str> = what.split(' ').collect();
+    let mut r = sdn_integration::ops::ingress(id, w[2] == "v6", proto, ports, cidr, "");
+    if w[1] == "out" {
         r.direction = pb::Direction::Egress as i32;
     }
     pb::FirewallRule {
         id: r.id,
         priority,
-        action: if allow { pb::Action::Allow } else { pb::Action::Deny } as i32,
+        action: if w[0] == "allow" {
+            pb::Action::Allow
+        } else {
+            pb::Action::Deny
+        } as i32,
         direction: r.direction,
         ether_type: r.ether_type,
         protocol: r.protocol,
@@ -345,27 +342,23 @@ fn fw_rule(
 }
 
 fn border_policy(router_ssh_allowed: bool) -> pb::operation::Op {
+    let ssh = if router_ssh_allowed {
+        "allow in v4"
+    } else {
+        "deny in v4"
+    };
     pb::operation::Op::PutFirewallPolicy(pb::FirewallPolicy {
         id: "ext-border".into(),
         name: "Extranet border of dept-a".into(),
         default_action: pb::Action::Deny as i32,
         rules: vec![
             // Listed out of order on purpose: priority decides.
-            fw_rule("web", 20, true, true, false, "tcp", (22, 80), "10.0.0.0/8"),
-            fw_rule(
-                "router-ssh",
-                10,
-                router_ssh_allowed,
-                true,
-                false,
-                "tcp",
-                (22, 22),
-                "10.255.0.0/24",
-            ),
-            fw_rule("https", 30, true, true, false, "tcp", (443, 443), ""),
-            fw_rule("https-v6", 31, true, true, true, "tcp", (443, 443), ""),
-            fw_rule("out", 40, true, false, false, "any", (0, 0), ""),
-            fw_rule("out-v6", 41, true, false, true, "any", (0, 0), ""),
+            fw_rule("web", 20, "allow in v4", "tcp", (22, 80), "10.0.0.0/8"),
+            fw_rule("router-ssh", 10, ssh, "tcp", (22, 22), "10.255.0.0/24"),
+            fw_rule("https", 30, "allow in v4", "tcp", (443, 443), ""),
+            fw_rule("https-v6", 31, "allow in v6", "tcp", (443, 443), ""),
+            fw_rule("out", 40, "allow out v4", "any", (0, 0), ""),
+            fw_rule("out-v6", 41, "allow out v6", "any", (0, 0), ""),
         ],
     })
 }

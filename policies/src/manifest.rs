@@ -958,6 +958,7 @@ mod schema_tests {
             "security-groups.yaml",
             "security-groups-maintenance.yaml",
             "gov-cloud/00-zones.yaml",
+            "gov-cloud/05-border-firewalls.yaml",
             "gov-cloud/10-departments.yaml",
             "gov-cloud/20-shared-service.yaml",
         ] {
@@ -988,6 +989,13 @@ mod schema_tests {
         assert_eq!(s.exchange_paths.len(), 3);
         assert_eq!(s.tenants.len(), 4, "three departments and the shared service");
         assert_eq!(s.vpcs.values().filter(|v| v.zone_id == "extranet").count(), 4);
+        assert_eq!(
+            s.vpcs
+                .values()
+                .filter(|v| v.border_policy_id == "department-border")
+                .count(),
+            3
+        );
     }
 
     #[test]
