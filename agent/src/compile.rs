@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr};
 
 use dataplane_common::maps::{
+    EP_F_LOCAL_IS_A, EP_F_PEER,
     zone_net_data, AddrIdentity, AddrKey, Endpoint, EndpointKey, ExchangeRule, FwPolicy, FwRule, PolicyDirKey,
     PortAddrKey, PortInfo, PrefixLens, RuleKey, ZoneAddrKey, ZoneEndpoint, EP_F_GATEWAY, FW_ALLOW, FW_DENY,
     FW_POLICY_RULES_MAX, GATEWAY_MAC, PORT_F_EGRESS_OPEN, PORT_F_QUARANTINED, PORT_F_UPLINK,
@@ -207,6 +208,7 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
     let mut groups: BTreeMap<&str, &pb::SecurityGroup> = BTreeMap::new();
     let mut members: BTreeMap<&str, Vec<IpAddr>> = BTreeMap::new();
     let mut ports: Vec<&pb::Port> = Vec::new();
+    let mut peerings: Vec<&pb::VpcPeering> = Vec::new();
     let mut networks: Vec<&pb::VpcNetwork> = Vec::new();
     let mut zones: BTreeMap<&str, &pb::Zone> = BTreeMap::new();
     let mut exchanges: Vec<&pb::ExchangePath> = Vec::new();
@@ -222,6 +224,7 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
             Some(pb::resource::Kind::FirewallPolicy(f)) => {
                 firewalls.insert(&f.id, f);
             }
+            Some(pb::resource::Kind::VpcPeering(p)) => peerings.push(p),
             Some(pb::resource::Kind::SecurityGroup(g)) => {
                 groups.insert(&g.id, g);
             }
@@ -266,7 +269,7 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
             for (k, ep) in d
                 .endpoints
                 .iter()
-                .filter(|(k, e)| k.vni == n.vni && e.flags & EP_F_GATEWAY == 0)
+                .filter(|(k, e)| k.vni == n.vni && e.flags & (EP_F_GATEWAY | EP_F_PEER) == 0)
             {
                 d.zone_endpoints.insert(
                     ZoneAddrKey {
@@ -285,6 +288,7 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
             }
         }
     }
+    compile_peerings(&peerings, &networks, &fw_no, &mut d.endpoints)?;
     for p in ports {
         let perr = |field: &'static str, message: String| CompileError::Port {
             port: p.id.clone(),
@@ -660,6 +664,56 @@ fn compile_zones<'a>(
     Ok(no)
 }
 
+/// Peerings: each side's ports are also endpoints of the other side's VNI,
+/// flagged as peers with their own VNI and the VPC firewall between them.
+fn compile_peerings(
+    peerings: &[&pb::VpcPeering],
+    networks: &[&pb::VpcNetwork],
+    fw_no: &BTreeMap<&str, u32>,
+    out: &mut BTreeMap<EndpointKey, Endpoint>,
+) -> Result<(), CompileError> {
+    let vni_of = |vpc: &str| networks.iter().find(|n| n.vpc_id == vpc).map(|n| n.vni);
+    for p in peerings {
+        let perr = |message: String| CompileError::Zone {
+            what: format!("vpc peering {}", p.id),
+            message,
+        };
+        let (Some(a), Some(b)) = (vni_of(&p.vpc_a), vni_of(&p.vpc_b)) else {
+            return Err(perr("a VPC it joins is missing from the share".into()));
+        };
+        let policy = if p.policy_id.is_empty() {
+            0
+        } else {
+            *fw_no
+                .get(p.policy_id.as_str())
+                .ok_or_else(|| perr(format!("firewall policy {} is missing from the share", p.policy_id)))?
+        };
+        let own = |vni: u32| -> Vec<(EndpointKey, Endpoint)> {
+            out.iter()
+                .filter(|(k, e)| k.vni == vni && e.flags & (EP_F_GATEWAY | EP_F_PEER) == 0)
+                .map(|(k, e)| (*k, *e))
+                .collect()
+        };
+        let (of_a, of_b) = (own(a), own(b));
+        for (key_vni, entries, flags) in [(a, of_b, EP_F_PEER | EP_F_LOCAL_IS_A), (b, of_a, EP_F_PEER)] {
+            for (k, e) in entries {
+                out.insert(
+                    EndpointKey { vni: key_vni, ..k },
+                    // Always through the tunnel, even to a port of this
+                    // host: the receiving side applies the VPC firewall.
+                    Endpoint {
+                        ifindex: 0,
+                        flags,
+                        policy,
+                        ..e
+                    },
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The endpoints of one VPC: its gateways, its ports here (by device) and
 /// its ports elsewhere (by host).
 fn compile_network(
@@ -698,6 +752,8 @@ fn compile_network(
             host_v4: [0; 4],
             mac: GATEWAY_MAC,
             flags: EP_F_GATEWAY,
+            vni: n.vni,
+            policy: 0,
         };
         put(&g.gateway_v4, gw)?;
         put(&g.gateway_v6, gw)?;
@@ -733,6 +789,8 @@ fn compile_network(
             host_v4,
             mac,
             flags: 0,
+            vni: n.vni,
+            policy: 0,
         };
         put(&e.ipv4, ep)?;
         put(&e.ipv6, ep)?;

@@ -56,6 +56,10 @@ pub async fn ensure_vxlan(name: &str) -> anyhow::Result<u32> {
                             .collect_metadata(true)
                             .port(VXLAN_PORT)
                             .learning(false)
+                            // Packets to this host's own address go through
+                            // the stack too, so they carry tunnel metadata
+                            // (traffic between peered VPCs on one host).
+                            .localbypass(false)
                             .up()
                             .build(),
                     )

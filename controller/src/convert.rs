@@ -52,6 +52,12 @@ pub fn ops_from_pb(ops: &[pb::Operation]) -> Result<Vec<m::Op>, FieldError> {
 fn op_from_pb(i: usize, op: &pb::operation::Op) -> Result<m::Op, FieldError> {
     use pb::operation::Op as P;
     Ok(match op {
+        P::PutVpcPeering(x) => m::Op::PutVpcPeering(m::VpcPeering {
+            id: x.id.clone(),
+            vpc_a: x.vpc_a.clone(),
+            vpc_b: x.vpc_b.clone(),
+            policy_id: x.policy_id.clone(),
+        }),
         P::PutZone(z) => m::Op::PutZone(zone_from_pb(&At(&format!("operations[{i}].put_zone")), z)?),
         P::PutFirewallPolicy(f) => m::Op::PutFirewallPolicy(firewall_from_pb(
             &At(&format!("operations[{i}].put_firewall_policy")),
@@ -150,6 +156,7 @@ pub fn kind_from_pb(k: i32) -> Option<m::Kind> {
         pb::Kind::Zone => m::Kind::Zone,
         pb::Kind::ExchangePath => m::Kind::ExchangePath,
         pb::Kind::FirewallPolicy => m::Kind::FirewallPolicy,
+        pb::Kind::VpcPeering => m::Kind::VpcPeering,
         pb::Kind::Unspecified | pb::Kind::Vm => return None,
     })
 }
@@ -166,6 +173,7 @@ pub fn kind_to_pb(k: m::Kind) -> pb::Kind {
         m::Kind::Zone => pb::Kind::Zone,
         m::Kind::ExchangePath => pb::Kind::ExchangePath,
         m::Kind::FirewallPolicy => pb::Kind::FirewallPolicy,
+        m::Kind::VpcPeering => pb::Kind::VpcPeering,
     }
 }
 
@@ -349,6 +357,15 @@ fn firewall_from_pb(at: &At, f: &pb::FirewallPolicy) -> Result<m::FirewallPolicy
     })
 }
 
+pub fn peering_to_pb(x: &m::VpcPeering) -> pb::VpcPeering {
+    pb::VpcPeering {
+        id: x.id.clone(),
+        vpc_a: x.vpc_a.clone(),
+        vpc_b: x.vpc_b.clone(),
+        policy_id: x.policy_id.clone(),
+    }
+}
+
 pub fn firewall_to_pb(f: &m::FirewallPolicy) -> pb::FirewallPolicy {
     let action = |a: m::Action| match a {
         m::Action::Allow => pb::Action::Allow as i32,
@@ -516,6 +533,7 @@ pub fn op_to_pb(op: &m::Op) -> pb::Operation {
         m::Op::PutZone(z) => P::PutZone(zone_to_pb(z)),
         m::Op::PutExchangePath(x) => P::PutExchangePath(exchange_to_pb(x)),
         m::Op::PutFirewallPolicy(f) => P::PutFirewallPolicy(firewall_to_pb(f)),
+        m::Op::PutVpcPeering(x) => P::PutVpcPeering(peering_to_pb(x)),
         m::Op::Delete { kind, id } => P::Delete(pb::ObjectRef {
             kind: kind_to_pb(*kind) as i32,
             id: id.clone(),

@@ -215,6 +215,9 @@ impl pb::provisioning_server::Provisioning for Controller {
         if want(K::Zone) {
             out.zones = s.zones.values().map(convert::zone_to_pb).collect();
         }
+        if want(K::VpcPeering) {
+            out.vpc_peerings = s.peerings.values().map(convert::peering_to_pb).collect();
+        }
         if want(K::FirewallPolicy) {
             out.firewall_policies = s.firewall_policies.values().map(convert::firewall_to_pb).collect();
         }

@@ -41,13 +41,34 @@ pub fn host_slice(state: &State, host: &str) -> BTreeMap<String, pb::Resource> {
         )]);
         groups.extend(p.security_group_ids.iter().map(String::as_str));
     }
-    let vpcs: BTreeSet<&str> = state
+    let local_vpcs: BTreeSet<&str> = state
         .ports
         .values()
         .filter(|p| p.host_id == host)
         .filter_map(|p| state.subnets.get(&p.subnet_id))
         .map(|s| s.vpc_id.as_str())
         .collect();
+    // The peers of those VPCs: their networks, the peerings and the VPC
+    // firewalls between them.
+    let mut vpcs = local_vpcs.clone();
+    for pr in state
+        .peerings
+        .values()
+        .filter(|p| local_vpcs.contains(p.vpc_a.as_str()) || local_vpcs.contains(p.vpc_b.as_str()))
+    {
+        vpcs.insert(&pr.vpc_a);
+        vpcs.insert(&pr.vpc_b);
+        out.extend([resource(
+            format!("peering/{}", pr.id),
+            pb::resource::Kind::VpcPeering(crate::convert::peering_to_pb(pr)),
+        )]);
+        if let Some(f) = state.firewall_policies.get(&pr.policy_id) {
+            out.extend([resource(
+                format!("firewall/{}", f.id),
+                pb::resource::Kind::FirewallPolicy(crate::convert::firewall_to_pb(f)),
+            )]);
+        }
+    }
     for v in &vpcs {
         let policy = state.vpcs.get(*v).map(|x| x.border_policy_id.as_str()).unwrap_or("");
         if let Some(f) = state.firewall_policies.get(policy) {

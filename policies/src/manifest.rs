@@ -68,11 +68,23 @@ enum Doc {
     Zone(Typed<ZoneSpec>),
     ExchangePath(Typed<ExchangePathSpec>),
     FirewallPolicy(Typed<FirewallPolicySpec>),
+    VpcPeering(Typed<VpcPeeringSpec>),
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VpcPeeringSpec {
+    vpc_a: String,
+    vpc_b: String,
+    /// The VPC firewall between them, read from vpcA's side.
+    #[serde(default)]
+    firewall: Option<String>,
 }
 
 /// The kinds a manifest may declare.
-pub const KINDS: [&str; 9] = [
+pub const KINDS: [&str; 10] = [
     "FirewallPolicy",
+    "VpcPeering",
     "Tenant",
     "Vpc",
     "Subnet",
@@ -349,6 +361,7 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Located>, ManifestError> 
             "Zone" => Doc::Zone(serde_yaml::from_str(&body).map_err(yerr)?),
             "ExchangePath" => Doc::ExchangePath(serde_yaml::from_str(&body).map_err(yerr)?),
             "FirewallPolicy" => Doc::FirewallPolicy(serde_yaml::from_str(&body).map_err(yerr)?),
+            "VpcPeering" => Doc::VpcPeering(serde_yaml::from_str(&body).map_err(yerr)?),
             other => {
                 let line = body.lines().position(|l| l.starts_with("kind:")).map(|i| i + start);
                 return Err(at(
@@ -457,6 +470,21 @@ fn to_op(doc: Doc) -> Result<Op, String> {
                 id: metadata.name,
                 prefixes: spec.prefixes.into_iter().map(|c| c.0).collect(),
                 uplink_device: spec.uplink_device,
+            })
+        }
+        Doc::VpcPeering(Typed {
+            api_version,
+            metadata,
+            spec,
+            ..
+        }) => {
+            check_version(&api_version)?;
+            let spec = self::spec(spec)?;
+            Op::PutVpcPeering(model::VpcPeering {
+                id: metadata.name,
+                vpc_a: spec.vpc_a,
+                vpc_b: spec.vpc_b,
+                policy_id: spec.firewall.unwrap_or_default(),
             })
         }
         Doc::FirewallPolicy(Typed {
@@ -618,6 +646,7 @@ pub fn dependency_order(mut ops: Vec<Located>) -> Vec<Located> {
             Op::PutSecurityGroup(_) => 4,
             Op::PutPort(_) => 5,
             Op::PutQuarantine(_) => 6,
+            Op::PutVpcPeering(_) => 3,
             Op::Delete { .. } => 7,
         }
     }
@@ -894,6 +923,13 @@ pub fn render(op: &Op) -> Option<serde_json::Value> {
                 spec["displayName"] = json!(f.name);
             }
             doc("FirewallPolicy", &f.id, None, spec)
+        }
+        Op::PutVpcPeering(p) => {
+            let mut spec = json!({ "vpcA": p.vpc_a, "vpcB": p.vpc_b });
+            if !p.policy_id.is_empty() {
+                spec["firewall"] = json!(p.policy_id);
+            }
+            doc("VpcPeering", &p.id, None, spec)
         }
         Op::PutQuarantine(_) | Op::Delete { .. } => return None,
     })

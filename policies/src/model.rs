@@ -69,6 +69,18 @@ pub struct FirewallPolicy {
     pub rules: Vec<FirewallRule>,
 }
 
+/// Two VPCs joined: each reaches the other's addresses directly, through
+/// the VPC firewall `policy_id` if given. Its rules read from `vpc_a`'s side:
+/// ingress comes from `vpc_b`, egress goes to it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VpcPeering {
+    pub id: String,
+    pub vpc_a: String,
+    pub vpc_b: String,
+    #[serde(default)]
+    pub policy_id: String,
+}
+
 /// The most rules one firewall policy may hold (they are checked in order).
 pub const FIREWALL_RULES_MAX: usize = 64;
 
@@ -323,6 +335,7 @@ pub enum Kind {
     Zone,
     ExchangePath,
     FirewallPolicy,
+    VpcPeering,
 }
 
 impl Kind {
@@ -338,6 +351,7 @@ impl Kind {
             Kind::Zone => "zone",
             Kind::ExchangePath => "exchange_path",
             Kind::FirewallPolicy => "firewall_policy",
+            Kind::VpcPeering => "vpc_peering",
         }
     }
 }
@@ -355,6 +369,7 @@ pub enum Op {
     PutZone(Zone),
     PutExchangePath(ExchangePath),
     PutFirewallPolicy(FirewallPolicy),
+    PutVpcPeering(VpcPeering),
     Delete { kind: Kind, id: String },
 }
 
@@ -372,6 +387,7 @@ impl Op {
             Op::PutZone(_) => "put_zone",
             Op::PutExchangePath(_) => "put_exchange_path",
             Op::PutFirewallPolicy(_) => "put_firewall_policy",
+            Op::PutVpcPeering(_) => "put_vpc_peering",
             Op::Delete { .. } => "delete",
         }
     }
@@ -403,6 +419,10 @@ impl Op {
             Op::PutExchangePath(x) => format!(
                 "put exchange_path {}: {} {} -> {} {} {:?} {}-{}",
                 x.id, x.from_zone, x.source, x.to_zone, x.destination, x.protocol, x.ports.0, x.ports.1
+            ),
+            Op::PutVpcPeering(p) => format!(
+                "put vpc_peering {}: {} <-> {} (firewall {:?})",
+                p.id, p.vpc_a, p.vpc_b, p.policy_id
             ),
             Op::PutFirewallPolicy(f) => format!(
                 "put firewall_policy {} ({} rules, default {:?})",

@@ -44,6 +44,8 @@ pub struct State {
     pub exchange_paths: BTreeMap<String, ExchangePath>,
     #[serde(default)]
     pub firewall_policies: BTreeMap<String, FirewallPolicy>,
+    #[serde(default)]
+    pub peerings: BTreeMap<String, VpcPeering>,
 }
 
 struct Ctx<'a> {
@@ -198,6 +200,7 @@ impl State {
             Op::PutZone(z) => self.put_zone(c, z)?,
             Op::PutExchangePath(x) => self.put_exchange_path(c, x)?,
             Op::PutFirewallPolicy(f) => self.put_firewall_policy(c, f)?,
+            Op::PutVpcPeering(x) => self.put_peering(c, x)?,
             Op::Delete { kind, id } => self.delete(c, *kind, id)?,
         }
         Ok(())
@@ -312,6 +315,91 @@ impl State {
                     };
                     return Err(e);
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// The VPCs a VPC is peered with.
+    pub fn peers_of(&self, vpc: &str) -> Vec<&str> {
+        self.peerings
+            .values()
+            .filter_map(|p| {
+                if p.vpc_a == vpc {
+                    Some(p.vpc_b.as_str())
+                } else if p.vpc_b == vpc {
+                    Some(p.vpc_a.as_str())
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
+
+    fn put_peering(&mut self, c: &Ctx, x: &VpcPeering) -> Result<(), BatchError> {
+        check_id(&x.id).map_err(|m| c.err("id", m))?;
+        for (f, v) in [("vpc_a", &x.vpc_a), ("vpc_b", &x.vpc_b)] {
+            if !self.vpcs.contains_key(v) {
+                return Err(c.err(f, format!("unknown vpc {v:?}")));
+            }
+        }
+        if x.vpc_a == x.vpc_b {
+            return Err(c.err("vpc_b", "a VPC cannot peer with itself"));
+        }
+        if !x.policy_id.is_empty() && !self.firewall_policies.contains_key(&x.policy_id) {
+            return Err(c.err("policy_id", format!("unknown firewall policy {:?}", x.policy_id)));
+        }
+        let same_pair = |o: &VpcPeering| {
+            (o.vpc_a == x.vpc_a && o.vpc_b == x.vpc_b) || (o.vpc_a == x.vpc_b && o.vpc_b == x.vpc_a)
+        };
+        if let Some(o) = self.peerings.values().find(|o| o.id != x.id && same_pair(o)) {
+            return Err(c.err("vpc_b", format!("vpcs {} and {} are already peered by {}", x.vpc_a, x.vpc_b, o.id)));
+        }
+        let (za, zb) = (&self.vpcs[&x.vpc_a].zone_id, &self.vpcs[&x.vpc_b].zone_id);
+        if za != zb {
+            return Err(c.err(
+                "vpc_b",
+                format!(
+                    "vpc {} is in zone {za:?} and vpc {} in zone {zb:?}; peering would join the zones \
+                     (declare an exchange path instead)",
+                    x.vpc_a, x.vpc_b
+                ),
+            ));
+        }
+        // Each side reaches the other's addresses: they must not overlap each
+        // other nor the other peers of either side.
+        let mut prev = self.peerings.insert(x.id.clone(), x.clone());
+        for side in [&x.vpc_a, &x.vpc_b] {
+            if let Err(e) = self.check_peer_addresses(c, side) {
+                match prev.take() {
+                    Some(p) => self.peerings.insert(p.id.clone(), p),
+                    None => self.peerings.remove(&x.id),
+                };
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// The subnets a VPC reaches (its own and its peers') must not overlap.
+    fn check_peer_addresses(&self, c: &Ctx, vpc: &str) -> Result<(), BatchError> {
+        let mut reach: Vec<(&str, &Subnet)> = Vec::new();
+        for v in std::iter::once(vpc).chain(self.peers_of(vpc)) {
+            for s in self.subnets.values().filter(|s| s.vpc_id == v) {
+                for (ov, os) in &reach {
+                    let clash = s.cidr_v4.zip(os.cidr_v4).is_some_and(|(a, b)| a.overlaps(b))
+                        || s.cidr_v6.zip(os.cidr_v6).is_some_and(|(a, b)| a.overlaps(b));
+                    if clash && *ov != v {
+                        return Err(c.err(
+                            "vpc_b",
+                            format!(
+                                "subnet {} of vpc {v} overlaps subnet {} of vpc {ov}, both reached from vpc {vpc}",
+                                s.id, os.id
+                            ),
+                        ));
+                    }
+                }
+                reach.push((v, s));
             }
         }
         Ok(())
@@ -499,7 +587,23 @@ impl State {
             let (vpc, zone) = (v.id.clone(), v.zone_id.clone());
             self.check_attached_subnet(c, "cidr_v4", &vpc, &zone, s)?;
         }
-        self.subnets.insert(s.id.clone(), s.clone());
+        let prev = self.subnets.insert(s.id.clone(), s.clone());
+        let vpc = s.vpc_id.clone();
+        let sides: Vec<String> = std::iter::once(vpc.clone())
+            .chain(self.peers_of(&vpc).into_iter().map(str::to_string))
+            .collect();
+        for side in sides {
+            if let Err(e) = self.check_peer_addresses(c, &side) {
+                match prev {
+                    Some(p) => self.subnets.insert(p.id.clone(), p),
+                    None => self.subnets.remove(&s.id),
+                };
+                return Err(BatchError {
+                    field: e.field.replace(".vpc_b", ".cidr_v4"),
+                    ..e
+                });
+            }
+        }
         Ok(())
     }
 
@@ -718,6 +822,9 @@ impl State {
                 if let Some(s) = self.subnets.values().find(|s| s.vpc_id == id) {
                     return in_use(format!("subnet {}", s.id));
                 }
+                if let Some(p) = self.peerings.values().find(|p| p.vpc_a == id || p.vpc_b == id) {
+                    return in_use(format!("vpc peering {}", p.id));
+                }
                 if let Some(q) = self
                     .quarantines
                     .values()
@@ -773,9 +880,17 @@ impl State {
                 }
                 self.zones.remove(id);
             }
+            Kind::VpcPeering => {
+                if self.peerings.remove(id).is_none() {
+                    return Err(c.err("id", format!("unknown vpc peering {id:?}")));
+                }
+            }
             Kind::FirewallPolicy => {
                 if !self.firewall_policies.contains_key(id) {
                     return Err(c.err("id", format!("unknown firewall policy {id:?}")));
+                }
+                if let Some(p) = self.peerings.values().find(|p| p.policy_id == id) {
+                    return in_use(format!("vpc peering {}", p.id));
                 }
                 if let Some(v) = self.vpcs.values().find(|v| v.border_policy_id == id) {
                     return in_use(format!("vpc {} (its border firewall)", v.id));

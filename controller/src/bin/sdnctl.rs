@@ -32,6 +32,7 @@ enum KindArg {
     Zone,
     ExchangePath,
     FirewallPolicy,
+    VpcPeering,
 }
 
 impl KindArg {
@@ -47,6 +48,7 @@ impl KindArg {
             KindArg::Zone => pb::Kind::Zone,
             KindArg::ExchangePath => pb::Kind::ExchangePath,
             KindArg::FirewallPolicy => pb::Kind::FirewallPolicy,
+            KindArg::VpcPeering => pb::Kind::VpcPeering,
         }
     }
 }
@@ -71,6 +73,7 @@ fn listed_ops(r: &pb::ListResponse) -> anyhow::Result<Vec<sdn_policies::Op>> {
     ops.extend(r.hosts.iter().cloned().map(P::PutHost));
     ops.extend(r.security_groups.iter().cloned().map(P::PutSecurityGroup));
     ops.extend(r.ports.iter().cloned().map(P::PutPort));
+    ops.extend(r.vpc_peerings.iter().cloned().map(P::PutVpcPeering));
     let ops: Vec<pb::Operation> = ops.into_iter().map(|o| pb::Operation { op: Some(o) }).collect();
     convert::ops_from_pb(&ops)
         .map_err(|e| anyhow::anyhow!("the controller returned an object this sdnctl cannot read: {e}"))
@@ -573,6 +576,13 @@ fn print_table(r: &pb::ListResponse) {
                 format!("uplink={} prefixes={}", z.uplink_device, z.prefixes.join(",")),
             ]
         })
+        .chain(r.vpc_peerings.iter().map(|p| {
+            [
+                "vpc_peering".into(),
+                p.id.clone(),
+                format!("{} <-> {} firewall={}", p.vpc_a, p.vpc_b, p.policy_id),
+            ]
+        }))
         .chain(r.firewall_policies.iter().map(|f| {
             [
                 "firewall_policy".into(),

@@ -81,6 +81,7 @@ fn object_json(state: &State, kind: Kind, id: &str) -> Option<Vec<u8>> {
         Kind::Zone => state.zones.get(id).map(serde_json::to_vec),
         Kind::ExchangePath => state.exchange_paths.get(id).map(serde_json::to_vec),
         Kind::FirewallPolicy => state.firewall_policies.get(id).map(serde_json::to_vec),
+        Kind::VpcPeering => state.peerings.get(id).map(serde_json::to_vec),
     };
     j.map(|r| r.expect("model objects serialise"))
 }
@@ -97,6 +98,7 @@ fn op_key(op: &Op) -> (Kind, String) {
         Op::PutZone(x) => (Kind::Zone, x.id.clone()),
         Op::PutExchangePath(x) => (Kind::ExchangePath, x.id.clone()),
         Op::PutFirewallPolicy(x) => (Kind::FirewallPolicy, x.id.clone()),
+        Op::PutVpcPeering(x) => (Kind::VpcPeering, x.id.clone()),
         Op::Delete { kind, id } => (*kind, id.clone()),
     }
 }
@@ -137,6 +139,9 @@ fn load_state(db: &Database) -> Result<(State, Applied), AnyError> {
             }
             "exchange_path" => {
                 state.exchange_paths.insert(id, serde_json::from_slice(v).map_err(any)?);
+            }
+            "vpc_peering" => {
+                state.peerings.insert(id, serde_json::from_slice(v).map_err(any)?);
             }
             "firewall_policy" => {
                 state
@@ -407,7 +412,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     .chain(s.quarantines.keys().map(|k| (Kind::Quarantine, k)))
                     .chain(s.zones.keys().map(|k| (Kind::Zone, k)))
                     .chain(s.exchange_paths.keys().map(|k| (Kind::ExchangePath, k)))
-                    .chain(s.firewall_policies.keys().map(|k| (Kind::FirewallPolicy, k)));
+                    .chain(s.firewall_policies.keys().map(|k| (Kind::FirewallPolicy, k)))
+                    .chain(s.peerings.keys().map(|k| (Kind::VpcPeering, k)));
                 for (kind, id) in all {
                     let j = object_json(s, kind, id).expect("present");
                     objects

@@ -79,6 +79,8 @@ pub enum DropReason {
     ZoneIsolation = 21,
     /// Denied by the border firewall (a rule, or its default).
     BorderFirewall = 22,
+    /// Denied by the VPC firewall between two peered VPCs.
+    VpcFirewall = 23,
 }
 
 /// Number of slots in the drop counter array (room to grow).
@@ -86,7 +88,7 @@ pub const DROP_REASON_SLOTS: u32 = 32;
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 23] = [
+    pub const ALL: [DropReason; 24] = [
         DropReason::UnknownPort,
         DropReason::Truncated,
         DropReason::UnsupportedEthertype,
@@ -110,6 +112,7 @@ impl DropReason {
         DropReason::OverlayNotIp,
         DropReason::ZoneIsolation,
         DropReason::BorderFirewall,
+        DropReason::VpcFirewall,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -138,6 +141,7 @@ impl DropReason {
             DropReason::OverlayNotIp => "overlay_not_ip",
             DropReason::ZoneIsolation => "zone_isolation",
             DropReason::BorderFirewall => "border_firewall",
+            DropReason::VpcFirewall => "vpc_firewall",
         }
     }
 }

@@ -130,6 +130,11 @@ pub struct EndpointKey {
 
 /// Endpoint flag: the address is a subnet gateway (answered, never forwarded to).
 pub const EP_F_GATEWAY: u16 = 1;
+/// Endpoint flag: the address is in a peered VPC (`vni` is that VPC's).
+pub const EP_F_PEER: u16 = 2;
+/// Endpoint flag, with `EP_F_PEER`: the VPC of the key's VNI is side A of
+/// the peering, whose view the VPC firewall's rules take.
+pub const EP_F_LOCAL_IS_A: u16 = 4;
 
 /// Where an address of a VPC lives.
 #[repr(C)]
@@ -144,6 +149,10 @@ pub struct Endpoint {
     pub mac: [u8; 6],
     /// `EP_F_*` flags.
     pub flags: u16,
+    /// The VNI of the VPC the address is in (differs from the key's for a peer).
+    pub vni: u32,
+    /// For a peer: the VPC firewall policy number of the peering; 0: none.
+    pub policy: u32,
 }
 
 /// Host-wide settings, slot 0 of the `CONFIG` array.
@@ -365,7 +374,7 @@ pub const CT_TIMEOUT_OTHER_NS: u64 = 30 * 1_000_000_000;
 
 const _: () = assert!(core::mem::size_of::<PortInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 24);
-const _: () = assert!(core::mem::size_of::<Endpoint>() == 16);
+const _: () = assert!(core::mem::size_of::<Endpoint>() == 24);
 const _: () = assert!(core::mem::size_of::<HostConfig>() == 8);
 const _: () = assert!(core::mem::size_of::<ZoneAddrKey>() == 20);
 const _: () = assert!(core::mem::size_of::<ZoneEndpoint>() == 20);

@@ -6,12 +6,16 @@
 
 use aya_ebpf::{helpers::gen, programs::TcContext};
 use dataplane_common::{
-    maps::{Endpoint, EndpointKey, PortInfo, EP_F_GATEWAY, GATEWAY_MAC, PORT_F_UPLINK},
-    DropReason, Stat, FAMILY_V4, FAMILY_V6, PROTO_ICMPV6,
+    maps::{
+        CtKey, Endpoint, EndpointKey, PortInfo, CT_ORIGIN_OUT, EP_F_GATEWAY, EP_F_LOCAL_IS_A, EP_F_PEER,
+        FW_POLICY_RULES_MAX, GATEWAY_MAC, PORT_F_UPLINK,
+    },
+    DropReason, Stat, DIR_EGRESS, DIR_INGRESS, FAMILY_V4, FAMILY_V6, PROTO_ICMPV6,
 };
 
 use crate::{
-    maps::{count, CONFIG, ENDPOINTS},
+    firewall,
+    maps::{count, CONFIG, CT, ENDPOINTS},
     parse::{self, Arp, Ip, ETH_HLEN, ETH_P_IP, ETH_P_IPV6},
 };
 
@@ -189,8 +193,10 @@ pub fn route(ctx: &mut TcContext, ifx: u32, port: &PortInfo, ip: &Ip) -> Result<
     if vxlan == 0 {
         return Err(DropReason::NoRoute);
     }
+    // A peer's address lives in its own VPC: the receiver checks it there.
+    let vni = if ep.flags & EP_F_PEER != 0 { ep.vni } else { port.vni };
     let mut key = TunnelKey {
-        tunnel_id: port.vni,
+        tunnel_id: vni,
         remote: [u32::from_be_bytes(ep.host_v4), 0, 0, 0],
         tos: 0,
         ttl: 64,
@@ -212,6 +218,23 @@ pub fn route(ctx: &mut TcContext, ifx: u32, port: &PortInfo, ip: &Ip) -> Result<
     }
     count(Stat::Encapsulated);
     Ok(Action::Redirect(vxlan))
+}
+
+/// Whether the port `ifindex` opened the flow `ip` belongs to (it is a reply).
+#[inline(always)]
+fn opened_by(ifindex: u32, ip: &Ip) -> bool {
+    let k = CtKey {
+        ifindex,
+        family: ip.family,
+        proto: ip.proto,
+        _pad: [0; 2],
+        local_port: ip.dport,
+        remote_port: ip.sport,
+        local: ip.dst,
+        remote: ip.src,
+    };
+    // SAFETY: the value is read at once.
+    unsafe { CT.get(&k) }.is_some_and(|v| v.origin == CT_ORIGIN_OUT)
 }
 
 /// A packet from the VXLAN device: accepted only if its inner source is an
@@ -254,8 +277,21 @@ pub fn from_overlay(ctx: &mut TcContext) -> Result<Action, DropReason> {
         return Err(DropReason::OverlaySpoof);
     }
     let dst = endpoint(vni, ip.family, &ip.dst).ok_or(DropReason::OverlayUnknownDst)?;
-    if dst.ifindex == 0 || dst.flags & EP_F_GATEWAY != 0 {
+    if dst.ifindex == 0 || dst.flags & (EP_F_GATEWAY | EP_F_PEER) != 0 {
         return Err(DropReason::OverlayUnknownDst);
+    }
+    // From a peered VPC (every packet between peers crosses the tunnel, even
+    // on one host): the VPC firewall (tier 3), read from side A, unless the
+    // packet answers a flow the local VM opened.
+    if src.flags & EP_F_PEER != 0 && src.policy != 0 && !opened_by(dst.ifindex, &ip) {
+        let (dir, remote_is_src) = if src.flags & EP_F_LOCAL_IS_A != 0 {
+            (DIR_INGRESS, true)
+        } else {
+            (DIR_EGRESS, false)
+        };
+        if !firewall::allows::<FW_POLICY_RULES_MAX>(src.policy, dst.ifindex, &ip, dir, remote_is_src) {
+            return Err(DropReason::VpcFirewall);
+        }
     }
     set_macs(ctx, &dst.mac)?;
     count(Stat::Decapsulated);

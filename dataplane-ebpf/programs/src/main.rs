@@ -15,6 +15,8 @@
 #[cfg(target_arch = "bpf")]
 mod conntrack;
 #[cfg(target_arch = "bpf")]
+mod firewall;
+#[cfg(target_arch = "bpf")]
 mod forward;
 #[cfg(target_arch = "bpf")]
 mod maps;

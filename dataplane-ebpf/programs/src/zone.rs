@@ -7,15 +7,15 @@
 use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use dataplane_common::{
     maps::{
-        zone_net_data, CtKey, FwVerdict, ZoneAddrKey, ZoneEndpoint, CT_ORIGIN_IN, CT_ORIGIN_OUT, EXCHANGE_MAX,
-        FW_ALLOW, FW_POLICY_RULES_MAX, GATEWAY_MAC,
+        zone_net_data, CtKey, ZoneAddrKey, ZoneEndpoint, CT_ORIGIN_IN, CT_ORIGIN_OUT, EXCHANGE_MAX, GATEWAY_MAC,
     },
     DropReason, Stat, DIR_EGRESS, DIR_INGRESS,
 };
 
 use crate::{
+    firewall::{self, halves, in_prefix},
     forward::Action,
-    maps::{count, CT, EXCHANGE, FW_POLICIES, FW_RULES, FW_VERDICTS, UPLINKS, ZONE_ENDPOINTS, ZONE_NETS, ZONE_UPLINK},
+    maps::{count, CT, EXCHANGE, UPLINKS, ZONE_ENDPOINTS, ZONE_NETS, ZONE_UPLINK},
     parse::{self, Ip, ETH_P_IP, ETH_P_IPV6},
 };
 
@@ -47,34 +47,6 @@ fn zone_endpoint(family: u8, addr: &[u8; 16]) -> Option<ZoneEndpoint> {
     };
     // SAFETY: the value is copied out at once.
     unsafe { ZONE_ENDPOINTS.get(&k) }.copied()
-}
-
-#[inline(always)]
-fn halves(a: &[u8; 16]) -> (u64, u64) {
-    (
-        u64::from_be_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]),
-        u64::from_be_bytes([a[8], a[9], a[10], a[11], a[12], a[13], a[14], a[15]]),
-    )
-}
-
-#[inline(always)]
-fn in_prefix(addr: (u64, u64), net: (u64, u64), plen: u8) -> bool {
-    let p = plen as u32;
-    let mh = if p >= 64 {
-        !0u64
-    } else if p == 0 {
-        0
-    } else {
-        !0u64 << (64 - p)
-    };
-    let ml = if p <= 64 {
-        0
-    } else if p >= 128 {
-        !0u64
-    } else {
-        !0u64 << (128 - p)
-    };
-    addr.0 & mh == net.0 & mh && addr.1 & ml == net.1 & ml
 }
 
 /// Whether an exchange path admits a flow from zone `from` to zone `to`.
@@ -142,75 +114,10 @@ fn uplink_ip(ctx: &TcContext) -> Result<Option<(u32, Ip)>, DropReason> {
     Ok(Some((zone, ip)))
 }
 
-/// The border firewall (policy tier 3): the first rule of the VPC's policy
-/// matching the flow decides, else the policy's default. The verdict and the
-/// rule are recorded for the flow (keyed like conntrack, from the VM port).
+/// The border firewall (policy tier 3) of the VPC, if it has one.
 #[inline(always)]
 fn border_firewall(ep: &ZoneEndpoint, ip: &Ip, dir: u8) -> Result<(), DropReason> {
-    if ep.border == 0 {
-        return Ok(());
-    }
-    // SAFETY: the value is copied out at once.
-    let Some(p) = (unsafe { FW_POLICIES.get(&ep.border) }).copied() else {
-        // A VPC whose policy is missing fails closed.
-        return Err(DropReason::BorderFirewall);
-    };
-    let (remote, local, lp, rp) = if dir == DIR_EGRESS {
-        (ip.dst, ip.src, ip.sport, ip.dport)
-    } else {
-        (ip.src, ip.dst, ip.dport, ip.sport)
-    };
-    let rem = halves(&remote);
-    let svc = ip.service();
-    let mut action = p.default_action;
-    let mut rule_id = p.default_rule_id;
-    for i in 0..FW_POLICY_RULES_MAX {
-        if i >= p.count {
-            break;
-        }
-        let Some(r) = FW_RULES.get(p.first + i) else { break };
-        if r.dir == dir
-            && r.family == ip.family
-            && (r.proto == 0 || r.proto == ip.proto)
-            && (r.proto == 0 || (svc >= r.port_lo && svc <= r.port_hi))
-            && in_prefix(rem, halves(&r.addr), r.plen)
-        {
-            action = r.action;
-            rule_id = r.rule_id;
-            break;
-        }
-    }
-    let k = CtKey {
-        ifindex: ep.ifindex,
-        family: ip.family,
-        proto: ip.proto,
-        _pad: [0; 2],
-        local_port: lp,
-        remote_port: rp,
-        local,
-        remote,
-    };
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
-    match FW_VERDICTS.get_ptr_mut(&k) {
-        // SAFETY: a live map value; racing updates only lose counts.
-        Some(v) if unsafe { (*v).rule_id == rule_id } => unsafe {
-            (*v).packets += 1;
-            (*v).last_ns = now;
-        },
-        _ => {
-            let v = FwVerdict {
-                rule_id,
-                action,
-                dir,
-                _pad: [0; 2],
-                packets: 1,
-                last_ns: now,
-            };
-            let _ = FW_VERDICTS.insert(&k, &v, 0);
-        }
-    }
-    if action == FW_ALLOW {
+    if ep.border == 0 || firewall::allows::<{ dataplane_common::maps::FW_POLICY_RULES_MAX }>(ep.border, ep.ifindex, ip, dir, dir == DIR_INGRESS) {
         Ok(())
     } else {
         Err(DropReason::BorderFirewall)
