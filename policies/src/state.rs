@@ -349,11 +349,13 @@ impl State {
         if !x.policy_id.is_empty() && !self.firewall_policies.contains_key(&x.policy_id) {
             return Err(c.err("policy_id", format!("unknown firewall policy {:?}", x.policy_id)));
         }
-        let same_pair = |o: &VpcPeering| {
-            (o.vpc_a == x.vpc_a && o.vpc_b == x.vpc_b) || (o.vpc_a == x.vpc_b && o.vpc_b == x.vpc_a)
-        };
+        let same_pair =
+            |o: &VpcPeering| (o.vpc_a == x.vpc_a && o.vpc_b == x.vpc_b) || (o.vpc_a == x.vpc_b && o.vpc_b == x.vpc_a);
         if let Some(o) = self.peerings.values().find(|o| o.id != x.id && same_pair(o)) {
-            return Err(c.err("vpc_b", format!("vpcs {} and {} are already peered by {}", x.vpc_a, x.vpc_b, o.id)));
+            return Err(c.err(
+                "vpc_b",
+                format!("vpcs {} and {} are already peered by {}", x.vpc_a, x.vpc_b, o.id),
+            ));
         }
         let (za, zb) = (&self.vpcs[&x.vpc_a].zone_id, &self.vpcs[&x.vpc_b].zone_id);
         if za != zb {
@@ -1337,5 +1339,60 @@ mod tests {
             }])
             .unwrap_err();
         assert!(e.message.contains("still used by exchange path x"), "{e}");
+    }
+
+    #[test]
+    fn peerings_refuse_overlaps_zone_crossings_and_duplicates() {
+        let mut s = zones();
+        let sub = |id: &str, vpc: &str, v4: &str| {
+            Op::PutSubnet(Subnet {
+                id: id.into(),
+                vpc_id: vpc.into(),
+                cidr_v4: Some(v4.parse().unwrap()),
+                cidr_v6: None,
+            })
+        };
+        let peer = |id: &str, a: &str, b: &str| {
+            Op::PutVpcPeering(VpcPeering {
+                id: id.into(),
+                vpc_a: a.into(),
+                vpc_b: b.into(),
+                policy_id: String::new(),
+            })
+        };
+        s.apply_batch(&[
+            zoned_vpc("e1", "ext"),
+            sub("se1", "e1", "10.1.0.0/24"),
+            zoned_vpc("e2", "ext"),
+            sub("se2", "e2", "10.2.0.0/24"),
+            zoned_vpc("n1", "net"),
+            sub("sn1", "n1", "198.51.100.0/24"),
+        ])
+        .unwrap();
+        s.apply_batch(&[peer("p12", "e1", "e2")]).unwrap();
+        let e = s.apply_batch(&[peer("px", "e1", "n1")]).unwrap_err();
+        assert!(e.message.contains("would join the zones"), "{e}");
+        let e = s.apply_batch(&[peer("p21", "e2", "e1")]).unwrap_err();
+        assert!(e.message.contains("already peered by p12"), "{e}");
+        // v1 (10.0.0.0/24, no zone) overlaps nothing of e1, but an isolated
+        // VPC cannot peer a zoned one either.
+        let e = s.apply_batch(&[peer("pv", "v1", "e1")]).unwrap_err();
+        assert!(e.message.contains("would join the zones"), "{e}");
+        // A new subnet overlapping a peer's is refused.
+        let e = s.apply_batch(&[sub("se3", "e2", "10.1.0.128/25")]).unwrap_err();
+        assert_eq!(e.field, "operations[0].put_subnet.cidr_v4");
+        assert!(e.message.contains("overlaps"), "{e}");
+        assert!(!s.subnets.contains_key("se3"), "nothing half-applied");
+        // A peered VPC cannot go while peered.
+        let e = s
+            .apply_batch(&[Op::Delete {
+                kind: Kind::Vpc,
+                id: "e1".into(),
+            }])
+            .unwrap_err();
+        assert!(
+            e.message.contains("subnet se1") || e.message.contains("peering p12"),
+            "{e}"
+        );
     }
 }

@@ -2,7 +2,7 @@
 //! rules checked one by one, first match wins, then the policy's default.
 //! Each verdict is recorded for its flow with the rule that decided it.
 
-use dataplane_common::maps::{CtKey, FwVerdict, FW_ALLOW};
+use dataplane_common::maps::{CtKey, FwVerdict, FW_ALLOW, FW_POLICY_RULES_MAX};
 
 use crate::{
     maps::{FW_POLICIES, FW_RULES, FW_VERDICTS},
@@ -37,27 +37,21 @@ pub fn in_prefix(addr: (u64, u64), net: (u64, u64), plen: u8) -> bool {
     addr.0 & mh == net.0 & mh && addr.1 & ml == net.1 & ml
 }
 
-/// Whether policy `policy` lets the packet through. `dir` is the rule
-/// direction to match; `remote_is_src`: the outside party is the packet's
-/// source (else its destination). The verdict is recorded under the flow key
-/// of the VM port `ifindex`, with the VM address as the local side.
+/// Whether policy `policy` lets the packet through, matching rules of
+/// direction `dir` against the outside address `remote`. The verdict is
+/// recorded under `key`, the flow as the VM port sees it.
 #[inline(always)]
-pub fn allows<const MAX: u32>(policy: u32, ifindex: u32, ip: &Ip, dir: u8, remote_is_src: bool) -> bool {
+pub fn allows(policy: u32, key: &CtKey, remote: &[u8; 16], ip: &Ip, dir: u8) -> bool {
     // SAFETY: the value is copied out at once.
     let Some(p) = (unsafe { FW_POLICIES.get(&policy) }).copied() else {
         // A policy that should be there and is not: fail closed.
         return false;
     };
-    let (remote, local, lp, rp) = if remote_is_src {
-        (ip.src, ip.dst, ip.dport, ip.sport)
-    } else {
-        (ip.dst, ip.src, ip.sport, ip.dport)
-    };
-    let rem = halves(&remote);
+    let rem = halves(remote);
     let svc = ip.service();
     let mut action = p.default_action;
     let mut rule_id = p.default_rule_id;
-    for i in 0..MAX {
+    for i in 0..FW_POLICY_RULES_MAX {
         if i >= p.count {
             break;
         }
@@ -73,19 +67,9 @@ pub fn allows<const MAX: u32>(policy: u32, ifindex: u32, ip: &Ip, dir: u8, remot
             break;
         }
     }
-    let k = CtKey {
-        ifindex,
-        family: ip.family,
-        proto: ip.proto,
-        _pad: [0; 2],
-        local_port: lp,
-        remote_port: rp,
-        local,
-        remote,
-    };
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
-    match FW_VERDICTS.get_ptr_mut(&k) {
+    match FW_VERDICTS.get_ptr_mut(key) {
         // SAFETY: a live map value; racing updates only lose counts.
         Some(v) if unsafe { (*v).rule_id == rule_id } => unsafe {
             (*v).packets += 1;
@@ -100,7 +84,7 @@ pub fn allows<const MAX: u32>(policy: u32, ifindex: u32, ip: &Ip, dir: u8, remot
                 packets: 1,
                 last_ns: now,
             };
-            let _ = FW_VERDICTS.insert(&k, &v, 0);
+            let _ = FW_VERDICTS.insert(key, &v, 0);
         }
     }
     action == FW_ALLOW

@@ -7,8 +7,8 @@
 use aya_ebpf::{helpers::gen, programs::TcContext};
 use dataplane_common::{
     maps::{
-        CtKey, Endpoint, EndpointKey, PortInfo, CT_ORIGIN_OUT, EP_F_GATEWAY, EP_F_LOCAL_IS_A, EP_F_PEER,
-        FW_POLICY_RULES_MAX, GATEWAY_MAC, PORT_F_UPLINK,
+        CtKey, Endpoint, EndpointKey, PortInfo, CT_ORIGIN_OUT, EP_F_GATEWAY, EP_F_LOCAL_IS_A, EP_F_PEER, GATEWAY_MAC,
+        PORT_F_UPLINK,
     },
     DropReason, Stat, DIR_EGRESS, DIR_INGRESS, FAMILY_V4, FAMILY_V6, PROTO_ICMPV6,
 };
@@ -220,23 +220,6 @@ pub fn route(ctx: &mut TcContext, ifx: u32, port: &PortInfo, ip: &Ip) -> Result<
     Ok(Action::Redirect(vxlan))
 }
 
-/// Whether the port `ifindex` opened the flow `ip` belongs to (it is a reply).
-#[inline(always)]
-fn opened_by(ifindex: u32, ip: &Ip) -> bool {
-    let k = CtKey {
-        ifindex,
-        family: ip.family,
-        proto: ip.proto,
-        _pad: [0; 2],
-        local_port: ip.dport,
-        remote_port: ip.sport,
-        local: ip.dst,
-        remote: ip.src,
-    };
-    // SAFETY: the value is read at once.
-    unsafe { CT.get(&k) }.is_some_and(|v| v.origin == CT_ORIGIN_OUT)
-}
-
 /// A packet from the VXLAN device: accepted only if its inner source is an
 /// endpoint of the VNI living on the host that sent it, and its inner
 /// destination a port of the VNI on this host. A forged VNI fails the first
@@ -283,14 +266,29 @@ pub fn from_overlay(ctx: &mut TcContext) -> Result<Action, DropReason> {
     // From a peered VPC (every packet between peers crosses the tunnel, even
     // on one host): the VPC firewall (tier 3), read from side A, unless the
     // packet answers a flow the local VM opened.
-    if src.flags & EP_F_PEER != 0 && src.policy != 0 && !opened_by(dst.ifindex, &ip) {
-        let (dir, remote_is_src) = if src.flags & EP_F_LOCAL_IS_A != 0 {
-            (DIR_INGRESS, true)
-        } else {
-            (DIR_EGRESS, false)
+    if src.flags & EP_F_PEER != 0 && src.policy != 0 {
+        let key = CtKey {
+            ifindex: dst.ifindex,
+            family: ip.family,
+            proto: ip.proto,
+            _pad: [0; 2],
+            local_port: ip.dport,
+            remote_port: ip.sport,
+            local: ip.dst,
+            remote: ip.src,
         };
-        if !firewall::allows::<FW_POLICY_RULES_MAX>(src.policy, dst.ifindex, &ip, dir, remote_is_src) {
-            return Err(DropReason::VpcFirewall);
+        // SAFETY: the value is read at once.
+        let reply = unsafe { CT.get(&key) }.is_some_and(|v| v.origin == CT_ORIGIN_OUT);
+        if !reply {
+            let local_is_a = src.flags & EP_F_LOCAL_IS_A != 0;
+            let (dir, remote) = if local_is_a {
+                (DIR_INGRESS, &key.remote)
+            } else {
+                (DIR_EGRESS, &key.local)
+            };
+            if !firewall::allows(src.policy, &key, remote, &ip, dir) {
+                return Err(DropReason::VpcFirewall);
+            }
         }
     }
     set_macs(ctx, &dst.mac)?;

@@ -6,9 +6,7 @@
 
 use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use dataplane_common::{
-    maps::{
-        zone_net_data, CtKey, ZoneAddrKey, ZoneEndpoint, CT_ORIGIN_IN, CT_ORIGIN_OUT, EXCHANGE_MAX, GATEWAY_MAC,
-    },
+    maps::{zone_net_data, CtKey, ZoneAddrKey, ZoneEndpoint, CT_ORIGIN_IN, CT_ORIGIN_OUT, EXCHANGE_MAX, GATEWAY_MAC},
     DropReason, Stat, DIR_EGRESS, DIR_INGRESS,
 };
 
@@ -117,7 +115,25 @@ fn uplink_ip(ctx: &TcContext) -> Result<Option<(u32, Ip)>, DropReason> {
 /// The border firewall (policy tier 3) of the VPC, if it has one.
 #[inline(always)]
 fn border_firewall(ep: &ZoneEndpoint, ip: &Ip, dir: u8) -> Result<(), DropReason> {
-    if ep.border == 0 || firewall::allows::<{ dataplane_common::maps::FW_POLICY_RULES_MAX }>(ep.border, ep.ifindex, ip, dir, dir == DIR_INGRESS) {
+    if ep.border == 0 {
+        return Ok(());
+    }
+    let (local, remote, local_port, remote_port) = if dir == DIR_EGRESS {
+        (ip.src, ip.dst, ip.sport, ip.dport)
+    } else {
+        (ip.dst, ip.src, ip.dport, ip.sport)
+    };
+    let key = CtKey {
+        ifindex: ep.ifindex,
+        family: ip.family,
+        proto: ip.proto,
+        _pad: [0; 2],
+        local_port,
+        remote_port,
+        local,
+        remote,
+    };
+    if firewall::allows(ep.border, &key, &key.remote, ip, dir) {
         Ok(())
     } else {
         Err(DropReason::BorderFirewall)
