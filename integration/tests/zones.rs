@@ -99,6 +99,7 @@ async fn setup(tag: &str) -> anyhow::Result<Env> {
                 &format!("{NET_HOST}/32"),
                 (80, 80),
             ),
+            exchange("in-https-v6", "net", "ext", "::/0", "fd40:1::11/128", (443, 443)),
         ])
         .await?;
     let r = cluster
@@ -255,6 +256,20 @@ async fn zones_meet_only_on_exchange_paths() {
     // From the extranet, its own VPC is open and the internet VPC is not
     // even routed; p1 over IPv6 neither.
     assert_eq!(env.nmap_open("ext", "10.40.1.12"), vec![22, 80, 81, 443]);
+
+    // IPv6 from an internet host: a1's exchange port only, a2 nothing.
+    assert!(
+        env.zone_connects("net", NET_HOST6, "fd40:1::11", 443),
+        "v6 exchange path"
+    );
+    assert!(
+        !env.zone_connects("net", NET_HOST6, "fd40:1::11", 22),
+        "v6, no path for ssh"
+    );
+    assert!(
+        !env.zone_connects("net", NET_HOST6, "fd40:1::12", 443),
+        "v6, no path to a2"
+    );
 
     // VMs going out: the same zone passes, another zone only on a path.
     assert!(

@@ -997,6 +997,7 @@ mod schema_tests {
             "gov-cloud/05-border-firewalls.yaml",
             "gov-cloud/10-departments.yaml",
             "gov-cloud/20-shared-service.yaml",
+            "gov-cloud/30-peering.yaml",
         ] {
             let text = std::fs::read_to_string(format!("{}/examples/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap();
             for doc in serde_yaml::Deserializer::from_str(&text) {
