@@ -1,7 +1,8 @@
 //! `sdn-demo`: the main job, end to end on one machine. A single-node
-//! controller on its embedded store, two hosts with agents, three VMs, all
-//! network namespaces; the cloud platform provisions over gRPC, the
-//! administrator applies security groups from `policies/examples/` with
+//! controller on its embedded store, two hosts with agents, three VMs on the
+//! overlay, the extranet and the internet as two zones, all network
+//! namespaces; the cloud platform provisions over gRPC, the administrator
+//! applies zones and security groups from `policies/examples/` with
 //! `sdnctl`, and real traffic shows what passes and what is dropped.
 
 use std::path::PathBuf;
@@ -14,6 +15,77 @@ use sdn_integration::ops::*;
 use sdn_integration::{bin, privileged, Proc, Topology};
 
 const T: &str = "dept-a";
+/// A machine of the extranet and one of the internet.
+const EXT_HOST: &str = "10.99.0.1";
+const NET_HOST: &str = "203.0.113.10";
+
+/// What nmap finds open from each zone; returns how many results differ.
+fn zones_matrix(topo: &Topology) -> usize {
+    let cases: [(&str, &str, &str, &[u16], &str); 4] = [
+        (
+            "net",
+            "vm1",
+            "10.10.0.11",
+            &[80],
+            "exchange path demo-web-in: http only",
+        ),
+        ("net", "vm3", "10.10.0.13", &[], "no exchange path to vm3"),
+        (
+            "ext",
+            "vm1",
+            "10.10.0.11",
+            &[80],
+            "same zone: the security group decides",
+        ),
+        (
+            "ext",
+            "vm3",
+            "10.10.0.13",
+            &[80],
+            "same zone: the security group decides",
+        ),
+    ];
+    let mut wrong = 0;
+    println!("  {:<22} {:<12} policy", "nmap -p 22,80,81,5432", "open");
+    for (zone, vm, addr, want, why) in cases {
+        let out = topo
+            .zone_ns(zone)
+            .sh(&[
+                "nmap",
+                "-n",
+                "-Pn",
+                "-sT",
+                "-p",
+                "22,80,81,5432",
+                "--max-retries",
+                "1",
+                "-oG",
+                "-",
+                addr,
+            ])
+            .unwrap_or_default();
+        let open: Vec<u16> = out
+            .lines()
+            .filter_map(|l| l.split("Ports:").nth(1))
+            .flat_map(|p| p.split(','))
+            .filter_map(|e| {
+                let f: Vec<&str> = e.trim().split('/').collect();
+                (f.len() > 1 && f[1] == "open").then(|| f[0].parse().ok()).flatten()
+            })
+            .collect();
+        let mark = if open == want { "" } else { "   <-- UNEXPECTED" };
+        if open != want {
+            wrong += 1;
+        }
+        let from = if zone == "net" { "internet" } else { "extranet" };
+        println!(
+            "  {:<22} {:<12} {why}{mark}",
+            format!("{from} -> {vm}"),
+            format!("{open:?}")
+        );
+    }
+    wrong
+}
 
 fn step(s: &str) {
     println!("\n== {s}");
@@ -107,8 +179,24 @@ async fn main() -> anyhow::Result<()> {
         "run from the repository root (policies/examples not found)"
     );
 
-    step("topology: hosts h1 and h2 on a routed underlay; vm1, vm2 on h1, vm3 on h2");
+    step("topology: hosts h1 and h2 on a routed underlay; vm1, vm2 on h1, vm3 on h2; the extranet and the internet as two networks every host has an uplink to");
     let mut topo = Topology::new("demo", &["h1", "h2"])?;
+    topo.add_zone(
+        "ext",
+        "up-ext",
+        "10.255.0",
+        "fdf0:0:0:1",
+        &["10.0.0.0/8", "fd00::/8"],
+        &[EXT_HOST],
+    )?;
+    topo.add_zone(
+        "net",
+        "up-net",
+        "172.17.0",
+        "fdf0:0:0:2",
+        &["0.0.0.0/0", "::/0"],
+        &[NET_HOST],
+    )?;
     topo.add_vm("vm1", "h1", "02:00:00:00:00:11", "10.10.0.11/24", "fd10::11/64")?;
     topo.add_vm("vm2", "h1", "02:00:00:00:00:12", "10.10.0.12/24", "fd10::12/64")?;
     topo.add_vm("vm3", "h2", "02:00:00:00:00:13", "10.10.0.13/24", "fd10::13/64")?;
@@ -120,19 +208,7 @@ async fn main() -> anyhow::Result<()> {
         cluster.data_dir.display()
     );
 
-    step("administrator: sdnctl validate and apply the security groups (policies/examples/security-groups.yaml)");
-    cluster
-        .apply(vec![
-            tenant(T),
-            vpc("portal", T),
-            subnet("portal-a", "portal", "10.10.0.0/24", "fd10::/64"),
-        ])
-        .await?;
-    let sg = examples.join("security-groups.yaml");
-    sdnctl(&cluster, &["validate", "-f", sg.to_str().unwrap()])?;
-    sdnctl(&cluster, &["apply", "-f", sg.to_str().unwrap(), "--wait"])?;
-
-    step("cloud platform: hosts and ports over gRPC; agents start on h1 and h2");
+    step("cloud platform: hosts over gRPC; agents start on h1 and h2");
     cluster
         .apply(vec![
             host("h1", &topo.underlay_ip("h1")),
@@ -141,6 +217,41 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     cluster.start_agent(&topo, "h1")?;
     cluster.start_agent(&topo, "h2")?;
+
+    step("administrator: the zones and their exchange paths (policies/examples/gov-cloud/00-zones.yaml)");
+    let zones = examples.join("gov-cloud/00-zones.yaml");
+    sdnctl(&cluster, &["apply", "-f", zones.to_str().unwrap(), "--wait"])?;
+    cluster
+        .apply(vec![
+            tenant(T),
+            vpc_in_zone("portal", T, "extranet"),
+            subnet("portal-a", "portal", "10.10.0.0/24", "fd10::/64"),
+            exchange(
+                "demo-web-in",
+                "internet",
+                "extranet",
+                "0.0.0.0/0",
+                "10.10.0.11/32",
+                (80, 80),
+            ),
+        ])
+        .await?;
+    for (zone, vm) in [
+        ("ext", "vm1"),
+        ("ext", "vm2"),
+        ("ext", "vm3"),
+        ("net", "vm1"),
+        ("net", "vm3"),
+    ] {
+        topo.announce(zone, vm)?;
+    }
+
+    step("administrator: sdnctl validate and apply the security groups (policies/examples/security-groups.yaml)");
+    let sg = examples.join("security-groups.yaml");
+    sdnctl(&cluster, &["validate", "-f", sg.to_str().unwrap()])?;
+    sdnctl(&cluster, &["apply", "-f", sg.to_str().unwrap(), "--wait"])?;
+
+    step("cloud platform: ports over gRPC");
     let r = cluster
         .apply(vec![
             port(
@@ -243,6 +354,9 @@ async fn main() -> anyhow::Result<()> {
         if a { "PASS" } else { "DROP   <-- UNEXPECTED" }
     );
     wrong += (!a) as usize;
+
+    step("zones: the portal VPC is in the extranet; one exchange path lets the internet reach vm1's http");
+    wrong += zones_matrix(&topo);
 
     step("drop counters on h1, by reason");
     let drops = cluster.drops(&topo, "h1")?;
