@@ -512,6 +512,26 @@ impl Topology {
         attempt() || attempt()
     }
 
+    /// Starts `sdn-probe serve` with `args` in each VM (and zone network) named.
+    pub fn serve(&self, vms: &[&str], zones: &[&str], args: &[&str]) -> anyhow::Result<Vec<Proc>> {
+        let mut all = vec!["serve"];
+        all.extend_from_slice(args);
+        let mut out = Vec::new();
+        let names = vms
+            .iter()
+            .map(|v| (format!("probe-{v}"), self.vm(v).ns.name.clone()))
+            .chain(
+                zones
+                    .iter()
+                    .map(|z| (format!("probe-{z}"), self.zone_ns(z).name.clone())),
+            );
+        for (name, ns) in names {
+            out.push(Proc::spawn(&name, Some(&ns), &bin("sdn-probe"), &all, &self.dir)?);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(out)
+    }
+
     pub fn vm(&self, name: &str) -> &Vm {
         let full = format!("{}-{name}", self.tag);
         self.vms.iter().find(|v| v.ns.name == full).expect("known vm")
@@ -701,6 +721,30 @@ pub mod cluster {
         }
 
         /// Drop counters of a host's agent, by reason.
+        /// One counter of a host's dataplane: `group` is "drops" or "stats".
+        pub fn counter(&self, topo: &Topology, host: &str, group: &str, name: &str) -> u64 {
+            self.drops(topo, host).expect("counters")[group][name]
+                .as_u64()
+                .unwrap_or(0)
+        }
+
+        /// The firewall verdicts a host recorded (`sdn-agent verdicts`).
+        pub fn verdicts(&self, topo: &Topology, host: &str) -> Vec<serde_json::Value> {
+            let out = ns_sh(
+                &topo.host_ns(host).name,
+                &[
+                    bin("sdn-agent").to_str().unwrap(),
+                    "verdicts",
+                    "--pin-dir",
+                    self.pin_dir(host).to_str().unwrap(),
+                ],
+            )
+            .expect("sdn-agent verdicts");
+            out.lines()
+                .map(|l| serde_json::from_str(l).expect("a JSON line"))
+                .collect()
+        }
+
         pub fn drops(&self, topo: &Topology, host: &str) -> anyhow::Result<serde_json::Value> {
             let out = ns_sh(
                 &topo.host_ns(host).name,
@@ -820,6 +864,46 @@ pub mod ops {
         })
     }
     /// An ingress rule: "tcp", "udp", "icmp", "icmpv6" or "any"; v6 picks the family.
+    /// Security-group rules admitting everything, both families.
+    pub fn open_rules() -> Vec<pb::SecurityGroupRule> {
+        vec![
+            ingress("all4", false, "any", (0, 0), "", ""),
+            ingress("all6", true, "any", (0, 0), "", ""),
+        ]
+    }
+
+    /// A firewall rule; `what` is "<allow|deny> <in|out> <v4|v6>".
+    pub fn fw_rule(
+        id: &str,
+        priority: u32,
+        what: &str,
+        proto: &str,
+        ports: (u32, u32),
+        cidr: &str,
+    ) -> pb::FirewallRule {
+        let w: Vec<&str> = what.split(' ').collect();
+        let r = ingress(id, w[2] == "v6", proto, ports, cidr, "");
+        pb::FirewallRule {
+            id: r.id,
+            priority,
+            action: if w[0] == "allow" {
+                pb::Action::Allow
+            } else {
+                pb::Action::Deny
+            } as i32,
+            direction: if w[1] == "out" {
+                pb::Direction::Egress
+            } else {
+                pb::Direction::Ingress
+            } as i32,
+            ether_type: r.ether_type,
+            protocol: r.protocol,
+            port_min: r.port_min,
+            port_max: r.port_max,
+            remote_cidr: r.remote_cidr,
+        }
+    }
+
     pub fn ingress(
         id: &str,
         v6: bool,

@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use sdn_integration::cluster::Cluster;
 use sdn_integration::ops::*;
-use sdn_integration::{bin, privileged, Proc, Topology};
-use sdn_proto::v1 as pb;
+use sdn_integration::{privileged, Proc, Topology};
 
 const VNI_A: u32 = 100;
 const VNI_B: u32 = 200;
@@ -17,13 +16,6 @@ struct Env {
     _servers: Vec<Proc>,
     cluster: Cluster,
     topo: Topology,
-}
-
-fn open_rules() -> Vec<pb::SecurityGroupRule> {
-    vec![
-        ingress("all4", false, "any", (0, 0), "", ""),
-        ingress("all6", true, "any", (0, 0), "", ""),
-    ]
 }
 
 async fn setup(tag: &str) -> anyhow::Result<Env> {
@@ -100,18 +92,7 @@ async fn setup(tag: &str) -> anyhow::Result<Env> {
         ])
         .await?;
     assert!(r.enforced, "ports enforced on both hosts");
-    let mut servers = Vec::new();
-    for vm in ["a1", "a2", "b1", "b2"] {
-        let ns = topo.vm(vm).ns.name.clone();
-        servers.push(Proc::spawn(
-            &format!("probe-{vm}"),
-            Some(&ns),
-            &bin("sdn-probe"),
-            &["serve", "--tcp", "80", "--udp", "53"],
-            &topo.dir,
-        )?);
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    let servers = topo.serve(&["a1", "a2", "b1", "b2"], &[], &["--tcp", "80", "--udp", "53"])?;
     Ok(Env {
         _servers: servers,
         cluster,
@@ -121,9 +102,7 @@ async fn setup(tag: &str) -> anyhow::Result<Env> {
 
 impl Env {
     fn counter(&self, host: &str, group: &str, name: &str) -> u64 {
-        self.cluster.drops(&self.topo, host).unwrap()[group][name]
-            .as_u64()
-            .unwrap_or(0)
+        self.cluster.counter(&self.topo, host, group, name)
     }
 }
 

@@ -2,44 +2,10 @@
 //! by a peering whose firewall admits only what its ordered rules allow, in
 //! both families; replies pass; each verdict names its rule.
 
-use std::time::Duration;
-
 use sdn_integration::cluster::Cluster;
 use sdn_integration::ops::*;
-use sdn_integration::{bin, privileged, Proc, Topology};
+use sdn_integration::{privileged, Proc, Topology};
 use sdn_proto::v1 as pb;
-
-fn open_rules() -> Vec<pb::SecurityGroupRule> {
-    vec![
-        ingress("all4", false, "any", (0, 0), "", ""),
-        ingress("all6", true, "any", (0, 0), "", ""),
-    ]
-}
-
-/// A firewall rule; `what` is "<allow|deny> <in|out> <v4|v6>".
-fn fw_rule(id: &str, priority: u32, what: &str, proto: &str, ports: (u32, u32), cidr: &str) -> pb::FirewallRule {
-    let w: Vec<&str> = what.split(' ').collect();
-    let r = ingress(id, w[2] == "v6", proto, ports, cidr, "");
-    pb::FirewallRule {
-        id: r.id,
-        priority,
-        action: if w[0] == "allow" {
-            pb::Action::Allow
-        } else {
-            pb::Action::Deny
-        } as i32,
-        direction: if w[1] == "out" {
-            pb::Direction::Egress
-        } else {
-            pb::Direction::Ingress
-        } as i32,
-        ether_type: r.ether_type,
-        protocol: r.protocol,
-        port_min: r.port_min,
-        port_max: r.port_max,
-        remote_cidr: r.remote_cidr,
-    }
-}
 
 fn peering(id: &str, a: &str, b: &str, policy: &str) -> pb::operation::Op {
     pb::operation::Op::PutVpcPeering(pb::VpcPeering {
@@ -101,19 +67,8 @@ async fn setup(tag: &str) -> anyhow::Result<Env> {
         ));
     }
     assert!(cluster.apply(ports).await?.enforced);
-    let mut servers = Vec::new();
-    for vm in ["a1", "a2", "b1", "b2"] {
-        let ns = topo.vm(vm).ns.name.clone();
-        let args = ["serve", "--tcp", "22", "--tcp", "80", "--tcp", "5432"];
-        servers.push(Proc::spawn(
-            &format!("probe-{vm}"),
-            Some(&ns),
-            &bin("sdn-probe"),
-            &args,
-            &topo.dir,
-        )?);
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    let args = ["--tcp", "22", "--tcp", "80", "--tcp", "5432"];
+    let servers = topo.serve(&["a1", "a2", "b1", "b2"], &[], &args)?;
     Ok(Env {
         _servers: servers,
         cluster,
@@ -123,9 +78,7 @@ async fn setup(tag: &str) -> anyhow::Result<Env> {
 
 impl Env {
     fn counter(&self, host: &str, name: &str) -> u64 {
-        self.cluster.drops(&self.topo, host).unwrap()["drops"][name]
-            .as_u64()
-            .unwrap_or(0)
+        self.cluster.counter(&self.topo, host, "drops", name)
     }
 }
 
@@ -186,19 +139,10 @@ async fn peered_vpcs_meet_through_their_vpc_firewall() {
     assert!(env.counter("h1", "vpc_firewall") > before, "denials are counted");
 
     // The verdicts name the rules.
-    let out = sdn_integration::ns_sh(
-        &t.host_ns("h1").name,
-        &[
-            bin("sdn-agent").to_str().unwrap(),
-            "verdicts",
-            "--pin-dir",
-            env.cluster.pin_dir("h1").to_str().unwrap(),
-        ],
-    )
-    .expect("sdn-agent verdicts");
-    let rules: Vec<(String, String, u64)> = out
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+    let rules: Vec<(String, String, u64)> = env
+        .cluster
+        .verdicts(t, "h1")
+        .into_iter()
         .filter(|v| v["vm"] == "10.70.0.11")
         .map(|v| {
             (

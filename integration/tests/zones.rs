@@ -4,8 +4,6 @@
 //! sees only what an exchange path opens; the dataplane drops what crosses
 //! otherwise even when the outside network routes it to us.
 
-use std::time::Duration;
-
 use sdn_integration::cluster::Cluster;
 use sdn_integration::ops::*;
 use sdn_integration::{bin, privileged, Proc, Topology};
@@ -20,13 +18,6 @@ struct Env {
     _servers: Vec<Proc>,
     cluster: Cluster,
     topo: Topology,
-}
-
-fn open_rules() -> Vec<pb::SecurityGroupRule> {
-    vec![
-        ingress("all4", false, "any", (0, 0), "", ""),
-        ingress("all6", true, "any", (0, 0), "", ""),
-    ]
 }
 
 async fn setup(tag: &str) -> anyhow::Result<Env> {
@@ -140,29 +131,8 @@ async fn setup(tag: &str) -> anyhow::Result<Env> {
         ])
         .await?;
     assert!(r.enforced, "ports enforced on both hosts");
-    let mut servers = Vec::new();
-    let args = ["serve", "--tcp", "22", "--tcp", "80", "--tcp", "81", "--tcp", "443"];
-    for vm in ["a1", "a2", "p1"] {
-        let ns = topo.vm(vm).ns.name.clone();
-        servers.push(Proc::spawn(
-            &format!("probe-{vm}"),
-            Some(&ns),
-            &bin("sdn-probe"),
-            &args,
-            &topo.dir,
-        )?);
-    }
-    for z in ["ext", "net"] {
-        let ns = topo.zone_ns(z).name.clone();
-        servers.push(Proc::spawn(
-            &format!("probe-{z}"),
-            Some(&ns),
-            &bin("sdn-probe"),
-            &args,
-            &topo.dir,
-        )?);
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    let args = ["--tcp", "22", "--tcp", "80", "--tcp", "81", "--tcp", "443"];
+    let servers = topo.serve(&["a1", "a2", "p1"], &["ext", "net"], &args)?;
     Ok(Env {
         _servers: servers,
         cluster,
@@ -172,9 +142,7 @@ async fn setup(tag: &str) -> anyhow::Result<Env> {
 
 impl Env {
     fn counter(&self, host: &str, group: &str, name: &str) -> u64 {
-        self.cluster.drops(&self.topo, host).unwrap()[group][name]
-            .as_u64()
-            .unwrap_or(0)
+        self.cluster.counter(&self.topo, host, group, name)
     }
 
     /// A TCP connection from a zone's network (bound to `src`) to `dst`.
@@ -332,30 +300,6 @@ async fn zones_meet_only_on_exchange_paths() {
     assert!(!env.zone_connects("net", "10.99.0.7", "10.40.1.11", 443));
 }
 
-/// A firewall rule; `what` is "<allow|deny> <in|out> <v4|v6>".
-fn fw_rule(id: &str, priority: u32, what: &str, proto: &str, ports: (u32, u32), cidr: &str) -> pb::FirewallRule {
-    let w: Vec<&str> = what.split(' ').collect();
-    let mut r = sdn_integration::ops::ingress(id, w[2] == "v6", proto, ports, cidr, "");
-    if w[1] == "out" {
-        r.direction = pb::Direction::Egress as i32;
-    }
-    pb::FirewallRule {
-        id: r.id,
-        priority,
-        action: if w[0] == "allow" {
-            pb::Action::Allow
-        } else {
-            pb::Action::Deny
-        } as i32,
-        direction: r.direction,
-        ether_type: r.ether_type,
-        protocol: r.protocol,
-        port_min: r.port_min,
-        port_max: r.port_max,
-        remote_cidr: r.remote_cidr,
-    }
-}
-
 fn border_policy(router_ssh_allowed: bool) -> pb::operation::Op {
     let ssh = if router_ssh_allowed {
         "allow in v4"
@@ -409,17 +353,7 @@ async fn the_border_firewall_orders_its_rules_and_records_each_verdict() {
     assert!(env.counter("h2", "drops", "border_firewall") > 0);
 
     // Every verdict names its rule.
-    let out = sdn_integration::ns_sh(
-        &t.host_ns("h2").name,
-        &[
-            bin("sdn-agent").to_str().unwrap(),
-            "verdicts",
-            "--pin-dir",
-            env.cluster.pin_dir("h2").to_str().unwrap(),
-        ],
-    )
-    .expect("sdn-agent verdicts");
-    let verdicts: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let verdicts = env.cluster.verdicts(t, "h2");
     // (One entry per flow; nmap may try a port from more than one source port.)
     let rule_of = |remote: &str, port: u16| -> Vec<(String, String)> {
         let mut v: Vec<(String, String)> = verdicts
