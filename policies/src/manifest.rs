@@ -683,6 +683,10 @@ pub fn validate_offline(ops: &[Located]) -> Result<(), ManifestError> {
                 }
                 st.apply_batch(std::slice::from_ref(&l.op)).err()
             }
+            // Self-contained objects: checked exactly as the server would.
+            Op::PutFirewallPolicy(_) | Op::PutZone(_) => {
+                crate::State::default().apply_batch(std::slice::from_ref(&l.op)).err()
+            }
             Op::PutTenant(t) => model::check_id(&t.id).err().map(|m| crate::BatchError {
                 index: 0,
                 field: "metadata.name".into(),
@@ -691,7 +695,11 @@ pub fn validate_offline(ops: &[Located]) -> Result<(), ManifestError> {
             _ => None,
         };
         if let Some(e) = single {
-            let field = e.field.replace("operations[0].put_security_group.", "spec.");
+            let field = ["put_security_group", "put_firewall_policy", "put_zone"]
+                .iter()
+                .fold(e.field.clone(), |f, op| {
+                    f.replace(&format!("operations[0].{op}."), "spec.")
+                });
             return Err(at(&l.file, Some(l.line), None, format!("{field}: {}", e.message)));
         }
     }
@@ -1012,6 +1020,15 @@ mod schema_tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn offline_validation_checks_firewall_policies_with_their_line() {
+        let text = "apiVersion: sdn/v1\nkind: Tenant\nmetadata:\n  name: t\n---\napiVersion: sdn/v1\nkind: FirewallPolicy\nmetadata:\n  name: fw\nspec:\n  defaultAction: deny\n  rules:\n    - {id: a, priority: 10, action: allow, direction: ingress, etherType: IPv4, protocol: tcp, ports: 22}\n    - {id: b, priority: 10, action: deny, direction: ingress, etherType: IPv4, protocol: tcp, ports: 23}\n";
+        let ops = parse_str("fw.yaml", text).unwrap();
+        let e = validate_offline(&ops).unwrap_err();
+        assert_eq!(e.line, Some(6), "{e:?}");
+        assert!(e.message.starts_with("spec.rules[1].priority:"), "{e:?}");
     }
 
     #[test]
