@@ -12,9 +12,31 @@ use dataplane_common::{
 
 use crate::{
     maps::{count, CT},
-    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    parse::{Ip, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     policy,
 };
+
+/// The key of the flow of `ip` as the VM port `ifindex` sees it: `local` is
+/// the VM, which is the packet's source when `vm_is_src`, else its
+/// destination.
+#[inline(always)]
+pub fn key(ifindex: u32, ip: &Ip, vm_is_src: bool) -> CtKey {
+    let (local, remote, local_port, remote_port) = if vm_is_src {
+        (ip.src, ip.dst, ip.sport, ip.dport)
+    } else {
+        (ip.dst, ip.src, ip.dport, ip.sport)
+    };
+    CtKey {
+        ifindex,
+        family: ip.family,
+        proto: ip.proto,
+        _pad: [0; 2],
+        local_port,
+        remote_port,
+        local,
+        remote,
+    }
+}
 
 /// What conntrack made of a packet.
 pub enum Ct {

@@ -7,14 +7,14 @@
 use aya_ebpf::{helpers::gen, programs::TcContext};
 use dataplane_common::{
     maps::{
-        CtKey, Endpoint, EndpointKey, PortInfo, CT_ORIGIN_OUT, EP_F_GATEWAY, EP_F_LOCAL_IS_A, EP_F_PEER, GATEWAY_MAC,
+        Endpoint, EndpointKey, PortInfo, CT_ORIGIN_OUT, EP_F_GATEWAY, EP_F_LOCAL_IS_A, EP_F_PEER, GATEWAY_MAC,
         PORT_F_UPLINK,
     },
     DropReason, Stat, DIR_EGRESS, DIR_INGRESS, FAMILY_V4, FAMILY_V6, PROTO_ICMPV6,
 };
 
 use crate::{
-    firewall,
+    conntrack, firewall,
     maps::{count, CONFIG, CT, ENDPOINTS},
     parse::{self, Arp, Ip, ETH_HLEN, ETH_P_IP, ETH_P_IPV6},
 };
@@ -45,6 +45,48 @@ struct TunnelKey {
 }
 
 const _: () = assert!(core::mem::size_of::<TunnelKey>() == 44);
+
+impl TunnelKey {
+    const ZERO: TunnelKey = TunnelKey {
+        tunnel_id: 0,
+        remote: [0; 4],
+        tos: 0,
+        ttl: 0,
+        ext: 0,
+        label: 0,
+        local: [0; 4],
+    };
+}
+
+/// Sets the tunnel metadata the VXLAN device encapsulates with.
+#[inline(always)]
+fn set_tunnel(ctx: &TcContext, mut key: TunnelKey) -> bool {
+    // SAFETY: key is a live bpf_tunnel_key-shaped value of the size passed.
+    unsafe {
+        gen::bpf_skb_set_tunnel_key(
+            ctx.skb.skb,
+            &mut key as *mut TunnelKey as *mut _,
+            core::mem::size_of::<TunnelKey>() as u32,
+            0,
+        ) == 0
+    }
+}
+
+/// The tunnel metadata a packet from the VXLAN device came with.
+#[inline(always)]
+fn tunnel_of(ctx: &TcContext) -> Option<TunnelKey> {
+    let mut key = TunnelKey::ZERO;
+    // SAFETY: as above.
+    let r = unsafe {
+        gen::bpf_skb_get_tunnel_key(
+            ctx.skb.skb,
+            &mut key as *mut TunnelKey as *mut _,
+            core::mem::size_of::<TunnelKey>() as u32,
+            0,
+        )
+    };
+    (r == 0).then_some(key)
+}
 
 #[inline(always)]
 pub fn endpoint(vni: u32, family: u8, addr: &[u8; 16]) -> Option<Endpoint> {
@@ -195,25 +237,13 @@ pub fn route(ctx: &mut TcContext, ifx: u32, port: &PortInfo, ip: &Ip) -> Result<
     }
     // A peer's address lives in its own VPC: the receiver checks it there.
     let vni = if ep.flags & EP_F_PEER != 0 { ep.vni } else { port.vni };
-    let mut key = TunnelKey {
+    let key = TunnelKey {
         tunnel_id: vni,
         remote: [u32::from_be_bytes(ep.host_v4), 0, 0, 0],
-        tos: 0,
         ttl: 64,
-        ext: 0,
-        label: 0,
-        local: [0; 4],
+        ..TunnelKey::ZERO
     };
-    // SAFETY: key is a live bpf_tunnel_key-shaped value of the size passed.
-    let r = unsafe {
-        gen::bpf_skb_set_tunnel_key(
-            ctx.skb.skb,
-            &mut key as *mut TunnelKey as *mut _,
-            core::mem::size_of::<TunnelKey>() as u32,
-            0,
-        )
-    };
-    if r != 0 {
+    if !set_tunnel(ctx, key) {
         return Err(DropReason::NoRoute);
     }
     count(Stat::Encapsulated);
@@ -226,27 +256,7 @@ pub fn route(ctx: &mut TcContext, ifx: u32, port: &PortInfo, ip: &Ip) -> Result<
 /// test: the sender's addresses are not that VPC's endpoints on that host.
 #[inline(always)]
 pub fn from_overlay(ctx: &mut TcContext) -> Result<Action, DropReason> {
-    let mut key = TunnelKey {
-        tunnel_id: 0,
-        remote: [0; 4],
-        tos: 0,
-        ttl: 0,
-        ext: 0,
-        label: 0,
-        local: [0; 4],
-    };
-    // SAFETY: as above.
-    let r = unsafe {
-        gen::bpf_skb_get_tunnel_key(
-            ctx.skb.skb,
-            &mut key as *mut TunnelKey as *mut _,
-            core::mem::size_of::<TunnelKey>() as u32,
-            0,
-        )
-    };
-    if r != 0 {
-        return Err(DropReason::OverlaySpoof);
-    }
+    let key = tunnel_of(ctx).ok_or(DropReason::OverlaySpoof)?;
     let vni = key.tunnel_id;
     let sender = key.remote[0].to_be_bytes();
     let eth = parse::eth(ctx)?;
@@ -267,16 +277,7 @@ pub fn from_overlay(ctx: &mut TcContext) -> Result<Action, DropReason> {
     // on one host): the VPC firewall (tier 3), read from side A, unless the
     // packet answers a flow the local VM opened.
     if src.flags & EP_F_PEER != 0 && src.policy != 0 {
-        let key = CtKey {
-            ifindex: dst.ifindex,
-            family: ip.family,
-            proto: ip.proto,
-            _pad: [0; 2],
-            local_port: ip.dport,
-            remote_port: ip.sport,
-            local: ip.dst,
-            remote: ip.src,
-        };
+        let key = conntrack::key(dst.ifindex, &ip, false);
         // SAFETY: the value is read at once.
         let reply = unsafe { CT.get(&key) }.is_some_and(|v| v.origin == CT_ORIGIN_OUT);
         if !reply {

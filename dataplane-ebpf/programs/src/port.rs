@@ -158,16 +158,7 @@ fn judge_from_vm(ctx: &TcContext, ifx: u32, port: &PortInfo, eth: &parse::Eth) -
     if related(ctx, ifx, &ip, false) {
         return Ok(Judged::Ip(ip));
     }
-    let key = CtKey {
-        ifindex: ifx,
-        family: ip.family,
-        proto: ip.proto,
-        _pad: [0; 2],
-        local_port: ip.sport,
-        remote_port: ip.dport,
-        local: ip.src,
-        remote: ip.dst,
-    };
+    let key = conntrack::key(ifx, &ip, true);
     let len = ctx.len();
     if let Ct::Established = conntrack::lookup(&key, &port, true, ip.tcp_flags, len)? {
         return Ok(Judged::Ip(ip));
@@ -275,16 +266,7 @@ fn judge_to_vm(ctx: &TcContext) -> Result<(), DropReason> {
     if related(ctx, ifx, &ip, true) {
         return Ok(());
     }
-    let key = CtKey {
-        ifindex: ifx,
-        family: ip.family,
-        proto: ip.proto,
-        _pad: [0; 2],
-        local_port: ip.dport,
-        remote_port: ip.sport,
-        local: ip.dst,
-        remote: ip.src,
-    };
+    let key = conntrack::key(ifx, &ip, false);
     let len = ctx.len();
     if let Ct::Established = conntrack::lookup(&key, &port, false, ip.tcp_flags, len)? {
         return Ok(());

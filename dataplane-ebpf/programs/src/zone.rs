@@ -6,11 +6,12 @@
 
 use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use dataplane_common::{
-    maps::{zone_net_data, CtKey, ZoneAddrKey, ZoneEndpoint, CT_ORIGIN_IN, CT_ORIGIN_OUT, EXCHANGE_MAX, GATEWAY_MAC},
+    maps::{zone_net_data, ZoneAddrKey, ZoneEndpoint, CT_ORIGIN_IN, CT_ORIGIN_OUT, EXCHANGE_MAX, GATEWAY_MAC},
     DropReason, Stat, DIR_EGRESS, DIR_INGRESS,
 };
 
 use crate::{
+    conntrack,
     firewall::{self, halves, in_prefix},
     forward::Action,
     maps::{count, CT, EXCHANGE, UPLINKS, ZONE_ENDPOINTS, ZONE_NETS, ZONE_UPLINK},
@@ -75,23 +76,8 @@ fn exchange_admits(from: u32, to: u32, ip: &Ip) -> bool {
 /// The conntrack entry of a VM's flow, seen from its port.
 #[inline(always)]
 fn flow_origin(ep: &ZoneEndpoint, ip: &Ip, vm_is_src: bool) -> Option<u8> {
-    let (local, remote, lp, rp) = if vm_is_src {
-        (ip.src, ip.dst, ip.sport, ip.dport)
-    } else {
-        (ip.dst, ip.src, ip.dport, ip.sport)
-    };
-    let k = CtKey {
-        ifindex: ep.ifindex,
-        family: ip.family,
-        proto: ip.proto,
-        _pad: [0; 2],
-        local_port: lp,
-        remote_port: rp,
-        local,
-        remote,
-    };
     // SAFETY: the value is copied out at once.
-    unsafe { CT.get(&k) }.map(|v| v.origin)
+    unsafe { CT.get(&conntrack::key(ep.ifindex, ip, vm_is_src)) }.map(|v| v.origin)
 }
 
 #[inline(always)]
@@ -118,21 +104,7 @@ fn border_firewall(ep: &ZoneEndpoint, ip: &Ip, dir: u8) -> Result<(), DropReason
     if ep.border == 0 {
         return Ok(());
     }
-    let (local, remote, local_port, remote_port) = if dir == DIR_EGRESS {
-        (ip.src, ip.dst, ip.sport, ip.dport)
-    } else {
-        (ip.dst, ip.src, ip.dport, ip.sport)
-    };
-    let key = CtKey {
-        ifindex: ep.ifindex,
-        family: ip.family,
-        proto: ip.proto,
-        _pad: [0; 2],
-        local_port,
-        remote_port,
-        local,
-        remote,
-    };
+    let key = conntrack::key(ep.ifindex, ip, dir == DIR_EGRESS);
     if firewall::allows(ep.border, &key, &key.remote, ip, dir) {
         Ok(())
     } else {
