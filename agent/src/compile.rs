@@ -265,11 +265,7 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
                         message: format!("firewall policy {} is missing from the share", n.border_policy_id),
                     })?
             };
-            for (k, ep) in d
-                .endpoints
-                .iter()
-                .filter(|(k, e)| k.vni == n.vni && e.flags & (EP_F_GATEWAY | EP_F_PEER) == 0)
-            {
+            for (k, ep) in ports_of_vni(&d.endpoints, n.vni) {
                 d.zone_endpoints.insert(
                     ZoneAddrKey {
                         family: k.family,
@@ -663,6 +659,23 @@ fn compile_zones<'a>(
     Ok(no)
 }
 
+/// The ports of one VPC among the endpoints (not its gateways, not its
+/// peers'): a range of the map, which is ordered by VNI first.
+fn ports_of_vni(eps: &BTreeMap<EndpointKey, Endpoint>, vni: u32) -> impl Iterator<Item = (&EndpointKey, &Endpoint)> {
+    let at = |vni: u32| EndpointKey {
+        vni,
+        family: 0,
+        _pad: [0; 3],
+        addr: [0; 16],
+    };
+    let range = if vni == u32::MAX {
+        eps.range(at(vni)..)
+    } else {
+        eps.range(at(vni)..at(vni + 1))
+    };
+    range.filter(|(_, e)| e.flags & (EP_F_GATEWAY | EP_F_PEER) == 0)
+}
+
 /// Peerings: each side's ports are also endpoints of the other side's VNI,
 /// flagged as peers with their own VNI and the VPC firewall between them.
 fn compile_peerings(
@@ -687,12 +700,8 @@ fn compile_peerings(
                 .get(p.policy_id.as_str())
                 .ok_or_else(|| perr(format!("firewall policy {} is missing from the share", p.policy_id)))?
         };
-        let own = |vni: u32| -> Vec<(EndpointKey, Endpoint)> {
-            out.iter()
-                .filter(|(k, e)| k.vni == vni && e.flags & (EP_F_GATEWAY | EP_F_PEER) == 0)
-                .map(|(k, e)| (*k, *e))
-                .collect()
-        };
+        let own =
+            |vni: u32| -> Vec<(EndpointKey, Endpoint)> { ports_of_vni(out, vni).map(|(k, e)| (*k, *e)).collect() };
         let (of_a, of_b) = (own(a), own(b));
         for (key_vni, entries, flags) in [(a, of_b, EP_F_PEER | EP_F_LOCAL_IS_A), (b, of_a, EP_F_PEER)] {
             for (k, e) in entries {
