@@ -7,13 +7,13 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, ProgramArray};
 use aya::programs::links::{FdLink, LinkOrder, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
-use aya::programs::{SchedClassifier, TcAttachType};
+use aya::programs::{SchedClassifier, TcAttachType, Xdp};
 use aya::{Ebpf, EbpfLoader, Pod};
 use dataplane_common::maps as m;
-use dataplane_common::{DropReason, Stat, DROP_REASON_SLOTS, STAT_SLOTS};
+use dataplane_common::{stage, DropReason, Stat, DROP_REASON_SLOTS, STAT_SLOTS};
 
 use crate::reconcile::{MapSet, Table};
 
@@ -37,6 +37,23 @@ pub const UPLINK_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
 /// The program on the VXLAN device's ingress, and its link pin's name.
 pub const OVERLAY_PROGRAM: &str = "from_overlay";
 const OVERLAY_PIN: &str = "overlay-ingress";
+
+/// The parser and anti-spoofing behind an XDP entry (loaded, not attached).
+pub const XDP_PROGRAM: &str = "xdp_from_vm";
+
+/// The program array of the pipeline's stages, and the prefix of its pins.
+const PIPE_MAP: &str = "SDN_PIPE";
+const PIPE_PIN: &str = "pipe-";
+
+/// Every TC program of the object: entries, then stages.
+pub fn tc_programs() -> impl Iterator<Item = &'static str> {
+    PROGRAMS
+        .iter()
+        .chain(UPLINK_PROGRAMS.iter())
+        .map(|p| p.0)
+        .chain([OVERLAY_PROGRAM])
+        .chain(stage::PROGRAMS.iter().map(|s| s.1))
+}
 
 /// Checks that `dir` is on a bpffs mount.
 pub fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
@@ -68,6 +85,9 @@ pub fn ifindex(name: &str) -> Option<u32> {
 pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: PathBuf,
+    config: m::HostConfig,
+    /// The pin of this load's program array.
+    pipe_pin: PathBuf,
 }
 
 /// An LPM trie as a table keyed by (prefix length, data).
@@ -151,19 +171,15 @@ impl Dataplane {
         check_bpffs(pin_dir)?;
         let maps_dir = pin_dir.join("maps");
         let links_dir = pin_dir.join("links");
-        for d in [&maps_dir, &links_dir] {
+        let pipes_dir = pin_dir.join("pipes");
+        for d in [&maps_dir, &links_dir, &pipes_dir] {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
         let mut ebpf = EbpfLoader::new()
             .map_pin_path(&maps_dir)
             .load(OBJECT)
             .context("loading the eBPF object (maps pinned under the pin directory)")?;
-        for name in PROGRAMS
-            .iter()
-            .chain(UPLINK_PROGRAMS.iter())
-            .map(|p| p.0)
-            .chain([OVERLAY_PROGRAM])
-        {
+        for name in tc_programs() {
             let p: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .with_context(|| format!("program {name} missing from the object"))?
@@ -171,10 +187,59 @@ impl Dataplane {
             p.load()
                 .with_context(|| format!("verifying and loading program {name}"))?;
         }
+        let xdp: &mut Xdp = ebpf
+            .program_mut(XDP_PROGRAM)
+            .with_context(|| format!("program {XDP_PROGRAM} missing from the object"))?
+            .try_into()?;
+        xdp.load()
+            .with_context(|| format!("verifying and loading program {XDP_PROGRAM}"))?;
+        // This load's stages, in this load's own program array, pinned
+        // under a name of its own: the entry programs swapped in later use
+        // it, the ones still attached keep theirs until they are swapped.
+        let mut fds = Vec::new();
+        for (slot, name) in stage::PROGRAMS {
+            let p: &SchedClassifier = ebpf.program(name).expect("loaded").try_into()?;
+            fds.push((slot, p.fd()?.try_clone()?));
+        }
+        let pipe_map = ebpf.map_mut(PIPE_MAP).context("map SDN_PIPE missing")?;
+        let mut pipe: ProgramArray<&mut MapData> = ProgramArray::try_from(pipe_map)?;
+        for (slot, fd) in &fds {
+            pipe.set(*slot, fd, 0)
+                .with_context(|| format!("setting stage {slot} of the pipeline"))?;
+        }
+        let pipe_map = ebpf.map(PIPE_MAP).context("map SDN_PIPE missing")?;
+        let id = match pipe_map {
+            aya::maps::Map::ProgramArray(d) => d.info()?.id(),
+            _ => anyhow::bail!("map SDN_PIPE is not a program array"),
+        };
+        let pipe_pin = pipes_dir.join(format!("{PIPE_PIN}{id}"));
+        if let aya::maps::Map::ProgramArray(d) = pipe_map {
+            d.pin(&pipe_pin)
+                .with_context(|| format!("pinning the pipeline at {}", pipe_pin.display()))?;
+        }
         Ok(Dataplane {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
+            config: m::HostConfig::default(),
+            pipe_pin,
         })
+    }
+
+    /// Removes the program arrays of earlier loads. Call once every link
+    /// runs this load's programs: the entries of an earlier load would
+    /// find their stages gone and drop (fail closed).
+    pub fn retire_old_pipelines(&self) {
+        let Ok(rd) = std::fs::read_dir(self.pin_dir.join("pipes")) else {
+            return;
+        };
+        for e in rd.flatten() {
+            if e.path() != self.pipe_pin {
+                match std::fs::remove_file(e.path()) {
+                    Ok(()) => tracing::info!(pin = %e.path().display(), "retired an earlier pipeline"),
+                    Err(err) => tracing::warn!(pin = %e.path().display(), error = %err, "removing an earlier pipeline"),
+                }
+            }
+        }
     }
 
     fn link_pin(&self, ifindex: u32, dir: &str) -> PathBuf {
@@ -239,14 +304,26 @@ impl Dataplane {
             }
         }
         self.attach_pinned(OVERLAY_PROGRAM, TcAttachType::Ingress, ifname, &pin)?;
-        self.set_host_config(m::HostConfig {
-            vxlan_ifindex: ifindex,
-            _pad: 0,
-        })
+        self.config.vxlan_ifindex = ifindex;
+        self.write_config()
+    }
+
+    /// Sets the number of flows one port may hold (0: the default).
+    pub fn set_ct_budget(&mut self, budget: u32) -> anyhow::Result<()> {
+        self.config.ct_budget = budget;
+        self.write_config()
+    }
+
+    /// Replaces the host-wide settings (tests give the VXLAN device an
+    /// ifindex of their choosing).
+    pub fn set_host_config(&mut self, c: m::HostConfig) -> anyhow::Result<()> {
+        self.config = c;
+        self.write_config()
     }
 
     /// Writes the host-wide settings the programs read.
-    pub fn set_host_config(&mut self, c: m::HostConfig) -> anyhow::Result<()> {
+    fn write_config(&mut self) -> anyhow::Result<()> {
+        let c = self.config;
         let map = self.ebpf.map_mut(m::CONFIG).context("map CONFIG missing")?;
         let mut cfg: Array<&mut MapData, m::HostConfig> = Array::try_from(map)?;
         cfg.set(0, c, 0).context("writing the host configuration")?;
@@ -346,29 +423,78 @@ impl Dataplane {
         })
     }
 
-    /// Removes conntrack entries of ports that are gone.
+    /// Removes the flows of ports that are gone, from both tables, and
+    /// their counts.
     pub fn flush_conntrack(&mut self, ifindexes: &BTreeSet<u32>) -> anyhow::Result<usize> {
         if ifindexes.is_empty() {
             return Ok(0);
         }
+        let mut n = 0;
+        for name in [m::CT, m::CT_SYN] {
+            let map = self.ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
+            let mut ct: BpfHashMap<&mut MapData, m::CtKey, m::CtValue> = BpfHashMap::try_from(map)?;
+            let doomed: Vec<m::CtKey> = ct
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| ifindexes.contains(&k.ifindex))
+                .collect();
+            for k in &doomed {
+                let _ = ct.remove(k);
+            }
+            n += doomed.len();
+        }
+        let map = self.ebpf.map_mut(m::CT_COUNT).context("map CT_COUNT missing")?;
+        let mut counts: BpfHashMap<&mut MapData, u32, u32> = BpfHashMap::try_from(map)?;
+        for i in ifindexes {
+            let _ = counts.remove(i);
+        }
+        Ok(n)
+    }
+
+    /// The conntrack collector: removes flow-table entries that timed out
+    /// and recounts each port's entries (the programs count on insert;
+    /// entries leave only here). Returns (removed, remaining).
+    pub fn collect_conntrack(&mut self) -> anyhow::Result<(usize, usize)> {
+        let now = monotonic_ns();
         let map = self.ebpf.map_mut(m::CT).context("map CT missing")?;
         let mut ct: BpfHashMap<&mut MapData, m::CtKey, m::CtValue> = BpfHashMap::try_from(map)?;
-        let doomed: Vec<m::CtKey> = ct
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| ifindexes.contains(&k.ifindex))
-            .collect();
-        for k in &doomed {
+        let mut expired = Vec::new();
+        let mut per_port: std::collections::BTreeMap<u32, u32> = std::collections::BTreeMap::new();
+        for item in ct.iter() {
+            let Ok((k, v)) = item else { continue };
+            if now.saturating_sub(v.last_seen_ns) > m::ct_timeout(k.proto, v.flags) {
+                expired.push(k);
+            } else {
+                *per_port.entry(k.ifindex).or_default() += 1;
+            }
+        }
+        for k in &expired {
             let _ = ct.remove(k);
         }
-        Ok(doomed.len())
+        let remaining = per_port.values().map(|c| *c as usize).sum();
+        let map = self.ebpf.map_mut(m::CT_COUNT).context("map CT_COUNT missing")?;
+        let mut counts: BpfHashMap<&mut MapData, u32, u32> = BpfHashMap::try_from(map)?;
+        let held: Vec<u32> = counts.keys().filter_map(|k| k.ok()).collect();
+        for i in held {
+            if !per_port.contains_key(&i) {
+                let _ = counts.remove(&i);
+            }
+        }
+        for (i, c) in per_port {
+            counts.insert(i, c, 0)?;
+        }
+        Ok((expired.len(), remaining))
     }
 
     /// The program file descriptor, for BPF_PROG_TEST_RUN.
     pub fn program_fd(&self, name: &str) -> anyhow::Result<std::os::fd::RawFd> {
         use std::os::fd::{AsFd, AsRawFd};
-        let p: &SchedClassifier = self.ebpf.program(name).context("no such program")?.try_into()?;
-        Ok(p.fd()?.as_fd().as_raw_fd())
+        let fd = match self.ebpf.program(name).context("no such program")? {
+            aya::programs::Program::SchedClassifier(p) => p.fd()?,
+            aya::programs::Program::Xdp(p) => p.fd()?,
+            _ => anyhow::bail!("program {name} is neither TC nor XDP"),
+        };
+        Ok(fd.as_fd().as_raw_fd())
     }
 
     /// Direct access to a pinned map, for tests and benchmarks.
@@ -417,6 +543,14 @@ pub fn read_verdicts(pin_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
     Ok(out)
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    // SAFETY: clock_gettime writes into the struct we own.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Named counters, in index order.
 pub type Counters = Vec<(&'static str, u64)>;
 
@@ -449,6 +583,8 @@ pub fn read_counters(pin_dir: &Path) -> anyhow::Result<(Counters, Counters)> {
         ("to_uplink", Stat::ToUplink),
         ("from_uplink", Stat::FromUplink),
         ("exchanged", Stat::Exchanged),
+        ("ct_promoted", Stat::CtPromoted),
+        ("fast_path", Stat::FastPath),
     ]
     .iter()
     .map(|(n, s)| (*n, stats[*s as usize]))

@@ -30,6 +30,11 @@ enum Cmd {
         /// (created if missing, UDP port 4789).
         #[arg(long, default_value = "sdn-vx")]
         vxlan_device: String,
+        /// Flows each port may hold in the flow table (0: the built-in
+        /// default); new flows beyond it are dropped and counted (`ct_budget`),
+        /// so one port's flood cannot take other ports' room.
+        #[arg(long, default_value_t = 0)]
+        ct_budget: u32,
     },
     /// Print drop and pass counters as JSON.
     Counters {
@@ -62,9 +67,11 @@ async fn main() -> anyhow::Result<()> {
             controllers,
             pin_dir,
             vxlan_device,
+            ct_budget,
         } => {
             let mut dp = dataplane::Dataplane::load(&pin_dir)
                 .with_context(|| format!("loading the dataplane under {}", pin_dir.display()))?;
+            dp.set_ct_budget(ct_budget)?;
             let vx = overlay::ensure_vxlan(&vxlan_device).await?;
             dp.attach_overlay(&vxlan_device, vx)
                 .with_context(|| format!("attaching the overlay program to {vxlan_device}"))?;

@@ -14,6 +14,10 @@ use crate::compile::{self, Resources};
 use crate::dataplane::{self, Dataplane};
 use crate::reconcile::Reconciler;
 
+/// How often timed-out flows leave the flow table and ports' flow counts
+/// are recounted.
+const CT_COLLECT_EVERY: Duration = Duration::from_secs(5);
+
 /// One agent: its host, its controllers, and its dataplane.
 pub struct Agent {
     pub host: String,
@@ -91,6 +95,8 @@ impl Agent {
             self.attached.insert(ifx);
             tracing::info!(device = %name, ifindex = ifx, "programs attached");
         }
+        // Every link now runs this load's programs: earlier loads' stages go.
+        self.dp.retire_old_pipelines();
         // The zone guard on every uplink; off devices that no longer are one.
         let held_uplinks = self.dp.attached_uplinks();
         for (ifx, name) in &desired.uplink_devices {
@@ -255,6 +261,7 @@ impl Agent {
             .map_err(|s| (false, anyhow::anyhow!("watch: {:?}: {}", s.code(), s.message())))?
             .into_inner();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut collect = tokio::time::interval(CT_COLLECT_EVERY);
         let mut pending = false;
         loop {
             tokio::select! {
@@ -272,6 +279,15 @@ impl Agent {
                 }
                 _ = tick.tick(), if pending || self.next_expiry.is_some() => {
                     pending = self.enforce_and_ack(&mut client).await.map_err(|e| (progressed, e))?;
+                }
+                _ = collect.tick() => {
+                    match self.dp.collect_conntrack() {
+                        Ok((removed, remaining)) if removed > 0 => {
+                            tracing::debug!(removed, remaining, "conntrack: timed-out flows removed");
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %format!("{e:#}"), "conntrack collection failed; retried"),
+                    }
                 }
             }
         }

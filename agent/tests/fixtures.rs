@@ -271,6 +271,31 @@ fn short_tcp() -> Vec<u8> {
     v
 }
 
+/// A TCP SYN towards the VM whose data offset field is `doff` words.
+fn tcp_doff(doff: u8) -> Vec<u8> {
+    let mut v = tcp4(GW_MAC, [198, 51, 100, 1], VM4, 1, 22, true);
+    v[14 + 20 + 12] = doff << 4;
+    v
+}
+
+/// A UDP datagram towards the VM whose length field says `len`.
+fn udp_len(len: u16) -> Vec<u8> {
+    let mut v = udp4([10, 9, 9, 9], VM4, 5353, 53);
+    v[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&len.to_be_bytes());
+    v
+}
+
+/// A DHCP server message (UDP 67 -> 68) from the VM.
+fn dhcp_offer() -> Vec<u8> {
+    let mut v = Vec::new();
+    etherparse::PacketBuilder::ethernet2(VM_MAC, [0xff; 6])
+        .ipv4(VM4, [10, 0, 0, 9], 64)
+        .udp(67, 68)
+        .write(&mut v, &[2u8; 240])
+        .unwrap();
+    v
+}
+
 fn bad_ihl() -> Vec<u8> {
     let mut v = tcp4(GW_MAC, [198, 51, 100, 1], VM4, 1, 22, true);
     v[14] = 0x44;
@@ -303,7 +328,7 @@ impl Harness {
         let mut dp = Dataplane::load(&pin).expect("load dataplane");
         dp.set_host_config(dataplane_common::maps::HostConfig {
             vxlan_ifindex: VXLAN_IFINDEX,
-            _pad: 0,
+            ct_budget: 0,
         })
         .unwrap();
         let rec = Reconciler::new(dp.map_set().unwrap()).unwrap();
@@ -340,7 +365,7 @@ impl Harness {
         let run = testrun::run(fd, pkt, 1).unwrap_or_else(|e| panic!("{name}: test run failed: {e}"));
         let after = self.drops();
         match expect {
-            Expect::Pass if prog == Prog::FromVm => {
+            Expect::Pass if matches!(prog, Prog::FromVm | Prog::FromUplink | Prog::FromOverlay) => {
                 assert_eq!(
                     run.retval,
                     TC_ACT_REDIRECT,
@@ -423,10 +448,60 @@ fn fixture_table() {
             Pass,
         ),
         (
-            "reply to that flow: conntrack",
+            "its reply through another door (the host's): no flow there, not a SYN",
             ToVm,
             tcp4(GW_MAC, [192, 0, 2, 1], VM4, 443, 40000, false),
-            Pass,
+            Drop(CtNotSyn),
+        ),
+        (
+            "an ACK the VM sends with no flow: only a SYN opens one",
+            FromVm,
+            tcp4(VM_MAC, VM4, [192, 0, 2, 1], 40001, 443, false),
+            Drop(CtNotSyn),
+        ),
+        (
+            "tcp data offset below 5 words",
+            ToVm,
+            tcp_doff(4),
+            Drop(BadIpHeader),
+        ),
+        (
+            "tcp data offset beyond the packet",
+            ToVm,
+            tcp_doff(15),
+            Drop(BadIpHeader),
+        ),
+        ("udp length below 8", ToVm, udp_len(7), Drop(BadIpHeader)),
+        ("udp length beyond the packet", ToVm, udp_len(200), Drop(BadIpHeader)),
+        (
+            "a DHCP offer from a VM that is no DHCP server",
+            FromVm,
+            dhcp_offer(),
+            Drop(DhcpServer),
+        ),
+        (
+            "a router advertisement towards the VM from the host",
+            ToVm,
+            nd(134, remote6, [0; 16], None),
+            Drop(RaGuard),
+        ),
+        (
+            "an MLD query towards the VM from the host",
+            ToVm,
+            nd(130, remote6, [0; 16], None),
+            Drop(RaGuard),
+        ),
+        (
+            "a neighbour solicitation towards the VM for another address",
+            ToVm,
+            nd(135, remote6, remote6, None),
+            Drop(SpoofNd),
+        ),
+        (
+            "a neighbour solicitation towards the VM for its own address",
+            ToVm,
+            nd(135, remote6, VM6, None),
+            Host,
         ),
         (
             "tcp 22 in from anywhere",
@@ -481,6 +556,12 @@ fn fixture_table() {
             "ipv6 tcp 8080 behind two extension headers",
             ToVm,
             ipv6_ext_chain(2, 0, 8080),
+            Pass,
+        ),
+        (
+            "ipv6 tcp behind eight extension headers (the limit)",
+            ToVm,
+            ipv6_ext_chain(8, 60, 8080),
             Pass,
         ),
         (
@@ -565,30 +646,63 @@ fn fixture_table() {
     eprintln!("{} fixtures passed", table.len());
 }
 
+/// An outside host of the internet zone.
+const INTERNET: [u8; 4] = [203, 0, 113, 1];
+
+/// A TCP packet with the given flags.
+fn tcp_flags(smac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut v = tcp4(smac, src, dst, sport, dport, true);
+    v[14 + 20 + 13] = flags;
+    v
+}
+
+fn stat(h: &Harness, name: &str) -> u64 {
+    read_counters(&h.pin)
+        .unwrap()
+        .1
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v)
+        .unwrap()
+}
+
 #[test]
-fn rule_changes_revoke_established_flows() {
+fn rule_changes_revoke_established_flows_for_good() {
     let Some(mut h) = Harness::new() else { return };
-    h.policy(&share(base_rules(), &[]));
-    let syn = tcp4(GW_MAC, [198, 51, 100, 1], VM4, 50000, 22, true);
-    let ack = tcp4(GW_MAC, [198, 51, 100, 1], VM4, 50000, 22, false);
-    let reply = tcp4(VM_MAC, VM4, [198, 51, 100, 1], 22, 50000, false);
-    h.check("ssh syn", Prog::ToVm, &syn, Expect::Pass);
-    h.check("ssh reply", Prog::FromVm, &reply, Expect::Pass);
-    h.check("ssh ack", Prog::ToVm, &ack, Expect::Pass);
-    // Remove the ssh rule: the established flow is judged again and cut.
-    let rules: Vec<_> = base_rules().into_iter().filter(|r| r.id != "ssh").collect();
-    h.policy(&share(rules, &[]));
+    use pb::{Direction::*, EtherType::*, Protocol::*};
+    let https = rule("https", Ingress, Ipv4, Tcp, (443, 443), "", "");
+    let ssh = rule("ssh", Ingress, Ipv4, Tcp, (22, 22), "", "");
+    h.policy(&zoned_share(vec![https, ssh.clone()]));
+    let syn = tcp4(GW_MAC, INTERNET, VM4, 50000, 443, true);
+    let syn_ack = tcp_flags(VM_MAC, VM4, INTERNET, 443, 50000, 0x12);
+    let ack = tcp4(GW_MAC, INTERNET, VM4, 50000, 443, false);
+    let data_out = tcp4(VM_MAC, VM4, INTERNET, 443, 50000, false);
+    h.check("https syn in", Prog::FromUplink, &syn, Expect::Pass);
+    h.check("syn-ack out", Prog::FromVm, &syn_ack, Expect::Pass);
+    let promoted = stat(&h, "ct_promoted");
+    h.check("ack in: the handshake completes", Prog::FromUplink, &ack, Expect::Pass);
+    assert_eq!(stat(&h, "ct_promoted"), promoted + 1, "moved to the flow table");
+    h.check("data out", Prog::FromVm, &data_out, Expect::Pass);
+    // Remove the https rule: the established flow is judged again and cut,
+    // from either side, and stays cut.
+    h.policy(&zoned_share(vec![ssh]));
+    use DropReason::{PolicyIngress, PolicyRevoked};
+    h.check("client after the rule is gone", Prog::FromUplink, &ack, Expect::Drop(PolicyRevoked));
+    h.check("server after the rule is gone", Prog::FromVm, &data_out, Expect::Drop(PolicyRevoked));
+    h.check("client again", Prog::FromUplink, &ack, Expect::Drop(PolicyRevoked));
+    h.check("a SYN on the revoked tuple", Prog::FromUplink, &syn, Expect::Drop(PolicyRevoked));
     h.check(
-        "ssh after the rule is gone",
-        Prog::ToVm,
-        &ack,
-        Expect::Drop(DropReason::PolicyRevoked),
+        "a new syn from another port",
+        Prog::FromUplink,
+        &tcp4(GW_MAC, INTERNET, VM4, 50002, 443, true),
+        Expect::Drop(PolicyIngress),
     );
+    // The ACK that a stale flow entry no longer covers cannot open a flow.
     h.check(
-        "new ssh syn after the rule is gone",
-        Prog::ToVm,
-        &syn,
-        Expect::Drop(DropReason::PolicyIngress),
+        "an ACK of a flow never seen",
+        Prog::FromUplink,
+        &tcp4(GW_MAC, INTERNET, VM4, 50001, 22, false),
+        Expect::Drop(DropReason::CtNotSyn),
     );
 }
 
@@ -695,25 +809,31 @@ fn icmp4_unreachable(router: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> V
 #[test]
 fn icmp_errors_for_tracked_flows_pass_as_related() {
     let Some(mut h) = Harness::new() else { return };
-    h.policy(&share(base_rules(), &[]));
+    h.policy(&zoned_share(vec![]));
     let mut dns = Vec::new();
     etherparse::PacketBuilder::ethernet2(VM_MAC, GW_MAC)
-        .ipv4(VM4, [192, 0, 2, 53], 64)
+        .ipv4(VM4, INTERNET, 64)
         .udp(40000, 53)
         .write(&mut dns, b"query")
         .unwrap();
-    h.check("udp query out (egress open)", Prog::FromVm, &dns, Expect::Pass);
-    let router = [198, 51, 100, 254];
+    h.check("udp query out (exchange path)", Prog::FromVm, &dns, Expect::Pass);
+    let router = [203, 0, 113, 254];
     h.check(
-        "port unreachable for that query",
-        Prog::ToVm,
-        &icmp4_unreachable(router, [192, 0, 2, 53], 40000, 53),
+        "port unreachable for that query, from a router, through the flow's uplink",
+        Prog::FromUplink,
+        &icmp4_unreachable(router, INTERNET, 40000, 53),
         Expect::Pass,
     );
     h.check(
         "unreachable quoting a flow that was never sent",
+        Prog::FromUplink,
+        &icmp4_unreachable(router, [203, 0, 113, 2], 40000, 53),
+        Expect::Drop(DropReason::ZoneIsolation),
+    );
+    h.check(
+        "unreachable quoting the flow, through another door (the host's)",
         Prog::ToVm,
-        &icmp4_unreachable(router, [192, 0, 2, 54], 40000, 53),
+        &icmp4_unreachable(router, INTERNET, 40000, 53),
         Expect::Drop(DropReason::PolicyIngress),
     );
 }
@@ -825,19 +945,11 @@ fn overlay_answers_neighbours_and_routes() {
 /// internet (everything else) on this test device as its uplink, one
 /// exchange path (internet -> 10.0.0.1 TCP 443), and a border firewall that
 /// allows everything: the zone guard alone must hold.
-fn zoned_share() -> Resources {
-    let mut r = share(
-        vec![rule(
-            "any",
-            pb::Direction::Ingress,
-            pb::EtherType::Ipv4,
-            pb::Protocol::Any,
-            (0, 0),
-            "",
-            "",
-        )],
-        &[],
-    );
+/// The VPC in the extranet zone, the internet zone's uplink on the
+/// loopback device, an exchange path in for https and one out for DNS, and
+/// a border firewall that allows everything: the zone guard alone decides.
+fn zoned_share(rules: Vec<pb::SecurityGroupRule>) -> Resources {
+    let mut r = share(rules, &[]);
     if let Some(pb::resource::Kind::VpcNetwork(n)) = &mut r.get_mut("vpc/v").unwrap().kind {
         n.zone_id = "ext".into();
         n.border_policy_id = "allow-all".into();
@@ -881,6 +993,21 @@ fn zoned_share() -> Resources {
             protocol: pb::Protocol::Tcp as i32,
             port_min: 443,
             port_max: 443,
+            ..Default::default()
+        }),
+    );
+    put(
+        "exchange/dns-out",
+        pb::resource::Kind::ExchangePath(pb::ExchangePath {
+            id: "dns-out".into(),
+            from_zone: "ext".into(),
+            to_zone: "net".into(),
+            source_cidr: "10.0.0.0/8".into(),
+            destination_cidr: "203.0.113.0/24".into(),
+            protocol: pb::Protocol::Udp as i32,
+            port_min: 53,
+            port_max: 53,
+            ..Default::default()
         }),
     );
     put(
@@ -898,41 +1025,77 @@ fn zoned_share() -> Resources {
 #[test]
 fn the_zone_guard_holds_even_when_everything_else_allows() {
     let Some(mut h) = Harness::new() else { return };
-    h.policy(&zoned_share());
+    let any = rule(
+        "any",
+        pb::Direction::Ingress,
+        pb::EtherType::Ipv4,
+        pb::Protocol::Any,
+        (0, 0),
+        "",
+        "",
+    );
+    h.policy(&zoned_share(vec![any]));
     let fd_in = h.dp.program_fd("from_uplink").unwrap();
-    let internet = [198, 51, 100, 1];
+    use DropReason::*;
     // From the internet uplink to the extranet VM: only the exchange port.
     h.check(
         "internet -> extranet VM, ssh",
         Prog::FromUplink,
-        &tcp4(GW_MAC, internet, VM4, 40000, 22, true),
-        Expect::Drop(DropReason::ZoneIsolation),
+        &tcp4(GW_MAC, INTERNET, VM4, 40000, 22, true),
+        Expect::Drop(ZoneIsolation),
     );
-    let run = testrun::run(fd_in, &tcp4(GW_MAC, internet, VM4, 40000, 443, true), 1).unwrap();
+    let run = testrun::run(fd_in, &tcp4(GW_MAC, INTERNET, VM4, 40000, 443, true), 1).unwrap();
     assert_eq!(
         run.retval, TC_ACT_REDIRECT,
         "the exchange path admits 443 and delivers to the port"
     );
     assert_eq!(&run.packet[0..6], &[0x02, 0, 0, 0, 0, 0x77], "to the port's MAC");
-    // A source claiming an extranet address is still the internet's.
+    // Sources that cannot come from the internet's network.
     h.check(
-        "spoofed extranet source on the internet uplink",
+        "an extranet source on the internet uplink",
         Prog::FromUplink,
-        &tcp4(GW_MAC, [10, 9, 9, 9], VM4, 40000, 22, true),
-        Expect::Drop(DropReason::ZoneIsolation),
+        &tcp4(GW_MAC, [10, 9, 9, 9], VM4, 40000, 443, true),
+        Expect::Drop(SpoofUplink),
+    );
+    h.check(
+        "a VPC's own address as the source on the uplink",
+        Prog::FromUplink,
+        &tcp4(GW_MAC, [198, 51, 100, 1], VM4, 40000, 443, true),
+        Expect::Drop(SpoofUplink),
+    );
+    // The host itself takes nothing from the uplink but what it needs.
+    let mut vxlan = Vec::new();
+    etherparse::PacketBuilder::ethernet2(GW_MAC, VM_MAC)
+        .ipv4(INTERNET, [203, 0, 113, 50], 64)
+        .udp(40000, 4789)
+        .write(&mut vxlan, &[0x08, 0, 0, 0, 0, 0, 7, 0])
+        .unwrap();
+    h.check("a tunnel packet for the host", Prog::FromUplink, &vxlan, Expect::Drop(UplinkToHost));
+    h.check(
+        "ARP on the uplink, for the host",
+        Prog::FromUplink,
+        &arp(GW_MAC, INTERNET),
+        Expect::Host,
     );
     // The VM opening a flow into the internet: no path that way.
     h.check(
         "extranet VM -> internet",
+        Prog::FromVm,
+        &tcp4(VM_MAC, VM4, INTERNET, 40000, 80, true),
+        Expect::Drop(ZoneIsolation),
+    );
+    // A VM's address leaves an uplink only as the pipeline sent it.
+    h.check(
+        "a VM's address on the uplink, not from the pipeline",
         Prog::ToUplink,
-        &tcp4(VM_MAC, VM4, internet, 40000, 80, true),
-        Expect::Drop(DropReason::ZoneIsolation),
+        &tcp4(VM_MAC, VM4, INTERNET, 40000, 443, true),
+        Expect::Drop(Unjudged),
     );
     // Traffic of the host itself on the uplink is not the guard's business.
     h.check(
         "host traffic on the uplink",
         Prog::ToUplink,
-        &tcp4(GW_MAC, [198, 51, 100, 9], internet, 40000, 80, true),
+        &tcp4(GW_MAC, [203, 0, 113, 9], INTERNET, 40000, 80, true),
         Expect::Pass,
     );
 }

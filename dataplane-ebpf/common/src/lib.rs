@@ -81,14 +81,32 @@ pub enum DropReason {
     BorderFirewall = 22,
     /// Denied by the VPC firewall between two peered VPCs.
     VpcFirewall = 23,
+    /// A pipeline stage is missing or its tail call failed (fail closed).
+    Pipeline = 24,
+    /// A TCP packet that is not a SYN, with no flow to belong to: only a
+    /// SYN opens a TCP flow.
+    CtNotSyn = 25,
+    /// A new flow on a port that holds its whole budget of flows.
+    CtBudget = 26,
+    /// The flow table is full.
+    CtFull = 27,
+    /// From an uplink, a source that is a VPC's address or another zone's.
+    SpoofUplink = 28,
+    /// A DHCP server message from a port that is not a DHCP server.
+    DhcpServer = 29,
+    /// From an uplink, a packet for the host itself that the host does not
+    /// need (only ARP, neighbour discovery and ICMP errors are).
+    UplinkToHost = 30,
+    /// A VM's address leaving an uplink without passing the pipeline.
+    Unjudged = 31,
 }
 
 /// Number of slots in the drop counter array (room to grow).
-pub const DROP_REASON_SLOTS: u32 = 32;
+pub const DROP_REASON_SLOTS: u32 = 48;
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 24] = [
+    pub const ALL: [DropReason; 32] = [
         DropReason::UnknownPort,
         DropReason::Truncated,
         DropReason::UnsupportedEthertype,
@@ -113,6 +131,14 @@ impl DropReason {
         DropReason::ZoneIsolation,
         DropReason::BorderFirewall,
         DropReason::VpcFirewall,
+        DropReason::Pipeline,
+        DropReason::CtNotSyn,
+        DropReason::CtBudget,
+        DropReason::CtFull,
+        DropReason::SpoofUplink,
+        DropReason::DhcpServer,
+        DropReason::UplinkToHost,
+        DropReason::Unjudged,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -142,6 +168,14 @@ impl DropReason {
             DropReason::ZoneIsolation => "zone_isolation",
             DropReason::BorderFirewall => "border_firewall",
             DropReason::VpcFirewall => "vpc_firewall",
+            DropReason::Pipeline => "pipeline",
+            DropReason::CtNotSyn => "ct_not_syn",
+            DropReason::CtBudget => "ct_budget",
+            DropReason::CtFull => "ct_full",
+            DropReason::SpoofUplink => "spoof_uplink",
+            DropReason::DhcpServer => "dhcp_server",
+            DropReason::UplinkToHost => "uplink_to_host",
+            DropReason::Unjudged => "unjudged",
         }
     }
 }
@@ -176,10 +210,46 @@ pub enum Stat {
     FromUplink = 11,
     /// Packets that crossed between zones on an exchange path.
     Exchanged = 12,
+    /// TCP flows promoted from the handshake table to the flow table.
+    CtPromoted = 13,
+    /// Packets that took the established fast path (no policy stage).
+    FastPath = 14,
 }
 
 /// Number of slots in the stats array.
 pub const STAT_SLOTS: u32 = 16;
 
-/// The maximum number of IPv6 extension headers the parser follows.
+/// The maximum number of IPv6 extension headers the parser follows: a
+/// packet with this many passes, one with more is dropped
+/// (`ipv6_ext_chain_too_long`).
 pub const MAX_IPV6_EXT_HEADERS: u32 = 8;
+
+/// The stages of the pipeline: slots of the program array each entry
+/// program tail-calls into. A stage that is missing drops the packet
+/// (`pipeline`).
+pub mod stage {
+    /// Quarantine, destination lookup, conntrack lookup and zone guard.
+    pub const GUARD: u32 = 0;
+    /// Border and VPC firewalls.
+    pub const FIREWALL: u32 = 1;
+    /// Reserved for the load balancer.
+    pub const LB: u32 = 2;
+    /// Security groups for new flows and for flows judged under an older
+    /// policy, and the per-port flow budget.
+    pub const POLICY: u32 = 3;
+    /// Conntrack and verdict writes, rewrite, encapsulation, redirect.
+    pub const COMMIT: u32 = 4;
+    /// Slots of the program array.
+    pub const SLOTS: u32 = 8;
+    /// The stage programs by slot, as the object names them.
+    pub const PROGRAMS: [(u32, &str); 4] = [
+        (GUARD, "st_guard"),
+        (FIREWALL, "st_firewall"),
+        (POLICY, "st_policy"),
+        (COMMIT, "st_commit"),
+    ];
+}
+
+/// `skb->mark` the pipeline sets on a packet it sends out of an uplink;
+/// the uplink's egress guard passes VM addresses only with it.
+pub const MARK_PIPELINE: u32 = 0x5d0e_0001;

@@ -37,7 +37,8 @@ pub const FW_POLICIES: &str = "SDN_FW_POLICIES";
 /// priority order from its `first` slot).
 pub const FW_RULES: &str = "SDN_FW_RULES";
 /// Pinned name of the firewall verdicts, per flow ([`CtKey`] -> [`FwVerdict`]).
-pub const FW_VERDICTS: &str = "SDN_FW_VERDICTS";
+/// (Version 2: the key carries the flow's door.)
+pub const FW_VERDICTS: &str = "SDN_FW_VERDICTS2";
 /// Pinned name of the firewall rule names (`u32` rule number -> [`RuleName`]);
 /// written by the agent, read by `sdn-agent verdicts`, not by the programs.
 pub const FW_NAMES: &str = "SDN_FW_NAMES";
@@ -53,8 +54,20 @@ pub const POLICY_PLENS: &str = "SDN_POLICY_PLENS";
 pub const SG_ADDR: &str = "SDN_SG_ADDR";
 /// Pinned name of the allowed service set ([`RuleKey`] -> `u8`).
 pub const SG_RULES: &str = "SDN_SG_RULES";
-/// Pinned name of the connection-tracking table ([`CtKey`] -> [`CtValue`]).
-pub const CT: &str = "SDN_CT";
+/// Pinned name of the flow table ([`CtKey`] -> [`CtValue`]): established
+/// flows, never evicted by others; entries leave by timeout (the agent's
+/// collector) and each port holds at most its budget of them.
+/// (Version 2: the key carries the flow's door.)
+pub const CT: &str = "SDN_CT2";
+/// Pinned name of the handshake table ([`CtKey`] -> [`CtValue`]): TCP flows
+/// between their SYN and the originator's first ACK after the answer, on a
+/// short timeout, in an LRU of their own so a SYN flood evicts only
+/// handshakes, never an established flow.
+pub const CT_SYN: &str = "SDN_CT_SYN";
+/// Pinned name of the per-port flow counts (`u32` ifindex -> `u32` entries
+/// of the flow table), kept by the programs on insert and recounted by the
+/// agent's collector.
+pub const CT_COUNT: &str = "SDN_CT_COUNT";
 /// Pinned name of the per-CPU drop counters (index: `DropReason`).
 pub const DROPS: &str = "SDN_DROPS";
 /// Pinned name of the per-CPU stats counters (index: `Stat`).
@@ -66,6 +79,10 @@ pub const POLICY_PLENS_MAX: u32 = 16384;
 pub const SG_ADDR_MAX: u32 = 524288;
 pub const SG_RULES_MAX: u32 = 524288;
 pub const CT_MAX: u32 = 262144;
+pub const CT_SYN_MAX: u32 = 65536;
+/// Flows one port may hold in the flow table unless the host configures
+/// another budget.
+pub const CT_BUDGET_DEFAULT: u32 = 16384;
 pub const ENDPOINTS_MAX: u32 = 262144;
 pub const ZONE_NETS_MAX: u32 = 4096;
 pub const ZONES_MAX: u32 = 64;
@@ -99,6 +116,8 @@ pub const PORT_F_QUARANTINED: u32 = 2;
 /// Port flag: the port's VPC has a zone; destinations outside the VPC leave
 /// through the uplink of the zone they belong to.
 pub const PORT_F_UPLINK: u32 = 4;
+/// Port flag: the port may answer DHCP as a server (UDP 67 -> 68, 547 -> 546).
+pub const PORT_F_DHCP_SERVER: u32 = 8;
 
 /// Configuration of one VM port, keyed by the ifindex of its host-side device.
 #[repr(C)]
@@ -161,7 +180,8 @@ pub struct Endpoint {
 pub struct HostConfig {
     /// The collect-metadata VXLAN device; 0 while it is not set up.
     pub vxlan_ifindex: u32,
-    pub _pad: u32,
+    /// Flows one port may hold in the flow table; 0: [`CT_BUDGET_DEFAULT`].
+    pub ct_budget: u32,
 }
 
 /// An address of a VPC with a zone.
@@ -326,18 +346,46 @@ pub struct RuleKey {
     pub port: u16,
 }
 
+/// Door kind: the remote end is in the port's own VPC (low 24 bits: VNI).
+pub const DOOR_VPC: u32 = 1 << 24;
+/// Door kind: the remote end is in a peered VPC (low 24 bits: its VNI).
+pub const DOOR_PEER: u32 = 2 << 24;
+/// Door kind: the remote end is behind a zone uplink (low bits: zone number).
+pub const DOOR_ZONE: u32 = 3 << 24;
+/// Door: the remote end is the host's own stack.
+pub const DOOR_HOST: u32 = 4 << 24;
+
+/// The ICMP part of a flow key: echo requests and replies share the
+/// request's type (their identifier is the port pair); any other message
+/// is its own type, so allowing one type opens no other. 0 for other
+/// protocols.
+pub const fn icmp_class(proto: u8, ty: u8) -> u8 {
+    match (proto, ty) {
+        (crate::PROTO_ICMP, 0) | (crate::PROTO_ICMP, 8) => 8,
+        (crate::PROTO_ICMPV6, 128) | (crate::PROTO_ICMPV6, 129) => 128,
+        (crate::PROTO_ICMP, t) | (crate::PROTO_ICMPV6, t) => t,
+        _ => 0,
+    }
+}
+
 /// Connection tracking key, normalised to the port: `local` is the VM side.
+/// A flow is found again only through the door it was admitted by: the
+/// same port, and the same `door` (`DOOR_*`: own VPC, peering, zone uplink
+/// or host).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CtKey {
     pub ifindex: u32,
     pub family: u8,
     pub proto: u8,
-    pub _pad: [u8; 2],
+    /// [`icmp_class`] of an ICMP flow; 0 otherwise.
+    pub icmp: u8,
+    pub _pad: u8,
     pub local_port: u16,
     pub remote_port: u16,
     pub local: [u8; 16],
     pub remote: [u8; 16],
+    pub door: u32,
 }
 
 /// The flow was opened by the VM.
@@ -346,6 +394,11 @@ pub const CT_ORIGIN_OUT: u8 = 0;
 pub const CT_ORIGIN_IN: u8 = 1;
 /// A TCP FIN or RST was seen; the entry expires soon.
 pub const CT_F_CLOSING: u8 = 1;
+/// The rules that admitted the flow were removed: every packet of it is
+/// dropped until the entry times out, so neither side can revive it.
+pub const CT_F_REVOKED: u8 = 2;
+/// A handshake entry saw a packet from the answering side.
+pub const CT_F_REPLY_SEEN: u8 = 4;
 
 /// Connection tracking state.
 #[repr(C)]
@@ -371,6 +424,18 @@ pub const CT_TIMEOUT_TCP_NS: u64 = 2 * 3600 * 1_000_000_000;
 pub const CT_TIMEOUT_CLOSING_NS: u64 = 10 * 1_000_000_000;
 pub const CT_TIMEOUT_UDP_NS: u64 = 60 * 1_000_000_000;
 pub const CT_TIMEOUT_OTHER_NS: u64 = 30 * 1_000_000_000;
+/// A TCP flow in its handshake (handshake table).
+pub const CT_TIMEOUT_SYN_NS: u64 = 20 * 1_000_000_000;
+
+/// The idle timeout of a flow-table entry.
+pub const fn ct_timeout(proto: u8, flags: u8) -> u64 {
+    match proto {
+        crate::PROTO_TCP if flags & CT_F_CLOSING != 0 => CT_TIMEOUT_CLOSING_NS,
+        crate::PROTO_TCP => CT_TIMEOUT_TCP_NS,
+        crate::PROTO_UDP => CT_TIMEOUT_UDP_NS,
+        _ => CT_TIMEOUT_OTHER_NS,
+    }
+}
 
 const _: () = assert!(core::mem::size_of::<PortInfo>() == 24);
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 24);
@@ -388,7 +453,7 @@ const _: () = assert!(core::mem::size_of::<PrefixLens>() == 24);
 const _: () = assert!(core::mem::size_of::<AddrKey>() == 24);
 const _: () = assert!(core::mem::size_of::<AddrIdentity>() == 12);
 const _: () = assert!(core::mem::size_of::<RuleKey>() == 8);
-const _: () = assert!(core::mem::size_of::<CtKey>() == 44);
+const _: () = assert!(core::mem::size_of::<CtKey>() == 48);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 56);
 
 #[cfg(feature = "user")]

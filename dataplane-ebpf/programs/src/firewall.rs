@@ -2,11 +2,14 @@
 //! rules checked one by one, first match wins, then the policy's default.
 //! Each verdict is recorded for its flow with the rule that decided it.
 
-use dataplane_common::maps::{CtKey, FwVerdict, FW_ALLOW, FW_POLICY_RULES_MAX};
+use dataplane_common::{
+    maps::{CtKey, FwVerdict, FW_ALLOW, FW_DENY, FW_POLICY_RULES_MAX},
+    DropReason,
+};
 
 use crate::{
     maps::{FW_POLICIES, FW_RULES, FW_VERDICTS},
-    parse::Ip,
+    meta::{Meta, EMPTY_KEY, S_NEW, X_PEER, X_ZONE_IN, X_ZONE_OUT},
 };
 
 #[inline(always)]
@@ -37,49 +40,92 @@ pub fn in_prefix(addr: (u64, u64), net: (u64, u64), plen: u8) -> bool {
     addr.0 & mh == net.0 & mh && addr.1 & ml == net.1 & ml
 }
 
-/// Whether policy `policy` lets the packet through, matching rules of
-/// direction `dir` against the outside address `remote`. The verdict is
-/// recorded under `key`, the flow as the VM port sees it.
+/// The firewall stage (tier 3): the border firewall of a new flow across
+/// an uplink, the VPC firewall of a new flow from a peered VPC. A deny is
+/// the packet's final verdict and is recorded as such; an allow is
+/// recorded by the commit stage, once every tier has allowed the packet.
 #[inline(always)]
-pub fn allows(policy: u32, key: &CtKey, remote: &[u8; 16], ip: &Ip, dir: u8) -> bool {
+pub fn stage(m: &mut Meta) -> Result<(), DropReason> {
+    let new = match m.crossing {
+        X_ZONE_OUT => m.ct_src == S_NEW,
+        X_ZONE_IN | X_PEER => m.ct_dst == S_NEW,
+        _ => false,
+    };
+    if !new || m.fw_policy == 0 {
+        return Ok(());
+    }
+    let remote = if m.fw_remote_is_src != 0 { m.src } else { m.dst };
+    let (action, rule) = evaluate(m.fw_policy, &remote, m, m.fw_dir);
+    m.fw_action = action;
+    m.fw_rule = rule;
+    m.fw_record = 1;
+    if action == FW_ALLOW {
+        return Ok(());
+    }
+    let mut key = EMPTY_KEY;
+    crossing_key(m, &mut key);
+    record(&key, m);
+    Err(if m.crossing == X_PEER {
+        DropReason::VpcFirewall
+    } else {
+        DropReason::BorderFirewall
+    })
+}
+
+/// The flow key of the side whose crossing the firewall judged.
+#[inline(always)]
+pub fn crossing_key(m: &Meta, key: &mut CtKey) {
+    if m.crossing == X_ZONE_OUT {
+        m.src_key(key)
+    } else {
+        m.dst_key(key)
+    }
+}
+
+/// The action and rule of policy `policy` for the packet, matching rules
+/// of direction `dir` against the address `remote`; the policy's default
+/// when no rule matches. A policy that should be there and is not denies.
+#[inline(always)]
+fn evaluate(policy: u32, remote: &[u8; 16], m: &Meta, dir: u8) -> (u8, u32) {
     // SAFETY: the value is copied out at once.
     let Some(p) = (unsafe { FW_POLICIES.get(&policy) }).copied() else {
-        // A policy that should be there and is not: fail closed.
-        return false;
+        return (FW_DENY, 0);
     };
     let rem = halves(remote);
-    let svc = ip.service();
-    let mut action = p.default_action;
-    let mut rule_id = p.default_rule_id;
+    let svc = m.service();
     for i in 0..FW_POLICY_RULES_MAX {
         if i >= p.count {
             break;
         }
         let Some(r) = FW_RULES.get(p.first + i) else { break };
         if r.dir == dir
-            && r.family == ip.family
-            && (r.proto == 0 || r.proto == ip.proto)
+            && r.family == m.family
+            && (r.proto == 0 || r.proto == m.proto)
             && (r.proto == 0 || (svc >= r.port_lo && svc <= r.port_hi))
             && in_prefix(rem, halves(&r.addr), r.plen)
         {
-            action = r.action;
-            rule_id = r.rule_id;
-            break;
+            return (r.action, r.rule_id);
         }
     }
+    (p.default_action, p.default_rule_id)
+}
+
+/// Records the firewall verdict of the flow `key`.
+#[inline(always)]
+pub fn record(key: &CtKey, m: &Meta) {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
     match FW_VERDICTS.get_ptr_mut(key) {
         // SAFETY: a live map value; racing updates only lose counts.
-        Some(v) if unsafe { (*v).rule_id == rule_id } => unsafe {
+        Some(v) if unsafe { (*v).rule_id == m.fw_rule } => unsafe {
             (*v).packets += 1;
             (*v).last_ns = now;
         },
         _ => {
             let v = FwVerdict {
-                rule_id,
-                action,
-                dir,
+                rule_id: m.fw_rule,
+                action: m.fw_action,
+                dir: m.fw_dir,
                 _pad: [0; 2],
                 packets: 1,
                 last_ns: now,
@@ -87,5 +133,4 @@ pub fn allows(policy: u32, key: &CtKey, remote: &[u8; 16], ip: &Ip, dir: u8) -> 
             let _ = FW_VERDICTS.insert(key, &v, 0);
         }
     }
-    action == FW_ALLOW
 }

@@ -1,25 +1,41 @@
-//! TC programs on the host side of each VM's veth.
+//! The dataplane as a pipeline of TC programs.
 //!
-//! `from_vm` runs at TC ingress of the host-side device (packets the VM sends):
-//! anti-spoofing, then egress security groups with conntrack.
-//! `to_vm` runs at TC egress of the same device (packets towards the VM):
-//! ingress security groups with conntrack.
-//! `from_overlay` runs at TC ingress of the host's collect-metadata VXLAN
-//! device: it checks the VNI against the sender and delivers to the port.
+//! Entry programs, one per door a packet can come through, parse the packet
+//! once into a per-CPU metadata record and tail-call the stages:
+//! - `from_vm`: TC ingress of a VM port's host-side device (what the VM
+//!   sends): parsing and anti-spoofing;
+//! - `to_vm`: TC egress of the same device (what the host's own stack
+//!   sends to the VM; the pipeline delivers straight to the VM's side);
+//! - `from_uplink`: TC ingress of a zone uplink;
+//! - `from_overlay`: TC ingress of the host's collect-metadata VXLAN device.
 //!
-//! Policy order (DESIGN.md): quarantine, zones, firewalls and security groups;
-//! this first program carries the security-group tier.
+//! Stages, in a program array (`SDN_PIPE`), each with its own verifier
+//! budget: `st_guard` (quarantine, destination, conntrack lookup, zone
+//! guard), `st_firewall` (border and VPC firewalls), a slot for the load
+//! balancer, `st_policy` (security groups), `st_commit` (state writes,
+//! rewrite, encapsulation, redirect). A missing stage or a failed tail call
+//! drops the packet (`pipeline`). Nothing is written before `st_commit`, so
+//! a packet that any stage drops leaves no state behind.
+//!
+//! `to_uplink` (TC egress of an uplink) stands alone: a VM's address leaves
+//! only as the pipeline sent it.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
-mod conntrack;
+mod commit;
+#[cfg(target_arch = "bpf")]
+mod ctx;
 #[cfg(target_arch = "bpf")]
 mod firewall;
 #[cfg(target_arch = "bpf")]
-mod forward;
+mod guard;
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod meta;
+#[cfg(target_arch = "bpf")]
+mod overlay;
 #[cfg(target_arch = "bpf")]
 mod parse;
 #[cfg(target_arch = "bpf")]
@@ -27,21 +43,134 @@ mod policy;
 #[cfg(target_arch = "bpf")]
 mod port;
 #[cfg(target_arch = "bpf")]
-mod zone;
+mod uplink;
 
 #[cfg(target_arch = "bpf")]
 mod progs {
-    use aya_ebpf::{helpers::gen, macros::classifier, programs::TcContext};
-    use dataplane_common::{DropReason, Stat};
+    use aya_ebpf::{
+        bindings::xdp_action,
+        helpers::gen,
+        macros::{classifier, xdp},
+        programs::{TcContext, XdpContext},
+    };
+    use dataplane_common::{stage, DropReason, Stat};
 
-    use crate::{forward, forward::Action, maps, port, zone};
+    use crate::{
+        commit::{self, Action},
+        firewall, guard,
+        maps::{self, meta, PIPE},
+        meta::{Meta, E_FROM_VM},
+        overlay, policy, port, uplink,
+    };
 
     const TC_ACT_OK: i32 = 0;
     const TC_ACT_SHOT: i32 = 2;
 
     #[inline(always)]
-    fn verdict(r: Result<Action, DropReason>) -> i32 {
-        match r {
+    fn drop(reason: DropReason) -> i32 {
+        maps::count_drop(reason);
+        TC_ACT_SHOT
+    }
+
+    /// Goes on to stage `idx`; when that fails, the packet is dropped.
+    #[inline(always)]
+    fn next(ctx: &TcContext, idx: u32) -> i32 {
+        // SAFETY: on success the call does not return.
+        let _ = unsafe { PIPE.tail_call(ctx, idx) };
+        drop(DropReason::Pipeline)
+    }
+
+    /// Runs an entry's parse into the record, then the first stage.
+    #[inline(always)]
+    fn enter(ctx: &TcContext, f: impl FnOnce(&mut Meta) -> Result<(), DropReason>) -> i32 {
+        let Some(m) = meta() else {
+            return drop(DropReason::Pipeline);
+        };
+        match f(m) {
+            Ok(()) => next(ctx, stage::GUARD),
+            Err(r) => drop(r),
+        }
+    }
+
+    /// Packets the VM sends (TC ingress of the host-side device).
+    #[classifier]
+    pub fn from_vm(ctx: TcContext) -> i32 {
+        enter(&ctx, |m| port::from_vm(&ctx, m))
+    }
+
+    /// Packets the host's stack sends towards the VM (TC egress).
+    #[classifier]
+    pub fn to_vm(ctx: TcContext) -> i32 {
+        enter(&ctx, |m| port::to_vm(&ctx, m))
+    }
+
+    /// Packets arriving from a zone uplink (TC ingress).
+    #[classifier]
+    pub fn from_uplink(ctx: TcContext) -> i32 {
+        let Some(m) = meta() else {
+            return drop(DropReason::Pipeline);
+        };
+        match uplink::from_uplink(&ctx, m) {
+            Ok(uplink::Arrival::Pipeline) => next(&ctx, stage::GUARD),
+            Ok(uplink::Arrival::Host) => TC_ACT_OK,
+            Err(r) => drop(r),
+        }
+    }
+
+    /// Packets leaving through a zone uplink (TC egress).
+    #[classifier]
+    pub fn to_uplink(mut ctx: TcContext) -> i32 {
+        match uplink::to_uplink(&mut ctx) {
+            Ok(()) => TC_ACT_OK,
+            Err(r) => drop(r),
+        }
+    }
+
+    /// Packets from the overlay (TC ingress of the VXLAN device).
+    #[classifier]
+    pub fn from_overlay(ctx: TcContext) -> i32 {
+        enter(&ctx, |m| overlay::from_overlay(&ctx, m))
+    }
+
+    #[classifier]
+    pub fn st_guard(ctx: TcContext) -> i32 {
+        let Some(m) = meta() else {
+            return drop(DropReason::Pipeline);
+        };
+        match guard::guard(&ctx, m) {
+            Ok(idx) => next(&ctx, idx),
+            Err(r) => drop(r),
+        }
+    }
+
+    #[classifier]
+    pub fn st_firewall(ctx: TcContext) -> i32 {
+        let Some(m) = meta() else {
+            return drop(DropReason::Pipeline);
+        };
+        match firewall::stage(m) {
+            Ok(()) => next(&ctx, stage::POLICY),
+            Err(r) => drop(r),
+        }
+    }
+
+    #[classifier]
+    pub fn st_policy(ctx: TcContext) -> i32 {
+        let Some(m) = meta() else {
+            return drop(DropReason::Pipeline);
+        };
+        match policy::stage(m) {
+            Ok(()) => next(&ctx, stage::COMMIT),
+            Err(r) => drop(r),
+        }
+    }
+
+    #[classifier]
+    pub fn st_commit(mut ctx: TcContext) -> i32 {
+        let Some(m) = meta() else {
+            return drop(DropReason::Pipeline);
+        };
+        match commit::commit(&mut ctx, m) {
             Ok(Action::Pass) => {
                 maps::count(Stat::Passed);
                 TC_ACT_OK
@@ -51,48 +180,41 @@ mod progs {
                 // SAFETY: plain helper call; it returns TC_ACT_REDIRECT or TC_ACT_SHOT.
                 unsafe { gen::bpf_redirect(ifindex, 0) as i32 }
             }
+            Ok(Action::Peer(ifindex)) => {
+                maps::count(Stat::Passed);
+                // SAFETY: as above; the packet enters the VM's side of the veth.
+                unsafe { gen::bpf_redirect_peer(ifindex, 0) as i32 }
+            }
             Ok(Action::Neighbour(ifindex)) => {
                 maps::count(Stat::Passed);
                 // SAFETY: no parameters: the kernel looks up the next hop.
                 unsafe { gen::bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
             }
             Ok(Action::Consume) => TC_ACT_SHOT,
-            Err(reason) => {
-                maps::count_drop(reason);
-                TC_ACT_SHOT
+            Err(r) => drop(r),
+        }
+    }
+
+    /// The parser and anti-spoofing at an XDP entry: the same code as
+    /// `from_vm`, behind the XDP context. Passes what `from_vm` would hand
+    /// to the pipeline, drops (and counts) the rest. Used by the tests to
+    /// hold the parser to one behaviour behind both contexts.
+    #[xdp]
+    pub fn xdp_from_vm(ctx: XdpContext) -> u32 {
+        let Some(m) = meta() else {
+            maps::count_drop(DropReason::Pipeline);
+            return xdp_action::XDP_DROP;
+        };
+        match port::from_vm(&ctx, m) {
+            Ok(()) if m.entry == E_FROM_VM => xdp_action::XDP_PASS,
+            Ok(()) => xdp_action::XDP_DROP,
+            Err(r) => {
+                maps::count_drop(r);
+                xdp_action::XDP_DROP
             }
         }
     }
 
-    /// Packets the VM sends (TC ingress of the host-side device).
-    #[classifier]
-    pub fn from_vm(mut ctx: TcContext) -> i32 {
-        verdict(port::from_vm(&mut ctx))
-    }
-
-    /// Packets towards the VM (TC egress of the host-side device).
-    #[classifier]
-    pub fn to_vm(ctx: TcContext) -> i32 {
-        verdict(port::to_vm(&ctx))
-    }
-
-    /// Packets leaving through a zone uplink (TC egress).
-    #[classifier]
-    pub fn to_uplink(ctx: TcContext) -> i32 {
-        verdict(zone::to_uplink(&ctx))
-    }
-
-    /// Packets arriving from a zone uplink (TC ingress).
-    #[classifier]
-    pub fn from_uplink(mut ctx: TcContext) -> i32 {
-        verdict(zone::from_uplink(&mut ctx))
-    }
-
-    /// Packets from the overlay (TC ingress of the VXLAN device).
-    #[classifier]
-    pub fn from_overlay(mut ctx: TcContext) -> i32 {
-        verdict(forward::from_overlay(&mut ctx))
-    }
 
     #[panic_handler]
     fn panic(_info: &core::panic::PanicInfo) -> ! {

@@ -2,18 +2,20 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use dataplane_common::{
     maps::{
         AddrIdentity, AddrKey, CtKey, CtValue, Endpoint, EndpointKey, ExchangeRule, FwPolicy, FwRule, FwVerdict,
         HostConfig, PolicyDirKey, PortAddrKey, PortInfo, PrefixLens, RuleKey, RuleName, ZoneAddrKey, ZoneEndpoint,
-        CT_MAX, ENDPOINTS_MAX, EXCHANGE_MAX, FW_NAMES_MAX, FW_POLICIES_MAX, FW_RULES_MAX, FW_VERDICTS_MAX,
+        CT_MAX, CT_SYN_MAX, ENDPOINTS_MAX, EXCHANGE_MAX, FW_NAMES_MAX, FW_POLICIES_MAX, FW_RULES_MAX, FW_VERDICTS_MAX,
         POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, SG_ADDR_MAX, SG_RULES_MAX, ZONES_MAX, ZONE_ENDPOINTS_MAX,
         ZONE_NETS_MAX,
     },
-    DropReason, Stat, DROP_REASON_SLOTS, STAT_SLOTS,
+    stage, DropReason, Stat, DROP_REASON_SLOTS, STAT_SLOTS,
 };
+
+use crate::meta::Meta;
 
 #[map(name = "SDN_PORTS")]
 pub static PORTS: HashMap<u32, PortInfo> = HashMap::pinned(PORTS_MAX, 0);
@@ -30,8 +32,29 @@ pub static SG_ADDR: HashMap<AddrKey, AddrIdentity> = HashMap::pinned(SG_ADDR_MAX
 #[map(name = "SDN_SG_RULES")]
 pub static SG_RULES: HashMap<RuleKey, u8> = HashMap::pinned(SG_RULES_MAX, 0);
 
-#[map(name = "SDN_CT")]
-pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CT_MAX, 0);
+/// Established flows: a plain hash, so nothing evicts them; full means new
+/// flows are refused (`ct_full`).
+#[map(name = "SDN_CT2")]
+pub static CT: HashMap<CtKey, CtValue> = HashMap::pinned(CT_MAX, 0);
+
+/// TCP handshakes, in an LRU of their own.
+#[map(name = "SDN_CT_SYN")]
+pub static CT_SYN: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CT_SYN_MAX, 0);
+
+/// Flow-table entries per port.
+#[map(name = "SDN_CT_COUNT")]
+pub static CT_COUNT: HashMap<u32, u32> = HashMap::pinned(PORTS_MAX, 0);
+
+/// The pipeline's stages. Not pinned by name: every load of the programs
+/// has its own array, which the agent fills and pins under a name of its
+/// own before it swaps the entry programs in, so a packet runs the stages
+/// of one version only.
+#[map(name = "SDN_PIPE")]
+pub static PIPE: ProgramArray = ProgramArray::with_max_entries(stage::SLOTS, 0);
+
+/// The metadata record of the packet being judged on this CPU.
+#[map(name = "SDN_META")]
+pub static META: PerCpuArray<Meta> = PerCpuArray::with_max_entries(1, 0);
 
 #[map(name = "SDN_ENDPOINTS")]
 pub static ENDPOINTS: HashMap<EndpointKey, Endpoint> = HashMap::pinned(ENDPOINTS_MAX, 0);
@@ -63,7 +86,7 @@ pub static FW_POLICIES: HashMap<u32, FwPolicy> = HashMap::pinned(FW_POLICIES_MAX
 #[map(name = "SDN_FW_RULES")]
 pub static FW_RULES: Array<FwRule> = Array::pinned(FW_RULES_MAX, 0);
 
-#[map(name = "SDN_FW_VERDICTS")]
+#[map(name = "SDN_FW_VERDICTS2")]
 pub static FW_VERDICTS: LruHashMap<CtKey, FwVerdict> = LruHashMap::pinned(FW_VERDICTS_MAX, 0);
 
 /// Read by user space only.
@@ -90,4 +113,12 @@ pub fn count(stat: Stat) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *p += 1 };
     }
+}
+
+/// The record of the packet on this CPU.
+#[inline(always)]
+pub fn meta() -> Option<&'static mut Meta> {
+    // SAFETY: a per-CPU slot; one packet at a time runs on a CPU from its
+    // entry to its verdict.
+    META.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }

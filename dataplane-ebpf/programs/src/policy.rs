@@ -5,11 +5,77 @@
 //! lengths in use, never on the number of rules: each step is a hash lookup.
 
 use dataplane_common::{
-    maps::{AddrKey, PolicyDirKey, PortInfo, RuleKey, PORT_F_EGRESS_OPEN},
-    DIR_EGRESS, FAMILY_V4,
+    maps::{AddrKey, PolicyDirKey, PortInfo, RuleKey, CT_F_REVOKED, CT_ORIGIN_OUT, PORT_F_EGRESS_OPEN},
+    DropReason, DIR_EGRESS, DIR_INGRESS, FAMILY_V4,
 };
 
-use crate::maps::{POLICY_PLENS, SG_ADDR, SG_RULES};
+use crate::{
+    maps::{count, CT, CT_SYN, POLICY_PLENS, SG_ADDR, SG_RULES},
+    meta::{Meta, EMPTY_KEY, S_NEW, S_STALE, T_MAIN},
+};
+
+/// The policy stage (tier 4): the security groups of each local side whose
+/// flow is new, and of each side whose flow was judged under an older
+/// policy. A flow the rules no longer allow is marked revoked and stays
+/// so until it times out: neither side's next packet can revive it.
+#[inline(always)]
+pub fn stage(m: &mut Meta) -> Result<(), DropReason> {
+    let svc = m.service();
+    let mut key = EMPTY_KEY;
+    if m.ct_src == S_NEW {
+        let port = m.src_port;
+        if !allowed(&port, DIR_EGRESS, m.family, &m.dst, m.proto, svc) {
+            return Err(DropReason::PolicyEgress);
+        }
+    } else if m.ct_src == S_STALE {
+        let port = m.src_port;
+        if !rejudge(&port, m.org_src, m.family, &m.dst, m.proto, m.svc_src) {
+            m.src_key(&mut key);
+            revoke(&key, m.tbl_src, port.epoch);
+            return Err(DropReason::PolicyRevoked);
+        }
+        count(dataplane_common::Stat::CtRevalidated);
+    }
+    if m.ct_dst == S_NEW {
+        let port = m.dst_port;
+        if !allowed(&port, DIR_INGRESS, m.family, &m.src, m.proto, svc) {
+            return Err(DropReason::PolicyIngress);
+        }
+    } else if m.ct_dst == S_STALE {
+        let port = m.dst_port;
+        if !rejudge(&port, m.org_dst, m.family, &m.src, m.proto, m.svc_dst) {
+            m.dst_key(&mut key);
+            revoke(&key, m.tbl_dst, port.epoch);
+            return Err(DropReason::PolicyRevoked);
+        }
+        count(dataplane_common::Stat::CtRevalidated);
+    }
+    Ok(())
+}
+
+/// Judges a tracked flow again, in the direction it was opened.
+#[inline(always)]
+fn rejudge(port: &PortInfo, origin: u8, family: u8, remote: &[u8; 16], proto: u8, svc: u16) -> bool {
+    let dir = if origin == CT_ORIGIN_OUT { DIR_EGRESS } else { DIR_INGRESS };
+    allowed(port, dir, family, remote, proto, svc)
+}
+
+/// Marks a flow revoked under the current policy epoch.
+#[inline(always)]
+fn revoke(key: &dataplane_common::maps::CtKey, table: u8, epoch: u32) {
+    let p = if table == T_MAIN {
+        CT.get_ptr_mut(key)
+    } else {
+        CT_SYN.get_ptr_mut(key)
+    };
+    if let Some(p) = p {
+        // SAFETY: a live map value.
+        unsafe {
+            (*p).flags |= CT_F_REVOKED;
+            (*p).epoch = epoch;
+        }
+    }
+}
 
 /// Whether the port's rules allow a flow with `remote` as peer.
 #[inline(always)]

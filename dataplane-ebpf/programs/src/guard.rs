@@ -1,0 +1,284 @@
+//! Stage 1: quarantine (tier 1), where the packet goes, the conntrack
+//! lookup of every local side, and the zone guard (tier 2) for a new flow
+//! across a zone uplink. Nothing is written here: a flow found live under
+//! the current policy on every local side takes the fast path to the
+//! commit stage; anything new goes on to the firewall and policy stages.
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
+use dataplane_common::{
+    maps::{
+        ct_timeout, CtKey, CtValue, PortInfo, CT_F_CLOSING, CT_F_REVOKED, CT_TIMEOUT_SYN_NS, DOOR_HOST, DOOR_PEER,
+        DOOR_VPC, DOOR_ZONE, EP_F_GATEWAY, EP_F_LOCAL_IS_A, EP_F_PEER, EXCHANGE_MAX, PORT_F_QUARANTINED,
+        PORT_F_UPLINK,
+    },
+    stage, DropReason, Stat, DIR_EGRESS, DIR_INGRESS, PROTO_TCP,
+};
+
+use crate::{
+    firewall::{halves, in_prefix},
+    maps::{count, CONFIG, CT, CT_SYN, EXCHANGE},
+    meta::{
+        Meta, EMPTY_KEY, E_FROM_VM, K_IP, K_RELATED, O_PORT, O_TUNNEL, O_UPLINK, S_EST, S_NEW, S_STALE, T_MAIN, T_SYN,
+        X_PEER, X_ZONE_IN, X_ZONE_OUT,
+    },
+    overlay::endpoint,
+    parse::{icmp_inner, is_icmp_error, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    port,
+    uplink::{uplink_of, zone_endpoint, zone_of},
+};
+
+/// A TCP packet that may open a flow: SYN and nothing else of the four.
+#[inline(always)]
+pub fn pure_syn(flags: u8) -> bool {
+    flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
+}
+
+/// The guard stage; returns the next stage.
+#[inline(always)]
+pub fn guard(ctx: &TcContext, m: &mut Meta) -> Result<u32, DropReason> {
+    if (m.src_ifx != 0 && m.src_port.flags & PORT_F_QUARANTINED != 0)
+        || (m.dst_ifx != 0 && m.dst_port.flags & PORT_F_QUARANTINED != 0)
+    {
+        return Err(DropReason::Quarantined);
+    }
+    if m.kind != K_IP {
+        return Ok(stage::COMMIT);
+    }
+    if m.entry == E_FROM_VM {
+        resolve(m)?;
+    }
+    if is_icmp_error(m.proto, m.icmp_type) && related(ctx, m) {
+        count(Stat::CtRelated);
+        m.kind = K_RELATED;
+        return Ok(stage::COMMIT);
+    }
+    let mut key = EMPTY_KEY;
+    if m.src_ifx != 0 {
+        m.src_key(&mut key);
+        let port = m.src_port;
+        let (s, t, o, svc) = lookup(&key, &port, m.tcp_flags)?;
+        (m.ct_src, m.tbl_src, m.org_src, m.svc_src) = (s, t, o, svc);
+    }
+    if m.dst_ifx != 0 {
+        m.dst_key(&mut key);
+        let port = m.dst_port;
+        let (s, t, o, svc) = lookup(&key, &port, m.tcp_flags)?;
+        (m.ct_dst, m.tbl_dst, m.org_dst, m.svc_dst) = (s, t, o, svc);
+    }
+    let new = m.ct_src == S_NEW || m.ct_dst == S_NEW;
+    if new && m.proto == PROTO_TCP && !pure_syn(m.tcp_flags) {
+        return Err(DropReason::CtNotSyn);
+    }
+    if !new && m.ct_src != S_STALE && m.ct_dst != S_STALE {
+        count(Stat::FastPath);
+        return Ok(stage::COMMIT);
+    }
+    // Tier 2, for a new flow across an uplink.
+    if m.crossing == X_ZONE_OUT && m.ct_src == S_NEW {
+        zone_guard(m.vm_zone, m.uplink_zone, m)?;
+    }
+    if m.crossing == X_ZONE_IN && m.ct_dst == S_NEW {
+        zone_guard(m.uplink_zone, m.vm_zone, m)?;
+    }
+    Ok(stage::FIREWALL)
+}
+
+/// Where a packet from a VM goes: a port here, another host through the
+/// tunnel, or the uplink of the zone its destination is in.
+#[inline(always)]
+fn resolve(m: &mut Meta) -> Result<(), DropReason> {
+    let port = m.src_port;
+    let Some(ep) = endpoint(port.vni, m.family, &m.dst) else {
+        // Outside the VPC: out of the uplink of the zone the destination
+        // is in, if the VPC has a zone.
+        if port.flags & PORT_F_UPLINK == 0 {
+            return Err(DropReason::NoRoute);
+        }
+        let z = zone_of(m.family, &m.dst);
+        let uplink = uplink_of(z).ok_or(DropReason::NoRoute)?;
+        let me = zone_endpoint(m.family, &m.src).ok_or(DropReason::NoRoute)?;
+        m.src_door = DOOR_ZONE | z;
+        m.uplink_zone = z;
+        m.vm_zone = me.zone;
+        m.fw_policy = me.border;
+        m.fw_dir = DIR_EGRESS;
+        m.fw_remote_is_src = 0;
+        m.crossing = X_ZONE_OUT;
+        m.out = O_UPLINK;
+        m.out_ifx = uplink;
+        return Ok(());
+    };
+    if ep.flags & EP_F_GATEWAY != 0 || ep.ifindex == m.src_ifx {
+        return Err(DropReason::NoRoute);
+    }
+    m.dst_mac = ep.mac;
+    let peer = ep.flags & EP_F_PEER != 0;
+    m.src_door = if peer { DOOR_PEER | ep.vni } else { DOOR_VPC | port.vni };
+    if ep.ifindex != 0 {
+        m.dst_ifx = ep.ifindex;
+        m.dst_port = port::port(ep.ifindex)?;
+        m.out = O_PORT;
+        m.out_ifx = ep.ifindex;
+        if peer {
+            m.dst_door = DOOR_PEER | port.vni;
+            if ep.policy != 0 {
+                m.crossing = X_PEER;
+                m.fw_policy = ep.policy;
+                if ep.flags & EP_F_LOCAL_IS_A != 0 {
+                    // The sender is side A: its egress, towards the receiver.
+                    m.fw_dir = DIR_EGRESS;
+                    m.fw_remote_is_src = 0;
+                } else {
+                    m.fw_dir = DIR_INGRESS;
+                    m.fw_remote_is_src = 1;
+                }
+            }
+        } else {
+            m.dst_door = DOOR_VPC | port.vni;
+        }
+        return Ok(());
+    }
+    let vxlan = CONFIG.get(0).map(|c| c.vxlan_ifindex).unwrap_or(0);
+    if vxlan == 0 {
+        return Err(DropReason::NoRoute);
+    }
+    m.out = O_TUNNEL;
+    m.out_ifx = vxlan;
+    // A peer's address lives in its own VPC: the receiver checks it there.
+    m.tun_vni = if peer { ep.vni } else { port.vni };
+    m.tun_remote = ep.host_v4;
+    Ok(())
+}
+
+/// A live entry of either table, and how it stands against the port's
+/// current policy: (state, table, origin, service).
+#[inline(always)]
+fn lookup(key: &CtKey, port: &PortInfo, tcp_flags: u8) -> Result<(u8, u8, u8, u16), DropReason> {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the value is copied out at once.
+    if let Some(v) = unsafe { CT.get(key) }.copied() {
+        if now.saturating_sub(v.last_seen_ns) <= ct_timeout(key.proto, v.flags) {
+            // A fresh SYN on a closing connection opens a new one, which
+            // replaces the entry.
+            if key.proto == PROTO_TCP && v.flags & CT_F_CLOSING != 0 && pure_syn(tcp_flags) {
+                return Ok((S_NEW, T_MAIN, 0, 0));
+            }
+            return classify(&v, port, T_MAIN);
+        }
+    }
+    if key.proto == PROTO_TCP {
+        // SAFETY: the value is copied out at once.
+        if let Some(v) = unsafe { CT_SYN.get(key) }.copied() {
+            if now.saturating_sub(v.last_seen_ns) <= CT_TIMEOUT_SYN_NS {
+                return classify(&v, port, T_SYN);
+            }
+        }
+    }
+    Ok((S_NEW, 0, 0, 0))
+}
+
+#[inline(always)]
+fn classify(v: &CtValue, port: &PortInfo, table: u8) -> Result<(u8, u8, u8, u16), DropReason> {
+    if v.epoch != port.epoch {
+        return Ok((S_STALE, table, v.origin, v.svc));
+    }
+    if v.flags & CT_F_REVOKED != 0 {
+        return Err(DropReason::PolicyRevoked);
+    }
+    Ok((S_EST, table, v.origin, v.svc))
+}
+
+/// A live, unrevoked entry in either table.
+#[inline(always)]
+fn tracked(key: &CtKey) -> bool {
+    // SAFETY: bpf_ktime_get_ns has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: the values are copied out at once.
+    if let Some(v) = unsafe { CT.get(key) }.copied() {
+        return v.flags & CT_F_REVOKED == 0 && now.saturating_sub(v.last_seen_ns) <= ct_timeout(key.proto, v.flags);
+    }
+    if let Some(v) = unsafe { CT_SYN.get(key) }.copied() {
+        return v.flags & CT_F_REVOKED == 0 && now.saturating_sub(v.last_seen_ns) <= CT_TIMEOUT_SYN_NS;
+    }
+    false
+}
+
+/// Whether an ICMP error concerns a tracked flow of every local side, and
+/// comes through that flow's door. A VM reports only a packet it received,
+/// to the flow's remote end. A VM hears a report about a packet it sent;
+/// inside a VPC or a peering, only from that packet's destination (there
+/// are no routers between VMs); from a zone or the host, from a router on
+/// the way too.
+#[inline(always)]
+fn related(ctx: &TcContext, m: &Meta) -> bool {
+    let Some(inner) = icmp_inner(ctx, m) else {
+        return false;
+    };
+    let mut k = EMPTY_KEY;
+    k.family = m.family;
+    k.proto = inner.proto;
+    k.icmp = inner.icmp;
+    if m.src_ifx != 0 {
+        if inner.dst != m.src || inner.src != m.dst {
+            return false;
+        }
+        k.ifindex = m.src_ifx;
+        k.local_port = inner.dport;
+        k.remote_port = inner.sport;
+        k.local = inner.dst;
+        k.remote = inner.src;
+        k.door = m.src_door;
+        if !tracked(&k) {
+            return false;
+        }
+    }
+    if m.dst_ifx != 0 {
+        if inner.src != m.dst {
+            return false;
+        }
+        let door = m.dst_door & 0xff00_0000;
+        if door != DOOR_ZONE && door != DOOR_HOST && m.src != inner.dst {
+            return false;
+        }
+        k.ifindex = m.dst_ifx;
+        k.local_port = inner.sport;
+        k.remote_port = inner.dport;
+        k.local = inner.src;
+        k.remote = inner.dst;
+        k.door = m.dst_door;
+        if !tracked(&k) {
+            return false;
+        }
+    }
+    true
+}
+
+/// Tier 2: between two zones, only what an exchange path admits.
+#[inline(always)]
+fn zone_guard(from: u32, to: u32, m: &Meta) -> Result<(), DropReason> {
+    if from == to {
+        return Ok(());
+    }
+    let (src, dst) = (halves(&m.src), halves(&m.dst));
+    let svc = m.service();
+    for i in 0..EXCHANGE_MAX {
+        let Some(r) = EXCHANGE.get(i) else { break };
+        if r.from == 0 {
+            break;
+        }
+        if r.from == from
+            && r.to == to
+            && r.family == m.family
+            && r.proto == m.proto
+            && svc >= r.port_lo
+            && svc <= r.port_hi
+            && in_prefix(src, halves(&r.src), r.src_plen)
+            && in_prefix(dst, halves(&r.dst), r.dst_plen)
+        {
+            count(Stat::Exchanged);
+            return Ok(());
+        }
+    }
+    Err(DropReason::ZoneIsolation)
+}

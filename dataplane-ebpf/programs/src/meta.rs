@@ -1,0 +1,204 @@
+//! The metadata record: what the entry program parsed and what each stage
+//! decided, in a per-CPU scratch slot. A packet's stages run one after the
+//! other on one CPU (tail calls), so the slot is the packet's alone from
+//! its entry to its verdict. Later stages read the record, not the packet.
+
+use dataplane_common::maps::{CtKey, PortInfo};
+
+/// Entry programs.
+pub const E_FROM_VM: u8 = 1;
+pub const E_TO_VM: u8 = 2;
+pub const E_FROM_UPLINK: u8 = 3;
+pub const E_FROM_OVERLAY: u8 = 4;
+
+/// What the packet is.
+pub const K_IP: u8 = 1;
+/// An ARP request from a port, answered by the distributed gateway.
+pub const K_ARP: u8 = 2;
+/// A neighbour solicitation from a port, answered by the gateway.
+pub const K_NS: u8 = 3;
+/// Neighbour discovery or ARP passed to the host's stack or to the VM
+/// after its checks, outside the policy tiers.
+pub const K_NEIGHBOUR: u8 = 4;
+/// An ICMP error about a tracked flow of every local side.
+pub const K_RELATED: u8 = 5;
+
+/// Where an IP packet goes.
+pub const O_PORT: u8 = 1;
+pub const O_TUNNEL: u8 = 2;
+pub const O_UPLINK: u8 = 3;
+
+/// Conntrack state of one local side of a flow.
+pub const S_NONE: u8 = 0;
+/// A live entry, judged under the current policy.
+pub const S_EST: u8 = 1;
+/// A live entry judged under an older policy: judged again.
+pub const S_STALE: u8 = 2;
+/// No live entry: a new flow.
+pub const S_NEW: u8 = 3;
+
+/// Which table an entry was found in.
+pub const T_MAIN: u8 = 1;
+pub const T_SYN: u8 = 2;
+
+/// Which side of the flow crosses a boundary that a tier-2/3 check guards.
+pub const X_NONE: u8 = 0;
+/// A VM sends out of a zone uplink (the source side).
+pub const X_ZONE_OUT: u8 = 1;
+/// A packet from a zone uplink to a VM (the destination side).
+pub const X_ZONE_IN: u8 = 2;
+/// A packet from a peered VPC to a VM (the destination side).
+pub const X_PEER: u8 = 3;
+
+#[repr(C)]
+pub struct Meta {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// The sending port when it is on this host.
+    pub src_port: PortInfo,
+    /// The receiving port when it is on this host.
+    pub dst_port: PortInfo,
+    pub src_ifx: u32,
+    pub dst_ifx: u32,
+    /// The door of the sending port's flow entry (where its remote end is).
+    pub src_door: u32,
+    /// The door of the receiving port's flow entry.
+    pub dst_door: u32,
+    /// Output device (port, VXLAN device or uplink).
+    pub out_ifx: u32,
+    pub tun_vni: u32,
+    pub tun_remote: [u8; 4],
+    /// The firewall policy of the crossing; 0: none.
+    pub fw_policy: u32,
+    /// The firewall rule that decided (recorded at commit).
+    pub fw_rule: u32,
+    /// Zone of the VM's VPC, and of the uplink crossed.
+    pub vm_zone: u32,
+    pub uplink_zone: u32,
+    pub len: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub l4_off: u16,
+    pub end: u16,
+    pub arp_op: u16,
+    pub _pad0: u16,
+    pub dst_mac: [u8; 6],
+    pub arp_sha: [u8; 6],
+    pub arp_spa: [u8; 4],
+    pub arp_tpa: [u8; 4],
+    pub family: u8,
+    pub proto: u8,
+    pub tcp_flags: u8,
+    pub icmp_type: u8,
+    /// `icmp_class` of the packet (part of the flow key).
+    pub icmp: u8,
+    pub entry: u8,
+    pub kind: u8,
+    pub out: u8,
+    pub ct_src: u8,
+    pub ct_dst: u8,
+    pub tbl_src: u8,
+    pub tbl_dst: u8,
+    pub crossing: u8,
+    /// Firewall: direction of the rules, whether the remote is the source,
+    /// the action taken, and whether a verdict is to be recorded.
+    pub fw_dir: u8,
+    pub fw_remote_is_src: u8,
+    pub fw_action: u8,
+    pub fw_record: u8,
+    /// For a flow found under an older policy: who opened it, and the
+    /// service it was judged on.
+    pub org_src: u8,
+    pub org_dst: u8,
+    pub _pad1: [u8; 1],
+    pub svc_src: u16,
+    pub svc_dst: u16,
+}
+
+const _: () = assert!(core::mem::size_of::<Meta>() == 184);
+
+impl Meta {
+    /// Clears what an earlier packet on this CPU may have left.
+    #[inline(always)]
+    pub fn reset(&mut self, entry: u8) {
+        self.entry = entry;
+        self.kind = 0;
+        self.out = 0;
+        self.src_ifx = 0;
+        self.dst_ifx = 0;
+        self.src_door = 0;
+        self.dst_door = 0;
+        self.out_ifx = 0;
+        self.ct_src = S_NONE;
+        self.ct_dst = S_NONE;
+        self.tbl_src = 0;
+        self.tbl_dst = 0;
+        self.crossing = X_NONE;
+        self.fw_policy = 0;
+        self.fw_record = 0;
+        self.vm_zone = 0;
+        self.uplink_zone = 0;
+        self.sport = 0;
+        self.dport = 0;
+        self.tcp_flags = 0;
+        self.icmp_type = 0;
+        self.icmp = 0;
+        self.proto = 0;
+        self.family = 0;
+    }
+
+    /// The flow key of the sending port's side: the port's address is the
+    /// source.
+    #[inline(always)]
+    pub fn src_key(&self, k: &mut CtKey) {
+        k.ifindex = self.src_ifx;
+        k.family = self.family;
+        k.proto = self.proto;
+        k.icmp = self.icmp;
+        k._pad = 0;
+        k.local_port = self.sport;
+        k.remote_port = self.dport;
+        k.local = self.src;
+        k.remote = self.dst;
+        k.door = self.src_door;
+    }
+
+    /// The flow key of the receiving port's side.
+    #[inline(always)]
+    pub fn dst_key(&self, k: &mut CtKey) {
+        k.ifindex = self.dst_ifx;
+        k.family = self.family;
+        k.proto = self.proto;
+        k.icmp = self.icmp;
+        k._pad = 0;
+        k.local_port = self.dport;
+        k.remote_port = self.sport;
+        k.local = self.dst;
+        k.remote = self.src;
+        k.door = self.dst_door;
+    }
+
+    /// The service a rule matches: destination port, or the ICMP type.
+    #[inline(always)]
+    pub fn service(&self) -> u16 {
+        if self.proto == dataplane_common::PROTO_ICMP || self.proto == dataplane_common::PROTO_ICMPV6 {
+            self.icmp_type as u16
+        } else {
+            self.dport
+        }
+    }
+}
+
+/// An empty key, filled by [`Meta::src_key`] or [`Meta::dst_key`].
+pub const EMPTY_KEY: CtKey = CtKey {
+    ifindex: 0,
+    family: 0,
+    proto: 0,
+    icmp: 0,
+    _pad: 0,
+    local_port: 0,
+    remote_port: 0,
+    local: [0; 16],
+    remote: [0; 16],
+    door: 0,
+};

@@ -1,0 +1,149 @@
+//! Entries on the zone uplinks. Arriving (`from_uplink`): a packet for a
+//! VM enters the pipeline with the uplink's zone as its door; a packet for
+//! the host itself passes only if the host needs it. Leaving
+//! (`to_uplink`): a VM's address leaves only as the pipeline sent it.
+
+use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
+use dataplane_common::{
+    maps::{zone_net_data, ZoneAddrKey, ZoneEndpoint, DOOR_ZONE},
+    DropReason, DIR_INGRESS, MARK_PIPELINE, PROTO_ICMPV6,
+};
+
+use crate::{
+    ctx::Pkt,
+    maps::{UPLINKS, ZONE_ENDPOINTS, ZONE_NETS, ZONE_UPLINK},
+    meta::{Meta, E_FROM_UPLINK, K_IP, X_ZONE_IN},
+    parse::{self, is_icmp_error, ETH_P_IP, ETH_P_IPV6},
+    port,
+};
+
+const ND_NS: u8 = 135;
+const ND_NA: u8 = 136;
+
+/// The zone an outside address belongs to (longest prefix), or 0.
+#[inline(always)]
+pub fn zone_of(family: u8, addr: &[u8; 16]) -> u32 {
+    let k = Key::new(8 + 128, zone_net_data(family, addr));
+    ZONE_NETS.get(&k).copied().unwrap_or(0)
+}
+
+/// The uplink device of zone `z`.
+#[inline(always)]
+pub fn uplink_of(z: u32) -> Option<u32> {
+    // SAFETY: the value is copied out at once.
+    unsafe { ZONE_UPLINK.get(&z) }.copied()
+}
+
+/// Where an address of a VPC with a zone lives.
+#[inline(always)]
+pub fn zone_endpoint(family: u8, addr: &[u8; 16]) -> Option<ZoneEndpoint> {
+    let k = ZoneAddrKey {
+        family,
+        _pad: [0; 3],
+        addr: *addr,
+    };
+    // SAFETY: the value is copied out at once.
+    unsafe { ZONE_ENDPOINTS.get(&k) }.copied()
+}
+
+/// The zone of an uplink device.
+#[inline(always)]
+fn uplink_zone(ifindex: u32) -> Option<u32> {
+    // SAFETY: the value is copied out at once.
+    unsafe { UPLINKS.get(&ifindex) }.copied()
+}
+
+/// What an uplink entry made of a packet.
+pub enum Arrival {
+    /// For a VM: into the pipeline.
+    Pipeline,
+    /// For the host, and needed by it.
+    Host,
+}
+
+/// Packets arriving from an uplink.
+#[inline(always)]
+pub fn from_uplink<C: Pkt>(ctx: &C, m: &mut Meta) -> Result<Arrival, DropReason> {
+    let ifx = ctx.ifindex();
+    m.reset(E_FROM_UPLINK);
+    let Some(zone) = uplink_zone(ifx) else {
+        // No longer an uplink: the agent detaches it.
+        return Ok(Arrival::Host);
+    };
+    let (_, ethertype) = parse::eth(ctx)?;
+    if ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 {
+        // ARP for the host's uplink address; anything else is refused.
+        return if ethertype == parse::ETH_P_ARP {
+            parse::arp(ctx, m)?;
+            Ok(Arrival::Host)
+        } else {
+            Err(DropReason::UplinkToHost)
+        };
+    }
+    parse::ip(ctx, m, ethertype)?;
+    let Some(ep) = zone_endpoint(m.family, &m.dst) else {
+        // For the host: neighbour discovery for its uplink address and
+        // ICMP errors for its own flows; nothing else (no tunnel packets,
+        // no services).
+        let nd = m.proto == PROTO_ICMPV6 && (m.icmp_type == ND_NS || m.icmp_type == ND_NA);
+        return if nd || is_icmp_error(m.proto, m.icmp_type) {
+            Ok(Arrival::Host)
+        } else {
+            Err(DropReason::UplinkToHost)
+        };
+    };
+    // A source that is one of our VPCs' addresses, or in another zone's
+    // prefixes, is forged: it cannot come from this zone's network.
+    if zone_endpoint(m.family, &m.src).is_some() {
+        return Err(DropReason::SpoofUplink);
+    }
+    let src_zone = zone_of(m.family, &m.src);
+    if src_zone != 0 && src_zone != zone {
+        return Err(DropReason::SpoofUplink);
+    }
+    if ep.ifindex == 0 {
+        return Err(DropReason::NoRoute);
+    }
+    m.dst_ifx = ep.ifindex;
+    m.dst_port = port::port(ep.ifindex)?;
+    m.dst_door = DOOR_ZONE | zone;
+    m.dst_mac = ep.mac;
+    m.uplink_zone = zone;
+    m.vm_zone = ep.zone;
+    m.fw_policy = ep.border;
+    m.fw_dir = DIR_INGRESS;
+    m.fw_remote_is_src = 1;
+    m.crossing = X_ZONE_IN;
+    m.kind = K_IP;
+    Ok(Arrival::Pipeline)
+}
+
+/// Packets leaving through an uplink: a VM's address leaves only as the
+/// pipeline sent it (marked); the host's own traffic passes.
+#[inline(always)]
+pub fn to_uplink(ctx: &mut TcContext) -> Result<(), DropReason> {
+    // SAFETY: reading fields of the context.
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    if mark == MARK_PIPELINE {
+        ctx.set_mark(0);
+        return Ok(());
+    }
+    if uplink_zone(Pkt::ifindex(ctx)).is_none() {
+        return Ok(());
+    }
+    let (_, ethertype) = parse::eth(ctx)?;
+    if ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 {
+        return Ok(());
+    }
+    let m = crate::maps::meta().ok_or(DropReason::Pipeline)?;
+    m.reset(0);
+    // What does not parse is not a VM's (the pipeline parsed every packet
+    // it sends): the host's own.
+    if parse::ip(ctx, m, ethertype).is_err() {
+        return Ok(());
+    }
+    if zone_endpoint(m.family, &m.src).is_some() {
+        return Err(DropReason::Unjudged);
+    }
+    Ok(())
+}
