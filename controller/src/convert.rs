@@ -287,6 +287,8 @@ fn exchange_from_pb(at: &At, x: &pb::ExchangePath) -> Result<m::ExchangePath, Fi
         destination,
         protocol: protocol_from_pb(at, x.protocol)?,
         ports: (x.port_min as u16, x.port_max as u16),
+        broad: x.broad,
+        broad_reason: x.broad_reason.clone(),
     })
 }
 
@@ -300,6 +302,8 @@ pub fn exchange_to_pb(x: &m::ExchangePath) -> pb::ExchangePath {
         protocol: protocol_to_pb(x.protocol) as i32,
         port_min: x.ports.0 as u32,
         port_max: x.ports.1 as u32,
+        broad: x.broad,
+        broad_reason: x.broad_reason.clone(),
     }
 }
 

@@ -138,6 +138,13 @@ struct ExchangePathSpec {
     destination: Cidr,
     protocol: Protocol,
     ports: PortRange,
+    /// Exempt from the share of a zone that paths may open together; needs
+    /// `broadReason`.
+    #[serde(default)]
+    broad: bool,
+    /// Why the path is broad (kept in the audit record).
+    #[serde(default)]
+    broad_reason: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, Serialize)]
@@ -531,6 +538,8 @@ fn to_op(doc: Doc) -> Result<Op, String> {
                 destination: spec.destination.0,
                 protocol: spec.protocol,
                 ports: (spec.ports.0, spec.ports.1),
+                broad: spec.broad,
+                broad_reason: spec.broad_reason.unwrap_or_default(),
             })
         }
         Doc::Host(Typed {
@@ -849,7 +858,7 @@ pub fn render(op: &Op) -> Option<serde_json::Value> {
             } else {
                 json!(format!("{}-{}", x.ports.0, x.ports.1))
             };
-            let spec = json!({
+            let mut spec = json!({
                 "from": x.from_zone,
                 "to": x.to_zone,
                 "source": x.source.to_string(),
@@ -857,6 +866,12 @@ pub fn render(op: &Op) -> Option<serde_json::Value> {
                 "protocol": x.protocol,
                 "ports": ports,
             });
+            if x.broad {
+                spec["broad"] = json!(true);
+            }
+            if !x.broad_reason.is_empty() {
+                spec["broadReason"] = json!(x.broad_reason);
+            }
             doc("ExchangePath", &x.id, None, spec)
         }
         Op::PutPort(p) => {
@@ -1041,6 +1056,12 @@ mod schema_tests {
         s.apply_batch(&ops).expect("the example applies as one batch");
         assert_eq!(s.zones.len(), 2);
         assert_eq!(s.exchange_paths.len(), 3);
+        let portal = &s.exchange_paths["portal-https-in"];
+        assert!(portal.broad && portal.broad_reason.contains("every citizen"));
+        // Rendered back, the broad path parses to itself.
+        let op = Op::PutExchangePath(portal.clone());
+        let yaml = to_yaml(&[render(&op).unwrap()]);
+        assert_eq!(parse_str("x.yaml", &yaml).unwrap()[0].op, op, "{yaml}");
         assert_eq!(s.tenants.len(), 4, "three departments and the shared service");
         assert_eq!(s.vpcs.values().filter(|v| v.zone_id == "extranet").count(), 4);
         assert_eq!(
@@ -1073,5 +1094,27 @@ mod schema_tests {
         assert!(!v.is_valid(&both), "remoteCidr and remoteGroup are exclusive");
         let kind = serde_json::json!({"apiVersion": "sdn/v1", "kind": "Tenent", "metadata": {"name": "x"}});
         assert!(!v.is_valid(&kind));
+        let path = serde_json::json!({"apiVersion": "sdn/v1", "kind": "ExchangePath", "metadata": {"name": "x"},
+            "spec": {"from": "a", "to": "b", "source": "0.0.0.0/0", "destination": "10.0.0.1/32", "protocol": "tcp",
+                     "ports": 443, "broad": true, "broadReason": "public portal"}});
+        assert!(v.is_valid(&path));
+        let mut no_reason = path.clone();
+        no_reason["spec"].as_object_mut().unwrap().remove("broadReason");
+        assert!(!v.is_valid(&no_reason), "broad needs a reason");
+        let mut blank = path.clone();
+        blank["spec"]["broadReason"] = serde_json::json!(" ");
+        assert!(!v.is_valid(&blank), "a blank reason is none");
+        let mut two_lines = path.clone();
+        two_lines["spec"]["broadReason"] = serde_json::json!("portal\nrevision 7");
+        assert!(!v.is_valid(&two_lines), "a reason is one line");
+        let mut not_broad = path.clone();
+        not_broad["spec"]["broad"] = serde_json::json!(false);
+        assert!(!v.is_valid(&not_broad), "a reason is only for a broad path");
+        let host = serde_json::json!({"apiVersion": "sdn/v1", "kind": "Host", "metadata": {"name": "h"},
+            "spec": {"underlayIp": "192.0.2.1"}});
+        assert!(v.is_valid(&host));
+        let mut v6 = host.clone();
+        v6["spec"]["underlayIp"] = serde_json::json!("fd99::2");
+        assert!(!v.is_valid(&v6), "the underlay is IPv4");
     }
 }

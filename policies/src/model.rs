@@ -81,9 +81,6 @@ pub struct VpcPeering {
     pub policy_id: String,
 }
 
-/// The most rules one firewall policy may hold (they are checked in order).
-pub const FIREWALL_RULES_MAX: usize = 64;
-
 /// A network zone outside the VPCs (the e-government extranet, the
 /// internet), reached through an uplink device on every host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,6 +109,15 @@ pub struct ExchangePath {
     pub protocol: Protocol,
     /// Destination ports (ICMP: message types), inclusive.
     pub ports: (u16, u16),
+    /// Exempts the path from the share of a zone that paths may open
+    /// together ([`crate::Settings`]) and allows a source of every address;
+    /// needs `broad_reason`.
+    #[serde(default)]
+    pub broad: bool,
+    /// Why the path is broad: required with `broad`, empty without; the
+    /// audit record of the change carries it.
+    #[serde(default)]
+    pub broad_reason: String,
 }
 
 /// The highest VNI (24 bits).
@@ -144,6 +150,8 @@ impl Subnet {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Host {
     pub id: String,
+    /// The address the overlay reaches the host at: IPv4 (the store refuses
+    /// IPv6, which the overlay does not run over).
     pub underlay_ip: IpAddr,
 }
 
@@ -416,10 +424,17 @@ impl Op {
                 z.prefixes.len(),
                 z.uplink_device
             ),
-            Op::PutExchangePath(x) => format!(
-                "put exchange_path {}: {} {} -> {} {} {:?} {}-{}",
-                x.id, x.from_zone, x.source, x.to_zone, x.destination, x.protocol, x.ports.0, x.ports.1
-            ),
+            Op::PutExchangePath(x) => {
+                let broad = if x.broad {
+                    format!(" (broad: {})", x.broad_reason)
+                } else {
+                    String::new()
+                };
+                format!(
+                    "put exchange_path {}: {} {} -> {} {} {:?} {}-{}{broad}",
+                    x.id, x.from_zone, x.source, x.to_zone, x.destination, x.protocol, x.ports.0, x.ports.1
+                )
+            }
             Op::PutVpcPeering(p) => format!(
                 "put vpc_peering {}: {} <-> {} (firewall {:?})",
                 p.id, p.vpc_a, p.vpc_b, p.policy_id

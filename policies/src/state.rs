@@ -9,6 +9,10 @@ use std::net::IpAddr;
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
+use crate::limits::{
+    address_share, port_share, within, Settings, ENDPOINTS_MAX, EXCHANGE_MAX, FW_NAMES_MAX, FW_POLICIES_MAX,
+    FW_POLICY_RULES_MAX, FW_RULES_MAX, PORTS_MAX, ZONES_MAX, ZONE_ENDPOINTS_MAX, ZONE_NETS_MAX,
+};
 use crate::model::*;
 
 /// Why a batch was refused: which operation, which field, what is wrong.
@@ -46,6 +50,10 @@ pub struct State {
     pub firewall_policies: BTreeMap<String, FirewallPolicy>,
     #[serde(default)]
     pub peerings: BTreeMap<String, VpcPeering>,
+    /// What validation allows beyond each object's own rules; the same on
+    /// every replica.
+    #[serde(default)]
+    pub settings: Settings,
 }
 
 struct Ctx<'a> {
@@ -93,6 +101,7 @@ impl State {
                 next.check_remote_groups(&ctx, g)?;
             }
         }
+        next.check_host_capacity(ops)?;
         *self = next;
         Ok(changes)
     }
@@ -174,6 +183,12 @@ impl State {
                 check_id(&h.id).map_err(|m| c.err("id", m))?;
                 if h.underlay_ip.is_unspecified() || h.underlay_ip.is_multicast() {
                     return Err(c.err("underlay_ip", format!("{} is not a unicast address", h.underlay_ip)));
+                }
+                if h.underlay_ip.is_ipv6() {
+                    return Err(c.err(
+                        "underlay_ip",
+                        format!("{} is IPv6; the overlay runs over IPv4 underlays only", h.underlay_ip),
+                    ));
                 }
                 self.hosts.insert(h.id.clone(), h.clone());
             }
@@ -298,6 +313,30 @@ impl State {
                 }
             }
         }
+        let zones = self.zones.len() + usize::from(!self.zones.contains_key(&z.id));
+        if zones > ZONES_MAX as usize {
+            return Err(c.err(
+                "",
+                format!(
+                    "zone {} would be zone number {zones}; the dataplane holds at most {ZONES_MAX}",
+                    z.id
+                ),
+            ));
+        }
+        let prefixes = z.prefixes.len()
+            + self
+                .zones
+                .values()
+                .filter(|o| o.id != z.id)
+                .map(|o| o.prefixes.len())
+                .sum::<usize>();
+        if prefixes > ZONE_NETS_MAX as usize {
+            return Err(c.err(
+                "prefixes",
+                format!("{prefixes} prefixes in all zones; the dataplane holds at most {ZONE_NETS_MAX}"),
+            ));
+        }
+        self.check_paths_into(c, z)?;
         let old = self.zones.insert(z.id.clone(), z.clone());
         // Every attached VPC must still be inside its own zone.
         let attached: Vec<(String, String)> = self
@@ -409,10 +448,10 @@ impl State {
 
     fn put_firewall_policy(&mut self, c: &Ctx, f: &FirewallPolicy) -> Result<(), BatchError> {
         check_id(&f.id).map_err(|m| c.err("id", m))?;
-        if f.rules.len() > FIREWALL_RULES_MAX {
+        if f.rules.len() > FW_POLICY_RULES_MAX as usize {
             return Err(c.err(
                 "rules",
-                format!("{} rules; a policy holds at most {FIREWALL_RULES_MAX}", f.rules.len()),
+                format!("{} rules; a policy holds at most {FW_POLICY_RULES_MAX}", f.rules.len()),
             ));
         }
         let mut ids = BTreeSet::new();
@@ -475,16 +514,19 @@ impl State {
             return Err(c.err("to_zone", "an exchange path joins two different zones"));
         }
         if x.source.is_ipv4() != x.destination.is_ipv4() {
-            return Err(c.err("destination", "source and destination must be of one address family"));
+            return Err(c.err(
+                "destination_cidr",
+                "source and destination must be of one address family",
+            ));
         }
-        for (field, n) in [("source", x.source), ("destination", x.destination)] {
+        for (field, n) in [("source_cidr", x.source), ("destination_cidr", x.destination)] {
             if n.network() != n.ip() {
                 return Err(c.err(field, format!("{n} has host bits set")));
             }
         }
         if x.destination.prefix() == 0 {
             return Err(c.err(
-                "destination",
+                "destination_cidr",
                 "an exchange path must name its destination; a default route would join the zones",
             ));
         }
@@ -511,7 +553,145 @@ impl State {
         if matches!(x.protocol, Protocol::Icmp | Protocol::Icmpv6) && x.ports.1 > 255 {
             return Err(c.err("port_max", format!("ICMP type {} is above 255", x.ports.1)));
         }
+        if x.broad && x.broad_reason.trim().is_empty() {
+            return Err(c.err(
+                "broad_reason",
+                "a broad exchange path needs a reason; the audit record carries it",
+            ));
+        }
+        if x.broad_reason.chars().any(char::is_control) {
+            return Err(c.err(
+                "broad_reason",
+                "a reason is one line of text, without control characters",
+            ));
+        }
+        if !x.broad && !x.broad_reason.is_empty() {
+            return Err(c.err(
+                "broad_reason",
+                "only a broad exchange path has a reason; set broad or leave the reason out",
+            ));
+        }
+        let to = &self.zones[&x.to_zone];
+        if !to.prefixes.iter().any(|n| within(x.destination, *n)) {
+            return Err(c.err(
+                "destination_cidr",
+                format!(
+                    "{} is not inside zone {} ({})",
+                    x.destination,
+                    to.id,
+                    list(&to.prefixes)
+                ),
+            ));
+        }
+        if x.source.prefix() == 0 && !x.broad {
+            return Err(c.err(
+                "source_cidr",
+                format!(
+                    "{} is every address; name the sources, or mark the path broad with a broad_reason",
+                    x.source
+                ),
+            ));
+        }
+        let paths = self.exchange_paths.len() + usize::from(!self.exchange_paths.contains_key(&x.id));
+        if paths > EXCHANGE_MAX as usize {
+            return Err(c.err(
+                "",
+                format!(
+                    "exchange path {} would be path number {paths}; every host holds them all, at most {EXCHANGE_MAX}",
+                    x.id
+                ),
+            ));
+        }
+        if !x.broad {
+            let group = self.path_group(&x.from_zone, &x.to_zone, x.protocol, Some(x));
+            if let Some((field, message)) = self.widening(&group, to, &[x.destination.is_ipv4()]) {
+                return Err(c.err(field, message));
+            }
+        }
         self.exchange_paths.insert(x.id.clone(), x.clone());
+        Ok(())
+    }
+
+    /// The paths that are not broad from `from` to `to` with `protocol`,
+    /// with `new` in place of the path of its id.
+    fn path_group<'a>(
+        &'a self,
+        from: &str,
+        to: &str,
+        protocol: Protocol,
+        new: Option<&'a ExchangePath>,
+    ) -> Vec<&'a ExchangePath> {
+        self.exchange_paths
+            .values()
+            .filter(|p| new.is_none_or(|n| n.id != p.id))
+            .chain(new)
+            .filter(|p| !p.broad && p.from_zone == from && p.to_zone == to && p.protocol == protocol)
+            .collect()
+    }
+
+    /// Whether paths of one group together open more of `zone` than the
+    /// settings allow without `broad`: of its addresses of each family
+    /// asked for (`true`: IPv4), or of the port range. Gives the field to
+    /// name and why.
+    fn widening(&self, group: &[&ExchangePath], zone: &Zone, v4: &[bool]) -> Option<(&'static str, String)> {
+        let first = group.first()?;
+        let max = self.settings.exchange_share_max_percent;
+        let what = format!(
+            "the exchange paths from zone {} to zone {} over {:?} ({})",
+            first.from_zone,
+            first.to_zone,
+            first.protocol,
+            group.iter().map(|p| p.id.as_str()).collect::<Vec<_>>().join(", ")
+        );
+        let advice = format!("above {max}% needs broad: true and a broad_reason");
+        for &fam in v4 {
+            let share = address_share(&zone.prefixes, group.iter().map(|p| p.destination), fam);
+            if share.above(max) {
+                let family = if fam { "IPv4" } else { "IPv6" };
+                return Some((
+                    "destination_cidr",
+                    format!(
+                        "{what} would reach {:.2}% of zone {}'s {family} addresses; {advice}",
+                        share.percent(),
+                        zone.id
+                    ),
+                ));
+            }
+        }
+        let icmp = matches!(first.protocol, Protocol::Icmp | Protocol::Icmpv6);
+        let share = port_share(group.iter().map(|p| p.ports), icmp);
+        if share.above(max) {
+            let range = if icmp { "ICMP types" } else { "ports" };
+            return Some((
+                "port_min",
+                format!("{what} would open {:.2}% of all {range}; {advice}", share.percent()),
+            ));
+        }
+        None
+    }
+
+    /// A zone's new prefixes must still hold the destinations of the paths
+    /// into it, and the paths that are not broad may not open more of it.
+    fn check_paths_into(&self, c: &Ctx, zone: &Zone) -> Result<(), BatchError> {
+        let into: Vec<&ExchangePath> = self.exchange_paths.values().filter(|p| p.to_zone == zone.id).collect();
+        for p in &into {
+            if !zone.prefixes.iter().any(|n| within(p.destination, *n)) {
+                return Err(c.err(
+                    "prefixes",
+                    format!(
+                        "exchange path {} goes to {}, which would be outside the zone",
+                        p.id, p.destination
+                    ),
+                ));
+            }
+        }
+        let groups: BTreeSet<(&str, Protocol)> = into.iter().map(|p| (p.from_zone.as_str(), p.protocol)).collect();
+        for (from, protocol) in groups {
+            let group = self.path_group(from, &zone.id, protocol, None);
+            if let Some((_, message)) = self.widening(&group, zone, &[true, false]) {
+                return Err(c.err("prefixes", message));
+            }
+        }
         Ok(())
     }
 
@@ -683,7 +863,11 @@ impl State {
                 return Err(c.err(&field, format!("security group {g} listed twice")));
             }
         }
+        let mut on_host = 1;
         for other in self.ports.values().filter(|o| o.id != p.id) {
+            if other.host_id == p.host_id {
+                on_host += 1;
+            }
             if other.host_id == p.host_id && other.device == p.device {
                 return Err(c.err(
                     "device",
@@ -708,7 +892,147 @@ impl State {
                 }
             }
         }
+        if on_host > PORTS_MAX as usize {
+            return Err(c.err(
+                "host_id",
+                format!(
+                    "host {} would have {on_host} ports; its dataplane holds at most {PORTS_MAX}",
+                    p.host_id
+                ),
+            ));
+        }
         self.ports.insert(p.id.clone(), p.clone());
+        Ok(())
+    }
+
+    /// Every host must hold its share (what the controller streams to it):
+    ///
+    /// - the overlay: the endpoints (port addresses and gateways) of the
+    ///   VPCs it has ports in and of their peers, each peer's ports once
+    ///   more under the VNI of the VPC it peers with; and the port
+    ///   addresses of those VPCs that have a zone;
+    /// - the firewalls: the border policies of those VPCs and the policies
+    ///   of their peerings, their rules, and a name for every rule and for
+    ///   each policy's default.
+    ///
+    /// Checked once the batch is whole (it counts every port). A host over
+    /// a limit is blamed on the batch's last operation that added to it; a
+    /// host this batch did not add to is left alone.
+    fn check_host_capacity(&self, ops: &[Op]) -> Result<(), BatchError> {
+        let grows = |op: &Op| {
+            matches!(
+                op,
+                Op::PutPort(_) | Op::PutSubnet(_) | Op::PutVpc(_) | Op::PutVpcPeering(_) | Op::PutFirewallPolicy(_)
+            )
+        };
+        if !ops.iter().any(grows) {
+            return Ok(());
+        }
+        let mut addrs: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut local: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for p in self.ports.values() {
+            let v = self.vpc_of(p);
+            *addrs.entry(v).or_default() += p.addresses().count();
+            local.entry(p.host_id.as_str()).or_default().insert(v);
+        }
+        let mut gateways: BTreeMap<&str, usize> = BTreeMap::new();
+        for s in self.subnets.values() {
+            *gateways.entry(s.vpc_id.as_str()).or_default() +=
+                usize::from(s.cidr_v4.is_some()) + usize::from(s.cidr_v6.is_some());
+        }
+        let mut peerings: BTreeMap<&str, Vec<&VpcPeering>> = BTreeMap::new();
+        for pr in self.peerings.values() {
+            peerings.entry(pr.vpc_a.as_str()).or_default().push(pr);
+            peerings.entry(pr.vpc_b.as_str()).or_default().push(pr);
+        }
+        let count = |m: &BTreeMap<&str, usize>, v: &str| m.get(v).copied().unwrap_or(0);
+        for (host, here) in &local {
+            let joined: BTreeMap<&str, &VpcPeering> = here
+                .iter()
+                .flat_map(|v| peerings.get(v).into_iter().flatten())
+                .map(|pr| (pr.id.as_str(), *pr))
+                .collect();
+            let mut seen = here.clone();
+            let mut as_peers = 0;
+            for pr in joined.values() {
+                seen.insert(&pr.vpc_a);
+                seen.insert(&pr.vpc_b);
+                as_peers += count(&addrs, &pr.vpc_a) + count(&addrs, &pr.vpc_b);
+            }
+            let endpoints = as_peers
+                + seen
+                    .iter()
+                    .map(|v| count(&gateways, v) + count(&addrs, v))
+                    .sum::<usize>();
+            let zoned: usize = seen
+                .iter()
+                .filter(|v| self.vpcs.get(**v).is_some_and(|x| !x.zone_id.is_empty()))
+                .map(|v| count(&addrs, v))
+                .sum();
+            let overlay = if endpoints > ENDPOINTS_MAX as usize {
+                Some(format!(
+                    "host {host} would hold {endpoints} overlay endpoints (its VPCs' and their peers' addresses \
+                     and gateways); its dataplane holds at most {ENDPOINTS_MAX}"
+                ))
+            } else if zoned > ZONE_ENDPOINTS_MAX as usize {
+                Some(format!(
+                    "host {host} would hold {zoned} addresses of VPCs with a zone; its dataplane holds at most \
+                     {ZONE_ENDPOINTS_MAX}"
+                ))
+            } else {
+                None
+            };
+            let policies: BTreeSet<&str> = seen
+                .iter()
+                .filter_map(|v| self.vpcs.get(*v))
+                .map(|v| v.border_policy_id.as_str())
+                .chain(joined.values().map(|pr| pr.policy_id.as_str()))
+                .filter(|id| self.firewall_policies.contains_key(*id))
+                .collect();
+            let rules: usize = policies.iter().map(|id| self.firewall_policies[*id].rules.len()).sum();
+            let firewall = if policies.len() > FW_POLICIES_MAX as usize {
+                Some(format!(
+                    "host {host} would hold {} firewall policies (its VPCs' border firewalls and their \
+                     peerings'); its dataplane holds at most {FW_POLICIES_MAX}",
+                    policies.len()
+                ))
+            } else if rules > FW_RULES_MAX as usize {
+                Some(format!(
+                    "host {host} would hold {rules} firewall rules; its dataplane holds at most {FW_RULES_MAX}"
+                ))
+            } else if rules + policies.len() > FW_NAMES_MAX as usize {
+                Some(format!(
+                    "host {host} would hold {rules} firewall rules and {} policy defaults, each with a name; its \
+                     dataplane holds at most {FW_NAMES_MAX} names",
+                    policies.len()
+                ))
+            } else {
+                None
+            };
+            for (message, of_firewall) in [(overlay, false), (firewall, true)] {
+                let Some(message) = message else { continue };
+                let culprit = ops.iter().enumerate().rev().find_map(|(index, op)| {
+                    let field = match op {
+                        Op::PutPort(p) if seen.contains(self.vpc_of(p)) => "subnet_id",
+                        Op::PutSubnet(s) if !of_firewall && seen.contains(s.vpc_id.as_str()) => "vpc_id",
+                        Op::PutVpcPeering(x) if seen.contains(x.vpc_a.as_str()) || seen.contains(x.vpc_b.as_str()) => {
+                            if of_firewall {
+                                "policy_id"
+                            } else {
+                                "vpc_b"
+                            }
+                        }
+                        Op::PutVpc(v) if of_firewall && seen.contains(v.id.as_str()) => "border_policy_id",
+                        Op::PutFirewallPolicy(f) if of_firewall && policies.contains(f.id.as_str()) => "rules",
+                        _ => return None,
+                    };
+                    Some((index, op.field(), field))
+                });
+                if let Some((index, op, field)) = culprit {
+                    return Err(Ctx { index, op }.err(field, message));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -956,6 +1280,11 @@ impl State {
         v.sort();
         v
     }
+}
+
+/// Prefixes as text: "10.0.0.0/8, fd00::/8".
+fn list(nets: &[IpNetwork]) -> String {
+    nets.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
 }
 
 /// The last address of a prefix.
@@ -1253,10 +1582,12 @@ mod tests {
             id: "x".into(),
             from_zone: from.into(),
             to_zone: to.into(),
-            source: "0.0.0.0/0".parse().unwrap(),
+            source: "198.51.100.0/24".parse().unwrap(),
             destination: dst.parse().unwrap(),
             protocol,
             ports,
+            broad: false,
+            broad_reason: String::new(),
         })
     }
 
@@ -1315,14 +1646,14 @@ mod tests {
             (path("ext", "ext", "10.0.0.5/32", Protocol::Tcp, (443, 443)), "to_zone"),
             (
                 path("net", "ext", "0.0.0.0/0", Protocol::Tcp, (443, 443)),
-                "destination",
+                "destination_cidr",
             ),
             (path("net", "ext", "10.0.0.5/32", Protocol::Any, (0, 0)), "protocol"),
             (path("net", "ext", "10.0.0.5/32", Protocol::Tcp, (0, 65535)), "port_min"),
             (path("net", "dmz", "10.0.0.5/32", Protocol::Tcp, (443, 443)), "to_zone"),
             (
                 path("net", "ext", "fd00::5/128", Protocol::Tcp, (443, 443)),
-                "destination",
+                "destination_cidr",
             ),
         ];
         for (op, field) in bad {
