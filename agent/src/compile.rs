@@ -705,17 +705,10 @@ fn compile_peerings(
         let (of_a, of_b) = (own(a), own(b));
         for (key_vni, entries, flags) in [(a, of_b, EP_F_PEER | EP_F_LOCAL_IS_A), (b, of_a, EP_F_PEER)] {
             for (k, e) in entries {
-                out.insert(
-                    EndpointKey { vni: key_vni, ..k },
-                    // Always through the tunnel, even to a port of this
-                    // host: the receiving side applies the VPC firewall.
-                    Endpoint {
-                        ifindex: 0,
-                        flags,
-                        policy,
-                        ..e
-                    },
-                );
+                // A peer's port on this host keeps its device: the pipeline
+                // delivers to it directly, with the VPC firewall applied
+                // on the way, as the receiving host does for one elsewhere.
+                out.insert(EndpointKey { vni: key_vni, ..k }, Endpoint { flags, policy, ..e });
             }
         }
     }

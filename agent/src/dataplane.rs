@@ -591,3 +591,118 @@ pub fn read_counters(pin_dir: &Path) -> anyhow::Result<(Counters, Counters)> {
     .collect();
     Ok((d, s))
 }
+
+/// What the verifier and the JIT made of one loaded program.
+#[derive(Debug, Clone, Copy)]
+pub struct Headroom {
+    /// Instructions the verifier processed to accept the program.
+    pub verified_insns: u32,
+    /// Bytes of stack the program uses (its JIT prologue reserves them).
+    pub stack_bytes: u32,
+}
+
+/// The kernel's limits those figures are held against.
+pub const VERIFIER_INSN_LIMIT: u32 = 1_000_000;
+pub const STACK_LIMIT: u32 = 512;
+
+/// `struct bpf_prog_info` up to `verified_insns` (include/uapi/linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct ProgInfo {
+    prog_type: u32,
+    id: u32,
+    tag: [u8; 8],
+    jited_prog_len: u32,
+    xlated_prog_len: u32,
+    jited_prog_insns: u64,
+    xlated_prog_insns: u64,
+    load_time: u64,
+    created_by_uid: u32,
+    nr_map_ids: u32,
+    map_ids: u64,
+    name: [u8; 16],
+    ifindex: u32,
+    gpl_compatible: u32,
+    netns_dev: u64,
+    netns_ino: u64,
+    nr_jited_ksyms: u32,
+    nr_jited_func_lens: u32,
+    jited_ksyms: u64,
+    jited_func_lens: u64,
+    btf_id: u32,
+    func_info_rec_size: u32,
+    func_info: u64,
+    nr_func_info: u32,
+    nr_line_info: u32,
+    line_info: u64,
+    jited_line_info: u64,
+    nr_jited_line_info: u32,
+    line_info_rec_size: u32,
+    jited_line_info_rec_size: u32,
+    nr_prog_tags: u32,
+    prog_tags: u64,
+    run_time_ns: u64,
+    run_cnt: u64,
+    recursion_misses: u64,
+    verified_insns: u32,
+    attach_btf_obj_id: u32,
+    attach_btf_id: u32,
+    _pad: u32,
+}
+
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+/// `union bpf_attr` for BPF_OBJ_GET_INFO_BY_FD.
+#[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+impl Dataplane {
+    /// The verifier's instruction count and the stack use of a loaded
+    /// program. The stack is read from the x86-64 JIT's prologue
+    /// (`sub rsp, imm32`), which reserves the verifier's stack depth.
+    pub fn headroom(&self, name: &str) -> anyhow::Result<Headroom> {
+        let fd = self.program_fd(name)?;
+        let mut code = vec![0u8; 1 << 20];
+        let mut info = ProgInfo {
+            jited_prog_len: code.len() as u32,
+            jited_prog_insns: code.as_mut_ptr() as u64,
+            ..Default::default()
+        };
+        let mut attr = InfoAttr {
+            bpf_fd: fd as u32,
+            info_len: std::mem::size_of::<ProgInfo>() as u32,
+            info: &mut info as *mut ProgInfo as u64,
+        };
+        // SAFETY: attr and info are live repr(C) values; the kernel writes
+        // within info_len and jited_prog_len.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_OBJ_GET_INFO_BY_FD,
+                &mut attr as *mut InfoAttr,
+                std::mem::size_of::<InfoAttr>() as libc::c_uint,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| format!("program info of {name}"));
+        }
+        code.truncate(info.jited_prog_len as usize);
+        anyhow::ensure!(!code.is_empty(), "program {name} is not JIT-compiled");
+        // The prologue is a few dozen bytes; the reservation is the first
+        // `sub rsp, imm32` (48 81 ec), absent when the stack is unused.
+        let head = &code[..code.len().min(64)];
+        let stack_bytes = head
+            .windows(7)
+            .find(|w| w[..3] == [0x48, 0x81, 0xec])
+            .map(|w| u32::from_le_bytes([w[3], w[4], w[5], w[6]]))
+            .unwrap_or(0);
+        Ok(Headroom {
+            verified_insns: info.verified_insns,
+            stack_bytes,
+        })
+    }
+}

@@ -459,12 +459,7 @@ fn fixture_table() {
             tcp4(VM_MAC, VM4, [192, 0, 2, 1], 40001, 443, false),
             Drop(CtNotSyn),
         ),
-        (
-            "tcp data offset below 5 words",
-            ToVm,
-            tcp_doff(4),
-            Drop(BadIpHeader),
-        ),
+        ("tcp data offset below 5 words", ToVm, tcp_doff(4), Drop(BadIpHeader)),
         (
             "tcp data offset beyond the packet",
             ToVm,
@@ -687,10 +682,25 @@ fn rule_changes_revoke_established_flows_for_good() {
     // from either side, and stays cut.
     h.policy(&zoned_share(vec![ssh]));
     use DropReason::{PolicyIngress, PolicyRevoked};
-    h.check("client after the rule is gone", Prog::FromUplink, &ack, Expect::Drop(PolicyRevoked));
-    h.check("server after the rule is gone", Prog::FromVm, &data_out, Expect::Drop(PolicyRevoked));
+    h.check(
+        "client after the rule is gone",
+        Prog::FromUplink,
+        &ack,
+        Expect::Drop(PolicyRevoked),
+    );
+    h.check(
+        "server after the rule is gone",
+        Prog::FromVm,
+        &data_out,
+        Expect::Drop(PolicyRevoked),
+    );
     h.check("client again", Prog::FromUplink, &ack, Expect::Drop(PolicyRevoked));
-    h.check("a SYN on the revoked tuple", Prog::FromUplink, &syn, Expect::Drop(PolicyRevoked));
+    h.check(
+        "a SYN on the revoked tuple",
+        Prog::FromUplink,
+        &syn,
+        Expect::Drop(PolicyRevoked),
+    );
     h.check(
         "a new syn from another port",
         Prog::FromUplink,
@@ -1070,7 +1080,12 @@ fn the_zone_guard_holds_even_when_everything_else_allows() {
         .udp(40000, 4789)
         .write(&mut vxlan, &[0x08, 0, 0, 0, 0, 0, 7, 0])
         .unwrap();
-    h.check("a tunnel packet for the host", Prog::FromUplink, &vxlan, Expect::Drop(UplinkToHost));
+    h.check(
+        "a tunnel packet for the host",
+        Prog::FromUplink,
+        &vxlan,
+        Expect::Drop(UplinkToHost),
+    );
     h.check(
         "ARP on the uplink, for the host",
         Prog::FromUplink,

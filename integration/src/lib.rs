@@ -814,7 +814,20 @@ pub mod ops {
             protocol: pb::Protocol::Tcp as i32,
             port_min: ports.0,
             port_max: ports.1,
+            ..Default::default()
         })
+    }
+    /// An exchange path marked broad (every source, say), with the reason
+    /// the audit records.
+    pub fn broad(op: Op, reason: &str) -> Op {
+        match op {
+            Op::PutExchangePath(x) => Op::PutExchangePath(pb::ExchangePath {
+                broad: true,
+                broad_reason: reason.into(),
+                ..x
+            }),
+            other => other,
+        }
     }
     pub fn subnet(id: &str, vpc: &str, v4: &str, v6: &str) -> Op {
         Op::PutSubnet(pb::Subnet {

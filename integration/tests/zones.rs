@@ -81,7 +81,10 @@ async fn setup(tag: &str) -> anyhow::Result<Env> {
             group("open-p", "portal", open_rules()),
             // The internet may reach a1's HTTPS; a2 may fetch from one
             // internet server's port 80.
-            exchange("in-https", "net", "ext", "0.0.0.0/0", "10.40.1.11/32", (443, 443)),
+            broad(
+                exchange("in-https", "net", "ext", "0.0.0.0/0", "10.40.1.11/32", (443, 443)),
+                "the public portal answers every internet user",
+            ),
             exchange(
                 "out-http",
                 "ext",
@@ -90,7 +93,10 @@ async fn setup(tag: &str) -> anyhow::Result<Env> {
                 &format!("{NET_HOST}/32"),
                 (80, 80),
             ),
-            exchange("in-https-v6", "net", "ext", "::/0", "fd40:1::11/128", (443, 443)),
+            broad(
+                exchange("in-https-v6", "net", "ext", "::/0", "fd40:1::11/128", (443, 443)),
+                "the public portal answers every internet user",
+            ),
         ])
         .await?;
     let r = cluster
@@ -289,15 +295,79 @@ async fn zones_meet_only_on_exchange_paths() {
     t.zone_ns("net")
         .sh(&["ip", "addr", "add", "10.99.0.7/32", "dev", "lo"])
         .unwrap();
-    let before = env.counter("h1", "drops", "zone_isolation");
+    let before = env.counter("h1", "drops", "spoof_uplink");
     assert!(
         !env.zone_connects("net", "10.99.0.7", "10.40.1.11", 22),
         "spoofed extranet source"
     );
-    assert!(env.counter("h1", "drops", "zone_isolation") > before);
+    assert!(env.counter("h1", "drops", "spoof_uplink") > before);
     // (On 443 the exchange path admits it, but a1 answers an extranet
     // address through the extranet uplink: the spoofer never hears back.)
     assert!(!env.zone_connects("net", "10.99.0.7", "10.40.1.11", 443));
+
+    // A refused attempt leaves nothing behind: a2 sends a SYN from its
+    // ssh port to an internet host's port 4444, which no path admits; the
+    // internet host then opens the reversed flow (from 4444 to a2's ssh
+    // port). It is a new flow from the internet, and no path admits it.
+    let isolated = env.counter("h2", "drops", "zone_isolation");
+    t.vm("a2")
+        .ns
+        .sh(&[
+            // Debian's interpreter, which has python3-scapy.
+            "/usr/bin/python3",
+            "-c",
+            &format!(
+                "from scapy.all import IP, TCP, send\n\
+                 send(IP(src='10.40.1.12', dst='{NET_HOST}')/TCP(sport=22, dport=4444, flags='S'), verbose=0)"
+            ),
+        ])
+        .expect("scapy in a2");
+    assert!(
+        env.counter("h2", "drops", "zone_isolation") > isolated,
+        "the refused SYN is counted"
+    );
+    // a2's side of the wire: what of the reversed flow reaches it.
+    let capture = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &t.vm("a2").ns.name,
+            "timeout",
+            "4",
+            "tcpdump",
+            "-n",
+            "-i",
+            "eth0",
+        ])
+        .args(["-c", "1", "src host", NET_HOST, "and src port 4444"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("tcpdump in a2");
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let reversed = t.zone_ns("net").sh(&[
+        "ncat",
+        "--send-only",
+        "-w",
+        "1",
+        "-p",
+        "4444",
+        "-s",
+        NET_HOST,
+        "10.40.1.12",
+        "22",
+    ]);
+    assert!(
+        reversed.is_err(),
+        "the internet rides the reversed tuple of a refused attempt: {reversed:?}"
+    );
+    let seen = capture.wait_with_output().expect("tcpdump");
+    let seen = String::from_utf8_lossy(&seen.stdout);
+    assert!(
+        !seen.contains("4444"),
+        "a packet of the reversed flow reached a2: {seen}"
+    );
+    assert!(env.counter("h2", "drops", "zone_isolation") > isolated + 1);
 }
 
 fn border_policy(router_ssh_allowed: bool) -> pb::operation::Op {

@@ -43,7 +43,14 @@ impl Pkt for TcContext {
     #[inline(always)]
     fn load_bytes<const N: usize>(&self, off: usize, buf: &mut [u8; N]) -> bool {
         // SAFETY: the helper writes at most N bytes into buf.
-        unsafe { gen::bpf_skb_load_bytes(self.skb.skb as *const _, off as u32, buf.as_mut_ptr() as *mut _, N as u32) == 0 }
+        unsafe {
+            gen::bpf_skb_load_bytes(
+                self.skb.skb as *const _,
+                off as u32,
+                buf.as_mut_ptr() as *mut _,
+                N as u32,
+            ) == 0
+        }
     }
 }
 

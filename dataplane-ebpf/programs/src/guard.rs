@@ -8,8 +8,7 @@ use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use dataplane_common::{
     maps::{
         ct_timeout, CtKey, CtValue, PortInfo, CT_F_CLOSING, CT_F_REVOKED, CT_TIMEOUT_SYN_NS, DOOR_HOST, DOOR_PEER,
-        DOOR_VPC, DOOR_ZONE, EP_F_GATEWAY, EP_F_LOCAL_IS_A, EP_F_PEER, EXCHANGE_MAX, PORT_F_QUARANTINED,
-        PORT_F_UPLINK,
+        DOOR_VPC, DOOR_ZONE, EP_F_GATEWAY, EP_F_LOCAL_IS_A, EP_F_PEER, EXCHANGE_MAX, PORT_F_QUARANTINED, PORT_F_UPLINK,
     },
     stage, DropReason, Stat, DIR_EGRESS, DIR_INGRESS, PROTO_TCP,
 };

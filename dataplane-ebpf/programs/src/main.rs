@@ -215,7 +215,6 @@ mod progs {
         }
     }
 
-
     #[panic_handler]
     fn panic(_info: &core::panic::PanicInfo) -> ! {
         loop {}

@@ -56,7 +56,11 @@ pub fn stage(m: &mut Meta) -> Result<(), DropReason> {
 /// Judges a tracked flow again, in the direction it was opened.
 #[inline(always)]
 fn rejudge(port: &PortInfo, origin: u8, family: u8, remote: &[u8; 16], proto: u8, svc: u16) -> bool {
-    let dir = if origin == CT_ORIGIN_OUT { DIR_EGRESS } else { DIR_INGRESS };
+    let dir = if origin == CT_ORIGIN_OUT {
+        DIR_EGRESS
+    } else {
+        DIR_INGRESS
+    };
     allowed(port, dir, family, remote, proto, svc)
 }
 

@@ -226,13 +226,16 @@ async fn main() -> anyhow::Result<()> {
             tenant(T),
             vpc_in_zone("portal", T, "extranet"),
             subnet("portal-a", "portal", "10.10.0.0/24", "fd10::/64"),
-            exchange(
-                "demo-web-in",
-                "internet",
-                "extranet",
-                "0.0.0.0/0",
-                "10.10.0.11/32",
-                (80, 80),
+            broad(
+                exchange(
+                    "demo-web-in",
+                    "internet",
+                    "extranet",
+                    "0.0.0.0/0",
+                    "10.10.0.11/32",
+                    (80, 80),
+                ),
+                "the portal's web page is public",
             ),
         ])
         .await?;
