@@ -1,9 +1,14 @@
-//! Rule-count scaling of the security-group program, measured in the kernel
-//! with BPF_PROG_TEST_RUN: the per-packet cost at 10, 1,000, 10,000 and
-//! 100,000 rules on one port. Rules mix /32, /24 and /16 remote prefixes
-//! over TCP ports, so every size uses the same prefix lengths.
+//! Per-packet cost of the pipeline and its rule-count scaling, measured in
+//! the kernel with BPF_PROG_TEST_RUN (entry and every stage it tail-calls):
+//! at 10, 1,000, 10,000 and 100,000 rules on one port, a denied packet (no
+//! prefix matches, so every prefix length is probed), a packet of an
+//! established flow (conntrack hit, the fast path), and a new allowed flow
+//! (a matching rule, the flow-table insert included). Rules mix /32, /24
+//! and /16 remote prefixes over TCP ports, so every size uses the same
+//! prefix lengths.
 //!
 //! Run as root: `cargo run --release -p sdn-agent --example bench_rules`
+//! (`-- --smoke` for a short run that only checks it still works).
 
 use sdn_agent::compile::{self, Resources};
 use sdn_agent::dataplane::Dataplane;
@@ -41,6 +46,7 @@ fn share(n: usize) -> Resources {
     let mut r = Resources::new();
     let port = pb::Port {
         id: "p".into(),
+        subnet_id: "s".into(),
         device: "lo".into(),
         mac: "02:00:00:00:00:01".into(),
         ipv4: "10.0.0.1".into(),
@@ -55,9 +61,39 @@ fn share(n: usize) -> Resources {
             kind: Some(pb::resource::Kind::Port(port)),
         },
     );
+    let net = pb::VpcNetwork {
+        vpc_id: "v".into(),
+        vni: 7,
+        gateways: vec![pb::SubnetGateway {
+            subnet_id: "s".into(),
+            gateway_v4: "10.0.0.254".into(),
+            gateway_v6: String::new(),
+        }],
+        ..Default::default()
+    };
+    r.insert(
+        "vpc/v".into(),
+        pb::Resource {
+            name: "vpc/v".into(),
+            version: "1".into(),
+            kind: Some(pb::resource::Kind::VpcNetwork(net)),
+        },
+    );
+    let mut all = rules(n);
+    // Flows measured as established: UDP 5353 from anywhere.
+    all.push(pb::SecurityGroupRule {
+        id: "mdns".into(),
+        direction: pb::Direction::Ingress as i32,
+        ether_type: pb::EtherType::Ipv4 as i32,
+        protocol: pb::Protocol::Udp as i32,
+        port_min: 5353,
+        port_max: 5353,
+        remote_cidr: String::new(),
+        remote_group_id: String::new(),
+    });
     let g = pb::SecurityGroup {
         id: "g".into(),
-        rules: rules(n),
+        rules: all,
         ..Default::default()
     };
     r.insert(
@@ -82,47 +118,78 @@ fn tcp(src: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
     v
 }
 
+fn udp(src: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut v = Vec::new();
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 0xfe], [2, 0, 0, 0, 0, 1])
+        .ipv4(src, [10, 0, 0, 1], 64)
+        .udp(sport, dport)
+        .write(&mut v, b"q")
+        .unwrap();
+    v
+}
+
 fn main() -> anyhow::Result<()> {
+    let smoke = std::env::args().any(|a| a == "--smoke");
     let mount = BpffsMount::new("bench")?;
     let mut dp = Dataplane::load(&mount.path().join("a"))?;
     let mut rec = Reconciler::new(dp.map_set()?)?;
     let fd = dp.program_fd("to_vm")?;
-    let repeat = 2_000_000;
+    let (repeat, rounds, sizes, new_flows): (u32, usize, &[usize], u16) = if smoke {
+        (1_000, 1, &[10, 1_000], 50)
+    } else {
+        (2_000_000, 5, &[10, 1_000, 10_000, 100_000], 4_000)
+    };
     // Denied: the source matches no prefix, so every prefix length is probed.
     let denied = tcp([192, 0, 2, 1], 40000, 22);
-    // Allowed: matches the first /32 rule (172.16.0.0, port 1000). Each run
-    // would create the same conntrack entry, so this is measured as a
-    // conntrack hit after the first run.
-    let allowed = tcp([172, 16, 0, 0], 40000, 1000);
+    // Established: a UDP flow, after its first packet made the entry.
+    let established = udp([192, 0, 2, 9], 5353, 5353);
     println!(
-        "{:>8} {:>14} {:>14} {:>12}",
-        "rules", "denied ns/pkt", "ct-hit ns/pkt", "map entries"
+        "{:>8} {:>14} {:>16} {:>14} {:>12}",
+        "rules", "denied ns/pkt", "established ns", "new flow ns", "map entries"
     );
-    let mut base = None;
     let mut rows = Vec::new();
-    for n in [10usize, 1_000, 10_000, 100_000] {
+    for (round, &n) in sizes.iter().enumerate() {
         let d = compile::compile(&share(n), &|name| (name == "lo").then_some(1), 0)?;
         let entries = d.sg_addr.len();
         rec.reconcile(&d)?;
-        // Best of five runs of `repeat` packets each, to damp noise from the shared machine.
+        // Best of several runs of `repeat` packets each, to damp noise
+        // from the shared machine.
         let best = |pkt: &[u8]| -> anyhow::Result<u32> {
             let mut b = u32::MAX;
-            for _ in 0..5 {
+            for _ in 0..rounds {
                 b = b.min(testrun::run(fd, pkt, repeat)?.ns_per_run);
             }
             Ok(b)
         };
         let r = testrun::run(fd, &denied, 1)?;
         anyhow::ensure!(r.retval == 2, "the denied packet must be dropped");
-        let r = testrun::run(fd, &allowed, 1)?;
-        anyhow::ensure!(r.retval == 0, "the allowed packet must pass");
+        let r = testrun::run(fd, &established, 1)?;
+        anyhow::ensure!(r.retval == 0, "the established flow must pass");
         let dn = best(&denied)?;
-        let ok = best(&allowed)?;
-        base.get_or_insert(dn);
-        println!("{n:>8} {dn:>14} {ok:>14} {entries:>12}");
-        rows.push((n, dn, ok));
+        let est = best(&established)?;
+        // New allowed flows: a SYN matching the first /32 rule (172.16.0.0,
+        // port 1000) from a source port never used, so each run judges the
+        // rules and writes the handshake entry. One run per flow; the mean
+        // over the flows.
+        let mut total = 0u64;
+        for i in 0..new_flows {
+            let pkt = tcp([172, 16, 0, 0], 10_000 + (round as u16) * 5_000 + i, 1000);
+            let r = testrun::run(fd, &pkt, 1)?;
+            anyhow::ensure!(r.retval == 0, "the new allowed flow must pass");
+            total += r.ns_per_run as u64;
+        }
+        let new = (total / new_flows as u64) as u32;
+        println!("{n:>8} {dn:>14} {est:>16} {new:>14} {entries:>12}");
+        rows.push((n, dn, est, new));
     }
-    let (first, last) = (rows[0].1 as f64, rows[rows.len() - 1].1 as f64);
-    println!("denied-path cost at 100,000 rules / at 10 rules: {:.2}x", last / first);
+    let (first, last) = (rows[0], rows[rows.len() - 1]);
+    println!(
+        "cost at {} rules / at {} rules: denied {:.2}x, established {:.2}x, new flow {:.2}x",
+        last.0,
+        first.0,
+        last.1 as f64 / first.1 as f64,
+        last.2 as f64 / first.2 as f64,
+        last.3 as f64 / first.3 as f64
+    );
     Ok(())
 }

@@ -494,12 +494,16 @@ pub fn fw_rule_id(policy: &str, rule: &str) -> u32 {
 }
 
 /// Firewall policies: numbers (1.., in id order), each with its rules in
-/// priority order in slots `n * 64 ..`.
+/// priority order in consecutive slots (each policy after the previous).
 fn compile_firewalls<'a>(
     firewalls: &BTreeMap<&'a str, &pb::FirewallPolicy>,
     d: &mut Desired,
 ) -> Result<BTreeMap<&'a str, u32>, CompileError> {
     let mut no = BTreeMap::new();
+    // Rules are packed: each policy's from the slot after the previous
+    // policy's last, so the rule table holds as many rules as the
+    // controller allows a host.
+    let mut next_slot = 0u32;
     for (i, (id, f)) in firewalls.iter().enumerate() {
         let n = i as u32 + 1;
         no.insert(*id, n);
@@ -517,7 +521,8 @@ fn compile_firewalls<'a>(
         }
         let mut rules: Vec<&pb::FirewallRule> = f.rules.iter().collect();
         rules.sort_by_key(|r| (r.priority, r.id.clone()));
-        let first = n * FW_POLICY_RULES_MAX;
+        let first = next_slot;
+        next_slot += rules.len() as u32;
         let default_rule_id = fw_rule_id(id, "default");
         d.fw_names.insert(default_rule_id, rule_name(&format!("{id}/default")));
         for (j, r) in rules.iter().enumerate() {

@@ -217,18 +217,126 @@ impl Dataplane {
             d.pin(&pipe_pin)
                 .with_context(|| format!("pinning the pipeline at {}", pipe_pin.display()))?;
         }
-        Ok(Dataplane {
+        let mut dp = Dataplane {
             ebpf,
             pin_dir: pin_dir.to_path_buf(),
             config: m::HostConfig::default(),
             pipe_pin,
-        })
+        };
+        // An upgrade: the earlier version's flows are in the new table
+        // before any link runs the new programs (and again, for flows made
+        // meanwhile, when the last link has switched).
+        if let Some(n) = dp.migrate_v1_flows()? {
+            tracing::info!(flows = n, "carried over flows of the earlier version's table");
+        }
+        Ok(dp)
+    }
+
+    /// Copies the flows of version 1's flow table into this version's,
+    /// each with the door it was admitted through, worked out from the
+    /// pinned ports, endpoints and zones: the own VPC, a peering, or a zone
+    /// uplink. Flows already in the new table are left as they are.
+    /// Returns how many were copied; `None` when there is no older table.
+    pub fn migrate_v1_flows(&mut self) -> anyhow::Result<Option<usize>> {
+        use aya::maps::lpm_trie::{Key, LpmTrie};
+        let maps_dir = self.pin_dir.join("maps");
+        let old_pin = maps_dir.join(m::v1::CT);
+        if !old_pin.exists() {
+            return Ok(None);
+        }
+        let open =
+            |name: &str| MapData::from_pin(maps_dir.join(name)).with_context(|| format!("opening pinned {name}"));
+        let old: BpfHashMap<MapData, m::v1::CtKey, m::CtValue> =
+            BpfHashMap::try_from(aya::maps::Map::LruHashMap(open(m::v1::CT)?)).context("version 1 flow table")?;
+        let ports: BpfHashMap<MapData, u32, m::PortInfo> =
+            BpfHashMap::try_from(aya::maps::Map::HashMap(open(m::PORTS)?))?;
+        let endpoints: BpfHashMap<MapData, m::EndpointKey, m::Endpoint> =
+            BpfHashMap::try_from(aya::maps::Map::HashMap(open(m::ENDPOINTS)?))?;
+        let zones: LpmTrie<MapData, [u8; 20], u32> = LpmTrie::try_from(aya::maps::Map::LpmTrie(open(m::ZONE_NETS)?))?;
+        let map = self.ebpf.map_mut(m::CT).context("map CT missing")?;
+        let mut ct: BpfHashMap<&mut MapData, m::CtKey, m::CtValue> = BpfHashMap::try_from(map)?;
+        let mut copied = 0;
+        for item in old.iter() {
+            let Ok((k, v)) = item else { continue };
+            let Ok(port) = ports.get(&k.ifindex, 0) else { continue };
+            let ek = m::EndpointKey {
+                vni: port.vni,
+                family: k.family,
+                _pad: [0; 3],
+                addr: k.remote,
+            };
+            let door = match endpoints.get(&ek, 0) {
+                Ok(ep) if ep.flags & m::EP_F_PEER != 0 => m::DOOR_PEER | ep.vni,
+                Ok(_) => m::DOOR_VPC | port.vni,
+                Err(_) if port.flags & m::PORT_F_UPLINK != 0 => {
+                    match zones.get(&Key::new(8 + 128, m::zone_net_data(k.family, &k.remote)), 0) {
+                        Ok(z) => m::DOOR_ZONE | z,
+                        Err(_) => continue,
+                    }
+                }
+                Err(_) => continue,
+            };
+            let icmp = match k.proto {
+                dataplane_common::PROTO_ICMP | dataplane_common::PROTO_ICMPV6 => {
+                    // Version 1 kept only echo flows by identifier.
+                    if k.local_port == 0 {
+                        continue;
+                    }
+                    m::icmp_class(
+                        k.proto,
+                        if k.proto == dataplane_common::PROTO_ICMP {
+                            8
+                        } else {
+                            128
+                        },
+                    )
+                }
+                _ => 0,
+            };
+            let nk = m::CtKey {
+                ifindex: k.ifindex,
+                family: k.family,
+                proto: k.proto,
+                icmp,
+                _pad: 0,
+                local_port: k.local_port,
+                remote_port: k.remote_port,
+                local: k.local,
+                remote: k.remote,
+                door,
+            };
+            if ct.get(&nk, 0).is_ok() {
+                continue;
+            }
+            if ct.insert(nk, v, 0).is_ok() {
+                copied += 1;
+            }
+        }
+        Ok(Some(copied))
     }
 
     /// Removes the program arrays of earlier loads. Call once every link
     /// runs this load's programs: the entries of an earlier load would
-    /// find their stages gone and drop (fail closed).
-    pub fn retire_old_pipelines(&self) {
+    /// find their stages gone and drop (fail closed). Flows an earlier
+    /// version's programs made until then are copied over first, and its
+    /// tables removed.
+    pub fn retire_old_pipelines(&mut self) {
+        match self.migrate_v1_flows() {
+            Ok(Some(n)) => {
+                tracing::info!(
+                    flows = n,
+                    "flows of the earlier version's table carried over; its tables removed"
+                );
+                for name in [m::v1::CT, m::v1::FW_VERDICTS] {
+                    let _ = std::fs::remove_file(self.pin_dir.join("maps").join(name));
+                }
+                if let Err(e) = self.collect_conntrack() {
+                    tracing::warn!(error = %format!("{e:#}"), "recounting flows after the migration");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "carrying over the earlier version's flows"),
+        }
         let Ok(rd) = std::fs::read_dir(self.pin_dir.join("pipes")) else {
             return;
         };
@@ -351,7 +459,10 @@ impl Dataplane {
             }
         }
         let id = prog
-            .attach_with_options(ifname, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            // The pipeline's entries go last on each hook: observers
+            // (mirroring, flow sampling) attach before them and pass every
+            // packet on.
+            .attach_with_options(ifname, attach_type, TcAttachOptions::TcxOrder(LinkOrder::last()))
             .with_context(|| format!("attaching {name} to {ifname} ({attach_type:?})"))?;
         let link = prog.take_link(id)?;
         let fd: FdLink = link.try_into().context("TCX link expected")?;

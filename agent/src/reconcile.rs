@@ -11,7 +11,7 @@ use dataplane_common::maps::{
     ZONE_NETS_MAX,
 };
 
-use crate::compile::{Desired, Identities};
+use crate::compile::{Desired, Identities, ServiceSet};
 
 /// One kernel map, or a fake.
 pub trait Table<K, V>: Send {
@@ -54,6 +54,61 @@ pub struct MapSet {
     pub fw_policies: Box<dyn Table<u32, FwPolicy>>,
     pub fw_rules: Box<dyn Table<u32, FwRule>>,
     pub fw_names: Box<dyn Table<u32, dataplane_common::maps::RuleName>>,
+}
+
+/// A hook run after every change a [`Hooked`] table makes.
+pub type Hook = std::sync::Arc<dyn Fn() + Send + Sync>;
+
+/// A table that runs a hook after every change: lets a test send a packet
+/// between every step of a reconcile.
+pub struct Hooked<K, V> {
+    inner: Box<dyn Table<K, V>>,
+    hook: Hook,
+}
+
+impl<K, V> Table<K, V> for Hooked<K, V> {
+    fn entries(&self) -> anyhow::Result<Vec<(K, V)>> {
+        self.inner.entries()
+    }
+    fn put(&mut self, k: &K, v: &V) -> anyhow::Result<()> {
+        self.inner.put(k, v)?;
+        (self.hook)();
+        Ok(())
+    }
+    fn del(&mut self, k: &K) -> anyhow::Result<()> {
+        self.inner.del(k)?;
+        (self.hook)();
+        Ok(())
+    }
+}
+
+fn hooked<K: 'static, V: 'static>(inner: Box<dyn Table<K, V>>, hook: &Hook) -> Box<dyn Table<K, V>> {
+    Box::new(Hooked {
+        inner,
+        hook: hook.clone(),
+    })
+}
+
+impl MapSet {
+    /// The same maps, each running `hook` after every change.
+    pub fn hooked(self, hook: Hook) -> MapSet {
+        MapSet {
+            ports: hooked(self.ports, &hook),
+            port_addrs: hooked(self.port_addrs, &hook),
+            plens: hooked(self.plens, &hook),
+            sg_addr: hooked(self.sg_addr, &hook),
+            sg_rules: hooked(self.sg_rules, &hook),
+            endpoints: hooked(self.endpoints, &hook),
+            zone_nets: hooked(self.zone_nets, &hook),
+            uplinks: hooked(self.uplinks, &hook),
+            zone_uplink: hooked(self.zone_uplink, &hook),
+            zone_endpoints: hooked(self.zone_endpoints, &hook),
+            exchange: hooked(self.exchange, &hook),
+            fw_policies: hooked(self.fw_policies, &hook),
+            fw_rules: hooked(self.fw_rules, &hook),
+            fw_names: hooked(self.fw_names, &hook),
+        }
+    }
 }
 
 /// What one pass changed.
@@ -126,6 +181,25 @@ fn remove<K: Ord + Clone, V>(
     Ok(())
 }
 
+/// The part of a policy's digest for one prefix-length index entry.
+fn digest_plens(out: &mut Vec<u8>, k: &PolicyDirKey, pl: &PrefixLens) {
+    out.extend_from_slice(&[b'P', k.dir, k.family]);
+    for w in pl.bits {
+        out.extend_from_slice(&w.to_be_bytes());
+    }
+}
+
+/// The part of a policy's digest for one remote prefix and its services.
+fn digest_addr(out: &mut Vec<u8>, k: &AddrKey, set: &ServiceSet) {
+    out.extend_from_slice(&[b'A', k.dir, k.family, k.plen]);
+    out.extend_from_slice(&k.addr);
+    out.push(set.any as u8);
+    for (proto, plen, port) in &set.blocks {
+        out.extend_from_slice(&[*proto, *plen]);
+        out.extend_from_slice(&port.to_be_bytes());
+    }
+}
+
 fn check_capacity(name: &str, n: usize, max: u32) -> anyhow::Result<()> {
     if n > max as usize {
         anyhow::bail!("{name} would need {n} entries; the map holds {max}");
@@ -161,11 +235,102 @@ impl Reconciler {
         self.held.ports.len()
     }
 
+    /// Numbers the compiled policies by their contents. Ports whose rules
+    /// compile to the same policy share one number (and its map entries);
+    /// a policy whose rules change gets a new number, written whole before
+    /// any port switches to it in one write and removed after the last port
+    /// left it. So a packet is judged by a port's old policy or its new
+    /// one in full, never by a mix. Number 0 is the empty policy: it
+    /// allows nothing and has no entries.
+    fn number_policies(&self, d: &Desired) -> Desired {
+        let mut local: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+        for (k, pl) in &d.plens {
+            digest_plens(local.entry(k.policy_id).or_default(), k, pl);
+        }
+        for (k, set) in &d.sg_addr {
+            digest_addr(local.entry(k.policy_id).or_default(), k, set);
+        }
+        // What the maps hold already, by contents.
+        let mut held: BTreeMap<u32, Vec<u8>> = BTreeMap::new();
+        for (k, pl) in &self.held.plens {
+            digest_plens(held.entry(k.policy_id).or_default(), k, pl);
+        }
+        for (k, v) in &self.held.sg_addr {
+            let mut set = self.ids.set(v.identity).cloned().unwrap_or_default();
+            set.any = v.any_proto != 0;
+            digest_addr(held.entry(k.policy_id).or_default(), k, &set);
+        }
+        let mut number: BTreeMap<Vec<u8>, u32> = BTreeMap::new();
+        for (id, dg) in &held {
+            number.entry(dg.clone()).or_insert(*id);
+        }
+        let mut taken: BTreeSet<u32> = held.keys().copied().collect();
+        taken.extend(self.held.ports.values().map(|p| p.policy_id));
+        let mut next = 1u32;
+        let mut global: BTreeMap<u32, u32> = BTreeMap::new();
+        for p in d.ports.values() {
+            let Some(dg) = local.get(&p.policy_id) else {
+                global.insert(p.policy_id, 0);
+                continue;
+            };
+            let id = match number.get(dg) {
+                Some(id) => *id,
+                None => {
+                    while taken.contains(&next) {
+                        next += 1;
+                    }
+                    taken.insert(next);
+                    number.insert(dg.clone(), next);
+                    next
+                }
+            };
+            global.insert(p.policy_id, id);
+        }
+        let to = |local_id: u32| global.get(&local_id).copied().unwrap_or(0);
+        let mut out = d.clone();
+        out.plens = d
+            .plens
+            .iter()
+            .filter(|(k, _)| to(k.policy_id) != 0)
+            .map(|(k, v)| {
+                (
+                    PolicyDirKey {
+                        policy_id: to(k.policy_id),
+                        ..*k
+                    },
+                    *v,
+                )
+            })
+            .collect();
+        out.sg_addr = d
+            .sg_addr
+            .iter()
+            .filter(|(k, _)| to(k.policy_id) != 0)
+            .map(|(k, v)| {
+                (
+                    AddrKey {
+                        policy_id: to(k.policy_id),
+                        ..*k
+                    },
+                    v.clone(),
+                )
+            })
+            .collect();
+        for p in out.ports.values_mut() {
+            p.policy_id = to(p.policy_id);
+        }
+        out
+    }
+
     /// Makes the maps hold `d`. Order keeps every intermediate state safe:
     /// services before the prefixes that name them, prefixes before the
     /// prefix-length index, all before the port that uses them; removals last,
-    /// in the reverse order.
+    /// in the reverse order. Policies are numbered by their contents
+    /// ([`Reconciler::number_policies`]), so no entry a port's policy uses
+    /// changes under it.
     pub fn reconcile(&mut self, d: &Desired) -> anyhow::Result<Changes> {
+        let numbered = self.number_policies(d);
+        let d = &numbered;
         // Resolve identities and the wanted contents of every map.
         let mut want_addr: BTreeMap<AddrKey, AddrIdentity> = BTreeMap::new();
         let mut used: BTreeSet<u32> = BTreeSet::new();
@@ -277,6 +442,16 @@ impl Reconciler {
         Ok(c)
     }
 
+    /// Remote-prefix entries the maps hold, over every policy.
+    pub fn sg_addr_entries(&self) -> usize {
+        self.held.sg_addr.len()
+    }
+
+    /// The policy number of each port the maps hold.
+    pub fn port_policies(&self) -> BTreeMap<u32, u32> {
+        self.held.ports.iter().map(|(i, p)| (*i, p.policy_id)).collect()
+    }
+
     /// Ports (ifindexes) the maps hold.
     pub fn ports(&self) -> BTreeSet<u32> {
         self.held.ports.keys().copied().collect()
@@ -360,8 +535,10 @@ mod tests {
             "second pass changes nothing"
         );
         let c3 = r.reconcile(&desired(443)).unwrap();
-        // New service entry, changed prefix identity, changed port epoch; old service removed.
-        assert_eq!(c3, Changes { put: 3, deleted: 1 });
+        // Changed rules are a new policy: its service entry, prefix and
+        // prefix-length index are written, then the port switches to it;
+        // the old policy's three entries go after.
+        assert_eq!(c3, Changes { put: 4, deleted: 3 });
         let c4 = r.reconcile(&Desired::default()).unwrap();
         assert_eq!(c4.put, 0);
         assert_eq!(c4.deleted, 4);

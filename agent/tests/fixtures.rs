@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use dataplane_common::DropReason;
 use sdn_agent::compile::{self, Resources};
 use sdn_agent::dataplane::{read_counters, Dataplane};
-use sdn_agent::reconcile::Reconciler;
+use sdn_agent::reconcile::{Hook, Reconciler};
 use sdn_agent::testrun;
 use sdn_agent::testutil::{can_load_bpf, BpffsMount};
 use sdn_proto::v1 as pb;
@@ -319,6 +319,12 @@ struct Harness {
 
 impl Harness {
     fn new() -> Option<Harness> {
+        Harness::with_hook(|_| None)
+    }
+
+    /// A harness whose reconciler runs `hook` (made from the loaded
+    /// dataplane) after every change it makes to a map.
+    fn with_hook(hook: impl FnOnce(&Dataplane) -> Option<Hook>) -> Option<Harness> {
         if !can_load_bpf() {
             eprintln!("skipping: loading eBPF needs root");
             return None;
@@ -331,7 +337,11 @@ impl Harness {
             ct_budget: 0,
         })
         .unwrap();
-        let rec = Reconciler::new(dp.map_set().unwrap()).unwrap();
+        let maps = match hook(&dp) {
+            Some(h) => dp.map_set().unwrap().hooked(h),
+            None => dp.map_set().unwrap(),
+        };
+        let rec = Reconciler::new(maps).unwrap();
         Some(Harness {
             _mount: mount,
             dp,
@@ -716,6 +726,84 @@ fn rule_changes_revoke_established_flows_for_good() {
     );
 }
 
+/// A packet of an established flow runs between every step of the
+/// reconcile that removes the rule admitting it: at each step it is judged
+/// by the old policy or the new one in full, never a mix, and once the new
+/// one has refused it the flow stays refused.
+#[test]
+fn a_reconcile_judges_each_packet_by_one_policy_whole() {
+    let dns = udp4([10, 9, 9, 9], VM4, 5353, 53);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u32>::new()));
+    let record = seen.clone();
+    let packet = dns.clone();
+    let Some(mut h) = Harness::with_hook(move |dp| {
+        let fd = dp.program_fd("to_vm").unwrap();
+        Some(std::sync::Arc::new(move || {
+            let run = testrun::run(fd, &packet, 1).unwrap();
+            record.lock().unwrap().push(run.retval);
+        }))
+    }) else {
+        return;
+    };
+    h.policy(&share(base_rules(), &[]));
+    h.check("dns query in", Prog::ToVm, &dns, Expect::Pass);
+    h.check("the next one: established", Prog::ToVm, &dns, Expect::Pass);
+    seen.lock().unwrap().clear();
+    let rules: Vec<_> = base_rules().into_iter().filter(|r| r.id != "dns").collect();
+    h.policy(&share(rules, &[]));
+    let seen = seen.lock().unwrap().clone();
+    eprintln!("verdicts between the reconcile's {} steps: {seen:?}", seen.len());
+    assert!(seen.len() >= 4, "the reconcile took several steps: {seen:?}");
+    if let Some(i) = seen.iter().position(|r| *r == TC_ACT_SHOT) {
+        assert!(
+            seen[i..].iter().all(|r| *r == TC_ACT_SHOT),
+            "a refused flow came back during the reconcile: {seen:?}"
+        );
+    }
+    assert_eq!(seen.last(), Some(&TC_ACT_SHOT), "refused once the new policy is in");
+    h.check(
+        "after the reconcile",
+        Prog::ToVm,
+        &dns,
+        Expect::Drop(DropReason::PolicyRevoked),
+    );
+}
+
+/// Ports whose groups compile to the same rules share one policy in the
+/// maps; a port whose rules differ has its own.
+#[test]
+fn ports_with_the_same_rules_share_one_policy() {
+    let Some(mut h) = Harness::new() else { return };
+    h.policy(&share(base_rules(), &[]));
+    let d = compile::compile(&share(base_rules(), &[]), &|n| (n == "lo").then_some(1), 0).unwrap();
+    let one = d.sg_addr.len();
+    // The same rules for three ports: the policy's entries once.
+    let mut d3 = d.clone();
+    for ifx in [2u32, 3] {
+        let mut p = d.ports[&1];
+        p.policy_id = ifx;
+        d3.ports.insert(ifx, p);
+        for (k, v) in &d.sg_addr {
+            d3.sg_addr
+                .insert(dataplane_common::maps::AddrKey { policy_id: ifx, ..*k }, v.clone());
+        }
+        for (k, v) in &d.plens {
+            d3.plens
+                .insert(dataplane_common::maps::PolicyDirKey { policy_id: ifx, ..*k }, *v);
+        }
+    }
+    h.rec.reconcile(&d3).unwrap();
+    let held = h.rec.sg_addr_entries();
+    assert_eq!(held, one, "three ports, one policy's entries");
+    let ids: std::collections::BTreeSet<u32> = h.rec.port_policies().into_values().collect();
+    assert_eq!(ids.len(), 1, "one policy number for the three ports");
+    assert_eq!(
+        h.rec.reconcile(&d3).unwrap(),
+        Default::default(),
+        "running it again changes nothing"
+    );
+}
+
 #[test]
 fn egress_rules_close_the_default_open_egress() {
     let Some(mut h) = Harness::new() else { return };
@@ -845,6 +933,127 @@ fn icmp_errors_for_tracked_flows_pass_as_related() {
         Prog::ToVm,
         &icmp4_unreachable(router, INTERNET, 40000, 53),
         Expect::Drop(DropReason::PolicyIngress),
+    );
+}
+
+/// An ICMPv4 message of `ty` (no checksum: the program does not check it).
+fn icmp4(smac: [u8; 6], src: [u8; 4], dst: [u8; 4], ty: u8) -> Vec<u8> {
+    let mut v = Vec::new();
+    etherparse::PacketBuilder::ethernet2(smac, GW_MAC)
+        .ipv4(src, dst, 64)
+        .write(
+            &mut v,
+            etherparse::IpNumber::ICMP,
+            &[ty, 0, 0, 0, 0, 1, 0, 1, 0, 0, 0, 0],
+        )
+        .unwrap();
+    v
+}
+
+/// A port unreachable the VM sends to `outer_dst`, quoting a UDP packet
+/// `from:sport` sent to the VM's `dport`.
+fn icmp4_error_from_vm(outer_dst: [u8; 4], from: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut quoted = Vec::new();
+    etherparse::PacketBuilder::ipv4(from, VM4, 64)
+        .udp(sport, dport)
+        .write(&mut quoted, b"answer")
+        .unwrap();
+    quoted.truncate(28);
+    let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+    icmp.extend_from_slice(&quoted);
+    let mut v = Vec::new();
+    etherparse::PacketBuilder::ethernet2(VM_MAC, GW_MAC)
+        .ipv4(VM4, outer_dst, 64)
+        .write(&mut v, etherparse::IpNumber::ICMP, &icmp)
+        .unwrap();
+    v
+}
+
+/// ICMP state is kept per message type: a type the VM sent opens no other.
+#[test]
+fn one_icmp_type_opens_no_other() {
+    let Some(mut h) = Harness::new() else { return };
+    h.policy(&zoned_share(vec![]));
+    h.check(
+        "timestamp request out (exchange path for type 13)",
+        Prog::FromVm,
+        &icmp4(VM_MAC, VM4, INTERNET, 13),
+        Expect::Pass,
+    );
+    h.check(
+        "a redirect back from that host: not part of it",
+        Prog::FromUplink,
+        &icmp4(GW_MAC, INTERNET, VM4, 5),
+        Expect::Drop(DropReason::ZoneIsolation),
+    );
+    h.check(
+        "a router advertisement back from that host",
+        Prog::FromUplink,
+        &icmp4(GW_MAC, INTERNET, VM4, 9),
+        Expect::Drop(DropReason::ZoneIsolation),
+    );
+}
+
+/// A VM reports errors only to the remote end of a flow it has: an error
+/// to anyone else is judged by its egress rules like any new packet.
+#[test]
+fn a_vm_reports_errors_only_to_its_flows_remote_end() {
+    let Some(mut h) = Harness::new() else { return };
+    use pb::{Direction::*, EtherType::*, Protocol::*};
+    let mut rules = base_rules();
+    rules.push(rule("dns-out", Egress, Ipv4, Udp, (53, 53), "", ""));
+    h.policy(&share(rules, &[]));
+    let resolver = [192, 0, 2, 53];
+    let mut query = Vec::new();
+    etherparse::PacketBuilder::ethernet2(VM_MAC, GW_MAC)
+        .ipv4(VM4, resolver, 64)
+        .udp(40000, 53)
+        .write(&mut query, b"query")
+        .unwrap();
+    h.check("dns query out (egress rule)", Prog::FromVm, &query, Expect::Pass);
+    h.check(
+        "port unreachable to the resolver, quoting its answer",
+        Prog::FromVm,
+        &icmp4_error_from_vm(resolver, resolver, 53, 40000),
+        Expect::Pass,
+    );
+    h.check(
+        "the same quote sent to a third host, past the egress rules",
+        Prog::FromVm,
+        &icmp4_error_from_vm([192, 0, 2, 1], resolver, 53, 40000),
+        Expect::Drop(DropReason::PolicyEgress),
+    );
+}
+
+/// A port holds at most its budget of flows; a new flow beyond it is
+/// dropped and counted, and the flows it holds go on.
+#[test]
+fn a_port_holds_at_most_its_budget_of_flows() {
+    let Some(mut h) = Harness::new() else { return };
+    h.dp.set_host_config(dataplane_common::maps::HostConfig {
+        vxlan_ifindex: VXLAN_IFINDEX,
+        ct_budget: 2,
+    })
+    .unwrap();
+    h.policy(&share(base_rules(), &[]));
+    let flow = |sport: u16| udp4([10, 9, 9, 9], VM4, sport, 53);
+    h.check("first flow", Prog::ToVm, &flow(1001), Expect::Pass);
+    h.check("second flow", Prog::ToVm, &flow(1002), Expect::Pass);
+    h.check(
+        "third flow: over budget",
+        Prog::ToVm,
+        &flow(1003),
+        Expect::Drop(DropReason::CtBudget),
+    );
+    h.check("the first flow goes on", Prog::ToVm, &flow(1001), Expect::Pass);
+    // The collector recounts: nothing has timed out, the count stays.
+    let (removed, remaining) = h.dp.collect_conntrack().unwrap();
+    assert_eq!((removed, remaining), (0, 2));
+    h.check(
+        "still over budget",
+        Prog::ToVm,
+        &flow(1004),
+        Expect::Drop(DropReason::CtBudget),
     );
 }
 
@@ -1007,6 +1216,20 @@ fn zoned_share(rules: Vec<pb::SecurityGroupRule>) -> Resources {
         }),
     );
     put(
+        "exchange/timestamp-out",
+        pb::resource::Kind::ExchangePath(pb::ExchangePath {
+            id: "timestamp-out".into(),
+            from_zone: "ext".into(),
+            to_zone: "net".into(),
+            source_cidr: "10.0.0.0/8".into(),
+            destination_cidr: "203.0.113.0/24".into(),
+            protocol: pb::Protocol::Icmp as i32,
+            port_min: 13,
+            port_max: 13,
+            ..Default::default()
+        }),
+    );
+    put(
         "exchange/dns-out",
         pb::resource::Kind::ExchangePath(pb::ExchangePath {
             id: "dns-out".into(),
@@ -1112,5 +1335,219 @@ fn the_zone_guard_holds_even_when_everything_else_allows() {
         Prog::ToUplink,
         &tcp4(GW_MAC, [203, 0, 113, 9], INTERNET, 40000, 80, true),
         Expect::Pass,
+    );
+}
+
+/// A small deterministic generator (xorshift64*), so a failing campaign
+/// can be replayed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+/// One random mutation of a packet: flipped bytes in the headers, a length
+/// or type field set to an edge value, a truncation, or bytes appended.
+fn mutate(rng: &mut Rng, base: &[u8]) -> Vec<u8> {
+    let mut p = base.to_vec();
+    for _ in 0..1 + rng.below(3) {
+        let head = p.len().min(96);
+        match rng.below(6) {
+            0 | 1 if head > 0 => {
+                let i = rng.below(head);
+                p[i] ^= 1 << rng.below(8);
+            }
+            2 if head > 0 => {
+                let i = rng.below(head);
+                p[i] = [0x00, 0xff, 0x01, 0x7f, 0x80, 0x05, 0x45, 0x3c][rng.below(8)];
+            }
+            3 if head > 1 => {
+                let i = rng.below(head - 1);
+                let v = [0u16, 1, 7, 8, 19, 20, 40, 0xffff, p.len() as u16, (p.len() - 14) as u16][rng.below(10)];
+                p[i..i + 2].copy_from_slice(&v.to_be_bytes());
+            }
+            4 => {
+                // The kernel's test run refuses a frame shorter than its
+                // Ethernet header, or than the IP header its type names:
+                // cut after those.
+                let min = match p.get(12..14) {
+                    Some([0x08, 0x00]) => 34,
+                    Some([0x86, 0xdd]) => 54,
+                    _ => 14,
+                }
+                .min(p.len());
+                let n = min + rng.below(p.len() - min + 1);
+                p.truncate(n);
+            }
+            _ => {
+                for _ in 0..rng.below(24) {
+                    p.push(rng.next() as u8);
+                }
+            }
+        }
+    }
+    p
+}
+
+/// What may pass, by a real decoder (etherparse): the frame decodes; an IP
+/// packet is not a fragment; TCP, UDP, ICMP and ICMPv6 headers decode
+/// whole; another protocol only where the policy admits every protocol
+/// (`other_allowed`: a port whose egress is open). `Err` says why not.
+fn may_pass(p: &[u8], other_allowed: bool) -> Result<(), String> {
+    use etherparse::{IpNumber, NetSlice, SlicedPacket, TransportSlice};
+    let s = SlicedPacket::from_ethernet(p).map_err(|e| format!("{e}"))?;
+    let proto = match &s.net {
+        Some(NetSlice::Arp(_)) => return Ok(()),
+        Some(NetSlice::Ipv4(ip)) if ip.is_payload_fragmented() => return Err("fragment".into()),
+        Some(NetSlice::Ipv6(ip)) if ip.is_payload_fragmented() => return Err("fragment".into()),
+        Some(NetSlice::Ipv4(ip)) => ip.payload().ip_number,
+        Some(NetSlice::Ipv6(ip)) => ip.payload().ip_number,
+        None => return Err("no network layer".into()),
+    };
+    let whole = match proto {
+        IpNumber::TCP => matches!(s.transport, Some(TransportSlice::Tcp(_))),
+        IpNumber::UDP => matches!(s.transport, Some(TransportSlice::Udp(_))),
+        IpNumber::ICMP => matches!(s.transport, Some(TransportSlice::Icmpv4(_))),
+        IpNumber::IPV6_ICMP => matches!(s.transport, Some(TransportSlice::Icmpv6(_))),
+        other if other_allowed => return Ok(()),
+        other => return Err(format!("protocol {} that no rule admits", other.0)),
+    };
+    if whole {
+        Ok(())
+    } else {
+        Err(format!("protocol {} whose header does not decode", proto.0))
+    }
+}
+
+/// The mutation campaign: over a million randomly mutated packets
+/// (truncations, length fields, flags, types, extension chains) through
+/// every entry program that can deliver in a test run, each checked against
+/// a real decoder: a packet a program lets through must decode as a whole,
+/// and every packet a program drops is counted by reason.
+#[test]
+fn a_million_mutated_packets_pass_only_when_whole() {
+    let Some(mut h) = Harness::new() else { return };
+    let total: usize = std::env::var("MUTATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_050_000);
+    let mut rng = Rng(0x5d0e_0001_dead_beef);
+    let remote6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
+    let mut report = Vec::new();
+    let mut differences = Vec::new();
+    let phases: [(&str, Prog, Vec<Vec<u8>>, usize); 3] = [
+        (
+            "to_vm",
+            Prog::ToVm,
+            vec![
+                tcp4(GW_MAC, [198, 51, 100, 1], VM4, 50000, 22, true),
+                udp4([10, 9, 9, 9], VM4, 5353, 53),
+                ping4([198, 51, 100, 1], VM4, GW_MAC),
+                tcp6(remote6, VM6, 40000, 8080, GW_MAC),
+                ipv6_ext_chain(2, 0, 8080),
+                ipv6_ext_chain(8, 60, 8080),
+                nd(135, remote6, VM6, None),
+            ],
+            total * 2 / 5,
+        ),
+        (
+            "from_vm",
+            Prog::FromVm,
+            vec![
+                tcp4(VM_MAC, VM4, [192, 0, 2, 1], 40000, 443, true),
+                tcp6(VM6, remote6, 40000, 80, VM_MAC),
+                ping4(VM4, [192, 0, 2, 1], VM_MAC),
+                arp(VM_MAC, VM4),
+            ],
+            total * 3 / 10,
+        ),
+        (
+            "from_uplink",
+            Prog::FromUplink,
+            vec![
+                tcp4(GW_MAC, INTERNET, VM4, 40000, 443, true),
+                tcp_flags(GW_MAC, [203, 0, 113, 7], VM4, 40001, 443, 0x02),
+            ],
+            total - total * 2 / 5 - total * 3 / 10,
+        ),
+    ];
+    for (name, prog, corpus, n) in phases {
+        if prog == Prog::FromUplink {
+            use pb::{Direction::*, EtherType::*, Protocol::*};
+            h.policy(&zoned_share(vec![rule(
+                "https",
+                Ingress,
+                Ipv4,
+                Tcp,
+                (443, 443),
+                "",
+                "",
+            )]));
+        } else {
+            h.policy(&share(base_rules(), &["10.0.0.7", "fd00::7"]));
+        }
+        let fd = h.dp.program_fd(name).unwrap();
+        // Every packet of the corpus passes as it is.
+        for p in &corpus {
+            let r = testrun::run(fd, p, 1).unwrap();
+            assert_ne!(r.retval, TC_ACT_SHOT, "{name}: a corpus packet is dropped");
+        }
+        let drops_before: u64 = h.drops().values().sum();
+        let (mut passed, mut dropped, mut refused) = (0u64, 0u64, 0u64);
+        for _ in 0..n {
+            let base = &corpus[rng.below(corpus.len())];
+            let p = mutate(&mut rng, base);
+            let r = match testrun::run(fd, &p, 1) {
+                Ok(r) => r,
+                // The kernel's test run refuses some frames outright (an
+                // IPv4 or IPv6 type with less than that header after it):
+                // counted apart, never run.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    if refused < 6 && std::env::var("SHOW_REFUSED").is_ok() {
+                        eprintln!("refused: {p:02x?}");
+                    }
+                    refused += 1;
+                    continue;
+                }
+                Err(e) => panic!("{name}: test run of {p:02x?}: {e}"),
+            };
+            if r.retval == TC_ACT_SHOT {
+                dropped += 1;
+                continue;
+            }
+            passed += 1;
+            // From the VM, egress is open (no egress rules): any protocol.
+            if let Err(why) = may_pass(&p, prog == Prog::FromVm) {
+                if differences.len() < 20 {
+                    differences.push(format!("{name}: passed, the decoder says {why}: {p:02x?}"));
+                }
+            }
+        }
+        let counted: u64 = h.drops().values().sum::<u64>() - drops_before;
+        // From a VM, ARP replies and duplicate-address probes are absorbed
+        // (dropped, not counted): only the other entries must match exactly.
+        if prog != Prog::FromVm {
+            assert_eq!(counted, dropped, "{name}: every drop is counted by reason");
+        }
+        assert!(counted <= dropped, "{name}: more drops counted than packets dropped");
+        let absorbed = dropped - counted;
+        report.push(format!(
+            "{name}: {n} mutated packets, {passed} passed (each decoded whole), {dropped} dropped ({counted} counted by reason, {absorbed} absorbed), {refused} refused by the kernel's test run"
+        ));
+        eprintln!("{}", report.last().unwrap());
+        assert!(refused * 10 < n as u64, "{name}: most packets never ran");
+    }
+    assert!(
+        differences.is_empty(),
+        "differences from the decoder:\n{}",
+        differences.join("\n")
     );
 }

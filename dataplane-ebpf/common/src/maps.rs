@@ -456,6 +456,35 @@ const _: () = assert!(core::mem::size_of::<RuleKey>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 48);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 56);
 
+/// Layouts of an earlier version of the maps, which an upgraded agent
+/// migrates from: version 1 keyed flows without their door.
+pub mod v1 {
+    /// Pinned name of version 1's flow table ([`CtKey`] -> [`super::CtValue`], LRU).
+    pub const CT: &str = "SDN_CT";
+    /// Pinned name of version 1's firewall verdicts ([`CtKey`] -> [`super::FwVerdict`]).
+    pub const FW_VERDICTS: &str = "SDN_FW_VERDICTS";
+
+    /// Version 1's flow key: no door, no ICMP type.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct CtKey {
+        pub ifindex: u32,
+        pub family: u8,
+        pub proto: u8,
+        pub _pad: [u8; 2],
+        pub local_port: u16,
+        pub remote_port: u16,
+        pub local: [u8; 16],
+        pub remote: [u8; 16],
+    }
+
+    const _: () = assert!(core::mem::size_of::<CtKey>() == 44);
+
+    #[cfg(feature = "user")]
+    // SAFETY: repr(C), Copy, explicit padding, no pointers.
+    unsafe impl aya::Pod for CtKey {}
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;

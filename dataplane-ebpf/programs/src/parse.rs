@@ -87,6 +87,21 @@ fn ipv4<C: Pkt>(ctx: &C, m: &mut Meta) -> Result<(), DropReason> {
     m.dst[..4].copy_from_slice(&h[16..20]);
     m.l4_off = (ETH_HLEN + ihl) as u16;
     m.end = (ETH_HLEN + total) as u16;
+    // An authentication header (RFC 4302) comes before the transport, as
+    // in IPv6: its length is in 4-octet units minus 2, and never 0.
+    if m.proto == 51 {
+        let off = ETH_HLEN + ihl;
+        let e: [u8; 2] = load(ctx, off).ok_or(DropReason::Truncated)?;
+        if e[1] == 0 {
+            return Err(DropReason::BadIpHeader);
+        }
+        let next = off + (e[1] as usize + 2) * 4;
+        if next > ETH_HLEN + total {
+            return Err(DropReason::Truncated);
+        }
+        m.proto = e[0];
+        m.l4_off = next as u16;
+    }
     Ok(())
 }
 
@@ -105,7 +120,11 @@ fn ipv6<C: Pkt>(ctx: &C, m: &mut Meta) -> Result<(), DropReason> {
     let mut off = ETH_HLEN + 40;
     let mut done = false;
     // Up to MAX_IPV6_EXT_HEADERS extension headers, then the transport.
-    for _ in 0..MAX_IPV6_EXT_HEADERS + 1 {
+    for i in 0..MAX_IPV6_EXT_HEADERS + 1 {
+        // Hop-by-hop options come first or not at all (RFC 8200, 4.1).
+        if nh == 0 && i > 0 {
+            return Err(DropReason::BadIpHeader);
+        }
         let len_unit = match nh {
             // Hop-by-hop, routing, destination options, mobility: length
             // in 8-octet units, not counting the first.
@@ -119,6 +138,9 @@ fn ipv6<C: Pkt>(ctx: &C, m: &mut Meta) -> Result<(), DropReason> {
             }
         };
         let e: [u8; 2] = load(ctx, off).ok_or(DropReason::Truncated)?;
+        if len_unit == 4 && e[1] == 0 {
+            return Err(DropReason::BadIpHeader);
+        }
         nh = e[0];
         off += if len_unit == 8 {
             (e[1] as usize + 1) * 8
