@@ -24,6 +24,7 @@ PKGS=(
     arping ndisc6       # gateway ARP and neighbour-discovery checks
     python3-scapy       # hand-made packets (forged VXLAN headers)
     bpftool             # inspection of loaded programs and pins
+    etcd-server         # the controller cluster's benchmark peer
     clang llvm          # not needed to build, useful to read verifier output
 )
 missing=()

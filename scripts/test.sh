@@ -10,6 +10,8 @@ cargo build --workspace --bins
 echo "[test] running the suite" >&2
 # One test at a time: integration tests time real traffic on a 2-core machine.
 cargo test --workspace -- --test-threads=1
+echo "[test] every benchmark, once, short (smoke)" >&2
+bash scripts/bench.sh --smoke
 echo "[test] checking that nothing was left behind" >&2
 leftover_ns=$(ip netns list | grep -E '^(sg[a-z]|ov[a-z]|zn[a-z]|cl[a-z0-9]|demo|lat|fwb|rcmp)-' || true)
 leftover_mounts=$(grep -E ' /tmp/sdn-' /proc/mounts || true)

@@ -669,13 +669,18 @@ pub mod cluster {
         }
 
         pub fn start_agent(&mut self, topo: &Topology, host: &str) -> anyhow::Result<()> {
+            self.start_agent_binary(topo, host, &bin("sdn-agent"))
+        }
+
+        /// Starts an agent from another build (an earlier release).
+        pub fn start_agent_binary(&mut self, topo: &Topology, host: &str, agent: &Path) -> anyhow::Result<()> {
             let ns = topo.host_ns(host).name.clone();
             let ctl = format!("unix://{}", self.socket.display());
             let pin = self.pin_dir(host);
             let p = Proc::spawn(
                 &format!("agent-{host}"),
                 Some(&ns),
-                &bin("sdn-agent"),
+                agent,
                 &[
                     "run",
                     "--host",

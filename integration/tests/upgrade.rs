@@ -1,0 +1,235 @@
+//! Upgrading hosts in place from the previous release, under traffic: the
+//! previous release's agent runs the dataplane, a TCP connection crosses
+//! between two hosts, and each host's agent is replaced by this one. The new
+//! agent adopts the pinned links (swapping every program at once), carries
+//! the earlier flow table over with each flow's door, and the connection
+//! goes on with no reset and no retransmission.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sdn_integration::cluster::Cluster;
+use sdn_integration::ops::*;
+use sdn_integration::{bin, privileged, wait_for, Proc, Topology};
+use sdn_proto::v1 as pb;
+
+/// The previous release: the last commit before the pipeline, whose maps
+/// keyed flows without their door.
+const PREVIOUS_RELEASE: &str = "586073da5d88e472c302bd5e3cf49ec159453ad5";
+const T: &str = "tenant-upgrade";
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Builds the previous release's agent from its commit (once; later runs
+/// reuse it) in a target directory of its own.
+fn previous_agent() -> Option<PathBuf> {
+    let repo = workspace();
+    let have = std::process::Command::new("git")
+        .args(["-C", repo.to_str().unwrap(), "cat-file", "-e"])
+        .arg(format!("{PREVIOUS_RELEASE}^{{commit}}"))
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !have {
+        eprintln!("skipping: the previous release {PREVIOUS_RELEASE} is not in this clone's history");
+        return None;
+    }
+    let root = repo.join("target").join("previous-release");
+    let binary = root.join("target/debug/sdn-agent");
+    let stamp = root.join("built-from");
+    if binary.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(PREVIOUS_RELEASE) {
+        return Some(binary);
+    }
+    let src = root.join("src");
+    let _ = std::fs::remove_dir_all(&src);
+    std::fs::create_dir_all(&src).unwrap();
+    eprintln!("[upgrade] building the previous release's agent ({PREVIOUS_RELEASE}); this takes minutes");
+    let st = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "git -C '{}' archive {PREVIOUS_RELEASE} | tar -x -C '{}'",
+            repo.display(),
+            src.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(st.success(), "extracting the previous release");
+    let st = std::process::Command::new("cargo")
+        .current_dir(&src)
+        .env("CARGO_TARGET_DIR", root.join("target"))
+        .args(["build", "--locked", "-p", "sdn-agent", "--bin", "sdn-agent"])
+        .status()
+        .unwrap();
+    assert!(st.success(), "building the previous release's agent");
+    std::fs::write(&stamp, PREVIOUS_RELEASE).unwrap();
+    Some(binary)
+}
+
+/// TCP segments a namespace retransmitted so far.
+fn retransmissions(ns: &str) -> u64 {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "nstat", "-az", "TcpRetransSegs"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with("TcpRetransSegs"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn wait_enforced(c: &Cluster) {
+    let mut client = c.client().await.unwrap();
+    for _ in 0..300 {
+        let e = client
+            .enforcement(pb::EnforcementRequest { revision: 0 })
+            .await
+            .unwrap()
+            .into_inner();
+        if !e.hosts.is_empty()
+            && e.hosts
+                .iter()
+                .all(|h| h.connected && h.enforced_revision == e.current_revision)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("agents did not all enforce the current revision");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hosts_upgrade_from_the_previous_release_under_traffic() {
+    if !privileged() {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    let Some(previous) = previous_agent() else { return };
+    let mut topo = Topology::new("ovu", &["h1", "h2"]).unwrap();
+    topo.add_vm("vm1", "h1", "02:00:00:00:01:11", "10.30.0.11/24", "fd30::11/64")
+        .unwrap();
+    topo.add_vm("vm2", "h2", "02:00:00:00:01:12", "10.30.0.12/24", "fd30::12/64")
+        .unwrap();
+    topo.add_vm("vm3", "h1", "02:00:00:00:01:13", "10.30.0.13/24", "fd30::13/64")
+        .unwrap();
+    let mut cluster = Cluster::start(&topo.dir).unwrap();
+    let web = vec![
+        ingress("http", false, "tcp", (80, 80), "10.30.0.0/24", ""),
+        ingress("http6", true, "tcp", (80, 80), "fd30::/64", ""),
+    ];
+    cluster
+        .apply(vec![
+            tenant(T),
+            vpc("vpc-u", T),
+            subnet("sn-u", "vpc-u", "10.30.0.0/24", "fd30::/64"),
+            host("h1", &topo.underlay_ip("h1")),
+            host("h2", &topo.underlay_ip("h2")),
+            group("web", T, web),
+        ])
+        .await
+        .unwrap();
+    cluster.start_agent_binary(&topo, "h1", &previous).unwrap();
+    cluster.start_agent_binary(&topo, "h2", &previous).unwrap();
+    let mut ports = Vec::new();
+    for (vm, h, mac, v4, v6) in [
+        ("vm1", "h1", "02:00:00:00:01:11", "10.30.0.11", "fd30::11"),
+        ("vm2", "h2", "02:00:00:00:01:12", "10.30.0.12", "fd30::12"),
+        ("vm3", "h1", "02:00:00:00:01:13", "10.30.0.13", "fd30::13"),
+    ] {
+        ports.push(port(vm, T, "sn-u", h, &format!("{vm}h"), mac, v4, v6, &["web"]));
+    }
+    let r = cluster.apply(ports).await.unwrap();
+    assert!(r.enforced, "the previous release enforces the ports");
+    let _servers = topo
+        .serve(&["vm1", "vm3"], &[], &["--tcp", "80", "--tcp", "81"])
+        .unwrap();
+    assert!(topo.reach("vm2", "vm1", "tcp", 80, false), "before: vm2 -> vm1 http");
+    assert!(
+        !topo.reach("vm2", "vm1", "tcp", 81, false),
+        "before: vm2 -> vm1 81 refused"
+    );
+
+    // Long-lived connections across the hosts (overlay) and on one host,
+    // an exchange every 50 ms, while both hosts are upgraded.
+    let ns = |vm: &str| topo.vm(vm).ns.name.clone();
+    let retrans_before: Vec<u64> = ["vm1", "vm2", "vm3"].iter().map(|v| retransmissions(&ns(v))).collect();
+    let args = |dst: &str| {
+        vec![
+            "hold".to_string(),
+            dst.to_string(),
+            "80".into(),
+            "--seconds".into(),
+            "12".into(),
+            "--interval-ms".into(),
+            "50".into(),
+        ]
+    };
+    let a = args("10.30.0.11");
+    let b = args("10.30.0.13");
+    let mut across = Proc::spawn(
+        "hold-across",
+        Some(&ns("vm2")),
+        &bin("sdn-probe"),
+        &a.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        &topo.dir,
+    )
+    .unwrap();
+    let mut local = Proc::spawn(
+        "hold-local",
+        Some(&ns("vm1")),
+        &bin("sdn-probe"),
+        &b.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+        &topo.dir,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    for h in ["h1", "h2"] {
+        cluster.agent(h).stop();
+        cluster.start_agent(&topo, h).unwrap();
+        wait_enforced(&cluster).await;
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+    wait_for("the hold probes to finish", Duration::from_secs(30), || {
+        !across.alive() && !local.alive()
+    })
+    .unwrap();
+    for (name, p) in [("across hosts", &across), ("on one host", &local)] {
+        let log = p.log_text();
+        eprintln!("hold {name}: {log}");
+        assert!(log.contains("failed=0"), "the connection {name} lost exchanges:\n{log}");
+    }
+    let retrans_after: Vec<u64> = ["vm1", "vm2", "vm3"].iter().map(|v| retransmissions(&ns(v))).collect();
+    assert_eq!(
+        retrans_before, retrans_after,
+        "TCP retransmitted during the upgrade (vm1, vm2, vm3)"
+    );
+    let log = cluster.agent("h1").log_text();
+    assert!(
+        log.contains("carried over flows"),
+        "the new agent migrated the flow table:\n{log}"
+    );
+    assert!(
+        log.contains("retired an earlier pipeline") || log.contains("tables removed"),
+        "{log}"
+    );
+    let maps = cluster.pin_dir("h1").join("maps");
+    assert!(
+        // Version 1's flow table (`dataplane_common::maps::v1::CT`).
+        !maps.join("SDN_CT").exists(),
+        "the earlier flow table is gone once every link switched"
+    );
+
+    // The upgraded hosts enforce the policy as before.
+    assert!(topo.reach("vm2", "vm1", "tcp", 80, false), "after: vm2 -> vm1 http");
+    assert!(
+        !topo.reach("vm2", "vm1", "tcp", 81, false),
+        "after: vm2 -> vm1 81 refused"
+    );
+    assert!(
+        topo.reach("vm2", "vm1", "tcp", 80, true),
+        "after: vm2 -> vm1 http over IPv6"
+    );
+}
