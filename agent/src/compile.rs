@@ -8,7 +8,8 @@ use std::net::{IpAddr, Ipv6Addr};
 use dataplane_common::maps::{
     zone_net_data, AddrIdentity, AddrKey, Endpoint, EndpointKey, ExchangeRule, FwPolicy, FwRule, PolicyDirKey,
     PortAddrKey, PortInfo, PrefixLens, RuleKey, ZoneAddrKey, ZoneEndpoint, EP_F_GATEWAY, EP_F_LOCAL_IS_A, EP_F_PEER,
-    FW_ALLOW, FW_DENY, FW_POLICY_RULES_MAX, GATEWAY_MAC, PORT_F_EGRESS_OPEN, PORT_F_QUARANTINED, PORT_F_UPLINK,
+    FW_ALLOW, FW_DENY, FW_POLICY_RULES_MAX, GATEWAY_MAC, PORT_F_EGRESS_OPEN, PORT_F_QUARANTINED, PORT_F_REJECTED,
+    PORT_F_UPLINK,
 };
 use dataplane_common::{DIR_EGRESS, DIR_INGRESS, FAMILY_V4, FAMILY_V6};
 use sdn_proto::v1 as pb;
@@ -73,7 +74,15 @@ pub struct Desired {
     pub quarantined: BTreeMap<String, (String, String)>,
     /// The next time a quarantine expires, Unix ms.
     pub next_expiry: Option<u64>,
+    /// Objects this host cannot enforce, each with why: they fail closed
+    /// (a port gets no traffic, a firewall denies, a zone or peering is not
+    /// joined) and the host NACKs naming them, while it enforces the rest.
+    pub rejected: Vec<String>,
 }
+
+/// The number a VPC's border firewall gets when its policy cannot be
+/// compiled: no such policy exists, so the firewall denies (fail closed).
+pub const FW_BROKEN: u32 = u32::MAX;
 
 /// Why a share could not be compiled. The agent NACKs with this text.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -245,25 +254,41 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
     let mut subnet_vni: BTreeMap<&str, u32> = BTreeMap::new();
     let mut zoned_subnets: BTreeSet<&str> = BTreeSet::new();
     for n in &networks {
-        compile_network(n, &local, ifindex, &mut d.endpoints)?;
+        // A VPC that cannot be compiled is left out whole: its ports here
+        // are then rejected too and fail closed.
+        let mut eps = BTreeMap::new();
+        if let Err(e) = compile_network(n, &local, ifindex, &mut eps, &mut d.rejected) {
+            d.rejected.push(e.to_string());
+            continue;
+        }
+        d.endpoints.extend(eps);
         for g in &n.gateways {
             subnet_vni.insert(&g.subnet_id, n.vni);
         }
         if !n.zone_id.is_empty() {
-            let zone = *zone_no.get(n.zone_id.as_str()).ok_or_else(|| CompileError::Vpc {
-                vpc: n.vpc_id.clone(),
-                message: format!("zone {} is missing from the share", n.zone_id),
-            })?;
+            // Without its zone the VPC has no way out (fail closed).
+            let Some(zone) = zone_no.get(n.zone_id.as_str()).copied() else {
+                d.rejected.push(format!(
+                    "vpc {}: zone {} is missing from the share or cannot be compiled",
+                    n.vpc_id, n.zone_id
+                ));
+                continue;
+            };
             zoned_subnets.extend(n.gateways.iter().map(|g| g.subnet_id.as_str()));
             let border = if n.border_policy_id.is_empty() {
                 0
             } else {
-                *fw_no
-                    .get(n.border_policy_id.as_str())
-                    .ok_or_else(|| CompileError::Vpc {
-                        vpc: n.vpc_id.clone(),
-                        message: format!("firewall policy {} is missing from the share", n.border_policy_id),
-                    })?
+                match fw_no.get(n.border_policy_id.as_str()) {
+                    Some(b) => *b,
+                    None => {
+                        d.rejected.push(format!(
+                            "vpc {}: border firewall {} is missing from the share or cannot be compiled; \
+                             the border denies everything",
+                            n.vpc_id, n.border_policy_id
+                        ));
+                        FW_BROKEN
+                    }
+                }
             };
             for (k, ep) in ports_of_vni(&d.endpoints, n.vni) {
                 d.zone_endpoints.insert(
@@ -283,8 +308,62 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
             }
         }
     }
-    compile_peerings(&peerings, &networks, &fw_no, &mut d.endpoints)?;
+    compile_peerings(&peerings, &networks, &fw_no, &mut d.endpoints, &mut d.rejected);
     for p in ports {
+        let mut part = Desired::default();
+        match compile_port(
+            p,
+            &groups,
+            &members,
+            &subnet_vni,
+            &zoned_subnets,
+            ifindex,
+            &d.quarantined,
+            &mut part,
+        ) {
+            Ok(()) => {
+                d.ports.extend(part.ports);
+                d.port_addrs.extend(part.port_addrs);
+                d.plens.extend(part.plens);
+                d.sg_addr.extend(part.sg_addr);
+                d.missing_devices.extend(part.missing_devices);
+            }
+            Err(e) => {
+                d.rejected.push(e.to_string());
+                // Its device keeps the programs and drops everything
+                // (fail closed), instead of losing them and passing all.
+                if let Some(ifx) = ifindex(&p.device) {
+                    d.ports.insert(
+                        ifx,
+                        PortInfo {
+                            mac: [0; 6],
+                            _pad0: [0; 2],
+                            policy_id: 0,
+                            epoch: 0,
+                            flags: PORT_F_REJECTED,
+                            vni: 0,
+                        },
+                    );
+                }
+            }
+        }
+    }
+    Ok(d)
+}
+
+/// One port: its addresses, its compiled security groups and its flags.
+#[allow(clippy::too_many_arguments)]
+fn compile_port(
+    p: &pb::Port,
+    groups: &BTreeMap<&str, &pb::SecurityGroup>,
+    members: &BTreeMap<&str, Vec<IpAddr>>,
+    subnet_vni: &BTreeMap<&str, u32>,
+    zoned_subnets: &BTreeSet<&str>,
+    ifindex: &dyn Fn(&str) -> Option<u32>,
+    quarantined: &BTreeMap<String, (String, String)>,
+    d: &mut Desired,
+) -> Result<(), CompileError> {
+    {
         let perr = |field: &'static str, message: String| CompileError::Port {
             port: p.id.clone(),
             field,
@@ -299,7 +378,7 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
         })?;
         let Some(ifx) = ifindex(&p.device) else {
             d.missing_devices.push((p.id.clone(), p.device.clone()));
-            continue;
+            return Ok(());
         };
         let mut addrs: Vec<IpAddr> = Vec::new();
         if !p.ipv4.is_empty() {
@@ -411,7 +490,7 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
         if !has_egress {
             flags |= PORT_F_EGRESS_OPEN;
         }
-        if d.quarantined.contains_key(&p.id) {
+        if quarantined.contains_key(&p.id) {
             flags |= PORT_F_QUARANTINED;
         }
         if zoned_subnets.contains(p.subnet_id.as_str()) {
@@ -477,7 +556,7 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
             },
         );
     }
-    Ok(d)
+    Ok(())
 }
 
 fn rule_name(s: &str) -> dataplane_common::maps::RuleName {
@@ -504,9 +583,27 @@ fn compile_firewalls<'a>(
     // policy's last, so the rule table holds as many rules as the
     // controller allows a host.
     let mut next_slot = 0u32;
-    for (i, (id, f)) in firewalls.iter().enumerate() {
-        let n = i as u32 + 1;
+    let mut n = 0u32;
+    for (id, f) in firewalls.iter() {
+        let mut part = Desired::default();
+        if let Err(e) = compile_firewall(id, f, n + 1, next_slot, &mut part) {
+            // Its VPCs' borders and peerings fail closed.
+            d.rejected.push(e.to_string());
+            continue;
+        }
+        n += 1;
         no.insert(*id, n);
+        next_slot += f.rules.len() as u32;
+        d.fw_rules.extend(part.fw_rules);
+        d.fw_policies.extend(part.fw_policies);
+        d.fw_names.extend(part.fw_names);
+    }
+    Ok(no)
+}
+
+/// One firewall policy, as number `n`, its rules from slot `first`.
+fn compile_firewall(id: &str, f: &pb::FirewallPolicy, n: u32, first: u32, d: &mut Desired) -> Result<(), CompileError> {
+    {
         let ferr = |message: String| CompileError::Zone {
             what: format!("firewall policy {id}"),
             message,
@@ -521,8 +618,6 @@ fn compile_firewalls<'a>(
         }
         let mut rules: Vec<&pb::FirewallRule> = f.rules.iter().collect();
         rules.sort_by_key(|r| (r.priority, r.id.clone()));
-        let first = next_slot;
-        next_slot += rules.len() as u32;
         let default_rule_id = fw_rule_id(id, "default");
         d.fw_names.insert(default_rule_id, rule_name(&format!("{id}/default")));
         for (j, r) in rules.iter().enumerate() {
@@ -587,7 +682,7 @@ fn compile_firewalls<'a>(
             },
         );
     }
-    Ok(no)
+    Ok(())
 }
 
 /// Zones: numbers (1.., in id order), address spaces, uplinks; exchange
@@ -601,13 +696,21 @@ fn compile_zones<'a>(
     let mut no = BTreeMap::new();
     for (i, (id, z)) in zones.iter().enumerate() {
         let n = i as u32 + 1;
-        no.insert(*id, n);
-        let zerr = |message: String| CompileError::Zone {
-            what: format!("zone {id}"),
-            message,
-        };
+        let mut nets = Vec::new();
         for p in &z.prefixes {
-            let net: ipnetwork::IpNetwork = p.parse().map_err(|_| zerr(format!("invalid prefix {p:?}")))?;
+            match p.parse::<ipnetwork::IpNetwork>() {
+                Ok(net) => nets.push(net),
+                Err(_) => {
+                    d.rejected.push(format!("zone {id}: invalid prefix {p:?}"));
+                    break;
+                }
+            }
+        }
+        if nets.len() != z.prefixes.len() {
+            continue;
+        }
+        no.insert(*id, n);
+        for net in nets {
             let (family, a) = addr16(net.network());
             d.zone_nets
                 .insert((8 + net.prefix() as u32, zone_net_data(family, &a)), n);
@@ -623,45 +726,54 @@ fn compile_zones<'a>(
     }
     let mut sorted: Vec<&&pb::ExchangePath> = exchanges.iter().collect();
     sorted.sort_by(|a, b| a.id.cmp(&b.id));
-    for (slot, x) in sorted.into_iter().enumerate() {
-        let xerr = |message: String| CompileError::Zone {
-            what: format!("exchange path {}", x.id),
-            message,
-        };
-        let (Some(from), Some(to)) = (no.get(x.from_zone.as_str()), no.get(x.to_zone.as_str())) else {
-            return Err(xerr("a zone it names is missing from the share".into()));
-        };
-        let src: ipnetwork::IpNetwork = x.source_cidr.parse().map_err(|_| xerr("invalid source".into()))?;
-        let dst: ipnetwork::IpNetwork = x
-            .destination_cidr
-            .parse()
-            .map_err(|_| xerr("invalid destination".into()))?;
-        let (family, s) = addr16(src.network());
-        let (_, t) = addr16(dst.network());
-        let proto = match pb::Protocol::try_from(x.protocol) {
-            Ok(pb::Protocol::Tcp) => 6,
-            Ok(pb::Protocol::Udp) => 17,
-            Ok(pb::Protocol::Icmp) => 1,
-            Ok(pb::Protocol::Icmpv6) => 58,
-            _ => return Err(xerr(format!("protocol {} cannot cross zones", x.protocol))),
-        };
-        d.exchange.insert(
-            slot as u32,
-            ExchangeRule {
-                from: *from,
-                to: *to,
-                family,
-                proto,
-                src_plen: src.prefix(),
-                dst_plen: dst.prefix(),
-                port_lo: x.port_min as u16,
-                port_hi: x.port_max as u16,
-                src: s,
-                dst: t,
-            },
-        );
+    let mut slot = 0u32;
+    for x in sorted {
+        match exchange_rule(x, &no) {
+            Ok(r) => {
+                d.exchange.insert(slot, r);
+                slot += 1;
+            }
+            Err(e) => d.rejected.push(e.to_string()),
+        }
     }
     Ok(no)
+}
+
+/// One exchange path, compiled.
+fn exchange_rule(x: &pb::ExchangePath, no: &BTreeMap<&str, u32>) -> Result<ExchangeRule, CompileError> {
+    let xerr = |message: String| CompileError::Zone {
+        what: format!("exchange path {}", x.id),
+        message,
+    };
+    let (Some(from), Some(to)) = (no.get(x.from_zone.as_str()), no.get(x.to_zone.as_str())) else {
+        return Err(xerr("a zone it names is missing from the share".into()));
+    };
+    let src: ipnetwork::IpNetwork = x.source_cidr.parse().map_err(|_| xerr("invalid source".into()))?;
+    let dst: ipnetwork::IpNetwork = x
+        .destination_cidr
+        .parse()
+        .map_err(|_| xerr("invalid destination".into()))?;
+    let (family, s) = addr16(src.network());
+    let (_, t) = addr16(dst.network());
+    let proto = match pb::Protocol::try_from(x.protocol) {
+        Ok(pb::Protocol::Tcp) => 6,
+        Ok(pb::Protocol::Udp) => 17,
+        Ok(pb::Protocol::Icmp) => 1,
+        Ok(pb::Protocol::Icmpv6) => 58,
+        _ => return Err(xerr(format!("protocol {} cannot cross zones", x.protocol))),
+    };
+    Ok(ExchangeRule {
+        from: *from,
+        to: *to,
+        family,
+        proto,
+        src_plen: src.prefix(),
+        dst_plen: dst.prefix(),
+        port_lo: x.port_min as u16,
+        port_hi: x.port_max as u16,
+        src: s,
+        dst: t,
+    })
 }
 
 /// The ports of one VPC among the endpoints (not its gateways, not its
@@ -688,22 +800,31 @@ fn compile_peerings(
     networks: &[&pb::VpcNetwork],
     fw_no: &BTreeMap<&str, u32>,
     out: &mut BTreeMap<EndpointKey, Endpoint>,
-) -> Result<(), CompileError> {
+    rejected: &mut Vec<String>,
+) {
     let vni_of = |vpc: &str| networks.iter().find(|n| n.vpc_id == vpc).map(|n| n.vni);
     for p in peerings {
-        let perr = |message: String| CompileError::Zone {
-            what: format!("vpc peering {}", p.id),
-            message,
-        };
+        // A peering that cannot be compiled is not joined (fail closed).
         let (Some(a), Some(b)) = (vni_of(&p.vpc_a), vni_of(&p.vpc_b)) else {
-            return Err(perr("a VPC it joins is missing from the share".into()));
+            rejected.push(format!(
+                "vpc peering {}: a VPC it joins is missing from the share",
+                p.id
+            ));
+            continue;
         };
         let policy = if p.policy_id.is_empty() {
             0
         } else {
-            *fw_no
-                .get(p.policy_id.as_str())
-                .ok_or_else(|| perr(format!("firewall policy {} is missing from the share", p.policy_id)))?
+            match fw_no.get(p.policy_id.as_str()) {
+                Some(n) => *n,
+                None => {
+                    rejected.push(format!(
+                        "vpc peering {}: firewall policy {} is missing from the share or cannot be compiled",
+                        p.id, p.policy_id
+                    ));
+                    continue;
+                }
+            }
         };
         let own =
             |vni: u32| -> Vec<(EndpointKey, Endpoint)> { ports_of_vni(out, vni).map(|(k, e)| (*k, *e)).collect() };
@@ -717,7 +838,6 @@ fn compile_peerings(
             }
         }
     }
-    Ok(())
 }
 
 /// The endpoints of one VPC: its gateways, its ports here (by device) and
@@ -727,6 +847,7 @@ fn compile_network(
     local: &BTreeMap<&str, &pb::Port>,
     ifindex: &dyn Fn(&str) -> Option<u32>,
     out: &mut BTreeMap<EndpointKey, Endpoint>,
+    rejected: &mut Vec<String>,
 ) -> Result<(), CompileError> {
     let verr = |message: String| CompileError::Vpc {
         vpc: n.vpc_id.clone(),
@@ -765,43 +886,68 @@ fn compile_network(
         put(&g.gateway_v6, gw)?;
     }
     for e in &n.endpoints {
-        let mac = parse_mac(&e.mac).ok_or_else(|| verr(format!("port {}: invalid MAC {:?}", e.port_id, e.mac)))?;
-        let ifx = match local.get(e.port_id.as_str()) {
-            // A port here whose device is missing gets no route yet.
-            Some(p) => match ifindex(&p.device) {
-                Some(i) => i,
-                None => continue,
-            },
-            None => 0,
-        };
-        let host_v4 = match e.host_underlay_ip.parse::<IpAddr>() {
-            Ok(IpAddr::V4(a)) => a.octets(),
-            Ok(IpAddr::V6(a)) => {
-                return Err(verr(format!(
-                    "port {}: host {} has an IPv6 underlay address {a}; the overlay runs over IPv4 underlays only",
-                    e.port_id, e.host_id
-                )))
+        // An endpoint that cannot be compiled is left out (nothing routes
+        // to it: fail closed); the rest of the VPC stands.
+        match endpoint_of(n, e, local, ifindex) {
+            Ok(Some(ep)) => {
+                for a in [&e.ipv4, &e.ipv6] {
+                    if let Err(err) = put(a, ep) {
+                        rejected.push(err.to_string());
+                    }
+                }
             }
-            Err(_) if ifx != 0 => [0; 4],
-            Err(_) => {
-                return Err(verr(format!(
-                    "port {}: host {} has no usable underlay address {:?}",
-                    e.port_id, e.host_id, e.host_underlay_ip
-                )))
-            }
-        };
-        let ep = Endpoint {
-            ifindex: ifx,
-            host_v4,
-            mac,
-            flags: 0,
-            vni: n.vni,
-            policy: 0,
-        };
-        put(&e.ipv4, ep)?;
-        put(&e.ipv6, ep)?;
+            Ok(None) => {}
+            Err(err) => rejected.push(err.to_string()),
+        }
     }
     Ok(())
+}
+
+/// Where one endpoint of a VPC lives; `None` for a port of this host whose
+/// device is not here yet.
+fn endpoint_of(
+    n: &pb::VpcNetwork,
+    e: &pb::Endpoint,
+    local: &BTreeMap<&str, &pb::Port>,
+    ifindex: &dyn Fn(&str) -> Option<u32>,
+) -> Result<Option<Endpoint>, CompileError> {
+    let verr = |message: String| CompileError::Vpc {
+        vpc: n.vpc_id.clone(),
+        message,
+    };
+    let mac = parse_mac(&e.mac).ok_or_else(|| verr(format!("port {}: invalid MAC {:?}", e.port_id, e.mac)))?;
+    let ifx = match local.get(e.port_id.as_str()) {
+        // A port here whose device is missing gets no route yet.
+        Some(p) => match ifindex(&p.device) {
+            Some(i) => i,
+            None => return Ok(None),
+        },
+        None => 0,
+    };
+    let host_v4 = match e.host_underlay_ip.parse::<IpAddr>() {
+        Ok(IpAddr::V4(a)) => a.octets(),
+        Ok(IpAddr::V6(a)) => {
+            return Err(verr(format!(
+                "port {}: host {} has an IPv6 underlay address {a}; the overlay runs over IPv4 underlays only",
+                e.port_id, e.host_id
+            )))
+        }
+        Err(_) if ifx != 0 => [0; 4],
+        Err(_) => {
+            return Err(verr(format!(
+                "port {}: host {} has no usable underlay address {:?}",
+                e.port_id, e.host_id, e.host_underlay_ip
+            )))
+        }
+    };
+    Ok(Some(Endpoint {
+        ifindex: ifx,
+        host_v4,
+        mac,
+        flags: 0,
+        vni: n.vni,
+        policy: 0,
+    }))
 }
 
 /// Assigns stable identity numbers to service sets. Identity 0 is never used.
@@ -964,6 +1110,108 @@ mod tests {
         r
     }
 
+    /// One object the host cannot compile is rejected by name and fails
+    /// closed; everything else is compiled as if it were not there.
+    #[test]
+    fn a_bad_object_is_rejected_alone_and_fails_closed() {
+        let mut r = share(vec![rule(pb::Direction::Ingress, pb::Protocol::Tcp, (22, 22), "")]);
+        // A second port here whose MAC cannot be parsed.
+        r.insert(
+            "port/bad".into(),
+            pb::Resource {
+                name: "port/bad".into(),
+                version: "1".into(),
+                kind: Some(pb::resource::Kind::Port(pb::Port {
+                    id: "bad".into(),
+                    subnet_id: "s".into(),
+                    device: "vm9".into(),
+                    mac: "not-a-mac".into(),
+                    ipv4: "10.0.0.9".into(),
+                    ..Default::default()
+                })),
+            },
+        );
+        // A border firewall with an action this agent does not know, on a
+        // zoned copy of the VPC, and a quarantine of the good port.
+        if let Some(pb::resource::Kind::VpcNetwork(n)) = &mut r.get_mut("vpc/v").unwrap().kind {
+            n.zone_id = "z".into();
+            n.border_policy_id = "fw".into();
+        }
+        r.insert(
+            "zone/z".into(),
+            pb::Resource {
+                name: "zone/z".into(),
+                version: "1".into(),
+                kind: Some(pb::resource::Kind::Zone(pb::Zone {
+                    id: "z".into(),
+                    prefixes: vec!["10.0.0.0/8".into()],
+                    uplink_device: "up".into(),
+                    ..Default::default()
+                })),
+            },
+        );
+        r.insert(
+            "firewall/fw".into(),
+            pb::Resource {
+                name: "firewall/fw".into(),
+                version: "1".into(),
+                kind: Some(pb::resource::Kind::FirewallPolicy(pb::FirewallPolicy {
+                    id: "fw".into(),
+                    default_action: 99,
+                    ..Default::default()
+                })),
+            },
+        );
+        r.insert(
+            "quarantine/q".into(),
+            pb::Resource {
+                name: "quarantine/q".into(),
+                version: "1".into(),
+                kind: Some(pb::resource::Kind::Quarantine(pb::QuarantineOnHost {
+                    quarantine: Some(pb::Quarantine {
+                        id: "q".into(),
+                        target_id: "p1".into(),
+                        reason: "incident".into(),
+                        ..Default::default()
+                    }),
+                    port_ids: vec!["p1".into()],
+                })),
+            },
+        );
+        let dev = |n: &str| match n {
+            "vm1" => Some(5),
+            "vm9" => Some(6),
+            "up" => Some(7),
+            _ => None,
+        };
+        let d = compile(&r, &dev, 0).unwrap();
+        assert_eq!(d.rejected.len(), 3, "{:?}", d.rejected);
+        assert!(
+            d.rejected.iter().any(|m| m.contains("port bad") && m.contains("mac")),
+            "{:?}",
+            d.rejected
+        );
+        assert!(
+            d.rejected.iter().any(|m| m.contains("firewall policy fw")),
+            "{:?}",
+            d.rejected
+        );
+        assert!(
+            d.rejected.iter().any(|m| m.contains("vpc v") && m.contains("border")),
+            "{:?}",
+            d.rejected
+        );
+        // The bad port keeps its device and drops everything.
+        assert_eq!(d.ports[&6].flags, PORT_F_REJECTED);
+        // The good port is compiled, quarantined, its rules in place.
+        assert_ne!(d.ports[&5].flags & PORT_F_QUARANTINED, 0);
+        assert!(!d.sg_addr.is_empty());
+        // The border of the VPC denies: its policy number names nothing.
+        let ze = d.zone_endpoints.values().next().expect("the VPC keeps its zone");
+        assert_eq!(ze.border, FW_BROKEN);
+        assert!(!d.fw_policies.contains_key(&FW_BROKEN));
+    }
+
     fn rule(dir: pb::Direction, proto: pb::Protocol, ports: (u32, u32), cidr: &str) -> pb::SecurityGroupRule {
         pb::SecurityGroupRule {
             id: "r".into(),
@@ -999,13 +1247,16 @@ mod tests {
         if let Some(pb::resource::Kind::VpcNetwork(n)) = &mut res.get_mut("vpc/v").unwrap().kind {
             n.endpoints[1].host_underlay_ip = "fd99::2".into();
         }
-        let e = compile(&res, &|n| (n == "vm1").then_some(5), 0)
-            .unwrap_err()
-            .to_string();
+        let d = compile(&res, &|n| (n == "vm1").then_some(5), 0).unwrap();
+        let e = d.rejected.join("; ");
         assert!(
             e.contains("port p2") && e.contains("host h2") && e.contains("IPv6 underlay"),
             "{e}"
         );
+        // Only that endpoint is left out: the VPC and its port here stand.
+        assert_eq!(d.ports[&5].vni, 9);
+        assert!(d.endpoints.contains_key(&key(FAMILY_V4, "10.0.0.1")));
+        assert!(!d.endpoints.contains_key(&key(FAMILY_V4, "10.0.0.2")));
     }
 
     #[test]

@@ -35,6 +35,11 @@ enum Cmd {
         /// so one port's flood cannot take other ports' room.
         #[arg(long, default_value_t = 0)]
         ct_budget: u32,
+        /// This host's underlay IPv4 address: the tunnel endpoint is bound
+        /// to it, so tunnel packets sent to the host's other addresses (its
+        /// zone uplinks') reach nothing.
+        #[arg(long, env = "SDN_UNDERLAY_IP")]
+        underlay_ip: Option<std::net::Ipv4Addr>,
     },
     /// Print drop and pass counters as JSON.
     Counters {
@@ -68,11 +73,15 @@ async fn main() -> anyhow::Result<()> {
             pin_dir,
             vxlan_device,
             ct_budget,
+            underlay_ip,
         } => {
             let mut dp = dataplane::Dataplane::load(&pin_dir)
                 .with_context(|| format!("loading the dataplane under {}", pin_dir.display()))?;
             dp.set_ct_budget(ct_budget)?;
-            let vx = overlay::ensure_vxlan(&vxlan_device).await?;
+            if underlay_ip.is_none() {
+                tracing::warn!("no --underlay-ip: the tunnel endpoint is bound to no address");
+            }
+            let vx = overlay::ensure_vxlan(&vxlan_device, underlay_ip).await?;
             dp.attach_overlay(&vxlan_device, vx)
                 .with_context(|| format!("attaching the overlay program to {vxlan_device}"))?;
             tracing::info!(device = %vxlan_device, ifindex = vx, "overlay ready");

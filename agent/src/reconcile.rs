@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use dataplane_common::maps::{
     AddrIdentity, AddrKey, Endpoint, EndpointKey, ExchangeRule, FwPolicy, FwRule, PolicyDirKey, PortAddrKey, PortInfo,
     PrefixLens, RuleKey, ZoneAddrKey, ZoneEndpoint, ENDPOINTS_MAX, EXCHANGE_MAX, FW_POLICIES_MAX, FW_RULES_MAX,
-    POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, SG_ADDR_MAX, SG_RULES_MAX, ZONES_MAX, ZONE_ENDPOINTS_MAX,
-    ZONE_NETS_MAX,
+    POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, PORT_F_QUARANTINED, SG_ADDR_MAX, SG_RULES_MAX, ZONES_MAX,
+    ZONE_ENDPOINTS_MAX, ZONE_NETS_MAX,
 };
 
 use crate::compile::{Desired, Identities, ServiceSet};
@@ -440,6 +440,30 @@ impl Reconciler {
         remove(m.sg_rules.as_mut(), &mut h.sg_rules, &rule_dels, &mut c)?;
         self.ids.retain(&used);
         Ok(c)
+    }
+
+    /// Sets the quarantine flag of every held port `d` quarantines, without
+    /// touching anything else: run when a whole reconcile cannot be, so a
+    /// quarantine holds whatever else fails. Returns the ports changed.
+    pub fn enforce_quarantines(&mut self, d: &Desired) -> anyhow::Result<usize> {
+        let mut n = 0;
+        for (ifx, want) in &d.ports {
+            if want.flags & PORT_F_QUARANTINED == 0 {
+                continue;
+            }
+            if let Some(held) = self.held.ports.get(ifx).copied() {
+                if held.flags & PORT_F_QUARANTINED == 0 {
+                    let q = PortInfo {
+                        flags: held.flags | PORT_F_QUARANTINED,
+                        ..held
+                    };
+                    self.maps.ports.put(ifx, &q)?;
+                    self.held.ports.insert(*ifx, q);
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
     }
 
     /// Remote-prefix entries the maps hold, over every policy.

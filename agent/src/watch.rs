@@ -45,6 +45,8 @@ pub enum Enforced {
     Done,
     /// Some ports' devices are not on the host yet; retried on the next tick.
     Pending(Vec<(String, String)>),
+    /// Everything but these objects is in the kernel; they fail closed.
+    Partial(Vec<String>),
 }
 
 impl Agent {
@@ -86,7 +88,18 @@ impl Agent {
             self.dp.detach(*i);
             self.attached.remove(i);
         }
-        let changes = self.rec.reconcile(&desired)?;
+        let changes = match self.rec.reconcile(&desired) {
+            Ok(c) => c,
+            Err(e) => {
+                // Whatever else failed, quarantines hold.
+                match self.rec.enforce_quarantines(&desired) {
+                    Ok(n) if n > 0 => tracing::warn!(ports = n, "quarantines enforced although the rest failed"),
+                    Ok(_) => {}
+                    Err(q) => tracing::error!(error = %format!("{q:#}"), "enforcing quarantines failed"),
+                }
+                return Err(e);
+            }
+        };
         // Attach after the port's entries exist: the programs fail closed.
         let fresh: Vec<u32> = want.difference(&self.attached).copied().collect();
         for ifx in fresh {
@@ -146,7 +159,12 @@ impl Agent {
                 "reconciled"
             );
         }
-        Ok(if desired.missing_devices.is_empty() {
+        for r in &desired.rejected {
+            tracing::error!(object = %r, "cannot enforce this object; it fails closed, the rest is enforced");
+        }
+        Ok(if !desired.rejected.is_empty() {
+            Enforced::Partial(desired.rejected)
+        } else if desired.missing_devices.is_empty() {
             Enforced::Done
         } else {
             Enforced::Pending(desired.missing_devices)
@@ -298,6 +316,15 @@ impl Agent {
         match self.enforce() {
             Ok(Enforced::Done) => {
                 self.ack(client, true, String::new()).await?;
+                Ok(false)
+            }
+            Ok(Enforced::Partial(rejected)) => {
+                let reason = format!(
+                    "enforced all but {} object(s), which fail closed: {}",
+                    rejected.len(),
+                    rejected.join("; ")
+                );
+                self.ack(client, false, reason).await?;
                 Ok(false)
             }
             Ok(Enforced::Pending(missing)) => {

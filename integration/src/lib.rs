@@ -669,11 +669,19 @@ pub mod cluster {
         }
 
         pub fn start_agent(&mut self, topo: &Topology, host: &str) -> anyhow::Result<()> {
-            self.start_agent_binary(topo, host, &bin("sdn-agent"))
+            let underlay = topo.underlay_ip(host);
+            self.start_agent_binary(topo, host, &bin("sdn-agent"), &["--underlay-ip", &underlay])
         }
 
-        /// Starts an agent from another build (an earlier release).
-        pub fn start_agent_binary(&mut self, topo: &Topology, host: &str, agent: &Path) -> anyhow::Result<()> {
+        /// Starts an agent from another build (an earlier release, which
+        /// may not know every flag of this one), with `extra` arguments.
+        pub fn start_agent_binary(
+            &mut self,
+            topo: &Topology,
+            host: &str,
+            agent: &Path,
+            extra: &[&str],
+        ) -> anyhow::Result<()> {
             let ns = topo.host_ns(host).name.clone();
             let ctl = format!("unix://{}", self.socket.display());
             let pin = self.pin_dir(host);
@@ -682,14 +690,18 @@ pub mod cluster {
                 Some(&ns),
                 agent,
                 &[
-                    "run",
-                    "--host",
-                    host,
-                    "--controller",
-                    &ctl,
-                    "--pin-dir",
-                    pin.to_str().unwrap(),
-                ],
+                    &[
+                        "run",
+                        "--host",
+                        host,
+                        "--controller",
+                        &ctl,
+                        "--pin-dir",
+                        pin.to_str().unwrap(),
+                    ],
+                    extra,
+                ]
+                .concat(),
                 &self.dir,
             )?;
             self.agents.retain(|(h, _)| h != host);

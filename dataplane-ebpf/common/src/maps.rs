@@ -118,6 +118,9 @@ pub const PORT_F_QUARANTINED: u32 = 2;
 pub const PORT_F_UPLINK: u32 = 4;
 /// Port flag: the port may answer DHCP as a server (UDP 67 -> 68, 547 -> 546).
 pub const PORT_F_DHCP_SERVER: u32 = 8;
+/// Port flag: the agent could not compile the port's configuration; every
+/// packet is dropped (`unknown_port`: no usable configuration).
+pub const PORT_F_REJECTED: u32 = 16;
 
 /// Configuration of one VM port, keyed by the ifindex of its host-side device.
 #[repr(C)]

@@ -8,7 +8,8 @@ use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
 use dataplane_common::{
     maps::{
         ct_timeout, CtKey, CtValue, PortInfo, CT_F_CLOSING, CT_F_REVOKED, CT_TIMEOUT_SYN_NS, DOOR_HOST, DOOR_PEER,
-        DOOR_VPC, DOOR_ZONE, EP_F_GATEWAY, EP_F_LOCAL_IS_A, EP_F_PEER, EXCHANGE_MAX, PORT_F_QUARANTINED, PORT_F_UPLINK,
+        DOOR_VPC, DOOR_ZONE, EP_F_GATEWAY, EP_F_LOCAL_IS_A, EP_F_PEER, EXCHANGE_MAX, PORT_F_QUARANTINED,
+        PORT_F_REJECTED, PORT_F_UPLINK,
     },
     stage, DropReason, Stat, DIR_EGRESS, DIR_INGRESS, PROTO_TCP,
 };
@@ -39,6 +40,11 @@ pub fn guard(ctx: &TcContext, m: &mut Meta) -> Result<u32, DropReason> {
         || (m.dst_ifx != 0 && m.dst_port.flags & PORT_F_QUARANTINED != 0)
     {
         return Err(DropReason::Quarantined);
+    }
+    if (m.src_ifx != 0 && m.src_port.flags & PORT_F_REJECTED != 0)
+        || (m.dst_ifx != 0 && m.dst_port.flags & PORT_F_REJECTED != 0)
+    {
+        return Err(DropReason::UnknownPort);
     }
     if m.kind != K_IP {
         return Ok(stage::COMMIT);
