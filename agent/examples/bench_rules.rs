@@ -147,6 +147,27 @@ fn main() -> anyhow::Result<()> {
         "{:>8} {:>14} {:>16} {:>14} {:>12}",
         "rules", "denied ns/pkt", "established ns", "new flow ns", "map entries"
     );
+    if std::env::var("BENCH_PARTS").is_ok() {
+        let d = compile::compile(&share(10), &|name| (name == "lo").then_some(1), 0)?;
+        rec.reconcile(&d)?;
+        let mut vlan = established.clone();
+        vlan[12] = 0x81;
+        let mut short = established.clone();
+        short.truncate(40);
+        short[16..18].copy_from_slice(&26u16.to_be_bytes());
+        for (name, pkt) in [
+            ("entry only (unknown type)", &vlan),
+            ("entry, then guard drops nothing: established", &established),
+            ("denied", &denied),
+        ] {
+            let mut b = u32::MAX;
+            for _ in 0..rounds {
+                b = b.min(testrun::run(fd, pkt, repeat)?.ns_per_run);
+            }
+            println!("{name}: {b} ns");
+        }
+        return Ok(());
+    }
     let mut rows = Vec::new();
     for (round, &n) in sizes.iter().enumerate() {
         let d = compile::compile(&share(n), &|name| (name == "lo").then_some(1), 0)?;

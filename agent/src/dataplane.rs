@@ -654,11 +654,11 @@ pub fn read_verdicts(pin_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
     Ok(out)
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+/// CLOCK_MONOTONIC_COARSE in nanoseconds: the clock the programs stamp flows with (`bpf_ktime_get_coarse_ns`).
 pub fn monotonic_ns() -> u64 {
     // SAFETY: clock_gettime writes into the struct we own.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 

@@ -1,9 +1,15 @@
 //! Our security-group dataplane against iptables (a linear chain) and
-//! nftables (a set), enforcing the same 10,000-rule policy on the same veth
-//! path with the same traffic generator, in one run.
+//! nftables (a set), enforcing the same 10,000-rule policy between a zone
+//! network and a VM, with the same traffic generator, in one run.
 //!
-//! Path: generator in the fabric namespace -> host h1 (forwarding) -> vm1's
-//! veth -> vm1. The policy admits UDP 9000 from 10,000 /32 sources; the
+//! Path: generator in the zone's network -> host h1's uplink -> vm1's veth
+//! -> vm1. Ours: the uplink's pipeline delivers straight into vm1 (zone
+//! guard, security groups, conntrack). The peers: the host's kernel forwards
+//! from the uplink to vm1's veth through a FORWARD chain that accepts
+//! established flows first (`ct state established,related accept`, the
+//! usual configuration, the same stateful shortcut ours takes), then the
+//! rules. vm1 echoes every datagram, so each filter sees both directions
+//! and holds the 16 flows as established. The policy admits UDP 9000 from 10,000 /32 sources; the
 //! generator's address is the last of them. Each mode floods 64-byte frames
 //! for a few seconds; packets delivered to vm1 per second are counted on its
 //! interface. Modes alternate over several rounds; the median is reported.
@@ -27,9 +33,13 @@ fn sources() -> Vec<String> {
     let mut v: Vec<String> = (0..RULES - 1)
         .map(|i| format!("172.{}.{}.{}", 16 + i / 65536, (i / 256) % 256, i % 256))
         .collect();
-    v.push("192.168.1.1".into());
+    // The zone router's address: the generator's source.
+    v.push(GENERATOR.into());
     v
 }
+
+/// The generator's address in the zone's network.
+const GENERATOR: &str = "172.30.0.1";
 
 fn sg_rules(on: bool) -> Vec<pb::SecurityGroupRule> {
     if !on {
@@ -53,6 +63,7 @@ fn sg_rules(on: bool) -> Vec<pb::SecurityGroupRule> {
 
 fn iptables_rules() -> String {
     let mut s = String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n");
+    s.push_str("-A FORWARD -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT\n");
     for src in sources() {
         s.push_str(&format!(
             "-A FORWARD -s {src}/32 -d 10.10.0.11/32 -p udp -m udp --dport {PORT} -j ACCEPT\n"
@@ -65,7 +76,7 @@ fn iptables_rules() -> String {
 fn nft_rules() -> String {
     let elems: Vec<String> = sources().iter().map(|s| format!("{s} . {PORT}")).collect();
     format!(
-        "table inet sdnbench {{\n  set allow {{ type ipv4_addr . inet_service; elements = {{ {} }} }}\n  chain filter_fwd {{ type filter hook forward priority 0; policy drop; ip saddr . udp dport @allow accept;\n  }}\n}}\n",
+        "table inet sdnbench {{\n  set allow {{ type ipv4_addr . inet_service; elements = {{ {} }} }}\n  chain filter_fwd {{ type filter hook forward priority 0; policy drop; ct state established,related accept; ip saddr . udp dport @allow accept;\n  }}\n}}\n",
         elems.join(", ")
     )
 }
@@ -82,9 +93,9 @@ fn rx(topo: &Topology) -> u64 {
 
 fn measure(topo: &Topology, secs: u64) -> (f64, f64) {
     let before = rx(topo);
-    let fabric = &topo.host_ns("fabric").name;
+    let zone = &topo.zone_ns("net").name;
     let out = sdn_integration::ns_sh(
-        fabric,
+        zone,
         &[
             bin("sdn-probe").to_str().unwrap(),
             "flood",
@@ -113,39 +124,53 @@ async fn main() -> anyhow::Result<()> {
     let rounds: usize = std::env::var("ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     let secs: u64 = std::env::var("SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
     let mut topo = Topology::new("fwb", &["h1"])?;
+    topo.add_zone(
+        "net",
+        "up-net",
+        "172.30.0",
+        "fdf0:0:0:30",
+        &["10.0.0.0/8", "172.16.0.0/12"],
+        &[],
+    )?;
     topo.add_vm("vm1", "h1", "02:00:00:00:00:11", "10.10.0.11/24", "fd10::11/64")?;
+    topo.announce("net", "vm1")?;
     let h1 = topo.host_ns("h1").name.clone();
-    // The generator's packets reach vm1 routed by the host's kernel (the
-    // path iptables and nftables filter), not through the overlay.
+    // For the peers, the host's kernel forwards from the uplink to vm1.
+    topo.host_ns("h1").sysctl("net.ipv4.ip_forward=1")?;
     topo.host_ns("h1")
         .sh(&["ip", "route", "add", "10.10.0.11/32", "dev", "vm1h"])?;
-    topo.host_ns("fabric")
-        .sh(&["ip", "route", "add", "10.10.0.11/32", "via", &topo.underlay_ip("h1")])?;
+    // ... and answers for vm1's gateway, so vm1's replies come back through
+    // it. (With our programs on, the distributed gateway answers first.)
+    topo.host_ns("h1")
+        .sh(&["ip", "addr", "add", "10.10.0.1/32", "dev", "vm1h"])?;
     let mut cluster = Cluster::start(&topo.dir)?;
-    cluster
-        .apply(vec![
-            tenant(T),
-            vpc("v", T),
-            subnet("s", "v", "10.10.0.0/24", ""),
-            host("h1", &topo.underlay_ip("h1")),
-            group("g", T, sg_rules(false)),
-        ])
-        .await?;
+    cluster.apply(vec![host("h1", &topo.underlay_ip("h1"))]).await?;
     cluster.start_agent(&topo, "h1")?;
-    cluster
-        .apply(vec![port(
-            "vm1",
-            T,
-            "s",
-            "h1",
-            "vm1h",
-            "02:00:00:00:00:11",
-            "10.10.0.11",
-            "",
-            &["g"],
-        )])
-        .await?;
-
+    let zoned = || {
+        vec![
+            zone("net", &["10.0.0.0/8", "172.16.0.0/12"], "up-net"),
+            tenant(T),
+            vpc_in_zone("v", T, "net"),
+            subnet("s", "v", "10.10.0.0/24", ""),
+            group("g", T, sg_rules(true)),
+            port(
+                "vm1",
+                T,
+                "s",
+                "h1",
+                "vm1h",
+                "02:00:00:00:00:11",
+                "10.10.0.11",
+                "",
+                &["g"],
+            ),
+        ]
+    };
+    cluster.apply(zoned()).await?;
+    // vm1 answers every datagram, so every filter's conntrack sees both
+    // directions and holds the flows as established (netfilter keeps a UDP
+    // flow that was never answered as new, judged by the rules each time).
+    let _echo = topo.serve(&["vm1"], &[], &["--udp", &PORT.to_string()])?;
     let ipt = if std::path::Path::new("/usr/sbin/iptables-legacy-restore").exists() {
         "iptables-legacy"
     } else {
@@ -157,26 +182,24 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(&nft_file, nft_rules())?;
     let ipt_restore = format!("{ipt}-restore");
 
-    let vm1_port = || {
-        port(
-            "vm1",
-            T,
-            "s",
-            "h1",
-            "vm1h",
-            "02:00:00:00:00:11",
-            "10.10.0.11",
-            "",
-            &["g"],
-        )
-    };
-    let no_port = || {
-        pb::operation::Op::Delete(pb::ObjectRef {
-            kind: pb::Kind::Port as i32,
-            id: "vm1".into(),
+    // Our programs off the path: the port, its VPC and the zone go, so
+    // neither vm1's veth nor the uplink has a program.
+    let nothing_of_ours = || {
+        [
+            (pb::Kind::Port, "vm1"),
+            (pb::Kind::Subnet, "s"),
+            (pb::Kind::Vpc, "v"),
+            (pb::Kind::Zone, "net"),
+        ]
+        .into_iter()
+        .map(|(kind, id)| {
+            pb::operation::Op::Delete(pb::ObjectRef {
+                kind: kind as i32,
+                id: id.into(),
+            })
         })
+        .collect::<Vec<_>>()
     };
-    cluster.apply(vec![group("g", T, sg_rules(true))]).await?;
     let mut results: Vec<(&str, Vec<f64>)> = vec![
         ("sdn eBPF security group", vec![]),
         ("iptables linear chain", vec![]),
@@ -191,12 +214,12 @@ async fn main() -> anyhow::Result<()> {
             // which detaches our programs.
             if *mode == "sdn eBPF security group" {
                 if !port_on {
-                    cluster.apply(vec![vm1_port()]).await?;
+                    cluster.apply(zoned()).await?;
                     port_on = true;
                 }
             } else {
                 if port_on {
-                    cluster.apply(vec![no_port()]).await?;
+                    cluster.apply(nothing_of_ours()).await?;
                     port_on = false;
                 }
                 if mode.starts_with("iptables") {
@@ -213,7 +236,7 @@ async fn main() -> anyhow::Result<()> {
             let _ = sh(&["ip", "netns", "exec", &h1, "nft", "delete", "table", "inet", "sdnbench"]);
         }
     }
-    println!("{RULES} rules, {secs} s per sample, {rounds} rounds, 64-byte UDP frames, median delivered packets/s:");
+    println!("{RULES} rules, {secs} s per sample, {rounds} rounds, 64-byte UDP frames, 16 flows, stateful shortcut in every filter, median delivered packets/s:");
     let ours = median(&mut results[0].1.clone());
     for (mode, samples) in results.iter_mut() {
         let m = median(samples);

@@ -2,7 +2,7 @@
 //! written now (flow entries, their counters, the firewall's verdict),
 //! then the packet is answered, rewritten, encapsulated or sent on.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
+use aya_ebpf::programs::TcContext;
 use dataplane_common::{
     maps::{
         CtKey, CtValue, PortInfo, CT_BUDGET_DEFAULT, CT_F_CLOSING, CT_F_REPLY_SEEN, CT_F_REVOKED, CT_ORIGIN_IN,
@@ -50,22 +50,9 @@ pub fn commit(ctx: &mut TcContext, m: &mut Meta) -> Result<Action, DropReason> {
         K_NS => return answer_ns(ctx, m),
         K_NEIGHBOUR => return Ok(Action::Pass),
         K_IP => {
-            let budget = match CONFIG.get(0).map(|c| c.ct_budget).unwrap_or(0) {
-                0 => CT_BUDGET_DEFAULT,
-                b => b,
-            };
-            let mut key = EMPTY_KEY;
-            if m.dst_ifx != 0 {
-                m.dst_key(&mut key);
-                let port = m.dst_port;
-                side(&key, &port, m.ct_dst, m.tbl_dst, false, m, budget)?;
-            }
-            if m.src_ifx != 0 {
-                m.src_key(&mut key);
-                let port = m.src_port;
-                side(&key, &port, m.ct_src, m.tbl_src, true, m, budget)?;
-            }
+            refresh(m)?;
             if m.fw_record != 0 {
+                let mut key = EMPTY_KEY;
                 firewall::crossing_key(m, &mut key);
                 firewall::record(&key, m);
             }
@@ -89,8 +76,7 @@ fn side(
     m: &Meta,
     budget: u32,
 ) -> Result<(), DropReason> {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = m.now;
     if state == S_NEW {
         if table == T_MAIN {
             // A closing connection's entry that a fresh SYN replaces.
@@ -211,9 +197,32 @@ fn uncount(ifx: u32) {
     }
 }
 
+/// The fast path's writes: every local side's live entry brought up to
+/// date (a handshake that completes moves to the flow table, within the
+/// port's budget).
+#[inline(always)]
+pub fn refresh(m: &Meta) -> Result<(), DropReason> {
+    let budget = match CONFIG.get(0).map(|c| c.ct_budget).unwrap_or(0) {
+        0 => CT_BUDGET_DEFAULT,
+        b => b,
+    };
+    let mut key = EMPTY_KEY;
+    if m.dst_ifx != 0 {
+        m.dst_key(&mut key);
+        let port = m.dst_port;
+        side(&key, &port, m.ct_dst, m.tbl_dst, false, m, budget)?;
+    }
+    if m.src_ifx != 0 {
+        m.src_key(&mut key);
+        let port = m.src_port;
+        side(&key, &port, m.ct_src, m.tbl_src, true, m, budget)?;
+    }
+    Ok(())
+}
+
 /// Sends an allowed packet on.
 #[inline(always)]
-fn forward(ctx: &mut TcContext, m: &Meta) -> Result<Action, DropReason> {
+pub fn forward(ctx: &mut TcContext, m: &Meta) -> Result<Action, DropReason> {
     match m.entry {
         E_TO_VM => Ok(Action::Pass),
         E_FROM_UPLINK | E_FROM_OVERLAY => {

@@ -113,8 +113,7 @@ fn evaluate(policy: u32, remote: &[u8; 16], m: &Meta, dir: u8) -> (u8, u32) {
 /// Records the firewall verdict of the flow `key`.
 #[inline(always)]
 pub fn record(key: &CtKey, m: &Meta) {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    let now = m.now;
     match FW_VERDICTS.get_ptr_mut(key) {
         // SAFETY: a live map value; racing updates only lose counts.
         Some(v) if unsafe { (*v).rule_id == m.fw_rule } => unsafe {

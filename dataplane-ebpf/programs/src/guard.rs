@@ -4,7 +4,7 @@
 //! the current policy on every local side takes the fast path to the
 //! commit stage; anything new goes on to the firewall and policy stages.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
+use aya_ebpf::programs::TcContext;
 use dataplane_common::{
     maps::{
         ct_timeout, CtKey, CtValue, PortInfo, CT_F_CLOSING, CT_F_REVOKED, CT_TIMEOUT_SYN_NS, DOOR_HOST, DOOR_PEER,
@@ -15,6 +15,7 @@ use dataplane_common::{
 };
 
 use crate::{
+    commit::{self, Action},
     firewall::{halves, in_prefix},
     maps::{count, CONFIG, CT, CT_SYN, EXCHANGE},
     meta::{
@@ -33,9 +34,32 @@ pub fn pure_syn(flags: u8) -> bool {
     flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
 }
 
-/// The guard stage; returns the next stage.
+/// What the guard stage decided.
+pub enum Next {
+    /// Go on to this stage.
+    Stage(u32),
+    /// The packet of an established flow: its verdict is final here, its
+    /// entries are brought up to date and it is sent on (the fast path).
+    Done(Action),
+}
+
+/// The guard stage.
 #[inline(always)]
-pub fn guard(ctx: &TcContext, m: &mut Meta) -> Result<u32, DropReason> {
+pub fn guard(ctx: &mut TcContext, m: &mut Meta) -> Result<Next, DropReason> {
+    let idx = judge(ctx, m)?;
+    if idx != FAST_PATH {
+        return Ok(Next::Stage(idx));
+    }
+    count(Stat::FastPath);
+    commit::refresh(m)?;
+    Ok(Next::Done(commit::forward(ctx, m)?))
+}
+
+/// The slot `judge` returns for the fast path.
+const FAST_PATH: u32 = u32::MAX;
+
+#[inline(always)]
+fn judge(ctx: &TcContext, m: &mut Meta) -> Result<u32, DropReason> {
     if (m.src_ifx != 0 && m.src_port.flags & PORT_F_QUARANTINED != 0)
         || (m.dst_ifx != 0 && m.dst_port.flags & PORT_F_QUARANTINED != 0)
     {
@@ -61,13 +85,13 @@ pub fn guard(ctx: &TcContext, m: &mut Meta) -> Result<u32, DropReason> {
     if m.src_ifx != 0 {
         m.src_key(&mut key);
         let port = m.src_port;
-        let (s, t, o, svc) = lookup(&key, &port, m.tcp_flags)?;
+        let (s, t, o, svc) = lookup(&key, &port, m.tcp_flags, m.now)?;
         (m.ct_src, m.tbl_src, m.org_src, m.svc_src) = (s, t, o, svc);
     }
     if m.dst_ifx != 0 {
         m.dst_key(&mut key);
         let port = m.dst_port;
-        let (s, t, o, svc) = lookup(&key, &port, m.tcp_flags)?;
+        let (s, t, o, svc) = lookup(&key, &port, m.tcp_flags, m.now)?;
         (m.ct_dst, m.tbl_dst, m.org_dst, m.svc_dst) = (s, t, o, svc);
     }
     let new = m.ct_src == S_NEW || m.ct_dst == S_NEW;
@@ -75,8 +99,7 @@ pub fn guard(ctx: &TcContext, m: &mut Meta) -> Result<u32, DropReason> {
         return Err(DropReason::CtNotSyn);
     }
     if !new && m.ct_src != S_STALE && m.ct_dst != S_STALE {
-        count(Stat::FastPath);
-        return Ok(stage::COMMIT);
+        return Ok(FAST_PATH);
     }
     // Tier 2, for a new flow across an uplink.
     if m.crossing == X_ZONE_OUT && m.ct_src == S_NEW {
@@ -158,9 +181,7 @@ fn resolve(m: &mut Meta) -> Result<(), DropReason> {
 /// A live entry of either table, and how it stands against the port's
 /// current policy: (state, table, origin, service).
 #[inline(always)]
-fn lookup(key: &CtKey, port: &PortInfo, tcp_flags: u8) -> Result<(u8, u8, u8, u16), DropReason> {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+fn lookup(key: &CtKey, port: &PortInfo, tcp_flags: u8, now: u64) -> Result<(u8, u8, u8, u16), DropReason> {
     // SAFETY: the value is copied out at once.
     if let Some(v) = unsafe { CT.get(key) }.copied() {
         if now.saturating_sub(v.last_seen_ns) <= ct_timeout(key.proto, v.flags) {
@@ -196,9 +217,7 @@ fn classify(v: &CtValue, port: &PortInfo, table: u8) -> Result<(u8, u8, u8, u16)
 
 /// A live, unrevoked entry in either table.
 #[inline(always)]
-fn tracked(key: &CtKey) -> bool {
-    // SAFETY: bpf_ktime_get_ns has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+fn tracked(key: &CtKey, now: u64) -> bool {
     // SAFETY: the values are copied out at once.
     if let Some(v) = unsafe { CT.get(key) }.copied() {
         return v.flags & CT_F_REVOKED == 0 && now.saturating_sub(v.last_seen_ns) <= ct_timeout(key.proto, v.flags);
@@ -234,7 +253,7 @@ fn related(ctx: &TcContext, m: &Meta) -> bool {
         k.local = inner.dst;
         k.remote = inner.src;
         k.door = m.src_door;
-        if !tracked(&k) {
+        if !tracked(&k, m.now) {
             return false;
         }
     }
@@ -252,7 +271,7 @@ fn related(ctx: &TcContext, m: &Meta) -> bool {
         k.local = inner.src;
         k.remote = inner.dst;
         k.door = m.dst_door;
-        if !tracked(&k) {
+        if !tracked(&k, m.now) {
             return false;
         }
     }

@@ -133,12 +133,16 @@ mod progs {
     }
 
     #[classifier]
-    pub fn st_guard(ctx: TcContext) -> i32 {
+    pub fn st_guard(mut ctx: TcContext) -> i32 {
         let Some(m) = meta() else {
             return drop(DropReason::Pipeline);
         };
-        match guard::guard(&ctx, m) {
-            Ok(idx) => next(&ctx, idx),
+        match guard::guard(&mut ctx, m) {
+            // Each tail call with a constant slot: the JIT makes those
+            // direct jumps.
+            Ok(guard::Next::Stage(stage::FIREWALL)) => next(&ctx, stage::FIREWALL),
+            Ok(guard::Next::Stage(_)) => next(&ctx, stage::COMMIT),
+            Ok(guard::Next::Done(action)) => finish(Ok(action)),
             Err(r) => drop(r),
         }
     }
@@ -170,7 +174,13 @@ mod progs {
         let Some(m) = meta() else {
             return drop(DropReason::Pipeline);
         };
-        match commit::commit(&mut ctx, m) {
+        finish(commit::commit(&mut ctx, m))
+    }
+
+    /// The TC verdict of a packet every tier has allowed (or a drop).
+    #[inline(always)]
+    fn finish(r: Result<Action, DropReason>) -> i32 {
+        match r {
             Ok(Action::Pass) => {
                 maps::count(Stat::Passed);
                 TC_ACT_OK

@@ -52,6 +52,9 @@ pub const X_PEER: u8 = 3;
 
 #[repr(C)]
 pub struct Meta {
+    /// The clock (CLOCK_MONOTONIC, coarse) when the packet entered: one
+    /// reading serves every stage's timestamps and timeouts.
+    pub now: u64,
     pub src: [u8; 16],
     pub dst: [u8; 16],
     /// The sending port when it is on this host.
@@ -115,12 +118,14 @@ pub struct Meta {
     pub svc_dst: u16,
 }
 
-const _: () = assert!(core::mem::size_of::<Meta>() == 184);
+const _: () = assert!(core::mem::size_of::<Meta>() == 192);
 
 impl Meta {
     /// Clears what an earlier packet on this CPU may have left.
     #[inline(always)]
     pub fn reset(&mut self, entry: u8) {
+        // SAFETY: the helper has no preconditions.
+        self.now = unsafe { aya_ebpf::helpers::gen::bpf_ktime_get_coarse_ns() };
         self.entry = entry;
         self.kind = 0;
         self.out = 0;
