@@ -16,7 +16,7 @@ if ((smoke)); then
     cargo build --workspace --bins --examples
     bin=./target/debug/examples
     # (SECONDS is also bash's own clock: set it for the child only.)
-    short=(env ROUNDS=1 SECONDS=1 KILLS=1)
+    short=(env ROUNDS=1 SECONDS=1 KILLS=1 FLOOD=20000)
     rules_args=(--smoke)
 else
     cargo build --release --workspace --bins --examples
@@ -35,5 +35,6 @@ run "iptables / nftables" "$bin/firewall_compare"
 run "enforcement latency" "$bin/enforcement_latency"
 run "controller cluster vs etcd" "$bin/raft_compare"
 run "overlay throughput vs bare kernel VXLAN" "$bin/overlay_throughput"
+run "a SYN flood at one port beside a long-lived flow" "$bin/syn_flood"
 ((smoke)) && echo "[bench] every benchmark ran (smoke)" >&2
 exit 0

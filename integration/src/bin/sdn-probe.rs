@@ -45,6 +45,18 @@ enum Cmd {
         #[arg(long, default_value_t = 18)]
         payload: usize,
     },
+    /// Sends `count` TCP SYNs to addr:port, each from a distinct (source
+    /// address, source port): addresses from `sources` (an IPv4 prefix),
+    /// ports from 1024 up; raw IPv4, as fast as it can. Prints the number
+    /// sent and the seconds it took.
+    SynFlood {
+        addr: std::net::Ipv4Addr,
+        port: u16,
+        #[arg(long)]
+        sources: ipnetwork::Ipv4Network,
+        #[arg(long, default_value_t = 1_000_000)]
+        count: u64,
+    },
     /// Keeps one TCP connection and exchanges a message every interval for a
     /// duration; reports failed exchanges. Exits 0 only if none failed.
     Hold {
@@ -213,6 +225,75 @@ fn flood(addr: &str, port: u16, seconds: u64, flows: usize, payload: usize) -> s
     Ok(sent)
 }
 
+/// RFC 1071 sum of 16-bit words, folded.
+fn csum(parts: &[&[u8]]) -> u16 {
+    let mut sum: u32 = 0;
+    for p in parts {
+        for c in p.chunks(2) {
+            sum += u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32;
+        }
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// A SYN flood of distinct tuples through a raw socket (the kernel adds
+/// nothing: IPPROTO_RAW implies the IP header is ours).
+fn syn_flood(
+    dst: std::net::Ipv4Addr,
+    port: u16,
+    sources: ipnetwork::Ipv4Network,
+    count: u64,
+) -> std::io::Result<(u64, f64)> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))?;
+    let to = SockAddr::from(SocketAddr::from((dst, port)));
+    let hosts: Vec<u32> = {
+        let base = u32::from(sources.network());
+        let n = 1u64 << (32 - sources.prefix() as u64);
+        // Not the network address; not the broadcast.
+        (1..n.saturating_sub(1).max(2)).map(|i| base + i as u32).collect()
+    };
+    let ports_per_host = 64_000u64;
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut pkt = [0u8; 40];
+    for i in 0..count {
+        let src = std::net::Ipv4Addr::from(hosts[((i / ports_per_host) as usize) % hosts.len()]);
+        let sport = 1024 + (i % ports_per_host) as u16;
+        // IPv4 header (the kernel fills the checksum and the id).
+        pkt[0] = 0x45;
+        pkt[2..4].copy_from_slice(&40u16.to_be_bytes());
+        pkt[6] = 0x40;
+        pkt[8] = 64;
+        pkt[9] = 6;
+        pkt[12..16].copy_from_slice(&src.octets());
+        pkt[16..20].copy_from_slice(&dst.octets());
+        // TCP SYN.
+        let t = &mut pkt[20..40];
+        t.fill(0);
+        t[0..2].copy_from_slice(&sport.to_be_bytes());
+        t[2..4].copy_from_slice(&port.to_be_bytes());
+        t[4..8].copy_from_slice(&(i as u32).to_be_bytes());
+        t[12] = 5 << 4;
+        t[13] = 0x02;
+        t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+        let mut pseudo = [0u8; 12];
+        pseudo[0..4].copy_from_slice(&src.octets());
+        pseudo[4..8].copy_from_slice(&dst.octets());
+        pseudo[9] = 6;
+        pseudo[10..12].copy_from_slice(&20u16.to_be_bytes());
+        let c = csum(&[&pseudo, &pkt[20..40]]);
+        pkt[36..38].copy_from_slice(&c.to_be_bytes());
+        if sock.send_to(&pkt, &to).is_ok() {
+            sent += 1;
+        }
+    }
+    Ok((sent, start.elapsed().as_secs_f64()))
+}
+
 fn main() {
     let cli = Cli::parse();
     let code = match cli.cmd {
@@ -252,6 +333,21 @@ fn main() {
             }
             Err(e) => {
                 eprintln!("flood: {e}");
+                1
+            }
+        },
+        Cmd::SynFlood {
+            addr,
+            port,
+            sources,
+            count,
+        } => match syn_flood(addr, port, sources, count) {
+            Ok((sent, secs)) => {
+                println!("{sent} {secs:.3}");
+                0
+            }
+            Err(e) => {
+                eprintln!("syn-flood: {e}");
                 1
             }
         },
