@@ -1417,7 +1417,7 @@ fn may_pass(p: &[u8], other_allowed: bool) -> Result<(), String> {
         IpNumber::UDP => matches!(s.transport, Some(TransportSlice::Udp(_))),
         IpNumber::ICMP => matches!(s.transport, Some(TransportSlice::Icmpv4(_))),
         IpNumber::IPV6_ICMP => matches!(s.transport, Some(TransportSlice::Icmpv6(_))),
-        other if other_allowed => return Ok(()),
+        _ if other_allowed => return Ok(()),
         other => return Err(format!("protocol {} that no rule admits", other.0)),
     };
     if whole {
