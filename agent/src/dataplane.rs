@@ -15,7 +15,7 @@ use aya::{Ebpf, EbpfLoader, Pod};
 use dataplane_common::maps as m;
 use dataplane_common::{stage, DropReason, Stat, DROP_REASON_SLOTS, STAT_SLOTS};
 
-use crate::reconcile::{MapSet, Table};
+use crate::reconcile::{MapSet, Table, TableSource};
 
 /// The compiled eBPF object.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dataplane"));
@@ -79,6 +79,33 @@ pub fn ifindex(name: &str) -> Option<u32> {
     // SAFETY: plain libc call on a valid C string.
     let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
     (i != 0).then_some(i)
+}
+
+impl TableSource for Dataplane {
+    fn hash<K: Pod + Send + 'static, V: Pod + Send + 'static>(
+        &mut self,
+        name: &'static str,
+    ) -> anyhow::Result<Box<dyn Table<K, V>>> {
+        let map = self.take_map(name)?;
+        Ok(Box::new(AyaTable(
+            BpfHashMap::try_from(map).with_context(|| format!("map {name} type"))?,
+        )))
+    }
+    fn array<V: Pod + Default + PartialEq + Send + 'static>(
+        &mut self,
+        name: &'static str,
+    ) -> anyhow::Result<Box<dyn Table<u32, V>>> {
+        let map = self.take_map(name)?;
+        Ok(Box::new(ArrayTable(
+            Array::try_from(map).with_context(|| format!("map {name} type"))?,
+        )))
+    }
+    fn lpm<K: Pod + Send + 'static>(&mut self, name: &'static str) -> anyhow::Result<Box<dyn Table<(u32, K), u32>>> {
+        let map = self.take_map(name)?;
+        Ok(Box::new(LpmTable(
+            aya::maps::lpm_trie::LpmTrie::try_from(map).with_context(|| format!("map {name} type"))?,
+        )))
+    }
 }
 
 /// The loaded dataplane of one agent.
@@ -504,34 +531,9 @@ impl Dataplane {
         self.ebpf.take_map(name).with_context(|| format!("map {name} missing"))
     }
 
-    fn take<K: Pod + Send, V: Pod + Send>(&mut self, name: &str) -> anyhow::Result<Box<dyn Table<K, V>>> {
-        let map = self
-            .ebpf
-            .take_map(name)
-            .with_context(|| format!("map {name} missing"))?;
-        Ok(Box::new(AyaTable(
-            BpfHashMap::try_from(map).with_context(|| format!("map {name} type"))?,
-        )))
-    }
-
-    /// Hands the policy maps to a reconciler.
+    /// Hands the reconcilable maps to a reconciler.
     pub fn map_set(&mut self) -> anyhow::Result<MapSet> {
-        Ok(MapSet {
-            ports: self.take(m::PORTS)?,
-            port_addrs: self.take(m::PORT_ADDRS)?,
-            plens: self.take(m::POLICY_PLENS)?,
-            sg_addr: self.take(m::SG_ADDR)?,
-            sg_rules: self.take(m::SG_RULES)?,
-            endpoints: self.take(m::ENDPOINTS)?,
-            zone_nets: Box::new(LpmTable(self.take_map(m::ZONE_NETS)?.try_into()?)),
-            uplinks: self.take(m::UPLINKS)?,
-            zone_uplink: self.take(m::ZONE_UPLINK)?,
-            zone_endpoints: self.take(m::ZONE_ENDPOINTS)?,
-            exchange: Box::new(ArrayTable(self.take_map(m::EXCHANGE)?.try_into()?)),
-            fw_policies: self.take(m::FW_POLICIES)?,
-            fw_rules: Box::new(ArrayTable(self.take_map(m::FW_RULES)?.try_into()?)),
-            fw_names: self.take(m::FW_NAMES)?,
-        })
+        MapSet::open(self)
     }
 
     /// Removes the flows of ports that are gone, from both tables, and

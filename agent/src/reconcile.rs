@@ -4,11 +4,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use anyhow::Context as _;
+use aya::Pod;
 use dataplane_common::maps::{
-    AddrIdentity, AddrKey, Endpoint, EndpointKey, ExchangeRule, FwPolicy, FwRule, PolicyDirKey, PortAddrKey, PortInfo,
-    PrefixLens, RuleKey, ZoneAddrKey, ZoneEndpoint, ENDPOINTS_MAX, EXCHANGE_MAX, FW_POLICIES_MAX, FW_RULES_MAX,
-    POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, PORT_F_QUARANTINED, SG_ADDR_MAX, SG_RULES_MAX, ZONES_MAX,
-    ZONE_ENDPOINTS_MAX, ZONE_NETS_MAX,
+    self as m, AddrIdentity, AddrKey, Endpoint, EndpointKey, ExchangeRule, FwPolicy, FwRule, PolicyDirKey, PortAddrKey,
+    PortInfo, PrefixLens, RuleKey, ZoneAddrKey, ZoneEndpoint, ENDPOINTS_MAX, EXCHANGE_MAX, FW_NAMES_MAX,
+    FW_POLICIES_MAX, FW_RULES_MAX, POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, PORT_F_QUARANTINED, SG_ADDR_MAX,
+    SG_RULES_MAX, ZONES_MAX, ZONE_ENDPOINTS_MAX, ZONE_NETS_MAX,
 };
 
 use crate::compile::{Desired, Identities, ServiceSet};
@@ -36,24 +38,6 @@ impl<K: Ord + Clone + Send, V: Clone + Send> Table<K, V> for BTreeMap<K, V> {
         self.remove(k);
         Ok(())
     }
-}
-
-/// The maps the reconciler owns.
-pub struct MapSet {
-    pub ports: Box<dyn Table<u32, PortInfo>>,
-    pub port_addrs: Box<dyn Table<PortAddrKey, u8>>,
-    pub plens: Box<dyn Table<PolicyDirKey, PrefixLens>>,
-    pub sg_addr: Box<dyn Table<AddrKey, AddrIdentity>>,
-    pub sg_rules: Box<dyn Table<RuleKey, u8>>,
-    pub endpoints: Box<dyn Table<EndpointKey, Endpoint>>,
-    pub zone_nets: Box<dyn Table<(u32, [u8; 20]), u32>>,
-    pub uplinks: Box<dyn Table<u32, u32>>,
-    pub zone_uplink: Box<dyn Table<u32, u32>>,
-    pub zone_endpoints: Box<dyn Table<ZoneAddrKey, ZoneEndpoint>>,
-    pub exchange: Box<dyn Table<u32, ExchangeRule>>,
-    pub fw_policies: Box<dyn Table<u32, FwPolicy>>,
-    pub fw_rules: Box<dyn Table<u32, FwRule>>,
-    pub fw_names: Box<dyn Table<u32, dataplane_common::maps::RuleName>>,
 }
 
 /// A hook run after every change a [`Hooked`] table makes.
@@ -89,28 +73,6 @@ fn hooked<K: 'static, V: 'static>(inner: Box<dyn Table<K, V>>, hook: &Hook) -> B
     })
 }
 
-impl MapSet {
-    /// The same maps, each running `hook` after every change.
-    pub fn hooked(self, hook: Hook) -> MapSet {
-        MapSet {
-            ports: hooked(self.ports, &hook),
-            port_addrs: hooked(self.port_addrs, &hook),
-            plens: hooked(self.plens, &hook),
-            sg_addr: hooked(self.sg_addr, &hook),
-            sg_rules: hooked(self.sg_rules, &hook),
-            endpoints: hooked(self.endpoints, &hook),
-            zone_nets: hooked(self.zone_nets, &hook),
-            uplinks: hooked(self.uplinks, &hook),
-            zone_uplink: hooked(self.zone_uplink, &hook),
-            zone_endpoints: hooked(self.zone_endpoints, &hook),
-            exchange: hooked(self.exchange, &hook),
-            fw_policies: hooked(self.fw_policies, &hook),
-            fw_rules: hooked(self.fw_rules, &hook),
-            fw_names: hooked(self.fw_names, &hook),
-        }
-    }
-}
-
 /// What one pass changed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Changes {
@@ -118,28 +80,157 @@ pub struct Changes {
     pub deleted: usize,
 }
 
-/// The cached view of the maps, read once at start and kept in step.
-#[derive(Default)]
-struct Held {
-    ports: BTreeMap<u32, PortInfo>,
-    port_addrs: BTreeMap<PortAddrKey, u8>,
-    plens: BTreeMap<PolicyDirKey, PrefixLens>,
-    sg_addr: BTreeMap<AddrKey, AddrIdentity>,
-    sg_rules: BTreeMap<RuleKey, u8>,
-    endpoints: BTreeMap<EndpointKey, Endpoint>,
-    zone_nets: BTreeMap<(u32, [u8; 20]), u32>,
-    uplinks: BTreeMap<u32, u32>,
-    zone_uplink: BTreeMap<u32, u32>,
-    zone_endpoints: BTreeMap<ZoneAddrKey, ZoneEndpoint>,
-    exchange: BTreeMap<u32, ExchangeRule>,
-    fw_policies: BTreeMap<u32, FwPolicy>,
-    fw_rules: BTreeMap<u32, FwRule>,
-    fw_names: BTreeMap<u32, dataplane_common::maps::RuleName>,
+/// Opens the kernel's maps as tables (the agent's dataplane does; tests
+/// use in-memory tables).
+pub trait TableSource {
+    /// A hash map (or LRU) by pinned name.
+    fn hash<K: Pod + Send + 'static, V: Pod + Send + 'static>(
+        &mut self,
+        name: &'static str,
+    ) -> anyhow::Result<Box<dyn Table<K, V>>>;
+    /// An array by pinned name: present entries are the non-default ones.
+    fn array<V: Pod + Default + PartialEq + Send + 'static>(
+        &mut self,
+        name: &'static str,
+    ) -> anyhow::Result<Box<dyn Table<u32, V>>>;
+    /// An LPM trie by pinned name, keyed by (prefix length, data).
+    fn lpm<K: Pod + Send + 'static>(&mut self, name: &'static str) -> anyhow::Result<Box<dyn Table<(u32, K), u32>>>;
+}
+
+/// Every table the reconciler keeps, declared once: its field, key and
+/// value, how it is opened (by the pinned name from the common crate), what
+/// it holds at most, and what the capacity error calls it. The order is the
+/// order of dependencies: an entry is written before the entries of later
+/// tables that refer to it, and removed after them (removals run in reverse
+/// order, after every write). A new map is one line here.
+macro_rules! tables {
+    ($( $field:ident: $k:ty => $v:ty = $open:ident($name:expr, $max:expr, $what:literal) ),+ $(,)?) => {
+        /// The maps the reconciler owns.
+        pub struct MapSet {
+            $( pub $field: Box<dyn Table<$k, $v>>, )+
+        }
+
+        /// The contents of every table: what the maps hold (kept in step),
+        /// or what they should.
+        #[derive(Default)]
+        pub struct Contents {
+            $( pub $field: BTreeMap<$k, $v>, )+
+        }
+
+        impl MapSet {
+            /// Opens every table.
+            pub fn open(src: &mut impl TableSource) -> anyhow::Result<MapSet> {
+                Ok(MapSet {
+                    $( $field: src.$open($name)?, )+
+                })
+            }
+
+            /// The same maps, each running `hook` after every change.
+            pub fn hooked(self, hook: Hook) -> MapSet {
+                MapSet {
+                    $( $field: hooked(self.$field, &hook), )+
+                }
+            }
+
+            /// In-memory tables.
+            pub fn in_memory() -> MapSet {
+                MapSet {
+                    $( $field: Box::new(BTreeMap::new()), )+
+                }
+            }
+        }
+
+        impl Contents {
+            fn read(m: &MapSet) -> anyhow::Result<Contents> {
+                Ok(Contents {
+                    $( $field: m.$field.entries().with_context(|| format!("reading {}", $name))?.into_iter().collect(), )+
+                })
+            }
+
+            fn check_capacity(&self) -> anyhow::Result<()> {
+                $( check_capacity($what, self.$field.len(), $max)?; )+
+                Ok(())
+            }
+        }
+
+        /// Makes every table hold `want`: writes in declared order, then
+        /// removals in reverse.
+        fn sync(m: &mut MapSet, held: &mut Contents, want: &Contents, c: &mut Changes) -> anyhow::Result<()> {
+            let mut steps: Vec<Box<dyn Step + '_>> = vec![
+                $( Box::new(Diffed::new(m.$field.as_mut(), &mut held.$field, &want.$field)), )+
+            ];
+            for s in steps.iter_mut() {
+                s.put(c)?;
+            }
+            for s in steps.iter_mut().rev() {
+                s.del(c)?;
+            }
+            Ok(())
+        }
+    };
+}
+
+tables! {
+    // Services before the prefixes that name them.
+    sg_rules: RuleKey => u8 = hash(m::SG_RULES, SG_RULES_MAX, "service entries"),
+    sg_addr: AddrKey => AddrIdentity = hash(m::SG_ADDR, SG_ADDR_MAX, "remote prefixes"),
+    // Prefixes before the prefix-length index that lists them.
+    plens: PolicyDirKey => PrefixLens = hash(m::POLICY_PLENS, POLICY_PLENS_MAX, "prefix-length index"),
+    port_addrs: PortAddrKey => u8 = hash(m::PORT_ADDRS, PORT_ADDRS_MAX, "port addresses"),
+    fw_names: u32 => m::RuleName = hash(m::FW_NAMES, FW_NAMES_MAX, "firewall rule names"),
+    // Rules before the policy headers that count them.
+    fw_rules: u32 => FwRule = array(m::FW_RULES, FW_RULES_MAX, "firewall rule slots"),
+    fw_policies: u32 => FwPolicy = hash(m::FW_POLICIES, FW_POLICIES_MAX, "firewall policies"),
+    // The exchange list is rewritten slot by slot (every entry is whole).
+    exchange: u32 => ExchangeRule = array(m::EXCHANGE, EXCHANGE_MAX, "exchange paths"),
+    // Zones before the routes that use them; routes before the ports.
+    zone_nets: (u32, [u8; 20]) => u32 = lpm(m::ZONE_NETS, ZONE_NETS_MAX, "zone prefixes"),
+    uplinks: u32 => u32 = hash(m::UPLINKS, ZONES_MAX, "uplinks"),
+    zone_uplink: u32 => u32 = hash(m::ZONE_UPLINK, ZONES_MAX, "zones"),
+    zone_endpoints: ZoneAddrKey => ZoneEndpoint = hash(m::ZONE_ENDPOINTS, ZONE_ENDPOINTS_MAX, "addresses of VPCs with a zone"),
+    endpoints: EndpointKey => Endpoint = hash(m::ENDPOINTS, ENDPOINTS_MAX, "overlay endpoints"),
+    // Ports last: a port entry is written when everything it uses is.
+    ports: u32 => PortInfo = hash(m::PORTS, PORTS_MAX, "ports"),
+}
+
+/// One table's part of a pass: its writes, then (later) its removals.
+trait Step {
+    fn put(&mut self, c: &mut Changes) -> anyhow::Result<()>;
+    fn del(&mut self, c: &mut Changes) -> anyhow::Result<()>;
+}
+
+/// A table with what it holds and what it should.
+struct Diffed<'a, K, V> {
+    table: &'a mut dyn Table<K, V>,
+    held: &'a mut BTreeMap<K, V>,
+    puts: Vec<(K, V)>,
+    dels: Vec<K>,
+}
+
+impl<'a, K: Ord + Clone, V: PartialEq + Clone> Diffed<'a, K, V> {
+    fn new(table: &'a mut dyn Table<K, V>, held: &'a mut BTreeMap<K, V>, want: &BTreeMap<K, V>) -> Self {
+        let (puts, dels) = diff(held, want);
+        Diffed {
+            table,
+            held,
+            puts,
+            dels,
+        }
+    }
+}
+
+impl<K: Ord + Clone, V: PartialEq + Clone> Step for Diffed<'_, K, V> {
+    fn put(&mut self, c: &mut Changes) -> anyhow::Result<()> {
+        apply(self.table, self.held, &self.puts, c)
+    }
+    fn del(&mut self, c: &mut Changes) -> anyhow::Result<()> {
+        remove(self.table, self.held, &self.dels, c)
+    }
 }
 
 pub struct Reconciler {
     maps: MapSet,
-    held: Held,
+    held: Contents,
     ids: Identities,
 }
 
@@ -210,22 +301,7 @@ fn check_capacity(name: &str, n: usize, max: u32) -> anyhow::Result<()> {
 impl Reconciler {
     /// Adopts whatever the maps already hold.
     pub fn new(maps: MapSet) -> anyhow::Result<Reconciler> {
-        let held = Held {
-            ports: maps.ports.entries()?.into_iter().collect(),
-            port_addrs: maps.port_addrs.entries()?.into_iter().collect(),
-            plens: maps.plens.entries()?.into_iter().collect(),
-            sg_addr: maps.sg_addr.entries()?.into_iter().collect(),
-            sg_rules: maps.sg_rules.entries()?.into_iter().collect(),
-            endpoints: maps.endpoints.entries()?.into_iter().collect(),
-            zone_nets: maps.zone_nets.entries()?.into_iter().collect(),
-            uplinks: maps.uplinks.entries()?.into_iter().collect(),
-            zone_uplink: maps.zone_uplink.entries()?.into_iter().collect(),
-            zone_endpoints: maps.zone_endpoints.entries()?.into_iter().collect(),
-            exchange: maps.exchange.entries()?.into_iter().collect(),
-            fw_policies: maps.fw_policies.entries()?.into_iter().collect(),
-            fw_rules: maps.fw_rules.entries()?.into_iter().collect(),
-            fw_names: maps.fw_names.entries()?.into_iter().collect(),
-        };
+        let held = Contents::read(&maps)?;
         let ids = Identities::adopt(&held.sg_rules, &held.sg_addr);
         Ok(Reconciler { maps, held, ids })
     }
@@ -366,78 +442,34 @@ impl Reconciler {
                 );
             }
         }
-        let want_addrs: BTreeMap<PortAddrKey, u8> = d.port_addrs.iter().map(|k| (*k, 1)).collect();
-
-        check_capacity("ports", d.ports.len(), PORTS_MAX)?;
-        check_capacity("port addresses", want_addrs.len(), PORT_ADDRS_MAX)?;
-        check_capacity("prefix-length index", d.plens.len(), POLICY_PLENS_MAX)?;
-        check_capacity("remote prefixes", want_addr.len(), SG_ADDR_MAX)?;
-        check_capacity("service entries", want_rules.len(), SG_RULES_MAX)?;
-        check_capacity("overlay endpoints", d.endpoints.len(), ENDPOINTS_MAX)?;
-        check_capacity("zone prefixes", d.zone_nets.len(), ZONE_NETS_MAX)?;
-        check_capacity("zones", d.zone_uplink.len(), ZONES_MAX)?;
-        check_capacity(
-            "addresses of VPCs with a zone",
-            d.zone_endpoints.len(),
-            ZONE_ENDPOINTS_MAX,
-        )?;
-        check_capacity("exchange paths", d.exchange.len(), EXCHANGE_MAX)?;
-        check_capacity("firewall policies", d.fw_policies.len(), FW_POLICIES_MAX)?;
-        if let Some(last) = d.fw_rules.keys().last() {
-            check_capacity("firewall rule slots", *last as usize + 1, FW_RULES_MAX)?;
+        let want = Contents {
+            sg_rules: want_rules,
+            sg_addr: want_addr,
+            plens: d.plens.clone(),
+            port_addrs: d.port_addrs.iter().map(|k| (*k, 1)).collect(),
+            fw_names: d.fw_names.clone(),
+            fw_rules: d.fw_rules.clone(),
+            fw_policies: d.fw_policies.clone(),
+            exchange: d.exchange.clone(),
+            zone_nets: d.zone_nets.clone(),
+            uplinks: d.uplinks.clone(),
+            zone_uplink: d.zone_uplink.clone(),
+            zone_endpoints: d.zone_endpoints.clone(),
+            endpoints: d.endpoints.clone(),
+            ports: d.ports.clone(),
+        };
+        want.check_capacity()?;
+        // Arrays are indexed by slot: the last slot must exist too.
+        for (what, last, max) in [
+            ("firewall rule slots", want.fw_rules.keys().last(), FW_RULES_MAX),
+            ("exchange paths", want.exchange.keys().last(), EXCHANGE_MAX),
+        ] {
+            if let Some(last) = last {
+                check_capacity(what, *last as usize + 1, max)?;
+            }
         }
-
-        let (rule_puts, rule_dels) = diff(&self.held.sg_rules, &want_rules);
-        let (addr_puts, addr_dels) = diff(&self.held.sg_addr, &want_addr);
-        let (plen_puts, plen_dels) = diff(&self.held.plens, &d.plens);
-        let (paddr_puts, paddr_dels) = diff(&self.held.port_addrs, &want_addrs);
-        let (port_puts, port_dels) = diff(&self.held.ports, &d.ports);
-        let (ep_puts, ep_dels) = diff(&self.held.endpoints, &d.endpoints);
-
         let mut c = Changes::default();
-        let m = &mut self.maps;
-        let h = &mut self.held;
-        apply(m.sg_rules.as_mut(), &mut h.sg_rules, &rule_puts, &mut c)?;
-        apply(m.sg_addr.as_mut(), &mut h.sg_addr, &addr_puts, &mut c)?;
-        apply(m.plens.as_mut(), &mut h.plens, &plen_puts, &mut c)?;
-        apply(m.port_addrs.as_mut(), &mut h.port_addrs, &paddr_puts, &mut c)?;
-        // Zones before the routes that use them; routes before the ports
-        // that use them; removals after, in reverse. The exchange list is
-        // rewritten in place (a short window with a mix of old and new
-        // paths; every entry is whole).
-        let (zn_puts, zn_dels) = diff(&h.zone_nets, &d.zone_nets);
-        let (ul_puts, ul_dels) = diff(&h.uplinks, &d.uplinks);
-        let (zu_puts, zu_dels) = diff(&h.zone_uplink, &d.zone_uplink);
-        let (ze_puts, ze_dels) = diff(&h.zone_endpoints, &d.zone_endpoints);
-        let (ex_puts, ex_dels) = diff(&h.exchange, &d.exchange);
-        let (nm_puts, nm_dels) = diff(&h.fw_names, &d.fw_names);
-        apply(m.fw_names.as_mut(), &mut h.fw_names, &nm_puts, &mut c)?;
-        let (fr_puts, fr_dels) = diff(&h.fw_rules, &d.fw_rules);
-        let (fp_puts, fp_dels) = diff(&h.fw_policies, &d.fw_policies);
-        // Rules before the policy headers that count them.
-        apply(m.fw_rules.as_mut(), &mut h.fw_rules, &fr_puts, &mut c)?;
-        apply(m.fw_policies.as_mut(), &mut h.fw_policies, &fp_puts, &mut c)?;
-        apply(m.exchange.as_mut(), &mut h.exchange, &ex_puts, &mut c)?;
-        remove(m.exchange.as_mut(), &mut h.exchange, &ex_dels, &mut c)?;
-        apply(m.zone_nets.as_mut(), &mut h.zone_nets, &zn_puts, &mut c)?;
-        apply(m.uplinks.as_mut(), &mut h.uplinks, &ul_puts, &mut c)?;
-        apply(m.zone_uplink.as_mut(), &mut h.zone_uplink, &zu_puts, &mut c)?;
-        apply(m.zone_endpoints.as_mut(), &mut h.zone_endpoints, &ze_puts, &mut c)?;
-        apply(m.endpoints.as_mut(), &mut h.endpoints, &ep_puts, &mut c)?;
-        apply(m.ports.as_mut(), &mut h.ports, &port_puts, &mut c)?;
-        remove(m.ports.as_mut(), &mut h.ports, &port_dels, &mut c)?;
-        remove(m.endpoints.as_mut(), &mut h.endpoints, &ep_dels, &mut c)?;
-        remove(m.zone_endpoints.as_mut(), &mut h.zone_endpoints, &ze_dels, &mut c)?;
-        remove(m.zone_uplink.as_mut(), &mut h.zone_uplink, &zu_dels, &mut c)?;
-        remove(m.uplinks.as_mut(), &mut h.uplinks, &ul_dels, &mut c)?;
-        remove(m.zone_nets.as_mut(), &mut h.zone_nets, &zn_dels, &mut c)?;
-        remove(m.fw_policies.as_mut(), &mut h.fw_policies, &fp_dels, &mut c)?;
-        remove(m.fw_rules.as_mut(), &mut h.fw_rules, &fr_dels, &mut c)?;
-        remove(m.fw_names.as_mut(), &mut h.fw_names, &nm_dels, &mut c)?;
-        remove(m.port_addrs.as_mut(), &mut h.port_addrs, &paddr_dels, &mut c)?;
-        remove(m.plens.as_mut(), &mut h.plens, &plen_dels, &mut c)?;
-        remove(m.sg_addr.as_mut(), &mut h.sg_addr, &addr_dels, &mut c)?;
-        remove(m.sg_rules.as_mut(), &mut h.sg_rules, &rule_dels, &mut c)?;
+        sync(&mut self.maps, &mut self.held, &want, &mut c)?;
         self.ids.retain(&used);
         Ok(c)
     }
@@ -488,22 +520,7 @@ mod tests {
     use crate::compile::ServiceSet;
 
     fn fake() -> MapSet {
-        MapSet {
-            ports: Box::new(BTreeMap::new()),
-            port_addrs: Box::new(BTreeMap::new()),
-            plens: Box::new(BTreeMap::new()),
-            sg_addr: Box::new(BTreeMap::new()),
-            sg_rules: Box::new(BTreeMap::new()),
-            endpoints: Box::new(BTreeMap::new()),
-            zone_nets: Box::new(BTreeMap::new()),
-            uplinks: Box::new(BTreeMap::new()),
-            zone_uplink: Box::new(BTreeMap::new()),
-            zone_endpoints: Box::new(BTreeMap::new()),
-            exchange: Box::new(BTreeMap::new()),
-            fw_policies: Box::new(BTreeMap::new()),
-            fw_rules: Box::new(BTreeMap::new()),
-            fw_names: Box::new(BTreeMap::new()),
-        }
+        MapSet::in_memory()
     }
 
     fn desired(port: u16) -> Desired {
