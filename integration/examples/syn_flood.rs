@@ -15,11 +15,9 @@
 
 use std::time::Duration;
 
-use sdn_integration::cluster::Cluster;
+use sdn_integration::lab::Lab;
 use sdn_integration::ops::*;
 use sdn_integration::{bin, Proc, Topology};
-
-const T: &str = "t";
 
 /// iperf3's JSON summary: (Gbit/s received, retransmitted segments).
 fn iperf(topo: &Topology, secs: u64) -> anyhow::Result<(f64, u64)> {
@@ -39,46 +37,26 @@ async fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1_000_000);
-    let mut topo = Topology::new("fwb", &["h1"])?;
-    topo.add_zone(
-        "net",
-        "up-net",
-        "172.30.0",
-        "fdf0:0:0:30",
-        &["10.0.0.0/8", "172.16.0.0/12"],
-        &[],
-    )?;
-    topo.add_vm("vm1", "h1", "02:00:00:00:00:11", "10.10.0.11/24", "fd10::11/64")?;
-    topo.announce("net", "vm1")?;
-    let mut cluster = Cluster::start(&topo.dir)?;
-    cluster.apply(vec![host("h1", &topo.underlay_ip("h1"))]).await?;
-    cluster.start_agent(&topo, "h1")?;
-    cluster
-        .apply(vec![
-            zone("net", &["10.0.0.0/8", "172.16.0.0/12"], "up-net"),
-            tenant(T),
-            vpc_in_zone("v", T, "net"),
-            subnet("s", "v", "10.10.0.0/24", ""),
-            group(
-                "g",
-                T,
-                vec![
-                    ingress("https", false, "tcp", (443, 443), "", ""),
-                    ingress("iperf", false, "tcp", (5201, 5201), "", ""),
-                ],
-            ),
-            port(
-                "vm1",
-                T,
-                "s",
-                "h1",
-                "vm1h",
-                "02:00:00:00:00:11",
-                "10.10.0.11",
-                "",
-                &["g"],
-            ),
-        ])
+    let Lab { topo, cluster } = Lab::new("fwb", &["h1"])
+        .zone(
+            "net",
+            "up-net",
+            "172.30.0",
+            "fdf0:0:0:30",
+            &["10.0.0.0/8", "172.16.0.0/12"],
+            &[],
+        )
+        .vpc("v", Some("net"))
+        .subnet("s", "v", "10.10.0.0/24", "")
+        .group(
+            "g",
+            vec![
+                ingress("https", false, "tcp", (443, 443), "", ""),
+                ingress("iperf", false, "tcp", (5201, 5201), "", ""),
+            ],
+        )
+        .vm("vm1", "h1", "s", &["g"])
+        .start()
         .await?;
     let vm1 = topo.vm("vm1").ns.name.clone();
     let _server = Proc::spawn(

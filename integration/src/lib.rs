@@ -3,6 +3,8 @@
 //! process and mount is owned by a guard that removes it on drop, so a failing
 //! test leaves nothing behind.
 
+pub mod lab;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

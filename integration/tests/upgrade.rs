@@ -9,14 +9,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sdn_integration::cluster::Cluster;
+use sdn_integration::lab::Lab;
 use sdn_integration::ops::*;
-use sdn_integration::{bin, privileged, wait_for, Proc, Topology};
+use sdn_integration::{bin, privileged, wait_for, Proc};
 use sdn_proto::v1 as pb;
 
 /// The previous release: the last commit before the pipeline, whose maps
 /// keyed flows without their door.
 const PREVIOUS_RELEASE: &str = "586073da5d88e472c302bd5e3cf49ec159453ad5";
-const T: &str = "tenant-upgrade";
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -108,41 +108,24 @@ async fn hosts_upgrade_from_the_previous_release_under_traffic() {
         return;
     }
     let Some(previous) = previous_agent() else { return };
-    let mut topo = Topology::new("ovu", &["h1", "h2"]).unwrap();
-    topo.add_vm("vm1", "h1", "02:00:00:00:01:11", "10.30.0.11/24", "fd30::11/64")
-        .unwrap();
-    topo.add_vm("vm2", "h2", "02:00:00:00:01:12", "10.30.0.12/24", "fd30::12/64")
-        .unwrap();
-    topo.add_vm("vm3", "h1", "02:00:00:00:01:13", "10.30.0.13/24", "fd30::13/64")
-        .unwrap();
-    let mut cluster = Cluster::start(&topo.dir).unwrap();
-    let web = vec![
-        ingress("http", false, "tcp", (80, 80), "10.30.0.0/24", ""),
-        ingress("http6", true, "tcp", (80, 80), "fd30::/64", ""),
-    ];
-    cluster
-        .apply(vec![
-            tenant(T),
-            vpc("vpc-u", T),
-            subnet("sn-u", "vpc-u", "10.30.0.0/24", "fd30::/64"),
-            host("h1", &topo.underlay_ip("h1")),
-            host("h2", &topo.underlay_ip("h2")),
-            group("web", T, web),
-        ])
+    let Lab { topo, mut cluster } = Lab::new("ovu", &["h1", "h2"])
+        .vpc("vpc-u", None)
+        .subnet("sn-u", "vpc-u", "10.30.0.0/24", "fd30::/64")
+        .group(
+            "web",
+            vec![
+                ingress("http", false, "tcp", (80, 80), "10.30.0.0/24", ""),
+                ingress("http6", true, "tcp", (80, 80), "fd30::/64", ""),
+            ],
+        )
+        .vm("vm1", "h1", "sn-u", &["web"])
+        .vm("vm2", "h2", "sn-u", &["web"])
+        .vm("vm3", "h1", "sn-u", &["web"])
+        // The previous release's agent, which knows none of this one's flags.
+        .agent_binary(previous, &[])
+        .start()
         .await
-        .unwrap();
-    cluster.start_agent_binary(&topo, "h1", &previous, &[]).unwrap();
-    cluster.start_agent_binary(&topo, "h2", &previous, &[]).unwrap();
-    let mut ports = Vec::new();
-    for (vm, h, mac, v4, v6) in [
-        ("vm1", "h1", "02:00:00:00:01:11", "10.30.0.11", "fd30::11"),
-        ("vm2", "h2", "02:00:00:00:01:12", "10.30.0.12", "fd30::12"),
-        ("vm3", "h1", "02:00:00:00:01:13", "10.30.0.13", "fd30::13"),
-    ] {
-        ports.push(port(vm, T, "sn-u", h, &format!("{vm}h"), mac, v4, v6, &["web"]));
-    }
-    let r = cluster.apply(ports).await.unwrap();
-    assert!(r.enforced, "the previous release enforces the ports");
+        .expect("the lab on the previous release");
     let _servers = topo
         .serve(&["vm1", "vm3"], &[], &["--tcp", "80", "--tcp", "81"])
         .unwrap();
