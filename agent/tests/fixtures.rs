@@ -621,10 +621,24 @@ fn fixture_table() {
             Absorbed,
         ),
         (
-            "neighbour advertisement for its own address",
+            "neighbour advertisement for its own address: absorbed, the host needs none",
             FromVm,
             nd(136, ll, VM6, Some(VM_MAC)),
-            Host,
+            Absorbed,
+        ),
+        (
+            "a DHCP offer from a port other than 67",
+            FromVm,
+            {
+                let mut v = Vec::new();
+                etherparse::PacketBuilder::ethernet2(VM_MAC, [0xff; 6])
+                    .ipv4(VM4, [10, 0, 0, 9], 64)
+                    .udp(4067, 68)
+                    .write(&mut v, &[2u8; 240])
+                    .unwrap();
+                v
+            },
+            Drop(DhcpServer),
         ),
         (
             "neighbour advertisement for another address",
@@ -716,6 +730,22 @@ fn rule_changes_revoke_established_flows_for_good() {
         Prog::FromUplink,
         &tcp4(GW_MAC, INTERNET, VM4, 50002, 443, true),
         Expect::Drop(PolicyIngress),
+    );
+    // Allowing it again does not revive the revoked flow.
+    let https = rule("https", Ingress, Ipv4, Tcp, (443, 443), "", "");
+    let ssh2 = rule("ssh", Ingress, Ipv4, Tcp, (22, 22), "", "");
+    h.policy(&zoned_share(vec![https, ssh2]));
+    h.check(
+        "client after the rule is back",
+        Prog::FromUplink,
+        &ack,
+        Expect::Drop(PolicyRevoked),
+    );
+    h.check(
+        "server after the rule is back",
+        Prog::FromVm,
+        &data_out,
+        Expect::Drop(PolicyRevoked),
     );
     // The ACK that a stale flow entry no longer covers cannot open a flow.
     h.check(
@@ -1026,7 +1056,8 @@ fn a_vm_reports_errors_only_to_its_flows_remote_end() {
 }
 
 /// A port holds at most its budget of flows; a new flow beyond it is
-/// dropped and counted, and the flows it holds go on.
+/// dropped and counted, and the flows it holds go on. Only answered flows
+/// count: a flood of flows nobody answers cannot take a port's budget.
 #[test]
 fn a_port_holds_at_most_its_budget_of_flows() {
     let Some(mut h) = Harness::new() else { return };
@@ -1035,25 +1066,116 @@ fn a_port_holds_at_most_its_budget_of_flows() {
         ct_budget: 2,
     })
     .unwrap();
-    h.policy(&share(base_rules(), &[]));
-    let flow = |sport: u16| udp4([10, 9, 9, 9], VM4, sport, 53);
-    h.check("first flow", Prog::ToVm, &flow(1001), Expect::Pass);
-    h.check("second flow", Prog::ToVm, &flow(1002), Expect::Pass);
+    h.policy(&zoned_share(vec![]));
+    let query = |sport: u16| {
+        let mut v = Vec::new();
+        etherparse::PacketBuilder::ethernet2(VM_MAC, GW_MAC)
+            .ipv4(VM4, INTERNET, 64)
+            .udp(sport, 53)
+            .write(&mut v, b"q")
+            .unwrap();
+        v
+    };
+    let answer = |sport: u16| {
+        let mut v = Vec::new();
+        etherparse::PacketBuilder::ethernet2(GW_MAC, VM_MAC)
+            .ipv4(INTERNET, VM4, 64)
+            .udp(53, sport)
+            .write(&mut v, b"a")
+            .unwrap();
+        v
+    };
+    // Many queries nobody answers: none counts.
+    for sport in 2000..2010 {
+        h.check("an unanswered query", Prog::FromVm, &query(sport), Expect::Pass);
+    }
+    use DropReason::CtBudget;
+    for sport in [1001, 1002] {
+        h.check("a query", Prog::FromVm, &query(sport), Expect::Pass);
+        h.check(
+            "its answer: the flow counts",
+            Prog::FromUplink,
+            &answer(sport),
+            Expect::Pass,
+        );
+    }
+    h.check("a third query", Prog::FromVm, &query(1003), Expect::Pass);
     h.check(
-        "third flow: over budget",
-        Prog::ToVm,
-        &flow(1003),
-        Expect::Drop(DropReason::CtBudget),
+        "its answer: over budget",
+        Prog::FromUplink,
+        &answer(1003),
+        Expect::Drop(CtBudget),
     );
-    h.check("the first flow goes on", Prog::ToVm, &flow(1001), Expect::Pass);
+    h.check("the first flow goes on", Prog::FromVm, &query(1001), Expect::Pass);
     // The collector recounts: nothing has timed out, the count stays.
     let (removed, remaining) = h.dp.collect_conntrack().unwrap();
     assert_eq!((removed, remaining), (0, 2));
     h.check(
         "still over budget",
-        Prog::ToVm,
-        &flow(1004),
-        Expect::Drop(DropReason::CtBudget),
+        Prog::FromUplink,
+        &answer(1003),
+        Expect::Drop(CtBudget),
+    );
+}
+
+/// What no VM takes from outside its host: router messages, DHCP server
+/// messages, link-local or multicast sources, from an uplink.
+#[test]
+fn the_outside_sends_no_router_messages_dhcp_or_link_local_sources() {
+    let Some(mut h) = Harness::new() else { return };
+    use pb::{Direction::*, EtherType::*, Protocol::*};
+    let mut share = zoned_share(vec![rule("any", Ingress, Ipv4, Any, (0, 0), "", "")]);
+    if let Some(pb::resource::Kind::SecurityGroup(g)) = &mut share.get_mut("sg/web").unwrap().kind {
+        g.rules.push(rule("any6", Ingress, Ipv6, Any, (0, 0), "", ""));
+    }
+    h.policy(&share);
+    let ra = {
+        let mut v = nd(
+            134,
+            [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6, 0x66],
+            [0; 16],
+            None,
+        );
+        v[0..6].copy_from_slice(&VM_MAC);
+        v[38..54].copy_from_slice(&VM6);
+        v
+    };
+    use DropReason::*;
+    h.check(
+        "a router advertisement to the VM",
+        Prog::FromUplink,
+        &ra,
+        Expect::Drop(RaGuard),
+    );
+    let mut offer = Vec::new();
+    etherparse::PacketBuilder::ethernet2(GW_MAC, VM_MAC)
+        .ipv4(INTERNET, VM4, 64)
+        .udp(67, 68)
+        .write(&mut offer, &[2u8; 240])
+        .unwrap();
+    h.check(
+        "a DHCP offer to the VM",
+        Prog::FromUplink,
+        &offer,
+        Expect::Drop(DhcpServer),
+    );
+    for (what, src) in [
+        ("a link-local source", [169, 254, 1, 1]),
+        ("a multicast source", [224, 0, 0, 5]),
+        ("a loopback source", [127, 0, 0, 1]),
+    ] {
+        h.check(
+            what,
+            Prog::FromUplink,
+            &tcp4(GW_MAC, src, VM4, 40000, 443, true),
+            Expect::Drop(SpoofUplink),
+        );
+    }
+    h.check(
+        "an ordinary source still passes",
+        Prog::FromUplink,
+        &tcp4(GW_MAC, INTERNET, VM4, 40000, 443, true),
+        Expect::Pass,
     );
 }
 

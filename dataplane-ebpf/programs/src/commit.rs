@@ -5,8 +5,8 @@
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{
     maps::{
-        CtKey, CtValue, PortInfo, CT_BUDGET_DEFAULT, CT_F_CLOSING, CT_F_REPLY_SEEN, CT_F_REVOKED, CT_ORIGIN_IN,
-        CT_ORIGIN_OUT, EP_F_GATEWAY, GATEWAY_MAC,
+        CtKey, CtValue, PortInfo, CT_BUDGET_DEFAULT, CT_F_CLOSING, CT_F_REPLY_SEEN, CT_ORIGIN_IN, CT_ORIGIN_OUT,
+        EP_F_GATEWAY, GATEWAY_MAC,
     },
     DropReason, Stat, FAMILY_V4, FAMILY_V6, MARK_PIPELINE, PROTO_ICMPV6, PROTO_TCP,
 };
@@ -48,6 +48,9 @@ pub fn commit(ctx: &mut TcContext, m: &mut Meta) -> Result<Action, DropReason> {
     match m.kind {
         K_ARP => return answer_arp(ctx, m),
         K_NS => return answer_ns(ctx, m),
+        // From a VM, the host needs none of them (the distributed gateway
+        // answers what a VM asks); towards a VM, they are the host's own.
+        K_NEIGHBOUR if m.entry == crate::meta::E_FROM_VM => return Ok(Action::Consume),
         K_NEIGHBOUR => return Ok(Action::Pass),
         K_IP => {
             refresh(m)?;
@@ -95,12 +98,10 @@ fn side(
             flags: 0,
             svc: m.service(),
         };
-        if key.proto == PROTO_TCP {
-            // A handshake: its own LRU table until it completes.
-            let _ = CT_SYN.insert(key, &v, 0);
-        } else {
-            insert(key, &v, budget)?;
-        }
+        // Unconfirmed: in the LRU table until it is answered (TCP: until the
+        // opener acknowledges the answer), so a flood of flows nobody
+        // answers evicts only its own kind, never takes a port's budget.
+        let _ = CT_SYN.insert(key, &v, 0);
         count(Stat::CtNew);
         return Ok(());
     }
@@ -124,11 +125,17 @@ fn side(
     // SAFETY: a live map value.
     let v = unsafe { &mut *p };
     let from_opener = outbound == (v.origin == CT_ORIGIN_OUT);
-    if !from_opener {
+    let confirmed = if key.proto == PROTO_TCP {
+        // The opener acknowledges the answer.
+        from_opener && v.flags & CT_F_REPLY_SEEN != 0 && m.tcp_flags & (TCP_ACK | TCP_SYN) == TCP_ACK
+    } else {
+        // The first answer.
+        !from_opener
+    };
+    if !from_opener && !confirmed {
         v.flags |= CT_F_REPLY_SEEN;
-    } else if v.flags & CT_F_REPLY_SEEN != 0 && m.tcp_flags & (TCP_ACK | TCP_SYN) == TCP_ACK {
-        // The opener acknowledges the answer: an established connection,
-        // moved to the flow table, within the port's budget.
+    } else if confirmed {
+        // Confirmed: moved to the flow table, within the port's budget.
         let mut nv = *v;
         update(&mut nv, now, outbound, m, port.epoch);
         nv.flags &= !CT_F_REPLY_SEEN;
@@ -157,7 +164,6 @@ fn update(v: &mut CtValue, now: u64, outbound: bool, m: &Meta, epoch: u32) {
         v.flags |= CT_F_CLOSING;
     }
     v.epoch = epoch;
-    v.flags &= !CT_F_REVOKED;
 }
 
 /// Inserts into the flow table within the port's budget. An entry already

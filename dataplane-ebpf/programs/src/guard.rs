@@ -193,12 +193,10 @@ fn lookup(key: &CtKey, port: &PortInfo, tcp_flags: u8, now: u64) -> Result<(u8, 
             return classify(&v, port, T_MAIN);
         }
     }
-    if key.proto == PROTO_TCP {
-        // SAFETY: the value is copied out at once.
-        if let Some(v) = unsafe { CT_SYN.get(key) }.copied() {
-            if now.saturating_sub(v.last_seen_ns) <= CT_TIMEOUT_SYN_NS {
-                return classify(&v, port, T_SYN);
-            }
+    // SAFETY: the value is copied out at once.
+    if let Some(v) = unsafe { CT_SYN.get(key) }.copied() {
+        if now.saturating_sub(v.last_seen_ns) <= unconfirmed_timeout(key.proto, v.flags) {
+            return classify(&v, port, T_SYN);
         }
     }
     Ok((S_NEW, 0, 0, 0))
@@ -206,13 +204,25 @@ fn lookup(key: &CtKey, port: &PortInfo, tcp_flags: u8, now: u64) -> Result<(u8, 
 
 #[inline(always)]
 fn classify(v: &CtValue, port: &PortInfo, table: u8) -> Result<(u8, u8, u8, u16), DropReason> {
-    if v.epoch != port.epoch {
-        return Ok((S_STALE, table, v.origin, v.svc));
-    }
+    // Revoked stays revoked until the entry times out, whatever the
+    // policy says since.
     if v.flags & CT_F_REVOKED != 0 {
         return Err(DropReason::PolicyRevoked);
     }
+    if v.epoch != port.epoch {
+        return Ok((S_STALE, table, v.origin, v.svc));
+    }
     Ok((S_EST, table, v.origin, v.svc))
+}
+
+/// The idle timeout of an unconfirmed flow.
+#[inline(always)]
+fn unconfirmed_timeout(proto: u8, flags: u8) -> u64 {
+    if proto == PROTO_TCP {
+        CT_TIMEOUT_SYN_NS
+    } else {
+        ct_timeout(proto, flags)
+    }
 }
 
 /// A live, unrevoked entry in either table.
@@ -223,7 +233,8 @@ fn tracked(key: &CtKey, now: u64) -> bool {
         return v.flags & CT_F_REVOKED == 0 && now.saturating_sub(v.last_seen_ns) <= ct_timeout(key.proto, v.flags);
     }
     if let Some(v) = unsafe { CT_SYN.get(key) }.copied() {
-        return v.flags & CT_F_REVOKED == 0 && now.saturating_sub(v.last_seen_ns) <= CT_TIMEOUT_SYN_NS;
+        return v.flags & CT_F_REVOKED == 0
+            && now.saturating_sub(v.last_seen_ns) <= unconfirmed_timeout(key.proto, v.flags);
     }
     false
 }

@@ -126,6 +126,7 @@ pub fn from_overlay(ctx: &TcContext, m: &mut Meta) -> Result<(), DropReason> {
     if src.ifindex != 0 || src.flags & EP_F_GATEWAY != 0 || src.host_v4 != sender {
         return Err(DropReason::OverlaySpoof);
     }
+    crate::uplink::outside_to_vm(m)?;
     let dst = endpoint(vni, m.family, &m.dst).ok_or(DropReason::OverlayUnknownDst)?;
     if dst.ifindex == 0 || dst.flags & (EP_F_GATEWAY | EP_F_PEER) != 0 {
         return Err(DropReason::OverlayUnknownDst);

@@ -45,10 +45,11 @@ fn owns(ifindex: u32, family: u8, addr: &[u8; 16]) -> bool {
     unsafe { PORT_ADDRS.get(&k) }.is_some()
 }
 
-/// A DHCP server message: UDP 67 -> 68, or 547 -> 546.
+/// A DHCP server message: UDP to a client's port (68, or 546 for DHCPv6),
+/// from whatever source port (clients filter on the destination only).
 #[inline(always)]
-fn dhcp_server(m: &Meta) -> bool {
-    m.proto == PROTO_UDP && ((m.sport == 67 && m.dport == 68) || (m.sport == 547 && m.dport == 546))
+pub fn dhcp_server(m: &Meta) -> bool {
+    m.proto == PROTO_UDP && (m.dport == 68 || m.dport == 546)
 }
 
 /// Packets the VM sends: parsed and checked against the port's addresses.

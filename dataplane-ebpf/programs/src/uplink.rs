@@ -67,8 +67,8 @@ pub fn from_uplink<C: Pkt>(ctx: &C, m: &mut Meta) -> Result<Arrival, DropReason>
     let ifx = ctx.ifindex();
     m.reset(E_FROM_UPLINK);
     let Some(zone) = uplink_zone(ifx) else {
-        // No longer an uplink: the agent detaches it.
-        return Ok(Arrival::Host);
+        // No longer an uplink (the agent detaches it next): fail closed.
+        return Err(DropReason::UplinkToHost);
     };
     let (_, ethertype) = parse::eth(ctx)?;
     if ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 {
@@ -101,6 +101,7 @@ pub fn from_uplink<C: Pkt>(ctx: &C, m: &mut Meta) -> Result<Arrival, DropReason>
     if src_zone != 0 && src_zone != zone {
         return Err(DropReason::SpoofUplink);
     }
+    outside_to_vm(m)?;
     if ep.ifindex == 0 {
         return Err(DropReason::NoRoute);
     }
@@ -118,8 +119,37 @@ pub fn from_uplink<C: Pkt>(ctx: &C, m: &mut Meta) -> Result<Arrival, DropReason>
     Ok(Arrival::Pipeline)
 }
 
+/// What no VM takes from outside its host's gateway, from an uplink or the
+/// tunnel: router advertisements, redirects, neighbour discovery and MLD
+/// (they come only from the distributed gateway), DHCP server messages, and
+/// link-local or multicast sources.
+#[inline(always)]
+pub fn outside_to_vm(m: &Meta) -> Result<(), DropReason> {
+    if m.proto == PROTO_ICMPV6 && ((130..=137).contains(&m.icmp_type) || m.icmp_type == 143) {
+        return Err(DropReason::RaGuard);
+    }
+    if crate::port::dhcp_server(m) {
+        return Err(DropReason::DhcpServer);
+    }
+    let s = &m.src;
+    let bad = if m.family == dataplane_common::FAMILY_V4 {
+        // 0/8, loopback, link-local, multicast and above.
+        s[0] == 0 || s[0] == 127 || (s[0] == 169 && s[1] == 254) || s[0] >= 224
+    } else {
+        // Unspecified, loopback, link-local, multicast.
+        *s == [0u8; 16] || (s[..15] == [0u8; 15] && s[15] == 1) || (s[0] == 0xfe && s[1] & 0xc0 == 0x80) || s[0] == 0xff
+    };
+    if bad {
+        return Err(DropReason::SpoofUplink);
+    }
+    Ok(())
+}
+
 /// Packets leaving through an uplink: a VM's address leaves only as the
-/// pipeline sent it (marked); the host's own traffic passes.
+/// pipeline sent it (marked); the host's own traffic passes. Nothing the
+/// host forwards leaves unmarked: a packet that came in on another device
+/// (an uplink, the underlay) and was routed here would cross zones around
+/// the pipeline.
 #[inline(always)]
 pub fn to_uplink(ctx: &mut TcContext) -> Result<(), DropReason> {
     // SAFETY: reading fields of the context.
@@ -130,6 +160,10 @@ pub fn to_uplink(ctx: &mut TcContext) -> Result<(), DropReason> {
     }
     if uplink_zone(Pkt::ifindex(ctx)).is_none() {
         return Ok(());
+    }
+    // SAFETY: reading a field of the context.
+    if unsafe { (*ctx.skb.skb).ingress_ifindex } != 0 {
+        return Err(DropReason::Unjudged);
     }
     let (_, ethertype) = parse::eth(ctx)?;
     if ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 {
