@@ -1312,6 +1312,7 @@ fn zoned_share(rules: Vec<pb::SecurityGroupRule>) -> Resources {
             name: "ext".into(),
             prefixes: vec!["10.0.0.0/8".into(), "192.0.2.0/24".into()],
             uplink_device: "not-here".into(),
+            ..Default::default()
         }),
     );
     put(
@@ -1321,6 +1322,8 @@ fn zoned_share(rules: Vec<pb::SecurityGroupRule>) -> Resources {
             name: "net".into(),
             prefixes: vec!["0.0.0.0/0".into()],
             uplink_device: "lo".into(),
+            // Another tenant's VPC in the internet zone, with no port here.
+            vpc_subnets: vec!["198.18.0.0/24".into()],
         }),
     );
     put(
@@ -1410,6 +1413,12 @@ fn the_zone_guard_holds_even_when_everything_else_allows() {
         "an extranet source on the internet uplink",
         Prog::FromUplink,
         &tcp4(GW_MAC, [10, 9, 9, 9], VM4, 40000, 443, true),
+        Expect::Drop(SpoofUplink),
+    );
+    h.check(
+        "an address of a VPC in the same zone with no port here",
+        Prog::FromUplink,
+        &tcp4(GW_MAC, [198, 18, 0, 77], VM4, 40000, 443, true),
         Expect::Drop(SpoofUplink),
     );
     h.check(

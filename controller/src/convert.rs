@@ -268,6 +268,7 @@ pub fn zone_to_pb(z: &m::Zone) -> pb::Zone {
         name: z.name.clone(),
         prefixes: z.prefixes.iter().map(|n| n.to_string()).collect(),
         uplink_device: z.uplink_device.clone(),
+        vpc_subnets: Vec::new(),
     }
 }
 

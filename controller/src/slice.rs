@@ -84,11 +84,17 @@ pub fn host_slice(state: &State, host: &str) -> BTreeMap<String, pb::Resource> {
         }
     }
     // Zones and exchange paths are small and the same for every host.
+    // With every VPC subnet of the zone, which no packet from outside may
+    // claim as its source.
     for z in state.zones.values() {
-        out.extend([resource(
-            format!("zone/{}", z.id),
-            pb::resource::Kind::Zone(crate::convert::zone_to_pb(z)),
-        )]);
+        let mut zp = crate::convert::zone_to_pb(z);
+        for sn in state.subnets.values() {
+            if state.vpcs.get(&sn.vpc_id).is_some_and(|v| v.zone_id == z.id) {
+                zp.vpc_subnets.extend(sn.cidr_v4.map(|c| c.to_string()));
+                zp.vpc_subnets.extend(sn.cidr_v6.map(|c| c.to_string()));
+            }
+        }
+        out.extend([resource(format!("zone/{}", z.id), pb::resource::Kind::Zone(zp))]);
     }
     for x in state.exchange_paths.values() {
         out.extend([resource(

@@ -820,6 +820,7 @@ pub mod ops {
             name: id.into(),
             prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
             uplink_device: uplink.into(),
+            ..Default::default()
         })
     }
     /// An exchange path for TCP to `ports`.

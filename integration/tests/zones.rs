@@ -305,6 +305,19 @@ async fn zones_meet_only_on_exchange_paths() {
     // address through the extranet uplink: the spoofer never hears back.)
     assert!(!env.zone_connects("net", "10.99.0.7", "10.40.1.11", 443));
 
+    // An internet host claiming an unassigned address of the internet
+    // zone's own VPC (to pass rules that trust the VPC's subnet): every
+    // host drops it, though no port of that address lives there.
+    t.zone_ns("net")
+        .sh(&["ip", "addr", "add", "198.51.100.99/32", "dev", "lo"])
+        .unwrap();
+    let before = env.counter("h2", "drops", "spoof_uplink");
+    assert!(
+        !env.zone_connects("net", "198.51.100.99", "198.51.100.11", 80),
+        "a source inside a VPC's subnet, from outside"
+    );
+    assert!(env.counter("h2", "drops", "spoof_uplink") > before);
+
     // A refused attempt leaves nothing behind: a2 sends a SYN from its
     // ssh port to an internet host's port 4444, which no path admits; the
     // internet host then opens the reversed flow (from 4444 to a2's ssh

@@ -44,6 +44,9 @@ pub struct Desired {
     pub endpoints: BTreeMap<EndpointKey, Endpoint>,
     /// Zone address spaces: (key length, family + address) -> zone number.
     pub zone_nets: BTreeMap<(u32, [u8; 20]), u32>,
+    /// The subnets of every VPC in a zone, in the same form: no source from
+    /// an uplink may claim them.
+    pub vpc_nets: BTreeMap<(u32, [u8; 20]), u32>,
     /// Uplink ifindex -> zone number, and back.
     pub uplinks: BTreeMap<u32, u32>,
     pub zone_uplink: BTreeMap<u32, u32>,

@@ -27,6 +27,16 @@ pub(super) fn compile_zones<'a>(
             continue;
         }
         no.insert(*id, n);
+        for c in &z.vpc_subnets {
+            match c.parse::<ipnetwork::IpNetwork>() {
+                Ok(net) => {
+                    let (family, a) = addr16(net.network());
+                    d.vpc_nets
+                        .insert((8 + net.prefix() as u32, zone_net_data(family, &a)), n);
+                }
+                Err(_) => d.rejected.push(format!("zone {id}: invalid VPC subnet {c:?}")),
+            }
+        }
         for net in nets {
             let (family, a) = addr16(net.network());
             d.zone_nets

@@ -52,7 +52,9 @@ pub enum DropReason {
     SpoofArp = 8,
     /// Neighbour-discovery message claims an address or MAC that is not the port's.
     SpoofNd = 9,
-    /// Router advertisement or redirect sent by a VM.
+    /// Router advertisement, redirect, MLD query or neighbour discovery
+    /// where only the distributed gateway may send it: from a VM, or from
+    /// outside towards a VM.
     RaGuard = 10,
     /// No security-group rule allows this inbound packet.
     PolicyIngress = 11,
@@ -210,7 +212,8 @@ pub enum Stat {
     FromUplink = 11,
     /// Packets that crossed between zones on an exchange path.
     Exchanged = 12,
-    /// TCP flows promoted from the handshake table to the flow table.
+    /// Flows confirmed (answered; TCP: handshake completed) and moved from
+    /// the table of unconfirmed flows to the flow table.
     CtPromoted = 13,
     /// Packets that took the established fast path (no policy stage).
     FastPath = 14,

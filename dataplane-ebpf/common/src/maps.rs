@@ -22,6 +22,10 @@ pub const fn zone_net_data(family: u8, addr: &[u8; 16]) -> [u8; 20] {
     }
     d
 }
+/// Pinned name of the subnets of every VPC in a zone (LPM trie; data:
+/// [`zone_net_data`], value: the zone number): from an uplink, a source in
+/// one of them is forged.
+pub const VPC_NETS: &str = "SDN_VPC_NETS";
 /// Pinned name of the uplink devices (`u32` ifindex -> `u32` zone number).
 pub const UPLINKS: &str = "SDN_UPLINKS";
 /// Pinned name of the zones' uplinks (`u32` zone number -> `u32` ifindex).
@@ -59,10 +63,10 @@ pub const SG_RULES: &str = "SDN_SG_RULES";
 /// collector) and each port holds at most its budget of them.
 /// (Version 2: the key carries the flow's door.)
 pub const CT: &str = "SDN_CT2";
-/// Pinned name of the handshake table ([`CtKey`] -> [`CtValue`]): TCP flows
-/// between their SYN and the originator's first ACK after the answer, on a
-/// short timeout, in an LRU of their own so a SYN flood evicts only
-/// handshakes, never an established flow.
+/// Pinned name of the table of unconfirmed flows ([`CtKey`] -> [`CtValue`]):
+/// flows not yet answered (TCP: between the SYN and the opener's first ACK
+/// after the answer), in an LRU of their own, so a flood of flows nobody
+/// answers evicts only its own kind, never an established flow.
 pub const CT_SYN: &str = "SDN_CT_SYN";
 /// Pinned name of the per-port flow counts (`u32` ifindex -> `u32` entries
 /// of the flow table), kept by the programs on insert and recounted by the
@@ -85,6 +89,7 @@ pub const CT_SYN_MAX: u32 = 65536;
 pub const CT_BUDGET_DEFAULT: u32 = 16384;
 pub const ENDPOINTS_MAX: u32 = 262144;
 pub const ZONE_NETS_MAX: u32 = 4096;
+pub const VPC_NETS_MAX: u32 = 65536;
 pub const ZONES_MAX: u32 = 64;
 pub const ZONE_ENDPOINTS_MAX: u32 = 65536;
 /// Exchange paths are checked in order, one by one: keep them few.

@@ -11,7 +11,7 @@ use dataplane_common::{
 
 use crate::{
     ctx::Pkt,
-    maps::{UPLINKS, ZONE_ENDPOINTS, ZONE_NETS, ZONE_UPLINK},
+    maps::{UPLINKS, VPC_NETS, ZONE_ENDPOINTS, ZONE_NETS, ZONE_UPLINK},
     meta::{Meta, E_FROM_UPLINK, K_IP, X_ZONE_IN},
     parse::{self, is_icmp_error, ETH_P_IP, ETH_P_IPV6},
     port,
@@ -94,7 +94,11 @@ pub fn from_uplink<C: Pkt>(ctx: &C, m: &mut Meta) -> Result<Arrival, DropReason>
     };
     // A source that is one of our VPCs' addresses, or in another zone's
     // prefixes, is forged: it cannot come from this zone's network.
-    if zone_endpoint(m.family, &m.src).is_some() {
+    if zone_endpoint(m.family, &m.src).is_some()
+        || VPC_NETS
+            .get(&Key::new(8 + 128, zone_net_data(m.family, &m.src)))
+            .is_some()
+    {
         return Err(DropReason::SpoofUplink);
     }
     let src_zone = zone_of(m.family, &m.src);
