@@ -999,6 +999,100 @@ fn icmp4_error_from_vm(outer_dst: [u8; 4], from: [u8; 4], sport: u16, dport: u16
     v
 }
 
+/// A change to the zones' exchange paths or a border firewall judges the
+/// established flows across the uplink again: a flow they no longer admit
+/// is cut, from either side, and stays cut.
+#[test]
+fn established_flows_across_an_uplink_follow_exchange_and_border_changes() {
+    let Some(mut h) = Harness::new() else { return };
+    use pb::{Direction::*, EtherType::*, Protocol::*};
+    let https = || vec![rule("https", Ingress, Ipv4, Tcp, (443, 443), "", "")];
+    let syn = tcp4(GW_MAC, INTERNET, VM4, 50000, 443, true);
+    let syn_ack = tcp_flags(VM_MAC, VM4, INTERNET, 443, 50000, 0x12);
+    let ack = tcp4(GW_MAC, INTERNET, VM4, 50000, 443, false);
+    let data_out = tcp4(VM_MAC, VM4, INTERNET, 443, 50000, false);
+    let open = |h: &mut Harness, sport: u16| {
+        let syn = tcp4(GW_MAC, INTERNET, VM4, sport, 443, true);
+        let syn_ack = tcp_flags(VM_MAC, VM4, INTERNET, 443, sport, 0x12);
+        let ack = tcp4(GW_MAC, INTERNET, VM4, sport, 443, false);
+        h.check("syn in", Prog::FromUplink, &syn, Expect::Pass);
+        h.check("syn-ack out", Prog::FromVm, &syn_ack, Expect::Pass);
+        h.check("ack in", Prog::FromUplink, &ack, Expect::Pass);
+    };
+    h.policy(&zoned_share(https()));
+    h.check("syn in", Prog::FromUplink, &syn, Expect::Pass);
+    h.check("syn-ack out", Prog::FromVm, &syn_ack, Expect::Pass);
+    h.check("ack in", Prog::FromUplink, &ack, Expect::Pass);
+    // The exchange path goes: the flow is cut both ways.
+    let mut share = zoned_share(https());
+    share.remove("exchange/in");
+    h.policy(&share);
+    use DropReason::*;
+    h.check(
+        "client after the path is gone",
+        Prog::FromUplink,
+        &ack,
+        Expect::Drop(ZoneIsolation),
+    );
+    h.check(
+        "server after the path is gone",
+        Prog::FromVm,
+        &data_out,
+        Expect::Drop(PolicyRevoked),
+    );
+    h.policy(&zoned_share(https()));
+    h.check(
+        "client once the path is back",
+        Prog::FromUplink,
+        &ack,
+        Expect::Drop(PolicyRevoked),
+    );
+    // A border firewall that now denies: cut too.
+    open(&mut h, 50001);
+    let mut share = zoned_share(https());
+    if let Some(pb::resource::Kind::FirewallPolicy(f)) = &mut share.get_mut("firewall/allow-all").unwrap().kind {
+        f.default_action = pb::Action::Deny as i32;
+    }
+    h.policy(&share);
+    h.check(
+        "client after the border denies",
+        Prog::FromUplink,
+        &tcp4(GW_MAC, INTERNET, VM4, 50001, 443, false),
+        Expect::Drop(BorderFirewall),
+    );
+    h.check(
+        "server after the border denies",
+        Prog::FromVm,
+        &tcp4(VM_MAC, VM4, INTERNET, 443, 50001, false),
+        Expect::Drop(PolicyRevoked),
+    );
+    // A change that still admits the flow leaves it alone.
+    h.policy(&zoned_share(https()));
+    open(&mut h, 50002);
+    let mut share = zoned_share(https());
+    if let Some(pb::resource::Kind::FirewallPolicy(f)) = &mut share.get_mut("firewall/allow-all").unwrap().kind {
+        f.name = "renamed, still allowing everything".into();
+        f.rules.push(pb::FirewallRule {
+            id: "no-telnet".into(),
+            priority: 10,
+            action: pb::Action::Deny as i32,
+            direction: pb::Direction::Ingress as i32,
+            ether_type: pb::EtherType::Ipv4 as i32,
+            protocol: pb::Protocol::Tcp as i32,
+            port_min: 23,
+            port_max: 23,
+            ..Default::default()
+        });
+    }
+    h.policy(&share);
+    h.check(
+        "an admitted flow after an unrelated rule",
+        Prog::FromUplink,
+        &tcp4(GW_MAC, INTERNET, VM4, 50002, 443, false),
+        Expect::Pass,
+    );
+}
+
 /// ICMP state is kept per message type: a type the VM sent opens no other.
 #[test]
 fn one_icmp_type_opens_no_other() {

@@ -284,6 +284,44 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
         }
     }
     compile_peerings(&peerings, &networks, &fw_no, &mut d.endpoints, &mut d.rejected);
+    // What the crossing tiers (zone guard, border and VPC firewalls) decide
+    // by: a change to it changes every port's epoch, so established flows
+    // across a zone or a peering are judged again on their next packet.
+    let crossing = {
+        let mut b: Vec<u8> = Vec::new();
+        for r in d.exchange.values() {
+            b.extend_from_slice(&r.from.to_be_bytes());
+            b.extend_from_slice(&r.to.to_be_bytes());
+            b.extend_from_slice(&[r.family, r.proto, r.src_plen, r.dst_plen]);
+            b.extend_from_slice(&r.port_lo.to_be_bytes());
+            b.extend_from_slice(&r.port_hi.to_be_bytes());
+            b.extend_from_slice(&r.src);
+            b.extend_from_slice(&r.dst);
+        }
+        for ((plen, data), z) in &d.zone_nets {
+            b.extend_from_slice(&plen.to_be_bytes());
+            b.extend_from_slice(data);
+            b.extend_from_slice(&z.to_be_bytes());
+        }
+        for (n, p) in &d.fw_policies {
+            b.extend_from_slice(&n.to_be_bytes());
+            b.extend_from_slice(&[p.default_action]);
+            b.extend_from_slice(&p.default_rule_id.to_be_bytes());
+            for slot in p.first..p.first + p.count {
+                if let Some(r) = d.fw_rules.get(&slot) {
+                    b.extend_from_slice(&r.rule_id.to_be_bytes());
+                    b.extend_from_slice(&[r.action, r.dir, r.family, r.proto, r.plen]);
+                    b.extend_from_slice(&r.port_lo.to_be_bytes());
+                    b.extend_from_slice(&r.port_hi.to_be_bytes());
+                    b.extend_from_slice(&r.addr);
+                }
+            }
+        }
+        for e in d.endpoints.values().filter(|e| e.flags & EP_F_PEER != 0) {
+            b.extend_from_slice(&e.policy.to_be_bytes());
+        }
+        fnv32(&b)
+    };
     for p in ports {
         let mut part = Desired::default();
         match compile_port(
@@ -297,7 +335,12 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
             &mut part,
         ) {
             Ok(()) => {
-                d.ports.extend(part.ports);
+                for (ifx, mut p) in part.ports {
+                    let mut e = p.epoch.to_be_bytes().to_vec();
+                    e.extend_from_slice(&crossing.to_be_bytes());
+                    p.epoch = fnv32(&e).max(1);
+                    d.ports.insert(ifx, p);
+                }
                 d.port_addrs.extend(part.port_addrs);
                 d.plens.extend(part.plens);
                 d.sg_addr.extend(part.sg_addr);

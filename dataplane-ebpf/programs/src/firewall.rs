@@ -3,13 +3,13 @@
 //! Each verdict is recorded for its flow with the rule that decided it.
 
 use dataplane_common::{
-    maps::{CtKey, FwVerdict, FW_ALLOW, FW_DENY, FW_POLICY_RULES_MAX},
-    DropReason,
+    maps::{CtKey, FwVerdict, CT_ORIGIN_IN, CT_ORIGIN_OUT, FW_ALLOW, FW_DENY, FW_POLICY_RULES_MAX},
+    DropReason, DIR_EGRESS, DIR_INGRESS,
 };
 
 use crate::{
     maps::{FW_POLICIES, FW_RULES, FW_VERDICTS},
-    meta::{Meta, EMPTY_KEY, S_NEW, X_PEER, X_ZONE_IN, X_ZONE_OUT},
+    meta::{Meta, EMPTY_KEY, S_NEW, S_STALE, X_PEER, X_ZONE_IN, X_ZONE_OUT},
 };
 
 #[inline(always)]
@@ -46,16 +46,35 @@ pub fn in_prefix(addr: (u64, u64), net: (u64, u64), plen: u8) -> bool {
 /// recorded by the commit stage, once every tier has allowed the packet.
 #[inline(always)]
 pub fn stage(m: &mut Meta) -> Result<(), DropReason> {
-    let new = match m.crossing {
-        X_ZONE_OUT => m.ct_src == S_NEW,
-        X_ZONE_IN | X_PEER => m.ct_dst == S_NEW,
-        _ => false,
+    // The crossing side's state, who opened its flow and for what service.
+    let (state, origin, svc) = match m.crossing {
+        X_ZONE_OUT => (m.ct_src, m.org_src, m.svc_src),
+        X_ZONE_IN | X_PEER => (m.ct_dst, m.org_dst, m.svc_dst),
+        _ => return Ok(()),
     };
-    if !new || m.fw_policy == 0 {
+    if (state != S_NEW && state != S_STALE) || m.fw_policy == 0 {
         return Ok(());
     }
-    let remote = if m.fw_remote_is_src != 0 { m.src } else { m.dst };
-    let (action, rule) = evaluate(m.fw_policy, &remote, m, m.fw_dir);
+    let mut remote = if m.fw_remote_is_src != 0 { m.src } else { m.dst };
+    let mut dir = m.fw_dir;
+    let svc = if state == S_NEW { m.service() } else { svc };
+    if state == S_STALE {
+        // Judged again as the flow was opened: if the VM opened it (a
+        // border: egress; a peering: the other way round), direction and
+        // remote end are those of its first packet, not of this one.
+        let opened_here = match m.crossing {
+            X_ZONE_OUT => origin == CT_ORIGIN_OUT,
+            _ => origin == CT_ORIGIN_IN,
+        };
+        if !opened_here {
+            dir = if dir == DIR_INGRESS { DIR_EGRESS } else { DIR_INGRESS };
+            if m.crossing == X_PEER {
+                remote = if m.fw_remote_is_src != 0 { m.dst } else { m.src };
+            }
+        }
+        m.fw_dir = dir;
+    }
+    let (action, rule) = evaluate(m.fw_policy, &remote, m, dir, svc);
     m.fw_action = action;
     m.fw_rule = rule;
     m.fw_record = 1;
@@ -65,6 +84,14 @@ pub fn stage(m: &mut Meta) -> Result<(), DropReason> {
     let mut key = EMPTY_KEY;
     crossing_key(m, &mut key);
     record(&key, m);
+    if state == S_STALE {
+        let (table, epoch) = if m.crossing == X_ZONE_OUT {
+            (m.tbl_src, m.src_port.epoch)
+        } else {
+            (m.tbl_dst, m.dst_port.epoch)
+        };
+        crate::policy::revoke(&key, table, epoch);
+    }
     Err(if m.crossing == X_PEER {
         DropReason::VpcFirewall
     } else {
@@ -86,13 +113,12 @@ pub fn crossing_key(m: &Meta, key: &mut CtKey) {
 /// of direction `dir` against the address `remote`; the policy's default
 /// when no rule matches. A policy that should be there and is not denies.
 #[inline(always)]
-fn evaluate(policy: u32, remote: &[u8; 16], m: &Meta, dir: u8) -> (u8, u32) {
+fn evaluate(policy: u32, remote: &[u8; 16], m: &Meta, dir: u8, svc: u16) -> (u8, u32) {
     // SAFETY: the value is copied out at once.
     let Some(p) = (unsafe { FW_POLICIES.get(&policy) }).copied() else {
         return (FW_DENY, 0);
     };
     let rem = halves(remote);
-    let svc = m.service();
     for i in 0..FW_POLICY_RULES_MAX {
         if i >= p.count {
             break;

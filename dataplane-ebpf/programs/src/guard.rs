@@ -7,8 +7,8 @@
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{
     maps::{
-        ct_timeout, CtKey, CtValue, PortInfo, CT_F_CLOSING, CT_F_REVOKED, CT_TIMEOUT_SYN_NS, DOOR_HOST, DOOR_PEER,
-        DOOR_VPC, DOOR_ZONE, EP_F_GATEWAY, EP_F_LOCAL_IS_A, EP_F_PEER, EXCHANGE_MAX, PORT_F_QUARANTINED,
+        ct_timeout, CtKey, CtValue, PortInfo, CT_F_CLOSING, CT_F_REVOKED, CT_ORIGIN_OUT, CT_TIMEOUT_SYN_NS, DOOR_HOST,
+        DOOR_PEER, DOOR_VPC, DOOR_ZONE, EP_F_GATEWAY, EP_F_LOCAL_IS_A, EP_F_PEER, EXCHANGE_MAX, PORT_F_QUARANTINED,
         PORT_F_REJECTED, PORT_F_UPLINK,
     },
     stage, DropReason, Stat, DIR_EGRESS, DIR_INGRESS, PROTO_TCP,
@@ -101,12 +101,32 @@ fn judge(ctx: &TcContext, m: &mut Meta) -> Result<u32, DropReason> {
     if !new && m.ct_src != S_STALE && m.ct_dst != S_STALE {
         return Ok(FAST_PATH);
     }
-    // Tier 2, for a new flow across an uplink.
-    if m.crossing == X_ZONE_OUT && m.ct_src == S_NEW {
-        zone_guard(m.vm_zone, m.uplink_zone, m)?;
+    // Tier 2, for a new flow across an uplink, and again for a flow judged
+    // under an older configuration (an exchange path may be gone): a flow
+    // it no longer admits is revoked.
+    if m.crossing == X_ZONE_OUT {
+        if m.ct_src == S_NEW {
+            zone_guard(m.vm_zone, m.uplink_zone, m)?;
+        } else if m.ct_src == S_STALE {
+            let out = m.org_src == CT_ORIGIN_OUT;
+            if let Err(r) = zone_guard_again(&m.src, &m.dst, out, m.svc_src, m) {
+                m.src_key(&mut key);
+                crate::policy::revoke(&key, m.tbl_src, m.src_port.epoch);
+                return Err(r);
+            }
+        }
     }
-    if m.crossing == X_ZONE_IN && m.ct_dst == S_NEW {
-        zone_guard(m.uplink_zone, m.vm_zone, m)?;
+    if m.crossing == X_ZONE_IN {
+        if m.ct_dst == S_NEW {
+            zone_guard(m.uplink_zone, m.vm_zone, m)?;
+        } else if m.ct_dst == S_STALE {
+            let out = m.org_dst == CT_ORIGIN_OUT;
+            if let Err(r) = zone_guard_again(&m.dst, &m.src, out, m.svc_dst, m) {
+                m.dst_key(&mut key);
+                crate::policy::revoke(&key, m.tbl_dst, m.dst_port.epoch);
+                return Err(r);
+            }
+        }
     }
     Ok(stage::FIREWALL)
 }
@@ -292,11 +312,35 @@ fn related(ctx: &TcContext, m: &Meta) -> bool {
 /// Tier 2: between two zones, only what an exchange path admits.
 #[inline(always)]
 fn zone_guard(from: u32, to: u32, m: &Meta) -> Result<(), DropReason> {
+    exchange_admits(from, to, m.family, m.proto, &m.src, &m.dst, m.service())
+}
+
+/// Tier 2 for a flow judged under an older configuration: the crossing as
+/// it was opened (from outside: from the uplink's zone to the VM's, the
+/// remote end as the source), with the service it was opened for.
+#[inline(always)]
+fn zone_guard_again(vm: &[u8; 16], remote: &[u8; 16], opened_out: bool, svc: u16, m: &Meta) -> Result<(), DropReason> {
+    if opened_out {
+        exchange_admits(m.vm_zone, m.uplink_zone, m.family, m.proto, vm, remote, svc)
+    } else {
+        exchange_admits(m.uplink_zone, m.vm_zone, m.family, m.proto, remote, vm, svc)
+    }
+}
+
+#[inline(always)]
+fn exchange_admits(
+    from: u32,
+    to: u32,
+    family: u8,
+    proto: u8,
+    src: &[u8; 16],
+    dst: &[u8; 16],
+    svc: u16,
+) -> Result<(), DropReason> {
     if from == to {
         return Ok(());
     }
-    let (src, dst) = (halves(&m.src), halves(&m.dst));
-    let svc = m.service();
+    let (src, dst) = (halves(src), halves(dst));
     for i in 0..EXCHANGE_MAX {
         let Some(r) = EXCHANGE.get(i) else { break };
         if r.from == 0 {
@@ -304,8 +348,8 @@ fn zone_guard(from: u32, to: u32, m: &Meta) -> Result<(), DropReason> {
         }
         if r.from == from
             && r.to == to
-            && r.family == m.family
-            && r.proto == m.proto
+            && r.family == family
+            && r.proto == proto
             && svc >= r.port_lo
             && svc <= r.port_hi
             && in_prefix(src, halves(&r.src), r.src_plen)

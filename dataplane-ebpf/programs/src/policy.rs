@@ -66,7 +66,7 @@ fn rejudge(port: &PortInfo, origin: u8, family: u8, remote: &[u8; 16], proto: u8
 
 /// Marks a flow revoked under the current policy epoch.
 #[inline(always)]
-fn revoke(key: &dataplane_common::maps::CtKey, table: u8, epoch: u32) {
+pub fn revoke(key: &dataplane_common::maps::CtKey, table: u8, epoch: u32) {
     let p = if table == T_MAIN {
         CT.get_ptr_mut(key)
     } else {
