@@ -855,6 +855,25 @@ fn egress_rules_close_the_default_open_egress() {
     );
 }
 
+/// A stage missing from the program array drops what would run it, and
+/// counts it: the pipeline fails closed.
+#[test]
+fn a_missing_stage_drops_and_counts() {
+    let Some(mut h) = Harness::new() else { return };
+    h.policy(&share(base_rules(), &[]));
+    let ssh = tcp4(GW_MAC, [198, 51, 100, 1], VM4, 50000, 22, true);
+    h.check("a new flow with every stage", Prog::ToVm, &ssh, Expect::Pass);
+    let map = h.dp.ebpf_mut().map_mut("SDN_PIPE").expect("the pipeline's array");
+    let mut pipe: aya::maps::ProgramArray<&mut aya::maps::MapData> = aya::maps::ProgramArray::try_from(map).unwrap();
+    pipe.clear_index(&dataplane_common::stage::POLICY).unwrap();
+    h.check(
+        "a new flow without the policy stage",
+        Prog::ToVm,
+        &tcp4(GW_MAC, [198, 51, 100, 1], VM4, 50001, 22, true),
+        Expect::Drop(DropReason::Pipeline),
+    );
+}
+
 #[test]
 fn unknown_ports_fail_closed() {
     let Some(mut h) = Harness::new() else { return };

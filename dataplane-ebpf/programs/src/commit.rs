@@ -53,6 +53,7 @@ pub fn commit(ctx: &mut TcContext, m: &mut Meta) -> Result<Action, DropReason> {
         K_NEIGHBOUR if m.entry == crate::meta::E_FROM_VM => return Ok(Action::Consume),
         K_NEIGHBOUR => return Ok(Action::Pass),
         K_IP => {
+            prepare(ctx, m)?;
             refresh(m)?;
             if m.fw_record != 0 {
                 let mut key = EMPTY_KEY;
@@ -61,7 +62,7 @@ pub fn commit(ctx: &mut TcContext, m: &mut Meta) -> Result<Action, DropReason> {
             }
         }
         // K_RELATED: an ICMP error of a tracked flow, which leaves no state.
-        _ => {}
+        _ => prepare(ctx, m)?,
     }
     forward(ctx, m)
 }
@@ -203,6 +204,16 @@ fn uncount(ifx: u32) {
     }
 }
 
+/// What can still fail before the packet leaves, done before any write:
+/// the tunnel key of a packet into the overlay.
+#[inline(always)]
+pub fn prepare(ctx: &TcContext, m: &Meta) -> Result<(), DropReason> {
+    if m.entry == crate::meta::E_FROM_VM && m.out == O_TUNNEL && !set_tunnel(ctx, m.tun_vni, m.tun_remote) {
+        return Err(DropReason::NoRoute);
+    }
+    Ok(())
+}
+
 /// The fast path's writes: every local side's live entry brought up to
 /// date (a handshake that completes moves to the flow table, within the
 /// port's budget).
@@ -247,10 +258,8 @@ pub fn forward(ctx: &mut TcContext, m: &Meta) -> Result<Action, DropReason> {
                 Ok(Action::Peer(m.out_ifx))
             }
             O_TUNNEL => {
+                // The tunnel key was set before the writes (`prepare`).
                 set_macs(ctx, &m.dst_mac)?;
-                if !set_tunnel(ctx, m.tun_vni, m.tun_remote) {
-                    return Err(DropReason::NoRoute);
-                }
                 count(Stat::Encapsulated);
                 Ok(Action::Redirect(m.out_ifx))
             }

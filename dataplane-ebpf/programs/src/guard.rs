@@ -51,6 +51,7 @@ pub fn guard(ctx: &mut TcContext, m: &mut Meta) -> Result<Next, DropReason> {
         return Ok(Next::Stage(idx));
     }
     count(Stat::FastPath);
+    commit::prepare(ctx, m)?;
     commit::refresh(m)?;
     Ok(Next::Done(commit::forward(ctx, m)?))
 }
