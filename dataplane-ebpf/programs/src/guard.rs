@@ -171,16 +171,8 @@ fn resolve(m: &mut Meta) -> Result<(), DropReason> {
         if peer {
             m.dst_door = DOOR_PEER | port.vni;
             if ep.policy != 0 {
-                m.crossing = X_PEER;
-                m.fw_policy = ep.policy;
-                if ep.flags & EP_F_LOCAL_IS_A != 0 {
-                    // The sender is side A: its egress, towards the receiver.
-                    m.fw_dir = DIR_EGRESS;
-                    m.fw_remote_is_src = 0;
-                } else {
-                    m.fw_dir = DIR_INGRESS;
-                    m.fw_remote_is_src = 1;
-                }
+                // `ep` is keyed by the sender's VNI.
+                crate::overlay::peer_firewall(m, ep.policy, ep.flags & EP_F_LOCAL_IS_A == 0);
             }
         } else {
             m.dst_door = DOOR_VPC | port.vni;

@@ -93,18 +93,17 @@ pub fn endpoint(vni: u32, family: u8, addr: &[u8; 16]) -> Option<Endpoint> {
 }
 
 /// Sets up the VPC firewall of a peering for a packet to a local port from
-/// a peer (`src`, an endpoint of the receiver's VNI): the rules are read
-/// from side A.
+/// a peer: the rules are read from side A, so side A's ingress when the
+/// receiver is side A (the remote end is the sender), else its egress (the
+/// remote end is the receiver).
 #[inline(always)]
-pub fn peer_firewall(m: &mut Meta, src: &Endpoint) {
+pub fn peer_firewall(m: &mut Meta, policy: u32, receiver_is_a: bool) {
     m.crossing = X_PEER;
-    m.fw_policy = src.policy;
-    if src.flags & EP_F_LOCAL_IS_A != 0 {
-        // The receiver is side A: its ingress, the remote is the sender.
+    m.fw_policy = policy;
+    if receiver_is_a {
         m.fw_dir = DIR_INGRESS;
         m.fw_remote_is_src = 1;
     } else {
-        // The sender is side A: its egress, the remote is the receiver.
         m.fw_dir = DIR_EGRESS;
         m.fw_remote_is_src = 0;
     }
@@ -137,7 +136,8 @@ pub fn from_overlay(ctx: &TcContext, m: &mut Meta) -> Result<(), DropReason> {
     if src.flags & EP_F_PEER != 0 {
         m.dst_door = DOOR_PEER | src.vni;
         if src.policy != 0 {
-            peer_firewall(m, &src);
+            // `src` is keyed by the receiver's VNI.
+            peer_firewall(m, src.policy, src.flags & EP_F_LOCAL_IS_A != 0);
         }
     } else {
         m.dst_door = DOOR_VPC | vni;
