@@ -354,7 +354,7 @@ impl Dataplane {
                     flows = n,
                     "flows of the earlier version's table carried over; its tables removed"
                 );
-                for name in [m::v1::CT, m::v1::FW_VERDICTS] {
+                for name in [m::v1::CT, m::v1::FW_VERDICTS, m::v1::DROPS] {
                     let _ = std::fs::remove_file(self.pin_dir.join("maps").join(name));
                 }
                 if let Err(e) = self.collect_conntrack() {

@@ -108,8 +108,6 @@ impl Agent {
             self.attached.insert(ifx);
             tracing::info!(device = %name, ifindex = ifx, "programs attached");
         }
-        // Every link now runs this load's programs: earlier loads' stages go.
-        self.dp.retire_old_pipelines();
         // The zone guard on every uplink; off devices that no longer are one.
         let held_uplinks = self.dp.attached_uplinks();
         for (ifx, name) in &desired.uplink_devices {
@@ -129,6 +127,9 @@ impl Agent {
                 );
             }
         }
+        // Every link (ports, uplinks, the tunnel's) now runs this load's
+        // programs: earlier loads' stages go.
+        self.dp.retire_old_pipelines();
         if desired.missing_uplinks != self.missing_uplinks {
             for (zone, dev) in &desired.missing_uplinks {
                 tracing::warn!(zone = %zone, device = %dev, "uplink device missing on this host: the zone is unreachable from here");

@@ -73,7 +73,8 @@ pub const CT_SYN: &str = "SDN_CT_SYN";
 /// agent's collector.
 pub const CT_COUNT: &str = "SDN_CT_COUNT";
 /// Pinned name of the per-CPU drop counters (index: `DropReason`).
-pub const DROPS: &str = "SDN_DROPS";
+/// (Version 2: 48 slots, room for new reasons.)
+pub const DROPS: &str = "SDN_DROPS2";
 /// Pinned name of the per-CPU stats counters (index: `Stat`).
 pub const STATS: &str = "SDN_STATS";
 
@@ -471,6 +472,9 @@ pub mod v1 {
     pub const CT: &str = "SDN_CT";
     /// Pinned name of version 1's firewall verdicts ([`CtKey`] -> [`super::FwVerdict`]).
     pub const FW_VERDICTS: &str = "SDN_FW_VERDICTS";
+    /// Pinned name of version 1's drop counters (32 slots; version 2 starts
+    /// its counters afresh).
+    pub const DROPS: &str = "SDN_DROPS";
 
     /// Version 1's flow key: no door, no ICMP type.
     #[repr(C)]

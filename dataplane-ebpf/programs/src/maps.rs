@@ -96,7 +96,7 @@ pub static FW_VERDICTS: LruHashMap<CtKey, FwVerdict> = LruHashMap::pinned(FW_VER
 #[map(name = "SDN_FW_NAMES")]
 pub static FW_NAMES: HashMap<u32, RuleName> = HashMap::pinned(FW_NAMES_MAX, 0);
 
-#[map(name = "SDN_DROPS")]
+#[map(name = "SDN_DROPS2")]
 pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(DROP_REASON_SLOTS, 0);
 
 #[map(name = "SDN_STATS")]
