@@ -1,0 +1,204 @@
+//! A running single-node controller, its agents, and a client.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sdn_proto::v1 as pb;
+
+use crate::{bin, free_port, ns_sh, wait_for, Bpffs, Proc, Topology};
+
+pub struct Cluster {
+    pub controller: Proc,
+    pub agents: Vec<(String, Proc)>,
+    pub addr: String,
+    pub socket: PathBuf,
+    pub data_dir: PathBuf,
+    pub bpffs: Bpffs,
+    pub dir: PathBuf,
+    pub listen: String,
+    /// Recorded in the audit log for writes made through [`Cluster::apply`].
+    pub actor: String,
+}
+
+impl Cluster {
+    pub fn start(dir: &Path) -> anyhow::Result<Cluster> {
+        let data_dir = dir.join("controller-data");
+        let socket = dir.join("controller.sock");
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let bpffs = Bpffs::new(&dir.join("bpffs"))?;
+        let controller = Self::spawn_controller(dir, &data_dir, &socket, &listen)?;
+        let c = Cluster {
+            controller,
+            agents: Vec::new(),
+            addr: format!("http://{listen}"),
+            socket,
+            data_dir,
+            bpffs,
+            dir: dir.to_path_buf(),
+            listen,
+            actor: "integration-test".into(),
+        };
+        c.wait_ready()?;
+        Ok(c)
+    }
+
+    fn spawn_controller(dir: &Path, data_dir: &Path, socket: &Path, listen: &str) -> anyhow::Result<Proc> {
+        Proc::spawn(
+            "controller",
+            None,
+            &bin("sdn-controller"),
+            &[
+                "--data-dir",
+                data_dir.to_str().unwrap(),
+                "--listen",
+                listen,
+                "--listen-unix",
+                socket.to_str().unwrap(),
+            ],
+            dir,
+        )
+    }
+
+    fn wait_ready(&self) -> anyhow::Result<()> {
+        let addr = self.addr.clone();
+        // A thread of its own: callers may be inside a tokio runtime.
+        let r = std::thread::spawn(move || -> anyhow::Result<()> {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            wait_for("the controller to answer", Duration::from_secs(20), || {
+                rt.block_on(async {
+                    match sdn_proto::connect(&addr).await {
+                        Ok(ch) => pb::provisioning_client::ProvisioningClient::new(ch)
+                            .list(pb::ListRequest { kind: 0, stale: false })
+                            .await
+                            .is_ok(),
+                        Err(_) => false,
+                    }
+                })
+            })
+        })
+        .join()
+        .expect("readiness thread");
+        r.with_context(|| format!("controller log:\n{}", self.controller.log_text()))
+    }
+
+    /// Kills the controller (SIGKILL) and starts it again on the same data.
+    pub fn restart_controller(&mut self) -> anyhow::Result<()> {
+        self.controller.kill();
+        self.controller = Self::spawn_controller(&self.dir, &self.data_dir, &self.socket, &self.listen)?;
+        self.wait_ready()
+    }
+
+    pub fn pin_dir(&self, host: &str) -> PathBuf {
+        self.bpffs.path.join(host)
+    }
+
+    pub fn start_agent(&mut self, topo: &Topology, host: &str) -> anyhow::Result<()> {
+        let underlay = topo.underlay_ip(host);
+        self.start_agent_binary(topo, host, &bin("sdn-agent"), &["--underlay-ip", &underlay])
+    }
+
+    /// Starts an agent from another build (an earlier release, which
+    /// may not know every flag of this one), with `extra` arguments.
+    pub fn start_agent_binary(
+        &mut self,
+        topo: &Topology,
+        host: &str,
+        agent: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<()> {
+        let ns = topo.host_ns(host).name.clone();
+        let ctl = format!("unix://{}", self.socket.display());
+        let pin = self.pin_dir(host);
+        let p = Proc::spawn(
+            &format!("agent-{host}"),
+            Some(&ns),
+            agent,
+            &[
+                &[
+                    "run",
+                    "--host",
+                    host,
+                    "--controller",
+                    &ctl,
+                    "--pin-dir",
+                    pin.to_str().unwrap(),
+                ],
+                extra,
+            ]
+            .concat(),
+            &self.dir,
+        )?;
+        self.agents.retain(|(h, _)| h != host);
+        self.agents.push((host.to_string(), p));
+        Ok(())
+    }
+
+    pub fn agent(&mut self, host: &str) -> &mut Proc {
+        &mut self.agents.iter_mut().find(|(h, _)| h == host).expect("agent").1
+    }
+
+    pub async fn client(
+        &self,
+    ) -> anyhow::Result<pb::provisioning_client::ProvisioningClient<tonic::transport::Channel>> {
+        Ok(pb::provisioning_client::ProvisioningClient::new(
+            sdn_proto::connect(&self.addr).await?,
+        ))
+    }
+
+    /// Applies a batch and waits for enforcement.
+    pub async fn apply(&self, ops: Vec<pb::operation::Op>) -> Result<pb::ApplyResponse, tonic::Status> {
+        let mut c = self
+            .client()
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        c.apply(pb::ApplyRequest {
+            operations: ops.into_iter().map(|o| pb::Operation { op: Some(o) }).collect(),
+            actor: self.actor.clone(),
+            wait: true,
+            wait_timeout_ms: 20_000,
+        })
+        .await
+        .map(|r| r.into_inner())
+    }
+
+    /// One counter of a host's dataplane: `group` is "drops" or "stats".
+    pub fn counter(&self, topo: &Topology, host: &str, group: &str, name: &str) -> u64 {
+        self.drops(topo, host).expect("counters")[group][name]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
+    /// The firewall verdicts a host recorded (`sdn-agent verdicts`).
+    pub fn verdicts(&self, topo: &Topology, host: &str) -> Vec<serde_json::Value> {
+        let out = ns_sh(
+            &topo.host_ns(host).name,
+            &[
+                bin("sdn-agent").to_str().unwrap(),
+                "verdicts",
+                "--pin-dir",
+                self.pin_dir(host).to_str().unwrap(),
+            ],
+        )
+        .expect("sdn-agent verdicts");
+        out.lines()
+            .map(|l| serde_json::from_str(l).expect("a JSON line"))
+            .collect()
+    }
+
+    /// Every counter of a host's dataplane (`sdn-agent counters`): drops
+    /// by reason and stats.
+    pub fn drops(&self, topo: &Topology, host: &str) -> anyhow::Result<serde_json::Value> {
+        let out = ns_sh(
+            &topo.host_ns(host).name,
+            &[
+                bin("sdn-agent").to_str().unwrap(),
+                "counters",
+                "--pin-dir",
+                self.pin_dir(host).to_str().unwrap(),
+            ],
+        )?;
+        Ok(serde_json::from_str(&out)?)
+    }
+}

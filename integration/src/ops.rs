@@ -1,0 +1,177 @@
+//! Builders for provisioning messages.
+
+use pb::operation::Op;
+use sdn_proto::v1 as pb;
+
+pub fn tenant(id: &str) -> Op {
+    Op::PutTenant(pb::Tenant {
+        id: id.into(),
+        name: id.into(),
+    })
+}
+pub fn vpc(id: &str, tenant: &str) -> Op {
+    vpc_vni(id, tenant, 0)
+}
+pub fn vpc_vni(id: &str, tenant: &str, vni: u32) -> Op {
+    Op::PutVpc(pb::Vpc {
+        id: id.into(),
+        tenant_id: tenant.into(),
+        name: id.into(),
+        vni,
+        zone_id: String::new(),
+        border_policy_id: String::new(),
+    })
+}
+/// A VPC attached to a zone's uplink.
+pub fn vpc_in_zone(id: &str, tenant: &str, zone: &str) -> Op {
+    Op::PutVpc(pb::Vpc {
+        id: id.into(),
+        tenant_id: tenant.into(),
+        name: id.into(),
+        vni: 0,
+        zone_id: zone.into(),
+        border_policy_id: String::new(),
+    })
+}
+pub fn zone(id: &str, prefixes: &[&str], uplink: &str) -> Op {
+    Op::PutZone(pb::Zone {
+        id: id.into(),
+        name: id.into(),
+        prefixes: prefixes.iter().map(|p| p.to_string()).collect(),
+        uplink_device: uplink.into(),
+        ..Default::default()
+    })
+}
+/// An exchange path for TCP to `ports`.
+pub fn exchange(id: &str, from: &str, to: &str, src: &str, dst: &str, ports: (u32, u32)) -> Op {
+    Op::PutExchangePath(pb::ExchangePath {
+        id: id.into(),
+        from_zone: from.into(),
+        to_zone: to.into(),
+        source_cidr: src.into(),
+        destination_cidr: dst.into(),
+        protocol: pb::Protocol::Tcp as i32,
+        port_min: ports.0,
+        port_max: ports.1,
+        ..Default::default()
+    })
+}
+/// An exchange path marked broad (every source, say), with the reason
+/// the audit records.
+pub fn broad(op: Op, reason: &str) -> Op {
+    match op {
+        Op::PutExchangePath(x) => Op::PutExchangePath(pb::ExchangePath {
+            broad: true,
+            broad_reason: reason.into(),
+            ..x
+        }),
+        other => other,
+    }
+}
+pub fn subnet(id: &str, vpc: &str, v4: &str, v6: &str) -> Op {
+    Op::PutSubnet(pb::Subnet {
+        id: id.into(),
+        vpc_id: vpc.into(),
+        cidr_v4: v4.into(),
+        cidr_v6: v6.into(),
+    })
+}
+pub fn host(id: &str, ip: &str) -> Op {
+    Op::PutHost(pb::Host {
+        id: id.into(),
+        underlay_ip: ip.into(),
+    })
+}
+#[allow(clippy::too_many_arguments)]
+pub fn port(
+    id: &str,
+    tenant: &str,
+    subnet: &str,
+    host: &str,
+    device: &str,
+    mac: &str,
+    v4: &str,
+    v6: &str,
+    groups: &[&str],
+) -> Op {
+    Op::PutPort(pb::Port {
+        id: id.into(),
+        tenant_id: tenant.into(),
+        subnet_id: subnet.into(),
+        host_id: host.into(),
+        device: device.into(),
+        mac: mac.into(),
+        ipv4: v4.into(),
+        ipv6: v6.into(),
+        security_group_ids: groups.iter().map(|g| g.to_string()).collect(),
+        vm_id: String::new(),
+    })
+}
+pub fn group(id: &str, tenant: &str, rules: Vec<pb::SecurityGroupRule>) -> Op {
+    Op::PutSecurityGroup(pb::SecurityGroup {
+        id: id.into(),
+        tenant_id: tenant.into(),
+        name: id.into(),
+        rules,
+    })
+}
+/// Security-group rules admitting everything, both families.
+pub fn open_rules() -> Vec<pb::SecurityGroupRule> {
+    vec![
+        ingress("all4", false, "any", (0, 0), "", ""),
+        ingress("all6", true, "any", (0, 0), "", ""),
+    ]
+}
+
+/// A firewall rule; `what` is "<allow|deny> <in|out> <v4|v6>".
+pub fn fw_rule(id: &str, priority: u32, what: &str, proto: &str, ports: (u32, u32), cidr: &str) -> pb::FirewallRule {
+    let w: Vec<&str> = what.split(' ').collect();
+    let r = ingress(id, w[2] == "v6", proto, ports, cidr, "");
+    pb::FirewallRule {
+        id: r.id,
+        priority,
+        action: if w[0] == "allow" {
+            pb::Action::Allow
+        } else {
+            pb::Action::Deny
+        } as i32,
+        direction: if w[1] == "out" {
+            pb::Direction::Egress
+        } else {
+            pb::Direction::Ingress
+        } as i32,
+        ether_type: r.ether_type,
+        protocol: r.protocol,
+        port_min: r.port_min,
+        port_max: r.port_max,
+        remote_cidr: r.remote_cidr,
+    }
+}
+
+/// An ingress rule: "tcp", "udp", "icmp", "icmpv6" or "any"; v6 picks the family.
+pub fn ingress(
+    id: &str,
+    v6: bool,
+    proto: &str,
+    ports: (u32, u32),
+    cidr: &str,
+    remote_group: &str,
+) -> pb::SecurityGroupRule {
+    let protocol = match proto {
+        "tcp" => pb::Protocol::Tcp,
+        "udp" => pb::Protocol::Udp,
+        "icmp" => pb::Protocol::Icmp,
+        "icmpv6" => pb::Protocol::Icmpv6,
+        _ => pb::Protocol::Any,
+    };
+    pb::SecurityGroupRule {
+        id: id.into(),
+        direction: pb::Direction::Ingress as i32,
+        ether_type: if v6 { pb::EtherType::Ipv6 } else { pb::EtherType::Ipv4 } as i32,
+        protocol: protocol as i32,
+        port_min: ports.0,
+        port_max: ports.1,
+        remote_cidr: cidr.into(),
+        remote_group_id: remote_group.into(),
+    }
+}

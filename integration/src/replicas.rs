@@ -1,0 +1,195 @@
+//! A controller cluster of real processes, one network namespace per
+//! replica on the topology's underlay, so links between replicas can be cut.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use sdn_proto::v1 as pb;
+
+use crate::{bin, Proc, Topology};
+
+pub struct Replica {
+    pub id: u64,
+    pub ns: String,
+    pub ip: String,
+    pub socket: PathBuf,
+    pub data_dir: PathBuf,
+    pub proc: Option<Proc>,
+    pub binary: PathBuf,
+}
+
+impl Replica {
+    /// The address other replicas and agents use.
+    pub fn addr(&self) -> String {
+        format!("http://{}:7070", self.ip)
+    }
+    /// The address the tests use (a unix socket, reachable from any namespace).
+    pub fn local(&self) -> String {
+        format!("unix://{}", self.socket.display())
+    }
+}
+
+pub struct Replicas {
+    pub replicas: Vec<Replica>,
+    pub dir: PathBuf,
+}
+
+impl Replicas {
+    /// Starts replicas in the namespaces of `hosts` (their underlay
+    /// addresses); the first bootstraps, the others join. Then adds and
+    /// promotes them through the Cluster API.
+    pub async fn start(topo: &Topology, hosts: &[&str]) -> anyhow::Result<Replicas> {
+        let mut r = Replicas::new(topo, hosts);
+        for i in 0..r.replicas.len() {
+            r.spawn(i, i > 0)?;
+        }
+        r.wait_answering(0).await?;
+        let first = r.replicas[0].local();
+        let mut c = cluster_client(&first).await?;
+        for rep in &r.replicas[1..] {
+            r.wait_answering(rep.id as usize - 1).await?;
+            c.add_learner(pb::AddLearnerRequest {
+                node_id: rep.id,
+                addr: rep.addr(),
+            })
+            .await?;
+            c.promote(pb::MemberRequest { node_id: rep.id }).await?;
+        }
+        Ok(r)
+    }
+
+    /// Describes one replica per host (node ids from 1), none running.
+    pub fn new(topo: &Topology, hosts: &[&str]) -> Replicas {
+        let replicas = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let id = i as u64 + 1;
+                Replica {
+                    id,
+                    ns: topo.host_ns(h).name.clone(),
+                    ip: topo.underlay_ip(h),
+                    socket: topo.dir.join(format!("c{id}.sock")),
+                    data_dir: topo.dir.join(format!("c{id}-data")),
+                    proc: None,
+                    binary: bin("sdn-controller"),
+                }
+            })
+            .collect();
+        Replicas {
+            replicas,
+            dir: topo.dir.clone(),
+        }
+    }
+
+    pub fn spawn(&mut self, i: usize, join: bool) -> anyhow::Result<()> {
+        let rep = &self.replicas[i];
+        let _ = std::fs::remove_file(&rep.socket);
+        let listen = format!("{}:7070", rep.ip);
+        let mut args = vec![
+            "--node-id".to_string(),
+            rep.id.to_string(),
+            "--data-dir".into(),
+            rep.data_dir.display().to_string(),
+            "--listen".into(),
+            listen,
+            "--listen-unix".into(),
+            rep.socket.display().to_string(),
+        ];
+        if join {
+            args.push("--join".into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let p = Proc::spawn(
+            &format!("controller-{}", rep.id),
+            Some(&rep.ns),
+            &rep.binary,
+            &args,
+            &self.dir,
+        )?;
+        self.replicas[i].proc = Some(p);
+        Ok(())
+    }
+
+    pub async fn wait_answering(&self, i: usize) -> anyhow::Result<()> {
+        let addr = self.replicas[i].local();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(mut c) = cluster_client(&addr).await {
+                if c.status(pb::ClusterStatusRequest {}).await.is_ok() {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("replica {} does not answer on {addr}", i + 1)
+    }
+
+    /// The leader's index, as the replicas that answer see it.
+    pub async fn leader(&self) -> Option<usize> {
+        for r in &self.replicas {
+            if r.proc.is_none() {
+                continue;
+            }
+            if let Ok(mut c) = cluster_client(&r.local()).await {
+                if let Ok(Ok(s)) =
+                    tokio::time::timeout(Duration::from_millis(500), c.status(pb::ClusterStatusRequest {})).await
+                {
+                    // Only a replica that itself says it leads counts.
+                    let s = s.into_inner();
+                    if s.leader_id != 0 && s.leader_id == s.node_id {
+                        return Some(s.node_id as usize - 1);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    pub async fn wait_leader(&self, timeout: Duration) -> anyhow::Result<usize> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(l) = self.leader().await {
+                return Ok(l);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("no leader within {timeout:?}")
+    }
+
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.replicas[i].proc.take() {
+            p.kill();
+        }
+    }
+
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut p) = self.replicas[i].proc.take() {
+            p.stop();
+        }
+    }
+
+    pub async fn status(&self, i: usize) -> anyhow::Result<pb::ClusterStatus> {
+        let mut c = cluster_client(&self.replicas[i].local()).await?;
+        Ok(c.status(pb::ClusterStatusRequest {}).await?.into_inner())
+    }
+
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.join(format!("controller-{}.log", i + 1))).unwrap_or_default()
+    }
+}
+
+pub async fn cluster_client(
+    addr: &str,
+) -> anyhow::Result<pb::cluster_client::ClusterClient<tonic::transport::Channel>> {
+    Ok(pb::cluster_client::ClusterClient::new(sdn_proto::connect(addr).await?))
+}
+
+pub async fn prov_client(
+    addr: &str,
+) -> anyhow::Result<pb::provisioning_client::ProvisioningClient<tonic::transport::Channel>> {
+    Ok(pb::provisioning_client::ProvisioningClient::new(
+        sdn_proto::connect(addr).await?,
+    ))
+}
