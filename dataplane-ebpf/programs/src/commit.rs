@@ -14,6 +14,7 @@ use dataplane_common::{
 use crate::{
     ctx::load,
     firewall,
+    guard::Live,
     maps::{count, CONFIG, CT, CT_COUNT, CT_SYN},
     meta::{
         Meta, EMPTY_KEY, E_FROM_OVERLAY, E_FROM_UPLINK, E_TO_VM, K_ARP, K_IP, K_NEIGHBOUR, K_NS, O_PORT, O_TUNNEL,
@@ -67,24 +68,22 @@ pub fn commit(ctx: &mut TcContext, m: &mut Meta) -> Result<Action, DropReason> {
     forward(ctx, m)
 }
 
-/// Writes one local side's flow entry: a new one, or the live one brought
-/// up to date (and, for a handshake that completed, moved to the flow
-/// table). `outbound`: the port sends this packet.
+/// Writes one local side's flow entry: a new one, or the live one `p`
+/// (null: looked up here) brought up to date; a handshake that completed
+/// moves to the flow table. `outbound`: the port sends this packet.
 #[inline(always)]
-fn side(
-    key: &CtKey,
-    port: &PortInfo,
-    state: u8,
-    table: u8,
-    outbound: bool,
-    m: &Meta,
-    budget: u32,
-) -> Result<(), DropReason> {
+fn side(port: &PortInfo, state: u8, table: u8, mut p: *mut CtValue, outbound: bool, m: &Meta) -> Result<(), DropReason> {
     let now = m.now;
+    let mut key = EMPTY_KEY;
+    if outbound {
+        m.src_key(&mut key);
+    } else {
+        m.dst_key(&mut key);
+    }
     if state == S_NEW {
         if table == T_MAIN {
             // A closing connection's entry that a fresh SYN replaces.
-            let _ = CT.remove(key);
+            let _ = CT.remove(&key);
             uncount(key.ifindex);
         }
         let v = CtValue {
@@ -102,7 +101,7 @@ fn side(
         // Unconfirmed: in the LRU table until it is answered (TCP: until the
         // opener acknowledges the answer), so a flood of flows nobody
         // answers evicts only its own kind, never takes a port's budget.
-        let _ = CT_SYN.insert(key, &v, 0);
+        let _ = CT_SYN.insert(&key, &v, 0);
         count(Stat::CtNew);
         return Ok(());
     }
@@ -110,7 +109,10 @@ fn side(
         return Ok(());
     }
     if table == T_MAIN {
-        if let Some(p) = CT.get_ptr_mut(key) {
+        if p.is_null() {
+            p = CT.get_ptr_mut(&key).unwrap_or(core::ptr::null_mut());
+        }
+        if !p.is_null() {
             // SAFETY: a live map value; racing updates only lose counts.
             update(unsafe { &mut *p }, now, outbound, m, port.epoch);
         }
@@ -120,9 +122,12 @@ fn side(
     if table != T_SYN {
         return Ok(());
     }
-    let Some(p) = CT_SYN.get_ptr_mut(key) else {
+    if p.is_null() {
+        p = CT_SYN.get_ptr_mut(&key).unwrap_or(core::ptr::null_mut());
+    }
+    if p.is_null() {
         return Ok(());
-    };
+    }
     // SAFETY: a live map value.
     let v = unsafe { &mut *p };
     let from_opener = outbound == (v.origin == CT_ORIGIN_OUT);
@@ -140,8 +145,8 @@ fn side(
         let mut nv = *v;
         update(&mut nv, now, outbound, m, port.epoch);
         nv.flags &= !CT_F_REPLY_SEEN;
-        insert(key, &nv, budget)?;
-        let _ = CT_SYN.remove(key);
+        insert(&key, &nv)?;
+        let _ = CT_SYN.remove(&key);
         count(Stat::CtPromoted);
         count(Stat::CtHit);
         return Ok(());
@@ -170,7 +175,11 @@ fn update(v: &mut CtValue, now: u64, outbound: bool, m: &Meta, epoch: u32) {
 /// Inserts into the flow table within the port's budget. An entry already
 /// under the key (one that timed out) is replaced and was counted before.
 #[inline(always)]
-fn insert(key: &CtKey, v: &CtValue, budget: u32) -> Result<(), DropReason> {
+fn insert(key: &CtKey, v: &CtValue) -> Result<(), DropReason> {
+    let budget = match CONFIG.get(0).map(|c| c.ct_budget).unwrap_or(0) {
+        0 => CT_BUDGET_DEFAULT,
+        b => b,
+    };
     let ifx = key.ifindex;
     let held = CT_COUNT.get_ptr_mut(&ifx);
     if let Some(c) = held {
@@ -214,25 +223,33 @@ pub fn prepare(ctx: &TcContext, m: &Meta) -> Result<(), DropReason> {
     Ok(())
 }
 
-/// The fast path's writes: every local side's live entry brought up to
-/// date (a handshake that completes moves to the flow table, within the
-/// port's budget).
+/// Every local side's entry written after the final verdict (looked up
+/// again: the guard's pointers stay in the guard).
 #[inline(always)]
 pub fn refresh(m: &Meta) -> Result<(), DropReason> {
-    let budget = match CONFIG.get(0).map(|c| c.ct_budget).unwrap_or(0) {
-        0 => CT_BUDGET_DEFAULT,
-        b => b,
-    };
-    let mut key = EMPTY_KEY;
     if m.dst_ifx != 0 {
-        m.dst_key(&mut key);
         let port = m.dst_port;
-        side(&key, &port, m.ct_dst, m.tbl_dst, false, m, budget)?;
+        side(&port, m.ct_dst, m.tbl_dst, core::ptr::null_mut(), false, m)?;
     }
     if m.src_ifx != 0 {
-        m.src_key(&mut key);
         let port = m.src_port;
-        side(&key, &port, m.ct_src, m.tbl_src, true, m, budget)?;
+        side(&port, m.ct_src, m.tbl_src, core::ptr::null_mut(), true, m)?;
+    }
+    Ok(())
+}
+
+/// The fast path's writes: the live entries the guard found, brought up
+/// to date in place (a handshake that completes moves to the flow table,
+/// within the port's budget).
+#[inline(always)]
+pub fn refresh_live(m: &Meta, src: Live, dst: Live) -> Result<(), DropReason> {
+    if m.dst_ifx != 0 {
+        let port = m.dst_port;
+        side(&port, dst.state, dst.table, dst.v, false, m)?;
+    }
+    if m.src_ifx != 0 {
+        let port = m.src_port;
+        side(&port, src.state, src.table, src.v, true, m)?;
     }
     Ok(())
 }

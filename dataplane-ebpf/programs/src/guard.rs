@@ -19,7 +19,7 @@ use crate::{
     firewall::{halves, in_prefix},
     maps::{count, CONFIG, CT, CT_SYN, EXCHANGE},
     meta::{
-        Meta, EMPTY_KEY, E_FROM_VM, K_IP, K_RELATED, O_PORT, O_TUNNEL, O_UPLINK, S_EST, S_NEW, S_STALE, T_MAIN, T_SYN,
+        Meta, EMPTY_KEY, E_FROM_VM, K_IP, K_RELATED, O_PORT, O_TUNNEL, O_UPLINK, S_EST, S_NEW, S_NONE, S_STALE, T_MAIN, T_SYN,
         X_PEER, X_ZONE_IN, X_ZONE_OUT,
     },
     overlay::endpoint,
@@ -34,6 +34,15 @@ pub fn pure_syn(flags: u8) -> bool {
     flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN) == TCP_SYN
 }
 
+/// What `judge` decided.
+enum Judged {
+    /// Go on to this stage.
+    Stage(u32),
+    /// Every local side's flow is live under the current policy: the
+    /// entries found, to be brought up to date in place.
+    Fast(Live, Live),
+}
+
 /// What the guard stage decided.
 pub enum Next {
     /// Go on to this stage.
@@ -46,21 +55,18 @@ pub enum Next {
 /// The guard stage.
 #[inline(always)]
 pub fn guard(ctx: &mut TcContext, m: &mut Meta) -> Result<Next, DropReason> {
-    let idx = judge(ctx, m)?;
-    if idx != FAST_PATH {
-        return Ok(Next::Stage(idx));
-    }
+    let (src, dst) = match judge(ctx, m)? {
+        Judged::Stage(idx) => return Ok(Next::Stage(idx)),
+        Judged::Fast(src, dst) => (src, dst),
+    };
     count(Stat::FastPath);
     commit::prepare(ctx, m)?;
-    commit::refresh(m)?;
+    commit::refresh_live(m, src, dst)?;
     Ok(Next::Done(commit::forward(ctx, m)?))
 }
 
-/// The slot `judge` returns for the fast path.
-const FAST_PATH: u32 = u32::MAX;
-
 #[inline(always)]
-fn judge(ctx: &TcContext, m: &mut Meta) -> Result<u32, DropReason> {
+fn judge(ctx: &TcContext, m: &mut Meta) -> Result<Judged, DropReason> {
     if (m.src_ifx != 0 && m.src_port.flags & PORT_F_QUARANTINED != 0)
         || (m.dst_ifx != 0 && m.dst_port.flags & PORT_F_QUARANTINED != 0)
     {
@@ -72,7 +78,7 @@ fn judge(ctx: &TcContext, m: &mut Meta) -> Result<u32, DropReason> {
         return Err(DropReason::UnknownPort);
     }
     if m.kind != K_IP {
-        return Ok(stage::COMMIT);
+        return Ok(Judged::Stage(stage::COMMIT));
     }
     if m.entry == E_FROM_VM {
         resolve(m)?;
@@ -80,27 +86,29 @@ fn judge(ctx: &TcContext, m: &mut Meta) -> Result<u32, DropReason> {
     if is_icmp_error(m.proto, m.icmp_type) && related(ctx, m) {
         count(Stat::CtRelated);
         m.kind = K_RELATED;
-        return Ok(stage::COMMIT);
+        return Ok(Judged::Stage(stage::COMMIT));
     }
     let mut key = EMPTY_KEY;
+    let mut src = Live::NONE;
+    let mut dst = Live::NONE;
     if m.src_ifx != 0 {
         m.src_key(&mut key);
         let port = m.src_port;
-        let (s, t, o, svc) = lookup(&key, &port, m.tcp_flags, m.now)?;
-        (m.ct_src, m.tbl_src, m.org_src, m.svc_src) = (s, t, o, svc);
+        src = lookup(&key, &port, m.tcp_flags, m.now)?;
+        (m.ct_src, m.tbl_src, m.org_src, m.svc_src) = (src.state, src.table, src.origin, src.svc);
     }
     if m.dst_ifx != 0 {
         m.dst_key(&mut key);
         let port = m.dst_port;
-        let (s, t, o, svc) = lookup(&key, &port, m.tcp_flags, m.now)?;
-        (m.ct_dst, m.tbl_dst, m.org_dst, m.svc_dst) = (s, t, o, svc);
+        dst = lookup(&key, &port, m.tcp_flags, m.now)?;
+        (m.ct_dst, m.tbl_dst, m.org_dst, m.svc_dst) = (dst.state, dst.table, dst.origin, dst.svc);
     }
     let new = m.ct_src == S_NEW || m.ct_dst == S_NEW;
     if new && m.proto == PROTO_TCP && !pure_syn(m.tcp_flags) {
         return Err(DropReason::CtNotSyn);
     }
     if !new && m.ct_src != S_STALE && m.ct_dst != S_STALE {
-        return Ok(FAST_PATH);
+        return Ok(Judged::Fast(src, dst));
     }
     // Tier 2, for a new flow across an uplink, and again for a flow judged
     // under an older configuration (an exchange path may be gone): a flow
@@ -129,7 +137,7 @@ fn judge(ctx: &TcContext, m: &mut Meta) -> Result<u32, DropReason> {
             }
         }
     }
-    Ok(stage::FIREWALL)
+    Ok(Judged::Stage(stage::FIREWALL))
 }
 
 /// Where a packet from a VM goes: a port here, another host through the
@@ -191,41 +199,78 @@ fn resolve(m: &mut Meta) -> Result<(), DropReason> {
     Ok(())
 }
 
+/// One local side's entry as the guard found it.
+#[derive(Clone, Copy)]
+pub struct Live {
+    pub state: u8,
+    pub table: u8,
+    pub origin: u8,
+    pub svc: u16,
+    /// The entry in its table (null when there is none). Only the stage
+    /// that looked it up uses it.
+    pub v: *mut CtValue,
+}
+
+impl Live {
+    pub const NONE: Live = Live {
+        state: S_NONE,
+        table: 0,
+        origin: 0,
+        svc: 0,
+        v: core::ptr::null_mut(),
+    };
+    const NEW: Live = Live {
+        state: S_NEW,
+        ..Live::NONE
+    };
+}
+
 /// A live entry of either table, and how it stands against the port's
-/// current policy: (state, table, origin, service).
+/// current policy.
 #[inline(always)]
-fn lookup(key: &CtKey, port: &PortInfo, tcp_flags: u8, now: u64) -> Result<(u8, u8, u8, u16), DropReason> {
-    // SAFETY: the value is copied out at once.
-    if let Some(v) = unsafe { CT.get(key) }.copied() {
-        if now.saturating_sub(v.last_seen_ns) <= ct_timeout(key.proto, v.flags) {
+fn lookup(key: &CtKey, port: &PortInfo, tcp_flags: u8, now: u64) -> Result<Live, DropReason> {
+    if let Some(p) = CT.get_ptr_mut(key) {
+        // SAFETY: a live map value, read field by field.
+        let (seen, flags) = unsafe { ((*p).last_seen_ns, (*p).flags) };
+        if now.saturating_sub(seen) <= ct_timeout(key.proto, flags) {
             // A fresh SYN on a closing connection opens a new one, which
             // replaces the entry.
-            if key.proto == PROTO_TCP && v.flags & CT_F_CLOSING != 0 && pure_syn(tcp_flags) {
-                return Ok((S_NEW, T_MAIN, 0, 0));
+            if key.proto == PROTO_TCP && flags & CT_F_CLOSING != 0 && pure_syn(tcp_flags) {
+                return Ok(Live {
+                    table: T_MAIN,
+                    ..Live::NEW
+                });
             }
-            return classify(&v, port, T_MAIN);
+            return classify(p, port, T_MAIN);
         }
     }
-    // SAFETY: the value is copied out at once.
-    if let Some(v) = unsafe { CT_SYN.get(key) }.copied() {
-        if now.saturating_sub(v.last_seen_ns) <= unconfirmed_timeout(key.proto, v.flags) {
-            return classify(&v, port, T_SYN);
+    if let Some(p) = CT_SYN.get_ptr_mut(key) {
+        // SAFETY: a live map value, read field by field.
+        let (seen, flags) = unsafe { ((*p).last_seen_ns, (*p).flags) };
+        if now.saturating_sub(seen) <= unconfirmed_timeout(key.proto, flags) {
+            return classify(p, port, T_SYN);
         }
     }
-    Ok((S_NEW, 0, 0, 0))
+    Ok(Live::NEW)
 }
 
 #[inline(always)]
-fn classify(v: &CtValue, port: &PortInfo, table: u8) -> Result<(u8, u8, u8, u16), DropReason> {
+fn classify(p: *mut CtValue, port: &PortInfo, table: u8) -> Result<Live, DropReason> {
+    // SAFETY: a live map value, read field by field.
+    let (flags, epoch, origin, svc) = unsafe { ((*p).flags, (*p).epoch, (*p).origin, (*p).svc) };
     // Revoked stays revoked until the entry times out, whatever the
     // policy says since.
-    if v.flags & CT_F_REVOKED != 0 {
+    if flags & CT_F_REVOKED != 0 {
         return Err(DropReason::PolicyRevoked);
     }
-    if v.epoch != port.epoch {
-        return Ok((S_STALE, table, v.origin, v.svc));
-    }
-    Ok((S_EST, table, v.origin, v.svc))
+    let state = if epoch != port.epoch { S_STALE } else { S_EST };
+    Ok(Live {
+        state,
+        table,
+        origin,
+        svc,
+        v: p,
+    })
 }
 
 /// The idle timeout of an unconfirmed flow.

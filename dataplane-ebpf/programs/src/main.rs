@@ -94,18 +94,21 @@ mod progs {
 
     /// Packets the VM sends (TC ingress of the host-side device).
     #[classifier]
+    #[inline(always)]
     pub fn from_vm(ctx: TcContext) -> i32 {
         enter(&ctx, |m| port::from_vm(&ctx, m))
     }
 
     /// Packets the host's stack sends towards the VM (TC egress).
     #[classifier]
+    #[inline(always)]
     pub fn to_vm(ctx: TcContext) -> i32 {
         enter(&ctx, |m| port::to_vm(&ctx, m))
     }
 
     /// Packets arriving from a zone uplink (TC ingress).
     #[classifier]
+    #[inline(always)]
     pub fn from_uplink(ctx: TcContext) -> i32 {
         let Some(m) = meta() else {
             return drop(DropReason::Pipeline);
@@ -119,6 +122,7 @@ mod progs {
 
     /// Packets leaving through a zone uplink (TC egress).
     #[classifier]
+    #[inline(always)]
     pub fn to_uplink(mut ctx: TcContext) -> i32 {
         match uplink::to_uplink(&mut ctx) {
             Ok(()) => TC_ACT_OK,
@@ -128,11 +132,13 @@ mod progs {
 
     /// Packets from the overlay (TC ingress of the VXLAN device).
     #[classifier]
+    #[inline(always)]
     pub fn from_overlay(ctx: TcContext) -> i32 {
         enter(&ctx, |m| overlay::from_overlay(&ctx, m))
     }
 
     #[classifier]
+    #[inline(always)]
     pub fn st_guard(mut ctx: TcContext) -> i32 {
         let Some(m) = meta() else {
             return drop(DropReason::Pipeline);
@@ -148,6 +154,7 @@ mod progs {
     }
 
     #[classifier]
+    #[inline(always)]
     pub fn st_firewall(ctx: TcContext) -> i32 {
         let Some(m) = meta() else {
             return drop(DropReason::Pipeline);
@@ -159,6 +166,7 @@ mod progs {
     }
 
     #[classifier]
+    #[inline(always)]
     pub fn st_policy(ctx: TcContext) -> i32 {
         let Some(m) = meta() else {
             return drop(DropReason::Pipeline);
@@ -170,6 +178,7 @@ mod progs {
     }
 
     #[classifier]
+    #[inline(always)]
     pub fn st_commit(mut ctx: TcContext) -> i32 {
         let Some(m) = meta() else {
             return drop(DropReason::Pipeline);
@@ -210,6 +219,7 @@ mod progs {
     /// to the pipeline, drops (and counts) the rest. Used by the tests to
     /// hold the parser to one behaviour behind both contexts.
     #[xdp]
+    #[inline(always)]
     pub fn xdp_from_vm(ctx: XdpContext) -> u32 {
         let Some(m) = meta() else {
             maps::count_drop(DropReason::Pipeline);
