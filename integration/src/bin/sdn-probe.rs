@@ -57,6 +57,20 @@ enum Cmd {
         #[arg(long, default_value_t = 1_000_000)]
         count: u64,
     },
+    /// Sends UDP datagrams to addr:port as fast as it can for a duration,
+    /// each from a distinct (source address, source port), so every one
+    /// starts a new flow: addresses from `sources` (an IPv4 prefix), ports
+    /// from 1024 up; raw IPv4. Prints the number sent.
+    NewFlows {
+        addr: std::net::Ipv4Addr,
+        port: u16,
+        #[arg(long)]
+        sources: ipnetwork::Ipv4Network,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 18)]
+        payload: usize,
+    },
     /// Keeps one TCP connection and exchanges a message every interval for a
     /// duration; reports failed exchanges. Exits 0 only if none failed.
     Hold {
@@ -239,38 +253,66 @@ fn csum(parts: &[&[u8]]) -> u16 {
     !(sum as u16)
 }
 
-/// A SYN flood of distinct tuples through a raw socket (the kernel adds
-/// nothing: IPPROTO_RAW implies the IP header is ours).
+/// Distinct (source address, source port) tuples from a prefix: 64,000
+/// ports from 1024 up for each address (not the network address, not the
+/// broadcast), then the next address.
+struct Tuples {
+    hosts: Vec<u32>,
+}
+
+impl Tuples {
+    const PORTS_PER_HOST: u64 = 64_000;
+
+    fn new(sources: ipnetwork::Ipv4Network) -> Tuples {
+        let base = u32::from(sources.network());
+        let n = 1u64 << (32 - sources.prefix() as u64);
+        Tuples {
+            hosts: (1..n.saturating_sub(1).max(2)).map(|i| base + i as u32).collect(),
+        }
+    }
+
+    fn nth(&self, i: u64) -> (std::net::Ipv4Addr, u16) {
+        let host = self.hosts[((i / Self::PORTS_PER_HOST) as usize) % self.hosts.len()];
+        (host.into(), 1024 + (i % Self::PORTS_PER_HOST) as u16)
+    }
+}
+
+/// An IPv4 header for a raw socket (the kernel fills the checksum and the
+/// id when they are zero).
+fn ipv4_header(h: &mut [u8], total: u16, proto: u8, src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr) {
+    h[..20].fill(0);
+    h[0] = 0x45;
+    h[2..4].copy_from_slice(&total.to_be_bytes());
+    h[6] = 0x40;
+    h[8] = 64;
+    h[9] = proto;
+    h[12..16].copy_from_slice(&src.octets());
+    h[16..20].copy_from_slice(&dst.octets());
+}
+
+/// A raw IPv4 socket: the kernel adds nothing (IPPROTO_RAW implies the IP
+/// header is ours).
+fn raw_socket() -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))
+}
+
+/// A SYN flood of distinct tuples through a raw socket.
 fn syn_flood(
     dst: std::net::Ipv4Addr,
     port: u16,
     sources: ipnetwork::Ipv4Network,
     count: u64,
 ) -> std::io::Result<(u64, f64)> {
-    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-    let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW)))?;
-    let to = SockAddr::from(SocketAddr::from((dst, port)));
-    let hosts: Vec<u32> = {
-        let base = u32::from(sources.network());
-        let n = 1u64 << (32 - sources.prefix() as u64);
-        // Not the network address; not the broadcast.
-        (1..n.saturating_sub(1).max(2)).map(|i| base + i as u32).collect()
-    };
-    let ports_per_host = 64_000u64;
+    let sock = raw_socket()?;
+    let to = socket2::SockAddr::from(SocketAddr::from((dst, port)));
+    let tuples = Tuples::new(sources);
     let start = Instant::now();
     let mut sent = 0u64;
     let mut pkt = [0u8; 40];
     for i in 0..count {
-        let src = std::net::Ipv4Addr::from(hosts[((i / ports_per_host) as usize) % hosts.len()]);
-        let sport = 1024 + (i % ports_per_host) as u16;
-        // IPv4 header (the kernel fills the checksum and the id).
-        pkt[0] = 0x45;
-        pkt[2..4].copy_from_slice(&40u16.to_be_bytes());
-        pkt[6] = 0x40;
-        pkt[8] = 64;
-        pkt[9] = 6;
-        pkt[12..16].copy_from_slice(&src.octets());
-        pkt[16..20].copy_from_slice(&dst.octets());
+        let (src, sport) = tuples.nth(i);
+        ipv4_header(&mut pkt, 40, 6, src, dst);
         // TCP SYN.
         let t = &mut pkt[20..40];
         t.fill(0);
@@ -292,6 +334,42 @@ fn syn_flood(
         }
     }
     Ok((sent, start.elapsed().as_secs_f64()))
+}
+
+/// UDP datagrams of distinct tuples through a raw socket for a duration
+/// (no UDP checksum: optional in IPv4).
+fn new_flows(
+    dst: std::net::Ipv4Addr,
+    port: u16,
+    sources: ipnetwork::Ipv4Network,
+    seconds: u64,
+    payload: usize,
+) -> std::io::Result<u64> {
+    let sock = raw_socket()?;
+    let to = socket2::SockAddr::from(SocketAddr::from((dst, port)));
+    let tuples = Tuples::new(sources);
+    let total = 28 + payload;
+    let total16 = u16::try_from(total).map_err(|_| std::io::Error::other("payload too large"))?;
+    let mut pkt = vec![0x5au8; total];
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let mut sent = 0u64;
+    let mut i = 0u64;
+    while Instant::now() < end {
+        // A burst between clock readings.
+        for _ in 0..64 {
+            let (src, sport) = tuples.nth(i);
+            i += 1;
+            ipv4_header(&mut pkt, total16, 17, src, dst);
+            pkt[20..22].copy_from_slice(&sport.to_be_bytes());
+            pkt[22..24].copy_from_slice(&port.to_be_bytes());
+            pkt[24..26].copy_from_slice(&((total - 20) as u16).to_be_bytes());
+            pkt[26..28].fill(0);
+            if sock.send_to(&pkt, &to).is_ok() {
+                sent += 1;
+            }
+        }
+    }
+    Ok(sent)
 }
 
 fn main() {
@@ -348,6 +426,22 @@ fn main() {
             }
             Err(e) => {
                 eprintln!("syn-flood: {e}");
+                1
+            }
+        },
+        Cmd::NewFlows {
+            addr,
+            port,
+            sources,
+            seconds,
+            payload,
+        } => match new_flows(addr, port, sources, seconds, payload) {
+            Ok(n) => {
+                println!("{n}");
+                0
+            }
+            Err(e) => {
+                eprintln!("new-flows: {e}");
                 1
             }
         },
