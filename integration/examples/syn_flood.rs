@@ -37,7 +37,7 @@ async fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1_000_000);
-    let Lab { topo, cluster } = Lab::new("fwb", &["h1"])
+    let Lab { topo, cluster, .. } = Lab::new("fwb", &["h1"])
         .zone(
             "net",
             "up-net",

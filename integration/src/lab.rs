@@ -1,4 +1,4 @@
-//! A lab declared in one place: hosts, zones, one tenant's VPCs, subnets,
+//! A lab declared in one place: hosts, zones, tenants, VPCs, subnets,
 //! security groups and VMs. One VM declaration makes both its namespace
 //! (the compute side) and its port (the cloud platform's call), with its
 //! MAC and addresses derived from its subnet; `start` builds the topology,
@@ -37,6 +37,13 @@ struct ZoneSpec {
     addresses: Vec<String>,
 }
 
+struct VpcSpec {
+    id: String,
+    tenant: String,
+    zone: Option<String>,
+    vni: u32,
+}
+
 struct SubnetSpec {
     id: String,
     vpc: String,
@@ -57,10 +64,14 @@ pub struct LabBuilder {
     tag: String,
     hosts: Vec<String>,
     zones: Vec<ZoneSpec>,
-    vpcs: Vec<(String, Option<String>)>,
+    tenants: Vec<String>,
+    vpcs: Vec<VpcSpec>,
     subnets: Vec<SubnetSpec>,
-    groups: Vec<(String, Vec<pb::SecurityGroupRule>)>,
+    /// (id, tenant, rules)
+    groups: Vec<(String, String, Vec<pb::SecurityGroupRule>)>,
     vms: Vec<VmSpec>,
+    /// (zone, VM): routes beyond each VM's own zone.
+    announce: Vec<(String, String)>,
     extra: Vec<pb::operation::Op>,
     agent: Option<(PathBuf, Vec<String>)>,
 }
@@ -70,6 +81,8 @@ pub struct LabBuilder {
 pub struct Lab {
     pub cluster: Cluster,
     pub topo: Topology,
+    /// Every VM's port, as provisioned.
+    pub ports: Vec<pb::Port>,
 }
 
 impl Lab {
@@ -80,13 +93,35 @@ impl Lab {
             tag: tag.into(),
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
             zones: Vec::new(),
+            tenants: Vec::new(),
             vpcs: Vec::new(),
             subnets: Vec::new(),
             groups: Vec::new(),
             vms: Vec::new(),
+            announce: Vec::new(),
             extra: Vec::new(),
             agent: None,
         }
+    }
+
+    /// Every counter of a host's dataplane: drops by reason and stats.
+    pub fn drops(&self, host: &str) -> anyhow::Result<serde_json::Value> {
+        self.cluster.drops(&self.topo, host)
+    }
+
+    /// One counter of a host's dataplane: `group` is "drops" or "stats".
+    pub fn counter(&self, host: &str, group: &str, name: &str) -> u64 {
+        self.cluster.counter(&self.topo, host, group, name)
+    }
+
+    /// A VM's port as the lab provisioned it, with `groups` instead of its
+    /// own: to move the VM between groups.
+    pub fn port(&self, vm: &str, groups: &[&str]) -> pb::operation::Op {
+        let p = self.ports.iter().find(|p| p.id == vm).expect("a VM of the lab");
+        pb::operation::Op::PutPort(pb::Port {
+            security_group_ids: groups.iter().map(|g| g.to_string()).collect(),
+            ..p.clone()
+        })
     }
 }
 
@@ -113,9 +148,33 @@ impl LabBuilder {
         self
     }
 
+    /// A tenant: the VPCs and groups declared after it are its own (until
+    /// the next tenant). Without one, everything belongs to [`TENANT`].
+    pub fn tenant(mut self, id: &str) -> Self {
+        self.tenants.push(id.into());
+        self
+    }
+
+    fn current_tenant(&self) -> String {
+        self.tenants.last().map_or(TENANT, String::as_str).into()
+    }
+
     /// A VPC, in a zone or isolated.
     pub fn vpc(mut self, id: &str, zone: Option<&str>) -> Self {
-        self.vpcs.push((id.into(), zone.map(String::from)));
+        let tenant = self.current_tenant();
+        self.vpcs.push(VpcSpec {
+            id: id.into(),
+            tenant,
+            zone: zone.map(String::from),
+            vni: 0,
+        });
+        self
+    }
+
+    /// An isolated VPC with the VNI given (instead of one the store picks).
+    pub fn vpc_vni(mut self, id: &str, vni: u32) -> Self {
+        self = self.vpc(id, None);
+        self.vpcs.last_mut().expect("just declared").vni = vni;
         self
     }
 
@@ -133,12 +192,14 @@ impl LabBuilder {
 
     /// A security group.
     pub fn group(mut self, id: &str, rules: Vec<pb::SecurityGroupRule>) -> Self {
-        self.groups.push((id.into(), rules));
+        let tenant = self.current_tenant();
+        self.groups.push((id.into(), tenant, rules));
         self
     }
 
     /// A VM on `host` in `subnet` with `groups`: its addresses are the
-    /// subnet's 11th, 12th, ... in declaration order, its MAC follows.
+    /// subnet's 11th, 12th, ... in declaration order (the IPv6 one ends in
+    /// the same digits: 10.0.0.11 and fd00::11), its MAC follows.
     pub fn vm(mut self, name: &str, host: &str, subnet: &str, groups: &[&str]) -> Self {
         self.vms.push(VmSpec {
             name: name.into(),
@@ -146,6 +207,14 @@ impl LabBuilder {
             subnet: subnet.into(),
             groups: groups.iter().map(|g| g.to_string()).collect(),
         });
+        self
+    }
+
+    /// Routes a VM's addresses in the network of a zone its VPC is not in
+    /// too (where exchange paths reach it from); a VM of a zoned VPC is
+    /// routed in its own zone anyway.
+    pub fn announce(mut self, zone: &str, vm: &str) -> Self {
+        self.announce.push((zone.into(), vm.into()));
         self
     }
 
@@ -183,9 +252,10 @@ impl LabBuilder {
             sn.vms += 1;
             let n = 10 + sn.vms;
             let v4 = sn.v4.map(|s| (s, std::net::Ipv4Addr::from(u32::from(s.network()) + n)));
+            let digits = u128::from_str_radix(&n.to_string(), 16).expect("decimal digits");
             let v6 = sn
                 .v6
-                .map(|s| (s, std::net::Ipv6Addr::from(u128::from(s.network()) + n as u128)));
+                .map(|s| (s, std::net::Ipv6Addr::from(u128::from(s.network()) + digits)));
             let mac = format!("02:1a:{:02x}:00:{:02x}:{:02x}", i / 256, i % 256, n);
             let cidr4 = v4.map(|(s, a)| format!("{a}/{}", s.prefix())).unwrap_or_default();
             let cidr6 = v6.map(|(s, a)| format!("{a}/{}", s.prefix())).unwrap_or_default();
@@ -194,14 +264,28 @@ impl LabBuilder {
             let a6 = v6.map(|(_, a)| a.to_string()).unwrap_or_default();
             let groups: Vec<&str> = v.groups.iter().map(String::as_str).collect();
             let device = topo.vm(&v.name).device.clone();
+            let vpc_id = &self.subnets.iter().find(|s| s.id == v.subnet).expect("found above").vpc;
+            let vpc = self
+                .vpcs
+                .iter()
+                .find(|p| &p.id == vpc_id)
+                .ok_or_else(|| anyhow::anyhow!("subnet {}: no VPC {vpc_id}", v.subnet))?;
             ports.push(port(
-                &v.name, TENANT, &v.subnet, &v.host, &device, &mac, &a4, &a6, &groups,
+                &v.name,
+                &vpc.tenant,
+                &v.subnet,
+                &v.host,
+                &device,
+                &mac,
+                &a4,
+                &a6,
+                &groups,
             ));
-            let vpc = &self.subnets.iter().find(|s| s.id == v.subnet).expect("found above").vpc;
-            if let Some((_, Some(zone))) = self.vpcs.iter().find(|(id, _)| id == vpc) {
+            if let Some(zone) = &vpc.zone {
                 announce.push((zone.clone(), v.name.clone()));
             }
         }
+        announce.append(&mut self.announce);
         let mut cluster = Cluster::start(&topo.dir)?;
         // Hosts first: every host receives the zones, so its agent must run
         // before a batch with zones can be enforced.
@@ -221,11 +305,14 @@ impl LabBuilder {
             let p: Vec<&str> = z.prefixes.iter().map(String::as_str).collect();
             ops.push(zone(&z.name, &p, &z.uplink));
         }
-        ops.push(tenant(TENANT));
-        for (id, zone) in &self.vpcs {
-            ops.push(match zone {
-                Some(z) => vpc_in_zone(id, TENANT, z),
-                None => vpc(id, TENANT),
+        if self.tenants.is_empty() {
+            self.tenants.push(TENANT.into());
+        }
+        ops.extend(self.tenants.iter().map(|t| tenant(t)));
+        for v in &self.vpcs {
+            ops.push(match &v.zone {
+                Some(z) => vpc_in_zone(&v.id, &v.tenant, z),
+                None => vpc_vni(&v.id, &v.tenant, v.vni),
             });
         }
         for s in &self.subnets {
@@ -233,18 +320,33 @@ impl LabBuilder {
             let v6 = s.v6.map(|n| n.to_string()).unwrap_or_default();
             ops.push(subnet(&s.id, &s.vpc, &v4, &v6));
         }
-        for (id, rules) in &self.groups {
-            ops.push(group(id, TENANT, rules.clone()));
+        for (id, tenant, rules) in &self.groups {
+            ops.push(group(id, tenant, rules.clone()));
         }
         cluster.apply(ops).await?;
-        let r = cluster.apply(ports).await?;
+        let r = cluster.apply(ports.clone()).await?;
         anyhow::ensure!(r.enforced, "the lab's ports were not enforced on every host");
+        for v in &self.vms {
+            anyhow::ensure!(
+                r.hosts.contains(&v.host),
+                "the lab's ports were not enforced on {} (enforced on {:?})",
+                v.host,
+                r.hosts
+            );
+        }
         if !self.extra.is_empty() {
             cluster.apply(std::mem::take(&mut self.extra)).await?;
         }
         for (z, vm) in announce {
             topo.announce(&z, &vm)?;
         }
-        Ok(Lab { topo, cluster })
+        let ports = ports
+            .into_iter()
+            .filter_map(|op| match op {
+                pb::operation::Op::PutPort(p) => Some(p),
+                _ => None,
+            })
+            .collect();
+        Ok(Lab { topo, cluster, ports })
     }
 }

@@ -108,7 +108,7 @@ async fn hosts_upgrade_from_the_previous_release_under_traffic() {
         return;
     }
     let Some(previous) = previous_agent() else { return };
-    let Lab { topo, mut cluster } = Lab::new("ovu", &["h1", "h2"])
+    let Lab { topo, mut cluster, .. } = Lab::new("ovu", &["h1", "h2"])
         .vpc("vpc-u", None)
         .subnet("sn-u", "vpc-u", "10.30.0.0/24", "fd30::/64")
         .group(
