@@ -5,105 +5,37 @@
 
 use std::time::Duration;
 
-use sdn_integration::cluster::Cluster;
+use sdn_integration::lab::Lab;
 use sdn_integration::ops::*;
 use sdn_integration::{privileged, Proc, Topology};
 
 const VNI_A: u32 = 100;
 const VNI_B: u32 = 200;
 
-struct Env {
-    _servers: Vec<Proc>,
-    cluster: Cluster,
-    topo: Topology,
-}
-
-async fn setup(tag: &str) -> anyhow::Result<Env> {
-    let mut topo = Topology::new(tag, &["h1", "h2"])?;
-    // a1 and b1 have the same addresses in different VPCs, on different hosts.
-    topo.add_vm("a1", "h1", "02:0a:00:00:00:11", "10.20.0.11/24", "fd20::11/64")?;
-    topo.add_vm("a2", "h2", "02:0a:00:00:00:12", "10.20.1.12/24", "fd20:1::12/64")?;
-    topo.add_vm("b1", "h2", "02:0b:00:00:00:11", "10.20.0.11/24", "fd20::11/64")?;
-    topo.add_vm("b2", "h1", "02:0b:00:00:00:12", "10.20.0.12/24", "fd20::12/64")?;
-    let mut cluster = Cluster::start(&topo.dir)?;
-    cluster
-        .apply(vec![
-            tenant("dept-a"),
-            tenant("dept-b"),
-            vpc_vni("va", "dept-a", VNI_A),
-            vpc_vni("vb", "dept-b", VNI_B),
-            subnet("a-web", "va", "10.20.0.0/24", "fd20::/64"),
-            subnet("a-db", "va", "10.20.1.0/24", "fd20:1::/64"),
-            subnet("b-web", "vb", "10.20.0.0/24", "fd20::/64"),
-            host("h1", &topo.underlay_ip("h1")),
-            host("h2", &topo.underlay_ip("h2")),
-            group("open-a", "dept-a", open_rules()),
-            group("open-b", "dept-b", open_rules()),
-        ])
+/// Two tenants whose VPCs use the same prefixes: a1 (h1) and b1 (h2) have
+/// the same addresses (10.20.0.11, fd20::11) in VPCs A and B; a2 (h2) is in
+/// VPC A's other subnet (10.20.1.11), b2 (h1) beside b1 (10.20.0.12).
+async fn setup(tag: &str) -> anyhow::Result<(Lab, Vec<Proc>)> {
+    let lab = Lab::new(tag, &["h1", "h2"])
+        .tenant("dept-a")
+        .vpc_vni("va", VNI_A)
+        .subnet("a-web", "va", "10.20.0.0/24", "fd20::/64")
+        .subnet("a-db", "va", "10.20.1.0/24", "fd20:1::/64")
+        .group("open-a", open_rules())
+        .tenant("dept-b")
+        .vpc_vni("vb", VNI_B)
+        .subnet("b-web", "vb", "10.20.0.0/24", "fd20::/64")
+        .group("open-b", open_rules())
+        .vm("a1", "h1", "a-web", &["open-a"])
+        .vm("a2", "h2", "a-db", &["open-a"])
+        .vm("b1", "h2", "b-web", &["open-b"])
+        .vm("b2", "h1", "b-web", &["open-b"])
+        .start()
         .await?;
-    cluster.start_agent(&topo, "h1")?;
-    cluster.start_agent(&topo, "h2")?;
-    let r = cluster
-        .apply(vec![
-            port(
-                "a1",
-                "dept-a",
-                "a-web",
-                "h1",
-                "a1h",
-                "02:0a:00:00:00:11",
-                "10.20.0.11",
-                "fd20::11",
-                &["open-a"],
-            ),
-            port(
-                "a2",
-                "dept-a",
-                "a-db",
-                "h2",
-                "a2h",
-                "02:0a:00:00:00:12",
-                "10.20.1.12",
-                "fd20:1::12",
-                &["open-a"],
-            ),
-            port(
-                "b1",
-                "dept-b",
-                "b-web",
-                "h2",
-                "b1h",
-                "02:0b:00:00:00:11",
-                "10.20.0.11",
-                "fd20::11",
-                &["open-b"],
-            ),
-            port(
-                "b2",
-                "dept-b",
-                "b-web",
-                "h1",
-                "b2h",
-                "02:0b:00:00:00:12",
-                "10.20.0.12",
-                "fd20::12",
-                &["open-b"],
-            ),
-        ])
-        .await?;
-    assert!(r.enforced, "ports enforced on both hosts");
-    let servers = topo.serve(&["a1", "a2", "b1", "b2"], &[], &["--tcp", "80", "--udp", "53"])?;
-    Ok(Env {
-        _servers: servers,
-        cluster,
-        topo,
-    })
-}
-
-impl Env {
-    fn counter(&self, host: &str, group: &str, name: &str) -> u64 {
-        self.cluster.counter(&self.topo, host, group, name)
-    }
+    let servers = lab
+        .topo
+        .serve(&["a1", "a2", "b1", "b2"], &[], &["--tcp", "80", "--udp", "53"])?;
+    Ok((lab, servers))
 }
 
 /// tcpdump writing every IP packet seen on a namespace's eth0 to a file.
@@ -160,8 +92,8 @@ async fn subnets_route_across_hosts_and_overlapping_tenants_stay_apart() {
         eprintln!("skipping: needs root");
         return;
     }
-    let env = setup("ovr").await.expect("topology");
-    let t = &env.topo;
+    let (lab, _servers) = setup("ovr").await.expect("topology");
+    let t = &lab.topo;
 
     // The gateways answer ARP and neighbour solicitations with the gateway MAC.
     let arp = t
@@ -174,13 +106,13 @@ async fn subnets_route_across_hosts_and_overlapping_tenants_stay_apart() {
     let nd = nd.expect("the IPv6 gateway answers neighbour solicitation");
     assert!(nd.to_lowercase().contains("0e:5d:6e:00:00:01"), "gateway MAC in {nd}");
     // An address nobody in the VPC has gets no answer, and is counted.
-    let before = env.counter("h1", "drops", "unknown_neighbour");
+    let before = lab.counter("h1", "drops", "unknown_neighbour");
     assert!(t
         .vm("a1")
         .ns
         .sh(&["arping", "-c", "1", "-w", "1", "-I", "eth0", "10.20.0.77"])
         .is_err());
-    assert!(env.counter("h1", "drops", "unknown_neighbour") > before);
+    assert!(lab.counter("h1", "drops", "unknown_neighbour") > before);
 
     // Between the subnets of one VPC, across hosts, both families.
     for v6 in [false, true] {
@@ -191,25 +123,25 @@ async fn subnets_route_across_hosts_and_overlapping_tenants_stay_apart() {
         assert!(t.reach("b2", "b1", "tcp", 80, v6), "b2 -> b1 tcp (v6={v6})");
         assert!(t.reach("b1", "b2", "icmp", 0, v6), "b1 -> b2 icmp (v6={v6})");
     }
-    assert!(env.counter("h1", "stats", "encapsulated") > 0);
-    assert!(env.counter("h2", "stats", "decapsulated") > 0);
+    assert!(lab.counter("h1", "stats", "encapsulated") > 0);
+    assert!(lab.counter("h2", "stats", "decapsulated") > 0);
 
     // Addresses of the other tenant are not reachable, even on the same
     // host: on-link ones are never resolved, routed ones have no route.
-    let unresolved = env.counter("h1", "drops", "unknown_neighbour");
-    let unrouted = env.counter("h2", "drops", "no_route");
+    let unresolved = lab.counter("h1", "drops", "unknown_neighbour");
+    let unrouted = lab.counter("h2", "drops", "no_route");
     assert!(
         !t.reach_addr("a1", "10.20.0.12", "tcp", 80),
         "a1 must not reach b2's address"
     );
     assert!(!t.reach_addr("a1", "fd20::12", "icmp", 0), "nor its IPv6 address");
     assert!(
-        !t.reach_addr("b1", "10.20.1.12", "tcp", 80),
+        !t.reach_addr("b1", "10.20.1.11", "tcp", 80),
         "b1 must not reach a2's address"
     );
-    assert!(!t.reach_addr("b1", "fd20:1::12", "tcp", 80), "nor its IPv6 address");
-    assert!(env.counter("h1", "drops", "unknown_neighbour") > unresolved);
-    assert!(env.counter("h2", "drops", "no_route") >= unrouted + 4);
+    assert!(!t.reach_addr("b1", "fd20:1::11", "tcp", 80), "nor its IPv6 address");
+    assert!(lab.counter("h1", "drops", "unknown_neighbour") > unresolved);
+    assert!(lab.counter("h2", "drops", "no_route") >= unrouted + 4);
 
     // a2 (on h2) talks to 10.20.0.11 in VPC A: a1 on h1 sees it; b1, which
     // has that address in VPC B on a2's own host, sees none of it.
@@ -219,8 +151,8 @@ async fn subnets_route_across_hosts_and_overlapping_tenants_stay_apart() {
         assert!(t.reach("a2", "a1", "tcp", 80, false));
         assert!(t.reach("a2", "a1", "icmp", 0, true));
     }
-    let seen_b1 = cap_b1.finish("src host 10.20.1.12 or src host fd20:1::12");
-    let seen_a1 = cap_a1.finish("src host 10.20.1.12 or src host fd20:1::12");
+    let seen_b1 = cap_b1.finish("src host 10.20.1.11 or src host fd20:1::11");
+    let seen_a1 = cap_a1.finish("src host 10.20.1.11 or src host fd20:1::11");
     assert!(seen_a1.len() >= 6, "a1 sees a2's packets: {seen_a1:?}");
     assert!(
         seen_b1.is_empty(),
@@ -249,14 +181,14 @@ async fn forged_vni_and_senders_are_dropped() {
         eprintln!("skipping: needs root");
         return;
     }
-    let env = setup("ovf").await.expect("topology");
-    let t = &env.topo;
+    let (lab, _servers) = setup("ovf").await.expect("topology");
+    let t = &lab.topo;
     let h1 = t.host_ns("h1").name.clone();
     let fabric = t.host_ns("fabric").name.clone();
     let h2_ip = t.underlay_ip("h2");
     let cap = Capture::start(t, "b1");
-    let spoof_before = env.counter("h2", "drops", "overlay_spoof");
-    let unknown_before = env.counter("h2", "drops", "overlay_unknown_destination");
+    let spoof_before = lab.counter("h2", "drops", "overlay_spoof");
+    let unknown_before = lab.counter("h2", "drops", "overlay_unknown_destination");
 
     // From h1, tenant B's VNI on tenant A's address: 10.20.0.11 is in VPC B,
     // but there it lives on h2, not on h1.
@@ -273,8 +205,8 @@ async fn forged_vni_and_senders_are_dropped() {
     send_vxlan(&h1, &h2_ip, VNI_A, nobody, 1004);
 
     let forged = cap.finish("icmp[4:2] == 1001 or icmp[4:2] == 1003 or (icmp6 and ip6[40] == 128)");
-    let spoofed = env.counter("h2", "drops", "overlay_spoof") - spoof_before;
-    let unknown = env.counter("h2", "drops", "overlay_unknown_destination") - unknown_before;
+    let spoofed = lab.counter("h2", "drops", "overlay_spoof") - spoof_before;
+    let unknown = lab.counter("h2", "drops", "overlay_unknown_destination") - unknown_before;
     eprintln!("overlay_spoof +{spoofed}, overlay_unknown_destination +{unknown}; b1 saw {forged:?}");
     assert!(forged.is_empty(), "no forged packet reaches b1: {forged:?}");
     assert_eq!(spoofed, 9, "three packets each of three forged kinds");

@@ -2,9 +2,9 @@
 //! by a peering whose firewall admits only what its ordered rules allow, in
 //! both families; replies pass; each verdict names its rule.
 
-use sdn_integration::cluster::Cluster;
+use sdn_integration::lab::Lab;
 use sdn_integration::ops::*;
-use sdn_integration::{privileged, Proc, Topology};
+use sdn_integration::{privileged, Proc};
 use sdn_proto::v1 as pb;
 
 fn peering(id: &str, a: &str, b: &str, policy: &str) -> pb::operation::Op {
@@ -16,70 +16,28 @@ fn peering(id: &str, a: &str, b: &str, policy: &str) -> pb::operation::Op {
     })
 }
 
-struct Env {
-    _servers: Vec<Proc>,
-    cluster: Cluster,
-    topo: Topology,
-}
-
-async fn setup(tag: &str) -> anyhow::Result<Env> {
-    let mut topo = Topology::new(tag, &["h1", "h2"])?;
-    topo.add_vm("a1", "h1", "02:0a:00:00:00:11", "10.70.0.11/24", "fd70::11/64")?;
-    topo.add_vm("a2", "h2", "02:0a:00:00:00:12", "10.70.0.12/24", "fd70::12/64")?;
-    topo.add_vm("b1", "h2", "02:0b:00:00:00:11", "10.71.0.11/24", "fd71::11/64")?;
-    topo.add_vm("b2", "h1", "02:0b:00:00:00:12", "10.71.0.12/24", "fd71::12/64")?;
-    let mut cluster = Cluster::start(&topo.dir)?;
-    cluster
-        .apply(vec![
-            tenant("dept-a"),
-            tenant("dept-b"),
-            vpc("va", "dept-a"),
-            vpc("vb", "dept-b"),
-            subnet("a-net", "va", "10.70.0.0/24", "fd70::/64"),
-            subnet("b-net", "vb", "10.71.0.0/24", "fd71::/64"),
-            host("h1", &topo.underlay_ip("h1")),
-            host("h2", &topo.underlay_ip("h2")),
-            group("open-a", "dept-a", open_rules()),
-            group("open-b", "dept-b", open_rules()),
-        ])
+/// Two tenants' VPCs side by side, each with a VM on either host: a1
+/// (10.70.0.11) and b2 (10.71.0.12) on h1, a2 (10.70.0.12) and b1
+/// (10.71.0.11) on h2.
+async fn setup(tag: &str) -> anyhow::Result<(Lab, Vec<Proc>)> {
+    let lab = Lab::new(tag, &["h1", "h2"])
+        .tenant("dept-a")
+        .vpc("va", None)
+        .subnet("a-net", "va", "10.70.0.0/24", "fd70::/64")
+        .group("open-a", open_rules())
+        .tenant("dept-b")
+        .vpc("vb", None)
+        .subnet("b-net", "vb", "10.71.0.0/24", "fd71::/64")
+        .group("open-b", open_rules())
+        .vm("a1", "h1", "a-net", &["open-a"])
+        .vm("a2", "h2", "a-net", &["open-a"])
+        .vm("b1", "h2", "b-net", &["open-b"])
+        .vm("b2", "h1", "b-net", &["open-b"])
+        .start()
         .await?;
-    cluster.start_agent(&topo, "h1")?;
-    cluster.start_agent(&topo, "h2")?;
-    let mut ports = Vec::new();
-    for (vm, tenant, subnet, host, v4, v6) in [
-        ("a1", "dept-a", "a-net", "h1", "10.70.0.11", "fd70::11"),
-        ("a2", "dept-a", "a-net", "h2", "10.70.0.12", "fd70::12"),
-        ("b1", "dept-b", "b-net", "h2", "10.71.0.11", "fd71::11"),
-        ("b2", "dept-b", "b-net", "h1", "10.71.0.12", "fd71::12"),
-    ] {
-        let group = if tenant == "dept-a" { "open-a" } else { "open-b" };
-        let mac = topo.vm(vm).mac.clone();
-        ports.push(port(
-            vm,
-            tenant,
-            subnet,
-            host,
-            &format!("{vm}h"),
-            &mac,
-            v4,
-            v6,
-            &[group],
-        ));
-    }
-    assert!(cluster.apply(ports).await?.enforced);
     let args = ["--tcp", "22", "--tcp", "80", "--tcp", "5432"];
-    let servers = topo.serve(&["a1", "a2", "b1", "b2"], &[], &args)?;
-    Ok(Env {
-        _servers: servers,
-        cluster,
-        topo,
-    })
-}
-
-impl Env {
-    fn counter(&self, host: &str, name: &str) -> u64 {
-        self.cluster.counter(&self.topo, host, "drops", name)
-    }
+    let servers = lab.topo.serve(&["a1", "a2", "b1", "b2"], &[], &args)?;
+    Ok((lab, servers))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -88,8 +46,8 @@ async fn peered_vpcs_meet_through_their_vpc_firewall() {
         eprintln!("skipping: needs root");
         return;
     }
-    let env = setup("ovp").await.expect("topology");
-    let t = &env.topo;
+    let (lab, _servers) = setup("ovp").await.expect("topology");
+    let t = &lab.topo;
     assert!(!t.reach("b1", "a1", "tcp", 5432, false), "no peering yet: no route");
 
     // Side A is va: ingress comes from vb, egress goes to it.
@@ -104,14 +62,14 @@ async fn peered_vpcs_meet_through_their_vpc_firewall() {
             fw_rule("web-out", 20, "allow out v4", "tcp", (80, 80), "10.71.0.0/24"),
         ],
     });
-    let r = env
+    let r = lab
         .cluster
         .apply(vec![policy, peering("ab", "va", "vb", "east-west")])
         .await
         .expect("peer the VPCs");
     assert!(r.enforced);
 
-    let before = env.counter("h1", "vpc_firewall");
+    let before = lab.counter("h1", "drops", "vpc_firewall");
     let expect = [
         // (from, to, proto, port, v6, passes)
         ("b1", "a1", "tcp", 5432, false, true),  // rule db, across hosts
@@ -136,10 +94,13 @@ async fn peered_vpcs_meet_through_their_vpc_firewall() {
         }
     }
     assert!(wrong.is_empty(), "{wrong:?}");
-    assert!(env.counter("h1", "vpc_firewall") > before, "denials are counted");
+    assert!(
+        lab.counter("h1", "drops", "vpc_firewall") > before,
+        "denials are counted"
+    );
 
     // The verdicts name the rules.
-    let rules: Vec<(String, String, u64)> = env
+    let rules: Vec<(String, String, u64)> = lab
         .cluster
         .verdicts(t, "h1")
         .into_iter()
@@ -166,7 +127,7 @@ async fn peered_vpcs_meet_through_their_vpc_firewall() {
     );
 
     // Overlapping addresses cannot be peered; removing the peering parts them.
-    let e = env
+    let e = lab
         .cluster
         .apply(vec![
             vpc("vc", "dept-b"),
@@ -176,7 +137,7 @@ async fn peered_vpcs_meet_through_their_vpc_firewall() {
         .await
         .unwrap_err();
     assert!(e.message().contains("overlaps"), "{e:?}");
-    env.cluster
+    lab.cluster
         .apply(vec![pb::operation::Op::Delete(pb::ObjectRef {
             kind: pb::Kind::VpcPeering as i32,
             id: "ab".into(),

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use sdn_integration::cluster::Cluster;
+use sdn_integration::lab::Lab;
 use sdn_integration::ops::*;
-use sdn_integration::{bin, privileged, wait_for, Proc, Topology};
+use sdn_integration::{bin, privileged, wait_for, Proc};
 use sdn_proto::v1 as pb;
 
 const T: &str = "dept-a";
@@ -15,8 +15,7 @@ const T: &str = "dept-a";
 /// bpffs, then the namespaces.
 struct Env {
     _servers: Vec<Proc>,
-    cluster: Cluster,
-    topo: Topology,
+    lab: Lab,
 }
 
 fn web_rules(with_http: bool) -> Vec<pb::SecurityGroupRule> {
@@ -40,91 +39,27 @@ fn db_rules() -> Vec<pb::SecurityGroupRule> {
     ]
 }
 
-fn vm3_port(groups: &[&str]) -> pb::operation::Op {
-    port(
-        "vm3",
-        T,
-        "sn1",
-        "h2",
-        "vm3h",
-        "02:00:00:00:00:13",
-        "10.10.0.13",
-        "fd10::13",
-        groups,
-    )
-}
-
+/// vm1 and vm2 on h1, vm3 on h2 (10.10.0.11-13, fd10::11-13).
 async fn setup(tag: &str) -> anyhow::Result<Env> {
-    let mut topo = Topology::new(tag, &["h1", "h2"])?;
-    topo.add_vm("vm1", "h1", "02:00:00:00:00:11", "10.10.0.11/24", "fd10::11/64")?;
-    topo.add_vm("vm2", "h1", "02:00:00:00:00:12", "10.10.0.12/24", "fd10::12/64")?;
-    topo.add_vm("vm3", "h2", "02:00:00:00:00:13", "10.10.0.13/24", "fd10::13/64")?;
-    let mut cluster = Cluster::start(&topo.dir)?;
-    cluster
-        .apply(vec![
-            tenant(T),
-            vpc("vpc1", T),
-            subnet("sn1", "vpc1", "10.10.0.0/24", "fd10::/64"),
-            host("h1", &topo.underlay_ip("h1")),
-            host("h2", &topo.underlay_ip("h2")),
-            group("web", T, web_rules(true)),
-            group("db", T, db_rules()),
-        ])
+    let lab = Lab::new(tag, &["h1", "h2"])
+        .tenant(T)
+        .vpc("vpc1", None)
+        .subnet("sn1", "vpc1", "10.10.0.0/24", "fd10::/64")
+        .group("web", web_rules(true))
+        .group("db", db_rules())
+        .vm("vm1", "h1", "sn1", &["web"])
+        .vm("vm2", "h1", "sn1", &["db"])
+        .vm("vm3", "h2", "sn1", &["web"])
+        .start()
         .await?;
-    cluster.start_agent(&topo, "h1")?;
-    cluster.start_agent(&topo, "h2")?;
-    let r = cluster
-        .apply(vec![
-            port(
-                "vm1",
-                T,
-                "sn1",
-                "h1",
-                "vm1h",
-                "02:00:00:00:00:11",
-                "10.10.0.11",
-                "fd10::11",
-                &["web"],
-            ),
-            port(
-                "vm2",
-                T,
-                "sn1",
-                "h1",
-                "vm2h",
-                "02:00:00:00:00:12",
-                "10.10.0.12",
-                "fd10::12",
-                &["db"],
-            ),
-            vm3_port(&["web"]),
-        ])
-        .await?;
-    assert!(r.enforced, "ports enforced on both hosts");
-    assert_eq!(r.hosts, vec!["h1".to_string(), "h2".to_string()]);
-    let probe = bin("sdn-probe");
-    let mut servers = Vec::new();
-    for vm in ["vm1", "vm2", "vm3"] {
-        let ns = topo.vm(vm).ns.name.clone();
-        servers.push(Proc::spawn(
-            &format!("probe-{vm}"),
-            Some(&ns),
-            &probe,
-            &["serve", "--tcp", "80", "--tcp", "81", "--tcp", "5432", "--udp", "5353"],
-            &topo.dir,
-        )?);
-    }
-    std::thread::sleep(Duration::from_millis(300));
-    Ok(Env {
-        _servers: servers,
-        cluster,
-        topo,
-    })
+    let args = ["--tcp", "80", "--tcp", "81", "--tcp", "5432", "--udp", "5353"];
+    let servers = lab.topo.serve(&["vm1", "vm2", "vm3"], &[], &args)?;
+    Ok(Env { _servers: servers, lab })
 }
 
 impl Env {
     fn reach(&self, from: &str, to: &str, proto: &str, port: u16, v6: bool) -> bool {
-        self.topo.reach(from, to, proto, port, v6)
+        self.lab.topo.reach(from, to, proto, port, v6)
     }
 
     fn expect(&self, cases: &[(&str, &str, &str, u16, bool, bool)]) {
@@ -177,7 +112,8 @@ async fn matrix_follows_the_api() {
     ]);
 
     eprintln!("remove http from web");
-    env.cluster
+    env.lab
+        .cluster
         .apply(vec![group("web", T, web_rules(false))])
         .await
         .expect("apply");
@@ -188,7 +124,11 @@ async fn matrix_follows_the_api() {
     ]);
 
     eprintln!("vm3 leaves web: remote-group rules follow membership");
-    env.cluster.apply(vec![vm3_port(&[])]).await.expect("apply");
+    env.lab
+        .cluster
+        .apply(vec![env.lab.port("vm3", &[])])
+        .await
+        .expect("apply");
     env.expect(&[
         ("vm3", "vm2", "tcp", 5432, false, false),
         ("vm3", "vm2", "tcp", 5432, true, false),
@@ -196,8 +136,9 @@ async fn matrix_follows_the_api() {
     ]);
 
     eprintln!("vm3 rejoins web and http comes back");
-    env.cluster
-        .apply(vec![group("web", T, web_rules(true)), vm3_port(&["web"])])
+    env.lab
+        .cluster
+        .apply(vec![group("web", T, web_rules(true)), env.lab.port("vm3", &["web"])])
         .await
         .expect("apply");
     env.expect(&[
@@ -206,7 +147,7 @@ async fn matrix_follows_the_api() {
         ("vm3", "vm1", "tcp", 80, true, true),
     ]);
 
-    let drops = env.cluster.drops(&env.topo, "h1").expect("counters");
+    let drops = env.lab.drops("h1").expect("counters");
     eprintln!("h1 drops: {drops}");
     assert!(
         drops["drops"]["policy_ingress"].as_u64().unwrap() > 0,
@@ -226,8 +167,8 @@ async fn spoofing_and_fragments_are_dropped_on_the_wire() {
         return;
     }
     let env = setup("sgs").await.expect("topology");
-    let vm2 = &env.topo.vm("vm2").ns;
-    let before = env.cluster.drops(&env.topo, "h1").unwrap();
+    let vm2 = &env.lab.topo.vm("vm2").ns;
+    let before = env.lab.drops("h1").unwrap();
     // A second address the port does not own: its packets must not leave.
     vm2.sh(&["ip", "addr", "add", "10.10.0.99/32", "dev", "eth0"]).unwrap();
     let spoofed = vm2.sh(&[
@@ -252,16 +193,17 @@ async fn spoofing_and_fragments_are_dropped_on_the_wire() {
         !env.reach("vm2", "vm1", "icmp", 0, false),
         "a forged MAC must not get through"
     );
-    vm2.sh(&["ip", "link", "set", "eth0", "address", "02:00:00:00:00:12"])
+    vm2.sh(&["ip", "link", "set", "eth0", "address", &env.lab.topo.vm("vm2").mac])
         .unwrap();
     // Fragments: a 3000-byte ping is fragmented by the VM's kernel.
     let _ = env
+        .lab
         .topo
         .vm("vm1")
         .ns
         .sh(&["ping", "-c", "1", "-W", "1", "-s", "3000", "10.10.0.11"]);
     let _ = vm2.sh(&["ping", "-c", "1", "-W", "1", "-s", "3000", "10.10.0.11"]);
-    let after = env.cluster.drops(&env.topo, "h1").unwrap();
+    let after = env.lab.drops("h1").unwrap();
     for reason in ["spoof_ip", "spoof_mac", "fragment"] {
         let (b, a) = (
             before["drops"][reason].as_u64().unwrap(),
@@ -281,23 +223,23 @@ async fn restarts_keep_state_and_flows() {
     }
     let mut env = setup("sgr").await.expect("topology");
     // A long-lived connection from vm3 (h2) to vm1 (h1), exchanging every 50 ms.
-    let ns3 = env.topo.vm("vm3").ns.name.clone();
+    let ns3 = env.lab.topo.vm("vm3").ns.name.clone();
     let mut hold = Proc::spawn(
         "hold",
         Some(&ns3),
         &bin("sdn-probe"),
         &["hold", "10.10.0.11", "80", "--seconds", "8", "--interval-ms", "50"],
-        &env.topo.dir,
+        &env.lab.topo.dir,
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(500));
 
     // The controller crashes and comes back: the agents resume their watch
     // from the revision and resource versions they hold, without a snapshot.
-    env.cluster.restart_controller().expect("controller restart");
-    let mut c = env.cluster.client().await.unwrap();
+    env.lab.cluster.restart_controller().expect("controller restart");
+    let mut c = env.lab.cluster.client().await.unwrap();
     wait_all_enforced(&mut c).await;
-    let ctl_log = env.cluster.controller.log_text();
+    let ctl_log = env.lab.cluster.controller.log_text();
     let resumed = ctl_log
         .lines()
         .filter(|l| l.contains("watch started") && l.contains("resume=true"))
@@ -305,8 +247,8 @@ async fn restarts_keep_state_and_flows() {
     assert!(resumed >= 2, "both agents resumed their watch:\n{ctl_log}");
 
     // Both agents crash; the dataplane keeps enforcing without them.
-    env.cluster.agent("h1").kill();
-    env.cluster.agent("h2").kill();
+    env.lab.cluster.agent("h1").kill();
+    env.lab.cluster.agent("h2").kill();
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         env.reach("vm2", "vm1", "tcp", 80, false),
@@ -316,8 +258,8 @@ async fn restarts_keep_state_and_flows() {
         !env.reach("vm2", "vm1", "tcp", 81, false),
         "and still enforces with no agent"
     );
-    env.cluster.start_agent(&env.topo, "h1").unwrap();
-    env.cluster.start_agent(&env.topo, "h2").unwrap();
+    env.lab.cluster.start_agent(&env.lab.topo, "h1").unwrap();
+    env.lab.cluster.start_agent(&env.lab.topo, "h2").unwrap();
 
     // Both agents reconnect, adopt the pinned dataplane and ack the current revision.
     wait_all_enforced(&mut c).await;
@@ -350,21 +292,23 @@ async fn restarts_keep_state_and_flows() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(audit.records.len(), 2);
-    assert_eq!(audit.records[1].actor, "integration-test");
+    // The lab's three batches: hosts, the objects, the ports.
+    assert_eq!(audit.records.len(), 3);
+    assert_eq!(audit.records[2].actor, "integration-test");
     assert!(
-        audit.records[1].changes.iter().any(|l| l == "put port vm3"),
+        audit.records[2].changes.iter().any(|l| l == "put port vm3"),
         "{:?}",
-        audit.records[1].changes
+        audit.records[2].changes
     );
 
     // A change made now is enforced by the restarted agents.
-    env.cluster
+    env.lab
+        .cluster
         .apply(vec![group("web", T, web_rules(false))])
         .await
         .expect("apply after restarts");
     assert!(!env.reach("vm2", "vm1", "tcp", 80, false));
-    let h1 = env.cluster.agent("h1").log_text();
+    let h1 = env.lab.cluster.agent("h1").log_text();
     assert!(h1.contains("adopted pinned dataplane state"), "agent log:\n{h1}");
 }
 
@@ -409,18 +353,19 @@ async fn quarantine_cuts_off_at_once_and_lifts() {
     assert!(env.reach("vm2", "vm1", "icmp", 0, false));
     assert!(env.reach("vm1", "vm3", "tcp", 80, false));
     // A live connection into vm1 that the quarantine must cut too.
-    let ns3 = env.topo.vm("vm3").ns.name.clone();
+    let ns3 = env.lab.topo.vm("vm3").ns.name.clone();
     let mut hold = Proc::spawn(
         "hold-q",
         Some(&ns3),
         &bin("sdn-probe"),
         &["hold", "10.10.0.11", "80", "--seconds", "3", "--interval-ms", "50"],
-        &env.topo.dir,
+        &env.lab.topo.dir,
     )
     .unwrap();
     std::thread::sleep(Duration::from_millis(500));
 
     let r = env
+        .lab
         .cluster
         .apply(vec![quarantine(
             "q-vm1",
@@ -444,9 +389,17 @@ async fn quarantine_cuts_off_at_once_and_lifts() {
         "the established connection was cut: {}",
         hold.log_text()
     );
-    let drops = env.cluster.drops(&env.topo, "h1").unwrap();
+    let drops = env.lab.drops("h1").unwrap();
     assert!(drops["drops"]["quarantined"].as_u64().unwrap() > 0, "{drops}");
-    let agent_log = env.cluster.agents.iter().find(|(h, _)| h == "h1").unwrap().1.log_text();
+    let agent_log = env
+        .lab
+        .cluster
+        .agents
+        .iter()
+        .find(|(h, _)| h == "h1")
+        .unwrap()
+        .1
+        .log_text();
     assert!(
         agent_log.contains("quarantine_applied") && agent_log.contains("ticket 4711"),
         "the agent logs a security event"
@@ -454,6 +407,7 @@ async fn quarantine_cuts_off_at_once_and_lifts() {
 
     // Deleting the port while quarantined is refused; lifting restores the policy.
     let e = env
+        .lab
         .cluster
         .apply(vec![pb::operation::Op::Delete(pb::ObjectRef {
             kind: pb::Kind::Port as i32,
@@ -462,7 +416,8 @@ async fn quarantine_cuts_off_at_once_and_lifts() {
         .await
         .unwrap_err();
     assert!(e.message().contains("quarantine q-vm1"), "{e:?}");
-    env.cluster
+    env.lab
+        .cluster
         .apply(vec![pb::operation::Op::Delete(pb::ObjectRef {
             kind: pb::Kind::Quarantine as i32,
             id: "q-vm1".into(),
@@ -478,12 +433,13 @@ async fn quarantine_cuts_off_at_once_and_lifts() {
     // A VM by the id the compute platform gave its ports: vm3's port names
     // its VM; quarantining the VM cuts the port on its host (h2), both
     // families, and lifting it restores the policy.
-    let mut p3 = vm3_port(&["web"]);
+    let mut p3 = env.lab.port("vm3", &["web"]);
     if let pb::operation::Op::PutPort(p) = &mut p3 {
         p.vm_id = "vm-0003".into();
     }
-    env.cluster.apply(vec![p3]).await.expect("name vm3's VM");
-    env.cluster
+    env.lab.cluster.apply(vec![p3]).await.expect("name vm3's VM");
+    env.lab
+        .cluster
         .apply(vec![pb::operation::Op::PutQuarantine(pb::Quarantine {
             id: "q-vm3".into(),
             target_kind: pb::Kind::Vm as i32,
@@ -498,7 +454,8 @@ async fn quarantine_cuts_off_at_once_and_lifts() {
         ("vm1", "vm3", "icmp", 0, true, false),
         ("vm3", "vm1", "icmp", 0, false, false),
     ]);
-    env.cluster
+    env.lab
+        .cluster
         .apply(vec![pb::operation::Op::Delete(pb::ObjectRef {
             kind: pb::Kind::Quarantine as i32,
             id: "q-vm3".into(),
@@ -512,7 +469,8 @@ async fn quarantine_cuts_off_at_once_and_lifts() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64;
-    env.cluster
+    env.lab
+        .cluster
         .apply(vec![quarantine("q-vpc", pb::Kind::Vpc, "vpc1", "exercise", now + 2500)])
         .await
         .expect("vpc quarantine");
@@ -527,12 +485,13 @@ async fn quarantine_cuts_off_at_once_and_lifts() {
     .unwrap();
     env.expect(&[("vm1", "vm2", "tcp", 5432, false, true)]);
     let e = env
+        .lab
         .cluster
         .apply(vec![quarantine("q-old", pb::Kind::Port, "vm1", "late", 1000)])
         .await
         .unwrap_err();
     assert!(e.message().contains("expires_unix_ms"), "{e:?}");
-    let mut c = env.cluster.client().await.unwrap();
+    let mut c = env.lab.cluster.client().await.unwrap();
     let audit = c
         .audit(pb::AuditRequest {
             after_revision: 0,

@@ -4,9 +4,9 @@
 //! sees only what an exchange path opens; the dataplane drops what crosses
 //! otherwise even when the outside network routes it to us.
 
-use sdn_integration::cluster::Cluster;
+use sdn_integration::lab::Lab;
 use sdn_integration::ops::*;
-use sdn_integration::{bin, privileged, Proc, Topology};
+use sdn_integration::{bin, privileged, Proc};
 use sdn_proto::v1 as pb;
 
 /// A server of the extranet and a client/server of the internet.
@@ -16,71 +16,46 @@ const NET_HOST6: &str = "2001:db8:f00::10";
 
 struct Env {
     _servers: Vec<Proc>,
-    cluster: Cluster,
-    topo: Topology,
+    lab: Lab,
 }
 
+/// The extranet with a server, the internet with a host; dept-a's VPC in
+/// the extranet with a1 (h1, 10.40.1.11) and a2 (h2, 10.40.1.12), both also
+/// routed from the internet; the portal's VPC in the internet with p1 (h2,
+/// 198.51.100.11). The internet may reach a1's HTTPS; a2 may fetch from one
+/// internet server's port 80.
 async fn setup(tag: &str) -> anyhow::Result<Env> {
-    let mut topo = Topology::new(tag, &["h1", "h2"])?;
-    topo.add_zone(
-        "ext",
-        "up-ext",
-        "10.255.0",
-        "fdf0:0:0:1",
-        &["10.0.0.0/8", "fd00::/8"],
-        &[EXT_SERVER],
-    )?;
-    topo.add_zone(
-        "net",
-        "up-net",
-        "172.17.0",
-        "fdf0:0:0:2",
-        &["0.0.0.0/0", "::/0"],
-        &[NET_HOST, NET_HOST6],
-    )?;
-    topo.add_vm("a1", "h1", "02:0a:00:00:00:11", "10.40.1.11/24", "fd40:1::11/64")?;
-    topo.add_vm("a2", "h2", "02:0a:00:00:00:12", "10.40.1.12/24", "fd40:1::12/64")?;
-    topo.add_vm(
-        "p1",
-        "h2",
-        "02:0c:00:00:00:11",
-        "198.51.100.11/24",
-        "2001:db8:100::11/64",
-    )?;
-    for (zone, vm) in [
-        ("ext", "a1"),
-        ("ext", "a2"),
-        ("net", "p1"),
-        ("net", "a1"),
-        ("net", "a2"),
-    ] {
-        topo.announce(zone, vm)?;
-    }
-    let mut cluster = Cluster::start(&topo.dir)?;
-    // Hosts first: every host receives the zones, so their agents must run
-    // before a batch with zones can be enforced.
-    cluster
-        .apply(vec![
-            host("h1", &topo.underlay_ip("h1")),
-            host("h2", &topo.underlay_ip("h2")),
-        ])
-        .await?;
-    cluster.start_agent(&topo, "h1")?;
-    cluster.start_agent(&topo, "h2")?;
-    cluster
-        .apply(vec![
-            zone("ext", &["10.0.0.0/8", "fd00::/8"], "up-ext"),
-            zone("net", &["0.0.0.0/0", "::/0"], "up-net"),
-            tenant("dept-a"),
-            tenant("portal"),
-            vpc_in_zone("va", "dept-a", "ext"),
-            vpc_in_zone("vp", "portal", "net"),
-            subnet("a-web", "va", "10.40.1.0/24", "fd40:1::/64"),
-            subnet("p-web", "vp", "198.51.100.0/24", "2001:db8:100::/64"),
-            group("open-a", "dept-a", open_rules()),
-            group("open-p", "portal", open_rules()),
-            // The internet may reach a1's HTTPS; a2 may fetch from one
-            // internet server's port 80.
+    let lab = Lab::new(tag, &["h1", "h2"])
+        .zone(
+            "ext",
+            "up-ext",
+            "10.255.0",
+            "fdf0:0:0:1",
+            &["10.0.0.0/8", "fd00::/8"],
+            &[EXT_SERVER],
+        )
+        .zone(
+            "net",
+            "up-net",
+            "172.17.0",
+            "fdf0:0:0:2",
+            &["0.0.0.0/0", "::/0"],
+            &[NET_HOST, NET_HOST6],
+        )
+        .tenant("dept-a")
+        .vpc("va", Some("ext"))
+        .subnet("a-web", "va", "10.40.1.0/24", "fd40:1::/64")
+        .group("open-a", open_rules())
+        .tenant("portal")
+        .vpc("vp", Some("net"))
+        .subnet("p-web", "vp", "198.51.100.0/24", "2001:db8:100::/64")
+        .group("open-p", open_rules())
+        .vm("a1", "h1", "a-web", &["open-a"])
+        .vm("a2", "h2", "a-web", &["open-a"])
+        .vm("p1", "h2", "p-web", &["open-p"])
+        .announce("net", "a1")
+        .announce("net", "a2")
+        .then(vec![
             broad(
                 exchange("in-https", "net", "ext", "0.0.0.0/0", "10.40.1.11/32", (443, 443)),
                 "the public portal answers every internet user",
@@ -98,62 +73,21 @@ async fn setup(tag: &str) -> anyhow::Result<Env> {
                 "the public portal answers every internet user",
             ),
         ])
+        .start()
         .await?;
-    let r = cluster
-        .apply(vec![
-            port(
-                "a1",
-                "dept-a",
-                "a-web",
-                "h1",
-                "a1h",
-                "02:0a:00:00:00:11",
-                "10.40.1.11",
-                "fd40:1::11",
-                &["open-a"],
-            ),
-            port(
-                "a2",
-                "dept-a",
-                "a-web",
-                "h2",
-                "a2h",
-                "02:0a:00:00:00:12",
-                "10.40.1.12",
-                "fd40:1::12",
-                &["open-a"],
-            ),
-            port(
-                "p1",
-                "portal",
-                "p-web",
-                "h2",
-                "p1h",
-                "02:0c:00:00:00:11",
-                "198.51.100.11",
-                "2001:db8:100::11",
-                &["open-p"],
-            ),
-        ])
-        .await?;
-    assert!(r.enforced, "ports enforced on both hosts");
     let args = ["--tcp", "22", "--tcp", "80", "--tcp", "81", "--tcp", "443"];
-    let servers = topo.serve(&["a1", "a2", "p1"], &["ext", "net"], &args)?;
-    Ok(Env {
-        _servers: servers,
-        cluster,
-        topo,
-    })
+    let servers = lab.topo.serve(&["a1", "a2", "p1"], &["ext", "net"], &args)?;
+    Ok(Env { _servers: servers, lab })
 }
 
 impl Env {
     fn counter(&self, host: &str, group: &str, name: &str) -> u64 {
-        self.cluster.counter(&self.topo, host, group, name)
+        self.lab.counter(host, group, name)
     }
 
     /// A TCP connection from a zone's network (bound to `src`) to `dst`.
     fn zone_connects(&self, zone: &str, src: &str, dst: &str, port: u16) -> bool {
-        let ns = self.topo.zone_ns(zone);
+        let ns = self.lab.topo.zone_ns(zone);
         let probe = bin("sdn-probe");
         let p = port.to_string();
         let attempt = || {
@@ -191,7 +125,7 @@ impl Env {
             args.push("-6");
         }
         args.push(dst);
-        let out = self.topo.zone_ns(zone).sh(&args).expect("nmap");
+        let out = self.lab.topo.zone_ns(zone).sh(&args).expect("nmap");
         let mut open = Vec::new();
         for line in out.lines().filter(|l| l.contains("Ports:")) {
             for entry in line.split("Ports:").nth(1).unwrap_or("").split(',') {
@@ -212,7 +146,7 @@ async fn zones_meet_only_on_exchange_paths() {
         return;
     }
     let env = setup("zna").await.expect("topology");
-    let t = &env.topo;
+    let t = &env.lab.topo;
 
     // The cross-zone matrix, seen by nmap from the internet: a1 only on its
     // exchange port, a2 not at all; the internet zone's own VPC normally.
@@ -412,12 +346,13 @@ async fn the_border_firewall_orders_its_rules_and_records_each_verdict() {
         return;
     }
     let env = setup("znb").await.expect("topology");
-    let t = &env.topo;
+    let t = &env.lab.topo;
     let mut va = vpc_in_zone("va", "dept-a", "ext");
     if let pb::operation::Op::PutVpc(v) = &mut va {
         v.border_policy_id = "ext-border".into();
     }
-    env.cluster
+    env.lab
+        .cluster
         .apply(vec![border_policy(false), va.clone()])
         .await
         .expect("attach the border firewall");
@@ -436,7 +371,7 @@ async fn the_border_firewall_orders_its_rules_and_records_each_verdict() {
     assert!(env.counter("h2", "drops", "border_firewall") > 0);
 
     // Every verdict names its rule.
-    let verdicts = env.cluster.verdicts(t, "h2");
+    let verdicts = env.lab.cluster.verdicts(t, "h2");
     // (One entry per flow; nmap may try a port from more than one source port.)
     let rule_of = |remote: &str, port: u16| -> Vec<(String, String)> {
         let mut v: Vec<(String, String)> = verdicts
@@ -471,7 +406,8 @@ async fn the_border_firewall_orders_its_rules_and_records_each_verdict() {
 
     // A policy change takes effect at once; removing the firewall leaves
     // zones and security groups in charge.
-    env.cluster
+    env.lab
+        .cluster
         .apply(vec![border_policy(true)])
         .await
         .expect("update the policy");
@@ -482,7 +418,11 @@ async fn the_border_firewall_orders_its_rules_and_records_each_verdict() {
     if let pb::operation::Op::PutVpc(v) = &mut va {
         v.border_policy_id.clear();
     }
-    env.cluster.apply(vec![va]).await.expect("detach the border firewall");
+    env.lab
+        .cluster
+        .apply(vec![va])
+        .await
+        .expect("detach the border firewall");
     assert_eq!(env.nmap_open("ext", "10.40.1.12"), vec![22, 80, 81, 443]);
     assert_eq!(env.nmap_open("net", "10.40.1.11"), vec![443], "the zone guard stays");
 }
