@@ -348,21 +348,33 @@ impl Dataplane {
     /// version's programs made until then are copied over first, and its
     /// tables removed.
     pub fn retire_old_pipelines(&mut self) {
-        match self.migrate_v1_flows() {
+        let migration = self.migrate_v1_flows();
+        let migrated = migration.is_ok();
+        match migration {
             Ok(Some(n)) => {
                 tracing::info!(
                     flows = n,
                     "flows of the earlier version's table carried over; its tables removed"
                 );
-                for name in [m::v1::CT, m::v1::FW_VERDICTS, m::v1::DROPS] {
-                    let _ = std::fs::remove_file(self.pin_dir.join("maps").join(name));
-                }
                 if let Err(e) = self.collect_conntrack() {
                     tracing::warn!(error = %format!("{e:#}"), "recounting flows after the migration");
                 }
             }
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "carrying over the earlier version's flows"),
+        }
+        // No program reads an earlier version's tables any more (its flows
+        // stay for another try if they could not be carried over).
+        for name in m::v1::OBSOLETE {
+            if !migrated && name == m::v1::CT {
+                continue;
+            }
+            let pin = self.pin_dir.join("maps").join(name);
+            match std::fs::remove_file(&pin) {
+                Ok(()) => tracing::info!(pin = %pin.display(), "removed an earlier version's table"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(pin = %pin.display(), error = %e, "removing an earlier version's table"),
+            }
         }
         let Ok(rd) = std::fs::read_dir(self.pin_dir.join("pipes")) else {
             return;

@@ -181,8 +181,10 @@ tables! {
     // Rules before the policy headers that count them.
     fw_rules: u32 => FwRule = array(m::FW_RULES, FW_RULES_MAX, "firewall rule slots"),
     fw_policies: u32 => FwPolicy = hash(m::FW_POLICIES, FW_POLICIES_MAX, "firewall policies"),
-    // The exchange list is rewritten slot by slot (every entry is whole).
+    // A changed exchange list is written whole into the other half, then
+    // the half switches (see `place_halves`).
     exchange: u32 => ExchangeRule = array(m::EXCHANGE, EXCHANGE_MAX, "exchange paths"),
+    exchange_half: u32 => u32 = array(m::EXCHANGE_HALF, 1, "exchange half"),
     // Zones before the routes that use them; routes before the ports.
     zone_nets: (u32, [u8; 20]) => u32 = lpm(m::ZONE_NETS, ZONE_NETS_MAX, "zone prefixes"),
     vpc_nets: (u32, [u8; 20]) => u32 = lpm(m::VPC_NETS, VPC_NETS_MAX, "VPC subnets of the zones"),
@@ -452,6 +454,7 @@ impl Reconciler {
             fw_rules: d.fw_rules.clone(),
             fw_policies: d.fw_policies.clone(),
             exchange: d.exchange.clone(),
+            exchange_half: BTreeMap::new(),
             zone_nets: d.zone_nets.clone(),
             vpc_nets: d.vpc_nets.clone(),
             uplinks: d.uplinks.clone(),
@@ -470,10 +473,77 @@ impl Reconciler {
                 check_capacity(what, *last as usize + 1, max)?;
             }
         }
+        let mut want = want;
+        self.place_halves(&mut want);
         let mut c = Changes::default();
         sync(&mut self.maps, &mut self.held, &want, &mut c)?;
         self.ids.retain(&used);
         Ok(c)
+    }
+
+    /// Puts the compiled firewall rules and exchange paths (numbered from
+    /// slot 0) into a half of their tables. Unchanged, they stay where they
+    /// are. Changed, they go whole into the half nothing uses: the firewall
+    /// policies then switch to it one write each (rules are written before
+    /// the policies, see `tables!`), and the exchange list in the one write
+    /// of its half number; the old half is cleared last. So a packet is
+    /// judged by the old rules or the new ones, never a mix, and no slot
+    /// changes while a packet may read it.
+    fn place_halves(&self, want: &mut Contents) {
+        let held = &self.held;
+        // Firewall: the halves the held policies use.
+        let uses = |half: u32| {
+            held.fw_policies
+                .values()
+                .any(|p| p.count > 0 && p.first / FW_RULES_MAX == half)
+        };
+        let current = if uses(1) && !uses(0) { 1 } else { 0 };
+        let off = current * FW_RULES_MAX;
+        let same = held.fw_rules.len() == want.fw_rules.len()
+            && held.fw_policies.len() == want.fw_policies.len()
+            && want.fw_rules.iter().all(|(k, v)| held.fw_rules.get(&(k + off)) == Some(v))
+            && want.fw_policies.iter().all(|(k, p)| {
+                held.fw_policies.get(k) == Some(&FwPolicy {
+                    first: p.first + if p.count > 0 { off } else { 0 },
+                    ..*p
+                })
+            });
+        let half = if same {
+            current
+        } else if uses(0) && uses(1) {
+            // Only after a pass that failed half-way: either half is in
+            // use; the next change goes to the half the first policy
+            // does not use.
+            let first = held.fw_policies.values().find(|p| p.count > 0).map(|p| p.first / FW_RULES_MAX);
+            1 - first.unwrap_or(1)
+        } else {
+            1 - current
+        };
+        if half == 1 {
+            let base = FW_RULES_MAX;
+            want.fw_rules = std::mem::take(&mut want.fw_rules)
+                .into_iter()
+                .map(|(k, v)| (k + base, v))
+                .collect();
+            for p in want.fw_policies.values_mut() {
+                if p.count > 0 {
+                    p.first += base;
+                }
+            }
+        }
+        // Exchange paths: the half its number names.
+        let current = held.exchange_half.get(&0).copied().unwrap_or(0).min(1);
+        let off = current * EXCHANGE_MAX;
+        let same = held.exchange.len() == want.exchange.len()
+            && want.exchange.iter().all(|(k, v)| held.exchange.get(&(k + off)) == Some(v));
+        let half = if same { current } else { 1 - current };
+        if half == 1 {
+            want.exchange = std::mem::take(&mut want.exchange)
+                .into_iter()
+                .map(|(k, v)| (k + EXCHANGE_MAX, v))
+                .collect();
+            want.exchange_half.insert(0, 1);
+        }
     }
 
     /// Sets the quarantine flag of every held port `d` quarantines, without

@@ -32,14 +32,25 @@ pub const UPLINKS: &str = "SDN_UPLINKS";
 pub const ZONE_UPLINK: &str = "SDN_ZONE_UPLINK";
 /// Pinned name of the addresses of VPCs with an uplink ([`ZoneAddrKey`] -> [`ZoneEndpoint`]).
 pub const ZONE_ENDPOINTS: &str = "SDN_ZONE_ENDPOINTS";
-/// Pinned name of the exchange paths (array of [`ExchangeRule`]; the first
-/// slot whose `from` is 0 ends the list).
-pub const EXCHANGE: &str = "SDN_EXCHANGE";
+/// Pinned name of the exchange paths (array of [`ExchangeRule`] in two
+/// halves of `EXCHANGE_MAX` slots; in the half [`EXCHANGE_HALF`] names, the
+/// first slot whose `from` is 0 ends the list). A change is written whole
+/// into the other half, then the half switches in one write: a packet is
+/// judged by the old list or the new one, never a mix.
+/// (Version 2: two halves.)
+pub const EXCHANGE: &str = "SDN_EXCHANGE2";
+/// Pinned name of the half of [`EXCHANGE`] in force (array of one `u32`, 0 or 1).
+pub const EXCHANGE_HALF: &str = "SDN_EXCHANGE_HALF";
 /// Pinned name of the firewall policies (`u32` policy number -> [`FwPolicy`]).
-pub const FW_POLICIES: &str = "SDN_FW_POLICIES";
-/// Pinned name of the firewall rules (array of [`FwRule`], each policy's in
-/// priority order from its `first` slot).
-pub const FW_RULES: &str = "SDN_FW_RULES";
+/// (Version 2: `first` is a slot of the two-halved [`FW_RULES`].)
+pub const FW_POLICIES: &str = "SDN_FW_POLICIES2";
+/// Pinned name of the firewall rules (array of [`FwRule`] in two halves of
+/// `FW_RULES_MAX` slots, each policy's in priority order from its `first`
+/// slot). A change is written whole into the half no policy uses, then the
+/// policies switch to it one write each: a packet is judged by a policy's
+/// old rules or its new ones, never a mix.
+/// (Version 2: two halves.)
+pub const FW_RULES: &str = "SDN_FW_RULES2";
 /// Pinned name of the firewall verdicts, per flow ([`CtKey`] -> [`FwVerdict`]).
 /// (Version 2: the key carries the flow's door.)
 pub const FW_VERDICTS: &str = "SDN_FW_VERDICTS2";
@@ -93,9 +104,11 @@ pub const ZONE_NETS_MAX: u32 = 4096;
 pub const VPC_NETS_MAX: u32 = 65536;
 pub const ZONES_MAX: u32 = 64;
 pub const ZONE_ENDPOINTS_MAX: u32 = 65536;
-/// Exchange paths are checked in order, one by one: keep them few.
+/// Exchange paths are checked in order, one by one: keep them few. (The
+/// map holds two halves of this many.)
 pub const EXCHANGE_MAX: u32 = 64;
 pub const FW_POLICIES_MAX: u32 = 1024;
+/// Firewall rule slots of one half (the map holds two).
 pub const FW_RULES_MAX: u32 = 16384;
 /// Rules of one policy, checked in order.
 pub const FW_POLICY_RULES_MAX: u32 = 64;
@@ -475,6 +488,14 @@ pub mod v1 {
     /// Pinned name of version 1's drop counters (32 slots; version 2 starts
     /// its counters afresh).
     pub const DROPS: &str = "SDN_DROPS";
+    /// Pinned names of version 1's exchange paths and firewall tables (one
+    /// half; version 2 rebuilds them from the desired state).
+    pub const EXCHANGE: &str = "SDN_EXCHANGE";
+    pub const FW_POLICIES: &str = "SDN_FW_POLICIES";
+    pub const FW_RULES: &str = "SDN_FW_RULES";
+    /// Every pin of version 1 that version 2 no longer reads, removed once
+    /// every link runs version 2's programs.
+    pub const OBSOLETE: [&str; 6] = [CT, FW_VERDICTS, DROPS, EXCHANGE, FW_POLICIES, FW_RULES];
 
     /// Version 1's flow key: no door, no ICMP type.
     #[repr(C)]

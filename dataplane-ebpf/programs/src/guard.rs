@@ -11,16 +11,16 @@ use dataplane_common::{
         DOOR_PEER, DOOR_VPC, DOOR_ZONE, EP_F_GATEWAY, EP_F_LOCAL_IS_A, EP_F_PEER, EXCHANGE_MAX, PORT_F_QUARANTINED,
         PORT_F_REJECTED, PORT_F_UPLINK,
     },
-    stage, DropReason, Stat, DIR_EGRESS, DIR_INGRESS, PROTO_TCP,
+    stage, DropReason, Stat, DIR_EGRESS, PROTO_TCP,
 };
 
 use crate::{
     commit::{self, Action},
     firewall::{halves, in_prefix},
-    maps::{count, CONFIG, CT, CT_SYN, EXCHANGE},
+    maps::{count, CONFIG, CT, CT_SYN, EXCHANGE, EXCHANGE_HALF},
     meta::{
         Meta, EMPTY_KEY, E_FROM_VM, K_IP, K_RELATED, O_PORT, O_TUNNEL, O_UPLINK, S_EST, S_NEW, S_NONE, S_STALE, T_MAIN, T_SYN,
-        X_PEER, X_ZONE_IN, X_ZONE_OUT,
+        X_ZONE_IN, X_ZONE_OUT,
     },
     overlay::endpoint,
     parse::{icmp_inner, is_icmp_error, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -379,8 +379,13 @@ fn exchange_admits(
         return Ok(());
     }
     let (src, dst) = (halves(src), halves(dst));
+    // The half in force, read once: the list is judged whole, old or new.
+    let base = match EXCHANGE_HALF.get(0) {
+        Some(&1) => EXCHANGE_MAX,
+        _ => 0,
+    };
     for i in 0..EXCHANGE_MAX {
-        let Some(r) = EXCHANGE.get(i) else { break };
+        let Some(r) = EXCHANGE.get(base + i) else { break };
         if r.from == 0 {
             break;
         }

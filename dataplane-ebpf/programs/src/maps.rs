@@ -80,14 +80,17 @@ pub static ZONE_UPLINK: HashMap<u32, u32> = HashMap::pinned(ZONES_MAX, 0);
 #[map(name = "SDN_ZONE_ENDPOINTS")]
 pub static ZONE_ENDPOINTS: HashMap<ZoneAddrKey, ZoneEndpoint> = HashMap::pinned(ZONE_ENDPOINTS_MAX, 0);
 
-#[map(name = "SDN_EXCHANGE")]
-pub static EXCHANGE: Array<ExchangeRule> = Array::pinned(EXCHANGE_MAX, 0);
+#[map(name = "SDN_EXCHANGE2")]
+pub static EXCHANGE: Array<ExchangeRule> = Array::pinned(2 * EXCHANGE_MAX, 0);
 
-#[map(name = "SDN_FW_POLICIES")]
+#[map(name = "SDN_EXCHANGE_HALF")]
+pub static EXCHANGE_HALF: Array<u32> = Array::pinned(1, 0);
+
+#[map(name = "SDN_FW_POLICIES2")]
 pub static FW_POLICIES: HashMap<u32, FwPolicy> = HashMap::pinned(FW_POLICIES_MAX, 0);
 
-#[map(name = "SDN_FW_RULES")]
-pub static FW_RULES: Array<FwRule> = Array::pinned(FW_RULES_MAX, 0);
+#[map(name = "SDN_FW_RULES2")]
+pub static FW_RULES: Array<FwRule> = Array::pinned(2 * FW_RULES_MAX, 0);
 
 #[map(name = "SDN_FW_VERDICTS2")]
 pub static FW_VERDICTS: LruHashMap<CtKey, FwVerdict> = LruHashMap::pinned(FW_VERDICTS_MAX, 0);
