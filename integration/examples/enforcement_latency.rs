@@ -12,12 +12,10 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use sdn_integration::cluster::Cluster;
+use sdn_integration::enter_netns;
+use sdn_integration::lab::{Lab, TENANT};
 use sdn_integration::ops::*;
-use sdn_integration::{bin, enter_netns, Proc, Topology};
 use sdn_proto::v1 as pb;
-
-const T: &str = "t";
 
 fn rules(http: bool) -> Vec<pb::SecurityGroupRule> {
     let mut r = vec![ingress("ping", false, "icmp", (0, 0), "", "")];
@@ -36,44 +34,16 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let rounds: usize = std::env::var("ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(100);
-    let mut topo = Topology::new("lat", &["h1"])?;
-    topo.add_vm("vm1", "h1", "02:00:00:00:00:11", "10.10.0.11/24", "fd10::11/64")?;
-    topo.add_vm("vm2", "h1", "02:00:00:00:00:12", "10.10.0.12/24", "fd10::12/64")?;
-    let mut cluster = Cluster::start(&topo.dir)?;
-    cluster
-        .apply(vec![
-            tenant(T),
-            vpc("v", T),
-            subnet("s", "v", "10.10.0.0/24", ""),
-            host("h1", &topo.underlay_ip("h1")),
-            group("web", T, rules(false)),
-        ])
+    // vm1 (10.10.0.11) with the group under change, vm2 in none.
+    let Lab { topo, cluster, .. } = Lab::new("lat", &["h1"])
+        .vpc("v", None)
+        .subnet("s", "v", "10.10.0.0/24", "")
+        .group("web", rules(false))
+        .vm("vm1", "h1", "s", &["web"])
+        .vm("vm2", "h1", "s", &[])
+        .start()
         .await?;
-    cluster.start_agent(&topo, "h1")?;
-    cluster
-        .apply(vec![
-            port(
-                "vm1",
-                T,
-                "s",
-                "h1",
-                "vm1h",
-                "02:00:00:00:00:11",
-                "10.10.0.11",
-                "",
-                &["web"],
-            ),
-            port("vm2", T, "s", "h1", "vm2h", "02:00:00:00:00:12", "10.10.0.12", "", &[]),
-        ])
-        .await?;
-    let _server = Proc::spawn(
-        "server",
-        Some(&topo.vm("vm1").ns.name),
-        &bin("sdn-probe"),
-        &["serve", "--tcp", "80"],
-        &topo.dir,
-    )?;
-    std::thread::sleep(Duration::from_millis(300));
+    let _server = topo.serve(&["vm1"], &[], &["--tcp", "80"])?;
 
     // A thread inside vm2 that, on request, connects until one succeeds.
     let (req_tx, req_rx) = mpsc::channel::<Instant>();
@@ -98,7 +68,7 @@ async fn main() -> anyhow::Result<()> {
     let mut client = cluster.client().await?;
     let apply = |http: bool, wait: bool| pb::ApplyRequest {
         operations: vec![pb::Operation {
-            op: Some(group("web", T, rules(http))),
+            op: Some(group("web", TENANT, rules(http))),
         }],
         actor: "bench".into(),
         wait,

@@ -19,12 +19,11 @@
 
 use std::time::Duration;
 
-use sdn_integration::cluster::Cluster;
+use sdn_integration::lab::{Lab, TENANT};
 use sdn_integration::ops::*;
 use sdn_integration::{bin, sh, Topology};
 use sdn_proto::v1 as pb;
 
-const T: &str = "t";
 const RULES: usize = 10_000;
 const PORT: u16 = 9000;
 
@@ -123,17 +122,27 @@ fn median(v: &mut [f64]) -> f64 {
 async fn main() -> anyhow::Result<()> {
     let rounds: usize = std::env::var("ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     let secs: u64 = std::env::var("SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
-    let mut topo = Topology::new("fwb", &["h1"])?;
-    topo.add_zone(
-        "net",
-        "up-net",
-        "172.30.0",
-        "fdf0:0:0:30",
-        &["10.0.0.0/8", "172.16.0.0/12"],
-        &[],
-    )?;
-    topo.add_vm("vm1", "h1", "02:00:00:00:00:11", "10.10.0.11/24", "fd10::11/64")?;
-    topo.announce("net", "vm1")?;
+    // vm1 (10.10.0.11) in a VPC of the zone, its group with the 10,000 rules.
+    let prefixes = ["10.0.0.0/8", "172.16.0.0/12"];
+    let lab = Lab::new("fwb", &["h1"])
+        .zone("net", "up-net", "172.30.0", "fdf0:0:0:30", &prefixes, &[])
+        .vpc("v", Some("net"))
+        .subnet("s", "v", "10.10.0.0/24", "")
+        .group("g", sg_rules(true))
+        .vm("vm1", "h1", "s", &["g"])
+        .start()
+        .await?;
+    // Our programs back on the path: what `nothing_of_ours` removes.
+    let vm1_port = lab.port("vm1", &["g"]);
+    let zoned = || {
+        vec![
+            zone("net", &prefixes, "up-net"),
+            vpc_in_zone("v", TENANT, "net"),
+            subnet("s", "v", "10.10.0.0/24", ""),
+            vm1_port.clone(),
+        ]
+    };
+    let Lab { topo, cluster, .. } = lab;
     let h1 = topo.host_ns("h1").name.clone();
     // For the peers, the host's kernel forwards from the uplink to vm1.
     topo.host_ns("h1").sysctl("net.ipv4.ip_forward=1")?;
@@ -143,30 +152,6 @@ async fn main() -> anyhow::Result<()> {
     // it. (With our programs on, the distributed gateway answers first.)
     topo.host_ns("h1")
         .sh(&["ip", "addr", "add", "10.10.0.1/32", "dev", "vm1h"])?;
-    let mut cluster = Cluster::start(&topo.dir)?;
-    cluster.apply(vec![host("h1", &topo.underlay_ip("h1"))]).await?;
-    cluster.start_agent(&topo, "h1")?;
-    let zoned = || {
-        vec![
-            zone("net", &["10.0.0.0/8", "172.16.0.0/12"], "up-net"),
-            tenant(T),
-            vpc_in_zone("v", T, "net"),
-            subnet("s", "v", "10.10.0.0/24", ""),
-            group("g", T, sg_rules(true)),
-            port(
-                "vm1",
-                T,
-                "s",
-                "h1",
-                "vm1h",
-                "02:00:00:00:00:11",
-                "10.10.0.11",
-                "",
-                &["g"],
-            ),
-        ]
-    };
-    cluster.apply(zoned()).await?;
     // vm1 answers every datagram, so every filter's conntrack sees both
     // directions and holds the flows as established (netfilter keeps a UDP
     // flow that was never answered as new, judged by the rules each time).

@@ -15,11 +15,9 @@
 
 use std::time::Duration;
 
-use sdn_integration::cluster::Cluster;
+use sdn_integration::lab::Lab;
 use sdn_integration::ops::*;
 use sdn_integration::{Proc, Topology};
-
-const T: &str = "t";
 
 fn iperf(topo: &Topology, from: &str, to_addr: &str, secs: u64) -> anyhow::Result<f64> {
     let out = topo.vm(from).ns.sh(&[
@@ -47,13 +45,36 @@ fn median(v: &mut [f64]) -> f64 {
 async fn main() -> anyhow::Result<()> {
     let rounds: usize = std::env::var("ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
     let secs: u64 = std::env::var("SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
-    let mut topo = Topology::new("ovb", &["h1", "h2"])?;
-    topo.add_vm("vm1", "h1", "02:00:00:00:00:11", "10.10.0.11/24", "")?;
-    topo.add_vm("vm2", "h2", "02:00:00:00:00:12", "10.10.0.12/24", "")?;
+    // Ours: a controller, two agents, security groups on both ports: vm1
+    // (h1, 10.10.0.11) the client, vm2 (h2, 10.10.0.12) the server.
+    let out = |id: &str, proto: &str, ports: (u32, u32)| {
+        let mut r = ingress(id, false, proto, ports, "10.10.0.0/24", "");
+        r.direction = sdn_proto::v1::Direction::Egress as i32;
+        r
+    };
+    let Lab { mut topo, cluster, .. } = Lab::new("ovb", &["h1", "h2"])
+        .vpc("v", None)
+        .subnet("s", "v", "10.10.0.0/24", "")
+        .group(
+            "server",
+            vec![
+                ingress("iperf", false, "tcp", (5201, 5201), "10.10.0.0/24", ""),
+                ingress("ssh", false, "tcp", (22, 22), "10.0.0.0/8", ""),
+                ingress("ping", false, "icmp", (8, 8), "", ""),
+            ],
+        )
+        .group(
+            "client",
+            vec![out("iperf-out", "tcp", (5201, 5201)), out("ping-out", "icmp", (8, 8))],
+        )
+        .vm("vm1", "h1", "s", &["client"])
+        .vm("vm2", "h2", "s", &["server"])
+        .start()
+        .await?;
+
+    // The bare path: namespaces with no port, a bridge + VXLAN on each host.
     topo.add_vm("bare1", "h1", "02:00:00:00:01:11", "10.30.0.11/24", "")?;
     topo.add_vm("bare2", "h2", "02:00:00:00:01:12", "10.30.0.12/24", "")?;
-
-    // The bare path: bridge + VXLAN on each host.
     for (h, peer) in [("h1", "h2"), ("h2", "h1")] {
         let ns = topo.host_ns(h);
         let dev = topo.vm(if h == "h1" { "bare1" } else { "bare2" }).device.clone();
@@ -79,66 +100,6 @@ async fn main() -> anyhow::Result<()> {
         }
         ns.sh(&["ip", "link", "set", "br-bare", "up"])?;
     }
-
-    // Ours: a controller, two agents, security groups on both ports.
-    let mut cluster = Cluster::start(&topo.dir)?;
-    let out = |id: &str, proto: &str, ports: (u32, u32)| {
-        let mut r = ingress(id, false, proto, ports, "10.10.0.0/24", "");
-        r.direction = sdn_proto::v1::Direction::Egress as i32;
-        r
-    };
-    cluster
-        .apply(vec![
-            tenant(T),
-            vpc("v", T),
-            subnet("s", "v", "10.10.0.0/24", ""),
-            host("h1", &topo.underlay_ip("h1")),
-            host("h2", &topo.underlay_ip("h2")),
-            group(
-                "server",
-                T,
-                vec![
-                    ingress("iperf", false, "tcp", (5201, 5201), "10.10.0.0/24", ""),
-                    ingress("ssh", false, "tcp", (22, 22), "10.0.0.0/8", ""),
-                    ingress("ping", false, "icmp", (8, 8), "", ""),
-                ],
-            ),
-            group(
-                "client",
-                T,
-                vec![out("iperf-out", "tcp", (5201, 5201)), out("ping-out", "icmp", (8, 8))],
-            ),
-        ])
-        .await?;
-    cluster.start_agent(&topo, "h1")?;
-    cluster.start_agent(&topo, "h2")?;
-    let r = cluster
-        .apply(vec![
-            port(
-                "vm1",
-                T,
-                "s",
-                "h1",
-                "vm1h",
-                "02:00:00:00:00:11",
-                "10.10.0.11",
-                "",
-                &["client"],
-            ),
-            port(
-                "vm2",
-                T,
-                "s",
-                "h2",
-                "vm2h",
-                "02:00:00:00:00:12",
-                "10.10.0.12",
-                "",
-                &["server"],
-            ),
-        ])
-        .await?;
-    anyhow::ensure!(r.enforced, "ports not enforced");
 
     let _servers = [
         Proc::spawn(
