@@ -101,6 +101,9 @@ pub enum DropReason {
     UplinkToHost = 30,
     /// A VM's address leaving an uplink without passing the pipeline.
     Unjudged = 31,
+    /// The TCP packet that would complete a handshake acknowledges a
+    /// sequence number the answer never sent (a blind, forged ACK).
+    CtBadAck = 32,
 }
 
 /// Number of slots in the drop counter array (room to grow).
@@ -108,7 +111,7 @@ pub const DROP_REASON_SLOTS: u32 = 48;
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 32] = [
+    pub const ALL: [DropReason; 33] = [
         DropReason::UnknownPort,
         DropReason::Truncated,
         DropReason::UnsupportedEthertype,
@@ -141,6 +144,7 @@ impl DropReason {
         DropReason::DhcpServer,
         DropReason::UplinkToHost,
         DropReason::Unjudged,
+        DropReason::CtBadAck,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -178,6 +182,7 @@ impl DropReason {
             DropReason::DhcpServer => "dhcp_server",
             DropReason::UplinkToHost => "uplink_to_host",
             DropReason::Unjudged => "unjudged",
+            DropReason::CtBadAck => "ct_bad_ack",
         }
     }
 }

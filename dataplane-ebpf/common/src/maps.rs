@@ -79,6 +79,10 @@ pub const CT: &str = "SDN_CT2";
 /// after the answer), in an LRU of their own, so a flood of flows nobody
 /// answers evicts only its own kind, never an established flow.
 pub const CT_SYN: &str = "SDN_CT_SYN";
+/// Pinned name of what a handshake's completing ACK must acknowledge
+/// ([`CtKey`] -> `u32`: the answer's initial sequence number plus one), per
+/// local side of an unconfirmed TCP flow, written when the answer passes.
+pub const CT_ISN: &str = "SDN_CT_ISN";
 /// Pinned name of the per-port flow counts (`u32` ifindex -> `u32` entries
 /// of the flow table), kept by the programs on insert and recounted by the
 /// agent's collector.

@@ -15,7 +15,7 @@ use crate::{
     ctx::load,
     firewall,
     guard::Live,
-    maps::{count, CONFIG, CT, CT_COUNT, CT_SYN},
+    maps::{count, CONFIG, CT, CT_COUNT, CT_ISN, CT_SYN},
     meta::{
         Meta, EMPTY_KEY, E_FROM_OVERLAY, E_FROM_UPLINK, E_TO_VM, K_ARP, K_IP, K_NEIGHBOUR, K_NS, O_PORT, O_TUNNEL,
         O_UPLINK, S_EST, S_NEW, S_STALE, T_MAIN, T_SYN,
@@ -131,7 +131,8 @@ fn side(port: &PortInfo, state: u8, table: u8, mut p: *mut CtValue, outbound: bo
     // SAFETY: a live map value.
     let v = unsafe { &mut *p };
     let from_opener = outbound == (v.origin == CT_ORIGIN_OUT);
-    let confirmed = if key.proto == PROTO_TCP {
+    let tcp = key.proto == PROTO_TCP;
+    let confirmed = if tcp {
         // The opener acknowledges the answer.
         from_opener && v.flags & CT_F_REPLY_SEEN != 0 && m.tcp_flags & (TCP_ACK | TCP_SYN) == TCP_ACK
     } else {
@@ -140,13 +141,27 @@ fn side(port: &PortInfo, state: u8, table: u8, mut p: *mut CtValue, outbound: bo
     };
     if !from_opener && !confirmed {
         v.flags |= CT_F_REPLY_SEEN;
+        if tcp && m.tcp_flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
+            // The answer: what the opener's ACK must acknowledge.
+            let _ = CT_ISN.insert(&key, &m.tcp_seq.wrapping_add(1), 0);
+        }
     } else if confirmed {
+        // Only the opener that saw the answer completes the handshake: a
+        // blind ACK (a forged source that never got the answer) moves
+        // nothing into the flow table, so it cannot take a port's budget.
+        // SAFETY: the value is copied out at once.
+        if tcp && unsafe { CT_ISN.get(&key) }.copied() != Some(m.tcp_ack) {
+            return Err(DropReason::CtBadAck);
+        }
         // Confirmed: moved to the flow table, within the port's budget.
         let mut nv = *v;
         update(&mut nv, now, outbound, m, port.epoch);
         nv.flags &= !CT_F_REPLY_SEEN;
         insert(&key, &nv)?;
         let _ = CT_SYN.remove(&key);
+        if tcp {
+            let _ = CT_ISN.remove(&key);
+        }
         count(Stat::CtPromoted);
         count(Stat::CtHit);
         return Ok(());

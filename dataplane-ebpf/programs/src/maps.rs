@@ -41,6 +41,10 @@ pub static CT: HashMap<CtKey, CtValue> = HashMap::pinned(CT_MAX, 0);
 #[map(name = "SDN_CT_SYN")]
 pub static CT_SYN: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(CT_SYN_MAX, 0);
 
+/// What the ACK completing a handshake must acknowledge.
+#[map(name = "SDN_CT_ISN")]
+pub static CT_ISN: LruHashMap<CtKey, u32> = LruHashMap::pinned(CT_SYN_MAX, 0);
+
 /// Flow-table entries per port.
 #[map(name = "SDN_CT_COUNT")]
 pub static CT_COUNT: HashMap<u32, u32> = HashMap::pinned(PORTS_MAX, 0);

@@ -116,9 +116,12 @@ pub struct Meta {
     pub _pad1: [u8; 1],
     pub svc_src: u16,
     pub svc_dst: u16,
+    /// TCP sequence and acknowledgement numbers.
+    pub tcp_seq: u32,
+    pub tcp_ack: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<Meta>() == 192);
+const _: () = assert!(core::mem::size_of::<Meta>() == 200);
 
 impl Meta {
     /// Clears what an earlier packet on this CPU may have left.

@@ -182,6 +182,8 @@ fn transport<C: Pkt>(ctx: &C, m: &mut Meta) -> Result<(), DropReason> {
             m.sport = u16::from_be_bytes([t[0], t[1]]);
             m.dport = u16::from_be_bytes([t[2], t[3]]);
             m.tcp_flags = t[13];
+            m.tcp_seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
+            m.tcp_ack = u32::from_be_bytes([t[8], t[9], t[10], t[11]]);
         }
         PROTO_UDP => {
             if room < 8 {
