@@ -260,27 +260,14 @@ impl LabBuilder {
             let cidr4 = v4.map(|(s, a)| format!("{a}/{}", s.prefix())).unwrap_or_default();
             let cidr6 = v6.map(|(s, a)| format!("{a}/{}", s.prefix())).unwrap_or_default();
             topo.add_vm(&v.name, &v.host, &mac, &cidr4, &cidr6)?;
-            let a4 = v4.map(|(_, a)| a.to_string()).unwrap_or_default();
-            let a6 = v6.map(|(_, a)| a.to_string()).unwrap_or_default();
             let groups: Vec<&str> = v.groups.iter().map(String::as_str).collect();
-            let device = topo.vm(&v.name).device.clone();
             let vpc_id = &self.subnets.iter().find(|s| s.id == v.subnet).expect("found above").vpc;
             let vpc = self
                 .vpcs
                 .iter()
                 .find(|p| &p.id == vpc_id)
                 .ok_or_else(|| anyhow::anyhow!("subnet {}: no VPC {vpc_id}", v.subnet))?;
-            ports.push(port(
-                &v.name,
-                &vpc.tenant,
-                &v.subnet,
-                &v.host,
-                &device,
-                &mac,
-                &a4,
-                &a6,
-                &groups,
-            ));
+            ports.push(topo.port(&v.name, &vpc.tenant, &v.subnet, &groups));
             if let Some(zone) = &vpc.zone {
                 announce.push((zone.clone(), v.name.clone()));
             }

@@ -351,6 +351,13 @@ impl Topology {
         Ok(out)
     }
 
+    /// The port a cloud platform provisions for VM `name`: its host,
+    /// device, MAC and addresses, in `tenant`'s `subnet` with `groups`.
+    pub fn port(&self, name: &str, tenant: &str, subnet: &str, groups: &[&str]) -> sdn_proto::v1::operation::Op {
+        let v = self.vm(name);
+        crate::ops::port(name, tenant, subnet, &v.host, &v.device, &v.mac, &v.v4, &v.v6, groups)
+    }
+
     pub fn vm(&self, name: &str) -> &Vm {
         let full = format!("{}-{name}", self.tag);
         self.vms.iter().find(|v| v.ns.name == full).expect("known vm")

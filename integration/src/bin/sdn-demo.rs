@@ -7,12 +7,11 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use sdn_integration::cluster::Cluster;
 use sdn_integration::ops::*;
-use sdn_integration::{bin, privileged, Proc, Topology};
+use sdn_integration::{bin, privileged, Topology};
 
 const T: &str = "dept-a";
 /// A machine of the extranet and one of the internet.
@@ -257,55 +256,15 @@ async fn main() -> anyhow::Result<()> {
     step("cloud platform: ports over gRPC");
     let r = cluster
         .apply(vec![
-            port(
-                "vm1",
-                T,
-                "portal-a",
-                "h1",
-                "vm1h",
-                "02:00:00:00:00:11",
-                "10.10.0.11",
-                "fd10::11",
-                &["web"],
-            ),
-            port(
-                "vm2",
-                T,
-                "portal-a",
-                "h1",
-                "vm2h",
-                "02:00:00:00:00:12",
-                "10.10.0.12",
-                "fd10::12",
-                &["db"],
-            ),
-            port(
-                "vm3",
-                T,
-                "portal-a",
-                "h2",
-                "vm3h",
-                "02:00:00:00:00:13",
-                "10.10.0.13",
-                "fd10::13",
-                &["web"],
-            ),
+            topo.port("vm1", T, "portal-a", &["web"]),
+            topo.port("vm2", T, "portal-a", &["db"]),
+            topo.port("vm3", T, "portal-a", &["web"]),
         ])
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     println!("revision {} enforced on {}", r.revision, r.hosts.join(", "));
-    let mut servers = Vec::new();
-    for vm in ["vm1", "vm2", "vm3"] {
-        let ns = topo.vm(vm).ns.name.clone();
-        servers.push(Proc::spawn(
-            &format!("probe-{vm}"),
-            Some(&ns),
-            &bin("sdn-probe"),
-            &["serve", "--tcp", "80", "--tcp", "81", "--tcp", "5432", "--udp", "5353"],
-            &topo.dir,
-        )?);
-    }
-    std::thread::sleep(Duration::from_millis(300));
+    let args = ["--tcp", "80", "--tcp", "81", "--tcp", "5432", "--udp", "5353"];
+    let servers = topo.serve(&["vm1", "vm2", "vm3"], &[], &args)?;
 
     step("traffic: vm1, vm3 in web; vm2 in db");
     let mut wrong = matrix(&topo, true);
