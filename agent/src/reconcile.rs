@@ -9,7 +9,7 @@ use aya::Pod;
 use dataplane_common::maps::{
     self as m, AddrIdentity, AddrKey, Endpoint, EndpointKey, ExchangeRule, FwPolicy, FwRule, PolicyDirKey, PortAddrKey,
     PortInfo, PrefixLens, RuleKey, ZoneAddrKey, ZoneEndpoint, ENDPOINTS_MAX, EXCHANGE_MAX, FW_NAMES_MAX,
-    FW_POLICIES_MAX, FW_RULES_MAX, POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, PORT_F_QUARANTINED, SG_ADDR_MAX,
+    FW_POLICIES_MAX, FW_RULES_MAX, UPLINK_ADDRS_MAX, POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, PORT_F_QUARANTINED, SG_ADDR_MAX,
     SG_RULES_MAX, VPC_NETS_MAX, ZONES_MAX, ZONE_ENDPOINTS_MAX, ZONE_NETS_MAX,
 };
 
@@ -188,6 +188,7 @@ tables! {
     // Zones before the routes that use them; routes before the ports.
     zone_nets: (u32, [u8; 20]) => u32 = lpm(m::ZONE_NETS, ZONE_NETS_MAX, "zone prefixes"),
     vpc_nets: (u32, [u8; 20]) => u32 = lpm(m::VPC_NETS, VPC_NETS_MAX, "VPC subnets of the zones"),
+    uplink_addrs: PortAddrKey => u8 = hash(m::UPLINK_ADDRS, UPLINK_ADDRS_MAX, "uplink addresses"),
     uplinks: u32 => u32 = hash(m::UPLINKS, ZONES_MAX, "uplinks"),
     zone_uplink: u32 => u32 = hash(m::ZONE_UPLINK, ZONES_MAX, "zones"),
     zone_endpoints: ZoneAddrKey => ZoneEndpoint = hash(m::ZONE_ENDPOINTS, ZONE_ENDPOINTS_MAX, "addresses of VPCs with a zone"),
@@ -457,6 +458,7 @@ impl Reconciler {
             exchange_half: BTreeMap::new(),
             zone_nets: d.zone_nets.clone(),
             vpc_nets: d.vpc_nets.clone(),
+            uplink_addrs: d.uplink_addrs.iter().map(|k| (*k, 1)).collect(),
             uplinks: d.uplinks.clone(),
             zone_uplink: d.zone_uplink.clone(),
             zone_endpoints: d.zone_endpoints.clone(),

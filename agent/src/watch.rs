@@ -36,6 +36,10 @@ pub struct Agent {
     uplinks: BTreeSet<u32>,
     /// Zones whose uplink device is missing, as last logged.
     missing_uplinks: Vec<(String, String)>,
+    /// The uplink devices and their own addresses as last enforced: a
+    /// change of address is enforced on the next collection tick.
+    uplink_devices: std::collections::BTreeMap<u32, String>,
+    uplink_addrs: BTreeSet<dataplane_common::maps::PortAddrKey>,
 }
 
 /// The outcome of enforcing the held share.
@@ -65,6 +69,8 @@ impl Agent {
             next_expiry: None,
             uplinks: BTreeSet::new(),
             missing_uplinks: Vec::new(),
+            uplink_devices: Default::default(),
+            uplink_addrs: BTreeSet::new(),
         })
     }
 
@@ -74,7 +80,10 @@ impl Agent {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let desired = compile::compile(&self.resources, &dataplane::ifindex, now_ms)?;
+        let mut desired = compile::compile(&self.resources, &dataplane::ifindex, now_ms)?;
+        compile::add_uplink_addresses(&mut desired, &dataplane::addresses);
+        self.uplink_addrs = desired.uplink_addrs.clone();
+        self.uplink_devices = desired.uplink_devices.clone();
         let want: BTreeSet<u32> = desired.ports.keys().copied().collect();
         // Detach from devices that are no longer ports before their entries go.
         let gone: BTreeSet<u32> = self
@@ -300,6 +309,10 @@ impl Agent {
                     pending = self.enforce_and_ack(&mut client).await.map_err(|e| (progressed, e))?;
                 }
                 _ = collect.tick() => {
+                    if self.uplink_addresses_moved() {
+                        tracing::info!("an uplink's addresses changed: enforcing them");
+                        pending = true;
+                    }
                     match self.dp.collect_conntrack() {
                         Ok((removed, remaining)) if removed > 0 => {
                             tracing::debug!(removed, remaining, "conntrack: timed-out flows removed");
@@ -310,6 +323,16 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Whether an uplink's own addresses differ from the enforced ones.
+    fn uplink_addresses_moved(&self) -> bool {
+        let mut d = compile::Desired {
+            uplink_devices: self.uplink_devices.clone(),
+            ..Default::default()
+        };
+        compile::add_uplink_addresses(&mut d, &dataplane::addresses);
+        d.uplink_addrs != self.uplink_addrs
     }
 
     /// Enforces and acks; returns whether devices are still missing.

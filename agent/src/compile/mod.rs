@@ -52,6 +52,8 @@ pub struct Desired {
     pub zone_uplink: BTreeMap<u32, u32>,
     /// Uplink devices by ifindex, for attaching the zone guard.
     pub uplink_devices: BTreeMap<u32, String>,
+    /// The uplinks' own addresses (see [`add_uplink_addresses`]).
+    pub uplink_addrs: BTreeSet<PortAddrKey>,
     /// Zones whose uplink device is not on this host: (zone, device). Their
     /// traffic has no way out here (and nothing gets in).
     pub missing_uplinks: Vec<(String, String)>,
@@ -171,6 +173,32 @@ pub type Resources = BTreeMap<String, pb::Resource>;
 
 /// Compiles the share. `ifindex` resolves a device name on this host;
 /// `now_ms` (Unix ms) decides which quarantines have expired.
+/// Adds the addresses each uplink device has on this host (`addrs` by
+/// device name): the only addresses on an uplink the host answers ARP and
+/// neighbour discovery for and takes ICMP errors to. They are the host's,
+/// not the controller's, so they come after [`compile`].
+pub fn add_uplink_addresses(d: &mut Desired, addrs: &dyn Fn(&str) -> Vec<std::net::IpAddr>) {
+    d.uplink_addrs.clear();
+    for (ifx, name) in &d.uplink_devices {
+        for a in addrs(name) {
+            let (family, bytes) = match a {
+                std::net::IpAddr::V4(v4) => {
+                    let mut b = [0u8; 16];
+                    b[..4].copy_from_slice(&v4.octets());
+                    (FAMILY_V4, b)
+                }
+                std::net::IpAddr::V6(v6) => (FAMILY_V6, v6.octets()),
+            };
+            d.uplink_addrs.insert(PortAddrKey {
+                ifindex: *ifx,
+                family,
+                _pad: [0; 3],
+                addr: bytes,
+            });
+        }
+    }
+}
+
 pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u64) -> Result<Desired, CompileError> {
     let mut quarantined: BTreeMap<String, (String, String)> = BTreeMap::new();
     let mut next_expiry: Option<u64> = None;

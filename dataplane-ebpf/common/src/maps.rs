@@ -26,6 +26,10 @@ pub const fn zone_net_data(family: u8, addr: &[u8; 16]) -> [u8; 20] {
 /// [`zone_net_data`], value: the zone number): from an uplink, a source in
 /// one of them is forged.
 pub const VPC_NETS: &str = "SDN_VPC_NETS";
+/// Pinned name of the uplinks' own addresses ([`PortAddrKey`] of the uplink
+/// device -> `u8`): the only addresses on an uplink that the host answers
+/// ARP and neighbour discovery for and takes ICMP errors to.
+pub const UPLINK_ADDRS: &str = "SDN_UPLINK_ADDRS";
 /// Pinned name of the uplink devices (`u32` ifindex -> `u32` zone number).
 pub const UPLINKS: &str = "SDN_UPLINKS";
 /// Pinned name of the zones' uplinks (`u32` zone number -> `u32` ifindex).
@@ -107,6 +111,7 @@ pub const ENDPOINTS_MAX: u32 = 262144;
 pub const ZONE_NETS_MAX: u32 = 4096;
 pub const VPC_NETS_MAX: u32 = 65536;
 pub const ZONES_MAX: u32 = 64;
+pub const UPLINK_ADDRS_MAX: u32 = 1024;
 pub const ZONE_ENDPOINTS_MAX: u32 = 65536;
 /// Exchange paths are checked in order, one by one: keep them few. (The
 /// map holds two halves of this many.)

@@ -9,7 +9,7 @@ use dataplane_common::{
         AddrIdentity, AddrKey, CtKey, CtValue, Endpoint, EndpointKey, ExchangeRule, FwPolicy, FwRule, FwVerdict,
         HostConfig, PolicyDirKey, PortAddrKey, PortInfo, PrefixLens, RuleKey, RuleName, ZoneAddrKey, ZoneEndpoint,
         CT_MAX, CT_SYN_MAX, ENDPOINTS_MAX, EXCHANGE_MAX, FW_NAMES_MAX, FW_POLICIES_MAX, FW_RULES_MAX, FW_VERDICTS_MAX,
-        POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, SG_ADDR_MAX, SG_RULES_MAX, VPC_NETS_MAX, ZONES_MAX,
+        POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, SG_ADDR_MAX, SG_RULES_MAX, UPLINK_ADDRS_MAX, VPC_NETS_MAX, ZONES_MAX,
         ZONE_ENDPOINTS_MAX, ZONE_NETS_MAX,
     },
     stage, DropReason, Stat, DROP_REASON_SLOTS, STAT_SLOTS,
@@ -83,6 +83,9 @@ pub static ZONE_UPLINK: HashMap<u32, u32> = HashMap::pinned(ZONES_MAX, 0);
 
 #[map(name = "SDN_ZONE_ENDPOINTS")]
 pub static ZONE_ENDPOINTS: HashMap<ZoneAddrKey, ZoneEndpoint> = HashMap::pinned(ZONE_ENDPOINTS_MAX, 0);
+
+#[map(name = "SDN_UPLINK_ADDRS")]
+pub static UPLINK_ADDRS: HashMap<PortAddrKey, u8> = HashMap::pinned(UPLINK_ADDRS_MAX, 0);
 
 #[map(name = "SDN_EXCHANGE2")]
 pub static EXCHANGE: Array<ExchangeRule> = Array::pinned(2 * EXCHANGE_MAX, 0);

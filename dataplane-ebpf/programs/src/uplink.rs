@@ -5,13 +5,13 @@
 
 use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use dataplane_common::{
-    maps::{zone_net_data, ZoneAddrKey, ZoneEndpoint, DOOR_ZONE},
-    DropReason, DIR_INGRESS, MARK_PIPELINE, PROTO_ICMPV6,
+    maps::{zone_net_data, PortAddrKey, ZoneAddrKey, ZoneEndpoint, DOOR_ZONE},
+    DropReason, DIR_INGRESS, FAMILY_V4, FAMILY_V6, MARK_PIPELINE, PROTO_ICMPV6,
 };
 
 use crate::{
-    ctx::Pkt,
-    maps::{UPLINKS, VPC_NETS, ZONE_ENDPOINTS, ZONE_NETS, ZONE_UPLINK},
+    ctx::{load, Pkt},
+    maps::{UPLINKS, UPLINK_ADDRS, VPC_NETS, ZONE_ENDPOINTS, ZONE_NETS, ZONE_UPLINK},
     meta::{Meta, E_FROM_UPLINK, K_IP, X_ZONE_IN},
     parse::{self, is_icmp_error, ETH_P_IP, ETH_P_IPV6},
     port,
@@ -53,6 +53,19 @@ fn uplink_zone(ifindex: u32) -> Option<u32> {
     unsafe { UPLINKS.get(&ifindex) }.copied()
 }
 
+/// Whether `addr` is one of the uplink's own addresses.
+#[inline(always)]
+fn uplink_owns(ifindex: u32, family: u8, addr: &[u8; 16]) -> bool {
+    let k = PortAddrKey {
+        ifindex,
+        family,
+        _pad: [0; 3],
+        addr: *addr,
+    };
+    // SAFETY: presence check only.
+    unsafe { UPLINK_ADDRS.get(&k) }.is_some()
+}
+
 /// What an uplink entry made of a packet.
 pub enum Arrival {
     /// For a VM: into the pipeline.
@@ -73,8 +86,13 @@ pub fn from_uplink<C: Pkt>(ctx: &C, m: &mut Meta) -> Result<Arrival, DropReason>
     let (_, ethertype) = parse::eth(ctx)?;
     if ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 {
         // ARP for the host's uplink address; anything else is refused.
-        return if ethertype == parse::ETH_P_ARP {
-            parse::arp(ctx, m)?;
+        if ethertype != parse::ETH_P_ARP {
+            return Err(DropReason::UplinkToHost);
+        }
+        parse::arp(ctx, m)?;
+        let mut target = [0u8; 16];
+        target[..4].copy_from_slice(&m.arp_tpa);
+        return if uplink_owns(ifx, FAMILY_V4, &target) {
             Ok(Arrival::Host)
         } else {
             Err(DropReason::UplinkToHost)
@@ -82,11 +100,19 @@ pub fn from_uplink<C: Pkt>(ctx: &C, m: &mut Meta) -> Result<Arrival, DropReason>
     }
     parse::ip(ctx, m, ethertype)?;
     let Some(ep) = zone_endpoint(m.family, &m.dst) else {
-        // For the host: neighbour discovery for its uplink address and
-        // ICMP errors for its own flows; nothing else (no tunnel packets,
-        // no services).
-        let nd = m.proto == PROTO_ICMPV6 && (m.icmp_type == ND_NS || m.icmp_type == ND_NA);
-        return if nd || is_icmp_error(m.proto, m.icmp_type) {
+        // For the host: neighbour solicitations for its uplink address,
+        // and advertisements and ICMP errors sent to it (the host's stack
+        // matches an error to its own flow); nothing else (no tunnel
+        // packets, no services, nothing for the host to forward).
+        let wanted = if m.proto == PROTO_ICMPV6 && m.icmp_type == ND_NS {
+            let target: [u8; 16] = load(ctx, m.l4_off as usize + 8).ok_or(DropReason::Truncated)?;
+            uplink_owns(ifx, FAMILY_V6, &target)
+        } else if (m.proto == PROTO_ICMPV6 && m.icmp_type == ND_NA) || is_icmp_error(m.proto, m.icmp_type) {
+            uplink_owns(ifx, m.family, &m.dst)
+        } else {
+            false
+        };
+        return if wanted {
             Ok(Arrival::Host)
         } else {
             Err(DropReason::UplinkToHost)
