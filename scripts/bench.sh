@@ -31,7 +31,8 @@ run() {
     "${short[@]}" "$@"
 }
 run "per-packet cost and rule-count scaling" "$bin/bench_rules" "${rules_args[@]}"
-run "iptables / nftables" "$bin/firewall_compare"
+run "iptables / nftables, stateful" "$bin/firewall_compare"
+run "iptables / nftables, every packet a new flow" env NEW_FLOWS=1 "$bin/firewall_compare"
 run "enforcement latency" "$bin/enforcement_latency"
 run "controller cluster vs etcd" "$bin/raft_compare"
 run "overlay throughput vs bare kernel VXLAN" "$bin/overlay_throughput"

@@ -14,6 +14,13 @@
 //! for a few seconds; packets delivered to vm1 per second are counted on its
 //! interface. Modes alternate over several rounds; the median is reported.
 //!
+//! `NEW_FLOWS=1`: every packet a new flow instead, so every filter runs its
+//! rule lookup (and its conntrack insert) on every packet: UDP datagrams
+//! from 8,190 of the admitted sources (172.16.0.0/19), each from a source
+//! port not used before, none answered (vm1 drops them at its own input,
+//! so it sends no errors back). Ours keeps them as unconfirmed flows (an
+//! LRU of its own); netfilter keeps them as new, unreplied entries.
+//!
 //! Run as root after `cargo build --workspace --bins`:
 //! `cargo run -p sdn-integration --example firewall_compare`
 
@@ -90,23 +97,38 @@ fn rx(topo: &Topology) -> u64 {
         .unwrap()
 }
 
-fn measure(topo: &Topology, secs: u64) -> (f64, f64) {
+/// Admitted sources the every-packet-new generator sends from.
+const NEW_FLOW_SOURCES: &str = "172.16.0.0/19";
+
+fn measure(topo: &Topology, secs: u64, new_flows: bool) -> (f64, f64) {
     let before = rx(topo);
     let zone = &topo.zone_ns("net").name;
-    let out = sdn_integration::ns_sh(
-        zone,
-        &[
-            bin("sdn-probe").to_str().unwrap(),
+    let probe = bin("sdn-probe");
+    let (port, secs_s) = (PORT.to_string(), secs.to_string());
+    let args: Vec<&str> = if new_flows {
+        vec![
+            probe.to_str().unwrap(),
+            "new-flows",
+            "10.10.0.11",
+            &port,
+            "--sources",
+            NEW_FLOW_SOURCES,
+            "--seconds",
+            &secs_s,
+        ]
+    } else {
+        vec![
+            probe.to_str().unwrap(),
             "flood",
             "10.10.0.11",
-            &PORT.to_string(),
+            &port,
             "--seconds",
-            &secs.to_string(),
+            &secs_s,
             "--flows",
             "16",
-        ],
-    )
-    .unwrap();
+        ]
+    };
+    let out = sdn_integration::ns_sh(zone, &args).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let got = rx(topo) - before;
     let sent: u64 = out.trim().parse().unwrap();
@@ -122,6 +144,7 @@ fn median(v: &mut [f64]) -> f64 {
 async fn main() -> anyhow::Result<()> {
     let rounds: usize = std::env::var("ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     let secs: u64 = std::env::var("SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(4);
+    let new_flows = std::env::var("NEW_FLOWS").is_ok_and(|v| v == "1");
     // vm1 (10.10.0.11) in a VPC of the zone, its group with the 10,000 rules.
     let prefixes = ["10.0.0.0/8", "172.16.0.0/12"];
     let lab = Lab::new("fwb", &["h1"])
@@ -152,14 +175,27 @@ async fn main() -> anyhow::Result<()> {
     // it. (With our programs on, the distributed gateway answers first.)
     topo.host_ns("h1")
         .sh(&["ip", "addr", "add", "10.10.0.1/32", "dev", "vm1h"])?;
-    // vm1 answers every datagram, so every filter's conntrack sees both
-    // directions and holds the flows as established (netfilter keeps a UDP
-    // flow that was never answered as new, judged by the rules each time).
-    let _echo = topo.serve(&["vm1"], &[], &["--udp", &PORT.to_string()])?;
     let ipt = if std::path::Path::new("/usr/sbin/iptables-legacy-restore").exists() {
         "iptables-legacy"
     } else {
         "iptables"
+    };
+    // Stateful: vm1 answers every datagram, so every filter's conntrack
+    // sees both directions and holds the flows as established (netfilter
+    // keeps a UDP flow that was never answered as new, judged by the rules
+    // each time). Every packet new: vm1 answers nothing, and drops the
+    // datagrams at its own input (no port-unreachable errors back); the
+    // host takes sources it has no route back to.
+    let _echo = if new_flows {
+        topo.vm("vm1")
+            .ns
+            .sh(&[ipt, "-I", "INPUT", "-p", "udp", "--dport", &PORT.to_string(), "-j", "DROP"])?;
+        for dev in ["all", "default", "up-net"] {
+            topo.host_ns("h1").sysctl(&format!("net.ipv4.conf.{dev}.rp_filter=0"))?;
+        }
+        Vec::new()
+    } else {
+        topo.serve(&["vm1"], &[], &["--udp", &PORT.to_string()])?
     };
     let ipt_file = topo.dir.join("iptables.rules");
     std::fs::write(&ipt_file, iptables_rules())?;
@@ -213,7 +249,7 @@ async fn main() -> anyhow::Result<()> {
                     sh(&["ip", "netns", "exec", &h1, "nft", "-f", nft_file.to_str().unwrap()])?;
                 }
             }
-            let (pps, offered) = measure(&topo, secs);
+            let (pps, offered) = measure(&topo, secs, new_flows);
             eprintln!("round {round} {mode:<26} delivered {pps:>10.0} pps (offered {offered:.0})");
             samples.push(pps);
             let _ = sh(&["ip", "netns", "exec", &h1, ipt, "-F", "FORWARD"]);
@@ -221,7 +257,11 @@ async fn main() -> anyhow::Result<()> {
             let _ = sh(&["ip", "netns", "exec", &h1, "nft", "delete", "table", "inet", "sdnbench"]);
         }
     }
-    println!("{RULES} rules, {secs} s per sample, {rounds} rounds, 64-byte UDP frames, 16 flows, stateful shortcut in every filter, median delivered packets/s:");
+    if new_flows {
+        println!("{RULES} rules, {secs} s per sample, {rounds} rounds, 64-byte UDP frames, every packet a new flow from {NEW_FLOW_SOURCES}, median delivered packets/s:");
+    } else {
+        println!("{RULES} rules, {secs} s per sample, {rounds} rounds, 64-byte UDP frames, 16 flows, stateful shortcut in every filter, median delivered packets/s:");
+    }
     let ours = median(&mut results[0].1.clone());
     for (mode, samples) in results.iter_mut() {
         let m = median(samples);

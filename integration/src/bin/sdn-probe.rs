@@ -337,7 +337,7 @@ fn syn_flood(
 }
 
 /// UDP datagrams of distinct tuples through a raw socket for a duration
-/// (no UDP checksum: optional in IPv4).
+/// (no UDP checksum: optional in IPv4), 64 to a system call (sendmmsg).
 fn new_flows(
     dst: std::net::Ipv4Addr,
     port: u16,
@@ -345,28 +345,47 @@ fn new_flows(
     seconds: u64,
     payload: usize,
 ) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    const BATCH: usize = 64;
     let sock = raw_socket()?;
     let to = socket2::SockAddr::from(SocketAddr::from((dst, port)));
     let tuples = Tuples::new(sources);
     let total = 28 + payload;
     let total16 = u16::try_from(total).map_err(|_| std::io::Error::other("payload too large"))?;
-    let mut pkt = vec![0x5au8; total];
+    let mut pkts = vec![vec![0x5au8; total]; BATCH];
     let end = Instant::now() + Duration::from_secs(seconds);
     let mut sent = 0u64;
     let mut i = 0u64;
     while Instant::now() < end {
-        // A burst between clock readings.
-        for _ in 0..64 {
+        for pkt in pkts.iter_mut() {
             let (src, sport) = tuples.nth(i);
             i += 1;
-            ipv4_header(&mut pkt, total16, 17, src, dst);
+            ipv4_header(pkt, total16, 17, src, dst);
             pkt[20..22].copy_from_slice(&sport.to_be_bytes());
             pkt[22..24].copy_from_slice(&port.to_be_bytes());
             pkt[24..26].copy_from_slice(&((total - 20) as u16).to_be_bytes());
             pkt[26..28].fill(0);
-            if sock.send_to(&pkt, &to).is_ok() {
-                sent += 1;
-            }
+        }
+        let mut iov: Vec<libc::iovec> = pkts
+            .iter_mut()
+            .map(|p| libc::iovec {
+                iov_base: p.as_mut_ptr() as *mut libc::c_void,
+                iov_len: p.len(),
+            })
+            .collect();
+        // SAFETY: zeroed plain-data headers, filled below.
+        let mut msgs: Vec<libc::mmsghdr> = (0..BATCH).map(|_| unsafe { std::mem::zeroed() }).collect();
+        for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
+            m.msg_hdr.msg_name = to.as_ptr() as *mut libc::c_void;
+            m.msg_hdr.msg_namelen = to.len();
+            m.msg_hdr.msg_iov = v;
+            m.msg_hdr.msg_iovlen = 1;
+        }
+        // SAFETY: every header points at buffers alive for the call.
+        let n = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), BATCH as u32, 0) };
+        // Errors (e.g. ENOBUFS) are counted as not sent.
+        if n > 0 {
+            sent += n as u64;
         }
     }
     Ok(sent)
