@@ -9,8 +9,8 @@ use aya::Pod;
 use dataplane_common::maps::{
     self as m, AddrIdentity, AddrKey, Endpoint, EndpointKey, ExchangeRule, FwPolicy, FwRule, PolicyDirKey, PortAddrKey,
     PortInfo, PrefixLens, RuleKey, ZoneAddrKey, ZoneEndpoint, ENDPOINTS_MAX, EXCHANGE_MAX, FW_NAMES_MAX,
-    FW_POLICIES_MAX, FW_RULES_MAX, UPLINK_ADDRS_MAX, POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, PORT_F_QUARANTINED, SG_ADDR_MAX,
-    SG_RULES_MAX, VPC_NETS_MAX, ZONES_MAX, ZONE_ENDPOINTS_MAX, ZONE_NETS_MAX,
+    FW_POLICIES_MAX, FW_RULES_MAX, POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, PORT_F_QUARANTINED, SG_ADDR_MAX,
+    SG_RULES_MAX, UPLINK_ADDRS_MAX, VPC_NETS_MAX, ZONES_MAX, ZONE_ENDPOINTS_MAX, ZONE_NETS_MAX,
 };
 
 use crate::compile::{Desired, Identities, ServiceSet};
@@ -503,12 +503,16 @@ impl Reconciler {
         let off = current * FW_RULES_MAX;
         let same = held.fw_rules.len() == want.fw_rules.len()
             && held.fw_policies.len() == want.fw_policies.len()
-            && want.fw_rules.iter().all(|(k, v)| held.fw_rules.get(&(k + off)) == Some(v))
+            && want
+                .fw_rules
+                .iter()
+                .all(|(k, v)| held.fw_rules.get(&(k + off)) == Some(v))
             && want.fw_policies.iter().all(|(k, p)| {
-                held.fw_policies.get(k) == Some(&FwPolicy {
-                    first: p.first + if p.count > 0 { off } else { 0 },
-                    ..*p
-                })
+                held.fw_policies.get(k)
+                    == Some(&FwPolicy {
+                        first: p.first + if p.count > 0 { off } else { 0 },
+                        ..*p
+                    })
             });
         let half = if same {
             current
@@ -516,7 +520,11 @@ impl Reconciler {
             // Only after a pass that failed half-way: either half is in
             // use; the next change goes to the half the first policy
             // does not use.
-            let first = held.fw_policies.values().find(|p| p.count > 0).map(|p| p.first / FW_RULES_MAX);
+            let first = held
+                .fw_policies
+                .values()
+                .find(|p| p.count > 0)
+                .map(|p| p.first / FW_RULES_MAX);
             1 - first.unwrap_or(1)
         } else {
             1 - current
@@ -537,7 +545,10 @@ impl Reconciler {
         let current = held.exchange_half.get(&0).copied().unwrap_or(0).min(1);
         let off = current * EXCHANGE_MAX;
         let same = held.exchange.len() == want.exchange.len()
-            && want.exchange.iter().all(|(k, v)| held.exchange.get(&(k + off)) == Some(v));
+            && want
+                .exchange
+                .iter()
+                .all(|(k, v)| held.exchange.get(&(k + off)) == Some(v));
         let half = if same { current } else { 1 - current };
         if half == 1 {
             want.exchange = std::mem::take(&mut want.exchange)

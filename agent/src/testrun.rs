@@ -96,7 +96,10 @@ struct ProgLoadAttr {
 pub fn empty_classifier() -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::FromRawFd;
     // mov64 r0, 0; exit
-    let insns: [u64; 2] = [u64::from_le_bytes([0xb7, 0, 0, 0, 0, 0, 0, 0]), u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0])];
+    let insns: [u64; 2] = [
+        u64::from_le_bytes([0xb7, 0, 0, 0, 0, 0, 0, 0]),
+        u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+    ];
     let license = b"GPL\0";
     let mut name = [0u8; 16];
     name[..5].copy_from_slice(b"empty");

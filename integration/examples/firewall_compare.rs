@@ -187,9 +187,17 @@ async fn main() -> anyhow::Result<()> {
     // datagrams at its own input (no port-unreachable errors back); the
     // host takes sources it has no route back to.
     let _echo = if new_flows {
-        topo.vm("vm1")
-            .ns
-            .sh(&[ipt, "-I", "INPUT", "-p", "udp", "--dport", &PORT.to_string(), "-j", "DROP"])?;
+        topo.vm("vm1").ns.sh(&[
+            ipt,
+            "-I",
+            "INPUT",
+            "-p",
+            "udp",
+            "--dport",
+            &PORT.to_string(),
+            "-j",
+            "DROP",
+        ])?;
         for dev in ["all", "default", "up-net"] {
             topo.host_ns("h1").sysctl(&format!("net.ipv4.conf.{dev}.rp_filter=0"))?;
         }

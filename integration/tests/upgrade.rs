@@ -1,9 +1,11 @@
-//! Upgrading hosts in place from the previous release, under traffic: the
-//! previous release's agent runs the dataplane, a TCP connection crosses
-//! between two hosts, and each host's agent is replaced by this one. The new
-//! agent adopts the pinned links (swapping every program at once), carries
-//! the earlier flow table over with each flow's door, and the connection
-//! goes on with no reset and no retransmission.
+//! Upgrading hosts in place from earlier releases, under traffic: an earlier
+//! release's agent runs the dataplane, a TCP connection crosses between two
+//! hosts, and each host's agent is replaced by this one. The new agent
+//! adopts the pinned links (swapping every program at once), carries the
+//! earlier flow table over (from before the pipeline: with each flow's
+//! door), and the connection goes on with no reset and no retransmission.
+//! Tables whose layout changed get new names; the earlier ones are removed
+//! once every link runs the new programs.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,42 +16,45 @@ use sdn_integration::ops::*;
 use sdn_integration::{bin, privileged, wait_for, Proc};
 use sdn_proto::v1 as pb;
 
-/// The previous release: the last commit before the pipeline, whose maps
-/// keyed flows without their door.
-const PREVIOUS_RELEASE: &str = "586073da5d88e472c302bd5e3cf49ec159453ad5";
+/// The last release before the pipeline, whose maps keyed flows without
+/// their door.
+const BEFORE_PIPELINE: &str = "586073da5d88e472c302bd5e3cf49ec159453ad5";
+/// The previous release: the pipeline with one-half exchange and firewall
+/// tables.
+const PREVIOUS_RELEASE: &str = "e5b7ace6433aec597003e7038c0ce821159120dd";
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
-/// Builds the previous release's agent from its commit (once; later runs
+/// Builds an earlier release's agent from its commit (once; later runs
 /// reuse it) in a target directory of its own.
-fn previous_agent() -> Option<PathBuf> {
+fn previous_agent(release: &str) -> Option<PathBuf> {
     let repo = workspace();
     let have = std::process::Command::new("git")
         .args(["-C", repo.to_str().unwrap(), "cat-file", "-e"])
-        .arg(format!("{PREVIOUS_RELEASE}^{{commit}}"))
+        .arg(format!("{release}^{{commit}}"))
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
     if !have {
-        eprintln!("skipping: the previous release {PREVIOUS_RELEASE} is not in this clone's history");
+        eprintln!("skipping: the previous release {release} is not in this clone's history");
         return None;
     }
-    let root = repo.join("target").join("previous-release");
+    let root = repo.join("target").join("previous-release").join(&release[..12]);
     let binary = root.join("target/debug/sdn-agent");
     let stamp = root.join("built-from");
-    if binary.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(PREVIOUS_RELEASE) {
+    if binary.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(release) {
         return Some(binary);
     }
     let src = root.join("src");
     let _ = std::fs::remove_dir_all(&src);
     std::fs::create_dir_all(&src).unwrap();
-    eprintln!("[upgrade] building the previous release's agent ({PREVIOUS_RELEASE}); this takes minutes");
+    eprintln!("[upgrade] building the previous release's agent ({release}); this takes minutes");
     let st = std::process::Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "git -C '{}' archive {PREVIOUS_RELEASE} | tar -x -C '{}'",
+            "git -C '{}' archive {release} | tar -x -C '{}'",
             repo.display(),
             src.display()
         ))
@@ -63,7 +68,7 @@ fn previous_agent() -> Option<PathBuf> {
         .status()
         .unwrap();
     assert!(st.success(), "building the previous release's agent");
-    std::fs::write(&stamp, PREVIOUS_RELEASE).unwrap();
+    std::fs::write(&stamp, release).unwrap();
     Some(binary)
 }
 
@@ -102,13 +107,27 @@ async fn wait_enforced(c: &Cluster) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn hosts_upgrade_from_the_release_before_the_pipeline_under_traffic() {
+    upgrade_under_traffic(BEFORE_PIPELINE, "ovu", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn hosts_upgrade_from_the_previous_release_under_traffic() {
+    upgrade_under_traffic(PREVIOUS_RELEASE, "ovp", false).await;
+}
+
+/// Upgrades both hosts of a lab from `release` while connections run.
+/// `before_pipeline`: the release keyed flows without their door, so its
+/// flow table is carried over.
+async fn upgrade_under_traffic(release: &str, tag: &str, before_pipeline: bool) {
     if !privileged() {
         eprintln!("skipping: needs root");
         return;
     }
-    let Some(previous) = previous_agent() else { return };
-    let Lab { topo, mut cluster, .. } = Lab::new("ovu", &["h1", "h2"])
+    let Some(previous) = previous_agent(release) else {
+        return;
+    };
+    let Lab { topo, mut cluster, .. } = Lab::new(tag, &["h1", "h2"])
         .vpc("vpc-u", None)
         .subnet("sn-u", "vpc-u", "10.30.0.0/24", "fd30::/64")
         .group(
@@ -210,26 +229,36 @@ async fn hosts_upgrade_from_the_previous_release_under_traffic() {
         "TCP retransmitted during the upgrade (vm1, vm2, vm3): before {retrans_before:?}, after {retrans_after:?}"
     );
     let log = cluster.agent("h1").log_text();
-    let carried = log
-        .lines()
-        .find(|l| l.contains("carried over flows"))
-        .and_then(|l| l.split("flows=").nth(1))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse::<u64>().ok());
-    assert!(
-        carried.is_some_and(|n| n > 0),
-        "the new agent carried the earlier flow table over:\n{log}"
-    );
-    assert!(
-        log.contains("retired an earlier pipeline") || log.contains("tables removed"),
-        "{log}"
-    );
     let maps = cluster.pin_dir("h1").join("maps");
-    assert!(
-        // Version 1's flow table (`dataplane_common::maps::v1::CT`).
-        !maps.join("SDN_CT").exists(),
-        "the earlier flow table is gone once every link switched"
-    );
+    // Tables of an earlier layout (`dataplane_common::maps::v1::OBSOLETE`)
+    // are gone once every link switched; their successors are there.
+    for (old, new) in [
+        ("SDN_EXCHANGE", "SDN_EXCHANGE2"),
+        ("SDN_FW_RULES", "SDN_FW_RULES2"),
+        ("SDN_FW_POLICIES", "SDN_FW_POLICIES2"),
+        ("SDN_CT", "SDN_CT2"),
+    ] {
+        assert!(!maps.join(old).exists(), "{old} is gone after the upgrade:\n{log}");
+        assert!(maps.join(new).exists(), "{new} is there after the upgrade");
+    }
+    if !before_pipeline {
+        assert!(log.contains("retired an earlier pipeline"), "{log}");
+    } else {
+        let carried = log
+            .lines()
+            .find(|l| l.contains("carried over flows"))
+            .and_then(|l| l.split("flows=").nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok());
+        assert!(
+            carried.is_some_and(|n| n > 0),
+            "the new agent carried the earlier flow table over:\n{log}"
+        );
+        assert!(
+            log.contains("retired an earlier pipeline") || log.contains("tables removed"),
+            "{log}"
+        );
+    }
 
     // The upgraded hosts enforce the policy as before.
     assert!(topo.reach("vm2", "vm1", "tcp", 80, false), "after: vm2 -> vm1 http");

@@ -72,7 +72,14 @@ pub fn commit(ctx: &mut TcContext, m: &mut Meta) -> Result<Action, DropReason> {
 /// (null: looked up here) brought up to date; a handshake that completed
 /// moves to the flow table. `outbound`: the port sends this packet.
 #[inline(always)]
-fn side(port: &PortInfo, state: u8, table: u8, mut p: *mut CtValue, outbound: bool, m: &Meta) -> Result<(), DropReason> {
+fn side(
+    port: &PortInfo,
+    state: u8,
+    table: u8,
+    mut p: *mut CtValue,
+    outbound: bool,
+    m: &Meta,
+) -> Result<(), DropReason> {
     let now = m.now;
     let mut key = EMPTY_KEY;
     if outbound {

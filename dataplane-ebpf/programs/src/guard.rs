@@ -19,8 +19,8 @@ use crate::{
     firewall::{halves, in_prefix},
     maps::{count, CONFIG, CT, CT_SYN, EXCHANGE, EXCHANGE_HALF},
     meta::{
-        Meta, EMPTY_KEY, E_FROM_VM, K_IP, K_RELATED, O_PORT, O_TUNNEL, O_UPLINK, S_EST, S_NEW, S_NONE, S_STALE, T_MAIN, T_SYN,
-        X_ZONE_IN, X_ZONE_OUT,
+        Meta, EMPTY_KEY, E_FROM_VM, K_IP, K_RELATED, O_PORT, O_TUNNEL, O_UPLINK, S_EST, S_NEW, S_NONE, S_STALE, T_MAIN,
+        T_SYN, X_ZONE_IN, X_ZONE_OUT,
     },
     overlay::endpoint,
     parse::{icmp_inner, is_icmp_error, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},

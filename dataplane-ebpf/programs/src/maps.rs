@@ -9,8 +9,8 @@ use dataplane_common::{
         AddrIdentity, AddrKey, CtKey, CtValue, Endpoint, EndpointKey, ExchangeRule, FwPolicy, FwRule, FwVerdict,
         HostConfig, PolicyDirKey, PortAddrKey, PortInfo, PrefixLens, RuleKey, RuleName, ZoneAddrKey, ZoneEndpoint,
         CT_MAX, CT_SYN_MAX, ENDPOINTS_MAX, EXCHANGE_MAX, FW_NAMES_MAX, FW_POLICIES_MAX, FW_RULES_MAX, FW_VERDICTS_MAX,
-        POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, SG_ADDR_MAX, SG_RULES_MAX, UPLINK_ADDRS_MAX, VPC_NETS_MAX, ZONES_MAX,
-        ZONE_ENDPOINTS_MAX, ZONE_NETS_MAX,
+        POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, SG_ADDR_MAX, SG_RULES_MAX, UPLINK_ADDRS_MAX, VPC_NETS_MAX,
+        ZONES_MAX, ZONE_ENDPOINTS_MAX, ZONE_NETS_MAX,
     },
     stage, DropReason, Stat, DROP_REASON_SLOTS, STAT_SLOTS,
 };
