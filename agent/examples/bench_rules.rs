@@ -2,16 +2,21 @@
 //! the kernel with BPF_PROG_TEST_RUN (entry and every stage it tail-calls):
 //! at 10, 1,000, 10,000 and 100,000 rules on one port, a denied packet (no
 //! prefix matches, so every prefix length is probed), a packet of an
-//! established flow (conntrack hit, the fast path), and a new allowed flow
-//! (a matching rule, the flow-table insert included). Rules mix /32, /24
-//! and /16 remote prefixes over TCP ports, so every size uses the same
-//! prefix lengths.
+//! established flow (a flow-table hit, the fast path), and a new allowed
+//! flow (a matching rule, the handshake-table insert included). Rules mix
+//! /32, /24 and /16 remote prefixes over TCP ports, so every size uses the
+//! same prefix lengths.
 //!
 //! Run as root: `cargo run --release -p sdn-agent --example bench_rules`
 //! (`-- --smoke` for a short run that only checks it still works;
-//! `BENCH_PARTS=1` for the cost of a packet that stops at the entry, an
-//! established one and a denied one, at 10 rules).
+//! `BENCH_PARTS=1` for the parts at 10 rules: the test run's own cost (an
+//! empty program), a packet that stops at the entry, an established flow, an
+//! unconfirmed one and a denied packet; `BENCH_PAUSE=<seconds>` keeps the
+//! programs loaded that long afterwards, to read them with `bpftool prog
+//! dump xlated name to_vm`).
 
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use dataplane_common::maps as m;
 use sdn_agent::compile::{self, Resources};
 use sdn_agent::dataplane::Dataplane;
 use sdn_agent::reconcile::Reconciler;
@@ -130,6 +135,29 @@ fn udp(src: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
     v
 }
 
+/// Moves every unconfirmed flow into the flow table, as an answer would:
+/// the harness sends one way only (through `to_vm`), so this is how a
+/// packet of an established flow is made to hit the flow table.
+fn confirm_flows(dp: &mut Dataplane) -> anyhow::Result<usize> {
+    let ebpf = dp.ebpf_mut();
+    let mut syn: BpfHashMap<&mut MapData, m::CtKey, m::CtValue> = BpfHashMap::try_from(
+        ebpf.map_mut(m::CT_SYN)
+            .ok_or_else(|| anyhow::anyhow!("map {} missing", m::CT_SYN))?,
+    )?;
+    let flows: Vec<(m::CtKey, m::CtValue)> = syn.iter().filter_map(|e| e.ok()).collect();
+    for (k, _) in &flows {
+        syn.remove(k)?;
+    }
+    let mut ct: BpfHashMap<&mut MapData, m::CtKey, m::CtValue> = BpfHashMap::try_from(
+        ebpf.map_mut(m::CT)
+            .ok_or_else(|| anyhow::anyhow!("map {} missing", m::CT))?,
+    )?;
+    for (k, v) in &flows {
+        ct.insert(k, v, 0)?;
+    }
+    Ok(flows.len())
+}
+
 fn main() -> anyhow::Result<()> {
     let smoke = std::env::args().any(|a| a == "--smoke");
     let mount = BpffsMount::new("bench")?;
@@ -143,8 +171,12 @@ fn main() -> anyhow::Result<()> {
     };
     // Denied: the source matches no prefix, so every prefix length is probed.
     let denied = tcp([192, 0, 2, 1], 40000, 22);
-    // Established: a UDP flow, after its first packet made the entry.
+    // Established: a UDP flow whose entry is in the flow table (its first
+    // packet made the entry, then it is confirmed as an answer would).
     let established = udp([192, 0, 2, 9], 5353, 5353);
+    // Unconfirmed: a UDP flow nobody answered (found in the handshake
+    // table, after a miss in the flow table).
+    let unconfirmed = udp([192, 0, 2, 9], 5354, 5353);
     println!(
         "{:>8} {:>14} {:>16} {:>14} {:>12}",
         "rules", "denied ns/pkt", "established ns", "new flow ns", "map entries"
@@ -157,9 +189,26 @@ fn main() -> anyhow::Result<()> {
         let mut short = established.clone();
         short.truncate(40);
         short[16..18].copy_from_slice(&26u16.to_be_bytes());
+        anyhow::ensure!(
+            testrun::run(fd, &established, 1)?.retval == 0,
+            "the established flow must pass"
+        );
+        confirm_flows(&mut dp)?;
+        anyhow::ensure!(
+            testrun::run(fd, &unconfirmed, 1)?.retval == 0,
+            "the unconfirmed flow must pass"
+        );
+        use std::os::fd::AsRawFd;
+        let empty = testrun::empty_classifier()?;
+        let mut b = u32::MAX;
+        for _ in 0..rounds {
+            b = b.min(testrun::run(empty.as_raw_fd(), &established, repeat)?.ns_per_run);
+        }
+        println!("the test run itself (an empty program): {b} ns");
         for (name, pkt) in [
             ("entry only (unknown type)", &vlan),
-            ("entry, then guard drops nothing: established", &established),
+            ("established (flow table)", &established),
+            ("unconfirmed (handshake table)", &unconfirmed),
             ("denied", &denied),
         ] {
             let mut b = u32::MAX;
@@ -167,6 +216,9 @@ fn main() -> anyhow::Result<()> {
                 b = b.min(testrun::run(fd, pkt, repeat)?.ns_per_run);
             }
             println!("{name}: {b} ns");
+        }
+        if let Ok(s) = std::env::var("BENCH_PAUSE") {
+            std::thread::sleep(std::time::Duration::from_secs(s.parse()?));
         }
         return Ok(());
     }
@@ -188,6 +240,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::ensure!(r.retval == 2, "the denied packet must be dropped");
         let r = testrun::run(fd, &established, 1)?;
         anyhow::ensure!(r.retval == 0, "the established flow must pass");
+        confirm_flows(&mut dp)?;
         let dn = best(&denied)?;
         let est = best(&established)?;
         // New allowed flows: a SYN matching the first /32 rule (172.16.0.0,
