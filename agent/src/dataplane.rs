@@ -75,13 +75,12 @@ pub fn check_bpffs(dir: &Path) -> anyhow::Result<()> {
 
 /// The addresses of an interface in this network namespace (IPv6
 /// link-local ones included: neighbour discovery uses them).
-pub fn addresses(name: &str) -> Vec<std::net::IpAddr> {
+pub fn addresses(name: &str) -> std::io::Result<Vec<std::net::IpAddr>> {
     let mut out = Vec::new();
     let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `head` with a list freed below.
     if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        tracing::warn!(error = %std::io::Error::last_os_error(), "listing interface addresses");
-        return out;
+        return Err(std::io::Error::last_os_error());
     }
     let mut cur = head;
     while !cur.is_null() {
@@ -110,7 +109,7 @@ pub fn addresses(name: &str) -> Vec<std::net::IpAddr> {
     }
     // SAFETY: the list getifaddrs returned, freed once.
     unsafe { libc::freeifaddrs(head) };
-    out
+    Ok(out)
 }
 
 /// Resolves an interface name in this network namespace.

@@ -13,7 +13,11 @@ use dataplane_common::maps::{
     SG_RULES_MAX, UPLINK_ADDRS_MAX, VPC_NETS_MAX, ZONES_MAX, ZONE_ENDPOINTS_MAX, ZONE_NETS_MAX,
 };
 
-use crate::compile::{Desired, Identities, ServiceSet};
+use crate::compile::{Desired, Identities, ServiceSet, FW_BROKEN};
+
+/// Firewall policy numbers of the second half of `FW_POLICIES` start here
+/// (compiled numbers stay far below it).
+pub const FW_NUMBER_HALF: u32 = 1 << 30;
 
 /// One kernel map, or a fake.
 pub trait Table<K, V>: Send {
@@ -483,80 +487,120 @@ impl Reconciler {
         Ok(c)
     }
 
-    /// Puts the compiled firewall rules and exchange paths (numbered from
-    /// slot 0) into a half of their tables. Unchanged, they stay where they
-    /// are. Changed, they go whole into the half nothing uses: the firewall
-    /// policies then switch to it one write each (rules are written before
-    /// the policies, see `tables!`), and the exchange list in the one write
-    /// of its half number; the old half is cleared last. So a packet is
-    /// judged by the old rules or the new ones, never a mix, and no slot
-    /// changes while a packet may read it.
+    /// Puts the compiled firewall policies and exchange paths (numbered
+    /// and slotted from 0) into a half of their tables. Unchanged, they stay
+    /// where they are. Changed, they go whole into the half nothing uses:
+    /// - firewall policies get the numbers of that half
+    ///   ([`FW_NUMBER_HALF`]) and their rules its slots; the references
+    ///   (a VPC's border, a peering's VPC firewall) then switch to the new
+    ///   numbers one write each, and the old half's headers and rules are
+    ///   removed last (`tables!` order). A VPC is judged by its old policy
+    ///   or its new one, never by another's or by slots half rewritten;
+    /// - exchange paths go into the other half of their array, ended by an
+    ///   empty slot, and the list switches in one write of its half number
+    ///   (always a write, so the switch comes before the ports' new epochs).
     fn place_halves(&self, want: &mut Contents) {
         let held = &self.held;
-        // Firewall: the halves the held policies use.
-        let uses = |half: u32| {
-            held.fw_policies
-                .values()
-                .any(|p| p.count > 0 && p.first / FW_RULES_MAX == half)
+        let half_of = |n: u32| u32::from(n != FW_BROKEN && n >= FW_NUMBER_HALF);
+        // Firewall: the halves the held references use (the policies a
+        // packet can reach), else the held headers.
+        let mut refs = [0usize; 2];
+        for n in held
+            .zone_endpoints
+            .values()
+            .map(|e| e.border)
+            .chain(held.endpoints.values().map(|e| e.policy))
+        {
+            if n != 0 && n != FW_BROKEN {
+                refs[half_of(n) as usize] += 1;
+            }
+        }
+        let current = match refs {
+            [0, 0] => held.fw_policies.keys().next_back().map(|n| half_of(*n)).unwrap_or(0),
+            [_, 0] => 0,
+            [0, _] => 1,
+            // Only after a pass that failed half-way: the next change goes
+            // to the half fewer references use.
+            [a, b] => {
+                tracing::warn!(
+                    half0 = a,
+                    half1 = b,
+                    "firewall references in both halves after an interrupted pass"
+                );
+                u32::from(a >= b)
+            }
         };
-        let current = if uses(1) && !uses(0) { 1 } else { 0 };
-        let off = current * FW_RULES_MAX;
-        let same = held.fw_rules.len() == want.fw_rules.len()
+        let (num, slot) = (current * FW_NUMBER_HALF, current * FW_RULES_MAX);
+        let same = refs[1 - current as usize] == 0
+            && held.fw_rules.len() == want.fw_rules.len()
             && held.fw_policies.len() == want.fw_policies.len()
             && want
                 .fw_rules
                 .iter()
-                .all(|(k, v)| held.fw_rules.get(&(k + off)) == Some(v))
+                .all(|(k, v)| held.fw_rules.get(&(k + slot)) == Some(v))
             && want.fw_policies.iter().all(|(k, p)| {
-                held.fw_policies.get(k)
+                held.fw_policies.get(&(k + num))
                     == Some(&FwPolicy {
-                        first: p.first + if p.count > 0 { off } else { 0 },
+                        first: p.first + if p.count > 0 { slot } else { 0 },
                         ..*p
                     })
             });
-        let half = if same {
-            current
-        } else if uses(0) && uses(1) {
-            // Only after a pass that failed half-way: either half is in
-            // use; the next change goes to the half the first policy
-            // does not use.
-            let first = held
-                .fw_policies
-                .values()
-                .find(|p| p.count > 0)
-                .map(|p| p.first / FW_RULES_MAX);
-            1 - first.unwrap_or(1)
-        } else {
-            1 - current
-        };
+        let half = if same { current } else { 1 - current };
         if half == 1 {
-            let base = FW_RULES_MAX;
+            let renumber = |n: u32| {
+                if n == 0 || n == FW_BROKEN {
+                    n
+                } else {
+                    n + FW_NUMBER_HALF
+                }
+            };
             want.fw_rules = std::mem::take(&mut want.fw_rules)
                 .into_iter()
-                .map(|(k, v)| (k + base, v))
+                .map(|(k, v)| (k + FW_RULES_MAX, v))
                 .collect();
-            for p in want.fw_policies.values_mut() {
-                if p.count > 0 {
-                    p.first += base;
-                }
+            want.fw_policies = std::mem::take(&mut want.fw_policies)
+                .into_iter()
+                .map(|(n, mut p)| {
+                    if p.count > 0 {
+                        p.first += FW_RULES_MAX;
+                    }
+                    (renumber(n), p)
+                })
+                .collect();
+            for e in want.zone_endpoints.values_mut() {
+                e.border = renumber(e.border);
+            }
+            for e in want.endpoints.values_mut() {
+                e.policy = renumber(e.policy);
             }
         }
-        // Exchange paths: the half its number names.
-        let current = held.exchange_half.get(&0).copied().unwrap_or(0).min(1);
+        // Exchange paths: the half its number names (2: the first half, 1:
+        // the second; the programs read the low bit).
+        let current = held.exchange_half.get(&0).copied().unwrap_or(0) & 1;
         let off = current * EXCHANGE_MAX;
-        let same = held.exchange.len() == want.exchange.len()
+        let held_paths = held
+            .exchange
+            .values()
+            .filter(|v| **v != ExchangeRule::default())
+            .count();
+        let same = held_paths == want.exchange.len()
             && want
                 .exchange
                 .iter()
                 .all(|(k, v)| held.exchange.get(&(k + off)) == Some(v));
         let half = if same { current } else { 1 - current };
-        if half == 1 {
-            want.exchange = std::mem::take(&mut want.exchange)
-                .into_iter()
-                .map(|(k, v)| (k + EXCHANGE_MAX, v))
-                .collect();
-            want.exchange_half.insert(0, 1);
+        let base = half * EXCHANGE_MAX;
+        let len = want.exchange.len() as u32;
+        want.exchange = std::mem::take(&mut want.exchange)
+            .into_iter()
+            .map(|(k, v)| (k + base, v))
+            .collect();
+        // The slot after the list must be empty before the switch: what an
+        // interrupted pass left there would extend the list.
+        if len < EXCHANGE_MAX && held.exchange.contains_key(&(base + len)) {
+            want.exchange.insert(base + len, ExchangeRule::default());
         }
+        want.exchange_half.insert(0, if half == 1 { 1 } else { 2 });
     }
 
     /// Sets the quarantine flag of every held port `d` quarantines, without

@@ -81,9 +81,19 @@ impl Agent {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         let mut desired = compile::compile(&self.resources, &dataplane::ifindex, now_ms)?;
-        compile::add_uplink_addresses(&mut desired, &dataplane::addresses);
-        self.uplink_addrs = desired.uplink_addrs.clone();
-        self.uplink_devices = desired.uplink_devices.clone();
+        // A device whose addresses cannot be listed keeps the ones enforced.
+        let held = self.uplink_addrs.clone();
+        compile::add_uplink_addresses(&mut desired, &|name| match dataplane::addresses(name) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(device = %name, error = %e, "listing an uplink's addresses; keeping the enforced ones");
+                let ifx = dataplane::ifindex(name).unwrap_or(0);
+                held.iter()
+                    .filter(|k| k.ifindex == ifx)
+                    .map(compile::key_address)
+                    .collect()
+            }
+        });
         let want: BTreeSet<u32> = desired.ports.keys().copied().collect();
         // Detach from devices that are no longer ports before their entries go.
         let gone: BTreeSet<u32> = self
@@ -98,7 +108,11 @@ impl Agent {
             self.attached.remove(i);
         }
         let changes = match self.rec.reconcile(&desired) {
-            Ok(c) => c,
+            Ok(c) => {
+                self.uplink_addrs = desired.uplink_addrs.clone();
+                self.uplink_devices = desired.uplink_devices.clone();
+                c
+            }
             Err(e) => {
                 // Whatever else failed, quarantines hold.
                 match self.rec.enforce_quarantines(&desired) {
@@ -331,8 +345,14 @@ impl Agent {
             uplink_devices: self.uplink_devices.clone(),
             ..Default::default()
         };
-        compile::add_uplink_addresses(&mut d, &dataplane::addresses);
-        d.uplink_addrs != self.uplink_addrs
+        let failed = std::cell::Cell::new(false);
+        compile::add_uplink_addresses(&mut d, &|name| {
+            dataplane::addresses(name).unwrap_or_else(|_| {
+                failed.set(true);
+                Vec::new()
+            })
+        });
+        !failed.get() && d.uplink_addrs != self.uplink_addrs
     }
 
     /// Enforces and acks; returns whether devices are still missing.

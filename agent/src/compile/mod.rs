@@ -199,6 +199,15 @@ pub fn add_uplink_addresses(d: &mut Desired, addrs: &dyn Fn(&str) -> Vec<std::ne
     }
 }
 
+/// The address a [`PortAddrKey`] holds.
+pub fn key_address(k: &PortAddrKey) -> std::net::IpAddr {
+    if k.family == FAMILY_V4 {
+        std::net::IpAddr::from([k.addr[0], k.addr[1], k.addr[2], k.addr[3]])
+    } else {
+        std::net::IpAddr::from(k.addr)
+    }
+}
+
 pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u64) -> Result<Desired, CompileError> {
     let mut quarantined: BTreeMap<String, (String, String)> = BTreeMap::new();
     let mut next_expiry: Option<u64> = None;

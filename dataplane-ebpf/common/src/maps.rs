@@ -45,8 +45,11 @@ pub const ZONE_ENDPOINTS: &str = "SDN_ZONE_ENDPOINTS";
 pub const EXCHANGE: &str = "SDN_EXCHANGE2";
 /// Pinned name of the half of [`EXCHANGE`] in force (array of one `u32`, 0 or 1).
 pub const EXCHANGE_HALF: &str = "SDN_EXCHANGE_HALF";
-/// Pinned name of the firewall policies (`u32` policy number -> [`FwPolicy`]).
-/// (Version 2: `first` is a slot of the two-halved [`FW_RULES`].)
+/// Pinned name of the firewall policies (`u32` policy number -> [`FwPolicy`]),
+/// in two halves of numbers: a changed set of policies gets the numbers of
+/// the other half, and each reference to a policy switches to its new
+/// number in one write. (Version 2: halves of numbers, and `first` a slot of
+/// the two-halved [`FW_RULES`].)
 pub const FW_POLICIES: &str = "SDN_FW_POLICIES2";
 /// Pinned name of the firewall rules (array of [`FwRule`] in two halves of
 /// `FW_RULES_MAX` slots, each policy's in priority order from its `first`

@@ -139,13 +139,7 @@ fn side(
     let v = unsafe { &mut *p };
     let from_opener = outbound == (v.origin == CT_ORIGIN_OUT);
     let tcp = key.proto == PROTO_TCP;
-    let confirmed = if tcp {
-        // The opener acknowledges the answer.
-        from_opener && v.flags & CT_F_REPLY_SEEN != 0 && m.tcp_flags & (TCP_ACK | TCP_SYN) == TCP_ACK
-    } else {
-        // The first answer.
-        !from_opener
-    };
+    let confirmed = confirms(v, outbound, m);
     if !from_opener && !confirmed {
         v.flags |= CT_F_REPLY_SEEN;
         if tcp && m.tcp_flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
@@ -153,14 +147,8 @@ fn side(
             let _ = CT_ISN.insert(&key, &m.tcp_seq.wrapping_add(1), 0);
         }
     } else if confirmed {
-        // Only the opener that saw the answer completes the handshake: a
-        // blind ACK (a forged source that never got the answer) moves
-        // nothing into the flow table, so it cannot take a port's budget.
-        // SAFETY: the value is copied out at once.
-        if tcp && unsafe { CT_ISN.get(&key) }.copied() != Some(m.tcp_ack) {
-            return Err(DropReason::CtBadAck);
-        }
-        // Confirmed: moved to the flow table, within the port's budget.
+        // Confirmed (its ACK number and the port's room were checked for
+        // every side before any was written): moved to the flow table.
         let mut nv = *v;
         update(&mut nv, now, outbound, m, port.epoch);
         nv.flags &= !CT_F_REPLY_SEEN;
@@ -176,6 +164,95 @@ fn side(
     update(v, now, outbound, m, port.epoch);
     count(Stat::CtHit);
     Ok(())
+}
+
+/// Whether this packet completes the unconfirmed flow `v` of one side:
+/// TCP, the opener acknowledging the answer; otherwise the first answer.
+#[inline(always)]
+fn confirms(v: &CtValue, outbound: bool, m: &Meta) -> bool {
+    let from_opener = outbound == (v.origin == CT_ORIGIN_OUT);
+    if m.proto == PROTO_TCP {
+        from_opener && v.flags & CT_F_REPLY_SEEN != 0 && m.tcp_flags & (TCP_ACK | TCP_SYN) == TCP_ACK
+    } else {
+        !from_opener
+    }
+}
+
+/// The live entry of one side in `table` (null: none).
+#[inline(always)]
+fn live(m: &Meta, outbound: bool, table: u8) -> *mut CtValue {
+    let mut key = EMPTY_KEY;
+    if outbound {
+        m.src_key(&mut key);
+    } else {
+        m.dst_key(&mut key);
+    }
+    match table {
+        T_MAIN => CT.get_ptr_mut(&key).unwrap_or(core::ptr::null_mut()),
+        T_SYN => CT_SYN.get_ptr_mut(&key).unwrap_or(core::ptr::null_mut()),
+        _ => core::ptr::null_mut(),
+    }
+}
+
+/// Before any side is written: a side whose handshake this packet would
+/// complete needs an ACK of its answer's sequence number (a blind ACK, from
+/// a forged source that never got the answer, moves nothing into the flow
+/// table, so it cannot take a port's budget) and room in the port's
+/// budget. So a packet refused for one side leaves every side as it was.
+#[inline(always)]
+fn precheck(state: u8, table: u8, p: *mut CtValue, outbound: bool, m: &Meta) -> Result<(), DropReason> {
+    if table != T_SYN || (state != S_EST && state != S_STALE) || p.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a live map value, read only.
+    if !confirms(unsafe { &*p }, outbound, m) {
+        return Ok(());
+    }
+    let mut key = EMPTY_KEY;
+    if outbound {
+        m.src_key(&mut key);
+    } else {
+        m.dst_key(&mut key);
+    }
+    // SAFETY: the value is copied out at once.
+    if m.proto == PROTO_TCP && unsafe { CT_ISN.get(&key) }.copied() != Some(m.tcp_ack) {
+        return Err(DropReason::CtBadAck);
+    }
+    // SAFETY: as above.
+    if unsafe { CT_COUNT.get(&key.ifindex) }.copied().unwrap_or(0) >= budget() {
+        return Err(DropReason::CtBudget);
+    }
+    Ok(())
+}
+
+/// Writes every local side's entry, after checking what can refuse the
+/// packet for any of them.
+#[inline(always)]
+fn sides(m: &Meta, src: (u8, u8, *mut CtValue), dst: (u8, u8, *mut CtValue)) -> Result<(), DropReason> {
+    if m.dst_ifx != 0 {
+        precheck(dst.0, dst.1, dst.2, false, m)?;
+    }
+    if m.src_ifx != 0 {
+        precheck(src.0, src.1, src.2, true, m)?;
+    }
+    if m.dst_ifx != 0 {
+        let port = m.dst_port;
+        side(&port, dst.0, dst.1, dst.2, false, m)?;
+    }
+    if m.src_ifx != 0 {
+        let port = m.src_port;
+        side(&port, src.0, src.1, src.2, true, m)?;
+    }
+    Ok(())
+}
+
+/// The port flow budget in force.
+#[inline(always)]
+fn budget() -> u32 {
+    match CONFIG.get(0).map(|c| c.ct_budget).unwrap_or(0) {
+        0 => CT_BUDGET_DEFAULT,
+        b => b,
+    }
 }
 
 #[inline(always)]
@@ -198,10 +275,7 @@ fn update(v: &mut CtValue, now: u64, outbound: bool, m: &Meta, epoch: u32) {
 /// under the key (one that timed out) is replaced and was counted before.
 #[inline(always)]
 fn insert(key: &CtKey, v: &CtValue) -> Result<(), DropReason> {
-    let budget = match CONFIG.get(0).map(|c| c.ct_budget).unwrap_or(0) {
-        0 => CT_BUDGET_DEFAULT,
-        b => b,
-    };
+    let budget = budget();
     let ifx = key.ifindex;
     let held = CT_COUNT.get_ptr_mut(&ifx);
     if let Some(c) = held {
@@ -249,15 +323,16 @@ pub fn prepare(ctx: &TcContext, m: &Meta) -> Result<(), DropReason> {
 /// again: the guard's pointers stay in the guard).
 #[inline(always)]
 pub fn refresh(m: &Meta) -> Result<(), DropReason> {
-    if m.dst_ifx != 0 {
-        let port = m.dst_port;
-        side(&port, m.ct_dst, m.tbl_dst, core::ptr::null_mut(), false, m)?;
-    }
-    if m.src_ifx != 0 {
-        let port = m.src_port;
-        side(&port, m.ct_src, m.tbl_src, core::ptr::null_mut(), true, m)?;
-    }
-    Ok(())
+    let at = |state: u8, table: u8, outbound: bool, ifx: u32| {
+        if ifx != 0 && (state == S_EST || state == S_STALE) {
+            live(m, outbound, table)
+        } else {
+            core::ptr::null_mut()
+        }
+    };
+    let sp = at(m.ct_src, m.tbl_src, true, m.src_ifx);
+    let dp = at(m.ct_dst, m.tbl_dst, false, m.dst_ifx);
+    sides(m, (m.ct_src, m.tbl_src, sp), (m.ct_dst, m.tbl_dst, dp))
 }
 
 /// The fast path's writes: the live entries the guard found, brought up
@@ -265,15 +340,18 @@ pub fn refresh(m: &Meta) -> Result<(), DropReason> {
 /// within the port's budget).
 #[inline(always)]
 pub fn refresh_live(m: &Meta, src: Live, dst: Live) -> Result<(), DropReason> {
-    if m.dst_ifx != 0 {
-        let port = m.dst_port;
-        side(&port, dst.state, dst.table, dst.v, false, m)?;
-    }
-    if m.src_ifx != 0 {
-        let port = m.src_port;
-        side(&port, src.state, src.table, src.v, true, m)?;
-    }
-    Ok(())
+    // An unconfirmed entry is looked up again: the LRU may have handed the
+    // element the guard found to another flow since, and a promotion
+    // copies it whole. (A flow-table entry only gets its counters.)
+    let again = |l: Live, outbound: bool| {
+        if l.table == T_SYN {
+            live(m, outbound, T_SYN)
+        } else {
+            l.v
+        }
+    };
+    let (sv, dv) = (again(src, true), again(dst, false));
+    sides(m, (src.state, src.table, sv), (dst.state, dst.table, dv))
 }
 
 /// Sends an allowed packet on.

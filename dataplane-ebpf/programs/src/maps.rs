@@ -93,8 +93,9 @@ pub static EXCHANGE: Array<ExchangeRule> = Array::pinned(2 * EXCHANGE_MAX, 0);
 #[map(name = "SDN_EXCHANGE_HALF")]
 pub static EXCHANGE_HALF: Array<u32> = Array::pinned(1, 0);
 
+/// Both halves' headers while a change switches between them.
 #[map(name = "SDN_FW_POLICIES2")]
-pub static FW_POLICIES: HashMap<u32, FwPolicy> = HashMap::pinned(FW_POLICIES_MAX, 0);
+pub static FW_POLICIES: HashMap<u32, FwPolicy> = HashMap::pinned(2 * FW_POLICIES_MAX, 0);
 
 #[map(name = "SDN_FW_RULES2")]
 pub static FW_RULES: Array<FwRule> = Array::pinned(2 * FW_RULES_MAX, 0);

@@ -19,6 +19,8 @@ use crate::{
 
 const ND_NS: u8 = 135;
 const ND_NA: u8 = 136;
+/// ff02::1.
+const ALL_NODES: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
 /// The zone an outside address belongs to (longest prefix), or 0.
 #[inline(always)]
@@ -92,7 +94,11 @@ pub fn from_uplink<C: Pkt>(ctx: &C, m: &mut Meta) -> Result<Arrival, DropReason>
         parse::arp(ctx, m)?;
         let mut target = [0u8; 16];
         target[..4].copy_from_slice(&m.arp_tpa);
-        return if uplink_owns(ifx, FAMILY_V4, &target) {
+        // A gratuitous announcement (sender = target: a neighbour, such as
+        // the zone's gateway after a failover, telling its new MAC) updates
+        // what the host already knows, unless it claims a VPC's address.
+        let gratuitous = m.arp_spa == m.arp_tpa && zone_endpoint(FAMILY_V4, &target).is_none();
+        return if uplink_owns(ifx, FAMILY_V4, &target) || gratuitous {
             Ok(Arrival::Host)
         } else {
             Err(DropReason::UplinkToHost)
@@ -107,6 +113,10 @@ pub fn from_uplink<C: Pkt>(ctx: &C, m: &mut Meta) -> Result<Arrival, DropReason>
         let wanted = if m.proto == PROTO_ICMPV6 && m.icmp_type == ND_NS {
             let target: [u8; 16] = load(ctx, m.l4_off as usize + 8).ok_or(DropReason::Truncated)?;
             uplink_owns(ifx, FAMILY_V6, &target)
+        } else if m.proto == PROTO_ICMPV6 && m.icmp_type == ND_NA && m.dst == ALL_NODES {
+            // Unsolicited (to all nodes): as a gratuitous ARP.
+            let target: [u8; 16] = load(ctx, m.l4_off as usize + 8).ok_or(DropReason::Truncated)?;
+            zone_endpoint(FAMILY_V6, &target).is_none()
         } else if (m.proto == PROTO_ICMPV6 && m.icmp_type == ND_NA) || is_icmp_error(m.proto, m.icmp_type) {
             uplink_owns(ifx, m.family, &m.dst)
         } else {
