@@ -600,7 +600,18 @@ impl Reconciler {
         if len < EXCHANGE_MAX && held.exchange.contains_key(&(base + len)) {
             want.exchange.insert(base + len, ExchangeRule::default());
         }
-        want.exchange_half.insert(0, if half == 1 { 1 } else { 2 });
+        match (half, held.exchange_half.get(&0)) {
+            (1, _) => {
+                want.exchange_half.insert(0, 1);
+            }
+            // Back to (or staying in) the first half: a write, in the
+            // write phase.
+            (_, Some(_)) => {
+                want.exchange_half.insert(0, 2);
+            }
+            // The first half, never switched: nothing to write.
+            (_, None) => {}
+        }
     }
 
     /// Sets the quarantine flag of every held port `d` quarantines, without
