@@ -181,14 +181,7 @@ pub fn add_uplink_addresses(d: &mut Desired, addrs: &dyn Fn(&str) -> Vec<std::ne
     d.uplink_addrs.clear();
     for (ifx, name) in &d.uplink_devices {
         for a in addrs(name) {
-            let (family, bytes) = match a {
-                std::net::IpAddr::V4(v4) => {
-                    let mut b = [0u8; 16];
-                    b[..4].copy_from_slice(&v4.octets());
-                    (FAMILY_V4, b)
-                }
-                std::net::IpAddr::V6(v6) => (FAMILY_V6, v6.octets()),
-            };
+            let (family, bytes) = addr16(a);
             d.uplink_addrs.insert(PortAddrKey {
                 ifindex: *ifx,
                 family,

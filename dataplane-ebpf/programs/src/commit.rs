@@ -81,12 +81,7 @@ fn side(
     m: &Meta,
 ) -> Result<(), DropReason> {
     let now = m.now;
-    let mut key = EMPTY_KEY;
-    if outbound {
-        m.src_key(&mut key);
-    } else {
-        m.dst_key(&mut key);
-    }
+    let key = side_key(m, outbound);
     if state == S_NEW {
         if table == T_MAIN {
             // A closing connection's entry that a fresh SYN replaces.
@@ -166,6 +161,19 @@ fn side(
     Ok(())
 }
 
+/// The flow key of one local side: the sender's (`outbound`) or the
+/// receiver's.
+#[inline(always)]
+fn side_key(m: &Meta, outbound: bool) -> CtKey {
+    let mut key = EMPTY_KEY;
+    if outbound {
+        m.src_key(&mut key);
+    } else {
+        m.dst_key(&mut key);
+    }
+    key
+}
+
 /// Whether this packet completes the unconfirmed flow `v` of one side:
 /// TCP, the opener acknowledging the answer; otherwise the first answer.
 #[inline(always)]
@@ -181,12 +189,7 @@ fn confirms(v: &CtValue, outbound: bool, m: &Meta) -> bool {
 /// The live entry of one side in `table` (null: none).
 #[inline(always)]
 fn live(m: &Meta, outbound: bool, table: u8) -> *mut CtValue {
-    let mut key = EMPTY_KEY;
-    if outbound {
-        m.src_key(&mut key);
-    } else {
-        m.dst_key(&mut key);
-    }
+    let key = side_key(m, outbound);
     match table {
         T_MAIN => CT.get_ptr_mut(&key).unwrap_or(core::ptr::null_mut()),
         T_SYN => CT_SYN.get_ptr_mut(&key).unwrap_or(core::ptr::null_mut()),
@@ -208,12 +211,7 @@ fn precheck(state: u8, table: u8, p: *mut CtValue, outbound: bool, m: &Meta) -> 
     if !confirms(unsafe { &*p }, outbound, m) {
         return Ok(());
     }
-    let mut key = EMPTY_KEY;
-    if outbound {
-        m.src_key(&mut key);
-    } else {
-        m.dst_key(&mut key);
-    }
+    let key = side_key(m, outbound);
     // SAFETY: the value is copied out at once.
     if m.proto == PROTO_TCP && unsafe { CT_ISN.get(&key) }.copied() != Some(m.tcp_ack) {
         return Err(DropReason::CtBadAck);

@@ -129,6 +129,20 @@ pub fn count(stat: Stat) {
     }
 }
 
+/// Whether an address set (a port's or an uplink's addresses) holds `addr`
+/// for the device `ifindex`.
+#[inline(always)]
+pub fn has_addr(set: &HashMap<PortAddrKey, u8>, ifindex: u32, family: u8, addr: &[u8; 16]) -> bool {
+    let k = PortAddrKey {
+        ifindex,
+        family,
+        _pad: [0; 3],
+        addr: *addr,
+    };
+    // SAFETY: presence check only.
+    unsafe { set.get(&k) }.is_some()
+}
+
 /// The record of the packet on this CPU.
 #[inline(always)]
 pub fn meta() -> Option<&'static mut Meta> {

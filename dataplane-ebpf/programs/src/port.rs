@@ -4,13 +4,13 @@
 //! to the VM's side of the veth and never meets `to_vm`.
 
 use dataplane_common::{
-    maps::{PortAddrKey, PortInfo, DOOR_HOST, PORT_F_DHCP_SERVER},
+    maps::{PortInfo, DOOR_HOST, PORT_F_DHCP_SERVER},
     DropReason, Stat, FAMILY_V4, FAMILY_V6, PROTO_ICMPV6, PROTO_UDP,
 };
 
 use crate::{
     ctx::{load, Pkt},
-    maps::{count, PORTS, PORT_ADDRS},
+    maps::{count, has_addr, PORTS, PORT_ADDRS},
     meta::{Meta, E_FROM_VM, E_TO_VM, K_ARP, K_IP, K_NEIGHBOUR, K_NS},
     parse::{self, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6},
 };
@@ -35,14 +35,7 @@ pub fn port(ifindex: u32) -> Result<PortInfo, DropReason> {
 
 #[inline(always)]
 fn owns(ifindex: u32, family: u8, addr: &[u8; 16]) -> bool {
-    let k = PortAddrKey {
-        ifindex,
-        family,
-        _pad: [0; 3],
-        addr: *addr,
-    };
-    // SAFETY: presence check only.
-    unsafe { PORT_ADDRS.get(&k) }.is_some()
+    has_addr(&PORT_ADDRS, ifindex, family, addr)
 }
 
 /// A DHCP server message: UDP to a client's port (68, or 546 for DHCPv6),

@@ -5,13 +5,13 @@
 
 use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use dataplane_common::{
-    maps::{zone_net_data, PortAddrKey, ZoneAddrKey, ZoneEndpoint, DOOR_ZONE},
+    maps::{zone_net_data, ZoneAddrKey, ZoneEndpoint, DOOR_ZONE},
     DropReason, DIR_INGRESS, FAMILY_V4, FAMILY_V6, MARK_PIPELINE, PROTO_ICMPV6,
 };
 
 use crate::{
     ctx::{load, Pkt},
-    maps::{UPLINKS, UPLINK_ADDRS, VPC_NETS, ZONE_ENDPOINTS, ZONE_NETS, ZONE_UPLINK},
+    maps::{has_addr, UPLINKS, UPLINK_ADDRS, VPC_NETS, ZONE_ENDPOINTS, ZONE_NETS, ZONE_UPLINK},
     meta::{Meta, E_FROM_UPLINK, K_IP, X_ZONE_IN},
     parse::{self, is_icmp_error, ETH_P_IP, ETH_P_IPV6},
     port,
@@ -58,14 +58,7 @@ fn uplink_zone(ifindex: u32) -> Option<u32> {
 /// Whether `addr` is one of the uplink's own addresses.
 #[inline(always)]
 fn uplink_owns(ifindex: u32, family: u8, addr: &[u8; 16]) -> bool {
-    let k = PortAddrKey {
-        ifindex,
-        family,
-        _pad: [0; 3],
-        addr: *addr,
-    };
-    // SAFETY: presence check only.
-    unsafe { UPLINK_ADDRS.get(&k) }.is_some()
+    has_addr(&UPLINK_ADDRS, ifindex, family, addr)
 }
 
 /// What an uplink entry made of a packet.
