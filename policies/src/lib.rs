@@ -2,6 +2,7 @@
 //! the store's state with whole-batch validation, the limits it enforces,
 //! and the administrators' YAML manifests.
 
+pub mod index;
 pub mod limits;
 pub mod manifest;
 pub mod model;
@@ -9,4 +10,5 @@ pub mod state;
 
 pub use limits::Settings;
 pub use model::*;
-pub use state::{BatchError, State};
+pub use index::Index;
+pub use state::{Applied, BatchError, State};

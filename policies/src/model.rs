@@ -364,6 +364,56 @@ impl Kind {
     }
 }
 
+/// One object of any kind: what a change puts, and what it replaced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Object {
+    Tenant(Tenant),
+    Vpc(Vpc),
+    Subnet(Subnet),
+    Host(Host),
+    Port(Port),
+    SecurityGroup(SecurityGroup),
+    Quarantine(Quarantine),
+    Zone(Zone),
+    ExchangePath(ExchangePath),
+    FirewallPolicy(FirewallPolicy),
+    VpcPeering(VpcPeering),
+}
+
+impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Tenant(_) => Kind::Tenant,
+            Object::Vpc(_) => Kind::Vpc,
+            Object::Subnet(_) => Kind::Subnet,
+            Object::Host(_) => Kind::Host,
+            Object::Port(_) => Kind::Port,
+            Object::SecurityGroup(_) => Kind::SecurityGroup,
+            Object::Quarantine(_) => Kind::Quarantine,
+            Object::Zone(_) => Kind::Zone,
+            Object::ExchangePath(_) => Kind::ExchangePath,
+            Object::FirewallPolicy(_) => Kind::FirewallPolicy,
+            Object::VpcPeering(_) => Kind::VpcPeering,
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        match self {
+            Object::Tenant(x) => &x.id,
+            Object::Vpc(x) => &x.id,
+            Object::Subnet(x) => &x.id,
+            Object::Host(x) => &x.id,
+            Object::Port(x) => &x.id,
+            Object::SecurityGroup(x) => &x.id,
+            Object::Quarantine(x) => &x.id,
+            Object::Zone(x) => &x.id,
+            Object::ExchangePath(x) => &x.id,
+            Object::FirewallPolicy(x) => &x.id,
+            Object::VpcPeering(x) => &x.id,
+        }
+    }
+}
+
 /// One change of a batch.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
@@ -397,6 +447,25 @@ impl Op {
             Op::PutFirewallPolicy(_) => "put_firewall_policy",
             Op::PutVpcPeering(_) => "put_vpc_peering",
             Op::Delete { .. } => "delete",
+        }
+    }
+
+    /// The object this operation changes: every operation changes exactly
+    /// one, its own.
+    pub fn key(&self) -> (Kind, &str) {
+        match self {
+            Op::PutTenant(x) => (Kind::Tenant, &x.id),
+            Op::PutVpc(x) => (Kind::Vpc, &x.id),
+            Op::PutSubnet(x) => (Kind::Subnet, &x.id),
+            Op::PutHost(x) => (Kind::Host, &x.id),
+            Op::PutPort(x) => (Kind::Port, &x.id),
+            Op::PutSecurityGroup(x) => (Kind::SecurityGroup, &x.id),
+            Op::PutQuarantine(x) => (Kind::Quarantine, &x.id),
+            Op::PutZone(x) => (Kind::Zone, &x.id),
+            Op::PutExchangePath(x) => (Kind::ExchangePath, &x.id),
+            Op::PutFirewallPolicy(x) => (Kind::FirewallPolicy, &x.id),
+            Op::PutVpcPeering(x) => (Kind::VpcPeering, &x.id),
+            Op::Delete { kind, id } => (*kind, id),
         }
     }
 

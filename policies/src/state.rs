@@ -13,6 +13,7 @@ use crate::limits::{
     address_share, port_share, within, Settings, ENDPOINTS_MAX, EXCHANGE_MAX, FW_NAMES_MAX, FW_POLICIES_MAX,
     FW_POLICY_RULES_MAX, FW_RULES_MAX, PORTS_MAX, ZONES_MAX, ZONE_ENDPOINTS_MAX, ZONE_NETS_MAX,
 };
+use crate::index::Index;
 use crate::model::*;
 
 /// Why a batch was refused: which operation, which field, what is wrong.
@@ -31,8 +32,11 @@ impl fmt::Display for BatchError {
     }
 }
 
-/// Every object of the model, keyed by id.
+/// Every object of the model, keyed by id, with the relations among them
+/// ([`Index`]). Change it only through [`State::apply`] (or
+/// [`State::replace`]), which keep the relations current.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "Stored")]
 pub struct State {
     pub tenants: BTreeMap<String, Tenant>,
     pub vpcs: BTreeMap<String, Vpc>,
@@ -54,6 +58,63 @@ pub struct State {
     /// every replica.
     #[serde(default)]
     pub settings: Settings,
+    #[serde(skip)]
+    index: Index,
+}
+
+/// The objects as they are stored: the relations are rebuilt on load.
+#[derive(Deserialize)]
+struct Stored {
+    tenants: BTreeMap<String, Tenant>,
+    vpcs: BTreeMap<String, Vpc>,
+    subnets: BTreeMap<String, Subnet>,
+    hosts: BTreeMap<String, Host>,
+    ports: BTreeMap<String, Port>,
+    security_groups: BTreeMap<String, SecurityGroup>,
+    #[serde(default)]
+    quarantines: BTreeMap<String, Quarantine>,
+    #[serde(default)]
+    zones: BTreeMap<String, Zone>,
+    #[serde(default)]
+    exchange_paths: BTreeMap<String, ExchangePath>,
+    #[serde(default)]
+    firewall_policies: BTreeMap<String, FirewallPolicy>,
+    #[serde(default)]
+    peerings: BTreeMap<String, VpcPeering>,
+    #[serde(default)]
+    settings: Settings,
+}
+
+impl From<Stored> for State {
+    fn from(x: Stored) -> State {
+        let mut s = State {
+            tenants: x.tenants,
+            vpcs: x.vpcs,
+            subnets: x.subnets,
+            hosts: x.hosts,
+            ports: x.ports,
+            security_groups: x.security_groups,
+            quarantines: x.quarantines,
+            zones: x.zones,
+            exchange_paths: x.exchange_paths,
+            firewall_policies: x.firewall_policies,
+            peerings: x.peerings,
+            settings: x.settings,
+            index: Index::default(),
+        };
+        s.reindex();
+        s
+    }
+}
+
+/// What an accepted batch did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// One line per operation, for the audit record.
+    pub changes: Vec<String>,
+    /// Every object the batch changed, as it was before (`None`: it did
+    /// not exist), in the order first changed.
+    pub before: Vec<(Kind, String, Option<Object>)>,
 }
 
 struct Ctx<'a> {
@@ -79,6 +140,13 @@ impl Ctx<'_> {
 impl State {
     /// Applies a batch: every operation or none. Returns one line per change.
     pub fn apply_batch(&mut self, ops: &[Op]) -> Result<Vec<String>, BatchError> {
+        self.apply(ops).map(|a| a.changes)
+    }
+
+    /// Applies a batch in place: every operation or none. A refused batch
+    /// is undone, object by object, so the state is as it was; nothing is
+    /// copied whole, and the cost is that of what the batch touches.
+    pub fn apply(&mut self, ops: &[Op]) -> Result<Applied, BatchError> {
         if ops.is_empty() {
             return Err(BatchError {
                 index: 0,
@@ -86,31 +154,141 @@ impl State {
                 message: "the batch is empty".into(),
             });
         }
-        let mut next = self.clone();
-        let mut changes = Vec::with_capacity(ops.len());
-        for (index, op) in ops.iter().enumerate() {
-            let ctx = Ctx { index, op: op.field() };
-            next.apply_one(&ctx, op)?;
-            changes.push(op.describe());
-        }
-        // Remote-group references may point forward within the batch (two
-        // groups that admit each other), so they are checked at its end.
-        for (index, op) in ops.iter().enumerate() {
-            if let Op::PutSecurityGroup(g) = op {
+        let mut applied = Applied {
+            changes: Vec::with_capacity(ops.len()),
+            before: Vec::new(),
+        };
+        let mut saved: BTreeSet<(Kind, &str)> = BTreeSet::new();
+        let r = (|| {
+            for (index, op) in ops.iter().enumerate() {
+                let (kind, id) = op.key();
+                if saved.insert((kind, id)) {
+                    applied.before.push((kind, id.to_string(), self.get(kind, id)));
+                }
                 let ctx = Ctx { index, op: op.field() };
-                next.check_remote_groups(&ctx, g)?;
+                self.apply_one(&ctx, op)?;
+                applied.changes.push(op.describe());
+            }
+            // Remote-group references may point forward within the batch
+            // (two groups that admit each other), so they are checked at
+            // its end.
+            for (index, op) in ops.iter().enumerate() {
+                if let Op::PutSecurityGroup(g) = op {
+                    let ctx = Ctx { index, op: op.field() };
+                    self.check_remote_groups(&ctx, g)?;
+                }
+            }
+            self.check_host_capacity(ops)
+        })();
+        match r {
+            Ok(()) => Ok(applied),
+            Err(e) => {
+                for (kind, id, old) in applied.before.into_iter().rev() {
+                    self.replace(kind, &id, old);
+                }
+                Err(e)
             }
         }
-        next.check_host_capacity(ops)?;
-        *self = next;
-        Ok(changes)
+    }
+
+    /// The relations among the objects.
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// Rebuilds the relations from the objects.
+    pub fn reindex(&mut self) {
+        let mut ix = Index::default();
+        let subnets = &self.subnets;
+        let vpc_of = |sn: &str| subnets.get(sn).map(|s| s.vpc_id.clone());
+        for o in self.objects() {
+            ix.object(&o, true, vpc_of);
+        }
+        self.index = ix;
+    }
+
+    /// Every object, subnets before ports.
+    pub fn objects(&self) -> impl Iterator<Item = Object> + '_ {
+        self.tenants
+            .values()
+            .cloned()
+            .map(Object::Tenant)
+            .chain(self.vpcs.values().cloned().map(Object::Vpc))
+            .chain(self.subnets.values().cloned().map(Object::Subnet))
+            .chain(self.hosts.values().cloned().map(Object::Host))
+            .chain(self.ports.values().cloned().map(Object::Port))
+            .chain(self.security_groups.values().cloned().map(Object::SecurityGroup))
+            .chain(self.quarantines.values().cloned().map(Object::Quarantine))
+            .chain(self.zones.values().cloned().map(Object::Zone))
+            .chain(self.exchange_paths.values().cloned().map(Object::ExchangePath))
+            .chain(self.firewall_policies.values().cloned().map(Object::FirewallPolicy))
+            .chain(self.peerings.values().cloned().map(Object::VpcPeering))
+    }
+
+    /// A copy of one object.
+    pub fn get(&self, kind: Kind, id: &str) -> Option<Object> {
+        match kind {
+            Kind::Tenant => self.tenants.get(id).cloned().map(Object::Tenant),
+            Kind::Vpc => self.vpcs.get(id).cloned().map(Object::Vpc),
+            Kind::Subnet => self.subnets.get(id).cloned().map(Object::Subnet),
+            Kind::Host => self.hosts.get(id).cloned().map(Object::Host),
+            Kind::Port => self.ports.get(id).cloned().map(Object::Port),
+            Kind::SecurityGroup => self.security_groups.get(id).cloned().map(Object::SecurityGroup),
+            Kind::Quarantine => self.quarantines.get(id).cloned().map(Object::Quarantine),
+            Kind::Zone => self.zones.get(id).cloned().map(Object::Zone),
+            Kind::ExchangePath => self.exchange_paths.get(id).cloned().map(Object::ExchangePath),
+            Kind::FirewallPolicy => self.firewall_policies.get(id).cloned().map(Object::FirewallPolicy),
+            Kind::VpcPeering => self.peerings.get(id).cloned().map(Object::VpcPeering),
+        }
+    }
+
+    /// Puts `new` in place of the object `kind`/`id` (`None`: removes it),
+    /// keeping the relations current, without any check. Returns what was
+    /// there.
+    pub fn replace(&mut self, kind: Kind, id: &str, new: Option<Object>) -> Option<Object> {
+        let old = match kind {
+            Kind::Tenant => self.tenants.remove(id).map(Object::Tenant),
+            Kind::Vpc => self.vpcs.remove(id).map(Object::Vpc),
+            Kind::Subnet => self.subnets.remove(id).map(Object::Subnet),
+            Kind::Host => self.hosts.remove(id).map(Object::Host),
+            Kind::Port => self.ports.remove(id).map(Object::Port),
+            Kind::SecurityGroup => self.security_groups.remove(id).map(Object::SecurityGroup),
+            Kind::Quarantine => self.quarantines.remove(id).map(Object::Quarantine),
+            Kind::Zone => self.zones.remove(id).map(Object::Zone),
+            Kind::ExchangePath => self.exchange_paths.remove(id).map(Object::ExchangePath),
+            Kind::FirewallPolicy => self.firewall_policies.remove(id).map(Object::FirewallPolicy),
+            Kind::VpcPeering => self.peerings.remove(id).map(Object::VpcPeering),
+        };
+        let subnets = &self.subnets;
+        let vpc_of = |sn: &str| subnets.get(sn).map(|s| s.vpc_id.clone());
+        if let Some(o) = &old {
+            self.index.object(o, false, vpc_of);
+        }
+        if let Some(n) = new {
+            debug_assert!(n.kind() == kind && n.id() == id, "replace: the object is not {kind:?} {id}");
+            self.index.object(&n, true, vpc_of);
+            match n {
+                Object::Tenant(x) => self.tenants.insert(id.to_string(), x).map(|_| ()),
+                Object::Vpc(x) => self.vpcs.insert(id.to_string(), x).map(|_| ()),
+                Object::Subnet(x) => self.subnets.insert(id.to_string(), x).map(|_| ()),
+                Object::Host(x) => self.hosts.insert(id.to_string(), x).map(|_| ()),
+                Object::Port(x) => self.ports.insert(id.to_string(), x).map(|_| ()),
+                Object::SecurityGroup(x) => self.security_groups.insert(id.to_string(), x).map(|_| ()),
+                Object::Quarantine(x) => self.quarantines.insert(id.to_string(), x).map(|_| ()),
+                Object::Zone(x) => self.zones.insert(id.to_string(), x).map(|_| ()),
+                Object::ExchangePath(x) => self.exchange_paths.insert(id.to_string(), x).map(|_| ()),
+                Object::FirewallPolicy(x) => self.firewall_policies.insert(id.to_string(), x).map(|_| ()),
+                Object::VpcPeering(x) => self.peerings.insert(id.to_string(), x).map(|_| ()),
+            };
+        }
+        old
     }
 
     fn apply_one(&mut self, c: &Ctx, op: &Op) -> Result<(), BatchError> {
         match op {
             Op::PutTenant(t) => {
                 check_id(&t.id).map_err(|m| c.err("id", m))?;
-                self.tenants.insert(t.id.clone(), t.clone());
+                self.replace(Kind::Tenant, &t.id, Some(Object::Tenant(t.clone())));
             }
             Op::PutVpc(v) => {
                 check_id(&v.id).map_err(|m| c.err("id", m))?;
@@ -139,7 +317,7 @@ impl State {
                     return Err(c.err("vni", format!("{} is above the largest VNI {VNI_MAX}", v.vni)));
                 }
                 if let Some(old) = self.vpcs.get(&v.id) {
-                    if old.zone_id != v.zone_id && self.ports.values().any(|p| self.vpc_of(p) == v.id) {
+                    if old.zone_id != v.zone_id && self.index.ports_by_vpc.contains_key(&v.id) {
                         return Err(c.err(
                             "zone_id",
                             format!(
@@ -164,19 +342,16 @@ impl State {
                     if !self.zones.contains_key(&v.zone_id) {
                         return Err(c.err("zone_id", format!("unknown zone {:?}", v.zone_id)));
                     }
-                    for s in self.subnets.values().filter(|s| s.vpc_id == v.id) {
-                        self.check_attached_subnet(c, "zone_id", &v.id, &v.zone_id, s)?;
+                    for s in Index::of(&self.index.subnets_by_vpc, &v.id) {
+                        self.check_attached_subnet(c, "zone_id", &v.id, &v.zone_id, &self.subnets[s])?;
                     }
                 }
-                let used: BTreeSet<u32> = self.vpcs.values().filter(|o| o.id != v.id).map(|o| o.vni).collect();
                 if v.vni == 0 {
-                    v.vni = (VNI_AUTO_FIRST..=VNI_MAX)
-                        .find(|n| !used.contains(n))
-                        .ok_or_else(|| c.err("vni", "every VNI is in use"))?;
-                } else if let Some(o) = self.vpcs.values().find(|o| o.id != v.id && o.vni == v.vni) {
-                    return Err(c.err("vni", format!("vni {} is already used by vpc {}", v.vni, o.id)));
+                    v.vni = self.free_vni().ok_or_else(|| c.err("vni", "every VNI is in use"))?;
+                } else if let Some(o) = self.index.vnis.get(&v.vni).filter(|o| **o != v.id) {
+                    return Err(c.err("vni", format!("vni {} is already used by vpc {o}", v.vni)));
                 }
-                self.vpcs.insert(v.id.clone(), v);
+                self.replace(Kind::Vpc, &v.id.clone(), Some(Object::Vpc(v)));
             }
             Op::PutSubnet(s) => self.put_subnet(c, s)?,
             Op::PutHost(h) => {
@@ -190,7 +365,7 @@ impl State {
                         format!("{} is IPv6; the overlay runs over IPv4 underlays only", h.underlay_ip),
                     ));
                 }
-                self.hosts.insert(h.id.clone(), h.clone());
+                self.replace(Kind::Host, &h.id, Some(Object::Host(h.clone())));
             }
             Op::PutPort(p) => self.put_port(c, p)?,
             Op::PutSecurityGroup(g) => self.put_group(c, g)?,
@@ -202,7 +377,7 @@ impl State {
                 let exists = match q.target {
                     QuarantineTarget::Port => self.ports.contains_key(&q.target_id),
                     QuarantineTarget::Vpc => self.vpcs.contains_key(&q.target_id),
-                    QuarantineTarget::Vm => self.ports.values().any(|p| p.vm_id == q.target_id),
+                    QuarantineTarget::Vm => self.index.ports_by_vm.contains_key(&q.target_id),
                 };
                 if !exists {
                     return Err(c.err(
@@ -210,7 +385,7 @@ impl State {
                         format!("unknown {:?} {:?}", q.target, q.target_id).to_lowercase(),
                     ));
                 }
-                self.quarantines.insert(q.id.clone(), q.clone());
+                self.replace(Kind::Quarantine, &q.id, Some(Object::Quarantine(q.clone())));
             }
             Op::PutZone(z) => self.put_zone(c, z)?,
             Op::PutExchangePath(x) => self.put_exchange_path(c, x)?,
@@ -219,6 +394,18 @@ impl State {
             Op::Delete { kind, id } => self.delete(c, *kind, id)?,
         }
         Ok(())
+    }
+
+    /// The lowest VNI from [`VNI_AUTO_FIRST`] that no VPC uses.
+    fn free_vni(&self) -> Option<u32> {
+        let mut next = VNI_AUTO_FIRST;
+        for &used in self.index.vnis.range(VNI_AUTO_FIRST..).map(|(n, _)| n) {
+            if used != next {
+                break;
+            }
+            next += 1;
+        }
+        (next <= VNI_MAX).then_some(next)
     }
 
     fn vpc_of(&self, p: &Port) -> &str {
@@ -337,7 +524,7 @@ impl State {
             ));
         }
         self.check_paths_into(c, z)?;
-        let old = self.zones.insert(z.id.clone(), z.clone());
+        let old = self.replace(Kind::Zone, &z.id, Some(Object::Zone(z.clone())));
         // Every attached VPC must still be inside its own zone.
         let attached: Vec<(String, String)> = self
             .vpcs
@@ -348,10 +535,7 @@ impl State {
         for (vpc, zone) in attached {
             for s in self.subnets.values().filter(|s| s.vpc_id == vpc) {
                 if let Err(e) = self.check_attached_subnet(c, "prefixes", &vpc, &zone, s) {
-                    match old {
-                        Some(o) => self.zones.insert(o.id.clone(), o),
-                        None => self.zones.remove(&z.id),
-                    };
+                    self.replace(Kind::Zone, &z.id, old);
                     return Err(e);
                 }
             }
@@ -361,8 +545,8 @@ impl State {
 
     /// The VPCs a VPC is peered with.
     pub fn peers_of(&self, vpc: &str) -> Vec<&str> {
-        self.peerings
-            .values()
+        Index::of(&self.index.peerings_by_vpc, vpc)
+            .filter_map(|id| self.peerings.get(id))
             .filter_map(|p| {
                 if p.vpc_a == vpc {
                     Some(p.vpc_b.as_str())
@@ -390,7 +574,10 @@ impl State {
         }
         let same_pair =
             |o: &VpcPeering| (o.vpc_a == x.vpc_a && o.vpc_b == x.vpc_b) || (o.vpc_a == x.vpc_b && o.vpc_b == x.vpc_a);
-        if let Some(o) = self.peerings.values().find(|o| o.id != x.id && same_pair(o)) {
+        if let Some(o) = Index::of(&self.index.peerings_by_vpc, &x.vpc_a)
+            .filter_map(|id| self.peerings.get(id))
+            .find(|o| o.id != x.id && same_pair(o))
+        {
             return Err(c.err(
                 "vpc_b",
                 format!("vpcs {} and {} are already peered by {}", x.vpc_a, x.vpc_b, o.id),
@@ -409,13 +596,10 @@ impl State {
         }
         // Each side reaches the other's addresses: they must not overlap each
         // other nor the other peers of either side.
-        let mut prev = self.peerings.insert(x.id.clone(), x.clone());
+        let mut prev = self.replace(Kind::VpcPeering, &x.id, Some(Object::VpcPeering(x.clone())));
         for side in [&x.vpc_a, &x.vpc_b] {
             if let Err(e) = self.check_peer_addresses(c, side) {
-                match prev.take() {
-                    Some(p) => self.peerings.insert(p.id.clone(), p),
-                    None => self.peerings.remove(&x.id),
-                };
+                self.replace(Kind::VpcPeering, &x.id, prev.take());
                 return Err(e);
             }
         }
@@ -426,7 +610,7 @@ impl State {
     fn check_peer_addresses(&self, c: &Ctx, vpc: &str) -> Result<(), BatchError> {
         let mut reach: Vec<(&str, &Subnet)> = Vec::new();
         for v in std::iter::once(vpc).chain(self.peers_of(vpc)) {
-            for s in self.subnets.values().filter(|s| s.vpc_id == v) {
+            for s in Index::of(&self.index.subnets_by_vpc, v).map(|id| &self.subnets[id]) {
                 for (ov, os) in &reach {
                     let clash = s.cidr_v4.zip(os.cidr_v4).is_some_and(|(a, b)| a.overlaps(b))
                         || s.cidr_v6.zip(os.cidr_v6).is_some_and(|(a, b)| a.overlaps(b));
@@ -499,7 +683,7 @@ impl State {
                 }
             }
         }
-        self.firewall_policies.insert(f.id.clone(), f.clone());
+        self.replace(Kind::FirewallPolicy, &f.id, Some(Object::FirewallPolicy(f.clone())));
         Ok(())
     }
 
@@ -608,7 +792,7 @@ impl State {
                 return Err(c.err(field, message));
             }
         }
-        self.exchange_paths.insert(x.id.clone(), x.clone());
+        self.replace(Kind::ExchangePath, &x.id, Some(Object::ExchangePath(x.clone())));
         Ok(())
     }
 
@@ -729,7 +913,10 @@ impl State {
                 ));
             }
         }
-        for other in self.subnets.values().filter(|o| o.vpc_id == s.vpc_id && o.id != s.id) {
+        for other in Index::of(&self.index.subnets_by_vpc, &s.vpc_id)
+            .filter(|o| *o != s.id)
+            .map(|o| &self.subnets[o])
+        {
             if let (Some(a), Some(b)) = (s.cidr_v4, other.cidr_v4) {
                 if a.overlaps(b) {
                     return Err(c.err(
@@ -747,7 +934,7 @@ impl State {
                 }
             }
         }
-        for p in self.ports.values().filter(|p| p.subnet_id == s.id) {
+        for p in Index::of(&self.index.ports_by_subnet, &s.id).map(|id| &self.ports[id]) {
             if let Some(ip) = p.ipv4 {
                 if !s.cidr_v4.is_some_and(|n| n.contains(ip)) {
                     return Err(c.err(
@@ -769,17 +956,14 @@ impl State {
             let (vpc, zone) = (v.id.clone(), v.zone_id.clone());
             self.check_attached_subnet(c, "cidr_v4", &vpc, &zone, s)?;
         }
-        let prev = self.subnets.insert(s.id.clone(), s.clone());
+        let mut prev = self.replace(Kind::Subnet, &s.id, Some(Object::Subnet(s.clone())));
         let vpc = s.vpc_id.clone();
         let sides: Vec<String> = std::iter::once(vpc.clone())
             .chain(self.peers_of(&vpc).into_iter().map(str::to_string))
             .collect();
         for side in sides {
             if let Err(e) = self.check_peer_addresses(c, &side) {
-                match prev {
-                    Some(p) => self.subnets.insert(p.id.clone(), p),
-                    None => self.subnets.remove(&s.id),
-                };
+                self.replace(Kind::Subnet, &s.id, prev.take());
                 return Err(BatchError {
                     field: e.field.replace(".vpc_b", ".cidr_v4"),
                     ..e
@@ -863,35 +1047,25 @@ impl State {
                 return Err(c.err(&field, format!("security group {g} listed twice")));
             }
         }
-        let mut on_host = 1;
-        for other in self.ports.values().filter(|o| o.id != p.id) {
-            if other.host_id == p.host_id {
-                on_host += 1;
-            }
-            if other.host_id == p.host_id && other.device == p.device {
-                return Err(c.err(
-                    "device",
-                    format!("device {} on host {} is already port {}", p.device, p.host_id, other.id),
-                ));
-            }
-            let other_vpc = &self.subnets[&other.subnet_id].vpc_id;
-            if *other_vpc == subnet.vpc_id {
-                if let Some(ip) = p.ipv4.filter(|ip| other.ipv4 == Some(*ip)) {
-                    let msg = format!("{ip} is already used by port {} in vpc {other_vpc}", other.id);
-                    return Err(c.err("ipv4", msg));
-                }
-                if let Some(ip) = p.ipv6.filter(|ip| other.ipv6 == Some(*ip)) {
-                    let msg = format!("{ip} is already used by port {} in vpc {other_vpc}", other.id);
-                    return Err(c.err("ipv6", msg));
-                }
-                if other.mac == p.mac {
-                    return Err(c.err(
-                        "mac",
-                        format!("{} is already used by port {} in vpc {}", p.mac, other.id, other_vpc),
-                    ));
-                }
+        let ix = &self.index;
+        let vpc = &subnet.vpc_id;
+        if let Some(other) = ix.devices.get(&(p.host_id.clone(), p.device.clone())).filter(|o| **o != p.id) {
+            return Err(c.err(
+                "device",
+                format!("device {} on host {} is already port {other}", p.device, p.host_id),
+            ));
+        }
+        for (field, ip) in [("ipv4", p.ipv4.map(IpAddr::V4)), ("ipv6", p.ipv6.map(IpAddr::V6))] {
+            let Some(ip) = ip else { continue };
+            if let Some(other) = ix.addresses.get(&(vpc.clone(), ip)).filter(|o| **o != p.id) {
+                return Err(c.err(field, format!("{ip} is already used by port {other} in vpc {vpc}")));
             }
         }
+        if let Some(other) = ix.macs.get(&(vpc.clone(), p.mac)).filter(|o| **o != p.id) {
+            return Err(c.err("mac", format!("{} is already used by port {other} in vpc {vpc}", p.mac)));
+        }
+        let here = ix.ports_by_host.get(&p.host_id);
+        let on_host = here.map_or(0, |s| s.len()) + usize::from(!here.is_some_and(|s| s.contains(&p.id)));
         if on_host > PORTS_MAX as usize {
             return Err(c.err(
                 "host_id",
@@ -901,7 +1075,7 @@ impl State {
                 ),
             ));
         }
-        self.ports.insert(p.id.clone(), p.clone());
+        self.replace(Kind::Port, &p.id, Some(Object::Port(p.clone())));
         Ok(())
     }
 
@@ -928,46 +1102,71 @@ impl State {
         if !ops.iter().any(grows) {
             return Ok(());
         }
-        let mut addrs: BTreeMap<&str, usize> = BTreeMap::new();
-        let mut local: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
-        for p in self.ports.values() {
-            let v = self.vpc_of(p);
-            *addrs.entry(v).or_default() += p.addresses().count();
-            local.entry(p.host_id.as_str()).or_default().insert(v);
+        // The hosts the batch may have grown: those holding a VPC, peering
+        // or policy it changed, or a port it put.
+        let ix = &self.index;
+        let mut hosts: BTreeSet<&str> = BTreeSet::new();
+        let mut vpcs: BTreeSet<&str> = BTreeSet::new();
+        for op in ops {
+            match op {
+                Op::PutPort(p) => {
+                    // Its addresses are endpoints of every host holding its VPC.
+                    hosts.insert(p.host_id.as_str());
+                    vpcs.insert(self.vpc_of(p));
+                }
+                Op::PutSubnet(s) => {
+                    vpcs.insert(s.vpc_id.as_str());
+                }
+                Op::PutVpc(v) => {
+                    vpcs.insert(v.id.as_str());
+                }
+                Op::PutVpcPeering(x) => {
+                    vpcs.extend([x.vpc_a.as_str(), x.vpc_b.as_str()]);
+                }
+                Op::PutFirewallPolicy(f) => {
+                    vpcs.extend(Index::of(&ix.vpcs_by_border, &f.id));
+                    for pr in Index::of(&ix.peerings_by_policy, &f.id).filter_map(|id| self.peerings.get(id)) {
+                        vpcs.extend([pr.vpc_a.as_str(), pr.vpc_b.as_str()]);
+                    }
+                }
+                _ => {}
+            }
         }
-        let mut gateways: BTreeMap<&str, usize> = BTreeMap::new();
-        for s in self.subnets.values() {
-            *gateways.entry(s.vpc_id.as_str()).or_default() +=
-                usize::from(s.cidr_v4.is_some()) + usize::from(s.cidr_v6.is_some());
+        // A VPC is held by the hosts with ports in it or in its peers.
+        for v in vpcs {
+            hosts.extend(ix.hosts_in(v));
+            for peer in self.peers_of(v) {
+                hosts.extend(ix.hosts_in(peer));
+            }
         }
-        let mut peerings: BTreeMap<&str, Vec<&VpcPeering>> = BTreeMap::new();
-        for pr in self.peerings.values() {
-            peerings.entry(pr.vpc_a.as_str()).or_default().push(pr);
-            peerings.entry(pr.vpc_b.as_str()).or_default().push(pr);
-        }
-        let count = |m: &BTreeMap<&str, usize>, v: &str| m.get(v).copied().unwrap_or(0);
-        for (host, here) in &local {
+        let addrs = &ix.vpc_addresses;
+        let gateways = |v: &str| -> usize {
+            Index::of(&ix.subnets_by_vpc, v)
+                .filter_map(|id| self.subnets.get(id))
+                .map(|s| usize::from(s.cidr_v4.is_some()) + usize::from(s.cidr_v6.is_some()))
+                .sum()
+        };
+        let count = |m: &BTreeMap<String, usize>, v: &str| m.get(v).copied().unwrap_or(0);
+        for host in hosts {
+            let here: BTreeSet<&str> = ix.vpcs_on(host).collect();
             let joined: BTreeMap<&str, &VpcPeering> = here
                 .iter()
-                .flat_map(|v| peerings.get(v).into_iter().flatten())
-                .map(|pr| (pr.id.as_str(), *pr))
+                .flat_map(|v| Index::of(&ix.peerings_by_vpc, v))
+                .filter_map(|id| self.peerings.get(id))
+                .map(|pr| (pr.id.as_str(), pr))
                 .collect();
             let mut seen = here.clone();
             let mut as_peers = 0;
             for pr in joined.values() {
                 seen.insert(&pr.vpc_a);
                 seen.insert(&pr.vpc_b);
-                as_peers += count(&addrs, &pr.vpc_a) + count(&addrs, &pr.vpc_b);
+                as_peers += count(addrs, &pr.vpc_a) + count(addrs, &pr.vpc_b);
             }
-            let endpoints = as_peers
-                + seen
-                    .iter()
-                    .map(|v| count(&gateways, v) + count(&addrs, v))
-                    .sum::<usize>();
+            let endpoints = as_peers + seen.iter().map(|v| gateways(v) + count(addrs, v)).sum::<usize>();
             let zoned: usize = seen
                 .iter()
                 .filter(|v| self.vpcs.get(**v).is_some_and(|x| !x.zone_id.is_empty()))
-                .map(|v| count(&addrs, v))
+                .map(|v| count(addrs, v))
                 .sum();
             let overlay = if endpoints > ENDPOINTS_MAX as usize {
                 Some(format!(
@@ -1100,7 +1299,7 @@ impl State {
                 Remote::Group(id) => check_id(id).map_err(|m| c.err(&f("remote_group_id"), m))?,
             }
         }
-        self.security_groups.insert(g.id.clone(), g.clone());
+        self.replace(Kind::SecurityGroup, &g.id, Some(Object::SecurityGroup(g.clone())));
         Ok(())
     }
 
@@ -1133,23 +1332,23 @@ impl State {
                 if !self.tenants.contains_key(id) {
                     return Err(c.err("id", format!("unknown tenant {id:?}")));
                 }
-                if let Some(v) = self.vpcs.values().find(|v| v.tenant_id == id) {
-                    return in_use(format!("vpc {}", v.id));
+                if let Some(v) = Index::of(&self.index.vpcs_by_tenant, id).next() {
+                    return in_use(format!("vpc {v}"));
                 }
-                if let Some(g) = self.security_groups.values().find(|g| g.tenant_id == id) {
-                    return in_use(format!("security group {}", g.id));
+                if let Some(g) = Index::of(&self.index.groups_by_tenant, id).next() {
+                    return in_use(format!("security group {g}"));
                 }
-                self.tenants.remove(id);
+                self.replace(Kind::Tenant, id, None);
             }
             Kind::Vpc => {
                 if !self.vpcs.contains_key(id) {
                     return Err(c.err("id", format!("unknown vpc {id:?}")));
                 }
-                if let Some(s) = self.subnets.values().find(|s| s.vpc_id == id) {
-                    return in_use(format!("subnet {}", s.id));
+                if let Some(s) = Index::of(&self.index.subnets_by_vpc, id).next() {
+                    return in_use(format!("subnet {s}"));
                 }
-                if let Some(p) = self.peerings.values().find(|p| p.vpc_a == id || p.vpc_b == id) {
-                    return in_use(format!("vpc peering {}", p.id));
+                if let Some(p) = Index::of(&self.index.peerings_by_vpc, id).next() {
+                    return in_use(format!("vpc peering {p}"));
                 }
                 if let Some(q) = self
                     .quarantines
@@ -1158,25 +1357,25 @@ impl State {
                 {
                     return in_use(format!("quarantine {} (lift it first)", q.id));
                 }
-                self.vpcs.remove(id);
+                self.replace(Kind::Vpc, id, None);
             }
             Kind::Subnet => {
                 if !self.subnets.contains_key(id) {
                     return Err(c.err("id", format!("unknown subnet {id:?}")));
                 }
-                if let Some(p) = self.ports.values().find(|p| p.subnet_id == id) {
-                    return in_use(format!("port {}", p.id));
+                if let Some(p) = Index::of(&self.index.ports_by_subnet, id).next() {
+                    return in_use(format!("port {p}"));
                 }
-                self.subnets.remove(id);
+                self.replace(Kind::Subnet, id, None);
             }
             Kind::Host => {
                 if !self.hosts.contains_key(id) {
                     return Err(c.err("id", format!("unknown host {id:?}")));
                 }
-                if let Some(p) = self.ports.values().find(|p| p.host_id == id) {
-                    return in_use(format!("port {}", p.id));
+                if let Some(p) = Index::of(&self.index.ports_by_host, id).next() {
+                    return in_use(format!("port {p}"));
                 }
-                self.hosts.remove(id);
+                self.replace(Kind::Host, id, None);
             }
             Kind::Port => {
                 if let Some(q) = self
@@ -1186,7 +1385,7 @@ impl State {
                 {
                     return in_use(format!("quarantine {} (lift it first)", q.id));
                 }
-                if self.ports.remove(id).is_none() {
+                if self.replace(Kind::Port, id, None).is_none() {
                     return Err(c.err("id", format!("unknown port {id:?}")));
                 }
             }
@@ -1194,8 +1393,8 @@ impl State {
                 if !self.zones.contains_key(id) {
                     return Err(c.err("id", format!("unknown zone {id:?}")));
                 }
-                if let Some(v) = self.vpcs.values().find(|v| v.zone_id == id) {
-                    return in_use(format!("vpc {}", v.id));
+                if let Some(v) = Index::of(&self.index.vpcs_by_zone, id).next() {
+                    return in_use(format!("vpc {v}"));
                 }
                 if let Some(x) = self
                     .exchange_paths
@@ -1204,10 +1403,10 @@ impl State {
                 {
                     return in_use(format!("exchange path {}", x.id));
                 }
-                self.zones.remove(id);
+                self.replace(Kind::Zone, id, None);
             }
             Kind::VpcPeering => {
-                if self.peerings.remove(id).is_none() {
+                if self.replace(Kind::VpcPeering, id, None).is_none() {
                     return Err(c.err("id", format!("unknown vpc peering {id:?}")));
                 }
             }
@@ -1215,21 +1414,21 @@ impl State {
                 if !self.firewall_policies.contains_key(id) {
                     return Err(c.err("id", format!("unknown firewall policy {id:?}")));
                 }
-                if let Some(p) = self.peerings.values().find(|p| p.policy_id == id) {
-                    return in_use(format!("vpc peering {}", p.id));
+                if let Some(p) = Index::of(&self.index.peerings_by_policy, id).next() {
+                    return in_use(format!("vpc peering {p}"));
                 }
-                if let Some(v) = self.vpcs.values().find(|v| v.border_policy_id == id) {
-                    return in_use(format!("vpc {} (its border firewall)", v.id));
+                if let Some(v) = Index::of(&self.index.vpcs_by_border, id).next() {
+                    return in_use(format!("vpc {v} (its border firewall)"));
                 }
-                self.firewall_policies.remove(id);
+                self.replace(Kind::FirewallPolicy, id, None);
             }
             Kind::ExchangePath => {
-                if self.exchange_paths.remove(id).is_none() {
+                if self.replace(Kind::ExchangePath, id, None).is_none() {
                     return Err(c.err("id", format!("unknown exchange path {id:?}")));
                 }
             }
             Kind::Quarantine => {
-                if self.quarantines.remove(id).is_none() {
+                if self.replace(Kind::Quarantine, id, None).is_none() {
                     return Err(c.err("id", format!("unknown quarantine {id:?}")));
                 }
             }
@@ -1237,21 +1436,13 @@ impl State {
                 if !self.security_groups.contains_key(id) {
                     return Err(c.err("id", format!("unknown security group {id:?}")));
                 }
-                if let Some(p) = self
-                    .ports
-                    .values()
-                    .find(|p| p.security_group_ids.iter().any(|g| g == id))
-                {
-                    return in_use(format!("port {}", p.id));
+                if let Some(p) = Index::of(&self.index.ports_by_group, id).next() {
+                    return in_use(format!("port {p}"));
                 }
-                if let Some(g) = self
-                    .security_groups
-                    .values()
-                    .find(|g| g.id != id && g.rules.iter().any(|r| r.remote == Remote::Group(id.to_string())))
-                {
-                    return in_use(format!("a remote-group rule of security group {}", g.id));
+                if let Some(g) = Index::of(&self.index.referrers, id).find(|g| *g != id) {
+                    return in_use(format!("a remote-group rule of security group {g}"));
                 }
-                self.security_groups.remove(id);
+                self.replace(Kind::SecurityGroup, id, None);
             }
         }
         Ok(())
@@ -1259,23 +1450,21 @@ impl State {
 
     /// Ids of the ports a quarantine covers.
     pub fn quarantined_ports(&self, q: &Quarantine) -> Vec<&Port> {
-        self.ports
-            .values()
-            .filter(|p| match q.target {
-                QuarantineTarget::Port => p.id == q.target_id,
-                QuarantineTarget::Vpc => self.subnets.get(&p.subnet_id).is_some_and(|s| s.vpc_id == q.target_id),
-                QuarantineTarget::Vm => p.vm_id == q.target_id,
-            })
-            .collect()
+        match q.target {
+            QuarantineTarget::Port => self.ports.get(&q.target_id).into_iter().collect(),
+            QuarantineTarget::Vpc => Index::of(&self.index.ports_by_vpc, &q.target_id)
+                .map(|id| &self.ports[id])
+                .collect(),
+            QuarantineTarget::Vm => Index::of(&self.index.ports_by_vm, &q.target_id)
+                .map(|id| &self.ports[id])
+                .collect(),
+        }
     }
 
     /// Addresses of every port in a security group.
     pub fn group_members(&self, group: &str) -> Vec<IpAddr> {
-        let mut v: Vec<IpAddr> = self
-            .ports
-            .values()
-            .filter(|p| p.security_group_ids.iter().any(|g| g == group))
-            .flat_map(|p| p.addresses())
+        let mut v: Vec<IpAddr> = Index::of(&self.index.ports_by_group, group)
+            .flat_map(|id| self.ports[id].addresses())
             .collect();
         v.sort();
         v
@@ -1365,6 +1554,89 @@ mod tests {
             security_group_ids: vec![],
             vm_id: String::new(),
         }
+    }
+
+    /// The relations kept current by every change equal those rebuilt from
+    /// the objects, through puts that move a port, deletes and refusals.
+    #[test]
+    fn relations_kept_current_equal_relations_rebuilt() {
+        let mut s = base();
+        let group = |id: &str, remote: &str| SecurityGroup {
+            id: id.into(),
+            tenant_id: "t1".into(),
+            name: id.into(),
+            rules: vec![Rule {
+                id: "r".into(),
+                direction: Direction::Ingress,
+                ether_type: EtherType::IPv4,
+                protocol: Protocol::Tcp,
+                ports: None,
+                remote: Remote::Group(remote.into()),
+            }],
+        };
+        let check = |s: &State| {
+            let mut r = s.clone();
+            r.reindex();
+            assert_eq!(r.index(), s.index());
+        };
+        s.apply_batch(&[
+            Op::PutSecurityGroup(group("g1", "g2")),
+            Op::PutSecurityGroup(group("g2", "g1")),
+            Op::PutHost(Host {
+                id: "h2".into(),
+                underlay_ip: "192.0.2.2".parse().unwrap(),
+            }),
+            Op::PutSubnet(Subnet {
+                id: "s2".into(),
+                vpc_id: "v1".into(),
+                cidr_v4: Some("10.0.1.0/24".parse().unwrap()),
+                cidr_v6: None,
+            }),
+        ])
+        .unwrap();
+        let port = |id: &str, ip: &str| Port {
+            mac: Mac([2, 0, 0, 0, 1, id.as_bytes()[0]]),
+            ..port(id, ip)
+        };
+        let mut a = port("a", "10.0.0.5");
+        a.security_group_ids = vec!["g1".into()];
+        a.vm_id = "vm-a".into();
+        s.apply_batch(&[Op::PutPort(a.clone()), Op::PutPort(port("b", "10.0.0.6"))])
+            .unwrap();
+        check(&s);
+        assert_eq!(s.group_members("g1"), vec!["10.0.0.5".parse::<IpAddr>().unwrap()]);
+        // The port moves host, subnet, address and group.
+        a.host_id = "h2".into();
+        a.subnet_id = "s2".into();
+        a.ipv4 = Some("10.0.1.5".parse().unwrap());
+        a.security_group_ids = vec!["g2".into()];
+        s.apply_batch(&[Op::PutPort(a.clone())]).unwrap();
+        check(&s);
+        assert!(s.group_members("g1").is_empty());
+        assert_eq!(s.index().ports_by_host["h2"].len(), 1);
+        // Its old address is free again; its new one is taken.
+        s.apply_batch(&[Op::PutPort(port("c", "10.0.0.5"))]).unwrap();
+        let mut d = port("d", "10.0.1.5");
+        d.subnet_id = "s2".into();
+        let before = s.clone();
+        let e = s
+            .apply_batch(&[Op::Delete { kind: Kind::Port, id: "c".into() }, Op::PutPort(d)])
+            .unwrap_err();
+        assert_eq!(e.field, "operations[1].put_port.ipv4", "{e}");
+        assert_eq!(s, before, "a refused batch leaves objects and relations as they were");
+        check(&s);
+        s.apply_batch(&[
+            Op::Delete { kind: Kind::Port, id: "a".into() },
+            Op::Delete { kind: Kind::Port, id: "b".into() },
+            Op::Delete { kind: Kind::Port, id: "c".into() },
+            Op::Delete { kind: Kind::Subnet, id: "s2".into() },
+        ])
+        .unwrap();
+        check(&s);
+        assert!(s.index().ports_by_host.is_empty() && s.index().addresses.is_empty());
+        // Loading a stored state rebuilds them.
+        let loaded: State = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+        assert_eq!(loaded, s);
     }
 
     #[test]

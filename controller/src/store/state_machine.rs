@@ -156,6 +156,7 @@ fn load_state(db: &Database) -> Result<(State, Applied), AnyError> {
             other => return Err(AnyError::error(format!("unknown object kind {other:?} in the store"))),
         }
     }
+    state.reindex();
     let meta = tx.open_table(SM_META).map_err(any)?;
     let applied = match meta.get("applied").map_err(any)? {
         Some(v) => serde_json::from_slice(v.value()).map_err(any)?,
