@@ -5,5 +5,6 @@ pub mod cluster;
 pub mod convert;
 pub mod enforcement;
 pub mod service;
+pub mod shares;
 pub mod slice;
 pub mod store;

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use sdn_controller::cluster::{ClusterService, RaftService};
 use sdn_controller::store::{Start, Store};
-use sdn_controller::{enforcement::Enforcement, service::Controller, slice};
+use sdn_controller::{enforcement::Enforcement, service::Controller};
 use sdn_proto::v1::{
     agent_server::AgentServer, cluster_server::ClusterServer, provisioning_server::ProvisioningServer,
     raft_server::RaftServer,
@@ -54,7 +54,7 @@ async fn main() -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("http://{}", args.listen));
     let start = if args.join { Start::Join } else { Start::Bootstrap };
-    let store = Store::open(&args.data_dir, args.node_id, &advertise, slice::host_digests, start)
+    let store = Store::open(&args.data_dir, args.node_id, &advertise, start)
         .await
         .with_context(|| format!("opening the store in {}", args.data_dir.display()))?;
     let ctl = Controller {

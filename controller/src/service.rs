@@ -14,7 +14,6 @@ use tonic::{Request, Response, Status};
 
 use crate::convert;
 use crate::enforcement::{Enforcement, WaitError};
-use crate::slice::host_slice;
 use crate::store::{Store, WriteError};
 
 /// Everything the services share.
@@ -381,8 +380,8 @@ impl pb::agent_server::Agent for Controller {
 }
 
 impl Controller {
-    /// Sends the host's share, then a delta at every new revision, until the
-    /// agent goes away.
+    /// Sends the host's share, then the changed resources at every change
+    /// of it, until the agent goes away.
     async fn stream(
         &self,
         host: &str,
@@ -390,41 +389,82 @@ impl Controller {
         mut snapshot: bool,
         tx: mpsc::Sender<Result<pb::WatchResponse, Status>>,
     ) {
-        let mut revisions = self.store.revisions.clone();
-        let mut sent_revision = 0u64;
+        let gone = || Status::not_found(format!("host {host} was deleted"));
+        let Some(mut changes) = self.store.shared.read().await.shares.subscribe(host) else {
+            let _ = tx.send(Err(gone())).await;
+            return;
+        };
+        // The revision the agent's share is known to be current at; 0: a
+        // whole comparison is due.
+        let mut sent = 0u64;
         loop {
-            let (revision, slice) = {
+            let msg = {
                 let shared = self.store.shared.read().await;
-                if !shared.state.hosts.contains_key(host) {
-                    let _ = tx
-                        .send(Err(Status::not_found(format!("host {host} was deleted"))))
-                        .await;
+                let Some(share) = shared.shares.host(host) else {
+                    drop(shared);
+                    let _ = tx.send(Err(gone())).await;
                     return;
-                }
-                (shared.revision, host_slice(&shared.state, host))
-            };
-            let upserts: Vec<pb::Resource> = slice
-                .values()
-                .filter(|r| held.get(&r.name) != Some(&r.version))
-                .cloned()
-                .collect();
-            let removals: Vec<String> = held.keys().filter(|n| !slice.contains_key(*n)).cloned().collect();
-            if snapshot || revision != sent_revision {
-                let msg = pb::WatchResponse {
+                };
+                let names = if sent == 0 { None } else { share.changed_since(sent) };
+                let (upserts, removals) = match names {
+                    // What changed since the last message.
+                    Some(names) => {
+                        let mut up = Vec::new();
+                        let mut rm = Vec::new();
+                        for n in names {
+                            match share.resources.get(&n) {
+                                Some(r) if held.get(&n) != Some(&r.version) => up.push(r.as_ref().clone()),
+                                Some(_) => {}
+                                None if held.contains_key(&n) => rm.push(n),
+                                None => {}
+                            }
+                        }
+                        (up, rm)
+                    }
+                    // The whole share against what the agent holds.
+                    None => {
+                        let up = share
+                            .resources
+                            .values()
+                            .filter(|r| held.get(&r.name) != Some(&r.version))
+                            .map(|r| r.as_ref().clone())
+                            .collect();
+                        let rm = held
+                            .keys()
+                            .filter(|n| !share.resources.contains_key(*n))
+                            .cloned()
+                            .collect();
+                        (up, rm)
+                    }
+                };
+                let revision = shared.revision;
+                let due = snapshot || !upserts.is_empty() || !removals.is_empty() || sent == 0;
+                sent = revision;
+                due.then_some(pb::WatchResponse {
                     revision,
                     snapshot,
                     upserts,
                     removals,
-                };
+                })
+            };
+            if let Some(msg) = msg {
+                for r in &msg.upserts {
+                    held.insert(r.name.clone(), r.version.clone());
+                }
+                for n in &msg.removals {
+                    held.remove(n);
+                }
                 if tx.send(Ok(msg)).await.is_err() {
                     return;
                 }
-                held = slice.into_iter().map(|(n, r)| (n, r.version)).collect();
-                sent_revision = revision;
                 snapshot = false;
             }
             tokio::select! {
-                r = revisions.changed() => if r.is_err() { return },
+                r = changes.changed() => if r.is_err() {
+                    // The host was deleted (or its share rebuilt without it).
+                    let _ = tx.send(Err(gone())).await;
+                    return;
+                },
                 _ = tx.closed() => return,
             }
         }

@@ -1,11 +1,18 @@
 //! Each host's share of the state: its ports, the security groups they use,
-//! the members of every group those groups' rules refer to, and the overlay
-//! of every VPC with a port on the host.
+//! the members of every group those groups' rules refer to, the overlay of
+//! every VPC with a port on the host and of its peers, their firewalls,
+//! the quarantines of its ports, and the zones and exchange paths every
+//! host holds.
+//!
+//! A share is a set of named resources. [`names`] gives the names a host
+//! holds and [`build`] one resource; both look the objects up through the
+//! state's relations, so they cost what the host holds, not what the state
+//! holds.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use prost::Message;
-use sdn_policies::{Remote, State};
+use sdn_policies::{Index, QuarantineTarget, Remote, State};
 use sdn_proto::v1 as pb;
 
 use crate::convert::{group_to_pb, port_to_pb};
@@ -20,150 +27,152 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     h
 }
 
-fn resource(name: String, kind: pb::resource::Kind) -> (String, pb::Resource) {
+fn resource(name: &str, kind: pb::resource::Kind) -> pb::Resource {
     let mut r = pb::Resource {
-        name: name.clone(),
+        name: name.to_string(),
         version: String::new(),
         kind: Some(kind),
     };
     r.version = format!("{:016x}", fnv1a(&r.encode_to_vec()));
-    (name, r)
+    r
 }
 
-/// The resources of one host, by name.
-pub fn host_slice(state: &State, host: &str) -> BTreeMap<String, pb::Resource> {
-    let mut out = BTreeMap::new();
-    let mut groups: BTreeSet<&str> = BTreeSet::new();
-    for p in state.ports.values().filter(|p| p.host_id == host) {
-        out.extend([resource(
-            format!("port/{}", p.id),
-            pb::resource::Kind::Port(port_to_pb(p)),
-        )]);
-        groups.extend(p.security_group_ids.iter().map(String::as_str));
+/// Whether a resource's content is the same for every host that holds it
+/// (a quarantine lists only the host's own ports).
+pub fn shared_content(name: &str) -> bool {
+    !name.starts_with("quarantine/")
+}
+
+/// The names of the resources a host holds.
+pub fn names(state: &State, host: &str) -> BTreeSet<String> {
+    let ix = state.index();
+    let mut out = BTreeSet::new();
+    for p in Index::of(&ix.ports_by_host, host) {
+        out.insert(format!("port/{p}"));
     }
-    let local_vpcs: BTreeSet<&str> = state
-        .ports
-        .values()
-        .filter(|p| p.host_id == host)
-        .filter_map(|p| state.subnets.get(&p.subnet_id))
-        .map(|s| s.vpc_id.as_str())
-        .collect();
+    let local: BTreeSet<&str> = ix.vpcs_on(host).collect();
     // The peers of those VPCs: their networks, the peerings and the VPC
     // firewalls between them.
-    let mut vpcs = local_vpcs.clone();
-    for pr in state
-        .peerings
-        .values()
-        .filter(|p| local_vpcs.contains(p.vpc_a.as_str()) || local_vpcs.contains(p.vpc_b.as_str()))
+    let mut vpcs = local.clone();
+    for pr in local
+        .iter()
+        .flat_map(|v| Index::of(&ix.peerings_by_vpc, v))
+        .filter_map(|id| state.peerings.get(id))
     {
         vpcs.insert(&pr.vpc_a);
         vpcs.insert(&pr.vpc_b);
-        out.extend([resource(
-            format!("peering/{}", pr.id),
-            pb::resource::Kind::VpcPeering(crate::convert::peering_to_pb(pr)),
-        )]);
-        if let Some(f) = state.firewall_policies.get(&pr.policy_id) {
-            out.extend([resource(
-                format!("firewall/{}", f.id),
-                pb::resource::Kind::FirewallPolicy(crate::convert::firewall_to_pb(f)),
-            )]);
-        }
-    }
-    for v in &vpcs {
-        let policy = state.vpcs.get(*v).map(|x| x.border_policy_id.as_str()).unwrap_or("");
-        if let Some(f) = state.firewall_policies.get(policy) {
-            out.extend([resource(
-                format!("firewall/{}", f.id),
-                pb::resource::Kind::FirewallPolicy(crate::convert::firewall_to_pb(f)),
-            )]);
+        out.insert(format!("peering/{}", pr.id));
+        if state.firewall_policies.contains_key(&pr.policy_id) {
+            out.insert(format!("firewall/{}", pr.policy_id));
         }
     }
     for v in vpcs {
-        if let Some(net) = vpc_network(state, v) {
-            out.extend([resource(format!("vpc/{v}"), pb::resource::Kind::VpcNetwork(net))]);
+        let Some(vpc) = state.vpcs.get(v) else { continue };
+        if state.firewall_policies.contains_key(&vpc.border_policy_id) {
+            out.insert(format!("firewall/{}", vpc.border_policy_id));
         }
+        out.insert(format!("vpc/{v}"));
     }
     // Zones and exchange paths are small and the same for every host.
-    // With every VPC subnet of the zone, which no packet from outside may
-    // claim as its source.
-    for z in state.zones.values() {
-        let mut zp = crate::convert::zone_to_pb(z);
-        for sn in state.subnets.values() {
-            if state.vpcs.get(&sn.vpc_id).is_some_and(|v| v.zone_id == z.id) {
-                zp.vpc_subnets.extend(sn.cidr_v4.map(|c| c.to_string()));
-                zp.vpc_subnets.extend(sn.cidr_v6.map(|c| c.to_string()));
-            }
-        }
-        out.extend([resource(format!("zone/{}", z.id), pb::resource::Kind::Zone(zp))]);
-    }
-    for x in state.exchange_paths.values() {
-        out.extend([resource(
-            format!("exchange/{}", x.id),
-            pb::resource::Kind::ExchangePath(crate::convert::exchange_to_pb(x)),
-        )]);
-    }
-    let mut remote_groups: BTreeSet<&str> = BTreeSet::new();
-    for g in &groups {
-        if let Some(sg) = state.security_groups.get(*g) {
-            out.extend([resource(
-                format!("sg/{g}"),
-                pb::resource::Kind::SecurityGroup(group_to_pb(sg)),
-            )]);
-            for r in &sg.rules {
-                if let Remote::Group(rg) = &r.remote {
-                    remote_groups.insert(rg);
-                }
+    out.extend(state.zones.keys().map(|z| format!("zone/{z}")));
+    out.extend(state.exchange_paths.keys().map(|x| format!("exchange/{x}")));
+    for g in ix.host_groups.get(host).into_iter().flat_map(|m| m.keys()) {
+        let Some(sg) = state.security_groups.get(g) else { continue };
+        out.insert(format!("sg/{g}"));
+        for r in &sg.rules {
+            if let Remote::Group(rg) = &r.remote {
+                out.insert(format!("members/{rg}"));
             }
         }
     }
     for q in state.quarantines.values() {
-        let port_ids: Vec<String> = state
-            .quarantined_ports(q)
-            .into_iter()
-            .filter(|p| p.host_id == host)
-            .map(|p| p.id.clone())
-            .collect();
-        if !port_ids.is_empty() {
-            let on_host = pb::QuarantineOnHost {
-                quarantine: Some(crate::convert::quarantine_to_pb(q)),
-                port_ids,
-            };
-            out.extend([resource(
-                format!("quarantine/{}", q.id),
-                pb::resource::Kind::Quarantine(on_host),
-            )]);
+        let here = match q.target {
+            QuarantineTarget::Port => state.ports.get(&q.target_id).is_some_and(|p| p.host_id == host),
+            QuarantineTarget::Vpc => local.contains(q.target_id.as_str()),
+            QuarantineTarget::Vm => Index::of(&ix.ports_by_vm, &q.target_id).any(|p| state.ports[p].host_id == host),
+        };
+        if here {
+            out.insert(format!("quarantine/{}", q.id));
         }
     }
-    for g in remote_groups {
-        let members = pb::GroupMembers {
-            group_id: g.to_string(),
-            addresses: state.group_members(g).iter().map(|a| a.to_string()).collect(),
-        };
-        out.extend([resource(
-            format!("members/{g}"),
-            pb::resource::Kind::GroupMembers(members),
-        )]);
-    }
     out
+}
+
+/// One resource of `host`'s share, by name; `None` when its object is gone.
+pub fn build(state: &State, host: &str, name: &str) -> Option<pb::Resource> {
+    use pb::resource::Kind as R;
+    let (kind, id) = name.split_once('/')?;
+    let ix = state.index();
+    let k = match kind {
+        "port" => R::Port(port_to_pb(state.ports.get(id)?)),
+        "peering" => R::VpcPeering(crate::convert::peering_to_pb(state.peerings.get(id)?)),
+        "firewall" => R::FirewallPolicy(crate::convert::firewall_to_pb(state.firewall_policies.get(id)?)),
+        "vpc" => R::VpcNetwork(vpc_network(state, id)?),
+        "zone" => {
+            // With every VPC subnet of the zone, which no packet from
+            // outside may claim as its source.
+            let mut zp = crate::convert::zone_to_pb(state.zones.get(id)?);
+            let subnets: BTreeMap<&str, &sdn_policies::Subnet> = Index::of(&ix.vpcs_by_zone, id)
+                .flat_map(|v| Index::of(&ix.subnets_by_vpc, v))
+                .filter_map(|s| state.subnets.get_key_value(s))
+                .map(|(k, v)| (k.as_str(), v))
+                .collect();
+            for sn in subnets.values() {
+                zp.vpc_subnets.extend(sn.cidr_v4.map(|c| c.to_string()));
+                zp.vpc_subnets.extend(sn.cidr_v6.map(|c| c.to_string()));
+            }
+            R::Zone(zp)
+        }
+        "exchange" => R::ExchangePath(crate::convert::exchange_to_pb(state.exchange_paths.get(id)?)),
+        "sg" => R::SecurityGroup(group_to_pb(state.security_groups.get(id)?)),
+        "members" => R::GroupMembers(pb::GroupMembers {
+            group_id: id.to_string(),
+            addresses: state.group_members(id).iter().map(|a| a.to_string()).collect(),
+        }),
+        "quarantine" => {
+            let q = state.quarantines.get(id)?;
+            let port_ids: Vec<String> = state
+                .quarantined_ports(q)
+                .into_iter()
+                .filter(|p| p.host_id == host)
+                .map(|p| p.id.clone())
+                .collect();
+            if port_ids.is_empty() {
+                return None;
+            }
+            R::Quarantine(pb::QuarantineOnHost {
+                quarantine: Some(crate::convert::quarantine_to_pb(q)),
+                port_ids,
+            })
+        }
+        _ => return None,
+    };
+    Some(resource(name, k))
+}
+
+/// The resources of one host, by name, built from scratch.
+pub fn host_slice(state: &State, host: &str) -> BTreeMap<String, pb::Resource> {
+    names(state, host)
+        .into_iter()
+        .filter_map(|n| build(state, host, &n).map(|r| (n, r)))
+        .collect()
 }
 
 /// The overlay of a VPC: VNI, subnet gateways and every port with its host.
 fn vpc_network(state: &State, vpc_id: &str) -> Option<pb::VpcNetwork> {
     let vpc = state.vpcs.get(vpc_id)?;
+    let ix = state.index();
     let opt = |a: Option<String>| a.unwrap_or_default();
-    let subnets: Vec<&sdn_policies::Subnet> = state.subnets.values().filter(|s| s.vpc_id == vpc_id).collect();
-    let gateways = subnets
-        .iter()
+    let gateways = Index::of(&ix.subnets_by_vpc, vpc_id)
+        .filter_map(|id| state.subnets.get(id))
         .map(|s| pb::SubnetGateway {
             subnet_id: s.id.clone(),
             gateway_v4: opt(s.gateway_v4().map(|a| a.to_string())),
             gateway_v6: opt(s.gateway_v6().map(|a| a.to_string())),
         })
         .collect();
-    let endpoints = state
-        .ports
-        .values()
-        .filter(|p| subnets.iter().any(|s| s.id == p.subnet_id))
+    let endpoints = Index::of(&ix.ports_by_vpc, vpc_id)
+        .filter_map(|id| state.ports.get(id))
         .map(|p| pb::Endpoint {
             port_id: p.id.clone(),
             mac: p.mac.to_string(),
@@ -181,25 +190,4 @@ fn vpc_network(state: &State, vpc_id: &str) -> Option<pb::VpcNetwork> {
         gateways,
         endpoints,
     })
-}
-
-/// The digest of every host's share.
-pub fn host_digests(state: &State) -> BTreeMap<String, u64> {
-    state
-        .hosts
-        .keys()
-        .map(|h| {
-            let mut acc = Vec::new();
-            for (name, r) in host_slice(state, h) {
-                acc.extend_from_slice(name.as_bytes());
-                acc.extend_from_slice(r.version.as_bytes());
-            }
-            (h.clone(), fnv1a(&acc))
-        })
-        .collect()
-}
-
-/// The digest of a host with nothing on it.
-pub fn empty_digest() -> u64 {
-    fnv1a(&[])
 }

@@ -8,7 +8,6 @@ mod log_store;
 pub mod network;
 mod state_machine;
 
-use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::path::Path;
 use std::sync::Arc;
@@ -54,16 +53,13 @@ openraft::declare_raft_types!(
 );
 
 /// The state the controller serves, shared with the state machine.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Shared {
     pub state: State,
     pub revision: u64,
-    /// Digest of each host's share, to tell which hosts a change concerns.
-    pub host_digests: BTreeMap<String, u64>,
+    /// Every host's share, kept current by each applied batch.
+    pub shares: crate::shares::Shares,
 }
-
-/// Computes the digest of each host's share of a state.
-pub type DigestFn = fn(&State) -> BTreeMap<String, u64>;
 
 /// The store handle used by the API services.
 #[derive(Clone)]
@@ -114,7 +110,7 @@ fn new_cluster_id(node_id: u64) -> String {
 
 impl Store {
     /// Opens (or creates) the store in `dir` and starts the Raft node.
-    pub async fn open(dir: &Path, node_id: u64, addr: &str, digest: DigestFn, start: Start) -> anyhow::Result<Store> {
+    pub async fn open(dir: &Path, node_id: u64, addr: &str, start: Start) -> anyhow::Result<Store> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
         let path = dir.join("store.redb");
         let db = Arc::new(Database::create(&path).with_context(|| format!("opening {}", path.display()))?);
@@ -145,7 +141,7 @@ impl Store {
         let (rev_tx, rev_rx) = watch::channel(0);
         let shared = Arc::new(RwLock::new(Shared::default()));
         let log = log_store::LogStore::open(db.clone()).map_err(|e| anyhow::anyhow!("opening the Raft log: {e}"))?;
-        let sm = state_machine::StateMachine::open(db.clone(), shared.clone(), rev_tx, digest)
+        let sm = state_machine::StateMachine::open(db.clone(), shared.clone(), rev_tx)
             .await
             .map_err(|e| anyhow::anyhow!("opening the state machine: {e}"))?;
         let config = Config {
@@ -226,22 +222,15 @@ impl Store {
 
     /// Proposes a batch and waits until it is committed and applied.
     pub async fn write(&self, actor: &str, ops: Vec<Op>) -> Result<Outcome, WriteError> {
-        // Only the leader validates: a follower's state may lag behind
-        // writes the caller already saw acknowledged, and refusing against
-        // it would be wrong. A follower hands the batch to the leader.
+        // A follower hands the batch to the leader.
         if !self.is_leader() {
             if let Some((_, addr)) = self.leader() {
                 return Err(WriteError::NotLeader(Some(addr)));
             }
         }
-        // Validate against the current state first: a quick, clear refusal.
-        // The state machine validates again when it applies, against the
-        // state the log order gives, which is what decides.
-        {
-            let shared = self.shared.read().await;
-            let mut probe = shared.state.clone();
-            probe.apply_batch(&ops).map_err(WriteError::Invalid)?;
-        }
+        // Validated once, by the state machine as it applies the entry,
+        // against the state the log order gives: a refused batch leaves a
+        // log entry that changes nothing, and its error comes back here.
         let time_unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)

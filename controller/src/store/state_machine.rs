@@ -12,11 +12,11 @@ use openraft::{
     StoredMembership,
 };
 use redb::{Database, ReadableTable, TableDefinition};
-use sdn_policies::{Kind, Op, State};
+use sdn_policies::{Kind, State};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, RwLock};
 
-use super::{Command, DigestFn, Outcome, Shared, TypeConfig};
+use super::{Command, Outcome, Shared, TypeConfig};
 
 const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
 const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
@@ -62,7 +62,6 @@ pub struct StateMachine {
     shared: Arc<RwLock<Shared>>,
     applied: Arc<RwLock<Applied>>,
     revisions: Arc<watch::Sender<u64>>,
-    digest: DigestFn,
 }
 
 fn object_key(kind: Kind, id: &str) -> String {
@@ -84,23 +83,6 @@ fn object_json(state: &State, kind: Kind, id: &str) -> Option<Vec<u8>> {
         Kind::VpcPeering => state.peerings.get(id).map(serde_json::to_vec),
     };
     j.map(|r| r.expect("model objects serialise"))
-}
-
-fn op_key(op: &Op) -> (Kind, String) {
-    match op {
-        Op::PutTenant(x) => (Kind::Tenant, x.id.clone()),
-        Op::PutVpc(x) => (Kind::Vpc, x.id.clone()),
-        Op::PutSubnet(x) => (Kind::Subnet, x.id.clone()),
-        Op::PutHost(x) => (Kind::Host, x.id.clone()),
-        Op::PutPort(x) => (Kind::Port, x.id.clone()),
-        Op::PutSecurityGroup(x) => (Kind::SecurityGroup, x.id.clone()),
-        Op::PutQuarantine(x) => (Kind::Quarantine, x.id.clone()),
-        Op::PutZone(x) => (Kind::Zone, x.id.clone()),
-        Op::PutExchangePath(x) => (Kind::ExchangePath, x.id.clone()),
-        Op::PutFirewallPolicy(x) => (Kind::FirewallPolicy, x.id.clone()),
-        Op::PutVpcPeering(x) => (Kind::VpcPeering, x.id.clone()),
-        Op::Delete { kind, id } => (*kind, id.clone()),
-    }
 }
 
 fn load_state(db: &Database) -> Result<(State, Applied), AnyError> {
@@ -185,7 +167,6 @@ impl StateMachine {
         db: Arc<Database>,
         shared: Arc<RwLock<Shared>>,
         revisions: watch::Sender<u64>,
-        digest: DigestFn,
     ) -> Result<Self, AnyError> {
         {
             let tx = db.begin_write().map_err(any)?;
@@ -198,7 +179,14 @@ impl StateMachine {
         let (state, applied) = load_state(&db)?;
         {
             let mut s = shared.write().await;
-            s.host_digests = digest(&state);
+            let started = std::time::Instant::now();
+            s.shares.rebuild(&state, applied.revision);
+            tracing::info!(
+                hosts = state.hosts.len(),
+                ports = state.ports.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "built every host's share"
+            );
             s.state = state;
             s.revision = applied.revision;
         }
@@ -209,7 +197,6 @@ impl StateMachine {
             shared,
             applied: Arc::new(RwLock::new(applied)),
             revisions: Arc::new(revisions),
-            digest,
         })
     }
 
@@ -274,11 +261,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut shared = self.shared.write().await;
+        let mut guard = self.shared.write().await;
+        let shared = &mut *guard;
         let mut applied = self.applied.write().await;
         let mut next_applied = applied.clone();
-        let mut state = shared.state.clone();
-        let mut digests = shared.host_digests.clone();
+        // Batches apply to the served state in place (a refused one undoes
+        // itself). Should the disk write below fail, Raft stops this node,
+        // which reloads what the disk holds when it starts again.
         let mut touched: BTreeSet<(Kind, String)> = BTreeSet::new();
         let mut audit: Vec<AuditRecord> = Vec::new();
         let mut outcomes = Vec::new();
@@ -294,44 +283,33 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     actor,
                     time_unix_ms,
                     ops,
-                }) => {
-                    match state.apply_batch(&ops) {
-                        Ok(changes) => {
-                            next_applied.revision += 1;
-                            let revision = next_applied.revision;
-                            touched.extend(ops.iter().map(op_key));
-                            let new_digests = (self.digest)(&state);
-                            // A host that is absent has an empty share: adding a host
-                            // with nothing on it concerns nobody.
-                            let empty = crate::slice::empty_digest();
-                            let all: BTreeSet<&String> = digests.keys().chain(new_digests.keys()).collect();
-                            let hosts: BTreeSet<String> = all
-                                .into_iter()
-                                .filter(|h| digests.get(*h).unwrap_or(&empty) != new_digests.get(*h).unwrap_or(&empty))
-                                .cloned()
-                                .collect();
-                            digests = new_digests;
-                            audit.push(AuditRecord {
-                                revision,
-                                actor,
-                                time_unix_ms,
-                                changes,
-                            });
-                            outcomes.push(Outcome {
-                                revision,
-                                hosts: hosts.into_iter().collect(),
-                                error: None,
-                            });
-                        }
-                        Err(e) => outcomes.push(Outcome {
-                            revision: 0,
-                            hosts: vec![],
-                            error: Some(e),
-                        }),
+                }) => match shared.state.apply(&ops) {
+                    Ok(done) => {
+                        next_applied.revision += 1;
+                        let revision = next_applied.revision;
+                        touched.extend(done.before.iter().map(|(k, id, _)| (*k, id.clone())));
+                        let hosts = shared.shares.update(&shared.state, &done.before, revision);
+                        audit.push(AuditRecord {
+                            revision,
+                            actor,
+                            time_unix_ms,
+                            changes: done.changes,
+                        });
+                        outcomes.push(Outcome {
+                            revision,
+                            hosts,
+                            error: None,
+                        });
                     }
-                }
+                    Err(e) => outcomes.push(Outcome {
+                        revision: 0,
+                        hosts: vec![],
+                        error: Some(e),
+                    }),
+                },
             }
         }
+        let state = &shared.state;
         let applied_bytes = serde_json::to_vec(&next_applied).map_err(|e| super::sio::write_state_machine(any(e)))?;
         (|| -> Result<(), AnyError> {
             let tx = self.db.begin_write().map_err(any)?;
@@ -339,7 +317,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 let mut objects = tx.open_table(OBJECTS).map_err(any)?;
                 for (kind, id) in &touched {
                     let key = object_key(*kind, id);
-                    match object_json(&state, *kind, id) {
+                    match object_json(state, *kind, id) {
                         Some(j) => {
                             objects.insert(key.as_str(), j.as_slice()).map_err(any)?;
                         }
@@ -365,9 +343,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             tx.commit().map_err(any)
         })()
         .map_err(super::sio::write_state_machine)?;
-        shared.state = state;
         shared.revision = next_applied.revision;
-        shared.host_digests = digests;
         *applied = next_applied;
         self.revisions.send_replace(shared.revision);
         Ok(outcomes)
@@ -437,7 +413,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         })()
         .map_err(super::sio::write_state_machine)?;
         let mut shared = self.shared.write().await;
-        shared.host_digests = (self.digest)(&data.state);
+        shared.shares.rebuild(&data.state, data.revision);
         shared.state = data.state;
         shared.revision = data.revision;
         *self.applied.write().await = applied;

@@ -1,0 +1,532 @@
+//! Every host's share, kept current change by change.
+//!
+//! An applied batch names the objects it changed and what they were
+//! before. From those alone [`Shares::update`] finds the resources whose
+//! content may have changed and the hosts whose set of resources may have
+//! changed, rebuilds only those, and tells each host's watch streams which
+//! names changed at which revision. A write costs what it touches: a port
+//! on one host costs that host, its VPC's overlay, and the hosts holding
+//! that VPC; a group with no port costs nothing beyond itself.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use sdn_policies::{Kind, Object, Remote, State};
+use sdn_proto::v1 as pb;
+use tokio::sync::watch;
+
+use crate::slice::{build, names, shared_content};
+
+/// Changes kept per host for streams that are behind; a stream further
+/// behind compares the whole share instead.
+const LOG_KEEP: usize = 64;
+
+/// One host's share.
+pub struct HostShare {
+    pub resources: BTreeMap<String, Arc<pb::Resource>>,
+    /// The revision of the last change to this share.
+    pub changed: u64,
+    /// Recent changes: the revision and the names it changed.
+    log: VecDeque<(u64, Vec<String>)>,
+    /// Changes up to this revision are no longer in the log.
+    lost: u64,
+    /// Wakes the host's watch streams with the revision of a change.
+    notify: watch::Sender<u64>,
+}
+
+impl HostShare {
+    fn new(revision: u64) -> HostShare {
+        HostShare {
+            resources: BTreeMap::new(),
+            changed: revision,
+            log: VecDeque::new(),
+            lost: revision,
+            notify: watch::channel(revision).0,
+        }
+    }
+
+    /// The names changed after revision `after`; `None` when the log no
+    /// longer reaches back that far.
+    pub fn changed_since(&self, after: u64) -> Option<BTreeSet<String>> {
+        if self.changed <= after {
+            return Some(BTreeSet::new());
+        }
+        if after < self.lost {
+            return None;
+        }
+        Some(
+            self.log
+                .iter()
+                .filter(|(r, _)| *r > after)
+                .flat_map(|(_, n)| n.iter().cloned())
+                .collect(),
+        )
+    }
+}
+
+/// The shares of every host.
+#[derive(Default)]
+pub struct Shares {
+    hosts: BTreeMap<String, HostShare>,
+    /// Resources whose content is the same for every host, built once.
+    cache: BTreeMap<String, Arc<pb::Resource>>,
+    /// The hosts holding each resource.
+    holders: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Shares {
+    /// Every host's share built from scratch (at start, and when a
+    /// snapshot replaces the state). Streams already open stay subscribed
+    /// and are told to compare their whole share.
+    pub fn rebuild(&mut self, state: &State, revision: u64) {
+        let mut old = std::mem::take(&mut self.hosts);
+        self.cache.clear();
+        self.holders.clear();
+        for host in state.hosts.keys() {
+            let mut share = HostShare::new(revision);
+            if let Some(o) = old.remove(host) {
+                share.notify = o.notify;
+            }
+            self.hosts.insert(host.clone(), share);
+            self.refresh_host(state, host);
+        }
+        for share in self.hosts.values_mut() {
+            share.changed = revision;
+            share.log.clear();
+            share.lost = revision;
+            share.notify.send_replace(revision);
+        }
+        // Dropping the senders of deleted hosts ends their streams.
+    }
+
+    pub fn host(&self, host: &str) -> Option<&HostShare> {
+        self.hosts.get(host)
+    }
+
+    /// A receiver woken at each change of the host's share.
+    pub fn subscribe(&self, host: &str) -> Option<watch::Receiver<u64>> {
+        self.hosts.get(host).map(|s| s.notify.subscribe())
+    }
+
+    fn resource(&mut self, state: &State, host: &str, name: &str) -> Option<Arc<pb::Resource>> {
+        if !shared_content(name) {
+            return build(state, host, name).map(Arc::new);
+        }
+        if let Some(r) = self.cache.get(name) {
+            return Some(r.clone());
+        }
+        let r = Arc::new(build(state, host, name)?);
+        self.cache.insert(name.to_string(), r.clone());
+        Some(r)
+    }
+
+    /// Recomputes a host's set of names; returns the names that changed.
+    fn refresh_host(&mut self, state: &State, host: &str) -> Vec<String> {
+        let wanted = names(state, host);
+        let mut next = BTreeMap::new();
+        for n in &wanted {
+            if let Some(r) = self.resource(state, host, n) {
+                next.insert(n.clone(), r);
+            }
+        }
+        let Some(share) = self.hosts.get_mut(host) else {
+            return Vec::new();
+        };
+        let mut changed = Vec::new();
+        for (n, r) in &next {
+            match share.resources.get(n) {
+                Some(old) if old.version == r.version => {}
+                _ => changed.push(n.clone()),
+            }
+        }
+        for n in share.resources.keys() {
+            if !next.contains_key(n) {
+                changed.push(n.clone());
+                if let Some(h) = self.holders.get_mut(n) {
+                    h.remove(host);
+                    if h.is_empty() {
+                        self.holders.remove(n);
+                        self.cache.remove(n);
+                    }
+                }
+            }
+        }
+        for n in next.keys() {
+            self.holders.entry(n.clone()).or_default().insert(host.to_string());
+        }
+        share.resources = next;
+        changed
+    }
+
+    fn holders_of(&self, name: &str) -> impl Iterator<Item = &String> {
+        self.holders.get(name).into_iter().flatten()
+    }
+
+    /// Brings the shares up to date after a batch that changed the objects
+    /// in `before` (each as it was before). Returns the hosts whose share
+    /// changed.
+    pub fn update(&mut self, state: &State, before: &[(Kind, String, Option<Object>)], revision: u64) -> Vec<String> {
+        let ix = state.index();
+        let mut dirty: BTreeSet<String> = BTreeSet::new();
+        let mut hosts: BTreeSet<String> = BTreeSet::new();
+        let all_zones = |dirty: &mut BTreeSet<String>| dirty.extend(state.zones.keys().map(|z| format!("zone/{z}")));
+        // The VPC of a port as it was: its subnet may be gone with it.
+        let subnet_vpc = |sid: &str| -> Option<String> {
+            state.subnets.get(sid).map(|s| s.vpc_id.clone()).or_else(|| {
+                before.iter().find_map(|(_, id, o)| match o {
+                    Some(Object::Subnet(s)) if id == sid => Some(s.vpc_id.clone()),
+                    _ => None,
+                })
+            })
+        };
+        for (kind, id, old) in before {
+            let new = state.get(*kind, id);
+            let both = || old.iter().chain(new.iter());
+            match kind {
+                Kind::Port => {
+                    for o in both() {
+                        let Object::Port(p) = o else { continue };
+                        dirty.insert(format!("port/{}", p.id));
+                        if let Some(v) = subnet_vpc(&p.subnet_id) {
+                            dirty.insert(format!("vpc/{v}"));
+                        }
+                        dirty.extend(p.security_group_ids.iter().map(|g| format!("members/{g}")));
+                        hosts.insert(p.host_id.clone());
+                    }
+                }
+                Kind::Subnet => {
+                    for o in both() {
+                        let Object::Subnet(s) = o else { continue };
+                        dirty.insert(format!("vpc/{}", s.vpc_id));
+                    }
+                    all_zones(&mut dirty);
+                }
+                Kind::Vpc => {
+                    let name = format!("vpc/{id}");
+                    // Its border firewall may have changed: every host
+                    // holding it, for its own VPC or a peer.
+                    hosts.extend(self.holders_of(&name).cloned());
+                    hosts.extend(ix.hosts_in(id).map(str::to_string));
+                    dirty.insert(name);
+                    all_zones(&mut dirty);
+                }
+                Kind::Host => {
+                    hosts.insert(id.clone());
+                    // Its underlay address is in the overlay of its VPCs.
+                    dirty.extend(ix.vpcs_on(id).map(|v| format!("vpc/{v}")));
+                }
+                Kind::SecurityGroup => {
+                    let name = format!("sg/{id}");
+                    let remotes = |o: &Option<Object>| -> BTreeSet<String> {
+                        match o {
+                            Some(Object::SecurityGroup(g)) => g
+                                .rules
+                                .iter()
+                                .filter_map(|r| match &r.remote {
+                                    Remote::Group(x) => Some(x.clone()),
+                                    _ => None,
+                                })
+                                .collect(),
+                            _ => BTreeSet::new(),
+                        }
+                    };
+                    // The groups its rules name decide which members the
+                    // hosts using it hold.
+                    if remotes(old) != remotes(&new) {
+                        hosts.extend(self.holders_of(&name).cloned());
+                    }
+                    dirty.insert(name);
+                }
+                Kind::Quarantine => {
+                    let name = format!("quarantine/{id}");
+                    hosts.extend(self.holders_of(&name).cloned());
+                    if let Some(Object::Quarantine(q)) = &new {
+                        hosts.extend(state.quarantined_ports(q).into_iter().map(|p| p.host_id.clone()));
+                    }
+                }
+                Kind::Zone | Kind::ExchangePath => {
+                    let name = match kind {
+                        Kind::Zone => format!("zone/{id}"),
+                        _ => format!("exchange/{id}"),
+                    };
+                    if old.is_none() != new.is_none() {
+                        // Every host holds them all.
+                        hosts.extend(state.hosts.keys().cloned());
+                        hosts.extend(self.hosts.keys().cloned());
+                    }
+                    dirty.insert(name);
+                }
+                Kind::FirewallPolicy => {
+                    dirty.insert(format!("firewall/{id}"));
+                }
+                Kind::VpcPeering => {
+                    let name = format!("peering/{id}");
+                    hosts.extend(self.holders_of(&name).cloned());
+                    for o in both() {
+                        let Object::VpcPeering(x) = o else { continue };
+                        for v in [&x.vpc_a, &x.vpc_b] {
+                            hosts.extend(ix.hosts_in(v).map(str::to_string));
+                        }
+                    }
+                    dirty.insert(name);
+                }
+                Kind::Tenant => {}
+            }
+        }
+        for n in &dirty {
+            self.cache.remove(n);
+        }
+        let mut changed: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for host in &hosts {
+            if !state.hosts.contains_key(host) {
+                if let Some(share) = self.hosts.remove(host) {
+                    for n in share.resources.keys() {
+                        if let Some(h) = self.holders.get_mut(n) {
+                            h.remove(host);
+                            if h.is_empty() {
+                                self.holders.remove(n);
+                                self.cache.remove(n);
+                            }
+                        }
+                    }
+                }
+                continue;
+            }
+            self.hosts
+                .entry(host.clone())
+                .or_insert_with(|| HostShare::new(revision));
+            let c = self.refresh_host(state, host);
+            if !c.is_empty() {
+                changed.entry(host.clone()).or_default().extend(c);
+            }
+        }
+        for n in &dirty {
+            let holders: Vec<String> = self.holders_of(n).filter(|h| !hosts.contains(*h)).cloned().collect();
+            for host in holders {
+                let r = self.resource(state, &host, n);
+                let Some(share) = self.hosts.get_mut(&host) else { continue };
+                match r {
+                    Some(r) => {
+                        if share.resources.get(n).is_some_and(|o| o.version == r.version) {
+                            continue;
+                        }
+                        share.resources.insert(n.clone(), r);
+                    }
+                    None => {
+                        share.resources.remove(n);
+                        if let Some(h) = self.holders.get_mut(n) {
+                            h.remove(&host);
+                        }
+                    }
+                }
+                changed.entry(host).or_default().insert(n.clone());
+            }
+        }
+        let mut out = Vec::with_capacity(changed.len());
+        for (host, names) in changed {
+            let Some(share) = self.hosts.get_mut(&host) else { continue };
+            share.changed = revision;
+            share.log.push_back((revision, names.into_iter().collect()));
+            while share.log.len() > LOG_KEEP {
+                if let Some((r, _)) = share.log.pop_front() {
+                    share.lost = r;
+                }
+            }
+            share.notify.send_replace(revision);
+            out.push(host);
+        }
+        out
+    }
+}
+
+/// Whether `name` is held by no host: for tests.
+#[cfg(test)]
+impl Shares {
+    fn consistent_with(&self, state: &State) -> Result<(), String> {
+        for host in state.hosts.keys() {
+            let want = crate::slice::host_slice(state, host);
+            let have: BTreeMap<&String, &String> = self
+                .hosts
+                .get(host)
+                .ok_or(format!("host {host} has no share"))?
+                .resources
+                .iter()
+                .map(|(n, r)| (n, &r.version))
+                .collect();
+            let want: BTreeMap<&String, &String> = want.iter().map(|(n, r)| (n, &r.version)).collect();
+            if have != want {
+                return Err(format!("host {host}: kept {have:?}, built {want:?}"));
+            }
+        }
+        if self.hosts.len() != state.hosts.len() {
+            return Err("shares of deleted hosts remain".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sdn_policies::*;
+
+    fn port(id: &str, host: &str, subnet: &str, ip: &str, groups: &[&str]) -> Op {
+        Op::PutPort(Port {
+            id: id.into(),
+            tenant_id: "t".into(),
+            subnet_id: subnet.into(),
+            host_id: host.into(),
+            device: format!("tap-{id}"),
+            mac: Mac([2, 0, 0, 0, 0, id.len() as u8 + ip.as_bytes()[ip.len() - 1]]),
+            ipv4: Some(ip.parse().unwrap()),
+            ipv6: None,
+            security_group_ids: groups.iter().map(|g| g.to_string()).collect(),
+            vm_id: format!("vm-{id}"),
+        })
+    }
+
+    fn group(id: &str, remote: Option<&str>) -> Op {
+        Op::PutSecurityGroup(SecurityGroup {
+            id: id.into(),
+            tenant_id: "t".into(),
+            name: id.into(),
+            rules: vec![Rule {
+                id: "r".into(),
+                direction: Direction::Ingress,
+                ether_type: EtherType::IPv4,
+                protocol: Protocol::Tcp,
+                ports: Some((22, 22)),
+                remote: match remote {
+                    Some(g) => Remote::Group(g.into()),
+                    None => Remote::Any,
+                },
+            }],
+        })
+    }
+
+    fn vpc(id: &str, vni: u32) -> Op {
+        Op::PutVpc(Vpc {
+            id: id.into(),
+            tenant_id: "t".into(),
+            name: id.into(),
+            vni,
+            zone_id: String::new(),
+            border_policy_id: String::new(),
+        })
+    }
+
+    fn subnet(id: &str, vpc: &str, cidr: &str) -> Op {
+        Op::PutSubnet(Subnet {
+            id: id.into(),
+            vpc_id: vpc.into(),
+            cidr_v4: Some(cidr.parse().unwrap()),
+            cidr_v6: None,
+        })
+    }
+
+    fn host(id: &str, ip: &str) -> Op {
+        Op::PutHost(Host {
+            id: id.into(),
+            underlay_ip: ip.parse().unwrap(),
+        })
+    }
+
+    fn del(kind: Kind, id: &str) -> Op {
+        Op::Delete { kind, id: id.into() }
+    }
+
+    /// After every batch, each host's share kept change by change equals
+    /// the share built from scratch, and only hosts whose share changed are
+    /// reported.
+    #[test]
+    fn shares_kept_current_equal_shares_built_from_scratch() {
+        let mut state = State::default();
+        let mut shares = Shares::default();
+        let mut revision = 0;
+        let steps: Vec<(Vec<Op>, Option<&[&str]>)> = vec![
+            (
+                vec![
+                    Op::PutTenant(Tenant {
+                        id: "t".into(),
+                        name: "t".into(),
+                    }),
+                    host("h1", "192.0.2.1"),
+                    host("h2", "192.0.2.2"),
+                    host("h3", "192.0.2.3"),
+                    vpc("v1", 100),
+                    vpc("v2", 200),
+                    subnet("s1", "v1", "10.1.0.0/24"),
+                    subnet("s2", "v2", "10.2.0.0/24"),
+                    group("web", None),
+                    group("db", Some("web")),
+                ],
+                None,
+            ),
+            (vec![port("a", "h1", "s1", "10.1.0.5", &["web"])], Some(&["h1"])),
+            (vec![port("b", "h2", "s1", "10.1.0.6", &["db"])], Some(&["h1", "h2"])),
+            // A group no port uses concerns nobody.
+            (vec![group("idle", None)], Some(&[])),
+            // A member of `web` moves: the holder of members/web hears.
+            (vec![port("c", "h3", "s2", "10.2.0.7", &["web"])], Some(&["h2", "h3"])),
+            // A peering joins v1 and v2: all three hosts.
+            (
+                vec![Op::PutVpcPeering(VpcPeering {
+                    id: "p".into(),
+                    vpc_a: "v1".into(),
+                    vpc_b: "v2".into(),
+                    policy_id: String::new(),
+                })],
+                Some(&["h1", "h2", "h3"]),
+            ),
+            // The host's underlay moves: every holder of its VPCs.
+            (vec![host("h3", "192.0.2.33")], Some(&["h1", "h2", "h3"])),
+            // The rules of `db` stop naming `web`.
+            (vec![group("db", None)], Some(&["h2"])),
+            (
+                vec![Op::PutQuarantine(Quarantine {
+                    id: "q".into(),
+                    target: QuarantineTarget::Vm,
+                    target_id: "vm-b".into(),
+                    reason: "incident".into(),
+                    expires_unix_ms: None,
+                })],
+                Some(&["h2"]),
+            ),
+            (vec![port("b", "h1", "s1", "10.1.0.9", &["db"])], Some(&["h1", "h2", "h3"])),
+            (vec![del(Kind::Quarantine, "q")], Some(&["h1"])),
+            (
+                vec![Op::PutZone(Zone {
+                    id: "z".into(),
+                    name: "z".into(),
+                    prefixes: vec!["203.0.113.0/24".parse().unwrap()],
+                    uplink_device: "up0".into(),
+                })],
+                Some(&["h1", "h2", "h3"]),
+            ),
+            (
+                vec![
+                    del(Kind::VpcPeering, "p"),
+                    del(Kind::Port, "c"),
+                    del(Kind::Port, "a"),
+                    del(Kind::Port, "b"),
+                    del(Kind::Subnet, "s2"),
+                    del(Kind::Host, "h3"),
+                ],
+                // h2 has had no port since b moved; h3 is gone.
+                Some(&["h1"]),
+            ),
+        ];
+        for (i, (ops, expect)) in steps.into_iter().enumerate() {
+            let applied = state.apply(&ops).unwrap_or_else(|e| panic!("step {i}: {e}"));
+            revision += 1;
+            let hosts = shares.update(&state, &applied.before, revision);
+            shares.consistent_with(&state).unwrap_or_else(|e| panic!("step {i}: {e}"));
+            if let Some(expect) = expect {
+                assert_eq!(hosts, expect.iter().map(|h| h.to_string()).collect::<Vec<_>>(), "step {i}");
+            }
+            let mut fresh = Shares::default();
+            fresh.rebuild(&state, revision);
+            fresh.consistent_with(&state).unwrap();
+        }
+    }
+}
