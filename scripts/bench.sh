@@ -17,12 +17,12 @@ if ((smoke)); then
     bin=./target/debug/examples
     # (SECONDS is also bash's own clock: set it for the child only.)
     short=(env ROUNDS=1 SECONDS=1 KILLS=1 FLOOD=20000)
-    rules_args=(--smoke)
+    smoke_args=(--smoke)
 else
     cargo build --release --workspace --bins --examples
     bin=./target/release/examples
     short=()
-    rules_args=()
+    smoke_args=()
 fi
 run() {
     local title=$1
@@ -30,12 +30,13 @@ run() {
     echo "== $title" >&2
     "${short[@]}" "$@"
 }
-run "per-packet cost and rule-count scaling" "$bin/bench_rules" "${rules_args[@]}"
+run "per-packet cost and rule-count scaling" "$bin/bench_rules" "${smoke_args[@]}"
 run "iptables / nftables, stateful" "$bin/firewall_compare"
 run "iptables / nftables, every packet a new flow" env NEW_FLOWS=1 "$bin/firewall_compare"
 run "enforcement latency" "$bin/enforcement_latency"
 run "controller cluster vs etcd" "$bin/raft_compare"
 run "overlay throughput vs bare kernel VXLAN" "$bin/overlay_throughput"
 run "a SYN flood at one port beside a long-lived flow" "$bin/syn_flood"
+run "the controller at scale: write latency against state size" "$bin/controller_scale" "${smoke_args[@]}"
 ((smoke)) && echo "[bench] every benchmark ran (smoke)" >&2
 exit 0

@@ -57,9 +57,11 @@ async fn main() -> anyhow::Result<()> {
     let store = Store::open(&args.data_dir, args.node_id, &advertise, start)
         .await
         .with_context(|| format!("opening the store in {}", args.data_dir.display()))?;
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let ctl = Controller {
         store: store.clone(),
         enforcement: Arc::new(Enforcement::default()),
+        stopping,
     };
 
     let tcp = tokio::net::TcpListener::bind(&args.listen)
@@ -119,16 +121,19 @@ async fn main() -> anyhow::Result<()> {
         _ = shutdown => {},
         Some(r) = servers.join_next() => { r??; }
     }
+    let stopped_at = std::time::Instant::now();
     let _ = stop_tx.send(());
-    // Open watch streams keep servers busy; do not wait for them forever.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+    // Watch streams end now; requests in flight get a moment to finish.
+    stopping_tx.send_replace(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(1000), async {
         while servers.join_next().await.is_some() {}
     })
     .await;
-    store.raft.shutdown().await.ok();
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(500), store.raft.shutdown()).await;
     if let Some(path) = &args.listen_unix {
         let _ = std::fs::remove_file(path);
     }
+    tracing::info!(ms = stopped_at.elapsed().as_millis() as u64, "stopped");
     Ok(())
 }
 

@@ -21,6 +21,9 @@ use crate::store::{Store, WriteError};
 pub struct Controller {
     pub store: Store,
     pub enforcement: Arc<Enforcement>,
+    /// Set when the controller stops: open watch streams end at once (the
+    /// agents move to another replica).
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
@@ -397,6 +400,7 @@ impl Controller {
         // The revision the agent's share is known to be current at; 0: a
         // whole comparison is due.
         let mut sent = 0u64;
+        let mut stopping = self.stopping.clone();
         loop {
             let msg = {
                 let shared = self.store.shared.read().await;
@@ -466,7 +470,21 @@ impl Controller {
                     return;
                 },
                 _ = tx.closed() => return,
+                _ = stopped(&mut stopping) => {
+                    let _ = tx.send(Err(Status::unavailable("the controller is stopping"))).await;
+                    return;
+                }
             }
+        }
+    }
+}
+
+/// Resolves once the controller is stopping.
+async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let now = *rx.borrow_and_update();
+        if now || rx.changed().await.is_err() {
+            return;
         }
     }
 }

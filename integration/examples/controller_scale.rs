@@ -15,8 +15,9 @@
 //! - a write to the group every host uses: p50/p99 until every host acked;
 //! - the controller's resident memory.
 //!
-//! At the largest size the controller is stopped (SIGTERM, timed) and
-//! started again: the time until it answers.
+//! At the largest size the controller is stopped while 8 clients write
+//! (SIGTERM, timed until the process is gone) and started again: the time
+//! until it answers, and how long building every share took.
 //!
 //! Run as root after `cargo build --release --workspace --bins`:
 //! `cargo run --release -p sdn-integration --example controller_scale`
@@ -69,7 +70,13 @@ impl Controller {
         while t0.elapsed() < timeout {
             if let Ok(ch) = sdn_proto::connect(&self.addr).await {
                 let mut c = pb::provisioning_client::ProvisioningClient::new(ch);
-                if c.list(pb::ListRequest { kind: 0, stale: false }).await.is_ok() {
+                // A linearizable read of a small kind: the store answers
+                // once it leads and has applied its log.
+                let tenants = pb::ListRequest {
+                    kind: pb::Kind::Tenant as i32,
+                    stale: false,
+                };
+                if c.list(tenants).await.is_ok() {
                     return Ok(t0.elapsed());
                 }
             }
@@ -381,7 +388,19 @@ async fn run(dir: &std::path::Path) -> anyhow::Result<()> {
         );
         rows.push(row);
     }
-    // Stop and start at the largest size.
+    // Stop and start at the largest size, stopped while busy: writers
+    // keep writing until it is gone.
+    for w in 0..8 {
+        let mut c = client.clone();
+        tokio::spawn(async move {
+            for n in 0.. {
+                if apply(&mut c, vec![tenant(&format!("busy{w}-{n}"))], false).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let pid = ctl.proc.pid().context("controller pid")?;
     let t = Instant::now();
     // SAFETY: signalling our own child.
