@@ -423,8 +423,15 @@ async fn run(dir: &std::path::Path) -> anyhow::Result<()> {
         .find(|l| l.contains("built every host's share"))
         .unwrap_or("")
         .to_string();
+    let stopped = log
+        .lines()
+        .find(|l| l.contains(" stopped "))
+        .and_then(|l| l.split("ms=").nth(1))
+        .unwrap_or("?")
+        .to_string();
     println!(
-        "at {have} ports: SIGTERM to exit {:.0} ms; start to answering {:.0} ms ({})",
+        "at {have} ports: SIGTERM to exit {:.0} ms (the controller's own shutdown: {stopped} ms); \
+         start to answering {:.0} ms ({})",
         ms(stop),
         ms(up.max(t.elapsed().min(up))),
         built.split("built every host's share").last().unwrap_or("").trim()

@@ -210,6 +210,10 @@ async fn finish_and_check(
             .map(|e| format!("{}\t{:?}\t{}\t{:?}", e.key, e.op, e.call, e.ret))
             .collect();
         std::fs::write(&dump, text.join("\n")).unwrap();
+        // And each replica's log, to see who led when.
+        for i in 0..r.replicas.len() {
+            let _ = std::fs::write(std::env::temp_dir().join(format!("sdn-nonlinearizable-c{}.log", i + 1)), r.log(i));
+        }
         panic!("{e}; history written to {}", dump.display());
     }
     eprintln!("history is linearizable (checked in {:?})", t.elapsed());

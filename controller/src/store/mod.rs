@@ -73,6 +73,13 @@ pub struct Store {
     /// The cluster this replica belongs to (None until it joins one).
     pub cluster_id: network::ClusterId,
     db: Arc<Database>,
+    /// The last log index when this replica started. Its state machine's
+    /// commits have no fsync of their own, so after a crash it may lag the
+    /// writes it acknowledged, and a replica that led before the crash
+    /// leads again at once, in the same term, with a commit index as stale
+    /// as its state. Linearizable reads wait until the state machine has
+    /// applied this far: every acknowledged write is at or below it.
+    startup_tail: u64,
 }
 
 /// Why a write failed.
@@ -141,6 +148,10 @@ impl Store {
         let (rev_tx, rev_rx) = watch::channel(0);
         let shared = Arc::new(RwLock::new(Shared::default()));
         let log = log_store::LogStore::open(db.clone()).map_err(|e| anyhow::anyhow!("opening the Raft log: {e}"))?;
+        let startup_tail = log
+            .last_index()
+            .map_err(|e| anyhow::anyhow!("reading the Raft log: {e}"))?
+            .unwrap_or(0);
         let sm = state_machine::StateMachine::open(db.clone(), shared.clone(), rev_tx)
             .await
             .map_err(|e| anyhow::anyhow!("opening the state machine: {e}"))?;
@@ -167,6 +178,7 @@ impl Store {
             node_id,
             cluster_id,
             db,
+            startup_tail,
         };
         if !store.raft.is_initialized().await.context("reading Raft state")? {
             match start {
@@ -260,11 +272,31 @@ impl Store {
         self.raft
             .ensure_linearizable()
             .await
-            .map(|_| ())
             .map_err(|e| match e.forward_to_leader() {
                 Some(f) => WriteError::NotLeader(f.leader_node.as_ref().map(|n: &BasicNode| n.addr.clone())),
                 None => WriteError::Raft(e.to_string()),
-            })
+            })?;
+        let applied = self.raft.metrics().borrow().last_applied.map(|l| l.index).unwrap_or(0);
+        if applied < self.startup_tail {
+            self.raft
+                .wait(Some(std::time::Duration::from_secs(5)))
+                .applied_index_at_least(Some(self.startup_tail), "the log found at start")
+                .await
+                .map_err(|e| {
+                    WriteError::Raft(format!(
+                        "this replica has not yet applied the log it restarted with ({e}); retry"
+                    ))
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Makes every commit so far durable (the state machine's commits have
+    /// no fsync of their own).
+    pub fn flush(&self) -> anyhow::Result<()> {
+        let tx = self.db.begin_write()?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// Audit records with a revision above `after`, at most `limit`.

@@ -312,7 +312,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let state = &shared.state;
         let applied_bytes = serde_json::to_vec(&next_applied).map_err(|e| super::sio::write_state_machine(any(e)))?;
         (|| -> Result<(), AnyError> {
-            let tx = self.db.begin_write().map_err(any)?;
+            let mut tx = self.db.begin_write().map_err(any)?;
+            // No fsync of its own: the log's next durable append makes it
+            // durable, and what a crash loses here is replayed from the log.
+            tx.set_durability(redb::Durability::None);
             {
                 let mut objects = tx.open_table(OBJECTS).map_err(any)?;
                 for (kind, id) in &touched {
