@@ -73,7 +73,10 @@ async fn main() -> anyhow::Result<()> {
             .layer(tower::util::MapResponseLayer::new(
                 malformed_is_invalid_argument::<tonic::body::Body>,
             ))
-            .add_service(ProvisioningServer::new(ctl.clone()))
+            .add_service(
+                ProvisioningServer::new(ctl.clone())
+                    .max_decoding_message_size(sdn_policies::limits::input::REQUEST_BYTES_MAX),
+            )
             .add_service(AgentServer::new(ctl.clone()))
             .add_service(RaftServer::new(RaftService { store: store.clone() }))
             .add_service(ClusterServer::new(ClusterService { store: store.clone() }))
@@ -125,7 +128,7 @@ async fn main() -> anyhow::Result<()> {
     let _ = stop_tx.send(());
     // Watch streams end now; requests in flight get a moment to finish.
     stopping_tx.send_replace(true);
-    let _ = tokio::time::timeout(std::time::Duration::from_millis(1000), async {
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(500), async {
         while servers.join_next().await.is_some() {}
     })
     .await;

@@ -27,7 +27,7 @@ pub struct Controller {
 }
 
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
-const MAX_BATCH: usize = 10_000;
+const MAX_BATCH: usize = sdn_policies::limits::input::BATCH_OPS_MAX;
 /// Set on requests a follower forwards, so they are never forwarded twice.
 const FORWARDED: &str = "sdn-forwarded";
 

@@ -343,3 +343,92 @@ async fn sdnctl_diff_and_get_round_trip() {
     drop(cluster);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A controller that takes a write and then loses the connection before it
+/// answers, as one killed mid-call does: the write may have been committed.
+struct LostAnswer {
+    got_apply: tokio::sync::mpsc::Sender<()>,
+}
+
+#[tonic::async_trait]
+impl pb::provisioning_server::Provisioning for LostAnswer {
+    async fn apply(&self, _: tonic::Request<pb::ApplyRequest>) -> Result<tonic::Response<pb::ApplyResponse>, tonic::Status> {
+        let _ = self.got_apply.send(()).await;
+        std::future::pending().await
+    }
+    async fn list(&self, _: tonic::Request<pb::ListRequest>) -> Result<tonic::Response<pb::ListResponse>, tonic::Status> {
+        Ok(tonic::Response::new(pb::ListResponse {
+            revision: 41,
+            ..Default::default()
+        }))
+    }
+    async fn audit(&self, _: tonic::Request<pb::AuditRequest>) -> Result<tonic::Response<pb::AuditResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
+    async fn enforcement(
+        &self,
+        _: tonic::Request<pb::EnforcementRequest>,
+    ) -> Result<tonic::Response<pb::EnforcementResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
+}
+
+/// When the connection breaks after the write was sent, sdnctl says that
+/// the outcome is unknown and how to find out, instead of a bare transport
+/// error; a refusal stays a refusal.
+#[tokio::test(flavor = "multi_thread")]
+async fn sdnctl_says_when_the_outcome_of_a_write_is_unknown() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let fds = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let accepted = fds.clone();
+    let incoming = async_stream_of(listener, accepted);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::provisioning_server::ProvisioningServer::new(LostAnswer { got_apply: tx }))
+            .serve_with_incoming(incoming),
+    );
+    let dir = std::env::temp_dir().join(format!("sdn-sdnctl-unknown-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tenant = dir.join("tenant.yaml");
+    std::fs::write(&tenant, "apiVersion: sdn/v1\nkind: Tenant\nmetadata:\n  name: dept-a\n").unwrap();
+    let child = std::process::Command::new(bin("sdnctl"))
+        .args(["--controller", &addr, "apply", "-f"])
+        .arg(&tenant)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(20), rx.recv())
+        .await
+        .expect("sdnctl sent the write");
+    // The connection goes, the answer with it.
+    for fd in fds.lock().unwrap().iter() {
+        // SAFETY: shutting down a socket this test accepted and still holds.
+        unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
+    }
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("the outcome is unknown"), "{err}");
+    assert!(err.contains("sdnctl audit --after 41"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Accepted connections, each one's descriptor kept so the test can break it.
+fn async_stream_of(
+    listener: tokio::net::TcpListener,
+    fds: std::sync::Arc<std::sync::Mutex<Vec<i32>>>,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use std::os::fd::AsRawFd;
+    futures::stream::unfold((listener, fds), |(l, fds)| async move {
+        let r = l.accept().await.map(|(s, _)| {
+            fds.lock().unwrap().push(s.as_raw_fd());
+            s
+        });
+        Some((r, (l, fds)))
+    })
+}

@@ -19,6 +19,24 @@ pub use dataplane_common::maps::{
 // fit whenever its host's ports do, so the ports per host bound them.
 const _: () = assert!(3 * PORTS_MAX <= PORT_ADDRS_MAX);
 
+/// What one request may carry, checked where it is made (`sdnctl`, before
+/// it parses or sends anything) and where it arrives (the controller): one
+/// table, so the two never disagree.
+pub mod input {
+    /// Bytes of one manifest file.
+    pub const MANIFEST_BYTES_MAX: u64 = 16 << 20;
+    /// Nesting of a manifest: block indentation levels plus `[`/`{` levels.
+    /// The deepest valid document nests about 8 levels.
+    pub const MANIFEST_DEPTH_MAX: usize = 32;
+    /// Operations in one batch.
+    pub const BATCH_OPS_MAX: usize = 10_000;
+    /// Rules of one security group.
+    pub const GROUP_RULES_MAX: usize = 1_000;
+    /// Bytes of one encoded API request: the controller's gRPC decoding
+    /// limit.
+    pub const REQUEST_BYTES_MAX: usize = 4 << 20;
+}
+
 /// The default of [`Settings::exchange_share_max_percent`].
 pub const EXCHANGE_SHARE_MAX_PERCENT: u8 = 25;
 

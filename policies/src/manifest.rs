@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
+use crate::limits::input::{MANIFEST_BYTES_MAX, MANIFEST_DEPTH_MAX};
 use crate::model::{self, Direction, EtherType, Mac, Op, Protocol, Remote};
 
 /// The API version manifests must declare.
@@ -252,40 +253,56 @@ struct PortRange(u16, u16);
 
 impl<'de> Deserialize<'de> for PortRange {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        use serde::de::Error;
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            N(u64),
-            S(String),
+        d.deserialize_any(PortRangeVisitor)
+    }
+}
+
+struct PortRangeVisitor;
+
+impl PortRangeVisitor {
+    fn one<E: serde::de::Error>(n: u64) -> Result<u16, E> {
+        u16::try_from(n).map_err(|_| E::custom(format!("port {n} is above 65535")))
+    }
+}
+
+impl serde::de::Visitor<'_> for PortRangeVisitor {
+    type Value = PortRange;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a port number (80) or a range (\"8000-8080\")")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<PortRange, E> {
+        let p = Self::one(n)?;
+        Ok(PortRange(p, p))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<PortRange, E> {
+        match u64::try_from(n) {
+            Ok(n) => self.visit_u64(n),
+            Err(_) => Err(E::custom(format!("port {n} is negative"))),
         }
-        let one = |n: u64| u16::try_from(n).map_err(|_| D::Error::custom(format!("port {n} is above 65535")));
-        match Raw::deserialize(d)? {
-            Raw::N(n) => {
-                let p = one(n)?;
-                Ok(PortRange(p, p))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<PortRange, E> {
+        let parse = |t: &str| -> Result<u16, E> {
+            let n: u64 = t
+                .trim()
+                .parse()
+                .map_err(|_| E::custom(format!("invalid port range {s:?}: expected N or N-M")))?;
+            Self::one(n)
+        };
+        let (a, b) = match s.split_once('-') {
+            Some((a, b)) => (parse(a)?, parse(b)?),
+            None => {
+                let p = parse(s)?;
+                (p, p)
             }
-            Raw::S(s) => {
-                let parse = |t: &str| -> Result<u16, D::Error> {
-                    let n: u64 = t
-                        .trim()
-                        .parse()
-                        .map_err(|_| D::Error::custom(format!("invalid port range {s:?}: expected N or N-M")))?;
-                    one(n)
-                };
-                let (a, b) = match s.split_once('-') {
-                    Some((a, b)) => (parse(a)?, parse(b)?),
-                    None => {
-                        let p = parse(&s)?;
-                        (p, p)
-                    }
-                };
-                if a > b {
-                    return Err(D::Error::custom(format!("invalid port range {s:?}: {a} is above {b}")));
-                }
-                Ok(PortRange(a, b))
-            }
+        };
+        if a > b {
+            return Err(E::custom(format!("invalid port range {s:?}: {a} is above {b}")));
         }
+        Ok(PortRange(a, b))
     }
 }
 
@@ -316,8 +333,88 @@ fn at(file: &str, line: Option<usize>, column: Option<usize>, message: impl Into
     }
 }
 
+/// The line and column (1-based) of byte `at` of `bytes`.
+fn position(bytes: &[u8], at: usize) -> (usize, usize) {
+    let before = &bytes[..at.min(bytes.len())];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let col = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+    (line, col)
+}
+
+/// The deepest nesting of a manifest and the line where it is reached:
+/// block indentation levels plus flow `[`/`{` levels, outside quotes and
+/// comments. Linear in the text, so it runs before the YAML parser.
+fn nesting(text: &str) -> (usize, usize) {
+    let mut indents: Vec<usize> = Vec::new();
+    let mut flow = 0usize;
+    let (mut max, mut at) = (0, 1);
+    for (n, line) in text.lines().enumerate() {
+        let body = line.trim_start_matches([' ', '-']);
+        if body.is_empty() || body.starts_with('#') {
+            continue;
+        }
+        let indent = line.len() - body.len();
+        if flow == 0 {
+            while indents.last().is_some_and(|&i| i >= indent) {
+                indents.pop();
+            }
+            indents.push(indent);
+        }
+        let mut quote: Option<char> = None;
+        for c in body.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') => break,
+                (None, '[' | '{') => flow += 1,
+                (None, ']' | '}') => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+            if indents.len() + flow > max {
+                (max, at) = (indents.len() + flow, n + 1);
+            }
+        }
+    }
+    (max, at)
+}
+
+/// Parses one file's bytes: checked for size, UTF-8, NUL bytes and
+/// nesting before the YAML parser sees them.
+pub fn parse_bytes(file: &str, bytes: &[u8]) -> Result<Vec<Located>, ManifestError> {
+    if bytes.len() as u64 > MANIFEST_BYTES_MAX {
+        return Err(at(
+            file,
+            None,
+            None,
+            format!(
+                "{} bytes; a manifest file holds at most {MANIFEST_BYTES_MAX} bytes (split it into several files)",
+                bytes.len()
+            ),
+        ));
+    }
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        let (line, col) = position(bytes, e.valid_up_to());
+        at(file, Some(line), Some(col), "not UTF-8 text: a manifest is UTF-8 YAML")
+    })?;
+    parse_str(file, text)
+}
+
 /// Parses every document of one file's text.
 pub fn parse_str(file: &str, text: &str) -> Result<Vec<Located>, ManifestError> {
+    if let Some(i) = text.find('\0') {
+        let (line, col) = position(text.as_bytes(), i);
+        return Err(at(file, Some(line), Some(col), "a NUL byte: a manifest is text"));
+    }
+    let (depth, line) = nesting(text);
+    if depth > MANIFEST_DEPTH_MAX {
+        return Err(at(
+            file,
+            Some(line),
+            None,
+            format!("nested {depth} levels deep; a manifest nests at most {MANIFEST_DEPTH_MAX}"),
+        ));
+    }
     let mut out = Vec::new();
     // Split on document markers ourselves, to know each document's first line.
     let mut docs: Vec<(usize, String)> = vec![(1, String::new())];
@@ -637,10 +734,57 @@ pub fn load_path(path: &Path) -> Result<Vec<Located>, ManifestError> {
     let mut out = Vec::new();
     for f in files {
         let name = f.display().to_string();
-        let text = std::fs::read_to_string(&f).map_err(|e| at(&name, None, None, format!("cannot read: {e}")))?;
-        out.extend(parse_str(&name, &text)?);
+        let size = std::fs::metadata(&f)
+            .map_err(|e| at(&name, None, None, format!("cannot read: {e}")))?
+            .len();
+        if size > MANIFEST_BYTES_MAX {
+            return Err(at(
+                &name,
+                None,
+                None,
+                format!("{size} bytes; a manifest file holds at most {MANIFEST_BYTES_MAX} bytes (split it into several files)"),
+            ));
+        }
+        let bytes = std::fs::read(&f).map_err(|e| at(&name, None, None, format!("cannot read: {e}")))?;
+        out.extend(parse_bytes(&name, &bytes)?);
     }
     Ok(out)
+}
+
+/// A field path of the store in the manifest's own spelling.
+fn manifest_spelling(field: &str) -> String {
+    field
+        .split('.')
+        .map(|part| {
+            let (name, index) = part.split_at(part.find('[').unwrap_or(part.len()));
+            let name = match name {
+                "remote_group_id" => "remoteGroup".to_string(),
+                "port_min" | "port_max" => "ports".to_string(),
+                "border_policy_id" => "borderFirewall".to_string(),
+                "policy_id" => "firewall".to_string(),
+                "security_group_ids" => "securityGroups".to_string(),
+                "ipv4" | "ipv6" | "tenant_id" | "id" => name.to_string(),
+                other => {
+                    // snake_case to camelCase.
+                    let mut out = String::new();
+                    let mut up = false;
+                    for c in other.chars() {
+                        if c == '_' {
+                            up = true;
+                        } else if up {
+                            out.extend(c.to_uppercase());
+                            up = false;
+                        } else {
+                            out.push(c);
+                        }
+                    }
+                    out
+                }
+            };
+            format!("{name}{index}")
+        })
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 /// Orders operations so that what others refer to comes first.
@@ -709,6 +853,7 @@ pub fn validate_offline(ops: &[Located]) -> Result<(), ManifestError> {
                 .fold(e.field.clone(), |f, op| {
                     f.replace(&format!("operations[0].{op}."), "spec.")
                 });
+            let field = manifest_spelling(&field);
             return Err(at(&l.file, Some(l.line), None, format!("{field}: {}", e.message)));
         }
     }
@@ -755,6 +900,50 @@ metadata:
         let ordered = dependency_order(ops);
         assert!(matches!(ordered[0].op, Op::PutTenant(_)));
         validate_offline(&ordered).unwrap();
+    }
+
+    #[test]
+    fn bad_input_is_named_at_its_line_and_against_its_limit() {
+        // A wrong type for `ports`: named, with the expected forms.
+        for (bad, what) in [("ports: [80]", "sequence"), ("ports: true", "boolean"), ("ports: -5", "negative")] {
+            let e = parse_str("g.yaml", &GOOD.replace("ports: 80", bad)).unwrap_err();
+            assert!(e.message.contains("rules[0].ports"), "{bad}: {e}");
+            assert!(e.message.contains(what), "{bad}: {e}");
+            assert_eq!(e.line, Some(12), "{bad}: {e}");
+        }
+        // Not UTF-8, and a NUL byte: the line and column.
+        let mut bytes = GOOD.as_bytes().to_vec();
+        let at = GOOD.find("web").unwrap();
+        bytes[at] = 0xff;
+        let e = parse_bytes("g.yaml", &bytes).unwrap_err();
+        assert_eq!((e.line, e.column), (Some(4), Some(9)), "{e}");
+        assert!(e.message.contains("UTF-8"), "{e}");
+        let e = parse_str("g.yaml", &GOOD.replace("name: web", "name: w\0b")).unwrap_err();
+        assert_eq!((e.line, e.column), (Some(4), Some(10)), "{e}");
+        // Deep nesting is refused before the parser, at once.
+        let deep = format!("apiVersion: sdn/v1\nkind: Tenant\nmetadata: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+        let t = std::time::Instant::now();
+        let e = parse_str("d.yaml", &deep).unwrap_err();
+        assert!(e.message.contains(&format!("at most {MANIFEST_DEPTH_MAX}")), "{e}");
+        assert_eq!(e.line, Some(3), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(1), "{:?}", t.elapsed());
+        let mut indented = String::from("apiVersion: sdn/v1\nkind: Tenant\nmetadata:\n");
+        for i in 0..40 {
+            indented.push_str(&format!("{}k{i}:\n", "  ".repeat(i + 1)));
+        }
+        assert!(parse_str("d.yaml", &indented).unwrap_err().message.contains("nested"));
+        // The nesting of every valid example is well inside the limit.
+        assert!(nesting(GOOD).0 <= 8, "{:?}", nesting(GOOD));
+        // Too big: refused before it is read as text.
+        let big = vec![b'#'; MANIFEST_BYTES_MAX as usize + 1];
+        let e = parse_bytes("big.yaml", &big).unwrap_err();
+        assert!(e.message.contains(&format!("at most {MANIFEST_BYTES_MAX} bytes")), "{e}");
+        // A family mismatch names the manifest's own fields.
+        let bad = GOOD.replace("remoteCidr: fd00::/8", "remoteCidr: 10.0.0.0/8");
+        let e = validate_offline(&parse_str("g.yaml", &bad).unwrap()).unwrap_err();
+        assert!(e.message.starts_with("spec.rules[1].remoteCidr: 10.0.0.0/8 is not an IPv6 prefix"), "{e}");
+        assert_eq!(manifest_spelling("spec.rules[2].remote_group_id"), "spec.rules[2].remoteGroup");
+        assert_eq!(manifest_spelling("spec.uplink_device"), "spec.uplinkDevice");
     }
 
     #[test]

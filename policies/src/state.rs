@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
+use crate::limits::input::GROUP_RULES_MAX;
 use crate::limits::{
     address_share, port_share, within, Settings, ENDPOINTS_MAX, EXCHANGE_MAX, FW_NAMES_MAX, FW_POLICIES_MAX,
     FW_POLICY_RULES_MAX, FW_RULES_MAX, PORTS_MAX, ZONES_MAX, ZONE_ENDPOINTS_MAX, ZONE_NETS_MAX,
@@ -675,7 +676,7 @@ impl State {
                 if n.is_ipv4() != (r.ether_type == EtherType::IPv4) {
                     return Err(c.err(
                         &fld("remote_cidr"),
-                        format!("{n} does not match ether_type {:?}", r.ether_type),
+                        format!("{n} is not an {:?} prefix, as the rule's ether type asks", r.ether_type),
                     ));
                 }
                 if n.network() != n.ip() {
@@ -1249,6 +1250,12 @@ impl State {
                 ));
             }
         }
+        if g.rules.len() > GROUP_RULES_MAX {
+            return Err(c.err(
+                "rules",
+                format!("{} rules; a security group holds at most {GROUP_RULES_MAX}", g.rules.len()),
+            ));
+        }
         let mut ids = BTreeSet::new();
         for (i, r) in g.rules.iter().enumerate() {
             let f = |name: &str| format!("rules[{i}].{name}");
@@ -1289,7 +1296,7 @@ impl State {
                     if !fam_ok {
                         return Err(c.err(
                             &f("remote_cidr"),
-                            format!("{n} does not match ether_type {:?}", r.ether_type),
+                            format!("{n} is not an {:?} prefix, as the rule's ether type asks", r.ether_type),
                         ));
                     }
                     if n.network() != n.ip() {

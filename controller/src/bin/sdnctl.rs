@@ -233,23 +233,62 @@ async fn client(addr: &str) -> anyhow::Result<pb::provisioning_client::Provision
     Ok(pb::provisioning_client::ProvisioningClient::new(ch))
 }
 
+/// Whether a failed call may still have been carried out: the connection
+/// broke or the answer was lost, rather than a refusal.
+fn outcome_unknown(s: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(s.code(), Code::Unknown | Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Internal)
+}
+
+/// The store's revision, if it answers.
+async fn last_revision(c: &mut pb::provisioning_client::ProvisioningClient<tonic::transport::Channel>) -> Option<u64> {
+    let req = pb::ListRequest {
+        kind: pb::Kind::Tenant as i32,
+        stale: true,
+    };
+    c.list(req).await.ok().map(|r| r.into_inner().revision)
+}
+
 fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
 
 async fn apply(addr: &str, ops: Vec<pb::Operation>, wait: bool, timeout: u32, actor: String) -> anyhow::Result<()> {
+    use sdn_policies::limits::input::{BATCH_OPS_MAX, REQUEST_BYTES_MAX};
     let n = ops.len();
+    if n > BATCH_OPS_MAX {
+        anyhow::bail!("{n} operations; one batch holds at most {BATCH_OPS_MAX} (apply the manifests in parts)");
+    }
+    let req = pb::ApplyRequest {
+        operations: ops,
+        actor,
+        wait: false,
+        wait_timeout_ms: 0,
+    };
+    let size = prost::Message::encoded_len(&req);
+    if size > REQUEST_BYTES_MAX {
+        anyhow::bail!(
+            "the batch encodes to {size} bytes; a request holds at most {REQUEST_BYTES_MAX} (apply the manifests in parts)"
+        );
+    }
     let mut c = client(addr).await?;
-    let r = c
-        .apply(pb::ApplyRequest {
-            operations: ops,
-            actor,
-            wait: false,
-            wait_timeout_ms: 0,
-        })
-        .await
-        .map_err(status_err)?
-        .into_inner();
+    let before = last_revision(&mut c).await;
+    let r = match c.apply(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s) if outcome_unknown(&s) => {
+            let audit = match before {
+                Some(r) => format!("`sdnctl audit --after {r}` (every change since revision {r}, the last before this call)"),
+                None => "`sdnctl audit`".to_string(),
+            };
+            anyhow::bail!(
+                "{:?}: {}; the outcome is unknown: the batch may have been committed. Check with {audit} \
+                 or `sdnctl get`",
+                s.code(),
+                s.message()
+            );
+        }
+        Err(s) => return Err(status_err(s)),
+    };
     let hosts = if r.hosts.is_empty() {
         "none".to_string()
     } else {
