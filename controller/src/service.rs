@@ -280,10 +280,19 @@ impl pb::provisioning_server::Provisioning for Controller {
             .keys()
             .map(|h| {
                 let s = status.get(h).cloned().unwrap_or_default();
+                // A host hears of a revision only when it changes its share:
+                // one that enforces its share's last change enforces the
+                // current revision.
+                let last_change = shared.shares.host(h).map(|x| x.changed).unwrap_or(0);
+                let enforced = if s.enforced > 0 && s.enforced >= last_change {
+                    shared.revision
+                } else {
+                    s.enforced
+                };
                 pb::HostEnforcement {
                     host_id: h.clone(),
                     connected: s.streams > 0,
-                    enforced_revision: s.enforced,
+                    enforced_revision: enforced,
                     nack_reason: s.nack.map(|(_, r)| r).unwrap_or_default(),
                 }
             })
