@@ -144,38 +144,34 @@ impl Index {
 
     fn port(&mut self, p: &Port, vpc: &str, on: bool) {
         let id = p.id.as_str();
+        let (set, count): (fn(&mut BTreeMap<String, Set>, &str, &str), fn(&mut BTreeMap<String, Counts>, &str, &str)) =
+            if on { (add, inc) } else { (del, dec) };
+        set(&mut self.ports_by_host, &p.host_id, id);
+        set(&mut self.ports_by_vpc, vpc, id);
+        set(&mut self.ports_by_subnet, &p.subnet_id, id);
+        set(&mut self.ports_by_vm, &p.vm_id, id);
+        for g in &p.security_group_ids {
+            set(&mut self.ports_by_group, g, id);
+            count(&mut self.group_hosts, g, &p.host_id);
+            count(&mut self.host_groups, &p.host_id, g);
+        }
+        count(&mut self.vpc_hosts, vpc, &p.host_id);
+        count(&mut self.host_vpcs, &p.host_id, vpc);
+        let addresses = p.addresses().map(|a| (vpc.to_string(), a));
+        let mac = (vpc.to_string(), p.mac);
+        let device = (p.host_id.clone(), p.device.clone());
         if on {
             self.port_vpc.insert(p.id.clone(), vpc.to_string());
-            add(&mut self.ports_by_host, &p.host_id, id);
-            add(&mut self.ports_by_vpc, vpc, id);
-            add(&mut self.ports_by_subnet, &p.subnet_id, id);
-            add(&mut self.ports_by_vm, &p.vm_id, id);
-            for g in &p.security_group_ids {
-                add(&mut self.ports_by_group, g, id);
-                inc(&mut self.group_hosts, g, &p.host_id);
-                inc(&mut self.host_groups, &p.host_id, g);
-            }
-            for a in p.addresses() {
-                self.addresses.insert((vpc.to_string(), a), p.id.clone());
+            for a in addresses {
+                self.addresses.insert(a, p.id.clone());
                 *self.vpc_addresses.entry(vpc.to_string()).or_default() += 1;
             }
-            self.macs.insert((vpc.to_string(), p.mac), p.id.clone());
-            self.devices.insert((p.host_id.clone(), p.device.clone()), p.id.clone());
-            inc(&mut self.vpc_hosts, vpc, &p.host_id);
-            inc(&mut self.host_vpcs, &p.host_id, vpc);
+            self.macs.insert(mac, p.id.clone());
+            self.devices.insert(device, p.id.clone());
         } else {
             self.port_vpc.remove(id);
-            del(&mut self.ports_by_host, &p.host_id, id);
-            del(&mut self.ports_by_vpc, vpc, id);
-            del(&mut self.ports_by_subnet, &p.subnet_id, id);
-            del(&mut self.ports_by_vm, &p.vm_id, id);
-            for g in &p.security_group_ids {
-                del(&mut self.ports_by_group, g, id);
-                dec(&mut self.group_hosts, g, &p.host_id);
-                dec(&mut self.host_groups, &p.host_id, g);
-            }
-            for a in p.addresses() {
-                del_owned(&mut self.addresses, &(vpc.to_string(), a), id);
+            for a in addresses {
+                del_owned(&mut self.addresses, &a, id);
                 if let Some(n) = self.vpc_addresses.get_mut(vpc) {
                     *n -= 1;
                     if *n == 0 {
@@ -183,10 +179,8 @@ impl Index {
                     }
                 }
             }
-            del_owned(&mut self.macs, &(vpc.to_string(), p.mac), id);
-            del_owned(&mut self.devices, &(p.host_id.clone(), p.device.clone()), id);
-            dec(&mut self.vpc_hosts, vpc, &p.host_id);
-            dec(&mut self.host_vpcs, &p.host_id, vpc);
+            del_owned(&mut self.macs, &mac, id);
+            del_owned(&mut self.devices, &device, id);
         }
     }
 
