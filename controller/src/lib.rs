@@ -2,7 +2,7 @@
 //! watch fan-out and audit.
 
 pub mod cluster;
-pub mod convert;
+pub use sdn_policies::convert;
 pub mod enforcement;
 pub mod service;
 pub mod shares;

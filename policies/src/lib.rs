@@ -2,6 +2,7 @@
 //! the store's state with whole-batch validation, the limits it enforces,
 //! and the administrators' YAML manifests.
 
+pub mod convert;
 pub mod index;
 pub mod limits;
 pub mod manifest;

@@ -330,89 +330,116 @@ impl<'de> Deserialize<'de> for Mac {
     }
 }
 
-/// Kinds of object.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum Kind {
-    Tenant,
-    Vpc,
-    Subnet,
-    Host,
-    Port,
-    SecurityGroup,
-    Quarantine,
-    Zone,
-    ExchangePath,
-    FirewallPolicy,
-    VpcPeering,
-}
-
-impl Kind {
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Tenant => "tenant",
-            Kind::Vpc => "vpc",
-            Kind::Subnet => "subnet",
-            Kind::Host => "host",
-            Kind::Port => "port",
-            Kind::SecurityGroup => "security_group",
-            Kind::Quarantine => "quarantine",
-            Kind::Zone => "zone",
-            Kind::ExchangePath => "exchange_path",
-            Kind::FirewallPolicy => "firewall_policy",
-            Kind::VpcPeering => "vpc_peering",
+/// Every kind of object, declared once: its `Kind` and `Object` variant,
+/// its type, its name in keys and messages, the `State` map that holds it,
+/// and its put operation. `for_each_kind!(m)` hands the table to macro `m`;
+/// the model, the state and the store generate what each kind needs from it.
+#[macro_export]
+macro_rules! for_each_kind {
+    ($m:ident) => {
+        $m! {
+            (Tenant, Tenant, "tenant", tenants, PutTenant),
+            (Vpc, Vpc, "vpc", vpcs, PutVpc),
+            (Subnet, Subnet, "subnet", subnets, PutSubnet),
+            (Host, Host, "host", hosts, PutHost),
+            (Port, Port, "port", ports, PutPort),
+            (SecurityGroup, SecurityGroup, "security_group", security_groups, PutSecurityGroup),
+            (Quarantine, Quarantine, "quarantine", quarantines, PutQuarantine),
+            (Zone, Zone, "zone", zones, PutZone),
+            (ExchangePath, ExchangePath, "exchange_path", exchange_paths, PutExchangePath),
+            (FirewallPolicy, FirewallPolicy, "firewall_policy", firewall_policies, PutFirewallPolicy),
+            (VpcPeering, VpcPeering, "vpc_peering", peerings, PutVpcPeering),
         }
-    }
+    };
 }
 
-/// One object of any kind: what a change puts, and what it replaced.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Object {
-    Tenant(Tenant),
-    Vpc(Vpc),
-    Subnet(Subnet),
-    Host(Host),
-    Port(Port),
-    SecurityGroup(SecurityGroup),
-    Quarantine(Quarantine),
-    Zone(Zone),
-    ExchangePath(ExchangePath),
-    FirewallPolicy(FirewallPolicy),
-    VpcPeering(VpcPeering),
-}
-
-impl Object {
-    pub fn kind(&self) -> Kind {
-        match self {
-            Object::Tenant(_) => Kind::Tenant,
-            Object::Vpc(_) => Kind::Vpc,
-            Object::Subnet(_) => Kind::Subnet,
-            Object::Host(_) => Kind::Host,
-            Object::Port(_) => Kind::Port,
-            Object::SecurityGroup(_) => Kind::SecurityGroup,
-            Object::Quarantine(_) => Kind::Quarantine,
-            Object::Zone(_) => Kind::Zone,
-            Object::ExchangePath(_) => Kind::ExchangePath,
-            Object::FirewallPolicy(_) => Kind::FirewallPolicy,
-            Object::VpcPeering(_) => Kind::VpcPeering,
+macro_rules! declare_kinds {
+    ($(($kind:ident, $ty:ident, $name:literal, $map:ident, $put:ident)),* $(,)?) => {
+        /// Kinds of object.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        pub enum Kind {
+            $($kind),*
         }
-    }
 
-    pub fn id(&self) -> &str {
-        match self {
-            Object::Tenant(x) => &x.id,
-            Object::Vpc(x) => &x.id,
-            Object::Subnet(x) => &x.id,
-            Object::Host(x) => &x.id,
-            Object::Port(x) => &x.id,
-            Object::SecurityGroup(x) => &x.id,
-            Object::Quarantine(x) => &x.id,
-            Object::Zone(x) => &x.id,
-            Object::ExchangePath(x) => &x.id,
-            Object::FirewallPolicy(x) => &x.id,
-            Object::VpcPeering(x) => &x.id,
+        impl Kind {
+            /// Every kind, in the order of the table (what others refer to
+            /// comes first where it matters: subnets before ports).
+            pub const ALL: &'static [Kind] = &[$(Kind::$kind),*];
+
+            pub fn name(self) -> &'static str {
+                match self {
+                    $(Kind::$kind => $name),*
+                }
+            }
+
+            /// The kind of a name (`"security_group"`).
+            pub fn from_name(name: &str) -> Option<Kind> {
+                match name {
+                    $($name => Some(Kind::$kind),)*
+                    _ => None,
+                }
+            }
         }
-    }
+
+        /// One object of any kind: what a change puts, and what it replaced.
+        #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum Object {
+            $($kind($ty)),*
+        }
+
+        impl Object {
+            pub fn kind(&self) -> Kind {
+                match self {
+                    $(Object::$kind(_) => Kind::$kind),*
+                }
+            }
+
+            pub fn id(&self) -> &str {
+                match self {
+                    $(Object::$kind(x) => &x.id),*
+                }
+            }
+
+            /// The object alone as JSON (without its kind), as the store
+            /// keeps it.
+            pub fn to_json(&self) -> Vec<u8> {
+                match self {
+                    $(Object::$kind(x) => serde_json::to_vec(x)),*
+                }
+                .expect("model objects serialise")
+            }
+
+            /// An object of `kind` from [`Object::to_json`]'s form.
+            pub fn from_json(kind: Kind, bytes: &[u8]) -> Result<Object, serde_json::Error> {
+                Ok(match kind {
+                    $(Kind::$kind => Object::$kind(serde_json::from_slice(bytes)?)),*
+                })
+            }
+        }
+
+        impl Op {
+            /// The object this operation changes: every operation changes
+            /// exactly one, its own.
+            pub fn key(&self) -> (Kind, &str) {
+                match self {
+                    $(Op::$put(x) => (Kind::$kind, &x.id),)*
+                    Op::Delete { kind, id } => (*kind, id),
+                }
+            }
+
+            /// The field name of this operation in the API (`put_port`,
+            /// `delete`, ...).
+            pub fn field(&self) -> &'static str {
+                match self {
+                    $(Op::$put(_) => concat!("put_", $name),)*
+                    Op::Delete { .. } => "delete",
+                }
+            }
+        }
+    };
 }
+
+for_each_kind!(declare_kinds);
 
 /// One change of a batch.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -432,43 +459,6 @@ pub enum Op {
 }
 
 impl Op {
-    /// The field name of this operation in the API (`put_port`, `delete`, ...).
-    pub fn field(&self) -> &'static str {
-        match self {
-            Op::PutTenant(_) => "put_tenant",
-            Op::PutVpc(_) => "put_vpc",
-            Op::PutSubnet(_) => "put_subnet",
-            Op::PutHost(_) => "put_host",
-            Op::PutPort(_) => "put_port",
-            Op::PutSecurityGroup(_) => "put_security_group",
-            Op::PutQuarantine(_) => "put_quarantine",
-            Op::PutZone(_) => "put_zone",
-            Op::PutExchangePath(_) => "put_exchange_path",
-            Op::PutFirewallPolicy(_) => "put_firewall_policy",
-            Op::PutVpcPeering(_) => "put_vpc_peering",
-            Op::Delete { .. } => "delete",
-        }
-    }
-
-    /// The object this operation changes: every operation changes exactly
-    /// one, its own.
-    pub fn key(&self) -> (Kind, &str) {
-        match self {
-            Op::PutTenant(x) => (Kind::Tenant, &x.id),
-            Op::PutVpc(x) => (Kind::Vpc, &x.id),
-            Op::PutSubnet(x) => (Kind::Subnet, &x.id),
-            Op::PutHost(x) => (Kind::Host, &x.id),
-            Op::PutPort(x) => (Kind::Port, &x.id),
-            Op::PutSecurityGroup(x) => (Kind::SecurityGroup, &x.id),
-            Op::PutQuarantine(x) => (Kind::Quarantine, &x.id),
-            Op::PutZone(x) => (Kind::Zone, &x.id),
-            Op::PutExchangePath(x) => (Kind::ExchangePath, &x.id),
-            Op::PutFirewallPolicy(x) => (Kind::FirewallPolicy, &x.id),
-            Op::PutVpcPeering(x) => (Kind::VpcPeering, &x.id),
-            Op::Delete { kind, id } => (*kind, id),
-        }
-    }
-
     /// One line for the audit record.
     pub fn describe(&self) -> String {
         match self {

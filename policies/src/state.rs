@@ -208,58 +208,11 @@ impl State {
         self.index = ix;
     }
 
-    /// Every object, subnets before ports.
-    pub fn objects(&self) -> impl Iterator<Item = Object> + '_ {
-        self.tenants
-            .values()
-            .cloned()
-            .map(Object::Tenant)
-            .chain(self.vpcs.values().cloned().map(Object::Vpc))
-            .chain(self.subnets.values().cloned().map(Object::Subnet))
-            .chain(self.hosts.values().cloned().map(Object::Host))
-            .chain(self.ports.values().cloned().map(Object::Port))
-            .chain(self.security_groups.values().cloned().map(Object::SecurityGroup))
-            .chain(self.quarantines.values().cloned().map(Object::Quarantine))
-            .chain(self.zones.values().cloned().map(Object::Zone))
-            .chain(self.exchange_paths.values().cloned().map(Object::ExchangePath))
-            .chain(self.firewall_policies.values().cloned().map(Object::FirewallPolicy))
-            .chain(self.peerings.values().cloned().map(Object::VpcPeering))
-    }
-
-    /// A copy of one object.
-    pub fn get(&self, kind: Kind, id: &str) -> Option<Object> {
-        match kind {
-            Kind::Tenant => self.tenants.get(id).cloned().map(Object::Tenant),
-            Kind::Vpc => self.vpcs.get(id).cloned().map(Object::Vpc),
-            Kind::Subnet => self.subnets.get(id).cloned().map(Object::Subnet),
-            Kind::Host => self.hosts.get(id).cloned().map(Object::Host),
-            Kind::Port => self.ports.get(id).cloned().map(Object::Port),
-            Kind::SecurityGroup => self.security_groups.get(id).cloned().map(Object::SecurityGroup),
-            Kind::Quarantine => self.quarantines.get(id).cloned().map(Object::Quarantine),
-            Kind::Zone => self.zones.get(id).cloned().map(Object::Zone),
-            Kind::ExchangePath => self.exchange_paths.get(id).cloned().map(Object::ExchangePath),
-            Kind::FirewallPolicy => self.firewall_policies.get(id).cloned().map(Object::FirewallPolicy),
-            Kind::VpcPeering => self.peerings.get(id).cloned().map(Object::VpcPeering),
-        }
-    }
-
     /// Puts `new` in place of the object `kind`/`id` (`None`: removes it),
     /// keeping the relations current, without any check. Returns what was
     /// there.
     pub fn replace(&mut self, kind: Kind, id: &str, new: Option<Object>) -> Option<Object> {
-        let old = match kind {
-            Kind::Tenant => self.tenants.remove(id).map(Object::Tenant),
-            Kind::Vpc => self.vpcs.remove(id).map(Object::Vpc),
-            Kind::Subnet => self.subnets.remove(id).map(Object::Subnet),
-            Kind::Host => self.hosts.remove(id).map(Object::Host),
-            Kind::Port => self.ports.remove(id).map(Object::Port),
-            Kind::SecurityGroup => self.security_groups.remove(id).map(Object::SecurityGroup),
-            Kind::Quarantine => self.quarantines.remove(id).map(Object::Quarantine),
-            Kind::Zone => self.zones.remove(id).map(Object::Zone),
-            Kind::ExchangePath => self.exchange_paths.remove(id).map(Object::ExchangePath),
-            Kind::FirewallPolicy => self.firewall_policies.remove(id).map(Object::FirewallPolicy),
-            Kind::VpcPeering => self.peerings.remove(id).map(Object::VpcPeering),
-        };
+        let old = self.take(kind, id);
         let subnets = &self.subnets;
         let vpc_of = |sn: &str| subnets.get(sn).map(|s| s.vpc_id.clone());
         if let Some(o) = &old {
@@ -268,19 +221,7 @@ impl State {
         if let Some(n) = new {
             debug_assert!(n.kind() == kind && n.id() == id, "replace: the object is not {kind:?} {id}");
             self.index.object(&n, true, vpc_of);
-            match n {
-                Object::Tenant(x) => self.tenants.insert(id.to_string(), x).map(|_| ()),
-                Object::Vpc(x) => self.vpcs.insert(id.to_string(), x).map(|_| ()),
-                Object::Subnet(x) => self.subnets.insert(id.to_string(), x).map(|_| ()),
-                Object::Host(x) => self.hosts.insert(id.to_string(), x).map(|_| ()),
-                Object::Port(x) => self.ports.insert(id.to_string(), x).map(|_| ()),
-                Object::SecurityGroup(x) => self.security_groups.insert(id.to_string(), x).map(|_| ()),
-                Object::Quarantine(x) => self.quarantines.insert(id.to_string(), x).map(|_| ()),
-                Object::Zone(x) => self.zones.insert(id.to_string(), x).map(|_| ()),
-                Object::ExchangePath(x) => self.exchange_paths.insert(id.to_string(), x).map(|_| ()),
-                Object::FirewallPolicy(x) => self.firewall_policies.insert(id.to_string(), x).map(|_| ()),
-                Object::VpcPeering(x) => self.peerings.insert(id.to_string(), x).map(|_| ()),
-            };
+            self.put(n);
         }
         old
     }
@@ -1477,6 +1418,49 @@ impl State {
         v
     }
 }
+
+macro_rules! state_access {
+    ($(($kind:ident, $ty:ident, $name:literal, $map:ident, $put:ident)),* $(,)?) => {
+        impl State {
+            /// Every object, in the order of the kinds' table (subnets
+            /// before ports).
+            pub fn objects(&self) -> impl Iterator<Item = Object> + '_ {
+                std::iter::empty()
+                    $(.chain(self.$map.values().cloned().map(Object::$kind)))*
+            }
+
+            /// A copy of one object.
+            pub fn get(&self, kind: Kind, id: &str) -> Option<Object> {
+                match kind {
+                    $(Kind::$kind => self.$map.get(id).cloned().map(Object::$kind)),*
+                }
+            }
+
+            /// How many objects of a kind there are.
+            pub fn count(&self, kind: Kind) -> usize {
+                match kind {
+                    $(Kind::$kind => self.$map.len()),*
+                }
+            }
+
+            fn take(&mut self, kind: Kind, id: &str) -> Option<Object> {
+                match kind {
+                    $(Kind::$kind => self.$map.remove(id).map(Object::$kind)),*
+                }
+            }
+
+            fn put(&mut self, o: Object) {
+                match o {
+                    $(Object::$kind(x) => {
+                        self.$map.insert(x.id.clone(), x);
+                    })*
+                }
+            }
+        }
+    };
+}
+
+crate::for_each_kind!(state_access);
 
 /// Prefixes as text: "10.0.0.0/8, fd00::/8".
 fn list(nets: &[IpNetwork]) -> String {

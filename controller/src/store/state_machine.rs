@@ -12,7 +12,7 @@ use openraft::{
     StoredMembership,
 };
 use redb::{Database, ReadableTable, TableDefinition};
-use sdn_policies::{Kind, State};
+use sdn_policies::{Kind, Object, State};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, RwLock};
 
@@ -69,25 +69,12 @@ fn object_key(kind: Kind, id: &str) -> String {
 }
 
 fn object_json(state: &State, kind: Kind, id: &str) -> Option<Vec<u8>> {
-    let j = match kind {
-        Kind::Tenant => state.tenants.get(id).map(serde_json::to_vec),
-        Kind::Vpc => state.vpcs.get(id).map(serde_json::to_vec),
-        Kind::Subnet => state.subnets.get(id).map(serde_json::to_vec),
-        Kind::Host => state.hosts.get(id).map(serde_json::to_vec),
-        Kind::Port => state.ports.get(id).map(serde_json::to_vec),
-        Kind::SecurityGroup => state.security_groups.get(id).map(serde_json::to_vec),
-        Kind::Quarantine => state.quarantines.get(id).map(serde_json::to_vec),
-        Kind::Zone => state.zones.get(id).map(serde_json::to_vec),
-        Kind::ExchangePath => state.exchange_paths.get(id).map(serde_json::to_vec),
-        Kind::FirewallPolicy => state.firewall_policies.get(id).map(serde_json::to_vec),
-        Kind::VpcPeering => state.peerings.get(id).map(serde_json::to_vec),
-    };
-    j.map(|r| r.expect("model objects serialise"))
+    state.get(kind, id).map(|o| o.to_json())
 }
 
 fn load_state(db: &Database) -> Result<(State, Applied), AnyError> {
     let tx = db.begin_read().map_err(any)?;
-    let mut state = State::default();
+    let mut loaded: Vec<(Kind, Object)> = Vec::new();
     let objects = tx.open_table(OBJECTS).map_err(any)?;
     for item in objects.iter().map_err(any)? {
         let (k, v) = item.map_err(any)?;
@@ -95,50 +82,18 @@ fn load_state(db: &Database) -> Result<(State, Applied), AnyError> {
             .value()
             .split_once('/')
             .ok_or_else(|| AnyError::error(format!("bad object key {:?}", k.value())))?;
-        let v = v.value();
-        let id = id.to_string();
-        match kind {
-            "tenant" => {
-                state.tenants.insert(id, serde_json::from_slice(v).map_err(any)?);
-            }
-            "vpc" => {
-                state.vpcs.insert(id, serde_json::from_slice(v).map_err(any)?);
-            }
-            "subnet" => {
-                state.subnets.insert(id, serde_json::from_slice(v).map_err(any)?);
-            }
-            "host" => {
-                state.hosts.insert(id, serde_json::from_slice(v).map_err(any)?);
-            }
-            "port" => {
-                state.ports.insert(id, serde_json::from_slice(v).map_err(any)?);
-            }
-            "quarantine" => {
-                state.quarantines.insert(id, serde_json::from_slice(v).map_err(any)?);
-            }
-            "zone" => {
-                state.zones.insert(id, serde_json::from_slice(v).map_err(any)?);
-            }
-            "exchange_path" => {
-                state.exchange_paths.insert(id, serde_json::from_slice(v).map_err(any)?);
-            }
-            "vpc_peering" => {
-                state.peerings.insert(id, serde_json::from_slice(v).map_err(any)?);
-            }
-            "firewall_policy" => {
-                state
-                    .firewall_policies
-                    .insert(id, serde_json::from_slice(v).map_err(any)?);
-            }
-            "security_group" => {
-                state
-                    .security_groups
-                    .insert(id, serde_json::from_slice(v).map_err(any)?);
-            }
-            other => return Err(AnyError::error(format!("unknown object kind {other:?} in the store"))),
-        }
+        let kind = Kind::from_name(kind)
+            .ok_or_else(|| AnyError::error(format!("unknown object kind {kind:?} in the store")))?;
+        let o = Object::from_json(kind, v.value()).map_err(|e| AnyError::error(format!("object {id}: {e}")))?;
+        loaded.push((kind, o));
     }
-    state.reindex();
+    // In the order of the kinds' table: a port's relations need its subnet.
+    loaded.sort_by_key(|(k, _)| *k);
+    let mut state = State::default();
+    for (kind, o) in loaded {
+        let id = o.id().to_string();
+        state.replace(kind, &id, Some(o));
+    }
     let meta = tx.open_table(SM_META).map_err(any)?;
     let applied = match meta.get("applied").map_err(any)? {
         Some(v) => serde_json::from_slice(v.value()).map_err(any)?,
@@ -379,25 +334,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             {
                 let mut objects = tx.open_table(OBJECTS).map_err(any)?;
                 objects.retain(|_, _| false).map_err(any)?;
-                let s = &data.state;
-                let all = s
-                    .tenants
-                    .keys()
-                    .map(|k| (Kind::Tenant, k))
-                    .chain(s.vpcs.keys().map(|k| (Kind::Vpc, k)))
-                    .chain(s.subnets.keys().map(|k| (Kind::Subnet, k)))
-                    .chain(s.hosts.keys().map(|k| (Kind::Host, k)))
-                    .chain(s.ports.keys().map(|k| (Kind::Port, k)))
-                    .chain(s.security_groups.keys().map(|k| (Kind::SecurityGroup, k)))
-                    .chain(s.quarantines.keys().map(|k| (Kind::Quarantine, k)))
-                    .chain(s.zones.keys().map(|k| (Kind::Zone, k)))
-                    .chain(s.exchange_paths.keys().map(|k| (Kind::ExchangePath, k)))
-                    .chain(s.firewall_policies.keys().map(|k| (Kind::FirewallPolicy, k)))
-                    .chain(s.peerings.keys().map(|k| (Kind::VpcPeering, k)));
-                for (kind, id) in all {
-                    let j = object_json(s, kind, id).expect("present");
+                for o in data.state.objects() {
                     objects
-                        .insert(object_key(kind, id).as_str(), j.as_slice())
+                        .insert(object_key(o.kind(), o.id()).as_str(), o.to_json().as_slice())
                         .map_err(any)?;
                 }
                 let mut a = tx.open_table(AUDIT).map_err(any)?;
@@ -438,5 +377,82 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }))
         })()
         .map_err(super::sio::read_state_machine)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+    use sdn_policies::*;
+
+    /// What the state machine applied, a new one opened on the same
+    /// database loads back: the objects, their relations (a port's VPC
+    /// comes from its subnet, which the store lists after it) and the
+    /// revision.
+    #[tokio::test]
+    async fn a_reopened_store_loads_the_state_it_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Database::create(dir.path().join("s.redb")).unwrap());
+        let open = |db: Arc<Database>| async move {
+            let shared = Arc::new(RwLock::new(Shared::default()));
+            let sm = StateMachine::open(db, shared.clone(), watch::channel(0).0).await.unwrap();
+            (sm, shared)
+        };
+        let (mut sm, shared) = open(db.clone()).await;
+        let ops = vec![
+            Op::PutTenant(Tenant {
+                id: "t".into(),
+                name: "t".into(),
+            }),
+            Op::PutVpc(Vpc {
+                id: "v".into(),
+                tenant_id: "t".into(),
+                name: "v".into(),
+                vni: 0,
+                zone_id: String::new(),
+                border_policy_id: String::new(),
+            }),
+            Op::PutSubnet(Subnet {
+                id: "s".into(),
+                vpc_id: "v".into(),
+                cidr_v4: Some("10.0.0.0/24".parse().unwrap()),
+                cidr_v6: None,
+            }),
+            Op::PutHost(Host {
+                id: "h".into(),
+                underlay_ip: "192.0.2.1".parse().unwrap(),
+            }),
+            Op::PutPort(Port {
+                id: "p".into(),
+                tenant_id: "t".into(),
+                subnet_id: "s".into(),
+                host_id: "h".into(),
+                device: "tap0".into(),
+                mac: "02:00:00:00:00:01".parse().unwrap(),
+                ipv4: Some("10.0.0.5".parse().unwrap()),
+                ipv6: None,
+                security_group_ids: vec![],
+                vm_id: String::new(),
+            }),
+        ];
+        let entry = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Normal(Command {
+                actor: "test".into(),
+                time_unix_ms: 0,
+                ops,
+            }),
+        };
+        let out = sm.apply([entry]).await.unwrap();
+        assert_eq!(out[0].revision, 1, "{:?}", out[0].error);
+        let applied = shared.read().await.state.clone();
+        assert_eq!(applied.index().port_vpc["p"], "v");
+        drop(sm);
+        let (_sm, reopened) = open(db).await;
+        let r = reopened.read().await;
+        assert_eq!(r.revision, 1);
+        assert_eq!(r.state, applied, "objects and relations as applied");
+        assert_eq!(r.shares.host("h").map(|s| s.resources.len()), Some(2), "port/p and vpc/v");
     }
 }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use sdn_controller::convert;
+use sdn_policies::convert;
 use sdn_policies::manifest;
 use sdn_proto::v1 as pb;
 

@@ -1,7 +1,7 @@
 //! Conversion between the API's messages and the model. Parsing happens here,
 //! once; an error names the operation and the field.
 
-use sdn_policies as m;
+use crate as m;
 use sdn_proto::v1 as pb;
 
 /// A conversion error: the field path and what is wrong with it.
