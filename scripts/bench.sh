@@ -38,5 +38,6 @@ run "controller cluster vs etcd" "$bin/raft_compare"
 run "overlay throughput vs bare kernel VXLAN" "$bin/overlay_throughput"
 run "a SYN flood at one port beside a long-lived flow" "$bin/syn_flood"
 run "the controller at scale: write latency against state size" "$bin/controller_scale" "${smoke_args[@]}"
+run "the controller at scale, three replicas" env REPLICAS=3 "$bin/controller_scale" "${smoke_args[@]}"
 ((smoke)) && echo "[bench] every benchmark ran (smoke)" >&2
 exit 0

@@ -21,7 +21,9 @@
 //!
 //! Run as root after `cargo build --release --workspace --bins`:
 //! `cargo run --release -p sdn-integration --example controller_scale`
-//! (`HOSTS=1000 SIZES=0,1000,10000,100000 SAMPLES=50` by default;
+//! (`HOSTS=1000 SIZES=0,1000,10000,100000 SAMPLES=50 REPLICAS=1` by default;
+//! with `REPLICAS=3` three replicas on this machine, the agents spread over
+//! them, writes sent to the first;
 //! `-- --smoke` for a short run that only checks it still works).
 
 use std::collections::HashMap;
@@ -50,19 +52,21 @@ struct Controller {
 }
 
 impl Controller {
-    fn spawn(dir: &std::path::Path, data: &std::path::Path, addr: &str) -> anyhow::Result<Proc> {
-        Proc::spawn(
-            "controller",
-            None,
-            &bin("sdn-controller"),
-            &[
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--listen",
-                addr.trim_start_matches("http://"),
-            ],
-            dir,
-        )
+    /// Replica `node` (from 1); the first bootstraps, the others join.
+    fn spawn(dir: &std::path::Path, data: &std::path::Path, addr: &str, node: u64) -> anyhow::Result<Proc> {
+        let id = node.to_string();
+        let mut args = vec![
+            "--node-id",
+            &id,
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            addr.trim_start_matches("http://"),
+        ];
+        if node > 1 {
+            args.push("--join");
+        }
+        Proc::spawn(&format!("controller-{node}"), None, &bin("sdn-controller"), &args, dir)
     }
 
     async fn answering(&self, timeout: Duration) -> anyhow::Result<Duration> {
@@ -260,17 +264,43 @@ async fn run(dir: &std::path::Path) -> anyhow::Result<()> {
         "SIZES: at most 3,250,000 ports"
     );
 
+    let replicas: usize = env("REPLICAS", "1").parse().context("REPLICAS: a number of replicas")?;
+    anyhow::ensure!((1..=7).contains(&replicas), "REPLICAS: 1 to 7");
     let dir = dir.to_path_buf();
-    let data = dir.join("data");
-    let port = free_port();
-    let addr = format!("http://127.0.0.1:{port}");
-    let mut ctl = Controller {
-        proc: Controller::spawn(&dir, &data, &addr)?,
-        addr: addr.clone(),
-        data: data.clone(),
-        dir: dir.clone(),
-    };
-    ctl.answering(Duration::from_secs(20)).await?;
+    let mut ctls = Vec::new();
+    for i in 0..replicas {
+        let data = dir.join(format!("data{}", i + 1));
+        let addr = format!("http://127.0.0.1:{}", free_port());
+        ctls.push(Controller {
+            proc: Controller::spawn(&dir, &data, &addr, i as u64 + 1)?,
+            addr,
+            data,
+            dir: dir.clone(),
+        });
+    }
+    ctls[0].answering(Duration::from_secs(20)).await?;
+    if replicas > 1 {
+        let mut c = pb::cluster_client::ClusterClient::new(sdn_proto::connect(&ctls[0].addr).await?);
+        for (i, r) in ctls.iter().enumerate().skip(1) {
+            let node_id = i as u64 + 1;
+            let t0 = Instant::now();
+            loop {
+                let add = c
+                    .add_learner(pb::AddLearnerRequest {
+                        node_id,
+                        addr: r.addr.clone(),
+                    })
+                    .await;
+                match add {
+                    Ok(_) => break,
+                    Err(e) if t0.elapsed() > Duration::from_secs(20) => anyhow::bail!("adding replica {node_id}: {e}"),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+            c.promote(pb::MemberRequest { node_id }).await?;
+        }
+    }
+    let addr = ctls[0].addr.clone();
     let mut client = pb::provisioning_client::ProvisioningClient::new(sdn_proto::connect(&addr).await?)
         .max_decoding_message_size(256 << 20);
 
@@ -292,9 +322,10 @@ async fn run(dir: &std::path::Path) -> anyhow::Result<()> {
     // The agents, several streams to a connection.
     let acked = Arc::new(AtomicU64::new(0));
     let mut channels = Vec::new();
+    // Spread over the replicas, as agents given several addresses are.
     for h in 0..hosts {
         if h % 50 == 0 {
-            channels.push(sdn_proto::connect(&addr).await?);
+            channels.push(sdn_proto::connect(&ctls[(h / 50) % replicas].addr).await?);
         }
         agent(channels.last().unwrap().clone(), host_name(h), acked.clone());
     }
@@ -303,7 +334,7 @@ async fn run(dir: &std::path::Path) -> anyhow::Result<()> {
         apply(&mut client, chunk.iter().map(|&h| anchor_op(h)).collect(), false).await?;
     }
     println!(
-        "{hosts} hosts, each with an agent's watch stream and a port in group `all` ({:.1} s)",
+        "{replicas} replica(s); {hosts} hosts, each with an agent's watch stream and a port in group `all` ({:.1} s)",
         t0.elapsed().as_secs_f64()
     );
     println!(
@@ -372,7 +403,7 @@ async fn run(dir: &std::path::Path) -> anyhow::Result<()> {
             all.push(t.elapsed());
             anyhow::ensure!(r.enforced && r.hosts.len() == hosts, "the group write reached {} hosts", r.hosts.len());
         }
-        let rss = ctl.rss_mib();
+        let rss = ctls[0].rss_mib();
         let row = (
             size,
             fill.as_secs_f64(),
@@ -388,6 +419,12 @@ async fn run(dir: &std::path::Path) -> anyhow::Result<()> {
         );
         rows.push(row);
     }
+    println!("acks received by the simulated agents: {}", acked.load(Ordering::Relaxed));
+    if replicas > 1 {
+        println!("(stop and start are measured with one replica)");
+        return Ok(());
+    }
+    let ctl = &mut ctls[0];
     // Stop and start at the largest size, stopped while busy: writers
     // keep writing until it is gone.
     for w in 0..8 {
@@ -403,6 +440,8 @@ async fn run(dir: &std::path::Path) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let pid = ctl.proc.pid().context("controller pid")?;
     let t = Instant::now();
+    // The agents' streams end with it: expected, not worth a line each.
+    DONE.store(true, Ordering::Relaxed);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     while std::path::Path::new(&format!("/proc/{pid}/stat")).exists() && t.elapsed() < Duration::from_secs(30) {
@@ -414,7 +453,7 @@ async fn run(dir: &std::path::Path) -> anyhow::Result<()> {
     let stop = t.elapsed();
     ctl.proc.stop();
     let t = Instant::now();
-    ctl.proc = Controller::spawn(&ctl.dir, &ctl.data, &ctl.addr)?;
+    ctl.proc = Controller::spawn(&ctl.dir, &ctl.data, &ctl.addr, 1)?;
     let up = ctl.answering(Duration::from_secs(300)).await?;
     let log = ctl.proc.log_text();
     let built = log
@@ -436,6 +475,5 @@ async fn run(dir: &std::path::Path) -> anyhow::Result<()> {
         ms(up.max(t.elapsed().min(up))),
         built.split("built every host's share").last().unwrap_or("").trim()
     );
-    println!("acks received by the simulated agents: {}", acked.load(Ordering::Relaxed));
     Ok(())
 }
