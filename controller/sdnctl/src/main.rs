@@ -230,7 +230,8 @@ async fn client(addr: &str) -> anyhow::Result<pb::provisioning_client::Provision
     let ch = sdn_proto::connect(addr)
         .await
         .with_context(|| format!("connecting to the controller at {addr}"))?;
-    Ok(pb::provisioning_client::ProvisioningClient::new(ch))
+    // Listings of a large cloud run to tens of MiB (100,000 ports: about 15).
+    Ok(pb::provisioning_client::ProvisioningClient::new(ch).max_decoding_message_size(512 << 20))
 }
 
 /// Whether a failed call may still have been carried out: the connection
