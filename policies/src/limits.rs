@@ -30,8 +30,9 @@ pub mod input {
     pub const MANIFEST_DEPTH_MAX: usize = 32;
     /// Operations in one batch.
     pub const BATCH_OPS_MAX: usize = 10_000;
-    /// Rules of one security group.
-    pub const GROUP_RULES_MAX: usize = 1_000;
+    /// Rules of one security group: the largest the per-packet benchmark
+    /// measures on one port.
+    pub const GROUP_RULES_MAX: usize = 100_000;
     /// Bytes of one encoded API request: the controller's gRPC decoding
     /// limit.
     pub const REQUEST_BYTES_MAX: usize = 4 << 20;
