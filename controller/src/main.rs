@@ -62,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
         store: store.clone(),
         enforcement: Arc::new(Enforcement::default()),
         stopping,
+        leader_acks: Default::default(),
     };
 
     let tcp = tokio::net::TcpListener::bind(&args.listen)

@@ -24,6 +24,8 @@ pub struct Controller {
     /// Set when the controller stops: open watch streams end at once (the
     /// agents move to another replica).
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// The connection acks travel to the leader on, and the leader's address.
+    pub leader_acks: Arc<tokio::sync::Mutex<Option<(String, pb::agent_client::AgentClient<tonic::transport::Channel>)>>>,
 }
 
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
@@ -369,29 +371,55 @@ impl pb::agent_server::Agent for Controller {
         }
         // Waiting writers wait on the leader: pass the answer on.
         if !self.store.is_leader() && !forwarded_ack {
-            if let Some((_, addr)) = self.store.leader() {
-                tokio::spawn(async move {
-                    let r = async {
-                        let ch = sdn_proto::connect(&addr).await.map_err(|e| e.to_string())?;
-                        pb::agent_client::AgentClient::new(ch)
-                            .ack(mark(req))
-                            .await
-                            .map_err(|e| e.to_string())
-                    };
-                    let r = tokio::time::timeout(Duration::from_secs(2), r)
-                        .await
-                        .unwrap_or(Err("timed out".into()));
-                    if let Err(e) = r {
-                        tracing::debug!(leader = %addr, error = %e, "passing an ack to the leader failed");
-                    }
-                });
-            }
+            let ctl = self.clone();
+            tokio::spawn(async move { ctl.pass_ack_to_leader(req).await });
         }
         Ok(Response::new(pb::AckResponse {}))
     }
 }
 
 impl Controller {
+    /// Passes an agent's answer to the leader, over one connection kept
+    /// for it, retried while leadership settles: a lost answer would leave
+    /// a writer waiting for a host that enforces the change.
+    async fn pass_ack_to_leader(&self, req: pb::AckRequest) {
+        for attempt in 0..5u32 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(100 << attempt.min(3))).await;
+            }
+            let Some((_, addr)) = self.store.leader() else { continue };
+            if self.store.is_leader() {
+                // Leadership came here meanwhile.
+                if req.ok {
+                    self.enforcement.ack(&req.host_id, req.revision);
+                }
+                return;
+            }
+            let client = {
+                let mut cached = self.leader_acks.lock().await;
+                match &*cached {
+                    Some((a, c)) if *a == addr => c.clone(),
+                    _ => match tokio::time::timeout(Duration::from_secs(2), sdn_proto::connect(&addr)).await {
+                        Ok(Ok(ch)) => {
+                            let c = pb::agent_client::AgentClient::new(ch);
+                            *cached = Some((addr.clone(), c.clone()));
+                            c
+                        }
+                        _ => continue,
+                    },
+                }
+            };
+            let r = tokio::time::timeout(Duration::from_secs(2), client.clone().ack(mark(req.clone()))).await;
+            match r {
+                Ok(Ok(_)) => return,
+                Ok(Err(e)) => tracing::debug!(leader = %addr, error = %e, "passing an ack to the leader failed"),
+                Err(_) => tracing::debug!(leader = %addr, "passing an ack to the leader timed out"),
+            }
+            *self.leader_acks.lock().await = None;
+        }
+        tracing::warn!(host = %req.host_id, revision = req.revision, "could not pass an agent's ack to the leader");
+    }
+
     /// Sends the host's share, then the changed resources at every change
     /// of it, until the agent goes away.
     async fn stream(

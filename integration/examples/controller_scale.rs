@@ -244,7 +244,11 @@ async fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let r = run(&dir).await;
     DONE.store(true, Ordering::Relaxed);
-    let _ = std::fs::remove_dir_all(&dir);
+    if r.is_ok() {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        eprintln!("the controllers' logs are kept in {}", dir.display());
+    }
     r
 }
 
