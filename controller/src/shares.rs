@@ -339,7 +339,7 @@ impl Shares {
     }
 }
 
-/// Whether `name` is held by no host: for tests.
+/// Whether every host's kept share equals its share built from scratch.
 #[cfg(test)]
 impl Shares {
     fn consistent_with(&self, state: &State) -> Result<(), String> {

@@ -233,6 +233,20 @@ fn protocol_from_pb(at: &At, p: i32) -> Result<m::Protocol, FieldError> {
     })
 }
 
+fn direction_to_pb(d: m::Direction) -> pb::Direction {
+    match d {
+        m::Direction::Ingress => pb::Direction::Ingress,
+        m::Direction::Egress => pb::Direction::Egress,
+    }
+}
+
+fn ether_type_to_pb(e: m::EtherType) -> pb::EtherType {
+    match e {
+        m::EtherType::IPv4 => pb::EtherType::Ipv4,
+        m::EtherType::IPv6 => pb::EtherType::Ipv6,
+    }
+}
+
 fn protocol_to_pb(p: m::Protocol) -> pb::Protocol {
     match p {
         m::Protocol::Any => pb::Protocol::Any,
@@ -387,14 +401,8 @@ pub fn firewall_to_pb(f: &m::FirewallPolicy) -> pb::FirewallPolicy {
                 id: r.id.clone(),
                 priority: r.priority,
                 action: action(r.action),
-                direction: match r.direction {
-                    m::Direction::Ingress => pb::Direction::Ingress,
-                    m::Direction::Egress => pb::Direction::Egress,
-                } as i32,
-                ether_type: match r.ether_type {
-                    m::EtherType::IPv4 => pb::EtherType::Ipv4,
-                    m::EtherType::IPv6 => pb::EtherType::Ipv6,
-                } as i32,
+                direction: direction_to_pb(r.direction) as i32,
+                ether_type: ether_type_to_pb(r.ether_type) as i32,
                 protocol: protocol_to_pb(r.protocol) as i32,
                 port_min: r.ports.map(|p| p.0 as u32).unwrap_or(0),
                 port_max: r.ports.map(|p| p.1 as u32).unwrap_or(0),
@@ -476,14 +484,8 @@ fn rule_to_pb(r: &m::Rule) -> pb::SecurityGroupRule {
     };
     pb::SecurityGroupRule {
         id: r.id.clone(),
-        direction: match r.direction {
-            m::Direction::Ingress => pb::Direction::Ingress,
-            m::Direction::Egress => pb::Direction::Egress,
-        } as i32,
-        ether_type: match r.ether_type {
-            m::EtherType::IPv4 => pb::EtherType::Ipv4,
-            m::EtherType::IPv6 => pb::EtherType::Ipv6,
-        } as i32,
+        direction: direction_to_pb(r.direction) as i32,
+        ether_type: ether_type_to_pb(r.ether_type) as i32,
         protocol: protocol_to_pb(r.protocol) as i32,
         port_min,
         port_max,

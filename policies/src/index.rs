@@ -35,8 +35,6 @@ pub struct Index {
     pub host_vpcs: BTreeMap<String, Counts>,
     /// Port addresses of each VPC.
     pub vpc_addresses: Counts,
-    /// Ports in each group, by host.
-    pub group_hosts: BTreeMap<String, Counts>,
     /// Groups used on each host, with their ports there.
     pub host_groups: BTreeMap<String, Counts>,
     pub subnets_by_vpc: BTreeMap<String, Set>,
@@ -152,7 +150,6 @@ impl Index {
         set(&mut self.ports_by_vm, &p.vm_id, id);
         for g in &p.security_group_ids {
             set(&mut self.ports_by_group, g, id);
-            count(&mut self.group_hosts, g, &p.host_id);
             count(&mut self.host_groups, &p.host_id, g);
         }
         count(&mut self.vpc_hosts, vpc, &p.host_id);

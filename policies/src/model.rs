@@ -362,10 +362,6 @@ macro_rules! declare_kinds {
         }
 
         impl Kind {
-            /// Every kind, in the order of the table (what others refer to
-            /// comes first where it matters: subnets before ports).
-            pub const ALL: &'static [Kind] = &[$(Kind::$kind),*];
-
             pub fn name(self) -> &'static str {
                 match self {
                     $(Kind::$kind => $name),*

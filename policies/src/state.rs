@@ -1436,13 +1436,6 @@ macro_rules! state_access {
                 }
             }
 
-            /// How many objects of a kind there are.
-            pub fn count(&self, kind: Kind) -> usize {
-                match kind {
-                    $(Kind::$kind => self.$map.len()),*
-                }
-            }
-
             fn take(&mut self, kind: Kind, id: &str) -> Option<Object> {
                 match kind {
                     $(Kind::$kind => self.$map.remove(id).map(Object::$kind)),*
