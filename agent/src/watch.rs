@@ -24,6 +24,8 @@ pub struct Agent {
     pub controllers: Vec<String>,
     dp: Dataplane,
     rec: Reconciler,
+    /// Keeps what each port and endpoint compiled to, across passes.
+    compiler: compile::Compiler,
     resources: Resources,
     revision: u64,
     /// Devices whose links this process attached or adopted.
@@ -62,6 +64,7 @@ impl Agent {
             controllers,
             dp,
             rec,
+            compiler: compile::Compiler::default(),
             resources: Resources::new(),
             revision: 0,
             attached: BTreeSet::new(),
@@ -80,7 +83,9 @@ impl Agent {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let mut desired = compile::compile(&self.resources, &dataplane::ifindex, now_ms)?;
+        let started = std::time::Instant::now();
+        let mut desired = self.compiler.compile(&self.resources, &dataplane::ifindex, now_ms)?;
+        let compiled = started.elapsed();
         // A device whose addresses cannot be listed keeps the ones enforced.
         let held = self.uplink_addrs.clone();
         compile::add_uplink_addresses(&mut desired, &|name| match dataplane::addresses(name) {
@@ -174,12 +179,18 @@ impl Agent {
         self.quarantined = desired.quarantined.clone();
         self.next_expiry = desired.next_expiry;
         if changes.put + changes.deleted + gone.len() > 0 {
+            let fresh = self.compiler.last;
             tracing::info!(
                 revision = self.revision,
                 put = changes.put,
                 deleted = changes.deleted,
                 detached = gone.len(),
                 flushed,
+                ports = desired.ports.len(),
+                ports_compiled = fresh.ports,
+                endpoints_compiled = fresh.endpoints,
+                compile_us = compiled.as_micros() as u64,
+                total_us = started.elapsed().as_micros() as u64,
                 "reconciled"
             );
         }

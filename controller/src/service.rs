@@ -17,6 +17,9 @@ use crate::enforcement::{Enforcement, WaitError};
 use crate::store::{Store, WriteError};
 
 /// Everything the services share.
+/// The leader's address, and a kept connection to it for agents' acks.
+pub type LeaderAcks = (String, pb::agent_client::AgentClient<tonic::transport::Channel>);
+
 #[derive(Clone)]
 pub struct Controller {
     pub store: Store,
@@ -25,7 +28,7 @@ pub struct Controller {
     /// agents move to another replica).
     pub stopping: tokio::sync::watch::Receiver<bool>,
     /// The connection acks travel to the leader on, and the leader's address.
-    pub leader_acks: Arc<tokio::sync::Mutex<Option<(String, pb::agent_client::AgentClient<tonic::transport::Channel>)>>>,
+    pub leader_acks: Arc<tokio::sync::Mutex<Option<LeaderAcks>>>,
 }
 
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);

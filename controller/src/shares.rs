@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
-use sdn_policies::{Kind, Object, Remote, State};
+use sdn_policies::{Index, Kind, Object, Remote, State};
 use sdn_proto::v1 as pb;
 use tokio::sync::watch;
 
@@ -133,29 +133,43 @@ impl Shares {
             return Vec::new();
         };
         let mut changed = Vec::new();
+        let mut joined = Vec::new();
         for (n, r) in &next {
             match share.resources.get(n) {
                 Some(old) if old.version == r.version => {}
-                _ => changed.push(n.clone()),
-            }
-        }
-        for n in share.resources.keys() {
-            if !next.contains_key(n) {
-                changed.push(n.clone());
-                if let Some(h) = self.holders.get_mut(n) {
-                    h.remove(host);
-                    if h.is_empty() {
-                        self.holders.remove(n);
-                        self.cache.remove(n);
-                    }
+                Some(_) => changed.push(n.clone()),
+                None => {
+                    changed.push(n.clone());
+                    joined.push(n.clone());
                 }
             }
         }
-        for n in next.keys() {
-            self.holders.entry(n.clone()).or_default().insert(host.to_string());
-        }
+        let left: Vec<String> = share
+            .resources
+            .keys()
+            .filter(|n| !next.contains_key(*n))
+            .cloned()
+            .collect();
         share.resources = next;
+        for n in &left {
+            self.release(n, host);
+        }
+        for n in joined {
+            self.holders.entry(n).or_default().insert(host.to_string());
+        }
+        changed.extend(left);
         changed
+    }
+
+    /// `host` no longer holds resource `name`.
+    fn release(&mut self, name: &str, host: &str) {
+        if let Some(h) = self.holders.get_mut(name) {
+            h.remove(host);
+            if h.is_empty() {
+                self.holders.remove(name);
+                self.cache.remove(name);
+            }
+        }
     }
 
     fn holders_of(&self, name: &str) -> impl Iterator<Item = &String> {
@@ -169,6 +183,9 @@ impl Shares {
         let ix = state.index();
         let mut dirty: BTreeSet<String> = BTreeSet::new();
         let mut hosts: BTreeSet<String> = BTreeSet::new();
+        // Endpoints whose port changed VPC (or came or went), with the VPC
+        // it is in now: their holders change.
+        let mut moved: Vec<(String, Option<String>)> = Vec::new();
         let all_zones = |dirty: &mut BTreeSet<String>| dirty.extend(state.zones.keys().map(|z| format!("zone/{z}")));
         // The VPC of a port as it was: its subnet may be gone with it.
         let subnet_vpc = |sid: &str| -> Option<String> {
@@ -184,15 +201,23 @@ impl Shares {
             let both = || old.iter().chain(new.iter());
             match kind {
                 Kind::Port => {
+                    let vpc_of = |o: &Option<Object>| match o {
+                        Some(Object::Port(p)) => subnet_vpc(&p.subnet_id),
+                        _ => None,
+                    };
                     for o in both() {
                         let Object::Port(p) = o else { continue };
                         dirty.insert(format!("port/{}", p.id));
-                        if let Some(v) = subnet_vpc(&p.subnet_id) {
-                            dirty.insert(format!("vpc/{v}"));
-                        }
                         dirty.extend(p.security_group_ids.iter().map(|g| format!("members/{g}")));
                         hosts.insert(p.host_id.clone());
                     }
+                    // Its endpoint: held by the hosts holding its VPC.
+                    let name = format!("endpoint/{id}");
+                    let (was, is) = (vpc_of(old), vpc_of(&new));
+                    if was != is {
+                        moved.push((name.clone(), is));
+                    }
+                    dirty.insert(name);
                 }
                 Kind::Subnet => {
                     for o in both() {
@@ -212,8 +237,8 @@ impl Shares {
                 }
                 Kind::Host => {
                     hosts.insert(id.clone());
-                    // Its underlay address is in the overlay of its VPCs.
-                    dirty.extend(ix.vpcs_on(id).map(|v| format!("vpc/{v}")));
+                    // Its underlay address is in the endpoints of its ports.
+                    dirty.extend(Index::of(&ix.ports_by_host, id).map(|p| format!("endpoint/{p}")));
                 }
                 Kind::SecurityGroup => {
                     let name = format!("sg/{id}");
@@ -281,13 +306,7 @@ impl Shares {
             if !state.hosts.contains_key(host) {
                 if let Some(share) = self.hosts.remove(host) {
                     for n in share.resources.keys() {
-                        if let Some(h) = self.holders.get_mut(n) {
-                            h.remove(host);
-                            if h.is_empty() {
-                                self.holders.remove(n);
-                                self.cache.remove(n);
-                            }
-                        }
+                        self.release(n, host);
                     }
                 }
                 continue;
@@ -300,11 +319,42 @@ impl Shares {
                 changed.entry(host.clone()).or_default().extend(c);
             }
         }
+        // An endpoint goes to every holder of its VPC, and leaves every
+        // host that does not hold it (hosts refreshed above are right
+        // already).
+        for (n, vpc) in &moved {
+            let should: BTreeSet<String> = match vpc {
+                Some(v) => self.holders_of(&format!("vpc/{v}")).cloned().collect(),
+                None => BTreeSet::new(),
+            };
+            let held: BTreeSet<String> = self.holders_of(n).cloned().collect();
+            for host in held.difference(&should).filter(|h| !hosts.contains(*h)) {
+                let Some(share) = self.hosts.get_mut(host) else {
+                    continue;
+                };
+                share.resources.remove(n);
+                self.release(n, host);
+                changed.entry(host.clone()).or_default().insert(n.clone());
+            }
+            for host in should.difference(&held).filter(|h| !hosts.contains(*h)) {
+                let Some(r) = self.resource(state, host, n) else {
+                    continue;
+                };
+                let Some(share) = self.hosts.get_mut(host) else {
+                    continue;
+                };
+                share.resources.insert(n.clone(), r);
+                self.holders.entry(n.clone()).or_default().insert(host.clone());
+                changed.entry(host.clone()).or_default().insert(n.clone());
+            }
+        }
         for n in &dirty {
             let holders: Vec<String> = self.holders_of(n).filter(|h| !hosts.contains(*h)).cloned().collect();
             for host in holders {
                 let r = self.resource(state, &host, n);
-                let Some(share) = self.hosts.get_mut(&host) else { continue };
+                let Some(share) = self.hosts.get_mut(&host) else {
+                    continue;
+                };
                 match r {
                     Some(r) => {
                         if share.resources.get(n).is_some_and(|o| o.version == r.version) {
@@ -314,9 +364,7 @@ impl Shares {
                     }
                     None => {
                         share.resources.remove(n);
-                        if let Some(h) = self.holders.get_mut(n) {
-                            h.remove(&host);
-                        }
+                        self.release(n, &host);
                     }
                 }
                 changed.entry(host).or_default().insert(n.clone());
@@ -324,7 +372,9 @@ impl Shares {
         }
         let mut out = Vec::with_capacity(changed.len());
         for (host, names) in changed {
-            let Some(share) = self.hosts.get_mut(&host) else { continue };
+            let Some(share) = self.hosts.get_mut(&host) else {
+                continue;
+            };
             share.changed = revision;
             share.log.push_back((revision, names.into_iter().collect()));
             while share.log.len() > LOG_KEEP {
@@ -468,6 +518,19 @@ mod tests {
             (vec![group("idle", None)], Some(&[])),
             // A member of `web` moves: the holder of members/web hears.
             (vec![port("c", "h3", "s2", "10.2.0.7", &["web"])], Some(&["h2", "h3"])),
+            // A port's address changes: the holders of its VPC (h1, h2)
+            // hear, not h3, which holds only the other VPC.
+            (vec![port("a", "h1", "s1", "10.1.0.15", &["web"])], Some(&["h1", "h2"])),
+            // A port moves VPC: the holders of the VPC it joins gain its
+            // endpoint; then it moves back and they lose it.
+            (
+                vec![port("c", "h3", "s1", "10.1.0.7", &["web"])],
+                Some(&["h1", "h2", "h3"]),
+            ),
+            (
+                vec![port("c", "h3", "s2", "10.2.0.7", &["web"])],
+                Some(&["h1", "h2", "h3"]),
+            ),
             // A peering joins v1 and v2: all three hosts.
             (
                 vec![Op::PutVpcPeering(VpcPeering {
@@ -492,7 +555,10 @@ mod tests {
                 })],
                 Some(&["h2"]),
             ),
-            (vec![port("b", "h1", "s1", "10.1.0.9", &["db"])], Some(&["h1", "h2", "h3"])),
+            (
+                vec![port("b", "h1", "s1", "10.1.0.9", &["db"])],
+                Some(&["h1", "h2", "h3"]),
+            ),
             (vec![del(Kind::Quarantine, "q")], Some(&["h1"])),
             (
                 vec![Op::PutZone(Zone {
@@ -520,9 +586,15 @@ mod tests {
             let applied = state.apply(&ops).unwrap_or_else(|e| panic!("step {i}: {e}"));
             revision += 1;
             let hosts = shares.update(&state, &applied.before, revision);
-            shares.consistent_with(&state).unwrap_or_else(|e| panic!("step {i}: {e}"));
+            shares
+                .consistent_with(&state)
+                .unwrap_or_else(|e| panic!("step {i}: {e}"));
             if let Some(expect) = expect {
-                assert_eq!(hosts, expect.iter().map(|h| h.to_string()).collect::<Vec<_>>(), "step {i}");
+                assert_eq!(
+                    hosts,
+                    expect.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
+                    "step {i}"
+                );
             }
             let mut fresh = Shares::default();
             fresh.rebuild(&state, revision);

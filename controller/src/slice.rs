@@ -1,6 +1,7 @@
 //! Each host's share of the state: its ports, the security groups they use,
 //! the members of every group those groups' rules refer to, the overlay of
-//! every VPC with a port on the host and of its peers, their firewalls,
+//! every VPC with a port on the host and of its peers (each port of those
+//! VPCs as a resource of its own), their firewalls,
 //! the quarantines of its ports, and the zones and exchange paths every
 //! host holds.
 //!
@@ -72,12 +73,15 @@ pub fn names(state: &State, host: &str) -> BTreeSet<String> {
             out.insert(format!("firewall/{}", vpc.border_policy_id));
         }
         out.insert(format!("vpc/{v}"));
+        out.extend(Index::of(&ix.ports_by_vpc, v).map(|p| format!("endpoint/{p}")));
     }
     // Zones and exchange paths are small and the same for every host.
     out.extend(state.zones.keys().map(|z| format!("zone/{z}")));
     out.extend(state.exchange_paths.keys().map(|x| format!("exchange/{x}")));
     for g in ix.host_groups.get(host).into_iter().flat_map(|m| m.keys()) {
-        let Some(sg) = state.security_groups.get(g) else { continue };
+        let Some(sg) = state.security_groups.get(g) else {
+            continue;
+        };
         out.insert(format!("sg/{g}"));
         for r in &sg.rules {
             if let Remote::Group(rg) = &r.remote {
@@ -108,6 +112,7 @@ pub fn build(state: &State, host: &str, name: &str) -> Option<pb::Resource> {
         "peering" => R::VpcPeering(crate::convert::peering_to_pb(state.peerings.get(id)?)),
         "firewall" => R::FirewallPolicy(crate::convert::firewall_to_pb(state.firewall_policies.get(id)?)),
         "vpc" => R::VpcNetwork(vpc_network(state, id)?),
+        "endpoint" => R::Endpoint(endpoint(state, state.ports.get(id)?)),
         "zone" => {
             // With every VPC subnet of the zone, which no packet from
             // outside may claim as its source.
@@ -158,7 +163,8 @@ pub fn host_slice(state: &State, host: &str) -> BTreeMap<String, pb::Resource> {
         .collect()
 }
 
-/// The overlay of a VPC: VNI, subnet gateways and every port with its host.
+/// The overlay of a VPC: VNI, zone, border and subnet gateways (its ports
+/// are resources of their own).
 fn vpc_network(state: &State, vpc_id: &str) -> Option<pb::VpcNetwork> {
     let vpc = state.vpcs.get(vpc_id)?;
     let ix = state.index();
@@ -171,23 +177,30 @@ fn vpc_network(state: &State, vpc_id: &str) -> Option<pb::VpcNetwork> {
             gateway_v6: opt(s.gateway_v6().map(|a| a.to_string())),
         })
         .collect();
-    let endpoints = Index::of(&ix.ports_by_vpc, vpc_id)
-        .filter_map(|id| state.ports.get(id))
-        .map(|p| pb::Endpoint {
-            port_id: p.id.clone(),
-            mac: p.mac.to_string(),
-            ipv4: opt(p.ipv4.map(|a| a.to_string())),
-            ipv6: opt(p.ipv6.map(|a| a.to_string())),
-            host_id: p.host_id.clone(),
-            host_underlay_ip: opt(state.hosts.get(&p.host_id).map(|h| h.underlay_ip.to_string())),
-        })
-        .collect();
     Some(pb::VpcNetwork {
         vpc_id: vpc_id.to_string(),
         vni: vpc.vni,
         zone_id: vpc.zone_id.clone(),
         border_policy_id: vpc.border_policy_id.clone(),
         gateways,
-        endpoints,
     })
+}
+
+/// Where one port of a VPC lives: its addresses and its host's underlay
+/// address.
+fn endpoint(state: &State, p: &sdn_policies::Port) -> pb::Endpoint {
+    let opt = |a: Option<String>| a.unwrap_or_default();
+    pb::Endpoint {
+        port_id: p.id.clone(),
+        mac: p.mac.to_string(),
+        ipv4: opt(p.ipv4.map(|a| a.to_string())),
+        ipv6: opt(p.ipv6.map(|a| a.to_string())),
+        host_id: p.host_id.clone(),
+        host_underlay_ip: opt(state.hosts.get(&p.host_id).map(|h| h.underlay_ip.to_string())),
+        vpc_id: state
+            .subnets
+            .get(&p.subnet_id)
+            .map(|s| s.vpc_id.clone())
+            .unwrap_or_default(),
+    }
 }

@@ -86,7 +86,10 @@ impl Controller {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        anyhow::bail!("the controller did not answer within {timeout:?}:\n{}", self.proc.log_text())
+        anyhow::bail!(
+            "the controller did not answer within {timeout:?}:\n{}",
+            self.proc.log_text()
+        )
     }
 
     fn rss_mib(&self) -> f64 {
@@ -196,7 +199,12 @@ fn anchor_op(h: usize) -> pb::operation::Op {
 fn vpc_ops(v: usize) -> Vec<pb::operation::Op> {
     vec![
         vpc_vni(&format!("v{v}"), "t", 10_000 + v as u32),
-        subnet(&format!("s{v}"), &format!("v{v}"), &format!("10.{}.{}.0/24", (v >> 8) & 255, v & 255), ""),
+        subnet(
+            &format!("s{v}"),
+            &format!("v{v}"),
+            &format!("10.{}.{}.0/24", (v >> 8) & 255, v & 255),
+            "",
+        ),
         group(
             &format!("g{v}"),
             "t",
@@ -359,7 +367,9 @@ async fn run(dir: &std::path::Path) -> anyhow::Result<()> {
                 }
                 ops.push(port_op(i, hosts));
             }
-            apply(&mut client, ops, false).await.with_context(|| format!("adding ports {have}..{upto}"))?;
+            apply(&mut client, ops, false)
+                .await
+                .with_context(|| format!("adding ports {have}..{upto}"))?;
             have = upto;
             if upto % 10_000 == 0 {
                 eprintln!("  {upto} ports ({:.1} s)", t0.elapsed().as_secs_f64());
@@ -405,7 +415,11 @@ async fn run(dir: &std::path::Path) -> anyhow::Result<()> {
             let t = Instant::now();
             let r = apply(&mut client, vec![op], true).await?;
             all.push(t.elapsed());
-            anyhow::ensure!(r.enforced && r.hosts.len() == hosts, "the group write reached {} hosts", r.hosts.len());
+            anyhow::ensure!(
+                r.enforced && r.hosts.len() == hosts,
+                "the group write reached {} hosts",
+                r.hosts.len()
+            );
         }
         let rss = ctls[0].rss_mib();
         let row = (
@@ -423,7 +437,10 @@ async fn run(dir: &std::path::Path) -> anyhow::Result<()> {
         );
         rows.push(row);
     }
-    println!("acks received by the simulated agents: {}", acked.load(Ordering::Relaxed));
+    println!(
+        "acks received by the simulated agents: {}",
+        acked.load(Ordering::Relaxed)
+    );
     if replicas > 1 {
         println!("(stop and start are measured with one replica)");
         return Ok(());
@@ -435,7 +452,10 @@ async fn run(dir: &std::path::Path) -> anyhow::Result<()> {
         let mut c = client.clone();
         tokio::spawn(async move {
             for n in 0.. {
-                if apply(&mut c, vec![tenant(&format!("busy{w}-{n}"))], false).await.is_err() {
+                if apply(&mut c, vec![tenant(&format!("busy{w}-{n}"))], false)
+                    .await
+                    .is_err()
+                {
                     return;
                 }
             }

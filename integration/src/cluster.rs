@@ -139,6 +139,15 @@ impl Cluster {
         &mut self.agents.iter_mut().find(|(h, _)| h == host).expect("agent").1
     }
 
+    /// What a host's agent has logged so far.
+    pub fn agent_log(&self, host: &str) -> String {
+        self.agents
+            .iter()
+            .find(|(h, _)| h == host)
+            .map(|(_, p)| p.log_text())
+            .unwrap_or_default()
+    }
+
     pub async fn client(
         &self,
     ) -> anyhow::Result<pb::provisioning_client::ProvisioningClient<tonic::transport::Channel>> {

@@ -352,17 +352,26 @@ struct LostAnswer {
 
 #[tonic::async_trait]
 impl pb::provisioning_server::Provisioning for LostAnswer {
-    async fn apply(&self, _: tonic::Request<pb::ApplyRequest>) -> Result<tonic::Response<pb::ApplyResponse>, tonic::Status> {
+    async fn apply(
+        &self,
+        _: tonic::Request<pb::ApplyRequest>,
+    ) -> Result<tonic::Response<pb::ApplyResponse>, tonic::Status> {
         let _ = self.got_apply.send(()).await;
         std::future::pending().await
     }
-    async fn list(&self, _: tonic::Request<pb::ListRequest>) -> Result<tonic::Response<pb::ListResponse>, tonic::Status> {
+    async fn list(
+        &self,
+        _: tonic::Request<pb::ListRequest>,
+    ) -> Result<tonic::Response<pb::ListResponse>, tonic::Status> {
         Ok(tonic::Response::new(pb::ListResponse {
             revision: 41,
             ..Default::default()
         }))
     }
-    async fn audit(&self, _: tonic::Request<pb::AuditRequest>) -> Result<tonic::Response<pb::AuditResponse>, tonic::Status> {
+    async fn audit(
+        &self,
+        _: tonic::Request<pb::AuditRequest>,
+    ) -> Result<tonic::Response<pb::AuditResponse>, tonic::Status> {
         Err(tonic::Status::unimplemented("not here"))
     }
     async fn enforcement(
@@ -386,7 +395,9 @@ async fn sdnctl_says_when_the_outcome_of_a_write_is_unknown() {
     let incoming = async_stream_of(listener, accepted);
     tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(pb::provisioning_server::ProvisioningServer::new(LostAnswer { got_apply: tx }))
+            .add_service(pb::provisioning_server::ProvisioningServer::new(LostAnswer {
+                got_apply: tx,
+            }))
             .serve_with_incoming(incoming),
     );
     let dir = std::env::temp_dir().join(format!("sdn-sdnctl-unknown-{}", std::process::id()));

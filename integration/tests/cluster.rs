@@ -212,7 +212,10 @@ async fn finish_and_check(
         std::fs::write(&dump, text.join("\n")).unwrap();
         // And each replica's log, to see who led when.
         for i in 0..r.replicas.len() {
-            let _ = std::fs::write(std::env::temp_dir().join(format!("sdn-nonlinearizable-c{}.log", i + 1)), r.log(i));
+            let _ = std::fs::write(
+                std::env::temp_dir().join(format!("sdn-nonlinearizable-c{}.log", i + 1)),
+                r.log(i),
+            );
         }
         panic!("{e}; history written to {}", dump.display());
     }

@@ -142,8 +142,8 @@ impl Index {
 
     fn port(&mut self, p: &Port, vpc: &str, on: bool) {
         let id = p.id.as_str();
-        let (set, count): (fn(&mut BTreeMap<String, Set>, &str, &str), fn(&mut BTreeMap<String, Counts>, &str, &str)) =
-            if on { (add, inc) } else { (del, dec) };
+        type Edit<T> = fn(&mut BTreeMap<String, T>, &str, &str);
+        let (set, count): (Edit<Set>, Edit<Counts>) = if on { (add, inc) } else { (del, dec) };
         set(&mut self.ports_by_host, &p.host_id, id);
         set(&mut self.ports_by_vpc, vpc, id);
         set(&mut self.ports_by_subnet, &p.subnet_id, id);
@@ -183,12 +183,18 @@ impl Index {
 
     /// The VPCs with ports on a host.
     pub fn vpcs_on(&self, host: &str) -> impl Iterator<Item = &str> {
-        self.host_vpcs.get(host).into_iter().flat_map(|m| m.keys().map(String::as_str))
+        self.host_vpcs
+            .get(host)
+            .into_iter()
+            .flat_map(|m| m.keys().map(String::as_str))
     }
 
     /// The hosts with ports in a VPC.
     pub fn hosts_in(&self, vpc: &str) -> impl Iterator<Item = &str> {
-        self.vpc_hosts.get(vpc).into_iter().flat_map(|m| m.keys().map(String::as_str))
+        self.vpc_hosts
+            .get(vpc)
+            .into_iter()
+            .flat_map(|m| m.keys().map(String::as_str))
     }
 
     /// Members of a set-valued relation.

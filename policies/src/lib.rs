@@ -9,7 +9,7 @@ pub mod manifest;
 pub mod model;
 pub mod state;
 
+pub use index::Index;
 pub use limits::Settings;
 pub use model::*;
-pub use index::Index;
 pub use state::{Applied, BatchError, State};

@@ -905,7 +905,11 @@ metadata:
     #[test]
     fn bad_input_is_named_at_its_line_and_against_its_limit() {
         // A wrong type for `ports`: named, with the expected forms.
-        for (bad, what) in [("ports: [80]", "sequence"), ("ports: true", "boolean"), ("ports: -5", "negative")] {
+        for (bad, what) in [
+            ("ports: [80]", "sequence"),
+            ("ports: true", "boolean"),
+            ("ports: -5", "negative"),
+        ] {
             let e = parse_str("g.yaml", &GOOD.replace("ports: 80", bad)).unwrap_err();
             assert!(e.message.contains("rules[0].ports"), "{bad}: {e}");
             assert!(e.message.contains(what), "{bad}: {e}");
@@ -921,7 +925,11 @@ metadata:
         let e = parse_str("g.yaml", &GOOD.replace("name: web", "name: w\0b")).unwrap_err();
         assert_eq!((e.line, e.column), (Some(4), Some(10)), "{e}");
         // Deep nesting is refused before the parser, at once.
-        let deep = format!("apiVersion: sdn/v1\nkind: Tenant\nmetadata: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+        let deep = format!(
+            "apiVersion: sdn/v1\nkind: Tenant\nmetadata: {}{}\n",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
         let t = std::time::Instant::now();
         let e = parse_str("d.yaml", &deep).unwrap_err();
         assert!(e.message.contains(&format!("at most {MANIFEST_DEPTH_MAX}")), "{e}");
@@ -937,12 +945,22 @@ metadata:
         // Too big: refused before it is read as text.
         let big = vec![b'#'; MANIFEST_BYTES_MAX as usize + 1];
         let e = parse_bytes("big.yaml", &big).unwrap_err();
-        assert!(e.message.contains(&format!("at most {MANIFEST_BYTES_MAX} bytes")), "{e}");
+        assert!(
+            e.message.contains(&format!("at most {MANIFEST_BYTES_MAX} bytes")),
+            "{e}"
+        );
         // A family mismatch names the manifest's own fields.
         let bad = GOOD.replace("remoteCidr: fd00::/8", "remoteCidr: 10.0.0.0/8");
         let e = validate_offline(&parse_str("g.yaml", &bad).unwrap()).unwrap_err();
-        assert!(e.message.starts_with("spec.rules[1].remoteCidr: 10.0.0.0/8 is not an IPv6 prefix"), "{e}");
-        assert_eq!(manifest_spelling("spec.rules[2].remote_group_id"), "spec.rules[2].remoteGroup");
+        assert!(
+            e.message
+                .starts_with("spec.rules[1].remoteCidr: 10.0.0.0/8 is not an IPv6 prefix"),
+            "{e}"
+        );
+        assert_eq!(
+            manifest_spelling("spec.rules[2].remote_group_id"),
+            "spec.rules[2].remoteGroup"
+        );
         assert_eq!(manifest_spelling("spec.uplink_device"), "spec.uplinkDevice");
     }
 

@@ -9,12 +9,12 @@ use std::net::IpAddr;
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
+use crate::index::Index;
 use crate::limits::input::GROUP_RULES_MAX;
 use crate::limits::{
     address_share, port_share, within, Settings, ENDPOINTS_MAX, EXCHANGE_MAX, FW_NAMES_MAX, FW_POLICIES_MAX,
     FW_POLICY_RULES_MAX, FW_RULES_MAX, PORTS_MAX, ZONES_MAX, ZONE_ENDPOINTS_MAX, ZONE_NETS_MAX,
 };
-use crate::index::Index;
 use crate::model::*;
 
 /// Why a batch was refused: which operation, which field, what is wrong.
@@ -219,7 +219,10 @@ impl State {
             self.index.object(o, false, vpc_of);
         }
         if let Some(n) = new {
-            debug_assert!(n.kind() == kind && n.id() == id, "replace: the object is not {kind:?} {id}");
+            debug_assert!(
+                n.kind() == kind && n.id() == id,
+                "replace: the object is not {kind:?} {id}"
+            );
             self.index.object(&n, true, vpc_of);
             self.put(n);
         }
@@ -991,7 +994,11 @@ impl State {
         }
         let ix = &self.index;
         let vpc = &subnet.vpc_id;
-        if let Some(other) = ix.devices.get(&(p.host_id.clone(), p.device.clone())).filter(|o| **o != p.id) {
+        if let Some(other) = ix
+            .devices
+            .get(&(p.host_id.clone(), p.device.clone()))
+            .filter(|o| **o != p.id)
+        {
             return Err(c.err(
                 "device",
                 format!("device {} on host {} is already port {other}", p.device, p.host_id),
@@ -1194,7 +1201,10 @@ impl State {
         if g.rules.len() > GROUP_RULES_MAX {
             return Err(c.err(
                 "rules",
-                format!("{} rules; a security group holds at most {GROUP_RULES_MAX}", g.rules.len()),
+                format!(
+                    "{} rules; a security group holds at most {GROUP_RULES_MAX}",
+                    g.rules.len()
+                ),
             ));
         }
         let mut ids = BTreeSet::new();
@@ -1604,16 +1614,34 @@ mod tests {
         d.subnet_id = "s2".into();
         let before = s.clone();
         let e = s
-            .apply_batch(&[Op::Delete { kind: Kind::Port, id: "c".into() }, Op::PutPort(d)])
+            .apply_batch(&[
+                Op::Delete {
+                    kind: Kind::Port,
+                    id: "c".into(),
+                },
+                Op::PutPort(d),
+            ])
             .unwrap_err();
         assert_eq!(e.field, "operations[1].put_port.ipv4", "{e}");
         assert_eq!(s, before, "a refused batch leaves objects and relations as they were");
         check(&s);
         s.apply_batch(&[
-            Op::Delete { kind: Kind::Port, id: "a".into() },
-            Op::Delete { kind: Kind::Port, id: "b".into() },
-            Op::Delete { kind: Kind::Port, id: "c".into() },
-            Op::Delete { kind: Kind::Subnet, id: "s2".into() },
+            Op::Delete {
+                kind: Kind::Port,
+                id: "a".into(),
+            },
+            Op::Delete {
+                kind: Kind::Port,
+                id: "b".into(),
+            },
+            Op::Delete {
+                kind: Kind::Port,
+                id: "c".into(),
+            },
+            Op::Delete {
+                kind: Kind::Subnet,
+                id: "s2".into(),
+            },
         ])
         .unwrap();
         check(&s);

@@ -205,7 +205,7 @@ fn fill_ops(s: &mut State, ops: impl IntoIterator<Item = Op>) {
             Op::PutPort(p) => Object::Port(p),
             other => panic!("not filled: {other:?}"),
         };
-        s.replace(o.kind(), &o.id().to_string(), Some(o));
+        s.replace(o.kind(), o.id(), Some(o));
     }
 }
 

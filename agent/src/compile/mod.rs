@@ -16,11 +16,13 @@ pub use firewalls::fw_rule_id;
 pub use sg::{port_blocks, Block, Identities, ServiceSet};
 
 use firewalls::compile_firewalls;
-use overlay::{compile_network, compile_peerings, ports_of_vni};
-use sg::compile_port;
+use overlay::{compile_endpoint, compile_gateways, compile_peerings, ports_of_vni};
+use sg::{compile_policy, compile_port, Policy, PortPart};
+use std::sync::Arc;
 use zones::compile_zones;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::Hash as _;
 use std::net::{IpAddr, Ipv6Addr};
 
 use dataplane_common::maps::{
@@ -83,7 +85,7 @@ pub struct Desired {
 pub const FW_BROKEN: u32 = u32::MAX;
 
 /// Why a share could not be compiled. The agent NACKs with this text.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CompileError {
     #[error("port {port}: {field}: {message}")]
     Port {
@@ -201,202 +203,361 @@ pub fn key_address(k: &PortAddrKey) -> std::net::IpAddr {
     }
 }
 
+/// Compiles the share from scratch (see [`Compiler`]).
 pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u64) -> Result<Desired, CompileError> {
-    let mut quarantined: BTreeMap<String, (String, String)> = BTreeMap::new();
-    let mut next_expiry: Option<u64> = None;
-    for r in res.values() {
-        if let Some(pb::resource::Kind::Quarantine(q)) = &r.kind {
-            let Some(qq) = &q.quarantine else { continue };
-            if qq.expires_unix_ms != 0 && qq.expires_unix_ms <= now_ms {
-                continue;
-            }
-            if qq.expires_unix_ms != 0 {
-                next_expiry = Some(next_expiry.map_or(qq.expires_unix_ms, |n| n.min(qq.expires_unix_ms)));
-            }
-            for p in &q.port_ids {
-                quarantined.insert(p.clone(), (qq.id.clone(), qq.reason.clone()));
-            }
-        }
+    Compiler::default().compile(res, ifindex, now_ms)
+}
+
+/// What a port or an endpoint compiled to, and from what.
+struct Cached<T> {
+    /// A digest of every input it was compiled from.
+    inputs: u64,
+    /// The pass that last used it.
+    pass: u64,
+    part: T,
+}
+
+/// How many objects a pass compiled anew (the rest it reused).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Recompiled {
+    pub ports: usize,
+    pub endpoints: usize,
+    /// Policies: the rules of a set of groups, shared by the ports using it.
+    pub policies: usize,
+}
+
+/// Compiles shares pass after pass. What each port and each endpoint
+/// compiled to is kept with a digest of its inputs (its resource's version,
+/// the versions of the groups and members it uses, its device's ifindex,
+/// its subnet's VNI and zone, its quarantine): a pass compiles only the
+/// objects whose inputs changed, and reuses the rest. A resource's version
+/// changes whenever its content does (the controller's contract). The
+/// result is the same as a compile from scratch; [`compile`] is one with
+/// nothing kept.
+#[derive(Default)]
+pub struct Compiler {
+    ports: std::collections::HashMap<String, Cached<PortPart>>,
+    /// Policies by a digest of their groups (ids, versions, members).
+    policies: std::collections::HashMap<u64, Cached<Result<Arc<Policy>, CompileError>>>,
+    endpoints: std::collections::HashMap<String, Cached<overlay::EndpointPart>>,
+    pass: u64,
+    /// What the last pass compiled anew.
+    pub last: Recompiled,
+}
+
+/// A digest of a compiled object's inputs.
+fn digest(f: impl FnOnce(&mut std::collections::hash_map::DefaultHasher)) -> u64 {
+    use std::hash::Hasher as _;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    f(&mut h);
+    h.finish()
+}
+
+/// The kept part for `name` when its inputs are the same, else a fresh one.
+fn reuse<'c, K: std::hash::Hash + Eq + Clone, T>(
+    cache: &'c mut std::collections::HashMap<K, Cached<T>>,
+    name: &K,
+    inputs: u64,
+    pass: u64,
+    fresh: &mut usize,
+    build: impl FnOnce() -> T,
+) -> &'c T {
+    let hit = cache.get(name).is_some_and(|c| c.inputs == inputs);
+    if !hit {
+        *fresh += 1;
+        cache.insert(
+            name.clone(),
+            Cached {
+                inputs,
+                pass,
+                part: build(),
+            },
+        );
     }
-    let mut groups: BTreeMap<&str, &pb::SecurityGroup> = BTreeMap::new();
-    let mut members: BTreeMap<&str, Vec<IpAddr>> = BTreeMap::new();
-    let mut ports: Vec<&pb::Port> = Vec::new();
-    let mut peerings: Vec<&pb::VpcPeering> = Vec::new();
-    let mut networks: Vec<&pb::VpcNetwork> = Vec::new();
-    let mut zones: BTreeMap<&str, &pb::Zone> = BTreeMap::new();
-    let mut exchanges: Vec<&pb::ExchangePath> = Vec::new();
-    let mut firewalls: BTreeMap<&str, &pb::FirewallPolicy> = BTreeMap::new();
-    for r in res.values() {
-        match &r.kind {
-            Some(pb::resource::Kind::Port(p)) => ports.push(p),
-            Some(pb::resource::Kind::VpcNetwork(n)) => networks.push(n),
-            Some(pb::resource::Kind::Zone(z)) => {
-                zones.insert(&z.id, z);
-            }
-            Some(pb::resource::Kind::ExchangePath(x)) => exchanges.push(x),
-            Some(pb::resource::Kind::FirewallPolicy(f)) => {
-                firewalls.insert(&f.id, f);
-            }
-            Some(pb::resource::Kind::VpcPeering(p)) => peerings.push(p),
-            Some(pb::resource::Kind::SecurityGroup(g)) => {
-                groups.insert(&g.id, g);
-            }
-            Some(pb::resource::Kind::GroupMembers(m)) => {
-                // Addresses come from the validated store; skip any that do not parse.
-                members.insert(&m.group_id, m.addresses.iter().filter_map(|a| a.parse().ok()).collect());
-            }
-            Some(pb::resource::Kind::Quarantine(_)) | None => {}
-        }
+    let c = cache.get_mut(name).expect("just kept");
+    c.pass = pass;
+    &c.part
+}
+
+impl Compiler {
+    /// Compiles the share, reusing what the earlier passes compiled from
+    /// the same inputs.
+    pub fn compile(
+        &mut self,
+        res: &Resources,
+        ifindex: &dyn Fn(&str) -> Option<u32>,
+        now_ms: u64,
+    ) -> Result<Desired, CompileError> {
+        self.pass += 1;
+        self.last = Recompiled::default();
+        let d = self.compile_pass(res, ifindex, now_ms);
+        let pass = self.pass;
+        self.ports.retain(|_, c| c.pass == pass);
+        self.policies.retain(|_, c| c.pass == pass);
+        self.endpoints.retain(|_, c| c.pass == pass);
+        d
     }
-    let mut d = Desired {
-        quarantined,
-        next_expiry,
-        ..Desired::default()
-    };
-    let local: BTreeMap<&str, &pb::Port> = ports.iter().map(|p| (p.id.as_str(), *p)).collect();
-    let zone_no = compile_zones(&zones, &exchanges, ifindex, &mut d)?;
-    let fw_no = compile_firewalls(&firewalls, &mut d)?;
-    let mut subnet_vni: BTreeMap<&str, u32> = BTreeMap::new();
-    let mut zoned_subnets: BTreeSet<&str> = BTreeSet::new();
-    for n in &networks {
-        // A VPC that cannot be compiled is left out whole: its ports here
-        // are then rejected too and fail closed.
-        let mut eps = BTreeMap::new();
-        if let Err(e) = compile_network(n, &local, ifindex, &mut eps, &mut d.rejected) {
-            d.rejected.push(e.to_string());
-            continue;
-        }
-        d.endpoints.extend(eps);
-        for g in &n.gateways {
-            subnet_vni.insert(&g.subnet_id, n.vni);
-        }
-        if !n.zone_id.is_empty() {
-            // Without its zone the VPC has no way out (fail closed).
-            let Some(zone) = zone_no.get(n.zone_id.as_str()).copied() else {
-                d.rejected.push(format!(
-                    "vpc {}: zone {} is missing from the share or cannot be compiled",
-                    n.vpc_id, n.zone_id
-                ));
-                continue;
-            };
-            zoned_subnets.extend(n.gateways.iter().map(|g| g.subnet_id.as_str()));
-            let border = if n.border_policy_id.is_empty() {
-                0
-            } else {
-                match fw_no.get(n.border_policy_id.as_str()) {
-                    Some(b) => *b,
-                    None => {
-                        d.rejected.push(format!(
-                            "vpc {}: border firewall {} is missing from the share or cannot be compiled; \
-                             the border denies everything",
-                            n.vpc_id, n.border_policy_id
-                        ));
-                        FW_BROKEN
-                    }
+
+    fn compile_pass(
+        &mut self,
+        res: &Resources,
+        ifindex: &dyn Fn(&str) -> Option<u32>,
+        now_ms: u64,
+    ) -> Result<Desired, CompileError> {
+        let mut quarantined: BTreeMap<String, (String, String)> = BTreeMap::new();
+        let mut next_expiry: Option<u64> = None;
+        for r in res.values() {
+            if let Some(pb::resource::Kind::Quarantine(q)) = &r.kind {
+                let Some(qq) = &q.quarantine else { continue };
+                if qq.expires_unix_ms != 0 && qq.expires_unix_ms <= now_ms {
+                    continue;
                 }
-            };
-            for (k, ep) in ports_of_vni(&d.endpoints, n.vni) {
-                d.zone_endpoints.insert(
-                    ZoneAddrKey {
-                        family: k.family,
-                        _pad: [0; 3],
-                        addr: k.addr,
-                    },
-                    ZoneEndpoint {
-                        ifindex: ep.ifindex,
-                        zone,
-                        mac: ep.mac,
-                        _pad: [0; 2],
-                        border,
-                    },
-                );
-            }
-        }
-    }
-    compile_peerings(&peerings, &networks, &fw_no, &mut d.endpoints, &mut d.rejected);
-    // What the crossing tiers (zone guard, border and VPC firewalls) decide
-    // by: a change to it changes every port's epoch, so established flows
-    // across a zone or a peering are judged again on their next packet.
-    let crossing = {
-        let mut b: Vec<u8> = Vec::new();
-        for r in d.exchange.values() {
-            b.extend_from_slice(&r.from.to_be_bytes());
-            b.extend_from_slice(&r.to.to_be_bytes());
-            b.extend_from_slice(&[r.family, r.proto, r.src_plen, r.dst_plen]);
-            b.extend_from_slice(&r.port_lo.to_be_bytes());
-            b.extend_from_slice(&r.port_hi.to_be_bytes());
-            b.extend_from_slice(&r.src);
-            b.extend_from_slice(&r.dst);
-        }
-        for ((plen, data), z) in &d.zone_nets {
-            b.extend_from_slice(&plen.to_be_bytes());
-            b.extend_from_slice(data);
-            b.extend_from_slice(&z.to_be_bytes());
-        }
-        for (n, p) in &d.fw_policies {
-            b.extend_from_slice(&n.to_be_bytes());
-            b.extend_from_slice(&[p.default_action]);
-            b.extend_from_slice(&p.default_rule_id.to_be_bytes());
-            for slot in p.first..p.first + p.count {
-                if let Some(r) = d.fw_rules.get(&slot) {
-                    b.extend_from_slice(&r.rule_id.to_be_bytes());
-                    b.extend_from_slice(&[r.action, r.dir, r.family, r.proto, r.plen]);
-                    b.extend_from_slice(&r.port_lo.to_be_bytes());
-                    b.extend_from_slice(&r.port_hi.to_be_bytes());
-                    b.extend_from_slice(&r.addr);
+                if qq.expires_unix_ms != 0 {
+                    next_expiry = Some(next_expiry.map_or(qq.expires_unix_ms, |n| n.min(qq.expires_unix_ms)));
+                }
+                for p in &q.port_ids {
+                    quarantined.insert(p.clone(), (qq.id.clone(), qq.reason.clone()));
                 }
             }
         }
-        for e in d.endpoints.values().filter(|e| e.flags & EP_F_PEER != 0) {
-            b.extend_from_slice(&e.policy.to_be_bytes());
-        }
-        fnv32(&b)
-    };
-    for p in ports {
-        let mut part = Desired::default();
-        match compile_port(
-            p,
-            &groups,
-            &members,
-            &subnet_vni,
-            &zoned_subnets,
-            ifindex,
-            &d.quarantined,
-            &mut part,
-        ) {
-            Ok(()) => {
-                for (ifx, mut p) in part.ports {
-                    let mut e = p.epoch.to_be_bytes().to_vec();
-                    e.extend_from_slice(&crossing.to_be_bytes());
-                    p.epoch = fnv32(&e).max(1);
-                    d.ports.insert(ifx, p);
+        let mut groups: BTreeMap<&str, &pb::SecurityGroup> = BTreeMap::new();
+        let mut members: BTreeMap<&str, Vec<IpAddr>> = BTreeMap::new();
+        // The versions of groups and members, by group: a port's inputs.
+        let mut group_versions: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut member_versions: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut ports: Vec<(&pb::Resource, &pb::Port)> = Vec::new();
+        let mut peerings: Vec<&pb::VpcPeering> = Vec::new();
+        let mut networks: Vec<&pb::VpcNetwork> = Vec::new();
+        let mut endpoints: BTreeMap<&str, Vec<(&pb::Resource, &pb::Endpoint)>> = BTreeMap::new();
+        let mut zones: BTreeMap<&str, &pb::Zone> = BTreeMap::new();
+        let mut exchanges: Vec<&pb::ExchangePath> = Vec::new();
+        let mut firewalls: BTreeMap<&str, &pb::FirewallPolicy> = BTreeMap::new();
+        for r in res.values() {
+            match &r.kind {
+                Some(pb::resource::Kind::Port(p)) => ports.push((r, p)),
+                Some(pb::resource::Kind::VpcNetwork(n)) => networks.push(n),
+                Some(pb::resource::Kind::Endpoint(e)) => endpoints.entry(&e.vpc_id).or_default().push((r, e)),
+                Some(pb::resource::Kind::Zone(z)) => {
+                    zones.insert(&z.id, z);
                 }
-                d.port_addrs.extend(part.port_addrs);
-                d.plens.extend(part.plens);
-                d.sg_addr.extend(part.sg_addr);
-                d.missing_devices.extend(part.missing_devices);
+                Some(pb::resource::Kind::ExchangePath(x)) => exchanges.push(x),
+                Some(pb::resource::Kind::FirewallPolicy(f)) => {
+                    firewalls.insert(&f.id, f);
+                }
+                Some(pb::resource::Kind::VpcPeering(p)) => peerings.push(p),
+                Some(pb::resource::Kind::SecurityGroup(g)) => {
+                    groups.insert(&g.id, g);
+                    group_versions.insert(&g.id, &r.version);
+                }
+                Some(pb::resource::Kind::GroupMembers(m)) => {
+                    // Addresses come from the validated store; skip any that do not parse.
+                    members.insert(&m.group_id, m.addresses.iter().filter_map(|a| a.parse().ok()).collect());
+                    member_versions.insert(&m.group_id, &r.version);
+                }
+                Some(pb::resource::Kind::Quarantine(_)) | None => {}
             }
-            Err(e) => {
+        }
+        let mut d = Desired {
+            quarantined,
+            next_expiry,
+            ..Desired::default()
+        };
+        let local: BTreeMap<&str, &pb::Port> = ports.iter().map(|(_, p)| (p.id.as_str(), *p)).collect();
+        let zone_no = compile_zones(&zones, &exchanges, ifindex, &mut d)?;
+        let fw_no = compile_firewalls(&firewalls, &mut d)?;
+        let mut subnet_vni: BTreeMap<&str, u32> = BTreeMap::new();
+        let mut zoned_subnets: BTreeSet<&str> = BTreeSet::new();
+        for n in &networks {
+            // A VPC that cannot be compiled is left out whole: its ports here
+            // are then rejected too and fail closed.
+            let mut eps = BTreeMap::new();
+            if let Err(e) = compile_gateways(n, &mut eps) {
                 d.rejected.push(e.to_string());
-                // Its device keeps the programs and drops everything
-                // (fail closed), instead of losing them and passing all.
-                if let Some(ifx) = ifindex(&p.device) {
-                    d.ports.insert(
-                        ifx,
-                        PortInfo {
-                            mac: [0; 6],
-                            _pad0: [0; 2],
-                            policy_id: 0,
-                            epoch: 0,
-                            flags: PORT_F_REJECTED,
-                            vni: 0,
+                continue;
+            }
+            for (r, e) in endpoints.get(n.vpc_id.as_str()).into_iter().flatten() {
+                let here = local.get(e.port_id.as_str()).map(|p| ifindex(&p.device));
+                let inputs = digest(|h| (&r.version, n.vni, &n.vpc_id, here).hash(h));
+                let part = reuse(
+                    &mut self.endpoints,
+                    &r.name,
+                    inputs,
+                    self.pass,
+                    &mut self.last.endpoints,
+                    || compile_endpoint(n, e, here),
+                );
+                eps.extend(part.entries.iter().copied());
+                d.rejected.extend(part.rejected.iter().cloned());
+            }
+            d.endpoints.extend(eps);
+            for g in &n.gateways {
+                subnet_vni.insert(&g.subnet_id, n.vni);
+            }
+            if !n.zone_id.is_empty() {
+                // Without its zone the VPC has no way out (fail closed).
+                let Some(zone) = zone_no.get(n.zone_id.as_str()).copied() else {
+                    d.rejected.push(format!(
+                        "vpc {}: zone {} is missing from the share or cannot be compiled",
+                        n.vpc_id, n.zone_id
+                    ));
+                    continue;
+                };
+                zoned_subnets.extend(n.gateways.iter().map(|g| g.subnet_id.as_str()));
+                let border = if n.border_policy_id.is_empty() {
+                    0
+                } else {
+                    match fw_no.get(n.border_policy_id.as_str()) {
+                        Some(b) => *b,
+                        None => {
+                            d.rejected.push(format!(
+                                "vpc {}: border firewall {} is missing from the share or cannot be compiled; \
+                             the border denies everything",
+                                n.vpc_id, n.border_policy_id
+                            ));
+                            FW_BROKEN
+                        }
+                    }
+                };
+                for (k, ep) in ports_of_vni(&d.endpoints, n.vni) {
+                    d.zone_endpoints.insert(
+                        ZoneAddrKey {
+                            family: k.family,
+                            _pad: [0; 3],
+                            addr: k.addr,
+                        },
+                        ZoneEndpoint {
+                            ifindex: ep.ifindex,
+                            zone,
+                            mac: ep.mac,
+                            _pad: [0; 2],
+                            border,
                         },
                     );
                 }
             }
         }
+        compile_peerings(&peerings, &networks, &fw_no, &mut d.endpoints, &mut d.rejected);
+        // What the crossing tiers (zone guard, border and VPC firewalls) decide
+        // by: a change to it changes every port's epoch, so established flows
+        // across a zone or a peering are judged again on their next packet.
+        let crossing = {
+            let mut b: Vec<u8> = Vec::new();
+            for r in d.exchange.values() {
+                b.extend_from_slice(&r.from.to_be_bytes());
+                b.extend_from_slice(&r.to.to_be_bytes());
+                b.extend_from_slice(&[r.family, r.proto, r.src_plen, r.dst_plen]);
+                b.extend_from_slice(&r.port_lo.to_be_bytes());
+                b.extend_from_slice(&r.port_hi.to_be_bytes());
+                b.extend_from_slice(&r.src);
+                b.extend_from_slice(&r.dst);
+            }
+            for ((plen, data), z) in &d.zone_nets {
+                b.extend_from_slice(&plen.to_be_bytes());
+                b.extend_from_slice(data);
+                b.extend_from_slice(&z.to_be_bytes());
+            }
+            for (n, p) in &d.fw_policies {
+                b.extend_from_slice(&n.to_be_bytes());
+                b.extend_from_slice(&[p.default_action]);
+                b.extend_from_slice(&p.default_rule_id.to_be_bytes());
+                for slot in p.first..p.first + p.count {
+                    if let Some(r) = d.fw_rules.get(&slot) {
+                        b.extend_from_slice(&r.rule_id.to_be_bytes());
+                        b.extend_from_slice(&[r.action, r.dir, r.family, r.proto, r.plen]);
+                        b.extend_from_slice(&r.port_lo.to_be_bytes());
+                        b.extend_from_slice(&r.port_hi.to_be_bytes());
+                        b.extend_from_slice(&r.addr);
+                    }
+                }
+            }
+            for e in d.endpoints.values().filter(|e| e.flags & EP_F_PEER != 0) {
+                b.extend_from_slice(&e.policy.to_be_bytes());
+            }
+            fnv32(&b)
+        };
+        // A port's policy is compiled once for every port with the same
+        // groups (same rules, same members) and numbered by its first port.
+        let mut numbers: BTreeMap<u64, u32> = BTreeMap::new();
+        let mut entries: Vec<(u32, PortInfo, Option<u64>)> = Vec::new();
+        for (r, p) in ports {
+            let ifx = ifindex(&p.device);
+            let vni = subnet_vni.get(p.subnet_id.as_str()).copied();
+            let zoned = zoned_subnets.contains(p.subnet_id.as_str());
+            let held = d.quarantined.contains_key(&p.id);
+            let policy_key = digest(|h| {
+                for g in &p.security_group_ids {
+                    (g, group_versions.get(g.as_str())).hash(h);
+                    for rg in groups.get(g.as_str()).into_iter().flat_map(|g| &g.rules) {
+                        if !rg.remote_group_id.is_empty() {
+                            member_versions.get(rg.remote_group_id.as_str()).hash(h);
+                        }
+                    }
+                }
+            });
+            let inputs = digest(|h| (&r.version, ifx, vni, zoned, held, policy_key).hash(h));
+            let (pass, policies, fresh) = (self.pass, &mut self.policies, &mut self.last.policies);
+            let mut policy = || {
+                reuse(policies, &policy_key, policy_key, pass, fresh, || {
+                    compile_policy(&p.security_group_ids, &groups, &members).map(Arc::new)
+                })
+                .clone()
+            };
+            let part = reuse(&mut self.ports, &r.name, inputs, pass, &mut self.last.ports, || {
+                compile_port(p, ifx, &groups, &subnet_vni, &zoned_subnets, held, &mut policy)
+            });
+            if let Some((ifx, mut info)) = part.entry {
+                let uses = part.rejected.is_none();
+                if uses {
+                    // Keeps the policy for this pass (a reused port did
+                    // not ask for it); same inputs, same result.
+                    let _ = policy();
+                    let next = numbers.len() as u32 + 1;
+                    numbers.entry(policy_key).or_insert(next);
+                    let mut e = info.epoch.to_be_bytes().to_vec();
+                    e.extend_from_slice(&crossing.to_be_bytes());
+                    info.epoch = fnv32(&e).max(1);
+                }
+                entries.push((ifx, info, uses.then_some(policy_key)));
+            }
+            d.port_addrs.extend(part.addrs.iter().copied());
+            d.missing_devices.extend(part.missing_device.iter().cloned());
+            d.rejected.extend(part.rejected.iter().cloned());
+        }
+        for (ifx, mut info, key) in entries {
+            info.policy_id = key.and_then(|k| numbers.get(&k).copied()).unwrap_or(0);
+            d.ports.insert(ifx, info);
+        }
+        for (key, n) in &numbers {
+            let Some(Ok(policy)) = self.policies.get(key).map(|c| &c.part) else {
+                continue;
+            };
+            for ((dir, family), pl) in &policy.plens {
+                d.plens.insert(
+                    PolicyDirKey {
+                        policy_id: *n,
+                        dir: *dir,
+                        family: *family,
+                        _pad: [0; 2],
+                    },
+                    *pl,
+                );
+            }
+            for ((dir, family, plen, addr), set) in &policy.addrs {
+                d.sg_addr.insert(
+                    AddrKey {
+                        policy_id: *n,
+                        dir: *dir,
+                        family: *family,
+                        plen: *plen,
+                        _pad: 0,
+                        addr: *addr,
+                    },
+                    set.clone(),
+                );
+            }
+        }
+        Ok(d)
     }
-    Ok(d)
 }
 
 #[cfg(test)]
@@ -469,27 +630,39 @@ mod tests {
                         gateway_v4: "10.0.0.254".into(),
                         gateway_v6: String::new(),
                     }],
-                    endpoints: vec![
-                        pb::Endpoint {
-                            port_id: "p1".into(),
-                            mac: "02:00:00:00:00:01".into(),
-                            ipv4: "10.0.0.1".into(),
-                            host_id: "h1".into(),
-                            host_underlay_ip: "192.168.1.2".into(),
-                            ..Default::default()
-                        },
-                        pb::Endpoint {
-                            port_id: "p2".into(),
-                            mac: "02:00:00:00:00:02".into(),
-                            ipv4: "10.0.0.2".into(),
-                            ipv6: "fd00::2".into(),
-                            host_id: "h2".into(),
-                            host_underlay_ip: "192.168.2.2".into(),
-                        },
-                    ],
                 })),
             },
         );
+        for e in [
+            pb::Endpoint {
+                port_id: "p1".into(),
+                mac: "02:00:00:00:00:01".into(),
+                ipv4: "10.0.0.1".into(),
+                host_id: "h1".into(),
+                host_underlay_ip: "192.168.1.2".into(),
+                vpc_id: "v".into(),
+                ..Default::default()
+            },
+            pb::Endpoint {
+                port_id: "p2".into(),
+                mac: "02:00:00:00:00:02".into(),
+                ipv4: "10.0.0.2".into(),
+                ipv6: "fd00::2".into(),
+                host_id: "h2".into(),
+                host_underlay_ip: "192.168.2.2".into(),
+                vpc_id: "v".into(),
+            },
+        ] {
+            let name = format!("endpoint/{}", e.port_id);
+            r.insert(
+                name.clone(),
+                pb::Resource {
+                    name,
+                    version: "1".into(),
+                    kind: Some(pb::resource::Kind::Endpoint(e)),
+                },
+            );
+        }
         r.insert(
             "sg/g".into(),
             pb::Resource {
@@ -639,8 +812,8 @@ mod tests {
         assert_eq!(d.ports[&5].vni, 9);
         // An IPv6 underlay is refused with the port and host named.
         let mut res = share(vec![]);
-        if let Some(pb::resource::Kind::VpcNetwork(n)) = &mut res.get_mut("vpc/v").unwrap().kind {
-            n.endpoints[1].host_underlay_ip = "fd99::2".into();
+        if let Some(pb::resource::Kind::Endpoint(e)) = &mut res.get_mut("endpoint/p2").unwrap().kind {
+            e.host_underlay_ip = "fd99::2".into();
         }
         let d = compile(&res, &|n| (n == "vm1").then_some(5), 0).unwrap();
         let e = d.rejected.join("; ");
@@ -728,6 +901,209 @@ mod tests {
         let after = compile(&res, &|_| Some(3), 5000).unwrap();
         assert_eq!(after.ports[&3].flags & PORT_F_QUARANTINED, 0);
         assert_ne!(before.ports[&3].epoch, after.ports[&3].epoch);
+    }
+
+    /// Sets each resource's version from its content, as the controller does.
+    fn versioned(mut res: Resources) -> Resources {
+        for r in res.values_mut() {
+            r.version = format!("{:016x}", digest(|h| format!("{:?}", r.kind).hash(h)));
+        }
+        res
+    }
+
+    fn put(res: &mut Resources, name: &str, kind: pb::resource::Kind) {
+        res.insert(
+            name.into(),
+            pb::Resource {
+                name: name.into(),
+                version: String::new(),
+                kind: Some(kind),
+            },
+        );
+    }
+
+    /// A compiler kept from pass to pass gives what a compile from scratch
+    /// gives, after every kind of change, and compiles anew only the ports
+    /// and endpoints whose inputs changed.
+    #[test]
+    fn a_kept_compiler_compiles_only_what_changed_and_equals_a_fresh_one() {
+        let mut res = share(vec![
+            rule(pb::Direction::Ingress, pb::Protocol::Tcp, (22, 22), "10.0.0.0/8"),
+            pb::SecurityGroupRule {
+                remote_group_id: "g".into(),
+                ..rule(pb::Direction::Ingress, pb::Protocol::Tcp, (5432, 5432), "")
+            },
+        ]);
+        for i in 3..=40u8 {
+            let id = format!("p{i}");
+            let port = pb::Port {
+                id: id.clone(),
+                subnet_id: "s".into(),
+                device: format!("vm{i}"),
+                mac: format!("02:00:00:00:00:{i:02x}"),
+                ipv4: format!("10.0.0.{i}"),
+                // Ports from 30 on use no group.
+                security_group_ids: if i < 30 { vec!["g".into()] } else { vec![] },
+                ..Default::default()
+            };
+            put(
+                &mut res,
+                &format!("endpoint/{id}"),
+                pb::resource::Kind::Endpoint(pb::Endpoint {
+                    port_id: id.clone(),
+                    mac: port.mac.clone(),
+                    ipv4: port.ipv4.clone(),
+                    host_id: "h1".into(),
+                    host_underlay_ip: "192.168.1.2".into(),
+                    vpc_id: "v".into(),
+                    ..Default::default()
+                }),
+            );
+            put(&mut res, &format!("port/{id}"), pb::resource::Kind::Port(port));
+        }
+        let members = |addrs: &[&str]| {
+            pb::resource::Kind::GroupMembers(pb::GroupMembers {
+                group_id: "g".into(),
+                addresses: addrs.iter().map(|a| a.to_string()).collect(),
+            })
+        };
+        put(&mut res, "members/g", members(&["10.0.0.1", "10.0.0.3"]));
+        let devices = std::cell::RefCell::new(BTreeMap::<String, u32>::new());
+        for i in 1..=40u32 {
+            devices.borrow_mut().insert(format!("vm{i}"), 100 + i);
+        }
+        let ifindex = |n: &str| devices.borrow().get(n).copied();
+        let mut kept = Compiler::default();
+        let mut check = |res: &Resources, what: &str, want: Recompiled| {
+            let res = versioned(res.clone());
+            let d = kept.compile(&res, &ifindex, 0).unwrap();
+            assert_eq!(d, compile(&res, &ifindex, 0).unwrap(), "{what}: kept and fresh differ");
+            assert_eq!(kept.last, want, "{what}");
+            d
+        };
+        // 39 ports here (p1, p3..p40), 40 endpoints (p2 is elsewhere).
+        check(
+            &res,
+            "first pass",
+            Recompiled {
+                ports: 39,
+                endpoints: 40,
+                policies: 2,
+            },
+        );
+        check(&res, "nothing changed", Recompiled::default());
+        // One port's address: that port and its endpoint.
+        for name in ["port/p35", "endpoint/p35"] {
+            match &mut res.get_mut(name).unwrap().kind {
+                Some(pb::resource::Kind::Port(p)) => p.ipv4 = "10.0.0.135".into(),
+                Some(pb::resource::Kind::Endpoint(e)) => e.ipv4 = "10.0.0.135".into(),
+                _ => unreachable!(),
+            }
+        }
+        let d = check(
+            &res,
+            "one port's address",
+            Recompiled {
+                ports: 1,
+                endpoints: 1,
+                policies: 0,
+            },
+        );
+        assert!(d.endpoints.keys().any(|k| k.addr[..4] == [10, 0, 0, 135]));
+        // The members of the group its rules name: every port using it.
+        put(&mut res, "members/g", members(&["10.0.0.1"]));
+        check(
+            &res,
+            "members",
+            Recompiled {
+                ports: 28,
+                endpoints: 0,
+                policies: 1,
+            },
+        );
+        // A device goes: its port and its endpoint (no route to it yet).
+        devices.borrow_mut().remove("vm36");
+        let d = check(
+            &res,
+            "device gone",
+            Recompiled {
+                ports: 1,
+                endpoints: 1,
+                policies: 0,
+            },
+        );
+        assert!(d.missing_devices.iter().any(|(p, _)| p == "p36"));
+        // A quarantine: the port it covers.
+        put(
+            &mut res,
+            "quarantine/q",
+            pb::resource::Kind::Quarantine(pb::QuarantineOnHost {
+                quarantine: Some(pb::Quarantine {
+                    id: "q".into(),
+                    ..Default::default()
+                }),
+                port_ids: vec!["p37".into()],
+            }),
+        );
+        check(
+            &res,
+            "quarantine",
+            Recompiled {
+                ports: 1,
+                endpoints: 0,
+                policies: 0,
+            },
+        );
+        // A port that cannot be compiled fails closed alone.
+        if let Some(pb::resource::Kind::Port(p)) = &mut res.get_mut("port/p38").unwrap().kind {
+            p.ipv4 = "not an address".into();
+        }
+        let d = check(
+            &res,
+            "bad port",
+            Recompiled {
+                ports: 1,
+                endpoints: 0,
+                policies: 0,
+            },
+        );
+        assert_eq!(d.ports[&138].flags, PORT_F_REJECTED);
+        // A port goes; nothing is compiled anew.
+        res.remove("port/p39");
+        res.remove("endpoint/p39");
+        check(&res, "port removed", Recompiled::default());
+        // The group's rules: every port using it.
+        put(
+            &mut res,
+            "sg/g",
+            pb::resource::Kind::SecurityGroup(pb::SecurityGroup {
+                id: "g".into(),
+                rules: vec![rule(pb::Direction::Ingress, pb::Protocol::Udp, (53, 53), "")],
+                ..Default::default()
+            }),
+        );
+        check(
+            &res,
+            "group rules",
+            Recompiled {
+                ports: 28,
+                endpoints: 0,
+                policies: 1,
+            },
+        );
+        // The VPC's VNI: everything in it.
+        if let Some(pb::resource::Kind::VpcNetwork(n)) = &mut res.get_mut("vpc/v").unwrap().kind {
+            n.vni = 10;
+        }
+        check(
+            &res,
+            "VNI",
+            Recompiled {
+                ports: 38,
+                endpoints: 39,
+                policies: 0,
+            },
+        );
     }
 
     #[test]

@@ -70,14 +70,10 @@ pub(super) fn compile_peerings(
     }
 }
 
-/// The endpoints of one VPC: its gateways, its ports here (by device) and
-/// its ports elsewhere (by host).
-pub(super) fn compile_network(
+/// A VPC's gateways. An error leaves the whole VPC out.
+pub(super) fn compile_gateways(
     n: &pb::VpcNetwork,
-    local: &BTreeMap<&str, &pb::Port>,
-    ifindex: &dyn Fn(&str) -> Option<u32>,
     out: &mut BTreeMap<EndpointKey, Endpoint>,
-    rejected: &mut Vec<String>,
 ) -> Result<(), CompileError> {
     let verr = |message: String| CompileError::Vpc {
         vpc: n.vpc_id.clone(),
@@ -86,23 +82,6 @@ pub(super) fn compile_network(
     if n.vni == 0 {
         return Err(verr("no VNI".into()));
     }
-    let mut put = |addr: &str, ep: Endpoint| -> Result<(), CompileError> {
-        if addr.is_empty() {
-            return Ok(());
-        }
-        let ip: IpAddr = addr.parse().map_err(|_| verr(format!("invalid address {addr:?}")))?;
-        let (family, addr) = addr16(ip);
-        out.insert(
-            EndpointKey {
-                vni: n.vni,
-                family,
-                _pad: [0; 3],
-                addr,
-            },
-            ep,
-        );
-        Ok(())
-    };
     for g in &n.gateways {
         let gw = Endpoint {
             ifindex: 0,
@@ -112,25 +91,66 @@ pub(super) fn compile_network(
             vni: n.vni,
             policy: 0,
         };
-        put(&g.gateway_v4, gw)?;
-        put(&g.gateway_v6, gw)?;
-    }
-    for e in &n.endpoints {
-        // An endpoint that cannot be compiled is left out (nothing routes
-        // to it: fail closed); the rest of the VPC stands.
-        match endpoint_of(n, e, local, ifindex) {
-            Ok(Some(ep)) => {
-                for a in [&e.ipv4, &e.ipv6] {
-                    if let Err(err) = put(a, ep) {
-                        rejected.push(err.to_string());
-                    }
-                }
+        for a in [&g.gateway_v4, &g.gateway_v6] {
+            if let Some(k) = endpoint_key(n.vni, a).map_err(verr)? {
+                out.insert(k, gw);
             }
-            Ok(None) => {}
-            Err(err) => rejected.push(err.to_string()),
         }
     }
     Ok(())
+}
+
+/// The key of an address of a VPC; `None` for no address.
+fn endpoint_key(vni: u32, addr: &str) -> Result<Option<EndpointKey>, String> {
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let ip: IpAddr = addr.parse().map_err(|_| format!("invalid address {addr:?}"))?;
+    let (family, addr) = addr16(ip);
+    Ok(Some(EndpointKey {
+        vni,
+        family,
+        _pad: [0; 3],
+        addr,
+    }))
+}
+
+/// What one port of a VPC compiles to: an entry per address, and what
+/// could not be compiled. An endpoint that cannot be compiled is left out
+/// (nothing routes to it: fail closed); the rest of the VPC stands.
+/// `local` is `None` for a port elsewhere, else its device's ifindex here
+/// (`Some(None)`: the device is missing, so the port gets no route yet).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(super) struct EndpointPart {
+    pub entries: Vec<(EndpointKey, Endpoint)>,
+    pub rejected: Vec<String>,
+}
+
+pub(super) fn compile_endpoint(n: &pb::VpcNetwork, e: &pb::Endpoint, local: Option<Option<u32>>) -> EndpointPart {
+    let mut part = EndpointPart::default();
+    let verr = |message: String| {
+        CompileError::Vpc {
+            vpc: n.vpc_id.clone(),
+            message,
+        }
+        .to_string()
+    };
+    let ep = match endpoint_of(n, e, local) {
+        Ok(Some(ep)) => ep,
+        Ok(None) => return part,
+        Err(err) => {
+            part.rejected.push(err.to_string());
+            return part;
+        }
+    };
+    for a in [&e.ipv4, &e.ipv6] {
+        match endpoint_key(n.vni, a) {
+            Ok(Some(k)) => part.entries.push((k, ep)),
+            Ok(None) => {}
+            Err(m) => part.rejected.push(verr(m)),
+        }
+    }
+    part
 }
 
 /// Where one endpoint of a VPC lives; `None` for a port of this host whose
@@ -138,20 +158,16 @@ pub(super) fn compile_network(
 fn endpoint_of(
     n: &pb::VpcNetwork,
     e: &pb::Endpoint,
-    local: &BTreeMap<&str, &pb::Port>,
-    ifindex: &dyn Fn(&str) -> Option<u32>,
+    local: Option<Option<u32>>,
 ) -> Result<Option<Endpoint>, CompileError> {
     let verr = |message: String| CompileError::Vpc {
         vpc: n.vpc_id.clone(),
         message,
     };
     let mac = parse_mac(&e.mac).ok_or_else(|| verr(format!("port {}: invalid MAC {:?}", e.port_id, e.mac)))?;
-    let ifx = match local.get(e.port_id.as_str()) {
-        // A port here whose device is missing gets no route yet.
-        Some(p) => match ifindex(&p.device) {
-            Some(i) => i,
-            None => return Ok(None),
-        },
+    let ifx = match local {
+        Some(Some(i)) => i,
+        Some(None) => return Ok(None),
         None => 0,
     };
     let host_v4 = match e.host_underlay_ip.parse::<IpAddr>() {

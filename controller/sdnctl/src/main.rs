@@ -238,7 +238,10 @@ async fn client(addr: &str) -> anyhow::Result<pb::provisioning_client::Provision
 /// broke or the answer was lost, rather than a refusal.
 fn outcome_unknown(s: &tonic::Status) -> bool {
     use tonic::Code;
-    matches!(s.code(), Code::Unknown | Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Internal)
+    matches!(
+        s.code(),
+        Code::Unknown | Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Internal
+    )
 }
 
 /// The store's revision, if it answers.
@@ -278,7 +281,9 @@ async fn apply(addr: &str, ops: Vec<pb::Operation>, wait: bool, timeout: u32, ac
         Ok(r) => r.into_inner(),
         Err(s) if outcome_unknown(&s) => {
             let audit = match before {
-                Some(r) => format!("`sdnctl audit --after {r}` (every change since revision {r}, the last before this call)"),
+                Some(r) => {
+                    format!("`sdnctl audit --after {r}` (every change since revision {r}, the last before this call)")
+                }
                 None => "`sdnctl audit`".to_string(),
             };
             anyhow::bail!(

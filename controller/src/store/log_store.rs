@@ -132,9 +132,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let last = t.last().map_err(any)?;
             let r = match last {
                 None => None,
-                Some((_, v)) => {
-                    Some(decode_entry(v.value())?.log_id)
-                }
+                Some((_, v)) => Some(decode_entry(v.value())?.log_id),
             };
             Ok(r)
         })()
@@ -158,7 +156,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), SErr> {
-        self.put_meta(COMMITTED, &committed, false).map_err(super::sio::write_logs)
+        self.put_meta(COMMITTED, &committed, false)
+            .map_err(super::sio::write_logs)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, SErr> {
@@ -258,12 +257,20 @@ mod tests {
         let e = entry();
         let bin = encode_entry(&e).unwrap();
         let json = serde_json::to_vec(&e).unwrap();
-        assert!(bin.len() < json.len() / 2, "{} bytes against {} as JSON", bin.len(), json.len());
+        assert!(
+            bin.len() < json.len() / 2,
+            "{} bytes against {} as JSON",
+            bin.len(),
+            json.len()
+        );
         assert_eq!(decode_entry(&bin).unwrap(), e);
         assert_eq!(decode_entry(&json).unwrap(), e);
         assert!(decode_entry(&[7, 1, 2]).is_err());
         assert!(decode_entry(&[]).is_err());
-        assert!(decode_entry(&bin[..bin.len() - 3]).is_err(), "a truncated entry is refused");
+        assert!(
+            decode_entry(&bin[..bin.len() - 3]).is_err(),
+            "a truncated entry is refused"
+        );
     }
 
     /// Every kind of operation round-trips in the binary form: the example

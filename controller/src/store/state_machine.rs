@@ -396,7 +396,9 @@ mod tests {
         let db = Arc::new(Database::create(dir.path().join("s.redb")).unwrap());
         let open = |db: Arc<Database>| async move {
             let shared = Arc::new(RwLock::new(Shared::default()));
-            let sm = StateMachine::open(db, shared.clone(), watch::channel(0).0).await.unwrap();
+            let sm = StateMachine::open(db, shared.clone(), watch::channel(0).0)
+                .await
+                .unwrap();
             (sm, shared)
         };
         let (mut sm, shared) = open(db.clone()).await;
@@ -453,6 +455,10 @@ mod tests {
         let r = reopened.read().await;
         assert_eq!(r.revision, 1);
         assert_eq!(r.state, applied, "objects and relations as applied");
-        assert_eq!(r.shares.host("h").map(|s| s.resources.len()), Some(2), "port/p and vpc/v");
+        assert_eq!(
+            r.shares.host("h").map(|s| s.resources.len()),
+            Some(2),
+            "port/p and vpc/v"
+        );
     }
 }
