@@ -205,7 +205,8 @@ fn fill_ops(s: &mut State, ops: impl IntoIterator<Item = Op>) {
             Op::PutPort(p) => Object::Port(p),
             other => panic!("not filled: {other:?}"),
         };
-        s.replace(o.kind(), o.id(), Some(o));
+        let id = o.id().to_string();
+        s.replace(o.kind(), &id, Some(o));
     }
 }
 
