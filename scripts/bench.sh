@@ -37,6 +37,7 @@ run "enforcement latency" "$bin/enforcement_latency"
 run "controller cluster vs etcd" "$bin/raft_compare"
 run "overlay throughput vs bare kernel VXLAN" "$bin/overlay_throughput"
 run "a SYN flood at one port beside a long-lived flow" "$bin/syn_flood"
+run "a host of 500 ports: one agent pass after a one-port change" "$bin/bench_host" "${smoke_args[@]}"
 run "the controller at scale: write latency against state size" "$bin/controller_scale" "${smoke_args[@]}"
 run "the controller at scale, three replicas" env REPLICAS=3 "$bin/controller_scale" "${smoke_args[@]}"
 ((smoke)) && echo "[bench] every benchmark ran (smoke)" >&2
