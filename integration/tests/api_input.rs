@@ -344,6 +344,100 @@ async fn sdnctl_diff_and_get_round_trip() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A batch the controller refuses for what it holds (an address another
+/// port has) is named at the manifest line and in the manifest's spelling,
+/// and nothing of the batch is applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn sdnctl_names_a_refused_field_at_its_manifest_line() {
+    if !privileged() {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    let dir = std::env::temp_dir().join("sdn-sdnctl-refused");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let cluster = Cluster::start(&dir).unwrap();
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(bin("sdnctl"))
+            .arg("--controller")
+            .arg(&cluster.addr)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let base = dir.join("base.yaml");
+    std::fs::write(
+        &base,
+        "\
+apiVersion: sdn/v1
+kind: Tenant
+metadata: {name: t1}
+---
+apiVersion: sdn/v1
+kind: Vpc
+metadata: {name: v1, tenant: t1}
+---
+apiVersion: sdn/v1
+kind: Subnet
+metadata: {name: s1, tenant: t1}
+spec: {vpc: v1, cidrV4: 10.8.0.0/24}
+---
+apiVersion: sdn/v1
+kind: Host
+metadata: {name: h1}
+spec: {underlayIp: 192.0.2.1}
+---
+apiVersion: sdn/v1
+kind: Port
+metadata: {name: p1, tenant: t1}
+spec: {subnet: s1, host: h1, device: tap1, mac: \"02:00:00:00:00:01\", ipv4: 10.8.0.5}
+",
+    )
+    .unwrap();
+    let out = ctl(&["apply", "-f", base.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A group (fine) and a port whose address p1 has: the second document.
+    let more = dir.join("more.yaml");
+    std::fs::write(
+        &more,
+        "\
+apiVersion: sdn/v1
+kind: SecurityGroup
+metadata: {name: web, tenant: t1}
+spec: {rules: []}
+---
+apiVersion: sdn/v1
+kind: Port
+metadata:
+  name: p2
+  tenant: t1
+spec:
+  subnet: s1
+  host: h1
+  device: tap2
+  mac: \"02:00:00:00:00:02\"
+  ipv4: 10.8.0.5
+",
+    )
+    .unwrap();
+    // Offline, the manifest is valid: only the controller knows p1.
+    let out = ctl(&["validate", "-f", more.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = ctl(&["apply", "-f", more.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let want = format!("{}:16: spec.ipv4: ", more.display());
+    assert!(err.contains(&want), "expected {want:?} in: {err}");
+    assert!(err.contains("nothing in this batch was applied"), "{err}");
+    assert!(!err.contains("put_port") && !err.contains("operations["), "{err}");
+    // Nothing of the batch is there: not even the group.
+    let out = ctl(&["get", "security-group", "-o", "json"]);
+    let groups: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(groups.as_array().map(|a| a.len()), Some(0), "{groups}");
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A controller that takes a write and then loses the connection before it
 /// answers, as one killed mid-call does: the write may have been committed.
 struct LostAnswer {

@@ -322,6 +322,85 @@ pub struct Located {
     pub op: Op,
     pub file: String,
     pub line: usize,
+    /// The document's text (from `line` on).
+    pub text: std::sync::Arc<str>,
+}
+
+impl Located {
+    /// The line of a field of the document ("spec.rules[2].ports"): the
+    /// line of its key, or of its list item; the document's first line
+    /// when the field is not written out (a default, or a flow style the
+    /// search does not follow).
+    pub fn line_of(&self, field: &str) -> usize {
+        field_line(&self.text, field).map_or(self.line, |i| self.line + i)
+    }
+}
+
+/// The line (from 0) of a field path in a YAML document in block style:
+/// each name is looked for as a key below its parent's indentation, each
+/// index as that item of the list below it.
+fn field_line(text: &str, field: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let blank = |l: &str| l.trim().is_empty() || l.trim_start().starts_with('#');
+    // The line found so far and the indentation its children are below.
+    let (mut at, mut parent): (usize, isize) = (0, -1);
+    // Where the next key is looked for from: the top, the line after its
+    // parent's key, or a list item's own line (its first key follows "- ").
+    let mut from = 0;
+    for seg in field.split('.').filter(|s| !s.is_empty()) {
+        let (name, indexes) = seg.split_at(seg.find('[').unwrap_or(seg.len()));
+        let mut found = None;
+        for (i, l) in lines.iter().enumerate().skip(from) {
+            if blank(l) {
+                continue;
+            }
+            let (ind, body) = (indent(l), l.trim_start());
+            if (ind as isize) <= parent && !(i == at && body.starts_with("- ")) {
+                break;
+            }
+            let (ind, body) = match body.strip_prefix("- ") {
+                Some(b) => (ind + 2 + (b.len() - b.trim_start().len()), b.trim_start()),
+                None => (ind, body),
+            };
+            if body.strip_prefix(name).is_some_and(|r| r.starts_with(':')) {
+                found = Some((i, ind));
+                break;
+            }
+        }
+        let (i, ind) = found?;
+        at = i;
+        parent = ind as isize;
+        from = at + 1;
+        // Each index: that item of the list below.
+        for idx in indexes.split('[').filter_map(|t| t.strip_suffix(']')) {
+            let n: usize = idx.parse().ok()?;
+            let mut seen = 0;
+            let mut item = None;
+            for (j, l) in lines.iter().enumerate().skip(at + 1) {
+                if blank(l) {
+                    continue;
+                }
+                let ind = indent(l);
+                // Lists may sit at their key's own indentation.
+                if (ind as isize) < parent || ((ind as isize) == parent && !l.trim_start().starts_with("- ")) {
+                    break;
+                }
+                if l.trim_start().starts_with("- ") || l.trim_start() == "-" {
+                    if seen == n {
+                        item = Some((j, ind));
+                        break;
+                    }
+                    seen += 1;
+                }
+            }
+            let (j, ind) = item?;
+            at = j;
+            parent = ind as isize;
+            from = at;
+        }
+    }
+    Some(at)
 }
 
 fn at(file: &str, line: Option<usize>, column: Option<usize>, message: impl Into<String>) -> ManifestError {
@@ -476,11 +555,21 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Located>, ManifestError> 
                 ));
             }
         };
-        let op = to_op(doc).map_err(|m| at(file, Some(start), None, m))?;
+        let text: std::sync::Arc<str> = body.into();
+        let op = to_op(doc).map_err(|m| {
+            let field = m.split(": ").next().unwrap_or("");
+            at(
+                file,
+                Some(field_line(&text, field).map_or(start, |i| start + i)),
+                None,
+                m,
+            )
+        })?;
         out.push(Located {
             op,
             file: file.to_string(),
             line: start,
+            text,
         });
     }
     Ok(out)
@@ -752,6 +841,53 @@ pub fn load_path(path: &Path) -> Result<Vec<Located>, ManifestError> {
 }
 
 /// A field path of the store in the manifest's own spelling.
+/// A field of the API's operations, as the controller names it in an
+/// error ("operations[2].put_port.subnet_id"), in a manifest's own
+/// spelling ("spec.subnet"), with the index of the operation. `None` for a
+/// field of no operation, or of an operation no manifest writes.
+pub fn manifest_field(api: &str) -> Option<(usize, String)> {
+    let rest = api.strip_prefix("operations[")?;
+    let (index, rest) = rest.split_once(']')?;
+    let index: usize = index.parse().ok()?;
+    let Some(rest) = rest.strip_prefix('.') else {
+        return Some((index, String::new()));
+    };
+    let (op, field) = rest.split_once('.').unwrap_or((rest, ""));
+    if !matches!(
+        op,
+        "put_tenant"
+            | "put_zone"
+            | "put_firewall_policy"
+            | "put_exchange_path"
+            | "put_vpc"
+            | "put_vpc_peering"
+            | "put_subnet"
+            | "put_host"
+            | "put_port"
+            | "put_security_group"
+    ) {
+        return None;
+    }
+    if field.is_empty() {
+        return Some((index, String::new()));
+    }
+    let (top, below) = field.split_at(field.find(['.', '[']).unwrap_or(field.len()));
+    let spelled = match top {
+        "id" => "metadata.name".to_string(),
+        "tenant_id" => "metadata.tenant".to_string(),
+        "name" => "spec.displayName".to_string(),
+        "subnet_id" => "spec.subnet".to_string(),
+        "host_id" => "spec.host".to_string(),
+        "vpc_id" => "spec.vpc".to_string(),
+        "zone_id" => "spec.zone".to_string(),
+        "vm_id" => "spec.vm".to_string(),
+        "from_zone" => "spec.from".to_string(),
+        "to_zone" => "spec.to".to_string(),
+        _ => return Some((index, format!("spec.{}", manifest_spelling(field)))),
+    };
+    Some((index, format!("{spelled}{}", manifest_spelling(below))))
+}
+
 fn manifest_spelling(field: &str) -> String {
     field
         .split('.')
@@ -848,13 +984,13 @@ pub fn validate_offline(ops: &[Located]) -> Result<(), ManifestError> {
             _ => None,
         };
         if let Some(e) = single {
-            let field = ["put_security_group", "put_firewall_policy", "put_zone"]
-                .iter()
-                .fold(e.field.clone(), |f, op| {
-                    f.replace(&format!("operations[0].{op}."), "spec.")
-                });
-            let field = manifest_spelling(&field);
-            return Err(at(&l.file, Some(l.line), None, format!("{field}: {}", e.message)));
+            let field = manifest_field(&e.field).map_or_else(|| e.field.clone(), |(_, f)| f);
+            return Err(at(
+                &l.file,
+                Some(l.line_of(&field)),
+                None,
+                format!("{field}: {}", e.message),
+            ));
         }
     }
     Ok(())
@@ -900,6 +1036,69 @@ metadata:
         let ordered = dependency_order(ops);
         assert!(matches!(ordered[0].op, Op::PutTenant(_)));
         validate_offline(&ordered).unwrap();
+    }
+
+    #[test]
+    fn a_field_is_found_at_its_own_line() {
+        let doc = "\
+apiVersion: sdn/v1
+kind: SecurityGroup
+metadata:
+  name: web
+  tenant: t1
+spec:
+  rules:
+    - id: http
+      direction: ingress
+      etherType: IPv4
+      protocol: tcp
+      ports: 80
+
+    # the second rule
+    - id: alt
+      direction: ingress
+      ports: 8000-8080
+      remoteGroup: db
+  other:
+  - a
+  - b
+";
+        for (field, want) in [
+            ("metadata.name", Some(3)),
+            ("metadata.tenant", Some(4)),
+            ("spec.rules", Some(6)),
+            ("spec.rules[0].ports", Some(11)),
+            ("spec.rules[1]", Some(14)),
+            ("spec.rules[1].id", Some(14)),
+            ("spec.rules[1].ports", Some(16)),
+            ("spec.rules[1].remoteGroup", Some(17)),
+            // Not written in that rule (the first one has it): not found.
+            ("spec.rules[1].etherType", None),
+            ("spec.rules[2]", None),
+            ("spec.other[1]", Some(20)),
+            ("spec.missing", None),
+        ] {
+            assert_eq!(field_line(doc, field), want, "{field}");
+        }
+        // A refusal found offline names the field's own line: the second
+        // rule's bad port range is on line 8 of the file.
+        let text = "\
+apiVersion: sdn/v1
+kind: SecurityGroup
+metadata: {name: web, tenant: t1}
+spec:
+  rules:
+    - {id: a, direction: ingress, etherType: IPv4, protocol: tcp, ports: 80}
+    - id: b
+      remoteCidr: 10.0.0.0/8
+      direction: ingress
+      etherType: IPv6
+      protocol: tcp
+";
+        let ops = parse_str("g.yaml", text).unwrap();
+        let e = validate_offline(&ops).unwrap_err().to_string();
+        assert!(e.starts_with("g.yaml:8"), "{e}");
+        assert!(e.contains("spec.rules[1].remoteCidr"), "{e}");
     }
 
     #[test]
@@ -962,6 +1161,38 @@ metadata:
             "spec.rules[2].remoteGroup"
         );
         assert_eq!(manifest_spelling("spec.uplink_device"), "spec.uplinkDevice");
+        for (api, want) in [
+            ("operations[3].put_port.subnet_id", Some((3, "spec.subnet"))),
+            ("operations[0].put_port.id", Some((0, "metadata.name"))),
+            ("operations[1].put_vpc.tenant_id", Some((1, "metadata.tenant"))),
+            ("operations[2].put_port.ipv4", Some((2, "spec.ipv4"))),
+            (
+                "operations[2].put_port.security_group_ids[1]",
+                Some((2, "spec.securityGroups[1]")),
+            ),
+            (
+                "operations[4].put_vpc.border_policy_id",
+                Some((4, "spec.borderFirewall")),
+            ),
+            ("operations[5].put_vpc_peering.policy_id", Some((5, "spec.firewall"))),
+            ("operations[5].put_vpc_peering.vpc_b", Some((5, "spec.vpcB"))),
+            ("operations[6].put_exchange_path.to_zone", Some((6, "spec.to"))),
+            ("operations[7].put_subnet.cidr_v4", Some((7, "spec.cidrV4"))),
+            (
+                "operations[8].put_security_group.rules[2].remote_group_id",
+                Some((8, "spec.rules[2].remoteGroup")),
+            ),
+            (
+                "operations[8].put_security_group.rules[2].port_max",
+                Some((8, "spec.rules[2].ports")),
+            ),
+            ("operations[9].put_zone.prefixes[1]", Some((9, "spec.prefixes[1]"))),
+            ("operations[9]", Some((9, ""))),
+            ("operations[9].put_quarantine.reason", None),
+            ("limit", None),
+        ] {
+            assert_eq!(manifest_field(api), want.map(|(i, f)| (i, f.to_string())), "{api}");
+        }
     }
 
     #[test]
@@ -989,7 +1220,7 @@ metadata:
         let bad = GOOD.replace("protocol: tcp\n      ports: 80", "protocol: icmpv6\n      ports: 80");
         let ops = parse_str("g.yaml", &bad).unwrap();
         let e = validate_offline(&ops).unwrap_err();
-        assert_eq!(e.line, Some(1));
+        assert_eq!(e.line, Some(11), "{e}"); // the first rule's protocol
         assert!(e.message.contains("spec.rules[0].protocol"), "{e}");
 
         let e = parse_str("g.yaml", "apiVersion: sdn/v1\nkind: Tenant\nmetadata: [\n").unwrap_err();

@@ -359,6 +359,32 @@ async fn apply(addr: &str, ops: Vec<pb::Operation>, wait: bool, timeout: u32, ac
     Ok(())
 }
 
+/// A refusal of the controller's ("InvalidArgument: operations[3].put_port.ipv4:
+/// ...") said at the manifest line that produced the operation, with the
+/// field in the manifest's spelling. Any other error is left as it is.
+fn in_manifest(ops: &[manifest::Located], e: anyhow::Error) -> anyhow::Error {
+    let msg = format!("{e:#}");
+    let Some(at) = msg.find("operations[") else { return e };
+    let (head, tail) = msg.split_at(at);
+    let (field, message) = tail.split_once(": ").unwrap_or((tail, ""));
+    let Some((i, field)) = manifest::manifest_field(field) else {
+        return e;
+    };
+    let Some(l) = ops.get(i) else { return e };
+    let refused = if head.starts_with("InvalidArgument") {
+        " (refused by the controller: nothing in this batch was applied)"
+    } else {
+        ""
+    };
+    let line = l.line_of(&field);
+    let field = if field.is_empty() {
+        String::new()
+    } else {
+        format!("{field}: ")
+    };
+    anyhow::anyhow!("{}:{line}: {field}{message}{refused}", l.file)
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Validate { path } => {
@@ -381,21 +407,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let pb_ops = ops.iter().map(|l| convert::op_to_pb(&l.op)).collect();
             apply(&cli.controller, pb_ops, wait, timeout, actor)
                 .await
-                .map_err(|e| {
-                    // Map "operations[i]" back to the manifest that produced it.
-                    let msg = format!("{e:#}");
-                    if let Some(i) = msg
-                        .split("operations[")
-                        .nth(1)
-                        .and_then(|t| t.split(']').next())
-                        .and_then(|t| t.parse::<usize>().ok())
-                    {
-                        if let Some(l) = ops.get(i) {
-                            return anyhow::anyhow!("{}:{}: {msg}", l.file, l.line);
-                        }
-                    }
-                    e
-                })?;
+                .map_err(|e| in_manifest(&ops, e))?;
         }
         Cmd::Delete { kind, id, wait, actor } => {
             let op = pb::Operation {
