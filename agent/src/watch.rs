@@ -306,6 +306,7 @@ impl Agent {
                 .iter()
                 .map(|(n, r)| (n.clone(), r.version.clone()))
                 .collect(),
+            protocol: sdn_proto::WATCH_PROTOCOL,
         };
         tracing::info!(controller = %addr, from_revision = self.revision, held = self.resources.len(), "watching");
         let mut stream = client

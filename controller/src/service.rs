@@ -352,8 +352,8 @@ impl pb::agent_server::Agent for Controller {
         let ctl = self.clone();
         tokio::spawn(async move {
             ctl.enforcement.stream_opened(&host);
-            tracing::info!(host = %host, from = req.revision, resume, "watch started");
-            ctl.stream(&host, held, !resume, tx).await;
+            tracing::info!(host = %host, from = req.revision, resume, protocol = req.protocol, "watch started");
+            ctl.stream(&host, held, !resume, req.protocol == 0, tx).await;
             ctl.enforcement.stream_closed(&host);
             tracing::info!(host = %host, "watch ended");
         });
@@ -424,12 +424,15 @@ impl Controller {
     }
 
     /// Sends the host's share, then the changed resources at every change
-    /// of it, until the agent goes away.
+    /// of it, until the agent goes away. `legacy`: in the form agents of
+    /// earlier releases read ([`crate::slice::legacy_share`]), compared
+    /// whole at every change.
     async fn stream(
         &self,
         host: &str,
         mut held: BTreeMap<String, String>,
         mut snapshot: bool,
+        legacy: bool,
         tx: mpsc::Sender<Result<pb::WatchResponse, Status>>,
     ) {
         let gone = || Status::not_found(format!("host {host} was deleted"));
@@ -449,14 +452,25 @@ impl Controller {
                     let _ = tx.send(Err(gone())).await;
                     return;
                 };
-                let names = if sent == 0 { None } else { share.changed_since(sent) };
+                let names = if sent == 0 || legacy {
+                    None
+                } else {
+                    share.changed_since(sent)
+                };
+                let earlier_form;
+                let resources = if legacy {
+                    earlier_form = crate::slice::legacy_share(&share.resources);
+                    &earlier_form
+                } else {
+                    &share.resources
+                };
                 let (upserts, removals) = match names {
                     // What changed since the last message.
                     Some(names) => {
                         let mut up = Vec::new();
                         let mut rm = Vec::new();
                         for n in names {
-                            match share.resources.get(&n) {
+                            match resources.get(&n) {
                                 Some(r) if held.get(&n) != Some(&r.version) => up.push(r.as_ref().clone()),
                                 Some(_) => {}
                                 None if held.contains_key(&n) => rm.push(n),
@@ -467,17 +481,12 @@ impl Controller {
                     }
                     // The whole share against what the agent holds.
                     None => {
-                        let up = share
-                            .resources
+                        let up = resources
                             .values()
                             .filter(|r| held.get(&r.name) != Some(&r.version))
                             .map(|r| r.as_ref().clone())
                             .collect();
-                        let rm = held
-                            .keys()
-                            .filter(|n| !share.resources.contains_key(*n))
-                            .cloned()
-                            .collect();
+                        let rm = held.keys().filter(|n| !resources.contains_key(*n)).cloned().collect();
                         (up, rm)
                     }
                 };

@@ -183,8 +183,8 @@ impl Shares {
         let ix = state.index();
         let mut dirty: BTreeSet<String> = BTreeSet::new();
         let mut hosts: BTreeSet<String> = BTreeSet::new();
-        // Endpoints whose port changed VPC (or came or went), with the VPC
-        // it is in now: their holders change.
+        // Endpoints of changed ports, with the VPC each is in now: their
+        // holders become that VPC's.
         let mut moved: Vec<(String, Option<String>)> = Vec::new();
         let all_zones = |dirty: &mut BTreeSet<String>| dirty.extend(state.zones.keys().map(|z| format!("zone/{z}")));
         // The VPC of a port as it was: its subnet may be gone with it.
@@ -211,12 +211,11 @@ impl Shares {
                         dirty.extend(p.security_group_ids.iter().map(|g| format!("members/{g}")));
                         hosts.insert(p.host_id.clone());
                     }
-                    // Its endpoint: held by the hosts holding its VPC.
+                    // Its endpoint: held by the hosts holding its VPC now
+                    // (its VPC may change under it, with its subnet deleted
+                    // and put again in the same batch).
                     let name = format!("endpoint/{id}");
-                    let (was, is) = (vpc_of(old), vpc_of(&new));
-                    if was != is {
-                        moved.push((name.clone(), is));
-                    }
+                    moved.push((name.clone(), vpc_of(&new)));
                     dirty.insert(name);
                 }
                 Kind::Subnet => {
@@ -529,6 +528,26 @@ mod tests {
             ),
             (
                 vec![port("c", "h3", "s2", "10.2.0.7", &["web"])],
+                Some(&["h1", "h2", "h3"]),
+            ),
+            // The subnet under a port moves VPC in one batch (deleted and
+            // put again): the port's endpoint follows it.
+            (
+                vec![
+                    del(Kind::Port, "c"),
+                    del(Kind::Subnet, "s2"),
+                    subnet("s2", "v1", "10.2.0.0/24"),
+                    port("c", "h3", "s2", "10.2.0.7", &["web"]),
+                ],
+                Some(&["h1", "h2", "h3"]),
+            ),
+            (
+                vec![
+                    del(Kind::Port, "c"),
+                    del(Kind::Subnet, "s2"),
+                    subnet("s2", "v2", "10.2.0.0/24"),
+                    port("c", "h3", "s2", "10.2.0.7", &["web"]),
+                ],
                 Some(&["h1", "h2", "h3"]),
             ),
             // A peering joins v1 and v2: all three hosts.

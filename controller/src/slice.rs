@@ -28,13 +28,20 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     h
 }
 
-fn resource(name: &str, kind: pb::resource::Kind) -> pb::Resource {
+/// A resource with its version: the first 128 bits of the SHA-256 of its
+/// encoding. Agents and the shares take an equal version for equal
+/// content, so two contents must not share one: a digest nobody can
+/// collide (a tenant choosing names and rule ids could collide a 64-bit
+/// non-cryptographic hash, and a revoked rule would stay enforced).
+pub fn resource(name: &str, kind: pb::resource::Kind) -> pb::Resource {
+    use sha2::Digest as _;
     let mut r = pb::Resource {
         name: name.to_string(),
         version: String::new(),
         kind: Some(kind),
     };
-    r.version = format!("{:016x}", fnv1a(&r.encode_to_vec()));
+    let digest = sha2::Sha256::digest(r.encode_to_vec());
+    r.version = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
     r
 }
 
@@ -155,6 +162,34 @@ pub fn build(state: &State, host: &str, name: &str) -> Option<pb::Resource> {
     Some(resource(name, k))
 }
 
+/// A share in the form agents of earlier releases read (a watch with
+/// protocol 0): each VPC's ports listed inside its `vpc/<id>` resource, no
+/// `endpoint/*` resources. Built whole at each change: only for the time
+/// an upgrade takes.
+pub fn legacy_share(
+    resources: &BTreeMap<String, std::sync::Arc<pb::Resource>>,
+) -> BTreeMap<String, std::sync::Arc<pb::Resource>> {
+    use pb::resource::Kind as R;
+    let mut by_vpc: BTreeMap<&str, Vec<pb::Endpoint>> = BTreeMap::new();
+    for r in resources.values() {
+        if let Some(R::Endpoint(e)) = &r.kind {
+            by_vpc.entry(&e.vpc_id).or_default().push(e.clone());
+        }
+    }
+    resources
+        .iter()
+        .filter_map(|(n, r)| match &r.kind {
+            Some(R::Endpoint(_)) => None,
+            Some(R::VpcNetwork(v)) => {
+                let mut v = v.clone();
+                v.endpoints = by_vpc.get(v.vpc_id.as_str()).cloned().unwrap_or_default();
+                Some((n.clone(), std::sync::Arc::new(resource(n, R::VpcNetwork(v)))))
+            }
+            _ => Some((n.clone(), r.clone())),
+        })
+        .collect()
+}
+
 /// The resources of one host, by name, built from scratch.
 pub fn host_slice(state: &State, host: &str) -> BTreeMap<String, pb::Resource> {
     names(state, host)
@@ -183,6 +218,8 @@ fn vpc_network(state: &State, vpc_id: &str) -> Option<pb::VpcNetwork> {
         zone_id: vpc.zone_id.clone(),
         border_policy_id: vpc.border_policy_id.clone(),
         gateways,
+        // Each port is a resource of its own.
+        endpoints: vec![],
     })
 }
 
@@ -202,5 +239,89 @@ fn endpoint(state: &State, p: &sdn_policies::Port) -> pb::Endpoint {
             .get(&p.subnet_id)
             .map(|s| s.vpc_id.clone())
             .unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sdn_policies::*;
+
+    /// Agents of earlier releases get each VPC's ports inside its resource,
+    /// and no endpoint resources; a port's change changes the VPC's version.
+    #[test]
+    fn the_earlier_form_lists_ports_inside_their_vpc() {
+        let port = |id: &str, host: &str, last: u8| {
+            Op::PutPort(Port {
+                id: id.into(),
+                tenant_id: "t".into(),
+                subnet_id: "s".into(),
+                host_id: host.into(),
+                device: format!("tap-{id}"),
+                mac: Mac([2, 0, 0, 0, 0, last]),
+                ipv4: Some(format!("10.1.0.{last}").parse().unwrap()),
+                ipv6: None,
+                security_group_ids: vec![],
+                vm_id: String::new(),
+            })
+        };
+        let mut state = State::default();
+        state
+            .apply(&[
+                Op::PutTenant(Tenant {
+                    id: "t".into(),
+                    name: "t".into(),
+                }),
+                Op::PutHost(Host {
+                    id: "h1".into(),
+                    underlay_ip: "192.0.2.1".parse().unwrap(),
+                }),
+                Op::PutHost(Host {
+                    id: "h2".into(),
+                    underlay_ip: "192.0.2.2".parse().unwrap(),
+                }),
+                Op::PutVpc(Vpc {
+                    id: "v".into(),
+                    tenant_id: "t".into(),
+                    name: "v".into(),
+                    vni: 100,
+                    zone_id: String::new(),
+                    border_policy_id: String::new(),
+                }),
+                Op::PutSubnet(Subnet {
+                    id: "s".into(),
+                    vpc_id: "v".into(),
+                    cidr_v4: Some("10.1.0.0/24".parse().unwrap()),
+                    cidr_v6: None,
+                }),
+                port("a", "h1", 5),
+                port("b", "h2", 6),
+            ])
+            .unwrap();
+        let share = |state: &State| -> BTreeMap<String, std::sync::Arc<pb::Resource>> {
+            host_slice(state, "h2")
+                .into_iter()
+                .map(|(n, r)| (n, std::sync::Arc::new(r)))
+                .collect()
+        };
+        let new = share(&state);
+        assert!(
+            new.contains_key("endpoint/a") && new.contains_key("endpoint/b"),
+            "{new:?}"
+        );
+        let old = legacy_share(&new);
+        assert!(!old.keys().any(|n| n.starts_with("endpoint/")), "{old:?}");
+        let Some(pb::resource::Kind::VpcNetwork(v)) = &old["vpc/v"].kind else {
+            panic!()
+        };
+        let ports: Vec<(&str, &str)> = v
+            .endpoints
+            .iter()
+            .map(|e| (e.port_id.as_str(), e.host_underlay_ip.as_str()))
+            .collect();
+        assert_eq!(ports, [("a", "192.0.2.1"), ("b", "192.0.2.2")]);
+        let version = old["vpc/v"].version.clone();
+        state.apply(&[port("a", "h1", 7)]).unwrap();
+        assert_ne!(legacy_share(&share(&state))["vpc/v"].version, version);
     }
 }

@@ -115,6 +115,7 @@ fn agent(ch: Channel, host: String, acked: Arc<AtomicU64>) {
                 host_id: host.clone(),
                 revision: 0,
                 resource_versions: Default::default(),
+                protocol: sdn_proto::WATCH_PROTOCOL,
             })
             .await
         {

@@ -370,6 +370,9 @@ impl Drop for Topology {
         self.vms.clear();
         self.zones.clear();
         self.hosts.clear();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // SDN_KEEP_LOGS=1 keeps the logs of processes for a failed run.
+        if std::env::var_os("SDN_KEEP_LOGS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }

@@ -8,6 +8,10 @@ pub mod v1 {
 
 use tonic::transport::{Channel, Endpoint, Uri};
 
+/// The form of a host's share this release's agents read
+/// (`WatchRequest.protocol`): each port of a VPC is a resource of its own.
+pub const WATCH_PROTOCOL: u32 = 1;
+
 /// Connects to a controller at `addr`: `http://host:port` or
 /// `unix:///path/to/socket`.
 pub async fn connect(addr: &str) -> Result<Channel, tonic::transport::Error> {

@@ -22,7 +22,6 @@ use std::sync::Arc;
 use zones::compile_zones;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::hash::Hash as _;
 use std::net::{IpAddr, Ipv6Addr};
 
 use dataplane_common::maps::{
@@ -208,10 +207,11 @@ pub fn compile(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>, now_ms: u
     Compiler::default().compile(res, ifindex, now_ms)
 }
 
-/// What a port or an endpoint compiled to, and from what.
-struct Cached<T> {
-    /// A digest of every input it was compiled from.
-    inputs: u64,
+/// What a port, an endpoint or a policy compiled to, and from what.
+struct Cached<I, T> {
+    /// Every input it was compiled from (not a digest of them: a tenant
+    /// could make two inputs share a short digest and keep a stale result).
+    inputs: I,
     /// The pass that last used it.
     pass: u64,
     part: T,
@@ -226,8 +226,22 @@ pub struct Recompiled {
     pub policies: usize,
 }
 
-/// Compiles shares pass after pass. What each port and each endpoint
-/// compiled to is kept with a digest of its inputs (its resource's version,
+/// What a policy is compiled from: each group of a port, in order, with
+/// its version (`None`: missing), and the version of the members of each
+/// group its rules name.
+type PolicyKey = Vec<(String, Option<String>, Vec<(String, Option<String>)>)>;
+
+/// What a port is compiled from: its resource's version, its device's
+/// ifindex, its subnet's VNI, whether its subnet is zoned, whether it is
+/// quarantined, and its policy.
+type PortInputs = (String, Option<u32>, Option<u32>, bool, bool, PolicyKey);
+
+/// What an endpoint is compiled from: its resource's version, its VPC's
+/// VNI and id, and, for a port here, its device's ifindex.
+type EndpointInputs = (String, u32, String, Option<Option<u32>>);
+
+/// Compiles shares pass after pass. What each port, endpoint and policy
+/// compiled to is kept with its inputs (its resource's version,
 /// the versions of the groups and members it uses, its device's ifindex,
 /// its subnet's VNI and zone, its quarantine): a pass compiles only the
 /// objects whose inputs changed, and reuses the rest. A resource's version
@@ -236,28 +250,20 @@ pub struct Recompiled {
 /// nothing kept.
 #[derive(Default)]
 pub struct Compiler {
-    ports: std::collections::HashMap<String, Cached<PortPart>>,
-    /// Policies by a digest of their groups (ids, versions, members).
-    policies: std::collections::HashMap<u64, Cached<Result<Arc<Policy>, CompileError>>>,
-    endpoints: std::collections::HashMap<String, Cached<overlay::EndpointPart>>,
+    ports: std::collections::HashMap<String, Cached<PortInputs, PortPart>>,
+    /// Policies by their groups (ids, versions, members).
+    policies: std::collections::HashMap<PolicyKey, Cached<PolicyKey, Result<Arc<Policy>, CompileError>>>,
+    endpoints: std::collections::HashMap<String, Cached<EndpointInputs, overlay::EndpointPart>>,
     pass: u64,
     /// What the last pass compiled anew.
     pub last: Recompiled,
 }
 
-/// A digest of a compiled object's inputs.
-fn digest(f: impl FnOnce(&mut std::collections::hash_map::DefaultHasher)) -> u64 {
-    use std::hash::Hasher as _;
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    f(&mut h);
-    h.finish()
-}
-
 /// The kept part for `name` when its inputs are the same, else a fresh one.
-fn reuse<'c, K: std::hash::Hash + Eq + Clone, T>(
-    cache: &'c mut std::collections::HashMap<K, Cached<T>>,
+fn reuse<'c, K: std::hash::Hash + Eq + Clone, I: PartialEq, T>(
+    cache: &'c mut std::collections::HashMap<K, Cached<I, T>>,
     name: &K,
-    inputs: u64,
+    inputs: I,
     pass: u64,
     fresh: &mut usize,
     build: impl FnOnce() -> T,
@@ -327,7 +333,7 @@ impl Compiler {
         let mut member_versions: BTreeMap<&str, &str> = BTreeMap::new();
         let mut ports: Vec<(&pb::Resource, &pb::Port)> = Vec::new();
         let mut peerings: Vec<&pb::VpcPeering> = Vec::new();
-        let mut networks: Vec<&pb::VpcNetwork> = Vec::new();
+        let mut networks: Vec<(&pb::Resource, &pb::VpcNetwork)> = Vec::new();
         let mut endpoints: BTreeMap<&str, Vec<(&pb::Resource, &pb::Endpoint)>> = BTreeMap::new();
         let mut zones: BTreeMap<&str, &pb::Zone> = BTreeMap::new();
         let mut exchanges: Vec<&pb::ExchangePath> = Vec::new();
@@ -335,7 +341,7 @@ impl Compiler {
         for r in res.values() {
             match &r.kind {
                 Some(pb::resource::Kind::Port(p)) => ports.push((r, p)),
-                Some(pb::resource::Kind::VpcNetwork(n)) => networks.push(n),
+                Some(pb::resource::Kind::VpcNetwork(n)) => networks.push((r, n)),
                 Some(pb::resource::Kind::Endpoint(e)) => endpoints.entry(&e.vpc_id).or_default().push((r, e)),
                 Some(pb::resource::Kind::Zone(z)) => {
                     zones.insert(&z.id, z);
@@ -367,7 +373,7 @@ impl Compiler {
         let fw_no = compile_firewalls(&firewalls, &mut d)?;
         let mut subnet_vni: BTreeMap<&str, u32> = BTreeMap::new();
         let mut zoned_subnets: BTreeSet<&str> = BTreeSet::new();
-        for n in &networks {
+        for (vr, n) in &networks {
             // A VPC that cannot be compiled is left out whole: its ports here
             // are then rejected too and fail closed.
             let mut eps = BTreeMap::new();
@@ -375,12 +381,24 @@ impl Compiler {
                 d.rejected.push(e.to_string());
                 continue;
             }
-            for (r, e) in endpoints.get(n.vpc_id.as_str()).into_iter().flatten() {
+            // Each port as a resource of its own; or, from a controller of
+            // an earlier release, listed inside the VPC's resource (then
+            // each is compiled again whenever that resource changes).
+            let own = endpoints
+                .get(n.vpc_id.as_str())
+                .into_iter()
+                .flatten()
+                .map(|(r, e)| (r.name.clone(), r.version.as_str(), *e));
+            let listed = n
+                .endpoints
+                .iter()
+                .map(|e| (format!("{}#{}", vr.name, e.port_id), vr.version.as_str(), e));
+            for (name, version, e) in own.chain(listed) {
                 let here = local.get(e.port_id.as_str()).map(|p| ifindex(&p.device));
-                let inputs = digest(|h| (&r.version, n.vni, &n.vpc_id, here).hash(h));
+                let inputs = (version.to_string(), n.vni, n.vpc_id.clone(), here);
                 let part = reuse(
                     &mut self.endpoints,
-                    &r.name,
+                    &name,
                     inputs,
                     self.pass,
                     &mut self.last.endpoints,
@@ -436,7 +454,8 @@ impl Compiler {
                 }
             }
         }
-        compile_peerings(&peerings, &networks, &fw_no, &mut d.endpoints, &mut d.rejected);
+        let nets: Vec<&pb::VpcNetwork> = networks.iter().map(|(_, n)| *n).collect();
+        compile_peerings(&peerings, &nets, &fw_no, &mut d.endpoints, &mut d.rejected);
         // What the crossing tiers (zone guard, border and VPC firewalls) decide
         // by: a change to it changes every port's epoch, so established flows
         // across a zone or a peering are judged again on their next packet.
@@ -477,27 +496,34 @@ impl Compiler {
         };
         // A port's policy is compiled once for every port with the same
         // groups (same rules, same members) and numbered by its first port.
-        let mut numbers: BTreeMap<u64, u32> = BTreeMap::new();
-        let mut entries: Vec<(u32, PortInfo, Option<u64>)> = Vec::new();
+        let mut numbers: BTreeMap<PolicyKey, u32> = BTreeMap::new();
+        let mut entries: Vec<(u32, PortInfo, Option<PolicyKey>)> = Vec::new();
         for (r, p) in ports {
             let ifx = ifindex(&p.device);
             let vni = subnet_vni.get(p.subnet_id.as_str()).copied();
             let zoned = zoned_subnets.contains(p.subnet_id.as_str());
             let held = d.quarantined.contains_key(&p.id);
-            let policy_key = digest(|h| {
-                for g in &p.security_group_ids {
-                    (g, group_versions.get(g.as_str())).hash(h);
-                    for rg in groups.get(g.as_str()).into_iter().flat_map(|g| &g.rules) {
-                        if !rg.remote_group_id.is_empty() {
-                            member_versions.get(rg.remote_group_id.as_str()).hash(h);
-                        }
-                    }
-                }
-            });
-            let inputs = digest(|h| (&r.version, ifx, vni, zoned, held, policy_key).hash(h));
+            let policy_key: PolicyKey = p
+                .security_group_ids
+                .iter()
+                .map(|g| {
+                    let named = groups
+                        .get(g.as_str())
+                        .into_iter()
+                        .flat_map(|g| &g.rules)
+                        .filter(|r| !r.remote_group_id.is_empty())
+                        .map(|r| {
+                            let v = member_versions.get(r.remote_group_id.as_str()).map(|v| v.to_string());
+                            (r.remote_group_id.clone(), v)
+                        })
+                        .collect();
+                    (g.clone(), group_versions.get(g.as_str()).map(|v| v.to_string()), named)
+                })
+                .collect();
+            let inputs = (r.version.clone(), ifx, vni, zoned, held, policy_key.clone());
             let (pass, policies, fresh) = (self.pass, &mut self.policies, &mut self.last.policies);
             let mut policy = || {
-                reuse(policies, &policy_key, policy_key, pass, fresh, || {
+                reuse(policies, &policy_key, policy_key.clone(), pass, fresh, || {
                     compile_policy(&p.security_group_ids, &groups, &members).map(Arc::new)
                 })
                 .clone()
@@ -512,7 +538,7 @@ impl Compiler {
                     // not ask for it); same inputs, same result.
                     let _ = policy();
                     let next = numbers.len() as u32 + 1;
-                    numbers.entry(policy_key).or_insert(next);
+                    numbers.entry(policy_key.clone()).or_insert(next);
                     let mut e = info.epoch.to_be_bytes().to_vec();
                     e.extend_from_slice(&crossing.to_be_bytes());
                     info.epoch = fnv32(&e).max(1);
@@ -630,6 +656,7 @@ mod tests {
                         gateway_v4: "10.0.0.254".into(),
                         gateway_v6: String::new(),
                     }],
+                    endpoints: vec![],
                 })),
             },
         );
@@ -827,6 +854,31 @@ mod tests {
         assert!(!d.endpoints.contains_key(&key(FAMILY_V4, "10.0.0.2")));
     }
 
+    /// A controller of an earlier release lists a VPC's ports inside its
+    /// resource: the same ports compile to the same maps.
+    #[test]
+    fn ports_listed_inside_the_vpc_compile_as_ports_of_their_own() {
+        let own = share(vec![rule(pb::Direction::Ingress, pb::Protocol::Tcp, (22, 22), "")]);
+        let mut listed = own.clone();
+        let eps: Vec<pb::Endpoint> = ["endpoint/p1", "endpoint/p2"]
+            .iter()
+            .map(|n| match listed.remove(*n).and_then(|r| r.kind) {
+                Some(pb::resource::Kind::Endpoint(e)) => pb::Endpoint {
+                    vpc_id: String::new(),
+                    ..e
+                },
+                _ => unreachable!(),
+            })
+            .collect();
+        if let Some(pb::resource::Kind::VpcNetwork(n)) = &mut listed.get_mut("vpc/v").unwrap().kind {
+            n.endpoints = eps;
+        }
+        let ifx = |n: &str| (n == "vm1").then_some(5);
+        let (a, b) = (compile(&own, &ifx, 0).unwrap(), compile(&listed, &ifx, 0).unwrap());
+        assert_eq!(a.endpoints.len(), 4);
+        assert_eq!(a, b);
+    }
+
     #[test]
     fn nested_prefixes_inherit_their_parents_services() {
         let res = share(vec![
@@ -906,7 +958,7 @@ mod tests {
     /// Sets each resource's version from its content, as the controller does.
     fn versioned(mut res: Resources) -> Resources {
         for r in res.values_mut() {
-            r.version = format!("{:016x}", digest(|h| format!("{:?}", r.kind).hash(h)));
+            r.version = format!("{:?}", r.kind);
         }
         res
     }

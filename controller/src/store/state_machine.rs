@@ -457,8 +457,8 @@ mod tests {
         assert_eq!(r.state, applied, "objects and relations as applied");
         assert_eq!(
             r.shares.host("h").map(|s| s.resources.len()),
-            Some(2),
-            "port/p and vpc/v"
+            Some(3),
+            "port/p, vpc/v and endpoint/p"
         );
     }
 }
