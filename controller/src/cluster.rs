@@ -42,16 +42,27 @@ impl RaftService {
     }
 
     fn decode<T: DeserializeOwned>(msg: &pb::RaftMessage) -> Result<T, Status> {
+        if !msg.bin.is_empty() {
+            return postcard::from_bytes(&msg.bin)
+                .map_err(|e| Status::invalid_argument(format!("bin: not a valid Raft message: {e}")));
+        }
         serde_json::from_slice(&msg.json)
             .map_err(|e| Status::invalid_argument(format!("json: not a valid Raft message: {e}")))
     }
 
-    fn encode<T: Serialize>(&self, v: &T) -> Result<Response<pb::RaftMessage>, Status> {
-        let json = serde_json::to_vec(v).map_err(|e| Status::internal(e.to_string()))?;
-        Ok(Response::new(pb::RaftMessage {
+    /// The answer, in the form the request came in.
+    fn encode<T: Serialize>(&self, v: &T, binary: bool) -> Result<Response<pb::RaftMessage>, Status> {
+        let mut m = pb::RaftMessage {
             cluster_id: self.store.cluster_id().unwrap_or_default(),
-            json,
-        }))
+            reads_bin: true,
+            ..Default::default()
+        };
+        if binary {
+            m.bin = postcard::to_stdvec(v).map_err(|e| Status::internal(e.to_string()))?;
+        } else {
+            m.json = serde_json::to_vec(v).map_err(|e| Status::internal(e.to_string()))?;
+        }
+        Ok(Response::new(m))
     }
 }
 
@@ -61,21 +72,21 @@ impl pb::raft_server::Raft for RaftService {
         let msg = req.into_inner();
         self.check_cluster(&msg.cluster_id)?;
         let r = self.store.raft.append_entries(Self::decode(&msg)?).await;
-        self.encode(&r)
+        self.encode(&r, !msg.bin.is_empty())
     }
 
     async fn install_snapshot(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
         let msg = req.into_inner();
         self.check_cluster(&msg.cluster_id)?;
         let r = self.store.raft.install_snapshot(Self::decode(&msg)?).await;
-        self.encode(&r)
+        self.encode(&r, !msg.bin.is_empty())
     }
 
     async fn vote(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
         let msg = req.into_inner();
         self.check_cluster(&msg.cluster_id)?;
         let r = self.store.raft.vote(Self::decode(&msg)?).await;
-        self.encode(&r)
+        self.encode(&r, !msg.bin.is_empty())
     }
 }
 

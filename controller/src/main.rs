@@ -79,7 +79,11 @@ async fn main() -> anyhow::Result<()> {
                     .max_decoding_message_size(sdn_policies::limits::input::REQUEST_BYTES_MAX),
             )
             .add_service(AgentServer::new(ctl.clone()))
-            .add_service(RaftServer::new(RaftService { store: store.clone() }))
+            .add_service(
+                RaftServer::new(RaftService { store: store.clone() })
+                    .max_decoding_message_size(sdn_controller::store::network::RAFT_MESSAGE_BYTES_MAX)
+                    .max_encoding_message_size(sdn_controller::store::network::RAFT_MESSAGE_BYTES_MAX),
+            )
             .add_service(ClusterServer::new(ClusterService { store: store.clone() }))
     };
     let shutdown = async {

@@ -365,6 +365,26 @@ async fn a_lagging_replica_catches_up_from_a_snapshot_and_the_log_stays_bounded(
     r.stop(away);
     let addr = r.replicas[l].local();
     let mut c = prov_client(&addr).await.unwrap();
+    // A state of some megabytes, so the snapshot takes several chunks and
+    // each is as large as chunks get: two groups of 10,000 rules.
+    let big = |g: &str| {
+        let rules = (0..10_000u32)
+            .map(|i| {
+                let cidr = format!("10.{}.{}.{}/32", i >> 16, (i >> 8) & 255, i & 255);
+                ingress(&format!("r{i}"), false, "tcp", (443, 443), &cidr, "")
+            })
+            .collect();
+        pb::Operation {
+            op: Some(group(g, "t0", rules)),
+        }
+    };
+    c.apply(pb::ApplyRequest {
+        operations: vec![pb::Operation { op: Some(tenant("t0")) }, big("big-a"), big("big-b")],
+        actor: "load".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     // Enough writes for two snapshots and log purges.
     for i in 0..2300 {
         c.apply(pb::ApplyRequest {

@@ -162,6 +162,10 @@ impl Store {
             election_timeout_max: 600,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),
             max_in_snapshot_log_to_keep: 100,
+            // A snapshot goes in chunks of 1 MiB; the last one waits while
+            // the follower loads the state (seconds at 100,000 ports).
+            snapshot_max_chunk_size: 1 << 20,
+            install_snapshot_timeout: 10_000,
             ..Default::default()
         };
         let config = Arc::new(config.validate().context("Raft configuration")?);
