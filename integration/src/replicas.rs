@@ -41,22 +41,30 @@ impl Replicas {
     /// promotes them through the Cluster API.
     pub async fn start(topo: &Topology, hosts: &[&str]) -> anyhow::Result<Replicas> {
         let mut r = Replicas::new(topo, hosts);
-        for i in 0..r.replicas.len() {
-            r.spawn(i, i > 0)?;
-        }
-        r.wait_answering(0).await?;
-        let first = r.replicas[0].local();
-        let mut c = cluster_client(&first).await?;
-        for rep in &r.replicas[1..] {
-            r.wait_answering(rep.id as usize - 1).await?;
-            c.add_learner(pb::AddLearnerRequest {
-                node_id: rep.id,
-                addr: rep.addr(),
-            })
-            .await?;
-            c.promote(pb::MemberRequest { node_id: rep.id }).await?;
-        }
+        r.form().await?;
         Ok(r)
+    }
+
+    /// Starts every replica described (with its binary); the first
+    /// bootstraps, the others join and are promoted.
+    pub async fn form(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.replicas.len() {
+            self.spawn(i, i > 0)?;
+        }
+        self.wait_answering(0).await?;
+        let first = self.replicas[0].local();
+        let mut c = cluster_client(&first).await?;
+        for i in 1..self.replicas.len() {
+            self.wait_answering(i).await?;
+            let (id, addr) = (self.replicas[i].id, self.replicas[i].addr());
+            c.add_learner(pb::AddLearnerRequest { node_id: id, addr })
+                .await
+                .map_err(|e| anyhow::anyhow!("adding replica {id} as a learner: {e}"))?;
+            c.promote(pb::MemberRequest { node_id: id })
+                .await
+                .map_err(|e| anyhow::anyhow!("promoting replica {id}: {e}"))?;
+        }
+        Ok(())
     }
 
     /// Describes one replica per host (node ids from 1), none running.

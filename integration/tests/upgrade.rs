@@ -30,6 +30,12 @@ fn workspace() -> PathBuf {
 /// Builds an earlier release's agent from its commit (once; later runs
 /// reuse it) in a target directory of its own.
 fn previous_agent(release: &str) -> Option<PathBuf> {
+    previous_build(release, "sdn-agent")
+}
+
+/// Builds an earlier release's `package` (its binary of the same name), as
+/// [`previous_agent`] does.
+fn previous_build(release: &str, package: &str) -> Option<PathBuf> {
     let repo = workspace();
     let have = std::process::Command::new("git")
         .args(["-C", repo.to_str().unwrap(), "cat-file", "-e"])
@@ -42,15 +48,15 @@ fn previous_agent(release: &str) -> Option<PathBuf> {
         return None;
     }
     let root = repo.join("target").join("previous-release").join(&release[..12]);
-    let binary = root.join("target/debug/sdn-agent");
-    let stamp = root.join("built-from");
+    let binary = root.join("target/debug").join(package);
+    let stamp = root.join(format!("built-from-{package}"));
     if binary.exists() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(release) {
         return Some(binary);
     }
-    let src = root.join("src");
+    let src = root.join(format!("src-{package}"));
     let _ = std::fs::remove_dir_all(&src);
     std::fs::create_dir_all(&src).unwrap();
-    eprintln!("[upgrade] building the previous release's agent ({release}); this takes minutes");
+    eprintln!("[upgrade] building the previous release's {package} ({release}); this takes minutes");
     let st = std::process::Command::new("sh")
         .arg("-c")
         .arg(format!(
@@ -64,10 +70,10 @@ fn previous_agent(release: &str) -> Option<PathBuf> {
     let st = std::process::Command::new("cargo")
         .current_dir(&src)
         .env("CARGO_TARGET_DIR", root.join("target"))
-        .args(["build", "--locked", "-p", "sdn-agent", "--bin", "sdn-agent"])
+        .args(["build", "--locked", "-p", package, "--bin", package])
         .status()
         .unwrap();
-    assert!(st.success(), "building the previous release's agent");
+    assert!(st.success(), "building the previous release's {package}");
     std::fs::write(&stamp, release).unwrap();
     Some(binary)
 }
@@ -270,4 +276,125 @@ async fn upgrade_under_traffic(release: &str, tag: &str, before_pipeline: bool) 
         topo.reach("vm2", "vm1", "tcp", 80, true),
         "after: vm2 -> vm1 http over IPv6"
     );
+}
+
+/// The replicas' revisions, once all three answer with the same one.
+async fn converged(r: &sdn_integration::replicas::Replicas) -> anyhow::Result<u64> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut revs = Vec::new();
+        for i in 0..r.replicas.len() {
+            revs.push(r.status(i).await.map(|s| s.revision).ok());
+        }
+        if let Some(Some(first)) = revs.first() {
+            if revs.iter().all(|x| *x == Some(*first)) {
+                return Ok(*first);
+            }
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the replicas did not converge: {revs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Writes `n` tenants with a security group of 2,000 rules each (entries
+/// of some size) through whichever replica leads; returns their ids.
+async fn write_through_leader(r: &sdn_integration::replicas::Replicas, from: usize, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in from..from + n {
+        let id = format!("t{i}");
+        let rules = (0..2_000u32)
+            .map(|k| {
+                ingress(
+                    &format!("r{k}"),
+                    false,
+                    "tcp",
+                    (443, 443),
+                    &format!("10.{i}.{}.{}/32", k >> 8, k & 255),
+                    "",
+                )
+            })
+            .collect();
+        let ops = [tenant(&id), group(&format!("g{i}"), &id, rules)];
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let leader = r.wait_leader(Duration::from_secs(10)).await.expect("a leader");
+            let mut c = sdn_integration::replicas::prov_client(&r.replicas[leader].local())
+                .await
+                .unwrap();
+            let req = pb::ApplyRequest {
+                operations: ops.iter().cloned().map(|o| pb::Operation { op: Some(o) }).collect(),
+                actor: "upgrade".into(),
+                ..Default::default()
+            };
+            match c.apply(req).await {
+                Ok(_) => break,
+                Err(e) => {
+                    assert!(std::time::Instant::now() < deadline, "writing {id}: {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        ids.push(id);
+    }
+    ids
+}
+
+/// Controllers upgrade one at a time from the previous release, a follower
+/// first and the leader last, with writes between every step: replicas of
+/// both releases replicate to each other (JSON between them, binary
+/// between the new ones), every replica ends with every write, and the new
+/// ones read the data the previous release left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn controllers_upgrade_one_at_a_time_from_the_previous_release_and_keep_every_write() {
+    if !privileged() {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    let Some(previous) = previous_build(PREVIOUS_RELEASE, "sdn-controller") else {
+        return;
+    };
+    let topo = sdn_integration::Topology::new("rcu", &["c1", "c2", "c3"]).unwrap();
+    let mut r = sdn_integration::replicas::Replicas::new(&topo, &["c1", "c2", "c3"]);
+    for rep in &mut r.replicas {
+        rep.binary = previous.clone();
+    }
+    r.form().await.expect("a cluster of the previous release");
+    let mut written = write_through_leader(&r, 0, 5).await;
+    converged(&r).await.unwrap();
+    let leader = r.wait_leader(Duration::from_secs(10)).await.unwrap();
+    let order: Vec<usize> = (0..3).filter(|i| *i != leader).chain([leader]).collect();
+    for (step, i) in order.into_iter().enumerate() {
+        r.stop(i);
+        r.replicas[i].binary = bin("sdn-controller");
+        r.spawn(i, false).unwrap();
+        r.wait_answering(i).await.unwrap();
+        written.extend(write_through_leader(&r, 5 + 5 * step, 5).await);
+        let rev = converged(&r)
+            .await
+            .unwrap_or_else(|e| panic!("after upgrading replica {}: {e}", i + 1));
+        eprintln!("replica {} upgraded; all at revision {rev}", i + 1);
+    }
+    for i in 0..3 {
+        let mut c = sdn_integration::replicas::prov_client(&r.replicas[i].local())
+            .await
+            .unwrap();
+        let l = c
+            .list(pb::ListRequest {
+                kind: pb::Kind::Tenant as i32,
+                stale: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let have: Vec<&str> = l.tenants.iter().map(|t| t.id.as_str()).collect();
+        for id in &written {
+            assert!(have.contains(&id.as_str()), "replica {} lacks {id}: {have:?}", i + 1);
+        }
+    }
+    for i in 0..3 {
+        assert!(!r.log(i).contains("panicked"), "replica {}: {}", i + 1, r.log(i));
+    }
 }

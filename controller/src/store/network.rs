@@ -33,8 +33,10 @@ pub struct Network {
 }
 
 /// Entries one append carries at most, in bytes of their binary form
-/// (beyond the first entry, which always goes).
-pub const APPEND_BYTES_MAX: usize = 1 << 20;
+/// (beyond the first entry, which always goes): openraft gives an append
+/// one heartbeat interval (100 ms), the follower's decoding and durable
+/// append included.
+pub const APPEND_BYTES_MAX: usize = 256 << 10;
 
 /// A Raft message's size limit, both ways: the largest entry (a request
 /// of the API's largest size) with room to spare, JSON included.
@@ -334,12 +336,12 @@ mod tests {
         let mut small: Vec<Entry<TypeConfig>> = (1..=100).map(|i| entry(i, 100)).collect();
         assert_eq!(fit_entries(&mut small, APPEND_BYTES_MAX), None);
         assert_eq!(small.len(), 100);
-        // Four entries of 400 KB: two fit in 1 MiB.
-        let mut big: Vec<Entry<TypeConfig>> = (1..=4).map(|i| entry(i, 400_000)).collect();
+        // Four entries of 100 KB: two fit in 256 KiB.
+        let mut big: Vec<Entry<TypeConfig>> = (1..=4).map(|i| entry(i, 100_000)).collect();
         assert_eq!(fit_entries(&mut big, APPEND_BYTES_MAX), Some(id(2)));
         assert_eq!(big.len(), 2);
         // One entry larger than the bound still goes, alone.
-        let mut huge: Vec<Entry<TypeConfig>> = (1..=3).map(|i| entry(i, 3_000_000)).collect();
+        let mut huge: Vec<Entry<TypeConfig>> = (1..=3).map(|i| entry(i, 1_000_000)).collect();
         assert_eq!(fit_entries(&mut huge, APPEND_BYTES_MAX), Some(id(1)));
         assert_eq!(huge.len(), 1);
         let mut none: Vec<Entry<TypeConfig>> = vec![];
