@@ -42,12 +42,7 @@ impl RaftService {
     }
 
     fn decode<T: DeserializeOwned>(msg: &pb::RaftMessage) -> Result<T, Status> {
-        if !msg.bin.is_empty() {
-            return postcard::from_bytes(&msg.bin)
-                .map_err(|e| Status::invalid_argument(format!("bin: not a valid Raft message: {e}")));
-        }
-        serde_json::from_slice(&msg.json)
-            .map_err(|e| Status::invalid_argument(format!("json: not a valid Raft message: {e}")))
+        crate::store::network::payload(msg).map_err(Status::invalid_argument)
     }
 
     /// The answer, in the form the request came in.
@@ -57,11 +52,7 @@ impl RaftService {
             reads_bin: true,
             ..Default::default()
         };
-        if binary {
-            m.bin = postcard::to_stdvec(v).map_err(|e| Status::internal(e.to_string()))?;
-        } else {
-            m.json = serde_json::to_vec(v).map_err(|e| Status::internal(e.to_string()))?;
-        }
+        crate::store::network::put_payload(&mut m, v, binary).map_err(Status::internal)?;
         Ok(Response::new(m))
     }
 }

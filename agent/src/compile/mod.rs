@@ -497,7 +497,6 @@ impl Compiler {
         // A port's policy is compiled once for every port with the same
         // groups (same rules, same members) and numbered by its first port.
         let mut numbers: BTreeMap<PolicyKey, u32> = BTreeMap::new();
-        let mut entries: Vec<(u32, PortInfo, Option<PolicyKey>)> = Vec::new();
         for (r, p) in ports {
             let ifx = ifindex(&p.device);
             let vni = subnet_vni.get(p.subnet_id.as_str()).copied();
@@ -532,26 +531,22 @@ impl Compiler {
                 compile_port(p, ifx, &groups, &subnet_vni, &zoned_subnets, held, &mut policy)
             });
             if let Some((ifx, mut info)) = part.entry {
-                let uses = part.rejected.is_none();
-                if uses {
+                // A rejected port's entry keeps policy 0 and epoch 0.
+                if part.rejected.is_none() {
                     // Keeps the policy for this pass (a reused port did
                     // not ask for it); same inputs, same result.
                     let _ = policy();
                     let next = numbers.len() as u32 + 1;
-                    numbers.entry(policy_key.clone()).or_insert(next);
+                    info.policy_id = *numbers.entry(policy_key).or_insert(next);
                     let mut e = info.epoch.to_be_bytes().to_vec();
                     e.extend_from_slice(&crossing.to_be_bytes());
                     info.epoch = fnv32(&e).max(1);
                 }
-                entries.push((ifx, info, uses.then_some(policy_key)));
+                d.ports.insert(ifx, info);
             }
             d.port_addrs.extend(part.addrs.iter().copied());
             d.missing_devices.extend(part.missing_device.iter().cloned());
             d.rejected.extend(part.rejected.iter().cloned());
-        }
-        for (ifx, mut info, key) in entries {
-            info.policy_id = key.and_then(|k| numbers.get(&k).copied()).unwrap_or(0);
-            d.ports.insert(ifx, info);
         }
         for (key, n) in &numbers {
             let Some(Ok(policy)) = self.policies.get(key).map(|c| &c.part) else {

@@ -83,12 +83,7 @@ impl Peer {
         ttl: Duration,
     ) -> Result<Resp, CallError> {
         let mut msg = pb::RaftMessage::default();
-        let encoding = |e: String| CallError::Network(format!("encoding {method}: {e}"));
-        if self.binary {
-            msg.bin = postcard::to_stdvec(req).map_err(|e| encoding(e.to_string()))?;
-        } else {
-            msg.json = serde_json::to_vec(req).map_err(|e| encoding(e.to_string()))?;
-        }
+        put_payload(&mut msg, req, self.binary).map_err(|e| CallError::Network(format!("encoding {method}: {e}")))?;
         let cluster_id = self
             .cluster_id
             .read()
@@ -151,12 +146,26 @@ impl Peer {
             Ok(Ok(r)) => r.into_inner(),
         };
         self.binary = resp.reads_bin;
-        let decoding = |e: String| CallError::Network(format!("decoding {method} reply: {e}"));
-        if !resp.bin.is_empty() {
-            return postcard::from_bytes(&resp.bin).map_err(|e| decoding(e.to_string()));
-        }
-        serde_json::from_slice(&resp.json).map_err(|e| decoding(e.to_string()))
+        payload(&resp).map_err(|e| CallError::Network(format!("decoding {method} reply: {e}")))
     }
+}
+
+/// Writes `v` into a message: binary (`bin`) or JSON (`json`).
+pub fn put_payload<T: Serialize>(msg: &mut pb::RaftMessage, v: &T, binary: bool) -> Result<(), String> {
+    if binary {
+        msg.bin = postcard::to_stdvec(v).map_err(|e| e.to_string())?;
+    } else {
+        msg.json = serde_json::to_vec(v).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Reads a message's payload in the form it came in, naming the field.
+pub fn payload<T: DeserializeOwned>(msg: &pb::RaftMessage) -> Result<T, String> {
+    if !msg.bin.is_empty() {
+        return postcard::from_bytes(&msg.bin).map_err(|e| format!("bin: not a valid Raft message: {e}"));
+    }
+    serde_json::from_slice(&msg.json).map_err(|e| format!("json: not a valid Raft message: {e}"))
 }
 
 /// Keeps the first entries whose binary form takes at most `max` bytes
