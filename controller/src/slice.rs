@@ -16,7 +16,7 @@ use prost::Message;
 use sdn_policies::{Index, QuarantineTarget, Remote, State};
 use sdn_proto::v1 as pb;
 
-use crate::convert::{group_to_pb, port_to_pb};
+use crate::convert::ApiResource;
 
 /// FNV-1a, 64 bits: a digest that is the same on every replica and release.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
@@ -115,15 +115,15 @@ pub fn build(state: &State, host: &str, name: &str) -> Option<pb::Resource> {
     let (kind, id) = name.split_once('/')?;
     let ix = state.index();
     let k = match kind {
-        "port" => R::Port(port_to_pb(state.ports.get(id)?)),
-        "peering" => R::VpcPeering(crate::convert::peering_to_pb(state.peerings.get(id)?)),
-        "firewall" => R::FirewallPolicy(crate::convert::firewall_to_pb(state.firewall_policies.get(id)?)),
+        "port" => R::Port(state.ports.get(id)?.to_pb()),
+        "peering" => R::VpcPeering(state.peerings.get(id)?.to_pb()),
+        "firewall" => R::FirewallPolicy(state.firewall_policies.get(id)?.to_pb()),
         "vpc" => R::VpcNetwork(vpc_network(state, id)?),
         "endpoint" => R::Endpoint(endpoint(state, state.ports.get(id)?)),
         "zone" => {
             // With every VPC subnet of the zone, which no packet from
             // outside may claim as its source.
-            let mut zp = crate::convert::zone_to_pb(state.zones.get(id)?);
+            let mut zp = state.zones.get(id)?.to_pb();
             let subnets: BTreeMap<&str, &sdn_policies::Subnet> = Index::of(&ix.vpcs_by_zone, id)
                 .flat_map(|v| Index::of(&ix.subnets_by_vpc, v))
                 .filter_map(|s| state.subnets.get_key_value(s))
@@ -135,8 +135,8 @@ pub fn build(state: &State, host: &str, name: &str) -> Option<pb::Resource> {
             }
             R::Zone(zp)
         }
-        "exchange" => R::ExchangePath(crate::convert::exchange_to_pb(state.exchange_paths.get(id)?)),
-        "sg" => R::SecurityGroup(group_to_pb(state.security_groups.get(id)?)),
+        "exchange" => R::ExchangePath(state.exchange_paths.get(id)?.to_pb()),
+        "sg" => R::SecurityGroup(state.security_groups.get(id)?.to_pb()),
         "members" => R::GroupMembers(pb::GroupMembers {
             group_id: id.to_string(),
             addresses: state.group_members(id).iter().map(|a| a.to_string()).collect(),
@@ -153,7 +153,7 @@ pub fn build(state: &State, host: &str, name: &str) -> Option<pb::Resource> {
                 return None;
             }
             R::Quarantine(pb::QuarantineOnHost {
-                quarantine: Some(crate::convert::quarantine_to_pb(q)),
+                quarantine: Some(q.to_pb()),
                 port_ids,
             })
         }

@@ -17,10 +17,11 @@ impl std::fmt::Display for FieldError {
     }
 }
 
-struct At<'a>(&'a str);
+/// Where a field is: the path of the object it belongs to.
+pub struct At<'a>(pub &'a str);
 
 impl At<'_> {
-    fn err(&self, field: &str, message: impl Into<String>) -> FieldError {
+    pub fn err(&self, field: &str, message: impl Into<String>) -> FieldError {
         FieldError {
             field: format!("{}.{}", self.0, field),
             message: message.into(),
@@ -49,177 +50,236 @@ pub fn ops_from_pb(ops: &[pb::Operation]) -> Result<Vec<m::Op>, FieldError> {
         .collect()
 }
 
-fn op_from_pb(i: usize, op: &pb::operation::Op) -> Result<m::Op, FieldError> {
-    use pb::operation::Op as P;
-    Ok(match op {
-        P::PutVpcPeering(x) => m::Op::PutVpcPeering(m::VpcPeering {
-            id: x.id.clone(),
-            vpc_a: x.vpc_a.clone(),
-            vpc_b: x.vpc_b.clone(),
-            policy_id: x.policy_id.clone(),
-        }),
-        P::PutZone(z) => m::Op::PutZone(zone_from_pb(&At(&format!("operations[{i}].put_zone")), z)?),
-        P::PutFirewallPolicy(f) => m::Op::PutFirewallPolicy(firewall_from_pb(
-            &At(&format!("operations[{i}].put_firewall_policy")),
-            f,
-        )?),
-        P::PutExchangePath(x) => {
-            m::Op::PutExchangePath(exchange_from_pb(&At(&format!("operations[{i}].put_exchange_path")), x)?)
-        }
-        P::PutQuarantine(q) => {
-            let at = format!("operations[{i}].put_quarantine");
-            let target = match pb::Kind::try_from(q.target_kind) {
-                Ok(pb::Kind::Port) => m::QuarantineTarget::Port,
-                Ok(pb::Kind::Vpc) => m::QuarantineTarget::Vpc,
-                Ok(pb::Kind::Vm) => m::QuarantineTarget::Vm,
-                _ => return Err(At(&at).err("target_kind", format!("must be PORT, VPC or VM, got {}", q.target_kind))),
-            };
-            m::Op::PutQuarantine(m::Quarantine {
-                id: q.id.clone(),
-                target,
-                target_id: q.target_id.clone(),
-                reason: q.reason.clone(),
-                expires_unix_ms: (q.expires_unix_ms != 0).then_some(q.expires_unix_ms),
+/// What a kind is in the API: its message, and the conversions both ways.
+/// Reading parses every field once; an error names the field.
+pub trait ApiResource: Sized {
+    /// The API's message for an object of this kind.
+    type Pb;
+    fn from_pb(at: &At, pb: &Self::Pb) -> Result<Self, FieldError>;
+    fn to_pb(&self) -> Self::Pb;
+}
+
+macro_rules! api_kinds {
+    ($(($kind:ident, $ty:ident, $name:literal, $map:ident, $put:ident,
+        list: $list:ident, $($rest:tt)*)),* $(,)?) => {
+        fn op_from_pb(i: usize, op: &pb::operation::Op) -> Result<m::Op, FieldError> {
+            use pb::operation::Op as P;
+            Ok(match op {
+                $(P::$put(x) => m::Op::$put(<m::$ty as ApiResource>::from_pb(
+                    &At(&format!(concat!("operations[{}].put_", $name), i)),
+                    x,
+                )?),)*
+                P::Delete(r) => {
+                    let kind = kind_from_pb(r.kind).ok_or_else(|| FieldError {
+                        field: format!("operations[{i}].delete.kind"),
+                        message: format!("unknown or unset kind {}", r.kind),
+                    })?;
+                    m::Op::Delete { kind, id: r.id.clone() }
+                }
             })
         }
-        P::PutTenant(t) => m::Op::PutTenant(m::Tenant {
+
+        /// Converts a model operation to the API's form (used by `sdnctl`).
+        pub fn op_to_pb(op: &m::Op) -> pb::Operation {
+            use pb::operation::Op as P;
+            let o = match op {
+                $(m::Op::$put(x) => P::$put(x.to_pb()),)*
+                m::Op::Delete { kind, id } => P::Delete(pb::ObjectRef {
+                    kind: kind_to_pb(*kind) as i32,
+                    id: id.clone(),
+                }),
+            };
+            pb::Operation { op: Some(o) }
+        }
+
+        /// The model's kind of an API kind; `None` for a kind that names no
+        /// object (unset, or a quarantine's VM target).
+        pub fn kind_from_pb(k: i32) -> Option<m::Kind> {
+            match pb::Kind::try_from(k).ok()? {
+                $(pb::Kind::$kind => Some(m::Kind::$kind),)*
+                pb::Kind::Unspecified | pb::Kind::Vm => None,
+            }
+        }
+
+        pub fn kind_to_pb(k: m::Kind) -> pb::Kind {
+            match k {
+                $(m::Kind::$kind => pb::Kind::$kind,)*
+            }
+        }
+
+        /// The API's listing of the objects of `kind` (`None`: every kind).
+        pub fn list_to_pb(s: &m::State, kind: Option<m::Kind>, revision: u64) -> pb::ListResponse {
+            let mut out = pb::ListResponse {
+                revision,
+                ..Default::default()
+            };
+            $(if kind.is_none_or(|k| k == m::Kind::$kind) {
+                out.$list = s.$map.values().map(ApiResource::to_pb).collect();
+            })*
+            out
+        }
+
+        /// The objects of a listing as put operations of the model, in the
+        /// order of the kinds' table. An object that does not read names
+        /// its kind and place.
+        pub fn list_from_pb(r: &pb::ListResponse) -> Result<Vec<m::Op>, FieldError> {
+            let mut out = Vec::new();
+            $(for (i, x) in r.$list.iter().enumerate() {
+                let at = format!(concat!(stringify!($list), "[{}]"), i);
+                out.push(m::Op::$put(<m::$ty as ApiResource>::from_pb(&At(&at), x)?));
+            })*
+            Ok(out)
+        }
+    };
+}
+
+crate::for_each_kind!(api_kinds);
+
+impl ApiResource for m::Tenant {
+    type Pb = pb::Tenant;
+    fn from_pb(_: &At, t: &pb::Tenant) -> Result<Self, FieldError> {
+        Ok(m::Tenant {
             id: t.id.clone(),
             name: t.name.clone(),
-        }),
-        P::PutVpc(v) => m::Op::PutVpc(m::Vpc {
+        })
+    }
+    fn to_pb(&self) -> pb::Tenant {
+        pb::Tenant {
+            id: self.id.clone(),
+            name: self.name.clone(),
+        }
+    }
+}
+
+impl ApiResource for m::Vpc {
+    type Pb = pb::Vpc;
+    fn from_pb(_: &At, v: &pb::Vpc) -> Result<Self, FieldError> {
+        Ok(m::Vpc {
             id: v.id.clone(),
             tenant_id: v.tenant_id.clone(),
             name: v.name.clone(),
             vni: v.vni,
             zone_id: v.zone_id.clone(),
             border_policy_id: v.border_policy_id.clone(),
-        }),
-        P::PutSubnet(s) => {
-            let at = format!("operations[{i}].put_subnet");
-            let at = At(&at);
-            let cidr_v4 = match opt_text(&s.cidr_v4) {
-                None => None,
-                Some(t) => match m::parse_cidr(t).map_err(|e| at.err("cidr_v4", e))? {
-                    ipnetwork::IpNetwork::V4(n) => Some(n),
-                    ipnetwork::IpNetwork::V6(_) => return Err(at.err("cidr_v4", format!("{t} is not an IPv4 prefix"))),
-                },
-            };
-            let cidr_v6 = match opt_text(&s.cidr_v6) {
-                None => None,
-                Some(t) => match m::parse_cidr(t).map_err(|e| at.err("cidr_v6", e))? {
-                    ipnetwork::IpNetwork::V6(n) => Some(n),
-                    ipnetwork::IpNetwork::V4(_) => return Err(at.err("cidr_v6", format!("{t} is not an IPv6 prefix"))),
-                },
-            };
-            m::Op::PutSubnet(m::Subnet {
-                id: s.id.clone(),
-                vpc_id: s.vpc_id.clone(),
-                cidr_v4,
-                cidr_v6,
-            })
+        })
+    }
+    fn to_pb(&self) -> pb::Vpc {
+        pb::Vpc {
+            id: self.id.clone(),
+            tenant_id: self.tenant_id.clone(),
+            name: self.name.clone(),
+            vni: self.vni,
+            zone_id: self.zone_id.clone(),
+            border_policy_id: self.border_policy_id.clone(),
         }
-        P::PutHost(h) => {
-            let at = format!("operations[{i}].put_host");
-            let underlay_ip = h
-                .underlay_ip
-                .trim()
-                .parse()
-                .map_err(|_| At(&at).err("underlay_ip", format!("invalid IP address {:?}", h.underlay_ip)))?;
-            m::Op::PutHost(m::Host {
-                id: h.id.clone(),
-                underlay_ip,
-            })
-        }
-        P::PutPort(p) => m::Op::PutPort(port_from_pb(&format!("operations[{i}].put_port"), p)?),
-        P::PutSecurityGroup(g) => {
-            m::Op::PutSecurityGroup(group_from_pb(&format!("operations[{i}].put_security_group"), g)?)
-        }
-        P::Delete(r) => {
-            let kind = kind_from_pb(r.kind).ok_or_else(|| FieldError {
-                field: format!("operations[{i}].delete.kind"),
-                message: format!("unknown or unset kind {}", r.kind),
-            })?;
-            m::Op::Delete { kind, id: r.id.clone() }
-        }
-    })
-}
-
-pub fn kind_from_pb(k: i32) -> Option<m::Kind> {
-    Some(match pb::Kind::try_from(k).ok()? {
-        pb::Kind::Tenant => m::Kind::Tenant,
-        pb::Kind::Vpc => m::Kind::Vpc,
-        pb::Kind::Subnet => m::Kind::Subnet,
-        pb::Kind::Host => m::Kind::Host,
-        pb::Kind::Port => m::Kind::Port,
-        pb::Kind::SecurityGroup => m::Kind::SecurityGroup,
-        pb::Kind::Quarantine => m::Kind::Quarantine,
-        pb::Kind::Zone => m::Kind::Zone,
-        pb::Kind::ExchangePath => m::Kind::ExchangePath,
-        pb::Kind::FirewallPolicy => m::Kind::FirewallPolicy,
-        pb::Kind::VpcPeering => m::Kind::VpcPeering,
-        pb::Kind::Unspecified | pb::Kind::Vm => return None,
-    })
-}
-
-pub fn kind_to_pb(k: m::Kind) -> pb::Kind {
-    match k {
-        m::Kind::Tenant => pb::Kind::Tenant,
-        m::Kind::Vpc => pb::Kind::Vpc,
-        m::Kind::Subnet => pb::Kind::Subnet,
-        m::Kind::Host => pb::Kind::Host,
-        m::Kind::Port => pb::Kind::Port,
-        m::Kind::SecurityGroup => pb::Kind::SecurityGroup,
-        m::Kind::Quarantine => pb::Kind::Quarantine,
-        m::Kind::Zone => pb::Kind::Zone,
-        m::Kind::ExchangePath => pb::Kind::ExchangePath,
-        m::Kind::FirewallPolicy => pb::Kind::FirewallPolicy,
-        m::Kind::VpcPeering => pb::Kind::VpcPeering,
     }
 }
 
-fn port_from_pb(at: &str, p: &pb::Port) -> Result<m::Port, FieldError> {
-    let at = At(at);
-    let mac = p.mac.trim().parse().map_err(|e: String| at.err("mac", e))?;
-    let ipv4 = match opt_text(&p.ipv4) {
-        None => None,
-        Some(t) => Some(
-            t.parse()
-                .map_err(|_| at.err("ipv4", format!("invalid IPv4 address {t:?}")))?,
-        ),
-    };
-    let ipv6 = match opt_text(&p.ipv6) {
-        None => None,
-        Some(t) => Some(
-            t.parse()
-                .map_err(|_| at.err("ipv6", format!("invalid IPv6 address {t:?}")))?,
-        ),
-    };
-    Ok(m::Port {
-        id: p.id.clone(),
-        tenant_id: p.tenant_id.clone(),
-        subnet_id: p.subnet_id.clone(),
-        host_id: p.host_id.clone(),
-        device: p.device.clone(),
-        mac,
-        ipv4,
-        ipv6,
-        security_group_ids: p.security_group_ids.clone(),
-        vm_id: p.vm_id.clone(),
-    })
+impl ApiResource for m::Subnet {
+    type Pb = pb::Subnet;
+    fn from_pb(at: &At, s: &pb::Subnet) -> Result<Self, FieldError> {
+        let cidr_v4 = match opt_text(&s.cidr_v4) {
+            None => None,
+            Some(t) => match m::parse_cidr(t).map_err(|e| at.err("cidr_v4", e))? {
+                ipnetwork::IpNetwork::V4(n) => Some(n),
+                ipnetwork::IpNetwork::V6(_) => return Err(at.err("cidr_v4", format!("{t} is not an IPv4 prefix"))),
+            },
+        };
+        let cidr_v6 = match opt_text(&s.cidr_v6) {
+            None => None,
+            Some(t) => match m::parse_cidr(t).map_err(|e| at.err("cidr_v6", e))? {
+                ipnetwork::IpNetwork::V6(n) => Some(n),
+                ipnetwork::IpNetwork::V4(_) => return Err(at.err("cidr_v6", format!("{t} is not an IPv6 prefix"))),
+            },
+        };
+        Ok(m::Subnet {
+            id: s.id.clone(),
+            vpc_id: s.vpc_id.clone(),
+            cidr_v4,
+            cidr_v6,
+        })
+    }
+    fn to_pb(&self) -> pb::Subnet {
+        pb::Subnet {
+            id: self.id.clone(),
+            vpc_id: self.vpc_id.clone(),
+            cidr_v4: self.cidr_v4.map(|n| n.to_string()).unwrap_or_default(),
+            cidr_v6: self.cidr_v6.map(|n| n.to_string()).unwrap_or_default(),
+        }
+    }
 }
 
-fn group_from_pb(at: &str, g: &pb::SecurityGroup) -> Result<m::SecurityGroup, FieldError> {
-    let mut rules = Vec::with_capacity(g.rules.len());
-    for (i, r) in g.rules.iter().enumerate() {
-        let rat = format!("{at}.rules[{i}]");
-        rules.push(rule_from_pb(&At(&rat), r)?);
+impl ApiResource for m::Host {
+    type Pb = pb::Host;
+    fn from_pb(at: &At, h: &pb::Host) -> Result<Self, FieldError> {
+        let underlay_ip = h
+            .underlay_ip
+            .trim()
+            .parse()
+            .map_err(|_| at.err("underlay_ip", format!("invalid IP address {:?}", h.underlay_ip)))?;
+        Ok(m::Host {
+            id: h.id.clone(),
+            underlay_ip,
+        })
     }
-    Ok(m::SecurityGroup {
-        id: g.id.clone(),
-        tenant_id: g.tenant_id.clone(),
-        name: g.name.clone(),
-        rules,
-    })
+    fn to_pb(&self) -> pb::Host {
+        pb::Host {
+            id: self.id.clone(),
+            underlay_ip: self.underlay_ip.to_string(),
+        }
+    }
+}
+
+impl ApiResource for m::Quarantine {
+    type Pb = pb::Quarantine;
+    fn from_pb(at: &At, q: &pb::Quarantine) -> Result<Self, FieldError> {
+        let target = match pb::Kind::try_from(q.target_kind) {
+            Ok(pb::Kind::Port) => m::QuarantineTarget::Port,
+            Ok(pb::Kind::Vpc) => m::QuarantineTarget::Vpc,
+            Ok(pb::Kind::Vm) => m::QuarantineTarget::Vm,
+            _ => return Err(at.err("target_kind", format!("must be PORT, VPC or VM, got {}", q.target_kind))),
+        };
+        Ok(m::Quarantine {
+            id: q.id.clone(),
+            target,
+            target_id: q.target_id.clone(),
+            reason: q.reason.clone(),
+            expires_unix_ms: (q.expires_unix_ms != 0).then_some(q.expires_unix_ms),
+        })
+    }
+    fn to_pb(&self) -> pb::Quarantine {
+        pb::Quarantine {
+            id: self.id.clone(),
+            target_kind: match self.target {
+                m::QuarantineTarget::Port => pb::Kind::Port,
+                m::QuarantineTarget::Vpc => pb::Kind::Vpc,
+                m::QuarantineTarget::Vm => pb::Kind::Vm,
+            } as i32,
+            target_id: self.target_id.clone(),
+            reason: self.reason.clone(),
+            expires_unix_ms: self.expires_unix_ms.unwrap_or(0),
+        }
+    }
+}
+
+impl ApiResource for m::VpcPeering {
+    type Pb = pb::VpcPeering;
+    fn from_pb(_: &At, x: &pb::VpcPeering) -> Result<Self, FieldError> {
+        Ok(m::VpcPeering {
+            id: x.id.clone(),
+            vpc_a: x.vpc_a.clone(),
+            vpc_b: x.vpc_b.clone(),
+            policy_id: x.policy_id.clone(),
+        })
+    }
+    fn to_pb(&self) -> pb::VpcPeering {
+        pb::VpcPeering {
+            id: self.id.clone(),
+            vpc_a: self.vpc_a.clone(),
+            vpc_b: self.vpc_b.clone(),
+            policy_id: self.policy_id.clone(),
+        }
+    }
 }
 
 fn protocol_from_pb(at: &At, p: i32) -> Result<m::Protocol, FieldError> {
@@ -254,161 +314,6 @@ fn protocol_to_pb(p: m::Protocol) -> pb::Protocol {
         m::Protocol::Udp => pb::Protocol::Udp,
         m::Protocol::Icmp => pb::Protocol::Icmp,
         m::Protocol::Icmpv6 => pb::Protocol::Icmpv6,
-    }
-}
-
-fn zone_from_pb(at: &At, z: &pb::Zone) -> Result<m::Zone, FieldError> {
-    let prefixes = z
-        .prefixes
-        .iter()
-        .enumerate()
-        .map(|(i, p)| m::parse_cidr(p).map_err(|e| at.err(&format!("prefixes[{i}]"), e)))
-        .collect::<Result<_, _>>()?;
-    Ok(m::Zone {
-        id: z.id.clone(),
-        name: if z.name.is_empty() {
-            z.id.clone()
-        } else {
-            z.name.clone()
-        },
-        prefixes,
-        uplink_device: z.uplink_device.clone(),
-    })
-}
-
-pub fn zone_to_pb(z: &m::Zone) -> pb::Zone {
-    pb::Zone {
-        id: z.id.clone(),
-        name: z.name.clone(),
-        prefixes: z.prefixes.iter().map(|n| n.to_string()).collect(),
-        uplink_device: z.uplink_device.clone(),
-        vpc_subnets: Vec::new(),
-    }
-}
-
-fn exchange_from_pb(at: &At, x: &pb::ExchangePath) -> Result<m::ExchangePath, FieldError> {
-    let source = m::parse_cidr(&x.source_cidr).map_err(|e| at.err("source_cidr", e))?;
-    let destination = m::parse_cidr(&x.destination_cidr).map_err(|e| at.err("destination_cidr", e))?;
-    for (f, v) in [("port_min", x.port_min), ("port_max", x.port_max)] {
-        if v > 65535 {
-            return Err(at.err(f, format!("{v} is above 65535")));
-        }
-    }
-    Ok(m::ExchangePath {
-        id: x.id.clone(),
-        from_zone: x.from_zone.clone(),
-        to_zone: x.to_zone.clone(),
-        source,
-        destination,
-        protocol: protocol_from_pb(at, x.protocol)?,
-        ports: (x.port_min as u16, x.port_max as u16),
-        broad: x.broad,
-        broad_reason: x.broad_reason.clone(),
-    })
-}
-
-pub fn exchange_to_pb(x: &m::ExchangePath) -> pb::ExchangePath {
-    pb::ExchangePath {
-        id: x.id.clone(),
-        from_zone: x.from_zone.clone(),
-        to_zone: x.to_zone.clone(),
-        source_cidr: x.source.to_string(),
-        destination_cidr: x.destination.to_string(),
-        protocol: protocol_to_pb(x.protocol) as i32,
-        port_min: x.ports.0 as u32,
-        port_max: x.ports.1 as u32,
-        broad: x.broad,
-        broad_reason: x.broad_reason.clone(),
-    }
-}
-
-fn firewall_from_pb(at: &At, f: &pb::FirewallPolicy) -> Result<m::FirewallPolicy, FieldError> {
-    let action = |field: &str, a: i32| match pb::Action::try_from(a) {
-        Ok(pb::Action::Allow) => Ok(m::Action::Allow),
-        Ok(pb::Action::Deny) => Ok(m::Action::Deny),
-        _ => Err(at.err(field, format!("must be ALLOW or DENY, got {a}"))),
-    };
-    let mut rules = Vec::new();
-    for (i, r) in f.rules.iter().enumerate() {
-        let rat = format!("{}.rules[{i}]", at.0);
-        let rat = At(&rat);
-        // The fields a firewall rule shares with a security-group rule.
-        let sg = rule_from_pb(
-            &rat,
-            &pb::SecurityGroupRule {
-                id: r.id.clone(),
-                direction: r.direction,
-                ether_type: r.ether_type,
-                protocol: r.protocol,
-                port_min: r.port_min,
-                port_max: r.port_max,
-                remote_cidr: r.remote_cidr.clone(),
-                remote_group_id: String::new(),
-            },
-        )?;
-        rules.push(m::FirewallRule {
-            id: sg.id,
-            priority: r.priority,
-            action: match pb::Action::try_from(r.action) {
-                Ok(pb::Action::Allow) => m::Action::Allow,
-                Ok(pb::Action::Deny) => m::Action::Deny,
-                _ => return Err(rat.err("action", format!("must be ALLOW or DENY, got {}", r.action))),
-            },
-            direction: sg.direction,
-            ether_type: sg.ether_type,
-            protocol: sg.protocol,
-            ports: sg.ports,
-            remote: match sg.remote {
-                m::Remote::Cidr(n) => Some(n),
-                _ => None,
-            },
-        });
-    }
-    Ok(m::FirewallPolicy {
-        id: f.id.clone(),
-        name: if f.name.is_empty() {
-            f.id.clone()
-        } else {
-            f.name.clone()
-        },
-        default_action: action("default_action", f.default_action)?,
-        rules,
-    })
-}
-
-pub fn peering_to_pb(x: &m::VpcPeering) -> pb::VpcPeering {
-    pb::VpcPeering {
-        id: x.id.clone(),
-        vpc_a: x.vpc_a.clone(),
-        vpc_b: x.vpc_b.clone(),
-        policy_id: x.policy_id.clone(),
-    }
-}
-
-pub fn firewall_to_pb(f: &m::FirewallPolicy) -> pb::FirewallPolicy {
-    let action = |a: m::Action| match a {
-        m::Action::Allow => pb::Action::Allow as i32,
-        m::Action::Deny => pb::Action::Deny as i32,
-    };
-    pb::FirewallPolicy {
-        id: f.id.clone(),
-        name: f.name.clone(),
-        default_action: action(f.default_action),
-        rules: f
-            .rules
-            .iter()
-            .map(|r| pb::FirewallRule {
-                id: r.id.clone(),
-                priority: r.priority,
-                action: action(r.action),
-                direction: direction_to_pb(r.direction) as i32,
-                ether_type: ether_type_to_pb(r.ether_type) as i32,
-                protocol: protocol_to_pb(r.protocol) as i32,
-                port_min: r.ports.map(|p| p.0 as u32).unwrap_or(0),
-                port_max: r.ports.map(|p| p.1 as u32).unwrap_or(0),
-                remote_cidr: r.remote.map(|n| n.to_string()).unwrap_or_default(),
-            })
-            .collect(),
     }
 }
 
@@ -451,30 +356,6 @@ fn rule_from_pb(at: &At, r: &pb::SecurityGroupRule) -> Result<m::Rule, FieldErro
     })
 }
 
-pub fn port_to_pb(p: &m::Port) -> pb::Port {
-    pb::Port {
-        id: p.id.clone(),
-        tenant_id: p.tenant_id.clone(),
-        subnet_id: p.subnet_id.clone(),
-        host_id: p.host_id.clone(),
-        device: p.device.clone(),
-        mac: p.mac.to_string(),
-        ipv4: p.ipv4.map(|a| a.to_string()).unwrap_or_default(),
-        ipv6: p.ipv6.map(|a| a.to_string()).unwrap_or_default(),
-        security_group_ids: p.security_group_ids.clone(),
-        vm_id: p.vm_id.clone(),
-    }
-}
-
-pub fn group_to_pb(g: &m::SecurityGroup) -> pb::SecurityGroup {
-    pb::SecurityGroup {
-        id: g.id.clone(),
-        tenant_id: g.tenant_id.clone(),
-        name: g.name.clone(),
-        rules: g.rules.iter().map(rule_to_pb).collect(),
-    }
-}
-
 fn rule_to_pb(r: &m::Rule) -> pb::SecurityGroupRule {
     let (port_min, port_max) = r.ports.map(|(a, b)| (a as u32, b as u32)).unwrap_or((0, 0));
     let (remote_cidr, remote_group_id) = match &r.remote {
@@ -494,59 +375,233 @@ fn rule_to_pb(r: &m::Rule) -> pb::SecurityGroupRule {
     }
 }
 
-pub fn quarantine_to_pb(q: &m::Quarantine) -> pb::Quarantine {
-    pb::Quarantine {
-        id: q.id.clone(),
-        target_kind: match q.target {
-            m::QuarantineTarget::Port => pb::Kind::Port,
-            m::QuarantineTarget::Vpc => pb::Kind::Vpc,
-            m::QuarantineTarget::Vm => pb::Kind::Vm,
-        } as i32,
-        target_id: q.target_id.clone(),
-        reason: q.reason.clone(),
-        expires_unix_ms: q.expires_unix_ms.unwrap_or(0),
+impl ApiResource for m::Port {
+    type Pb = pb::Port;
+    fn from_pb(at: &At, p: &pb::Port) -> Result<Self, FieldError> {
+        let mac = p.mac.trim().parse().map_err(|e: String| at.err("mac", e))?;
+        let ipv4 = match opt_text(&p.ipv4) {
+            None => None,
+            Some(t) => Some(
+                t.parse()
+                    .map_err(|_| at.err("ipv4", format!("invalid IPv4 address {t:?}")))?,
+            ),
+        };
+        let ipv6 = match opt_text(&p.ipv6) {
+            None => None,
+            Some(t) => Some(
+                t.parse()
+                    .map_err(|_| at.err("ipv6", format!("invalid IPv6 address {t:?}")))?,
+            ),
+        };
+        Ok(m::Port {
+            id: p.id.clone(),
+            tenant_id: p.tenant_id.clone(),
+            subnet_id: p.subnet_id.clone(),
+            host_id: p.host_id.clone(),
+            device: p.device.clone(),
+            mac,
+            ipv4,
+            ipv6,
+            security_group_ids: p.security_group_ids.clone(),
+            vm_id: p.vm_id.clone(),
+        })
+    }
+    fn to_pb(&self) -> pb::Port {
+        let p = self;
+        pb::Port {
+            id: p.id.clone(),
+            tenant_id: p.tenant_id.clone(),
+            subnet_id: p.subnet_id.clone(),
+            host_id: p.host_id.clone(),
+            device: p.device.clone(),
+            mac: p.mac.to_string(),
+            ipv4: p.ipv4.map(|a| a.to_string()).unwrap_or_default(),
+            ipv6: p.ipv6.map(|a| a.to_string()).unwrap_or_default(),
+            security_group_ids: p.security_group_ids.clone(),
+            vm_id: p.vm_id.clone(),
+        }
     }
 }
 
-/// Converts a model operation to the API's form (used by `sdnctl`).
-pub fn op_to_pb(op: &m::Op) -> pb::Operation {
-    use pb::operation::Op as P;
-    let o = match op {
-        m::Op::PutTenant(t) => P::PutTenant(pb::Tenant {
-            id: t.id.clone(),
-            name: t.name.clone(),
-        }),
-        m::Op::PutVpc(v) => P::PutVpc(pb::Vpc {
-            id: v.id.clone(),
-            tenant_id: v.tenant_id.clone(),
-            name: v.name.clone(),
-            vni: v.vni,
-            zone_id: v.zone_id.clone(),
-            border_policy_id: v.border_policy_id.clone(),
-        }),
-        m::Op::PutSubnet(s) => P::PutSubnet(pb::Subnet {
-            id: s.id.clone(),
-            vpc_id: s.vpc_id.clone(),
-            cidr_v4: s.cidr_v4.map(|n| n.to_string()).unwrap_or_default(),
-            cidr_v6: s.cidr_v6.map(|n| n.to_string()).unwrap_or_default(),
-        }),
-        m::Op::PutHost(h) => P::PutHost(pb::Host {
-            id: h.id.clone(),
-            underlay_ip: h.underlay_ip.to_string(),
-        }),
-        m::Op::PutPort(p) => P::PutPort(port_to_pb(p)),
-        m::Op::PutSecurityGroup(g) => P::PutSecurityGroup(group_to_pb(g)),
-        m::Op::PutQuarantine(q) => P::PutQuarantine(quarantine_to_pb(q)),
-        m::Op::PutZone(z) => P::PutZone(zone_to_pb(z)),
-        m::Op::PutExchangePath(x) => P::PutExchangePath(exchange_to_pb(x)),
-        m::Op::PutFirewallPolicy(f) => P::PutFirewallPolicy(firewall_to_pb(f)),
-        m::Op::PutVpcPeering(x) => P::PutVpcPeering(peering_to_pb(x)),
-        m::Op::Delete { kind, id } => P::Delete(pb::ObjectRef {
-            kind: kind_to_pb(*kind) as i32,
-            id: id.clone(),
-        }),
-    };
-    pb::Operation { op: Some(o) }
+impl ApiResource for m::SecurityGroup {
+    type Pb = pb::SecurityGroup;
+    fn from_pb(at: &At, g: &pb::SecurityGroup) -> Result<Self, FieldError> {
+        let mut rules = Vec::with_capacity(g.rules.len());
+        for (i, r) in g.rules.iter().enumerate() {
+            let rat = format!("{}.rules[{i}]", at.0);
+            rules.push(rule_from_pb(&At(&rat), r)?);
+        }
+        Ok(m::SecurityGroup {
+            id: g.id.clone(),
+            tenant_id: g.tenant_id.clone(),
+            name: g.name.clone(),
+            rules,
+        })
+    }
+    fn to_pb(&self) -> pb::SecurityGroup {
+        let g = self;
+        pb::SecurityGroup {
+            id: g.id.clone(),
+            tenant_id: g.tenant_id.clone(),
+            name: g.name.clone(),
+            rules: g.rules.iter().map(rule_to_pb).collect(),
+        }
+    }
+}
+
+impl ApiResource for m::Zone {
+    type Pb = pb::Zone;
+    fn from_pb(at: &At, z: &pb::Zone) -> Result<Self, FieldError> {
+        let prefixes = z
+            .prefixes
+            .iter()
+            .enumerate()
+            .map(|(i, p)| m::parse_cidr(p).map_err(|e| at.err(&format!("prefixes[{i}]"), e)))
+            .collect::<Result<_, _>>()?;
+        Ok(m::Zone {
+            id: z.id.clone(),
+            name: if z.name.is_empty() {
+                z.id.clone()
+            } else {
+                z.name.clone()
+            },
+            prefixes,
+            uplink_device: z.uplink_device.clone(),
+        })
+    }
+    fn to_pb(&self) -> pb::Zone {
+        let z = self;
+        pb::Zone {
+            id: z.id.clone(),
+            name: z.name.clone(),
+            prefixes: z.prefixes.iter().map(|n| n.to_string()).collect(),
+            uplink_device: z.uplink_device.clone(),
+            vpc_subnets: Vec::new(),
+        }
+    }
+}
+
+impl ApiResource for m::ExchangePath {
+    type Pb = pb::ExchangePath;
+    fn from_pb(at: &At, x: &pb::ExchangePath) -> Result<Self, FieldError> {
+        let source = m::parse_cidr(&x.source_cidr).map_err(|e| at.err("source_cidr", e))?;
+        let destination = m::parse_cidr(&x.destination_cidr).map_err(|e| at.err("destination_cidr", e))?;
+        for (f, v) in [("port_min", x.port_min), ("port_max", x.port_max)] {
+            if v > 65535 {
+                return Err(at.err(f, format!("{v} is above 65535")));
+            }
+        }
+        Ok(m::ExchangePath {
+            id: x.id.clone(),
+            from_zone: x.from_zone.clone(),
+            to_zone: x.to_zone.clone(),
+            source,
+            destination,
+            protocol: protocol_from_pb(at, x.protocol)?,
+            ports: (x.port_min as u16, x.port_max as u16),
+            broad: x.broad,
+            broad_reason: x.broad_reason.clone(),
+        })
+    }
+    fn to_pb(&self) -> pb::ExchangePath {
+        let x = self;
+        pb::ExchangePath {
+            id: x.id.clone(),
+            from_zone: x.from_zone.clone(),
+            to_zone: x.to_zone.clone(),
+            source_cidr: x.source.to_string(),
+            destination_cidr: x.destination.to_string(),
+            protocol: protocol_to_pb(x.protocol) as i32,
+            port_min: x.ports.0 as u32,
+            port_max: x.ports.1 as u32,
+            broad: x.broad,
+            broad_reason: x.broad_reason.clone(),
+        }
+    }
+}
+
+impl ApiResource for m::FirewallPolicy {
+    type Pb = pb::FirewallPolicy;
+    fn from_pb(at: &At, f: &pb::FirewallPolicy) -> Result<Self, FieldError> {
+        let action = |field: &str, a: i32| match pb::Action::try_from(a) {
+            Ok(pb::Action::Allow) => Ok(m::Action::Allow),
+            Ok(pb::Action::Deny) => Ok(m::Action::Deny),
+            _ => Err(at.err(field, format!("must be ALLOW or DENY, got {a}"))),
+        };
+        let mut rules = Vec::new();
+        for (i, r) in f.rules.iter().enumerate() {
+            let rat = format!("{}.rules[{i}]", at.0);
+            let rat = At(&rat);
+            // The fields a firewall rule shares with a security-group rule.
+            let sg = rule_from_pb(
+                &rat,
+                &pb::SecurityGroupRule {
+                    id: r.id.clone(),
+                    direction: r.direction,
+                    ether_type: r.ether_type,
+                    protocol: r.protocol,
+                    port_min: r.port_min,
+                    port_max: r.port_max,
+                    remote_cidr: r.remote_cidr.clone(),
+                    remote_group_id: String::new(),
+                },
+            )?;
+            rules.push(m::FirewallRule {
+                id: sg.id,
+                priority: r.priority,
+                action: match pb::Action::try_from(r.action) {
+                    Ok(pb::Action::Allow) => m::Action::Allow,
+                    Ok(pb::Action::Deny) => m::Action::Deny,
+                    _ => return Err(rat.err("action", format!("must be ALLOW or DENY, got {}", r.action))),
+                },
+                direction: sg.direction,
+                ether_type: sg.ether_type,
+                protocol: sg.protocol,
+                ports: sg.ports,
+                remote: match sg.remote {
+                    m::Remote::Cidr(n) => Some(n),
+                    _ => None,
+                },
+            });
+        }
+        Ok(m::FirewallPolicy {
+            id: f.id.clone(),
+            name: if f.name.is_empty() {
+                f.id.clone()
+            } else {
+                f.name.clone()
+            },
+            default_action: action("default_action", f.default_action)?,
+            rules,
+        })
+    }
+    fn to_pb(&self) -> pb::FirewallPolicy {
+        let f = self;
+        let action = |a: m::Action| match a {
+            m::Action::Allow => pb::Action::Allow as i32,
+            m::Action::Deny => pb::Action::Deny as i32,
+        };
+        pb::FirewallPolicy {
+            id: f.id.clone(),
+            name: f.name.clone(),
+            default_action: action(f.default_action),
+            rules: f
+                .rules
+                .iter()
+                .map(|r| pb::FirewallRule {
+                    id: r.id.clone(),
+                    priority: r.priority,
+                    action: action(r.action),
+                    direction: direction_to_pb(r.direction) as i32,
+                    ether_type: ether_type_to_pb(r.ether_type) as i32,
+                    protocol: protocol_to_pb(r.protocol) as i32,
+                    port_min: r.ports.map(|p| p.0 as u32).unwrap_or(0),
+                    port_max: r.ports.map(|p| p.1 as u32).unwrap_or(0),
+                    remote_cidr: r.remote.map(|n| n.to_string()).unwrap_or_default(),
+                })
+                .collect(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -586,6 +641,51 @@ mod tests {
         let e = ops_from_pb(&ops).unwrap_err();
         assert_eq!(e.field, "operations[0].put_subnet.cidr_v4");
         assert!(e.message.contains("host bits"));
+    }
+
+    /// Every kind goes through the API's listing and back unchanged.
+    #[test]
+    fn a_listing_reads_back_as_the_state_it_lists() {
+        let dir = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gov-cloud"));
+        let mut ops: Vec<m::Op> = crate::manifest::dependency_order(crate::manifest::load_path(&dir).unwrap())
+            .into_iter()
+            .map(|l| l.op)
+            .collect();
+        ops.push(m::Op::PutQuarantine(m::Quarantine {
+            id: "q".into(),
+            target: m::QuarantineTarget::Vm,
+            target_id: "portal-2".into(),
+            reason: "incident 7".into(),
+            expires_unix_ms: Some(1),
+        }));
+        let mut state = m::State::default();
+        state.apply_batch(&ops).unwrap();
+        let listed = list_to_pb(&state, None, 7);
+        assert_eq!(listed.revision, 7);
+        let mut again = m::State::default();
+        let mut back = list_from_pb(&listed).unwrap();
+        back.sort_by_key(|o| o.order());
+        again.apply_batch(&back).unwrap();
+        for k in m::Kind::ALL {
+            assert!(
+                state.objects().any(|o| o.kind() == *k),
+                "no {} in the listing's test",
+                k.name()
+            );
+        }
+        assert_eq!(state.objects().collect::<Vec<_>>(), again.objects().collect::<Vec<_>>());
+        // Through the operations too, every kind's put and a delete.
+        let pb_ops: Vec<pb::Operation> = ops.iter().map(op_to_pb).collect();
+        assert_eq!(ops_from_pb(&pb_ops).unwrap(), ops);
+        let delete = m::Op::Delete {
+            kind: m::Kind::SecurityGroup,
+            id: "portal-web".into(),
+        };
+        assert_eq!(ops_from_pb(&[op_to_pb(&delete)]).unwrap(), vec![delete]);
+        // One kind only.
+        let groups = list_to_pb(&state, Some(m::Kind::SecurityGroup), 7);
+        assert_eq!(groups.security_groups.len(), state.security_groups.len());
+        assert!(groups.ports.is_empty() && groups.tenants.is_empty());
     }
 
     #[test]

@@ -59,19 +59,6 @@ struct Typed<S> {
     spec: Option<S>,
 }
 
-enum Doc {
-    Tenant(Typed<TenantSpec>),
-    Vpc(Typed<VpcSpec>),
-    Subnet(Typed<SubnetSpec>),
-    Host(Typed<HostSpec>),
-    Port(Typed<PortSpec>),
-    SecurityGroup(Typed<SecurityGroupSpec>),
-    Zone(Typed<ZoneSpec>),
-    ExchangePath(Typed<ExchangePathSpec>),
-    FirewallPolicy(Typed<FirewallPolicySpec>),
-    VpcPeering(Typed<VpcPeeringSpec>),
-}
-
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct VpcPeeringSpec {
@@ -81,20 +68,6 @@ struct VpcPeeringSpec {
     #[serde(default)]
     firewall: Option<String>,
 }
-
-/// The kinds a manifest may declare.
-pub const KINDS: [&str; 10] = [
-    "FirewallPolicy",
-    "VpcPeering",
-    "Tenant",
-    "Vpc",
-    "Subnet",
-    "Host",
-    "Port",
-    "SecurityGroup",
-    "Zone",
-    "ExchangePath",
-];
 
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -534,29 +507,18 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Located>, ManifestError> 
                 format!("kind: missing; one of {}", KINDS.join(", ")),
             )
         })?;
-        let doc = match kind {
-            "Tenant" => Doc::Tenant(serde_yaml::from_str(&body).map_err(yerr)?),
-            "Vpc" => Doc::Vpc(serde_yaml::from_str(&body).map_err(yerr)?),
-            "Subnet" => Doc::Subnet(serde_yaml::from_str(&body).map_err(yerr)?),
-            "Host" => Doc::Host(serde_yaml::from_str(&body).map_err(yerr)?),
-            "Port" => Doc::Port(serde_yaml::from_str(&body).map_err(yerr)?),
-            "SecurityGroup" => Doc::SecurityGroup(serde_yaml::from_str(&body).map_err(yerr)?),
-            "Zone" => Doc::Zone(serde_yaml::from_str(&body).map_err(yerr)?),
-            "ExchangePath" => Doc::ExchangePath(serde_yaml::from_str(&body).map_err(yerr)?),
-            "FirewallPolicy" => Doc::FirewallPolicy(serde_yaml::from_str(&body).map_err(yerr)?),
-            "VpcPeering" => Doc::VpcPeering(serde_yaml::from_str(&body).map_err(yerr)?),
-            other => {
-                let line = body.lines().position(|l| l.starts_with("kind:")).map(|i| i + start);
-                return Err(at(
-                    file,
-                    line.or(Some(start)),
-                    None,
-                    format!("kind: unknown kind {other:?}; one of {}", KINDS.join(", ")),
-                ));
-            }
+        let Some(parsed) = parse_doc(kind, &body) else {
+            let line = body.lines().position(|l| l.starts_with("kind:")).map(|i| i + start);
+            return Err(at(
+                file,
+                line.or(Some(start)),
+                None,
+                format!("kind: unknown kind {kind:?}; one of {}", KINDS.join(", ")),
+            ));
         };
+        let parsed = parsed.map_err(yerr)?;
         let text: std::sync::Arc<str> = body.into();
-        let op = to_op(doc).map_err(|m| {
+        let op = parsed.map_err(|m| {
             let field = m.split(": ").next().unwrap_or("");
             at(
                 file,
@@ -593,209 +555,412 @@ fn spec<S>(spec: Option<S>) -> Result<S, String> {
     spec.ok_or_else(|| "spec: missing".to_string())
 }
 
-fn to_op(doc: Doc) -> Result<Op, String> {
-    Ok(match doc {
-        Doc::Tenant(Typed {
-            api_version,
-            metadata,
-            spec,
-            ..
-        }) => {
-            check_version(&api_version)?;
-            let spec = spec.unwrap_or_default();
-            Op::PutTenant(model::Tenant {
-                name: spec.display_name.unwrap_or_else(|| metadata.name.clone()),
-                id: metadata.name,
-            })
+/// What a kind is in a manifest: the `spec` it reads, and the document it
+/// renders back. Parsing a rendered document gives the object back.
+trait ManifestResource: Sized {
+    type Spec: serde::de::DeserializeOwned;
+    /// The object of a document. An error starts with the field, in the
+    /// manifest's spelling (`spec.cidrV4: ...`).
+    fn from_manifest(metadata: Metadata, spec: Option<Self::Spec>) -> Result<Self, String>;
+    /// The object's name, its `metadata.tenant`, and its `spec`; fields at
+    /// their defaults are left out.
+    fn to_manifest(&self) -> (&str, Option<&str>, serde_json::Value);
+}
+
+/// A document of kind `T`: the YAML's own error when its shape is wrong,
+/// then the model's.
+fn parse_typed<T: ManifestResource>(body: &str) -> Result<Result<T, String>, serde_yaml::Error> {
+    let typed: Typed<T::Spec> = serde_yaml::from_str(body)?;
+    Ok(check_version(&typed.api_version).and_then(|()| T::from_manifest(typed.metadata, typed.spec)))
+}
+
+/// The document of an object, from its parts.
+fn document<T: ManifestResource>(kind: &str, x: &T) -> serde_json::Value {
+    let (name, tenant, spec) = x.to_manifest();
+    let mut meta = serde_json::json!({ "name": name });
+    if let Some(t) = tenant {
+        meta["tenant"] = serde_json::json!(t);
+    }
+    let mut d = serde_json::json!({ "apiVersion": API_VERSION, "kind": kind, "metadata": meta });
+    if !spec.as_object().is_some_and(|o| o.is_empty()) {
+        d["spec"] = spec;
+    }
+    d
+}
+
+macro_rules! manifest_kinds {
+    ($(($kind:ident, $ty:ident, $name:literal, $map:ident, $put:ident,
+        list: $list:ident, order: $order:literal, manifest: [$($manifest:literal)?])),* $(,)?) => {
+        /// The kinds a manifest may declare.
+        pub const KINDS: &[&str] = &[$($($manifest,)?)*];
+
+        /// The operation of a document whose `kind:` is `kind`; `None` for a
+        /// kind no manifest declares.
+        fn parse_doc(kind: &str, body: &str) -> Option<Result<Result<Op, String>, serde_yaml::Error>> {
+            $($(if kind == $manifest {
+                return Some(parse_typed::<model::$ty>(body).map(|r| r.map(Op::$put)));
+            })?)*
+            None
         }
-        Doc::Vpc(Typed {
-            api_version,
-            metadata,
-            spec,
-            ..
-        }) => {
-            check_version(&api_version)?;
-            let spec = spec.unwrap_or_default();
-            Op::PutVpc(model::Vpc {
-                tenant_id: need_tenant(&metadata, "Vpc")?,
-                name: spec.display_name.unwrap_or_else(|| metadata.name.clone()),
-                id: metadata.name,
-                vni: spec.vni.unwrap_or(0),
-                zone_id: spec.zone.unwrap_or_default(),
-                border_policy_id: spec.border_firewall.unwrap_or_default(),
-            })
+
+        /// Renders an object (a put operation) as a manifest document, the
+        /// inverse of parsing: `parse_str` of the YAML of this value gives
+        /// the operation back. `None` for what no manifest declares.
+        pub fn render(op: &Op) -> Option<serde_json::Value> {
+            match op {
+                $($(Op::$put(x) => Some(document($manifest, x)),)?)*
+                _ => None,
+            }
         }
-        Doc::Subnet(Typed {
-            api_version,
-            metadata,
-            spec,
-            ..
-        }) => {
-            check_version(&api_version)?;
-            let spec = self::spec(spec)?;
-            let cidr_v4 = match spec.cidr_v4.map(|c| c.0) {
-                None => None,
-                Some(IpNetwork::V4(n)) => Some(n),
-                Some(n) => return Err(format!("spec.cidrV4: {n} is not an IPv4 prefix")),
+
+        /// Whether an operation of the API (`put_port`) is one manifests
+        /// write.
+        fn written_by_manifests(op: &str) -> bool {
+            $($(if op == concat!("put_", $name) {
+                let _ = $manifest;
+                return true;
+            })?)*
+            false
+        }
+    };
+}
+
+crate::for_each_kind!(manifest_kinds);
+
+/// A display name: the name itself when not given.
+fn display_name(given: Option<String>, name: &str) -> String {
+    given.unwrap_or_else(|| name.to_string())
+}
+
+/// `spec.displayName`, when it differs from the name.
+fn put_display_name(spec: &mut serde_json::Value, display: &str, name: &str) {
+    if display != name {
+        spec["displayName"] = serde_json::json!(display);
+    }
+}
+
+/// A text field of a spec, left out when empty.
+fn put_text(spec: &mut serde_json::Value, field: &str, text: &str) {
+    if !text.is_empty() {
+        spec[field] = serde_json::json!(text);
+    }
+}
+
+fn ports_json((a, b): (u16, u16)) -> serde_json::Value {
+    if a == b {
+        serde_json::json!(a)
+    } else {
+        serde_json::json!(format!("{a}-{b}"))
+    }
+}
+
+impl ManifestResource for model::Tenant {
+    type Spec = TenantSpec;
+    fn from_manifest(metadata: Metadata, spec: Option<TenantSpec>) -> Result<Self, String> {
+        let spec = spec.unwrap_or_default();
+        Ok(model::Tenant {
+            name: display_name(spec.display_name, &metadata.name),
+            id: metadata.name,
+        })
+    }
+    fn to_manifest(&self) -> (&str, Option<&str>, serde_json::Value) {
+        let mut spec = serde_json::json!({});
+        put_display_name(&mut spec, &self.name, &self.id);
+        (&self.id, None, spec)
+    }
+}
+
+impl ManifestResource for model::Vpc {
+    type Spec = VpcSpec;
+    fn from_manifest(metadata: Metadata, spec: Option<VpcSpec>) -> Result<Self, String> {
+        let spec = spec.unwrap_or_default();
+        Ok(model::Vpc {
+            tenant_id: need_tenant(&metadata, "Vpc")?,
+            name: display_name(spec.display_name, &metadata.name),
+            id: metadata.name,
+            vni: spec.vni.unwrap_or(0),
+            zone_id: spec.zone.unwrap_or_default(),
+            border_policy_id: spec.border_firewall.unwrap_or_default(),
+        })
+    }
+    fn to_manifest(&self) -> (&str, Option<&str>, serde_json::Value) {
+        let mut spec = serde_json::json!({});
+        put_display_name(&mut spec, &self.name, &self.id);
+        if self.vni != 0 {
+            spec["vni"] = serde_json::json!(self.vni);
+        }
+        put_text(&mut spec, "zone", &self.zone_id);
+        put_text(&mut spec, "borderFirewall", &self.border_policy_id);
+        (&self.id, Some(&self.tenant_id), spec)
+    }
+}
+
+impl ManifestResource for model::Subnet {
+    type Spec = SubnetSpec;
+    fn from_manifest(metadata: Metadata, spec: Option<SubnetSpec>) -> Result<Self, String> {
+        let spec = self::spec(spec)?;
+        let cidr_v4 = match spec.cidr_v4.map(|c| c.0) {
+            None => None,
+            Some(IpNetwork::V4(n)) => Some(n),
+            Some(n) => return Err(format!("spec.cidrV4: {n} is not an IPv4 prefix")),
+        };
+        let cidr_v6 = match spec.cidr_v6.map(|c| c.0) {
+            None => None,
+            Some(IpNetwork::V6(n)) => Some(n),
+            Some(n) => return Err(format!("spec.cidrV6: {n} is not an IPv6 prefix")),
+        };
+        Ok(model::Subnet {
+            id: metadata.name,
+            vpc_id: spec.vpc,
+            cidr_v4,
+            cidr_v6,
+        })
+    }
+    fn to_manifest(&self) -> (&str, Option<&str>, serde_json::Value) {
+        let mut spec = serde_json::json!({ "vpc": self.vpc_id });
+        if let Some(n) = self.cidr_v4 {
+            spec["cidrV4"] = serde_json::json!(n.to_string());
+        }
+        if let Some(n) = self.cidr_v6 {
+            spec["cidrV6"] = serde_json::json!(n.to_string());
+        }
+        (&self.id, None, spec)
+    }
+}
+
+impl ManifestResource for model::Host {
+    type Spec = HostSpec;
+    fn from_manifest(metadata: Metadata, spec: Option<HostSpec>) -> Result<Self, String> {
+        Ok(model::Host {
+            id: metadata.name,
+            underlay_ip: self::spec(spec)?.underlay_ip,
+        })
+    }
+    fn to_manifest(&self) -> (&str, Option<&str>, serde_json::Value) {
+        (
+            &self.id,
+            None,
+            serde_json::json!({ "underlayIp": self.underlay_ip.to_string() }),
+        )
+    }
+}
+
+impl ManifestResource for model::Port {
+    type Spec = PortSpec;
+    fn from_manifest(metadata: Metadata, spec: Option<PortSpec>) -> Result<Self, String> {
+        let spec = self::spec(spec)?;
+        Ok(model::Port {
+            tenant_id: need_tenant(&metadata, "Port")?,
+            id: metadata.name,
+            subnet_id: spec.subnet,
+            host_id: spec.host,
+            device: spec.device,
+            mac: spec.mac,
+            ipv4: spec.ipv4,
+            ipv6: spec.ipv6,
+            security_group_ids: spec.security_groups,
+            vm_id: spec.vm.unwrap_or_default(),
+        })
+    }
+    fn to_manifest(&self) -> (&str, Option<&str>, serde_json::Value) {
+        let mut spec = serde_json::json!({
+            "subnet": self.subnet_id,
+            "host": self.host_id,
+            "device": self.device,
+            "mac": self.mac.to_string(),
+        });
+        if let Some(a) = self.ipv4 {
+            spec["ipv4"] = serde_json::json!(a.to_string());
+        }
+        if let Some(a) = self.ipv6 {
+            spec["ipv6"] = serde_json::json!(a.to_string());
+        }
+        if !self.security_group_ids.is_empty() {
+            spec["securityGroups"] = serde_json::json!(self.security_group_ids);
+        }
+        put_text(&mut spec, "vm", &self.vm_id);
+        (&self.id, Some(&self.tenant_id), spec)
+    }
+}
+
+impl ManifestResource for model::SecurityGroup {
+    type Spec = SecurityGroupSpec;
+    fn from_manifest(metadata: Metadata, spec: Option<SecurityGroupSpec>) -> Result<Self, String> {
+        let spec = self::spec(spec)?;
+        let mut rules = Vec::new();
+        for (i, r) in spec.rules.into_iter().enumerate() {
+            let remote = match (r.remote_cidr, r.remote_group) {
+                (Some(_), Some(_)) => return Err(format!("spec.rules[{i}]: set remoteCidr or remoteGroup, not both")),
+                (Some(c), None) => Remote::Cidr(c.0),
+                (None, Some(g)) => Remote::Group(g),
+                (None, None) => Remote::Any,
             };
-            let cidr_v6 = match spec.cidr_v6.map(|c| c.0) {
-                None => None,
-                Some(IpNetwork::V6(n)) => Some(n),
-                Some(n) => return Err(format!("spec.cidrV6: {n} is not an IPv6 prefix")),
-            };
-            Op::PutSubnet(model::Subnet {
-                id: metadata.name,
-                vpc_id: spec.vpc,
-                cidr_v4,
-                cidr_v6,
-            })
+            rules.push(model::Rule {
+                id: r.id,
+                direction: r.direction,
+                ether_type: r.ether_type,
+                protocol: r.protocol,
+                ports: r.ports.map(|p| (p.0, p.1)),
+                remote,
+            });
         }
-        Doc::Zone(Typed {
-            api_version,
-            metadata,
-            spec,
-            ..
-        }) => {
-            check_version(&api_version)?;
-            let spec = self::spec(spec)?;
-            Op::PutZone(model::Zone {
-                name: spec.display_name.unwrap_or_else(|| metadata.name.clone()),
-                id: metadata.name,
-                prefixes: spec.prefixes.into_iter().map(|c| c.0).collect(),
-                uplink_device: spec.uplink_device,
+        Ok(model::SecurityGroup {
+            tenant_id: need_tenant(&metadata, "SecurityGroup")?,
+            name: display_name(spec.display_name, &metadata.name),
+            id: metadata.name,
+            rules,
+        })
+    }
+    fn to_manifest(&self) -> (&str, Option<&str>, serde_json::Value) {
+        let rules: Vec<serde_json::Value> = self
+            .rules
+            .iter()
+            .map(|r| {
+                let mut v = serde_json::json!({
+                    "id": r.id,
+                    "direction": r.direction,
+                    "etherType": r.ether_type,
+                    "protocol": r.protocol,
+                });
+                if let Some(p) = r.ports {
+                    v["ports"] = ports_json(p);
+                }
+                match &r.remote {
+                    Remote::Any => {}
+                    Remote::Cidr(n) => v["remoteCidr"] = serde_json::json!(n.to_string()),
+                    Remote::Group(id) => v["remoteGroup"] = serde_json::json!(id),
+                }
+                v
             })
+            .collect();
+        let mut spec = serde_json::json!({ "rules": rules });
+        put_display_name(&mut spec, &self.name, &self.id);
+        (&self.id, Some(&self.tenant_id), spec)
+    }
+}
+
+impl ManifestResource for model::Zone {
+    type Spec = ZoneSpec;
+    fn from_manifest(metadata: Metadata, spec: Option<ZoneSpec>) -> Result<Self, String> {
+        let spec = self::spec(spec)?;
+        Ok(model::Zone {
+            name: display_name(spec.display_name, &metadata.name),
+            id: metadata.name,
+            prefixes: spec.prefixes.into_iter().map(|c| c.0).collect(),
+            uplink_device: spec.uplink_device,
+        })
+    }
+    fn to_manifest(&self) -> (&str, Option<&str>, serde_json::Value) {
+        let mut spec = serde_json::json!({
+            "prefixes": self.prefixes.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            "uplinkDevice": self.uplink_device,
+        });
+        put_display_name(&mut spec, &self.name, &self.id);
+        (&self.id, None, spec)
+    }
+}
+
+impl ManifestResource for model::ExchangePath {
+    type Spec = ExchangePathSpec;
+    fn from_manifest(metadata: Metadata, spec: Option<ExchangePathSpec>) -> Result<Self, String> {
+        let spec = self::spec(spec)?;
+        Ok(model::ExchangePath {
+            id: metadata.name,
+            from_zone: spec.from,
+            to_zone: spec.to,
+            source: spec.source.0,
+            destination: spec.destination.0,
+            protocol: spec.protocol,
+            ports: (spec.ports.0, spec.ports.1),
+            broad: spec.broad,
+            broad_reason: spec.broad_reason.unwrap_or_default(),
+        })
+    }
+    fn to_manifest(&self) -> (&str, Option<&str>, serde_json::Value) {
+        let mut spec = serde_json::json!({
+            "from": self.from_zone,
+            "to": self.to_zone,
+            "source": self.source.to_string(),
+            "destination": self.destination.to_string(),
+            "protocol": self.protocol,
+            "ports": ports_json(self.ports),
+        });
+        if self.broad {
+            spec["broad"] = serde_json::json!(true);
         }
-        Doc::VpcPeering(Typed {
-            api_version,
-            metadata,
-            spec,
-            ..
-        }) => {
-            check_version(&api_version)?;
-            let spec = self::spec(spec)?;
-            Op::PutVpcPeering(model::VpcPeering {
-                id: metadata.name,
-                vpc_a: spec.vpc_a,
-                vpc_b: spec.vpc_b,
-                policy_id: spec.firewall.unwrap_or_default(),
-            })
-        }
-        Doc::FirewallPolicy(Typed {
-            api_version,
-            metadata,
-            spec,
-            ..
-        }) => {
-            check_version(&api_version)?;
-            let spec = self::spec(spec)?;
-            Op::PutFirewallPolicy(model::FirewallPolicy {
-                name: spec.display_name.unwrap_or_else(|| metadata.name.clone()),
-                id: metadata.name,
-                default_action: spec.default_action,
-                rules: spec
-                    .rules
-                    .into_iter()
-                    .map(|r| model::FirewallRule {
-                        id: r.id,
-                        priority: r.priority,
-                        action: r.action,
-                        direction: r.direction,
-                        ether_type: r.ether_type,
-                        protocol: r.protocol,
-                        ports: r.ports.map(|p| (p.0, p.1)),
-                        remote: r.remote_cidr.map(|c| c.0),
-                    })
-                    .collect(),
-            })
-        }
-        Doc::ExchangePath(Typed {
-            api_version,
-            metadata,
-            spec,
-            ..
-        }) => {
-            check_version(&api_version)?;
-            let spec = self::spec(spec)?;
-            Op::PutExchangePath(model::ExchangePath {
-                id: metadata.name,
-                from_zone: spec.from,
-                to_zone: spec.to,
-                source: spec.source.0,
-                destination: spec.destination.0,
-                protocol: spec.protocol,
-                ports: (spec.ports.0, spec.ports.1),
-                broad: spec.broad,
-                broad_reason: spec.broad_reason.unwrap_or_default(),
-            })
-        }
-        Doc::Host(Typed {
-            api_version,
-            metadata,
-            spec,
-            ..
-        }) => {
-            check_version(&api_version)?;
-            Op::PutHost(model::Host {
-                id: metadata.name,
-                underlay_ip: self::spec(spec)?.underlay_ip,
-            })
-        }
-        Doc::Port(Typed {
-            api_version,
-            metadata,
-            spec,
-            ..
-        }) => {
-            check_version(&api_version)?;
-            let spec = self::spec(spec)?;
-            Op::PutPort(model::Port {
-                tenant_id: need_tenant(&metadata, "Port")?,
-                id: metadata.name,
-                subnet_id: spec.subnet,
-                host_id: spec.host,
-                device: spec.device,
-                mac: spec.mac,
-                ipv4: spec.ipv4,
-                ipv6: spec.ipv6,
-                security_group_ids: spec.security_groups,
-                vm_id: spec.vm.unwrap_or_default(),
-            })
-        }
-        Doc::SecurityGroup(Typed {
-            api_version,
-            metadata,
-            spec,
-            ..
-        }) => {
-            check_version(&api_version)?;
-            let spec = self::spec(spec)?;
-            let mut rules = Vec::new();
-            for (i, r) in spec.rules.into_iter().enumerate() {
-                let remote = match (r.remote_cidr, r.remote_group) {
-                    (Some(_), Some(_)) => {
-                        return Err(format!("spec.rules[{i}]: set remoteCidr or remoteGroup, not both"))
-                    }
-                    (Some(c), None) => Remote::Cidr(c.0),
-                    (None, Some(g)) => Remote::Group(g),
-                    (None, None) => Remote::Any,
-                };
-                rules.push(model::Rule {
+        put_text(&mut spec, "broadReason", &self.broad_reason);
+        (&self.id, None, spec)
+    }
+}
+
+impl ManifestResource for model::FirewallPolicy {
+    type Spec = FirewallPolicySpec;
+    fn from_manifest(metadata: Metadata, spec: Option<FirewallPolicySpec>) -> Result<Self, String> {
+        let spec = self::spec(spec)?;
+        Ok(model::FirewallPolicy {
+            name: display_name(spec.display_name, &metadata.name),
+            id: metadata.name,
+            default_action: spec.default_action,
+            rules: spec
+                .rules
+                .into_iter()
+                .map(|r| model::FirewallRule {
                     id: r.id,
+                    priority: r.priority,
+                    action: r.action,
                     direction: r.direction,
                     ether_type: r.ether_type,
                     protocol: r.protocol,
                     ports: r.ports.map(|p| (p.0, p.1)),
-                    remote,
+                    remote: r.remote_cidr.map(|c| c.0),
+                })
+                .collect(),
+        })
+    }
+    fn to_manifest(&self) -> (&str, Option<&str>, serde_json::Value) {
+        let rules: Vec<serde_json::Value> = self
+            .rules
+            .iter()
+            .map(|r| {
+                let mut v = serde_json::json!({
+                    "id": r.id,
+                    "priority": r.priority,
+                    "action": r.action,
+                    "direction": r.direction,
+                    "etherType": r.ether_type,
+                    "protocol": r.protocol,
                 });
-            }
-            Op::PutSecurityGroup(model::SecurityGroup {
-                tenant_id: need_tenant(&metadata, "SecurityGroup")?,
-                name: spec.display_name.unwrap_or_else(|| metadata.name.clone()),
-                id: metadata.name,
-                rules,
+                if let Some(p) = r.ports {
+                    v["ports"] = ports_json(p);
+                }
+                if let Some(n) = r.remote {
+                    v["remoteCidr"] = serde_json::json!(n.to_string());
+                }
+                v
             })
-        }
-    })
+            .collect();
+        let mut spec = serde_json::json!({ "defaultAction": self.default_action, "rules": rules });
+        put_display_name(&mut spec, &self.name, &self.id);
+        (&self.id, None, spec)
+    }
+}
+
+impl ManifestResource for model::VpcPeering {
+    type Spec = VpcPeeringSpec;
+    fn from_manifest(metadata: Metadata, spec: Option<VpcPeeringSpec>) -> Result<Self, String> {
+        let spec = self::spec(spec)?;
+        Ok(model::VpcPeering {
+            id: metadata.name,
+            vpc_a: spec.vpc_a,
+            vpc_b: spec.vpc_b,
+            policy_id: spec.firewall.unwrap_or_default(),
+        })
+    }
+    fn to_manifest(&self) -> (&str, Option<&str>, serde_json::Value) {
+        let mut spec = serde_json::json!({ "vpcA": self.vpc_a, "vpcB": self.vpc_b });
+        put_text(&mut spec, "firewall", &self.policy_id);
+        (&self.id, None, spec)
+    }
 }
 
 /// Reads a file, or every `.yaml`/`.yml` file under a directory (sorted).
@@ -853,19 +1018,7 @@ pub fn manifest_field(api: &str) -> Option<(usize, String)> {
         return Some((index, String::new()));
     };
     let (op, field) = rest.split_once('.').unwrap_or((rest, ""));
-    if !matches!(
-        op,
-        "put_tenant"
-            | "put_zone"
-            | "put_firewall_policy"
-            | "put_exchange_path"
-            | "put_vpc"
-            | "put_vpc_peering"
-            | "put_subnet"
-            | "put_host"
-            | "put_port"
-            | "put_security_group"
-    ) {
+    if !written_by_manifests(op) {
         return None;
     }
     if field.is_empty() {
@@ -925,21 +1078,7 @@ fn manifest_spelling(field: &str) -> String {
 
 /// Orders operations so that what others refer to comes first.
 pub fn dependency_order(mut ops: Vec<Located>) -> Vec<Located> {
-    fn rank(op: &Op) -> u8 {
-        match op {
-            Op::PutTenant(_) | Op::PutZone(_) | Op::PutFirewallPolicy(_) => 0,
-            Op::PutExchangePath(_) => 1,
-            Op::PutVpc(_) => 1,
-            Op::PutSubnet(_) => 2,
-            Op::PutHost(_) => 3,
-            Op::PutSecurityGroup(_) => 4,
-            Op::PutPort(_) => 5,
-            Op::PutQuarantine(_) => 6,
-            Op::PutVpcPeering(_) => 3,
-            Op::Delete { .. } => 7,
-        }
-    }
-    ops.sort_by_key(|l| rank(&l.op));
+    ops.sort_by_key(|l| l.op.order());
     ops
 }
 
@@ -1228,174 +1367,6 @@ spec:
     }
 }
 
-/// Renders an object (a put operation) as a manifest document, the inverse
-/// of parsing: `parse_str` of the YAML of this value gives the operation back.
-pub fn render(op: &Op) -> Option<serde_json::Value> {
-    use serde_json::json;
-    let doc = |kind: &str, name: &str, tenant: Option<&str>, spec: serde_json::Value| {
-        let mut meta = json!({ "name": name });
-        if let Some(t) = tenant {
-            meta["tenant"] = json!(t);
-        }
-        let mut d = json!({ "apiVersion": API_VERSION, "kind": kind, "metadata": meta });
-        if !spec.as_object().is_some_and(|o| o.is_empty()) {
-            d["spec"] = spec;
-        }
-        d
-    };
-    Some(match op {
-        Op::PutTenant(t) => {
-            let spec = if t.name != t.id {
-                json!({ "displayName": t.name })
-            } else {
-                json!({})
-            };
-            doc("Tenant", &t.id, None, spec)
-        }
-        Op::PutVpc(v) => {
-            let mut spec = if v.name != v.id {
-                json!({ "displayName": v.name })
-            } else {
-                json!({})
-            };
-            if v.vni != 0 {
-                spec["vni"] = json!(v.vni);
-            }
-            if !v.zone_id.is_empty() {
-                spec["zone"] = json!(v.zone_id);
-            }
-            if !v.border_policy_id.is_empty() {
-                spec["borderFirewall"] = json!(v.border_policy_id);
-            }
-            doc("Vpc", &v.id, Some(&v.tenant_id), spec)
-        }
-        Op::PutSubnet(s) => {
-            let mut spec = json!({ "vpc": s.vpc_id });
-            if let Some(n) = s.cidr_v4 {
-                spec["cidrV4"] = json!(n.to_string());
-            }
-            if let Some(n) = s.cidr_v6 {
-                spec["cidrV6"] = json!(n.to_string());
-            }
-            doc("Subnet", &s.id, None, spec)
-        }
-        Op::PutHost(h) => doc("Host", &h.id, None, json!({ "underlayIp": h.underlay_ip.to_string() })),
-        Op::PutZone(z) => {
-            let mut spec = json!({
-                "prefixes": z.prefixes.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
-                "uplinkDevice": z.uplink_device,
-            });
-            if z.name != z.id {
-                spec["displayName"] = json!(z.name);
-            }
-            doc("Zone", &z.id, None, spec)
-        }
-        Op::PutExchangePath(x) => {
-            let ports = if x.ports.0 == x.ports.1 {
-                json!(x.ports.0)
-            } else {
-                json!(format!("{}-{}", x.ports.0, x.ports.1))
-            };
-            let mut spec = json!({
-                "from": x.from_zone,
-                "to": x.to_zone,
-                "source": x.source.to_string(),
-                "destination": x.destination.to_string(),
-                "protocol": x.protocol,
-                "ports": ports,
-            });
-            if x.broad {
-                spec["broad"] = json!(true);
-            }
-            if !x.broad_reason.is_empty() {
-                spec["broadReason"] = json!(x.broad_reason);
-            }
-            doc("ExchangePath", &x.id, None, spec)
-        }
-        Op::PutPort(p) => {
-            let mut spec =
-                json!({ "subnet": p.subnet_id, "host": p.host_id, "device": p.device, "mac": p.mac.to_string() });
-            if let Some(a) = p.ipv4 {
-                spec["ipv4"] = json!(a.to_string());
-            }
-            if let Some(a) = p.ipv6 {
-                spec["ipv6"] = json!(a.to_string());
-            }
-            if !p.security_group_ids.is_empty() {
-                spec["securityGroups"] = json!(p.security_group_ids);
-            }
-            if !p.vm_id.is_empty() {
-                spec["vm"] = json!(p.vm_id);
-            }
-            doc("Port", &p.id, Some(&p.tenant_id), spec)
-        }
-        Op::PutSecurityGroup(g) => {
-            let rules: Vec<serde_json::Value> = g
-                .rules
-                .iter()
-                .map(|r| {
-                    let mut v = json!({
-                        "id": r.id,
-                        "direction": r.direction,
-                        "etherType": r.ether_type,
-                        "protocol": r.protocol,
-                    });
-                    if let Some((a, b)) = r.ports {
-                        v["ports"] = if a == b { json!(a) } else { json!(format!("{a}-{b}")) };
-                    }
-                    match &r.remote {
-                        Remote::Any => {}
-                        Remote::Cidr(n) => v["remoteCidr"] = json!(n.to_string()),
-                        Remote::Group(id) => v["remoteGroup"] = json!(id),
-                    }
-                    v
-                })
-                .collect();
-            let mut spec = json!({ "rules": rules });
-            if g.name != g.id {
-                spec["displayName"] = json!(g.name);
-            }
-            doc("SecurityGroup", &g.id, Some(&g.tenant_id), spec)
-        }
-        Op::PutFirewallPolicy(f) => {
-            let rules: Vec<serde_json::Value> = f
-                .rules
-                .iter()
-                .map(|r| {
-                    let mut v = json!({
-                        "id": r.id,
-                        "priority": r.priority,
-                        "action": r.action,
-                        "direction": r.direction,
-                        "etherType": r.ether_type,
-                        "protocol": r.protocol,
-                    });
-                    if let Some((a, b)) = r.ports {
-                        v["ports"] = if a == b { json!(a) } else { json!(format!("{a}-{b}")) };
-                    }
-                    if let Some(n) = r.remote {
-                        v["remoteCidr"] = json!(n.to_string());
-                    }
-                    v
-                })
-                .collect();
-            let mut spec = json!({ "defaultAction": f.default_action, "rules": rules });
-            if f.name != f.id {
-                spec["displayName"] = json!(f.name);
-            }
-            doc("FirewallPolicy", &f.id, None, spec)
-        }
-        Op::PutVpcPeering(p) => {
-            let mut spec = json!({ "vpcA": p.vpc_a, "vpcB": p.vpc_b });
-            if !p.policy_id.is_empty() {
-                spec["firewall"] = json!(p.policy_id);
-            }
-            doc("VpcPeering", &p.id, None, spec)
-        }
-        Op::PutQuarantine(_) | Op::Delete { .. } => return None,
-    })
-}
-
 /// Renders documents as a YAML stream.
 pub fn to_yaml(docs: &[serde_json::Value]) -> String {
     docs.iter()
@@ -1459,6 +1430,7 @@ mod schema_tests {
             "gov-cloud/10-departments.yaml",
             "gov-cloud/20-shared-service.yaml",
             "gov-cloud/30-peering.yaml",
+            "gov-cloud/40-hosts-and-ports.yaml",
         ] {
             let text = std::fs::read_to_string(format!("{}/examples/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap();
             for doc in serde_yaml::Deserializer::from_str(&text) {
@@ -1508,6 +1480,60 @@ mod schema_tests {
                 .filter(|v| v.border_policy_id == "department-border")
                 .count(),
             3
+        );
+    }
+
+    /// The kinds' table, the schema and the examples agree: a kind added
+    /// to the table without its schema and an example fails here.
+    #[test]
+    fn every_kind_of_the_table_is_in_the_schema_and_the_examples() {
+        let schema: serde_json::Value = serde_json::from_str(SCHEMA).unwrap();
+        let mut in_schema: Vec<&str> = schema["properties"]["kind"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k.as_str().unwrap())
+            .collect();
+        in_schema.sort();
+        let mut kinds = KINDS.to_vec();
+        kinds.sort();
+        assert_eq!(in_schema, kinds, "the schema's kinds are the table's");
+        let refs: Vec<&str> = schema["oneOf"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["$ref"].as_str().unwrap())
+            .collect();
+        for k in KINDS {
+            assert!(schema["$defs"].get(*k).is_some(), "no $defs/{k} in the schema");
+            assert!(
+                refs.contains(&format!("#/$defs/{k}").as_str()),
+                "{k} is not in the schema's oneOf"
+            );
+        }
+        for k in model::Kind::ALL {
+            match k.manifest_kind() {
+                Some(m) => {
+                    assert!(KINDS.contains(&m));
+                    assert_eq!(model::Kind::from_manifest_kind(m), Some(*k));
+                }
+                None => assert!(!KINDS.iter().any(|m| model::Kind::from_manifest_kind(m) == Some(*k))),
+            }
+        }
+        // Every kind a manifest declares has an example, which renders back
+        // to itself.
+        let mut seen = std::collections::BTreeSet::new();
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+        for l in load_path(std::path::Path::new(root)).unwrap() {
+            let kind = l.op.key().0;
+            seen.insert(kind.manifest_kind().unwrap());
+            let yaml = to_yaml(&[render(&l.op).unwrap()]);
+            assert_eq!(parse_str("x.yaml", &yaml).unwrap()[0].op, l.op, "{yaml}");
+        }
+        assert_eq!(
+            seen.into_iter().collect::<Vec<_>>().len(),
+            KINDS.len(),
+            "a kind has no example"
         );
     }
 

@@ -330,31 +330,53 @@ impl<'de> Deserialize<'de> for Mac {
     }
 }
 
-/// Every kind of object, declared once: its `Kind` and `Object` variant,
-/// its type, its name in keys and messages, the `State` map that holds it,
-/// and its put operation. `for_each_kind!(m)` hands the table to macro `m`;
-/// the model, the state and the store generate what each kind needs from it.
+/// Every kind of object, declared once. A row gives the kind's `Kind`,
+/// `Object` and `Op` variant, its type, its name in keys and messages, the
+/// `State` map that holds it, its put operation, its field in the API's
+/// listing, its rank in a batch (what others refer to comes first), and its
+/// `kind:` in manifests (none for a kind no manifest declares).
+///
+/// `for_each_kind!(m)` hands the table to macro `m`. The model, the state,
+/// the API conversions, the listing, the manifests and `sdnctl` generate what
+/// each kind needs from it. What a kind means is written once per kind, in
+/// trait implementations the compiler asks for: [`Resource`] here,
+/// `convert::ApiResource` for the API, `manifest::ManifestResource` for the
+/// manifests; and in the state's checks and the shares.
 #[macro_export]
 macro_rules! for_each_kind {
     ($m:ident) => {
         $m! {
-            (Tenant, Tenant, "tenant", tenants, PutTenant),
-            (Vpc, Vpc, "vpc", vpcs, PutVpc),
-            (Subnet, Subnet, "subnet", subnets, PutSubnet),
-            (Host, Host, "host", hosts, PutHost),
-            (Port, Port, "port", ports, PutPort),
-            (SecurityGroup, SecurityGroup, "security_group", security_groups, PutSecurityGroup),
-            (Quarantine, Quarantine, "quarantine", quarantines, PutQuarantine),
-            (Zone, Zone, "zone", zones, PutZone),
-            (ExchangePath, ExchangePath, "exchange_path", exchange_paths, PutExchangePath),
-            (FirewallPolicy, FirewallPolicy, "firewall_policy", firewall_policies, PutFirewallPolicy),
-            (VpcPeering, VpcPeering, "vpc_peering", peerings, PutVpcPeering),
+            (Tenant, Tenant, "tenant", tenants, PutTenant, list: tenants, order: 0, manifest: ["Tenant"]),
+            (Vpc, Vpc, "vpc", vpcs, PutVpc, list: vpcs, order: 1, manifest: ["Vpc"]),
+            (Subnet, Subnet, "subnet", subnets, PutSubnet, list: subnets, order: 2, manifest: ["Subnet"]),
+            (Host, Host, "host", hosts, PutHost, list: hosts, order: 3, manifest: ["Host"]),
+            (Port, Port, "port", ports, PutPort, list: ports, order: 5, manifest: ["Port"]),
+            (SecurityGroup, SecurityGroup, "security_group", security_groups, PutSecurityGroup,
+                list: security_groups, order: 4, manifest: ["SecurityGroup"]),
+            (Quarantine, Quarantine, "quarantine", quarantines, PutQuarantine, list: quarantines, order: 6, manifest: []),
+            (Zone, Zone, "zone", zones, PutZone, list: zones, order: 0, manifest: ["Zone"]),
+            (ExchangePath, ExchangePath, "exchange_path", exchange_paths, PutExchangePath,
+                list: exchange_paths, order: 1, manifest: ["ExchangePath"]),
+            (FirewallPolicy, FirewallPolicy, "firewall_policy", firewall_policies, PutFirewallPolicy,
+                list: firewall_policies, order: 0, manifest: ["FirewallPolicy"]),
+            (VpcPeering, VpcPeering, "vpc_peering", peerings, PutVpcPeering,
+                list: vpc_peerings, order: 3, manifest: ["VpcPeering"]),
         }
     };
 }
 
+/// What every kind of object says of itself, beyond its row in
+/// [`for_each_kind!`].
+pub trait Resource {
+    /// The audit record's line for a put of this object.
+    fn describe(&self) -> String;
+    /// The object's details in one line, for `sdnctl get`'s table.
+    fn summary(&self) -> String;
+}
+
 macro_rules! declare_kinds {
-    ($(($kind:ident, $ty:ident, $name:literal, $map:ident, $put:ident)),* $(,)?) => {
+    ($(($kind:ident, $ty:ident, $name:literal, $map:ident, $put:ident,
+        list: $list:ident, order: $order:literal, manifest: [$($manifest:literal)?])),* $(,)?) => {
         /// Kinds of object.
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         pub enum Kind {
@@ -362,6 +384,9 @@ macro_rules! declare_kinds {
         }
 
         impl Kind {
+            /// Every kind, in the table's order.
+            pub const ALL: &'static [Kind] = &[$(Kind::$kind),*];
+
             pub fn name(self) -> &'static str {
                 match self {
                     $(Kind::$kind => $name),*
@@ -374,6 +399,33 @@ macro_rules! declare_kinds {
                     $($name => Some(Kind::$kind),)*
                     _ => None,
                 }
+            }
+
+            /// Where puts of this kind go in a batch: what others refer to
+            /// comes first.
+            pub fn order(self) -> u8 {
+                match self {
+                    $(Kind::$kind => $order),*
+                }
+            }
+
+            /// The kind's `kind:` in manifests; `None` for a kind no
+            /// manifest declares.
+            pub fn manifest_kind(self) -> Option<&'static str> {
+                match self {
+                    $(Kind::$kind => {
+                        let names: &[&'static str] = &[$($manifest)?];
+                        names.first().copied()
+                    })*
+                }
+            }
+
+            /// The kind a manifest's `kind:` names.
+            pub fn from_manifest_kind(name: &str) -> Option<Kind> {
+                $($(if name == $manifest {
+                    return Some(Kind::$kind);
+                })?)*
+                None
             }
         }
 
@@ -411,6 +463,27 @@ macro_rules! declare_kinds {
                     $(Kind::$kind => Object::$kind(serde_json::from_slice(bytes)?)),*
                 })
             }
+
+            /// The put operation of this object.
+            pub fn into_op(self) -> Op {
+                match self {
+                    $(Object::$kind(x) => Op::$put(x)),*
+                }
+            }
+
+            /// The object's details in one line.
+            pub fn summary(&self) -> String {
+                match self {
+                    $(Object::$kind(x) => x.summary()),*
+                }
+            }
+        }
+
+        /// One change of a batch: a put of one object, or a delete.
+        #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum Op {
+            $($put($ty),)*
+            Delete { kind: Kind, id: String },
         }
 
         impl Op {
@@ -431,81 +504,203 @@ macro_rules! declare_kinds {
                     Op::Delete { .. } => "delete",
                 }
             }
+
+            /// The object a put puts; `None` for a delete.
+            pub fn object(&self) -> Option<Object> {
+                match self {
+                    $(Op::$put(x) => Some(Object::$kind(x.clone())),)*
+                    Op::Delete { .. } => None,
+                }
+            }
+
+            /// One line for the audit record.
+            pub fn describe(&self) -> String {
+                match self {
+                    $(Op::$put(x) => x.describe(),)*
+                    Op::Delete {
+                        kind: Kind::Quarantine,
+                        id,
+                    } => format!("lift quarantine {id}"),
+                    Op::Delete { kind, id } => format!("delete {} {}", kind.name(), id),
+                }
+            }
+
+            /// Where the operation goes in a batch: puts by their kind's
+            /// [`Kind::order`], deletes last.
+            pub fn order(&self) -> u8 {
+                match self {
+                    Op::Delete { .. } => u8::MAX,
+                    _ => self.key().0.order(),
+                }
+            }
         }
     };
 }
 
 for_each_kind!(declare_kinds);
 
-/// One change of a batch.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Op {
-    PutTenant(Tenant),
-    PutVpc(Vpc),
-    PutSubnet(Subnet),
-    PutHost(Host),
-    PutPort(Port),
-    PutSecurityGroup(SecurityGroup),
-    PutQuarantine(Quarantine),
-    PutZone(Zone),
-    PutExchangePath(ExchangePath),
-    PutFirewallPolicy(FirewallPolicy),
-    PutVpcPeering(VpcPeering),
-    Delete { kind: Kind, id: String },
+impl Resource for Tenant {
+    fn describe(&self) -> String {
+        format!("put tenant {}", self.id)
+    }
+    fn summary(&self) -> String {
+        format!("name={:?}", self.name)
+    }
 }
 
-impl Op {
-    /// One line for the audit record.
-    pub fn describe(&self) -> String {
+impl Resource for Vpc {
+    fn describe(&self) -> String {
+        format!("put vpc {}", self.id)
+    }
+    fn summary(&self) -> String {
+        format!(
+            "tenant={} name={:?} vni={} zone={}",
+            self.tenant_id, self.name, self.vni, self.zone_id
+        )
+    }
+}
+
+impl Resource for Subnet {
+    fn describe(&self) -> String {
+        format!("put subnet {}", self.id)
+    }
+    fn summary(&self) -> String {
+        let text = |n: Option<String>| n.unwrap_or_default();
+        format!(
+            "vpc={} v4={} v6={}",
+            self.vpc_id,
+            text(self.cidr_v4.map(|n| n.to_string())),
+            text(self.cidr_v6.map(|n| n.to_string()))
+        )
+    }
+}
+
+impl Resource for Host {
+    fn describe(&self) -> String {
+        format!("put host {}", self.id)
+    }
+    fn summary(&self) -> String {
+        format!("underlay={}", self.underlay_ip)
+    }
+}
+
+impl Resource for Port {
+    fn describe(&self) -> String {
+        format!("put port {}", self.id)
+    }
+    fn summary(&self) -> String {
+        format!(
+            "host={} device={} mac={} v4={} v6={} groups={}",
+            self.host_id,
+            self.device,
+            self.mac,
+            self.ipv4.map(|a| a.to_string()).unwrap_or_default(),
+            self.ipv6.map(|a| a.to_string()).unwrap_or_default(),
+            self.security_group_ids.join(",")
+        )
+    }
+}
+
+impl Resource for SecurityGroup {
+    fn describe(&self) -> String {
+        format!("put security_group {} ({} rules)", self.id, self.rules.len())
+    }
+    fn summary(&self) -> String {
+        format!("tenant={} rules={}", self.tenant_id, self.rules.len())
+    }
+}
+
+impl QuarantineTarget {
+    pub fn name(self) -> &'static str {
         match self {
-            Op::PutTenant(t) => format!("put tenant {}", t.id),
-            Op::PutVpc(v) => format!("put vpc {}", v.id),
-            Op::PutSubnet(s) => format!("put subnet {}", s.id),
-            Op::PutHost(h) => format!("put host {}", h.id),
-            Op::PutPort(p) => format!("put port {}", p.id),
-            Op::PutSecurityGroup(g) => format!("put security_group {} ({} rules)", g.id, g.rules.len()),
-            Op::PutQuarantine(q) => {
-                let target = match q.target {
-                    QuarantineTarget::Port => "port",
-                    QuarantineTarget::Vpc => "vpc",
-                    QuarantineTarget::Vm => "vm",
-                };
-                let until = q.expires_unix_ms.map(|t| format!(" until {t}")).unwrap_or_default();
-                format!("quarantine {} {target} {}{until}: {}", q.id, q.target_id, q.reason)
-            }
-            Op::PutZone(z) => format!(
-                "put zone {} ({} prefixes, uplink {})",
-                z.id,
-                z.prefixes.len(),
-                z.uplink_device
-            ),
-            Op::PutExchangePath(x) => {
-                let broad = if x.broad {
-                    format!(" (broad: {})", x.broad_reason)
-                } else {
-                    String::new()
-                };
-                format!(
-                    "put exchange_path {}: {} {} -> {} {} {:?} {}-{}{broad}",
-                    x.id, x.from_zone, x.source, x.to_zone, x.destination, x.protocol, x.ports.0, x.ports.1
-                )
-            }
-            Op::PutVpcPeering(p) => format!(
-                "put vpc_peering {}: {} <-> {} (firewall {:?})",
-                p.id, p.vpc_a, p.vpc_b, p.policy_id
-            ),
-            Op::PutFirewallPolicy(f) => format!(
-                "put firewall_policy {} ({} rules, default {:?})",
-                f.id,
-                f.rules.len(),
-                f.default_action
-            ),
-            Op::Delete {
-                kind: Kind::Quarantine,
-                id,
-            } => format!("lift quarantine {id}"),
-            Op::Delete { kind, id } => format!("delete {} {}", kind.name(), id),
+            QuarantineTarget::Port => "port",
+            QuarantineTarget::Vpc => "vpc",
+            QuarantineTarget::Vm => "vm",
         }
+    }
+}
+
+impl Resource for Quarantine {
+    fn describe(&self) -> String {
+        let until = self.expires_unix_ms.map(|t| format!(" until {t}")).unwrap_or_default();
+        format!(
+            "quarantine {} {} {}{until}: {}",
+            self.id,
+            self.target.name(),
+            self.target_id,
+            self.reason
+        )
+    }
+    fn summary(&self) -> String {
+        format!(
+            "target={}/{} expires={} reason={:?}",
+            self.target.name(),
+            self.target_id,
+            self.expires_unix_ms.unwrap_or(0),
+            self.reason
+        )
+    }
+}
+
+impl Resource for Zone {
+    fn describe(&self) -> String {
+        format!(
+            "put zone {} ({} prefixes, uplink {})",
+            self.id,
+            self.prefixes.len(),
+            self.uplink_device
+        )
+    }
+    fn summary(&self) -> String {
+        let prefixes: Vec<String> = self.prefixes.iter().map(|n| n.to_string()).collect();
+        format!("uplink={} prefixes={}", self.uplink_device, prefixes.join(","))
+    }
+}
+
+impl Resource for ExchangePath {
+    fn describe(&self) -> String {
+        let broad = if self.broad {
+            format!(" (broad: {})", self.broad_reason)
+        } else {
+            String::new()
+        };
+        format!("put exchange_path {}: {}{broad}", self.id, self.summary())
+    }
+    fn summary(&self) -> String {
+        format!(
+            "{} {} -> {} {} {:?} {}-{}",
+            self.from_zone, self.source, self.to_zone, self.destination, self.protocol, self.ports.0, self.ports.1
+        )
+    }
+}
+
+impl Resource for FirewallPolicy {
+    fn describe(&self) -> String {
+        format!(
+            "put firewall_policy {} ({} rules, default {:?})",
+            self.id,
+            self.rules.len(),
+            self.default_action
+        )
+    }
+    fn summary(&self) -> String {
+        format!(
+            "rules={} default={}",
+            self.rules.len(),
+            format!("{:?}", self.default_action).to_lowercase()
+        )
+    }
+}
+
+impl Resource for VpcPeering {
+    fn describe(&self) -> String {
+        format!(
+            "put vpc_peering {}: {} <-> {} (firewall {:?})",
+            self.id, self.vpc_a, self.vpc_b, self.policy_id
+        )
+    }
+    fn summary(&self) -> String {
+        format!("{} <-> {} firewall={}", self.vpc_a, self.vpc_b, self.policy_id)
     }
 }
 

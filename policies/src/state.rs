@@ -1430,7 +1430,7 @@ impl State {
 }
 
 macro_rules! state_access {
-    ($(($kind:ident, $ty:ident, $name:literal, $map:ident, $put:ident)),* $(,)?) => {
+    ($(($kind:ident, $ty:ident, $name:literal, $map:ident, $put:ident, $($rest:tt)*)),* $(,)?) => {
         impl State {
             /// Every object, in the order of the kinds' table (subnets
             /// before ports).

@@ -20,37 +20,16 @@ struct Cli {
     cmd: Cmd,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum KindArg {
-    Tenant,
-    Vpc,
-    Subnet,
-    Host,
-    Port,
-    SecurityGroup,
-    Quarantine,
-    Zone,
-    ExchangePath,
-    FirewallPolicy,
-    VpcPeering,
-}
-
-impl KindArg {
-    fn pb(self) -> pb::Kind {
-        match self {
-            KindArg::Tenant => pb::Kind::Tenant,
-            KindArg::Vpc => pb::Kind::Vpc,
-            KindArg::Subnet => pb::Kind::Subnet,
-            KindArg::Host => pb::Kind::Host,
-            KindArg::Port => pb::Kind::Port,
-            KindArg::SecurityGroup => pb::Kind::SecurityGroup,
-            KindArg::Quarantine => pb::Kind::Quarantine,
-            KindArg::Zone => pb::Kind::Zone,
-            KindArg::ExchangePath => pb::Kind::ExchangePath,
-            KindArg::FirewallPolicy => pb::Kind::FirewallPolicy,
-            KindArg::VpcPeering => pb::Kind::VpcPeering,
-        }
-    }
+/// A kind as the command line names it: `security-group` or
+/// `security_group`.
+fn kind_arg(s: &str) -> Result<sdn_policies::Kind, String> {
+    sdn_policies::Kind::from_name(&s.replace('-', "_")).ok_or_else(|| {
+        let names: Vec<String> = sdn_policies::Kind::ALL
+            .iter()
+            .map(|k| k.name().replace('_', "-"))
+            .collect();
+        format!("unknown kind {s:?}; one of {}", names.join(", "))
+    })
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -62,21 +41,10 @@ enum Output {
 
 /// The listed objects as put operations of the model, in dependency order.
 fn listed_ops(r: &pb::ListResponse) -> anyhow::Result<Vec<sdn_policies::Op>> {
-    use pb::operation::Op as P;
-    let mut ops: Vec<P> = Vec::new();
-    ops.extend(r.zones.iter().cloned().map(P::PutZone));
-    ops.extend(r.firewall_policies.iter().cloned().map(P::PutFirewallPolicy));
-    ops.extend(r.exchange_paths.iter().cloned().map(P::PutExchangePath));
-    ops.extend(r.tenants.iter().cloned().map(P::PutTenant));
-    ops.extend(r.vpcs.iter().cloned().map(P::PutVpc));
-    ops.extend(r.subnets.iter().cloned().map(P::PutSubnet));
-    ops.extend(r.hosts.iter().cloned().map(P::PutHost));
-    ops.extend(r.security_groups.iter().cloned().map(P::PutSecurityGroup));
-    ops.extend(r.ports.iter().cloned().map(P::PutPort));
-    ops.extend(r.vpc_peerings.iter().cloned().map(P::PutVpcPeering));
-    let ops: Vec<pb::Operation> = ops.into_iter().map(|o| pb::Operation { op: Some(o) }).collect();
-    convert::ops_from_pb(&ops)
-        .map_err(|e| anyhow::anyhow!("the controller returned an object this sdnctl cannot read: {e}"))
+    let mut ops = convert::list_from_pb(r)
+        .map_err(|e| anyhow::anyhow!("the controller returned an object this sdnctl cannot read: {e}"))?;
+    ops.sort_by_key(|o| o.order());
+    Ok(ops)
 }
 
 fn doc_key(d: &serde_json::Value) -> String {
@@ -152,7 +120,9 @@ enum Cmd {
     },
     /// Delete one object.
     Delete {
-        kind: KindArg,
+        /// The object's kind: tenant, vpc, subnet, host, port, security-group, ...
+        #[arg(value_parser = kind_arg)]
+        kind: sdn_policies::Kind,
         id: String,
         #[arg(long)]
         wait: bool,
@@ -161,7 +131,9 @@ enum Cmd {
     },
     /// List objects. Reads are linearizable unless --stale.
     Get {
-        kind: Option<KindArg>,
+        /// Only this kind (tenant, vpc, subnet, host, port, security-group, ...); every kind when left out.
+        #[arg(value_parser = kind_arg)]
+        kind: Option<sdn_policies::Kind>,
         /// Answer from the contacted replica's own state, which may lag.
         #[arg(long)]
         stale: bool,
@@ -412,7 +384,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Delete { kind, id, wait, actor } => {
             let op = pb::Operation {
                 op: Some(pb::operation::Op::Delete(pb::ObjectRef {
-                    kind: kind.pb() as i32,
+                    kind: convert::kind_to_pb(kind) as i32,
                     id,
                 })),
             };
@@ -466,7 +438,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut c = client(&cli.controller).await?;
             let r = c
                 .list(pb::ListRequest {
-                    kind: kind.map(|k| k.pb() as i32).unwrap_or(0),
+                    kind: kind.map(|k| convert::kind_to_pb(k) as i32).unwrap_or(0),
                     stale,
                 })
                 .await
@@ -481,7 +453,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let docs: Vec<serde_json::Value> = listed_ops(&r)?.iter().filter_map(manifest::render).collect();
                     println!("{}", serde_json::to_string_pretty(&docs)?);
                 }
-                Output::Table => print_table(&r),
+                Output::Table => print_table(r.revision, &listed_ops(&r)?),
             }
         }
         Cmd::Schema => print!("{}", manifest::SCHEMA),
@@ -621,117 +593,18 @@ async fn cluster(addr: &str, cmd: ClusterCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_table(r: &pb::ListResponse) {
-    println!("# revision {}", r.revision);
-    let rows: Vec<[String; 3]> = r
-        .zones
+fn print_table(revision: u64, ops: &[sdn_policies::Op]) {
+    println!("# revision {revision}");
+    let rows: Vec<[String; 3]> = ops
         .iter()
-        .map(|z| {
-            [
-                "zone".into(),
-                z.id.clone(),
-                format!("uplink={} prefixes={}", z.uplink_device, z.prefixes.join(",")),
-            ]
+        .filter_map(|op| {
+            let object = op.object()?;
+            Some([
+                object.kind().name().to_string(),
+                object.id().to_string(),
+                object.summary(),
+            ])
         })
-        .chain(r.vpc_peerings.iter().map(|p| {
-            [
-                "vpc_peering".into(),
-                p.id.clone(),
-                format!("{} <-> {} firewall={}", p.vpc_a, p.vpc_b, p.policy_id),
-            ]
-        }))
-        .chain(r.firewall_policies.iter().map(|f| {
-            [
-                "firewall_policy".into(),
-                f.id.clone(),
-                format!(
-                    "rules={} default={}",
-                    f.rules.len(),
-                    pb::Action::try_from(f.default_action)
-                        .map(|a| a.as_str_name().to_lowercase())
-                        .unwrap_or_default()
-                ),
-            ]
-        }))
-        .chain(r.exchange_paths.iter().map(|x| {
-            [
-                "exchange_path".into(),
-                x.id.clone(),
-                format!(
-                    "{} {} -> {} {} {} {}-{}",
-                    x.from_zone,
-                    x.source_cidr,
-                    x.to_zone,
-                    x.destination_cidr,
-                    pb::Protocol::try_from(x.protocol)
-                        .map(|p| p.as_str_name().to_lowercase())
-                        .unwrap_or_default(),
-                    x.port_min,
-                    x.port_max
-                ),
-            ]
-        }))
-        .chain(
-            r.tenants
-                .iter()
-                .map(|t| ["tenant".into(), t.id.clone(), format!("name={:?}", t.name)]),
-        )
-        .chain(r.vpcs.iter().map(|v| {
-            [
-                "vpc".into(),
-                v.id.clone(),
-                format!(
-                    "tenant={} name={:?} vni={} zone={}",
-                    v.tenant_id, v.name, v.vni, v.zone_id
-                ),
-            ]
-        }))
-        .chain(r.subnets.iter().map(|s| {
-            [
-                "subnet".into(),
-                s.id.clone(),
-                format!("vpc={} v4={} v6={}", s.vpc_id, s.cidr_v4, s.cidr_v6),
-            ]
-        }))
-        .chain(
-            r.hosts
-                .iter()
-                .map(|h| ["host".into(), h.id.clone(), format!("underlay={}", h.underlay_ip)]),
-        )
-        .chain(r.ports.iter().map(|p| {
-            let detail = format!(
-                "host={} device={} mac={} v4={} v6={} groups={}",
-                p.host_id,
-                p.device,
-                p.mac,
-                p.ipv4,
-                p.ipv6,
-                p.security_group_ids.join(",")
-            );
-            ["port".into(), p.id.clone(), detail]
-        }))
-        .chain(r.security_groups.iter().map(|g| {
-            [
-                "security_group".into(),
-                g.id.clone(),
-                format!("tenant={} rules={}", g.tenant_id, g.rules.len()),
-            ]
-        }))
-        .chain(r.quarantines.iter().map(|q| {
-            let target = match pb::Kind::try_from(q.target_kind) {
-                Ok(pb::Kind::Vpc) => "vpc",
-                Ok(pb::Kind::Vm) => "vm",
-                _ => "port",
-            };
-            [
-                "quarantine".into(),
-                q.id.clone(),
-                format!(
-                    "target={target}/{} expires={} reason={:?}",
-                    q.target_id, q.expires_unix_ms, q.reason
-                ),
-            ]
-        }))
         .collect();
     let w0 = rows.iter().map(|r| r[0].len()).max().unwrap_or(4).max(4);
     let w1 = rows.iter().map(|r| r[1].len()).max().unwrap_or(2).max(2);
