@@ -37,6 +37,11 @@ struct Args {
     /// (`sdnctl cluster add-learner`).
     #[arg(long)]
     join: bool,
+    /// Take a snapshot of the state, and compact the Raft log, every this
+    /// many log entries. Fewer snapshots cost less while writing; more keep
+    /// the log, and so the replay at a restart, shorter.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..))]
+    snapshot_every: u64,
 }
 
 #[tokio::main]
@@ -54,7 +59,7 @@ async fn main() -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("http://{}", args.listen));
     let start = if args.join { Start::Join } else { Start::Bootstrap };
-    let store = Store::open(&args.data_dir, args.node_id, &advertise, start)
+    let store = Store::open(&args.data_dir, args.node_id, &advertise, start, args.snapshot_every)
         .await
         .with_context(|| format!("opening the store in {}", args.data_dir.display()))?;
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);

@@ -17,6 +17,8 @@ pub struct Replica {
     pub data_dir: PathBuf,
     pub proc: Option<Proc>,
     pub binary: PathBuf,
+    /// More arguments for its command line.
+    pub args: Vec<String>,
 }
 
 impl Replica {
@@ -82,6 +84,7 @@ impl Replicas {
                     data_dir: topo.dir.join(format!("c{id}-data")),
                     proc: None,
                     binary: bin("sdn-controller"),
+                    args: Vec::new(),
                 }
             })
             .collect();
@@ -108,6 +111,7 @@ impl Replicas {
         if join {
             args.push("--join".into());
         }
+        args.extend(rep.args.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let p = Proc::spawn(
             &format!("controller-{}", rep.id),

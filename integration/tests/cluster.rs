@@ -359,7 +359,11 @@ async fn a_lagging_replica_catches_up_from_a_snapshot_and_the_log_stays_bounded(
         return;
     }
     let topo = Topology::new("cls", &["c1", "c2", "c3"]).unwrap();
-    let mut r = Replicas::start(&topo, &["c1", "c2", "c3"]).await.unwrap();
+    let mut r = Replicas::new(&topo, &["c1", "c2", "c3"]);
+    for rep in &mut r.replicas {
+        rep.args = vec!["--snapshot-every".into(), "1000".into()];
+    }
+    r.form().await.unwrap();
     let l = r.wait_leader(Duration::from_secs(10)).await.unwrap();
     let away = (l + 1) % 3;
     r.stop(away);

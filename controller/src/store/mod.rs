@@ -116,8 +116,15 @@ fn new_cluster_id(node_id: u64) -> String {
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir` and starts the Raft node.
-    pub async fn open(dir: &Path, node_id: u64, addr: &str, start: Start) -> anyhow::Result<Store> {
+    /// Opens (or creates) the store in `dir` and starts the Raft node, which
+    /// takes a snapshot every `snapshot_every` log entries.
+    pub async fn open(
+        dir: &Path,
+        node_id: u64,
+        addr: &str,
+        start: Start,
+        snapshot_every: u64,
+    ) -> anyhow::Result<Store> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating data directory {}", dir.display()))?;
         let path = dir.join("store.redb");
         let db = Arc::new(Database::create(&path).with_context(|| format!("opening {}", path.display()))?);
@@ -160,7 +167,7 @@ impl Store {
             heartbeat_interval: 100,
             election_timeout_min: 300,
             election_timeout_max: 600,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
             max_in_snapshot_log_to_keep: 100,
             // A snapshot goes in chunks of 1 MiB; the last one waits while
             // the follower loads the state (seconds at 100,000 ports).
