@@ -88,7 +88,7 @@ impl Shares {
                 share.notify = o.notify;
             }
             self.hosts.insert(host.clone(), share);
-            self.refresh_host(state, host);
+            self.refresh_host(state, host, &BTreeSet::new());
         }
         for share in self.hosts.values_mut() {
             share.changed = revision;
@@ -121,43 +121,79 @@ impl Shares {
     }
 
     /// Recomputes a host's set of names; returns the names that changed.
-    fn refresh_host(&mut self, state: &State, host: &str) -> Vec<String> {
+    /// A name the host already held is built again only if it is in
+    /// `dirty`: the wanted names and the held ones are walked side by side,
+    /// both in order, so a refresh costs the host's names, not a lookup of
+    /// each in the cache.
+    fn refresh_host(&mut self, state: &State, host: &str, dirty: &BTreeSet<String>) -> Vec<String> {
         let wanted = names(state, host);
-        let mut next = BTreeMap::new();
-        for n in &wanted {
-            if let Some(r) = self.resource(state, host, n) {
-                next.insert(n.clone(), r);
-            }
-        }
-        let Some(share) = self.hosts.get_mut(host) else {
+        let Some(share) = self.hosts.get(host) else {
             return Vec::new();
         };
+        let mut joined: Vec<&String> = Vec::new();
+        let mut again: Vec<&String> = Vec::new();
+        let mut left: Vec<String> = Vec::new();
+        let mut held = share.resources.keys().peekable();
+        for n in &wanted {
+            while let Some(h) = held.next_if(|h| *h < n) {
+                left.push(h.clone());
+            }
+            if held.next_if(|h| *h == n).is_some() {
+                // A resource built for this host (a quarantine lists the
+                // host's own ports) may change with the host's ports alone.
+                if dirty.contains(n) || !shared_content(n) {
+                    again.push(n);
+                }
+            } else {
+                joined.push(n);
+            }
+        }
+        left.extend(held.cloned());
         let mut changed = Vec::new();
-        let mut joined = Vec::new();
-        for (n, r) in &next {
-            match share.resources.get(n) {
-                Some(old) if old.version == r.version => {}
-                Some(_) => changed.push(n.clone()),
+        let mut updates: Vec<(String, Option<Arc<pb::Resource>>)> = Vec::new();
+        for n in again {
+            let r = self.resource(state, host, n);
+            let same = match (&r, self.hosts[host].resources.get(n)) {
+                (Some(r), Some(old)) => r.version == old.version,
+                _ => false,
+            };
+            if !same {
+                changed.push(n.clone());
+                updates.push((n.clone(), r));
+            }
+        }
+        let mut added = Vec::new();
+        for n in joined {
+            if let Some(r) = self.resource(state, host, n) {
+                changed.push(n.clone());
+                added.push(n.clone());
+                updates.push((n.clone(), Some(r)));
+            }
+        }
+        let share = self.hosts.get_mut(host).expect("share checked above");
+        for (n, r) in updates {
+            match r {
+                Some(r) => {
+                    share.resources.insert(n, r);
+                }
                 None => {
-                    changed.push(n.clone());
-                    joined.push(n.clone());
+                    share.resources.remove(&n);
+                    left.push(n);
                 }
             }
         }
-        let left: Vec<String> = share
-            .resources
-            .keys()
-            .filter(|n| !next.contains_key(*n))
-            .cloned()
-            .collect();
-        share.resources = next;
+        for n in &left {
+            share.resources.remove(n);
+        }
         for n in &left {
             self.release(n, host);
         }
-        for n in joined {
+        for n in added {
             self.holders.entry(n).or_default().insert(host.to_string());
         }
         changed.extend(left);
+        changed.sort();
+        changed.dedup();
         changed
     }
 
@@ -313,7 +349,7 @@ impl Shares {
             self.hosts
                 .entry(host.clone())
                 .or_insert_with(|| HostShare::new(revision));
-            let c = self.refresh_host(state, host);
+            let c = self.refresh_host(state, host, &dirty);
             if !c.is_empty() {
                 changed.entry(host.clone()).or_default().extend(c);
             }
@@ -564,6 +600,17 @@ mod tests {
             (vec![host("h3", "192.0.2.33")], Some(&["h1", "h2", "h3"])),
             // The rules of `db` stop naming `web`.
             (vec![group("db", None)], Some(&["h2"])),
+            // A second port of b's VM, on b's host.
+            (
+                vec![{
+                    let Op::PutPort(mut p) = port("b2", "h2", "s1", "10.1.0.16", &[]) else {
+                        unreachable!()
+                    };
+                    p.vm_id = "vm-b".into();
+                    Op::PutPort(p)
+                }],
+                Some(&["h1", "h2", "h3"]),
+            ),
             (
                 vec![Op::PutQuarantine(Quarantine {
                     id: "q".into(),
@@ -578,7 +625,8 @@ mod tests {
                 vec![port("b", "h1", "s1", "10.1.0.9", &["db"])],
                 Some(&["h1", "h2", "h3"]),
             ),
-            (vec![del(Kind::Quarantine, "q")], Some(&["h1"])),
+            // b on h1 and b2 on h2 were quarantined.
+            (vec![del(Kind::Quarantine, "q")], Some(&["h1", "h2"])),
             (
                 vec![Op::PutZone(Zone {
                     id: "z".into(),
@@ -594,11 +642,12 @@ mod tests {
                     del(Kind::Port, "c"),
                     del(Kind::Port, "a"),
                     del(Kind::Port, "b"),
+                    del(Kind::Port, "b2"),
                     del(Kind::Subnet, "s2"),
                     del(Kind::Host, "h3"),
                 ],
-                // h2 has had no port since b moved; h3 is gone.
-                Some(&["h1"]),
+                // h2 loses b2, its last port; h3 is gone.
+                Some(&["h1", "h2"]),
             ),
         ];
         for (i, (ops, expect)) in steps.into_iter().enumerate() {
