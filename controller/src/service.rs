@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 
 use crate::convert;
 use crate::enforcement::{Enforcement, WaitError};
+use crate::shares::Name;
 use crate::store::{Store, WriteError};
 
 /// Everything the services share.
@@ -270,8 +271,11 @@ impl pb::agent_server::Agent for Controller {
         // Resume from what the agent holds, unless it claims a revision this
         // store never reached (another cluster, or a reset): then start over.
         let resume = req.revision > 0 && req.revision <= current;
-        let held: BTreeMap<String, String> = if resume {
-            req.resource_versions.into_iter().collect()
+        let held: BTreeMap<Name, Option<Bits>> = if resume {
+            req.resource_versions
+                .into_iter()
+                .map(|(n, v)| (Name::from(n), version_bits(&v)))
+                .collect()
         } else {
             BTreeMap::new()
         };
@@ -357,7 +361,7 @@ impl Controller {
     async fn stream(
         &self,
         host: &str,
-        mut held: BTreeMap<String, String>,
+        mut held: BTreeMap<Name, Option<Bits>>,
         mut snapshot: bool,
         legacy: bool,
         tx: mpsc::Sender<Result<pb::WatchResponse, Status>>,
@@ -391,14 +395,17 @@ impl Controller {
                 } else {
                     &share.resources
                 };
-                let (upserts, removals) = match names {
+                // What to send, with the share's own copy of each name.
+                let (upserts, removals): (Vec<(Name, &pb::Resource)>, Vec<Name>) = match names {
                     // What changed since the last message.
                     Some(names) => {
                         let mut up = Vec::new();
                         let mut rm = Vec::new();
                         for n in names {
-                            match resources.get(&n) {
-                                Some(r) if held.get(&n) != Some(&r.version) => up.push(r.as_ref().clone()),
+                            match resources.get_key_value(&n) {
+                                Some((k, r)) if !same_version(held.get(&n), &r.version) => {
+                                    up.push((k.clone(), r.as_ref()))
+                                }
                                 Some(_) => {}
                                 None if held.contains_key(&n) => rm.push(n),
                                 None => {}
@@ -409,9 +416,9 @@ impl Controller {
                     // The whole share against what the agent holds.
                     None => {
                         let up = resources
-                            .values()
-                            .filter(|r| held.get(&r.name) != Some(&r.version))
-                            .map(|r| r.as_ref().clone())
+                            .iter()
+                            .filter(|(n, r)| !same_version(held.get(*n), &r.version))
+                            .map(|(n, r)| (n.clone(), r.as_ref()))
                             .collect();
                         let rm = held.keys().filter(|n| !resources.contains_key(*n)).cloned().collect();
                         (up, rm)
@@ -420,20 +427,20 @@ impl Controller {
                 let revision = shared.revision;
                 let due = snapshot || !upserts.is_empty() || !removals.is_empty() || sent == 0;
                 sent = revision;
-                due.then_some(pb::WatchResponse {
+                for (n, r) in &upserts {
+                    held.insert(n.clone(), version_bits(&r.version));
+                }
+                for n in &removals {
+                    held.remove(n);
+                }
+                due.then(|| pb::WatchResponse {
                     revision,
                     snapshot,
-                    upserts,
-                    removals,
+                    upserts: upserts.into_iter().map(|(_, r)| r.clone()).collect(),
+                    removals: removals.iter().map(|n| n.to_string()).collect(),
                 })
             };
             if let Some(msg) = msg {
-                for r in &msg.upserts {
-                    held.insert(r.name.clone(), r.version.clone());
-                }
-                for n in &msg.removals {
-                    held.remove(n);
-                }
                 if tx.send(Ok(msg)).await.is_err() {
                     return;
                 }
@@ -455,6 +462,25 @@ impl Controller {
     }
 }
 
+/// A resource version's 128 bits, as bytes: a stream keeps one per resource
+/// its agent holds, so it is kept small (17 bytes with its `Option`, where a
+/// `u128` would take 32).
+type Bits = [u8; 16];
+
+/// A resource version as its 128 bits; `None` for a version this release
+/// does not write (an agent may hold one of an earlier release).
+fn version_bits(v: &str) -> Option<Bits> {
+    if v.len() != 32 {
+        return None;
+    }
+    u128::from_str_radix(v, 16).ok().map(u128::to_be_bytes)
+}
+
+/// Whether the agent holds this version of a resource.
+fn same_version(held: Option<&Option<Bits>>, version: &str) -> bool {
+    matches!(held, Some(Some(bits)) if version_bits(version) == Some(*bits))
+}
+
 /// Resolves once the controller is stopping.
 async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
     loop {
@@ -462,5 +488,32 @@ async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
         if now || rx.changed().await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A held version counts only when it is this release's 128 bits and
+    /// equal; anything else (an earlier release's 64-bit version, text that
+    /// is not hex, no version) makes the resource go again.
+    #[test]
+    fn only_an_equal_version_counts_as_held() {
+        let v = "0123456789abcdef0123456789abcdef";
+        assert_eq!(
+            version_bits(v),
+            Some(0x0123456789abcdef0123456789abcdef_u128.to_be_bytes())
+        );
+        assert!(same_version(Some(&version_bits(v)), v));
+        assert!(!same_version(
+            Some(&version_bits(v)),
+            "0123456789abcdef0123456789abcdee"
+        ));
+        assert!(!same_version(None, v));
+        assert!(!same_version(Some(&None), v));
+        assert_eq!(version_bits("0123456789abcdef"), None, "an earlier release's version");
+        assert_eq!(version_bits("zz23456789abcdef0123456789abcdef"), None);
+        assert!(!same_version(Some(&version_bits("x")), "x"));
     }
 }

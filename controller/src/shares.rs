@@ -21,13 +21,17 @@ use crate::slice::{build, names, shared_content};
 /// behind compares the whole share instead.
 const LOG_KEEP: usize = 64;
 
+/// A resource's name, shared by every map that holds it: a name held by a
+/// thousand hosts is kept once.
+pub type Name = Arc<str>;
+
 /// One host's share.
 pub struct HostShare {
-    pub resources: BTreeMap<String, Arc<pb::Resource>>,
+    pub resources: BTreeMap<Name, Arc<pb::Resource>>,
     /// The revision of the last change to this share.
     pub changed: u64,
     /// Recent changes: the revision and the names it changed.
-    log: VecDeque<(u64, Vec<String>)>,
+    log: VecDeque<(u64, Vec<Name>)>,
     /// Changes up to this revision are no longer in the log.
     lost: u64,
     /// Wakes the host's watch streams with the revision of a change.
@@ -47,7 +51,7 @@ impl HostShare {
 
     /// The names changed after revision `after`; `None` when the log no
     /// longer reaches back that far.
-    pub fn changed_since(&self, after: u64) -> Option<BTreeSet<String>> {
+    pub fn changed_since(&self, after: u64) -> Option<BTreeSet<Name>> {
         if self.changed <= after {
             return Some(BTreeSet::new());
         }
@@ -69,9 +73,12 @@ impl HostShare {
 pub struct Shares {
     hosts: BTreeMap<String, HostShare>,
     /// Resources whose content is the same for every host, built once.
-    cache: BTreeMap<String, Arc<pb::Resource>>,
-    /// The hosts holding each resource.
-    holders: BTreeMap<String, BTreeSet<String>>,
+    cache: BTreeMap<Name, Arc<pb::Resource>>,
+    /// The hosts holding each resource, by number.
+    holders: BTreeMap<Name, BTreeSet<u32>>,
+    /// Each host's number, and the name of each number.
+    host_ids: BTreeMap<String, u32>,
+    host_names: Vec<String>,
 }
 
 impl Shares {
@@ -82,6 +89,8 @@ impl Shares {
         let mut old = std::mem::take(&mut self.hosts);
         self.cache.clear();
         self.holders.clear();
+        self.host_ids.clear();
+        self.host_names.clear();
         for host in state.hosts.keys() {
             let mut share = HostShare::new(revision);
             if let Some(o) = old.remove(host) {
@@ -116,8 +125,35 @@ impl Shares {
             return Some(r.clone());
         }
         let r = Arc::new(build(state, host, name)?);
-        self.cache.insert(name.to_string(), r.clone());
+        let name = self.intern(name);
+        self.cache.insert(name, r.clone());
         Some(r)
+    }
+
+    /// The one copy of a name, made when no map holds it yet.
+    fn intern(&self, name: &str) -> Name {
+        self.holders
+            .get_key_value(name)
+            .map(|(k, _)| k.clone())
+            .or_else(|| self.cache.get_key_value(name).map(|(k, _)| k.clone()))
+            .unwrap_or_else(|| Arc::from(name))
+    }
+
+    /// A host's number, given at its first share.
+    fn host_id(&mut self, host: &str) -> u32 {
+        if let Some(i) = self.host_ids.get(host) {
+            return *i;
+        }
+        let i = self.host_names.len() as u32;
+        self.host_names.push(host.to_string());
+        self.host_ids.insert(host.to_string(), i);
+        i
+    }
+
+    /// `host` holds resource `name` now.
+    fn hold(&mut self, name: Name, host: &str) {
+        let id = self.host_id(host);
+        self.holders.entry(name).or_default().insert(id);
     }
 
     /// Recomputes a host's set of names; returns the names that changed.
@@ -125,24 +161,24 @@ impl Shares {
     /// `dirty`: the wanted names and the held ones are walked side by side,
     /// both in order, so a refresh costs the host's names, not a lookup of
     /// each in the cache.
-    fn refresh_host(&mut self, state: &State, host: &str, dirty: &BTreeSet<String>) -> Vec<String> {
+    fn refresh_host(&mut self, state: &State, host: &str, dirty: &BTreeSet<String>) -> Vec<Name> {
         let wanted = names(state, host);
         let Some(share) = self.hosts.get(host) else {
             return Vec::new();
         };
         let mut joined: Vec<&String> = Vec::new();
-        let mut again: Vec<&String> = Vec::new();
-        let mut left: Vec<String> = Vec::new();
+        let mut again: Vec<Name> = Vec::new();
+        let mut left: Vec<Name> = Vec::new();
         let mut held = share.resources.keys().peekable();
         for n in &wanted {
-            while let Some(h) = held.next_if(|h| *h < n) {
+            while let Some(h) = held.next_if(|h| h.as_ref() < n.as_str()) {
                 left.push(h.clone());
             }
-            if held.next_if(|h| *h == n).is_some() {
+            if let Some(h) = held.next_if(|h| h.as_ref() == n.as_str()) {
                 // A resource built for this host (a quarantine lists the
                 // host's own ports) may change with the host's ports alone.
                 if dirty.contains(n) || !shared_content(n) {
-                    again.push(n);
+                    again.push(h.clone());
                 }
             } else {
                 joined.push(n);
@@ -150,10 +186,10 @@ impl Shares {
         }
         left.extend(held.cloned());
         let mut changed = Vec::new();
-        let mut updates: Vec<(String, Option<Arc<pb::Resource>>)> = Vec::new();
+        let mut updates: Vec<(Name, Option<Arc<pb::Resource>>)> = Vec::new();
         for n in again {
-            let r = self.resource(state, host, n);
-            let same = match (&r, self.hosts[host].resources.get(n)) {
+            let r = self.resource(state, host, &n);
+            let same = match (&r, self.hosts[host].resources.get(&n)) {
                 (Some(r), Some(old)) => r.version == old.version,
                 _ => false,
             };
@@ -165,9 +201,10 @@ impl Shares {
         let mut added = Vec::new();
         for n in joined {
             if let Some(r) = self.resource(state, host, n) {
+                let n = self.intern(n);
                 changed.push(n.clone());
                 added.push(n.clone());
-                updates.push((n.clone(), Some(r)));
+                updates.push((n, Some(r)));
             }
         }
         let share = self.hosts.get_mut(host).expect("share checked above");
@@ -189,7 +226,7 @@ impl Shares {
             self.release(n, host);
         }
         for n in added {
-            self.holders.entry(n).or_default().insert(host.to_string());
+            self.hold(n, host);
         }
         changed.extend(left);
         changed.sort();
@@ -199,8 +236,11 @@ impl Shares {
 
     /// `host` no longer holds resource `name`.
     fn release(&mut self, name: &str, host: &str) {
+        let Some(id) = self.host_ids.get(host) else {
+            return;
+        };
         if let Some(h) = self.holders.get_mut(name) {
-            h.remove(host);
+            h.remove(id);
             if h.is_empty() {
                 self.holders.remove(name);
                 self.cache.remove(name);
@@ -209,7 +249,11 @@ impl Shares {
     }
 
     fn holders_of(&self, name: &str) -> impl Iterator<Item = &String> {
-        self.holders.get(name).into_iter().flatten()
+        self.holders
+            .get(name)
+            .into_iter()
+            .flatten()
+            .map(|i| &self.host_names[*i as usize])
     }
 
     /// Brings the shares up to date after a batch that changed the objects
@@ -334,9 +378,9 @@ impl Shares {
             }
         }
         for n in &dirty {
-            self.cache.remove(n);
+            self.cache.remove(n.as_str());
         }
-        let mut changed: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut changed: BTreeMap<String, BTreeSet<Name>> = BTreeMap::new();
         for host in &hosts {
             if !state.hosts.contains_key(host) {
                 if let Some(share) = self.hosts.remove(host) {
@@ -344,6 +388,8 @@ impl Shares {
                         self.release(n, host);
                     }
                 }
+                // Its number stays taken: a host of the same name again
+                // gets it back.
                 continue;
             }
             self.hosts
@@ -358,6 +404,7 @@ impl Shares {
         // host that does not hold it (hosts refreshed above are right
         // already).
         for (n, vpc) in &moved {
+            let name = self.intern(n);
             let should: BTreeSet<String> = match vpc {
                 Some(v) => self.holders_of(&format!("vpc/{v}")).cloned().collect(),
                 None => BTreeSet::new(),
@@ -367,9 +414,9 @@ impl Shares {
                 let Some(share) = self.hosts.get_mut(host) else {
                     continue;
                 };
-                share.resources.remove(n);
+                share.resources.remove(n.as_str());
                 self.release(n, host);
-                changed.entry(host.clone()).or_default().insert(n.clone());
+                changed.entry(host.clone()).or_default().insert(name.clone());
             }
             for host in should.difference(&held).filter(|h| !hosts.contains(*h)) {
                 let Some(r) = self.resource(state, host, n) else {
@@ -378,13 +425,14 @@ impl Shares {
                 let Some(share) = self.hosts.get_mut(host) else {
                     continue;
                 };
-                share.resources.insert(n.clone(), r);
-                self.holders.entry(n.clone()).or_default().insert(host.clone());
-                changed.entry(host.clone()).or_default().insert(n.clone());
+                share.resources.insert(name.clone(), r);
+                self.hold(name.clone(), host);
+                changed.entry(host.clone()).or_default().insert(name.clone());
             }
         }
         for n in &dirty {
             let holders: Vec<String> = self.holders_of(n).filter(|h| !hosts.contains(*h)).cloned().collect();
+            let name = self.intern(n);
             for host in holders {
                 let r = self.resource(state, &host, n);
                 let Some(share) = self.hosts.get_mut(&host) else {
@@ -392,17 +440,17 @@ impl Shares {
                 };
                 match r {
                     Some(r) => {
-                        if share.resources.get(n).is_some_and(|o| o.version == r.version) {
+                        if share.resources.get(n.as_str()).is_some_and(|o| o.version == r.version) {
                             continue;
                         }
-                        share.resources.insert(n.clone(), r);
+                        share.resources.insert(name.clone(), r);
                     }
                     None => {
-                        share.resources.remove(n);
+                        share.resources.remove(n.as_str());
                         self.release(n, &host);
                     }
                 }
-                changed.entry(host).or_default().insert(n.clone());
+                changed.entry(host).or_default().insert(name.clone());
             }
         }
         let mut out = Vec::with_capacity(changed.len());
@@ -430,15 +478,15 @@ impl Shares {
     fn consistent_with(&self, state: &State) -> Result<(), String> {
         for host in state.hosts.keys() {
             let want = crate::slice::host_slice(state, host);
-            let have: BTreeMap<&String, &String> = self
+            let have: BTreeMap<&str, &String> = self
                 .hosts
                 .get(host)
                 .ok_or(format!("host {host} has no share"))?
                 .resources
                 .iter()
-                .map(|(n, r)| (n, &r.version))
+                .map(|(n, r)| (n.as_ref(), &r.version))
                 .collect();
-            let want: BTreeMap<&String, &String> = want.iter().map(|(n, r)| (n, &r.version)).collect();
+            let want: BTreeMap<&str, &String> = want.iter().map(|(n, r)| (n.as_str(), &r.version)).collect();
             if have != want {
                 return Err(format!("host {host}: kept {have:?}, built {want:?}"));
             }

@@ -167,8 +167,8 @@ pub fn build(state: &State, host: &str, name: &str) -> Option<pb::Resource> {
 /// `endpoint/*` resources. Built whole at each change: only for the time
 /// an upgrade takes.
 pub fn legacy_share(
-    resources: &BTreeMap<String, std::sync::Arc<pb::Resource>>,
-) -> BTreeMap<String, std::sync::Arc<pb::Resource>> {
+    resources: &BTreeMap<crate::shares::Name, std::sync::Arc<pb::Resource>>,
+) -> BTreeMap<crate::shares::Name, std::sync::Arc<pb::Resource>> {
     use pb::resource::Kind as R;
     let mut by_vpc: BTreeMap<&str, Vec<pb::Endpoint>> = BTreeMap::new();
     for r in resources.values() {
@@ -298,10 +298,10 @@ mod tests {
                 port("b", "h2", 6),
             ])
             .unwrap();
-        let share = |state: &State| -> BTreeMap<String, std::sync::Arc<pb::Resource>> {
+        let share = |state: &State| -> BTreeMap<crate::shares::Name, std::sync::Arc<pb::Resource>> {
             host_slice(state, "h2")
                 .into_iter()
-                .map(|(n, r)| (n, std::sync::Arc::new(r)))
+                .map(|(n, r)| (n.into(), std::sync::Arc::new(r)))
                 .collect()
         };
         let new = share(&state);
