@@ -79,6 +79,8 @@ pub struct Shares {
     /// Each host's number, and the name of each number.
     host_ids: BTreeMap<String, u32>,
     host_names: Vec<String>,
+    /// Numbers of deleted hosts, given again.
+    free_ids: Vec<u32>,
 }
 
 impl Shares {
@@ -91,6 +93,7 @@ impl Shares {
         self.holders.clear();
         self.host_ids.clear();
         self.host_names.clear();
+        self.free_ids.clear();
         for host in state.hosts.keys() {
             let mut share = HostShare::new(revision);
             if let Some(o) = old.remove(host) {
@@ -144,8 +147,16 @@ impl Shares {
         if let Some(i) = self.host_ids.get(host) {
             return *i;
         }
-        let i = self.host_names.len() as u32;
-        self.host_names.push(host.to_string());
+        let i = match self.free_ids.pop() {
+            Some(i) => {
+                self.host_names[i as usize] = host.to_string();
+                i
+            }
+            None => {
+                self.host_names.push(host.to_string());
+                self.host_names.len() as u32 - 1
+            }
+        };
         self.host_ids.insert(host.to_string(), i);
         i
     }
@@ -388,8 +399,10 @@ impl Shares {
                         self.release(n, host);
                     }
                 }
-                // Its number stays taken: a host of the same name again
-                // gets it back.
+                // Nothing holds for it any more: its number is free.
+                if let Some(id) = self.host_ids.remove(host) {
+                    self.free_ids.push(id);
+                }
                 continue;
             }
             self.hosts
@@ -493,6 +506,30 @@ impl Shares {
         }
         if self.hosts.len() != state.hosts.len() {
             return Err("shares of deleted hosts remain".into());
+        }
+        // The holders are exactly the hosts whose share holds the name, by
+        // their own number.
+        let mut holders: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for (n, ids) in &self.holders {
+            for id in ids {
+                let host = self.host_names[*id as usize].as_str();
+                if self.host_ids.get(host) != Some(id) {
+                    return Err(format!("{n} is held by number {id}, which is no host's"));
+                }
+                holders.entry(n).or_default().insert(host);
+            }
+        }
+        let mut held: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for (host, share) in &self.hosts {
+            for n in share.resources.keys() {
+                held.entry(n).or_default().insert(host);
+            }
+        }
+        if holders != held {
+            return Err(format!("holders {holders:?}, held {held:?}"));
+        }
+        if let Some(gone) = self.host_ids.keys().find(|h| !self.hosts.contains_key(*h)) {
+            return Err(format!("deleted host {gone} keeps its number"));
         }
         Ok(())
     }
