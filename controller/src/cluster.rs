@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
+use crate::store::network::{form_of, Form};
 use crate::store::Store;
 
 /// Serves Raft messages from peers.
@@ -46,13 +47,14 @@ impl RaftService {
     }
 
     /// The answer, in the form the request came in.
-    fn encode<T: Serialize>(&self, v: &T, binary: bool) -> Result<Response<pb::RaftMessage>, Status> {
+    fn encode<T: Serialize>(&self, v: &T, form: Form) -> Result<Response<pb::RaftMessage>, Status> {
         let mut m = pb::RaftMessage {
             cluster_id: self.store.cluster_id().unwrap_or_default(),
             reads_bin: true,
+            reads_batched: true,
             ..Default::default()
         };
-        crate::store::network::put_payload(&mut m, v, binary).map_err(Status::internal)?;
+        crate::store::network::put_payload(&mut m, v, form).map_err(Status::internal)?;
         Ok(Response::new(m))
     }
 }
@@ -62,22 +64,23 @@ impl pb::raft_server::Raft for RaftService {
     async fn append_entries(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
         let msg = req.into_inner();
         self.check_cluster(&msg.cluster_id)?;
-        let r = self.store.raft.append_entries(Self::decode(&msg)?).await;
-        self.encode(&r, !msg.bin.is_empty())
+        let rpc = crate::store::network::read_append(&msg).map_err(Status::invalid_argument)?;
+        let r = self.store.raft.append_entries(rpc).await;
+        self.encode(&r, form_of(&msg))
     }
 
     async fn install_snapshot(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
         let msg = req.into_inner();
         self.check_cluster(&msg.cluster_id)?;
         let r = self.store.raft.install_snapshot(Self::decode(&msg)?).await;
-        self.encode(&r, !msg.bin.is_empty())
+        self.encode(&r, form_of(&msg))
     }
 
     async fn vote(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
         let msg = req.into_inner();
         self.check_cluster(&msg.cluster_id)?;
         let r = self.store.raft.vote(Self::decode(&msg)?).await;
-        self.encode(&r, !msg.bin.is_empty())
+        self.encode(&r, form_of(&msg))
     }
 }
 

@@ -468,9 +468,10 @@ impl Controller {
 type Bits = [u8; 16];
 
 /// A resource version as its 128 bits; `None` for a version this release
-/// does not write (an agent may hold one of an earlier release).
+/// does not write (an agent may hold one of an earlier release): only the
+/// 32 lowercase hex digits it writes, so that equal bits mean equal text.
 fn version_bits(v: &str) -> Option<Bits> {
-    if v.len() != 32 {
+    if v.len() != 32 || !v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return None;
     }
     u128::from_str_radix(v, 16).ok().map(u128::to_be_bytes)
@@ -515,5 +516,9 @@ mod tests {
         assert_eq!(version_bits("0123456789abcdef"), None, "an earlier release's version");
         assert_eq!(version_bits("zz23456789abcdef0123456789abcdef"), None);
         assert!(!same_version(Some(&version_bits("x")), "x"));
+        // Text the controller never writes, though it parses as the same
+        // number, is not the same version.
+        assert_eq!(version_bits("0123456789ABCDEF0123456789ABCDEF"), None);
+        assert_eq!(version_bits("+123456789abcdef0123456789abcdef"), None);
     }
 }

@@ -734,6 +734,11 @@ mod tests {
                 // h2 loses b2, its last port; h3 is gone.
                 Some(&["h1", "h2"]),
             ),
+            // h3's number is given again, to h3 or h4: neither inherits
+            // anything of the h3 that was deleted.
+            (vec![host("h3", "192.0.2.3"), host("h4", "192.0.2.4")], None),
+            (vec![port("d", "h4", "s1", "10.1.0.10", &["web"])], Some(&["h4"])),
+            (vec![port("e", "h3", "s1", "10.1.0.11", &["db"])], Some(&["h3", "h4"])),
         ];
         for (i, (ops, expect)) in steps.into_iter().enumerate() {
             let applied = state.apply(&ops).unwrap_or_else(|e| panic!("step {i}: {e}"));

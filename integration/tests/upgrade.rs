@@ -22,6 +22,9 @@ const BEFORE_PIPELINE: &str = "586073da5d88e472c302bd5e3cf49ec159453ad5";
 /// The previous release: the pipeline with one-half exchange and firewall
 /// tables.
 const PREVIOUS_RELEASE: &str = "e5b7ace6433aec597003e7038c0ce821159120dd";
+/// The previous controller: one client's batch per log entry, binary
+/// entries and messages.
+const PREVIOUS_CONTROLLER: &str = "cc44ae4c22092cf0050c31de23cde0296ac6cdcd";
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -342,18 +345,52 @@ async fn write_through_leader(r: &sdn_integration::replicas::Replicas, from: usi
     ids
 }
 
+/// Writes `n` tenants at once, one client each, to the leader; returns
+/// their ids and how far the leader's log went meanwhile.
+async fn write_at_once(r: &sdn_integration::replicas::Replicas, tag: &str, n: usize) -> (Vec<String>, u64) {
+    let leader = r.wait_leader(Duration::from_secs(10)).await.expect("a leader");
+    let before = r.status(leader).await.expect("status").last_log_index;
+    let mut tasks = Vec::new();
+    for k in 0..n {
+        let addr = r.replicas[leader].local();
+        let id = format!("{tag}-{k}");
+        tasks.push(tokio::spawn(async move {
+            let mut c = sdn_integration::replicas::prov_client(&addr).await.unwrap();
+            c.apply(pb::ApplyRequest {
+                operations: vec![pb::Operation { op: Some(tenant(&id)) }],
+                actor: "upgrade".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("writing {id}: {e}"));
+            id
+        }));
+    }
+    let mut ids = Vec::new();
+    for t in tasks {
+        ids.push(t.await.unwrap());
+    }
+    let after = r.status(leader).await.expect("status").last_log_index;
+    (ids, after - before)
+}
+
 /// Controllers upgrade one at a time from the previous release, a follower
-/// first and the leader last, with writes between every step: replicas of
-/// both releases replicate to each other (JSON between them, binary
-/// between the new ones), every replica ends with every write, and the new
-/// ones read the data the previous release left.
+/// first, then the leader, then the last follower (so that, in most runs, a
+/// new replica leads one of the previous release), with writes between
+/// every step: replicas of
+/// both releases replicate to each other (binary entries of one batch
+/// each while any member is of the previous release), every replica ends
+/// with every write, and the new ones read the data the previous release
+/// left. Writes sent at once go one per log entry while a member of the
+/// previous release could not read entries of several (or the replicas
+/// would not converge), and share entries once every member is new.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn controllers_upgrade_one_at_a_time_from_the_previous_release_and_keep_every_write() {
     if !privileged() {
         eprintln!("skipping: needs root");
         return;
     }
-    let Some(previous) = previous_build(PREVIOUS_RELEASE, "sdn-controller") else {
+    let Some(previous) = previous_build(PREVIOUS_CONTROLLER, "sdn-controller") else {
         return;
     };
     let topo = sdn_integration::Topology::new("rcu", &["c1", "c2", "c3"]).unwrap();
@@ -365,18 +402,41 @@ async fn controllers_upgrade_one_at_a_time_from_the_previous_release_and_keep_ev
     let mut written = write_through_leader(&r, 0, 5).await;
     converged(&r).await.unwrap();
     let leader = r.wait_leader(Duration::from_secs(10)).await.unwrap();
-    let order: Vec<usize> = (0..3).filter(|i| *i != leader).chain([leader]).collect();
+    let followers: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let order = [followers[0], leader, followers[1]];
     for (step, i) in order.into_iter().enumerate() {
         r.stop(i);
         r.replicas[i].binary = bin("sdn-controller");
         r.spawn(i, false).unwrap();
         r.wait_answering(i).await.unwrap();
         written.extend(write_through_leader(&r, 5 + 5 * step, 5).await);
+        let (ids, entries) = write_at_once(&r, &format!("step{step}"), 32).await;
+        written.extend(ids);
         let rev = converged(&r)
             .await
             .unwrap_or_else(|e| panic!("after upgrading replica {}: {e}", i + 1));
-        eprintln!("replica {} upgraded; all at revision {rev}", i + 1);
+        let led = r.wait_leader(Duration::from_secs(10)).await.unwrap();
+        eprintln!(
+            "replica {} upgraded; replica {} leads; 32 writes at once took {entries} log entries; all at revision {rev}",
+            i + 1,
+            led + 1
+        );
+        if step < 2 {
+            assert!(
+                entries >= 32,
+                "a member of the previous release: one write per entry, got {entries}"
+            );
+        }
     }
+    // Every member is new: writes at once share entries.
+    let (ids, entries) = write_at_once(&r, "all-new", 64).await;
+    written.extend(ids);
+    converged(&r).await.expect("converged after writes that share entries");
+    eprintln!("every replica new: 64 writes at once took {entries} log entries");
+    assert!(
+        entries < 64,
+        "64 writes at once took {entries} entries: none were shared"
+    );
     for i in 0..3 {
         let mut c = sdn_integration::replicas::prov_client(&r.replicas[i].local())
             .await

@@ -1013,6 +1013,50 @@ impl State {
         if let Some(other) = ix.macs.get(&(vpc.clone(), p.mac)).filter(|o| **o != p.id) {
             return Err(c.err("mac", format!("{} is already used by port {other} in vpc {vpc}", p.mac)));
         }
+        // A VM is one tenant's: a port of another tenant naming it would be
+        // held by its quarantine, or hold it.
+        if !p.vm_id.is_empty() {
+            if let Some(other) = Index::of(&ix.ports_by_vm, &p.vm_id)
+                .filter(|o| *o != p.id)
+                .filter_map(|o| self.ports.get(o))
+                .find(|o| o.tenant_id != p.tenant_id)
+            {
+                return Err(c.err(
+                    "vm_id",
+                    format!(
+                        "vm {} has port {} of tenant {}, not {}",
+                        p.vm_id, other.id, other.tenant_id, p.tenant_id
+                    ),
+                ));
+            }
+        }
+        // A quarantined port stays where its quarantine holds it: it does
+        // not leave its quarantined VM or VPC until the quarantine is lifted.
+        if let Some(old) = self.ports.get(&p.id) {
+            let old_vpc = self.vpc_of(old);
+            for q in self.quarantines.values() {
+                let (held, field) = match q.target {
+                    QuarantineTarget::Vm => (
+                        !old.vm_id.is_empty() && q.target_id == old.vm_id && p.vm_id != old.vm_id,
+                        "vm_id",
+                    ),
+                    QuarantineTarget::Vpc => (q.target_id == old_vpc && vpc.as_str() != old_vpc, "subnet_id"),
+                    QuarantineTarget::Port => (false, ""),
+                };
+                if held {
+                    return Err(c.err(
+                        field,
+                        format!(
+                            "port {} is held by quarantine {} of {} {}; lift it first",
+                            p.id,
+                            q.id,
+                            format!("{:?}", q.target).to_lowercase(),
+                            q.target_id
+                        ),
+                    ));
+                }
+            }
+        }
         let here = ix.ports_by_host.get(&p.host_id);
         let on_host = here.map_or(0, |s| s.len()) + usize::from(!here.is_some_and(|s| s.contains(&p.id)));
         if on_host > PORTS_MAX as usize {
@@ -1336,11 +1380,11 @@ impl State {
                 self.replace(Kind::Host, id, None);
             }
             Kind::Port => {
-                if let Some(q) = self
-                    .quarantines
-                    .values()
-                    .find(|q| q.target == QuarantineTarget::Port && q.target_id == id)
-                {
+                let vm = self.ports.get(id).map(|p| p.vm_id.as_str()).unwrap_or("");
+                if let Some(q) = self.quarantines.values().find(|q| {
+                    (q.target == QuarantineTarget::Port && q.target_id == id)
+                        || (q.target == QuarantineTarget::Vm && !vm.is_empty() && q.target_id == vm)
+                }) {
                     return in_use(format!("quarantine {} (lift it first)", q.id));
                 }
                 if self.replace(Kind::Port, id, None).is_none() {
@@ -1799,6 +1843,139 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.field, "operations[0].put_quarantine.target_id");
         assert!(err.message.contains("unknown vm"), "{err}");
+    }
+
+    /// A quarantine cannot be escaped by changing the port it holds: a
+    /// port of a quarantined VM neither leaves the VM nor goes away, a port
+    /// of a quarantined VPC does not move to another VPC, and another
+    /// tenant's port cannot name the VM (it would be held by the
+    /// quarantine, or, were the quarantine's ports gone, be its only one).
+    #[test]
+    fn a_quarantine_cannot_be_escaped_by_changing_its_ports() {
+        let mut s = base();
+        s.apply_batch(&[
+            Op::PutTenant(Tenant {
+                id: "t2".into(),
+                name: "Dept 2".into(),
+            }),
+            Op::PutVpc(Vpc {
+                id: "v2".into(),
+                tenant_id: "t2".into(),
+                name: "v".into(),
+                vni: 0,
+                zone_id: String::new(),
+                border_policy_id: String::new(),
+            }),
+            Op::PutSubnet(Subnet {
+                id: "s2".into(),
+                vpc_id: "v2".into(),
+                cidr_v4: Some("10.0.0.0/24".parse().unwrap()),
+                cidr_v6: None,
+            }),
+            Op::PutVpc(Vpc {
+                id: "v3".into(),
+                tenant_id: "t1".into(),
+                name: "v".into(),
+                vni: 0,
+                zone_id: String::new(),
+                border_policy_id: String::new(),
+            }),
+            Op::PutSubnet(Subnet {
+                id: "s3".into(),
+                vpc_id: "v3".into(),
+                cidr_v4: Some("10.3.0.0/24".parse().unwrap()),
+                cidr_v6: None,
+            }),
+            Op::PutHost(Host {
+                id: "h2".into(),
+                underlay_ip: "192.0.2.2".parse().unwrap(),
+            }),
+        ])
+        .unwrap();
+        let mut p1 = port("p1", "10.0.0.5");
+        p1.vm_id = "vm-7".into();
+        let mut p2 = port("p22", "10.0.0.6");
+        p2.vm_id = "vm-7".into();
+        let p3 = port("p333", "10.0.0.7");
+        s.apply_batch(&[Op::PutPort(p1.clone()), Op::PutPort(p2), Op::PutPort(p3.clone())])
+            .unwrap();
+        s.apply_batch(&[Op::PutQuarantine(Quarantine {
+            id: "q".into(),
+            target: QuarantineTarget::Vm,
+            target_id: "vm-7".into(),
+            reason: "malware beacon".into(),
+            expires_unix_ms: None,
+        })])
+        .unwrap();
+        let before = s.clone();
+        // Leaving the VM.
+        let e = s
+            .apply_batch(&[Op::PutPort(Port {
+                vm_id: String::new(),
+                ..p1.clone()
+            })])
+            .unwrap_err();
+        assert_eq!(e.field, "operations[0].put_port.vm_id");
+        assert!(e.message.contains("quarantine q"), "{e}");
+        // Going away.
+        let e = s
+            .apply_batch(&[Op::Delete {
+                kind: Kind::Port,
+                id: "p22".into(),
+            }])
+            .unwrap_err();
+        assert!(e.message.contains("quarantine q"), "{e}");
+        // Another tenant's port naming the VM.
+        let e = s
+            .apply_batch(&[Op::PutPort(Port {
+                id: "x".into(),
+                tenant_id: "t2".into(),
+                subnet_id: "s2".into(),
+                device: "dx".into(),
+                ..p1.clone()
+            })])
+            .unwrap_err();
+        assert_eq!(e.field, "operations[0].put_port.vm_id");
+        assert!(e.message.contains("of tenant t1, not t2"), "{e}");
+        assert_eq!(s, before, "nothing of a refused batch");
+        // Moving to another host keeps it in the VM: allowed, still held.
+        s.apply_batch(&[Op::PutPort(Port {
+            host_id: "h2".into(),
+            ..p1.clone()
+        })])
+        .unwrap();
+        let q = s.quarantines["q"].clone();
+        assert_eq!(s.quarantined_ports(&q).len(), 2);
+        // A VPC quarantine holds its ports in the VPC.
+        s.apply_batch(&[Op::PutQuarantine(Quarantine {
+            id: "qv".into(),
+            target: QuarantineTarget::Vpc,
+            target_id: "v1".into(),
+            reason: "lateral movement".into(),
+            expires_unix_ms: None,
+        })])
+        .unwrap();
+        let e = s
+            .apply_batch(&[Op::PutPort(Port {
+                subnet_id: "s3".into(),
+                ipv4: Some("10.3.0.7".parse().unwrap()),
+                ..p3.clone()
+            })])
+            .unwrap_err();
+        assert_eq!(e.field, "operations[0].put_port.subnet_id");
+        assert!(e.message.contains("quarantine qv"), "{e}");
+        // Once lifted, the port may leave.
+        s.apply_batch(&[
+            Op::Delete {
+                kind: Kind::Quarantine,
+                id: "q".into(),
+            },
+            Op::PutPort(Port {
+                vm_id: String::new(),
+                ..p1
+            }),
+        ])
+        .unwrap();
     }
 
     #[test]

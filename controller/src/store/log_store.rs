@@ -1,15 +1,18 @@
-//! The Raft log on redb: entries keyed by index, plus the vote, the committed
-//! log id and the last purged log id.
+//! The Raft log on redb: entries keyed by index, plus the vote and the last
+//! purged log id.
 //!
 //! Appends, the vote, truncation and purges are durable transactions: the
-//! one fsync of a write is the append's. The committed log id is written
-//! without one (it is a hint: the leader tells it again), and so is the
-//! state machine's apply, which the next durable commit of the same
-//! database makes durable with it; after a crash the state machine replays
-//! from the log what it lost.
+//! one fsync of a write is the append's. The state machine's apply commits
+//! without one: the next durable commit of the same database makes it
+//! durable, and after a crash the state machine replays from the log what
+//! it lost. The committed log id is not stored: it would cost a commit on
+//! every replica each time it moves, and it is only a hint (the leader
+//! tells it again, and a replica applies from its state machine's last
+//! applied entry).
 //!
 //! Entries are stored in a compact binary encoding (postcard) behind a
-//! format byte; entries an earlier release wrote as JSON are still read.
+//! format byte. Entries of earlier releases, one batch each, in binary or
+//! JSON, are still read, as entries of one batch.
 
 use std::fmt::Debug;
 use std::ops::RangeBounds;
@@ -19,32 +22,37 @@ use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{AnyError, Entry, LogId, OptionalSend, RaftLogReader, StorageError, Vote};
 use redb::{Database, ReadableTable, TableDefinition};
 
-use super::TypeConfig;
+use super::{entry_from_v1, TypeConfig, V1};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
 
 const VOTE: &str = "vote";
-const COMMITTED: &str = "committed";
 const PURGED: &str = "last_purged";
 
 type SErr = StorageError<u64>;
 
-/// The format byte of a binary entry (JSON entries start with `{`).
-const BINARY: u8 = 1;
+/// The format byte of a binary entry of one batch (earlier releases; JSON
+/// entries, earlier still, start with `{`).
+const BINARY_V1: u8 = 1;
+/// The format byte of a binary entry that may carry several batches.
+const BATCHED: u8 = 2;
 
 /// An entry as stored.
 pub fn encode_entry(e: &Entry<TypeConfig>) -> Result<Vec<u8>, AnyError> {
-    let mut out = vec![BINARY];
+    let mut out = vec![BATCHED];
     postcard::to_io(e, &mut out).map_err(any)?;
     Ok(out)
 }
 
-/// A stored entry, binary or (from an earlier release) JSON.
+/// A stored entry, in this release's form or an earlier one's.
 pub fn decode_entry(bytes: &[u8]) -> Result<Entry<TypeConfig>, AnyError> {
     match bytes.first() {
-        Some(&BINARY) => postcard::from_bytes(&bytes[1..]).map_err(any),
-        Some(b'{') => serde_json::from_slice(bytes).map_err(any),
+        Some(&BATCHED) => postcard::from_bytes(&bytes[1..]).map_err(any),
+        Some(&BINARY_V1) => Ok(entry_from_v1(
+            postcard::from_bytes::<Entry<V1>>(&bytes[1..]).map_err(any)?,
+        )),
+        Some(b'{') => Ok(entry_from_v1(serde_json::from_slice::<Entry<V1>>(bytes).map_err(any)?)),
         _ => Err(AnyError::error(format!(
             "a stored log entry of {} bytes in an unknown format",
             bytes.len()
@@ -88,12 +96,9 @@ impl LogStore {
         }
     }
 
-    fn put_meta<T: serde::Serialize>(&self, key: &str, v: &T, durable: bool) -> Result<(), AnyError> {
+    fn put_meta<T: serde::Serialize>(&self, key: &str, v: &T) -> Result<(), AnyError> {
         let bytes = serde_json::to_vec(v).map_err(any)?;
-        let mut tx = self.db.begin_write().map_err(any)?;
-        if !durable {
-            tx.set_durability(redb::Durability::None);
-        }
+        let tx = self.db.begin_write().map_err(any)?;
         {
             let mut t = tx.open_table(META).map_err(any)?;
             t.insert(key, bytes.as_slice()).map_err(any)?;
@@ -148,23 +153,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), SErr> {
-        self.put_meta(VOTE, vote, true).map_err(super::sio::write_vote)
+        self.put_meta(VOTE, vote).map_err(super::sio::write_vote)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, SErr> {
         self.get_meta(VOTE).map_err(super::sio::read_vote)
-    }
-
-    async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), SErr> {
-        self.put_meta(COMMITTED, &committed, false)
-            .map_err(super::sio::write_logs)
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, SErr> {
-        Ok(self
-            .get_meta::<Option<LogId<u64>>>(COMMITTED)
-            .map_err(super::sio::read_logs)?
-            .flatten())
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), SErr>
@@ -226,34 +219,41 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Command;
+    use crate::store::{entry_to_v1, Command, Proposal};
     use openraft::{CommittedLeaderId, EntryPayload};
     use sdn_policies::{Kind, Op, Tenant};
+
+    fn command(actor: &str) -> Command {
+        Command {
+            actor: actor.into(),
+            time_unix_ms: 1_700_000_000_000,
+            ops: vec![
+                Op::PutTenant(Tenant {
+                    id: "t".into(),
+                    name: "Dept".into(),
+                }),
+                Op::Delete {
+                    kind: Kind::Port,
+                    id: "p".into(),
+                },
+            ],
+        }
+    }
 
     fn entry() -> Entry<TypeConfig> {
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(3, 1), 42),
-            payload: EntryPayload::Normal(Command {
-                actor: "platform".into(),
-                time_unix_ms: 1_700_000_000_000,
-                ops: vec![
-                    Op::PutTenant(Tenant {
-                        id: "t".into(),
-                        name: "Dept".into(),
-                    }),
-                    Op::Delete {
-                        kind: Kind::Port,
-                        id: "p".into(),
-                    },
-                ],
+            payload: EntryPayload::Normal(Proposal {
+                commands: vec![command("platform")],
             }),
         }
     }
 
-    /// Entries round-trip in the binary form, smaller than JSON; JSON
-    /// entries of an earlier release still read; anything else is refused.
+    /// Entries round-trip in the binary form, smaller than JSON. Entries of
+    /// earlier releases, one batch each, read as entries of one batch,
+    /// whether binary or JSON; anything else is refused.
     #[test]
-    fn entries_are_binary_and_json_entries_still_read() {
+    fn entries_are_binary_and_earlier_entries_still_read() {
         let e = entry();
         let bin = encode_entry(&e).unwrap();
         let json = serde_json::to_vec(&e).unwrap();
@@ -263,8 +263,21 @@ mod tests {
             bin.len(),
             json.len()
         );
+        assert_eq!(bin[0], BATCHED);
         assert_eq!(decode_entry(&bin).unwrap(), e);
-        assert_eq!(decode_entry(&json).unwrap(), e);
+        let v1 = entry_to_v1(&e).expect("one batch has the earlier form");
+        let mut v1_bin = vec![BINARY_V1];
+        postcard::to_io(&v1, &mut v1_bin).unwrap();
+        assert_eq!(decode_entry(&v1_bin).unwrap(), e, "an earlier binary entry");
+        let v1_json = serde_json::to_vec(&v1).unwrap();
+        assert_eq!(decode_entry(&v1_json).unwrap(), e, "an earlier JSON entry");
+        // Several batches: this form only.
+        let mut several = entry();
+        several.payload = EntryPayload::Normal(Proposal {
+            commands: vec![command("a"), command("b")],
+        });
+        assert!(entry_to_v1(&several).is_none());
+        assert_eq!(decode_entry(&encode_entry(&several).unwrap()).unwrap(), several);
         assert!(decode_entry(&[7, 1, 2]).is_err());
         assert!(decode_entry(&[]).is_err());
         assert!(
@@ -293,10 +306,12 @@ mod tests {
         let kinds: std::collections::BTreeSet<Kind> = ops.iter().map(|o| o.key().0).collect();
         assert!(kinds.len() >= 9, "the examples cover most kinds: {kinds:?}");
         let mut e = entry();
-        e.payload = EntryPayload::Normal(Command {
-            actor: "platform".into(),
-            time_unix_ms: 1,
-            ops,
+        e.payload = EntryPayload::Normal(Proposal {
+            commands: vec![Command {
+                actor: "platform".into(),
+                time_unix_ms: 1,
+                ops,
+            }],
         });
         assert_eq!(decode_entry(&encode_entry(&e).unwrap()).unwrap(), e);
     }

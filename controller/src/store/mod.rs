@@ -6,6 +6,7 @@
 
 mod log_store;
 pub mod network;
+mod proposer;
 mod state_machine;
 
 use std::io::Cursor;
@@ -13,7 +14,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use openraft::{BasicNode, Config, Raft};
+use openraft::{BasicNode, Config, Entry, EntryPayload, Raft};
 use redb::{Database, ReadableTable};
 use sdn_policies::{BatchError, Op, State};
 use serde::{Deserialize, Serialize};
@@ -32,6 +33,15 @@ pub struct Command {
     pub ops: Vec<Op>,
 }
 
+/// What one log entry carries: the batches of one or more clients, queued
+/// while the entry before them was being committed. Each applies on its own,
+/// in order, with its own revision, audit record and answer: one refused
+/// batch refuses nothing else.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Proposal {
+    pub commands: Vec<Command>,
+}
+
 /// What applying a command did.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Outcome {
@@ -46,11 +56,50 @@ pub struct Outcome {
 openraft::declare_raft_types!(
     /// The controller's Raft type configuration.
     pub TypeConfig:
+        D = Proposal,
+        R = Vec<Outcome>,
+        NodeId = u64,
+        Node = BasicNode,
+);
+
+openraft::declare_raft_types!(
+    /// The log entries of earlier releases: one client's batch per entry.
+    /// They are read from disk and from peers of those releases, and
+    /// written to such peers while any is a member.
+    pub V1:
         D = Command,
         R = Outcome,
         NodeId = u64,
         Node = BasicNode,
 );
+
+/// An entry of an earlier release in this release's form.
+pub fn entry_from_v1(e: Entry<V1>) -> Entry<TypeConfig> {
+    Entry {
+        log_id: e.log_id,
+        payload: match e.payload {
+            EntryPayload::Blank => EntryPayload::Blank,
+            EntryPayload::Normal(c) => EntryPayload::Normal(Proposal { commands: vec![c] }),
+            EntryPayload::Membership(m) => EntryPayload::Membership(m),
+        },
+    }
+}
+
+/// An entry in the form of earlier releases, when it has one: an entry
+/// carrying several clients' batches has none.
+pub fn entry_to_v1(e: &Entry<TypeConfig>) -> Option<Entry<V1>> {
+    Some(Entry {
+        log_id: e.log_id,
+        payload: match &e.payload {
+            EntryPayload::Blank => EntryPayload::Blank,
+            EntryPayload::Normal(p) => match p.commands.as_slice() {
+                [c] => EntryPayload::Normal(c.clone()),
+                _ => return None,
+            },
+            EntryPayload::Membership(m) => EntryPayload::Membership(m.clone()),
+        },
+    })
+}
 
 /// The state the controller serves, shared with the state machine.
 #[derive(Default)]
@@ -80,10 +129,15 @@ pub struct Store {
     /// as its state. Linearizable reads wait until the state machine has
     /// applied this far: every acknowledged write is at or below it.
     startup_tail: u64,
+    /// Writes on their way into log entries.
+    proposals: tokio::sync::mpsc::Sender<proposer::Pending>,
 }
 
+/// Writes waiting for a log entry, at most; a writer beyond them waits.
+const PROPOSALS_QUEUED_MAX: usize = 4096;
+
 /// Why a write failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum WriteError {
     #[error("{0}")]
     Invalid(BatchError),
@@ -176,12 +230,16 @@ impl Store {
             ..Default::default()
         };
         let config = Arc::new(config.validate().context("Raft configuration")?);
+        let forms = network::PeerForms::default();
         let net = network::Network {
             cluster_id: cluster_id.clone(),
+            forms: forms.clone(),
         };
         let raft = Raft::new(node_id, config, net, log, sm)
             .await
             .context("starting Raft")?;
+        let (proposals, queue) = tokio::sync::mpsc::channel(PROPOSALS_QUEUED_MAX);
+        tokio::spawn(proposer::run(raft.clone(), node_id, forms, queue));
         let store = Store {
             raft,
             shared,
@@ -190,6 +248,7 @@ impl Store {
             cluster_id,
             db,
             startup_tail,
+            proposals,
         };
         if !store.raft.is_initialized().await.context("reading Raft state")? {
             match start {
@@ -258,20 +317,19 @@ impl Store {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let cmd = Command {
+        let command = Command {
             actor: actor.to_string(),
             time_unix_ms,
             ops,
         };
-        let resp = self
-            .raft
-            .client_write(cmd)
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.proposals
+            .send(proposer::Pending { command, reply })
             .await
-            .map_err(|e| match e.forward_to_leader() {
-                Some(f) => WriteError::NotLeader(f.leader_node.as_ref().map(|n: &BasicNode| n.addr.clone())),
-                None => WriteError::Raft(e.to_string()),
-            })?;
-        let outcome = resp.data;
+            .map_err(|_| WriteError::Raft("the store is shutting down".into()))?;
+        let outcome = answer
+            .await
+            .map_err(|_| WriteError::Raft("the store stopped before the write's outcome was known".into()))??;
         if let Some(e) = outcome.error.clone() {
             return Err(WriteError::Invalid(e));
         }

@@ -2,11 +2,16 @@
 //! inside the `sdn.v1.Raft` gRPC service, tagged with the cluster id so a
 //! replica never takes messages from another cluster. Messages are binary
 //! (postcard) once the peer has said it reads them, JSON until then (a
-//! replica of an earlier release reads only JSON). One append carries at
+//! replica of an earlier release reads only JSON). Appends whose entries may
+//! carry several clients' batches go in a field of their own (`batched`),
+//! once the peer has said it reads it; to a peer that has not, entries go in
+//! the earlier form, one batch each, and an earlier release never finds a
+//! form it would misread. One append carries at
 //! most [`APPEND_BYTES_MAX`] of entries (at least one entry): a lagging
 //! follower catches up in appends that each fit the time an append may
 //! take, instead of one append that never does.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -22,14 +27,21 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::Channel;
 
-use super::TypeConfig;
+use super::{TypeConfig, V1};
 
 /// The cluster id shared by the network and the Raft service.
 pub type ClusterId = Arc<RwLock<Option<String>>>;
 
+/// What each peer said it reads, by node id: `true` once it said it reads
+/// entries of several batches, `false` once it answered without saying so
+/// (an earlier release) or could not read them. A peer that has not
+/// answered since this replica started is not in the map.
+pub type PeerForms = Arc<RwLock<BTreeMap<u64, bool>>>;
+
 /// Creates a connection per peer.
 pub struct Network {
     pub cluster_id: ClusterId,
+    pub forms: PeerForms,
 }
 
 /// Entries one append carries at most, in bytes of their binary form
@@ -50,6 +62,7 @@ pub struct Peer {
     cluster_id: ClusterId,
     /// The peer said it reads binary messages.
     binary: bool,
+    forms: PeerForms,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -62,6 +75,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             client: None,
             cluster_id: self.cluster_id.clone(),
             binary: false,
+            forms: self.forms.clone(),
         }
     }
 }
@@ -76,6 +90,17 @@ enum CallError {
 }
 
 impl Peer {
+    /// The form this peer reads: batched, binary or JSON.
+    fn form(&self) -> Form {
+        if self.forms.read().expect("peer forms lock").get(&self.target) == Some(&true) {
+            Form::Batched
+        } else if self.binary {
+            Form::Bin
+        } else {
+            Form::Json
+        }
+    }
+
     async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &mut self,
         method: &'static str,
@@ -83,7 +108,16 @@ impl Peer {
         ttl: Duration,
     ) -> Result<Resp, CallError> {
         let mut msg = pb::RaftMessage::default();
-        put_payload(&mut msg, req, self.binary).map_err(|e| CallError::Network(format!("encoding {method}: {e}")))?;
+        put_payload(&mut msg, req, self.form()).map_err(|e| CallError::Network(format!("encoding {method}: {e}")))?;
+        self.send(method, msg, ttl).await
+    }
+
+    async fn send<Resp: DeserializeOwned>(
+        &mut self,
+        method: &'static str,
+        mut msg: pb::RaftMessage,
+        ttl: Duration,
+    ) -> Result<Resp, CallError> {
         let cluster_id = self
             .cluster_id
             .read()
@@ -129,6 +163,10 @@ impl Peer {
                 // The peer may have been replaced by an earlier release:
                 // JSON again until it says otherwise.
                 self.binary = false;
+                if status.code() == tonic::Code::InvalidArgument {
+                    // It could not read what it was sent.
+                    self.forms.write().expect("peer forms lock").insert(self.target, false);
+                }
                 if status.code() == tonic::Code::Unavailable || status.code() == tonic::Code::Unknown {
                     self.client = None;
                     return Err(CallError::Unreachable(format!(
@@ -146,26 +184,95 @@ impl Peer {
             Ok(Ok(r)) => r.into_inner(),
         };
         self.binary = resp.reads_bin;
+        self.forms
+            .write()
+            .expect("peer forms lock")
+            .insert(self.target, resp.reads_batched);
         payload(&resp).map_err(|e| CallError::Network(format!("decoding {method} reply: {e}")))
     }
 }
 
-/// Writes `v` into a message: binary (`bin`) or JSON (`json`).
-pub fn put_payload<T: Serialize>(msg: &mut pb::RaftMessage, v: &T, binary: bool) -> Result<(), String> {
-    if binary {
-        msg.bin = postcard::to_stdvec(v).map_err(|e| e.to_string())?;
-    } else {
-        msg.json = serde_json::to_vec(v).map_err(|e| e.to_string())?;
+/// How a message's payload is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Form {
+    /// JSON, in `json`: what every release reads.
+    Json,
+    /// postcard, in `bin`, with entries in the earlier form.
+    Bin,
+    /// postcard, in `batched`, with entries that may carry several batches.
+    Batched,
+}
+
+/// Writes `v` into a message in the given form. For an append, `v` must
+/// already be in the form's entry type (see [`append_message`]).
+pub fn put_payload<T: Serialize>(msg: &mut pb::RaftMessage, v: &T, form: Form) -> Result<(), String> {
+    match form {
+        Form::Json => msg.json = serde_json::to_vec(v).map_err(|e| e.to_string())?,
+        Form::Bin => msg.bin = postcard::to_stdvec(v).map_err(|e| e.to_string())?,
+        Form::Batched => msg.batched = postcard::to_stdvec(v).map_err(|e| e.to_string())?,
     }
     Ok(())
 }
 
-/// Reads a message's payload in the form it came in, naming the field.
-pub fn payload<T: DeserializeOwned>(msg: &pb::RaftMessage) -> Result<T, String> {
-    if !msg.bin.is_empty() {
-        return postcard::from_bytes(&msg.bin).map_err(|e| format!("bin: not a valid Raft message: {e}"));
+/// The form a message came in.
+pub fn form_of(msg: &pb::RaftMessage) -> Form {
+    if !msg.batched.is_empty() {
+        Form::Batched
+    } else if !msg.bin.is_empty() {
+        Form::Bin
+    } else {
+        Form::Json
     }
-    serde_json::from_slice(&msg.json).map_err(|e| format!("json: not a valid Raft message: {e}"))
+}
+
+/// Reads a message's payload in the form it came in, naming the field. Not
+/// for appends, whose entries differ between the forms: see [`read_append`].
+pub fn payload<T: DeserializeOwned>(msg: &pb::RaftMessage) -> Result<T, String> {
+    match form_of(msg) {
+        Form::Batched => {
+            postcard::from_bytes(&msg.batched).map_err(|e| format!("batched: not a valid Raft message: {e}"))
+        }
+        Form::Bin => postcard::from_bytes(&msg.bin).map_err(|e| format!("bin: not a valid Raft message: {e}")),
+        Form::Json => serde_json::from_slice(&msg.json).map_err(|e| format!("json: not a valid Raft message: {e}")),
+    }
+}
+
+/// An append as a message in `form`. Entries go in the earlier form where
+/// the peer reads only that; an entry of several batches has no earlier
+/// form, so it goes batched whatever the peer said: only a peer that read
+/// that form when the entry was made can be sent one, and one that cannot
+/// read it refuses the message rather than misread it.
+pub fn append_message(rpc: &AppendEntriesRequest<TypeConfig>, form: Form) -> Result<pb::RaftMessage, String> {
+    let mut msg = pb::RaftMessage::default();
+    if form != Form::Batched {
+        let entries: Option<Vec<openraft::Entry<V1>>> = rpc.entries.iter().map(super::entry_to_v1).collect();
+        if let Some(entries) = entries {
+            let v1 = AppendEntriesRequest::<V1> {
+                vote: rpc.vote,
+                prev_log_id: rpc.prev_log_id,
+                leader_commit: rpc.leader_commit,
+                entries,
+            };
+            put_payload(&mut msg, &v1, form)?;
+            return Ok(msg);
+        }
+    }
+    put_payload(&mut msg, rpc, Form::Batched)?;
+    Ok(msg)
+}
+
+/// Reads an append in whichever form it came.
+pub fn read_append(msg: &pb::RaftMessage) -> Result<AppendEntriesRequest<TypeConfig>, String> {
+    if form_of(msg) == Form::Batched {
+        return payload(msg);
+    }
+    let v1: AppendEntriesRequest<V1> = payload(msg)?;
+    Ok(AppendEntriesRequest {
+        vote: v1.vote,
+        prev_log_id: v1.prev_log_id,
+        leader_commit: v1.leader_commit,
+        entries: v1.entries.into_iter().map(super::entry_from_v1).collect(),
+    })
 }
 
 /// Keeps the first entries whose binary form takes at most `max` bytes
@@ -204,8 +311,10 @@ impl RaftNetwork<TypeConfig> for Peer {
     ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
         let mut rpc = rpc;
         let sent = fit_entries(&mut rpc.entries, APPEND_BYTES_MAX);
+        let msg = append_message(&rpc, self.form())
+            .map_err(|e| rpc_err(self.target, CallError::Network(format!("encoding append: {e}"))))?;
         let r: Result<AppendEntriesResponse<u64>, RaftError<u64>> = self
-            .call("append", &rpc, option.hard_ttl())
+            .send("append", msg, option.hard_ttl())
             .await
             .map_err(|e| rpc_err(self.target, e))?;
         match r {
@@ -244,7 +353,7 @@ impl RaftNetwork<TypeConfig> for Peer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Command;
+    use crate::store::{Command, Proposal};
     use openraft::error::{Fatal, InstallSnapshotError, SnapshotMismatch};
     use openraft::raft::InstallSnapshotRequest;
     use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Membership, SnapshotMeta, Vote};
@@ -257,13 +366,15 @@ mod tests {
     fn entry(i: u64, name_bytes: usize) -> Entry<TypeConfig> {
         Entry {
             log_id: id(i),
-            payload: EntryPayload::Normal(Command {
-                actor: "platform".into(),
-                time_unix_ms: 1,
-                ops: vec![Op::PutTenant(Tenant {
-                    id: format!("t{i}"),
-                    name: "x".repeat(name_bytes),
-                })],
+            payload: EntryPayload::Normal(Proposal {
+                commands: vec![Command {
+                    actor: "platform".into(),
+                    time_unix_ms: 1,
+                    ops: vec![Op::PutTenant(Tenant {
+                        id: format!("t{i}"),
+                        name: "x".repeat(name_bytes),
+                    })],
+                }],
             }),
         }
     }
@@ -355,5 +466,66 @@ mod tests {
         assert_eq!(huge.len(), 1);
         let mut none: Vec<Entry<TypeConfig>> = vec![];
         assert_eq!(fit_entries(&mut none, APPEND_BYTES_MAX), None);
+    }
+
+    /// An append reads back the same in every form. To a peer that reads
+    /// only the earlier form, entries go in that form, which an earlier
+    /// release decodes as its own; an entry of several batches, which has
+    /// no earlier form, goes batched, where an earlier release finds
+    /// nothing it reads and refuses the message.
+    #[test]
+    fn appends_go_in_the_form_the_peer_reads() {
+        let one = AppendEntriesRequest::<TypeConfig> {
+            vote: Vote::new_committed(2, 1),
+            prev_log_id: Some(id(9)),
+            leader_commit: Some(id(9)),
+            entries: vec![
+                Entry {
+                    log_id: id(10),
+                    payload: EntryPayload::Blank,
+                },
+                entry(11, 10),
+            ],
+        };
+        for form in [Form::Json, Form::Bin, Form::Batched] {
+            let msg = append_message(&one, form).unwrap();
+            assert_eq!(form_of(&msg), form);
+            assert_eq!(
+                format!("{:?}", read_append(&msg).unwrap()),
+                format!("{one:?}"),
+                "{form:?}"
+            );
+            if form != Form::Batched {
+                let earlier: AppendEntriesRequest<V1> = payload(&msg).unwrap();
+                assert_eq!(earlier.entries.len(), 2);
+                assert!(matches!(&earlier.entries[1].payload, EntryPayload::Normal(c) if c.actor == "platform"));
+            }
+        }
+        let mut several = one.clone();
+        several.entries.push(Entry {
+            log_id: id(12),
+            payload: EntryPayload::Normal(Proposal {
+                commands: vec![
+                    Command {
+                        actor: "a".into(),
+                        time_unix_ms: 1,
+                        ops: vec![],
+                    },
+                    Command {
+                        actor: "b".into(),
+                        time_unix_ms: 1,
+                        ops: vec![],
+                    },
+                ],
+            }),
+        });
+        for form in [Form::Json, Form::Bin] {
+            let msg = append_message(&several, form).unwrap();
+            assert_eq!(form_of(&msg), Form::Batched, "{form:?}");
+            assert!(msg.json.is_empty() && msg.bin.is_empty());
+            assert_eq!(format!("{:?}", read_append(&msg).unwrap()), format!("{several:?}"));
+            let earlier = payload::<AppendEntriesRequest<V1>>(&pb::RaftMessage { batched: vec![], ..msg });
+            assert!(earlier.is_err(), "an earlier release refuses it");
+        }
     }
 }

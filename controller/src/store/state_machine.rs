@@ -16,7 +16,7 @@ use sdn_policies::{Kind, Object, State};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, RwLock};
 
-use super::{Command, Outcome, Shared, TypeConfig};
+use super::{Command, Outcome, Proposal, Shared, TypeConfig};
 
 const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
 const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
@@ -211,7 +211,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok((a.last_applied, a.membership.clone()))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Outcome>, SErr>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<Outcome>>, SErr>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -229,39 +229,46 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for entry in entries {
             next_applied.last_applied = Some(entry.log_id);
             match entry.payload {
-                EntryPayload::Blank => outcomes.push(Outcome::default()),
+                EntryPayload::Blank => outcomes.push(Vec::new()),
                 EntryPayload::Membership(m) => {
                     next_applied.membership = StoredMembership::new(Some(entry.log_id), m);
-                    outcomes.push(Outcome::default());
+                    outcomes.push(Vec::new());
                 }
-                EntryPayload::Normal(Command {
-                    actor,
-                    time_unix_ms,
-                    ops,
-                }) => match shared.state.apply(&ops) {
-                    Ok(done) => {
-                        next_applied.revision += 1;
-                        let revision = next_applied.revision;
-                        touched.extend(done.before.iter().map(|(k, id, _)| (*k, id.clone())));
-                        let hosts = shared.shares.update(&shared.state, &done.before, revision);
-                        audit.push(AuditRecord {
-                            revision,
-                            actor,
-                            time_unix_ms,
-                            changes: done.changes,
-                        });
-                        outcomes.push(Outcome {
-                            revision,
-                            hosts,
-                            error: None,
+                EntryPayload::Normal(Proposal { commands }) => {
+                    let mut answers = Vec::with_capacity(commands.len());
+                    for Command {
+                        actor,
+                        time_unix_ms,
+                        ops,
+                    } in commands
+                    {
+                        answers.push(match shared.state.apply(&ops) {
+                            Ok(done) => {
+                                next_applied.revision += 1;
+                                let revision = next_applied.revision;
+                                touched.extend(done.before.iter().map(|(k, id, _)| (*k, id.clone())));
+                                let hosts = shared.shares.update(&shared.state, &done.before, revision);
+                                audit.push(AuditRecord {
+                                    revision,
+                                    actor,
+                                    time_unix_ms,
+                                    changes: done.changes,
+                                });
+                                Outcome {
+                                    revision,
+                                    hosts,
+                                    error: None,
+                                }
+                            }
+                            Err(e) => Outcome {
+                                revision: 0,
+                                hosts: vec![],
+                                error: Some(e),
+                            },
                         });
                     }
-                    Err(e) => outcomes.push(Outcome {
-                        revision: 0,
-                        hosts: vec![],
-                        error: Some(e),
-                    }),
-                },
+                    outcomes.push(answers);
+                }
             }
         }
         let state = &shared.state;
@@ -440,14 +447,16 @@ mod tests {
         ];
         let entry = Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
-            payload: EntryPayload::Normal(Command {
-                actor: "test".into(),
-                time_unix_ms: 0,
-                ops,
+            payload: EntryPayload::Normal(Proposal {
+                commands: vec![Command {
+                    actor: "test".into(),
+                    time_unix_ms: 0,
+                    ops,
+                }],
             }),
         };
         let out = sm.apply([entry]).await.unwrap();
-        assert_eq!(out[0].revision, 1, "{:?}", out[0].error);
+        assert_eq!(out[0][0].revision, 1, "{:?}", out[0][0].error);
         let applied = shared.read().await.state.clone();
         assert_eq!(applied.index().port_vpc["p"], "v");
         drop(sm);
@@ -460,5 +469,71 @@ mod tests {
             Some(3),
             "port/p, vpc/v and endpoint/p"
         );
+    }
+
+    /// An entry of several clients' batches applies each on its own, in
+    /// order: each accepted one gets its own revision and audit record, and
+    /// a refused one (a subnet of a VPC that does not exist) refuses only
+    /// itself, leaving nothing of it in the state or the store.
+    #[tokio::test]
+    async fn an_entry_of_several_batches_answers_each_on_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Database::create(dir.path().join("s.redb")).unwrap());
+        let shared = Arc::new(RwLock::new(Shared::default()));
+        let mut sm = StateMachine::open(db.clone(), shared.clone(), watch::channel(0).0)
+            .await
+            .unwrap();
+        let tenant = |id: &str| {
+            Op::PutTenant(Tenant {
+                id: id.into(),
+                name: id.into(),
+            })
+        };
+        let command = |actor: &str, ops: Vec<Op>| Command {
+            actor: actor.into(),
+            time_unix_ms: 7,
+            ops,
+        };
+        let entry = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Normal(Proposal {
+                commands: vec![
+                    command("a", vec![tenant("t1")]),
+                    command(
+                        "b",
+                        vec![
+                            tenant("t2"),
+                            Op::PutSubnet(Subnet {
+                                id: "s".into(),
+                                vpc_id: "missing".into(),
+                                cidr_v4: Some("10.0.0.0/24".parse().unwrap()),
+                                cidr_v6: None,
+                            }),
+                        ],
+                    ),
+                    command("c", vec![tenant("t3")]),
+                ],
+            }),
+        };
+        let blank = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 2),
+            payload: EntryPayload::Blank,
+        };
+        let out = sm.apply([entry, blank]).await.unwrap();
+        assert_eq!(out.len(), 2, "an answer per entry");
+        assert!(out[1].is_empty(), "a blank entry answers nothing");
+        let revisions: Vec<u64> = out[0].iter().map(|o| o.revision).collect();
+        assert_eq!(revisions, [1, 0, 2], "{:?}", out[0]);
+        let refused = out[0][1].error.as_ref().expect("the second batch is refused");
+        assert!(refused.to_string().contains("missing"), "{refused}");
+        assert!(out[0][0].error.is_none() && out[0][2].error.is_none());
+        let s = shared.read().await;
+        assert_eq!(s.revision, 2);
+        let tenants: Vec<&str> = s.state.tenants.keys().map(|k| k.as_str()).collect();
+        assert_eq!(tenants, ["t1", "t3"], "nothing of the refused batch");
+        drop(s);
+        let audit = read_audit(&db, 0, 10).unwrap();
+        let who: Vec<(u64, &str)> = audit.iter().map(|r| (r.revision, r.actor.as_str())).collect();
+        assert_eq!(who, [(1, "a"), (2, "c")]);
     }
 }

@@ -1,0 +1,150 @@
+//! Proposals: the clients' batches, put into log entries.
+//!
+//! openraft appends each proposal as its own entry, with a durable commit
+//! of its own on every replica. Under load that is one fsync per client
+//! write, in series. Here the writes that arrive while earlier entries are
+//! being committed wait in a queue, and the next entry carries all of them
+//! (as etcd puts every proposal waiting in its queue into one WAL write):
+//! one append, one fsync on each replica and one round of replication for
+//! many writes. A write alone waits for nothing.
+//!
+//! An entry of several batches is a form that earlier releases cannot read,
+//! so the leader makes one only while every member has said it reads that
+//! form (see [`super::network::PeerForms`]). Until then each write is an
+//! entry of its own, as before.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use openraft::{BasicNode, Raft};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::{Command, Outcome, Proposal, TypeConfig, WriteError};
+
+/// Entries of several batches committing at once, at most. One entry in
+/// flight lets the queue build up behind it; a second overlaps one entry's
+/// apply and answer with the next one's replication.
+pub const IN_FLIGHT: usize = 2;
+
+/// Batches one entry carries, at most.
+pub const BATCHES_MAX: usize = 512;
+
+/// Bytes of batches one entry carries beyond its first batch, at most (in
+/// their binary form): a lagging follower's appends stay bounded.
+pub const ENTRY_BYTES_MAX: usize = 1 << 20;
+
+/// A client's batch waiting for an entry, and where its answer goes.
+pub struct Pending {
+    pub command: Command,
+    pub reply: oneshot::Sender<Result<Outcome, WriteError>>,
+}
+
+/// Maps a failed proposal to what each of its writers is told.
+pub fn write_error(
+    e: openraft::error::RaftError<u64, openraft::error::ClientWriteError<u64, BasicNode>>,
+) -> WriteError {
+    match e.forward_to_leader() {
+        Some(f) => WriteError::NotLeader(f.leader_node.as_ref().map(|n: &BasicNode| n.addr.clone())),
+        None => WriteError::Raft(e.to_string()),
+    }
+}
+
+/// Whether every other member has said it reads entries of several batches.
+fn members_read_batches(raft: &Raft<TypeConfig>, node_id: u64, forms: &RwLock<BTreeMap<u64, bool>>) -> bool {
+    let ids: Vec<u64> = raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .nodes()
+        .map(|(id, _)| *id)
+        .collect();
+    let forms = forms.read().expect("peer forms lock");
+    ids.iter().all(|id| *id == node_id || forms.get(id) == Some(&true))
+}
+
+/// Proposes what `queue` receives until every sender is gone.
+pub async fn run(
+    raft: Raft<TypeConfig>,
+    node_id: u64,
+    forms: Arc<RwLock<BTreeMap<u64, bool>>>,
+    mut queue: mpsc::Receiver<Pending>,
+) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let mut carried: Option<Pending> = None;
+    loop {
+        let first = match carried.take() {
+            Some(p) => p,
+            None => match queue.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        if !members_read_batches(&raft, node_id, &forms) {
+            // A member may be of an earlier release: one batch per entry,
+            // each proposed at once, as that release does.
+            let raft = raft.clone();
+            tokio::spawn(async move {
+                let answer = raft
+                    .client_write(Proposal {
+                        commands: vec![first.command],
+                    })
+                    .await
+                    .map_err(write_error)
+                    .and_then(|r| {
+                        r.data
+                            .into_iter()
+                            .next()
+                            .ok_or_else(|| WriteError::Raft("the store answered a batch with nothing".into()))
+                    });
+                let _ = first.reply.send(answer);
+            });
+            continue;
+        }
+        // Wait for a slot; writes queue up meanwhile and go together.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        let mut bytes = 0usize;
+        while batch.len() < BATCHES_MAX {
+            let Ok(p) = queue.try_recv() else { break };
+            bytes += postcard::experimental::serialized_size(&p.command).unwrap_or(usize::MAX / 2);
+            if bytes > ENTRY_BYTES_MAX {
+                carried = Some(p);
+                break;
+            }
+            batch.push(p);
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+            let n = commands.len();
+            match raft.client_write(Proposal { commands }).await {
+                Ok(r) if r.data.len() == n => {
+                    for (reply, outcome) in replies.into_iter().zip(r.data) {
+                        let _ = reply.send(Ok(outcome));
+                    }
+                }
+                Ok(r) => {
+                    let e = WriteError::Raft(format!(
+                        "the store answered {} batches with {} answers",
+                        n,
+                        r.data.len()
+                    ));
+                    tracing::error!(%e, "a proposal's answers do not match its batches");
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+                Err(e) => {
+                    let e = write_error(e);
+                    for reply in replies {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                }
+            }
+            drop(slot);
+        });
+    }
+}
