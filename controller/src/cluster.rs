@@ -18,6 +18,8 @@ use crate::store::Store;
 #[derive(Clone)]
 pub struct RaftService {
     pub store: Store,
+    /// Turns true when the controller stops: streams from peers end then.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl RaftService {
@@ -59,28 +61,76 @@ impl RaftService {
     }
 }
 
+impl RaftService {
+    /// Takes one message of `call`, answering in the form it came in.
+    async fn handle(&self, call: pb::RaftCall, msg: pb::RaftMessage) -> Result<pb::RaftMessage, Status> {
+        self.check_cluster(&msg.cluster_id)?;
+        let form = form_of(&msg);
+        let answer = match call {
+            pb::RaftCall::AppendEntries => {
+                let rpc = crate::store::network::read_append(&msg).map_err(Status::invalid_argument)?;
+                self.encode(&self.store.raft.append_entries(rpc).await, form)
+            }
+            pb::RaftCall::InstallSnapshot => {
+                self.encode(&self.store.raft.install_snapshot(Self::decode(&msg)?).await, form)
+            }
+            pb::RaftCall::Vote => self.encode(&self.store.raft.vote(Self::decode(&msg)?).await, form),
+            pb::RaftCall::Unspecified => Err(Status::invalid_argument("call: which Raft call is not said")),
+        };
+        answer.map(Response::into_inner)
+    }
+}
+
+type RaftStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::RaftMessage, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl pb::raft_server::Raft for RaftService {
     async fn append_entries(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
-        let msg = req.into_inner();
-        self.check_cluster(&msg.cluster_id)?;
-        let rpc = crate::store::network::read_append(&msg).map_err(Status::invalid_argument)?;
-        let r = self.store.raft.append_entries(rpc).await;
-        self.encode(&r, form_of(&msg))
+        self.handle(pb::RaftCall::AppendEntries, req.into_inner()).await.map(Response::new)
     }
 
     async fn install_snapshot(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
-        let msg = req.into_inner();
-        self.check_cluster(&msg.cluster_id)?;
-        let r = self.store.raft.install_snapshot(Self::decode(&msg)?).await;
-        self.encode(&r, form_of(&msg))
+        self.handle(pb::RaftCall::InstallSnapshot, req.into_inner()).await.map(Response::new)
     }
 
     async fn vote(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
-        let msg = req.into_inner();
-        self.check_cluster(&msg.cluster_id)?;
-        let r = self.store.raft.vote(Self::decode(&msg)?).await;
-        self.encode(&r, form_of(&msg))
+        self.handle(pb::RaftCall::Vote, req.into_inner()).await.map(Response::new)
+    }
+
+    type StreamStream = RaftStream;
+
+    async fn stream(
+        &self,
+        req: Request<tonic::Streaming<pb::RaftMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let this = self.clone();
+        let mut stopping = self.stopping.clone();
+        tokio::spawn(async move {
+            // In order: the peer waits for each answer before it sends on.
+            loop {
+                let next = tokio::select! {
+                    m = inbound.message() => Some(m),
+                    _ = stopping.wait_for(|s| *s) => None,
+                };
+                let msg = match next {
+                    Some(Ok(Some(m))) => m,
+                    Some(_) => break,
+                    None => {
+                        let _ = tx.send(Err(Status::unavailable("the controller is stopping"))).await;
+                        break;
+                    }
+                };
+                let call = pb::RaftCall::try_from(msg.call).unwrap_or(pb::RaftCall::Unspecified);
+                let answer = this.handle(call, msg).await;
+                let failed = answer.is_err();
+                if tx.send(answer).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }
 

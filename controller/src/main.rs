@@ -85,7 +85,10 @@ async fn main() -> anyhow::Result<()> {
             )
             .add_service(AgentServer::new(ctl.clone()))
             .add_service(
-                RaftServer::new(RaftService { store: store.clone() })
+                RaftServer::new(RaftService {
+                    store: store.clone(),
+                    stopping: ctl.stopping.clone(),
+                })
                     .max_decoding_message_size(sdn_controller::store::network::RAFT_MESSAGE_BYTES_MAX)
                     .max_encoding_message_size(sdn_controller::store::network::RAFT_MESSAGE_BYTES_MAX),
             )

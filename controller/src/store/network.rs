@@ -25,6 +25,8 @@ use openraft::BasicNode;
 use sdn_proto::v1 as pb;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use super::{TypeConfig, V1};
@@ -63,6 +65,16 @@ pub struct Peer {
     /// The peer said it reads binary messages.
     binary: bool,
     forms: PeerForms,
+    /// The stream to the peer, once open.
+    duplex: Option<Duplex>,
+    /// Whether to open one: not to a peer that does not serve it.
+    streams: bool,
+}
+
+/// A `Stream` call to a peer: requests go in, answers come back in order.
+struct Duplex {
+    requests: mpsc::Sender<pb::RaftMessage>,
+    answers: tonic::Streaming<pb::RaftMessage>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -76,6 +88,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             cluster_id: self.cluster_id.clone(),
             binary: false,
             forms: self.forms.clone(),
+            duplex: None,
+            streams: true,
         }
     }
 }
@@ -142,46 +156,73 @@ impl Peer {
                     .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX),
             );
         }
-        let client = self.client.as_mut().expect("connected");
+        let mut client = self.client.clone().expect("connected");
         msg.cluster_id = cluster_id;
-        let fut = async {
-            match method {
-                "append" => client.append_entries(msg).await,
-                "snapshot" => client.install_snapshot(msg).await,
-                _ => client.vote(msg).await,
+        if self.streams && self.duplex.is_none() {
+            let (requests, rx) = mpsc::channel(1);
+            match tokio::time::timeout(ttl, client.stream(ReceiverStream::new(rx))).await {
+                Err(_) => {
+                    self.client = None;
+                    return Err(CallError::Unreachable(format!(
+                        "opening a stream to node {} timed out",
+                        self.target
+                    )));
+                }
+                // An earlier release: one call per message.
+                Ok(Err(status)) if status.code() == tonic::Code::Unimplemented => self.streams = false,
+                Ok(Err(status)) => return Err(self.failed(method, status)),
+                Ok(Ok(answers)) => {
+                    self.duplex = Some(Duplex {
+                        requests,
+                        answers: answers.into_inner(),
+                    })
+                }
+            }
+        }
+        let answer = match self.duplex.as_mut() {
+            Some(d) => {
+                msg.call = match method {
+                    "append" => pb::RaftCall::AppendEntries,
+                    "snapshot" => pb::RaftCall::InstallSnapshot,
+                    _ => pb::RaftCall::Vote,
+                } as i32;
+                let exchange = async {
+                    d.requests
+                        .send(msg)
+                        .await
+                        .map_err(|_| tonic::Status::unavailable("the stream closed"))?;
+                    match d.answers.message().await {
+                        Ok(Some(m)) => Ok(m),
+                        Ok(None) => Err(tonic::Status::unavailable("the peer ended the stream")),
+                        Err(status) => Err(status),
+                    }
+                };
+                tokio::time::timeout(ttl, exchange).await
+            }
+            None => {
+                let call = async {
+                    match method {
+                        "append" => client.append_entries(msg).await,
+                        "snapshot" => client.install_snapshot(msg).await,
+                        _ => client.vote(msg).await,
+                    }
+                    .map(tonic::Response::into_inner)
+                };
+                tokio::time::timeout(ttl, call).await
             }
         };
-        let resp = match tokio::time::timeout(ttl, fut).await {
+        let resp = match answer {
             Err(_) => {
+                // A late answer must not be taken for the next message's.
+                self.duplex = None;
                 self.client = None;
                 return Err(CallError::Unreachable(format!(
                     "{method} to node {} timed out",
                     self.target
                 )));
             }
-            Ok(Err(status)) => {
-                // The peer may have been replaced by an earlier release:
-                // JSON again until it says otherwise.
-                self.binary = false;
-                if status.code() == tonic::Code::InvalidArgument {
-                    // It could not read what it was sent.
-                    self.forms.write().expect("peer forms lock").insert(self.target, false);
-                }
-                if status.code() == tonic::Code::Unavailable || status.code() == tonic::Code::Unknown {
-                    self.client = None;
-                    return Err(CallError::Unreachable(format!(
-                        "{method} to node {}: {}",
-                        self.target,
-                        status.message()
-                    )));
-                }
-                return Err(CallError::Network(format!(
-                    "{method} to node {}: {}",
-                    self.target,
-                    status.message()
-                )));
-            }
-            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(status)) => return Err(self.failed(method, status)),
+            Ok(Ok(r)) => r,
         };
         self.binary = resp.reads_bin;
         self.forms
@@ -189,6 +230,25 @@ impl Peer {
             .expect("peer forms lock")
             .insert(self.target, resp.reads_batched);
         payload(&resp).map_err(|e| CallError::Network(format!("decoding {method} reply: {e}")))
+    }
+
+    /// What a call that the peer answered with an error means.
+    fn failed(&mut self, method: &str, status: tonic::Status) -> CallError {
+        // The stream ends with its first error.
+        self.duplex = None;
+        // The peer may have been replaced by an earlier release: JSON again
+        // until it says otherwise, and a stream tried again.
+        self.binary = false;
+        self.streams = true;
+        if status.code() == tonic::Code::InvalidArgument {
+            // It could not read what it was sent.
+            self.forms.write().expect("peer forms lock").insert(self.target, false);
+        }
+        if status.code() == tonic::Code::Unavailable || status.code() == tonic::Code::Unknown {
+            self.client = None;
+            return CallError::Unreachable(format!("{method} to node {}: {}", self.target, status.message()));
+        }
+        CallError::Network(format!("{method} to node {}: {}", self.target, status.message()))
     }
 }
 
