@@ -86,15 +86,21 @@ type RaftStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::RaftMe
 #[tonic::async_trait]
 impl pb::raft_server::Raft for RaftService {
     async fn append_entries(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
-        self.handle(pb::RaftCall::AppendEntries, req.into_inner()).await.map(Response::new)
+        self.handle(pb::RaftCall::AppendEntries, req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn install_snapshot(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
-        self.handle(pb::RaftCall::InstallSnapshot, req.into_inner()).await.map(Response::new)
+        self.handle(pb::RaftCall::InstallSnapshot, req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn vote(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
-        self.handle(pb::RaftCall::Vote, req.into_inner()).await.map(Response::new)
+        self.handle(pb::RaftCall::Vote, req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     type StreamStream = RaftStream;

@@ -89,8 +89,8 @@ async fn main() -> anyhow::Result<()> {
                     store: store.clone(),
                     stopping: ctl.stopping.clone(),
                 })
-                    .max_decoding_message_size(sdn_controller::store::network::RAFT_MESSAGE_BYTES_MAX)
-                    .max_encoding_message_size(sdn_controller::store::network::RAFT_MESSAGE_BYTES_MAX),
+                .max_decoding_message_size(sdn_controller::store::network::RAFT_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(sdn_controller::store::network::RAFT_MESSAGE_BYTES_MAX),
             )
             .add_service(ClusterServer::new(ClusterService { store: store.clone() }))
     };

@@ -9,6 +9,7 @@
 //! that VPC; a group with no port costs nothing beyond itself.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ops::Bound;
 use std::sync::Arc;
 
 use sdn_policies::{Index, Kind, Object, Remote, State};
@@ -100,7 +101,7 @@ impl Shares {
                 share.notify = o.notify;
             }
             self.hosts.insert(host.clone(), share);
-            self.refresh_host(state, host, &BTreeSet::new());
+            self.refresh_host(state, host, &BTreeSet::new(), false);
         }
         for share in self.hosts.values_mut() {
             share.changed = revision;
@@ -172,15 +173,33 @@ impl Shares {
     /// `dirty`: the wanted names and the held ones are walked side by side,
     /// both in order, so a refresh costs the host's names, not a lookup of
     /// each in the cache.
-    fn refresh_host(&mut self, state: &State, host: &str, dirty: &BTreeSet<String>) -> Vec<Name> {
-        let wanted = names(state, host);
+    /// `only_quarantines`: the batch changed quarantines alone, so only
+    /// the host's quarantine names can change, and only those are walked.
+    fn refresh_host(
+        &mut self,
+        state: &State,
+        host: &str,
+        dirty: &BTreeSet<String>,
+        only_quarantines: bool,
+    ) -> Vec<Name> {
+        let (wanted, range) = if only_quarantines {
+            (
+                crate::slice::quarantine_names(state, host),
+                (
+                    Bound::Included(crate::slice::QUARANTINE),
+                    Bound::Excluded(crate::slice::PAST_QUARANTINES),
+                ),
+            )
+        } else {
+            (names(state, host), (Bound::Unbounded, Bound::Unbounded))
+        };
         let Some(share) = self.hosts.get(host) else {
             return Vec::new();
         };
         let mut joined: Vec<&String> = Vec::new();
         let mut again: Vec<Name> = Vec::new();
         let mut left: Vec<Name> = Vec::new();
-        let mut held = share.resources.keys().peekable();
+        let mut held = share.resources.range::<str, _>(range).map(|(k, _)| k).peekable();
         for n in &wanted {
             while let Some(h) = held.next_if(|h| h.as_ref() < n.as_str()) {
                 left.push(h.clone());
@@ -391,6 +410,7 @@ impl Shares {
         for n in &dirty {
             self.cache.remove(n.as_str());
         }
+        let only_quarantines = before.iter().all(|(k, _, _)| *k == Kind::Quarantine);
         let mut changed: BTreeMap<String, BTreeSet<Name>> = BTreeMap::new();
         for host in &hosts {
             if !state.hosts.contains_key(host) {
@@ -408,7 +428,7 @@ impl Shares {
             self.hosts
                 .entry(host.clone())
                 .or_insert_with(|| HostShare::new(revision));
-            let c = self.refresh_host(state, host, &dirty);
+            let c = self.refresh_host(state, host, &dirty, only_quarantines);
             if !c.is_empty() {
                 changed.entry(host.clone()).or_default().extend(c);
             }
@@ -601,6 +621,16 @@ mod tests {
         })
     }
 
+    fn quarantine(id: &str, target: QuarantineTarget, target_id: &str) -> Op {
+        Op::PutQuarantine(Quarantine {
+            id: id.into(),
+            target,
+            target_id: target_id.into(),
+            reason: "incident".into(),
+            expires_unix_ms: None,
+        })
+    }
+
     fn del(kind: Kind, id: &str) -> Op {
         Op::Delete { kind, id: id.into() }
     }
@@ -739,6 +769,18 @@ mod tests {
             (vec![host("h3", "192.0.2.3"), host("h4", "192.0.2.4")], None),
             (vec![port("d", "h4", "s1", "10.1.0.10", &["web"])], Some(&["h4"])),
             (vec![port("e", "h3", "s1", "10.1.0.11", &["db"])], Some(&["h3", "h4"])),
+            // Batches of quarantines alone walk only the hosts' quarantine
+            // names: one that moves from a VPC to a port leaves the host
+            // it no longer holds (h3) and changes on the one it does.
+            (vec![quarantine("q2", QuarantineTarget::Vpc, "v1")], Some(&["h3", "h4"])),
+            (vec![quarantine("q2", QuarantineTarget::Port, "d")], Some(&["h3", "h4"])),
+            (
+                vec![
+                    quarantine("q3", QuarantineTarget::Port, "e"),
+                    del(Kind::Quarantine, "q2"),
+                ],
+                Some(&["h3", "h4"]),
+            ),
         ];
         for (i, (ops, expect)) in steps.into_iter().enumerate() {
             let applied = state.apply(&ops).unwrap_or_else(|e| panic!("step {i}: {e}"));

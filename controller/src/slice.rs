@@ -48,7 +48,7 @@ pub fn resource(name: &str, kind: pb::resource::Kind) -> pb::Resource {
 /// Whether a resource's content is the same for every host that holds it
 /// (a quarantine lists only the host's own ports).
 pub fn shared_content(name: &str) -> bool {
-    !name.starts_with("quarantine/")
+    !name.starts_with(QUARANTINE)
 }
 
 /// The names of the resources a host holds.
@@ -96,6 +96,21 @@ pub fn names(state: &State, host: &str) -> BTreeSet<String> {
             }
         }
     }
+    quarantines_into(state, host, &local, &mut out);
+    out
+}
+
+/// The names of the quarantines that hold a port of `host`: of all its
+/// names, the only ones a batch of quarantines alone can change.
+pub fn quarantine_names(state: &State, host: &str) -> BTreeSet<String> {
+    let local: BTreeSet<&str> = state.index().vpcs_on(host).collect();
+    let mut out = BTreeSet::new();
+    quarantines_into(state, host, &local, &mut out);
+    out
+}
+
+fn quarantines_into(state: &State, host: &str, local: &BTreeSet<&str>, out: &mut BTreeSet<String>) {
+    let ix = state.index();
     for q in state.quarantines.values() {
         let here = match q.target {
             QuarantineTarget::Port => state.ports.get(&q.target_id).is_some_and(|p| p.host_id == host),
@@ -103,11 +118,15 @@ pub fn names(state: &State, host: &str) -> BTreeSet<String> {
             QuarantineTarget::Vm => Index::of(&ix.ports_by_vm, &q.target_id).any(|p| state.ports[p].host_id == host),
         };
         if here {
-            out.insert(format!("quarantine/{}", q.id));
+            out.insert(format!("{QUARANTINE}{}", q.id));
         }
     }
-    out
 }
+
+/// The prefix of a quarantine's name, and the first string past every such
+/// name (`'0'` follows `'/'`).
+pub const QUARANTINE: &str = "quarantine/";
+pub const PAST_QUARANTINES: &str = "quarantine0";
 
 /// One resource of `host`'s share, by name; `None` when its object is gone.
 pub fn build(state: &State, host: &str, name: &str) -> Option<pb::Resource> {
