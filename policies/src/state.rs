@@ -1014,8 +1014,11 @@ impl State {
             return Err(c.err("mac", format!("{} is already used by port {other} in vpc {vpc}", p.mac)));
         }
         // A VM is one tenant's: a port of another tenant naming it would be
-        // held by its quarantine, or hold it.
-        if !p.vm_id.is_empty() {
+        // held by its quarantine, or hold it. Checked when a port takes the
+        // id, so that a port that already had it (state of an earlier
+        // release) can still be changed.
+        let takes_vm = self.ports.get(&p.id).is_none_or(|old| old.vm_id != p.vm_id);
+        if !p.vm_id.is_empty() && takes_vm {
             if let Some(other) = Index::of(&ix.ports_by_vm, &p.vm_id)
                 .filter(|o| *o != p.id)
                 .filter_map(|o| self.ports.get(o))
@@ -1380,10 +1383,14 @@ impl State {
                 self.replace(Kind::Host, id, None);
             }
             Kind::Port => {
+                // Not while a quarantine holds it: a port deleted and put
+                // again elsewhere in one batch would leave it.
                 let vm = self.ports.get(id).map(|p| p.vm_id.as_str()).unwrap_or("");
-                if let Some(q) = self.quarantines.values().find(|q| {
-                    (q.target == QuarantineTarget::Port && q.target_id == id)
-                        || (q.target == QuarantineTarget::Vm && !vm.is_empty() && q.target_id == vm)
+                let vpc = self.ports.get(id).map(|p| self.vpc_of(p)).unwrap_or("");
+                if let Some(q) = self.quarantines.values().find(|q| match q.target {
+                    QuarantineTarget::Port => q.target_id == id,
+                    QuarantineTarget::Vm => !vm.is_empty() && q.target_id == vm,
+                    QuarantineTarget::Vpc => !vpc.is_empty() && q.target_id == vpc,
                 }) {
                     return in_use(format!("quarantine {} (lift it first)", q.id));
                 }
@@ -1963,6 +1970,21 @@ mod tests {
             })])
             .unwrap_err();
         assert_eq!(e.field, "operations[0].put_port.subnet_id");
+        assert!(e.message.contains("quarantine qv"), "{e}");
+        // Nor by deleting it and putting it again in another VPC, in one batch.
+        let e = s
+            .apply_batch(&[
+                Op::Delete {
+                    kind: Kind::Port,
+                    id: "p333".into(),
+                },
+                Op::PutPort(Port {
+                    subnet_id: "s3".into(),
+                    ipv4: Some("10.3.0.7".parse().unwrap()),
+                    ..p3.clone()
+                }),
+            ])
+            .unwrap_err();
         assert!(e.message.contains("quarantine qv"), "{e}");
         // Once lifted, the port may leave.
         s.apply_batch(&[

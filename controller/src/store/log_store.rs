@@ -38,11 +38,15 @@ const BINARY_V1: u8 = 1;
 /// The format byte of a binary entry that may carry several batches.
 const BATCHED: u8 = 2;
 
-/// An entry as stored.
+/// An entry as stored: in the earlier form when it has one, so that an
+/// earlier release reads back a log until it holds an entry of several
+/// batches.
 pub fn encode_entry(e: &Entry<TypeConfig>) -> Result<Vec<u8>, AnyError> {
-    let mut out = vec![BATCHED];
-    postcard::to_io(e, &mut out).map_err(any)?;
-    Ok(out)
+    let out = match super::entry_to_v1(e) {
+        Some(v1) => postcard::to_io(&v1, vec![BINARY_V1]),
+        None => postcard::to_io(e, vec![BATCHED]),
+    };
+    out.map_err(any)
 }
 
 /// A stored entry, in this release's form or an earlier one's.
@@ -263,7 +267,7 @@ mod tests {
             bin.len(),
             json.len()
         );
-        assert_eq!(bin[0], BATCHED);
+        assert_eq!(bin[0], BINARY_V1, "one batch: in the earlier form");
         assert_eq!(decode_entry(&bin).unwrap(), e);
         let v1 = entry_to_v1(&e).expect("one batch has the earlier form");
         let mut v1_bin = vec![BINARY_V1];
@@ -277,7 +281,9 @@ mod tests {
             commands: vec![command("a"), command("b")],
         });
         assert!(entry_to_v1(&several).is_none());
-        assert_eq!(decode_entry(&encode_entry(&several).unwrap()).unwrap(), several);
+        let stored = encode_entry(&several).unwrap();
+        assert_eq!(stored[0], BATCHED);
+        assert_eq!(decode_entry(&stored).unwrap(), several);
         assert!(decode_entry(&[7, 1, 2]).is_err());
         assert!(decode_entry(&[]).is_err());
         assert!(

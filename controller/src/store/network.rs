@@ -75,6 +75,8 @@ pub struct Peer {
 struct Duplex {
     requests: mpsc::Sender<pb::RaftMessage>,
     answers: tonic::Streaming<pb::RaftMessage>,
+    /// A request went and its answer has not been read.
+    awaiting: bool,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -158,6 +160,12 @@ impl Peer {
         }
         let mut client = self.client.clone().expect("connected");
         msg.cluster_id = cluster_id;
+        if self.duplex.as_ref().is_some_and(|d| d.awaiting) {
+            // A call was dropped between its request and its answer (its
+            // caller gave up): that answer is still to come, and must not be
+            // taken for this call's. A new stream.
+            self.duplex = None;
+        }
         if self.streams && self.duplex.is_none() {
             let (requests, rx) = mpsc::channel(1);
             match tokio::time::timeout(ttl, client.stream(ReceiverStream::new(rx))).await {
@@ -175,6 +183,7 @@ impl Peer {
                     self.duplex = Some(Duplex {
                         requests,
                         answers: answers.into_inner(),
+                        awaiting: false,
                     })
                 }
             }
@@ -187,15 +196,18 @@ impl Peer {
                     _ => pb::RaftCall::Vote,
                 } as i32;
                 let exchange = async {
+                    d.awaiting = true;
                     d.requests
                         .send(msg)
                         .await
                         .map_err(|_| tonic::Status::unavailable("the stream closed"))?;
-                    match d.answers.message().await {
+                    let answer = match d.answers.message().await {
                         Ok(Some(m)) => Ok(m),
                         Ok(None) => Err(tonic::Status::unavailable("the peer ended the stream")),
                         Err(status) => Err(status),
-                    }
+                    };
+                    d.awaiting = false;
+                    answer
                 };
                 tokio::time::timeout(ttl, exchange).await
             }
@@ -587,5 +599,101 @@ mod tests {
             let earlier = payload::<AppendEntriesRequest<V1>>(&pb::RaftMessage { batched: vec![], ..msg });
             assert!(earlier.is_err(), "an earlier release refuses it");
         }
+    }
+
+    /// A peer that answers votes on the stream, the vote of term 1 only
+    /// after 300 ms.
+    #[derive(Clone)]
+    struct SlowPeer;
+
+    #[tonic::async_trait]
+    impl pb::raft_server::Raft for SlowPeer {
+        async fn append_entries(
+            &self,
+            _: tonic::Request<pb::RaftMessage>,
+        ) -> Result<tonic::Response<pb::RaftMessage>, tonic::Status> {
+            Err(tonic::Status::unimplemented("append"))
+        }
+
+        async fn install_snapshot(
+            &self,
+            _: tonic::Request<pb::RaftMessage>,
+        ) -> Result<tonic::Response<pb::RaftMessage>, tonic::Status> {
+            Err(tonic::Status::unimplemented("snapshot"))
+        }
+
+        async fn vote(
+            &self,
+            _: tonic::Request<pb::RaftMessage>,
+        ) -> Result<tonic::Response<pb::RaftMessage>, tonic::Status> {
+            Err(tonic::Status::unimplemented("vote"))
+        }
+
+        type StreamStream =
+            std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::RaftMessage, tonic::Status>> + Send>>;
+
+        async fn stream(
+            &self,
+            req: tonic::Request<tonic::Streaming<pb::RaftMessage>>,
+        ) -> Result<tonic::Response<Self::StreamStream>, tonic::Status> {
+            let mut inbound = req.into_inner();
+            let (tx, rx) = mpsc::channel(1);
+            tokio::spawn(async move {
+                while let Ok(Some(msg)) = inbound.message().await {
+                    let v: VoteRequest<u64> = payload(&msg).unwrap();
+                    if v.vote.leader_id().term == 1 {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                    let answer: Result<VoteResponse<u64>, RaftError<u64>> = Ok(VoteResponse::new(v.vote, None, true));
+                    let mut m = pb::RaftMessage {
+                        reads_bin: true,
+                        reads_batched: true,
+                        ..Default::default()
+                    };
+                    put_payload(&mut m, &answer, form_of(&msg)).unwrap();
+                    if tx.send(Ok(m)).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            Ok(tonic::Response::new(Box::pin(ReceiverStream::new(rx))))
+        }
+    }
+
+    /// A call dropped between its request and its answer (openraft gives
+    /// up on an append after its own timeout) leaves that answer on the
+    /// stream; the next call must not take it for its own, or the leader
+    /// would count a follower for entries it never got.
+    #[tokio::test]
+    async fn an_answer_is_never_taken_for_a_later_request() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(pb::raft_server::RaftServer::new(SlowPeer))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut net = Network {
+            cluster_id: Arc::new(RwLock::new(Some("c".into()))),
+            forms: PeerForms::default(),
+        };
+        let mut peer = net.new_client(2, &BasicNode::new(format!("http://{addr}"))).await;
+        let first = tokio::time::timeout(
+            Duration::from_millis(150),
+            peer.vote(
+                VoteRequest::new(Vote::new(1, 1), None),
+                RPCOption::new(Duration::from_secs(2)),
+            ),
+        )
+        .await;
+        assert!(first.is_err(), "the first call is dropped before its answer");
+        let second = peer
+            .vote(
+                VoteRequest::new(Vote::new(2, 1), None),
+                RPCOption::new(Duration::from_secs(2)),
+            )
+            .await
+            .unwrap();
+        assert_eq!(second.vote, Vote::new(2, 1), "the second call's own answer");
     }
 }

@@ -33,6 +33,12 @@ pub const BATCHES_MAX: usize = 512;
 /// their binary form): a lagging follower's appends stay bounded.
 pub const ENTRY_BYTES_MAX: usize = 1 << 20;
 
+/// How long an entry holds its slot at most. An entry whose answer never
+/// comes (openraft 0.9 forgets the writers of entries a snapshot replaced
+/// on a replica that led before a partition) must not keep later writes
+/// from proposing; its writers still wait for their answer.
+pub const SLOT_HELD_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A client's batch waiting for an entry, and where its answer goes.
 pub struct Pending {
     pub command: Command,
@@ -120,7 +126,17 @@ pub async fn run(
         tokio::spawn(async move {
             let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
             let n = commands.len();
-            match raft.client_write(Proposal { commands }).await {
+            let write = raft.client_write(Proposal { commands });
+            tokio::pin!(write);
+            let answer = tokio::select! {
+                a = &mut write => a,
+                _ = tokio::time::sleep(SLOT_HELD_MAX) => {
+                    tracing::warn!(batches = n, "an entry is not committed after {SLOT_HELD_MAX:?}; its slot goes to the next");
+                    drop(slot);
+                    write.await
+                }
+            };
+            match answer {
                 Ok(r) if r.data.len() == n => {
                     for (reply, outcome) in replies.into_iter().zip(r.data) {
                         let _ = reply.send(Ok(outcome));
@@ -144,7 +160,6 @@ pub async fn run(
                     }
                 }
             }
-            drop(slot);
         });
     }
 }
