@@ -462,19 +462,29 @@ impl Controller {
     }
 }
 
-/// A resource version's 128 bits, as bytes: a stream keeps one per resource
-/// its agent holds, so it is kept small (17 bytes with its `Option`, where a
-/// `u128` would take 32).
-type Bits = [u8; 16];
+/// A resource version's 256 bits, as bytes: a stream keeps one per resource
+/// its agent holds, so it is kept as bytes (33 with its `Option`), not as
+/// its 64 characters of text.
+type Bits = [u8; 32];
 
-/// A resource version as its 128 bits; `None` for a version this release
+/// A resource version as its 256 bits; `None` for a version this release
 /// does not write (an agent may hold one of an earlier release): only the
-/// 32 lowercase hex digits it writes, so that equal bits mean equal text.
+/// 64 lowercase hex digits it writes, so that equal bits mean equal text.
 fn version_bits(v: &str) -> Option<Bits> {
-    if v.len() != 32 || !v.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    let digit = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        _ => None,
+    };
+    let v = v.as_bytes();
+    if v.len() != 64 {
         return None;
     }
-    u128::from_str_radix(v, 16).ok().map(u128::to_be_bytes)
+    let mut bits = [0u8; 32];
+    for (i, pair) in v.chunks_exact(2).enumerate() {
+        bits[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(bits)
 }
 
 /// Whether the agent holds this version of a resource.
@@ -496,29 +506,57 @@ async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
 mod tests {
     use super::*;
 
-    /// A held version counts only when it is this release's 128 bits and
-    /// equal; anything else (an earlier release's 64-bit version, text that
-    /// is not hex, no version) makes the resource go again.
+    /// A held version counts only when it is this release's 256 bits and
+    /// equal; anything else (an earlier release's 64- or 128-bit version,
+    /// text that is not lowercase hex, no version) makes the resource go
+    /// again.
     #[test]
     fn only_an_equal_version_counts_as_held() {
-        let v = "0123456789abcdef0123456789abcdef";
-        assert_eq!(
-            version_bits(v),
-            Some(0x0123456789abcdef0123456789abcdef_u128.to_be_bytes())
+        let v = "0123456789abcdef0123456789abcdef00112233445566778899aabbccddeeff";
+        let mut want = [0u8; 32];
+        want[..16].copy_from_slice(&0x0123456789abcdef0123456789abcdef_u128.to_be_bytes());
+        want[16..].copy_from_slice(&0x00112233445566778899aabbccddeeff_u128.to_be_bytes());
+        assert_eq!(version_bits(v), Some(want));
+        // What the controller writes reads back as what it wrote.
+        let r = crate::slice::resource(
+            "members/g",
+            pb::resource::Kind::GroupMembers(pb::GroupMembers::default()),
         );
+        assert_eq!(r.version.len(), 64);
+        assert!(same_version(Some(&version_bits(&r.version)), &r.version));
         assert!(same_version(Some(&version_bits(v)), v));
         assert!(!same_version(
             Some(&version_bits(v)),
-            "0123456789abcdef0123456789abcdee"
+            "0123456789abcdef0123456789abcdef00112233445566778899aabbccddeefe"
         ));
         assert!(!same_version(None, v));
         assert!(!same_version(Some(&None), v));
-        assert_eq!(version_bits("0123456789abcdef"), None, "an earlier release's version");
-        assert_eq!(version_bits("zz23456789abcdef0123456789abcdef"), None);
+        assert_eq!(
+            version_bits("0123456789abcdef"),
+            None,
+            "a version of an earlier release"
+        );
+        assert_eq!(
+            version_bits("0123456789abcdef0123456789abcdef"),
+            None,
+            "a 128-bit version of an earlier release"
+        );
+        assert_eq!(
+            version_bits("zz23456789abcdef0123456789abcdef00112233445566778899aabbccddeeff"),
+            None
+        );
         assert!(!same_version(Some(&version_bits("x")), "x"));
-        // Text the controller never writes, though it parses as the same
+        // Text the controller never writes, though it reads as the same
         // number, is not the same version.
-        assert_eq!(version_bits("0123456789ABCDEF0123456789ABCDEF"), None);
-        assert_eq!(version_bits("+123456789abcdef0123456789abcdef"), None);
+        assert_eq!(
+            version_bits("0123456789ABCDEF0123456789abcdef00112233445566778899aabbccddeeff"),
+            None
+        );
+        assert_eq!(
+            version_bits("+123456789abcdef0123456789abcdef00112233445566778899aabbccddeeff"),
+            None
+        );
+        // Multi-byte text of the right length is refused, not split.
+        assert_eq!(version_bits(&"é".repeat(32)), None);
     }
 }

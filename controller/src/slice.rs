@@ -28,11 +28,14 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
     h
 }
 
-/// A resource with its version: the first 128 bits of the SHA-256 of its
-/// encoding. Agents and the shares take an equal version for equal
-/// content, so two contents must not share one: a digest nobody can
-/// collide (a tenant choosing names and rule ids could collide a 64-bit
-/// non-cryptographic hash, and a revoked rule would stay enforced).
+/// A resource with its version: the SHA-256 of its encoding, whole. Agents
+/// and the shares take an equal version for equal content, so two contents
+/// must not share one: a digest nobody can collide. A tenant chooses names
+/// and rule ids; with a 64-bit hash, or SHA-256 cut to 128 bits (a
+/// collision in about 2^64 tries), it could make a permissive group and a
+/// harmless one of equal version, put the first and then the second, and
+/// the agents would go on enforcing the first while the controller and the
+/// audit show the second.
 pub fn resource(name: &str, kind: pb::resource::Kind) -> pb::Resource {
     use sha2::Digest as _;
     let mut r = pb::Resource {
@@ -41,7 +44,7 @@ pub fn resource(name: &str, kind: pb::resource::Kind) -> pb::Resource {
         kind: Some(kind),
     };
     let digest = sha2::Sha256::digest(r.encode_to_vec());
-    r.version = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    r.version = digest.iter().map(|b| format!("{b:02x}")).collect();
     r
 }
 
