@@ -44,7 +44,13 @@ pub fn resource(name: &str, kind: pb::resource::Kind) -> pb::Resource {
         kind: Some(kind),
     };
     let digest = sha2::Sha256::digest(r.encode_to_vec());
-    r.version = digest.iter().map(|b| format!("{b:02x}")).collect();
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut version = String::with_capacity(2 * digest.len());
+    for b in digest {
+        version.push(HEX[usize::from(b >> 4)] as char);
+        version.push(HEX[usize::from(b & 15)] as char);
+    }
+    r.version = version;
     r
 }
 
