@@ -148,6 +148,18 @@ pub enum WriteError {
     Raft(String),
 }
 
+/// What a failed Raft call tells the caller: where the leader is, when
+/// this replica is not it.
+fn raft_error<E>(e: openraft::error::RaftError<u64, E>) -> WriteError
+where
+    E: openraft::TryAsRef<openraft::error::ForwardToLeader<u64, BasicNode>> + std::fmt::Display + std::fmt::Debug,
+{
+    match e.forward_to_leader() {
+        Some(f) => WriteError::NotLeader(f.leader_node.as_ref().map(|n: &BasicNode| n.addr.clone())),
+        None => WriteError::Raft(e.to_string()),
+    }
+}
+
 /// How a replica starts when its data directory holds no cluster yet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Start {
@@ -338,13 +350,7 @@ impl Store {
 
     /// Waits until reads on this node see every write committed before the call.
     pub async fn linearizable(&self) -> Result<(), WriteError> {
-        self.raft
-            .ensure_linearizable()
-            .await
-            .map_err(|e| match e.forward_to_leader() {
-                Some(f) => WriteError::NotLeader(f.leader_node.as_ref().map(|n: &BasicNode| n.addr.clone())),
-                None => WriteError::Raft(e.to_string()),
-            })?;
+        self.raft.ensure_linearizable().await.map_err(raft_error)?;
         let applied = self.raft.metrics().borrow().last_applied.map(|l| l.index).unwrap_or(0);
         if applied < self.startup_tail {
             self.raft

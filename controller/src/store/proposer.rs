@@ -16,8 +16,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
-use openraft::{BasicNode, Raft};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use openraft::Raft;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::{Command, Outcome, Proposal, TypeConfig, WriteError};
 
@@ -43,16 +43,6 @@ pub const SLOT_HELD_MAX: std::time::Duration = std::time::Duration::from_secs(5)
 pub struct Pending {
     pub command: Command,
     pub reply: oneshot::Sender<Result<Outcome, WriteError>>,
-}
-
-/// Maps a failed proposal to what each of its writers is told.
-pub fn write_error(
-    e: openraft::error::RaftError<u64, openraft::error::ClientWriteError<u64, BasicNode>>,
-) -> WriteError {
-    match e.forward_to_leader() {
-        Some(f) => WriteError::NotLeader(f.leader_node.as_ref().map(|n: &BasicNode| n.addr.clone())),
-        None => WriteError::Raft(e.to_string()),
-    }
 }
 
 /// Whether every other member has said it reads entries of several batches.
@@ -89,22 +79,7 @@ pub async fn run(
         if !members_read_batches(&raft, node_id, &forms) {
             // A member may be of an earlier release: one batch per entry,
             // each proposed at once, as that release does.
-            let raft = raft.clone();
-            tokio::spawn(async move {
-                let answer = raft
-                    .client_write(Proposal {
-                        commands: vec![first.command],
-                    })
-                    .await
-                    .map_err(write_error)
-                    .and_then(|r| {
-                        r.data
-                            .into_iter()
-                            .next()
-                            .ok_or_else(|| WriteError::Raft("the store answered a batch with nothing".into()))
-                    });
-                let _ = first.reply.send(answer);
-            });
+            tokio::spawn(propose(raft.clone(), vec![first], None));
             continue;
         }
         // Wait for a slot; writes queue up meanwhile and go together.
@@ -122,44 +97,50 @@ pub async fn run(
             }
             batch.push(p);
         }
-        let raft = raft.clone();
-        tokio::spawn(async move {
-            let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
-            let n = commands.len();
-            let write = raft.client_write(Proposal { commands });
-            tokio::pin!(write);
-            let answer = tokio::select! {
-                a = &mut write => a,
-                _ = tokio::time::sleep(SLOT_HELD_MAX) => {
-                    tracing::warn!(batches = n, "an entry is not committed after {SLOT_HELD_MAX:?}; its slot goes to the next");
-                    drop(slot);
-                    write.await
-                }
-            };
-            match answer {
-                Ok(r) if r.data.len() == n => {
-                    for (reply, outcome) in replies.into_iter().zip(r.data) {
-                        let _ = reply.send(Ok(outcome));
-                    }
-                }
-                Ok(r) => {
-                    let e = WriteError::Raft(format!(
-                        "the store answered {} batches with {} answers",
-                        n,
-                        r.data.len()
-                    ));
-                    tracing::error!(%e, "a proposal's answers do not match its batches");
-                    for reply in replies {
-                        let _ = reply.send(Err(e.clone()));
-                    }
-                }
-                Err(e) => {
-                    let e = write_error(e);
-                    for reply in replies {
-                        let _ = reply.send(Err(e.clone()));
-                    }
-                }
+        tokio::spawn(propose(raft.clone(), batch, Some(slot)));
+    }
+}
+
+/// Proposes `batch` as one entry and gives each writer its answer. `slot`,
+/// if any, is held until the entry's answer, at most [`SLOT_HELD_MAX`].
+async fn propose(raft: Raft<TypeConfig>, batch: Vec<Pending>, slot: Option<OwnedSemaphorePermit>) {
+    let (commands, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+    let n = commands.len();
+    let write = raft.client_write(Proposal { commands });
+    tokio::pin!(write);
+    let answer = match slot {
+        None => write.await,
+        Some(slot) => tokio::select! {
+            a = &mut write => a,
+            _ = tokio::time::sleep(SLOT_HELD_MAX) => {
+                tracing::warn!(batches = n, "an entry is not committed after {SLOT_HELD_MAX:?}; its slot goes to the next");
+                drop(slot);
+                write.await
             }
-        });
+        },
+    };
+    match answer {
+        Ok(r) if r.data.len() == n => {
+            for (reply, outcome) in replies.into_iter().zip(r.data) {
+                let _ = reply.send(Ok(outcome));
+            }
+        }
+        Ok(r) => {
+            let e = WriteError::Raft(format!(
+                "the store answered {} batches with {} answers",
+                n,
+                r.data.len()
+            ));
+            tracing::error!(%e, "a proposal's answers do not match its batches");
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+        Err(e) => {
+            let e = super::raft_error(e);
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
     }
 }
