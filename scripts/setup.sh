@@ -26,6 +26,9 @@ PKGS=(
     bpftool             # inspection of loaded programs and pins
     etcd-server         # the controller cluster's benchmark peer
     clang llvm          # not needed to build, useful to read verifier output
+    cmake libclang-dev  # BoringSSL (the `boring` crate) builds from source
+    openssl             # s_client: a TLS peer in the tests
+    python3-grpcio      # a gRPC client that is not ours, in the tests
 )
 missing=()
 for p in "${PKGS[@]}"; do

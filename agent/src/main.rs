@@ -9,6 +9,8 @@ use sdn_agent::{dataplane, overlay, watch::Agent};
 #[derive(Parser)]
 #[command(version, about = "SDN host agent")]
 struct Cli {
+    #[command(flatten)]
+    tls: sdn_proto::tls::TlsArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -20,7 +22,9 @@ enum Cmd {
         /// This host's id, as provisioned.
         #[arg(long, env = "SDN_HOST")]
         host: String,
-        /// Controller addresses (http://HOST:PORT or unix:///PATH); tried in turn.
+        /// Controller addresses (https://HOST:PORT, unix:///PATH, or
+        /// http://HOST:PORT for a controller run --insecure); tried in turn.
+        /// With a certificate (--tls-*), the local socket speaks TLS too.
         #[arg(long = "controller", env = "SDN_CONTROLLER", value_delimiter = ',', required = true)]
         controllers: Vec<String>,
         /// Directory on bpffs for this agent's maps and links.
@@ -66,7 +70,9 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    cli.tls.install_client().map_err(anyhow::Error::msg)?;
+    match cli.cmd {
         Cmd::Run {
             host,
             controllers,

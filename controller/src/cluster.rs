@@ -11,6 +11,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{forward, Caller};
+use sdn_proto::tls::Role;
+
 use crate::store::network::{form_of, Form};
 use crate::store::Store;
 
@@ -86,18 +89,21 @@ type RaftStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::RaftMe
 #[tonic::async_trait]
 impl pb::raft_server::Raft for RaftService {
     async fn append_entries(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        Caller::of(&req)?.require("Raft.AppendEntries", &[Role::Replica])?;
         self.handle(pb::RaftCall::AppendEntries, req.into_inner())
             .await
             .map(Response::new)
     }
 
     async fn install_snapshot(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        Caller::of(&req)?.require("Raft.InstallSnapshot", &[Role::Replica])?;
         self.handle(pb::RaftCall::InstallSnapshot, req.into_inner())
             .await
             .map(Response::new)
     }
 
     async fn vote(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
+        Caller::of(&req)?.require("Raft.Vote", &[Role::Replica])?;
         self.handle(pb::RaftCall::Vote, req.into_inner())
             .await
             .map(Response::new)
@@ -109,6 +115,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         req: Request<tonic::Streaming<pb::RaftMessage>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
+        Caller::of(&req)?.require("Raft.Stream", &[Role::Replica])?;
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let this = self.clone();
@@ -269,13 +276,19 @@ fn raft_status<E: std::fmt::Display>(what: &str, e: E) -> Status {
 
 #[tonic::async_trait]
 impl pb::cluster_server::Cluster for ClusterService {
-    async fn status(&self, _req: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+    async fn status(&self, req: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+        Caller::of(&req)?.require(
+            "Cluster.Status",
+            &[Role::Admin, Role::Supervisor, Role::Platform, Role::Replica],
+        )?;
         Ok(Response::new(self.status_now()))
     }
 
     async fn add_learner(&self, req: Request<pb::AddLearnerRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+        let caller = Caller::of(&req)?;
+        caller.require("Cluster.AddLearner", &[Role::Admin])?;
         let req = req.into_inner();
-        let fwd = req.clone();
+        let fwd = forward(req.clone(), &caller);
         if let Some(s) = self
             .on_leader(|mut c| async move { c.add_learner(fwd).await.map(|r| r.into_inner()) })
             .await?
@@ -321,9 +334,12 @@ impl pb::cluster_server::Cluster for ClusterService {
     }
 
     async fn promote(&self, req: Request<pb::MemberRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+        let caller = Caller::of(&req)?;
+        caller.require("Cluster.Promote", &[Role::Admin])?;
         let req = req.into_inner();
+        let fwd = forward(req.clone(), &caller);
         if let Some(s) = self
-            .on_leader(|mut c| async move { c.promote(req).await.map(|r| r.into_inner()) })
+            .on_leader(|mut c| async move { c.promote(fwd).await.map(|r| r.into_inner()) })
             .await?
         {
             return Ok(Response::new(s));
@@ -353,9 +369,12 @@ impl pb::cluster_server::Cluster for ClusterService {
     }
 
     async fn remove(&self, req: Request<pb::MemberRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
+        let caller = Caller::of(&req)?;
+        caller.require("Cluster.Remove", &[Role::Admin])?;
         let req = req.into_inner();
+        let fwd = forward(req.clone(), &caller);
         if let Some(s) = self
-            .on_leader(|mut c| async move { c.remove(req).await.map(|r| r.into_inner()) })
+            .on_leader(|mut c| async move { c.remove(fwd).await.map(|r| r.into_inner()) })
             .await?
         {
             return Ok(Response::new(s));

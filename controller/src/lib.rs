@@ -1,9 +1,11 @@
 //! The controller: provisioning API, replicated store, per-host slices,
 //! watch fan-out and audit.
 
+pub mod auth;
 pub mod cluster;
 pub use sdn_policies::convert;
 pub mod enforcement;
+pub mod serve;
 pub mod service;
 pub mod shares;
 pub mod slice;

@@ -13,7 +13,6 @@ use sdn_proto::v1::{
     agent_server::AgentServer, cluster_server::ClusterServer, provisioning_server::ProvisioningServer,
     raft_server::RaftServer,
 };
-use tokio_stream::wrappers::UnixListenerStream;
 
 #[derive(Parser, Debug)]
 #[command(version, about = "SDN controller: provisioning and agent APIs over a Raft store")]
@@ -42,6 +41,17 @@ struct Args {
     /// the log, and so the replay at a restart, shorter.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..))]
     snapshot_every: u64,
+    #[command(flatten)]
+    tls: sdn_proto::tls::TlsArgs,
+    /// Serve plain HTTP/2 with no authentication: anyone who reaches the
+    /// controller may do anything. For local experiments only.
+    #[arg(long)]
+    insecure: bool,
+    /// Who a caller on the local socket without a certificate is, by its
+    /// user id: `UID=ROLE/NAME` (`0=admin/root`, `1001=tenant/t1/alice`).
+    /// Repeatable.
+    #[arg(long = "unix-role", value_parser = sdn_controller::serve::parse_unix_role)]
+    unix_roles: Vec<(u32, sdn_proto::tls::Identity)>,
 }
 
 #[tokio::main]
@@ -54,10 +64,48 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    let files = args.tls.files().map_err(anyhow::Error::msg)?;
+    let tls = match (&files, args.insecure) {
+        (Some(_), true) => anyhow::bail!("give either --insecure or the TLS files (--tls-ca, --tls-cert, --tls-key), not both"),
+        (None, false) => anyhow::bail!(
+            "no TLS certificate: give --tls-ca, --tls-cert and --tls-key (`sdnctl pki bootstrap` makes them), \
+             or --insecure for a local experiment"
+        ),
+        (None, true) => {
+            tracing::warn!(
+                target: "sdn::security",
+                "--insecure: serving plain HTTP/2 with no authentication; anyone who reaches {} may change the network",
+                args.listen
+            );
+            None
+        }
+        (Some(f), false) => {
+            let id = f.identity().map_err(anyhow::Error::msg)?;
+            if id.role != sdn_proto::tls::Role::Replica || id.name != args.node_id.to_string() {
+                anyhow::bail!(
+                    "{}: names {}, not this replica (sdn://replica/{})",
+                    f.cert.display(),
+                    id.uri(),
+                    args.node_id
+                );
+            }
+            let acceptor = sdn_proto::tls::Acceptor::new(f.clone()).map_err(anyhow::Error::msg)?;
+            // The same certificate for the connections to the other replicas.
+            sdn_proto::tls::install_client(f.clone()).map_err(anyhow::Error::msg)?;
+            Some(Arc::new(acceptor))
+        }
+    };
+    sdn_controller::auth::set_insecure(args.insecure);
+    let listeners = sdn_controller::serve::Listeners {
+        tls,
+        unix_roles: Arc::new(args.unix_roles.iter().cloned().collect()),
+        insecure: args.insecure,
+    };
+    let scheme = if args.insecure { "http" } else { "https" };
     let advertise = args
         .advertise
         .clone()
-        .unwrap_or_else(|| format!("http://{}", args.listen));
+        .unwrap_or_else(|| format!("{scheme}://{}", args.listen));
     let start = if args.join { Start::Join } else { Start::Bootstrap };
     let store = Store::open(&args.data_dir, args.node_id, &advertise, start, args.snapshot_every)
         .await
@@ -108,9 +156,8 @@ async fn main() -> anyhow::Result<()> {
     {
         let mut rx = stop_tx.subscribe();
         let r = router();
+        let incoming = listeners.tcp(tcp);
         servers.spawn(async move {
-            // TCP_NODELAY: without it, small replies wait on delayed ACKs (40 ms).
-            let incoming = tonic::transport::server::TcpIncoming::from(tcp).with_nodelay(Some(true));
             r.serve_with_incoming_shutdown(incoming, async move {
                 let _ = rx.recv().await;
             })
@@ -126,8 +173,9 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(socket = %path.display(), "controller serving on a unix socket");
         let mut rx = stop_tx.subscribe();
         let r = router();
+        let incoming = listeners.unix(uds);
         servers.spawn(async move {
-            r.serve_with_incoming_shutdown(UnixListenerStream::new(uds), async move {
+            r.serve_with_incoming_shutdown(incoming, async move {
                 let _ = rx.recv().await;
             })
             .await

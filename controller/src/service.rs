@@ -12,7 +12,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Caller, ON_BEHALF_OF, READERS};
 use crate::convert;
+use sdn_proto::tls::Role;
 use crate::enforcement::{Enforcement, WaitError};
 use crate::shares::Name;
 use crate::store::{Store, WriteError};
@@ -41,10 +43,41 @@ fn forwarded<T>(req: &Request<T>) -> bool {
     req.metadata().get(FORWARDED).is_some()
 }
 
-fn mark<T>(msg: T) -> Request<T> {
+/// A request forwarded to the leader for `caller`: marked, and saying
+/// whom this replica acts for.
+fn mark<T>(msg: T, caller: &Caller) -> Request<T> {
     let mut r = Request::new(msg);
     r.metadata_mut().insert(FORWARDED, "1".parse().expect("ascii"));
+    if let Some(uri) = caller.on_behalf() {
+        if let Ok(v) = uri.parse() {
+            r.metadata_mut().insert(ON_BEHALF_OF, v);
+        }
+    }
     r
+}
+
+/// What a tenant sees of the state: its tenant, VPCs, their subnets, its
+/// ports and security groups.
+fn tenant_view(s: &sdn_policies::State, tenant: &str) -> sdn_policies::State {
+    let mut v = sdn_policies::State::default();
+    if let Some(t) = s.tenants.get(tenant) {
+        v.tenants.insert(t.id.clone(), t.clone());
+    }
+    v.vpcs = s.vpcs.iter().filter(|(_, x)| x.tenant_id == tenant).map(|(k, x)| (k.clone(), x.clone())).collect();
+    v.subnets = s
+        .subnets
+        .iter()
+        .filter(|(_, x)| v.vpcs.contains_key(&x.vpc_id))
+        .map(|(k, x)| (k.clone(), x.clone()))
+        .collect();
+    v.ports = s.ports.iter().filter(|(_, x)| x.tenant_id == tenant).map(|(k, x)| (k.clone(), x.clone())).collect();
+    v.security_groups = s
+        .security_groups
+        .iter()
+        .filter(|(_, x)| x.tenant_id == tenant)
+        .map(|(k, x)| (k.clone(), x.clone()))
+        .collect();
+    v
 }
 
 async fn leader_client(
@@ -69,6 +102,8 @@ fn not_leader(leader: Option<String>, already_forwarded: bool) -> Result<String,
 #[tonic::async_trait]
 impl pb::provisioning_server::Provisioning for Controller {
     async fn apply(&self, req: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        let caller = Caller::of(&req)?;
+        caller.require("Apply", &[Role::Platform, Role::Admin, Role::Tenant])?;
         let was_forwarded = forwarded(&req);
         let req = req.into_inner();
         if req.operations.len() > MAX_BATCH {
@@ -92,10 +127,17 @@ impl pb::provisioning_server::Provisioning for Controller {
                 }
             }
         }
-        let actor = if req.actor.trim().is_empty() {
-            "unknown".to_string()
-        } else {
-            req.actor.clone()
+        // Every operation is the caller's to make, before any is written
+        // (a group's tenant never changes, so a check against the state of
+        // now holds when the batch applies).
+        caller.check_batch(&ops, &self.store.shared.read().await.state)?;
+        // The audit log names the caller as its certificate does; what the
+        // request says of itself is kept beside it.
+        let actor = match (caller.identity.is_some(), req.actor.trim()) {
+            (true, "") => caller.actor.clone(),
+            (true, said) => format!("{} ({said})", caller.actor),
+            (false, "") => "unknown".to_string(),
+            (false, said) => said.to_string(),
         };
         let outcome = match self.store.write(&actor, ops).await {
             Ok(o) => o,
@@ -104,7 +146,7 @@ impl pb::provisioning_server::Provisioning for Controller {
             Err(WriteError::NotLeader(leader)) => {
                 let addr = not_leader(leader, was_forwarded)?;
                 tracing::debug!(leader = %addr, "forwarding a write to the leader");
-                return leader_client(&addr).await?.apply(mark(req)).await;
+                return leader_client(&addr).await?.apply(mark(req, &caller)).await;
             }
         };
         tracing::info!(revision = outcome.revision, actor = %actor, hosts = ?outcome.hosts, "applied batch");
@@ -140,6 +182,8 @@ impl pb::provisioning_server::Provisioning for Controller {
     }
 
     async fn list(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
+        let caller = Caller::of(&req)?;
+        caller.require("List", &[Role::Platform, Role::Admin, Role::Supervisor, Role::Tenant])?;
         let was_forwarded = forwarded(&req);
         let req = req.into_inner();
         let kind = if req.kind == 0 {
@@ -155,17 +199,22 @@ impl pb::provisioning_server::Provisioning for Controller {
                 Ok(()) => {}
                 Err(WriteError::NotLeader(leader)) => {
                     let addr = not_leader(leader, was_forwarded)?;
-                    return leader_client(&addr).await?.list(mark(req)).await;
+                    return leader_client(&addr).await?.list(mark(req, &caller)).await;
                 }
                 Err(e) => return Err(Status::unavailable(e.to_string())),
             }
         }
         let shared = self.store.shared.read().await;
-        let out = convert::list_to_pb(&shared.state, kind, shared.revision);
+        let out = match caller.tenant() {
+            Some(t) => convert::list_to_pb(&tenant_view(&shared.state, t), kind, shared.revision),
+            None => convert::list_to_pb(&shared.state, kind, shared.revision),
+        };
         Ok(Response::new(out))
     }
 
     async fn audit(&self, req: Request<pb::AuditRequest>) -> Result<Response<pb::AuditResponse>, Status> {
+        let caller = Caller::of(&req)?;
+        caller.require("Audit", &[Role::Platform, Role::Admin, Role::Supervisor, Role::Tenant])?;
         let was_forwarded = forwarded(&req);
         let req = req.into_inner();
         let limit = match req.limit {
@@ -177,7 +226,7 @@ impl pb::provisioning_server::Provisioning for Controller {
             Ok(()) => {}
             Err(WriteError::NotLeader(leader)) => {
                 let addr = not_leader(leader, was_forwarded)?;
-                return leader_client(&addr).await?.audit(mark(req)).await;
+                return leader_client(&addr).await?.audit(mark(req, &caller)).await;
             }
             Err(e) => return Err(Status::unavailable(e.to_string())),
         }
@@ -186,6 +235,11 @@ impl pb::provisioning_server::Provisioning for Controller {
             .audit(req.after_revision, limit)
             .map_err(|e| Status::internal(format!("reading the audit log: {e:#}")))?
             .into_iter()
+            // A tenant reads the records its own users made.
+            .filter(|r| match caller.tenant() {
+                Some(t) => r.actor.starts_with(&format!("sdn://tenant/{t}/")),
+                None => true,
+            })
             .map(|r| pb::AuditRecord {
                 revision: r.revision,
                 actor: r.actor,
@@ -200,10 +254,15 @@ impl pb::provisioning_server::Provisioning for Controller {
         &self,
         req: Request<pb::EnforcementRequest>,
     ) -> Result<Response<pb::EnforcementResponse>, Status> {
+        let caller = Caller::of(&req)?;
+        caller.require("Enforcement", READERS)?;
         // Agents' acks gather on the leader: ask it.
         if !self.store.is_leader() {
             let addr = not_leader(self.store.leader().map(|l| l.1), forwarded(&req))?;
-            return leader_client(&addr).await?.enforcement(mark(req.into_inner())).await;
+            return leader_client(&addr)
+                .await?
+                .enforcement(mark(req.into_inner(), &caller))
+                .await;
         }
         let shared = self.store.shared.read().await;
         let status = self.enforcement.status();
@@ -237,12 +296,29 @@ impl pb::provisioning_server::Provisioning for Controller {
     }
 }
 
+/// Only the agent of `host` speaks for it (or a replica passing its
+/// answer on).
+fn agent_of(caller: &Caller, op: &str, host: &str) -> Result<(), Status> {
+    let Some(id) = &caller.identity else { return Ok(()) };
+    if id.role == Role::Agent && id.name == host {
+        return Ok(());
+    }
+    let why = if id.role == Role::Agent {
+        format!("an agent speaks only for its own host ({})", id.name)
+    } else {
+        "only the host's agent".to_string()
+    };
+    Err(crate::auth::refuse(&format!("{op} for host {host}"), id, &why))
+}
+
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::agent_server::Agent for Controller {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        let caller = Caller::of(&req)?;
         let req = req.into_inner();
+        agent_of(&caller, "Register", &req.host_id)?;
         let shared = self.store.shared.read().await;
         if !shared.state.hosts.contains_key(&req.host_id) {
             return Err(Status::not_found(format!(
@@ -259,7 +335,9 @@ impl pb::agent_server::Agent for Controller {
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let caller = Caller::of(&req)?;
         let req = req.into_inner();
+        agent_of(&caller, "Watch", &req.host_id)?;
         let host = req.host_id.clone();
         let current = {
             let shared = self.store.shared.read().await;
@@ -292,10 +370,22 @@ impl pb::agent_server::Agent for Controller {
     }
 
     async fn ack(&self, req: Request<pb::AckRequest>) -> Result<Response<pb::AckResponse>, Status> {
+        let caller = Caller::of(&req)?;
         let forwarded_ack = forwarded(&req);
         let req = req.into_inner();
         if req.host_id.is_empty() {
             return Err(Status::invalid_argument("host_id: must not be empty"));
+        }
+        agent_of(&caller, "Ack", &req.host_id)?;
+        // An answer for a revision the store never reached says nothing of
+        // what the host enforces (it would let a waiting writer report a
+        // change enforced that no host holds).
+        let current = self.store.shared.read().await.revision;
+        if req.revision > current {
+            return Err(Status::invalid_argument(format!(
+                "revision: {} is beyond this controller's revision {current}",
+                req.revision
+            )));
         }
         if req.ok {
             self.enforcement.ack(&req.host_id, req.revision);
@@ -306,7 +396,7 @@ impl pb::agent_server::Agent for Controller {
         // Waiting writers wait on the leader: pass the answer on.
         if !self.store.is_leader() && !forwarded_ack {
             let ctl = self.clone();
-            tokio::spawn(async move { ctl.pass_ack_to_leader(req).await });
+            tokio::spawn(async move { ctl.pass_ack_to_leader(req, caller).await });
         }
         Ok(Response::new(pb::AckResponse {}))
     }
@@ -316,7 +406,7 @@ impl Controller {
     /// Passes an agent's answer to the leader, over one connection kept
     /// for it, retried while leadership settles: a lost answer would leave
     /// a writer waiting for a host that enforces the change.
-    async fn pass_ack_to_leader(&self, req: pb::AckRequest) {
+    async fn pass_ack_to_leader(&self, req: pb::AckRequest, caller: Caller) {
         for attempt in 0..5u32 {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(100 << attempt.min(3))).await;
@@ -343,7 +433,7 @@ impl Controller {
                     },
                 }
             };
-            let r = tokio::time::timeout(Duration::from_secs(2), client.clone().ack(mark(req.clone()))).await;
+            let r = tokio::time::timeout(Duration::from_secs(2), client.clone().ack(mark(req.clone(), &caller))).await;
             match r {
                 Ok(Ok(_)) => return,
                 Ok(Err(e)) => tracing::debug!(leader = %addr, error = %e, "passing an ack to the leader failed"),

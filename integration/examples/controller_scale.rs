@@ -62,6 +62,7 @@ impl Controller {
             data.to_str().unwrap(),
             "--listen",
             addr.trim_start_matches("http://"),
+            "--insecure",
         ];
         if node > 1 {
             args.push("--join");

@@ -6,6 +6,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use sdn_proto::v1 as pb;
 
+use std::sync::Arc;
+
+use sdn_proto::tls::Connector;
+
+use crate::pki::Pki;
 use crate::{bin, free_port, ns_sh, wait_for, Bpffs, Proc, Topology};
 
 pub struct Cluster {
@@ -19,56 +24,99 @@ pub struct Cluster {
     pub listen: String,
     /// Recorded in the audit log for writes made through [`Cluster::apply`].
     pub actor: String,
+    /// The run's CA, when the controller authenticates callers (mutual
+    /// TLS); without it the controller runs `--insecure`.
+    pub pki: Option<Pki>,
+    /// The identity [`Cluster::client`] connects as.
+    client_tls: Option<Arc<Connector>>,
 }
 
+/// The identity the harness provisions as on a secured controller.
+pub const PLATFORM: &str = "sdn://platform/integration";
+/// The identity of `sdnctl` in a secured run.
+pub const ADMIN: &str = "sdn://admin/integration";
+
 impl Cluster {
+    /// A controller that serves without authentication (`--insecure`).
     pub fn start(dir: &Path) -> anyhow::Result<Cluster> {
+        Self::start_with(dir, None)
+    }
+
+    /// A controller that authenticates every caller by its certificate,
+    /// with a CA of this run: agents connect as their hosts, the harness's
+    /// client as the platform ([`PLATFORM`]), `sdnctl` as [`ADMIN`].
+    pub fn start_secure(dir: &Path) -> anyhow::Result<Cluster> {
+        let pki = Pki::new(&dir.join("pki"))?;
+        Self::start_with(dir, Some(pki))
+    }
+
+    fn start_with(dir: &Path, pki: Option<Pki>) -> anyhow::Result<Cluster> {
         let data_dir = dir.join("controller-data");
         let socket = dir.join("controller.sock");
         let port = free_port();
         let listen = format!("127.0.0.1:{port}");
         let bpffs = Bpffs::new(&dir.join("bpffs"))?;
-        let controller = Self::spawn_controller(dir, &data_dir, &socket, &listen)?;
+        let client_tls = pki.as_ref().map(|p| p.connector(PLATFORM)).transpose()?;
+        let scheme = if pki.is_some() { "https" } else { "http" };
+        let controller = Self::spawn_controller(dir, &data_dir, &socket, &listen, pki.as_ref())?;
         let c = Cluster {
             controller,
             agents: Vec::new(),
-            addr: format!("http://{listen}"),
+            addr: format!("{scheme}://{listen}"),
             socket,
             data_dir,
             bpffs,
             dir: dir.to_path_buf(),
             listen,
             actor: "integration-test".into(),
+            pki,
+            client_tls,
         };
         c.wait_ready()?;
         Ok(c)
     }
 
-    fn spawn_controller(dir: &Path, data_dir: &Path, socket: &Path, listen: &str) -> anyhow::Result<Proc> {
-        Proc::spawn(
-            "controller",
-            None,
-            &bin("sdn-controller"),
-            &[
-                "--data-dir",
-                data_dir.to_str().unwrap(),
-                "--listen",
-                listen,
-                "--listen-unix",
-                socket.to_str().unwrap(),
-            ],
-            dir,
-        )
+    fn spawn_controller(
+        dir: &Path,
+        data_dir: &Path,
+        socket: &Path,
+        listen: &str,
+        pki: Option<&Pki>,
+    ) -> anyhow::Result<Proc> {
+        let mut args: Vec<String> = vec![
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--listen".into(),
+            listen.to_string(),
+            "--listen-unix".into(),
+            socket.display().to_string(),
+        ];
+        match pki {
+            Some(p) => args.extend(p.args("sdn://replica/1")?),
+            None => args.push("--insecure".into()),
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proc::spawn("controller", None, &bin("sdn-controller"), &args, dir)
+    }
+
+    /// The flags that make `sdnctl` (or another of our binaries) connect
+    /// as `uri`; none on an insecure controller.
+    pub fn tls_args(&self, uri: &str) -> anyhow::Result<Vec<String>> {
+        match &self.pki {
+            Some(p) => p.args(uri),
+            None => Ok(Vec::new()),
+        }
     }
 
     fn wait_ready(&self) -> anyhow::Result<()> {
         let addr = self.addr.clone();
+        let tls = self.client_tls.clone();
         // A thread of its own: callers may be inside a tokio runtime.
         let r = std::thread::spawn(move || -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             wait_for("the controller to answer", Duration::from_secs(20), || {
                 rt.block_on(async {
-                    match sdn_proto::connect(&addr).await {
+                    match sdn_proto::connect_with(&addr, tls.clone()).await {
                         Ok(ch) => pb::provisioning_client::ProvisioningClient::new(ch)
                             .list(pb::ListRequest { kind: 0, stale: false })
                             .await
@@ -86,7 +134,13 @@ impl Cluster {
     /// Kills the controller (SIGKILL) and starts it again on the same data.
     pub fn restart_controller(&mut self) -> anyhow::Result<()> {
         self.controller.kill();
-        self.controller = Self::spawn_controller(&self.dir, &self.data_dir, &self.socket, &self.listen)?;
+        self.controller = Self::spawn_controller(
+            &self.dir,
+            &self.data_dir,
+            &self.socket,
+            &self.listen,
+            self.pki.as_ref(),
+        )?;
         self.wait_ready()
     }
 
@@ -111,11 +165,14 @@ impl Cluster {
         let ns = topo.host_ns(host).name.clone();
         let ctl = format!("unix://{}", self.socket.display());
         let pin = self.pin_dir(host);
+        let tls = self.tls_args(&format!("sdn://agent/{host}"))?;
+        let tls: Vec<&str> = tls.iter().map(String::as_str).collect();
         let p = Proc::spawn(
             &format!("agent-{host}"),
             Some(&ns),
             agent,
             &[
+                &tls[..],
                 &[
                     "run",
                     "--host",
@@ -152,16 +209,35 @@ impl Cluster {
         &self,
     ) -> anyhow::Result<pb::provisioning_client::ProvisioningClient<tonic::transport::Channel>> {
         Ok(pb::provisioning_client::ProvisioningClient::new(
-            sdn_proto::connect(&self.addr).await?,
+            sdn_proto::connect_with(&self.addr, self.client_tls.clone()).await?,
         ))
+    }
+
+    /// Applies a batch as `uri` (a secured controller: the identity whose
+    /// certificate the run's CA issues) and waits for enforcement.
+    pub async fn apply_as(&self, uri: &str, ops: Vec<pb::operation::Op>) -> Result<pb::ApplyResponse, tonic::Status> {
+        let unavailable = |e: anyhow::Error| tonic::Status::unavailable(e.to_string());
+        let tls = self.pki.as_ref().map(|p| p.connector(uri)).transpose().map_err(unavailable)?;
+        let ch = sdn_proto::connect_with(&self.addr, tls)
+            .await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        self.apply_on(pb::provisioning_client::ProvisioningClient::new(ch), ops).await
     }
 
     /// Applies a batch and waits for enforcement.
     pub async fn apply(&self, ops: Vec<pb::operation::Op>) -> Result<pb::ApplyResponse, tonic::Status> {
-        let mut c = self
+        let c = self
             .client()
             .await
             .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        self.apply_on(c, ops).await
+    }
+
+    async fn apply_on(
+        &self,
+        mut c: pb::provisioning_client::ProvisioningClient<tonic::transport::Channel>,
+        ops: Vec<pb::operation::Op>,
+    ) -> Result<pb::ApplyResponse, tonic::Status> {
         c.apply(pb::ApplyRequest {
             operations: ops.into_iter().map(|o| pb::Operation { op: Some(o) }).collect(),
             actor: self.actor.clone(),

@@ -21,6 +21,7 @@ pub mod etcd;
 pub mod lab;
 pub mod linearizability;
 pub mod ops;
+pub mod pki;
 pub mod replicas;
 
 pub use bpffs::Bpffs;

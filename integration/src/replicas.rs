@@ -111,6 +111,11 @@ impl Replicas {
         if join {
             args.push("--join".into());
         }
+        // Replicas here talk plain HTTP/2 (a release before mutual TLS
+        // knows no such flag, and serves plain HTTP/2 anyway).
+        if knows_flag(&rep.binary, "--insecure") {
+            args.push("--insecure".into());
+        }
         args.extend(rep.args.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let p = Proc::spawn(
@@ -204,4 +209,20 @@ pub async fn prov_client(
     Ok(pb::provisioning_client::ProvisioningClient::new(
         sdn_proto::connect(addr).await?,
     ))
+}
+
+/// Whether a controller binary takes `flag` (its `--help` names it).
+pub fn knows_flag(binary: &std::path::Path, flag: &str) -> bool {
+    static SEEN: std::sync::Mutex<Vec<(std::path::PathBuf, String, bool)>> = std::sync::Mutex::new(Vec::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, _, k)) = seen.iter().find(|(b, f, _)| b == binary && f == flag) {
+        return *k;
+    }
+    let knows = std::process::Command::new(binary)
+        .arg("--help")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(flag))
+        .unwrap_or(false);
+    seen.push((binary.to_path_buf(), flag.to_string(), knows));
+    knows
 }

@@ -498,6 +498,7 @@ async fn membership_errors_are_refused_clearly() {
             &format!("{ip4}:7070"),
             "--listen-unix",
             sock4.to_str().unwrap(),
+            "--insecure",
         ],
         &topo.dir,
     )
@@ -532,6 +533,7 @@ async fn membership_errors_are_refused_clearly() {
             foreign_dir.to_str().unwrap(),
             "--listen",
             &format!("{ip4}:7071"),
+            "--insecure",
         ])
         .output()
         .unwrap();

@@ -13,9 +13,12 @@ use sdn_proto::v1 as pb;
 #[derive(Parser)]
 #[command(version, about = "Administer the SDN: validate and apply manifests, inspect state")]
 struct Cli {
-    /// Controller address: http://HOST:PORT or unix:///PATH.
-    #[arg(long, global = true, env = "SDN_CONTROLLER", default_value = "http://127.0.0.1:7070")]
+    /// Controller address: https://HOST:PORT (mutual TLS: give --tls-*),
+    /// unix:///PATH, or http://HOST:PORT (a controller run --insecure).
+    #[arg(long, global = true, env = "SDN_CONTROLLER", default_value = "https://127.0.0.1:7070")]
     controller: String,
+    #[command(flatten)]
+    tls: sdn_proto::tls::TlsArgs,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -184,6 +187,145 @@ enum Cmd {
     },
     /// Show which revision each host enforces.
     Status,
+    /// Certificates: a CA of the cluster's own and what it issues.
+    #[command(subcommand)]
+    Pki(PkiCmd),
+}
+
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Create a CA in DIR and issue, in one go, the certificates a cluster
+    /// needs: its replicas, hosts, the platform, administrators,
+    /// supervisors and tenants' users. Refuses a DIR that holds a CA.
+    Bootstrap {
+        #[arg(long)]
+        dir: PathBuf,
+        /// A replica: NODE_ID, or NODE_ID=ADDRESS[,ADDRESS...] (DNS names or
+        /// IPs that tools checking the address, such as grpcurl, dial).
+        #[arg(long = "replica")]
+        replicas: Vec<String>,
+        /// A host's agent, by host id.
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        #[arg(long = "platform")]
+        platforms: Vec<String>,
+        #[arg(long = "admin")]
+        admins: Vec<String>,
+        #[arg(long = "supervisor")]
+        supervisors: Vec<String>,
+        /// A tenant's user: TENANT/NAME.
+        #[arg(long = "tenant")]
+        tenants: Vec<String>,
+        /// Validity of what is issued, in days (the CA's: ten times this).
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Issue one certificate with the CA in DIR (ca.pem, ca.key).
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// Who: sdn://replica/N, sdn://agent/HOST, sdn://platform/NAME,
+        /// sdn://admin/NAME, sdn://supervisor/NAME or sdn://tenant/T/NAME.
+        identity: String,
+        /// DNS names or IPs to name as well.
+        #[arg(long = "address")]
+        addresses: Vec<String>,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+}
+
+/// The file stem of an identity's certificate and key.
+fn pki_stem(id: &sdn_proto::tls::Identity) -> String {
+    match &id.tenant {
+        Some(t) => format!("tenant-{t}-{}", id.name),
+        None => format!("{}-{}", id.role.name(), id.name),
+    }
+}
+
+fn pki_issue(
+    ca: &sdn_proto::tls::pki::Ca,
+    dir: &std::path::Path,
+    id: &sdn_proto::tls::Identity,
+    addresses: &[String],
+    days: u32,
+) -> anyhow::Result<()> {
+    let (cert, key) = ca
+        .issue(id, addresses, sdn_proto::tls::pki::Validity::days(days))
+        .map_err(anyhow::Error::msg)?;
+    let stem = pki_stem(id);
+    sdn_proto::tls::pki::write_pair(dir, &stem, &cert, &key).map_err(anyhow::Error::msg)?;
+    println!("{}  {}/{stem}.pem  {}/{stem}.key", id.uri(), dir.display(), dir.display());
+    Ok(())
+}
+
+fn pki(cmd: PkiCmd) -> anyhow::Result<()> {
+    use sdn_proto::tls::{pki, Identity};
+    let parse = |uri: String| Identity::parse_uri(&uri).map_err(anyhow::Error::msg);
+    match cmd {
+        PkiCmd::Bootstrap {
+            dir,
+            replicas,
+            hosts,
+            platforms,
+            admins,
+            supervisors,
+            tenants,
+            days,
+        } => {
+            if dir.join("ca.pem").exists() || dir.join("ca.key").exists() {
+                anyhow::bail!(
+                    "{} already holds a CA; issue more with `sdnctl pki issue --dir {}`",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+            // Every identity is read before anything is written.
+            let mut todo: Vec<(Identity, Vec<String>)> = Vec::new();
+            for r in replicas {
+                let (id, addrs) = match r.split_once('=') {
+                    Some((id, a)) => (id.to_string(), a.split(',').map(str::to_string).collect()),
+                    None => (r.clone(), vec![]),
+                };
+                let mut addrs: Vec<String> = addrs;
+                addrs.extend(["localhost".to_string(), "127.0.0.1".to_string()]);
+                todo.push((parse(format!("sdn://replica/{id}"))?, addrs));
+            }
+            for h in hosts {
+                todo.push((parse(format!("sdn://agent/{h}"))?, vec![]));
+            }
+            for (role, names) in [("platform", platforms), ("admin", admins), ("supervisor", supervisors)] {
+                for n in names {
+                    todo.push((parse(format!("sdn://{role}/{n}"))?, vec![]));
+                }
+            }
+            for t in tenants {
+                todo.push((parse(format!("sdn://tenant/{t}"))?, vec![]));
+            }
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let ca = pki::Ca::create("sdn cluster CA", pki::Validity::days(days.saturating_mul(10)))
+                .map_err(anyhow::Error::msg)?;
+            pki::write_file(&dir.join("ca.key"), &ca.key_pem().map_err(anyhow::Error::msg)?, 0o600)
+                .map_err(anyhow::Error::msg)?;
+            pki::write_file(&dir.join("ca.pem"), &ca.cert_pem().map_err(anyhow::Error::msg)?, 0o644)
+                .map_err(anyhow::Error::msg)?;
+            println!("CA  {}/ca.pem  {}/ca.key (keep the key offline)", dir.display(), dir.display());
+            for (id, addrs) in &todo {
+                pki_issue(&ca, &dir, id, addrs, days)?;
+            }
+        }
+        PkiCmd::Issue {
+            dir,
+            identity,
+            addresses,
+            days,
+        } => {
+            let id = parse(identity)?;
+            let ca = pki::Ca::load(&dir.join("ca.pem"), &dir.join("ca.key")).map_err(anyhow::Error::msg)?;
+            pki_issue(&ca, &dir, &id, &addresses, days)?;
+        }
+    }
+    Ok(())
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -358,7 +500,9 @@ fn in_manifest(ops: &[manifest::Located], e: anyhow::Error) -> anyhow::Error {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    cli.tls.install_client().map_err(anyhow::Error::msg)?;
     match cli.cmd {
+        Cmd::Pki(c) => pki(c)?,
         Cmd::Validate { path } => {
             let ops = manifest::load_path(&path)?;
             let ops = manifest::dependency_order(ops);

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::Context as _;
-use sdn_integration::cluster::Cluster;
+use sdn_integration::cluster::{Cluster, ADMIN};
 use sdn_integration::ops::*;
 use sdn_integration::{bin, privileged, Topology};
 
@@ -90,13 +90,21 @@ fn step(s: &str) {
     println!("\n== {s}");
 }
 
+/// `sdnctl` as the administrator (its certificate from the run's CA).
 fn sdnctl(cluster: &Cluster, args: &[&str]) -> anyhow::Result<()> {
-    let mut full = vec!["--controller", cluster.addr.as_str()];
-    full.extend_from_slice(args);
-    println!("$ sdnctl {}", args.join(" "));
-    let st = Command::new(bin("sdnctl")).args(&full).status()?;
+    let st = sdnctl_as(cluster, ADMIN, args)?;
     anyhow::ensure!(st.success(), "sdnctl {} failed", args.join(" "));
     Ok(())
+}
+
+fn sdnctl_as(cluster: &Cluster, uri: &str, args: &[&str]) -> anyhow::Result<std::process::ExitStatus> {
+    let tls = cluster.tls_args(uri)?;
+    println!("$ sdnctl {}    # as {uri}", args.join(" "));
+    Ok(Command::new(bin("sdnctl"))
+        .args(["--controller", cluster.addr.as_str()])
+        .args(&tls)
+        .args(args)
+        .status()?)
 }
 
 /// Prints the matrix; returns how many results differ from the policy.
@@ -199,12 +207,14 @@ async fn main() -> anyhow::Result<()> {
     topo.add_vm("vm1", "h1", "02:00:00:00:00:11", "10.10.0.11/24", "fd10::11/64")?;
     topo.add_vm("vm2", "h1", "02:00:00:00:00:12", "10.10.0.12/24", "fd10::12/64")?;
     topo.add_vm("vm3", "h2", "02:00:00:00:00:13", "10.10.0.13/24", "fd10::13/64")?;
-    let mut cluster = Cluster::start(&topo.dir).context("starting the controller")?;
+    let mut cluster = Cluster::start_secure(&topo.dir).context("starting the controller")?;
     cluster.actor = "cloud-platform".into();
     println!(
-        "controller on {} (single-node Raft, redb store in {})",
+        "controller on {} (single-node Raft, redb store in {}); mutual TLS with a CA of this run in {}: \
+         the platform, the administrator, each host's agent and each tenant's user hold a certificate naming who they are",
         cluster.addr,
-        cluster.data_dir.display()
+        cluster.data_dir.display(),
+        cluster.pki.as_ref().map(|p| p.dir.display().to_string()).unwrap_or_default()
     );
 
     step("cloud platform: hosts over gRPC; agents start on h1 and h2");
@@ -225,7 +235,12 @@ async fn main() -> anyhow::Result<()> {
             tenant(T),
             vpc_in_zone("portal", T, "extranet"),
             subnet("portal-a", "portal", "10.10.0.0/24", "fd10::/64"),
-            broad(
+        ])
+        .await?;
+    cluster
+        .apply_as(
+            ADMIN,
+            vec![broad(
                 exchange(
                     "demo-web-in",
                     "internet",
@@ -235,8 +250,8 @@ async fn main() -> anyhow::Result<()> {
                     (80, 80),
                 ),
                 "the portal's web page is public",
-            ),
-        ])
+            )],
+        )
         .await?;
     for (zone, vm) in [
         ("ext", "vm1"),
@@ -328,7 +343,36 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
-    step("audit log");
+    step("who may do what: each call below is refused, and the refusal logged as a security event");
+    let other = examples.join("security-groups.yaml");
+    for (who, args) in [
+        ("sdn://tenant/dept-b/eve", vec!["apply", "-f", other.to_str().unwrap()]),
+        ("sdn://supervisor/inspector", vec!["quarantine", "port", "vm3", "--reason", "not mine to do"]),
+        ("sdn://agent/h1", vec!["get", "port"]),
+    ] {
+        let st = sdnctl_as(&cluster, who, &args)?;
+        if st.success() {
+            println!("  ACCEPTED   <-- UNEXPECTED");
+            wrong += 1;
+        }
+    }
+    println!("$ sdnctl status    # with no certificate");
+    let st = Command::new(bin("sdnctl"))
+        .args(["--controller", cluster.addr.as_str(), "status"])
+        .status()?;
+    if st.success() {
+        println!("  ACCEPTED   <-- UNEXPECTED");
+        wrong += 1;
+    }
+    let refused = cluster
+        .controller
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("sdn::security"))
+        .count();
+    println!("  the controller logged {refused} security event(s)");
+
+    step("audit log: who (from the certificate), when, what");
     sdnctl(&cluster, &["audit"])?;
     drop(servers);
     drop(cluster);

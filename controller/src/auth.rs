@@ -1,0 +1,199 @@
+//! Who may do what: every request's caller comes from its connection (a
+//! certificate, or the local socket's user id), never from what the
+//! request says; every operation of a batch is checked against the
+//! caller's role before any is written.
+//!
+//! | role | may |
+//! |---|---|
+//! | platform | tenants, VPCs, subnets, hosts, ports; read everything |
+//! | admin | every other kind (zones, exchange paths, firewalls, quarantines, security groups, peerings); read everything; cluster membership |
+//! | tenant | its own tenant's security groups; read its own tenant's objects and the audit records it made |
+//! | supervisor | read everything, the audit log and enforcement; change nothing |
+//! | agent | `Register`, `Watch`, `Ack` for the host its certificate names |
+//! | replica | the Raft and cluster services, and requests it forwards for a caller |
+//!
+//! A replica that forwards a caller's request to the leader says whom it
+//! acts for (`sdn-on-behalf-of`); only a replica's word is taken for it.
+//! A refusal is `PERMISSION_DENIED`, naming the operation and the role,
+//! and is logged as a security event.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use sdn_policies::{Kind, Op, State};
+use sdn_proto::tls::{Identity, Peer, Role};
+use tonic::{Request, Status};
+
+/// Set on a request a replica forwards: the identity it acts for.
+pub const ON_BEHALF_OF: &str = "sdn-on-behalf-of";
+
+static INSECURE: AtomicBool = AtomicBool::new(false);
+
+/// Whether callers without an identity may do anything (`--insecure`).
+pub fn set_insecure(v: bool) {
+    INSECURE.store(v, Ordering::Relaxed);
+}
+
+fn insecure() -> bool {
+    INSECURE.load(Ordering::Relaxed)
+}
+
+/// The caller of one request.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// `None`: unauthenticated, which only `--insecure` lets in.
+    pub identity: Option<Identity>,
+    /// The replica that forwarded the request, if one did.
+    pub via: Option<Identity>,
+    /// What the audit log records.
+    pub actor: String,
+}
+
+impl Caller {
+    /// The caller of `req`.
+    pub fn of<T>(req: &Request<T>) -> Result<Caller, Status> {
+        let peer = req.extensions().get::<Peer>().cloned();
+        let mut identity = peer.as_ref().and_then(|p| p.identity.clone());
+        let mut via = None;
+        let mut actor = peer.as_ref().map(Peer::actor).unwrap_or_else(|| "unauthenticated".into());
+        if let Some(v) = req.metadata().get(ON_BEHALF_OF) {
+            let uri = v
+                .to_str()
+                .map_err(|_| Status::invalid_argument(format!("{ON_BEHALF_OF}: not text")))?;
+            match &identity {
+                Some(id) if id.role == Role::Replica => {
+                    let on_behalf = Identity::parse_uri(uri).map_err(|e| Status::invalid_argument(format!("{ON_BEHALF_OF}: {e}")))?;
+                    actor = on_behalf.uri();
+                    via = identity.replace(on_behalf);
+                }
+                Some(id) => {
+                    return Err(refuse(&format!("acting on behalf of {uri}"), id, "only a replica forwards requests"));
+                }
+                None if insecure() => {
+                    // Without authentication anyone may claim anything:
+                    // keep what the forwarding replica says for the audit.
+                    if let Ok(on_behalf) = Identity::parse_uri(uri) {
+                        actor = on_behalf.uri();
+                        identity = Some(on_behalf);
+                    }
+                }
+                None => return Err(Status::unauthenticated("no identity")),
+            }
+        }
+        if identity.is_none() && !insecure() {
+            let local = match peer.as_ref().and_then(|p| p.uid) {
+                Some(uid) => format!(" (a local caller of user id {uid}, for which no --unix-role is set)"),
+                None => String::new(),
+            };
+            tracing::warn!(target: "sdn::security", caller = %actor, "refused: no identity");
+            return Err(Status::unauthenticated(format!(
+                "no identity{local}: connect with a certificate of the cluster's CA"
+            )));
+        }
+        Ok(Caller { identity, via, actor })
+    }
+
+    /// The caller's role; `None` when unauthenticated under `--insecure`
+    /// (allowed everything).
+    pub fn role(&self) -> Option<Role> {
+        self.identity.as_ref().map(|i| i.role)
+    }
+
+    /// Allows `op` to the roles given.
+    pub fn require(&self, op: &str, roles: &[Role]) -> Result<(), Status> {
+        match &self.identity {
+            None => Ok(()),
+            Some(id) if roles.contains(&id.role) => Ok(()),
+            Some(id) => Err(refuse(op, id, "")),
+        }
+    }
+
+    /// The metadata value a forwarded request carries.
+    pub fn on_behalf(&self) -> Option<String> {
+        self.identity.as_ref().map(Identity::uri)
+    }
+
+    /// The tenant whose objects alone this caller sees, if it is limited
+    /// to one.
+    pub fn tenant(&self) -> Option<&str> {
+        match &self.identity {
+            Some(Identity {
+                role: Role::Tenant,
+                tenant: Some(t),
+                ..
+            }) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// Checks every operation of a batch before any is written.
+    pub fn check_batch(&self, ops: &[Op], state: &State) -> Result<(), Status> {
+        let Some(id) = &self.identity else { return Ok(()) };
+        for (i, op) in ops.iter().enumerate() {
+            let (kind, obj) = op.key();
+            let what = format!("operations[{i}].{} {} {obj}", op.field(), kind.name());
+            let ok = match id.role {
+                Role::Platform => platform_kind(kind),
+                Role::Admin => !platform_kind(kind),
+                Role::Tenant => {
+                    let t = id.tenant.as_deref().unwrap_or_default();
+                    tenant_may_write(t, op, state)
+                }
+                Role::Supervisor | Role::Agent | Role::Replica => false,
+            };
+            if !ok {
+                let why = match id.role {
+                    Role::Tenant => format!("a tenant changes only its own tenant's security groups ({})", id.tenant.as_deref().unwrap_or_default()),
+                    Role::Platform => "the platform provisions tenants, VPCs, subnets, hosts and ports".into(),
+                    Role::Admin => "the platform provisions tenants, VPCs, subnets, hosts and ports".into(),
+                    _ => "this role changes nothing".into(),
+                };
+                return Err(refuse(&what, id, &why));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What the platform provisions.
+fn platform_kind(kind: Kind) -> bool {
+    matches!(kind, Kind::Tenant | Kind::Vpc | Kind::Subnet | Kind::Host | Kind::Port)
+}
+
+/// A tenant writes security groups of its own: the group it puts is its
+/// own, and so is the group the id names now, if any (or it would take
+/// another tenant's group by its id).
+fn tenant_may_write(tenant: &str, op: &Op, state: &State) -> bool {
+    let owned_now = |id: &str| state.security_groups.get(id).map(|g| g.tenant_id == tenant);
+    match op {
+        Op::PutSecurityGroup(g) => g.tenant_id == tenant && owned_now(&g.id).unwrap_or(true),
+        Op::Delete {
+            kind: Kind::SecurityGroup,
+            id,
+        } => owned_now(id) == Some(true),
+        _ => false,
+    }
+}
+
+/// A refusal, logged as a security event.
+pub fn refuse(op: &str, id: &Identity, why: &str) -> Status {
+    tracing::warn!(target: "sdn::security", caller = %id.uri(), role = id.role.name(), op, reason = why, "refused");
+    let mut msg = format!("{op}: not allowed for role {} ({})", id.role.name(), id.uri());
+    if !why.is_empty() {
+        msg.push_str(": ");
+        msg.push_str(why);
+    }
+    Status::permission_denied(msg)
+}
+
+/// The roles that read the whole state, the audit log and enforcement.
+pub const READERS: &[Role] = &[Role::Platform, Role::Admin, Role::Supervisor];
+
+/// A request forwarded to the leader for `caller`, saying whom the
+/// forwarding replica acts for.
+pub fn forward<T>(msg: T, caller: &Caller) -> Request<T> {
+    let mut r = Request::new(msg);
+    if let Some(v) = caller.on_behalf().and_then(|u| u.parse().ok()) {
+        r.metadata_mut().insert(ON_BEHALF_OF, v);
+    }
+    r
+}
