@@ -25,6 +25,13 @@ use tonic::{Request, Status};
 
 /// Set on a request a replica forwards: the identity it acts for.
 pub const ON_BEHALF_OF: &str = "sdn-on-behalf-of";
+/// Set on a request a replica forwards, so it is never forwarded twice.
+pub const FORWARDED: &str = "sdn-forwarded";
+
+/// Whether `req` came forwarded by another replica.
+pub fn forwarded<T>(req: &Request<T>) -> bool {
+    req.metadata().get(FORWARDED).is_some()
+}
 
 static INSECURE: AtomicBool = AtomicBool::new(false);
 
@@ -77,6 +84,14 @@ impl Caller {
                     }
                 }
                 None => return Err(Status::unauthenticated("no identity")),
+            }
+        }
+        if let Some(exp) = peer.as_ref().and_then(|p| p.expires) {
+            if std::time::Instant::now() >= exp {
+                tracing::warn!(target: "sdn::security", caller = %actor, "refused: the connection's certificate expired");
+                return Err(Status::unauthenticated(
+                    "the certificate this connection was opened with has expired: reconnect with a valid one",
+                ));
             }
         }
         if identity.is_none() && !insecure() {
@@ -192,6 +207,7 @@ pub const READERS: &[Role] = &[Role::Platform, Role::Admin, Role::Supervisor];
 /// forwarding replica acts for.
 pub fn forward<T>(msg: T, caller: &Caller) -> Request<T> {
     let mut r = Request::new(msg);
+    r.metadata_mut().insert(FORWARDED, "1".parse().expect("ascii"));
     if let Some(v) = caller.on_behalf().and_then(|u| u.parse().ok()) {
         r.metadata_mut().insert(ON_BEHALF_OF, v);
     }

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
-use crate::auth::{forward, Caller};
+use crate::auth::{forward, forwarded, Caller};
 use sdn_proto::tls::Role;
 
 use crate::store::network::{form_of, Form};
@@ -65,19 +65,28 @@ impl RaftService {
 }
 
 impl RaftService {
-    /// Takes one message of `call`, answering in the form it came in.
-    async fn handle(&self, call: pb::RaftCall, msg: pb::RaftMessage) -> Result<pb::RaftMessage, Status> {
+    /// Takes one message of `call` from replica `from` (its certificate's
+    /// node id; `None` without authentication), answering in the form it
+    /// came in.
+    async fn handle(&self, call: pb::RaftCall, msg: pb::RaftMessage, from: Option<u64>) -> Result<pb::RaftMessage, Status> {
         self.check_cluster(&msg.cluster_id)?;
         let form = form_of(&msg);
         let answer = match call {
             pb::RaftCall::AppendEntries => {
                 let rpc = crate::store::network::read_append(&msg).map_err(Status::invalid_argument)?;
+                sender_is(from, &rpc.vote, "AppendEntries")?;
                 self.encode(&self.store.raft.append_entries(rpc).await, form)
             }
             pb::RaftCall::InstallSnapshot => {
-                self.encode(&self.store.raft.install_snapshot(Self::decode(&msg)?).await, form)
+                let rpc: openraft::raft::InstallSnapshotRequest<crate::store::TypeConfig> = Self::decode(&msg)?;
+                sender_is(from, &rpc.vote, "InstallSnapshot")?;
+                self.encode(&self.store.raft.install_snapshot(rpc).await, form)
             }
-            pb::RaftCall::Vote => self.encode(&self.store.raft.vote(Self::decode(&msg)?).await, form),
+            pb::RaftCall::Vote => {
+                let rpc: openraft::raft::VoteRequest<u64> = Self::decode(&msg)?;
+                sender_is(from, &rpc.vote, "Vote")?;
+                self.encode(&self.store.raft.vote(rpc).await, form)
+            }
             pb::RaftCall::Unspecified => Err(Status::invalid_argument("call: which Raft call is not said")),
         };
         answer.map(Response::into_inner)
@@ -89,22 +98,22 @@ type RaftStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::RaftMe
 #[tonic::async_trait]
 impl pb::raft_server::Raft for RaftService {
     async fn append_entries(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
-        Caller::of(&req)?.require("Raft.AppendEntries", &[Role::Replica])?;
-        self.handle(pb::RaftCall::AppendEntries, req.into_inner())
+        let from = replica_node(&req, "Raft.AppendEntries")?;
+        self.handle(pb::RaftCall::AppendEntries, req.into_inner(), from)
             .await
             .map(Response::new)
     }
 
     async fn install_snapshot(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
-        Caller::of(&req)?.require("Raft.InstallSnapshot", &[Role::Replica])?;
-        self.handle(pb::RaftCall::InstallSnapshot, req.into_inner())
+        let from = replica_node(&req, "Raft.InstallSnapshot")?;
+        self.handle(pb::RaftCall::InstallSnapshot, req.into_inner(), from)
             .await
             .map(Response::new)
     }
 
     async fn vote(&self, req: Request<pb::RaftMessage>) -> Result<Response<pb::RaftMessage>, Status> {
-        Caller::of(&req)?.require("Raft.Vote", &[Role::Replica])?;
-        self.handle(pb::RaftCall::Vote, req.into_inner())
+        let from = replica_node(&req, "Raft.Vote")?;
+        self.handle(pb::RaftCall::Vote, req.into_inner(), from)
             .await
             .map(Response::new)
     }
@@ -115,7 +124,7 @@ impl pb::raft_server::Raft for RaftService {
         &self,
         req: Request<tonic::Streaming<pb::RaftMessage>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
-        Caller::of(&req)?.require("Raft.Stream", &[Role::Replica])?;
+        let from = replica_node(&req, "Raft.Stream")?;
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let this = self.clone();
@@ -136,7 +145,7 @@ impl pb::raft_server::Raft for RaftService {
                     }
                 };
                 let call = pb::RaftCall::try_from(msg.call).unwrap_or(pb::RaftCall::Unspecified);
-                let answer = this.handle(call, msg).await;
+                let answer = this.handle(call, msg, from).await;
                 let failed = answer.is_err();
                 if tx.send(answer).await.is_err() || failed {
                     break;
@@ -144,6 +153,36 @@ impl pb::raft_server::Raft for RaftService {
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// The node id of the replica a Raft request comes from (`None` without
+/// authentication); refused for any other role.
+fn replica_node<T>(req: &Request<T>, op: &str) -> Result<Option<u64>, Status> {
+    let caller = Caller::of(req)?;
+    caller.require(op, &[Role::Replica])?;
+    match &caller.identity {
+        None => Ok(None),
+        Some(id) => id
+            .name
+            .parse()
+            .map(Some)
+            .map_err(|_| crate::auth::refuse(op, id, "a replica's name is its node id")),
+    }
+}
+
+/// A replica speaks Raft as itself only: the leader or candidate a message
+/// names is the node its certificate names.
+fn sender_is(from: Option<u64>, vote: &openraft::Vote<u64>, op: &str) -> Result<(), Status> {
+    match from {
+        Some(node) if vote.leader_id.node_id != node => {
+            tracing::warn!(target: "sdn::security", replica = node, claims = vote.leader_id.node_id, op, "refused: a Raft message in another node's name");
+            Err(Status::permission_denied(format!(
+                "{op}: replica {node} sent a message as node {}",
+                vote.leader_id.node_id
+            )))
+        }
+        _ => Ok(()),
     }
 }
 
@@ -200,14 +239,18 @@ impl ClusterService {
         }
     }
 
-    /// Runs `f` here if this replica leads, else forwards to the leader.
-    async fn on_leader<F, Fut>(&self, forward: F) -> Result<Option<pb::ClusterStatus>, Status>
+    /// Runs `f` here if this replica leads, else forwards to the leader
+    /// (once: a request that came forwarded is not sent on again).
+    async fn on_leader<F, Fut>(&self, already_forwarded: bool, forward: F) -> Result<Option<pb::ClusterStatus>, Status>
     where
         F: FnOnce(pb::cluster_client::ClusterClient<tonic::transport::Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<pb::ClusterStatus, Status>>,
     {
         if self.store.is_leader() {
             return Ok(None);
+        }
+        if already_forwarded {
+            return Err(Status::unavailable("leadership moved while forwarding; retry"));
         }
         let Some((_, addr)) = self.store.leader() else {
             return Err(Status::unavailable("no leader is elected yet; retry"));
@@ -287,10 +330,11 @@ impl pb::cluster_server::Cluster for ClusterService {
     async fn add_learner(&self, req: Request<pb::AddLearnerRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
         let caller = Caller::of(&req)?;
         caller.require("Cluster.AddLearner", &[Role::Admin])?;
+        let was_forwarded = forwarded(&req);
         let req = req.into_inner();
         let fwd = forward(req.clone(), &caller);
         if let Some(s) = self
-            .on_leader(|mut c| async move { c.add_learner(fwd).await.map(|r| r.into_inner()) })
+            .on_leader(was_forwarded, |mut c| async move { c.add_learner(fwd).await.map(|r| r.into_inner()) })
             .await?
         {
             return Ok(Response::new(s));
@@ -336,10 +380,11 @@ impl pb::cluster_server::Cluster for ClusterService {
     async fn promote(&self, req: Request<pb::MemberRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
         let caller = Caller::of(&req)?;
         caller.require("Cluster.Promote", &[Role::Admin])?;
+        let was_forwarded = forwarded(&req);
         let req = req.into_inner();
         let fwd = forward(req.clone(), &caller);
         if let Some(s) = self
-            .on_leader(|mut c| async move { c.promote(fwd).await.map(|r| r.into_inner()) })
+            .on_leader(was_forwarded, |mut c| async move { c.promote(fwd).await.map(|r| r.into_inner()) })
             .await?
         {
             return Ok(Response::new(s));
@@ -371,10 +416,11 @@ impl pb::cluster_server::Cluster for ClusterService {
     async fn remove(&self, req: Request<pb::MemberRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
         let caller = Caller::of(&req)?;
         caller.require("Cluster.Remove", &[Role::Admin])?;
+        let was_forwarded = forwarded(&req);
         let req = req.into_inner();
         let fwd = forward(req.clone(), &caller);
         if let Some(s) = self
-            .on_leader(|mut c| async move { c.remove(fwd).await.map(|r| r.into_inner()) })
+            .on_leader(was_forwarded, |mut c| async move { c.remove(fwd).await.map(|r| r.into_inner()) })
             .await?
         {
             return Ok(Response::new(s));

@@ -96,10 +96,12 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     sdn_controller::auth::set_insecure(args.insecure);
+    let secured = tls.is_some();
     let listeners = sdn_controller::serve::Listeners {
         tls,
         unix_roles: Arc::new(args.unix_roles.iter().cloned().collect()),
         insecure: args.insecure,
+        handshakes: Default::default(),
     };
     let scheme = if args.insecure { "http" } else { "https" };
     let advertise = args
@@ -123,7 +125,18 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.listen))?;
     tracing::info!(addr = %args.listen, data_dir = %args.data_dir.display(), "controller serving");
     let router = || {
-        tonic::transport::Server::builder()
+        let builder = tonic::transport::Server::builder();
+        // A connection's identity is checked at its handshake: connections
+        // are made again now and then, so a rotated CA or a withdrawn
+        // certificate stops being trusted within the hour.
+        let builder = if secured {
+            builder
+                .max_connection_age(std::time::Duration::from_secs(3600))
+                .max_connection_age_grace(std::time::Duration::from_secs(60))
+        } else {
+            builder
+        };
+        builder
             .layer(tower::util::MapResponseLayer::new(
                 malformed_is_invalid_argument::<tonic::body::Body>,
             ))
@@ -170,6 +183,9 @@ async fn main() -> anyhow::Result<()> {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let uds = tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+        // The owner and its group only; callers are known by their user id.
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o660))
+            .with_context(|| format!("setting the mode of {}", path.display()))?;
         tracing::info!(socket = %path.display(), "controller serving on a unix socket");
         let mut rx = stop_tx.subscribe();
         let r = router();

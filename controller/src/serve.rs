@@ -26,6 +26,18 @@ const TLS_HANDSHAKE: u8 = 0x16;
 
 /// Connections whose handshake is done, waiting for the server.
 const READY_QUEUED: usize = 64;
+/// Handshakes in progress at once, and from one address; a connection
+/// beyond either is closed at once. Without a bound, connections that never
+/// finish their handshake would hold file descriptors until none is left
+/// for the replicas and agents.
+const HANDSHAKES_MAX: usize = 256;
+const HANDSHAKES_PER_ADDRESS_MAX: usize = 16;
+/// How long a client has, from its connection, to finish its handshake
+/// (on the local socket: to send its first byte and finish TLS).
+const HANDSHAKE_BUDGET: std::time::Duration = std::time::Duration::from_secs(5);
+/// Security events logged per second at most; the rest are counted and
+/// the count is logged with the next one.
+const EVENTS_PER_SECOND: u32 = 20;
 
 /// How the controller authenticates callers.
 #[derive(Clone)]
@@ -35,6 +47,7 @@ pub struct Listeners {
     /// Identities of local callers by user id.
     pub unix_roles: Arc<BTreeMap<u32, Identity>>,
     pub insecure: bool,
+    pub handshakes: Handshakes,
 }
 
 /// Either kind of accepted connection.
@@ -95,7 +108,81 @@ impl<S> tonic::transport::server::Connected for Conn<S> {
 }
 
 fn refused(transport: &str, from: &str, why: &str) {
-    tracing::warn!(target: "sdn::security", transport, from, reason = why, "connection refused");
+    static WINDOW: std::sync::Mutex<(Option<std::time::Instant>, u32, u64)> = std::sync::Mutex::new((None, 0, 0));
+    let suppressed = {
+        let mut w = WINDOW.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if w.0.is_none_or(|t| now.duration_since(t) >= std::time::Duration::from_secs(1)) {
+            *w = (Some(now), 0, w.2);
+        }
+        if w.1 >= EVENTS_PER_SECOND {
+            w.2 += 1;
+            return;
+        }
+        w.1 += 1;
+        std::mem::take(&mut w.2)
+    };
+    tracing::warn!(target: "sdn::security", transport, from, reason = why, suppressed, "connection refused");
+}
+
+/// A handshake's place among those in progress, given back on drop.
+struct Slot {
+    addr: Option<std::net::IpAddr>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    per_address: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(a) = self.addr {
+            let mut m = self.per_address.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(n) = m.get_mut(&a) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&a);
+                }
+            }
+        }
+    }
+}
+
+/// Bounds on handshakes in progress.
+#[derive(Clone)]
+pub struct Handshakes {
+    all: Arc<tokio::sync::Semaphore>,
+    per_address: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+impl Default for Handshakes {
+    fn default() -> Self {
+        Handshakes {
+            all: Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX)),
+            per_address: Default::default(),
+        }
+    }
+}
+
+impl Handshakes {
+    fn take(&self, addr: Option<std::net::IpAddr>) -> Result<Slot, &'static str> {
+        let permit = self
+            .all
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| "too many handshakes in progress")?;
+        if let Some(a) = addr {
+            let mut m = self.per_address.lock().unwrap_or_else(|p| p.into_inner());
+            let n = m.entry(a).or_insert(0);
+            if *n >= HANDSHAKES_PER_ADDRESS_MAX {
+                return Err("too many handshakes in progress from this address");
+            }
+            *n += 1;
+        }
+        Ok(Slot {
+            addr,
+            _permit: permit,
+            per_address: self.per_address.clone(),
+        })
+    }
 }
 
 impl Listeners {
@@ -117,12 +204,25 @@ impl Listeners {
                 if tx.is_closed() {
                     return;
                 }
+                let slot = match me.handshakes.take(Some(remote.ip())) {
+                    Ok(s) => s,
+                    Err(why) => {
+                        refused("tcp", &remote.to_string(), why);
+                        continue;
+                    }
+                };
                 // Without it, small replies wait on delayed ACKs (40 ms).
                 let _ = stream.set_nodelay(true);
                 let (me, tx) = (me.clone(), tx.clone());
                 tokio::spawn(async move {
-                    if let Some(c) = me.tcp_conn(stream, remote).await {
-                        let _ = tx.send(Ok(c)).await;
+                    let c = tokio::time::timeout(HANDSHAKE_BUDGET, me.tcp_conn(stream, remote)).await;
+                    drop(slot);
+                    match c {
+                        Ok(Some(c)) => {
+                            let _ = tx.send(Ok(c)).await;
+                        }
+                        Ok(None) => {}
+                        Err(_) => refused("tcp", &remote.to_string(), "the handshake took too long"),
                     }
                 });
             }
@@ -145,6 +245,7 @@ impl Listeners {
                     identity: None,
                     remote: Some(remote),
                     uid: None,
+                    expires: None,
                 },
             ))),
         }
@@ -167,10 +268,23 @@ impl Listeners {
                 if tx.is_closed() {
                     return;
                 }
+                let slot = match me.handshakes.take(None) {
+                    Ok(s) => s,
+                    Err(why) => {
+                        refused("unix", "local", why);
+                        continue;
+                    }
+                };
                 let (me, tx) = (me.clone(), tx.clone());
                 tokio::spawn(async move {
-                    if let Some(c) = me.unix_conn(stream).await {
-                        let _ = tx.send(Ok(c)).await;
+                    let c = tokio::time::timeout(HANDSHAKE_BUDGET, me.unix_conn(stream)).await;
+                    drop(slot);
+                    match c {
+                        Ok(Some(c)) => {
+                            let _ = tx.send(Ok(c)).await;
+                        }
+                        Ok(None) => {}
+                        Err(_) => refused("unix", "local", "sent nothing, or took too long over its handshake"),
                     }
                 });
             }
@@ -185,15 +299,11 @@ impl Listeners {
             Some(c) => format!("uid={} pid={}", c.uid(), c.pid().unwrap_or(0)),
             None => "unknown".into(),
         };
-        let first = match tokio::time::timeout(sdn_proto::tls::HANDSHAKE_TIMEOUT, first_byte(&stream)).await {
-            Ok(Ok(Some(b))) => b,
-            Ok(Ok(None)) => return None,
-            Ok(Err(e)) => {
+        let first = match first_byte(&stream).await {
+            Ok(Some(b)) => b,
+            Ok(None) => return None,
+            Err(e) => {
                 refused("unix", &from, &e.to_string());
-                return None;
-            }
-            Err(_) => {
-                refused("unix", &from, "sent nothing");
                 return None;
             }
         };
@@ -220,6 +330,7 @@ impl Listeners {
                 identity,
                 remote: None,
                 uid,
+                expires: None,
             },
         )))
     }
@@ -259,5 +370,10 @@ pub fn parse_unix_role(s: &str) -> Result<(u32, Identity), String> {
         .parse()
         .map_err(|_| format!("--unix-role {s:?}: {uid:?} is not a user id"))?;
     let id = Identity::parse_uri(&format!("sdn://{}", id.trim())).map_err(|e| format!("--unix-role {s:?}: {e}"))?;
+    if id.role == sdn_proto::tls::Role::Replica {
+        // A replica speaks Raft and acts for others: only its certificate
+        // says so, never a user id every process of that user shares.
+        return Err(format!("--unix-role {s:?}: a replica is known by its certificate only"));
+    }
     Ok((uid, id))
 }

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::auth::{Caller, ON_BEHALF_OF, READERS};
+use crate::auth::{Caller, READERS};
 use crate::convert;
 use sdn_proto::tls::Role;
 use crate::enforcement::{Enforcement, WaitError};
@@ -36,25 +36,7 @@ pub struct Controller {
 
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 const MAX_BATCH: usize = sdn_policies::limits::input::BATCH_OPS_MAX;
-/// Set on requests a follower forwards, so they are never forwarded twice.
-const FORWARDED: &str = "sdn-forwarded";
-
-fn forwarded<T>(req: &Request<T>) -> bool {
-    req.metadata().get(FORWARDED).is_some()
-}
-
-/// A request forwarded to the leader for `caller`: marked, and saying
-/// whom this replica acts for.
-fn mark<T>(msg: T, caller: &Caller) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.metadata_mut().insert(FORWARDED, "1".parse().expect("ascii"));
-    if let Some(uri) = caller.on_behalf() {
-        if let Ok(v) = uri.parse() {
-            r.metadata_mut().insert(ON_BEHALF_OF, v);
-        }
-    }
-    r
-}
+use crate::auth::{forward as mark, forwarded};
 
 /// What a tenant sees of the state: its tenant, VPCs, their subnets, its
 /// ports and security groups.

@@ -43,7 +43,7 @@ impl Pki {
     }
 
     fn paths(&self, uri: &str) -> Files {
-        let stem = uri.trim_start_matches("sdn://").replace('/', "-");
+        let stem = stem(uri);
         Files {
             ca: self.ca(),
             cert: self.dir.join(format!("{stem}.pem")),
@@ -55,7 +55,7 @@ impl Pki {
     /// issued again each time.
     pub fn files_valid(&self, uri: &str, v: Validity) -> anyhow::Result<Files> {
         let id = Identity::parse_uri(uri).map_err(anyhow::Error::msg)?;
-        let stem = uri.trim_start_matches("sdn://").replace('/', "-");
+        let stem = stem(uri);
         let files = self.paths(uri);
         let (cert, key) = self
             .ca
@@ -89,4 +89,14 @@ pub fn now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// `ROLE-NAME`, or `tenant-T@NAME`, as `sdnctl pki` names the files.
+fn stem(uri: &str) -> String {
+    let rest = uri.trim_start_matches("sdn://");
+    match rest.split_once('/') {
+        Some(("tenant", tn)) => format!("tenant-{}", tn.replacen('/', "@", 1)),
+        Some((role, name)) => format!("{role}-{name}"),
+        None => rest.to_string(),
+    }
 }

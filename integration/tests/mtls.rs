@@ -468,6 +468,41 @@ async fn only_replicas_speak_raft() {
         let (code, text) = py.call(m, vote.clone(), false);
         assert_eq!(code, "PERMISSION_DENIED", "{m}: {text}");
     }
+    // A replica speaks Raft in its own name only: replica 2's certificate
+    // asking for votes as node 3 is refused, as itself it is heard.
+    let status = pb::cluster_client::ClusterClient::new(
+        sdn_proto::connect_with(&c.addr, Some(pki.connector(ADMIN).unwrap()))
+            .await
+            .unwrap(),
+    )
+    .status(pb::ClusterStatusRequest {})
+    .await
+    .unwrap()
+    .into_inner();
+    let replica2 = pki.files("sdn://replica/2").unwrap();
+    let py2 = Py {
+        target: py.target.clone(),
+        ca: py.ca,
+        files: Some(&replica2),
+    };
+    let vote_as = |node: u64| {
+        pb::RaftMessage {
+            cluster_id: status.cluster_id.clone(),
+            json: serde_json::to_vec(&serde_json::json!({
+                "vote": {"leader_id": {"term": 99, "node_id": node}, "committed": false},
+                "last_log_id": null
+            }))
+            .unwrap(),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    };
+    let (code, text) = py2.call("/sdn.v1.Raft/Vote", vote_as(3), false);
+    assert_eq!(code, "PERMISSION_DENIED", "{text}");
+    assert!(text.contains("replica 2 sent a message as node 3"), "{text}");
+    let (code, text) = py2.call("/sdn.v1.Raft/Vote", vote_as(2), false);
+    assert_eq!(code, "OK", "a vote request in its own name is answered: {text}");
+
     let mut cluster = pb::cluster_client::ClusterClient::new(
         sdn_proto::connect_with(&c.addr, Some(pki.connector(PLATFORM).unwrap()))
             .await
@@ -663,4 +698,222 @@ async fn a_cluster_of_three_on_mutual_tls() {
     let last = audit.records.last().unwrap();
     assert!(last.actor.starts_with(PLATFORM), "{last:?}");
     drop(procs);
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl").current_dir(dir).args(args).output().expect("openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A certificate issued by an existing CA with OpenSSL, as the README says,
+/// connects. A certificate that was given CA rights by mistake cannot
+/// issue identities: what it signs is refused, chain and all.
+#[test]
+fn only_what_the_ca_itself_signed_is_trusted() {
+    if !privileged() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start_secure(dir.path()).unwrap();
+    let pki = c.pki.as_ref().unwrap();
+    let d = &pki.dir;
+    let ext = |lines: &[&str]| {
+        let p = d.join(format!("ext-{}.cnf", lines.len()));
+        std::fs::write(&p, lines.join("\n")).unwrap();
+        p.display().to_string()
+    };
+    // The README's recipe.
+    openssl(d, &["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-keyout", "ops.key", "-subj", "/CN=ops", "-out", "ops.csr"]);
+    let leaf_ext = ext(&[
+        "subjectAltName=URI:sdn://admin/ops",
+        "basicConstraints=critical,CA:FALSE",
+        "keyUsage=critical,digitalSignature,keyAgreement",
+        "extendedKeyUsage=serverAuth,clientAuth",
+    ]);
+    openssl(d, &["x509", "-req", "-in", "ops.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-days", "2",
+        "-out", "ops.pem", "-extfile", &leaf_ext]);
+    // A certificate with CA rights, and what it signs.
+    openssl(d, &["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-keyout", "sub.key", "-subj", "/CN=mallory", "-out", "sub.csr"]);
+    let ca_ext = ext(&[
+        "subjectAltName=URI:sdn://tenant/t1/mallory",
+        "basicConstraints=critical,CA:TRUE",
+        "keyUsage=critical,keyCertSign,digitalSignature",
+    ]);
+    openssl(d, &["x509", "-req", "-in", "sub.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-days", "2",
+        "-out", "sub.pem", "-extfile", &ca_ext]);
+    openssl(d, &["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-keyout", "evil.key", "-subj", "/CN=replica-1", "-out", "evil.csr"]);
+    let evil_ext = ext(&[
+        "subjectAltName=URI:sdn://replica/1",
+        "basicConstraints=critical,CA:FALSE",
+        "extendedKeyUsage=serverAuth,clientAuth",
+        "keyUsage=critical,digitalSignature",
+    ]);
+    openssl(d, &["x509", "-req", "-in", "evil.csr", "-CA", "sub.pem", "-CAkey", "sub.key", "-days", "2",
+        "-out", "evil-leaf.pem", "-extfile", &evil_ext]);
+    // The chain the attacker presents: its leaf and the certificate above.
+    let chain = [std::fs::read(d.join("evil-leaf.pem")).unwrap(), std::fs::read(d.join("sub.pem")).unwrap()].concat();
+    std::fs::write(d.join("evil.pem"), chain).unwrap();
+
+    let target = c.addr.trim_start_matches("https://").to_string();
+    let call = |stem: &str| {
+        let f = Files {
+            ca: pki.ca(),
+            cert: d.join(format!("{stem}.pem")),
+            key: d.join(format!("{stem}.key")),
+        };
+        Py {
+            target: target.clone(),
+            ca: Some(&pki.ca()),
+            files: Some(&f),
+        }
+        .call("/sdn.v1.Cluster/Status", pb::ClusterStatusRequest {}.encode_to_vec(), false)
+    };
+    let (code, text) = call("ops");
+    assert_eq!(code, "OK", "the README's certificate: {text}");
+    let (code, text) = call("evil");
+    assert_eq!(code, "UNAVAILABLE", "a replica's name signed by a tenant's CA certificate: {text}");
+    let events = security_events(&c);
+    assert!(
+        events.iter().any(|l| l.contains("connection refused") && l.contains("certificate refused")),
+        "{events:#?}"
+    );
+}
+
+/// Connections that never finish their handshake are bounded: from one
+/// address at most 16 at once, each for 5 s, so they cannot starve the
+/// replicas and agents of file descriptors.
+#[test]
+fn unfinished_handshakes_are_bounded() {
+    if !privileged() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start_secure(dir.path()).unwrap();
+    let target = c.addr.trim_start_matches("https://").to_string();
+    let idle: Vec<std::net::TcpStream> = (0..16).map(|_| std::net::TcpStream::connect(&target).unwrap()).collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut extra = std::net::TcpStream::connect(&target).unwrap();
+    extra.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+    let mut b = [0u8; 1];
+    assert!(
+        matches!(extra.read(&mut b), Ok(0) | Err(_)),
+        "the 17th unfinished handshake from one address is closed at once"
+    );
+    let mut first = &idle[0];
+    first.set_read_timeout(Some(std::time::Duration::from_secs(8))).unwrap();
+    let t0 = std::time::Instant::now();
+    let r = first.read(&mut b);
+    assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+    let waited = t0.elapsed();
+    assert!(waited < std::time::Duration::from_secs(7), "closed after its 5 s: {waited:?}");
+    drop(idle);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    // Then a party with a certificate connects as before.
+    let pki = c.pki.as_ref().unwrap();
+    let platform = pki.files(PLATFORM).unwrap();
+    let (code, text) = Py {
+        target,
+        ca: Some(&pki.ca()),
+        files: Some(&platform),
+    }
+    .call("/sdn.v1.Provisioning/List", list(), false);
+    assert_eq!(code, "OK", "{text}");
+    let events = security_events(&c);
+    assert!(events.iter().any(|l| l.contains("too many handshakes")), "{events:#?}");
+}
+
+/// On the local socket, a caller without a certificate is known by its
+/// user id only when `--unix-role` names it; a replica never is.
+#[tokio::test]
+async fn local_callers_are_known_by_user_id_only_when_configured() {
+    if !privileged() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start_secure(dir.path()).unwrap();
+    let sock = format!("unix://{}", c.socket.display());
+    let mut plain = pb::provisioning_client::ProvisioningClient::new(sdn_proto::connect_with(&sock, None).await.unwrap());
+    let e = plain.list(pb::ListRequest { kind: 0, stale: false }).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("user id 0") && e.message().contains("--unix-role"), "{e:?}");
+    // Over TLS, the same socket knows the certificate.
+    let pki = c.pki.as_ref().unwrap();
+    let mut tls = pb::provisioning_client::ProvisioningClient::new(
+        sdn_proto::connect_with(&sock, Some(pki.connector("sdn://supervisor/local").unwrap()))
+            .await
+            .unwrap(),
+    );
+    assert!(tls.list(pb::ListRequest { kind: 0, stale: false }).await.is_ok());
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&c.socket).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o660);
+
+    // A controller that maps user id 0 to a supervisor.
+    let data = dir.path().join("second");
+    let sock2 = dir.path().join("second.sock");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut args: Vec<String> = vec![
+        "--node-id".into(),
+        "1".into(),
+        "--data-dir".into(),
+        data.display().to_string(),
+        "--listen".into(),
+        listen,
+        "--listen-unix".into(),
+        sock2.display().to_string(),
+        "--unix-role".into(),
+        "0=supervisor/local-root".into(),
+    ];
+    args.extend(pki.args("sdn://replica/1").unwrap());
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let second = Proc::spawn("controller-2", None, &bin("sdn-controller"), &a, dir.path()).unwrap();
+    let addr2 = format!("unix://{}", sock2.display());
+    let mut client = None;
+    for _ in 0..100 {
+        if let Ok(ch) = sdn_proto::connect_with(&addr2, None).await {
+            let mut cl = pb::provisioning_client::ProvisioningClient::new(ch);
+            if cl.list(pb::ListRequest { kind: 0, stale: false }).await.is_ok() {
+                client = Some(cl);
+                break;
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let mut cl = client.unwrap_or_else(|| panic!("the second controller answers: {}", second.log_text()));
+    let e = cl
+        .apply(pb::ApplyRequest {
+            operations: vec![pb::Operation { op: Some(tenant("t")) }],
+            actor: String::new(),
+            wait: false,
+            wait_timeout_ms: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("sdn://supervisor/local-root"), "{e:?}");
+    drop(second);
+
+    // A replica by user id is refused at start.
+    let out = Command::new(bin("sdn-controller"))
+        .args(["--insecure", "--unix-role", "0=replica/1", "--data-dir"])
+        .arg(dir.path().join("third"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("a replica is known by its certificate only"), "{err}");
+    // A party with a certificate does not fall back to plain HTTP.
+    let e = sdn_proto::connect_with("http://127.0.0.1:1", Some(pki.connector(PLATFORM).unwrap()))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("use https://"), "{e}");
 }

@@ -111,6 +111,11 @@ pub async fn connect_with(addr: &str, tls: Option<std::sync::Arc<tls::Connector>
             .await?);
     }
     if addr.starts_with("http://") {
+        if tls.is_some() {
+            return Err(ConnectError::Config(format!(
+                "{addr}: plain HTTP while this party has a certificate; use https://"
+            )));
+        }
         return Ok(Endpoint::from_shared(addr.to_string())?
             .connect_timeout(timeout)
             .tcp_nodelay(true)

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use boring::ssl::{
     select_next_proto, AlpnError, SslAcceptor, SslConnector, SslFiletype, SslMethod, SslRef, SslVerifyMode,
@@ -159,6 +159,9 @@ pub struct Peer {
     pub remote: Option<SocketAddr>,
     /// The user id of a caller on the local socket (`SO_PEERCRED`).
     pub uid: Option<u32>,
+    /// When the certificate the connection was opened with expires: a
+    /// request after it is refused, however long the connection lives.
+    pub expires: Option<std::time::Instant>,
 }
 
 impl Peer {
@@ -302,9 +305,15 @@ impl Files {
         }
     }
 
-    fn stamps(&self) -> [Option<SystemTime>; 3] {
-        let m = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        [m(&self.ca), m(&self.cert), m(&self.key)]
+    /// What the three files hold now (a digest of their bytes): a file
+    /// replaced with the same time stamp is still seen to change.
+    fn stamps(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for p in [&self.ca, &self.cert, &self.key] {
+            std::fs::read(p).ok().hash(&mut h);
+        }
+        h.finish()
     }
 
     /// The identity of this party's own certificate.
@@ -319,7 +328,7 @@ impl Files {
 struct Reloading<T> {
     files: Files,
     build: fn(&Files) -> Result<T, String>,
-    current: Mutex<(Arc<T>, [Option<SystemTime>; 3])>,
+    current: Mutex<(Arc<T>, u64)>,
 }
 
 impl<T> Reloading<T> {
@@ -386,12 +395,20 @@ impl Acceptor {
             .peer_certificate()
             .ok_or_else(|| "the client sent no certificate".to_string())?;
         let identity = Identity::of_certificate(&cert)?;
+        let expires = boring::asn1::Asn1Time::days_from_now(0)
+            .and_then(|now| now.diff(cert.not_after()))
+            .ok()
+            .map(|d| {
+                let secs = i64::from(d.days) * 86_400 + i64::from(d.secs);
+                std::time::Instant::now() + Duration::from_secs(secs.max(0) as u64)
+            });
         Ok(TlsIo {
             inner: tls,
             peer: Peer {
                 identity: Some(identity),
                 remote,
                 uid: None,
+                expires,
             },
         })
     }
@@ -420,7 +437,20 @@ fn build_acceptor(f: &Files) -> Result<SslAcceptor, String> {
 
 /// Loads the party's own chain and key, and the CA its peers must chain to.
 fn load_own(b: &mut boring::ssl::SslContextBuilder, f: &Files) -> Result<(), String> {
-    b.set_ca_file(&f.ca).map_err(ssl_err("loading the CA", &f.ca))?;
+    // Only the cluster's CA is trusted (not the system's roots), and only
+    // for certificates it signed itself: no intermediate, so a certificate
+    // that claims to be a CA cannot issue identities.
+    let pem = std::fs::read(&f.ca).map_err(|e| format!("reading {}: {e}", f.ca.display()))?;
+    let cas = X509::stack_from_pem(&pem).map_err(ssl_err("reading the CA", &f.ca))?;
+    if cas.is_empty() {
+        return Err(format!("{}: no certificate in it", f.ca.display()));
+    }
+    let mut store = boring::x509::store::X509StoreBuilder::new().map_err(|e| format!("TLS setup: {e}"))?;
+    for c in &cas {
+        store.add_cert(c).map_err(ssl_err("loading the CA", &f.ca))?;
+    }
+    b.set_cert_store(store.build());
+    b.set_verify_depth(0);
     b.set_certificate_chain_file(&f.cert)
         .map_err(ssl_err("loading the certificate", &f.cert))?;
     b.set_private_key_file(&f.key, SslFiletype::PEM).map_err(|e| {
@@ -433,12 +463,12 @@ fn load_own(b: &mut boring::ssl::SslContextBuilder, f: &Files) -> Result<(), Str
     b.check_private_key()
         .map_err(|e| format!("{} does not belong to {}: {e}", f.key.display(), f.cert.display()))?;
     // The certificate must itself be one the CA issued, or peers refuse it.
-    let ca = std::fs::read(&f.ca).map_err(|e| format!("reading {}: {e}", f.ca.display()))?;
-    let ca = X509::from_pem(&ca).map_err(ssl_err("reading the CA", &f.ca))?;
     let own = std::fs::read(&f.cert).map_err(|e| format!("reading {}: {e}", f.cert.display()))?;
     let own = X509::from_pem(&own).map_err(ssl_err("reading the certificate", &f.cert))?;
-    let key = ca.public_key().map_err(ssl_err("reading the CA's key", &f.ca))?;
-    if !own.verify(&key).unwrap_or(false) {
+    let issued = cas
+        .iter()
+        .any(|ca| ca.public_key().map(|k| own.verify(&k).unwrap_or(false)).unwrap_or(false));
+    if !issued {
         return Err(format!(
             "{} was not issued by the CA in {}",
             f.cert.display(),

@@ -235,10 +235,12 @@ enum PkiCmd {
     },
 }
 
-/// The file stem of an identity's certificate and key.
+/// The file stem of an identity's certificate and key: `ROLE-NAME`, or
+/// `tenant-TENANT@NAME` (`@` is in no name, so no two identities share a
+/// stem).
 fn pki_stem(id: &sdn_proto::tls::Identity) -> String {
     match &id.tenant {
-        Some(t) => format!("tenant-{t}-{}", id.name),
+        Some(t) => format!("tenant-{t}@{}", id.name),
         None => format!("{}-{}", id.role.name(), id.name),
     }
 }
@@ -254,6 +256,16 @@ fn pki_issue(
         .issue(id, addresses, sdn_proto::tls::pki::Validity::days(days))
         .map_err(anyhow::Error::msg)?;
     let stem = pki_stem(id);
+    for ext in ["pem", "key"] {
+        let p = dir.join(format!("{stem}.{ext}"));
+        if p.exists() {
+            anyhow::bail!(
+                "{} exists: {} already has a certificate here; remove its files first to issue another",
+                p.display(),
+                id.uri()
+            );
+        }
+    }
     sdn_proto::tls::pki::write_pair(dir, &stem, &cert, &key).map_err(anyhow::Error::msg)?;
     println!("{}  {}/{stem}.pem  {}/{stem}.key", id.uri(), dir.display(), dir.display());
     Ok(())

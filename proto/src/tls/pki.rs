@@ -192,17 +192,37 @@ pub fn write_pair(dir: &Path, stem: &str, cert: &[u8], key: &[u8]) -> Result<(),
 
 pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    // A temporary file of its own (never one left behind or planted: it
+    // must not exist, and a link is not followed), with the mode set on
+    // the open file before the bytes go in.
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| format!("{}: not a file name", path.display()))?;
+    let mut nonce = [0u8; 8];
+    boring::rand::rand_bytes(&mut nonce).map_err(|e| format!("random: {e}"))?;
+    let tmp = path.with_file_name(format!(
+        ".{name}.{}.tmp",
+        nonce.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .mode(mode)
         .open(&tmp)
         .map_err(|err| format!("writing {}: {err}", tmp.display()))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|err| format!("writing {}: {err}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|err| format!("writing {}: {err}", path.display()))
+    let written = f
+        .set_permissions(std::fs::Permissions::from_mode(mode))
+        .and_then(|_| f.write_all(bytes))
+        .and_then(|_| f.sync_all());
+    if let Err(err) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(format!("writing {}: {err}", tmp.display()));
+    }
+    std::fs::rename(&tmp, path).map_err(|err| {
+        let _ = std::fs::remove_file(&tmp);
+        format!("writing {}: {err}", path.display())
+    })
 }
