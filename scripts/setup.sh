@@ -29,6 +29,7 @@ PKGS=(
     cmake libclang-dev  # BoringSSL (the `boring` crate) builds from source
     openssl             # s_client: a TLS peer in the tests
     python3-grpcio      # a gRPC client that is not ours, in the tests
+    prometheus curl     # promtool checks the /metrics endpoints; curl scrapes them
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -154,6 +154,36 @@ pub struct Dataplane {
     config: m::HostConfig,
     /// The pin of this load's program array.
     pipe_pin: PathBuf,
+    /// What the flow table counted per port, as of the last collection.
+    traffic: std::sync::Arc<std::sync::Mutex<Traffic>>,
+}
+
+/// One port's flows now, and the packets and bytes of its flows since the
+/// agent started (flows that timed out since included).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortTraffic {
+    pub flows: u64,
+    pub packets_out: u64,
+    pub packets_in: u64,
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+}
+
+impl PortTraffic {
+    fn add(&mut self, v: &m::CtValue) {
+        self.packets_out += v.packets_out;
+        self.packets_in += v.packets_in;
+        self.bytes_out += v.bytes_out;
+        self.bytes_in += v.bytes_in;
+    }
+}
+
+/// Per port (by ifindex): the totals of flows gone, and the sums as of the
+/// last collection.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    retired: std::collections::BTreeMap<u32, PortTraffic>,
+    pub ports: std::collections::BTreeMap<u32, PortTraffic>,
 }
 
 /// An LPM trie as a table keyed by (prefix length, data).
@@ -288,6 +318,7 @@ impl Dataplane {
             pin_dir: pin_dir.to_path_buf(),
             config: m::HostConfig::default(),
             pipe_pin,
+            traffic: Default::default(),
         };
         // An upgrade: the earlier version's flows are in the new table
         // before any link runs the new programs (and again, for flows made
@@ -612,6 +643,11 @@ impl Dataplane {
         for i in ifindexes {
             let _ = counts.remove(i);
         }
+        let mut t = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
+        for i in ifindexes {
+            t.retired.remove(i);
+            t.ports.remove(i);
+        }
         Ok(n)
     }
 
@@ -624,16 +660,38 @@ impl Dataplane {
         let mut ct: BpfHashMap<&mut MapData, m::CtKey, m::CtValue> = BpfHashMap::try_from(map)?;
         let mut expired = Vec::new();
         let mut per_port: std::collections::BTreeMap<u32, u32> = std::collections::BTreeMap::new();
+        let mut live: std::collections::BTreeMap<u32, PortTraffic> = std::collections::BTreeMap::new();
+        let mut gone: Vec<(u32, m::CtValue)> = Vec::new();
         for item in ct.iter() {
             let Ok((k, v)) = item else { continue };
             if now.saturating_sub(v.last_seen_ns) > m::ct_timeout(k.proto, v.flags) {
                 expired.push(k);
+                gone.push((k.ifindex, v));
             } else {
                 *per_port.entry(k.ifindex).or_default() += 1;
+                live.entry(k.ifindex).or_default().add(&v);
             }
         }
         for k in &expired {
             let _ = ct.remove(k);
+        }
+        {
+            let mut t = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
+            for (i, v) in &gone {
+                t.retired.entry(*i).or_default().add(v);
+            }
+            let mut ports = t.retired.clone();
+            for (i, l) in &live {
+                let p = ports.entry(*i).or_default();
+                p.packets_out += l.packets_out;
+                p.packets_in += l.packets_in;
+                p.bytes_out += l.bytes_out;
+                p.bytes_in += l.bytes_in;
+            }
+            for (i, n) in &per_port {
+                ports.entry(*i).or_default().flows = u64::from(*n);
+            }
+            t.ports = ports;
         }
         let remaining = per_port.values().map(|c| *c as usize).sum();
         let map = self.ebpf.map_mut(m::CT_COUNT).context("map CT_COUNT missing")?;
@@ -648,6 +706,16 @@ impl Dataplane {
             counts.insert(i, c, 0)?;
         }
         Ok((expired.len(), remaining))
+    }
+
+    /// What the flow table counted per port, as of the last collection.
+    pub fn traffic(&self) -> std::sync::Arc<std::sync::Mutex<Traffic>> {
+        self.traffic.clone()
+    }
+
+    /// The pin directory.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
     }
 
     /// The program file descriptor, for BPF_PROG_TEST_RUN.

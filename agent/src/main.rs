@@ -44,6 +44,10 @@ enum Cmd {
         /// zone uplinks') reach nothing.
         #[arg(long, env = "SDN_UNDERLAY_IP")]
         underlay_ip: Option<std::net::Ipv4Addr>,
+        /// Serve Prometheus metrics on this address (`/metrics`, plain
+        /// HTTP: an address only the monitoring system reaches).
+        #[arg(long)]
+        metrics_listen: Option<String>,
     },
     /// Print drop and pass counters as JSON.
     Counters {
@@ -80,6 +84,7 @@ async fn main() -> anyhow::Result<()> {
             vxlan_device,
             ct_budget,
             underlay_ip,
+            metrics_listen,
         } => {
             let mut dp = dataplane::Dataplane::load(&pin_dir)
                 .with_context(|| format!("loading the dataplane under {}", pin_dir.display()))?;
@@ -92,6 +97,18 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("attaching the overlay program to {vxlan_device}"))?;
             tracing::info!(device = %vxlan_device, ifindex = vx, "overlay ready");
             let mut agent = Agent::new(host, controllers, dp)?;
+            if let Some(addr) = metrics_listen {
+                let l = tokio::net::TcpListener::bind(&addr)
+                    .await
+                    .with_context(|| format!("binding the metrics address {addr}"))?;
+                tracing::info!(addr = %addr, "metrics served at /metrics");
+                let src = agent.metric_sources();
+                tokio::spawn(async move {
+                    if let Err(e) = sdn_agent::metrics::serve(l, src).await {
+                        tracing::error!(error = %e, "the metrics endpoint stopped");
+                    }
+                });
+            }
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
                 _ = agent.run() => {}

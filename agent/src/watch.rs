@@ -42,6 +42,8 @@ pub struct Agent {
     /// change of address is enforced on the next collection tick.
     uplink_devices: std::collections::BTreeMap<u32, String>,
     uplink_addrs: BTreeSet<dataplane_common::maps::PortAddrKey>,
+    /// The revision last acknowledged as enforced (for the metrics).
+    enforced: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The outcome of enforcing the held share.
@@ -74,7 +76,17 @@ impl Agent {
             missing_uplinks: Vec::new(),
             uplink_devices: Default::default(),
             uplink_addrs: BTreeSet::new(),
+            enforced: Default::default(),
         })
+    }
+
+    /// What the metrics endpoint reads.
+    pub fn metric_sources(&self) -> crate::metrics::Sources {
+        crate::metrics::Sources {
+            pin_dir: self.dp.pin_dir().to_path_buf(),
+            traffic: self.dp.traffic(),
+            enforced: self.enforced.clone(),
+        }
     }
 
     /// Makes the kernel match the held share.
@@ -281,6 +293,9 @@ impl Agent {
             })
             .await
             .context("sending the ack")?;
+        if ok {
+            self.enforced.store(self.revision, std::sync::atomic::Ordering::Relaxed);
+        }
         Ok(())
     }
 

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod cluster;
 pub use sdn_policies::convert;
 pub mod enforcement;
+pub mod metrics;
 pub mod serve;
 pub mod service;
 pub mod shares;

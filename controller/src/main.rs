@@ -43,6 +43,10 @@ struct Args {
     snapshot_every: u64,
     #[command(flatten)]
     tls: sdn_proto::tls::TlsArgs,
+    /// Serve Prometheus metrics on this address (`/metrics`, plain HTTP:
+    /// an address only the monitoring system reaches).
+    #[arg(long)]
+    metrics_listen: Option<String>,
     /// Serve plain HTTP/2 with no authentication: anyone who reaches the
     /// controller may do anything. For local experiments only.
     #[arg(long)]
@@ -118,7 +122,32 @@ async fn main() -> anyhow::Result<()> {
         enforcement: Arc::new(Enforcement::default()),
         stopping,
         leader_acks: Default::default(),
+        metrics: Default::default(),
     };
+    if let Some(addr) = &args.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the metrics address {addr}"))?;
+        tracing::info!(addr = %addr, "metrics served at /metrics");
+        let (m, st, en) = (ctl.metrics.clone(), store.clone(), ctl.enforcement.clone());
+        tokio::spawn(async move {
+            if let Err(e) = sdn_controller::metrics::serve(l, m, st, en).await {
+                tracing::error!(error = %e, "the metrics endpoint stopped");
+            }
+        });
+    }
+    // gRPC health checking and server reflection, for load balancers and
+    // grpcurl: every service is reported serving while the process runs.
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<ProvisioningServer<Controller>>().await;
+    health_reporter.set_serving::<AgentServer<Controller>>().await;
+    health_reporter.set_serving::<RaftServer<RaftService>>().await;
+    health_reporter.set_serving::<ClusterServer<ClusterService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sdn_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("the reflection service")?;
 
     let tcp = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -154,6 +183,8 @@ async fn main() -> anyhow::Result<()> {
                 .max_encoding_message_size(sdn_controller::store::network::RAFT_MESSAGE_BYTES_MAX),
             )
             .add_service(ClusterServer::new(ClusterService { store: store.clone() }))
+            .add_service(health.clone())
+            .add_service(reflection.clone())
     };
     let shutdown = async {
         let mut term =

@@ -32,6 +32,7 @@ pub struct Controller {
     pub stopping: tokio::sync::watch::Receiver<bool>,
     /// The connection acks travel to the leader on, and the leader's address.
     pub leader_acks: Arc<tokio::sync::Mutex<Option<LeaderAcks>>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
@@ -84,83 +85,10 @@ fn not_leader(leader: Option<String>, already_forwarded: bool) -> Result<String,
 #[tonic::async_trait]
 impl pb::provisioning_server::Provisioning for Controller {
     async fn apply(&self, req: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
-        let caller = Caller::of(&req)?;
-        caller.require("Apply", &[Role::Platform, Role::Admin, Role::Tenant])?;
-        let was_forwarded = forwarded(&req);
-        let req = req.into_inner();
-        if req.operations.len() > MAX_BATCH {
-            return Err(Status::invalid_argument(format!(
-                "operations: {} operations in one batch; at most {MAX_BATCH}",
-                req.operations.len()
-            )));
-        }
-        let ops = convert::ops_from_pb(&req.operations).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        for (i, op) in ops.iter().enumerate() {
-            if let sdn_policies::Op::PutQuarantine(q) = op {
-                if q.expires_unix_ms.is_some_and(|t| t <= now_ms) {
-                    return Err(Status::invalid_argument(format!(
-                        "operations[{i}].put_quarantine.expires_unix_ms: {} is in the past",
-                        q.expires_unix_ms.unwrap_or(0)
-                    )));
-                }
-            }
-        }
-        // Every operation is the caller's to make, before any is written
-        // (a group's tenant never changes, so a check against the state of
-        // now holds when the batch applies).
-        caller.check_batch(&ops, &self.store.shared.read().await.state)?;
-        // The audit log names the caller as its certificate does; what the
-        // request says of itself is kept beside it.
-        let actor = match (caller.identity.is_some(), req.actor.trim()) {
-            (true, "") => caller.actor.clone(),
-            (true, said) => format!("{} ({said})", caller.actor),
-            (false, "") => "unknown".to_string(),
-            (false, said) => said.to_string(),
-        };
-        let outcome = match self.store.write(&actor, ops).await {
-            Ok(o) => o,
-            Err(WriteError::Invalid(b)) => return Err(Status::invalid_argument(b.to_string())),
-            Err(WriteError::Raft(m)) => return Err(Status::unavailable(m)),
-            Err(WriteError::NotLeader(leader)) => {
-                let addr = not_leader(leader, was_forwarded)?;
-                tracing::debug!(leader = %addr, "forwarding a write to the leader");
-                return leader_client(&addr).await?.apply(mark(req, &caller)).await;
-            }
-        };
-        tracing::info!(revision = outcome.revision, actor = %actor, hosts = ?outcome.hosts, "applied batch");
-        let mut enforced = false;
-        if req.wait {
-            let timeout = if req.wait_timeout_ms == 0 {
-                DEFAULT_WAIT
-            } else {
-                Duration::from_millis(req.wait_timeout_ms as u64)
-            };
-            match self.enforcement.wait(&outcome.hosts, outcome.revision, timeout).await {
-                Ok(()) => enforced = true,
-                Err(WaitError::Timeout { pending }) => {
-                    return Err(Status::deadline_exceeded(format!(
-                        "revision {} was committed but is not yet enforced on: {}",
-                        outcome.revision,
-                        pending.join(", ")
-                    )))
-                }
-                Err(e @ WaitError::Nack { .. }) => {
-                    return Err(Status::aborted(format!(
-                        "revision {} was committed but {e}",
-                        outcome.revision
-                    )))
-                }
-            }
-        }
-        Ok(Response::new(pb::ApplyResponse {
-            revision: outcome.revision,
-            hosts: outcome.hosts,
-            enforced,
-        }))
+        let t0 = std::time::Instant::now();
+        let r = self.apply_now(req).await;
+        self.metrics.applied(t0.elapsed(), r.as_ref().err().map(Status::code));
+        r
     }
 
     async fn list(&self, req: Request<pb::ListRequest>) -> Result<Response<pb::ListResponse>, Status> {
@@ -385,6 +313,87 @@ impl pb::agent_server::Agent for Controller {
 }
 
 impl Controller {
+    /// `Apply`, timed and counted by [`Provisioning::apply`].
+    async fn apply_now(&self, req: Request<pb::ApplyRequest>) -> Result<Response<pb::ApplyResponse>, Status> {
+        let caller = Caller::of(&req)?;
+        caller.require("Apply", &[Role::Platform, Role::Admin, Role::Tenant])?;
+        let was_forwarded = forwarded(&req);
+        let req = req.into_inner();
+        if req.operations.len() > MAX_BATCH {
+            return Err(Status::invalid_argument(format!(
+                "operations: {} operations in one batch; at most {MAX_BATCH}",
+                req.operations.len()
+            )));
+        }
+        let ops = convert::ops_from_pb(&req.operations).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        for (i, op) in ops.iter().enumerate() {
+            if let sdn_policies::Op::PutQuarantine(q) = op {
+                if q.expires_unix_ms.is_some_and(|t| t <= now_ms) {
+                    return Err(Status::invalid_argument(format!(
+                        "operations[{i}].put_quarantine.expires_unix_ms: {} is in the past",
+                        q.expires_unix_ms.unwrap_or(0)
+                    )));
+                }
+            }
+        }
+        // Every operation is the caller's to make, before any is written
+        // (a group's tenant never changes, so a check against the state of
+        // now holds when the batch applies).
+        caller.check_batch(&ops, &self.store.shared.read().await.state)?;
+        // The audit log names the caller as its certificate does; what the
+        // request says of itself is kept beside it.
+        let actor = match (caller.identity.is_some(), req.actor.trim()) {
+            (true, "") => caller.actor.clone(),
+            (true, said) => format!("{} ({said})", caller.actor),
+            (false, "") => "unknown".to_string(),
+            (false, said) => said.to_string(),
+        };
+        let outcome = match self.store.write(&actor, ops).await {
+            Ok(o) => o,
+            Err(WriteError::Invalid(b)) => return Err(Status::invalid_argument(b.to_string())),
+            Err(WriteError::Raft(m)) => return Err(Status::unavailable(m)),
+            Err(WriteError::NotLeader(leader)) => {
+                let addr = not_leader(leader, was_forwarded)?;
+                tracing::debug!(leader = %addr, "forwarding a write to the leader");
+                return leader_client(&addr).await?.apply(mark(req, &caller)).await;
+            }
+        };
+        tracing::info!(revision = outcome.revision, actor = %actor, hosts = ?outcome.hosts, "applied batch");
+        let mut enforced = false;
+        if req.wait {
+            let timeout = if req.wait_timeout_ms == 0 {
+                DEFAULT_WAIT
+            } else {
+                Duration::from_millis(req.wait_timeout_ms as u64)
+            };
+            match self.enforcement.wait(&outcome.hosts, outcome.revision, timeout).await {
+                Ok(()) => enforced = true,
+                Err(WaitError::Timeout { pending }) => {
+                    return Err(Status::deadline_exceeded(format!(
+                        "revision {} was committed but is not yet enforced on: {}",
+                        outcome.revision,
+                        pending.join(", ")
+                    )))
+                }
+                Err(e @ WaitError::Nack { .. }) => {
+                    return Err(Status::aborted(format!(
+                        "revision {} was committed but {e}",
+                        outcome.revision
+                    )))
+                }
+            }
+        }
+        Ok(Response::new(pb::ApplyResponse {
+            revision: outcome.revision,
+            hosts: outcome.hosts,
+            enforced,
+        }))
+    }
+
     /// Passes an agent's answer to the leader, over one connection kept
     /// for it, retried while leadership settles: a lost answer would leave
     /// a writer waiting for a host that enforces the change.

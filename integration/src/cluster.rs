@@ -29,6 +29,8 @@ pub struct Cluster {
     pub pki: Option<Pki>,
     /// The identity [`Cluster::client`] connects as.
     client_tls: Option<Arc<Connector>>,
+    /// More flags the controller runs with.
+    extra: Vec<String>,
 }
 
 /// The identity the harness provisions as on a secured controller.
@@ -39,18 +41,23 @@ pub const ADMIN: &str = "sdn://admin/integration";
 impl Cluster {
     /// A controller that serves without authentication (`--insecure`).
     pub fn start(dir: &Path) -> anyhow::Result<Cluster> {
-        Self::start_with(dir, None)
+        Self::start_with(dir, None, &[])
+    }
+
+    /// [`Cluster::start_secure`] with more flags for the controller.
+    pub fn start_secure_with(dir: &Path, extra: &[&str]) -> anyhow::Result<Cluster> {
+        let pki = Pki::new(&dir.join("pki"))?;
+        Self::start_with(dir, Some(pki), extra)
     }
 
     /// A controller that authenticates every caller by its certificate,
     /// with a CA of this run: agents connect as their hosts, the harness's
     /// client as the platform ([`PLATFORM`]), `sdnctl` as [`ADMIN`].
     pub fn start_secure(dir: &Path) -> anyhow::Result<Cluster> {
-        let pki = Pki::new(&dir.join("pki"))?;
-        Self::start_with(dir, Some(pki))
+        Self::start_secure_with(dir, &[])
     }
 
-    fn start_with(dir: &Path, pki: Option<Pki>) -> anyhow::Result<Cluster> {
+    fn start_with(dir: &Path, pki: Option<Pki>, extra: &[&str]) -> anyhow::Result<Cluster> {
         let data_dir = dir.join("controller-data");
         let socket = dir.join("controller.sock");
         let port = free_port();
@@ -58,7 +65,8 @@ impl Cluster {
         let bpffs = Bpffs::new(&dir.join("bpffs"))?;
         let client_tls = pki.as_ref().map(|p| p.connector(PLATFORM)).transpose()?;
         let scheme = if pki.is_some() { "https" } else { "http" };
-        let controller = Self::spawn_controller(dir, &data_dir, &socket, &listen, pki.as_ref())?;
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        let controller = Self::spawn_controller(dir, &data_dir, &socket, &listen, pki.as_ref(), &extra)?;
         let c = Cluster {
             controller,
             agents: Vec::new(),
@@ -71,6 +79,7 @@ impl Cluster {
             actor: "integration-test".into(),
             pki,
             client_tls,
+            extra,
         };
         c.wait_ready()?;
         Ok(c)
@@ -82,6 +91,7 @@ impl Cluster {
         socket: &Path,
         listen: &str,
         pki: Option<&Pki>,
+        extra: &[String],
     ) -> anyhow::Result<Proc> {
         let mut args: Vec<String> = vec![
             "--data-dir".into(),
@@ -95,6 +105,7 @@ impl Cluster {
             Some(p) => args.extend(p.args("sdn://replica/1")?),
             None => args.push("--insecure".into()),
         }
+        args.extend(extra.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Proc::spawn("controller", None, &bin("sdn-controller"), &args, dir)
     }
@@ -140,6 +151,7 @@ impl Cluster {
             &self.socket,
             &self.listen,
             self.pki.as_ref(),
+            &self.extra,
         )?;
         self.wait_ready()
     }

@@ -22,6 +22,7 @@ pub mod lab;
 pub mod linearizability;
 pub mod ops;
 pub mod pki;
+pub mod pyclient;
 pub mod replicas;
 
 pub use bpffs::Bpffs;

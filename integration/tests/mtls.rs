@@ -11,79 +11,12 @@ use prost::Message as _;
 use sdn_integration::cluster::{Cluster, ADMIN, PLATFORM};
 use sdn_integration::ops::*;
 use sdn_integration::pki::{now, Pki};
+use sdn_integration::pyclient::{tls_probe, Py};
 use sdn_integration::{bin, free_port, privileged, Proc};
 use sdn_proto::tls::pki::Validity;
 use sdn_proto::tls::Files;
 use sdn_proto::v1 as pb;
 use tonic::Code;
-
-/// Sends one gRPC call with Python's grpcio: the request's bytes in, the
-/// status code and the answer (hex) or the error's details out.
-const GRPC_PY: &str = r#"
-import grpc, json, sys
-a = json.loads(sys.argv[1])
-if a.get("ca"):
-    rd = lambda p: open(p, "rb").read() if p else None
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=rd(a["ca"]), private_key=rd(a.get("key")), certificate_chain=rd(a.get("cert")))
-    ch = grpc.secure_channel(a["target"], creds)
-else:
-    ch = grpc.insecure_channel(a["target"])
-same = lambda b: b
-try:
-    body = bytes.fromhex(a["body"])
-    if a.get("stream"):
-        r = next(ch.unary_stream(a["method"], request_serializer=same, response_deserializer=same)(body, timeout=5))
-    else:
-        r = ch.unary_unary(a["method"], request_serializer=same, response_deserializer=same)(body, timeout=5)
-    print(json.dumps({"code": "OK", "text": r.hex()}))
-except grpc.RpcError as e:
-    print(json.dumps({"code": e.code().name, "text": e.details() or ""}))
-"#;
-
-struct Py<'a> {
-    target: String,
-    ca: Option<&'a Path>,
-    files: Option<&'a Files>,
-}
-
-impl Py<'_> {
-    /// `(code, details or answer)` of one call.
-    fn call(&self, method: &str, body: Vec<u8>, stream: bool) -> (String, String) {
-        let mut a = serde_json::json!({
-            "target": self.target,
-            "method": method,
-            "body": hex(&body),
-            "stream": stream,
-        });
-        if let Some(ca) = self.ca {
-            a["ca"] = ca.display().to_string().into();
-        }
-        if let Some(f) = self.files {
-            a["cert"] = f.cert.display().to_string().into();
-            a["key"] = f.key.display().to_string().into();
-        }
-        let out = Command::new("/usr/bin/python3")
-            .args(["-c", GRPC_PY, &a.to_string()])
-            .output()
-            .expect("python3");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|_| {
-            panic!(
-                "python3 said: {text}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-        (
-            v["code"].as_str().unwrap_or_default().to_string(),
-            v["text"].as_str().unwrap_or_default().to_string(),
-        )
-    }
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
 
 fn list() -> Vec<u8> {
     pb::ListRequest { kind: 0, stale: false }.encode_to_vec()
@@ -111,16 +44,16 @@ fn security_events(c: &Cluster) -> Vec<String> {
 
 fn s_client(addr: &str, args: &[&str]) -> String {
     let mut child = Command::new("timeout")
-        .args(["5", "openssl", "s_client", "-connect", addr, "-alpn", "h2"])
+        .args(["15", "openssl", "s_client", "-connect", addr, "-alpn", "h2"])
         .args(args)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("openssl");
-    // Input open for a moment: under TLS 1.3 the server's verdict on the
-    // client's certificate comes after the client's side of the handshake.
-    std::thread::sleep(std::time::Duration::from_millis(700));
+    // Input open for a while: s_client quits at the end of its input, and
+    // before its handshake is done that leaves nothing to read.
+    std::thread::sleep(std::time::Duration::from_millis(2000));
     drop(child.stdin.take());
     let out = child.wait_with_output().expect("openssl");
     format!(
@@ -178,10 +111,14 @@ fn only_certificates_of_the_cluster_ca_connect() {
     let (code, text) = py(Some(&pki.ca()), Some(&platform));
     assert_eq!(code, "OK", "the platform's own certificate: {text}");
 
-    // openssl's view: the handshake asks for a certificate and fails
-    // without one; with one it verifies and speaks HTTP/2.
-    let out = s_client(&target, &["-CAfile", pki.ca().to_str().unwrap()]);
-    assert!(out.contains("certificate required"), "{out}");
+    // OpenSSL's view (Python's ssl, then openssl s_client): the handshake
+    // asks for a certificate and fails without one; with one it verifies
+    // and speaks HTTP/2.
+    let seen = tls_probe(&target, &pki.ca(), None);
+    assert!(
+        seen["error"].as_str().unwrap_or_default().contains("CERTIFICATE_REQUIRED"),
+        "{seen}"
+    );
     let out = s_client(
         &target,
         &[
@@ -273,7 +210,7 @@ async fn roles_decide_every_operation() {
     assert!(all.hosts.is_empty());
     let (code, text) = py.call("/sdn.v1.Provisioning/List", list(), false);
     assert_eq!(code, "OK", "{text}");
-    let mine = pb::ListResponse::decode(&*(0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap()).collect::<Vec<u8>>()).unwrap();
+    let mine = pb::ListResponse::decode(&*sdn_integration::pyclient::unhex(&text)).unwrap();
     assert_eq!(mine.tenants.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["t1"]);
     assert_eq!(mine.vpcs.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["v1"]);
     assert_eq!(mine.security_groups.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["g1"]);
@@ -335,8 +272,7 @@ async fn roles_decide_every_operation() {
         false,
     );
     assert_eq!(code, "OK");
-    let bytes: Vec<u8> = (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap()).collect();
-    let theirs = pb::AuditResponse::decode(&*bytes).unwrap();
+    let theirs = pb::AuditResponse::decode(&*sdn_integration::pyclient::unhex(&text)).unwrap();
     assert!(!theirs.records.is_empty());
     assert!(theirs.records.iter().all(|r| r.actor.starts_with("sdn://tenant/t1/")), "{theirs:?}");
 
@@ -538,8 +474,7 @@ async fn only_replicas_speak_raft() {
 
 /// New certificate files are taken for new connections, without a
 /// restart; a file that does not load leaves the last good one in use.
-/// (The certificate the controller presents is compared as openssl
-/// prints it.)
+/// (The certificate the controller presents is read with Python's ssl.)
 #[test]
 fn certificates_rotate_without_a_restart() {
     if !privileged() {
@@ -552,24 +487,9 @@ fn certificates_rotate_without_a_restart() {
     let target = c.addr.trim_start_matches("https://").to_string();
     let platform = pki.files(PLATFORM).unwrap();
     let serial = || {
-        let out = s_client(
-            &target,
-            &[
-                "-CAfile",
-                pki.ca().to_str().unwrap(),
-                "-cert",
-                platform.cert.to_str().unwrap(),
-                "-key",
-                platform.key.to_str().unwrap(),
-                "-showcerts",
-            ],
-        );
-        assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
-        out.lines()
-            .skip_while(|l| !l.contains("BEGIN CERTIFICATE"))
-            .take_while(|l| !l.contains("END CERTIFICATE"))
-            .collect::<Vec<_>>()
-            .join("\n")
+        let seen = tls_probe(&target, &pki.ca(), Some(&platform));
+        assert_eq!(seen["alpn"], "h2", "{seen}");
+        seen["cert"].as_str().expect("the server's certificate").to_string()
     };
     let before = serial();
     // The replica's certificate, issued again (the files are replaced whole).

@@ -8,6 +8,9 @@ pub mod v1 {
 
 use tonic::transport::{Channel, Endpoint, Uri};
 
+/// The API's file descriptors, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("sdn_descriptor");
+
 /// The form of a host's share this release's agents read
 /// (`WatchRequest.protocol`): each port of a VPC is a resource of its own.
 pub const WATCH_PROTOCOL: u32 = 1;

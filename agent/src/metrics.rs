@@ -1,0 +1,154 @@
+//! Prometheus metrics of the agent (`run --metrics-listen`, `/metrics` in
+//! the OpenMetrics text format):
+//!
+//! - `sdn_agent_drops_total{reason}`: packets dropped, by reason (a flow
+//!   refused for its port's budget is `reason="ct_budget"`);
+//! - `sdn_agent_packets_total{stat}`: the dataplane's other counters;
+//! - `sdn_agent_port_flows{device}`: each port's flows in the flow table;
+//! - `sdn_agent_port_packets_total{device,direction}` and
+//!   `sdn_agent_port_bytes_total{device,direction}`: the port's tracked
+//!   traffic (`out`: the VM sends), as of the last collection of the flow
+//!   table (every 5 s), since the agent started;
+//! - `sdn_agent_enforced_revision`: the revision the agent last said it
+//!   enforces.
+//!
+//! Plain HTTP: bind it to an address only the monitoring system reaches.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::dataplane::{read_counters, Traffic};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatLabel {
+    stat: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Device {
+    device: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeviceDir {
+    device: String,
+    direction: &'static str,
+}
+
+/// What one scrape reads.
+#[derive(Clone)]
+pub struct Sources {
+    pub pin_dir: PathBuf,
+    pub traffic: Arc<Mutex<Traffic>>,
+    pub enforced: Arc<AtomicU64>,
+}
+
+/// The device name of each ifindex on this host.
+fn device_names() -> std::collections::BTreeMap<u32, String> {
+    let mut out = std::collections::BTreeMap::new();
+    if let Ok(dir) = std::fs::read_dir("/sys/class/net") {
+        for e in dir.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            if let Some(i) = std::fs::read_to_string(e.path().join("ifindex"))
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                out.insert(i, name);
+            }
+        }
+    }
+    out
+}
+
+/// The text of one scrape.
+pub fn render(src: &Sources) -> Result<String, String> {
+    let mut reg = Registry::with_prefix("sdn_agent");
+    let (drops, stats) = read_counters(&src.pin_dir).map_err(|e| format!("{e:#}"))?;
+    let d = Family::<Reason, Counter>::default();
+    for (reason, n) in drops {
+        d.get_or_create(&Reason { reason }).inc_by(n);
+    }
+    reg.register("drops", "Packets dropped, by reason", d);
+    let p = Family::<StatLabel, Counter>::default();
+    for (stat, n) in stats {
+        p.get_or_create(&StatLabel { stat }).inc_by(n);
+    }
+    reg.register("packets", "The dataplane's counters of packets passed and flows", p);
+
+    let names = device_names();
+    let name = |i: u32| names.get(&i).cloned().unwrap_or_else(|| format!("ifindex-{i}"));
+    let flows = Family::<Device, Gauge>::default();
+    let packets = Family::<DeviceDir, Counter>::default();
+    let bytes = Family::<DeviceDir, Counter>::default();
+    {
+        let t = src.traffic.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, pt) in &t.ports {
+            let device = name(*i);
+            flows.get_or_create(&Device { device: device.clone() }).set(pt.flows as i64);
+            for (direction, pk, by) in [("out", pt.packets_out, pt.bytes_out), ("in", pt.packets_in, pt.bytes_in)] {
+                let l = DeviceDir {
+                    device: device.clone(),
+                    direction,
+                };
+                packets.get_or_create(&l).inc_by(pk);
+                bytes.get_or_create(&l).inc_by(by);
+            }
+        }
+    }
+    reg.register("port_flows", "Flows of each port in the flow table", flows);
+    reg.register("port_packets", "Tracked packets of each port, by direction", packets);
+    reg.register("port_bytes", "Tracked bytes of each port, by direction", bytes);
+    let rev = Gauge::<i64>::default();
+    rev.set(src.enforced.load(Ordering::Relaxed) as i64);
+    reg.register("enforced_revision", "The revision this agent last said it enforces", rev);
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &reg).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// Serves `/metrics` on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, src: Sources) -> std::io::Result<()> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let src = src.clone();
+            async move {
+                match tokio::task::spawn_blocking(move || render(&src)).await {
+                    Ok(Ok(text)) => (
+                        StatusCode::OK,
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    ),
+                    Ok(Err(e)) => (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                        format!("reading the dataplane's counters: {e}\n"),
+                    ),
+                    Err(e) => (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        [(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                        format!("{e}\n"),
+                    ),
+                }
+            }
+        }),
+    );
+    axum::serve(listener, app).await
+}
