@@ -17,7 +17,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use futures::Stream;
-use sdn_proto::tls::{Acceptor, Identity, Peer, PlainIo, TlsIo};
+use sdn_proto::tls::{Acceptor, Authenticated, Identity, Peer};
+use tokio_boring::SslStream;
+use tokio_util::either::Either;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -50,62 +52,9 @@ pub struct Listeners {
     pub handshakes: Handshakes,
 }
 
-/// Either kind of accepted connection.
-pub enum Conn<S> {
-    Tls(TlsIo<S>),
-    Plain(PlainIo<S>),
-}
-
-impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncRead for Conn<S> {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tls(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-            Conn::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Conn<S> {
-    fn poll_write(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Tls(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-            Conn::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
-        }
-    }
-    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tls(s) => std::pin::Pin::new(s).poll_flush(cx),
-            Conn::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        match self.get_mut() {
-            Conn::Tls(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-            Conn::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
-        }
-    }
-}
-
-impl<S> tonic::transport::server::Connected for Conn<S> {
-    type ConnectInfo = Peer;
-    fn connect_info(&self) -> Peer {
-        match self {
-            Conn::Tls(s) => s.peer().clone(),
-            Conn::Plain(s) => tonic::transport::server::Connected::connect_info(s),
-        }
-    }
-}
+/// An accepted connection: TLS, or plain (the local socket by user id, or
+/// `--insecure`).
+pub type Conn<S> = Authenticated<Either<SslStream<S>, S>>;
 
 fn refused(transport: &str, from: &str, why: &str) {
     static WINDOW: std::sync::Mutex<(Option<std::time::Instant>, u32, u64)> = std::sync::Mutex::new((None, 0, 0));
@@ -233,21 +182,21 @@ impl Listeners {
     async fn tcp_conn(&self, stream: TcpStream, remote: SocketAddr) -> Option<Conn<TcpStream>> {
         match &self.tls {
             Some(acceptor) => match acceptor.accept(stream, Some(remote)).await {
-                Ok(s) => Some(Conn::Tls(s)),
+                Ok(s) => Some(s.map(Either::Left)),
                 Err(why) => {
                     refused("tcp", &remote.to_string(), &why);
                     None
                 }
             },
-            None => Some(Conn::Plain(PlainIo::new(
-                stream,
+            None => Some(Authenticated::new(
+                Either::Right(stream),
                 Peer {
                     identity: None,
                     remote: Some(remote),
                     uid: None,
                     expires: None,
                 },
-            ))),
+            )),
         }
     }
 
@@ -313,7 +262,7 @@ impl Listeners {
                 return None;
             };
             return match acceptor.accept(stream, None).await {
-                Ok(s) => Some(Conn::Tls(s)),
+                Ok(s) => Some(s.map(Either::Left)),
                 Err(why) => {
                     refused("unix", &from, &why);
                     None
@@ -324,15 +273,15 @@ impl Listeners {
         // a reason it can read (`UNAUTHENTICATED`), rather than a closed
         // connection.
         let identity = uid.and_then(|u| self.unix_roles.get(&u).cloned());
-        Some(Conn::Plain(PlainIo::new(
-            stream,
+        Some(Authenticated::new(
+            Either::Right(stream),
             Peer {
                 identity,
                 remote: None,
                 uid,
                 expires: None,
             },
-        )))
+        ))
     }
 }
 

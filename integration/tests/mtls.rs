@@ -620,6 +620,23 @@ async fn a_cluster_of_three_on_mutual_tls() {
     drop(procs);
 }
 
+/// Issues `STEM.pem` and `STEM.key` in `d` with OpenSSL: a new P-256 key,
+/// signed by `signer` (`ca`, or another stem) with exactly the extensions
+/// given (none copied from the request).
+fn openssl_issue(d: &Path, stem: &str, signer: &str, extensions: &[&str]) {
+    let (key, csr, pem, ext) = (
+        format!("{stem}.key"),
+        format!("{stem}.csr"),
+        format!("{stem}.pem"),
+        format!("{stem}.cnf"),
+    );
+    std::fs::write(d.join(&ext), extensions.join("\n")).unwrap();
+    let subject = format!("/CN={stem}");
+    openssl(d, &["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", &key, "-subj", &subject, "-out", &csr]);
+    let (ca, ca_key) = (format!("{signer}.pem"), format!("{signer}.key"));
+    openssl(d, &["x509", "-req", "-in", &csr, "-CA", &ca, "-CAkey", &ca_key, "-days", "2", "-out", &pem, "-extfile", &ext]);
+}
+
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl").current_dir(dir).args(args).output().expect("openssl");
     assert!(
@@ -642,44 +659,42 @@ fn only_what_the_ca_itself_signed_is_trusted() {
     let c = Cluster::start_secure(dir.path()).unwrap();
     let pki = c.pki.as_ref().unwrap();
     let d = &pki.dir;
-    let ext = |lines: &[&str]| {
-        let p = d.join(format!("ext-{}.cnf", lines.len()));
-        std::fs::write(&p, lines.join("\n")).unwrap();
-        p.display().to_string()
-    };
     // The README's recipe.
-    openssl(d, &["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-        "-keyout", "ops.key", "-subj", "/CN=ops", "-out", "ops.csr"]);
-    let leaf_ext = ext(&[
-        "subjectAltName=URI:sdn://admin/ops",
-        "basicConstraints=critical,CA:FALSE",
-        "keyUsage=critical,digitalSignature,keyAgreement",
-        "extendedKeyUsage=serverAuth,clientAuth",
-    ]);
-    openssl(d, &["x509", "-req", "-in", "ops.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-days", "2",
-        "-out", "ops.pem", "-extfile", &leaf_ext]);
+    openssl_issue(
+        d,
+        "ops",
+        "ca",
+        &[
+            "subjectAltName=URI:sdn://admin/ops",
+            "basicConstraints=critical,CA:FALSE",
+            "keyUsage=critical,digitalSignature,keyAgreement",
+            "extendedKeyUsage=serverAuth,clientAuth",
+        ],
+    );
     // A certificate with CA rights, and what it signs.
-    openssl(d, &["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-        "-keyout", "sub.key", "-subj", "/CN=mallory", "-out", "sub.csr"]);
-    let ca_ext = ext(&[
-        "subjectAltName=URI:sdn://tenant/t1/mallory",
-        "basicConstraints=critical,CA:TRUE",
-        "keyUsage=critical,keyCertSign,digitalSignature",
-    ]);
-    openssl(d, &["x509", "-req", "-in", "sub.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-days", "2",
-        "-out", "sub.pem", "-extfile", &ca_ext]);
-    openssl(d, &["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-        "-keyout", "evil.key", "-subj", "/CN=replica-1", "-out", "evil.csr"]);
-    let evil_ext = ext(&[
-        "subjectAltName=URI:sdn://replica/1",
-        "basicConstraints=critical,CA:FALSE",
-        "extendedKeyUsage=serverAuth,clientAuth",
-        "keyUsage=critical,digitalSignature",
-    ]);
-    openssl(d, &["x509", "-req", "-in", "evil.csr", "-CA", "sub.pem", "-CAkey", "sub.key", "-days", "2",
-        "-out", "evil-leaf.pem", "-extfile", &evil_ext]);
+    openssl_issue(
+        d,
+        "sub",
+        "ca",
+        &[
+            "subjectAltName=URI:sdn://tenant/t1/mallory",
+            "basicConstraints=critical,CA:TRUE",
+            "keyUsage=critical,keyCertSign,digitalSignature",
+        ],
+    );
+    openssl_issue(
+        d,
+        "evil",
+        "sub",
+        &[
+            "subjectAltName=URI:sdn://replica/1",
+            "basicConstraints=critical,CA:FALSE",
+            "extendedKeyUsage=serverAuth,clientAuth",
+            "keyUsage=critical,digitalSignature",
+        ],
+    );
     // The chain the attacker presents: its leaf and the certificate above.
-    let chain = [std::fs::read(d.join("evil-leaf.pem")).unwrap(), std::fs::read(d.join("sub.pem")).unwrap()].concat();
+    let chain = [std::fs::read(d.join("evil.pem")).unwrap(), std::fs::read(d.join("sub.pem")).unwrap()].concat();
     std::fs::write(d.join("evil.pem"), chain).unwrap();
 
     let target = c.addr.trim_start_matches("https://").to_string();

@@ -177,25 +177,41 @@ impl Peer {
     }
 }
 
-/// A TLS connection with the peer it authenticated.
-pub struct TlsIo<S> {
-    inner: SslStream<S>,
+/// A connection, and the peer its handshake authenticated (or what is
+/// known of the peer of a connection without TLS).
+pub struct Authenticated<IO> {
+    inner: IO,
     peer: Peer,
 }
 
-impl<S> TlsIo<S> {
+/// A TLS connection with the peer it authenticated.
+pub type TlsIo<S> = Authenticated<SslStream<S>>;
+
+impl<IO> Authenticated<IO> {
+    pub fn new(inner: IO, peer: Peer) -> Self {
+        Authenticated { inner, peer }
+    }
+
     pub fn peer(&self) -> &Peer {
         &self.peer
     }
+
+    /// The same connection and peer, the connection in another form.
+    pub fn map<T>(self, f: impl FnOnce(IO) -> T) -> Authenticated<T> {
+        Authenticated {
+            inner: f(self.inner),
+            peer: self.peer,
+        }
+    }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for TlsIo<S> {
+impl<IO: AsyncRead + Unpin> AsyncRead for Authenticated<IO> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsIo<S> {
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Authenticated<IO> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
@@ -207,44 +223,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TlsIo<S> {
     }
 }
 
-impl<S> tonic::transport::server::Connected for TlsIo<S> {
-    type ConnectInfo = Peer;
-    fn connect_info(&self) -> Peer {
-        self.peer.clone()
-    }
-}
-
-/// A connection served without TLS, with what is known of its peer.
-pub struct PlainIo<S> {
-    inner: S,
-    peer: Peer,
-}
-
-impl<S> PlainIo<S> {
-    pub fn new(inner: S, peer: Peer) -> Self {
-        PlainIo { inner, peer }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for PlainIo<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for PlainIo<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-impl<S> tonic::transport::server::Connected for PlainIo<S> {
+impl<IO> tonic::transport::server::Connected for Authenticated<IO> {
     type ConnectInfo = Peer;
     fn connect_info(&self) -> Peer {
         self.peer.clone()
@@ -402,15 +381,15 @@ impl Acceptor {
                 let secs = i64::from(d.days) * 86_400 + i64::from(d.secs);
                 std::time::Instant::now() + Duration::from_secs(secs.max(0) as u64)
             });
-        Ok(TlsIo {
-            inner: tls,
-            peer: Peer {
+        Ok(Authenticated::new(
+            tls,
+            Peer {
                 identity: Some(identity),
                 remote,
                 uid: None,
                 expires,
             },
-        })
+        ))
     }
 }
 
