@@ -350,6 +350,9 @@ impl Controller {
             (true, "") => caller.actor.clone(),
             (true, said) => format!("{} ({said})", caller.actor),
             (false, "") => "unknown".to_string(),
+            // Unauthenticated (`--insecure`): what the caller says, never
+            // taken for an identity (a tenant's audit view selects by it).
+            (false, said) if said.starts_with("sdn://") => format!("unverified {said}"),
             (false, said) => said.to_string(),
         };
         let outcome = match self.store.write(&actor, ops).await {

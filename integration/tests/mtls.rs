@@ -193,6 +193,24 @@ async fn roles_decide_every_operation() {
         assert!(text.contains("role tenant") && text.contains("sdn://tenant/t1/alice"), "{what}: {text}");
     }
 
+    // A rule naming t2's group reads as one naming no group at all: no
+    // word of whether it exists or whose it is.
+    let answers: Vec<(String, String)> = ["g2", "ghost"]
+        .iter()
+        .map(|other| {
+            py.call(
+                apply,
+                apply_body(vec![group("g1", "t1", vec![ingress("r", false, "tcp", (80, 80), "", other)])]),
+                false,
+            )
+        })
+        .collect();
+    for ((code, text), other) in answers.iter().zip(["g2", "ghost"]) {
+        assert_eq!(code, "INVALID_ARGUMENT", "{text}");
+        assert!(text.contains(&format!("tenant t1 has no security group \"{other}\"")), "{text}");
+        assert!(!text.contains("t2"), "{text}");
+    }
+
     // Nothing of the refused batches was applied; t1 reads only its own.
     let mut admin = pb::provisioning_client::ProvisioningClient::new(
         sdn_proto::connect_with(&c.addr, Some(pki.connector(ADMIN).unwrap()))

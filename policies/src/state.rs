@@ -1312,18 +1312,17 @@ impl State {
         for (i, r) in g.rules.iter().enumerate() {
             if let Remote::Group(id) = &r.remote {
                 let field = format!("rules[{i}].remote_group_id");
+                // One answer whether the group is missing or another
+                // tenant's: a tenant learns neither that another's group
+                // exists nor whose it is.
                 match self.security_groups.get(id) {
-                    None => return Err(c.err(&field, format!("unknown security group {id:?}"))),
-                    Some(x) if x.tenant_id != g.tenant_id => {
+                    Some(x) if x.tenant_id == g.tenant_id => {}
+                    _ => {
                         return Err(c.err(
                             &field,
-                            format!(
-                                "security group {id} belongs to tenant {}, not {}",
-                                x.tenant_id, g.tenant_id
-                            ),
+                            format!("tenant {} has no security group {id:?}", g.tenant_id),
                         ))
                     }
-                    _ => {}
                 }
             }
         }
