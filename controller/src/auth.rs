@@ -89,6 +89,11 @@ impl Caller {
         if let Some(exp) = peer.as_ref().and_then(|p| p.expires) {
             if std::time::Instant::now() >= exp {
                 tracing::warn!(target: "sdn::security", caller = %actor, "refused: the connection's certificate expired");
+                let (role, tenant) = match &identity {
+                    Some(id) => (id.role.name(), id.tenant.as_deref()),
+                    None => ("none", None),
+                };
+                crate::refusals::note(&actor, role, "the connection's certificate expired", tenant);
                 return Err(Status::unauthenticated(
                     "the certificate this connection was opened with has expired: reconnect with a valid one",
                 ));
@@ -100,6 +105,7 @@ impl Caller {
                 None => String::new(),
             };
             tracing::warn!(target: "sdn::security", caller = %actor, "refused: no identity");
+            crate::refusals::note(&actor, "none", &format!("no identity{local}"), None);
             return Err(Status::unauthenticated(format!(
                 "no identity{local}: connect with a certificate of the cluster's CA"
             )));
@@ -197,6 +203,7 @@ pub fn refuse(op: &str, id: &Identity, why: &str) -> Status {
         msg.push_str(": ");
         msg.push_str(why);
     }
+    crate::refusals::note(&id.uri(), id.role.name(), &msg, id.tenant.as_deref());
     Status::permission_denied(msg)
 }
 

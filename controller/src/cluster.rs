@@ -57,6 +57,7 @@ impl RaftService {
             cluster_id: self.store.cluster_id().unwrap_or_default(),
             reads_bin: true,
             reads_batched: true,
+            chains_audit: true,
             ..Default::default()
         };
         crate::store::network::put_payload(&mut m, v, form).map_err(Status::internal)?;
@@ -210,7 +211,8 @@ async fn probe(addr: &str) -> Result<pb::ClusterStatus, Status> {
 }
 
 impl ClusterService {
-    fn status_now(&self) -> pb::ClusterStatus {
+    async fn status_now(&self) -> pb::ClusterStatus {
+        let audit_chained = self.store.shared.read().await.chain.is_some();
         let m = self.store.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
@@ -236,6 +238,7 @@ impl ClusterService {
             snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
             purged_index: m.purged.map(|l| l.index).unwrap_or(0),
             last_log_index: m.last_log_index.unwrap_or(0),
+            audit_chained,
         }
     }
 
@@ -319,12 +322,18 @@ fn raft_status<E: std::fmt::Display>(what: &str, e: E) -> Status {
 
 #[tonic::async_trait]
 impl pb::cluster_server::Cluster for ClusterService {
+    async fn refused(&self, req: Request<pb::RefusedRequest>) -> Result<Response<pb::RefusedResponse>, Status> {
+        Caller::of(&req)?.require("Cluster.Refused", &[Role::Replica])?;
+        crate::refusals::record(&self.store, req.into_inner()).await?;
+        Ok(Response::new(pb::RefusedResponse {}))
+    }
+
     async fn status(&self, req: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
         Caller::of(&req)?.require(
             "Cluster.Status",
             &[Role::Admin, Role::Supervisor, Role::Platform, Role::Replica],
         )?;
-        Ok(Response::new(self.status_now()))
+        Ok(Response::new(self.status_now().await))
     }
 
     async fn add_learner(&self, req: Request<pb::AddLearnerRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
@@ -374,7 +383,7 @@ impl pb::cluster_server::Cluster for ClusterService {
             .add_learner(req.node_id, BasicNode { addr: req.addr.clone() }, true)
             .await
             .map_err(|e| raft_status("adding the learner", e))?;
-        Ok(Response::new(self.status_now()))
+        Ok(Response::new(self.status_now().await))
     }
 
     async fn promote(&self, req: Request<pb::MemberRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
@@ -410,7 +419,7 @@ impl pb::cluster_server::Cluster for ClusterService {
             .change_membership(ChangeMembers::AddVoterIds([req.node_id].into()), false)
             .await
             .map_err(|e| raft_status("promoting", e))?;
-        Ok(Response::new(self.status_now()))
+        Ok(Response::new(self.status_now().await))
     }
 
     async fn remove(&self, req: Request<pb::MemberRequest>) -> Result<Response<pb::ClusterStatus>, Status> {
@@ -448,6 +457,6 @@ impl pb::cluster_server::Cluster for ClusterService {
                 .await
                 .map_err(|e| raft_status("removing the learner", e))?;
         }
-        Ok(Response::new(self.status_now()))
+        Ok(Response::new(self.status_now().await))
     }
 }

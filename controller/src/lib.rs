@@ -6,6 +6,7 @@ pub mod cluster;
 pub use sdn_policies::convert;
 pub mod enforcement;
 pub mod metrics;
+pub mod refusals;
 pub mod serve;
 pub mod service;
 pub mod shares;

@@ -116,6 +116,7 @@ async fn main() -> anyhow::Result<()> {
     let store = Store::open(&args.data_dir, args.node_id, &advertise, start, args.snapshot_every)
         .await
         .with_context(|| format!("opening the store in {}", args.data_dir.display()))?;
+    sdn_controller::refusals::run(store.clone());
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let ctl = Controller {
         store: store.clone(),

@@ -74,6 +74,15 @@ fn refused(transport: &str, from: &str, why: &str) {
     tracing::warn!(target: "sdn::security", transport, from, reason = why, suppressed, "connection refused");
 }
 
+/// A handshake refused for the certificate (or its absence) goes into the
+/// audit log too; one that failed otherwise (a port scan, a timeout) only
+/// into the security log.
+fn certificate_refused(from: &str, why: &str) {
+    if why.contains("certificate") || why.contains("URI") {
+        crate::refusals::note(&format!("unauthenticated ({from})"), "none", &format!("TLS handshake: {why}"), None);
+    }
+}
+
 /// A handshake's place among those in progress, given back on drop.
 struct Slot {
     addr: Option<std::net::IpAddr>,
@@ -185,6 +194,7 @@ impl Listeners {
                 Ok(s) => Some(s.map(Either::Left)),
                 Err(why) => {
                     refused("tcp", &remote.to_string(), &why);
+                    certificate_refused(&format!("tcp {remote}"), &why);
                     None
                 }
             },
@@ -265,6 +275,7 @@ impl Listeners {
                 Ok(s) => Some(s.map(Either::Left)),
                 Err(why) => {
                     refused("unix", &from, &why);
+                    certificate_refused(&format!("unix {from}"), &why);
                     None
                 }
             };

@@ -4,6 +4,7 @@
 //! path as a real cluster. The state machine holds the network model
 //! (`sdn_policies::State`), the revision, and the audit log.
 
+pub mod audit;
 mod log_store;
 pub mod network;
 mod proposer;
@@ -20,7 +21,7 @@ use sdn_policies::{BatchError, Op, State};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, RwLock};
 
-pub use state_machine::AuditRecord;
+pub use audit::AuditRecord;
 
 /// A batch of operations as it travels through the Raft log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +109,8 @@ pub struct Shared {
     pub revision: u64,
     /// Every host's share, kept current by each applied batch.
     pub shares: crate::shares::Shares,
+    /// The audit chain, once started.
+    pub chain: Option<audit::Chain>,
 }
 
 /// The store handle used by the API services.
@@ -243,9 +246,11 @@ impl Store {
         };
         let config = Arc::new(config.validate().context("Raft configuration")?);
         let forms = network::PeerForms::default();
+        let chains = network::PeerForms::default();
         let net = network::Network {
             cluster_id: cluster_id.clone(),
             forms: forms.clone(),
+            chains: chains.clone(),
         };
         let raft = Raft::new(node_id, config, net, log, sm)
             .await
@@ -281,6 +286,7 @@ impl Store {
         } else {
             tracing::info!(node_id, cluster_id = ?store.cluster_id(), "rejoined the cluster from the data directory");
         }
+        tokio::spawn(start_chain_when_every_member_keeps_it(store.clone(), chains));
         Ok(store)
     }
 
@@ -316,6 +322,22 @@ impl Store {
 
     /// Proposes a batch and waits until it is committed and applied.
     pub async fn write(&self, actor: &str, ops: Vec<Op>) -> Result<Outcome, WriteError> {
+        // An actor that looks like the store's own commands is taken for
+        // what someone says, never for one of them.
+        let actor = if actor.starts_with(audit::INTERNAL_PREFIX) {
+            format!("unverified {actor}")
+        } else {
+            actor.to_string()
+        };
+        self.propose(actor, ops).await
+    }
+
+    /// Proposes one of the store's own commands.
+    pub async fn write_internal(&self, internal: &audit::Internal) -> Result<Outcome, WriteError> {
+        self.propose(internal.to_actor(), vec![]).await
+    }
+
+    async fn propose(&self, actor: String, ops: Vec<Op>) -> Result<Outcome, WriteError> {
         // A follower hands the batch to the leader.
         if !self.is_leader() {
             if let Some((_, addr)) = self.leader() {
@@ -330,7 +352,7 @@ impl Store {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         let command = Command {
-            actor: actor.to_string(),
+            actor,
             time_unix_ms,
             ops,
         };
@@ -374,9 +396,59 @@ impl Store {
         Ok(())
     }
 
-    /// Audit records with a revision above `after`, at most `limit`.
-    pub fn audit(&self, after: u64, limit: usize) -> anyhow::Result<Vec<AuditRecord>> {
-        state_machine::read_audit(&self.db, after, limit)
+    /// Audit records with a revision above `after`, at most `limit` of
+    /// those `keep` returns, with the chain they belong to and the newest
+    /// revision the log holds a record of.
+    pub async fn audit(
+        &self,
+        after: u64,
+        limit: usize,
+        keep: impl FnMut(AuditRecord) -> Option<AuditRecord>,
+    ) -> anyhow::Result<AuditPage> {
+        // The state machine commits its records and the chain under the
+        // write lock: under the read lock, the two agree.
+        let shared = self.shared.read().await;
+        let (records, head_revision) = state_machine::read_audit_page(&self.db, after, limit, keep)?;
+        Ok(AuditPage {
+            chain: shared.chain.clone(),
+            records,
+            head_revision,
+        })
+    }
+}
+
+/// A page of the audit log.
+pub struct AuditPage {
+    pub chain: Option<audit::Chain>,
+    pub records: Vec<AuditRecord>,
+    pub head_revision: u64,
+}
+
+/// Has the leader start the audit chain once every member has said it
+/// keeps it, which fixes the chain's start in the log: every replica
+/// starts it at the same entry. Ends once this replica's chain started.
+async fn start_chain_when_every_member_keeps_it(store: Store, chains: network::PeerForms) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+    let mut waited = 0u32;
+    loop {
+        tick.tick().await;
+        if store.shared.read().await.chain.is_some() {
+            return;
+        }
+        if !store.is_leader() {
+            continue;
+        }
+        if !proposer::all_members(&store.raft, store.node_id, &chains) {
+            waited += 1;
+            if waited % 300 == 1 {
+                tracing::info!("the audit chain waits until every member runs a release that keeps it");
+            }
+            continue;
+        }
+        match store.write_internal(&audit::Internal::StartChain { form: audit::FORM }).await {
+            Ok(_) => {}
+            Err(e) => tracing::warn!("starting the audit chain: {e}"),
+        }
     }
 }
 

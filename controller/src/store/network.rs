@@ -44,6 +44,9 @@ pub type PeerForms = Arc<RwLock<BTreeMap<u64, bool>>>;
 pub struct Network {
     pub cluster_id: ClusterId,
     pub forms: PeerForms,
+    /// What each peer said of the audit chain: `true` once it said it
+    /// keeps it, `false` once it answered without saying so.
+    pub chains: PeerForms,
 }
 
 /// Entries one append carries at most, in bytes of their binary form
@@ -65,6 +68,7 @@ pub struct Peer {
     /// The peer said it reads binary messages.
     binary: bool,
     forms: PeerForms,
+    chains: PeerForms,
     /// The stream to the peer, once open.
     duplex: Option<Duplex>,
     /// Whether to open one: not to a peer that does not serve it.
@@ -90,6 +94,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             cluster_id: self.cluster_id.clone(),
             binary: false,
             forms: self.forms.clone(),
+            chains: self.chains.clone(),
             duplex: None,
             streams: true,
         }
@@ -241,6 +246,10 @@ impl Peer {
             .write()
             .expect("peer forms lock")
             .insert(self.target, resp.reads_batched);
+        self.chains
+            .write()
+            .expect("peer chains lock")
+            .insert(self.target, resp.chains_audit);
         payload(&resp).map_err(|e| CallError::Network(format!("decoding {method} reply: {e}")))
     }
 
@@ -676,6 +685,7 @@ mod tests {
         let mut net = Network {
             cluster_id: Arc::new(RwLock::new(Some("c".into()))),
             forms: PeerForms::default(),
+            chains: PeerForms::default(),
         };
         let mut peer = net.new_client(2, &BasicNode::new(format!("http://{addr}"))).await;
         let first = tokio::time::timeout(

@@ -45,8 +45,9 @@ pub struct Pending {
     pub reply: oneshot::Sender<Result<Outcome, WriteError>>,
 }
 
-/// Whether every other member has said it reads entries of several batches.
-fn members_read_batches(raft: &Raft<TypeConfig>, node_id: u64, forms: &RwLock<BTreeMap<u64, bool>>) -> bool {
+/// Whether every other member has said yes in `forms` (it reads entries
+/// of several batches, or it keeps the audit chain).
+pub(crate) fn all_members(raft: &Raft<TypeConfig>, node_id: u64, forms: &RwLock<BTreeMap<u64, bool>>) -> bool {
     let ids: Vec<u64> = raft
         .metrics()
         .borrow()
@@ -76,7 +77,7 @@ pub async fn run(
                 None => return,
             },
         };
-        if !members_read_batches(&raft, node_id, &forms) {
+        if !all_members(&raft, node_id, &forms) {
             // A member may be of an earlier release: one batch per entry,
             // each proposed at once, as that release does.
             tokio::spawn(propose(raft.clone(), vec![first], None));

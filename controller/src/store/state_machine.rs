@@ -16,6 +16,7 @@ use sdn_policies::{Kind, Object, State};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{watch, RwLock};
 
+use super::audit::{self, AuditRecord, Chain, Internal};
 use super::{Command, Outcome, Proposal, Shared, TypeConfig};
 
 const OBJECTS: TableDefinition<&str, &[u8]> = TableDefinition::new("objects");
@@ -32,20 +33,14 @@ fn any<E: std::error::Error + 'static>(e: E) -> AnyError {
     AnyError::new(&e)
 }
 
-/// One accepted change, as the audit log keeps it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AuditRecord {
-    pub revision: u64,
-    pub actor: String,
-    pub time_unix_ms: u64,
-    pub changes: Vec<String>,
-}
-
 #[derive(Serialize, Deserialize)]
 struct SnapshotData {
     state: State,
     revision: u64,
     audit: Vec<AuditRecord>,
+    /// `None`: the chain had not started (or an earlier release built it).
+    #[serde(default)]
+    chain: Option<Chain>,
 }
 
 #[derive(Clone, Default, Serialize, Deserialize)]
@@ -53,6 +48,9 @@ struct Applied {
     last_applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, BasicNode>,
     revision: u64,
+    /// The audit chain, once started; committed with the records it heads.
+    #[serde(default)]
+    chain: Option<Chain>,
 }
 
 /// The state machine. Cloning shares everything.
@@ -62,6 +60,8 @@ pub struct StateMachine {
     shared: Arc<RwLock<Shared>>,
     applied: Arc<RwLock<Applied>>,
     revisions: Arc<watch::Sender<u64>>,
+    /// Audit records kept ([`AUDIT_KEEP`]).
+    audit_keep: u64,
 }
 
 fn object_key(kind: Kind, id: &str) -> String {
@@ -100,6 +100,30 @@ fn load_state(db: &Database) -> Result<(State, Applied), AnyError> {
         None => Applied::default(),
     };
     Ok((state, applied))
+}
+
+/// Reads audit records after a revision, up to `limit` of those `keep`
+/// returns, and the newest revision the log holds a record of.
+pub fn read_audit_page(
+    db: &Database,
+    after: u64,
+    limit: usize,
+    mut keep: impl FnMut(AuditRecord) -> Option<AuditRecord>,
+) -> anyhow::Result<(Vec<AuditRecord>, u64)> {
+    let tx = db.begin_read()?;
+    let t = tx.open_table(AUDIT)?;
+    let head = t.last()?.map(|(k, _)| k.value()).unwrap_or(0);
+    let mut out = Vec::new();
+    for item in t.range(after.saturating_add(1)..)? {
+        if out.len() >= limit {
+            break;
+        }
+        let (k, v) = item?;
+        let r: AuditRecord = serde_json::from_slice(v.value())
+            .map_err(|e| anyhow::anyhow!("the audit record of revision {} does not read: {e}", k.value()))?;
+        out.extend(keep(r));
+    }
+    Ok((out, head))
 }
 
 /// Reads audit records after a revision.
@@ -144,6 +168,7 @@ impl StateMachine {
             );
             s.state = state;
             s.revision = applied.revision;
+            s.chain = applied.chain.clone();
         }
         revisions.send_replace(applied.revision);
         tracing::info!(revision = applied.revision, "state machine loaded");
@@ -152,15 +177,17 @@ impl StateMachine {
             shared,
             applied: Arc::new(RwLock::new(applied)),
             revisions: Arc::new(revisions),
+            audit_keep: AUDIT_KEEP,
         })
     }
 
-    fn build(&self, state: &State, revision: u64) -> Result<Vec<u8>, AnyError> {
+    fn build(&self, state: &State, revision: u64, chain: Option<Chain>) -> Result<Vec<u8>, AnyError> {
         let audit = read_audit(&self.db, 0, usize::MAX).map_err(|e| AnyError::error(e.to_string()))?;
         serde_json::to_vec(&SnapshotData {
             state: state.clone(),
             revision,
             audit,
+            chain,
         })
         .map_err(any)
     }
@@ -171,7 +198,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let shared = self.shared.read().await;
         let applied = self.applied.read().await.clone();
         let data = self
-            .build(&shared.state, shared.revision)
+            .build(&shared.state, shared.revision, shared.chain.clone())
             .map_err(super::sio::read_state_machine)?;
         drop(shared);
         let snapshot_id = format!(
@@ -200,6 +227,68 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             meta,
             snapshot: Box::new(Cursor::new(data)),
         })
+    }
+}
+
+/// Applies one of the store's own commands.
+fn apply_internal(internal: Result<Internal, String>, applied: &mut Applied, audit: &mut Vec<AuditRecord>) -> Outcome {
+    let nothing = Outcome {
+        revision: 0,
+        hosts: vec![],
+        error: None,
+    };
+    match internal {
+        Err(e) => {
+            // Only a newer release proposes what this one cannot read, and
+            // only once every member has said it reads it.
+            tracing::error!("skipping a log entry: {e}");
+            nothing
+        }
+        Ok(Internal::StartChain { form }) => {
+            if let Some(c) = &applied.chain {
+                tracing::debug!(start = c.start, "the audit chain has already started");
+                return nothing;
+            }
+            if form != audit::FORM {
+                tracing::error!(form, "skipping the start of an audit chain in a form this release does not write");
+                return nothing;
+            }
+            applied.chain = Some(Chain::starting_after(applied.revision, form));
+            tracing::info!(after_revision = applied.revision, "the audit chain starts");
+            nothing
+        }
+        Ok(Internal::Refused { refusals, suppressed }) => {
+            let n = refusals.len();
+            for (i, r) in refusals.into_iter().enumerate() {
+                applied.revision += 1;
+                let mut reason = r.reason;
+                if i + 1 == n && suppressed > 0 {
+                    reason.push_str(&format!(
+                        " (and {suppressed} more refusals past the rate limit, not recorded one by one)"
+                    ));
+                }
+                let mut record = AuditRecord {
+                    revision: applied.revision,
+                    actor: r.actor,
+                    time_unix_ms: r.time_unix_ms,
+                    changes: vec![],
+                    content: vec![],
+                    refused: format!("role {}: {reason}", r.role),
+                    tenants: if r.tenant.is_empty() { vec![] } else { vec![r.tenant] },
+                    prev_hash: String::new(),
+                    hash: String::new(),
+                };
+                if let Some(chain) = applied.chain.as_mut() {
+                    record.chain(chain);
+                }
+                audit.push(record);
+            }
+            Outcome {
+                revision: applied.revision,
+                hosts: vec![],
+                error: None,
+            }
+        }
     }
 }
 
@@ -242,18 +331,35 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         ops,
                     } in commands
                     {
+                        if ops.is_empty() {
+                            if let Some(internal) = Internal::from_actor(&actor) {
+                                answers.push(apply_internal(internal, &mut next_applied, &mut audit));
+                                continue;
+                            }
+                        }
                         answers.push(match shared.state.apply(&ops) {
                             Ok(done) => {
                                 next_applied.revision += 1;
                                 let revision = next_applied.revision;
                                 touched.extend(done.before.iter().map(|(k, id, _)| (*k, id.clone())));
                                 let hosts = shared.shares.update(&shared.state, &done.before, revision);
-                                audit.push(AuditRecord {
+                                let mut record = AuditRecord {
                                     revision,
                                     actor,
                                     time_unix_ms,
                                     changes: done.changes,
-                                });
+                                    content: vec![],
+                                    refused: String::new(),
+                                    tenants: vec![],
+                                    prev_hash: String::new(),
+                                    hash: String::new(),
+                                };
+                                if let Some(chain) = next_applied.chain.as_mut() {
+                                    record.content = audit::content(&done.before, &shared.state);
+                                    record.tenants = audit::record_tenants(&record.actor, &record.content);
+                                    record.chain(chain);
+                                }
+                                audit.push(record);
                                 Outcome {
                                     revision,
                                     hosts,
@@ -272,7 +378,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         let state = &shared.state;
-        let applied_bytes = serde_json::to_vec(&next_applied).map_err(|e| super::sio::write_state_machine(any(e)))?;
         (|| -> Result<(), AnyError> {
             let mut tx = self.db.begin_write().map_err(any)?;
             // No fsync of its own: the log's next durable append makes it
@@ -297,11 +402,33 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     a.insert(r.revision, j.as_slice()).map_err(any)?;
                 }
                 if let Some(last) = audit.last() {
-                    if last.revision > AUDIT_KEEP {
-                        let cut = last.revision - AUDIT_KEEP;
+                    if last.revision > self.audit_keep {
+                        let cut = last.revision - self.audit_keep;
+                        // The last record trimmed anchors the chain.
+                        if let Some(chain) = next_applied.chain.as_mut() {
+                            if cut > chain.anchor_revision {
+                                let trimmed = a.get(cut).map_err(any)?.map(|v| v.value().to_vec());
+                                let r: Option<AuditRecord> = match trimmed {
+                                    Some(b) => Some(serde_json::from_slice(&b).map_err(any)?),
+                                    None => None,
+                                };
+                                match r {
+                                    Some(r) if !r.hash.is_empty() => {
+                                        chain.anchor_revision = cut;
+                                        chain.anchor_hash = r.hash;
+                                    }
+                                    _ => tracing::error!(
+                                        revision = cut,
+                                        "the audit record to anchor the chain at is missing or unchained; the anchor stays at revision {}",
+                                        chain.anchor_revision
+                                    ),
+                                }
+                            }
+                        }
                         a.retain_in(..=cut, |_, _| false).map_err(any)?;
                     }
                 }
+                let applied_bytes = serde_json::to_vec(&next_applied).map_err(any)?;
                 let mut m = tx.open_table(SM_META).map_err(any)?;
                 m.insert("applied", applied_bytes.as_slice()).map_err(any)?;
             }
@@ -309,6 +436,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         })()
         .map_err(super::sio::write_state_machine)?;
         shared.revision = next_applied.revision;
+        shared.chain = next_applied.chain.clone();
         *applied = next_applied;
         self.revisions.send_replace(shared.revision);
         Ok(outcomes)
@@ -333,6 +461,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
             revision: data.revision,
+            chain: data.chain.clone(),
         };
         let applied_bytes = serde_json::to_vec(&applied).map_err(|e| super::sio::write_state_machine(any(e)))?;
         let meta_bytes = serde_json::to_vec(meta).map_err(|e| super::sio::write_state_machine(any(e)))?;
@@ -365,6 +494,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         shared.shares.rebuild(&data.state, data.revision);
         shared.state = data.state;
         shared.revision = data.revision;
+        shared.chain = data.chain;
         *self.applied.write().await = applied;
         self.revisions.send_replace(shared.revision);
         Ok(())
@@ -535,5 +665,179 @@ mod tests {
         let audit = read_audit(&db, 0, 10).unwrap();
         let who: Vec<(u64, &str)> = audit.iter().map(|r| (r.revision, r.actor.as_str())).collect();
         assert_eq!(who, [(1, "a"), (2, "c")]);
+    }
+}
+
+#[cfg(test)]
+mod chain_tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+    use sdn_policies::*;
+    use sdn_proto::audit::Verifier;
+    use sdn_proto::v1 as pb;
+
+    struct Sm {
+        sm: StateMachine,
+        db: Arc<Database>,
+        index: u64,
+    }
+
+    impl Sm {
+        async fn open(db: Arc<Database>, index: u64) -> Sm {
+            let shared = Arc::new(RwLock::new(Shared::default()));
+            let sm = StateMachine::open(db.clone(), shared, watch::channel(0).0).await.unwrap();
+            Sm { sm, db, index }
+        }
+
+        async fn apply(&mut self, actor: &str, ops: Vec<Op>) -> Outcome {
+            self.index += 1;
+            let entry = Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, 1), self.index),
+                payload: EntryPayload::Normal(Proposal {
+                    commands: vec![Command {
+                        actor: actor.into(),
+                        time_unix_ms: 1_000 + self.index,
+                        ops,
+                    }],
+                }),
+            };
+            self.sm.apply([entry]).await.unwrap().remove(0).remove(0)
+        }
+
+        async fn tenant(&mut self, id: &str) -> Outcome {
+            let op = Op::PutTenant(Tenant {
+                id: id.into(),
+                name: id.into(),
+            });
+            self.apply("sdn://platform/p", vec![op]).await
+        }
+
+        /// The log as `Audit` answers it, checked by the verifier.
+        async fn verify(&self) -> Result<sdn_proto::audit::Verified, String> {
+            let (records, head) = read_audit_page(&self.db, 0, usize::MAX, Some).unwrap();
+            let chain = self.sm.shared.read().await.chain.clone();
+            let c = chain.clone().unwrap_or_default();
+            let page = pb::AuditResponse {
+                records: records.iter().map(|r| r.to_pb()).collect(),
+                chained: chain.is_some(),
+                chain_start: c.start,
+                anchor_revision: c.anchor_revision,
+                anchor_hash: audit::unhex(&c.anchor_hash),
+                head_revision: head,
+                partial: false,
+            };
+            let mut v = Verifier::new(&page)?;
+            for r in &page.records {
+                v.push(r).map_err(|e| e.to_string())?;
+            }
+            v.finish(head).map_err(|e| e.to_string())
+        }
+    }
+
+    /// Records before the chain's start stay unchained; from its entry on,
+    /// every record (refusals included) chains to the one before. Trimming
+    /// moves the anchor, and the chain still verifies; a reopened store and
+    /// a replica installing a snapshot carry on the same chain.
+    #[tokio::test]
+    async fn the_chain_starts_at_its_entry_survives_trimming_and_travels_in_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Database::create(dir.path().join("s.redb")).unwrap());
+        let mut sm = Sm::open(db.clone(), 0).await;
+        sm.tenant("before").await;
+        assert!(sm.verify().await.unwrap_err().contains("not started"));
+        let start = Internal::StartChain { form: audit::FORM }.to_actor();
+        let o = sm.apply(&start, vec![]).await;
+        assert_eq!((o.revision, o.error.is_none()), (0, true), "the start takes no revision");
+        sm.tenant("t1").await;
+        // Starting again changes nothing.
+        sm.apply(&start, vec![]).await;
+        let refused = Internal::Refused {
+            refusals: vec![audit::Refusal {
+                actor: "sdn://tenant/acme/eve".into(),
+                role: "tenant".into(),
+                reason: "Apply: not allowed".into(),
+                time_unix_ms: 9,
+                tenant: "acme".into(),
+            }],
+            suppressed: 4,
+        };
+        let o = sm.apply(&refused.to_actor(), vec![]).await;
+        assert_eq!(o.revision, 3);
+        sm.tenant("t2").await;
+        let v = sm.verify().await.unwrap();
+        assert_eq!((v.unchained, v.chained, v.first, v.last), (1, 3, 2, 4));
+        let records = read_audit(&db, 0, 10).unwrap();
+        assert!(records[0].hash.is_empty(), "the record before the start");
+        assert!(records[2].refused.contains("4 more refusals"), "{:?}", records[2]);
+        assert_eq!(records[2].tenants, ["acme"]);
+        assert_eq!(records[1].content[0].op, "create");
+        assert_eq!(records[1].tenants, ["t1"]);
+
+        // Trim to the last two records: the anchor is the last trimmed.
+        sm.sm.audit_keep = 2;
+        sm.tenant("t3").await;
+        let kept = read_audit(&db, 0, 10).unwrap();
+        assert_eq!(kept.iter().map(|r| r.revision).collect::<Vec<_>>(), [4, 5]);
+        let chain = sm.sm.shared.read().await.chain.clone().unwrap();
+        assert_eq!(chain.anchor_revision, 3);
+        assert_eq!(chain.anchor_hash, records[2].hash);
+        let v = sm.verify().await.unwrap();
+        assert_eq!((v.chained, v.first, v.last), (2, 4, 5));
+
+        // A reopened store carries on.
+        let index = sm.index;
+        drop(sm);
+        let mut sm = Sm::open(db.clone(), index).await;
+        sm.tenant("t4").await;
+        sm.verify().await.unwrap();
+        let head = sm.sm.shared.read().await.chain.clone().unwrap().head;
+
+        // A snapshot installed elsewhere holds the same chain.
+        let snap = sm.sm.build_snapshot().await.unwrap();
+        let dir2 = tempfile::tempdir().unwrap();
+        let db2 = Arc::new(Database::create(dir2.path().join("s.redb")).unwrap());
+        let mut other = Sm::open(db2, 0).await;
+        other.sm.install_snapshot(&snap.meta, snap.snapshot).await.unwrap();
+        other.index = sm.index;
+        assert_eq!(other.sm.shared.read().await.chain.clone().unwrap().head, head);
+        other.tenant("t5").await;
+        sm.tenant("t5").await;
+        assert_eq!(
+            other.sm.shared.read().await.chain.clone().unwrap().head,
+            sm.sm.shared.read().await.chain.clone().unwrap().head,
+            "both replicas chain the next record alike"
+        );
+        other.verify().await.unwrap();
+
+        // A record altered on disk is found, by revision.
+        {
+            let tx = db.begin_write().unwrap();
+            {
+                let mut t = tx.open_table(AUDIT).unwrap();
+                let mut r: AuditRecord = serde_json::from_slice(t.get(6).unwrap().unwrap().value()).unwrap();
+                r.actor = "sdn://admin/someone-else".into();
+                t.insert(6, serde_json::to_vec(&r).unwrap().as_slice()).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        let e = sm.verify().await.unwrap_err();
+        assert!(e.contains("revision 6") && e.contains("altered"), "{e}");
+    }
+
+    /// A client cannot have its batch taken for one of the store's own
+    /// commands: one with operations never is.
+    #[tokio::test]
+    async fn an_internal_looking_actor_with_operations_is_a_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(Database::create(dir.path().join("s.redb")).unwrap());
+        let mut sm = Sm::open(db.clone(), 0).await;
+        let start = Internal::StartChain { form: audit::FORM }.to_actor();
+        let op = Op::PutTenant(Tenant {
+            id: "x".into(),
+            name: "x".into(),
+        });
+        let o = sm.apply(&start, vec![op]).await;
+        assert_eq!(o.revision, 1);
+        assert!(sm.sm.shared.read().await.chain.is_none());
     }
 }

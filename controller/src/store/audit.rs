@@ -1,0 +1,398 @@
+//! The audit log's records: what a change did, object by object, whom it
+//! concerns, and the hash chain that binds each record to the one before.
+//!
+//! Every replica computes the same records and the same chain from the same
+//! log. The chain starts at a log entry, not when each replica was
+//! upgraded: the leader proposes [`Internal::StartChain`] once every member
+//! has said it keeps the chain (`RaftMessage.chains_audit`), and a replica
+//! applying that entry starts chaining the records after it. Records of
+//! earlier revisions stay as they were, without a hash.
+//!
+//! A record's content (its JSON in particular) is part of what replicas
+//! must agree on. A release that changes how records are written must start
+//! the new form the same way, by an entry every member understands
+//! ([`Internal::StartChain`]'s `form`).
+
+use sdn_policies::{Kind, Object, State};
+use sdn_proto::audit::{genesis, hex, record_hash};
+use sdn_proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The record form this release writes and chains.
+pub const FORM: u32 = 1;
+
+/// An actor name no client can have: a command whose actor starts with it
+/// and that carries no operations is one of the store's own
+/// ([`Internal`]), JSON after the prefix. The API prefixes what a client
+/// says of itself, so no request becomes one.
+pub const INTERNAL_PREFIX: &str = "sdn-internal:";
+
+/// The store's own commands, which travel in the log like a client's
+/// batch (so earlier releases' log forms carry them unchanged).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Internal {
+    /// Starts the chain after the current revision, in record form `form`.
+    StartChain { form: u32 },
+    /// Refused requests, one record each.
+    Refused { refusals: Vec<Refusal>, suppressed: u64 },
+}
+
+/// One refused request, as the refusing replica saw it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub actor: String,
+    pub role: String,
+    pub reason: String,
+    pub time_unix_ms: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tenant: String,
+}
+
+impl Internal {
+    /// The command's actor string.
+    pub fn to_actor(&self) -> String {
+        format!("{INTERNAL_PREFIX}{}", serde_json::to_string(self).expect("serialisable"))
+    }
+
+    /// The internal command an actor string names, if it names one.
+    pub fn from_actor(actor: &str) -> Option<Result<Internal, String>> {
+        let json = actor.strip_prefix(INTERNAL_PREFIX)?;
+        Some(serde_json::from_str(json).map_err(|e| format!("an internal command this release cannot read: {e}")))
+    }
+}
+
+/// The chain's state, kept with the state machine's applied state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chain {
+    pub form: u32,
+    /// Records of revisions after this one are chained.
+    pub start: u64,
+    /// The last trimmed record (`start` until one is), and its hash.
+    pub anchor_revision: u64,
+    pub anchor_hash: String,
+    /// The hash the next record follows.
+    pub head: String,
+}
+
+impl Chain {
+    pub fn starting_after(revision: u64, form: u32) -> Chain {
+        let g = hex(&genesis(revision));
+        Chain {
+            form,
+            start: revision,
+            anchor_revision: revision,
+            anchor_hash: g.clone(),
+            head: g,
+        }
+    }
+}
+
+/// One object a change touched.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub op: String,
+    pub kind: String,
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tenants: Vec<String>,
+    pub detail: String,
+}
+
+/// One record of the audit log, as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub revision: u64,
+    pub actor: String,
+    pub time_unix_ms: u64,
+    pub changes: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub content: Vec<Change>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub refused: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tenants: Vec<String>,
+    /// Hex; empty before the chain started.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prev_hash: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub hash: String,
+}
+
+impl AuditRecord {
+    /// The record as the API gives it.
+    pub fn to_pb(&self) -> pb::AuditRecord {
+        pb::AuditRecord {
+            revision: self.revision,
+            actor: self.actor.clone(),
+            time_unix_ms: self.time_unix_ms,
+            changes: self.changes.clone(),
+            time: sdn_proto::audit::rfc3339(self.time_unix_ms),
+            content: self
+                .content
+                .iter()
+                .map(|c| pb::AuditChange {
+                    op: c.op.clone(),
+                    kind: c.kind.clone(),
+                    id: c.id.clone(),
+                    tenants: c.tenants.clone(),
+                    detail: c.detail.clone(),
+                })
+                .collect(),
+            refused: self.refused.clone(),
+            tenants: self.tenants.clone(),
+            prev_hash: unhex(&self.prev_hash),
+            hash: unhex(&self.hash),
+        }
+    }
+
+    /// Chains the record to `chain`'s head, and moves the head to it.
+    pub fn chain(&mut self, chain: &mut Chain) {
+        self.prev_hash = chain.head.clone();
+        self.hash = String::new();
+        let h = record_hash(&unhex(&self.prev_hash), &self.to_pb());
+        self.hash = hex(&h);
+        chain.head = self.hash.clone();
+    }
+
+    /// The record as `tenant` may read it: only the objects that are its
+    /// own, or `None` if the record does not concern it.
+    pub fn for_tenant(&self, tenant: &str) -> Option<AuditRecord> {
+        if !self.tenants.iter().any(|t| t == tenant) {
+            return None;
+        }
+        let mut r = self.clone();
+        if self.tenants.len() > 1 {
+            r.content.retain(|c| c.tenants.iter().any(|t| t == tenant));
+            r.changes = r.content.iter().map(|c| format!("{} {} {}", c.op, c.kind, c.id)).collect();
+            r.tenants = vec![tenant.to_string()];
+        }
+        Some(r)
+    }
+}
+
+/// Hex to bytes; what is not hex reads as nothing (a verifier then finds
+/// the record broken).
+pub fn unhex(s: &str) -> Vec<u8> {
+    if s.len() % 2 != 0 {
+        return Vec::new();
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .unwrap_or_default()
+}
+
+/// The tenants an object belongs to. A subnet's is its VPC's, found in
+/// `state` or, for a VPC the same batch removed, in `gone`.
+fn object_tenants(o: &Object, state: &State, gone: &[(Kind, String, Option<Object>)]) -> Vec<String> {
+    let vpc_tenant = |vpc: &str| -> Option<String> {
+        if let Some(v) = state.vpcs.get(vpc) {
+            return Some(v.tenant_id.clone());
+        }
+        gone.iter().find_map(|(k, id, o)| match (k, o) {
+            (Kind::Vpc, Some(Object::Vpc(v))) if id == vpc => Some(v.tenant_id.clone()),
+            _ => None,
+        })
+    };
+    let mut out: Vec<String> = match o {
+        Object::Tenant(t) => vec![t.id.clone()],
+        Object::Vpc(v) => vec![v.tenant_id.clone()],
+        Object::Subnet(s) => vpc_tenant(&s.vpc_id).into_iter().collect(),
+        Object::Port(p) => vec![p.tenant_id.clone()],
+        Object::SecurityGroup(g) => vec![g.tenant_id.clone()],
+        Object::VpcPeering(p) => [&p.vpc_a, &p.vpc_b].into_iter().filter_map(|v| vpc_tenant(v)).collect(),
+        Object::Host(_) | Object::Quarantine(_) | Object::Zone(_) | Object::ExchangePath(_) | Object::FirewallPolicy(_) => {
+            vec![]
+        }
+    };
+    out.retain(|t| !t.is_empty());
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn json(o: &Object) -> Value {
+    serde_json::from_slice(&o.to_json()).unwrap_or(Value::Null)
+}
+
+/// What changed between two versions of an object, field by field: a
+/// list's items added and removed, any other field's value before and
+/// after.
+fn field_diff(before: &Value, after: &Value) -> Vec<Value> {
+    let (Value::Object(b), Value::Object(a)) = (before, after) else {
+        return vec![serde_json::json!({"field": "", "before": before, "after": after})];
+    };
+    let mut fields: Vec<&String> = b.keys().collect();
+    fields.extend(a.keys().filter(|k| !b.contains_key(*k)));
+    let mut out = Vec::new();
+    for f in fields {
+        let (x, y) = (b.get(f).unwrap_or(&Value::Null), a.get(f).unwrap_or(&Value::Null));
+        if x == y {
+            continue;
+        }
+        match (x, y) {
+            (Value::Array(xs), Value::Array(ys)) => {
+                let added: Vec<&Value> = ys.iter().filter(|v| !xs.contains(v)).collect();
+                let removed: Vec<&Value> = xs.iter().filter(|v| !ys.contains(v)).collect();
+                if added.is_empty() && removed.is_empty() {
+                    // The same items in another order.
+                    out.push(serde_json::json!({"field": f, "before": x, "after": y}));
+                } else {
+                    out.push(serde_json::json!({"field": f, "added": added, "removed": removed}));
+                }
+            }
+            _ => out.push(serde_json::json!({"field": f, "before": x, "after": y})),
+        }
+    }
+    out
+}
+
+/// The content of an applied batch: every object it touched (`before`, in
+/// the order first touched), as it was and as it is in `state` now. An
+/// object put back unchanged is left out.
+pub fn content(before: &[(Kind, String, Option<Object>)], state: &State) -> Vec<Change> {
+    let mut out = Vec::new();
+    for (kind, id, was) in before {
+        let now = state.get(*kind, id);
+        let (op, detail, tenants) = match (was, &now) {
+            (None, None) => continue,
+            (None, Some(n)) => ("create", serde_json::json!({"after": json(n)}), object_tenants(n, state, before)),
+            (Some(w), None) => ("delete", serde_json::json!({"before": json(w)}), object_tenants(w, state, before)),
+            (Some(w), Some(n)) => {
+                if w == n {
+                    continue;
+                }
+                let mut t = object_tenants(w, state, before);
+                t.extend(object_tenants(n, state, before));
+                t.sort();
+                t.dedup();
+                ("update", serde_json::json!({"fields": field_diff(&json(w), &json(n))}), t)
+            }
+        };
+        out.push(Change {
+            op: op.into(),
+            kind: kind.name().into(),
+            id: id.clone(),
+            tenants,
+            detail: detail.to_string(),
+        });
+    }
+    out
+}
+
+/// The tenants a record concerns: those of its objects, and the actor's
+/// own when a tenant's user made it.
+pub fn record_tenants(actor: &str, content: &[Change]) -> Vec<String> {
+    let mut t: Vec<String> = content.iter().flat_map(|c| c.tenants.iter().cloned()).collect();
+    if let Some(own) = actor_tenant(actor) {
+        t.push(own);
+    }
+    t.sort();
+    t.dedup();
+    t
+}
+
+/// The tenant of an actor that is a tenant's user (`sdn://tenant/T/NAME`,
+/// possibly followed by what the request said of itself).
+pub fn actor_tenant(actor: &str) -> Option<String> {
+    let rest = actor.strip_prefix("sdn://tenant/")?;
+    let (t, _) = rest.split_once('/')?;
+    (!t.is_empty()).then(|| t.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sdn_policies::*;
+
+    fn group(rules: Vec<Rule>) -> SecurityGroup {
+        SecurityGroup {
+            id: "web".into(),
+            tenant_id: "acme".into(),
+            name: "web".into(),
+            rules,
+        }
+    }
+
+    fn rule(port: u16) -> Rule {
+        Rule {
+            id: format!("r{port}"),
+            direction: Direction::Ingress,
+            ether_type: EtherType::IPv4,
+            protocol: Protocol::Tcp,
+            ports: Some((port, port)),
+            remote: Remote::Any,
+        }
+    }
+
+    /// An update records the rules added and removed, not the whole group;
+    /// a create the object, a delete what it was; each names its tenant.
+    #[test]
+    fn content_says_what_changed() {
+        let mut state = State::default();
+        state.replace(Kind::SecurityGroup, "web", Some(Object::SecurityGroup(group(vec![rule(22), rule(443)]))));
+        let was = Some(Object::SecurityGroup(group(vec![rule(22), rule(80)])));
+        let c = content(&[(Kind::SecurityGroup, "web".into(), was)], &state);
+        assert_eq!(c.len(), 1);
+        assert_eq!((c[0].op.as_str(), c[0].tenants.as_slice()), ("update", &["acme".to_string()][..]));
+        let d: Value = serde_json::from_str(&c[0].detail).unwrap();
+        let f = &d["fields"][0];
+        assert_eq!(f["field"], "rules");
+        assert_eq!(f["added"].as_array().unwrap().len(), 1);
+        assert_eq!(f["added"][0]["id"], "r443");
+        assert_eq!(f["removed"][0]["id"], "r80");
+        let created = content(&[(Kind::SecurityGroup, "web".into(), None)], &state);
+        assert_eq!(created[0].op, "create");
+        assert!(created[0].detail.contains(r#""after":{"id":"web""#), "{}", created[0].detail);
+        let empty = State::default();
+        let deleted = content(&[(Kind::SecurityGroup, "web".into(), Some(Object::SecurityGroup(group(vec![]))))], &empty);
+        assert_eq!((deleted[0].op.as_str(), deleted[0].tenants.len()), ("delete", 1));
+        let same = content(&[(Kind::SecurityGroup, "web".into(), state.get(Kind::SecurityGroup, "web"))], &state);
+        assert!(same.is_empty(), "an object put back unchanged");
+    }
+
+    #[test]
+    fn internal_commands_round_trip_through_the_actor() {
+        let i = Internal::Refused {
+            refusals: vec![Refusal {
+                actor: "sdn://tenant/a/u".into(),
+                role: "tenant".into(),
+                reason: "Apply: no".into(),
+                time_unix_ms: 5,
+                tenant: "a".into(),
+            }],
+            suppressed: 3,
+        };
+        assert_eq!(Internal::from_actor(&i.to_actor()), Some(Ok(i)));
+        assert_eq!(Internal::from_actor("sdn://admin/x"), None);
+        assert!(matches!(Internal::from_actor("sdn-internal:{\"new_thing\":1}"), Some(Err(_))));
+    }
+
+    #[test]
+    fn a_tenant_reads_only_its_part_of_a_record() {
+        let r = AuditRecord {
+            revision: 1,
+            actor: "sdn://admin/a".into(),
+            time_unix_ms: 0,
+            changes: vec!["put vpc_peering p".into()],
+            content: vec![
+                Change { op: "create".into(), kind: "security_group".into(), id: "g1".into(), tenants: vec!["a".into()], detail: "{}".into() },
+                Change { op: "create".into(), kind: "security_group".into(), id: "g2".into(), tenants: vec!["b".into()], detail: "{}".into() },
+            ],
+            refused: String::new(),
+            tenants: vec!["a".into(), "b".into()],
+            prev_hash: String::new(),
+            hash: String::new(),
+        };
+        let a = r.for_tenant("a").unwrap();
+        assert_eq!(a.content.len(), 1);
+        assert_eq!(a.content[0].id, "g1");
+        assert_eq!(a.changes, ["create security_group g1"]);
+        assert!(r.for_tenant("c").is_none());
+        assert_eq!(actor_tenant("sdn://tenant/acme/alice (ticket 7)"), Some("acme".into()));
+        assert_eq!(actor_tenant("unverified sdn://tenant/acme/alice"), None);
+    }
+}
