@@ -32,9 +32,9 @@ static OVERFLOW: AtomicU64 = AtomicU64::new(0);
 pub fn note(actor: &str, role: &str, reason: &str, tenant: Option<&str>) {
     let Some(sink) = SINK.get() else { return };
     let r = Refusal {
-        actor: actor.to_string(),
+        actor: clip(actor),
         role: role.to_string(),
-        reason: reason.to_string(),
+        reason: clip(reason),
         time_unix_ms: now_ms(),
         tenant: tenant.unwrap_or_default().to_string(),
     };
@@ -42,6 +42,22 @@ pub fn note(actor: &str, role: &str, reason: &str, tenant: Option<&str>) {
         OVERFLOW.fetch_add(1, Ordering::Relaxed);
     }
 }
+
+/// What a refusal record keeps of a text the caller may have chosen (an id,
+/// a header): its first [`TEXT_MAX`] bytes.
+fn clip(s: &str) -> String {
+    if s.len() <= TEXT_MAX {
+        return s.to_string();
+    }
+    let mut end = TEXT_MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes)", &s[..end], s.len())
+}
+
+/// See [`clip`].
+const TEXT_MAX: usize = 1024;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()

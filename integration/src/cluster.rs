@@ -156,6 +156,22 @@ impl Cluster {
         self.wait_ready()
     }
 
+    /// Kills the controller, runs `f` on its data directory, and starts
+    /// it again on that data.
+    pub fn with_controller_stopped(&mut self, f: impl FnOnce(&Path)) -> anyhow::Result<()> {
+        self.controller.kill();
+        f(&self.data_dir);
+        self.controller = Self::spawn_controller(
+            &self.dir,
+            &self.data_dir,
+            &self.socket,
+            &self.listen,
+            self.pki.as_ref(),
+            &self.extra,
+        )?;
+        self.wait_ready()
+    }
+
     pub fn pin_dir(&self, host: &str) -> PathBuf {
         self.bpffs.path.join(host)
     }

@@ -438,6 +438,19 @@ async fn a_lagging_replica_catches_up_from_a_snapshot_and_the_log_stays_bounded(
         .await
         .unwrap();
     assert_eq!(stale.tenants.len(), 50);
+
+    // Every replica holds the same audit chain, the one that caught up
+    // from a snapshot included: each checks its own copy to the same head.
+    let heads: Vec<String> = (0..3)
+        .map(|i| {
+            let out = sdnctl(&r.replicas[i].local(), &["audit", "verify", "--local"])
+                .unwrap_or_else(|e| panic!("replica {}: {e}", i + 1));
+            eprintln!("replica {}: {}", i + 1, out.trim());
+            let head = out.split("head ").nth(1).expect("a head").split_whitespace().next().unwrap();
+            head.to_string()
+        })
+        .collect();
+    assert!(heads.iter().all(|h| h == &heads[0] && h.len() == 64), "{heads:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -454,6 +454,20 @@ async fn controllers_upgrade_one_at_a_time_from_the_previous_release_and_keep_ev
             assert!(have.contains(&id.as_str()), "replica {} lacks {id}: {have:?}", i + 1);
         }
     }
+    // The audit chain started once every member was new, at one entry:
+    // each replica checks its own copy to the same head.
+    let mut heads = Vec::new();
+    for i in 0..3 {
+        let out = std::process::Command::new(bin("sdnctl"))
+            .args(["--controller", &r.replicas[i].local(), "audit", "verify", "--local"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "replica {}: {text}", i + 1);
+        eprintln!("replica {}: {}", i + 1, text.trim());
+        heads.push(text.split("head ").nth(1).unwrap().split_whitespace().next().unwrap().to_string());
+    }
+    assert!(heads.iter().all(|h| h == &heads[0]), "{heads:?}");
     for i in 0..3 {
         assert!(!r.log(i).contains("panicked"), "replica {}: {}", i + 1, r.log(i));
     }

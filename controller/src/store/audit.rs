@@ -159,7 +159,14 @@ impl AuditRecord {
     /// The record as `tenant` may read it: only the objects that are its
     /// own, or `None` if the record does not concern it.
     pub fn for_tenant(&self, tenant: &str) -> Option<AuditRecord> {
-        if !self.tenants.iter().any(|t| t == tenant) {
+        // Records older than the chain name no tenants: a tenant reads
+        // those its own users made.
+        let concerned = if self.tenants.is_empty() {
+            actor_tenant(&self.actor).as_deref() == Some(tenant)
+        } else {
+            self.tenants.iter().any(|t| t == tenant)
+        };
+        if !concerned {
             return None;
         }
         let mut r = self.clone();
@@ -235,8 +242,11 @@ fn field_diff(before: &Value, after: &Value) -> Vec<Value> {
         }
         match (x, y) {
             (Value::Array(xs), Value::Array(ys)) => {
-                let added: Vec<&Value> = ys.iter().filter(|v| !xs.contains(v)).collect();
-                let removed: Vec<&Value> = xs.iter().filter(|v| !ys.contains(v)).collect();
+                // By their text: a group may hold tens of thousands of rules.
+                let text = |vs: &Vec<Value>| -> std::collections::HashSet<String> { vs.iter().map(Value::to_string).collect() };
+                let (had, has) = (text(xs), text(ys));
+                let added: Vec<&Value> = ys.iter().filter(|v| !had.contains(&v.to_string())).collect();
+                let removed: Vec<&Value> = xs.iter().filter(|v| !has.contains(&v.to_string())).collect();
                 if added.is_empty() && removed.is_empty() {
                     // The same items in another order.
                     out.push(serde_json::json!({"field": f, "before": x, "after": y}));
