@@ -391,7 +391,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         caller.require("Cluster.Promote", &[Role::Admin])?;
         let was_forwarded = forwarded(&req);
         let req = req.into_inner();
-        let fwd = forward(req.clone(), &caller);
+        let fwd = forward(req, &caller);
         if let Some(s) = self
             .on_leader(was_forwarded, |mut c| async move { c.promote(fwd).await.map(|r| r.into_inner()) })
             .await?
@@ -427,7 +427,7 @@ impl pb::cluster_server::Cluster for ClusterService {
         caller.require("Cluster.Remove", &[Role::Admin])?;
         let was_forwarded = forwarded(&req);
         let req = req.into_inner();
-        let fwd = forward(req.clone(), &caller);
+        let fwd = forward(req, &caller);
         if let Some(s) = self
             .on_leader(was_forwarded, |mut c| async move { c.remove(fwd).await.map(|r| r.into_inner()) })
             .await?

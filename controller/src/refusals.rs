@@ -2,13 +2,23 @@
 //!
 //! Every refusal is a security event in the replica's own log at once
 //! ([`crate::auth::refuse`], [`crate::serve`]). It also goes into the audit
-//! log, which every replica keeps: the replica that refused gathers its
-//! refusals for a moment and hands them to the leader (its own store when it
-//! leads, the leader's `Cluster.Refused` otherwise), at most
-//! [`PER_SECOND`] a second, the rest counted in the last record. Refusals go
-//! to the audit log only once the audit chain has started: until then a
-//! member may be of a release that would not read them.
+//! log, which every replica keeps: the replica that refused hands its
+//! refusals to the leader (its own store when it leads, the leader's
+//! `Cluster.Refused` otherwise), grouped so that no caller can flood the
+//! log and push older records out of it:
+//!
+//! - a caller with an identity: each second, one record per caller,
+//!   operation and reason, with a count; at most [`PER_SECOND`] records,
+//!   the rest counted in the last one;
+//! - a connection refused at its handshake (no identity, anyone can make
+//!   one): the first of each reason within a second, then one record per
+//!   reason per [`HANDSHAKE_WINDOW`], with a count and some of the
+//!   addresses.
+//!
+//! Refusals go to the audit log only once the audit chain has started:
+//! until then a member may be of a release that would not read them.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -19,28 +29,53 @@ use tokio::sync::mpsc;
 use crate::store::audit::{Internal, Refusal};
 use crate::store::{Store, WriteError};
 
-/// Refusals recorded one by one per second, at most.
+/// Records of callers with an identity per second, at most.
 pub const PER_SECOND: usize = 20;
+
+/// Handshake refusals of one reason make one record per window.
+pub const HANDSHAKE_WINDOW: Duration = Duration::from_secs(60);
+
+/// Addresses a handshake record lists, at most.
+const SOURCES_LISTED: usize = 8;
 
 /// Refusals waiting, at most; beyond, they are counted.
 const QUEUED_MAX: usize = 1024;
 
-static SINK: OnceLock<mpsc::Sender<Refusal>> = OnceLock::new();
+static SINK: OnceLock<mpsc::Sender<Noted>> = OnceLock::new();
 static OVERFLOW: AtomicU64 = AtomicU64::new(0);
 
-/// Notes a refusal for the audit log (nothing until [`run`] started).
-pub fn note(actor: &str, role: &str, reason: &str, tenant: Option<&str>) {
+enum Noted {
+    Caller(Refusal),
+    Handshake { from: String, reason: String, time_unix_ms: u64 },
+}
+
+fn send(n: Noted) {
     let Some(sink) = SINK.get() else { return };
-    let r = Refusal {
+    if sink.try_send(n).is_err() {
+        OVERFLOW.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Notes the refusal of a caller with an identity (nothing until [`run`]
+/// started).
+pub fn note(actor: &str, role: &str, reason: &str, tenant: Option<&str>) {
+    send(Noted::Caller(Refusal {
         actor: clip(actor),
         role: role.to_string(),
         reason: clip(reason),
         time_unix_ms: now_ms(),
         tenant: tenant.unwrap_or_default().to_string(),
-    };
-    if sink.try_send(r).is_err() {
-        OVERFLOW.fetch_add(1, Ordering::Relaxed);
-    }
+        count: 1,
+    }));
+}
+
+/// Notes a connection refused at its handshake, from `from`.
+pub fn note_handshake(from: &str, reason: &str) {
+    send(Noted::Handshake {
+        from: clip(from),
+        reason: clip(reason),
+        time_unix_ms: now_ms(),
+    });
 }
 
 /// What a refusal record keeps of a text the caller may have chosen (an id,
@@ -66,6 +101,97 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Handshake refusals of one reason in the current window.
+struct Handshakes {
+    /// Not yet in a record.
+    count: u64,
+    first_time: u64,
+    sources: Vec<String>,
+    more_sources: bool,
+    /// The first of the window went out on its own.
+    announced: bool,
+}
+
+/// Refusals gathered between two hand-overs.
+#[derive(Default)]
+struct Gathered {
+    /// Callers' refusals of this second, by (actor, reason).
+    callers: BTreeMap<(String, String), Refusal>,
+    /// Handshake refusals of this window, by reason.
+    handshakes: BTreeMap<String, Handshakes>,
+}
+
+impl Gathered {
+    fn add(&mut self, n: Noted) {
+        match n {
+            Noted::Caller(r) => {
+                self.callers
+                    .entry((r.actor.clone(), r.reason.clone()))
+                    .and_modify(|g| g.count += 1)
+                    .or_insert(r);
+            }
+            Noted::Handshake {
+                from,
+                reason,
+                time_unix_ms,
+            } => {
+                let g = self.handshakes.entry(reason).or_insert(Handshakes {
+                    count: 0,
+                    first_time: time_unix_ms,
+                    sources: Vec::new(),
+                    more_sources: false,
+                    announced: false,
+                });
+                if g.count == 0 {
+                    g.first_time = time_unix_ms;
+                }
+                g.count += 1;
+                if !g.sources.contains(&from) {
+                    if g.sources.len() < SOURCES_LISTED {
+                        g.sources.push(from);
+                    } else {
+                        g.more_sources = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The records due: every caller's group; the handshake groups not yet
+    /// announced, or all of them at the end of a window.
+    fn take(&mut self, window_end: bool) -> (Vec<Refusal>, u64) {
+        let mut callers: Vec<Refusal> = std::mem::take(&mut self.callers).into_values().collect();
+        callers.sort_by_key(|r| r.time_unix_ms);
+        let mut suppressed = OVERFLOW.swap(0, Ordering::Relaxed);
+        if callers.len() > PER_SECOND {
+            suppressed += callers.drain(PER_SECOND..).map(|r| r.count).sum::<u64>();
+        }
+        let mut out = callers;
+        for (reason, g) in self.handshakes.iter_mut() {
+            if g.count == 0 || (g.announced && !window_end) {
+                continue;
+            }
+            let more = if g.more_sources { " and others" } else { "" };
+            out.push(Refusal {
+                actor: "unauthenticated".into(),
+                role: "none".into(),
+                reason: format!("TLS handshake: {reason} (from {}{more})", g.sources.join(", ")),
+                time_unix_ms: g.first_time,
+                tenant: String::new(),
+                count: g.count,
+            });
+            g.announced = true;
+            g.count = 0;
+            g.sources.clear();
+            g.more_sources = false;
+        }
+        if window_end {
+            self.handshakes.clear();
+        }
+        (out, suppressed)
+    }
+}
+
 /// Hands the refusals this replica notes to the audit log, until the
 /// process ends.
 pub fn run(store: Store) {
@@ -74,19 +200,28 @@ pub fn run(store: Store) {
         return;
     }
     tokio::spawn(async move {
-        while let Some(first) = rx.recv().await {
-            // Gather what else comes within the second.
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            let mut refusals = vec![first];
-            let mut suppressed = OVERFLOW.swap(0, Ordering::Relaxed);
-            while let Ok(r) = rx.try_recv() {
-                if refusals.len() < PER_SECOND {
-                    refusals.push(r);
-                } else {
-                    suppressed += 1;
-                }
+        let mut gathered = Gathered::default();
+        let mut second = tokio::time::interval(Duration::from_secs(1));
+        let mut window = tokio::time::interval(HANDSHAKE_WINDOW);
+        second.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        window.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        window.tick().await;
+        loop {
+            let window_end = tokio::select! {
+                n = rx.recv() => match n {
+                    Some(n) => {
+                        gathered.add(n);
+                        continue;
+                    }
+                    None => return,
+                },
+                _ = second.tick() => false,
+                _ = window.tick() => true,
+            };
+            let (refusals, suppressed) = gathered.take(window_end);
+            if !refusals.is_empty() || suppressed > 0 {
+                hand_over(&store, refusals, suppressed).await;
             }
-            hand_over(&store, refusals, suppressed).await;
         }
     });
 }
@@ -119,6 +254,7 @@ async fn hand_over(store: &Store, refusals: Vec<Refusal>, suppressed: u64) {
                 reason: r.reason,
                 time_unix_ms: r.time_unix_ms,
                 tenant: r.tenant,
+                count: r.count,
             })
             .collect(),
         suppressed,
@@ -159,6 +295,7 @@ pub async fn record(store: &Store, req: pb::RefusedRequest) -> Result<(), tonic:
                 reason: r.reason,
                 time_unix_ms: r.time_unix_ms,
                 tenant: r.tenant,
+                count: r.count.max(1),
             })
             .collect(),
         suppressed: req.suppressed,
@@ -167,5 +304,62 @@ pub async fn record(store: &Store, req: pb::RefusedRequest) -> Result<(), tonic:
         Ok(_) => Ok(()),
         Err(WriteError::NotLeader(_)) => Err(tonic::Status::unavailable("not the leader")),
         Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn handshake(from: &str, reason: &str) -> Noted {
+        Noted::Handshake {
+            from: from.into(),
+            reason: reason.into(),
+            time_unix_ms: 1,
+        }
+    }
+
+    /// A flood of handshakes makes a record per reason when it starts and
+    /// one per window after, whatever its size; callers with an identity
+    /// make at most PER_SECOND records a second, the rest counted.
+    #[test]
+    fn floods_make_few_records() {
+        let mut g = Gathered::default();
+        for i in 0..10_000 {
+            g.add(handshake(&format!("tcp 192.0.2.{}", i % 200), "the client sent no certificate"));
+        }
+        let (first, suppressed) = g.take(false);
+        assert_eq!((first.len(), suppressed), (1, 0));
+        assert_eq!(first[0].count, 10_000);
+        assert!(first[0].reason.contains("192.0.2.0") && first[0].reason.ends_with("and others)"), "{}", first[0].reason);
+        for _ in 0..5_000 {
+            g.add(handshake("tcp 198.51.100.1", "the client sent no certificate"));
+        }
+        assert!(g.take(false).0.is_empty(), "announced already: wait for the window");
+        let (end, _) = g.take(true);
+        assert_eq!((end.len(), end[0].count), (1, 5_000));
+        assert!(g.take(true).0.is_empty());
+
+        for i in 0..100 {
+            g.add(Noted::Caller(Refusal {
+                actor: format!("sdn://tenant/t/u{i}"),
+                role: "tenant".into(),
+                reason: "Apply: no".into(),
+                time_unix_ms: i,
+                tenant: "t".into(),
+                count: 1,
+            }));
+        }
+        g.add(Noted::Caller(Refusal {
+            actor: "sdn://tenant/t/u0".into(),
+            role: "tenant".into(),
+            reason: "Apply: no".into(),
+            time_unix_ms: 500,
+            tenant: "t".into(),
+            count: 1,
+        }));
+        let (records, suppressed) = g.take(false);
+        assert_eq!((records.len(), suppressed), (PER_SECOND, 80));
+        assert_eq!(records[0].count, 2, "the same caller and reason: one record");
     }
 }

@@ -79,7 +79,7 @@ fn refused(transport: &str, from: &str, why: &str) {
 /// into the security log.
 fn certificate_refused(from: &str, why: &str) {
     if why.contains("certificate") || why.contains("URI") {
-        crate::refusals::note(&format!("unauthenticated ({from})"), "none", &format!("TLS handshake: {why}"), None);
+        crate::refusals::note_handshake(from, why);
     }
 }
 
@@ -194,7 +194,7 @@ impl Listeners {
                 Ok(s) => Some(s.map(Either::Left)),
                 Err(why) => {
                     refused("tcp", &remote.to_string(), &why);
-                    certificate_refused(&format!("tcp {remote}"), &why);
+                    certificate_refused(&format!("tcp {}", remote.ip()), &why);
                     None
                 }
             },

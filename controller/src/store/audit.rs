@@ -22,11 +22,17 @@ use serde_json::Value;
 /// The record form this release writes and chains.
 pub const FORM: u32 = 1;
 
-/// An actor name no client can have: a command whose actor starts with it
-/// and that carries no operations is one of the store's own
-/// ([`Internal`]), JSON after the prefix. The API prefixes what a client
-/// says of itself, so no request becomes one.
+/// The prefix of an internal command's actor: JSON of the [`Internal`]
+/// after it.
 pub const INTERNAL_PREFIX: &str = "sdn-internal:";
+
+/// The time of an internal command, which no client's batch has: the
+/// leader stamps every batch with its clock. A command of this time, no
+/// operations and an actor of [`INTERNAL_PREFIX`] is one of the store's
+/// own. (An actor alone would not do: earlier releases let an
+/// unauthenticated client name itself anything, and an entry of theirs
+/// may still be in a log.)
+pub const INTERNAL_TIME: u64 = u64::MAX;
 
 /// The store's own commands, which travel in the log like a client's
 /// batch (so earlier releases' log forms carry them unchanged).
@@ -48,6 +54,13 @@ pub struct Refusal {
     pub time_unix_ms: u64,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub tenant: String,
+    /// Refusals of the same caller and reason this record stands for.
+    #[serde(default = "one")]
+    pub count: u64,
+}
+
+fn one() -> u64 {
+    1
 }
 
 impl Internal {
@@ -56,8 +69,11 @@ impl Internal {
         format!("{INTERNAL_PREFIX}{}", serde_json::to_string(self).expect("serialisable"))
     }
 
-    /// The internal command an actor string names, if it names one.
-    pub fn from_actor(actor: &str) -> Option<Result<Internal, String>> {
+    /// The internal command a command is, if it is one.
+    pub fn of(actor: &str, time_unix_ms: u64, ops: &[sdn_policies::Op]) -> Option<Result<Internal, String>> {
+        if time_unix_ms != INTERNAL_TIME || !ops.is_empty() {
+            return None;
+        }
         let json = actor.strip_prefix(INTERNAL_PREFIX)?;
         Some(serde_json::from_str(json).map_err(|e| format!("an internal command this release cannot read: {e}")))
     }
@@ -182,7 +198,7 @@ impl AuditRecord {
 /// Hex to bytes; what is not hex reads as nothing (a verifier then finds
 /// the record broken).
 pub fn unhex(s: &str) -> Vec<u8> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Vec::new();
     }
     (0..s.len())
@@ -373,12 +389,14 @@ mod tests {
                 reason: "Apply: no".into(),
                 time_unix_ms: 5,
                 tenant: "a".into(),
+                count: 2,
             }],
             suppressed: 3,
         };
-        assert_eq!(Internal::from_actor(&i.to_actor()), Some(Ok(i)));
-        assert_eq!(Internal::from_actor("sdn://admin/x"), None);
-        assert!(matches!(Internal::from_actor("sdn-internal:{\"new_thing\":1}"), Some(Err(_))));
+        assert_eq!(Internal::of(&i.to_actor(), INTERNAL_TIME, &[]), Some(Ok(i.clone())));
+        assert_eq!(Internal::of(&i.to_actor(), 1_764_979_200_000, &[]), None, "a client's batch");
+        assert_eq!(Internal::of("sdn://admin/x", INTERNAL_TIME, &[]), None);
+        assert!(matches!(Internal::of("sdn-internal:{\"new_thing\":1}", INTERNAL_TIME, &[]), Some(Err(_))));
     }
 
     #[test]

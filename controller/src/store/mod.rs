@@ -329,15 +329,15 @@ impl Store {
         } else {
             actor.to_string()
         };
-        self.propose(actor, ops).await
+        self.propose(actor, ops, None).await
     }
 
     /// Proposes one of the store's own commands.
     pub async fn write_internal(&self, internal: &audit::Internal) -> Result<Outcome, WriteError> {
-        self.propose(internal.to_actor(), vec![]).await
+        self.propose(internal.to_actor(), vec![], Some(audit::INTERNAL_TIME)).await
     }
 
-    async fn propose(&self, actor: String, ops: Vec<Op>) -> Result<Outcome, WriteError> {
+    async fn propose(&self, actor: String, ops: Vec<Op>, time: Option<u64>) -> Result<Outcome, WriteError> {
         // A follower hands the batch to the leader.
         if !self.is_leader() {
             if let Some((_, addr)) = self.leader() {
@@ -347,10 +347,12 @@ impl Store {
         // Validated once, by the state machine as it applies the entry,
         // against the state the log order gives: a refused batch leaves a
         // log entry that changes nothing, and its error comes back here.
-        let time_unix_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let time_unix_ms = time.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0)
+        });
         let command = Command {
             actor,
             time_unix_ms,

@@ -262,6 +262,9 @@ fn apply_internal(internal: Result<Internal, String>, applied: &mut Applied, aud
             for (i, r) in refusals.into_iter().enumerate() {
                 applied.revision += 1;
                 let mut reason = r.reason;
+                if r.count > 1 {
+                    reason.push_str(&format!(" ({} times)", r.count));
+                }
                 if i + 1 == n && suppressed > 0 {
                     reason.push_str(&format!(
                         " (and {suppressed} more refusals past the rate limit, not recorded one by one)"
@@ -331,11 +334,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         ops,
                     } in commands
                     {
-                        if ops.is_empty() {
-                            if let Some(internal) = Internal::from_actor(&actor) {
-                                answers.push(apply_internal(internal, &mut next_applied, &mut audit));
-                                continue;
-                            }
+                        if let Some(internal) = Internal::of(&actor, time_unix_ms, &ops) {
+                            answers.push(apply_internal(internal, &mut next_applied, &mut audit));
+                            continue;
                         }
                         answers.push(match shared.state.apply(&ops) {
                             Ok(done) => {
@@ -690,13 +691,22 @@ mod chain_tests {
         }
 
         async fn apply(&mut self, actor: &str, ops: Vec<Op>) -> Outcome {
+            let time = if actor.starts_with(audit::INTERNAL_PREFIX) {
+                audit::INTERNAL_TIME
+            } else {
+                1_000 + self.index
+            };
+            self.apply_at(actor, ops, time).await
+        }
+
+        async fn apply_at(&mut self, actor: &str, ops: Vec<Op>, time_unix_ms: u64) -> Outcome {
             self.index += 1;
             let entry = Entry {
                 log_id: LogId::new(CommittedLeaderId::new(1, 1), self.index),
                 payload: EntryPayload::Normal(Proposal {
                     commands: vec![Command {
                         actor: actor.into(),
-                        time_unix_ms: 1_000 + self.index,
+                        time_unix_ms,
                         ops,
                     }],
                 }),
@@ -758,6 +768,7 @@ mod chain_tests {
                 reason: "Apply: not allowed".into(),
                 time_unix_ms: 9,
                 tenant: "acme".into(),
+                count: 1,
             }],
             suppressed: 4,
         };
@@ -825,9 +836,11 @@ mod chain_tests {
     }
 
     /// A client cannot have its batch taken for one of the store's own
-    /// commands: one with operations never is.
+    /// commands: not with operations, and not without, as an earlier
+    /// release let an unauthenticated client name itself anything (its
+    /// batch has the leader's time).
     #[tokio::test]
-    async fn an_internal_looking_actor_with_operations_is_a_batch() {
+    async fn an_internal_looking_actor_is_a_batch_like_any() {
         let dir = tempfile::tempdir().unwrap();
         let db = Arc::new(Database::create(dir.path().join("s.redb")).unwrap());
         let mut sm = Sm::open(db.clone(), 0).await;
@@ -836,8 +849,10 @@ mod chain_tests {
             id: "x".into(),
             name: "x".into(),
         });
-        let o = sm.apply(&start, vec![op]).await;
+        let o = sm.apply_at(&start, vec![op], audit::INTERNAL_TIME).await;
         assert_eq!(o.revision, 1);
+        let o = sm.apply_at(&start, vec![], 1_764_979_200_000).await;
+        assert!(o.error.is_some(), "an empty batch of a client is refused: {o:?}");
         assert!(sm.sm.shared.read().await.chain.is_none());
     }
 }
