@@ -264,7 +264,7 @@ async fn roles_decide_every_operation() {
     }
     let sup = as_("sdn://supervisor/inspector").await.list(pb::ListRequest { kind: 0, stale: false }).await;
     assert!(sup.is_ok(), "a supervisor reads: {sup:?}");
-    let e = as_("sdn://agent/h1").await.audit(pb::AuditRequest { after_revision: 0, limit: 10 }).await.unwrap_err();
+    let e = as_("sdn://agent/h1").await.audit(pb::AuditRequest { after_revision: 0, limit: 10, local: false }).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
 
     // The audit log names callers by their certificates.
@@ -272,6 +272,7 @@ async fn roles_decide_every_operation() {
         .audit(pb::AuditRequest {
             after_revision: 0,
             limit: 100,
+            local: false,
         })
         .await
         .unwrap()
@@ -279,12 +280,14 @@ async fn roles_decide_every_operation() {
     let actors: Vec<&str> = audit.records.iter().map(|r| r.actor.as_str()).collect();
     assert!(actors.iter().any(|a| a.starts_with("sdn://tenant/t1/alice")), "{actors:?}");
     assert!(actors.iter().any(|a| a.starts_with(PLATFORM)), "{actors:?}");
-    // And a tenant reads only its own users' records.
+    // And a tenant reads only its own tenant's records: its users', and
+    // the platform's on its objects.
     let (code, text) = py.call(
         "/sdn.v1.Provisioning/Audit",
         pb::AuditRequest {
             after_revision: 0,
             limit: 100,
+            local: false,
         }
         .encode_to_vec(),
         false,
@@ -292,7 +295,12 @@ async fn roles_decide_every_operation() {
     assert_eq!(code, "OK");
     let theirs = pb::AuditResponse::decode(&*sdn_integration::pyclient::unhex(&text)).unwrap();
     assert!(!theirs.records.is_empty());
-    assert!(theirs.records.iter().all(|r| r.actor.starts_with("sdn://tenant/t1/")), "{theirs:?}");
+    assert!(theirs.records.iter().all(|r| r.tenants == ["t1"]), "{theirs:?}");
+    assert!(theirs.records.iter().any(|r| r.actor.starts_with("sdn://tenant/t1/alice")), "{theirs:?}");
+    assert!(
+        theirs.records.iter().all(|r| !format!("{r:?}").contains("t2")),
+        "nothing of t2: {theirs:?}"
+    );
 
     let refused = security_events(&c).iter().filter(|l| l.contains("refused caller=")).count();
     assert!(refused >= 10, "every refusal is a security event: {refused}");
@@ -629,12 +637,17 @@ async fn a_cluster_of_three_on_mutual_tls() {
         .audit(pb::AuditRequest {
             after_revision: 0,
             limit: 10,
+            local: false,
         })
         .await
         .unwrap()
         .into_inner();
-    let last = audit.records.last().unwrap();
-    assert!(last.actor.starts_with(PLATFORM), "{last:?}");
+    let made = audit
+        .records
+        .iter()
+        .find(|r| r.changes.iter().any(|l| l == "put tenant t1"))
+        .expect("the record of the forwarded write");
+    assert!(made.actor.starts_with(PLATFORM), "{made:?}");
     drop(procs);
 }
 

@@ -288,6 +288,7 @@ async fn restarts_keep_state_and_flows() {
         .audit(pb::AuditRequest {
             after_revision: 0,
             limit: 100,
+            local: false,
         })
         .await
         .unwrap()
@@ -496,6 +497,7 @@ async fn quarantine_cuts_off_at_once_and_lifts() {
         .audit(pb::AuditRequest {
             after_revision: 0,
             limit: 100,
+            local: false,
         })
         .await
         .unwrap()
