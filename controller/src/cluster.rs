@@ -323,7 +323,13 @@ fn raft_status<E: std::fmt::Display>(what: &str, e: E) -> Status {
 #[tonic::async_trait]
 impl pb::cluster_server::Cluster for ClusterService {
     async fn refused(&self, req: Request<pb::RefusedRequest>) -> Result<Response<pb::RefusedResponse>, Status> {
-        Caller::of(&req)?.require("Cluster.Refused", &[Role::Replica])?;
+        let caller = Caller::of(&req)?;
+        caller.require("Cluster.Refused", &[Role::Replica])?;
+        if caller.identity.is_none() {
+            // Under --insecure there is no refusal to record, and no one
+            // to take records from.
+            return Err(Status::unauthenticated("Cluster.Refused: only a replica, by its certificate"));
+        }
         crate::refusals::record(&self.store, req.into_inner()).await?;
         Ok(Response::new(pb::RefusedResponse {}))
     }

@@ -63,6 +63,13 @@ fn tenant_view(s: &sdn_policies::State, tenant: &str) -> sdn_policies::State {
     v
 }
 
+/// Records an `Audit` page looks at, at most, for a tenant's view.
+const AUDIT_SCANNED_MAX: usize = 10_000;
+
+/// The bytes of records in one `Audit` answer, at most (beyond one record):
+/// under the 4 MiB that gRPC clients accept by default.
+const AUDIT_PAGE_BYTES: usize = 3 << 20;
+
 async fn leader_client(
     addr: &str,
 ) -> Result<pb::provisioning_client::ProvisioningClient<tonic::transport::Channel>, Status> {
@@ -148,9 +155,17 @@ impl pb::provisioning_server::Provisioning for Controller {
         // A tenant reads the records of its own tenant: what its users did,
         // and changes to its objects, of which only its own.
         let tenant = caller.tenant().map(str::to_string);
+        let limits = crate::store::PageLimits {
+            records: limit,
+            // A tenant's records may be few among many: a page looks at so
+            // many and says where to go on.
+            scanned: if tenant.is_some() { AUDIT_SCANNED_MAX } else { limit },
+            bytes: AUDIT_PAGE_BYTES,
+        };
+        let keep_for = tenant.clone();
         let page = self
             .store
-            .audit(req.after_revision, limit, |r| match &tenant {
+            .audit(req.after_revision, limits, move |r| match &keep_for {
                 Some(t) => r.for_tenant(t),
                 None => Some(r),
             })
@@ -158,14 +173,34 @@ impl pb::provisioning_server::Provisioning for Controller {
             .map_err(|e| Status::internal(format!("reading the audit log: {e:#}")))?;
         let chained = page.chain.is_some();
         let chain = page.chain.unwrap_or_default();
+        let partial = tenant.is_some();
         Ok(Response::new(pb::AuditResponse {
-            records: page.records.iter().map(|r| r.to_pb()).collect(),
+            records: page
+                .records
+                .iter()
+                .map(|r| {
+                    let mut r = r.to_pb();
+                    // A tenant's view cannot be checked, and the hashes of
+                    // records around one it does not see would let it test
+                    // guesses of that one.
+                    if partial {
+                        r.prev_hash.clear();
+                        r.hash.clear();
+                    }
+                    r
+                })
+                .collect(),
             chained,
             chain_start: chain.start,
-            anchor_revision: chain.anchor_revision,
-            anchor_hash: crate::store::audit::unhex(&chain.anchor_hash),
+            anchor_revision: if partial { 0 } else { chain.anchor_revision },
+            anchor_hash: if partial {
+                vec![]
+            } else {
+                crate::store::audit::unhex(&chain.anchor_hash)
+            },
             head_revision: page.head_revision,
-            partial: tenant.is_some(),
+            partial,
+            next_after: page.next_after,
         }))
     }
 

@@ -156,10 +156,10 @@ impl Cluster {
         self.wait_ready()
     }
 
-    /// Kills the controller, runs `f` on its data directory, and starts
-    /// it again on that data.
+    /// Stops the controller (SIGTERM: it makes its state durable), runs `f`
+    /// on its data directory, and starts it again on that data.
     pub fn with_controller_stopped(&mut self, f: impl FnOnce(&Path)) -> anyhow::Result<()> {
-        self.controller.kill();
+        self.controller.stop();
         f(&self.data_dir);
         self.controller = Self::spawn_controller(
             &self.dir,

@@ -648,6 +648,56 @@ async fn a_cluster_of_three_on_mutual_tls() {
         .find(|r| r.changes.iter().any(|l| l == "put tenant t1"))
         .expect("the record of the forwarded write");
     assert!(made.actor.starts_with(PLATFORM), "{made:?}");
+
+    // The follower refused alice's write itself and handed the refusal to
+    // the leader: it is in the log every replica holds.
+    let supervisor = "sdn://supervisor/inspector";
+    let mut s = pb::provisioning_client::ProvisioningClient::new(
+        connect(0, pki.connector(supervisor).unwrap()).await.unwrap(),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let audit = s
+            .audit(pb::AuditRequest {
+                after_revision: 0,
+                limit: 100,
+                local: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if audit.records.iter().any(|r| r.actor == "sdn://tenant/t1/alice" && r.refused.contains("put_tenant")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no record of the refusal: {:#?}", audit.records);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // Only a replica hands refusals over.
+    let mut as_admin = pb::cluster_client::ClusterClient::new(connect(0, pki.connector(ADMIN).unwrap()).await.unwrap());
+    let forged = as_admin
+        .refused(pb::RefusedRequest {
+            refusals: vec![pb::Refusal {
+                actor: "sdn://tenant/t1/alice".into(),
+                role: "tenant".into(),
+                reason: "made up".into(),
+                time_unix_ms: 1,
+                tenant: "t1".into(),
+                count: 1,
+            }],
+            suppressed: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(forged.code(), Code::PermissionDenied, "{forged:?}");
+    // Every replica's copy checks, and they agree.
+    let mut args = pki.args(supervisor).unwrap();
+    args.extend(["--controller".into(), format!("https://{}", addrs[0]), "audit".into(), "verify".into(), "--replicas".into()]);
+    let out = Command::new(bin("sdnctl")).args(&args).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    eprintln!("{text}");
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.matches("holds, and agrees").count(), 3, "{text}");
+    assert!(text.contains("checkpoint "), "{text}");
     drop(procs);
 }
 

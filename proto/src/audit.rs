@@ -18,7 +18,8 @@ pub const HASH_LEN: usize = 32;
 const RECORD_TAG: &[u8] = b"sdn.v1 audit record 1\0";
 const GENESIS_TAG: &[u8] = b"sdn.v1 audit genesis 1\0";
 
-fn sha256(bytes: &[u8]) -> [u8; HASH_LEN] {
+/// SHA-256.
+pub fn sha256(bytes: &[u8]) -> [u8; HASH_LEN] {
     boring::sha::sha256(bytes)
 }
 
@@ -113,6 +114,60 @@ pub struct Verified {
     /// The hash the next record will chain to: the last record's, or the
     /// anchor when none is kept.
     pub head: Vec<u8>,
+    /// The chain's start, its anchor, and every hash checked by revision
+    /// (the anchor's included): to compare with another copy, or with a
+    /// checkpoint taken earlier.
+    pub chain_start: u64,
+    pub anchor_revision: u64,
+    pub hashes: std::collections::BTreeMap<u64, Vec<u8>>,
+}
+
+impl Verified {
+    /// Checks that the record of `revision` had hash `hash`, as a
+    /// checkpoint taken earlier says.
+    pub fn check_checkpoint(&self, revision: u64, hash: &[u8]) -> Result<(), String> {
+        match self.hashes.get(&revision) {
+            Some(h) if h == hash => Ok(()),
+            Some(h) => Err(format!(
+                "the record of revision {revision} has hash {}, not the checkpoint's {}: the log was rewritten since",
+                hex(h),
+                hex(hash)
+            )),
+            None if revision <= self.chain_start => Err(format!(
+                "revision {revision} is given as older than the chain (which this log says starts after {}): the log was rewritten since",
+                self.chain_start
+            )),
+            None if revision < self.anchor_revision => Err(format!(
+                "revision {revision} was trimmed (the log keeps records after {}): it cannot be checked any more",
+                self.anchor_revision
+            )),
+            None => Err(format!("the log holds no record of revision {revision}")),
+        }
+    }
+
+    /// Compares this copy of the log with another's where both hold
+    /// records: the same start, and the same hash at the newest revision
+    /// both checked.
+    pub fn agrees_with(&self, other: &Verified) -> Result<(), String> {
+        if self.chain_start != other.chain_start {
+            return Err(format!(
+                "the chain starts after revision {} in one copy and {} in the other",
+                self.chain_start, other.chain_start
+            ));
+        }
+        let common = self.hashes.keys().rev().find(|r| other.hashes.contains_key(r));
+        let Some(r) = common else {
+            return Err("the two copies have no revision in common".into());
+        };
+        if self.hashes[r] != other.hashes[r] {
+            return Err(format!(
+                "revision {r} has hash {} in one copy and {} in the other",
+                hex(&self.hashes[r]),
+                hex(&other.hashes[r])
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Checks records page by page, in revision order.
@@ -160,6 +215,9 @@ impl Verifier {
             last_seen: 0,
             done: Verified {
                 head: first_page.anchor_hash.clone(),
+                chain_start: first_page.chain_start,
+                anchor_revision: first_page.anchor_revision,
+                hashes: [(first_page.anchor_revision, first_page.anchor_hash.clone())].into(),
                 ..Verified::default()
             },
         })
@@ -224,6 +282,7 @@ impl Verifier {
         self.done.last = r.revision;
         self.done.chained += 1;
         self.done.head = r.hash.clone();
+        self.done.hashes.insert(r.revision, r.hash.clone());
         self.expect = Some((r.revision, r.hash.clone()));
         Ok(())
     }
@@ -363,6 +422,37 @@ mod tests {
         let (mut head, _) = chain(0, 1);
         head.anchor_hash = genesis(1).to_vec();
         assert!(Verifier::new(&head).is_err());
+    }
+
+    /// A log rewritten whole, hashes recomputed, still verifies on its
+    /// own: a checkpoint taken before, or another replica's copy, finds it.
+    #[test]
+    fn a_log_rewritten_whole_fails_its_checkpoint_and_the_comparison() {
+        let (head, records) = chain(0, 4);
+        let honest = check(&head, &records).unwrap();
+        honest.check_checkpoint(3, &records[2].hash).unwrap();
+        let mut forged = records.clone();
+        forged[1].actor = "sdn://admin/mallory".into();
+        let mut prev = genesis(0).to_vec();
+        for r in &mut forged {
+            r.prev_hash = prev.clone();
+            r.hash = record_hash(&prev, r).to_vec();
+            prev = r.hash.clone();
+        }
+        let rewritten = check(&head, &forged).unwrap();
+        let e = rewritten.check_checkpoint(3, &records[2].hash).unwrap_err();
+        assert!(e.contains("rewritten"), "{e}");
+        let e = rewritten.agrees_with(&honest).unwrap_err();
+        assert!(e.contains("revision 4"), "{e}");
+        // A copy that claims the chain starts later.
+        let (late, late_records) = chain(2, 2);
+        let v = check(&late, &late_records).unwrap();
+        assert!(v.check_checkpoint(2, &records[1].hash).unwrap_err().contains("rewritten"));
+        assert!(v.check_checkpoint(1, &records[0].hash).unwrap_err().contains("older than the chain"));
+        assert!(v.agrees_with(&honest).is_err());
+        // A copy behind another agrees where both hold records.
+        let behind = check(&pb::AuditResponse { head_revision: 3, ..head.clone() }, &records[..3]).unwrap();
+        behind.agrees_with(&honest).unwrap();
     }
 
     #[test]

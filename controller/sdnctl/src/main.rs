@@ -89,9 +89,18 @@ enum AuditCmd {
     /// name the first broken record. Exits non-zero if one is.
     Verify {
         /// Check the copy of the replica asked (`--controller`), not the
-        /// leader's: run it against each replica to compare their heads.
+        /// leader's.
         #[arg(long)]
         local: bool,
+        /// Also check every member's own copy (at the addresses the
+        /// cluster lists) and compare them: one copy rewritten whole, its
+        /// hashes recomputed, differs from the others.
+        #[arg(long)]
+        replicas: bool,
+        /// A checkpoint printed by an earlier check (`REVISION:HASH`): the
+        /// record of that revision must still have that hash. Repeatable.
+        #[arg(long = "checkpoint", value_name = "REVISION:HASH")]
+        checkpoints: Vec<String>,
     },
 }
 
@@ -398,16 +407,27 @@ async fn last_revision(c: &mut pb::provisioning_client::ProvisioningClient<tonic
     c.list(req).await.ok().map(|r| r.into_inner().revision)
 }
 
-/// Pages through the whole audit log, checking each record's hash and
-/// link; the first broken record ends the check with an error naming it.
-async fn verify_audit(addr: &str, local: bool) -> anyhow::Result<()> {
-    use sdn_proto::audit::{hex, Verifier};
+/// Text from the audit log as a terminal shows it: control characters
+/// escaped, so no record can draw lines that look like another's.
+fn printable(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
+        .collect()
+}
+
+/// Pages through one copy of the audit log (the leader's, or with `local`
+/// the replica's at `addr`), checking each record's hash and link; the
+/// first broken record ends the check with an error naming it.
+async fn verify_copy(addr: &str, local: bool) -> anyhow::Result<sdn_proto::audit::Verified> {
+    use sdn_proto::audit::Verifier;
     const PAGE: u32 = 10_000;
     let mut c = client(addr).await?;
     let mut after = 0;
     let mut verifier: Option<Verifier> = None;
     let mut head;
-    let started = std::time::Instant::now();
     loop {
         let page = c
             .audit(pb::AuditRequest {
@@ -426,16 +446,28 @@ async fn verify_audit(addr: &str, local: bool) -> anyhow::Result<()> {
         for r in &page.records {
             v.push(r)?;
         }
-        match page.records.last() {
-            Some(last) => after = last.revision,
-            None => break,
-        }
-        if page.records.len() < PAGE as usize {
+        if page.next_after <= after || page.next_after >= head {
             break;
         }
+        after = page.next_after;
         eprintln!("checked the records up to revision {after} of {head}");
     }
-    let done = verifier.expect("set on the first page").finish(head)?;
+    Ok(verifier.expect("set on the first page").finish(head)?)
+}
+
+/// `sdnctl audit verify`.
+async fn verify_audit(addr: &str, local: bool, replicas: bool, checkpoints: &[String]) -> anyhow::Result<()> {
+    use sdn_proto::audit::hex;
+    let started = std::time::Instant::now();
+    let done = verify_copy(addr, local).await?;
+    for cp in checkpoints {
+        let (rev, hash) = cp
+            .split_once(':')
+            .and_then(|(r, h)| Some((r.parse::<u64>().ok()?, unhex(h)?)))
+            .ok_or_else(|| anyhow::anyhow!("--checkpoint {cp:?}: not REVISION:HASH (a revision, then 64 hex digits)"))?;
+        done.check_checkpoint(rev, &hash)
+            .map_err(|e| anyhow::anyhow!("--checkpoint {cp}: {e}"))?;
+    }
     println!(
         "the audit chain holds: {} records checked (revisions {}..{}), {} older than the chain; head {} ({:.1} s)",
         done.chained,
@@ -445,7 +477,55 @@ async fn verify_audit(addr: &str, local: bool) -> anyhow::Result<()> {
         hex(&done.head),
         started.elapsed().as_secs_f64()
     );
+    if !checkpoints.is_empty() {
+        println!("every checkpoint given holds");
+    }
+    if replicas {
+        let ch = sdn_proto::connect(addr)
+            .await
+            .with_context(|| format!("connecting to the controller at {addr}"))?;
+        let status = pb::cluster_client::ClusterClient::new(ch)
+            .status(pb::ClusterStatusRequest {})
+            .await
+            .map_err(status_err)?
+            .into_inner();
+        let mut broken = 0;
+        for m in &status.members {
+            let theirs = match verify_copy(&m.addr, true).await {
+                Ok(v) => v,
+                Err(e) => {
+                    println!("replica {} ({}): {e:#}", m.node_id, m.addr);
+                    broken += 1;
+                    continue;
+                }
+            };
+            match theirs.agrees_with(&done) {
+                Ok(()) => println!(
+                    "replica {} ({}): holds, and agrees (head {} at revision {})",
+                    m.node_id,
+                    m.addr,
+                    hex(&theirs.head),
+                    theirs.last
+                ),
+                Err(e) => {
+                    println!("replica {} ({}): its copy differs: {e}", m.node_id, m.addr);
+                    broken += 1;
+                }
+            }
+        }
+        anyhow::ensure!(broken == 0, "{broken} replica(s) hold a copy that does not check or does not agree");
+    }
+    if done.last > 0 {
+        println!("checkpoint {}:{}", done.last, hex(&done.head));
+    }
     Ok(())
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
@@ -733,32 +813,49 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Cmd::Audit {
-            cmd: Some(AuditCmd::Verify { local }),
+            cmd: Some(AuditCmd::Verify {
+                local,
+                replicas,
+                checkpoints,
+            }),
             ..
-        } => verify_audit(&cli.controller, local).await?,
+        } => verify_audit(&cli.controller, local, replicas, &checkpoints).await?,
         Cmd::Audit { after, content, cmd: None } => {
             let mut c = client(&cli.controller).await?;
-            let r = c
-                .audit(pb::AuditRequest {
-                    after_revision: after,
-                    limit: 1000,
-                    local: false,
-                })
-                .await
-                .map_err(status_err)?
-                .into_inner();
-            for a in r.records {
-                let what = if a.refused.is_empty() {
-                    a.changes.join("; ")
-                } else {
-                    format!("REFUSED {}", a.refused)
-                };
-                println!("rev {} at {} by {}: {what}", a.revision, a.time, a.actor);
-                if content {
-                    for c in &a.content {
-                        println!("    {} {} {}: {}", c.op, c.kind, c.id, c.detail);
+            let mut after = after;
+            loop {
+                let r = c
+                    .audit(pb::AuditRequest {
+                        after_revision: after,
+                        limit: 1000,
+                        local: false,
+                    })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
+                for a in &r.records {
+                    let what = if a.refused.is_empty() {
+                        a.changes.join("; ")
+                    } else {
+                        format!("REFUSED {}", a.refused)
+                    };
+                    println!(
+                        "rev {} at {} by {}: {}",
+                        a.revision,
+                        a.time,
+                        printable(&a.actor),
+                        printable(&what)
+                    );
+                    if content {
+                        for c in &a.content {
+                            println!("    {} {} {}: {}", c.op, c.kind, printable(&c.id), printable(&c.detail));
+                        }
                     }
                 }
+                if r.next_after <= after || r.next_after >= r.head_revision {
+                    break;
+                }
+                after = r.next_after;
             }
         }
         Cmd::Status => {

@@ -186,11 +186,15 @@ impl AuditRecord {
             return None;
         }
         let mut r = self.clone();
-        if self.tenants.len() > 1 {
-            r.content.retain(|c| c.tenants.iter().any(|t| t == tenant));
+        // Only its own objects: a batch may also touch objects of no tenant
+        // (a host and its underlay address, a zone) or of another. The
+        // lines go when anything is left out, as they name every object.
+        let all = r.content.len();
+        r.content.retain(|c| c.tenants.iter().any(|t| t == tenant));
+        if r.content.len() < all || self.tenants.len() > 1 {
             r.changes = r.content.iter().map(|c| format!("{} {} {}", c.op, c.kind, c.id)).collect();
-            r.tenants = vec![tenant.to_string()];
         }
+        r.tenants = vec![tenant.to_string()];
         Some(r)
     }
 }
@@ -198,13 +202,14 @@ impl AuditRecord {
 /// Hex to bytes; what is not hex reads as nothing (a verifier then finds
 /// the record broken).
 pub fn unhex(s: &str) -> Vec<u8> {
-    if !s.len().is_multiple_of(2) {
-        return Vec::new();
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16))
-        .collect::<Result<Vec<u8>, _>>()
+    let digit = |b: u8| (b as char).to_digit(16);
+    s.as_bytes()
+        .chunks(2)
+        .map(|p| match p {
+            [h, l] => Some((digit(*h)? * 16 + digit(*l)?) as u8),
+            _ => None,
+        })
+        .collect::<Option<Vec<u8>>>()
         .unwrap_or_default()
 }
 
@@ -276,11 +281,46 @@ fn field_diff(before: &Value, after: &Value) -> Vec<Value> {
     out
 }
 
+/// The detail of one change kept whole, at most; beyond, its digest.
+pub const DETAIL_MAX: usize = 16 << 10;
+
+/// The details of one record kept whole, at most; the changes beyond keep
+/// their digest.
+pub const CONTENT_MAX: usize = 64 << 10;
+
+/// What a record keeps of a detail too large to keep: its SHA-256 and size
+/// (anyone holding the object can check them), and for an update the
+/// fields changed with the number of items added and removed.
+fn digest(detail: &Value, text: &str) -> Value {
+    let mut out = serde_json::json!({
+        "sha256": hex(&sdn_proto::audit::sha256(text.as_bytes())),
+        "bytes": text.len(),
+    });
+    if let Some(fields) = detail.get("fields").and_then(Value::as_array) {
+        let summary: Vec<Value> = fields
+            .iter()
+            .map(|f| {
+                let mut s = serde_json::json!({"field": f["field"]});
+                for k in ["added", "removed"] {
+                    if let Some(a) = f.get(k).and_then(Value::as_array) {
+                        s[k] = a.len().into();
+                    }
+                }
+                s
+            })
+            .collect();
+        out["fields"] = summary.into();
+    }
+    out
+}
+
 /// The content of an applied batch: every object it touched (`before`, in
 /// the order first touched), as it was and as it is in `state` now. An
-/// object put back unchanged is left out.
+/// object put back unchanged is left out. A detail beyond [`DETAIL_MAX`],
+/// or beyond [`CONTENT_MAX`] for the record, is kept as its digest.
 pub fn content(before: &[(Kind, String, Option<Object>)], state: &State) -> Vec<Change> {
     let mut out = Vec::new();
+    let mut kept = 0usize;
     for (kind, id, was) in before {
         let now = state.get(*kind, id);
         let (op, detail, tenants) = match (was, &now) {
@@ -298,12 +338,17 @@ pub fn content(before: &[(Kind, String, Option<Object>)], state: &State) -> Vec<
                 ("update", serde_json::json!({"fields": field_diff(&json(w), &json(n))}), t)
             }
         };
+        let mut text = detail.to_string();
+        if text.len() > DETAIL_MAX || kept + text.len() > CONTENT_MAX {
+            text = serde_json::json!({"digest": digest(&detail, &text)}).to_string();
+        }
+        kept += text.len();
         out.push(Change {
             op: op.into(),
             kind: kind.name().into(),
             id: id.clone(),
             tenants,
-            detail: detail.to_string(),
+            detail: text,
         });
     }
     out
@@ -380,6 +425,45 @@ mod tests {
         assert!(same.is_empty(), "an object put back unchanged");
     }
 
+    /// A change too large to keep whole keeps its digest and, for an
+    /// update, how many items each field gained and lost.
+    #[test]
+    fn large_changes_keep_their_digest() {
+        let many: Vec<Rule> = (0..2_000).map(|p| rule(p as u16 + 1)).collect();
+        let mut state = State::default();
+        state.replace(Kind::SecurityGroup, "web", Some(Object::SecurityGroup(group(many.clone()))));
+        let created = content(&[(Kind::SecurityGroup, "web".into(), None)], &state);
+        assert!(created[0].detail.len() < 1024, "{}", created[0].detail.len());
+        let d: Value = serde_json::from_str(&created[0].detail).unwrap();
+        assert_eq!(d["digest"]["sha256"].as_str().unwrap().len(), 64);
+        assert!(d["digest"]["bytes"].as_u64().unwrap() > DETAIL_MAX as u64);
+        let was = Some(Object::SecurityGroup(group(many[..1_000].to_vec())));
+        let updated = content(&[(Kind::SecurityGroup, "web".into(), was)], &state);
+        let d: Value = serde_json::from_str(&updated[0].detail).unwrap();
+        assert_eq!(d["digest"]["fields"][0]["added"], 1_000, "{d}");
+        assert_eq!(d["digest"]["fields"][0]["removed"], 0, "{d}");
+        assert_eq!(unhex("zz"), Vec::<u8>::new());
+        assert_eq!(unhex("\u{e9}a"), Vec::<u8>::new(), "not hex, and no panic");
+        assert_eq!(unhex("0aff"), vec![10, 255]);
+    }
+
+    /// Replicas must write the same records: the form of a record's
+    /// content is pinned here. A change to an object's JSON changes it, and
+    /// a release whose records differ must start its form by a log entry
+    /// (a new [`FORM`] and its [`Internal::StartChain`]), or replicas of
+    /// two releases would chain differently.
+    #[test]
+    fn the_record_form_is_pinned() {
+        let mut state = State::default();
+        state.replace(Kind::SecurityGroup, "web", Some(Object::SecurityGroup(group(vec![rule(22)]))));
+        let c = content(&[(Kind::SecurityGroup, "web".into(), None)], &state);
+        assert_eq!(FORM, 1);
+        assert_eq!(
+            c[0].detail,
+            r#"{"after":{"id":"web","tenant_id":"acme","name":"web","rules":[{"id":"r22","direction":"ingress","ether_type":"IPv4","protocol":"tcp","ports":[22,22],"remote":"any"}]}}"#
+        );
+    }
+
     #[test]
     fn internal_commands_round_trip_through_the_actor() {
         let i = Internal::Refused {
@@ -420,6 +504,20 @@ mod tests {
         assert_eq!(a.content[0].id, "g1");
         assert_eq!(a.changes, ["create security_group g1"]);
         assert!(r.for_tenant("c").is_none());
+        // A platform batch of a host and a tenant's port: the tenant sees
+        // its port, not the host (its underlay address).
+        let mixed = AuditRecord {
+            changes: vec!["put host h1".into(), "put port p1".into()],
+            content: vec![
+                Change { op: "create".into(), kind: "host".into(), id: "h1".into(), tenants: vec![], detail: "{\"after\":{\"underlay_ip\":\"192.0.2.1\"}}".into() },
+                Change { op: "create".into(), kind: "port".into(), id: "p1".into(), tenants: vec!["a".into()], detail: "{}".into() },
+            ],
+            tenants: vec!["a".into()],
+            ..r.clone()
+        };
+        let a = mixed.for_tenant("a").unwrap();
+        assert_eq!(a.changes, ["create port p1"]);
+        assert!(!format!("{a:?}").contains("192.0.2.1"), "{a:?}");
         assert_eq!(actor_tenant("sdn://tenant/acme/alice (ticket 7)"), Some("acme".into()));
         assert_eq!(actor_tenant("unverified sdn://tenant/acme/alice"), None);
     }

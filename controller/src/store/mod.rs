@@ -398,33 +398,22 @@ impl Store {
         Ok(())
     }
 
-    /// Audit records with a revision above `after`, at most `limit` of
-    /// those `keep` returns, with the chain they belong to and the newest
-    /// revision the log holds a record of.
+    /// Audit records with a revision above `after` that `keep` returns,
+    /// within `limits`, with the chain they belong to. Read in a
+    /// transaction of its own, off the async workers, and without the
+    /// served state's lock: a long read holds up no write.
     pub async fn audit(
         &self,
         after: u64,
-        limit: usize,
-        keep: impl FnMut(AuditRecord) -> Option<AuditRecord>,
+        limits: state_machine::PageLimits,
+        keep: impl FnMut(AuditRecord) -> Option<AuditRecord> + Send + 'static,
     ) -> anyhow::Result<AuditPage> {
-        // The state machine commits its records and the chain under the
-        // write lock: under the read lock, the two agree.
-        let shared = self.shared.read().await;
-        let (records, head_revision) = state_machine::read_audit_page(&self.db, after, limit, keep)?;
-        Ok(AuditPage {
-            chain: shared.chain.clone(),
-            records,
-            head_revision,
-        })
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || state_machine::read_audit_page(&db, after, limits, keep)).await?
     }
 }
 
-/// A page of the audit log.
-pub struct AuditPage {
-    pub chain: Option<audit::Chain>,
-    pub records: Vec<AuditRecord>,
-    pub head_revision: u64,
-}
+pub use state_machine::{AuditPage, PageLimits};
 
 /// Has the leader start the audit chain once every member has said it
 /// keeps it, which fixes the chain's start in the log: every replica

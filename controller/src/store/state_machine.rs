@@ -102,28 +102,62 @@ fn load_state(db: &Database) -> Result<(State, Applied), AnyError> {
     Ok((state, applied))
 }
 
-/// Reads audit records after a revision, up to `limit` of those `keep`
-/// returns, and the newest revision the log holds a record of.
+/// A page of the audit log, read in one transaction: the records and the
+/// chain they belong to agree.
+pub struct AuditPage {
+    pub records: Vec<AuditRecord>,
+    pub chain: Option<Chain>,
+    /// The newest revision the log holds a record of.
+    pub head_revision: u64,
+    /// The last revision read: the next page starts after it.
+    pub next_after: u64,
+}
+
+/// What one page reads at most: records kept, records looked at, and bytes
+/// (at least one record goes whatever its size).
+#[derive(Clone, Copy, Debug)]
+pub struct PageLimits {
+    pub records: usize,
+    pub scanned: usize,
+    pub bytes: usize,
+}
+
+/// Reads the audit records after revision `after` that `keep` returns
+/// (as it returns them), within `limits`.
 pub fn read_audit_page(
     db: &Database,
     after: u64,
-    limit: usize,
+    limits: PageLimits,
     mut keep: impl FnMut(AuditRecord) -> Option<AuditRecord>,
-) -> anyhow::Result<(Vec<AuditRecord>, u64)> {
+) -> anyhow::Result<AuditPage> {
     let tx = db.begin_read()?;
+    let chain = match tx.open_table(SM_META)?.get("applied")? {
+        Some(v) => serde_json::from_slice::<Applied>(v.value())?.chain,
+        None => None,
+    };
     let t = tx.open_table(AUDIT)?;
-    let head = t.last()?.map(|(k, _)| k.value()).unwrap_or(0);
-    let mut out = Vec::new();
+    let head_revision = t.last()?.map(|(k, _)| k.value()).unwrap_or(0);
+    let (mut records, mut scanned, mut bytes, mut next_after) = (Vec::new(), 0, 0, after);
     for item in t.range(after.saturating_add(1)..)? {
-        if out.len() >= limit {
+        if records.len() >= limits.records || scanned >= limits.scanned || bytes >= limits.bytes {
             break;
         }
         let (k, v) = item?;
+        scanned += 1;
+        next_after = k.value();
         let r: AuditRecord = serde_json::from_slice(v.value())
             .map_err(|e| anyhow::anyhow!("the audit record of revision {} does not read: {e}", k.value()))?;
-        out.extend(keep(r));
+        if let Some(r) = keep(r) {
+            bytes += v.value().len();
+            records.push(r);
+        }
     }
-    Ok((out, head))
+    Ok(AuditPage {
+        records,
+        chain,
+        head_revision,
+        next_after,
+    })
 }
 
 /// Reads audit records after a revision.
@@ -724,8 +758,17 @@ mod chain_tests {
 
         /// The log as `Audit` answers it, checked by the verifier.
         async fn verify(&self) -> Result<sdn_proto::audit::Verified, String> {
-            let (records, head) = read_audit_page(&self.db, 0, usize::MAX, Some).unwrap();
-            let chain = self.sm.shared.read().await.chain.clone();
+            let all = PageLimits {
+                records: usize::MAX,
+                scanned: usize::MAX,
+                bytes: usize::MAX,
+            };
+            let AuditPage {
+                records,
+                chain,
+                head_revision: head,
+                ..
+            } = read_audit_page(&self.db, 0, all, Some).unwrap();
             let c = chain.clone().unwrap_or_default();
             let page = pb::AuditResponse {
                 records: records.iter().map(|r| r.to_pb()).collect(),
@@ -735,6 +778,7 @@ mod chain_tests {
                 anchor_hash: audit::unhex(&c.anchor_hash),
                 head_revision: head,
                 partial: false,
+                next_after: head,
             };
             let mut v = Verifier::new(&page)?;
             for r in &page.records {
