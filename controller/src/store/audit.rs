@@ -139,12 +139,20 @@ pub struct AuditRecord {
 impl AuditRecord {
     /// The record as the API gives it.
     pub fn to_pb(&self) -> pb::AuditRecord {
+        let mut r = self.to_pb_untimed();
+        r.time = sdn_proto::audit::rfc3339(self.time_unix_ms);
+        r
+    }
+
+    /// [`AuditRecord::to_pb`] without the time written out, which the hash
+    /// does not cover.
+    fn to_pb_untimed(&self) -> pb::AuditRecord {
         pb::AuditRecord {
             revision: self.revision,
             actor: self.actor.clone(),
             time_unix_ms: self.time_unix_ms,
             changes: self.changes.clone(),
-            time: sdn_proto::audit::rfc3339(self.time_unix_ms),
+            time: String::new(),
             content: self
                 .content
                 .iter()
@@ -167,7 +175,7 @@ impl AuditRecord {
     pub fn chain(&mut self, chain: &mut Chain) {
         self.prev_hash = chain.head.clone();
         self.hash = String::new();
-        let h = record_hash(&unhex(&self.prev_hash), &self.to_pb());
+        let h = record_hash(&unhex(&self.prev_hash), &self.to_pb_untimed());
         self.hash = hex(&h);
         chain.head = self.hash.clone();
     }
@@ -323,10 +331,22 @@ pub fn content(before: &[(Kind, String, Option<Object>)], state: &State) -> Vec<
     let mut kept = 0usize;
     for (kind, id, was) in before {
         let now = state.get(*kind, id);
-        let (op, detail, tenants) = match (was, &now) {
+        // A whole object goes in as its JSON, as the store keeps it (the
+        // same text serde_json makes of it as a value).
+        let whole = |key: &str, o: &Object| {
+            let j = o.to_json();
+            let mut t = String::with_capacity(j.len() + key.len() + 5);
+            t.push_str("{\"");
+            t.push_str(key);
+            t.push_str("\":");
+            t.push_str(std::str::from_utf8(&j).expect("serde_json writes UTF-8"));
+            t.push('}');
+            t
+        };
+        let (op, text, tenants) = match (was, &now) {
             (None, None) => continue,
-            (None, Some(n)) => ("create", serde_json::json!({"after": json(n)}), object_tenants(n, state, before)),
-            (Some(w), None) => ("delete", serde_json::json!({"before": json(w)}), object_tenants(w, state, before)),
+            (None, Some(n)) => ("create", whole("after", n), object_tenants(n, state, before)),
+            (Some(w), None) => ("delete", whole("before", w), object_tenants(w, state, before)),
             (Some(w), Some(n)) => {
                 if w == n {
                     continue;
@@ -335,11 +355,13 @@ pub fn content(before: &[(Kind, String, Option<Object>)], state: &State) -> Vec<
                 t.extend(object_tenants(n, state, before));
                 t.sort();
                 t.dedup();
-                ("update", serde_json::json!({"fields": field_diff(&json(w), &json(n))}), t)
+                let diff = serde_json::json!({"fields": field_diff(&json(w), &json(n))});
+                ("update", diff.to_string(), t)
             }
         };
-        let mut text = detail.to_string();
+        let mut text = text;
         if text.len() > DETAIL_MAX || kept + text.len() > CONTENT_MAX {
+            let detail: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
             text = serde_json::json!({"digest": digest(&detail, &text)}).to_string();
         }
         kept += text.len();
