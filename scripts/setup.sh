@@ -30,6 +30,7 @@ PKGS=(
     openssl             # s_client: a TLS peer in the tests
     python3-grpcio      # a gRPC client that is not ours, in the tests
     prometheus curl     # promtool checks the /metrics endpoints; curl scrapes them
+    tshark nfdump pmacct # IPFIX decoders the flow exporter is checked against
 )
 missing=()
 for p in "${PKGS[@]}"; do

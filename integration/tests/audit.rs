@@ -140,6 +140,13 @@ async fn the_audit_log_says_who_changed_what_keeps_tenants_apart_and_cannot_be_r
     });
     let (code, text) = py(&mallory).call(apply, apply_body(vec![delete]), false);
     assert_eq!(code, "PERMISSION_DENIED", "{text}");
+    // And for a port of acme's VPC (tenants make no ports at all).
+    let (code, text) = py(&mallory).call(
+        apply,
+        apply_body(vec![port("p9", "acme", "s1", "h1", "tap9", "02:00:00:00:00:09", "10.1.0.9", "", &[])]),
+        false,
+    );
+    assert_eq!(code, "PERMISSION_DENIED", "{text}");
     // Callers the handshake refuses: no certificate, an expired one.
     let expired = pki
         .files_valid(
@@ -150,8 +157,10 @@ async fn the_audit_log_says_who_changed_what_keeps_tenants_apart_and_cannot_be_r
             },
         )
         .unwrap();
+    let other_ca = sdn_integration::pki::Pki::new(&dir.path().join("other-ca")).unwrap();
+    let foreign = other_ca.files("sdn://admin/integration").unwrap();
     let list = pb::ListRequest { kind: 0, stale: false }.encode_to_vec();
-    for files in [None, Some(&expired)] {
+    for files in [None, Some(&expired), Some(&foreign)] {
         let (code, _) = Py {
             target: target.clone(),
             ca: Some(&ca),
@@ -167,6 +176,7 @@ async fn the_audit_log_says_who_changed_what_keeps_tenants_apart_and_cannot_be_r
         refused(MALLORY, "not allowed for role tenant")
             && refused("unauthenticated", "no certificate")
             && refused("unauthenticated", "expired")
+            && (refused("unauthenticated", "unable to get local issuer") || refused("unauthenticated", "signature failure"))
     });
     let update = all
         .records
