@@ -145,6 +145,10 @@ impl Cluster {
     /// Kills the controller (SIGKILL) and starts it again on the same data.
     pub fn restart_controller(&mut self) -> anyhow::Result<()> {
         self.controller.kill();
+        self.respawn_controller()
+    }
+
+    fn respawn_controller(&mut self) -> anyhow::Result<()> {
         self.controller = Self::spawn_controller(
             &self.dir,
             &self.data_dir,
@@ -161,15 +165,7 @@ impl Cluster {
     pub fn with_controller_stopped(&mut self, f: impl FnOnce(&Path)) -> anyhow::Result<()> {
         self.controller.stop();
         f(&self.data_dir);
-        self.controller = Self::spawn_controller(
-            &self.dir,
-            &self.data_dir,
-            &self.socket,
-            &self.listen,
-            self.pki.as_ref(),
-            &self.extra,
-        )?;
-        self.wait_ready()
+        self.respawn_controller()
     }
 
     pub fn pin_dir(&self, host: &str) -> PathBuf {
