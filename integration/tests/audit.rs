@@ -230,6 +230,10 @@ async fn the_audit_log_says_who_changed_what_keeps_tenants_apart_and_cannot_be_r
         .find_map(|l| l.strip_prefix("checkpoint "))
         .expect("a checkpoint to keep")
         .to_string();
+    for bad in ["3:nothex", "three:00", &format!("3:{}", "ab".repeat(31))] {
+        let out = sdnctl_as(&c, SUPERVISOR, &["audit", "verify", "--checkpoint", bad]).unwrap_err();
+        assert!(out.contains(&format!("--checkpoint {bad:?}: not REVISION:HASH")), "{out}");
+    }
     let out = sdnctl_as(&c, ALICE, &["audit", "verify"]).unwrap_err();
     assert!(out.contains("leaves records out"), "{out}");
     let printed = sdnctl_as(&c, ADMIN, &["audit", "--content"]).unwrap();

@@ -92,6 +92,18 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// Hex to bytes; `None` for what is not hex (odd length, other characters).
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    let digit = |b: u8| (b as char).to_digit(16);
+    s.as_bytes()
+        .chunks(2)
+        .map(|p| match p {
+            [h, l] => Some((digit(*h)? * 16 + digit(*l)?) as u8),
+            _ => None,
+        })
+        .collect()
+}
+
 /// The first record the check found broken, and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Broken {
@@ -459,6 +471,14 @@ mod tests {
         // A copy behind another agrees where both hold records.
         let behind = check(&pb::AuditResponse { head_revision: 3, ..head.clone() }, &records[..3]).unwrap();
         behind.agrees_with(&honest).unwrap();
+    }
+
+    #[test]
+    fn hex_round_trips_and_what_is_not_hex_reads_as_none() {
+        assert_eq!(unhex(&hex(&[0, 10, 255])), Some(vec![0, 10, 255]));
+        assert_eq!(unhex("zz"), None);
+        assert_eq!(unhex("abc"), None);
+        assert_eq!(unhex("\u{e9}a"), None, "not hex, and no panic");
     }
 
     #[test]

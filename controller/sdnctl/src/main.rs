@@ -463,7 +463,10 @@ async fn verify_audit(addr: &str, local: bool, replicas: bool, checkpoints: &[St
     for cp in checkpoints {
         let (rev, hash) = cp
             .split_once(':')
-            .and_then(|(r, h)| Some((r.parse::<u64>().ok()?, unhex(h)?)))
+            .and_then(|(r, h)| {
+                let hash = sdn_proto::audit::unhex(h).filter(|b| b.len() == sdn_proto::audit::HASH_LEN)?;
+                Some((r.parse::<u64>().ok()?, hash))
+            })
             .ok_or_else(|| anyhow::anyhow!("--checkpoint {cp:?}: not REVISION:HASH (a revision, then 64 hex digits)"))?;
         done.check_checkpoint(rev, &hash)
             .map_err(|e| anyhow::anyhow!("--checkpoint {cp}: {e}"))?;
@@ -519,13 +522,6 @@ async fn verify_audit(addr: &str, local: bool, replicas: bool, checkpoints: &[St
         println!("checkpoint {}:{}", done.last, hex(&done.head));
     }
     Ok(())
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {

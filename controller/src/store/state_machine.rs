@@ -160,19 +160,14 @@ pub fn read_audit_page(
     })
 }
 
-/// Reads audit records after a revision.
+/// Reads audit records after a revision, at most `limit`.
 pub fn read_audit(db: &Database, after: u64, limit: usize) -> anyhow::Result<Vec<AuditRecord>> {
-    let tx = db.begin_read()?;
-    let t = tx.open_table(AUDIT)?;
-    let mut out = Vec::new();
-    for item in t.range(after.saturating_add(1)..)? {
-        let (_, v) = item?;
-        out.push(serde_json::from_slice(v.value())?);
-        if out.len() >= limit {
-            break;
-        }
-    }
-    Ok(out)
+    let limits = PageLimits {
+        records: limit,
+        scanned: usize::MAX,
+        bytes: usize::MAX,
+    };
+    Ok(read_audit_page(db, after, limits, Some)?.records)
 }
 
 impl StateMachine {
@@ -308,12 +303,9 @@ fn apply_internal(internal: Result<Internal, String>, applied: &mut Applied, aud
                     revision: applied.revision,
                     actor: r.actor,
                     time_unix_ms: r.time_unix_ms,
-                    changes: vec![],
-                    content: vec![],
                     refused: format!("role {}: {reason}", r.role),
                     tenants: if r.tenant.is_empty() { vec![] } else { vec![r.tenant] },
-                    prev_hash: String::new(),
-                    hash: String::new(),
+                    ..Default::default()
                 };
                 if let Some(chain) = applied.chain.as_mut() {
                     record.chain(chain);
@@ -383,11 +375,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                     actor,
                                     time_unix_ms,
                                     changes: done.changes,
-                                    content: vec![],
-                                    refused: String::new(),
-                                    tenants: vec![],
-                                    prev_hash: String::new(),
-                                    hash: String::new(),
+                                    ..Default::default()
                                 };
                                 if let Some(chain) = next_applied.chain.as_mut() {
                                     record.content = audit::content(&done.before, &shared.state);
