@@ -655,6 +655,15 @@ impl Dataplane {
     /// and recounts each port's entries (the programs count on insert;
     /// entries leave only here). Returns (removed, remaining).
     pub fn collect_conntrack(&mut self) -> anyhow::Result<(usize, usize)> {
+        self.collect_conntrack_observed(&mut |_, _, _| {})
+    }
+
+    /// The conntrack collector, showing `observe` every entry of the flow
+    /// table it read, and whether it removes the entry (timed out).
+    pub fn collect_conntrack_observed(
+        &mut self,
+        observe: &mut dyn FnMut(&m::CtKey, &m::CtValue, bool),
+    ) -> anyhow::Result<(usize, usize)> {
         let now = monotonic_ns();
         let map = self.ebpf.map_mut(m::CT).context("map CT missing")?;
         let mut ct: BpfHashMap<&mut MapData, m::CtKey, m::CtValue> = BpfHashMap::try_from(map)?;
@@ -665,9 +674,11 @@ impl Dataplane {
         for item in ct.iter() {
             let Ok((k, v)) = item else { continue };
             if now.saturating_sub(v.last_seen_ns) > m::ct_timeout(k.proto, v.flags) {
+                observe(&k, &v, true);
                 expired.push(k);
                 gone.push((k.ifindex, v));
             } else {
+                observe(&k, &v, false);
                 *per_port.entry(k.ifindex).or_default() += 1;
                 live.entry(k.ifindex).or_default().add(&v);
             }
@@ -706,6 +717,24 @@ impl Dataplane {
             counts.insert(i, c, 0)?;
         }
         Ok((expired.len(), remaining))
+    }
+
+    /// The firewall rule number of a flow's last verdict, if a firewall
+    /// judged it and allowed it.
+    pub fn allowed_by_firewall(&self, k: &m::CtKey) -> Option<u32> {
+        let map = self.ebpf.map(m::FW_VERDICTS)?;
+        let verdicts: BpfHashMap<&MapData, m::CtKey, m::FwVerdict> = BpfHashMap::try_from(map).ok()?;
+        verdicts
+            .get(k, 0)
+            .ok()
+            .filter(|v| v.action == m::FW_ALLOW)
+            .map(|v| v.rule_id)
+    }
+
+    /// The ring of denial events, for one reader (`None` once taken).
+    pub fn take_events(&mut self) -> anyhow::Result<aya::maps::RingBuf<MapData>> {
+        let map = self.take_map(m::EVENTS)?;
+        Ok(aya::maps::RingBuf::try_from(map)?)
     }
 
     /// What the flow table counted per port, as of the last collection.
@@ -781,6 +810,20 @@ pub fn monotonic_ns() -> u64 {
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The dataplane's denial-event counters, summed over CPUs.
+pub fn read_event_limits(pin_dir: &Path) -> anyhow::Result<m::EventLimiter> {
+    let data = MapData::from_pin(pin_dir.join("maps").join(m::EVENT_LIMIT)).context("opening the event limiter")?;
+    let map: PerCpuArray<MapData, m::EventLimiter> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).context("event limiter map type")?;
+    let mut sum = m::EventLimiter::default();
+    for l in map.get(&0, 0)?.iter() {
+        sum.sent += l.sent;
+        sum.suppressed += l.suppressed;
+        sum.lost += l.lost;
+    }
+    Ok(sum)
 }
 
 /// Named counters, in index order.

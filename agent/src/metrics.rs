@@ -10,7 +10,17 @@
 //!   traffic (`out`: the VM sends), as of the last collection of the flow
 //!   table (every 5 s), since the agent started;
 //! - `sdn_agent_enforced_revision`: the revision the agent last said it
-//!   enforces.
+//!   enforces;
+//! - with flow export: `sdn_agent_flow_records_total` (made),
+//!   `sdn_agent_flow_records_lost_total{cause}` (`queue_full`: a collector's
+//!   queue had no room; `denied_rate`: denied flows over the rate),
+//!   `sdn_agent_flow_denial_events_total` (read from the dataplane), and per
+//!   collector `sdn_agent_flow_collector_records_total{collector}` (sent)
+//!   and `sdn_agent_flow_collector_dropped_total{collector}` (lost to a
+//!   failed connection);
+//! - `sdn_agent_denial_events_total{outcome}`: the dataplane's denial
+//!   events (`sent`, `suppressed` over the per-CPU rate, `lost` to a full
+//!   ring).
 //!
 //! Plain HTTP: bind it to an address only the monitoring system reaches.
 
@@ -37,6 +47,21 @@ struct StatLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Cause {
+    cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CollectorLabel {
+    collector: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Device {
     device: String,
 }
@@ -53,6 +78,8 @@ pub struct Sources {
     pub pin_dir: PathBuf,
     pub traffic: Arc<Mutex<Traffic>>,
     pub enforced: Arc<AtomicU64>,
+    /// The flow export's counters, when the agent exports flows.
+    pub flows: Option<Arc<crate::flows::Stats>>,
 }
 
 /// The device name of each ifindex on this host.
@@ -113,6 +140,38 @@ pub fn render(src: &Sources) -> Result<String, String> {
     let rev = Gauge::<i64>::default();
     rev.set(src.enforced.load(Ordering::Relaxed) as i64);
     reg.register("enforced_revision", "The revision this agent last said it enforces", rev);
+    if let Ok(l) = crate::dataplane::read_event_limits(&src.pin_dir) {
+        let f = Family::<Outcome, Counter>::default();
+        for (outcome, n) in [("sent", l.sent), ("suppressed", l.suppressed), ("lost", l.lost)] {
+            f.get_or_create(&Outcome { outcome }).inc_by(n);
+        }
+        reg.register("denial_events", "The dataplane's denial events, by outcome", f);
+    }
+    if let Some(fl) = &src.flows {
+        let made = Counter::<u64>::default();
+        made.inc_by(fl.records.load(Ordering::Relaxed));
+        reg.register("flow_records", "Flow records made", made);
+        let lost = Family::<Cause, Counter>::default();
+        for (cause, n) in [
+            ("queue_full", fl.queue_full.load(Ordering::Relaxed)),
+            ("denied_rate", fl.denied_suppressed.load(Ordering::Relaxed)),
+        ] {
+            lost.get_or_create(&Cause { cause }).inc_by(n);
+        }
+        reg.register("flow_records_lost", "Flow records not sent, by cause", lost);
+        let ev = Counter::<u64>::default();
+        ev.inc_by(fl.denial_events.load(Ordering::Relaxed));
+        reg.register("flow_denial_events", "Denial events read from the dataplane", ev);
+        let sent = Family::<CollectorLabel, Counter>::default();
+        let dropped = Family::<CollectorLabel, Counter>::default();
+        for (c, st) in fl.collectors.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let l = CollectorLabel { collector: c.clone() };
+            sent.get_or_create(&l).inc_by(st.records);
+            dropped.get_or_create(&l).inc_by(st.dropped);
+        }
+        reg.register("flow_collector_records", "Flow records sent, per collector", sent);
+        reg.register("flow_collector_dropped", "Flow records lost to a failed connection, per collector", dropped);
+    }
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg).map_err(|e| e.to_string())?;
     Ok(out)

@@ -12,6 +12,7 @@ use tonic::transport::Channel;
 
 use crate::compile::{self, Resources};
 use crate::dataplane::{self, Dataplane};
+use crate::flows;
 use crate::reconcile::Reconciler;
 
 /// How often timed-out flows leave the flow table and ports' flow counts
@@ -44,6 +45,15 @@ pub struct Agent {
     uplink_addrs: BTreeSet<dataplane_common::maps::PortAddrKey>,
     /// The revision last acknowledged as enforced (for the metrics).
     enforced: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Flow records, when the agent exports them.
+    flows: Option<FlowExport>,
+}
+
+/// The flow export of an agent.
+struct FlowExport {
+    meter: flows::Meter,
+    outputs: flows::Outputs,
+    ctx: flows::SharedContext,
 }
 
 /// The outcome of enforcing the held share.
@@ -77,7 +87,44 @@ impl Agent {
             uplink_devices: Default::default(),
             uplink_addrs: BTreeSet::new(),
             enforced: Default::default(),
+            flows: None,
         })
+    }
+
+    /// Exports flow records: the flow table's, from each collection pass,
+    /// and denied flows', from the dataplane's denial events.
+    pub fn export_flows(&mut self, s: &flows::Settings) -> anyhow::Result<()> {
+        let ring = self.dp.take_events().context("opening the denial events")?;
+        let outputs = flows::Outputs::start(s);
+        let ctx = flows::SharedContext::default();
+        let (c, o, rate) = (ctx.clone(), outputs.clone(), s.denied_per_sec);
+        tokio::spawn(async move {
+            if let Err(e) = flows::read_denials(ring, rate, c, o).await {
+                tracing::error!(error = %format!("{e:#}"), "reading the denial events stopped: denied flows are not recorded");
+            }
+        });
+        self.flows = Some(FlowExport {
+            meter: flows::Meter::new(s),
+            outputs,
+            ctx,
+        });
+        Ok(())
+    }
+
+    /// One pass of the conntrack collector, metering flows when exported.
+    fn collect(&mut self) -> anyhow::Result<(usize, usize)> {
+        let Some(f) = self.flows.as_mut() else {
+            return self.dp.collect_conntrack();
+        };
+        let ctx = f.ctx.read().unwrap_or_else(|p| p.into_inner()).clone();
+        f.meter.begin(flows::Clock::now(), ctx);
+        let r = self
+            .dp
+            .collect_conntrack_observed(&mut |k, v, removed| f.meter.observe(k, v, removed));
+        let dp = &self.dp;
+        let records = f.meter.end(&|k| dp.allowed_by_firewall(k));
+        f.outputs.send(records);
+        r
     }
 
     /// What the metrics endpoint reads.
@@ -86,6 +133,7 @@ impl Agent {
             pin_dir: self.dp.pin_dir().to_path_buf(),
             traffic: self.dp.traffic(),
             enforced: self.enforced.clone(),
+            flows: self.flows.as_ref().map(|f| f.outputs.stats.clone()),
         }
     }
 
@@ -177,6 +225,13 @@ impl Agent {
             self.missing_uplinks = desired.missing_uplinks.clone();
         }
         let flushed = self.dp.flush_conntrack(&gone)?;
+        if let Some(f) = &self.flows {
+            let ctx = flows::Context::of_share(&self.resources, &dataplane::ifindex, &desired.fw_names);
+            let mut held = f.ctx.write().unwrap_or_else(|p| p.into_inner());
+            if **held != ctx {
+                *held = std::sync::Arc::new(ctx);
+            }
+        }
         // Security events: quarantines applied and lifted on this host.
         for (port, (q, reason)) in &desired.quarantined {
             if !self.quarantined.contains_key(port) {
@@ -354,7 +409,7 @@ impl Agent {
                         tracing::info!("an uplink's addresses changed: enforcing them");
                         pending = true;
                     }
-                    match self.dp.collect_conntrack() {
+                    match self.collect() {
                         Ok((removed, remaining)) if removed > 0 => {
                             tracing::debug!(removed, remaining, "conntrack: timed-out flows removed");
                         }

@@ -31,6 +31,8 @@ pub struct Cluster {
     client_tls: Option<Arc<Connector>>,
     /// More flags the controller runs with.
     extra: Vec<String>,
+    /// More flags every agent [`Cluster::start_agent`] starts runs with.
+    pub agent_extra: Vec<String>,
 }
 
 /// The identity the harness provisions as on a secured controller.
@@ -80,6 +82,7 @@ impl Cluster {
             pki,
             client_tls,
             extra,
+            agent_extra: Vec::new(),
         };
         c.wait_ready()?;
         Ok(c)
@@ -174,7 +177,10 @@ impl Cluster {
 
     pub fn start_agent(&mut self, topo: &Topology, host: &str) -> anyhow::Result<()> {
         let underlay = topo.underlay_ip(host);
-        self.start_agent_binary(topo, host, &bin("sdn-agent"), &["--underlay-ip", &underlay])
+        let mut args = vec!["--underlay-ip".to_string(), underlay];
+        args.extend(self.agent_extra.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.start_agent_binary(topo, host, &bin("sdn-agent"), &args)
     }
 
     /// Starts an agent from another build (an earlier release, which

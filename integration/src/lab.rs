@@ -74,6 +74,7 @@ pub struct LabBuilder {
     announce: Vec<(String, String)>,
     extra: Vec<pb::operation::Op>,
     agent: Option<(PathBuf, Vec<String>)>,
+    agent_args: Vec<String>,
 }
 
 /// A running lab. (The cluster goes first when it is dropped: agents and
@@ -101,6 +102,7 @@ impl Lab {
             announce: Vec::new(),
             extra: Vec::new(),
             agent: None,
+            agent_args: Vec::new(),
         }
     }
 
@@ -231,6 +233,12 @@ impl LabBuilder {
         self
     }
 
+    /// Runs every agent with `args` besides its defaults.
+    pub fn agent_args(mut self, args: &[&str]) -> Self {
+        self.agent_args = args.iter().map(|s| s.to_string()).collect();
+        self
+    }
+
     /// Builds and provisions the lab.
     pub async fn start(mut self) -> anyhow::Result<Lab> {
         let hosts: Vec<&str> = self.hosts.iter().map(String::as_str).collect();
@@ -274,6 +282,7 @@ impl LabBuilder {
         }
         announce.append(&mut self.announce);
         let mut cluster = Cluster::start(&topo.dir)?;
+        cluster.agent_extra = std::mem::take(&mut self.agent_args);
         // Hosts first: every host receives the zones, so its agent must run
         // before a batch with zones can be enforced.
         let host_ops = hosts.iter().map(|h| host(h, &topo.underlay_ip(h))).collect();

@@ -100,6 +100,97 @@ pub const DROPS: &str = "SDN_DROPS2";
 /// Pinned name of the per-CPU stats counters (index: `Stat`).
 pub const STATS: &str = "SDN_STATS";
 
+/// Pinned name of the ring buffer of denial events ([`DenyEvent`]): the
+/// packets a security tier dropped, for the agent's flow records and
+/// security events. Never read by the programs.
+pub const EVENTS: &str = "SDN_EVENTS";
+/// Pinned name of the per-CPU state of the event limiter (array of one
+/// [`EventLimiter`]).
+pub const EVENT_LIMIT: &str = "SDN_EVENT_LIMIT";
+/// Bytes of the event ring buffer (a power of two pages).
+pub const EVENTS_BYTES: u32 = 256 << 10;
+/// Events each CPU may send per second; the rest are counted, not sent,
+/// so a flood of denied packets costs the ring and the agent a bounded
+/// amount.
+pub const EVENTS_PER_SEC: u64 = 1000;
+
+/// The drop reasons that make an event: bit `n` is `DropReason` `n`.
+/// Security decisions only (a tier refused the packet); malformed packets
+/// and missing routes are counted, not reported one by one.
+pub const EVENT_REASONS: u64 = {
+    use crate::DropReason as R;
+    let reasons = [
+        R::SpoofMac,
+        R::SpoofIp,
+        R::SpoofArp,
+        R::SpoofNd,
+        R::RaGuard,
+        R::PolicyIngress,
+        R::PolicyEgress,
+        R::PolicyRevoked,
+        R::Quarantined,
+        R::OverlaySpoof,
+        R::ZoneIsolation,
+        R::BorderFirewall,
+        R::VpcFirewall,
+        R::CtBudget,
+        R::SpoofUplink,
+        R::DhcpServer,
+        R::CtBadAck,
+    ];
+    let mut bits = 0u64;
+    let mut i = 0;
+    while i < reasons.len() {
+        bits |= 1u64 << (reasons[i] as u32);
+        i += 1;
+    }
+    bits
+};
+
+/// One packet a security tier dropped, as the pipeline parsed it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DenyEvent {
+    /// CLOCK_MONOTONIC (coarse) when the packet entered.
+    pub now_ns: u64,
+    /// The sending port's device when it is on this host, else 0.
+    pub src_ifx: u32,
+    /// The receiving port's device when it is on this host, else 0.
+    pub dst_ifx: u32,
+    /// For a firewall's denial: the rule number (see [`FW_NAMES`]); else 0.
+    pub rule: u32,
+    /// The packet's length.
+    pub len: u32,
+    /// `DropReason`.
+    pub reason: u8,
+    /// 0 when the packet was dropped before its IP header was read.
+    pub family: u8,
+    pub proto: u8,
+    /// The entry program (1 from a VM, 2 to a VM, 3 from an uplink, 4
+    /// from the overlay).
+    pub entry: u8,
+    /// Ports (ICMP: type in `dport`).
+    pub sport: u16,
+    pub dport: u16,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+}
+
+/// The event limiter of one CPU, and what it counted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EventLimiter {
+    /// Start of the current one-second window.
+    pub window_ns: u64,
+    /// Events sent in it.
+    pub in_window: u64,
+    pub sent: u64,
+    /// Not sent: over the rate.
+    pub suppressed: u64,
+    /// Not sent: the ring was full (the agent is behind).
+    pub lost: u64,
+}
+
 pub const PORTS_MAX: u32 = 4096;
 pub const PORT_ADDRS_MAX: u32 = 16384;
 pub const POLICY_PLENS_MAX: u32 = 16384;
@@ -489,6 +580,8 @@ const _: () = assert!(core::mem::size_of::<AddrIdentity>() == 12);
 const _: () = assert!(core::mem::size_of::<RuleKey>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 48);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 56);
+const _: () = assert!(core::mem::size_of::<DenyEvent>() == 64);
+const _: () = assert!(core::mem::size_of::<EventLimiter>() == 40);
 
 /// Layouts of an earlier version of the maps, which an upgraded agent
 /// migrates from: version 1 keyed flows without their door.
@@ -552,4 +645,6 @@ mod pod {
     unsafe impl aya::Pod for RuleKey {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for DenyEvent {}
+    unsafe impl aya::Pod for EventLimiter {}
 }

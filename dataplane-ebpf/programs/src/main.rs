@@ -72,6 +72,14 @@ mod progs {
         TC_ACT_SHOT
     }
 
+    /// Drops a packet whose record is filled: a security tier's refusal is
+    /// also reported (see `maps::report_denial`).
+    #[inline(always)]
+    fn deny(m: &Meta, reason: DropReason) -> i32 {
+        maps::report_denial(m, reason);
+        drop(reason)
+    }
+
     /// Goes on to stage `idx`; when that fails, the packet is dropped.
     #[inline(always)]
     fn next(ctx: &TcContext, idx: u32) -> i32 {
@@ -88,7 +96,7 @@ mod progs {
         };
         match f(m) {
             Ok(()) => next(ctx, stage::GUARD),
-            Err(r) => drop(r),
+            Err(r) => deny(m, r),
         }
     }
 
@@ -116,7 +124,7 @@ mod progs {
         match uplink::from_uplink(&ctx, m) {
             Ok(uplink::Arrival::Pipeline) => next(&ctx, stage::GUARD),
             Ok(uplink::Arrival::Host) => TC_ACT_OK,
-            Err(r) => drop(r),
+            Err(r) => deny(m, r),
         }
     }
 
@@ -148,8 +156,8 @@ mod progs {
             // direct jumps.
             Ok(guard::Next::Stage(stage::FIREWALL)) => next(&ctx, stage::FIREWALL),
             Ok(guard::Next::Stage(_)) => next(&ctx, stage::COMMIT),
-            Ok(guard::Next::Done(action)) => finish(Ok(action)),
-            Err(r) => drop(r),
+            Ok(guard::Next::Done(action)) => finish(m, Ok(action)),
+            Err(r) => deny(m, r),
         }
     }
 
@@ -161,7 +169,7 @@ mod progs {
         };
         match firewall::stage(m) {
             Ok(()) => next(&ctx, stage::POLICY),
-            Err(r) => drop(r),
+            Err(r) => deny(m, r),
         }
     }
 
@@ -173,7 +181,7 @@ mod progs {
         };
         match policy::stage(m) {
             Ok(()) => next(&ctx, stage::COMMIT),
-            Err(r) => drop(r),
+            Err(r) => deny(m, r),
         }
     }
 
@@ -183,12 +191,13 @@ mod progs {
         let Some(m) = meta() else {
             return drop(DropReason::Pipeline);
         };
-        finish(commit::commit(&mut ctx, m))
+        let r = commit::commit(&mut ctx, m);
+        finish(m, r)
     }
 
     /// The TC verdict of a packet every tier has allowed (or a drop).
     #[inline(always)]
-    fn finish(r: Result<Action, DropReason>) -> i32 {
+    fn finish(m: &Meta, r: Result<Action, DropReason>) -> i32 {
         match r {
             Ok(Action::Pass) => {
                 maps::count(Stat::Passed);
@@ -210,7 +219,7 @@ mod progs {
                 unsafe { gen::bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
             }
             Ok(Action::Consume) => TC_ACT_SHOT,
-            Err(r) => drop(r),
+            Err(r) => deny(m, r),
         }
     }
 

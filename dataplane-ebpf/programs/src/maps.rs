@@ -2,13 +2,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 use dataplane_common::{
     maps::{
-        AddrIdentity, AddrKey, CtKey, CtValue, Endpoint, EndpointKey, ExchangeRule, FwPolicy, FwRule, FwVerdict,
+        AddrIdentity, AddrKey, CtKey, CtValue, DenyEvent, Endpoint, EventLimiter, EndpointKey, ExchangeRule, FwPolicy, FwRule, FwVerdict,
         HostConfig, PolicyDirKey, PortAddrKey, PortInfo, PrefixLens, RuleKey, RuleName, ZoneAddrKey, ZoneEndpoint,
-        CT_MAX, CT_SYN_MAX, ENDPOINTS_MAX, EXCHANGE_MAX, FW_NAMES_MAX, FW_POLICIES_MAX, FW_RULES_MAX, FW_VERDICTS_MAX,
+        CT_MAX, CT_SYN_MAX, ENDPOINTS_MAX, EVENTS_BYTES, EVENTS_PER_SEC, EVENT_REASONS, EXCHANGE_MAX, FW_NAMES_MAX, FW_POLICIES_MAX, FW_RULES_MAX, FW_VERDICTS_MAX,
         POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, SG_ADDR_MAX, SG_RULES_MAX, UPLINK_ADDRS_MAX, VPC_NETS_MAX,
         ZONES_MAX, ZONE_ENDPOINTS_MAX, ZONE_NETS_MAX,
     },
@@ -119,6 +119,57 @@ pub fn count_drop(reason: DropReason) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *p += 1 };
     }
+}
+
+#[map(name = "SDN_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+
+#[map(name = "SDN_EVENT_LIMIT")]
+pub static EVENT_LIMIT: PerCpuArray<EventLimiter> = PerCpuArray::pinned(1, 0);
+
+/// Reports a packet a security tier drops, within the CPU's rate: what
+/// is over it is counted, and so is what the ring has no room for.
+#[inline(always)]
+pub fn report_denial(m: &Meta, reason: DropReason) {
+    if (EVENT_REASONS >> (reason as u32)) & 1 == 0 {
+        return;
+    }
+    let Some(l) = EVENT_LIMIT.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+    let l = unsafe { &mut *l };
+    if m.now.wrapping_sub(l.window_ns) >= 1_000_000_000 {
+        l.window_ns = m.now;
+        l.in_window = 0;
+    }
+    if l.in_window >= EVENTS_PER_SEC {
+        l.suppressed += 1;
+        return;
+    }
+    l.in_window += 1;
+    let Some(mut e) = EVENTS.reserve::<DenyEvent>(0) else {
+        l.lost += 1;
+        return;
+    };
+    let firewall = matches!(reason, DropReason::BorderFirewall | DropReason::VpcFirewall);
+    e.write(DenyEvent {
+        now_ns: m.now,
+        src_ifx: m.src_ifx,
+        dst_ifx: m.dst_ifx,
+        rule: if firewall { m.fw_rule } else { 0 },
+        len: m.len,
+        reason: reason as u8,
+        family: m.family,
+        proto: m.proto,
+        entry: m.entry,
+        sport: m.sport,
+        dport: m.service(),
+        src: m.src,
+        dst: m.dst,
+    });
+    e.submit(0);
+    l.sent += 1;
 }
 
 #[inline(always)]

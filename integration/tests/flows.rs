@@ -1,0 +1,231 @@
+//! Flow records end to end: agents export the flows of their ports over
+//! IPFIX to pmacct's `nfacctd`, a real collector, with the cloud's
+//! enterprise elements mapped to named fields. The packets and octets it
+//! reports for a TCP connection are those `tcpdump` counts inside the VM;
+//! the connection's end (FIN) and a UDP exchange's idle timeout make
+//! records of their own; a connection the security groups refuse is
+//! reported as denied, naming the port and its groups.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use sdn_integration::lab::Lab;
+use sdn_integration::ops::*;
+use sdn_integration::{privileged, Proc};
+
+const T: &str = "dept-f";
+const PEN: u32 = 32473;
+
+fn have(tool: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+/// nfacctd's configuration: our elements by name, every record printed
+/// as JSON each second, appended.
+fn nfacctd_config(dir: &Path, port: u16) -> std::path::PathBuf {
+    let primitives = dir.join("primitives.lst");
+    std::fs::write(
+        &primitives,
+        format!(
+            "name=tenant\tfield_type={PEN}:1\tlen=vlen\tsemantics=str\n\
+             name=vpc\tfield_type={PEN}:2\tlen=vlen\tsemantics=str\n\
+             name=zone\tfield_type={PEN}:3\tlen=vlen\tsemantics=str\n\
+             name=rule\tfield_type={PEN}:4\tlen=vlen\tsemantics=str\n\
+             name=verdict\tfield_type={PEN}:5\tlen=1\tsemantics=u_int\n\
+             name=vport\tfield_type={PEN}:6\tlen=vlen\tsemantics=str\n\
+             name=end_reason\tfield_type=136\tlen=1\tsemantics=u_int\n\
+             name=fwevent\tfield_type=233\tlen=1\tsemantics=u_int\n\
+             name=segment\tfield_type=351\tlen=8\tsemantics=u_int\n"
+        ),
+    )
+    .unwrap();
+    let config = dir.join("nfacctd.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "daemonize: false\nnfacctd_ip: 127.0.0.1\nnfacctd_port: {port}\n\
+             aggregate_primitives: {}\nplugins: print[p]\n\
+             aggregate[p]: src_host,dst_host,src_port,dst_port,proto,tenant,vpc,zone,rule,verdict,vport,end_reason,fwevent,segment\n\
+             print_output[p]: json\nprint_refresh_time[p]: 1\nprint_output_file_append[p]: true\n\
+             print_output_file[p]: {}\n",
+            primitives.display(),
+            dir.join("records.json").display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn rows(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("records.json"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Packets and IP octets of the rows `pick` selects.
+fn sum(rows: &[serde_json::Value], pick: impl Fn(&serde_json::Value) -> bool) -> (u64, u64) {
+    rows.iter().filter(|r| pick(r)).fold((0, 0), |(p, o), r| {
+        (p + r["packets"].as_u64().unwrap_or(0), o + r["bytes"].as_u64().unwrap_or(0))
+    })
+}
+
+#[tokio::test]
+async fn records_match_the_wire_and_name_the_cloud() {
+    if !privileged() {
+        return;
+    }
+    assert!(have("nfacctd"), "pmacct is missing: scripts/setup.sh installs it");
+    assert!(have("tcpdump") && have("tshark"), "tcpdump and tshark are needed: scripts/setup.sh installs them");
+    let lab = Lab::new("flw", &["h1", "h2"])
+        .tenant(T)
+        .vpc_vni("vf", 4242)
+        .subnet("snf", "vf", "10.44.0.0/24", "fd44::/64")
+        .group(
+            "web",
+            vec![
+                ingress("http", false, "tcp", (80, 80), "", ""),
+                ingress("dns", false, "udp", (5353, 5353), "", ""),
+            ],
+        )
+        .group("closed", vec![])
+        .vm("vm1", "h1", "snf", &["web"])
+        .vm("vm2", "h1", "snf", &["closed"])
+        .vm("vm3", "h2", "snf", &["web"])
+        .agent_args(&[
+            "--flow-collector",
+            "udp://127.0.0.1:4739",
+            "--flow-idle-timeout",
+            "2",
+        ])
+        .start()
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let h1 = lab.topo.host_ns("h1").name.clone();
+    let config = nfacctd_config(dir.path(), 4739);
+    let nfacctd = which("nfacctd");
+    let _collector = Proc::spawn("nfacctd", Some(&h1), &nfacctd, &["-f", config.to_str().unwrap()], dir.path()).unwrap();
+    let _servers = lab
+        .topo
+        .serve(&["vm1", "vm3"], &[], &["--tcp", "80", "--udp", "5353"])
+        .unwrap();
+    let (vm1, vm2) = (lab.topo.vm("vm1"), lab.topo.vm("vm2"));
+    let pcap = dir.path().join("vm1.pcap");
+    let mut capture = Proc::spawn(
+        "tcpdump",
+        Some(&vm1.ns.name),
+        &which("tcpdump"),
+        &["-i", "eth0", "-U", "-n", "-w", pcap.to_str().unwrap(), "tcp port 80"],
+        dir.path(),
+    )
+    .unwrap();
+    wait("tcpdump to listen", Duration::from_secs(10), || capture.log_text().contains("listening on"));
+
+    // Allowed: vm2 -> vm1:80 over TCP (same host), vm1 -> vm3:5353 over UDP
+    // (across hosts). Refused: vm1 -> vm2:22 (vm2's groups allow nothing in).
+    assert!(lab.topo.reach("vm2", "vm1", "tcp", 80, false));
+    assert!(lab.topo.reach("vm1", "vm3", "udp", 5353, false));
+    assert!(!lab.topo.reach("vm1", "vm2", "tcp", 22, false));
+
+    let done = |r: &[serde_json::Value]| {
+        let fin = r.iter().any(|x| x["vport"] == "vm1" && x["port_dst"] == 80 && x["end_reason"] == "3");
+        let idle = r.iter().any(|x| x["vport"] == "vm1" && x["port_dst"] == 5353 && x["end_reason"] == "1");
+        let denied = r.iter().any(|x| x["verdict"] == "2" && x["port_dst"] == 22);
+        fin && idle && denied
+    };
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !done(&rows(dir.path())) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // One more collection pass: the connection's last ACK is reported when
+    // its entry goes, or at the next pass after the FIN.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    capture.stop();
+    let all = rows(dir.path());
+    let text: Vec<String> = all.iter().map(|r| r.to_string()).collect();
+    let text = text.join("\n");
+    assert!(
+        done(&all),
+        "the collector did not get every record:\n{text}\nagent h1:\n{}",
+        lab.cluster.agent_log("h1")
+    );
+
+    // What tcpdump saw inside vm1, per direction: packets and IP octets.
+    let seen = std::process::Command::new("tshark")
+        .args(["-r", pcap.to_str().unwrap(), "-T", "fields", "-e", "ip.src", "-e", "ip.len"])
+        .output()
+        .unwrap();
+    let seen = String::from_utf8_lossy(&seen.stdout).to_string();
+    let wire = |src: &str| {
+        seen.lines()
+            .filter_map(|l| l.split_once('\t'))
+            .filter(|(s, _)| *s == src)
+            .fold((0u64, 0u64), |(p, o), (_, len)| (p + 1, o + len.trim().parse::<u64>().unwrap()))
+    };
+    let from_vm2 = sum(&all, |r| r["vport"] == "vm1" && r["ip_src"] == vm2.v4.as_str() && r["port_dst"] == 80);
+    let to_vm2 = sum(&all, |r| r["vport"] == "vm1" && r["ip_dst"] == vm2.v4.as_str() && r["port_src"] == 80);
+    assert!(wire(&vm2.v4).0 >= 4, "a connection's worth of packets: {seen}");
+    assert_eq!(from_vm2, wire(&vm2.v4), "vm2 -> vm1:80, records:\n{text}\nwire:\n{seen}");
+    assert_eq!(to_vm2, wire(&vm1.v4), "vm1:80 -> vm2, records:\n{text}\nwire:\n{seen}");
+
+    // The cloud's context, as the collector decoded it.
+    let tcp = all
+        .iter()
+        .find(|r| r["vport"] == "vm1" && r["port_dst"] == 80)
+        .unwrap();
+    assert_eq!(tcp["tenant"], T, "{tcp}");
+    assert_eq!(tcp["vpc"], "vf", "{tcp}");
+    assert_eq!(tcp["rule"], "sg/web", "{tcp}");
+    assert_eq!(tcp["verdict"], "1", "{tcp}");
+    assert_eq!(tcp["ip_proto"], "tcp", "{tcp}");
+    // layer2SegmentId: VXLAN (type 1) and the VPC's VNI.
+    let seg = tcp["segment"].as_str().map(|s| s.parse::<u64>().unwrap()).or(tcp["segment"].as_u64());
+    assert_eq!(seg, Some((1u64 << 56) | 4242), "{tcp}");
+    // The same connection seen at vm2's port, as vm2's.
+    assert!(
+        all.iter().any(|r| r["vport"] == "vm2" && r["port_dst"] == 80 && r["rule"] == "sg/closed"),
+        "{text}"
+    );
+    // Across hosts, vm3's answer comes in at vm1's port.
+    assert!(
+        all.iter()
+            .any(|r| r["vport"] == "vm1" && r["port_src"] == 5353 && r["ip_src"] == lab.topo.vm("vm3").v4.as_str()),
+        "{text}"
+    );
+
+    // The refused connection: reported at the port whose groups refused
+    // it, as denied (firewallEvent 3), naming its groups.
+    let denied = all.iter().find(|r| r["verdict"] == "2" && r["port_dst"] == 22).unwrap();
+    assert_eq!(denied["vport"], "vm2", "{denied}");
+    assert_eq!(denied["rule"], "sg/closed", "{denied}");
+    assert_eq!(denied["fwevent"], "3", "{denied}");
+    assert_eq!(denied["ip_src"], vm1.v4.as_str(), "{denied}");
+    assert_eq!(denied["tenant"], T, "{denied}");
+    let (p, o) = sum(&all, |r| r["verdict"] == "2" && r["port_dst"] == 22);
+    assert!(p >= 2 && o >= 2 * 40, "both SYNs of the two attempts at least: {p} packets, {o} octets");
+
+    let log = lab.cluster.agent_log("h1");
+    assert!(log.contains("flow records exported over IPFIX"), "{log}");
+}
+
+fn which(tool: &str) -> std::path::PathBuf {
+    let out = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .unwrap();
+    std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
