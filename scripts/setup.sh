@@ -31,6 +31,8 @@ PKGS=(
     python3-grpcio      # a gRPC client that is not ours, in the tests
     prometheus curl     # promtool checks the /metrics endpoints; curl scrapes them
     tshark nfdump pmacct # IPFIX decoders the flow exporter is checked against
+    softflowd           # the peer of the flow-count figures
+    rsyslog rsyslog-gnutls # the syslog receiver security events are checked against
 )
 missing=()
 for p in "${PKGS[@]}"; do

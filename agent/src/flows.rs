@@ -153,8 +153,7 @@ pub struct Outputs {
 
 impl Outputs {
     /// Starts an exporter task per collector.
-    pub fn start(s: &Settings) -> Outputs {
-        let stats = Arc::new(Stats::default());
+    pub fn start(s: &Settings, stats: Arc<Stats>) -> Outputs {
         let mut queues = Vec::new();
         let mut held = Vec::new();
         for c in &s.collectors {
@@ -488,9 +487,8 @@ struct DeniedFlow {
     rule: u32,
 }
 
-/// Gathers denial events per flow, and makes at most a rate of records.
+/// Gathers denial events per flow.
 pub struct Denials {
-    per_sec: u32,
     /// Flows gathered since the last flush (at most `GATHER_MAX`).
     flows: HashMap<DeniedKey, DeniedFlow>,
     stats: Arc<Stats>,
@@ -500,9 +498,8 @@ pub struct Denials {
 const GATHER_MAX: usize = 16384;
 
 impl Denials {
-    pub fn new(per_sec: u32, stats: Arc<Stats>) -> Denials {
+    pub fn new(stats: Arc<Stats>) -> Denials {
         Denials {
-            per_sec,
             flows: HashMap::new(),
             stats,
         }
@@ -565,20 +562,11 @@ impl Denials {
         }
     }
 
-    /// The records of the flows gathered since the last flush, at most
-    /// the rate's worth; the rest are counted.
-    pub fn flush(&mut self, clock: Clock, ctx: &Context) -> Vec<FlowRecord> {
-        let mut out = Vec::new();
-        let mut over = 0u64;
+    /// The flows gathered since the last flush, each as a record (a flow
+    /// dropped before its IP header was read has unspecified addresses).
+    pub fn flush(&mut self, clock: Clock, ctx: &Context) -> Vec<Denied> {
+        let mut out = Vec::with_capacity(self.flows.len());
         for (k, f) in self.flows.drain() {
-            if k.family == 0 {
-                // Not IP (ARP, neighbour discovery by MAC): no flow to record.
-                continue;
-            }
-            if out.len() >= self.per_sec as usize {
-                over += 1;
-                continue;
-            }
             let pc = ctx.ports.get(&k.ifindex);
             let reason = DropReason::ALL.get(usize::from(k.reason)).copied();
             let rule = match reason {
@@ -597,51 +585,86 @@ impl Denials {
                     reason,
                     Some(DropReason::ZoneIsolation | DropReason::BorderFirewall | DropReason::SpoofUplink)
                 );
-            out.push(FlowRecord {
-                src: addr(k.family, &k.src),
-                dst: addr(k.family, &k.dst),
-                src_port: k.sport,
-                dst_port: k.dport,
-                protocol: k.proto,
-                octets: f.octets,
-                packets: f.packets,
-                start_ms: clock.unix_ms(f.first_ns),
-                end_ms: clock.unix_ms(f.last_ns),
-                end_reason: EndReason::ForcedEnd,
-                firewall_event: FirewallEvent::Denied,
-                direction: if k.entry == 1 { Direction::Egress } else { Direction::Ingress },
-                vni: pc.map(|p| p.vni).filter(|v| *v != 0),
-                tenant: pc.map(|p| p.tenant.clone()).unwrap_or_default(),
-                vpc: pc.map(|p| p.vpc.clone()).unwrap_or_default(),
-                zone: if crosses_zone {
-                    pc.map(|p| p.zone.clone()).unwrap_or_default()
-                } else {
-                    String::new()
+            let (src, dst) = if k.family == 0 {
+                let none = IpAddr::from([0u8; 4]);
+                (none, none)
+            } else {
+                (addr(k.family, &k.src), addr(k.family, &k.dst))
+            };
+            out.push(Denied {
+                reason,
+                ip: k.family != 0,
+                record: FlowRecord {
+                    src,
+                    dst,
+                    src_port: k.sport,
+                    dst_port: k.dport,
+                    protocol: k.proto,
+                    octets: f.octets,
+                    packets: f.packets,
+                    start_ms: clock.unix_ms(f.first_ns),
+                    end_ms: clock.unix_ms(f.last_ns),
+                    end_reason: EndReason::ForcedEnd,
+                    firewall_event: FirewallEvent::Denied,
+                    direction: if k.entry == 1 { Direction::Egress } else { Direction::Ingress },
+                    vni: pc.map(|p| p.vni).filter(|v| *v != 0),
+                    tenant: pc.map(|p| p.tenant.clone()).unwrap_or_default(),
+                    vpc: pc.map(|p| p.vpc.clone()).unwrap_or_default(),
+                    zone: if crosses_zone {
+                        pc.map(|p| p.zone.clone()).unwrap_or_default()
+                    } else {
+                        String::new()
+                    },
+                    rule,
+                    verdict: Verdict::Denied,
+                    port: pc.map(|p| p.port.clone()).unwrap_or_default(),
                 },
-                rule,
-                verdict: Verdict::Denied,
-                port: pc.map(|p| p.port.clone()).unwrap_or_default(),
             });
-        }
-        if over > 0 {
-            self.stats.denied_suppressed.fetch_add(over, Ordering::Relaxed);
         }
         out
     }
 }
 
+/// A denied flow of the last second.
+#[derive(Clone, Debug)]
+pub struct Denied {
+    /// Why the dataplane dropped it.
+    pub reason: Option<DropReason>,
+    /// Whether its IP header was read (else it has no addresses).
+    pub ip: bool,
+    pub record: FlowRecord,
+}
+
+/// The IPFIX records of denied flows, at most `per_sec` of them; the rest
+/// are counted.
+pub fn denied_records(denied: &[Denied], per_sec: u32, stats: &Stats) -> Vec<FlowRecord> {
+    let ip: Vec<&Denied> = denied.iter().filter(|d| d.ip).collect();
+    let over = ip.len().saturating_sub(per_sec as usize);
+    if over > 0 {
+        stats.denied_suppressed.fetch_add(over as u64, Ordering::Relaxed);
+    }
+    ip.into_iter().take(per_sec as usize).map(|d| d.record.clone()).collect()
+}
+
+/// Where denied flows go: IPFIX records (at most a rate of them), and
+/// security events.
+pub struct DenialSinks {
+    pub flows: Option<(Outputs, u32)>,
+    pub events: Option<crate::events::Events>,
+}
+
 /// Reads the dataplane's denial events until the agent stops: gathers
-/// them, and each second hands the records of denied flows to `out`.
+/// them per flow, and each second hands the denied flows to the sinks.
 pub async fn read_denials(
     ring: aya::maps::RingBuf<aya::maps::MapData>,
-    per_sec: u32,
     ctx: SharedContext,
-    out: Outputs,
+    stats: Arc<Stats>,
+    sinks: DenialSinks,
 ) -> anyhow::Result<()> {
     // SAFETY: the ring owns its descriptor, and keeps it open and in place
     // for as long as the AsyncFd holds it.
     let mut fd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)? };
-    let mut d = Denials::new(per_sec, out.stats.clone());
+    let mut d = Denials::new(stats.clone());
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -657,7 +680,16 @@ pub async fn read_denials(
             }
             _ = tick.tick() => {
                 let c = ctx.read().unwrap_or_else(|p| p.into_inner()).clone();
-                out.send(d.flush(Clock::now(), &c));
+                let denied = d.flush(Clock::now(), &c);
+                if denied.is_empty() {
+                    continue;
+                }
+                if let Some((out, per_sec)) = &sinks.flows {
+                    out.send(denied_records(&denied, *per_sec, &stats));
+                }
+                if let Some(ev) = &sinks.events {
+                    ev.denials(&denied);
+                }
             }
         }
     }
@@ -828,7 +860,7 @@ mod tests {
     #[test]
     fn denials_gather_per_flow_within_a_rate() {
         let stats = Arc::new(Stats::default());
-        let mut d = Denials::new(2, stats.clone());
+        let mut d = Denials::new(stats.clone());
         for _ in 0..3 {
             d.event(&event(DropReason::BorderFirewall, 5000, 9));
         }
@@ -839,7 +871,9 @@ mod tests {
             unix_ms: 10_000,
             mono_ns: 4 * S,
         };
-        let mut r = d.flush(clock, &ctx());
+        let denied = d.flush(clock, &ctx());
+        assert_eq!(denied.len(), 3);
+        let mut r = denied_records(&denied, 2, &stats);
         r.sort_by_key(|r| r.src_port);
         assert_eq!(r.len(), 2);
         assert_eq!(stats.denied_suppressed.load(Ordering::Relaxed), 1);

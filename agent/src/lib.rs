@@ -3,6 +3,7 @@
 
 pub mod compile;
 pub mod dataplane;
+pub mod events;
 pub mod flows;
 pub mod metrics;
 pub mod overlay;

@@ -102,6 +102,8 @@ enum Cmd {
         metrics_listen: Option<String>,
         #[command(flatten)]
         flows: FlowArgs,
+        #[command(flatten)]
+        syslog: sdn_proto::syslog::SyslogArgs,
     },
     /// Print drop and pass counters as JSON.
     Counters {
@@ -140,6 +142,7 @@ async fn main() -> anyhow::Result<()> {
             underlay_ip,
             metrics_listen,
             flows,
+            syslog,
         } => {
             let mut dp = dataplane::Dataplane::load(&pin_dir)
                 .with_context(|| format!("loading the dataplane under {}", pin_dir.display()))?;
@@ -152,9 +155,18 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("attaching the overlay program to {vxlan_device}"))?;
             tracing::info!(device = %vxlan_device, ifindex = vx, "overlay ready");
             let flow_settings = flows.settings(&host);
+            let own = cli.tls.files().map_err(anyhow::Error::msg)?.map(|f| (f.cert, f.key));
+            let events = syslog
+                .start(&host, "sdn-agent", own)
+                .map_err(anyhow::Error::msg)?
+                .map(|s| sdn_agent::events::Events::new(s, &host, syslog.per_sec));
             let mut agent = Agent::new(host, controllers, dp)?;
-            if let Some(s) = flow_settings {
-                agent.export_flows(&s)?;
+            if !syslog.receivers.is_empty() {
+                let list: Vec<String> = syslog.receivers.iter().map(|r| r.to_string()).collect();
+                tracing::info!(receivers = %list.join(", "), "security events sent as syslog");
+            }
+            agent.export(flow_settings.as_ref(), events)?;
+            if let Some(s) = &flow_settings {
                 let list: Vec<String> = s.collectors.iter().map(|c| format!("{:?}://{}", c.transport, c.addr).to_lowercase()).collect();
                 tracing::info!(collectors = %list.join(", "), domain = s.domain, active_s = s.active.as_secs(), idle_s = s.idle.as_secs(), "flow records exported over IPFIX");
             }
@@ -201,4 +213,13 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every flag has a name of its own (clap checks it only when parsing).
+    #[test]
+    fn the_command_line_is_well_formed() {
+        <super::Cli as clap::CommandFactory>::command().debug_assert();
+    }
 }

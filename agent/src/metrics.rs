@@ -18,6 +18,9 @@
 //!   collector `sdn_agent_flow_collector_records_total{collector}` (sent)
 //!   and `sdn_agent_flow_collector_dropped_total{collector}` (lost to a
 //!   failed connection);
+//! - with syslog: `sdn_agent_syslog_events_total{outcome}` (`sent`,
+//!   `dropped`: a receiver's queue was full or the receiver down,
+//!   `suppressed`: denial events over the rate);
 //! - `sdn_agent_denial_events_total{outcome}`: the dataplane's denial
 //!   events (`sent`, `suppressed` over the per-CPU rate, `lost` to a full
 //!   ring).
@@ -78,8 +81,10 @@ pub struct Sources {
     pub pin_dir: PathBuf,
     pub traffic: Arc<Mutex<Traffic>>,
     pub enforced: Arc<AtomicU64>,
-    /// The flow export's counters, when the agent exports flows.
+    /// The flow export's counters, when the agent exports flows or events.
     pub flows: Option<Arc<crate::flows::Stats>>,
+    /// The security events, when the agent sends them.
+    pub syslog: Option<crate::events::Events>,
 }
 
 /// The device name of each ifindex on this host.
@@ -146,6 +151,17 @@ pub fn render(src: &Sources) -> Result<String, String> {
             f.get_or_create(&Outcome { outcome }).inc_by(n);
         }
         reg.register("denial_events", "The dataplane's denial events, by outcome", f);
+    }
+    if let Some(ev) = &src.syslog {
+        let f = Family::<Outcome, Counter>::default();
+        for (outcome, n) in [
+            ("sent", ev.stats().sent.load(Ordering::Relaxed)),
+            ("dropped", ev.stats().dropped.load(Ordering::Relaxed)),
+            ("suppressed", ev.suppressed.load(Ordering::Relaxed)),
+        ] {
+            f.get_or_create(&Outcome { outcome }).inc_by(n);
+        }
+        reg.register("syslog_events", "Security events sent as syslog, by outcome", f);
     }
     if let Some(fl) = &src.flows {
         let made = Counter::<u64>::default();

@@ -47,13 +47,17 @@ pub struct Agent {
     enforced: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Flow records, when the agent exports them.
     flows: Option<FlowExport>,
+    /// What flow records and events say of each port, kept with the share.
+    flow_ctx: flows::SharedContext,
+    flow_stats: Option<std::sync::Arc<flows::Stats>>,
+    /// Security events, when the agent sends them.
+    events: Option<crate::events::Events>,
 }
 
 /// The flow export of an agent.
 struct FlowExport {
     meter: flows::Meter,
     outputs: flows::Outputs,
-    ctx: flows::SharedContext,
 }
 
 /// The outcome of enforcing the held share.
@@ -88,26 +92,39 @@ impl Agent {
             uplink_addrs: BTreeSet::new(),
             enforced: Default::default(),
             flows: None,
+            flow_ctx: Default::default(),
+            flow_stats: None,
+            events: None,
         })
     }
 
-    /// Exports flow records: the flow table's, from each collection pass,
-    /// and denied flows', from the dataplane's denial events.
-    pub fn export_flows(&mut self, s: &flows::Settings) -> anyhow::Result<()> {
+    /// Exports flow records (`flows`): the flow table's, from each
+    /// collection pass, and denied flows', from the dataplane's denial
+    /// events; and sends security events (`events`): quarantines, and the
+    /// denials a supervisor is told of.
+    pub fn export(&mut self, flows: Option<&flows::Settings>, events: Option<crate::events::Events>) -> anyhow::Result<()> {
+        if flows.is_none() && events.is_none() {
+            return Ok(());
+        }
         let ring = self.dp.take_events().context("opening the denial events")?;
-        let outputs = flows::Outputs::start(s);
-        let ctx = flows::SharedContext::default();
-        let (c, o, rate) = (ctx.clone(), outputs.clone(), s.denied_per_sec);
+        let stats = std::sync::Arc::new(flows::Stats::default());
+        let outputs = flows.map(|s| flows::Outputs::start(s, stats.clone()));
+        let sinks = flows::DenialSinks {
+            flows: outputs.clone().zip(flows.map(|s| s.denied_per_sec)),
+            events: events.clone(),
+        };
+        let (c, st) = (self.flow_ctx.clone(), stats.clone());
         tokio::spawn(async move {
-            if let Err(e) = flows::read_denials(ring, rate, c, o).await {
-                tracing::error!(error = %format!("{e:#}"), "reading the denial events stopped: denied flows are not recorded");
+            if let Err(e) = flows::read_denials(ring, c, st, sinks).await {
+                tracing::error!(error = %format!("{e:#}"), "reading the denial events stopped: denied flows are neither recorded nor reported");
             }
         });
-        self.flows = Some(FlowExport {
+        self.flows = flows.zip(outputs).map(|(s, outputs)| FlowExport {
             meter: flows::Meter::new(s),
             outputs,
-            ctx,
         });
+        self.flow_stats = Some(stats);
+        self.events = events;
         Ok(())
     }
 
@@ -116,7 +133,7 @@ impl Agent {
         let Some(f) = self.flows.as_mut() else {
             return self.dp.collect_conntrack();
         };
-        let ctx = f.ctx.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let ctx = self.flow_ctx.read().unwrap_or_else(|p| p.into_inner()).clone();
         f.meter.begin(flows::Clock::now(), ctx);
         let r = self
             .dp
@@ -133,7 +150,8 @@ impl Agent {
             pin_dir: self.dp.pin_dir().to_path_buf(),
             traffic: self.dp.traffic(),
             enforced: self.enforced.clone(),
-            flows: self.flows.as_ref().map(|f| f.outputs.stats.clone()),
+            flows: self.flow_stats.clone(),
+            syslog: self.events.as_ref().map(|e| e.clone()),
         }
     }
 
@@ -225,9 +243,9 @@ impl Agent {
             self.missing_uplinks = desired.missing_uplinks.clone();
         }
         let flushed = self.dp.flush_conntrack(&gone)?;
-        if let Some(f) = &self.flows {
+        if self.flow_stats.is_some() {
             let ctx = flows::Context::of_share(&self.resources, &dataplane::ifindex, &desired.fw_names);
-            let mut held = f.ctx.write().unwrap_or_else(|p| p.into_inner());
+            let mut held = self.flow_ctx.write().unwrap_or_else(|p| p.into_inner());
             if **held != ctx {
                 *held = std::sync::Arc::new(ctx);
             }
@@ -236,11 +254,17 @@ impl Agent {
         for (port, (q, reason)) in &desired.quarantined {
             if !self.quarantined.contains_key(port) {
                 tracing::warn!(event = "quarantine_applied", host = %self.host, port = %port, quarantine = %q, reason = %reason, "port quarantined: all its traffic is dropped");
+                if let Some(e) = &self.events {
+                    e.quarantine(true, port, q, reason);
+                }
             }
         }
-        for (port, (q, _)) in &self.quarantined {
+        for (port, (q, reason)) in &self.quarantined {
             if !desired.quarantined.contains_key(port) {
                 tracing::warn!(event = "quarantine_lifted", host = %self.host, port = %port, quarantine = %q, "quarantine lifted");
+                if let Some(e) = &self.events {
+                    e.quarantine(false, port, q, reason);
+                }
             }
         }
         self.quarantined = desired.quarantined.clone();

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod cluster;
 pub use sdn_policies::convert;
 pub mod enforcement;
+pub mod events;
 pub mod metrics;
 pub mod refusals;
 pub mod serve;

@@ -56,6 +56,8 @@ struct Args {
     /// Repeatable.
     #[arg(long = "unix-role", value_parser = sdn_controller::serve::parse_unix_role)]
     unix_roles: Vec<(u32, sdn_proto::tls::Identity)>,
+    #[command(flatten)]
+    syslog: sdn_proto::syslog::SyslogArgs,
 }
 
 #[tokio::main]
@@ -117,6 +119,17 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("opening the store in {}", args.data_dir.display()))?;
     sdn_controller::refusals::run(store.clone());
+    let host = sdn_proto::syslog::hostname();
+    let own = files.as_ref().map(|f| (f.cert.clone(), f.key.clone()));
+    if let Some(s) = args
+        .syslog
+        .start(&host, "sdn-controller", own)
+        .map_err(anyhow::Error::msg)?
+    {
+        let list: Vec<String> = args.syslog.receivers.iter().map(|r| r.to_string()).collect();
+        tracing::info!(receivers = %list.join(", "), "policy changes and refusals sent as syslog while this replica leads");
+        sdn_controller::events::run(store.clone(), s, args.syslog.per_sec, host);
+    }
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let ctl = Controller {
         store: store.clone(),
@@ -268,4 +281,13 @@ fn malformed_is_invalid_argument<B>(mut resp: http::Response<B>) -> http::Respon
             .insert("grpc-status", http::HeaderValue::from_static("3"));
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every flag has a name of its own (clap checks it only when parsing).
+    #[test]
+    fn the_command_line_is_well_formed() {
+        <super::Args as clap::CommandFactory>::command().debug_assert();
+    }
 }

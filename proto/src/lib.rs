@@ -16,6 +16,7 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("sdn_
 pub const WATCH_PROTOCOL: u32 = 1;
 
 pub mod audit;
+pub mod syslog;
 pub mod tls;
 
 /// Connects to a controller at `addr`: `https://host:port` (mutual TLS,

@@ -1,0 +1,128 @@
+//! The controller's security events as syslog (`--syslog`): every policy
+//! change and every refusal the audit log records, as the leader applies
+//! them. Each event names the actor (the certificate's identity), the
+//! revision, the tenants concerned and what changed or why it was refused.
+//!
+//! The leader sends; a replica that becomes leader starts from the log's
+//! head, so a record applied in the moment leadership moves may be sent by
+//! neither (the audit log keeps it). At most `per_sec` events go out a
+//! second; the rest are counted, and a summary event says how many.
+
+use std::time::Duration;
+
+use sdn_proto::syslog::{Event, Severity, Syslog, FACILITY_AUDIT, FACILITY_AUTH};
+
+use crate::store::audit::{record_tenants, AuditRecord, INTERNAL_PREFIX};
+use crate::store::{PageLimits, Store};
+
+/// Changes listed in one event, at most; the rest are counted.
+const CHANGES_LISTED: usize = 20;
+
+/// The event of one audit record, if it is one (the store's own commands
+/// are not).
+pub fn event_of(r: &AuditRecord) -> Option<Event> {
+    if r.actor.starts_with(INTERNAL_PREFIX) && r.refused.is_empty() {
+        return None;
+    }
+    // Records made before the chain started keep no tenants: worked out
+    // from their content.
+    let tenants = if r.tenants.is_empty() {
+        record_tenants(&r.actor, &r.content)
+    } else {
+        r.tenants.clone()
+    };
+    let mut fields = vec![
+        ("actor", r.actor.clone()),
+        ("revision", r.revision.to_string()),
+        ("tenants", tenants.join(",")),
+    ];
+    if !r.refused.is_empty() {
+        fields.push(("action", "refused".into()));
+        fields.push(("reason", r.refused.clone()));
+        return Some(Event {
+            facility: FACILITY_AUTH,
+            severity: Severity::Warning,
+            kind: "auth_refused",
+            time_ms: r.time_unix_ms,
+            fields,
+            text: format!("refused: {}", r.refused),
+        });
+    }
+    let mut listed: Vec<&str> = r.changes.iter().take(CHANGES_LISTED).map(String::as_str).collect();
+    let more = r.changes.len().saturating_sub(CHANGES_LISTED);
+    let more_text = format!("and {more} more");
+    if more > 0 {
+        listed.push(&more_text);
+    }
+    fields.push(("action", "change".into()));
+    fields.push(("count", r.changes.len().to_string()));
+    fields.push(("changes", listed.join("; ")));
+    Some(Event {
+        facility: FACILITY_AUDIT,
+        severity: Severity::Notice,
+        kind: "policy_change",
+        time_ms: r.time_unix_ms,
+        fields,
+        text: format!(
+            "revision {} by {}: {}{}",
+            r.revision,
+            r.actor,
+            r.changes.first().map(String::as_str).unwrap_or("no change"),
+            if r.changes.len() > 1 {
+                format!(" (and {} more)", r.changes.len() - 1)
+            } else {
+                String::new()
+            }
+        ),
+    })
+}
+
+/// Sends the audit log's new records as events while this replica leads.
+pub fn run(store: Store, syslog: Syslog, per_sec: u32, hostname: String) {
+    tokio::spawn(async move {
+        let limits = PageLimits {
+            records: 1000,
+            scanned: 1000,
+            bytes: 4 << 20,
+        };
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        let mut after: Option<u64> = None;
+        loop {
+            tick.tick().await;
+            let leader = store.is_leader();
+            let page = match store.audit(after.unwrap_or(u64::MAX), limits, Some).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "reading the audit log for syslog; retried");
+                    continue;
+                }
+            };
+            let Some(from) = after.filter(|_| leader) else {
+                // Not leading, or just started: from the head on.
+                after = Some(page.head_revision);
+                continue;
+            };
+            let (mut sent, mut over) = (0u32, 0u64);
+            for r in &page.records {
+                let Some(e) = event_of(r) else { continue };
+                if sent >= per_sec {
+                    over += 1;
+                    continue;
+                }
+                sent += 1;
+                syslog.send(&e);
+            }
+            if over > 0 {
+                syslog.send(&Event {
+                    facility: FACILITY_AUDIT,
+                    severity: Severity::Notice,
+                    kind: "events_suppressed",
+                    time_ms: page.records.last().map(|r| r.time_unix_ms).unwrap_or(0),
+                    fields: vec![("host", hostname.clone()), ("count", over.to_string())],
+                    text: format!("{over} audit event(s) left out (over {per_sec} a second); the audit log has them"),
+                });
+            }
+            after = Some(page.next_after.max(from));
+        }
+    });
+}
