@@ -33,6 +33,7 @@ PKGS=(
     tshark nfdump pmacct # IPFIX decoders the flow exporter is checked against
     softflowd           # the peer of the flow-count figures
     rsyslog rsyslog-gnutls # the syslog receiver security events are checked against
+    dnsmasq-base bind9-dnsutils # a DNS server and dig, whose answers the DNS records are checked against
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -655,15 +655,16 @@ impl Dataplane {
     /// and recounts each port's entries (the programs count on insert;
     /// entries leave only here). Returns (removed, remaining).
     pub fn collect_conntrack(&mut self) -> anyhow::Result<(usize, usize)> {
-        self.collect_conntrack_observed(&mut |_, _, _| {})
+        self.collect_conntrack_observed(&mut |_, _, _| {}).map(|(r, n, _)| (r, n))
     }
 
     /// The conntrack collector, showing `observe` every entry of the flow
     /// table it read, and whether it removes the entry (timed out).
+    /// Returns (removed, remaining, entries that could not be read).
     pub fn collect_conntrack_observed(
         &mut self,
         observe: &mut dyn FnMut(&m::CtKey, &m::CtValue, bool),
-    ) -> anyhow::Result<(usize, usize)> {
+    ) -> anyhow::Result<(usize, usize, usize)> {
         let now = monotonic_ns();
         let map = self.ebpf.map_mut(m::CT).context("map CT missing")?;
         let mut ct: BpfHashMap<&mut MapData, m::CtKey, m::CtValue> = BpfHashMap::try_from(map)?;
@@ -671,8 +672,12 @@ impl Dataplane {
         let mut per_port: std::collections::BTreeMap<u32, u32> = std::collections::BTreeMap::new();
         let mut live: std::collections::BTreeMap<u32, PortTraffic> = std::collections::BTreeMap::new();
         let mut gone: Vec<(u32, m::CtValue)> = Vec::new();
+        let mut unread = 0;
         for item in ct.iter() {
-            let Ok((k, v)) = item else { continue };
+            let Ok((k, v)) = item else {
+                unread += 1;
+                continue;
+            };
             if now.saturating_sub(v.last_seen_ns) > m::ct_timeout(k.proto, v.flags) {
                 observe(&k, &v, true);
                 expired.push(k);
@@ -716,7 +721,7 @@ impl Dataplane {
         for (i, c) in per_port {
             counts.insert(i, c, 0)?;
         }
-        Ok((expired.len(), remaining))
+        Ok((expired.len(), remaining, unread))
     }
 
     /// The firewall rule number of a flow's last verdict, if a firewall
@@ -731,7 +736,13 @@ impl Dataplane {
             .map(|v| v.rule_id)
     }
 
-    /// The ring of denial events, for one reader (`None` once taken).
+    /// The DNS answers the programs copy, for one reader.
+    pub fn take_dns_copies(&mut self) -> anyhow::Result<aya::maps::perf::AsyncPerfEventArray<MapData>> {
+        let map = self.take_map(m::DNS_COPIES)?;
+        Ok(aya::maps::perf::AsyncPerfEventArray::try_from(map)?)
+    }
+
+    /// The ring of denial events, for one reader.
     pub fn take_events(&mut self) -> anyhow::Result<aya::maps::RingBuf<MapData>> {
         let map = self.take_map(m::EVENTS)?;
         Ok(aya::maps::RingBuf::try_from(map)?)
@@ -812,13 +823,13 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// The dataplane's denial-event counters, summed over CPUs.
-pub fn read_event_limits(pin_dir: &Path) -> anyhow::Result<m::EventLimiter> {
+/// The counters of an event limiter (`m::LIMIT_*`), summed over CPUs.
+pub fn read_event_limits(pin_dir: &Path, slot: u32) -> anyhow::Result<m::EventLimiter> {
     let data = MapData::from_pin(pin_dir.join("maps").join(m::EVENT_LIMIT)).context("opening the event limiter")?;
     let map: PerCpuArray<MapData, m::EventLimiter> =
         PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data)).context("event limiter map type")?;
     let mut sum = m::EventLimiter::default();
-    for l in map.get(&0, 0)?.iter() {
+    for l in map.get(&slot, 0)?.iter() {
         sum.sent += l.sent;
         sum.suppressed += l.suppressed;
         sum.lost += l.lost;

@@ -97,12 +97,15 @@ impl Events {
     pub fn denials(&self, denied: &[Denied]) {
         let mut sent = 0u32;
         let mut over = 0u64;
+        let mut over_ports: std::collections::BTreeMap<&str, u64> = Default::default();
         for d in denied {
             let Some((kind, severity)) = d.reason.and_then(denial_kind) else {
                 continue;
             };
             if sent >= self.per_sec {
                 over += 1;
+                let port = if d.record.port.is_empty() { "-" } else { d.record.port.as_str() };
+                *over_ports.entry(port).or_default() += 1;
                 continue;
             }
             sent += 1;
@@ -148,12 +151,19 @@ impl Events {
         }
         if over > 0 {
             self.suppressed.fetch_add(over, Ordering::Relaxed);
+            let mut ports: Vec<(&str, u64)> = over_ports.into_iter().collect();
+            ports.sort_by(|a, b| b.1.cmp(&a.1));
+            let listed: Vec<String> = ports.iter().take(8).map(|(p, n)| format!("{p}:{n}")).collect();
             self.syslog.send(&Event {
                 facility: FACILITY_AUDIT,
                 severity: Severity::Notice,
                 kind: "events_suppressed",
                 time_ms: now_ms(),
-                fields: vec![("host", self.host.clone()), ("count", over.to_string())],
+                fields: vec![
+                    ("host", self.host.clone()),
+                    ("count", over.to_string()),
+                    ("ports", listed.join(",")),
+                ],
                 text: format!("{over} denial event(s) of the last second left out (over {} a second)", self.per_sec),
             });
         }

@@ -48,6 +48,21 @@ pub struct Settings {
     pub denied_per_sec: u32,
 }
 
+impl Default for Settings {
+    /// No collector; the usual timeouts (60 s active, 15 s idle).
+    fn default() -> Settings {
+        Settings {
+            collectors: Vec::new(),
+            active: Duration::from_secs(60),
+            idle: Duration::from_secs(15),
+            pen: sdn_flowexport::record::PEN_DEFAULT,
+            domain: 0,
+            queue: 65536,
+            denied_per_sec: 100,
+        }
+    }
+}
+
 /// What a port is, for its flows' records.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PortContext {
@@ -196,7 +211,8 @@ impl Outputs {
         }
     }
 
-    /// Hands `records` to every collector whose queue has room for them.
+    /// Hands `records` to every collector, each as many as its queue has
+    /// room for; the rest are counted.
     pub fn send(&self, records: Vec<FlowRecord>) {
         if records.is_empty() {
             return;
@@ -205,14 +221,23 @@ impl Outputs {
         self.stats.records.fetch_add(n, Ordering::Relaxed);
         let batch = Arc::new(records);
         for (q, held) in self.queues.iter().zip(&self.held) {
-            if held.load(Ordering::Relaxed) + n > self.limit {
-                self.stats.queue_full.fetch_add(n, Ordering::Relaxed);
+            let room = self.limit.saturating_sub(held.load(Ordering::Relaxed));
+            let take = n.min(room);
+            if take < n {
+                self.stats.queue_full.fetch_add(n - take, Ordering::Relaxed);
+            }
+            if take == 0 {
                 continue;
             }
-            held.fetch_add(n, Ordering::Relaxed);
-            if q.try_send(batch.clone()).is_err() {
-                held.fetch_sub(n, Ordering::Relaxed);
-                self.stats.queue_full.fetch_add(n, Ordering::Relaxed);
+            let part = if take == n {
+                batch.clone()
+            } else {
+                Arc::new(batch[..take as usize].to_vec())
+            };
+            held.fetch_add(take, Ordering::Relaxed);
+            if q.try_send(part).is_err() {
+                held.fetch_sub(take, Ordering::Relaxed);
+                self.stats.queue_full.fetch_add(take, Ordering::Relaxed);
             }
         }
     }
@@ -271,6 +296,14 @@ pub struct Meter {
     ctx: Arc<Context>,
     /// The records of this pass, with their flows.
     out: Vec<(CtKey, FlowRecord)>,
+    /// When TCP records are made: the collecting node's name.
+    tcp_node: Option<String>,
+    /// The TCP records of this pass.
+    tcp: Vec<crate::records::TcpRecord>,
+    /// Whether this pass read the whole table.
+    complete: bool,
+    /// When the meter started (the monotonic clock).
+    started_ns: u64,
 }
 
 /// The programs count frames (the Ethernet header and the IP packet);
@@ -299,12 +332,23 @@ impl Meter {
             clock: Clock::now(),
             ctx: Arc::default(),
             out: Vec::new(),
+            tcp_node: None,
+            tcp: Vec::new(),
+            complete: true,
+            started_ns: crate::dataplane::monotonic_ns(),
         }
+    }
+
+    /// Makes a TCP record of each connection as it ends, naming `node`.
+    pub fn with_tcp_records(mut self, node: &str) -> Meter {
+        self.tcp_node = Some(node.to_string());
+        self
     }
 
     /// Starts a pass over the flow table.
     pub fn begin(&mut self, clock: Clock, ctx: Arc<Context>) {
         self.pass += 1;
+        self.complete = true;
         self.clock = clock;
         self.ctx = ctx;
     }
@@ -314,15 +358,19 @@ impl Meter {
     pub fn observe(&mut self, k: &CtKey, v: &CtValue, removed: bool) {
         let now = self.clock.mono_ns;
         let pass = self.pass;
+        // On the first pass, flows that were there before are taken from
+        // where they are: an agent before this one reported what they
+        // carried (a restarted agent counts nothing twice).
+        let inherited = pass == 1 && v.created_ns < self.started_ns;
         let s = self.flows.entry(*k).or_insert(Seen {
             created_ns: v.created_ns,
-            packets_out: 0,
-            packets_in: 0,
-            bytes_out: 0,
-            bytes_in: 0,
-            reported_ns: v.created_ns,
-            record_ns: v.created_ns,
-            records: 0,
+            packets_out: if inherited { v.packets_out } else { 0 },
+            packets_in: if inherited { v.packets_in } else { 0 },
+            bytes_out: if inherited { v.bytes_out } else { 0 },
+            bytes_in: if inherited { v.bytes_in } else { 0 },
+            reported_ns: if inherited { v.last_seen_ns } else { v.created_ns },
+            record_ns: if inherited { now } else { v.created_ns },
+            records: u64::from(inherited),
             ended: false,
             pass,
         });
@@ -358,6 +406,35 @@ impl Meter {
             None
         };
         let Some(reason) = reason else { return };
+        let ends = k.proto == dataplane_common::PROTO_TCP && !s.ended && (reason == EndReason::EndOfFlow || removed);
+        if let (true, Some(node)) = (ends, &self.tcp_node) {
+            let (local, remote) = (addr(k.family, &k.local), addr(k.family, &k.remote));
+            let pc = self.ctx.ports.get(&k.ifindex);
+            let opened_here = v.origin == m::CT_ORIGIN_OUT;
+            let (client, client_port, server, server_port) = if opened_here {
+                (local, k.local_port, remote, k.remote_port)
+            } else {
+                (remote, k.remote_port, local, k.local_port)
+            };
+            self.tcp.push(crate::records::TcpRecord {
+                record: "tcp",
+                first_packet: sdn_proto::audit::rfc3339(self.clock.unix_ms(v.created_ns)),
+                node: node.clone(),
+                node_type: "agent",
+                port: pc.map(|p| p.port.clone()).unwrap_or_default(),
+                tenant: pc.map(|p| p.tenant.clone()).unwrap_or_default(),
+                vpc: pc.map(|p| p.vpc.clone()).unwrap_or_default(),
+                client,
+                client_port,
+                server,
+                server_port,
+                state: if closing { "closed" } else { "timed_out" },
+                connections: 1,
+                session_ms: v.last_seen_ns.saturating_sub(v.created_ns) / 1_000_000,
+                packets: v.packets_out + v.packets_in,
+                octets: ip_octets(v.bytes_out, v.packets_out) + ip_octets(v.bytes_in, v.packets_in),
+            });
+        }
         if moved {
             let event = if reason == EndReason::EndOfFlow || removed {
                 FirewallEvent::Deleted
@@ -442,7 +519,10 @@ impl Meter {
     /// rule; the others, the port's security groups.
     pub fn end(&mut self, firewall: &dyn Fn(&CtKey) -> Option<u32>) -> Vec<FlowRecord> {
         let pass = self.pass;
-        self.flows.retain(|_, s| s.pass == pass);
+        // A pass that did not read the whole table forgets nothing.
+        if self.complete {
+            self.flows.retain(|_, s| s.pass == pass);
+        }
         let ctx = self.ctx.clone();
         std::mem::take(&mut self.out)
             .into_iter()
@@ -458,6 +538,26 @@ impl Meter {
             .collect()
     }
 
+    /// The TCP records of the last pass, each counting the connections
+    /// from its client to its service that ended in the pass.
+    pub fn take_tcp(&mut self) -> Vec<crate::records::TcpRecord> {
+        let mut n: HashMap<(String, IpAddr, IpAddr, u16), usize> = HashMap::new();
+        for r in &self.tcp {
+            *n.entry((r.port.clone(), r.client, r.server, r.server_port)).or_default() += 1;
+        }
+        let mut out = std::mem::take(&mut self.tcp);
+        for r in &mut out {
+            r.connections = n[&(r.port.clone(), r.client, r.server, r.server_port)];
+        }
+        out
+    }
+
+    /// Says the pass did not read the whole flow table: no flow is
+    /// forgotten for not being seen in it.
+    pub fn incomplete(&mut self) {
+        self.complete = false;
+    }
+
     /// Flows the meter follows.
     pub fn tracked(&self) -> usize {
         self.flows.len()
@@ -467,7 +567,11 @@ impl Meter {
 /// A denied flow, as events name it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct DeniedKey {
+    /// The refusing port, or the device the packet came in by when no
+    /// port of this host refused it.
     ifindex: u32,
+    /// `m::SIDE_*`; 0: no port here.
+    side: u8,
     reason: u8,
     family: u8,
     proto: u8,
@@ -489,18 +593,26 @@ struct DeniedFlow {
 
 /// Gathers denial events per flow.
 pub struct Denials {
-    /// Flows gathered since the last flush (at most `GATHER_MAX`).
+    /// Flows gathered since the last flush (at most `GATHER_MAX`, and
+    /// `PORT_GATHER_MAX` per port).
     flows: HashMap<DeniedKey, DeniedFlow>,
+    /// Distinct flows gathered per port since the last flush.
+    per_port: HashMap<u32, usize>,
     stats: Arc<Stats>,
 }
 
 /// Denied flows gathered between two flushes, at most.
 const GATHER_MAX: usize = 16384;
+/// Denied flows of one port gathered between two flushes, at most: past
+/// them, a port's flows are gathered per pair of addresses (its ports
+/// cleared), so a port that scans or floods fills only its own share.
+const PORT_GATHER_MAX: usize = 256;
 
 impl Denials {
     pub fn new(stats: Arc<Stats>) -> Denials {
         Denials {
             flows: HashMap::new(),
+            per_port: HashMap::new(),
             stats,
         }
     }
@@ -519,15 +631,10 @@ impl Denials {
     }
 
     fn add(&mut self, e: &DenyEvent) {
-        // The port whose rules refused it: the receiver for an inbound
-        // security-group denial, else the sender when it is a port here.
-        let ifindex = if e.reason == DropReason::PolicyIngress as u8 || e.src_ifx == 0 {
-            e.dst_ifx
-        } else {
-            e.src_ifx
-        };
-        let k = DeniedKey {
+        let (ifindex, side) = if e.port_ifx != 0 { (e.port_ifx, e.side) } else { (e.device, 0) };
+        let mut k = DeniedKey {
             ifindex,
+            side,
             reason: e.reason,
             family: e.family,
             proto: e.proto,
@@ -537,36 +644,65 @@ impl Denials {
             src: e.src,
             dst: e.dst,
         };
-        let full = self.flows.len() >= GATHER_MAX;
-        match self.flows.get_mut(&k) {
-            Some(f) => {
-                f.last_ns = e.now_ns;
-                f.packets += 1;
-                f.octets += ip_octets(u64::from(e.len), 1);
-            }
-            None if full => {
-                self.stats.denied_suppressed.fetch_add(1, Ordering::Relaxed);
-            }
-            None => {
-                self.flows.insert(
-                    k,
-                    DeniedFlow {
-                        first_ns: e.now_ns,
-                        last_ns: e.now_ns,
-                        packets: 1,
-                        octets: ip_octets(u64::from(e.len), 1),
-                        rule: e.rule,
-                    },
-                );
-            }
+        let held = self.per_port.get(&ifindex).copied().unwrap_or(0);
+        if held >= PORT_GATHER_MAX && !self.flows.contains_key(&k) {
+            k.sport = 0;
+            k.dport = 0;
         }
+        let octets = ip_octets(u64::from(e.len), 1);
+        if let Some(f) = self.flows.get_mut(&k) {
+            f.last_ns = e.now_ns;
+            f.packets += 1;
+            f.octets += octets;
+            return;
+        }
+        if self.flows.len() >= GATHER_MAX || held >= 2 * PORT_GATHER_MAX {
+            self.stats.denied_suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        *self.per_port.entry(ifindex).or_default() += 1;
+        self.flows.insert(
+            k,
+            DeniedFlow {
+                first_ns: e.now_ns,
+                last_ns: e.now_ns,
+                packets: 1,
+                octets,
+                rule: e.rule,
+            },
+        );
     }
 
     /// The flows gathered since the last flush, each as a record (a flow
     /// dropped before its IP header was read has unspecified addresses).
+    /// They come in turns of (port, reason): each port's first flow of
+    /// each reason, then each one's second, and so on; a rate taken from
+    /// the front shares itself among ports.
     pub fn flush(&mut self, clock: Clock, ctx: &Context) -> Vec<Denied> {
-        let mut out = Vec::with_capacity(self.flows.len());
+        self.per_port.clear();
+        let mut groups: BTreeMap<(u32, u8), Vec<(DeniedKey, DeniedFlow)>> = BTreeMap::new();
         for (k, f) in self.flows.drain() {
+            groups.entry((k.ifindex, k.reason)).or_default().push((k, f));
+        }
+        for g in groups.values_mut() {
+            // The busiest flows of a group first.
+            g.sort_by(|a, b| b.1.packets.cmp(&a.1.packets));
+        }
+        let mut turns: Vec<std::vec::IntoIter<(DeniedKey, DeniedFlow)>> = groups.into_values().map(Vec::into_iter).collect();
+        let mut order = Vec::new();
+        loop {
+            let before = order.len();
+            for t in &mut turns {
+                if let Some(x) = t.next() {
+                    order.push(x);
+                }
+            }
+            if order.len() == before {
+                break;
+            }
+        }
+        let mut out = Vec::with_capacity(order.len());
+        for (k, f) in order {
             let pc = ctx.ports.get(&k.ifindex);
             let reason = DropReason::ALL.get(usize::from(k.reason)).copied();
             let rule = match reason {
@@ -606,7 +742,11 @@ impl Denials {
                     end_ms: clock.unix_ms(f.last_ns),
                     end_reason: EndReason::ForcedEnd,
                     firewall_event: FirewallEvent::Denied,
-                    direction: if k.entry == 1 { Direction::Egress } else { Direction::Ingress },
+                    direction: if k.side == m::SIDE_SENT || (k.side == 0 && k.entry == 1) {
+                        Direction::Egress
+                    } else {
+                        Direction::Ingress
+                    },
                     vni: pc.map(|p| p.vni).filter(|v| *v != 0),
                     tenant: pc.map(|p| p.tenant.clone()).unwrap_or_default(),
                     vpc: pc.map(|p| p.vpc.clone()).unwrap_or_default(),
@@ -764,6 +904,13 @@ mod tests {
 
     const S: u64 = 1_000_000_000;
 
+    /// A meter started before any flow of the tests.
+    fn meter() -> Meter {
+        let mut mt = Meter::new(&settings());
+        mt.started_ns = 0;
+        mt
+    }
+
     fn pass(mt: &mut Meter, at_s: u64, entries: &[(CtValue, bool)]) -> Vec<FlowRecord> {
         mt.begin(
             Clock {
@@ -782,7 +929,7 @@ mod tests {
     /// FIN, and what the last packets carried when the entry goes.
     #[test]
     fn records_carry_what_flowed_since_the_last_one() {
-        let mut mt = Meter::new(&settings());
+        let mut mt = meter();
         assert!(pass(&mut mt, 5, &[(value(S, 5 * S, (3, 300), (2, 2000), 0), false)]).is_empty());
         // 61 s after the creation, still busy: an active-timeout record.
         let r = pass(&mut mt, 62, &[(value(S, 61 * S, (10, 1000), (8, 8000), 0), false)]);
@@ -819,7 +966,7 @@ mod tests {
     /// sees any more is forgotten.
     #[test]
     fn a_reused_key_is_a_new_flow_and_gone_flows_are_forgotten() {
-        let mut mt = Meter::new(&settings());
+        let mut mt = meter();
         pass(&mut mt, 5, &[(value(S, 5 * S, (3, 300), (0, 0), 0), false)]);
         let r = pass(&mut mt, 70, &[(value(65 * S, 69 * S, (1, 60), (0, 0), 0), false)]);
         assert!(r.is_empty(), "a new flow's first minute is not over: {r:?}");
@@ -831,14 +978,18 @@ mod tests {
     }
 
     fn event(reason: DropReason, sport: u16, rule: u32) -> Vec<u8> {
+        event_at(7, reason, sport, rule)
+    }
+
+    fn event_at(port: u32, reason: DropReason, sport: u16, rule: u32) -> Vec<u8> {
         let mut src = [0u8; 16];
         src[..4].copy_from_slice(&[192, 0, 2, 1]);
         let mut dst = [0u8; 16];
         dst[..4].copy_from_slice(&[10, 0, 0, 11]);
         let e = DenyEvent {
             now_ns: 3 * S,
-            src_ifx: 0,
-            dst_ifx: 7,
+            port_ifx: port,
+            device: 2,
             rule,
             len: 60,
             reason: reason as u8,
@@ -849,6 +1000,8 @@ mod tests {
             dport: 22,
             src,
             dst,
+            side: m::SIDE_FOR,
+            _pad: [0; 7],
         };
         // SAFETY: DenyEvent is Pod.
         unsafe { std::slice::from_raw_parts(&e as *const DenyEvent as *const u8, std::mem::size_of::<DenyEvent>()) }
@@ -889,5 +1042,39 @@ mod tests {
             assert_eq!((r[0].packets, r[0].octets), (3, 3 * 46));
         }
         assert!(d.flush(clock, &ctx()).is_empty());
+    }
+
+    /// A port that floods fills only its own share: past it, its flows are
+    /// gathered per pair of addresses, and every port's first flow of each
+    /// reason comes before any port's second.
+    #[test]
+    fn a_flooding_port_takes_only_its_own_share() {
+        let stats = Arc::new(Stats::default());
+        let mut d = Denials::new(stats.clone());
+        for p in 0..(3 * PORT_GATHER_MAX as u16) {
+            d.event(&event_at(8, DropReason::PolicyIngress, 10_000 + p, 0));
+        }
+        d.event(&event_at(7, DropReason::SpoofIp, 5000, 0));
+        let denied = d.flush(Clock { unix_ms: 10_000, mono_ns: 4 * S }, &ctx());
+        // Port 8: its share, and one more flow for all the rest (ports cleared).
+        assert_eq!(denied.len(), PORT_GATHER_MAX + 1 + 1);
+        let folded = denied.iter().find(|x| x.record.port.is_empty() && x.record.src_port == 0).unwrap();
+        assert_eq!(folded.record.packets, 2 * PORT_GATHER_MAX as u64);
+        // With room for two records, port 7's spoofing is one of them.
+        let r = denied_records(&denied, 2, &stats);
+        assert!(r.iter().any(|x| x.port == "vm1" && x.rule == "guard/spoof_ip"), "{r:?}");
+        assert_eq!(r.iter().find(|x| x.port == "vm1").unwrap().direction, Direction::Ingress);
+    }
+
+    /// A restarted agent's meter takes flows already there from where they
+    /// are: what its predecessor reported is not reported again.
+    #[test]
+    fn flows_older_than_the_meter_are_not_counted_twice() {
+        let mut mt = Meter::new(&settings());
+        mt.started_ns = 50 * S;
+        let r = pass(&mut mt, 62, &[(value(S, 61 * S, (100, 10_000), (50, 5000), 0), false)]);
+        assert!(r.is_empty(), "{r:?}");
+        let r = pass(&mut mt, 125, &[(value(S, 124 * S, (101, 10_100), (50, 5000), 0), false)]);
+        assert_eq!((r.len(), r[0].packets, r[0].firewall_event), (1, 1, FirewallEvent::Update));
     }
 }

@@ -8,6 +8,7 @@ pub mod flows;
 pub mod metrics;
 pub mod overlay;
 pub mod reconcile;
+pub mod records;
 pub mod testrun;
 pub mod testutil;
 pub mod watch;

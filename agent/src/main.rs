@@ -43,6 +43,10 @@ struct FlowArgs {
     /// Records of denied flows sent per second at most; the rest are counted.
     #[arg(long = "flow-denied-rate", default_value_t = 100)]
     denied_per_sec: u32,
+    /// Append protocol records (TCP connections as they end, DNS answers)
+    /// to this file, one JSON object per line.
+    #[arg(long = "records-file")]
+    records_file: Option<PathBuf>,
 }
 
 impl FlowArgs {
@@ -165,7 +169,14 @@ async fn main() -> anyhow::Result<()> {
                 let list: Vec<String> = syslog.receivers.iter().map(|r| r.to_string()).collect();
                 tracing::info!(receivers = %list.join(", "), "security events sent as syslog");
             }
-            agent.export(flow_settings.as_ref(), events)?;
+            let records = match &flows.records_file {
+                Some(p) => {
+                    tracing::info!(file = %p.display(), "TCP and DNS records written");
+                    Some(sdn_agent::records::JsonLines::open(p.clone()).await?)
+                }
+                None => None,
+            };
+            agent.export(flow_settings.as_ref(), events, records)?;
             if let Some(s) = &flow_settings {
                 let list: Vec<String> = s.collectors.iter().map(|c| format!("{:?}://{}", c.transport, c.addr).to_lowercase()).collect();
                 tracing::info!(collectors = %list.join(", "), domain = s.domain, active_s = s.active.as_secs(), idle_s = s.idle.as_secs(), "flow records exported over IPFIX");

@@ -23,7 +23,8 @@
 //!   `suppressed`: denial events over the rate);
 //! - `sdn_agent_denial_events_total{outcome}`: the dataplane's denial
 //!   events (`sent`, `suppressed` over the per-CPU rate, `lost` to a full
-//!   ring).
+//!   ring), and `sdn_agent_dns_copies_total{outcome}`: the DNS answers it
+//!   copied up (`sent`, `suppressed`).
 //!
 //! Plain HTTP: bind it to an address only the monitoring system reaches.
 
@@ -145,12 +146,17 @@ pub fn render(src: &Sources) -> Result<String, String> {
     let rev = Gauge::<i64>::default();
     rev.set(src.enforced.load(Ordering::Relaxed) as i64);
     reg.register("enforced_revision", "The revision this agent last said it enforces", rev);
-    if let Ok(l) = crate::dataplane::read_event_limits(&src.pin_dir) {
-        let f = Family::<Outcome, Counter>::default();
-        for (outcome, n) in [("sent", l.sent), ("suppressed", l.suppressed), ("lost", l.lost)] {
-            f.get_or_create(&Outcome { outcome }).inc_by(n);
+    for (slot, name, help) in [
+        (dataplane_common::maps::LIMIT_DENIALS, "denial_events", "The dataplane's denial events, by outcome"),
+        (dataplane_common::maps::LIMIT_DNS, "dns_copies", "DNS answers the dataplane copied up, by outcome"),
+    ] {
+        if let Ok(l) = crate::dataplane::read_event_limits(&src.pin_dir, slot) {
+            let f = Family::<Outcome, Counter>::default();
+            for (outcome, n) in [("sent", l.sent), ("suppressed", l.suppressed), ("lost", l.lost)] {
+                f.get_or_create(&Outcome { outcome }).inc_by(n);
+            }
+            reg.register(name, help, f);
         }
-        reg.register("denial_events", "The dataplane's denial events, by outcome", f);
     }
     if let Some(ev) = &src.syslog {
         let f = Family::<Outcome, Counter>::default();

@@ -54,10 +54,13 @@ pub struct Agent {
     events: Option<crate::events::Events>,
 }
 
-/// The flow export of an agent.
+/// What an agent makes of its flow table's passes.
 struct FlowExport {
     meter: flows::Meter,
-    outputs: flows::Outputs,
+    /// IPFIX, when exported.
+    outputs: Option<flows::Outputs>,
+    /// TCP records, when written.
+    records: Option<crate::records::JsonLines>,
 }
 
 /// The outcome of enforcing the held share.
@@ -100,29 +103,50 @@ impl Agent {
 
     /// Exports flow records (`flows`): the flow table's, from each
     /// collection pass, and denied flows', from the dataplane's denial
-    /// events; and sends security events (`events`): quarantines, and the
-    /// denials a supervisor is told of.
-    pub fn export(&mut self, flows: Option<&flows::Settings>, events: Option<crate::events::Events>) -> anyhow::Result<()> {
-        if flows.is_none() && events.is_none() {
+    /// events; sends security events (`events`): quarantines, and the
+    /// denials a supervisor is told of; writes protocol records
+    /// (`records`): TCP connections as they end, DNS answers.
+    pub fn export(
+        &mut self,
+        flows: Option<&flows::Settings>,
+        events: Option<crate::events::Events>,
+        records: Option<crate::records::JsonLines>,
+    ) -> anyhow::Result<()> {
+        if flows.is_none() && events.is_none() && records.is_none() {
             return Ok(());
         }
-        let ring = self.dp.take_events().context("opening the denial events")?;
         let stats = std::sync::Arc::new(flows::Stats::default());
-        let outputs = flows.map(|s| flows::Outputs::start(s, stats.clone()));
-        let sinks = flows::DenialSinks {
-            flows: outputs.clone().zip(flows.map(|s| s.denied_per_sec)),
-            events: events.clone(),
-        };
-        let (c, st) = (self.flow_ctx.clone(), stats.clone());
-        tokio::spawn(async move {
-            if let Err(e) = flows::read_denials(ring, c, st, sinks).await {
-                tracing::error!(error = %format!("{e:#}"), "reading the denial events stopped: denied flows are neither recorded nor reported");
-            }
-        });
-        self.flows = flows.zip(outputs).map(|(s, outputs)| FlowExport {
-            meter: flows::Meter::new(s),
-            outputs,
-        });
+        if flows.is_some() || events.is_some() {
+            let ring = self.dp.take_events().context("opening the denial events")?;
+            let outputs = flows.map(|s| flows::Outputs::start(s, stats.clone()));
+            let sinks = flows::DenialSinks {
+                flows: outputs.clone().zip(flows.map(|s| s.denied_per_sec)),
+                events: events.clone(),
+            };
+            let (c, st) = (self.flow_ctx.clone(), stats.clone());
+            tokio::spawn(async move {
+                if let Err(e) = flows::read_denials(ring, c, st, sinks).await {
+                    tracing::error!(error = %format!("{e:#}"), "reading the denial events stopped: denied flows are neither recorded nor reported");
+                }
+            });
+            self.flows = Some(FlowExport {
+                meter: flows::Meter::new(flows.unwrap_or(&flows::Settings::default())),
+                outputs,
+                records: None,
+            });
+        }
+        if let Some(r) = &records {
+            let perf = self.dp.take_dns_copies().context("opening the DNS copies")?;
+            crate::records::read_dns(perf, self.flow_ctx.clone(), self.host.clone(), r.clone())?;
+            let f = self.flows.get_or_insert_with(|| FlowExport {
+                meter: flows::Meter::new(&flows::Settings::default()),
+                outputs: None,
+                records: None,
+            });
+            let meter = std::mem::replace(&mut f.meter, flows::Meter::new(&flows::Settings::default()));
+            f.meter = meter.with_tcp_records(&self.host);
+            f.records = Some(r.clone());
+        }
         self.flow_stats = Some(stats);
         self.events = events;
         Ok(())
@@ -138,10 +162,20 @@ impl Agent {
         let r = self
             .dp
             .collect_conntrack_observed(&mut |k, v, removed| f.meter.observe(k, v, removed));
+        if !matches!(r, Ok((_, _, 0))) {
+            f.meter.incomplete();
+        }
         let dp = &self.dp;
         let records = f.meter.end(&|k| dp.allowed_by_firewall(k));
-        f.outputs.send(records);
-        r
+        if let Some(o) = &f.outputs {
+            o.send(records);
+        }
+        for t in f.meter.take_tcp() {
+            if let Some(out) = &f.records {
+                out.put(&t);
+            }
+        }
+        r.map(|(removed, remaining, _)| (removed, remaining))
     }
 
     /// What the metrics endpoint reads.

@@ -4,9 +4,12 @@
 //! revision, the tenants concerned and what changed or why it was refused.
 //!
 //! The leader sends; a replica that becomes leader starts from the log's
-//! head, so a record applied in the moment leadership moves may be sent by
-//! neither (the audit log keeps it). At most `per_sec` events go out a
-//! second; the rest are counted, and a summary event says how many.
+//! head as it last read it, so around a change of leader a record may be
+//! sent by both or by neither (receivers tell repeats apart by
+//! `revision`; the audit log keeps every record). At most `per_sec`
+//! policy changes go out a second; the rest are counted, and a summary
+//! event says how many and from which revision. Refusals are not limited
+//! here: the controller groups and budgets them where it notes them.
 
 use std::time::Duration;
 
@@ -105,7 +108,9 @@ pub fn run(store: Store, syslog: Syslog, per_sec: u32, hostname: String) {
             let (mut sent, mut over) = (0u32, 0u64);
             for r in &page.records {
                 let Some(e) = event_of(r) else { continue };
-                if sent >= per_sec {
+                // Refusals are grouped and budgeted where they are noted:
+                // none is left out here.
+                if e.kind != "auth_refused" && sent >= per_sec {
                     over += 1;
                     continue;
                 }
@@ -118,8 +123,17 @@ pub fn run(store: Store, syslog: Syslog, per_sec: u32, hostname: String) {
                     severity: Severity::Notice,
                     kind: "events_suppressed",
                     time_ms: page.records.last().map(|r| r.time_unix_ms).unwrap_or(0),
-                    fields: vec![("host", hostname.clone()), ("count", over.to_string())],
-                    text: format!("{over} audit event(s) left out (over {per_sec} a second); the audit log has them"),
+                    fields: vec![
+                        ("host", hostname.clone()),
+                        ("count", over.to_string()),
+                        ("after", from.to_string()),
+                        ("through", page.next_after.to_string()),
+                    ],
+                    text: format!(
+                        "{over} policy change(s) of revisions {}..={} left out (over {per_sec} a second); the audit log has them",
+                        from + 1,
+                        page.next_after
+                    ),
                 });
             }
             after = Some(page.next_after.max(from));

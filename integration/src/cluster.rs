@@ -31,7 +31,8 @@ pub struct Cluster {
     client_tls: Option<Arc<Connector>>,
     /// More flags the controller runs with.
     extra: Vec<String>,
-    /// More flags every agent [`Cluster::start_agent`] starts runs with.
+    /// More flags every agent [`Cluster::start_agent`] starts runs with
+    /// (`{host}` in one stands for the agent's host).
     pub agent_extra: Vec<String>,
 }
 
@@ -178,7 +179,7 @@ impl Cluster {
     pub fn start_agent(&mut self, topo: &Topology, host: &str) -> anyhow::Result<()> {
         let underlay = topo.underlay_ip(host);
         let mut args = vec!["--underlay-ip".to_string(), underlay];
-        args.extend(self.agent_extra.iter().cloned());
+        args.extend(self.agent_extra.iter().map(|a| a.replace("{host}", host)));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.start_agent_binary(topo, host, &bin("sdn-agent"), &args)
     }

@@ -229,3 +229,130 @@ fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// TCP and DNS records: a VM asks a VM that serves DNS (dnsmasq) on another
+/// host, and opens two connections to a third. The agent's records say
+/// what `dig` saw: the name, the type, the code, each answer's TTL and
+/// data; and who opened which connection, how it ended, how many.
+#[tokio::test]
+async fn records_describe_tcp_connections_and_dns_answers() {
+    if !privileged() {
+        return;
+    }
+    assert!(have("dnsmasq") && have("dig"), "dnsmasq and dig are needed: scripts/setup.sh installs them");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("records-{host}.json");
+    let lab = Lab::new("rec", &["h1", "h2"])
+        .tenant(T)
+        .vpc_vni("vr", 4545)
+        .subnet("snr", "vr", "10.48.0.0/24", "")
+        .group("dns", vec![ingress("dns", false, "udp", (53, 53), "", "")])
+        .group("web", vec![ingress("http", false, "tcp", (80, 80), "", "")])
+        .vm("vm1", "h1", "snr", &[])
+        .vm("vm2", "h2", "snr", &["dns"])
+        .vm("vm3", "h1", "snr", &["web"])
+        .agent_args(&["--records-file", file.to_str().unwrap()])
+        .start()
+        .await
+        .unwrap();
+    let (vm1, vm2, vm3) = (lab.topo.vm("vm1"), lab.topo.vm("vm2"), lab.topo.vm("vm3"));
+    let _dns = Proc::spawn(
+        "dnsmasq",
+        Some(&vm2.ns.name),
+        &which("dnsmasq"),
+        &[
+            "--no-daemon",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            &format!("--listen-address={}", vm2.v4),
+            "--local=/gov.test/",
+            "--local-ttl=123",
+            "--host-record=portal.gov.test,10.48.0.80",
+            "--host-record=mail.gov.test,10.48.0.81",
+            "--pid-file=",
+        ],
+        dir.path(),
+    )
+    .unwrap();
+    let _web = lab.topo.serve(&["vm3"], &[], &["--tcp", "80"]).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let dig = |name: &str| {
+        let out = vm1
+            .ns
+            .sh(&["dig", &format!("@{}", vm2.v4), name, "A", "+time=2", "+tries=2", "+noall", "+answer", "+comments"])
+            .unwrap_or_default();
+        out
+    };
+    let portal = dig("portal.gov.test");
+    assert!(portal.contains("10.48.0.80") && portal.contains("NOERROR"), "{portal}");
+    let nope = dig("nope.gov.test");
+    assert!(nope.contains("NXDOMAIN"), "{nope}");
+    // dig's own account of the answer: TTL and address.
+    let answer: Vec<&str> = portal
+        .lines()
+        .find(|l| l.starts_with("portal.gov.test."))
+        .expect("an answer line")
+        .split_whitespace()
+        .collect();
+    assert!(lab.topo.reach("vm1", "vm3", "tcp", 80, false));
+    assert!(lab.topo.reach("vm1", "vm3", "tcp", 80, false));
+
+    let h1 = dir.path().join("records-h1.json");
+    let read = || -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&h1)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let done = |r: &[serde_json::Value]| {
+        r.iter().any(|x| x["record"] == "dns" && x["query"] == "portal.gov.test.")
+            && r.iter().any(|x| x["record"] == "dns" && x["query"] == "nope.gov.test.")
+            && r.iter().any(|x| x["record"] == "tcp" && x["port"] == "vm1")
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done(&read()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let all = read();
+    let text: Vec<String> = all.iter().map(|r| r.to_string()).collect();
+    let text = text.join("\n");
+    assert!(done(&all), "records missing:\n{text}\nagent h1:\n{}", lab.cluster.agent_log("h1"));
+
+    let d = all.iter().find(|x| x["record"] == "dns" && x["query"] == "portal.gov.test.").unwrap();
+    assert_eq!(d["node"], "h1", "{d}");
+    assert_eq!(d["port"], "vm1", "{d}");
+    assert_eq!(d["tenant"], T, "{d}");
+    assert_eq!(d["query_type"], "A", "{d}");
+    assert_eq!(d["rcode"], "No Error", "{d}");
+    assert_eq!(d["client"], vm1.v4.as_str(), "{d}");
+    assert_eq!(d["server"], vm2.v4.as_str(), "{d}");
+    assert_eq!(d["server_port"], 53, "{d}");
+    assert_eq!(d["answer_count"], 1, "{d}");
+    assert_eq!(d["answers"][0]["type"], "A", "{d}");
+    assert_eq!(d["answers"][0]["data"], answer[4], "{d} / dig: {portal}");
+    assert_eq!(d["answers"][0]["ttl"].to_string(), answer[1], "{d} / dig: {portal}");
+    assert_eq!(d["min_ttl"], 123, "{d}");
+    let n = all.iter().find(|x| x["record"] == "dns" && x["query"] == "nope.gov.test.").unwrap();
+    assert_eq!((n["rcode"].as_str(), n["answer_count"].as_u64()), (Some("Non-Existent Domain"), Some(0)), "{n}");
+
+    let tcp: Vec<&serde_json::Value> = all.iter().filter(|x| x["record"] == "tcp" && x["port"] == "vm1").collect();
+    assert_eq!(tcp.len(), 2, "{text}");
+    for t in &tcp {
+        assert_eq!(t["client"], vm1.v4.as_str(), "{t}");
+        assert_eq!(t["server"], vm3.v4.as_str(), "{t}");
+        assert_eq!(t["server_port"], 80, "{t}");
+        assert_eq!(t["state"], "closed", "{t}");
+        assert_eq!(t["node"], "h1", "{t}");
+        assert_eq!(t["node_type"], "agent", "{t}");
+        assert!(t["packets"].as_u64().unwrap() >= 4, "{t}");
+        assert!(t["first_packet"].as_str().unwrap().ends_with('Z'), "{t}");
+        assert!(t["connections"].as_u64().unwrap() >= 1, "{t}");
+    }
+    // vm3 saw the same connections, as their server.
+    assert!(
+        all.iter().any(|x| x["record"] == "tcp" && x["port"] == "vm3" && x["client"] == vm1.v4.as_str()),
+        "{text}"
+    );
+}

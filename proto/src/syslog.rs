@@ -95,7 +95,8 @@ pub struct SyslogArgs {
     /// IP address); by default the receiver's address.
     #[arg(id = "syslog_tls_name", long = "syslog-tls-name")]
     pub tls_name: Option<String>,
-    /// Events of one kind sent per second at most; the rest are counted
+    /// Events sent per second at most (refusals of callers, already
+    /// grouped by the controller, are not limited); the rest are counted
     /// and said in a summary event.
     #[arg(id = "syslog_rate", long = "syslog-rate", default_value_t = 50)]
     pub per_sec: u32,
@@ -202,16 +203,33 @@ fn header_token(s: &str, max: usize) -> String {
     }
 }
 
+/// A value is cut to this many bytes, so every field of an event fits.
+pub const VALUE_MAX: usize = 1024;
+
+/// Characters that change how text around them is shown (bidirectional
+/// overrides, invisible joiners, line separators): written as escapes, so
+/// what a viewer shows is what the event says.
+fn deceptive(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+}
+
 /// A parameter value: `"`, `\` and `]` escaped (RFC 5424 6.3.3), control
-/// characters shown as `\u{..}` so no value can end the message early.
+/// and deceptive characters shown as `\u{..}` so no value can end the
+/// message early or disguise itself; at most [`VALUE_MAX`] bytes.
 fn param_value(v: &str, out: &mut String) {
+    let start = out.len();
     for c in v.chars() {
+        if out.len() - start >= VALUE_MAX {
+            out.push_str("...");
+            break;
+        }
         match c {
             '"' | '\\' | ']' => {
                 out.push('\\');
                 out.push(c);
             }
-            c if c.is_control() => out.push_str(&c.escape_unicode().to_string()),
+            c if deceptive(c) => out.push_str(&c.escape_unicode().to_string()),
             c => out.push(c),
         }
     }
@@ -237,17 +255,19 @@ pub fn format(o: &Origin, e: &Event) -> String {
         s.push('"');
     }
     s.push(']');
-    if !e.text.is_empty() {
+    if !e.text.is_empty() && s.len() + 4 < MESSAGE_MAX {
         // A UTF-8 text starts with the byte order mark (6.4).
         s.push_str(" \u{feff}");
         for c in e.text.chars() {
-            if c.is_control() {
+            if deceptive(c) {
                 s.push(' ');
             } else {
                 s.push(c);
             }
         }
     }
+    // Only the text is ever cut: the structured data is whole (each value
+    // is bounded, and fields are few).
     if s.len() > MESSAGE_MAX {
         let mut cut = MESSAGE_MAX;
         while !s.is_char_boundary(cut) {
@@ -309,10 +329,23 @@ impl Syslog {
 }
 
 fn tls_connector(t: &TlsSettings) -> Result<boring::ssl::SslConnector, String> {
-    use boring::ssl::{SslConnector, SslFiletype, SslMethod};
+    use boring::ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode};
     let mut b = SslConnector::builder(SslMethod::tls()).map_err(|e| format!("TLS setup: {e}"))?;
-    b.set_ca_file(&t.ca)
-        .map_err(|e| format!("the syslog CA {}: {e}", t.ca.display()))?;
+    // Only the configured CA is trusted, not the system's roots: a public
+    // CA's certificate for the receiver's name or address is refused.
+    let pem = std::fs::read(&t.ca).map_err(|e| format!("reading the syslog CA {}: {e}", t.ca.display()))?;
+    let cas = boring::x509::X509::stack_from_pem(&pem).map_err(|e| format!("the syslog CA {}: {e}", t.ca.display()))?;
+    if cas.is_empty() {
+        return Err(format!("the syslog CA {}: no certificate in it", t.ca.display()));
+    }
+    let mut store = boring::x509::store::X509StoreBuilder::new().map_err(|e| format!("TLS setup: {e}"))?;
+    for c in &cas {
+        store
+            .add_cert(c.clone())
+            .map_err(|e| format!("the syslog CA {}: {e}", t.ca.display()))?;
+    }
+    b.set_cert_store(store.build());
+    b.set_verify(SslVerifyMode::PEER);
     if let Some((cert, key)) = &t.own {
         b.set_certificate_chain_file(cert)
             .map_err(|e| format!("{}: {e}", cert.display()))?;
@@ -470,9 +503,16 @@ mod tests {
         );
         let long = Event {
             text: "x".repeat(3 * MESSAGE_MAX),
+            fields: vec![("reason", "y".repeat(5 * VALUE_MAX)), ("port", "vm1\u{202e}1mv".into())],
             ..e
         };
-        assert_eq!(format(&origin(), &long).len(), MESSAGE_MAX);
+        let m = format(&origin(), &long);
+        assert_eq!(m.len(), MESSAGE_MAX);
+        // The values are cut, not the structured data: it ends, and every
+        // field is in it.
+        let sd_end = m.find("] \u{feff}").expect("the structured data ends");
+        assert!(m[..sd_end].contains("port=\"vm1\\u{202e}1mv\""), "{}", &m[..sd_end]);
+        assert!(m[..sd_end].contains(&format!("{}...\"", "y".repeat(VALUE_MAX - 1))));
     }
 
     #[test]
@@ -516,5 +556,80 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(s.stats.dropped.load(Ordering::Relaxed) >= QUEUE as u64);
         assert_eq!(s.stats.sent.load(Ordering::Relaxed), 0);
+    }
+
+    /// A TLS receiver whose certificate the configured CA issued for its
+    /// address gets the events, framed by octet counting; one whose
+    /// certificate another CA issued, or that names another address, gets
+    /// nothing.
+    #[tokio::test]
+    async fn tls_receivers_are_checked_by_the_configured_ca_and_address() {
+        use crate::tls::pki::{Ca, Validity};
+        use crate::tls::{Identity, Role};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::create("syslog-ca", Validity::days(1)).unwrap();
+        let other = Ca::create("another-ca", Validity::days(1)).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.cert_pem().unwrap()).unwrap();
+        let id = Identity {
+            role: Role::Supervisor,
+            name: "syslog".into(),
+            tenant: None,
+        };
+        let receive = |issuer: &Ca| {
+            let (cert, key) = issuer.issue(&id, &["127.0.0.1".to_string()], Validity::days(1)).unwrap();
+            let mut b = boring::ssl::SslAcceptor::mozilla_intermediate(boring::ssl::SslMethod::tls()).unwrap();
+            b.set_certificate(&boring::x509::X509::from_pem(&cert).unwrap()).unwrap();
+            b.set_private_key(&boring::pkey::PKey::private_key_from_pem(&key).unwrap()).unwrap();
+            let acceptor = b.build();
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.set_nonblocking(true).unwrap();
+            let addr = l.local_addr().unwrap();
+            let l = tokio::net::TcpListener::from_std(l).unwrap();
+            let got = tokio::spawn(async move {
+                let (s, _) = l.accept().await.unwrap();
+                let Ok(mut s) = tokio_boring::accept(&acceptor, s).await else {
+                    return Vec::new();
+                };
+                let mut v = Vec::new();
+                let _ = tokio::time::timeout(Duration::from_secs(2), tokio::io::AsyncReadExt::read_to_end(&mut s, &mut v)).await;
+                v
+            });
+            (addr, got)
+        };
+        let event = Event {
+            facility: FACILITY_AUTH,
+            severity: Severity::Warning,
+            kind: "auth_refused",
+            time_ms: 0,
+            fields: vec![("actor", "mallory".into())],
+            text: String::new(),
+        };
+        let settings = |name: &str| TlsSettings {
+            ca: dir.path().join("ca.pem"),
+            name: name.into(),
+            own: None,
+        };
+        for (issuer, name, delivered) in [(&ca, "", true), (&other, "", false), (&ca, "10.9.9.9", false)] {
+            let (addr, got) = receive(issuer);
+            let r = Receiver {
+                transport: Transport::Tls,
+                addr,
+            };
+            let s = Syslog::start(&[r], Some(settings(name)), origin()).unwrap();
+            s.send(&event);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let sent = s.stats.sent.load(Ordering::Relaxed);
+            drop(s);
+            let bytes = got.await.unwrap();
+            let text = String::from_utf8_lossy(&bytes).to_string();
+            if delivered {
+                assert_eq!(sent, 1);
+                let (len, msg) = text.split_once(' ').unwrap();
+                assert_eq!(len.parse::<usize>().unwrap(), msg.len(), "{text}");
+                assert!(msg.contains("auth_refused [sdn@32473 actor=\"mallory\"]"), "{text}");
+            } else {
+                assert_eq!((sent, text.as_str()), (0, ""), "issuer {}, name {name:?}", if std::ptr::eq(issuer, &ca) { "ca" } else { "other" });
+            }
+        }
     }
 }

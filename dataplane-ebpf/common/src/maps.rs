@@ -104,9 +104,38 @@ pub const STATS: &str = "SDN_STATS";
 /// packets a security tier dropped, for the agent's flow records and
 /// security events. Never read by the programs.
 pub const EVENTS: &str = "SDN_EVENTS";
-/// Pinned name of the per-CPU state of the event limiter (array of one
-/// [`EventLimiter`]).
+/// Pinned name of the per-CPU state of the event limiters (array of
+/// [`EventLimiter`]: slot [`LIMIT_DENIALS`], slot [`LIMIT_DNS`]).
 pub const EVENT_LIMIT: &str = "SDN_EVENT_LIMIT";
+/// Slot of the limiter of security-group denials (the most frequent:
+/// every scan of a port makes them).
+pub const LIMIT_DENIALS: u32 = 0;
+/// Slot of the DNS copies' limiter.
+pub const LIMIT_DNS: u32 = 1;
+/// Slot of the limiter of the guards' denials (spoofing, zone isolation,
+/// quarantine, firewalls, budgets): a flood of security-group denials
+/// cannot take their room.
+pub const LIMIT_GUARDS: u32 = 2;
+/// Slots of [`EVENT_LIMIT`].
+pub const LIMIT_SLOTS: u32 = 3;
+/// Name of the per-CPU limiters of each port's denial events (key: the
+/// port's ifindex, with [`PORT_LIMIT_GUARDS`] set for the guards' class):
+/// one port's flood takes at most its own share of a CPU's events.
+pub const EVENT_PORT_LIMIT: &str = "SDN_EVENT_PORT_LIMIT";
+pub const EVENT_PORT_LIMIT_MAX: u32 = 8192;
+/// Key bit of a port's guards' limiter.
+pub const PORT_LIMIT_GUARDS: u32 = 1 << 31;
+/// Denial events of one class one port may make per CPU per second.
+pub const EVENTS_PER_PORT_PER_SEC: u64 = 100;
+/// Name of the perf event array the programs copy DNS answers into (not
+/// pinned: each load's reader opens its own): a [`DnsCopy`], then the
+/// packet's first `len` bytes, Ethernet header on.
+pub const DNS_COPIES: &str = "SDN_DNS";
+/// Bytes of a DNS answer's packet copied at most (headers included):
+/// the usual EDNS size of 1,232 bytes of DNS and its headers.
+pub const DNS_COPY_MAX: u32 = 1232 + 14 + 40 + 8;
+/// DNS answers each CPU copies per second at most; the rest are counted.
+pub const DNS_PER_SEC: u64 = 2000;
 /// Bytes of the event ring buffer (a power of two pages).
 pub const EVENTS_BYTES: u32 = 256 << 10;
 /// Events each CPU may send per second; the rest are counted, not sent,
@@ -147,16 +176,23 @@ pub const EVENT_REASONS: u64 = {
     bits
 };
 
+/// The refusing port sent the packet.
+pub const SIDE_SENT: u8 = 1;
+/// The packet was for the refusing port.
+pub const SIDE_FOR: u8 = 2;
+
 /// One packet a security tier dropped, as the pipeline parsed it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct DenyEvent {
     /// CLOCK_MONOTONIC (coarse) when the packet entered.
     pub now_ns: u64,
-    /// The sending port's device when it is on this host, else 0.
-    pub src_ifx: u32,
-    /// The receiving port's device when it is on this host, else 0.
-    pub dst_ifx: u32,
+    /// The port of this host whose rules or state refused it (a
+    /// quarantined receiver, a sender over its budget...); 0: none here
+    /// (a forged overlay or uplink packet).
+    pub port_ifx: u32,
+    /// The device it came in by.
+    pub device: u32,
     /// For a firewall's denial: the rule number (see [`FW_NAMES`]); else 0.
     pub rule: u32,
     /// The packet's length.
@@ -174,6 +210,28 @@ pub struct DenyEvent {
     pub dport: u16,
     pub src: [u8; 16],
     pub dst: [u8; 16],
+    /// [`SIDE_SENT`] or [`SIDE_FOR`]: the refusing port's part.
+    pub side: u8,
+    pub _pad: [u8; 7],
+}
+
+/// What precedes a copied DNS answer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct DnsCopy {
+    /// CLOCK_MONOTONIC (coarse) when the packet entered.
+    pub now_ns: u64,
+    /// The port of this host the answer goes to (or, from a VM that
+    /// serves DNS, comes from).
+    pub ifindex: u32,
+    /// Bytes of the packet that follow.
+    pub len: u32,
+    /// Where the UDP header starts in them.
+    pub l4_off: u16,
+    pub family: u8,
+    /// The entry program.
+    pub entry: u8,
+    pub _pad: [u8; 4],
 }
 
 /// The event limiter of one CPU, and what it counted.
@@ -580,8 +638,9 @@ const _: () = assert!(core::mem::size_of::<AddrIdentity>() == 12);
 const _: () = assert!(core::mem::size_of::<RuleKey>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 48);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 56);
-const _: () = assert!(core::mem::size_of::<DenyEvent>() == 64);
+const _: () = assert!(core::mem::size_of::<DenyEvent>() == 72);
 const _: () = assert!(core::mem::size_of::<EventLimiter>() == 40);
+const _: () = assert!(core::mem::size_of::<DnsCopy>() == 24);
 
 /// Layouts of an earlier version of the maps, which an upgraded agent
 /// migrates from: version 1 keyed flows without their door.
@@ -647,4 +706,5 @@ mod pod {
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for DenyEvent {}
     unsafe impl aya::Pod for EventLimiter {}
+    unsafe impl aya::Pod for DnsCopy {}
 }

@@ -156,7 +156,13 @@ mod progs {
             // direct jumps.
             Ok(guard::Next::Stage(stage::FIREWALL)) => next(&ctx, stage::FIREWALL),
             Ok(guard::Next::Stage(_)) => next(&ctx, stage::COMMIT),
-            Ok(guard::Next::Done(action)) => finish(m, Ok(action)),
+            Ok(guard::Next::Done(action)) => {
+                // The fast path of an established flow: answers mostly
+                // take it. (Its rewrites move no header: the tunnel is
+                // metadata, the MACs keep their place.)
+                maps::copy_dns(&ctx, m);
+                finish(m, Ok(action))
+            }
             Err(r) => deny(m, r),
         }
     }
@@ -191,6 +197,8 @@ mod progs {
         let Some(m) = meta() else {
             return drop(DropReason::Pipeline);
         };
+        // Before the commit rewrites or encapsulates it.
+        maps::copy_dns(&ctx, m);
         let r = commit::commit(&mut ctx, m);
         finish(m, r)
     }

@@ -2,20 +2,26 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
+    maps::{
+        lpm_trie::LpmTrie, Array, HashMap, LruHashMap, LruPerCpuHashMap, PerCpuArray, PerfEventByteArray, ProgramArray,
+        RingBuf,
+    },
+    programs::TcContext,
 };
 use dataplane_common::{
     maps::{
-        AddrIdentity, AddrKey, CtKey, CtValue, DenyEvent, Endpoint, EventLimiter, EndpointKey, ExchangeRule, FwPolicy, FwRule, FwVerdict,
+        AddrIdentity, AddrKey, CtKey, CtValue, DenyEvent, DnsCopy, Endpoint, EventLimiter, EndpointKey, ExchangeRule, FwPolicy, FwRule, FwVerdict,
         HostConfig, PolicyDirKey, PortAddrKey, PortInfo, PrefixLens, RuleKey, RuleName, ZoneAddrKey, ZoneEndpoint,
-        CT_MAX, CT_SYN_MAX, ENDPOINTS_MAX, EVENTS_BYTES, EVENTS_PER_SEC, EVENT_REASONS, EXCHANGE_MAX, FW_NAMES_MAX, FW_POLICIES_MAX, FW_RULES_MAX, FW_VERDICTS_MAX,
+        CT_MAX, CT_SYN_MAX, DNS_COPY_MAX, DNS_PER_SEC, ENDPOINTS_MAX, EVENTS_BYTES, EVENTS_PER_SEC, EVENT_REASONS,
+        EVENTS_PER_PORT_PER_SEC, EVENT_PORT_LIMIT_MAX, LIMIT_DENIALS, LIMIT_DNS, LIMIT_GUARDS, LIMIT_SLOTS,
+        PORT_F_QUARANTINED, PORT_LIMIT_GUARDS, SIDE_FOR, SIDE_SENT, EXCHANGE_MAX, FW_NAMES_MAX, FW_POLICIES_MAX, FW_RULES_MAX, FW_VERDICTS_MAX,
         POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, SG_ADDR_MAX, SG_RULES_MAX, UPLINK_ADDRS_MAX, VPC_NETS_MAX,
         ZONES_MAX, ZONE_ENDPOINTS_MAX, ZONE_NETS_MAX,
     },
     stage, DropReason, Stat, DROP_REASON_SLOTS, STAT_SLOTS,
 };
 
-use crate::meta::Meta;
+use crate::meta::{Meta, E_FROM_UPLINK, X_ZONE_IN};
 
 #[map(name = "SDN_PORTS")]
 pub static PORTS: HashMap<u32, PortInfo> = HashMap::pinned(PORTS_MAX, 0);
@@ -125,29 +131,108 @@ pub fn count_drop(reason: DropReason) {
 pub static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
 
 #[map(name = "SDN_EVENT_LIMIT")]
-pub static EVENT_LIMIT: PerCpuArray<EventLimiter> = PerCpuArray::pinned(1, 0);
+pub static EVENT_LIMIT: PerCpuArray<EventLimiter> = PerCpuArray::pinned(LIMIT_SLOTS, 0);
 
-/// Reports a packet a security tier drops, within the CPU's rate: what
-/// is over it is counted, and so is what the ring has no room for.
+#[map(name = "SDN_DNS")]
+pub static DNS: PerfEventByteArray = PerfEventByteArray::new(0);
+
+#[map(name = "SDN_EVENT_PORT_LIMIT")]
+pub static EVENT_PORT_LIMIT: LruPerCpuHashMap<u32, EventLimiter> = LruPerCpuHashMap::pinned(EVENT_PORT_LIMIT_MAX, 0);
+
+/// Counts one event against `l`'s one-second window: whether it may go
+/// (at most `per_sec` a second); what is over is counted as suppressed.
+#[inline(always)]
+fn take(l: &mut EventLimiter, now: u64, per_sec: u64) -> bool {
+    if now.wrapping_sub(l.window_ns) >= 1_000_000_000 {
+        l.window_ns = now;
+        l.in_window = 0;
+    }
+    if l.in_window >= per_sec {
+        l.suppressed += 1;
+        return false;
+    }
+    l.in_window += 1;
+    true
+}
+
+/// The limiter of `slot` on this CPU, if the event it counts may go.
+#[inline(always)]
+fn admit(slot: u32, now: u64, per_sec: u64) -> Option<&'static mut EventLimiter> {
+    let l = EVENT_LIMIT.get_ptr_mut(slot)?;
+    // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+    let l = unsafe { &mut *l };
+    take(l, now, per_sec).then_some(l)
+}
+
+/// Whether the port's own share of this CPU's events of its class has room.
+#[inline(always)]
+fn port_admits(key: u32, now: u64) -> bool {
+    if let Some(l) = EVENT_PORT_LIMIT.get_ptr_mut(&key) {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        return take(unsafe { &mut *l }, now, EVENTS_PER_PORT_PER_SEC);
+    }
+    let fresh = EventLimiter {
+        window_ns: now,
+        in_window: 1,
+        sent: 0,
+        suppressed: 0,
+        lost: 0,
+    };
+    let _ = EVENT_PORT_LIMIT.insert(&key, &fresh, 0);
+    true
+}
+
+/// The port of this host a drop is charged to, and its part: the one
+/// whose rules or state refused the packet.
+#[inline(always)]
+fn refusing_port(m: &Meta, reason: DropReason) -> (u32, u8) {
+    let sender = (m.src_ifx, SIDE_SENT);
+    let receiver = (m.dst_ifx, SIDE_FOR);
+    let local_sender = if m.src_ifx != 0 { sender } else { receiver };
+    match reason {
+        DropReason::PolicyIngress => receiver,
+        DropReason::PolicyEgress => sender,
+        DropReason::Quarantined => {
+            if m.src_ifx != 0 && m.src_port.flags & PORT_F_QUARANTINED != 0 {
+                sender
+            } else {
+                receiver
+            }
+        }
+        // A peering's firewall is judged on the receiving side.
+        DropReason::VpcFirewall => receiver,
+        DropReason::BorderFirewall | DropReason::ZoneIsolation => {
+            if m.crossing == X_ZONE_IN || m.entry == E_FROM_UPLINK {
+                receiver
+            } else {
+                local_sender
+            }
+        }
+        _ => local_sender,
+    }
+}
+
+/// Reports a packet a security tier drops, within the port's share and
+/// the CPU's rate of its class: what is over is counted, and so is what
+/// the ring has no room for.
 #[inline(always)]
 pub fn report_denial(m: &Meta, reason: DropReason) {
     if (EVENT_REASONS >> (reason as u32)) & 1 == 0 {
         return;
     }
-    let Some(l) = EVENT_LIMIT.get_ptr_mut(0) else {
+    let guards = !matches!(
+        reason,
+        DropReason::PolicyIngress | DropReason::PolicyEgress | DropReason::PolicyRevoked
+    );
+    let (port, side) = refusing_port(m, reason);
+    let key = (if port != 0 { port } else { m.in_ifx } & !PORT_LIMIT_GUARDS) | if guards { PORT_LIMIT_GUARDS } else { 0 };
+    if !port_admits(key, m.now) {
+        return;
+    }
+    let slot = if guards { LIMIT_GUARDS } else { LIMIT_DENIALS };
+    let Some(l) = admit(slot, m.now, EVENTS_PER_SEC) else {
         return;
     };
-    // SAFETY: per-CPU slot, no concurrent writer on this CPU.
-    let l = unsafe { &mut *l };
-    if m.now.wrapping_sub(l.window_ns) >= 1_000_000_000 {
-        l.window_ns = m.now;
-        l.in_window = 0;
-    }
-    if l.in_window >= EVENTS_PER_SEC {
-        l.suppressed += 1;
-        return;
-    }
-    l.in_window += 1;
     let Some(mut e) = EVENTS.reserve::<DenyEvent>(0) else {
         l.lost += 1;
         return;
@@ -155,8 +240,8 @@ pub fn report_denial(m: &Meta, reason: DropReason) {
     let firewall = matches!(reason, DropReason::BorderFirewall | DropReason::VpcFirewall);
     e.write(DenyEvent {
         now_ns: m.now,
-        src_ifx: m.src_ifx,
-        dst_ifx: m.dst_ifx,
+        port_ifx: port,
+        device: m.in_ifx,
         rule: if firewall { m.fw_rule } else { 0 },
         len: m.len,
         reason: reason as u8,
@@ -167,8 +252,39 @@ pub fn report_denial(m: &Meta, reason: DropReason) {
         dport: m.service(),
         src: m.src,
         dst: m.dst,
+        side,
+        _pad: [0; 7],
     });
     e.submit(0);
+    l.sent += 1;
+}
+
+/// Copies a DNS answer (UDP from port 53) that every tier allowed up to
+/// the agent, which parses it (never the programs), within the CPU's rate.
+#[inline(always)]
+pub fn copy_dns(ctx: &TcContext, m: &Meta) {
+    if m.proto != dataplane_common::PROTO_UDP || m.sport != 53 {
+        return;
+    }
+    let Some(l) = admit(LIMIT_DNS, m.now, DNS_PER_SEC) else {
+        return;
+    };
+    let len = if m.len > DNS_COPY_MAX { DNS_COPY_MAX } else { m.len };
+    let hdr = DnsCopy {
+        now_ns: m.now,
+        ifindex: if m.dst_ifx != 0 { m.dst_ifx } else { m.src_ifx },
+        len,
+        l4_off: m.l4_off,
+        family: m.family,
+        entry: m.entry,
+        _pad: [0; 4],
+    };
+    // SAFETY: DnsCopy is plain data; the slice covers exactly it.
+    let bytes = unsafe {
+        core::slice::from_raw_parts(&hdr as *const DnsCopy as *const u8, core::mem::size_of::<DnsCopy>())
+    };
+    // The helper appends the packet's first `len` bytes after the header.
+    DNS.output(ctx, bytes, len);
     l.sent += 1;
 }
 

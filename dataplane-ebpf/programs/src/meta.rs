@@ -119,17 +119,25 @@ pub struct Meta {
     /// TCP sequence and acknowledgement numbers.
     pub tcp_seq: u32,
     pub tcp_ack: u32,
+    /// The device the packet came in by.
+    pub in_ifx: u32,
 }
 
-const _: () = assert!(core::mem::size_of::<Meta>() == 200);
+const _: () = assert!(core::mem::size_of::<Meta>() == 208);
 
 impl Meta {
     /// Clears what an earlier packet on this CPU may have left.
     #[inline(always)]
-    pub fn reset(&mut self, entry: u8) {
+    pub fn reset(&mut self, entry: u8, in_ifx: u32) {
         // SAFETY: the helper has no preconditions.
         self.now = unsafe { aya_ebpf::helpers::gen::bpf_ktime_get_coarse_ns() };
         self.entry = entry;
+        self.in_ifx = in_ifx;
+        // What a denial reports of a packet dropped before its headers
+        // were read: nothing of the packet before it.
+        self.len = 0;
+        self.src = [0; 16];
+        self.dst = [0; 16];
         self.kind = 0;
         self.out = 0;
         self.src_ifx = 0;

@@ -11,6 +11,7 @@ use dataplane_common::{
 };
 
 use crate::{
+    ctx::Pkt,
     maps::ENDPOINTS,
     meta::{Meta, E_FROM_OVERLAY, K_IP, X_PEER},
     parse::{self, ETH_P_IP, ETH_P_IPV6},
@@ -112,7 +113,7 @@ pub fn peer_firewall(m: &mut Meta, policy: u32, receiver_is_a: bool) {
 /// Packets from the VXLAN device.
 #[inline(always)]
 pub fn from_overlay(ctx: &TcContext, m: &mut Meta) -> Result<(), DropReason> {
-    m.reset(E_FROM_OVERLAY);
+    m.reset(E_FROM_OVERLAY, Pkt::ifindex(ctx));
     let key = tunnel_of(ctx).ok_or(DropReason::OverlaySpoof)?;
     let vni = key.tunnel_id;
     let sender = key.remote[0].to_be_bytes();

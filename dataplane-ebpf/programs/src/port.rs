@@ -49,7 +49,7 @@ pub fn dhcp_server(m: &Meta) -> bool {
 #[inline(always)]
 pub fn from_vm<C: Pkt>(ctx: &C, m: &mut Meta) -> Result<(), DropReason> {
     let ifx = ctx.ifindex();
-    m.reset(E_FROM_VM);
+    m.reset(E_FROM_VM, ifx);
     let port = port(ifx)?;
     m.src_ifx = ifx;
     m.src_port = port;
@@ -158,7 +158,7 @@ fn check_lladdr_option<C: Pkt>(ctx: &C, m: &Meta, off: usize, kind: u8, port: &P
 #[inline(always)]
 pub fn to_vm<C: Pkt>(ctx: &C, m: &mut Meta) -> Result<(), DropReason> {
     let ifx = ctx.ifindex();
-    m.reset(E_TO_VM);
+    m.reset(E_TO_VM, ifx);
     let port = port(ifx)?;
     m.dst_ifx = ifx;
     m.dst_port = port;

@@ -73,7 +73,7 @@ pub enum Arrival {
 #[inline(always)]
 pub fn from_uplink<C: Pkt>(ctx: &C, m: &mut Meta) -> Result<Arrival, DropReason> {
     let ifx = ctx.ifindex();
-    m.reset(E_FROM_UPLINK);
+    m.reset(E_FROM_UPLINK, ifx);
     let Some(zone) = uplink_zone(ifx) else {
         // No longer an uplink (the agent detaches it next): fail closed.
         return Err(DropReason::UplinkToHost);
@@ -203,7 +203,7 @@ pub fn to_uplink(ctx: &mut TcContext) -> Result<(), DropReason> {
         return Ok(());
     }
     let m = crate::maps::meta().ok_or(DropReason::Pipeline)?;
-    m.reset(0);
+    m.reset(0, Pkt::ifindex(ctx));
     // What does not parse is not a VM's (the pipeline parsed every packet
     // it sends): the host's own.
     if parse::ip(ctx, m, ethertype).is_err() {

@@ -1,0 +1,262 @@
+//! Protocol records for supervisors (`run --records-file`): one JSON object
+//! per line.
+//!
+//! - `"record":"dns"`: each DNS answer a port of this host receives (or a
+//!   VM that serves DNS sends): the query's name and type, the response
+//!   code, the answers with their TTLs and data. The programs copy the
+//!   answer's packet up (a perf ring, within a per-CPU rate); it is parsed
+//!   here, never in the kernel.
+//! - `"record":"tcp"`: each TCP connection of a port when it ends (FIN or
+//!   RST seen, or its entry timed out): when its first packet passed, the
+//!   collecting node, who opened it to whom, how it ended, how long it
+//!   lasted, and how many connections the same client opened to the same
+//!   service that ended in the same pass.
+//!
+//! Lines wait in a bounded queue for the writer; a full queue drops them
+//! (counted). The file is opened for appending, so a rotation that moves
+//! it and signals nothing loses nothing but the lines written in between.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use dataplane_common::maps::DnsCopy;
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+
+use crate::flows::{Clock, Context};
+
+/// Lines the writer's queue holds.
+const QUEUE: usize = 16384;
+
+/// What the records have done.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub written: AtomicU64,
+    /// Lost to a full queue or a failed write.
+    pub dropped: AtomicU64,
+    /// DNS copies that did not parse.
+    pub unparsed: AtomicU64,
+}
+
+/// Appends lines to a file.
+#[derive(Clone)]
+pub struct JsonLines {
+    tx: tokio::sync::mpsc::Sender<String>,
+    pub stats: Arc<Stats>,
+}
+
+impl JsonLines {
+    /// Opens `path` for appending (created if missing) and starts the writer.
+    pub async fn open(path: PathBuf) -> anyhow::Result<JsonLines> {
+        use anyhow::Context as _;
+        let mut f = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .await
+            .with_context(|| format!("opening the records file {}", path.display()))?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(QUEUE);
+        let stats = Arc::new(Stats::default());
+        let st = stats.clone();
+        tokio::spawn(async move {
+            let mut failing = false;
+            while let Some(line) = rx.recv().await {
+                match f.write_all(line.as_bytes()).await {
+                    Ok(()) => {
+                        st.written.fetch_add(1, Ordering::Relaxed);
+                        failing = false;
+                    }
+                    Err(e) => {
+                        if !failing {
+                            tracing::warn!(file = %path.display(), error = %e, "writing records failed; lines are dropped and counted");
+                        }
+                        failing = true;
+                        st.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        });
+        Ok(JsonLines { tx, stats })
+    }
+
+    /// Queues one record as a line.
+    pub fn put<T: Serialize>(&self, record: &T) {
+        let mut line = match serde_json::to_string(record) {
+            Ok(l) => l,
+            Err(_) => return,
+        };
+        line.push('\n');
+        if self.tx.try_send(line).is_err() {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One answer of a DNS response.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Answer {
+    #[serde(rename = "type")]
+    pub rtype: String,
+    pub ttl: u32,
+    pub data: String,
+}
+
+/// A DNS answer, as a supervisor reads it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DnsRecord {
+    pub record: &'static str,
+    /// RFC 3339, when the answer passed.
+    pub time: String,
+    /// The collecting node: this host, an agent.
+    pub node: String,
+    pub node_type: &'static str,
+    pub port: String,
+    pub tenant: String,
+    pub vpc: String,
+    pub client: IpAddr,
+    pub client_port: u16,
+    pub server: IpAddr,
+    pub server_port: u16,
+    pub id: u16,
+    pub query: String,
+    pub query_type: String,
+    pub rcode: String,
+    pub answer_count: usize,
+    pub answers: Vec<Answer>,
+    /// The smallest TTL of the answers (what a cache keeps them for).
+    pub min_ttl: Option<u32>,
+}
+
+/// Parses one copy (a [`DnsCopy`], then the packet) into a record.
+pub fn parse_dns(bytes: &[u8], clock: Clock, ctx: &Context, node: &str) -> Result<DnsRecord, String> {
+    use hickory_proto::op::Message;
+    use hickory_proto::serialize::binary::BinDecodable;
+    let hl = std::mem::size_of::<DnsCopy>();
+    if bytes.len() < hl {
+        return Err(format!("{} bytes: shorter than the copy's header", bytes.len()));
+    }
+    // SAFETY: DnsCopy is plain data and the slice holds one; unaligned read.
+    let h: DnsCopy = unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const DnsCopy) };
+    let pkt = &bytes[hl..];
+    let pkt = &pkt[..pkt.len().min(h.len as usize)];
+    let p = etherparse::LaxSlicedPacket::from_ethernet(pkt).map_err(|e| format!("the packet: {e}"))?;
+    let (src, dst) = match &p.net {
+        Some(etherparse::LaxNetSlice::Ipv4(ip)) => (
+            IpAddr::V4(ip.header().source_addr()),
+            IpAddr::V4(ip.header().destination_addr()),
+        ),
+        Some(etherparse::LaxNetSlice::Ipv6(ip)) => (
+            IpAddr::V6(ip.header().source_addr()),
+            IpAddr::V6(ip.header().destination_addr()),
+        ),
+        _ => return Err("not an IP packet".into()),
+    };
+    let Some(etherparse::TransportSlice::Udp(udp)) = &p.transport else {
+        return Err("not UDP".into());
+    };
+    let msg = Message::from_bytes(udp.payload()).map_err(|e| format!("the DNS message: {e}"))?;
+    let q = msg.queries().first();
+    let answers: Vec<Answer> = msg
+        .answers()
+        .iter()
+        .map(|r| Answer {
+            rtype: r.record_type().to_string(),
+            ttl: r.ttl(),
+            data: r.data().to_string(),
+        })
+        .collect();
+    let pc = ctx.ports.get(&h.ifindex);
+    Ok(DnsRecord {
+        record: "dns",
+        time: sdn_proto::audit::rfc3339(clock.unix_ms(h.now_ns)),
+        node: node.to_string(),
+        node_type: "agent",
+        port: pc.map(|p| p.port.clone()).unwrap_or_default(),
+        tenant: pc.map(|p| p.tenant.clone()).unwrap_or_default(),
+        vpc: pc.map(|p| p.vpc.clone()).unwrap_or_default(),
+        client: dst,
+        client_port: udp.destination_port(),
+        server: src,
+        server_port: udp.source_port(),
+        id: msg.id(),
+        query: q.map(|q| q.name().to_string()).unwrap_or_default(),
+        query_type: q.map(|q| q.query_type().to_string()).unwrap_or_default(),
+        rcode: msg.response_code().to_string(),
+        answer_count: msg.answers().len(),
+        min_ttl: answers.iter().map(|a| a.ttl).min(),
+        answers,
+    })
+}
+
+/// Reads the DNS answers the programs copy, on every CPU, until the agent
+/// stops, and writes their records.
+pub fn read_dns(
+    mut perf: aya::maps::perf::AsyncPerfEventArray<aya::maps::MapData>,
+    ctx: crate::flows::SharedContext,
+    node: String,
+    out: JsonLines,
+) -> anyhow::Result<()> {
+    let cpus = aya::util::online_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+    for cpu in cpus {
+        let mut buf = perf.open(cpu, Some(64))?;
+        let (ctx, node, out) = (ctx.clone(), node.clone(), out.clone());
+        tokio::spawn(async move {
+            let mut bufs: Vec<bytes::BytesMut> = (0..16)
+                .map(|_| bytes::BytesMut::with_capacity(dataplane_common::maps::DNS_COPY_MAX as usize + 64))
+                .collect();
+            loop {
+                let events = match buf.read_events(&mut bufs).await {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::error!(cpu, error = %e, "reading DNS copies stopped on this CPU");
+                        return;
+                    }
+                };
+                if events.lost > 0 {
+                    out.stats.dropped.fetch_add(events.lost as u64, Ordering::Relaxed);
+                }
+                let c = ctx.read().unwrap_or_else(|p| p.into_inner()).clone();
+                let clock = Clock::now();
+                for b in bufs.iter().take(events.read) {
+                    match parse_dns(b, clock, &c, &node) {
+                        Ok(r) => out.put(&r),
+                        Err(e) => {
+                            out.stats.unparsed.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(error = %e, "a DNS copy did not parse");
+                        }
+                    }
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// A TCP connection that ended, as a supervisor reads it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TcpRecord {
+    pub record: &'static str,
+    /// RFC 3339: when its first packet passed.
+    pub first_packet: String,
+    pub node: String,
+    pub node_type: &'static str,
+    pub port: String,
+    pub tenant: String,
+    pub vpc: String,
+    /// Who opened it, to whom.
+    pub client: IpAddr,
+    pub client_port: u16,
+    pub server: IpAddr,
+    pub server_port: u16,
+    /// `closed` (FIN or RST seen) or `timed_out`.
+    pub state: &'static str,
+    /// Connections from the same client to the same service that ended in
+    /// the same pass, this one included.
+    pub connections: usize,
+    /// Milliseconds from its first packet to its last.
+    pub session_ms: u64,
+    pub packets: u64,
+    pub octets: u64,
+}
