@@ -139,9 +139,21 @@ async fn agent_events_reach_rsyslog_over_tls() {
     let _servers = lab.topo.serve(&["vm1"], &[], &["--tcp", "80"]).unwrap();
     let (vm1, vm2) = (lab.topo.vm("vm1"), lab.topo.vm("vm2"));
 
-    // vm2 forges its source: an address that is not its own.
-    vm2.ns.sh(&["ip", "addr", "add", "10.47.0.99/32", "dev", "eth0"]).unwrap();
+    // While vm1 floods vm2 with what vm2's groups refuse (thousands of
+    // security-group denials a second, more than the events' rate), vm2
+    // forges its source: an address that is not its own. The spoofing is
+    // reported all the same: the guards' events have a share of their own.
     let probe = bin("sdn-probe");
+    let mut flood = Proc::spawn(
+        "flood",
+        Some(&vm1.ns.name),
+        &probe,
+        &["flood", &vm2.v4, "9999", "--seconds", "4", "--flows", "4096"],
+        certs.path(),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    vm2.ns.sh(&["ip", "addr", "add", "10.47.0.99/32", "dev", "eth0"]).unwrap();
     let forged = vm2.ns.sh(&[
         probe.to_str().unwrap(),
         "connect",
@@ -154,6 +166,9 @@ async fn agent_events_reach_rsyslog_over_tls() {
         "500",
     ]);
     assert!(forged.is_err(), "a forged source got through");
+    flood.stop();
+    let denied = lab.counter("h1", "drops", "policy_ingress");
+    assert!(denied > 5000, "the flood was too small to test the shares: {denied} denials");
     // vm2 opens more flows than its budget (3): the rest are refused.
     let mut refused = 0;
     for _ in 0..6 {
