@@ -27,6 +27,7 @@ use std::time::Duration;
 use dataplane_common::maps::{self as m, CtKey, CtValue, DenyEvent};
 use dataplane_common::{DropReason, FAMILY_V4};
 use sdn_flowexport::exporter::{Collector, Exporter};
+use sdn_flowexport::protocol::Record;
 use sdn_flowexport::record::{Direction, EndReason, FirewallEvent, FlowRecord, Verdict};
 use sdn_proto::v1 as pb;
 
@@ -159,7 +160,7 @@ pub struct Stats {
 /// The collectors' queues.
 #[derive(Clone)]
 pub struct Outputs {
-    queues: Vec<tokio::sync::mpsc::Sender<Arc<Vec<FlowRecord>>>>,
+    queues: Vec<tokio::sync::mpsc::Sender<Arc<Vec<Record>>>>,
     /// Records each queue holds, as a budget the senders share with it.
     held: Vec<Arc<AtomicU64>>,
     limit: u64,
@@ -173,7 +174,7 @@ impl Outputs {
         let mut held = Vec::new();
         for c in &s.collectors {
             // The channel bounds batches; `held` bounds records.
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<Arc<Vec<FlowRecord>>>(1024);
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Arc<Vec<Record>>>(1024);
             let count = Arc::new(AtomicU64::new(0));
             let mut e = Exporter::new(*c, s.domain, s.pen);
             let name = format!("{:?}://{}", c.transport, c.addr).to_lowercase();
@@ -211,9 +212,14 @@ impl Outputs {
         }
     }
 
+    /// Hands flow records to every collector (see [`Outputs::send_records`]).
+    pub fn send(&self, records: Vec<FlowRecord>) {
+        self.send_records(records.into_iter().map(Record::Flow).collect());
+    }
+
     /// Hands `records` to every collector, each as many as its queue has
     /// room for; the rest are counted.
-    pub fn send(&self, records: Vec<FlowRecord>) {
+    pub fn send_records(&self, records: Vec<Record>) {
         if records.is_empty() {
             return;
         }
@@ -433,6 +439,8 @@ impl Meter {
                 session_ms: v.last_seen_ns.saturating_sub(v.created_ns) / 1_000_000,
                 packets: v.packets_out + v.packets_in,
                 octets: ip_octets(v.bytes_out, v.packets_out) + ip_octets(v.bytes_in, v.packets_in),
+                first_ms: self.clock.unix_ms(v.created_ns),
+                last_ms: self.clock.unix_ms(v.last_seen_ns),
             });
         }
         if moved {

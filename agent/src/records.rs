@@ -25,7 +25,8 @@ use dataplane_common::maps::DnsCopy;
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 
-use crate::flows::{Clock, Context};
+use crate::flows::{Clock, Context, Outputs};
+use sdn_flowexport::protocol::{DnsAnswerRecord, Record, TcpConnectionRecord};
 
 /// Lines the writer's queue holds.
 const QUEUE: usize = 16384;
@@ -127,6 +128,41 @@ pub struct DnsRecord {
     pub answers: Vec<Answer>,
     /// The smallest TTL of the answers (what a cache keeps them for).
     pub min_ttl: Option<u32>,
+    /// The query type and response code as DNS numbers them (IPFIX).
+    #[serde(skip)]
+    pub query_type_number: u16,
+    #[serde(skip)]
+    pub rcode_number: u8,
+    #[serde(skip)]
+    pub time_ms: u64,
+}
+
+impl DnsRecord {
+    /// The record over IPFIX.
+    pub fn ipfix(&self) -> Record {
+        Record::Dns(DnsAnswerRecord {
+            client: self.client,
+            client_port: self.client_port,
+            server: self.server,
+            server_port: self.server_port,
+            time_ms: self.time_ms,
+            node: self.node.clone(),
+            tenant: self.tenant.clone(),
+            vpc: self.vpc.clone(),
+            port: self.port.clone(),
+            query: self.query.clone(),
+            query_type: self.query_type_number,
+            rcode: self.rcode_number,
+            answer_count: self.answer_count.min(usize::from(u16::MAX)) as u16,
+            answers: self
+                .answers
+                .iter()
+                .map(|a| format!("{} {} {}", a.rtype, a.ttl, a.data))
+                .collect::<Vec<_>>()
+                .join("; "),
+            min_ttl: self.min_ttl.unwrap_or(0),
+        })
+    }
 }
 
 /// Parses one copy (a [`DnsCopy`], then the packet) into a record.
@@ -168,9 +204,13 @@ pub fn parse_dns(bytes: &[u8], clock: Clock, ctx: &Context, node: &str) -> Resul
         })
         .collect();
     let pc = ctx.ports.get(&h.ifindex);
+    let time_ms = clock.unix_ms(h.now_ns);
     Ok(DnsRecord {
+        query_type_number: q.map(|q| u16::from(q.query_type())).unwrap_or(0),
+        rcode_number: msg.response_code().low(),
+        time_ms,
         record: "dns",
-        time: sdn_proto::audit::rfc3339(clock.unix_ms(h.now_ns)),
+        time: sdn_proto::audit::rfc3339(time_ms),
         node: node.to_string(),
         node_type: "agent",
         port: pc.map(|p| p.port.clone()).unwrap_or_default(),
@@ -191,17 +231,18 @@ pub fn parse_dns(bytes: &[u8], clock: Clock, ctx: &Context, node: &str) -> Resul
 }
 
 /// Reads the DNS answers the programs copy, on every CPU, until the agent
-/// stops, and writes their records.
+/// stops, and writes their records (and sends them over IPFIX, `ipfix`).
 pub fn read_dns(
     mut perf: aya::maps::perf::AsyncPerfEventArray<aya::maps::MapData>,
     ctx: crate::flows::SharedContext,
     node: String,
     out: JsonLines,
+    ipfix: Option<Outputs>,
 ) -> anyhow::Result<()> {
     let cpus = aya::util::online_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
     for cpu in cpus {
         let mut buf = perf.open(cpu, Some(64))?;
-        let (ctx, node, out) = (ctx.clone(), node.clone(), out.clone());
+        let (ctx, node, out, ipfix) = (ctx.clone(), node.clone(), out.clone(), ipfix.clone());
         tokio::spawn(async move {
             let mut bufs: Vec<bytes::BytesMut> = (0..16)
                 .map(|_| bytes::BytesMut::with_capacity(dataplane_common::maps::DNS_COPY_MAX as usize + 64))
@@ -219,14 +260,23 @@ pub fn read_dns(
                 }
                 let c = ctx.read().unwrap_or_else(|p| p.into_inner()).clone();
                 let clock = Clock::now();
+                let mut sent = Vec::new();
                 for b in bufs.iter().take(events.read) {
                     match parse_dns(b, clock, &c, &node) {
-                        Ok(r) => out.put(&r),
+                        Ok(r) => {
+                            out.put(&r);
+                            if ipfix.is_some() {
+                                sent.push(r.ipfix());
+                            }
+                        }
                         Err(e) => {
                             out.stats.unparsed.fetch_add(1, Ordering::Relaxed);
                             tracing::debug!(error = %e, "a DNS copy did not parse");
                         }
                     }
+                }
+                if let Some(o) = &ipfix {
+                    o.send_records(sent);
                 }
             }
         });
@@ -259,4 +309,31 @@ pub struct TcpRecord {
     pub session_ms: u64,
     pub packets: u64,
     pub octets: u64,
+    /// Unix milliseconds of the first and last packet (IPFIX).
+    #[serde(skip)]
+    pub first_ms: u64,
+    #[serde(skip)]
+    pub last_ms: u64,
+}
+
+impl TcpRecord {
+    /// The record over IPFIX.
+    pub fn ipfix(&self) -> Record {
+        Record::Tcp(TcpConnectionRecord {
+            client: self.client,
+            client_port: self.client_port,
+            server: self.server,
+            server_port: self.server_port,
+            first_ms: self.first_ms,
+            last_ms: self.last_ms,
+            packets: self.packets,
+            octets: self.octets,
+            state: if self.state == "closed" { 1 } else { 2 },
+            connections: self.connections.min(u32::MAX as usize) as u32,
+            node: self.node.clone(),
+            tenant: self.tenant.clone(),
+            vpc: self.vpc.clone(),
+            port: self.port.clone(),
+        })
+    }
 }

@@ -137,7 +137,8 @@ impl Agent {
         }
         if let Some(r) = &records {
             let perf = self.dp.take_dns_copies().context("opening the DNS copies")?;
-            crate::records::read_dns(perf, self.flow_ctx.clone(), self.host.clone(), r.clone())?;
+            let ipfix = self.flows.as_ref().and_then(|f| f.outputs.clone());
+            crate::records::read_dns(perf, self.flow_ctx.clone(), self.host.clone(), r.clone(), ipfix)?;
             let f = self.flows.get_or_insert_with(|| FlowExport {
                 meter: flows::Meter::new(&flows::Settings::default()),
                 outputs: None,
@@ -170,10 +171,14 @@ impl Agent {
         if let Some(o) = &f.outputs {
             o.send(records);
         }
-        for t in f.meter.take_tcp() {
-            if let Some(out) = &f.records {
-                out.put(&t);
+        let tcp = f.meter.take_tcp();
+        if let Some(out) = &f.records {
+            for t in &tcp {
+                out.put(t);
             }
+        }
+        if let Some(o) = &f.outputs {
+            o.send_records(tcp.iter().map(|t| t.ipfix()).collect());
         }
         r.map(|(removed, remaining, _)| (removed, remaining))
     }

@@ -27,6 +27,12 @@ fn have(tool: &str) -> bool {
 /// nfacctd's configuration: our elements by name, every record printed
 /// as JSON each second, appended.
 fn nfacctd_config(dir: &Path, port: u16) -> std::path::PathBuf {
+    nfacctd_config_with(dir, port, "", "")
+}
+
+/// [`nfacctd_config`] with more primitives (lines of the primitives file)
+/// and their names in the aggregate.
+fn nfacctd_config_with(dir: &Path, port: u16, primitives_more: &str, aggregate_more: &str) -> std::path::PathBuf {
     let primitives = dir.join("primitives.lst");
     std::fs::write(
         &primitives,
@@ -39,7 +45,7 @@ fn nfacctd_config(dir: &Path, port: u16) -> std::path::PathBuf {
              name=vport\tfield_type={PEN}:6\tlen=vlen\tsemantics=str\n\
              name=end_reason\tfield_type=136\tlen=1\tsemantics=u_int\n\
              name=fwevent\tfield_type=233\tlen=1\tsemantics=u_int\n\
-             name=segment\tfield_type=351\tlen=8\tsemantics=u_int\n"
+             name=segment\tfield_type=351\tlen=8\tsemantics=u_int\n{primitives_more}"
         ),
     )
     .unwrap();
@@ -49,7 +55,7 @@ fn nfacctd_config(dir: &Path, port: u16) -> std::path::PathBuf {
         format!(
             "daemonize: false\nnfacctd_ip: 127.0.0.1\nnfacctd_port: {port}\n\
              aggregate_primitives: {}\nplugins: print[p]\n\
-             aggregate[p]: src_host,dst_host,src_port,dst_port,proto,tenant,vpc,zone,rule,verdict,vport,end_reason,fwevent,segment\n\
+             aggregate[p]: src_host,dst_host,src_port,dst_port,proto,tenant,vpc,zone,rule,verdict,vport,end_reason,fwevent,segment{aggregate_more}\n\
              print_output[p]: json\nprint_refresh_time[p]: 1\nprint_output_file_append[p]: true\n\
              print_output_file[p]: {}\n",
             primitives.display(),
@@ -251,11 +257,32 @@ async fn records_describe_tcp_connections_and_dns_answers() {
         .vm("vm1", "h1", "snr", &[])
         .vm("vm2", "h2", "snr", &["dns"])
         .vm("vm3", "h1", "snr", &["web"])
-        .agent_args(&["--records-file", file.to_str().unwrap()])
+        .agent_args(&["--records-file", file.to_str().unwrap(), "--flow-collector", "udp://127.0.0.1:4739"])
         .start()
         .await
         .unwrap();
     let (vm1, vm2, vm3) = (lab.topo.vm("vm1"), lab.topo.vm("vm2"), lab.topo.vm("vm3"));
+    // The same records over IPFIX, to nfacctd, our elements named.
+    let collected = tempfile::tempdir().unwrap();
+    let config = nfacctd_config_with(
+        collected.path(),
+        4739,
+        &format!(
+            "name=node\tfield_type={PEN}:7\tlen=vlen\tsemantics=str\n\
+             name=dnsname\tfield_type={PEN}:20\tlen=vlen\tsemantics=str\n\
+             name=dnsanswers\tfield_type={PEN}:24\tlen=vlen\tsemantics=str\n\
+             name=connections\tfield_type={PEN}:31\tlen=4\tsemantics=u_int\n"
+        ),
+        ",node,dnsname,dnsanswers,connections",
+    );
+    let _collector = Proc::spawn(
+        "nfacctd",
+        Some(&lab.topo.host_ns("h1").name),
+        &which("nfacctd"),
+        &["-f", config.to_str().unwrap()],
+        collected.path(),
+    )
+    .unwrap();
     let _dns = Proc::spawn(
         "dnsmasq",
         Some(&vm2.ns.name),
@@ -355,4 +382,25 @@ async fn records_describe_tcp_connections_and_dns_answers() {
         all.iter().any(|x| x["record"] == "tcp" && x["port"] == "vm3" && x["client"] == vm1.v4.as_str()),
         "{text}"
     );
+
+    // Over IPFIX, as nfacctd decoded them.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let got = |r: &[serde_json::Value]| {
+        r.iter().any(|x| x["dnsname"] == "portal.gov.test." && x["dnsanswers"] == format!("A {} {}", answer[1], answer[4]))
+            && r.iter().any(|x| {
+                x["vport"] == "vm1"
+                    && x["node"] == "h1"
+                    && x["port_dst"] == 80
+                    && matches!(x["connections"].as_str(), Some("1" | "2"))
+            })
+    };
+    while !got(&rows(collected.path())) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let r = rows(collected.path());
+    let shown: Vec<String> = r.iter().map(|x| x.to_string()).collect();
+    assert!(got(&r), "nfacctd has:\n{}", shown.join("\n"));
+    let dns = r.iter().find(|x| x["dnsname"] == "portal.gov.test.").unwrap();
+    assert_eq!((dns["ip_src"].as_str(), dns["port_src"].as_u64()), (Some(vm2.v4.as_str()), Some(53)), "{dns}");
+    assert_eq!(dns["tenant"], T, "{dns}");
 }

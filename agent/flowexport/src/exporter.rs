@@ -18,8 +18,10 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, UdpSocket};
 
-use crate::ipfix::{Message, Template};
-use crate::record::{templates, FlowRecord};
+use crate::ipfix::Message;
+use crate::protocol::{Exportable, Templates};
+#[cfg(test)]
+use crate::record::FlowRecord;
 
 /// Messages over UDP fit this many bytes: under a 1,500-byte path MTU with
 /// IPv6 and UDP headers, and no fragments.
@@ -96,7 +98,7 @@ pub enum ExportError {
 pub struct Exporter {
     collector: Collector,
     domain: u32,
-    templates: [Template; 2],
+    templates: Templates,
     conn: Option<Conn>,
     /// Data records sent in this session (the next message's sequence).
     sequence: u32,
@@ -118,7 +120,7 @@ impl Exporter {
         Exporter {
             collector,
             domain,
-            templates: templates(pen),
+            templates: Templates::new(pen),
             conn: None,
             sequence: 0,
             templates_sent: None,
@@ -185,7 +187,7 @@ impl Exporter {
     /// cannot be encoded is skipped, logged and counted; when the
     /// connection fails, what was not sent is counted and the error
     /// returned, and the next call connects again.
-    pub async fn export(&mut self, records: &[FlowRecord]) -> Result<(), ExportError> {
+    pub async fn export<R: Exportable>(&mut self, records: &[R]) -> Result<(), ExportError> {
         if self.conn.is_none() {
             if let Err(e) = self.connect().await {
                 self.stats.dropped += records.len() as u64;
@@ -201,10 +203,10 @@ impl Exporter {
             let mut m = Message::new(max);
             let with_templates = self.templates_due();
             if with_templates {
-                m.add_templates(&self.templates);
+                m.add_templates(&self.templates.list());
             }
             while next < records.len() {
-                match records[next].add_to(&mut m, &self.templates) {
+                match records[next].add(&mut m, &self.templates) {
                     Ok(true) => next += 1,
                     Ok(false) => break,
                     Err(e) => {

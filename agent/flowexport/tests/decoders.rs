@@ -147,6 +147,72 @@ fn tshark_reads_every_field() {
     assert!(full.contains("dept-a") || full.contains("64 65 70 74 2d 61") || full.contains("646570742d61"), "{full}");
 }
 
+/// The protocol records' templates too: tshark reads a DNS answer's and a
+/// TCP connection's addresses, ports and times, our elements under our
+/// PEN, and finds nothing malformed.
+#[test]
+fn tshark_reads_protocol_records() {
+    use sdn_flowexport::protocol::{DnsAnswerRecord, Exportable, Record, TcpConnectionRecord, Templates};
+    assert!(have("tshark"), "tshark is missing: scripts/setup.sh installs it");
+    let dir = tempfile::tempdir().unwrap();
+    let t = Templates::new(PEN_DEFAULT);
+    let dns = Record::Dns(DnsAnswerRecord {
+        client: "10.48.0.11".parse().unwrap(),
+        client_port: 40_001,
+        server: "10.48.0.12".parse().unwrap(),
+        server_port: 53,
+        time_ms: 1_764_979_200_000,
+        node: "h1".into(),
+        tenant: "dept-a".into(),
+        vpc: "portal".into(),
+        port: "vm1".into(),
+        query: "portal.gov.test.".into(),
+        query_type: 1,
+        rcode: 0,
+        answer_count: 1,
+        answers: "A 123 10.48.0.80".into(),
+        min_ttl: 123,
+    });
+    let tcp = Record::Tcp(TcpConnectionRecord {
+        client: "fd48::11".parse().unwrap(),
+        client_port: 40_002,
+        server: "fd48::13".parse().unwrap(),
+        server_port: 443,
+        first_ms: 1_764_979_200_000,
+        last_ms: 1_764_979_201_500,
+        packets: 10,
+        octets: 1234,
+        state: 1,
+        connections: 2,
+        node: "h1".into(),
+        tenant: "dept-a".into(),
+        vpc: "portal".into(),
+        port: "vm1".into(),
+    });
+    let mut m = Message::new(1400);
+    assert!(m.add_templates(&t.list()));
+    assert!(dns.add(&mut m, &t).unwrap());
+    assert!(tcp.add(&mut m, &t).unwrap());
+    let file = dir.path().join("protocol.pcap");
+    pcap(&file, &[m.finish(1_764_979_300, 0, 9)]);
+    let out = Command::new("tshark")
+        .args(["-r", file.to_str().unwrap(), "-T", "fields", "-E", "separator=|", "-E", "aggregator=,"])
+        .args(["-e", "cflow.srcaddr", "-e", "cflow.srcaddrv6", "-e", "cflow.dstport", "-e", "cflow.template_id"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("10.48.0.12"), "{text}");
+    assert!(text.contains("fd48::11"), "{text}");
+    assert!(text.contains("40001") && text.contains("443"), "{text}");
+    for id in ["258", "259", "260", "261"] {
+        assert!(text.contains(id), "template {id}: {text}");
+    }
+    let full = Command::new("tshark").args(["-r", file.to_str().unwrap(), "-V"]).output().unwrap();
+    let full = String::from_utf8_lossy(&full.stdout);
+    assert!(!full.contains("Malformed") && !full.contains("Expert Info (Error"), "{full}");
+    assert!(full.contains("32473"), "{full}");
+}
+
 struct Daemon(Child);
 
 impl Drop for Daemon {
