@@ -24,6 +24,7 @@ pub mod ops;
 pub mod pki;
 pub mod pyclient;
 pub mod replicas;
+pub mod supervisor;
 
 pub use bpffs::Bpffs;
 pub use netns::{enter_netns, Netns};

@@ -6,73 +6,14 @@
 //! records of their own; a connection the security groups refuse is
 //! reported as denied, naming the port and its groups.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use sdn_integration::lab::Lab;
 use sdn_integration::ops::*;
+use sdn_integration::supervisor::{have, which, Nfacctd, PEN};
 use sdn_integration::{privileged, Proc};
 
 const T: &str = "dept-f";
-const PEN: u32 = 32473;
-
-fn have(tool: &str) -> bool {
-    std::process::Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
-/// nfacctd's configuration: our elements by name, every record printed
-/// as JSON each second, appended.
-fn nfacctd_config(dir: &Path, port: u16) -> std::path::PathBuf {
-    nfacctd_config_with(dir, port, "", "")
-}
-
-/// [`nfacctd_config`] with more primitives (lines of the primitives file)
-/// and their names in the aggregate.
-fn nfacctd_config_with(dir: &Path, port: u16, primitives_more: &str, aggregate_more: &str) -> std::path::PathBuf {
-    let primitives = dir.join("primitives.lst");
-    std::fs::write(
-        &primitives,
-        format!(
-            "name=tenant\tfield_type={PEN}:1\tlen=vlen\tsemantics=str\n\
-             name=vpc\tfield_type={PEN}:2\tlen=vlen\tsemantics=str\n\
-             name=zone\tfield_type={PEN}:3\tlen=vlen\tsemantics=str\n\
-             name=rule\tfield_type={PEN}:4\tlen=vlen\tsemantics=str\n\
-             name=verdict\tfield_type={PEN}:5\tlen=1\tsemantics=u_int\n\
-             name=vport\tfield_type={PEN}:6\tlen=vlen\tsemantics=str\n\
-             name=end_reason\tfield_type=136\tlen=1\tsemantics=u_int\n\
-             name=fwevent\tfield_type=233\tlen=1\tsemantics=u_int\n\
-             name=segment\tfield_type=351\tlen=8\tsemantics=u_int\n{primitives_more}"
-        ),
-    )
-    .unwrap();
-    let config = dir.join("nfacctd.conf");
-    std::fs::write(
-        &config,
-        format!(
-            "daemonize: false\nnfacctd_ip: 127.0.0.1\nnfacctd_port: {port}\n\
-             aggregate_primitives: {}\nplugins: print[p]\n\
-             aggregate[p]: src_host,dst_host,src_port,dst_port,proto,tenant,vpc,zone,rule,verdict,vport,end_reason,fwevent,segment{aggregate_more}\n\
-             print_output[p]: json\nprint_refresh_time[p]: 1\nprint_output_file_append[p]: true\n\
-             print_output_file[p]: {}\n",
-            primitives.display(),
-            dir.join("records.json").display()
-        ),
-    )
-    .unwrap();
-    config
-}
-
-fn rows(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("records.json"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
 
 /// Packets and IP octets of the rows `pick` selects.
 fn sum(rows: &[serde_json::Value], pick: impl Fn(&serde_json::Value) -> bool) -> (u64, u64) {
@@ -113,10 +54,7 @@ async fn records_match_the_wire_and_name_the_cloud() {
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let h1 = lab.topo.host_ns("h1").name.clone();
-    let config = nfacctd_config(dir.path(), 4739);
-    let nfacctd = which("nfacctd");
-    let _collector = Proc::spawn("nfacctd", Some(&h1), &nfacctd, &["-f", config.to_str().unwrap()], dir.path()).unwrap();
+    let collector = Nfacctd::start(&lab.topo.host_ns("h1").name, &dir.path().join("nfacctd"), 4739, "", "").unwrap();
     let _servers = lab
         .topo
         .serve(&["vm1", "vm3"], &[], &["--tcp", "80", "--udp", "5353"])
@@ -146,14 +84,14 @@ async fn records_match_the_wire_and_name_the_cloud() {
         fin && idle && denied
     };
     let deadline = Instant::now() + Duration::from_secs(40);
-    while !done(&rows(dir.path())) && Instant::now() < deadline {
+    while !done(&collector.rows()) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     // One more collection pass: the connection's last ACK is reported when
     // its entry goes, or at the next pass after the FIN.
     tokio::time::sleep(Duration::from_secs(6)).await;
     capture.stop();
-    let all = rows(dir.path());
+    let all = collector.rows();
     let text: Vec<String> = all.iter().map(|r| r.to_string()).collect();
     let text = text.join("\n");
     assert!(
@@ -220,14 +158,6 @@ async fn records_match_the_wire_and_name_the_cloud() {
     assert!(log.contains("flow records exported over IPFIX"), "{log}");
 }
 
-fn which(tool: &str) -> std::path::PathBuf {
-    let out = std::process::Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .unwrap();
-    std::path::PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
 fn wait(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
@@ -264,7 +194,8 @@ async fn records_describe_tcp_connections_and_dns_answers() {
     let (vm1, vm2, vm3) = (lab.topo.vm("vm1"), lab.topo.vm("vm2"), lab.topo.vm("vm3"));
     // The same records over IPFIX, to nfacctd, our elements named.
     let collected = tempfile::tempdir().unwrap();
-    let config = nfacctd_config_with(
+    let collector = Nfacctd::start(
+        &lab.topo.host_ns("h1").name,
         collected.path(),
         4739,
         &format!(
@@ -274,13 +205,6 @@ async fn records_describe_tcp_connections_and_dns_answers() {
              name=connections\tfield_type={PEN}:31\tlen=4\tsemantics=u_int\n"
         ),
         ",node,dnsname,dnsanswers,connections",
-    );
-    let _collector = Proc::spawn(
-        "nfacctd",
-        Some(&lab.topo.host_ns("h1").name),
-        &which("nfacctd"),
-        &["-f", config.to_str().unwrap()],
-        collected.path(),
     )
     .unwrap();
     let _dns = Proc::spawn(
@@ -394,10 +318,10 @@ async fn records_describe_tcp_connections_and_dns_answers() {
                     && matches!(x["connections"].as_str(), Some("1" | "2"))
             })
     };
-    while !got(&rows(collected.path())) && Instant::now() < deadline {
+    while !got(&collector.rows()) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    let r = rows(collected.path());
+    let r = collector.rows();
     let shown: Vec<String> = r.iter().map(|x| x.to_string()).collect();
     assert!(got(&r), "nfacctd has:\n{}", shown.join("\n"));
     let dns = r.iter().find(|x| x["dnsname"] == "portal.gov.test.").unwrap();

@@ -11,18 +11,11 @@ use std::time::{Duration, Instant};
 use sdn_integration::cluster::Cluster;
 use sdn_integration::lab::Lab;
 use sdn_integration::ops::*;
+use sdn_integration::supervisor::{have, Rsyslogd};
 use sdn_integration::{bin, privileged, Proc};
 use sdn_proto::v1 as pb;
 
 const T: &str = "dept-s";
-
-fn have(tool: &str) -> bool {
-    std::process::Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
 
 fn sh(cmd: &str) {
     let out = std::process::Command::new("bash").args(["-c", cmd]).output().unwrap();
@@ -40,46 +33,10 @@ fn certificates(dir: &Path) {
     ));
 }
 
-/// An rsyslogd writing every message it parses, one line each:
-/// host|app|msgid|pri|structured data|text. `inputs`: RainerScript
-/// input() statements (their ruleset is `out`).
-fn rsyslogd(dir: &Path, netns: Option<&str>, modules: &str, inputs: &str) -> Proc {
-    let d = dir.display();
-    let conf = dir.join("rsyslog.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "global(workDirectory=\"{d}\" maxMessageSize=\"16k\")\n{modules}\n\
-             template(name=\"line\" type=\"string\" string=\"%hostname%|%app-name%|%msgid%|%pri%|%structured-data%|%msg%\\n\")\n\
-             ruleset(name=\"out\") {{ action(type=\"omfile\" file=\"{d}/events.log\" template=\"line\") }}\n{inputs}\n"
-        ),
-    )
-    .unwrap();
-    let pid = dir.join("rsyslogd.pid");
-    let p = Proc::spawn(
-        "rsyslogd",
-        netns,
-        "/usr/sbin/rsyslogd".as_ref(),
-        &["-n", "-f", conf.to_str().unwrap(), "-i", pid.to_str().unwrap()],
-        dir,
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
-    p
-}
-
-fn lines(dir: &Path) -> Vec<String> {
-    std::fs::read_to_string(dir.join("events.log"))
-        .unwrap_or_default()
-        .lines()
-        .map(String::from)
-        .collect()
-}
-
-async fn wait_for_lines(dir: &Path, what: &str, timeout: Duration, done: impl Fn(&[String]) -> bool) -> Vec<String> {
+async fn wait_for_lines(r: &Rsyslogd, what: &str, timeout: Duration, done: impl Fn(&[String]) -> bool) -> Vec<String> {
     let deadline = Instant::now() + timeout;
     loop {
-        let l = lines(dir);
+        let l = r.lines();
         if done(&l) {
             return l;
         }
@@ -126,8 +83,8 @@ async fn agent_events_reach_rsyslog_over_tls() {
         .await
         .unwrap();
     let d = certs.path().display();
-    let _rsyslog = rsyslogd(
-        certs.path(),
+    let rsyslog = Rsyslogd::start(
+        &certs.path().join("rsyslog"),
         Some(&lab.topo.host_ns("h1").name),
         &format!(
             "global(DefaultNetstreamDriverCAFile=\"{d}/ca.pem\" DefaultNetstreamDriverCertFile=\"{d}/server.pem\" \
@@ -135,7 +92,8 @@ async fn agent_events_reach_rsyslog_over_tls() {
              module(load=\"imtcp\" StreamDriver.Name=\"gtls\" StreamDriver.Mode=\"1\" StreamDriver.AuthMode=\"anon\")"
         ),
         "input(type=\"imtcp\" address=\"127.0.0.1\" port=\"6514\" ruleset=\"out\")",
-    );
+    )
+    .unwrap();
     let _servers = lab.topo.serve(&["vm1"], &[], &["--tcp", "80"]).unwrap();
     let (vm1, vm2) = (lab.topo.vm("vm1"), lab.topo.vm("vm2"));
 
@@ -189,7 +147,7 @@ async fn agent_events_reach_rsyslog_over_tls() {
         .unwrap();
 
     let has = |l: &[String], msgid: &str, needle: &str| l.iter().any(|x| x.contains(&format!("|{msgid}|")) && x.contains(needle));
-    let got = wait_for_lines(certs.path(), "the agent's events", Duration::from_secs(20), |l| {
+    let got = wait_for_lines(&rsyslog, "the agent's events", Duration::from_secs(20), |l| {
         has(l, "spoof", "src=\"10.47.0.99\"")
             && has(l, "flow_budget", "")
             && has(l, "quarantine_applied", "")
@@ -235,7 +193,7 @@ async fn controller_events_reach_rsyslog_over_udp_and_tcp() {
     assert!(have("/usr/sbin/rsyslogd"), "rsyslog is missing: scripts/setup.sh installs it");
     let logs = tempfile::tempdir().unwrap();
     let (udp, tcp) = (free_port(), free_port());
-    let _rsyslog = rsyslogd(
+    let rsyslog = Rsyslogd::start(
         logs.path(),
         None,
         "module(load=\"imudp\")\nmodule(load=\"imtcp\")",
@@ -243,7 +201,8 @@ async fn controller_events_reach_rsyslog_over_udp_and_tcp() {
             "input(type=\"imudp\" address=\"127.0.0.1\" port=\"{udp}\" ruleset=\"out\")\n\
              input(type=\"imtcp\" address=\"127.0.0.1\" port=\"{tcp}\" ruleset=\"out\")"
         ),
-    );
+    )
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let receivers = format!("udp://127.0.0.1:{udp},tcp://127.0.0.1:{tcp}");
     let c = Cluster::start_secure_with(dir.path(), &["--syslog", &receivers]).unwrap();
@@ -263,7 +222,7 @@ async fn controller_events_reach_rsyslog_over_udp_and_tcp() {
         .unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
     // Each event arrives twice: once over UDP, once over TCP.
-    let got = wait_for_lines(logs.path(), "the controller's events", Duration::from_secs(20), |l| {
+    let got = wait_for_lines(&rsyslog, "the controller's events", Duration::from_secs(20), |l| {
         l.iter().filter(|x| x.contains("|policy_change|") && x.contains("alice")).count() == 2
             && l.iter().filter(|x| x.contains("|auth_refused|") && x.contains("mallory")).count() == 2
     })
