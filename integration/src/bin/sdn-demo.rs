@@ -11,6 +11,7 @@ use std::process::Command;
 use anyhow::Context as _;
 use sdn_integration::cluster::{Cluster, ADMIN};
 use sdn_integration::ops::*;
+use sdn_integration::supervisor::{Nfacctd, Rsyslogd};
 use sdn_integration::{bin, privileged, Topology};
 
 const T: &str = "dept-a";
@@ -207,8 +208,32 @@ async fn main() -> anyhow::Result<()> {
     topo.add_vm("vm1", "h1", "02:00:00:00:00:11", "10.10.0.11/24", "fd10::11/64")?;
     topo.add_vm("vm2", "h1", "02:00:00:00:00:12", "10.10.0.12/24", "fd10::12/64")?;
     topo.add_vm("vm3", "h2", "02:00:00:00:00:13", "10.10.0.13/24", "fd10::13/64")?;
-    let mut cluster = Cluster::start_secure(&topo.dir).context("starting the controller")?;
+    // The supervisor's receivers: an IPFIX collector and a syslog server in
+    // h1 for its agent, a syslog server beside the controller.
+    let sup = topo.dir.join("supervisor");
+    let syslog_port = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        s.local_addr()?.port()
+    };
+    let controller_syslog = Rsyslogd::udp(&sup.join("controller-syslog"), None, syslog_port)?;
+    let syslog_to = format!("udp://127.0.0.1:{syslog_port}");
+    let mut cluster =
+        Cluster::start_secure_with(&topo.dir, &["--syslog", &syslog_to]).context("starting the controller")?;
     cluster.actor = "cloud-platform".into();
+    let h1 = topo.host_ns("h1").name.clone();
+    let collector = Nfacctd::start(&h1, &sup.join("ipfix"), 4739, "", "")?;
+    let agent_syslog = Rsyslogd::udp(&sup.join("agent-syslog"), Some(&h1), 5514)?;
+    cluster.agent_extra = [
+        "--flow-collector",
+        "udp://127.0.0.1:4739",
+        "--flow-idle-timeout",
+        "2",
+        "--syslog",
+        "udp://127.0.0.1:5514",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     println!(
         "controller on {} (single-node Raft, redb store in {}); mutual TLS with a CA of this run in {}: \
          the platform, the administrator, each host's agent and each tenant's user hold a certificate naming who they are",
@@ -381,8 +406,71 @@ async fn main() -> anyhow::Result<()> {
         println!("  BROKEN   <-- UNEXPECTED");
         wrong += 1;
     }
+    step("supervisor: what the regulator's collector (pmacct nfacctd, IPFIX) and syslog servers (rsyslogd) received");
+    // The last flows' records go out at the next pass of h1's flow table.
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    let rows = collector.rows();
+    let allowed = rows.iter().filter(|r| r["verdict"] == "1").count();
+    let denied = rows.iter().filter(|r| r["verdict"] == "2").count();
+    println!("  h1's flow records: {allowed} allowed, {denied} denied; for example:");
+    for r in rows
+        .iter()
+        .filter(|r| r["verdict"] == "2")
+        .take(2)
+        .chain(rows.iter().filter(|r| r["verdict"] == "1" && r["port_dst"] == 80).take(2))
+    {
+        println!(
+            "    {} {}:{} -> {}:{} port {} tenant {} rule {} verdict {} packets {} bytes {}",
+            r["ip_proto"].as_str().unwrap_or(""),
+            r["ip_src"].as_str().unwrap_or(""),
+            r["port_src"],
+            r["ip_dst"].as_str().unwrap_or(""),
+            r["port_dst"],
+            r["vport"].as_str().unwrap_or(""),
+            r["tenant"].as_str().unwrap_or(""),
+            r["rule"].as_str().unwrap_or(""),
+            if r["verdict"] == "1" { "allowed" } else { "denied" },
+            r["packets"],
+            r["bytes"]
+        );
+    }
+    let events = agent_syslog.lines();
+    let kinds = |lines: &[String], kind: &str| lines.iter().filter(|l| l.contains(&format!("|{kind}|"))).count();
+    println!(
+        "  h1's security events: {} spoofing, {} quarantine applied, {} lifted, {} quarantine drops",
+        kinds(&events, "spoof"),
+        kinds(&events, "quarantine_applied"),
+        kinds(&events, "quarantine_lifted"),
+        kinds(&events, "quarantine_drop")
+    );
+    if let Some(l) = events.iter().find(|l| l.contains("|spoof|")) {
+        println!("    {l}");
+    }
+    let audit = controller_syslog.lines();
+    println!(
+        "  the controller's events: {} policy changes, {} refusals",
+        kinds(&audit, "policy_change"),
+        kinds(&audit, "auth_refused")
+    );
+    if let Some(l) = audit.iter().find(|l| l.contains("|auth_refused|")) {
+        println!("    {l}");
+    }
+    for (what, ok) in [
+        ("denied flow records", denied > 0),
+        ("allowed flow records", allowed > 0),
+        ("a spoofing event", kinds(&events, "spoof") > 0),
+        ("a quarantine event", kinds(&events, "quarantine_applied") > 0),
+        ("policy change events", kinds(&audit, "policy_change") > 0),
+        ("refusal events", kinds(&audit, "auth_refused") > 0),
+    ] {
+        if !ok {
+            println!("  no {what}   <-- UNEXPECTED");
+            wrong += 1;
+        }
+    }
     drop(servers);
     drop(cluster);
+    drop((collector, agent_syslog, controller_syslog));
     drop(topo);
     println!("\ndemo finished; namespaces, processes and pins removed");
     anyhow::ensure!(wrong == 0, "{wrong} result(s) differ from the policy");
