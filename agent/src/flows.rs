@@ -160,29 +160,79 @@ pub struct Stats {
 /// The collectors' queues.
 #[derive(Clone)]
 pub struct Outputs {
-    queues: Vec<tokio::sync::mpsc::Sender<Arc<Vec<Record>>>>,
-    /// Records each queue holds, as a budget the senders share with it.
-    held: Vec<Arc<AtomicU64>>,
-    limit: u64,
+    /// Per collector, two lanes: flow records (and denied flows), and
+    /// protocol records, so a flood of DNS answers takes no flow record's
+    /// room.
+    lanes: Vec<[Lane; 2]>,
     pub stats: Arc<Stats>,
+}
+
+/// One queue to a collector's exporter.
+#[derive(Clone)]
+struct Lane {
+    tx: tokio::sync::mpsc::Sender<Arc<Vec<Record>>>,
+    /// Records it holds, as a budget the senders share with the exporter.
+    held: Arc<AtomicU64>,
+    limit: u64,
+}
+
+impl Lane {
+    fn new(limit: u64) -> (Lane, tokio::sync::mpsc::Receiver<Arc<Vec<Record>>>) {
+        // The channel bounds batches; `held` bounds records.
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        (
+            Lane {
+                tx,
+                held: Arc::default(),
+                limit,
+            },
+            rx,
+        )
+    }
+
+    /// Queues as much of `batch` as there is room for; returns how many
+    /// records were turned away.
+    fn offer(&self, batch: &Arc<Vec<Record>>) -> u64 {
+        let n = batch.len() as u64;
+        let take = n.min(self.limit.saturating_sub(self.held.load(Ordering::Relaxed)));
+        if take == 0 {
+            return n;
+        }
+        let part = if take == n {
+            batch.clone()
+        } else {
+            Arc::new(batch[..take as usize].to_vec())
+        };
+        self.held.fetch_add(take, Ordering::Relaxed);
+        if self.tx.try_send(part).is_err() {
+            self.held.fetch_sub(take, Ordering::Relaxed);
+            return n;
+        }
+        n - take
+    }
 }
 
 impl Outputs {
     /// Starts an exporter task per collector.
     pub fn start(s: &Settings, stats: Arc<Stats>) -> Outputs {
-        let mut queues = Vec::new();
-        let mut held = Vec::new();
+        let mut lanes = Vec::new();
         for c in &s.collectors {
-            // The channel bounds batches; `held` bounds records.
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<Arc<Vec<Record>>>(1024);
-            let count = Arc::new(AtomicU64::new(0));
+            let (flows, mut flows_rx) = Lane::new(s.queue as u64);
+            let (protocol, mut protocol_rx) = Lane::new((s.queue as u64 / 4).max(1));
             let mut e = Exporter::new(*c, s.domain, s.pen);
             let name = format!("{:?}://{}", c.transport, c.addr).to_lowercase();
-            let (st, n) = (stats.clone(), count.clone());
+            let (st, fl, pr) = (stats.clone(), flows.held.clone(), protocol.held.clone());
             tokio::spawn(async move {
                 let mut failing = false;
-                while let Some(batch) = rx.recv().await {
-                    n.fetch_sub(batch.len() as u64, Ordering::Relaxed);
+                loop {
+                    // Flow records first.
+                    let (batch, held) = tokio::select! {
+                        biased;
+                        Some(b) = flows_rx.recv() => (b, &fl),
+                        Some(b) = protocol_rx.recv() => (b, &pr),
+                        else => return,
+                    };
+                    held.fetch_sub(batch.len() as u64, Ordering::Relaxed);
                     match e.export(&batch).await {
                         Ok(()) if failing => {
                             failing = false;
@@ -201,15 +251,9 @@ impl Outputs {
                         .insert(name.clone(), e.stats());
                 }
             });
-            queues.push(tx);
-            held.push(count);
+            lanes.push([flows, protocol]);
         }
-        Outputs {
-            queues,
-            held,
-            limit: s.queue as u64,
-            stats,
-        }
+        Outputs { lanes, stats }
     }
 
     /// Hands flow records to every collector (see [`Outputs::send_records`]).
@@ -217,33 +261,20 @@ impl Outputs {
         self.send_records(records.into_iter().map(Record::Flow).collect());
     }
 
-    /// Hands `records` to every collector, each as many as its queue has
-    /// room for; the rest are counted.
+    /// Hands `records` to every collector, each as many as its lane has
+    /// room for (flow records in one, protocol records in the other); the
+    /// rest are counted.
     pub fn send_records(&self, records: Vec<Record>) {
         if records.is_empty() {
             return;
         }
-        let n = records.len() as u64;
-        self.stats.records.fetch_add(n, Ordering::Relaxed);
+        let lane = usize::from(!matches!(records[0], Record::Flow(_)));
+        self.stats.records.fetch_add(records.len() as u64, Ordering::Relaxed);
         let batch = Arc::new(records);
-        for (q, held) in self.queues.iter().zip(&self.held) {
-            let room = self.limit.saturating_sub(held.load(Ordering::Relaxed));
-            let take = n.min(room);
-            if take < n {
-                self.stats.queue_full.fetch_add(n - take, Ordering::Relaxed);
-            }
-            if take == 0 {
-                continue;
-            }
-            let part = if take == n {
-                batch.clone()
-            } else {
-                Arc::new(batch[..take as usize].to_vec())
-            };
-            held.fetch_add(take, Ordering::Relaxed);
-            if q.try_send(part).is_err() {
-                held.fetch_sub(take, Ordering::Relaxed);
-                self.stats.queue_full.fetch_add(take, Ordering::Relaxed);
+        for l in &self.lanes {
+            let lost = l[lane].offer(&batch);
+            if lost > 0 {
+                self.stats.queue_full.fetch_add(lost, Ordering::Relaxed);
             }
         }
     }
@@ -368,6 +399,7 @@ impl Meter {
         // where they are: an agent before this one reported what they
         // carried (a restarted agent counts nothing twice).
         let inherited = pass == 1 && v.created_ns < self.started_ns;
+        let closing = v.flags & m::CT_F_CLOSING != 0;
         let s = self.flows.entry(*k).or_insert(Seen {
             created_ns: v.created_ns,
             packets_out: if inherited { v.packets_out } else { 0 },
@@ -377,7 +409,8 @@ impl Meter {
             reported_ns: if inherited { v.last_seen_ns } else { v.created_ns },
             record_ns: if inherited { now } else { v.created_ns },
             records: u64::from(inherited),
-            ended: false,
+            // Its end was its predecessor's to report.
+            ended: inherited && closing,
             pass,
         });
         if s.created_ns != v.created_ns || v.packets_out < s.packets_out || v.packets_in < s.packets_in {
@@ -397,7 +430,6 @@ impl Meter {
         }
         s.pass = pass;
         let moved = v.packets_out > s.packets_out || v.packets_in > s.packets_in;
-        let closing = v.flags & m::CT_F_CLOSING != 0;
         let reason = if removed {
             Some(if closing { EndReason::EndOfFlow } else { EndReason::IdleTimeout })
         } else if closing && !s.ended {
@@ -606,6 +638,8 @@ pub struct Denials {
     flows: HashMap<DeniedKey, DeniedFlow>,
     /// Distinct flows gathered per port since the last flush.
     per_port: HashMap<u32, usize>,
+    /// Flushes so far: where the turns start (no port always first).
+    flushes: usize,
     stats: Arc<Stats>,
 }
 
@@ -621,6 +655,7 @@ impl Denials {
         Denials {
             flows: HashMap::new(),
             per_port: HashMap::new(),
+            flushes: 0,
             stats,
         }
     }
@@ -697,6 +732,11 @@ impl Denials {
             g.sort_by(|a, b| b.1.packets.cmp(&a.1.packets));
         }
         let mut turns: Vec<std::vec::IntoIter<(DeniedKey, DeniedFlow)>> = groups.into_values().map(Vec::into_iter).collect();
+        if !turns.is_empty() {
+            let start = self.flushes % turns.len();
+            turns.rotate_left(start);
+        }
+        self.flushes += 1;
         let mut order = Vec::new();
         loop {
             let before = order.len();

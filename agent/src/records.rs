@@ -29,7 +29,21 @@ use crate::flows::{Clock, Context, Outputs};
 use sdn_flowexport::protocol::{DnsAnswerRecord, Record, TcpConnectionRecord};
 
 /// Lines the writer's queue holds.
-const QUEUE: usize = 16384;
+const QUEUE: usize = 4096;
+/// Answers a DNS record lists at most (it counts them all).
+const ANSWERS_LISTED: usize = 16;
+/// Characters of a name or an answer's data kept at most.
+const TEXT_MAX: usize = 256;
+
+/// `s` cut to [`TEXT_MAX`] characters (marked when cut).
+fn clip(s: String) -> String {
+    if s.chars().count() <= TEXT_MAX {
+        return s;
+    }
+    let mut c: String = s.chars().take(TEXT_MAX).collect();
+    c.push_str("...");
+    c
+}
 
 /// What the records have done.
 #[derive(Debug, Default)]
@@ -98,6 +112,8 @@ impl JsonLines {
 /// One answer of a DNS response.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Answer {
+    /// Its owner name.
+    pub name: String,
     #[serde(rename = "type")]
     pub rtype: String,
     pub ttl: u32,
@@ -116,6 +132,9 @@ pub struct DnsRecord {
     pub port: String,
     pub tenant: String,
     pub vpc: String,
+    /// The port's part: `asked` (the answer came to it) or `answered` (a
+    /// VM serving DNS sent it).
+    pub role: &'static str,
     pub client: IpAddr,
     pub client_port: u16,
     pub server: IpAddr,
@@ -124,6 +143,7 @@ pub struct DnsRecord {
     pub query: String,
     pub query_type: String,
     pub rcode: String,
+    /// Answers in the response (at most 16 are listed).
     pub answer_count: usize,
     pub answers: Vec<Answer>,
     /// The smallest TTL of the answers (what a cache keeps them for).
@@ -157,7 +177,7 @@ impl DnsRecord {
             answers: self
                 .answers
                 .iter()
-                .map(|a| format!("{} {} {}", a.rtype, a.ttl, a.data))
+                .map(|a| format!("{} {} {}", a.rtype, a.ttl, escape_answer(&a.data)))
                 .collect::<Vec<_>>()
                 .join("; "),
             min_ttl: self.min_ttl.unwrap_or(0),
@@ -189,18 +209,33 @@ pub fn parse_dns(bytes: &[u8], clock: Clock, ctx: &Context, node: &str) -> Resul
         ),
         _ => return Err("not an IP packet".into()),
     };
-    let Some(etherparse::TransportSlice::Udp(udp)) = &p.transport else {
-        return Err("not UDP".into());
+    // The UDP header where the programs found it (they follow extension
+    // headers this parser may not).
+    let l4 = usize::from(h.l4_off);
+    let Some(udp) = pkt.get(l4..l4 + 8) else {
+        return Err(format!("the copy ends before its UDP header ({} bytes)", pkt.len()));
     };
-    let msg = Message::from_bytes(udp.payload()).map_err(|e| format!("the DNS message: {e}"))?;
+    let (sport, dport) = (u16::from_be_bytes([udp[0], udp[1]]), u16::from_be_bytes([udp[2], udp[3]]));
+    let payload = &pkt[l4 + 8..];
+    let msg = Message::from_bytes(payload).map_err(|e| format!("the DNS message: {e}"))?;
+    // An answer to one question, or nothing: a query sent from port 53, or
+    // another protocol on it, is no answer.
+    if msg.message_type() != hickory_proto::op::MessageType::Response {
+        return Err("not a response (QR is 0)".into());
+    }
+    if msg.queries().len() != 1 {
+        return Err(format!("{} questions, not one", msg.queries().len()));
+    }
     let q = msg.queries().first();
     let answers: Vec<Answer> = msg
         .answers()
         .iter()
+        .take(ANSWERS_LISTED)
         .map(|r| Answer {
+            name: clip(r.name().to_string()),
             rtype: r.record_type().to_string(),
             ttl: r.ttl(),
-            data: r.data().to_string(),
+            data: clip(r.data().to_string()),
         })
         .collect();
     let pc = ctx.ports.get(&h.ifindex);
@@ -216,18 +251,36 @@ pub fn parse_dns(bytes: &[u8], clock: Clock, ctx: &Context, node: &str) -> Resul
         port: pc.map(|p| p.port.clone()).unwrap_or_default(),
         tenant: pc.map(|p| p.tenant.clone()).unwrap_or_default(),
         vpc: pc.map(|p| p.vpc.clone()).unwrap_or_default(),
+        role: if h.role == dataplane_common::maps::DNS_ROLE_ANSWERED { "answered" } else { "asked" },
         client: dst,
-        client_port: udp.destination_port(),
+        client_port: dport,
         server: src,
-        server_port: udp.source_port(),
+        server_port: sport,
         id: msg.id(),
-        query: q.map(|q| q.name().to_string()).unwrap_or_default(),
+        query: clip(q.map(|q| q.name().to_string()).unwrap_or_default()),
         query_type: q.map(|q| q.query_type().to_string()).unwrap_or_default(),
         rcode: msg.response_code().to_string(),
         answer_count: msg.answers().len(),
-        min_ttl: answers.iter().map(|a| a.ttl).min(),
+        min_ttl: msg.answers().iter().map(|a| a.ttl()).min(),
         answers,
     })
+}
+
+/// An answer's data in the IPFIX list: `;` and `\\` escaped, control
+/// characters as `\\u{..}`, so no data can pass for another answer.
+fn escape_answer(d: &str) -> String {
+    let mut out = String::with_capacity(d.len());
+    for c in d.chars() {
+        match c {
+            ';' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if c.is_control() => out.push_str(&c.escape_unicode().to_string()),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Reads the DNS answers the programs copy, on every CPU, until the agent

@@ -118,8 +118,9 @@ pub const LIMIT_DNS: u32 = 1;
 pub const LIMIT_GUARDS: u32 = 2;
 /// Slots of [`EVENT_LIMIT`].
 pub const LIMIT_SLOTS: u32 = 3;
-/// Name of the per-CPU limiters of each port's denial events (key: the
-/// port's ifindex, with [`PORT_LIMIT_GUARDS`] set for the guards' class):
+/// Name of the per-CPU limiters of each port's denial events and DNS
+/// copies (key: the port's ifindex, with [`PORT_LIMIT_GUARDS`] set for the
+/// guards' class, [`PORT_LIMIT_DNS`] for DNS copies):
 /// one port's flood takes at most its own share of a CPU's events.
 pub const EVENT_PORT_LIMIT: &str = "SDN_EVENT_PORT_LIMIT";
 pub const EVENT_PORT_LIMIT_MAX: u32 = 8192;
@@ -231,8 +232,19 @@ pub struct DnsCopy {
     pub family: u8,
     /// The entry program.
     pub entry: u8,
-    pub _pad: [u8; 4],
+    /// [`DNS_ROLE_ASKED`] or [`DNS_ROLE_ANSWERED`]: the port's part.
+    pub role: u8,
+    pub _pad: [u8; 3],
 }
+
+/// The port opened the flow the answer belongs to: it asked.
+pub const DNS_ROLE_ASKED: u8 = 1;
+/// The flow was opened towards the port: it answers (a VM serving DNS).
+pub const DNS_ROLE_ANSWERED: u8 = 2;
+/// Key bit of a port's share of the DNS copies in [`EVENT_PORT_LIMIT`].
+pub const PORT_LIMIT_DNS: u32 = 1 << 30;
+/// DNS answers one port may have copied per CPU per second.
+pub const DNS_PER_PORT_PER_SEC: u64 = 200;
 
 /// The event limiter of one CPU, and what it counted.
 #[repr(C)]

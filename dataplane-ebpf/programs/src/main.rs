@@ -197,10 +197,20 @@ mod progs {
         let Some(m) = meta() else {
             return drop(DropReason::Pipeline);
         };
-        // Before the commit rewrites or encapsulates it.
-        maps::copy_dns(&ctx, m);
         let r = commit::commit(&mut ctx, m);
-        finish(m, r)
+        // Only what goes on is copied. (The commit moves no header: the
+        // tunnel is metadata, the MACs keep their place.) The record is
+        // looked up again: the verifier keeps no pointer across the
+        // commit's helper calls on every path.
+        if r.is_ok() {
+            if let Some(m) = meta() {
+                maps::copy_dns(&ctx, m);
+            }
+        }
+        match meta() {
+            Some(m) => finish(m, r),
+            None => drop(DropReason::Pipeline),
+        }
     }
 
     /// The TC verdict of a packet every tier has allowed (or a drop).

@@ -14,14 +14,15 @@ use dataplane_common::{
         HostConfig, PolicyDirKey, PortAddrKey, PortInfo, PrefixLens, RuleKey, RuleName, ZoneAddrKey, ZoneEndpoint,
         CT_MAX, CT_SYN_MAX, DNS_COPY_MAX, DNS_PER_SEC, ENDPOINTS_MAX, EVENTS_BYTES, EVENTS_PER_SEC, EVENT_REASONS,
         EVENTS_PER_PORT_PER_SEC, EVENT_PORT_LIMIT_MAX, LIMIT_DENIALS, LIMIT_DNS, LIMIT_GUARDS, LIMIT_SLOTS,
-        PORT_F_QUARANTINED, PORT_LIMIT_GUARDS, SIDE_FOR, SIDE_SENT, EXCHANGE_MAX, FW_NAMES_MAX, FW_POLICIES_MAX, FW_RULES_MAX, FW_VERDICTS_MAX,
+        CT_ORIGIN_IN, CT_ORIGIN_OUT, DNS_PER_PORT_PER_SEC, DNS_ROLE_ANSWERED, DNS_ROLE_ASKED, PORT_F_QUARANTINED,
+        PORT_LIMIT_DNS, PORT_LIMIT_GUARDS, SIDE_FOR, SIDE_SENT, EXCHANGE_MAX, FW_NAMES_MAX, FW_POLICIES_MAX, FW_RULES_MAX, FW_VERDICTS_MAX,
         POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, SG_ADDR_MAX, SG_RULES_MAX, UPLINK_ADDRS_MAX, VPC_NETS_MAX,
         ZONES_MAX, ZONE_ENDPOINTS_MAX, ZONE_NETS_MAX,
     },
     stage, DropReason, Stat, DROP_REASON_SLOTS, STAT_SLOTS,
 };
 
-use crate::meta::{Meta, E_FROM_UPLINK, X_ZONE_IN};
+use crate::meta::{Meta, E_FROM_UPLINK, S_EST, S_STALE, X_ZONE_IN};
 
 #[map(name = "SDN_PORTS")]
 pub static PORTS: HashMap<u32, PortInfo> = HashMap::pinned(PORTS_MAX, 0);
@@ -166,10 +167,10 @@ fn admit(slot: u32, now: u64, per_sec: u64) -> Option<&'static mut EventLimiter>
 
 /// Whether the port's own share of this CPU's events of its class has room.
 #[inline(always)]
-fn port_admits(key: u32, now: u64) -> bool {
+fn port_admits(key: u32, now: u64, per_sec: u64) -> bool {
     if let Some(l) = EVENT_PORT_LIMIT.get_ptr_mut(&key) {
         // SAFETY: per-CPU value, no concurrent writer on this CPU.
-        return take(unsafe { &mut *l }, now, EVENTS_PER_PORT_PER_SEC);
+        return take(unsafe { &mut *l }, now, per_sec);
     }
     let fresh = EventLimiter {
         window_ns: now,
@@ -226,7 +227,7 @@ pub fn report_denial(m: &Meta, reason: DropReason) {
     );
     let (port, side) = refusing_port(m, reason);
     let key = (if port != 0 { port } else { m.in_ifx } & !PORT_LIMIT_GUARDS) | if guards { PORT_LIMIT_GUARDS } else { 0 };
-    if !port_admits(key, m.now) {
+    if !port_admits(key, m.now, EVENTS_PER_PORT_PER_SEC) {
         return;
     }
     let slot = if guards { LIMIT_GUARDS } else { LIMIT_DENIALS };
@@ -259,11 +260,25 @@ pub fn report_denial(m: &Meta, reason: DropReason) {
     l.sent += 1;
 }
 
-/// Copies a DNS answer (UDP from port 53) that every tier allowed up to
-/// the agent, which parses it (never the programs), within the CPU's rate.
+/// Copies a DNS answer up to the agent, which parses it (never the
+/// programs): a UDP packet from port 53 of a flow a port of this host
+/// opened (the answer to its question) or that was opened towards a port
+/// serving DNS here, never a packet that starts a flow; within the port's
+/// share and the CPU's rate.
 #[inline(always)]
 pub fn copy_dns(ctx: &TcContext, m: &Meta) {
     if m.proto != dataplane_common::PROTO_UDP || m.sport != 53 {
+        return;
+    }
+    let known = |state: u8| state == S_EST || state == S_STALE;
+    let (port, role) = if m.dst_ifx != 0 && known(m.ct_dst) && m.org_dst == CT_ORIGIN_OUT {
+        (m.dst_ifx, DNS_ROLE_ASKED)
+    } else if m.src_ifx != 0 && known(m.ct_src) && m.org_src == CT_ORIGIN_IN {
+        (m.src_ifx, DNS_ROLE_ANSWERED)
+    } else {
+        return;
+    };
+    if !port_admits((port & !(PORT_LIMIT_DNS | PORT_LIMIT_GUARDS)) | PORT_LIMIT_DNS, m.now, DNS_PER_PORT_PER_SEC) {
         return;
     }
     let Some(l) = admit(LIMIT_DNS, m.now, DNS_PER_SEC) else {
@@ -272,12 +287,13 @@ pub fn copy_dns(ctx: &TcContext, m: &Meta) {
     let len = if m.len > DNS_COPY_MAX { DNS_COPY_MAX } else { m.len };
     let hdr = DnsCopy {
         now_ns: m.now,
-        ifindex: if m.dst_ifx != 0 { m.dst_ifx } else { m.src_ifx },
+        ifindex: port,
         len,
         l4_off: m.l4_off,
         family: m.family,
         entry: m.entry,
-        _pad: [0; 4],
+        role,
+        _pad: [0; 3],
     };
     // SAFETY: DnsCopy is plain data; the slice covers exactly it.
     let bytes = unsafe {
