@@ -390,3 +390,95 @@ impl TcpRecord {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::{Message, MessageType, Query};
+    use hickory_proto::rr::{rdata, Name, RData, Record as Rr, RecordType};
+    use hickory_proto::serialize::binary::BinEncodable;
+
+    /// A copy as the programs make it: the header, then an Ethernet frame
+    /// with IPv4 and UDP from port 53.
+    fn copy(msg: &Message) -> Vec<u8> {
+        let payload = msg.to_bytes().unwrap();
+        let mut frame = Vec::new();
+        etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 1])
+            .ipv4([10, 0, 0, 12], [10, 0, 0, 11], 64)
+            .udp(53, 40_000)
+            .write(&mut frame, &payload)
+            .unwrap();
+        let h = DnsCopy {
+            now_ns: 5_000_000_000,
+            ifindex: 7,
+            len: frame.len() as u32,
+            l4_off: 14 + 20,
+            family: dataplane_common::FAMILY_V4,
+            entry: 4,
+            role: dataplane_common::maps::DNS_ROLE_ASKED,
+            _pad: [0; 3],
+        };
+        // SAFETY: DnsCopy is plain data.
+        let mut out = unsafe {
+            std::slice::from_raw_parts(&h as *const DnsCopy as *const u8, std::mem::size_of::<DnsCopy>())
+        }
+        .to_vec();
+        out.extend_from_slice(&frame);
+        out
+    }
+
+    fn message(kind: MessageType, answers: usize, txt: &str) -> Message {
+        let name = Name::from_ascii("portal.gov.test.").unwrap();
+        let mut m = Message::new();
+        m.set_id(77).set_message_type(kind);
+        m.add_query(Query::query(name.clone(), RecordType::A));
+        for i in 0..answers {
+            m.add_answer(Rr::from_rdata(name.clone(), 60 + i as u32, RData::A(rdata::A::new(10, 0, 0, i as u8))));
+        }
+        if !txt.is_empty() {
+            // Character strings of at most 255 bytes each.
+            let chunks: Vec<String> = txt.as_bytes().chunks(200).map(|c| String::from_utf8_lossy(c).into_owned()).collect();
+            m.add_answer(Rr::from_rdata(name, 30, RData::TXT(rdata::TXT::new(chunks))));
+        }
+        m
+    }
+
+    fn clock() -> Clock {
+        Clock {
+            unix_ms: 1_000_000,
+            mono_ns: 6_000_000_000,
+        }
+    }
+
+    #[test]
+    fn answers_are_read_and_bounded() {
+        let r = parse_dns(&copy(&message(MessageType::Response, 40, "")), clock(), &Context::default(), "h1").unwrap();
+        assert_eq!((r.query.as_str(), r.query_type.as_str(), r.id), ("portal.gov.test.", "A", 77));
+        assert_eq!((r.answer_count, r.answers.len(), r.min_ttl), (40, ANSWERS_LISTED, Some(60)));
+        assert_eq!((r.server_port, r.client_port, r.role), (53, 40_000, "asked"));
+        assert_eq!(r.time, sdn_proto::audit::rfc3339(999_000));
+        assert_eq!(r.answers[3].data, "10.0.0.3");
+        // Data that would pass for another answer in the IPFIX list, and
+        // data too long, are escaped and cut.
+        let hostile = format!("x; A 300 10.9.9.9\n{}", "y".repeat(1000));
+        let r = parse_dns(&copy(&message(MessageType::Response, 0, &hostile)), clock(), &Context::default(), "h1").unwrap();
+        assert!(r.answers[0].data.len() <= TEXT_MAX + 8, "{}", r.answers[0].data.len());
+        let Record::Dns(d) = r.ipfix() else { panic!() };
+        // One answer: its `;` escaped, so the list splits into one item.
+        assert!(!d.answers.replace("\\;", "").contains(';'), "{}", d.answers);
+        assert!(!d.answers.contains('\n'), "{}", d.answers);
+    }
+
+    #[test]
+    fn what_is_no_answer_is_refused() {
+        let e = parse_dns(&copy(&message(MessageType::Query, 0, "")), clock(), &Context::default(), "h1").unwrap_err();
+        assert!(e.contains("not a response"), "{e}");
+        let mut two = message(MessageType::Response, 1, "");
+        two.add_query(Query::query(Name::from_ascii("mail.gov.test.").unwrap(), RecordType::A));
+        assert!(parse_dns(&copy(&two), clock(), &Context::default(), "h1").unwrap_err().contains("2 questions"));
+        let c = copy(&message(MessageType::Response, 1, ""));
+        for cut in [0, 10, 30, 60, c.len() - 5] {
+            assert!(parse_dns(&c[..cut], clock(), &Context::default(), "h1").is_err(), "cut at {cut}");
+        }
+    }
+}

@@ -251,8 +251,8 @@ pub fn report_denial(m: &Meta, reason: DropReason) {
         entry: m.entry,
         sport: m.sport,
         dport: m.service(),
-        src: m.src,
-        dst: m.dst,
+        src: if m.family != 0 { m.src } else { [0; 16] },
+        dst: if m.family != 0 { m.dst } else { [0; 16] },
         side,
         _pad: [0; 7],
     });

@@ -134,10 +134,9 @@ impl Meta {
         self.entry = entry;
         self.in_ifx = in_ifx;
         // What a denial reports of a packet dropped before its headers
-        // were read: nothing of the packet before it.
+        // were read: nothing of the packet before it (its addresses are
+        // reported only once `family` says they were read).
         self.len = 0;
-        self.src = [0; 16];
-        self.dst = [0; 16];
         self.kind = 0;
         self.out = 0;
         self.src_ifx = 0;
