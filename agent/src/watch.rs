@@ -129,11 +129,14 @@ impl Agent {
                     tracing::error!(error = %format!("{e:#}"), "reading the denial events stopped: denied flows are neither recorded nor reported");
                 }
             });
-            self.flows = Some(FlowExport {
-                meter: flows::Meter::new(flows.unwrap_or(&flows::Settings::default())),
-                outputs,
-                records: None,
-            });
+            // The flow table is metered only for flow or protocol records.
+            if let Some(s) = flows {
+                self.flows = Some(FlowExport {
+                    meter: flows::Meter::new(s),
+                    outputs,
+                    records: None,
+                });
+            }
         }
         if let Some(r) = &records {
             let perf = self.dp.take_dns_copies().context("opening the DNS copies")?;
@@ -167,7 +170,11 @@ impl Agent {
             f.meter.incomplete();
         }
         let dp = &self.dp;
-        let records = f.meter.end(&|k| dp.allowed_by_firewall(k));
+        let records = if f.outputs.is_some() {
+            f.meter.end(&|k| dp.allowed_by_firewall(k))
+        } else {
+            f.meter.end(&|_| None)
+        };
         if let Some(o) = &f.outputs {
             o.send(records);
         }
