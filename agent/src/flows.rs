@@ -138,6 +138,31 @@ impl Context {
     }
 }
 
+/// The context of a port this host does not know (every field empty).
+static NO_PORT: PortContext = PortContext {
+    port: String::new(),
+    tenant: String::new(),
+    vpc: String::new(),
+    zone: String::new(),
+    vni: 0,
+    groups: String::new(),
+};
+
+impl Context {
+    /// The context of the port with device `ifindex`; empty fields for a
+    /// device that is no port of the share.
+    pub fn port(&self, ifindex: u32) -> &PortContext {
+        self.ports.get(&ifindex).unwrap_or(&NO_PORT)
+    }
+}
+
+impl PortContext {
+    /// The VPC's VNI, if it has one.
+    pub fn vni(&self) -> Option<u32> {
+        (self.vni != 0).then_some(self.vni)
+    }
+}
+
 /// The context the meter and the denial reader read, replaced whole by
 /// the agent when its share changes.
 pub type SharedContext = Arc<RwLock<Arc<Context>>>;
@@ -323,6 +348,27 @@ struct Seen {
     pass: u64,
 }
 
+impl Seen {
+    /// A flow first seen in pass `pass`: from its start, or, `inherited`
+    /// from an agent before this one, from where it is now (`now`).
+    fn first(v: &CtValue, inherited: bool, now: u64, pass: u64) -> Seen {
+        let at = |x: u64| if inherited { x } else { 0 };
+        Seen {
+            created_ns: v.created_ns,
+            packets_out: at(v.packets_out),
+            packets_in: at(v.packets_in),
+            bytes_out: at(v.bytes_out),
+            bytes_in: at(v.bytes_in),
+            reported_ns: if inherited { v.last_seen_ns } else { v.created_ns },
+            record_ns: if inherited { now } else { v.created_ns },
+            records: u64::from(inherited),
+            // Its end was its predecessor's to report.
+            ended: inherited && v.flags & m::CT_F_CLOSING != 0,
+            pass,
+        }
+    }
+}
+
 /// Turns passes over the flow table into records.
 pub struct Meter {
     active_ns: u64,
@@ -400,33 +446,10 @@ impl Meter {
         // carried (a restarted agent counts nothing twice).
         let inherited = pass == 1 && v.created_ns < self.started_ns;
         let closing = v.flags & m::CT_F_CLOSING != 0;
-        let s = self.flows.entry(*k).or_insert(Seen {
-            created_ns: v.created_ns,
-            packets_out: if inherited { v.packets_out } else { 0 },
-            packets_in: if inherited { v.packets_in } else { 0 },
-            bytes_out: if inherited { v.bytes_out } else { 0 },
-            bytes_in: if inherited { v.bytes_in } else { 0 },
-            reported_ns: if inherited { v.last_seen_ns } else { v.created_ns },
-            record_ns: if inherited { now } else { v.created_ns },
-            records: u64::from(inherited),
-            // Its end was its predecessor's to report.
-            ended: inherited && closing,
-            pass,
-        });
+        let s = self.flows.entry(*k).or_insert_with(|| Seen::first(v, inherited, now, pass));
         if s.created_ns != v.created_ns || v.packets_out < s.packets_out || v.packets_in < s.packets_in {
             // The same key, a new flow.
-            *s = Seen {
-                created_ns: v.created_ns,
-                packets_out: 0,
-                packets_in: 0,
-                bytes_out: 0,
-                bytes_in: 0,
-                reported_ns: v.created_ns,
-                record_ns: v.created_ns,
-                records: 0,
-                ended: false,
-                pass,
-            };
+            *s = Seen::first(v, false, now, pass);
         }
         s.pass = pass;
         let moved = v.packets_out > s.packets_out || v.packets_in > s.packets_in;
@@ -444,10 +467,10 @@ impl Meter {
             None
         };
         let Some(reason) = reason else { return };
+        let (local, remote) = (addr(k.family, &k.local), addr(k.family, &k.remote));
+        let pc = self.ctx.port(k.ifindex);
         let ends = k.proto == dataplane_common::PROTO_TCP && !s.ended && (reason == EndReason::EndOfFlow || removed);
         if let (true, Some(node)) = (ends, &self.tcp_node) {
-            let (local, remote) = (addr(k.family, &k.local), addr(k.family, &k.remote));
-            let pc = self.ctx.ports.get(&k.ifindex);
             let opened_here = v.origin == m::CT_ORIGIN_OUT;
             let (client, client_port, server, server_port) = if opened_here {
                 (local, k.local_port, remote, k.remote_port)
@@ -459,9 +482,9 @@ impl Meter {
                 first_packet: sdn_proto::audit::rfc3339(self.clock.unix_ms(v.created_ns)),
                 node: node.clone(),
                 node_type: "agent",
-                port: pc.map(|p| p.port.clone()).unwrap_or_default(),
-                tenant: pc.map(|p| p.tenant.clone()).unwrap_or_default(),
-                vpc: pc.map(|p| p.vpc.clone()).unwrap_or_default(),
+                port: pc.port.clone(),
+                tenant: pc.tenant.clone(),
+                vpc: pc.vpc.clone(),
                 client,
                 client_port,
                 server,
@@ -483,11 +506,9 @@ impl Meter {
             } else {
                 FirewallEvent::Update
             };
-            let (local, remote) = (addr(k.family, &k.local), addr(k.family, &k.remote));
-            let pc = self.ctx.ports.get(&k.ifindex);
-            let rule = pc.map(|p| p.groups.clone()).unwrap_or_default();
+            let rule = pc.groups.clone();
             let zone = if k.door & 0xff00_0000 == m::DOOR_ZONE {
-                pc.map(|p| p.zone.clone()).unwrap_or_default()
+                pc.zone.clone()
             } else {
                 String::new()
             };
@@ -504,19 +525,19 @@ impl Meter {
                 end_reason: reason,
                 firewall_event: event,
                 direction: Direction::Egress,
-                vni: pc.map(|p| p.vni).filter(|v| *v != 0),
-                tenant: pc.map(|p| p.tenant.clone()).unwrap_or_default(),
-                vpc: pc.map(|p| p.vpc.clone()).unwrap_or_default(),
+                vni: pc.vni(),
+                tenant: pc.tenant.clone(),
+                vpc: pc.vpc.clone(),
                 zone,
                 rule,
                 verdict: Verdict::Allowed,
-                port: pc.map(|p| p.port.clone()).unwrap_or_default(),
+                port: pc.port.clone(),
             };
             if v.packets_out > s.packets_out {
                 self.out.push((
                     *k,
                     FlowRecord {
-                        octets: ip_octets(v.bytes_out - s.bytes_out.min(v.bytes_out), v.packets_out - s.packets_out),
+                        octets: ip_octets(v.bytes_out.saturating_sub(s.bytes_out), v.packets_out - s.packets_out),
                         packets: v.packets_out - s.packets_out,
                         ..base.clone()
                     },
@@ -530,7 +551,7 @@ impl Meter {
                         dst: local,
                         src_port: k.remote_port,
                         dst_port: k.local_port,
-                        octets: ip_octets(v.bytes_in - s.bytes_in.min(v.bytes_in), v.packets_in - s.packets_in),
+                        octets: ip_octets(v.bytes_in.saturating_sub(s.bytes_in), v.packets_in - s.packets_in),
                         packets: v.packets_in - s.packets_in,
                         direction: Direction::Ingress,
                         ..base
@@ -751,7 +772,7 @@ impl Denials {
         }
         let mut out = Vec::with_capacity(order.len());
         for (k, f) in order {
-            let pc = ctx.ports.get(&k.ifindex);
+            let pc = ctx.port(k.ifindex);
             let reason = DropReason::ALL.get(usize::from(k.reason)).copied();
             let rule = match reason {
                 Some(DropReason::BorderFirewall | DropReason::VpcFirewall) => format!(
@@ -759,7 +780,7 @@ impl Denials {
                     ctx.fw_names.get(&f.rule).cloned().unwrap_or_else(|| format!("#{}", f.rule))
                 ),
                 Some(DropReason::PolicyIngress | DropReason::PolicyEgress | DropReason::PolicyRevoked) => {
-                    pc.map(|p| p.groups.clone()).unwrap_or_default()
+                    pc.groups.clone()
                 }
                 Some(r) => format!("guard/{}", r.name()),
                 None => format!("guard/#{}", k.reason),
@@ -795,17 +816,17 @@ impl Denials {
                     } else {
                         Direction::Ingress
                     },
-                    vni: pc.map(|p| p.vni).filter(|v| *v != 0),
-                    tenant: pc.map(|p| p.tenant.clone()).unwrap_or_default(),
-                    vpc: pc.map(|p| p.vpc.clone()).unwrap_or_default(),
+                    vni: pc.vni(),
+                    tenant: pc.tenant.clone(),
+                    vpc: pc.vpc.clone(),
                     zone: if crosses_zone {
-                        pc.map(|p| p.zone.clone()).unwrap_or_default()
+                        pc.zone.clone()
                     } else {
                         String::new()
                     },
                     rule,
                     verdict: Verdict::Denied,
-                    port: pc.map(|p| p.port.clone()).unwrap_or_default(),
+                    port: pc.port.clone(),
                 },
             });
         }

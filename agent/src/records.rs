@@ -238,7 +238,7 @@ pub fn parse_dns(bytes: &[u8], clock: Clock, ctx: &Context, node: &str) -> Resul
             data: clip(r.data().to_string()),
         })
         .collect();
-    let pc = ctx.ports.get(&h.ifindex);
+    let pc = ctx.port(h.ifindex);
     let time_ms = clock.unix_ms(h.now_ns);
     Ok(DnsRecord {
         query_type_number: q.map(|q| u16::from(q.query_type())).unwrap_or(0),
@@ -248,9 +248,9 @@ pub fn parse_dns(bytes: &[u8], clock: Clock, ctx: &Context, node: &str) -> Resul
         time: sdn_proto::audit::rfc3339(time_ms),
         node: node.to_string(),
         node_type: "agent",
-        port: pc.map(|p| p.port.clone()).unwrap_or_default(),
-        tenant: pc.map(|p| p.tenant.clone()).unwrap_or_default(),
-        vpc: pc.map(|p| p.vpc.clone()).unwrap_or_default(),
+        port: pc.port.clone(),
+        tenant: pc.tenant.clone(),
+        vpc: pc.vpc.clone(),
         role: if h.role == dataplane_common::maps::DNS_ROLE_ANSWERED { "answered" } else { "asked" },
         client: dst,
         client_port: dport,
