@@ -454,16 +454,33 @@ async fn controllers_upgrade_one_at_a_time_from_the_previous_release_and_keep_ev
             assert!(have.contains(&id.as_str()), "replica {} lacks {id}: {have:?}", i + 1);
         }
     }
-    // The audit chain started once every member was new, at one entry:
-    // each replica checks its own copy to the same head.
+    // The audit chain starts once every member is new (the leader looks
+    // every 200 ms, and the start is one more entry to apply), at one
+    // entry: each replica checks its own copy to the same head.
     let mut heads = Vec::new();
     for i in 0..3 {
-        let out = std::process::Command::new(bin("sdnctl"))
-            .args(["--controller", &r.replicas[i].local(), "audit", "verify", "--local"])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "replica {}: {text}", i + 1);
+        let verify = || {
+            let out = std::process::Command::new(bin("sdnctl"))
+                .args(["--controller", &r.replicas[i].local(), "audit", "verify", "--local"])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+            (out.status.success(), text)
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let (mut ok, mut text) = verify();
+        while !ok && text.contains("has not started") && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            (ok, text) = verify();
+        }
+        if !ok {
+            for j in 0..3 {
+                let log = r.log(j);
+                let chain: Vec<&str> = log.lines().filter(|l| l.contains("chain")).collect();
+                eprintln!("replica {}'s log on the chain:\n{}", j + 1, chain.join("\n"));
+            }
+        }
+        assert!(ok, "replica {}: {text}", i + 1);
         eprintln!("replica {}: {}", i + 1, text.trim());
         heads.push(text.split("head ").nth(1).unwrap().split_whitespace().next().unwrap().to_string());
     }
