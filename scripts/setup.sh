@@ -34,6 +34,7 @@ PKGS=(
     softflowd           # the peer of the flow-count figures
     rsyslog rsyslog-gnutls # the syslog receiver security events are checked against
     dnsmasq-base bind9-dnsutils # a DNS server and dig, whose answers the DNS records are checked against
+    chromium-headless-shell # the browser the topology page is checked in
 )
 missing=()
 for p in "${PKGS[@]}"; do

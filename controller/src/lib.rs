@@ -13,3 +13,5 @@ pub mod service;
 pub mod shares;
 pub mod slice;
 pub mod store;
+pub mod topology;
+pub mod web;

@@ -58,6 +58,16 @@ struct Args {
     unix_roles: Vec<(u32, sdn_proto::tls::Identity)>,
     #[command(flatten)]
     syslog: sdn_proto::syslog::SyslogArgs,
+    /// Serve the topology page on this address (HTTPS with the
+    /// controller's certificate; plain HTTP under --insecure). Admins and
+    /// supervisors come with a client certificate, or with a link from
+    /// `sdnctl topology --web`.
+    #[arg(long)]
+    web_listen: Option<String>,
+    /// The page's address as browsers reach it, in the links `sdnctl
+    /// topology --web` prints (default: https://WEB_LISTEN).
+    #[arg(long, requires = "web_listen")]
+    web_url: Option<String>,
 }
 
 #[tokio::main]
@@ -131,12 +141,52 @@ async fn main() -> anyhow::Result<()> {
         sdn_controller::events::run(store.clone(), s, args.syslog.per_sec, host);
     }
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    let web = match &args.web_listen {
+        None => None,
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the topology page's address {addr}"))?;
+            let url = args
+                .web_url
+                .clone()
+                .unwrap_or_else(|| format!("{scheme}://{addr}"))
+                .trim_end_matches('/')
+                .to_string();
+            let web_tls = match &files {
+                Some(f) => Some(Arc::new(
+                    sdn_proto::tls::Acceptor::web(f.clone()).map_err(anyhow::Error::msg)?,
+                )),
+                None => None,
+            };
+            let web_listeners = sdn_controller::serve::Listeners {
+                tls: web_tls,
+                unix_roles: Default::default(),
+                insecure: args.insecure,
+                handshakes: Default::default(),
+            };
+            let web = sdn_controller::web::Web::new(store.clone(), url.clone(), args.insecure);
+            if args.insecure {
+                tracing::warn!(%url, "--insecure: the topology page is served over plain HTTP to anyone who reaches it");
+            } else {
+                tracing::info!(%url, "topology page served to admins and supervisors");
+            }
+            let w = web.clone();
+            tokio::spawn(async move {
+                if let Err(e) = sdn_controller::web::serve(web_listeners, l, w).await {
+                    tracing::error!(error = %e, "the topology page stopped");
+                }
+            });
+            Some(web)
+        }
+    };
     let ctl = Controller {
         store: store.clone(),
         enforcement: Arc::new(Enforcement::default()),
         stopping,
         leader_acks: Default::default(),
         metrics: Default::default(),
+        web,
     };
     if let Some(addr) = &args.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr)

@@ -33,6 +33,8 @@ pub struct Controller {
     /// The connection acks travel to the leader on, and the leader's address.
     pub leader_acks: Arc<tokio::sync::Mutex<Option<LeaderAcks>>>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The topology page, if this replica serves one.
+    pub web: Option<crate::web::Web>,
 }
 
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
@@ -246,6 +248,54 @@ impl pb::provisioning_server::Provisioning for Controller {
         Ok(Response::new(pb::EnforcementResponse {
             current_revision: shared.revision,
             hosts,
+        }))
+    }
+
+    async fn topology(&self, req: Request<pb::TopologyRequest>) -> Result<Response<pb::TopologyResponse>, Status> {
+        let caller = Caller::of(&req)?;
+        caller.require("Topology", &crate::web::Web::READERS)?;
+        let t = {
+            let shared = self.store.shared.read().await;
+            crate::topology::Topology::of(&shared.state, shared.revision)
+        };
+        let json = serde_json::to_string(&t).map_err(|e| Status::internal(format!("encoding the topology: {e}")))?;
+        Ok(Response::new(pb::TopologyResponse {
+            revision: t.revision,
+            text: t.text(),
+            json,
+        }))
+    }
+
+    async fn web_login(&self, req: Request<pb::WebLoginRequest>) -> Result<Response<pb::WebLoginResponse>, Status> {
+        let caller = Caller::of(&req)?;
+        caller.require("WebLogin", &crate::web::Web::READERS)?;
+        let Some(web) = &self.web else {
+            return Err(Status::failed_precondition(
+                "this replica serves no topology page (start it with --web-listen)",
+            ));
+        };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let Some(identity) = caller.identity.clone() else {
+            // --insecure: the page asks no one.
+            return Ok(Response::new(pb::WebLoginResponse {
+                url: format!("{}/", web.url),
+                expires_unix_ms: 0,
+            }));
+        };
+        if caller.via.is_some() {
+            return Err(Status::failed_precondition(
+                "a login link is made by the replica that serves the page: ask it directly",
+            ));
+        }
+        let until = req.extensions().get::<sdn_proto::tls::Peer>().and_then(|p| p.expires);
+        let (token, ttl) = web.sessions.mint(identity, until).map_err(Status::resource_exhausted)?;
+        tracing::info!(target: "sdn::security", caller = %caller.actor, "made a topology page login link");
+        Ok(Response::new(pb::WebLoginResponse {
+            url: format!("{}/login?token={token}", web.url),
+            expires_unix_ms: now_ms + ttl.as_millis() as u64,
         }))
     }
 }

@@ -255,6 +255,23 @@ impl Cluster {
         self.apply_on(pb::provisioning_client::ProvisioningClient::new(ch), ops).await
     }
 
+    /// Applies a batch as `uri`, without waiting for enforcement (for a
+    /// controller whose hosts run no agent).
+    pub async fn apply_committed(&self, uri: &str, ops: Vec<pb::operation::Op>) -> Result<pb::ApplyResponse, tonic::Status> {
+        let unavailable = |e: anyhow::Error| tonic::Status::unavailable(e.to_string());
+        let tls = self.pki.as_ref().map(|p| p.connector(uri)).transpose().map_err(unavailable)?;
+        let ch = sdn_proto::connect_with(&self.addr, tls).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        pb::provisioning_client::ProvisioningClient::new(ch)
+            .apply(pb::ApplyRequest {
+                operations: ops.into_iter().map(|o| pb::Operation { op: Some(o) }).collect(),
+                actor: self.actor.clone(),
+                wait: false,
+                wait_timeout_ms: 0,
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
     /// Applies a batch and waits for enforcement.
     pub async fn apply(&self, ops: Vec<pb::operation::Op>) -> Result<pb::ApplyResponse, tonic::Status> {
         let c = self

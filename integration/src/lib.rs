@@ -16,6 +16,7 @@ mod proc;
 mod shell;
 mod topology;
 
+pub mod browser;
 pub mod cluster;
 pub mod etcd;
 pub mod lab;

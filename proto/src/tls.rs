@@ -348,12 +348,26 @@ fn ssl_err<'a>(what: &'a str, path: &'a Path) -> impl FnOnce(boring::error::Erro
 /// The server side: asks every client for a certificate of the CA.
 pub struct Acceptor {
     inner: Reloading<SslAcceptor>,
+    /// A client may come without a certificate (a browser): its
+    /// connection has no identity, and what it may do is for the server to
+    /// decide. A certificate it does send must still be one of the CA's.
+    certificate_optional: bool,
 }
 
 impl Acceptor {
     pub fn new(files: Files) -> Result<Acceptor, String> {
         Ok(Acceptor {
             inner: Reloading::new(files, build_acceptor)?,
+            certificate_optional: false,
+        })
+    }
+
+    /// For web pages (HTTP/1.1): a client certificate of the CA is asked
+    /// for, not required.
+    pub fn web(files: Files) -> Result<Acceptor, String> {
+        Ok(Acceptor {
+            inner: Reloading::new(files, build_web_acceptor)?,
+            certificate_optional: true,
         })
     }
 
@@ -369,10 +383,20 @@ impl Acceptor {
             .await
             .map_err(|_| "the TLS handshake timed out".to_string())?
             .map_err(|e| handshake_error(e.ssl(), &e.to_string()))?;
-        let cert = tls
-            .ssl()
-            .peer_certificate()
-            .ok_or_else(|| "the client sent no certificate".to_string())?;
+        let Some(cert) = tls.ssl().peer_certificate() else {
+            if self.certificate_optional {
+                return Ok(Authenticated::new(
+                    tls,
+                    Peer {
+                        identity: None,
+                        remote,
+                        uid: None,
+                        expires: None,
+                    },
+                ));
+            }
+            return Err("the client sent no certificate".to_string());
+        };
         let identity = Identity::of_certificate(&cert)?;
         let expires = boring::asn1::Asn1Time::days_from_now(0)
             .and_then(|now| now.diff(cert.not_after()))
@@ -411,6 +435,14 @@ fn build_acceptor(f: &Files) -> Result<SslAcceptor, String> {
     load_own(&mut b, f)?;
     b.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
     b.set_alpn_select_callback(|_, client| select_next_proto(b"\x02h2", client).ok_or(AlpnError::NOACK));
+    Ok(b.build())
+}
+
+fn build_web_acceptor(f: &Files) -> Result<SslAcceptor, String> {
+    let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).map_err(|e| format!("TLS setup: {e}"))?;
+    load_own(&mut b, f)?;
+    b.set_verify(SslVerifyMode::PEER);
+    b.set_alpn_select_callback(|_, client| select_next_proto(b"\x08http/1.1", client).ok_or(AlpnError::NOACK));
     Ok(b.build())
 }
 

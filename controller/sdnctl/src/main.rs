@@ -215,6 +215,18 @@ enum Cmd {
     },
     /// Show which revision each host enforces.
     Status,
+    /// Print the network as a tree: zones, their VPCs, subnets and ports
+    /// (host, addresses, security groups), then exchange paths, peerings,
+    /// hosts and security groups. Admins and supervisors.
+    Topology {
+        /// The graph as JSON, as the topology page reads it.
+        #[arg(long)]
+        json: bool,
+        /// Print a link to the controller's live topology page instead:
+        /// good once, for two minutes; it signs the browser in as you.
+        #[arg(long, conflicts_with = "json")]
+        web: bool,
+    },
     /// Certificates: a CA of the cluster's own and what it issues.
     #[command(subcommand)]
     Pki(PkiCmd),
@@ -758,6 +770,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Schema => print!("{}", manifest::SCHEMA),
+        Cmd::Topology { json, web } => {
+            let mut c = client(&cli.controller).await?;
+            if web {
+                let r = c.web_login(pb::WebLoginRequest {}).await.map_err(status_err)?.into_inner();
+                println!("{}", r.url);
+                if r.expires_unix_ms > 0 {
+                    eprintln!("(good once, until {})", sdn_proto::audit::rfc3339(r.expires_unix_ms));
+                }
+            } else {
+                let r = c.topology(pb::TopologyRequest {}).await.map_err(status_err)?.into_inner();
+                if json {
+                    println!("{}", r.json);
+                } else {
+                    print!("{}", r.text);
+                }
+            }
+        }
         Cmd::Diff { path } => {
             let ops = manifest::dependency_order(manifest::load_path(&path)?);
             manifest::validate_offline(&ops)?;

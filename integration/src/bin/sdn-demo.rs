@@ -406,6 +406,11 @@ async fn main() -> anyhow::Result<()> {
         println!("  BROKEN   <-- UNEXPECTED");
         wrong += 1;
     }
+    step("supervisor: the network as a tree (sdnctl topology; the controller's --web-listen serves it as a live page)");
+    if !sdnctl_as(&cluster, "sdn://supervisor/inspector", &["topology"])?.success() {
+        println!("  no topology   <-- UNEXPECTED");
+        wrong += 1;
+    }
     step("supervisor: what the regulator's collector (pmacct nfacctd, IPFIX) and syslog servers (rsyslogd) received");
     // The last flows' records go out at the next pass of h1's flow table.
     std::thread::sleep(std::time::Duration::from_secs(6));
