@@ -590,7 +590,7 @@ fn document<T: ManifestResource>(kind: &str, x: &T) -> serde_json::Value {
 
 macro_rules! manifest_kinds {
     ($(($kind:ident, $ty:ident, $name:literal, $map:ident, $put:ident,
-        list: $list:ident, order: $order:literal, manifest: [$($manifest:literal)?])),* $(,)?) => {
+        list: $list:ident, order: $order:literal, manifest: [$($manifest:literal)?], log: $log:literal)),* $(,)?) => {
         /// The kinds a manifest may declare.
         pub const KINDS: &[&str] = &[$($($manifest,)?)*];
 

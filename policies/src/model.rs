@@ -334,7 +334,9 @@ impl<'de> Deserialize<'de> for Mac {
 /// `Object` and `Op` variant, its type, its name in keys and messages, the
 /// `State` map that holds it, its put operation, its field in the API's
 /// listing, its rank in a batch (what others refer to comes first), and its
-/// `kind:` in manifests (none for a kind no manifest declares).
+/// `kind:` in manifests (none for a kind no manifest declares), and the
+/// number of its put in the log's binary form (`log:`, see
+/// [`DELETE_LOG_INDEX`]: a new kind takes the next unused number).
 ///
 /// `for_each_kind!(m)` hands the table to macro `m`. The model, the state,
 /// the API conversions, the listing, the manifests and `sdnctl` generate what
@@ -346,24 +348,31 @@ impl<'de> Deserialize<'de> for Mac {
 macro_rules! for_each_kind {
     ($m:ident) => {
         $m! {
-            (Tenant, Tenant, "tenant", tenants, PutTenant, list: tenants, order: 0, manifest: ["Tenant"]),
-            (Vpc, Vpc, "vpc", vpcs, PutVpc, list: vpcs, order: 1, manifest: ["Vpc"]),
-            (Subnet, Subnet, "subnet", subnets, PutSubnet, list: subnets, order: 2, manifest: ["Subnet"]),
-            (Host, Host, "host", hosts, PutHost, list: hosts, order: 3, manifest: ["Host"]),
-            (Port, Port, "port", ports, PutPort, list: ports, order: 5, manifest: ["Port"]),
+            (Tenant, Tenant, "tenant", tenants, PutTenant, list: tenants, order: 0, manifest: ["Tenant"], log: 0),
+            (Vpc, Vpc, "vpc", vpcs, PutVpc, list: vpcs, order: 1, manifest: ["Vpc"], log: 1),
+            (Subnet, Subnet, "subnet", subnets, PutSubnet, list: subnets, order: 2, manifest: ["Subnet"], log: 2),
+            (Host, Host, "host", hosts, PutHost, list: hosts, order: 3, manifest: ["Host"], log: 3),
+            (Port, Port, "port", ports, PutPort, list: ports, order: 5, manifest: ["Port"], log: 4),
             (SecurityGroup, SecurityGroup, "security_group", security_groups, PutSecurityGroup,
-                list: security_groups, order: 4, manifest: ["SecurityGroup"]),
-            (Quarantine, Quarantine, "quarantine", quarantines, PutQuarantine, list: quarantines, order: 6, manifest: []),
-            (Zone, Zone, "zone", zones, PutZone, list: zones, order: 0, manifest: ["Zone"]),
+                list: security_groups, order: 4, manifest: ["SecurityGroup"], log: 5),
+            (Quarantine, Quarantine, "quarantine", quarantines, PutQuarantine, list: quarantines, order: 6, manifest: [], log: 6),
+            (Zone, Zone, "zone", zones, PutZone, list: zones, order: 0, manifest: ["Zone"], log: 7),
             (ExchangePath, ExchangePath, "exchange_path", exchange_paths, PutExchangePath,
-                list: exchange_paths, order: 1, manifest: ["ExchangePath"]),
+                list: exchange_paths, order: 1, manifest: ["ExchangePath"], log: 8),
             (FirewallPolicy, FirewallPolicy, "firewall_policy", firewall_policies, PutFirewallPolicy,
-                list: firewall_policies, order: 0, manifest: ["FirewallPolicy"]),
+                list: firewall_policies, order: 0, manifest: ["FirewallPolicy"], log: 9),
             (VpcPeering, VpcPeering, "vpc_peering", peerings, PutVpcPeering,
-                list: vpc_peerings, order: 3, manifest: ["VpcPeering"]),
+                list: vpc_peerings, order: 3, manifest: ["VpcPeering"], log: 10),
         }
     };
 }
+
+/// The number of [`Op::Delete`] in the log's binary form (postcard). It was
+/// the variant after the eleven kinds' puts, and stays so: a kind added
+/// later takes the next free number in its row's `log:` (12, 13, ...), so
+/// that an entry written by one release reads the same in another. A
+/// kind's `log:` never changes, and is never reused.
+pub const DELETE_LOG_INDEX: u32 = 11;
 
 /// What every kind of object says of itself, beyond its row in
 /// [`for_each_kind!`].
@@ -376,7 +385,7 @@ pub trait Resource {
 
 macro_rules! declare_kinds {
     ($(($kind:ident, $ty:ident, $name:literal, $map:ident, $put:ident,
-        list: $list:ident, order: $order:literal, manifest: [$($manifest:literal)?])),* $(,)?) => {
+        list: $list:ident, order: $order:literal, manifest: [$($manifest:literal)?], log: $log:literal)),* $(,)?) => {
         /// Kinds of object.
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         pub enum Kind {
@@ -386,6 +395,13 @@ macro_rules! declare_kinds {
         impl Kind {
             /// Every kind, in the table's order.
             pub const ALL: &'static [Kind] = &[$(Kind::$kind),*];
+
+            /// The number of the kind's put in the log's binary form.
+            pub fn log_index(self) -> u32 {
+                match self {
+                    $(Kind::$kind => $log),*
+                }
+            }
 
             pub fn name(self) -> &'static str {
                 match self {
@@ -480,10 +496,97 @@ macro_rules! declare_kinds {
         }
 
         /// One change of a batch: a put of one object, or a delete.
-        #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+        ///
+        /// In the log's binary form each operation is its variant's number:
+        /// a put the `log:` of its kind's row, a delete [`DELETE_LOG_INDEX`],
+        /// whatever the order of the table; see [`DELETE_LOG_INDEX`].
+        #[derive(Clone, Debug, PartialEq, Eq)]
         pub enum Op {
             $($put($ty),)*
             Delete { kind: Kind, id: String },
+        }
+
+        const OP_VARIANTS: &[&str] = &[$(stringify!($put),)* "Delete"];
+
+        impl Serialize for Op {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                match self {
+                    $(Op::$put(x) => s.serialize_newtype_variant("Op", $log, stringify!($put), x),)*
+                    Op::Delete { kind, id } => {
+                        use serde::ser::SerializeStructVariant;
+                        let mut v = s.serialize_struct_variant("Op", DELETE_LOG_INDEX, "Delete", 2)?;
+                        v.serialize_field("kind", kind)?;
+                        v.serialize_field("id", id)?;
+                        v.end()
+                    }
+                }
+            }
+        }
+
+        /// Which operation: by number in the binary form, by name in JSON.
+        enum OpTag {
+            $($put,)*
+            Delete,
+        }
+
+        impl<'de> Deserialize<'de> for OpTag {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl serde::de::Visitor<'_> for V {
+                    type Value = OpTag;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        f.write_str("an operation")
+                    }
+                    fn visit_u64<E: serde::de::Error>(self, i: u64) -> Result<OpTag, E> {
+                        match i {
+                            $($log => Ok(OpTag::$put),)*
+                            i if i == u64::from(DELETE_LOG_INDEX) => Ok(OpTag::Delete),
+                            _ => Err(E::invalid_value(
+                                serde::de::Unexpected::Unsigned(i),
+                                &"an operation this release knows (a later release's kind of object?)",
+                            )),
+                        }
+                    }
+                    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<OpTag, E> {
+                        match s {
+                            $(stringify!($put) => Ok(OpTag::$put),)*
+                            "Delete" => Ok(OpTag::Delete),
+                            _ => Err(E::unknown_variant(s, OP_VARIANTS)),
+                        }
+                    }
+                }
+                d.deserialize_identifier(V)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for Op {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                #[derive(Deserialize)]
+                struct DeleteBody {
+                    kind: Kind,
+                    id: String,
+                }
+                struct V;
+                impl<'de> serde::de::Visitor<'de> for V {
+                    type Value = Op;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        f.write_str("an operation")
+                    }
+                    fn visit_enum<A: serde::de::EnumAccess<'de>>(self, data: A) -> Result<Op, A::Error> {
+                        use serde::de::VariantAccess;
+                        let (tag, v) = data.variant::<OpTag>()?;
+                        match tag {
+                            $(OpTag::$put => v.newtype_variant().map(Op::$put),)*
+                            // A struct variant's fields, in order, are
+                            // written as a struct's: read as one.
+                            OpTag::Delete => v
+                                .newtype_variant::<DeleteBody>()
+                                .map(|b| Op::Delete { kind: b.kind, id: b.id }),
+                        }
+                    }
+                }
+                d.deserialize_enum("Op", OP_VARIANTS, V)
+            }
         }
 
         impl Op {
@@ -737,4 +840,54 @@ pub fn parse_cidr(s: &str) -> Result<IpNetwork, String> {
         ));
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod log_form {
+    use super::*;
+
+    /// An entry's operations read the same in every release: a delete is
+    /// number 11 in the binary form, and each put its kind's number, which
+    /// no later kind changes.
+    #[test]
+    fn operations_keep_their_numbers_in_the_binary_form() {
+        let delete = Op::Delete {
+            kind: Kind::Port,
+            id: "p".into(),
+        };
+        let bytes = postcard::to_stdvec(&delete).unwrap();
+        assert_eq!(bytes, [11, 4, 1, b'p'], "Delete is 11, Port is 4");
+        assert_eq!(postcard::from_bytes::<Op>(&bytes).unwrap(), delete);
+        let tenant = Op::PutTenant(Tenant {
+            id: "t".into(),
+            name: "T".into(),
+        });
+        let bytes = postcard::to_stdvec(&tenant).unwrap();
+        assert_eq!(bytes, [0, 1, b't', 1, b'T']);
+        assert_eq!(postcard::from_bytes::<Op>(&bytes).unwrap(), tenant);
+        // JSON names the variants, as before.
+        let json = serde_json::to_string(&delete).unwrap();
+        assert_eq!(json, r#"{"Delete":{"kind":"Port","id":"p"}}"#);
+        assert_eq!(serde_json::from_str::<Op>(&json).unwrap(), delete);
+        assert_eq!(
+            serde_json::from_str::<Op>(r#"{"PutTenant":{"id":"t","name":"T"}}"#).unwrap(),
+            tenant
+        );
+        // A number no kind has is refused, naming why.
+        let e = postcard::from_bytes::<Op>(&[99, 0]).unwrap_err();
+        assert!(matches!(e, postcard::Error::SerdeDeCustom), "{e:?}");
+        let e = serde_json::from_str::<Op>(r#"{"PutNothing":{}}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown variant"), "{e}");
+    }
+
+    /// Every kind's number is its own, and none is Delete's.
+    #[test]
+    fn every_kind_has_a_number_of_its_own() {
+        let mut seen = std::collections::BTreeSet::new();
+        for k in Kind::ALL {
+            let n = k.log_index();
+            assert_ne!(n, DELETE_LOG_INDEX, "{k:?}");
+            assert!(seen.insert(n), "{k:?} shares {n}");
+        }
+    }
 }
