@@ -56,21 +56,33 @@ pub struct Listeners {
 /// `--insecure`).
 pub type Conn<S> = Authenticated<Either<SslStream<S>, S>>;
 
-fn refused(transport: &str, from: &str, why: &str) {
-    static WINDOW: std::sync::Mutex<(Option<std::time::Instant>, u32, u64)> = std::sync::Mutex::new((None, 0, 0));
-    let suppressed = {
-        let mut w = WINDOW.lock().unwrap_or_else(|p| p.into_inner());
+/// A budget of security events a second: `None` when this one is over it
+/// (and counted), or how many were left out since the last one logged.
+pub struct EventBudget(std::sync::Mutex<(Option<std::time::Instant>, u32, u64)>);
+
+impl EventBudget {
+    pub const fn new() -> Self {
+        EventBudget(std::sync::Mutex::new((None, 0, 0)))
+    }
+
+    pub fn admit(&self) -> Option<u64> {
+        let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
         if w.0.is_none_or(|t| now.duration_since(t) >= std::time::Duration::from_secs(1)) {
             *w = (Some(now), 0, w.2);
         }
         if w.1 >= EVENTS_PER_SECOND {
             w.2 += 1;
-            return;
+            return None;
         }
         w.1 += 1;
-        std::mem::take(&mut w.2)
-    };
+        Some(std::mem::take(&mut w.2))
+    }
+}
+
+fn refused(transport: &str, from: &str, why: &str) {
+    static BUDGET: EventBudget = EventBudget::new();
+    let Some(suppressed) = BUDGET.admit() else { return };
     tracing::warn!(target: "sdn::security", transport, from, reason = why, suppressed, "connection refused");
 }
 

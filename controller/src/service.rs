@@ -254,16 +254,20 @@ impl pb::provisioning_server::Provisioning for Controller {
     async fn topology(&self, req: Request<pb::TopologyRequest>) -> Result<Response<pb::TopologyResponse>, Status> {
         let caller = Caller::of(&req)?;
         caller.require("Topology", &crate::web::Web::READERS)?;
-        let t = {
-            let shared = self.store.shared.read().await;
-            crate::topology::Topology::of(&shared.state, shared.revision)
+        let r = async {
+            let t = crate::web::topology(&self.store).await?;
+            tokio::task::spawn_blocking(move || -> anyhow::Result<pb::TopologyResponse> {
+                Ok(pb::TopologyResponse {
+                    revision: t.revision,
+                    json: serde_json::to_string(&t)?,
+                    text: t.text(),
+                })
+            })
+            .await?
         };
-        let json = serde_json::to_string(&t).map_err(|e| Status::internal(format!("encoding the topology: {e}")))?;
-        Ok(Response::new(pb::TopologyResponse {
-            revision: t.revision,
-            text: t.text(),
-            json,
-        }))
+        r.await
+            .map(Response::new)
+            .map_err(|e| Status::internal(format!("building the topology: {e}")))
     }
 
     async fn web_login(&self, req: Request<pb::WebLoginRequest>) -> Result<Response<pb::WebLoginResponse>, Status> {
@@ -294,7 +298,7 @@ impl pb::provisioning_server::Provisioning for Controller {
         let (token, ttl) = web.sessions.mint(identity, until).map_err(Status::resource_exhausted)?;
         tracing::info!(target: "sdn::security", caller = %caller.actor, "made a topology page login link");
         Ok(Response::new(pb::WebLoginResponse {
-            url: format!("{}/login?token={token}", web.url),
+            url: format!("{}/login#token={token}", web.url),
             expires_unix_ms: now_ms + ttl.as_millis() as u64,
         }))
     }

@@ -250,12 +250,28 @@ impl Topology {
     pub fn text(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "topology at revision {}", self.revision);
-        let mut zones: Vec<(String, String)> = self
+        // Children by parent, each list in the parent's order.
+        let known: BTreeSet<&str> = self.zones.iter().map(|z| z.id.as_str()).collect();
+        let mut vpcs: BTreeMap<&str, Vec<&Vpc>> = BTreeMap::new();
+        for v in &self.vpcs {
+            // "" gathers the isolated VPCs, and those of a zone not found.
+            let zone = if known.contains(v.zone.as_str()) { v.zone.as_str() } else { "" };
+            vpcs.entry(zone).or_default().push(v);
+        }
+        let mut subnets: BTreeMap<&str, Vec<&Subnet>> = BTreeMap::new();
+        for s in &self.subnets {
+            subnets.entry(s.vpc.as_str()).or_default().push(s);
+        }
+        let mut ports: BTreeMap<&str, Vec<&Port>> = BTreeMap::new();
+        for p in &self.ports {
+            ports.entry(p.subnet.as_str()).or_default().push(p);
+        }
+        let mut zones: Vec<(&str, String)> = self
             .zones
             .iter()
             .map(|z| {
                 (
-                    z.id.clone(),
+                    z.id.as_str(),
                     format!(
                         "zone {}{} prefixes {} uplink {}",
                         t(&z.id),
@@ -266,18 +282,12 @@ impl Topology {
                 )
             })
             .collect();
-        if self.vpcs.iter().any(|v| v.zone.is_empty() || !self.zones.iter().any(|z| z.id == v.zone)) {
-            zones.push((String::new(), "no zone (isolated VPCs)".into()));
+        if vpcs.contains_key("") {
+            zones.push(("", "no zone (isolated VPCs)".into()));
         }
         for (zone, line) in &zones {
             let _ = writeln!(out, "{line}");
-            for v in self.vpcs.iter().filter(|v| {
-                if zone.is_empty() {
-                    v.zone.is_empty() || !self.zones.iter().any(|z| z.id == v.zone)
-                } else {
-                    &v.zone == zone
-                }
-            }) {
+            for v in vpcs.get(zone).map(Vec::as_slice).unwrap_or_default() {
                 let border = if v.border_policy.is_empty() {
                     String::new()
                 } else {
@@ -292,9 +302,9 @@ impl Topology {
                     v.vni,
                     if v.quarantined { " QUARANTINED" } else { "" }
                 );
-                for s in self.subnets.iter().filter(|s| s.vpc == v.id) {
+                for s in subnets.get(v.id.as_str()).map(Vec::as_slice).unwrap_or_default() {
                     let _ = writeln!(out, "    subnet {} {}", t(&s.id), list(&s.cidrs));
-                    for p in self.ports.iter().filter(|p| p.subnet == s.id) {
+                    for p in ports.get(s.id.as_str()).map(Vec::as_slice).unwrap_or_default() {
                         let groups = if p.security_groups.is_empty() {
                             "no security group".to_string()
                         } else {
@@ -360,12 +370,12 @@ impl Topology {
     }
 }
 
-/// `s` with control characters (and the bidirectional overrides that can
-/// make text read other than it is) escaped.
+/// `s` with control characters, and those that change how the text
+/// around them reads (bidirectional overrides, invisible joiners), escaped.
 fn t(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
-        if c.is_control() || ('\u{202a}'..='\u{202e}').contains(&c) || ('\u{2066}'..='\u{2069}').contains(&c) {
+        if sdn_proto::syslog::deceptive(c) {
             let _ = write!(out, "\\u{{{:x}}}", c as u32);
         } else {
             out.push(c);

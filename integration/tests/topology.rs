@@ -39,9 +39,13 @@ fn sdnctl(c: &Cluster, uri: &str, args: &[&str]) -> Result<String, String> {
 
 /// `curl` against the page: the status code, headers and body.
 fn curl(c: &Cluster, url: &str, as_uri: Option<&str>, cookie: Option<&str>) -> (u16, String, String) {
+    curl_with(c, url, as_uri, cookie, &[])
+}
+
+fn curl_with(c: &Cluster, url: &str, as_uri: Option<&str>, cookie: Option<&str>, extra: &[&str]) -> (u16, String, String) {
     let pki = c.pki.as_ref().unwrap();
     let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "-D", "-", "--max-time", "10", "--cacert"]).arg(pki.ca());
+    cmd.args(["-sS", "-D", "-", "--max-time", "10"]).args(extra).arg("--cacert").arg(pki.ca());
     if let Some(uri) = as_uri {
         let f = pki.files(uri).unwrap();
         cmd.arg("--cert").arg(&f.cert).arg("--key").arg(&f.key);
@@ -123,7 +127,7 @@ async fn the_topology_page_follows_changes_live_for_admins_and_supervisors_only(
 
     // The page, signed in by a supervisor's link.
     let link = sdnctl(&c, SUPERVISOR, &["topology", "--web"]).unwrap().trim().to_string();
-    assert!(link.starts_with(&format!("{base}/login?token=")), "{link}");
+    assert!(link.starts_with(&format!("{base}/login#token=")), "{link}");
     let spki = browser::spki_hash(&c.pki.as_ref().unwrap().files("sdn://replica/1").unwrap().cert).unwrap();
     let profile = dir.path().join("chromium");
     let mut b = Browser::launch(&profile, Some(&spki)).unwrap();
@@ -192,26 +196,41 @@ async fn the_topology_page_follows_changes_live_for_admins_and_supervisors_only(
     assert!(updates >= 2 && oldest == rev, "the page was loaded again: {updates} updates, the first at {oldest}");
 
     // Attacks on the page's door.
-    let (code, head, _) = curl(&c, &format!("{base}/topology.json"), None, None);
-    assert_eq!(code, 401, "no certificate, no cookie");
-    assert!(head.to_lowercase().contains("content-security-policy: default-src 'none'"), "{head}");
-    let (code, _, _) = curl(&c, &format!("{base}/topology.json"), None, Some("sdn_session=00"));
-    assert_eq!(code, 401, "a forged cookie");
-    let (code, _, body) = curl(&c, &link, None, None);
+    for path in ["/", "/topology.json", "/events"] {
+        let (code, head, _) = curl(&c, &format!("{base}{path}"), None, None);
+        assert_eq!(code, 401, "{path}: no certificate, no cookie");
+        assert!(head.to_lowercase().contains("content-security-policy: default-src 'none'"), "{head}");
+        let (code, _, _) = curl(&c, &format!("{base}{path}"), None, Some(&format!("__Host-sdn_session={}", "0".repeat(64))));
+        assert_eq!(code, 401, "{path}: a forged cookie");
+        for uri in [TENANT, PLATFORM, "sdn://agent/h1"] {
+            let (code, _, _) = curl(&c, &format!("{base}{path}"), Some(uri), None);
+            assert_eq!(code, 403, "{path}: {uri}'s certificate");
+        }
+    }
+    let login = format!("{base}/login");
+    let token = |link: &str| link.split_once("#token=").unwrap().1.to_string();
+    let post = |secret: &str, extra: &[&str]| {
+        let mut args = vec!["-X", "POST", "--data-binary", secret];
+        args.extend_from_slice(extra);
+        curl_with(&c, &login, None, None, &args)
+    };
+    let (code, _, body) = post(&token(&link), &[]);
     assert_eq!(code, 401, "a used link: {body}");
-    let (code, _, _) = curl(&c, &format!("{base}/events"), Some(TENANT), None);
-    assert_eq!(code, 403, "a tenant's certificate");
+    let (code, _, _) = curl(&c, &format!("{login}?token={}", token(&link)), None, None);
+    assert_eq!(code, 400, "a secret in the query is not taken");
     let (code, _, body) = curl(&c, &format!("{base}/topology.json"), Some(SUPERVISOR), None);
     assert_eq!(code, 200, "a supervisor's certificate: {body}");
     assert!(body.contains("\"v9\""), "{body}");
-    let fresh = sdnctl(&c, ADMIN, &["topology", "--web"]).unwrap().trim().to_string();
-    let (code, head, _) = curl(&c, &fresh, None, None);
-    assert_eq!(code, 303, "{head}");
+    let fresh = token(&sdnctl(&c, ADMIN, &["topology", "--web"]).unwrap());
+    let (code, _, _) = post(&fresh, &["-H", "Sec-Fetch-Site: cross-site"]);
+    assert_eq!(code, 403, "a login posted by another site's page");
+    let (code, head, _) = post(&fresh, &[]);
+    assert_eq!(code, 204, "{head}");
     let set = head
         .lines()
         .find(|l| l.to_lowercase().starts_with("set-cookie:"))
         .unwrap_or_else(|| panic!("no cookie: {head}"));
-    for flag in ["HttpOnly", "Secure", "SameSite=Strict"] {
+    for flag in ["__Host-sdn_session=", "HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
         assert!(set.contains(flag), "{set}");
     }
     let cookie = set.split_once(':').unwrap().1.trim().split(';').next().unwrap().to_string();

@@ -209,9 +209,12 @@ pub const VALUE_MAX: usize = 1024;
 /// Characters that change how text around them is shown (bidirectional
 /// overrides, invisible joiners, line separators): written as escapes, so
 /// what a viewer shows is what the event says.
-fn deceptive(c: char) -> bool {
+pub fn deceptive(c: char) -> bool {
     c.is_control()
-        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}')
+        || matches!(
+            c,
+            '\u{061c}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}'
+        )
 }
 
 /// A parameter value: `"`, `\` and `]` escaped (RFC 5424 6.3.3), control

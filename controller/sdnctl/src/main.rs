@@ -781,7 +781,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             } else {
                 let r = c.topology(pb::TopologyRequest {}).await.map_err(status_err)?.into_inner();
                 if json {
-                    println!("{}", r.json);
+                    // Names are tenants' words: characters a terminal would
+                    // act on are written as JSON escapes.
+                    let mut out = String::with_capacity(r.json.len());
+                    for c in r.json.chars() {
+                        if sdn_proto::syslog::deceptive(c) {
+                            out.push_str(&format!("\\u{:04x}", c as u32));
+                        } else {
+                            out.push(c);
+                        }
+                    }
+                    println!("{out}");
                 } else {
                     print!("{}", r.text);
                 }
