@@ -34,6 +34,16 @@ pub const UPLINK_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
     ("to_uplink", TcAttachType::Egress, "egress"),
 ];
 
+/// Mirroring's observers on a port's device, before the pipeline's
+/// entries (their link pins are `mirror-IFINDEX-DIR`).
+pub const MIRROR_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
+    ("mirror_from_vm", TcAttachType::Ingress, "ingress"),
+    ("mirror_to_vm", TcAttachType::Egress, "egress"),
+];
+/// Mirroring's observer on the VXLAN device (copies for a tap here).
+pub const MIRROR_OVERLAY_PROGRAM: &str = "mirror_from_overlay";
+const MIRROR_OVERLAY_PIN: &str = "mirror-overlay";
+
 /// The program on the VXLAN device's ingress, and its link pin's name.
 pub const OVERLAY_PROGRAM: &str = "from_overlay";
 const OVERLAY_PIN: &str = "overlay-ingress";
@@ -52,6 +62,8 @@ pub fn tc_programs() -> impl Iterator<Item = &'static str> {
         .chain(UPLINK_PROGRAMS.iter())
         .map(|p| p.0)
         .chain([OVERLAY_PROGRAM])
+        .chain(MIRROR_PROGRAMS.iter().map(|p| p.0))
+        .chain([MIRROR_OVERLAY_PROGRAM])
         .chain(stage::PROGRAMS.iter().map(|s| s.1))
 }
 
@@ -113,6 +125,38 @@ pub fn addresses(name: &str) -> std::io::Result<Vec<std::net::IpAddr>> {
 }
 
 /// Resolves an interface name in this network namespace.
+/// The name of the device of `ifindex`.
+pub fn ifname(ifindex: u32) -> Option<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf is IF_NAMESIZE bytes as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return None;
+    }
+    // SAFETY: if_indextoname wrote a NUL-terminated name into buf.
+    Some(unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+}
+
+/// Makes a pinned hash map hold exactly `want`.
+fn sync_hash<K: Pod + Ord, V: Pod + PartialEq>(
+    ebpf: &mut Ebpf,
+    name: &str,
+    want: &std::collections::BTreeMap<K, V>,
+) -> anyhow::Result<()> {
+    let map = ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
+    let mut h: BpfHashMap<&mut MapData, K, V> = BpfHashMap::try_from(map)?;
+    let stale: Vec<K> = h.keys().filter_map(Result::ok).filter(|k| !want.contains_key(k)).collect();
+    for k in stale {
+        let _ = h.remove(&k);
+    }
+    for (k, v) in want {
+        if h.get(k, 0).ok().as_ref() != Some(v) {
+            h.insert(k, v, 0).with_context(|| format!("writing {name}"))?;
+        }
+    }
+    Ok(())
+}
+
 pub fn ifindex(name: &str) -> Option<u32> {
     let c = std::ffi::CString::new(name).ok()?;
     // SAFETY: plain libc call on a valid C string.
@@ -156,6 +200,8 @@ pub struct Dataplane {
     pipe_pin: PathBuf,
     /// What the flow table counted per port, as of the last collection.
     traffic: std::sync::Arc<std::sync::Mutex<Traffic>>,
+    /// The mirror sessions by slot, as last written.
+    mirror_ids: std::collections::BTreeMap<u32, String>,
 }
 
 /// One port's flows now, and the packets and bytes of its flows since the
@@ -319,6 +365,7 @@ impl Dataplane {
             config: m::HostConfig::default(),
             pipe_pin,
             traffic: Default::default(),
+            mirror_ids: Default::default(),
         };
         // An upgrade: the earlier version's flows are in the new table
         // before any link runs the new programs (and again, for flows made
@@ -548,6 +595,17 @@ impl Dataplane {
     }
 
     fn attach_pinned(&mut self, name: &str, attach_type: TcAttachType, ifname: &str, pin: &Path) -> anyhow::Result<()> {
+        self.attach_pinned_at(name, attach_type, ifname, pin, LinkOrder::last())
+    }
+
+    fn attach_pinned_at(
+        &mut self,
+        name: &str,
+        attach_type: TcAttachType,
+        ifname: &str,
+        pin: &Path,
+        order: LinkOrder,
+    ) -> anyhow::Result<()> {
         let prog: &mut SchedClassifier = self.ebpf.program_mut(name).expect("loaded").try_into()?;
         if pin.exists() {
             let adopted = PinnedLink::from_pin(pin)
@@ -571,7 +629,7 @@ impl Dataplane {
             // The pipeline's entries go last on each hook: observers
             // (mirroring, flow sampling) attach before them and pass every
             // packet on.
-            .attach_with_options(ifname, attach_type, TcAttachOptions::TcxOrder(LinkOrder::last()))
+            .attach_with_options(ifname, attach_type, TcAttachOptions::TcxOrder(order))
             .with_context(|| format!("attaching {name} to {ifname} ({attach_type:?})"))?;
         let link = prog.take_link(id)?;
         let fd: FdLink = link.try_into().context("TCX link expected")?;
@@ -742,6 +800,105 @@ impl Dataplane {
         Ok(aya::maps::perf::AsyncPerfEventArray::try_from(map)?)
     }
 
+    /// The ring of mirror copies for the agent to send, for one reader.
+    pub fn take_mirror_ring(&mut self) -> anyhow::Result<aya::maps::perf::AsyncPerfEventArray<MapData>> {
+        let map = self.take_map(m::MIRROR_RING)?;
+        Ok(aya::maps::perf::AsyncPerfEventArray::try_from(map)?)
+    }
+
+    /// Writes mirroring's maps, and puts its observers first on the
+    /// devices of the ports that need them (and on the VXLAN device when a
+    /// tap here takes copies from other hosts), off every other device.
+    /// The maps are written before an observer is attached, and an
+    /// observer detached before its port's entry goes.
+    pub fn apply_mirror(&mut self, plan: &crate::compile::mirror::MirrorPlan) -> anyhow::Result<()> {
+        // Observers off the devices that no longer need them.
+        let held = self.mirror_attached();
+        for ifx in held.difference(&plan.ports.keys().copied().collect()) {
+            for (_, _, dir) in MIRROR_PROGRAMS {
+                let _ = std::fs::remove_file(self.pin_dir.join("links").join(format!("mirror-{ifx}-{dir}")));
+            }
+            tracing::info!(ifindex = ifx, "mirroring's observers detached");
+        }
+        let overlay_pin = self.pin_dir.join("links").join(MIRROR_OVERLAY_PIN);
+        if plan.vnis.is_empty() {
+            let _ = std::fs::remove_file(&overlay_pin);
+        }
+        {
+            let map = self.ebpf.map_mut(m::MIRROR_SESSIONS).context("map MIRROR_SESSIONS missing")?;
+            let mut a: Array<&mut MapData, m::MirrorCfg> = Array::try_from(map)?;
+            for slot in 0..m::MIRROR_SLOTS {
+                let cfg = plan.slots.get(&slot).map(|s| s.cfg).unwrap_or_default();
+                a.set(slot, cfg, 0).context("writing a mirror session")?;
+            }
+        }
+        // A slot that now holds another session starts its counts anew.
+        let ids: std::collections::BTreeMap<u32, String> = plan.slots.iter().map(|(k, s)| (*k, s.id.clone())).collect();
+        let changed: Vec<u32> = (0..m::MIRROR_SLOTS)
+            .filter(|s| ids.get(s) != self.mirror_ids.get(s))
+            .collect();
+        if !changed.is_empty() {
+            let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+            let map = self.ebpf.map_mut(m::MIRROR_STATE).context("map MIRROR_STATE missing")?;
+            let mut st: PerCpuArray<&mut MapData, m::MirrorState> = PerCpuArray::try_from(map)?;
+            for slot in changed {
+                let zero = aya::maps::PerCpuValues::try_from(vec![m::MirrorState::default(); cpus])?;
+                st.set(slot, zero, 0).context("clearing a mirror slot's counts")?;
+            }
+        }
+        self.mirror_ids = ids;
+        sync_hash(&mut self.ebpf, m::MIRROR_PORTS, &plan.ports)?;
+        {
+            let on = plan.ports.values().filter(|p| p.in_mask != 0).count() as u32;
+            let map = self.ebpf.map_mut(m::MIRROR_ON).context("map MIRROR_ON missing")?;
+            let mut a: Array<&mut MapData, u32> = Array::try_from(map)?;
+            a.set(0, on, 0).context("writing MIRROR_ON")?;
+        }
+        sync_hash(&mut self.ebpf, m::MIRROR_VNIS, &plan.vnis)?;
+        let senders: std::collections::BTreeMap<u32, u8> = plan.senders.iter().map(|s| (*s, 1u8)).collect();
+        sync_hash(&mut self.ebpf, m::MIRROR_SENDERS, &senders)?;
+        for ifx in plan.ports.keys() {
+            if held.contains(ifx) {
+                continue;
+            }
+            let name = ifname(*ifx).with_context(|| format!("no device of ifindex {ifx} to mirror"))?;
+            for (prog, attach_type, dir) in MIRROR_PROGRAMS {
+                let pin = self.pin_dir.join("links").join(format!("mirror-{ifx}-{dir}"));
+                self.attach_pinned_at(prog, attach_type, &name, &pin, LinkOrder::first())?;
+            }
+            tracing::info!(device = %name, ifindex = ifx, "mirroring's observers attached");
+        }
+        if !plan.vnis.is_empty() && !overlay_pin.exists() {
+            let vx = self.config.vxlan_ifindex;
+            let name = ifname(vx).context("a tap here takes copies from other hosts, and there is no VXLAN device")?;
+            self.attach_pinned_at(MIRROR_OVERLAY_PROGRAM, TcAttachType::Ingress, &name, &overlay_pin, LinkOrder::first())?;
+            tracing::info!(device = %name, "mirroring's observer attached to the VXLAN device");
+        }
+        Ok(())
+    }
+
+    /// Devices that have mirroring's observers attached.
+    pub fn mirror_attached(&self) -> BTreeSet<u32> {
+        let mut out = BTreeSet::new();
+        if let Ok(rd) = std::fs::read_dir(self.pin_dir.join("links")) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if let Some(i) = n
+                    .strip_prefix("mirror-")
+                    .and_then(|r| r.split('-').next()?.parse().ok())
+                {
+                    out.insert(i);
+                }
+            }
+        }
+        out
+    }
+
+    /// Each mirror session's counters, summed over the CPUs, by slot.
+    pub fn mirror_counters(&self) -> anyhow::Result<Vec<m::MirrorState>> {
+        read_mirror_counters(&self.pin_dir)
+    }
+
     /// The ring of denial events, for one reader.
     pub fn take_events(&mut self) -> anyhow::Result<aya::maps::RingBuf<MapData>> {
         let map = self.take_map(m::EVENTS)?;
@@ -841,6 +998,27 @@ pub fn read_event_limits(pin_dir: &Path, slot: u32) -> anyhow::Result<m::EventLi
 pub type Counters = Vec<(&'static str, u64)>;
 
 /// Drop and stats counters, summed over CPUs, read from a pin directory.
+/// Each mirror session's counters, summed over the CPUs, by slot (from
+/// the pinned map).
+pub fn read_mirror_counters(pin_dir: &Path) -> anyhow::Result<Vec<m::MirrorState>> {
+    let data = MapData::from_pin(pin_dir.join("maps").join(m::MIRROR_STATE))
+        .with_context(|| format!("opening pinned map {}", m::MIRROR_STATE))?;
+    let a: PerCpuArray<MapData, m::MirrorState> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?;
+    let mut out = Vec::new();
+    for slot in 0..m::MIRROR_SLOTS {
+        let mut sum = m::MirrorState::default();
+        for s in a.get(&slot, 0)?.iter() {
+            sum.matched += s.matched;
+            sum.sampled_out += s.sampled_out;
+            sum.over_rate += s.over_rate;
+            sum.copied += s.copied;
+            sum.failed += s.failed;
+        }
+        out.push(sum);
+    }
+    Ok(out)
+}
+
 pub fn read_counters(pin_dir: &Path) -> anyhow::Result<(Counters, Counters)> {
     let maps_dir = pin_dir.join("maps");
     let sum = |name: &str, slots: u32| -> anyhow::Result<Vec<u64>> {

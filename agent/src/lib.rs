@@ -6,6 +6,7 @@ pub mod dataplane;
 pub mod events;
 pub mod flows;
 pub mod metrics;
+pub mod mirror;
 pub mod overlay;
 pub mod reconcile;
 pub mod records;

@@ -177,6 +177,7 @@ async fn main() -> anyhow::Result<()> {
                 None => None,
             };
             agent.export(flow_settings.as_ref(), events, records)?;
+            agent.start_mirroring()?;
             if let Some(s) = &flow_settings {
                 let list: Vec<String> = s.collectors.iter().map(|c| format!("{:?}://{}", c.transport, c.addr).to_lowercase()).collect();
                 tracing::info!(collectors = %list.join(", "), domain = s.domain, active_s = s.active.as_secs(), idle_s = s.idle.as_secs(), "flow records exported over IPFIX");
@@ -205,9 +206,30 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Counters { pin_dir } => {
             let (drops, stats) = dataplane::read_counters(&pin_dir)?;
+            // Mirror sessions by slot (in the order of their ids), those
+            // that counted anything.
+            let mirror: std::collections::BTreeMap<String, serde_json::Value> = dataplane::read_mirror_counters(&pin_dir)
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+                .filter(|(_, c)| c.matched + c.failed > 0)
+                .map(|(slot, c)| {
+                    (
+                        slot.to_string(),
+                        serde_json::json!({
+                            "matched": c.matched,
+                            "sampled_out": c.sampled_out,
+                            "over_rate": c.over_rate,
+                            "copied": c.copied,
+                            "failed": c.failed,
+                        }),
+                    )
+                })
+                .collect();
             let j = serde_json::json!({
                 "drops": drops.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
                 "stats": stats.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+                "mirror": mirror,
             });
             println!("{}", serde_json::to_string_pretty(&j)?);
         }

@@ -24,7 +24,10 @@
 //! - `sdn_agent_denial_events_total{outcome}`: the dataplane's denial
 //!   events (`sent`, `suppressed` over the per-CPU rate, `lost` to a full
 //!   ring), and `sdn_agent_dns_copies_total{outcome}`: the DNS answers it
-//!   copied up (`sent`, `suppressed`).
+//!   copied up (`sent`, `suppressed`);
+//! - with mirror sessions: `sdn_agent_mirror_packets_total{session,outcome}`
+//!   (`matched`, `sampled_out`, `over_rate`, `copied`, `copy_failed`,
+//!   `sent`, `send_failed`) and `sdn_agent_mirror_ring_lost_total`.
 //!
 //! Plain HTTP: bind it to an address only the monitoring system reaches.
 
@@ -66,6 +69,12 @@ struct Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SessionOutcome {
+    session: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Device {
     device: String,
 }
@@ -86,6 +95,9 @@ pub struct Sources {
     pub flows: Option<Arc<crate::flows::Stats>>,
     /// The security events, when the agent sends them.
     pub syslog: Option<crate::events::Events>,
+    /// The mirror sessions by slot, and the agent's counts of their copies.
+    pub mirror_sessions: Arc<std::sync::RwLock<std::collections::BTreeMap<u32, String>>>,
+    pub mirror: Arc<crate::mirror::Stats>,
 }
 
 /// The device name of each ifindex on this host.
@@ -157,6 +169,41 @@ pub fn render(src: &Sources) -> Result<String, String> {
             }
             reg.register(name, help, f);
         }
+    }
+    let sessions = src.mirror_sessions.read().unwrap_or_else(|p| p.into_inner()).clone();
+    if !sessions.is_empty() {
+        let kernel = crate::dataplane::read_mirror_counters(&src.pin_dir).unwrap_or_default();
+        let f = Family::<SessionOutcome, Counter>::default();
+        for (slot, id) in &sessions {
+            let k = kernel.get(*slot as usize).copied().unwrap_or_default();
+            let i = *slot as usize;
+            let sent = src.mirror.sent.get(i).map_or(0, |c| c.load(Ordering::Relaxed));
+            let failed = src.mirror.failed.get(i).map_or(0, |c| c.load(Ordering::Relaxed));
+            for (outcome, n) in [
+                ("matched", k.matched),
+                ("sampled_out", k.sampled_out),
+                ("over_rate", k.over_rate),
+                ("copied", k.copied),
+                ("copy_failed", k.failed),
+                ("sent", sent),
+                ("send_failed", failed),
+            ] {
+                f.get_or_create(&SessionOutcome {
+                    session: id.clone(),
+                    outcome,
+                })
+                .inc_by(n);
+            }
+        }
+        reg.register(
+            "mirror_packets",
+            "Mirror sessions' packets, by outcome: matched, left out by sampling, over the rate, copied (in the kernel), \
+             not copied (a full ring, a tap gone), sent on by the agent, lost at its socket",
+            f,
+        );
+        let lost = Counter::<u64>::default();
+        lost.inc_by(src.mirror.lost.load(Ordering::Relaxed));
+        reg.register("mirror_ring_lost", "Mirror copies the ring to the agent lost", lost);
     }
     if let Some(ev) = &src.syslog {
         let f = Family::<Outcome, Counter>::default();

@@ -52,6 +52,11 @@ pub struct Agent {
     flow_stats: Option<std::sync::Arc<flows::Stats>>,
     /// Security events, when the agent sends them.
     events: Option<crate::events::Events>,
+    /// Where the mirror copies that reach the agent go, and their counts.
+    mirror_table: crate::mirror::Table,
+    pub mirror_stats: std::sync::Arc<crate::mirror::Stats>,
+    /// The mirror sessions by slot, as last enforced (for the metrics).
+    pub mirror_sessions: std::sync::Arc<std::sync::RwLock<std::collections::BTreeMap<u32, String>>>,
 }
 
 /// What an agent makes of its flow table's passes.
@@ -98,7 +103,32 @@ impl Agent {
             flow_ctx: Default::default(),
             flow_stats: None,
             events: None,
+            mirror_table: Default::default(),
+            mirror_stats: Default::default(),
+            mirror_sessions: Default::default(),
         })
+    }
+
+    /// Sends on the mirror copies the programs hand up (for taps on other
+    /// hosts, collectors, and copies cut to a snap length).
+    pub fn start_mirroring(&mut self) -> anyhow::Result<()> {
+        let perf = self.dp.take_mirror_ring().context("opening the mirror copies")?;
+        crate::mirror::run(perf, self.mirror_table.clone(), self.mirror_stats.clone())
+    }
+
+    /// Each session's counters in the kernel, by id.
+    pub fn mirror_counters(&self) -> Vec<(String, dataplane_common::maps::MirrorState)> {
+        let sessions = self.mirror_sessions.read().unwrap_or_else(|p| p.into_inner()).clone();
+        match self.dp.mirror_counters() {
+            Ok(c) => sessions
+                .into_iter()
+                .filter_map(|(slot, id)| Some((id, *c.get(slot as usize)?)))
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "reading the mirror counters");
+                vec![]
+            }
+        }
     }
 
     /// Exports flow records (`flows`): the flow table's, from each
@@ -198,6 +228,8 @@ impl Agent {
             enforced: self.enforced.clone(),
             flows: self.flow_stats.clone(),
             syslog: self.events.as_ref().map(|e| e.clone()),
+            mirror_sessions: self.mirror_sessions.clone(),
+            mirror: self.mirror_stats.clone(),
         }
     }
 
@@ -259,6 +291,20 @@ impl Agent {
             self.dp.attach(&name, ifx)?;
             self.attached.insert(ifx);
             tracing::info!(device = %name, ifindex = ifx, "programs attached");
+        }
+        // Mirroring after the ports' entries and programs: its observers go
+        // first on their devices and pass every packet on.
+        match self.dp.apply_mirror(&desired.mirror) {
+            Ok(()) => {
+                *self.mirror_table.write().unwrap_or_else(|p| p.into_inner()) = crate::mirror::table_of(&desired.mirror);
+                *self.mirror_sessions.write().unwrap_or_else(|p| p.into_inner()) =
+                    desired.mirror.slots.iter().map(|(k, s)| (*k, s.id.clone())).collect();
+            }
+            Err(e) => {
+                let e = format!("mirroring: {e:#}");
+                tracing::error!(error = %e, "mirror sessions not enforced; the rest is");
+                desired.rejected.push(e);
+            }
         }
         // The zone guard on every uplink; off devices that no longer are one.
         let held_uplinks = self.dp.attached_uplinks();

@@ -58,6 +58,7 @@ impl RaftService {
             reads_bin: true,
             reads_batched: true,
             chains_audit: true,
+            reads_ops_to: sdn_policies::model::log_index_max(),
             ..Default::default()
         };
         crate::store::network::put_payload(&mut m, v, form).map_err(Status::internal)?;

@@ -453,6 +453,13 @@ impl Controller {
             (false, said) if said.starts_with("sdn://") => format!("unverified {said}"),
             (false, said) => said.to_string(),
         };
+        let mirrors: Vec<String> = ops
+            .iter()
+            .filter_map(|o| match o {
+                sdn_policies::Op::PutMirrorSession(m) => Some(m.id.clone()),
+                _ => None,
+            })
+            .collect();
         let outcome = match self.store.write(&actor, ops).await {
             Ok(o) => o,
             Err(WriteError::Invalid(b)) => return Err(Status::invalid_argument(b.to_string())),
@@ -488,10 +495,24 @@ impl Controller {
                 }
             }
         }
+        let mut warnings = Vec::new();
+        if !mirrors.is_empty() {
+            let shared = self.store.shared.read().await;
+            for id in mirrors {
+                let Some(m) = shared.state.mirror_sessions.get(&id) else { continue };
+                if shared.state.mirrored_ports(m).next().is_none() {
+                    warnings.push(format!(
+                        "mirror session {id}: {} has no port yet; it copies nothing until one is added",
+                        m.scope()
+                    ));
+                }
+            }
+        }
         Ok(Response::new(pb::ApplyResponse {
             revision: outcome.revision,
             hosts: outcome.hosts,
             enforced,
+            warnings,
         }))
     }
 

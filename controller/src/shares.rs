@@ -327,6 +327,7 @@ impl Shares {
                     let name = format!("endpoint/{id}");
                     moved.push((name.clone(), vpc_of(&new)));
                     dirty.insert(name);
+                    dirty.extend(mirrors_with_tap(state, |p| p.id == *id));
                 }
                 Kind::Subnet => {
                     for o in both() {
@@ -346,6 +347,8 @@ impl Shares {
                 }
                 Kind::Host => {
                     hosts.insert(id.clone());
+                    // The senders every tap takes copies from.
+                    dirty.extend(mirrors_with_tap(state, |_| true));
                     // Its underlay address is in the endpoints of its ports.
                     dirty.extend(Index::of(&ix.ports_by_host, id).map(|p| format!("endpoint/{p}")));
                 }
@@ -378,9 +381,10 @@ impl Shares {
                         hosts.extend(state.quarantined_ports(q).into_iter().map(|p| p.host_id.clone()));
                     }
                 }
-                Kind::Zone | Kind::ExchangePath => {
+                Kind::Zone | Kind::ExchangePath | Kind::MirrorSession => {
                     let name = match kind {
                         Kind::Zone => format!("zone/{id}"),
+                        Kind::MirrorSession => format!("mirror/{id}"),
                         _ => format!("exchange/{id}"),
                     };
                     if old.is_none() != new.is_none() {
@@ -503,6 +507,16 @@ impl Shares {
         }
         out
     }
+}
+
+/// The names of the mirror sessions whose tap port `f` picks.
+fn mirrors_with_tap<'a>(state: &'a State, f: impl Fn(&sdn_policies::Port) -> bool + 'a) -> impl Iterator<Item = String> + 'a {
+    state.mirror_sessions.values().filter_map(move |m| match &m.destination {
+        sdn_policies::MirrorDestination::Tap { port_id, .. } if state.ports.get(port_id).is_some_and(&f) => {
+            Some(format!("mirror/{}", m.id))
+        }
+        _ => None,
+    })
 }
 
 /// Whether every host's kept share equals its share built from scratch.

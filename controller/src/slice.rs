@@ -2,8 +2,8 @@
 //! the members of every group those groups' rules refer to, the overlay of
 //! every VPC with a port on the host and of its peers (each port of those
 //! VPCs as a resource of its own), their firewalls,
-//! the quarantines of its ports, and the zones and exchange paths every
-//! host holds.
+//! the quarantines of its ports, and the zones, exchange paths and mirror
+//! sessions every host holds.
 //!
 //! A share is a set of named resources. [`names`] gives the names a host
 //! holds and [`build`] one resource; both look the objects up through the
@@ -94,6 +94,7 @@ pub fn names(state: &State, host: &str) -> BTreeSet<String> {
     // Zones and exchange paths are small and the same for every host.
     out.extend(state.zones.keys().map(|z| format!("zone/{z}")));
     out.extend(state.exchange_paths.keys().map(|x| format!("exchange/{x}")));
+    out.extend(state.mirror_sessions.keys().map(|m| format!("mirror/{m}")));
     for g in ix.host_groups.get(host).into_iter().flat_map(|m| m.keys()) {
         let Some(sg) = state.security_groups.get(g) else {
             continue;
@@ -164,6 +165,27 @@ pub fn build(state: &State, host: &str, name: &str) -> Option<pb::Resource> {
             R::Zone(zp)
         }
         "exchange" => R::ExchangePath(state.exchange_paths.get(id)?.to_pb()),
+        "mirror" => {
+            let m = state.mirror_sessions.get(id)?;
+            let tap = match &m.destination {
+                sdn_policies::MirrorDestination::Tap { port_id, .. } => state.ports.get(port_id),
+                _ => None,
+            };
+            R::MirrorSession(pb::MirrorOnHost {
+                session: Some(m.to_pb()),
+                tap_host: tap.map(|p| p.host_id.clone()).unwrap_or_default(),
+                tap_underlay: tap
+                    .and_then(|p| state.hosts.get(&p.host_id))
+                    .map(|h| h.underlay_ip.to_string())
+                    .unwrap_or_default(),
+                tap_device: tap.map(|p| p.device.clone()).unwrap_or_default(),
+                senders: if tap.is_some() {
+                    state.hosts.values().map(|h| h.underlay_ip.to_string()).collect()
+                } else {
+                    vec![]
+                },
+            })
+        }
         "sg" => R::SecurityGroup(state.security_groups.get(id)?.to_pb()),
         "members" => R::GroupMembers(pb::GroupMembers {
             group_id: id.to_string(),

@@ -175,3 +175,49 @@ pub fn ingress(
         remote_group_id: remote_group.into(),
     }
 }
+
+/// A mirror session of `scope` ("port:vm1", "vpc:v", "tenant:t",
+/// "zone:z" or "" for every port), both directions, every packet.
+pub fn mirror(id: &str, scope: &str, destination: pb::mirror_session::Destination) -> pb::MirrorSession {
+    let (what, target) = scope.split_once(':').unwrap_or(("", ""));
+    let pick = |w: &str| if what == w { target.to_string() } else { String::new() };
+    pb::MirrorSession {
+        id: id.into(),
+        zone_id: pick("zone"),
+        tenant_id: pick("tenant"),
+        vpc_id: pick("vpc"),
+        port_id: pick("port"),
+        rules: vec![],
+        direction: "both".into(),
+        sample: 0,
+        snap_len: 0,
+        rate_pps: 0,
+        destination: Some(destination),
+    }
+}
+/// To a tap port.
+pub fn to_tap(port: &str, vni: u32) -> pb::mirror_session::Destination {
+    pb::mirror_session::Destination::Tap(pb::MirrorTap {
+        port_id: port.into(),
+        vni,
+    })
+}
+/// To an ERSPAN collector.
+pub fn to_erspan(remote: &str, version: u32, session: u32) -> pb::mirror_session::Destination {
+    pb::mirror_session::Destination::Erspan(pb::MirrorErspan {
+        remote: remote.into(),
+        version,
+        session,
+    })
+}
+/// To a VXLAN collector.
+pub fn to_vxlan(remote: &str, vni: u32, port: u32) -> pb::mirror_session::Destination {
+    pb::mirror_session::Destination::Vxlan(pb::MirrorVxlan {
+        remote: remote.into(),
+        vni,
+        port,
+    })
+}
+pub fn put_mirror(m: pb::MirrorSession) -> Op {
+    Op::PutMirrorSession(m)
+}

@@ -282,6 +282,139 @@ impl ApiResource for m::VpcPeering {
     }
 }
 
+impl ApiResource for m::MirrorSession {
+    type Pb = pb::MirrorSession;
+    fn from_pb(at: &At, x: &pb::MirrorSession) -> Result<Self, FieldError> {
+        let direction = match x.direction.trim() {
+            "in" => m::MirrorDirection::In,
+            "out" => m::MirrorDirection::Out,
+            "both" => m::MirrorDirection::Both,
+            d => return Err(at.err("direction", format!("must be in, out or both, got {d:?}"))),
+        };
+        let rules = x
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let at = At(&format!("{}.rules[{i}]", at.0));
+                let cidr = |field: &str, t: &str| -> Result<Option<ipnetwork::IpNetwork>, FieldError> {
+                    opt_text(t).map(|t| m::parse_cidr(t).map_err(|e| at.err(field, e))).transpose()
+                };
+                for (f, v) in [("port_min", r.port_min), ("port_max", r.port_max)] {
+                    if v > 65535 {
+                        return Err(at.err(f, format!("{v} is above 65535")));
+                    }
+                }
+                Ok(m::MirrorRule {
+                    protocol: protocol_from_pb(&at, r.protocol)?,
+                    source: cidr("source_cidr", &r.source_cidr)?,
+                    destination: cidr("destination_cidr", &r.destination_cidr)?,
+                    ports: (r.port_min != 0 || r.port_max != 0).then_some((r.port_min as u16, r.port_max as u16)),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let remote = |field: &str, t: &str| -> Result<std::net::IpAddr, FieldError> {
+            t.trim()
+                .parse()
+                .map_err(|_| at.err(field, format!("invalid IP address {t:?}")))
+        };
+        let destination = match &x.destination {
+            None => return Err(at.err("destination", "give one: tap, vxlan or erspan")),
+            Some(pb::mirror_session::Destination::Tap(t)) => m::MirrorDestination::Tap {
+                port_id: t.port_id.clone(),
+                vni: t.vni,
+            },
+            Some(pb::mirror_session::Destination::Vxlan(v)) => {
+                if v.port > 65535 {
+                    return Err(at.err("vxlan.port", format!("{} is above 65535", v.port)));
+                }
+                m::MirrorDestination::Vxlan {
+                    remote: remote("vxlan.remote", &v.remote)?,
+                    vni: v.vni,
+                    port: if v.port == 0 { 4789 } else { v.port as u16 },
+                }
+            }
+            Some(pb::mirror_session::Destination::Erspan(e)) => {
+                if e.version > 255 || e.session > 65535 {
+                    return Err(at.err("erspan", "version or session out of range"));
+                }
+                m::MirrorDestination::Erspan {
+                    remote: remote("erspan.remote", &e.remote)?,
+                    version: e.version as u8,
+                    session: e.session as u16,
+                }
+            }
+        };
+        Ok(m::MirrorSession {
+            id: x.id.clone(),
+            zone_id: x.zone_id.trim().to_string(),
+            tenant_id: x.tenant_id.trim().to_string(),
+            vpc_id: x.vpc_id.trim().to_string(),
+            port_id: x.port_id.trim().to_string(),
+            rules,
+            direction,
+            sample: x.sample,
+            snap_len: x.snap_len,
+            rate_pps: x.rate_pps,
+            destination,
+        })
+    }
+    fn to_pb(&self) -> pb::MirrorSession {
+        pb::MirrorSession {
+            id: self.id.clone(),
+            zone_id: self.zone_id.clone(),
+            tenant_id: self.tenant_id.clone(),
+            vpc_id: self.vpc_id.clone(),
+            port_id: self.port_id.clone(),
+            rules: self
+                .rules
+                .iter()
+                .map(|r| {
+                    let (port_min, port_max) = r.ports.map(|(a, b)| (a as u32, b as u32)).unwrap_or((0, 0));
+                    pb::MirrorRule {
+                        protocol: protocol_to_pb(r.protocol) as i32,
+                        source_cidr: r.source.map(|n| n.to_string()).unwrap_or_default(),
+                        destination_cidr: r.destination.map(|n| n.to_string()).unwrap_or_default(),
+                        port_min,
+                        port_max,
+                    }
+                })
+                .collect(),
+            direction: match self.direction {
+                m::MirrorDirection::In => "in",
+                m::MirrorDirection::Out => "out",
+                m::MirrorDirection::Both => "both",
+            }
+            .into(),
+            sample: self.sample,
+            snap_len: self.snap_len,
+            rate_pps: self.rate_pps,
+            destination: Some(match &self.destination {
+                m::MirrorDestination::Tap { port_id, vni } => pb::mirror_session::Destination::Tap(pb::MirrorTap {
+                    port_id: port_id.clone(),
+                    vni: *vni,
+                }),
+                m::MirrorDestination::Vxlan { remote, vni, port } => {
+                    pb::mirror_session::Destination::Vxlan(pb::MirrorVxlan {
+                        remote: remote.to_string(),
+                        vni: *vni,
+                        port: *port as u32,
+                    })
+                }
+                m::MirrorDestination::Erspan {
+                    remote,
+                    version,
+                    session,
+                } => pb::mirror_session::Destination::Erspan(pb::MirrorErspan {
+                    remote: remote.to_string(),
+                    version: *version as u32,
+                    session: *session as u32,
+                }),
+            }),
+        }
+    }
+}
+
 fn protocol_from_pb(at: &At, p: i32) -> Result<m::Protocol, FieldError> {
     Ok(match pb::Protocol::try_from(p) {
         Ok(pb::Protocol::Any) => m::Protocol::Any,

@@ -71,6 +71,85 @@ struct VpcPeeringSpec {
 
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct MirrorSessionSpec {
+    /// What is mirrored (none: every port).
+    #[serde(default)]
+    select: Option<MirrorSelect>,
+    #[serde(default)]
+    rules: Vec<MirrorRuleSpec>,
+    direction: model::MirrorDirection,
+    #[serde(default)]
+    sample: u32,
+    #[serde(default)]
+    snap_len: u32,
+    #[serde(default)]
+    rate_pps: u32,
+    destination: MirrorDestinationSpec,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct MirrorSelect {
+    #[serde(default)]
+    zone: Option<String>,
+    #[serde(default)]
+    tenant: Option<String>,
+    #[serde(default)]
+    vpc: Option<String>,
+    #[serde(default)]
+    port: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct MirrorRuleSpec {
+    protocol: Protocol,
+    #[serde(default)]
+    source: Option<Cidr>,
+    #[serde(default)]
+    destination: Option<Cidr>,
+    #[serde(default)]
+    ports: Option<PortRange>,
+}
+
+/// Exactly one of the three.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct MirrorDestinationSpec {
+    #[serde(default)]
+    tap: Option<MirrorTapSpec>,
+    #[serde(default)]
+    vxlan: Option<MirrorVxlanSpec>,
+    #[serde(default)]
+    erspan: Option<MirrorErspanSpec>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct MirrorTapSpec {
+    port: String,
+    vni: u32,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct MirrorVxlanSpec {
+    remote: IpAddr,
+    vni: u32,
+    #[serde(default)]
+    port: Option<u16>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct MirrorErspanSpec {
+    remote: IpAddr,
+    version: u8,
+    session: u16,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct ZoneSpec {
     #[serde(default)]
     display_name: Option<String>,
@@ -959,6 +1038,116 @@ impl ManifestResource for model::VpcPeering {
     fn to_manifest(&self) -> (&str, Option<&str>, serde_json::Value) {
         let mut spec = serde_json::json!({ "vpcA": self.vpc_a, "vpcB": self.vpc_b });
         put_text(&mut spec, "firewall", &self.policy_id);
+        (&self.id, None, spec)
+    }
+}
+
+impl ManifestResource for model::MirrorSession {
+    type Spec = MirrorSessionSpec;
+    fn from_manifest(metadata: Metadata, spec: Option<MirrorSessionSpec>) -> Result<Self, String> {
+        let spec = self::spec(spec)?;
+        let select = spec.select.unwrap_or(MirrorSelect {
+            zone: None,
+            tenant: None,
+            vpc: None,
+            port: None,
+        });
+        Ok(model::MirrorSession {
+            id: metadata.name,
+            zone_id: select.zone.unwrap_or_default(),
+            tenant_id: select.tenant.unwrap_or_default(),
+            vpc_id: select.vpc.unwrap_or_default(),
+            port_id: select.port.unwrap_or_default(),
+            rules: spec
+                .rules
+                .into_iter()
+                .map(|r| model::MirrorRule {
+                    protocol: r.protocol,
+                    source: r.source.map(|c| c.0),
+                    destination: r.destination.map(|c| c.0),
+                    ports: r.ports.map(|p| (p.0, p.1)),
+                })
+                .collect(),
+            direction: spec.direction,
+            sample: spec.sample,
+            snap_len: spec.snap_len,
+            rate_pps: spec.rate_pps,
+            destination: match spec.destination {
+                MirrorDestinationSpec {
+                    tap: Some(t),
+                    vxlan: None,
+                    erspan: None,
+                } => model::MirrorDestination::Tap {
+                    port_id: t.port,
+                    vni: t.vni,
+                },
+                MirrorDestinationSpec {
+                    tap: None,
+                    vxlan: Some(v),
+                    erspan: None,
+                } => model::MirrorDestination::Vxlan {
+                    remote: v.remote,
+                    vni: v.vni,
+                    port: v.port.unwrap_or(4789),
+                },
+                MirrorDestinationSpec {
+                    tap: None,
+                    vxlan: None,
+                    erspan: Some(e),
+                } => model::MirrorDestination::Erspan {
+                    remote: e.remote,
+                    version: e.version,
+                    session: e.session,
+                },
+                _ => return Err("spec.destination: give exactly one of tap, vxlan and erspan".into()),
+            },
+        })
+    }
+    fn to_manifest(&self) -> (&str, Option<&str>, serde_json::Value) {
+        let mut select = serde_json::json!({});
+        put_text(&mut select, "zone", &self.zone_id);
+        put_text(&mut select, "tenant", &self.tenant_id);
+        put_text(&mut select, "vpc", &self.vpc_id);
+        put_text(&mut select, "port", &self.port_id);
+        let mut spec = serde_json::json!({ "direction": self.direction });
+        if select.as_object().is_some_and(|o| !o.is_empty()) {
+            spec["select"] = select;
+        }
+        if !self.rules.is_empty() {
+            spec["rules"] = self
+                .rules
+                .iter()
+                .map(|r| {
+                    let mut j = serde_json::json!({ "protocol": r.protocol });
+                    if let Some(n) = r.source {
+                        j["source"] = serde_json::json!(n.to_string());
+                    }
+                    if let Some(n) = r.destination {
+                        j["destination"] = serde_json::json!(n.to_string());
+                    }
+                    if let Some(p) = r.ports {
+                        j["ports"] = ports_json(p);
+                    }
+                    j
+                })
+                .collect();
+        }
+        for (k, v) in [("sample", self.sample), ("snapLen", self.snap_len), ("ratePps", self.rate_pps)] {
+            if v != 0 {
+                spec[k] = serde_json::json!(v);
+            }
+        }
+        spec["destination"] = match &self.destination {
+            model::MirrorDestination::Tap { port_id, vni } => serde_json::json!({"tap": {"port": port_id, "vni": vni}}),
+            model::MirrorDestination::Vxlan { remote, vni, port } => {
+                serde_json::json!({"vxlan": {"remote": remote.to_string(), "vni": vni, "port": port}})
+            }
+            model::MirrorDestination::Erspan {
+                remote,
+                version,
+                session,
+            } => serde_json::json!({"erspan": {"remote": remote.to_string(), "version": version, "session": session}}),
+        };
         (&self.id, None, spec)
     }
 }

@@ -81,6 +81,101 @@ pub struct VpcPeering {
     pub policy_id: String,
 }
 
+/// Which way of a port's traffic a mirror session copies, seen from the
+/// port: `in` reaches the VM, `out` leaves it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MirrorDirection {
+    In,
+    Out,
+    Both,
+}
+
+/// A filter of a mirror session: a packet matches if each given part does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorRule {
+    pub protocol: Protocol,
+    /// `None`: any source.
+    pub source: Option<IpNetwork>,
+    /// `None`: any destination.
+    pub destination: Option<IpNetwork>,
+    /// Destination ports, inclusive (TCP and UDP only); `None`: all.
+    pub ports: Option<(u16, u16)>,
+}
+
+/// Where a mirror session's copies go.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MirrorDestination {
+    /// A supervisor's port on this cloud: copies from its host go to it
+    /// directly, from other hosts over the underlay in VXLAN with `vni`.
+    Tap { port_id: String, vni: u32 },
+    /// A collector over VXLAN (UDP to `port`, 4789 by default), the copies
+    /// under `vni`.
+    Vxlan { remote: IpAddr, vni: u32, port: u16 },
+    /// A collector over GRE with ERSPAN type II or III (`version` 2 or 3),
+    /// `session` its session id (10 bits).
+    Erspan { remote: IpAddr, version: u8, session: u16 },
+}
+
+/// Copies of the traffic of some ports, for a supervisor. Mirroring never
+/// changes or delays the traffic it copies: copies over the session's rate
+/// or that its destination cannot take are dropped and counted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorSession {
+    pub id: String,
+    /// What is mirrored: the ports of one zone's VPCs, of one tenant, of
+    /// one VPC, or one port (at most one of the four; none: every port).
+    pub zone_id: String,
+    pub tenant_id: String,
+    pub vpc_id: String,
+    pub port_id: String,
+    /// Only packets that match one of these (none: every packet).
+    pub rules: Vec<MirrorRule>,
+    pub direction: MirrorDirection,
+    /// One packet in this many (0 or 1: every packet).
+    pub sample: u32,
+    /// Bytes of each packet copied (0: the whole packet).
+    pub snap_len: u32,
+    /// Copies a second at most, on each host (0: the default, 100,000).
+    pub rate_pps: u32,
+    pub destination: MirrorDestination,
+}
+
+impl MirrorSession {
+    /// The rate in force.
+    pub fn rate(&self) -> u32 {
+        if self.rate_pps == 0 {
+            100_000
+        } else {
+            self.rate_pps
+        }
+    }
+
+    /// The VNI its copies travel under, if any.
+    pub fn vni(&self) -> Option<u32> {
+        match &self.destination {
+            MirrorDestination::Tap { vni, .. } | MirrorDestination::Vxlan { vni, .. } => Some(*vni),
+            MirrorDestination::Erspan { .. } => None,
+        }
+    }
+
+    /// What it selects, for messages.
+    pub fn scope(&self) -> String {
+        for (what, id) in [
+            ("zone", &self.zone_id),
+            ("tenant", &self.tenant_id),
+            ("vpc", &self.vpc_id),
+            ("port", &self.port_id),
+        ] {
+            if !id.is_empty() {
+                return format!("{what} {id}");
+            }
+        }
+        "every port".into()
+    }
+}
+
 /// A network zone outside the VPCs (the e-government extranet, the
 /// internet), reached through an uplink device on every host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,6 +219,16 @@ pub struct ExchangePath {
 pub const VNI_MAX: u32 = (1 << 24) - 1;
 /// The first VNI the store picks when a request leaves it to the store.
 pub const VNI_AUTO_FIRST: u32 = 4096;
+
+/// A mirror session's filters, at most.
+pub const MIRROR_RULES_MAX: usize = 16;
+/// The sparsest sampling: one packet in this many.
+pub const MIRROR_SAMPLE_MAX: u32 = 1_000_000;
+/// A copy's snap length, when one is given.
+pub const MIRROR_SNAP_MIN: u32 = 64;
+pub const MIRROR_SNAP_MAX: u32 = 9216;
+/// Copies a second on one host, at most.
+pub const MIRROR_RATE_MAX: u32 = 10_000_000;
 
 /// A subnet of a VPC, IPv4, IPv6 or both.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -363,6 +468,8 @@ macro_rules! for_each_kind {
                 list: firewall_policies, order: 0, manifest: ["FirewallPolicy"], log: 9),
             (VpcPeering, VpcPeering, "vpc_peering", peerings, PutVpcPeering,
                 list: vpc_peerings, order: 3, manifest: ["VpcPeering"], log: 10),
+            (MirrorSession, MirrorSession, "mirror_session", mirror_sessions, PutMirrorSession,
+                list: mirror_sessions, order: 7, manifest: ["MirrorSession"], log: 12),
         }
     };
 }
@@ -373,6 +480,21 @@ macro_rules! for_each_kind {
 /// that an entry written by one release reads the same in another. A
 /// kind's `log:` never changes, and is never reused.
 pub const DELETE_LOG_INDEX: u32 = 11;
+
+/// The highest operation number this release reads.
+pub fn log_index_max() -> u32 {
+    Kind::ALL.iter().map(|k| k.log_index()).max().unwrap_or(0).max(DELETE_LOG_INDEX)
+}
+
+impl Op {
+    /// The operation's number in the log's binary form.
+    pub fn log_index(&self) -> u32 {
+        match self {
+            Op::Delete { .. } => DELETE_LOG_INDEX,
+            _ => self.key().0.log_index(),
+        }
+    }
+}
 
 /// What every kind of object says of itself, beyond its row in
 /// [`for_each_kind!`].
@@ -792,6 +914,37 @@ impl Resource for FirewallPolicy {
             self.rules.len(),
             format!("{:?}", self.default_action).to_lowercase()
         )
+    }
+}
+
+impl Resource for MirrorSession {
+    fn describe(&self) -> String {
+        format!("put mirror_session {}: {} {:?} to {}", self.id, self.scope(), self.direction, self.destination_text())
+    }
+    fn summary(&self) -> String {
+        format!(
+            "{} {:?} rules={} sample=1/{} snap={} rate={}/s to {}",
+            self.scope(),
+            self.direction,
+            self.rules.len(),
+            self.sample.max(1),
+            self.snap_len,
+            self.rate(),
+            self.destination_text()
+        )
+    }
+}
+
+impl MirrorSession {
+    /// The destination in a few words.
+    pub fn destination_text(&self) -> String {
+        match &self.destination {
+            MirrorDestination::Tap { port_id, vni } => format!("tap port {port_id} (vni {vni})"),
+            MirrorDestination::Vxlan { remote, vni, port } => format!("vxlan {remote}:{port} vni {vni}"),
+            MirrorDestination::Erspan { remote, version, session } => {
+                format!("erspan type {} {remote} session {session}", if *version == 3 { "III" } else { "II" })
+            }
+        }
     }
 }
 

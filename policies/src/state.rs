@@ -55,6 +55,8 @@ pub struct State {
     pub firewall_policies: BTreeMap<String, FirewallPolicy>,
     #[serde(default)]
     pub peerings: BTreeMap<String, VpcPeering>,
+    #[serde(default)]
+    pub mirror_sessions: BTreeMap<String, MirrorSession>,
     /// What validation allows beyond each object's own rules; the same on
     /// every replica.
     #[serde(default)]
@@ -83,6 +85,8 @@ struct Stored {
     #[serde(default)]
     peerings: BTreeMap<String, VpcPeering>,
     #[serde(default)]
+    mirror_sessions: BTreeMap<String, MirrorSession>,
+    #[serde(default)]
     settings: Settings,
 }
 
@@ -100,6 +104,7 @@ impl From<Stored> for State {
             exchange_paths: x.exchange_paths,
             firewall_policies: x.firewall_policies,
             peerings: x.peerings,
+            mirror_sessions: x.mirror_sessions,
             settings: x.settings,
             index: Index::default(),
         };
@@ -295,6 +300,8 @@ impl State {
                     v.vni = self.free_vni().ok_or_else(|| c.err("vni", "every VNI is in use"))?;
                 } else if let Some(o) = self.index.vnis.get(&v.vni).filter(|o| **o != v.id) {
                     return Err(c.err("vni", format!("vni {} is already used by vpc {o}", v.vni)));
+                } else if let Some(m) = self.mirror_of_vni(v.vni, "") {
+                    return Err(c.err("vni", format!("vni {} is mirror session {}'s", v.vni, m.id)));
                 }
                 self.replace(Kind::Vpc, &v.id.clone(), Some(Object::Vpc(v)));
             }
@@ -336,6 +343,7 @@ impl State {
             Op::PutExchangePath(x) => self.put_exchange_path(c, x)?,
             Op::PutFirewallPolicy(f) => self.put_firewall_policy(c, f)?,
             Op::PutVpcPeering(x) => self.put_peering(c, x)?,
+            Op::PutMirrorSession(x) => self.put_mirror(c, x)?,
             Op::Delete { kind, id } => self.delete(c, *kind, id)?,
         }
         Ok(())
@@ -343,14 +351,190 @@ impl State {
 
     /// The lowest VNI from [`VNI_AUTO_FIRST`] that no VPC uses.
     fn free_vni(&self) -> Option<u32> {
+        let mirrors: BTreeSet<u32> = self.mirror_sessions.values().filter_map(MirrorSession::vni).collect();
         let mut next = VNI_AUTO_FIRST;
         for &used in self.index.vnis.range(VNI_AUTO_FIRST..).map(|(n, _)| n) {
+            while mirrors.contains(&next) {
+                next += 1;
+            }
             if used != next {
                 break;
             }
             next += 1;
         }
+        while mirrors.contains(&next) {
+            next += 1;
+        }
         (next <= VNI_MAX).then_some(next)
+    }
+
+    /// The mirror session whose copies travel under `vni`, if any.
+    fn mirror_of_vni(&self, vni: u32, except: &str) -> Option<&MirrorSession> {
+        self.mirror_sessions.values().find(|m| m.id != except && m.vni() == Some(vni))
+    }
+
+    /// The ports a mirror session copies the traffic of (its tap port
+    /// never among them).
+    pub fn mirrored_ports<'a>(&'a self, m: &'a MirrorSession) -> impl Iterator<Item = &'a Port> + 'a {
+        let tap = match &m.destination {
+            MirrorDestination::Tap { port_id, .. } => port_id.as_str(),
+            _ => "",
+        };
+        self.ports.values().filter(move |p| {
+            p.id != tap
+                && if !m.port_id.is_empty() {
+                    p.id == m.port_id
+                } else if !m.vpc_id.is_empty() {
+                    self.vpc_of(p) == m.vpc_id
+                } else if !m.tenant_id.is_empty() {
+                    p.tenant_id == m.tenant_id
+                } else if !m.zone_id.is_empty() {
+                    self.vpcs.get(self.vpc_of(p)).is_some_and(|v| v.zone_id == m.zone_id)
+                } else {
+                    true
+                }
+        })
+    }
+
+    fn put_mirror(&mut self, c: &Ctx, m: &MirrorSession) -> Result<(), BatchError> {
+        check_id(&m.id).map_err(|e| c.err("id", e))?;
+        let scopes: Vec<(&str, &String)> = [
+            ("zone_id", &m.zone_id),
+            ("tenant_id", &m.tenant_id),
+            ("vpc_id", &m.vpc_id),
+            ("port_id", &m.port_id),
+        ]
+        .into_iter()
+        .filter(|(_, v)| !v.is_empty())
+        .collect();
+        if scopes.len() > 1 {
+            return Err(c.err(
+                scopes[1].0,
+                format!("give at most one of zone_id, tenant_id, vpc_id and port_id (also {} is given)", scopes[0].0),
+            ));
+        }
+        if let Some((field, id)) = scopes.first() {
+            let known = match *field {
+                "zone_id" => self.zones.contains_key(*id),
+                "tenant_id" => self.tenants.contains_key(*id),
+                "vpc_id" => self.vpcs.contains_key(*id),
+                _ => self.ports.contains_key(*id),
+            };
+            if !known {
+                return Err(c.err(field, format!("unknown {} {id:?}", field.trim_end_matches("_id"))));
+            }
+        }
+        if m.rules.len() > MIRROR_RULES_MAX {
+            return Err(c.err("rules", format!("{} rules; a session has at most {MIRROR_RULES_MAX}", m.rules.len())));
+        }
+        for (i, r) in m.rules.iter().enumerate() {
+            let f = |x: &str| format!("rules[{i}].{x}");
+            if let Some((lo, hi)) = r.ports {
+                if !matches!(r.protocol, Protocol::Tcp | Protocol::Udp) {
+                    return Err(c.err(&f("port_min"), "ports are for TCP and UDP rules only"));
+                }
+                if lo > hi {
+                    return Err(c.err(&f("port_min"), format!("{lo} is above port_max {hi}")));
+                }
+            }
+            for (name, n) in [("source_cidr", r.source), ("destination_cidr", r.destination)] {
+                if let Some(n) = n {
+                    if n.network() != n.ip() {
+                        return Err(c.err(&f(name), format!("{n} has host bits set")));
+                    }
+                }
+            }
+            if let (Some(a), Some(b)) = (r.source, r.destination) {
+                if a.is_ipv4() != b.is_ipv4() {
+                    return Err(c.err(&f("destination_cidr"), "the source and destination are of different families"));
+                }
+            }
+            let v6 = r.source.or(r.destination).map(|n| n.is_ipv6());
+            match (r.protocol, v6) {
+                (Protocol::Icmp, Some(true)) => return Err(c.err(&f("protocol"), "ICMP with IPv6 addresses")),
+                (Protocol::Icmpv6, Some(false)) => return Err(c.err(&f("protocol"), "ICMPv6 with IPv4 addresses")),
+                _ => {}
+            }
+        }
+        if m.sample > MIRROR_SAMPLE_MAX {
+            return Err(c.err("sample", format!("{} is above {MIRROR_SAMPLE_MAX}", m.sample)));
+        }
+        if m.snap_len != 0 && !(MIRROR_SNAP_MIN..=MIRROR_SNAP_MAX).contains(&m.snap_len) {
+            return Err(c.err(
+                "snap_len",
+                format!("{} is not 0 (the whole packet) nor {MIRROR_SNAP_MIN} to {MIRROR_SNAP_MAX}", m.snap_len),
+            ));
+        }
+        if m.rate_pps > MIRROR_RATE_MAX {
+            return Err(c.err("rate_pps", format!("{} is above {MIRROR_RATE_MAX}", m.rate_pps)));
+        }
+        let unicast = |field: &str, ip: &IpAddr| -> Result<(), BatchError> {
+            if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
+                return Err(c.err(field, format!("{ip} is not a unicast address")));
+            }
+            if matches!(ip, IpAddr::V4(a) if a.is_broadcast()) {
+                return Err(c.err(field, format!("{ip} is not a unicast address")));
+            }
+            Ok(())
+        };
+        match &m.destination {
+            MirrorDestination::Tap { port_id, .. } => {
+                if !self.ports.contains_key(port_id) {
+                    return Err(c.err("tap.port_id", format!("unknown port {port_id:?}")));
+                }
+                if *port_id == m.port_id {
+                    return Err(c.err("tap.port_id", "a port cannot be its own tap"));
+                }
+            }
+            MirrorDestination::Vxlan { remote, port, .. } => {
+                unicast("vxlan.remote", remote)?;
+                if *port == 0 {
+                    return Err(c.err("vxlan.port", "port 0"));
+                }
+            }
+            MirrorDestination::Erspan {
+                remote,
+                version,
+                session,
+            } => {
+                unicast("erspan.remote", remote)?;
+                if !matches!(version, 2 | 3) {
+                    return Err(c.err("erspan.version", format!("{version}: give 2 (type II) or 3 (type III)")));
+                }
+                if *session > 1023 {
+                    return Err(c.err("erspan.session", format!("{session} is above 1023 (10 bits)")));
+                }
+            }
+        }
+        if let Some(vni) = m.vni() {
+            let field = match m.destination {
+                MirrorDestination::Tap { .. } => "tap.vni",
+                _ => "vxlan.vni",
+            };
+            if vni == 0 || vni > VNI_MAX {
+                return Err(c.err(field, format!("{vni} is not a VNI (1 to {VNI_MAX})")));
+            }
+            // Copies under a VPC's VNI would reach that VPC's ports.
+            if let Some(v) = self.index.vnis.get(&vni) {
+                return Err(c.err(field, format!("vni {vni} is vpc {v}'s; copies must travel under a VNI of their own")));
+            }
+            if let Some(o) = self.mirror_of_vni(vni, &m.id) {
+                return Err(c.err(field, format!("vni {vni} is already mirror session {}'s", o.id)));
+            }
+        }
+        self.replace(Kind::MirrorSession, &m.id, Some(Object::MirrorSession(m.clone())));
+        Ok(())
+    }
+
+    /// The mirror session that refers to `kind` `id`, if one does.
+    fn mirror_using(&self, kind: Kind, id: &str) -> Option<&MirrorSession> {
+        self.mirror_sessions.values().find(|m| match kind {
+            Kind::Zone => m.zone_id == id,
+            Kind::Tenant => m.tenant_id == id,
+            Kind::Vpc => m.vpc_id == id,
+            Kind::Port => m.port_id == id || matches!(&m.destination, MirrorDestination::Tap { port_id, .. } if port_id == id),
+            _ => false,
+        })
     }
 
     fn vpc_of(&self, p: &Port) -> &str {
@@ -1331,7 +1515,15 @@ impl State {
 
     fn delete(&mut self, c: &Ctx, kind: Kind, id: &str) -> Result<(), BatchError> {
         let in_use = |what: String| Err(c.err("id", format!("{} {id} is still used by {what}", kind.name())));
+        if let Some(m) = self.mirror_using(kind, id) {
+            return in_use(format!("mirror session {}", m.id));
+        }
         match kind {
+            Kind::MirrorSession => {
+                if self.replace(Kind::MirrorSession, id, None).is_none() {
+                    return Err(c.err("id", format!("unknown mirror session {id:?}")));
+                }
+            }
             Kind::Tenant => {
                 if !self.tenants.contains_key(id) {
                     return Err(c.err("id", format!("unknown tenant {id:?}")));

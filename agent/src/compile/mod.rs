@@ -8,6 +8,7 @@
 //! fails closed; the rest is compiled as if it were not there.
 
 mod firewalls;
+pub mod mirror;
 mod overlay;
 mod sg;
 mod zones;
@@ -77,6 +78,8 @@ pub struct Desired {
     /// (a port gets no traffic, a firewall denies, a zone or peering is not
     /// joined) and the host NACKs naming them, while it enforces the rest.
     pub rejected: Vec<String>,
+    /// Mirror sessions: the ports they copy and where copies go.
+    pub mirror: mirror::MirrorPlan,
 }
 
 /// The number a VPC's border firewall gets when its policy cannot be
@@ -338,6 +341,7 @@ impl Compiler {
         let mut zones: BTreeMap<&str, &pb::Zone> = BTreeMap::new();
         let mut exchanges: Vec<&pb::ExchangePath> = Vec::new();
         let mut firewalls: BTreeMap<&str, &pb::FirewallPolicy> = BTreeMap::new();
+        let mut mirrors: Vec<&pb::MirrorOnHost> = Vec::new();
         for r in res.values() {
             match &r.kind {
                 Some(pb::resource::Kind::Port(p)) => ports.push((r, p)),
@@ -360,6 +364,7 @@ impl Compiler {
                     members.insert(&m.group_id, m.addresses.iter().filter_map(|a| a.parse().ok()).collect());
                     member_versions.insert(&m.group_id, &r.version);
                 }
+                Some(pb::resource::Kind::MirrorSession(m)) => mirrors.push(m),
                 Some(pb::resource::Kind::Quarantine(_)) | None => {}
             }
         }
@@ -456,6 +461,25 @@ impl Compiler {
         }
         let nets: Vec<&pb::VpcNetwork> = networks.iter().map(|(_, n)| *n).collect();
         compile_peerings(&peerings, &nets, &fw_no, &mut d.endpoints, &mut d.rejected);
+        if !mirrors.is_empty() {
+            let vpc_of: BTreeMap<&str, &pb::VpcNetwork> = nets
+                .iter()
+                .flat_map(|n| n.gateways.iter().map(move |g| (g.subnet_id.as_str(), *n)))
+                .collect();
+            let locals: Vec<mirror::LocalPort> = ports
+                .iter()
+                .map(|(_, p)| {
+                    let n = vpc_of.get(p.subnet_id.as_str());
+                    mirror::LocalPort {
+                        port: p,
+                        vpc: n.map(|n| n.vpc_id.as_str()).unwrap_or(""),
+                        zone: n.map(|n| n.zone_id.as_str()).unwrap_or(""),
+                    }
+                })
+                .collect();
+            let cpus = aya::util::nr_cpus().map(|n| n as u32).unwrap_or(1);
+            d.mirror = mirror::compile_mirrors(&mirrors, &locals, ifindex, cpus, &mut d.rejected);
+        }
         // What the crossing tiers (zone guard, border and VPC firewalls) decide
         // by: a change to it changes every port's epoch, so established flows
         // across a zone or a peering are judged again on their next packet.

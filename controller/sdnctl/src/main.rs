@@ -578,6 +578,9 @@ async fn apply(addr: &str, ops: Vec<pb::Operation>, wait: bool, timeout: u32, ac
         }
         Err(s) => return Err(status_err(s)),
     };
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
     let hosts = if r.hosts.is_empty() {
         "none".to_string()
     } else {

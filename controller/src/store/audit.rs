@@ -232,9 +232,14 @@ fn object_tenants(o: &Object, state: &State, gone: &[(Kind, String, Option<Objec
         Object::Port(p) => vec![p.tenant_id.clone()],
         Object::SecurityGroup(g) => vec![g.tenant_id.clone()],
         Object::VpcPeering(p) => [&p.vpc_a, &p.vpc_b].into_iter().filter_map(|v| vpc_tenant(v)).collect(),
-        Object::Host(_) | Object::Quarantine(_) | Object::Zone(_) | Object::ExchangePath(_) | Object::FirewallPolicy(_) => {
-            vec![]
-        }
+        // A mirror session is the supervisors' business, not the tenants'
+        // it copies.
+        Object::Host(_)
+        | Object::Quarantine(_)
+        | Object::Zone(_)
+        | Object::ExchangePath(_)
+        | Object::FirewallPolicy(_)
+        | Object::MirrorSession(_) => vec![],
     };
     out.retain(|t| !t.is_empty());
     out.sort();

@@ -134,6 +134,8 @@ pub struct Store {
     startup_tail: u64,
     /// Writes on their way into log entries.
     proposals: tokio::sync::mpsc::Sender<proposer::Pending>,
+    /// The operations each peer reads (see [`Store::members_read`]).
+    peer_ops: network::PeerOps,
 }
 
 /// Writes waiting for a log entry, at most; a writer beyond them waits.
@@ -247,10 +249,12 @@ impl Store {
         let config = Arc::new(config.validate().context("Raft configuration")?);
         let forms = network::PeerForms::default();
         let chains = network::PeerForms::default();
+        let ops = network::PeerOps::default();
         let net = network::Network {
             cluster_id: cluster_id.clone(),
             forms: forms.clone(),
             chains: chains.clone(),
+            ops: ops.clone(),
         };
         let raft = Raft::new(node_id, config, net, log, sm)
             .await
@@ -266,6 +270,7 @@ impl Store {
             db,
             startup_tail,
             proposals,
+            peer_ops: ops,
         };
         if !store.raft.is_initialized().await.context("reading Raft state")? {
             match start {
@@ -337,11 +342,47 @@ impl Store {
         self.propose(internal.to_actor(), vec![], Some(audit::INTERNAL_TIME)).await
     }
 
+    /// The first operation of `ops` that some member cannot read (a kind
+    /// its release does not know): it would stall that member's log.
+    fn unreadable_by_members<'a>(&self, ops: &'a [Op]) -> Option<(usize, &'a Op, u64)> {
+        let (i, op) = ops
+            .iter()
+            .enumerate()
+            .find(|(_, o)| o.log_index() > sdn_policies::DELETE_LOG_INDEX)?;
+        let needs = op.log_index();
+        let peers = self.peer_ops.read().expect("peer ops lock");
+        let ids: Vec<u64> = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter()
+            .filter(|id| *id != self.node_id)
+            .find(|id| peers.get(id).copied().unwrap_or(sdn_policies::DELETE_LOG_INDEX) < needs)
+            .map(|id| (i, op, id))
+    }
+
     async fn propose(&self, actor: String, ops: Vec<Op>, time: Option<u64>) -> Result<Outcome, WriteError> {
         // A follower hands the batch to the leader.
         if !self.is_leader() {
             if let Some((_, addr)) = self.leader() {
                 return Err(WriteError::NotLeader(Some(addr)));
+            }
+        }
+        if self.is_leader() {
+            if let Some((index, op, member)) = self.unreadable_by_members(&ops) {
+                return Err(WriteError::Invalid(sdn_policies::state::BatchError {
+                    index,
+                    field: format!("operations[{index}].{}", op.field()),
+                    message: format!(
+                        "replica {member} runs a release that does not know {}s: upgrade every replica first",
+                        op.key().0.name()
+                    ),
+                }));
             }
         }
         // Validated once, by the state machine as it applies the entry,

@@ -40,6 +40,10 @@ pub type ClusterId = Arc<RwLock<Option<String>>>;
 /// answered since this replica started is not in the map.
 pub type PeerForms = Arc<RwLock<BTreeMap<u64, bool>>>;
 
+/// What each peer said of the operations it reads: the highest number
+/// (see `RaftMessage.reads_ops_to`; an earlier release says nothing).
+pub type PeerOps = Arc<RwLock<BTreeMap<u64, u32>>>;
+
 /// Creates a connection per peer.
 pub struct Network {
     pub cluster_id: ClusterId,
@@ -47,6 +51,7 @@ pub struct Network {
     /// What each peer said of the audit chain: `true` once it said it
     /// keeps it, `false` once it answered without saying so.
     pub chains: PeerForms,
+    pub ops: PeerOps,
 }
 
 /// Entries one append carries at most, in bytes of their binary form
@@ -69,6 +74,7 @@ pub struct Peer {
     binary: bool,
     forms: PeerForms,
     chains: PeerForms,
+    ops: PeerOps,
     /// The stream to the peer, once open.
     duplex: Option<Duplex>,
     /// Whether to open one: not to a peer that does not serve it.
@@ -95,6 +101,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             binary: false,
             forms: self.forms.clone(),
             chains: self.chains.clone(),
+            ops: self.ops.clone(),
             duplex: None,
             streams: true,
         }
@@ -250,6 +257,10 @@ impl Peer {
             .write()
             .expect("peer chains lock")
             .insert(self.target, resp.chains_audit);
+        self.ops
+            .write()
+            .expect("peer ops lock")
+            .insert(self.target, resp.reads_ops_to.max(sdn_policies::DELETE_LOG_INDEX));
         payload(&resp).map_err(|e| CallError::Network(format!("decoding {method} reply: {e}")))
     }
 
@@ -686,6 +697,7 @@ mod tests {
             cluster_id: Arc::new(RwLock::new(Some("c".into()))),
             forms: PeerForms::default(),
             chains: PeerForms::default(),
+            ops: PeerOps::default(),
         };
         let mut peer = net.new_client(2, &BasicNode::new(format!("http://{addr}"))).await;
         let first = tokio::time::timeout(

@@ -247,14 +247,19 @@ pub mod stage {
     pub const POLICY: u32 = 3;
     /// Conntrack and verdict writes, rewrite, encapsulation, redirect.
     pub const COMMIT: u32 = 4;
+    /// Mirroring's copies of what is delivered to a mirrored VM (which
+    /// no hook of its device sees: it enters the VM's side directly), then
+    /// the delivery.
+    pub const MIRROR: u32 = 5;
     /// Slots of the program array.
     pub const SLOTS: u32 = 8;
     /// The stage programs by slot, as the object names them.
-    pub const PROGRAMS: [(u32, &str); 4] = [
+    pub const PROGRAMS: [(u32, &str); 5] = [
         (GUARD, "st_guard"),
         (FIREWALL, "st_firewall"),
         (POLICY, "st_policy"),
         (COMMIT, "st_commit"),
+        (MIRROR, "st_mirror"),
     ];
 }
 

@@ -694,6 +694,163 @@ pub mod v1 {
     unsafe impl aya::Pod for CtKey {}
 }
 
+/// Mirror sessions a host holds at most: slots of [`MIRROR_SESSIONS`],
+/// one bit each in a port's [`MirrorPort`] masks.
+pub const MIRROR_SLOTS: u32 = 16;
+/// Filters of one session at most.
+pub const MIRROR_RULES: usize = 16;
+/// Bytes of a packet copied to the agent at most (for a remote
+/// destination, or a tap with a snap length).
+pub const MIRROR_COPY_MAX: u32 = 9216;
+/// Ports with mirroring (sessions or a tap) on a host at most.
+pub const MIRROR_PORTS_MAX: u32 = 4096;
+/// The mark a copy carries to its tap port: the tap's observer takes it
+/// past the pipeline. Only the kernel sets marks (they do not cross from a
+/// VM's namespace), and only our programs and the agent's own socket set
+/// this one.
+pub const MIRROR_MARK: u32 = 0x6d69_7272;
+
+/// Pinned names: ports ([`MirrorPort`] by ifindex), sessions (array of
+/// [`MirrorCfg`]), their per-CPU state (array of [`MirrorState`]), the
+/// VNIs copies arrive under from other hosts ([`MirrorVni`] by VNI), and
+/// the hosts they may come from (IPv4 underlay address, network order ->
+/// `u8`).
+pub const MIRROR_PORTS: &str = "SDN_MIRROR_PORTS";
+pub const MIRROR_SESSIONS: &str = "SDN_MIRROR_SESSIONS";
+pub const MIRROR_STATE: &str = "SDN_MIRROR_STATE";
+pub const MIRROR_VNIS: &str = "SDN_MIRROR_VNIS";
+pub const MIRROR_SENDERS: &str = "SDN_MIRROR_SENDERS";
+pub const MIRROR_RING: &str = "SDN_MIRROR_RING";
+/// Pinned name of one `u32`: how many ports copy what reaches them (the
+/// pipeline looks no port up while it is 0).
+pub const MIRROR_ON: &str = "SDN_MIRROR_ON";
+/// Hosts that may send copies, at most.
+pub const MIRROR_SENDERS_MAX: u32 = 4096;
+
+/// A port's mirroring: the sessions copying what reaches the VM (`in`)
+/// and what leaves it (`out`), and whether it is a tap (copies marked
+/// [`MIRROR_MARK`] pass to it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MirrorPort {
+    pub in_mask: u32,
+    pub out_mask: u32,
+    pub tap: u32,
+    pub _pad: u32,
+}
+
+/// One filter: a packet matches if each part does. Addresses are in
+/// network order, masked; IPv4 in the first word.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MirrorRuleCfg {
+    /// 0: either family; 4 or 6.
+    pub family: u8,
+    /// 0: any protocol.
+    pub proto: u8,
+    pub _pad: [u8; 2],
+    /// Destination ports, inclusive; `port_hi` 0: any.
+    pub port_lo: u16,
+    pub port_hi: u16,
+    pub src: [u32; 4],
+    pub src_mask: [u32; 4],
+    pub dst: [u32; 4],
+    pub dst_mask: [u32; 4],
+}
+
+/// A session as the programs apply it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MirrorCfg {
+    pub active: u32,
+    /// Filters in `rules`; 0: every packet.
+    pub nrules: u32,
+    /// One packet in this many (0 or 1: every one).
+    pub sample: u32,
+    /// Bytes copied to the agent (0: the whole packet, up to
+    /// [`MIRROR_COPY_MAX`]).
+    pub snap_len: u32,
+    /// Copies a second on each CPU at most.
+    pub rate_per_cpu: u32,
+    /// A tap port on this host that takes whole copies in the kernel (0:
+    /// none).
+    pub tap_ifindex: u32,
+    /// 1: copies go to the agent (a remote destination, or a snap length).
+    pub to_agent: u32,
+    pub _pad: u32,
+    pub rules: [MirrorRuleCfg; MIRROR_RULES],
+}
+
+impl Default for MirrorCfg {
+    fn default() -> Self {
+        MirrorCfg {
+            active: 0,
+            nrules: 0,
+            sample: 0,
+            snap_len: 0,
+            rate_per_cpu: 0,
+            tap_ifindex: 0,
+            to_agent: 0,
+            _pad: 0,
+            rules: [MirrorRuleCfg::default(); MIRROR_RULES],
+        }
+    }
+}
+
+/// A session's state and counters on one CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MirrorState {
+    /// The one-second window of the rate, and the copies in it.
+    pub window_ns: u64,
+    pub in_window: u64,
+    /// Packets matched (before sampling).
+    pub matched: u64,
+    /// Matched packets sampling left out.
+    pub sampled_out: u64,
+    /// Copies over the rate, dropped.
+    pub over_rate: u64,
+    /// Copies made (to the tap, or to the agent).
+    pub copied: u64,
+    /// Copies the kernel could not make or queue (a full ring, a tap
+    /// gone), dropped.
+    pub failed: u64,
+}
+
+/// What precedes a copy sent to the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MirrorCopy {
+    pub now_ns: u64,
+    /// The port whose traffic it is.
+    pub ifindex: u32,
+    /// Bytes of the packet that follow.
+    pub len: u32,
+    /// The packet's whole length.
+    pub orig_len: u32,
+    /// The session's slot.
+    pub slot: u8,
+    /// [`MIRROR_IN`] or [`MIRROR_OUT`].
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+pub const MIRROR_IN: u8 = 1;
+pub const MIRROR_OUT: u8 = 2;
+
+/// Copies that arrive from other hosts under a VNI: the tap they go to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct MirrorVni {
+    pub tap_ifindex: u32,
+    pub slot: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<MirrorRuleCfg>() == 72);
+const _: () = assert!(core::mem::size_of::<MirrorCfg>() == 32 + 72 * MIRROR_RULES);
+const _: () = assert!(core::mem::size_of::<MirrorState>() == 56);
+const _: () = assert!(core::mem::size_of::<MirrorCopy>() == 24);
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -719,4 +876,9 @@ mod pod {
     unsafe impl aya::Pod for DenyEvent {}
     unsafe impl aya::Pod for EventLimiter {}
     unsafe impl aya::Pod for DnsCopy {}
+    unsafe impl aya::Pod for MirrorPort {}
+    unsafe impl aya::Pod for MirrorCfg {}
+    unsafe impl aya::Pod for MirrorState {}
+    unsafe impl aya::Pod for MirrorCopy {}
+    unsafe impl aya::Pod for MirrorVni {}
 }

@@ -35,6 +35,8 @@ mod maps;
 #[cfg(target_arch = "bpf")]
 mod meta;
 #[cfg(target_arch = "bpf")]
+mod mirror;
+#[cfg(target_arch = "bpf")]
 mod overlay;
 #[cfg(target_arch = "bpf")]
 mod parse;
@@ -114,6 +116,44 @@ mod progs {
         enter(&ctx, |m| port::to_vm(&ctx, m))
     }
 
+    /// Mirroring's copies of a delivery into a VM's side, then the
+    /// delivery (the pipeline tail-calls it for a port with sessions).
+    #[classifier]
+    #[inline(always)]
+    pub fn st_mirror(mut ctx: TcContext) -> i32 {
+        let ifindex = match maps::MIRROR_PENDING.get(0) {
+            Some(i) if *i != 0 => *i,
+            _ => return drop(DropReason::Pipeline),
+        };
+        crate::mirror::observe_delivery(&mut ctx, ifindex);
+        // SAFETY: the packet enters the VM's side of the veth.
+        unsafe { gen::bpf_redirect_peer(ifindex, 0) as i32 }
+    }
+
+    /// Mirroring's observer of what a VM sends (TC ingress of its port's
+    /// device, before `from_vm`).
+    #[classifier]
+    #[inline(always)]
+    pub fn mirror_from_vm(mut ctx: TcContext) -> i32 {
+        crate::mirror::observe(&mut ctx, false)
+    }
+
+    /// Mirroring's observer of what reaches a VM, and the door of a tap
+    /// port's copies (TC egress, before `to_vm`).
+    #[classifier]
+    #[inline(always)]
+    pub fn mirror_to_vm(mut ctx: TcContext) -> i32 {
+        crate::mirror::observe(&mut ctx, true)
+    }
+
+    /// Copies from other hosts for a tap here (TC ingress of the VXLAN
+    /// device, before `from_overlay`).
+    #[classifier]
+    #[inline(always)]
+    pub fn mirror_from_overlay(mut ctx: TcContext) -> i32 {
+        crate::mirror::from_overlay(&mut ctx)
+    }
+
     /// Packets arriving from a zone uplink (TC ingress).
     #[classifier]
     #[inline(always)]
@@ -161,7 +201,7 @@ mod progs {
                 // take it. (Its rewrites move no header: the tunnel is
                 // metadata, the MACs keep their place.)
                 maps::copy_dns(&ctx, m);
-                finish(m, Ok(action))
+                finish(&ctx, m, Ok(action))
             }
             Err(r) => deny(m, r),
         }
@@ -208,14 +248,14 @@ mod progs {
             }
         }
         match meta() {
-            Some(m) => finish(m, r),
+            Some(m) => finish(&ctx, m, r),
             None => drop(DropReason::Pipeline),
         }
     }
 
     /// The TC verdict of a packet every tier has allowed (or a drop).
     #[inline(always)]
-    fn finish(m: &Meta, r: Result<Action, DropReason>) -> i32 {
+    fn finish(ctx: &TcContext, m: &Meta, r: Result<Action, DropReason>) -> i32 {
         match r {
             Ok(Action::Pass) => {
                 maps::count(Stat::Passed);
@@ -228,6 +268,16 @@ mod progs {
             }
             Ok(Action::Peer(ifindex)) => {
                 maps::count(Stat::Passed);
+                if maps::mirror_in(ifindex) {
+                    // Copied first, beside the pipeline, which delivers.
+                    if let Some(p) = maps::MIRROR_PENDING.get_ptr_mut(0) {
+                        // SAFETY: this CPU's slot.
+                        unsafe { *p = ifindex };
+                        // SAFETY: on success the call does not return.
+                        let _ = unsafe { PIPE.tail_call(ctx, stage::MIRROR) };
+                    }
+                    // The copies failed: the packet goes on all the same.
+                }
                 // SAFETY: as above; the packet enters the VM's side of the veth.
                 unsafe { gen::bpf_redirect_peer(ifindex, 0) as i32 }
             }

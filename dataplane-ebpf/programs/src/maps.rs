@@ -10,7 +10,8 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     maps::{
-        AddrIdentity, AddrKey, CtKey, CtValue, DenyEvent, DnsCopy, Endpoint, EventLimiter, EndpointKey, ExchangeRule, FwPolicy, FwRule, FwVerdict,
+        AddrIdentity, AddrKey, CtKey, CtValue, DenyEvent, DnsCopy, MirrorCfg, MirrorPort, MirrorState, MirrorVni,
+        MIRROR_PORTS_MAX, MIRROR_SENDERS_MAX, MIRROR_SLOTS, Endpoint, EventLimiter, EndpointKey, ExchangeRule, FwPolicy, FwRule, FwVerdict,
         HostConfig, PolicyDirKey, PortAddrKey, PortInfo, PrefixLens, RuleKey, RuleName, ZoneAddrKey, ZoneEndpoint,
         CT_MAX, CT_SYN_MAX, DNS_COPY_MAX, DNS_PER_SEC, ENDPOINTS_MAX, EVENTS_BYTES, EVENTS_PER_SEC, EVENT_REASONS,
         EVENTS_PER_PORT_PER_SEC, EVENT_PORT_LIMIT_MAX, LIMIT_DENIALS, LIMIT_DNS, LIMIT_GUARDS, LIMIT_SLOTS,
@@ -136,6 +137,43 @@ pub static EVENT_LIMIT: PerCpuArray<EventLimiter> = PerCpuArray::pinned(LIMIT_SL
 
 #[map(name = "SDN_DNS")]
 pub static DNS: PerfEventByteArray = PerfEventByteArray::new(0);
+
+#[map(name = "SDN_MIRROR_PORTS")]
+pub static MIRROR_PORTS: HashMap<u32, MirrorPort> = HashMap::pinned(MIRROR_PORTS_MAX, 0);
+
+#[map(name = "SDN_MIRROR_SESSIONS")]
+pub static MIRROR_SESSIONS: Array<MirrorCfg> = Array::pinned(MIRROR_SLOTS, 0);
+
+#[map(name = "SDN_MIRROR_STATE")]
+pub static MIRROR_STATE: PerCpuArray<MirrorState> = PerCpuArray::pinned(MIRROR_SLOTS, 0);
+
+#[map(name = "SDN_MIRROR_VNIS")]
+pub static MIRROR_VNIS: HashMap<u32, MirrorVni> = HashMap::pinned(MIRROR_SLOTS, 0);
+
+#[map(name = "SDN_MIRROR_SENDERS")]
+pub static MIRROR_SENDERS: HashMap<u32, u8> = HashMap::pinned(MIRROR_SENDERS_MAX, 0);
+
+#[map(name = "SDN_MIRROR_ON")]
+pub static MIRROR_ON: Array<u32> = Array::pinned(1, 0);
+
+/// The port a delivery waits to be copied for, between the pipeline and
+/// `st_mirror` (scratch, per CPU).
+#[map(name = "SDN_MIRROR_PENDING")]
+pub static MIRROR_PENDING: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// Whether a delivery to `ifindex` is to be copied first.
+#[inline(always)]
+pub fn mirror_in(ifindex: u32) -> bool {
+    if MIRROR_ON.get(0).is_none_or(|n| *n == 0) {
+        return false;
+    }
+    // SAFETY: a read of a map value.
+    unsafe { MIRROR_PORTS.get(&ifindex) }.is_some_and(|p| p.in_mask != 0)
+}
+
+/// Copies for the agent to send on (not pinned: each agent opens its own).
+#[map(name = "SDN_MIRROR_RING")]
+pub static MIRROR_RING: PerfEventByteArray = PerfEventByteArray::new(0);
 
 #[map(name = "SDN_EVENT_PORT_LIMIT")]
 pub static EVENT_PORT_LIMIT: LruPerCpuHashMap<u32, EventLimiter> = LruPerCpuHashMap::pinned(EVENT_PORT_LIMIT_MAX, 0);

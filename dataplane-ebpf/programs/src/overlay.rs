@@ -66,7 +66,7 @@ pub fn set_tunnel(ctx: &TcContext, vni: u32, remote: [u8; 4]) -> bool {
 
 /// The tunnel metadata a packet from the VXLAN device came with.
 #[inline(always)]
-fn tunnel_of(ctx: &TcContext) -> Option<TunnelKey> {
+pub fn tunnel_of(ctx: &TcContext) -> Option<TunnelKey> {
     let mut key = TunnelKey::ZERO;
     // SAFETY: as above.
     let r = unsafe {
