@@ -200,8 +200,17 @@ pub struct Dataplane {
     pipe_pin: PathBuf,
     /// What the flow table counted per port, as of the last collection.
     traffic: std::sync::Arc<std::sync::Mutex<Traffic>>,
-    /// The mirror sessions by slot, as last written.
+    /// The mirror sessions by slot, as last written, and each slot's
+    /// generation.
     mirror_ids: std::collections::BTreeMap<u32, String>,
+    mirror_gen: [u32; m::MIRROR_SLOTS as usize],
+}
+
+/// What writing the mirror sessions did: each slot's generation, and the
+/// slots that changed hands.
+pub struct MirrorApplied {
+    pub generations: std::collections::BTreeMap<u32, u32>,
+    pub changed: Vec<u32>,
 }
 
 /// One port's flows now, and the packets and bytes of its flows since the
@@ -366,6 +375,7 @@ impl Dataplane {
             pipe_pin,
             traffic: Default::default(),
             mirror_ids: Default::default(),
+            mirror_gen: [0; m::MIRROR_SLOTS as usize],
         };
         // An upgrade: the earlier version's flows are in the new table
         // before any link runs the new programs (and again, for flows made
@@ -811,7 +821,24 @@ impl Dataplane {
     /// tap here takes copies from other hosts), off every other device.
     /// The maps are written before an observer is attached, and an
     /// observer detached before its port's entry goes.
-    pub fn apply_mirror(&mut self, plan: &crate::compile::mirror::MirrorPlan) -> anyhow::Result<()> {
+    pub fn apply_mirror(&mut self, plan: &crate::compile::mirror::MirrorPlan) -> anyhow::Result<MirrorApplied> {
+        let r = self.apply_mirror_maps(plan);
+        if r.is_err() {
+            // Half-written maps could copy to the wrong place: every
+            // session off until a pass succeeds.
+            if let Some(map) = self.ebpf.map_mut(m::MIRROR_SESSIONS) {
+                if let Ok(mut a) = Array::<&mut MapData, m::MirrorCfg>::try_from(map) {
+                    for slot in 0..m::MIRROR_SLOTS {
+                        let _ = a.set(slot, m::MirrorCfg::default(), 0);
+                    }
+                }
+            }
+            self.mirror_ids.clear();
+        }
+        r
+    }
+
+    fn apply_mirror_maps(&mut self, plan: &crate::compile::mirror::MirrorPlan) -> anyhow::Result<MirrorApplied> {
         // Observers off the devices that no longer need them.
         let held = self.mirror_attached();
         for ifx in held.difference(&plan.ports.keys().copied().collect()) {
@@ -824,26 +851,60 @@ impl Dataplane {
         if plan.vnis.is_empty() {
             let _ = std::fs::remove_file(&overlay_pin);
         }
-        {
-            let map = self.ebpf.map_mut(m::MIRROR_SESSIONS).context("map MIRROR_SESSIONS missing")?;
-            let mut a: Array<&mut MapData, m::MirrorCfg> = Array::try_from(map)?;
-            for slot in 0..m::MIRROR_SLOTS {
-                let cfg = plan.slots.get(&slot).map(|s| s.cfg).unwrap_or_default();
-                a.set(slot, cfg, 0).context("writing a mirror session")?;
-            }
-        }
-        // A slot that now holds another session starts its counts anew.
+        // Slots that change hands get a new generation, and start their
+        // counts anew. Their bits leave the ports first, so no packet is
+        // copied under a slot whose session is half written.
         let ids: std::collections::BTreeMap<u32, String> = plan.slots.iter().map(|(k, s)| (*k, s.id.clone())).collect();
         let changed: Vec<u32> = (0..m::MIRROR_SLOTS)
             .filter(|s| ids.get(s) != self.mirror_ids.get(s))
             .collect();
-        if !changed.is_empty() {
+        let changed_bits: u32 = changed.iter().fold(0, |b, s| b | (1 << s));
+        if changed_bits != 0 {
+            let interim: std::collections::BTreeMap<u32, m::MirrorPort> = plan
+                .ports
+                .iter()
+                .map(|(k, p)| {
+                    (
+                        *k,
+                        m::MirrorPort {
+                            in_mask: p.in_mask & !changed_bits,
+                            out_mask: p.out_mask & !changed_bits,
+                            ..*p
+                        },
+                    )
+                })
+                .collect();
+            let old: std::collections::BTreeMap<u32, m::MirrorPort> = {
+                let map = self.ebpf.map(m::MIRROR_PORTS).context("map MIRROR_PORTS missing")?;
+                let h: BpfHashMap<&MapData, u32, m::MirrorPort> = BpfHashMap::try_from(map)?;
+                h.iter().filter_map(Result::ok).collect()
+            };
+            // Ports that stay keep their other sessions meanwhile.
+            let mut first = interim;
+            for (k, p) in old {
+                first.entry(k).or_insert(m::MirrorPort {
+                    in_mask: p.in_mask & !changed_bits,
+                    out_mask: p.out_mask & !changed_bits,
+                    ..p
+                });
+            }
+            sync_hash(&mut self.ebpf, m::MIRROR_PORTS, &first)?;
             let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
             let map = self.ebpf.map_mut(m::MIRROR_STATE).context("map MIRROR_STATE missing")?;
             let mut st: PerCpuArray<&mut MapData, m::MirrorState> = PerCpuArray::try_from(map)?;
-            for slot in changed {
+            for slot in &changed {
                 let zero = aya::maps::PerCpuValues::try_from(vec![m::MirrorState::default(); cpus])?;
-                st.set(slot, zero, 0).context("clearing a mirror slot's counts")?;
+                st.set(*slot, zero, 0).context("clearing a mirror slot's counts")?;
+                self.mirror_gen[*slot as usize] = self.mirror_gen[*slot as usize].wrapping_add(1);
+            }
+        }
+        {
+            let map = self.ebpf.map_mut(m::MIRROR_SESSIONS).context("map MIRROR_SESSIONS missing")?;
+            let mut a: Array<&mut MapData, m::MirrorCfg> = Array::try_from(map)?;
+            for slot in 0..m::MIRROR_SLOTS {
+                let mut cfg = plan.slots.get(&slot).map(|s| s.cfg).unwrap_or_default();
+                cfg.generation = self.mirror_gen[slot as usize];
+                a.set(slot, cfg, 0).context("writing a mirror session")?;
             }
         }
         self.mirror_ids = ids;
@@ -874,7 +935,10 @@ impl Dataplane {
             self.attach_pinned_at(MIRROR_OVERLAY_PROGRAM, TcAttachType::Ingress, &name, &overlay_pin, LinkOrder::first())?;
             tracing::info!(device = %name, "mirroring's observer attached to the VXLAN device");
         }
-        Ok(())
+        Ok(MirrorApplied {
+            generations: plan.slots.keys().map(|s| (*s, self.mirror_gen[*s as usize])).collect(),
+            changed,
+        })
     }
 
     /// Devices that have mirroring's observers attached.

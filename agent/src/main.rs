@@ -177,7 +177,7 @@ async fn main() -> anyhow::Result<()> {
                 None => None,
             };
             agent.export(flow_settings.as_ref(), events, records)?;
-            agent.start_mirroring()?;
+            agent.start_mirroring(underlay_ip.map(std::net::IpAddr::V4))?;
             if let Some(s) = &flow_settings {
                 let list: Vec<String> = s.collectors.iter().map(|c| format!("{:?}://{}", c.transport, c.addr).to_lowercase()).collect();
                 tracing::info!(collectors = %list.join(", "), domain = s.domain, active_s = s.active.as_secs(), idle_s = s.idle.as_secs(), "flow records exported over IPFIX");

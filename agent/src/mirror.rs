@@ -20,21 +20,42 @@ use dataplane_common::maps::{MirrorCopy, MIRROR_COPY_MAX, MIRROR_IN, MIRROR_MARK
 
 use crate::compile::mirror::{MirrorPlan, Send};
 
-/// What the reader sends each slot's copies to, and the session's id.
-pub type Table = Arc<RwLock<BTreeMap<u32, (String, Send)>>>;
+/// Where the reader sends a slot's copies.
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub session: String,
+    pub send: Send,
+    /// Copies of another generation were made for the slot's earlier
+    /// session: dropped.
+    pub generation: u16,
+}
 
-/// The table of a plan.
-pub fn table_of(plan: &MirrorPlan) -> BTreeMap<u32, (String, Send)> {
+/// The routes by slot.
+pub type Table = Arc<RwLock<BTreeMap<u32, Route>>>;
+
+/// The table of a plan, with the generations the kernel has.
+pub fn table_of(plan: &MirrorPlan, generations: &BTreeMap<u32, u32>) -> BTreeMap<u32, Route> {
     plan.slots
         .iter()
-        .filter_map(|(slot, s)| Some((*slot, (s.id.clone(), s.send.clone()?))))
+        .filter_map(|(slot, s)| {
+            Some((
+                *slot,
+                Route {
+                    session: s.id.clone(),
+                    send: s.send.clone()?,
+                    generation: *generations.get(slot)? as u16,
+                },
+            ))
+        })
         .collect()
 }
 
-/// The agent's counts, by slot: copies sent on, and lost at a socket.
+/// The agent's counts, by slot: copies sent on, and lost at a socket; and
+/// each slot's GRE sequence.
 pub struct Stats {
     pub sent: Vec<AtomicU64>,
     pub failed: Vec<AtomicU64>,
+    seq: Vec<std::sync::atomic::AtomicU32>,
     /// Copies the perf ring lost (all sessions).
     pub lost: AtomicU64,
 }
@@ -44,7 +65,20 @@ impl Default for Stats {
         Stats {
             sent: (0..MIRROR_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             failed: (0..MIRROR_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            seq: (0..MIRROR_SLOTS).map(|_| std::sync::atomic::AtomicU32::new(0)).collect(),
             lost: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Stats {
+    /// A slot that took another session starts anew.
+    pub fn reset(&self, slot: u32) {
+        let i = slot as usize;
+        if i < self.sent.len() {
+            self.sent[i].store(0, Ordering::Relaxed);
+            self.failed[i].store(0, Ordering::Relaxed);
+            self.seq[i].store(0, Ordering::Relaxed);
         }
     }
 }
@@ -83,19 +117,26 @@ pub fn erspan_header(version: u8, session: u16, seq: u32, port: u32, to_vm: bool
 /// A reader's sockets, made on first use.
 #[derive(Default)]
 struct Sockets {
+    /// The host's underlay address: copies leave from it (a tap's host
+    /// takes copies only from the hosts' registered addresses).
+    local: Option<IpAddr>,
     udp4: Option<UdpSocket>,
     udp6: Option<UdpSocket>,
     gre4: Option<socket2::Socket>,
     gre6: Option<socket2::Socket>,
     packet: Option<OwnedFd>,
-    seq: u32,
 }
 
 impl Sockets {
     fn udp(&mut self, v6: bool) -> std::io::Result<&UdpSocket> {
         let slot = if v6 { &mut self.udp6 } else { &mut self.udp4 };
         if slot.is_none() {
-            let s = UdpSocket::bind(if v6 { "[::]:0" } else { "0.0.0.0:0" })?;
+            let from = match self.local {
+                Some(a) if a.is_ipv6() == v6 => SocketAddr::new(a, 0),
+                _ if v6 => "[::]:0".parse().expect("an address"),
+                _ => "0.0.0.0:0".parse().expect("an address"),
+            };
+            let s = UdpSocket::bind(from)?;
             s.set_nonblocking(true)?;
             *slot = Some(s);
         }
@@ -108,6 +149,9 @@ impl Sockets {
             let d = if v6 { socket2::Domain::IPV6 } else { socket2::Domain::IPV4 };
             let s = socket2::Socket::new(d, socket2::Type::RAW, Some(socket2::Protocol::from(47)))?;
             s.set_nonblocking(true)?;
+            if let Some(a) = self.local.filter(|a| a.is_ipv6() == v6) {
+                s.bind(&socket2::SockAddr::from(SocketAddr::new(a, 0)))?;
+            }
             *slot = Some(s);
         }
         Ok(slot.as_ref().expect("made above"))
@@ -142,7 +186,7 @@ impl Sockets {
         Ok(self.packet.as_ref().expect("made above").as_raw_fd())
     }
 
-    fn send(&mut self, to: &Send, hdr: &MirrorCopy, frame: &[u8]) -> std::io::Result<()> {
+    fn send(&mut self, to: &Send, hdr: &MirrorCopy, frame: &[u8], seq: u32) -> std::io::Result<()> {
         match to {
             Send::Vxlan { to, vni } => {
                 let mut b = Vec::with_capacity(8 + frame.len());
@@ -151,15 +195,18 @@ impl Sockets {
                 self.udp(to.is_ipv6())?.send_to(&b, to)?;
             }
             Send::Erspan { to, version, session } => {
-                self.seq = self.seq.wrapping_add(1);
+                let now_ns = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0);
                 let mut b = erspan_header(
                     *version,
                     *session,
-                    self.seq,
+                    seq,
                     hdr.ifindex,
                     hdr.direction == MIRROR_IN,
                     hdr.len < hdr.orig_len,
-                    hdr.now_ns,
+                    now_ns,
                 );
                 b.extend_from_slice(frame);
                 let addr = socket2::SockAddr::from(SocketAddr::new(*to, 0));
@@ -202,6 +249,7 @@ pub fn run(
     mut perf: aya::maps::perf::AsyncPerfEventArray<aya::maps::MapData>,
     table: Table,
     stats: Arc<Stats>,
+    local: Option<IpAddr>,
 ) -> anyhow::Result<()> {
     let cpus = aya::util::online_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
     for cpu in cpus {
@@ -213,7 +261,10 @@ pub fn run(
             let mut bufs: Vec<bytes::BytesMut> = (0..64)
                 .map(|_| bytes::BytesMut::with_capacity(MIRROR_COPY_MAX as usize + hdr_len + 64))
                 .collect();
-            let mut sockets = Sockets::default();
+            let mut sockets = Sockets {
+                local,
+                ..Default::default()
+            };
             let mut warned = std::collections::BTreeSet::new();
             loop {
                 let events = match buf.read_events(&mut bufs).await {
@@ -236,16 +287,20 @@ pub fn run(
                     let end = (hdr_len + hdr.len as usize).min(b.len());
                     let frame = &b[hdr_len..end];
                     let slot = u32::from(hdr.slot);
-                    let Some((id, to)) = t.get(&slot) else { continue };
+                    // A copy made for the slot's earlier session goes nowhere.
+                    let Some(route) = t.get(&slot).filter(|r| r.generation == hdr.generation) else {
+                        continue;
+                    };
                     let i = (slot as usize).min(stats.sent.len() - 1);
-                    match sockets.send(to, &hdr, frame) {
+                    let seq = stats.seq[i].fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+                    match sockets.send(&route.send, &hdr, frame, seq) {
                         Ok(()) => {
                             stats.sent[i].fetch_add(1, Ordering::Relaxed);
                         }
                         Err(e) => {
                             stats.failed[i].fetch_add(1, Ordering::Relaxed);
                             if e.kind() != std::io::ErrorKind::WouldBlock && warned.insert((slot, e.kind())) {
-                                tracing::warn!(session = %id, error = %e, "sending mirror copies; the ones that fail are dropped and counted");
+                                tracing::warn!(session = %route.session, error = %e, "sending mirror copies; the ones that fail are dropped and counted");
                             }
                         }
                     }

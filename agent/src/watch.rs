@@ -111,9 +111,9 @@ impl Agent {
 
     /// Sends on the mirror copies the programs hand up (for taps on other
     /// hosts, collectors, and copies cut to a snap length).
-    pub fn start_mirroring(&mut self) -> anyhow::Result<()> {
+    pub fn start_mirroring(&mut self, underlay: Option<std::net::IpAddr>) -> anyhow::Result<()> {
         let perf = self.dp.take_mirror_ring().context("opening the mirror copies")?;
-        crate::mirror::run(perf, self.mirror_table.clone(), self.mirror_stats.clone())
+        crate::mirror::run(perf, self.mirror_table.clone(), self.mirror_stats.clone(), underlay)
     }
 
     /// Each session's counters in the kernel, by id.
@@ -295,12 +295,17 @@ impl Agent {
         // Mirroring after the ports' entries and programs: its observers go
         // first on their devices and pass every packet on.
         match self.dp.apply_mirror(&desired.mirror) {
-            Ok(()) => {
-                *self.mirror_table.write().unwrap_or_else(|p| p.into_inner()) = crate::mirror::table_of(&desired.mirror);
+            Ok(applied) => {
+                for slot in &applied.changed {
+                    self.mirror_stats.reset(*slot);
+                }
+                *self.mirror_table.write().unwrap_or_else(|p| p.into_inner()) =
+                    crate::mirror::table_of(&desired.mirror, &applied.generations);
                 *self.mirror_sessions.write().unwrap_or_else(|p| p.into_inner()) =
                     desired.mirror.slots.iter().map(|(k, s)| (*k, s.id.clone())).collect();
             }
             Err(e) => {
+                self.mirror_table.write().unwrap_or_else(|p| p.into_inner()).clear();
                 let e = format!("mirroring: {e:#}");
                 tracing::error!(error = %e, "mirror sessions not enforced; the rest is");
                 desired.rejected.push(e);

@@ -199,12 +199,12 @@ async fn mirror_sessions_copy_to_taps_and_collectors_and_never_touch_the_traffic
     std::thread::sleep(Duration::from_secs(1));
     c_wire.stop();
     // ERSPAN III, session 77, each inner frame cut to 96 bytes.
-    let e = fields(&wire, &[], "erspan", &["erspan.version", "erspan.spanid", "erspan.truncated", "ip.src", "icmp.type"]);
+    let e = fields(&wire, &[], "erspan && icmp", &["erspan.version", "erspan.spanid", "erspan.truncated", "ip.src", "icmp.type"]);
     assert_eq!(e.len(), 200, "every echo of vm1 in ERSPAN: {e:?}");
     assert!(e.iter().all(|f| f[0] == "2" && f[1] == "77"), "{e:?}");
     // The outer IP packet: its header, GRE with a sequence number (8),
     // ERSPAN III (12) and the 96 bytes.
-    let outer = fields_at(&wire, &[], "erspan", &["ip.len"], "f");
+    let outer = fields_at(&wire, &[], "erspan && icmp", &["ip.len"], "f");
     assert!(outer.iter().all(|f| f[0] == (20 + 8 + 12 + 96).to_string()), "copies cut to 96 bytes: {outer:?}");
     // VXLAN to UDP 4790, VNI 9100: vm1's replies only ("out"), one in ten.
     // (The sampling counts on each CPU, and counts vm1's neighbour
@@ -224,8 +224,8 @@ async fn mirror_sessions_copy_to_taps_and_collectors_and_never_touch_the_traffic
     let out = ping(&lab, "vm2", "vm1", 300, "0.002");
     assert!(out.contains("300 received"), "{out}");
     let after = mirror_counters(&lab, "h1");
-    // Slots go by the sessions' ids: erspan, sampled, to-tap1.
-    let slot = |j: &serde_json::Value, k: &str| j["2"][k].as_u64().unwrap_or(0);
+    // A session keeps its slot: to-tap1 was the first.
+    let slot = |j: &serde_json::Value, k: &str| j["0"][k].as_u64().unwrap_or(0);
     let copied = slot(&after, "copied") - slot(&before, "copied");
     let over = slot(&after, "over_rate") - slot(&before, "over_rate");
     assert!(copied <= 10 * 2 * 3 && over >= 600 - copied, "copied {copied}, over the rate {over}: {after}");
@@ -291,8 +291,29 @@ async fn only_admins_make_mirror_sessions_and_tenants_never_see_them() {
     two.vpc_id = "v".into();
     let e = c.apply_committed(ADMIN, vec![put_mirror(two)]).await.unwrap_err();
     assert!(e.message().contains("at most one"), "{e}");
+    // A tap has no security group: it takes copies only.
+    c.apply_committed(ADMIN, vec![group("g", "t", vec![])]).await.unwrap();
+    c.apply_committed(
+        PLATFORM,
+        vec![port("grouped", "t", "s", "h1", "tap-g", "02:00:00:00:01:03", "10.81.0.13", "", &["g"])],
+    )
+    .await
+    .unwrap();
+    let e = c
+        .apply_committed(ADMIN, vec![put_mirror(mirror("m", "port:p1", to_tap("grouped", 9000)))])
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("a tap takes copies only"), "{e}");
     let r = c.apply_committed(ADMIN, vec![session()]).await.unwrap();
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    let e = c
+        .apply_committed(
+            PLATFORM,
+            vec![port("tap", "t", "s", "h1", "tap-tap", "02:00:00:00:01:02", "10.81.0.12", "", &["g"])],
+        )
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("tap takes copies only"), "{e}");
     // A tenant with no port yet: accepted, with a warning.
     c.apply_committed(PLATFORM, vec![tenant("empty")]).await.unwrap();
     let r = c

@@ -487,10 +487,12 @@ pub fn log_index_max() -> u32 {
 }
 
 impl Op {
-    /// The operation's number in the log's binary form.
+    /// The highest operation number a release must read to read this one
+    /// from the log: a put's own; for a delete, its kind's (a release that
+    /// does not know the kind cannot read the `Kind` either).
     pub fn log_index(&self) -> u32 {
         match self {
-            Op::Delete { .. } => DELETE_LOG_INDEX,
+            Op::Delete { kind, .. } => DELETE_LOG_INDEX.max(kind.log_index()),
             _ => self.key().0.log_index(),
         }
     }
@@ -1031,6 +1033,40 @@ mod log_form {
         assert!(matches!(e, postcard::Error::SerdeDeCustom), "{e:?}");
         let e = serde_json::from_str::<Op>(r#"{"PutNothing":{}}"#).unwrap_err();
         assert!(e.to_string().contains("unknown variant"), "{e}");
+    }
+
+    /// `Kind` is written by its place in the table: kinds are only ever
+    /// added at its end, so every earlier kind keeps its number.
+    #[test]
+    fn kinds_keep_their_places_in_the_binary_form() {
+        let names: Vec<&str> = Kind::ALL.iter().map(|k| k.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "tenant",
+                "vpc",
+                "subnet",
+                "host",
+                "port",
+                "security_group",
+                "quarantine",
+                "zone",
+                "exchange_path",
+                "firewall_policy",
+                "vpc_peering",
+                "mirror_session",
+            ],
+            "a kind was inserted or moved: add new kinds at the end of the table"
+        );
+        for (i, k) in Kind::ALL.iter().enumerate() {
+            assert_eq!(postcard::to_stdvec(k).unwrap(), [i as u8], "{k:?}");
+        }
+        // A delete of a later kind needs that kind's number read.
+        let d = Op::Delete {
+            kind: Kind::MirrorSession,
+            id: "m".into(),
+        };
+        assert_eq!(d.log_index(), Kind::MirrorSession.log_index());
     }
 
     /// Every kind's number is its own, and none is Delete's.

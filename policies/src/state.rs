@@ -479,8 +479,19 @@ impl State {
         };
         match &m.destination {
             MirrorDestination::Tap { port_id, .. } => {
-                if !self.ports.contains_key(port_id) {
+                let Some(tap) = self.ports.get(port_id) else {
                     return Err(c.err("tap.port_id", format!("unknown port {port_id:?}")));
+                };
+                // Copies reach a tap past its pipeline; with no group, a tap
+                // gets nothing else and sends nothing into the cloud.
+                if !tap.security_group_ids.is_empty() {
+                    return Err(c.err(
+                        "tap.port_id",
+                        format!(
+                            "port {port_id} has security groups ({}); a tap takes copies only: give it none",
+                            tap.security_group_ids.join(", ")
+                        ),
+                    ));
                 }
                 if *port_id == m.port_id {
                     return Err(c.err("tap.port_id", "a port cannot be its own tap"));
@@ -1105,6 +1116,16 @@ impl State {
     fn put_port(&mut self, c: &Ctx, p: &Port) -> Result<(), BatchError> {
         check_id(&p.id).map_err(|m| c.err("id", m))?;
         self.need_tenant(c, "tenant_id", &p.tenant_id)?;
+        if !p.security_group_ids.is_empty() {
+            if let Some(m) = self.mirror_sessions.values().find(|m| {
+                matches!(&m.destination, MirrorDestination::Tap { port_id, .. } if *port_id == p.id)
+            }) {
+                return Err(c.err(
+                    "security_group_ids",
+                    format!("port {} is mirror session {}'s tap: a tap takes copies only, and has no security group", p.id, m.id),
+                ));
+            }
+        }
         let subnet = self
             .subnets
             .get(&p.subnet_id)

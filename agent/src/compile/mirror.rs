@@ -117,24 +117,37 @@ pub struct LocalPort<'a> {
     pub zone: &'a str,
 }
 
-/// Plans the sessions of the share for this host's ports.
+/// Plans the sessions of the share for this host's ports. A session keeps
+/// the slot it had (`slots`, updated here): a slot changes hands only when
+/// its session is gone, so copies never go to another session's
+/// destination while the maps change.
 pub fn compile_mirrors(
     sessions: &[&pb::MirrorOnHost],
     ports: &[LocalPort],
     ifindex: &dyn Fn(&str) -> Option<u32>,
     cpus: u32,
+    slots: &mut BTreeMap<String, u32>,
     rejected: &mut Vec<String>,
 ) -> MirrorPlan {
     let mut plan = MirrorPlan::default();
     let mut sorted: Vec<(&pb::MirrorOnHost, &pb::MirrorSession)> =
         sessions.iter().filter_map(|m| Some((*m, m.session.as_ref()?))).collect();
     sorted.sort_by(|a, b| a.1.id.cmp(&b.1.id));
-    for (i, (on, s)) in sorted.into_iter().enumerate() {
-        let slot = i as u32;
-        if slot >= MIRROR_SLOTS {
-            rejected.push(format!("mirror session {}: a host runs at most {MIRROR_SLOTS} sessions", s.id));
+    slots.retain(|id, _| sorted.iter().any(|(_, s)| s.id == *id));
+    for (_, s) in &sorted {
+        if slots.contains_key(&s.id) {
             continue;
         }
+        let taken: BTreeSet<u32> = slots.values().copied().collect();
+        if let Some(free) = (0..MIRROR_SLOTS).find(|n| !taken.contains(n)) {
+            slots.insert(s.id.clone(), free);
+        }
+    }
+    for (on, s) in sorted {
+        let Some(slot) = slots.get(&s.id).copied() else {
+            rejected.push(format!("mirror session {}: a host runs at most {MIRROR_SLOTS} sessions", s.id));
+            continue;
+        };
         match plan_one(on, s, slot, ports, ifindex, cpus, &mut plan) {
             Ok(()) => {}
             Err(e) => rejected.push(format!("mirror session {}: {e}", s.id)),

@@ -260,6 +260,8 @@ pub struct Compiler {
     pass: u64,
     /// What the last pass compiled anew.
     pub last: Recompiled,
+    /// Each mirror session's slot, kept from pass to pass.
+    mirror_slots: BTreeMap<String, u32>,
 }
 
 /// The kept part for `name` when its inputs are the same, else a fresh one.
@@ -478,7 +480,9 @@ impl Compiler {
                 })
                 .collect();
             let cpus = aya::util::nr_cpus().map(|n| n as u32).unwrap_or(1);
-            d.mirror = mirror::compile_mirrors(&mirrors, &locals, ifindex, cpus, &mut d.rejected);
+            d.mirror = mirror::compile_mirrors(&mirrors, &locals, ifindex, cpus, &mut self.mirror_slots, &mut d.rejected);
+        } else {
+            self.mirror_slots.clear();
         }
         // What the crossing tiers (zone guard, border and VPC firewalls) decide
         // by: a change to it changes every port's epoch, so established flows

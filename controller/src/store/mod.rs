@@ -345,11 +345,12 @@ impl Store {
     /// The first operation of `ops` that some member cannot read (a kind
     /// its release does not know): it would stall that member's log.
     fn unreadable_by_members<'a>(&self, ops: &'a [Op]) -> Option<(usize, &'a Op, u64)> {
-        let (i, op) = ops
-            .iter()
-            .enumerate()
-            .find(|(_, o)| o.log_index() > sdn_policies::DELETE_LOG_INDEX)?;
+        // The operation that needs the most of a reader.
+        let (i, op) = ops.iter().enumerate().max_by_key(|(_, o)| o.log_index())?;
         let needs = op.log_index();
+        if needs <= sdn_policies::DELETE_LOG_INDEX {
+            return None;
+        }
         let peers = self.peer_ops.read().expect("peer ops lock");
         let ids: Vec<u64> = self
             .raft

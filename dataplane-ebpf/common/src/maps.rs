@@ -777,7 +777,9 @@ pub struct MirrorCfg {
     pub tap_ifindex: u32,
     /// 1: copies go to the agent (a remote destination, or a snap length).
     pub to_agent: u32,
-    pub _pad: u32,
+    /// Changes whenever the slot takes another session: the agent drops
+    /// copies of another generation (made before the change).
+    pub generation: u32,
     pub rules: [MirrorRuleCfg; MIRROR_RULES],
 }
 
@@ -791,7 +793,7 @@ impl Default for MirrorCfg {
             rate_per_cpu: 0,
             tap_ifindex: 0,
             to_agent: 0,
-            _pad: 0,
+            generation: 0,
             rules: [MirrorRuleCfg::default(); MIRROR_RULES],
         }
     }
@@ -832,7 +834,8 @@ pub struct MirrorCopy {
     pub slot: u8,
     /// [`MIRROR_IN`] or [`MIRROR_OUT`].
     pub direction: u8,
-    pub _pad: [u8; 2],
+    /// The session's generation (its low 16 bits).
+    pub generation: u16,
 }
 
 pub const MIRROR_IN: u8 = 1;

@@ -39,10 +39,18 @@ const ETH_HLEN: usize = 14;
 struct Flow {
     family: u8,
     proto: u8,
+    /// 1: the protocol and port are read; 0: not (a fragment after the
+    /// first, extension headers beyond the walk): rules of a protocol or
+    /// ports then match on the addresses alone, so a packet shaped to hide
+    /// its port is copied rather than missed.
+    exact: u8,
     dport: u16,
     src: [u32; 4],
     dst: [u32; 4],
 }
+
+/// IPv6 extension headers walked past, at most.
+const EXT_HEADERS_MAX: u32 = 4;
 
 /// Reads the addresses, protocol and destination port from the linear
 /// data. An IPv6 packet with extension headers has no port (its first
@@ -52,6 +60,7 @@ fn flow(ctx: &TcContext) -> Flow {
     let mut f = Flow {
         family: 0,
         proto: 0,
+        exact: 0,
         dport: 0,
         src: [0; 4],
         dst: [0; 4],
@@ -100,14 +109,55 @@ fn flow(ctx: &TcContext) -> Flow {
                     i += 1;
                 }
             }
-            ip + 40
+            // Past hop-by-hop, routing, destination options, AH and a
+            // first fragment's header, as the pipeline walks them.
+            let mut off = ip + 40;
+            let mut n = 0;
+            while n < EXT_HEADERS_MAX {
+                if !matches!(f.proto, 0 | 43 | 60 | 51 | 44) {
+                    break;
+                }
+                if off + 8 > end {
+                    return f;
+                }
+                // SAFETY: eight bytes of the extension header are in bounds.
+                let (next, len, frag) = unsafe {
+                    (
+                        *(off as *const u8),
+                        *((off + 1) as *const u8) as usize,
+                        u16::from_be(*((off + 2) as *const u16)) & 0xfff8,
+                    )
+                };
+                let hlen = match f.proto {
+                    51 => (len + 2) * 4,
+                    44 => {
+                        if frag != 0 {
+                            f.proto = next;
+                            return f;
+                        }
+                        8
+                    }
+                    _ => (len + 1) * 8,
+                };
+                f.proto = next;
+                off += hlen;
+                n += 1;
+            }
+            if matches!(f.proto, 0 | 43 | 60 | 51 | 44) {
+                return f;
+            }
+            off
         }
         _ => return f,
     };
-    if (f.proto == 6 || f.proto == 17) && l4 + 4 <= end {
+    if f.proto == 6 || f.proto == 17 {
+        if l4 + 4 > end {
+            return f;
+        }
         // SAFETY: four bytes of the transport header are in bounds.
         f.dport = u16::from_be(unsafe { *((l4 + 2) as *const u16) });
     }
+    f.exact = 1;
     f
 }
 
@@ -130,11 +180,13 @@ fn rule_matches(r: &MirrorRuleCfg, f: &Flow) -> bool {
     if r.family != 0 && r.family != f.family {
         return false;
     }
-    if r.proto != 0 && r.proto != f.proto {
-        return false;
-    }
-    if r.port_hi != 0 && (f.dport < r.port_lo || f.dport > r.port_hi) {
-        return false;
+    if f.exact != 0 {
+        if r.proto != 0 && r.proto != f.proto {
+            return false;
+        }
+        if r.port_hi != 0 && (f.dport < r.port_lo || f.dport > r.port_hi) {
+            return false;
+        }
     }
     masked_eq(&f.src, &r.src, &r.src_mask) && masked_eq(&f.dst, &r.dst, &r.dst_mask)
 }
@@ -250,7 +302,7 @@ fn copy(ctx: &mut TcContext, ifx: u32, slot: u32, f: &Flow, now: u64, to_vm: boo
             orig_len: whole,
             slot: slot as u8,
             direction: if to_vm { MIRROR_IN } else { MIRROR_OUT },
-            _pad: [0; 2],
+            generation: cfg.generation as u16,
         };
         // SAFETY: the header is plain data of the size passed; the helper
         // appends the packet's first `len` bytes (at most its length).
