@@ -244,7 +244,28 @@ fn copy_all(ctx: &mut TcContext, ifx: u32, mask: u32, to_vm: bool) {
     if mask == 0 {
         return;
     }
-    let f = flow(ctx);
+    // The packet is read only for sessions with filters (a session of
+    // every packet, sampled, costs no parse).
+    let mut filtered = false;
+    let mut slot = 0u32;
+    while slot < MIRROR_SLOTS {
+        if mask & (1 << slot) != 0 && MIRROR_SESSIONS.get(slot).is_some_and(|c| c.nrules != 0) {
+            filtered = true;
+        }
+        slot += 1;
+    }
+    let f = if filtered {
+        flow(ctx)
+    } else {
+        Flow {
+            family: 0,
+            proto: 0,
+            exact: 0,
+            dport: 0,
+            src: [0; 4],
+            dst: [0; 4],
+        }
+    };
     // SAFETY: a helper with no arguments.
     let now = unsafe { gen::bpf_ktime_get_coarse_ns() };
     let mut slot = 0u32;
