@@ -208,6 +208,8 @@ async fn main() -> anyhow::Result<()> {
     topo.add_vm("vm1", "h1", "02:00:00:00:00:11", "10.10.0.11/24", "fd10::11/64")?;
     topo.add_vm("vm2", "h1", "02:00:00:00:00:12", "10.10.0.12/24", "fd10::12/64")?;
     topo.add_vm("vm3", "h2", "02:00:00:00:00:13", "10.10.0.13/24", "fd10::13/64")?;
+    // The supervisor's tap: a VM that only takes mirrored copies.
+    topo.add_vm("tap", "h2", "02:00:00:00:00:14", "10.10.0.14/24", "fd10::14/64")?;
     // The supervisor's receivers: an IPFIX collector and a syslog server in
     // h1 for its agent, a syslog server beside the controller.
     let sup = topo.dir.join("supervisor");
@@ -299,6 +301,8 @@ async fn main() -> anyhow::Result<()> {
             topo.port("vm1", T, "portal-a", &["web"]),
             topo.port("vm2", T, "portal-a", &["db"]),
             topo.port("vm3", T, "portal-a", &["web"]),
+            // No security group: it gets nothing but copies, sends nothing.
+            topo.port("tap", T, "portal-a", &[]),
         ])
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
@@ -406,6 +410,45 @@ async fn main() -> anyhow::Result<()> {
         println!("  BROKEN   <-- UNEXPECTED");
         wrong += 1;
     }
+    step("administrator: a mirror session copies vm1's traffic to the supervisor's tap on h2 (in VXLAN between the hosts); tcpdump in the tap");
+    let manifest = topo.dir.join("mirror.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: sdn/v1\nkind: MirrorSession\nmetadata:\n  name: regulator-vm1\nspec:\n  select:\n    port: vm1\n  \
+         direction: both\n  destination:\n    tap:\n      port: tap\n      vni: 9000\n",
+    )?;
+    println!("{}", std::fs::read_to_string(&manifest)?.trim_end());
+    sdnctl(&cluster, &["apply", "-f", manifest.to_str().unwrap(), "--wait"])?;
+    let pcap = sup.join("tap.pcap");
+    let mut capture = sdn_integration::Proc::spawn(
+        "tcpdump",
+        Some(&topo.vm("tap").ns.name),
+        &sdn_integration::supervisor::which("tcpdump"),
+        &["-i", "eth0", "-U", "-n", "-w", pcap.to_str().unwrap(), "tcp port 80"],
+        &sup,
+    )?;
+    let t0 = std::time::Instant::now();
+    while !capture.log_text().contains("listening on") && t0.elapsed() < std::time::Duration::from_secs(10) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    println!("$ three HTTP connections vm3 -> vm1:80, while tcpdump listens in the tap");
+    for _ in 0..3 {
+        topo.reach("vm3", "vm1", "tcp", 80, false);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    capture.stop();
+    let seen = Command::new("tcpdump").args(["-r", pcap.to_str().unwrap(), "-n"]).output()?;
+    let seen = String::from_utf8_lossy(&seen.stdout).to_string();
+    println!("  the tap got {} copies of vm1's packets, for example:", seen.lines().count());
+    for l in seen.lines().take(4) {
+        println!("    {l}");
+    }
+    if seen.lines().count() < 3 * 5 {
+        println!("  too few copies   <-- UNEXPECTED");
+        wrong += 1;
+    }
+
     step("supervisor: the network as a tree (sdnctl topology; the controller's --web-listen serves it as a live page)");
     if !sdnctl_as(&cluster, "sdn://supervisor/inspector", &["topology"])?.success() {
         println!("  no topology   <-- UNEXPECTED");
