@@ -204,6 +204,11 @@ pub struct Dataplane {
     /// generation.
     mirror_ids: std::collections::BTreeMap<u32, String>,
     mirror_gen: [u32; m::MIRROR_SLOTS as usize],
+    /// Devices whose observers run this load's programs (attached, or
+    /// adopted from an earlier agent and swapped), and whether the VXLAN
+    /// device's does.
+    mirror_links: BTreeSet<u32>,
+    mirror_overlay_link: bool,
 }
 
 /// What writing the mirror sessions did: each slot's generation, and the
@@ -376,6 +381,8 @@ impl Dataplane {
             traffic: Default::default(),
             mirror_ids: Default::default(),
             mirror_gen: [0; m::MIRROR_SLOTS as usize],
+            mirror_links: BTreeSet::new(),
+            mirror_overlay_link: false,
         };
         // An upgrade: the earlier version's flows are in the new table
         // before any link runs the new programs (and again, for flows made
@@ -845,11 +852,13 @@ impl Dataplane {
             for (_, _, dir) in MIRROR_PROGRAMS {
                 let _ = std::fs::remove_file(self.pin_dir.join("links").join(format!("mirror-{ifx}-{dir}")));
             }
+            self.mirror_links.remove(ifx);
             tracing::info!(ifindex = ifx, "mirroring's observers detached");
         }
         let overlay_pin = self.pin_dir.join("links").join(MIRROR_OVERLAY_PIN);
         if plan.vnis.is_empty() {
             let _ = std::fs::remove_file(&overlay_pin);
+            self.mirror_overlay_link = false;
         }
         // Slots that change hands get a new generation, and start their
         // counts anew. Their bits leave the ports first, so no packet is
@@ -918,8 +927,10 @@ impl Dataplane {
         sync_hash(&mut self.ebpf, m::MIRROR_VNIS, &plan.vnis)?;
         let senders: std::collections::BTreeMap<u32, u8> = plan.senders.iter().map(|s| (*s, 1u8)).collect();
         sync_hash(&mut self.ebpf, m::MIRROR_SENDERS, &senders)?;
+        // Attached, or (left by an earlier agent) swapped to this load's
+        // programs, once per device.
         for ifx in plan.ports.keys() {
-            if held.contains(ifx) {
+            if self.mirror_links.contains(ifx) {
                 continue;
             }
             let name = ifname(*ifx).with_context(|| format!("no device of ifindex {ifx} to mirror"))?;
@@ -927,12 +938,14 @@ impl Dataplane {
                 let pin = self.pin_dir.join("links").join(format!("mirror-{ifx}-{dir}"));
                 self.attach_pinned_at(prog, attach_type, &name, &pin, LinkOrder::first())?;
             }
-            tracing::info!(device = %name, ifindex = ifx, "mirroring's observers attached");
+            self.mirror_links.insert(*ifx);
+            tracing::info!(device = %name, ifindex = ifx, adopted = held.contains(ifx), "mirroring's observers attached");
         }
-        if !plan.vnis.is_empty() && !overlay_pin.exists() {
+        if !plan.vnis.is_empty() && !self.mirror_overlay_link {
             let vx = self.config.vxlan_ifindex;
             let name = ifname(vx).context("a tap here takes copies from other hosts, and there is no VXLAN device")?;
             self.attach_pinned_at(MIRROR_OVERLAY_PROGRAM, TcAttachType::Ingress, &name, &overlay_pin, LinkOrder::first())?;
+            self.mirror_overlay_link = true;
             tracing::info!(device = %name, "mirroring's observer attached to the VXLAN device");
         }
         Ok(MirrorApplied {

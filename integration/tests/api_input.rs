@@ -474,6 +474,18 @@ impl pb::provisioning_server::Provisioning for LostAnswer {
     ) -> Result<tonic::Response<pb::EnforcementResponse>, tonic::Status> {
         Err(tonic::Status::unimplemented("not here"))
     }
+    async fn topology(
+        &self,
+        _: tonic::Request<pb::TopologyRequest>,
+    ) -> Result<tonic::Response<pb::TopologyResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
+    async fn web_login(
+        &self,
+        _: tonic::Request<pb::WebLoginRequest>,
+    ) -> Result<tonic::Response<pb::WebLoginResponse>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not here"))
+    }
 }
 
 /// When the connection breaks after the write was sent, sdnctl says that

@@ -74,14 +74,7 @@ fn prefix_words(n: &ipnetwork::IpNetwork) -> ([u32; 4], [u32; 4]) {
 }
 
 fn rule_cfg(r: &pb::MirrorRule) -> Result<MirrorRuleCfg, String> {
-    let proto = match pb::Protocol::try_from(r.protocol) {
-        Ok(pb::Protocol::Any) => 0,
-        Ok(pb::Protocol::Tcp) => 6,
-        Ok(pb::Protocol::Udp) => 17,
-        Ok(pb::Protocol::Icmp) => 1,
-        Ok(pb::Protocol::Icmpv6) => 58,
-        _ => return Err(format!("protocol {}", r.protocol)),
-    };
+    let proto = super::protocol_number(r.protocol).ok_or_else(|| format!("protocol {}", r.protocol))?;
     let mut c = MirrorRuleCfg {
         proto,
         ..Default::default()
@@ -287,6 +280,51 @@ fn plan_one(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn session(id: &str) -> pb::MirrorOnHost {
+        pb::MirrorOnHost {
+            session: Some(pb::MirrorSession {
+                id: id.into(),
+                direction: "both".into(),
+                destination: Some(pb::mirror_session::Destination::Vxlan(pb::MirrorVxlan {
+                    remote: "192.0.2.9".into(),
+                    vni: 9000,
+                    port: 0,
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A session keeps its slot when others come and go; a new one takes
+    /// the first free slot, and one beyond the slots is rejected by name.
+    #[test]
+    fn sessions_keep_their_slots() {
+        let mut slots = BTreeMap::new();
+        let plan = |names: &[&str], slots: &mut BTreeMap<String, u32>, rejected: &mut Vec<String>| {
+            let s: Vec<pb::MirrorOnHost> = names.iter().map(|n| session(n)).collect();
+            let refs: Vec<&pb::MirrorOnHost> = s.iter().collect();
+            compile_mirrors(&refs, &[], &|_| None, 2, slots, rejected)
+        };
+        let mut rejected = Vec::new();
+        plan(&["b", "c"], &mut slots, &mut rejected);
+        assert_eq!((slots["b"], slots["c"]), (0, 1));
+        // "a" sorts first but takes the free slot; "b" and "c" stay.
+        let p = plan(&["a", "b", "c"], &mut slots, &mut rejected);
+        assert_eq!((slots["a"], slots["b"], slots["c"]), (2, 0, 1));
+        assert_eq!(p.slots[&2].id, "a");
+        // "b" goes: its slot is free for the next one.
+        plan(&["a", "c", "d"], &mut slots, &mut rejected);
+        assert_eq!((slots["a"], slots["c"], slots["d"]), (2, 1, 0));
+        assert!(rejected.is_empty());
+        let many: Vec<String> = (0..MIRROR_SLOTS + 1).map(|i| format!("s{i:02}")).collect();
+        let names: Vec<&str> = many.iter().map(String::as_str).collect();
+        let mut fresh = BTreeMap::new();
+        plan(&names, &mut fresh, &mut rejected);
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert!(rejected[0].contains("s16"), "{rejected:?}");
+    }
 
     #[test]
     fn prefixes_become_masked_words_in_memory_order() {

@@ -82,6 +82,19 @@ pub struct Desired {
     pub mirror: mirror::MirrorPlan,
 }
 
+/// The IP protocol number of an API protocol (0: any); `None` for one not
+/// known.
+pub fn protocol_number(p: i32) -> Option<u8> {
+    match pb::Protocol::try_from(p) {
+        Ok(pb::Protocol::Any) => Some(0),
+        Ok(pb::Protocol::Tcp) => Some(6),
+        Ok(pb::Protocol::Udp) => Some(17),
+        Ok(pb::Protocol::Icmp) => Some(1),
+        Ok(pb::Protocol::Icmpv6) => Some(58),
+        _ => None,
+    }
+}
+
 /// The number a VPC's border firewall gets when its policy cannot be
 /// compiled: no such policy exists, so the firewall denies (fail closed).
 pub const FW_BROKEN: u32 = u32::MAX;

@@ -352,16 +352,8 @@ impl Store {
             return None;
         }
         let peers = self.peer_ops.read().expect("peer ops lock");
-        let ids: Vec<u64> = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .nodes()
-            .map(|(id, _)| *id)
-            .collect();
-        ids.into_iter()
+        proposer::member_ids(&self.raft)
+            .into_iter()
             .filter(|id| *id != self.node_id)
             .find(|id| peers.get(id).copied().unwrap_or(sdn_policies::DELETE_LOG_INDEX) < needs)
             .map(|id| (i, op, id))

@@ -48,16 +48,20 @@ pub struct Pending {
 /// Whether every other member has said yes in `forms` (it reads entries
 /// of several batches, or it keeps the audit chain).
 pub(crate) fn all_members(raft: &Raft<TypeConfig>, node_id: u64, forms: &RwLock<BTreeMap<u64, bool>>) -> bool {
-    let ids: Vec<u64> = raft
-        .metrics()
+    let ids = member_ids(raft);
+    let forms = forms.read().expect("peer forms lock");
+    ids.iter().all(|id| *id == node_id || forms.get(id) == Some(&true))
+}
+
+/// The ids of the cluster's members (voters and learners).
+pub(crate) fn member_ids(raft: &Raft<TypeConfig>) -> Vec<u64> {
+    raft.metrics()
         .borrow()
         .membership_config
         .membership()
         .nodes()
         .map(|(id, _)| *id)
-        .collect();
-    let forms = forms.read().expect("peer forms lock");
-    ids.iter().all(|id| *id == node_id || forms.get(id) == Some(&true))
+        .collect()
 }
 
 /// Proposes what `queue` receives until every sender is gone.

@@ -49,6 +49,18 @@ struct Flow {
     dst: [u32; 4],
 }
 
+impl Flow {
+    /// Nothing read yet.
+    const UNREAD: Flow = Flow {
+        family: 0,
+        proto: 0,
+        exact: 0,
+        dport: 0,
+        src: [0; 4],
+        dst: [0; 4],
+    };
+}
+
 /// IPv6 extension headers walked past, at most.
 const EXT_HEADERS_MAX: u32 = 4;
 
@@ -57,14 +69,7 @@ const EXT_HEADERS_MAX: u32 = 4;
 /// next-header is taken for the protocol).
 #[inline(always)]
 fn flow(ctx: &TcContext) -> Flow {
-    let mut f = Flow {
-        family: 0,
-        proto: 0,
-        exact: 0,
-        dport: 0,
-        src: [0; 4],
-        dst: [0; 4],
-    };
+    let mut f = Flow::UNREAD;
     let data = ctx.data();
     let end = ctx.data_end();
     if data + ETH_HLEN > end {
@@ -254,18 +259,7 @@ fn copy_all(ctx: &mut TcContext, ifx: u32, mask: u32, to_vm: bool) {
         }
         slot += 1;
     }
-    let f = if filtered {
-        flow(ctx)
-    } else {
-        Flow {
-            family: 0,
-            proto: 0,
-            exact: 0,
-            dport: 0,
-            src: [0; 4],
-            dst: [0; 4],
-        }
-    };
+    let f = if filtered { flow(ctx) } else { Flow::UNREAD };
     // SAFETY: a helper with no arguments.
     let now = unsafe { gen::bpf_ktime_get_coarse_ns() };
     let mut slot = 0u32;
