@@ -125,6 +125,25 @@ async fn the_topology_page_follows_changes_live_for_admins_and_supervisors_only(
         }
     }
 
+    // The refusals above reach the audit log a moment later, each a
+    // revision: the page is opened once they have, so that its revision
+    // and `sdnctl topology`'s are of the same state.
+    let revision = || -> u64 {
+        let j: serde_json::Value = serde_json::from_str(&sdnctl(&c, SUPERVISOR, &["topology", "--json"]).unwrap()).unwrap();
+        j["revision"].as_u64().unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let mut last = revision();
+    loop {
+        std::thread::sleep(Duration::from_millis(1500));
+        let now = revision();
+        if now == last {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the revision keeps moving: {now}");
+        last = now;
+    }
+
     // The page, signed in by a supervisor's link.
     let link = sdnctl(&c, SUPERVISOR, &["topology", "--web"]).unwrap().trim().to_string();
     assert!(link.starts_with(&format!("{base}/login#token=")), "{link}");
