@@ -549,19 +549,7 @@ impl Dataplane {
 
     /// Uplink devices that have pinned links.
     pub fn attached_uplinks(&self) -> BTreeSet<u32> {
-        let mut out = BTreeSet::new();
-        if let Ok(rd) = std::fs::read_dir(self.pin_dir.join("links")) {
-            for e in rd.flatten() {
-                let n = e.file_name().to_string_lossy().into_owned();
-                if let Some(i) = n
-                    .strip_prefix("uplink-")
-                    .and_then(|r| r.split('-').next()?.parse().ok())
-                {
-                    out.insert(i);
-                }
-            }
-        }
-        out
+        self.linked("uplink-")
     }
 
     /// Detaches the zone guard from a device that is no longer an uplink.
@@ -668,12 +656,19 @@ impl Dataplane {
 
     /// Devices that have pinned links.
     pub fn attached(&self) -> BTreeSet<u32> {
+        self.linked("")
+    }
+
+    /// The devices of the link pins named `PREFIXIFINDEX-...` (a pin of
+    /// another prefix does not parse as one).
+    fn linked(&self, prefix: &str) -> BTreeSet<u32> {
         let mut out = BTreeSet::new();
         if let Ok(rd) = std::fs::read_dir(self.pin_dir.join("links")) {
             for e in rd.flatten() {
                 if let Some(i) = e
                     .file_name()
                     .to_str()
+                    .and_then(|n| n.strip_prefix(prefix))
                     .and_then(|n| n.split('-').next())
                     .and_then(|n| n.parse().ok())
                 {
@@ -956,24 +951,7 @@ impl Dataplane {
 
     /// Devices that have mirroring's observers attached.
     pub fn mirror_attached(&self) -> BTreeSet<u32> {
-        let mut out = BTreeSet::new();
-        if let Ok(rd) = std::fs::read_dir(self.pin_dir.join("links")) {
-            for e in rd.flatten() {
-                let n = e.file_name().to_string_lossy().into_owned();
-                if let Some(i) = n
-                    .strip_prefix("mirror-")
-                    .and_then(|r| r.split('-').next()?.parse().ok())
-                {
-                    out.insert(i);
-                }
-            }
-        }
-        out
-    }
-
-    /// Each mirror session's counters, summed over the CPUs, by slot.
-    pub fn mirror_counters(&self) -> anyhow::Result<Vec<m::MirrorState>> {
-        read_mirror_counters(&self.pin_dir)
+        self.linked("mirror-")
     }
 
     /// The ring of denial events, for one reader.

@@ -116,21 +116,6 @@ impl Agent {
         crate::mirror::run(perf, self.mirror_table.clone(), self.mirror_stats.clone(), underlay)
     }
 
-    /// Each session's counters in the kernel, by id.
-    pub fn mirror_counters(&self) -> Vec<(String, dataplane_common::maps::MirrorState)> {
-        let sessions = self.mirror_sessions.read().unwrap_or_else(|p| p.into_inner()).clone();
-        match self.dp.mirror_counters() {
-            Ok(c) => sessions
-                .into_iter()
-                .filter_map(|(slot, id)| Some((id, *c.get(slot as usize)?)))
-                .collect(),
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "reading the mirror counters");
-                vec![]
-            }
-        }
-    }
-
     /// Exports flow records (`flows`): the flow table's, from each
     /// collection pass, and denied flows', from the dataplane's denial
     /// events; sends security events (`events`): quarantines, and the
@@ -287,7 +272,7 @@ impl Agent {
         // Attach after the port's entries exist: the programs fail closed.
         let fresh: Vec<u32> = want.difference(&self.attached).copied().collect();
         for ifx in fresh {
-            let name = self.device_name(ifx).unwrap_or_default();
+            let name = dataplane::ifname(ifx).unwrap_or_default();
             self.dp.attach(&name, ifx)?;
             self.attached.insert(ifx);
             tracing::info!(device = %name, ifindex = ifx, "programs attached");
@@ -392,21 +377,6 @@ impl Agent {
         } else {
             Enforced::Pending(desired.missing_devices)
         })
-    }
-
-    fn device_name(&self, ifindex: u32) -> Option<String> {
-        let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-        // SAFETY: buf is IF_NAMESIZE bytes as if_indextoname requires.
-        let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
-        if p.is_null() {
-            return None;
-        }
-        // SAFETY: if_indextoname wrote a NUL-terminated name into buf.
-        Some(
-            unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
-                .to_string_lossy()
-                .into_owned(),
-        )
     }
 
     fn apply_message(&mut self, msg: pb::WatchResponse) {

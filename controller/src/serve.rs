@@ -95,17 +95,50 @@ fn certificate_refused(from: &str, why: &str) {
     }
 }
 
-/// A handshake's place among those in progress, given back on drop.
-struct Slot {
-    addr: Option<std::net::IpAddr>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-    per_address: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+/// Places per address, at most `limit` for each: what one address may
+/// hold at once (handshakes in progress, connections open).
+#[derive(Clone)]
+pub struct PerAddress {
+    limit: usize,
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
 }
 
-impl Drop for Slot {
+/// A place of [`PerAddress`], given back on drop.
+pub struct AddressPlace {
+    addr: Option<std::net::IpAddr>,
+    counts: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+impl PerAddress {
+    pub fn new(limit: usize) -> PerAddress {
+        PerAddress {
+            limit,
+            counts: Default::default(),
+        }
+    }
+
+    /// A place for `addr` (always, for no address); `None` when it holds
+    /// its limit.
+    pub fn take(&self, addr: Option<std::net::IpAddr>) -> Option<AddressPlace> {
+        if let Some(a) = addr {
+            let mut m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+            let n = m.entry(a).or_insert(0);
+            if *n >= self.limit {
+                return None;
+            }
+            *n += 1;
+        }
+        Some(AddressPlace {
+            addr,
+            counts: self.counts.clone(),
+        })
+    }
+}
+
+impl Drop for AddressPlace {
     fn drop(&mut self) {
         if let Some(a) = self.addr {
-            let mut m = self.per_address.lock().unwrap_or_else(|p| p.into_inner());
+            let mut m = self.counts.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(n) = m.get_mut(&a) {
                 *n -= 1;
                 if *n == 0 {
@@ -116,18 +149,24 @@ impl Drop for Slot {
     }
 }
 
+/// A handshake's place among those in progress, given back on drop.
+struct Slot {
+    _place: AddressPlace,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
 /// Bounds on handshakes in progress.
 #[derive(Clone)]
 pub struct Handshakes {
     all: Arc<tokio::sync::Semaphore>,
-    per_address: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    per_address: PerAddress,
 }
 
 impl Default for Handshakes {
     fn default() -> Self {
         Handshakes {
             all: Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_MAX)),
-            per_address: Default::default(),
+            per_address: PerAddress::new(HANDSHAKES_PER_ADDRESS_MAX),
         }
     }
 }
@@ -139,18 +178,13 @@ impl Handshakes {
             .clone()
             .try_acquire_owned()
             .map_err(|_| "too many handshakes in progress")?;
-        if let Some(a) = addr {
-            let mut m = self.per_address.lock().unwrap_or_else(|p| p.into_inner());
-            let n = m.entry(a).or_insert(0);
-            if *n >= HANDSHAKES_PER_ADDRESS_MAX {
-                return Err("too many handshakes in progress from this address");
-            }
-            *n += 1;
-        }
+        let place = self
+            .per_address
+            .take(addr)
+            .ok_or("too many handshakes in progress from this address")?;
         Ok(Slot {
-            addr,
+            _place: place,
             _permit: permit,
-            per_address: self.per_address.clone(),
         })
     }
 }

@@ -22,7 +22,6 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -540,40 +539,6 @@ fn events(web: Web, peer: Peer, headers: HeaderMap) -> Response {
     hardened(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response())
 }
 
-/// A connection's place among those of its address, given back on drop.
-struct AddressPlace {
-    addr: Option<IpAddr>,
-    open: Arc<Mutex<HashMap<IpAddr, usize>>>,
-}
-
-impl AddressPlace {
-    fn take(open: &Arc<Mutex<HashMap<IpAddr, usize>>>, addr: Option<IpAddr>) -> Option<AddressPlace> {
-        if let Some(a) = addr {
-            let mut m = open.lock().unwrap_or_else(|p| p.into_inner());
-            let n = m.entry(a).or_insert(0);
-            if *n >= CONNECTIONS_PER_ADDRESS {
-                return None;
-            }
-            *n += 1;
-        }
-        Some(AddressPlace { addr, open: open.clone() })
-    }
-}
-
-impl Drop for AddressPlace {
-    fn drop(&mut self) {
-        if let Some(a) = self.addr {
-            let mut m = self.open.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(n) = m.get_mut(&a) {
-                *n -= 1;
-                if *n == 0 {
-                    m.remove(&a);
-                }
-            }
-        }
-    }
-}
-
 /// Serves the page on `listener` until the process ends: HTTP/1.1 on each
 /// authenticated connection (TLS, a client certificate optional; plain
 /// under `--insecure`).
@@ -581,7 +546,7 @@ pub async fn serve(listeners: crate::serve::Listeners, listener: tokio::net::Tcp
     let mut conns = Box::pin(listeners.tcp(listener));
     let app = router(web);
     let open = Arc::new(Semaphore::new(CONNECTIONS_MAX));
-    let per_address: Arc<Mutex<HashMap<IpAddr, usize>>> = Default::default();
+    let per_address = crate::serve::PerAddress::new(CONNECTIONS_PER_ADDRESS);
     static BUDGET: EventBudget = EventBudget::new();
     while let Some(c) = conns.next().await {
         let c = match c {
@@ -596,7 +561,7 @@ pub async fn serve(listeners: crate::serve::Listeners, listener: tokio::net::Tcp
             .clone()
             .try_acquire_owned()
             .ok()
-            .zip(AddressPlace::take(&per_address, peer.remote.map(|r| r.ip())));
+            .zip(per_address.take(peer.remote.map(|r| r.ip())));
         let Some(places) = places else {
             if let Some(suppressed) = BUDGET.admit() {
                 tracing::warn!(
