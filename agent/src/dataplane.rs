@@ -134,7 +134,11 @@ pub fn ifname(ifindex: u32) -> Option<String> {
         return None;
     }
     // SAFETY: if_indextoname wrote a NUL-terminated name into buf.
-    Some(unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+    Some(
+        unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned(),
+    )
 }
 
 /// Makes a pinned hash map hold exactly `want`.
@@ -145,7 +149,11 @@ fn sync_hash<K: Pod + Ord, V: Pod + PartialEq>(
 ) -> anyhow::Result<()> {
     let map = ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
     let mut h: BpfHashMap<&mut MapData, K, V> = BpfHashMap::try_from(map)?;
-    let stale: Vec<K> = h.keys().filter_map(Result::ok).filter(|k| !want.contains_key(k)).collect();
+    let stale: Vec<K> = h
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !want.contains_key(k))
+        .collect();
     for k in stale {
         let _ = h.remove(&k);
     }
@@ -725,7 +733,8 @@ impl Dataplane {
     /// and recounts each port's entries (the programs count on insert;
     /// entries leave only here). Returns (removed, remaining).
     pub fn collect_conntrack(&mut self) -> anyhow::Result<(usize, usize)> {
-        self.collect_conntrack_observed(&mut |_, _, _| {}).map(|(r, n, _)| (r, n))
+        self.collect_conntrack_observed(&mut |_, _, _| {})
+            .map(|(r, n, _)| (r, n))
     }
 
     /// The conntrack collector, showing `observe` every entry of the flow
@@ -903,7 +912,10 @@ impl Dataplane {
             }
         }
         {
-            let map = self.ebpf.map_mut(m::MIRROR_SESSIONS).context("map MIRROR_SESSIONS missing")?;
+            let map = self
+                .ebpf
+                .map_mut(m::MIRROR_SESSIONS)
+                .context("map MIRROR_SESSIONS missing")?;
             let mut a: Array<&mut MapData, m::MirrorCfg> = Array::try_from(map)?;
             for slot in 0..m::MIRROR_SLOTS {
                 let mut cfg = plan.slots.get(&slot).map(|s| s.cfg).unwrap_or_default();
@@ -939,7 +951,13 @@ impl Dataplane {
         if !plan.vnis.is_empty() && !self.mirror_overlay_link {
             let vx = self.config.vxlan_ifindex;
             let name = ifname(vx).context("a tap here takes copies from other hosts, and there is no VXLAN device")?;
-            self.attach_pinned_at(MIRROR_OVERLAY_PROGRAM, TcAttachType::Ingress, &name, &overlay_pin, LinkOrder::first())?;
+            self.attach_pinned_at(
+                MIRROR_OVERLAY_PROGRAM,
+                TcAttachType::Ingress,
+                &name,
+                &overlay_pin,
+                LinkOrder::first(),
+            )?;
             self.mirror_overlay_link = true;
             tracing::info!(device = %name, "mirroring's observer attached to the VXLAN device");
         }
@@ -947,6 +965,12 @@ impl Dataplane {
             generations: plan.slots.keys().map(|s| (*s, self.mirror_gen[*s as usize])).collect(),
             changed,
         })
+    }
+
+    /// Points each information system's port at its slot (the programs
+    /// count its bytes with the zones there).
+    pub fn apply_systems(&mut self, plan: &crate::compile::systems::SystemPlan) -> anyhow::Result<()> {
+        sync_hash(&mut self.ebpf, m::SYSTEM_PORTS, &plan.ports)
     }
 
     /// Devices that have mirroring's observers attached.
@@ -1047,6 +1071,27 @@ pub fn read_event_limits(pin_dir: &Path, slot: u32) -> anyhow::Result<m::EventLi
         sum.lost += l.lost;
     }
     Ok(sum)
+}
+
+/// The bytes information systems exchanged with zones, from the pinned
+/// per-CPU counts.
+pub struct SystemBytes(PerCpuArray<MapData, u64>);
+
+impl SystemBytes {
+    pub fn open(pin_dir: &Path) -> anyhow::Result<SystemBytes> {
+        let data = MapData::from_pin(pin_dir.join("maps").join(m::SYSTEM_BYTES))
+            .with_context(|| format!("opening pinned map {}", m::SYSTEM_BYTES))?;
+        Ok(SystemBytes(PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?))
+    }
+
+    /// Bytes of `slot` with zone number `zone` one way, summed over CPUs.
+    pub fn read(&self, slot: u32, zone: u32, way: u32) -> anyhow::Result<u64> {
+        if slot >= m::SYSTEM_SLOTS || zone == 0 || zone > m::ZONES_MAX {
+            anyhow::bail!("no count of slot {slot} zone {zone}");
+        }
+        let v = self.0.get(&m::system_index(slot, zone, way), 0)?;
+        Ok(v.iter().fold(0u64, |a, b| a.wrapping_add(*b)))
+    }
 }
 
 /// Named counters, in index order.

@@ -72,9 +72,15 @@ impl Events {
     /// A port quarantined (`applied`) or released.
     pub fn quarantine(&self, applied: bool, port: &str, quarantine: &str, reason: &str) {
         let (kind, text) = if applied {
-            ("quarantine_applied", format!("port {port} quarantined: all its traffic is dropped"))
+            (
+                "quarantine_applied",
+                format!("port {port} quarantined: all its traffic is dropped"),
+            )
         } else {
-            ("quarantine_lifted", format!("port {port} released from quarantine {quarantine}"))
+            (
+                "quarantine_lifted",
+                format!("port {port} released from quarantine {quarantine}"),
+            )
         };
         self.syslog.send(&Event {
             facility: FACILITY_AUDIT,
@@ -104,7 +110,11 @@ impl Events {
             };
             if sent >= self.per_sec {
                 over += 1;
-                let port = if d.record.port.is_empty() { "-" } else { d.record.port.as_str() };
+                let port = if d.record.port.is_empty() {
+                    "-"
+                } else {
+                    d.record.port.as_str()
+                };
                 *over_ports.entry(port).or_default() += 1;
                 continue;
             }
@@ -139,7 +149,11 @@ impl Events {
             } else {
                 String::new()
             };
-            let port = if r.port.is_empty() { "an uplink" } else { r.port.as_str() };
+            let port = if r.port.is_empty() {
+                "an uplink"
+            } else {
+                r.port.as_str()
+            };
             self.syslog.send(&Event {
                 facility: FACILITY_AUDIT,
                 severity,
@@ -164,7 +178,10 @@ impl Events {
                     ("count", over.to_string()),
                     ("ports", listed.join(",")),
                 ],
-                text: format!("{over} denial event(s) of the last second left out (over {} a second)", self.per_sec),
+                text: format!(
+                    "{over} denial event(s) of the last second left out (over {} a second)",
+                    self.per_sec
+                ),
             });
         }
     }

@@ -325,7 +325,8 @@ impl Clock {
     }
 
     pub fn unix_ms(&self, mono_ns: u64) -> u64 {
-        self.unix_ms.saturating_sub(self.mono_ns.saturating_sub(mono_ns) / 1_000_000)
+        self.unix_ms
+            .saturating_sub(self.mono_ns.saturating_sub(mono_ns) / 1_000_000)
     }
 }
 
@@ -446,7 +447,10 @@ impl Meter {
         // carried (a restarted agent counts nothing twice).
         let inherited = pass == 1 && v.created_ns < self.started_ns;
         let closing = v.flags & m::CT_F_CLOSING != 0;
-        let s = self.flows.entry(*k).or_insert_with(|| Seen::first(v, inherited, now, pass));
+        let s = self
+            .flows
+            .entry(*k)
+            .or_insert_with(|| Seen::first(v, inherited, now, pass));
         if s.created_ns != v.created_ns || v.packets_out < s.packets_out || v.packets_in < s.packets_in {
             // The same key, a new flow.
             *s = Seen::first(v, false, now, pass);
@@ -454,7 +458,11 @@ impl Meter {
         s.pass = pass;
         let moved = v.packets_out > s.packets_out || v.packets_in > s.packets_in;
         let reason = if removed {
-            Some(if closing { EndReason::EndOfFlow } else { EndReason::IdleTimeout })
+            Some(if closing {
+                EndReason::EndOfFlow
+            } else {
+                EndReason::IdleTimeout
+            })
         } else if closing && !s.ended {
             Some(EndReason::EndOfFlow)
         } else if !moved {
@@ -604,7 +612,8 @@ impl Meter {
     pub fn take_tcp(&mut self) -> Vec<crate::records::TcpRecord> {
         let mut n: HashMap<(String, IpAddr, IpAddr, u16), usize> = HashMap::new();
         for r in &self.tcp {
-            *n.entry((r.port.clone(), r.client, r.server, r.server_port)).or_default() += 1;
+            *n.entry((r.port.clone(), r.client, r.server, r.server_port))
+                .or_default() += 1;
         }
         let mut out = std::mem::take(&mut self.tcp);
         for r in &mut out {
@@ -695,7 +704,11 @@ impl Denials {
     }
 
     fn add(&mut self, e: &DenyEvent) {
-        let (ifindex, side) = if e.port_ifx != 0 { (e.port_ifx, e.side) } else { (e.device, 0) };
+        let (ifindex, side) = if e.port_ifx != 0 {
+            (e.port_ifx, e.side)
+        } else {
+            (e.device, 0)
+        };
         let mut k = DeniedKey {
             ifindex,
             side,
@@ -752,7 +765,8 @@ impl Denials {
             // The busiest flows of a group first.
             g.sort_by(|a, b| b.1.packets.cmp(&a.1.packets));
         }
-        let mut turns: Vec<std::vec::IntoIter<(DeniedKey, DeniedFlow)>> = groups.into_values().map(Vec::into_iter).collect();
+        let mut turns: Vec<std::vec::IntoIter<(DeniedKey, DeniedFlow)>> =
+            groups.into_values().map(Vec::into_iter).collect();
         if !turns.is_empty() {
             let start = self.flushes % turns.len();
             turns.rotate_left(start);
@@ -777,7 +791,10 @@ impl Denials {
             let rule = match reason {
                 Some(DropReason::BorderFirewall | DropReason::VpcFirewall) => format!(
                     "firewall/{}",
-                    ctx.fw_names.get(&f.rule).cloned().unwrap_or_else(|| format!("#{}", f.rule))
+                    ctx.fw_names
+                        .get(&f.rule)
+                        .cloned()
+                        .unwrap_or_else(|| format!("#{}", f.rule))
                 ),
                 Some(DropReason::PolicyIngress | DropReason::PolicyEgress | DropReason::PolicyRevoked) => {
                     pc.groups.clone()
@@ -819,11 +836,7 @@ impl Denials {
                     vni: pc.vni(),
                     tenant: pc.tenant.clone(),
                     vpc: pc.vpc.clone(),
-                    zone: if crosses_zone {
-                        pc.zone.clone()
-                    } else {
-                        String::new()
-                    },
+                    zone: if crosses_zone { pc.zone.clone() } else { String::new() },
                     rule,
                     verdict: Verdict::Denied,
                     port: pc.port.clone(),
@@ -852,7 +865,10 @@ pub fn denied_records(denied: &[Denied], per_sec: u32, stats: &Stats) -> Vec<Flo
     if over > 0 {
         stats.denied_suppressed.fetch_add(over as u64, Ordering::Relaxed);
     }
-    ip.into_iter().take(per_sec as usize).map(|d| d.record.clone()).collect()
+    ip.into_iter()
+        .take(per_sec as usize)
+        .map(|d| d.record.clone())
+        .collect()
 }
 
 /// Where denied flows go: IPFIX records (at most a rate of them), and
@@ -1003,30 +1019,53 @@ mod tests {
         // 61 s after the creation, still busy: an active-timeout record.
         let r = pass(&mut mt, 62, &[(value(S, 61 * S, (10, 1000), (8, 8000), 0), false)]);
         assert_eq!(r.len(), 2);
-        assert_eq!((r[0].packets, r[0].octets, r[0].direction), (10, 1000 - 140, Direction::Egress));
-        assert_eq!((r[1].packets, r[1].octets, r[1].direction), (8, 8000 - 112, Direction::Ingress));
+        assert_eq!(
+            (r[0].packets, r[0].octets, r[0].direction),
+            (10, 1000 - 140, Direction::Egress)
+        );
+        assert_eq!(
+            (r[1].packets, r[1].octets, r[1].direction),
+            (8, 8000 - 112, Direction::Ingress)
+        );
         assert_eq!(r[1].src, "10.0.0.12".parse::<IpAddr>().unwrap());
         assert_eq!((r[1].src_port, r[1].dst_port), (80, 40000));
         assert_eq!(r[0].end_reason, EndReason::ActiveTimeout);
         assert_eq!(r[0].firewall_event, FirewallEvent::Created);
-        assert_eq!((r[0].tenant.as_str(), r[0].rule.as_str(), r[0].vni), ("dept-a", "sg/web", Some(100)));
+        assert_eq!(
+            (r[0].tenant.as_str(), r[0].rule.as_str(), r[0].vni),
+            ("dept-a", "sg/web", Some(100))
+        );
         assert_eq!(r[0].zone, "", "the flow stays inside its VPC");
         assert_eq!((r[0].start_ms, r[0].end_ms), (1_000_000 + 1000, 1_000_000 + 61_000));
         // Two more packets out, then 20 s of silence: an idle record of them.
         let r = pass(&mut mt, 90, &[(value(S, 70 * S, (12, 1200), (8, 8000), 0), false)]);
         assert_eq!(r.len(), 1, "only the direction that carried something");
-        assert_eq!((r[0].packets, r[0].octets), (2, 200 - 28), "IP octets: the frames less their Ethernet headers");
+        assert_eq!(
+            (r[0].packets, r[0].octets),
+            (2, 200 - 28),
+            "IP octets: the frames less their Ethernet headers"
+        );
         assert_eq!(r[0].end_reason, EndReason::IdleTimeout);
         assert_eq!(r[0].firewall_event, FirewallEvent::Update);
         assert_eq!(r[0].start_ms, 1_000_000 + 61_000);
         // Nothing new: nothing.
         assert!(pass(&mut mt, 95, &[(value(S, 70 * S, (12, 1200), (8, 8000), 0), false)]).is_empty());
         // FIN: the end, at once.
-        let r = pass(&mut mt, 100, &[(value(S, 99 * S, (13, 1260), (9, 8060), m::CT_F_CLOSING), false)]);
+        let r = pass(
+            &mut mt,
+            100,
+            &[(value(S, 99 * S, (13, 1260), (9, 8060), m::CT_F_CLOSING), false)],
+        );
         assert_eq!(r.len(), 2);
-        assert!(r.iter().all(|r| r.end_reason == EndReason::EndOfFlow && r.firewall_event == FirewallEvent::Deleted));
+        assert!(r
+            .iter()
+            .all(|r| r.end_reason == EndReason::EndOfFlow && r.firewall_event == FirewallEvent::Deleted));
         // The last ACK, reported when the entry goes.
-        let r = pass(&mut mt, 111, &[(value(S, 101 * S, (14, 1312), (9, 8060), m::CT_F_CLOSING), true)]);
+        let r = pass(
+            &mut mt,
+            111,
+            &[(value(S, 101 * S, (14, 1312), (9, 8060), m::CT_F_CLOSING), true)],
+        );
         assert_eq!((r.len(), r[0].packets, r[0].end_reason), (1, 1, EndReason::EndOfFlow));
         assert_eq!(mt.tracked(), 0);
     }
@@ -1099,11 +1138,18 @@ mod tests {
         r.sort_by_key(|r| r.src_port);
         assert_eq!(r.len(), 2);
         assert_eq!(stats.denied_suppressed.load(Ordering::Relaxed), 1);
-        assert_eq!(stats.denial_events.load(Ordering::Relaxed), 5, "the short one is not an event");
+        assert_eq!(
+            stats.denial_events.load(Ordering::Relaxed),
+            5,
+            "the short one is not an event"
+        );
         let rules: Vec<&str> = r.iter().map(|r| r.rule.as_str()).collect();
         for x in &r {
             assert_eq!((x.verdict, x.firewall_event), (Verdict::Denied, FirewallEvent::Denied));
-            assert_eq!((x.port.as_str(), x.zone.as_str(), x.start_ms), ("vm1", "extranet", 9_000));
+            assert_eq!(
+                (x.port.as_str(), x.zone.as_str(), x.start_ms),
+                ("vm1", "extranet", 9_000)
+            );
         }
         let all = ["firewall/edge/https", "guard/zone_isolation", "sg/web"];
         assert!(rules.iter().all(|r| all.contains(r)), "{rules:?}");
@@ -1124,15 +1170,27 @@ mod tests {
             d.event(&event_at(8, DropReason::PolicyIngress, 10_000 + p, 0));
         }
         d.event(&event_at(7, DropReason::SpoofIp, 5000, 0));
-        let denied = d.flush(Clock { unix_ms: 10_000, mono_ns: 4 * S }, &ctx());
+        let denied = d.flush(
+            Clock {
+                unix_ms: 10_000,
+                mono_ns: 4 * S,
+            },
+            &ctx(),
+        );
         // Port 8: its share, and one more flow for all the rest (ports cleared).
         assert_eq!(denied.len(), PORT_GATHER_MAX + 1 + 1);
-        let folded = denied.iter().find(|x| x.record.port.is_empty() && x.record.src_port == 0).unwrap();
+        let folded = denied
+            .iter()
+            .find(|x| x.record.port.is_empty() && x.record.src_port == 0)
+            .unwrap();
         assert_eq!(folded.record.packets, 2 * PORT_GATHER_MAX as u64);
         // With room for two records, port 7's spoofing is one of them.
         let r = denied_records(&denied, 2, &stats);
         assert!(r.iter().any(|x| x.port == "vm1" && x.rule == "guard/spoof_ip"), "{r:?}");
-        assert_eq!(r.iter().find(|x| x.port == "vm1").unwrap().direction, Direction::Ingress);
+        assert_eq!(
+            r.iter().find(|x| x.port == "vm1").unwrap().direction,
+            Direction::Ingress
+        );
     }
 
     /// A restarted agent's meter takes flows already there from where they
@@ -1143,7 +1201,14 @@ mod tests {
         mt.started_ns = 50 * S;
         let r = pass(&mut mt, 62, &[(value(S, 61 * S, (100, 10_000), (50, 5000), 0), false)]);
         assert!(r.is_empty(), "{r:?}");
-        let r = pass(&mut mt, 125, &[(value(S, 124 * S, (101, 10_100), (50, 5000), 0), false)]);
-        assert_eq!((r.len(), r[0].packets, r[0].firewall_event), (1, 1, FirewallEvent::Update));
+        let r = pass(
+            &mut mt,
+            125,
+            &[(value(S, 124 * S, (101, 10_100), (50, 5000), 0), false)],
+        );
+        assert_eq!(
+            (r.len(), r[0].packets, r[0].firewall_event),
+            (1, 1, FirewallEvent::Update)
+        );
     }
 }

@@ -12,4 +12,5 @@ pub mod reconcile;
 pub mod records;
 pub mod testrun;
 pub mod testutil;
+pub mod usage;
 pub mod watch;

@@ -178,8 +178,13 @@ async fn main() -> anyhow::Result<()> {
             };
             agent.export(flow_settings.as_ref(), events, records)?;
             agent.start_mirroring(underlay_ip.map(std::net::IpAddr::V4))?;
+            agent.start_usage()?;
             if let Some(s) = &flow_settings {
-                let list: Vec<String> = s.collectors.iter().map(|c| format!("{:?}://{}", c.transport, c.addr).to_lowercase()).collect();
+                let list: Vec<String> = s
+                    .collectors
+                    .iter()
+                    .map(|c| format!("{:?}://{}", c.transport, c.addr).to_lowercase())
+                    .collect();
                 tracing::info!(collectors = %list.join(", "), domain = s.domain, active_s = s.active.as_secs(), idle_s = s.idle.as_secs(), "flow records exported over IPFIX");
             }
             if let Some(addr) = metrics_listen {
@@ -208,24 +213,25 @@ async fn main() -> anyhow::Result<()> {
             let (drops, stats) = dataplane::read_counters(&pin_dir)?;
             // Mirror sessions by slot (in the order of their ids), those
             // that counted anything.
-            let mirror: std::collections::BTreeMap<String, serde_json::Value> = dataplane::read_mirror_counters(&pin_dir)
-                .unwrap_or_default()
-                .into_iter()
-                .enumerate()
-                .filter(|(_, c)| c.matched + c.failed > 0)
-                .map(|(slot, c)| {
-                    (
-                        slot.to_string(),
-                        serde_json::json!({
-                            "matched": c.matched,
-                            "sampled_out": c.sampled_out,
-                            "over_rate": c.over_rate,
-                            "copied": c.copied,
-                            "failed": c.failed,
-                        }),
-                    )
-                })
-                .collect();
+            let mirror: std::collections::BTreeMap<String, serde_json::Value> =
+                dataplane::read_mirror_counters(&pin_dir)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.matched + c.failed > 0)
+                    .map(|(slot, c)| {
+                        (
+                            slot.to_string(),
+                            serde_json::json!({
+                                "matched": c.matched,
+                                "sampled_out": c.sampled_out,
+                                "over_rate": c.over_rate,
+                                "copied": c.copied,
+                                "failed": c.failed,
+                            }),
+                        )
+                    })
+                    .collect();
             let j = serde_json::json!({
                 "drops": drops.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
                 "stats": stats.into_iter().collect::<std::collections::BTreeMap<_, _>>(),

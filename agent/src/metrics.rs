@@ -27,7 +27,11 @@
 //!   copied up (`sent`, `suppressed`);
 //! - with mirror sessions: `sdn_agent_mirror_packets_total{session,outcome}`
 //!   (`matched`, `sampled_out`, `over_rate`, `copied`, `copy_failed`,
-//!   `sent`, `send_failed`) and `sdn_agent_mirror_ring_lost_total`.
+//!   `sent`, `send_failed`) and `sdn_agent_mirror_ring_lost_total`;
+//! - with information systems: `sdn_agent_system_bytes_total{system,zone,direction}`
+//!   (this host's ports' frames with the zone: `up` to it, `down` from
+//!   it) and `sdn_agent_usage_samples_total{outcome}` (`sent`, `refused`
+//!   by the controller, `dropped` from a full queue).
 //!
 //! Plain HTTP: bind it to an address only the monitoring system reaches.
 
@@ -69,6 +73,13 @@ struct Outcome {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SystemWay {
+    system: String,
+    zone: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SessionOutcome {
     session: String,
     outcome: &'static str,
@@ -98,6 +109,7 @@ pub struct Sources {
     /// The mirror sessions by slot, and the agent's counts of their copies.
     pub mirror_sessions: Arc<std::sync::RwLock<std::collections::BTreeMap<u32, String>>>,
     pub mirror: Arc<crate::mirror::Stats>,
+    pub usage: Arc<crate::usage::Stats>,
 }
 
 /// The device name of each ifindex on this host.
@@ -141,8 +153,13 @@ pub fn render(src: &Sources) -> Result<String, String> {
         let t = src.traffic.lock().unwrap_or_else(|p| p.into_inner());
         for (i, pt) in &t.ports {
             let device = name(*i);
-            flows.get_or_create(&Device { device: device.clone() }).set(pt.flows as i64);
-            for (direction, pk, by) in [("out", pt.packets_out, pt.bytes_out), ("in", pt.packets_in, pt.bytes_in)] {
+            flows
+                .get_or_create(&Device { device: device.clone() })
+                .set(pt.flows as i64);
+            for (direction, pk, by) in [
+                ("out", pt.packets_out, pt.bytes_out),
+                ("in", pt.packets_in, pt.bytes_in),
+            ] {
                 let l = DeviceDir {
                     device: device.clone(),
                     direction,
@@ -157,10 +174,22 @@ pub fn render(src: &Sources) -> Result<String, String> {
     reg.register("port_bytes", "Tracked bytes of each port, by direction", bytes);
     let rev = Gauge::<i64>::default();
     rev.set(src.enforced.load(Ordering::Relaxed) as i64);
-    reg.register("enforced_revision", "The revision this agent last said it enforces", rev);
+    reg.register(
+        "enforced_revision",
+        "The revision this agent last said it enforces",
+        rev,
+    );
     for (slot, name, help) in [
-        (dataplane_common::maps::LIMIT_DENIALS, "denial_events", "The dataplane's denial events, by outcome"),
-        (dataplane_common::maps::LIMIT_DNS, "dns_copies", "DNS answers the dataplane copied up, by outcome"),
+        (
+            dataplane_common::maps::LIMIT_DENIALS,
+            "denial_events",
+            "The dataplane's denial events, by outcome",
+        ),
+        (
+            dataplane_common::maps::LIMIT_DNS,
+            "dns_copies",
+            "DNS answers the dataplane copied up, by outcome",
+        ),
     ] {
         if let Ok(l) = crate::dataplane::read_event_limits(&src.pin_dir, slot) {
             let f = Family::<Outcome, Counter>::default();
@@ -205,6 +234,34 @@ pub fn render(src: &Sources) -> Result<String, String> {
         lost.inc_by(src.mirror.lost.load(Ordering::Relaxed));
         reg.register("mirror_ring_lost", "Mirror copies the ring to the agent lost", lost);
     }
+    {
+        let bytes = src.usage.bytes.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if !bytes.is_empty() {
+            let f = Family::<SystemWay, Counter>::default();
+            for ((system, zone, direction), n) in bytes {
+                f.get_or_create(&SystemWay {
+                    system,
+                    zone,
+                    direction,
+                })
+                .inc_by(n);
+            }
+            reg.register(
+                "system_bytes",
+                "Bytes of this host's ports of each information system with each zone (up: to it, down: from it)",
+                f,
+            );
+            let f = Family::<Outcome, Counter>::default();
+            for (outcome, n) in [
+                ("sent", src.usage.sent.load(Ordering::Relaxed)),
+                ("refused", src.usage.refused.load(Ordering::Relaxed)),
+                ("dropped", src.usage.dropped.load(Ordering::Relaxed)),
+            ] {
+                f.get_or_create(&Outcome { outcome }).inc_by(n);
+            }
+            reg.register("usage_samples", "Usage samples for the controller, by outcome", f);
+        }
+    }
     if let Some(ev) = &src.syslog {
         let f = Family::<Outcome, Counter>::default();
         for (outcome, n) in [
@@ -239,7 +296,11 @@ pub fn render(src: &Sources) -> Result<String, String> {
             dropped.get_or_create(&l).inc_by(st.dropped);
         }
         reg.register("flow_collector_records", "Flow records sent, per collector", sent);
-        reg.register("flow_collector_dropped", "Flow records lost to a failed connection, per collector", dropped);
+        reg.register(
+            "flow_collector_dropped",
+            "Flow records lost to a failed connection, per collector",
+            dropped,
+        );
     }
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg).map_err(|e| e.to_string())?;

@@ -65,7 +65,9 @@ impl Default for Stats {
         Stats {
             sent: (0..MIRROR_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             failed: (0..MIRROR_SLOTS).map(|_| AtomicU64::new(0)).collect(),
-            seq: (0..MIRROR_SLOTS).map(|_| std::sync::atomic::AtomicU32::new(0)).collect(),
+            seq: (0..MIRROR_SLOTS)
+                .map(|_| std::sync::atomic::AtomicU32::new(0))
+                .collect(),
             lost: AtomicU64::new(0),
         }
     }
@@ -92,7 +94,15 @@ pub fn vxlan_header(vni: u32) -> [u8; 8] {
 /// GRE with a sequence number, then an ERSPAN header: type II (GRE
 /// protocol 0x88be, 8 bytes) or type III (0x22eb, 12 bytes, with a
 /// timestamp in 100 ns units and the direction).
-pub fn erspan_header(version: u8, session: u16, seq: u32, port: u32, to_vm: bool, truncated: bool, now_ns: u64) -> Vec<u8> {
+pub fn erspan_header(
+    version: u8,
+    session: u16,
+    seq: u32,
+    port: u32,
+    to_vm: bool,
+    truncated: bool,
+    now_ns: u64,
+) -> Vec<u8> {
     let mut h = Vec::with_capacity(20);
     h.extend_from_slice(&0x1000u16.to_be_bytes());
     h.extend_from_slice(&(if version == 3 { 0x22ebu16 } else { 0x88beu16 }).to_be_bytes());
@@ -146,7 +156,11 @@ impl Sockets {
     fn gre(&mut self, v6: bool) -> std::io::Result<&socket2::Socket> {
         let slot = if v6 { &mut self.gre6 } else { &mut self.gre4 };
         if slot.is_none() {
-            let d = if v6 { socket2::Domain::IPV6 } else { socket2::Domain::IPV4 };
+            let d = if v6 {
+                socket2::Domain::IPV6
+            } else {
+                socket2::Domain::IPV4
+            };
             let s = socket2::Socket::new(d, socket2::Type::RAW, Some(socket2::Protocol::from(47)))?;
             s.set_nonblocking(true)?;
             if let Some(a) = self.local.filter(|a| a.is_ipv6() == v6) {
@@ -161,7 +175,13 @@ impl Sockets {
     fn packet(&mut self) -> std::io::Result<i32> {
         if self.packet.is_none() {
             // SAFETY: plain socket(2); the fd is owned from here.
-            let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+            let fd = unsafe {
+                libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    0,
+                )
+            };
             if fd < 0 {
                 return Err(std::io::Error::last_os_error());
             }

@@ -215,7 +215,10 @@ pub fn parse_dns(bytes: &[u8], clock: Clock, ctx: &Context, node: &str) -> Resul
     let Some(udp) = pkt.get(l4..l4 + 8) else {
         return Err(format!("the copy ends before its UDP header ({} bytes)", pkt.len()));
     };
-    let (sport, dport) = (u16::from_be_bytes([udp[0], udp[1]]), u16::from_be_bytes([udp[2], udp[3]]));
+    let (sport, dport) = (
+        u16::from_be_bytes([udp[0], udp[1]]),
+        u16::from_be_bytes([udp[2], udp[3]]),
+    );
     let payload = &pkt[l4 + 8..];
     let msg = Message::from_bytes(payload).map_err(|e| format!("the DNS message: {e}"))?;
     // An answer to one question, or nothing: a query sent from port 53, or
@@ -251,7 +254,11 @@ pub fn parse_dns(bytes: &[u8], clock: Clock, ctx: &Context, node: &str) -> Resul
         port: pc.port.clone(),
         tenant: pc.tenant.clone(),
         vpc: pc.vpc.clone(),
-        role: if h.role == dataplane_common::maps::DNS_ROLE_ANSWERED { "answered" } else { "asked" },
+        role: if h.role == dataplane_common::maps::DNS_ROLE_ANSWERED {
+            "answered"
+        } else {
+            "asked"
+        },
         client: dst,
         client_port: dport,
         server: src,
@@ -419,10 +426,9 @@ mod tests {
             _pad: [0; 3],
         };
         // SAFETY: DnsCopy is plain data.
-        let mut out = unsafe {
-            std::slice::from_raw_parts(&h as *const DnsCopy as *const u8, std::mem::size_of::<DnsCopy>())
-        }
-        .to_vec();
+        let mut out =
+            unsafe { std::slice::from_raw_parts(&h as *const DnsCopy as *const u8, std::mem::size_of::<DnsCopy>()) }
+                .to_vec();
         out.extend_from_slice(&frame);
         out
     }
@@ -433,11 +439,19 @@ mod tests {
         m.set_id(77).set_message_type(kind);
         m.add_query(Query::query(name.clone(), RecordType::A));
         for i in 0..answers {
-            m.add_answer(Rr::from_rdata(name.clone(), 60 + i as u32, RData::A(rdata::A::new(10, 0, 0, i as u8))));
+            m.add_answer(Rr::from_rdata(
+                name.clone(),
+                60 + i as u32,
+                RData::A(rdata::A::new(10, 0, 0, i as u8)),
+            ));
         }
         if !txt.is_empty() {
             // Character strings of at most 255 bytes each.
-            let chunks: Vec<String> = txt.as_bytes().chunks(200).map(|c| String::from_utf8_lossy(c).into_owned()).collect();
+            let chunks: Vec<String> = txt
+                .as_bytes()
+                .chunks(200)
+                .map(|c| String::from_utf8_lossy(c).into_owned())
+                .collect();
             m.add_answer(Rr::from_rdata(name, 30, RData::TXT(rdata::TXT::new(chunks))));
         }
         m
@@ -452,16 +466,34 @@ mod tests {
 
     #[test]
     fn answers_are_read_and_bounded() {
-        let r = parse_dns(&copy(&message(MessageType::Response, 40, "")), clock(), &Context::default(), "h1").unwrap();
-        assert_eq!((r.query.as_str(), r.query_type.as_str(), r.id), ("portal.gov.test.", "A", 77));
-        assert_eq!((r.answer_count, r.answers.len(), r.min_ttl), (40, ANSWERS_LISTED, Some(60)));
+        let r = parse_dns(
+            &copy(&message(MessageType::Response, 40, "")),
+            clock(),
+            &Context::default(),
+            "h1",
+        )
+        .unwrap();
+        assert_eq!(
+            (r.query.as_str(), r.query_type.as_str(), r.id),
+            ("portal.gov.test.", "A", 77)
+        );
+        assert_eq!(
+            (r.answer_count, r.answers.len(), r.min_ttl),
+            (40, ANSWERS_LISTED, Some(60))
+        );
         assert_eq!((r.server_port, r.client_port, r.role), (53, 40_000, "asked"));
         assert_eq!(r.time, sdn_proto::audit::rfc3339(999_000));
         assert_eq!(r.answers[3].data, "10.0.0.3");
         // Data that would pass for another answer in the IPFIX list, and
         // data too long, are escaped and cut.
         let hostile = format!("x; A 300 10.9.9.9\n{}", "y".repeat(1000));
-        let r = parse_dns(&copy(&message(MessageType::Response, 0, &hostile)), clock(), &Context::default(), "h1").unwrap();
+        let r = parse_dns(
+            &copy(&message(MessageType::Response, 0, &hostile)),
+            clock(),
+            &Context::default(),
+            "h1",
+        )
+        .unwrap();
         assert!(r.answers[0].data.len() <= TEXT_MAX + 8, "{}", r.answers[0].data.len());
         let Record::Dns(d) = r.ipfix() else { panic!() };
         // One answer: its `;` escaped, so the list splits into one item.
@@ -471,14 +503,25 @@ mod tests {
 
     #[test]
     fn what_is_no_answer_is_refused() {
-        let e = parse_dns(&copy(&message(MessageType::Query, 0, "")), clock(), &Context::default(), "h1").unwrap_err();
+        let e = parse_dns(
+            &copy(&message(MessageType::Query, 0, "")),
+            clock(),
+            &Context::default(),
+            "h1",
+        )
+        .unwrap_err();
         assert!(e.contains("not a response"), "{e}");
         let mut two = message(MessageType::Response, 1, "");
         two.add_query(Query::query(Name::from_ascii("mail.gov.test.").unwrap(), RecordType::A));
-        assert!(parse_dns(&copy(&two), clock(), &Context::default(), "h1").unwrap_err().contains("2 questions"));
+        assert!(parse_dns(&copy(&two), clock(), &Context::default(), "h1")
+            .unwrap_err()
+            .contains("2 questions"));
         let c = copy(&message(MessageType::Response, 1, ""));
         for cut in [0, 10, 30, 60, c.len() - 5] {
-            assert!(parse_dns(&c[..cut], clock(), &Context::default(), "h1").is_err(), "cut at {cut}");
+            assert!(
+                parse_dns(&c[..cut], clock(), &Context::default(), "h1").is_err(),
+                "cut at {cut}"
+            );
         }
     }
 }

@@ -57,6 +57,8 @@ pub struct Agent {
     pub mirror_stats: std::sync::Arc<crate::mirror::Stats>,
     /// The mirror sessions by slot, as last enforced (for the metrics).
     pub mirror_sessions: std::sync::Arc<std::sync::RwLock<std::collections::BTreeMap<u32, String>>>,
+    /// Information systems' traffic, metered and reported.
+    usage: crate::usage::Usage,
 }
 
 /// What an agent makes of its flow table's passes.
@@ -106,6 +108,7 @@ impl Agent {
             mirror_table: Default::default(),
             mirror_stats: Default::default(),
             mirror_sessions: Default::default(),
+            usage: Default::default(),
         })
     }
 
@@ -114,6 +117,16 @@ impl Agent {
     pub fn start_mirroring(&mut self, underlay: Option<std::net::IpAddr>) -> anyhow::Result<()> {
         let perf = self.dp.take_mirror_ring().context("opening the mirror copies")?;
         crate::mirror::run(perf, self.mirror_table.clone(), self.mirror_stats.clone(), underlay)
+    }
+
+    /// Meters information systems' traffic and reports it to the
+    /// controllers.
+    pub fn start_usage(&self) -> anyhow::Result<()> {
+        self.usage.start(
+            self.dp.pin_dir().to_path_buf(),
+            self.host.clone(),
+            self.controllers.clone(),
+        )
     }
 
     /// Exports flow records (`flows`): the flow table's, from each
@@ -215,6 +228,7 @@ impl Agent {
             syslog: self.events.as_ref().map(|e| e.clone()),
             mirror_sessions: self.mirror_sessions.clone(),
             mirror: self.mirror_stats.clone(),
+            usage: self.usage.stats(),
         }
     }
 
@@ -293,6 +307,15 @@ impl Agent {
                 self.mirror_table.write().unwrap_or_else(|p| p.into_inner()).clear();
                 let e = format!("mirroring: {e:#}");
                 tracing::error!(error = %e, "mirror sessions not enforced; the rest is");
+                desired.rejected.push(e);
+            }
+        }
+        // Information systems' ports, for the bandwidth of each system.
+        match self.dp.apply_systems(&desired.systems) {
+            Ok(()) => self.usage.set_plan(&desired.systems),
+            Err(e) => {
+                let e = format!("information systems: {e:#}");
+                tracing::error!(error = %e, "systems' traffic not counted; the rest is enforced");
                 desired.rejected.push(e);
             }
         }

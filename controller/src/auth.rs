@@ -61,19 +61,27 @@ impl Caller {
         let peer = req.extensions().get::<Peer>().cloned();
         let mut identity = peer.as_ref().and_then(|p| p.identity.clone());
         let mut via = None;
-        let mut actor = peer.as_ref().map(Peer::actor).unwrap_or_else(|| "unauthenticated".into());
+        let mut actor = peer
+            .as_ref()
+            .map(Peer::actor)
+            .unwrap_or_else(|| "unauthenticated".into());
         if let Some(v) = req.metadata().get(ON_BEHALF_OF) {
             let uri = v
                 .to_str()
                 .map_err(|_| Status::invalid_argument(format!("{ON_BEHALF_OF}: not text")))?;
             match &identity {
                 Some(id) if id.role == Role::Replica => {
-                    let on_behalf = Identity::parse_uri(uri).map_err(|e| Status::invalid_argument(format!("{ON_BEHALF_OF}: {e}")))?;
+                    let on_behalf = Identity::parse_uri(uri)
+                        .map_err(|e| Status::invalid_argument(format!("{ON_BEHALF_OF}: {e}")))?;
                     actor = on_behalf.uri();
                     via = identity.replace(on_behalf);
                 }
                 Some(id) => {
-                    return Err(refuse(&format!("acting on behalf of {uri}"), id, "only a replica forwards requests"));
+                    return Err(refuse(
+                        &format!("acting on behalf of {uri}"),
+                        id,
+                        "only a replica forwards requests",
+                    ));
                 }
                 None if insecure() => {
                     // Without authentication anyone may claim anything:
@@ -163,7 +171,10 @@ impl Caller {
             };
             if !ok {
                 let why = match id.role {
-                    Role::Tenant => format!("a tenant changes only its own tenant's security groups ({})", id.tenant.as_deref().unwrap_or_default()),
+                    Role::Tenant => format!(
+                        "a tenant changes only its own tenant's security groups ({})",
+                        id.tenant.as_deref().unwrap_or_default()
+                    ),
                     Role::Platform => "the platform provisions tenants, VPCs, subnets, hosts and ports".into(),
                     Role::Admin => "the platform provisions tenants, VPCs, subnets, hosts and ports".into(),
                     _ => "this role changes nothing".into(),

@@ -70,7 +70,12 @@ impl RaftService {
     /// Takes one message of `call` from replica `from` (its certificate's
     /// node id; `None` without authentication), answering in the form it
     /// came in.
-    async fn handle(&self, call: pb::RaftCall, msg: pb::RaftMessage, from: Option<u64>) -> Result<pb::RaftMessage, Status> {
+    async fn handle(
+        &self,
+        call: pb::RaftCall,
+        msg: pb::RaftMessage,
+        from: Option<u64>,
+    ) -> Result<pb::RaftMessage, Status> {
         self.check_cluster(&msg.cluster_id)?;
         let form = form_of(&msg);
         let answer = match call {
@@ -329,7 +334,9 @@ impl pb::cluster_server::Cluster for ClusterService {
         if caller.identity.is_none() {
             // Under --insecure there is no refusal to record, and no one
             // to take records from.
-            return Err(Status::unauthenticated("Cluster.Refused: only a replica, by its certificate"));
+            return Err(Status::unauthenticated(
+                "Cluster.Refused: only a replica, by its certificate",
+            ));
         }
         crate::refusals::record(&self.store, req.into_inner()).await?;
         Ok(Response::new(pb::RefusedResponse {}))
@@ -350,7 +357,9 @@ impl pb::cluster_server::Cluster for ClusterService {
         let req = req.into_inner();
         let fwd = forward(req.clone(), &caller);
         if let Some(s) = self
-            .on_leader(was_forwarded, |mut c| async move { c.add_learner(fwd).await.map(|r| r.into_inner()) })
+            .on_leader(was_forwarded, |mut c| async move {
+                c.add_learner(fwd).await.map(|r| r.into_inner())
+            })
             .await?
         {
             return Ok(Response::new(s));
@@ -400,7 +409,9 @@ impl pb::cluster_server::Cluster for ClusterService {
         let req = req.into_inner();
         let fwd = forward(req, &caller);
         if let Some(s) = self
-            .on_leader(was_forwarded, |mut c| async move { c.promote(fwd).await.map(|r| r.into_inner()) })
+            .on_leader(was_forwarded, |mut c| async move {
+                c.promote(fwd).await.map(|r| r.into_inner())
+            })
             .await?
         {
             return Ok(Response::new(s));
@@ -436,7 +447,9 @@ impl pb::cluster_server::Cluster for ClusterService {
         let req = req.into_inner();
         let fwd = forward(req, &caller);
         if let Some(s) = self
-            .on_leader(was_forwarded, |mut c| async move { c.remove(fwd).await.map(|r| r.into_inner()) })
+            .on_leader(was_forwarded, |mut c| async move {
+                c.remove(fwd).await.map(|r| r.into_inner())
+            })
             .await?
         {
             return Ok(Response::new(s));

@@ -14,4 +14,5 @@ pub mod shares;
 pub mod slice;
 pub mod store;
 pub mod topology;
+pub mod usage;
 pub mod web;

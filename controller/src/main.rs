@@ -82,7 +82,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let files = args.tls.files().map_err(anyhow::Error::msg)?;
     let tls = match (&files, args.insecure) {
-        (Some(_), true) => anyhow::bail!("give either --insecure or the TLS files (--tls-ca, --tls-cert, --tls-key), not both"),
+        (Some(_), true) => {
+            anyhow::bail!("give either --insecure or the TLS files (--tls-ca, --tls-cert, --tls-key), not both")
+        }
         (None, false) => anyhow::bail!(
             "no TLS certificate: give --tls-ca, --tls-cert and --tls-key (`sdnctl pki bootstrap` makes them), \
              or --insecure for a local experiment"
@@ -131,14 +133,17 @@ async fn main() -> anyhow::Result<()> {
     sdn_controller::refusals::run(store.clone());
     let host = sdn_proto::syslog::hostname();
     let own = files.as_ref().map(|f| (f.cert.clone(), f.key.clone()));
-    if let Some(s) = args
+    let syslog = args
         .syslog
         .start(&host, "sdn-controller", own)
-        .map_err(anyhow::Error::msg)?
-    {
+        .map_err(anyhow::Error::msg)?;
+    if let Some(s) = &syslog {
         let list: Vec<String> = args.syslog.receivers.iter().map(|r| r.to_string()).collect();
-        tracing::info!(receivers = %list.join(", "), "policy changes and refusals sent as syslog while this replica leads");
-        sdn_controller::events::run(store.clone(), s, args.syslog.per_sec, host);
+        tracing::info!(
+            receivers = %list.join(", "),
+            "policy changes, refusals and bandwidth events sent as syslog while this replica leads"
+        );
+        sdn_controller::events::run(store.clone(), s.clone(), args.syslog.per_sec, host);
     }
     let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
     let web = match &args.web_listen {
@@ -188,6 +193,7 @@ async fn main() -> anyhow::Result<()> {
         metrics: Default::default(),
         web,
     };
+    ctl.metrics.usage.clone().run(store.clone(), syslog);
     if let Some(addr) = &args.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr)
             .await

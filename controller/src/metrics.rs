@@ -9,7 +9,13 @@
 //! - `sdn_apply_duration_seconds` and `sdn_apply_total{outcome}`: each
 //!   `Apply` this replica answered;
 //! - `sdn_raft_term`, `sdn_raft_leader` (1 on the leader),
-//!   `sdn_raft_state{state}` and `sdn_raft_last_applied_index`.
+//!   `sdn_raft_state{state}` and `sdn_raft_last_applied_index`;
+//! - information systems' bandwidth, on the leader
+//!   ([`crate::usage`]): `sdn_system_bandwidth_bps`,
+//!   `sdn_system_bandwidth_peak_bps` (the interval in progress),
+//!   `sdn_system_bandwidth_interval_peak_bps` (the last complete one),
+//!   `sdn_system_bandwidth_over_alert` and `sdn_system_bandwidth_alerts_total`,
+//!   each `{system,zone,direction}`, and `sdn_usage_samples_total{outcome}`.
 //!
 //! The endpoint serves plain HTTP: bind it to an address only the
 //! monitoring system reaches (it names hosts, not tenants' data).
@@ -46,6 +52,8 @@ struct StateLabel {
 pub struct Metrics {
     apply_seconds: Histogram,
     applies: Family<Outcome, Counter>,
+    /// Information systems' bandwidth, measured on the leader.
+    pub usage: Arc<crate::usage::Usage>,
 }
 
 impl Default for Metrics {
@@ -54,6 +62,7 @@ impl Default for Metrics {
             // 100 µs to about 3 s.
             apply_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             applies: Family::default(),
+            usage: Default::default(),
         }
     }
 }
@@ -100,8 +109,7 @@ impl Metrics {
                     let last_change = shared.shares.host(h).map(|x| x.changed).unwrap_or(0);
                     let l = HostLabel { host: h.clone() };
                     enforced.get_or_create(&l).set(s.enforced as i64);
-                    lag.get_or_create(&l)
-                        .set(last_change.saturating_sub(s.enforced) as i64);
+                    lag.get_or_create(&l).set(last_change.saturating_sub(s.enforced) as i64);
                     connected.get_or_create(&l).set(i64::from(s.streams > 0));
                 }
             }
@@ -122,6 +130,8 @@ impl Metrics {
             "Whether the host's agent watches (on the leader)",
             connected,
         );
+
+        self.usage.register(&mut reg);
 
         let m = store.raft.metrics().borrow().clone();
         let term = Gauge::<i64>::default();

@@ -62,7 +62,11 @@ static OVERFLOW: AtomicU64 = AtomicU64::new(0);
 
 enum Noted {
     Caller(Refusal),
-    Handshake { from: String, reason: String, time_unix_ms: u64 },
+    Handshake {
+        from: String,
+        reason: String,
+        time_unix_ms: u64,
+    },
 }
 
 fn send(n: Noted) {
@@ -328,7 +332,9 @@ async fn write(store: &Store, refusals: Vec<Refusal>, suppressed: u64) -> Result
     let internal = Internal::Refused { refusals, suppressed };
     let r = store.write_internal(&internal).await;
     if r.is_err() {
-        let Internal::Refused { refusals, suppressed } = &internal else { unreachable!() };
+        let Internal::Refused { refusals, suppressed } = &internal else {
+            unreachable!()
+        };
         owe(refusals, *suppressed);
     }
     r.map(|_| ())
@@ -350,7 +356,11 @@ async fn hand_over(store: &Store, refusals: Vec<Refusal>, suppressed: u64) {
         return;
     }
     let Some((_, leader)) = store.leader() else {
-        tracing::warn!(refusals = n, suppressed, "no leader to record refusals in the audit log");
+        tracing::warn!(
+            refusals = n,
+            suppressed,
+            "no leader to record refusals in the audit log"
+        );
         return;
     };
     let req = pb::RefusedRequest {
@@ -435,12 +445,19 @@ mod tests {
     fn floods_make_few_records() {
         let mut g = Gathered::default();
         for i in 0..10_000 {
-            g.add(handshake(&format!("tcp 192.0.2.{}", i % 200), "the client sent no certificate"));
+            g.add(handshake(
+                &format!("tcp 192.0.2.{}", i % 200),
+                "the client sent no certificate",
+            ));
         }
         let (first, suppressed) = g.take(false);
         assert_eq!((first.len(), suppressed), (1, 0));
         assert_eq!(first[0].count, 10_000);
-        assert!(first[0].reason.contains("192.0.2.0") && first[0].reason.ends_with("and others)"), "{}", first[0].reason);
+        assert!(
+            first[0].reason.contains("192.0.2.0") && first[0].reason.ends_with("and others)"),
+            "{}",
+            first[0].reason
+        );
         for _ in 0..5_000 {
             g.add(handshake("tcp 198.51.100.1", "the client sent no certificate"));
         }
@@ -485,7 +502,11 @@ mod tests {
         let (records, _) = g.take(false);
         assert_eq!(records.len(), 1);
         assert_eq!(records[0].count, 50);
-        assert!(records[0].reason.ends_with("(and 49 other operations refused)"), "{}", records[0].reason);
+        assert!(
+            records[0].reason.ends_with("(and 49 other operations refused)"),
+            "{}",
+            records[0].reason
+        );
         assert_eq!(clip("a\nb\u{1b}[2J"), "a\\nb\\u{1b}[2J", "control characters escaped");
         assert!(clip(&"x".repeat(5000)).ends_with("... (5000 bytes)"));
     }

@@ -18,10 +18,10 @@ use std::sync::Arc;
 
 use futures::Stream;
 use sdn_proto::tls::{Acceptor, Authenticated, Identity, Peer};
-use tokio_boring::SslStream;
-use tokio_util::either::Either;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio_boring::SslStream;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::either::Either;
 
 /// The first byte of a TLS handshake record.
 const TLS_HANDSHAKE: u8 = 0x16;
@@ -68,7 +68,9 @@ impl EventBudget {
     pub fn admit(&self) -> Option<u64> {
         let mut w = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let now = std::time::Instant::now();
-        if w.0.is_none_or(|t| now.duration_since(t) >= std::time::Duration::from_secs(1)) {
+        if w.0
+            .is_none_or(|t| now.duration_since(t) >= std::time::Duration::from_secs(1))
+        {
             *w = (Some(now), 0, w.2);
         }
         if w.1 >= EVENTS_PER_SECOND {

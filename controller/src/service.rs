@@ -14,10 +14,10 @@ use tonic::{Request, Response, Status};
 
 use crate::auth::{Caller, READERS};
 use crate::convert;
-use sdn_proto::tls::Role;
 use crate::enforcement::{Enforcement, WaitError};
 use crate::shares::Name;
 use crate::store::{Store, WriteError};
+use sdn_proto::tls::Role;
 
 /// Everything the services share.
 /// The leader's address, and a kept connection to it for agents' acks.
@@ -48,14 +48,24 @@ fn tenant_view(s: &sdn_policies::State, tenant: &str) -> sdn_policies::State {
     if let Some(t) = s.tenants.get(tenant) {
         v.tenants.insert(t.id.clone(), t.clone());
     }
-    v.vpcs = s.vpcs.iter().filter(|(_, x)| x.tenant_id == tenant).map(|(k, x)| (k.clone(), x.clone())).collect();
+    v.vpcs = s
+        .vpcs
+        .iter()
+        .filter(|(_, x)| x.tenant_id == tenant)
+        .map(|(k, x)| (k.clone(), x.clone()))
+        .collect();
     v.subnets = s
         .subnets
         .iter()
         .filter(|(_, x)| v.vpcs.contains_key(&x.vpc_id))
         .map(|(k, x)| (k.clone(), x.clone()))
         .collect();
-    v.ports = s.ports.iter().filter(|(_, x)| x.tenant_id == tenant).map(|(k, x)| (k.clone(), x.clone())).collect();
+    v.ports = s
+        .ports
+        .iter()
+        .filter(|(_, x)| x.tenant_id == tenant)
+        .map(|(k, x)| (k.clone(), x.clone()))
+        .collect();
     v.security_groups = s
         .security_groups
         .iter()
@@ -408,6 +418,45 @@ impl pb::agent_server::Agent for Controller {
         }
         Ok(Response::new(pb::AckResponse {}))
     }
+
+    async fn usage(&self, req: Request<pb::UsageReport>) -> Result<Response<pb::UsageResponse>, Status> {
+        let caller = Caller::of(&req)?;
+        let was_forwarded = forwarded(&req);
+        let req = req.into_inner();
+        if req.host_id.is_empty() {
+            return Err(Status::invalid_argument("host_id: must not be empty"));
+        }
+        agent_of(&caller, "Usage", &req.host_id)?;
+        if req.samples.len() > crate::usage::SAMPLES_MAX {
+            return Err(Status::invalid_argument(format!(
+                "samples: {} samples, at most {}",
+                req.samples.len(),
+                crate::usage::SAMPLES_MAX
+            )));
+        }
+        // The leader adds up every host's figures.
+        if !self.store.is_leader() {
+            let addr = not_leader(self.store.leader().map(|(_, a)| a), was_forwarded)?;
+            let mut client = self
+                .leader_agent(&addr)
+                .await
+                .ok_or_else(|| Status::unavailable(format!("forwarding to the leader at {addr}: cannot connect")))?;
+            let r = client.usage(mark(req, &caller)).await;
+            if r.is_err() {
+                *self.leader_acks.lock().await = None;
+            }
+            return r;
+        }
+        let shared = self.store.shared.read().await;
+        if !shared.state.hosts.contains_key(&req.host_id) {
+            return Err(Status::not_found(format!("host_id: unknown host {:?}", req.host_id)));
+        }
+        Ok(Response::new(self.metrics.usage.report(
+            &shared.state,
+            &req.host_id,
+            &req.samples,
+        )))
+    }
 }
 
 impl Controller {
@@ -499,7 +548,9 @@ impl Controller {
         if !mirrors.is_empty() {
             let shared = self.store.shared.read().await;
             for id in mirrors {
-                let Some(m) = shared.state.mirror_sessions.get(&id) else { continue };
+                let Some(m) = shared.state.mirror_sessions.get(&id) else {
+                    continue;
+                };
                 if shared.state.mirrored_ports(m).next().is_none() {
                     warnings.push(format!(
                         "mirror session {id}: {} has no port yet; it copies nothing until one is added",
@@ -519,6 +570,23 @@ impl Controller {
     /// Passes an agent's answer to the leader, over one connection kept
     /// for it, retried while leadership settles: a lost answer would leave
     /// a writer waiting for a host that enforces the change.
+    /// The connection to the leader at `addr` that agents' acks and usage
+    /// reports travel on (made once, kept while the leader stays).
+    async fn leader_agent(&self, addr: &str) -> Option<pb::agent_client::AgentClient<tonic::transport::Channel>> {
+        let mut cached = self.leader_acks.lock().await;
+        match &*cached {
+            Some((a, c)) if a == addr => Some(c.clone()),
+            _ => match tokio::time::timeout(Duration::from_secs(2), sdn_proto::connect(addr)).await {
+                Ok(Ok(ch)) => {
+                    let c = pb::agent_client::AgentClient::new(ch);
+                    *cached = Some((addr.to_string(), c.clone()));
+                    Some(c)
+                }
+                _ => None,
+            },
+        }
+    }
+
     async fn pass_ack_to_leader(&self, req: pb::AckRequest, caller: Caller) {
         for attempt in 0..5u32 {
             if attempt > 0 {
@@ -532,19 +600,8 @@ impl Controller {
                 }
                 return;
             }
-            let client = {
-                let mut cached = self.leader_acks.lock().await;
-                match &*cached {
-                    Some((a, c)) if *a == addr => c.clone(),
-                    _ => match tokio::time::timeout(Duration::from_secs(2), sdn_proto::connect(&addr)).await {
-                        Ok(Ok(ch)) => {
-                            let c = pb::agent_client::AgentClient::new(ch);
-                            *cached = Some((addr.clone(), c.clone()));
-                            c
-                        }
-                        _ => continue,
-                    },
-                }
+            let Some(client) = self.leader_agent(&addr).await else {
+                continue;
             };
             let r = tokio::time::timeout(Duration::from_secs(2), client.clone().ack(mark(req.clone(), &caller))).await;
             match r {

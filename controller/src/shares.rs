@@ -381,10 +381,11 @@ impl Shares {
                         hosts.extend(state.quarantined_ports(q).into_iter().map(|p| p.host_id.clone()));
                     }
                 }
-                Kind::Zone | Kind::ExchangePath | Kind::MirrorSession => {
+                Kind::Zone | Kind::ExchangePath | Kind::MirrorSession | Kind::InformationSystem => {
                     let name = match kind {
                         Kind::Zone => format!("zone/{id}"),
                         Kind::MirrorSession => format!("mirror/{id}"),
+                        Kind::InformationSystem => format!("system/{id}"),
                         _ => format!("exchange/{id}"),
                     };
                     if old.is_none() != new.is_none() {
@@ -510,13 +511,19 @@ impl Shares {
 }
 
 /// The names of the mirror sessions whose tap port `f` picks.
-fn mirrors_with_tap<'a>(state: &'a State, f: impl Fn(&sdn_policies::Port) -> bool + 'a) -> impl Iterator<Item = String> + 'a {
-    state.mirror_sessions.values().filter_map(move |m| match &m.destination {
-        sdn_policies::MirrorDestination::Tap { port_id, .. } if state.ports.get(port_id).is_some_and(&f) => {
-            Some(format!("mirror/{}", m.id))
-        }
-        _ => None,
-    })
+fn mirrors_with_tap<'a>(
+    state: &'a State,
+    f: impl Fn(&sdn_policies::Port) -> bool + 'a,
+) -> impl Iterator<Item = String> + 'a {
+    state
+        .mirror_sessions
+        .values()
+        .filter_map(move |m| match &m.destination {
+            sdn_policies::MirrorDestination::Tap { port_id, .. } if state.ports.get(port_id).is_some_and(&f) => {
+                Some(format!("mirror/{}", m.id))
+            }
+            _ => None,
+        })
 }
 
 /// Whether every host's kept share equals its share built from scratch.

@@ -95,6 +95,7 @@ pub fn names(state: &State, host: &str) -> BTreeSet<String> {
     out.extend(state.zones.keys().map(|z| format!("zone/{z}")));
     out.extend(state.exchange_paths.keys().map(|x| format!("exchange/{x}")));
     out.extend(state.mirror_sessions.keys().map(|m| format!("mirror/{m}")));
+    out.extend(state.information_systems.keys().map(|m| format!("system/{m}")));
     for g in ix.host_groups.get(host).into_iter().flat_map(|m| m.keys()) {
         let Some(sg) = state.security_groups.get(g) else {
             continue;
@@ -186,6 +187,7 @@ pub fn build(state: &State, host: &str, name: &str) -> Option<pb::Resource> {
                 },
             })
         }
+        "system" => R::InformationSystem(state.information_systems.get(id)?.to_pb()),
         "sg" => R::SecurityGroup(state.security_groups.get(id)?.to_pb()),
         "members" => R::GroupMembers(pb::GroupMembers {
             group_id: id.to_string(),

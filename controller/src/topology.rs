@@ -113,7 +113,11 @@ impl Topology {
                     quarantined_vpcs.insert(q.target_id.as_str());
                 }
                 QuarantineTarget::Vm => {
-                    for p in state.ports.values().filter(|p| !p.vm_id.is_empty() && p.vm_id == q.target_id) {
+                    for p in state
+                        .ports
+                        .values()
+                        .filter(|p| !p.vm_id.is_empty() && p.vm_id == q.target_id)
+                    {
                         quarantined_ports.insert(p.id.as_str());
                     }
                 }
@@ -255,7 +259,11 @@ impl Topology {
         let mut vpcs: BTreeMap<&str, Vec<&Vpc>> = BTreeMap::new();
         for v in &self.vpcs {
             // "" gathers the isolated VPCs, and those of a zone not found.
-            let zone = if known.contains(v.zone.as_str()) { v.zone.as_str() } else { "" };
+            let zone = if known.contains(v.zone.as_str()) {
+                v.zone.as_str()
+            } else {
+                ""
+            };
             vpcs.entry(zone).or_default().push(v);
         }
         let mut subnets: BTreeMap<&str, Vec<&Subnet>> = BTreeMap::new();
@@ -407,7 +415,13 @@ mod tests {
 
     fn state() -> State {
         let mut s = State::default();
-        s.tenants.insert("acme".into(), Tenant { id: "acme".into(), name: "Acme".into() });
+        s.tenants.insert(
+            "acme".into(),
+            Tenant {
+                id: "acme".into(),
+                name: "Acme".into(),
+            },
+        );
         s.zones.insert(
             "extranet".into(),
             sdn_policies::model::Zone {
@@ -474,7 +488,10 @@ mod tests {
         let text = topo.text();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "topology at revision 7");
-        assert_eq!(lines[1], "zone extranet \"e-gov extranet\" prefixes 10.200.0.0/16 uplink ext0");
+        assert_eq!(
+            lines[1],
+            "zone extranet \"e-gov extranet\" prefixes 10.200.0.0/16 uplink ext0"
+        );
         assert_eq!(lines[2], "  vpc v1 \"v1\\u{1b}[31m\" tenant acme vni 100");
         assert_eq!(lines[3], "no zone (isolated VPCs)");
         assert_eq!(lines[4], "  vpc v2 \"v2\\u{1b}[31m\" tenant acme vni 100 QUARANTINED");

@@ -106,7 +106,13 @@ fn secret() -> String {
 /// Makes room for one more grant of `who`: drops the expired, then that
 /// identity's oldest beyond `per_identity`; `false` if the total is at
 /// `max` and nothing could go.
-fn make_room(map: &mut HashMap<[u8; 32], Grant>, who: &Identity, per_identity: usize, max: usize, evict_any: bool) -> bool {
+fn make_room(
+    map: &mut HashMap<[u8; 32], Grant>,
+    who: &Identity,
+    per_identity: usize,
+    max: usize,
+    evict_any: bool,
+) -> bool {
     let now = Instant::now();
     map.retain(|_, g| g.expires > now);
     let mut own: Vec<([u8; 32], Instant)> = map
@@ -164,7 +170,11 @@ impl Sessions {
     /// is unknown, used or expired.
     fn redeem(&self, login: &str) -> Option<(String, Identity, Instant)> {
         let now = Instant::now();
-        let grant = self.logins.lock().unwrap_or_else(|p| p.into_inner()).remove(&digest(login))?;
+        let grant = self
+            .logins
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&digest(login))?;
         if grant.expires <= now {
             return None;
         }
@@ -172,7 +182,13 @@ impl Sessions {
         // the link.
         let expires = grant.until.map_or(now + SESSION_TTL, |u| u.min(now + SESSION_TTL));
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        make_room(&mut sessions, &grant.identity, SESSIONS_PER_IDENTITY, SESSIONS_MAX, true);
+        make_room(
+            &mut sessions,
+            &grant.identity,
+            SESSIONS_PER_IDENTITY,
+            SESSIONS_MAX,
+            true,
+        );
         let s = secret();
         sessions.insert(
             digest(&s),
@@ -308,7 +324,12 @@ fn authorize(web: &Web, peer: &Peer, headers: &HeaderMap) -> Result<Access, Resp
     let (identity, until) = match &peer.identity {
         Some(id) => {
             if peer.expires.is_some_and(|e| Instant::now() >= e) {
-                return Err(refused(StatusCode::UNAUTHORIZED, &from, &peer.actor(), "the client certificate expired"));
+                return Err(refused(
+                    StatusCode::UNAUTHORIZED,
+                    &from,
+                    &peer.actor(),
+                    "the client certificate expired",
+                ));
             }
             (id.clone(), peer.expires)
         }
@@ -333,7 +354,12 @@ fn authorize(web: &Web, peer: &Peer, headers: &HeaderMap) -> Result<Access, Resp
         },
     };
     if !Web::READERS.contains(&identity.role) {
-        crate::refusals::note(&identity.uri(), identity.role.name(), "reading the topology page", identity.tenant.as_deref());
+        crate::refusals::note(
+            &identity.uri(),
+            identity.role.name(),
+            "reading the topology page",
+            identity.tenant.as_deref(),
+        );
         return Err(refused(
             StatusCode::FORBIDDEN,
             &from,
@@ -345,7 +371,9 @@ fn authorize(web: &Web, peer: &Peer, headers: &HeaderMap) -> Result<Access, Resp
 }
 
 fn from(peer: &Peer) -> String {
-    peer.remote.map(|r| r.ip().to_string()).unwrap_or_else(|| "unknown".into())
+    peer.remote
+        .map(|r| r.ip().to_string())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 /// A refusal, logged as a security event (within a budget a second).
@@ -355,7 +383,8 @@ fn refused(code: StatusCode, from: &str, who: &str, why: &str) -> Response {
         tracing::warn!(target: "sdn::security", from, caller = who, reason = why, suppressed, "topology page refused");
     }
     let mut r = page(code, "Refused", why);
-    r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
     r
 }
 
@@ -379,7 +408,10 @@ fn hardened(mut r: Response) -> Response {
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     h.insert("cross-origin-resource-policy", HeaderValue::from_static("same-origin"));
     h.insert("cross-origin-opener-policy", HeaderValue::from_static("same-origin"));
-    h.insert("strict-transport-security", HeaderValue::from_static("max-age=31536000"));
+    h.insert(
+        "strict-transport-security",
+        HeaderValue::from_static("max-age=31536000"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
 }
@@ -421,7 +453,11 @@ pub fn router(web: Web) -> axum::Router {
                 }
                 match topology(&web.store).await.and_then(|t| Ok(serde_json::to_string(&t)?)) {
                     Ok(body) => hardened(([(header::CONTENT_TYPE, "application/json")], body).into_response()),
-                    Err(e) => page(StatusCode::INTERNAL_SERVER_ERROR, "Error", &format!("building the topology: {e}")),
+                    Err(e) => page(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "Error",
+                        &format!("building the topology: {e}"),
+                    ),
                 }
             }
         }
@@ -458,8 +494,14 @@ pub fn router(web: Web) -> axum::Router {
             })
             .post(login),
         )
-        .route("/app.js", get(|| async { asset("text/javascript; charset=utf-8", APP) }))
-        .route("/login.js", get(|| async { asset("text/javascript; charset=utf-8", LOGIN_JS) }))
+        .route(
+            "/app.js",
+            get(|| async { asset("text/javascript; charset=utf-8", APP) }),
+        )
+        .route(
+            "/login.js",
+            get(|| async { asset("text/javascript; charset=utf-8", LOGIN_JS) }),
+        )
         .route("/style.css", get(|| async { asset("text/css; charset=utf-8", STYLE) }))
         .route(
             "/vendor/d3-hierarchy.min.js",
@@ -478,7 +520,12 @@ fn login(web: &Web, peer: &Peer, headers: &HeaderMap, body: &str) -> Response {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v != "same-origin");
     if cross_site {
-        return refused(StatusCode::FORBIDDEN, &from, "unknown", "a login posted from another site");
+        return refused(
+            StatusCode::FORBIDDEN,
+            &from,
+            "unknown",
+            "a login posted from another site",
+        );
     }
     let token = body.trim();
     if token.len() != SECRET_LEN || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -529,20 +576,30 @@ fn events(web: Web, peer: Peer, headers: HeaderMap) -> Response {
         }
     };
     let stream = graphs
-        .filter_map(|g| std::future::ready(g.map(|g| Ok::<_, Infallible>(Event::default().event("topology").data(&*g.json)))))
+        .filter_map(|g| {
+            std::future::ready(g.map(|g| Ok::<_, Infallible>(Event::default().event("topology").data(&*g.json))))
+        })
         .take_until(end)
         // The permit goes with the stream.
         .map(move |e| {
             let _ = &permit;
             e
         });
-    hardened(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))).into_response())
+    hardened(
+        Sse::new(stream)
+            .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+            .into_response(),
+    )
 }
 
 /// Serves the page on `listener` until the process ends: HTTP/1.1 on each
 /// authenticated connection (TLS, a client certificate optional; plain
 /// under `--insecure`).
-pub async fn serve(listeners: crate::serve::Listeners, listener: tokio::net::TcpListener, web: Web) -> std::io::Result<()> {
+pub async fn serve(
+    listeners: crate::serve::Listeners,
+    listener: tokio::net::TcpListener,
+    web: Web,
+) -> std::io::Result<()> {
     let mut conns = Box::pin(listeners.tcp(listener));
     let app = router(web);
     let open = Arc::new(Semaphore::new(CONNECTIONS_MAX));
@@ -574,10 +631,11 @@ pub async fn serve(listeners: crate::serve::Listeners, listener: tokio::net::Tcp
             }
             continue;
         };
-        let svc = tower::ServiceExt::map_request(app.clone(), move |mut r: axum::http::Request<hyper::body::Incoming>| {
-            r.extensions_mut().insert(ConnectInfo(WebPeer(peer.clone())));
-            r
-        });
+        let svc =
+            tower::ServiceExt::map_request(app.clone(), move |mut r: axum::http::Request<hyper::body::Incoming>| {
+                r.extensions_mut().insert(ConnectInfo(WebPeer(peer.clone())));
+                r
+            });
         tokio::spawn(async move {
             let served = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -627,7 +685,10 @@ mod tests {
         assert!(ttl <= Duration::from_secs(5));
         let (_, _, ends) = s.redeem(&token).unwrap();
         assert!(ends <= soon);
-        assert!(s.mint(id("sdn://admin/ops"), Some(Instant::now())).is_err(), "an expired certificate");
+        assert!(
+            s.mint(id("sdn://admin/ops"), Some(Instant::now())).is_err(),
+            "an expired certificate"
+        );
         // One identity's links: the oldest go beyond its share, and the
         // others' are untouched.
         let (other, _) = s.mint(id("sdn://supervisor/reg"), None).unwrap();
@@ -643,7 +704,10 @@ mod tests {
             let (t, _) = s.mint(id("sdn://admin/ops"), None).unwrap();
             sessions.push(s.redeem(&t).unwrap().0);
         }
-        assert!(s.session(&sessions[0]).is_none(), "the oldest session of the identity ended");
+        assert!(
+            s.session(&sessions[0]).is_none(),
+            "the oldest session of the identity ended"
+        );
         assert!(s.session(sessions.last().unwrap()).is_some());
     }
 
@@ -660,7 +724,10 @@ mod tests {
     #[test]
     fn the_session_cookie_is_found_among_others() {
         let mut h = HeaderMap::new();
-        h.insert(header::COOKIE, HeaderValue::from_static("a=1; __Host-sdn_session=abc; b=2"));
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; __Host-sdn_session=abc; b=2"),
+        );
         assert_eq!(cookie(&h).as_deref(), Some("abc"));
         h.insert(header::COOKIE, HeaderValue::from_static("sdn_session=abc"));
         assert_eq!(cookie(&h), None);

@@ -27,11 +27,7 @@ fn totals(store: &Path, src: &str) -> anyhow::Result<(u64, u64)> {
         .args(["-R", store.to_str().unwrap(), "-q", "-N", "-o", "fmt:%sa|%pkt|%byt"])
         .arg(format!("port 5201 and src ip {src}"))
         .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "nfdump: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    anyhow::ensure!(out.status.success(), "nfdump: {}", String::from_utf8_lossy(&out.stderr));
     let mut t = (0u64, 0u64);
     for l in String::from_utf8_lossy(&out.stdout).lines() {
         let f: Vec<&str> = l.split('|').map(str::trim).collect();
@@ -131,7 +127,15 @@ async fn main() -> anyhow::Result<()> {
     // flows when told to expire them.
     std::thread::sleep(Duration::from_secs(7));
     let expired = std::process::Command::new("ip")
-        .args(["netns", "exec", &vm1.ns.name, "softflowctl", "-c", ctl.to_str().unwrap(), "expire-all"])
+        .args([
+            "netns",
+            "exec",
+            &vm1.ns.name,
+            "softflowctl",
+            "-c",
+            ctl.to_str().unwrap(),
+            "expire-all",
+        ])
         .output()?;
     anyhow::ensure!(
         expired.status.success(),
@@ -140,7 +144,15 @@ async fn main() -> anyhow::Result<()> {
     );
     std::thread::sleep(Duration::from_secs(2));
     let stats = std::process::Command::new("ip")
-        .args(["netns", "exec", &vm1.ns.name, "softflowctl", "-c", ctl.to_str().unwrap(), "statistics"])
+        .args([
+            "netns",
+            "exec",
+            &vm1.ns.name,
+            "softflowctl",
+            "-c",
+            ctl.to_str().unwrap(),
+            "statistics",
+        ])
         .output()?;
     let stats = String::from_utf8_lossy(&stats.stdout).to_string();
     // Its own account: what libpcap gave it, what it dropped, what it used.
@@ -157,15 +169,24 @@ async fn main() -> anyhow::Result<()> {
     println!("| direction | ours: packets / octets | softflowd: packets / octets | ratio packets / octets |");
     println!("|---|---|---|---|");
     let mut worst: f64 = 0.0;
-    for (label, src) in [("vm3 -> vm1 (data)", vm3.as_str()), ("vm1 -> vm3 (acks)", vm1.v4.as_str())] {
+    for (label, src) in [
+        ("vm3 -> vm1 (data)", vm3.as_str()),
+        ("vm1 -> vm3 (acks)", vm1.v4.as_str()),
+    ] {
         let o = totals(&ours, src)?;
         let p = totals(&peer, src)?;
         anyhow::ensure!(p.0 > 0 && o.0 > 0, "{label}: no records (ours {o:?}, softflowd {p:?})");
         let (rp, ro) = (o.0 as f64 / p.0 as f64, o.1 as f64 / p.1 as f64);
         worst = worst.max((rp - 1.0).abs()).max((ro - 1.0).abs());
-        println!("| {label} | {} / {} | {} / {} | {rp:.4} / {ro:.4} |", o.0, o.1, p.0, p.1);
+        println!(
+            "| {label} | {} / {} | {} / {} | {rp:.4} / {ro:.4} |",
+            o.0, o.1, p.0, p.1
+        );
     }
-    println!("largest difference: {:.3}% (iperf3 -b {rate}, {rounds} x {secs} s)", worst * 100.0);
+    println!(
+        "largest difference: {:.3}% (iperf3 -b {rate}, {rounds} x {secs} s)",
+        worst * 100.0
+    );
     println!("softflowd: {dropped}");
     drop(lab);
     Ok(())

@@ -33,15 +33,21 @@ use std::time::Duration;
 
 use sdn_integration::lab::Lab;
 use sdn_integration::ops::*;
-use sdn_integration::Topology;
 use sdn_integration::Proc;
+use sdn_integration::Topology;
 use sdn_proto::v1 as pb;
 
 fn iperf(topo: &Topology, to: &str, secs: u64) -> anyhow::Result<f64> {
-    let out = topo
-        .vm("vm2")
-        .ns
-        .sh(&["iperf3", "-c", to, "-t", &secs.to_string(), "-J", "--connect-timeout", "2000"])?;
+    let out = topo.vm("vm2").ns.sh(&[
+        "iperf3",
+        "-c",
+        to,
+        "-t",
+        &secs.to_string(),
+        "-J",
+        "--connect-timeout",
+        "2000",
+    ])?;
     let j: serde_json::Value = serde_json::from_str(&out)?;
     j["end"]["sum_received"]["bits_per_second"]
         .as_f64()
@@ -52,7 +58,19 @@ fn iperf(topo: &Topology, to: &str, secs: u64) -> anyhow::Result<f64> {
 /// datagrams as fast as iperf3 goes.
 fn iperf_small(topo: &Topology, to: &str, secs: u64) -> anyhow::Result<f64> {
     let out = topo.vm("vm2").ns.sh(&[
-        "iperf3", "-c", to, "-u", "-b", "0", "-l", "64", "-t", &secs.to_string(), "-J", "--connect-timeout", "2000",
+        "iperf3",
+        "-c",
+        to,
+        "-u",
+        "-b",
+        "0",
+        "-l",
+        "64",
+        "-t",
+        &secs.to_string(),
+        "-J",
+        "--connect-timeout",
+        "2000",
     ])?;
     let j: serde_json::Value = serde_json::from_str(&out)?;
     let sum = &j["end"]["sum"];
@@ -103,7 +121,8 @@ fn delete_session() -> pb::operation::Op {
     })
 }
 
-const NFT_DUP: &str = "table netdev mirror { chain in { type filter hook ingress device eth0 priority 0; dup to m0; }; \
+const NFT_DUP: &str =
+    "table netdev mirror { chain in { type filter hook ingress device eth0 priority 0; dup to m0; }; \
                        chain out { type filter hook egress device eth0 priority 0; dup to m0; }; }";
 const NFT_DUP_SAMPLED: &str = "table netdev mirror { \
     chain in { type filter hook ingress device eth0 priority 0; numgen inc mod 100 0 dup to m0; }; \
@@ -160,7 +179,10 @@ async fn set(lab: &Lab, mode: Mode, current: &mut Mode) -> anyhow::Result<()> {
 fn copies(lab: &Lab, mode: Mode) -> u64 {
     match mode {
         Mode::None => 0,
-        Mode::Ours | Mode::OursSampled => lab.drops("h1").map(|d| d["mirror"]["0"]["copied"].as_u64().unwrap_or(0)).unwrap_or(0),
+        Mode::Ours | Mode::OursSampled => lab
+            .drops("h1")
+            .map(|d| d["mirror"]["0"]["copied"].as_u64().unwrap_or(0))
+            .unwrap_or(0),
         _ => lab
             .topo
             .vm("vm1")
@@ -189,7 +211,9 @@ async fn main() -> anyhow::Result<()> {
     let vm1 = topo.vm("vm1");
     // The peers' sink: a veth from vm1 to a namespace of its own.
     let sink = sdn_integration::Netns::new("mcb-sink")?;
-    vm1.ns.sh(&["ip", "link", "add", "m0", "type", "veth", "peer", "name", "m1", "netns", &sink.name])?;
+    vm1.ns.sh(&[
+        "ip", "link", "add", "m0", "type", "veth", "peer", "name", "m1", "netns", &sink.name,
+    ])?;
     vm1.ns.sh(&["ip", "link", "set", "m0", "up"])?;
     sink.sh(&["ip", "link", "set", "m1", "up"])?;
     let _server = Proc::spawn("iperf-vm1", Some(&vm1.ns.name), "iperf3".as_ref(), &["-s"], &topo.dir)?;
@@ -250,7 +274,17 @@ async fn main() -> anyhow::Result<()> {
         "tcpdump",
         Some(&topo.vm("tap1").ns.name),
         "tcpdump".as_ref(),
-        &["-i", "eth0", "-B", "131072", "-U", "-n", "-w", pcap.to_str().unwrap(), "udp and port 5201"],
+        &[
+            "-i",
+            "eth0",
+            "-B",
+            "131072",
+            "-U",
+            "-n",
+            "-w",
+            pcap.to_str().unwrap(),
+            "udp and port 5201",
+        ],
         dir.path(),
     )?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -259,7 +293,17 @@ async fn main() -> anyhow::Result<()> {
     }
     std::thread::sleep(Duration::from_millis(500));
     let out = topo.vm("vm2").ns.sh(&[
-        "iperf3", "-c", &vm1.v4, "-u", "-b", "1G", "-l", "1400", "-t", &secs.to_string(), "-J",
+        "iperf3",
+        "-c",
+        &vm1.v4,
+        "-u",
+        "-b",
+        "1G",
+        "-l",
+        "1400",
+        "-t",
+        &secs.to_string(),
+        "-J",
     ])?;
     std::thread::sleep(Duration::from_millis(500));
     capture.stop();

@@ -126,7 +126,10 @@ async fn main() -> anyhow::Result<()> {
         v[v.len() / 2]
     };
     println!("median of {rounds} round(s) of {secs} s, modes alternating:");
-    println!("  {:<12} {:>10} {:>10} {:>14} {:>14}", "", "p50 ms", "p99 ms", "64 clients/s", "connect+call ms");
+    println!(
+        "  {:<12} {:>10} {:>10} {:>14} {:>14}",
+        "", "p50 ms", "p99 ms", "64 clients/s", "connect+call ms"
+    );
     for name in ["mutual TLS", "plaintext"] {
         println!(
             "  {:<12} {:>10.3} {:>10.3} {:>14.0} {:>14.3}",

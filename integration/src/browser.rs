@@ -121,7 +121,11 @@ impl Browser {
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        let attached = b.call("Target.attachToTarget", json!({"targetId": target, "flatten": true}), false)?;
+        let attached = b.call(
+            "Target.attachToTarget",
+            json!({"targetId": target, "flatten": true}),
+            false,
+        )?;
         b.session = attached["sessionId"].as_str().context("no session id")?.to_string();
         Ok(b)
     }
@@ -204,7 +208,9 @@ impl Browser {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                let text = self.eval("document.body ? document.body.innerText : ''").unwrap_or_default();
+                let text = self
+                    .eval("document.body ? document.body.innerText : ''")
+                    .unwrap_or_default();
                 bail!("{expr} did not hold within {within:?}; the page reads:\n{text}");
             }
             std::thread::sleep(Duration::from_millis(25));
@@ -234,7 +240,11 @@ pub fn spki_hash(cert: &Path) -> anyhow::Result<String> {
         .context("running openssl")?;
     let h = String::from_utf8(out.stdout)?.trim().to_string();
     if !out.status.success() || h.len() != 44 {
-        bail!("hashing the key of {}: {}", cert.display(), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "hashing the key of {}: {}",
+            cert.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(h)
 }

@@ -47,6 +47,29 @@ impl Cluster {
         Self::start_with(dir, None, &[])
     }
 
+    /// [`Cluster::start`] with more flags for the controller.
+    pub fn start_with_flags(dir: &Path, extra: &[&str]) -> anyhow::Result<Cluster> {
+        Self::start_with(dir, None, extra)
+    }
+
+    /// Runs `sdnctl` against the controller as `uri` (on a secured
+    /// controller): its output, or its output and errors on a failure.
+    pub fn sdnctl(&self, uri: &str, args: &[&str]) -> Result<String, String> {
+        let out = std::process::Command::new(bin("sdnctl"))
+            .args(self.tls_args(uri).map_err(|e| e.to_string())?)
+            .arg("--controller")
+            .arg(&self.addr)
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if out.status.success() {
+            Ok(text)
+        } else {
+            Err(text + &String::from_utf8_lossy(&out.stderr))
+        }
+    }
+
     /// [`Cluster::start_secure`] with more flags for the controller.
     pub fn start_secure_with(dir: &Path, extra: &[&str]) -> anyhow::Result<Cluster> {
         let pki = Pki::new(&dir.join("pki"))?;
@@ -244,23 +267,36 @@ impl Cluster {
         ))
     }
 
-    /// Applies a batch as `uri` (a secured controller: the identity whose
-    /// certificate the run's CA issues) and waits for enforcement.
-    pub async fn apply_as(&self, uri: &str, ops: Vec<pb::operation::Op>) -> Result<pb::ApplyResponse, tonic::Status> {
+    /// A connection to the controller as `uri` (on a secured controller:
+    /// the identity whose certificate the run's CA issues).
+    pub async fn channel_as(&self, uri: &str) -> Result<tonic::transport::Channel, tonic::Status> {
         let unavailable = |e: anyhow::Error| tonic::Status::unavailable(e.to_string());
-        let tls = self.pki.as_ref().map(|p| p.connector(uri)).transpose().map_err(unavailable)?;
-        let ch = sdn_proto::connect_with(&self.addr, tls)
+        let tls = self
+            .pki
+            .as_ref()
+            .map(|p| p.connector(uri))
+            .transpose()
+            .map_err(unavailable)?;
+        sdn_proto::connect_with(&self.addr, tls)
             .await
-            .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-        self.apply_on(pb::provisioning_client::ProvisioningClient::new(ch), ops).await
+            .map_err(|e| tonic::Status::unavailable(e.to_string()))
+    }
+
+    /// Applies a batch as `uri` and waits for enforcement.
+    pub async fn apply_as(&self, uri: &str, ops: Vec<pb::operation::Op>) -> Result<pb::ApplyResponse, tonic::Status> {
+        let ch = self.channel_as(uri).await?;
+        self.apply_on(pb::provisioning_client::ProvisioningClient::new(ch), ops)
+            .await
     }
 
     /// Applies a batch as `uri`, without waiting for enforcement (for a
     /// controller whose hosts run no agent).
-    pub async fn apply_committed(&self, uri: &str, ops: Vec<pb::operation::Op>) -> Result<pb::ApplyResponse, tonic::Status> {
-        let unavailable = |e: anyhow::Error| tonic::Status::unavailable(e.to_string());
-        let tls = self.pki.as_ref().map(|p| p.connector(uri)).transpose().map_err(unavailable)?;
-        let ch = sdn_proto::connect_with(&self.addr, tls).await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    pub async fn apply_committed(
+        &self,
+        uri: &str,
+        ops: Vec<pb::operation::Op>,
+    ) -> Result<pb::ApplyResponse, tonic::Status> {
+        let ch = self.channel_as(uri).await?;
         pb::provisioning_client::ProvisioningClient::new(ch)
             .apply(pb::ApplyRequest {
                 operations: ops.into_iter().map(|o| pb::Operation { op: Some(o) }).collect(),

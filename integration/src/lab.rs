@@ -75,6 +75,7 @@ pub struct LabBuilder {
     extra: Vec<pb::operation::Op>,
     agent: Option<(PathBuf, Vec<String>)>,
     agent_args: Vec<String>,
+    controller_args: Vec<String>,
 }
 
 /// A running lab. (The cluster goes first when it is dropped: agents and
@@ -103,6 +104,7 @@ impl Lab {
             extra: Vec::new(),
             agent: None,
             agent_args: Vec::new(),
+            controller_args: Vec::new(),
         }
     }
 
@@ -233,6 +235,12 @@ impl LabBuilder {
         self
     }
 
+    /// More flags for the controller.
+    pub fn controller_args(mut self, args: &[&str]) -> Self {
+        self.controller_args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
     /// Runs every agent with `args` besides its defaults.
     pub fn agent_args(mut self, args: &[&str]) -> Self {
         self.agent_args = args.iter().map(|s| s.to_string()).collect();
@@ -281,7 +289,8 @@ impl LabBuilder {
             }
         }
         announce.append(&mut self.announce);
-        let mut cluster = Cluster::start(&topo.dir)?;
+        let flags: Vec<&str> = self.controller_args.iter().map(String::as_str).collect();
+        let mut cluster = Cluster::start_with_flags(&topo.dir, &flags)?;
         cluster.agent_extra = std::mem::take(&mut self.agent_args);
         // Hosts first: every host receives the zones, so its agent must run
         // before a batch with zones can be enforced.

@@ -74,12 +74,8 @@ impl Py<'_> {
             .output()
             .expect("python3");
         let text = String::from_utf8_lossy(&out.stdout);
-        let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|_| {
-            panic!(
-                "python3 said: {text}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
+        let v: serde_json::Value = serde_json::from_str(text.trim())
+            .unwrap_or_else(|_| panic!("python3 said: {text}\n{}", String::from_utf8_lossy(&out.stderr)));
         (
             v["code"].as_str().unwrap_or_default().to_string(),
             v["text"].as_str().unwrap_or_default().to_string(),

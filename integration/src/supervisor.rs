@@ -75,7 +75,13 @@ impl Nfacctd {
                 dir.join("records.json").display()
             ),
         )?;
-        let p = Proc::spawn("nfacctd", Some(netns), &which("nfacctd"), &["-f", config.to_str().unwrap()], dir)?;
+        let p = Proc::spawn(
+            "nfacctd",
+            Some(netns),
+            &which("nfacctd"),
+            &["-f", config.to_str().unwrap()],
+            dir,
+        )?;
         Ok(Nfacctd {
             _proc: p,
             dir: dir.to_path_buf(),

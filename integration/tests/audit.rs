@@ -95,7 +95,8 @@ fn rewrite(data_dir: &std::path::Path, revision: u64, f: impl FnOnce(&mut serde_
     let tx = db.begin_write().unwrap();
     {
         let mut t = tx.open_table(AUDIT).unwrap();
-        let mut r: serde_json::Value = serde_json::from_slice(t.get(revision).unwrap().expect("the record").value()).unwrap();
+        let mut r: serde_json::Value =
+            serde_json::from_slice(t.get(revision).unwrap().expect("the record").value()).unwrap();
         f(&mut r);
         t.insert(revision, serde_json::to_vec(&r).unwrap().as_slice()).unwrap();
     }
@@ -111,13 +112,21 @@ async fn the_audit_log_says_who_changed_what_keeps_tenants_apart_and_cannot_be_r
     let dir = tempfile::tempdir().unwrap();
     let mut c = Cluster::start_secure(dir.path()).unwrap();
     wait_for_records(&c, "the chain starts", |r| r.chained);
-    c.apply(vec![tenant("acme"), tenant("globex"), vpc("v1", "acme"), vpc("v2", "globex")])
-        .await
-        .unwrap();
+    c.apply(vec![
+        tenant("acme"),
+        tenant("globex"),
+        vpc("v1", "acme"),
+        vpc("v2", "globex"),
+    ])
+    .await
+    .unwrap();
     let rule = |id: &str, port: u32| ingress(id, false, "tcp", (port, port), "10.0.0.0/8", "");
-    c.apply_as(ALICE, vec![group("web", "acme", vec![rule("ssh", 22), rule("http", 80)])])
-        .await
-        .unwrap();
+    c.apply_as(
+        ALICE,
+        vec![group("web", "acme", vec![rule("ssh", 22), rule("http", 80)])],
+    )
+    .await
+    .unwrap();
     // Alice, through Python's grpcio, opens 443 and closes 80.
     let pki = c.pki.as_ref().unwrap();
     let target = c.addr.trim_start_matches("https://").to_string();
@@ -129,7 +138,11 @@ async fn the_audit_log_says_who_changed_what_keeps_tenants_apart_and_cannot_be_r
         files: Some(files),
     };
     let apply = "/sdn.v1.Provisioning/Apply";
-    let (code, text) = py(&alice).call(apply, apply_body(vec![group("web", "acme", vec![rule("ssh", 22), rule("https", 443)])]), false);
+    let (code, text) = py(&alice).call(
+        apply,
+        apply_body(vec![group("web", "acme", vec![rule("ssh", 22), rule("https", 443)])]),
+        false,
+    );
     assert_eq!(code, "OK", "{text}");
     // Mallory of globex reaches for acme's group, twice.
     let (code, text) = py(&mallory).call(apply, apply_body(vec![group("web", "globex", vec![])]), false);
@@ -143,7 +156,17 @@ async fn the_audit_log_says_who_changed_what_keeps_tenants_apart_and_cannot_be_r
     // And for a port of acme's VPC (tenants make no ports at all).
     let (code, text) = py(&mallory).call(
         apply,
-        apply_body(vec![port("p9", "acme", "s1", "h1", "tap9", "02:00:00:00:00:09", "10.1.0.9", "", &[])]),
+        apply_body(vec![port(
+            "p9",
+            "acme",
+            "s1",
+            "h1",
+            "tap9",
+            "02:00:00:00:00:09",
+            "10.1.0.9",
+            "",
+            &[],
+        )]),
         false,
     );
     assert_eq!(code, "PERMISSION_DENIED", "{text}");
@@ -172,18 +195,27 @@ async fn the_audit_log_says_who_changed_what_keeps_tenants_apart_and_cannot_be_r
 
     // The supervisor's view: every record.
     let all = wait_for_records(&c, "the refusals are recorded", |r| {
-        let refused = |who: &str, why: &str| r.records.iter().any(|x| x.actor.contains(who) && x.refused.contains(why));
+        let refused = |who: &str, why: &str| {
+            r.records
+                .iter()
+                .any(|x| x.actor.contains(who) && x.refused.contains(why))
+        };
         refused(MALLORY, "not allowed for role tenant")
             && refused("unauthenticated", "no certificate")
             && refused("unauthenticated", "expired")
-            && (refused("unauthenticated", "unable to get local issuer") || refused("unauthenticated", "signature failure"))
+            && (refused("unauthenticated", "unable to get local issuer")
+                || refused("unauthenticated", "signature failure"))
     });
     let update = all
         .records
         .iter()
         .find(|r| r.content.iter().any(|c| c.op == "update" && c.id == "web"))
         .expect("the record of alice's update");
-    assert_eq!(update.actor, format!("{ALICE} (change 4711)"), "the certificate's name, then what the caller said");
+    assert_eq!(
+        update.actor,
+        format!("{ALICE} (change 4711)"),
+        "the certificate's name, then what the caller said"
+    );
     assert_eq!(update.tenants, ["acme"]);
     assert_eq!(update.time, sdn_proto::audit::rfc3339(update.time_unix_ms));
     assert!(update.time.ends_with('Z') && update.time.len() == 24, "{}", update.time);
@@ -191,7 +223,11 @@ async fn the_audit_log_says_who_changed_what_keeps_tenants_apart_and_cannot_be_r
     let rules = &detail["fields"][0];
     assert_eq!(rules["field"], "rules", "{detail}");
     let ids = |v: &serde_json::Value| -> Vec<String> {
-        v.as_array().unwrap().iter().map(|r| r["id"].as_str().unwrap().to_string()).collect()
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect()
     };
     assert_eq!(ids(&rules["added"]), ["https"], "{detail}");
     assert_eq!(ids(&rules["removed"]), ["http"], "{detail}");
@@ -207,19 +243,32 @@ async fn the_audit_log_says_who_changed_what_keeps_tenants_apart_and_cannot_be_r
     for r in &acme.records {
         assert_eq!(r.tenants, ["acme"], "{r:?}");
         let text = format!("{r:?}");
-        assert!(!text.contains("globex") && !text.contains("mallory"), "acme sees globex: {text}");
+        assert!(
+            !text.contains("globex") && !text.contains("mallory"),
+            "acme sees globex: {text}"
+        );
     }
     let globex = audit_py(&c, MALLORY).unwrap();
     assert!(globex.records.iter().any(|r| r.actor == MALLORY), "its own refusals");
     for r in &globex.records {
         let text = format!("{r:?}");
-        assert!(!text.contains("acme") || r.actor == MALLORY, "globex sees acme's records: {text}");
+        assert!(
+            !text.contains("acme") || r.actor == MALLORY,
+            "globex sees acme's records: {text}"
+        );
         assert!(r.content.iter().all(|c| c.tenants == ["globex"]), "{text}");
     }
     // The platform's records of both tenants' creation: the acme view has
     // acme's tenant and VPC, not globex's.
-    let made: Vec<&str> = acme.records.iter().flat_map(|r| r.content.iter().map(|c| c.id.as_str())).collect();
-    assert!(made.contains(&"acme") && made.contains(&"v1") && !made.contains(&"v2"), "{made:?}");
+    let made: Vec<&str> = acme
+        .records
+        .iter()
+        .flat_map(|r| r.content.iter().map(|c| c.id.as_str()))
+        .collect();
+    assert!(
+        made.contains(&"acme") && made.contains(&"v1") && !made.contains(&"v2"),
+        "{made:?}"
+    );
 
     // The chain holds, checked by sdnctl; a tenant's view cannot be checked.
     let out = sdnctl_as(&c, SUPERVISOR, &["audit", "verify"]).unwrap();
@@ -232,13 +281,19 @@ async fn the_audit_log_says_who_changed_what_keeps_tenants_apart_and_cannot_be_r
         .to_string();
     for bad in ["3:nothex", "three:00", &format!("3:{}", "ab".repeat(31))] {
         let out = sdnctl_as(&c, SUPERVISOR, &["audit", "verify", "--checkpoint", bad]).unwrap_err();
-        assert!(out.contains(&format!("--checkpoint {bad:?}: not REVISION:HASH")), "{out}");
+        assert!(
+            out.contains(&format!("--checkpoint {bad:?}: not REVISION:HASH")),
+            "{out}"
+        );
     }
     let out = sdnctl_as(&c, ALICE, &["audit", "verify"]).unwrap_err();
     assert!(out.contains("leaves records out"), "{out}");
     let printed = sdnctl_as(&c, ADMIN, &["audit", "--content"]).unwrap();
     eprintln!("{printed}");
-    assert!(printed.contains(&format!("by {MALLORY}: REFUSED role tenant")), "{printed}");
+    assert!(
+        printed.contains(&format!("by {MALLORY}: REFUSED role tenant")),
+        "{printed}"
+    );
     assert!(printed.contains("update security_group web"), "{printed}");
 
     // Someone with the disk hides that 443 was opened: the record no
@@ -246,7 +301,10 @@ async fn the_audit_log_says_who_changed_what_keeps_tenants_apart_and_cannot_be_r
     let r = update.revision;
     c.with_controller_stopped(|data| {
         rewrite(data, r, |rec| {
-            let d = rec["content"][0]["detail"].as_str().unwrap().replace("\"https\"", "\"ssh\"");
+            let d = rec["content"][0]["detail"]
+                .as_str()
+                .unwrap()
+                .replace("\"https\"", "\"ssh\"");
             rec["content"][0]["detail"] = d.into();
         })
     })
@@ -271,7 +329,8 @@ async fn the_audit_log_says_who_changed_what_keeps_tenants_apart_and_cannot_be_r
     let out = sdnctl_as(&c, SUPERVISOR, &["audit", "verify"]).unwrap_err();
     eprintln!("{out}");
     assert!(
-        out.contains(&format!("the record of revision {} is broken", r + 1)) && out.contains(&format!("does not follow revision {r}")),
+        out.contains(&format!("the record of revision {} is broken", r + 1))
+            && out.contains(&format!("does not follow revision {r}")),
         "{out}"
     );
     // And if they recompute every hash after it, this copy checks on its
@@ -287,7 +346,8 @@ async fn the_audit_log_says_who_changed_what_keeps_tenants_apart_and_cannot_be_r
 /// The record as the API gives it, from its stored form.
 fn to_pb(r: &serde_json::Value) -> pb::AuditRecord {
     let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
-    let list = |v: &serde_json::Value| -> Vec<String> { v.as_array().map(|a| a.iter().map(s).collect()).unwrap_or_default() };
+    let list =
+        |v: &serde_json::Value| -> Vec<String> { v.as_array().map(|a| a.iter().map(s).collect()).unwrap_or_default() };
     pb::AuditRecord {
         revision: r["revision"].as_u64().unwrap(),
         actor: s(&r["actor"]),

@@ -446,7 +446,13 @@ async fn a_lagging_replica_catches_up_from_a_snapshot_and_the_log_stays_bounded(
             let out = sdnctl(&r.replicas[i].local(), &["audit", "verify", "--local"])
                 .unwrap_or_else(|e| panic!("replica {}: {e}", i + 1));
             eprintln!("replica {}: {}", i + 1, out.trim());
-            let head = out.split("head ").nth(1).expect("a head").split_whitespace().next().unwrap();
+            let head = out
+                .split("head ")
+                .nth(1)
+                .expect("a head")
+                .split_whitespace()
+                .next()
+                .unwrap();
             head.to_string()
         })
         .collect();

@@ -82,17 +82,32 @@ fn health_and_reflection_answer_a_client_that_is_not_ours() {
         files: Some(&files),
     };
     let check = "/grpc.health.v1.Health/Check";
-    for service in ["", "sdn.v1.Provisioning", "sdn.v1.Agent", "sdn.v1.Raft", "sdn.v1.Cluster"] {
+    for service in [
+        "",
+        "sdn.v1.Provisioning",
+        "sdn.v1.Agent",
+        "sdn.v1.Raft",
+        "sdn.v1.Cluster",
+    ] {
         let (code, text) = py.call(check, health_request(service), false);
         assert_eq!((code.as_str(), text.as_str()), ("OK", "0801"), "{service:?}: SERVING");
     }
     let (code, _) = py.call(check, health_request("sdn.v1.Nothing"), false);
     assert_eq!(code, "NOT_FOUND");
     // Reflection: list the services (`list_services`, field 7).
-    let (code, text) = py.call_bidi("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", vec![0x3a, 0x00]);
+    let (code, text) = py.call_bidi(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        vec![0x3a, 0x00],
+    );
     assert_eq!(code, "OK", "{text}");
     let answer = String::from_utf8_lossy(&unhex(&text)).to_string();
-    for s in ["sdn.v1.Provisioning", "sdn.v1.Agent", "sdn.v1.Raft", "sdn.v1.Cluster", "grpc.health.v1.Health"] {
+    for s in [
+        "sdn.v1.Provisioning",
+        "sdn.v1.Agent",
+        "sdn.v1.Raft",
+        "sdn.v1.Cluster",
+        "grpc.health.v1.Health",
+    ] {
         assert!(answer.contains(s), "{s} listed: {answer:?}");
     }
     // Without a certificate, nothing: not even health.
@@ -116,7 +131,12 @@ async fn controller_metrics_follow_writes_refusals_and_hosts() {
     let c = Cluster::start_secure_with(dir.path(), &["--metrics-listen", &listen]).unwrap();
     let url = format!("http://{listen}/metrics");
     let r = c
-        .apply(vec![host("h1", "192.0.2.1"), tenant("t"), vpc("v", "t"), subnet("s", "v", "10.1.0.0/24", "")])
+        .apply(vec![
+            host("h1", "192.0.2.1"),
+            tenant("t"),
+            vpc("v", "t"),
+            subnet("s", "v", "10.1.0.0/24", ""),
+        ])
         .await
         .unwrap();
     // A write that concerns h1, whose agent does not run: h1 lags, and a
@@ -127,7 +147,17 @@ async fn controller_metrics_follow_writes_refusals_and_hosts() {
         .unwrap()
         .apply(pb::ApplyRequest {
             operations: vec![pb::Operation {
-                op: Some(port("p1", "t", "s", "h1", "tap1", "02:00:00:00:00:01", "10.1.0.5", "", &[])),
+                op: Some(port(
+                    "p1",
+                    "t",
+                    "s",
+                    "h1",
+                    "tap1",
+                    "02:00:00:00:00:01",
+                    "10.1.0.5",
+                    "",
+                    &[],
+                )),
             }],
             actor: String::new(),
             wait: true,
@@ -135,7 +165,11 @@ async fn controller_metrics_follow_writes_refusals_and_hosts() {
         })
         .await
         .unwrap_err();
-    assert_eq!(waited.code(), tonic::Code::DeadlineExceeded, "no agent enforces it: {waited:?}");
+    assert_eq!(
+        waited.code(),
+        tonic::Code::DeadlineExceeded,
+        "no agent enforces it: {waited:?}"
+    );
     let denied = c.apply_as("sdn://supervisor/x", vec![tenant("u")]).await.unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
     let text = curl(&url, None);
@@ -145,11 +179,29 @@ async fn controller_metrics_follow_writes_refusals_and_hosts() {
     assert_eq!(sample(&text, "sdn_raft_leader"), Some(1.0), "{text}");
     assert_eq!(sample(&text, "sdn_raft_state{state=\"leader\"}"), Some(1.0), "{text}");
     assert!(sample(&text, "sdn_raft_term").unwrap_or(0.0) >= 1.0, "{text}");
-    assert_eq!(sample(&text, "sdn_apply_total{outcome=\"applied\"}"), Some(1.0), "{text}");
-    assert_eq!(sample(&text, "sdn_apply_total{outcome=\"unenforced\"}"), Some(1.0), "{text}");
-    assert_eq!(sample(&text, "sdn_apply_total{outcome=\"denied\"}"), Some(1.0), "{text}");
-    assert!(sample(&text, "sdn_apply_duration_seconds_count").unwrap_or(0.0) >= 3.0, "{text}");
-    assert!(sample(&text, "sdn_host_ack_lag{host=\"h1\"}").unwrap_or(0.0) >= 1.0, "{text}");
+    assert_eq!(
+        sample(&text, "sdn_apply_total{outcome=\"applied\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "sdn_apply_total{outcome=\"unenforced\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "sdn_apply_total{outcome=\"denied\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "sdn_apply_duration_seconds_count").unwrap_or(0.0) >= 3.0,
+        "{text}"
+    );
+    assert!(
+        sample(&text, "sdn_host_ack_lag{host=\"h1\"}").unwrap_or(0.0) >= 1.0,
+        "{text}"
+    );
     assert_eq!(sample(&text, "sdn_host_connected{host=\"h1\"}"), Some(0.0), "{text}");
 }
 
@@ -181,16 +233,29 @@ async fn agent_metrics_count_drops_flows_and_traffic_per_port() {
     let dev = lab.topo.vm("a").device.clone();
     let series = format!("sdn_agent_port_packets_total{{device=\"{dev}\",direction=\"out\"}}");
     let mut text = String::new();
-    wait_for("the port's traffic in the metrics", std::time::Duration::from_secs(15), || {
-        text = curl(url, Some(&ns));
-        sample(&text, &series).unwrap_or(0.0) >= 1.0
-    })
+    wait_for(
+        "the port's traffic in the metrics",
+        std::time::Duration::from_secs(15),
+        || {
+            text = curl(url, Some(&ns));
+            sample(&text, &series).unwrap_or(0.0) >= 1.0
+        },
+    )
     .unwrap_or_else(|e| panic!("{e}\n{text}"));
     promtool(&text);
-    assert!(sample(&text, "sdn_agent_drops_total{reason=\"spoof_ip\"}").unwrap_or(0.0) >= 2.0, "{text}");
-    assert!(sample(&text, "sdn_agent_packets_total{stat=\"passed\"}").unwrap_or(0.0) >= 2.0, "{text}");
+    assert!(
+        sample(&text, "sdn_agent_drops_total{reason=\"spoof_ip\"}").unwrap_or(0.0) >= 2.0,
+        "{text}"
+    );
+    assert!(
+        sample(&text, "sdn_agent_packets_total{stat=\"passed\"}").unwrap_or(0.0) >= 2.0,
+        "{text}"
+    );
     let bytes = format!("sdn_agent_port_bytes_total{{device=\"{dev}\",direction=\"out\"}}");
     assert!(sample(&text, &bytes).unwrap_or(0.0) >= 84.0, "{text}");
-    assert!(sample(&text, "sdn_agent_enforced_revision").unwrap_or(0.0) >= 1.0, "{text}");
+    assert!(
+        sample(&text, "sdn_agent_enforced_revision").unwrap_or(0.0) >= 1.0,
+        "{text}"
+    );
     assert!(text.contains("sdn_agent_drops_total{reason=\"ct_budget\"}"), "{text}");
 }

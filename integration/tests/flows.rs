@@ -18,7 +18,10 @@ const T: &str = "dept-f";
 /// Packets and IP octets of the rows `pick` selects.
 fn sum(rows: &[serde_json::Value], pick: impl Fn(&serde_json::Value) -> bool) -> (u64, u64) {
     rows.iter().filter(|r| pick(r)).fold((0, 0), |(p, o), r| {
-        (p + r["packets"].as_u64().unwrap_or(0), o + r["bytes"].as_u64().unwrap_or(0))
+        (
+            p + r["packets"].as_u64().unwrap_or(0),
+            o + r["bytes"].as_u64().unwrap_or(0),
+        )
     })
 }
 
@@ -28,7 +31,10 @@ async fn records_match_the_wire_and_name_the_cloud() {
         return;
     }
     assert!(have("nfacctd"), "pmacct is missing: scripts/setup.sh installs it");
-    assert!(have("tcpdump") && have("tshark"), "tcpdump and tshark are needed: scripts/setup.sh installs them");
+    assert!(
+        have("tcpdump") && have("tshark"),
+        "tcpdump and tshark are needed: scripts/setup.sh installs them"
+    );
     let lab = Lab::new("flw", &["h1", "h2"])
         .tenant(T)
         .vpc_vni("vf", 4242)
@@ -44,12 +50,7 @@ async fn records_match_the_wire_and_name_the_cloud() {
         .vm("vm1", "h1", "snf", &["web"])
         .vm("vm2", "h1", "snf", &["closed"])
         .vm("vm3", "h2", "snf", &["web"])
-        .agent_args(&[
-            "--flow-collector",
-            "udp://127.0.0.1:4739",
-            "--flow-idle-timeout",
-            "2",
-        ])
+        .agent_args(&["--flow-collector", "udp://127.0.0.1:4739", "--flow-idle-timeout", "2"])
         .start()
         .await
         .unwrap();
@@ -69,7 +70,9 @@ async fn records_match_the_wire_and_name_the_cloud() {
         dir.path(),
     )
     .unwrap();
-    wait("tcpdump to listen", Duration::from_secs(10), || capture.log_text().contains("listening on"));
+    wait("tcpdump to listen", Duration::from_secs(10), || {
+        capture.log_text().contains("listening on")
+    });
 
     // Allowed: vm2 -> vm1:80 over TCP (same host), vm1 -> vm3:5353 over UDP
     // (across hosts). Refused: vm1 -> vm2:22 (vm2's groups allow nothing in).
@@ -78,8 +81,12 @@ async fn records_match_the_wire_and_name_the_cloud() {
     assert!(!lab.topo.reach("vm1", "vm2", "tcp", 22, false));
 
     let done = |r: &[serde_json::Value]| {
-        let fin = r.iter().any(|x| x["vport"] == "vm1" && x["port_dst"] == 80 && x["end_reason"] == "3");
-        let idle = r.iter().any(|x| x["vport"] == "vm1" && x["port_dst"] == 5353 && x["end_reason"] == "1");
+        let fin = r
+            .iter()
+            .any(|x| x["vport"] == "vm1" && x["port_dst"] == 80 && x["end_reason"] == "3");
+        let idle = r
+            .iter()
+            .any(|x| x["vport"] == "vm1" && x["port_dst"] == 5353 && x["end_reason"] == "1");
         let denied = r.iter().any(|x| x["verdict"] == "2" && x["port_dst"] == 22);
         fin && idle && denied
     };
@@ -102,7 +109,16 @@ async fn records_match_the_wire_and_name_the_cloud() {
 
     // What tcpdump saw inside vm1, per direction: packets and IP octets.
     let seen = std::process::Command::new("tshark")
-        .args(["-r", pcap.to_str().unwrap(), "-T", "fields", "-e", "ip.src", "-e", "ip.len"])
+        .args([
+            "-r",
+            pcap.to_str().unwrap(),
+            "-T",
+            "fields",
+            "-e",
+            "ip.src",
+            "-e",
+            "ip.len",
+        ])
         .output()
         .unwrap();
     let seen = String::from_utf8_lossy(&seen.stdout).to_string();
@@ -110,30 +126,41 @@ async fn records_match_the_wire_and_name_the_cloud() {
         seen.lines()
             .filter_map(|l| l.split_once('\t'))
             .filter(|(s, _)| *s == src)
-            .fold((0u64, 0u64), |(p, o), (_, len)| (p + 1, o + len.trim().parse::<u64>().unwrap()))
+            .fold((0u64, 0u64), |(p, o), (_, len)| {
+                (p + 1, o + len.trim().parse::<u64>().unwrap())
+            })
     };
-    let from_vm2 = sum(&all, |r| r["vport"] == "vm1" && r["ip_src"] == vm2.v4.as_str() && r["port_dst"] == 80);
-    let to_vm2 = sum(&all, |r| r["vport"] == "vm1" && r["ip_dst"] == vm2.v4.as_str() && r["port_src"] == 80);
+    let from_vm2 = sum(&all, |r| {
+        r["vport"] == "vm1" && r["ip_src"] == vm2.v4.as_str() && r["port_dst"] == 80
+    });
+    let to_vm2 = sum(&all, |r| {
+        r["vport"] == "vm1" && r["ip_dst"] == vm2.v4.as_str() && r["port_src"] == 80
+    });
     assert!(wire(&vm2.v4).0 >= 4, "a connection's worth of packets: {seen}");
-    assert_eq!(from_vm2, wire(&vm2.v4), "vm2 -> vm1:80, records:\n{text}\nwire:\n{seen}");
+    assert_eq!(
+        from_vm2,
+        wire(&vm2.v4),
+        "vm2 -> vm1:80, records:\n{text}\nwire:\n{seen}"
+    );
     assert_eq!(to_vm2, wire(&vm1.v4), "vm1:80 -> vm2, records:\n{text}\nwire:\n{seen}");
 
     // The cloud's context, as the collector decoded it.
-    let tcp = all
-        .iter()
-        .find(|r| r["vport"] == "vm1" && r["port_dst"] == 80)
-        .unwrap();
+    let tcp = all.iter().find(|r| r["vport"] == "vm1" && r["port_dst"] == 80).unwrap();
     assert_eq!(tcp["tenant"], T, "{tcp}");
     assert_eq!(tcp["vpc"], "vf", "{tcp}");
     assert_eq!(tcp["rule"], "sg/web", "{tcp}");
     assert_eq!(tcp["verdict"], "1", "{tcp}");
     assert_eq!(tcp["ip_proto"], "tcp", "{tcp}");
     // layer2SegmentId: VXLAN (type 1) and the VPC's VNI.
-    let seg = tcp["segment"].as_str().map(|s| s.parse::<u64>().unwrap()).or(tcp["segment"].as_u64());
+    let seg = tcp["segment"]
+        .as_str()
+        .map(|s| s.parse::<u64>().unwrap())
+        .or(tcp["segment"].as_u64());
     assert_eq!(seg, Some((1u64 << 56) | 4242), "{tcp}");
     // The same connection seen at vm2's port, as vm2's.
     assert!(
-        all.iter().any(|r| r["vport"] == "vm2" && r["port_dst"] == 80 && r["rule"] == "sg/closed"),
+        all.iter()
+            .any(|r| r["vport"] == "vm2" && r["port_dst"] == 80 && r["rule"] == "sg/closed"),
         "{text}"
     );
     // Across hosts, vm3's answer comes in at vm1's port.
@@ -152,7 +179,10 @@ async fn records_match_the_wire_and_name_the_cloud() {
     assert_eq!(denied["ip_src"], vm1.v4.as_str(), "{denied}");
     assert_eq!(denied["tenant"], T, "{denied}");
     let (p, o) = sum(&all, |r| r["verdict"] == "2" && r["port_dst"] == 22);
-    assert!(p >= 2 && o >= 2 * 40, "both SYNs of the two attempts at least: {p} packets, {o} octets");
+    assert!(
+        p >= 2 && o >= 2 * 40,
+        "both SYNs of the two attempts at least: {p} packets, {o} octets"
+    );
 
     let log = lab.cluster.agent_log("h1");
     assert!(log.contains("flow records exported over IPFIX"), "{log}");
@@ -175,7 +205,10 @@ async fn records_describe_tcp_connections_and_dns_answers() {
     if !privileged() {
         return;
     }
-    assert!(have("dnsmasq") && have("dig"), "dnsmasq and dig are needed: scripts/setup.sh installs them");
+    assert!(
+        have("dnsmasq") && have("dig"),
+        "dnsmasq and dig are needed: scripts/setup.sh installs them"
+    );
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("records-{host}.json");
     let lab = Lab::new("rec", &["h1", "h2"])
@@ -187,7 +220,12 @@ async fn records_describe_tcp_connections_and_dns_answers() {
         .vm("vm1", "h1", "snr", &[])
         .vm("vm2", "h2", "snr", &["dns"])
         .vm("vm3", "h1", "snr", &["web"])
-        .agent_args(&["--records-file", file.to_str().unwrap(), "--flow-collector", "udp://127.0.0.1:4739"])
+        .agent_args(&[
+            "--records-file",
+            file.to_str().unwrap(),
+            "--flow-collector",
+            "udp://127.0.0.1:4739",
+        ])
         .start()
         .await
         .unwrap();
@@ -231,7 +269,17 @@ async fn records_describe_tcp_connections_and_dns_answers() {
     let dig = |name: &str| {
         let out = vm1
             .ns
-            .sh(&["dig", &format!("@{}", vm2.v4), name, "A", "+time=2", "+tries=2", "+noall", "+answer", "+comments"])
+            .sh(&[
+                "dig",
+                &format!("@{}", vm2.v4),
+                name,
+                "A",
+                "+time=2",
+                "+tries=2",
+                "+noall",
+                "+answer",
+                "+comments",
+            ])
             .unwrap_or_default();
         out
     };
@@ -258,7 +306,8 @@ async fn records_describe_tcp_connections_and_dns_answers() {
             .collect()
     };
     let done = |r: &[serde_json::Value]| {
-        r.iter().any(|x| x["record"] == "dns" && x["query"] == "portal.gov.test.")
+        r.iter()
+            .any(|x| x["record"] == "dns" && x["query"] == "portal.gov.test.")
             && r.iter().any(|x| x["record"] == "dns" && x["query"] == "nope.gov.test.")
             && r.iter().any(|x| x["record"] == "tcp" && x["port"] == "vm1")
     };
@@ -269,9 +318,16 @@ async fn records_describe_tcp_connections_and_dns_answers() {
     let all = read();
     let text: Vec<String> = all.iter().map(|r| r.to_string()).collect();
     let text = text.join("\n");
-    assert!(done(&all), "records missing:\n{text}\nagent h1:\n{}", lab.cluster.agent_log("h1"));
+    assert!(
+        done(&all),
+        "records missing:\n{text}\nagent h1:\n{}",
+        lab.cluster.agent_log("h1")
+    );
 
-    let d = all.iter().find(|x| x["record"] == "dns" && x["query"] == "portal.gov.test.").unwrap();
+    let d = all
+        .iter()
+        .find(|x| x["record"] == "dns" && x["query"] == "portal.gov.test.")
+        .unwrap();
     assert_eq!(d["node"], "h1", "{d}");
     assert_eq!(d["port"], "vm1", "{d}");
     assert_eq!(d["tenant"], T, "{d}");
@@ -285,10 +341,20 @@ async fn records_describe_tcp_connections_and_dns_answers() {
     assert_eq!(d["answers"][0]["data"], answer[4], "{d} / dig: {portal}");
     assert_eq!(d["answers"][0]["ttl"].to_string(), answer[1], "{d} / dig: {portal}");
     assert_eq!(d["min_ttl"], 123, "{d}");
-    let n = all.iter().find(|x| x["record"] == "dns" && x["query"] == "nope.gov.test.").unwrap();
-    assert_eq!((n["rcode"].as_str(), n["answer_count"].as_u64()), (Some("Non-Existent Domain"), Some(0)), "{n}");
+    let n = all
+        .iter()
+        .find(|x| x["record"] == "dns" && x["query"] == "nope.gov.test.")
+        .unwrap();
+    assert_eq!(
+        (n["rcode"].as_str(), n["answer_count"].as_u64()),
+        (Some("Non-Existent Domain"), Some(0)),
+        "{n}"
+    );
 
-    let tcp: Vec<&serde_json::Value> = all.iter().filter(|x| x["record"] == "tcp" && x["port"] == "vm1").collect();
+    let tcp: Vec<&serde_json::Value> = all
+        .iter()
+        .filter(|x| x["record"] == "tcp" && x["port"] == "vm1")
+        .collect();
     assert_eq!(tcp.len(), 2, "{text}");
     for t in &tcp {
         assert_eq!(t["client"], vm1.v4.as_str(), "{t}");
@@ -303,14 +369,16 @@ async fn records_describe_tcp_connections_and_dns_answers() {
     }
     // vm3 saw the same connections, as their server.
     assert!(
-        all.iter().any(|x| x["record"] == "tcp" && x["port"] == "vm3" && x["client"] == vm1.v4.as_str()),
+        all.iter()
+            .any(|x| x["record"] == "tcp" && x["port"] == "vm3" && x["client"] == vm1.v4.as_str()),
         "{text}"
     );
 
     // Over IPFIX, as nfacctd decoded them.
     let deadline = Instant::now() + Duration::from_secs(10);
     let got = |r: &[serde_json::Value]| {
-        r.iter().any(|x| x["dnsname"] == "portal.gov.test." && x["dnsanswers"] == format!("A {} {}", answer[1], answer[4]))
+        r.iter()
+            .any(|x| x["dnsname"] == "portal.gov.test." && x["dnsanswers"] == format!("A {} {}", answer[1], answer[4]))
             && r.iter().any(|x| {
                 x["vport"] == "vm1"
                     && x["node"] == "h1"
@@ -325,6 +393,10 @@ async fn records_describe_tcp_connections_and_dns_answers() {
     let shown: Vec<String> = r.iter().map(|x| x.to_string()).collect();
     assert!(got(&r), "nfacctd has:\n{}", shown.join("\n"));
     let dns = r.iter().find(|x| x["dnsname"] == "portal.gov.test.").unwrap();
-    assert_eq!((dns["ip_src"].as_str(), dns["port_src"].as_u64()), (Some(vm2.v4.as_str()), Some(53)), "{dns}");
+    assert_eq!(
+        (dns["ip_src"].as_str(), dns["port_src"].as_u64()),
+        (Some(vm2.v4.as_str()), Some(53)),
+        "{dns}"
+    );
     assert_eq!(dns["tenant"], T, "{dns}");
 }

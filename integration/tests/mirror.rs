@@ -31,7 +31,9 @@ fn capture(ns: &str, dev: &str, file: &Path, filter: &str, dir: &Path) -> Proc {
     let mut args = vec!["-i", dev, "-U", "-n", "-w", file.to_str().unwrap()];
     args.extend(filter.split(' ').filter(|w| !w.is_empty()));
     let p = Proc::spawn("tcpdump", Some(ns), &which("tcpdump"), &args, dir).unwrap();
-    wait("tcpdump to listen", Duration::from_secs(10), || p.log_text().contains("listening on"));
+    wait("tcpdump to listen", Duration::from_secs(10), || {
+        p.log_text().contains("listening on")
+    });
     // It says so a little before its socket takes packets.
     std::thread::sleep(Duration::from_millis(500));
     p
@@ -44,7 +46,12 @@ fn fields(file: &Path, decode: &[&str], filter: &str, fields: &[&str]) -> Vec<Ve
 }
 
 fn fields_at(file: &Path, decode: &[&str], filter: &str, fields: &[&str], occurrence: &str) -> Vec<Vec<String>> {
-    let mut args: Vec<String> = vec!["-r".into(), file.display().to_string(), "-E".into(), format!("occurrence={occurrence}")];
+    let mut args: Vec<String> = vec![
+        "-r".into(),
+        file.display().to_string(),
+        "-E".into(),
+        format!("occurrence={occurrence}"),
+    ];
     for d in decode {
         args.extend(["-d".into(), d.to_string()]);
     }
@@ -78,7 +85,17 @@ fn ping(lab: &Lab, from: &str, to: &str, n: u32, interval: &str) -> String {
     let t = &lab.topo;
     t.vm(from)
         .ns
-        .sh(&["ping", "-q", "-c", &n.to_string(), "-i", interval, "-W", "1", &t.vm(to).v4])
+        .sh(&[
+            "ping",
+            "-q",
+            "-c",
+            &n.to_string(),
+            "-i",
+            interval,
+            "-W",
+            "1",
+            &t.vm(to).v4,
+        ])
         .unwrap_or_else(|e| format!("{e}"))
 }
 
@@ -92,7 +109,10 @@ async fn mirror_sessions_copy_to_taps_and_collectors_and_never_touch_the_traffic
         eprintln!("skipping: needs root");
         return;
     }
-    assert!(have("tcpdump") && have("tshark"), "tcpdump and tshark are needed: scripts/setup.sh installs them");
+    assert!(
+        have("tcpdump") && have("tshark"),
+        "tcpdump and tshark are needed: scripts/setup.sh installs them"
+    );
     let lab = Lab::new("mir", &["h1", "h2"])
         .tenant("t")
         .vpc("v", None)
@@ -156,7 +176,12 @@ async fn mirror_sessions_copy_to_taps_and_collectors_and_never_touch_the_traffic
             seen.len(),
             mirror_counters(&lab, "h1"),
             mirror_counters(&lab, "h2"),
-            lab.cluster.agent_log("h1").lines().filter(|l| l.contains("mirror")).collect::<Vec<_>>().join("\n")
+            lab.cluster
+                .agent_log("h1")
+                .lines()
+                .filter(|l| l.contains("mirror"))
+                .collect::<Vec<_>>()
+                .join("\n")
         );
         assert!(echoes(file, &[], &vm2, &vm3).is_empty(), "{tap} got vm2's own traffic");
     }
@@ -196,7 +221,13 @@ async fn mirror_sessions_copy_to_taps_and_collectors_and_never_touch_the_traffic
         .await
         .expect("collectors");
     let wire = dir.path().join("h2.pcap");
-    let mut c_wire = capture(&t.host_ns("h2").name, "any", &wire, "ip proto 47 or udp port 4790", dir.path());
+    let mut c_wire = capture(
+        &t.host_ns("h2").name,
+        "any",
+        &wire,
+        "ip proto 47 or udp port 4790",
+        dir.path(),
+    );
     // 200-byte payloads: frames of 242 bytes, cut to 96.
     let out = t
         .vm("vm2")
@@ -207,22 +238,48 @@ async fn mirror_sessions_copy_to_taps_and_collectors_and_never_touch_the_traffic
     std::thread::sleep(Duration::from_secs(1));
     c_wire.stop();
     // ERSPAN III, session 77, each inner frame cut to 96 bytes.
-    let e = fields(&wire, &[], "erspan", &["erspan.version", "erspan.spanid", "erspan.truncated", "ip.src", "icmp.type"]);
-    assert_eq!(e.len(), 200, "every echo of vm1 in ERSPAN, and nothing the filter leaves out: {e:?}");
+    let e = fields(
+        &wire,
+        &[],
+        "erspan",
+        &[
+            "erspan.version",
+            "erspan.spanid",
+            "erspan.truncated",
+            "ip.src",
+            "icmp.type",
+        ],
+    );
+    assert_eq!(
+        e.len(),
+        200,
+        "every echo of vm1 in ERSPAN, and nothing the filter leaves out: {e:?}"
+    );
     assert!(e.iter().all(|f| !f[4].is_empty()), "only ICMP: {e:?}");
     assert!(e.iter().all(|f| f[0] == "2" && f[1] == "77"), "{e:?}");
     // The outer IP packet: its header, GRE with a sequence number (8),
     // ERSPAN III (12) and the 96 bytes.
     let outer = fields_at(&wire, &[], "erspan && icmp", &["ip.len"], "f");
-    assert!(outer.iter().all(|f| f[0] == (20 + 8 + 12 + 96).to_string()), "copies cut to 96 bytes: {outer:?}");
+    assert!(
+        outer.iter().all(|f| f[0] == (20 + 8 + 12 + 96).to_string()),
+        "copies cut to 96 bytes: {outer:?}"
+    );
     // VXLAN to UDP 4790, VNI 9100: vm1's replies only ("out"), one in ten.
     // (The sampling counts on each CPU, and counts vm1's neighbour
     // discovery too: about one reply in ten.)
     let all = fields(&wire, &["udp.port==4790,vxlan"], "vxlan", &["vxlan.vni"]);
     assert!(all.iter().all(|f| f[0] == "9100"), "{all:?}");
-    let v = fields(&wire, &["udp.port==4790,vxlan"], "vxlan && icmp", &["ip.src", "icmp.type"]);
+    let v = fields(
+        &wire,
+        &["udp.port==4790,vxlan"],
+        "vxlan && icmp",
+        &["ip.src", "icmp.type"],
+    );
     assert!((8..=11).contains(&v.len()), "100 replies sampled 1 in 10: {v:?}");
-    assert!(v.iter().all(|f| f[0] == vm1 && f[1] == "0"), "only vm1's replies (out): {v:?}");
+    assert!(
+        v.iter().all(|f| f[0] == vm1 && f[1] == "0"),
+        "only vm1's replies (out): {v:?}"
+    );
 
     // 3. Over its rate a session drops copies, counted; the traffic loses
     // nothing.
@@ -237,7 +294,10 @@ async fn mirror_sessions_copy_to_taps_and_collectors_and_never_touch_the_traffic
     let slot = |j: &serde_json::Value, k: &str| j["0"][k].as_u64().unwrap_or(0);
     let copied = slot(&after, "copied") - slot(&before, "copied");
     let over = slot(&after, "over_rate") - slot(&before, "over_rate");
-    assert!(copied <= 10 * 2 * 3 && over >= 600 - copied, "copied {copied}, over the rate {over}: {after}");
+    assert!(
+        copied <= 10 * 2 * 3 && over >= 600 - copied,
+        "copied {copied}, over the rate {over}: {after}"
+    );
 }
 
 fn list_as(c: &Cluster, uri: &str) -> Result<pb::ListResponse, tonic::Status> {
@@ -273,8 +333,28 @@ async fn only_admins_make_mirror_sessions_and_tenants_never_see_them() {
             vpc_vni("v", "t", 5000),
             subnet("s", "v", "10.81.0.0/24", ""),
             host("h1", "192.0.2.1"),
-            port("p1", "t", "s", "h1", "tap-p1", "02:00:00:00:01:01", "10.81.0.11", "", &[]),
-            port("tap", "t", "s", "h1", "tap-tap", "02:00:00:00:01:02", "10.81.0.12", "", &[]),
+            port(
+                "p1",
+                "t",
+                "s",
+                "h1",
+                "tap-p1",
+                "02:00:00:00:01:01",
+                "10.81.0.11",
+                "",
+                &[],
+            ),
+            port(
+                "tap",
+                "t",
+                "s",
+                "h1",
+                "tap-tap",
+                "02:00:00:00:01:02",
+                "10.81.0.12",
+                "",
+                &[],
+            ),
         ],
     )
     .await
@@ -304,7 +384,17 @@ async fn only_admins_make_mirror_sessions_and_tenants_never_see_them() {
     c.apply_committed(ADMIN, vec![group("g", "t", vec![])]).await.unwrap();
     c.apply_committed(
         PLATFORM,
-        vec![port("grouped", "t", "s", "h1", "tap-g", "02:00:00:00:01:03", "10.81.0.13", "", &["g"])],
+        vec![port(
+            "grouped",
+            "t",
+            "s",
+            "h1",
+            "tap-g",
+            "02:00:00:00:01:03",
+            "10.81.0.13",
+            "",
+            &["g"],
+        )],
     )
     .await
     .unwrap();
@@ -318,7 +408,17 @@ async fn only_admins_make_mirror_sessions_and_tenants_never_see_them() {
     let e = c
         .apply_committed(
             PLATFORM,
-            vec![port("tap", "t", "s", "h1", "tap-tap", "02:00:00:00:01:02", "10.81.0.12", "", &["g"])],
+            vec![port(
+                "tap",
+                "t",
+                "s",
+                "h1",
+                "tap-tap",
+                "02:00:00:00:01:02",
+                "10.81.0.12",
+                "",
+                &["g"],
+            )],
         )
         .await
         .unwrap_err();
@@ -326,16 +426,28 @@ async fn only_admins_make_mirror_sessions_and_tenants_never_see_them() {
     // A tenant with no port yet: accepted, with a warning.
     c.apply_committed(PLATFORM, vec![tenant("empty")]).await.unwrap();
     let r = c
-        .apply_committed(ADMIN, vec![put_mirror(mirror("later", "tenant:empty", to_erspan("192.0.2.9", 2, 1)))])
+        .apply_committed(
+            ADMIN,
+            vec![put_mirror(mirror(
+                "later",
+                "tenant:empty",
+                to_erspan("192.0.2.9", 2, 1),
+            ))],
+        )
         .await
         .unwrap();
     assert!(
-        r.warnings.iter().any(|w| w.contains("mirror session later") && w.contains("no port")),
+        r.warnings
+            .iter()
+            .any(|w| w.contains("mirror session later") && w.contains("no port")),
         "{:?}",
         r.warnings
     );
     // A VPC cannot take a session's VNI, nor a port in use be deleted.
-    let e = c.apply_committed(PLATFORM, vec![vpc_vni("v2", "t", 9000)]).await.unwrap_err();
+    let e = c
+        .apply_committed(PLATFORM, vec![vpc_vni("v2", "t", 9000)])
+        .await
+        .unwrap_err();
     assert!(e.message().contains("mirror session m"), "{e}");
     let e = c
         .apply_committed(

@@ -107,7 +107,10 @@ fn only_certificates_of_the_cluster_ca_connect() {
     assert_eq!(code, "UNAVAILABLE", "an expired certificate: {text}");
     // The client checks the controller too: another CA's root refuses it.
     let (code, text) = py(Some(&other.ca()), Some(&platform));
-    assert_eq!(code, "UNAVAILABLE", "the controller's certificate under another CA: {text}");
+    assert_eq!(
+        code, "UNAVAILABLE",
+        "the controller's certificate under another CA: {text}"
+    );
     let (code, text) = py(Some(&pki.ca()), Some(&platform));
     assert_eq!(code, "OK", "the platform's own certificate: {text}");
 
@@ -116,7 +119,10 @@ fn only_certificates_of_the_cluster_ca_connect() {
     // and speaks HTTP/2.
     let seen = tls_probe(&target, &pki.ca(), None);
     assert!(
-        seen["error"].as_str().unwrap_or_default().contains("CERTIFICATE_REQUIRED"),
+        seen["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("CERTIFICATE_REQUIRED"),
         "{seen}"
     );
     let out = s_client(
@@ -134,7 +140,11 @@ fn only_certificates_of_the_cluster_ca_connect() {
     assert!(out.contains("ALPN protocol: h2"), "{out}");
 
     let events = security_events(&c);
-    let has = |why: &str| events.iter().any(|l| l.contains("connection refused") && l.contains(why));
+    let has = |why: &str| {
+        events
+            .iter()
+            .any(|l| l.contains("connection refused") && l.contains(why))
+    };
     assert!(has("the client sent no certificate"), "{events:#?}");
     assert!(has("certificate has expired"), "{events:#?}");
     assert!(
@@ -190,7 +200,10 @@ async fn roles_decide_every_operation() {
     ] {
         let (code, text) = py.call(apply, apply_body(ops), false);
         assert_eq!(code, "PERMISSION_DENIED", "{what}: {text}");
-        assert!(text.contains("role tenant") && text.contains("sdn://tenant/t1/alice"), "{what}: {text}");
+        assert!(
+            text.contains("role tenant") && text.contains("sdn://tenant/t1/alice"),
+            "{what}: {text}"
+        );
     }
 
     // A rule naming t2's group reads as one naming no group at all: no
@@ -200,14 +213,21 @@ async fn roles_decide_every_operation() {
         .map(|other| {
             py.call(
                 apply,
-                apply_body(vec![group("g1", "t1", vec![ingress("r", false, "tcp", (80, 80), "", other)])]),
+                apply_body(vec![group(
+                    "g1",
+                    "t1",
+                    vec![ingress("r", false, "tcp", (80, 80), "", other)],
+                )]),
                 false,
             )
         })
         .collect();
     for ((code, text), other) in answers.iter().zip(["g2", "ghost"]) {
         assert_eq!(code, "INVALID_ARGUMENT", "{text}");
-        assert!(text.contains(&format!("tenant t1 has no security group \"{other}\"")), "{text}");
+        assert!(
+            text.contains(&format!("tenant t1 has no security group \"{other}\"")),
+            "{text}"
+        );
         assert!(!text.contains("t2"), "{text}");
     }
 
@@ -217,7 +237,11 @@ async fn roles_decide_every_operation() {
             .await
             .unwrap(),
     );
-    let all = admin.list(pb::ListRequest { kind: 0, stale: false }).await.unwrap().into_inner();
+    let all = admin
+        .list(pb::ListRequest { kind: 0, stale: false })
+        .await
+        .unwrap()
+        .into_inner();
     let mut groups: Vec<(&str, &str, usize)> = all
         .security_groups
         .iter()
@@ -231,13 +255,18 @@ async fn roles_decide_every_operation() {
     let mine = pb::ListResponse::decode(&*sdn_integration::pyclient::unhex(&text)).unwrap();
     assert_eq!(mine.tenants.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["t1"]);
     assert_eq!(mine.vpcs.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["v1"]);
-    assert_eq!(mine.security_groups.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["g1"]);
+    assert_eq!(
+        mine.security_groups.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(),
+        ["g1"]
+    );
 
     // The other roles: each only its own kinds.
     let as_ = |uri: &str| {
         let tls = pki.connector(uri).unwrap();
         let addr = c.addr.clone();
-        async move { pb::provisioning_client::ProvisioningClient::new(sdn_proto::connect_with(&addr, Some(tls)).await.unwrap()) }
+        async move {
+            pb::provisioning_client::ProvisioningClient::new(sdn_proto::connect_with(&addr, Some(tls)).await.unwrap())
+        }
     };
     let req = |ops: Vec<pb::operation::Op>| pb::ApplyRequest {
         operations: ops.into_iter().map(|o| pb::Operation { op: Some(o) }).collect(),
@@ -262,9 +291,20 @@ async fn roles_decide_every_operation() {
             (a, r) => panic!("{uri}: allowed={a}, got {r:?}"),
         }
     }
-    let sup = as_("sdn://supervisor/inspector").await.list(pb::ListRequest { kind: 0, stale: false }).await;
+    let sup = as_("sdn://supervisor/inspector")
+        .await
+        .list(pb::ListRequest { kind: 0, stale: false })
+        .await;
     assert!(sup.is_ok(), "a supervisor reads: {sup:?}");
-    let e = as_("sdn://agent/h1").await.audit(pb::AuditRequest { after_revision: 0, limit: 10, local: false }).await.unwrap_err();
+    let e = as_("sdn://agent/h1")
+        .await
+        .audit(pb::AuditRequest {
+            after_revision: 0,
+            limit: 10,
+            local: false,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
 
     // The audit log names callers by their certificates.
@@ -278,7 +318,10 @@ async fn roles_decide_every_operation() {
         .unwrap()
         .into_inner();
     let actors: Vec<&str> = audit.records.iter().map(|r| r.actor.as_str()).collect();
-    assert!(actors.iter().any(|a| a.starts_with("sdn://tenant/t1/alice")), "{actors:?}");
+    assert!(
+        actors.iter().any(|a| a.starts_with("sdn://tenant/t1/alice")),
+        "{actors:?}"
+    );
     assert!(actors.iter().any(|a| a.starts_with(PLATFORM)), "{actors:?}");
     // And a tenant reads only its own tenant's records: its users', and
     // the platform's on its objects.
@@ -296,13 +339,22 @@ async fn roles_decide_every_operation() {
     let theirs = pb::AuditResponse::decode(&*sdn_integration::pyclient::unhex(&text)).unwrap();
     assert!(!theirs.records.is_empty());
     assert!(theirs.records.iter().all(|r| r.tenants == ["t1"]), "{theirs:?}");
-    assert!(theirs.records.iter().any(|r| r.actor.starts_with("sdn://tenant/t1/alice")), "{theirs:?}");
+    assert!(
+        theirs
+            .records
+            .iter()
+            .any(|r| r.actor.starts_with("sdn://tenant/t1/alice")),
+        "{theirs:?}"
+    );
     assert!(
         theirs.records.iter().all(|r| !format!("{r:?}").contains("t2")),
         "nothing of t2: {theirs:?}"
     );
 
-    let refused = security_events(&c).iter().filter(|l| l.contains("refused caller=")).count();
+    let refused = security_events(&c)
+        .iter()
+        .filter(|l| l.contains("refused caller="))
+        .count();
     assert!(refused >= 10, "every refusal is a security event: {refused}");
 }
 
@@ -380,21 +432,47 @@ async fn agents_speak_only_for_their_own_host() {
     );
     let waited = tokio::spawn(async move {
         admin
-        .apply(pb::ApplyRequest {
-            operations: vec![pb::Operation {
-                op: Some(port("p2", "t", "s", "h2", "tap2", "02:00:00:00:00:02", "10.1.0.2", "", &[])),
-            }],
-            actor: String::new(),
-            wait: true,
-            wait_timeout_ms: 3_000,
-        })
-        .await
+            .apply(pb::ApplyRequest {
+                operations: vec![pb::Operation {
+                    op: Some(port(
+                        "p2",
+                        "t",
+                        "s",
+                        "h2",
+                        "tap2",
+                        "02:00:00:00:00:02",
+                        "10.1.0.2",
+                        "",
+                        &[],
+                    )),
+                }],
+                actor: String::new(),
+                wait: true,
+                wait_timeout_ms: 3_000,
+            })
+            .await
     });
-    let revision = c.client().await.unwrap().list(pb::ListRequest { kind: 0, stale: true }).await.unwrap().into_inner().revision;
+    let revision = c
+        .client()
+        .await
+        .unwrap()
+        .list(pb::ListRequest { kind: 0, stale: true })
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
     let mut forged = Vec::new();
     for _ in 0..10 {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        let now = c.client().await.unwrap().list(pb::ListRequest { kind: 0, stale: true }).await.unwrap().into_inner().revision;
+        let now = c
+            .client()
+            .await
+            .unwrap()
+            .list(pb::ListRequest { kind: 0, stale: true })
+            .await
+            .unwrap()
+            .into_inner()
+            .revision;
         forged.push(py.call("/sdn.v1.Agent/Ack", ack("h2", now.max(revision)), false).0);
         forged.push(py.call("/sdn.v1.Agent/Ack", ack("h1", now.max(revision)), false).0);
     }
@@ -426,7 +504,11 @@ async fn only_replicas_speak_raft() {
         ..Default::default()
     }
     .encode_to_vec();
-    for m in ["/sdn.v1.Raft/Vote", "/sdn.v1.Raft/AppendEntries", "/sdn.v1.Raft/InstallSnapshot"] {
+    for m in [
+        "/sdn.v1.Raft/Vote",
+        "/sdn.v1.Raft/AppendEntries",
+        "/sdn.v1.Raft/InstallSnapshot",
+    ] {
         let (code, text) = py.call(m, vote.clone(), false);
         assert_eq!(code, "PERMISSION_DENIED", "{m}: {text}");
     }
@@ -491,8 +573,7 @@ async fn only_replicas_speak_raft() {
         wait: false,
         wait_timeout_ms: 0,
     });
-    req.metadata_mut()
-        .insert("sdn-on-behalf-of", ADMIN.parse().unwrap());
+    req.metadata_mut().insert("sdn-on-behalf-of", ADMIN.parse().unwrap());
     let e = p.apply(req).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains("only a replica forwards"), "{e:?}");
@@ -526,7 +607,11 @@ fn certificates_rotate_without_a_restart() {
     // A broken file: the last good certificate stays in use.
     std::fs::write(dir.path().join("pki/replica-1.pem"), b"not a certificate").unwrap();
     assert_eq!(serial(), after);
-    assert!(c.controller.log_text().contains("do not load"), "{}", c.controller.log_text());
+    assert!(
+        c.controller.log_text().contains("do not load"),
+        "{}",
+        c.controller.log_text()
+    );
 }
 
 /// Three replicas on mutual TLS: they join over it, a follower forwards a
@@ -558,7 +643,16 @@ async fn a_cluster_of_three_on_mutual_tls() {
             args.push("--join".into());
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        procs.push(Proc::spawn(&format!("controller-{id}"), None, &bin("sdn-controller"), &args, dir.path()).unwrap());
+        procs.push(
+            Proc::spawn(
+                &format!("controller-{id}"),
+                None,
+                &bin("sdn-controller"),
+                &args,
+                dir.path(),
+            )
+            .unwrap(),
+        );
     }
     let admin = pki.connector(ADMIN).unwrap();
     let connect = |i: usize, tls| {
@@ -623,9 +717,7 @@ async fn a_cluster_of_three_on_mutual_tls() {
     );
     let e = t
         .apply(pb::ApplyRequest {
-            operations: vec![pb::Operation {
-                op: Some(tenant("t2")),
-            }],
+            operations: vec![pb::Operation { op: Some(tenant("t2")) }],
             actor: String::new(),
             wait: false,
             wait_timeout_ms: 0,
@@ -652,9 +744,8 @@ async fn a_cluster_of_three_on_mutual_tls() {
     // The follower refused alice's write itself and handed the refusal to
     // the leader: it is in the log every replica holds.
     let supervisor = "sdn://supervisor/inspector";
-    let mut s = pb::provisioning_client::ProvisioningClient::new(
-        connect(0, pki.connector(supervisor).unwrap()).await.unwrap(),
-    );
+    let mut s =
+        pb::provisioning_client::ProvisioningClient::new(connect(0, pki.connector(supervisor).unwrap()).await.unwrap());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     loop {
         let audit = s
@@ -666,10 +757,18 @@ async fn a_cluster_of_three_on_mutual_tls() {
             .await
             .unwrap()
             .into_inner();
-        if audit.records.iter().any(|r| r.actor == "sdn://tenant/t1/alice" && r.refused.contains("put_tenant")) {
+        if audit
+            .records
+            .iter()
+            .any(|r| r.actor == "sdn://tenant/t1/alice" && r.refused.contains("put_tenant"))
+        {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "no record of the refusal: {:#?}", audit.records);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no record of the refusal: {:#?}",
+            audit.records
+        );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     // Only a replica hands refusals over.
@@ -691,7 +790,13 @@ async fn a_cluster_of_three_on_mutual_tls() {
     assert_eq!(forged.code(), Code::PermissionDenied, "{forged:?}");
     // Every replica's copy checks, and they agree.
     let mut args = pki.args(supervisor).unwrap();
-    args.extend(["--controller".into(), format!("https://{}", addrs[0]), "audit".into(), "verify".into(), "--replicas".into()]);
+    args.extend([
+        "--controller".into(),
+        format!("https://{}", addrs[0]),
+        "audit".into(),
+        "verify".into(),
+        "--replicas".into(),
+    ]);
     let out = Command::new(bin("sdnctl")).args(&args).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     eprintln!("{text}");
@@ -713,13 +818,39 @@ fn openssl_issue(d: &Path, stem: &str, signer: &str, extensions: &[&str]) {
     );
     std::fs::write(d.join(&ext), extensions.join("\n")).unwrap();
     let subject = format!("/CN={stem}");
-    openssl(d, &["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", &key, "-subj", &subject, "-out", &csr]);
+    openssl(
+        d,
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-subj",
+            &subject,
+            "-out",
+            &csr,
+        ],
+    );
     let (ca, ca_key) = (format!("{signer}.pem"), format!("{signer}.key"));
-    openssl(d, &["x509", "-req", "-in", &csr, "-CA", &ca, "-CAkey", &ca_key, "-days", "2", "-out", &pem, "-extfile", &ext]);
+    openssl(
+        d,
+        &[
+            "x509", "-req", "-in", &csr, "-CA", &ca, "-CAkey", &ca_key, "-days", "2", "-out", &pem, "-extfile", &ext,
+        ],
+    );
 }
 
 fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl").current_dir(dir).args(args).output().expect("openssl");
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl");
     assert!(
         out.status.success(),
         "openssl {args:?}: {}",
@@ -775,7 +906,11 @@ fn only_what_the_ca_itself_signed_is_trusted() {
         ],
     );
     // The chain the attacker presents: its leaf and the certificate above.
-    let chain = [std::fs::read(d.join("evil.pem")).unwrap(), std::fs::read(d.join("sub.pem")).unwrap()].concat();
+    let chain = [
+        std::fs::read(d.join("evil.pem")).unwrap(),
+        std::fs::read(d.join("sub.pem")).unwrap(),
+    ]
+    .concat();
     std::fs::write(d.join("evil.pem"), chain).unwrap();
 
     let target = c.addr.trim_start_matches("https://").to_string();
@@ -790,15 +925,24 @@ fn only_what_the_ca_itself_signed_is_trusted() {
             ca: Some(&pki.ca()),
             files: Some(&f),
         }
-        .call("/sdn.v1.Cluster/Status", pb::ClusterStatusRequest {}.encode_to_vec(), false)
+        .call(
+            "/sdn.v1.Cluster/Status",
+            pb::ClusterStatusRequest {}.encode_to_vec(),
+            false,
+        )
     };
     let (code, text) = call("ops");
     assert_eq!(code, "OK", "the README's certificate: {text}");
     let (code, text) = call("evil");
-    assert_eq!(code, "UNAVAILABLE", "a replica's name signed by a tenant's CA certificate: {text}");
+    assert_eq!(
+        code, "UNAVAILABLE",
+        "a replica's name signed by a tenant's CA certificate: {text}"
+    );
     let events = security_events(&c);
     assert!(
-        events.iter().any(|l| l.contains("connection refused") && l.contains("certificate refused")),
+        events
+            .iter()
+            .any(|l| l.contains("connection refused") && l.contains("certificate refused")),
         "{events:#?}"
     );
 }
@@ -816,7 +960,9 @@ fn unfinished_handshakes_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
     let c = Cluster::start_secure(dir.path()).unwrap();
     let target = c.addr.trim_start_matches("https://").to_string();
-    let idle: Vec<std::net::TcpStream> = (0..16).map(|_| std::net::TcpStream::connect(&target).unwrap()).collect();
+    let idle: Vec<std::net::TcpStream> = (0..16)
+        .map(|_| std::net::TcpStream::connect(&target).unwrap())
+        .collect();
     std::thread::sleep(std::time::Duration::from_millis(300));
     let mut extra = std::net::TcpStream::connect(&target).unwrap();
     extra.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
@@ -831,7 +977,10 @@ fn unfinished_handshakes_are_bounded() {
     let r = first.read(&mut b);
     assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
     let waited = t0.elapsed();
-    assert!(waited < std::time::Duration::from_secs(7), "closed after its 5 s: {waited:?}");
+    assert!(
+        waited < std::time::Duration::from_secs(7),
+        "closed after its 5 s: {waited:?}"
+    );
     drop(idle);
     std::thread::sleep(std::time::Duration::from_millis(200));
     // Then a party with a certificate connects as before.
@@ -859,10 +1008,14 @@ async fn local_callers_are_known_by_user_id_only_when_configured() {
     let dir = tempfile::tempdir().unwrap();
     let c = Cluster::start_secure(dir.path()).unwrap();
     let sock = format!("unix://{}", c.socket.display());
-    let mut plain = pb::provisioning_client::ProvisioningClient::new(sdn_proto::connect_with(&sock, None).await.unwrap());
+    let mut plain =
+        pb::provisioning_client::ProvisioningClient::new(sdn_proto::connect_with(&sock, None).await.unwrap());
     let e = plain.list(pb::ListRequest { kind: 0, stale: false }).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
-    assert!(e.message().contains("user id 0") && e.message().contains("--unix-role"), "{e:?}");
+    assert!(
+        e.message().contains("user id 0") && e.message().contains("--unix-role"),
+        "{e:?}"
+    );
     // Over TLS, the same socket knows the certificate.
     let pki = c.pki.as_ref().unwrap();
     let mut tls = pb::provisioning_client::ProvisioningClient::new(
@@ -926,7 +1079,10 @@ async fn local_callers_are_known_by_user_id_only_when_configured() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("a replica is known by its certificate only"), "{err}");
+    assert!(
+        !out.status.success() && err.contains("a replica is known by its certificate only"),
+        "{err}"
+    );
     // A party with a certificate does not fall back to plain HTTP.
     let e = sdn_proto::connect_with("http://127.0.0.1:1", Some(pki.connector(PLATFORM).unwrap()))
         .await

@@ -40,7 +40,11 @@ async fn wait_for_lines(r: &Rsyslogd, what: &str, timeout: Duration, done: impl 
         if done(&l) {
             return l;
         }
-        assert!(Instant::now() < deadline, "waiting for {what}; rsyslog has:\n{}", l.join("\n"));
+        assert!(
+            Instant::now() < deadline,
+            "waiting for {what}; rsyslog has:\n{}",
+            l.join("\n")
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
@@ -60,7 +64,10 @@ async fn agent_events_reach_rsyslog_over_tls() {
     if !privileged() {
         return;
     }
-    assert!(have("/usr/sbin/rsyslogd"), "rsyslog is missing: scripts/setup.sh installs it");
+    assert!(
+        have("/usr/sbin/rsyslogd"),
+        "rsyslog is missing: scripts/setup.sh installs it"
+    );
     let certs = tempfile::tempdir().unwrap();
     certificates(certs.path());
     let ca = certs.path().join("ca.pem");
@@ -111,7 +118,9 @@ async fn agent_events_reach_rsyslog_over_tls() {
     )
     .unwrap();
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    vm2.ns.sh(&["ip", "addr", "add", "10.47.0.99/32", "dev", "eth0"]).unwrap();
+    vm2.ns
+        .sh(&["ip", "addr", "add", "10.47.0.99/32", "dev", "eth0"])
+        .unwrap();
     let forged = vm2.ns.sh(&[
         probe.to_str().unwrap(),
         "connect",
@@ -126,7 +135,10 @@ async fn agent_events_reach_rsyslog_over_tls() {
     assert!(forged.is_err(), "a forged source got through");
     flood.stop();
     let denied = lab.counter("h1", "drops", "policy_ingress");
-    assert!(denied > 5000, "the flood was too small to test the shares: {denied} denials");
+    assert!(
+        denied > 5000,
+        "the flood was too small to test the shares: {denied} denials"
+    );
     // vm2 opens more flows than its budget (3): the rest are refused.
     let mut refused = 0;
     for _ in 0..6 {
@@ -146,7 +158,10 @@ async fn agent_events_reach_rsyslog_over_tls() {
         .await
         .unwrap();
 
-    let has = |l: &[String], msgid: &str, needle: &str| l.iter().any(|x| x.contains(&format!("|{msgid}|")) && x.contains(needle));
+    let has = |l: &[String], msgid: &str, needle: &str| {
+        l.iter()
+            .any(|x| x.contains(&format!("|{msgid}|")) && x.contains(needle))
+    };
     let got = wait_for_lines(&rsyslog, "the agent's events", Duration::from_secs(20), |l| {
         has(l, "spoof", "src=\"10.47.0.99\"")
             && has(l, "flow_budget", "")
@@ -180,9 +195,15 @@ async fn agent_events_reach_rsyslog_over_tls() {
     }
     assert!(f[5].contains("dropped at vm2 (spoof_ip)"), "{spoof}");
     let q = got.iter().find(|x| x.contains("|quarantine_applied|")).unwrap();
-    assert!(q.contains("port=\"vm1\"") && q.contains("quarantine=\"q1\"") && q.contains("reason=\"incident 42\""), "{q}");
+    assert!(
+        q.contains("port=\"vm1\"") && q.contains("quarantine=\"q1\"") && q.contains("reason=\"incident 42\""),
+        "{q}"
+    );
     let b = got.iter().find(|x| x.contains("|flow_budget|")).unwrap();
-    assert!(b.contains("event=\"ct_budget\"") && b.contains("port=\"vm2\""), "{b}\n{text}");
+    assert!(
+        b.contains("event=\"ct_budget\"") && b.contains("port=\"vm2\""),
+        "{b}\n{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -190,7 +211,10 @@ async fn controller_events_reach_rsyslog_over_udp_and_tcp() {
     if !privileged() {
         return;
     }
-    assert!(have("/usr/sbin/rsyslogd"), "rsyslog is missing: scripts/setup.sh installs it");
+    assert!(
+        have("/usr/sbin/rsyslogd"),
+        "rsyslog is missing: scripts/setup.sh installs it"
+    );
     let logs = tempfile::tempdir().unwrap();
     let (udp, tcp) = (free_port(), free_port());
     let rsyslog = Rsyslogd::start(
@@ -209,25 +233,42 @@ async fn controller_events_reach_rsyslog_over_udp_and_tcp() {
     c.apply(vec![tenant("acme"), tenant("globex")]).await.unwrap();
     c.apply_as(
         "sdn://tenant/acme/alice",
-        vec![group("web", "acme", vec![ingress("http", false, "tcp", (80, 80), "", "")])],
+        vec![group(
+            "web",
+            "acme",
+            vec![ingress("http", false, "tcp", (80, 80), "", "")],
+        )],
     )
     .await
     .unwrap();
     let denied = c
         .apply_as(
             "sdn://tenant/globex/mallory",
-            vec![group("web", "acme", vec![ingress("all", false, "tcp", (1, 65535), "", "")])],
+            vec![group(
+                "web",
+                "acme",
+                vec![ingress("all", false, "tcp", (1, 65535), "", "")],
+            )],
         )
         .await
         .unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
     // Each event arrives twice: once over UDP, once over TCP.
     let got = wait_for_lines(&rsyslog, "the controller's events", Duration::from_secs(20), |l| {
-        l.iter().filter(|x| x.contains("|policy_change|") && x.contains("alice")).count() == 2
-            && l.iter().filter(|x| x.contains("|auth_refused|") && x.contains("mallory")).count() == 2
+        l.iter()
+            .filter(|x| x.contains("|policy_change|") && x.contains("alice"))
+            .count()
+            == 2
+            && l.iter()
+                .filter(|x| x.contains("|auth_refused|") && x.contains("mallory"))
+                .count()
+                == 2
     })
     .await;
-    let change = got.iter().find(|x| x.contains("|policy_change|") && x.contains("alice")).unwrap();
+    let change = got
+        .iter()
+        .find(|x| x.contains("|policy_change|") && x.contains("alice"))
+        .unwrap();
     let f: Vec<&str> = change.splitn(6, '|').collect();
     assert_eq!(f[1], "sdn-controller", "{change}");
     // PRI: log audit (13), notice (5).
@@ -245,7 +286,10 @@ async fn controller_events_reach_rsyslog_over_udp_and_tcp() {
     let f: Vec<&str> = refused.splitn(6, '|').collect();
     // PRI: security/authorization (4), warning (4).
     assert_eq!(f[3], "36", "{refused}");
-    assert!(f[4].contains("mallory") && f[4].contains("action=\"refused\""), "{refused}");
+    assert!(
+        f[4].contains("mallory") && f[4].contains("action=\"refused\""),
+        "{refused}"
+    );
     assert!(f[4].contains("reason=\""), "{refused}");
 }
 

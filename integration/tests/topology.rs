@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sdn_integration::browser::{self, Browser};
 use sdn_integration::cluster::{Cluster, ADMIN, PLATFORM};
 use sdn_integration::ops::*;
-use sdn_integration::{bin, free_port, privileged};
+use sdn_integration::{free_port, privileged};
 use sdn_proto::v1 as pb;
 
 const SUPERVISOR: &str = "sdn://supervisor/regulator";
@@ -22,19 +22,7 @@ const TENANT: &str = "sdn://tenant/acme/alice";
 const HOSTILE: &str = "<img src=x onerror=\"document.title='owned'\">";
 
 fn sdnctl(c: &Cluster, uri: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(bin("sdnctl"))
-        .args(c.tls_args(uri).unwrap())
-        .arg("--controller")
-        .arg(&c.addr)
-        .args(args)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    if out.status.success() {
-        Ok(text)
-    } else {
-        Err(text + &String::from_utf8_lossy(&out.stderr))
-    }
+    c.sdnctl(uri, args)
 }
 
 /// `curl` against the page: the status code, headers and body.
@@ -42,10 +30,19 @@ fn curl(c: &Cluster, url: &str, as_uri: Option<&str>, cookie: Option<&str>) -> (
     curl_with(c, url, as_uri, cookie, &[])
 }
 
-fn curl_with(c: &Cluster, url: &str, as_uri: Option<&str>, cookie: Option<&str>, extra: &[&str]) -> (u16, String, String) {
+fn curl_with(
+    c: &Cluster,
+    url: &str,
+    as_uri: Option<&str>,
+    cookie: Option<&str>,
+    extra: &[&str],
+) -> (u16, String, String) {
     let pki = c.pki.as_ref().unwrap();
     let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "-D", "-", "--max-time", "10"]).args(extra).arg("--cacert").arg(pki.ca());
+    cmd.args(["-sS", "-D", "-", "--max-time", "10"])
+        .args(extra)
+        .arg("--cacert")
+        .arg(pki.ca());
     if let Some(uri) = as_uri {
         let f = pki.files(uri).unwrap();
         cmd.arg("--cert").arg(&f.cert).arg("--key").arg(&f.key);
@@ -74,35 +71,74 @@ async fn the_topology_page_follows_changes_live_for_admins_and_supervisors_only(
         eprintln!("skipped: needs root");
         return;
     }
-    assert!(browser::chromium().is_some(), "Chromium is missing: scripts/setup.sh installs chromium-headless-shell");
+    assert!(
+        browser::chromium().is_some(),
+        "Chromium is missing: scripts/setup.sh installs chromium-headless-shell"
+    );
     let dir = tempfile::tempdir().unwrap();
     let web = format!("127.0.0.1:{}", free_port());
     let c = Cluster::start_secure_with(dir.path(), &["--web-listen", &web]).unwrap();
     let base = format!("https://{web}");
 
-    let mut hostile = group("web", "acme", vec![ingress("http", false, "tcp", (80, 80), "0.0.0.0/0", "")]);
+    let mut hostile = group(
+        "web",
+        "acme",
+        vec![ingress("http", false, "tcp", (80, 80), "0.0.0.0/0", "")],
+    );
     if let pb::operation::Op::PutSecurityGroup(g) = &mut hostile {
         g.name = HOSTILE.into();
     }
-    c.apply_committed(ADMIN, vec![zone("extranet", &["10.200.0.0/16"], "ext0"), zone("internet", &["198.51.100.0/24"], "inet0")])
-        .await
-        .unwrap();
-    c.apply_committed(PLATFORM, vec![
-        tenant("acme"),
-        vpc_in_zone("v1", "acme", "extranet"),
-        subnet("s1", "v1", "10.200.1.0/24", ""),
-        host("h1", "192.0.2.1"),
-    ])
+    c.apply_committed(
+        ADMIN,
+        vec![
+            zone("extranet", &["10.200.0.0/16"], "ext0"),
+            zone("internet", &["198.51.100.0/24"], "inet0"),
+        ],
+    )
+    .await
+    .unwrap();
+    c.apply_committed(
+        PLATFORM,
+        vec![
+            tenant("acme"),
+            vpc_in_zone("v1", "acme", "extranet"),
+            subnet("s1", "v1", "10.200.1.0/24", ""),
+            host("h1", "192.0.2.1"),
+        ],
+    )
     .await
     .unwrap();
     // The tenant names its own group.
     c.apply_committed(TENANT, vec![hostile]).await.unwrap();
-    c.apply_committed(PLATFORM, vec![port("p1", "acme", "s1", "h1", "tap-p1", "02:00:00:00:00:01", "10.200.1.5", "", &["web"])])
-        .await
-        .unwrap();
-    c.apply_committed(ADMIN, vec![exchange("x1", "extranet", "internet", "10.200.1.0/24", "198.51.100.16/28", (443, 443))])
-        .await
-        .unwrap();
+    c.apply_committed(
+        PLATFORM,
+        vec![port(
+            "p1",
+            "acme",
+            "s1",
+            "h1",
+            "tap-p1",
+            "02:00:00:00:00:01",
+            "10.200.1.5",
+            "",
+            &["web"],
+        )],
+    )
+    .await
+    .unwrap();
+    c.apply_committed(
+        ADMIN,
+        vec![exchange(
+            "x1",
+            "extranet",
+            "internet",
+            "10.200.1.0/24",
+            "198.51.100.16/28",
+            (443, 443),
+        )],
+    )
+    .await
+    .unwrap();
 
     // The text: each object under its parent.
     let text = sdnctl(&c, SUPERVISOR, &["topology"]).unwrap();
@@ -115,13 +151,23 @@ async fn the_topology_page_follows_changes_live_for_admins_and_supervisors_only(
         "  x1 extranet -> internet tcp 443 from 10.200.1.0/24 to 198.51.100.16/28",
         "  h1 192.0.2.1 ports 1",
     ] {
-        assert!(text.lines().any(|l| l.starts_with(line)), "no line {line:?} in:\n{text}");
+        assert!(
+            text.lines().any(|l| l.starts_with(line)),
+            "no line {line:?} in:\n{text}"
+        );
     }
-    assert_eq!(sdnctl(&c, ADMIN, &["topology"]).unwrap(), text, "admins read what supervisors read");
+    assert_eq!(
+        sdnctl(&c, ADMIN, &["topology"]).unwrap(),
+        text,
+        "admins read what supervisors read"
+    );
     for uri in [TENANT, PLATFORM] {
         for args in [&["topology"][..], &["topology", "--web"][..]] {
             let e = sdnctl(&c, uri, args).unwrap_err();
-            assert!(e.contains("PermissionDenied") || e.contains("permission"), "{uri} {args:?}: {e}");
+            assert!(
+                e.contains("PermissionDenied") || e.contains("permission"),
+                "{uri} {args:?}: {e}"
+            );
         }
     }
 
@@ -129,7 +175,8 @@ async fn the_topology_page_follows_changes_live_for_admins_and_supervisors_only(
     // revision: the page is opened once they have, so that its revision
     // and `sdnctl topology`'s are of the same state.
     let revision = || -> u64 {
-        let j: serde_json::Value = serde_json::from_str(&sdnctl(&c, SUPERVISOR, &["topology", "--json"]).unwrap()).unwrap();
+        let j: serde_json::Value =
+            serde_json::from_str(&sdnctl(&c, SUPERVISOR, &["topology", "--json"]).unwrap()).unwrap();
         j["revision"].as_u64().unwrap()
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
@@ -145,7 +192,10 @@ async fn the_topology_page_follows_changes_live_for_admins_and_supervisors_only(
     }
 
     // The page, signed in by a supervisor's link.
-    let link = sdnctl(&c, SUPERVISOR, &["topology", "--web"]).unwrap().trim().to_string();
+    let link = sdnctl(&c, SUPERVISOR, &["topology", "--web"])
+        .unwrap()
+        .trim()
+        .to_string();
     assert!(link.starts_with(&format!("{base}/login#token=")), "{link}");
     let spki = browser::spki_hash(&c.pki.as_ref().unwrap().files("sdn://replica/1").unwrap().cert).unwrap();
     let profile = dir.path().join("chromium");
@@ -154,9 +204,18 @@ async fn the_topology_page_follows_changes_live_for_admins_and_supervisors_only(
     let first = sdnctl(&c, SUPERVISOR, &["topology", "--json"]).unwrap();
     let first: serde_json::Value = serde_json::from_str(&first).unwrap();
     let rev = first["revision"].as_u64().unwrap();
-    b.wait_for(&format!("document.body.dataset.revision == '{rev}'"), Duration::from_secs(10))
-        .unwrap();
-    for (kind, id) in [("zone", "extranet"), ("zone", "internet"), ("vpc", "v1"), ("subnet", "s1"), ("port", "p1")] {
+    b.wait_for(
+        &format!("document.body.dataset.revision == '{rev}'"),
+        Duration::from_secs(10),
+    )
+    .unwrap();
+    for (kind, id) in [
+        ("zone", "extranet"),
+        ("zone", "internet"),
+        ("vpc", "v1"),
+        ("subnet", "s1"),
+        ("port", "p1"),
+    ] {
         let q = format!("document.querySelector('#graph [data-kind=\"{kind}\"][data-id=\"{id}\"]') !== null");
         assert_eq!(b.eval(&q).unwrap(), true, "{kind} {id} is not drawn");
     }
@@ -168,9 +227,14 @@ async fn the_topology_page_follows_changes_live_for_admins_and_supervisors_only(
     assert_eq!(b.eval("document.images.length").unwrap(), 0);
     assert_eq!(b.eval("document.title").unwrap(), "Network topology");
     // The page's data is `sdnctl topology --json`'s.
-    let served: serde_json::Value =
-        serde_json::from_str(&b.eval("fetch('/topology.json').then(r => r.text())").unwrap().as_str().unwrap().to_string())
-            .unwrap();
+    let served: serde_json::Value = serde_json::from_str(
+        &b.eval("fetch('/topology.json').then(r => r.text())")
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_string(),
+    )
+    .unwrap();
     assert_eq!(served, first);
 
     // A change applied with sdnctl appears within a second, on the same
@@ -196,7 +260,11 @@ async fn the_topology_page_follows_changes_live_for_admins_and_supervisors_only(
         .unwrap()
         .parse()
         .unwrap();
-    let updates = b.eval("document.querySelectorAll('#updates li').length").unwrap().as_u64().unwrap();
+    let updates = b
+        .eval("document.querySelectorAll('#updates li').length")
+        .unwrap()
+        .as_u64()
+        .unwrap();
     let oldest: u64 = b
         .eval("document.querySelector('#updates li:last-child').dataset.revision")
         .unwrap()
@@ -211,15 +279,31 @@ async fn the_topology_page_follows_changes_live_for_admins_and_supervisors_only(
     if let Ok(p) = std::env::var("TOPOLOGY_SCREENSHOT") {
         b.screenshot(std::path::Path::new(&p), 1400, 700).unwrap();
     }
-    assert!(received.saturating_sub(t0) < 1000, "the change took {} ms", received - t0);
-    assert!(updates >= 2 && oldest == rev, "the page was loaded again: {updates} updates, the first at {oldest}");
+    assert!(
+        received.saturating_sub(t0) < 1000,
+        "the change took {} ms",
+        received - t0
+    );
+    assert!(
+        updates >= 2 && oldest == rev,
+        "the page was loaded again: {updates} updates, the first at {oldest}"
+    );
 
     // Attacks on the page's door.
     for path in ["/", "/topology.json", "/events"] {
         let (code, head, _) = curl(&c, &format!("{base}{path}"), None, None);
         assert_eq!(code, 401, "{path}: no certificate, no cookie");
-        assert!(head.to_lowercase().contains("content-security-policy: default-src 'none'"), "{head}");
-        let (code, _, _) = curl(&c, &format!("{base}{path}"), None, Some(&format!("__Host-sdn_session={}", "0".repeat(64))));
+        assert!(
+            head.to_lowercase()
+                .contains("content-security-policy: default-src 'none'"),
+            "{head}"
+        );
+        let (code, _, _) = curl(
+            &c,
+            &format!("{base}{path}"),
+            None,
+            Some(&format!("__Host-sdn_session={}", "0".repeat(64))),
+        );
         assert_eq!(code, 401, "{path}: a forged cookie");
         for uri in [TENANT, PLATFORM, "sdn://agent/h1"] {
             let (code, _, _) = curl(&c, &format!("{base}{path}"), Some(uri), None);
@@ -252,9 +336,20 @@ async fn the_topology_page_follows_changes_live_for_admins_and_supervisors_only(
     for flag in ["__Host-sdn_session=", "HttpOnly", "Secure", "SameSite=Strict", "Path=/"] {
         assert!(set.contains(flag), "{set}");
     }
-    let cookie = set.split_once(':').unwrap().1.trim().split(';').next().unwrap().to_string();
+    let cookie = set
+        .split_once(':')
+        .unwrap()
+        .1
+        .trim()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_string();
     let (code, _, body) = curl(&c, &format!("{base}/topology.json"), None, Some(&cookie));
     assert_eq!(code, 200, "{body}");
     let log = c.controller.log_text();
-    assert!(log.contains("topology page refused"), "refusals are security events:\n{log}");
+    assert!(
+        log.contains("topology page refused"),
+        "refusals are security events:\n{log}"
+    );
 }

@@ -482,7 +482,15 @@ async fn controllers_upgrade_one_at_a_time_from_the_previous_release_and_keep_ev
         }
         assert!(ok, "replica {}: {text}", i + 1);
         eprintln!("replica {}: {}", i + 1, text.trim());
-        heads.push(text.split("head ").nth(1).unwrap().split_whitespace().next().unwrap().to_string());
+        heads.push(
+            text.split("head ")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string(),
+        );
     }
     assert!(heads.iter().all(|h| h == &heads[0]), "{heads:?}");
     for i in 0..3 {

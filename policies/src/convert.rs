@@ -298,7 +298,9 @@ impl ApiResource for m::MirrorSession {
             .map(|(i, r)| {
                 let at = At(&format!("{}.rules[{i}]", at.0));
                 let cidr = |field: &str, t: &str| -> Result<Option<ipnetwork::IpNetwork>, FieldError> {
-                    opt_text(t).map(|t| m::parse_cidr(t).map_err(|e| at.err(field, e))).transpose()
+                    opt_text(t)
+                        .map(|t| m::parse_cidr(t).map_err(|e| at.err(field, e)))
+                        .transpose()
                 };
                 for (f, v) in [("port_min", r.port_min), ("port_max", r.port_max)] {
                     if v > 65535 {
@@ -411,6 +413,49 @@ impl ApiResource for m::MirrorSession {
                     session: *session as u32,
                 }),
             }),
+        }
+    }
+}
+
+impl ApiResource for m::InformationSystem {
+    type Pb = pb::InformationSystem;
+    fn from_pb(_at: &At, x: &pb::InformationSystem) -> Result<Self, FieldError> {
+        let ids = |v: &[String]| v.iter().map(|s| s.trim().to_string()).collect();
+        Ok(m::InformationSystem {
+            id: x.id.clone(),
+            name: x.name.clone(),
+            vpc_ids: ids(&x.vpc_ids),
+            port_ids: ids(&x.port_ids),
+            bandwidth: x
+                .bandwidth
+                .iter()
+                .map(|b| m::SystemBandwidth {
+                    zone_id: b.zone_id.trim().to_string(),
+                    up_bps: b.up_bps,
+                    down_bps: b.down_bps,
+                })
+                .collect(),
+            alert_percent: x.alert_percent,
+            interval_secs: x.interval_secs,
+        })
+    }
+    fn to_pb(&self) -> pb::InformationSystem {
+        pb::InformationSystem {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            vpc_ids: self.vpc_ids.clone(),
+            port_ids: self.port_ids.clone(),
+            bandwidth: self
+                .bandwidth
+                .iter()
+                .map(|b| pb::SystemBandwidth {
+                    zone_id: b.zone_id.clone(),
+                    up_bps: b.up_bps,
+                    down_bps: b.down_bps,
+                })
+                .collect(),
+            alert_percent: self.alert_percent,
+            interval_secs: self.interval_secs,
         }
     }
 }

@@ -89,6 +89,96 @@ struct MirrorSessionSpec {
 
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct InformationSystemSpec {
+    #[serde(default)]
+    display_name: Option<String>,
+    /// Every port of these VPCs.
+    #[serde(default)]
+    vpcs: Vec<String>,
+    /// And these ports.
+    #[serde(default)]
+    ports: Vec<String>,
+    bandwidth: Vec<SystemBandwidthSpec>,
+    #[serde(default)]
+    alert_percent: u32,
+    #[serde(default)]
+    interval_seconds: u32,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct SystemBandwidthSpec {
+    zone: String,
+    up: Bandwidth,
+    down: Bandwidth,
+}
+
+/// Bits a second: `100000000`, or `"100M"` (k, M, G and T by 1000;
+/// `bps` or `bit/s` after them allowed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Bandwidth(u64);
+
+impl<'de> Deserialize<'de> for Bandwidth {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(BandwidthVisitor)
+    }
+}
+
+struct BandwidthVisitor;
+
+impl serde::de::Visitor<'_> for BandwidthVisitor {
+    type Value = Bandwidth;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("bits a second: 100000000 or \"100M\"")
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Bandwidth, E> {
+        Ok(Bandwidth(n))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Bandwidth, E> {
+        u64::try_from(n)
+            .map(Bandwidth)
+            .map_err(|_| E::custom(format!("bandwidth {n} is negative")))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Bandwidth, E> {
+        parse_bandwidth(s).map(Bandwidth).map_err(E::custom)
+    }
+}
+
+impl Serialize for Bandwidth {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0)
+    }
+}
+
+/// `"100M"`, `"1.5G"`, `"800kbps"`: bits a second.
+fn parse_bandwidth(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("bit/s")
+        .or_else(|| t.strip_suffix("bps"))
+        .unwrap_or(t)
+        .trim_end();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'k' | 'K')) => (&t[..i], 1e3),
+        Some((i, 'M')) => (&t[..i], 1e6),
+        Some((i, 'G')) => (&t[..i], 1e9),
+        Some((i, 'T')) => (&t[..i], 1e12),
+        _ => (t, 1.0),
+    };
+    let bad = || format!("invalid bandwidth {s:?}: expected bits a second, such as 100000000 or \"100M\"");
+    let n: f64 = num.trim().parse().map_err(|_| bad())?;
+    if !n.is_finite() || n < 0.0 || n * mult > u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok((n * mult).round() as u64)
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct MirrorSelect {
     #[serde(default)]
     zone: Option<String>,
@@ -1132,7 +1222,11 @@ impl ManifestResource for model::MirrorSession {
                 })
                 .collect();
         }
-        for (k, v) in [("sample", self.sample), ("snapLen", self.snap_len), ("ratePps", self.rate_pps)] {
+        for (k, v) in [
+            ("sample", self.sample),
+            ("snapLen", self.snap_len),
+            ("ratePps", self.rate_pps),
+        ] {
             if v != 0 {
                 spec[k] = serde_json::json!(v);
             }
@@ -1148,6 +1242,51 @@ impl ManifestResource for model::MirrorSession {
                 session,
             } => serde_json::json!({"erspan": {"remote": remote.to_string(), "version": version, "session": session}}),
         };
+        (&self.id, None, spec)
+    }
+}
+
+impl ManifestResource for model::InformationSystem {
+    type Spec = InformationSystemSpec;
+    fn from_manifest(metadata: Metadata, spec: Option<InformationSystemSpec>) -> Result<Self, String> {
+        let spec = self::spec(spec)?;
+        Ok(model::InformationSystem {
+            name: display_name(spec.display_name, &metadata.name),
+            id: metadata.name,
+            vpc_ids: spec.vpcs,
+            port_ids: spec.ports,
+            bandwidth: spec
+                .bandwidth
+                .into_iter()
+                .map(|b| model::SystemBandwidth {
+                    zone_id: b.zone,
+                    up_bps: b.up.0,
+                    down_bps: b.down.0,
+                })
+                .collect(),
+            alert_percent: spec.alert_percent,
+            interval_secs: spec.interval_seconds,
+        })
+    }
+    fn to_manifest(&self) -> (&str, Option<&str>, serde_json::Value) {
+        let mut spec = serde_json::json!({
+            "bandwidth": self.bandwidth.iter().map(|b| serde_json::json!({
+                "zone": b.zone_id, "up": b.up_bps, "down": b.down_bps,
+            })).collect::<Vec<_>>(),
+        });
+        put_display_name(&mut spec, &self.name, &self.id);
+        if !self.vpc_ids.is_empty() {
+            spec["vpcs"] = serde_json::json!(self.vpc_ids);
+        }
+        if !self.port_ids.is_empty() {
+            spec["ports"] = serde_json::json!(self.port_ids);
+        }
+        if self.alert_percent != 0 {
+            spec["alertPercent"] = serde_json::json!(self.alert_percent);
+        }
+        if self.interval_secs != 0 {
+            spec["intervalSeconds"] = serde_json::json!(self.interval_secs);
+        }
         (&self.id, None, spec)
     }
 }
@@ -1353,6 +1492,45 @@ kind: Tenant
 metadata:
   name: t1
 ";
+
+    #[test]
+    fn bandwidths_read_with_their_units() {
+        for (t, n) in [
+            ("100M", 100_000_000),
+            ("1.5G", 1_500_000_000),
+            ("800kbps", 800_000),
+            ("64 bit/s", 64),
+            ("7", 7),
+        ] {
+            assert_eq!(parse_bandwidth(t), Ok(n), "{t}");
+        }
+        for t in ["", "M", "-1M", "10X", "1e400", "NaN"] {
+            assert!(parse_bandwidth(t).is_err(), "{t}");
+        }
+        let doc = "\
+apiVersion: sdn/v1
+kind: InformationSystem
+metadata:
+  name: tax
+spec:
+  vpcs: [v1]
+  bandwidth:
+    - zone: internet
+      up: 100M
+      down: 2G
+";
+        let ops = parse_str("s.yaml", doc).unwrap();
+        let Op::PutInformationSystem(x) = &ops[0].op else {
+            panic!()
+        };
+        assert_eq!(
+            (x.bandwidth[0].up_bps, x.bandwidth[0].down_bps),
+            (100_000_000, 2_000_000_000)
+        );
+        let bad = doc.replace("2G", "two");
+        let e = parse_str("s.yaml", &bad).unwrap_err().to_string();
+        assert!(e.starts_with("s.yaml:10:") && e.contains("bandwidth[0].down"), "{e}");
+    }
 
     #[test]
     fn parses_documents() {

@@ -176,6 +176,65 @@ impl MirrorSession {
     }
 }
 
+/// The bandwidth an information system has towards one zone, in bits a
+/// second each way: `up` leaves the system for the zone, `down` comes in.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SystemBandwidth {
+    pub zone_id: String,
+    pub up_bps: u64,
+    pub down_bps: u64,
+}
+
+/// An information system: a set of ports, given one by one or as whole
+/// VPCs, whose traffic with each zone (the extranet, the internet) the
+/// supervisor sees as peaks per interval, with an event when it crosses a
+/// share of the system's bandwidth.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InformationSystem {
+    pub id: String,
+    pub name: String,
+    /// Every port of these VPCs is the system's.
+    pub vpc_ids: Vec<String>,
+    /// And these ports (of other VPCs).
+    pub port_ids: Vec<String>,
+    pub bandwidth: Vec<SystemBandwidth>,
+    /// The share of a bandwidth, in percent, whose crossing sends an event
+    /// (0: the default, 80).
+    pub alert_percent: u32,
+    /// The length of a peak's interval in seconds (0: the default, 60).
+    pub interval_secs: u32,
+}
+
+impl InformationSystem {
+    /// The share in force, in percent.
+    pub fn alert(&self) -> u32 {
+        if self.alert_percent == 0 {
+            SYSTEM_ALERT_DEFAULT
+        } else {
+            self.alert_percent
+        }
+    }
+
+    /// The interval in force, in seconds.
+    pub fn interval(&self) -> u32 {
+        if self.interval_secs == 0 {
+            SYSTEM_INTERVAL_DEFAULT
+        } else {
+            self.interval_secs
+        }
+    }
+}
+
+/// An information system's alert share by default, in percent.
+pub const SYSTEM_ALERT_DEFAULT: u32 = 80;
+/// An information system's peak interval: by default, the least and the
+/// most, in seconds.
+pub const SYSTEM_INTERVAL_DEFAULT: u32 = 60;
+pub const SYSTEM_INTERVAL_MIN: u32 = 5;
+pub const SYSTEM_INTERVAL_MAX: u32 = 3600;
+/// VPCs and ports one system lists, at most.
+pub const SYSTEM_MEMBERS_MAX: usize = 4096;
+
 /// A network zone outside the VPCs (the e-government extranet, the
 /// internet), reached through an uplink device on every host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -470,6 +529,8 @@ macro_rules! for_each_kind {
                 list: vpc_peerings, order: 3, manifest: ["VpcPeering"], log: 10),
             (MirrorSession, MirrorSession, "mirror_session", mirror_sessions, PutMirrorSession,
                 list: mirror_sessions, order: 7, manifest: ["MirrorSession"], log: 12),
+            (InformationSystem, InformationSystem, "information_system", information_systems, PutInformationSystem,
+                list: information_systems, order: 7, manifest: ["InformationSystem"], log: 13),
         }
     };
 }
@@ -483,7 +544,12 @@ pub const DELETE_LOG_INDEX: u32 = 11;
 
 /// The highest operation number this release reads.
 pub fn log_index_max() -> u32 {
-    Kind::ALL.iter().map(|k| k.log_index()).max().unwrap_or(0).max(DELETE_LOG_INDEX)
+    Kind::ALL
+        .iter()
+        .map(|k| k.log_index())
+        .max()
+        .unwrap_or(0)
+        .max(DELETE_LOG_INDEX)
 }
 
 impl Op {
@@ -921,7 +987,13 @@ impl Resource for FirewallPolicy {
 
 impl Resource for MirrorSession {
     fn describe(&self) -> String {
-        format!("put mirror_session {}: {} {:?} to {}", self.id, self.scope(), self.direction, self.destination_text())
+        format!(
+            "put mirror_session {}: {} {:?} to {}",
+            self.id,
+            self.scope(),
+            self.direction,
+            self.destination_text()
+        )
     }
     fn summary(&self) -> String {
         format!(
@@ -937,14 +1009,42 @@ impl Resource for MirrorSession {
     }
 }
 
+impl Resource for InformationSystem {
+    fn describe(&self) -> String {
+        format!("put information_system {}: {}", self.id, self.summary())
+    }
+    fn summary(&self) -> String {
+        let bw: Vec<String> = self
+            .bandwidth
+            .iter()
+            .map(|b| format!("{} up={} down={}", b.zone_id, b.up_bps, b.down_bps))
+            .collect();
+        format!(
+            "vpcs={} ports={} bandwidth=[{}] alert={}% interval={}s",
+            self.vpc_ids.join(","),
+            self.port_ids.join(","),
+            bw.join("; "),
+            self.alert(),
+            self.interval()
+        )
+    }
+}
+
 impl MirrorSession {
     /// The destination in a few words.
     pub fn destination_text(&self) -> String {
         match &self.destination {
             MirrorDestination::Tap { port_id, vni } => format!("tap port {port_id} (vni {vni})"),
             MirrorDestination::Vxlan { remote, vni, port } => format!("vxlan {remote}:{port} vni {vni}"),
-            MirrorDestination::Erspan { remote, version, session } => {
-                format!("erspan type {} {remote} session {session}", if *version == 3 { "III" } else { "II" })
+            MirrorDestination::Erspan {
+                remote,
+                version,
+                session,
+            } => {
+                format!(
+                    "erspan type {} {remote} session {session}",
+                    if *version == 3 { "III" } else { "II" }
+                )
             }
         }
     }
@@ -1055,6 +1155,7 @@ mod log_form {
                 "firewall_policy",
                 "vpc_peering",
                 "mirror_session",
+                "information_system",
             ],
             "a kind was inserted or moved: add new kinds at the end of the table"
         );

@@ -57,6 +57,8 @@ pub struct State {
     pub peerings: BTreeMap<String, VpcPeering>,
     #[serde(default)]
     pub mirror_sessions: BTreeMap<String, MirrorSession>,
+    #[serde(default)]
+    pub information_systems: BTreeMap<String, InformationSystem>,
     /// What validation allows beyond each object's own rules; the same on
     /// every replica.
     #[serde(default)]
@@ -87,6 +89,8 @@ struct Stored {
     #[serde(default)]
     mirror_sessions: BTreeMap<String, MirrorSession>,
     #[serde(default)]
+    information_systems: BTreeMap<String, InformationSystem>,
+    #[serde(default)]
     settings: Settings,
 }
 
@@ -105,6 +109,7 @@ impl From<Stored> for State {
             firewall_policies: x.firewall_policies,
             peerings: x.peerings,
             mirror_sessions: x.mirror_sessions,
+            information_systems: x.information_systems,
             settings: x.settings,
             index: Index::default(),
         };
@@ -344,6 +349,7 @@ impl State {
             Op::PutFirewallPolicy(f) => self.put_firewall_policy(c, f)?,
             Op::PutVpcPeering(x) => self.put_peering(c, x)?,
             Op::PutMirrorSession(x) => self.put_mirror(c, x)?,
+            Op::PutInformationSystem(x) => self.put_system(c, x)?,
             Op::Delete { kind, id } => self.delete(c, *kind, id)?,
         }
         Ok(())
@@ -370,7 +376,9 @@ impl State {
 
     /// The mirror session whose copies travel under `vni`, if any.
     fn mirror_of_vni(&self, vni: u32, except: &str) -> Option<&MirrorSession> {
-        self.mirror_sessions.values().find(|m| m.id != except && m.vni() == Some(vni))
+        self.mirror_sessions
+            .values()
+            .find(|m| m.id != except && m.vni() == Some(vni))
     }
 
     /// The ports a mirror session copies the traffic of (its tap port
@@ -410,7 +418,10 @@ impl State {
         if scopes.len() > 1 {
             return Err(c.err(
                 scopes[1].0,
-                format!("give at most one of zone_id, tenant_id, vpc_id and port_id (also {} is given)", scopes[0].0),
+                format!(
+                    "give at most one of zone_id, tenant_id, vpc_id and port_id (also {} is given)",
+                    scopes[0].0
+                ),
             ));
         }
         if let Some((field, id)) = scopes.first() {
@@ -425,7 +436,10 @@ impl State {
             }
         }
         if m.rules.len() > MIRROR_RULES_MAX {
-            return Err(c.err("rules", format!("{} rules; a session has at most {MIRROR_RULES_MAX}", m.rules.len())));
+            return Err(c.err(
+                "rules",
+                format!("{} rules; a session has at most {MIRROR_RULES_MAX}", m.rules.len()),
+            ));
         }
         for (i, r) in m.rules.iter().enumerate() {
             let f = |x: &str| format!("rules[{i}].{x}");
@@ -446,7 +460,10 @@ impl State {
             }
             if let (Some(a), Some(b)) = (r.source, r.destination) {
                 if a.is_ipv4() != b.is_ipv4() {
-                    return Err(c.err(&f("destination_cidr"), "the source and destination are of different families"));
+                    return Err(c.err(
+                        &f("destination_cidr"),
+                        "the source and destination are of different families",
+                    ));
                 }
             }
             let v6 = r.source.or(r.destination).map(|n| n.is_ipv6());
@@ -462,7 +479,10 @@ impl State {
         if m.snap_len != 0 && !(MIRROR_SNAP_MIN..=MIRROR_SNAP_MAX).contains(&m.snap_len) {
             return Err(c.err(
                 "snap_len",
-                format!("{} is not 0 (the whole packet) nor {MIRROR_SNAP_MIN} to {MIRROR_SNAP_MAX}", m.snap_len),
+                format!(
+                    "{} is not 0 (the whole packet) nor {MIRROR_SNAP_MIN} to {MIRROR_SNAP_MAX}",
+                    m.snap_len
+                ),
             ));
         }
         if m.rate_pps > MIRROR_RATE_MAX {
@@ -527,7 +547,10 @@ impl State {
             }
             // Copies under a VPC's VNI would reach that VPC's ports.
             if let Some(v) = self.index.vnis.get(&vni) {
-                return Err(c.err(field, format!("vni {vni} is vpc {v}'s; copies must travel under a VNI of their own")));
+                return Err(c.err(
+                    field,
+                    format!("vni {vni} is vpc {v}'s; copies must travel under a VNI of their own"),
+                ));
             }
             if let Some(o) = self.mirror_of_vni(vni, &m.id) {
                 return Err(c.err(field, format!("vni {vni} is already mirror session {}'s", o.id)));
@@ -537,13 +560,130 @@ impl State {
         Ok(())
     }
 
+    fn put_system(&mut self, c: &Ctx, m: &InformationSystem) -> Result<(), BatchError> {
+        check_id(&m.id).map_err(|e| c.err("id", e))?;
+        if m.vpc_ids.is_empty() && m.port_ids.is_empty() {
+            return Err(c.err("vpc_ids", "an information system needs at least one VPC or port"));
+        }
+        if m.vpc_ids.len() + m.port_ids.len() > SYSTEM_MEMBERS_MAX {
+            return Err(c.err("port_ids", format!("more than {SYSTEM_MEMBERS_MAX} VPCs and ports")));
+        }
+        let others = || self.information_systems.values().filter(|o| o.id != m.id);
+        let mut seen = BTreeSet::new();
+        for (i, v) in m.vpc_ids.iter().enumerate() {
+            let field = format!("vpc_ids[{i}]");
+            if !self.vpcs.contains_key(v) {
+                return Err(c.err(&field, format!("unknown vpc {v:?}")));
+            }
+            if !seen.insert(v) {
+                return Err(c.err(&field, format!("vpc {v} is listed twice")));
+            }
+            if let Some(o) = others().find(|o| o.vpc_ids.contains(v)) {
+                return Err(c.err(&field, format!("vpc {v} is already information system {}'s", o.id)));
+            }
+            if let Some((o, p)) = others()
+                .flat_map(|o| o.port_ids.iter().map(move |p| (o, p)))
+                .find(|(_, p)| self.ports.get(*p).map(|p| self.vpc_of(p)) == Some(v.as_str()))
+            {
+                return Err(c.err(
+                    &field,
+                    format!("port {p} of vpc {v} is already information system {}'s", o.id),
+                ));
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for (i, id) in m.port_ids.iter().enumerate() {
+            let field = format!("port_ids[{i}]");
+            let Some(p) = self.ports.get(id) else {
+                return Err(c.err(&field, format!("unknown port {id:?}")));
+            };
+            if !seen.insert(id) {
+                return Err(c.err(&field, format!("port {id} is listed twice")));
+            }
+            let vpc = self.vpc_of(p);
+            if m.vpc_ids.iter().any(|v| v == vpc) {
+                return Err(c.err(
+                    &field,
+                    format!("port {id} is in vpc {vpc}, which the system lists whole"),
+                ));
+            }
+            if let Some(o) = others().find(|o| o.port_ids.contains(id) || o.vpc_ids.iter().any(|v| v == vpc)) {
+                return Err(c.err(&field, format!("port {id} is already information system {}'s", o.id)));
+            }
+        }
+        if m.bandwidth.is_empty() {
+            return Err(c.err("bandwidth", "give the system's bandwidth towards at least one zone"));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, b) in m.bandwidth.iter().enumerate() {
+            if !self.zones.contains_key(&b.zone_id) {
+                return Err(c.err(
+                    &format!("bandwidth[{i}].zone_id"),
+                    format!("unknown zone {:?}", b.zone_id),
+                ));
+            }
+            if !seen.insert(&b.zone_id) {
+                return Err(c.err(
+                    &format!("bandwidth[{i}].zone_id"),
+                    format!("zone {} is given twice", b.zone_id),
+                ));
+            }
+            for (f, v) in [("up_bps", b.up_bps), ("down_bps", b.down_bps)] {
+                if v == 0 {
+                    return Err(c.err(&format!("bandwidth[{i}].{f}"), "must be more than 0 bits a second"));
+                }
+            }
+        }
+        if m.alert_percent > 100 {
+            return Err(c.err(
+                "alert_percent",
+                format!("{} is not a share (1 to 100 percent, 0: 80)", m.alert_percent),
+            ));
+        }
+        if m.interval_secs != 0 && !(SYSTEM_INTERVAL_MIN..=SYSTEM_INTERVAL_MAX).contains(&m.interval_secs) {
+            return Err(c.err(
+                "interval_secs",
+                format!(
+                    "{} s is outside {SYSTEM_INTERVAL_MIN} to {SYSTEM_INTERVAL_MAX} s",
+                    m.interval_secs
+                ),
+            ));
+        }
+        self.replace(
+            Kind::InformationSystem,
+            &m.id,
+            Some(Object::InformationSystem(m.clone())),
+        );
+        Ok(())
+    }
+
+    /// The information system whose traffic includes `port`'s, if one's does.
+    pub fn system_of_port(&self, port: &Port) -> Option<&InformationSystem> {
+        let vpc = self.vpc_of(port);
+        self.information_systems
+            .values()
+            .find(|s| s.port_ids.contains(&port.id) || s.vpc_ids.iter().any(|v| v == vpc))
+    }
+
+    /// The information system that refers to `kind` `id`, if one does.
+    fn system_using(&self, kind: Kind, id: &str) -> Option<&InformationSystem> {
+        self.information_systems.values().find(|s| match kind {
+            Kind::Zone => s.bandwidth.iter().any(|b| b.zone_id == id),
+            Kind::Vpc => s.vpc_ids.iter().any(|v| v == id),
+            Kind::Port => s.port_ids.iter().any(|p| p == id),
+            _ => false,
+        })
+    }
+
     /// The mirror session that refers to `kind` `id`, if one does.
     fn mirror_using(&self, kind: Kind, id: &str) -> Option<&MirrorSession> {
         self.mirror_sessions.values().find(|m| match kind {
             Kind::Zone => m.zone_id == id,
             Kind::Tenant => m.tenant_id == id,
             Kind::Vpc => m.vpc_id == id,
-            Kind::Port => m.port_id == id || matches!(&m.destination, MirrorDestination::Tap { port_id, .. } if port_id == id),
+            Kind::Port => {
+                m.port_id == id || matches!(&m.destination, MirrorDestination::Tap { port_id, .. } if port_id == id)
+            }
             _ => false,
         })
     }
@@ -1117,12 +1257,17 @@ impl State {
         check_id(&p.id).map_err(|m| c.err("id", m))?;
         self.need_tenant(c, "tenant_id", &p.tenant_id)?;
         if !p.security_group_ids.is_empty() {
-            if let Some(m) = self.mirror_sessions.values().find(|m| {
-                matches!(&m.destination, MirrorDestination::Tap { port_id, .. } if *port_id == p.id)
-            }) {
+            if let Some(m) = self
+                .mirror_sessions
+                .values()
+                .find(|m| matches!(&m.destination, MirrorDestination::Tap { port_id, .. } if *port_id == p.id))
+            {
                 return Err(c.err(
                     "security_group_ids",
-                    format!("port {} is mirror session {}'s tap: a tap takes copies only, and has no security group", p.id, m.id),
+                    format!(
+                        "port {} is mirror session {}'s tap: a tap takes copies only, and has no security group",
+                        p.id, m.id
+                    ),
                 ));
             }
         }
@@ -1522,12 +1667,7 @@ impl State {
                 // exists nor whose it is.
                 match self.security_groups.get(id) {
                     Some(x) if x.tenant_id == g.tenant_id => {}
-                    _ => {
-                        return Err(c.err(
-                            &field,
-                            format!("tenant {} has no security group {id:?}", g.tenant_id),
-                        ))
-                    }
+                    _ => return Err(c.err(&field, format!("tenant {} has no security group {id:?}", g.tenant_id))),
                 }
             }
         }
@@ -1539,7 +1679,15 @@ impl State {
         if let Some(m) = self.mirror_using(kind, id) {
             return in_use(format!("mirror session {}", m.id));
         }
+        if let Some(m) = self.system_using(kind, id) {
+            return in_use(format!("information system {}", m.id));
+        }
         match kind {
+            Kind::InformationSystem => {
+                if self.replace(Kind::InformationSystem, id, None).is_none() {
+                    return Err(c.err("id", format!("unknown information system {id:?}")));
+                }
+            }
             Kind::MirrorSession => {
                 if self.replace(Kind::MirrorSession, id, None).is_none() {
                     return Err(c.err("id", format!("unknown mirror session {id:?}")));

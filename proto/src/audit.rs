@@ -216,7 +216,10 @@ impl Verifier {
             ));
         }
         if first_page.anchor_hash.len() != HASH_LEN {
-            return Err(format!("anchor_hash: {} bytes, not {HASH_LEN}", first_page.anchor_hash.len()));
+            return Err(format!(
+                "anchor_hash: {} bytes, not {HASH_LEN}",
+                first_page.anchor_hash.len()
+            ));
         }
         if first_page.anchor_revision == first_page.chain_start
             && first_page.anchor_hash != genesis(first_page.chain_start)
@@ -248,7 +251,10 @@ impl Verifier {
             why,
         };
         if r.revision <= self.last_seen {
-            return Err(broken(format!("it comes after revision {}: out of order", self.last_seen)));
+            return Err(broken(format!(
+                "it comes after revision {}: out of order",
+                self.last_seen
+            )));
         }
         self.last_seen = r.revision;
         if r.revision <= self.chain_start {
@@ -465,11 +471,24 @@ mod tests {
         // A copy that claims the chain starts later.
         let (late, late_records) = chain(2, 2);
         let v = check(&late, &late_records).unwrap();
-        assert!(v.check_checkpoint(2, &records[1].hash).unwrap_err().contains("rewritten"));
-        assert!(v.check_checkpoint(1, &records[0].hash).unwrap_err().contains("older than the chain"));
+        assert!(v
+            .check_checkpoint(2, &records[1].hash)
+            .unwrap_err()
+            .contains("rewritten"));
+        assert!(v
+            .check_checkpoint(1, &records[0].hash)
+            .unwrap_err()
+            .contains("older than the chain"));
         assert!(v.agrees_with(&honest).is_err());
         // A copy behind another agrees where both hold records.
-        let behind = check(&pb::AuditResponse { head_revision: 3, ..head.clone() }, &records[..3]).unwrap();
+        let behind = check(
+            &pb::AuditResponse {
+                head_revision: 3,
+                ..head.clone()
+            },
+            &records[..3],
+        )
+        .unwrap();
         behind.agrees_with(&honest).unwrap();
     }
 

@@ -135,6 +135,8 @@ pub enum Severity {
 
 /// Facility: security/authorization messages.
 pub const FACILITY_AUTH: u8 = 4;
+/// Facility: system daemons (measurements, such as bandwidth peaks).
+pub const FACILITY_DAEMON: u8 = 3;
 /// Facility: log audit.
 pub const FACILITY_AUDIT: u8 = 13;
 
@@ -191,11 +193,7 @@ pub fn hostname() -> String {
 /// A header field: printable US-ASCII without spaces, at most `max`
 /// characters; `-` when empty.
 fn header_token(s: &str, max: usize) -> String {
-    let t: String = s
-        .chars()
-        .filter(|c| c.is_ascii_graphic())
-        .take(max)
-        .collect();
+    let t: String = s.chars().filter(|c| c.is_ascii_graphic()).take(max).collect();
     if t.is_empty() {
         "-".into()
     } else {
@@ -375,7 +373,11 @@ async fn connect(
     }
     let c = tls.as_ref().expect("checked at start");
     let mut config = c.configure().map_err(std::io::Error::other)?;
-    let name = if name.is_empty() { r.addr.ip().to_string() } else { name.to_string() };
+    let name = if name.is_empty() {
+        r.addr.ip().to_string()
+    } else {
+        name.to_string()
+    };
     if name.parse::<std::net::IpAddr>().is_ok() {
         // An address: checked against the certificate's IP addresses.
         config.set_use_server_name_indication(false);
@@ -579,10 +581,14 @@ mod tests {
             tenant: None,
         };
         let receive = |issuer: &Ca| {
-            let (cert, key) = issuer.issue(&id, &["127.0.0.1".to_string()], Validity::days(1)).unwrap();
+            let (cert, key) = issuer
+                .issue(&id, &["127.0.0.1".to_string()], Validity::days(1))
+                .unwrap();
             let mut b = boring::ssl::SslAcceptor::mozilla_intermediate(boring::ssl::SslMethod::tls()).unwrap();
-            b.set_certificate(&boring::x509::X509::from_pem(&cert).unwrap()).unwrap();
-            b.set_private_key(&boring::pkey::PKey::private_key_from_pem(&key).unwrap()).unwrap();
+            b.set_certificate(&boring::x509::X509::from_pem(&cert).unwrap())
+                .unwrap();
+            b.set_private_key(&boring::pkey::PKey::private_key_from_pem(&key).unwrap())
+                .unwrap();
             let acceptor = b.build();
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.set_nonblocking(true).unwrap();
@@ -594,7 +600,11 @@ mod tests {
                     return Vec::new();
                 };
                 let mut v = Vec::new();
-                let _ = tokio::time::timeout(Duration::from_secs(2), tokio::io::AsyncReadExt::read_to_end(&mut s, &mut v)).await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    tokio::io::AsyncReadExt::read_to_end(&mut s, &mut v),
+                )
+                .await;
                 v
             });
             (addr, got)
@@ -631,7 +641,12 @@ mod tests {
                 assert_eq!(len.parse::<usize>().unwrap(), msg.len(), "{text}");
                 assert!(msg.contains("auth_refused [sdn@32473 actor=\"mallory\"]"), "{text}");
             } else {
-                assert_eq!((sent, text.as_str()), (0, ""), "issuer {}, name {name:?}", if std::ptr::eq(issuer, &ca) { "ca" } else { "other" });
+                assert_eq!(
+                    (sent, text.as_str()),
+                    (0, ""),
+                    "issuer {}, name {name:?}",
+                    if std::ptr::eq(issuer, &ca) { "ca" } else { "other" }
+                );
             }
         }
     }

@@ -117,7 +117,8 @@ impl Identity {
         let ok = |s: &str| {
             !s.is_empty()
                 && s.len() <= 128
-                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         };
         match (role, parts.as_slice()) {
             (Role::Tenant, [_, t, n]) if ok(t) && ok(n) => Ok(Identity {
@@ -269,17 +270,28 @@ pub struct Files {
 
 impl Files {
     /// From three optional paths: all or none.
-    pub fn from_parts(ca: Option<PathBuf>, cert: Option<PathBuf>, key: Option<PathBuf>) -> Result<Option<Files>, String> {
+    pub fn from_parts(
+        ca: Option<PathBuf>,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+    ) -> Result<Option<Files>, String> {
         match (ca, cert, key) {
             (None, None, None) => Ok(None),
             (Some(ca), Some(cert), Some(key)) => Ok(Some(Files { ca, cert, key })),
             (ca, cert, key) => {
-                let missing: Vec<&str> = [("--tls-ca", ca.is_none()), ("--tls-cert", cert.is_none()), ("--tls-key", key.is_none())]
-                    .into_iter()
-                    .filter(|(_, m)| *m)
-                    .map(|(f, _)| f)
-                    .collect();
-                Err(format!("TLS needs --tls-ca, --tls-cert and --tls-key together; missing {}", missing.join(", ")))
+                let missing: Vec<&str> = [
+                    ("--tls-ca", ca.is_none()),
+                    ("--tls-cert", cert.is_none()),
+                    ("--tls-key", key.is_none()),
+                ]
+                .into_iter()
+                .filter(|(_, m)| *m)
+                .map(|(f, _)| f)
+                .collect();
+                Err(format!(
+                    "TLS needs --tls-ca, --tls-cert and --tls-key together; missing {}",
+                    missing.join(", ")
+                ))
             }
         }
     }
@@ -333,7 +345,9 @@ impl<T> Reloading<T> {
                     tracing::info!(cert = %self.files.cert.display(), "TLS certificate files changed: loaded again for new connections");
                     cur.0 = Arc::new(v);
                 }
-                Err(e) => tracing::error!(error = %e, "TLS certificate files changed but do not load; the previous ones stay in use"),
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS certificate files changed but do not load; the previous ones stay in use")
+                }
             }
         }
         cur.0.clone()
@@ -476,9 +490,11 @@ fn load_own(b: &mut boring::ssl::SslContextBuilder, f: &Files) -> Result<(), Str
     // The certificate must itself be one the CA issued, or peers refuse it.
     let own = std::fs::read(&f.cert).map_err(|e| format!("reading {}: {e}", f.cert.display()))?;
     let own = X509::from_pem(&own).map_err(ssl_err("reading the certificate", &f.cert))?;
-    let issued = cas
-        .iter()
-        .any(|ca| ca.public_key().map(|k| own.verify(&k).unwrap_or(false)).unwrap_or(false));
+    let issued = cas.iter().any(|ca| {
+        ca.public_key()
+            .map(|k| own.verify(&k).unwrap_or(false))
+            .unwrap_or(false)
+    });
     if !issued {
         return Err(format!(
             "{} was not issued by the CA in {}",
@@ -583,7 +599,10 @@ mod tests {
             assert_eq!(Identity::parse_uri(uri).unwrap().uri(), uri);
         }
         let t = Identity::parse_uri("sdn://tenant/dept-a/alice").unwrap();
-        assert_eq!((t.role, t.tenant.as_deref(), t.name.as_str()), (Role::Tenant, Some("dept-a"), "alice"));
+        assert_eq!(
+            (t.role, t.tenant.as_deref(), t.name.as_str()),
+            (Role::Tenant, Some("dept-a"), "alice")
+        );
         for (uri, why) in [
             ("https://replica/1", "not an sdn:// URI"),
             ("sdn://root/x", "unknown role"),

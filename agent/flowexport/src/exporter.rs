@@ -252,7 +252,12 @@ mod tests {
         assert_eq!((c.transport, c.addr.port()), (Transport::Udp, 4739));
         let c: Collector = "tcp://[::1]:4739".parse().unwrap();
         assert_eq!(c.transport, Transport::Tcp);
-        for bad in ["127.0.0.1:4739", "sctp://127.0.0.1:1", "udp://collector:4739", "udp://127.0.0.1"] {
+        for bad in [
+            "127.0.0.1:4739",
+            "sctp://127.0.0.1:1",
+            "udp://collector:4739",
+            "udp://127.0.0.1",
+        ] {
             let e = bad.parse::<Collector>().unwrap_err();
             assert!(e.contains(bad), "{e}");
         }
@@ -286,7 +291,10 @@ mod tests {
             }
         }
         assert_eq!(e.stats().records, 40);
-        assert!(seqs.len() > 1 && seqs[0] == 0 && seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+        assert!(
+            seqs.len() > 1 && seqs[0] == 0 && seqs.windows(2).all(|w| w[0] < w[1]),
+            "{seqs:?}"
+        );
     }
 
     /// Over TCP, a collector gone makes an error with the records counted,
@@ -317,7 +325,11 @@ mod tests {
         // Two messages: templates and a record, then a record alone.
         let first = u16::from_be_bytes([got[2], got[3]]) as usize;
         assert_eq!(&got[16..18], &[0, 2]);
-        assert_eq!(&got[first + 16..first + 18], &[1, 0], "no templates again on the same connection");
+        assert_eq!(
+            &got[first + 16..first + 18],
+            &[1, 0],
+            "no templates again on the same connection"
+        );
         assert_eq!(u32::from_be_bytes(got[first + 8..first + 12].try_into().unwrap()), 1);
     }
 }

@@ -34,7 +34,11 @@ impl Field {
     }
 
     pub const fn enterprise(pen: u32, id: u16, len: u16) -> Field {
-        Field { id, pen: Some(pen), len }
+        Field {
+            id,
+            pen: Some(pen),
+            len,
+        }
     }
 }
 
@@ -47,7 +51,11 @@ pub struct Template {
 
 impl Template {
     fn encoded_len(&self) -> usize {
-        4 + self.fields.iter().map(|f| if f.pen.is_some() { 8 } else { 4 }).sum::<usize>()
+        4 + self
+            .fields
+            .iter()
+            .map(|f| if f.pen.is_some() { 8 } else { 4 })
+            .sum::<usize>()
     }
 
     fn write(&self, out: &mut Vec<u8>) {
@@ -86,7 +94,11 @@ pub enum Value<'a> {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EncodeError {
     #[error("template {template}: {values} values for {fields} fields")]
-    Arity { template: u16, values: usize, fields: usize },
+    Arity {
+        template: u16,
+        values: usize,
+        fields: usize,
+    },
     #[error("template {template}, field {index} (element {id}): a value of {got} for a field of length {len}")]
     Mismatch {
         template: u16,
@@ -349,7 +361,15 @@ mod tests {
         assert!(e.to_string().contains("field 0 (element 8)"), "{e}");
         assert!(m.add_record(&t, &values[..2]).is_err());
         let big = "y".repeat(2000);
-        let e = m.add_record(&t, &[values[0].clone(), values[1].clone(), values[2].clone(), Value::Str(&big)]);
+        let e = m.add_record(
+            &t,
+            &[
+                values[0].clone(),
+                values[1].clone(),
+                values[2].clone(),
+                Value::Str(&big),
+            ],
+        );
         assert!(matches!(e, Err(EncodeError::TooLarge(_))), "{e:?}");
         assert!(m.is_empty());
     }

@@ -131,7 +131,11 @@ pub fn templates(pen: u32) -> [Template; 4] {
     ]
 }
 
-fn addresses<'a>(a: IpAddr, b: IpAddr, t: [&'a Template; 2]) -> Result<(Value<'a>, Value<'a>, &'a Template), RecordError> {
+fn addresses<'a>(
+    a: IpAddr,
+    b: IpAddr,
+    t: [&'a Template; 2],
+) -> Result<(Value<'a>, Value<'a>, &'a Template), RecordError> {
     match (a, b) {
         (IpAddr::V4(a), IpAddr::V4(b)) => Ok((Value::V4(a), Value::V4(b), t[0])),
         (IpAddr::V6(a), IpAddr::V6(b)) => Ok((Value::V6(a), Value::V6(b), t[1])),

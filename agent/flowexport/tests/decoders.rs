@@ -15,8 +15,16 @@ use sdn_flowexport::record::*;
 
 fn sample(i: u16, v6: bool) -> FlowRecord {
     FlowRecord {
-        src: if v6 { "fd10::5".parse().unwrap() } else { "10.1.0.5".parse().unwrap() },
-        dst: if v6 { "fd30::10".parse().unwrap() } else { "10.30.0.10".parse().unwrap() },
+        src: if v6 {
+            "fd10::5".parse().unwrap()
+        } else {
+            "10.1.0.5".parse().unwrap()
+        },
+        dst: if v6 {
+            "fd30::10".parse().unwrap()
+        } else {
+            "10.30.0.10".parse().unwrap()
+        },
         src_port: 40_000 + i,
         dst_port: 443,
         protocol: 6,
@@ -50,7 +58,11 @@ fn free_udp_port() -> u16 {
 }
 
 fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A capture file (raw IP link type) of one UDP datagram per message.
@@ -91,7 +103,10 @@ fn tshark_reads_every_field() {
     let mut second = Message::new(1400);
     assert!(sample(2, true).add_to(&mut second, &t).unwrap());
     let file = dir.path().join("ipfix.pcap");
-    pcap(&file, &[first.finish(1_764_979_300, 0, 9), second.finish(1_764_979_301, 1, 9)]);
+    pcap(
+        &file,
+        &[first.finish(1_764_979_300, 0, 9), second.finish(1_764_979_301, 1, 9)],
+    );
     let fields = [
         "cflow.srcaddr",
         "cflow.dstaddr",
@@ -111,7 +126,16 @@ fn tshark_reads_every_field() {
         "cflow.template_ipfix_field_pen",
     ];
     let mut cmd = Command::new("tshark");
-    cmd.args(["-r", file.to_str().unwrap(), "-T", "fields", "-E", "separator=|", "-E", "aggregator=,"]);
+    cmd.args([
+        "-r",
+        file.to_str().unwrap(),
+        "-T",
+        "fields",
+        "-E",
+        "separator=|",
+        "-E",
+        "aggregator=,",
+    ]);
     for f in fields {
         cmd.args(["-e", f]);
     }
@@ -141,10 +165,19 @@ fn tshark_reads_every_field() {
     let seg = col(0, "cflow.layer2_segment_id");
     assert!(seg == "72057594037932032" || seg.contains("1000"), "{seg}");
     // Nothing malformed, in the full dissection.
-    let full = Command::new("tshark").args(["-r", file.to_str().unwrap(), "-V"]).output().unwrap();
+    let full = Command::new("tshark")
+        .args(["-r", file.to_str().unwrap(), "-V"])
+        .output()
+        .unwrap();
     let full = String::from_utf8_lossy(&full.stdout);
-    assert!(!full.contains("Malformed") && !full.contains("Expert Info (Error"), "{full}");
-    assert!(full.contains("dept-a") || full.contains("64 65 70 74 2d 61") || full.contains("646570742d61"), "{full}");
+    assert!(
+        !full.contains("Malformed") && !full.contains("Expert Info (Error"),
+        "{full}"
+    );
+    assert!(
+        full.contains("dept-a") || full.contains("64 65 70 74 2d 61") || full.contains("646570742d61"),
+        "{full}"
+    );
 }
 
 /// The protocol records' templates too: tshark reads a DNS answer's and a
@@ -196,8 +229,26 @@ fn tshark_reads_protocol_records() {
     let file = dir.path().join("protocol.pcap");
     pcap(&file, &[m.finish(1_764_979_300, 0, 9)]);
     let out = Command::new("tshark")
-        .args(["-r", file.to_str().unwrap(), "-T", "fields", "-E", "separator=|", "-E", "aggregator=,"])
-        .args(["-e", "cflow.srcaddr", "-e", "cflow.srcaddrv6", "-e", "cflow.dstport", "-e", "cflow.template_id"])
+        .args([
+            "-r",
+            file.to_str().unwrap(),
+            "-T",
+            "fields",
+            "-E",
+            "separator=|",
+            "-E",
+            "aggregator=,",
+        ])
+        .args([
+            "-e",
+            "cflow.srcaddr",
+            "-e",
+            "cflow.srcaddrv6",
+            "-e",
+            "cflow.dstport",
+            "-e",
+            "cflow.template_id",
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -207,9 +258,15 @@ fn tshark_reads_protocol_records() {
     for id in ["258", "259", "260", "261"] {
         assert!(text.contains(id), "template {id}: {text}");
     }
-    let full = Command::new("tshark").args(["-r", file.to_str().unwrap(), "-V"]).output().unwrap();
+    let full = Command::new("tshark")
+        .args(["-r", file.to_str().unwrap(), "-V"])
+        .output()
+        .unwrap();
     let full = String::from_utf8_lossy(&full.stdout);
-    assert!(!full.contains("Malformed") && !full.contains("Expert Info (Error"), "{full}");
+    assert!(
+        !full.contains("Malformed") && !full.contains("Expert Info (Error"),
+        "{full}"
+    );
     assert!(full.contains("32473"), "{full}");
 }
 
@@ -234,12 +291,22 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 /// prints it back: addresses, ports, protocol, counters, times.
 #[tokio::test]
 async fn nfcapd_stores_and_nfdump_prints_our_records() {
-    assert!(have("nfcapd") && have("nfdump"), "nfdump is missing: scripts/setup.sh installs it");
+    assert!(
+        have("nfcapd") && have("nfdump"),
+        "nfdump is missing: scripts/setup.sh installs it"
+    );
     let dir = tempfile::tempdir().unwrap();
     let port = free_udp_port();
     let daemon = Daemon(
         Command::new("nfcapd")
-            .args(["-b", "127.0.0.1", "-p", &port.to_string(), "-w", dir.path().to_str().unwrap()])
+            .args([
+                "-b",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-w",
+                dir.path().to_str().unwrap(),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -260,7 +327,13 @@ async fn nfcapd_stores_and_nfdump_prints_our_records() {
     let mut d = daemon;
     let _ = d.0.wait();
     let out = Command::new("nfdump")
-        .args(["-R", dir.path().to_str().unwrap(), "-q", "-o", "fmt:%sa|%da|%sp|%dp|%pr|%byt|%pkt|%ts"])
+        .args([
+            "-R",
+            dir.path().to_str().unwrap(),
+            "-q",
+            "-o",
+            "fmt:%sa|%da|%sp|%dp|%pr|%byt|%pkt|%ts",
+        ])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -275,7 +348,10 @@ async fn nfcapd_stores_and_nfdump_prints_our_records() {
     assert_eq!(f[4], "TCP");
     assert!(f[6] == "321", "{v4}");
     assert!(f[7].starts_with("2025-12-06"), "{v4}");
-    assert!(lines.iter().any(|l| l.contains("fd10::5") && l.contains("fd30::10")), "{text}");
+    assert!(
+        lines.iter().any(|l| l.contains("fd10::5") && l.contains("fd30::10")),
+        "{text}"
+    );
 }
 
 /// pmacct's collector, told the cloud's enterprise elements by PEN and
@@ -286,7 +362,11 @@ async fn nfacctd_maps_the_enterprise_elements() {
     assert!(have("nfacctd"), "pmacct is missing: scripts/setup.sh installs it");
     for transport in [Transport::Udp] {
         let dir = tempfile::tempdir().unwrap();
-        let port = if transport == Transport::Udp { free_udp_port() } else { free_tcp_port() };
+        let port = if transport == Transport::Udp {
+            free_udp_port()
+        } else {
+            free_tcp_port()
+        };
         let primitives = dir.path().join("primitives.lst");
         std::fs::write(
             &primitives,
@@ -340,9 +420,15 @@ async fn nfacctd_maps_the_enterprise_elements() {
         }
         let log_text = || std::fs::read_to_string(dir.path().join("nfacctd.log")).unwrap_or_default();
         assert!(sent, "{transport:?}: nothing could be sent: {}", log_text());
-        wait_until(&format!("nfacctd's output over {transport:?}"), Duration::from_secs(15), || {
-            std::fs::read_to_string(&output).map(|t| t.contains("dept-a")).unwrap_or(false)
-        });
+        wait_until(
+            &format!("nfacctd's output over {transport:?}"),
+            Duration::from_secs(15),
+            || {
+                std::fs::read_to_string(&output)
+                    .map(|t| t.contains("dept-a"))
+                    .unwrap_or(false)
+            },
+        );
         drop(e);
         let text = std::fs::read_to_string(&output).unwrap();
         eprintln!("{transport:?}: {text}");
@@ -376,7 +462,14 @@ async fn tshark_reads_records_out_of_a_tcp_stream() {
     let file = dir.path().join("tcp.pcapng");
     let mut capture = Daemon(
         Command::new("tshark")
-            .args(["-i", "lo", "-f", &format!("tcp port {}", addr.port()), "-w", file.to_str().unwrap()])
+            .args([
+                "-i",
+                "lo",
+                "-f",
+                &format!("tcp port {}", addr.port()),
+                "-w",
+                file.to_str().unwrap(),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -401,7 +494,8 @@ async fn tshark_reads_records_out_of_a_tcp_stream() {
             }
         }
     });
-    rx.recv_timeout(Duration::from_secs(20)).expect("tshark did not start capturing");
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("tshark did not start capturing");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let c = Collector {
         addr,
@@ -442,12 +536,20 @@ async fn tshark_reads_records_out_of_a_tcp_stream() {
     eprintln!("{text}");
     let rows: Vec<&str> = text.lines().filter(|l| l.contains("40")).collect();
     let summary = Command::new("tshark")
-        .args(["-r", file.to_str().unwrap(), "-d", &format!("tcp.port=={},cflow", addr.port())])
+        .args([
+            "-r",
+            file.to_str().unwrap(),
+            "-d",
+            &format!("tcp.port=={},cflow", addr.port()),
+        ])
         .output()
         .unwrap();
     let summary = String::from_utf8_lossy(&summary.stdout).to_string() + &String::from_utf8_lossy(&summary.stderr);
     assert_eq!(rows.len(), 2, "two messages with records: {text}\n{summary}");
     assert!(rows[0].starts_with("0|10.1.0.5||40001"), "{text}");
-    assert!(rows[1].starts_with("1|10.1.0.5,") || rows[1].starts_with("1|10.1.0.5|"), "{text}");
+    assert!(
+        rows[1].starts_with("1|10.1.0.5,") || rows[1].starts_with("1|10.1.0.5|"),
+        "{text}"
+    );
     assert!(rows[1].contains("fd10::5"), "{text}");
 }

@@ -70,8 +70,8 @@ fn compile_firewall(id: &str, f: &pb::FirewallPolicy, n: u32, first: u32, d: &mu
                 Ok(pb::EtherType::Ipv6) => FAMILY_V6,
                 _ => return Err(ferr(format!("rule {}: unknown ether type", r.id))),
             };
-            let proto = super::protocol_number(r.protocol)
-                .ok_or_else(|| ferr(format!("rule {}: unknown protocol", r.id)))?;
+            let proto =
+                super::protocol_number(r.protocol).ok_or_else(|| ferr(format!("rule {}: unknown protocol", r.id)))?;
             let dir = match pb::Direction::try_from(r.direction) {
                 Ok(pb::Direction::Ingress) => DIR_INGRESS,
                 Ok(pb::Direction::Egress) => DIR_EGRESS,

@@ -123,22 +123,19 @@ pub fn compile_mirrors(
     rejected: &mut Vec<String>,
 ) -> MirrorPlan {
     let mut plan = MirrorPlan::default();
-    let mut sorted: Vec<(&pb::MirrorOnHost, &pb::MirrorSession)> =
-        sessions.iter().filter_map(|m| Some((*m, m.session.as_ref()?))).collect();
+    let mut sorted: Vec<(&pb::MirrorOnHost, &pb::MirrorSession)> = sessions
+        .iter()
+        .filter_map(|m| Some((*m, m.session.as_ref()?)))
+        .collect();
     sorted.sort_by(|a, b| a.1.id.cmp(&b.1.id));
-    slots.retain(|id, _| sorted.iter().any(|(_, s)| s.id == *id));
-    for (_, s) in &sorted {
-        if slots.contains_key(&s.id) {
-            continue;
-        }
-        let taken: BTreeSet<u32> = slots.values().copied().collect();
-        if let Some(free) = (0..MIRROR_SLOTS).find(|n| !taken.contains(n)) {
-            slots.insert(s.id.clone(), free);
-        }
-    }
+    let ids: Vec<&str> = sorted.iter().map(|(_, s)| s.id.as_str()).collect();
+    super::keep_slots(&ids, MIRROR_SLOTS, slots);
     for (on, s) in sorted {
         let Some(slot) = slots.get(&s.id).copied() else {
-            rejected.push(format!("mirror session {}: a host runs at most {MIRROR_SLOTS} sessions", s.id));
+            rejected.push(format!(
+                "mirror session {}: a host runs at most {MIRROR_SLOTS} sessions",
+                s.id
+            ));
             continue;
         };
         match plan_one(on, s, slot, ports, ifindex, cpus, &mut plan) {
@@ -184,13 +181,7 @@ fn plan_one(
                     .ok_or_else(|| format!("tap port {}: device {} is not on this host", t.port_id, tap.port.device))?;
                 tap_here = Some((t.port_id.clone(), ifx));
                 // Copies from the other hosts arrive under the VNI.
-                plan.vnis.insert(
-                    t.vni,
-                    MirrorVni {
-                        tap_ifindex: ifx,
-                        slot,
-                    },
-                );
+                plan.vnis.insert(t.vni, MirrorVni { tap_ifindex: ifx, slot });
                 for a in &on.senders {
                     if let Ok(IpAddr::V4(v4)) = a.parse::<IpAddr>() {
                         plan.senders.insert(u32::from(v4));
@@ -214,7 +205,10 @@ fn plan_one(
             }
         }
         Some(pb::mirror_session::Destination::Vxlan(v)) => Some(Send::Vxlan {
-            to: SocketAddr::new(parse_ip(&v.remote)?, if v.port == 0 { VXLAN_PORT } else { v.port as u16 }),
+            to: SocketAddr::new(
+                parse_ip(&v.remote)?,
+                if v.port == 0 { VXLAN_PORT } else { v.port as u16 },
+            ),
             vni: v.vni,
         }),
         Some(pb::mirror_session::Destination::Erspan(e)) => Some(Send::Erspan {

@@ -11,6 +11,7 @@ mod firewalls;
 pub mod mirror;
 mod overlay;
 mod sg;
+pub mod systems;
 mod zones;
 
 pub use firewalls::fw_rule_id;
@@ -80,6 +81,25 @@ pub struct Desired {
     pub rejected: Vec<String>,
     /// Mirror sessions: the ports they copy and where copies go.
     pub mirror: mirror::MirrorPlan,
+    /// Information systems: the ports whose traffic with zones is counted.
+    pub systems: systems::SystemPlan,
+}
+
+/// Keeps each of `ids` (in order) in the slot it had (`slots`, updated
+/// here), and gives the others the first free slots below `max`: a slot
+/// changes hands only when its holder is gone. An id beyond the slots gets
+/// none.
+pub(crate) fn keep_slots(ids: &[&str], max: u32, slots: &mut BTreeMap<String, u32>) {
+    slots.retain(|id, _| ids.contains(&id.as_str()));
+    for id in ids {
+        if slots.contains_key(*id) {
+            continue;
+        }
+        let taken: BTreeSet<u32> = slots.values().copied().collect();
+        if let Some(free) = (0..max).find(|n| !taken.contains(n)) {
+            slots.insert(id.to_string(), free);
+        }
+    }
 }
 
 /// The IP protocol number of an API protocol (0: any); `None` for one not
@@ -275,6 +295,8 @@ pub struct Compiler {
     pub last: Recompiled,
     /// Each mirror session's slot, kept from pass to pass.
     mirror_slots: BTreeMap<String, u32>,
+    /// Each information system's slot, kept from pass to pass.
+    system_slots: BTreeMap<String, u32>,
 }
 
 /// The kept part for `name` when its inputs are the same, else a fresh one.
@@ -357,6 +379,7 @@ impl Compiler {
         let mut exchanges: Vec<&pb::ExchangePath> = Vec::new();
         let mut firewalls: BTreeMap<&str, &pb::FirewallPolicy> = BTreeMap::new();
         let mut mirrors: Vec<&pb::MirrorOnHost> = Vec::new();
+        let mut systems: Vec<&pb::InformationSystem> = Vec::new();
         for r in res.values() {
             match &r.kind {
                 Some(pb::resource::Kind::Port(p)) => ports.push((r, p)),
@@ -380,6 +403,7 @@ impl Compiler {
                     member_versions.insert(&m.group_id, &r.version);
                 }
                 Some(pb::resource::Kind::MirrorSession(m)) => mirrors.push(m),
+                Some(pb::resource::Kind::InformationSystem(s)) => systems.push(s),
                 Some(pb::resource::Kind::Quarantine(_)) | None => {}
             }
         }
@@ -476,24 +500,40 @@ impl Compiler {
         }
         let nets: Vec<&pb::VpcNetwork> = networks.iter().map(|(_, n)| *n).collect();
         compile_peerings(&peerings, &nets, &fw_no, &mut d.endpoints, &mut d.rejected);
+        let vpc_of: BTreeMap<&str, &pb::VpcNetwork> = nets
+            .iter()
+            .flat_map(|n| n.gateways.iter().map(move |g| (g.subnet_id.as_str(), *n)))
+            .collect();
+        let locals: Vec<mirror::LocalPort> = ports
+            .iter()
+            .map(|(_, p)| {
+                let n = vpc_of.get(p.subnet_id.as_str());
+                mirror::LocalPort {
+                    port: p,
+                    vpc: n.map(|n| n.vpc_id.as_str()).unwrap_or(""),
+                    zone: n.map(|n| n.zone_id.as_str()).unwrap_or(""),
+                }
+            })
+            .collect();
+        systems.sort_by(|a, b| a.id.cmp(&b.id));
+        d.systems = systems::compile_systems(
+            &systems,
+            &locals,
+            &zone_no,
+            ifindex,
+            &mut self.system_slots,
+            &mut d.rejected,
+        );
         if !mirrors.is_empty() {
-            let vpc_of: BTreeMap<&str, &pb::VpcNetwork> = nets
-                .iter()
-                .flat_map(|n| n.gateways.iter().map(move |g| (g.subnet_id.as_str(), *n)))
-                .collect();
-            let locals: Vec<mirror::LocalPort> = ports
-                .iter()
-                .map(|(_, p)| {
-                    let n = vpc_of.get(p.subnet_id.as_str());
-                    mirror::LocalPort {
-                        port: p,
-                        vpc: n.map(|n| n.vpc_id.as_str()).unwrap_or(""),
-                        zone: n.map(|n| n.zone_id.as_str()).unwrap_or(""),
-                    }
-                })
-                .collect();
             let cpus = aya::util::nr_cpus().map(|n| n as u32).unwrap_or(1);
-            d.mirror = mirror::compile_mirrors(&mirrors, &locals, ifindex, cpus, &mut self.mirror_slots, &mut d.rejected);
+            d.mirror = mirror::compile_mirrors(
+                &mirrors,
+                &locals,
+                ifindex,
+                cpus,
+                &mut self.mirror_slots,
+                &mut d.rejected,
+            );
         } else {
             self.mirror_slots.clear();
         }

@@ -15,7 +15,12 @@ use sdn_proto::v1 as pb;
 struct Cli {
     /// Controller address: https://HOST:PORT (mutual TLS: give --tls-*),
     /// unix:///PATH, or http://HOST:PORT (a controller run --insecure).
-    #[arg(long, global = true, env = "SDN_CONTROLLER", default_value = "https://127.0.0.1:7070")]
+    #[arg(
+        long,
+        global = true,
+        env = "SDN_CONTROLLER",
+        default_value = "https://127.0.0.1:7070"
+    )]
     controller: String,
     #[command(flatten)]
     tls: sdn_proto::tls::TlsArgs,
@@ -307,7 +312,12 @@ fn pki_issue(
         }
     }
     sdn_proto::tls::pki::write_pair(dir, &stem, &cert, &key).map_err(anyhow::Error::msg)?;
-    println!("{}  {}/{stem}.pem  {}/{stem}.key", id.uri(), dir.display(), dir.display());
+    println!(
+        "{}  {}/{stem}.pem  {}/{stem}.key",
+        id.uri(),
+        dir.display(),
+        dir.display()
+    );
     Ok(())
 }
 
@@ -361,7 +371,11 @@ fn pki(cmd: PkiCmd) -> anyhow::Result<()> {
                 .map_err(anyhow::Error::msg)?;
             pki::write_file(&dir.join("ca.pem"), &ca.cert_pem().map_err(anyhow::Error::msg)?, 0o644)
                 .map_err(anyhow::Error::msg)?;
-            println!("CA  {}/ca.pem  {}/ca.key (keep the key offline)", dir.display(), dir.display());
+            println!(
+                "CA  {}/ca.pem  {}/ca.key (keep the key offline)",
+                dir.display(),
+                dir.display()
+            );
             for (id, addrs) in &todo {
                 pki_issue(&ca, &dir, id, addrs, days)?;
             }
@@ -426,7 +440,13 @@ fn printable(s: &str) -> String {
         return s.to_string();
     }
     s.chars()
-        .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
         .collect()
 }
 
@@ -479,7 +499,9 @@ async fn verify_audit(addr: &str, local: bool, replicas: bool, checkpoints: &[St
                 let hash = sdn_proto::audit::unhex(h).filter(|b| b.len() == sdn_proto::audit::HASH_LEN)?;
                 Some((r.parse::<u64>().ok()?, hash))
             })
-            .ok_or_else(|| anyhow::anyhow!("--checkpoint {cp:?}: not REVISION:HASH (a revision, then 64 hex digits)"))?;
+            .ok_or_else(|| {
+                anyhow::anyhow!("--checkpoint {cp:?}: not REVISION:HASH (a revision, then 64 hex digits)")
+            })?;
         done.check_checkpoint(rev, &hash)
             .map_err(|e| anyhow::anyhow!("--checkpoint {cp}: {e}"))?;
     }
@@ -528,7 +550,10 @@ async fn verify_audit(addr: &str, local: bool, replicas: bool, checkpoints: &[St
                 }
             }
         }
-        anyhow::ensure!(broken == 0, "{broken} replica(s) hold a copy that does not check or does not agree");
+        anyhow::ensure!(
+            broken == 0,
+            "{broken} replica(s) hold a copy that does not check or does not agree"
+        );
     }
     if done.last > 0 {
         println!("checkpoint {}:{}", done.last, hex(&done.head));
@@ -776,13 +801,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Topology { json, web } => {
             let mut c = client(&cli.controller).await?;
             if web {
-                let r = c.web_login(pb::WebLoginRequest {}).await.map_err(status_err)?.into_inner();
+                let r = c
+                    .web_login(pb::WebLoginRequest {})
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
                 println!("{}", r.url);
                 if r.expires_unix_ms > 0 {
                     eprintln!("(good once, until {})", sdn_proto::audit::rfc3339(r.expires_unix_ms));
                 }
             } else {
-                let r = c.topology(pb::TopologyRequest {}).await.map_err(status_err)?.into_inner();
+                let r = c
+                    .topology(pb::TopologyRequest {})
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
                 if json {
                     // Names are tenants' words: characters a terminal would
                     // act on are written as JSON escapes.
@@ -851,14 +884,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Cmd::Audit {
-            cmd: Some(AuditCmd::Verify {
-                local,
-                replicas,
-                checkpoints,
-            }),
+            cmd:
+                Some(AuditCmd::Verify {
+                    local,
+                    replicas,
+                    checkpoints,
+                }),
             ..
         } => verify_audit(&cli.controller, local, replicas, &checkpoints).await?,
-        Cmd::Audit { after, content, cmd: None } => {
+        Cmd::Audit {
+            after,
+            content,
+            cmd: None,
+        } => {
             let mut c = client(&cli.controller).await?;
             let mut after = after;
             loop {

@@ -66,7 +66,10 @@ fn one() -> u64 {
 impl Internal {
     /// The command's actor string.
     pub fn to_actor(&self) -> String {
-        format!("{INTERNAL_PREFIX}{}", serde_json::to_string(self).expect("serialisable"))
+        format!(
+            "{INTERNAL_PREFIX}{}",
+            serde_json::to_string(self).expect("serialisable")
+        )
     }
 
     /// The internal command a command is, if it is one.
@@ -200,7 +203,11 @@ impl AuditRecord {
         let all = r.content.len();
         r.content.retain(|c| c.tenants.iter().any(|t| t == tenant));
         if r.content.len() < all || self.tenants.len() > 1 {
-            r.changes = r.content.iter().map(|c| format!("{} {} {}", c.op, c.kind, c.id)).collect();
+            r.changes = r
+                .content
+                .iter()
+                .map(|c| format!("{} {} {}", c.op, c.kind, c.id))
+                .collect();
         }
         r.tenants = vec![tenant.to_string()];
         Some(r)
@@ -233,13 +240,14 @@ fn object_tenants(o: &Object, state: &State, gone: &[(Kind, String, Option<Objec
         Object::SecurityGroup(g) => vec![g.tenant_id.clone()],
         Object::VpcPeering(p) => [&p.vpc_a, &p.vpc_b].into_iter().filter_map(|v| vpc_tenant(v)).collect(),
         // A mirror session is the supervisors' business, not the tenants'
-        // it copies.
+        // it copies; so is an information system's measure.
         Object::Host(_)
         | Object::Quarantine(_)
         | Object::Zone(_)
         | Object::ExchangePath(_)
         | Object::FirewallPolicy(_)
-        | Object::MirrorSession(_) => vec![],
+        | Object::MirrorSession(_)
+        | Object::InformationSystem(_) => vec![],
     };
     out.retain(|t| !t.is_empty());
     out.sort();
@@ -269,7 +277,9 @@ fn field_diff(before: &Value, after: &Value) -> Vec<Value> {
         match (x, y) {
             (Value::Array(xs), Value::Array(ys)) => {
                 // By their text: a group may hold tens of thousands of rules.
-                let text = |vs: &Vec<Value>| -> std::collections::HashSet<String> { vs.iter().map(Value::to_string).collect() };
+                let text = |vs: &Vec<Value>| -> std::collections::HashSet<String> {
+                    vs.iter().map(Value::to_string).collect()
+                };
                 let (had, has) = (text(xs), text(ys));
                 let added: Vec<&Value> = ys.iter().filter(|v| !had.contains(&v.to_string())).collect();
                 let removed: Vec<&Value> = xs.iter().filter(|v| !has.contains(&v.to_string())).collect();
@@ -423,11 +433,18 @@ mod tests {
     #[test]
     fn content_says_what_changed() {
         let mut state = State::default();
-        state.replace(Kind::SecurityGroup, "web", Some(Object::SecurityGroup(group(vec![rule(22), rule(443)]))));
+        state.replace(
+            Kind::SecurityGroup,
+            "web",
+            Some(Object::SecurityGroup(group(vec![rule(22), rule(443)]))),
+        );
         let was = Some(Object::SecurityGroup(group(vec![rule(22), rule(80)])));
         let c = content(&[(Kind::SecurityGroup, "web".into(), was)], &state);
         assert_eq!(c.len(), 1);
-        assert_eq!((c[0].op.as_str(), c[0].tenants.as_slice()), ("update", &["acme".to_string()][..]));
+        assert_eq!(
+            (c[0].op.as_str(), c[0].tenants.as_slice()),
+            ("update", &["acme".to_string()][..])
+        );
         let d: Value = serde_json::from_str(&c[0].detail).unwrap();
         let f = &d["fields"][0];
         assert_eq!(f["field"], "rules");
@@ -436,11 +453,25 @@ mod tests {
         assert_eq!(f["removed"][0]["id"], "r80");
         let created = content(&[(Kind::SecurityGroup, "web".into(), None)], &state);
         assert_eq!(created[0].op, "create");
-        assert!(created[0].detail.contains(r#""after":{"id":"web""#), "{}", created[0].detail);
+        assert!(
+            created[0].detail.contains(r#""after":{"id":"web""#),
+            "{}",
+            created[0].detail
+        );
         let empty = State::default();
-        let deleted = content(&[(Kind::SecurityGroup, "web".into(), Some(Object::SecurityGroup(group(vec![]))))], &empty);
+        let deleted = content(
+            &[(
+                Kind::SecurityGroup,
+                "web".into(),
+                Some(Object::SecurityGroup(group(vec![]))),
+            )],
+            &empty,
+        );
         assert_eq!((deleted[0].op.as_str(), deleted[0].tenants.len()), ("delete", 1));
-        let same = content(&[(Kind::SecurityGroup, "web".into(), state.get(Kind::SecurityGroup, "web"))], &state);
+        let same = content(
+            &[(Kind::SecurityGroup, "web".into(), state.get(Kind::SecurityGroup, "web"))],
+            &state,
+        );
         assert!(same.is_empty(), "an object put back unchanged");
     }
 
@@ -450,7 +481,11 @@ mod tests {
     fn large_changes_keep_their_digest() {
         let many: Vec<Rule> = (0..2_000).map(|p| rule(p as u16 + 1)).collect();
         let mut state = State::default();
-        state.replace(Kind::SecurityGroup, "web", Some(Object::SecurityGroup(group(many.clone()))));
+        state.replace(
+            Kind::SecurityGroup,
+            "web",
+            Some(Object::SecurityGroup(group(many.clone()))),
+        );
         let created = content(&[(Kind::SecurityGroup, "web".into(), None)], &state);
         assert!(created[0].detail.len() < 1024, "{}", created[0].detail.len());
         let d: Value = serde_json::from_str(&created[0].detail).unwrap();
@@ -471,7 +506,11 @@ mod tests {
     #[test]
     fn the_record_form_is_pinned() {
         let mut state = State::default();
-        state.replace(Kind::SecurityGroup, "web", Some(Object::SecurityGroup(group(vec![rule(22)]))));
+        state.replace(
+            Kind::SecurityGroup,
+            "web",
+            Some(Object::SecurityGroup(group(vec![rule(22)]))),
+        );
         let c = content(&[(Kind::SecurityGroup, "web".into(), None)], &state);
         assert_eq!(FORM, 1);
         assert_eq!(
@@ -494,9 +533,16 @@ mod tests {
             suppressed: 3,
         };
         assert_eq!(Internal::of(&i.to_actor(), INTERNAL_TIME, &[]), Some(Ok(i.clone())));
-        assert_eq!(Internal::of(&i.to_actor(), 1_764_979_200_000, &[]), None, "a client's batch");
+        assert_eq!(
+            Internal::of(&i.to_actor(), 1_764_979_200_000, &[]),
+            None,
+            "a client's batch"
+        );
         assert_eq!(Internal::of("sdn://admin/x", INTERNAL_TIME, &[]), None);
-        assert!(matches!(Internal::of("sdn-internal:{\"new_thing\":1}", INTERNAL_TIME, &[]), Some(Err(_))));
+        assert!(matches!(
+            Internal::of("sdn-internal:{\"new_thing\":1}", INTERNAL_TIME, &[]),
+            Some(Err(_))
+        ));
     }
 
     #[test]
@@ -507,8 +553,20 @@ mod tests {
             time_unix_ms: 0,
             changes: vec!["put vpc_peering p".into()],
             content: vec![
-                Change { op: "create".into(), kind: "security_group".into(), id: "g1".into(), tenants: vec!["a".into()], detail: "{}".into() },
-                Change { op: "create".into(), kind: "security_group".into(), id: "g2".into(), tenants: vec!["b".into()], detail: "{}".into() },
+                Change {
+                    op: "create".into(),
+                    kind: "security_group".into(),
+                    id: "g1".into(),
+                    tenants: vec!["a".into()],
+                    detail: "{}".into(),
+                },
+                Change {
+                    op: "create".into(),
+                    kind: "security_group".into(),
+                    id: "g2".into(),
+                    tenants: vec!["b".into()],
+                    detail: "{}".into(),
+                },
             ],
             refused: String::new(),
             tenants: vec!["a".into(), "b".into()],
@@ -525,8 +583,20 @@ mod tests {
         let mixed = AuditRecord {
             changes: vec!["put host h1".into(), "put port p1".into()],
             content: vec![
-                Change { op: "create".into(), kind: "host".into(), id: "h1".into(), tenants: vec![], detail: "{\"after\":{\"underlay_ip\":\"192.0.2.1\"}}".into() },
-                Change { op: "create".into(), kind: "port".into(), id: "p1".into(), tenants: vec!["a".into()], detail: "{}".into() },
+                Change {
+                    op: "create".into(),
+                    kind: "host".into(),
+                    id: "h1".into(),
+                    tenants: vec![],
+                    detail: "{\"after\":{\"underlay_ip\":\"192.0.2.1\"}}".into(),
+                },
+                Change {
+                    op: "create".into(),
+                    kind: "port".into(),
+                    id: "p1".into(),
+                    tenants: vec!["a".into()],
+                    detail: "{}".into(),
+                },
             ],
             tenants: vec!["a".into()],
             ..r.clone()

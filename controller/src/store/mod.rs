@@ -339,7 +339,8 @@ impl Store {
 
     /// Proposes one of the store's own commands.
     pub async fn write_internal(&self, internal: &audit::Internal) -> Result<Outcome, WriteError> {
-        self.propose(internal.to_actor(), vec![], Some(audit::INTERNAL_TIME)).await
+        self.propose(internal.to_actor(), vec![], Some(audit::INTERNAL_TIME))
+            .await
     }
 
     /// The first operation of `ops` that some member cannot read (a kind
@@ -470,7 +471,10 @@ async fn start_chain_when_every_member_keeps_it(store: Store, chains: network::P
             }
             continue;
         }
-        match store.write_internal(&audit::Internal::StartChain { form: audit::FORM }).await {
+        match store
+            .write_internal(&audit::Internal::StartChain { form: audit::FORM })
+            .await
+        {
             Ok(_) => {}
             Err(e) => tracing::warn!("starting the audit chain: {e}"),
         }

@@ -279,7 +279,10 @@ fn apply_internal(internal: Result<Internal, String>, applied: &mut Applied, aud
                 return nothing;
             }
             if form != audit::FORM {
-                tracing::error!(form, "skipping the start of an audit chain in a form this release does not write");
+                tracing::error!(
+                    form,
+                    "skipping the start of an audit chain in a form this release does not write"
+                );
                 return nothing;
             }
             applied.chain = Some(Chain::starting_after(applied.revision, form));
@@ -708,7 +711,9 @@ mod chain_tests {
     impl Sm {
         async fn open(db: Arc<Database>, index: u64) -> Sm {
             let shared = Arc::new(RwLock::new(Shared::default()));
-            let sm = StateMachine::open(db.clone(), shared, watch::channel(0).0).await.unwrap();
+            let sm = StateMachine::open(db.clone(), shared, watch::channel(0).0)
+                .await
+                .unwrap();
             Sm { sm, db, index }
         }
 
@@ -789,7 +794,11 @@ mod chain_tests {
         assert!(sm.verify().await.unwrap_err().contains("not started"));
         let start = Internal::StartChain { form: audit::FORM }.to_actor();
         let o = sm.apply(&start, vec![]).await;
-        assert_eq!((o.revision, o.error.is_none()), (0, true), "the start takes no revision");
+        assert_eq!(
+            (o.revision, o.error.is_none()),
+            (0, true),
+            "the start takes no revision"
+        );
         sm.tenant("t1").await;
         // Starting again changes nothing.
         sm.apply(&start, vec![]).await;

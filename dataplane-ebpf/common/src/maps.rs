@@ -694,6 +694,30 @@ pub mod v1 {
     unsafe impl aya::Pod for CtKey {}
 }
 
+/// Information systems a host counts the traffic of at most: slots of
+/// [`SYSTEM_BYTES`].
+pub const SYSTEM_SLOTS: u32 = 256;
+/// Ports of information systems on a host at most.
+pub const SYSTEM_PORTS_MAX: u32 = 4096;
+/// Pinned names: each system port's slot (ifindex -> `u32`), and the
+/// bytes each slot's ports sent to (`SYSTEM_UP`) and received from
+/// (`SYSTEM_DOWN`) each zone, per CPU, at [`system_index`] (frames as the
+/// port sends or receives them, Ethernet header included).
+pub const SYSTEM_PORTS: &str = "SDN_SYSTEM_PORTS";
+pub const SYSTEM_BYTES: &str = "SDN_SYSTEM_BYTES";
+pub const SYSTEM_UP: u32 = 0;
+pub const SYSTEM_DOWN: u32 = 1;
+
+/// Where a system slot's bytes with zone number `zone` (1 to
+/// [`ZONES_MAX`]) one way (`SYSTEM_UP`/`SYSTEM_DOWN`) are counted.
+#[inline(always)]
+pub const fn system_index(slot: u32, zone: u32, way: u32) -> u32 {
+    (slot * ZONES_MAX + (zone - 1)) * 2 + way
+}
+
+/// Entries of [`SYSTEM_BYTES`].
+pub const SYSTEM_BYTES_LEN: u32 = SYSTEM_SLOTS * ZONES_MAX * 2;
+
 /// Mirror sessions a host holds at most: slots of [`MIRROR_SESSIONS`],
 /// one bit each in a port's [`MirrorPort`] masks.
 pub const MIRROR_SLOTS: u32 = 16;

@@ -6,7 +6,7 @@ use aya_ebpf::programs::TcContext;
 use dataplane_common::{
     maps::{
         CtKey, CtValue, PortInfo, CT_BUDGET_DEFAULT, CT_F_CLOSING, CT_F_REPLY_SEEN, CT_ORIGIN_IN, CT_ORIGIN_OUT,
-        EP_F_GATEWAY, GATEWAY_MAC,
+        EP_F_GATEWAY, GATEWAY_MAC, SYSTEM_DOWN, SYSTEM_UP,
     },
     DropReason, Stat, FAMILY_V4, FAMILY_V6, MARK_PIPELINE, PROTO_ICMPV6, PROTO_TCP,
 };
@@ -15,7 +15,7 @@ use crate::{
     ctx::load,
     firewall,
     guard::Live,
-    maps::{count, CONFIG, CT, CT_COUNT, CT_ISN, CT_SYN},
+    maps::{count, count_system, CONFIG, CT, CT_COUNT, CT_ISN, CT_SYN},
     meta::{
         Meta, EMPTY_KEY, E_FROM_OVERLAY, E_FROM_UPLINK, E_TO_VM, K_ARP, K_IP, K_NEIGHBOUR, K_NS, O_PORT, O_TUNNEL,
         O_UPLINK, S_EST, S_NEW, S_STALE, T_MAIN, T_SYN,
@@ -359,11 +359,12 @@ pub fn forward(ctx: &mut TcContext, m: &Meta) -> Result<Action, DropReason> {
         E_TO_VM => Ok(Action::Pass),
         E_FROM_UPLINK | E_FROM_OVERLAY => {
             set_macs(ctx, &m.dst_mac)?;
-            count(if m.entry == E_FROM_UPLINK {
-                Stat::FromUplink
+            if m.entry == E_FROM_UPLINK {
+                count(Stat::FromUplink);
+                count_system(m.dst_ifx, m.uplink_zone, SYSTEM_DOWN, m.len);
             } else {
-                Stat::Decapsulated
-            });
+                count(Stat::Decapsulated);
+            }
             Ok(Action::Peer(m.dst_ifx))
         }
         _ => match m.out {
@@ -381,6 +382,7 @@ pub fn forward(ctx: &mut TcContext, m: &Meta) -> Result<Action, DropReason> {
             O_UPLINK => {
                 ctx.set_mark(MARK_PIPELINE);
                 count(Stat::ToUplink);
+                count_system(m.src_ifx, m.uplink_zone, SYSTEM_UP, m.len);
                 Ok(Action::Neighbour(m.out_ifx))
             }
             _ => Err(DropReason::NoRoute),

@@ -10,14 +10,15 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     maps::{
-        AddrIdentity, AddrKey, CtKey, CtValue, DenyEvent, DnsCopy, MirrorCfg, MirrorPort, MirrorState, MirrorVni,
-        MIRROR_PORTS_MAX, MIRROR_SENDERS_MAX, MIRROR_SLOTS, Endpoint, EventLimiter, EndpointKey, ExchangeRule, FwPolicy, FwRule, FwVerdict,
-        HostConfig, PolicyDirKey, PortAddrKey, PortInfo, PrefixLens, RuleKey, RuleName, ZoneAddrKey, ZoneEndpoint,
-        CT_MAX, CT_SYN_MAX, DNS_COPY_MAX, DNS_PER_SEC, ENDPOINTS_MAX, EVENTS_BYTES, EVENTS_PER_SEC, EVENT_REASONS,
-        EVENTS_PER_PORT_PER_SEC, EVENT_PORT_LIMIT_MAX, LIMIT_DENIALS, LIMIT_DNS, LIMIT_GUARDS, LIMIT_SLOTS,
-        CT_ORIGIN_IN, CT_ORIGIN_OUT, DNS_PER_PORT_PER_SEC, DNS_ROLE_ANSWERED, DNS_ROLE_ASKED, PORT_F_QUARANTINED,
-        PORT_LIMIT_DNS, PORT_LIMIT_GUARDS, SIDE_FOR, SIDE_SENT, EXCHANGE_MAX, FW_NAMES_MAX, FW_POLICIES_MAX, FW_RULES_MAX, FW_VERDICTS_MAX,
-        POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, SG_ADDR_MAX, SG_RULES_MAX, UPLINK_ADDRS_MAX, VPC_NETS_MAX,
+        system_index, AddrIdentity, AddrKey, CtKey, CtValue, DenyEvent, DnsCopy, Endpoint, EndpointKey, EventLimiter,
+        ExchangeRule, FwPolicy, FwRule, FwVerdict, HostConfig, MirrorCfg, MirrorPort, MirrorState, MirrorVni,
+        PolicyDirKey, PortAddrKey, PortInfo, PrefixLens, RuleKey, RuleName, ZoneAddrKey, ZoneEndpoint, CT_MAX,
+        CT_ORIGIN_IN, CT_ORIGIN_OUT, CT_SYN_MAX, DNS_COPY_MAX, DNS_PER_PORT_PER_SEC, DNS_PER_SEC, DNS_ROLE_ANSWERED,
+        DNS_ROLE_ASKED, ENDPOINTS_MAX, EVENTS_BYTES, EVENTS_PER_PORT_PER_SEC, EVENTS_PER_SEC, EVENT_PORT_LIMIT_MAX,
+        EVENT_REASONS, EXCHANGE_MAX, FW_NAMES_MAX, FW_POLICIES_MAX, FW_RULES_MAX, FW_VERDICTS_MAX, LIMIT_DENIALS,
+        LIMIT_DNS, LIMIT_GUARDS, LIMIT_SLOTS, MIRROR_PORTS_MAX, MIRROR_SENDERS_MAX, MIRROR_SLOTS, POLICY_PLENS_MAX,
+        PORTS_MAX, PORT_ADDRS_MAX, PORT_F_QUARANTINED, PORT_LIMIT_DNS, PORT_LIMIT_GUARDS, SG_ADDR_MAX, SG_RULES_MAX,
+        SIDE_FOR, SIDE_SENT, SYSTEM_BYTES_LEN, SYSTEM_PORTS_MAX, SYSTEM_SLOTS, UPLINK_ADDRS_MAX, VPC_NETS_MAX,
         ZONES_MAX, ZONE_ENDPOINTS_MAX, ZONE_NETS_MAX,
     },
     stage, DropReason, Stat, DROP_REASON_SLOTS, STAT_SLOTS,
@@ -153,6 +154,32 @@ pub static MIRROR_VNIS: HashMap<u32, MirrorVni> = HashMap::pinned(MIRROR_SLOTS, 
 #[map(name = "SDN_MIRROR_SENDERS")]
 pub static MIRROR_SENDERS: HashMap<u32, u8> = HashMap::pinned(MIRROR_SENDERS_MAX, 0);
 
+#[map(name = "SDN_SYSTEM_PORTS")]
+pub static SYSTEM_PORTS: HashMap<u32, u32> = HashMap::pinned(SYSTEM_PORTS_MAX, 0);
+
+#[map(name = "SDN_SYSTEM_BYTES")]
+pub static SYSTEM_BYTES: PerCpuArray<u64> = PerCpuArray::pinned(SYSTEM_BYTES_LEN, 0);
+
+/// Counts `len` bytes of the port behind `ifx` with zone `zone` one way,
+/// if the port is an information system's.
+#[inline(always)]
+pub fn count_system(ifx: u32, zone: u32, way: u32, len: u32) {
+    if zone == 0 || zone > ZONES_MAX {
+        return;
+    }
+    // SAFETY: the value is copied out at once.
+    let Some(slot) = (unsafe { SYSTEM_PORTS.get(&ifx) }).copied() else {
+        return;
+    };
+    if slot >= SYSTEM_SLOTS {
+        return;
+    }
+    if let Some(c) = SYSTEM_BYTES.get_ptr_mut(system_index(slot, zone, way)) {
+        // SAFETY: this CPU's own slot.
+        unsafe { *c += len as u64 };
+    }
+}
+
 #[map(name = "SDN_MIRROR_ON")]
 pub static MIRROR_ON: Array<u32> = Array::pinned(1, 0);
 
@@ -264,7 +291,8 @@ pub fn report_denial(m: &Meta, reason: DropReason) {
         DropReason::PolicyIngress | DropReason::PolicyEgress | DropReason::PolicyRevoked
     );
     let (port, side) = refusing_port(m, reason);
-    let key = (if port != 0 { port } else { m.in_ifx } & !PORT_LIMIT_GUARDS) | if guards { PORT_LIMIT_GUARDS } else { 0 };
+    let key =
+        (if port != 0 { port } else { m.in_ifx } & !PORT_LIMIT_GUARDS) | if guards { PORT_LIMIT_GUARDS } else { 0 };
     if !port_admits(key, m.now, EVENTS_PER_PORT_PER_SEC) {
         return;
     }
@@ -316,7 +344,11 @@ pub fn copy_dns(ctx: &TcContext, m: &Meta) {
     } else {
         return;
     };
-    if !port_admits((port & !(PORT_LIMIT_DNS | PORT_LIMIT_GUARDS)) | PORT_LIMIT_DNS, m.now, DNS_PER_PORT_PER_SEC) {
+    if !port_admits(
+        (port & !(PORT_LIMIT_DNS | PORT_LIMIT_GUARDS)) | PORT_LIMIT_DNS,
+        m.now,
+        DNS_PER_PORT_PER_SEC,
+    ) {
         return;
     }
     let Some(l) = admit(LIMIT_DNS, m.now, DNS_PER_SEC) else {
@@ -334,9 +366,8 @@ pub fn copy_dns(ctx: &TcContext, m: &Meta) {
         _pad: [0; 3],
     };
     // SAFETY: DnsCopy is plain data; the slice covers exactly it.
-    let bytes = unsafe {
-        core::slice::from_raw_parts(&hdr as *const DnsCopy as *const u8, core::mem::size_of::<DnsCopy>())
-    };
+    let bytes =
+        unsafe { core::slice::from_raw_parts(&hdr as *const DnsCopy as *const u8, core::mem::size_of::<DnsCopy>()) };
     // The helper appends the packet's first `len` bytes after the header.
     DNS.output(ctx, bytes, len);
     l.sent += 1;

@@ -12,10 +12,7 @@
 //! A packet's original is never written: only its mark is set for the
 //! time of the clone and put back.
 
-use aya_ebpf::{
-    helpers::gen,
-    programs::TcContext,
-};
+use aya_ebpf::{helpers::gen, programs::TcContext};
 use dataplane_common::maps::{
     MirrorCfg, MirrorCopy, MirrorRuleCfg, MIRROR_COPY_MAX, MIRROR_IN, MIRROR_MARK, MIRROR_OUT, MIRROR_RULES,
     MIRROR_SLOTS,
@@ -174,7 +171,10 @@ fn mark(ctx: &TcContext) -> u32 {
 
 #[inline(always)]
 fn masked_eq(a: &[u32; 4], want: &[u32; 4], mask: &[u32; 4]) -> bool {
-    (a[0] & mask[0]) == want[0] && (a[1] & mask[1]) == want[1] && (a[2] & mask[2]) == want[2] && (a[3] & mask[3]) == want[3]
+    (a[0] & mask[0]) == want[0]
+        && (a[1] & mask[1]) == want[1]
+        && (a[2] & mask[2]) == want[2]
+        && (a[3] & mask[3]) == want[3]
 }
 
 #[inline(always)]
@@ -277,7 +277,9 @@ fn copy(ctx: &mut TcContext, ifx: u32, slot: u32, f: &Flow, now: u64, to_vm: boo
     if cfg.active == 0 || !selects(cfg, f) {
         return;
     }
-    let Some(st) = MIRROR_STATE.get_ptr_mut(slot) else { return };
+    let Some(st) = MIRROR_STATE.get_ptr_mut(slot) else {
+        return;
+    };
     // SAFETY: this CPU's slot; nothing else writes it meanwhile.
     let st = unsafe { &mut *st };
     st.matched += 1;
@@ -306,7 +308,11 @@ fn copy(ctx: &mut TcContext, ifx: u32, slot: u32, f: &Flow, now: u64, to_vm: boo
     }
     if cfg.to_agent != 0 {
         let whole = ctx.len();
-        let mut len = if cfg.snap_len != 0 && cfg.snap_len < whole { cfg.snap_len } else { whole };
+        let mut len = if cfg.snap_len != 0 && cfg.snap_len < whole {
+            cfg.snap_len
+        } else {
+            whole
+        };
         if len > MIRROR_COPY_MAX {
             len = MIRROR_COPY_MAX;
         }

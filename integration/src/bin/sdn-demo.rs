@@ -376,7 +376,10 @@ async fn main() -> anyhow::Result<()> {
     let other = examples.join("security-groups.yaml");
     for (who, args) in [
         ("sdn://tenant/dept-b/eve", vec!["apply", "-f", other.to_str().unwrap()]),
-        ("sdn://supervisor/inspector", vec!["quarantine", "port", "vm3", "--reason", "not mine to do"]),
+        (
+            "sdn://supervisor/inspector",
+            vec!["quarantine", "port", "vm3", "--reason", "not mine to do"],
+        ),
         ("sdn://agent/h1", vec!["get", "port"]),
     ] {
         let st = sdnctl_as(&cluster, who, &args)?;
@@ -438,9 +441,14 @@ async fn main() -> anyhow::Result<()> {
     }
     std::thread::sleep(std::time::Duration::from_millis(500));
     capture.stop();
-    let seen = Command::new("tcpdump").args(["-r", pcap.to_str().unwrap(), "-n"]).output()?;
+    let seen = Command::new("tcpdump")
+        .args(["-r", pcap.to_str().unwrap(), "-n"])
+        .output()?;
     let seen = String::from_utf8_lossy(&seen.stdout).to_string();
-    println!("  the tap got {} copies of vm1's packets, for example:", seen.lines().count());
+    println!(
+        "  the tap got {} copies of vm1's packets, for example:",
+        seen.lines().count()
+    );
     for l in seen.lines().take(4) {
         println!("    {l}");
     }
@@ -461,12 +469,11 @@ async fn main() -> anyhow::Result<()> {
     let allowed = rows.iter().filter(|r| r["verdict"] == "1").count();
     let denied = rows.iter().filter(|r| r["verdict"] == "2").count();
     println!("  h1's flow records: {allowed} allowed, {denied} denied; for example:");
-    for r in rows
-        .iter()
-        .filter(|r| r["verdict"] == "2")
-        .take(2)
-        .chain(rows.iter().filter(|r| r["verdict"] == "1" && r["port_dst"] == 80).take(2))
-    {
+    for r in rows.iter().filter(|r| r["verdict"] == "2").take(2).chain(
+        rows.iter()
+            .filter(|r| r["verdict"] == "1" && r["port_dst"] == 80)
+            .take(2),
+    ) {
         println!(
             "    {} {}:{} -> {}:{} port {} tenant {} rule {} verdict {} packets {} bytes {}",
             r["ip_proto"].as_str().unwrap_or(""),

@@ -11,8 +11,7 @@ use boring::hash::MessageDigest;
 use boring::nid::Nid;
 use boring::pkey::{PKey, Private};
 use boring::x509::extension::{
-    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName,
-    SubjectKeyIdentifier,
+    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName, SubjectKeyIdentifier,
 };
 use boring::x509::{X509Builder, X509NameBuilder, X509};
 
@@ -88,7 +87,11 @@ impl Ca {
         };
         b.set_issuer_name(&subject).map_err(e("issuer"))?;
         {
-            let ext = BasicConstraints::new().critical().ca().build().map_err(e("CA constraints"))?;
+            let ext = BasicConstraints::new()
+                .critical()
+                .ca()
+                .build()
+                .map_err(e("CA constraints"))?;
             b.append_extension(&ext).map_err(e("CA constraints"))?;
         }
         {
@@ -117,7 +120,10 @@ impl Ca {
         if !cert_x.public_key().map(|p| p.public_eq(&key_p)).unwrap_or(false) {
             return Err(format!("{} is not the key of {}", key.display(), cert.display()));
         }
-        Ok(Ca { cert: cert_x, key: key_p })
+        Ok(Ca {
+            cert: cert_x,
+            key: key_p,
+        })
     }
 
     pub fn cert_pem(&self) -> Result<Vec<u8>, String> {
