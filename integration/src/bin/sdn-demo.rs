@@ -457,6 +457,60 @@ async fn main() -> anyhow::Result<()> {
         wrong += 1;
     }
 
+    step("administrator: the portal VPC is an information system with 10 Mbit/s each way to the extranet; vm1 (h1) and vm3 (h2) send 5 Mbit/s each with iperf3");
+    let manifest = topo.dir.join("system.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: sdn/v1\nkind: InformationSystem\nmetadata:\n  name: portal-system\nspec:\n  vpcs: [portal]\n  \
+         bandwidth:\n    - zone: extranet\n      up: 10M\n      down: 10M\n  alertPercent: 80\n  intervalSeconds: 5\n",
+    )?;
+    println!("{}", std::fs::read_to_string(&manifest)?.trim_end());
+    sdnctl(&cluster, &["apply", "-f", manifest.to_str().unwrap(), "--wait"])?;
+    let iperf = sdn_integration::supervisor::which("iperf3");
+    // One iperf3 server per client, bound to the address they ask (a UDP
+    // answer from another address would be no answer of theirs).
+    let servers_bw = ["5201", "5202"]
+        .iter()
+        .map(|p| {
+            sdn_integration::Proc::spawn(
+                &format!("iperf3-{p}"),
+                Some(&topo.zone_ns("ext").name),
+                &iperf,
+                &["-s", "-B", EXT_HOST, "-p", p],
+                &sup,
+            )
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let senders: Vec<_> = [("vm1", "5201"), ("vm3", "5202")]
+        .iter()
+        .map(|(vm, port)| {
+            let ns = topo.vm(vm).ns.name.clone();
+            let port = port.to_string();
+            std::thread::spawn(move || {
+                Command::new("ip")
+                    .args(["netns", "exec", &ns, "iperf3", "-c", EXT_HOST, "-p", &port, "-u", "-b", "5M", "-t", "4", "-l", "1400"])
+                    .output()
+                    .map(|o| o.status.success())
+                    .unwrap_or(false)
+            })
+        })
+        .collect();
+    let sent: Vec<bool> = senders.into_iter().map(|t| t.join().unwrap_or(false)).collect();
+    drop(servers_bw);
+    println!("  iperf3 from vm1 and vm3: {}", if sent.iter().all(|x| *x) { "done" } else { "failed" });
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    let events = controller_syslog.lines();
+    let bw: Vec<&String> = events.iter().filter(|l| l.contains("|bandwidth_")).collect();
+    println!("  the controller's bandwidth events (both hosts' traffic added up):");
+    for l in &bw {
+        println!("    {l}");
+    }
+    if !bw.iter().any(|l| l.contains("|bandwidth_alert|")) {
+        println!("  no alert at 80%   <-- UNEXPECTED");
+        wrong += 1;
+    }
+
     step("supervisor: the network as a tree (sdnctl topology; the controller's --web-listen serves it as a live page)");
     if !sdnctl_as(&cluster, "sdn://supervisor/inspector", &["topology"])?.success() {
         println!("  no topology   <-- UNEXPECTED");
