@@ -1092,6 +1092,21 @@ impl SystemBytes {
         let v = self.0.get(&m::system_index(slot, zone, way), 0)?;
         Ok(v.iter().fold(0u64, |a, b| a.wrapping_add(*b)))
     }
+
+    /// Every (slot, zone number, up, down) that counted anything.
+    pub fn all(&self) -> Vec<(u32, u32, u64, u64)> {
+        let mut out = Vec::new();
+        for slot in 0..m::SYSTEM_SLOTS {
+            for zone in 1..=m::ZONES_MAX {
+                let up = self.read(slot, zone, m::SYSTEM_UP).unwrap_or(0);
+                let down = self.read(slot, zone, m::SYSTEM_DOWN).unwrap_or(0);
+                if up + down > 0 {
+                    out.push((slot, zone, up, down));
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Named counters, in index order.

@@ -232,10 +232,19 @@ async fn main() -> anyhow::Result<()> {
                         )
                     })
                     .collect();
+            // Information systems by slot and zone number, those that
+            // counted anything.
+            let mut systems = std::collections::BTreeMap::new();
+            if let Ok(counts) = dataplane::SystemBytes::open(&pin_dir) {
+                for (slot, zone, up, down) in counts.all() {
+                    systems.insert(format!("{slot}/{zone}"), serde_json::json!({ "up": up, "down": down }));
+                }
+            }
             let j = serde_json::json!({
                 "drops": drops.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
                 "stats": stats.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
                 "mirror": mirror,
+                "systems": systems,
             });
             println!("{}", serde_json::to_string_pretty(&j)?);
         }

@@ -42,8 +42,14 @@ pub struct Stats {
 struct Shared {
     slots: RwLock<BTreeMap<u32, SystemSlot>>,
     queue: Mutex<VecDeque<pb::UsageSample>>,
+    /// Rung when the meter has queued a second's samples.
+    queued: tokio::sync::Notify,
     stats: Arc<Stats>,
 }
+
+/// Seconds a late reading spreads what it counted over, at most; beyond,
+/// the growth is left out (and counted): it cannot be placed.
+const SPREAD_MAX: u64 = 10;
 
 /// The meter and sender of one agent.
 #[derive(Clone, Default)]
@@ -95,14 +101,25 @@ impl Usage {
     }
 
     async fn meter(self, counts: crate::dataplane::SystemBytes) {
-        // (slot, zone, way) -> (system, count at the last reading).
-        let mut base: BTreeMap<(u32, u32, u32), (String, u64)> = BTreeMap::new();
+        // (slot, zone number, way) -> (system, zone, count at the last
+        // reading).
+        let mut base: BTreeMap<(u32, u32, u32), (String, String, u64)> = BTreeMap::new();
+        let mut last: Option<u64> = None;
         loop {
             // Just after the next whole second: what the counts grew by
             // since the last reading is that second's.
             let t = now();
             tokio::time::sleep(Duration::from_millis(1000 - t.subsec_millis() as u64 + 20)).await;
             let second = now().as_secs().saturating_sub(1);
+            // A reading that came late (a busy host) spreads what it
+            // counted over the seconds it missed, rather than showing them
+            // as one second at twice the rate.
+            let span = match last {
+                Some(l) if second > l => second - l,
+                Some(_) => continue,
+                None => 1,
+            };
+            last = Some(second);
             let slots = self.0.slots.read().unwrap_or_else(|p| p.into_inner()).clone();
             let mut samples = Vec::new();
             let mut seen = std::collections::BTreeSet::new();
@@ -115,14 +132,15 @@ impl Usage {
                         let Ok(v) = counts.read(*slot, *zone, way) else {
                             continue;
                         };
-                        // A count new to this system (a slot that changed
-                        // hands, a fresh agent) starts from here.
-                        if let Some((id, b)) = base.get(&key) {
-                            if *id == s.id {
+                        // A count new to this system and zone (a slot that
+                        // changed hands, zones numbered anew, a fresh
+                        // agent) starts from here.
+                        if let Some((id, z, b)) = base.get(&key) {
+                            if *id == s.id && z == zone_id {
                                 delta[way as usize] = v.wrapping_sub(*b);
                             }
                         }
-                        base.insert(key, (s.id.clone(), v));
+                        base.insert(key, (s.id.clone(), zone_id.clone(), v));
                     }
                     if delta == [0, 0] {
                         continue;
@@ -133,28 +151,33 @@ impl Usage {
                             *bytes.entry((s.id.clone(), zone_id.clone(), name)).or_default() += delta[way as usize];
                         }
                     }
-                    samples.push(pb::UsageSample {
-                        system_id: s.id.clone(),
-                        zone_id: zone_id.clone(),
-                        unix_second: second,
-                        up_bytes: delta[SYSTEM_UP as usize],
-                        down_bytes: delta[SYSTEM_DOWN as usize],
-                    });
+                    if span > SPREAD_MAX {
+                        self.0.stats.dropped.fetch_add(1, Relaxed);
+                        continue;
+                    }
+                    samples.extend(spread(&s.id, zone_id, second, span, delta));
                 }
+            }
+            if span > SPREAD_MAX {
+                tracing::warn!(
+                    seconds = span,
+                    "usage: the counts were not read for too long; what they grew by is left out"
+                );
             }
             base.retain(|k, _| seen.contains(k));
             self.push(samples);
+            self.0.queued.notify_one();
         }
     }
 
     async fn send(self, host: String, controllers: Vec<String>) {
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut client: Option<pb::agent_client::AgentClient<tonic::transport::Channel>> = None;
         let mut next = 0usize;
         let mut failing = false;
         loop {
-            tick.tick().await;
+            // As soon as a second's samples are queued; what failed is
+            // tried again a second later at the latest.
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.0.queued.notified()).await;
             let batch: Vec<pb::UsageSample> = {
                 let mut q = self.0.queue.lock().unwrap_or_else(|p| p.into_inner());
                 let n = q.len().min(REPORT_MAX);
@@ -223,5 +246,46 @@ impl Usage {
                 }
             }
         }
+    }
+}
+
+/// `delta` (bytes up, down) counted over the `span` seconds through
+/// `second`, as one sample a second (what does not divide evenly goes to
+/// the last).
+fn spread(system: &str, zone: &str, second: u64, span: u64, delta: [u64; 2]) -> Vec<pb::UsageSample> {
+    let each = [delta[0] / span, delta[1] / span];
+    (0..span)
+        .map(|i| {
+            let last = i == span - 1;
+            let part = |w: usize| if last { delta[w] - each[w] * (span - 1) } else { each[w] };
+            pb::UsageSample {
+                system_id: system.to_string(),
+                zone_id: zone.to_string(),
+                unix_second: second + 1 + i - span,
+                up_bytes: part(SYSTEM_UP as usize),
+                down_bytes: part(SYSTEM_DOWN as usize),
+            }
+        })
+        .filter(|s| s.up_bytes + s.down_bytes > 0)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A late reading's bytes spread over the seconds it missed, all of
+    /// them kept.
+    #[test]
+    fn a_late_reading_spreads_over_the_seconds_it_missed() {
+        let one = spread("s", "z", 100, 1, [10, 3]);
+        assert_eq!(one.len(), 1);
+        assert_eq!((one[0].unix_second, one[0].up_bytes, one[0].down_bytes), (100, 10, 3));
+        let three = spread("s", "z", 100, 3, [10, 3]);
+        let seconds: Vec<u64> = three.iter().map(|s| s.unix_second).collect();
+        assert_eq!(seconds, [98, 99, 100]);
+        assert_eq!(three.iter().map(|s| s.up_bytes).sum::<u64>(), 10);
+        assert_eq!(three.iter().map(|s| s.down_bytes).sum::<u64>(), 3);
+        assert_eq!(three[2].up_bytes, 4);
     }
 }

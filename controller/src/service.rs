@@ -441,8 +441,15 @@ impl pb::agent_server::Agent for Controller {
                 .leader_agent(&addr)
                 .await
                 .ok_or_else(|| Status::unavailable(format!("forwarding to the leader at {addr}: cannot connect")))?;
-            let r = client.usage(mark(req, &caller)).await;
-            if r.is_err() {
+            let r = tokio::time::timeout(Duration::from_secs(2), client.usage(mark(req, &caller)))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Status::unavailable(format!(
+                        "forwarding to the leader at {addr}: timed out"
+                    )))
+                });
+            // A refusal of the report says nothing of the connection.
+            if matches!(&r, Err(s) if s.code() == tonic::Code::Unavailable) {
                 *self.leader_acks.lock().await = None;
             }
             return r;

@@ -38,16 +38,24 @@ use sdn_proto::v1 as pb;
 
 use crate::store::Store;
 
-/// A second is added up once it is this old.
-pub const GRACE_SECS: u64 = 3;
+/// A second is added up once it is this old (a host reads its counts
+/// just after the second and sends at once; a report through a replica
+/// that does not lead takes one more hop).
+pub const GRACE_SECS: u64 = 5;
 /// Reports of seconds older than this, or this far in the future, are
 /// refused (a host whose clock is that far off measures nothing).
 pub const WINDOW_SECS: u64 = 30;
 /// Samples in one report, at most.
 pub const SAMPLES_MAX: usize = 4096;
 /// How far under the alert share a rate must fall to end an alert, in
-/// percentage points.
+/// percentage points (at most half the share).
 pub const HYSTERESIS_PERCENT: u64 = 5;
+/// Bytes one host reports for one second of one system and zone, at most
+/// each way (400 Gbit/s): a figure beyond is no host's, and is refused.
+pub const BYTES_PER_SEC_MAX: u64 = 50_000_000_000;
+/// Seconds closed one by one at most after the clock jumped ahead; beyond,
+/// the interval in progress ends and closing starts again from now.
+pub const CATCH_UP_MAX: u64 = 3600;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Labels {
@@ -82,9 +90,10 @@ struct Series {
     open: BTreeMap<u64, BTreeMap<String, (u64, u64)>>,
     /// The last second closed (0: none yet).
     closed: u64,
-    /// The interval in progress (its start, Unix seconds) and whether any
-    /// traffic came in it.
+    /// The interval in progress (its start, Unix seconds, and length, as
+    /// the system said when it started) and whether any traffic came in it.
     interval: u64,
+    len: u64,
     busy: bool,
     up: Way,
     down: Way,
@@ -180,13 +189,24 @@ impl Usage {
                 );
                 continue;
             }
-            if s.unix_second + WINDOW_SECS < now || s.unix_second > now + WINDOW_SECS {
+            if s.unix_second.saturating_add(WINDOW_SECS) < now || s.unix_second > now.saturating_add(WINDOW_SECS) {
                 refuse(
                     &mut out,
                     "out_of_window",
                     format!(
                         "samples[{i}].unix_second: {} is more than {WINDOW_SECS} s from this replica's clock ({now})",
                         s.unix_second
+                    ),
+                );
+                continue;
+            }
+            if s.up_bytes > BYTES_PER_SEC_MAX || s.down_bytes > BYTES_PER_SEC_MAX {
+                refuse(
+                    &mut out,
+                    "implausible",
+                    format!(
+                        "samples[{i}]: {} bytes up and {} down in one second is more than a host carries ({BYTES_PER_SEC_MAX} each way)",
+                        s.up_bytes, s.down_bytes
                     ),
                 );
                 continue;
@@ -246,17 +266,29 @@ impl Usage {
                 series.closed + 1
             };
             let mut s = from;
+            if through > from.saturating_add(CATCH_UP_MAX) {
+                // The clock jumped ahead: what was in progress ends, and
+                // the seconds between carried nothing anyone can tell.
+                tracing::warn!(system = %sys.id, zone = %zone, from, through, "the clock jumped ahead; bandwidth measured from now");
+                if series.interval != 0 {
+                    events.extend(end_interval(sys, zone, series));
+                }
+                series.interval = 0;
+                s = through;
+                series.open.retain(|k, _| *k >= through);
+            }
             while s <= through {
                 let hosts = series.open.remove(&s).unwrap_or_default();
-                let (up, down) = hosts.values().fold((0u64, 0u64), |a, b| (a.0 + b.0, a.1 + b.1));
+                let (up, down) = hosts
+                    .values()
+                    .fold((0u64, 0u64), |a, b| (a.0.saturating_add(b.0), a.1.saturating_add(b.1)));
                 let start = s - s % interval;
                 if series.interval != start {
                     if series.interval != 0 {
-                        if let Some(e) = end_interval(sys, zone, series) {
-                            events.push(e);
-                        }
+                        events.extend(end_interval(sys, zone, series));
                     }
                     series.interval = start;
+                    series.len = interval;
                     series.busy = false;
                 }
                 series.busy |= up + down > 0;
@@ -271,12 +303,12 @@ impl Usage {
                         way.peak_at = s;
                     }
                     let share = sys.alert() as u64;
-                    let pct = (bps as u128 * 100 / of.max(1) as u128) as u64;
+                    let pct = u64::try_from(bps as u128 * 100 / of.max(1) as u128).unwrap_or(u64::MAX);
                     if !way.over && pct >= share {
                         way.over = true;
                         way.alerts += 1;
                         events.push(alert(sys, zone, direction, s, bps, of, true));
-                    } else if way.over && pct + HYSTERESIS_PERCENT < share {
+                    } else if way.over && pct.saturating_add(HYSTERESIS_PERCENT.min(share / 2)) < share {
                         way.over = false;
                         events.push(alert(sys, zone, direction, s, bps, of, false));
                     }
@@ -304,10 +336,10 @@ impl Usage {
                         zone: zone.clone(),
                         direction,
                     };
-                    last.get_or_create(&l).set(way.last_bps as i64);
-                    peak.get_or_create(&l).set(way.peak_bps as i64);
+                    last.get_or_create(&l).set(way.last_bps.min(i64::MAX as u64) as i64);
+                    peak.get_or_create(&l).set(way.peak_bps.min(i64::MAX as u64) as i64);
                     if let Some(d) = way.done_bps {
-                        done.get_or_create(&l).set(d as i64);
+                        done.get_or_create(&l).set(d.min(i64::MAX as u64) as i64);
                     }
                     over.get_or_create(&l).set(i64::from(way.over));
                     alerts.get_or_create(&l).inc_by(way.alerts);
@@ -382,7 +414,7 @@ fn end_interval(sys: &InformationSystem, zone: &str, series: &mut Series) -> Opt
     if !series.busy {
         return None;
     }
-    let interval = sys.interval() as u64;
+    let interval = series.len;
     Some(Event {
         facility: FACILITY_DAEMON,
         severity: Severity::Informational,
@@ -504,8 +536,9 @@ mod tests {
     fn hosts_add_up_into_peaks_and_alerts() {
         let st = state();
         let u = Usage::default();
-        let t0 = 1_000_000_000; // a multiple of 10: an interval starts
-                                // 50 + 35 = 85 Mbit/s in second t0: 85% of 100, over 80%.
+        // A multiple of 10: an interval starts.
+        let t0 = 1_000_000_000;
+        // 50 + 35 = 85 Mbit/s in second t0: 85% of 100, over 80%.
         assert_eq!(u.report_at(&st, "h1", &[sample(t0, 50)], t0).accepted, 1);
         assert_eq!(u.report_at(&st, "h2", &[sample(t0, 30)], t0).accepted, 1);
         assert_eq!(u.report_at(&st, "h2", &[sample(t0, 35)], t0).accepted, 1, "a repeat");
@@ -528,8 +561,12 @@ mod tests {
         // Unknown systems and seconds out of the window too.
         let mut bad = sample(t0 + 6, 1);
         bad.system_id = "other".into();
-        let r = u.report_at(&st, "h1", &[bad, sample(t0 - 100, 1)], t0 + 5);
-        assert_eq!(r.refused, 2);
+        let mut huge = sample(t0 + 6, 1);
+        huge.up_bytes = u64::MAX;
+        let mut forever = sample(u64::MAX, 1);
+        forever.unix_second = u64::MAX;
+        let r = u.report_at(&st, "h1", &[bad, sample(t0 - 100, 1), huge, forever], t0 + 5);
+        assert_eq!(r.refused, 4);
         // The interval ends at t0 + 10: its peak is 85 Mbit/s up.
         let e = u.close(&st, t0 + 10 + GRACE_SECS);
         let peak = e.iter().find(|e| e.kind == "bandwidth_peak").expect("a peak event");

@@ -483,7 +483,7 @@ async fn systems_refuse_bad_input_and_forged_reports() {
             system_id: "s1".into(),
             zone_id: "net".into(),
             unix_second: now,
-            up_bytes: 1 << 40,
+            up_bytes: 1_000_000,
             down_bytes: 0,
         }],
     };
@@ -518,6 +518,17 @@ async fn systems_refuse_bad_input_and_forged_reports() {
     let e = as_agent(&c, "sdn://agent/h1").await.usage(big).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     assert!(e.message().starts_with("samples:"), "{}", e.message());
+    // More than any host carries in a second.
+    let mut huge = report("h1");
+    huge.samples[0].up_bytes = 1 << 40;
+    let r = as_agent(&c, "sdn://agent/h1")
+        .await
+        .usage(huge)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.accepted, r.refused), (0, 1), "{r:?}");
+    assert!(r.reason.contains("more than a host carries"), "{}", r.reason);
     // h1's own report is taken.
     let r = as_agent(&c, "sdn://agent/h1")
         .await

@@ -1288,6 +1288,21 @@ impl State {
         if !self.hosts.contains_key(&p.host_id) {
             return Err(c.err("host_id", format!("unknown host {:?}", p.host_id)));
         }
+        // A port is in one information system at most: one that lists it
+        // cannot see it move into a VPC another system takes whole.
+        let listed = self.information_systems.values().find(|s| s.port_ids.contains(&p.id));
+        let whole = self.information_systems.values().find(|s| s.vpc_ids.contains(&vpc.id));
+        if let (Some(a), Some(b)) = (listed, whole) {
+            if a.id != b.id {
+                return Err(c.err(
+                    "subnet_id",
+                    format!(
+                        "port {} is information system {}'s, and vpc {} is information system {}'s: a port is in one system at most",
+                        p.id, a.id, vpc.id, b.id
+                    ),
+                ));
+            }
+        }
         check_device(&p.device).map_err(|m| c.err("device", m))?;
         if p.ipv4.is_none() && p.ipv6.is_none() {
             return Err(c.err("ipv4", "a port needs an IPv4 address, an IPv6 address or both"));
@@ -1959,6 +1974,67 @@ mod tests {
             security_group_ids: vec![],
             vm_id: String::new(),
         }
+    }
+
+    /// A port is in one information system at most: listed by id in one,
+    /// it cannot move into a VPC another takes whole, and no system takes
+    /// its VPC whole; what the systems measure cannot be deleted.
+    #[test]
+    fn a_port_is_in_one_system_at_most() {
+        let mut s = base();
+        s.apply_batch(&[
+            Op::PutZone(Zone {
+                id: "z".into(),
+                name: "z".into(),
+                prefixes: vec!["0.0.0.0/0".parse().unwrap()],
+                uplink_device: "up".into(),
+            }),
+            Op::PutVpc(Vpc {
+                id: "v2".into(),
+                tenant_id: "t1".into(),
+                name: "v2".into(),
+                vni: 0,
+                zone_id: String::new(),
+                border_policy_id: String::new(),
+            }),
+            Op::PutSubnet(Subnet {
+                id: "s2".into(),
+                vpc_id: "v2".into(),
+                cidr_v4: Some("10.1.0.0/24".parse().unwrap()),
+                cidr_v6: None,
+            }),
+            Op::PutPort(port("p1", "10.0.0.5")),
+        ])
+        .unwrap();
+        let sys = |id: &str, vpcs: &[&str], ports: &[&str]| {
+            Op::PutInformationSystem(InformationSystem {
+                id: id.into(),
+                name: id.into(),
+                vpc_ids: vpcs.iter().map(|v| v.to_string()).collect(),
+                port_ids: ports.iter().map(|v| v.to_string()).collect(),
+                bandwidth: vec![SystemBandwidth {
+                    zone_id: "z".into(),
+                    up_bps: 1,
+                    down_bps: 1,
+                }],
+                alert_percent: 0,
+                interval_secs: 0,
+            })
+        };
+        s.apply_batch(&[sys("a", &["v2"], &[]), sys("b", &[], &["p1"])])
+            .unwrap();
+        let e = s.apply_batch(&[sys("c", &["v1"], &[])]).unwrap_err();
+        assert_eq!(e.field, "operations[0].put_information_system.vpc_ids[0]", "{e}");
+        let mut moved = port("p1", "10.1.0.5");
+        moved.subnet_id = "s2".into();
+        let e = s.apply_batch(&[Op::PutPort(moved)]).unwrap_err();
+        assert_eq!(e.field, "operations[0].put_port.subnet_id", "{e}");
+        assert!(e.message.contains("one system at most"), "{e}");
+        for (kind, id) in [(Kind::Port, "p1"), (Kind::Vpc, "v2"), (Kind::Zone, "z")] {
+            let e = s.apply_batch(&[Op::Delete { kind, id: id.into() }]).unwrap_err();
+            assert!(e.message.contains("information system"), "{e}");
+        }
+        assert_eq!(s.system_of_port(&s.ports["p1"]).map(|x| x.id.as_str()), Some("b"));
     }
 
     /// The relations kept current by every change equal those rebuilt from

@@ -489,7 +489,10 @@ async fn main() -> anyhow::Result<()> {
             let port = port.to_string();
             std::thread::spawn(move || {
                 Command::new("ip")
-                    .args(["netns", "exec", &ns, "iperf3", "-c", EXT_HOST, "-p", &port, "-u", "-b", "5M", "-t", "4", "-l", "1400"])
+                    .args([
+                        "netns", "exec", &ns, "iperf3", "-c", EXT_HOST, "-p", &port, "-u", "-b", "5M", "-t", "4", "-l",
+                        "1400",
+                    ])
                     .output()
                     .map(|o| o.status.success())
                     .unwrap_or(false)
@@ -498,7 +501,10 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     let sent: Vec<bool> = senders.into_iter().map(|t| t.join().unwrap_or(false)).collect();
     drop(servers_bw);
-    println!("  iperf3 from vm1 and vm3: {}", if sent.iter().all(|x| *x) { "done" } else { "failed" });
+    println!(
+        "  iperf3 from vm1 and vm3: {}",
+        if sent.iter().all(|x| *x) { "done" } else { "failed" }
+    );
     std::thread::sleep(std::time::Duration::from_secs(8));
     let events = controller_syslog.lines();
     let bw: Vec<&String> = events.iter().filter(|l| l.contains("|bandwidth_")).collect();
