@@ -211,6 +211,8 @@ pub struct Dataplane {
     /// The mirror sessions by slot, as last written, and each slot's
     /// generation.
     mirror_ids: std::collections::BTreeMap<u32, String>,
+    /// Information systems by slot, as last written.
+    system_ids: std::collections::BTreeMap<u32, String>,
     mirror_gen: [u32; m::MIRROR_SLOTS as usize],
     /// Devices whose observers run this load's programs (attached, or
     /// adopted from an earlier agent and swapped), and whether the VXLAN
@@ -388,6 +390,7 @@ impl Dataplane {
             pipe_pin,
             traffic: Default::default(),
             mirror_ids: Default::default(),
+            system_ids: Default::default(),
             mirror_gen: [0; m::MIRROR_SLOTS as usize],
             mirror_links: BTreeSet::new(),
             mirror_overlay_link: false,
@@ -969,8 +972,32 @@ impl Dataplane {
 
     /// Points each information system's port at its slot (the programs
     /// count its bytes with the zones there).
-    pub fn apply_systems(&mut self, plan: &crate::compile::systems::SystemPlan) -> anyhow::Result<()> {
-        sync_hash(&mut self.ebpf, m::SYSTEM_PORTS, &plan.ports)
+    /// A slot new to its holder (in this process) has its counts set to
+    /// zero first; returns those slots.
+    pub fn apply_systems(&mut self, plan: &crate::compile::systems::SystemPlan) -> anyhow::Result<Vec<u32>> {
+        let ids: std::collections::BTreeMap<u32, String> = plan.slots.iter().map(|(k, s)| (*k, s.id.clone())).collect();
+        let fresh: Vec<u32> = ids
+            .iter()
+            .filter(|(k, id)| self.system_ids.get(k) != Some(id))
+            .map(|(k, _)| *k)
+            .collect();
+        if !fresh.is_empty() {
+            let cpus = aya::util::nr_cpus().map_err(|(what, e)| anyhow::anyhow!("{what}: {e}"))?;
+            let map = self.ebpf.map_mut(m::SYSTEM_BYTES).context("map SYSTEM_BYTES missing")?;
+            let mut a: PerCpuArray<&mut MapData, u64> = PerCpuArray::try_from(map)?;
+            for slot in &fresh {
+                for zone in 1..=m::ZONES_MAX {
+                    for way in [m::SYSTEM_UP, m::SYSTEM_DOWN] {
+                        let zero = aya::maps::PerCpuValues::try_from(vec![0u64; cpus])?;
+                        a.set(m::system_index(*slot, zone, way), zero, 0)
+                            .context("setting an information system's counts to zero")?;
+                    }
+                }
+            }
+        }
+        sync_hash(&mut self.ebpf, m::SYSTEM_PORTS, &plan.ports)?;
+        self.system_ids = ids;
+        Ok(fresh)
     }
 
     /// Devices that have mirroring's observers attached.

@@ -40,7 +40,9 @@ pub struct Stats {
 
 #[derive(Default)]
 struct Shared {
-    slots: RwLock<BTreeMap<u32, SystemSlot>>,
+    /// The slots counted, and those set to zero for a new holder since the
+    /// meter last read.
+    slots: RwLock<(BTreeMap<u32, SystemSlot>, std::collections::BTreeSet<u32>)>,
     queue: Mutex<VecDeque<pb::UsageSample>>,
     /// Rung when the meter has queued a second's samples.
     queued: tokio::sync::Notify,
@@ -61,11 +63,14 @@ fn now() -> Duration {
 
 impl Usage {
     /// The systems and zones counted, as last enforced.
-    pub fn set_plan(&self, plan: &SystemPlan) {
+    /// The systems and zones counted, as last enforced; `fresh`: slots
+    /// whose counts the dataplane just set to zero for a new holder.
+    pub fn set_plan(&self, plan: &SystemPlan, fresh: &[u32]) {
         let mut held = self.0.slots.write().unwrap_or_else(|p| p.into_inner());
-        if *held != plan.slots {
-            *held = plan.slots.clone();
+        if held.0 != plan.slots {
+            held.0 = plan.slots.clone();
         }
+        held.1.extend(fresh.iter().copied());
     }
 
     pub fn stats(&self) -> Arc<Stats> {
@@ -120,7 +125,10 @@ impl Usage {
                 None => 1,
             };
             last = Some(second);
-            let slots = self.0.slots.read().unwrap_or_else(|p| p.into_inner()).clone();
+            let (slots, fresh) = {
+                let mut held = self.0.slots.write().unwrap_or_else(|p| p.into_inner());
+                (held.0.clone(), std::mem::take(&mut held.1))
+            };
             let mut samples = Vec::new();
             let mut seen = std::collections::BTreeSet::new();
             for (slot, s) in &slots {
@@ -132,13 +140,16 @@ impl Usage {
                         let Ok(v) = counts.read(*slot, *zone, way) else {
                             continue;
                         };
-                        // A count new to this system and zone (a slot that
-                        // changed hands, zones numbered anew, a fresh
-                        // agent) starts from here.
-                        if let Some((id, z, b)) = base.get(&key) {
-                            if *id == s.id && z == zone_id {
-                                delta[way as usize] = v.wrapping_sub(*b);
+                        // A slot set to zero for its holder counts from
+                        // zero; any other count new to this system and
+                        // zone (zones numbered anew) from here. A count
+                        // that went down was set to zero meanwhile.
+                        match base.get(&key) {
+                            _ if fresh.contains(slot) => delta[way as usize] = v,
+                            Some((id, z, b)) if *id == s.id && z == zone_id => {
+                                delta[way as usize] = if v >= *b { v - *b } else { v };
                             }
+                            _ => {}
                         }
                         base.insert(key, (s.id.clone(), zone_id.clone(), v));
                     }

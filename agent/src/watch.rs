@@ -312,7 +312,7 @@ impl Agent {
         }
         // Information systems' ports, for the bandwidth of each system.
         match self.dp.apply_systems(&desired.systems) {
-            Ok(()) => self.usage.set_plan(&desired.systems),
+            Ok(fresh) => self.usage.set_plan(&desired.systems, &fresh),
             Err(e) => {
                 let e = format!("information systems: {e:#}");
                 tracing::error!(error = %e, "systems' traffic not counted; the rest is enforced");

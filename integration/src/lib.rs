@@ -25,6 +25,7 @@ pub mod ops;
 pub mod pki;
 pub mod pyclient;
 pub mod replicas;
+pub mod scrape;
 pub mod supervisor;
 
 pub use bpffs::Bpffs;

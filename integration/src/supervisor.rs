@@ -153,4 +153,22 @@ impl Rsyslogd {
             .map(String::from)
             .collect()
     }
+
+    /// The messages once `done` holds for them; panics after `timeout`
+    /// naming `what` and showing what came.
+    pub async fn wait_for_lines(&self, what: &str, timeout: Duration, done: impl Fn(&[String]) -> bool) -> Vec<String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let l = self.lines();
+            if done(&l) {
+                return l;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "waiting for {what}; rsyslog has:\n{}",
+                l.join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
 }

@@ -11,11 +11,12 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sdn_integration::cluster::{Cluster, ADMIN, PLATFORM};
 use sdn_integration::lab::Lab;
 use sdn_integration::ops::*;
+use sdn_integration::scrape::{curl, sample};
 use sdn_integration::supervisor::{have, Rsyslogd};
 use sdn_integration::{free_port, privileged, Proc};
 use sdn_proto::v1 as pb;
@@ -41,27 +42,6 @@ spec:
   alertPercent: 80
   intervalSeconds: 5
 ";
-
-/// The value of one sample line `name{labels} value`.
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-fn curl(url: &str, netns: Option<&str>) -> String {
-    let mut cmd = match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, "curl"]);
-            c
-        }
-        None => Command::new("curl"),
-    };
-    let out = cmd.args(["-sf", "--max-time", "5", url]).output().unwrap();
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
 
 /// An iperf3 UDP client in `netns` to the zone's server on `port` at
 /// `mbit` for `secs` (`reverse`: the server sends). Its JSON report.
@@ -105,22 +85,6 @@ fn frames_sent(report: &serde_json::Value) -> u64 {
         .as_u64()
         .unwrap_or_else(|| panic!("no end.sum_sent.packets in {report}"));
     bytes + packets * FRAME_OVERHEAD
-}
-
-async fn wait_for_lines(r: &Rsyslogd, what: &str, timeout: Duration, done: impl Fn(&[String]) -> bool) -> Vec<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let l = r.lines();
-        if done(&l) {
-            return l;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "waiting for {what}; rsyslog has:\n{}",
-            l.join("\n")
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 /// A field of an event line's structured data.
@@ -251,12 +215,13 @@ async fn peaks_add_up_over_hosts_and_alerts_reach_rsyslog() {
     }
     // Each interval's peaks, both hosts added up: up about 61.8 Mbit/s
     // (the frames of 60 Mbit/s of payload), down about 20.6.
-    let peaks = wait_for_lines(&rsyslog, "the intervals' peaks", Duration::from_secs(20), |l| {
-        l.iter()
-            .filter(|x| x.contains("|bandwidth_peak|"))
-            .any(|x| field(x, "up_peak_bps").unwrap_or(0) > 50_000_000)
-    })
-    .await;
+    let peaks = rsyslog
+        .wait_for_lines("the intervals' peaks", Duration::from_secs(20), |l| {
+            l.iter()
+                .filter(|x| x.contains("|bandwidth_peak|"))
+                .any(|x| field(x, "up_peak_bps").unwrap_or(0) > 50_000_000)
+        })
+        .await;
     let peak_events: Vec<&String> = peaks.iter().filter(|x| x.contains("|bandwidth_peak|")).collect();
     let up = peak_events
         .iter()
@@ -302,10 +267,11 @@ async fn peaks_add_up_over_hosts_and_alerts_reach_rsyslog() {
     for r in runs {
         r.join().unwrap();
     }
-    let got = wait_for_lines(&rsyslog, "the alert and its end", Duration::from_secs(20), |l| {
-        l.iter().any(|x| x.contains("|bandwidth_alert|")) && l.iter().any(|x| x.contains("|bandwidth_normal|"))
-    })
-    .await;
+    let got = rsyslog
+        .wait_for_lines("the alert and its end", Duration::from_secs(20), |l| {
+            l.iter().any(|x| x.contains("|bandwidth_alert|")) && l.iter().any(|x| x.contains("|bandwidth_normal|"))
+        })
+        .await;
     let alert = got.iter().find(|x| x.contains("|bandwidth_alert|")).unwrap();
     let f: Vec<&str> = alert.splitn(6, '|').collect();
     // PRI: system daemons (3), warning (4).

@@ -8,7 +8,8 @@ use sdn_integration::cluster::Cluster;
 use sdn_integration::lab::Lab;
 use sdn_integration::ops::*;
 use sdn_integration::pyclient::{unhex, Py};
-use sdn_integration::{bin, free_port, ns_sh, privileged, wait_for};
+use sdn_integration::scrape::{curl, sample};
+use sdn_integration::{bin, free_port, privileged, wait_for};
 use sdn_proto::v1 as pb;
 
 /// `grpc.health.v1.HealthCheckRequest{service}`.
@@ -45,25 +46,6 @@ fn promtool(text: &str) {
         out.status.success() || !said.contains("error"),
         "promtool: {said}\n{text}"
     );
-}
-
-/// The value of one sample line `name{labels} value` (labels as written).
-fn sample(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
-fn curl(url: &str, netns: Option<&str>) -> String {
-    let args = ["curl", "-sf", "--max-time", "5", url];
-    match netns {
-        Some(ns) => ns_sh(ns, &args).unwrap_or_default(),
-        None => {
-            let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-            String::from_utf8_lossy(&out.stdout).to_string()
-        }
-    }
 }
 
 #[test]

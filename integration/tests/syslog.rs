@@ -6,7 +6,7 @@
 //! host, application, MSGID and structured data, which the test reads.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sdn_integration::cluster::Cluster;
 use sdn_integration::lab::Lab;
@@ -31,22 +31,6 @@ fn certificates(dir: &Path) {
          && printf 'subjectAltName=IP:127.0.0.1\\n' > san.ext \
          && openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile san.ext 2>/dev/null"
     ));
-}
-
-async fn wait_for_lines(r: &Rsyslogd, what: &str, timeout: Duration, done: impl Fn(&[String]) -> bool) -> Vec<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let l = r.lines();
-        if done(&l) {
-            return l;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "waiting for {what}; rsyslog has:\n{}",
-            l.join("\n")
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
 }
 
 fn quarantine(id: &str, target: &str) -> pb::operation::Op {
@@ -162,13 +146,14 @@ async fn agent_events_reach_rsyslog_over_tls() {
         l.iter()
             .any(|x| x.contains(&format!("|{msgid}|")) && x.contains(needle))
     };
-    let got = wait_for_lines(&rsyslog, "the agent's events", Duration::from_secs(20), |l| {
-        has(l, "spoof", "src=\"10.47.0.99\"")
-            && has(l, "flow_budget", "")
-            && has(l, "quarantine_applied", "")
-            && has(l, "quarantine_lifted", "")
-    })
-    .await;
+    let got = rsyslog
+        .wait_for_lines("the agent's events", Duration::from_secs(20), |l| {
+            has(l, "spoof", "src=\"10.47.0.99\"")
+                && has(l, "flow_budget", "")
+                && has(l, "quarantine_applied", "")
+                && has(l, "quarantine_lifted", "")
+        })
+        .await;
     let text = got.join("\n");
     let spoof = got
         .iter()
@@ -254,17 +239,18 @@ async fn controller_events_reach_rsyslog_over_udp_and_tcp() {
         .unwrap_err();
     assert_eq!(denied.code(), tonic::Code::PermissionDenied);
     // Each event arrives twice: once over UDP, once over TCP.
-    let got = wait_for_lines(&rsyslog, "the controller's events", Duration::from_secs(20), |l| {
-        l.iter()
-            .filter(|x| x.contains("|policy_change|") && x.contains("alice"))
-            .count()
-            == 2
-            && l.iter()
-                .filter(|x| x.contains("|auth_refused|") && x.contains("mallory"))
+    let got = rsyslog
+        .wait_for_lines("the controller's events", Duration::from_secs(20), |l| {
+            l.iter()
+                .filter(|x| x.contains("|policy_change|") && x.contains("alice"))
                 .count()
                 == 2
-    })
-    .await;
+                && l.iter()
+                    .filter(|x| x.contains("|auth_refused|") && x.contains("mallory"))
+                    .count()
+                    == 2
+        })
+        .await;
     let change = got
         .iter()
         .find(|x| x.contains("|policy_change|") && x.contains("alice"))
