@@ -228,9 +228,13 @@ impl Usage {
                     }
                 }
                 Some(Err(s))
-                    if s.code() == tonic::Code::InvalidArgument || s.code() == tonic::Code::PermissionDenied =>
+                    if matches!(
+                        s.code(),
+                        tonic::Code::InvalidArgument | tonic::Code::PermissionDenied | tonic::Code::Unimplemented
+                    ) =>
                 {
-                    // Never taken: kept, they would block the queue.
+                    // Never taken (refused, or a controller of an earlier
+                    // release): kept, they would block the queue.
                     self.0.stats.refused.fetch_add(batch.len() as u64, Relaxed);
                     tracing::warn!(code = ?s.code(), error = %s.message(), samples = batch.len(), "usage report refused");
                 }
