@@ -185,6 +185,7 @@ impl Usage {
         let mut client: Option<pb::agent_client::AgentClient<tonic::transport::Channel>> = None;
         let mut next = 0usize;
         let mut failing = false;
+        let mut refused = false;
         loop {
             // As soon as a second's samples are queued; what failed is
             // tried again a second later at the latest.
@@ -222,9 +223,10 @@ impl Usage {
                     if a.refused > 0 {
                         tracing::warn!(refused = a.refused, reason = %a.reason, "the controller left usage samples out");
                     }
-                    if failing {
+                    if failing || refused {
                         tracing::info!("usage reports reach the controller again");
                         failing = false;
+                        refused = false;
                     }
                 }
                 Some(Err(s))
@@ -236,7 +238,11 @@ impl Usage {
                     // Never taken (refused, or a controller of an earlier
                     // release): kept, they would block the queue.
                     self.0.stats.refused.fetch_add(batch.len() as u64, Relaxed);
-                    tracing::warn!(code = ?s.code(), error = %s.message(), samples = batch.len(), "usage report refused");
+                    // Once until a report is taken again, not every second.
+                    if !refused {
+                        tracing::warn!(code = ?s.code(), error = %s.message(), samples = batch.len(), "usage report refused; such reports are dropped and counted");
+                        refused = true;
+                    }
                 }
                 other => {
                     if !failing {
