@@ -236,7 +236,7 @@ impl Usage {
                     ) =>
                 {
                     // Never taken (refused, or a controller of an earlier
-                    // release): kept, they would block the queue.
+                    // release): dropped, as kept they would block the queue.
                     self.0.stats.refused.fetch_add(batch.len() as u64, Relaxed);
                     // Once until a report is taken again, not every second.
                     if !refused {

@@ -291,7 +291,7 @@ impl Usage {
                     series.len = interval;
                     series.busy = false;
                 }
-                series.busy |= up + down > 0;
+                series.busy |= up > 0 || down > 0;
                 for (way, bytes, of, direction) in [
                     (&mut series.up, up, bw.up_bps, "up"),
                     (&mut series.down, down, bw.down_bps, "down"),
