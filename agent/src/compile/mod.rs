@@ -500,42 +500,48 @@ impl Compiler {
         }
         let nets: Vec<&pb::VpcNetwork> = networks.iter().map(|(_, n)| *n).collect();
         compile_peerings(&peerings, &nets, &fw_no, &mut d.endpoints, &mut d.rejected);
-        let vpc_of: BTreeMap<&str, &pb::VpcNetwork> = nets
-            .iter()
-            .flat_map(|n| n.gateways.iter().map(move |g| (g.subnet_id.as_str(), *n)))
-            .collect();
-        let locals: Vec<mirror::LocalPort> = ports
-            .iter()
-            .map(|(_, p)| {
-                let n = vpc_of.get(p.subnet_id.as_str());
-                mirror::LocalPort {
-                    port: p,
-                    vpc: n.map(|n| n.vpc_id.as_str()).unwrap_or(""),
-                    zone: n.map(|n| n.zone_id.as_str()).unwrap_or(""),
-                }
-            })
-            .collect();
-        systems.sort_by(|a, b| a.id.cmp(&b.id));
-        d.systems = systems::compile_systems(
-            &systems,
-            &locals,
-            &zone_no,
-            ifindex,
-            &mut self.system_slots,
-            &mut d.rejected,
-        );
-        if !mirrors.is_empty() {
-            let cpus = aya::util::nr_cpus().map(|n| n as u32).unwrap_or(1);
-            d.mirror = mirror::compile_mirrors(
-                &mirrors,
+        if mirrors.is_empty() && systems.is_empty() {
+            // Neither needs the ports' VPCs: a pass without them pays nothing.
+            self.mirror_slots.clear();
+            self.system_slots.clear();
+        } else {
+            let vpc_of: BTreeMap<&str, &pb::VpcNetwork> = nets
+                .iter()
+                .flat_map(|n| n.gateways.iter().map(move |g| (g.subnet_id.as_str(), *n)))
+                .collect();
+            let locals: Vec<mirror::LocalPort> = ports
+                .iter()
+                .map(|(_, p)| {
+                    let n = vpc_of.get(p.subnet_id.as_str());
+                    mirror::LocalPort {
+                        port: p,
+                        vpc: n.map(|n| n.vpc_id.as_str()).unwrap_or(""),
+                        zone: n.map(|n| n.zone_id.as_str()).unwrap_or(""),
+                    }
+                })
+                .collect();
+            systems.sort_by(|a, b| a.id.cmp(&b.id));
+            d.systems = systems::compile_systems(
+                &systems,
                 &locals,
+                &zone_no,
                 ifindex,
-                cpus,
-                &mut self.mirror_slots,
+                &mut self.system_slots,
                 &mut d.rejected,
             );
-        } else {
-            self.mirror_slots.clear();
+            if !mirrors.is_empty() {
+                let cpus = aya::util::nr_cpus().map(|n| n as u32).unwrap_or(1);
+                d.mirror = mirror::compile_mirrors(
+                    &mirrors,
+                    &locals,
+                    ifindex,
+                    cpus,
+                    &mut self.mirror_slots,
+                    &mut d.rejected,
+                );
+            } else {
+                self.mirror_slots.clear();
+            }
         }
         // What the crossing tiers (zone guard, border and VPC firewalls) decide
         // by: a change to it changes every port's epoch, so established flows
