@@ -5,21 +5,26 @@
 //!
 //! | role | may |
 //! |---|---|
-//! | platform | tenants, VPCs, subnets, hosts, ports; read everything |
-//! | admin | every other kind (zones, exchange paths, firewalls, quarantines, security groups, peerings); read everything; cluster membership |
-//! | tenant | its own tenant's security groups; read its own tenant's objects and the audit records it made |
+//! | platform | tenants, VPCs, subnets, hosts, ports; load balancers exposed to their VPC only; read everything |
+//! | admin | every other kind (zones, exchange paths, firewalls, quarantines, security groups, peerings, load balancers); read everything; cluster membership |
+//! | tenant | its own tenant's security groups, and load balancers exposed to their VPC only; read its own tenant's objects and the audit records it made |
 //! | supervisor | read everything, the audit log and enforcement; change nothing |
 //! | agent | `Register`, `Watch`, `Ack` for the host its certificate names |
 //! | replica | the Raft and cluster services, and requests it forwards for a caller |
+//!
+//! A load balancer exposed to its zone, and its listeners, are an
+//! administrator's alone: exposing a VIP to a zone opens it as an exchange
+//! path does.
 //!
 //! A replica that forwards a caller's request to the leader says whom it
 //! acts for (`sdn-on-behalf-of`); only a replica's word is taken for it.
 //! A refusal is `PERMISSION_DENIED`, naming the operation and the role,
 //! and is logged as a security event.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use sdn_policies::{Kind, Op, State};
+use sdn_policies::{Exposure, Kind, LoadBalancer, Op, State};
 use sdn_proto::tls::{Identity, Peer, Role};
 use tonic::{Request, Status};
 
@@ -157,23 +162,31 @@ impl Caller {
     /// Checks every operation of a batch before any is written.
     pub fn check_batch(&self, ops: &[Op], state: &State) -> Result<(), Status> {
         let Some(id) = &self.identity else { return Ok(()) };
+        let batch = BatchLbs::of(ops);
         for (i, op) in ops.iter().enumerate() {
             let (kind, obj) = op.key();
             let what = format!("operations[{i}].{} {} {obj}", op.field(), kind.name());
+            let tenant = id.tenant.as_deref().unwrap_or_default();
             let ok = match id.role {
-                Role::Platform => platform_kind(kind),
+                Role::Platform => platform_kind(kind) || (lb_kind(kind) && !batch.zone_exposed(op, state)),
                 Role::Admin => !platform_kind(kind),
-                Role::Tenant => {
-                    let t = id.tenant.as_deref().unwrap_or_default();
-                    tenant_may_write(t, op, state)
-                }
+                Role::Tenant => tenant_may_write(tenant, op, &batch, state),
                 Role::Supervisor | Role::Agent | Role::Replica => false,
             };
             if !ok {
+                // The exposure is named only to whom the load balancer is
+                // its own (or the platform): another tenant learns nothing
+                // of it.
+                let own = || batch.touched(op, state).iter().all(|l| l.tenant_id == tenant);
+                let exposed = lb_kind(kind)
+                    && batch.zone_exposed(op, state)
+                    && (id.role == Role::Platform || (id.role == Role::Tenant && own()));
                 let why = match id.role {
+                    _ if exposed => {
+                        "a load balancer exposed to its zone, and its listeners, are an administrator's to change".into()
+                    }
                     Role::Tenant => format!(
-                        "a tenant changes only its own tenant's security groups ({})",
-                        id.tenant.as_deref().unwrap_or_default()
+                        "a tenant changes only its own tenant's security groups and load balancers ({tenant})"
                     ),
                     Role::Platform => "the platform provisions tenants, VPCs, subnets, hosts and ports".into(),
                     Role::Admin => "the platform provisions tenants, VPCs, subnets, hosts and ports".into(),
@@ -191,11 +204,98 @@ fn platform_kind(kind: Kind) -> bool {
     matches!(kind, Kind::Tenant | Kind::Vpc | Kind::Subnet | Kind::Host | Kind::Port)
 }
 
-/// A tenant writes security groups of its own: the group it puts is its
-/// own, and so is the group the id names now, if any (or it would take
-/// another tenant's group by its id).
-fn tenant_may_write(tenant: &str, op: &Op, state: &State) -> bool {
+/// The load balancers' kinds.
+fn lb_kind(kind: Kind) -> bool {
+    matches!(kind, Kind::LoadBalancer | Kind::Pool | Kind::Listener | Kind::Member)
+}
+
+/// The load balancers and pools a batch puts, as it leaves them (the last
+/// put of an id wins), looked up once per batch.
+struct BatchLbs<'a> {
+    lbs: HashMap<&'a str, &'a LoadBalancer>,
+    pools: HashMap<&'a str, &'a str>,
+}
+
+impl<'a> BatchLbs<'a> {
+    fn of(ops: &'a [Op]) -> BatchLbs<'a> {
+        let mut b = BatchLbs {
+            lbs: HashMap::new(),
+            pools: HashMap::new(),
+        };
+        for o in ops {
+            match o {
+                Op::PutLoadBalancer(l) => {
+                    b.lbs.insert(&l.id, l);
+                }
+                Op::PutPool(p) => {
+                    b.pools.insert(&p.id, &p.load_balancer_id);
+                }
+                _ => {}
+            }
+        }
+        b
+    }
+
+    /// Load balancer `id` as the batch leaves it, else as it is now.
+    fn lb(&self, id: &str, state: &'a State) -> Option<&'a LoadBalancer> {
+        self.lbs.get(id).copied().or_else(|| state.load_balancers.get(id))
+    }
+
+    /// The load balancer of pool `id`, as the batch leaves it or as it is.
+    fn pool_lb(&self, id: &str, state: &'a State) -> Option<&'a str> {
+        self.pools
+            .get(id)
+            .copied()
+            .or_else(|| state.pools.get(id).map(|p| p.load_balancer_id.as_str()))
+    }
+
+    /// Every load balancer an operation of the load balancers' kinds
+    /// touches: the one it names, and the one its object belongs to now.
+    fn touched(&self, op: &'a Op, state: &'a State) -> Vec<&'a LoadBalancer> {
+        let named: Option<&str> = match op {
+            Op::PutLoadBalancer(l) => {
+                return [Some(l), state.load_balancers.get(&l.id)]
+                    .into_iter()
+                    .flatten()
+                    .collect()
+            }
+            Op::PutPool(p) => Some(&p.load_balancer_id),
+            Op::PutListener(l) => Some(&l.load_balancer_id),
+            Op::PutMember(m) => self.pool_lb(&m.pool_id, state),
+            _ => None,
+        };
+        let (kind, id) = op.key();
+        let now = state.lb_of(kind, id);
+        named
+            .and_then(|n| self.lb(n, state))
+            .into_iter()
+            .chain(now)
+            .collect()
+    }
+
+    /// Whether an operation changes what a zone reaches: a load balancer
+    /// exposed to its zone (before or after), or one of its listeners.
+    fn zone_exposed(&self, op: &'a Op, state: &'a State) -> bool {
+        let (kind, _) = op.key();
+        if kind != Kind::LoadBalancer && kind != Kind::Listener {
+            return false;
+        }
+        self.touched(op, state)
+            .iter()
+            .any(|l| l.exposure == Exposure::Zone)
+    }
+}
+
+/// A tenant writes security groups and load balancers of its own: the
+/// object it puts is its own, and so is the object the id names now, if
+/// any (or it would take another tenant's by its id). A load balancer's
+/// pool, listener or member is its load balancer's tenant's.
+fn tenant_may_write<'a>(tenant: &str, op: &'a Op, batch: &BatchLbs<'a>, state: &'a State) -> bool {
     let owned_now = |id: &str| state.security_groups.get(id).map(|g| g.tenant_id == tenant);
+    let (kind, _) = op.key();
+    if lb_kind(kind) {
+        return !batch.zone_exposed(op, state) && batch.touched(op, state).iter().all(|l| l.tenant_id == tenant);
+    }
     match op {
         Op::PutSecurityGroup(g) => g.tenant_id == tenant && owned_now(&g.id).unwrap_or(true),
         Op::Delete {

@@ -72,6 +72,30 @@ fn tenant_view(s: &sdn_policies::State, tenant: &str) -> sdn_policies::State {
         .filter(|(_, x)| x.tenant_id == tenant)
         .map(|(k, x)| (k.clone(), x.clone()))
         .collect();
+    v.load_balancers = s
+        .load_balancers
+        .iter()
+        .filter(|(_, x)| x.tenant_id == tenant)
+        .map(|(k, x)| (k.clone(), x.clone()))
+        .collect();
+    v.pools = s
+        .pools
+        .iter()
+        .filter(|(_, x)| v.load_balancers.contains_key(&x.load_balancer_id))
+        .map(|(k, x)| (k.clone(), x.clone()))
+        .collect();
+    v.listeners = s
+        .listeners
+        .iter()
+        .filter(|(_, x)| v.load_balancers.contains_key(&x.load_balancer_id))
+        .map(|(k, x)| (k.clone(), x.clone()))
+        .collect();
+    v.members = s
+        .members
+        .iter()
+        .filter(|(_, x)| v.pools.contains_key(&x.pool_id))
+        .map(|(k, x)| (k.clone(), x.clone()))
+        .collect();
     v
 }
 

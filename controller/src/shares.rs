@@ -409,7 +409,9 @@ impl Shares {
                     }
                     dirty.insert(name);
                 }
-                Kind::Tenant => {}
+                // Not in a host's share yet: the hosts that translate a
+                // load balancer's flows will hold it.
+                Kind::Tenant | Kind::LoadBalancer | Kind::Pool | Kind::Listener | Kind::Member => {}
             }
         }
         for n in &dirty {

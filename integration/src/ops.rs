@@ -221,3 +221,71 @@ pub fn to_vxlan(remote: &str, vni: u32, port: u32) -> pb::mirror_session::Destin
 pub fn put_mirror(m: pb::MirrorSession) -> Op {
     Op::PutMirrorSession(m)
 }
+
+/// A load balancer in `vpc` with an IPv4 and/or IPv6 VIP ("" for none),
+/// exposed to its VPC.
+pub fn load_balancer(id: &str, tenant: &str, vpc: &str, v4: &str, v6: &str) -> pb::LoadBalancer {
+    pb::LoadBalancer {
+        id: id.into(),
+        tenant_id: tenant.into(),
+        vpc_id: vpc.into(),
+        name: id.into(),
+        vip_v4: v4.into(),
+        vip_v6: v6.into(),
+        exposure: "vpc".into(),
+        nat_hosts: vec![],
+    }
+}
+/// `lb` exposed to its VPC's zone, translated on `host` from `source`.
+pub fn exposed(lb: pb::LoadBalancer, host: &str, source: &str) -> pb::LoadBalancer {
+    pb::LoadBalancer {
+        exposure: "zone".into(),
+        nat_hosts: vec![pb::NatHost {
+            host_id: host.into(),
+            ipv4: source.into(),
+            ipv6: String::new(),
+        }],
+        ..lb
+    }
+}
+pub fn put_lb(lb: pb::LoadBalancer) -> Op {
+    Op::PutLoadBalancer(lb)
+}
+pub fn pool(id: &str, lb: &str) -> Op {
+    Op::PutPool(pb::Pool {
+        id: id.into(),
+        load_balancer_id: lb.into(),
+        name: id.into(),
+        health: None,
+        drain_secs: 0,
+    })
+}
+pub fn listener(id: &str, lb: &str, protocol: &str, port: u32, pool: &str, scheduler: &str) -> Op {
+    Op::PutListener(pb::Listener {
+        id: id.into(),
+        load_balancer_id: lb.into(),
+        protocol: protocol.into(),
+        port,
+        pool_id: pool.into(),
+        scheduler: scheduler.into(),
+        persistence_secs: 0,
+    })
+}
+/// A member of `pool`: the port `port_id`, or the address `address`.
+pub fn member(id: &str, pool: &str, port_id: &str, address: &str, weight: u32) -> Op {
+    Op::PutMember(pb::PoolMember {
+        id: id.into(),
+        pool_id: pool.into(),
+        port_id: port_id.into(),
+        address: address.into(),
+        port: 0,
+        weight,
+        state: String::new(),
+    })
+}
+pub fn delete(kind: pb::Kind, id: &str) -> Op {
+    Op::Delete(pb::ObjectRef {
+        kind: kind as i32,
+        id: id.into(),
+    })
+}

@@ -460,6 +460,236 @@ impl ApiResource for m::InformationSystem {
     }
 }
 
+fn opt_v4(at: &At, field: &str, t: &str) -> Result<Option<std::net::Ipv4Addr>, FieldError> {
+    opt_text(t)
+        .map(|t| t.parse().map_err(|_| at.err(field, format!("invalid IPv4 address {t:?}"))))
+        .transpose()
+}
+
+fn opt_v6(at: &At, field: &str, t: &str) -> Result<Option<std::net::Ipv6Addr>, FieldError> {
+    opt_text(t)
+        .map(|t| t.parse().map_err(|_| at.err(field, format!("invalid IPv6 address {t:?}"))))
+        .transpose()
+}
+
+fn text_of<T: ToString>(a: Option<T>) -> String {
+    a.map(|a| a.to_string()).unwrap_or_default()
+}
+
+fn port_from_pb(at: &At, field: &str, p: u32) -> Result<u16, FieldError> {
+    u16::try_from(p).map_err(|_| at.err(field, format!("{p} is above 65535")))
+}
+
+impl ApiResource for m::LoadBalancer {
+    type Pb = pb::LoadBalancer;
+    fn from_pb(at: &At, x: &pb::LoadBalancer) -> Result<Self, FieldError> {
+        let exposure = match x.exposure.trim() {
+            "" | "vpc" => m::Exposure::Vpc,
+            "zone" => m::Exposure::Zone,
+            e => return Err(at.err("exposure", format!("must be vpc or zone, got {e:?}"))),
+        };
+        let nat_hosts = x
+            .nat_hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let at = At(&format!("{}.nat_hosts[{i}]", at.0));
+                Ok(m::NatHost {
+                    host_id: h.host_id.trim().to_string(),
+                    ipv4: opt_v4(&at, "ipv4", &h.ipv4)?,
+                    ipv6: opt_v6(&at, "ipv6", &h.ipv6)?,
+                })
+            })
+            .collect::<Result<_, FieldError>>()?;
+        Ok(m::LoadBalancer {
+            id: x.id.clone(),
+            tenant_id: x.tenant_id.trim().to_string(),
+            vpc_id: x.vpc_id.trim().to_string(),
+            name: x.name.clone(),
+            vip_v4: opt_v4(at, "vip_v4", &x.vip_v4)?,
+            vip_v6: opt_v6(at, "vip_v6", &x.vip_v6)?,
+            exposure,
+            nat_hosts,
+        })
+    }
+    fn to_pb(&self) -> pb::LoadBalancer {
+        pb::LoadBalancer {
+            id: self.id.clone(),
+            tenant_id: self.tenant_id.clone(),
+            vpc_id: self.vpc_id.clone(),
+            name: self.name.clone(),
+            vip_v4: text_of(self.vip_v4),
+            vip_v6: text_of(self.vip_v6),
+            exposure: self.exposure.name().into(),
+            nat_hosts: self
+                .nat_hosts
+                .iter()
+                .map(|h| pb::NatHost {
+                    host_id: h.host_id.clone(),
+                    ipv4: text_of(h.ipv4),
+                    ipv6: text_of(h.ipv6),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl ApiResource for m::Listener {
+    type Pb = pb::Listener;
+    fn from_pb(at: &At, x: &pb::Listener) -> Result<Self, FieldError> {
+        let protocol = match x.protocol.trim() {
+            "tcp" => m::LbProtocol::Tcp,
+            "udp" => m::LbProtocol::Udp,
+            p => return Err(at.err("protocol", format!("must be tcp or udp, got {p:?}"))),
+        };
+        let scheduler = m::Scheduler::from_name(x.scheduler.trim()).ok_or_else(|| {
+            let names: Vec<&str> = m::Scheduler::ALL.iter().map(|s| s.name()).collect();
+            at.err(
+                "scheduler",
+                format!("must be one of {}, got {:?}", names.join(", "), x.scheduler),
+            )
+        })?;
+        Ok(m::Listener {
+            id: x.id.clone(),
+            load_balancer_id: x.load_balancer_id.trim().to_string(),
+            protocol,
+            port: port_from_pb(at, "port", x.port)?,
+            pool_id: x.pool_id.trim().to_string(),
+            scheduler,
+            persistence_secs: x.persistence_secs,
+        })
+    }
+    fn to_pb(&self) -> pb::Listener {
+        pb::Listener {
+            id: self.id.clone(),
+            load_balancer_id: self.load_balancer_id.clone(),
+            protocol: self.protocol.name().into(),
+            port: self.port.into(),
+            pool_id: self.pool_id.clone(),
+            scheduler: self.scheduler.name().into(),
+            persistence_secs: self.persistence_secs,
+        }
+    }
+}
+
+impl ApiResource for m::Pool {
+    type Pb = pb::Pool;
+    fn from_pb(at: &At, x: &pb::Pool) -> Result<Self, FieldError> {
+        let health = match &x.health {
+            None => None,
+            Some(h) => {
+                let at = At(&format!("{}.health", at.0));
+                let probe = match h.probe.trim() {
+                    "tcp" => {
+                        if !h.http_path.is_empty() {
+                            return Err(at.err("http_path", "a tcp probe has no path"));
+                        }
+                        m::HealthProbe::Tcp
+                    }
+                    "http" => {
+                        let status = (
+                            port_from_pb(&at, "status_min", h.status_min)?,
+                            port_from_pb(&at, "status_max", h.status_max)?,
+                        );
+                        m::HealthProbe::Http {
+                            path: h.http_path.clone(),
+                            status,
+                        }
+                    }
+                    p => return Err(at.err("probe", format!("must be tcp or http, got {p:?}"))),
+                };
+                Some(m::HealthCheck {
+                    probe,
+                    interval_ms: h.interval_ms,
+                    timeout_ms: if h.timeout_ms == 0 { h.interval_ms } else { h.timeout_ms },
+                    rise: h.rise,
+                    fall: h.fall,
+                })
+            }
+        };
+        Ok(m::Pool {
+            id: x.id.clone(),
+            load_balancer_id: x.load_balancer_id.trim().to_string(),
+            name: x.name.clone(),
+            health,
+            drain_secs: x.drain_secs,
+        })
+    }
+    fn to_pb(&self) -> pb::Pool {
+        pb::Pool {
+            id: self.id.clone(),
+            load_balancer_id: self.load_balancer_id.clone(),
+            name: self.name.clone(),
+            health: self.health.as_ref().map(|h| {
+                let (probe, http_path, (status_min, status_max)) = match &h.probe {
+                    m::HealthProbe::Tcp => ("tcp", String::new(), (0, 0)),
+                    m::HealthProbe::Http { path, status } => ("http", path.clone(), *status),
+                };
+                pb::HealthCheck {
+                    probe: probe.into(),
+                    http_path,
+                    status_min: status_min.into(),
+                    status_max: status_max.into(),
+                    interval_ms: h.interval_ms,
+                    timeout_ms: h.timeout_ms,
+                    rise: h.rise,
+                    fall: h.fall,
+                }
+            }),
+            drain_secs: self.drain_secs,
+        }
+    }
+}
+
+impl ApiResource for m::Member {
+    type Pb = pb::PoolMember;
+    fn from_pb(at: &At, x: &pb::PoolMember) -> Result<Self, FieldError> {
+        let target = match (opt_text(&x.port_id), opt_text(&x.address)) {
+            (Some(p), None) => m::MemberTarget::Port(p.to_string()),
+            (None, Some(a)) => m::MemberTarget::Address(
+                a.parse()
+                    .map_err(|_| at.err("address", format!("invalid IP address {a:?}")))?,
+            ),
+            (Some(_), Some(_)) => return Err(at.err("port_id", "give port_id or address, not both")),
+            (None, None) => return Err(at.err("port_id", "give the member's port_id or address")),
+        };
+        let state = match x.state.trim() {
+            "" | "enabled" => m::MemberState::Enabled,
+            "draining" => m::MemberState::Draining,
+            "disabled" => m::MemberState::Disabled,
+            s => {
+                return Err(at.err(
+                    "state",
+                    format!("must be enabled, draining or disabled, got {s:?}"),
+                ))
+            }
+        };
+        Ok(m::Member {
+            id: x.id.clone(),
+            pool_id: x.pool_id.trim().to_string(),
+            target,
+            port: port_from_pb(at, "port", x.port)?,
+            weight: if x.weight == 0 { 1 } else { x.weight },
+            state,
+        })
+    }
+    fn to_pb(&self) -> pb::PoolMember {
+        let (port_id, address) = match &self.target {
+            m::MemberTarget::Port(p) => (p.clone(), String::new()),
+            m::MemberTarget::Address(a) => (String::new(), a.to_string()),
+        };
+        pb::PoolMember {
+            id: self.id.clone(),
+            pool_id: self.pool_id.clone(),
+            port_id,
+            address,
+            port: self.port.into(),
+            weight: self.weight,
+            state: self.state.name().into(),
+        }
+    }
+}
+
 fn protocol_from_pb(at: &At, p: i32) -> Result<m::Protocol, FieldError> {
     Ok(match pb::Protocol::try_from(p) {
         Ok(pb::Protocol::Any) => m::Protocol::Any,

@@ -113,6 +113,94 @@ struct SystemBandwidthSpec {
     down: Bandwidth,
 }
 
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct LoadBalancerSpec {
+    #[serde(default)]
+    display_name: Option<String>,
+    vpc: String,
+    #[serde(default)]
+    vip_v4: Option<Ipv4Addr>,
+    #[serde(default)]
+    vip_v6: Option<Ipv6Addr>,
+    /// vpc (the default) or zone.
+    #[serde(default)]
+    exposure: Option<model::Exposure>,
+    #[serde(default)]
+    nat_hosts: Vec<NatHostSpec>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct NatHostSpec {
+    host: String,
+    #[serde(default)]
+    ipv4: Option<Ipv4Addr>,
+    #[serde(default)]
+    ipv6: Option<Ipv6Addr>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ListenerSpec {
+    load_balancer: String,
+    protocol: model::LbProtocol,
+    port: u16,
+    pool: String,
+    scheduler: model::Scheduler,
+    #[serde(default)]
+    persistence_seconds: u32,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PoolSpec {
+    #[serde(default)]
+    display_name: Option<String>,
+    load_balancer: String,
+    #[serde(default)]
+    health: Option<HealthSpec>,
+    #[serde(default)]
+    drain_seconds: u32,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct HealthSpec {
+    /// tcp or http.
+    probe: String,
+    #[serde(default)]
+    path: Option<String>,
+    /// The statuses a good answer has (http): `200`, or `200-399`.
+    #[serde(default)]
+    status: Option<PortRange>,
+    interval_ms: u32,
+    /// 0 or left out: the interval.
+    #[serde(default)]
+    timeout_ms: u32,
+    rise: u32,
+    fall: u32,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct MemberSpec {
+    pool: String,
+    /// A port of the load balancer's VPC ...
+    #[serde(default)]
+    port: Option<String>,
+    /// ... or one address of the VPC.
+    #[serde(default)]
+    address: Option<IpAddr>,
+    /// The member's own port for the flows (left out: the listener's).
+    #[serde(default)]
+    protocol_port: u16,
+    #[serde(default)]
+    weight: Option<u32>,
+    #[serde(default)]
+    state: Option<model::MemberState>,
+}
+
 /// Bits a second: `100000000`, or `"100M"` (k, M, G and T by 1000;
 /// `bps` or `bit/s` after them allowed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1291,6 +1379,189 @@ impl ManifestResource for model::InformationSystem {
     }
 }
 
+impl ManifestResource for model::LoadBalancer {
+    type Spec = LoadBalancerSpec;
+    fn from_manifest(metadata: Metadata, spec: Option<LoadBalancerSpec>) -> Result<Self, String> {
+        let tenant_id = need_tenant(&metadata, "LoadBalancer")?;
+        let spec = self::spec(spec)?;
+        Ok(model::LoadBalancer {
+            name: display_name(spec.display_name, &metadata.name),
+            id: metadata.name,
+            tenant_id,
+            vpc_id: spec.vpc,
+            vip_v4: spec.vip_v4,
+            vip_v6: spec.vip_v6,
+            exposure: spec.exposure.unwrap_or(model::Exposure::Vpc),
+            nat_hosts: spec
+                .nat_hosts
+                .into_iter()
+                .map(|h| model::NatHost {
+                    host_id: h.host,
+                    ipv4: h.ipv4,
+                    ipv6: h.ipv6,
+                })
+                .collect(),
+        })
+    }
+    fn to_manifest(&self) -> (&str, Option<&str>, serde_json::Value) {
+        let mut spec = serde_json::json!({ "vpc": self.vpc_id });
+        put_display_name(&mut spec, &self.name, &self.id);
+        if let Some(a) = self.vip_v4 {
+            spec["vipV4"] = serde_json::json!(a.to_string());
+        }
+        if let Some(a) = self.vip_v6 {
+            spec["vipV6"] = serde_json::json!(a.to_string());
+        }
+        if self.exposure != model::Exposure::Vpc {
+            spec["exposure"] = serde_json::json!(self.exposure);
+        }
+        if !self.nat_hosts.is_empty() {
+            spec["natHosts"] = self
+                .nat_hosts
+                .iter()
+                .map(|h| {
+                    let mut j = serde_json::json!({ "host": h.host_id });
+                    if let Some(a) = h.ipv4 {
+                        j["ipv4"] = serde_json::json!(a.to_string());
+                    }
+                    if let Some(a) = h.ipv6 {
+                        j["ipv6"] = serde_json::json!(a.to_string());
+                    }
+                    j
+                })
+                .collect();
+        }
+        (&self.id, Some(&self.tenant_id), spec)
+    }
+}
+
+impl ManifestResource for model::Listener {
+    type Spec = ListenerSpec;
+    fn from_manifest(metadata: Metadata, spec: Option<ListenerSpec>) -> Result<Self, String> {
+        let spec = self::spec(spec)?;
+        Ok(model::Listener {
+            id: metadata.name,
+            load_balancer_id: spec.load_balancer,
+            protocol: spec.protocol,
+            port: spec.port,
+            pool_id: spec.pool,
+            scheduler: spec.scheduler,
+            persistence_secs: spec.persistence_seconds,
+        })
+    }
+    fn to_manifest(&self) -> (&str, Option<&str>, serde_json::Value) {
+        let mut spec = serde_json::json!({
+            "loadBalancer": self.load_balancer_id,
+            "protocol": self.protocol,
+            "port": self.port,
+            "pool": self.pool_id,
+            "scheduler": self.scheduler,
+        });
+        if self.persistence_secs != 0 {
+            spec["persistenceSeconds"] = serde_json::json!(self.persistence_secs);
+        }
+        (&self.id, None, spec)
+    }
+}
+
+impl ManifestResource for model::Pool {
+    type Spec = PoolSpec;
+    fn from_manifest(metadata: Metadata, spec: Option<PoolSpec>) -> Result<Self, String> {
+        let spec = self::spec(spec)?;
+        let health = match spec.health {
+            None => None,
+            Some(h) => {
+                let probe = match (h.probe.as_str(), h.path, h.status) {
+                    ("tcp", None, None) => model::HealthProbe::Tcp,
+                    ("tcp", _, _) => return Err("spec.health: a tcp probe has no path and no status".into()),
+                    ("http", Some(path), status) => model::HealthProbe::Http {
+                        path,
+                        status: status.map(|s| (s.0, s.1)).unwrap_or((200, 399)),
+                    },
+                    ("http", None, _) => return Err("spec.health.path: an http probe needs its path".into()),
+                    (p, _, _) => return Err(format!("spec.health.probe: must be tcp or http, got {p:?}")),
+                };
+                Some(model::HealthCheck {
+                    probe,
+                    interval_ms: h.interval_ms,
+                    timeout_ms: if h.timeout_ms == 0 { h.interval_ms } else { h.timeout_ms },
+                    rise: h.rise,
+                    fall: h.fall,
+                })
+            }
+        };
+        Ok(model::Pool {
+            name: display_name(spec.display_name, &metadata.name),
+            id: metadata.name,
+            load_balancer_id: spec.load_balancer,
+            health,
+            drain_secs: spec.drain_seconds,
+        })
+    }
+    fn to_manifest(&self) -> (&str, Option<&str>, serde_json::Value) {
+        let mut spec = serde_json::json!({ "loadBalancer": self.load_balancer_id });
+        put_display_name(&mut spec, &self.name, &self.id);
+        if let Some(h) = &self.health {
+            let mut j = serde_json::json!({
+                "intervalMs": h.interval_ms,
+                "timeoutMs": h.timeout_ms,
+                "rise": h.rise,
+                "fall": h.fall,
+            });
+            match &h.probe {
+                model::HealthProbe::Tcp => j["probe"] = serde_json::json!("tcp"),
+                model::HealthProbe::Http { path, status } => {
+                    j["probe"] = serde_json::json!("http");
+                    j["path"] = serde_json::json!(path);
+                    j["status"] = ports_json(*status);
+                }
+            }
+            spec["health"] = j;
+        }
+        if self.drain_secs != 0 {
+            spec["drainSeconds"] = serde_json::json!(self.drain_secs);
+        }
+        (&self.id, None, spec)
+    }
+}
+
+impl ManifestResource for model::Member {
+    type Spec = MemberSpec;
+    fn from_manifest(metadata: Metadata, spec: Option<MemberSpec>) -> Result<Self, String> {
+        let spec = self::spec(spec)?;
+        let target = match (spec.port, spec.address) {
+            (Some(p), None) => model::MemberTarget::Port(p),
+            (None, Some(a)) => model::MemberTarget::Address(a),
+            _ => return Err("spec.port: give the member's port or its address (one of the two)".into()),
+        };
+        Ok(model::Member {
+            id: metadata.name,
+            pool_id: spec.pool,
+            target,
+            port: spec.protocol_port,
+            weight: spec.weight.unwrap_or(1),
+            state: spec.state.unwrap_or(model::MemberState::Enabled),
+        })
+    }
+    fn to_manifest(&self) -> (&str, Option<&str>, serde_json::Value) {
+        let mut spec = serde_json::json!({ "pool": self.pool_id });
+        match &self.target {
+            model::MemberTarget::Port(p) => spec["port"] = serde_json::json!(p),
+            model::MemberTarget::Address(a) => spec["address"] = serde_json::json!(a.to_string()),
+        }
+        if self.port != 0 {
+            spec["protocolPort"] = serde_json::json!(self.port);
+        }
+        if self.weight != 1 {
+            spec["weight"] = serde_json::json!(self.weight);
+        }
+        if self.state != model::MemberState::Enabled {
+            spec["state"] = serde_json::json!(self.state);
+        }
+        (&self.id, None, spec)
+    }
+}
+
 /// Reads a file, or every `.yaml`/`.yml` file under a directory (sorted).
 pub fn load_path(path: &Path) -> Result<Vec<Located>, ManifestError> {
     let mut files: Vec<PathBuf> = Vec::new();
@@ -1364,6 +1635,10 @@ pub fn manifest_field(api: &str) -> Option<(usize, String)> {
         "vm_id" => "spec.vm".to_string(),
         "from_zone" => "spec.from".to_string(),
         "to_zone" => "spec.to".to_string(),
+        "load_balancer_id" => "spec.loadBalancer".to_string(),
+        "pool_id" => "spec.pool".to_string(),
+        "port_id" if op == "put_member" => "spec.port".to_string(),
+        "port" if op == "put_member" => "spec.protocolPort".to_string(),
         _ => return Some((index, format!("spec.{}", manifest_spelling(field)))),
     };
     Some((index, format!("{spelled}{}", manifest_spelling(below))))
@@ -1380,6 +1655,12 @@ fn manifest_spelling(field: &str) -> String {
                 "border_policy_id" => "borderFirewall".to_string(),
                 "policy_id" => "firewall".to_string(),
                 "security_group_ids" => "securityGroups".to_string(),
+                "host_id" => "host".to_string(),
+                "http_path" => "path".to_string(),
+                "status_min" | "status_max" => "status".to_string(),
+                "persistence_secs" => "persistenceSeconds".to_string(),
+                "drain_secs" => "drainSeconds".to_string(),
+                "interval_secs" => "intervalSeconds".to_string(),
                 "ipv4" | "ipv6" | "tenant_id" | "id" => name.to_string(),
                 other => {
                     // snake_case to camelCase.
@@ -1798,6 +2079,7 @@ mod schema_tests {
             "gov-cloud/20-shared-service.yaml",
             "gov-cloud/30-peering.yaml",
             "gov-cloud/40-hosts-and-ports.yaml",
+            "gov-cloud/70-load-balancers.yaml",
         ] {
             let text = std::fs::read_to_string(format!("{}/examples/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap();
             for doc in serde_yaml::Deserializer::from_str(&text) {

@@ -235,6 +235,258 @@ pub const SYSTEM_INTERVAL_MAX: u32 = 3600;
 /// VPCs and ports one system lists, at most.
 pub const SYSTEM_MEMBERS_MAX: usize = 4096;
 
+/// Who reaches a load balancer's addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Exposure {
+    /// The VPC's own ports (east-west): translated on each client's host.
+    Vpc,
+    /// Also the VPC's zone, through its uplink (north-south): translated
+    /// with full NAT on the load balancer's hosts. An administrator's
+    /// decision, as an exchange path is.
+    Zone,
+}
+
+impl Exposure {
+    pub fn name(self) -> &'static str {
+        match self {
+            Exposure::Vpc => "vpc",
+            Exposure::Zone => "zone",
+        }
+    }
+}
+
+/// A host that carries a load balancer's north-south flows, and the
+/// addresses of the VPC those flows leave it from towards the members.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatHost {
+    pub host_id: String,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+}
+
+/// A tenant's L4 load balancer: virtual addresses in one VPC, whose
+/// listeners spread flows over pools of members.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadBalancer {
+    pub id: String,
+    pub tenant_id: String,
+    pub vpc_id: String,
+    pub name: String,
+    /// The virtual addresses, in the VPC's subnets (at least one).
+    pub vip_v4: Option<Ipv4Addr>,
+    pub vip_v6: Option<Ipv6Addr>,
+    pub exposure: Exposure,
+    /// With zone exposure: the hosts that translate flows from the zone
+    /// (at least one), each with a source address for every VIP family.
+    pub nat_hosts: Vec<NatHost>,
+}
+
+impl LoadBalancer {
+    /// The VIPs, IPv4 first.
+    pub fn vips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.vip_v4.map(IpAddr::V4).into_iter().chain(self.vip_v6.map(IpAddr::V6))
+    }
+
+    /// Every address of the VPC the load balancer takes: its VIPs and its
+    /// hosts' NAT addresses.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.vips().chain(
+            self.nat_hosts
+                .iter()
+                .flat_map(|h| h.ipv4.map(IpAddr::V4).into_iter().chain(h.ipv6.map(IpAddr::V6))),
+        )
+    }
+}
+
+/// The transport a listener balances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LbProtocol {
+    Tcp,
+    Udp,
+}
+
+impl LbProtocol {
+    pub fn number(self) -> u8 {
+        match self {
+            LbProtocol::Tcp => 6,
+            LbProtocol::Udp => 17,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LbProtocol::Tcp => "tcp",
+            LbProtocol::Udp => "udp",
+        }
+    }
+}
+
+/// How a listener picks a member for a new flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scheduler {
+    RoundRobin,
+    /// Smooth weighted round robin (nginx's): each member in proportion
+    /// to its weight, spread out rather than in runs.
+    WeightedRoundRobin,
+    LeastConnections,
+    /// IPVS's: the fewest open flows for its weight.
+    WeightedLeastConnections,
+    /// Maglev consistent hashing of the flow's addresses and ports, with
+    /// weights: every host picks the same member for a flow.
+    Maglev,
+}
+
+impl Scheduler {
+    pub const ALL: [Scheduler; 5] = [
+        Scheduler::RoundRobin,
+        Scheduler::WeightedRoundRobin,
+        Scheduler::LeastConnections,
+        Scheduler::WeightedLeastConnections,
+        Scheduler::Maglev,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scheduler::RoundRobin => "round_robin",
+            Scheduler::WeightedRoundRobin => "weighted_round_robin",
+            Scheduler::LeastConnections => "least_connections",
+            Scheduler::WeightedLeastConnections => "weighted_least_connections",
+            Scheduler::Maglev => "maglev",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Scheduler> {
+        Scheduler::ALL.into_iter().find(|x| x.name() == s)
+    }
+}
+
+/// A port of a load balancer's VIPs: new flows to it go to a member of its
+/// pool, picked on the flow's first packet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listener {
+    pub id: String,
+    pub load_balancer_id: String,
+    pub protocol: LbProtocol,
+    pub port: u16,
+    pub pool_id: String,
+    pub scheduler: Scheduler,
+    /// Source-address persistence: a client's new flows go to the member
+    /// its last flow went to, until this many seconds after that flow was
+    /// last seen (0: none).
+    pub persistence_secs: u32,
+}
+
+/// How a pool's members are checked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthProbe {
+    /// A TCP connection is accepted.
+    Tcp,
+    /// An HTTP/1.1 GET of `path` answers with a status in `status`
+    /// (inclusive).
+    Http { path: String, status: (u16, u16) },
+}
+
+/// A pool's health check, run by the load balancer's hosts from inside the
+/// VPC. A member fails after `fall` failed checks in a row, and is back
+/// after `rise` good ones.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    pub probe: HealthProbe,
+    pub interval_ms: u32,
+    pub timeout_ms: u32,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+/// The members a load balancer's listeners spread flows over.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pool {
+    pub id: String,
+    pub load_balancer_id: String,
+    pub name: String,
+    /// `None`: members are taken as healthy.
+    pub health: Option<HealthCheck>,
+    /// How long a draining member keeps its flows, in seconds (0: the
+    /// default, 300).
+    pub drain_secs: u32,
+}
+
+impl Pool {
+    /// The draining time in force.
+    pub fn drain(&self) -> u32 {
+        if self.drain_secs == 0 {
+            LB_DRAIN_DEFAULT_SECS
+        } else {
+            self.drain_secs
+        }
+    }
+}
+
+/// A member's administrative state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    Enabled,
+    /// Takes no new flow; keeps its flows until they end or the pool's
+    /// drain time passes.
+    Draining,
+    /// Takes nothing.
+    Disabled,
+}
+
+impl MemberState {
+    pub fn name(self) -> &'static str {
+        match self {
+            MemberState::Enabled => "enabled",
+            MemberState::Draining => "draining",
+            MemberState::Disabled => "disabled",
+        }
+    }
+}
+
+/// Where a member is: a port of the load balancer's VPC (its addresses of
+/// each VIP family) or one address of the VPC.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberTarget {
+    Port(String),
+    Address(IpAddr),
+}
+
+/// A backend of a pool.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: String,
+    pub pool_id: String,
+    pub target: MemberTarget,
+    /// The member's port for the flows (0: the listener's own port).
+    pub port: u16,
+    /// 1 to [`LB_WEIGHT_MAX`].
+    pub weight: u32,
+    pub state: MemberState,
+}
+
+/// A member's weight, at most.
+pub const LB_WEIGHT_MAX: u32 = 256;
+/// Members of one pool, at most.
+pub const LB_MEMBERS_MAX: usize = 256;
+/// Listeners of one load balancer, at most.
+pub const LB_LISTENERS_MAX: usize = 64;
+/// Source persistence, at most (a day).
+pub const LB_PERSISTENCE_MAX_SECS: u32 = 86_400;
+/// A draining member's time by default and at most.
+pub const LB_DRAIN_DEFAULT_SECS: u32 = 300;
+pub const LB_DRAIN_MAX_SECS: u32 = 86_400;
+/// Health checks' bounds.
+pub const HEALTH_INTERVAL_MIN_MS: u32 = 100;
+pub const HEALTH_INTERVAL_MAX_MS: u32 = 60_000;
+pub const HEALTH_COUNT_MAX: u32 = 10;
+pub const HEALTH_PATH_MAX: usize = 1024;
+
 /// A network zone outside the VPCs (the e-government extranet, the
 /// internet), reached through an uplink device on every host.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -531,6 +783,11 @@ macro_rules! for_each_kind {
                 list: mirror_sessions, order: 7, manifest: ["MirrorSession"], log: 12),
             (InformationSystem, InformationSystem, "information_system", information_systems, PutInformationSystem,
                 list: information_systems, order: 7, manifest: ["InformationSystem"], log: 13),
+            (LoadBalancer, LoadBalancer, "load_balancer", load_balancers, PutLoadBalancer,
+                list: load_balancers, order: 7, manifest: ["LoadBalancer"], log: 14),
+            (Pool, Pool, "pool", pools, PutPool, list: pools, order: 8, manifest: ["Pool"], log: 15),
+            (Listener, Listener, "listener", listeners, PutListener, list: listeners, order: 9, manifest: ["Listener"], log: 16),
+            (Member, Member, "member", members, PutMember, list: members, order: 9, manifest: ["Member"], log: 17),
         }
     };
 }
@@ -1030,6 +1287,86 @@ impl Resource for InformationSystem {
     }
 }
 
+impl Resource for LoadBalancer {
+    fn describe(&self) -> String {
+        format!("put load_balancer {}: {}", self.id, self.summary())
+    }
+    fn summary(&self) -> String {
+        let vips: Vec<String> = self.vips().map(|a| a.to_string()).collect();
+        let hosts: Vec<&str> = self.nat_hosts.iter().map(|h| h.host_id.as_str()).collect();
+        format!(
+            "tenant={} vpc={} vips={} exposure={} nat_hosts={}",
+            self.tenant_id,
+            self.vpc_id,
+            vips.join(","),
+            self.exposure.name(),
+            hosts.join(",")
+        )
+    }
+}
+
+impl Resource for Listener {
+    fn describe(&self) -> String {
+        format!("put listener {}: {}", self.id, self.summary())
+    }
+    fn summary(&self) -> String {
+        format!(
+            "lb={} {}/{} pool={} scheduler={} persistence={}s",
+            self.load_balancer_id,
+            self.protocol.name(),
+            self.port,
+            self.pool_id,
+            self.scheduler.name(),
+            self.persistence_secs
+        )
+    }
+}
+
+impl Resource for Pool {
+    fn describe(&self) -> String {
+        format!("put pool {}: {}", self.id, self.summary())
+    }
+    fn summary(&self) -> String {
+        let health = match &self.health {
+            None => "none".to_string(),
+            Some(h) => {
+                let probe = match &h.probe {
+                    HealthProbe::Tcp => "tcp".to_string(),
+                    HealthProbe::Http { path, status } => format!("http GET {path} {}-{}", status.0, status.1),
+                };
+                format!(
+                    "{probe} every {}ms timeout {}ms rise {} fall {}",
+                    h.interval_ms, h.timeout_ms, h.rise, h.fall
+                )
+            }
+        };
+        format!("lb={} health=[{health}] drain={}s", self.load_balancer_id, self.drain())
+    }
+}
+
+impl Resource for Member {
+    fn describe(&self) -> String {
+        format!("put member {}: {}", self.id, self.summary())
+    }
+    fn summary(&self) -> String {
+        let target = match &self.target {
+            MemberTarget::Port(p) => format!("port {p}"),
+            MemberTarget::Address(a) => a.to_string(),
+        };
+        let port = if self.port == 0 {
+            "listener's".to_string()
+        } else {
+            self.port.to_string()
+        };
+        format!(
+            "pool={} target={target} port={port} weight={} state={}",
+            self.pool_id,
+            self.weight,
+            self.state.name()
+        )
+    }
+}
+
 impl MirrorSession {
     /// The destination in a few words.
     pub fn destination_text(&self) -> String {
@@ -1156,6 +1493,10 @@ mod log_form {
                 "vpc_peering",
                 "mirror_session",
                 "information_system",
+                "load_balancer",
+                "pool",
+                "listener",
+                "member",
             ],
             "a kind was inserted or moved: add new kinds at the end of the table"
         );

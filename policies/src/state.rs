@@ -59,6 +59,14 @@ pub struct State {
     pub mirror_sessions: BTreeMap<String, MirrorSession>,
     #[serde(default)]
     pub information_systems: BTreeMap<String, InformationSystem>,
+    #[serde(default)]
+    pub load_balancers: BTreeMap<String, LoadBalancer>,
+    #[serde(default)]
+    pub pools: BTreeMap<String, Pool>,
+    #[serde(default)]
+    pub listeners: BTreeMap<String, Listener>,
+    #[serde(default)]
+    pub members: BTreeMap<String, Member>,
     /// What validation allows beyond each object's own rules; the same on
     /// every replica.
     #[serde(default)]
@@ -91,6 +99,14 @@ struct Stored {
     #[serde(default)]
     information_systems: BTreeMap<String, InformationSystem>,
     #[serde(default)]
+    load_balancers: BTreeMap<String, LoadBalancer>,
+    #[serde(default)]
+    pools: BTreeMap<String, Pool>,
+    #[serde(default)]
+    listeners: BTreeMap<String, Listener>,
+    #[serde(default)]
+    members: BTreeMap<String, Member>,
+    #[serde(default)]
     settings: Settings,
 }
 
@@ -110,6 +126,10 @@ impl From<Stored> for State {
             peerings: x.peerings,
             mirror_sessions: x.mirror_sessions,
             information_systems: x.information_systems,
+            load_balancers: x.load_balancers,
+            pools: x.pools,
+            listeners: x.listeners,
+            members: x.members,
             settings: x.settings,
             index: Index::default(),
         };
@@ -128,13 +148,13 @@ pub struct Applied {
     pub before: Vec<(Kind, String, Option<Object>)>,
 }
 
-struct Ctx<'a> {
+pub(crate) struct Ctx<'a> {
     index: usize,
     op: &'a str,
 }
 
 impl Ctx<'_> {
-    fn err(&self, field: &str, message: impl Into<String>) -> BatchError {
+    pub(crate) fn err(&self, field: &str, message: impl Into<String>) -> BatchError {
         let field = if field.is_empty() {
             format!("operations[{}].{}", self.index, self.op)
         } else {
@@ -271,6 +291,21 @@ impl State {
                 if v.vni > VNI_MAX {
                     return Err(c.err("vni", format!("{} is above the largest VNI {VNI_MAX}", v.vni)));
                 }
+                if let Some(old) = self.vpcs.get(&v.id).filter(|o| o.zone_id != v.zone_id) {
+                    if let Some(l) = self
+                        .load_balancers
+                        .values()
+                        .find(|l| l.vpc_id == v.id && l.exposure == Exposure::Zone)
+                    {
+                        return Err(c.err(
+                            "zone_id",
+                            format!(
+                                "load balancer {} is exposed to zone {:?}: the vpc keeps its zone while it is",
+                                l.id, old.zone_id
+                            ),
+                        ));
+                    }
+                }
                 if let Some(old) = self.vpcs.get(&v.id) {
                     if old.zone_id != v.zone_id && self.index.ports_by_vpc.contains_key(&v.id) {
                         return Err(c.err(
@@ -350,6 +385,10 @@ impl State {
             Op::PutVpcPeering(x) => self.put_peering(c, x)?,
             Op::PutMirrorSession(x) => self.put_mirror(c, x)?,
             Op::PutInformationSystem(x) => self.put_system(c, x)?,
+            Op::PutLoadBalancer(x) => self.put_load_balancer(c, x)?,
+            Op::PutPool(x) => self.put_pool(c, x)?,
+            Op::PutListener(x) => self.put_listener(c, x)?,
+            Op::PutMember(x) => self.put_member(c, x)?,
             Op::Delete { kind, id } => self.delete(c, *kind, id)?,
         }
         Ok(())
@@ -1192,6 +1231,7 @@ impl State {
                     format!("subnet {} belongs to vpc {}; a subnet cannot move", s.id, old.vpc_id),
                 ));
             }
+            self.check_subnet_keeps_lb_addresses(c, old, s)?;
         }
         for other in Index::of(&self.index.subnets_by_vpc, &s.vpc_id)
             .filter(|o| *o != s.id)
@@ -1374,6 +1414,9 @@ impl State {
             if let Some(other) = ix.addresses.get(&(vpc.clone(), ip)).filter(|o| **o != p.id) {
                 return Err(c.err(field, format!("{ip} is already used by port {other} in vpc {vpc}")));
             }
+            if let Some(lb) = self.lb_of_address(vpc, ip) {
+                return Err(c.err(field, format!("{ip} is load balancer {}'s in vpc {vpc}", lb.id)));
+            }
         }
         if let Some(other) = ix.macs.get(&(vpc.clone(), p.mac)).filter(|o| **o != p.id) {
             return Err(c.err("mac", format!("{} is already used by port {other} in vpc {vpc}", p.mac)));
@@ -1436,7 +1479,11 @@ impl State {
                 ),
             ));
         }
-        self.replace(Kind::Port, &p.id, Some(Object::Port(p.clone())));
+        let was = self.replace(Kind::Port, &p.id, Some(Object::Port(p.clone())));
+        if let Err(e) = self.check_member_ports(c, p) {
+            self.replace(Kind::Port, &p.id, was);
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -1697,7 +1744,15 @@ impl State {
         if let Some(m) = self.system_using(kind, id) {
             return in_use(format!("information system {}", m.id));
         }
+        if let Some(what) = self.lb_using(kind, id) {
+            return in_use(what);
+        }
         match kind {
+            Kind::LoadBalancer | Kind::Pool | Kind::Listener | Kind::Member => {
+                if self.replace(kind, id, None).is_none() {
+                    return Err(c.err("id", format!("unknown {} {id:?}", kind.name().replace('_', " "))));
+                }
+            }
             Kind::InformationSystem => {
                 if self.replace(Kind::InformationSystem, id, None).is_none() {
                     return Err(c.err("id", format!("unknown information system {id:?}")));

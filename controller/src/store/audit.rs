@@ -222,7 +222,11 @@ pub fn unhex(s: &str) -> Vec<u8> {
 
 /// The tenants an object belongs to. A subnet's is its VPC's, found in
 /// `state` or, for a VPC the same batch removed, in `gone`.
-fn object_tenants(o: &Object, state: &State, gone: &[(Kind, String, Option<Object>)]) -> Vec<String> {
+/// The tenants an object concerns. `was`: the object as it was before the
+/// batch, whose parents are looked up as they were too (a parent deleted
+/// and made again for another tenant in the same batch keeps the old
+/// object's records its first tenant's).
+fn object_tenants(o: &Object, was: bool, state: &State, gone: &[(Kind, String, Option<Object>)]) -> Vec<String> {
     let vpc_tenant = |vpc: &str| -> Option<String> {
         if let Some(v) = state.vpcs.get(vpc) {
             return Some(v.tenant_id.clone());
@@ -232,7 +236,42 @@ fn object_tenants(o: &Object, state: &State, gone: &[(Kind, String, Option<Objec
             _ => None,
         })
     };
+    // A load balancer's pools, listeners and members are its tenant's; the
+    // load balancer or pool may have gone in the same batch.
+    let lb_before = |lb: &str| {
+        gone.iter().find_map(|(k, id, o)| match (k, o) {
+            (Kind::LoadBalancer, Some(Object::LoadBalancer(l))) if id == lb => Some(l.tenant_id.clone()),
+            _ => None,
+        })
+    };
+    let lb_now = |lb: &str| state.load_balancers.get(lb).map(|l| l.tenant_id.clone());
+    let lb_tenant = |lb: &str| -> Option<String> {
+        if was {
+            lb_before(lb).or_else(|| lb_now(lb))
+        } else {
+            lb_now(lb).or_else(|| lb_before(lb))
+        }
+    };
+    let pool_before = |pool: &str| {
+        gone.iter().find_map(|(k, id, o)| match (k, o) {
+            (Kind::Pool, Some(Object::Pool(p))) if id == pool => Some(p.load_balancer_id.clone()),
+            _ => None,
+        })
+    };
+    let pool_now = |pool: &str| state.pools.get(pool).map(|p| p.load_balancer_id.clone());
+    let pool_tenant = |pool: &str| -> Option<String> {
+        let lb = if was {
+            pool_before(pool).or_else(|| pool_now(pool))
+        } else {
+            pool_now(pool).or_else(|| pool_before(pool))
+        };
+        lb_tenant(&lb?)
+    };
     let mut out: Vec<String> = match o {
+        Object::LoadBalancer(l) => vec![l.tenant_id.clone()],
+        Object::Pool(p) => lb_tenant(&p.load_balancer_id).into_iter().collect(),
+        Object::Listener(l) => lb_tenant(&l.load_balancer_id).into_iter().collect(),
+        Object::Member(m) => pool_tenant(&m.pool_id).into_iter().collect(),
         Object::Tenant(t) => vec![t.id.clone()],
         Object::Vpc(v) => vec![v.tenant_id.clone()],
         Object::Subnet(s) => vpc_tenant(&s.vpc_id).into_iter().collect(),
@@ -352,14 +391,14 @@ pub fn content(before: &[(Kind, String, Option<Object>)], state: &State) -> Vec<
         };
         let (op, text, tenants) = match (was, &now) {
             (None, None) => continue,
-            (None, Some(n)) => ("create", whole("after", n), object_tenants(n, state, before)),
-            (Some(w), None) => ("delete", whole("before", w), object_tenants(w, state, before)),
+            (None, Some(n)) => ("create", whole("after", n), object_tenants(n, false, state, before)),
+            (Some(w), None) => ("delete", whole("before", w), object_tenants(w, true, state, before)),
             (Some(w), Some(n)) => {
                 if w == n {
                     continue;
                 }
-                let mut t = object_tenants(w, state, before);
-                t.extend(object_tenants(n, state, before));
+                let mut t = object_tenants(w, true, state, before);
+                t.extend(object_tenants(n, false, state, before));
                 t.sort();
                 t.dedup();
                 let diff = serde_json::json!({"fields": field_diff(&json(w), &json(n))});
