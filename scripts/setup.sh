@@ -35,6 +35,7 @@ PKGS=(
     rsyslog rsyslog-gnutls # the syslog receiver security events are checked against
     dnsmasq-base bind9-dnsutils # a DNS server and dig, whose answers the DNS records are checked against
     chromium-headless-shell # the browser the topology page is checked in
+    nginx-light         # backends behind the load balancers
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -213,6 +213,10 @@ pub struct Dataplane {
     mirror_ids: std::collections::BTreeMap<u32, String>,
     /// Information systems by slot, as last written.
     system_ids: std::collections::BTreeMap<u32, String>,
+    /// Load-balancer services' generations by id, and the backend slots
+    /// written, as last written.
+    lb_generations: std::collections::BTreeMap<u32, u32>,
+    lb_backends: std::collections::BTreeMap<u32, dataplane_common::lb::LbBackend>,
     mirror_gen: [u32; m::MIRROR_SLOTS as usize],
     /// Devices whose observers run this load's programs (attached, or
     /// adopted from an earlier agent and swapped), and whether the VXLAN
@@ -391,6 +395,8 @@ impl Dataplane {
             traffic: Default::default(),
             mirror_ids: Default::default(),
             system_ids: Default::default(),
+            lb_generations: Default::default(),
+            lb_backends: Default::default(),
             mirror_gen: [0; m::MIRROR_SLOTS as usize],
             mirror_links: BTreeSet::new(),
             mirror_overlay_link: false,
@@ -1000,6 +1006,56 @@ impl Dataplane {
         Ok(fresh)
     }
 
+    /// Writes the load balancers' services: a changed service's backends
+    /// and table first, then the service (which points the programs at
+    /// them); a service gone is removed first, then its backend slots are
+    /// emptied (its flows find no backend and are scheduled again).
+    pub fn apply_lb(&mut self, plan: &crate::compile::lb::LbPlan) -> anyhow::Result<()> {
+        use dataplane_common::lb as l;
+        let mut backends = std::collections::BTreeMap::new();
+        for s in plan.services.values() {
+            for (slot, b) in &s.backends {
+                backends.insert(s.info.id * l::LB_BACKENDS + slot, *b);
+            }
+        }
+        {
+            let map = self.ebpf.map_mut(l::LB_BACKENDS_MAP).context("map LB_BACKENDS missing")?;
+            let mut a: Array<&mut MapData, l::LbBackend> = Array::try_from(map)?;
+            for (i, b) in &backends {
+                if self.lb_backends.get(i) != Some(b) {
+                    a.set(*i, b, 0).context("writing a load-balancer backend")?;
+                }
+            }
+        }
+        {
+            let map = self.ebpf.map_mut(l::LB_TABLE).context("map LB_TABLE missing")?;
+            let mut a: Array<&mut MapData, u32> = Array::try_from(map)?;
+            for s in plan.services.values() {
+                if self.lb_generations.get(&s.info.id) == Some(&s.info.generation) {
+                    continue;
+                }
+                for (i, slot) in s.table.iter().enumerate() {
+                    a.set(s.info.id * l::LB_TABLE_SIZE + i as u32, slot, 0)
+                        .context("writing a load-balancer table")?;
+                }
+            }
+        }
+        let services: std::collections::BTreeMap<l::LbServiceKey, l::LbService> =
+            plan.services.iter().map(|(k, s)| (*k, s.info)).collect();
+        sync_hash(&mut self.ebpf, l::LB_SERVICES, &services)?;
+        {
+            let map = self.ebpf.map_mut(l::LB_BACKENDS_MAP).context("map LB_BACKENDS missing")?;
+            let mut a: Array<&mut MapData, l::LbBackend> = Array::try_from(map)?;
+            for i in self.lb_backends.keys().filter(|i| !backends.contains_key(i)) {
+                a.set(*i, l::LbBackend::default(), 0)
+                    .context("emptying a load-balancer backend")?;
+            }
+        }
+        self.lb_backends = backends;
+        self.lb_generations = plan.services.values().map(|s| (s.info.id, s.info.generation)).collect();
+        Ok(())
+    }
+
     /// Devices that have mirroring's observers attached.
     pub fn mirror_attached(&self) -> BTreeSet<u32> {
         self.linked("mirror-")
@@ -1191,6 +1247,7 @@ pub fn read_counters(pin_dir: &Path) -> anyhow::Result<(Counters, Counters)> {
         ("exchanged", Stat::Exchanged),
         ("ct_promoted", Stat::CtPromoted),
         ("fast_path", Stat::FastPath),
+        ("lb_new", Stat::LbNew),
     ]
     .iter()
     .map(|(n, s)| (*n, stats[*s as usize]))

@@ -310,6 +310,12 @@ impl Agent {
                 desired.rejected.push(e);
             }
         }
+        // Load balancers' services.
+        if let Err(e) = self.dp.apply_lb(&desired.lb) {
+            let e = format!("load balancers: {e:#}");
+            tracing::error!(error = %e, "load balancers not enforced; the rest is");
+            desired.rejected.push(e);
+        }
         // Information systems' ports, for the bandwidth of each system.
         match self.dp.apply_systems(&desired.systems) {
             Ok(fresh) => self.usage.set_plan(&desired.systems, &fresh),

@@ -328,6 +328,16 @@ impl Shares {
                     moved.push((name.clone(), vpc_of(&new)));
                     dirty.insert(name);
                     dirty.extend(mirrors_with_tap(state, |p| p.id == *id));
+                    // The load balancers it is a member of: its addresses
+                    // are their backends'.
+                    let target = sdn_policies::MemberTarget::Port(id.clone());
+                    for m in state.members.values().filter(|m| m.target == target) {
+                        if let Some(l) = state.lb_of(Kind::Member, &m.id) {
+                            let name = format!("lb/{}", l.id);
+                            hosts.extend(self.holders_of(&name).cloned());
+                            dirty.insert(name);
+                        }
+                    }
                 }
                 Kind::Subnet => {
                     for o in both() {
@@ -409,9 +419,36 @@ impl Shares {
                     }
                     dirty.insert(name);
                 }
-                // Not in a host's share yet: the hosts that translate a
-                // load balancer's flows will hold it.
-                Kind::Tenant | Kind::LoadBalancer | Kind::Pool | Kind::Listener | Kind::Member => {}
+                Kind::LoadBalancer | Kind::Pool | Kind::Listener | Kind::Member => {
+                    // The load balancer the object is (or was) part of:
+                    // held by the hosts with ports in its VPC.
+                    let pool_lb = |pool: &str| -> Option<String> {
+                        state.pools.get(pool).map(|p| p.load_balancer_id.clone()).or_else(|| {
+                            before.iter().find_map(|(_, id, o)| match o {
+                                Some(Object::Pool(p)) if id == pool => Some(p.load_balancer_id.clone()),
+                                _ => None,
+                            })
+                        })
+                    };
+                    for o in both() {
+                        let lb = match o {
+                            Object::LoadBalancer(l) => {
+                                hosts.extend(ix.hosts_in(&l.vpc_id).map(str::to_string));
+                                Some(l.id.clone())
+                            }
+                            Object::Pool(p) => Some(p.load_balancer_id.clone()),
+                            Object::Listener(l) => Some(l.load_balancer_id.clone()),
+                            Object::Member(m) => pool_lb(&m.pool_id),
+                            _ => None,
+                        };
+                        if let Some(lb) = lb {
+                            let name = format!("lb/{lb}");
+                            hosts.extend(self.holders_of(&name).cloned());
+                            dirty.insert(name);
+                        }
+                    }
+                }
+                Kind::Tenant => {}
             }
         }
         for n in &dirty {

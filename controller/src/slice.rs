@@ -107,6 +107,15 @@ pub fn names(state: &State, host: &str) -> BTreeSet<String> {
             }
         }
     }
+    // The load balancers of the host's own VPCs: it translates its ports'
+    // flows to them.
+    out.extend(
+        state
+            .load_balancers
+            .values()
+            .filter(|l| local.contains(l.vpc_id.as_str()))
+            .map(|l| format!("lb/{}", l.id)),
+    );
     quarantines_into(state, host, &local, &mut out);
     out
 }
@@ -116,6 +125,15 @@ pub fn names(state: &State, host: &str) -> BTreeSet<String> {
 pub fn quarantine_names(state: &State, host: &str) -> BTreeSet<String> {
     let local: BTreeSet<&str> = state.index().vpcs_on(host).collect();
     let mut out = BTreeSet::new();
+    // The load balancers of the host's own VPCs: it translates its ports'
+    // flows to them.
+    out.extend(
+        state
+            .load_balancers
+            .values()
+            .filter(|l| local.contains(l.vpc_id.as_str()))
+            .map(|l| format!("lb/{}", l.id)),
+    );
     quarantines_into(state, host, &local, &mut out);
     out
 }
@@ -188,6 +206,7 @@ pub fn build(state: &State, host: &str, name: &str) -> Option<pb::Resource> {
             })
         }
         "system" => R::InformationSystem(state.information_systems.get(id)?.to_pb()),
+        "lb" => R::LoadBalancer(lb_on_host(state, id)?),
         "sg" => R::SecurityGroup(state.security_groups.get(id)?.to_pb()),
         "members" => R::GroupMembers(pb::GroupMembers {
             group_id: id.to_string(),
@@ -376,4 +395,35 @@ mod tests {
         state.apply(&[port("a", "h1", 7)]).unwrap();
         assert_ne!(legacy_share(&share(&state))["vpc/v"].version, version);
     }
+}
+
+/// A load balancer with its listeners and their members resolved.
+fn lb_on_host(state: &State, id: &str) -> Option<pb::LoadBalancerOnHost> {
+    let lb = state.load_balancers.get(id)?;
+    let vni = state.vpcs.get(&lb.vpc_id)?.vni;
+    let listeners = state
+        .listeners
+        .values()
+        .filter(|l| l.load_balancer_id == lb.id)
+        .map(|l| pb::ListenerOnHost {
+            listener: Some(l.to_pb()),
+            backends: state
+                .members
+                .values()
+                .filter(|m| m.pool_id == l.pool_id)
+                .map(|m| pb::BackendOnHost {
+                    member_id: m.id.clone(),
+                    addresses: state.member_addresses(m, lb).iter().map(|a| a.to_string()).collect(),
+                    port: u32::from(if m.port == 0 { l.port } else { m.port }),
+                    weight: m.weight,
+                    state: m.state.name().into(),
+                })
+                .collect(),
+        })
+        .collect();
+    Some(pb::LoadBalancerOnHost {
+        load_balancer: Some(lb.to_pb()),
+        vni,
+        listeners,
+    })
 }

@@ -341,3 +341,260 @@ async fn load_balancers_are_their_tenants_and_zone_exposure_an_administrators() 
     let b = audit(BOB).await;
     assert!(!format!("{:?}", b.records).contains("lb1"), "{:?}", b.records);
 }
+
+/// nginx in a VM: answers every GET on 8080, both families, with its name
+/// and the client's address as it sees it.
+fn nginx(lab: &sdn_integration::lab::Lab, vm: &str) -> sdn_integration::Proc {
+    let dir = lab.topo.dir.join(format!("nginx-{vm}"));
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "master_process off;\ndaemon off;\npid {d}/nginx.pid;\nerror_log stderr;\nevents {{}}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/tmp;\n  proxy_temp_path {d}/tmp;\n  \
+             fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n  \
+             server {{\n    listen 8080;\n    listen [::]:8080;\n    location / {{ return 200 \"{vm} $remote_addr\\n\"; }}\n  }}\n}}\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let ns = lab.topo.vm(vm).ns.name.clone();
+    sdn_integration::Proc::spawn(
+        &format!("nginx-{vm}"),
+        Some(&ns),
+        std::path::Path::new("/usr/sbin/nginx"),
+        &["-c", conf.to_str().unwrap(), "-p", dir.to_str().unwrap()],
+        &lab.topo.dir,
+    )
+    .unwrap()
+}
+
+/// One HTTP GET from VM `from` (pinned to CPU 0, so one per-CPU cursor
+/// decides a round robin) to `addr`:`port`, from source port `sport` (0:
+/// any): the answer, "member client-address".
+fn get(lab: &sdn_integration::lab::Lab, from: &str, addr: &str, port: u16, sport: u16) -> String {
+    let host = if addr.contains(':') {
+        format!("[{addr}]")
+    } else {
+        addr.to_string()
+    };
+    let url = format!("http://{host}:{port}/");
+    let mut args = vec!["taskset", "-c", "0", "curl", "-sS", "-m", "3", "-g"];
+    let sp = sport.to_string();
+    if sport != 0 {
+        args.extend(["--local-port", &sp]);
+    }
+    args.push(&url);
+    lab.topo
+        .vm(from)
+        .ns
+        .sh(&args)
+        .unwrap_or_else(|e| format!("error: {e}"))
+        .trim()
+        .to_string()
+}
+
+/// One DNS query over UDP with dig from VM `from` to `addr`:`port`: the
+/// TXT answer of the member that answered (its name).
+fn udp(lab: &sdn_integration::lab::Lab, from: &str, addr: &str, port: u16) -> String {
+    let server = format!("@{addr}");
+    let port = port.to_string();
+    lab.topo
+        .vm(from)
+        .ns
+        .sh(&[
+            "taskset", "-c", "0", "dig", &server, "-p", &port, "who.lb", "TXT", "+short", "+time=2", "+tries=1",
+        ])
+        .unwrap_or_else(|e| format!("error: {e}"))
+        .trim()
+        .trim_matches('"')
+        .to_string()
+}
+
+fn tally<'a>(answers: impl Iterator<Item = &'a String>) -> std::collections::BTreeMap<String, usize> {
+    let mut c = std::collections::BTreeMap::new();
+    for a in answers {
+        *c.entry(a.split(' ').next().unwrap_or("").to_string()).or_default() += 1;
+    }
+    c
+}
+
+/// The same flow lands on the same member on every host: the member the
+/// Maglev table of the members' ids (built as every agent builds it)
+/// gives for the flow's hash.
+fn maglev_member(members: &[&str], client: &str, sport: u16, vip: &str, vport: u16) -> String {
+    use dataplane_common::lb::{flow_hash, LB_TABLE_SIZE};
+    let addr16 = |a: &str| -> [u8; 16] {
+        let mut out = [0u8; 16];
+        match a.parse::<std::net::IpAddr>().unwrap() {
+            std::net::IpAddr::V4(v) => out[..4].copy_from_slice(&v.octets()),
+            std::net::IpAddr::V6(v) => out = v.octets(),
+        }
+        out
+    };
+    // The table is of the members' ids (the pool's members are web-bN).
+    let m: Vec<(String, u32, u32)> = members
+        .iter()
+        .enumerate()
+        .map(|(i, vm)| (format!("web-{vm}"), 1, i as u32))
+        .collect();
+    let table = sdn_agent::compile::lb::maglev(&m, LB_TABLE_SIZE as usize);
+    let h = flow_hash(6, &addr16(client), sport, &addr16(vip), vport);
+    members[table[(h % LB_TABLE_SIZE) as usize] as usize].to_string()
+}
+
+/// East-west through VIPs, with real clients and servers: nginx members on
+/// two hosts behind a VIP of each family, curl and dig clients (dnsmasq members for UDP) on both
+/// hosts. Each scheduler's spread is its definition's; the members see the
+/// clients' own addresses; Maglev sends a flow where the shared table
+/// says, from either host, before and after a member leaves; a drained
+/// member takes no new flow; a VIP with no member refuses.
+#[tokio::test(flavor = "multi_thread")]
+async fn vips_spread_flows_over_members_by_their_schedulers() {
+    if !privileged() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let lab = sdn_integration::lab::Lab::new("lbt", &["h1", "h2"])
+        .tenant("t")
+        .vpc("v", None)
+        .subnet("net", "v", "10.80.0.0/24", "fd80::/64")
+        .group("open", open_rules())
+        .vm("c1", "h1", "net", &["open"])
+        .vm("c2", "h2", "net", &["open"])
+        .vm("b1", "h1", "net", &["open"])
+        .vm("b2", "h2", "net", &["open"])
+        .vm("b3", "h2", "net", &["open"])
+        .start()
+        .await
+        .expect("the lab");
+    let _servers: Vec<_> = ["b1", "b2", "b3"].iter().map(|b| nginx(&lab, b)).collect();
+    // dnsmasq in each member, answering who.lb with its name.
+    let mut udp_servers = Vec::new();
+    for b in ["b1", "b2", "b3"] {
+        let ns = lab.topo.vm(b).ns.name.clone();
+        let pid = lab.topo.dir.join(format!("dnsmasq-{b}.pid"));
+        udp_servers.push(
+            sdn_integration::Proc::spawn(
+                &format!("dnsmasq-{b}"),
+                Some(&ns),
+                std::path::Path::new("/usr/sbin/dnsmasq"),
+                &[
+                    "-k",
+                    "-C",
+                    "/dev/null",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--port",
+                    "5353",
+                    &format!("--txt-record=who.lb,{b}"),
+                    &format!("--pid-file={}", pid.display()),
+                    "--user=root",
+                ],
+                &lab.topo.dir,
+            )
+            .unwrap(),
+        );
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let (vip4, vip6) = ("10.80.0.100", "fd80::100");
+    let lb = load_balancer("lb", "t", "v", vip4, vip6);
+    let mut ops = vec![put_lb(lb), pool("web", "lb"), pool("wweb", "lb"), pool("dns", "lb")];
+    for (i, b) in ["b1", "b2", "b3"].iter().enumerate() {
+        for (p, weight, port) in [("web", 1, 8080), ("wweb", [3, 1, 1][i], 8080), ("dns", 1, 5353)] {
+            let mut m = member(&format!("{p}-{b}"), p, b, "", weight);
+            if let pb::operation::Op::PutMember(x) = &mut m {
+                x.port = port;
+            }
+            ops.push(m);
+        }
+    }
+    ops.extend([
+        listener("maglev", "lb", "tcp", 80, "web", "maglev"),
+        listener("rr", "lb", "tcp", 81, "web", "round_robin"),
+        listener("wrr", "lb", "tcp", 82, "wweb", "weighted_round_robin"),
+        listener("udp", "lb", "udp", 53, "dns", "round_robin"),
+    ]);
+    let r = lab.cluster.apply(ops).await.expect("the load balancer");
+    assert!(r.enforced, "{r:?}");
+
+    // Round robin: from one CPU, the members in turn; every member sees
+    // the client's own address.
+    let answers: Vec<String> = (0..30).map(|_| get(&lab, "c1", vip4, 81, 0)).collect();
+    let c = tally(answers.iter());
+    assert_eq!(c.values().copied().collect::<Vec<_>>(), [10, 10, 10], "{answers:?}");
+    assert!(answers.iter().all(|a| a.ends_with(" 10.80.0.11")), "{answers:?}");
+    for w in answers.windows(4) {
+        assert_eq!(w[0], w[3], "a period of three: {answers:?}");
+    }
+    // Weighted round robin, 3:1:1, smooth: b1 never three times in a row.
+    let answers: Vec<String> = (0..50).map(|_| get(&lab, "c2", vip4, 82, 0)).collect();
+    let c = tally(answers.iter());
+    assert_eq!(
+        (c["wweb-b1".trim_start_matches("wweb-")], c["b2"], c["b3"]),
+        (30, 10, 10),
+        "{answers:?}"
+    );
+    assert!(
+        !answers.windows(3).any(|w| w.iter().all(|a| a.starts_with("b1"))),
+        "{answers:?}"
+    );
+    // IPv6 and UDP.
+    let answers: Vec<String> = (0..6).map(|_| get(&lab, "c1", vip6, 81, 0)).collect();
+    assert_eq!(tally(answers.iter()).len(), 3, "{answers:?}");
+    assert!(answers.iter().all(|a| a.ends_with(" fd80::11")), "{answers:?}");
+    let answers: Vec<String> = (0..6).map(|_| udp(&lab, "c2", vip4, 53)).collect();
+    assert_eq!(
+        tally(answers.iter()).values().copied().collect::<Vec<_>>(),
+        [2, 2, 2],
+        "{answers:?}"
+    );
+    let answers: Vec<String> = (0..3).map(|_| udp(&lab, "c1", vip6, 53)).collect();
+    assert_eq!(tally(answers.iter()).len(), 3, "{answers:?}");
+
+    // Maglev: each flow (client, source port) where the shared table says,
+    // from either host.
+    let members = ["b1", "b2", "b3"];
+    let mut wrong = Vec::new();
+    for (i, (vm, client)) in [("c1", "10.80.0.11"), ("c2", "10.80.0.12")].iter().enumerate() {
+        for k in 0..20u16 {
+            let sport = 41000 + i as u16 * 100 + k;
+            let got = get(&lab, vm, vip4, 80, sport);
+            let want = maglev_member(&members, client, sport, vip4, 80);
+            if !got.starts_with(&want) {
+                wrong.push(format!("{vm}:{sport} -> {got}, the table says {want}"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:?}");
+    // A member drains: no new flow goes to it, the table is the other
+    // two's. Then it leaves.
+    let mut drain = member("web-b3", "web", "b3", "", 1);
+    if let pb::operation::Op::PutMember(x) = &mut drain {
+        x.port = 8080;
+        x.state = "draining".into();
+    }
+    lab.cluster.apply(vec![drain]).await.unwrap();
+    for k in 0..20u16 {
+        let sport = 42000 + k;
+        let got = get(&lab, "c1", vip4, 80, sport);
+        let want = maglev_member(&["b1", "b2"], "10.80.0.11", sport, vip4, 80);
+        assert!(got.starts_with(&want), "{sport}: {got}, the table says {want}");
+    }
+    let answers: Vec<String> = (0..10).map(|_| get(&lab, "c1", vip4, 81, 0)).collect();
+    assert!(!answers.iter().any(|a| a.starts_with("b3")), "{answers:?}");
+    // No member left: the VIP refuses, and the drop is counted.
+    let before = lab.counter("h1", "drops", "lb_no_backend");
+    lab.cluster
+        .apply(vec![
+            delete(pb::Kind::Member, "web-b1"),
+            delete(pb::Kind::Member, "web-b2"),
+            delete(pb::Kind::Member, "web-b3"),
+        ])
+        .await
+        .unwrap();
+    let got = get(&lab, "c1", vip4, 81, 0);
+    assert!(!got.starts_with('b'), "{got}");
+    assert!(lab.counter("h1", "drops", "lb_no_backend") > before);
+}

@@ -8,6 +8,7 @@
 //! fails closed; the rest is compiled as if it were not there.
 
 mod firewalls;
+pub mod lb;
 pub mod mirror;
 mod overlay;
 mod sg;
@@ -30,7 +31,7 @@ use dataplane_common::maps::{
     zone_net_data, AddrIdentity, AddrKey, Endpoint, EndpointKey, ExchangeRule, FwPolicy, FwRule, PolicyDirKey,
     PortAddrKey, PortInfo, PrefixLens, RuleKey, ZoneAddrKey, ZoneEndpoint, EP_F_GATEWAY, EP_F_LOCAL_IS_A, EP_F_PEER,
     FW_ALLOW, FW_DENY, FW_POLICY_RULES_MAX, GATEWAY_MAC, PORT_F_EGRESS_OPEN, PORT_F_QUARANTINED, PORT_F_REJECTED,
-    PORT_F_UPLINK,
+    PORT_F_LB, PORT_F_UPLINK,
 };
 use dataplane_common::{DIR_EGRESS, DIR_INGRESS, FAMILY_V4, FAMILY_V6};
 use sdn_proto::v1 as pb;
@@ -83,6 +84,8 @@ pub struct Desired {
     pub mirror: mirror::MirrorPlan,
     /// Information systems: the ports whose traffic with zones is counted.
     pub systems: systems::SystemPlan,
+    /// Load balancers: their services, backends and tables.
+    pub lb: lb::LbPlan,
 }
 
 /// Keeps each of `ids` (in order) in the slot it had (`slots`, updated
@@ -297,6 +300,8 @@ pub struct Compiler {
     mirror_slots: BTreeMap<String, u32>,
     /// Each information system's slot, kept from pass to pass.
     system_slots: BTreeMap<String, u32>,
+    /// Load balancers' services and backends, by name.
+    lb_slots: lb::LbSlots,
 }
 
 /// The kept part for `name` when its inputs are the same, else a fresh one.
@@ -380,6 +385,7 @@ impl Compiler {
         let mut firewalls: BTreeMap<&str, &pb::FirewallPolicy> = BTreeMap::new();
         let mut mirrors: Vec<&pb::MirrorOnHost> = Vec::new();
         let mut systems: Vec<&pb::InformationSystem> = Vec::new();
+        let mut lbs: Vec<&pb::LoadBalancerOnHost> = Vec::new();
         for r in res.values() {
             match &r.kind {
                 Some(pb::resource::Kind::Port(p)) => ports.push((r, p)),
@@ -404,6 +410,7 @@ impl Compiler {
                 }
                 Some(pb::resource::Kind::MirrorSession(m)) => mirrors.push(m),
                 Some(pb::resource::Kind::InformationSystem(s)) => systems.push(s),
+                Some(pb::resource::Kind::LoadBalancer(l)) => lbs.push(l),
                 Some(pb::resource::Kind::Quarantine(_)) | None => {}
             }
         }
@@ -412,6 +419,7 @@ impl Compiler {
             next_expiry,
             ..Desired::default()
         };
+        d.lb = lb::compile_lbs(&lbs, &mut self.lb_slots, &mut d.rejected);
         let local: BTreeMap<&str, &pb::Port> = ports.iter().map(|(_, p)| (p.id.as_str(), *p)).collect();
         let zone_no = compile_zones(&zones, &exchanges, ifindex, &mut d)?;
         let fw_no = compile_firewalls(&firewalls, &mut d)?;
@@ -500,6 +508,13 @@ impl Compiler {
         }
         let nets: Vec<&pb::VpcNetwork> = networks.iter().map(|(_, n)| *n).collect();
         compile_peerings(&peerings, &nets, &fw_no, &mut d.endpoints, &mut d.rejected);
+        // The VIPs of VPCs with ports here, answered as gateways are (a
+        // port's address is never a VIP: the controller refuses it).
+        for (k, e) in &d.lb.vips {
+            if nets.iter().any(|n| n.vni == k.vni) {
+                d.endpoints.entry(*k).or_insert(*e);
+            }
+        }
         if mirrors.is_empty() && systems.is_empty() {
             // Neither needs the ports' VPCs: a pass without them pays nothing.
             self.mirror_slots.clear();
@@ -618,6 +633,9 @@ impl Compiler {
                 compile_port(p, ifx, &groups, &subnet_vni, &zoned_subnets, held, &mut policy)
             });
             if let Some((ifx, mut info)) = part.entry {
+                if d.lb.vnis.contains(&info.vni) {
+                    info.flags |= PORT_F_LB;
+                }
                 // A rejected port's entry keeps policy 0 and epoch 0.
                 if part.rejected.is_none() {
                     // Keeps the policy for this pass (a reused port did

@@ -8,6 +8,7 @@
 //! bytes in network order and the rest is zero.
 #![no_std]
 
+pub mod lb;
 pub mod maps;
 
 /// Address family tag used in keys: IPv4.
@@ -104,6 +105,8 @@ pub enum DropReason {
     /// The TCP packet that would complete a handshake acknowledges a
     /// sequence number the answer never sent (a blind, forged ACK).
     CtBadAck = 32,
+    /// A new flow to a load balancer's VIP that no backend can take.
+    LbNoBackend = 33,
 }
 
 /// Number of slots in the drop counter array (room to grow).
@@ -111,7 +114,7 @@ pub const DROP_REASON_SLOTS: u32 = 48;
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 33] = [
+    pub const ALL: [DropReason; 34] = [
         DropReason::UnknownPort,
         DropReason::Truncated,
         DropReason::UnsupportedEthertype,
@@ -145,6 +148,7 @@ impl DropReason {
         DropReason::UplinkToHost,
         DropReason::Unjudged,
         DropReason::CtBadAck,
+        DropReason::LbNoBackend,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -183,6 +187,7 @@ impl DropReason {
             DropReason::UplinkToHost => "uplink_to_host",
             DropReason::Unjudged => "unjudged",
             DropReason::CtBadAck => "ct_bad_ack",
+            DropReason::LbNoBackend => "lb_no_backend",
         }
     }
 }
@@ -222,6 +227,8 @@ pub enum Stat {
     CtPromoted = 13,
     /// Packets that took the established fast path (no policy stage).
     FastPath = 14,
+    /// New flows to a load balancer's VIP given a backend.
+    LbNew = 15,
 }
 
 /// Number of slots in the stats array.
@@ -240,7 +247,9 @@ pub mod stage {
     pub const GUARD: u32 = 0;
     /// Border and VPC firewalls.
     pub const FIREWALL: u32 = 1;
-    /// Reserved for the load balancer.
+    /// The load balancer: a new flow to a VIP gets its backend (or an
+    /// established one its own), then the guard runs again on the
+    /// backend's address.
     pub const LB: u32 = 2;
     /// Security groups for new flows and for flows judged under an older
     /// policy, and the per-port flow budget.
@@ -254,9 +263,10 @@ pub mod stage {
     /// Slots of the program array.
     pub const SLOTS: u32 = 8;
     /// The stage programs by slot, as the object names them.
-    pub const PROGRAMS: [(u32, &str); 5] = [
+    pub const PROGRAMS: [(u32, &str); 6] = [
         (GUARD, "st_guard"),
         (FIREWALL, "st_firewall"),
+        (LB, "st_lb"),
         (POLICY, "st_policy"),
         (COMMIT, "st_commit"),
         (MIRROR, "st_mirror"),

@@ -313,6 +313,9 @@ pub const PORT_F_DHCP_SERVER: u32 = 8;
 /// Port flag: the agent could not compile the port's configuration; every
 /// packet is dropped (`unknown_port`: no usable configuration).
 pub const PORT_F_REJECTED: u32 = 16;
+/// Port flag: the port's VPC has load balancers: its flows to a VIP are
+/// translated, and replies to it from a backend translated back.
+pub const PORT_F_LB: u32 = 32;
 
 /// Configuration of one VM port, keyed by the ifindex of its host-side device.
 #[repr(C)]

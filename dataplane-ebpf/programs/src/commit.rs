@@ -355,6 +355,9 @@ pub fn refresh_live(m: &Meta, src: Live, dst: Live) -> Result<(), DropReason> {
 /// Sends an allowed packet on.
 #[inline(always)]
 pub fn forward(ctx: &mut TcContext, m: &Meta) -> Result<Action, DropReason> {
+    if m.lb != crate::meta::LB_NONE && m.kind == K_IP {
+        crate::lb::commit(ctx, m)?;
+    }
     match m.entry {
         E_TO_VM => Ok(Action::Pass),
         E_FROM_UPLINK | E_FROM_OVERLAY => {
@@ -363,12 +366,14 @@ pub fn forward(ctx: &mut TcContext, m: &Meta) -> Result<Action, DropReason> {
                 count(Stat::FromUplink);
                 count_system(m.dst_ifx, m.uplink_zone, SYSTEM_DOWN, m.len);
             } else {
+                crate::lb::reply(ctx, m)?;
                 count(Stat::Decapsulated);
             }
             Ok(Action::Peer(m.dst_ifx))
         }
         _ => match m.out {
             O_PORT => {
+                crate::lb::reply(ctx, m)?;
                 set_macs(ctx, &m.dst_mac)?;
                 count(Stat::ForwardedLocal);
                 Ok(Action::Peer(m.out_ifx))

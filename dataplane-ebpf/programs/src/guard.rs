@@ -81,6 +81,11 @@ fn judge(ctx: &TcContext, m: &mut Meta) -> Result<Judged, DropReason> {
         return Ok(Judged::Stage(stage::COMMIT));
     }
     if m.entry == E_FROM_VM {
+        // A flow to a VIP gets its backend first: every tier then judges
+        // the backend's address.
+        if crate::lb::service(m).is_some() {
+            return Ok(Judged::Stage(stage::LB));
+        }
         resolve(m)?;
     }
     if is_icmp_error(m.proto, m.icmp_type) && related(ctx, m) {

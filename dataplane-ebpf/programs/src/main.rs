@@ -11,8 +11,9 @@
 //!
 //! Stages, in a program array (`SDN_PIPE`), each with its own verifier
 //! budget: `st_guard` (quarantine, destination, conntrack lookup, zone
-//! guard), `st_firewall` (border and VPC firewalls), a slot for the load
-//! balancer, `st_policy` (security groups), `st_commit` (state writes,
+//! guard), `st_firewall` (border and VPC firewalls), `st_lb` (a flow to a
+//! VIP gets its backend; then the guard again), `st_policy` (security
+//! groups), `st_commit` (state writes,
 //! rewrite, encapsulation, redirect). A missing stage or a failed tail call
 //! drops the packet (`pipeline`). Nothing is written before `st_commit`, so
 //! a packet that any stage drops leaves no state behind.
@@ -30,6 +31,8 @@ mod ctx;
 mod firewall;
 #[cfg(target_arch = "bpf")]
 mod guard;
+#[cfg(target_arch = "bpf")]
+mod lb;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
@@ -195,6 +198,7 @@ mod progs {
             // Each tail call with a constant slot: the JIT makes those
             // direct jumps.
             Ok(guard::Next::Stage(stage::FIREWALL)) => next(&ctx, stage::FIREWALL),
+            Ok(guard::Next::Stage(stage::LB)) => next(&ctx, stage::LB),
             Ok(guard::Next::Stage(_)) => next(&ctx, stage::COMMIT),
             Ok(guard::Next::Done(action)) => {
                 // The fast path of an established flow: answers mostly
@@ -215,6 +219,19 @@ mod progs {
         };
         match firewall::stage(m) {
             Ok(()) => next(&ctx, stage::POLICY),
+            Err(r) => deny(m, r),
+        }
+    }
+
+    /// The load balancer: the packet's backend, then the guard again.
+    #[classifier]
+    #[inline(always)]
+    pub fn st_lb(ctx: TcContext) -> i32 {
+        let Some(m) = meta() else {
+            return drop(DropReason::Pipeline);
+        };
+        match crate::lb::stage(m) {
+            Ok(()) => next(&ctx, stage::GUARD),
             Err(r) => deny(m, r),
         }
     }

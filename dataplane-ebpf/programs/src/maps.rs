@@ -9,6 +9,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use dataplane_common::{
+    lb::{
+        LbBackend, LbFlow, LbFlowKey, LbReverse, LbReverseKey, LbService, LbServiceKey, LB_BACKENDS, LB_FLOWS_MAX,
+        LB_SERVICES_MAX, LB_TABLE_SIZE,
+    },
     maps::{
         system_index, AddrIdentity, AddrKey, CtKey, CtValue, DenyEvent, DnsCopy, Endpoint, EndpointKey, EventLimiter,
         ExchangeRule, FwPolicy, FwRule, FwVerdict, HostConfig, MirrorCfg, MirrorPort, MirrorState, MirrorVni,
@@ -402,3 +406,28 @@ pub fn meta() -> Option<&'static mut Meta> {
     // entry to its verdict.
     META.get_ptr_mut(0).map(|p| unsafe { &mut *p })
 }
+
+/// The load balancer's services (a listener's VIP of one family).
+#[map(name = "SDN_LB_SERVICES")]
+pub static LB_SERVICES: HashMap<LbServiceKey, LbService> = HashMap::pinned(LB_SERVICES_MAX, 0);
+
+/// Each service's backend slots, at `id * LB_BACKENDS + slot`.
+#[map(name = "SDN_LB_BACKENDS")]
+pub static LB_BACKENDS_ARR: Array<LbBackend> = Array::pinned(LB_SERVICES_MAX * LB_BACKENDS, 0);
+
+/// Each service's table of backend slots, at `id * LB_TABLE_SIZE + i`
+/// (`u32::MAX`: none).
+#[map(name = "SDN_LB_TABLE")]
+pub static LB_TABLE_ARR: Array<u32> = Array::pinned(LB_SERVICES_MAX * LB_TABLE_SIZE, 0);
+
+/// Round robin's cursor in each service's table, per CPU.
+#[map(name = "SDN_LB_CURSOR")]
+pub static LB_CURSOR: PerCpuArray<u32> = PerCpuArray::pinned(LB_SERVICES_MAX, 0);
+
+/// Load-balanced flows, by their client's side.
+#[map(name = "SDN_LB_FLOWS")]
+pub static LB_FLOWS: LruHashMap<LbFlowKey, LbFlow> = LruHashMap::pinned(LB_FLOWS_MAX, 0);
+
+/// Their replies: what a backend's source becomes towards the client.
+#[map(name = "SDN_LB_REVERSE")]
+pub static LB_REVERSE: LruHashMap<LbReverseKey, LbReverse> = LruHashMap::pinned(LB_FLOWS_MAX, 0);

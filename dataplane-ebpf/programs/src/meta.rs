@@ -37,6 +37,12 @@ pub const S_STALE: u8 = 2;
 /// No live entry: a new flow.
 pub const S_NEW: u8 = 3;
 
+/// Load balancing of a packet: none (yet); a flow to a VIP whose backend
+/// is chosen now; one that has its backend from before.
+pub const LB_NONE: u8 = 0;
+pub const LB_NEW: u8 = 1;
+pub const LB_EST: u8 = 2;
+
 /// Which table an entry was found in.
 pub const T_MAIN: u8 = 1;
 pub const T_SYN: u8 = 2;
@@ -113,7 +119,8 @@ pub struct Meta {
     /// service it was judged on.
     pub org_src: u8,
     pub org_dst: u8,
-    pub _pad1: [u8; 1],
+    /// Load balancing: `LB_*`.
+    pub lb: u8,
     pub svc_src: u16,
     pub svc_dst: u16,
     /// TCP sequence and acknowledgement numbers.
@@ -121,9 +128,16 @@ pub struct Meta {
     pub tcp_ack: u32,
     /// The device the packet came in by.
     pub in_ifx: u32,
+    /// A flow to a VIP: the VIP and its port (the packet's destination
+    /// until the commit translates it), and the service and backend slot
+    /// the flow goes to (`dst` and `dport` are the backend's).
+    pub lb_vip: [u8; 16],
+    pub lb_service: u32,
+    pub lb_slot: u16,
+    pub lb_vport: u16,
 }
 
-const _: () = assert!(core::mem::size_of::<Meta>() == 208);
+const _: () = assert!(core::mem::size_of::<Meta>() == 232);
 
 impl Meta {
     /// Clears what an earlier packet on this CPU may have left.
@@ -160,6 +174,7 @@ impl Meta {
         self.icmp = 0;
         self.proto = 0;
         self.family = 0;
+        self.lb = LB_NONE;
     }
 
     /// The flow key of the sending port's side: the port's address is the

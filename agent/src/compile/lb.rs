@@ -1,0 +1,440 @@
+//! Load balancers: each listener's VIP of each family becomes a service
+//! with its backend slots and its table of [`LB_TABLE_SIZE`] slots, which
+//! the programs pick a new flow's backend from.
+//!
+//! - round robin and weighted round robin: the table is nginx's smooth
+//!   weighted round-robin sequence (each member in proportion to its
+//!   weight, spread out rather than in runs), walked by a per-CPU cursor;
+//! - Maglev: the table is Maglev's lookup table with weights, built from
+//!   the members' ids alone, so every host builds the same one and a flow
+//!   lands on the same member from any host; when one of N members
+//!   leaves, about 1/N of the table moves.
+//!
+//! Services and backend slots keep their numbers from pass to pass, so a
+//! flow keeps its backend across changes that leave the backend in place.
+//! A draining member keeps its slot (its flows stay) but leaves the table
+//! (no new flow); a disabled one leaves both.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use dataplane_common::lb::{
+    LbBackend, LbService, LbServiceKey, LB_BACKENDS, LB_BACKEND_LIVE, LB_SERVICES_MAX, LB_TABLE_SIZE,
+    SCHED_TABLE_CURSOR, SCHED_TABLE_HASH,
+};
+use dataplane_common::maps::{Endpoint, EndpointKey, EP_F_GATEWAY, GATEWAY_MAC};
+use sdn_proto::v1 as pb;
+
+use super::addr16;
+
+/// A table slot no backend holds.
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// One service as this host holds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePlan {
+    pub info: LbService,
+    /// Backend slot -> backend (live ones only).
+    pub backends: BTreeMap<u32, LbBackend>,
+    /// [`LB_TABLE_SIZE`] backend slots.
+    pub table: Vec<u32>,
+    /// For messages: "lb/listener/family".
+    pub name: String,
+}
+
+/// Everything the load balancers need on this host.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LbPlan {
+    pub services: BTreeMap<LbServiceKey, ServicePlan>,
+    /// The VPCs (VNIs) with load balancers: their ports translate.
+    pub vnis: BTreeSet<u32>,
+    /// The VIPs as addresses of their VPCs, answered as the gateways are
+    /// (ARP, neighbour discovery) and never forwarded to untranslated.
+    pub vips: BTreeMap<EndpointKey, Endpoint>,
+}
+
+/// Slots kept from pass to pass: services by name, and each service's
+/// backends by member id.
+#[derive(Clone, Debug, Default)]
+pub struct LbSlots {
+    pub services: BTreeMap<String, u32>,
+    pub backends: BTreeMap<String, BTreeMap<String, u32>>,
+}
+
+/// Plans the load balancers of the share.
+pub fn compile_lbs(lbs: &[&pb::LoadBalancerOnHost], slots: &mut LbSlots, rejected: &mut Vec<String>) -> LbPlan {
+    let mut plan = LbPlan::default();
+    // (name, key, scheduler, members) for every service, in name order.
+    let mut wanted: Vec<(String, LbServiceKey, String, Vec<(&pb::BackendOnHost, IpAddr)>)> = Vec::new();
+    for l in lbs {
+        let Some(lb) = &l.load_balancer else { continue };
+        plan.vnis.insert(l.vni);
+        for vip in [&lb.vip_v4, &lb.vip_v6] {
+            let Ok(a) = vip.parse::<IpAddr>() else { continue };
+            let (family, addr) = addr16(a);
+            plan.vips.insert(
+                EndpointKey {
+                    vni: l.vni,
+                    family,
+                    _pad: [0; 3],
+                    addr,
+                },
+                Endpoint {
+                    ifindex: 0,
+                    host_v4: [0; 4],
+                    mac: GATEWAY_MAC,
+                    flags: EP_F_GATEWAY,
+                    vni: l.vni,
+                    policy: 0,
+                },
+            );
+        }
+        for lo in &l.listeners {
+            let Some(li) = &lo.listener else { continue };
+            let proto = match li.protocol.as_str() {
+                "tcp" => 6,
+                "udp" => 17,
+                p => {
+                    rejected.push(format!("listener {}: protocol {p:?} unknown here", li.id));
+                    continue;
+                }
+            };
+            let Ok(port) = u16::try_from(li.port) else {
+                rejected.push(format!("listener {}: port {} out of range", li.id, li.port));
+                continue;
+            };
+            for (family, vip) in [("v4", &lb.vip_v4), ("v6", &lb.vip_v6)] {
+                let Ok(vip) = vip.parse::<IpAddr>() else { continue };
+                let (fam, addr) = addr16(vip);
+                let members: Vec<(&pb::BackendOnHost, IpAddr)> = lo
+                    .backends
+                    .iter()
+                    .filter_map(|b| {
+                        let a = b
+                            .addresses
+                            .iter()
+                            .filter_map(|a| a.parse::<IpAddr>().ok())
+                            .find(|a| a.is_ipv4() == vip.is_ipv4())?;
+                        Some((b, a))
+                    })
+                    .collect();
+                wanted.push((
+                    format!("{}/{}/{family}", lb.id, li.id),
+                    LbServiceKey {
+                        vni: l.vni,
+                        family: fam,
+                        proto,
+                        port,
+                        addr,
+                    },
+                    li.scheduler.clone(),
+                    members,
+                ));
+            }
+        }
+    }
+    wanted.sort_by(|a, b| a.0.cmp(&b.0));
+    let names: Vec<&str> = wanted.iter().map(|w| w.0.as_str()).collect();
+    super::keep_slots(&names, LB_SERVICES_MAX, &mut slots.services);
+    slots.backends.retain(|k, _| slots.services.contains_key(k));
+    for (name, key, scheduler, members) in wanted {
+        let Some(id) = slots.services.get(&name).copied() else {
+            rejected.push(format!(
+                "load balancer service {name}: a host holds at most {LB_SERVICES_MAX} services"
+            ));
+            continue;
+        };
+        // Live members (enabled or draining) keep their slots.
+        let mut live: Vec<(&pb::BackendOnHost, IpAddr)> =
+            members.into_iter().filter(|(b, _)| b.state != "disabled").collect();
+        live.sort_by(|a, b| a.0.member_id.cmp(&b.0.member_id));
+        let ids: Vec<&str> = live.iter().map(|(b, _)| b.member_id.as_str()).collect();
+        let kept = slots.backends.entry(name.clone()).or_default();
+        super::keep_slots(&ids, LB_BACKENDS, kept);
+        let mut backends = BTreeMap::new();
+        let mut eligible: Vec<(String, u32, u32)> = Vec::new();
+        for (b, a) in &live {
+            let Some(slot) = kept.get(&b.member_id).copied() else {
+                continue;
+            };
+            let Ok(port) = u16::try_from(b.port) else { continue };
+            backends.insert(
+                slot,
+                LbBackend {
+                    addr: addr16(*a).1,
+                    port,
+                    flags: LB_BACKEND_LIVE,
+                },
+            );
+            if b.state == "enabled" {
+                eligible.push((b.member_id.clone(), b.weight.max(1), slot));
+            }
+        }
+        let (sched, table) = match scheduler.as_str() {
+            _ if eligible.is_empty() => (0, vec![NO_BACKEND; LB_TABLE_SIZE as usize]),
+            "round_robin" => {
+                let equal: Vec<(String, u32, u32)> = eligible.iter().map(|(m, _, s)| (m.clone(), 1, *s)).collect();
+                (SCHED_TABLE_CURSOR, smooth_wrr(&equal, LB_TABLE_SIZE as usize))
+            }
+            "weighted_round_robin" => (SCHED_TABLE_CURSOR, smooth_wrr(&eligible, LB_TABLE_SIZE as usize)),
+            "maglev" => (SCHED_TABLE_HASH, maglev(&eligible, LB_TABLE_SIZE as usize)),
+            other => {
+                rejected.push(format!(
+                    "load balancer service {name}: scheduler {other} is not carried by this dataplane yet; \
+                     its new flows are refused"
+                ));
+                (0, vec![NO_BACKEND; LB_TABLE_SIZE as usize])
+            }
+        };
+        let generation = {
+            let mut b: Vec<u8> = vec![sched];
+            for (s, be) in &backends {
+                b.extend_from_slice(&s.to_be_bytes());
+                b.extend_from_slice(&be.addr);
+                b.extend_from_slice(&be.port.to_be_bytes());
+            }
+            for t in &table {
+                b.extend_from_slice(&t.to_be_bytes());
+            }
+            super::fnv32(&b)
+        };
+        plan.services.insert(
+            key,
+            ServicePlan {
+                info: LbService {
+                    id,
+                    scheduler: sched,
+                    _pad: [0; 3],
+                    generation,
+                },
+                backends,
+                table,
+                name,
+            },
+        );
+    }
+    plan
+}
+
+/// nginx's smooth weighted round robin, run for `len` steps: each member
+/// (id, weight, slot) gets its share of the steps within one, spread out.
+pub fn smooth_wrr(members: &[(String, u32, u32)], len: usize) -> Vec<u32> {
+    let total: i64 = members.iter().map(|m| m.1 as i64).sum();
+    let mut current = vec![0i64; members.len()];
+    let mut out = Vec::with_capacity(len);
+    for _ in 0..len {
+        let mut best = 0;
+        for (i, m) in members.iter().enumerate() {
+            current[i] += m.1 as i64;
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        out.push(members[best].2);
+    }
+    out
+}
+
+/// 64-bit FNV-1a of `s` after `seed`.
+fn fnv64(seed: u64, s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
+    for b in s.as_bytes() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Maglev's lookup table of `len` (a prime) slots with weights: each member
+/// (id, weight, slot) fills the next free slot of its own permutation of
+/// the table, as often as its weight against the heaviest allows, until
+/// the table is full. The permutations come from the ids alone.
+pub fn maglev(members: &[(String, u32, u32)], len: usize) -> Vec<u32> {
+    let m = len as u64;
+    let mut table = vec![NO_BACKEND; len];
+    if members.is_empty() {
+        return table;
+    }
+    let mut order: Vec<&(String, u32, u32)> = members.iter().collect();
+    order.sort_by(|a, b| a.0.cmp(&b.0));
+    let perm: Vec<(u64, u64)> = order
+        .iter()
+        .map(|(id, _, _)| (fnv64(0x6d61_676c, id) % m, fnv64(0x736b_6970, id) % (m - 1) + 1))
+        .collect();
+    let heaviest = order.iter().map(|x| x.1).max().unwrap_or(1) as u64;
+    let mut next = vec![0u64; order.len()];
+    let mut credit = vec![0u64; order.len()];
+    let mut filled = 0;
+    while filled < len {
+        for (i, (_, w, slot)) in order.iter().enumerate() {
+            credit[i] += *w as u64;
+            while credit[i] >= heaviest && filled < len {
+                credit[i] -= heaviest;
+                let (offset, skip) = perm[i];
+                loop {
+                    let c = ((offset + next[i] * skip) % m) as usize;
+                    next[i] += 1;
+                    if table[c] == NO_BACKEND {
+                        table[c] = *slot;
+                        filled += 1;
+                        break;
+                    }
+                }
+            }
+            if filled == len {
+                break;
+            }
+        }
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(n: usize, weight: impl Fn(usize) -> u32) -> Vec<(String, u32, u32)> {
+        (0..n).map(|i| (format!("m{i}"), weight(i), i as u32)).collect()
+    }
+
+    fn shares(table: &[u32]) -> BTreeMap<u32, usize> {
+        let mut c = BTreeMap::new();
+        for s in table {
+            *c.entry(*s).or_default() += 1;
+        }
+        c
+    }
+
+    /// Weighted round robin gives each member its weight's share of the
+    /// sequence within one step, spread out: no member twice in a row
+    /// unless its weight is more than half.
+    #[test]
+    fn smooth_wrr_is_proportional_and_spread() {
+        let m = members(3, |i| [5, 1, 1][i]);
+        let t = smooth_wrr(&m, 7);
+        // nginx's own example: a a b a c a a.
+        assert_eq!(t, [0, 0, 1, 0, 2, 0, 0]);
+        let m = members(4, |i| i as u32 + 1);
+        let t = smooth_wrr(&m, LB_TABLE_SIZE as usize);
+        let c = shares(&t);
+        for (slot, n) in c {
+            let want = LB_TABLE_SIZE as f64 * (slot + 1) as f64 / 10.0;
+            assert!((n as f64 - want).abs() <= 1.0, "slot {slot}: {n} vs {want}");
+        }
+        let rr = smooth_wrr(&members(3, |_| 1), 9);
+        assert_eq!(rr, [0, 1, 2, 0, 1, 2, 0, 1, 2]);
+    }
+
+    /// Maglev fills the table in proportion to the weights, the same table
+    /// from the same ids in any order, and moves about 1/N of it when one
+    /// of N members leaves (only slots the leaver held, and a few more).
+    #[test]
+    fn maglev_is_balanced_consistent_and_moves_little() {
+        let len = LB_TABLE_SIZE as usize;
+        let ten = members(10, |_| 1);
+        let t = maglev(&ten, len);
+        assert!(t.iter().all(|s| *s != NO_BACKEND));
+        for (_, n) in shares(&t) {
+            assert!((n as f64 - len as f64 / 10.0).abs() < len as f64 * 0.02, "{n}");
+        }
+        let mut shuffled = ten.clone();
+        shuffled.reverse();
+        assert_eq!(maglev(&shuffled, len), t, "the order given changes nothing");
+        let nine: Vec<_> = ten.iter().filter(|m| m.0 != "m3").cloned().collect();
+        let u = maglev(&nine, len);
+        let moved = t.iter().zip(&u).filter(|(a, b)| a != b).count();
+        let lost = t.iter().filter(|s| **s == 3).count();
+        assert!(moved >= lost);
+        assert!(
+            (moved as f64) < len as f64 * 0.16,
+            "one of ten left: {moved} of {len} slots moved ({lost} were its own)"
+        );
+        // Weights: 3:1.
+        let w = maglev(&members(2, |i| [3, 1][i]), len);
+        let c = shares(&w);
+        let ratio = c[&0] as f64 / c[&1] as f64;
+        assert!((ratio - 3.0).abs() < 0.1, "{ratio}");
+    }
+
+    fn lb(schedulers: &[&str], members: &[(&str, &str, &str)]) -> pb::LoadBalancerOnHost {
+        pb::LoadBalancerOnHost {
+            load_balancer: Some(pb::LoadBalancer {
+                id: "lb".into(),
+                vip_v4: "10.0.0.100".into(),
+                vip_v6: "fd00::100".into(),
+                ..Default::default()
+            }),
+            vni: 7,
+            listeners: schedulers
+                .iter()
+                .enumerate()
+                .map(|(i, s)| pb::ListenerOnHost {
+                    listener: Some(pb::Listener {
+                        id: format!("l{i}"),
+                        protocol: "tcp".into(),
+                        port: 80 + i as u32,
+                        scheduler: s.to_string(),
+                        ..Default::default()
+                    }),
+                    backends: members
+                        .iter()
+                        .map(|(id, addr, state)| pb::BackendOnHost {
+                            member_id: id.to_string(),
+                            addresses: vec![addr.to_string()],
+                            port: 8080,
+                            weight: 1,
+                            state: state.to_string(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// Services per family; backends keep their slots as members come and
+    /// go; draining keeps the slot and leaves the table; an unsupported
+    /// scheduler is named and refuses new flows.
+    #[test]
+    fn services_and_slots_are_kept() {
+        let mut slots = LbSlots::default();
+        let mut rejected = Vec::new();
+        let a = lb(
+            &["maglev"],
+            &[("a", "10.0.0.1", "enabled"), ("b", "10.0.0.2", "enabled")],
+        );
+        let p = compile_lbs(&[&a], &mut slots, &mut rejected);
+        assert!(rejected.is_empty(), "{rejected:?}");
+        assert_eq!(p.services.len(), 2, "v4 and v6");
+        assert_eq!(p.vnis, BTreeSet::from([7]));
+        let v4 = p.services.values().find(|s| s.name == "lb/l0/v4").unwrap();
+        let v6 = p.services.values().find(|s| s.name == "lb/l0/v6").unwrap();
+        assert_eq!(v4.backends.len(), 2);
+        assert_eq!(v6.info.scheduler, 0, "no member has an IPv6 address: no new flow");
+        let slot_b = v4
+            .backends
+            .iter()
+            .find(|(_, b)| b.addr[3] == 2)
+            .map(|(s, _)| *s)
+            .unwrap();
+        // a leaves, c comes, b drains: b keeps its slot, and only c is in the table.
+        let a2 = lb(
+            &["maglev"],
+            &[("b", "10.0.0.2", "draining"), ("c", "10.0.0.3", "enabled")],
+        );
+        let p = compile_lbs(&[&a2], &mut slots, &mut rejected);
+        let v4 = p.services.values().find(|s| s.name == "lb/l0/v4").unwrap();
+        assert_eq!(v4.backends[&slot_b].addr[3], 2);
+        let slot_c = v4
+            .backends
+            .iter()
+            .find(|(_, b)| b.addr[3] == 3)
+            .map(|(s, _)| *s)
+            .unwrap();
+        assert!(v4.table.iter().all(|s| *s == slot_c));
+        let lc = lb(&["least_connections"], &[("a", "10.0.0.1", "enabled")]);
+        let p = compile_lbs(&[&lc], &mut slots, &mut rejected);
+        assert!(p.services.values().all(|s| s.info.scheduler == 0));
+        assert!(rejected.iter().any(|r| r.contains("least_connections")), "{rejected:?}");
+    }
+}

@@ -1,0 +1,170 @@
+//! The L4 load balancer's maps, shared by the programs and the agent.
+//!
+//! A listener's VIP of one family is a *service*, numbered by the agent
+//! (kept from pass to pass). Each service has up to [`LB_BACKENDS`]
+//! backend slots and a table of [`LB_TABLE_SIZE`] slots that the agent
+//! fills from the scheduler: Maglev's lookup table, or the smooth
+//! weighted round-robin sequence. A new flow picks a table slot (Maglev:
+//! by [`flow_hash`], the same on every host; round robin: by a per-CPU
+//! cursor), and the flow keeps its backend in [`LbFlow`] from then on.
+
+/// Pinned names.
+pub const LB_SERVICES: &str = "SDN_LB_SERVICES";
+pub const LB_BACKENDS_MAP: &str = "SDN_LB_BACKENDS";
+pub const LB_TABLE: &str = "SDN_LB_TABLE";
+pub const LB_CURSOR: &str = "SDN_LB_CURSOR";
+pub const LB_FLOWS: &str = "SDN_LB_FLOWS";
+pub const LB_REVERSE: &str = "SDN_LB_REVERSE";
+
+/// Services a host holds at most.
+pub const LB_SERVICES_MAX: u32 = 1024;
+/// Backend slots of one service.
+pub const LB_BACKENDS: u32 = 256;
+/// Slots of one service's table: a prime, so that Maglev's permutations
+/// cover it; about 16 per backend at the most backends.
+pub const LB_TABLE_SIZE: u32 = 4093;
+/// Load-balanced flows a host tracks at most (an LRU: the oldest idle
+/// flow gives way; a Maglev flow that loses its entry lands on the same
+/// backend again).
+pub const LB_FLOWS_MAX: u32 = 262_144;
+
+/// Schedulers, as [`LbService::scheduler`] names them.
+pub const SCHED_TABLE_CURSOR: u8 = 1;
+pub const SCHED_TABLE_HASH: u8 = 2;
+
+/// A listener's VIP: the VPC, the family, the protocol and the port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct LbServiceKey {
+    pub vni: u32,
+    pub family: u8,
+    pub proto: u8,
+    pub port: u16,
+    pub addr: [u8; 16],
+}
+
+/// What a service is.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LbService {
+    /// The service's number: its backends and table are at
+    /// `id * LB_BACKENDS` and `id * LB_TABLE_SIZE`.
+    pub id: u32,
+    /// [`SCHED_TABLE_CURSOR`] or [`SCHED_TABLE_HASH`]; 0: no backend can
+    /// take a new flow (the flow is refused, `lb_no_backend`).
+    pub scheduler: u8,
+    pub _pad: [u8; 3],
+    /// Changes whenever the service's backends or table change.
+    pub generation: u32,
+}
+
+/// A backend slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LbBackend {
+    pub addr: [u8; 16],
+    pub port: u16,
+    /// `LB_BACKEND_*` flags; 0: an empty slot.
+    pub flags: u16,
+}
+
+/// The slot holds a backend that keeps its flows.
+pub const LB_BACKEND_LIVE: u16 = 1;
+
+/// A load-balanced flow, seen from its client's port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct LbFlowKey {
+    /// The client's port (its device on this host).
+    pub ifindex: u32,
+    pub family: u8,
+    pub proto: u8,
+    pub client_port: u16,
+    pub vport: u16,
+    pub _pad: u16,
+    pub vip: [u8; 16],
+}
+
+/// Where a flow goes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LbFlow {
+    pub backend: [u8; 16],
+    pub backend_port: u16,
+    /// The backend's slot in its service.
+    pub slot: u16,
+    pub service: u32,
+    pub created_ns: u64,
+}
+
+/// A reply of a load-balanced flow, seen from the client's port: from the
+/// backend to the client.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct LbReverseKey {
+    pub ifindex: u32,
+    pub family: u8,
+    pub proto: u8,
+    pub client_port: u16,
+    pub backend_port: u16,
+    pub _pad: u16,
+    pub backend: [u8; 16],
+}
+
+/// What a reply's source becomes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LbReverse {
+    pub vip: [u8; 16],
+    pub vport: u16,
+    pub _pad: [u8; 6],
+}
+
+const _: () = assert!(core::mem::size_of::<LbServiceKey>() == 24);
+const _: () = assert!(core::mem::size_of::<LbService>() == 12);
+const _: () = assert!(core::mem::size_of::<LbBackend>() == 20);
+const _: () = assert!(core::mem::size_of::<LbFlowKey>() == 28);
+const _: () = assert!(core::mem::size_of::<LbFlow>() == 32);
+const _: () = assert!(core::mem::size_of::<LbReverseKey>() == 28);
+const _: () = assert!(core::mem::size_of::<LbReverse>() == 24);
+
+/// The hash Maglev places a flow by: the client's address and port, the
+/// VIP and its port, the protocol. The same on every host, so a flow lands
+/// on the same backend whichever host translates it. (Jenkins' one-at-a-
+/// time over the fields, in a fixed order.)
+#[inline(always)]
+pub fn flow_hash(proto: u8, client: &[u8; 16], client_port: u16, vip: &[u8; 16], vport: u16) -> u32 {
+    let mut h: u32 = 0x5bd1_e995;
+    let mut mix = |b: u8| {
+        h = h.wrapping_add(b as u32);
+        h = h.wrapping_add(h << 10);
+        h ^= h >> 6;
+    };
+    mix(proto);
+    let mut i = 0;
+    while i < 16 {
+        mix(client[i]);
+        mix(vip[i]);
+        i += 1;
+    }
+    mix((client_port >> 8) as u8);
+    mix(client_port as u8);
+    mix((vport >> 8) as u8);
+    mix(vport as u8);
+    h = h.wrapping_add(h << 3);
+    h ^= h >> 11;
+    h.wrapping_add(h << 15)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all are repr(C), Copy, with explicit padding and no pointers.
+    unsafe impl aya::Pod for LbServiceKey {}
+    unsafe impl aya::Pod for LbService {}
+    unsafe impl aya::Pod for LbBackend {}
+    unsafe impl aya::Pod for LbFlowKey {}
+    unsafe impl aya::Pod for LbFlow {}
+    unsafe impl aya::Pod for LbReverseKey {}
+    unsafe impl aya::Pod for LbReverse {}
+}
