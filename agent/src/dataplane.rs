@@ -217,6 +217,8 @@ pub struct Dataplane {
     /// written, as last written.
     lb_generations: std::collections::BTreeMap<u32, u32>,
     lb_backends: std::collections::BTreeMap<u32, dataplane_common::lb::LbBackend>,
+    /// Whether the load balancers were written once by this process.
+    lb_started: bool,
     mirror_gen: [u32; m::MIRROR_SLOTS as usize],
     /// Devices whose observers run this load's programs (attached, or
     /// adopted from an earlier agent and swapped), and whether the VXLAN
@@ -397,6 +399,7 @@ impl Dataplane {
             system_ids: Default::default(),
             lb_generations: Default::default(),
             lb_backends: Default::default(),
+            lb_started: false,
             mirror_gen: [0; m::MIRROR_SLOTS as usize],
             mirror_links: BTreeSet::new(),
             mirror_overlay_link: false,
@@ -730,6 +733,33 @@ impl Dataplane {
         for i in ifindexes {
             let _ = counts.remove(i);
         }
+        // And their load-balanced flows: a device number used again by
+        // another port must find none of them.
+        use dataplane_common::lb as l;
+        for name in [l::LB_FLOWS, l::LB_FLOWS_NEW] {
+            let map = self.ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
+            let mut h: BpfHashMap<&mut MapData, l::LbFlowKey, l::LbFlow> = BpfHashMap::try_from(map)?;
+            let doomed: Vec<l::LbFlowKey> = h
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| ifindexes.contains(&k.ifindex))
+                .collect();
+            for k in &doomed {
+                let _ = h.remove(k);
+            }
+        }
+        for name in [l::LB_REVERSE, l::LB_REVERSE_NEW] {
+            let map = self.ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
+            let mut h: BpfHashMap<&mut MapData, l::LbReverseKey, l::LbReverse> = BpfHashMap::try_from(map)?;
+            let doomed: Vec<l::LbReverseKey> = h
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| ifindexes.contains(&k.ifindex))
+                .collect();
+            for k in &doomed {
+                let _ = h.remove(k);
+            }
+        }
         let mut t = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
         for i in ifindexes {
             t.retired.remove(i);
@@ -1006,17 +1036,43 @@ impl Dataplane {
         Ok(fresh)
     }
 
-    /// Writes the load balancers' services: a changed service's backends
-    /// and table first, then the service (which points the programs at
-    /// them); a service gone is removed first, then its backend slots are
-    /// emptied (its flows find no backend and are scheduled again).
+    /// Writes the load balancers' services. A service gone, or whose
+    /// number changed hands, is removed first; then the backends and the
+    /// tables of the services that changed are written; then the services,
+    /// which point the programs at them. Backend slots no longer used are
+    /// emptied last (a flow to one is scheduled again). After the agent
+    /// starts, every slot of every service the pinned map held is emptied
+    /// unless the plan uses it.
     pub fn apply_lb(&mut self, plan: &crate::compile::lb::LbPlan) -> anyhow::Result<()> {
         use dataplane_common::lb as l;
+        let services: std::collections::BTreeMap<l::LbServiceKey, l::LbService> =
+            plan.services.iter().map(|(k, s)| (*k, s.info)).collect();
         let mut backends = std::collections::BTreeMap::new();
         for s in plan.services.values() {
             for (slot, b) in &s.backends {
                 backends.insert(s.info.id * l::LB_BACKENDS + slot, *b);
             }
+        }
+        let mut held_ids = BTreeSet::new();
+        {
+            let map = self.ebpf.map_mut(l::LB_SERVICES).context("map LB_SERVICES missing")?;
+            let mut h: BpfHashMap<&mut MapData, l::LbServiceKey, l::LbService> = BpfHashMap::try_from(map)?;
+            let held: Vec<(l::LbServiceKey, l::LbService)> = h.iter().filter_map(Result::ok).collect();
+            for (k, v) in held {
+                held_ids.insert(v.id);
+                if services.get(&k).map(|s| s.id) != Some(v.id) {
+                    let _ = h.remove(&k);
+                }
+            }
+        }
+        if !self.lb_started {
+            // Whatever an earlier process left in those services' slots.
+            for id in &held_ids {
+                for slot in 0..l::LB_BACKENDS {
+                    self.lb_backends.entry(id * l::LB_BACKENDS + slot).or_default();
+                }
+            }
+            self.lb_started = true;
         }
         {
             let map = self.ebpf.map_mut(l::LB_BACKENDS_MAP).context("map LB_BACKENDS missing")?;
@@ -1040,8 +1096,6 @@ impl Dataplane {
                 }
             }
         }
-        let services: std::collections::BTreeMap<l::LbServiceKey, l::LbService> =
-            plan.services.iter().map(|(k, s)| (*k, s.info)).collect();
         sync_hash(&mut self.ebpf, l::LB_SERVICES, &services)?;
         {
             let map = self.ebpf.map_mut(l::LB_BACKENDS_MAP).context("map LB_BACKENDS missing")?;

@@ -125,15 +125,6 @@ pub fn names(state: &State, host: &str) -> BTreeSet<String> {
 pub fn quarantine_names(state: &State, host: &str) -> BTreeSet<String> {
     let local: BTreeSet<&str> = state.index().vpcs_on(host).collect();
     let mut out = BTreeSet::new();
-    // The load balancers of the host's own VPCs: it translates its ports'
-    // flows to them.
-    out.extend(
-        state
-            .load_balancers
-            .values()
-            .filter(|l| local.contains(l.vpc_id.as_str()))
-            .map(|l| format!("lb/{}", l.id)),
-    );
     quarantines_into(state, host, &local, &mut out);
     out
 }

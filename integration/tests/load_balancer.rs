@@ -466,10 +466,16 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
         .vm("b1", "h1", "net", &["open"])
         .vm("b2", "h2", "net", &["open"])
         .vm("b3", "h2", "net", &["open"])
+        .group(
+            "from-c2",
+            vec![ingress("web", false, "tcp", (8080, 8080), "10.80.0.12/32", "")],
+        )
+        .vm("b4", "h1", "net", &["from-c2"])
         .start()
         .await
         .expect("the lab");
-    let _servers: Vec<_> = ["b1", "b2", "b3"].iter().map(|b| nginx(&lab, b)).collect();
+    let _servers: Vec<_> = ["b1", "b2", "b3", "b4"].iter().map(|b| nginx(&lab, b)).collect();
+    let _echo = lab.topo.serve(&["b1", "b2"], &[], &["--tcp", "9000"]).unwrap();
     // dnsmasq in each member, answering who.lb with its name.
     let mut udp_servers = Vec::new();
     for b in ["b1", "b2", "b3"] {
@@ -500,7 +506,24 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
     std::thread::sleep(std::time::Duration::from_millis(500));
     let (vip4, vip6) = ("10.80.0.100", "fd80::100");
     let lb = load_balancer("lb", "t", "v", vip4, vip6);
-    let mut ops = vec![put_lb(lb), pool("web", "lb"), pool("wweb", "lb"), pool("dns", "lb")];
+    let mut ops = vec![
+        put_lb(lb),
+        pool("web", "lb"),
+        pool("wweb", "lb"),
+        pool("dns", "lb"),
+        pool("strict", "lb"),
+        pool("echo", "lb"),
+    ];
+    let with_port = |mut m: pb::operation::Op, port: u32| {
+        if let pb::operation::Op::PutMember(x) = &mut m {
+            x.port = port;
+        }
+        m
+    };
+    ops.push(with_port(member("strict-b4", "strict", "b4", "", 1), 8080));
+    for b in ["b1", "b2"] {
+        ops.push(with_port(member(&format!("echo-{b}"), "echo", b, "", 1), 9000));
+    }
     for (i, b) in ["b1", "b2", "b3"].iter().enumerate() {
         for (p, weight, port) in [("web", 1, 8080), ("wweb", [3, 1, 1][i], 8080), ("dns", 1, 5353)] {
             let mut m = member(&format!("{p}-{b}"), p, b, "", weight);
@@ -515,6 +538,8 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
         listener("rr", "lb", "tcp", 81, "web", "round_robin"),
         listener("wrr", "lb", "tcp", 82, "wweb", "weighted_round_robin"),
         listener("udp", "lb", "udp", 53, "dns", "round_robin"),
+        listener("strict", "lb", "tcp", 83, "strict", "round_robin"),
+        listener("echo", "lb", "tcp", 84, "echo", "maglev"),
     ]);
     let r = lab.cluster.apply(ops).await.expect("the load balancer");
     assert!(r.enforced, "{r:?}");
@@ -531,11 +556,7 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
     // Weighted round robin, 3:1:1, smooth: b1 never three times in a row.
     let answers: Vec<String> = (0..50).map(|_| get(&lab, "c2", vip4, 82, 0)).collect();
     let c = tally(answers.iter());
-    assert_eq!(
-        (c["wweb-b1".trim_start_matches("wweb-")], c["b2"], c["b3"]),
-        (30, 10, 10),
-        "{answers:?}"
-    );
+    assert_eq!((c["b1"], c["b2"], c["b3"]), (30, 10, 10), "{answers:?}");
     assert!(
         !answers.windows(3).any(|w| w.iter().all(|a| a.starts_with("b1"))),
         "{answers:?}"
@@ -568,6 +589,49 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
         }
     }
     assert!(wrong.is_empty(), "{wrong:?}");
+    // The member's security groups judge the client's own address: b4
+    // admits c2 only.
+    let before = lab.counter("h1", "drops", "policy_ingress");
+    assert!(get(&lab, "c2", vip4, 83, 0).starts_with("b4 10.80.0.12"));
+    assert!(get(&lab, "c1", vip4, 83, 0).starts_with("error:"));
+    assert!(lab.counter("h1", "drops", "policy_ingress") > before);
+    // Draining keeps a member's flows: a connection held through the VIP
+    // keeps exchanging while every member drains, and new flows are
+    // refused meanwhile.
+    let ns = lab.topo.vm("c1").ns.name.clone();
+    let probe = sdn_integration::bin("sdn-probe");
+    let held = std::thread::spawn(move || {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(&probe)
+            .args(["hold", "10.80.0.100", "84", "--seconds", "5"])
+            .output()
+            .unwrap()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let mut draining = Vec::new();
+    for b in ["b1", "b2"] {
+        let mut m = with_port(member(&format!("echo-{b}"), "echo", b, "", 1), 9000);
+        if let pb::operation::Op::PutMember(x) = &mut m {
+            x.state = "draining".into();
+        }
+        draining.push(m);
+    }
+    assert!(lab.cluster.apply(draining).await.unwrap().enforced);
+    let refused = lab.counter("h1", "drops", "lb_no_backend");
+    assert!(
+        !lab.topo.reach_addr("c1", vip4, "tcp", 84),
+        "no new flow while every member drains"
+    );
+    assert!(lab.counter("h1", "drops", "lb_no_backend") > refused);
+    let out = held.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("failed=0"),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // A member drains: no new flow goes to it, the table is the other
     // two's. Then it leaves.
     let mut drain = member("web-b3", "web", "b3", "", 1);
@@ -575,7 +639,7 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
         x.port = 8080;
         x.state = "draining".into();
     }
-    lab.cluster.apply(vec![drain]).await.unwrap();
+    assert!(lab.cluster.apply(vec![drain]).await.unwrap().enforced);
     for k in 0..20u16 {
         let sport = 42000 + k;
         let got = get(&lab, "c1", vip4, 80, sport);
@@ -584,17 +648,33 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
     }
     let answers: Vec<String> = (0..10).map(|_| get(&lab, "c1", vip4, 81, 0)).collect();
     assert!(!answers.iter().any(|a| a.starts_with("b3")), "{answers:?}");
+    assert_eq!(tally(answers.iter()).len(), 2, "{answers:?}");
+    assert!(
+        lab.cluster
+            .apply(vec![delete(pb::Kind::Member, "web-b3")])
+            .await
+            .unwrap()
+            .enforced
+    );
+    for k in 0..20u16 {
+        let sport = 43000 + k;
+        let got = get(&lab, "c2", vip4, 80, sport);
+        let want = maglev_member(&["b1", "b2"], "10.80.0.12", sport, vip4, 80);
+        assert!(got.starts_with(&want), "{sport}: {got}, the table says {want}");
+    }
     // No member left: the VIP refuses, and the drop is counted.
     let before = lab.counter("h1", "drops", "lb_no_backend");
-    lab.cluster
-        .apply(vec![
-            delete(pb::Kind::Member, "web-b1"),
-            delete(pb::Kind::Member, "web-b2"),
-            delete(pb::Kind::Member, "web-b3"),
-        ])
-        .await
-        .unwrap();
+    assert!(
+        lab.cluster
+            .apply(vec![
+                delete(pb::Kind::Member, "web-b1"),
+                delete(pb::Kind::Member, "web-b2")
+            ])
+            .await
+            .unwrap()
+            .enforced
+    );
     let got = get(&lab, "c1", vip4, 81, 0);
-    assert!(!got.starts_with('b'), "{got}");
+    assert!(got.starts_with("error:"), "{got}");
     assert!(lab.counter("h1", "drops", "lb_no_backend") > before);
 }

@@ -15,6 +15,8 @@ pub const LB_TABLE: &str = "SDN_LB_TABLE";
 pub const LB_CURSOR: &str = "SDN_LB_CURSOR";
 pub const LB_FLOWS: &str = "SDN_LB_FLOWS";
 pub const LB_REVERSE: &str = "SDN_LB_REVERSE";
+pub const LB_FLOWS_NEW: &str = "SDN_LB_FLOWS_NEW";
+pub const LB_REVERSE_NEW: &str = "SDN_LB_REVERSE_NEW";
 
 /// Services a host holds at most.
 pub const LB_SERVICES_MAX: u32 = 1024;
@@ -23,10 +25,14 @@ pub const LB_BACKENDS: u32 = 256;
 /// Slots of one service's table: a prime, so that Maglev's permutations
 /// cover it; about 16 per backend at the most backends.
 pub const LB_TABLE_SIZE: u32 = 4093;
-/// Load-balanced flows a host tracks at most (an LRU: the oldest idle
-/// flow gives way; a Maglev flow that loses its entry lands on the same
-/// backend again).
-pub const LB_FLOWS_MAX: u32 = 262_144;
+/// Confirmed load-balanced flows a host tracks at most: as many as the
+/// flow table holds, so that only flows conntrack no longer holds give way
+/// in this LRU.
+pub const LB_FLOWS_MAX: u32 = crate::maps::CT_MAX;
+/// Unconfirmed ones (TCP: before the client acknowledges the member's
+/// answer), in an LRU of their own: a flood of flows nobody completes
+/// evicts only its own kind, never a confirmed flow's backend.
+pub const LB_FLOWS_NEW_MAX: u32 = crate::maps::CT_SYN_MAX;
 
 /// Schedulers, as [`LbService::scheduler`] names them.
 pub const SCHED_TABLE_CURSOR: u8 = 1;

@@ -17,13 +17,17 @@ use dataplane_common::{
         flow_hash, LbFlow, LbFlowKey, LbReverse, LbReverseKey, LbService, LbServiceKey, LB_BACKENDS,
         LB_BACKEND_LIVE, LB_TABLE_SIZE, SCHED_TABLE_CURSOR, SCHED_TABLE_HASH,
     },
-    maps::PORT_F_LB,
+    maps::{CT_ORIGIN_OUT, PORT_F_LB},
     DropReason, Stat, FAMILY_V4, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
-    maps::{count, LB_BACKENDS_ARR, LB_CURSOR, LB_FLOWS, LB_REVERSE, LB_SERVICES, LB_TABLE_ARR},
-    meta::{Meta, E_FROM_VM, LB_EST, LB_NEW, LB_NONE},
+    guard::pure_syn,
+    maps::{
+        count, LB_BACKENDS_ARR, LB_CURSOR, LB_FLOWS, LB_FLOWS_NEW, LB_REVERSE, LB_REVERSE_NEW, LB_SERVICES,
+        LB_TABLE_ARR,
+    },
+    meta::{Meta, E_FROM_VM, LB_EST, LB_EST_NEW, LB_NEW, LB_NONE, LB_NO_CURSOR, S_EST, S_STALE, T_MAIN},
     parse::ETH_HLEN,
 };
 
@@ -62,7 +66,9 @@ fn flow_key(m: &Meta) -> LbFlowKey {
     }
 }
 
-/// The load-balancer stage: the flow's backend, or a new one.
+/// The load-balancer stage: the flow's backend, or a new one. Nothing is
+/// written here: a new flow (and round robin's cursor) is recorded at the
+/// commit, once every tier has passed the packet.
 #[inline(always)]
 pub fn stage(m: &mut Meta) -> Result<(), DropReason> {
     let Some(svc) = service(m) else {
@@ -74,31 +80,38 @@ pub fn stage(m: &mut Meta) -> Result<(), DropReason> {
         return Ok(());
     };
     let key = flow_key(m);
-    // SAFETY: the value is copied out at once.
-    if let Some(f) = unsafe { LB_FLOWS.get(&key) }.copied() {
-        // Its backend still holds its slot (draining or not): the flow
-        // stays with it.
+    let syn = m.proto == PROTO_TCP && pure_syn(m.tcp_flags);
+    // A confirmed flow keeps its backend; a fresh SYN on its tuple is a new
+    // connection (the port reused), scheduled anew. An unconfirmed flow
+    // keeps its backend too (a retransmitted SYN goes where the first did).
+    // SAFETY: the values are copied out at once.
+    let found = match unsafe { LB_FLOWS.get(&key) }.copied() {
+        Some(f) if !syn => Some((f, LB_EST)),
+        _ => unsafe { LB_FLOWS_NEW.get(&key) }.copied().map(|f| (f, LB_EST_NEW)),
+    };
+    if let Some((f, state)) = found {
+        // Its backend still holds its slot (draining or not).
         if f.service == svc.id && (f.slot as u32) < LB_BACKENDS {
             if let Some(b) = LB_BACKENDS_ARR.get(svc.id * LB_BACKENDS + f.slot as u32) {
                 if b.flags & LB_BACKEND_LIVE != 0 && b.addr == f.backend && b.port == f.backend_port {
-                    set(m, svc.id, f.slot, &f.backend, f.backend_port, LB_EST);
+                    set(m, svc.id, f.slot, &f.backend, f.backend_port, state);
                     return Ok(());
                 }
             }
         }
     }
+    // Only a SYN opens a TCP flow: a segment of a connection whose backend
+    // is unknown (or gone) goes nowhere rather than to another member.
+    if m.proto == PROTO_TCP && !syn {
+        return Err(DropReason::CtNotSyn);
+    }
+    m.lb_cursor = LB_NO_CURSOR;
     let i = match svc.scheduler {
         SCHED_TABLE_HASH => flow_hash(m.proto, &m.src, m.sport, &m.dst, m.dport) % LB_TABLE_SIZE,
         SCHED_TABLE_CURSOR => {
-            let Some(c) = LB_CURSOR.get_ptr_mut(svc.id) else {
-                return Err(DropReason::LbNoBackend);
-            };
-            // SAFETY: this CPU's slot.
-            unsafe {
-                let i = *c % LB_TABLE_SIZE;
-                *c = if i + 1 >= LB_TABLE_SIZE { 0 } else { i + 1 };
-                i
-            }
+            let c = LB_CURSOR.get(svc.id).copied().unwrap_or(0) % LB_TABLE_SIZE;
+            m.lb_cursor = if c + 1 >= LB_TABLE_SIZE { 0 } else { (c + 1) as u16 };
+            c
         }
         _ => return Err(DropReason::LbNoBackend),
     };
@@ -129,58 +142,116 @@ fn set(m: &mut Meta, service: u32, slot: u16, addr: &[u8; 16], port: u16, state:
 }
 
 /// At the commit, once every tier has passed the packet: a new flow is
-/// recorded with its reply, and the packet goes to the backend.
+/// recorded (unconfirmed) with its reply, and round robin's cursor moves
+/// on; an unconfirmed flow whose client side conntrack has confirmed moves
+/// to the confirmed flows; a confirmed flow's reply entry is made again if
+/// its LRU let it go. Then the packet goes to the backend.
 #[inline(always)]
 pub fn commit(ctx: &mut TcContext, m: &Meta) -> Result<(), DropReason> {
     if m.lb_vip == m.dst && m.lb_vport == m.dport {
         return Ok(());
     }
-    if m.lb == LB_NEW {
-        let key = LbFlowKey {
-            ifindex: m.src_ifx,
-            family: m.family,
-            proto: m.proto,
-            client_port: m.sport,
-            vport: m.lb_vport,
-            _pad: 0,
-            vip: m.lb_vip,
-        };
-        let flow = LbFlow {
-            backend: m.dst,
-            backend_port: m.dport,
-            slot: m.lb_slot,
-            service: m.lb_service,
-            created_ns: m.now,
-        };
-        let rkey = LbReverseKey {
-            ifindex: m.src_ifx,
-            family: m.family,
-            proto: m.proto,
-            client_port: m.sport,
-            backend_port: m.dport,
-            _pad: 0,
-            backend: m.dst,
-        };
-        let rev = LbReverse {
-            vip: m.lb_vip,
-            vport: m.lb_vport,
-            _pad: [0; 6],
-        };
-        // An LRU: room is always made (the oldest idle flow gives way).
-        let _ = LB_REVERSE.insert(&rkey, &rev, 0);
-        let _ = LB_FLOWS.insert(&key, &flow, 0);
-        count(Stat::LbNew);
+    match m.lb {
+        LB_NEW => record(m),
+        // The client's side was confirmed by an earlier packet (it is in
+        // the flow table now): the flow moves to the confirmed flows.
+        LB_EST_NEW if m.tbl_src == T_MAIN && (m.ct_src == S_EST || m.ct_src == S_STALE) => promote(m),
+        LB_EST => {
+            let rkey = reverse_key(m);
+            // SAFETY: only whether the entry exists is read.
+            if unsafe { LB_REVERSE.get(&rkey) }.is_none() {
+                let _ = LB_REVERSE.insert(&rkey, &reverse(m), 0);
+            }
+        }
+        _ => {}
     }
-    let (old, new) = (m.lb_vip, m.dst);
-    rewrite(ctx, m, true, &old, &new, m.lb_vport, m.dport)
+    rewrite(ctx, m, true, &m.lb_vip, &m.dst, m.lb_vport, m.dport)
+}
+
+#[inline(always)]
+fn flow_key_of(m: &Meta) -> LbFlowKey {
+    LbFlowKey {
+        ifindex: m.src_ifx,
+        family: m.family,
+        proto: m.proto,
+        client_port: m.sport,
+        vport: m.lb_vport,
+        _pad: 0,
+        vip: m.lb_vip,
+    }
+}
+
+#[inline(always)]
+fn reverse_key(m: &Meta) -> LbReverseKey {
+    LbReverseKey {
+        ifindex: m.src_ifx,
+        family: m.family,
+        proto: m.proto,
+        client_port: m.sport,
+        backend_port: m.dport,
+        _pad: 0,
+        backend: m.dst,
+    }
+}
+
+#[inline(always)]
+fn reverse(m: &Meta) -> LbReverse {
+    LbReverse {
+        vip: m.lb_vip,
+        vport: m.lb_vport,
+        _pad: [0; 6],
+    }
+}
+
+/// A new flow, unconfirmed: in LRUs of their own, where room is always
+/// made among unconfirmed flows only.
+#[inline(never)]
+fn record(m: &Meta) {
+    let key = flow_key_of(m);
+    let flow = LbFlow {
+        backend: m.dst,
+        backend_port: m.dport,
+        slot: m.lb_slot,
+        service: m.lb_service,
+        created_ns: m.now,
+    };
+    let _ = LB_FLOWS_NEW.insert(&key, &flow, 0);
+    // A connection that reuses a confirmed flow's tuple replaces it.
+    let _ = LB_FLOWS.remove(&key);
+    let _ = LB_REVERSE_NEW.insert(&reverse_key(m), &reverse(m), 0);
+    if m.lb_cursor != LB_NO_CURSOR {
+        if let Some(c) = LB_CURSOR.get_ptr_mut(m.lb_service) {
+            // SAFETY: this CPU's slot.
+            unsafe { *c = m.lb_cursor as u32 };
+        }
+    }
+    count(Stat::LbNew);
+}
+
+#[inline(never)]
+fn promote(m: &Meta) {
+    let key = flow_key_of(m);
+    // SAFETY: the value is copied out at once.
+    if let Some(f) = unsafe { LB_FLOWS_NEW.get(&key) }.copied() {
+        let _ = LB_FLOWS.insert(&key, &f, 0);
+        let _ = LB_FLOWS_NEW.remove(&key);
+        let rkey = reverse_key(m);
+        let _ = LB_REVERSE.insert(&rkey, &reverse(m), 0);
+        let _ = LB_REVERSE_NEW.remove(&rkey);
+    }
 }
 
 /// A packet delivered to a port of a VPC with load balancers: a backend's
-/// reply to a load-balanced flow of the port leaves with the VIP's address
-/// and port as its source.
+/// reply to a load-balanced flow the port opened leaves with the VIP's
+/// address and port as its source. Only a reply of the port's own tracked
+/// flow is rewritten, never a flow the other end opens.
 #[inline(always)]
 pub fn reply(ctx: &mut TcContext, m: &Meta) -> Result<(), DropReason> {
-    if m.dst_port.flags & PORT_F_LB == 0 || (m.proto != PROTO_TCP && m.proto != PROTO_UDP) {
+    if m.dst_port.flags & PORT_F_LB == 0
+        || (m.proto != PROTO_TCP && m.proto != PROTO_UDP)
+        || (m.ct_dst != S_EST && m.ct_dst != S_STALE)
+        || m.org_dst != CT_ORIGIN_OUT
+    {
         return Ok(());
     }
     let key = LbReverseKey {
@@ -192,12 +263,15 @@ pub fn reply(ctx: &mut TcContext, m: &Meta) -> Result<(), DropReason> {
         _pad: 0,
         backend: m.src,
     };
-    // SAFETY: the value is copied out at once.
-    let Some(r) = (unsafe { LB_REVERSE.get(&key) }).copied() else {
-        return Ok(());
+    // SAFETY: a live map value, read only; the rewrite copies what it needs.
+    let r = match unsafe { LB_REVERSE.get(&key) } {
+        Some(r) => r,
+        None => match unsafe { LB_REVERSE_NEW.get(&key) } {
+            Some(r) => r,
+            None => return Ok(()),
+        },
     };
-    let old = m.src;
-    rewrite(ctx, m, false, &old, &r.vip, m.sport, r.vport)
+    rewrite(ctx, m, false, &m.src, &r.vip, m.sport, r.vport)
 }
 
 const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
@@ -233,14 +307,12 @@ fn rewrite(
         ctx.store(off, &a, 0).map_err(bad)?;
     } else {
         let off = ETH_HLEN + if dst { 24 } else { 8 };
-        let mut from = *old;
-        let mut to = *new;
-        // SAFETY: both buffers are 16 bytes, a multiple of 4.
+        // SAFETY: both are 16 bytes (a multiple of 4) the helper only reads.
         let diff = unsafe {
             gen::bpf_csum_diff(
-                from.as_mut_ptr() as *mut u32,
+                old.as_ptr() as *mut u32,
                 16,
-                to.as_mut_ptr() as *mut u32,
+                new.as_ptr() as *mut u32,
                 16,
                 0,
             )

@@ -11,7 +11,7 @@ use aya_ebpf::{
 use dataplane_common::{
     lb::{
         LbBackend, LbFlow, LbFlowKey, LbReverse, LbReverseKey, LbService, LbServiceKey, LB_BACKENDS, LB_FLOWS_MAX,
-        LB_SERVICES_MAX, LB_TABLE_SIZE,
+        LB_FLOWS_NEW_MAX, LB_SERVICES_MAX, LB_TABLE_SIZE,
     },
     maps::{
         system_index, AddrIdentity, AddrKey, CtKey, CtValue, DenyEvent, DnsCopy, Endpoint, EndpointKey, EventLimiter,
@@ -424,10 +424,17 @@ pub static LB_TABLE_ARR: Array<u32> = Array::pinned(LB_SERVICES_MAX * LB_TABLE_S
 #[map(name = "SDN_LB_CURSOR")]
 pub static LB_CURSOR: PerCpuArray<u32> = PerCpuArray::pinned(LB_SERVICES_MAX, 0);
 
-/// Load-balanced flows, by their client's side.
+/// Confirmed load-balanced flows, by their client's side.
 #[map(name = "SDN_LB_FLOWS")]
 pub static LB_FLOWS: LruHashMap<LbFlowKey, LbFlow> = LruHashMap::pinned(LB_FLOWS_MAX, 0);
 
 /// Their replies: what a backend's source becomes towards the client.
 #[map(name = "SDN_LB_REVERSE")]
 pub static LB_REVERSE: LruHashMap<LbReverseKey, LbReverse> = LruHashMap::pinned(LB_FLOWS_MAX, 0);
+
+/// Unconfirmed load-balanced flows and their replies, apart.
+#[map(name = "SDN_LB_FLOWS_NEW")]
+pub static LB_FLOWS_NEW: LruHashMap<LbFlowKey, LbFlow> = LruHashMap::pinned(LB_FLOWS_NEW_MAX, 0);
+
+#[map(name = "SDN_LB_REVERSE_NEW")]
+pub static LB_REVERSE_NEW: LruHashMap<LbReverseKey, LbReverse> = LruHashMap::pinned(LB_FLOWS_NEW_MAX, 0);

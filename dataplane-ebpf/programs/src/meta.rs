@@ -42,6 +42,9 @@ pub const S_NEW: u8 = 3;
 pub const LB_NONE: u8 = 0;
 pub const LB_NEW: u8 = 1;
 pub const LB_EST: u8 = 2;
+/// Its backend from before, not confirmed yet: it moves to the confirmed
+/// flows once conntrack confirms the client's side.
+pub const LB_EST_NEW: u8 = 3;
 
 /// Which table an entry was found in.
 pub const T_MAIN: u8 = 1;
@@ -135,9 +138,16 @@ pub struct Meta {
     pub lb_service: u32,
     pub lb_slot: u16,
     pub lb_vport: u16,
+    /// Round robin: where the cursor goes when the new flow is committed
+    /// (`LB_NO_CURSOR`: not a cursor's pick).
+    pub lb_cursor: u16,
+    pub _pad2: [u8; 6],
 }
 
-const _: () = assert!(core::mem::size_of::<Meta>() == 232);
+/// [`Meta::lb_cursor`] of a flow no cursor picked.
+pub const LB_NO_CURSOR: u16 = u16::MAX;
+
+const _: () = assert!(core::mem::size_of::<Meta>() == 240);
 
 impl Meta {
     /// Clears what an earlier packet on this CPU may have left.
