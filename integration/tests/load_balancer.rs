@@ -541,6 +541,11 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
         listener("strict", "lb", "tcp", 83, "strict", "round_robin"),
         listener("echo", "lb", "tcp", 84, "echo", "maglev"),
     ]);
+    let mut sticky = listener("sticky", "lb", "tcp", 85, "web", "round_robin");
+    if let pb::operation::Op::PutListener(x) = &mut sticky {
+        x.persistence_secs = 60;
+    }
+    ops.push(sticky);
     let r = lab.cluster.apply(ops).await.expect("the load balancer");
     assert!(r.enforced, "{r:?}");
 
@@ -589,6 +594,15 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
         }
     }
     assert!(wrong.is_empty(), "{wrong:?}");
+    // Source persistence: round robin, but each client stays with the
+    // member its first flow got (while the round robin goes on for
+    // others).
+    for vm in ["c1", "c2"] {
+        let answers: Vec<String> = (0..8).map(|_| get(&lab, vm, vip4, 85, 0)).collect();
+        assert_eq!(tally(answers.iter()).len(), 1, "{vm}: {answers:?}");
+        assert!(answers[0].starts_with('b'), "{answers:?}");
+    }
+
     // The member's security groups judge the client's own address: b4
     // admits c2 only.
     let before = lab.counter("h1", "drops", "policy_ingress");

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use dataplane_common::lb::{
-    LbBackend, LbService, LbServiceKey, LB_BACKENDS, LB_BACKEND_LIVE, LB_SERVICES_MAX, LB_TABLE_SIZE,
+    LbBackend, LbService, LbServiceKey, LB_BACKENDS, LB_BACKEND_LIVE, LB_BACKEND_NEW, LB_SERVICES_MAX, LB_TABLE_SIZE,
     SCHED_TABLE_CURSOR, SCHED_TABLE_HASH,
 };
 use dataplane_common::maps::{Endpoint, EndpointKey, EP_F_GATEWAY, GATEWAY_MAC};
@@ -64,8 +64,8 @@ pub struct LbSlots {
 /// Plans the load balancers of the share.
 pub fn compile_lbs(lbs: &[&pb::LoadBalancerOnHost], slots: &mut LbSlots, rejected: &mut Vec<String>) -> LbPlan {
     let mut plan = LbPlan::default();
-    // (name, key, scheduler, members) for every service, in name order.
-    let mut wanted: Vec<(String, LbServiceKey, String, Vec<(&pb::BackendOnHost, IpAddr)>)> = Vec::new();
+    // (name, key, listener, members) for every service, in name order.
+    let mut wanted: Vec<(String, LbServiceKey, &pb::Listener, Vec<(&pb::BackendOnHost, IpAddr)>)> = Vec::new();
     for l in lbs {
         let Some(lb) = &l.load_balancer else { continue };
         plan.vnis.insert(l.vni);
@@ -127,7 +127,7 @@ pub fn compile_lbs(lbs: &[&pb::LoadBalancerOnHost], slots: &mut LbSlots, rejecte
                         port,
                         addr,
                     },
-                    li.scheduler.clone(),
+                    li,
                     members,
                 ));
             }
@@ -137,7 +137,8 @@ pub fn compile_lbs(lbs: &[&pb::LoadBalancerOnHost], slots: &mut LbSlots, rejecte
     let names: Vec<&str> = wanted.iter().map(|w| w.0.as_str()).collect();
     super::keep_slots(&names, LB_SERVICES_MAX, &mut slots.services);
     slots.backends.retain(|k, _| slots.services.contains_key(k));
-    for (name, key, scheduler, members) in wanted {
+    for (name, key, li, members) in wanted {
+        let scheduler = &li.scheduler;
         let Some(id) = slots.services.get(&name).copied() else {
             rejected.push(format!(
                 "load balancer service {name}: a host holds at most {LB_SERVICES_MAX} services"
@@ -158,15 +159,16 @@ pub fn compile_lbs(lbs: &[&pb::LoadBalancerOnHost], slots: &mut LbSlots, rejecte
                 continue;
             };
             let Ok(port) = u16::try_from(b.port) else { continue };
+            let taking = b.state == "enabled";
             backends.insert(
                 slot,
                 LbBackend {
                     addr: addr16(*a).1,
                     port,
-                    flags: LB_BACKEND_LIVE,
+                    flags: LB_BACKEND_LIVE | if taking { LB_BACKEND_NEW } else { 0 },
                 },
             );
-            if b.state == "enabled" {
+            if taking {
                 eligible.push((b.member_id.clone(), b.weight.max(1), slot));
             }
         }
@@ -192,6 +194,7 @@ pub fn compile_lbs(lbs: &[&pb::LoadBalancerOnHost], slots: &mut LbSlots, rejecte
                 b.extend_from_slice(&s.to_be_bytes());
                 b.extend_from_slice(&be.addr);
                 b.extend_from_slice(&be.port.to_be_bytes());
+                b.extend_from_slice(&be.flags.to_be_bytes());
             }
             for t in &table {
                 b.extend_from_slice(&t.to_be_bytes());
@@ -206,6 +209,7 @@ pub fn compile_lbs(lbs: &[&pb::LoadBalancerOnHost], slots: &mut LbSlots, rejecte
                     scheduler: sched,
                     _pad: [0; 3],
                     generation,
+                    persistence_secs: li.persistence_secs,
                 },
                 backends,
                 table,

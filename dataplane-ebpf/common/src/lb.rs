@@ -17,6 +17,11 @@ pub const LB_FLOWS: &str = "SDN_LB_FLOWS";
 pub const LB_REVERSE: &str = "SDN_LB_REVERSE";
 pub const LB_FLOWS_NEW: &str = "SDN_LB_FLOWS_NEW";
 pub const LB_REVERSE_NEW: &str = "SDN_LB_REVERSE_NEW";
+pub const LB_PERSIST: &str = "SDN_LB_PERSIST";
+
+/// Clients a host remembers the member of, for source persistence (an
+/// LRU; a VM has only its own addresses, so it holds two per service).
+pub const LB_PERSIST_MAX: u32 = 65_536;
 
 /// Services a host holds at most.
 pub const LB_SERVICES_MAX: u32 = 1024;
@@ -62,6 +67,9 @@ pub struct LbService {
     pub _pad: [u8; 3],
     /// Changes whenever the service's backends or table change.
     pub generation: u32,
+    /// Source persistence: a client's new flows go to the member its last
+    /// flow went to, while that was seen this recently (0: none).
+    pub persistence_secs: u32,
 }
 
 /// A backend slot.
@@ -76,6 +84,29 @@ pub struct LbBackend {
 
 /// The slot holds a backend that keeps its flows.
 pub const LB_BACKEND_LIVE: u16 = 1;
+/// And takes new ones (an enabled member, not a draining one).
+pub const LB_BACKEND_NEW: u16 = 2;
+
+/// A client of a service with source persistence.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct LbPersistKey {
+    pub service: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub client: [u8; 16],
+}
+
+/// The member a client's flows last went to, and when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LbPersist {
+    pub backend: [u8; 16],
+    pub backend_port: u16,
+    pub slot: u16,
+    pub _pad: u32,
+    pub seen_ns: u64,
+}
 
 /// A load-balanced flow, seen from its client's port.
 #[repr(C)]
@@ -127,7 +158,9 @@ pub struct LbReverse {
 }
 
 const _: () = assert!(core::mem::size_of::<LbServiceKey>() == 24);
-const _: () = assert!(core::mem::size_of::<LbService>() == 12);
+const _: () = assert!(core::mem::size_of::<LbService>() == 16);
+const _: () = assert!(core::mem::size_of::<LbPersistKey>() == 24);
+const _: () = assert!(core::mem::size_of::<LbPersist>() == 32);
 const _: () = assert!(core::mem::size_of::<LbBackend>() == 20);
 const _: () = assert!(core::mem::size_of::<LbFlowKey>() == 28);
 const _: () = assert!(core::mem::size_of::<LbFlow>() == 32);
@@ -173,4 +206,6 @@ mod pod {
     unsafe impl aya::Pod for LbFlow {}
     unsafe impl aya::Pod for LbReverseKey {}
     unsafe impl aya::Pod for LbReverse {}
+    unsafe impl aya::Pod for LbPersistKey {}
+    unsafe impl aya::Pod for LbPersist {}
 }

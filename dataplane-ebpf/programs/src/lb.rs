@@ -14,8 +14,8 @@
 use aya_ebpf::{helpers::gen, programs::TcContext};
 use dataplane_common::{
     lb::{
-        flow_hash, LbFlow, LbFlowKey, LbReverse, LbReverseKey, LbService, LbServiceKey, LB_BACKENDS,
-        LB_BACKEND_LIVE, LB_TABLE_SIZE, SCHED_TABLE_CURSOR, SCHED_TABLE_HASH,
+        flow_hash, LbFlow, LbFlowKey, LbPersist, LbPersistKey, LbReverse, LbReverseKey, LbService, LbServiceKey,
+        LB_BACKENDS, LB_BACKEND_LIVE, LB_BACKEND_NEW, LB_TABLE_SIZE, SCHED_TABLE_CURSOR, SCHED_TABLE_HASH,
     },
     maps::{CT_ORIGIN_OUT, PORT_F_LB},
     DropReason, Stat, FAMILY_V4, PROTO_TCP, PROTO_UDP,
@@ -24,8 +24,8 @@ use dataplane_common::{
 use crate::{
     guard::pure_syn,
     maps::{
-        count, LB_BACKENDS_ARR, LB_CURSOR, LB_FLOWS, LB_FLOWS_NEW, LB_REVERSE, LB_REVERSE_NEW, LB_SERVICES,
-        LB_TABLE_ARR,
+        count, LB_BACKENDS_ARR, LB_CURSOR, LB_FLOWS, LB_FLOWS_NEW, LB_PERSIST, LB_REVERSE, LB_REVERSE_NEW,
+        LB_SERVICES, LB_TABLE_ARR,
     },
     meta::{Meta, E_FROM_VM, LB_EST, LB_EST_NEW, LB_NEW, LB_NONE, LB_NO_CURSOR, S_EST, S_STALE, T_MAIN},
     parse::ETH_HLEN,
@@ -94,7 +94,7 @@ pub fn stage(m: &mut Meta) -> Result<(), DropReason> {
         if f.service == svc.id && (f.slot as u32) < LB_BACKENDS {
             if let Some(b) = LB_BACKENDS_ARR.get(svc.id * LB_BACKENDS + f.slot as u32) {
                 if b.flags & LB_BACKEND_LIVE != 0 && b.addr == f.backend && b.port == f.backend_port {
-                    set(m, svc.id, f.slot, &f.backend, f.backend_port, state);
+                    set(m, &svc, f.slot, &f.backend, f.backend_port, state);
                     return Ok(());
                 }
             }
@@ -106,6 +106,21 @@ pub fn stage(m: &mut Meta) -> Result<(), DropReason> {
         return Err(DropReason::CtNotSyn);
     }
     m.lb_cursor = LB_NO_CURSOR;
+    // Source persistence: the client's member of late, while it takes new
+    // flows.
+    if svc.persistence_secs != 0 {
+        if let Some(p) = unsafe { LB_PERSIST.get(&persist_key(svc.id, m)) }.copied() {
+            let fresh = m.now.saturating_sub(p.seen_ns) <= svc.persistence_secs as u64 * 1_000_000_000;
+            if fresh && (p.slot as u32) < LB_BACKENDS {
+                if let Some(b) = LB_BACKENDS_ARR.get(svc.id * LB_BACKENDS + p.slot as u32) {
+                    if b.flags & LB_BACKEND_NEW != 0 && b.addr == p.backend && b.port == p.backend_port {
+                        set(m, &svc, p.slot, &p.backend, p.backend_port, LB_NEW);
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
     let i = match svc.scheduler {
         SCHED_TABLE_HASH => flow_hash(m.proto, &m.src, m.sport, &m.dst, m.dport) % LB_TABLE_SIZE,
         SCHED_TABLE_CURSOR => {
@@ -126,13 +141,26 @@ pub fn stage(m: &mut Meta) -> Result<(), DropReason> {
         return Err(DropReason::LbNoBackend);
     }
     let (addr, port) = (b.addr, b.port);
-    set(m, svc.id, slot as u16, &addr, port, LB_NEW);
+    set(m, &svc, slot as u16, &addr, port, LB_NEW);
     Ok(())
 }
 
+/// A client (the packet's source) of service `id`.
 #[inline(always)]
-fn set(m: &mut Meta, service: u32, slot: u16, addr: &[u8; 16], port: u16, state: u8) {
+fn persist_key(id: u32, m: &Meta) -> LbPersistKey {
+    LbPersistKey {
+        service: id,
+        family: m.family,
+        _pad: [0; 3],
+        client: m.src,
+    }
+}
+
+#[inline(always)]
+fn set(m: &mut Meta, svc: &LbService, slot: u16, addr: &[u8; 16], port: u16, state: u8) {
+    let service = svc.id;
     m.lb = state;
+    m.lb_persist = (svc.persistence_secs != 0) as u8;
     m.lb_service = service;
     m.lb_slot = slot;
     m.lb_vip = m.dst;
@@ -165,7 +193,34 @@ pub fn commit(ctx: &mut TcContext, m: &Meta) -> Result<(), DropReason> {
         }
         _ => {}
     }
+    if m.lb_persist != 0 {
+        remember(m);
+    }
     rewrite(ctx, m, true, &m.lb_vip, &m.dst, m.lb_vport, m.dport)
+}
+
+/// Source persistence: the client's member, seen now.
+#[inline(never)]
+fn remember(m: &Meta) {
+    let key = persist_key(m.lb_service, m);
+    if let Some(p) = LB_PERSIST.get_ptr_mut(&key) {
+        // SAFETY: a live map value; racing writers write the same member
+        // or a newer one.
+        unsafe {
+            if (*p).slot == m.lb_slot && (*p).backend == m.dst {
+                (*p).seen_ns = m.now;
+                return;
+            }
+        }
+    }
+    let v = LbPersist {
+        backend: m.dst,
+        backend_port: m.dport,
+        slot: m.lb_slot,
+        _pad: 0,
+        seen_ns: m.now,
+    };
+    let _ = LB_PERSIST.insert(&key, &v, 0);
 }
 
 #[inline(always)]

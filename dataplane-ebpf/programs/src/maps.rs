@@ -10,8 +10,8 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     lb::{
-        LbBackend, LbFlow, LbFlowKey, LbReverse, LbReverseKey, LbService, LbServiceKey, LB_BACKENDS, LB_FLOWS_MAX,
-        LB_FLOWS_NEW_MAX, LB_SERVICES_MAX, LB_TABLE_SIZE,
+        LbBackend, LbFlow, LbFlowKey, LbPersist, LbPersistKey, LbReverse, LbReverseKey, LbService, LbServiceKey,
+        LB_BACKENDS, LB_FLOWS_MAX, LB_FLOWS_NEW_MAX, LB_PERSIST_MAX, LB_SERVICES_MAX, LB_TABLE_SIZE,
     },
     maps::{
         system_index, AddrIdentity, AddrKey, CtKey, CtValue, DenyEvent, DnsCopy, Endpoint, EndpointKey, EventLimiter,
@@ -435,6 +435,10 @@ pub static LB_REVERSE: LruHashMap<LbReverseKey, LbReverse> = LruHashMap::pinned(
 /// Unconfirmed load-balanced flows and their replies, apart.
 #[map(name = "SDN_LB_FLOWS_NEW")]
 pub static LB_FLOWS_NEW: LruHashMap<LbFlowKey, LbFlow> = LruHashMap::pinned(LB_FLOWS_NEW_MAX, 0);
+
+/// Source persistence: each client's member, per service.
+#[map(name = "SDN_LB_PERSIST")]
+pub static LB_PERSIST: LruHashMap<LbPersistKey, LbPersist> = LruHashMap::pinned(LB_PERSIST_MAX, 0);
 
 #[map(name = "SDN_LB_REVERSE_NEW")]
 pub static LB_REVERSE_NEW: LruHashMap<LbReverseKey, LbReverse> = LruHashMap::pinned(LB_FLOWS_NEW_MAX, 0);

@@ -141,7 +141,9 @@ pub struct Meta {
     /// Round robin: where the cursor goes when the new flow is committed
     /// (`LB_NO_CURSOR`: not a cursor's pick).
     pub lb_cursor: u16,
-    pub _pad2: [u8; 6],
+    /// The flow's service has source persistence.
+    pub lb_persist: u8,
+    pub _pad2: [u8; 5],
 }
 
 /// [`Meta::lb_cursor`] of a flow no cursor picked.
