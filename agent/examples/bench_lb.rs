@@ -1,0 +1,262 @@
+//! The load balancer's per-packet cost, measured in the kernel with
+//! BPF_PROG_TEST_RUN through `from_vm` and every stage it tail-calls: a
+//! new flow to a VIP (a SYN from a source port never used: the service
+//! lookup, the scheduler, the guard run again on the member's address,
+//! the security groups, the unconfirmed flow entries, the rewrite) and a
+//! packet of a confirmed flow through the VIP, each against the same
+//! packet sent to the member's own address (no load balancer). Every
+//! packet is one run (a run rewrites the packet it is given); new flows
+//! are the mean of runs from unused source ports, established packets the
+//! median of many runs. From the
+//! costs, the new connections a core can open through a VIP: one new flow
+//! and two packets of an established one (the answer and the
+//! acknowledgement) per connection on the client's host.
+//!
+//! Run as root: `cargo run --release -p sdn-agent --example bench_lb`
+//! (`-- --smoke` for a short run that only checks it still works).
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use dataplane_common::lb as l;
+use dataplane_common::maps as m;
+use sdn_agent::compile::{self, Resources};
+use sdn_agent::dataplane::Dataplane;
+use sdn_agent::reconcile::Reconciler;
+use sdn_agent::testrun;
+use sdn_agent::testutil::BpffsMount;
+use sdn_proto::v1 as pb;
+
+const VIP: [u8; 4] = [10, 0, 0, 100];
+const MEMBER: [u8; 4] = [10, 0, 0, 2];
+
+fn resource(name: &str, kind: pb::resource::Kind) -> (String, pb::Resource) {
+    (
+        name.to_string(),
+        pb::Resource {
+            name: name.into(),
+            version: "1".into(),
+            kind: Some(kind),
+        },
+    )
+}
+
+/// The client's port on `lo` (the test run's device) and two members on
+/// this host, one security group admitting TCP 8080, and a load balancer
+/// whose listener `scheduler` spreads TCP 80 over the members' 8080.
+fn share(scheduler: &str) -> Resources {
+    let mut r = Resources::new();
+    let ports = [
+        ("p", "lo", "10.0.0.1", 1),
+        ("m1", "d2", "10.0.0.2", 2),
+        ("m2", "d3", "10.0.0.3", 3),
+    ];
+    for (id, dev, ip, n) in ports {
+        let mac = format!("02:00:00:00:00:{n:02x}");
+        let (k, v) = resource(
+            &format!("port/{id}"),
+            pb::resource::Kind::Port(pb::Port {
+                id: id.into(),
+                subnet_id: "s".into(),
+                device: dev.into(),
+                mac: mac.clone(),
+                ipv4: ip.into(),
+                security_group_ids: vec!["g".into()],
+                host_id: "h".into(),
+                ..Default::default()
+            }),
+        );
+        r.insert(k, v);
+        let (k, v) = resource(
+            &format!("endpoint/{id}"),
+            pb::resource::Kind::Endpoint(pb::Endpoint {
+                port_id: id.into(),
+                mac,
+                ipv4: ip.into(),
+                host_id: "h".into(),
+                host_underlay_ip: "192.0.2.1".into(),
+                vpc_id: "v".into(),
+                ..Default::default()
+            }),
+        );
+        r.insert(k, v);
+    }
+    let (k, v) = resource(
+        "vpc/v",
+        pb::resource::Kind::VpcNetwork(pb::VpcNetwork {
+            vpc_id: "v".into(),
+            vni: 7,
+            gateways: vec![pb::SubnetGateway {
+                subnet_id: "s".into(),
+                gateway_v4: "10.0.0.254".into(),
+                gateway_v6: String::new(),
+            }],
+            ..Default::default()
+        }),
+    );
+    r.insert(k, v);
+    let (k, v) = resource(
+        "sg/g",
+        pb::resource::Kind::SecurityGroup(pb::SecurityGroup {
+            id: "g".into(),
+            rules: vec![pb::SecurityGroupRule {
+                id: "web".into(),
+                direction: pb::Direction::Ingress as i32,
+                ether_type: pb::EtherType::Ipv4 as i32,
+                protocol: pb::Protocol::Tcp as i32,
+                port_min: 8080,
+                port_max: 8080,
+                remote_cidr: String::new(),
+                remote_group_id: String::new(),
+            }],
+            ..Default::default()
+        }),
+    );
+    r.insert(k, v);
+    let backends = ["m1", "m2"]
+        .iter()
+        .enumerate()
+        .map(|(i, id)| pb::BackendOnHost {
+            member_id: id.to_string(),
+            addresses: vec![format!("10.0.0.{}", i + 2)],
+            port: 8080,
+            weight: 1,
+            state: "enabled".into(),
+        })
+        .collect();
+    let (k, v) = resource(
+        "lb/lb",
+        pb::resource::Kind::LoadBalancer(pb::LoadBalancerOnHost {
+            load_balancer: Some(pb::LoadBalancer {
+                id: "lb".into(),
+                vip_v4: "10.0.0.100".into(),
+                ..Default::default()
+            }),
+            vni: 7,
+            listeners: vec![pb::ListenerOnHost {
+                listener: Some(pb::Listener {
+                    id: "l".into(),
+                    protocol: "tcp".into(),
+                    port: 80,
+                    scheduler: scheduler.into(),
+                    ..Default::default()
+                }),
+                backends,
+            }],
+        }),
+    );
+    r.insert(k, v);
+    r
+}
+
+fn tcp(dst: [u8; 4], sport: u16, dport: u16, syn: bool) -> Vec<u8> {
+    let mut v = Vec::new();
+    let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 0xfe])
+        .ipv4([10, 0, 0, 1], dst, 64)
+        .tcp(sport, dport, 1, 1024);
+    let b = if syn { b.syn() } else { b.ack(1) };
+    b.write(&mut v, &[]).unwrap();
+    v
+}
+
+/// Moves every unconfirmed flow (conntrack's and the load balancer's) to
+/// the confirmed tables, as the answer and the acknowledgement would: the
+/// harness sends one way only.
+fn confirm(dp: &mut Dataplane) -> anyhow::Result<()> {
+    let ebpf = dp.ebpf_mut();
+    fn moved<K: aya::Pod + Clone, V: aya::Pod>(ebpf: &mut aya::Ebpf, from: &str, to: &str) -> anyhow::Result<()> {
+        let mut a: BpfHashMap<&mut MapData, K, V> = BpfHashMap::try_from(
+            ebpf.map_mut(from)
+                .ok_or_else(|| anyhow::anyhow!("map {from} missing"))?,
+        )?;
+        let all: Vec<(K, V)> = a.iter().filter_map(|e| e.ok()).collect();
+        for (k, _) in &all {
+            a.remove(k)?;
+        }
+        let mut b: BpfHashMap<&mut MapData, K, V> =
+            BpfHashMap::try_from(ebpf.map_mut(to).ok_or_else(|| anyhow::anyhow!("map {to} missing"))?)?;
+        for (k, v) in &all {
+            b.insert(k, v, 0)?;
+        }
+        Ok(())
+    }
+    moved::<m::CtKey, m::CtValue>(ebpf, m::CT_SYN, m::CT)?;
+    moved::<l::LbFlowKey, l::LbFlow>(ebpf, l::LB_FLOWS_NEW, l::LB_FLOWS)?;
+    moved::<l::LbReverseKey, l::LbReverse>(ebpf, l::LB_REVERSE_NEW, l::LB_REVERSE)?;
+    Ok(())
+}
+
+const TC_ACT_REDIRECT: u32 = 7;
+
+fn main() -> anyhow::Result<()> {
+    let smoke = std::env::args().any(|a| a == "--smoke");
+    let mount = BpffsMount::new("bench-lb")?;
+    let mut dp = Dataplane::load(&mount.path().join("a"))?;
+    let mut rec = Reconciler::new(dp.map_set()?)?;
+    let fd = dp.program_fd("from_vm")?;
+    let new_flows: u16 = if smoke { 50 } else { 4_000 };
+    let ifindex = |name: &str| match name {
+        "lo" => Some(1),
+        "d2" => Some(2),
+        "d3" => Some(3),
+        _ => None,
+    };
+    println!(
+        "{:<22} {:>14} {:>14} {:>14} {:>14}",
+        "scheduler", "new via VIP", "new direct", "est. via VIP", "est. direct"
+    );
+    for (round, scheduler) in ["maglev", "round_robin"].iter().enumerate() {
+        let d = compile::compile(&share(scheduler), &ifindex, 0)?;
+        anyhow::ensure!(d.rejected.is_empty(), "{:?}", d.rejected);
+        rec.reconcile(&d)?;
+        dp.apply_lb(&d.lb)?;
+        // New flows: one run each, from source ports never used; the mean.
+        let new = |dst: [u8; 4], dport: u16, base: u16| -> anyhow::Result<u32> {
+            let mut total = 0u64;
+            for i in 0..new_flows {
+                let r = testrun::run(fd, &tcp(dst, base + i, dport, true), 1)?;
+                anyhow::ensure!(r.retval == TC_ACT_REDIRECT, "a new flow must pass (got {})", r.retval);
+                total += r.ns_per_run as u64;
+            }
+            Ok((total / new_flows as u64) as u32)
+        };
+        let base = 10_000 + round as u16 * 20_000;
+        let new_vip = new(VIP, 80, base)?;
+        let new_direct = new(MEMBER, 8080, base + 5_000)?;
+        // Established: a flow through the VIP and one straight to the
+        // member, confirmed, then an ACK of each, many times.
+        for (dst, dport) in [(VIP, 80), (MEMBER, 8080)] {
+            let r = testrun::run(fd, &tcp(dst, 9_000 + round as u16, dport, true), 1)?;
+            anyhow::ensure!(r.retval == TC_ACT_REDIRECT, "the flow must open");
+        }
+        confirm(&mut dp)?;
+        // One run at a time (a run rewrites the packet it is given, so a
+        // repeated run would see its own rewrite); the median of many.
+        let runs = if smoke { 200 } else { 200_000 };
+        let best = |pkt: &[u8]| -> anyhow::Result<u32> {
+            let mut all = Vec::with_capacity(runs);
+            for _ in 0..runs {
+                let r = testrun::run(fd, pkt, 1)?;
+                if r.retval != TC_ACT_REDIRECT {
+                    let (drops, _) = sdn_agent::dataplane::read_counters(&mount.path().join("a"))?;
+                    let seen: Vec<_> = drops.iter().filter(|(_, n)| *n > 0).collect();
+                    anyhow::bail!("an established packet must pass (got {}; drops {seen:?})", r.retval);
+                }
+                all.push(r.ns_per_run);
+            }
+            all.sort_unstable();
+            Ok(all[all.len() / 2])
+        };
+        let est_vip = best(&tcp(VIP, 9_000 + round as u16, 80, false))?;
+        let est_direct = best(&tcp(MEMBER, 9_000 + round as u16, 8080, false))?;
+        println!("{scheduler:<22} {new_vip:>11} ns {new_direct:>11} ns {est_vip:>11} ns {est_direct:>11} ns");
+        let per_conn = new_vip as u64 + 2 * est_vip as u64;
+        println!(
+            "  the load balancer adds {} ns to a new flow and {} ns to an established packet; \
+             one core opens about {} connections a second through a VIP ({} per connection)",
+            new_vip as i64 - new_direct as i64,
+            est_vip as i64 - est_direct as i64,
+            1_000_000_000 / per_conn.max(1),
+            per_conn
+        );
+    }
+    Ok(())
+}
