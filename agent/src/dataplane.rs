@@ -1084,6 +1084,18 @@ impl Dataplane {
             }
         }
         {
+            // A slot with another backend now starts its counts afresh.
+            let map = self.ebpf.map_mut(l::LB_CONNS).context("map LB_CONNS missing")?;
+            let mut a: Array<&mut MapData, l::LbConns> = Array::try_from(map)?;
+            for (i, b) in &backends {
+                let was = self.lb_backends.get(i);
+                if was.is_none_or(|w| w.addr != b.addr || w.port != b.port) {
+                    a.set(*i, l::LbConns::default(), 0)
+                        .context("resetting a backend's flow counts")?;
+                }
+            }
+        }
+        {
             let map = self.ebpf.map_mut(l::LB_TABLE).context("map LB_TABLE missing")?;
             let mut a: Array<&mut MapData, u32> = Array::try_from(map)?;
             for s in plan.services.values() {
@@ -1108,6 +1120,83 @@ impl Dataplane {
         self.lb_backends = backends;
         self.lb_generations = plan.services.values().map(|s| (s.info.id, s.info.generation)).collect();
         Ok(())
+    }
+
+    /// Counts each load-balancer backend's flows again from the flow
+    /// tables, for least connections: confirmed flows still open whose
+    /// client side conntrack still holds, and unconfirmed ones not timed
+    /// out. Corrects what the programs cannot count: flows conntrack's
+    /// timeouts took, and closes counted twice or never. Returns the
+    /// flows counted.
+    pub fn recount_lb(&mut self) -> anyhow::Result<usize> {
+        use dataplane_common::lb as l;
+        if self.lb_backends.is_empty() {
+            return Ok(0);
+        }
+        let now = monotonic_ns();
+        let vni: std::collections::BTreeMap<u32, u32> = {
+            let map = self.ebpf.map(m::PORTS).context("map PORTS missing")?;
+            let h: BpfHashMap<&MapData, u32, m::PortInfo> = BpfHashMap::try_from(map)?;
+            h.iter().filter_map(Result::ok).map(|(k, p)| (k, p.vni)).collect()
+        };
+        let mut counts: std::collections::BTreeMap<u32, l::LbConns> = std::collections::BTreeMap::new();
+        let read = |ebpf: &aya::Ebpf, name: &str| -> anyhow::Result<Vec<(l::LbFlowKey, l::LbFlow)>> {
+            let map = ebpf.map(name).with_context(|| format!("map {name} missing"))?;
+            let h: BpfHashMap<&MapData, l::LbFlowKey, l::LbFlow> = BpfHashMap::try_from(map)?;
+            Ok(h.iter().filter_map(Result::ok).collect())
+        };
+        let confirmed = read(&self.ebpf, l::LB_FLOWS)?;
+        let unconfirmed = read(&self.ebpf, l::LB_FLOWS_NEW)?;
+        let map = self.ebpf.map(m::CT).context("map CT missing")?;
+        let ct: BpfHashMap<&MapData, m::CtKey, m::CtValue> = BpfHashMap::try_from(map)?;
+        // Whether the client side's flow-table entry is live.
+        let live = |k: &l::LbFlowKey, f: &l::LbFlow| -> bool {
+            let Some(v) = vni.get(&k.ifindex) else { return false };
+            let key = m::CtKey {
+                ifindex: k.ifindex,
+                family: k.family,
+                proto: k.proto,
+                icmp: 0,
+                _pad: 0,
+                local_port: k.client_port,
+                remote_port: f.backend_port,
+                local: f.client,
+                remote: f.backend,
+                door: m::DOOR_VPC | v,
+            };
+            ct.get(&key, 0)
+                .is_ok_and(|c| now.saturating_sub(c.last_seen_ns) <= m::ct_timeout(k.proto, c.flags))
+        };
+        for (k, f) in &confirmed {
+            if f.flags & (l::LB_FLOW_OPEN | l::LB_FLOW_CLOSED) == l::LB_FLOW_OPEN && live(k, f) {
+                counts.entry(f.service * l::LB_BACKENDS + f.slot as u32).or_default().open += 1;
+            }
+        }
+        for (k, f) in &unconfirmed {
+            let c = counts.entry(f.service * l::LB_BACKENDS + f.slot as u32).or_default();
+            let timeout = if k.proto == dataplane_common::PROTO_TCP {
+                m::CT_TIMEOUT_SYN_NS
+            } else {
+                m::ct_timeout(k.proto, 0)
+            };
+            // Confirmed by conntrack, not yet by the load balancer (a
+            // connection idle since its handshake): open.
+            if live(k, f) {
+                c.open += 1;
+            } else if now.saturating_sub(f.created_ns) <= timeout {
+                c.new += 1;
+            }
+        }
+        let total = counts.values().map(|c| (c.open + c.new) as usize).sum();
+        let map = self.ebpf.map_mut(l::LB_CONNS).context("map LB_CONNS missing")?;
+        let mut a: Array<&mut MapData, l::LbConns> = Array::try_from(map)?;
+        for i in self.lb_backends.keys() {
+            let c = counts.get(i).copied().unwrap_or_default();
+            if a.get(i, 0).ok() != Some(c) {
+                a.set(*i, c, 0).context("writing a backend's flow counts")?;
+            }
+        }
+        Ok(total)
     }
 
     /// Devices that have mirroring's observers attached.

@@ -536,6 +536,9 @@ impl Agent {
                         Ok(_) => {}
                         Err(e) => tracing::warn!(error = %format!("{e:#}"), "conntrack collection failed; retried"),
                     }
+                    if let Err(e) = self.dp.recount_lb() {
+                        tracing::warn!(error = %format!("{e:#}"), "load balancers' flow counts not refreshed; retried");
+                    }
                 }
             }
         }

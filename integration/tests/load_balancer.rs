@@ -521,6 +521,12 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
         m
     };
     ops.push(with_port(member("strict-b4", "strict", "b4", "", 1), 8080));
+    ops.extend([pool("lc", "lb"), pool("wlc", "lb")]);
+    for b in ["b1", "b2", "b3"] {
+        ops.push(with_port(member(&format!("lc-{b}"), "lc", b, "", 1), 8080));
+    }
+    ops.push(with_port(member("wlc-b1", "wlc", "b1", "", 3), 8080));
+    ops.push(with_port(member("wlc-b2", "wlc", "b2", "", 1), 8080));
     for b in ["b1", "b2"] {
         ops.push(with_port(member(&format!("echo-{b}"), "echo", b, "", 1), 9000));
     }
@@ -540,6 +546,8 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
         listener("udp", "lb", "udp", 53, "dns", "round_robin"),
         listener("strict", "lb", "tcp", 83, "strict", "round_robin"),
         listener("echo", "lb", "tcp", 84, "echo", "maglev"),
+        listener("lc", "lb", "tcp", 86, "lc", "least_connections"),
+        listener("wlc", "lb", "tcp", 87, "wlc", "weighted_least_connections"),
     ]);
     let mut sticky = listener("sticky", "lb", "tcp", 85, "web", "round_robin");
     if let pb::operation::Op::PutListener(x) = &mut sticky {
@@ -601,6 +609,53 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
         let answers: Vec<String> = (0..8).map(|_| get(&lab, vm, vip4, 85, 0)).collect();
         assert_eq!(tally(answers.iter()).len(), 1, "{vm}: {answers:?}");
         assert!(answers[0].starts_with('b'), "{answers:?}");
+    }
+
+    // Least connections: idle connections held open through the VIP, one
+    // after another, each to the member with the fewest (the first of
+    // equals); then short ones, each closed before the next, all to the
+    // member holding none. Weighted (3:1): four held, three and one.
+    let mut holds = Vec::new();
+    // ncat with its input held open (`ip netns exec` becomes ncat: killing
+    // it closes the connection).
+    let hold = |port: u16| {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", "lbt-c1", "ncat", vip4, &port.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let held_by = |vm: &str| -> usize {
+        lab.topo
+            .vm(vm)
+            .ns
+            .sh(&["ss", "-Htn", "state", "established", "( sport = :8080 )"])
+            .unwrap_or_default()
+            .lines()
+            .count()
+    };
+    for _ in 0..2 {
+        holds.push(hold(86));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    assert_eq!([held_by("b1"), held_by("b2"), held_by("b3")], [1, 1, 0]);
+    let answers: Vec<String> = (0..6).map(|_| get(&lab, "c1", vip4, 86, 0)).collect();
+    assert!(answers.iter().all(|a| a.starts_with("b3 ")), "{answers:?}");
+    for mut h in holds.drain(..) {
+        let _ = h.kill();
+        let _ = h.wait();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    for _ in 0..4 {
+        holds.push(hold(87));
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    assert_eq!([held_by("b1"), held_by("b2")], [3, 1], "3:1 weights, four connections");
+    for mut h in holds.drain(..) {
+        let _ = h.kill();
+        let _ = h.wait();
     }
 
     // The member's security groups judge the client's own address: b4

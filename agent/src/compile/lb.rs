@@ -20,7 +20,7 @@ use std::net::IpAddr;
 
 use dataplane_common::lb::{
     LbBackend, LbService, LbServiceKey, LB_BACKENDS, LB_BACKEND_LIVE, LB_BACKEND_NEW, LB_SERVICES_MAX, LB_TABLE_SIZE,
-    SCHED_TABLE_CURSOR, SCHED_TABLE_HASH,
+    SCHED_LEAST, SCHED_TABLE_CURSOR, SCHED_TABLE_HASH,
 };
 use dataplane_common::maps::{Endpoint, EndpointKey, EP_F_GATEWAY, GATEWAY_MAC};
 use sdn_proto::v1 as pb;
@@ -166,6 +166,12 @@ pub fn compile_lbs(lbs: &[&pb::LoadBalancerOnHost], slots: &mut LbSlots, rejecte
                     addr: addr16(*a).1,
                     port,
                     flags: LB_BACKEND_LIVE | if taking { LB_BACKEND_NEW } else { 0 },
+                    weight: if scheduler == "least_connections" {
+                        1
+                    } else {
+                        b.weight.clamp(1, 256) as u16
+                    },
+                    _pad: 0,
                 },
             );
             if taking {
@@ -180,10 +186,11 @@ pub fn compile_lbs(lbs: &[&pb::LoadBalancerOnHost], slots: &mut LbSlots, rejecte
             }
             "weighted_round_robin" => (SCHED_TABLE_CURSOR, smooth_wrr(&eligible, LB_TABLE_SIZE as usize)),
             "maglev" => (SCHED_TABLE_HASH, maglev(&eligible, LB_TABLE_SIZE as usize)),
+            // Decided from the flows' counts: no table.
+            "least_connections" | "weighted_least_connections" => (SCHED_LEAST, Vec::new()),
             other => {
                 rejected.push(format!(
-                    "load balancer service {name}: scheduler {other} is not carried by this dataplane yet; \
-                     its new flows are refused"
+                    "load balancer service {name}: scheduler {other:?} is unknown here; its new flows are refused"
                 ));
                 (0, vec![NO_BACKEND; LB_TABLE_SIZE as usize])
             }
@@ -195,6 +202,7 @@ pub fn compile_lbs(lbs: &[&pb::LoadBalancerOnHost], slots: &mut LbSlots, rejecte
                 b.extend_from_slice(&be.addr);
                 b.extend_from_slice(&be.port.to_be_bytes());
                 b.extend_from_slice(&be.flags.to_be_bytes());
+                b.extend_from_slice(&be.weight.to_be_bytes());
             }
             for t in &table {
                 b.extend_from_slice(&t.to_be_bytes());
@@ -438,7 +446,12 @@ mod tests {
         assert!(v4.table.iter().all(|s| *s == slot_c));
         let lc = lb(&["least_connections"], &[("a", "10.0.0.1", "enabled")]);
         let p = compile_lbs(&[&lc], &mut slots, &mut rejected);
+        let v4 = p.services.values().find(|s| s.name == "lb/l0/v4").unwrap();
+        assert_eq!(v4.info.scheduler, SCHED_LEAST);
+        assert!(v4.table.is_empty());
+        let odd = lb(&["fastest"], &[("a", "10.0.0.1", "enabled")]);
+        let p = compile_lbs(&[&odd], &mut slots, &mut rejected);
         assert!(p.services.values().all(|s| s.info.scheduler == 0));
-        assert!(rejected.iter().any(|r| r.contains("least_connections")), "{rejected:?}");
+        assert!(rejected.iter().any(|r| r.contains("fastest")), "{rejected:?}");
     }
 }

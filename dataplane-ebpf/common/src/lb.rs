@@ -18,6 +18,7 @@ pub const LB_REVERSE: &str = "SDN_LB_REVERSE";
 pub const LB_FLOWS_NEW: &str = "SDN_LB_FLOWS_NEW";
 pub const LB_REVERSE_NEW: &str = "SDN_LB_REVERSE_NEW";
 pub const LB_PERSIST: &str = "SDN_LB_PERSIST";
+pub const LB_CONNS: &str = "SDN_LB_CONNS";
 
 /// Clients a host remembers the member of, for source persistence (an
 /// LRU; a VM has only its own addresses, so it holds two per service).
@@ -42,6 +43,9 @@ pub const LB_FLOWS_NEW_MAX: u32 = crate::maps::CT_SYN_MAX;
 /// Schedulers, as [`LbService::scheduler`] names them.
 pub const SCHED_TABLE_CURSOR: u8 = 1;
 pub const SCHED_TABLE_HASH: u8 = 2;
+/// The member with the fewest flows for its weight (IPVS's weighted least
+/// connections: a confirmed flow counts 256, an unconfirmed one 1).
+pub const SCHED_LEAST: u8 = 3;
 
 /// A listener's VIP: the VPC, the family, the protocol and the port.
 #[repr(C)]
@@ -80,6 +84,26 @@ pub struct LbBackend {
     pub port: u16,
     /// `LB_BACKEND_*` flags; 0: an empty slot.
     pub flags: u16,
+    /// For least connections (1 to 256; 1 for the unweighted kind).
+    pub weight: u16,
+    pub _pad: u16,
+}
+
+/// A backend slot's flows: confirmed ones still open, and unconfirmed
+/// ones. The programs count them as flows start, confirm and close; the
+/// agent counts them again from the flow tables, for the flows that
+/// conntrack's timeouts took.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct LbConns {
+    pub open: u64,
+    pub new: u64,
+}
+
+/// The weight of `c` for least connections.
+#[inline(always)]
+pub fn conns_overhead(c: &LbConns) -> u64 {
+    (c.open << 8).saturating_add(c.new)
 }
 
 /// The slot holds a backend that keeps its flows.
@@ -132,7 +156,18 @@ pub struct LbFlow {
     pub slot: u16,
     pub service: u32,
     pub created_ns: u64,
+    /// `LB_FLOW_*` flags.
+    pub flags: u32,
+    pub _pad: u32,
+    /// The client's address (the agent finds the flow's conntrack entry
+    /// by it).
+    pub client: [u8; 16],
 }
+
+/// The flow was counted as open, and has been counted as closed since.
+pub const LB_FLOW_CLOSED: u32 = 1;
+/// The flow was counted as open.
+pub const LB_FLOW_OPEN: u32 = 2;
 
 /// A reply of a load-balanced flow, seen from the client's port: from the
 /// backend to the client.
@@ -161,9 +196,10 @@ const _: () = assert!(core::mem::size_of::<LbServiceKey>() == 24);
 const _: () = assert!(core::mem::size_of::<LbService>() == 16);
 const _: () = assert!(core::mem::size_of::<LbPersistKey>() == 24);
 const _: () = assert!(core::mem::size_of::<LbPersist>() == 32);
-const _: () = assert!(core::mem::size_of::<LbBackend>() == 20);
+const _: () = assert!(core::mem::size_of::<LbBackend>() == 24);
+const _: () = assert!(core::mem::size_of::<LbConns>() == 16);
 const _: () = assert!(core::mem::size_of::<LbFlowKey>() == 28);
-const _: () = assert!(core::mem::size_of::<LbFlow>() == 32);
+const _: () = assert!(core::mem::size_of::<LbFlow>() == 56);
 const _: () = assert!(core::mem::size_of::<LbReverseKey>() == 28);
 const _: () = assert!(core::mem::size_of::<LbReverse>() == 24);
 
@@ -208,4 +244,5 @@ mod pod {
     unsafe impl aya::Pod for LbReverse {}
     unsafe impl aya::Pod for LbPersistKey {}
     unsafe impl aya::Pod for LbPersist {}
+    unsafe impl aya::Pod for LbConns {}
 }

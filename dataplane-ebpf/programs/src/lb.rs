@@ -14,8 +14,9 @@
 use aya_ebpf::{helpers::gen, programs::TcContext};
 use dataplane_common::{
     lb::{
-        flow_hash, LbFlow, LbFlowKey, LbPersist, LbPersistKey, LbReverse, LbReverseKey, LbService, LbServiceKey,
-        LB_BACKENDS, LB_BACKEND_LIVE, LB_BACKEND_NEW, LB_TABLE_SIZE, SCHED_TABLE_CURSOR, SCHED_TABLE_HASH,
+        conns_overhead, flow_hash, LbConns, LbFlow, LbFlowKey, LbPersist, LbPersistKey, LbReverse, LbReverseKey,
+        LbService, LbServiceKey, LB_BACKENDS, LB_BACKEND_LIVE, LB_BACKEND_NEW, LB_FLOW_CLOSED, LB_FLOW_OPEN,
+        LB_TABLE_SIZE, SCHED_LEAST, SCHED_TABLE_CURSOR, SCHED_TABLE_HASH,
     },
     maps::{CT_ORIGIN_OUT, PORT_F_LB},
     DropReason, Stat, FAMILY_V4, PROTO_TCP, PROTO_UDP,
@@ -24,11 +25,11 @@ use dataplane_common::{
 use crate::{
     guard::pure_syn,
     maps::{
-        count, LB_BACKENDS_ARR, LB_CURSOR, LB_FLOWS, LB_FLOWS_NEW, LB_PERSIST, LB_REVERSE, LB_REVERSE_NEW,
+        count, LB_BACKENDS_ARR, LB_CONNS, LB_CURSOR, LB_FLOWS, LB_FLOWS_NEW, LB_PERSIST, LB_REVERSE, LB_REVERSE_NEW,
         LB_SERVICES, LB_TABLE_ARR,
     },
     meta::{Meta, E_FROM_VM, LB_EST, LB_EST_NEW, LB_NEW, LB_NONE, LB_NO_CURSOR, S_EST, S_STALE, T_MAIN},
-    parse::ETH_HLEN,
+    parse::{ETH_HLEN, TCP_FIN, TCP_RST},
 };
 
 /// The service a packet from a VM goes to, if its destination is a VIP of
@@ -121,6 +122,15 @@ pub fn stage(m: &mut Meta) -> Result<(), DropReason> {
             }
         }
     }
+    if svc.scheduler == SCHED_LEAST {
+        let slot = least(svc.id).ok_or(DropReason::LbNoBackend)?;
+        let Some(b) = LB_BACKENDS_ARR.get(svc.id * LB_BACKENDS + slot) else {
+            return Err(DropReason::LbNoBackend);
+        };
+        let (addr, port) = (b.addr, b.port);
+        set(m, &svc, slot as u16, &addr, port, LB_NEW);
+        return Ok(());
+    }
     let i = match svc.scheduler {
         SCHED_TABLE_HASH => flow_hash(m.proto, &m.src, m.sport, &m.dst, m.dport) % LB_TABLE_SIZE,
         SCHED_TABLE_CURSOR => {
@@ -143,6 +153,83 @@ pub fn stage(m: &mut Meta) -> Result<(), DropReason> {
     let (addr, port) = (b.addr, b.port);
     set(m, &svc, slot as u16, &addr, port, LB_NEW);
     Ok(())
+}
+
+/// The slot of service `id` taking new flows with the fewest flows for
+/// its weight (the first of equals). The slots are walked by `bpf_loop`,
+/// which the verifier checks once, not once per slot.
+#[inline(always)]
+fn least(id: u32) -> Option<u32> {
+    let mut w = Least {
+        base: id * LB_BACKENDS,
+        found: 0,
+        best: 0,
+        _pad: 0,
+        bo: 0,
+        bw: 1,
+    };
+    // SAFETY: the callback reads only `w`, which outlives the call.
+    unsafe {
+        gen::bpf_loop(
+            LB_BACKENDS,
+            least_step as *mut core::ffi::c_void,
+            &mut w as *mut Least as *mut core::ffi::c_void,
+            0,
+        );
+    }
+    (w.found != 0).then_some(w.best)
+}
+
+/// What [`least`] walks with.
+#[repr(C)]
+struct Least {
+    base: u32,
+    found: u32,
+    best: u32,
+    _pad: u32,
+    bo: u64,
+    bw: u64,
+}
+
+extern "C" fn least_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `ctx` is the walk `least` passed.
+    let w = unsafe { &mut *(ctx as *mut Least) };
+    let slot = w.base + i as u32;
+    let Some(b) = LB_BACKENDS_ARR.get(slot) else { return 1 };
+    if b.flags & LB_BACKEND_NEW == 0 {
+        return 0;
+    }
+    let weight = b.weight.max(1) as u64;
+    // Capped so that a product with a weight (at most 2^16) fits.
+    let o = LB_CONNS.get(slot).map(conns_overhead).unwrap_or(0).min(1 << 46);
+    // o / weight < bo / bw, without dividing.
+    if w.found == 0 || o * w.bw < w.bo * weight {
+        w.found = 1;
+        w.best = i as u32;
+        w.bo = o;
+        w.bw = weight;
+    }
+    0
+}
+
+/// Adds `delta` (1 or -1) to a count, never below zero.
+#[inline(always)]
+fn add(c: *mut u64, delta: i64) {
+    // SAFETY: a live map value shared by every CPU; a racing update loses
+    // a count, which the agent's count (every few seconds) corrects.
+    unsafe {
+        if delta > 0 {
+            *c += 1;
+        } else if *c > 0 {
+            *c -= 1;
+        }
+    }
+}
+
+/// A backend slot's counts.
+#[inline(always)]
+fn conns(m: &Meta) -> Option<*mut LbConns> {
+    LB_CONNS.get_ptr_mut(m.lb_service * LB_BACKENDS + m.lb_slot as u32)
 }
 
 /// A client (the packet's source) of service `id`.
@@ -189,6 +276,9 @@ pub fn commit(ctx: &mut TcContext, m: &Meta) -> Result<(), DropReason> {
             // SAFETY: only whether the entry exists is read.
             if unsafe { LB_REVERSE.get(&rkey) }.is_none() {
                 let _ = LB_REVERSE.insert(&rkey, &reverse(m), 0);
+            }
+            if m.proto == PROTO_TCP && m.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+                close(m);
             }
         }
         _ => {}
@@ -269,8 +359,15 @@ fn record(m: &Meta) {
         slot: m.lb_slot,
         service: m.lb_service,
         created_ns: m.now,
+        flags: 0,
+        _pad: 0,
+        client: m.src,
     };
     let _ = LB_FLOWS_NEW.insert(&key, &flow, 0);
+    if let Some(c) = conns(m) {
+        // SAFETY: the field of a live map value.
+        add(unsafe { core::ptr::addr_of_mut!((*c).new) }, 1);
+    }
     // A connection that reuses a confirmed flow's tuple replaces it.
     let _ = LB_FLOWS.remove(&key);
     let _ = LB_REVERSE_NEW.insert(&reverse_key(m), &reverse(m), 0);
@@ -283,12 +380,40 @@ fn record(m: &Meta) {
     count(Stat::LbNew);
 }
 
+/// The client ends a confirmed flow: it no longer counts as open.
+#[inline(never)]
+fn close(m: &Meta) {
+    let Some(f) = LB_FLOWS.get_ptr_mut(&flow_key_of(m)) else {
+        return;
+    };
+    // SAFETY: a live map value; a racing packet of the same flow may count
+    // the close twice, which the agent's count corrects.
+    unsafe {
+        if (*f).flags & (LB_FLOW_OPEN | LB_FLOW_CLOSED) != LB_FLOW_OPEN {
+            return;
+        }
+        (*f).flags |= LB_FLOW_CLOSED;
+    }
+    if let Some(c) = conns(m) {
+        // SAFETY: the field of a live map value.
+        add(unsafe { core::ptr::addr_of_mut!((*c).open) }, -1);
+    }
+}
+
 #[inline(never)]
 fn promote(m: &Meta) {
     let key = flow_key_of(m);
     // SAFETY: the value is copied out at once.
-    if let Some(f) = unsafe { LB_FLOWS_NEW.get(&key) }.copied() {
+    if let Some(mut f) = unsafe { LB_FLOWS_NEW.get(&key) }.copied() {
+        f.flags |= LB_FLOW_OPEN;
         let _ = LB_FLOWS.insert(&key, &f, 0);
+        if let Some(c) = conns(m) {
+            // SAFETY: the fields of a live map value.
+            unsafe {
+                add(core::ptr::addr_of_mut!((*c).new), -1);
+                add(core::ptr::addr_of_mut!((*c).open), 1);
+            }
+        }
         let _ = LB_FLOWS_NEW.remove(&key);
         let rkey = reverse_key(m);
         let _ = LB_REVERSE.insert(&rkey, &reverse(m), 0);

@@ -10,7 +10,7 @@ use aya_ebpf::{
 };
 use dataplane_common::{
     lb::{
-        LbBackend, LbFlow, LbFlowKey, LbPersist, LbPersistKey, LbReverse, LbReverseKey, LbService, LbServiceKey,
+        LbBackend, LbConns, LbFlow, LbFlowKey, LbPersist, LbPersistKey, LbReverse, LbReverseKey, LbService, LbServiceKey,
         LB_BACKENDS, LB_FLOWS_MAX, LB_FLOWS_NEW_MAX, LB_PERSIST_MAX, LB_SERVICES_MAX, LB_TABLE_SIZE,
     },
     maps::{
@@ -435,6 +435,10 @@ pub static LB_REVERSE: LruHashMap<LbReverseKey, LbReverse> = LruHashMap::pinned(
 /// Unconfirmed load-balanced flows and their replies, apart.
 #[map(name = "SDN_LB_FLOWS_NEW")]
 pub static LB_FLOWS_NEW: LruHashMap<LbFlowKey, LbFlow> = LruHashMap::pinned(LB_FLOWS_NEW_MAX, 0);
+
+/// Each backend slot's flows, for least connections.
+#[map(name = "SDN_LB_CONNS")]
+pub static LB_CONNS: Array<LbConns> = Array::pinned(LB_SERVICES_MAX * LB_BACKENDS, 0);
 
 /// Source persistence: each client's member, per service.
 #[map(name = "SDN_LB_PERSIST")]
