@@ -18,144 +18,14 @@
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use dataplane_common::lb as l;
 use dataplane_common::maps as m;
-use sdn_agent::compile::{self, Resources};
+use sdn_agent::compile;
 use sdn_agent::dataplane::Dataplane;
 use sdn_agent::reconcile::Reconciler;
 use sdn_agent::testrun;
-use sdn_agent::testutil::BpffsMount;
-use sdn_proto::v1 as pb;
+use sdn_agent::testutil::{lb_share, lb_tcp, BpffsMount};
 
 const VIP: [u8; 4] = [10, 0, 0, 100];
 const MEMBER: [u8; 4] = [10, 0, 0, 2];
-
-fn resource(name: &str, kind: pb::resource::Kind) -> (String, pb::Resource) {
-    (
-        name.to_string(),
-        pb::Resource {
-            name: name.into(),
-            version: "1".into(),
-            kind: Some(kind),
-        },
-    )
-}
-
-/// The client's port on `lo` (the test run's device) and two members on
-/// this host, one security group admitting TCP 8080, and a load balancer
-/// whose listener `scheduler` spreads TCP 80 over the members' 8080.
-fn share(scheduler: &str) -> Resources {
-    let mut r = Resources::new();
-    let ports = [
-        ("p", "lo", "10.0.0.1", 1),
-        ("m1", "d2", "10.0.0.2", 2),
-        ("m2", "d3", "10.0.0.3", 3),
-    ];
-    for (id, dev, ip, n) in ports {
-        let mac = format!("02:00:00:00:00:{n:02x}");
-        let (k, v) = resource(
-            &format!("port/{id}"),
-            pb::resource::Kind::Port(pb::Port {
-                id: id.into(),
-                subnet_id: "s".into(),
-                device: dev.into(),
-                mac: mac.clone(),
-                ipv4: ip.into(),
-                security_group_ids: vec!["g".into()],
-                host_id: "h".into(),
-                ..Default::default()
-            }),
-        );
-        r.insert(k, v);
-        let (k, v) = resource(
-            &format!("endpoint/{id}"),
-            pb::resource::Kind::Endpoint(pb::Endpoint {
-                port_id: id.into(),
-                mac,
-                ipv4: ip.into(),
-                host_id: "h".into(),
-                host_underlay_ip: "192.0.2.1".into(),
-                vpc_id: "v".into(),
-                ..Default::default()
-            }),
-        );
-        r.insert(k, v);
-    }
-    let (k, v) = resource(
-        "vpc/v",
-        pb::resource::Kind::VpcNetwork(pb::VpcNetwork {
-            vpc_id: "v".into(),
-            vni: 7,
-            gateways: vec![pb::SubnetGateway {
-                subnet_id: "s".into(),
-                gateway_v4: "10.0.0.254".into(),
-                gateway_v6: String::new(),
-            }],
-            ..Default::default()
-        }),
-    );
-    r.insert(k, v);
-    let (k, v) = resource(
-        "sg/g",
-        pb::resource::Kind::SecurityGroup(pb::SecurityGroup {
-            id: "g".into(),
-            rules: vec![pb::SecurityGroupRule {
-                id: "web".into(),
-                direction: pb::Direction::Ingress as i32,
-                ether_type: pb::EtherType::Ipv4 as i32,
-                protocol: pb::Protocol::Tcp as i32,
-                port_min: 8080,
-                port_max: 8080,
-                remote_cidr: String::new(),
-                remote_group_id: String::new(),
-            }],
-            ..Default::default()
-        }),
-    );
-    r.insert(k, v);
-    let backends = ["m1", "m2"]
-        .iter()
-        .enumerate()
-        .map(|(i, id)| pb::BackendOnHost {
-            member_id: id.to_string(),
-            addresses: vec![format!("10.0.0.{}", i + 2)],
-            port: 8080,
-            weight: 1,
-            state: "enabled".into(),
-        })
-        .collect();
-    let (k, v) = resource(
-        "lb/lb",
-        pb::resource::Kind::LoadBalancer(pb::LoadBalancerOnHost {
-            load_balancer: Some(pb::LoadBalancer {
-                id: "lb".into(),
-                vip_v4: "10.0.0.100".into(),
-                ..Default::default()
-            }),
-            vni: 7,
-            listeners: vec![pb::ListenerOnHost {
-                listener: Some(pb::Listener {
-                    id: "l".into(),
-                    protocol: "tcp".into(),
-                    port: 80,
-                    scheduler: scheduler.into(),
-                    ..Default::default()
-                }),
-                backends,
-            }],
-        }),
-    );
-    r.insert(k, v);
-    r
-}
-
-fn tcp(dst: [u8; 4], sport: u16, dport: u16, syn: bool) -> Vec<u8> {
-    let mut v = Vec::new();
-    let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 0xfe])
-        .ipv4([10, 0, 0, 1], dst, 64)
-        .tcp(sport, dport, 1, 1024);
-    let b = if syn { b.syn() } else { b.ack(1) };
-    b.write(&mut v, &[]).unwrap();
-    v
-}
 
 /// Moves every unconfirmed flow (conntrack's and the load balancer's) to
 /// the confirmed tables, as the answer and the acknowledgement would: the
@@ -203,8 +73,8 @@ fn main() -> anyhow::Result<()> {
         "{:<22} {:>14} {:>14} {:>14} {:>14}",
         "scheduler", "new via VIP", "new direct", "est. via VIP", "est. direct"
     );
-    for (round, scheduler) in ["maglev", "round_robin"].iter().enumerate() {
-        let d = compile::compile(&share(scheduler), &ifindex, 0)?;
+    for (round, scheduler) in ["maglev", "round_robin", "least_connections"].iter().enumerate() {
+        let d = compile::compile(&lb_share(scheduler), &ifindex, 0)?;
         anyhow::ensure!(d.rejected.is_empty(), "{:?}", d.rejected);
         rec.reconcile(&d)?;
         dp.apply_lb(&d.lb)?;
@@ -212,7 +82,7 @@ fn main() -> anyhow::Result<()> {
         let new = |dst: [u8; 4], dport: u16, base: u16| -> anyhow::Result<u32> {
             let mut total = 0u64;
             for i in 0..new_flows {
-                let r = testrun::run(fd, &tcp(dst, base + i, dport, true), 1)?;
+                let r = testrun::run(fd, &lb_tcp(dst, base + i, dport, true), 1)?;
                 anyhow::ensure!(r.retval == TC_ACT_REDIRECT, "a new flow must pass (got {})", r.retval);
                 total += r.ns_per_run as u64;
             }
@@ -224,7 +94,7 @@ fn main() -> anyhow::Result<()> {
         // Established: a flow through the VIP and one straight to the
         // member, confirmed, then an ACK of each, many times.
         for (dst, dport) in [(VIP, 80), (MEMBER, 8080)] {
-            let r = testrun::run(fd, &tcp(dst, 9_000 + round as u16, dport, true), 1)?;
+            let r = testrun::run(fd, &lb_tcp(dst, 9_000 + round as u16, dport, true), 1)?;
             anyhow::ensure!(r.retval == TC_ACT_REDIRECT, "the flow must open");
         }
         confirm(&mut dp)?;
@@ -245,8 +115,8 @@ fn main() -> anyhow::Result<()> {
             all.sort_unstable();
             Ok(all[all.len() / 2])
         };
-        let est_vip = best(&tcp(VIP, 9_000 + round as u16, 80, false))?;
-        let est_direct = best(&tcp(MEMBER, 9_000 + round as u16, 8080, false))?;
+        let est_vip = best(&lb_tcp(VIP, 9_000 + round as u16, 80, false))?;
+        let est_direct = best(&lb_tcp(MEMBER, 9_000 + round as u16, 8080, false))?;
         println!("{scheduler:<22} {new_vip:>11} ns {new_direct:>11} ns {est_vip:>11} ns {est_direct:>11} ns");
         let per_conn = new_vip as u64 + 2 * est_vip as u64;
         println!(

@@ -219,6 +219,8 @@ pub struct Dataplane {
     lb_backends: std::collections::BTreeMap<u32, dataplane_common::lb::LbBackend>,
     /// Whether the load balancers were written once by this process.
     lb_started: bool,
+    /// The ports that translate, with their VNIs, as last written.
+    lb_ports: std::collections::BTreeMap<u32, u32>,
     mirror_gen: [u32; m::MIRROR_SLOTS as usize],
     /// Devices whose observers run this load's programs (attached, or
     /// adopted from an earlier agent and swapped), and whether the VXLAN
@@ -400,6 +402,7 @@ impl Dataplane {
             lb_generations: Default::default(),
             lb_backends: Default::default(),
             lb_started: false,
+            lb_ports: Default::default(),
             mirror_gen: [0; m::MIRROR_SLOTS as usize],
             mirror_links: BTreeSet::new(),
             mirror_overlay_link: false,
@@ -1118,6 +1121,7 @@ impl Dataplane {
             }
         }
         self.lb_backends = backends;
+        self.lb_ports = plan.ports.clone();
         self.lb_generations = plan.services.values().map(|s| (s.info.id, s.info.generation)).collect();
         Ok(())
     }
@@ -1134,11 +1138,7 @@ impl Dataplane {
             return Ok(0);
         }
         let now = monotonic_ns();
-        let vni: std::collections::BTreeMap<u32, u32> = {
-            let map = self.ebpf.map(m::PORTS).context("map PORTS missing")?;
-            let h: BpfHashMap<&MapData, u32, m::PortInfo> = BpfHashMap::try_from(map)?;
-            h.iter().filter_map(Result::ok).map(|(k, p)| (k, p.vni)).collect()
-        };
+        let vni = &self.lb_ports;
         let mut counts: std::collections::BTreeMap<u32, l::LbConns> = std::collections::BTreeMap::new();
         let read = |ebpf: &aya::Ebpf, name: &str| -> anyhow::Result<Vec<(l::LbFlowKey, l::LbFlow)>> {
             let map = ebpf.map(name).with_context(|| format!("map {name} missing"))?;

@@ -372,7 +372,8 @@ fn nginx(lab: &sdn_integration::lab::Lab, vm: &str) -> sdn_integration::Proc {
 
 /// One HTTP GET from VM `from` (pinned to CPU 0, so one per-CPU cursor
 /// decides a round robin) to `addr`:`port`, from source port `sport` (0:
-/// any): the answer, "member client-address".
+/// any; a given one is above the ephemeral range, so no earlier
+/// connection holds it): the answer, "member client-address".
 fn get(lab: &sdn_integration::lab::Lab, from: &str, addr: &str, port: u16, sport: u16) -> String {
     let host = if addr.contains(':') {
         format!("[{addr}]")
@@ -593,7 +594,7 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
     let mut wrong = Vec::new();
     for (i, (vm, client)) in [("c1", "10.80.0.11"), ("c2", "10.80.0.12")].iter().enumerate() {
         for k in 0..20u16 {
-            let sport = 41000 + i as u16 * 100 + k;
+            let sport = 61000 + i as u16 * 100 + k;
             let got = get(&lab, vm, vip4, 80, sport);
             let want = maglev_member(&members, client, sport, vip4, 80);
             if !got.starts_with(&want) {
@@ -710,7 +711,7 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
     }
     assert!(lab.cluster.apply(vec![drain]).await.unwrap().enforced);
     for k in 0..20u16 {
-        let sport = 42000 + k;
+        let sport = 62000 + k;
         let got = get(&lab, "c1", vip4, 80, sport);
         let want = maglev_member(&["b1", "b2"], "10.80.0.11", sport, vip4, 80);
         assert!(got.starts_with(&want), "{sport}: {got}, the table says {want}");
@@ -726,7 +727,7 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
             .enforced
     );
     for k in 0..20u16 {
-        let sport = 43000 + k;
+        let sport = 63000 + k;
         let got = get(&lab, "c2", vip4, 80, sport);
         let want = maglev_member(&["b1", "b2"], "10.80.0.12", sport, vip4, 80);
         assert!(got.starts_with(&want), "{sport}: {got}, the table says {want}");

@@ -51,6 +51,9 @@ pub struct LbPlan {
     /// The VIPs as addresses of their VPCs, answered as the gateways are
     /// (ARP, neighbour discovery) and never forwarded to untranslated.
     pub vips: BTreeMap<EndpointKey, Endpoint>,
+    /// The ports (ifindex) that translate, with their VPC's VNI: the
+    /// agent's count of flows finds their conntrack entries by it.
+    pub ports: BTreeMap<u32, u32>,
 }
 
 /// Slots kept from pass to pass: services by name, and each service's
@@ -215,7 +218,8 @@ pub fn compile_lbs(lbs: &[&pb::LoadBalancerOnHost], slots: &mut LbSlots, rejecte
                 info: LbService {
                     id,
                     scheduler: sched,
-                    _pad: [0; 3],
+                    _pad: 0,
+                    slots: backends.keys().next_back().map_or(0, |s| *s as u16 + 1),
                     generation,
                     persistence_secs: li.persistence_secs,
                 },

@@ -635,6 +635,7 @@ impl Compiler {
             if let Some((ifx, mut info)) = part.entry {
                 if d.lb.vnis.contains(&info.vni) {
                     info.flags |= PORT_F_LB;
+                    d.lb.ports.insert(ifx, info.vni);
                 }
                 // A rejected port's entry keeps policy 0 and epoch 0.
                 if part.rejected.is_none() {

@@ -68,7 +68,9 @@ pub struct LbService {
     /// [`SCHED_TABLE_CURSOR`] or [`SCHED_TABLE_HASH`]; 0: no backend can
     /// take a new flow (the flow is refused, `lb_no_backend`).
     pub scheduler: u8,
-    pub _pad: [u8; 3],
+    pub _pad: u8,
+    /// The slots in use are below this one (least connections walks them).
+    pub slots: u16,
     /// Changes whenever the service's backends or table change.
     pub generation: u32,
     /// Source persistence: a client's new flows go to the member its last

@@ -123,7 +123,7 @@ pub fn stage(m: &mut Meta) -> Result<(), DropReason> {
         }
     }
     if svc.scheduler == SCHED_LEAST {
-        let slot = least(svc.id).ok_or(DropReason::LbNoBackend)?;
+        let slot = least(svc.id, svc.slots as u32).ok_or(DropReason::LbNoBackend)?;
         let Some(b) = LB_BACKENDS_ARR.get(svc.id * LB_BACKENDS + slot) else {
             return Err(DropReason::LbNoBackend);
         };
@@ -159,7 +159,7 @@ pub fn stage(m: &mut Meta) -> Result<(), DropReason> {
 /// its weight (the first of equals). The slots are walked by `bpf_loop`,
 /// which the verifier checks once, not once per slot.
 #[inline(always)]
-fn least(id: u32) -> Option<u32> {
+fn least(id: u32, slots: u32) -> Option<u32> {
     let mut w = Least {
         base: id * LB_BACKENDS,
         found: 0,
@@ -171,7 +171,7 @@ fn least(id: u32) -> Option<u32> {
     // SAFETY: the callback reads only `w`, which outlives the call.
     unsafe {
         gen::bpf_loop(
-            LB_BACKENDS,
+            slots.min(LB_BACKENDS),
             least_step as *mut core::ffi::c_void,
             &mut w as *mut Least as *mut core::ffi::c_void,
             0,
