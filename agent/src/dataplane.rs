@@ -1126,6 +1126,30 @@ impl Dataplane {
         Ok(())
     }
 
+    /// The load balancers' services and backend slots the pinned maps
+    /// hold (from an earlier run of the agent).
+    pub fn lb_held(&self) -> anyhow::Result<crate::compile::lb::LbHeld> {
+        use dataplane_common::lb as l;
+        let mut held = crate::compile::lb::LbHeld::default();
+        let map = self.ebpf.map(l::LB_SERVICES).context("map LB_SERVICES missing")?;
+        let h: BpfHashMap<&MapData, l::LbServiceKey, l::LbService> = BpfHashMap::try_from(map)?;
+        held.services = h.iter().filter_map(Result::ok).map(|(k, v)| (k, v.id)).collect();
+        let map = self.ebpf.map(l::LB_BACKENDS_MAP).context("map LB_BACKENDS missing")?;
+        let a: Array<&MapData, l::LbBackend> = Array::try_from(map)?;
+        for id in held.services.values() {
+            let mut slots = std::collections::BTreeMap::new();
+            for slot in 0..l::LB_BACKENDS {
+                if let Ok(b) = a.get(&(id * l::LB_BACKENDS + slot), 0) {
+                    if b.flags & l::LB_BACKEND_LIVE != 0 {
+                        slots.insert((b.addr, b.port), slot);
+                    }
+                }
+            }
+            held.backends.insert(*id, slots);
+        }
+        Ok(held)
+    }
+
     /// Counts each load-balancer backend's flows again from the flow
     /// tables, for least connections: confirmed flows still open whose
     /// client side conntrack still holds, and unconfirmed ones not timed

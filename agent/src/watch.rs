@@ -85,12 +85,22 @@ impl Agent {
     pub fn new(host: String, controllers: Vec<String>, mut dp: Dataplane) -> anyhow::Result<Agent> {
         let rec = Reconciler::new(dp.map_set()?).context("reading the pinned maps")?;
         tracing::info!(host = %host, ports = rec.port_count(), links = dp.attached().len(), "adopted pinned dataplane state");
+        let mut compiler = compile::Compiler::default();
+        match dp.lb_held() {
+            Ok(held) => {
+                if !held.services.is_empty() {
+                    tracing::info!(services = held.services.len(), "adopted the load balancers' numbering");
+                }
+                compiler.seed_lb(held);
+            }
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "load balancers' numbering not read: flows through VIPs may be scheduled again"),
+        }
         Ok(Agent {
             host,
             controllers,
             dp,
             rec,
-            compiler: compile::Compiler::default(),
+            compiler,
             resources: Resources::new(),
             revision: 0,
             attached: BTreeSet::new(),

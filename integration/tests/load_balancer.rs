@@ -457,7 +457,7 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
         eprintln!("skipped: needs root");
         return;
     }
-    let lab = sdn_integration::lab::Lab::new("lbt", &["h1", "h2"])
+    let mut lab = sdn_integration::lab::Lab::new("lbt", &["h1", "h2"])
         .tenant("t")
         .vpc("v", None)
         .subnet("net", "v", "10.80.0.0/24", "fd80::/64")
@@ -507,20 +507,26 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
     std::thread::sleep(std::time::Duration::from_millis(500));
     let (vip4, vip6) = ("10.80.0.100", "fd80::100");
     let lb = load_balancer("lb", "t", "v", vip4, vip6);
-    let mut ops = vec![
-        put_lb(lb),
-        pool("web", "lb"),
-        pool("wweb", "lb"),
-        pool("dns", "lb"),
-        pool("strict", "lb"),
-        pool("echo", "lb"),
-    ];
     let with_port = |mut m: pb::operation::Op, port: u32| {
         if let pb::operation::Op::PutMember(x) = &mut m {
             x.port = port;
         }
         m
     };
+    // First the echo service alone (its numbers in the agents are then
+    // not those a fresh start would give it among all the others).
+    let mut ops = vec![put_lb(lb), pool("echo", "lb")];
+    for b in ["b1", "b2"] {
+        ops.push(with_port(member(&format!("echo-{b}"), "echo", b, "", 1), 9000));
+    }
+    ops.push(listener("rr-echo", "lb", "tcp", 88, "echo", "round_robin"));
+    assert!(lab.cluster.apply(ops).await.expect("the echo service").enforced);
+    let mut ops = vec![
+        pool("web", "lb"),
+        pool("wweb", "lb"),
+        pool("dns", "lb"),
+        pool("strict", "lb"),
+    ];
     ops.push(with_port(member("strict-b4", "strict", "b4", "", 1), 8080));
     ops.extend([pool("lc", "lb"), pool("wlc", "lb")]);
     for b in ["b1", "b2", "b3"] {
@@ -528,9 +534,6 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
     }
     ops.push(with_port(member("wlc-b1", "wlc", "b1", "", 3), 8080));
     ops.push(with_port(member("wlc-b2", "wlc", "b2", "", 1), 8080));
-    for b in ["b1", "b2"] {
-        ops.push(with_port(member(&format!("echo-{b}"), "echo", b, "", 1), 9000));
-    }
     for (i, b) in ["b1", "b2", "b3"].iter().enumerate() {
         for (p, weight, port) in [("web", 1, 8080), ("wweb", [3, 1, 1][i], 8080), ("dns", 1, 5353)] {
             let mut m = member(&format!("{p}-{b}"), p, b, "", weight);
@@ -658,6 +661,38 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
         let _ = h.kill();
         let _ = h.wait();
     }
+
+    // An agent restart moves no flow: a connection held through a
+    // round-robin VIP keeps exchanging while the client's host's agent is
+    // killed and started again (it takes the kernel's numbering of the
+    // services and backends, not a fresh one).
+    let ns = lab.topo.vm("c1").ns.name.clone();
+    let probe = sdn_integration::bin("sdn-probe");
+    let held = std::thread::spawn(move || {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(&probe)
+            .args(["hold", "10.80.0.100", "88", "--seconds", "6"])
+            .output()
+            .unwrap()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    lab.cluster.agent("h1").kill();
+    lab.cluster.start_agent(&lab.topo, "h1").unwrap();
+    let out = held.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("failed=0"),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        lab.cluster
+            .agent_log("h1")
+            .contains("adopted the load balancers' numbering"),
+        "{}",
+        lab.cluster.agent_log("h1")
+    );
 
     // The member's security groups judge the client's own address: b4
     // admits c2 only.

@@ -62,6 +62,18 @@ pub struct LbPlan {
 pub struct LbSlots {
     pub services: BTreeMap<String, u32>,
     pub backends: BTreeMap<String, BTreeMap<String, u32>>,
+    /// What the pinned maps held when the agent started, for its first
+    /// pass: each service keeps its number and each backend its slot, so
+    /// that a restart moves no flow.
+    pub held: Option<LbHeld>,
+}
+
+/// The services and backend slots the pinned maps hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LbHeld {
+    pub services: BTreeMap<LbServiceKey, u32>,
+    /// Service number -> (address, port) -> slot.
+    pub backends: BTreeMap<u32, BTreeMap<([u8; 16], u16), u32>>,
 }
 
 /// Plans the load balancers of the share.
@@ -137,6 +149,27 @@ pub fn compile_lbs(lbs: &[&pb::LoadBalancerOnHost], slots: &mut LbSlots, rejecte
         }
     }
     wanted.sort_by(|a, b| a.0.cmp(&b.0));
+    // After a restart, each service and backend takes the number it had in
+    // the kernel (where it is still the same service and backend).
+    if let Some(held) = slots.held.take() {
+        let mut taken = BTreeSet::new();
+        for (name, key, li, members) in &wanted {
+            let Some(id) = held.services.get(key).copied().filter(|id| taken.insert(*id)) else {
+                continue;
+            };
+            slots.services.insert(name.clone(), id);
+            let Some(was) = held.backends.get(&id) else { continue };
+            let port_of = |b: &pb::BackendOnHost| u16::try_from(if b.port == 0 { li.port } else { b.port }).ok();
+            let kept = slots.backends.entry(name.clone()).or_default();
+            let mut used = BTreeSet::new();
+            for (b, a) in members {
+                let Some(port) = port_of(b) else { continue };
+                if let Some(slot) = was.get(&(addr16(*a).1, port)).copied().filter(|s| used.insert(*s)) {
+                    kept.insert(b.member_id.clone(), slot);
+                }
+            }
+        }
+    }
     let names: Vec<&str> = wanted.iter().map(|w| w.0.as_str()).collect();
     super::keep_slots(&names, LB_SERVICES_MAX, &mut slots.services);
     slots.backends.retain(|k, _| slots.services.contains_key(k));
@@ -406,6 +439,43 @@ mod tests {
                 })
                 .collect(),
         }
+    }
+
+    /// After a restart, services and backends take the numbers the kernel
+    /// held, whatever order a fresh start would give them.
+    #[test]
+    fn a_restart_keeps_the_kernels_numbers() {
+        let a = lb(
+            &["round_robin"],
+            &[("a", "10.0.0.1", "enabled"), ("b", "10.0.0.2", "enabled")],
+        );
+        let mut first = LbSlots::default();
+        let p = compile_lbs(&[&a], &mut first, &mut Vec::new());
+        let v4 = p.services.iter().find(|(_, s)| s.name == "lb/l0/v4").unwrap();
+        // What the kernel held: the service as number 9, b in slot 0 and a
+        // in slot 5.
+        let mut held = LbHeld::default();
+        held.services.insert(*v4.0, 9);
+        held.backends.insert(
+            9,
+            BTreeMap::from([
+                ((addr16("10.0.0.2".parse().unwrap()).1, 8080), 0),
+                ((addr16("10.0.0.1".parse().unwrap()).1, 8080), 5),
+            ]),
+        );
+        let mut slots = LbSlots {
+            held: Some(held),
+            ..Default::default()
+        };
+        let p = compile_lbs(&[&a], &mut slots, &mut Vec::new());
+        let v4 = p.services.values().find(|s| s.name == "lb/l0/v4").unwrap();
+        assert_eq!(v4.info.id, 9);
+        assert_eq!(v4.backends[&0].addr[3], 2);
+        assert_eq!(v4.backends[&5].addr[3], 1);
+        assert_eq!(v4.info.slots, 6);
+        // The v6 service (no held number) takes a free one.
+        let v6 = p.services.values().find(|s| s.name == "lb/l0/v6").unwrap();
+        assert_ne!(v6.info.id, 9);
     }
 
     /// Services per family; backends keep their slots as members come and

@@ -331,6 +331,12 @@ fn reuse<'c, K: std::hash::Hash + Eq + Clone, I: PartialEq, T>(
 }
 
 impl Compiler {
+    /// What the pinned maps held of the load balancers when the agent
+    /// started: the first pass keeps their numbers.
+    pub fn seed_lb(&mut self, held: lb::LbHeld) {
+        self.lb_slots.held = Some(held);
+    }
+
     /// Compiles the share, reusing what the earlier passes compiled from
     /// the same inputs.
     pub fn compile(
