@@ -1191,24 +1191,68 @@ impl Dataplane {
             ct.get(&key, 0)
                 .is_ok_and(|c| now.saturating_sub(c.last_seen_ns) <= m::ct_timeout(k.proto, c.flags))
         };
+        // A flow counts for its slot only while the slot holds its backend.
+        let holds = |f: &l::LbFlow| {
+            self.lb_backends
+                .get(&(f.service * l::LB_BACKENDS + f.slot as u32))
+                .is_some_and(|b| b.addr == f.backend && b.port == f.backend_port)
+        };
+        let reverse_of = |k: &l::LbFlowKey, f: &l::LbFlow| l::LbReverseKey {
+            ifindex: k.ifindex,
+            family: k.family,
+            proto: k.proto,
+            client_port: k.client_port,
+            backend_port: f.backend_port,
+            _pad: 0,
+            backend: f.backend,
+        };
+        // Flows conntrack no longer holds go, so that in these LRUs only
+        // such flows ever give way.
+        let mut gone: Vec<(l::LbFlowKey, l::LbReverseKey)> = Vec::new();
+        let mut gone_new: Vec<(l::LbFlowKey, l::LbReverseKey)> = Vec::new();
         for (k, f) in &confirmed {
-            if f.flags & (l::LB_FLOW_OPEN | l::LB_FLOW_CLOSED) == l::LB_FLOW_OPEN && live(k, f) {
+            if !live(k, f) {
+                gone.push((*k, reverse_of(k, f)));
+            } else if f.flags & (l::LB_FLOW_OPEN | l::LB_FLOW_CLOSED) == l::LB_FLOW_OPEN && holds(f) {
                 counts.entry(f.service * l::LB_BACKENDS + f.slot as u32).or_default().open += 1;
             }
         }
         for (k, f) in &unconfirmed {
-            let c = counts.entry(f.service * l::LB_BACKENDS + f.slot as u32).or_default();
             let timeout = if k.proto == dataplane_common::PROTO_TCP {
                 m::CT_TIMEOUT_SYN_NS
             } else {
                 m::ct_timeout(k.proto, 0)
             };
-            // Confirmed by conntrack, not yet by the load balancer (a
-            // connection idle since its handshake): open.
+            // Confirmed by conntrack, not yet by the load balancer: open.
             if live(k, f) {
-                c.open += 1;
+                if holds(f) {
+                    counts.entry(f.service * l::LB_BACKENDS + f.slot as u32).or_default().open += 1;
+                }
             } else if now.saturating_sub(f.created_ns) <= timeout {
-                c.new += 1;
+                if holds(f) {
+                    counts.entry(f.service * l::LB_BACKENDS + f.slot as u32).or_default().new += 1;
+                }
+            } else {
+                gone_new.push((*k, reverse_of(k, f)));
+            }
+        }
+        drop(ct);
+        for (flows, reverse, doomed) in [
+            (l::LB_FLOWS, l::LB_REVERSE, &gone),
+            (l::LB_FLOWS_NEW, l::LB_REVERSE_NEW, &gone_new),
+        ] {
+            if doomed.is_empty() {
+                continue;
+            }
+            let map = self.ebpf.map_mut(flows).with_context(|| format!("map {flows} missing"))?;
+            let mut h: BpfHashMap<&mut MapData, l::LbFlowKey, l::LbFlow> = BpfHashMap::try_from(map)?;
+            for (k, _) in doomed.iter() {
+                let _ = h.remove(k);
+            }
+            let map = self.ebpf.map_mut(reverse).with_context(|| format!("map {reverse} missing"))?;
+            let mut h: BpfHashMap<&mut MapData, l::LbReverseKey, l::LbReverse> = BpfHashMap::try_from(map)?;
+            for (_, r) in doomed.iter() {
+                let _ = h.remove(r);
             }
         }
         let total = counts.values().map(|c| (c.open + c.new) as usize).sum();

@@ -672,13 +672,26 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
         std::process::Command::new("ip")
             .args(["netns", "exec", &ns])
             .arg(&probe)
-            .args(["hold", "10.80.0.100", "88", "--seconds", "6"])
+            .args(["hold", "10.80.0.100", "88", "--seconds", "9"])
             .output()
             .unwrap()
     });
     std::thread::sleep(std::time::Duration::from_millis(1500));
+    let watching = |lab: &sdn_integration::lab::Lab| lab.cluster.agent_log("h1").matches("watching").count();
+    let before = watching(&lab);
     lab.cluster.agent("h1").kill();
     lab.cluster.start_agent(&lab.topo, "h1").unwrap();
+    // The new agent has its share and has enforced it while the
+    // connection still exchanges.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while watching(&lab) <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not start watching again"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(1));
     let out = held.join().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(

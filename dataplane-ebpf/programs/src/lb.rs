@@ -25,10 +25,10 @@ use dataplane_common::{
 use crate::{
     guard::pure_syn,
     maps::{
-        count, LB_BACKENDS_ARR, LB_CONNS, LB_CURSOR, LB_FLOWS, LB_FLOWS_NEW, LB_PERSIST, LB_REVERSE, LB_REVERSE_NEW,
+        count, CT, LB_BACKENDS_ARR, LB_CONNS, LB_CURSOR, LB_FLOWS, LB_FLOWS_NEW, LB_PERSIST, LB_REVERSE, LB_REVERSE_NEW,
         LB_SERVICES, LB_TABLE_ARR,
     },
-    meta::{Meta, E_FROM_VM, LB_EST, LB_EST_NEW, LB_NEW, LB_NONE, LB_NO_CURSOR, S_EST, S_STALE, T_MAIN},
+    meta::{Meta, EMPTY_KEY, E_FROM_VM, LB_EST, LB_EST_NEW, LB_NEW, LB_NONE, LB_NO_CURSOR, S_EST, S_STALE},
     parse::{ETH_HLEN, TCP_FIN, TCP_RST},
 };
 
@@ -123,7 +123,7 @@ pub fn stage(m: &mut Meta) -> Result<(), DropReason> {
         }
     }
     if svc.scheduler == SCHED_LEAST {
-        let slot = least(svc.id, svc.slots as u32).ok_or(DropReason::LbNoBackend)?;
+        let slot = least(svc.id, svc.slots as u32, m.src).ok_or(DropReason::LbNoBackend)?;
         let Some(b) = LB_BACKENDS_ARR.get(svc.id * LB_BACKENDS + slot) else {
             return Err(DropReason::LbNoBackend);
         };
@@ -140,13 +140,26 @@ pub fn stage(m: &mut Meta) -> Result<(), DropReason> {
         }
         _ => return Err(DropReason::LbNoBackend),
     };
-    let slot = match LB_TABLE_ARR.get(svc.id * LB_TABLE_SIZE + i) {
+    let mut slot = match LB_TABLE_ARR.get(svc.id * LB_TABLE_SIZE + i) {
         Some(s) if *s < LB_BACKENDS => *s,
         _ => return Err(DropReason::LbNoBackend),
     };
-    let Some(b) = LB_BACKENDS_ARR.get(svc.id * LB_BACKENDS + slot) else {
+    let Some(mut b) = LB_BACKENDS_ARR.get(svc.id * LB_BACKENDS + slot) else {
         return Err(DropReason::LbNoBackend);
     };
+    // A member calling its own VIP: the table's next slot, which is
+    // another member's unless the member is alone.
+    if b.addr == m.src {
+        let j = if i + 1 >= LB_TABLE_SIZE { 0 } else { i + 1 };
+        slot = match LB_TABLE_ARR.get(svc.id * LB_TABLE_SIZE + j) {
+            Some(s) if *s < LB_BACKENDS => *s,
+            _ => return Err(DropReason::LbNoBackend),
+        };
+        b = match LB_BACKENDS_ARR.get(svc.id * LB_BACKENDS + slot) {
+            Some(b) => b,
+            None => return Err(DropReason::LbNoBackend),
+        };
+    }
     if b.flags & LB_BACKEND_LIVE == 0 {
         return Err(DropReason::LbNoBackend);
     }
@@ -159,8 +172,9 @@ pub fn stage(m: &mut Meta) -> Result<(), DropReason> {
 /// its weight (the first of equals). The slots are walked by `bpf_loop`,
 /// which the verifier checks once, not once per slot.
 #[inline(always)]
-fn least(id: u32, slots: u32) -> Option<u32> {
+fn least(id: u32, slots: u32, client: [u8; 16]) -> Option<u32> {
     let mut w = Least {
+        client,
         base: id * LB_BACKENDS,
         found: 0,
         best: 0,
@@ -183,6 +197,8 @@ fn least(id: u32, slots: u32) -> Option<u32> {
 /// What [`least`] walks with.
 #[repr(C)]
 struct Least {
+    /// The client: a member is never its own backend.
+    client: [u8; 16],
     base: u32,
     found: u32,
     best: u32,
@@ -196,7 +212,7 @@ extern "C" fn least_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
     let w = unsafe { &mut *(ctx as *mut Least) };
     let slot = w.base + i as u32;
     let Some(b) = LB_BACKENDS_ARR.get(slot) else { return 1 };
-    if b.flags & LB_BACKEND_NEW == 0 {
+    if b.flags & LB_BACKEND_NEW == 0 || b.addr == w.client {
         return 0;
     }
     let weight = b.weight.max(1) as u64;
@@ -268,9 +284,9 @@ pub fn commit(ctx: &mut TcContext, m: &Meta) -> Result<(), DropReason> {
     }
     match m.lb {
         LB_NEW => record(m),
-        // The client's side was confirmed by an earlier packet (it is in
-        // the flow table now): the flow moves to the confirmed flows.
-        LB_EST_NEW if m.tbl_src == T_MAIN && (m.ct_src == S_EST || m.ct_src == S_STALE) => promote(m),
+        // Once conntrack has confirmed the client's side (this packet's
+        // writes included), the flow moves to the confirmed flows.
+        LB_EST_NEW => promote(m),
         LB_EST => {
             let rkey = reverse_key(m);
             // SAFETY: only whether the entry exists is read.
@@ -297,7 +313,7 @@ fn remember(m: &Meta) {
         // SAFETY: a live map value; racing writers write the same member
         // or a newer one.
         unsafe {
-            if (*p).slot == m.lb_slot && (*p).backend == m.dst {
+            if (*p).slot == m.lb_slot && (*p).backend == m.dst && (*p).backend_port == m.dport {
                 (*p).seen_ns = m.now;
                 return;
             }
@@ -402,23 +418,35 @@ fn close(m: &Meta) {
 
 #[inline(never)]
 fn promote(m: &Meta) {
-    let key = flow_key_of(m);
-    // SAFETY: the value is copied out at once.
-    if let Some(mut f) = unsafe { LB_FLOWS_NEW.get(&key) }.copied() {
-        f.flags |= LB_FLOW_OPEN;
-        let _ = LB_FLOWS.insert(&key, &f, 0);
-        if let Some(c) = conns(m) {
-            // SAFETY: the fields of a live map value.
-            unsafe {
-                add(core::ptr::addr_of_mut!((*c).new), -1);
-                add(core::ptr::addr_of_mut!((*c).open), 1);
-            }
-        }
-        let _ = LB_FLOWS_NEW.remove(&key);
-        let rkey = reverse_key(m);
-        let _ = LB_REVERSE.insert(&rkey, &reverse(m), 0);
-        let _ = LB_REVERSE_NEW.remove(&rkey);
+    let mut ck = EMPTY_KEY;
+    m.src_key(&mut ck);
+    // SAFETY: only whether the entry exists is read.
+    if unsafe { CT.get(&ck) }.is_none() {
+        return;
     }
+    move_flow(m, &flow_key_of(m), &reverse_key(m), &reverse(m));
+}
+
+/// Moves an unconfirmed flow and its reply to the confirmed ones; it now
+/// counts as open for its member.
+#[inline(always)]
+fn move_flow(_m: &Meta, key: &LbFlowKey, rkey: &LbReverseKey, rev: &LbReverse) {
+    // SAFETY: the value is copied out at once.
+    let Some(mut f) = (unsafe { LB_FLOWS_NEW.get(key) }).copied() else {
+        return;
+    };
+    f.flags |= LB_FLOW_OPEN;
+    let _ = LB_FLOWS.insert(key, &f, 0);
+    if let Some(c) = LB_CONNS.get_ptr_mut(f.service * LB_BACKENDS + f.slot as u32) {
+        // SAFETY: the fields of a live map value.
+        unsafe {
+            add(core::ptr::addr_of_mut!((*c).new), -1);
+            add(core::ptr::addr_of_mut!((*c).open), 1);
+        }
+    }
+    let _ = LB_FLOWS_NEW.remove(key);
+    let _ = LB_REVERSE.insert(rkey, rev, 0);
+    let _ = LB_REVERSE_NEW.remove(rkey);
 }
 
 /// A packet delivered to a port of a VPC with load balancers: a backend's
@@ -447,11 +475,38 @@ pub fn reply(ctx: &mut TcContext, m: &Meta) -> Result<(), DropReason> {
     let r = match unsafe { LB_REVERSE.get(&key) } {
         Some(r) => r,
         None => match unsafe { LB_REVERSE_NEW.get(&key) } {
-            Some(r) => r,
+            Some(r) => {
+                // The answer that confirms the client's side (conntrack's
+                // writes for this packet are done) confirms the flow too.
+                promote_on_reply(m, &key, r);
+                r
+            }
             None => return Ok(()),
         },
     };
     rewrite(ctx, m, false, &m.src, &r.vip, m.sport, r.vport)
+}
+
+/// An unconfirmed flow whose answer confirmed the client's side (UDP:
+/// the first answer) moves to the confirmed flows.
+#[inline(never)]
+fn promote_on_reply(m: &Meta, rkey: &LbReverseKey, r: &LbReverse) {
+    let mut ck = EMPTY_KEY;
+    m.dst_key(&mut ck);
+    // SAFETY: only whether the entry exists is read.
+    if unsafe { CT.get(&ck) }.is_none() {
+        return;
+    }
+    let key = LbFlowKey {
+        ifindex: m.dst_ifx,
+        family: m.family,
+        proto: m.proto,
+        client_port: m.dport,
+        vport: r.vport,
+        _pad: 0,
+        vip: r.vip,
+    };
+    move_flow(m, &key, rkey, r);
 }
 
 const BPF_F_PSEUDO_HDR: u64 = 1 << 4;
