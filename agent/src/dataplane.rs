@@ -165,6 +165,18 @@ fn sync_hash<K: Pod + Ord, V: Pod + PartialEq>(
     Ok(())
 }
 
+/// Removes the keys of hash map `name` that `doomed` picks; returns how
+/// many.
+fn remove_keys<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &str, doomed: impl Fn(&K) -> bool) -> anyhow::Result<usize> {
+    let map = ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
+    let mut h: BpfHashMap<&mut MapData, K, V> = BpfHashMap::try_from(map)?;
+    let keys: Vec<K> = h.keys().filter_map(|k| k.ok()).filter(|k| doomed(k)).collect();
+    for k in &keys {
+        let _ = h.remove(k);
+    }
+    Ok(keys.len())
+}
+
 pub fn ifindex(name: &str) -> Option<u32> {
     let c = std::ffi::CString::new(name).ok()?;
     // SAFETY: plain libc call on a valid C string.
@@ -719,17 +731,7 @@ impl Dataplane {
         }
         let mut n = 0;
         for name in [m::CT, m::CT_SYN] {
-            let map = self.ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
-            let mut ct: BpfHashMap<&mut MapData, m::CtKey, m::CtValue> = BpfHashMap::try_from(map)?;
-            let doomed: Vec<m::CtKey> = ct
-                .keys()
-                .filter_map(|k| k.ok())
-                .filter(|k| ifindexes.contains(&k.ifindex))
-                .collect();
-            for k in &doomed {
-                let _ = ct.remove(k);
-            }
-            n += doomed.len();
+            n += remove_keys::<m::CtKey, m::CtValue>(&mut self.ebpf, name, |k| ifindexes.contains(&k.ifindex))?;
         }
         let map = self.ebpf.map_mut(m::CT_COUNT).context("map CT_COUNT missing")?;
         let mut counts: BpfHashMap<&mut MapData, u32, u32> = BpfHashMap::try_from(map)?;
@@ -740,28 +742,10 @@ impl Dataplane {
         // another port must find none of them.
         use dataplane_common::lb as l;
         for name in [l::LB_FLOWS, l::LB_FLOWS_NEW] {
-            let map = self.ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
-            let mut h: BpfHashMap<&mut MapData, l::LbFlowKey, l::LbFlow> = BpfHashMap::try_from(map)?;
-            let doomed: Vec<l::LbFlowKey> = h
-                .keys()
-                .filter_map(|k| k.ok())
-                .filter(|k| ifindexes.contains(&k.ifindex))
-                .collect();
-            for k in &doomed {
-                let _ = h.remove(k);
-            }
+            remove_keys::<l::LbFlowKey, l::LbFlow>(&mut self.ebpf, name, |k| ifindexes.contains(&k.ifindex))?;
         }
         for name in [l::LB_REVERSE, l::LB_REVERSE_NEW] {
-            let map = self.ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
-            let mut h: BpfHashMap<&mut MapData, l::LbReverseKey, l::LbReverse> = BpfHashMap::try_from(map)?;
-            let doomed: Vec<l::LbReverseKey> = h
-                .keys()
-                .filter_map(|k| k.ok())
-                .filter(|k| ifindexes.contains(&k.ifindex))
-                .collect();
-            for k in &doomed {
-                let _ = h.remove(k);
-            }
+            remove_keys::<l::LbReverseKey, l::LbReverse>(&mut self.ebpf, name, |k| ifindexes.contains(&k.ifindex))?;
         }
         let mut t = self.traffic.lock().unwrap_or_else(|p| p.into_inner());
         for i in ifindexes {

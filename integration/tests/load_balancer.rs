@@ -413,6 +413,39 @@ fn udp(lab: &sdn_integration::lab::Lab, from: &str, addr: &str, port: u16) -> St
         .to_string()
 }
 
+/// A TCP connection from VM `from` through the VIP's `port`, exchanging
+/// every 50 ms for `seconds` (sdn-probe hold, against sdn-probe's echo).
+fn hold_through(
+    lab: &sdn_integration::lab::Lab,
+    from: &str,
+    port: u16,
+    seconds: u32,
+) -> std::thread::JoinHandle<std::process::Output> {
+    let ns = lab.topo.vm(from).ns.name.clone();
+    let probe = sdn_integration::bin("sdn-probe");
+    let (port, seconds) = (port.to_string(), seconds.to_string());
+    std::thread::spawn(move || {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(&probe)
+            .args(["hold", "10.80.0.100", &port, "--seconds", &seconds])
+            .output()
+            .unwrap()
+    })
+}
+
+/// The held connection lost no exchange.
+#[track_caller]
+fn held_without_loss(held: std::thread::JoinHandle<std::process::Output>) {
+    let out = held.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("failed=0"),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn tally<'a>(answers: impl Iterator<Item = &'a String>) -> std::collections::BTreeMap<String, usize> {
     let mut c = std::collections::BTreeMap::new();
     for a in answers {
@@ -666,16 +699,7 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
     // round-robin VIP keeps exchanging while the client's host's agent is
     // killed and started again (it takes the kernel's numbering of the
     // services and backends, not a fresh one).
-    let ns = lab.topo.vm("c1").ns.name.clone();
-    let probe = sdn_integration::bin("sdn-probe");
-    let held = std::thread::spawn(move || {
-        std::process::Command::new("ip")
-            .args(["netns", "exec", &ns])
-            .arg(&probe)
-            .args(["hold", "10.80.0.100", "88", "--seconds", "9"])
-            .output()
-            .unwrap()
-    });
+    let held = hold_through(&lab, "c1", 88, 9);
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let watching = |lab: &sdn_integration::lab::Lab| lab.cluster.agent_log("h1").matches("watching").count();
     let before = watching(&lab);
@@ -692,13 +716,7 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     std::thread::sleep(std::time::Duration::from_secs(1));
-    let out = held.join().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && text.contains("failed=0"),
-        "{text} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    held_without_loss(held);
     assert!(
         lab.cluster
             .agent_log("h1")
@@ -716,16 +734,7 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
     // Draining keeps a member's flows: a connection held through the VIP
     // keeps exchanging while every member drains, and new flows are
     // refused meanwhile.
-    let ns = lab.topo.vm("c1").ns.name.clone();
-    let probe = sdn_integration::bin("sdn-probe");
-    let held = std::thread::spawn(move || {
-        std::process::Command::new("ip")
-            .args(["netns", "exec", &ns])
-            .arg(&probe)
-            .args(["hold", "10.80.0.100", "84", "--seconds", "5"])
-            .output()
-            .unwrap()
-    });
+    let held = hold_through(&lab, "c1", 84, 5);
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let mut draining = Vec::new();
     for b in ["b1", "b2"] {
@@ -742,13 +751,7 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
         "no new flow while every member drains"
     );
     assert!(lab.counter("h1", "drops", "lb_no_backend") > refused);
-    let out = held.join().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && text.contains("failed=0"),
-        "{text} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    held_without_loss(held);
 
     // A member drains: no new flow goes to it, the table is the other
     // two's. Then it leaves.
