@@ -165,21 +165,9 @@ impl State {
     fn vpc_address(&self, c: &Ctx, field: &str, vpc: &str, ip: IpAddr) -> Result<(), BatchError> {
         let subnet = crate::index::Index::of(&self.index().subnets_by_vpc, vpc)
             .filter_map(|s| self.subnets.get(s))
-            .find(|s| match ip {
-                IpAddr::V4(a) => s.cidr_v4.is_some_and(|n| n.contains(a)),
-                IpAddr::V6(a) => s.cidr_v6.is_some_and(|n| n.contains(a)),
-            })
+            .find(|s| subnet_contains(s, ip))
             .ok_or_else(|| c.err(field, format!("{ip} is in no subnet of vpc {vpc}")))?;
-        let own = match ip {
-            IpAddr::V4(a) => {
-                let n = subnet.cidr_v4.expect("matched");
-                a == n.network() || a == n.broadcast() || Some(a) == subnet.gateway_v4()
-            }
-            IpAddr::V6(a) => {
-                let n = subnet.cidr_v6.expect("matched");
-                a == n.network() || Some(a) == subnet.gateway_v6()
-            }
-        };
+        let own = subnet_reserves(subnet, ip);
         if own {
             return Err(c.err(
                 field,

@@ -54,16 +54,17 @@ pub fn service(m: &Meta) -> Option<LbService> {
     unsafe { LB_SERVICES.get(&key) }.copied()
 }
 
+/// The flow of the client port sending `m`, to `vip`:`vport`.
 #[inline(always)]
-fn flow_key(m: &Meta) -> LbFlowKey {
+fn flow_key(m: &Meta, vip: &[u8; 16], vport: u16) -> LbFlowKey {
     LbFlowKey {
         ifindex: m.src_ifx,
         family: m.family,
         proto: m.proto,
         client_port: m.sport,
-        vport: m.dport,
+        vport,
         _pad: 0,
-        vip: m.dst,
+        vip: *vip,
     }
 }
 
@@ -80,7 +81,7 @@ pub fn stage(m: &mut Meta) -> Result<(), DropReason> {
         m.lb_vport = m.dport;
         return Ok(());
     };
-    let key = flow_key(m);
+    let key = flow_key(m, &m.dst, m.dport);
     let syn = m.proto == PROTO_TCP && pure_syn(m.tcp_flags);
     // A confirmed flow keeps its backend; a fresh SYN on its tuple is a new
     // connection (the port reused), scheduled anew. An unconfirmed flow
@@ -330,19 +331,6 @@ fn remember(m: &Meta) {
 }
 
 #[inline(always)]
-fn flow_key_of(m: &Meta) -> LbFlowKey {
-    LbFlowKey {
-        ifindex: m.src_ifx,
-        family: m.family,
-        proto: m.proto,
-        client_port: m.sport,
-        vport: m.lb_vport,
-        _pad: 0,
-        vip: m.lb_vip,
-    }
-}
-
-#[inline(always)]
 fn reverse_key(m: &Meta) -> LbReverseKey {
     LbReverseKey {
         ifindex: m.src_ifx,
@@ -368,7 +356,7 @@ fn reverse(m: &Meta) -> LbReverse {
 /// made among unconfirmed flows only.
 #[inline(never)]
 fn record(m: &Meta) {
-    let key = flow_key_of(m);
+    let key = flow_key(m, &m.lb_vip, m.lb_vport);
     let flow = LbFlow {
         backend: m.dst,
         backend_port: m.dport,
@@ -399,7 +387,7 @@ fn record(m: &Meta) {
 /// The client ends a confirmed flow: it no longer counts as open.
 #[inline(never)]
 fn close(m: &Meta) {
-    let Some(f) = LB_FLOWS.get_ptr_mut(&flow_key_of(m)) else {
+    let Some(f) = LB_FLOWS.get_ptr_mut(&flow_key(m, &m.lb_vip, m.lb_vport)) else {
         return;
     };
     // SAFETY: a live map value; a racing packet of the same flow may count
@@ -424,7 +412,7 @@ fn promote(m: &Meta) {
     if unsafe { CT.get(&ck) }.is_none() {
         return;
     }
-    move_flow(m, &flow_key_of(m), &reverse_key(m), &reverse(m));
+    move_flow(m, &flow_key(m, &m.lb_vip, m.lb_vport), &reverse_key(m), &reverse(m));
 }
 
 /// Moves an unconfirmed flow and its reply to the confirmed ones; it now
