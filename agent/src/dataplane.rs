@@ -350,9 +350,80 @@ impl<K: Pod + Send, V: Pod + Send> Table<K, V> for AyaTable<K, V> {
     }
 }
 
+/// The connection tables whose size is set at load time: the flow table,
+/// and the load balancer's confirmed flows both ways (each of them holds
+/// at most one entry per flow of the flow table).
+pub const FLOW_TABLES: [&str; 3] = [m::CT, dataplane_common::lb::LB_FLOWS, dataplane_common::lb::LB_REVERSE];
+/// Their size unless the host asks for another.
+pub const FLOW_TABLE_DEFAULT: u32 = m::CT_MAX;
+/// Bounds of a size asked for: below the lower one a host holds fewer
+/// flows than one port's budget; the upper one is 16 GiB or so of tables.
+pub const FLOW_TABLE_MIN: u32 = 1024;
+pub const FLOW_TABLE_LIMIT: u32 = 50_000_000;
+/// The suffix of a table's pin while its flows move to a table of
+/// another size.
+const RESIZE_SUFFIX: &str = ".resize";
+
+/// What the kernel says a pinned map is and holds: its size, and the
+/// memory charged for it (`memlock` in the map's fdinfo: every entry's
+/// room, since hash tables allocate all of it when they are made).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct TableMemory {
+    pub max_entries: u32,
+    pub memlock_bytes: u64,
+}
+
+/// The kernel's accounting for one map.
+pub fn table_memory(map: &MapData) -> anyhow::Result<TableMemory> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+    let max_entries = map.info()?.max_entries();
+    let fd = map.fd().as_fd().as_raw_fd();
+    let path = format!("/proc/self/fdinfo/{fd}");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let memlock_bytes = text
+        .lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("no memlock in {path}"))?;
+    Ok(TableMemory {
+        max_entries,
+        memlock_bytes,
+    })
+}
+
+/// The connection tables pinned under `pin_dir`, by name.
+pub fn read_flow_tables(pin_dir: &Path) -> anyhow::Result<Vec<(&'static str, TableMemory)>> {
+    let maps_dir = pin_dir.join("maps");
+    FLOW_TABLES
+        .iter()
+        .map(|name| {
+            let data = MapData::from_pin(maps_dir.join(name)).with_context(|| format!("opening pinned map {name}"))?;
+            Ok((*name, table_memory(&data)?))
+        })
+        .collect()
+}
+
+/// Checks a flow-table size asked for.
+pub fn check_flow_table_size(n: u32) -> anyhow::Result<()> {
+    if !(FLOW_TABLE_MIN..=FLOW_TABLE_LIMIT).contains(&n) {
+        anyhow::bail!("--flow-table-size {n}: must be from {FLOW_TABLE_MIN} to {FLOW_TABLE_LIMIT} entries");
+    }
+    Ok(())
+}
+
 impl Dataplane {
-    /// Loads the programs, reusing maps pinned under `pin_dir/maps`.
+    /// Loads the programs, reusing maps pinned under `pin_dir/maps`, with
+    /// connection tables of the default size.
     pub fn load(pin_dir: &Path) -> anyhow::Result<Dataplane> {
+        Self::load_sized(pin_dir, FLOW_TABLE_DEFAULT)
+    }
+
+    /// Loads the programs, reusing maps pinned under `pin_dir/maps`, with
+    /// connection tables of `flow_table` entries each. Pinned tables of
+    /// another size are replaced by new ones, their flows carried over
+    /// (those beyond a smaller table are counted and left out).
+    pub fn load_sized(pin_dir: &Path, flow_table: u32) -> anyhow::Result<Dataplane> {
+        check_flow_table_size(flow_table)?;
         std::fs::create_dir_all(pin_dir).with_context(|| format!("creating {}", pin_dir.display()))?;
         check_bpffs(pin_dir)?;
         let maps_dir = pin_dir.join("maps");
@@ -361,10 +432,38 @@ impl Dataplane {
         for d in [&maps_dir, &links_dir, &pipes_dir] {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
-        let mut ebpf = EbpfLoader::new()
-            .map_pin_path(&maps_dir)
-            .load(OBJECT)
-            .context("loading the eBPF object (maps pinned under the pin directory)")?;
+        for name in FLOW_TABLES {
+            let pin = maps_dir.join(name);
+            let aside = maps_dir.join(format!("{name}{RESIZE_SUFFIX}"));
+            if !pin.exists() {
+                continue;
+            }
+            let had = MapData::from_pin(&pin)
+                .with_context(|| format!("opening pinned map {name}"))?
+                .info()?
+                .max_entries();
+            if had == flow_table {
+                continue;
+            }
+            if aside.exists() {
+                // An earlier resize did not finish: its flows are still
+                // there to carry; the table made since is dropped.
+                std::fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
+            } else {
+                std::fs::rename(&pin, &aside).with_context(|| format!("moving {} aside", pin.display()))?;
+            }
+            tracing::info!(table = name, from = had, to = flow_table, "resizing a connection table");
+        }
+        let mut loader = EbpfLoader::new();
+        loader.map_pin_path(&maps_dir);
+        for name in FLOW_TABLES {
+            loader.set_max_entries(name, flow_table);
+        }
+        let mut ebpf = loader.load(OBJECT).with_context(|| {
+            format!(
+                "loading the eBPF object (maps pinned under the pin directory; connection tables of {flow_table} entries: see --flow-table-size)"
+            )
+        })?;
         for name in tc_programs() {
             let p: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -425,7 +524,69 @@ impl Dataplane {
         if let Some(n) = dp.migrate_v1_flows()? {
             tracing::info!(flows = n, "carried over flows of the earlier version's table");
         }
+        dp.carry_resized(false)?;
         Ok(dp)
+    }
+
+    /// Copies the flows of connection tables moved aside for a resize into
+    /// the new ones (entries already there are left as they are). With
+    /// `last`, every link runs the new programs: the tables moved aside
+    /// are removed after this copy.
+    fn carry_resized(&mut self, last: bool) -> anyhow::Result<()> {
+        use dataplane_common::lb;
+        let maps_dir = self.pin_dir.join("maps");
+        for name in FLOW_TABLES {
+            let aside = maps_dir.join(format!("{name}{RESIZE_SUFFIX}"));
+            if !aside.exists() {
+                continue;
+            }
+            let (copied, left) = match name {
+                m::CT => self.carry::<m::CtKey, m::CtValue>(name, &aside)?,
+                lb::LB_FLOWS => self.carry::<lb::LbFlowKey, lb::LbFlow>(name, &aside)?,
+                _ => self.carry::<lb::LbReverseKey, lb::LbReverse>(name, &aside)?,
+            };
+            if left > 0 {
+                tracing::warn!(table = name, carried = copied, left_out = left, "the new table is too small for every flow of the old one");
+            } else {
+                tracing::info!(table = name, carried = copied, "flows carried into the resized table");
+            }
+            if last {
+                std::fs::remove_file(&aside).with_context(|| format!("removing {}", aside.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the entries of the table pinned at `from` into this load's
+    /// table `name`: (copied, not copied for want of room).
+    fn carry<K: Pod, V: Pod>(&mut self, name: &str, from: &Path) -> anyhow::Result<(usize, usize)> {
+        let old = MapData::from_pin(from).with_context(|| format!("opening {}", from.display()))?;
+        let old: BpfHashMap<MapData, K, V> = BpfHashMap::try_from(aya::maps::Map::HashMap(old))?;
+        let map = self.ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
+        let mut new: BpfHashMap<&mut MapData, K, V> = BpfHashMap::try_from(map)?;
+        let (mut copied, mut left) = (0, 0);
+        for item in old.iter() {
+            let Ok((k, v)) = item else { continue };
+            if new.get(&k, 0).is_ok() {
+                continue;
+            }
+            match new.insert(k, v, 0) {
+                Ok(()) => copied += 1,
+                Err(_) => left += 1,
+            }
+        }
+        Ok((copied, left))
+    }
+
+    /// The kernel's accounting for this load's connection tables.
+    pub fn flow_tables(&self) -> anyhow::Result<Vec<(&'static str, TableMemory)>> {
+        FLOW_TABLES
+            .iter()
+            .map(|name| match self.ebpf.map(name) {
+                Some(aya::maps::Map::HashMap(d)) | Some(aya::maps::Map::LruHashMap(d)) => Ok((*name, table_memory(d)?)),
+                _ => anyhow::bail!("map {name} missing"),
+            })
+            .collect()
     }
 
     /// Copies the flows of version 1's flow table into this version's,
@@ -517,6 +678,9 @@ impl Dataplane {
     /// version's programs made until then are copied over first, and its
     /// tables removed.
     pub fn retire_old_pipelines(&mut self) {
+        if let Err(e) = self.carry_resized(true) {
+            tracing::warn!(error = %format!("{e:#}"), "carrying flows into the resized connection tables");
+        }
         let migration = self.migrate_v1_flows();
         let migrated = migration.is_ok();
         match migration {

@@ -95,6 +95,12 @@ enum Cmd {
         /// so one port's flood cannot take other ports' room.
         #[arg(long, default_value_t = 0)]
         ct_budget: u32,
+        /// Entries of the connection tables (the flow table, and the load
+        /// balancer's flows both ways), set when the programs load: their
+        /// memory is allocated whole then (`sdn-agent counters` shows it).
+        /// A restart with another size moves the flows into new tables.
+        #[arg(long, default_value_t = dataplane::FLOW_TABLE_DEFAULT)]
+        flow_table_size: u32,
         /// This host's underlay IPv4 address: the tunnel endpoint is bound
         /// to it, so tunnel packets sent to the host's other addresses (its
         /// zone uplinks') reach nothing.
@@ -143,13 +149,22 @@ async fn main() -> anyhow::Result<()> {
             pin_dir,
             vxlan_device,
             ct_budget,
+            flow_table_size,
             underlay_ip,
             metrics_listen,
             flows,
             syslog,
         } => {
-            let mut dp = dataplane::Dataplane::load(&pin_dir)
+            let mut dp = dataplane::Dataplane::load_sized(&pin_dir, flow_table_size)
                 .with_context(|| format!("loading the dataplane under {}", pin_dir.display()))?;
+            for (name, t) in dp.flow_tables()? {
+                tracing::info!(
+                    table = name,
+                    entries = t.max_entries,
+                    mib = t.memlock_bytes >> 20,
+                    "connection table"
+                );
+            }
             dp.set_ct_budget(ct_budget)?;
             if underlay_ip.is_none() {
                 tracing::warn!("no --underlay-ip: the tunnel endpoint is bound to no address");
@@ -240,7 +255,10 @@ async fn main() -> anyhow::Result<()> {
                     systems.insert(format!("{slot}/{zone}"), serde_json::json!({ "up": up, "down": down }));
                 }
             }
+            let tables: std::collections::BTreeMap<&str, dataplane::TableMemory> =
+                dataplane::read_flow_tables(&pin_dir)?.into_iter().collect();
             let j = serde_json::json!({
+                "tables": tables,
                 "drops": drops.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
                 "stats": stats.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
                 "mirror": mirror,
