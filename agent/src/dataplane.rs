@@ -361,8 +361,8 @@ pub const FLOW_TABLE_DEFAULT: u32 = m::CT_MAX;
 pub const FLOW_TABLE_MIN: u32 = 1024;
 pub const FLOW_TABLE_LIMIT: u32 = 50_000_000;
 /// The suffix of a table's pin while its flows move to a table of
-/// another size.
-const RESIZE_SUFFIX: &str = ".resize";
+/// another size (bpffs takes no dot in a name).
+const RESIZE_SUFFIX: &str = "_RESIZE";
 
 /// What the kernel says a pinned map is and holds: its size, and the
 /// memory charged for it (`memlock` in the map's fdinfo: every entry's
@@ -438,20 +438,20 @@ impl Dataplane {
             if !pin.exists() {
                 continue;
             }
-            let had = MapData::from_pin(&pin)
-                .with_context(|| format!("opening pinned map {name}"))?
-                .info()?
-                .max_entries();
+            let map = MapData::from_pin(&pin).with_context(|| format!("opening pinned map {name}"))?;
+            let had = map.info()?.max_entries();
             if had == flow_table {
                 continue;
             }
-            if aside.exists() {
-                // An earlier resize did not finish: its flows are still
-                // there to carry; the table made since is dropped.
-                std::fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
-            } else {
-                std::fs::rename(&pin, &aside).with_context(|| format!("moving {} aside", pin.display()))?;
+            // (bpffs renames nothing: the table is pinned again under the
+            // other name.) If an earlier resize did not finish, its flows
+            // are still there to carry, and the table made since is
+            // dropped.
+            if !aside.exists() {
+                map.pin(&aside)
+                    .with_context(|| format!("pinning {name} aside at {}", aside.display()))?;
             }
+            std::fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
             tracing::info!(table = name, from = had, to = flow_table, "resizing a connection table");
         }
         let mut loader = EbpfLoader::new();

@@ -200,9 +200,15 @@ impl Cluster {
     }
 
     pub fn start_agent(&mut self, topo: &Topology, host: &str) -> anyhow::Result<()> {
+        self.start_agent_with(topo, host, &[])
+    }
+
+    /// Starts a host's agent with `more` arguments after the lab's own.
+    pub fn start_agent_with(&mut self, topo: &Topology, host: &str, more: &[&str]) -> anyhow::Result<()> {
         let underlay = topo.underlay_ip(host);
         let mut args = vec!["--underlay-ip".to_string(), underlay];
         args.extend(self.agent_extra.iter().map(|a| a.replace("{host}", host)));
+        args.extend(more.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.start_agent_binary(topo, host, &bin("sdn-agent"), &args)
     }

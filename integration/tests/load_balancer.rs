@@ -434,6 +434,53 @@ fn hold_through(
     })
 }
 
+/// Sends one DNS query from each of N sockets (N flows) to ADDR port 53
+/// at once, and prints how many were answered within two seconds.
+const UDP_FLOOD: &str = r#"
+import resource, select, socket, struct, sys, time
+addr, n = sys.argv[1], int(sys.argv[2])
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (max(hard, n + 64), max(hard, n + 64)))
+q = struct.pack(">HHHHHH", 7, 0x0100, 1, 0, 0, 0) + b"\x03who\x02lb\x00" + struct.pack(">HH", 16, 1)
+socks = {}
+poll = select.poll()
+for _ in range(n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setblocking(False)
+    s.sendto(q, (addr, 53))
+    socks[s.fileno()] = s
+    poll.register(s, select.POLLIN)
+answered = set()
+deadline = time.time() + 2
+while time.time() < deadline and len(answered) < n:
+    for fd, _ in poll.poll(100):
+        try:
+            socks[fd].recv(512)
+            answered.add(fd)
+        except OSError:
+            pass
+        poll.unregister(fd)
+print(len(answered))
+"#;
+
+/// Kills host h1's agent and starts it again with `more` arguments, and
+/// waits until the new one has its share and has enforced it.
+fn restart_agent(lab: &mut sdn_integration::lab::Lab, more: &[&str]) {
+    let watching = |lab: &sdn_integration::lab::Lab| lab.cluster.agent_log("h1").matches("watching").count();
+    let before = watching(lab);
+    lab.cluster.agent("h1").kill();
+    lab.cluster.start_agent_with(&lab.topo, "h1", more).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while watching(lab) <= before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not start watching again: {}",
+            lab.cluster.agent_log("h1")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// The held connection lost no exchange.
 #[track_caller]
 fn held_without_loss(held: std::thread::JoinHandle<std::process::Output>) {
@@ -698,32 +745,46 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
     // An agent restart moves no flow: a connection held through a
     // round-robin VIP keeps exchanging while the client's host's agent is
     // killed and started again (it takes the kernel's numbering of the
-    // services and backends, not a fresh one).
+    // services and backends, not a fresh one). It comes back with
+    // connection tables of 1024 entries: the held connection's flows move
+    // into the new tables.
     let held = hold_through(&lab, "c1", 88, 9);
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    let watching = |lab: &sdn_integration::lab::Lab| lab.cluster.agent_log("h1").matches("watching").count();
-    let before = watching(&lab);
-    lab.cluster.agent("h1").kill();
-    lab.cluster.start_agent(&lab.topo, "h1").unwrap();
-    // The new agent has its share and has enforced it while the
-    // connection still exchanges.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while watching(&lab) <= before {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the agent did not start watching again"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    restart_agent(&mut lab, &["--flow-table-size", "1024"]);
     std::thread::sleep(std::time::Duration::from_secs(1));
     held_without_loss(held);
-    assert!(
-        lab.cluster
-            .agent_log("h1")
-            .contains("adopted the load balancers' numbering"),
-        "{}",
-        lab.cluster.agent_log("h1")
-    );
+    let log = lab.cluster.agent_log("h1");
+    assert!(log.contains("adopted the load balancers' numbering"), "{log}");
+    assert!(log.contains("flows carried into the resized table"), "{log}");
+    let tables = &lab.drops("h1").unwrap()["tables"];
+    for t in ["SDN_CT2", "SDN_LB_FLOWS", "SDN_LB_REVERSE"] {
+        assert_eq!(tables[t]["max_entries"], 1024, "{tables}");
+        // The kernel charges every entry's room at once.
+        assert!(tables[t]["memlock_bytes"].as_u64().unwrap() > 1024 * 40, "{tables}");
+    }
+    // A flood of new UDP flows through the VIP beyond the table: the
+    // flows beyond it are refused and counted, and a connection held
+    // through it meanwhile loses nothing.
+    let held = hold_through(&lab, "c1", 84, 6);
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let full = lab.counter("h1", "drops", "ct_full");
+    let answered: usize = lab
+        .topo
+        .vm("c1")
+        .ns
+        .sh(&["python3", "-c", UDP_FLOOD, vip4, "1500"])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let refused = lab.counter("h1", "drops", "ct_full") - full;
+    eprintln!("flood of 1500 flows, table of 1024: {answered} answered, {refused} refused");
+    assert!((100..1024).contains(&answered), "{answered} answered");
+    assert!(refused as usize + answered >= 1500 - 30, "{refused} refused, {answered} answered");
+    held_without_loss(held);
+    // Back to the default size: every flow moves again, and new flows pass.
+    restart_agent(&mut lab, &[]);
+    assert_eq!(lab.drops("h1").unwrap()["tables"]["SDN_CT2"]["max_entries"], 262144);
 
     // The member's security groups judge the client's own address: b4
     // admits c2 only.
