@@ -56,6 +56,12 @@ fn confirm(dp: &mut Dataplane) -> anyhow::Result<()> {
 
 const TC_ACT_REDIRECT: u32 = 7;
 
+/// A table entry of zeroes (the tables' types are plain data).
+fn zeroed<T: aya::Pod>() -> T {
+    // SAFETY: Pod types are plain data, valid at every bit pattern.
+    unsafe { std::mem::zeroed() }
+}
+
 fn main() -> anyhow::Result<()> {
     let smoke = std::env::args().any(|a| a == "--smoke");
     let mount = BpffsMount::new("bench-lb")?;
@@ -128,5 +134,122 @@ fn main() -> anyhow::Result<()> {
             per_conn
         );
     }
+    drop(rec);
+    drop(dp);
+    filled(if smoke { 100_000 } else { 10_000_000 })
+}
+
+/// Connection tables of `n` entries, set at load: their memory by the
+/// kernel's accounting, filled to the last entry (flows of other ports,
+/// written as the agent writes them), and a flow through the VIP among
+/// them: its packets pass, and the cost of one against the empty tables'.
+/// A flow beyond the table is refused.
+fn filled(n: u32) -> anyhow::Result<()> {
+    let mount = BpffsMount::new("bench-lb-full")?;
+    let t = std::time::Instant::now();
+    let mut dp = Dataplane::load_sized(&mount.path().join("a"), n)?;
+    println!("\nconnection tables of {n} entries, loaded in {:.1} s", t.elapsed().as_secs_f64());
+    let mut total = 0;
+    for (name, t) in dp.flow_tables()? {
+        anyhow::ensure!(t.max_entries == n, "{name}: {} entries, not {n}", t.max_entries);
+        total += t.memlock_bytes;
+        println!(
+            "  {name:<16} {:>7.1} MiB  {:>4} bytes an entry",
+            t.memlock_bytes as f64 / (1 << 20) as f64,
+            t.memlock_bytes / n as u64
+        );
+    }
+    println!(
+        "  together: {:.0} MiB a million connections",
+        total as f64 / (1 << 20) as f64 * 1e6 / n as f64
+    );
+    let mut rec = Reconciler::new(dp.map_set()?)?;
+    let ifindex = |name: &str| match name {
+        "lo" => Some(1),
+        "d2" => Some(2),
+        "d3" => Some(3),
+        _ => None,
+    };
+    let d = compile::compile(&lb_share("maglev"), &ifindex, 0)?;
+    rec.reconcile(&d)?;
+    dp.apply_lb(&d.lb)?;
+    let fd = dp.program_fd("from_vm")?;
+    let median = |pkt: &[u8]| -> anyhow::Result<u32> {
+        let mut all = Vec::new();
+        for _ in 0..20_001 {
+            let r = testrun::run(fd, pkt, 1)?;
+            anyhow::ensure!(r.retval == TC_ACT_REDIRECT, "an established packet must pass (got {})", r.retval);
+            all.push(r.ns_per_run);
+        }
+        all.sort_unstable();
+        Ok(all[all.len() / 2])
+    };
+    let open = |port: u16| -> anyhow::Result<()> {
+        let r = testrun::run(fd, &lb_tcp(VIP, port, 80, true), 1)?;
+        anyhow::ensure!(r.retval == TC_ACT_REDIRECT, "the flow must open (got {})", r.retval);
+        Ok(())
+    };
+    open(7_000)?;
+    confirm(&mut dp)?;
+    let empty = median(&lb_tcp(VIP, 7_000, 80, false))?;
+    // Every other entry: distinct keys of a port the host does not have.
+    let t = std::time::Instant::now();
+    let ebpf = dp.ebpf_mut();
+    let mut ct: BpfHashMap<&mut MapData, m::CtKey, m::CtValue> = BpfHashMap::try_from(ebpf.map_mut(m::CT).unwrap())?;
+    let held = ct.keys().count() as u32;
+    for i in 0..n - held {
+        let mut k: m::CtKey = zeroed();
+        k.ifindex = 100;
+        k.family = dataplane_common::FAMILY_V4;
+        k.proto = 6;
+        k.local_port = i as u16;
+        k.remote_port = (i >> 16) as u16;
+        k.local[..4].copy_from_slice(&[10, 0, 0, 1]);
+        k.remote[..4].copy_from_slice(&[10, 1, 0, 1]);
+        ct.insert(k, zeroed::<m::CtValue>(), 0)
+            .map_err(|e| anyhow::anyhow!("flow {i} of {n}: {e}"))?;
+    }
+    // The table is full: one more is refused.
+    let mut k: m::CtKey = zeroed();
+    k.ifindex = 101;
+    anyhow::ensure!(ct.insert(k, zeroed::<m::CtValue>(), 0).is_err(), "a full table took one more");
+    let mut flows: BpfHashMap<&mut MapData, l::LbFlowKey, l::LbFlow> =
+        BpfHashMap::try_from(ebpf.map_mut(l::LB_FLOWS).unwrap())?;
+    let held = flows.keys().count() as u32;
+    for i in 0..n - held {
+        let mut k = l::LbFlowKey {
+            ifindex: 100,
+            family: dataplane_common::FAMILY_V4,
+            proto: 6,
+            client_port: i as u16,
+            vport: (i >> 16) as u16,
+            ..Default::default()
+        };
+        k.vip[..4].copy_from_slice(&VIP);
+        flows.insert(k, l::LbFlow::default(), 0)?;
+    }
+    let mut rev: BpfHashMap<&mut MapData, l::LbReverseKey, l::LbReverse> =
+        BpfHashMap::try_from(ebpf.map_mut(l::LB_REVERSE).unwrap())?;
+    let held = rev.keys().count() as u32;
+    for i in 0..n - held {
+        let mut k = l::LbReverseKey {
+            ifindex: 100,
+            family: dataplane_common::FAMILY_V4,
+            proto: 6,
+            client_port: i as u16,
+            backend_port: (i >> 16) as u16,
+            ..Default::default()
+        };
+        k.backend[..4].copy_from_slice(&MEMBER);
+        rev.insert(k, l::LbReverse::default(), 0)?;
+    }
+    println!("  filled in {:.1} s", t.elapsed().as_secs_f64());
+    let full = median(&lb_tcp(VIP, 7_000, 80, false))?;
+    println!("  a packet of a flow through the VIP: {full} ns with the tables full, {empty} ns with them empty");
+    // A new flow opens (its handshake is in the unconfirmed table), but
+    // its confirmation finds no room.
+    open(7_001)?;
+    anyhow::ensure!(confirm(&mut dp).is_err(), "a flow beyond the full table was confirmed");
+    println!("  a flow beyond the table: refused");
     Ok(())
 }
