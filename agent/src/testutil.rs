@@ -144,6 +144,7 @@ pub fn lb_share(scheduler: &str) -> Resources {
             port: 8080,
             weight: 1,
             state: "enabled".into(),
+            drain_until_unix_ms: 0,
         })
         .collect();
     let (k, v) = lb_resource(

@@ -522,6 +522,27 @@ impl Controller {
         // (a group's tenant never changes, so a check against the state of
         // now holds when the batch applies).
         caller.check_batch(&ops, &self.store.shared.read().await.state)?;
+        // A member's draining counts from when it began: a member that
+        // turns draining is stamped now, one that stays so keeps its stamp.
+        let mut ops = ops;
+        {
+            let shared = self.store.shared.read().await;
+            for op in ops.iter_mut() {
+                if let sdn_policies::Op::PutMember(m) = op {
+                    m.draining_since_unix_ms = match m.state {
+                        sdn_policies::MemberState::Draining => Some(
+                            shared
+                                .state
+                                .members
+                                .get(&m.id)
+                                .and_then(|o| o.draining_since_unix_ms)
+                                .unwrap_or(now_ms),
+                        ),
+                        _ => None,
+                    };
+                }
+            }
+        }
         // The audit log names the caller as its certificate does; what the
         // request says of itself is kept beside it.
         let actor = match (caller.identity.is_some(), req.actor.trim()) {

@@ -408,6 +408,13 @@ fn lb_on_host(state: &State, id: &str) -> Option<pb::LoadBalancerOnHost> {
                     port: u32::from(if m.port == 0 { l.port } else { m.port }),
                     weight: m.weight,
                     state: m.state.name().into(),
+                    drain_until_unix_ms: match (m.state, m.draining_since_unix_ms) {
+                        (sdn_policies::MemberState::Draining, Some(t)) => {
+                            let drain = state.pools.get(&m.pool_id).map_or(0, |p| p.drain());
+                            t + u64::from(drain) * 1000
+                        }
+                        _ => 0,
+                    },
                 })
                 .collect(),
         })

@@ -281,6 +281,7 @@ pub fn member(id: &str, pool: &str, port_id: &str, address: &str, weight: u32) -
         port: 0,
         weight,
         state: String::new(),
+        ..Default::default()
     })
 }
 pub fn delete(kind: pb::Kind, id: &str) -> Op {

@@ -813,6 +813,44 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
     );
     assert!(lab.counter("h1", "drops", "lb_no_backend") > refused);
     held_without_loss(held);
+    // Until the pool's drain time ends: with 3 s, a connection held
+    // through the VIP exchanges for about 3 s after its members turn
+    // draining, then is cut (its member is gone from the service).
+    let mut short = pool("echo", "lb");
+    if let pb::operation::Op::PutPool(p) = &mut short {
+        p.drain_secs = 3;
+    }
+    let echo_members = |state: &str| -> Vec<pb::operation::Op> {
+        ["b1", "b2"]
+            .iter()
+            .map(|b| {
+                let mut m = with_port(member(&format!("echo-{b}"), "echo", b, "", 1), 9000);
+                if let pb::operation::Op::PutMember(x) = &mut m {
+                    x.state = state.into();
+                }
+                m
+            })
+            .collect()
+    };
+    let mut ops = vec![short];
+    ops.extend(echo_members("enabled"));
+    assert!(lab.cluster.apply(ops).await.unwrap().enforced);
+    let held = hold_through(&lab, "c1", 84, 8);
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(lab.cluster.apply(echo_members("draining")).await.unwrap().enforced);
+    let out = held.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let count = |k: &str| -> u64 {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {k} in {text}"))
+    };
+    let (ok, failed) = (count("ok="), count("failed="));
+    eprintln!("drain time 3 s: {ok} exchanges, then {failed} failed");
+    // One exchange each 50 ms or so: 1.5 s before draining, 3 s after.
+    assert!(failed > 0, "the connection outlived its drain time: {text}");
+    assert!((60..=130).contains(&ok), "{ok} exchanges, about 90 expected: {text}");
 
     // A member drains: no new flow goes to it, the table is the other
     // two's. Then it leaves.

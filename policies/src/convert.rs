@@ -670,6 +670,8 @@ impl ApiResource for m::Member {
             target,
             port: port_from_pb(at, "port", x.port)?,
             weight: if x.weight == 0 { 1 } else { x.weight },
+            // The controller's to stamp, not the caller's to say.
+            draining_since_unix_ms: None,
             state,
         })
     }
@@ -686,6 +688,7 @@ impl ApiResource for m::Member {
             port: self.port.into(),
             weight: self.weight,
             state: self.state.name().into(),
+            draining_since_unix_ms: self.draining_since_unix_ms.unwrap_or(0),
         }
     }
 }

@@ -1541,6 +1541,7 @@ impl ManifestResource for model::Member {
             port: spec.protocol_port,
             weight: spec.weight.unwrap_or(1),
             state: spec.state.unwrap_or(model::MemberState::Enabled),
+            draining_since_unix_ms: None,
         })
     }
     fn to_manifest(&self) -> (&str, Option<&str>, serde_json::Value) {

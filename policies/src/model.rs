@@ -468,6 +468,10 @@ pub struct Member {
     /// 1 to [`LB_WEIGHT_MAX`].
     pub weight: u32,
     pub state: MemberState,
+    /// While draining: when it began (Unix ms), stamped by the controller
+    /// when the member turns draining and kept while it stays so; the
+    /// pool's drain time counts from it on every host alike.
+    pub draining_since_unix_ms: Option<u64>,
 }
 
 /// A member's weight, at most.

@@ -54,6 +54,8 @@ pub struct LbPlan {
     /// The ports (ifindex) that translate, with their VPC's VNI: the
     /// agent's count of flows finds their conntrack entries by it.
     pub ports: BTreeMap<u32, u32>,
+    /// When the next draining member's drain time ends (Unix ms).
+    pub drain_ends: Option<u64>,
 }
 
 /// Slots kept from pass to pass: services by name, and each service's
@@ -77,7 +79,14 @@ pub struct LbHeld {
 }
 
 /// Plans the load balancers of the share.
-pub fn compile_lbs(lbs: &[&pb::LoadBalancerOnHost], slots: &mut LbSlots, rejected: &mut Vec<String>) -> LbPlan {
+/// `now_ms` (Unix ms) decides which draining members are past their pool's
+/// drain time: those are gone, their flows with them.
+pub fn compile_lbs(
+    lbs: &[&pb::LoadBalancerOnHost],
+    slots: &mut LbSlots,
+    rejected: &mut Vec<String>,
+    now_ms: u64,
+) -> LbPlan {
     let mut plan = LbPlan::default();
     // (name, key, listener, members) for every service, in name order.
     let mut wanted: Vec<(String, LbServiceKey, &pb::Listener, Vec<(&pb::BackendOnHost, IpAddr)>)> = Vec::new();
@@ -181,9 +190,20 @@ pub fn compile_lbs(lbs: &[&pb::LoadBalancerOnHost], slots: &mut LbSlots, rejecte
             ));
             continue;
         };
-        // Live members (enabled or draining) keep their slots.
-        let mut live: Vec<(&pb::BackendOnHost, IpAddr)> =
-            members.into_iter().filter(|(b, _)| b.state != "disabled").collect();
+        // Live members (enabled, or draining within the drain time) keep
+        // their slots.
+        let mut live: Vec<(&pb::BackendOnHost, IpAddr)> = Vec::new();
+        for (b, a) in members {
+            let drained = b.state == "draining" && b.drain_until_unix_ms != 0 && b.drain_until_unix_ms <= now_ms;
+            if b.state == "disabled" || drained {
+                continue;
+            }
+            if b.state == "draining" && b.drain_until_unix_ms != 0 {
+                let t = b.drain_until_unix_ms;
+                plan.drain_ends = Some(plan.drain_ends.map_or(t, |n| n.min(t)));
+            }
+            live.push((b, a));
+        }
         live.sort_by(|a, b| a.0.member_id.cmp(&b.0.member_id));
         let ids: Vec<&str> = live.iter().map(|(b, _)| b.member_id.as_str()).collect();
         let kept = slots.backends.entry(name.clone()).or_default();
@@ -434,6 +454,7 @@ mod tests {
                             port: 8080,
                             weight: 1,
                             state: state.to_string(),
+                            drain_until_unix_ms: if *state == "draining" { 5_000 } else { 0 },
                         })
                         .collect(),
                 })
@@ -450,7 +471,7 @@ mod tests {
             &[("a", "10.0.0.1", "enabled"), ("b", "10.0.0.2", "enabled")],
         );
         let mut first = LbSlots::default();
-        let p = compile_lbs(&[&a], &mut first, &mut Vec::new());
+        let p = compile_lbs(&[&a], &mut first, &mut Vec::new(), 0);
         let v4 = p.services.iter().find(|(_, s)| s.name == "lb/l0/v4").unwrap();
         // What the kernel held: the service as number 9, b in slot 0 and a
         // in slot 5.
@@ -467,7 +488,7 @@ mod tests {
             held: Some(held),
             ..Default::default()
         };
-        let p = compile_lbs(&[&a], &mut slots, &mut Vec::new());
+        let p = compile_lbs(&[&a], &mut slots, &mut Vec::new(), 0);
         let v4 = p.services.values().find(|s| s.name == "lb/l0/v4").unwrap();
         assert_eq!(v4.info.id, 9);
         assert_eq!(v4.backends[&0].addr[3], 2);
@@ -489,7 +510,7 @@ mod tests {
             &["maglev"],
             &[("a", "10.0.0.1", "enabled"), ("b", "10.0.0.2", "enabled")],
         );
-        let p = compile_lbs(&[&a], &mut slots, &mut rejected);
+        let p = compile_lbs(&[&a], &mut slots, &mut rejected, 0);
         assert!(rejected.is_empty(), "{rejected:?}");
         assert_eq!(p.services.len(), 2, "v4 and v6");
         assert_eq!(p.vnis, BTreeSet::from([7]));
@@ -508,7 +529,7 @@ mod tests {
             &["maglev"],
             &[("b", "10.0.0.2", "draining"), ("c", "10.0.0.3", "enabled")],
         );
-        let p = compile_lbs(&[&a2], &mut slots, &mut rejected);
+        let p = compile_lbs(&[&a2], &mut slots, &mut rejected, 0);
         let v4 = p.services.values().find(|s| s.name == "lb/l0/v4").unwrap();
         assert_eq!(v4.backends[&slot_b].addr[3], 2);
         let slot_c = v4
@@ -519,13 +540,33 @@ mod tests {
             .unwrap();
         assert!(v4.table.iter().all(|s| *s == slot_c));
         let lc = lb(&["least_connections"], &[("a", "10.0.0.1", "enabled")]);
-        let p = compile_lbs(&[&lc], &mut slots, &mut rejected);
+        let p = compile_lbs(&[&lc], &mut slots, &mut rejected, 0);
         let v4 = p.services.values().find(|s| s.name == "lb/l0/v4").unwrap();
         assert_eq!(v4.info.scheduler, SCHED_LEAST);
         assert!(v4.table.is_empty());
         let odd = lb(&["fastest"], &[("a", "10.0.0.1", "enabled")]);
-        let p = compile_lbs(&[&odd], &mut slots, &mut rejected);
+        let p = compile_lbs(&[&odd], &mut slots, &mut rejected, 0);
         assert!(p.services.values().all(|s| s.info.scheduler == 0));
         assert!(rejected.iter().any(|r| r.contains("fastest")), "{rejected:?}");
+    }
+
+    /// A draining member keeps its slot until its drain time ends (5 s
+    /// here), and the plan says when; after that it is gone.
+    #[test]
+    fn a_drain_ends_at_its_time() {
+        let mut slots = LbSlots::default();
+        let a = lb(
+            &["round_robin"],
+            &[("a", "10.0.0.1", "enabled"), ("b", "10.0.0.2", "draining")],
+        );
+        let p = compile_lbs(&[&a], &mut slots, &mut Vec::new(), 4_999);
+        assert_eq!(p.drain_ends, Some(5_000));
+        let v4 = p.services.values().find(|s| s.name == "lb/l0/v4").unwrap();
+        assert_eq!(v4.backends.len(), 2);
+        let p = compile_lbs(&[&a], &mut slots, &mut Vec::new(), 5_000);
+        assert_eq!(p.drain_ends, None);
+        let v4 = p.services.values().find(|s| s.name == "lb/l0/v4").unwrap();
+        assert_eq!(v4.backends.len(), 1);
+        assert_eq!(v4.backends.values().next().unwrap().addr[3], 1);
     }
 }

@@ -74,7 +74,8 @@ pub struct Desired {
     pub missing_devices: Vec<(String, String)>,
     /// Quarantined ports now: port id -> (quarantine id, reason).
     pub quarantined: BTreeMap<String, (String, String)>,
-    /// The next time a quarantine expires, Unix ms.
+    /// The next time a quarantine expires or a member's drain time ends,
+    /// Unix ms.
     pub next_expiry: Option<u64>,
     /// Objects this host cannot enforce, each with why: they fail closed
     /// (a port gets no traffic, a firewall denies, a zone or peering is not
@@ -425,7 +426,10 @@ impl Compiler {
             next_expiry,
             ..Desired::default()
         };
-        d.lb = lb::compile_lbs(&lbs, &mut self.lb_slots, &mut d.rejected);
+        d.lb = lb::compile_lbs(&lbs, &mut self.lb_slots, &mut d.rejected, now_ms);
+        if let Some(t) = d.lb.drain_ends {
+            d.next_expiry = Some(d.next_expiry.map_or(t, |n| n.min(t)));
+        }
         let local: BTreeMap<&str, &pb::Port> = ports.iter().map(|(_, p)| (p.id.as_str(), *p)).collect();
         let zone_no = compile_zones(&zones, &exchanges, ifindex, &mut d)?;
         let fw_no = compile_firewalls(&firewalls, &mut d)?;
