@@ -5,6 +5,7 @@ pub mod compile;
 pub mod dataplane;
 pub mod events;
 pub mod flows;
+pub mod health;
 pub mod metrics;
 pub mod mirror;
 pub mod overlay;

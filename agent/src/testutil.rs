@@ -144,7 +144,7 @@ pub fn lb_share(scheduler: &str) -> Resources {
             port: 8080,
             weight: 1,
             state: "enabled".into(),
-            drain_until_unix_ms: 0,
+            ..Default::default()
         })
         .collect();
     let (k, v) = lb_resource(
@@ -165,6 +165,7 @@ pub fn lb_share(scheduler: &str) -> Resources {
                     ..Default::default()
                 }),
                 backends,
+                health: None,
             }],
         }),
     );

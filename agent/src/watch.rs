@@ -59,6 +59,8 @@ pub struct Agent {
     pub mirror_sessions: std::sync::Arc<std::sync::RwLock<std::collections::BTreeMap<u32, String>>>,
     /// Information systems' traffic, metered and reported.
     usage: crate::usage::Usage,
+    /// Load balancers' health checks of the members on this host's ports.
+    health: crate::health::Health,
 }
 
 /// What an agent makes of its flow table's passes.
@@ -96,6 +98,7 @@ impl Agent {
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "load balancers' numbering not read: flows through VIPs may be scheduled again"),
         }
         Ok(Agent {
+            health: crate::health::Health::new(host.clone(), controllers.clone()),
             host,
             controllers,
             dp,
@@ -325,6 +328,11 @@ impl Agent {
             let e = format!("load balancers: {e:#}");
             tracing::error!(error = %e, "load balancers not enforced; the rest is");
             desired.rejected.push(e);
+        }
+        // Health checks of this host's members (they need a runtime:
+        // passes run within the agent's).
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.health.set(crate::health::checks(&self.resources, &dataplane::ifindex));
         }
         // Information systems' ports, for the bandwidth of each system.
         match self.dp.apply_systems(&desired.systems) {

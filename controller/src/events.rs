@@ -60,6 +60,23 @@ pub fn event_of(r: &AuditRecord) -> Option<Event> {
     fields.push(("action", "change".into()));
     fields.push(("count", r.changes.len().to_string()));
     fields.push(("changes", listed.join("; ")));
+    // A member's health, as its host's agent reported it: an event of its
+    // own kind, a warning when the member fails.
+    if r.actor.ends_with(crate::service::HEALTH_ACTOR_SUFFIX) {
+        let down = r.changes.iter().any(|c| c.contains(" health=down"));
+        return Some(Event {
+            facility: FACILITY_AUDIT,
+            severity: if down { Severity::Warning } else { Severity::Notice },
+            kind: "lb_member_health",
+            time_ms: r.time_unix_ms,
+            fields,
+            text: format!(
+                "revision {}: {}",
+                r.revision,
+                r.changes.first().map(String::as_str).unwrap_or("no change")
+            ),
+        });
+    }
     Some(Event {
         facility: FACILITY_AUDIT,
         severity: Severity::Notice,

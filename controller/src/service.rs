@@ -355,6 +355,14 @@ fn agent_of(caller: &Caller, op: &str, host: &str) -> Result<(), Status> {
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
 
+/// Who writes health into the log: the reporting host's agent.
+fn health_actor(host: &str) -> String {
+    format!("sdn://agent/{host}{HEALTH_ACTOR_SUFFIX}")
+}
+
+/// The end of a health report's actor in the audit log.
+pub const HEALTH_ACTOR_SUFFIX: &str = " (health check)";
+
 #[tonic::async_trait]
 impl pb::agent_server::Agent for Controller {
     async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
@@ -443,6 +451,89 @@ impl pb::agent_server::Agent for Controller {
         Ok(Response::new(pb::AckResponse {}))
     }
 
+    async fn report_health(&self, req: Request<pb::HealthReport>) -> Result<Response<pb::HealthResponse>, Status> {
+        let caller = Caller::of(&req)?;
+        let was_forwarded = forwarded(&req);
+        let req = req.into_inner();
+        if req.host_id.is_empty() {
+            return Err(Status::invalid_argument("host_id: must not be empty"));
+        }
+        agent_of(&caller, "ReportHealth", &req.host_id)?;
+        let member = {
+            let shared = self.store.shared.read().await;
+            let state = &shared.state;
+            let Some(m) = state.members.get(&req.member_id) else {
+                return Err(Status::not_found(format!("member_id: unknown member {:?}", req.member_id)));
+            };
+            // Only the host of the member's port checks it.
+            let host = match &m.target {
+                sdn_policies::MemberTarget::Port(p) => state.ports.get(p).map(|p| p.host_id.as_str()),
+                sdn_policies::MemberTarget::Address(_) => None,
+            };
+            if host != Some(req.host_id.as_str()) {
+                return Err(Status::permission_denied(format!(
+                    "member_id: member {} is not on host {}'s ports",
+                    m.id, req.host_id
+                )));
+            }
+            if state.pools.get(&m.pool_id).is_none_or(|p| p.health.is_none()) {
+                return Err(Status::failed_precondition(format!(
+                    "member_id: member {}'s pool {} has no health check",
+                    m.id, m.pool_id
+                )));
+            }
+            // A member never found failing counts as up.
+            if m.health.as_ref().is_none_or(|h| h.up) == req.up {
+                return Ok(Response::new(pb::HealthResponse { revision: 0 }));
+            }
+            m.clone()
+        };
+        if !self.store.is_leader() {
+            let addr = not_leader(self.store.leader().map(|(_, a)| a), was_forwarded)?;
+            let mut client = self
+                .leader_agent(&addr)
+                .await
+                .ok_or_else(|| Status::unavailable(format!("forwarding to the leader at {addr}: cannot connect")))?;
+            return tokio::time::timeout(Duration::from_secs(5), client.report_health(mark(req, &caller)))
+                .await
+                .unwrap_or_else(|_| Err(Status::unavailable(format!("forwarding to the leader at {addr}: timed out"))));
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let mut detail: String = req
+            .detail
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(sdn_policies::HEALTH_DETAIL_MAX)
+            .collect();
+        if req.up {
+            detail.clear();
+        }
+        let mut m = member;
+        m.health = Some(sdn_policies::MemberHealth {
+            up: req.up,
+            since_unix_ms: now_ms,
+            host_id: req.host_id.clone(),
+            detail,
+        });
+        let id = m.id.clone();
+        match self
+            .store
+            .write(&health_actor(&req.host_id), vec![sdn_policies::Op::PutMember(m)])
+            .await
+        {
+            Ok(o) => {
+                tracing::info!(member = %id, host = %req.host_id, up = req.up, revision = o.revision, "member health changed");
+                Ok(Response::new(pb::HealthResponse { revision: o.revision }))
+            }
+            Err(WriteError::Invalid(b)) => Err(Status::failed_precondition(b.to_string())),
+            Err(WriteError::Raft(m)) => Err(Status::unavailable(m)),
+            Err(WriteError::NotLeader(_)) => Err(Status::unavailable("leadership moved; report again")),
+        }
+    }
+
     async fn usage(&self, req: Request<pb::UsageReport>) -> Result<Response<pb::UsageResponse>, Status> {
         let caller = Caller::of(&req)?;
         let was_forwarded = forwarded(&req);
@@ -529,6 +620,8 @@ impl Controller {
             let shared = self.store.shared.read().await;
             for op in ops.iter_mut() {
                 if let sdn_policies::Op::PutMember(m) = op {
+                    // Health is the checker's to report.
+                    m.health = shared.state.members.get(&m.id).and_then(|o| o.health.clone());
                     m.draining_since_unix_ms = match m.state {
                         sdn_policies::MemberState::Draining => Some(
                             shared

@@ -415,8 +415,14 @@ fn lb_on_host(state: &State, id: &str) -> Option<pb::LoadBalancerOnHost> {
                         }
                         _ => 0,
                     },
+                    port_id: match &m.target {
+                        sdn_policies::MemberTarget::Port(p) => p.clone(),
+                        sdn_policies::MemberTarget::Address(_) => String::new(),
+                    },
+                    down: m.health.as_ref().is_some_and(|h| !h.up),
                 })
                 .collect(),
+            health: state.pools.get(&l.pool_id).and_then(|p| p.to_pb().health),
         })
         .collect();
     Some(pb::LoadBalancerOnHost {

@@ -316,6 +316,86 @@ async fn load_balancers_are_their_tenants_and_zone_exposure_an_administrators() 
     let e = listener_yaml("sctp");
     assert!(e.contains(":6:"), "{e}");
 
+    // Health is reported by the agent of the member's port's host alone,
+    // for a pool with a health check; the tenant reads it and cannot set
+    // it.
+    let report = |uri: &'static str, host: &str, member: &str, up: bool| {
+        let c = &c;
+        let req = pb::HealthReport {
+            host_id: host.into(),
+            member_id: member.into(),
+            up,
+            detail: "connection refused\u{1b}[2J".into(),
+        };
+        async move {
+            pb::agent_client::AgentClient::new(c.channel_as(uri).await.unwrap())
+                .report_health(req)
+                .await
+        }
+    };
+    let e = report("sdn://agent/h1", "h1", "m1", false).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("has no health check"), "{e:?}");
+    let mut checked = pool("web", "lb1");
+    if let pb::operation::Op::PutPool(p) = &mut checked {
+        p.health = Some(pb::HealthCheck {
+            probe: "tcp".into(),
+            interval_ms: 1000,
+            rise: 2,
+            fall: 2,
+            ..Default::default()
+        });
+    }
+    let (code, text) = try_as(&c, ALICE, vec![checked]).await;
+    assert_eq!(code, Code::Ok, "{text}");
+    for (uri, host, member, code) in [
+        // Another host's agent, for its own host or for h1.
+        ("sdn://agent/h2", "h2", "m1", Code::PermissionDenied),
+        ("sdn://agent/h2", "h1", "m1", Code::PermissionDenied),
+        // A tenant, even the member's own.
+        (ALICE, "h1", "m1", Code::PermissionDenied),
+        ("sdn://agent/h1", "h1", "nope", Code::NotFound),
+        ("sdn://agent/h1", "", "m1", Code::InvalidArgument),
+    ] {
+        let e = report(uri, host, member, false).await.unwrap_err();
+        assert_eq!(e.code(), code, "{uri} for {host}/{member}: {e:?}");
+    }
+    let r = report("sdn://agent/h1", "h1", "m1", false).await.unwrap().into_inner();
+    assert!(r.revision > 0, "{r:?}");
+    let again = report("sdn://agent/h1", "h1", "m1", false).await.unwrap().into_inner();
+    assert_eq!(again.revision, 0, "already down");
+    let members = |uri: &'static str| {
+        let c = &c;
+        async move {
+            pb::provisioning_client::ProvisioningClient::new(c.channel_as(uri).await.unwrap())
+                .list(pb::ListRequest {
+                    kind: pb::Kind::Member as i32,
+                    stale: false,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .members
+        }
+    };
+    let m1 = members(ALICE).await.into_iter().find(|m| m.id == "m1").unwrap();
+    assert_eq!((m1.health.as_str(), m1.health_host_id.as_str()), ("down", "h1"), "{m1:?}");
+    // Control characters are not kept.
+    assert_eq!(m1.health_detail, "connection refused[2J", "{m1:?}");
+    // The tenant's own put changes the weight, not the health.
+    let mut m = member("m1", "web", "p1", "", 5);
+    if let pb::operation::Op::PutMember(x) = &mut m {
+        x.health = "up".into();
+    }
+    let (code, text) = try_as(&c, ALICE, vec![m]).await;
+    assert_eq!(code, Code::Ok, "{text}");
+    let m1 = members(ALICE).await.into_iter().find(|m| m.id == "m1").unwrap();
+    assert_eq!((m1.weight, m1.health.as_str()), (5, "down"), "{m1:?}");
+    let r = report("sdn://agent/h1", "h1", "m1", true).await.unwrap().into_inner();
+    assert!(r.revision > 0, "{r:?}");
+    let m1 = members(ALICE).await.into_iter().find(|m| m.id == "m1").unwrap();
+    assert_eq!((m1.health.as_str(), m1.health_detail.as_str()), ("up", ""), "{m1:?}");
+
     // The audit log keeps each change, and the tenant reads its own.
     let audit = |uri: &'static str| {
         let c = &c;
@@ -337,6 +417,12 @@ async fn load_balancers_are_their_tenants_and_zone_exposure_an_administrators() 
         text.contains("put member m2") && text.contains("put listener zhttp"),
         "{text}"
     );
+    assert!(
+        a.records
+            .iter()
+            .any(|r| r.actor == "sdn://agent/h1 (health check)" && format!("{:?}", r.changes).contains("health=down")),
+        "{text}"
+    );
     assert!(a.records.iter().all(|r| r.tenants == ["t1"]), "{text}");
     let b = audit(BOB).await;
     assert!(!format!("{:?}", b.records).contains("lb1"), "{:?}", b.records);
@@ -354,7 +440,7 @@ fn nginx(lab: &sdn_integration::lab::Lab, vm: &str) -> sdn_integration::Proc {
             "master_process off;\ndaemon off;\npid {d}/nginx.pid;\nerror_log stderr;\nevents {{}}\n\
              http {{\n  access_log off;\n  client_body_temp_path {d}/tmp;\n  proxy_temp_path {d}/tmp;\n  \
              fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n  \
-             server {{\n    listen 8080;\n    listen [::]:8080;\n    location / {{ return 200 \"{vm} $remote_addr\\n\"; }}\n  }}\n}}\n",
+             server {{\n    listen 8080;\n    listen [::]:8080;\n    location / {{ return 200 \"{vm} $remote_addr\\n\"; }}\n    location = /unwell {{ return 503; }}\n  }}\n}}\n",
             d = dir.display()
         ),
     )
@@ -898,3 +984,173 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
     assert!(got.starts_with("error:"), "{got}");
     assert!(lab.counter("h1", "drops", "lb_no_backend") > before);
 }
+
+/// Health checks from the members' hosts, inside the VPC: an HTTP check
+/// and a TCP check of nginx members on two hosts. A member whose nginx
+/// stops leaves the schedule within the bound (interval × fall, and the
+/// report's way through the controller), its health and what the check
+/// saw are in `sdnctl get`, and rsyslog receives the event; started
+/// again, it comes back after `rise` good checks. An HTTP check that gets
+/// a status outside its range fails too.
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_members_leave_the_schedule_and_come_back() {
+    if !privileged() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    use sdn_integration::supervisor::Rsyslogd;
+    let logs = tempfile::tempdir().unwrap();
+    let udp = sdn_integration::free_port();
+    let rsyslog = Rsyslogd::start(
+        logs.path(),
+        None,
+        "module(load=\"imudp\")",
+        &format!("input(type=\"imudp\" address=\"127.0.0.1\" port=\"{udp}\" ruleset=\"out\")"),
+    )
+    .unwrap();
+    let lab = sdn_integration::lab::Lab::new("lbh", &["h1", "h2"])
+        .tenant("t")
+        .vpc("v", None)
+        .subnet("net", "v", "10.81.0.0/24", "fd81::/64")
+        .group("open", open_rules())
+        .vm("c1", "h1", "net", &["open"])
+        .vm("b1", "h1", "net", &["open"])
+        .vm("b2", "h2", "net", &["open"])
+        .controller_args(&["--syslog", &format!("udp://127.0.0.1:{udp}")])
+        .start()
+        .await
+        .expect("the lab");
+    let _b1 = nginx(&lab, "b1");
+    let mut b2 = nginx(&lab, "b2");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let vip = "10.81.0.100";
+    let check = |probe: &str, path: &str| pb::HealthCheck {
+        probe: probe.into(),
+        http_path: path.into(),
+        status_min: if probe == "http" { 200 } else { 0 },
+        status_max: if probe == "http" { 399 } else { 0 },
+        interval_ms: 500,
+        timeout_ms: 300,
+        rise: 2,
+        fall: 2,
+        ..Default::default()
+    };
+    let mut ops = vec![put_lb(load_balancer("lb", "t", "v", vip, ""))];
+    for (p, h) in [
+        ("web", check("http", "/")),
+        ("tcp", check("tcp", "")),
+        ("unwell", check("http", "/unwell")),
+    ] {
+        let mut op = pool(p, "lb");
+        if let pb::operation::Op::PutPool(x) = &mut op {
+            x.health = Some(h);
+        }
+        ops.push(op);
+        for b in ["b1", "b2"] {
+            let mut m = member(&format!("{p}-{b}"), p, b, "", 1);
+            if let pb::operation::Op::PutMember(x) = &mut m {
+                x.port = 8080;
+            }
+            ops.push(m);
+        }
+    }
+    ops.extend([
+        listener("web", "lb", "tcp", 80, "web", "round_robin"),
+        listener("tcp", "lb", "tcp", 81, "tcp", "round_robin"),
+        listener("unwell", "lb", "tcp", 82, "unwell", "round_robin"),
+    ]);
+    assert!(lab.cluster.apply(ops).await.expect("the load balancer").enforced);
+    // The member's line of `sdnctl get member`.
+    let health = |id: &str| -> String {
+        let out = lab
+            .cluster
+            .sdnctl(sdn_integration::cluster::ADMIN, &["get", "member"])
+            .unwrap_or_else(|e| e);
+        out.lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(id))
+            .unwrap_or(&out)
+            .to_string()
+    };
+    let wait_health = |id: &str, want: &str, within: std::time::Duration| -> std::time::Duration {
+        let t = std::time::Instant::now();
+        loop {
+            let h = health(id);
+            if h.contains(&format!(" health={want} ")) {
+                return t.elapsed();
+            }
+            assert!(t.elapsed() < within, "{id} not {want} within {within:?}: {h}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    // Both members pass: both take flows (round robin from one CPU).
+    let answers: Vec<String> = (0..6).map(|_| get(&lab, "c1", vip, 80, 0)).collect();
+    assert_eq!(tally(answers.iter()).len(), 2, "{answers:?}");
+    // The HTTP check of /unwell gets 503: both members go down, with what
+    // the check saw.
+    wait_health("unwell-b1", "down", std::time::Duration::from_secs(5));
+    wait_health("unwell-b2", "down", std::time::Duration::from_secs(5));
+    let h = health("unwell-b2");
+    assert!(h.contains("status 503, expected 200 to 399") && h.contains("h2"), "{h}");
+    let e = get(&lab, "c1", vip, 82, 0);
+    assert!(e.starts_with("error:"), "no member takes flows: {e}");
+    assert!(!health("web-b1").contains("health=down"), "{}", health("web-b1"));
+
+    // b2's nginx stops: its members leave the schedule within interval ×
+    // fall (1 s) and the report's way.
+    b2.kill();
+    let web = wait_health("web-b2", "down", std::time::Duration::from_secs(5));
+    let tcp = wait_health("tcp-b2", "down", std::time::Duration::from_secs(5));
+    eprintln!("nginx stopped: web-b2 down after {web:?}, tcp-b2 after {tcp:?} (interval 500 ms, fall 2)");
+    assert!(web < std::time::Duration::from_millis(2500), "{web:?}");
+    assert!(health("tcp-b2").contains("connection refused"), "{}", health("tcp-b2"));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for port in [80, 81] {
+        let answers: Vec<String> = (0..6).map(|_| get(&lab, "c1", vip, port, 0)).collect();
+        assert!(answers.iter().all(|a| a.starts_with("b1 ")), "{port}: {answers:?}");
+    }
+    let down = rsyslog
+        .wait_for_lines("the member's health event", std::time::Duration::from_secs(10), |l| {
+            l.iter().any(|x| x.contains("|lb_member_health|") && x.contains("web-b2") && x.contains("health=down"))
+        })
+        .await;
+    let e = down
+        .iter()
+        .find(|x| x.contains("|lb_member_health|") && x.contains("web-b2"))
+        .unwrap();
+    let f: Vec<&str> = e.splitn(6, '|').collect();
+    // PRI: the audit facility (13), warning (4).
+    assert_eq!(f[3], "108", "{e}");
+
+    // Started again: back after rise (2) good checks.
+    let _b2 = nginx(&lab, "b2");
+    let back = wait_health("web-b2", "up", std::time::Duration::from_secs(5));
+    eprintln!("nginx started: web-b2 up after {back:?} (rise 2)");
+    assert!(back >= std::time::Duration::from_millis(400), "back before two checks: {back:?}");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let answers: Vec<String> = (0..6).map(|_| get(&lab, "c1", vip, 80, 0)).collect();
+    assert_eq!(tally(answers.iter()).len(), 2, "{answers:?}");
+    rsyslog
+        .wait_for_lines("the member's health event", std::time::Duration::from_secs(10), |l| {
+            l.iter().any(|x| x.contains("|lb_member_health|") && x.contains("web-b2") && x.contains("health=up"))
+        })
+        .await;
+    // The checks come from inside the VPC, as its gateway (the subnet's
+    // first address, the gateway MAC), never from a host's address.
+    let seen = lab
+        .topo
+        .vm("b2")
+        .ns
+        .sh(&[
+            "timeout", "3", "tcpdump", "-i", "eth0", "-nn", "-e", "-c", "4", "-l",
+            "tcp[tcpflags] & tcp-syn != 0 and tcp[tcpflags] & tcp-ack == 0 and dst port 8080",
+        ])
+        .unwrap_or_else(|e| e.to_string());
+    let syns: Vec<&str> = seen.lines().filter(|l| l.contains(" > 10.81.0.")).collect();
+    assert!(syns.len() >= 2, "{seen}");
+    for l in &syns {
+        assert!(l.contains("10.81.0.1.") && l.contains(GATEWAY_MAC_TEXT), "{l}");
+    }
+}
+
+/// The distributed gateway's MAC as tcpdump prints it.
+const GATEWAY_MAC_TEXT: &str = "0e:5d:6e:00:00:01";

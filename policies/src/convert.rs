@@ -670,8 +670,18 @@ impl ApiResource for m::Member {
             target,
             port: port_from_pb(at, "port", x.port)?,
             weight: if x.weight == 0 { 1 } else { x.weight },
-            // The controller's to stamp, not the caller's to say.
-            draining_since_unix_ms: None,
+            // Read for display; the controller keeps its own record of both
+            // whatever a request says.
+            draining_since_unix_ms: (x.draining_since_unix_ms != 0).then_some(x.draining_since_unix_ms),
+            health: match x.health.as_str() {
+                "up" | "down" => Some(m::MemberHealth {
+                    up: x.health == "up",
+                    since_unix_ms: x.health_since_unix_ms,
+                    host_id: x.health_host_id.clone(),
+                    detail: x.health_detail.clone(),
+                }),
+                _ => None,
+            },
             state,
         })
     }
@@ -689,6 +699,14 @@ impl ApiResource for m::Member {
             weight: self.weight,
             state: self.state.name().into(),
             draining_since_unix_ms: self.draining_since_unix_ms.unwrap_or(0),
+            health: match &self.health {
+                Some(h) if h.up => "up".into(),
+                Some(_) => "down".into(),
+                None => String::new(),
+            },
+            health_since_unix_ms: self.health.as_ref().map_or(0, |h| h.since_unix_ms),
+            health_detail: self.health.as_ref().map(|h| h.detail.clone()).unwrap_or_default(),
+            health_host_id: self.health.as_ref().map(|h| h.host_id.clone()).unwrap_or_default(),
         }
     }
 }

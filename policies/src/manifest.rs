@@ -1542,6 +1542,7 @@ impl ManifestResource for model::Member {
             weight: spec.weight.unwrap_or(1),
             state: spec.state.unwrap_or(model::MemberState::Enabled),
             draining_since_unix_ms: None,
+            health: None,
         })
     }
     fn to_manifest(&self) -> (&str, Option<&str>, serde_json::Value) {

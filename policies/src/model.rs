@@ -472,7 +472,25 @@ pub struct Member {
     /// when the member turns draining and kept while it stays so; the
     /// pool's drain time counts from it on every host alike.
     pub draining_since_unix_ms: Option<u64>,
+    /// What its pool's health check last found, as the checking host
+    /// reported it (`None`: never found failing, or no check).
+    pub health: Option<MemberHealth>,
 }
+
+/// A member's health as its checker reported it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberHealth {
+    pub up: bool,
+    /// When it became so (Unix ms, the controller's clock).
+    pub since_unix_ms: u64,
+    /// The host whose agent checked it.
+    pub host_id: String,
+    /// What the last failed check saw (empty when up).
+    pub detail: String,
+}
+
+/// A health report's detail, at most (longer ones are cut).
+pub const HEALTH_DETAIL_MAX: usize = 200;
 
 /// A member's weight, at most.
 pub const LB_WEIGHT_MAX: u32 = 256;
@@ -1362,8 +1380,13 @@ impl Resource for Member {
         } else {
             self.port.to_string()
         };
+        let health = match &self.health {
+            Some(h) if h.up => format!(" health=up (checked by {})", h.host_id),
+            Some(h) => format!(" health=down (checked by {}: {})", h.host_id, h.detail),
+            None => String::new(),
+        };
         format!(
-            "pool={} target={target} port={port} weight={} state={}",
+            "pool={} target={target} port={port} weight={} state={}{health}",
             self.pool_id,
             self.weight,
             self.state.name()

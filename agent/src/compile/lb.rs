@@ -215,7 +215,9 @@ pub fn compile_lbs(
                 continue;
             };
             let Ok(port) = u16::try_from(b.port) else { continue };
-            let taking = b.state == "enabled";
+            // A member its health check found failing takes no new flow
+            // (its flows stay, as a draining member's do).
+            let taking = b.state == "enabled" && !b.down;
             backends.insert(
                 slot,
                 LbBackend {
@@ -455,8 +457,10 @@ mod tests {
                             weight: 1,
                             state: state.to_string(),
                             drain_until_unix_ms: if *state == "draining" { 5_000 } else { 0 },
+                            ..Default::default()
                         })
                         .collect(),
+                    health: None,
                 })
                 .collect(),
         }
