@@ -233,6 +233,12 @@ pub struct Dataplane {
     lb_started: bool,
     /// The ports that translate, with their VNIs, as last written.
     lb_ports: std::collections::BTreeMap<u32, u32>,
+    /// Each service's name and its members' ids by address and port, as
+    /// last written (flow records name them).
+    lb_names: std::collections::BTreeMap<
+        dataplane_common::lb::LbServiceKey,
+        (String, std::collections::BTreeMap<([u8; 16], u16), String>),
+    >,
     mirror_gen: [u32; m::MIRROR_SLOTS as usize],
     /// Devices whose observers run this load's programs (attached, or
     /// adopted from an earlier agent and swapped), and whether the VXLAN
@@ -432,6 +438,34 @@ impl Dataplane {
         for d in [&maps_dir, &links_dir, &pipes_dir] {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
+        // A smaller size must hold every flow held now: checked for every
+        // table before any is touched.
+        for name in FLOW_TABLES {
+            let pin = maps_dir.join(name);
+            if !pin.exists() {
+                continue;
+            }
+            let map = MapData::from_pin(&pin).with_context(|| format!("opening pinned map {name}"))?;
+            if map.info()?.max_entries() <= flow_table {
+                continue;
+            }
+            fn count<K: Pod, V: Pod>(map: MapData) -> anyhow::Result<usize> {
+                let h: BpfHashMap<MapData, K, V> = BpfHashMap::try_from(aya::maps::Map::HashMap(map))?;
+                Ok(h.keys().count())
+            }
+            use dataplane_common::lb;
+            let held = match name {
+                m::CT => count::<m::CtKey, m::CtValue>(map)?,
+                lb::LB_FLOWS => count::<lb::LbFlowKey, lb::LbFlow>(map)?,
+                _ => count::<lb::LbReverseKey, lb::LbReverse>(map)?,
+            };
+            if held > flow_table as usize {
+                anyhow::bail!(
+                    "--flow-table-size {flow_table}: table {name} holds {held} flows now; give at least that many \
+                     (or restart with the smaller size once flows have ended); nothing was changed"
+                );
+            }
+        }
         for name in FLOW_TABLES {
             let pin = maps_dir.join(name);
             let aside = maps_dir.join(format!("{name}{RESIZE_SUFFIX}"));
@@ -514,6 +548,7 @@ impl Dataplane {
             lb_backends: Default::default(),
             lb_started: false,
             lb_ports: Default::default(),
+            lb_names: Default::default(),
             mirror_gen: [0; m::MIRROR_SLOTS as usize],
             mirror_links: BTreeSet::new(),
             mirror_overlay_link: false,
@@ -532,7 +567,8 @@ impl Dataplane {
     /// the new ones (entries already there are left as they are). With
     /// `last`, every link runs the new programs: the tables moved aside
     /// are removed after this copy.
-    fn carry_resized(&mut self, last: bool) -> anyhow::Result<()> {
+    fn carry_resized(&mut self, last: bool) -> anyhow::Result<bool> {
+        let mut carried = false;
         use dataplane_common::lb;
         let maps_dir = self.pin_dir.join("maps");
         for name in FLOW_TABLES {
@@ -553,8 +589,9 @@ impl Dataplane {
             if last {
                 std::fs::remove_file(&aside).with_context(|| format!("removing {}", aside.display()))?;
             }
+            carried = true;
         }
-        Ok(())
+        Ok(carried)
     }
 
     /// Copies the entries of the table pinned at `from` into this load's
@@ -678,8 +715,15 @@ impl Dataplane {
     /// version's programs made until then are copied over first, and its
     /// tables removed.
     pub fn retire_old_pipelines(&mut self) {
-        if let Err(e) = self.carry_resized(true) {
-            tracing::warn!(error = %format!("{e:#}"), "carrying flows into the resized connection tables");
+        match self.carry_resized(true) {
+            // Each port's count of flows, from what the new table holds.
+            Ok(true) => {
+                if let Err(e) = self.collect_conntrack() {
+                    tracing::warn!(error = %format!("{e:#}"), "recounting flows after the resize");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "carrying flows into the resized connection tables"),
         }
         let migration = self.migrate_v1_flows();
         let migrated = migration.is_ok();
@@ -1270,12 +1314,61 @@ impl Dataplane {
         }
         self.lb_backends = backends;
         self.lb_ports = plan.ports.clone();
+        self.lb_names = plan
+            .services
+            .iter()
+            .map(|(k, s)| (*k, (s.name.clone(), s.members.clone())))
+            .collect();
         self.lb_generations = plan.services.values().map(|s| (s.info.id, s.info.generation)).collect();
         Ok(())
     }
 
     /// The load balancers' services and backend slots the pinned maps
     /// hold (from an earlier run of the agent).
+    /// The load balancing of a flow as its client's port holds it (the
+    /// flow table's entry of the client's side): the service, the address
+    /// and port the client asked, and the member. `None` for any other
+    /// flow.
+    pub fn lb_of_flow(&self, k: &m::CtKey) -> Option<sdn_flowexport::record::LbRecord> {
+        use dataplane_common::lb as l;
+        let vni = *self.lb_ports.get(&k.ifindex)?;
+        let rk = l::LbReverseKey {
+            ifindex: k.ifindex,
+            family: k.family,
+            proto: k.proto,
+            client_port: k.local_port,
+            backend_port: k.remote_port,
+            _pad: 0,
+            backend: k.remote,
+        };
+        let r = [l::LB_REVERSE, l::LB_REVERSE_NEW].iter().find_map(|name| {
+            let map = self.ebpf.map(name)?;
+            let h: BpfHashMap<&MapData, l::LbReverseKey, l::LbReverse> = BpfHashMap::try_from(map).ok()?;
+            h.get(&rk, 0).ok()
+        })?;
+        let key = l::LbServiceKey {
+            vni,
+            family: k.family,
+            proto: k.proto,
+            port: r.vport,
+            addr: r.vip,
+        };
+        let (name, members) = self.lb_names.get(&key)?;
+        // "lb/listener/family": the service is the listener of its load
+        // balancer.
+        let service = name.rsplit_once('/').map_or(name.as_str(), |(s, _)| s).to_string();
+        let member = members.get(&(k.remote, k.remote_port)).cloned().unwrap_or_default();
+        let vip = crate::flows::addr(k.family, &r.vip);
+        Some(sdn_flowexport::record::LbRecord {
+            service,
+            vip: match vip {
+                std::net::IpAddr::V4(a) => format!("{a}:{}", r.vport),
+                std::net::IpAddr::V6(a) => format!("[{a}]:{}", r.vport),
+            },
+            member,
+        })
+    }
+
     pub fn lb_held(&self) -> anyhow::Result<crate::compile::lb::LbHeld> {
         use dataplane_common::lb as l;
         let mut held = crate::compile::lb::LbHeld::default();

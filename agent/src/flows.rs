@@ -398,7 +398,7 @@ fn ip_octets(frame_bytes: u64, packets: u64) -> u64 {
 
 const ETH_HLEN: u64 = 14;
 
-fn addr(family: u8, a: &[u8; 16]) -> IpAddr {
+pub fn addr(family: u8, a: &[u8; 16]) -> IpAddr {
     if family == FAMILY_V4 {
         IpAddr::from([a[0], a[1], a[2], a[3]])
     } else {
@@ -540,6 +540,7 @@ impl Meter {
                 rule,
                 verdict: Verdict::Allowed,
                 port: pc.port.clone(),
+                lb: None,
             };
             if v.packets_out > s.packets_out {
                 self.out.push((
@@ -586,7 +587,12 @@ impl Meter {
     /// another table took them), and returns the records it made. A flow
     /// a firewall admitted (`firewall` names its rule's number) names that
     /// rule; the others, the port's security groups.
-    pub fn end(&mut self, firewall: &dyn Fn(&CtKey) -> Option<u32>) -> Vec<FlowRecord> {
+    /// `lb` names the service and member of a load-balanced flow.
+    pub fn end(
+        &mut self,
+        firewall: &dyn Fn(&CtKey) -> Option<u32>,
+        lb: &dyn Fn(&CtKey) -> Option<sdn_flowexport::record::LbRecord>,
+    ) -> Vec<FlowRecord> {
         let pass = self.pass;
         // A pass that did not read the whole table forgets nothing.
         if self.complete {
@@ -602,6 +608,7 @@ impl Meter {
                         ctx.fw_names.get(&n).cloned().unwrap_or_else(|| format!("#{n}"))
                     );
                 }
+                r.lb = lb(&k);
                 r
             })
             .collect()
@@ -840,6 +847,7 @@ impl Denials {
                     rule,
                     verdict: Verdict::Denied,
                     port: pc.port.clone(),
+                    lb: None,
                 },
             });
         }
@@ -1007,7 +1015,7 @@ mod tests {
         for (v, removed) in entries {
             mt.observe(&key(), v, *removed);
         }
-        mt.end(&|k| (k.remote_port == 443).then_some(9))
+        mt.end(&|k| (k.remote_port == 443).then_some(9), &|_| None)
     }
 
     /// Deltas per direction; an active record, an idle one, the end on

@@ -66,7 +66,13 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
 /// whose ports are here. A pool's listeners share its members' checks; a
 /// member with no port of its own is checked at the listener's port of
 /// the first listener (by id).
-pub fn checks(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>) -> Vec<Check> {
+/// Quarantined ports are not checked (nothing reaches them). At most
+/// [`CHECKS_MAX`] checks run on a host, the first by member id.
+pub fn checks(
+    res: &Resources,
+    ifindex: &dyn Fn(&str) -> Option<u32>,
+    quarantined: &dyn Fn(&str) -> bool,
+) -> Vec<Check> {
     let mut ports: BTreeMap<&str, &pb::Port> = BTreeMap::new();
     let mut gateways: BTreeMap<&str, &pb::SubnetGateway> = BTreeMap::new();
     let mut lbs = Vec::new();
@@ -94,7 +100,11 @@ pub fn checks(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>) -> Vec<Che
         for l in listeners {
             let Some(h) = &l.health else { continue };
             for b in &l.backends {
-                if b.port_id.is_empty() || b.state == "disabled" || out.contains_key(&b.member_id) {
+                if b.port_id.is_empty()
+                    || b.state == "disabled"
+                    || out.contains_key(&b.member_id)
+                    || quarantined(&b.port_id)
+                {
                     continue;
                 }
                 let Some(p) = ports.get(b.port_id.as_str()) else { continue };
@@ -103,12 +113,19 @@ pub fn checks(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>) -> Vec<Che
                 };
                 let Some(g) = gateways.get(p.subnet_id.as_str()) else { continue };
                 // IPv4 where the member and its subnet have it.
-                let pick = b.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()).find_map(|a| {
-                    let gw = if a.is_ipv4() { &g.gateway_v4 } else { &g.gateway_v6 };
-                    gw.parse::<IpAddr>().ok().map(|gw| (a, gw))
-                });
-                let pick = pick.filter(|(a, _)| a.is_ipv4()).or(pick);
-                let Some((addr, gateway)) = pick else { continue };
+                let usable: Vec<(IpAddr, IpAddr)> = b
+                    .addresses
+                    .iter()
+                    .filter_map(|a| a.parse::<IpAddr>().ok())
+                    .filter_map(|a| {
+                        let gw = if a.is_ipv4() { &g.gateway_v4 } else { &g.gateway_v6 };
+                        gw.parse::<IpAddr>().ok().map(|gw| (a, gw))
+                    })
+                    .collect();
+                let Some((addr, gateway)) = usable.iter().find(|(a, _)| a.is_ipv4()).or(usable.first()).copied()
+                else {
+                    continue;
+                };
                 let Ok(port) = u16::try_from(b.port) else { continue };
                 let interval = Duration::from_millis(u64::from(h.interval_ms.max(100)));
                 let timeout = if h.timeout_ms == 0 {
@@ -147,8 +164,21 @@ pub fn checks(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>) -> Vec<Che
             }
         }
     }
-    out.into_values().collect()
+    if out.len() > CHECKS_MAX {
+        tracing::warn!(
+            checks = out.len(),
+            max = CHECKS_MAX,
+            "more members to check on this host than it checks; the rest are taken as they were reported"
+        );
+    }
+    out.into_values().take(CHECKS_MAX).collect()
 }
+
+/// Checks one host runs, at most.
+pub const CHECKS_MAX: usize = 512;
+/// Checks in flight at once on a host (each holds a blocking thread for
+/// at most its timeout).
+pub const CHECKS_AT_ONCE: usize = 32;
 
 /// Counts of checks, for metrics.
 #[derive(Debug, Default)]
@@ -165,6 +195,7 @@ pub struct Health {
     controllers: Arc<Vec<String>>,
     running: Mutex<BTreeMap<String, (Check, tokio::task::AbortHandle)>>,
     stats: Arc<Stats>,
+    at_once: Arc<tokio::sync::Semaphore>,
 }
 
 impl Health {
@@ -174,6 +205,7 @@ impl Health {
             controllers: Arc::new(controllers),
             running: Mutex::new(BTreeMap::new()),
             stats: Arc::default(),
+            at_once: Arc::new(tokio::sync::Semaphore::new(CHECKS_AT_ONCE)),
         }
     }
 
@@ -203,6 +235,7 @@ impl Health {
                 self.host.clone(),
                 self.controllers.clone(),
                 self.stats.clone(),
+                self.at_once.clone(),
             ));
             running.insert(id, (c, task.abort_handle()));
         }
@@ -217,7 +250,13 @@ impl Drop for Health {
     }
 }
 
-async fn run(c: Check, host: String, controllers: Arc<Vec<String>>, stats: Arc<Stats>) {
+async fn run(
+    c: Check,
+    host: String,
+    controllers: Arc<Vec<String>>,
+    stats: Arc<Stats>,
+    at_once: Arc<tokio::sync::Semaphore>,
+) {
     use std::sync::atomic::Ordering::Relaxed;
     let (mut passed, mut failed) = (0u32, 0u32);
     let mut detail = String::new();
@@ -227,10 +266,17 @@ async fn run(c: Check, host: String, controllers: Arc<Vec<String>>, stats: Arc<S
     let mut next = 0usize;
     loop {
         tick.tick().await;
+        let Ok(permit) = at_once.clone().acquire_owned().await else {
+            return;
+        };
         let probe = c.clone();
-        let r = tokio::task::spawn_blocking(move || check_once(&probe))
-            .await
-            .unwrap_or_else(|e| Err(format!("check aborted: {e}")));
+        let r = tokio::task::spawn_blocking(move || {
+            let r = check_once(&probe);
+            drop(permit);
+            r
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("check aborted: {e}")));
         match r {
             Ok(()) => {
                 stats.passed.fetch_add(1, Relaxed);
@@ -322,7 +368,8 @@ impl Raw {
         let proto = (libc::ETH_P_ALL as u16).to_be();
         // SAFETY: plain syscalls on a descriptor this function owns.
         unsafe {
-            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto));
+            // No protocol until bound: the socket hears only the device.
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0);
             if fd < 0 {
                 return Err(std::io::Error::last_os_error());
             }
@@ -340,6 +387,15 @@ impl Raw {
             {
                 return Err(std::io::Error::last_os_error());
             }
+            // Room for a busy member's frames around its answer.
+            let rcvbuf: libc::c_int = 1 << 20;
+            libc::setsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                &rcvbuf as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as u32,
+            );
             let one: libc::c_int = 1;
             if libc::setsockopt(
                 raw,
@@ -432,13 +488,14 @@ fn segment(c: &Check, sport: u16, seq: u32, ack: Option<u32>, flags: (bool, bool
 /// The member's answer to `sport`, if `frame` is one: (seq, ack, syn, rst,
 /// payload).
 fn answer(c: &Check, sport: u16, frame: &[u8]) -> Option<(u32, u32, bool, bool, Vec<u8>)> {
-    let p = etherparse::SlicedPacket::from_ethernet(frame).ok()?;
+    // Lax: a large segment (GSO on the veth) may be cut by the buffer.
+    let p = etherparse::LaxSlicedPacket::from_ethernet(frame).ok()?;
     let (src, dst): (IpAddr, IpAddr) = match p.net? {
-        etherparse::NetSlice::Ipv4(v4) => (
+        etherparse::LaxNetSlice::Ipv4(v4) => (
             IpAddr::V4(v4.header().source_addr()),
             IpAddr::V4(v4.header().destination_addr()),
         ),
-        etherparse::NetSlice::Ipv6(v6) => (
+        etherparse::LaxNetSlice::Ipv6(v6) => (
             IpAddr::V6(v6.header().source_addr()),
             IpAddr::V6(v6.header().destination_addr()),
         ),
@@ -466,7 +523,7 @@ pub fn check_once(c: &Check) -> Result<(), String> {
     let sport = 32768 + (r % 28000) as u16;
     let isn = (r >> 32) as u32;
     let deadline = Instant::now() + c.timeout;
-    let mut buf = vec![0u8; 9216];
+    let mut buf = vec![0u8; 65_536];
     raw.send(&segment(c, sport, isn, None, (true, false, false), &[]))?;
     // The handshake.
     let theirs = loop {
@@ -476,7 +533,8 @@ pub fn check_once(c: &Check) -> Result<(), String> {
         let Some((seq, ack, synack, rst, _)) = answer(c, sport, &buf[..n]) else {
             continue;
         };
-        if rst {
+        // A reset of this SYN acknowledges it.
+        if rst && ack == isn.wrapping_add(1) {
             return Err("connection refused".into());
         }
         if synack && ack == isn.wrapping_add(1) {
@@ -510,7 +568,7 @@ pub fn check_once(c: &Check) -> Result<(), String> {
         let Some((seq, _, _, rst, payload)) = answer(c, sport, &buf[..n]) else {
             continue;
         };
-        if rst {
+        if rst && seq.wrapping_sub(theirs.wrapping_add(1)) <= 65_535 {
             break Err("connection reset before the status line".into());
         }
         // In order only: the first bytes of the answer.
@@ -527,13 +585,17 @@ pub fn check_once(c: &Check) -> Result<(), String> {
             break match code {
                 Some(s) if (status.0..=status.1).contains(&s) => Ok(()),
                 Some(s) => Err(format!("status {s}, expected {} to {}", status.0, status.1)),
-                None => Err(format!("not an HTTP status line: {:?}", line.chars().take(60).collect::<String>())),
+                // (What the member said is not repeated: it would reach
+                // the audit log.)
+                None => Err("not an HTTP status line".to_string()),
             };
         }
         if got.len() > 4096 {
             break Err("no status line in the first 4096 bytes".into());
         }
     };
+    // Whether or not the request was acknowledged.
     let _ = raw.send(&segment(c, sport, after, None, (false, true, false), &[]));
+    let _ = raw.send(&segment(c, sport, mine, None, (false, true, false), &[]));
     verdict
 }

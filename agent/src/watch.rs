@@ -212,9 +212,9 @@ impl Agent {
         }
         let dp = &self.dp;
         let records = if f.outputs.is_some() {
-            f.meter.end(&|k| dp.allowed_by_firewall(k))
+            f.meter.end(&|k| dp.allowed_by_firewall(k), &|k| dp.lb_of_flow(k))
         } else {
-            f.meter.end(&|_| None)
+            f.meter.end(&|_| None, &|_| None)
         };
         if let Some(o) = &f.outputs {
             o.send(records);
@@ -332,7 +332,9 @@ impl Agent {
         // Health checks of this host's members (they need a runtime:
         // passes run within the agent's).
         if tokio::runtime::Handle::try_current().is_ok() {
-            self.health.set(crate::health::checks(&self.resources, &dataplane::ifindex));
+            self.health.set(crate::health::checks(&self.resources, &dataplane::ifindex, &|p| {
+                desired.quarantined.contains_key(p)
+            }));
         }
         // Information systems' ports, for the bandwidth of each system.
         match self.dp.apply_systems(&desired.systems) {
@@ -540,7 +542,15 @@ impl Agent {
                     pending = self.enforce_and_ack(&mut client).await.map_err(|e| (progressed, e))?;
                 }
                 _ = tick.tick(), if pending || self.next_expiry.is_some() => {
-                    pending = self.enforce_and_ack(&mut client).await.map_err(|e| (progressed, e))?;
+                    // Something expires (a quarantine, a drain): enforced
+                    // once its time has come, not every second until then.
+                    let now_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as u64)
+                        .unwrap_or(0);
+                    if pending || self.next_expiry.is_some_and(|t| t <= now_ms) {
+                        pending = self.enforce_and_ack(&mut client).await.map_err(|e| (progressed, e))?;
+                    }
                 }
                 _ = collect.tick() => {
                     if self.uplink_addresses_moved() {

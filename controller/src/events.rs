@@ -62,7 +62,7 @@ pub fn event_of(r: &AuditRecord) -> Option<Event> {
     fields.push(("changes", listed.join("; ")));
     // A member's health, as its host's agent reported it: an event of its
     // own kind, a warning when the member fails.
-    if r.actor.ends_with(crate::service::HEALTH_ACTOR_SUFFIX) {
+    if is_health_actor(&r.actor) {
         let down = r.changes.iter().any(|c| c.contains(" health=down"));
         return Some(Event {
             facility: FACILITY_AUDIT,
@@ -95,6 +95,16 @@ pub fn event_of(r: &AuditRecord) -> Option<Event> {
             }
         ),
     })
+}
+
+/// Whether `actor` is a host's agent reporting health, as the controller
+/// names it (what a caller says of itself comes after a certificate's
+/// identity or after "unverified", never at the start).
+fn is_health_actor(actor: &str) -> bool {
+    actor
+        .strip_prefix("sdn://agent/")
+        .and_then(|a| a.strip_suffix(crate::service::HEALTH_ACTOR_SUFFIX))
+        .is_some_and(|host| !host.is_empty() && !host.contains([' ', '(', ')']))
 }
 
 /// Sends the audit log's new records as events while this replica leads.

@@ -190,6 +190,7 @@ async fn main() -> anyhow::Result<()> {
         enforcement: Arc::new(Enforcement::default()),
         stopping,
         leader_acks: Default::default(),
+        health_budget: Default::default(),
         metrics: Default::default(),
         web,
     };

@@ -35,6 +35,40 @@ pub struct Controller {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The topology page, if this replica serves one.
     pub web: Option<crate::web::Web>,
+    /// Health reports written, by host, in the current second (the
+    /// leader's budget of log writes for them).
+    pub health_budget: Arc<std::sync::Mutex<HealthBudget>>,
+}
+
+/// A member's health changes at most once in this time: a member that
+/// flaps costs the log one write per hold, not one per check.
+pub const HEALTH_HOLD_MS: u64 = 5_000;
+/// Health reports a host may have written in one second.
+pub const HEALTH_REPORTS_PER_SEC: u32 = 20;
+
+/// Health reports written by host in the current second.
+#[derive(Debug, Default)]
+pub struct HealthBudget {
+    second: u64,
+    written: std::collections::HashMap<String, u32>,
+}
+
+impl HealthBudget {
+    /// Takes one report of `host` at `now_ms`: false when its second's
+    /// budget is spent.
+    pub fn take(&mut self, host: &str, now_ms: u64) -> bool {
+        let second = now_ms / 1000;
+        if second != self.second {
+            self.second = second;
+            self.written.clear();
+        }
+        let n = self.written.entry(host.to_string()).or_default();
+        if *n >= HEALTH_REPORTS_PER_SEC {
+            return false;
+        }
+        *n += 1;
+        true
+    }
 }
 
 const DEFAULT_WAIT: Duration = Duration::from_secs(30);
@@ -488,6 +522,10 @@ impl pb::agent_server::Agent for Controller {
             }
             m.clone()
         };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         if !self.store.is_leader() {
             let addr = not_leader(self.store.leader().map(|(_, a)| a), was_forwarded)?;
             let mut client = self
@@ -498,20 +536,38 @@ impl pb::agent_server::Agent for Controller {
                 .await
                 .unwrap_or_else(|_| Err(Status::unavailable(format!("forwarding to the leader at {addr}: timed out"))));
         }
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        if let Some(h) = &member.health {
+            let age = now_ms.saturating_sub(h.since_unix_ms);
+            if age < HEALTH_HOLD_MS {
+                return Err(Status::resource_exhausted(format!(
+                    "member_id: member {}'s health changed {age} ms ago; it changes at most once in {HEALTH_HOLD_MS} ms",
+                    member.id
+                )));
+            }
+        }
+        if !self
+            .health_budget
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(&req.host_id, now_ms)
+        {
+            return Err(Status::resource_exhausted(format!(
+                "host_id: host {} reported {HEALTH_REPORTS_PER_SEC} health changes this second already",
+                req.host_id
+            )));
+        }
         let mut detail: String = req
             .detail
             .chars()
-            .filter(|c| !c.is_control())
+            .filter(|c| c.is_ascii_graphic() || *c == ' ')
+            .filter(|c| *c != ';')
             .take(sdn_policies::HEALTH_DETAIL_MAX)
             .collect();
         if req.up {
             detail.clear();
         }
         let mut m = member;
+        m.health_report = true;
         m.health = Some(sdn_policies::MemberHealth {
             up: req.up,
             since_unix_ms: now_ms,
@@ -614,26 +670,15 @@ impl Controller {
         // now holds when the batch applies).
         caller.check_batch(&ops, &self.store.shared.read().await.state)?;
         // A member's draining counts from when it began: a member that
-        // turns draining is stamped now, one that stays so keeps its stamp.
+        // turns draining takes this time, one that stays so keeps its own
+        // (the state keeps it when it applies the put). Health is the
+        // checker's to report, never a caller's.
         let mut ops = ops;
-        {
-            let shared = self.store.shared.read().await;
-            for op in ops.iter_mut() {
-                if let sdn_policies::Op::PutMember(m) = op {
-                    // Health is the checker's to report.
-                    m.health = shared.state.members.get(&m.id).and_then(|o| o.health.clone());
-                    m.draining_since_unix_ms = match m.state {
-                        sdn_policies::MemberState::Draining => Some(
-                            shared
-                                .state
-                                .members
-                                .get(&m.id)
-                                .and_then(|o| o.draining_since_unix_ms)
-                                .unwrap_or(now_ms),
-                        ),
-                        _ => None,
-                    };
-                }
+        for op in ops.iter_mut() {
+            if let sdn_policies::Op::PutMember(m) = op {
+                m.health = None;
+                m.health_report = false;
+                m.draining_since_unix_ms = (m.state == sdn_policies::MemberState::Draining).then_some(now_ms);
             }
         }
         // The audit log names the caller as its certificate does; what the

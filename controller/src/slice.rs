@@ -419,7 +419,12 @@ fn lb_on_host(state: &State, id: &str) -> Option<pb::LoadBalancerOnHost> {
                         sdn_policies::MemberTarget::Port(p) => p.clone(),
                         sdn_policies::MemberTarget::Address(_) => String::new(),
                     },
-                    down: m.health.as_ref().is_some_and(|h| !h.up),
+                    // Only while a check stands behind it: a pool's check
+                    // removed, or a member moved to an address, leaves no
+                    // health that nobody can clear.
+                    down: m.health.as_ref().is_some_and(|h| !h.up)
+                        && matches!(m.target, sdn_policies::MemberTarget::Port(_))
+                        && state.pools.get(&m.pool_id).is_some_and(|p| p.health.is_some()),
                 })
                 .collect(),
             health: state.pools.get(&l.pool_id).and_then(|p| p.to_pb().health),

@@ -682,6 +682,7 @@ impl ApiResource for m::Member {
                 }),
                 _ => None,
             },
+            health_report: false,
             state,
         })
     }

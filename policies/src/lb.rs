@@ -332,6 +332,41 @@ impl State {
 
     pub(crate) fn put_member(&mut self, c: &Ctx, m: &Member) -> Result<(), BatchError> {
         check_id(&m.id).map_err(|e| c.err("id", e))?;
+        // Health and the drain's start are merged here, at apply time, with
+        // the member as it is now: a report never brings back a member
+        // deleted or changed since its agent looked, and a put never loses
+        // a report that committed before it.
+        if m.health_report {
+            let old = self
+                .members
+                .get(&m.id)
+                .ok_or_else(|| c.err("member_id", format!("member {} is gone", m.id)))?;
+            let checked = self.pools.get(&old.pool_id).is_some_and(|p| p.health.is_some())
+                && matches!(old.target, MemberTarget::Port(_))
+                && old.target == m.target;
+            if !checked {
+                return Err(c.err(
+                    "member_id",
+                    format!("member {} is no longer checked as the report's agent saw it", m.id),
+                ));
+            }
+            let mut kept = old.clone();
+            kept.health = m.health.clone();
+            self.replace(Kind::Member, &m.id, Some(Object::Member(kept)));
+            return Ok(());
+        }
+        let mut merged = m.clone();
+        let old = self.members.get(&m.id);
+        // Health stays while the member is checked where it was.
+        merged.health = old.filter(|o| o.target == m.target).and_then(|o| o.health.clone());
+        merged.draining_since_unix_ms = match (m.state, old) {
+            (MemberState::Draining, Some(o)) if o.state == MemberState::Draining && o.draining_since_unix_ms.is_some() => {
+                o.draining_since_unix_ms
+            }
+            (MemberState::Draining, _) => m.draining_since_unix_ms,
+            _ => None,
+        };
+        let m = &merged;
         let pool = self
             .pools
             .get(&m.pool_id)
@@ -1155,5 +1190,56 @@ mod tests {
             "civil-affairs-portal",
             "load balancer lb2 (its address 10.30.0.101)",
         );
+    }
+
+    /// Health reports change a member's health alone, and only of a member
+    /// still there and checked as the report's agent saw it; puts keep the
+    /// health and the drain's first start.
+    #[test]
+    fn health_and_the_drains_start_merge_with_the_member_as_it_is() {
+        let mut s = cloud();
+        assert!(s.pools["portal-web"].health.is_some());
+        let was = s.members["portal-web-1"].clone();
+        let mut report = was.clone();
+        report.health_report = true;
+        report.weight = 99;
+        report.health = Some(MemberHealth {
+            up: false,
+            since_unix_ms: 7,
+            host_id: "hv-01".into(),
+            detail: "connection refused".into(),
+        });
+        s.apply_batch(&[Op::PutMember(report.clone())]).unwrap();
+        let m = &s.members["portal-web-1"];
+        assert_eq!(m.health, report.health);
+        assert_eq!((m.weight, m.health_report), (was.weight, false));
+        // The tenant's put keeps the health; a drain starts once.
+        let mut put = was.clone();
+        put.state = MemberState::Draining;
+        put.draining_since_unix_ms = Some(1000);
+        s.apply_batch(&[Op::PutMember(put.clone())]).unwrap();
+        put.draining_since_unix_ms = Some(2000);
+        put.weight = 3;
+        s.apply_batch(&[Op::PutMember(put.clone())]).unwrap();
+        let m = &s.members["portal-web-1"];
+        assert_eq!((m.weight, m.draining_since_unix_ms), (3, Some(1000)));
+        assert_eq!(m.health, report.health);
+        // A late report of a member deleted meanwhile brings nothing back.
+        let mut late = s.members["portal-web-2"].clone();
+        s.apply_batch(&[Op::Delete {
+            kind: Kind::Member,
+            id: "portal-web-2".into(),
+        }])
+        .unwrap();
+        late.health_report = true;
+        late.health = report.health.clone();
+        let before = s.clone();
+        assert!(s.apply_batch(&[Op::PutMember(late.clone())]).is_err());
+        assert_eq!(s, before);
+        // Nor does one of a member whose target changed since.
+        let mut moved = report.clone();
+        moved.target = MemberTarget::Address("10.30.0.50".parse().unwrap());
+        assert!(s.apply_batch(&[Op::PutMember(moved)]).is_err());
+        assert_eq!(s, before);
     }
 }

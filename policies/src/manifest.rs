@@ -1543,6 +1543,7 @@ impl ManifestResource for model::Member {
             state: spec.state.unwrap_or(model::MemberState::Enabled),
             draining_since_unix_ms: None,
             health: None,
+            health_report: false,
         })
     }
     fn to_manifest(&self) -> (&str, Option<&str>, serde_json::Value) {

@@ -475,6 +475,10 @@ pub struct Member {
     /// What its pool's health check last found, as the checking host
     /// reported it (`None`: never found failing, or no check).
     pub health: Option<MemberHealth>,
+    /// This put is a health report: it changes the stored member's
+    /// `health` alone, whatever its other fields say, and only while the
+    /// member is there and checked. Never stored as true.
+    pub health_report: bool,
 }
 
 /// A member's health as its checker reported it.

@@ -200,7 +200,7 @@ impl TcpConnectionRecord {
 /// protocol records'.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Templates {
-    pub flow: [Template; 2],
+    pub flow: [Template; 4],
     pub protocol: [Template; 4],
 }
 

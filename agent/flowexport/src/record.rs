@@ -15,6 +15,10 @@ pub const PEN_DEFAULT: u32 = 32473;
 pub const TEMPLATE_V4: u16 = 256;
 /// The template of records of IPv6 flows.
 pub const TEMPLATE_V6: u16 = 257;
+/// The templates of records of load-balanced flows (the flow's elements,
+/// then the service's).
+pub const TEMPLATE_LB_V4: u16 = 262;
+pub const TEMPLATE_LB_V6: u16 = 263;
 
 /// The enterprise elements, by id under the deployment's PEN.
 pub mod enterprise {
@@ -31,6 +35,22 @@ pub mod enterprise {
     pub const VERDICT: u16 = 5;
     /// The port (string).
     pub const PORT: u16 = 6;
+    /// A load-balanced flow's service: `LOAD_BALANCER/LISTENER` (string).
+    pub const LB_SERVICE: u16 = 40;
+    /// The address and port its client asked: the VIP's (string,
+    /// `ADDR:PORT`, `[ADDR6]:PORT`).
+    pub const LB_VIP: u16 = 41;
+    /// The member the flow went to (string).
+    pub const LB_MEMBER: u16 = 42;
+}
+
+/// A load-balanced flow's service and member. The flow's own addresses are
+/// its client's and its member's, as the flow table holds them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LbRecord {
+    pub service: String,
+    pub vip: String,
+    pub member: String,
 }
 
 /// Why a flow's record was sent (flowEndReason, IANA element 136).
@@ -93,10 +113,13 @@ pub struct FlowRecord {
     pub rule: String,
     pub verdict: Verdict,
     pub port: String,
+    /// A load-balanced flow's service and member.
+    pub lb: Option<LbRecord>,
 }
 
-/// The two templates, IPv4 and IPv6, under `pen`.
-pub fn templates(pen: u32) -> [Template; 2] {
+/// The templates under `pen`: IPv4 and IPv6, then the same for
+/// load-balanced flows.
+pub fn templates(pen: u32) -> [Template; 4] {
     let t = |id: u16, addr_ids: (u16, u16), addr_len: u16| Template {
         id,
         fields: vec![
@@ -121,7 +144,21 @@ pub fn templates(pen: u32) -> [Template; 2] {
             Field::enterprise(pen, enterprise::PORT, VARLEN),
         ],
     };
-    [t(TEMPLATE_V4, (8, 12), 4), t(TEMPLATE_V6, (27, 28), 16)]
+    let lb = |id: u16, addr_ids: (u16, u16), addr_len: u16| {
+        let mut x = t(id, addr_ids, addr_len);
+        x.fields.extend([
+            Field::enterprise(pen, enterprise::LB_SERVICE, VARLEN),
+            Field::enterprise(pen, enterprise::LB_VIP, VARLEN),
+            Field::enterprise(pen, enterprise::LB_MEMBER, VARLEN),
+        ]);
+        x
+    };
+    [
+        t(TEMPLATE_V4, (8, 12), 4),
+        t(TEMPLATE_V6, (27, 28), 16),
+        lb(TEMPLATE_LB_V4, (8, 12), 4),
+        lb(TEMPLATE_LB_V6, (27, 28), 16),
+    ]
 }
 
 /// layer2SegmentId of a VXLAN segment: the type (1, VXLAN) in the top
@@ -142,13 +179,14 @@ pub enum RecordError {
 impl FlowRecord {
     /// Puts the record into `m` with the template of its family
     /// (`templates` from [`templates`]): `Ok(false)` when `m` is full.
-    pub fn add_to(&self, m: &mut Message, templates: &[Template; 2]) -> Result<bool, RecordError> {
+    pub fn add_to(&self, m: &mut Message, templates: &[Template; 4]) -> Result<bool, RecordError> {
+        let lb = usize::from(self.lb.is_some()) * 2;
         let (src, dst, t) = match (self.src, self.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => (Value::V4(s), Value::V4(d), &templates[0]),
-            (IpAddr::V6(s), IpAddr::V6(d)) => (Value::V6(s), Value::V6(d), &templates[1]),
+            (IpAddr::V4(s), IpAddr::V4(d)) => (Value::V4(s), Value::V4(d), &templates[lb]),
+            (IpAddr::V6(s), IpAddr::V6(d)) => (Value::V6(s), Value::V6(d), &templates[lb + 1]),
             (s, d) => return Err(RecordError::Families(s, d)),
         };
-        let values = [
+        let mut values = vec![
             src,
             dst,
             Value::U16(self.src_port),
@@ -169,6 +207,9 @@ impl FlowRecord {
             Value::U8(self.verdict as u8),
             Value::Str(&self.port),
         ];
+        if let Some(l) = &self.lb {
+            values.extend([Value::Str(&l.service), Value::Str(&l.vip), Value::Str(&l.member)]);
+        }
         Ok(m.add_record(t, &values)?)
     }
 }
@@ -203,6 +244,7 @@ pub(crate) mod tests {
             rule: "exchange_path/portal-https-in".into(),
             verdict: Verdict::Allowed,
             port: "vm1".into(),
+            lb: None,
         }
     }
 

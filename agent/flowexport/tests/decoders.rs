@@ -42,6 +42,7 @@ fn sample(i: u16, v6: bool) -> FlowRecord {
         rule: "exchange_path/portal-https-in".into(),
         verdict: Verdict::Allowed,
         port: "vm1".into(),
+        lb: None,
     }
 }
 
@@ -374,7 +375,10 @@ async fn nfacctd_maps_the_enterprise_elements() {
                 "name=tenant\tfield_type={pen}:1\tlen=vlen\tsemantics=str\n\
                  name=rule\tfield_type={pen}:4\tlen=vlen\tsemantics=str\n\
                  name=verdict\tfield_type={pen}:5\tlen=1\tsemantics=u_int\n\
-                 name=end_reason\tfield_type=136\tlen=1\tsemantics=u_int\n",
+                 name=end_reason\tfield_type=136\tlen=1\tsemantics=u_int\n\
+                 name=lb_service\tfield_type={pen}:40\tlen=vlen\tsemantics=str\n\
+                 name=lb_vip\tfield_type={pen}:41\tlen=vlen\tsemantics=str\n\
+                 name=lb_member\tfield_type={pen}:42\tlen=vlen\tsemantics=str\n",
                 pen = PEN_DEFAULT
             ),
         )
@@ -387,7 +391,7 @@ async fn nfacctd_maps_the_enterprise_elements() {
             format!(
                 "daemonize: false\nnfacctd_ip: 127.0.0.1\nnfacctd_port: {port}\n{tcp}\
                  aggregate_primitives: {}\nplugins: print[p]\n\
-                 aggregate[p]: src_host,dst_host,src_port,dst_port,proto,tenant,rule,verdict,end_reason\n\
+                 aggregate[p]: src_host,dst_host,src_port,dst_port,proto,tenant,rule,verdict,end_reason,lb_service,lb_vip,lb_member\n\
                  print_output[p]: json\nprint_refresh_time[p]: 1\nprint_output_file[p]: {}\n",
                 primitives.display(),
                 output.display()
@@ -409,7 +413,16 @@ async fn nfacctd_maps_the_enterprise_elements() {
             transport,
         };
         let mut e = Exporter::new(c, 6, PEN_DEFAULT);
-        let records: Vec<FlowRecord> = (0..5).map(|i| sample(i, false)).collect();
+        let mut records: Vec<FlowRecord> = (0..5).map(|i| sample(i, false)).collect();
+        // A load-balanced flow: its own template, the service's elements
+        // after the flow's.
+        let mut lb = sample(5, false);
+        lb.lb = Some(LbRecord {
+            service: "portal-lb/https".into(),
+            vip: "10.30.0.100:443".into(),
+            member: "web-1".into(),
+        });
+        records.push(lb);
         let mut sent = false;
         for _ in 0..20 {
             if e.export(&records).await.is_ok() {
@@ -442,6 +455,15 @@ async fn nfacctd_maps_the_enterprise_elements() {
         assert_eq!(row["end_reason"], "3", "{row}");
         assert_eq!(row["ip_src"], "10.1.0.5", "{row}");
         assert_eq!(row["port_dst"], 443, "{row}");
+        let lb = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["lb_member"] == "web-1")
+            .expect("the load-balanced flow's row");
+        assert_eq!(lb["lb_service"], "portal-lb/https", "{lb}");
+        assert_eq!(lb["lb_vip"], "10.30.0.100:443", "{lb}");
+        assert_eq!(lb["port_src"], 40_005, "{lb}");
+        assert_eq!(lb["tenant"], "dept-a", "{lb}");
     }
 }
 

@@ -40,6 +40,8 @@ pub struct ServicePlan {
     pub table: Vec<u32>,
     /// For messages: "lb/listener/family".
     pub name: String,
+    /// Member ids by backend address and port (flow records name them).
+    pub members: BTreeMap<([u8; 16], u16), String>,
 }
 
 /// Everything the load balancers need on this host.
@@ -80,12 +82,14 @@ pub struct LbHeld {
 
 /// Plans the load balancers of the share.
 /// `now_ms` (Unix ms) decides which draining members are past their pool's
-/// drain time: those are gone, their flows with them.
+/// drain time: those are gone, their flows with them. A member on a
+/// quarantined port takes no new flow.
 pub fn compile_lbs(
     lbs: &[&pb::LoadBalancerOnHost],
     slots: &mut LbSlots,
     rejected: &mut Vec<String>,
     now_ms: u64,
+    quarantined: &dyn Fn(&str) -> bool,
 ) -> LbPlan {
     let mut plan = LbPlan::default();
     // (name, key, listener, members) for every service, in name order.
@@ -208,16 +212,23 @@ pub fn compile_lbs(
         let ids: Vec<&str> = live.iter().map(|(b, _)| b.member_id.as_str()).collect();
         let kept = slots.backends.entry(name.clone()).or_default();
         super::keep_slots(&ids, LB_BACKENDS, kept);
+        // Members found failing take no new flow, unless every member
+        // that would is failing: then the checks are taken to be wrong
+        // rather than every member (a panic threshold of 100%).
+        let out = |b: &pb::BackendOnHost| !b.port_id.is_empty() && quarantined(&b.port_id);
+        let all_down = !live.iter().any(|(b, _)| b.state == "enabled" && !b.down && !out(b));
         let mut backends = BTreeMap::new();
+        let mut member_ids = BTreeMap::new();
         let mut eligible: Vec<(String, u32, u32)> = Vec::new();
         for (b, a) in &live {
             let Some(slot) = kept.get(&b.member_id).copied() else {
                 continue;
             };
             let Ok(port) = u16::try_from(b.port) else { continue };
+            member_ids.insert((addr16(*a).1, port), b.member_id.clone());
             // A member its health check found failing takes no new flow
             // (its flows stay, as a draining member's do).
-            let taking = b.state == "enabled" && !b.down;
+            let taking = b.state == "enabled" && (!b.down || all_down) && !out(b);
             backends.insert(
                 slot,
                 LbBackend {
@@ -281,6 +292,7 @@ pub fn compile_lbs(
                 backends,
                 table,
                 name,
+                members: member_ids,
             },
         );
     }
@@ -475,7 +487,7 @@ mod tests {
             &[("a", "10.0.0.1", "enabled"), ("b", "10.0.0.2", "enabled")],
         );
         let mut first = LbSlots::default();
-        let p = compile_lbs(&[&a], &mut first, &mut Vec::new(), 0);
+        let p = compile_lbs(&[&a], &mut first, &mut Vec::new(), 0, &|_| false);
         let v4 = p.services.iter().find(|(_, s)| s.name == "lb/l0/v4").unwrap();
         // What the kernel held: the service as number 9, b in slot 0 and a
         // in slot 5.
@@ -492,7 +504,7 @@ mod tests {
             held: Some(held),
             ..Default::default()
         };
-        let p = compile_lbs(&[&a], &mut slots, &mut Vec::new(), 0);
+        let p = compile_lbs(&[&a], &mut slots, &mut Vec::new(), 0, &|_| false);
         let v4 = p.services.values().find(|s| s.name == "lb/l0/v4").unwrap();
         assert_eq!(v4.info.id, 9);
         assert_eq!(v4.backends[&0].addr[3], 2);
@@ -514,7 +526,7 @@ mod tests {
             &["maglev"],
             &[("a", "10.0.0.1", "enabled"), ("b", "10.0.0.2", "enabled")],
         );
-        let p = compile_lbs(&[&a], &mut slots, &mut rejected, 0);
+        let p = compile_lbs(&[&a], &mut slots, &mut rejected, 0, &|_| false);
         assert!(rejected.is_empty(), "{rejected:?}");
         assert_eq!(p.services.len(), 2, "v4 and v6");
         assert_eq!(p.vnis, BTreeSet::from([7]));
@@ -533,7 +545,7 @@ mod tests {
             &["maglev"],
             &[("b", "10.0.0.2", "draining"), ("c", "10.0.0.3", "enabled")],
         );
-        let p = compile_lbs(&[&a2], &mut slots, &mut rejected, 0);
+        let p = compile_lbs(&[&a2], &mut slots, &mut rejected, 0, &|_| false);
         let v4 = p.services.values().find(|s| s.name == "lb/l0/v4").unwrap();
         assert_eq!(v4.backends[&slot_b].addr[3], 2);
         let slot_c = v4
@@ -544,12 +556,12 @@ mod tests {
             .unwrap();
         assert!(v4.table.iter().all(|s| *s == slot_c));
         let lc = lb(&["least_connections"], &[("a", "10.0.0.1", "enabled")]);
-        let p = compile_lbs(&[&lc], &mut slots, &mut rejected, 0);
+        let p = compile_lbs(&[&lc], &mut slots, &mut rejected, 0, &|_| false);
         let v4 = p.services.values().find(|s| s.name == "lb/l0/v4").unwrap();
         assert_eq!(v4.info.scheduler, SCHED_LEAST);
         assert!(v4.table.is_empty());
         let odd = lb(&["fastest"], &[("a", "10.0.0.1", "enabled")]);
-        let p = compile_lbs(&[&odd], &mut slots, &mut rejected, 0);
+        let p = compile_lbs(&[&odd], &mut slots, &mut rejected, 0, &|_| false);
         assert!(p.services.values().all(|s| s.info.scheduler == 0));
         assert!(rejected.iter().any(|r| r.contains("fastest")), "{rejected:?}");
     }
@@ -563,11 +575,11 @@ mod tests {
             &["round_robin"],
             &[("a", "10.0.0.1", "enabled"), ("b", "10.0.0.2", "draining")],
         );
-        let p = compile_lbs(&[&a], &mut slots, &mut Vec::new(), 4_999);
+        let p = compile_lbs(&[&a], &mut slots, &mut Vec::new(), 4_999, &|_| false);
         assert_eq!(p.drain_ends, Some(5_000));
         let v4 = p.services.values().find(|s| s.name == "lb/l0/v4").unwrap();
         assert_eq!(v4.backends.len(), 2);
-        let p = compile_lbs(&[&a], &mut slots, &mut Vec::new(), 5_000);
+        let p = compile_lbs(&[&a], &mut slots, &mut Vec::new(), 5_000, &|_| false);
         assert_eq!(p.drain_ends, None);
         let v4 = p.services.values().find(|s| s.name == "lb/l0/v4").unwrap();
         assert_eq!(v4.backends.len(), 1);

@@ -426,7 +426,10 @@ impl Compiler {
             next_expiry,
             ..Desired::default()
         };
-        d.lb = lb::compile_lbs(&lbs, &mut self.lb_slots, &mut d.rejected, now_ms);
+        let quarantined_ports = d.quarantined.clone();
+        d.lb = lb::compile_lbs(&lbs, &mut self.lb_slots, &mut d.rejected, now_ms, &|p| {
+            quarantined_ports.contains_key(p)
+        });
         if let Some(t) = d.lb.drain_ends {
             d.next_expiry = Some(d.next_expiry.map_or(t, |n| n.min(t)));
         }
