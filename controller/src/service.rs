@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use crate::auth::{Caller, READERS};
+use crate::auth::Caller;
 use crate::convert;
 use crate::enforcement::{Enforcement, WaitError};
 use crate::shares::Name;
@@ -279,7 +279,9 @@ impl pb::provisioning_server::Provisioning for Controller {
         req: Request<pb::EnforcementRequest>,
     ) -> Result<Response<pb::EnforcementResponse>, Status> {
         let caller = Caller::of(&req)?;
-        caller.require("Enforcement", READERS)?;
+        // A tenant waits for its own changes (`sdnctl apply --wait`): it
+        // sees the hosts of its own ports, those its changes concern.
+        caller.require("Enforcement", &[Role::Platform, Role::Admin, Role::Supervisor, Role::Tenant])?;
         // Agents' acks gather on the leader: ask it.
         if !self.store.is_leader() {
             let addr = not_leader(self.store.leader().map(|l| l.1), forwarded(&req))?;
@@ -290,10 +292,20 @@ impl pb::provisioning_server::Provisioning for Controller {
         }
         let shared = self.store.shared.read().await;
         let status = self.enforcement.status();
+        let tenant_hosts: Option<std::collections::BTreeSet<&str>> = caller.tenant().map(|t| {
+            shared
+                .state
+                .ports
+                .values()
+                .filter(|p| p.tenant_id == t)
+                .map(|p| p.host_id.as_str())
+                .collect()
+        });
         let hosts = shared
             .state
             .hosts
             .keys()
+            .filter(|h| tenant_hosts.as_ref().is_none_or(|t| t.contains(h.as_str())))
             .map(|h| {
                 let s = status.get(h).cloned().unwrap_or_default();
                 // A host hears of a revision only when it changes its share:

@@ -17,6 +17,35 @@ use sdn_integration::{bin, privileged, Topology};
 const T: &str = "dept-a";
 /// A machine of the extranet and one of the internet.
 const EXT_HOST: &str = "10.99.0.1";
+
+/// The portal's load balancer, as its tenant writes it.
+const LB_MANIFEST: &str = "apiVersion: sdn/v1
+kind: LoadBalancer
+metadata: {name: portal-lb, tenant: dept-a}
+spec: {vpc: portal, vipV4: 10.10.0.100}
+---
+apiVersion: sdn/v1
+kind: Pool
+metadata: {name: portal-web}
+spec:
+  loadBalancer: portal-lb
+  health: {probe: tcp, intervalMs: 500, timeoutMs: 300, rise: 2, fall: 2}
+---
+apiVersion: sdn/v1
+kind: Listener
+metadata: {name: http}
+spec: {loadBalancer: portal-lb, protocol: tcp, port: 80, pool: portal-web, scheduler: round_robin}
+---
+apiVersion: sdn/v1
+kind: Member
+metadata: {name: web-vm1}
+spec: {pool: portal-web, port: vm1}
+---
+apiVersion: sdn/v1
+kind: Member
+metadata: {name: web-vm3}
+spec: {pool: portal-web, port: vm3}
+";
 const NET_HOST: &str = "203.0.113.10";
 
 /// What nmap finds open from each zone; returns how many results differ.
@@ -223,7 +252,16 @@ async fn main() -> anyhow::Result<()> {
         Cluster::start_secure_with(&topo.dir, &["--syslog", &syslog_to]).context("starting the controller")?;
     cluster.actor = "cloud-platform".into();
     let h1 = topo.host_ns("h1").name.clone();
-    let collector = Nfacctd::start(&h1, &sup.join("ipfix"), 4739, "", "")?;
+    // The load balancer's elements too (the deployment's PEN, 40 to 42).
+    let collector = Nfacctd::start(
+        &h1,
+        &sup.join("ipfix"),
+        4739,
+        "name=lb_service\tfield_type=32473:40\tlen=vlen\tsemantics=str\n\
+         name=lb_vip\tfield_type=32473:41\tlen=vlen\tsemantics=str\n\
+         name=lb_member\tfield_type=32473:42\tlen=vlen\tsemantics=str\n",
+        ",lb_service,lb_vip,lb_member",
+    )?;
     let agent_syslog = Rsyslogd::udp(&sup.join("agent-syslog"), Some(&h1), 5514)?;
     cluster.agent_extra = [
         "--flow-collector",
@@ -308,7 +346,7 @@ async fn main() -> anyhow::Result<()> {
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     println!("revision {} enforced on {}", r.revision, r.hosts.join(", "));
     let args = ["--tcp", "80", "--tcp", "81", "--tcp", "5432", "--udp", "5353"];
-    let servers = topo.serve(&["vm1", "vm2", "vm3"], &[], &args)?;
+    let mut servers = topo.serve(&["vm1", "vm2", "vm3"], &[], &args)?;
 
     step("traffic: vm1, vm3 in web; vm2 in db");
     let mut wrong = matrix(&topo, true);
@@ -517,6 +555,47 @@ async fn main() -> anyhow::Result<()> {
         wrong += 1;
     }
 
+    step("tenant dept-a: an L4 load balancer for the portal: VIP 10.10.0.100, round robin on tcp/80 over vm1 and vm3, TCP health checks from inside the VPC; vm2 connects through the VIP, then vm3's server stops");
+    let lbm = topo.dir.join("lb.yaml");
+    std::fs::write(&lbm, LB_MANIFEST)?;
+    println!("{}", LB_MANIFEST.trim_end());
+    if !sdnctl_as(
+        &cluster,
+        "sdn://tenant/dept-a/alice",
+        &["apply", "-f", lbm.to_str().unwrap(), "--wait"],
+    )?
+    .success()
+    {
+        println!("  not applied   <-- UNEXPECTED");
+        wrong += 1;
+    }
+    let through = |n: usize| (0..n).filter(|_| topo.reach_addr("vm2", "10.10.0.100", "tcp", 80)).count();
+    let ok = through(6);
+    println!("  vm2 -> 10.10.0.100:80: {ok} of 6 connections made (the flow records below name each one's member)");
+    if ok != 6 {
+        println!("  expected 6   <-- UNEXPECTED");
+        wrong += 1;
+    }
+    servers[2].kill();
+    let t = std::time::Instant::now();
+    let members = loop {
+        let out = cluster.sdnctl(ADMIN, &["get", "member"]).unwrap_or_else(|e| e);
+        if out.contains("health=down") || t.elapsed() > std::time::Duration::from_secs(5) {
+            break out;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    println!("  vm3's server stopped; {:.1} s later (interval 0.5 s x fall 2, and the report's way):", t.elapsed().as_secs_f64());
+    for l in members.lines().filter(|l| l.starts_with("member")) {
+        println!("    {l}");
+    }
+    let ok = through(6);
+    println!("  vm2 -> 10.10.0.100:80: {ok} of 6 connections made (were vm3 still scheduled, half would be refused)");
+    if !members.contains("health=down") || ok != 6 {
+        println!("  vm3 not taken out of the schedule   <-- UNEXPECTED");
+        wrong += 1;
+    }
+
     step("supervisor: the network as a tree (sdnctl topology; the controller's --web-listen serves it as a live page)");
     if !sdnctl_as(&cluster, "sdn://supervisor/inspector", &["topology"])?.success() {
         println!("  no topology   <-- UNEXPECTED");
@@ -549,6 +628,32 @@ async fn main() -> anyhow::Result<()> {
             r["bytes"]
         );
     }
+    let lb: Vec<&serde_json::Value> = rows
+        .iter()
+        .filter(|r| r["lb_service"] == "portal-lb/http" && r["ip_src"] == "10.10.0.12")
+        .collect();
+    let mut per_member = std::collections::BTreeMap::new();
+    for r in &lb {
+        *per_member.entry(r["lb_member"].as_str().unwrap_or("")).or_insert(0) += 1;
+    }
+    println!(
+        "  h1's records of flows through the VIP (one a direction): {} by member {per_member:?}; for example:",
+        lb.len()
+    );
+    for r in lb.iter().filter(|r| r["port_dst"] == 80).take(3) {
+        println!(
+            "    {}:{} -> {} ({} {}:{}) tenant {} packets {} bytes {}",
+            r["ip_src"].as_str().unwrap_or(""),
+            r["port_src"],
+            r["lb_vip"].as_str().unwrap_or(""),
+            r["lb_member"].as_str().unwrap_or(""),
+            r["ip_dst"].as_str().unwrap_or(""),
+            r["port_dst"],
+            r["tenant"].as_str().unwrap_or(""),
+            r["packets"],
+            r["bytes"]
+        );
+    }
     let events = agent_syslog.lines();
     let kinds = |lines: &[String], kind: &str| lines.iter().filter(|l| l.contains(&format!("|{kind}|"))).count();
     println!(
@@ -577,6 +682,8 @@ async fn main() -> anyhow::Result<()> {
         ("a quarantine event", kinds(&events, "quarantine_applied") > 0),
         ("policy change events", kinds(&audit, "policy_change") > 0),
         ("refusal events", kinds(&audit, "auth_refused") > 0),
+        ("records of flows through the VIP", !lb.is_empty()),
+        ("a member health event", kinds(&audit, "lb_member_health") > 0),
     ] {
         if !ok {
             println!("  no {what}   <-- UNEXPECTED");
