@@ -148,7 +148,10 @@ fn filled(n: u32) -> anyhow::Result<()> {
     let mount = BpffsMount::new("bench-lb-full")?;
     let t = std::time::Instant::now();
     let mut dp = Dataplane::load_sized(&mount.path().join("a"), n)?;
-    println!("\nconnection tables of {n} entries, loaded in {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "\nconnection tables of {n} entries, loaded in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     let mut total = 0;
     for (name, t) in dp.flow_tables()? {
         anyhow::ensure!(t.max_entries == n, "{name}: {} entries, not {n}", t.max_entries);
@@ -178,7 +181,11 @@ fn filled(n: u32) -> anyhow::Result<()> {
         let mut all = Vec::new();
         for _ in 0..20_001 {
             let r = testrun::run(fd, pkt, 1)?;
-            anyhow::ensure!(r.retval == TC_ACT_REDIRECT, "an established packet must pass (got {})", r.retval);
+            anyhow::ensure!(
+                r.retval == TC_ACT_REDIRECT,
+                "an established packet must pass (got {})",
+                r.retval
+            );
             all.push(r.ns_per_run);
         }
         all.sort_unstable();
@@ -212,7 +219,10 @@ fn filled(n: u32) -> anyhow::Result<()> {
     // The table is full: one more is refused.
     let mut k: m::CtKey = zeroed();
     k.ifindex = 101;
-    anyhow::ensure!(ct.insert(k, zeroed::<m::CtValue>(), 0).is_err(), "a full table took one more");
+    anyhow::ensure!(
+        ct.insert(k, zeroed::<m::CtValue>(), 0).is_err(),
+        "a full table took one more"
+    );
     let mut flows: BpfHashMap<&mut MapData, l::LbFlowKey, l::LbFlow> =
         BpfHashMap::try_from(ebpf.map_mut(l::LB_FLOWS).unwrap())?;
     let held = flows.keys().count() as u32;

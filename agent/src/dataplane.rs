@@ -582,7 +582,12 @@ impl Dataplane {
                 _ => self.carry::<lb::LbReverseKey, lb::LbReverse>(name, &aside)?,
             };
             if left > 0 {
-                tracing::warn!(table = name, carried = copied, left_out = left, "the new table is too small for every flow of the old one");
+                tracing::warn!(
+                    table = name,
+                    carried = copied,
+                    left_out = left,
+                    "the new table is too small for every flow of the old one"
+                );
             } else {
                 tracing::info!(table = name, carried = copied, "flows carried into the resized table");
             }
@@ -1270,7 +1275,10 @@ impl Dataplane {
             self.lb_started = true;
         }
         {
-            let map = self.ebpf.map_mut(l::LB_BACKENDS_MAP).context("map LB_BACKENDS missing")?;
+            let map = self
+                .ebpf
+                .map_mut(l::LB_BACKENDS_MAP)
+                .context("map LB_BACKENDS missing")?;
             let mut a: Array<&mut MapData, l::LbBackend> = Array::try_from(map)?;
             for (i, b) in &backends {
                 if self.lb_backends.get(i) != Some(b) {
@@ -1305,7 +1313,10 @@ impl Dataplane {
         }
         sync_hash(&mut self.ebpf, l::LB_SERVICES, &services)?;
         {
-            let map = self.ebpf.map_mut(l::LB_BACKENDS_MAP).context("map LB_BACKENDS missing")?;
+            let map = self
+                .ebpf
+                .map_mut(l::LB_BACKENDS_MAP)
+                .context("map LB_BACKENDS missing")?;
             let mut a: Array<&mut MapData, l::LbBackend> = Array::try_from(map)?;
             for i in self.lb_backends.keys().filter(|i| !backends.contains_key(i)) {
                 a.set(*i, l::LbBackend::default(), 0)
@@ -1455,7 +1466,10 @@ impl Dataplane {
             if !live(k, f) {
                 gone.push((*k, reverse_of(k, f)));
             } else if f.flags & (l::LB_FLOW_OPEN | l::LB_FLOW_CLOSED) == l::LB_FLOW_OPEN && holds(f) {
-                counts.entry(f.service * l::LB_BACKENDS + f.slot as u32).or_default().open += 1;
+                counts
+                    .entry(f.service * l::LB_BACKENDS + f.slot as u32)
+                    .or_default()
+                    .open += 1;
             }
         }
         for (k, f) in &unconfirmed {
@@ -1467,11 +1481,17 @@ impl Dataplane {
             // Confirmed by conntrack, not yet by the load balancer: open.
             if live(k, f) {
                 if holds(f) {
-                    counts.entry(f.service * l::LB_BACKENDS + f.slot as u32).or_default().open += 1;
+                    counts
+                        .entry(f.service * l::LB_BACKENDS + f.slot as u32)
+                        .or_default()
+                        .open += 1;
                 }
             } else if now.saturating_sub(f.created_ns) <= timeout {
                 if holds(f) {
-                    counts.entry(f.service * l::LB_BACKENDS + f.slot as u32).or_default().new += 1;
+                    counts
+                        .entry(f.service * l::LB_BACKENDS + f.slot as u32)
+                        .or_default()
+                        .new += 1;
                 }
             } else {
                 gone_new.push((*k, reverse_of(k, f)));
@@ -1485,12 +1505,18 @@ impl Dataplane {
             if doomed.is_empty() {
                 continue;
             }
-            let map = self.ebpf.map_mut(flows).with_context(|| format!("map {flows} missing"))?;
+            let map = self
+                .ebpf
+                .map_mut(flows)
+                .with_context(|| format!("map {flows} missing"))?;
             let mut h: BpfHashMap<&mut MapData, l::LbFlowKey, l::LbFlow> = BpfHashMap::try_from(map)?;
             for (k, _) in doomed.iter() {
                 let _ = h.remove(k);
             }
-            let map = self.ebpf.map_mut(reverse).with_context(|| format!("map {reverse} missing"))?;
+            let map = self
+                .ebpf
+                .map_mut(reverse)
+                .with_context(|| format!("map {reverse} missing"))?;
             let mut h: BpfHashMap<&mut MapData, l::LbReverseKey, l::LbReverse> = BpfHashMap::try_from(map)?;
             for (_, r) in doomed.iter() {
                 let _ = h.remove(r);

@@ -107,11 +107,15 @@ pub fn checks(
                 {
                     continue;
                 }
-                let Some(p) = ports.get(b.port_id.as_str()) else { continue };
+                let Some(p) = ports.get(b.port_id.as_str()) else {
+                    continue;
+                };
                 let (Some(ifx), Some(mac)) = (ifindex(&p.device), parse_mac(&p.mac)) else {
                     continue;
                 };
-                let Some(g) = gateways.get(p.subnet_id.as_str()) else { continue };
+                let Some(g) = gateways.get(p.subnet_id.as_str()) else {
+                    continue;
+                };
                 // IPv4 where the member and its subnet have it.
                 let usable: Vec<(IpAddr, IpAddr)> = b
                     .addresses
@@ -122,8 +126,7 @@ pub fn checks(
                         gw.parse::<IpAddr>().ok().map(|gw| (a, gw))
                     })
                     .collect();
-                let Some((addr, gateway)) = usable.iter().find(|(a, _)| a.is_ipv4()).or(usable.first()).copied()
-                else {
+                let Some((addr, gateway)) = usable.iter().find(|(a, _)| a.is_ipv4()).or(usable.first()).copied() else {
                     continue;
                 };
                 let Ok(port) = u16::try_from(b.port) else { continue };
@@ -135,7 +138,11 @@ pub fn checks(
                 };
                 let probe = if h.probe == "http" {
                     Probe::Http {
-                        path: if h.http_path.is_empty() { "/".into() } else { h.http_path.clone() },
+                        path: if h.http_path.is_empty() {
+                            "/".into()
+                        } else {
+                            h.http_path.clone()
+                        },
                         status: (
                             if h.status_min == 0 { 200 } else { h.status_min as u16 },
                             if h.status_max == 0 { 399 } else { h.status_max as u16 },
@@ -550,7 +557,8 @@ pub fn check_once(c: &Check) -> Result<(), String> {
         IpAddr::V4(a) => a.to_string(),
         IpAddr::V6(a) => format!("[{a}]"),
     };
-    let req = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: sdn-health-check\r\nConnection: close\r\n\r\n");
+    let req =
+        format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: sdn-health-check\r\nConnection: close\r\n\r\n");
     raw.send(&segment(
         c,
         sport,

@@ -185,7 +185,6 @@ pub fn lb_tcp(dst: [u8; 4], sport: u16, dport: u16, syn: bool) -> Vec<u8> {
     v
 }
 
-
 /// A FIN (with its ACK) from the client port of [`lb_share`] to `dst`.
 pub fn lb_tcp_fin(dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
     let mut v = Vec::new();

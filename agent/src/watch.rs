@@ -95,7 +95,9 @@ impl Agent {
                 }
                 compiler.seed_lb(held);
             }
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "load balancers' numbering not read: flows through VIPs may be scheduled again"),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "load balancers' numbering not read: flows through VIPs may be scheduled again")
+            }
         }
         Ok(Agent {
             health: crate::health::Health::new(host.clone(), controllers.clone()),
@@ -332,9 +334,10 @@ impl Agent {
         // Health checks of this host's members (they need a runtime:
         // passes run within the agent's).
         if tokio::runtime::Handle::try_current().is_ok() {
-            self.health.set(crate::health::checks(&self.resources, &dataplane::ifindex, &|p| {
-                desired.quarantined.contains_key(p)
-            }));
+            self.health
+                .set(crate::health::checks(&self.resources, &dataplane::ifindex, &|p| {
+                    desired.quarantined.contains_key(p)
+                }));
         }
         // Information systems' ports, for the bandwidth of each system.
         match self.dp.apply_systems(&desired.systems) {

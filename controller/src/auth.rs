@@ -183,11 +183,12 @@ impl Caller {
                     && (id.role == Role::Platform || (id.role == Role::Tenant && own()));
                 let why = match id.role {
                     _ if exposed => {
-                        "a load balancer exposed to its zone, and its listeners, are an administrator's to change".into()
+                        "a load balancer exposed to its zone, and its listeners, are an administrator's to change"
+                            .into()
                     }
-                    Role::Tenant => format!(
-                        "a tenant changes only its own tenant's security groups and load balancers ({tenant})"
-                    ),
+                    Role::Tenant => {
+                        format!("a tenant changes only its own tenant's security groups and load balancers ({tenant})")
+                    }
                     Role::Platform => "the platform provisions tenants, VPCs, subnets, hosts and ports".into(),
                     Role::Admin => "the platform provisions tenants, VPCs, subnets, hosts and ports".into(),
                     _ => "this role changes nothing".into(),
@@ -266,11 +267,7 @@ impl<'a> BatchLbs<'a> {
         };
         let (kind, id) = op.key();
         let now = state.lb_of(kind, id);
-        named
-            .and_then(|n| self.lb(n, state))
-            .into_iter()
-            .chain(now)
-            .collect()
+        named.and_then(|n| self.lb(n, state)).into_iter().chain(now).collect()
     }
 
     /// Whether an operation changes what a zone reaches: a load balancer
@@ -280,9 +277,7 @@ impl<'a> BatchLbs<'a> {
         if kind != Kind::LoadBalancer && kind != Kind::Listener {
             return false;
         }
-        self.touched(op, state)
-            .iter()
-            .any(|l| l.exposure == Exposure::Zone)
+        self.touched(op, state).iter().any(|l| l.exposure == Exposure::Zone)
     }
 }
 

@@ -281,7 +281,10 @@ impl pb::provisioning_server::Provisioning for Controller {
         let caller = Caller::of(&req)?;
         // A tenant waits for its own changes (`sdnctl apply --wait`): it
         // sees the hosts of its own ports, those its changes concern.
-        caller.require("Enforcement", &[Role::Platform, Role::Admin, Role::Supervisor, Role::Tenant])?;
+        caller.require(
+            "Enforcement",
+            &[Role::Platform, Role::Admin, Role::Supervisor, Role::Tenant],
+        )?;
         // Agents' acks gather on the leader: ask it.
         if !self.store.is_leader() {
             let addr = not_leader(self.store.leader().map(|l| l.1), forwarded(&req))?;
@@ -509,7 +512,10 @@ impl pb::agent_server::Agent for Controller {
             let shared = self.store.shared.read().await;
             let state = &shared.state;
             let Some(m) = state.members.get(&req.member_id) else {
-                return Err(Status::not_found(format!("member_id: unknown member {:?}", req.member_id)));
+                return Err(Status::not_found(format!(
+                    "member_id: unknown member {:?}",
+                    req.member_id
+                )));
             };
             // Only the host of the member's port checks it.
             let host = match &m.target {
@@ -546,7 +552,11 @@ impl pb::agent_server::Agent for Controller {
                 .ok_or_else(|| Status::unavailable(format!("forwarding to the leader at {addr}: cannot connect")))?;
             return tokio::time::timeout(Duration::from_secs(5), client.report_health(mark(req, &caller)))
                 .await
-                .unwrap_or_else(|_| Err(Status::unavailable(format!("forwarding to the leader at {addr}: timed out"))));
+                .unwrap_or_else(|_| {
+                    Err(Status::unavailable(format!(
+                        "forwarding to the leader at {addr}: timed out"
+                    )))
+                });
         }
         if let Some(h) = &member.health {
             let age = now_ms.saturating_sub(h.since_unix_ms);

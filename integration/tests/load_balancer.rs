@@ -379,7 +379,11 @@ async fn load_balancers_are_their_tenants_and_zone_exposure_an_administrators() 
         }
     };
     let m1 = members(ALICE).await.into_iter().find(|m| m.id == "m1").unwrap();
-    assert_eq!((m1.health.as_str(), m1.health_host_id.as_str()), ("down", "h1"), "{m1:?}");
+    assert_eq!(
+        (m1.health.as_str(), m1.health_host_id.as_str()),
+        ("down", "h1"),
+        "{m1:?}"
+    );
     // Control characters are not kept.
     assert_eq!(m1.health_detail, "connection refused[2J", "{m1:?}");
     // The tenant's own put changes the weight, not the health.
@@ -870,7 +874,10 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
     let refused = lab.counter("h1", "drops", "ct_full") - full;
     eprintln!("flood of 1500 flows, table of 1024: {answered} answered, {refused} refused");
     assert!((100..1024).contains(&answered), "{answered} answered");
-    assert!(refused as usize + answered >= 1500 - 30, "{refused} refused, {answered} answered");
+    assert!(
+        refused as usize + answered >= 1500 - 30,
+        "{refused} refused, {answered} answered"
+    );
     held_without_loss(held);
     // Back to the default size: every flow moves again, and new flows pass.
     restart_agent(&mut lab, &[]);
@@ -1131,7 +1138,8 @@ async fn failing_members_leave_the_schedule_and_come_back() {
     }
     let down = rsyslog
         .wait_for_lines("the member's health event", std::time::Duration::from_secs(10), |l| {
-            l.iter().any(|x| x.contains("|lb_member_health|") && x.contains("web-b2") && x.contains("health=down"))
+            l.iter()
+                .any(|x| x.contains("|lb_member_health|") && x.contains("web-b2") && x.contains("health=down"))
         })
         .await;
     let e = down
@@ -1147,13 +1155,17 @@ async fn failing_members_leave_the_schedule_and_come_back() {
     let _b2 = nginx(&lab, "b2");
     let back = wait_health("web-b2", "up", std::time::Duration::from_secs(10));
     eprintln!("nginx started: web-b2 up after {back:?} (rise 2, hold 5 s)");
-    assert!(back >= std::time::Duration::from_millis(400), "back before two checks: {back:?}");
+    assert!(
+        back >= std::time::Duration::from_millis(400),
+        "back before two checks: {back:?}"
+    );
     std::thread::sleep(std::time::Duration::from_millis(500));
     let answers: Vec<String> = (0..6).map(|_| get(&lab, "c1", vip, 80, 0)).collect();
     assert_eq!(tally(answers.iter()).len(), 2, "{answers:?}");
     rsyslog
         .wait_for_lines("the member's health event", std::time::Duration::from_secs(10), |l| {
-            l.iter().any(|x| x.contains("|lb_member_health|") && x.contains("web-b2") && x.contains("health=up"))
+            l.iter()
+                .any(|x| x.contains("|lb_member_health|") && x.contains("web-b2") && x.contains("health=up"))
         })
         .await;
     let got = get(&lab, "c1", "10.81.0.12", 8080, 61234);
@@ -1173,8 +1185,10 @@ async fn failing_members_leave_the_schedule_and_come_back() {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
     let rows = lb_rows();
-    let members: std::collections::BTreeSet<String> =
-        rows.iter().map(|r| r["lb_member"].as_str().unwrap_or("").to_string()).collect();
+    let members: std::collections::BTreeSet<String> = rows
+        .iter()
+        .map(|r| r["lb_member"].as_str().unwrap_or("").to_string())
+        .collect();
     assert_eq!(
         members,
         ["web-b1", "web-b2"].iter().map(|s| s.to_string()).collect(),
@@ -1184,7 +1198,11 @@ async fn failing_members_leave_the_schedule_and_come_back() {
     // answers.
     for r in &rows {
         assert_eq!(r["lb_vip"], "10.81.0.100:80", "{r}");
-        let member = if r["lb_member"] == "web-b1" { "10.81.0.12" } else { "10.81.0.13" };
+        let member = if r["lb_member"] == "web-b1" {
+            "10.81.0.12"
+        } else {
+            "10.81.0.13"
+        };
         let sent = (r["ip_src"].clone(), r["ip_dst"].clone());
         assert!(
             sent == ("10.81.0.11".into(), member.into()) && r["port_dst"] == 8080
@@ -1212,7 +1230,16 @@ async fn failing_members_leave_the_schedule_and_come_back() {
         .vm("b2")
         .ns
         .sh(&[
-            "timeout", "3", "tcpdump", "-i", "eth0", "-nn", "-e", "-c", "4", "-l",
+            "timeout",
+            "3",
+            "tcpdump",
+            "-i",
+            "eth0",
+            "-nn",
+            "-e",
+            "-c",
+            "4",
+            "-l",
             "tcp[tcpflags] & tcp-syn != 0 and tcp[tcpflags] & tcp-ack == 0 and dst port 8080",
         ])
         .unwrap_or_else(|e| e.to_string());

@@ -462,13 +462,19 @@ impl ApiResource for m::InformationSystem {
 
 fn opt_v4(at: &At, field: &str, t: &str) -> Result<Option<std::net::Ipv4Addr>, FieldError> {
     opt_text(t)
-        .map(|t| t.parse().map_err(|_| at.err(field, format!("invalid IPv4 address {t:?}"))))
+        .map(|t| {
+            t.parse()
+                .map_err(|_| at.err(field, format!("invalid IPv4 address {t:?}")))
+        })
         .transpose()
 }
 
 fn opt_v6(at: &At, field: &str, t: &str) -> Result<Option<std::net::Ipv6Addr>, FieldError> {
     opt_text(t)
-        .map(|t| t.parse().map_err(|_| at.err(field, format!("invalid IPv6 address {t:?}"))))
+        .map(|t| {
+            t.parse()
+                .map_err(|_| at.err(field, format!("invalid IPv6 address {t:?}")))
+        })
         .transpose()
 }
 
@@ -657,12 +663,7 @@ impl ApiResource for m::Member {
             "" | "enabled" => m::MemberState::Enabled,
             "draining" => m::MemberState::Draining,
             "disabled" => m::MemberState::Disabled,
-            s => {
-                return Err(at.err(
-                    "state",
-                    format!("must be enabled, draining or disabled, got {s:?}"),
-                ))
-            }
+            s => return Err(at.err("state", format!("must be enabled, draining or disabled, got {s:?}"))),
         };
         Ok(m::Member {
             id: x.id.clone(),

@@ -360,7 +360,9 @@ impl State {
         // Health stays while the member is checked where it was.
         merged.health = old.filter(|o| o.target == m.target).and_then(|o| o.health.clone());
         merged.draining_since_unix_ms = match (m.state, old) {
-            (MemberState::Draining, Some(o)) if o.state == MemberState::Draining && o.draining_since_unix_ms.is_some() => {
+            (MemberState::Draining, Some(o))
+                if o.state == MemberState::Draining && o.draining_since_unix_ms.is_some() =>
+            {
                 o.draining_since_unix_ms
             }
             (MemberState::Draining, _) => m.draining_since_unix_ms,

@@ -285,7 +285,10 @@ pub struct LoadBalancer {
 impl LoadBalancer {
     /// The VIPs, IPv4 first.
     pub fn vips(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        self.vip_v4.map(IpAddr::V4).into_iter().chain(self.vip_v6.map(IpAddr::V6))
+        self.vip_v4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.vip_v6.map(IpAddr::V6))
     }
 
     /// Every address of the VPC the load balancer takes: its VIPs and its

@@ -30,8 +30,8 @@ use std::net::{IpAddr, Ipv6Addr};
 use dataplane_common::maps::{
     zone_net_data, AddrIdentity, AddrKey, Endpoint, EndpointKey, ExchangeRule, FwPolicy, FwRule, PolicyDirKey,
     PortAddrKey, PortInfo, PrefixLens, RuleKey, ZoneAddrKey, ZoneEndpoint, EP_F_GATEWAY, EP_F_LOCAL_IS_A, EP_F_PEER,
-    FW_ALLOW, FW_DENY, FW_POLICY_RULES_MAX, GATEWAY_MAC, PORT_F_EGRESS_OPEN, PORT_F_QUARANTINED, PORT_F_REJECTED,
-    PORT_F_LB, PORT_F_UPLINK,
+    FW_ALLOW, FW_DENY, FW_POLICY_RULES_MAX, GATEWAY_MAC, PORT_F_EGRESS_OPEN, PORT_F_LB, PORT_F_QUARANTINED,
+    PORT_F_REJECTED, PORT_F_UPLINK,
 };
 use dataplane_common::{DIR_EGRESS, DIR_INGRESS, FAMILY_V4, FAMILY_V6};
 use sdn_proto::v1 as pb;

@@ -25,8 +25,8 @@ use dataplane_common::{
 use crate::{
     guard::pure_syn,
     maps::{
-        count, CT, LB_BACKENDS_ARR, LB_CONNS, LB_CURSOR, LB_FLOWS, LB_FLOWS_NEW, LB_PERSIST, LB_REVERSE, LB_REVERSE_NEW,
-        LB_SERVICES, LB_TABLE_ARR,
+        count, CT, LB_BACKENDS_ARR, LB_CONNS, LB_CURSOR, LB_FLOWS, LB_FLOWS_NEW, LB_PERSIST, LB_REVERSE,
+        LB_REVERSE_NEW, LB_SERVICES, LB_TABLE_ARR,
     },
     meta::{Meta, EMPTY_KEY, E_FROM_VM, LB_EST, LB_EST_NEW, LB_NEW, LB_NONE, LB_NO_CURSOR, S_EST, S_STALE},
     parse::{ETH_HLEN, TCP_FIN, TCP_RST},
@@ -531,15 +531,7 @@ fn rewrite(
     } else {
         let off = ETH_HLEN + if dst { 24 } else { 8 };
         // SAFETY: both are 16 bytes (a multiple of 4) the helper only reads.
-        let diff = unsafe {
-            gen::bpf_csum_diff(
-                old.as_ptr() as *mut u32,
-                16,
-                new.as_ptr() as *mut u32,
-                16,
-                0,
-            )
-        };
+        let diff = unsafe { gen::bpf_csum_diff(old.as_ptr() as *mut u32, 16, new.as_ptr() as *mut u32, 16, 0) };
         if diff < 0 {
             return Err(DropReason::Truncated);
         }

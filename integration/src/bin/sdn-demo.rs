@@ -569,7 +569,11 @@ async fn main() -> anyhow::Result<()> {
         println!("  not applied   <-- UNEXPECTED");
         wrong += 1;
     }
-    let through = |n: usize| (0..n).filter(|_| topo.reach_addr("vm2", "10.10.0.100", "tcp", 80)).count();
+    let through = |n: usize| {
+        (0..n)
+            .filter(|_| topo.reach_addr("vm2", "10.10.0.100", "tcp", 80))
+            .count()
+    };
     let ok = through(6);
     println!("  vm2 -> 10.10.0.100:80: {ok} of 6 connections made (the flow records below name each one's member)");
     if ok != 6 {
@@ -585,7 +589,10 @@ async fn main() -> anyhow::Result<()> {
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
-    println!("  vm3's server stopped; {:.1} s later (interval 0.5 s x fall 2, and the report's way):", t.elapsed().as_secs_f64());
+    println!(
+        "  vm3's server stopped; {:.1} s later (interval 0.5 s x fall 2, and the report's way):",
+        t.elapsed().as_secs_f64()
+    );
     for l in members.lines().filter(|l| l.starts_with("member")) {
         println!("    {l}");
     }
