@@ -36,6 +36,7 @@ PKGS=(
     dnsmasq-base bind9-dnsutils # a DNS server and dig, whose answers the DNS records are checked against
     chromium-headless-shell # the browser the topology page is checked in
     nginx-light         # backends behind the load balancers
+    haproxy             # the peer of the load balancer's figures
 )
 missing=()
 for p in "${PKGS[@]}"; do

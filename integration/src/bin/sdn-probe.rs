@@ -81,6 +81,67 @@ enum Cmd {
         #[arg(long, default_value_t = 50)]
         interval_ms: u64,
     },
+    /// Answers each connection on PORT (IPv4) with the byte it sends, then
+    /// closes it: a server for connections per second, one thread.
+    Accept { port: u16 },
+    /// Opens TCP connections to ADDR:PORT from THREADS threads for SECONDS,
+    /// each sending a byte, reading it back and closing with a reset (no
+    /// TIME_WAIT: the client's ports last the run); prints "OK FAILED".
+    Conns {
+        addr: std::net::Ipv4Addr,
+        port: u16,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 8)]
+        threads: usize,
+    },
+}
+
+fn accept(port: u16) -> std::io::Result<()> {
+    let l = TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port)))?;
+    println!("serving");
+    for s in l.incoming() {
+        let Ok(mut s) = s else { continue };
+        let mut b = [0u8; 1];
+        if let Ok(1) = s.read(&mut b) {
+            let _ = s.write_all(&b);
+        }
+    }
+    Ok(())
+}
+
+fn conns(addr: std::net::Ipv4Addr, port: u16, seconds: u64, threads: usize) -> (u64, u64) {
+    let sa = SocketAddr::from((addr, port));
+    let end = Instant::now() + Duration::from_secs(seconds);
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0u64, 0u64);
+                while Instant::now() < end {
+                    let once = || -> std::io::Result<()> {
+                        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                        s.set_linger(Some(Duration::ZERO))?;
+                        s.connect_timeout(&sa.into(), Duration::from_secs(1))?;
+                        let mut s: TcpStream = s.into();
+                        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+                        s.write_all(b"x")?;
+                        let mut b = [0u8; 1];
+                        s.read_exact(&mut b)?;
+                        Ok(())
+                    };
+                    match once() {
+                        Ok(()) => ok += 1,
+                        Err(_) => failed += 1,
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    workers
+        .into_iter()
+        .filter_map(|w| w.join().ok())
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
 }
 
 fn bind_both<T>(port: u16, f: impl Fn(SocketAddr) -> std::io::Result<T>) -> std::io::Result<Vec<T>> {
@@ -476,6 +537,23 @@ fn main() {
                 1
             }
         },
+        Cmd::Accept { port } => match accept(port) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("accept: {e}");
+                1
+            }
+        },
+        Cmd::Conns {
+            addr,
+            port,
+            seconds,
+            threads,
+        } => {
+            let (ok, failed) = conns(addr, port, seconds, threads);
+            println!("{ok} {failed}");
+            0
+        }
     };
     std::process::exit(code);
 }
