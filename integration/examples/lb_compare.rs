@@ -55,7 +55,9 @@ impl Peers {
             backends: [Netns::new("lbcp-b1")?, Netns::new("lbcp-b2")?],
         };
         let (c, r) = (&p.client.name, &p.balancer.name);
-        sh(&["ip", "link", "add", "c0", "netns", c, "type", "veth", "peer", "name", "r0", "netns", r])?;
+        sh(&[
+            "ip", "link", "add", "c0", "netns", c, "type", "veth", "peer", "name", "r0", "netns", r,
+        ])?;
         ns_sh(c, &["ip", "addr", "add", "10.91.0.2/24", "dev", "c0"])?;
         ns_sh(r, &["ip", "addr", "add", "10.91.0.1/24", "dev", "r0"])?;
         ns_sh(r, &["ip", "addr", "add", &format!("{PEER_VIP}/24"), "dev", "r0"])?;
@@ -65,11 +67,17 @@ impl Peers {
             sh(&[
                 "ip", "link", "add", &inside, "netns", &b.name, "type", "veth", "peer", "name", &outside, "netns", r,
             ])?;
-            ns_sh(&b.name, &["ip", "addr", "add", &format!("10.92.{n}.1{n}/24"), "dev", &inside])?;
+            ns_sh(
+                &b.name,
+                &["ip", "addr", "add", &format!("10.92.{n}.1{n}/24"), "dev", &inside],
+            )?;
             ns_sh(r, &["ip", "addr", "add", &format!("10.92.{n}.1/24"), "dev", &outside])?;
             ns_sh(&b.name, &["ip", "link", "set", &inside, "mtu", "1450", "up"])?;
             ns_sh(r, &["ip", "link", "set", &outside, "mtu", "1450", "up"])?;
-            ns_sh(&b.name, &["ip", "route", "add", "default", "via", &format!("10.92.{n}.1")])?;
+            ns_sh(
+                &b.name,
+                &["ip", "route", "add", "default", "via", &format!("10.92.{n}.1")],
+            )?;
         }
         for (ns, dev) in [(c, "c0"), (r, "r0")] {
             ns_sh(ns, &["ip", "link", "set", dev, "mtu", "1450", "up"])?;
@@ -83,13 +91,9 @@ impl Peers {
     }
 }
 
-/// nftables' full NAT in the balancer namespace (`on`), or none.
-fn nft(p: &Peers, on: bool) -> anyhow::Result<()> {
+/// nftables' full NAT in the balancer namespace.
+fn nft(p: &Peers) -> anyhow::Result<()> {
     let r = &p.balancer.name;
-    let _ = ns_sh(r, &["nft", "delete", "table", "ip", "lbc"]);
-    if !on {
-        return Ok(());
-    }
     let rules = format!(
         "table ip lbc {{\n  chain pre {{\n    type nat hook prerouting priority dstnat; policy accept;\n    \
          ip daddr {PEER_VIP} tcp dport 80 dnat to jhash ip saddr . tcp sport mod 2 map {{ 0 : {}, 1 : {} }}\n    \
@@ -123,11 +127,45 @@ fn haproxy(p: &Peers, dir: &std::path::Path) -> anyhow::Result<Proc> {
         "haproxy",
         Some(&p.balancer.name),
         &which("taskset"),
-        &["-c", "0", which("haproxy").to_str().unwrap(), "-db", "-f", cfg.to_str().unwrap()],
+        &[
+            "-c",
+            "0",
+            which("haproxy").to_str().unwrap(),
+            "-db",
+            "-f",
+            cfg.to_str().unwrap(),
+        ],
         dir,
     )?;
     std::thread::sleep(Duration::from_millis(500));
     Ok(h)
+}
+
+/// The servers in each of `namespaces`: `sdn-probe accept` on port 80,
+/// and iperf3 on 5201 in the first.
+fn serve(namespaces: &[String], dir: &std::path::Path) -> anyhow::Result<Vec<Proc>> {
+    let probe = bin("sdn-probe");
+    let mut servers = Vec::new();
+    for (i, ns) in namespaces.iter().enumerate() {
+        servers.push(Proc::spawn(
+            &format!("accept-{ns}"),
+            Some(ns),
+            &which("taskset"),
+            &["-c", "0", probe.to_str().unwrap(), "accept", "80"],
+            dir,
+        )?);
+        if i == 0 {
+            servers.push(Proc::spawn(
+                &format!("iperf3-{ns}"),
+                Some(ns),
+                &which("iperf3"),
+                &["-s", "-p", "5201", "-A", "0"],
+                dir,
+            )?);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(servers)
 }
 
 /// Connections a second from `ns` to `vip`:80, and those that failed.
@@ -212,39 +250,15 @@ async fn main() -> anyhow::Result<()> {
     ops.push(perf);
     ops.push(listener("web", "lb", "tcp", 80, "web", "maglev"));
     ops.push(listener("perf", "lb", "tcp", 5201, "perf", "maglev"));
-    anyhow::ensure!(lab.cluster.apply(ops).await?.enforced, "the load balancer is not enforced");
+    anyhow::ensure!(
+        lab.cluster.apply(ops).await?.enforced,
+        "the load balancer is not enforced"
+    );
 
-    let peers = Peers::new()?;
-    let probe = bin("sdn-probe");
-    let iperf3 = which("iperf3");
-    let taskset = which("taskset");
-    let mut servers = Vec::new();
-    let server_ns: Vec<String> = ["m1", "m2"]
-        .iter()
-        .map(|m| lab.topo.vm(m).ns.name.clone())
-        .chain(peers.backends.iter().map(|b| b.name.clone()))
-        .collect();
-    for (i, ns) in server_ns.iter().enumerate() {
-        servers.push(Proc::spawn(
-            &format!("accept-{i}"),
-            Some(ns),
-            &taskset,
-            &["-c", "0", probe.to_str().unwrap(), "accept", "80"],
-            dir.path(),
-        )?);
-        if i % 2 == 0 {
-            servers.push(Proc::spawn(
-                &format!("iperf3-{i}"),
-                Some(ns),
-                &iperf3,
-                &["-s", "-p", "5201", "-A", "0"],
-                dir.path(),
-            )?);
-        }
-    }
-    std::thread::sleep(Duration::from_millis(500));
+    let members: Vec<String> = ["m1", "m2"].iter().map(|m| lab.topo.vm(m).ns.name.clone()).collect();
+    let servers = serve(&members, dir.path())?;
     let client = lab.topo.vm("c1").ns.name.clone();
-    let peer_client = peers.client.name.clone();
+    let peer_client = "lbcp-c".to_string();
 
     let modes = ["ours", "nftables", "haproxy"];
     let mut cps: Vec<Vec<f64>> = vec![Vec::new(); 3];
@@ -253,16 +267,32 @@ async fn main() -> anyhow::Result<()> {
     let mut failed = [0u64; 3];
     for round in 0..rounds {
         for (i, mode) in modes.iter().enumerate() {
+            // Each peer gets namespaces of its own, made afresh: neither
+            // finds the other's conntrack entries or sockets (haproxy's
+            // connections to the backends leave entries that masquerade's
+            // port search then walks around).
+            let mut peer = None;
             let mut h = None;
             let (ns, vip) = match *mode {
                 "ours" => (&client, OURS_VIP),
                 "nftables" => {
-                    nft(&peers, true)?;
+                    let p = Peers::new()?;
+                    let s = serve(
+                        &p.backends.iter().map(|b| b.name.clone()).collect::<Vec<_>>(),
+                        dir.path(),
+                    )?;
+                    nft(&p)?;
+                    peer = Some((s, p));
                     (&peer_client, PEER_VIP)
                 }
                 _ => {
-                    nft(&peers, false)?;
-                    h = Some(haproxy(&peers, dir.path())?);
+                    let p = Peers::new()?;
+                    let s = serve(
+                        &p.backends.iter().map(|b| b.name.clone()).collect::<Vec<_>>(),
+                        dir.path(),
+                    )?;
+                    h = Some(haproxy(&p, dir.path())?);
+                    peer = Some((s, p));
                     (&peer_client, PEER_VIP)
                 }
             };
@@ -272,6 +302,7 @@ async fn main() -> anyhow::Result<()> {
             one[i].push(iperf(ns, vip, secs, 1)?);
             many[i].push(iperf(ns, vip, secs, 8)?);
             drop(h);
+            drop(peer);
             eprintln!(
                 "[lb_compare] round {round} {mode}: {c:.0} connections/s ({f} failed), {:.2} / {:.2} Gbit/s",
                 one[i].last().unwrap(),
@@ -279,7 +310,6 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
-    nft(&peers, false)?;
     let ours = median(&mut cps[0].clone());
     println!(
         "{:<10} {:>16} {:>8} {:>14} {:>14}",
@@ -301,7 +331,6 @@ async fn main() -> anyhow::Result<()> {
         anyhow::ensure!(cps[i].iter().all(|c| *c > 0.0), "{mode}: no connection made");
     }
     drop(servers);
-    drop(peers);
     drop(lab);
     Ok(())
 }
