@@ -167,6 +167,83 @@ fn sync_hash<K: Pod + Ord, V: Pod + PartialEq>(
 
 /// Removes the keys of hash map `name` that `doomed` picks; returns how
 /// many.
+/// North-south flows: those timed out go, with their replies; the others
+/// count for their backend slots (while the slot holds their backend).
+/// Returns how many went.
+fn collect_nat(
+    ebpf: &mut Ebpf,
+    now: u64,
+    backends: &std::collections::BTreeMap<u32, dataplane_common::lb::LbBackend>,
+    counts: &mut std::collections::BTreeMap<u32, dataplane_common::lb::LbConns>,
+) -> anyhow::Result<usize> {
+    use dataplane_common::lb as l;
+    let mut gone = 0;
+    for (flows, reverse, confirmed) in [
+        (l::NAT_FLOWS, l::NAT_REVERSE, true),
+        (l::NAT_FLOWS_NEW, l::NAT_REVERSE_NEW, false),
+    ] {
+        let map = ebpf.map(flows).with_context(|| format!("map {flows} missing"))?;
+        let h: BpfHashMap<&MapData, l::NatKey, l::NatFlow> = BpfHashMap::try_from(map)?;
+        let mut doomed: Vec<(l::NatKey, l::NatReverseKey)> = Vec::new();
+        for (k, f) in h.iter().filter_map(Result::ok) {
+            let timeout = if confirmed || k.proto != dataplane_common::PROTO_TCP {
+                m::ct_timeout(k.proto, f.flags as u8)
+            } else {
+                m::CT_TIMEOUT_SYN_NS
+            };
+            if now.saturating_sub(f.last_seen_ns) > timeout {
+                doomed.push((
+                    k,
+                    l::NatReverseKey {
+                        vni: f.vni,
+                        family: k.family,
+                        proto: k.proto,
+                        backend_port: f.backend_port,
+                        nat_port: f.nat_port,
+                        _pad: 0,
+                        backend: f.backend,
+                        nat: f.nat,
+                    },
+                ));
+                continue;
+            }
+            let slot = f.service * l::LB_BACKENDS + f.slot as u32;
+            if !backends
+                .get(&slot)
+                .is_some_and(|b| b.addr == f.backend && b.port == f.backend_port)
+            {
+                continue;
+            }
+            let c = counts.entry(slot).or_default();
+            if !confirmed {
+                c.new += 1;
+            } else if f.flags & (l::LB_FLOW_OPEN | l::LB_FLOW_CLOSED) == l::LB_FLOW_OPEN {
+                c.open += 1;
+            }
+        }
+        if doomed.is_empty() {
+            continue;
+        }
+        gone += doomed.len();
+        let keys: std::collections::HashSet<l::NatKey> = doomed.iter().map(|(k, _)| *k).collect();
+        let map = ebpf.map_mut(flows).with_context(|| format!("map {flows} missing"))?;
+        let mut h: BpfHashMap<&mut MapData, l::NatKey, l::NatFlow> = BpfHashMap::try_from(map)?;
+        for (k, _) in &doomed {
+            let _ = h.remove(k);
+        }
+        let map = ebpf.map_mut(reverse).with_context(|| format!("map {reverse} missing"))?;
+        let mut h: BpfHashMap<&mut MapData, l::NatReverseKey, l::NatKey> = BpfHashMap::try_from(map)?;
+        for (_, r) in &doomed {
+            // Only the flow's own reply: the port may have gone to a newer
+            // flow since.
+            if h.get(r, 0).is_ok_and(|k| keys.contains(&k)) {
+                let _ = h.remove(r);
+            }
+        }
+    }
+    Ok(gone)
+}
+
 fn remove_keys<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &str, doomed: impl Fn(&K) -> bool) -> anyhow::Result<usize> {
     let map = ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
     let mut h: BpfHashMap<&mut MapData, K, V> = BpfHashMap::try_from(map)?;
@@ -359,7 +436,57 @@ impl<K: Pod + Send, V: Pod + Send> Table<K, V> for AyaTable<K, V> {
 /// The connection tables whose size is set at load time: the flow table,
 /// and the load balancer's confirmed flows both ways (each of them holds
 /// at most one entry per flow of the flow table).
-pub const FLOW_TABLES: [&str; 3] = [m::CT, dataplane_common::lb::LB_FLOWS, dataplane_common::lb::LB_REVERSE];
+pub const FLOW_TABLES: [&str; 5] = [
+    m::CT,
+    dataplane_common::lb::LB_FLOWS,
+    dataplane_common::lb::LB_REVERSE,
+    dataplane_common::lb::NAT_FLOWS,
+    dataplane_common::lb::NAT_REVERSE,
+];
+
+/// Something done to one connection table, with its key and value types.
+trait PerTable {
+    type Out;
+    fn run<K: Pod, V: Pod>(self) -> Self::Out;
+}
+
+/// Runs `p` with the key and value types of the connection table `name`
+/// (one of [`FLOW_TABLES`]).
+fn per_table<P: PerTable>(name: &str, p: P) -> P::Out {
+    use dataplane_common::lb;
+    match name {
+        m::CT => p.run::<m::CtKey, m::CtValue>(),
+        lb::LB_FLOWS => p.run::<lb::LbFlowKey, lb::LbFlow>(),
+        lb::LB_REVERSE => p.run::<lb::LbReverseKey, lb::LbReverse>(),
+        lb::NAT_FLOWS => p.run::<lb::NatKey, lb::NatFlow>(),
+        _ => p.run::<lb::NatReverseKey, lb::NatKey>(),
+    }
+}
+
+/// The entries a pinned table holds.
+struct CountEntries(MapData);
+
+impl PerTable for CountEntries {
+    type Out = anyhow::Result<usize>;
+    fn run<K: Pod, V: Pod>(self) -> Self::Out {
+        let h: BpfHashMap<MapData, K, V> = BpfHashMap::try_from(aya::maps::Map::HashMap(self.0))?;
+        Ok(h.keys().count())
+    }
+}
+
+/// Copies a table pinned aside into this load's table of the same name.
+struct CarryEntries<'a> {
+    dp: &'a mut Dataplane,
+    name: &'a str,
+    from: &'a Path,
+}
+
+impl PerTable for CarryEntries<'_> {
+    type Out = anyhow::Result<(usize, usize)>;
+    fn run<K: Pod, V: Pod>(self) -> Self::Out {
+        self.dp.carry::<K, V>(self.name, self.from)
+    }
+}
 /// Their size unless the host asks for another.
 pub const FLOW_TABLE_DEFAULT: u32 = m::CT_MAX;
 /// Bounds of a size asked for: below the lower one a host holds fewer
@@ -449,16 +576,7 @@ impl Dataplane {
             if map.info()?.max_entries() <= flow_table {
                 continue;
             }
-            fn count<K: Pod, V: Pod>(map: MapData) -> anyhow::Result<usize> {
-                let h: BpfHashMap<MapData, K, V> = BpfHashMap::try_from(aya::maps::Map::HashMap(map))?;
-                Ok(h.keys().count())
-            }
-            use dataplane_common::lb;
-            let held = match name {
-                m::CT => count::<m::CtKey, m::CtValue>(map)?,
-                lb::LB_FLOWS => count::<lb::LbFlowKey, lb::LbFlow>(map)?,
-                _ => count::<lb::LbReverseKey, lb::LbReverse>(map)?,
-            };
+            let held = per_table(name, CountEntries(map))?;
             if held > flow_table as usize {
                 anyhow::bail!(
                     "--flow-table-size {flow_table}: table {name} holds {held} flows now; give at least that many \
@@ -569,18 +687,20 @@ impl Dataplane {
     /// are removed after this copy.
     fn carry_resized(&mut self, last: bool) -> anyhow::Result<bool> {
         let mut carried = false;
-        use dataplane_common::lb;
         let maps_dir = self.pin_dir.join("maps");
         for name in FLOW_TABLES {
             let aside = maps_dir.join(format!("{name}{RESIZE_SUFFIX}"));
             if !aside.exists() {
                 continue;
             }
-            let (copied, left) = match name {
-                m::CT => self.carry::<m::CtKey, m::CtValue>(name, &aside)?,
-                lb::LB_FLOWS => self.carry::<lb::LbFlowKey, lb::LbFlow>(name, &aside)?,
-                _ => self.carry::<lb::LbReverseKey, lb::LbReverse>(name, &aside)?,
-            };
+            let (copied, left) = per_table(
+                name,
+                CarryEntries {
+                    dp: self,
+                    name,
+                    from: &aside,
+                },
+            )?;
             if left > 0 {
                 tracing::warn!(
                     table = name,
@@ -1312,6 +1432,7 @@ impl Dataplane {
             }
         }
         sync_hash(&mut self.ebpf, l::LB_SERVICES, &services)?;
+        sync_hash(&mut self.ebpf, l::NAT_SERVICES, &plan.nat)?;
         {
             let map = self
                 .ebpf
@@ -1410,12 +1531,13 @@ impl Dataplane {
     /// flows counted.
     pub fn recount_lb(&mut self) -> anyhow::Result<usize> {
         use dataplane_common::lb as l;
+        let now = monotonic_ns();
+        let mut counts: std::collections::BTreeMap<u32, l::LbConns> = std::collections::BTreeMap::new();
+        collect_nat(&mut self.ebpf, now, &self.lb_backends, &mut counts)?;
         if self.lb_backends.is_empty() {
             return Ok(0);
         }
-        let now = monotonic_ns();
         let vni = &self.lb_ports;
-        let mut counts: std::collections::BTreeMap<u32, l::LbConns> = std::collections::BTreeMap::new();
         let read = |ebpf: &aya::Ebpf, name: &str| -> anyhow::Result<Vec<(l::LbFlowKey, l::LbFlow)>> {
             let map = ebpf.map(name).with_context(|| format!("map {name} missing"))?;
             let h: BpfHashMap<&MapData, l::LbFlowKey, l::LbFlow> = BpfHashMap::try_from(map)?;

@@ -167,6 +167,7 @@ pub fn lb_share(scheduler: &str) -> Resources {
                 backends,
                 health: None,
             }],
+            ..Default::default()
         }),
     );
     r.insert(k, v);

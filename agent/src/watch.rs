@@ -88,6 +88,7 @@ impl Agent {
         let rec = Reconciler::new(dp.map_set()?).context("reading the pinned maps")?;
         tracing::info!(host = %host, ports = rec.port_count(), links = dp.attached().len(), "adopted pinned dataplane state");
         let mut compiler = compile::Compiler::default();
+        compiler.host = host.clone();
         match dp.lb_held() {
             Ok(held) => {
                 if !held.services.is_empty() {

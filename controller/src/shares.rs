@@ -359,8 +359,16 @@ impl Shares {
                     hosts.insert(id.clone());
                     // The senders every tap takes copies from.
                     dirty.extend(mirrors_with_tap(state, |_| true));
-                    // Its underlay address is in the endpoints of its ports.
+                    // Its underlay address is in the endpoints of its ports,
+                    // and in the load balancers it is a NAT host of.
                     dirty.extend(Index::of(&ix.ports_by_host, id).map(|p| format!("endpoint/{p}")));
+                    for l in state.load_balancers.values() {
+                        if l.nat_hosts.iter().any(|h| h.host_id == *id) {
+                            let name = format!("lb/{}", l.id);
+                            hosts.extend(self.holders_of(&name).cloned());
+                            dirty.insert(name);
+                        }
+                    }
                 }
                 Kind::SecurityGroup => {
                     let name = format!("sg/{id}");
@@ -434,6 +442,8 @@ impl Shares {
                         let lb = match o {
                             Object::LoadBalancer(l) => {
                                 hosts.extend(ix.hosts_in(&l.vpc_id).map(str::to_string));
+                                // Its NAT hosts, as they were and are.
+                                hosts.extend(l.nat_hosts.iter().map(|h| h.host_id.clone()));
                                 Some(l.id.clone())
                             }
                             Object::Pool(p) => Some(p.load_balancer_id.clone()),

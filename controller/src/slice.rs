@@ -71,6 +71,14 @@ pub fn names(state: &State, host: &str) -> BTreeSet<String> {
     // The peers of those VPCs: their networks, the peerings and the VPC
     // firewalls between them.
     let mut vpcs = local.clone();
+    // The load balancers this host translates north-south flows for, with
+    // their VPCs (where the members are, and the border firewall).
+    let nat_lbs: Vec<&sdn_policies::LoadBalancer> = state
+        .load_balancers
+        .values()
+        .filter(|l| l.nat_hosts.iter().any(|h| h.host_id == host))
+        .collect();
+    vpcs.extend(nat_lbs.iter().map(|l| l.vpc_id.as_str()));
     for pr in local
         .iter()
         .flat_map(|v| Index::of(&ix.peerings_by_vpc, v))
@@ -114,6 +122,7 @@ pub fn names(state: &State, host: &str) -> BTreeSet<String> {
             .load_balancers
             .values()
             .filter(|l| local.contains(l.vpc_id.as_str()))
+            .chain(nat_lbs.iter().copied())
             .map(|l| format!("lb/{}", l.id)),
     );
     quarantines_into(state, host, &local, &mut out);
@@ -430,9 +439,18 @@ fn lb_on_host(state: &State, id: &str) -> Option<pb::LoadBalancerOnHost> {
             health: state.pools.get(&l.pool_id).and_then(|p| p.to_pb().health),
         })
         .collect();
+    let nat_underlays = lb
+        .nat_hosts
+        .iter()
+        .filter_map(|h| {
+            let host = state.hosts.get(&h.host_id)?;
+            Some((h.host_id.clone(), host.underlay_ip.to_string()))
+        })
+        .collect();
     Some(pb::LoadBalancerOnHost {
         load_balancer: Some(lb.to_pb()),
         vni,
         listeners,
+        nat_underlays,
     })
 }

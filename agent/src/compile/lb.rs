@@ -19,10 +19,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use dataplane_common::lb::{
-    LbBackend, LbService, LbServiceKey, LB_BACKENDS, LB_BACKEND_LIVE, LB_BACKEND_NEW, LB_SERVICES_MAX, LB_TABLE_SIZE,
+    LbBackend, LbService, LbServiceKey, NatService, NatServiceKey, LB_BACKENDS, LB_BACKEND_LIVE, LB_BACKEND_NEW, LB_SERVICES_MAX, LB_TABLE_SIZE,
     SCHED_LEAST, SCHED_TABLE_CURSOR, SCHED_TABLE_HASH,
 };
-use dataplane_common::maps::{Endpoint, EndpointKey, EP_F_GATEWAY, GATEWAY_MAC};
+use dataplane_common::maps::{Endpoint, EndpointKey, EP_F_GATEWAY, EP_F_NAT, GATEWAY_MAC};
 use sdn_proto::v1 as pb;
 
 use super::addr16;
@@ -58,6 +58,92 @@ pub struct LbPlan {
     pub ports: BTreeMap<u32, u32>,
     /// When the next draining member's drain time ends (Unix ms).
     pub drain_ends: Option<u64>,
+    /// The north-south services this host translates (it is one of their
+    /// load balancer's NAT hosts).
+    pub nat: BTreeMap<NatServiceKey, NatService>,
+}
+
+/// A north-south service of this host, before its VPC's zone and border
+/// firewall are known.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatPlan {
+    pub key: NatServiceKey,
+    /// The listener's service it shares backends and table with.
+    pub service: LbServiceKey,
+    pub vpc_id: String,
+    /// This host's NAT address of the VIP's family.
+    pub nat: [u8; 16],
+}
+
+/// The NAT hosts' addresses of load balancers exposed to their zone: on
+/// `host`'s own, the member's replies are translated back (`EP_F_NAT`); on
+/// another NAT host's, they go to that host through the tunnel (and only
+/// that host may send from them). Goes into `plan.vips` (the VPCs'
+/// endpoints); returns the services `host` translates.
+pub fn compile_nat(lbs: &[&pb::LoadBalancerOnHost], host: &str, plan: &mut LbPlan, rejected: &mut Vec<String>) -> Vec<NatPlan> {
+    let mut out = Vec::new();
+    for l in lbs {
+        let Some(lb) = &l.load_balancer else { continue };
+        if lb.exposure != "zone" {
+            continue;
+        }
+        for h in &lb.nat_hosts {
+            let underlay = l
+                .nat_underlays
+                .get(&h.host_id)
+                .and_then(|u| u.parse::<std::net::Ipv4Addr>().ok());
+            let mine = h.host_id == host;
+            if underlay.is_none() && !mine {
+                rejected.push(format!(
+                    "load balancer {}: NAT host {} has no IPv4 underlay address in the share; replies cannot reach it",
+                    lb.id, h.host_id
+                ));
+                continue;
+            }
+            for (vip, nat) in [(&lb.vip_v4, &h.ipv4), (&lb.vip_v6, &h.ipv6)] {
+                let (Ok(vip), Ok(nat)) = (vip.parse::<IpAddr>(), nat.parse::<IpAddr>()) else {
+                    continue;
+                };
+                let (family, nat16) = addr16(nat);
+                let vip16 = addr16(vip).1;
+                plan.vips.insert(
+                    EndpointKey {
+                        vni: l.vni,
+                        family,
+                        _pad: [0; 3],
+                        addr: nat16,
+                    },
+                    Endpoint {
+                        ifindex: 0,
+                        host_v4: underlay.map_or([0; 4], |u| u.octets()),
+                        mac: GATEWAY_MAC,
+                        flags: if mine { EP_F_NAT } else { 0 },
+                        vni: l.vni,
+                        policy: 0,
+                    },
+                );
+                if !mine {
+                    continue;
+                }
+                for k in plan.services.keys() {
+                    if k.vni == l.vni && k.family == family && k.addr == vip16 {
+                        out.push(NatPlan {
+                            key: NatServiceKey {
+                                family,
+                                proto: k.proto,
+                                port: k.port,
+                                addr: vip16,
+                            },
+                            service: *k,
+                            vpc_id: lb.vpc_id.clone(),
+                            nat: nat16,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Slots kept from pass to pass: services by name, and each service's
@@ -475,6 +561,7 @@ mod tests {
                     health: None,
                 })
                 .collect(),
+            ..Default::default()
         }
     }
 

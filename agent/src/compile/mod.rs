@@ -303,6 +303,8 @@ pub struct Compiler {
     system_slots: BTreeMap<String, u32>,
     /// Load balancers' services and backends, by name.
     lb_slots: lb::LbSlots,
+    /// This host's id (which load balancers it is a NAT host of).
+    pub host: String,
 }
 
 /// The kept part for `name` when its inputs are the same, else a fresh one.
@@ -426,10 +428,12 @@ impl Compiler {
             next_expiry,
             ..Desired::default()
         };
-        let quarantined_ports = d.quarantined.clone();
         d.lb = lb::compile_lbs(&lbs, &mut self.lb_slots, &mut d.rejected, now_ms, &|p| {
-            quarantined_ports.contains_key(p)
+            d.quarantined.contains_key(p)
         });
+        let nat = lb::compile_nat(&lbs, &self.host, &mut d.lb, &mut d.rejected);
+        // Each zoned VPC's zone and border firewall, by id.
+        let mut vpc_border: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
         if let Some(t) = d.lb.drain_ends {
             d.next_expiry = Some(d.next_expiry.map_or(t, |n| n.min(t)));
         }
@@ -501,6 +505,7 @@ impl Compiler {
                         }
                     }
                 };
+                vpc_border.insert(n.vpc_id.as_str(), (zone, border));
                 for (k, ep) in ports_of_vni(&d.endpoints, n.vni) {
                     d.zone_endpoints.insert(
                         ZoneAddrKey {
@@ -527,6 +532,27 @@ impl Compiler {
             if nets.iter().any(|n| n.vni == k.vni) {
                 d.endpoints.entry(*k).or_insert(*e);
             }
+        }
+        for n in nat {
+            let Some(s) = d.lb.services.get(&n.service) else { continue };
+            let Some((zone, border)) = vpc_border.get(n.vpc_id.as_str()).copied() else {
+                d.rejected.push(format!(
+                    "load balancer service {}: vpc {} and its zone are not compiled here; its flows from the zone are refused",
+                    s.name, n.vpc_id
+                ));
+                continue;
+            };
+            d.lb.nat.insert(
+                n.key,
+                dataplane_common::lb::NatService {
+                    lb: s.info,
+                    vni: n.service.vni,
+                    zone,
+                    border,
+                    _pad: 0,
+                    nat: n.nat,
+                },
+            );
         }
         if mirrors.is_empty() && systems.is_empty() {
             // Neither needs the ports' VPCs: a pass without them pays nothing.

@@ -19,6 +19,11 @@ pub const LB_FLOWS_NEW: &str = "SDN_LB_FLOWS_NEW";
 pub const LB_REVERSE_NEW: &str = "SDN_LB_REVERSE_NEW";
 pub const LB_PERSIST: &str = "SDN_LB_PERSIST";
 pub const LB_CONNS: &str = "SDN_LB_CONNS";
+pub const NAT_SERVICES: &str = "SDN_NAT_SERVICES";
+pub const NAT_FLOWS: &str = "SDN_NAT_FLOWS";
+pub const NAT_REVERSE: &str = "SDN_NAT_REVERSE";
+pub const NAT_FLOWS_NEW: &str = "SDN_NAT_FLOWS_NEW";
+pub const NAT_REVERSE_NEW: &str = "SDN_NAT_REVERSE_NEW";
 
 /// Clients a host remembers the member of, for source persistence (an
 /// LRU; a VM has only its own addresses, so it holds two per service).
@@ -194,6 +199,105 @@ pub struct LbReverse {
     pub _pad: [u8; 6],
 }
 
+/// North-south: a listener's VIP exposed to the zone, on one of its load
+/// balancer's NAT hosts. A flow from the zone is translated both ways
+/// (full NAT): from the client and the VIP to the host's NAT address and a
+/// port of its own, and the member.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct NatServiceKey {
+    pub family: u8,
+    pub proto: u8,
+    pub port: u16,
+    pub addr: [u8; 16],
+}
+
+/// What a north-south service is on this NAT host.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatService {
+    /// The listener's service (its backends and table, shared with the
+    /// east-west translation).
+    pub lb: LbService,
+    /// The VPC's VNI, its zone and its border firewall policy (0: none).
+    pub vni: u32,
+    pub zone: u32,
+    pub border: u32,
+    pub _pad: u32,
+    /// This host's address in the VPC that translated flows come from.
+    pub nat: [u8; 16],
+}
+
+/// A north-south flow as the zone sees it: the client and the VIP, and
+/// the zone the client's packets arrive from.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct NatKey {
+    pub zone: u32,
+    pub family: u8,
+    pub proto: u8,
+    pub client_port: u16,
+    pub vport: u16,
+    pub _pad: u16,
+    pub client: [u8; 16],
+    pub vip: [u8; 16],
+}
+
+/// Where a north-south flow goes inside the VPC.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatFlow {
+    pub backend: [u8; 16],
+    /// The NAT host's address the flow comes from towards the member.
+    pub nat: [u8; 16],
+    pub backend_port: u16,
+    pub nat_port: u16,
+    pub service: u32,
+    pub slot: u16,
+    pub _pad: u16,
+    /// `NAT_F_*` and `LB_FLOW_*` flags.
+    pub flags: u32,
+    pub vni: u32,
+    /// TCP: the sequence number the client's ACK must acknowledge (the
+    /// member's SYN-ACK's, plus one) for the flow to be confirmed.
+    pub reply_ack: u32,
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub packets_in: u64,
+    pub packets_out: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// A member's reply of a north-south flow: from the member to the NAT
+/// address and port, in the VPC.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct NatReverseKey {
+    pub vni: u32,
+    pub family: u8,
+    pub proto: u8,
+    pub backend_port: u16,
+    pub nat_port: u16,
+    pub _pad: u16,
+    pub backend: [u8; 16],
+    pub nat: [u8; 16],
+}
+
+/// The flow closes (TCP FIN or RST): the flow table's closing timeout.
+pub const NAT_F_CLOSING: u32 = crate::maps::CT_F_CLOSING as u32;
+/// The member answered (TCP: its SYN-ACK, whose number is in `reply_ack`).
+pub const NAT_F_REPLIED: u32 = 4;
+/// NAT ports a host gives a member's address and port: from this one up.
+pub const NAT_PORT_FIRST: u16 = 1024;
+/// Tries at a free NAT port for a new flow before it is refused.
+pub const NAT_PORT_TRIES: u32 = 8;
+
+const _: () = assert!(core::mem::size_of::<NatServiceKey>() == 20);
+const _: () = assert!(core::mem::size_of::<NatService>() == 48);
+const _: () = assert!(core::mem::size_of::<NatKey>() == 44);
+const _: () = assert!(core::mem::size_of::<NatFlow>() == 104);
+const _: () = assert!(core::mem::size_of::<NatReverseKey>() == 44);
 const _: () = assert!(core::mem::size_of::<LbServiceKey>() == 24);
 const _: () = assert!(core::mem::size_of::<LbService>() == 16);
 const _: () = assert!(core::mem::size_of::<LbPersistKey>() == 24);
@@ -247,4 +351,9 @@ mod pod {
     unsafe impl aya::Pod for LbPersistKey {}
     unsafe impl aya::Pod for LbPersist {}
     unsafe impl aya::Pod for LbConns {}
+    unsafe impl aya::Pod for NatServiceKey {}
+    unsafe impl aya::Pod for NatService {}
+    unsafe impl aya::Pod for NatKey {}
+    unsafe impl aya::Pod for NatFlow {}
+    unsafe impl aya::Pod for NatReverseKey {}
 }

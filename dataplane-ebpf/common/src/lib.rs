@@ -107,6 +107,12 @@ pub enum DropReason {
     CtBadAck = 32,
     /// A new flow to a load balancer's VIP that no backend can take.
     LbNoBackend = 33,
+    /// A packet to a NAT host's address in a VPC that is no reply of a
+    /// north-south flow the host translates.
+    NatNoFlow = 34,
+    /// A new north-south flow for which no NAT port towards its member
+    /// was found free.
+    NatNoPort = 35,
 }
 
 /// Number of slots in the drop counter array (room to grow).
@@ -114,7 +120,7 @@ pub const DROP_REASON_SLOTS: u32 = 48;
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 34] = [
+    pub const ALL: [DropReason; 36] = [
         DropReason::UnknownPort,
         DropReason::Truncated,
         DropReason::UnsupportedEthertype,
@@ -149,6 +155,8 @@ impl DropReason {
         DropReason::Unjudged,
         DropReason::CtBadAck,
         DropReason::LbNoBackend,
+        DropReason::NatNoFlow,
+        DropReason::NatNoPort,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -188,6 +196,8 @@ impl DropReason {
             DropReason::Unjudged => "unjudged",
             DropReason::CtBadAck => "ct_bad_ack",
             DropReason::LbNoBackend => "lb_no_backend",
+            DropReason::NatNoFlow => "nat_no_flow",
+            DropReason::NatNoPort => "nat_no_port",
         }
     }
 }
@@ -260,16 +270,32 @@ pub mod stage {
     /// no hook of its device sees: it enters the VM's side directly), then
     /// the delivery.
     pub const MIRROR: u32 = 5;
+    /// North-south, from a zone to a VIP on a NAT host: the zone guard and
+    /// the border firewall of every packet, then the load balancer.
+    pub const NAT_IN: u32 = 6;
+    /// North-south, a member's reply to a NAT host's address: translated
+    /// back and sent out of the client's uplink.
+    pub const NAT_OUT: u32 = 7;
+    /// North-south: the load balancer's member and NAT port for a packet
+    /// `NAT_IN` admitted, then the guard on the way into the VPC.
+    pub const NAT_LB: u32 = 8;
+    /// North-south: once the commit wrote the member's side, the flow's
+    /// own writes and its translation, then the packet goes on.
+    pub const NAT_COMMIT: u32 = 9;
     /// Slots of the program array.
-    pub const SLOTS: u32 = 8;
+    pub const SLOTS: u32 = 16;
     /// The stage programs by slot, as the object names them.
-    pub const PROGRAMS: [(u32, &str); 6] = [
+    pub const PROGRAMS: [(u32, &str); 10] = [
         (GUARD, "st_guard"),
         (FIREWALL, "st_firewall"),
         (LB, "st_lb"),
         (POLICY, "st_policy"),
         (COMMIT, "st_commit"),
         (MIRROR, "st_mirror"),
+        (NAT_IN, "st_nat_in"),
+        (NAT_OUT, "st_nat_out"),
+        (NAT_LB, "st_nat_lb"),
+        (NAT_COMMIT, "st_nat_commit"),
     ];
 }
 

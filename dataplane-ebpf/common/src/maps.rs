@@ -352,6 +352,10 @@ pub const EP_F_PEER: u16 = 2;
 /// Endpoint flag, with `EP_F_PEER`: the VPC of the key's VNI is side A of
 /// the peering, whose view the VPC firewall's rules take.
 pub const EP_F_LOCAL_IS_A: u16 = 4;
+/// Endpoint flag: the address is this host's NAT address of a load
+/// balancer exposed to the zone (a member's replies to it are translated
+/// back to the client).
+pub const EP_F_NAT: u16 = 8;
 
 /// Where an address of a VPC lives.
 #[repr(C)]

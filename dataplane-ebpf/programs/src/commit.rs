@@ -33,7 +33,9 @@ pub enum Action {
     /// Deliver it to the VM behind this host-side device, straight into
     /// the VM's side of the veth.
     Peer(u32),
-    /// Answered or absorbed by the host: stop here (not a drop).
+    /// Answered or absorbed by the host: stop here (not a drop). Also what
+    /// a north-south packet's stages return when its next stage is one of
+    /// the NAT's (the caller goes on there: see `finish`).
     Consume,
     /// Send it out of this device with its Ethernet addresses filled in by
     /// the kernel's routes and neighbours (a zone uplink).
@@ -53,19 +55,25 @@ pub fn commit(ctx: &mut TcContext, m: &mut Meta) -> Result<Action, DropReason> {
         // answers what a VM asks); towards a VM, they are the host's own.
         K_NEIGHBOUR if m.entry == crate::meta::E_FROM_VM => return Ok(Action::Consume),
         K_NEIGHBOUR => return Ok(Action::Pass),
-        K_IP => {
-            prepare(ctx, m)?;
-            refresh(m)?;
-            if m.fw_record != 0 {
-                let mut key = EMPTY_KEY;
-                firewall::crossing_key(m, &mut key);
-                firewall::record(&key, m);
-            }
-        }
+        K_IP => writes(ctx, m)?,
         // K_RELATED: an ICMP error of a tracked flow, which leaves no state.
         _ => prepare(ctx, m)?,
     }
     forward(ctx, m)
+}
+
+/// An IP packet's writes: every local side's flow entry, the firewall's
+/// verdict.
+#[inline(always)]
+pub fn writes(ctx: &mut TcContext, m: &mut Meta) -> Result<(), DropReason> {
+    prepare(ctx, m)?;
+    refresh(m)?;
+    if m.fw_record != 0 {
+        let mut key = EMPTY_KEY;
+        firewall::crossing_key(m, &mut key);
+        firewall::record(&key, m);
+    }
+    Ok(())
 }
 
 /// Writes one local side's flow entry: a new one, or the live one `p`
@@ -311,7 +319,10 @@ fn uncount(ifx: u32) {
 /// the tunnel key of a packet into the overlay.
 #[inline(always)]
 pub fn prepare(ctx: &TcContext, m: &Meta) -> Result<(), DropReason> {
-    if m.entry == crate::meta::E_FROM_VM && m.out == O_TUNNEL && !set_tunnel(ctx, m.tun_vni, m.tun_remote) {
+    if (m.entry == crate::meta::E_FROM_VM || m.entry == crate::meta::E_NAT)
+        && m.out == O_TUNNEL
+        && !set_tunnel(ctx, m.tun_vni, m.tun_remote)
+    {
         return Err(DropReason::NoRoute);
     }
     Ok(())
@@ -358,6 +369,7 @@ pub fn forward(ctx: &mut TcContext, m: &Meta) -> Result<Action, DropReason> {
     if m.lb != crate::meta::LB_NONE && m.kind == K_IP {
         crate::lb::commit(ctx, m)?;
     }
+
     match m.entry {
         E_TO_VM => Ok(Action::Pass),
         E_FROM_UPLINK | E_FROM_OVERLAY => {
@@ -493,7 +505,7 @@ fn store<const N: usize>(ctx: &mut TcContext, off: usize, b: &[u8; N]) -> Result
 
 /// Rewrites the Ethernet addresses for delivery to `mac`.
 #[inline(always)]
-fn set_macs(ctx: &mut TcContext, mac: &[u8; 6]) -> Result<(), DropReason> {
+pub fn set_macs(ctx: &mut TcContext, mac: &[u8; 6]) -> Result<(), DropReason> {
     let mut mm = [0u8; 12];
     mm[..6].copy_from_slice(mac);
     mm[6..].copy_from_slice(&GATEWAY_MAC);

@@ -113,7 +113,7 @@ pub fn crossing_key(m: &Meta, key: &mut CtKey) {
 /// of direction `dir` against the address `remote`; the policy's default
 /// when no rule matches. A policy that should be there and is not denies.
 #[inline(always)]
-fn evaluate(policy: u32, remote: &[u8; 16], m: &Meta, dir: u8, svc: u16) -> (u8, u32) {
+pub fn evaluate(policy: u32, remote: &[u8; 16], m: &Meta, dir: u8, svc: u16) -> (u8, u32) {
     // SAFETY: the value is copied out at once.
     let Some(p) = (unsafe { FW_POLICIES.get(&policy) }).copied() else {
         return (FW_DENY, 0);

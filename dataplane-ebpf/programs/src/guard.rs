@@ -8,7 +8,7 @@ use aya_ebpf::programs::TcContext;
 use dataplane_common::{
     maps::{
         ct_timeout, CtKey, CtValue, PortInfo, CT_F_CLOSING, CT_F_REVOKED, CT_ORIGIN_OUT, CT_TIMEOUT_SYN_NS, DOOR_HOST,
-        DOOR_PEER, DOOR_VPC, DOOR_ZONE, EP_F_GATEWAY, EP_F_LOCAL_IS_A, EP_F_PEER, EXCHANGE_MAX, PORT_F_QUARANTINED,
+        DOOR_PEER, DOOR_VPC, DOOR_ZONE, EP_F_GATEWAY, EP_F_LOCAL_IS_A, EP_F_NAT, EP_F_PEER, EXCHANGE_MAX, PORT_F_QUARANTINED,
         PORT_F_REJECTED, PORT_F_UPLINK,
     },
     stage, DropReason, Stat, DIR_EGRESS, PROTO_TCP,
@@ -19,7 +19,7 @@ use crate::{
     firewall::{halves, in_prefix},
     maps::{count, CONFIG, CT, CT_SYN, EXCHANGE, EXCHANGE_HALF},
     meta::{
-        Meta, EMPTY_KEY, E_FROM_VM, K_IP, K_RELATED, O_PORT, O_TUNNEL, O_UPLINK, S_EST, S_NEW, S_NONE, S_STALE, T_MAIN,
+        Meta, EMPTY_KEY, E_FROM_VM, E_NAT, K_IP, K_RELATED, O_NAT, O_PORT, O_TUNNEL, O_UPLINK, S_EST, S_NEW, S_NONE, S_STALE, T_MAIN,
         T_SYN, X_ZONE_IN, X_ZONE_OUT,
     },
     overlay::endpoint,
@@ -62,6 +62,10 @@ pub fn guard(ctx: &mut TcContext, m: &mut Meta) -> Result<Next, DropReason> {
     count(Stat::FastPath);
     commit::prepare(ctx, m)?;
     commit::refresh_live(m, src, dst)?;
+    if m.out == O_NAT {
+        // A member's reply to the NAT address: translated back there.
+        return Ok(Next::Stage(stage::NAT_OUT));
+    }
     Ok(Next::Done(commit::forward(ctx, m)?))
 }
 
@@ -109,10 +113,20 @@ fn judge(ctx: &TcContext, m: &mut Meta) -> Result<Judged, DropReason> {
         (m.ct_dst, m.tbl_dst, m.org_dst, m.svc_dst) = (dst.state, dst.table, dst.origin, dst.svc);
     }
     let new = m.ct_src == S_NEW || m.ct_dst == S_NEW;
+    // Nothing but a reply of a flow it received goes from a port to a NAT
+    // address: no flow opens towards one.
+    if m.out == O_NAT && m.ct_src == S_NEW {
+        return Err(DropReason::NatNoFlow);
+    }
     if new && m.proto == PROTO_TCP && !pure_syn(m.tcp_flags) {
         return Err(DropReason::CtNotSyn);
     }
     if !new && m.ct_src != S_STALE && m.ct_dst != S_STALE {
+        if m.entry == E_NAT {
+            // A north-south flow's writes and translation are the commit
+            // stage's.
+            return Ok(Judged::Stage(stage::COMMIT));
+        }
         return Ok(Judged::Fast(src, dst));
     }
     // Tier 2, for a new flow across an uplink, and again for a flow judged
@@ -172,6 +186,14 @@ fn resolve(m: &mut Meta) -> Result<(), DropReason> {
     };
     if ep.flags & EP_F_GATEWAY != 0 || ep.ifindex == m.src_ifx {
         return Err(DropReason::NoRoute);
+    }
+    if ep.flags & EP_F_NAT != 0 {
+        // This host's NAT address: a member's reply of a north-south flow,
+        // translated back after the pipeline (`st_nat_out`).
+        m.src_door = DOOR_VPC | port.vni;
+        m.nat_vni = port.vni;
+        m.out = O_NAT;
+        return Ok(());
     }
     m.dst_mac = ep.mac;
     let peer = ep.flags & EP_F_PEER != 0;
@@ -371,7 +393,7 @@ fn zone_guard_again(vm: &[u8; 16], remote: &[u8; 16], opened_out: bool, svc: u16
 }
 
 #[inline(always)]
-fn exchange_admits(
+pub fn exchange_admits(
     from: u32,
     to: u32,
     family: u8,

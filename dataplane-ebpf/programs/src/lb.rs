@@ -93,13 +93,9 @@ pub fn stage(m: &mut Meta) -> Result<(), DropReason> {
     };
     if let Some((f, state)) = found {
         // Its backend still holds its slot (draining or not).
-        if f.service == svc.id && (f.slot as u32) < LB_BACKENDS {
-            if let Some(b) = LB_BACKENDS_ARR.get(svc.id * LB_BACKENDS + f.slot as u32) {
-                if b.flags & LB_BACKEND_LIVE != 0 && b.addr == f.backend && b.port == f.backend_port {
-                    set(m, &svc, f.slot, &f.backend, f.backend_port, state);
-                    return Ok(());
-                }
-            }
+        if f.service == svc.id && holds(svc.id, f.slot, &f.backend, f.backend_port) {
+            set(m, &svc, f.slot, &f.backend, f.backend_port, state);
+            return Ok(());
         }
     }
     // Only a SYN opens a TCP flow: a segment of a connection whose backend
@@ -107,6 +103,27 @@ pub fn stage(m: &mut Meta) -> Result<(), DropReason> {
     if m.proto == PROTO_TCP && !syn {
         return Err(DropReason::CtNotSyn);
     }
+    pick(m, &svc)
+}
+
+/// Whether slot `slot` of service `id` still holds the backend `addr`:`port`
+/// for its flows (draining or not).
+#[inline(always)]
+pub fn holds(id: u32, slot: u16, addr: &[u8; 16], port: u16) -> bool {
+    if slot as u32 >= LB_BACKENDS {
+        return false;
+    }
+    match LB_BACKENDS_ARR.get(id * LB_BACKENDS + slot as u32) {
+        Some(b) => b.flags & LB_BACKEND_LIVE != 0 && b.addr == *addr && b.port == port,
+        None => false,
+    }
+}
+
+/// A new flow's backend, by the service's persistence and scheduler: the
+/// packet's destination becomes the backend's (`set`).
+#[inline(never)]
+pub fn pick(m: &mut Meta, svc: &LbService) -> Result<(), DropReason> {
+    let svc = *svc;
     m.lb_cursor = LB_NO_CURSOR;
     // Source persistence: the client's member of late, while it takes new
     // flows.
@@ -231,7 +248,7 @@ extern "C" fn least_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
 
 /// Adds `delta` (1 or -1) to a count, never below zero.
 #[inline(always)]
-fn add(c: *mut u64, delta: i64) {
+pub fn add(c: *mut u64, delta: i64) {
     // SAFETY: a live map value shared by every CPU; a racing update loses
     // a count, which the agent's count (every few seconds) corrects.
     unsafe {
@@ -261,7 +278,7 @@ fn persist_key(id: u32, m: &Meta) -> LbPersistKey {
 }
 
 #[inline(always)]
-fn set(m: &mut Meta, svc: &LbService, slot: u16, addr: &[u8; 16], port: u16, state: u8) {
+pub fn set(m: &mut Meta, svc: &LbService, slot: u16, addr: &[u8; 16], port: u16, state: u8) {
     let service = svc.id;
     m.lb = state;
     m.lb_persist = (svc.persistence_secs != 0) as u8;
@@ -301,15 +318,20 @@ pub fn commit(ctx: &mut TcContext, m: &Meta) -> Result<(), DropReason> {
         _ => {}
     }
     if m.lb_persist != 0 {
-        remember(m);
+        remember(m, &m.src);
     }
     rewrite(ctx, m, true, &m.lb_vip, &m.dst, m.lb_vport, m.dport)
 }
 
 /// Source persistence: the client's member, seen now.
 #[inline(never)]
-fn remember(m: &Meta) {
-    let key = persist_key(m.lb_service, m);
+pub fn remember(m: &Meta, client: &[u8; 16]) {
+    let key = LbPersistKey {
+        service: m.lb_service,
+        family: m.family,
+        _pad: [0; 3],
+        client: *client,
+    };
     if let Some(p) = LB_PERSIST.get_ptr_mut(&key) {
         // SAFETY: a live map value; racing writers write the same member
         // or a newer one.
@@ -503,7 +525,7 @@ const BPF_F_MARK_MANGLED_0: u64 = 1 << 5;
 /// Rewrites the packet's destination (`dst`) or source address and port,
 /// with the IP and TCP/UDP checksums.
 #[inline(always)]
-fn rewrite(
+pub fn rewrite(
     ctx: &mut TcContext,
     m: &Meta,
     dst: bool,

@@ -40,6 +40,8 @@ mod meta;
 #[cfg(target_arch = "bpf")]
 mod mirror;
 #[cfg(target_arch = "bpf")]
+mod nat;
+#[cfg(target_arch = "bpf")]
 mod overlay;
 #[cfg(target_arch = "bpf")]
 mod parse;
@@ -64,7 +66,7 @@ mod progs {
         commit::{self, Action},
         firewall, guard,
         maps::{self, meta, PIPE},
-        meta::{Meta, E_FROM_VM},
+        meta::{Meta, E_FROM_VM, E_NAT, K_IP, O_NAT},
         overlay, policy, port, uplink,
     };
 
@@ -167,6 +169,7 @@ mod progs {
         match uplink::from_uplink(&ctx, m) {
             Ok(uplink::Arrival::Pipeline) => next(&ctx, stage::GUARD),
             Ok(uplink::Arrival::Host) => TC_ACT_OK,
+            Ok(uplink::Arrival::Nat) => next(&ctx, stage::NAT_IN),
             Err(r) => deny(m, r),
         }
     }
@@ -199,6 +202,7 @@ mod progs {
             // direct jumps.
             Ok(guard::Next::Stage(stage::FIREWALL)) => next(&ctx, stage::FIREWALL),
             Ok(guard::Next::Stage(stage::LB)) => next(&ctx, stage::LB),
+            Ok(guard::Next::Stage(stage::NAT_OUT)) => next(&ctx, stage::NAT_OUT),
             Ok(guard::Next::Stage(_)) => next(&ctx, stage::COMMIT),
             Ok(guard::Next::Done(action)) => {
                 // The fast path of an established flow: answers mostly
@@ -236,6 +240,71 @@ mod progs {
         }
     }
 
+    /// North-south: the zone guard and border firewall of a packet from
+    /// the zone to a VIP this host translates, then the load balancer.
+    #[classifier]
+    #[inline(always)]
+    pub fn st_nat_in(ctx: TcContext) -> i32 {
+        let Some(m) = meta() else {
+            return drop(DropReason::Pipeline);
+        };
+        match crate::nat::admit(m) {
+            Ok(()) => next(&ctx, stage::NAT_LB),
+            Err(r) => deny(m, r),
+        }
+    }
+
+    /// North-south: the flow's member and NAT port, then the guard on the
+    /// way into the VPC.
+    #[classifier]
+    #[inline(always)]
+    pub fn st_nat_lb(ctx: TcContext) -> i32 {
+        let Some(m) = meta() else {
+            return drop(DropReason::Pipeline);
+        };
+        match crate::nat::schedule(m) {
+            Ok(()) => next(&ctx, stage::GUARD),
+            Err(r) => deny(m, r),
+        }
+    }
+
+    /// North-south: the flow's writes and translation, then the packet
+    /// goes to its member.
+    #[classifier]
+    #[inline(always)]
+    pub fn st_nat_commit(mut ctx: TcContext) -> i32 {
+        let Some(m) = meta() else {
+            return drop(DropReason::Pipeline);
+        };
+        let r = match crate::nat::commit(&mut ctx, m) {
+            Ok(()) => crate::nat::deliver(&mut ctx, m),
+            Err(r) => Err(r),
+        };
+        match meta() {
+            Some(m) => finish(&ctx, m, r),
+            None => drop(DropReason::Pipeline),
+        }
+    }
+
+    /// North-south: a member's reply translated back and sent out of the
+    /// client's uplink.
+    #[classifier]
+    #[inline(always)]
+    pub fn st_nat_out(mut ctx: TcContext) -> i32 {
+        let Some(m) = meta() else {
+            return drop(DropReason::Pipeline);
+        };
+        match crate::nat::outbound(&mut ctx, m) {
+            Ok(uplink) => {
+                ctx.set_mark(dataplane_common::MARK_PIPELINE);
+                maps::count(Stat::ToUplink);
+                // SAFETY: no parameters: the kernel looks up the next hop.
+                unsafe { gen::bpf_redirect_neigh(uplink, core::ptr::null_mut(), 0, 0) as i32 }
+            }
+            Err(r) => deny(m, r),
+        }
+    }
+
     #[classifier]
     #[inline(always)]
     pub fn st_policy(ctx: TcContext) -> i32 {
@@ -254,6 +323,16 @@ mod progs {
         let Some(m) = meta() else {
             return drop(DropReason::Pipeline);
         };
+        if m.kind == K_IP && (m.entry == E_NAT || m.out == O_NAT) {
+            // North-south: once the local side's entries are written, a
+            // flow's own writes and translation, or a reply's translation
+            // back, are stages of their own.
+            return match commit::writes(&mut ctx, m) {
+                Ok(()) if m.out == O_NAT => next(&ctx, stage::NAT_OUT),
+                Ok(()) => next(&ctx, stage::NAT_COMMIT),
+                Err(r) => deny(m, r),
+            };
+        }
         let r = commit::commit(&mut ctx, m);
         // Only what goes on is copied. (The commit moves no header: the
         // tunnel is metadata, the MACs keep their place.) The record is
@@ -304,6 +383,7 @@ mod progs {
                 unsafe { gen::bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32 }
             }
             Ok(Action::Consume) => TC_ACT_SHOT,
+
             Err(r) => deny(m, r),
         }
     }

@@ -11,7 +11,7 @@ use aya_ebpf::{
 use dataplane_common::{
     lb::{
         LbBackend, LbConns, LbFlow, LbFlowKey, LbPersist, LbPersistKey, LbReverse, LbReverseKey, LbService,
-        LbServiceKey, LB_BACKENDS, LB_FLOWS_MAX, LB_FLOWS_NEW_MAX, LB_PERSIST_MAX, LB_SERVICES_MAX, LB_TABLE_SIZE,
+        LbServiceKey, NatFlow, NatKey, NatReverseKey, NatService, NatServiceKey, LB_BACKENDS, LB_FLOWS_MAX, LB_FLOWS_NEW_MAX, LB_PERSIST_MAX, LB_SERVICES_MAX, LB_TABLE_SIZE,
     },
     maps::{
         system_index, AddrIdentity, AddrKey, CtKey, CtValue, DenyEvent, DnsCopy, Endpoint, EndpointKey, EventLimiter,
@@ -446,3 +446,24 @@ pub static LB_PERSIST: LruHashMap<LbPersistKey, LbPersist> = LruHashMap::pinned(
 
 #[map(name = "SDN_LB_REVERSE_NEW")]
 pub static LB_REVERSE_NEW: LruHashMap<LbReverseKey, LbReverse> = LruHashMap::pinned(LB_FLOWS_NEW_MAX, 0);
+
+/// North-south services of the load balancers this host translates for.
+#[map(name = "SDN_NAT_SERVICES")]
+pub static NAT_SERVICES: HashMap<NatServiceKey, NatService> = HashMap::pinned(LB_SERVICES_MAX, 0);
+
+/// Confirmed north-south flows, by the zone's side (as many as the flow
+/// table holds).
+#[map(name = "SDN_NAT_FLOWS")]
+pub static NAT_FLOWS: LruHashMap<NatKey, NatFlow> = LruHashMap::pinned(LB_FLOWS_MAX, 0);
+
+/// Their replies, by the VPC's side: the zone's side of the flow.
+#[map(name = "SDN_NAT_REVERSE")]
+pub static NAT_REVERSE: LruHashMap<NatReverseKey, NatKey> = LruHashMap::pinned(LB_FLOWS_MAX, 0);
+
+/// Unconfirmed north-south flows and their replies, apart: a flood of
+/// flows nobody completes evicts only its own kind.
+#[map(name = "SDN_NAT_FLOWS_NEW")]
+pub static NAT_FLOWS_NEW: LruHashMap<NatKey, NatFlow> = LruHashMap::pinned(LB_FLOWS_NEW_MAX, 0);
+
+#[map(name = "SDN_NAT_REVERSE_NEW")]
+pub static NAT_REVERSE_NEW: LruHashMap<NatReverseKey, NatKey> = LruHashMap::pinned(LB_FLOWS_NEW_MAX, 0);

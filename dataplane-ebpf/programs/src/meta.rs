@@ -10,6 +10,9 @@ pub const E_FROM_VM: u8 = 1;
 pub const E_TO_VM: u8 = 2;
 pub const E_FROM_UPLINK: u8 = 3;
 pub const E_FROM_OVERLAY: u8 = 4;
+/// A north-south flow translated on this NAT host, on its way into the
+/// VPC (from the NAT address to the member).
+pub const E_NAT: u8 = 5;
 
 /// What the packet is.
 pub const K_IP: u8 = 1;
@@ -27,6 +30,9 @@ pub const K_RELATED: u8 = 5;
 pub const O_PORT: u8 = 1;
 pub const O_TUNNEL: u8 = 2;
 pub const O_UPLINK: u8 = 3;
+/// A member's reply to this host's NAT address: translated back
+/// (`st_nat_out`).
+pub const O_NAT: u8 = 4;
 
 /// Conntrack state of one local side of a flow.
 pub const S_NONE: u8 = 0;
@@ -143,13 +149,23 @@ pub struct Meta {
     pub lb_cursor: u16,
     /// The flow's service has source persistence.
     pub lb_persist: u8,
-    pub _pad2: [u8; 5],
+    /// North-south: `LB_NEW`, `LB_EST` or `LB_EST_NEW` for a flow from the
+    /// zone to a VIP translated here; `LB_NONE` otherwise.
+    pub nat: u8,
+    pub _pad2: [u8; 4],
+    /// North-south: the client's address and port (the packet's source
+    /// until the commit translates it; `src` and `sport` are the NAT
+    /// address and port), and the VPC's VNI.
+    pub nat_client: [u8; 16],
+    pub nat_cport: u16,
+    pub _pad3: u16,
+    pub nat_vni: u32,
 }
 
 /// [`Meta::lb_cursor`] of a flow no cursor picked.
 pub const LB_NO_CURSOR: u16 = u16::MAX;
 
-const _: () = assert!(core::mem::size_of::<Meta>() == 240);
+const _: () = assert!(core::mem::size_of::<Meta>() == 264);
 
 impl Meta {
     /// Clears what an earlier packet on this CPU may have left.
@@ -187,6 +203,7 @@ impl Meta {
         self.proto = 0;
         self.family = 0;
         self.lb = LB_NONE;
+        self.nat = LB_NONE;
     }
 
     /// The flow key of the sending port's side: the port's address is the

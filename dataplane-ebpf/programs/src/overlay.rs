@@ -6,14 +6,14 @@
 
 use aya_ebpf::{helpers::gen, programs::TcContext};
 use dataplane_common::{
-    maps::{Endpoint, EndpointKey, DOOR_PEER, DOOR_VPC, EP_F_GATEWAY, EP_F_LOCAL_IS_A, EP_F_PEER},
+    maps::{Endpoint, EndpointKey, DOOR_PEER, DOOR_VPC, EP_F_GATEWAY, EP_F_LOCAL_IS_A, EP_F_NAT, EP_F_PEER},
     DropReason, DIR_EGRESS, DIR_INGRESS,
 };
 
 use crate::{
     ctx::Pkt,
     maps::ENDPOINTS,
-    meta::{Meta, E_FROM_OVERLAY, K_IP, X_PEER},
+    meta::{Meta, E_FROM_OVERLAY, K_IP, O_NAT, X_PEER},
     parse::{self, ETH_P_IP, ETH_P_IPV6},
     port,
 };
@@ -128,6 +128,13 @@ pub fn from_overlay(ctx: &TcContext, m: &mut Meta) -> Result<(), DropReason> {
     }
     crate::uplink::outside_to_vm(m)?;
     let dst = endpoint(vni, m.family, &m.dst).ok_or(DropReason::OverlayUnknownDst)?;
+    if dst.flags & EP_F_NAT != 0 && src.flags & EP_F_PEER == 0 {
+        // A member's reply to this host's NAT address (`st_nat_out`).
+        m.nat_vni = vni;
+        m.out = O_NAT;
+        m.kind = K_IP;
+        return Ok(());
+    }
     if dst.ifindex == 0 || dst.flags & (EP_F_GATEWAY | EP_F_PEER) != 0 {
         return Err(DropReason::OverlayUnknownDst);
     }

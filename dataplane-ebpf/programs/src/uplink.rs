@@ -67,6 +67,8 @@ pub enum Arrival {
     Pipeline,
     /// For the host, and needed by it.
     Host,
+    /// For a VIP this host translates (`st_nat_in`).
+    Nat,
 }
 
 /// Packets arriving from an uplink.
@@ -98,6 +100,12 @@ pub fn from_uplink<C: Pkt>(ctx: &C, m: &mut Meta) -> Result<Arrival, DropReason>
         };
     }
     parse::ip(ctx, m, ethertype)?;
+    // A VIP exposed to the zone, translated here (north-south).
+    if let Some(ns) = crate::nat::service(m) {
+        from_zone(m, zone)?;
+        crate::nat::arrive(m, zone, &ns);
+        return Ok(Arrival::Nat);
+    }
     let Some(ep) = zone_endpoint(m.family, &m.dst) else {
         // For the host: neighbour solicitations for its uplink address,
         // and advertisements and ICMP errors sent to it (the host's stack
@@ -121,20 +129,7 @@ pub fn from_uplink<C: Pkt>(ctx: &C, m: &mut Meta) -> Result<Arrival, DropReason>
             Err(DropReason::UplinkToHost)
         };
     };
-    // A source that is one of our VPCs' addresses, or in another zone's
-    // prefixes, is forged: it cannot come from this zone's network.
-    if zone_endpoint(m.family, &m.src).is_some()
-        || VPC_NETS
-            .get(&Key::new(8 + 128, zone_net_data(m.family, &m.src)))
-            .is_some()
-    {
-        return Err(DropReason::SpoofUplink);
-    }
-    let src_zone = zone_of(m.family, &m.src);
-    if src_zone != 0 && src_zone != zone {
-        return Err(DropReason::SpoofUplink);
-    }
-    outside_to_vm(m)?;
+    from_zone(m, zone)?;
     if ep.ifindex == 0 {
         return Err(DropReason::NoRoute);
     }
@@ -150,6 +145,26 @@ pub fn from_uplink<C: Pkt>(ctx: &C, m: &mut Meta) -> Result<Arrival, DropReason>
     m.crossing = X_ZONE_IN;
     m.kind = K_IP;
     Ok(Arrival::Pipeline)
+}
+
+/// What may come from zone `zone`'s network into a VPC: a source that is
+/// one of our VPCs' addresses, or in another zone's prefixes, is forged
+/// (it cannot come from this zone's network); nor does anything a VM
+/// takes only from its gateway.
+#[inline(always)]
+fn from_zone(m: &Meta, zone: u32) -> Result<(), DropReason> {
+    if zone_endpoint(m.family, &m.src).is_some()
+        || VPC_NETS
+            .get(&Key::new(8 + 128, zone_net_data(m.family, &m.src)))
+            .is_some()
+    {
+        return Err(DropReason::SpoofUplink);
+    }
+    let src_zone = zone_of(m.family, &m.src);
+    if src_zone != 0 && src_zone != zone {
+        return Err(DropReason::SpoofUplink);
+    }
+    outside_to_vm(m)
 }
 
 /// What no VM takes from outside its host's gateway, from an uplink or the

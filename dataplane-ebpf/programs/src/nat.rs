@@ -1,0 +1,575 @@
+//! The L4 load balancer, north-south: full NAT on a load balancer's NAT
+//! hosts. A flow from a zone to a VIP exposed to it arrives on the zone's
+//! uplink of a NAT host, which
+//! - judges every packet from the zone by the zone guard (tier 2: from
+//!   another zone, only through an exchange path to the VIP) and the
+//!   VPC's border firewall (tier 3), in `st_nat_in`;
+//! - gives a new flow its member as the east-west translation does (the
+//!   same services, tables and schedulers) and a NAT port of its own
+//!   address in the VPC, in `st_lb` ([`schedule`]);
+//! - sends it into the VPC from its NAT address: the member's security
+//!   groups, quarantine and conntrack judge it where the member lives
+//!   (through the pipeline here, or on the member's host after the
+//!   tunnel);
+//! - translates the member's replies, which come back to the NAT address
+//!   (from the tunnel or from a port here), back to the VIP and the client
+//!   and sends them out of the uplink the flow came in by ([`outbound`],
+//!   in `st_nat_out`).
+//!
+//! Nothing is written before the commit ([`commit`]): a packet any tier
+//! drops leaves no flow behind.
+
+use aya_ebpf::programs::TcContext;
+use dataplane_common::{
+    lb::{
+        NatFlow, NatKey, NatReverseKey, NatService, NatServiceKey, LB_BACKENDS, LB_FLOW_CLOSED,
+        LB_FLOW_OPEN, NAT_F_CLOSING, NAT_F_REPLIED, NAT_PORT_FIRST, NAT_PORT_TRIES,
+    },
+    maps::{ct_timeout, CtKey, CT_TIMEOUT_SYN_NS, DOOR_VPC, DOOR_ZONE, EP_F_GATEWAY, EP_F_NAT, EP_F_PEER, FW_ALLOW},
+    DropReason, Stat, DIR_INGRESS, PROTO_TCP, PROTO_UDP,
+};
+
+use crate::{
+    commit::{set_macs, Action},
+    firewall,
+    guard::{exchange_admits, pure_syn},
+    lb,
+    maps::{count, CONFIG, LB_CONNS, LB_CURSOR, NAT_FLOWS, NAT_FLOWS_NEW, NAT_REVERSE, NAT_REVERSE_NEW, NAT_SERVICES},
+    meta::{Meta, E_NAT, K_IP, LB_EST, LB_EST_NEW, LB_NEW, LB_NONE, LB_NO_CURSOR, O_PORT, O_TUNNEL, X_NONE},
+    overlay::endpoint,
+    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    port,
+    uplink::uplink_of,
+};
+
+const BPF_NOEXIST: u64 = 1;
+
+/// The north-south service a packet from an uplink goes to, if its
+/// destination is a VIP this host translates for.
+#[inline(always)]
+pub fn service(m: &Meta) -> Option<NatService> {
+    if m.proto != PROTO_TCP && m.proto != PROTO_UDP {
+        return None;
+    }
+    let key = NatServiceKey {
+        family: m.family,
+        proto: m.proto,
+        port: m.dport,
+        addr: m.dst,
+    };
+    // SAFETY: the value is copied out at once.
+    unsafe { NAT_SERVICES.get(&key) }.copied()
+}
+
+/// A packet from zone `zone` for service `ns`, whose source passed the
+/// uplink's checks.
+#[inline(always)]
+pub fn arrive(m: &mut Meta, zone: u32, ns: &NatService) {
+    m.uplink_zone = zone;
+    m.vm_zone = ns.zone;
+    m.nat_vni = ns.vni;
+    m.crossing = X_NONE;
+    m.kind = K_IP;
+}
+
+/// The flow key of a packet from the zone (before its translation).
+#[inline(always)]
+fn outside_key(m: &Meta) -> NatKey {
+    NatKey {
+        zone: m.uplink_zone,
+        family: m.family,
+        proto: m.proto,
+        client_port: m.sport,
+        vport: m.dport,
+        _pad: 0,
+        client: m.src,
+        vip: m.dst,
+    }
+}
+
+/// The same, once the packet is set for the VPC (the client and the VIP
+/// are kept aside).
+#[inline(always)]
+fn flow_key(m: &Meta) -> NatKey {
+    NatKey {
+        zone: m.uplink_zone,
+        family: m.family,
+        proto: m.proto,
+        client_port: m.nat_cport,
+        vport: m.lb_vport,
+        _pad: 0,
+        client: m.nat_client,
+        vip: m.lb_vip,
+    }
+}
+
+/// The flow key the firewall's verdicts of a north-south flow are kept
+/// under: the uplink, the VIP and the client, the zone's door.
+#[inline(always)]
+fn verdict_key(m: &Meta, vip: &[u8; 16], vport: u16, client: &[u8; 16], cport: u16) -> CtKey {
+    CtKey {
+        ifindex: m.in_ifx,
+        family: m.family,
+        proto: m.proto,
+        icmp: 0,
+        _pad: 0,
+        local_port: vport,
+        remote_port: cport,
+        local: *vip,
+        remote: *client,
+        door: DOOR_ZONE | m.uplink_zone,
+    }
+}
+
+/// `st_nat_in`: the zone guard and the border firewall, for every packet
+/// from the zone (so a path or rule taken away cuts the flows it let in
+/// at their next packet, as it refuses new ones).
+#[inline(always)]
+pub fn admit(m: &mut Meta) -> Result<(), DropReason> {
+    let ns = service(m).ok_or(DropReason::NoRoute)?;
+    exchange_admits(
+        m.uplink_zone,
+        ns.zone,
+        m.family,
+        m.proto,
+        &m.src,
+        &m.dst,
+        m.dport,
+    )?;
+    if ns.border != 0 {
+        let (action, rule) = firewall::evaluate(ns.border, &m.src, m, DIR_INGRESS, m.dport);
+        m.fw_action = action;
+        m.fw_rule = rule;
+        m.fw_dir = DIR_INGRESS;
+        if action != FW_ALLOW {
+            let key = verdict_key(m, &m.dst, m.dport, &m.src, m.sport);
+            firewall::record(&key, m);
+            return Err(DropReason::BorderFirewall);
+        }
+        m.fw_record = 1;
+    }
+    Ok(())
+}
+
+/// In `st_lb`: the flow's member and NAT port, or a new flow's; then the
+/// packet is set for its way into the VPC, from the NAT address to the
+/// member, and the guard judges it there.
+#[inline(always)]
+pub fn schedule(m: &mut Meta) -> Result<(), DropReason> {
+    let ns = service(m).ok_or(DropReason::NoRoute)?;
+    let key = outside_key(m);
+    let syn = m.proto == PROTO_TCP && pure_syn(m.tcp_flags);
+    // As east-west: a confirmed flow keeps its member, unless a fresh SYN
+    // opens a new connection on its tuple; an unconfirmed one keeps it
+    // too (a retransmitted SYN goes where the first did).
+    let found = match NAT_FLOWS.get_ptr(&key) {
+        Some(p) if !syn => Some((p, LB_EST)),
+        _ => NAT_FLOWS_NEW.get_ptr(&key).map(|p| (p, LB_EST_NEW)),
+    };
+    let mut known = None;
+    if let Some((p, state)) = found {
+        // SAFETY: a live map value, read field by field.
+        let (service, vni, slot, backend, backend_port, seen, flags) = unsafe {
+            (
+                (*p).service,
+                (*p).vni,
+                (*p).slot,
+                (*p).backend,
+                (*p).backend_port,
+                (*p).last_seen_ns,
+                (*p).flags,
+            )
+        };
+        if service == ns.lb.id
+            && vni == ns.vni
+            && lb::holds(ns.lb.id, slot, &backend, backend_port)
+            && m.now.saturating_sub(seen) <= timeout(flags, m.proto, state)
+        {
+            lb::set(m, &ns.lb, slot, &backend, backend_port, state);
+            // SAFETY: as above.
+            known = Some(unsafe { ((*p).nat, (*p).nat_port, state) });
+        }
+    }
+    let (nat, nat_port, state) = match known {
+        Some(k) => k,
+        None => {
+            if m.proto == PROTO_TCP && !syn {
+                return Err(DropReason::CtNotSyn);
+            }
+            lb::pick(m, &ns.lb)?;
+            let port = free_port(m, &ns)?;
+            (ns.nat, port, LB_NEW)
+        }
+    };
+    m.lb = LB_NONE;
+    m.nat = state;
+    m.nat_client = m.src;
+    m.nat_cport = m.sport;
+    m.src = nat;
+    m.sport = nat_port;
+    m.entry = E_NAT;
+    m.src_ifx = 0;
+    m.fw_policy = 0;
+    into_vpc(m)
+}
+
+/// How long a flow of `f`'s kind lives unseen.
+#[inline(always)]
+fn timeout(flags: u32, proto: u8, state: u8) -> u64 {
+    if state == LB_EST || proto != PROTO_TCP {
+        ct_timeout(proto, flags as u8)
+    } else {
+        CT_TIMEOUT_SYN_NS
+    }
+}
+
+/// A NAT port for a new flow to the member now in `m`: one no flow of the
+/// NAT address to that member's address and port holds, from a hash of
+/// the client's address and port and the VIP's port (so a client's
+/// retransmitted first packet, scheduled again, finds the same port free).
+#[inline(never)]
+fn free_port(m: &Meta, ns: &NatService) -> Result<u16, DropReason> {
+    let span = (u16::MAX - NAT_PORT_FIRST) as u32 + 1;
+    let c = &m.src;
+    let w = |i: usize| u32::from_ne_bytes([c[i], c[i + 1], c[i + 2], c[i + 3]]);
+    let mut h = w(0) ^ w(4).rotate_left(7) ^ w(8).rotate_left(13) ^ w(12).rotate_left(19);
+    h ^= ((m.sport as u32) << 16) | m.lb_vport as u32;
+    h = h.wrapping_mul(0x9e37_79b1);
+    h ^= h >> 15;
+    let mut rk = NatReverseKey {
+        vni: ns.vni,
+        family: m.family,
+        proto: m.proto,
+        backend_port: m.dport,
+        nat_port: 0,
+        _pad: 0,
+        backend: m.dst,
+        nat: ns.nat,
+    };
+    for i in 0..NAT_PORT_TRIES {
+        // Odd strides over a span of 64512 = 2^10 * 63 visit distinct ports.
+        let port = NAT_PORT_FIRST + (h.wrapping_add(i.wrapping_mul(40_503)) % span) as u16;
+        rk.nat_port = port;
+        // SAFETY: only whether the entries exist is read.
+        if unsafe { NAT_REVERSE.get(&rk) }.is_none() && unsafe { NAT_REVERSE_NEW.get(&rk) }.is_none() {
+            return Ok(port);
+        }
+    }
+    Err(DropReason::NatNoPort)
+}
+
+/// Where the translated packet goes in the VPC: the member's port here, or
+/// its host through the tunnel.
+#[inline(never)]
+fn into_vpc(m: &mut Meta) -> Result<(), DropReason> {
+    let vni = m.nat_vni;
+    let ep = endpoint(vni, m.family, &m.dst).ok_or(DropReason::NoRoute)?;
+    if ep.flags & (EP_F_GATEWAY | EP_F_PEER | EP_F_NAT) != 0 {
+        return Err(DropReason::NoRoute);
+    }
+    m.dst_mac = ep.mac;
+    if ep.ifindex != 0 {
+        m.dst_ifx = ep.ifindex;
+        m.dst_port = port::port(ep.ifindex)?;
+        m.dst_door = DOOR_VPC | vni;
+        m.out = O_PORT;
+        m.out_ifx = ep.ifindex;
+        return Ok(());
+    }
+    let vxlan = CONFIG.get(0).map(|c| c.vxlan_ifindex).unwrap_or(0);
+    if vxlan == 0 {
+        return Err(DropReason::NoRoute);
+    }
+    m.out = O_TUNNEL;
+    m.out_ifx = vxlan;
+    m.tun_vni = vni;
+    m.tun_remote = ep.host_v4;
+    Ok(())
+}
+
+/// At the commit, once every tier has passed the packet: a new flow is
+/// recorded (unconfirmed) with its reply; a known one is brought up to
+/// date (TCP: confirmed when the client acknowledges the member's
+/// answer). Then the packet is translated: from the NAT address and
+/// port, to the member.
+#[inline(always)]
+pub fn commit(ctx: &mut TcContext, m: &Meta) -> Result<(), DropReason> {
+    let key = flow_key(m);
+    match m.nat {
+        LB_NEW => {
+            retire(&key, m.family, m.proto);
+            record(m, &key)?
+        }
+        LB_EST_NEW => {
+            if let Some(f) = NAT_FLOWS_NEW.get_ptr_mut(&key) {
+                // SAFETY: a live map value; racing updates only lose counts.
+                let f = unsafe { &mut *f };
+                seen_in(f, m);
+                if m.proto == PROTO_TCP
+                    && f.flags & NAT_F_REPLIED != 0
+                    && m.tcp_flags & (TCP_ACK | TCP_SYN) == TCP_ACK
+                    && m.tcp_ack == f.reply_ack
+                {
+                    let rk = reverse_key(f, m.family, m.proto);
+                    promote(&key, f, &rk);
+                }
+            }
+        }
+        LB_EST => {
+            if let Some(f) = NAT_FLOWS.get_ptr_mut(&key) {
+                // SAFETY: as above.
+                let f = unsafe { &mut *f };
+                seen_in(f, m);
+                if m.proto == PROTO_TCP && m.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+                    close(f);
+                }
+            }
+        }
+        _ => return Err(DropReason::Pipeline),
+    }
+    if m.lb_persist != 0 {
+        lb::remember(m, &m.nat_client);
+    }
+    if m.fw_record != 0 {
+        record_verdict(m);
+    }
+    lb::rewrite(ctx, m, false, &m.nat_client, &m.src, m.nat_cport, m.sport)?;
+    lb::rewrite(ctx, m, true, &m.lb_vip, &m.dst, m.lb_vport, m.dport)
+}
+
+/// Where a translated packet goes: the member's port here, or the tunnel
+/// (its key was set before the writes).
+#[inline(always)]
+pub fn deliver(ctx: &mut TcContext, m: &Meta) -> Result<Action, DropReason> {
+    set_macs(ctx, &m.dst_mac)?;
+    match m.out {
+        O_PORT => {
+            count(Stat::ForwardedLocal);
+            Ok(Action::Peer(m.out_ifx))
+        }
+        O_TUNNEL => {
+            count(Stat::Encapsulated);
+            Ok(Action::Redirect(m.out_ifx))
+        }
+        _ => Err(DropReason::NoRoute),
+    }
+}
+
+/// A packet from the client of `f`.
+#[inline(always)]
+fn seen_in(f: &mut NatFlow, m: &Meta) {
+    f.last_seen_ns = m.now;
+    f.packets_in += 1;
+    f.bytes_in += m.len as u64;
+    if m.proto == PROTO_TCP && m.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        f.flags |= NAT_F_CLOSING;
+    }
+}
+
+#[inline(always)]
+fn reverse_key(f: &NatFlow, family: u8, proto: u8) -> NatReverseKey {
+    NatReverseKey {
+        vni: f.vni,
+        family,
+        proto,
+        backend_port: f.backend_port,
+        nat_port: f.nat_port,
+        _pad: 0,
+        backend: f.backend,
+        nat: f.nat,
+    }
+}
+
+/// A new flow, unconfirmed, and its reply. Its reply's key is claimed
+/// first: a flow of another CPU that took the same NAT port since the
+/// port was found free keeps it, and this packet is refused.
+#[inline(never)]
+fn record(m: &Meta, key: &NatKey) -> Result<(), DropReason> {
+    let f = NatFlow {
+        backend: m.dst,
+        nat: m.src,
+        backend_port: m.dport,
+        nat_port: m.sport,
+        service: m.lb_service,
+        slot: m.lb_slot,
+        _pad: 0,
+        flags: 0,
+        vni: m.nat_vni,
+        reply_ack: 0,
+        created_ns: m.now,
+        last_seen_ns: m.now,
+        packets_in: 1,
+        packets_out: 0,
+        bytes_in: m.len as u64,
+        bytes_out: 0,
+    };
+    let rk = reverse_key(&f, m.family, m.proto);
+    // A retransmitted first packet, scheduled again to the same member and
+    // port, finds its own reply there.
+    // (Compared field by field: the programs have no memcmp.)
+    let mine = match NAT_REVERSE_NEW.get_ptr(&rk) {
+        // SAFETY: a live map value, read field by field.
+        Some(p) => unsafe {
+            (*p).client == key.client
+                && (*p).vip == key.vip
+                && (*p).client_port == key.client_port
+                && (*p).vport == key.vport
+                && (*p).zone == key.zone
+        },
+        None => false,
+    };
+    if !mine && NAT_REVERSE_NEW.insert(&rk, key, BPF_NOEXIST).is_err() {
+        return Err(DropReason::NatNoPort);
+    }
+    if NAT_FLOWS_NEW.insert(key, &f, 0).is_err() {
+        let _ = NAT_REVERSE_NEW.remove(&rk);
+        return Err(DropReason::CtFull);
+    }
+    if !mine {
+        conns(m.lb_service, m.lb_slot, 1, 0);
+    }
+    if m.lb_cursor != LB_NO_CURSOR {
+        if let Some(c) = LB_CURSOR.get_ptr_mut(m.lb_service) {
+            // SAFETY: this CPU's slot.
+            unsafe { *c = m.lb_cursor as u32 };
+        }
+    }
+    count(Stat::LbNew);
+    Ok(())
+}
+
+/// A new connection on a confirmed flow's tuple (a fresh SYN) replaces
+/// it: the confirmed flow goes, with its reply.
+#[inline(never)]
+fn retire(key: &NatKey, family: u8, proto: u8) {
+    let Some(p) = NAT_FLOWS.get_ptr(key) else {
+        return;
+    };
+    // SAFETY: a live map value, read field by field.
+    let (rk, service, slot, flags) = unsafe { (reverse_key(&*p, family, proto), (*p).service, (*p).slot, (*p).flags) };
+    let _ = NAT_REVERSE.remove(&rk);
+    let _ = NAT_FLOWS.remove(key);
+    if flags & (LB_FLOW_OPEN | LB_FLOW_CLOSED) == LB_FLOW_OPEN {
+        conns(service, slot, 0, -1);
+    }
+}
+
+/// Records the firewall's verdict of a north-south flow.
+#[inline(never)]
+fn record_verdict(m: &Meta) {
+    let v = verdict_key(m, &m.lb_vip, m.lb_vport, &m.nat_client, m.nat_cport);
+    firewall::record(&v, m);
+}
+
+/// Adds to a backend slot's counts of unconfirmed and open flows.
+#[inline(always)]
+fn conns(service: u32, slot: u16, new: i64, open: i64) {
+    if let Some(c) = LB_CONNS.get_ptr_mut(service * LB_BACKENDS + slot as u32) {
+        // SAFETY: the fields of a live map value.
+        unsafe {
+            if new != 0 {
+                lb::add(core::ptr::addr_of_mut!((*c).new), new);
+            }
+            if open != 0 {
+                lb::add(core::ptr::addr_of_mut!((*c).open), open);
+            }
+        }
+    }
+}
+
+/// The flow ends: it no longer counts as open.
+#[inline(always)]
+fn close(f: &mut NatFlow) {
+    if f.flags & (LB_FLOW_OPEN | LB_FLOW_CLOSED) != LB_FLOW_OPEN {
+        return;
+    }
+    f.flags |= LB_FLOW_CLOSED;
+    conns(f.service, f.slot, 0, -1);
+}
+
+/// An unconfirmed flow confirmed: moved, with its reply, to the confirmed
+/// flows; it now counts as open for its member.
+#[inline(never)]
+fn promote(key: &NatKey, f: &NatFlow, rk: &NatReverseKey) {
+    let mut nf = *f;
+    nf.flags = (nf.flags & !NAT_F_REPLIED) | LB_FLOW_OPEN;
+    if NAT_FLOWS.insert(key, &nf, 0).is_err() {
+        return;
+    }
+    let _ = NAT_REVERSE.insert(rk, key, 0);
+    let _ = NAT_FLOWS_NEW.remove(key);
+    let _ = NAT_REVERSE_NEW.remove(rk);
+    conns(nf.service, nf.slot, -1, 1);
+    count(Stat::CtPromoted);
+}
+
+/// `st_nat_out`: a member's reply to this host's NAT address, translated
+/// back to the VIP and the client; the uplink it leaves by. Only a reply
+/// of a flow translated here, from its member, passes.
+#[inline(always)]
+pub fn outbound(ctx: &mut TcContext, m: &Meta) -> Result<u32, DropReason> {
+    if m.proto != PROTO_TCP && m.proto != PROTO_UDP {
+        return Err(DropReason::NatNoFlow);
+    }
+    let rk = NatReverseKey {
+        vni: m.nat_vni,
+        family: m.family,
+        proto: m.proto,
+        backend_port: m.sport,
+        nat_port: m.dport,
+        _pad: 0,
+        backend: m.src,
+        nat: m.dst,
+    };
+    // SAFETY: the values are copied out at once.
+    let (key, confirmed) = match unsafe { NAT_REVERSE.get(&rk) }.copied() {
+        Some(k) => (k, true),
+        None => match unsafe { NAT_REVERSE_NEW.get(&rk) }.copied() {
+            Some(k) => (k, false),
+            None => return Err(DropReason::NatNoFlow),
+        },
+    };
+    let p = if confirmed {
+        NAT_FLOWS.get_ptr_mut(&key)
+    } else {
+        NAT_FLOWS_NEW.get_ptr_mut(&key)
+    };
+    let Some(p) = p else {
+        return Err(DropReason::NatNoFlow);
+    };
+    // SAFETY: a live map value; racing updates only lose counts.
+    let f = unsafe { &mut *p };
+    let state = if confirmed { LB_EST } else { LB_EST_NEW };
+    if f.backend != m.src
+        || f.backend_port != m.sport
+        || f.nat != m.dst
+        || f.nat_port != m.dport
+        || f.vni != m.nat_vni
+        || m.now.saturating_sub(f.last_seen_ns) > timeout(f.flags, m.proto, state)
+    {
+        return Err(DropReason::NatNoFlow);
+    }
+    let uplink = uplink_of(key.zone).ok_or(DropReason::NoRoute)?;
+    f.last_seen_ns = m.now;
+    f.packets_out += 1;
+    f.bytes_out += m.len as u64;
+    if m.proto == PROTO_TCP && m.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+        f.flags |= NAT_F_CLOSING;
+        if confirmed {
+            close(f);
+        }
+    }
+    if !confirmed {
+        if m.proto == PROTO_TCP {
+            if m.tcp_flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
+                f.flags |= NAT_F_REPLIED;
+                f.reply_ack = m.tcp_seq.wrapping_add(1);
+            }
+        } else {
+            promote(&key, f, &rk);
+        }
+    }
+    lb::rewrite(ctx, m, false, &m.src, &key.vip, m.sport, key.vport)?;
+    lb::rewrite(ctx, m, true, &m.dst, &key.client, m.dport, key.client_port)?;
+    Ok(uplink)
+}
