@@ -231,7 +231,9 @@ fn collect_nat(
         for (k, _) in &doomed {
             let _ = h.remove(k);
         }
-        let map = ebpf.map_mut(reverse).with_context(|| format!("map {reverse} missing"))?;
+        let map = ebpf
+            .map_mut(reverse)
+            .with_context(|| format!("map {reverse} missing"))?;
         let mut h: BpfHashMap<&mut MapData, l::NatReverseKey, l::NatKey> = BpfHashMap::try_from(map)?;
         for (_, r) in &doomed {
             // Only the flow's own reply: the port may have gone to a newer

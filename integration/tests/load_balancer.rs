@@ -1252,3 +1252,246 @@ async fn failing_members_leave_the_schedule_and_come_back() {
 
 /// The distributed gateway's MAC as tcpdump prints it.
 const GATEWAY_MAC_TEXT: &str = "0e:5d:6e:00:00:01";
+
+/// One HTTP GET from a zone's network, from its address `src`: the
+/// answer ("member address-the-member-saw"), or the error.
+fn zone_get(lab: &sdn_integration::lab::Lab, zone: &str, src: &str, addr: &str, port: u16) -> String {
+    let host = if addr.contains(':') {
+        format!("[{addr}]")
+    } else {
+        addr.to_string()
+    };
+    let url = format!("http://{host}:{port}/");
+    lab.topo
+        .zone_ns(zone)
+        .sh(&["curl", "-sS", "-m", "2", "-g", "--interface", src, &url])
+        .unwrap_or_else(|e| format!("error: {e}"))
+        .trim()
+        .to_string()
+}
+
+/// Routes `addr` in a zone's network to host number `i` (1-based) of
+/// the lab's uplinks there, as a NAT host would announce a VIP.
+fn route_vip(lab: &sdn_integration::lab::Lab, zone: &str, net: (&str, &str), addr: &str, i: u32) {
+    let ns = lab.topo.zone_ns(zone);
+    let r = if addr.contains(':') {
+        ns.sh(&[
+            "ip",
+            "-6",
+            "route",
+            "replace",
+            &format!("{addr}/128"),
+            "via",
+            &format!("{}::{}", net.1, 10 + i),
+        ])
+    } else {
+        ns.sh(&[
+            "ip",
+            "route",
+            "replace",
+            &format!("{addr}/32"),
+            "via",
+            &format!("{}.{}", net.0, 10 + i),
+        ])
+    };
+    r.expect("a route in the zone's network");
+}
+
+/// North-south: a VIP exposed to its VPC's zone is reached from the zone
+/// through its NAT hosts only, translated both ways (the members see the
+/// NAT host's address, the client the VIP), with the zone guard and the
+/// border firewall judging every packet; from another zone only through
+/// an exchange path, and not at all where nothing exposes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vip_exposed_to_its_zone_is_reached_only_through_its_nat_hosts_and_exchange_paths() {
+    if !privileged() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    const EXT: (&str, &str) = ("10.255.0", "fdf0:0:0:1");
+    const NET: (&str, &str) = ("172.17.0", "fdf0:0:0:2");
+    let lab = sdn_integration::lab::Lab::new("lbn", &["h1", "h2", "h3"])
+        .zone(
+            "ext",
+            "up-ext",
+            EXT.0,
+            EXT.1,
+            &["10.0.0.0/8", "fd00::/8"],
+            &["10.99.0.1", "10.99.0.2", "fd77::1", "10.40.1.50"],
+        )
+        .zone("net", "up-net", NET.0, NET.1, &["0.0.0.0/0", "::/0"], &["203.0.113.10"])
+        .tenant("dept-a")
+        .vpc("va", Some("ext"))
+        .subnet("a-web", "va", "10.40.1.0/24", "fd40:1::/64")
+        .group("open-a", open_rules())
+        .vm("m1", "h1", "a-web", &["open-a"])
+        .vm("m2", "h2", "a-web", &["open-a"])
+        .vm("c1", "h1", "a-web", &["open-a"])
+        .start()
+        .await
+        .expect("the lab");
+    let _m1 = nginx(&lab, "m1");
+    let _m2 = nginx(&lab, "m2");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // lbz: translated on h3, which has no port of the VPC (both members
+    // through the tunnel); lbl: on h2, where m2 lives (one member there).
+    let mut lbz = exposed(
+        load_balancer("lbz", "dept-a", "va", "10.40.1.100", "fd40:1::100"),
+        "h3",
+        "10.40.1.200",
+    );
+    lbz.nat_hosts[0].ipv6 = "fd40:1::200".into();
+    let lbl = exposed(
+        load_balancer("lbl", "dept-a", "va", "10.40.1.101", ""),
+        "h2",
+        "10.40.1.201",
+    );
+    let lbv = load_balancer("lbv", "dept-a", "va", "10.40.1.102", "");
+    let mut ops = vec![put_lb(lbz), put_lb(lbl), put_lb(lbv)];
+    for lb in ["lbz", "lbl", "lbv"] {
+        ops.push(pool(&format!("{lb}-p"), lb));
+        for m in ["m1", "m2"] {
+            let mut op = member(&format!("{lb}-{m}"), &format!("{lb}-p"), m, "", 1);
+            if let pb::operation::Op::PutMember(x) = &mut op {
+                x.port = 8080;
+            }
+            ops.push(op);
+        }
+        ops.push(listener(
+            &format!("{lb}-web"),
+            lb,
+            "tcp",
+            80,
+            &format!("{lb}-p"),
+            "round_robin",
+        ));
+    }
+    assert!(lab.cluster.apply(ops).await.expect("the load balancers").enforced);
+    route_vip(&lab, "ext", EXT, "10.40.1.100", 3);
+    route_vip(&lab, "ext", EXT, "fd40:1::100", 3);
+    route_vip(&lab, "ext", EXT, "10.40.1.101", 2);
+    route_vip(&lab, "ext", EXT, "10.40.1.102", 1);
+    route_vip(&lab, "ext", EXT, "10.40.1.200", 3);
+    route_vip(&lab, "net", NET, "10.40.1.100", 3);
+
+    // From the extranet, both families, through h3: every answer from a
+    // member, which saw h3's NAT address; both members take flows.
+    for (vip, nat) in [("10.40.1.100", "10.40.1.200"), ("fd40:1::100", "fd40:1::200")] {
+        let src = if vip.contains(':') { "fd77::1" } else { "10.99.0.1" };
+        let answers: Vec<String> = (0..8).map(|_| zone_get(&lab, "ext", src, vip, 80)).collect();
+        for a in &answers {
+            assert!(
+                a == &format!("m1 {nat}") || a == &format!("m2 {nat}"),
+                "through {vip}: {answers:?}"
+            );
+        }
+        assert!(
+            answers.iter().any(|a| a.starts_with("m1")) && answers.iter().any(|a| a.starts_with("m2")),
+            "both members through {vip}: {answers:?}"
+        );
+    }
+    // Through h2, where m2 is a port of the host itself.
+    let answers: Vec<String> = (0..8)
+        .map(|_| zone_get(&lab, "ext", "10.99.0.1", "10.40.1.101", 80))
+        .collect();
+    assert!(
+        answers.iter().all(|a| a == "m1 10.40.1.201" || a == "m2 10.40.1.201"),
+        "{answers:?}"
+    );
+    assert!(answers.iter().any(|a| a.starts_with("m2")) && answers.iter().any(|a| a.starts_with("m1")));
+    // The VPC's own clients go on through the VIP east-west, seen as
+    // themselves.
+    let c1 = lab.topo.vm("c1").v4.clone();
+    let ew = get(&lab, "c1", "10.40.1.100", 80, 0);
+    assert!(ew.ends_with(&format!(" {c1}")), "east-west: {ew}");
+
+    // A VIP exposed to its VPC only, routed to us from the zone: nothing.
+    let before = lab.counter("h1", "drops", "uplink_to_host");
+    assert!(zone_get(&lab, "ext", "10.99.0.1", "10.40.1.102", 80).starts_with("error"));
+    assert!(lab.counter("h1", "drops", "uplink_to_host") > before);
+    // An exposed VIP routed to a host that does not translate it: nothing.
+    route_vip(&lab, "ext", EXT, "10.40.1.100", 1);
+    assert!(zone_get(&lab, "ext", "10.99.0.1", "10.40.1.100", 80).starts_with("error"));
+    route_vip(&lab, "ext", EXT, "10.40.1.100", 3);
+    // The NAT address itself, from the zone: an address of the VPC at no
+    // port, where nothing goes.
+    let before = lab.counter("h3", "drops", "no_route");
+    assert!(zone_get(&lab, "ext", "10.99.0.1", "10.40.1.200", 80).starts_with("error"));
+    assert!(lab.counter("h3", "drops", "no_route") > before);
+    // A zone host claiming an address of the VPC: forged.
+    let before = lab.counter("h3", "drops", "spoof_uplink");
+    assert!(zone_get(&lab, "ext", "10.40.1.50", "10.40.1.100", 80).starts_with("error"));
+    assert!(lab.counter("h3", "drops", "spoof_uplink") > before);
+    // A VM opening a flow to the NAT address: no such flow (it takes only
+    // members' replies).
+    let before = lab.counter("h3", "drops", "nat_no_flow");
+    assert!(get(&lab, "c1", "10.40.1.200", 8080, 0).starts_with("error"));
+    assert!(lab.counter("h3", "drops", "nat_no_flow") > before);
+
+    // From the internet: the zone guard, until an exchange path admits it.
+    let before = lab.counter("h3", "drops", "zone_isolation");
+    assert!(zone_get(&lab, "net", "203.0.113.10", "10.40.1.100", 80).starts_with("error"));
+    assert!(lab.counter("h3", "drops", "zone_isolation") > before);
+    lab.cluster
+        .apply(vec![exchange(
+            "in-vip",
+            "net",
+            "ext",
+            "203.0.113.0/24",
+            "10.40.1.100/32",
+            (80, 80),
+        )])
+        .await
+        .expect("the exchange path");
+    let a = zone_get(&lab, "net", "203.0.113.10", "10.40.1.100", 80);
+    assert!(
+        a == "m1 10.40.1.200" || a == "m2 10.40.1.200",
+        "through the exchange path: {a}"
+    );
+    lab.cluster
+        .apply(vec![delete(pb::Kind::ExchangePath, "in-vip")])
+        .await
+        .expect("the path removed");
+    assert!(zone_get(&lab, "net", "203.0.113.10", "10.40.1.100", 80).starts_with("error"));
+
+    // The border firewall judges flows to the VIP as to any address of
+    // the VPC.
+    let policy = pb::operation::Op::PutFirewallPolicy(pb::FirewallPolicy {
+        id: "va-border".into(),
+        name: "border of va".into(),
+        default_action: pb::Action::Allow as i32,
+        rules: vec![fw_rule("no-99-2", 10, "deny in v4", "tcp", (80, 80), "10.99.0.2/32")],
+    });
+    let mut va = vpc_in_zone("va", "dept-a", "ext");
+    if let pb::operation::Op::PutVpc(v) = &mut va {
+        v.border_policy_id = "va-border".into();
+    }
+    lab.cluster.apply(vec![policy, va]).await.expect("the border firewall");
+    let before = lab.counter("h3", "drops", "border_firewall");
+    assert!(zone_get(&lab, "ext", "10.99.0.2", "10.40.1.100", 80).starts_with("error"));
+    assert!(lab.counter("h3", "drops", "border_firewall") > before);
+    let a = zone_get(&lab, "ext", "10.99.0.1", "10.40.1.100", 80);
+    assert!(a.ends_with(" 10.40.1.200"), "allowed by the default: {a}");
+    // Each verdict is recorded with its rule, for the VIP and the client.
+    let verdicts = lab.cluster.verdicts(&lab.topo, "h3");
+    let rules_of = |remote: &str| -> std::collections::BTreeSet<(String, String)> {
+        verdicts
+            .iter()
+            .filter(|v| v["remote"] == remote && v["vm"] == "10.40.1.100" && v["vm_port"] == 80)
+            .map(|v| {
+                (
+                    v["rule"].as_str().unwrap().to_string(),
+                    v["action"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        rules_of("10.99.0.2"),
+        [("va-border/no-99-2".to_string(), "deny".to_string())].into()
+    );
+    assert_eq!(
+        rules_of("10.99.0.1"),
+        [("va-border/default".to_string(), "allow".to_string())].into()
+    );
+}

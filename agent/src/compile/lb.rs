@@ -19,8 +19,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use dataplane_common::lb::{
-    LbBackend, LbService, LbServiceKey, NatService, NatServiceKey, LB_BACKENDS, LB_BACKEND_LIVE, LB_BACKEND_NEW, LB_SERVICES_MAX, LB_TABLE_SIZE,
-    SCHED_LEAST, SCHED_TABLE_CURSOR, SCHED_TABLE_HASH,
+    LbBackend, LbService, LbServiceKey, NatService, NatServiceKey, LB_BACKENDS, LB_BACKEND_LIVE, LB_BACKEND_NEW,
+    LB_SERVICES_MAX, LB_TABLE_SIZE, SCHED_LEAST, SCHED_TABLE_CURSOR, SCHED_TABLE_HASH,
 };
 use dataplane_common::maps::{Endpoint, EndpointKey, EP_F_GATEWAY, EP_F_NAT, GATEWAY_MAC};
 use sdn_proto::v1 as pb;
@@ -80,7 +80,12 @@ pub struct NatPlan {
 /// another NAT host's, they go to that host through the tunnel (and only
 /// that host may send from them). Goes into `plan.vips` (the VPCs'
 /// endpoints); returns the services `host` translates.
-pub fn compile_nat(lbs: &[&pb::LoadBalancerOnHost], host: &str, plan: &mut LbPlan, rejected: &mut Vec<String>) -> Vec<NatPlan> {
+pub fn compile_nat(
+    lbs: &[&pb::LoadBalancerOnHost],
+    host: &str,
+    plan: &mut LbPlan,
+    rejected: &mut Vec<String>,
+) -> Vec<NatPlan> {
     let mut out = Vec::new();
     for l in lbs {
         let Some(lb) = &l.load_balancer else { continue };

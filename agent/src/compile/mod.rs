@@ -533,22 +533,49 @@ impl Compiler {
                 d.endpoints.entry(*k).or_insert(*e);
             }
         }
+        // The NAT addresses of a zoned VPC are its zone endpoints (at no
+        // port): the zone's packets may not come from them nor go to them,
+        // no host may send from them out of an uplink, and flows through
+        // them are judged by the VPC's zone and border firewall.
+        let vni_vpc: BTreeMap<u32, &str> = nets.iter().map(|n| (n.vni, n.vpc_id.as_str())).collect();
+        for (k, e) in &d.lb.vips {
+            if e.flags & EP_F_GATEWAY != 0 {
+                continue;
+            }
+            let Some((zone, border)) = vni_vpc.get(&k.vni).and_then(|v| vpc_border.get(v)).copied() else {
+                continue;
+            };
+            d.zone_endpoints.insert(
+                ZoneAddrKey {
+                    family: k.family,
+                    _pad: [0; 3],
+                    addr: k.addr,
+                },
+                ZoneEndpoint {
+                    ifindex: 0,
+                    zone,
+                    mac: e.mac,
+                    _pad: [0; 2],
+                    border,
+                },
+            );
+        }
         for n in nat {
-            let Some(s) = d.lb.services.get(&n.service) else { continue };
-            let Some((zone, border)) = vpc_border.get(n.vpc_id.as_str()).copied() else {
+            let Some(s) = d.lb.services.get(&n.service) else {
+                continue;
+            };
+            if !vpc_border.contains_key(n.vpc_id.as_str()) {
                 d.rejected.push(format!(
                     "load balancer service {}: vpc {} and its zone are not compiled here; its flows from the zone are refused",
                     s.name, n.vpc_id
                 ));
                 continue;
-            };
+            }
             d.lb.nat.insert(
                 n.key,
                 dataplane_common::lb::NatService {
                     lb: s.info,
                     vni: n.service.vni,
-                    zone,
-                    border,
                     _pad: 0,
                     nat: n.nat,
                 },

@@ -219,12 +219,12 @@ pub struct NatService {
     /// The listener's service (its backends and table, shared with the
     /// east-west translation).
     pub lb: LbService,
-    /// The VPC's VNI, its zone and its border firewall policy (0: none).
+    /// The VPC's VNI.
     pub vni: u32,
-    pub zone: u32,
-    pub border: u32,
     pub _pad: u32,
-    /// This host's address in the VPC that translated flows come from.
+    /// This host's address in the VPC that translated flows come from. (It
+    /// is a zone endpoint of the VPC: its zone and border firewall are the
+    /// flow's.)
     pub nat: [u8; 16],
 }
 
@@ -294,7 +294,7 @@ pub const NAT_PORT_FIRST: u16 = 1024;
 pub const NAT_PORT_TRIES: u32 = 8;
 
 const _: () = assert!(core::mem::size_of::<NatServiceKey>() == 20);
-const _: () = assert!(core::mem::size_of::<NatService>() == 48);
+const _: () = assert!(core::mem::size_of::<NatService>() == 40);
 const _: () = assert!(core::mem::size_of::<NatKey>() == 44);
 const _: () = assert!(core::mem::size_of::<NatFlow>() == 104);
 const _: () = assert!(core::mem::size_of::<NatReverseKey>() == 44);

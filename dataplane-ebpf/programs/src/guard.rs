@@ -8,8 +8,8 @@ use aya_ebpf::programs::TcContext;
 use dataplane_common::{
     maps::{
         ct_timeout, CtKey, CtValue, PortInfo, CT_F_CLOSING, CT_F_REVOKED, CT_ORIGIN_OUT, CT_TIMEOUT_SYN_NS, DOOR_HOST,
-        DOOR_PEER, DOOR_VPC, DOOR_ZONE, EP_F_GATEWAY, EP_F_LOCAL_IS_A, EP_F_NAT, EP_F_PEER, EXCHANGE_MAX, PORT_F_QUARANTINED,
-        PORT_F_REJECTED, PORT_F_UPLINK,
+        DOOR_PEER, DOOR_VPC, DOOR_ZONE, EP_F_GATEWAY, EP_F_LOCAL_IS_A, EP_F_NAT, EP_F_PEER, EXCHANGE_MAX,
+        PORT_F_QUARANTINED, PORT_F_REJECTED, PORT_F_UPLINK,
     },
     stage, DropReason, Stat, DIR_EGRESS, PROTO_TCP,
 };
@@ -19,8 +19,8 @@ use crate::{
     firewall::{halves, in_prefix},
     maps::{count, CONFIG, CT, CT_SYN, EXCHANGE, EXCHANGE_HALF},
     meta::{
-        Meta, EMPTY_KEY, E_FROM_VM, E_NAT, K_IP, K_RELATED, O_NAT, O_PORT, O_TUNNEL, O_UPLINK, S_EST, S_NEW, S_NONE, S_STALE, T_MAIN,
-        T_SYN, X_ZONE_IN, X_ZONE_OUT,
+        Meta, EMPTY_KEY, E_FROM_VM, E_NAT, K_IP, K_RELATED, O_NAT, O_PORT, O_TUNNEL, O_UPLINK, S_EST, S_NEW, S_NONE,
+        S_STALE, T_MAIN, T_SYN, X_ZONE_IN, X_ZONE_OUT,
     },
     overlay::endpoint,
     parse::{icmp_inner, is_icmp_error, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},

@@ -22,8 +22,8 @@
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{
     lb::{
-        NatFlow, NatKey, NatReverseKey, NatService, NatServiceKey, LB_BACKENDS, LB_FLOW_CLOSED,
-        LB_FLOW_OPEN, NAT_F_CLOSING, NAT_F_REPLIED, NAT_PORT_FIRST, NAT_PORT_TRIES,
+        NatFlow, NatKey, NatReverseKey, NatService, NatServiceKey, LB_BACKENDS, LB_FLOW_CLOSED, LB_FLOW_OPEN,
+        NAT_F_CLOSING, NAT_F_REPLIED, NAT_PORT_FIRST, NAT_PORT_TRIES,
     },
     maps::{ct_timeout, CtKey, CT_TIMEOUT_SYN_NS, DOOR_VPC, DOOR_ZONE, EP_F_GATEWAY, EP_F_NAT, EP_F_PEER, FW_ALLOW},
     DropReason, Stat, DIR_INGRESS, PROTO_TCP, PROTO_UDP,
@@ -39,7 +39,7 @@ use crate::{
     overlay::endpoint,
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     port,
-    uplink::uplink_of,
+    uplink::{uplink_of, zone_endpoint},
 };
 
 const BPF_NOEXIST: u64 = 1;
@@ -66,7 +66,6 @@ pub fn service(m: &Meta) -> Option<NatService> {
 #[inline(always)]
 pub fn arrive(m: &mut Meta, zone: u32, ns: &NatService) {
     m.uplink_zone = zone;
-    m.vm_zone = ns.zone;
     m.nat_vni = ns.vni;
     m.crossing = X_NONE;
     m.kind = K_IP;
@@ -127,17 +126,13 @@ fn verdict_key(m: &Meta, vip: &[u8; 16], vport: u16, client: &[u8; 16], cport: u
 #[inline(always)]
 pub fn admit(m: &mut Meta) -> Result<(), DropReason> {
     let ns = service(m).ok_or(DropReason::NoRoute)?;
-    exchange_admits(
-        m.uplink_zone,
-        ns.zone,
-        m.family,
-        m.proto,
-        &m.src,
-        &m.dst,
-        m.dport,
-    )?;
-    if ns.border != 0 {
-        let (action, rule) = firewall::evaluate(ns.border, &m.src, m, DIR_INGRESS, m.dport);
+    // The VPC's zone and border firewall, as its zone endpoints hold them
+    // (the NAT address is one).
+    let ep = zone_endpoint(m.family, &ns.nat).ok_or(DropReason::NoRoute)?;
+    m.vm_zone = ep.zone;
+    exchange_admits(m.uplink_zone, ep.zone, m.family, m.proto, &m.src, &m.dst, m.dport)?;
+    if ep.border != 0 {
+        let (action, rule) = firewall::evaluate(ep.border, &m.src, m, DIR_INGRESS, m.dport);
         m.fw_action = action;
         m.fw_rule = rule;
         m.fw_dir = DIR_INGRESS;
