@@ -515,14 +515,18 @@ fn hold_through(
     port: u16,
     seconds: u32,
 ) -> std::thread::JoinHandle<std::process::Output> {
-    let ns = lab.topo.vm(from).ns.name.clone();
+    hold_from(&lab.topo.vm(from).ns.name, "10.80.0.100", port, seconds)
+}
+
+/// The same from the namespace `ns`, to `addr`:`port`.
+fn hold_from(ns: &str, addr: &str, port: u16, seconds: u32) -> std::thread::JoinHandle<std::process::Output> {
     let probe = sdn_integration::bin("sdn-probe");
-    let (port, seconds) = (port.to_string(), seconds.to_string());
+    let (ns, addr, port, seconds) = (ns.to_string(), addr.to_string(), port.to_string(), seconds.to_string());
     std::thread::spawn(move || {
         std::process::Command::new("ip")
             .args(["netns", "exec", &ns])
             .arg(&probe)
-            .args(["hold", "10.80.0.100", &port, "--seconds", &seconds])
+            .args(["hold", &addr, &port, "--seconds", &seconds])
             .output()
             .unwrap()
     })
@@ -560,16 +564,21 @@ print(len(answered))
 /// Kills host h1's agent and starts it again with `more` arguments, and
 /// waits until the new one has its share and has enforced it.
 fn restart_agent(lab: &mut sdn_integration::lab::Lab, more: &[&str]) {
-    let watching = |lab: &sdn_integration::lab::Lab| lab.cluster.agent_log("h1").matches("watching").count();
+    restart_agent_of(lab, "h1", more)
+}
+
+/// The same for `host`'s agent.
+fn restart_agent_of(lab: &mut sdn_integration::lab::Lab, host: &str, more: &[&str]) {
+    let watching = |lab: &sdn_integration::lab::Lab| lab.cluster.agent_log(host).matches("watching").count();
     let before = watching(lab);
-    lab.cluster.agent("h1").kill();
-    lab.cluster.start_agent_with(&lab.topo, "h1", more).unwrap();
+    lab.cluster.agent(host).kill();
+    lab.cluster.start_agent_with(&lab.topo, host, more).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while watching(lab) <= before {
         assert!(
             std::time::Instant::now() < deadline,
             "the agent did not start watching again: {}",
-            lab.cluster.agent_log("h1")
+            lab.cluster.agent_log(host)
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
@@ -1310,7 +1319,7 @@ async fn a_vip_exposed_to_its_zone_is_reached_only_through_its_nat_hosts_and_exc
     }
     const EXT: (&str, &str) = ("10.255.0", "fdf0:0:0:1");
     const NET: (&str, &str) = ("172.17.0", "fdf0:0:0:2");
-    let lab = sdn_integration::lab::Lab::new("lbn", &["h1", "h2", "h3"])
+    let mut lab = sdn_integration::lab::Lab::new("lbn", &["h1", "h2", "h3"])
         .zone(
             "ext",
             "up-ext",
@@ -1332,6 +1341,7 @@ async fn a_vip_exposed_to_its_zone_is_reached_only_through_its_nat_hosts_and_exc
         .expect("the lab");
     let _m1 = nginx(&lab, "m1");
     let _m2 = nginx(&lab, "m2");
+    let _echo = lab.topo.serve(&["m1", "m2"], &[], &["--tcp", "9000"]).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
     // lbz: translated on h3, which has no port of the VPC (both members
     // through the tunnel); lbl: on h2, where m2 lives (one member there).
@@ -1366,6 +1376,15 @@ async fn a_vip_exposed_to_its_zone_is_reached_only_through_its_nat_hosts_and_exc
             "round_robin",
         ));
     }
+    ops.push(pool("lbz-e", "lbz"));
+    for m in ["m1", "m2"] {
+        let mut op = member(&format!("lbz-e-{m}"), "lbz-e", m, "", 1);
+        if let pb::operation::Op::PutMember(x) = &mut op {
+            x.port = 9000;
+        }
+        ops.push(op);
+    }
+    ops.push(listener("lbz-echo", "lbz", "tcp", 9000, "lbz-e", "maglev"));
     assert!(lab.cluster.apply(ops).await.expect("the load balancers").enforced);
     route_vip(&lab, "ext", EXT, "10.40.1.100", 3);
     route_vip(&lab, "ext", EXT, "fd40:1::100", 3);
@@ -1428,31 +1447,58 @@ async fn a_vip_exposed_to_its_zone_is_reached_only_through_its_nat_hosts_and_exc
     assert!(get(&lab, "c1", "10.40.1.200", 8080, 0).starts_with("error"));
     assert!(lab.counter("h3", "drops", "nat_no_flow") > before);
 
-    // From the internet: the zone guard, until an exchange path admits it.
+    // From the internet (its router's address): the zone guard, until an
+    // exchange path admits it.
     let before = lab.counter("h3", "drops", "zone_isolation");
-    assert!(zone_get(&lab, "net", "203.0.113.10", "10.40.1.100", 80).starts_with("error"));
+    assert!(zone_get(&lab, "net", "172.17.0.1", "10.40.1.100", 80).starts_with("error"));
     assert!(lab.counter("h3", "drops", "zone_isolation") > before);
     lab.cluster
         .apply(vec![exchange(
             "in-vip",
             "net",
             "ext",
-            "203.0.113.0/24",
+            "172.17.0.0/24",
             "10.40.1.100/32",
-            (80, 80),
+            (80, 9000),
         )])
         .await
         .expect("the exchange path");
-    let a = zone_get(&lab, "net", "203.0.113.10", "10.40.1.100", 80);
+    let a = zone_get(&lab, "net", "172.17.0.1", "10.40.1.100", 80);
     assert!(
         a == "m1 10.40.1.200" || a == "m2 10.40.1.200",
         "through the exchange path: {a}"
     );
+    // An internet address the path does not name stays out.
+    assert!(zone_get(&lab, "net", "203.0.113.10", "10.40.1.100", 80).starts_with("error"));
+    // A connection held through the VIP while h3's agent is killed and
+    // started again: the pinned flows carry it, no exchange lost.
+    let net_ns = lab.topo.zone_ns("net").name.clone();
+    let held = hold_from(&net_ns, "10.40.1.100", 9000, 4);
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    restart_agent_of(&mut lab, "h3", &[]);
+    held_without_loss(held);
+    // The path removed: the flows it let in are cut at their next packet,
+    // new ones refused.
+    let held = hold_from(&net_ns, "10.40.1.100", 9000, 4);
+    std::thread::sleep(std::time::Duration::from_millis(1200));
     lab.cluster
         .apply(vec![delete(pb::Kind::ExchangePath, "in-vip")])
         .await
         .expect("the path removed");
-    assert!(zone_get(&lab, "net", "203.0.113.10", "10.40.1.100", 80).starts_with("error"));
+    let out = held.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let count = |what: &str| -> u32 {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(what))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        // (A failed exchange waits 500 ms for its answer.)
+        count("ok=") >= 15 && count("failed=") >= 3,
+        "a held connection across the path's removal: {text}"
+    );
+    assert!(zone_get(&lab, "net", "172.17.0.1", "10.40.1.100", 80).starts_with("error"));
 
     // The border firewall judges flows to the VIP as to any address of
     // the VPC.
