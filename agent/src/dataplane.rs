@@ -167,44 +167,82 @@ fn sync_hash<K: Pod + Ord, V: Pod + PartialEq>(
 
 /// Removes the keys of hash map `name` that `doomed` picks; returns how
 /// many.
-/// North-south flows: those timed out go, with their replies; the others
-/// count for their backend slots (while the slot holds their backend).
-/// Returns how many went.
-fn collect_nat(
-    ebpf: &mut Ebpf,
+/// The devices number a north-south flow's record is made under: this bit
+/// with the VPC's VNI (no device has it), whose context (tenant, VPC,
+/// zone) the records take.
+pub const NAT_FLOW_CONTEXT: u32 = 0x8000_0000;
+
+/// How long a north-south flow of `confirmed` or not lives unseen.
+fn nat_timeout(k: &dataplane_common::lb::NatKey, f: &dataplane_common::lb::NatFlow, confirmed: bool) -> u64 {
+    if confirmed || k.proto != dataplane_common::PROTO_TCP {
+        m::ct_timeout(k.proto, f.flags as u8)
+    } else {
+        m::CT_TIMEOUT_SYN_NS
+    }
+}
+
+/// A north-south flow's reply key.
+fn nat_reverse(
+    k: &dataplane_common::lb::NatKey,
+    f: &dataplane_common::lb::NatFlow,
+) -> dataplane_common::lb::NatReverseKey {
+    dataplane_common::lb::NatReverseKey {
+        vni: f.vni,
+        family: k.family,
+        proto: k.proto,
+        backend_port: f.backend_port,
+        nat_port: f.nat_port,
+        _pad: 0,
+        backend: f.backend,
+        nat: f.nat,
+    }
+}
+
+/// A north-south flow as the flow records see it: from the member's side
+/// of the VPC, the client as the remote end, through the zone's door.
+pub fn nat_flow_key(k: &dataplane_common::lb::NatKey, f: &dataplane_common::lb::NatFlow) -> (m::CtKey, m::CtValue) {
+    (
+        m::CtKey {
+            ifindex: NAT_FLOW_CONTEXT | f.vni,
+            family: k.family,
+            proto: k.proto,
+            icmp: 0,
+            _pad: 0,
+            local_port: f.backend_port,
+            remote_port: k.client_port,
+            local: f.backend,
+            remote: k.client,
+            door: m::DOOR_ZONE | k.zone,
+        },
+        m::CtValue {
+            created_ns: f.created_ns,
+            last_seen_ns: f.last_seen_ns,
+            packets_out: f.packets_out,
+            packets_in: f.packets_in,
+            bytes_out: f.bytes_out,
+            bytes_in: f.bytes_in,
+            epoch: 0,
+            origin: m::CT_ORIGIN_IN,
+            flags: (f.flags & dataplane_common::lb::NAT_F_CLOSING) as u8,
+            svc: k.vport,
+        },
+    )
+}
+
+/// Counts the north-south flows for their backend slots (while the slot
+/// holds their backend): confirmed ones still open, unconfirmed ones.
+fn count_nat(
+    ebpf: &Ebpf,
     now: u64,
     backends: &std::collections::BTreeMap<u32, dataplane_common::lb::LbBackend>,
     counts: &mut std::collections::BTreeMap<u32, dataplane_common::lb::LbConns>,
-) -> anyhow::Result<usize> {
+) -> anyhow::Result<()> {
     use dataplane_common::lb as l;
-    let mut gone = 0;
-    for (flows, reverse, confirmed) in [
-        (l::NAT_FLOWS, l::NAT_REVERSE, true),
-        (l::NAT_FLOWS_NEW, l::NAT_REVERSE_NEW, false),
-    ] {
+    for (flows, confirmed) in [(l::NAT_FLOWS, true), (l::NAT_FLOWS_NEW, false)] {
         let map = ebpf.map(flows).with_context(|| format!("map {flows} missing"))?;
         let h: BpfHashMap<&MapData, l::NatKey, l::NatFlow> = BpfHashMap::try_from(map)?;
-        let mut doomed: Vec<(l::NatKey, l::NatReverseKey)> = Vec::new();
         for (k, f) in h.iter().filter_map(Result::ok) {
-            let timeout = if confirmed || k.proto != dataplane_common::PROTO_TCP {
-                m::ct_timeout(k.proto, f.flags as u8)
-            } else {
-                m::CT_TIMEOUT_SYN_NS
-            };
-            if now.saturating_sub(f.last_seen_ns) > timeout {
-                doomed.push((
-                    k,
-                    l::NatReverseKey {
-                        vni: f.vni,
-                        family: k.family,
-                        proto: k.proto,
-                        backend_port: f.backend_port,
-                        nat_port: f.nat_port,
-                        _pad: 0,
-                        backend: f.backend,
-                        nat: f.nat,
-                    },
-                ));
+            if now.saturating_sub(f.last_seen_ns) > nat_timeout(&k, &f, confirmed) {
                 continue;
             }
             let slot = f.service * l::LB_BACKENDS + f.slot as u32;
@@ -221,29 +259,8 @@ fn collect_nat(
                 c.open += 1;
             }
         }
-        if doomed.is_empty() {
-            continue;
-        }
-        gone += doomed.len();
-        let keys: std::collections::HashSet<l::NatKey> = doomed.iter().map(|(k, _)| *k).collect();
-        let map = ebpf.map_mut(flows).with_context(|| format!("map {flows} missing"))?;
-        let mut h: BpfHashMap<&mut MapData, l::NatKey, l::NatFlow> = BpfHashMap::try_from(map)?;
-        for (k, _) in &doomed {
-            let _ = h.remove(k);
-        }
-        let map = ebpf
-            .map_mut(reverse)
-            .with_context(|| format!("map {reverse} missing"))?;
-        let mut h: BpfHashMap<&mut MapData, l::NatReverseKey, l::NatKey> = BpfHashMap::try_from(map)?;
-        for (_, r) in &doomed {
-            // Only the flow's own reply: the port may have gone to a newer
-            // flow since.
-            if h.get(r, 0).is_ok_and(|k| keys.contains(&k)) {
-                let _ = h.remove(r);
-            }
-        }
     }
-    Ok(gone)
+    Ok(())
 }
 
 fn remove_keys<K: Pod, V: Pod>(ebpf: &mut Ebpf, name: &str, doomed: impl Fn(&K) -> bool) -> anyhow::Result<usize> {
@@ -318,6 +335,10 @@ pub struct Dataplane {
         dataplane_common::lb::LbServiceKey,
         (String, std::collections::BTreeMap<([u8; 16], u16), String>),
     >,
+    /// The north-south flows of the last collection, by the key their
+    /// records are made under ([`nat_flow_key`]): their service, VIP and
+    /// member.
+    nat_records: std::collections::HashMap<m::CtKey, sdn_flowexport::record::LbRecord>,
     mirror_gen: [u32; m::MIRROR_SLOTS as usize],
     /// Devices whose observers run this load's programs (attached, or
     /// adopted from an earlier agent and swapped), and whether the VXLAN
@@ -669,6 +690,7 @@ impl Dataplane {
             lb_started: false,
             lb_ports: Default::default(),
             lb_names: Default::default(),
+            nat_records: Default::default(),
             mirror_gen: [0; m::MIRROR_SLOTS as usize],
             mirror_links: BTreeSet::new(),
             mirror_overlay_link: false,
@@ -1164,6 +1186,86 @@ impl Dataplane {
         Ok((expired.len(), remaining, unread))
     }
 
+    /// The north-south collector: removes the flows that timed out, with
+    /// their replies, and shows `observe` every confirmed flow (as
+    /// [`nat_flow_key`] makes it; `true`: removed now). Returns how many
+    /// were removed.
+    pub fn collect_nat_observed(
+        &mut self,
+        observe: &mut dyn FnMut(&m::CtKey, &m::CtValue, bool),
+    ) -> anyhow::Result<usize> {
+        use dataplane_common::lb as l;
+        let now = monotonic_ns();
+        let mut gone = 0;
+        self.nat_records.clear();
+        for (flows, reverse, confirmed) in [
+            (l::NAT_FLOWS, l::NAT_REVERSE, true),
+            (l::NAT_FLOWS_NEW, l::NAT_REVERSE_NEW, false),
+        ] {
+            let map = self.ebpf.map(flows).with_context(|| format!("map {flows} missing"))?;
+            let h: BpfHashMap<&MapData, l::NatKey, l::NatFlow> = BpfHashMap::try_from(map)?;
+            let mut doomed: Vec<(l::NatKey, l::NatReverseKey)> = Vec::new();
+            for (k, f) in h.iter().filter_map(Result::ok) {
+                let expired = now.saturating_sub(f.last_seen_ns) > nat_timeout(&k, &f, confirmed);
+                if expired {
+                    doomed.push((k, nat_reverse(&k, &f)));
+                }
+                if !confirmed {
+                    continue;
+                }
+                let (ck, cv) = nat_flow_key(&k, &f);
+                let service = l::LbServiceKey {
+                    vni: f.vni,
+                    family: k.family,
+                    proto: k.proto,
+                    port: k.vport,
+                    addr: k.vip,
+                };
+                if let Some((name, members)) = self.lb_names.get(&service) {
+                    let vip = crate::flows::addr(k.family, &k.vip);
+                    self.nat_records.insert(
+                        ck,
+                        sdn_flowexport::record::LbRecord {
+                            service: name.rsplit_once('/').map_or(name.as_str(), |(s, _)| s).to_string(),
+                            vip: match vip {
+                                std::net::IpAddr::V4(a) => format!("{a}:{}", k.vport),
+                                std::net::IpAddr::V6(a) => format!("[{a}]:{}", k.vport),
+                            },
+                            member: members.get(&(f.backend, f.backend_port)).cloned().unwrap_or_default(),
+                        },
+                    );
+                }
+                observe(&ck, &cv, expired);
+            }
+            if doomed.is_empty() {
+                continue;
+            }
+            gone += doomed.len();
+            let keys: std::collections::HashSet<l::NatKey> = doomed.iter().map(|(k, _)| *k).collect();
+            let map = self
+                .ebpf
+                .map_mut(flows)
+                .with_context(|| format!("map {flows} missing"))?;
+            let mut h: BpfHashMap<&mut MapData, l::NatKey, l::NatFlow> = BpfHashMap::try_from(map)?;
+            for (k, _) in &doomed {
+                let _ = h.remove(k);
+            }
+            let map = self
+                .ebpf
+                .map_mut(reverse)
+                .with_context(|| format!("map {reverse} missing"))?;
+            let mut h: BpfHashMap<&mut MapData, l::NatReverseKey, l::NatKey> = BpfHashMap::try_from(map)?;
+            for (_, r) in &doomed {
+                // Only the flow's own reply: its port may be a newer flow's
+                // since.
+                if h.get(r, 0).is_ok_and(|k| keys.contains(&k)) {
+                    let _ = h.remove(r);
+                }
+            }
+        }
+        Ok(gone)
+    }
+
     /// The firewall rule number of a flow's last verdict, if a firewall
     /// judged it and allowed it.
     pub fn allowed_by_firewall(&self, k: &m::CtKey) -> Option<u32> {
@@ -1465,6 +1567,9 @@ impl Dataplane {
     /// flow.
     pub fn lb_of_flow(&self, k: &m::CtKey) -> Option<sdn_flowexport::record::LbRecord> {
         use dataplane_common::lb as l;
+        if k.ifindex & NAT_FLOW_CONTEXT != 0 {
+            return self.nat_records.get(k).cloned();
+        }
         let vni = *self.lb_ports.get(&k.ifindex)?;
         let rk = l::LbReverseKey {
             ifindex: k.ifindex,
@@ -1535,7 +1640,7 @@ impl Dataplane {
         use dataplane_common::lb as l;
         let now = monotonic_ns();
         let mut counts: std::collections::BTreeMap<u32, l::LbConns> = std::collections::BTreeMap::new();
-        collect_nat(&mut self.ebpf, now, &self.lb_backends, &mut counts)?;
+        count_nat(&self.ebpf, now, &self.lb_backends, &mut counts)?;
         if self.lb_backends.is_empty() {
             return Ok(0);
         }

@@ -127,6 +127,29 @@ impl Context {
                 },
             );
         }
+        // North-south flows translated here: the context of their VPC
+        // (see `dataplane::NAT_FLOW_CONTEXT`).
+        for r in resources.values() {
+            let Some(pb::resource::Kind::LoadBalancer(l)) = &r.kind else {
+                continue;
+            };
+            let Some(lb) = &l.load_balancer else { continue };
+            if lb.exposure != "zone" {
+                continue;
+            }
+            let net = vpcs.get(lb.vpc_id.as_str());
+            ports.insert(
+                crate::dataplane::NAT_FLOW_CONTEXT | l.vni,
+                PortContext {
+                    port: String::new(),
+                    tenant: lb.tenant_id.clone(),
+                    vpc: lb.vpc_id.clone(),
+                    zone: net.map(|n| n.zone_id.clone()).unwrap_or_default(),
+                    vni: l.vni,
+                    groups: String::new(),
+                },
+            );
+        }
         let fw_names = fw_names
             .iter()
             .map(|(k, v)| {

@@ -203,6 +203,9 @@ impl Agent {
     /// One pass of the conntrack collector, metering flows when exported.
     fn collect(&mut self) -> anyhow::Result<(usize, usize)> {
         let Some(f) = self.flows.as_mut() else {
+            if let Err(e) = self.dp.collect_nat_observed(&mut |_, _, _| {}) {
+                tracing::warn!(error = %format!("{e:#}"), "north-south flows not collected");
+            }
             return self.dp.collect_conntrack();
         };
         let ctx = self.flow_ctx.read().unwrap_or_else(|p| p.into_inner()).clone();
@@ -212,6 +215,13 @@ impl Agent {
             .collect_conntrack_observed(&mut |k, v, removed| f.meter.observe(k, v, removed));
         if !matches!(r, Ok((_, _, 0))) {
             f.meter.incomplete();
+        }
+        if let Err(e) = self
+            .dp
+            .collect_nat_observed(&mut |k, v, removed| f.meter.observe(k, v, removed))
+        {
+            f.meter.incomplete();
+            tracing::warn!(error = %format!("{e:#}"), "north-south flows not collected");
         }
         let dp = &self.dp;
         let records = if f.outputs.is_some() {

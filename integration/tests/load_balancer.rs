@@ -1336,9 +1336,24 @@ async fn a_vip_exposed_to_its_zone_is_reached_only_through_its_nat_hosts_and_exc
         .vm("m1", "h1", "a-web", &["open-a"])
         .vm("m2", "h2", "a-web", &["open-a"])
         .vm("c1", "h1", "a-web", &["open-a"])
+        .agent_args(&["--flow-collector", "udp://127.0.0.1:4739", "--flow-idle-timeout", "2"])
         .start()
         .await
         .expect("the lab");
+    let logs = tempfile::tempdir().unwrap();
+    let pen = sdn_flowexport::record::PEN_DEFAULT;
+    let collector = sdn_integration::supervisor::Nfacctd::start(
+        &lab.topo.host_ns("h3").name,
+        &logs.path().join("nfacctd"),
+        4739,
+        &format!(
+            "name=lb_service\tfield_type={pen}:40\tlen=vlen\tsemantics=str\n\
+             name=lb_vip\tfield_type={pen}:41\tlen=vlen\tsemantics=str\n\
+             name=lb_member\tfield_type={pen}:42\tlen=vlen\tsemantics=str\n"
+        ),
+        ",lb_service,lb_vip,lb_member",
+    )
+    .unwrap();
     let _m1 = nginx(&lab, "m1");
     let _m2 = nginx(&lab, "m2");
     let _echo = lab.topo.serve(&["m1", "m2"], &[], &["--tcp", "9000"]).unwrap();
@@ -1409,6 +1424,58 @@ async fn a_vip_exposed_to_its_zone_is_reached_only_through_its_nat_hosts_and_exc
             "both members through {vip}: {answers:?}"
         );
     }
+    // The NAT host reports each north-south flow with its service, the VIP
+    // and port the client asked and the member; the flow's addresses are
+    // the client's and the member's, a record per direction.
+    let ns_rows = || -> Vec<serde_json::Value> {
+        collector
+            .rows()
+            .into_iter()
+            .filter(|r| r["lb_service"] == "lbz/lbz-web")
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while ns_rows().len() < 4 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    let rows = ns_rows();
+    let members: std::collections::BTreeSet<String> = rows
+        .iter()
+        .map(|r| r["lb_member"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        members,
+        ["lbz-m1", "lbz-m2"].iter().map(|s| s.to_string()).collect(),
+        "{rows:?}"
+    );
+    for r in &rows {
+        let member = if r["lb_member"] == "lbz-m1" {
+            lab.topo.vm("m1").v4.clone()
+        } else {
+            lab.topo.vm("m2").v4.clone()
+        };
+        let (vip, client) = if r["ip_src"] == "fd77::1" || r["ip_dst"] == "fd77::1" {
+            ("[fd40:1::100]:80", "fd77::1".to_string())
+        } else {
+            ("10.40.1.100:80", "10.99.0.1".to_string())
+        };
+        let member = if client.contains(':') {
+            lab.topo
+                .vm(if r["lb_member"] == "lbz-m1" { "m1" } else { "m2" })
+                .v6
+                .clone()
+        } else {
+            member
+        };
+        assert_eq!(r["lb_vip"], vip, "{r}");
+        let sent = (r["ip_src"].clone(), r["ip_dst"].clone());
+        assert!(
+            sent == (client.clone().into(), member.clone().into()) && r["port_dst"] == 8080
+                || sent == (member.into(), client.into()) && r["port_src"] == 8080,
+            "{r}"
+        );
+    }
+
     // Through h2, where m2 is a port of the host itself.
     let answers: Vec<String> = (0..8)
         .map(|_| zone_get(&lab, "ext", "10.99.0.1", "10.40.1.101", 80))
