@@ -701,6 +701,24 @@ mod tests {
         })
     }
 
+    /// A load balancer of v3 exposed to its zone, translated on `nat_host`.
+    fn nat_lb(nat_host: &str) -> Op {
+        Op::PutLoadBalancer(LoadBalancer {
+            id: "lbz".into(),
+            tenant_id: "t".into(),
+            vpc_id: "v3".into(),
+            name: "lbz".into(),
+            vip_v4: Some("203.0.113.50".parse().unwrap()),
+            vip_v6: None,
+            exposure: Exposure::Zone,
+            nat_hosts: vec![NatHost {
+                host_id: nat_host.into(),
+                ipv4: Some("203.0.113.100".parse().unwrap()),
+                ipv6: None,
+            }],
+        })
+    }
+
     fn del(kind: Kind, id: &str) -> Op {
         Op::Delete { kind, id: id.into() }
     }
@@ -851,6 +869,31 @@ mod tests {
                 ],
                 Some(&["h3", "h4"]),
             ),
+            // A VPC in the zone with a port on h3, and a load balancer
+            // exposed to the zone that h1 translates: h1, with no port of
+            // the VPC, holds it (and the VPC) as h3 does.
+            (
+                vec![
+                    Op::PutVpc(Vpc {
+                        zone_id: "z".into(),
+                        ..match vpc("v3", 300) {
+                            Op::PutVpc(v) => v,
+                            _ => unreachable!(),
+                        }
+                    }),
+                    subnet("s3", "v3", "203.0.113.0/25"),
+                    port("f", "h3", "s3", "203.0.113.10", &[]),
+                ],
+                None,
+            ),
+            (vec![nat_lb("h1")], Some(&["h1", "h3"])),
+            // The NAT host changes: the one it leaves, the one it joins and
+            // the holders of the load balancer.
+            (vec![nat_lb("h4")], Some(&["h1", "h3", "h4"])),
+            // The NAT host's underlay moves: the load balancer's holders,
+            // and those of its own port's VPC.
+            (vec![host("h4", "192.0.2.44")], Some(&["h3", "h4"])),
+            (vec![del(Kind::LoadBalancer, "lbz")], Some(&["h3", "h4"])),
         ];
         for (i, (ops, expect)) in steps.into_iter().enumerate() {
             let applied = state.apply(&ops).unwrap_or_else(|e| panic!("step {i}: {e}"));

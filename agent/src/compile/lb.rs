@@ -570,6 +570,80 @@ mod tests {
         }
     }
 
+    /// A load balancer exposed to its zone: each NAT host's addresses are
+    /// endpoints of the VPC, the host's own marked as such (replies to it
+    /// are translated back), another's at that host; only the host's own
+    /// services are translated there.
+    #[test]
+    fn nat_addresses_are_endpoints_and_only_a_nat_host_translates() {
+        let mut a = lb(&["maglev", "round_robin"], &[("a", "10.0.0.1", "enabled")]);
+        let l = a.load_balancer.as_mut().unwrap();
+        l.exposure = "zone".into();
+        l.nat_hosts = vec![
+            pb::NatHost {
+                host_id: "h1".into(),
+                ipv4: "10.0.0.200".into(),
+                ipv6: "fd00::200".into(),
+            },
+            pb::NatHost {
+                host_id: "h2".into(),
+                ipv4: "10.0.0.201".into(),
+                ipv6: "fd00::201".into(),
+            },
+        ];
+        a.nat_underlays = [
+            ("h1".to_string(), "192.0.2.1".to_string()),
+            ("h2".into(), "192.0.2.2".into()),
+        ]
+        .into();
+        let ep = |p: &LbPlan, addr: &str| {
+            let (family, addr) = addr16(addr.parse().unwrap());
+            p.vips
+                .get(&EndpointKey {
+                    vni: 7,
+                    family,
+                    _pad: [0; 3],
+                    addr,
+                })
+                .copied()
+        };
+        let mut p = compile_lbs(&[&a], &mut LbSlots::default(), &mut Vec::new(), 0, &|_| false);
+        let mut rejected = Vec::new();
+        let nat = compile_nat(&[&a], "h1", &mut p, &mut rejected);
+        assert!(rejected.is_empty(), "{rejected:?}");
+        let own = ep(&p, "10.0.0.200").expect("h1's own address");
+        assert_eq!((own.ifindex, own.flags), (0, EP_F_NAT));
+        let other = ep(&p, "fd00::201").expect("h2's address");
+        assert_eq!((other.ifindex, other.flags, other.host_v4), (0, 0, [192, 0, 2, 2]));
+        // Two listeners, two families: four services, from h1's addresses.
+        assert_eq!(nat.len(), 4);
+        for n in &nat {
+            let want = if n.key.family == 4 { "10.0.0.200" } else { "fd00::200" };
+            assert_eq!(n.nat, addr16(want.parse().unwrap()).1);
+            assert_eq!(n.service.addr, n.key.addr);
+            assert!(p.services.contains_key(&n.service));
+        }
+        // A host that is no NAT host translates nothing, and knows where
+        // both hosts' addresses are.
+        let mut p = compile_lbs(&[&a], &mut LbSlots::default(), &mut Vec::new(), 0, &|_| false);
+        assert!(compile_nat(&[&a], "h3", &mut p, &mut Vec::new()).is_empty());
+        assert_eq!(ep(&p, "10.0.0.200").unwrap().host_v4, [192, 0, 2, 1]);
+        assert_eq!(ep(&p, "10.0.0.200").unwrap().flags, 0);
+        // A NAT host whose underlay is unknown: its addresses are left out,
+        // and said so.
+        a.nat_underlays.remove("h2");
+        let mut p = compile_lbs(&[&a], &mut LbSlots::default(), &mut Vec::new(), 0, &|_| false);
+        let mut rejected = Vec::new();
+        compile_nat(&[&a], "h1", &mut p, &mut rejected);
+        assert!(ep(&p, "10.0.0.201").is_none());
+        assert!(rejected.iter().any(|r| r.contains("NAT host h2")), "{rejected:?}");
+        // Exposed to the VPC only: no NAT at all.
+        a.load_balancer.as_mut().unwrap().exposure = "vpc".into();
+        let mut p = compile_lbs(&[&a], &mut LbSlots::default(), &mut Vec::new(), 0, &|_| false);
+        assert!(compile_nat(&[&a], "h1", &mut p, &mut Vec::new()).is_empty());
+        assert!(ep(&p, "10.0.0.200").is_none());
+    }
+
     /// After a restart, services and backends take the numbers the kernel
     /// held, whatever order a fresh start would give them.
     #[test]
