@@ -172,15 +172,6 @@ fn sync_hash<K: Pod + Ord, V: Pod + PartialEq>(
 /// zone) the records take.
 pub const NAT_FLOW_CONTEXT: u32 = 0x8000_0000;
 
-/// How long a north-south flow of `confirmed` or not lives unseen.
-fn nat_timeout(k: &dataplane_common::lb::NatKey, f: &dataplane_common::lb::NatFlow, confirmed: bool) -> u64 {
-    if confirmed || k.proto != dataplane_common::PROTO_TCP {
-        m::ct_timeout(k.proto, f.flags as u8)
-    } else {
-        m::CT_TIMEOUT_SYN_NS
-    }
-}
-
 /// A north-south flow's reply key.
 fn nat_reverse(
     k: &dataplane_common::lb::NatKey,
@@ -223,7 +214,11 @@ pub fn nat_flow_key(k: &dataplane_common::lb::NatKey, f: &dataplane_common::lb::
             bytes_in: f.bytes_in,
             epoch: 0,
             origin: m::CT_ORIGIN_IN,
-            flags: (f.flags & dataplane_common::lb::NAT_F_CLOSING) as u8,
+            flags: if f.flags & dataplane_common::lb::NAT_F_CLOSING != 0 {
+                m::CT_F_CLOSING
+            } else {
+                0
+            },
             svc: k.vport,
         },
     )
@@ -242,7 +237,7 @@ fn count_nat(
         let map = ebpf.map(flows).with_context(|| format!("map {flows} missing"))?;
         let h: BpfHashMap<&MapData, l::NatKey, l::NatFlow> = BpfHashMap::try_from(map)?;
         for (k, f) in h.iter().filter_map(Result::ok) {
-            if now.saturating_sub(f.last_seen_ns) > nat_timeout(&k, &f, confirmed) {
+            if now.saturating_sub(f.last_seen_ns) > l::nat_timeout(k.proto, f.flags, confirmed) {
                 continue;
             }
             let slot = f.service * l::LB_BACKENDS + f.slot as u32;
@@ -702,7 +697,29 @@ impl Dataplane {
             tracing::info!(flows = n, "carried over flows of the earlier version's table");
         }
         dp.carry_resized(false)?;
+        dp.seed_nat()?;
         Ok(dp)
+    }
+
+    /// Gives the host its secret for drawing NAT ports, once (kept pinned,
+    /// so a restarted agent draws as the one before).
+    fn seed_nat(&mut self) -> anyhow::Result<()> {
+        use dataplane_common::lb as l;
+        let map = self.ebpf.map_mut(l::NAT_SEED).context("map NAT_SEED missing")?;
+        let mut a: Array<&mut MapData, u32> = Array::try_from(map)?;
+        if a.get(&0, 0).unwrap_or(0) != 0 {
+            return Ok(());
+        }
+        let mut b = [0u8; 4];
+        while u32::from_ne_bytes(b) == 0 {
+            use std::io::Read as _;
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| f.read_exact(&mut b))
+                .context("reading /dev/urandom for the NAT ports' secret")?;
+        }
+        a.set(0, u32::from_ne_bytes(b), 0)
+            .context("writing the NAT ports' secret")?;
+        Ok(())
     }
 
     /// Copies the flows of connection tables moved aside for a resize into
@@ -1198,17 +1215,19 @@ impl Dataplane {
         let now = monotonic_ns();
         let mut gone = 0;
         self.nat_records.clear();
-        for (flows, reverse, confirmed) in [
-            (l::NAT_FLOWS, l::NAT_REVERSE, true),
-            (l::NAT_FLOWS_NEW, l::NAT_REVERSE_NEW, false),
-        ] {
+        // The flows that live on, with their NAT ports: the replies of no
+        // such flow go last.
+        let mut live: std::collections::HashSet<(l::NatKey, l::NatReverseKey)> = Default::default();
+        for (flows, confirmed) in [(l::NAT_FLOWS, true), (l::NAT_FLOWS_NEW, false)] {
             let map = self.ebpf.map(flows).with_context(|| format!("map {flows} missing"))?;
             let h: BpfHashMap<&MapData, l::NatKey, l::NatFlow> = BpfHashMap::try_from(map)?;
-            let mut doomed: Vec<(l::NatKey, l::NatReverseKey)> = Vec::new();
+            let mut doomed: Vec<(l::NatKey, u64)> = Vec::new();
             for (k, f) in h.iter().filter_map(Result::ok) {
-                let expired = now.saturating_sub(f.last_seen_ns) > nat_timeout(&k, &f, confirmed);
+                let expired = now.saturating_sub(f.last_seen_ns) > l::nat_timeout(k.proto, f.flags, confirmed);
                 if expired {
-                    doomed.push((k, nat_reverse(&k, &f)));
+                    doomed.push((k, f.created_ns));
+                } else {
+                    live.insert((k, nat_reverse(&k, &f)));
                 }
                 if !confirmed {
                     continue;
@@ -1240,27 +1259,35 @@ impl Dataplane {
             if doomed.is_empty() {
                 continue;
             }
-            gone += doomed.len();
-            let keys: std::collections::HashSet<l::NatKey> = doomed.iter().map(|(k, _)| *k).collect();
             let map = self
                 .ebpf
                 .map_mut(flows)
                 .with_context(|| format!("map {flows} missing"))?;
             let mut h: BpfHashMap<&mut MapData, l::NatKey, l::NatFlow> = BpfHashMap::try_from(map)?;
-            for (k, _) in &doomed {
-                let _ = h.remove(k);
+            for (k, created) in &doomed {
+                // Unless a new flow took the key since it was read.
+                if h.get(k, 0).is_ok_and(|f| f.created_ns == *created) && h.remove(k).is_ok() {
+                    gone += 1;
+                }
             }
+        }
+        // Replies whose flow is gone (timed out, or let go by its LRU): their
+        // NAT ports are free again. (A flow being made now writes its reply
+        // first: one removed here is made again by the flow's next packet.)
+        for reverse in [l::NAT_REVERSE, l::NAT_REVERSE_NEW] {
             let map = self
                 .ebpf
                 .map_mut(reverse)
                 .with_context(|| format!("map {reverse} missing"))?;
             let mut h: BpfHashMap<&mut MapData, l::NatReverseKey, l::NatKey> = BpfHashMap::try_from(map)?;
-            for (_, r) in &doomed {
-                // Only the flow's own reply: its port may be a newer flow's
-                // since.
-                if h.get(r, 0).is_ok_and(|k| keys.contains(&k)) {
-                    let _ = h.remove(r);
-                }
+            let orphans: Vec<l::NatReverseKey> = h
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(r, k)| !live.contains(&(*k, *r)))
+                .map(|(r, _)| r)
+                .collect();
+            for r in orphans {
+                let _ = h.remove(&r);
             }
         }
         Ok(gone)

@@ -1544,6 +1544,44 @@ async fn a_vip_exposed_to_its_zone_is_reached_only_through_its_nat_hosts_and_exc
     std::thread::sleep(std::time::Duration::from_millis(1200));
     restart_agent_of(&mut lab, "h3", &[]);
     held_without_loss(held);
+    // A zone's host forging the held connection's client (address and
+    // port) with a fresh SYN, and with RSTs: the connection carries on
+    // (only the member's own close ends a flow from a zone).
+    let held = hold_from(&net_ns, "10.40.1.100", 9000, 4);
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let ss = lab
+        .topo
+        .zone_ns("net")
+        .sh(&["ss", "-Htn", "state", "established", "dst", "10.40.1.100:9000"])
+        .unwrap();
+    let sport = ss
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("172.17.0.1:"))
+        .unwrap_or_else(|| panic!("the held connection's port: {ss}"))
+        .to_string();
+    for flags in ["syn", "rst", "syn"] {
+        lab.topo
+            .zone_ns("net")
+            .sh(&[
+                "nping",
+                "--tcp",
+                "--flags",
+                flags,
+                "-g",
+                &sport,
+                "-p",
+                "9000",
+                "-c",
+                "2",
+                "--delay",
+                "100ms",
+                "-q",
+                "10.40.1.100",
+            ])
+            .unwrap();
+    }
+    held_without_loss(held);
+    assert!(lab.counter("h3", "drops", "nat_syn_on_flow") >= 4);
     // The path removed: the flows it let in are cut at their next packet,
     // new ones refused.
     let held = hold_from(&net_ns, "10.40.1.100", 9000, 4);

@@ -23,6 +23,7 @@ pub const NAT_SERVICES: &str = "SDN_NAT_SERVICES";
 pub const NAT_FLOWS: &str = "SDN_NAT_FLOWS";
 pub const NAT_REVERSE: &str = "SDN_NAT_REVERSE";
 pub const NAT_FLOWS_NEW: &str = "SDN_NAT_FLOWS_NEW";
+pub const NAT_SEED: &str = "SDN_NAT_SEED";
 pub const NAT_REVERSE_NEW: &str = "SDN_NAT_REVERSE_NEW";
 
 /// Clients a host remembers the member of, for source persistence (an
@@ -284,14 +285,30 @@ pub struct NatReverseKey {
     pub nat: [u8; 16],
 }
 
-/// The flow closes (TCP FIN or RST): the flow table's closing timeout.
-pub const NAT_F_CLOSING: u32 = crate::maps::CT_F_CLOSING as u32;
+/// The member closes the flow (its TCP FIN or RST: a zone's host could
+/// forge the client's): the flow table's closing timeout, and a SYN on its
+/// tuple opens a new flow.
+pub const NAT_F_CLOSING: u32 = 8;
 /// The member answered (TCP: its SYN-ACK, whose number is in `reply_ack`).
 pub const NAT_F_REPLIED: u32 = 4;
 /// NAT ports a host gives a member's address and port: from this one up.
 pub const NAT_PORT_FIRST: u16 = 1024;
 /// Tries at a free NAT port for a new flow before it is refused.
 pub const NAT_PORT_TRIES: u32 = 8;
+
+/// The idle timeout of a north-south flow, confirmed or not.
+#[inline(always)]
+pub fn nat_timeout(proto: u8, flags: u32, confirmed: bool) -> u64 {
+    if !confirmed && proto == crate::PROTO_TCP {
+        return crate::maps::CT_TIMEOUT_SYN_NS;
+    }
+    let closing = if flags & NAT_F_CLOSING != 0 {
+        crate::maps::CT_F_CLOSING
+    } else {
+        0
+    };
+    crate::maps::ct_timeout(proto, closing)
+}
 
 const _: () = assert!(core::mem::size_of::<NatServiceKey>() == 20);
 const _: () = assert!(core::mem::size_of::<NatService>() == 40);

@@ -113,6 +113,9 @@ pub enum DropReason {
     /// A new north-south flow for which no NAT port towards its member
     /// was found free.
     NatNoPort = 35,
+    /// From a zone, a SYN on the tuple of an open north-south flow that
+    /// its member has not closed (a zone's host could forge it).
+    NatSynOnFlow = 36,
 }
 
 /// Number of slots in the drop counter array (room to grow).
@@ -120,7 +123,7 @@ pub const DROP_REASON_SLOTS: u32 = 48;
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 36] = [
+    pub const ALL: [DropReason; 37] = [
         DropReason::UnknownPort,
         DropReason::Truncated,
         DropReason::UnsupportedEthertype,
@@ -157,6 +160,7 @@ impl DropReason {
         DropReason::LbNoBackend,
         DropReason::NatNoFlow,
         DropReason::NatNoPort,
+        DropReason::NatSynOnFlow,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -198,6 +202,7 @@ impl DropReason {
             DropReason::LbNoBackend => "lb_no_backend",
             DropReason::NatNoFlow => "nat_no_flow",
             DropReason::NatNoPort => "nat_no_port",
+            DropReason::NatSynOnFlow => "nat_syn_on_flow",
         }
     }
 }

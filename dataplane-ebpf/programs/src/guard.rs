@@ -92,7 +92,9 @@ fn judge(ctx: &TcContext, m: &mut Meta) -> Result<Judged, DropReason> {
         }
         resolve(m)?;
     }
-    if is_icmp_error(m.proto, m.icmp_type) && related(ctx, m) {
+    // (An ICMP error to a NAT address is not translated: `st_nat_out`
+    // refuses it.)
+    if is_icmp_error(m.proto, m.icmp_type) && m.out != O_NAT && related(ctx, m) {
         count(Stat::CtRelated);
         m.kind = K_RELATED;
         return Ok(Judged::Stage(stage::COMMIT));

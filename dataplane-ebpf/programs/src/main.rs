@@ -327,7 +327,13 @@ mod progs {
             // North-south: once the local side's entries are written, a
             // flow's own writes and translation, or a reply's translation
             // back, are stages of their own.
-            return match commit::writes(&mut ctx, m) {
+            // The border's verdict of a flow from the zone is recorded under
+            // the VIP's key by `st_nat_commit`, not under the member's.
+            let record = m.fw_record;
+            m.fw_record = 0;
+            let r = commit::writes(&mut ctx, m);
+            m.fw_record = record;
+            return match r {
                 Ok(()) if m.out == O_NAT => next(&ctx, stage::NAT_OUT),
                 Ok(()) => next(&ctx, stage::NAT_COMMIT),
                 Err(r) => deny(m, r),

@@ -457,9 +457,18 @@ pub static NAT_SERVICES: HashMap<NatServiceKey, NatService> = HashMap::pinned(LB
 #[map(name = "SDN_NAT_FLOWS")]
 pub static NAT_FLOWS: LruHashMap<NatKey, NatFlow> = LruHashMap::pinned(LB_FLOWS_MAX, 0);
 
-/// Their replies, by the VPC's side: the zone's side of the flow.
+/// Their replies, by the VPC's side: the zone's side of the flow. A plain
+/// hash: a reply's entry holds its NAT port until the agent's collector
+/// removes it with its flow, so no other flow can take the port while the
+/// flow lives.
 #[map(name = "SDN_NAT_REVERSE")]
-pub static NAT_REVERSE: LruHashMap<NatReverseKey, NatKey> = LruHashMap::pinned(LB_FLOWS_MAX, 0);
+pub static NAT_REVERSE: HashMap<NatReverseKey, NatKey> = HashMap::pinned(LB_FLOWS_MAX, 0);
+
+/// A secret of this host that the NAT ports of new flows are drawn with,
+/// set by the agent (so a zone's host cannot work out which ports a
+/// client's flows would take).
+#[map(name = "SDN_NAT_SEED")]
+pub static NAT_SEED: Array<u32> = Array::pinned(1, 0);
 
 /// Unconfirmed north-south flows and their replies, apart: a flood of
 /// flows nobody completes evicts only its own kind.

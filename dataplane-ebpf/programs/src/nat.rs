@@ -22,10 +22,10 @@
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{
     lb::{
-        NatFlow, NatKey, NatReverseKey, NatService, NatServiceKey, LB_BACKENDS, LB_FLOW_CLOSED, LB_FLOW_OPEN,
-        NAT_F_CLOSING, NAT_F_REPLIED, NAT_PORT_FIRST, NAT_PORT_TRIES,
+        nat_timeout, NatFlow, NatKey, NatReverseKey, NatService, NatServiceKey, LB_BACKENDS, LB_FLOW_CLOSED,
+        LB_FLOW_OPEN, NAT_F_CLOSING, NAT_F_REPLIED, NAT_PORT_FIRST, NAT_PORT_TRIES,
     },
-    maps::{ct_timeout, CtKey, CT_TIMEOUT_SYN_NS, DOOR_VPC, DOOR_ZONE, EP_F_GATEWAY, EP_F_NAT, EP_F_PEER, FW_ALLOW},
+    maps::{CtKey, DOOR_VPC, DOOR_ZONE, EP_F_GATEWAY, EP_F_NAT, EP_F_PEER, FW_ALLOW},
     DropReason, Stat, DIR_INGRESS, PROTO_TCP, PROTO_UDP,
 };
 
@@ -34,7 +34,10 @@ use crate::{
     firewall,
     guard::{exchange_admits, pure_syn},
     lb,
-    maps::{count, CONFIG, LB_CONNS, LB_CURSOR, NAT_FLOWS, NAT_FLOWS_NEW, NAT_REVERSE, NAT_REVERSE_NEW, NAT_SERVICES},
+    maps::{
+        count, CONFIG, LB_CONNS, LB_CURSOR, NAT_FLOWS, NAT_FLOWS_NEW, NAT_REVERSE, NAT_REVERSE_NEW, NAT_SEED,
+        NAT_SERVICES,
+    },
     meta::{Meta, E_NAT, K_IP, LB_EST, LB_EST_NEW, LB_NEW, LB_NONE, LB_NO_CURSOR, O_PORT, O_TUNNEL, X_NONE},
     overlay::endpoint,
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -154,12 +157,24 @@ pub fn schedule(m: &mut Meta) -> Result<(), DropReason> {
     let ns = service(m).ok_or(DropReason::NoRoute)?;
     let key = outside_key(m);
     let syn = m.proto == PROTO_TCP && pure_syn(m.tcp_flags);
-    // As east-west: a confirmed flow keeps its member, unless a fresh SYN
-    // opens a new connection on its tuple; an unconfirmed one keeps it
-    // too (a retransmitted SYN goes where the first did).
-    let found = match NAT_FLOWS.get_ptr(&key) {
-        Some(p) if !syn => Some((p, LB_EST)),
-        _ => NAT_FLOWS_NEW.get_ptr(&key).map(|p| (p, LB_EST_NEW)),
+    // A confirmed flow keeps its member; an unconfirmed one keeps it too
+    // (a retransmitted SYN goes where the first did).
+    // Unlike east-west (a VM cannot forge its source), a SYN on a
+    // confirmed flow's tuple from a zone may be forged: it opens a new
+    // flow only once the member has closed the old one (or it timed out);
+    // until then it is dropped.
+    let confirmed = NAT_FLOWS.get_ptr(&key);
+    if let Some(p) = confirmed {
+        // SAFETY: a live map value, read field by field.
+        let (flags, seen) = unsafe { ((*p).flags, (*p).last_seen_ns) };
+        if syn && flags & NAT_F_CLOSING == 0 && m.now.saturating_sub(seen) <= nat_timeout(m.proto, flags, true) {
+            return Err(DropReason::NatSynOnFlow);
+        }
+    }
+    let confirmed = confirmed.filter(|_| !syn);
+    let found = match confirmed {
+        Some(p) => Some((p, LB_EST)),
+        None => NAT_FLOWS_NEW.get_ptr(&key).map(|p| (p, LB_EST_NEW)),
     };
     let mut known = None;
     if let Some((p, state)) = found {
@@ -178,7 +193,7 @@ pub fn schedule(m: &mut Meta) -> Result<(), DropReason> {
         if service == ns.lb.id
             && vni == ns.vni
             && lb::holds(ns.lb.id, slot, &backend, backend_port)
-            && m.now.saturating_sub(seen) <= timeout(flags, m.proto, state)
+            && m.now.saturating_sub(seen) <= nat_timeout(m.proto, flags, state == LB_EST)
         {
             lb::set(m, &ns.lb, slot, &backend, backend_port, state);
             // SAFETY: as above.
@@ -208,16 +223,6 @@ pub fn schedule(m: &mut Meta) -> Result<(), DropReason> {
     into_vpc(m)
 }
 
-/// How long a flow of `f`'s kind lives unseen.
-#[inline(always)]
-fn timeout(flags: u32, proto: u8, state: u8) -> u64 {
-    if state == LB_EST || proto != PROTO_TCP {
-        ct_timeout(proto, flags as u8)
-    } else {
-        CT_TIMEOUT_SYN_NS
-    }
-}
-
 /// A NAT port for a new flow to the member now in `m`: one no flow of the
 /// NAT address to that member's address and port holds, from a hash of
 /// the client's address and port and the VIP's port (so a client's
@@ -229,6 +234,7 @@ fn free_port(m: &Meta, ns: &NatService) -> Result<u16, DropReason> {
     let w = |i: usize| u32::from_ne_bytes([c[i], c[i + 1], c[i + 2], c[i + 3]]);
     let mut h = w(0) ^ w(4).rotate_left(7) ^ w(8).rotate_left(13) ^ w(12).rotate_left(19);
     h ^= ((m.sport as u32) << 16) | m.lb_vport as u32;
+    h ^= NAT_SEED.get(0).copied().unwrap_or(0);
     h = h.wrapping_mul(0x9e37_79b1);
     h ^= h >> 15;
     let mut rk = NatReverseKey {
@@ -242,8 +248,8 @@ fn free_port(m: &Meta, ns: &NatService) -> Result<u16, DropReason> {
         nat: ns.nat,
     };
     for i in 0..NAT_PORT_TRIES {
-        // Odd strides over a span of 64512 = 2^10 * 63 visit distinct ports.
-        let port = NAT_PORT_FIRST + (h.wrapping_add(i.wrapping_mul(40_503)) % span) as u16;
+        // A stride prime to the span (64512 = 2^10 * 3^2 * 7): distinct ports.
+        let port = NAT_PORT_FIRST + (h.wrapping_add(i.wrapping_mul(40_507)) % span) as u16;
         rk.nat_port = port;
         // SAFETY: only whether the entries exist is read.
         if unsafe { NAT_REVERSE.get(&rk) }.is_none() && unsafe { NAT_REVERSE_NEW.get(&rk) }.is_none() {
@@ -296,29 +302,30 @@ pub fn commit(ctx: &mut TcContext, m: &Meta) -> Result<(), DropReason> {
             record(m, &key)?
         }
         LB_EST_NEW => {
-            if let Some(f) = NAT_FLOWS_NEW.get_ptr_mut(&key) {
-                // SAFETY: a live map value; racing updates only lose counts.
-                let f = unsafe { &mut *f };
-                seen_in(f, m);
-                if m.proto == PROTO_TCP
-                    && f.flags & NAT_F_REPLIED != 0
-                    && m.tcp_flags & (TCP_ACK | TCP_SYN) == TCP_ACK
-                    && m.tcp_ack == f.reply_ack
-                {
-                    let rk = reverse_key(f, m.family, m.proto);
-                    promote(&key, f, &rk);
-                }
+            let Some(f) = NAT_FLOWS_NEW.get_ptr_mut(&key) else {
+                return Err(DropReason::NatNoFlow);
+            };
+            // SAFETY: a live map value; racing updates only lose counts.
+            let f = unsafe { &mut *f };
+            let rk = reverse_key(f, m.family, m.proto);
+            claim_new(&rk, &key)?;
+            seen_in(f, m);
+            if m.proto == PROTO_TCP
+                && f.flags & NAT_F_REPLIED != 0
+                && m.tcp_flags & (TCP_ACK | TCP_SYN) == TCP_ACK
+                && m.tcp_ack == f.reply_ack
+            {
+                promote(&key, f, &rk);
             }
         }
         LB_EST => {
-            if let Some(f) = NAT_FLOWS.get_ptr_mut(&key) {
-                // SAFETY: as above.
-                let f = unsafe { &mut *f };
-                seen_in(f, m);
-                if m.proto == PROTO_TCP && m.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-                    close(f);
-                }
-            }
+            let Some(f) = NAT_FLOWS.get_ptr_mut(&key) else {
+                return Err(DropReason::NatNoFlow);
+            };
+            // SAFETY: as above.
+            let f = unsafe { &mut *f };
+            claim(&reverse_key(f, m.family, m.proto), &key)?;
+            seen_in(f, m);
         }
         _ => return Err(DropReason::Pipeline),
     }
@@ -350,14 +357,55 @@ pub fn deliver(ctx: &mut TcContext, m: &Meta) -> Result<Action, DropReason> {
     }
 }
 
-/// A packet from the client of `f`.
+/// A packet from the client of `f`. (Its FIN or RST closes nothing: a
+/// zone's host could forge it; the member's answer closes the flow.)
 #[inline(always)]
 fn seen_in(f: &mut NatFlow, m: &Meta) {
     f.last_seen_ns = m.now;
     f.packets_in += 1;
     f.bytes_in += m.len as u64;
-    if m.proto == PROTO_TCP && m.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
-        f.flags |= NAT_F_CLOSING;
+}
+
+/// Whether the reply entry `p` is the flow `key`'s (compared field by
+/// field: the programs have no memcmp).
+#[inline(always)]
+fn names(p: *const NatKey, key: &NatKey) -> bool {
+    // SAFETY: a live map value, read field by field.
+    unsafe {
+        (*p).client == key.client
+            && (*p).vip == key.vip
+            && (*p).client_port == key.client_port
+            && (*p).vport == key.vport
+            && (*p).zone == key.zone
+            && (*p).proto == key.proto
+    }
+}
+
+/// A confirmed flow's reply entry, made again if it is missing; a packet
+/// of a flow whose NAT port another flow holds goes nowhere.
+#[inline(never)]
+fn claim(rk: &NatReverseKey, key: &NatKey) -> Result<(), DropReason> {
+    match NAT_REVERSE.get_ptr(rk) {
+        Some(p) if names(p, key) => Ok(()),
+        Some(_) => Err(DropReason::NatNoFlow),
+        None => NAT_REVERSE
+            .insert(rk, key, BPF_NOEXIST)
+            .map_err(|_| DropReason::NatNoFlow),
+    }
+}
+
+/// The same for an unconfirmed flow (whose entry its LRU may have let go).
+#[inline(never)]
+fn claim_new(rk: &NatReverseKey, key: &NatKey) -> Result<(), DropReason> {
+    if NAT_REVERSE.get_ptr(rk).is_some() {
+        return Err(DropReason::NatNoFlow);
+    }
+    match NAT_REVERSE_NEW.get_ptr(rk) {
+        Some(p) if names(p, key) => Ok(()),
+        Some(_) => Err(DropReason::NatNoFlow),
+        None => NAT_REVERSE_NEW
+            .insert(rk, key, BPF_NOEXIST)
+            .map_err(|_| DropReason::NatNoFlow),
     }
 }
 
@@ -401,18 +449,7 @@ fn record(m: &Meta, key: &NatKey) -> Result<(), DropReason> {
     let rk = reverse_key(&f, m.family, m.proto);
     // A retransmitted first packet, scheduled again to the same member and
     // port, finds its own reply there.
-    // (Compared field by field: the programs have no memcmp.)
-    let mine = match NAT_REVERSE_NEW.get_ptr(&rk) {
-        // SAFETY: a live map value, read field by field.
-        Some(p) => unsafe {
-            (*p).client == key.client
-                && (*p).vip == key.vip
-                && (*p).client_port == key.client_port
-                && (*p).vport == key.vport
-                && (*p).zone == key.zone
-        },
-        None => false,
-    };
+    let mine = NAT_REVERSE_NEW.get_ptr(&rk).is_some_and(|p| names(p, key));
     if !mine && NAT_REVERSE_NEW.insert(&rk, key, BPF_NOEXIST).is_err() {
         return Err(DropReason::NatNoPort);
     }
@@ -442,7 +479,9 @@ fn retire(key: &NatKey, family: u8, proto: u8) {
     };
     // SAFETY: a live map value, read field by field.
     let (rk, service, slot, flags) = unsafe { (reverse_key(&*p, family, proto), (*p).service, (*p).slot, (*p).flags) };
-    let _ = NAT_REVERSE.remove(&rk);
+    if NAT_REVERSE.get_ptr(&rk).is_some_and(|p| names(p, key)) {
+        let _ = NAT_REVERSE.remove(&rk);
+    }
     let _ = NAT_FLOWS.remove(key);
     if flags & (LB_FLOW_OPEN | LB_FLOW_CLOSED) == LB_FLOW_OPEN {
         conns(service, slot, 0, -1);
@@ -488,10 +527,15 @@ fn close(f: &mut NatFlow) {
 fn promote(key: &NatKey, f: &NatFlow, rk: &NatReverseKey) {
     let mut nf = *f;
     nf.flags = (nf.flags & !NAT_F_REPLIED) | LB_FLOW_OPEN;
-    if NAT_FLOWS.insert(key, &nf, 0).is_err() {
+    // The reply's entry first: when the table of replies is full the flow
+    // stays unconfirmed (its LRU may let it go; no confirmed flow does).
+    if NAT_REVERSE.insert(rk, key, 0).is_err() {
         return;
     }
-    let _ = NAT_REVERSE.insert(rk, key, 0);
+    if NAT_FLOWS.insert(key, &nf, 0).is_err() {
+        let _ = NAT_REVERSE.remove(rk);
+        return;
+    }
     let _ = NAT_FLOWS_NEW.remove(key);
     let _ = NAT_REVERSE_NEW.remove(rk);
     conns(nf.service, nf.slot, -1, 1);
@@ -534,15 +578,24 @@ pub fn outbound(ctx: &mut TcContext, m: &Meta) -> Result<u32, DropReason> {
     };
     // SAFETY: a live map value; racing updates only lose counts.
     let f = unsafe { &mut *p };
-    let state = if confirmed { LB_EST } else { LB_EST_NEW };
     if f.backend != m.src
         || f.backend_port != m.sport
         || f.nat != m.dst
         || f.nat_port != m.dport
         || f.vni != m.nat_vni
-        || m.now.saturating_sub(f.last_seen_ns) > timeout(f.flags, m.proto, state)
+        || m.now.saturating_sub(f.last_seen_ns) > nat_timeout(m.proto, f.flags, confirmed)
     {
         return Err(DropReason::NatNoFlow);
+    }
+    // Judged again as it was opened, from the client: a path or rule taken
+    // away, or a member gone from its pool, cuts the flow both ways.
+    if !lb::holds(f.service, f.slot, &f.backend, f.backend_port) {
+        return Err(DropReason::NatNoFlow);
+    }
+    let ep = zone_endpoint(m.family, &f.nat).ok_or(DropReason::NoRoute)?;
+    exchange_admits(key.zone, ep.zone, m.family, m.proto, &key.client, &key.vip, key.vport)?;
+    if ep.border != 0 && firewall::evaluate(ep.border, &key.client, m, DIR_INGRESS, key.vport).0 != FW_ALLOW {
+        return Err(DropReason::BorderFirewall);
     }
     let uplink = uplink_of(key.zone).ok_or(DropReason::NoRoute)?;
     f.last_seen_ns = m.now;
