@@ -4,6 +4,9 @@
 //!
 //! - **Ours**: a client VM and two member VMs on one host; the client's
 //!   pipeline translates to the VIP's members (Maglev), east-west.
+//! - **Ours, north-south**: the same VIP exposed to the VPC's zone, the
+//!   host its NAT host: a client in the zone's network reaches it through
+//!   the host's uplink, translated both ways (full NAT, as the peers do).
 //! - **The peers**: a client namespace, a balancer namespace holding the
 //!   VIP, and two backend namespaces behind it, plain veths. nftables:
 //!   DNAT in prerouting by a `jhash` of the client's address and port onto
@@ -29,6 +32,7 @@ use sdn_integration::{bin, ns_sh, sh, Netns, Proc};
 use sdn_proto::v1 as pb;
 
 const OURS_VIP: &str = "10.90.0.100";
+const OURS_NAT: &str = "10.90.0.200";
 const PEER_VIP: &str = "10.91.0.100";
 
 fn env_or(name: &str, default: u64) -> u64 {
@@ -224,10 +228,12 @@ async fn main() -> anyhow::Result<()> {
     let secs = env_or("SECONDS", 5);
     let dir = tempfile::tempdir()?;
 
-    // Ours: a client and two members on one host.
+    // Ours: a client and two members on one host, the VPC in a zone whose
+    // network the north-south client is in.
     let lab = sdn_integration::lab::Lab::new("lbc", &["h1"])
+        .zone("ext", "up-ext", "10.254.0", "fdfe:0:0:1", &["10.0.0.0/8"], &[])
         .tenant("t")
-        .vpc("v", None)
+        .vpc("v", Some("ext"))
         .subnet("net", "v", "10.90.0.0/24", "")
         .group("open", open_rules())
         .vm("c1", "h1", "net", &["open"])
@@ -236,7 +242,7 @@ async fn main() -> anyhow::Result<()> {
         .start()
         .await?;
     let mut ops = vec![
-        put_lb(load_balancer("lb", "t", "v", OURS_VIP, "")),
+        put_lb(exposed(load_balancer("lb", "t", "v", OURS_VIP, ""), "h1", OURS_NAT)),
         pool("web", "lb"),
         pool("perf", "lb"),
     ];
@@ -258,13 +264,25 @@ async fn main() -> anyhow::Result<()> {
     let members: Vec<String> = ["m1", "m2"].iter().map(|m| lab.topo.vm(m).ns.name.clone()).collect();
     let servers = serve(&members, dir.path())?;
     let client = lab.topo.vm("c1").ns.name.clone();
+    let zone_client = lab.topo.zone_ns("ext").name.clone();
+    ns_sh(
+        &zone_client,
+        &[
+            "ip",
+            "route",
+            "replace",
+            &format!("{OURS_VIP}/32"),
+            "via",
+            "10.254.0.11",
+        ],
+    )?;
     let peer_client = "lbcp-c".to_string();
 
-    let modes = ["ours", "nftables", "haproxy"];
-    let mut cps: Vec<Vec<f64>> = vec![Vec::new(); 3];
-    let mut one: Vec<Vec<f64>> = vec![Vec::new(); 3];
-    let mut many: Vec<Vec<f64>> = vec![Vec::new(); 3];
-    let mut failed = [0u64; 3];
+    let modes = ["ours", "ours-ns", "nftables", "haproxy"];
+    let mut cps: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut one: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut many: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    let mut failed = [0u64; 4];
     for round in 0..rounds {
         for (i, mode) in modes.iter().enumerate() {
             // Each peer gets namespaces of its own, made afresh: neither
@@ -275,6 +293,7 @@ async fn main() -> anyhow::Result<()> {
             let mut h = None;
             let (ns, vip) = match *mode {
                 "ours" => (&client, OURS_VIP),
+                "ours-ns" => (&zone_client, OURS_VIP),
                 "nftables" => {
                     let p = Peers::new()?;
                     let s = serve(
@@ -311,6 +330,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let ours = median(&mut cps[0].clone());
+    let ours_ns = median(&mut cps[1].clone());
     println!(
         "{:<10} {:>16} {:>8} {:>14} {:>14}",
         "mode", "connections/s", "failed", "1 flow Gbit/s", "8 flows Gbit/s"
@@ -323,8 +343,12 @@ async fn main() -> anyhow::Result<()> {
             median(&mut one[i]),
             median(&mut many[i])
         );
-        if i > 0 {
-            println!("  ours / {mode}: {:.2}x the connections a second", ours / c.max(1.0));
+        if i > 1 {
+            println!(
+                "  ours / {mode}: {:.2}x the connections a second east-west, {:.2}x north-south",
+                ours / c.max(1.0),
+                ours_ns / c.max(1.0)
+            );
         }
     }
     for (i, mode) in modes.iter().enumerate() {

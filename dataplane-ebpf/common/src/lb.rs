@@ -262,6 +262,11 @@ pub struct NatFlow {
     /// TCP: the sequence number the client's ACK must acknowledge (the
     /// member's SYN-ACK's, plus one) for the flow to be confirmed.
     pub reply_ack: u32,
+    /// TCP: the member's last acknowledgement (with `NAT_F_ACKED`): the
+    /// sequence number a client's FIN or RST must carry to close the flow
+    /// (a zone's host forging one cannot know it).
+    pub member_ack: u32,
+    pub _pad2: u32,
     pub created_ns: u64,
     pub last_seen_ns: u64,
     pub packets_in: u64,
@@ -285,16 +290,19 @@ pub struct NatReverseKey {
     pub nat: [u8; 16],
 }
 
-/// The member closes the flow (its TCP FIN or RST: a zone's host could
-/// forge the client's): the flow table's closing timeout, and a SYN on its
-/// tuple opens a new flow.
+/// The flow closes (a FIN of the member, or of the client at the sequence
+/// number the member acknowledged last: a zone's host forging one cannot
+/// know it): the flow table's closing timeout, and a SYN on its tuple
+/// opens a new flow. A RST so checked ends the flow at once.
 pub const NAT_F_CLOSING: u32 = 8;
 /// The member answered (TCP: its SYN-ACK, whose number is in `reply_ack`).
 pub const NAT_F_REPLIED: u32 = 4;
+/// `member_ack` holds the member's last acknowledgement.
+pub const NAT_F_ACKED: u32 = 16;
 /// NAT ports a host gives a member's address and port: from this one up.
 pub const NAT_PORT_FIRST: u16 = 1024;
 /// Tries at a free NAT port for a new flow before it is refused.
-pub const NAT_PORT_TRIES: u32 = 8;
+pub const NAT_PORT_TRIES: u32 = 16;
 
 /// The idle timeout of a north-south flow, confirmed or not.
 #[inline(always)]
@@ -313,7 +321,7 @@ pub fn nat_timeout(proto: u8, flags: u32, confirmed: bool) -> u64 {
 const _: () = assert!(core::mem::size_of::<NatServiceKey>() == 20);
 const _: () = assert!(core::mem::size_of::<NatService>() == 40);
 const _: () = assert!(core::mem::size_of::<NatKey>() == 44);
-const _: () = assert!(core::mem::size_of::<NatFlow>() == 104);
+const _: () = assert!(core::mem::size_of::<NatFlow>() == 112);
 const _: () = assert!(core::mem::size_of::<NatReverseKey>() == 44);
 const _: () = assert!(core::mem::size_of::<LbServiceKey>() == 24);
 const _: () = assert!(core::mem::size_of::<LbService>() == 16);

@@ -23,7 +23,7 @@ use aya_ebpf::programs::TcContext;
 use dataplane_common::{
     lb::{
         nat_timeout, NatFlow, NatKey, NatReverseKey, NatService, NatServiceKey, LB_BACKENDS, LB_FLOW_CLOSED,
-        LB_FLOW_OPEN, NAT_F_CLOSING, NAT_F_REPLIED, NAT_PORT_FIRST, NAT_PORT_TRIES,
+        LB_FLOW_OPEN, NAT_F_ACKED, NAT_F_CLOSING, NAT_F_REPLIED, NAT_PORT_FIRST, NAT_PORT_TRIES,
     },
     maps::{CtKey, DOOR_VPC, DOOR_ZONE, EP_F_GATEWAY, EP_F_NAT, EP_F_PEER, FW_ALLOW},
     DropReason, Stat, DIR_INGRESS, PROTO_TCP, PROTO_UDP,
@@ -310,7 +310,9 @@ pub fn commit(ctx: &mut TcContext, m: &Meta) -> Result<(), DropReason> {
             let rk = reverse_key(f, m.family, m.proto);
             claim_new(&rk, &key)?;
             seen_in(f, m);
-            if m.proto == PROTO_TCP
+            if closes(f, m) && m.tcp_flags & TCP_RST != 0 {
+                forget(&key, &rk, false);
+            } else if m.proto == PROTO_TCP
                 && f.flags & NAT_F_REPLIED != 0
                 && m.tcp_flags & (TCP_ACK | TCP_SYN) == TCP_ACK
                 && m.tcp_ack == f.reply_ack
@@ -324,8 +326,17 @@ pub fn commit(ctx: &mut TcContext, m: &Meta) -> Result<(), DropReason> {
             };
             // SAFETY: as above.
             let f = unsafe { &mut *f };
-            claim(&reverse_key(f, m.family, m.proto), &key)?;
+            let rk = reverse_key(f, m.family, m.proto);
+            claim(&rk, &key)?;
             seen_in(f, m);
+            if closes(f, m) {
+                if m.tcp_flags & TCP_RST != 0 {
+                    forget(&key, &rk, true);
+                } else {
+                    f.flags |= NAT_F_CLOSING;
+                    close(f);
+                }
+            }
         }
         _ => return Err(DropReason::Pipeline),
     }
@@ -364,6 +375,45 @@ fn seen_in(f: &mut NatFlow, m: &Meta) {
     f.last_seen_ns = m.now;
     f.packets_in += 1;
     f.bytes_in += m.len as u64;
+}
+
+/// Whether the client's packet closes its flow: a FIN or RST at the
+/// sequence number the member acknowledged last.
+#[inline(always)]
+fn closes(f: &NatFlow, m: &Meta) -> bool {
+    m.proto == PROTO_TCP
+        && m.tcp_flags & (TCP_FIN | TCP_RST) != 0
+        && f.flags & NAT_F_ACKED != 0
+        && m.tcp_seq == f.member_ack
+}
+
+/// A flow reset: gone at once, with its reply (its NAT port is free again;
+/// the member's conntrack lets a new flow on the tuple open).
+#[inline(never)]
+fn forget(key: &NatKey, rk: &NatReverseKey, confirmed: bool) {
+    if confirmed {
+        if NAT_REVERSE.get_ptr(rk).is_some_and(|p| names(p, key)) {
+            let _ = NAT_REVERSE.remove(rk);
+        }
+        if let Some(p) = NAT_FLOWS.get_ptr(key) {
+            // SAFETY: a live map value, read field by field.
+            let (service, slot, flags) = unsafe { ((*p).service, (*p).slot, (*p).flags) };
+            if flags & (LB_FLOW_OPEN | LB_FLOW_CLOSED) == LB_FLOW_OPEN {
+                conns(service, slot, 0, -1);
+            }
+            let _ = NAT_FLOWS.remove(key);
+        }
+    } else {
+        if NAT_REVERSE_NEW.get_ptr(rk).is_some_and(|p| names(p, key)) {
+            let _ = NAT_REVERSE_NEW.remove(rk);
+        }
+        if let Some(p) = NAT_FLOWS_NEW.get_ptr(key) {
+            // SAFETY: as above.
+            let (service, slot) = unsafe { ((*p).service, (*p).slot) };
+            conns(service, slot, -1, 0);
+            let _ = NAT_FLOWS_NEW.remove(key);
+        }
+    }
 }
 
 /// Whether the reply entry `p` is the flow `key`'s (compared field by
@@ -439,6 +489,8 @@ fn record(m: &Meta, key: &NatKey) -> Result<(), DropReason> {
         flags: 0,
         vni: m.nat_vni,
         reply_ack: 0,
+        member_ack: 0,
+        _pad2: 0,
         created_ns: m.now,
         last_seen_ns: m.now,
         packets_in: 1,
@@ -542,6 +594,19 @@ fn promote(key: &NatKey, f: &NatFlow, rk: &NatReverseKey) {
     count(Stat::CtPromoted);
 }
 
+/// The zone guard and the border firewall of the flow `key` as it was
+/// opened (from the client to the VIP), through the NAT address `nat` of
+/// its VPC.
+#[inline(never)]
+fn rejudge(m: &Meta, key: &NatKey, nat: &[u8; 16]) -> Result<(), DropReason> {
+    let ep = zone_endpoint(m.family, nat).ok_or(DropReason::NoRoute)?;
+    exchange_admits(key.zone, ep.zone, m.family, m.proto, &key.client, &key.vip, key.vport)?;
+    if ep.border != 0 && firewall::evaluate(ep.border, &key.client, m, DIR_INGRESS, key.vport).0 != FW_ALLOW {
+        return Err(DropReason::BorderFirewall);
+    }
+    Ok(())
+}
+
 /// `st_nat_out`: a member's reply to this host's NAT address, translated
 /// back to the VIP and the client; the uplink it leaves by. Only a reply
 /// of a flow translated here, from its member, passes.
@@ -592,22 +657,25 @@ pub fn outbound(ctx: &mut TcContext, m: &Meta) -> Result<u32, DropReason> {
     if !lb::holds(f.service, f.slot, &f.backend, f.backend_port) {
         return Err(DropReason::NatNoFlow);
     }
-    let ep = zone_endpoint(m.family, &f.nat).ok_or(DropReason::NoRoute)?;
-    exchange_admits(key.zone, ep.zone, m.family, m.proto, &key.client, &key.vip, key.vport)?;
-    if ep.border != 0 && firewall::evaluate(ep.border, &key.client, m, DIR_INGRESS, key.vport).0 != FW_ALLOW {
-        return Err(DropReason::BorderFirewall);
-    }
+    rejudge(m, &key, &f.nat)?;
     let uplink = uplink_of(key.zone).ok_or(DropReason::NoRoute)?;
     f.last_seen_ns = m.now;
     f.packets_out += 1;
     f.bytes_out += m.len as u64;
-    if m.proto == PROTO_TCP && m.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+    if m.proto == PROTO_TCP && m.tcp_flags & TCP_ACK != 0 {
+        f.member_ack = m.tcp_ack;
+        f.flags |= NAT_F_ACKED;
+    }
+    let reset = m.proto == PROTO_TCP && m.tcp_flags & TCP_RST != 0;
+    if m.proto == PROTO_TCP && m.tcp_flags & TCP_FIN != 0 {
         f.flags |= NAT_F_CLOSING;
         if confirmed {
             close(f);
         }
     }
-    if !confirmed {
+    if reset {
+        forget(&key, &rk, confirmed);
+    } else if !confirmed {
         if m.proto == PROTO_TCP {
             if m.tcp_flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
                 f.flags |= NAT_F_REPLIED;
