@@ -48,6 +48,14 @@ spec: {pool: portal-web, port: vm3}
 ";
 const NET_HOST: &str = "203.0.113.10";
 
+/// The administrator exposes the portal's VIP to the extranet, translated
+/// on h2 from its address 10.10.0.200 of the portal's VPC.
+const LB_EXPOSED: &str = "apiVersion: sdn/v1
+kind: LoadBalancer
+metadata: {name: portal-lb, tenant: dept-a}
+spec: {vpc: portal, vipV4: 10.10.0.100, exposure: zone, natHosts: [{host: h2, ipv4: 10.10.0.200}]}
+";
+
 /// What nmap finds open from each zone; returns how many results differ.
 fn zones_matrix(topo: &Topology) -> usize {
     let cases: [(&str, &str, &str, &[u16], &str); 4] = [
@@ -600,6 +608,44 @@ async fn main() -> anyhow::Result<()> {
     println!("  vm2 -> 10.10.0.100:80: {ok} of 6 connections made (were vm3 still scheduled, half would be refused)");
     if !members.contains("health=down") || ok != 6 {
         println!("  vm3 not taken out of the schedule   <-- UNEXPECTED");
+        wrong += 1;
+    }
+
+    step("administrator: the portal's VIP exposed to the extranet, translated on h2 (its NAT host; the member left, vm1, is on h1); the extranet routes 10.10.0.100 to h2's uplink; an extranet host connects through it, the internet cannot (no exchange path to the VIP)");
+    let exposed = topo.dir.join("lb-exposed.yaml");
+    std::fs::write(&exposed, LB_EXPOSED)?;
+    println!("{}", LB_EXPOSED.trim_end());
+    sdnctl(&cluster, &["apply", "-f", exposed.to_str().unwrap(), "--wait"])?;
+    for (zone, via) in [("ext", "10.255.0.12"), ("net", "172.17.0.12")] {
+        topo.zone_ns(zone)
+            .sh(&["ip", "route", "replace", "10.10.0.100/32", "via", via])?;
+    }
+    let probe = bin("sdn-probe");
+    let from_zone = |zone: &str, src: &str, n: usize| {
+        (0..n)
+            .filter(|_| {
+                topo.zone_ns(zone)
+                    .sh(&[
+                        probe.to_str().unwrap(),
+                        "connect",
+                        "tcp",
+                        "10.10.0.100",
+                        "80",
+                        "--bind",
+                        src,
+                        "--timeout-ms",
+                        "700",
+                    ])
+                    .is_ok()
+            })
+            .count()
+    };
+    let ext_ok = from_zone("ext", EXT_HOST, 6);
+    println!("  extranet {EXT_HOST} -> 10.10.0.100:80: {ext_ok} of 6 connections made (h2 -> tunnel -> vm1, from 10.10.0.200)");
+    let net_ok = from_zone("net", NET_HOST, 3);
+    println!("  internet {NET_HOST} -> 10.10.0.100:80: {net_ok} of 3 (zone isolation on h2)");
+    if ext_ok != 6 || net_ok != 0 {
+        println!("  expected 6 and 0   <-- UNEXPECTED");
         wrong += 1;
     }
 
