@@ -1272,20 +1272,42 @@ impl Dataplane {
             }
         }
         // Replies whose flow is gone (timed out, or let go by its LRU): their
-        // NAT ports are free again. (A flow being made now writes its reply
-        // first: one removed here is made again by the flow's next packet.)
+        // NAT ports are free again. The programs write a flow before its
+        // reply, so a reply whose flow is not there when looked up after
+        // the reply was read has none.
         for reverse in [l::NAT_REVERSE, l::NAT_REVERSE_NEW] {
+            let map = self
+                .ebpf
+                .map(reverse)
+                .with_context(|| format!("map {reverse} missing"))?;
+            let h: BpfHashMap<&MapData, l::NatReverseKey, l::NatKey> = BpfHashMap::try_from(map)?;
+            let candidates: Vec<(l::NatReverseKey, l::NatKey)> = h
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(r, k)| !live.contains(&(*k, *r)))
+                .collect();
+            if candidates.is_empty() {
+                continue;
+            }
+            let flow_of = |name: &str, k: &l::NatKey| -> Option<l::NatFlow> {
+                let map = self.ebpf.map(name)?;
+                let h: BpfHashMap<&MapData, l::NatKey, l::NatFlow> = BpfHashMap::try_from(map).ok()?;
+                h.get(k, 0).ok()
+            };
+            let orphans: Vec<l::NatReverseKey> = candidates
+                .into_iter()
+                .filter(|(r, k)| {
+                    ![l::NAT_FLOWS, l::NAT_FLOWS_NEW]
+                        .iter()
+                        .any(|name| flow_of(name, k).is_some_and(|f| nat_reverse(k, &f) == *r))
+                })
+                .map(|(r, _)| r)
+                .collect();
             let map = self
                 .ebpf
                 .map_mut(reverse)
                 .with_context(|| format!("map {reverse} missing"))?;
             let mut h: BpfHashMap<&mut MapData, l::NatReverseKey, l::NatKey> = BpfHashMap::try_from(map)?;
-            let orphans: Vec<l::NatReverseKey> = h
-                .iter()
-                .filter_map(Result::ok)
-                .filter(|(r, k)| !live.contains(&(*k, *r)))
-                .map(|(r, _)| r)
-                .collect();
             for r in orphans {
                 let _ = h.remove(&r);
             }

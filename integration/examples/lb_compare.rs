@@ -315,7 +315,23 @@ async fn main() -> anyhow::Result<()> {
                     (&peer_client, PEER_VIP)
                 }
             };
+            let drops_before = lab.drops("h1")?["drops"].clone();
             let (c, f) = conns(ns, vip, secs)?;
+            if mode.starts_with("ours") {
+                // What the host dropped meanwhile, by reason (a failed
+                // connection's cause, when it is ours).
+                let after = lab.drops("h1")?["drops"].clone();
+                let grew: Vec<String> = after
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(k, v)| {
+                        let d = v.as_u64()? - drops_before[k].as_u64().unwrap_or(0);
+                        (d > 0).then(|| format!("{k}={d}"))
+                    })
+                    .collect();
+                eprintln!("[lb_compare] {mode}: drops during the connections: {grew:?}");
+            }
             cps[i].push(c);
             failed[i] += f;
             one[i].push(iperf(ns, vip, secs, 1)?);

@@ -499,15 +499,17 @@ fn record(m: &Meta, key: &NatKey) -> Result<(), DropReason> {
         bytes_out: 0,
     };
     let rk = reverse_key(&f, m.family, m.proto);
+    // The flow first, then its reply: a reply is never there without its
+    // flow (the agent's collector removes replies whose flow is gone).
+    if NAT_FLOWS_NEW.insert(key, &f, 0).is_err() {
+        return Err(DropReason::CtFull);
+    }
     // A retransmitted first packet, scheduled again to the same member and
     // port, finds its own reply there.
     let mine = NAT_REVERSE_NEW.get_ptr(&rk).is_some_and(|p| names(p, key));
     if !mine && NAT_REVERSE_NEW.insert(&rk, key, BPF_NOEXIST).is_err() {
+        let _ = NAT_FLOWS_NEW.remove(key);
         return Err(DropReason::NatNoPort);
-    }
-    if NAT_FLOWS_NEW.insert(key, &f, 0).is_err() {
-        let _ = NAT_REVERSE_NEW.remove(&rk);
-        return Err(DropReason::CtFull);
     }
     if !mine {
         conns(m.lb_service, m.lb_slot, 1, 0);
@@ -579,13 +581,14 @@ fn close(f: &mut NatFlow) {
 fn promote(key: &NatKey, f: &NatFlow, rk: &NatReverseKey) {
     let mut nf = *f;
     nf.flags = (nf.flags & !NAT_F_REPLIED) | LB_FLOW_OPEN;
-    // The reply's entry first: when the table of replies is full the flow
-    // stays unconfirmed (its LRU may let it go; no confirmed flow does).
-    if NAT_REVERSE.insert(rk, key, 0).is_err() {
+    // The flow first, then its reply (see `record`); when the table of
+    // replies is full the flow stays unconfirmed (its LRU may let it go;
+    // no confirmed flow does).
+    if NAT_FLOWS.insert(key, &nf, 0).is_err() {
         return;
     }
-    if NAT_FLOWS.insert(key, &nf, 0).is_err() {
-        let _ = NAT_REVERSE.remove(rk);
+    if NAT_REVERSE.insert(rk, key, 0).is_err() {
+        let _ = NAT_FLOWS.remove(key);
         return;
     }
     let _ = NAT_FLOWS_NEW.remove(key);
