@@ -1356,7 +1356,10 @@ async fn a_vip_exposed_to_its_zone_is_reached_only_through_its_nat_hosts_and_exc
     .unwrap();
     let _m1 = nginx(&lab, "m1");
     let _m2 = nginx(&lab, "m2");
-    let _echo = lab.topo.serve(&["m1", "m2"], &[], &["--tcp", "9000"]).unwrap();
+    let _echo = lab
+        .topo
+        .serve(&["m1", "m2"], &[], &["--tcp", "9000", "--udp", "9001"])
+        .unwrap();
     std::thread::sleep(std::time::Duration::from_millis(500));
     // lbz: translated on h3, which has no port of the VPC (both members
     // through the tunnel); lbl: on h2, where m2 lives (one member there).
@@ -1400,6 +1403,15 @@ async fn a_vip_exposed_to_its_zone_is_reached_only_through_its_nat_hosts_and_exc
         ops.push(op);
     }
     ops.push(listener("lbz-echo", "lbz", "tcp", 9000, "lbz-e", "maglev"));
+    ops.push(pool("lbz-u", "lbz"));
+    for m in ["m1", "m2"] {
+        let mut op = member(&format!("lbz-u-{m}"), "lbz-u", m, "", 1);
+        if let pb::operation::Op::PutMember(x) = &mut op {
+            x.port = 9001;
+        }
+        ops.push(op);
+    }
+    ops.push(listener("lbz-udp", "lbz", "udp", 53, "lbz-u", "maglev"));
     assert!(lab.cluster.apply(ops).await.expect("the load balancers").enforced);
     route_vip(&lab, "ext", EXT, "10.40.1.100", 3);
     route_vip(&lab, "ext", EXT, "fd40:1::100", 3);
@@ -1645,4 +1657,28 @@ async fn a_vip_exposed_to_its_zone_is_reached_only_through_its_nat_hosts_and_exc
         rules_of("10.99.0.1"),
         [("va-border/default".to_string(), "allow".to_string())].into()
     );
+
+    // The NAT host's tables at 1,024 entries (its agent restarted with
+    // them, a connection held through the VIP across the restart): a flood
+    // of 1,500 UDP flows from the zone fills them; the flows beyond are
+    // refused and counted, and the held connection loses nothing.
+    let ext_ns = lab.topo.zone_ns("ext").name.clone();
+    let held = hold_from(&ext_ns, "10.40.1.100", 9000, 8);
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    restart_agent_of(&mut lab, "h3", &["--flow-table-size", "1024"]);
+    let full = lab.counter("h3", "drops", "ct_full");
+    let answered: usize = lab
+        .topo
+        .zone_ns("ext")
+        .sh(&["python3", "-c", UDP_FLOOD, "10.40.1.100", "1500"])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let refused = lab.counter("h3", "drops", "ct_full") - full;
+    eprintln!("north-south flood: {answered} of 1500 answered, {refused} refused as ct_full");
+    assert!((900..=1024).contains(&answered), "{answered} answered");
+    assert!(refused >= 400, "{refused} refused");
+    held_without_loss(held);
+    restart_agent_of(&mut lab, "h3", &[]);
 }

@@ -453,9 +453,11 @@ pub static LB_REVERSE_NEW: LruHashMap<LbReverseKey, LbReverse> = LruHashMap::pin
 pub static NAT_SERVICES: HashMap<NatServiceKey, NatService> = HashMap::pinned(LB_SERVICES_MAX, 0);
 
 /// Confirmed north-south flows, by the zone's side (as many as the flow
-/// table holds).
+/// table holds). A plain hash, as the flow table is: nothing evicts a
+/// confirmed flow; a flow that finds it full stays unconfirmed and is
+/// refused (`ct_full`). The agent's collector removes those timed out.
 #[map(name = "SDN_NAT_FLOWS")]
-pub static NAT_FLOWS: LruHashMap<NatKey, NatFlow> = LruHashMap::pinned(LB_FLOWS_MAX, 0);
+pub static NAT_FLOWS: HashMap<NatKey, NatFlow> = HashMap::pinned(LB_FLOWS_MAX, 0);
 
 /// Their replies, by the VPC's side: the zone's side of the flow. A plain
 /// hash: a reply's entry holds its NAT port until the agent's collector

@@ -317,7 +317,7 @@ pub fn commit(ctx: &mut TcContext, m: &Meta) -> Result<(), DropReason> {
                 && m.tcp_flags & (TCP_ACK | TCP_SYN) == TCP_ACK
                 && m.tcp_ack == f.reply_ack
             {
-                promote(&key, f, &rk);
+                promote(&key, f, &rk)?;
             }
         }
         LB_EST => {
@@ -578,23 +578,24 @@ fn close(f: &mut NatFlow) {
 /// An unconfirmed flow confirmed: moved, with its reply, to the confirmed
 /// flows; it now counts as open for its member.
 #[inline(never)]
-fn promote(key: &NatKey, f: &NatFlow, rk: &NatReverseKey) {
+fn promote(key: &NatKey, f: &NatFlow, rk: &NatReverseKey) -> Result<(), DropReason> {
     let mut nf = *f;
     nf.flags = (nf.flags & !NAT_F_REPLIED) | LB_FLOW_OPEN;
-    // The flow first, then its reply (see `record`); when the table of
-    // replies is full the flow stays unconfirmed (its LRU may let it go;
-    // no confirmed flow does).
+    // The flow first, then its reply (see `record`). When either table is
+    // full, the packet that would confirm the flow is refused and the flow
+    // stays unconfirmed (its LRU may let it go; no confirmed flow goes).
     if NAT_FLOWS.insert(key, &nf, 0).is_err() {
-        return;
+        return Err(DropReason::CtFull);
     }
     if NAT_REVERSE.insert(rk, key, 0).is_err() {
         let _ = NAT_FLOWS.remove(key);
-        return;
+        return Err(DropReason::CtFull);
     }
     let _ = NAT_FLOWS_NEW.remove(key);
     let _ = NAT_REVERSE_NEW.remove(rk);
     conns(nf.service, nf.slot, -1, 1);
     count(Stat::CtPromoted);
+    Ok(())
 }
 
 /// The zone guard and the border firewall of the flow `key` as it was
@@ -685,7 +686,7 @@ pub fn outbound(ctx: &mut TcContext, m: &Meta) -> Result<u32, DropReason> {
                 f.reply_ack = m.tcp_seq.wrapping_add(1);
             }
         } else {
-            promote(&key, f, &rk);
+            promote(&key, f, &rk)?;
         }
     }
     lb::rewrite(ctx, m, false, &m.src, &key.vip, m.sport, key.vport)?;
