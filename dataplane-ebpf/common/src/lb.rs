@@ -266,7 +266,10 @@ pub struct NatFlow {
     /// sequence number a client's FIN or RST must carry to close the flow
     /// (a zone's host forging one cannot know it).
     pub member_ack: u32,
-    pub _pad2: u32,
+    /// TCP: the client's first sequence number (its SYN's): the member's
+    /// SYN-ACK must acknowledge it, so an answer of another flow that
+    /// once held the NAT port is never taken for this one's.
+    pub client_isn: u32,
     pub created_ns: u64,
     pub last_seen_ns: u64,
     pub packets_in: u64,
@@ -299,6 +302,14 @@ pub const NAT_F_CLOSING: u32 = 8;
 pub const NAT_F_REPLIED: u32 = 4;
 /// `member_ack` holds the member's last acknowledgement.
 pub const NAT_F_ACKED: u32 = 16;
+/// The client's FIN was seen (at the member's acknowledged sequence), and
+/// the member's: with both, a SYN on the tuple may open a new flow.
+pub const NAT_F_FIN_IN: u32 = 32;
+pub const NAT_F_FIN_OUT: u32 = 64;
+/// A client's FIN or RST is taken as closing (the closing timeout) when
+/// its sequence number is within this much past the member's last
+/// acknowledgement; only an exact match ends a flow at once (RST).
+pub const NAT_CLOSE_WINDOW: u32 = 65_536;
 /// NAT ports a host gives a member's address and port: from this one up.
 pub const NAT_PORT_FIRST: u16 = 1024;
 /// Tries at a free NAT port for a new flow before it is refused.

@@ -23,7 +23,8 @@ use aya_ebpf::programs::TcContext;
 use dataplane_common::{
     lb::{
         nat_timeout, NatFlow, NatKey, NatReverseKey, NatService, NatServiceKey, LB_BACKENDS, LB_FLOW_CLOSED,
-        LB_FLOW_OPEN, NAT_F_ACKED, NAT_F_CLOSING, NAT_F_REPLIED, NAT_PORT_FIRST, NAT_PORT_TRIES,
+        LB_FLOW_OPEN, NAT_CLOSE_WINDOW, NAT_F_ACKED, NAT_F_CLOSING, NAT_F_FIN_IN, NAT_F_FIN_OUT, NAT_F_REPLIED,
+        NAT_PORT_FIRST, NAT_PORT_TRIES,
     },
     maps::{CtKey, DOOR_VPC, DOOR_ZONE, EP_F_GATEWAY, EP_F_NAT, EP_F_PEER, FW_ALLOW},
     DropReason, Stat, DIR_INGRESS, PROTO_TCP, PROTO_UDP,
@@ -161,13 +162,30 @@ pub fn schedule(m: &mut Meta) -> Result<(), DropReason> {
     // (a retransmitted SYN goes where the first did).
     // Unlike east-west (a VM cannot forge its source), a SYN on a
     // confirmed flow's tuple from a zone may be forged: it opens a new
-    // flow only once the member has closed the old one (or it timed out);
-    // until then it is dropped.
+    // flow only once both sides have closed the old one, or the old one is
+    // dead (timed out, its member gone); until then it is dropped.
     let confirmed = NAT_FLOWS.get_ptr(&key);
     if let Some(p) = confirmed {
         // SAFETY: a live map value, read field by field.
-        let (flags, seen) = unsafe { ((*p).flags, (*p).last_seen_ns) };
-        if syn && flags & NAT_F_CLOSING == 0 && m.now.saturating_sub(seen) <= nat_timeout(m.proto, flags, true) {
+        let (flags, seen, service, vni, slot, backend, backend_port) = unsafe {
+            (
+                (*p).flags,
+                (*p).last_seen_ns,
+                (*p).service,
+                (*p).vni,
+                (*p).slot,
+                (*p).backend,
+                (*p).backend_port,
+            )
+        };
+        let both = NAT_F_FIN_IN | NAT_F_FIN_OUT;
+        if syn
+            && flags & both != both
+            && m.now.saturating_sub(seen) <= nat_timeout(m.proto, flags, true)
+            && service == ns.lb.id
+            && vni == ns.vni
+            && lb::holds(ns.lb.id, slot, &backend, backend_port)
+        {
             return Err(DropReason::NatSynOnFlow);
         }
     }
@@ -310,8 +328,11 @@ pub fn commit(ctx: &mut TcContext, m: &Meta) -> Result<(), DropReason> {
             let rk = reverse_key(f, m.family, m.proto);
             claim_new(&rk, &key)?;
             seen_in(f, m);
-            if closes(f, m) && m.tcp_flags & TCP_RST != 0 {
+            let c = closes(f, m);
+            if c == CLOSE_NOW && m.tcp_flags & TCP_RST != 0 {
                 forget(&key, &rk, false);
+            } else if c != CLOSE_NOT {
+                f.flags |= NAT_F_CLOSING;
             } else if m.proto == PROTO_TCP
                 && f.flags & NAT_F_REPLIED != 0
                 && m.tcp_flags & (TCP_ACK | TCP_SYN) == TCP_ACK
@@ -329,13 +350,16 @@ pub fn commit(ctx: &mut TcContext, m: &Meta) -> Result<(), DropReason> {
             let rk = reverse_key(f, m.family, m.proto);
             claim(&rk, &key)?;
             seen_in(f, m);
-            if closes(f, m) {
-                if m.tcp_flags & TCP_RST != 0 {
-                    forget(&key, &rk, true);
-                } else {
-                    f.flags |= NAT_F_CLOSING;
+            match closes(f, m) {
+                CLOSE_NOW if m.tcp_flags & TCP_RST != 0 => forget(&key, &rk, true),
+                CLOSE_NOW => {
+                    f.flags |= NAT_F_CLOSING | NAT_F_FIN_IN;
                     close(f);
                 }
+                // Near the acknowledged sequence (unacknowledged data
+                // before it): the closing timeout, nothing more.
+                CLOSE_SOON => f.flags |= NAT_F_CLOSING,
+                _ => {}
             }
         }
         _ => return Err(DropReason::Pipeline),
@@ -378,14 +402,28 @@ fn seen_in(f: &mut NatFlow, m: &Meta) {
 }
 
 /// Whether the client's packet closes its flow: a FIN or RST at the
-/// sequence number the member acknowledged last.
+/// sequence number the member acknowledged last (a forger, who has not
+/// seen it, would need 2^32 tries), or a little past it.
 #[inline(always)]
-fn closes(f: &NatFlow, m: &Meta) -> bool {
-    m.proto == PROTO_TCP
-        && m.tcp_flags & (TCP_FIN | TCP_RST) != 0
-        && f.flags & NAT_F_ACKED != 0
-        && m.tcp_seq == f.member_ack
+fn closes(f: &NatFlow, m: &Meta) -> u8 {
+    if m.proto != PROTO_TCP || m.tcp_flags & (TCP_FIN | TCP_RST) == 0 || f.flags & NAT_F_ACKED == 0 {
+        return CLOSE_NOT;
+    }
+    let ahead = m.tcp_seq.wrapping_sub(f.member_ack);
+    if ahead == 0 {
+        CLOSE_NOW
+    } else if ahead < NAT_CLOSE_WINDOW {
+        CLOSE_SOON
+    } else {
+        CLOSE_NOT
+    }
 }
+
+/// What a client's FIN or RST does: nothing (a forged one, far from the
+/// member's acknowledgement), the closing timeout, or close now.
+const CLOSE_NOT: u8 = 0;
+const CLOSE_SOON: u8 = 1;
+const CLOSE_NOW: u8 = 2;
 
 /// A flow reset: gone at once, with its reply (its NAT port is free again;
 /// the member's conntrack lets a new flow on the tuple open).
@@ -435,6 +473,9 @@ fn names(p: *const NatKey, key: &NatKey) -> bool {
 /// of a flow whose NAT port another flow holds goes nowhere.
 #[inline(never)]
 fn claim(rk: &NatReverseKey, key: &NatKey) -> Result<(), DropReason> {
+    if NAT_REVERSE_NEW.get_ptr(rk).is_some_and(|p| !names(p, key)) {
+        return Err(DropReason::NatNoFlow);
+    }
     match NAT_REVERSE.get_ptr(rk) {
         Some(p) if names(p, key) => Ok(()),
         Some(_) => Err(DropReason::NatNoFlow),
@@ -447,8 +488,13 @@ fn claim(rk: &NatReverseKey, key: &NatKey) -> Result<(), DropReason> {
 /// The same for an unconfirmed flow (whose entry its LRU may have let go).
 #[inline(never)]
 fn claim_new(rk: &NatReverseKey, key: &NatKey) -> Result<(), DropReason> {
-    if NAT_REVERSE.get_ptr(rk).is_some() {
-        return Err(DropReason::NatNoFlow);
+    if let Some(p) = NAT_REVERSE.get_ptr(rk) {
+        // Promoted meanwhile (another CPU): the flow's own; else another's.
+        return if names(p, key) {
+            Ok(())
+        } else {
+            Err(DropReason::NatNoFlow)
+        };
     }
     match NAT_REVERSE_NEW.get_ptr(rk) {
         Some(p) if names(p, key) => Ok(()),
@@ -490,7 +536,7 @@ fn record(m: &Meta, key: &NatKey) -> Result<(), DropReason> {
         vni: m.nat_vni,
         reply_ack: 0,
         member_ack: 0,
-        _pad2: 0,
+        client_isn: m.tcp_seq,
         created_ns: m.now,
         last_seen_ns: m.now,
         packets_in: 1,
@@ -671,8 +717,13 @@ pub fn outbound(ctx: &mut TcContext, m: &Meta) -> Result<u32, DropReason> {
         f.flags |= NAT_F_ACKED;
     }
     let reset = m.proto == PROTO_TCP && m.tcp_flags & TCP_RST != 0;
+    // The member's SYN-ACK must answer this flow's SYN: another flow that
+    // held the NAT port before (its reply entry let go) is not this one.
+    if !confirmed && m.proto == PROTO_TCP && m.tcp_flags & TCP_SYN != 0 && m.tcp_ack != f.client_isn.wrapping_add(1) {
+        return Err(DropReason::NatNoFlow);
+    }
     if m.proto == PROTO_TCP && m.tcp_flags & TCP_FIN != 0 {
-        f.flags |= NAT_F_CLOSING;
+        f.flags |= NAT_F_CLOSING | NAT_F_FIN_OUT;
         if confirmed {
             close(f);
         }
