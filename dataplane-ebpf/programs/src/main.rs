@@ -18,6 +18,13 @@
 //! drops the packet (`pipeline`). Nothing is written before `st_commit`, so
 //! a packet that any stage drops leaves no state behind.
 //!
+//! North-south, on a load balancer's NAT hosts (`nat.rs`): `st_nat_in`
+//! (zone guard and border firewall of a packet from the zone to a VIP),
+//! `st_nat_lb` (member and NAT port, then `st_guard` on the way into the
+//! VPC), `st_nat_commit` (the flow's writes and translation, after
+//! `st_commit`), `st_nat_out` (a member's reply translated back out of
+//! the client's uplink).
+//!
 //! `to_uplink` (TC egress of an uplink) stands alone: a VM's address leaves
 //! only as the pipeline sent it.
 #![cfg_attr(target_arch = "bpf", no_std)]

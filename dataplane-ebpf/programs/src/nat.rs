@@ -6,7 +6,7 @@
 //!   VPC's border firewall (tier 3), in `st_nat_in`;
 //! - gives a new flow its member as the east-west translation does (the
 //!   same services, tables and schedulers) and a NAT port of its own
-//!   address in the VPC, in `st_lb` ([`schedule`]);
+//!   address in the VPC, in `st_nat_lb` ([`schedule`]);
 //! - sends it into the VPC from its NAT address: the member's security
 //!   groups, quarantine and conntrack judge it where the member lives
 //!   (through the pipeline here, or on the member's host after the
@@ -16,8 +16,11 @@
 //!   and sends them out of the uplink the flow came in by ([`outbound`],
 //!   in `st_nat_out`).
 //!
-//! Nothing is written before the commit ([`commit`]): a packet any tier
-//! drops leaves no flow behind.
+//! The flow's own state is written in `st_nat_commit` ([`commit`]), after
+//! `st_commit` wrote the member's side: a packet any tier drops leaves no
+//! flow behind. (A refusal in `st_nat_commit` itself, a race for a NAT
+//! port or full tables, leaves the member's unconfirmed conntrack entry,
+//! which times out as any unanswered flow's does.)
 
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{
