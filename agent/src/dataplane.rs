@@ -1240,19 +1240,8 @@ impl Dataplane {
                     port: k.vport,
                     addr: k.vip,
                 };
-                if let Some((name, members)) = self.lb_names.get(&service) {
-                    let vip = crate::flows::addr(k.family, &k.vip);
-                    self.nat_records.insert(
-                        ck,
-                        sdn_flowexport::record::LbRecord {
-                            service: name.rsplit_once('/').map_or(name.as_str(), |(s, _)| s).to_string(),
-                            vip: match vip {
-                                std::net::IpAddr::V4(a) => format!("{a}:{}", k.vport),
-                                std::net::IpAddr::V6(a) => format!("[{a}]:{}", k.vport),
-                            },
-                            member: members.get(&(f.backend, f.backend_port)).cloned().unwrap_or_default(),
-                        },
-                    );
+                if let Some(r) = self.lb_record(&service, &f.backend, f.backend_port) {
+                    self.nat_records.insert(ck, r);
                 }
                 observe(&ck, &cv, expired);
             }
@@ -1641,17 +1630,28 @@ impl Dataplane {
             port: r.vport,
             addr: r.vip,
         };
-        let (name, members) = self.lb_names.get(&key)?;
+        self.lb_record(&key, &k.remote, k.remote_port)
+    }
+
+    /// What a flow record says of a flow through service `key` to the
+    /// backend `backend`:`port`: the service, the VIP and port, the member.
+    fn lb_record(
+        &self,
+        key: &dataplane_common::lb::LbServiceKey,
+        backend: &[u8; 16],
+        port: u16,
+    ) -> Option<sdn_flowexport::record::LbRecord> {
+        let (name, members) = self.lb_names.get(key)?;
         // "lb/listener/family": the service is the listener of its load
         // balancer.
         let service = name.rsplit_once('/').map_or(name.as_str(), |(s, _)| s).to_string();
-        let member = members.get(&(k.remote, k.remote_port)).cloned().unwrap_or_default();
-        let vip = crate::flows::addr(k.family, &r.vip);
+        let member = members.get(&(*backend, port)).cloned().unwrap_or_default();
+        let vip = crate::flows::addr(key.family, &key.addr);
         Some(sdn_flowexport::record::LbRecord {
             service,
             vip: match vip {
-                std::net::IpAddr::V4(a) => format!("{a}:{}", r.vport),
-                std::net::IpAddr::V6(a) => format!("[{a}]:{}", r.vport),
+                std::net::IpAddr::V4(a) => format!("{a}:{}", key.port),
+                std::net::IpAddr::V6(a) => format!("[{a}]:{}", key.port),
             },
             member,
         })

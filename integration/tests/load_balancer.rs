@@ -1041,19 +1041,7 @@ async fn failing_members_leave_the_schedule_and_come_back() {
         .start()
         .await
         .expect("the lab");
-    let pen = sdn_flowexport::record::PEN_DEFAULT;
-    let collector = sdn_integration::supervisor::Nfacctd::start(
-        &lab.topo.host_ns("h1").name,
-        &logs.path().join("nfacctd"),
-        4739,
-        &format!(
-            "name=lb_service\tfield_type={pen}:40\tlen=vlen\tsemantics=str\n\
-             name=lb_vip\tfield_type={pen}:41\tlen=vlen\tsemantics=str\n\
-             name=lb_member\tfield_type={pen}:42\tlen=vlen\tsemantics=str\n"
-        ),
-        ",lb_service,lb_vip,lb_member",
-    )
-    .unwrap();
+    let collector = lb_collector(&lab, "h1", logs.path());
     let _b1 = nginx(&lab, "b1");
     let mut b2 = nginx(&lab, "b2");
     std::thread::sleep(std::time::Duration::from_millis(500));
@@ -1262,6 +1250,28 @@ async fn failing_members_leave_the_schedule_and_come_back() {
 /// The distributed gateway's MAC as tcpdump prints it.
 const GATEWAY_MAC_TEXT: &str = "0e:5d:6e:00:00:01";
 
+/// pmacct's nfacctd in `host`'s namespace, decoding the load balancer's
+/// elements (the deployment's PEN: service 40, VIP 41, member 42).
+fn lb_collector(
+    lab: &sdn_integration::lab::Lab,
+    host: &str,
+    dir: &std::path::Path,
+) -> sdn_integration::supervisor::Nfacctd {
+    let pen = sdn_flowexport::record::PEN_DEFAULT;
+    sdn_integration::supervisor::Nfacctd::start(
+        &lab.topo.host_ns(host).name,
+        &dir.join("nfacctd"),
+        4739,
+        &format!(
+            "name=lb_service\tfield_type={pen}:40\tlen=vlen\tsemantics=str\n\
+             name=lb_vip\tfield_type={pen}:41\tlen=vlen\tsemantics=str\n\
+             name=lb_member\tfield_type={pen}:42\tlen=vlen\tsemantics=str\n"
+        ),
+        ",lb_service,lb_vip,lb_member",
+    )
+    .unwrap()
+}
+
 /// One HTTP GET from a zone's network, from its address `src`: the
 /// answer ("member address-the-member-saw"), or the error.
 fn zone_get(lab: &sdn_integration::lab::Lab, zone: &str, src: &str, addr: &str, port: u16) -> String {
@@ -1341,19 +1351,7 @@ async fn a_vip_exposed_to_its_zone_is_reached_only_through_its_nat_hosts_and_exc
         .await
         .expect("the lab");
     let logs = tempfile::tempdir().unwrap();
-    let pen = sdn_flowexport::record::PEN_DEFAULT;
-    let collector = sdn_integration::supervisor::Nfacctd::start(
-        &lab.topo.host_ns("h3").name,
-        &logs.path().join("nfacctd"),
-        4739,
-        &format!(
-            "name=lb_service\tfield_type={pen}:40\tlen=vlen\tsemantics=str\n\
-             name=lb_vip\tfield_type={pen}:41\tlen=vlen\tsemantics=str\n\
-             name=lb_member\tfield_type={pen}:42\tlen=vlen\tsemantics=str\n"
-        ),
-        ",lb_service,lb_vip,lb_member",
-    )
-    .unwrap();
+    let collector = lb_collector(&lab, "h3", logs.path());
     let _m1 = nginx(&lab, "m1");
     let _m2 = nginx(&lab, "m2");
     let _echo = lab

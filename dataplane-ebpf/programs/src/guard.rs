@@ -216,15 +216,21 @@ fn resolve(m: &mut Meta) -> Result<(), DropReason> {
         }
         return Ok(());
     }
+    // A peer's address lives in its own VPC: the receiver checks it there.
+    into_tunnel(m, if peer { ep.vni } else { port.vni }, ep.host_v4)
+}
+
+/// Sends the packet through the tunnel, in VNI `vni`, to the host `remote`.
+#[inline(always)]
+pub fn into_tunnel(m: &mut Meta, vni: u32, remote: [u8; 4]) -> Result<(), DropReason> {
     let vxlan = CONFIG.get(0).map(|c| c.vxlan_ifindex).unwrap_or(0);
     if vxlan == 0 {
         return Err(DropReason::NoRoute);
     }
     m.out = O_TUNNEL;
     m.out_ifx = vxlan;
-    // A peer's address lives in its own VPC: the receiver checks it there.
-    m.tun_vni = if peer { ep.vni } else { port.vni };
-    m.tun_remote = ep.host_v4;
+    m.tun_vni = vni;
+    m.tun_remote = remote;
     Ok(())
 }
 

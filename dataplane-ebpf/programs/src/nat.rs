@@ -39,8 +39,7 @@ use crate::{
     guard::{exchange_admits, pure_syn},
     lb,
     maps::{
-        count, CONFIG, LB_CONNS, LB_CURSOR, NAT_FLOWS, NAT_FLOWS_NEW, NAT_REVERSE, NAT_REVERSE_NEW, NAT_SEED,
-        NAT_SERVICES,
+        count, LB_CONNS, LB_CURSOR, NAT_FLOWS, NAT_FLOWS_NEW, NAT_REVERSE, NAT_REVERSE_NEW, NAT_SEED, NAT_SERVICES,
     },
     meta::{Meta, E_NAT, K_IP, LB_EST, LB_EST_NEW, LB_NEW, LB_NONE, LB_NO_CURSOR, O_PORT, O_TUNNEL, X_NONE},
     overlay::endpoint,
@@ -298,15 +297,7 @@ fn into_vpc(m: &mut Meta) -> Result<(), DropReason> {
         m.out_ifx = ep.ifindex;
         return Ok(());
     }
-    let vxlan = CONFIG.get(0).map(|c| c.vxlan_ifindex).unwrap_or(0);
-    if vxlan == 0 {
-        return Err(DropReason::NoRoute);
-    }
-    m.out = O_TUNNEL;
-    m.out_ifx = vxlan;
-    m.tun_vni = vni;
-    m.tun_remote = ep.host_v4;
-    Ok(())
+    crate::guard::into_tunnel(m, vni, ep.host_v4)
 }
 
 /// At the commit, once every tier has passed the packet: a new flow is
