@@ -5,16 +5,17 @@
 //!
 //! | role | may |
 //! |---|---|
-//! | platform | tenants, VPCs, subnets, hosts, ports; load balancers exposed to their VPC only; read everything |
-//! | admin | every other kind (zones, exchange paths, firewalls, quarantines, security groups, peerings, load balancers); read everything; cluster membership |
-//! | tenant | its own tenant's security groups, and load balancers exposed to their VPC only; read its own tenant's objects and the audit records it made |
+//! | platform | tenants, VPCs, subnets, hosts, ports; load balancers exposed to their VPC only; virtual IPs held by ports; read everything |
+//! | admin | every other kind (zones, exchange paths, firewalls, quarantines, security groups, peerings, load balancers, virtual IPs); read everything; cluster membership |
+//! | tenant | its own tenant's security groups, load balancers exposed to their VPC only, and virtual IPs held by its ports; read its own tenant's objects and the audit records it made |
 //! | supervisor | read everything, the audit log and enforcement; change nothing |
 //! | agent | `Register`, `Watch`, `Ack` for the host its certificate names |
 //! | replica | the Raft and cluster services, and requests it forwards for a caller |
 //!
 //! A load balancer exposed to its zone, and its listeners, are an
 //! administrator's alone: exposing a VIP to a zone opens it as an exchange
-//! path does.
+//! path does. So is a virtual IP held by hosts: it says which hosts answer
+//! for such a VIP on the zone.
 //!
 //! A replica that forwards a caller's request to the leader says whom it
 //! acts for (`sdn-on-behalf-of`); only a replica's word is taken for it.
@@ -24,7 +25,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use sdn_policies::{Exposure, Kind, LoadBalancer, Op, State};
+use sdn_policies::{Exposure, Kind, LoadBalancer, Op, State, VirtualIp};
 use sdn_proto::tls::{Identity, Peer, Role};
 use tonic::{Request, Status};
 
@@ -168,7 +169,11 @@ impl Caller {
             let what = format!("operations[{i}].{} {} {obj}", op.field(), kind.name());
             let tenant = id.tenant.as_deref().unwrap_or_default();
             let ok = match id.role {
-                Role::Platform => platform_kind(kind) || (lb_kind(kind) && !batch.zone_exposed(op, state)),
+                Role::Platform => {
+                    platform_kind(kind)
+                        || (lb_kind(kind) && !batch.zone_exposed(op, state))
+                        || (kind == Kind::VirtualIp && !vip_host_held(op, state))
+                }
                 Role::Admin => !platform_kind(kind),
                 Role::Tenant => tenant_may_write(tenant, op, &batch, state),
                 Role::Supervisor | Role::Agent | Role::Replica => false,
@@ -181,15 +186,24 @@ impl Caller {
                 let exposed = lb_kind(kind)
                     && batch.zone_exposed(op, state)
                     && (id.role == Role::Platform || (id.role == Role::Tenant && own()));
+                let hosts_vip = kind == Kind::VirtualIp
+                    && vip_host_held(op, state)
+                    && (id.role == Role::Platform || (id.role == Role::Tenant && vip_own(tenant, op, state)));
                 let why = match id.role {
+                    _ if hosts_vip => "a virtual ip held by hosts is an administrator's to change".into(),
                     _ if exposed => {
                         "a load balancer exposed to its zone, and its listeners, are an administrator's to change"
                             .into()
                     }
                     Role::Tenant => {
-                        format!("a tenant changes only its own tenant's security groups and load balancers ({tenant})")
+                        format!(
+                            "a tenant changes only its own tenant's security groups, load balancers and virtual ips ({tenant})"
+                        )
                     }
-                    Role::Platform => "the platform provisions tenants, VPCs, subnets, hosts and ports".into(),
+                    Role::Platform => {
+                        "the platform provisions tenants, VPCs, subnets, hosts, ports and virtual ips held by ports"
+                            .into()
+                    }
                     Role::Admin => "the platform provisions tenants, VPCs, subnets, hosts and ports".into(),
                     _ => "this role changes nothing".into(),
                 };
@@ -291,6 +305,9 @@ fn tenant_may_write<'a>(tenant: &str, op: &'a Op, batch: &BatchLbs<'a>, state: &
     if lb_kind(kind) {
         return !batch.zone_exposed(op, state) && batch.touched(op, state).iter().all(|l| l.tenant_id == tenant);
     }
+    if kind == Kind::VirtualIp {
+        return !vip_host_held(op, state) && vip_own(tenant, op, state);
+    }
     match op {
         Op::PutSecurityGroup(g) => g.tenant_id == tenant && owned_now(&g.id).unwrap_or(true),
         Op::Delete {
@@ -299,6 +316,31 @@ fn tenant_may_write<'a>(tenant: &str, op: &'a Op, batch: &BatchLbs<'a>, state: &
         } => owned_now(id) == Some(true),
         _ => false,
     }
+}
+
+/// The virtual IP an operation puts, and the one its id names now.
+fn vips_touched<'a>(op: &'a Op, state: &'a State) -> impl Iterator<Item = &'a VirtualIp> {
+    let put = match op {
+        Op::PutVirtualIp(v) => Some(v),
+        _ => None,
+    };
+    let (_, id) = op.key();
+    put.into_iter().chain(state.virtual_ips.get(id))
+}
+
+/// Whether a virtual IP's operation puts or changes one held by hosts.
+fn vip_host_held(op: &Op, state: &State) -> bool {
+    vips_touched(op, state).any(VirtualIp::host_held)
+}
+
+/// Whether every virtual IP an operation touches is `tenant`'s (and a
+/// delete names one that exists).
+fn vip_own(tenant: &str, op: &Op, state: &State) -> bool {
+    let mut n = 0;
+    vips_touched(op, state).all(|v| {
+        n += 1;
+        v.tenant_id == tenant
+    }) && n > 0
 }
 
 /// A refusal, logged as a security event.

@@ -76,7 +76,7 @@ const MAX_BATCH: usize = sdn_policies::limits::input::BATCH_OPS_MAX;
 use crate::auth::{forward as mark, forwarded};
 
 /// What a tenant sees of the state: its tenant, VPCs, their subnets, its
-/// ports and security groups.
+/// ports, security groups, load balancers and virtual IPs.
 fn tenant_view(s: &sdn_policies::State, tenant: &str) -> sdn_policies::State {
     let mut v = sdn_policies::State::default();
     if let Some(t) = s.tenants.get(tenant) {
@@ -128,6 +128,12 @@ fn tenant_view(s: &sdn_policies::State, tenant: &str) -> sdn_policies::State {
         .members
         .iter()
         .filter(|(_, x)| v.pools.contains_key(&x.pool_id))
+        .map(|(k, x)| (k.clone(), x.clone()))
+        .collect();
+    v.virtual_ips = s
+        .virtual_ips
+        .iter()
+        .filter(|(_, x)| x.tenant_id == tenant)
         .map(|(k, x)| (k.clone(), x.clone()))
         .collect();
     v

@@ -458,7 +458,9 @@ impl Shares {
                         }
                     }
                 }
-                Kind::Tenant => {}
+                // No host's share holds virtual IPs yet: their addresses
+                // are no port's, so every port's anti-spoofing drops them.
+                Kind::Tenant | Kind::VirtualIp => {}
             }
         }
         for n in &dirty {

@@ -248,6 +248,37 @@ pub fn exposed(lb: pb::LoadBalancer, host: &str, source: &str) -> pb::LoadBalanc
         ..lb
     }
 }
+/// A virtual IP of `vpc` held by `holders` (a port's or a host's id, as
+/// `by_host` says, and its priority).
+pub fn virtual_ip(
+    id: &str,
+    tenant: &str,
+    vpc: &str,
+    v4: &str,
+    vrid: u32,
+    by_host: bool,
+    holders: &[(&str, u32)],
+) -> Op {
+    Op::PutVirtualIp(pb::VirtualIp {
+        id: id.into(),
+        tenant_id: tenant.into(),
+        vpc_id: vpc.into(),
+        name: id.into(),
+        ipv4: v4.into(),
+        ipv6: String::new(),
+        vrid,
+        holders: holders
+            .iter()
+            .map(|(h, priority)| pb::VipHolder {
+                port_id: if by_host { String::new() } else { h.to_string() },
+                host_id: if by_host { h.to_string() } else { String::new() },
+                priority: *priority,
+            })
+            .collect(),
+        no_preempt: false,
+        advert_interval_cs: 0,
+    })
+}
 pub fn put_lb(lb: pb::LoadBalancer) -> Op {
     Op::PutLoadBalancer(lb)
 }

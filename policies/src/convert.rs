@@ -540,6 +540,74 @@ impl ApiResource for m::LoadBalancer {
     }
 }
 
+impl ApiResource for m::VirtualIp {
+    type Pb = pb::VirtualIp;
+    fn from_pb(at: &At, x: &pb::VirtualIp) -> Result<Self, FieldError> {
+        let vrid = u8::try_from(x.vrid).map_err(|_| at.err("vrid", format!("{} is above 255", x.vrid)))?;
+        let advert_interval_cs = match x.advert_interval_cs {
+            0 => m::VIP_ADVERT_INTERVAL_CS_DEFAULT,
+            n => u16::try_from(n).map_err(|_| at.err("advert_interval_cs", format!("{n} is above 4095")))?,
+        };
+        let holders = x
+            .holders
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let at = At(&format!("{}.holders[{i}]", at.0));
+                let target = match (opt_text(&h.port_id), opt_text(&h.host_id)) {
+                    (Some(p), None) => m::VipHolderTarget::Port(p.to_string()),
+                    (None, Some(h)) => m::VipHolderTarget::Host(h.to_string()),
+                    (Some(_), Some(_)) => return Err(at.err("host_id", "a holder is a port or a host, not both")),
+                    (None, None) => return Err(at.err("port_id", "a holder needs a port_id or a host_id")),
+                };
+                let priority =
+                    u8::try_from(h.priority).map_err(|_| at.err("priority", format!("{} is above 254", h.priority)))?;
+                Ok(m::VipHolder { target, priority })
+            })
+            .collect::<Result<_, FieldError>>()?;
+        Ok(m::VirtualIp {
+            id: x.id.clone(),
+            tenant_id: x.tenant_id.trim().to_string(),
+            vpc_id: x.vpc_id.trim().to_string(),
+            name: x.name.clone(),
+            ipv4: opt_v4(at, "ipv4", &x.ipv4)?,
+            ipv6: opt_v6(at, "ipv6", &x.ipv6)?,
+            vrid,
+            holders,
+            preempt: !x.no_preempt,
+            advert_interval_cs,
+        })
+    }
+    fn to_pb(&self) -> pb::VirtualIp {
+        pb::VirtualIp {
+            id: self.id.clone(),
+            tenant_id: self.tenant_id.clone(),
+            vpc_id: self.vpc_id.clone(),
+            name: self.name.clone(),
+            ipv4: text_of(self.ipv4),
+            ipv6: text_of(self.ipv6),
+            vrid: self.vrid.into(),
+            holders: self
+                .holders
+                .iter()
+                .map(|h| {
+                    let (port_id, host_id) = match &h.target {
+                        m::VipHolderTarget::Port(p) => (p.clone(), String::new()),
+                        m::VipHolderTarget::Host(h) => (String::new(), h.clone()),
+                    };
+                    pb::VipHolder {
+                        port_id,
+                        host_id,
+                        priority: h.priority.into(),
+                    }
+                })
+                .collect(),
+            no_preempt: !self.preempt,
+            advert_interval_cs: self.advert_interval_cs.into(),
+        }
+    }
+}
+
 impl ApiResource for m::Listener {
     type Pb = pb::Listener;
     fn from_pb(at: &At, x: &pb::Listener) -> Result<Self, FieldError> {

@@ -135,6 +135,9 @@ impl State {
                 ));
             }
         }
+        if let Some(old) = self.load_balancers.get(&lb.id) {
+            self.check_lb_keeps_vips(c, old, lb)?;
+        }
         self.replace(Kind::LoadBalancer, &lb.id, Some(Object::LoadBalancer(lb.clone())));
         Ok(())
     }
@@ -158,11 +161,17 @@ impl State {
                 format!("{ip} is already used by load balancer {} in vpc {}", o.id, lb.vpc_id),
             ));
         }
+        if let Some(v) = self.vip_of_address(&lb.vpc_id, ip).filter(|v| !v.host_held()) {
+            return Err(c.err(
+                field,
+                format!("{ip} is already used by virtual ip {} in vpc {}", v.id, lb.vpc_id),
+            ));
+        }
         Ok(())
     }
 
     /// An address of one of `vpc`'s subnets that a VM could hold.
-    fn vpc_address(&self, c: &Ctx, field: &str, vpc: &str, ip: IpAddr) -> Result<(), BatchError> {
+    pub(crate) fn vpc_address(&self, c: &Ctx, field: &str, vpc: &str, ip: IpAddr) -> Result<(), BatchError> {
         let subnet = crate::index::Index::of(&self.index().subnets_by_vpc, vpc)
             .filter_map(|s| self.subnets.get(s))
             .find(|s| subnet_contains(s, ip))
@@ -505,6 +514,7 @@ impl State {
             Kind::Subnet => {
                 let s = self.subnets.get(id)?;
                 self.lb_held_addresses(&s.vpc_id)
+                    .chain(self.vip_held_addresses(&s.vpc_id))
                     .find(|(a, _)| subnet_contains(s, *a))
                     .map(|(a, who)| format!("{who} (its address {a})"))
             }
@@ -547,7 +557,10 @@ impl State {
         old: &Subnet,
         new: &Subnet,
     ) -> Result<(), BatchError> {
-        for (a, who) in self.lb_held_addresses(&old.vpc_id) {
+        for (a, who) in self
+            .lb_held_addresses(&old.vpc_id)
+            .chain(self.vip_held_addresses(&old.vpc_id))
+        {
             if !subnet_contains(old, a) {
                 continue;
             }
@@ -685,14 +698,14 @@ fn check_health(c: &Ctx, h: &HealthCheck) -> Result<(), BatchError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use crate::manifest::{dependency_order, load_path, parse_str};
     use crate::model::*;
     use crate::State;
 
     /// The example cloud, with its load balancer, and a port of another
     /// tenant's VPC.
-    fn cloud() -> State {
+    pub(crate) fn cloud() -> State {
         let dir = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gov-cloud"));
         let ops: Vec<Op> = dependency_order(load_path(&dir).unwrap())
             .into_iter()
@@ -713,7 +726,7 @@ mod tests {
         s
     }
 
-    fn apply(s: &mut State, yaml: &str) -> Result<(), crate::BatchError> {
+    pub(crate) fn apply(s: &mut State, yaml: &str) -> Result<(), crate::BatchError> {
         let text: String = yaml
             .split("---\n")
             .map(|d| format!("apiVersion: sdn/v1\n{d}"))
@@ -728,7 +741,7 @@ mod tests {
 
     /// Refused, naming the field, with the state as it was.
     #[track_caller]
-    fn refused(s: &mut State, yaml: &str, field: &str, says: &str) {
+    pub(crate) fn refused(s: &mut State, yaml: &str, field: &str, says: &str) {
         let before = s.clone();
         let e = apply(s, yaml).expect_err(yaml);
         assert!(e.field.ends_with(field), "field {} is not ...{field}: {e}", e.field);
@@ -879,7 +892,7 @@ mod tests {
     }
 
     #[track_caller]
-    fn deleted_refused(s: &mut State, kind: Kind, id: &str, says: &str) {
+    pub(crate) fn deleted_refused(s: &mut State, kind: Kind, id: &str, says: &str) {
         let before = s.clone();
         let e = s.apply_batch(&[Op::Delete { kind, id: id.into() }]).expect_err(id);
         assert!(e.message.contains(says), "{e}");
@@ -1177,6 +1190,7 @@ mod tests {
             del(Kind::Listener, "portal-https"),
             del(Kind::Pool, "portal-web"),
             del(Kind::LoadBalancer, "portal-lb"),
+            del(Kind::VirtualIp, "portal-vip"),
             del(Kind::Port, "portal-1-eth0"),
         ])
         .unwrap();

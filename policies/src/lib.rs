@@ -25,6 +25,7 @@ pub mod limits;
 pub mod manifest;
 pub mod model;
 pub mod state;
+pub mod vip;
 
 pub use index::Index;
 pub use limits::Settings;

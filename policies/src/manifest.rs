@@ -131,6 +131,36 @@ struct LoadBalancerSpec {
 }
 
 #[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct VirtualIpSpec {
+    #[serde(default)]
+    display_name: Option<String>,
+    vpc: String,
+    #[serde(default)]
+    ipv4: Option<Ipv4Addr>,
+    #[serde(default)]
+    ipv6: Option<Ipv6Addr>,
+    vrid: u8,
+    holders: Vec<VipHolderSpec>,
+    /// true unless given.
+    #[serde(default)]
+    preempt: Option<bool>,
+    /// Centiseconds; 10 (100 ms) unless given.
+    #[serde(default)]
+    advert_interval_cs: Option<u16>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct VipHolderSpec {
+    #[serde(default)]
+    port: Option<String>,
+    #[serde(default)]
+    host: Option<String>,
+    priority: u8,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct NatHostSpec {
     host: String,
@@ -1435,6 +1465,67 @@ impl ManifestResource for model::LoadBalancer {
     }
 }
 
+impl ManifestResource for model::VirtualIp {
+    type Spec = VirtualIpSpec;
+    fn from_manifest(metadata: Metadata, spec: Option<VirtualIpSpec>) -> Result<Self, String> {
+        let tenant_id = need_tenant(&metadata, "VirtualIp")?;
+        let spec = self::spec(spec)?;
+        let holders = spec
+            .holders
+            .into_iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let target = match (h.port, h.host) {
+                    (Some(p), None) => model::VipHolderTarget::Port(p),
+                    (None, Some(h)) => model::VipHolderTarget::Host(h),
+                    (Some(_), Some(_)) => return Err(format!("spec.holders[{i}]: a port or a host, not both")),
+                    (None, None) => return Err(format!("spec.holders[{i}]: give its port or its host")),
+                };
+                Ok(model::VipHolder {
+                    target,
+                    priority: h.priority,
+                })
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(model::VirtualIp {
+            name: display_name(spec.display_name, &metadata.name),
+            id: metadata.name,
+            tenant_id,
+            vpc_id: spec.vpc,
+            ipv4: spec.ipv4,
+            ipv6: spec.ipv6,
+            vrid: spec.vrid,
+            holders,
+            preempt: spec.preempt.unwrap_or(true),
+            advert_interval_cs: spec.advert_interval_cs.unwrap_or(model::VIP_ADVERT_INTERVAL_CS_DEFAULT),
+        })
+    }
+    fn to_manifest(&self) -> (&str, Option<&str>, serde_json::Value) {
+        let mut spec = serde_json::json!({
+            "vpc": self.vpc_id,
+            "vrid": self.vrid,
+            "holders": self.holders.iter().map(|h| match &h.target {
+                model::VipHolderTarget::Port(p) => serde_json::json!({"port": p, "priority": h.priority}),
+                model::VipHolderTarget::Host(x) => serde_json::json!({"host": x, "priority": h.priority}),
+            }).collect::<Vec<_>>(),
+        });
+        put_display_name(&mut spec, &self.name, &self.id);
+        if let Some(a) = self.ipv4 {
+            spec["ipv4"] = serde_json::json!(a.to_string());
+        }
+        if let Some(a) = self.ipv6 {
+            spec["ipv6"] = serde_json::json!(a.to_string());
+        }
+        if !self.preempt {
+            spec["preempt"] = serde_json::json!(false);
+        }
+        if self.advert_interval_cs != model::VIP_ADVERT_INTERVAL_CS_DEFAULT {
+            spec["advertIntervalCs"] = serde_json::json!(self.advert_interval_cs);
+        }
+        (&self.id, Some(&self.tenant_id), spec)
+    }
+}
+
 impl ManifestResource for model::Listener {
     type Spec = ListenerSpec;
     fn from_manifest(metadata: Metadata, spec: Option<ListenerSpec>) -> Result<Self, String> {
@@ -1659,6 +1750,7 @@ fn manifest_spelling(field: &str) -> String {
                 "policy_id" => "firewall".to_string(),
                 "security_group_ids" => "securityGroups".to_string(),
                 "host_id" => "host".to_string(),
+                "port_id" => "port".to_string(),
                 "http_path" => "path".to_string(),
                 "status_min" | "status_max" => "status".to_string(),
                 "persistence_secs" => "persistenceSeconds".to_string(),

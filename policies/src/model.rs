@@ -302,6 +302,83 @@ impl LoadBalancer {
     }
 }
 
+/// What holds a virtual IP: a tenant VM's port (the VM runs VRRP itself,
+/// keepalived for instance) or a load balancer's NAT host (its agent runs
+/// VRRP on the host's zone uplink).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VipHolderTarget {
+    Port(String),
+    Host(String),
+}
+
+/// One holder of a virtual IP and its VRRP priority: the highest live one
+/// owns the address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VipHolder {
+    pub target: VipHolderTarget,
+    /// 1 to 254 (255 is VRRP's address owner, 0 its resignation); no two
+    /// holders of one virtual IP share one.
+    pub priority: u8,
+}
+
+/// A highly available address of a VPC: one holder at a time owns it, and
+/// another takes it over within a second when the owner fails.
+///
+/// Held by ports, the address floats between tenant VMs that elect its
+/// owner with VRRP among themselves; the dataplane carries their VRRP and
+/// moves the address to the VM that speaks for it. Held by hosts, the
+/// address is a VIP of a load balancer exposed to its zone, and the NAT
+/// hosts elect among themselves which one answers for it on the zone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtualIp {
+    pub id: String,
+    pub tenant_id: String,
+    pub vpc_id: String,
+    pub name: String,
+    /// The addresses (at least one).
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+    /// The VRRP virtual router id, 1 to 255: one per VPC (held by ports)
+    /// or per zone (held by hosts).
+    pub vrid: u8,
+    /// Two to [`VIP_HOLDERS_MAX`] holders, all ports or all hosts.
+    pub holders: Vec<VipHolder>,
+    /// Whether a holder of higher priority takes the address back from a
+    /// live owner of lower priority.
+    pub preempt: bool,
+    /// The VRRP advertisement interval in centiseconds, 1 to 4095.
+    pub advert_interval_cs: u16,
+}
+
+/// Holders of one virtual IP, at most.
+pub const VIP_HOLDERS_MAX: usize = 8;
+/// The advertisement interval when none is given: 100 ms.
+pub const VIP_ADVERT_INTERVAL_CS_DEFAULT: u16 = 10;
+
+impl VirtualIp {
+    /// The addresses, IPv4 first.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.ipv4.map(IpAddr::V4).into_iter().chain(self.ipv6.map(IpAddr::V6))
+    }
+
+    /// Whether hosts hold it (else ports do).
+    pub fn host_held(&self) -> bool {
+        self.holders
+            .first()
+            .is_some_and(|h| matches!(h.target, VipHolderTarget::Host(_)))
+    }
+}
+
+impl VipHolderTarget {
+    pub fn describe(&self) -> String {
+        match self {
+            VipHolderTarget::Port(p) => format!("port {p}"),
+            VipHolderTarget::Host(h) => format!("host {h}"),
+        }
+    }
+}
+
 /// The transport a listener balances.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -817,6 +894,8 @@ macro_rules! for_each_kind {
             (Pool, Pool, "pool", pools, PutPool, list: pools, order: 8, manifest: ["Pool"], log: 15),
             (Listener, Listener, "listener", listeners, PutListener, list: listeners, order: 9, manifest: ["Listener"], log: 16),
             (Member, Member, "member", members, PutMember, list: members, order: 9, manifest: ["Member"], log: 17),
+            (VirtualIp, VirtualIp, "virtual_ip", virtual_ips, PutVirtualIp,
+                list: virtual_ips, order: 10, manifest: ["VirtualIp"], log: 18),
         }
     };
 }
@@ -1334,6 +1413,30 @@ impl Resource for LoadBalancer {
     }
 }
 
+impl Resource for VirtualIp {
+    fn describe(&self) -> String {
+        format!("put virtual_ip {}: {}", self.id, self.summary())
+    }
+    fn summary(&self) -> String {
+        let addresses: Vec<String> = self.addresses().map(|a| a.to_string()).collect();
+        let holders: Vec<String> = self
+            .holders
+            .iter()
+            .map(|h| format!("{}@{}", h.target.describe().replace(' ', ":"), h.priority))
+            .collect();
+        format!(
+            "tenant={} vpc={} addresses={} vrid={} holders={} preempt={} advert={}cs",
+            self.tenant_id,
+            self.vpc_id,
+            addresses.join(","),
+            self.vrid,
+            holders.join(","),
+            self.preempt,
+            self.advert_interval_cs
+        )
+    }
+}
+
 impl Resource for Listener {
     fn describe(&self) -> String {
         format!("put listener {}: {}", self.id, self.summary())
@@ -1531,6 +1634,7 @@ mod log_form {
                 "pool",
                 "listener",
                 "member",
+                "virtual_ip",
             ],
             "a kind was inserted or moved: add new kinds at the end of the table"
         );

@@ -67,6 +67,8 @@ pub struct State {
     pub listeners: BTreeMap<String, Listener>,
     #[serde(default)]
     pub members: BTreeMap<String, Member>,
+    #[serde(default)]
+    pub virtual_ips: BTreeMap<String, VirtualIp>,
     /// What validation allows beyond each object's own rules; the same on
     /// every replica.
     #[serde(default)]
@@ -107,6 +109,8 @@ struct Stored {
     #[serde(default)]
     members: BTreeMap<String, Member>,
     #[serde(default)]
+    virtual_ips: BTreeMap<String, VirtualIp>,
+    #[serde(default)]
     settings: Settings,
 }
 
@@ -130,6 +134,7 @@ impl From<Stored> for State {
             pools: x.pools,
             listeners: x.listeners,
             members: x.members,
+            virtual_ips: x.virtual_ips,
             settings: x.settings,
             index: Index::default(),
         };
@@ -389,6 +394,7 @@ impl State {
             Op::PutPool(x) => self.put_pool(c, x)?,
             Op::PutListener(x) => self.put_listener(c, x)?,
             Op::PutMember(x) => self.put_member(c, x)?,
+            Op::PutVirtualIp(x) => self.put_virtual_ip(c, x)?,
             Op::Delete { kind, id } => self.delete(c, *kind, id)?,
         }
         Ok(())
@@ -1417,6 +1423,9 @@ impl State {
             if let Some(lb) = self.lb_of_address(vpc, ip) {
                 return Err(c.err(field, format!("{ip} is load balancer {}'s in vpc {vpc}", lb.id)));
             }
+            if let Some(v) = self.vip_of_address(vpc, ip) {
+                return Err(c.err(field, format!("{ip} is virtual ip {}'s in vpc {vpc}", v.id)));
+            }
         }
         if let Some(other) = ix.macs.get(&(vpc.clone(), p.mac)).filter(|o| **o != p.id) {
             return Err(c.err("mac", format!("{} is already used by port {other} in vpc {vpc}", p.mac)));
@@ -1480,7 +1489,7 @@ impl State {
             ));
         }
         let was = self.replace(Kind::Port, &p.id, Some(Object::Port(p.clone())));
-        if let Err(e) = self.check_member_ports(c, p) {
+        if let Err(e) = self.check_member_ports(c, p).and_then(|_| self.check_vip_ports(c, p)) {
             self.replace(Kind::Port, &p.id, was);
             return Err(e);
         }
@@ -1747,8 +1756,11 @@ impl State {
         if let Some(what) = self.lb_using(kind, id) {
             return in_use(what);
         }
+        if let Some(what) = self.vip_using(kind, id) {
+            return in_use(what);
+        }
         match kind {
-            Kind::LoadBalancer | Kind::Pool | Kind::Listener | Kind::Member => {
+            Kind::LoadBalancer | Kind::Pool | Kind::Listener | Kind::Member | Kind::VirtualIp => {
                 if self.replace(kind, id, None).is_none() {
                     return Err(c.err("id", format!("unknown {} {id:?}", kind.name().replace('_', " "))));
                 }

@@ -277,6 +277,7 @@ fn object_tenants(o: &Object, was: bool, state: &State, gone: &[(Kind, String, O
         Object::Subnet(s) => vpc_tenant(&s.vpc_id).into_iter().collect(),
         Object::Port(p) => vec![p.tenant_id.clone()],
         Object::SecurityGroup(g) => vec![g.tenant_id.clone()],
+        Object::VirtualIp(v) => vec![v.tenant_id.clone()],
         Object::VpcPeering(p) => [&p.vpc_a, &p.vpc_b].into_iter().filter_map(|v| vpc_tenant(v)).collect(),
         // A mirror session is the supervisors' business, not the tenants'
         // it copies; so is an information system's measure.
