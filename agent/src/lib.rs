@@ -14,4 +14,5 @@ pub mod records;
 pub mod testrun;
 pub mod testutil;
 pub mod usage;
+pub mod vrrp;
 pub mod watch;
