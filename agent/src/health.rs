@@ -57,7 +57,7 @@ pub enum Probe {
     Http { path: String, status: (u16, u16) },
 }
 
-fn parse_mac(s: &str) -> Option<[u8; 6]> {
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let v: Vec<u8> = s.split(':').filter_map(|x| u8::from_str_radix(x, 16).ok()).collect();
     v.try_into().ok()
 }

@@ -126,6 +126,34 @@ enum Cmd {
         #[arg(long, default_value = "/sys/fs/bpf/sdn")]
         pin_dir: PathBuf,
     },
+    /// Take part in one IPv4 VRRPv3 virtual router on an interface, as the
+    /// agent does for the virtual IPs its host holds, and print each state
+    /// it takes and each advertisement it discards as JSON lines: a check
+    /// of a link's VRRP peers (keepalived, routers) from this host.
+    /// SIGTERM or Ctrl-C resigns (priority 0) before leaving.
+    Vrrp {
+        #[arg(long)]
+        interface: String,
+        /// Virtual router id, 1 to 255.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..))]
+        vrid: u8,
+        /// 1 to 254, or 255 for the address owner.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..))]
+        priority: u8,
+        /// The protected IPv4 addresses.
+        #[arg(long = "address", required = true)]
+        addresses: Vec<std::net::Ipv4Addr>,
+        /// Advertisement interval, centiseconds (1 to 4095).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=4095))]
+        interval_cs: u16,
+        /// Keep a live Master of lower priority.
+        #[arg(long)]
+        no_preempt: bool,
+        /// This router's address on the link (default: the interface's
+        /// first IPv4 address).
+        #[arg(long)]
+        source: Option<std::net::Ipv4Addr>,
+    },
     /// Detach every program and remove every pin (uninstall).
     Purge {
         #[arg(long, default_value = "/sys/fs/bpf/sdn")]
@@ -269,6 +297,61 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Verdicts { pin_dir } => {
             for v in dataplane::read_verdicts(&pin_dir)? {
                 println!("{v}");
+            }
+        }
+        Cmd::Vrrp {
+            interface,
+            vrid,
+            priority,
+            addresses,
+            interval_cs,
+            no_preempt,
+            source,
+        } => {
+            use sdn_agent::vrrp::{machine, speaker};
+            let link = speaker::Link::of(&interface).with_context(|| format!("interface {interface}"))?;
+            let source = source
+                .or_else(|| speaker::first_ipv4(&interface))
+                .with_context(|| format!("{interface} has no IPv4 address: give --source"))?;
+            let cfg = machine::Config {
+                vrid,
+                priority,
+                interval_cs,
+                preempt: !no_preempt,
+                addresses: addresses.into_iter().map(std::net::IpAddr::V4).collect(),
+                primary: source.into(),
+            };
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let run = tokio::spawn(speaker::run(cfg, link, tx, stop_rx));
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            let started = std::time::Instant::now();
+            let print = |e: speaker::Event| {
+                let ms = started.elapsed().as_millis();
+                let line = match e {
+                    speaker::Event::State(s) => serde_json::json!({"ms": ms, "state": s.name()}),
+                    speaker::Event::Discarded { from, why } => {
+                        serde_json::json!({"ms": ms, "discarded": from.to_string(), "why": why})
+                    }
+                    speaker::Event::Mismatch { from, addresses } => serde_json::json!({
+                        "ms": ms, "mismatch": from.to_string(),
+                        "addresses": addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                    }),
+                    speaker::Event::OldChecksum { from } => serde_json::json!({"ms": ms, "old_checksum": from.to_string()}),
+                };
+                println!("{line}");
+            };
+            loop {
+                tokio::select! {
+                    Some(e) = rx.recv() => print(e),
+                    _ = tokio::signal::ctrl_c() => break,
+                    _ = term.recv() => break,
+                }
+            }
+            let _ = stop_tx.send(true);
+            run.await??;
+            while let Ok(e) = rx.try_recv() {
+                print(e);
             }
         }
         Cmd::Purge { pin_dir } => {

@@ -5,3 +5,4 @@
 
 pub mod machine;
 pub mod packet;
+pub mod speaker;

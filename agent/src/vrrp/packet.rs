@@ -115,7 +115,8 @@ fn checksum(src: IpAddr, dst: IpAddr, message: &[u8]) -> u16 {
                 .add_4bytes([0, 0, 0, IP_PROTO_VRRP])
         }
     };
-    sum.add_slice(message).ones_complement()
+    // The sum is of native-order words; its complement is written big-endian.
+    sum.add_slice(message).ones_complement().to_be()
 }
 
 impl Advert {
@@ -257,6 +258,33 @@ mod tests {
     /// The header RFC 9568's layout gives version 3, type 1, VRID 51,
     /// priority 150, one address and 100 centiseconds.
     const HEAD: [u8; 6] = [0x31, 0x33, 0x96, 0x01, 0x00, 0x64];
+
+    /// An advertisement keepalived 2.2.7 sent (captured with tshark, from
+    /// the IP header on): 10.77.0.1 to the group, DSCP CS6, TTL 255, VRID
+    /// 51, priority 100, 10 centiseconds, 10.77.0.100, checksum 0x7533.
+    const KEEPALIVED: [u8; 32] = [
+        0x45, 0xc0, 0x00, 0x20, 0x01, 0x0f, 0x00, 0x00, 0xff, 0x70, 0xcf, 0x3e, 0x0a, 0x4d, 0x00, 0x01, 0xe0, 0x00,
+        0x00, 0x12, 0x31, 0x33, 0x64, 0x01, 0x00, 0x0a, 0x75, 0x33, 0x0a, 0x4d, 0x00, 0x64,
+    ];
+
+    /// keepalived's own advertisement reads, and ours of the same is the
+    /// same bytes, checksum included.
+    #[test]
+    fn reads_and_writes_keepalived_s_bytes() {
+        let (src, dst, ttl, m) = split_ipv4(&KEEPALIVED).unwrap();
+        let (a, form) = Advert::decode(src, dst, ttl, m).unwrap();
+        assert_eq!(form, ChecksumForm::Standard);
+        assert_eq!(
+            a,
+            Advert {
+                vrid: 51,
+                priority: 100,
+                interval_cs: 10,
+                addresses: vec![v4("10.77.0.100")],
+            }
+        );
+        assert_eq!(a.encode(src, dst), m);
+    }
 
     #[test]
     fn writes_and_reads_back_each_family() {

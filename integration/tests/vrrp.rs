@@ -1,0 +1,250 @@
+//! VRRPv3 on the wire, against keepalived: our speaker (`sdn-agent vrrp`,
+//! the code the agent runs for the virtual IPs its host holds) and a real
+//! keepalived in one virtual router on one link elect each other both
+//! ways, take over within a second when the other is killed, and tshark
+//! decodes every advertisement of both as VRRPv3 with a good checksum.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use sdn_integration::{bin, privileged, sh, wait_for, Netns, Proc};
+
+const VIP: &str = "10.77.0.100";
+
+/// keepalived's VRRP process in a namespace, killed with its parent on
+/// drop (the namespace's removal would leave them running).
+struct Keepalived {
+    proc: Proc,
+    vrrp_pid: std::path::PathBuf,
+}
+
+impl Keepalived {
+    fn start(ns: &str, dir: &Path, name: &str, priority: u8) -> Keepalived {
+        let conf = dir.join(format!("{name}.conf"));
+        std::fs::write(
+            &conf,
+            format!(
+                "global_defs {{\n  router_id {name}\n  vrrp_version 3\n  script_user root\n}}\n\
+                 vrrp_instance VI {{\n  state BACKUP\n  interface eth0\n  virtual_router_id 51\n  priority {priority}\n  advert_int 0.1\n  virtual_ipaddress {{\n    {VIP}/24\n  }}\n}}\n"
+            ),
+        )
+        .unwrap();
+        let pid = dir.join(format!("{name}.pid"));
+        let vrrp_pid = dir.join(format!("{name}-vrrp.pid"));
+        let _ = std::fs::remove_file(&vrrp_pid);
+        let proc = Proc::spawn(
+            name,
+            Some(ns),
+            Path::new("/usr/sbin/keepalived"),
+            &[
+                "-n",
+                "-l",
+                "-D",
+                "-P",
+                "--dont-respawn",
+                "-f",
+                conf.to_str().unwrap(),
+                "-p",
+                pid.to_str().unwrap(),
+                "-r",
+                vrrp_pid.to_str().unwrap(),
+            ],
+            dir,
+        )
+        .unwrap();
+        Keepalived { proc, vrrp_pid }
+    }
+
+    /// SIGKILL to its VRRP process, as a crash: no resignation is sent.
+    fn crash(&mut self) {
+        if let Ok(p) = std::fs::read_to_string(&self.vrrp_pid) {
+            if let Ok(pid) = p.trim().parse::<i32>() {
+                // SAFETY: signalling a process this test started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        self.proc.kill();
+    }
+}
+
+impl Drop for Keepalived {
+    fn drop(&mut self) {
+        self.crash();
+    }
+}
+
+/// Whether `ns` holds the VIP on its link (keepalived adds it as Master
+/// and removes it as Backup).
+fn holds_vip(ns: &str) -> bool {
+    sh(&["ip", "-n", ns, "-br", "addr", "show", "dev", "eth0"]).is_ok_and(|s| s.contains(VIP))
+}
+
+/// The states our speaker printed, in order.
+fn states(p: &Proc) -> Vec<String> {
+    p.log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["state"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Polls every 5 ms: how long until `f` holds, at most `limit`.
+fn time_until(limit: Duration, mut f: impl FnMut() -> bool) -> Option<Duration> {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if f() {
+            return Some(t0.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+fn ours(ns: &str, dir: &Path, name: &str, priority: u8) -> Proc {
+    let prio = priority.to_string();
+    Proc::spawn(
+        name,
+        Some(ns),
+        &bin("sdn-agent"),
+        &["vrrp", "--interface", "eth0", "--vrid", "51", "--priority", &prio, "--address", VIP],
+        dir,
+    )
+    .unwrap()
+}
+
+#[test]
+fn keepalived_and_ours_elect_each_other_both_ways() {
+    if !privileged() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A link: a bridge, keepalived's end (a), ours (b) and an observer (c).
+    let br = Netns::new("vrp-br").unwrap();
+    br.sh(&["ip", "link", "add", "br0", "type", "bridge"]).unwrap();
+    br.sh(&["ip", "link", "set", "br0", "up"]).unwrap();
+    let mut ends = Vec::new();
+    for (i, n) in ["a", "b", "c"].iter().enumerate() {
+        let ns = Netns::new(&format!("vrp-{n}")).unwrap();
+        let peer = format!("vrp{n}");
+        sh(&["ip", "link", "add", "eth0", "netns", &ns.name, "type", "veth", "peer", "name", &peer, "netns", &br.name])
+            .unwrap();
+        br.sh(&["ip", "link", "set", &peer, "master", "br0", "up"]).unwrap();
+        ns.sh(&["ip", "addr", "add", &format!("10.77.0.{}/24", i + 1), "dev", "eth0"]).unwrap();
+        ns.sh(&["ip", "link", "set", "eth0", "up"]).unwrap();
+        ends.push(ns);
+    }
+    let pcap = dir.path().join("vrrp.pcap");
+    let mut capture = Proc::spawn(
+        "tshark",
+        Some("vrp-c"),
+        Path::new("/usr/bin/tshark"),
+        &["-i", "eth0", "-f", "ip proto 112", "-w", pcap.to_str().unwrap()],
+        dir.path(),
+    )
+    .unwrap();
+    wait_for("the capture", Duration::from_secs(10), || pcap.exists()).unwrap();
+
+    // 1. keepalived (100) alone is Master; ours (200) preempts it.
+    let mut ka = Keepalived::start("vrp-a", dir.path(), "ka", 100);
+    wait_for("keepalived to take the VIP", Duration::from_secs(10), || holds_vip("vrp-a")).unwrap();
+    let mut us = ours("vrp-b", dir.path(), "ours-200", 200);
+    wait_for("ours to become Master", Duration::from_secs(5), || {
+        states(&us).last().map(String::as_str) == Some("master")
+    })
+    .unwrap();
+    wait_for("keepalived to yield", Duration::from_secs(5), || !holds_vip("vrp-a")).unwrap();
+    assert_eq!(states(&us), ["backup", "master"]);
+    // Held: keepalived stays Backup while ours advertises.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(!holds_vip("vrp-a"), "keepalived took the VIP from a live Master of higher priority");
+    assert_eq!(states(&us), ["backup", "master"]);
+
+    // 2. Ours crashes: keepalived takes over within a second
+    // (3 x 100 ms + skew).
+    us.kill();
+    let took = time_until(Duration::from_secs(3), || holds_vip("vrp-a"));
+    let took = took.expect("keepalived never took over from our crashed Master");
+    assert!(took < Duration::from_millis(1000), "keepalived took {took:?}");
+    eprintln!("keepalived took over from ours in {took:?}");
+
+    // 3. Ours (50) joins as Backup and stays so under keepalived (100).
+    let mut us = ours("vrp-b", dir.path(), "ours-50", 50);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(states(&us), ["backup"], "{}", us.log_text());
+    assert!(holds_vip("vrp-a"));
+
+    // 4. keepalived crashes: ours takes over within a second.
+    let t0 = Instant::now();
+    ka.crash();
+    let took = time_until(Duration::from_secs(3), || states(&us).last().map(String::as_str) == Some("master"))
+        .expect("ours never took over from crashed keepalived");
+    assert!(took < Duration::from_millis(1000), "ours took {took:?}");
+    eprintln!("ours took over from keepalived in {took:?} ({:?} since the kill)", t0.elapsed());
+    // keepalived's address is its own business once it is dead; clear it
+    // so the next check sees only what a new keepalived does.
+    let _ = sh(&["ip", "-n", "vrp-a", "addr", "del", &format!("{VIP}/24"), "dev", "eth0"]);
+
+    // 5. keepalived (100) comes back and preempts ours (50); ours yields.
+    let ka2 = Keepalived::start("vrp-a", dir.path(), "ka2", 100);
+    wait_for("keepalived to take the VIP back", Duration::from_secs(10), || holds_vip("vrp-a")).unwrap();
+    wait_for("ours to yield", Duration::from_secs(5), || {
+        states(&us).last().map(String::as_str) == Some("backup")
+    })
+    .unwrap();
+    assert_eq!(states(&us), ["backup", "master", "backup"]);
+
+    // 6. keepalived resigns (SIGTERM sends priority 0): ours takes over
+    // after its skew alone, well before three intervals.
+    if let Some(p) = ka2.proc.pid() {
+        // SAFETY: signalling a process this test started.
+        unsafe { libc::kill(p as i32, libc::SIGTERM) };
+    }
+    let took = time_until(Duration::from_secs(3), || states(&us).last().map(String::as_str) == Some("master"))
+        .expect("ours never took over from resigning keepalived");
+    eprintln!("ours took over from resigning keepalived in {took:?}");
+    us.stop();
+    assert_eq!(states(&us).last().map(String::as_str), Some("initialize"));
+    drop(ka2);
+    std::thread::sleep(Duration::from_millis(300));
+    capture.stop();
+
+    // tshark decodes every advertisement of both as VRRPv3, TTL 255, with
+    // a good checksum, and sees ours resign with priority 0.
+    let out = sh(&[
+        "tshark",
+        "-r",
+        pcap.to_str().unwrap(),
+        "-T",
+        "fields",
+        "-e",
+        "ip.src",
+        "-e",
+        "vrrp.version",
+        "-e",
+        "vrrp.checksum.status",
+        "-e",
+        "ip.ttl",
+        "-e",
+        "vrrp.prio",
+        "-e",
+        "vrrp.ip_addr",
+    ])
+    .unwrap();
+    let mut per_source = std::collections::BTreeMap::<String, usize>::new();
+    let mut resigned = Vec::new();
+    for line in out.lines() {
+        let f: Vec<&str> = line.split('\t').collect();
+        assert_eq!(f.len(), 6, "{line}");
+        assert_eq!((f[1], f[2], f[3], f[5]), ("3", "1", "255", VIP), "not a good VRRPv3 advertisement: {line}");
+        *per_source.entry(f[0].to_string()).or_default() += 1;
+        if f[4] == "0" {
+            resigned.push(f[0].to_string());
+        }
+    }
+    eprintln!("advertisements by source: {per_source:?}, resignations: {resigned:?}");
+    assert!(per_source.get("10.77.0.1").is_some_and(|n| *n >= 10), "{per_source:?}");
+    assert!(per_source.get("10.77.0.2").is_some_and(|n| *n >= 10), "{per_source:?}");
+    assert!(resigned.contains(&"10.77.0.2".to_string()), "ours never resigned: {resigned:?}");
+    drop(ends);
+}
