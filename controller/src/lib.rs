@@ -15,4 +15,5 @@ pub mod slice;
 pub mod store;
 pub mod topology;
 pub mod usage;
+pub mod vips;
 pub mod web;

@@ -191,6 +191,7 @@ async fn main() -> anyhow::Result<()> {
         stopping,
         leader_acks: Default::default(),
         health_budget: Default::default(),
+        vip_leases: Default::default(),
         metrics: Default::default(),
         web,
     };

@@ -38,6 +38,8 @@ pub struct Controller {
     /// Health reports written, by host, in the current second (the
     /// leader's budget of log writes for them).
     pub health_budget: Arc<std::sync::Mutex<HealthBudget>>,
+    /// The leases of the virtual IPs' owners (the leader's).
+    pub vip_leases: Arc<tokio::sync::Mutex<crate::vips::Leases>>,
 }
 
 /// A member's health changes at most once in this time: a member that
@@ -616,6 +618,39 @@ impl pb::agent_server::Agent for Controller {
             Err(WriteError::Raft(m)) => Err(Status::unavailable(m)),
             Err(WriteError::NotLeader(_)) => Err(Status::unavailable("leadership moved; report again")),
         }
+    }
+
+    async fn claim_virtual_ips(&self, req: Request<pb::VipClaims>) -> Result<Response<pb::VipGrants>, Status> {
+        let caller = Caller::of(&req)?;
+        let was_forwarded = forwarded(&req);
+        let req = req.into_inner();
+        if req.host_id.is_empty() {
+            return Err(Status::invalid_argument("host_id: must not be empty"));
+        }
+        agent_of(&caller, "ClaimVirtualIps", &req.host_id)?;
+        if req.claims.len() > crate::vips::CLAIMS_MAX {
+            return Err(Status::invalid_argument(format!(
+                "claims: {} claims, at most {}",
+                req.claims.len(),
+                crate::vips::CLAIMS_MAX
+            )));
+        }
+        if !self.store.is_leader() {
+            let addr = not_leader(self.store.leader().map(|(_, a)| a), was_forwarded)?;
+            let mut client = self
+                .leader_agent(&addr)
+                .await
+                .ok_or_else(|| Status::unavailable(format!("forwarding to the leader at {addr}: cannot connect")))?;
+            return tokio::time::timeout(Duration::from_secs(2), client.claim_virtual_ips(mark(req, &caller)))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Status::unavailable(format!(
+                        "forwarding to the leader at {addr}: timed out"
+                    )))
+                });
+        }
+        let grants = crate::vips::claim(&self.store, &self.vip_leases, &req.host_id, &req.claims).await?;
+        Ok(Response::new(pb::VipGrants { grants }))
     }
 
     async fn usage(&self, req: Request<pb::UsageReport>) -> Result<Response<pb::UsageResponse>, Status> {

@@ -458,9 +458,25 @@ impl Shares {
                         }
                     }
                 }
-                // No host's share holds virtual IPs yet: their addresses
-                // are no port's, so every port's anti-spoofing drops them.
-                Kind::Tenant | Kind::VirtualIp => {}
+                Kind::VirtualIp => {
+                    // Held by its holding hosts, or by every host holding
+                    // its VPC's network; as it was and is.
+                    let name = format!("vip/{id}");
+                    hosts.extend(self.holders_of(&name).cloned());
+                    for o in both() {
+                        let Object::VirtualIp(v) = o else { continue };
+                        for h in &v.holders {
+                            if let sdn_policies::VipHolderTarget::Host(x) = &h.target {
+                                hosts.insert(x.clone());
+                            }
+                        }
+                        if !v.host_held() {
+                            hosts.extend(self.holders_of(&format!("vpc/{}", v.vpc_id)).cloned());
+                        }
+                    }
+                    dirty.insert(name);
+                }
+                Kind::Tenant => {}
             }
         }
         for n in &dirty {

@@ -91,6 +91,17 @@ pub fn names(state: &State, host: &str) -> BTreeSet<String> {
             out.insert(format!("firewall/{}", pr.policy_id));
         }
     }
+    // The virtual IPs the host holds, and those of the VPCs whose network
+    // it holds (where the address's owner is).
+    for v in state.virtual_ips.values() {
+        let held_here = v
+            .holders
+            .iter()
+            .any(|h| h.target == sdn_policies::VipHolderTarget::Host(host.to_string()));
+        if held_here || (!v.host_held() && vpcs.contains(v.vpc_id.as_str())) {
+            out.insert(format!("vip/{}", v.id));
+        }
+    }
     for v in vpcs {
         let Some(vpc) = state.vpcs.get(v) else { continue };
         if state.firewall_policies.contains_key(&vpc.border_policy_id) {
@@ -207,6 +218,20 @@ pub fn build(state: &State, host: &str, name: &str) -> Option<pb::Resource> {
         }
         "system" => R::InformationSystem(state.information_systems.get(id)?.to_pb()),
         "lb" => R::LoadBalancer(lb_on_host(state, id)?),
+        "vip" => {
+            let v = state.virtual_ips.get(id)?;
+            let vpc = state.vpcs.get(&v.vpc_id)?;
+            R::VirtualIp(pb::VirtualIpOnHost {
+                virtual_ip: Some(v.to_pb()),
+                vni: vpc.vni,
+                uplink_device: state
+                    .zones
+                    .get(&vpc.zone_id)
+                    .filter(|_| v.host_held())
+                    .map(|z| z.uplink_device.clone())
+                    .unwrap_or_default(),
+            })
+        }
         "sg" => R::SecurityGroup(state.security_groups.get(id)?.to_pb()),
         "members" => R::GroupMembers(pb::GroupMembers {
             group_id: id.to_string(),

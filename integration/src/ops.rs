@@ -277,6 +277,7 @@ pub fn virtual_ip(
             .collect(),
         no_preempt: false,
         advert_interval_cs: 0,
+        ..Default::default()
     })
 }
 pub fn put_lb(lb: pb::LoadBalancer) -> Op {

@@ -576,6 +576,11 @@ impl ApiResource for m::VirtualIp {
             holders,
             preempt: !x.no_preempt,
             advert_interval_cs,
+            // The controller's alone: never taken from a request.
+            epoch: 0,
+            owner: None,
+            owner_since_unix_ms: 0,
+            claim: false,
         })
     }
     fn to_pb(&self) -> pb::VirtualIp {
@@ -604,6 +609,16 @@ impl ApiResource for m::VirtualIp {
                 .collect(),
             no_preempt: !self.preempt,
             advert_interval_cs: self.advert_interval_cs.into(),
+            epoch: self.epoch,
+            owner_port_id: match &self.owner {
+                Some(m::VipHolderTarget::Port(p)) => p.clone(),
+                _ => String::new(),
+            },
+            owner_host_id: match &self.owner {
+                Some(m::VipHolderTarget::Host(h)) => h.clone(),
+                _ => String::new(),
+            },
+            owner_since_unix_ms: self.owner_since_unix_ms,
         }
     }
 }

@@ -1498,6 +1498,10 @@ impl ManifestResource for model::VirtualIp {
             holders,
             preempt: spec.preempt.unwrap_or(true),
             advert_interval_cs: spec.advert_interval_cs.unwrap_or(model::VIP_ADVERT_INTERVAL_CS_DEFAULT),
+            epoch: 0,
+            owner: None,
+            owner_since_unix_ms: 0,
+            claim: false,
         })
     }
     fn to_manifest(&self) -> (&str, Option<&str>, serde_json::Value) {

@@ -349,6 +349,23 @@ pub struct VirtualIp {
     pub preempt: bool,
     /// The VRRP advertisement interval in centiseconds, 1 to 4095.
     pub advert_interval_cs: u16,
+    /// The highest ownership epoch the controller granted (0: none yet).
+    /// Each grant to a holder that wins VRRP takes the next one, committed
+    /// in the log; agents act only for the highest they have seen.
+    #[serde(default)]
+    pub epoch: u64,
+    /// The holder the last epoch went to (`None`: none yet, or it is no
+    /// longer a holder).
+    #[serde(default)]
+    pub owner: Option<VipHolderTarget>,
+    /// When the last epoch was granted (Unix ms, the controller's clock).
+    #[serde(default)]
+    pub owner_since_unix_ms: u64,
+    /// This put is the controller's grant of the next epoch to `owner`:
+    /// it changes the stored virtual IP's epoch and owner alone, and only
+    /// while `owner` still holds it. Never stored as true.
+    #[serde(default)]
+    pub claim: bool,
 }
 
 /// Holders of one virtual IP, at most.
@@ -1424,8 +1441,13 @@ impl Resource for VirtualIp {
             .iter()
             .map(|h| format!("{}@{}", h.target.describe().replace(' ', ":"), h.priority))
             .collect();
+        let owner = match &self.owner {
+            Some(o) => format!(" owner={} epoch={}", o.describe().replace(' ', ":"), self.epoch),
+            None if self.epoch > 0 => format!(" owner=none epoch={}", self.epoch),
+            None => String::new(),
+        };
         format!(
-            "tenant={} vpc={} addresses={} vrid={} holders={} preempt={} advert={}cs",
+            "tenant={} vpc={} addresses={} vrid={} holders={} preempt={} advert={}cs{owner}",
             self.tenant_id,
             self.vpc_id,
             addresses.join(","),

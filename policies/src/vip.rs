@@ -17,6 +17,39 @@ pub const VIP_ADVERT_INTERVAL_CS_MAX: u16 = 4095;
 impl State {
     pub(crate) fn put_virtual_ip(&mut self, c: &Ctx, v: &VirtualIp) -> Result<(), BatchError> {
         check_id(&v.id).map_err(|m| c.err("id", m))?;
+        // A grant is merged here, at apply time, with the virtual IP as it
+        // is now: it never brings back one deleted since, nor goes to a
+        // holder removed since; and a put never loses a grant committed
+        // before it.
+        if v.claim {
+            let old = self
+                .virtual_ips
+                .get(&v.id)
+                .ok_or_else(|| c.err("id", format!("virtual ip {} is gone", v.id)))?;
+            let holder = v
+                .owner
+                .as_ref()
+                .filter(|o| old.holders.iter().any(|h| &h.target == *o))
+                .ok_or_else(|| c.err("owner", format!("the claimant no longer holds virtual ip {}", v.id)))?;
+            let mut kept = old.clone();
+            kept.epoch = old.epoch + 1;
+            kept.owner = Some(holder.clone());
+            kept.owner_since_unix_ms = v.owner_since_unix_ms;
+            self.replace(Kind::VirtualIp, &v.id, Some(Object::VirtualIp(kept)));
+            return Ok(());
+        }
+        let mut merged = v.clone();
+        let old = self.virtual_ips.get(&v.id);
+        merged.epoch = old.map_or(0, |o| o.epoch);
+        // The owner stays while it holds the virtual IP.
+        merged.owner = old
+            .and_then(|o| o.owner.clone())
+            .filter(|o| v.holders.iter().any(|h| &h.target == o));
+        merged.owner_since_unix_ms = match merged.owner {
+            Some(_) => old.map_or(0, |o| o.owner_since_unix_ms),
+            None => 0,
+        };
+        let v = &merged;
         if !self.tenants.contains_key(&v.tenant_id) {
             return Err(c.err("tenant_id", format!("unknown tenant {:?}", v.tenant_id)));
         }
@@ -336,6 +369,7 @@ impl State {
 mod tests {
     use crate::lb::tests::{apply, cloud, deleted_refused, refused};
     use crate::model::*;
+    use crate::State;
 
     const VIP: &str =
         "kind: VirtualIp\nmetadata: {name: v2, tenant: civil-affairs}\nspec: {vpc: civil-affairs-prod, vrid: 31, ";
@@ -522,6 +556,54 @@ mod tests {
         }])
         .unwrap();
         deleted_refused(&mut s, Kind::VirtualIp, "portal-vip", "unknown virtual ip");
+    }
+
+    /// A grant takes the next epoch, for a holder alone; puts keep it and
+    /// the owner while the owner holds the virtual IP.
+    #[test]
+    fn grants_take_the_next_epoch_and_puts_keep_it() {
+        let mut s = cloud();
+        let grant = |s: &mut State, holder: &str| {
+            let mut v = s.virtual_ips["portal-vip"].clone();
+            v.claim = true;
+            v.owner = Some(VipHolderTarget::Port(holder.into()));
+            v.owner_since_unix_ms = 7;
+            v.holders.clear();
+            s.apply_batch(&[Op::PutVirtualIp(v)])
+        };
+        grant(&mut s, "portal-1-eth0").unwrap();
+        grant(&mut s, "portal-2-eth0").unwrap();
+        let v = &s.virtual_ips["portal-vip"];
+        assert_eq!((v.epoch, v.owner_since_unix_ms, v.claim), (2, 7, false));
+        assert_eq!(v.holders.len(), 2, "a grant changes nothing but the owner");
+        assert!(v.summary().ends_with("owner=port:portal-2-eth0 epoch=2"), "{}", v.summary());
+        let e = grant(&mut s, "police-1").unwrap_err();
+        assert!(e.message.contains("no longer holds"), "{e}");
+        // A put says nothing of epochs: the stored one stays, and the owner
+        // while it holds.
+        apply(&mut s, &format!("{VIP}ipv4: 10.30.0.50, {HOLDERS}}}\n").replace("name: v2", "name: portal-vip").replace("31", "30")).unwrap();
+        assert_eq!(s.virtual_ips["portal-vip"].epoch, 2);
+        assert_eq!(s.virtual_ips["portal-vip"].owner, Some(VipHolderTarget::Port("portal-2-eth0".into())));
+        apply(
+            &mut s,
+            &format!("{VIP}ipv4: 10.30.0.50, holders: [{{port: portal-1-eth0, priority: 9}}]}}\n")
+                .replace("name: v2", "name: portal-vip")
+                .replace("31", "30"),
+        )
+        .unwrap();
+        let v = &s.virtual_ips["portal-vip"];
+        assert_eq!((v.epoch, v.owner.clone(), v.owner_since_unix_ms), (2, None, 0));
+        // A grant for one deleted is refused.
+        s.apply_batch(&[Op::Delete {
+            kind: Kind::VirtualIp,
+            id: "portal-vip".into(),
+        }])
+        .unwrap();
+        let mut gone = cloud().virtual_ips["portal-vip"].clone();
+        gone.claim = true;
+        gone.owner = Some(VipHolderTarget::Port("portal-1-eth0".into()));
+        let e = s.apply_batch(&[Op::PutVirtualIp(gone)]).unwrap_err();
+        assert!(e.message.contains("is gone"), "{e}");
     }
 
     const LB_ZONE: &str = "kind: LoadBalancer\nmetadata: {name: lb2, tenant: civil-affairs}\nspec: {vpc: civil-affairs-prod, vipV4: 10.30.0.101, exposure: zone, natHosts: [{host: hv-01, ipv4: 10.30.0.200}, {host: hv-02, ipv4: 10.30.0.201}]}\n";

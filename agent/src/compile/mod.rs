@@ -420,7 +420,8 @@ impl Compiler {
                 Some(pb::resource::Kind::MirrorSession(m)) => mirrors.push(m),
                 Some(pb::resource::Kind::InformationSystem(s)) => systems.push(s),
                 Some(pb::resource::Kind::LoadBalancer(l)) => lbs.push(l),
-                Some(pb::resource::Kind::Quarantine(_)) | None => {}
+                // Virtual IPs are the VRRP speakers' (`crate::vips`).
+                Some(pb::resource::Kind::Quarantine(_)) | Some(pb::resource::Kind::VirtualIp(_)) | None => {}
             }
         }
         let mut d = Desired {

@@ -320,6 +320,11 @@ impl Store {
         Some((id, addr))
     }
 
+    /// The Raft term this replica is in.
+    pub fn term(&self) -> u64 {
+        self.raft.metrics().borrow().current_term
+    }
+
     /// Whether this replica is the leader.
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().current_leader == Some(self.node_id)

@@ -1,0 +1,198 @@
+//! Who is authoritative for each virtual IP. VRRP among the holders
+//! decides fast; the leader decides who may act on it:
+//!
+//! - A holder that wins VRRP claims the virtual IP. The first grant to a
+//!   new owner commits the next epoch in the log (the audit records it);
+//!   agents act only for the highest epoch they have seen.
+//! - The owner renews its claim every advertisement interval. The lease
+//!   (three intervals) lives in the leader's memory alone: renewals write
+//!   nothing.
+//! - Another holder's claim is refused while the owner's lease runs. So a
+//!   partition between the holders (each wins VRRP on its side) leaves
+//!   one of them authoritative; and an owner cut from the controller stops
+//!   answering when its lease ends, before any other is granted.
+//! - A new leader knows no lease: for one lease it grants nothing but to
+//!   the owner already recorded.
+//!
+//! Grants are handled one batch at a time, so two claimants never both
+//! pass the lease check before either is written.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use sdn_policies::{Op, VipHolderTarget, VirtualIp};
+use sdn_proto::v1 as pb;
+use tonic::Status;
+
+use crate::store::{Store, WriteError};
+
+/// Claims in one request, at most.
+pub const CLAIMS_MAX: usize = 1024;
+/// The shortest lease, whatever the interval.
+const LEASE_MIN: Duration = Duration::from_millis(150);
+
+/// The lease of a virtual IP: three of its advertisement intervals.
+pub fn lease(v: &VirtualIp) -> Duration {
+    (Duration::from_millis(10 * u64::from(v.advert_interval_cs)) * 3).max(LEASE_MIN)
+}
+
+/// The leader's leases.
+#[derive(Debug, Default)]
+pub struct Leases {
+    /// The Raft term the leases were granted in: a new term starts empty.
+    term: u64,
+    /// When this replica began granting in `term`.
+    since: Option<Instant>,
+    held: HashMap<String, (VipHolderTarget, Instant)>,
+}
+
+/// What the actor of a grant is called in the audit log.
+pub fn claim_actor(host: &str) -> String {
+    format!("sdn://agent/{host} (vrrp)")
+}
+
+/// Handles one host's claims on the leader.
+pub async fn claim(
+    store: &Store,
+    leases: &tokio::sync::Mutex<Leases>,
+    host: &str,
+    claims: &[pb::VipClaim],
+) -> Result<Vec<pb::VipGrant>, Status> {
+    let mut l = leases.lock().await;
+    let now = Instant::now();
+    let term = store.term();
+    if l.term != term || l.since.is_none() {
+        l.term = term;
+        l.since = Some(now);
+        l.held.clear();
+    }
+    let since = l.since.unwrap_or(now);
+    let mut grants = Vec::with_capacity(claims.len());
+    // Claims that need the next epoch: their index in `grants`.
+    let mut to_write: Vec<(usize, VirtualIp, VipHolderTarget)> = Vec::new();
+    {
+        let shared = store.shared.read().await;
+        let state = &shared.state;
+        for (i, c) in claims.iter().enumerate() {
+            let mut g = pb::VipGrant {
+                virtual_ip_id: c.virtual_ip_id.clone(),
+                ..Default::default()
+            };
+            let Some(v) = state.virtual_ips.get(&c.virtual_ip_id) else {
+                g.reason = format!("claims[{i}].virtual_ip_id: unknown virtual ip {:?}", c.virtual_ip_id);
+                grants.push(g);
+                continue;
+            };
+            g.lease_ms = lease(v).as_millis() as u32;
+            let holder = if c.port_id.is_empty() {
+                VipHolderTarget::Host(host.to_string())
+            } else {
+                // A port the virtual IP's VRRP ran from is on this host.
+                if state.ports.get(&c.port_id).is_none_or(|p| p.host_id != host) {
+                    g.reason = format!("claims[{i}].port_id: port {:?} is not on host {host}", c.port_id);
+                    grants.push(g);
+                    continue;
+                }
+                VipHolderTarget::Port(c.port_id.clone())
+            };
+            if !v.holders.iter().any(|h| h.target == holder) {
+                g.reason = format!(
+                    "claims[{i}]: {} does not hold virtual ip {}",
+                    holder.describe(),
+                    v.id
+                );
+                grants.push(g);
+                continue;
+            }
+            if c.release {
+                if l.held.get(&v.id).is_some_and(|(h, _)| *h == holder) {
+                    l.held.remove(&v.id);
+                    tracing::info!(virtual_ip = %v.id, holder = %holder.describe(), epoch = v.epoch, "lease released");
+                }
+                g.reason = "released".into();
+                grants.push(g);
+                continue;
+            }
+            if v.owner.as_ref() == Some(&holder) {
+                // The owner renews (a new leader takes the recorded owner's
+                // word at once).
+                let other = l.held.get(&v.id).filter(|(h, until)| *h != holder && *until > now);
+                if other.is_none() {
+                    l.held.insert(v.id.clone(), (holder, now + lease(v)));
+                    g.granted = true;
+                    g.epoch = v.epoch;
+                    grants.push(g);
+                    continue;
+                }
+            }
+            if let Some((h, until)) = l.held.get(&v.id).filter(|(h, until)| *h != holder && *until > now) {
+                g.reason = format!(
+                    "virtual ip {} is held by {} (epoch {}) for {} ms more",
+                    v.id,
+                    h.describe(),
+                    v.epoch,
+                    until.duration_since(now).as_millis()
+                );
+                g.epoch = v.epoch;
+                grants.push(g);
+                continue;
+            }
+            let unknown_until = since + lease(v);
+            if v.owner.as_ref().is_some_and(|o| *o != holder) && !l.held.contains_key(&v.id) && now < unknown_until {
+                g.reason = format!(
+                    "leadership changed {} ms ago: {} (epoch {}) may hold a lease for {} ms more",
+                    now.duration_since(since).as_millis(),
+                    v.owner.as_ref().map(VipHolderTarget::describe).unwrap_or_default(),
+                    v.epoch,
+                    unknown_until.duration_since(now).as_millis()
+                );
+                g.epoch = v.epoch;
+                grants.push(g);
+                continue;
+            }
+            to_write.push((grants.len(), v.clone(), holder));
+            grants.push(g);
+        }
+    }
+    if to_write.is_empty() {
+        return Ok(grants);
+    }
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let ops: Vec<Op> = to_write
+        .iter()
+        .map(|(_, v, holder)| {
+            let mut c = v.clone();
+            c.claim = true;
+            c.owner = Some(holder.clone());
+            c.owner_since_unix_ms = now_ms;
+            Op::PutVirtualIp(c)
+        })
+        .collect();
+    match store.write(&claim_actor(host), ops).await {
+        Ok(o) => {
+            let shared = store.shared.read().await;
+            for (i, v, holder) in to_write {
+                let Some(now_v) = shared.state.virtual_ips.get(&v.id) else { continue };
+                let g = &mut grants[i];
+                g.granted = true;
+                g.epoch = now_v.epoch;
+                l.held.insert(v.id.clone(), (holder.clone(), now + lease(now_v)));
+                tracing::info!(
+                    virtual_ip = %v.id,
+                    owner = %holder.describe(),
+                    epoch = now_v.epoch,
+                    revision = o.revision,
+                    "virtual ip owner granted"
+                );
+            }
+            Ok(grants)
+        }
+        // A holder removed, or the virtual IP deleted, since it was read.
+        Err(WriteError::Invalid(b)) => Err(Status::failed_precondition(b.to_string())),
+        Err(WriteError::Raft(m)) => Err(Status::unavailable(m)),
+        Err(WriteError::NotLeader(_)) => Err(Status::unavailable("leadership moved; claim again")),
+    }
+}
