@@ -14,5 +14,6 @@ pub mod records;
 pub mod testrun;
 pub mod testutil;
 pub mod usage;
+pub mod vips;
 pub mod vrrp;
 pub mod watch;

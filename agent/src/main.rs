@@ -222,6 +222,9 @@ async fn main() -> anyhow::Result<()> {
             agent.export(flow_settings.as_ref(), events, records)?;
             agent.start_mirroring(underlay_ip.map(std::net::IpAddr::V4))?;
             agent.start_usage()?;
+            agent
+                .start_vips(&pin_dir)
+                .context("starting the virtual IPs' VRRP speakers")?;
             if let Some(s) = &flow_settings {
                 let list: Vec<String> = s
                     .collectors
@@ -291,6 +294,7 @@ async fn main() -> anyhow::Result<()> {
                 "stats": stats.into_iter().collect::<std::collections::BTreeMap<_, _>>(),
                 "mirror": mirror,
                 "systems": systems,
+                "vip_leases": sdn_agent::vips::read_leases(&pin_dir).unwrap_or_default(),
             });
             println!("{}", serde_json::to_string_pretty(&j)?);
         }
@@ -323,7 +327,7 @@ async fn main() -> anyhow::Result<()> {
             };
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            let run = tokio::spawn(speaker::run(cfg, link, tx, stop_rx));
+            let run = tokio::spawn(speaker::run(cfg, link, tx, stop_rx, true));
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             let started = std::time::Instant::now();
             let print = |e: speaker::Event| {
@@ -337,7 +341,9 @@ async fn main() -> anyhow::Result<()> {
                         "ms": ms, "mismatch": from.to_string(),
                         "addresses": addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
                     }),
-                    speaker::Event::OldChecksum { from } => serde_json::json!({"ms": ms, "old_checksum": from.to_string()}),
+                    speaker::Event::OldChecksum { from } => {
+                        serde_json::json!({"ms": ms, "old_checksum": from.to_string()})
+                    }
                 };
                 println!("{line}");
             };

@@ -61,6 +61,8 @@ pub struct Agent {
     usage: crate::usage::Usage,
     /// Load balancers' health checks of the members on this host's ports.
     health: crate::health::Health,
+    /// The virtual IPs this host holds (started with the runtime).
+    vips: Option<crate::vips::Vips>,
 }
 
 /// What an agent makes of its flow table's passes.
@@ -125,7 +127,19 @@ impl Agent {
             mirror_stats: Default::default(),
             mirror_sessions: Default::default(),
             usage: Default::default(),
+            vips: None,
         })
+    }
+
+    /// Starts the VRRP speakers' manager for the virtual IPs this host
+    /// holds (within a runtime).
+    pub fn start_vips(&mut self, pin_dir: &std::path::Path) -> anyhow::Result<()> {
+        self.vips = Some(crate::vips::Vips::start(
+            self.host.clone(),
+            self.controllers.clone(),
+            pin_dir,
+        )?);
+        Ok(())
     }
 
     /// Sends on the mirror copies the programs hand up (for taps on other
@@ -349,6 +363,15 @@ impl Agent {
                 .set(crate::health::checks(&self.resources, &dataplane::ifindex, &|p| {
                     desired.quarantined.contains_key(p)
                 }));
+        }
+        // The virtual IPs this host holds on its uplinks.
+        if let Some(v) = &self.vips {
+            let (held, problems) = crate::vips::held(&self.resources, &self.host, &crate::vrrp::speaker::first_ipv4);
+            v.set(held);
+            for p in problems {
+                tracing::error!(error = %p, "virtual ip not held");
+                desired.rejected.push(p);
+            }
         }
         // Information systems' ports, for the bandwidth of each system.
         match self.dp.apply_systems(&desired.systems) {

@@ -96,11 +96,7 @@ pub async fn claim(
                 VipHolderTarget::Port(c.port_id.clone())
             };
             if !v.holders.iter().any(|h| h.target == holder) {
-                g.reason = format!(
-                    "claims[{i}]: {} does not hold virtual ip {}",
-                    holder.describe(),
-                    v.id
-                );
+                g.reason = format!("claims[{i}]: {} does not hold virtual ip {}", holder.describe(), v.id);
                 grants.push(g);
                 continue;
             }
@@ -166,6 +162,10 @@ pub async fn claim(
         .map(|(_, v, holder)| {
             let mut c = v.clone();
             c.claim = true;
+            // What the audit shows; the store takes the next epoch of the
+            // virtual IP as it is when the grant applies (grants are
+            // serialised here, so the same).
+            c.epoch = v.epoch + 1;
             c.owner = Some(holder.clone());
             c.owner_since_unix_ms = now_ms;
             Op::PutVirtualIp(c)
@@ -175,7 +175,9 @@ pub async fn claim(
         Ok(o) => {
             let shared = store.shared.read().await;
             for (i, v, holder) in to_write {
-                let Some(now_v) = shared.state.virtual_ips.get(&v.id) else { continue };
+                let Some(now_v) = shared.state.virtual_ips.get(&v.id) else {
+                    continue;
+                };
                 let g = &mut grants[i];
                 g.granted = true;
                 g.epoch = now_v.epoch;

@@ -106,7 +106,17 @@ fn ours(ns: &str, dir: &Path, name: &str, priority: u8) -> Proc {
         name,
         Some(ns),
         &bin("sdn-agent"),
-        &["vrrp", "--interface", "eth0", "--vrid", "51", "--priority", &prio, "--address", VIP],
+        &[
+            "vrrp",
+            "--interface",
+            "eth0",
+            "--vrid",
+            "51",
+            "--priority",
+            &prio,
+            "--address",
+            VIP,
+        ],
         dir,
     )
     .unwrap()
@@ -127,10 +137,13 @@ fn keepalived_and_ours_elect_each_other_both_ways() {
     for (i, n) in ["a", "b", "c"].iter().enumerate() {
         let ns = Netns::new(&format!("vrp-{n}")).unwrap();
         let peer = format!("vrp{n}");
-        sh(&["ip", "link", "add", "eth0", "netns", &ns.name, "type", "veth", "peer", "name", &peer, "netns", &br.name])
-            .unwrap();
+        sh(&[
+            "ip", "link", "add", "eth0", "netns", &ns.name, "type", "veth", "peer", "name", &peer, "netns", &br.name,
+        ])
+        .unwrap();
         br.sh(&["ip", "link", "set", &peer, "master", "br0", "up"]).unwrap();
-        ns.sh(&["ip", "addr", "add", &format!("10.77.0.{}/24", i + 1), "dev", "eth0"]).unwrap();
+        ns.sh(&["ip", "addr", "add", &format!("10.77.0.{}/24", i + 1), "dev", "eth0"])
+            .unwrap();
         ns.sh(&["ip", "link", "set", "eth0", "up"]).unwrap();
         ends.push(ns);
     }
@@ -147,7 +160,10 @@ fn keepalived_and_ours_elect_each_other_both_ways() {
 
     // 1. keepalived (100) alone is Master; ours (200) preempts it.
     let mut ka = Keepalived::start("vrp-a", dir.path(), "ka", 100);
-    wait_for("keepalived to take the VIP", Duration::from_secs(10), || holds_vip("vrp-a")).unwrap();
+    wait_for("keepalived to take the VIP", Duration::from_secs(10), || {
+        holds_vip("vrp-a")
+    })
+    .unwrap();
     let mut us = ours("vrp-b", dir.path(), "ours-200", 200);
     wait_for("ours to become Master", Duration::from_secs(5), || {
         states(&us).last().map(String::as_str) == Some("master")
@@ -157,7 +173,10 @@ fn keepalived_and_ours_elect_each_other_both_ways() {
     assert_eq!(states(&us), ["backup", "master"]);
     // Held: keepalived stays Backup while ours advertises.
     std::thread::sleep(Duration::from_millis(1000));
-    assert!(!holds_vip("vrp-a"), "keepalived took the VIP from a live Master of higher priority");
+    assert!(
+        !holds_vip("vrp-a"),
+        "keepalived took the VIP from a live Master of higher priority"
+    );
     assert_eq!(states(&us), ["backup", "master"]);
 
     // 2. Ours crashes: keepalived takes over within a second
@@ -177,17 +196,25 @@ fn keepalived_and_ours_elect_each_other_both_ways() {
     // 4. keepalived crashes: ours takes over within a second.
     let t0 = Instant::now();
     ka.crash();
-    let took = time_until(Duration::from_secs(3), || states(&us).last().map(String::as_str) == Some("master"))
-        .expect("ours never took over from crashed keepalived");
+    let took = time_until(Duration::from_secs(3), || {
+        states(&us).last().map(String::as_str) == Some("master")
+    })
+    .expect("ours never took over from crashed keepalived");
     assert!(took < Duration::from_millis(1000), "ours took {took:?}");
-    eprintln!("ours took over from keepalived in {took:?} ({:?} since the kill)", t0.elapsed());
+    eprintln!(
+        "ours took over from keepalived in {took:?} ({:?} since the kill)",
+        t0.elapsed()
+    );
     // keepalived's address is its own business once it is dead; clear it
     // so the next check sees only what a new keepalived does.
     let _ = sh(&["ip", "-n", "vrp-a", "addr", "del", &format!("{VIP}/24"), "dev", "eth0"]);
 
     // 5. keepalived (100) comes back and preempts ours (50); ours yields.
     let ka2 = Keepalived::start("vrp-a", dir.path(), "ka2", 100);
-    wait_for("keepalived to take the VIP back", Duration::from_secs(10), || holds_vip("vrp-a")).unwrap();
+    wait_for("keepalived to take the VIP back", Duration::from_secs(10), || {
+        holds_vip("vrp-a")
+    })
+    .unwrap();
     wait_for("ours to yield", Duration::from_secs(5), || {
         states(&us).last().map(String::as_str) == Some("backup")
     })
@@ -200,8 +227,10 @@ fn keepalived_and_ours_elect_each_other_both_ways() {
         // SAFETY: signalling a process this test started.
         unsafe { libc::kill(p as i32, libc::SIGTERM) };
     }
-    let took = time_until(Duration::from_secs(3), || states(&us).last().map(String::as_str) == Some("master"))
-        .expect("ours never took over from resigning keepalived");
+    let took = time_until(Duration::from_secs(3), || {
+        states(&us).last().map(String::as_str) == Some("master")
+    })
+    .expect("ours never took over from resigning keepalived");
     eprintln!("ours took over from resigning keepalived in {took:?}");
     us.stop();
     assert_eq!(states(&us).last().map(String::as_str), Some("initialize"));
@@ -236,7 +265,11 @@ fn keepalived_and_ours_elect_each_other_both_ways() {
     for line in out.lines() {
         let f: Vec<&str> = line.split('\t').collect();
         assert_eq!(f.len(), 6, "{line}");
-        assert_eq!((f[1], f[2], f[3], f[5]), ("3", "1", "255", VIP), "not a good VRRPv3 advertisement: {line}");
+        assert_eq!(
+            (f[1], f[2], f[3], f[5]),
+            ("3", "1", "255", VIP),
+            "not a good VRRPv3 advertisement: {line}"
+        );
         *per_source.entry(f[0].to_string()).or_default() += 1;
         if f[4] == "0" {
             resigned.push(f[0].to_string());
@@ -245,6 +278,9 @@ fn keepalived_and_ours_elect_each_other_both_ways() {
     eprintln!("advertisements by source: {per_source:?}, resignations: {resigned:?}");
     assert!(per_source.get("10.77.0.1").is_some_and(|n| *n >= 10), "{per_source:?}");
     assert!(per_source.get("10.77.0.2").is_some_and(|n| *n >= 10), "{per_source:?}");
-    assert!(resigned.contains(&"10.77.0.2".to_string()), "ours never resigned: {resigned:?}");
+    assert!(
+        resigned.contains(&"10.77.0.2".to_string()),
+        "ours never resigned: {resigned:?}"
+    );
     drop(ends);
 }

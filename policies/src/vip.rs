@@ -576,14 +576,27 @@ mod tests {
         let v = &s.virtual_ips["portal-vip"];
         assert_eq!((v.epoch, v.owner_since_unix_ms, v.claim), (2, 7, false));
         assert_eq!(v.holders.len(), 2, "a grant changes nothing but the owner");
-        assert!(v.summary().ends_with("owner=port:portal-2-eth0 epoch=2"), "{}", v.summary());
+        assert!(
+            v.summary().ends_with("owner=port:portal-2-eth0 epoch=2"),
+            "{}",
+            v.summary()
+        );
         let e = grant(&mut s, "police-1").unwrap_err();
         assert!(e.message.contains("no longer holds"), "{e}");
         // A put says nothing of epochs: the stored one stays, and the owner
         // while it holds.
-        apply(&mut s, &format!("{VIP}ipv4: 10.30.0.50, {HOLDERS}}}\n").replace("name: v2", "name: portal-vip").replace("31", "30")).unwrap();
+        apply(
+            &mut s,
+            &format!("{VIP}ipv4: 10.30.0.50, {HOLDERS}}}\n")
+                .replace("name: v2", "name: portal-vip")
+                .replace("31", "30"),
+        )
+        .unwrap();
         assert_eq!(s.virtual_ips["portal-vip"].epoch, 2);
-        assert_eq!(s.virtual_ips["portal-vip"].owner, Some(VipHolderTarget::Port("portal-2-eth0".into())));
+        assert_eq!(
+            s.virtual_ips["portal-vip"].owner,
+            Some(VipHolderTarget::Port("portal-2-eth0".into()))
+        );
         apply(
             &mut s,
             &format!("{VIP}ipv4: 10.30.0.50, holders: [{{port: portal-1-eth0, priority: 9}}]}}\n")

@@ -196,8 +196,7 @@ impl Machine {
                     // Another resigned: say at once who is Master.
                     self.advert_at = Some(now + cs(self.cfg.interval_cs.into()));
                     vec![Action::Send(self.advert(self.cfg.priority))]
-                } else if a.priority > self.cfg.priority
-                    || (a.priority == self.cfg.priority && from > self.cfg.primary)
+                } else if a.priority > self.cfg.priority || (a.priority == self.cfg.priority && from > self.cfg.primary)
                 {
                     self.become_backup(now, a.interval_cs)
                 } else {
@@ -284,7 +283,11 @@ mod tests {
         let t2 = m.deadline().unwrap();
         assert_eq!(
             m.on_timer(t2),
-            vec![Action::Send(advert(100, 10)), Action::Announce, Action::Became(State::Master)]
+            vec![
+                Action::Send(advert(100, 10)),
+                Action::Announce,
+                Action::Became(State::Master)
+            ]
         );
         // Master: an advert every interval of its own.
         assert_eq!(m.deadline(), Some(t2 + ms(100)));
@@ -306,7 +309,9 @@ mod tests {
         m.on_advert(t0, ip("10.0.0.9"), &advert(200, 10));
         assert_eq!(m.on_advert(t0 + ms(50), ip("10.0.0.9"), &advert(0, 10)), vec![]);
         assert_eq!(m.deadline(), Some(t0 + ms(50) + m.skew()));
-        assert!(m.on_timer(t0 + ms(50) + m.skew()).contains(&Action::Became(State::Master)));
+        assert!(m
+            .on_timer(t0 + ms(50) + m.skew())
+            .contains(&Action::Became(State::Master)));
         // And its own shutdown resigns.
         assert_eq!(
             m.shutdown(),
@@ -325,7 +330,11 @@ mod tests {
         m.startup(t0);
         let down = m.deadline().unwrap();
         assert_eq!(m.on_advert(t0 + ms(100), ip("10.0.0.9"), &advert(100, 10)), vec![]);
-        assert_eq!(m.deadline(), Some(down), "a lower Master does not hold a preempting Backup");
+        assert_eq!(
+            m.deadline(),
+            Some(down),
+            "a lower Master does not hold a preempting Backup"
+        );
         assert!(m.on_timer(down).contains(&Action::Became(State::Master)));
 
         let mut m = machine(200, false);
@@ -347,9 +356,16 @@ mod tests {
         assert_eq!(m.state(), State::Master);
         let t1 = t0 + ms(1000);
         assert_eq!(m.on_advert(t1, ip("10.0.0.9"), &advert(50, 10)), vec![]);
-        assert_eq!(m.on_advert(t1, ip("10.0.0.1"), &advert(100, 10)), vec![], "equal, lower address");
+        assert_eq!(
+            m.on_advert(t1, ip("10.0.0.1"), &advert(100, 10)),
+            vec![],
+            "equal, lower address"
+        );
         assert_eq!(m.state(), State::Master);
-        assert_eq!(m.on_advert(t1, ip("10.0.0.9"), &advert(0, 10)), vec![Action::Send(advert(100, 10))]);
+        assert_eq!(
+            m.on_advert(t1, ip("10.0.0.9"), &advert(0, 10)),
+            vec![Action::Send(advert(100, 10))]
+        );
         assert_eq!(m.deadline(), Some(t1 + ms(100)));
         assert_eq!(
             m.on_advert(t1, ip("10.0.0.9"), &advert(100, 30)),

@@ -55,8 +55,14 @@ pub enum Invalid {
     Version(u8),
     Type(u8),
     /// Fewer bytes than the header and its addresses need.
-    Truncated { have: usize, need: usize },
-    Checksum { got: u16, want: u16 },
+    Truncated {
+        have: usize,
+        need: usize,
+    },
+    Checksum {
+        got: u16,
+        want: u16,
+    },
     /// The message's addresses are of the other family than its IP header.
     Family,
     /// A virtual router id of 0.
@@ -366,7 +372,10 @@ mod tests {
         let mut m = good[..8].to_vec();
         m[3] = 0;
         assert_eq!(Advert::decode(src, g, 255, &resum(m)).unwrap_err(), Invalid::NoAddress);
-        assert_eq!(Advert::decode(src, v4("ff02::12"), 255, &good).unwrap_err(), Invalid::Family);
+        assert_eq!(
+            Advert::decode(src, v4("ff02::12"), 255, &good).unwrap_err(),
+            Invalid::Family
+        );
     }
 
     /// A unicast advertisement checksummed over the multicast group, as

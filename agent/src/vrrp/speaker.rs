@@ -43,37 +43,13 @@ impl Link {
 
 /// The first IPv4 address of interface `name`.
 pub fn first_ipv4(name: &str) -> Option<Ipv4Addr> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills `head` with a list freed below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return None;
-    }
-    let mut found = None;
-    let mut p = head;
-    while !p.is_null() {
-        // SAFETY: `p` walks the list getifaddrs made, not yet freed.
-        let ifa = unsafe { &*p };
-        p = ifa.ifa_next;
-        if ifa.ifa_addr.is_null() || ifa.ifa_name.is_null() {
-            continue;
-        }
-        // SAFETY: a NUL-terminated name and a sockaddr of its family.
-        let (fname, family) = unsafe {
-            (
-                std::ffi::CStr::from_ptr(ifa.ifa_name).to_string_lossy().into_owned(),
-                (*ifa.ifa_addr).sa_family,
-            )
-        };
-        if fname == name && i32::from(family) == libc::AF_INET {
-            // SAFETY: an AF_INET address is a sockaddr_in.
-            let sin = unsafe { &*(ifa.ifa_addr as *const libc::sockaddr_in) };
-            found = Some(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-            break;
-        }
-    }
-    // SAFETY: the list getifaddrs made.
-    unsafe { libc::freeifaddrs(head) };
-    found
+    crate::dataplane::addresses(name)
+        .ok()?
+        .into_iter()
+        .find_map(|a| match a {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        })
 }
 
 /// What the speaker reports.
@@ -94,8 +70,6 @@ pub enum Event {
 struct Wire {
     recv: AsyncFd<Socket>,
     send: Socket,
-    arp: Socket,
-    link: Link,
     source: Ipv4Addr,
 }
 
@@ -111,18 +85,11 @@ impl Wire {
         send.set_multicast_loop_v4(false)?;
         // Nothing is read from it.
         send.set_recv_buffer_size(0)?;
-        let arp = Socket::new(Domain::PACKET, Type::RAW, None)?;
         // SAFETY: the socket owns its descriptor, and keeps it open and in
         // place for as long as the AsyncFd holds it.
-        let recv = unsafe { AsyncFd::register_with_interest(recv, tokio::io::Interest::READABLE) }
-            .map_err(io::Error::from)?;
-        Ok(Wire {
-            recv,
-            send,
-            arp,
-            link: link.clone(),
-            source,
-        })
+        let recv =
+            unsafe { AsyncFd::register_with_interest(recv, tokio::io::Interest::READABLE) }.map_err(io::Error::from)?;
+        Ok(Wire { recv, send, source })
     }
 
     /// Sends `a` to the group from our source, TTL 255, DSCP CS6.
@@ -142,50 +109,6 @@ impl Wire {
         p.extend_from_slice(&msg);
         let to = SockAddr::from(SocketAddrV4::new(GROUP_V4, 0));
         self.send.send_to(&p, &to)?;
-        Ok(())
-    }
-
-    /// Gratuitous ARP for each IPv4 address: a broadcast request whose
-    /// sender and target are the address, from the link's own MAC.
-    fn announce(&self, addresses: &[IpAddr]) -> io::Result<()> {
-        for a in addresses {
-            let IpAddr::V4(a) = a else { continue };
-            let arp = etherparse::ArpEthIpv4Packet {
-                operation: etherparse::ArpOperation::REQUEST,
-                sender_mac: self.link.mac,
-                sender_ipv4: a.octets(),
-                target_mac: [0; 6],
-                target_ipv4: a.octets(),
-            };
-            let eth = etherparse::Ethernet2Header {
-                source: self.link.mac,
-                destination: [0xff; 6],
-                ether_type: etherparse::EtherType::ARP,
-            };
-            let mut f = eth.to_bytes().to_vec();
-            f.extend_from_slice(&arp.to_bytes());
-            // SAFETY: a zeroed sockaddr_ll, filled as packet(7) says.
-            let mut ll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            ll.sll_family = libc::AF_PACKET as u16;
-            ll.sll_protocol = (libc::ETH_P_ARP as u16).to_be();
-            ll.sll_ifindex = self.link.ifindex as i32;
-            ll.sll_halen = 6;
-            ll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
-            // SAFETY: `ll` is a valid sockaddr_ll of its own size.
-            let to = unsafe {
-                SockAddr::try_init(|storage, len| {
-                    std::ptr::copy_nonoverlapping(
-                        &ll as *const libc::sockaddr_ll as *const u8,
-                        storage as *mut u8,
-                        std::mem::size_of::<libc::sockaddr_ll>(),
-                    );
-                    *len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-                    Ok(())
-                })
-            }?
-            .1;
-            self.arp.send_to(&f, &to)?;
-        }
         Ok(())
     }
 
@@ -209,16 +132,67 @@ impl Wire {
     }
 }
 
+/// Gratuitous ARP for each IPv4 address: a broadcast request whose
+/// sender and target are the address, from the link's own MAC.
+pub fn announce(link: &Link, addresses: &[IpAddr]) -> io::Result<()> {
+    let sock = Socket::new(Domain::PACKET, Type::RAW, None)?;
+    for a in addresses {
+        let IpAddr::V4(a) = a else { continue };
+        let arp = etherparse::ArpEthIpv4Packet {
+            operation: etherparse::ArpOperation::REQUEST,
+            sender_mac: link.mac,
+            sender_ipv4: a.octets(),
+            target_mac: [0; 6],
+            target_ipv4: a.octets(),
+        };
+        let eth = etherparse::Ethernet2Header {
+            source: link.mac,
+            destination: [0xff; 6],
+            ether_type: etherparse::EtherType::ARP,
+        };
+        let mut f = eth.to_bytes().to_vec();
+        f.extend_from_slice(&arp.to_bytes());
+        // SAFETY: a zeroed sockaddr_ll, filled as packet(7) says.
+        let mut ll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        ll.sll_family = libc::AF_PACKET as u16;
+        ll.sll_protocol = (libc::ETH_P_ARP as u16).to_be();
+        ll.sll_ifindex = link.ifindex as i32;
+        ll.sll_halen = 6;
+        ll.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+        // SAFETY: `ll` is a valid sockaddr_ll of its own size.
+        let to = unsafe {
+            SockAddr::try_init(|storage, len| {
+                std::ptr::copy_nonoverlapping(
+                    &ll as *const libc::sockaddr_ll as *const u8,
+                    storage as *mut u8,
+                    std::mem::size_of::<libc::sockaddr_ll>(),
+                );
+                *len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+                Ok(())
+            })
+        }?
+        .1;
+        sock.send_to(&f, &to)?;
+    }
+    Ok(())
+}
+
 /// Runs one IPv4 virtual router on `link` from `source` until `stop` turns
-/// true, reporting to `events`; then resigns if Master.
+/// true, reporting to `events`; then resigns if Master. With `announce`,
+/// it announces the addresses itself on becoming Master (else its caller
+/// does, once it may).
 pub async fn run(
     cfg: Config,
     link: Link,
     events: mpsc::UnboundedSender<Event>,
     mut stop: watch::Receiver<bool>,
+    announce_on_master: bool,
 ) -> io::Result<()> {
     let IpAddr::V4(source) = cfg.primary else {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "an IPv4 virtual router needs an IPv4 source"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "an IPv4 virtual router needs an IPv4 source",
+        ));
     };
     let wire = Wire::open(&link, source)?;
     let mut m = Machine::new(cfg);
@@ -227,7 +201,8 @@ pub async fn run(
         for a in acts {
             match a {
                 Action::Send(ad) => wire.send(&ad)?,
-                Action::Announce => wire.announce(&m.config().addresses)?,
+                Action::Announce if announce_on_master => announce(&link, &m.config().addresses)?,
+                Action::Announce => {}
                 Action::Became(s) => {
                     let _ = events.send(Event::State(s));
                 }

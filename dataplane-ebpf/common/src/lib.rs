@@ -116,6 +116,9 @@ pub enum DropReason {
     /// From a zone, a SYN on the tuple of an open north-south flow that
     /// its member has not closed (a zone's host could forge it).
     NatSynOnFlow = 36,
+    /// From a zone, a packet for a virtual IP this host holds but whose
+    /// lease has run out (or was never granted): another holder owns it.
+    VipFenced = 37,
 }
 
 /// Number of slots in the drop counter array (room to grow).
@@ -123,7 +126,7 @@ pub const DROP_REASON_SLOTS: u32 = 48;
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 37] = [
+    pub const ALL: [DropReason; 38] = [
         DropReason::UnknownPort,
         DropReason::Truncated,
         DropReason::UnsupportedEthertype,
@@ -161,6 +164,7 @@ impl DropReason {
         DropReason::NatNoFlow,
         DropReason::NatNoPort,
         DropReason::NatSynOnFlow,
+        DropReason::VipFenced,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -203,6 +207,7 @@ impl DropReason {
             DropReason::NatNoFlow => "nat_no_flow",
             DropReason::NatNoPort => "nat_no_port",
             DropReason::NatSynOnFlow => "nat_syn_on_flow",
+            DropReason::VipFenced => "vip_fenced",
         }
     }
 }

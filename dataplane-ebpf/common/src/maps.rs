@@ -395,6 +395,29 @@ pub struct ZoneAddrKey {
     pub addr: [u8; 16],
 }
 
+/// The virtual IPs this host holds on its uplinks, by address
+/// ([`ZoneAddrKey`]): each answered for (ARP, neighbour discovery, the
+/// load balancer's translation) only until its lease ends.
+pub const VIP_LEASES: &str = "SDN_VIP_LEASES";
+/// Virtual IP addresses a host holds at most.
+pub const VIP_LEASES_MAX: u32 = 4096;
+
+/// A held virtual IP's lease on this host.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VipLease {
+    /// `CLOCK_MONOTONIC` nanoseconds (the programs' `bpf_ktime_get_coarse_ns`)
+    /// until which this host answers for the address; 0: it does not.
+    pub until_ns: u64,
+    /// The epoch the lease was granted in.
+    pub epoch: u64,
+    /// When this host began answering in that epoch (same clock); what
+    /// `until_ns` then says, after the end, is when it stopped.
+    pub since_ns: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<VipLease>() == 24);
+
 /// Where an address of a VPC with a zone lives, and its zone.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -895,6 +918,7 @@ mod pod {
     unsafe impl aya::Pod for HostConfig {}
     unsafe impl aya::Pod for ZoneAddrKey {}
     unsafe impl aya::Pod for ZoneEndpoint {}
+    unsafe impl aya::Pod for VipLease {}
     unsafe impl aya::Pod for ExchangeRule {}
     unsafe impl aya::Pod for FwPolicy {}
     unsafe impl aya::Pod for FwRule {}

@@ -11,7 +11,7 @@ use dataplane_common::{
 
 use crate::{
     ctx::{load, Pkt},
-    maps::{has_addr, UPLINKS, UPLINK_ADDRS, VPC_NETS, ZONE_ENDPOINTS, ZONE_NETS, ZONE_UPLINK},
+    maps::{has_addr, UPLINKS, UPLINK_ADDRS, VIP_LEASES, VPC_NETS, ZONE_ENDPOINTS, ZONE_NETS, ZONE_UPLINK},
     meta::{Meta, E_FROM_UPLINK, K_IP, X_ZONE_IN},
     parse::{self, is_icmp_error, ETH_P_IP, ETH_P_IPV6},
     port,
@@ -61,6 +61,30 @@ fn uplink_owns(ifindex: u32, family: u8, addr: &[u8; 16]) -> bool {
     has_addr(&UPLINK_ADDRS, ifindex, family, addr)
 }
 
+/// Whether `addr` is a virtual IP this host holds: `Some(true)` while its
+/// lease runs (this host answers for it), `Some(false)` once it ran out or
+/// was never granted (another holder answers).
+#[inline(always)]
+fn vip_lease(now: u64, family: u8, addr: &[u8; 16]) -> Option<bool> {
+    let k = ZoneAddrKey {
+        family,
+        _pad: [0; 3],
+        addr: *addr,
+    };
+    // SAFETY: the value is read at once.
+    unsafe { VIP_LEASES.get(&k) }.map(|l| now < l.until_ns)
+}
+
+#[inline(always)]
+fn vip_fenced(now: u64, family: u8, addr: &[u8; 16]) -> bool {
+    vip_lease(now, family, addr) == Some(false)
+}
+
+/// VRRP's IP protocol number and groups (224.0.0.18, ff02::12).
+const PROTO_VRRP: u8 = 112;
+const VRRP_V4: [u8; 16] = [224, 0, 0, 18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+const VRRP_V6: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x12];
+
 /// What an uplink entry made of a packet.
 pub enum Arrival {
     /// For a VM: into the pipeline.
@@ -93,7 +117,17 @@ pub fn from_uplink<C: Pkt>(ctx: &C, m: &mut Meta) -> Result<Arrival, DropReason>
         // the zone's gateway after a failover, telling its new MAC) updates
         // what the host already knows, unless it claims a VPC's address.
         let gratuitous = m.arp_spa == m.arp_tpa && zone_endpoint(FAMILY_V4, &target).is_none();
-        return if uplink_owns(ifx, FAMILY_V4, &target) || gratuitous {
+        // A virtual IP is answered within its lease only (the address is
+        // put on the uplink then): out of it, it is another holder's.
+        let vip = if gratuitous {
+            None
+        } else {
+            vip_lease(m.now, FAMILY_V4, &target)
+        };
+        if vip == Some(false) {
+            return Err(DropReason::VipFenced);
+        }
+        return if vip == Some(true) || uplink_owns(ifx, FAMILY_V4, &target) || gratuitous {
             Ok(Arrival::Host)
         } else {
             Err(DropReason::UplinkToHost)
@@ -102,6 +136,9 @@ pub fn from_uplink<C: Pkt>(ctx: &C, m: &mut Meta) -> Result<Arrival, DropReason>
     parse::ip(ctx, m, ethertype)?;
     // A VIP exposed to the zone, translated here (north-south).
     if let Some(ns) = crate::nat::service(m) {
+        if vip_fenced(m.now, m.family, &m.dst) {
+            return Err(DropReason::VipFenced);
+        }
         from_zone(m, zone)?;
         crate::nat::arrive(m, zone, &ns);
         return Ok(Arrival::Nat);
@@ -113,7 +150,14 @@ pub fn from_uplink<C: Pkt>(ctx: &C, m: &mut Meta) -> Result<Arrival, DropReason>
         // packets, no services, nothing for the host to forward).
         let wanted = if m.proto == PROTO_ICMPV6 && m.icmp_type == ND_NS {
             let target: [u8; 16] = load(ctx, m.l4_off as usize + 8).ok_or(DropReason::Truncated)?;
-            uplink_owns(ifx, FAMILY_V6, &target)
+            match vip_lease(m.now, FAMILY_V6, &target) {
+                Some(false) => return Err(DropReason::VipFenced),
+                Some(true) => true,
+                None => uplink_owns(ifx, FAMILY_V6, &target),
+            }
+        } else if m.proto == PROTO_VRRP && (m.dst == VRRP_V4 || m.dst == VRRP_V6) {
+            // The holders' VRRP advertisements (the speaker checks them).
+            true
         } else if m.proto == PROTO_ICMPV6 && m.icmp_type == ND_NA && m.dst == ALL_NODES {
             // Unsolicited (to all nodes): as a gratuitous ARP.
             let target: [u8; 16] = load(ctx, m.l4_off as usize + 8).ok_or(DropReason::Truncated)?;

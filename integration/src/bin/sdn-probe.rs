@@ -81,6 +81,22 @@ enum Cmd {
         #[arg(long, default_value_t = 50)]
         interval_ms: u64,
     },
+    /// Sends a numbered UDP datagram every `interval_us` (1 ms: a 1 kHz
+    /// probe) to an echo server for a duration, from one socket (one
+    /// flow), and reads the echoes; prints JSON: sent, answered, and the
+    /// longest time with no echo (`max_gap_ms`), with every gap over
+    /// 20 ms and when it began (ms from the start).
+    Gap {
+        addr: std::net::IpAddr,
+        port: u16,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 1000)]
+        interval_us: u64,
+        /// Source address (one of this machine's).
+        #[arg(long)]
+        bind: Option<std::net::IpAddr>,
+    },
     /// Answers each connection on PORT (IPv4) with the byte it sends, then
     /// closes it: a server for connections per second, one thread.
     Accept { port: u16 },
@@ -95,6 +111,68 @@ enum Cmd {
         #[arg(long, default_value_t = 8)]
         threads: usize,
     },
+}
+
+fn gap(
+    addr: std::net::IpAddr,
+    port: u16,
+    seconds: u64,
+    interval: Duration,
+    bind: Option<std::net::IpAddr>,
+) -> std::io::Result<serde_json::Value> {
+    let local = bind.unwrap_or(if addr.is_ipv4() {
+        std::net::IpAddr::from([0u8; 4])
+    } else {
+        std::net::IpAddr::from([0u16; 8])
+    });
+    let s = UdpSocket::bind(SocketAddr::new(local, 0))?;
+    s.connect(SocketAddr::new(addr, port))?;
+    let r = s.try_clone()?;
+    r.set_read_timeout(Some(Duration::from_millis(50)))?;
+    let start = Instant::now();
+    let end = start + Duration::from_secs(seconds);
+    let reader = std::thread::spawn(move || {
+        // Times (since the start) of each echo.
+        let mut got: Vec<Duration> = Vec::new();
+        let mut buf = [0u8; 64];
+        while Instant::now() < end + Duration::from_millis(300) {
+            if let Ok(n) = r.recv(&mut buf) {
+                if n >= 8 {
+                    got.push(start.elapsed());
+                }
+            }
+        }
+        got
+    });
+    let mut sent = 0u64;
+    let mut next = start;
+    while Instant::now() < end {
+        let _ = s.send(&sent.to_be_bytes());
+        sent += 1;
+        next += interval;
+        if let Some(w) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(w);
+        }
+    }
+    let got = reader.join().unwrap_or_default();
+    let mut gaps = Vec::new();
+    let mut max = Duration::ZERO;
+    // Silence from the start counts too, as does silence at the end.
+    let mut last = Duration::ZERO;
+    for t in got.iter().copied().chain(std::iter::once(Duration::from_secs(seconds))) {
+        let g = t.saturating_sub(last);
+        max = max.max(g);
+        if g > Duration::from_millis(20) {
+            gaps.push(serde_json::json!({"at_ms": last.as_millis() as u64, "ms": g.as_millis() as u64}));
+        }
+        last = t;
+    }
+    Ok(serde_json::json!({
+        "sent": sent,
+        "answered": got.len(),
+        "max_gap_ms": max.as_secs_f64() * 1000.0,
+        "gaps": gaps,
+    }))
 }
 
 fn accept(port: u16) -> std::io::Result<()> {
@@ -534,6 +612,22 @@ fn main() {
             Ok(_) => 0,
             Err(e) => {
                 eprintln!("hold: {e}");
+                1
+            }
+        },
+        Cmd::Gap {
+            addr,
+            port,
+            seconds,
+            interval_us,
+            bind,
+        } => match gap(addr, port, seconds, Duration::from_micros(interval_us), bind) {
+            Ok(j) => {
+                println!("{j}");
+                0
+            }
+            Err(e) => {
+                eprintln!("gap: {e}");
                 1
             }
         },

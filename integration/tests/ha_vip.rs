@@ -1,0 +1,347 @@
+//! A load balancer's VIP held by two NAT hosts: their agents elect with
+//! VRRPv3 on the zone uplink which one answers for it, the controller
+//! grants the winner an epoch and a lease, and only the holder of a running
+//! lease answers (ARP, translation), in its dataplane. The owner's death
+//! moves the VIP to the other within a second; a partition between the
+//! holders leaves one answering; an owner cut off (its agent frozen) stops
+//! answering when its lease ends, before the other is granted.
+
+use std::time::{Duration, Instant};
+
+use sdn_integration::ops::*;
+use sdn_integration::privileged;
+use sdn_proto::v1 as pb;
+
+const EXT: (&str, &str) = ("10.254.0", "fdf1:0:0:1");
+const VIP: &str = "10.40.1.100";
+const UPLINK: &str = "up-ext";
+
+fn nginx(lab: &sdn_integration::lab::Lab, vm: &str) -> sdn_integration::Proc {
+    let dir = lab.topo.dir.join(format!("nginx-{vm}"));
+    std::fs::create_dir_all(dir.join("tmp")).unwrap();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "master_process off;\ndaemon off;\npid {d}/nginx.pid;\nerror_log stderr;\nevents {{}}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {d}/tmp;\n  proxy_temp_path {d}/tmp;\n  \
+             fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n  \
+             server {{\n    listen 8080;\n    location / {{ return 200 \"{vm} $remote_addr\\n\"; }}\n  }}\n}}\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let ns = lab.topo.vm(vm).ns.name.clone();
+    sdn_integration::Proc::spawn(
+        &format!("nginx-{vm}"),
+        Some(&ns),
+        std::path::Path::new("/usr/sbin/nginx"),
+        &["-c", conf.to_str().unwrap(), "-p", dir.to_str().unwrap()],
+        &lab.topo.dir,
+    )
+    .unwrap()
+}
+
+/// One GET from the zone to the VIP: "member nat-address", or the error.
+fn zone_get(lab: &sdn_integration::lab::Lab) -> String {
+    lab.topo
+        .zone_ns("ext")
+        .sh(&[
+            "curl",
+            "-sS",
+            "-m",
+            "1",
+            "--interface",
+            "10.99.0.1",
+            &format!("http://{VIP}/"),
+        ])
+        .unwrap_or_else(|e| format!("error: {e}"))
+        .trim()
+        .to_string()
+}
+
+/// The virtual IP as the controller has it.
+async fn vip(lab: &sdn_integration::lab::Lab) -> pb::VirtualIp {
+    let mut c = lab.cluster.client().await.unwrap();
+    let l = c
+        .list(pb::ListRequest {
+            kind: pb::Kind::VirtualIp as i32,
+            stale: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    l.virtual_ips
+        .into_iter()
+        .find(|v| v.id == "hvip")
+        .expect("the virtual ip")
+}
+
+/// Waits until `host` owns the VIP in an epoch above `above`; its epoch.
+async fn owned_by(lab: &sdn_integration::lab::Lab, host: &str, above: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = vip(lab).await;
+        if v.owner_host_id == host && v.epoch > above {
+            return v.epoch;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{host} never owned the virtual ip above epoch {above}: {v:?}\n{}",
+            lab.cluster.agent_log(host)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The VIP's lease in `host`'s dataplane: (epoch, since_ns, until_ns,
+/// answering now).
+fn lease(lab: &sdn_integration::lab::Lab, host: &str) -> Option<(u64, u64, u64, bool)> {
+    let c = lab.drops(host).ok()?;
+    c["vip_leases"]
+        .as_array()?
+        .iter()
+        .find(|l| l["address"] == VIP)
+        .map(|l| {
+            (
+                l["epoch"].as_u64().unwrap_or(0),
+                l["since_ns"].as_u64().unwrap_or(0),
+                l["until_ns"].as_u64().unwrap_or(0),
+                l["answering"].as_bool().unwrap_or(false),
+            )
+        })
+}
+
+fn has_address(lab: &sdn_integration::lab::Lab, host: &str) -> bool {
+    lab.topo
+        .host_ns(host)
+        .sh(&["ip", "-br", "addr", "show", "dev", UPLINK])
+        .is_ok_and(|s| s.contains(VIP))
+}
+
+fn signal(lab: &mut sdn_integration::lab::Lab, host: &str, sig: i32) {
+    let pid = lab.cluster.agent(host).pid().expect("the agent runs");
+    // SAFETY: signalling a process this test started.
+    unsafe { libc::kill(pid as i32, sig) };
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_vip_held_by_two_nat_hosts_is_answered_by_its_lease_holder_alone() {
+    if !privileged() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mut lab = sdn_integration::lab::Lab::new("hav", &["h1", "h2", "h3"])
+        .zone("ext", UPLINK, EXT.0, EXT.1, &["10.0.0.0/8", "fd00::/8"], &["10.99.0.1"])
+        .tenant("dept-a")
+        .vpc("va", Some("ext"))
+        .subnet("a-web", "va", "10.40.1.0/24", "fd40:1::/64")
+        .group("open-a", open_rules())
+        .vm("m1", "h1", "a-web", &["open-a"])
+        .start()
+        .await
+        .expect("the lab");
+    let _m1 = nginx(&lab, "m1");
+    let _echo = lab.topo.serve(&["m1"], &[], &["--udp", "9001"]).unwrap();
+    let mut lb = exposed(load_balancer("lbh", "dept-a", "va", VIP, ""), "h2", "10.40.1.202");
+    lb.nat_hosts.push(pb::NatHost {
+        host_id: "h3".into(),
+        ipv4: "10.40.1.203".into(),
+        ipv6: String::new(),
+    });
+    let mut ops = vec![put_lb(lb), pool("web", "lbh"), pool("udp", "lbh")];
+    for (m, pool_id, port) in [("web-m1", "web", 8080), ("udp-m1", "udp", 9001)] {
+        let mut op = member(m, pool_id, "m1", "", 1);
+        if let pb::operation::Op::PutMember(x) = &mut op {
+            x.port = port;
+        }
+        ops.push(op);
+    }
+    ops.push(listener("http", "lbh", "tcp", 80, "web", "maglev"));
+    ops.push(listener("dns", "lbh", "udp", 53, "udp", "maglev"));
+    ops.push(virtual_ip(
+        "hvip",
+        "dept-a",
+        "va",
+        VIP,
+        40,
+        true,
+        &[("h2", 200), ("h3", 100)],
+    ));
+    assert!(lab.cluster.apply(ops).await.expect("the load balancer").enforced);
+    // The zone reaches the VIP on its link: whoever answers ARP for it.
+    lab.topo
+        .zone_ns("ext")
+        .sh(&["ip", "route", "replace", &format!("{VIP}/32"), "dev", "br0"])
+        .unwrap();
+
+    // h2 (priority 200) wins, is granted epoch 1 and answers; h3 does not.
+    let e1 = owned_by(&lab, "h2", 0).await;
+    sdn_integration::wait_for("h2 to answer", Duration::from_secs(5), || has_address(&lab, "h2")).unwrap();
+    assert_eq!(zone_get(&lab), "m1 10.40.1.202");
+    assert!(!has_address(&lab, "h3"));
+    let (_, _, _, h3_answers) = lease(&lab, "h3").expect("h3 holds a lease entry");
+    assert!(!h3_answers, "h3 answers without a grant");
+    let (epoch, _, _, h2_answers) = lease(&lab, "h2").expect("h2's lease");
+    assert!(
+        h2_answers && epoch == e1,
+        "h2's lease: epoch {epoch}, answering {h2_answers}"
+    );
+
+    // Sent to h3 anyway (a zone host that forces its MAC): h3 answers
+    // nothing, and counts it.
+    let h3_mac = lab
+        .topo
+        .host_ns("h3")
+        .sh(&["cat", &format!("/sys/class/net/{UPLINK}/address")])
+        .unwrap()
+        .trim()
+        .to_string();
+    let z = lab.topo.zone_ns("ext");
+    z.sh(&[
+        "ip",
+        "neigh",
+        "replace",
+        VIP,
+        "lladdr",
+        &h3_mac,
+        "dev",
+        "br0",
+        "nud",
+        "permanent",
+    ])
+    .unwrap();
+    let fenced = lab.counter("h3", "drops", "vip_fenced");
+    assert!(
+        zone_get(&lab).starts_with("error"),
+        "h3 answered for a VIP it does not own"
+    );
+    assert!(lab.counter("h3", "drops", "vip_fenced") > fenced);
+    z.sh(&["ip", "neigh", "del", VIP, "dev", "br0"]).unwrap();
+    assert_eq!(zone_get(&lab), "m1 10.40.1.202");
+
+    // 1. The owner dies (its agent killed, its uplink cut): h3 takes the
+    // VIP within a second, in the next epoch, and a 1 kHz probe through
+    // the VIP sees the gap.
+    let probe = std::thread::spawn({
+        let ns = lab.topo.zone_ns("ext").name.clone();
+        move || {
+            sdn_integration::ns_sh(
+                &ns,
+                &[
+                    sdn_integration::bin("sdn-probe").to_str().unwrap(),
+                    "gap",
+                    VIP,
+                    "53",
+                    "--seconds",
+                    "4",
+                    "--bind",
+                    "10.99.0.1",
+                ],
+            )
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    lab.cluster.agent("h2").kill();
+    lab.topo
+        .host_ns("h2")
+        .sh(&["ip", "link", "set", UPLINK, "down"])
+        .unwrap();
+    let e2 = owned_by(&lab, "h3", e1).await;
+    let out = probe.join().unwrap().expect("the probe");
+    let gap: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let max = gap["max_gap_ms"].as_f64().unwrap();
+    eprintln!("failover gap: {gap}");
+    let log = lab.cluster.agent_log("h3");
+    eprintln!(
+        "{}",
+        log.lines()
+            .filter(|l| l.contains("virtual") || l.contains("VRRP"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(max < 1000.0, "the VIP was silent {max} ms: {gap}");
+    assert!(gap["gaps"].as_array().unwrap().len() <= 1, "{gap}");
+    assert_eq!(zone_get(&lab), "m1 10.40.1.203");
+    assert!(has_address(&lab, "h3"));
+
+    // 2. h2 comes back and takes the VIP back (higher priority, preempt),
+    // in a third epoch; h3 stops answering.
+    lab.topo.host_ns("h2").sh(&["ip", "link", "set", UPLINK, "up"]).unwrap();
+    lab.cluster.start_agent(&lab.topo, "h2").unwrap();
+    let e3 = owned_by(&lab, "h2", e2).await;
+    sdn_integration::wait_for("h3 to stop answering", Duration::from_secs(5), || {
+        !has_address(&lab, "h3") && lease(&lab, "h3").is_some_and(|l| !l.3)
+    })
+    .unwrap();
+    sdn_integration::wait_for("h2 to answer again", Duration::from_secs(5), || {
+        zone_get(&lab) == "m1 10.40.1.202"
+    })
+    .unwrap();
+
+    // 3. A partition between the holders (nftables drops VRRP on h2):
+    // both are VRRP masters, but the controller refuses h3 while h2's
+    // lease runs. Only h2 answers, throughout.
+    let h2 = lab.topo.host_ns("h2");
+    h2.sh(&["nft", "add", "table", "inet", "vrrpcut"]).unwrap();
+    for (chain, hook) in [("in", "input"), ("out", "output")] {
+        h2.sh(&[
+            "nft",
+            &format!("add chain inet vrrpcut {chain} {{ type filter hook {hook} priority 0 ; }}"),
+        ])
+        .unwrap();
+        h2.sh(&["nft", &format!("add rule inet vrrpcut {chain} ip protocol vrrp drop")])
+            .unwrap();
+    }
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(2) {
+        let l3 = lease(&lab, "h3").expect("h3's lease");
+        assert!(!l3.3, "h3 answers during the partition: {l3:?}");
+        assert!(!has_address(&lab, "h3"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        lab.cluster.agent_log("h3").contains("claim refused") || lab.cluster.agent_log("h3").contains("VRRP master"),
+        "h3 never became master across the partition: {}",
+        lab.cluster.agent_log("h3")
+    );
+    assert_eq!(vip(&lab).await.epoch, e3, "an epoch was granted across the partition");
+    assert_eq!(zone_get(&lab), "m1 10.40.1.202");
+
+    // 4. Now h2's agent freezes (SIGSTOP: no renewals, no VRRP): its
+    // dataplane stops answering when its lease ends, and h3 is granted
+    // only after that.
+    signal(&mut lab, "h2", libc::SIGSTOP);
+    let e4 = owned_by(&lab, "h3", e3).await;
+    let (_, _, h2_until, _) = lease(&lab, "h2").expect("h2's lease");
+    let (h3_epoch, h3_since, _, _) = lease(&lab, "h3").expect("h3's lease");
+    assert_eq!(h3_epoch, e4);
+    eprintln!(
+        "h2 stopped answering {} ms before h3 began",
+        (h3_since as i64 - h2_until as i64) / 1_000_000
+    );
+    assert!(
+        h3_since > h2_until,
+        "both answered at once: h3 from {h3_since} ns, h2 until {h2_until} ns"
+    );
+    sdn_integration::wait_for("h3 to answer", Duration::from_secs(5), || {
+        zone_get(&lab) == "m1 10.40.1.203"
+    })
+    .unwrap();
+    signal(&mut lab, "h2", libc::SIGCONT);
+    let _ = lab
+        .topo
+        .host_ns("h2")
+        .sh(&["nft", "delete", "table", "inet", "vrrpcut"]);
+    // The audit records every grant, by the claiming host's agent.
+    let audit = lab.cluster.sdnctl("", &["audit"]).expect("the audit log");
+    for (host, epoch) in [("h2", e1), ("h3", e2), ("h2", e3), ("h3", e4)] {
+        let line = format!("owner=host:{host} epoch={epoch}");
+        assert!(
+            audit
+                .lines()
+                .any(|l| l.contains(&line) && l.contains(&format!("sdn://agent/{host} (vrrp)"))),
+            "no record of {line}: {audit}"
+        );
+    }
+}
