@@ -126,7 +126,10 @@ fn gap(
         std::net::IpAddr::from([0u16; 8])
     });
     let s = UdpSocket::bind(SocketAddr::new(local, 0))?;
-    s.connect(SocketAddr::new(addr, port))?;
+    let to = SocketAddr::new(addr, port);
+    // Not connected: an echo server that answers from its host's own
+    // address rather than the virtual one (a plain UDP server behind
+    // keepalived) still counts.
     let r = s.try_clone()?;
     r.set_read_timeout(Some(Duration::from_millis(50)))?;
     let start = Instant::now();
@@ -136,7 +139,7 @@ fn gap(
         let mut got: Vec<Duration> = Vec::new();
         let mut buf = [0u8; 64];
         while Instant::now() < end + Duration::from_millis(300) {
-            if let Ok(n) = r.recv(&mut buf) {
+            if let Ok((n, _)) = r.recv_from(&mut buf) {
                 if n >= 8 {
                     got.push(start.elapsed());
                 }
@@ -147,7 +150,7 @@ fn gap(
     let mut sent = 0u64;
     let mut next = start;
     while Instant::now() < end {
-        let _ = s.send(&sent.to_be_bytes());
+        let _ = s.send_to(&sent.to_be_bytes(), to);
         sent += 1;
         next += interval;
         if let Some(w) = next.checked_duration_since(Instant::now()) {
