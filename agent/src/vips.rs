@@ -22,7 +22,7 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,13 +53,26 @@ pub struct Held {
 }
 
 /// The virtual IPs this host holds in `res`, and why any cannot be held.
-pub fn held(
-    res: &Resources,
-    host: &str,
-    first_v4: &dyn Fn(&str) -> Option<std::net::Ipv4Addr>,
-) -> (Vec<Held>, Vec<String>) {
+/// `addrs` lists an interface's addresses: the VRRP source is the
+/// uplink's first IPv4 address that is no virtual IP's.
+pub fn held(res: &Resources, host: &str, addrs: &dyn Fn(&str) -> Vec<IpAddr>) -> (Vec<Held>, Vec<String>) {
     let mut out = Vec::new();
     let mut problems = Vec::new();
+    let vips: std::collections::BTreeSet<IpAddr> = res
+        .values()
+        .filter_map(|r| match &r.kind {
+            Some(pb::resource::Kind::VirtualIp(on)) => on.virtual_ip.as_ref(),
+            _ => None,
+        })
+        .flat_map(|v| [v.ipv4.parse::<IpAddr>().ok(), v.ipv6.parse::<IpAddr>().ok()])
+        .flatten()
+        .collect();
+    let first_v4 = |name: &str| {
+        addrs(name).into_iter().find_map(|a| match a {
+            IpAddr::V4(x) if !vips.contains(&a) => Some(x),
+            _ => None,
+        })
+    };
     for r in res.values() {
         let Some(pb::resource::Kind::VirtualIp(on)) = &r.kind else {
             continue;
@@ -148,18 +161,19 @@ impl Vips {
 /// One held virtual IP's state.
 struct Vip {
     held: Held,
+    /// The speaker's generation: events of an earlier one are stale.
+    gen: u64,
     stop: watch::Sender<bool>,
     master: bool,
     /// The epoch granted to us, and until when (from the claim's sending).
     granted: Option<(u64, Instant)>,
-    /// Whether this host answers for the address now.
-    answering: bool,
+    /// Whether this host answers for the address now (shared with the
+    /// gratuitous ARPs, which stop when it stops).
+    answering: Arc<AtomicBool>,
     /// The lease as last written: when answering began, and its end (or,
     /// once over, when it stopped).
     since_ns: u64,
     until_ns: u64,
-    /// A release is owed to the controller.
-    release: bool,
 }
 
 impl Vip {
@@ -187,326 +201,501 @@ fn key(a: IpAddr) -> ZoneAddrKey {
     }
 }
 
-/// The dataplane's clock when `at` comes (a little early: the programs'
-/// coarse clock lags the fine one by up to a tick).
+/// The dataplane's clock when `at` comes, early by one tick of the
+/// programs' coarse clock (10 ms at the slowest) and a thousandth of the
+/// time left (the two clocks' rates may differ a little).
 fn mono_ns(at: Instant) -> u64 {
-    let now = Instant::now();
-    let ahead = at.saturating_duration_since(now);
-    (crate::dataplane::monotonic_ns() + ahead.as_nanos() as u64).saturating_sub(10_000_000)
+    let ahead = at.saturating_duration_since(Instant::now());
+    let margin = 10_000_000 + ahead.as_nanos() as u64 / 1000;
+    (crate::dataplane::monotonic_ns() + ahead.as_nanos() as u64).saturating_sub(margin)
+}
+
+/// Whether `uplink` has its carrier (a link that is down speaks no VRRP,
+/// so its holder must not go on claiming).
+fn carrier(uplink: &str) -> bool {
+    std::fs::read_to_string(format!("/sys/class/net/{uplink}/carrier")).is_ok_and(|s| s.trim() == "1")
+}
+
+/// What reaches the manager from a speaker.
+enum Msg {
+    Event(Event),
+    /// The speaker ended (an error, or the link went away).
+    Stopped(String),
+}
+
+type Client = pb::agent_client::AgentClient<tonic::transport::Channel>;
+
+/// The answer to one call of claims: when it was sent, and the grants.
+type Answer = (Instant, Result<Vec<pb::VipGrant>, String>);
+
+struct Manager {
+    host: String,
+    controllers: Arc<Vec<String>>,
+    leases: BpfHashMap<MapData, ZoneAddrKey, VipLease>,
+    stats: Arc<Stats>,
+    vips: BTreeMap<String, Vip>,
+    wanted: BTreeMap<String, Held>,
+    /// Releases owed to the controller (held no more, or no longer Master).
+    releases: std::collections::BTreeSet<String>,
+    gen: u64,
+    ev_tx: mpsc::UnboundedSender<(String, u64, Msg)>,
+    /// Speakers to start again, not before this.
+    retry_at: Option<Instant>,
+    /// The connection claims go over, kept between calls.
+    client: Arc<tokio::sync::Mutex<Option<Client>>>,
+    next: usize,
+    in_flight: bool,
+    last_claim: Instant,
 }
 
 async fn manage(
     host: String,
     controllers: Vec<String>,
-    mut leases: BpfHashMap<MapData, ZoneAddrKey, VipLease>,
+    leases: BpfHashMap<MapData, ZoneAddrKey, VipLease>,
     mut want: watch::Receiver<Vec<Held>>,
     stats: Arc<Stats>,
 ) {
-    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<(String, Event)>();
-    let mut vips: BTreeMap<String, Vip> = BTreeMap::new();
-    let mut client: Option<pb::agent_client::AgentClient<tonic::transport::Channel>> = None;
-    let mut next = 0usize;
+    let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<(String, u64, Msg)>();
+    let (ans_tx, mut ans_rx) = mpsc::unbounded_channel::<Answer>();
+    // The leases an earlier process left run on in the dataplane until
+    // their end; the addresses of those that no longer run leave the
+    // uplink (see `reconcile`).
+    let mut m = Manager {
+        host,
+        controllers: Arc::new(controllers),
+        leases,
+        stats,
+        vips: BTreeMap::new(),
+        wanted: BTreeMap::new(),
+        releases: Default::default(),
+        gen: 0,
+        ev_tx,
+        retry_at: None,
+        client: Default::default(),
+        next: 0,
+        in_flight: false,
+        last_claim: Instant::now() - Duration::from_secs(60),
+    };
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_claim = Instant::now() - Duration::from_secs(60);
-    // The leases an earlier process left run on in the dataplane until
-    // their end: a restart does not cut the owner off before it must.
     loop {
         tokio::select! {
             changed = want.changed() => {
                 if changed.is_err() {
-                    // The agent is stopping: resign and release.
-                    for (_, v) in vips.iter_mut() {
-                        let _ = v.stop.send(true);
-                    }
+                    m.shutdown().await;
                     return;
                 }
-                let wanted: BTreeMap<String, Held> = want.borrow_and_update().iter().map(|h| (h.id.clone(), h.clone())).collect();
-                reconcile(&mut vips, wanted, &ev_tx, &mut leases).await;
+                m.wanted = want.borrow_and_update().iter().map(|h| (h.id.clone(), h.clone())).collect();
+                m.reconcile().await;
             }
-            Some((id, e)) = ev_rx.recv() => {
-                let Some(v) = vips.get_mut(&id) else { continue };
-                match e {
-                    Event::State(State::Master) => {
-                        tracing::info!(virtual_ip = %id, "VRRP master: claiming the virtual ip");
-                        v.master = true;
-                        // Claim at once.
-                        last_claim = Instant::now() - Duration::from_secs(60);
-                    }
-                    Event::State(s) => {
-                        if v.master {
-                            tracing::info!(virtual_ip = %id, state = s.name(), "VRRP: no longer master; releasing the virtual ip");
-                            v.release = true;
-                        }
-                        v.master = false;
-                        v.granted = None;
-                    }
-                    Event::Discarded { from, why } => {
-                        tracing::debug!(virtual_ip = %id, %from, why, "VRRP advertisement discarded");
-                    }
-                    Event::Mismatch { from, addresses } => {
-                        tracing::warn!(virtual_ip = %id, %from, ?addresses, "a VRRP peer of this router protects other addresses");
-                    }
-                    Event::OldChecksum { from } => {
-                        tracing::info!(virtual_ip = %id, %from, "a VRRP peer uses keepalived's pre-1.3.6 unicast checksum");
+            Some((id, gen, msg)) = ev_rx.recv() => {
+                if m.vips.get(&id).is_none_or(|v| v.gen != gen) {
+                    // An earlier speaker's.
+                    continue;
+                }
+                match msg {
+                    Msg::Event(e) => m.on_event(&id, e).await,
+                    Msg::Stopped(why) => {
+                        tracing::warn!(virtual_ip = %id, why, "VRRP speaker stopped: not holding the virtual ip; started again within a second");
+                        m.drop_vip(&id).await;
+                        m.retry_at = Some(Instant::now() + Duration::from_secs(1));
                     }
                 }
-                enforce(&mut vips, &mut leases, &stats).await;
+            }
+            Some((sent, answer)) = ans_rx.recv() => {
+                m.in_flight = false;
+                m.on_answer(sent, answer);
+                m.enforce().await;
             }
             _ = tick.tick() => {
-                let interval = vips
-                    .values()
-                    .map(|v| Duration::from_millis(10 * u64::from(v.held.cfg.interval_cs)))
-                    .min()
-                    .unwrap_or(Duration::from_secs(1));
-                let owed = vips.values().any(|v| v.release);
-                if owed || (vips.values().any(|v| v.master) && last_claim.elapsed() >= interval) {
-                    last_claim = Instant::now();
-                    claim(&host, &controllers, &mut client, &mut next, &mut vips, &stats, interval).await;
+                m.check_links().await;
+                if m.retry_at.is_some_and(|t| Instant::now() >= t) {
+                    m.retry_at = None;
+                    m.reconcile().await;
                 }
-                enforce(&mut vips, &mut leases, &stats).await;
+                m.maybe_claim(&ans_tx);
+                m.enforce().await;
             }
         }
     }
 }
 
-/// Starts, restarts and stops speakers to match `wanted`.
-async fn reconcile(
-    vips: &mut BTreeMap<String, Vip>,
-    wanted: BTreeMap<String, Held>,
-    ev_tx: &mpsc::UnboundedSender<(String, Event)>,
-    leases: &mut BpfHashMap<MapData, ZoneAddrKey, VipLease>,
-) {
-    let gone: Vec<String> = vips
-        .iter()
-        .filter(|(id, v)| {
-            wanted
-                .get(*id)
-                .is_none_or(|w| w.cfg != v.held.cfg || w.uplink != v.held.uplink)
-        })
-        .map(|(id, _)| id.clone())
-        .collect();
-    for id in gone {
-        let Some(v) = vips.remove(&id) else { continue };
+impl Manager {
+    async fn on_event(&mut self, id: &str, e: Event) {
+        let Some(v) = self.vips.get_mut(id) else { return };
+        match e {
+            Event::State(State::Master) => {
+                tracing::info!(virtual_ip = %id, "VRRP master: claiming the virtual ip");
+                v.master = true;
+                self.releases.remove(id);
+                // Claim at once.
+                self.last_claim = Instant::now() - Duration::from_secs(60);
+            }
+            Event::State(s) => {
+                if v.master {
+                    tracing::info!(virtual_ip = %id, state = s.name(), "VRRP: no longer master; releasing the virtual ip");
+                    self.releases.insert(id.to_string());
+                }
+                v.master = false;
+                v.granted = None;
+            }
+            Event::Discarded { from, why } => {
+                tracing::debug!(virtual_ip = %id, %from, why, "VRRP advertisements discarded");
+                return;
+            }
+            Event::Mismatch { from, addresses } => {
+                tracing::warn!(virtual_ip = %id, %from, ?addresses, "a VRRP peer of this router protects other addresses");
+                return;
+            }
+            Event::OldChecksum { from } => {
+                tracing::info!(virtual_ip = %id, %from, "a VRRP peer uses keepalived's pre-1.3.6 unicast checksum");
+                return;
+            }
+        }
+        self.enforce().await;
+    }
+
+    /// Stops a speaker: its address leaves the uplink, its lease ends in
+    /// the dataplane now, and a release is owed if it was Master.
+    async fn drop_vip(&mut self, id: &str) {
+        let Some(v) = self.vips.remove(id) else { return };
         let _ = v.stop.send(true);
+        if v.master {
+            self.releases.insert(id.to_string());
+        }
+        v.answering.store(false, Relaxed);
+        let now_ns = crate::dataplane::monotonic_ns();
         for a in &v.held.addresses {
-            let _ = leases.remove(&key(*a));
+            let lease = VipLease {
+                until_ns: v.until_ns.min(now_ns),
+                epoch: v.granted.map_or(0, |(e, _)| e),
+                since_ns: v.since_ns,
+            };
+            let _ = self.leases.insert(key(*a), lease, 0);
         }
-        if v.answering {
-            remove_address(&v.held.uplink, &v.held.addresses).await;
-        }
-        tracing::info!(virtual_ip = %id, "no longer held here, or changed: speaker stopped");
+        remove_address(&v.held.uplink, &v.held.addresses).await;
     }
-    // Leases of addresses no longer held here.
-    let keep: std::collections::BTreeSet<ZoneAddrKey> = wanted
-        .values()
-        .flat_map(|h| h.addresses.iter().map(|a| key(*a)))
-        .collect();
-    let stale: Vec<ZoneAddrKey> = leases
-        .keys()
-        .filter_map(Result::ok)
-        .filter(|k| !keep.contains(k))
-        .collect();
-    for k in stale {
-        let _ = leases.remove(&k);
-    }
-    for (id, h) in wanted {
-        if let Some(v) = vips.get_mut(&id) {
-            // The epoch seen may move on alone.
-            v.held.epoch = h.epoch;
-            continue;
+
+    /// A holder whose uplink lost its carrier stands back until it is back.
+    async fn check_links(&mut self) {
+        let down: Vec<String> = self
+            .vips
+            .iter()
+            .filter(|(_, v)| !carrier(&v.held.uplink))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in down {
+            tracing::warn!(virtual_ip = %id, "uplink down: not holding the virtual ip until it is up");
+            self.drop_vip(&id).await;
+            self.retry_at = Some(Instant::now() + Duration::from_secs(1));
         }
-        let link = match Link::of(&h.uplink) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(virtual_ip = %id, uplink = %h.uplink, error = %e, "uplink not found; the virtual ip is not held here yet");
+    }
+
+    /// Starts, restarts and stops speakers to match what is wanted.
+    async fn reconcile(&mut self) {
+        let gone: Vec<String> = self
+            .vips
+            .iter()
+            .filter(|(id, v)| {
+                self.wanted
+                    .get(*id)
+                    .is_none_or(|w| w.cfg != v.held.cfg || w.uplink != v.held.uplink || w.addresses != v.held.addresses)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in gone {
+            self.drop_vip(&id).await;
+            tracing::info!(virtual_ip = %id, "no longer held here, or changed: speaker stopped");
+        }
+        // Leases of addresses no longer held here.
+        let keep: std::collections::BTreeSet<ZoneAddrKey> = self
+            .wanted
+            .values()
+            .flat_map(|h| h.addresses.iter().map(|a| key(*a)))
+            .collect();
+        let stale: Vec<ZoneAddrKey> = self
+            .leases
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !keep.contains(k))
+            .collect();
+        for k in stale {
+            let _ = self.leases.remove(&k);
+        }
+        let wanted: Vec<Held> = self.wanted.values().cloned().collect();
+        for h in wanted {
+            if let Some(v) = self.vips.get_mut(&h.id) {
+                // The epoch seen may move on alone.
+                v.held.epoch = h.epoch;
                 continue;
             }
-        };
-        // Fenced until granted, unless a lease an earlier process was
-        // granted still runs; the address leaves the uplink if none does.
-        let running = h.addresses.iter().any(|a| {
-            leases
-                .get(&key(*a), 0)
-                .is_ok_and(|l| l.until_ns > crate::dataplane::monotonic_ns())
-        });
-        if !running {
-            for a in &h.addresses {
-                let _ = leases.insert(key(*a), VipLease::default(), 0);
+            let id = h.id.clone();
+            if !carrier(&h.uplink) {
+                self.retry_at = Some(Instant::now() + Duration::from_secs(1));
+                continue;
             }
-            remove_address(&h.uplink, &h.addresses).await;
-        }
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let fwd = ev_tx.clone();
-        let name = id.clone();
-        tokio::spawn(async move {
-            while let Some(e) = rx.recv().await {
-                if fwd.send((name.clone(), e)).is_err() {
-                    return;
+            let link = match Link::of(&h.uplink) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(virtual_ip = %id, uplink = %h.uplink, error = %e, "uplink not found; the virtual ip is not held here yet");
+                    self.retry_at = Some(Instant::now() + Duration::from_secs(1));
+                    continue;
                 }
+            };
+            // Fenced until granted, unless a lease an earlier process was
+            // granted still runs (it ends by itself); with none, the
+            // address leaves the uplink.
+            let running = h.addresses.iter().any(|a| {
+                self.leases
+                    .get(&key(*a), 0)
+                    .is_ok_and(|l| l.until_ns > crate::dataplane::monotonic_ns())
+            });
+            if !running {
+                for a in &h.addresses {
+                    let _ = self.leases.insert(key(*a), VipLease::default(), 0);
+                }
+                remove_address(&h.uplink, &h.addresses).await;
             }
-        });
-        let cfg = h.cfg.clone();
-        let name = id.clone();
-        tokio::spawn(async move {
-            if let Err(e) = speaker::run(cfg, link, tx, stop_rx, false).await {
-                tracing::error!(virtual_ip = %name, error = %e, "VRRP speaker stopped");
-            }
-        });
-        tracing::info!(virtual_ip = %id, uplink = %h.uplink, vrid = h.cfg.vrid, priority = h.cfg.priority, interval_cs = h.cfg.interval_cs, "VRRP speaker started");
-        vips.insert(
-            id,
-            Vip {
-                held: h,
-                stop: stop_tx,
-                master: false,
-                granted: None,
-                answering: false,
-                release: false,
-                since_ns: 0,
-                until_ns: 0,
-            },
-        );
+            self.gen += 1;
+            let gen = self.gen;
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let fwd = self.ev_tx.clone();
+            let name = id.clone();
+            let cfg = h.cfg.clone();
+            tokio::spawn(async move {
+                let run = tokio::spawn(speaker::run(cfg, link, tx, stop_rx, false));
+                while let Some(e) = rx.recv().await {
+                    if fwd.send((name.clone(), gen, Msg::Event(e))).is_err() {
+                        return;
+                    }
+                }
+                // The speaker's channel closed: it ended.
+                let why = match run.await {
+                    Ok(Ok(())) => "stopped".to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                let _ = fwd.send((name, gen, Msg::Stopped(why)));
+            });
+            tracing::info!(virtual_ip = %id, uplink = %h.uplink, vrid = h.cfg.vrid, priority = h.cfg.priority, interval_cs = h.cfg.interval_cs, "VRRP speaker started");
+            self.vips.insert(
+                id,
+                Vip {
+                    held: h,
+                    gen,
+                    stop: stop_tx,
+                    master: false,
+                    granted: None,
+                    answering: Arc::new(AtomicBool::new(false)),
+                    since_ns: 0,
+                    until_ns: 0,
+                },
+            );
+        }
     }
-}
 
-/// One call with every claim and owed release.
-async fn claim(
-    host: &str,
-    controllers: &[String],
-    client: &mut Option<pb::agent_client::AgentClient<tonic::transport::Channel>>,
-    next: &mut usize,
-    vips: &mut BTreeMap<String, Vip>,
-    stats: &Stats,
-    within: Duration,
-) {
-    let claims: Vec<pb::VipClaim> = vips
-        .iter()
-        .filter(|(_, v)| v.master || v.release)
-        .map(|(id, v)| pb::VipClaim {
+    /// Sends the claims and releases due, one call at a time, in a task of
+    /// its own (the manager goes on fencing meanwhile).
+    fn maybe_claim(&mut self, answers: &mpsc::UnboundedSender<Answer>) {
+        if self.in_flight {
+            return;
+        }
+        let interval = self
+            .vips
+            .values()
+            .map(|v| Duration::from_millis(10 * u64::from(v.held.cfg.interval_cs)))
+            .min()
+            .unwrap_or(Duration::from_secs(1));
+        let masters = self.vips.values().any(|v| v.master);
+        if self.releases.is_empty() && !(masters && self.last_claim.elapsed() >= interval) {
+            return;
+        }
+        let mut claims: Vec<pb::VipClaim> = self
+            .vips
+            .iter()
+            .filter(|(_, v)| v.master)
+            .map(|(id, _)| pb::VipClaim {
+                virtual_ip_id: id.clone(),
+                port_id: String::new(),
+                release: false,
+            })
+            .collect();
+        claims.extend(self.releases.iter().map(|id| pb::VipClaim {
             virtual_ip_id: id.clone(),
             port_id: String::new(),
-            release: !v.master,
-        })
-        .collect();
-    if claims.is_empty() {
-        return;
-    }
-    if client.is_none() && !controllers.is_empty() {
-        let addr = &controllers[*next % controllers.len()];
-        *next += 1;
-        if let Ok(Ok(ch)) = tokio::time::timeout(Duration::from_secs(1), sdn_proto::connect(addr)).await {
-            *client = Some(pb::agent_client::AgentClient::new(ch));
-        }
-    }
-    let Some(cl) = client.as_mut() else {
-        stats.claims_failed.fetch_add(1, Relaxed);
-        return;
-    };
-    let sent = Instant::now();
-    let req = pb::VipClaims {
-        host_id: host.to_string(),
-        claims,
-    };
-    // A late answer is no use: the lease counts from the sending.
-    let wait = within.max(Duration::from_millis(100)) * 3;
-    match tokio::time::timeout(wait, cl.claim_virtual_ips(req)).await {
-        Ok(Ok(r)) => {
-            for g in r.into_inner().grants {
-                let Some(v) = vips.get_mut(&g.virtual_ip_id) else {
-                    continue;
-                };
-                if v.release && !v.master {
-                    v.release = false;
-                    continue;
-                }
-                if g.granted {
-                    stats.claims_granted.fetch_add(1, Relaxed);
-                    v.granted = Some((g.epoch, sent + Duration::from_millis(u64::from(g.lease_ms))));
-                } else {
-                    stats.claims_refused.fetch_add(1, Relaxed);
-                    if v.granted.is_some() || v.answering {
-                        tracing::warn!(virtual_ip = %g.virtual_ip_id, reason = %g.reason, "claim refused: not answering for the virtual ip");
-                    } else {
-                        tracing::debug!(virtual_ip = %g.virtual_ip_id, reason = %g.reason, "claim refused");
-                    }
-                    v.granted = None;
+            release: true,
+        }));
+        claims.truncate(crate::vips::CLAIMS_PER_CALL);
+        self.last_claim = Instant::now();
+        self.in_flight = true;
+        let host = self.host.clone();
+        let controllers = self.controllers.clone();
+        let cached = self.client.clone();
+        let next = self.next;
+        self.next += 1;
+        let answers = answers.clone();
+        // A late answer is no use: the lease counts from the sending.
+        let wait = interval.max(Duration::from_millis(100)) * 3;
+        tokio::spawn(async move {
+            let sent = Instant::now();
+            let mut slot = cached.lock().await;
+            if slot.is_none() && !controllers.is_empty() {
+                let addr = &controllers[next % controllers.len()];
+                if let Ok(Ok(ch)) = tokio::time::timeout(Duration::from_secs(1), sdn_proto::connect(addr)).await {
+                    *slot = Some(Client::new(ch));
                 }
             }
+            let answer = match slot.as_mut() {
+                None => Err("no controller reachable".to_string()),
+                Some(cl) => {
+                    match tokio::time::timeout(wait, cl.claim_virtual_ips(pb::VipClaims { host_id: host, claims }))
+                        .await
+                    {
+                        Ok(Ok(r)) => Ok(r.into_inner().grants),
+                        Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), s.message())),
+                        Err(_) => Err("timed out".to_string()),
+                    }
+                }
+            };
+            if answer.is_err() {
+                // Another controller, or a new connection, next time.
+                *slot = None;
+            }
+            drop(slot);
+            let _ = answers.send((sent, answer));
+        });
+    }
+
+    fn on_answer(&mut self, sent: Instant, answer: Result<Vec<pb::VipGrant>, String>) {
+        let grants = match answer {
+            Ok(g) => g,
+            Err(e) => {
+                self.stats.claims_failed.fetch_add(1, Relaxed);
+                tracing::warn!(error = %e, "virtual ip claims failed; made again");
+                return;
+            }
+        };
+        for g in grants {
+            if self.releases.remove(&g.virtual_ip_id) {
+                continue;
+            }
+            let Some(v) = self.vips.get_mut(&g.virtual_ip_id) else {
+                continue;
+            };
+            if !v.master {
+                continue;
+            }
+            if g.granted {
+                self.stats.claims_granted.fetch_add(1, Relaxed);
+                v.granted = Some((g.epoch, sent + Duration::from_millis(u64::from(g.lease_ms))));
+            } else {
+                self.stats.claims_refused.fetch_add(1, Relaxed);
+                if v.granted.is_some() || v.answering.load(Relaxed) {
+                    tracing::warn!(virtual_ip = %g.virtual_ip_id, reason = %g.reason, "claim refused: not answering for the virtual ip");
+                } else {
+                    tracing::debug!(virtual_ip = %g.virtual_ip_id, reason = %g.reason, "claim refused");
+                }
+                v.granted = None;
+            }
         }
-        Ok(Err(s)) => {
-            stats.claims_failed.fetch_add(1, Relaxed);
-            tracing::warn!(code = ?s.code(), error = %s.message(), "virtual ip claims failed; made again");
-            *client = None;
+    }
+
+    /// Makes the dataplane and the uplink answer for exactly the virtual
+    /// IPs this host is authoritative for, until their leases end.
+    async fn enforce(&mut self) {
+        let now = Instant::now();
+        for (id, v) in self.vips.iter_mut() {
+            let auth = v.authoritative(now);
+            let now_ns = crate::dataplane::monotonic_ns();
+            let answering = v.answering.load(Relaxed);
+            let lease = match (auth, v.granted) {
+                (true, Some((epoch, until))) => {
+                    if !answering {
+                        v.since_ns = now_ns;
+                    }
+                    v.until_ns = mono_ns(until);
+                    VipLease {
+                        until_ns: v.until_ns,
+                        epoch,
+                        since_ns: v.since_ns,
+                    }
+                }
+                _ => {
+                    // Over: the end stays, or becomes now if it was later.
+                    v.until_ns = v.until_ns.min(now_ns);
+                    VipLease {
+                        until_ns: v.until_ns,
+                        epoch: v.granted.map_or(0, |(e, _)| e),
+                        since_ns: v.since_ns,
+                    }
+                }
+            };
+            let mut written = true;
+            for a in &v.held.addresses {
+                if let Err(e) = self.leases.insert(key(*a), lease, 0) {
+                    written = false;
+                    tracing::error!(virtual_ip = %id, address = %a, error = %e, "lease not written");
+                }
+            }
+            if auth && !answering && written {
+                v.answering.store(true, Relaxed);
+                self.stats.taken.fetch_add(1, Relaxed);
+                add_address(&v.held.uplink, &v.held.addresses).await;
+                tracing::info!(virtual_ip = %id, epoch = lease.epoch, uplink = %v.held.uplink, "answering for the virtual ip");
+                announce(&v.held.uplink, &v.held.addresses, v.answering.clone());
+            } else if !auth && answering {
+                v.answering.store(false, Relaxed);
+                self.stats.given_up.fetch_add(1, Relaxed);
+                remove_address(&v.held.uplink, &v.held.addresses).await;
+                let why = if !v.master {
+                    "no longer VRRP master"
+                } else if v.granted.is_some_and(|(e, _)| e < v.held.epoch) {
+                    "a higher epoch was granted to another holder"
+                } else {
+                    "lease ran out"
+                };
+                tracing::warn!(virtual_ip = %id, why, "no longer answering for the virtual ip");
+            }
         }
-        Err(_) => {
-            stats.claims_failed.fetch_add(1, Relaxed);
-            tracing::warn!("virtual ip claims timed out; made again");
-            *client = None;
+    }
+
+    /// The agent stops: every speaker resigns, every lease ends here now,
+    /// and the controller hears of it (so another holder need not wait).
+    async fn shutdown(&mut self) {
+        let ids: Vec<String> = self.vips.keys().cloned().collect();
+        for id in ids {
+            self.drop_vip(&id).await;
         }
+        if self.releases.is_empty() || self.controllers.is_empty() {
+            return;
+        }
+        let claims = self
+            .releases
+            .iter()
+            .map(|id| pb::VipClaim {
+                virtual_ip_id: id.clone(),
+                port_id: String::new(),
+                release: true,
+            })
+            .collect();
+        let addr = &self.controllers[self.next % self.controllers.len()];
+        let call = async {
+            let ch = sdn_proto::connect(addr).await.ok()?;
+            Client::new(ch)
+                .claim_virtual_ips(pb::VipClaims {
+                    host_id: self.host.clone(),
+                    claims,
+                })
+                .await
+                .ok()
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(500), call).await;
     }
 }
 
-/// Makes the dataplane and the uplink answer for exactly the virtual IPs
-/// this host is authoritative for, until their leases end.
-async fn enforce(
-    vips: &mut BTreeMap<String, Vip>,
-    leases: &mut BpfHashMap<MapData, ZoneAddrKey, VipLease>,
-    stats: &Stats,
-) {
-    let now = Instant::now();
-    for (id, v) in vips.iter_mut() {
-        let auth = v.authoritative(now);
-        let now_ns = crate::dataplane::monotonic_ns();
-        let lease = match (auth, v.granted) {
-            (true, Some((epoch, until))) => {
-                if !v.answering {
-                    v.since_ns = now_ns;
-                }
-                v.until_ns = mono_ns(until);
-                VipLease {
-                    until_ns: v.until_ns,
-                    epoch,
-                    since_ns: v.since_ns,
-                }
-            }
-            _ => {
-                // Over: the end stays, or becomes now if it was later.
-                v.until_ns = v.until_ns.min(now_ns);
-                VipLease {
-                    until_ns: v.until_ns,
-                    epoch: v.granted.map_or(0, |(e, _)| e),
-                    since_ns: v.since_ns,
-                }
-            }
-        };
-        for a in &v.held.addresses {
-            if let Err(e) = leases.insert(key(*a), lease, 0) {
-                tracing::error!(virtual_ip = %id, address = %a, error = %e, "lease not written");
-            }
-        }
-        if auth && !v.answering {
-            v.answering = true;
-            stats.taken.fetch_add(1, Relaxed);
-            add_address(&v.held.uplink, &v.held.addresses).await;
-            tracing::info!(virtual_ip = %id, epoch = lease.epoch, uplink = %v.held.uplink, "answering for the virtual ip");
-            announce(&v.held.uplink, &v.held.addresses);
-        } else if !auth && v.answering {
-            v.answering = false;
-            stats.given_up.fetch_add(1, Relaxed);
-            remove_address(&v.held.uplink, &v.held.addresses).await;
-            let why = if !v.master {
-                "no longer VRRP master"
-            } else if v.granted.is_some_and(|(e, _)| e < v.held.epoch) {
-                "a higher epoch was granted to another holder"
-            } else {
-                "lease ran out"
-            };
-            tracing::warn!(virtual_ip = %id, why, "no longer answering for the virtual ip");
-        }
-    }
-}
+/// Claims in one call, at most (the controller's limit).
+pub const CLAIMS_PER_CALL: usize = 1024;
 
 /// The leases in the dataplane under `pin_dir`, for `sdn-agent counters`:
 /// each address, its epoch, when answering began and ends (or ended),
@@ -537,13 +726,16 @@ pub fn read_leases(pin_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
 }
 
 /// Gratuitous ARP now and twice more within a second, as keepalived
-/// repeats it.
-fn announce(uplink: &str, addresses: &[IpAddr]) {
+/// repeats it; none once this host stops answering.
+fn announce(uplink: &str, addresses: &[IpAddr], answering: Arc<AtomicBool>) {
     let Ok(link) = Link::of(uplink) else { return };
     let addresses = addresses.to_vec();
     tokio::spawn(async move {
         for wait in [0u64, 200, 800] {
             tokio::time::sleep(Duration::from_millis(wait)).await;
+            if !answering.load(Relaxed) {
+                return;
+            }
             if let Err(e) = speaker::announce(&link, &addresses) {
                 tracing::warn!(uplink = %link.name, error = %e, "gratuitous ARP not sent");
             }

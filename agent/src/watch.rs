@@ -43,6 +43,8 @@ pub struct Agent {
     /// change of address is enforced on the next collection tick.
     uplink_devices: std::collections::BTreeMap<u32, String>,
     uplink_addrs: BTreeSet<dataplane_common::maps::PortAddrKey>,
+    /// The virtual IPs' addresses never taken for the uplinks' own.
+    held_vips: BTreeSet<std::net::IpAddr>,
     /// The revision last acknowledged as enforced (for the metrics).
     enforced: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// Flow records, when the agent exports them.
@@ -118,6 +120,7 @@ impl Agent {
             missing_uplinks: Vec::new(),
             uplink_devices: Default::default(),
             uplink_addrs: BTreeSet::new(),
+            held_vips: BTreeSet::new(),
             enforced: Default::default(),
             flows: None,
             flow_ctx: Default::default(),
@@ -310,6 +313,7 @@ impl Agent {
         let changes = match self.rec.reconcile(&desired) {
             Ok(c) => {
                 self.uplink_addrs = desired.uplink_addrs.clone();
+                self.held_vips = desired.held_vips.clone();
                 self.uplink_devices = desired.uplink_devices.clone();
                 c
             }
@@ -366,7 +370,9 @@ impl Agent {
         }
         // The virtual IPs this host holds on its uplinks.
         if let Some(v) = &self.vips {
-            let (held, problems) = crate::vips::held(&self.resources, &self.host, &crate::vrrp::speaker::first_ipv4);
+            let (held, problems) = crate::vips::held(&self.resources, &self.host, &|name| {
+                dataplane::addresses(name).unwrap_or_default()
+            });
             v.set(held);
             for p in problems {
                 tracing::error!(error = %p, "virtual ip not held");
@@ -613,6 +619,7 @@ impl Agent {
     fn uplink_addresses_moved(&self) -> bool {
         let mut d = compile::Desired {
             uplink_devices: self.uplink_devices.clone(),
+            held_vips: self.held_vips.clone(),
             ..Default::default()
         };
         let failed = std::cell::Cell::new(false);

@@ -553,18 +553,11 @@ impl pb::agent_server::Agent for Controller {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         if !self.store.is_leader() {
-            let addr = not_leader(self.store.leader().map(|(_, a)| a), was_forwarded)?;
-            let mut client = self
-                .leader_agent(&addr)
-                .await
-                .ok_or_else(|| Status::unavailable(format!("forwarding to the leader at {addr}: cannot connect")))?;
-            return tokio::time::timeout(Duration::from_secs(5), client.report_health(mark(req, &caller)))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Status::unavailable(format!(
-                        "forwarding to the leader at {addr}: timed out"
-                    )))
-                });
+            return self
+                .to_leader(was_forwarded, Duration::from_secs(5), |mut c| async move {
+                    c.report_health(mark(req, &caller)).await
+                })
+                .await;
         }
         if let Some(h) = &member.health {
             let age = now_ms.saturating_sub(h.since_unix_ms);
@@ -636,18 +629,11 @@ impl pb::agent_server::Agent for Controller {
             )));
         }
         if !self.store.is_leader() {
-            let addr = not_leader(self.store.leader().map(|(_, a)| a), was_forwarded)?;
-            let mut client = self
-                .leader_agent(&addr)
-                .await
-                .ok_or_else(|| Status::unavailable(format!("forwarding to the leader at {addr}: cannot connect")))?;
-            return tokio::time::timeout(Duration::from_secs(2), client.claim_virtual_ips(mark(req, &caller)))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Status::unavailable(format!(
-                        "forwarding to the leader at {addr}: timed out"
-                    )))
-                });
+            return self
+                .to_leader(was_forwarded, Duration::from_secs(2), |mut c| async move {
+                    c.claim_virtual_ips(mark(req, &caller)).await
+                })
+                .await;
         }
         let grants = crate::vips::claim(&self.store, &self.vip_leases, &req.host_id, &req.claims).await?;
         Ok(Response::new(pb::VipGrants { grants }))
@@ -670,23 +656,11 @@ impl pb::agent_server::Agent for Controller {
         }
         // The leader adds up every host's figures.
         if !self.store.is_leader() {
-            let addr = not_leader(self.store.leader().map(|(_, a)| a), was_forwarded)?;
-            let mut client = self
-                .leader_agent(&addr)
-                .await
-                .ok_or_else(|| Status::unavailable(format!("forwarding to the leader at {addr}: cannot connect")))?;
-            let r = tokio::time::timeout(Duration::from_secs(2), client.usage(mark(req, &caller)))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Status::unavailable(format!(
-                        "forwarding to the leader at {addr}: timed out"
-                    )))
-                });
-            // A refusal of the report says nothing of the connection.
-            if matches!(&r, Err(s) if s.code() == tonic::Code::Unavailable) {
-                *self.leader_acks.lock().await = None;
-            }
-            return r;
+            return self
+                .to_leader(was_forwarded, Duration::from_secs(2), |mut c| async move {
+                    c.usage(mark(req, &caller)).await
+                })
+                .await;
         }
         let shared = self.store.shared.read().await;
         if !shared.state.hosts.contains_key(&req.host_id) {
@@ -825,6 +799,29 @@ impl Controller {
     /// a writer waiting for a host that enforces the change.
     /// The connection to the leader at `addr` that agents' acks and usage
     /// reports travel on (made once, kept while the leader stays).
+    /// Hands an agent's call to the leader, answering within `wait`. A
+    /// connection that fails is dropped (a refusal says nothing of it).
+    async fn to_leader<R, F, Fut>(&self, was_forwarded: bool, wait: Duration, call: F) -> Result<Response<R>, Status>
+    where
+        F: FnOnce(pb::agent_client::AgentClient<tonic::transport::Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<R>, Status>>,
+    {
+        let addr = not_leader(self.store.leader().map(|(_, a)| a), was_forwarded)?;
+        let client = self
+            .leader_agent(&addr)
+            .await
+            .ok_or_else(|| Status::unavailable(format!("forwarding to the leader at {addr}: cannot connect")))?;
+        let r = tokio::time::timeout(wait, call(client)).await.unwrap_or_else(|_| {
+            Err(Status::unavailable(format!(
+                "forwarding to the leader at {addr}: timed out"
+            )))
+        });
+        if matches!(&r, Err(s) if s.code() == tonic::Code::Unavailable) {
+            *self.leader_acks.lock().await = None;
+        }
+        r
+    }
+
     async fn leader_agent(&self, addr: &str) -> Option<pb::agent_client::AgentClient<tonic::transport::Channel>> {
         let mut cached = self.leader_acks.lock().await;
         match &*cached {

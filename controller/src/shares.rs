@@ -400,6 +400,16 @@ impl Shares {
                     }
                 }
                 Kind::Zone | Kind::ExchangePath | Kind::MirrorSession | Kind::InformationSystem => {
+                    if *kind == Kind::Zone {
+                        // Virtual IPs held by hosts name the zone's uplink.
+                        for v in state
+                            .virtual_ips
+                            .values()
+                            .filter(|v| v.host_held() && state.vpcs.get(&v.vpc_id).is_some_and(|x| x.zone_id == *id))
+                        {
+                            dirty.insert(format!("vip/{}", v.id));
+                        }
+                    }
                     let name = match kind {
                         Kind::Zone => format!("zone/{id}"),
                         Kind::MirrorSession => format!("mirror/{id}"),
@@ -470,7 +480,16 @@ impl Shares {
                                 hosts.insert(x.clone());
                             }
                         }
-                        if !v.host_held() {
+                        if v.host_held() {
+                            // The NAT hosts that translate its VIP.
+                            for l in state
+                                .load_balancers
+                                .values()
+                                .filter(|l| l.vpc_id == v.vpc_id && l.vips().any(|a| v.addresses().any(|b| a == b)))
+                            {
+                                hosts.extend(l.nat_hosts.iter().map(|h| h.host_id.clone()));
+                            }
+                        } else {
                             hosts.extend(self.holders_of(&format!("vpc/{}", v.vpc_id)).cloned());
                         }
                     }

@@ -91,13 +91,18 @@ pub fn names(state: &State, host: &str) -> BTreeSet<String> {
             out.insert(format!("firewall/{}", pr.policy_id));
         }
     }
-    // The virtual IPs the host holds, and those of the VPCs whose network
-    // it holds (where the address's owner is).
+    // The virtual IPs the host holds, or whose VIP it translates (it
+    // translates them within a lease only), and those of the VPCs whose
+    // network it holds (where the address's owner is).
     for v in state.virtual_ips.values() {
         let held_here = v
             .holders
             .iter()
-            .any(|h| h.target == sdn_policies::VipHolderTarget::Host(host.to_string()));
+            .any(|h| h.target == sdn_policies::VipHolderTarget::Host(host.to_string()))
+            || (v.host_held()
+                && nat_lbs
+                    .iter()
+                    .any(|l| l.vpc_id == v.vpc_id && l.vips().any(|a| v.addresses().any(|b| a == b))));
         if held_here || (!v.host_held() && vpcs.contains(v.vpc_id.as_str())) {
             out.insert(format!("vip/{}", v.id));
         }

@@ -11,8 +11,13 @@
 //!   partition between the holders (each wins VRRP on its side) leaves
 //!   one of them authoritative; and an owner cut from the controller stops
 //!   answering when its lease ends, before any other is granted.
-//! - A new leader knows no lease: for one lease it grants nothing but to
-//!   the owner already recorded.
+//! - A new leader knows no lease: it first applies the log it leads
+//!   (so it knows the last grant), then for the longest lease granted in
+//!   that epoch grants nothing but to the owner already recorded.
+//! - A leader grants and renews only while a quorum acknowledged it
+//!   within [`QUORUM_FRESH`], under the followers' own election timeout:
+//!   one cut off from the others stops renewing before they can elect
+//!   another, so its last leases end before the new leader's wait does.
 //!
 //! Grants are handled one batch at a time, so two claimants never both
 //! pass the lease check before either is written.
@@ -30,6 +35,9 @@ use crate::store::{Store, WriteError};
 pub const CLAIMS_MAX: usize = 1024;
 /// The shortest lease, whatever the interval.
 const LEASE_MIN: Duration = Duration::from_millis(150);
+/// How lately a quorum must have acknowledged the leader for it to grant:
+/// below the followers' election timeout (300 ms), with room for drift.
+pub const QUORUM_FRESH: Duration = Duration::from_millis(250);
 
 /// The lease of a virtual IP: three of its advertisement intervals.
 pub fn lease(v: &VirtualIp) -> Duration {
@@ -59,25 +67,43 @@ pub async fn claim(
     claims: &[pb::VipClaim],
 ) -> Result<Vec<pb::VipGrant>, Status> {
     let mut l = leases.lock().await;
-    let now = Instant::now();
     let term = store.term();
     if l.term != term || l.since.is_none() {
+        // What the last leader granted is in the log: apply it first.
+        store
+            .linearizable()
+            .await
+            .map_err(|e| Status::unavailable(format!("not yet able to grant: {e:?}")))?;
         l.term = term;
-        l.since = Some(now);
+        l.since = Some(Instant::now());
         l.held.clear();
     }
+    if !store.quorum_fresh(QUORUM_FRESH) {
+        return Err(Status::unavailable(
+            "this replica has not heard from a quorum lately: it grants no lease; claim again",
+        ));
+    }
+    let now = Instant::now();
     let since = l.since.unwrap_or(now);
+    let mut seen = std::collections::BTreeSet::new();
     let mut grants = Vec::with_capacity(claims.len());
     // Claims that need the next epoch: their index in `grants`.
     let mut to_write: Vec<(usize, VirtualIp, VipHolderTarget)> = Vec::new();
     {
         let shared = store.shared.read().await;
         let state = &shared.state;
+        // Leases of virtual IPs gone since.
+        l.held.retain(|id, _| state.virtual_ips.contains_key(id));
         for (i, c) in claims.iter().enumerate() {
             let mut g = pb::VipGrant {
                 virtual_ip_id: c.virtual_ip_id.clone(),
                 ..Default::default()
             };
+            if !seen.insert(c.virtual_ip_id.as_str()) {
+                g.reason = format!("claims[{i}].virtual_ip_id: {:?} is claimed twice", c.virtual_ip_id);
+                grants.push(g);
+                continue;
+            }
             let Some(v) = state.virtual_ips.get(&c.virtual_ip_id) else {
                 g.reason = format!("claims[{i}].virtual_ip_id: unknown virtual ip {:?}", c.virtual_ip_id);
                 grants.push(g);
@@ -133,7 +159,9 @@ pub async fn claim(
                 grants.push(g);
                 continue;
             }
-            let unknown_until = since + lease(v);
+            // The longest lease the recorded owner may hold: the one its
+            // epoch was granted with, or three of today's intervals.
+            let unknown_until = since + lease(v).max(Duration::from_millis(u64::from(v.owner_lease_ms)));
             if v.owner.as_ref().is_some_and(|o| *o != holder) && !l.held.contains_key(&v.id) && now < unknown_until {
                 g.reason = format!(
                     "leadership changed {} ms ago: {} (epoch {}) may hold a lease for {} ms more",
@@ -168,6 +196,7 @@ pub async fn claim(
             c.epoch = v.epoch + 1;
             c.owner = Some(holder.clone());
             c.owner_since_unix_ms = now_ms;
+            c.owner_lease_ms = lease(v).as_millis() as u32;
             Op::PutVirtualIp(c)
         })
         .collect();
@@ -181,7 +210,8 @@ pub async fn claim(
                 let g = &mut grants[i];
                 g.granted = true;
                 g.epoch = now_v.epoch;
-                l.held.insert(v.id.clone(), (holder.clone(), now + lease(now_v)));
+                // The lease the agent was told (`g.lease_ms`, from `v`).
+                l.held.insert(v.id.clone(), (holder.clone(), now + lease(&v)));
                 tracing::info!(
                     virtual_ip = %v.id,
                     owner = %holder.describe(),

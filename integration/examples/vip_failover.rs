@@ -23,6 +23,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use sdn_integration::keepalived::{instance, Keepalived};
 use sdn_integration::ops::*;
 use sdn_integration::{bin, ns_sh, sh, wait_for, Netns, Proc};
 use sdn_proto::v1 as pb;
@@ -162,69 +163,16 @@ async fn ours(n: usize) -> anyhow::Result<Vec<f64>> {
     Ok(gaps)
 }
 
-/// keepalived in a namespace; its VRRP process killed with it.
-struct Keepalived {
-    proc: Proc,
-    vrrp_pid: std::path::PathBuf,
-}
-
-impl Keepalived {
-    fn start(ns: &str, dir: &Path, name: &str, priority: u8, fast: bool) -> anyhow::Result<Keepalived> {
-        let conf = dir.join(format!("{name}.conf"));
-        let interval = if fast {
-            format!("{:.2}", f64::from(interval_cs()) / 100.0)
-        } else {
-            "1".to_string()
-        };
-        let version = if fast { 3 } else { 2 };
-        std::fs::write(
-            &conf,
-            format!(
-                "global_defs {{\n  router_id {name}\n  vrrp_version {version}\n}}\n\
-                 vrrp_instance VI {{\n  state BACKUP\n  interface eth0\n  virtual_router_id 52\n  priority {priority}\n  advert_int {interval}\n  virtual_ipaddress {{\n    {KA_VIP}/24\n  }}\n}}\n"
-            ),
-        )?;
-        let pid = dir.join(format!("{name}.pid"));
-        let vrrp_pid = dir.join(format!("{name}-vrrp.pid"));
-        let _ = std::fs::remove_file(&vrrp_pid);
-        let proc = Proc::spawn(
-            name,
-            Some(ns),
-            Path::new("/usr/sbin/keepalived"),
-            &[
-                "-n",
-                "-l",
-                "-D",
-                "-P",
-                "--dont-respawn",
-                "-f",
-                conf.to_str().unwrap(),
-                "-p",
-                pid.to_str().unwrap(),
-                "-r",
-                vrrp_pid.to_str().unwrap(),
-            ],
-            dir,
-        )?;
-        Ok(Keepalived { proc, vrrp_pid })
-    }
-
-    fn crash(&mut self) {
-        if let Some(pid) = std::fs::read_to_string(&self.vrrp_pid)
-            .ok()
-            .and_then(|p| p.trim().parse::<i32>().ok())
-        {
-            // SAFETY: signalling a process this run started.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        self.proc.kill();
-    }
-}
-
-impl Drop for Keepalived {
-    fn drop(&mut self) {
-        self.crash();
-    }
+/// One of the keepalived pair: VRRPv2 every second at its defaults, or
+/// VRRPv3 at our interval.
+fn keepalived_at(ns: &str, dir: &Path, name: &str, priority: u8, fast: bool) -> anyhow::Result<Keepalived> {
+    let conf = if fast {
+        let interval = format!("{:.2}", f64::from(interval_cs()) / 100.0);
+        instance(name, 52, priority, &interval, 3, KA_VIP)
+    } else {
+        instance(name, 52, priority, "1", 2, KA_VIP)
+    };
+    Keepalived::start(ns, dir, name, &conf)
 }
 
 fn keepalived(n: usize, fast: bool) -> anyhow::Result<Vec<f64>> {
@@ -256,10 +204,10 @@ fn keepalived(n: usize, fast: bool) -> anyhow::Result<Vec<f64>> {
     }
     let holds =
         |ns: &str| sh(&["ip", "-n", ns, "-br", "addr", "show", "dev", "eth0"]).is_ok_and(|s| s.contains(KA_VIP));
-    let _b = Keepalived::start("kfo-b", dir.path(), "kb", 100, fast)?;
+    let _b = keepalived_at("kfo-b", dir.path(), "kb", 100, fast)?;
     let mut gaps = Vec::new();
     for i in 0..n {
-        let mut a = Keepalived::start("kfo-a", dir.path(), &format!("ka{i}"), 200, fast)?;
+        let mut a = keepalived_at("kfo-a", dir.path(), &format!("ka{i}"), 200, fast)?;
         wait_for("a to hold the VIP", Duration::from_secs(20), || {
             holds("kfo-a") && !holds("kfo-b")
         })?;

@@ -288,6 +288,24 @@ impl Cluster {
             .map_err(|e| tonic::Status::unavailable(e.to_string()))
     }
 
+    /// Applies a batch as `uri` without waiting for enforcement: "OK" and
+    /// an empty message, or the refusal's code and message.
+    pub async fn try_as(&self, uri: &str, ops: Vec<pb::operation::Op>) -> (tonic::Code, String) {
+        match self.apply_committed(uri, ops).await {
+            Ok(_) => (tonic::Code::Ok, String::new()),
+            Err(e) => (e.code(), e.message().to_string()),
+        }
+    }
+
+    /// Everything `uri` may read.
+    pub async fn list_as(&self, uri: &str) -> pb::ListResponse {
+        pb::provisioning_client::ProvisioningClient::new(self.channel_as(uri).await.expect("a connection"))
+            .list(pb::ListRequest { kind: 0, stale: false })
+            .await
+            .expect("the listing")
+            .into_inner()
+    }
+
     /// Applies a batch as `uri` and waits for enforcement.
     pub async fn apply_as(&self, uri: &str, ops: Vec<pb::operation::Op>) -> Result<pb::ApplyResponse, tonic::Status> {
         let ch = self.channel_as(uri).await?;

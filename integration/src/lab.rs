@@ -113,6 +113,34 @@ impl Lab {
         self.cluster.drops(&self.topo, host)
     }
 
+    /// nginx in a VM: answers every GET on 8080, both families, with its name
+    /// and the client's address as it sees it.
+    pub fn nginx(&self, vm: &str) -> crate::Proc {
+        let dir = self.topo.dir.join(format!("nginx-{vm}"));
+        std::fs::create_dir_all(dir.join("tmp")).unwrap();
+        let conf = dir.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "master_process off;\ndaemon off;\npid {d}/nginx.pid;\nerror_log stderr;\nevents {{}}\n\
+                 http {{\n  access_log off;\n  client_body_temp_path {d}/tmp;\n  proxy_temp_path {d}/tmp;\n  \
+                 fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n  \
+                 server {{\n    listen 8080;\n    listen [::]:8080;\n    location / {{ return 200 \"{vm} $remote_addr\\n\"; }}\n    location = /unwell {{ return 503; }}\n  }}\n}}\n",
+                d = dir.display()
+            ),
+        )
+        .unwrap();
+        let ns = self.topo.vm(vm).ns.name.clone();
+        crate::Proc::spawn(
+            &format!("nginx-{vm}"),
+            Some(&ns),
+            std::path::Path::new("/usr/sbin/nginx"),
+            &["-c", conf.to_str().unwrap(), "-p", dir.to_str().unwrap()],
+            &self.topo.dir,
+        )
+        .unwrap()
+    }
+
     /// One counter of a host's dataplane: `group` is "drops" or "stats".
     pub fn counter(&self, host: &str, group: &str, name: &str) -> u64 {
         self.cluster.counter(&self.topo, host, group, name)

@@ -19,6 +19,7 @@ mod topology;
 pub mod browser;
 pub mod cluster;
 pub mod etcd;
+pub mod keepalived;
 pub mod lab;
 pub mod linearizability;
 pub mod ops;

@@ -16,32 +16,6 @@ const EXT: (&str, &str) = ("10.254.0", "fdf1:0:0:1");
 const VIP: &str = "10.40.1.100";
 const UPLINK: &str = "up-ext";
 
-fn nginx(lab: &sdn_integration::lab::Lab, vm: &str) -> sdn_integration::Proc {
-    let dir = lab.topo.dir.join(format!("nginx-{vm}"));
-    std::fs::create_dir_all(dir.join("tmp")).unwrap();
-    let conf = dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "master_process off;\ndaemon off;\npid {d}/nginx.pid;\nerror_log stderr;\nevents {{}}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {d}/tmp;\n  proxy_temp_path {d}/tmp;\n  \
-             fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n  \
-             server {{\n    listen 8080;\n    location / {{ return 200 \"{vm} $remote_addr\\n\"; }}\n  }}\n}}\n",
-            d = dir.display()
-        ),
-    )
-    .unwrap();
-    let ns = lab.topo.vm(vm).ns.name.clone();
-    sdn_integration::Proc::spawn(
-        &format!("nginx-{vm}"),
-        Some(&ns),
-        std::path::Path::new("/usr/sbin/nginx"),
-        &["-c", conf.to_str().unwrap(), "-p", dir.to_str().unwrap()],
-        &lab.topo.dir,
-    )
-    .unwrap()
-}
-
 /// One GET from the zone to the VIP: "member nat-address", or the error.
 fn zone_get(lab: &sdn_integration::lab::Lab) -> String {
     lab.topo
@@ -141,14 +115,17 @@ async fn a_vip_held_by_two_nat_hosts_is_answered_by_its_lease_holder_alone() {
         .start()
         .await
         .expect("the lab");
-    let _m1 = nginx(&lab, "m1");
+    let _m1 = lab.nginx("m1");
     let _echo = lab.topo.serve(&["m1"], &[], &["--udp", "9001"]).unwrap();
+    // h1 translates for the load balancer too, but does not hold its VIP.
     let mut lb = exposed(load_balancer("lbh", "dept-a", "va", VIP, ""), "h2", "10.40.1.202");
-    lb.nat_hosts.push(pb::NatHost {
-        host_id: "h3".into(),
-        ipv4: "10.40.1.203".into(),
-        ipv6: String::new(),
-    });
+    for (h, a) in [("h3", "10.40.1.203"), ("h1", "10.40.1.201")] {
+        lb.nat_hosts.push(pb::NatHost {
+            host_id: h.into(),
+            ipv4: a.into(),
+            ipv6: String::new(),
+        });
+    }
     let mut ops = vec![put_lb(lb), pool("web", "lbh"), pool("udp", "lbh")];
     for (m, pool_id, port) in [("web-m1", "web", 8080), ("udp-m1", "udp", 9001)] {
         let mut op = member(m, pool_id, "m1", "", 1);
@@ -188,35 +165,38 @@ async fn a_vip_held_by_two_nat_hosts_is_answered_by_its_lease_holder_alone() {
         "h2's lease: epoch {epoch}, answering {h2_answers}"
     );
 
-    // Sent to h3 anyway (a zone host that forces its MAC): h3 answers
-    // nothing, and counts it.
-    let h3_mac = lab
-        .topo
-        .host_ns("h3")
-        .sh(&["cat", &format!("/sys/class/net/{UPLINK}/address")])
-        .unwrap()
-        .trim()
-        .to_string();
+    // Sent to h3 anyway (a zone host that forces its MAC), or to h1, which
+    // translates for the load balancer but holds no lease of its VIP:
+    // neither answers, and each counts it.
     let z = lab.topo.zone_ns("ext");
-    z.sh(&[
-        "ip",
-        "neigh",
-        "replace",
-        VIP,
-        "lladdr",
-        &h3_mac,
-        "dev",
-        "br0",
-        "nud",
-        "permanent",
-    ])
-    .unwrap();
-    let fenced = lab.counter("h3", "drops", "vip_fenced");
-    assert!(
-        zone_get(&lab).starts_with("error"),
-        "h3 answered for a VIP it does not own"
-    );
-    assert!(lab.counter("h3", "drops", "vip_fenced") > fenced);
+    for h in ["h3", "h1"] {
+        let mac = lab
+            .topo
+            .host_ns(h)
+            .sh(&["cat", &format!("/sys/class/net/{UPLINK}/address")])
+            .unwrap()
+            .trim()
+            .to_string();
+        let neigh = [
+            "ip",
+            "neigh",
+            "replace",
+            VIP,
+            "lladdr",
+            &mac,
+            "dev",
+            "br0",
+            "nud",
+            "permanent",
+        ];
+        z.sh(&neigh).unwrap();
+        let fenced = lab.counter(h, "drops", "vip_fenced");
+        assert!(
+            zone_get(&lab).starts_with("error"),
+            "{h} answered for a VIP it does not own"
+        );
+        assert!(lab.counter(h, "drops", "vip_fenced") > fenced, "{h} counted nothing");
+    }
     z.sh(&["ip", "neigh", "del", VIP, "dev", "br0"]).unwrap();
     assert_eq!(zone_get(&lab), "m1 10.40.1.202");
 

@@ -13,22 +13,6 @@ use tonic::Code;
 const ALICE: &str = "sdn://tenant/t1/alice";
 const BOB: &str = "sdn://tenant/t2/bob";
 
-/// Applies as `uri`: the error's code and message, or "OK".
-async fn try_as(c: &Cluster, uri: &str, ops: Vec<pb::operation::Op>) -> (Code, String) {
-    match c.apply_committed(uri, ops).await {
-        Ok(_) => (Code::Ok, String::new()),
-        Err(e) => (e.code(), e.message().to_string()),
-    }
-}
-
-async fn list_as(c: &Cluster, uri: &str) -> pb::ListResponse {
-    pb::provisioning_client::ProvisioningClient::new(c.channel_as(uri).await.unwrap())
-        .list(pb::ListRequest { kind: 0, stale: false })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 fn ids<T>(v: &[T], id: impl Fn(&T) -> &str) -> Vec<String> {
     let mut out: Vec<String> = v.iter().map(|x| id(x).to_string()).collect();
     out.sort();
@@ -104,17 +88,17 @@ async fn load_balancers_are_their_tenants_and_zone_exposure_an_administrators() 
 
     // A tenant builds its own load balancer.
     let lb1 = load_balancer("lb1", "t1", "v1", "10.1.0.100", "");
-    let (code, text) = try_as(
-        &c,
-        ALICE,
-        vec![
-            put_lb(lb1.clone()),
-            pool("web", "lb1"),
-            listener("http", "lb1", "tcp", 80, "web", "maglev"),
-            member("m1", "web", "p1", "", 1),
-        ],
-    )
-    .await;
+    let (code, text) = c
+        .try_as(
+            ALICE,
+            vec![
+                put_lb(lb1.clone()),
+                pool("web", "lb1"),
+                listener("http", "lb1", "tcp", 80, "web", "maglev"),
+                member("m1", "web", "p1", "", 1),
+            ],
+        )
+        .await;
     assert_eq!(code, Code::Ok, "{text}");
 
     // What it may not do, each named.
@@ -212,7 +196,7 @@ async fn load_balancers_are_their_tenants_and_zone_exposure_an_administrators() 
             "role supervisor",
         ),
     ] {
-        let (code, text) = try_as(&c, uri, ops).await;
+        let (code, text) = c.try_as(uri, ops).await;
         assert_eq!(code, want, "{what}: {text}");
         assert!(text.contains(says), "{what}: {text}");
     }
@@ -235,12 +219,14 @@ async fn load_balancers_are_their_tenants_and_zone_exposure_an_administrators() 
         vec![delete(pb::Kind::Listener, "zhttp")],
         vec![listener("zssh", "lbz", "tcp", 22, "zweb", "round_robin")],
     ] {
-        let (code, text) = try_as(&c, BOB, ops).await;
+        let (code, text) = c.try_as(BOB, ops).await;
         assert_eq!(code, Code::PermissionDenied, "{text}");
         assert!(!text.contains("zone") && !text.contains("administrator"), "{text}");
     }
     // Its own listener naming a pool of another load balancer: unknown.
-    let (code, text) = try_as(&c, ALICE, vec![listener("h2", "lb1", "tcp", 81, "zweb", "maglev")]).await;
+    let (code, text) = c
+        .try_as(ALICE, vec![listener("h2", "lb1", "tcp", 81, "zweb", "maglev")])
+        .await;
     assert_eq!(code, Code::InvalidArgument, "{text}");
     assert!(text.contains("load balancer lb1 has no pool \"zweb\""), "{text}");
     for (what, ops, want) in [
@@ -261,15 +247,15 @@ async fn load_balancers_are_their_tenants_and_zone_exposure_an_administrators() 
         ),
         ("a member", vec![member("zm1", "zweb", "p1", "", 1)], Code::Ok),
     ] {
-        let (code, text) = try_as(&c, ALICE, ops).await;
+        let (code, text) = c.try_as(ALICE, ops).await;
         assert_eq!(code, want, "{what}: {text}");
     }
 
     // Each tenant reads its own.
-    let mine = list_as(&c, ALICE).await;
+    let mine = c.list_as(ALICE).await;
     assert_eq!(ids(&mine.load_balancers, |x| &x.id), ["lb1", "lbz"]);
     assert_eq!(ids(&mine.members, |x| &x.id), ["m1", "zm1"]);
-    let theirs = list_as(&c, BOB).await;
+    let theirs = c.list_as(BOB).await;
     assert!(
         theirs.load_balancers.is_empty()
             && theirs.pools.is_empty()
@@ -278,7 +264,7 @@ async fn load_balancers_are_their_tenants_and_zone_exposure_an_administrators() 
         "{theirs:?}"
     );
     // Nothing refused was written.
-    let all = list_as(&c, ADMIN).await;
+    let all = c.list_as(ADMIN).await;
     assert_eq!(ids(&all.load_balancers, |x| &x.id), ["lb1", "lbz"]);
     assert_eq!(ids(&all.pools, |x| &x.id), ["web", "zweb"]);
     assert_eq!(ids(&all.listeners, |x| &x.id), ["http", "zhttp"]);
@@ -346,7 +332,7 @@ async fn load_balancers_are_their_tenants_and_zone_exposure_an_administrators() 
             ..Default::default()
         });
     }
-    let (code, text) = try_as(&c, ALICE, vec![checked]).await;
+    let (code, text) = c.try_as(ALICE, vec![checked]).await;
     assert_eq!(code, Code::Ok, "{text}");
     for (uri, host, member, code) in [
         // Another host's agent, for its own host or for h1.
@@ -391,7 +377,7 @@ async fn load_balancers_are_their_tenants_and_zone_exposure_an_administrators() 
     if let pb::operation::Op::PutMember(x) = &mut m {
         x.health = "up".into();
     }
-    let (code, text) = try_as(&c, ALICE, vec![m]).await;
+    let (code, text) = c.try_as(ALICE, vec![m]).await;
     assert_eq!(code, Code::Ok, "{text}");
     let m1 = members(ALICE).await.into_iter().find(|m| m.id == "m1").unwrap();
     assert_eq!((m1.weight, m1.health.as_str()), (5, "down"), "{m1:?}");
@@ -434,34 +420,6 @@ async fn load_balancers_are_their_tenants_and_zone_exposure_an_administrators() 
     assert!(a.records.iter().all(|r| r.tenants == ["t1"]), "{text}");
     let b = audit(BOB).await;
     assert!(!format!("{:?}", b.records).contains("lb1"), "{:?}", b.records);
-}
-
-/// nginx in a VM: answers every GET on 8080, both families, with its name
-/// and the client's address as it sees it.
-fn nginx(lab: &sdn_integration::lab::Lab, vm: &str) -> sdn_integration::Proc {
-    let dir = lab.topo.dir.join(format!("nginx-{vm}"));
-    std::fs::create_dir_all(dir.join("tmp")).unwrap();
-    let conf = dir.join("nginx.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "master_process off;\ndaemon off;\npid {d}/nginx.pid;\nerror_log stderr;\nevents {{}}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {d}/tmp;\n  proxy_temp_path {d}/tmp;\n  \
-             fastcgi_temp_path {d}/tmp;\n  uwsgi_temp_path {d}/tmp;\n  scgi_temp_path {d}/tmp;\n  \
-             server {{\n    listen 8080;\n    listen [::]:8080;\n    location / {{ return 200 \"{vm} $remote_addr\\n\"; }}\n    location = /unwell {{ return 503; }}\n  }}\n}}\n",
-            d = dir.display()
-        ),
-    )
-    .unwrap();
-    let ns = lab.topo.vm(vm).ns.name.clone();
-    sdn_integration::Proc::spawn(
-        &format!("nginx-{vm}"),
-        Some(&ns),
-        std::path::Path::new("/usr/sbin/nginx"),
-        &["-c", conf.to_str().unwrap(), "-p", dir.to_str().unwrap()],
-        &lab.topo.dir,
-    )
-    .unwrap()
 }
 
 /// One HTTP GET from VM `from` (pinned to CPU 0, so one per-CPU cursor
@@ -658,7 +616,7 @@ async fn vips_spread_flows_over_members_by_their_schedulers() {
         .start()
         .await
         .expect("the lab");
-    let _servers: Vec<_> = ["b1", "b2", "b3", "b4"].iter().map(|b| nginx(&lab, b)).collect();
+    let _servers: Vec<_> = ["b1", "b2", "b3", "b4"].iter().map(|b| lab.nginx(b)).collect();
     let _echo = lab.topo.serve(&["b1", "b2"], &[], &["--tcp", "9000"]).unwrap();
     // dnsmasq in each member, answering who.lb with its name.
     let mut udp_servers = Vec::new();
@@ -1042,8 +1000,8 @@ async fn failing_members_leave_the_schedule_and_come_back() {
         .await
         .expect("the lab");
     let collector = lb_collector(&lab, "h1", logs.path());
-    let _b1 = nginx(&lab, "b1");
-    let mut b2 = nginx(&lab, "b2");
+    let _b1 = lab.nginx("b1");
+    let mut b2 = lab.nginx("b2");
     std::thread::sleep(std::time::Duration::from_millis(500));
     let vip = "10.81.0.100";
     let check = |probe: &str, path: &str| pb::HealthCheck {
@@ -1149,7 +1107,7 @@ async fn failing_members_leave_the_schedule_and_come_back() {
 
     // Started again: back after rise (2) good checks, once the health's
     // hold (5 s from going down) has passed.
-    let _b2 = nginx(&lab, "b2");
+    let _b2 = lab.nginx("b2");
     let back = wait_health("web-b2", "up", std::time::Duration::from_secs(10));
     eprintln!("nginx started: web-b2 up after {back:?} (rise 2, hold 5 s)");
     assert!(
@@ -1352,8 +1310,8 @@ async fn a_vip_exposed_to_its_zone_is_reached_only_through_its_nat_hosts_and_exc
         .expect("the lab");
     let logs = tempfile::tempdir().unwrap();
     let collector = lb_collector(&lab, "h3", logs.path());
-    let _m1 = nginx(&lab, "m1");
-    let _m2 = nginx(&lab, "m2");
+    let _m1 = lab.nginx("m1");
+    let _m2 = lab.nginx("m2");
     let _echo = lab
         .topo
         .serve(&["m1", "m2"], &[], &["--tcp", "9000", "--udp", "9001"])

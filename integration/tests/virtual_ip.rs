@@ -12,21 +12,6 @@ use tonic::Code;
 const ALICE: &str = "sdn://tenant/t1/alice";
 const BOB: &str = "sdn://tenant/t2/bob";
 
-async fn try_as(c: &Cluster, uri: &str, ops: Vec<pb::operation::Op>) -> (Code, String) {
-    match c.apply_committed(uri, ops).await {
-        Ok(_) => (Code::Ok, String::new()),
-        Err(e) => (e.code(), e.message().to_string()),
-    }
-}
-
-async fn list_as(c: &Cluster, uri: &str) -> pb::ListResponse {
-    pb::provisioning_client::ProvisioningClient::new(c.channel_as(uri).await.unwrap())
-        .list(pb::ListRequest { kind: 0, stale: false })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 #[tokio::test]
 async fn virtual_ips_are_their_tenants_and_hosts_an_administrators() {
     if !privileged() {
@@ -62,7 +47,7 @@ async fn virtual_ips_are_their_tenants_and_hosts_an_administrators() {
 
     // A tenant makes its ports' virtual IP.
     let mine = virtual_ip("va", "t1", "v1", "10.1.0.50", 5, false, &[("p1", 200), ("p2", 100)]);
-    let (code, text) = try_as(&c, ALICE, vec![mine.clone()]).await;
+    let (code, text) = c.try_as(ALICE, vec![mine.clone()]).await;
     assert_eq!(code, Code::Ok, "{text}");
 
     // An exposed load balancer whose VIP its NAT hosts may hold.
@@ -183,7 +168,7 @@ async fn virtual_ips_are_their_tenants_and_hosts_an_administrators() {
             "role supervisor",
         ),
     ] {
-        let (code, text) = try_as(&c, uri, ops).await;
+        let (code, text) = c.try_as(uri, ops).await;
         assert_eq!(code, want, "{what}: {text}");
         assert!(text.contains(says), "{what}: {text}");
         // Nothing of t1's is named to t2 beyond the id it gave.
@@ -193,22 +178,22 @@ async fn virtual_ips_are_their_tenants_and_hosts_an_administrators() {
     }
 
     // The platform writes port-held ones; the administrator host-held ones.
-    let (code, text) = try_as(
-        &c,
-        PLATFORM,
-        vec![virtual_ip("vq", "t2", "v2", "10.2.0.50", 5, false, &[("q1", 10)])],
-    )
-    .await;
+    let (code, text) = c
+        .try_as(
+            PLATFORM,
+            vec![virtual_ip("vq", "t2", "v2", "10.2.0.50", 5, false, &[("q1", 10)])],
+        )
+        .await;
     assert_eq!(code, Code::Ok, "{text}");
-    let (code, text) = try_as(&c, ADMIN, vec![hosts_vip()]).await;
+    let (code, text) = c.try_as(ADMIN, vec![hosts_vip()]).await;
     assert_eq!(code, Code::Ok, "{text}");
     // ... and a tenant cannot take a host-held one back into its ports.
-    let (code, text) = try_as(
-        &c,
-        ALICE,
-        vec![virtual_ip("vh", "t1", "v1", "10.1.0.52", 9, false, &[("p1", 1)])],
-    )
-    .await;
+    let (code, text) = c
+        .try_as(
+            ALICE,
+            vec![virtual_ip("vh", "t1", "v1", "10.1.0.52", 9, false, &[("p1", 1)])],
+        )
+        .await;
     assert_eq!(code, Code::PermissionDenied, "{text}");
 
     // Each tenant reads its own.
@@ -217,9 +202,9 @@ async fn virtual_ips_are_their_tenants_and_hosts_an_administrators() {
         v.sort();
         v
     };
-    assert_eq!(ids(&list_as(&c, ALICE).await), ["va", "vh"]);
-    assert_eq!(ids(&list_as(&c, BOB).await), ["vq"]);
-    let all = list_as(&c, ADMIN).await;
+    assert_eq!(ids(&c.list_as(ALICE).await), ["va", "vh"]);
+    assert_eq!(ids(&c.list_as(BOB).await), ["vq"]);
+    let all = c.list_as(ADMIN).await;
     assert_eq!(ids(&all), ["va", "vh", "vq"]);
     let va = all.virtual_ips.iter().find(|v| v.id == "va").unwrap();
     assert_eq!((va.advert_interval_cs, va.no_preempt, va.vrid), (10, false, 5));
@@ -257,10 +242,10 @@ async fn virtual_ips_are_their_tenants_and_hosts_an_administrators() {
     assert!(e.contains("a port or a host, not both"), "{e}");
 
     // What a virtual IP uses stays while it does.
-    let (code, text) = try_as(&c, PLATFORM, vec![delete(pb::Kind::Port, "p2")]).await;
+    let (code, text) = c.try_as(PLATFORM, vec![delete(pb::Kind::Port, "p2")]).await;
     assert_eq!(code, Code::InvalidArgument, "{text}");
     assert!(text.contains("still used by virtual ip va"), "{text}");
-    let (code, text) = try_as(&c, ADMIN, vec![delete(pb::Kind::LoadBalancer, "lbz")]).await;
+    let (code, text) = c.try_as(ADMIN, vec![delete(pb::Kind::LoadBalancer, "lbz")]).await;
     assert_eq!(code, Code::InvalidArgument, "{text}");
     assert!(text.contains("still used by virtual ip vh"), "{text}");
 

@@ -7,70 +7,13 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use sdn_integration::keepalived::{instance, Keepalived};
 use sdn_integration::{bin, privileged, sh, wait_for, Netns, Proc};
 
 const VIP: &str = "10.77.0.100";
 
-/// keepalived's VRRP process in a namespace, killed with its parent on
-/// drop (the namespace's removal would leave them running).
-struct Keepalived {
-    proc: Proc,
-    vrrp_pid: std::path::PathBuf,
-}
-
-impl Keepalived {
-    fn start(ns: &str, dir: &Path, name: &str, priority: u8) -> Keepalived {
-        let conf = dir.join(format!("{name}.conf"));
-        std::fs::write(
-            &conf,
-            format!(
-                "global_defs {{\n  router_id {name}\n  vrrp_version 3\n  script_user root\n}}\n\
-                 vrrp_instance VI {{\n  state BACKUP\n  interface eth0\n  virtual_router_id 51\n  priority {priority}\n  advert_int 0.1\n  virtual_ipaddress {{\n    {VIP}/24\n  }}\n}}\n"
-            ),
-        )
-        .unwrap();
-        let pid = dir.join(format!("{name}.pid"));
-        let vrrp_pid = dir.join(format!("{name}-vrrp.pid"));
-        let _ = std::fs::remove_file(&vrrp_pid);
-        let proc = Proc::spawn(
-            name,
-            Some(ns),
-            Path::new("/usr/sbin/keepalived"),
-            &[
-                "-n",
-                "-l",
-                "-D",
-                "-P",
-                "--dont-respawn",
-                "-f",
-                conf.to_str().unwrap(),
-                "-p",
-                pid.to_str().unwrap(),
-                "-r",
-                vrrp_pid.to_str().unwrap(),
-            ],
-            dir,
-        )
-        .unwrap();
-        Keepalived { proc, vrrp_pid }
-    }
-
-    /// SIGKILL to its VRRP process, as a crash: no resignation is sent.
-    fn crash(&mut self) {
-        if let Ok(p) = std::fs::read_to_string(&self.vrrp_pid) {
-            if let Ok(pid) = p.trim().parse::<i32>() {
-                // SAFETY: signalling a process this test started.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-        self.proc.kill();
-    }
-}
-
-impl Drop for Keepalived {
-    fn drop(&mut self) {
-        self.crash();
-    }
+fn keepalived(ns: &str, dir: &Path, name: &str, priority: u8) -> Keepalived {
+    Keepalived::start(ns, dir, name, &instance(name, 51, priority, "0.1", 3, VIP)).unwrap()
 }
 
 /// Whether `ns` holds the VIP on its link (keepalived adds it as Master
@@ -159,7 +102,7 @@ fn keepalived_and_ours_elect_each_other_both_ways() {
     wait_for("the capture", Duration::from_secs(10), || pcap.exists()).unwrap();
 
     // 1. keepalived (100) alone is Master; ours (200) preempts it.
-    let mut ka = Keepalived::start("vrp-a", dir.path(), "ka", 100);
+    let mut ka = keepalived("vrp-a", dir.path(), "ka", 100);
     wait_for("keepalived to take the VIP", Duration::from_secs(10), || {
         holds_vip("vrp-a")
     })
@@ -210,7 +153,7 @@ fn keepalived_and_ours_elect_each_other_both_ways() {
     let _ = sh(&["ip", "-n", "vrp-a", "addr", "del", &format!("{VIP}/24"), "dev", "eth0"]);
 
     // 5. keepalived (100) comes back and preempts ours (50); ours yields.
-    let ka2 = Keepalived::start("vrp-a", dir.path(), "ka2", 100);
+    let mut ka2 = keepalived("vrp-a", dir.path(), "ka2", 100);
     wait_for("keepalived to take the VIP back", Duration::from_secs(10), || {
         holds_vip("vrp-a")
     })
@@ -223,10 +166,7 @@ fn keepalived_and_ours_elect_each_other_both_ways() {
 
     // 6. keepalived resigns (SIGTERM sends priority 0): ours takes over
     // after its skew alone, well before three intervals.
-    if let Some(p) = ka2.proc.pid() {
-        // SAFETY: signalling a process this test started.
-        unsafe { libc::kill(p as i32, libc::SIGTERM) };
-    }
+    ka2.resign();
     let took = time_until(Duration::from_secs(3), || {
         states(&us).last().map(String::as_str) == Some("master")
     })

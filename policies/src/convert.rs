@@ -580,6 +580,7 @@ impl ApiResource for m::VirtualIp {
             epoch: 0,
             owner: None,
             owner_since_unix_ms: 0,
+            owner_lease_ms: 0,
             claim: false,
         })
     }

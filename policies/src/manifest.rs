@@ -1501,6 +1501,7 @@ impl ManifestResource for model::VirtualIp {
             epoch: 0,
             owner: None,
             owner_since_unix_ms: 0,
+            owner_lease_ms: 0,
             claim: false,
         })
     }

@@ -342,7 +342,7 @@ pub struct VirtualIp {
     /// The VRRP virtual router id, 1 to 255: one per VPC (held by ports)
     /// or per zone (held by hosts).
     pub vrid: u8,
-    /// Two to [`VIP_HOLDERS_MAX`] holders, all ports or all hosts.
+    /// One to [`VIP_HOLDERS_MAX`] holders, all ports or all hosts.
     pub holders: Vec<VipHolder>,
     /// Whether a holder of higher priority takes the address back from a
     /// live owner of lower priority.
@@ -361,6 +361,10 @@ pub struct VirtualIp {
     /// When the last epoch was granted (Unix ms, the controller's clock).
     #[serde(default)]
     pub owner_since_unix_ms: u64,
+    /// The lease the last epoch was granted with (ms): a new leader waits
+    /// at least this long, whatever the interval is now.
+    #[serde(default)]
+    pub owner_lease_ms: u32,
     /// This put is the controller's grant of the next epoch to `owner`:
     /// it changes the stored virtual IP's epoch and owner alone, and only
     /// while `owner` still holds it. Never stored as true.

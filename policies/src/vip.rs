@@ -9,8 +9,8 @@ use std::net::IpAddr;
 use crate::model::*;
 use crate::state::{BatchError, Ctx, State};
 
-/// Virtual IPs of one VPC, at most.
-pub const VIP_PER_VPC_MAX: usize = 256;
+/// Virtual IPs of one VPC, at most (one per VRRP router id).
+pub const VIP_PER_VPC_MAX: usize = 255;
 /// The longest VRRP advertisement interval (12 bits of centiseconds).
 pub const VIP_ADVERT_INTERVAL_CS_MAX: u16 = 4095;
 
@@ -35,6 +35,7 @@ impl State {
             kept.epoch = old.epoch + 1;
             kept.owner = Some(holder.clone());
             kept.owner_since_unix_ms = v.owner_since_unix_ms;
+            kept.owner_lease_ms = v.owner_lease_ms;
             self.replace(Kind::VirtualIp, &v.id, Some(Object::VirtualIp(kept)));
             return Ok(());
         }
@@ -45,9 +46,9 @@ impl State {
         merged.owner = old
             .and_then(|o| o.owner.clone())
             .filter(|o| v.holders.iter().any(|h| &h.target == o));
-        merged.owner_since_unix_ms = match merged.owner {
-            Some(_) => old.map_or(0, |o| o.owner_since_unix_ms),
-            None => 0,
+        (merged.owner_since_unix_ms, merged.owner_lease_ms) = match merged.owner {
+            Some(_) => old.map_or((0, 0), |o| (o.owner_since_unix_ms, o.owner_lease_ms)),
+            None => (0, 0),
         };
         let v = &merged;
         if !self.tenants.contains_key(&v.tenant_id) {
@@ -175,6 +176,12 @@ impl State {
                 ));
             }
             if by_host {
+                if ip.is_ipv6() {
+                    return Err(c.err(
+                        field,
+                        "hosts hold IPv4 virtual ips only (their VRRP for IPv6 is not built): give the VIP's IPv4 address",
+                    ));
+                }
                 self.check_host_held_address(c, field, v, ip)?;
             } else {
                 self.vpc_address(c, field, &v.vpc_id, ip)?;
@@ -636,6 +643,12 @@ mod tests {
             &format!("{HOSTS_VIP}ipv4: 10.30.0.100, {two}}}\n"),
             "ipv4",
             "load balancer portal-lb is not exposed to its zone",
+        );
+        refused(
+            &mut s,
+            &format!("{HOSTS_VIP}ipv6: 'fd30::101', {two}}}\n"),
+            "ipv6",
+            "hosts hold IPv4 virtual ips only",
         );
         refused(
             &mut s,

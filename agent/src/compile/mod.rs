@@ -58,6 +58,10 @@ pub struct Desired {
     pub uplink_devices: BTreeMap<u32, String>,
     /// The uplinks' own addresses (see [`add_uplink_addresses`]).
     pub uplink_addrs: BTreeSet<PortAddrKey>,
+    /// The addresses of virtual IPs held by NAT hosts in the share: never
+    /// the uplink's own (a holder answers for them within its lease only,
+    /// whatever addresses the uplink has), and translated within a lease.
+    pub held_vips: BTreeSet<std::net::IpAddr>,
     /// Zones whose uplink device is not on this host: (zone, device). Their
     /// traffic has no way out here (and nothing gets in).
     pub missing_uplinks: Vec<(String, String)>,
@@ -221,7 +225,7 @@ pub type Resources = BTreeMap<String, pb::Resource>;
 pub fn add_uplink_addresses(d: &mut Desired, addrs: &dyn Fn(&str) -> Vec<std::net::IpAddr>) {
     d.uplink_addrs.clear();
     for (ifx, name) in &d.uplink_devices {
-        for a in addrs(name) {
+        for a in addrs(name).into_iter().filter(|a| !d.held_vips.contains(a)) {
             let (family, bytes) = addr16(a);
             d.uplink_addrs.insert(PortAddrKey {
                 ifindex: *ifx,
@@ -230,6 +234,15 @@ pub fn add_uplink_addresses(d: &mut Desired, addrs: &dyn Fn(&str) -> Vec<std::ne
                 addr: bytes,
             });
         }
+    }
+}
+
+/// The VIP a north-south service answers on.
+fn key_address_nat(k: &dataplane_common::lb::NatServiceKey) -> std::net::IpAddr {
+    if k.family == FAMILY_V4 {
+        std::net::IpAddr::from([k.addr[0], k.addr[1], k.addr[2], k.addr[3]])
+    } else {
+        std::net::IpAddr::from(k.addr)
     }
 }
 
@@ -395,6 +408,7 @@ impl Compiler {
         let mut mirrors: Vec<&pb::MirrorOnHost> = Vec::new();
         let mut systems: Vec<&pb::InformationSystem> = Vec::new();
         let mut lbs: Vec<&pb::LoadBalancerOnHost> = Vec::new();
+        let mut held_vips: BTreeSet<IpAddr> = BTreeSet::new();
         for r in res.values() {
             match &r.kind {
                 Some(pb::resource::Kind::Port(p)) => ports.push((r, p)),
@@ -420,13 +434,21 @@ impl Compiler {
                 Some(pb::resource::Kind::MirrorSession(m)) => mirrors.push(m),
                 Some(pb::resource::Kind::InformationSystem(s)) => systems.push(s),
                 Some(pb::resource::Kind::LoadBalancer(l)) => lbs.push(l),
-                // Virtual IPs are the VRRP speakers' (`crate::vips`).
-                Some(pb::resource::Kind::Quarantine(_)) | Some(pb::resource::Kind::VirtualIp(_)) | None => {}
+                // Virtual IPs are the VRRP speakers' (`crate::vips`); those
+                // held by NAT hosts fence their VIP's translation.
+                Some(pb::resource::Kind::VirtualIp(v)) => {
+                    if let Some(x) = v.virtual_ip.as_ref().filter(|_| !v.uplink_device.is_empty()) {
+                        held_vips.extend(x.ipv4.parse::<IpAddr>().ok());
+                        held_vips.extend(x.ipv6.parse::<IpAddr>().ok());
+                    }
+                }
+                Some(pb::resource::Kind::Quarantine(_)) | None => {}
             }
         }
         let mut d = Desired {
             quarantined,
             next_expiry,
+            held_vips,
             ..Desired::default()
         };
         d.lb = lb::compile_lbs(&lbs, &mut self.lb_slots, &mut d.rejected, now_ms, &|p| {
@@ -577,7 +599,11 @@ impl Compiler {
                 dataplane_common::lb::NatService {
                     lb: s.info,
                     vni: n.service.vni,
-                    _pad: 0,
+                    flags: if d.held_vips.contains(&key_address_nat(&n.key)) {
+                        dataplane_common::lb::NAT_SVC_F_LEASE
+                    } else {
+                        0
+                    },
                     nat: n.nat,
                 },
             );

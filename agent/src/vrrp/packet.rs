@@ -71,6 +71,8 @@ pub enum Invalid {
     Interval,
     /// No address at all.
     NoAddress,
+    /// Not VRRP: another IP protocol.
+    Protocol(u8),
 }
 
 impl fmt::Display for Invalid {
@@ -85,6 +87,7 @@ impl fmt::Display for Invalid {
             Invalid::Vrid => write!(f, "virtual router id 0"),
             Invalid::Interval => write!(f, "advertisement interval 0"),
             Invalid::NoAddress => write!(f, "no address"),
+            Invalid::Protocol(p) => write!(f, "IP protocol {p}, not VRRP (112)"),
         }
     }
 }
@@ -239,7 +242,7 @@ pub fn split_ipv4(packet: &[u8]) -> Result<(IpAddr, IpAddr, u8, &[u8]), Invalid>
     })?;
     let payload_len = (h.total_len as usize).saturating_sub(h.header_len());
     if h.protocol.0 != IP_PROTO_VRRP {
-        return Err(Invalid::Type(0));
+        return Err(Invalid::Protocol(h.protocol.0));
     }
     let body = rest.get(..payload_len).ok_or(Invalid::Truncated {
         have: rest.len(),

@@ -197,11 +197,26 @@ pub async fn run(
     let wire = Wire::open(&link, source)?;
     let mut m = Machine::new(cfg);
     let mut buf = vec![MaybeUninit::<u8>::uninit(); 2048];
+    // An advertisement that cannot go out (a full queue, a link going
+    // down) is lost as on the wire: the machine goes on, and a link down
+    // long enough is its caller's to notice.
+    let send_failed = std::sync::atomic::AtomicU64::new(0);
     let act = |m: &Machine, acts: Vec<Action>| -> io::Result<()> {
         for a in acts {
             match a {
-                Action::Send(ad) => wire.send(&ad)?,
-                Action::Announce if announce_on_master => announce(&link, &m.config().addresses)?,
+                Action::Send(ad) => {
+                    if let Err(e) = wire.send(&ad) {
+                        let n = send_failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                        if n.is_power_of_two() {
+                            tracing::warn!(error = %e, failed = n, "VRRP advertisement not sent");
+                        }
+                    }
+                }
+                Action::Announce if announce_on_master => {
+                    if let Err(e) = announce(&link, &m.config().addresses) {
+                        tracing::warn!(error = %e, "gratuitous ARP not sent");
+                    }
+                }
                 Action::Announce => {}
                 Action::Became(s) => {
                     let _ = events.send(Event::State(s));
@@ -212,6 +227,15 @@ pub async fn run(
     };
     let acts = m.startup(Instant::now());
     act(&m, acts)?;
+    // Discards are reported once a second at most: a flood of forged
+    // advertisements costs the caller nothing.
+    let mut last_report: Option<Instant> = None;
+    let mut report = |e: Event| {
+        if last_report.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            last_report = Some(Instant::now());
+            let _ = events.send(e);
+        }
+    };
     loop {
         let deadline = m
             .deadline()
@@ -232,7 +256,7 @@ pub async fn run(
                 let (src, dst, ttl, msg) = match got? {
                     Ok(x) => x,
                     Err(why) => {
-                        let _ = events.send(Event::Discarded { from: IpAddr::V4(Ipv4Addr::UNSPECIFIED), why });
+                        report(Event::Discarded { from: IpAddr::V4(Ipv4Addr::UNSPECIFIED), why });
                         continue;
                     }
                 };
@@ -241,17 +265,17 @@ pub async fn run(
                 }
                 match Advert::decode(src, dst, ttl, &msg) {
                     Err(e) => {
-                        let _ = events.send(Event::Discarded { from: src, why: e.to_string() });
+                        report(Event::Discarded { from: src, why: e.to_string() });
                     }
                     Ok((a, form)) => {
                         if a.vrid != m.config().vrid {
                             continue;
                         }
                         if form == ChecksumForm::KeepalivedOldUnicast {
-                            let _ = events.send(Event::OldChecksum { from: src });
+                            report(Event::OldChecksum { from: src });
                         }
                         if a.addresses != m.config().addresses {
-                            let _ = events.send(Event::Mismatch { from: src, addresses: a.addresses.clone() });
+                            report(Event::Mismatch { from: src, addresses: a.addresses.clone() });
                         }
                         let acts = m.on_advert(Instant::now(), src, &a);
                         act(&m, acts)?;

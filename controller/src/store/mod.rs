@@ -320,6 +320,21 @@ impl Store {
         Some((id, addr))
     }
 
+    /// Whether this replica leads and a quorum acknowledged it lately:
+    /// within `within`, or it is the only voter. A leader cut off from the
+    /// others goes on believing it leads until it hears a higher term;
+    /// this says when its word may no longer be the cluster's.
+    pub fn quorum_fresh(&self, within: std::time::Duration) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        if m.current_leader != Some(self.node_id) {
+            return false;
+        }
+        let voters = m.membership_config.membership().voter_ids().count();
+        voters <= 1
+            || m.millis_since_quorum_ack
+                .is_some_and(|ms| u128::from(ms) < within.as_millis())
+    }
+
     /// The Raft term this replica is in.
     pub fn term(&self) -> u64 {
         self.raft.metrics().borrow().current_term

@@ -214,6 +214,10 @@ pub struct NatServiceKey {
 }
 
 /// What a north-south service is on this NAT host.
+/// [`NatService::flags`]: the VIP is a virtual IP held by NAT hosts, so a
+/// host translates it only within its lease (`SDN_VIP_LEASES`).
+pub const NAT_SVC_F_LEASE: u32 = 1;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct NatService {
@@ -222,7 +226,8 @@ pub struct NatService {
     pub lb: LbService,
     /// The VPC's VNI.
     pub vni: u32,
-    pub _pad: u32,
+    /// [`NAT_SVC_F_LEASE`] and nothing else yet.
+    pub flags: u32,
     /// This host's address in the VPC that translated flows come from. (It
     /// is a zone endpoint of the VPC: its zone and border firewall are the
     /// flow's.)

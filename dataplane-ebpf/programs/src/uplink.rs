@@ -5,6 +5,7 @@
 
 use aya_ebpf::{maps::lpm_trie::Key, programs::TcContext};
 use dataplane_common::{
+    lb::NAT_SVC_F_LEASE,
     maps::{zone_net_data, ZoneAddrKey, ZoneEndpoint, DOOR_ZONE},
     DropReason, DIR_INGRESS, FAMILY_V4, FAMILY_V6, MARK_PIPELINE, PROTO_ICMPV6,
 };
@@ -75,11 +76,6 @@ fn vip_lease(now: u64, family: u8, addr: &[u8; 16]) -> Option<bool> {
     unsafe { VIP_LEASES.get(&k) }.map(|l| now < l.until_ns)
 }
 
-#[inline(always)]
-fn vip_fenced(now: u64, family: u8, addr: &[u8; 16]) -> bool {
-    vip_lease(now, family, addr) == Some(false)
-}
-
 /// VRRP's IP protocol number and groups (224.0.0.18, ff02::12).
 const PROTO_VRRP: u8 = 112;
 const VRRP_V4: [u8; 16] = [224, 0, 0, 18, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
@@ -136,7 +132,10 @@ pub fn from_uplink<C: Pkt>(ctx: &C, m: &mut Meta) -> Result<Arrival, DropReason>
     parse::ip(ctx, m, ethertype)?;
     // A VIP exposed to the zone, translated here (north-south).
     if let Some(ns) = crate::nat::service(m) {
-        if vip_fenced(m.now, m.family, &m.dst) {
+        // A VIP held by NAT hosts is translated within a lease only; no
+        // lease here (not a holder, not granted, or run out) fails closed.
+        let lease = vip_lease(m.now, m.family, &m.dst);
+        if lease == Some(false) || (ns.flags & NAT_SVC_F_LEASE != 0 && lease != Some(true)) {
             return Err(DropReason::VipFenced);
         }
         from_zone(m, zone)?;
