@@ -167,6 +167,11 @@ struct Vip {
     master: bool,
     /// The epoch granted to us, and until when (from the claim's sending).
     granted: Option<(u64, Instant)>,
+    /// That end on the dataplane's clock, reckoned once per grant.
+    granted_ns: u64,
+    /// The lease as last written to the dataplane (written again only
+    /// when it changes).
+    written: Option<VipLease>,
     /// Whether this host answers for the address now (shared with the
     /// gratuitous ARPs, which stop when it stops).
     answering: Arc<AtomicBool>,
@@ -246,6 +251,8 @@ struct Manager {
     next: usize,
     in_flight: bool,
     last_claim: Instant,
+    /// When the uplinks' carriers were last read (every 100 ms).
+    links_checked: Instant,
 }
 
 async fn manage(
@@ -275,6 +282,7 @@ async fn manage(
         next: 0,
         in_flight: false,
         last_claim: Instant::now() - Duration::from_secs(60),
+        links_checked: Instant::now(),
     };
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -378,6 +386,10 @@ impl Manager {
 
     /// A holder whose uplink lost its carrier stands back until it is back.
     async fn check_links(&mut self) {
+        if self.links_checked.elapsed() < Duration::from_millis(100) {
+            return;
+        }
+        self.links_checked = Instant::now();
         let down: Vec<String> = self
             .vips
             .iter()
@@ -487,6 +499,8 @@ impl Manager {
                     stop: stop_tx,
                     master: false,
                     granted: None,
+                    granted_ns: 0,
+                    written: None,
                     answering: Arc::new(AtomicBool::new(false)),
                     since_ns: 0,
                     until_ns: 0,
@@ -588,7 +602,9 @@ impl Manager {
             }
             if g.granted {
                 self.stats.claims_granted.fetch_add(1, Relaxed);
-                v.granted = Some((g.epoch, sent + Duration::from_millis(u64::from(g.lease_ms))));
+                let until = sent + Duration::from_millis(u64::from(g.lease_ms));
+                v.granted = Some((g.epoch, until));
+                v.granted_ns = mono_ns(until);
             } else {
                 self.stats.claims_refused.fetch_add(1, Relaxed);
                 if v.granted.is_some() || v.answering.load(Relaxed) {
@@ -610,11 +626,11 @@ impl Manager {
             let now_ns = crate::dataplane::monotonic_ns();
             let answering = v.answering.load(Relaxed);
             let lease = match (auth, v.granted) {
-                (true, Some((epoch, until))) => {
+                (true, Some((epoch, _))) => {
                     if !answering {
                         v.since_ns = now_ns;
                     }
-                    v.until_ns = mono_ns(until);
+                    v.until_ns = v.granted_ns;
                     VipLease {
                         until_ns: v.until_ns,
                         epoch,
@@ -632,11 +648,14 @@ impl Manager {
                 }
             };
             let mut written = true;
-            for a in &v.held.addresses {
-                if let Err(e) = self.leases.insert(key(*a), lease, 0) {
-                    written = false;
-                    tracing::error!(virtual_ip = %id, address = %a, error = %e, "lease not written");
+            if v.written != Some(lease) {
+                for a in &v.held.addresses {
+                    if let Err(e) = self.leases.insert(key(*a), lease, 0) {
+                        written = false;
+                        tracing::error!(virtual_ip = %id, address = %a, error = %e, "lease not written");
+                    }
                 }
+                v.written = written.then_some(lease);
             }
             if auth && !answering && written {
                 v.answering.store(true, Relaxed);
