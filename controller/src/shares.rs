@@ -469,7 +469,7 @@ impl Shares {
                     }
                 }
                 Kind::VirtualIp => {
-                    // Held by its holding hosts, or by every host holding
+                    // Held by its holding hosts and by every host holding
                     // its VPC's network; as it was and is.
                     let name = format!("vip/{id}");
                     hosts.extend(self.holders_of(&name).cloned());
@@ -489,9 +489,8 @@ impl Shares {
                             {
                                 hosts.extend(l.nat_hosts.iter().map(|h| h.host_id.clone()));
                             }
-                        } else {
-                            hosts.extend(self.holders_of(&format!("vpc/{}", v.vpc_id)).cloned());
                         }
+                        hosts.extend(self.holders_of(&format!("vpc/{}", v.vpc_id)).cloned());
                     }
                     dirty.insert(name);
                 }

@@ -93,7 +93,8 @@ pub fn names(state: &State, host: &str) -> BTreeSet<String> {
     }
     // The virtual IPs the host holds, or whose VIP it translates (it
     // translates them within a lease only), and those of the VPCs whose
-    // network it holds (where the address's owner is).
+    // network it holds (where the address's owner is; held by hosts, the
+    // owner's host is where the holders' NAT addresses are answered).
     for v in state.virtual_ips.values() {
         let held_here = v
             .holders
@@ -103,7 +104,7 @@ pub fn names(state: &State, host: &str) -> BTreeSet<String> {
                 && nat_lbs
                     .iter()
                     .any(|l| l.vpc_id == v.vpc_id && l.vips().any(|a| v.addresses().any(|b| a == b))));
-        if held_here || (!v.host_held() && vpcs.contains(v.vpc_id.as_str())) {
+        if held_here || vpcs.contains(v.vpc_id.as_str()) {
             out.insert(format!("vip/{}", v.id));
         }
     }

@@ -75,13 +75,25 @@ pub struct NatPlan {
     pub nat: [u8; 16],
 }
 
+/// A VIP held by hosts: its holders, and the holder the controller last
+/// granted it to.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VipOwner {
+    pub holders: BTreeSet<String>,
+    pub owner: String,
+}
+
 /// The NAT hosts' addresses of load balancers exposed to their zone: on
 /// `host`'s own, the member's replies are translated back (`EP_F_NAT`); on
 /// another NAT host's, they go to that host through the tunnel (and only
-/// that host may send from them). Goes into `plan.vips` (the VPCs'
-/// endpoints); returns the services `host` translates.
+/// that host may send from them). The NAT address of a holder of a VIP
+/// held by hosts is answered where the VIP's owner is: its flows, carried
+/// to the owner, go on from the same address after a failover. Goes into
+/// `plan.vips` (the VPCs' endpoints); returns the services `host`
+/// translates.
 pub fn compile_nat(
     lbs: &[&pb::LoadBalancerOnHost],
+    owners: &BTreeMap<IpAddr, VipOwner>,
     host: &str,
     plan: &mut LbPlan,
     rejected: &mut Vec<String>,
@@ -111,6 +123,25 @@ pub fn compile_nat(
                 };
                 let (family, nat16) = addr16(nat);
                 let vip16 = addr16(vip).1;
+                // Where the address is answered: its own host, or the owner
+                // of the VIP the host holds with others (when that owner's
+                // underlay is known).
+                let owner = owners
+                    .get(&vip)
+                    .filter(|o| o.holders.contains(&h.host_id) && o.holders.contains(&o.owner))
+                    .map(|o| o.owner.as_str())
+                    .filter(|o| {
+                        *o == host
+                            || l.nat_underlays
+                                .get(*o)
+                                .is_some_and(|u| u.parse::<std::net::Ipv4Addr>().is_ok())
+                    })
+                    .unwrap_or(h.host_id.as_str());
+                let at = if owner == h.host_id {
+                    underlay
+                } else {
+                    l.nat_underlays.get(owner).and_then(|u| u.parse().ok())
+                };
                 plan.vips.insert(
                     EndpointKey {
                         vni: l.vni,
@@ -120,9 +151,9 @@ pub fn compile_nat(
                     },
                     Endpoint {
                         ifindex: 0,
-                        host_v4: underlay.map_or([0; 4], |u| u.octets()),
+                        host_v4: at.map_or([0; 4], |u| u.octets()),
                         mac: GATEWAY_MAC,
-                        flags: if mine { EP_F_NAT } else { 0 },
+                        flags: if owner == host { EP_F_NAT } else { 0 },
                         vni: l.vni,
                         policy: 0,
                     },
@@ -609,7 +640,7 @@ mod tests {
         };
         let mut p = compile_lbs(&[&a], &mut LbSlots::default(), &mut Vec::new(), 0, &|_| false);
         let mut rejected = Vec::new();
-        let nat = compile_nat(&[&a], "h1", &mut p, &mut rejected);
+        let nat = compile_nat(&[&a], &BTreeMap::new(), "h1", &mut p, &mut rejected);
         assert!(rejected.is_empty(), "{rejected:?}");
         let own = ep(&p, "10.0.0.200").expect("h1's own address");
         assert_eq!((own.ifindex, own.flags), (0, EP_F_NAT));
@@ -626,21 +657,49 @@ mod tests {
         // A host that is no NAT host translates nothing, and knows where
         // both hosts' addresses are.
         let mut p = compile_lbs(&[&a], &mut LbSlots::default(), &mut Vec::new(), 0, &|_| false);
-        assert!(compile_nat(&[&a], "h3", &mut p, &mut Vec::new()).is_empty());
+        assert!(compile_nat(&[&a], &BTreeMap::new(), "h3", &mut p, &mut Vec::new()).is_empty());
         assert_eq!(ep(&p, "10.0.0.200").unwrap().host_v4, [192, 0, 2, 1]);
         assert_eq!(ep(&p, "10.0.0.200").unwrap().flags, 0);
+        // A VIP the two hold, owned by h2: both NAT addresses of its family
+        // are answered at h2 (its flows go on from the address they began
+        // at); the other family's stay where they are.
+        let vip = a.load_balancer.as_ref().unwrap().vip_v4.parse().unwrap();
+        let owners: BTreeMap<IpAddr, VipOwner> = [(
+            vip,
+            VipOwner {
+                holders: ["h1".to_string(), "h2".to_string()].into(),
+                owner: "h2".into(),
+            },
+        )]
+        .into();
+        for (host, flags) in [("h1", 0), ("h2", EP_F_NAT), ("h3", 0)] {
+            let mut p = compile_lbs(&[&a], &mut LbSlots::default(), &mut Vec::new(), 0, &|_| false);
+            compile_nat(&[&a], &owners, host, &mut p, &mut Vec::new());
+            for addr in ["10.0.0.200", "10.0.0.201"] {
+                let e = ep(&p, addr).unwrap();
+                assert_eq!((e.host_v4, e.flags), ([192, 0, 2, 2], flags), "{host}: {addr}");
+            }
+            let e = ep(&p, "fd00::200").unwrap();
+            assert_eq!(e.host_v4, [192, 0, 2, 1], "{host}");
+        }
+        // An owner that is no holder moves nothing.
+        let mut stray = owners.clone();
+        stray.get_mut(&vip).unwrap().owner = "h3".into();
+        let mut p = compile_lbs(&[&a], &mut LbSlots::default(), &mut Vec::new(), 0, &|_| false);
+        compile_nat(&[&a], &stray, "h3", &mut p, &mut Vec::new());
+        assert_eq!(ep(&p, "10.0.0.200").unwrap().host_v4, [192, 0, 2, 1]);
         // A NAT host whose underlay is unknown: its addresses are left out,
         // and said so.
         a.nat_underlays.remove("h2");
         let mut p = compile_lbs(&[&a], &mut LbSlots::default(), &mut Vec::new(), 0, &|_| false);
         let mut rejected = Vec::new();
-        compile_nat(&[&a], "h1", &mut p, &mut rejected);
+        compile_nat(&[&a], &BTreeMap::new(), "h1", &mut p, &mut rejected);
         assert!(ep(&p, "10.0.0.201").is_none());
         assert!(rejected.iter().any(|r| r.contains("NAT host h2")), "{rejected:?}");
         // Exposed to the VPC only: no NAT at all.
         a.load_balancer.as_mut().unwrap().exposure = "vpc".into();
         let mut p = compile_lbs(&[&a], &mut LbSlots::default(), &mut Vec::new(), 0, &|_| false);
-        assert!(compile_nat(&[&a], "h1", &mut p, &mut Vec::new()).is_empty());
+        assert!(compile_nat(&[&a], &BTreeMap::new(), "h1", &mut p, &mut Vec::new()).is_empty());
         assert!(ep(&p, "10.0.0.200").is_none());
     }
 

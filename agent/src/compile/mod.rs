@@ -409,6 +409,7 @@ impl Compiler {
         let mut systems: Vec<&pb::InformationSystem> = Vec::new();
         let mut lbs: Vec<&pb::LoadBalancerOnHost> = Vec::new();
         let mut held_vips: BTreeSet<IpAddr> = BTreeSet::new();
+        let mut vip_owners: BTreeMap<IpAddr, lb::VipOwner> = BTreeMap::new();
         for r in res.values() {
             match &r.kind {
                 Some(pb::resource::Kind::Port(p)) => ports.push((r, p)),
@@ -438,8 +439,15 @@ impl Compiler {
                 // held by NAT hosts fence their VIP's translation.
                 Some(pb::resource::Kind::VirtualIp(v)) => {
                     if let Some(x) = v.virtual_ip.as_ref().filter(|_| !v.uplink_device.is_empty()) {
-                        held_vips.extend(x.ipv4.parse::<IpAddr>().ok());
-                        held_vips.extend(x.ipv6.parse::<IpAddr>().ok());
+                        let addrs = [x.ipv4.parse::<IpAddr>().ok(), x.ipv6.parse::<IpAddr>().ok()];
+                        held_vips.extend(addrs.iter().flatten());
+                        if !x.owner_host_id.is_empty() {
+                            let o = lb::VipOwner {
+                                holders: x.holders.iter().map(|h| h.host_id.clone()).collect(),
+                                owner: x.owner_host_id.clone(),
+                            };
+                            vip_owners.extend(addrs.iter().flatten().map(|a| (*a, o.clone())));
+                        }
                     }
                 }
                 Some(pb::resource::Kind::Quarantine(_)) | None => {}
@@ -454,7 +462,7 @@ impl Compiler {
         d.lb = lb::compile_lbs(&lbs, &mut self.lb_slots, &mut d.rejected, now_ms, &|p| {
             d.quarantined.contains_key(p)
         });
-        let nat = lb::compile_nat(&lbs, &self.host, &mut d.lb, &mut d.rejected);
+        let nat = lb::compile_nat(&lbs, &vip_owners, &self.host, &mut d.lb, &mut d.rejected);
         // Each zoned VPC's zone and border firewall, by id.
         let mut vpc_border: BTreeMap<&str, (u32, u32)> = BTreeMap::new();
         if let Some(t) = d.lb.drain_ends {

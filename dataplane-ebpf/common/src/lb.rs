@@ -25,6 +25,7 @@ pub const NAT_REVERSE: &str = "SDN_NAT_REVERSE";
 pub const NAT_FLOWS_NEW: &str = "SDN_NAT_FLOWS_NEW";
 pub const NAT_SEED: &str = "SDN_NAT_SEED";
 pub const NAT_REVERSE_NEW: &str = "SDN_NAT_REVERSE_NEW";
+pub const NAT_SYNC: &str = "SDN_NAT_SYNC";
 
 /// Clients a host remembers the member of, for source persistence (an
 /// LRU; a VM has only its own addresses, so it holds two per service).
@@ -283,6 +284,19 @@ pub struct NatFlow {
     pub bytes_out: u64,
 }
 
+/// Bytes of [`NAT_SYNC`]: room for about 2,000 [`NatSyncEvent`]s between
+/// two reads of the agent.
+pub const NAT_SYNC_BYTES: u32 = 256 << 10;
+
+/// A north-south flow just confirmed, as the dataplane tells the agent
+/// (which carries the flows of VIPs held by hosts to the other holders).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatSyncEvent {
+    pub key: NatKey,
+    pub flow: NatFlow,
+}
+
 /// A member's reply of a north-south flow: from the member to the NAT
 /// address and port, in the VPC.
 #[repr(C)]
@@ -397,4 +411,5 @@ mod pod {
     unsafe impl aya::Pod for NatKey {}
     unsafe impl aya::Pod for NatFlow {}
     unsafe impl aya::Pod for NatReverseKey {}
+    unsafe impl aya::Pod for NatSyncEvent {}
 }

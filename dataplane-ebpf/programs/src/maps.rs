@@ -12,7 +12,7 @@ use dataplane_common::{
     lb::{
         LbBackend, LbConns, LbFlow, LbFlowKey, LbPersist, LbPersistKey, LbReverse, LbReverseKey, LbService,
         LbServiceKey, NatFlow, NatKey, NatReverseKey, NatService, NatServiceKey, LB_BACKENDS, LB_FLOWS_MAX,
-        LB_FLOWS_NEW_MAX, LB_PERSIST_MAX, LB_SERVICES_MAX, LB_TABLE_SIZE,
+        LB_FLOWS_NEW_MAX, LB_PERSIST_MAX, LB_SERVICES_MAX, LB_TABLE_SIZE, NAT_SYNC_BYTES,
     },
     maps::{
         system_index, AddrIdentity, AddrKey, CtKey, CtValue, DenyEvent, DnsCopy, Endpoint, EndpointKey, EventLimiter,
@@ -482,3 +482,6 @@ pub static NAT_FLOWS_NEW: LruHashMap<NatKey, NatFlow> = LruHashMap::pinned(LB_FL
 
 #[map(name = "SDN_NAT_REVERSE_NEW")]
 pub static NAT_REVERSE_NEW: LruHashMap<NatReverseKey, NatKey> = LruHashMap::pinned(LB_FLOWS_NEW_MAX, 0);
+
+#[map(name = "SDN_NAT_SYNC")]
+pub static NAT_SYNC: RingBuf = RingBuf::pinned(NAT_SYNC_BYTES, 0);

@@ -25,9 +25,9 @@
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{
     lb::{
-        nat_timeout, NatFlow, NatKey, NatReverseKey, NatService, NatServiceKey, LB_BACKENDS, LB_FLOW_CLOSED,
-        LB_FLOW_OPEN, NAT_CLOSE_WINDOW, NAT_F_ACKED, NAT_F_CLOSING, NAT_F_FIN_IN, NAT_F_FIN_OUT, NAT_F_REPLIED,
-        NAT_PORT_FIRST, NAT_PORT_TRIES,
+        nat_timeout, NatFlow, NatKey, NatReverseKey, NatService, NatServiceKey, NatSyncEvent, LB_BACKENDS,
+        LB_FLOW_CLOSED, LB_FLOW_OPEN, NAT_CLOSE_WINDOW, NAT_F_ACKED, NAT_F_CLOSING, NAT_F_FIN_IN, NAT_F_FIN_OUT,
+        NAT_F_REPLIED, NAT_PORT_FIRST, NAT_PORT_TRIES,
     },
     maps::{CtKey, DOOR_VPC, DOOR_ZONE, EP_F_GATEWAY, EP_F_NAT, EP_F_PEER, FW_ALLOW},
     DropReason, Stat, DIR_INGRESS, PROTO_TCP, PROTO_UDP,
@@ -40,6 +40,7 @@ use crate::{
     lb,
     maps::{
         count, LB_CONNS, LB_CURSOR, NAT_FLOWS, NAT_FLOWS_NEW, NAT_REVERSE, NAT_REVERSE_NEW, NAT_SEED, NAT_SERVICES,
+        NAT_SYNC,
     },
     meta::{Meta, E_NAT, K_IP, LB_EST, LB_EST_NEW, LB_NEW, LB_NONE, LB_NO_CURSOR, O_PORT, O_TUNNEL, X_NONE},
     overlay::endpoint,
@@ -635,7 +636,24 @@ fn promote(key: &NatKey, f: &NatFlow, rk: &NatReverseKey) -> Result<(), DropReas
     let _ = NAT_REVERSE_NEW.remove(rk);
     conns(nf.service, nf.slot, -1, 1);
     count(Stat::CtPromoted);
+    tell(key, &nf);
     Ok(())
+}
+
+/// Tells the agent of a confirmed flow (it carries the flows of VIPs held
+/// by hosts to the other holders). A full ring loses the event: the
+/// agent's next pass over the flows carries the flow all the same.
+#[inline(always)]
+fn tell(key: &NatKey, f: &NatFlow) {
+    if let Some(mut e) = NAT_SYNC.reserve::<NatSyncEvent>(0) {
+        let p = e.as_mut_ptr();
+        // SAFETY: the reserved entry is this program's until submitted.
+        unsafe {
+            (*p).key = *key;
+            (*p).flow = *f;
+        }
+        e.submit(0);
+    }
 }
 
 /// The zone guard and the border firewall of the flow `key` as it was
