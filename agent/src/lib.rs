@@ -8,6 +8,7 @@ pub mod flows;
 pub mod health;
 pub mod metrics;
 pub mod mirror;
+pub mod natsync;
 pub mod overlay;
 pub mod reconcile;
 pub mod records;

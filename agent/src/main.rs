@@ -110,6 +110,12 @@ enum Cmd {
         /// HTTP: an address only the monitoring system reaches).
         #[arg(long)]
         metrics_listen: Option<String>,
+        /// The port the agents of hosts holding a virtual IP together carry
+        /// its flows to one another on (mutual TLS, on the underlay
+        /// address; every agent of the cluster uses the same). 0: not
+        /// carried, and a failover of such a VIP cuts its connections.
+        #[arg(long, default_value_t = sdn_agent::natsync::DEFAULT_PORT)]
+        flow_sync_port: u16,
         #[command(flatten)]
         flows: FlowArgs,
         #[command(flatten)]
@@ -180,6 +186,7 @@ async fn main() -> anyhow::Result<()> {
             flow_table_size,
             underlay_ip,
             metrics_listen,
+            flow_sync_port,
             flows,
             syslog,
         } => {
@@ -225,6 +232,19 @@ async fn main() -> anyhow::Result<()> {
             agent
                 .start_vips(&pin_dir)
                 .context("starting the virtual IPs' VRRP speakers")?;
+            match (flow_sync_port, underlay_ip, cli.tls.files().map_err(anyhow::Error::msg)?) {
+                (0, _, _) => tracing::info!("flow sync off: a virtual IP's failover cuts its connections"),
+                (port, Some(ip), Some(files)) => agent
+                    .start_flow_sync(&pin_dir, files, std::net::SocketAddr::from((ip, port)), port)
+                    .await
+                    .context("starting the flow sync")?,
+                (_, None, _) => tracing::warn!(
+                    "flow sync off: it listens on the underlay address, and there is no --underlay-ip; a virtual IP's failover cuts its connections"
+                ),
+                (_, _, None) => tracing::warn!(
+                    "flow sync off: it needs the agent's certificate (--tls-*); a virtual IP's failover cuts its connections"
+                ),
+            }
             if let Some(s) = &flow_settings {
                 let list: Vec<String> = s
                     .collectors

@@ -65,6 +65,8 @@ pub struct Agent {
     health: crate::health::Health,
     /// The virtual IPs this host holds (started with the runtime).
     vips: Option<crate::vips::Vips>,
+    /// Their flows, carried to the other holders.
+    flow_sync: Option<crate::natsync::FlowSync>,
 }
 
 /// What an agent makes of its flow table's passes.
@@ -131,7 +133,21 @@ impl Agent {
             mirror_sessions: Default::default(),
             usage: Default::default(),
             vips: None,
+            flow_sync: None,
         })
+    }
+
+    /// Carries the flows of the virtual IPs held by hosts that this host
+    /// holds to the other holders, and takes theirs (within a runtime).
+    pub async fn start_flow_sync(
+        &mut self,
+        pin_dir: &std::path::Path,
+        files: sdn_proto::tls::Files,
+        listen: std::net::SocketAddr,
+        port: u16,
+    ) -> anyhow::Result<()> {
+        self.flow_sync = Some(crate::natsync::FlowSync::start(pin_dir, files, listen, port).await?);
+        Ok(())
     }
 
     /// Starts the VRRP speakers' manager for the virtual IPs this host
@@ -376,6 +392,14 @@ impl Agent {
             v.set(held);
             for p in problems {
                 tracing::error!(error = %p, "virtual ip not held");
+                desired.rejected.push(p);
+            }
+        }
+        if let Some(s) = &self.flow_sync {
+            let (plan, problems) = crate::natsync::plan(&self.resources, &self.host);
+            s.set(plan);
+            for p in problems {
+                tracing::error!(error = %p, "flows not carried");
                 desired.rejected.push(p);
             }
         }

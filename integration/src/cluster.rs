@@ -29,6 +29,8 @@ pub struct Cluster {
     pub pki: Option<Pki>,
     /// The identity [`Cluster::client`] connects as.
     client_tls: Option<Arc<Connector>>,
+    /// `apply` splits a batch by the roles its operations need.
+    by_role: bool,
     /// More flags the controller runs with.
     extra: Vec<String>,
     /// More flags every agent [`Cluster::start_agent`] starts runs with
@@ -105,6 +107,7 @@ impl Cluster {
             actor: "integration-test".into(),
             pki,
             client_tls,
+            by_role: false,
             extra,
             agent_extra: Vec::new(),
         };
@@ -334,11 +337,64 @@ impl Cluster {
 
     /// Applies a batch and waits for enforcement.
     pub async fn apply(&self, ops: Vec<pb::operation::Op>) -> Result<pb::ApplyResponse, tonic::Status> {
+        if self.by_role {
+            return self.apply_by_role(ops).await;
+        }
         let c = self
             .client()
             .await
             .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
         self.apply_on(c, ops).await
+    }
+
+    /// On a secured controller, each run of operations as the role that
+    /// may make them: the platform's kinds (tenants, VPCs, subnets, hosts,
+    /// ports) as [`PLATFORM`], the rest as [`ADMIN`]. Enforced when every
+    /// run was.
+    async fn apply_by_role(&self, ops: Vec<pb::operation::Op>) -> Result<pb::ApplyResponse, tonic::Status> {
+        use pb::operation::Op;
+        let platform = |o: &Op| match o {
+            Op::PutTenant(_) | Op::PutVpc(_) | Op::PutSubnet(_) | Op::PutHost(_) | Op::PutPort(_) => true,
+            Op::Delete(r) => [
+                pb::Kind::Tenant,
+                pb::Kind::Vpc,
+                pb::Kind::Subnet,
+                pb::Kind::Host,
+                pb::Kind::Port,
+            ]
+            .iter()
+            .any(|k| *k as i32 == r.kind),
+            _ => false,
+        };
+        let mut runs: Vec<(bool, Vec<Op>)> = Vec::new();
+        for o in ops {
+            let p = platform(&o);
+            match runs.last_mut() {
+                Some((q, run)) if *q == p => run.push(o),
+                _ => runs.push((p, vec![o])),
+            }
+        }
+        let mut out = pb::ApplyResponse {
+            enforced: true,
+            ..Default::default()
+        };
+        for (p, run) in runs {
+            let ch = self.channel_as(if p { PLATFORM } else { ADMIN }).await?;
+            let r = self
+                .apply_on(pb::provisioning_client::ProvisioningClient::new(ch), run)
+                .await?;
+            out.enforced &= r.enforced;
+            out.revision = r.revision;
+            out.hosts.extend(r.hosts);
+            out.warnings.extend(r.warnings);
+        }
+        Ok(out)
+    }
+
+    /// On a secured controller, the harness applies each operation as the
+    /// role that may make it ([`Cluster::apply`]).
+    pub fn apply_by_roles(&mut self) {
+        self.by_role = self.pki.is_some();
     }
 
     async fn apply_on(

@@ -76,6 +76,7 @@ pub struct LabBuilder {
     agent: Option<(PathBuf, Vec<String>)>,
     agent_args: Vec<String>,
     controller_args: Vec<String>,
+    secure: bool,
 }
 
 /// A running lab. (The cluster goes first when it is dropped: agents and
@@ -105,6 +106,7 @@ impl Lab {
             agent: None,
             agent_args: Vec::new(),
             controller_args: Vec::new(),
+            secure: false,
         }
     }
 
@@ -269,6 +271,14 @@ impl LabBuilder {
         self
     }
 
+    /// A controller that authenticates every caller by its certificate
+    /// ([`Cluster::start_secure`]): agents hold their hosts' certificates
+    /// (and carry flows to one another over mutual TLS).
+    pub fn secure(mut self) -> Self {
+        self.secure = true;
+        self
+    }
+
     /// Runs every agent with `args` besides its defaults.
     pub fn agent_args(mut self, args: &[&str]) -> Self {
         self.agent_args = args.iter().map(|s| s.to_string()).collect();
@@ -318,7 +328,15 @@ impl LabBuilder {
         }
         announce.append(&mut self.announce);
         let flags: Vec<&str> = self.controller_args.iter().map(String::as_str).collect();
-        let mut cluster = Cluster::start_with_flags(&topo.dir, &flags)?;
+        let mut cluster = if self.secure {
+            // The platform's operations as the platform, the rest (zones,
+            // exposure, hosts holding VIPs) as an administrator.
+            let mut c = Cluster::start_secure_with(&topo.dir, &flags)?;
+            c.apply_by_roles();
+            c
+        } else {
+            Cluster::start_with_flags(&topo.dir, &flags)?
+        };
         cluster.agent_extra = std::mem::take(&mut self.agent_args);
         // Hosts first: every host receives the zones, so its agent must run
         // before a batch with zones can be enforced.

@@ -112,11 +112,15 @@ async fn a_vip_held_by_two_nat_hosts_is_answered_by_its_lease_holder_alone() {
         .subnet("a-web", "va", "10.40.1.0/24", "fd40:1::/64")
         .group("open-a", open_rules())
         .vm("m1", "h1", "a-web", &["open-a"])
+        .secure()
         .start()
         .await
         .expect("the lab");
     let _m1 = lab.nginx("m1");
-    let _echo = lab.topo.serve(&["m1"], &[], &["--udp", "9001"]).unwrap();
+    let _echo = lab
+        .topo
+        .serve(&["m1"], &[], &["--udp", "9001", "--tcp", "9000"])
+        .unwrap();
     // h1 translates for the load balancer too, but does not hold its VIP.
     let mut lb = exposed(load_balancer("lbh", "dept-a", "va", VIP, ""), "h2", "10.40.1.202");
     for (h, a) in [("h3", "10.40.1.203"), ("h1", "10.40.1.201")] {
@@ -126,8 +130,12 @@ async fn a_vip_held_by_two_nat_hosts_is_answered_by_its_lease_holder_alone() {
             ipv6: String::new(),
         });
     }
-    let mut ops = vec![put_lb(lb), pool("web", "lbh"), pool("udp", "lbh")];
-    for (m, pool_id, port) in [("web-m1", "web", 8080), ("udp-m1", "udp", 9001)] {
+    let mut ops = vec![put_lb(lb), pool("web", "lbh"), pool("udp", "lbh"), pool("echo", "lbh")];
+    for (m, pool_id, port) in [
+        ("web-m1", "web", 8080),
+        ("udp-m1", "udp", 9001),
+        ("echo-m1", "echo", 9000),
+    ] {
         let mut op = member(m, pool_id, "m1", "", 1);
         if let pb::operation::Op::PutMember(x) = &mut op {
             x.port = port;
@@ -136,6 +144,7 @@ async fn a_vip_held_by_two_nat_hosts_is_answered_by_its_lease_holder_alone() {
     }
     ops.push(listener("http", "lbh", "tcp", 80, "web", "maglev"));
     ops.push(listener("dns", "lbh", "udp", 53, "udp", "maglev"));
+    ops.push(listener("echo", "lbh", "tcp", 7000, "echo", "maglev"));
     ops.push(virtual_ip(
         "hvip",
         "dept-a",
@@ -202,7 +211,29 @@ async fn a_vip_held_by_two_nat_hosts_is_answered_by_its_lease_holder_alone() {
 
     // 1. The owner dies (its agent killed, its uplink cut): h3 takes the
     // VIP within a second, in the next epoch, and a 1 kHz probe through
-    // the VIP sees the gap.
+    // the VIP sees the gap. TCP connections open through h2 go on through
+    // h3 (their flows were carried to it, and h2's NAT address is
+    // answered there now), none reset.
+    let survive = std::thread::spawn({
+        let ns = lab.topo.zone_ns("ext").name.clone();
+        move || {
+            sdn_integration::ns_sh(
+                &ns,
+                &[
+                    sdn_integration::bin("sdn-probe").to_str().unwrap(),
+                    "survive",
+                    VIP,
+                    "7000",
+                    "--conns",
+                    "16",
+                    "--seconds",
+                    "5",
+                    "--bind",
+                    "10.99.0.1",
+                ],
+            )
+        }
+    });
     let probe = std::thread::spawn({
         let ns = lab.topo.zone_ns("ext").name.clone();
         move || {
@@ -242,6 +273,20 @@ async fn a_vip_held_by_two_nat_hosts_is_answered_by_its_lease_holder_alone() {
     );
     assert!(max < 1000.0, "the VIP was silent {max} ms: {gap}");
     assert!(gap["gaps"].as_array().unwrap().len() <= 1, "{gap}");
+    let out = survive.join().unwrap().expect("the connections' probe");
+    let held: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    eprintln!("connections through the failover: {held}");
+    assert_eq!(
+        held["survived"],
+        16,
+        "connections lost in the failover: {held}\n{}",
+        lab.cluster.agent_log("h3")
+    );
+    let sync = lab.cluster.agent_log("h3");
+    assert!(
+        sync.contains("flow sync: a full batch from the peer"),
+        "h3 never took h2's flows: {sync}"
+    );
     assert_eq!(zone_get(&lab), "m1 10.40.1.203");
     assert!(has_address(&lab, "h3"));
 
@@ -314,7 +359,10 @@ async fn a_vip_held_by_two_nat_hosts_is_answered_by_its_lease_holder_alone() {
         .host_ns("h2")
         .sh(&["nft", "delete", "table", "inet", "vrrpcut"]);
     // The audit records every grant, by the claiming host's agent.
-    let audit = lab.cluster.sdnctl("", &["audit"]).expect("the audit log");
+    let audit = lab
+        .cluster
+        .sdnctl(sdn_integration::cluster::ADMIN, &["audit"])
+        .expect("the audit log");
     for (host, epoch) in [("h2", e1), ("h3", e2), ("h2", e3), ("h3", e4)] {
         let line = format!("owner=host:{host} epoch={epoch}");
         assert!(

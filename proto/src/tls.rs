@@ -536,6 +536,35 @@ impl Connector {
     }
 }
 
+impl Connector {
+    /// For agents' connections to one another: the server's certificate
+    /// must be an agent's of the same CA (the caller checks which host,
+    /// with [`peer_identity`]).
+    pub fn to_agents(files: Files) -> Result<Connector, String> {
+        Ok(Connector {
+            inner: Reloading::new(files, build_agent_connector)?,
+        })
+    }
+}
+
+/// The identity in the certificate the other end of `tls` presented.
+pub fn peer_identity<S>(tls: &SslStream<S>) -> Result<Identity, String> {
+    let cert = tls
+        .ssl()
+        .peer_certificate()
+        .ok_or_else(|| "the peer sent no certificate".to_string())?;
+    Identity::of_certificate(&cert)
+}
+
+fn build_agent_connector(f: &Files) -> Result<SslConnector, String> {
+    let mut b = SslConnector::builder(SslMethod::tls()).map_err(|e| format!("TLS setup: {e}"))?;
+    load_own(&mut b, f)?;
+    b.set_verify_callback(SslVerifyMode::PEER, |preverified, ctx| {
+        server_has_role(preverified, ctx, Role::Agent)
+    });
+    Ok(b.build())
+}
+
 fn build_connector(f: &Files) -> Result<SslConnector, String> {
     let mut b = SslConnector::builder(SslMethod::tls()).map_err(|e| format!("TLS setup: {e}"))?;
     load_own(&mut b, f)?;
@@ -546,6 +575,11 @@ fn build_connector(f: &Files) -> Result<SslConnector, String> {
 
 /// The chain verified, the server's own certificate must name a replica.
 fn server_is_replica(preverified: bool, ctx: &mut X509StoreContextRef) -> bool {
+    server_has_role(preverified, ctx, Role::Replica)
+}
+
+/// The chain verified, the server's own certificate must name `role`.
+fn server_has_role(preverified: bool, ctx: &mut X509StoreContextRef, role: Role) -> bool {
     if !preverified {
         return false;
     }
@@ -553,9 +587,9 @@ fn server_is_replica(preverified: bool, ctx: &mut X509StoreContextRef) -> bool {
         return true;
     }
     match ctx.current_cert().map(|c| Identity::of_certificate(&c.to_owned())) {
-        Some(Ok(id)) if id.role == Role::Replica => true,
+        Some(Ok(id)) if id.role == role => true,
         Some(Ok(id)) => {
-            tracing::warn!(identity = %id.uri(), "the server's certificate is not a controller replica's: refused");
+            tracing::warn!(identity = %id.uri(), want = role.name(), "the server's certificate is not of the role dialled: refused");
             false
         }
         Some(Err(e)) => {

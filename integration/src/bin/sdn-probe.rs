@@ -97,6 +97,25 @@ enum Cmd {
         #[arg(long)]
         bind: Option<std::net::IpAddr>,
     },
+    /// Opens CONNS TCP connections to an echo server and exchanges 8 bytes
+    /// on each every `interval_ms` for SECONDS (one thread each); prints
+    /// JSON: how many connections survived (their last exchange, awaited
+    /// up to 5 s, came back), how many were reset or closed, and the
+    /// longest wait for an echo (`max_stall_ms`). Established connections
+    /// through a failover: they survive or they do not.
+    Survive {
+        addr: std::net::IpAddr,
+        port: u16,
+        #[arg(long, default_value_t = 10)]
+        conns: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+        /// Source address (one of this machine's).
+        #[arg(long)]
+        bind: Option<std::net::IpAddr>,
+    },
     /// Answers each connection on PORT (IPv4) with the byte it sends, then
     /// closes it: a server for connections per second, one thread.
     Accept { port: u16 },
@@ -351,6 +370,96 @@ fn hold(addr: &str, port: u16, seconds: u64, interval: Duration) -> Result<u64, 
     } else {
         Err(format!("{failed} exchanges failed"))
     }
+}
+
+/// How one connection of [`survive`] ended.
+enum Fate {
+    Survived,
+    /// Reset, closed, or an echo that differs.
+    Broken(String),
+    /// An echo never came back (within 5 s at the end).
+    Silent,
+}
+
+fn survive(
+    to: SocketAddr,
+    conns: usize,
+    run: Duration,
+    interval: Duration,
+    bind: Option<std::net::IpAddr>,
+) -> std::io::Result<serde_json::Value> {
+    let mut socks = Vec::new();
+    for _ in 0..conns {
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(to),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        if let Some(b) = bind {
+            sock.bind(&SocketAddr::new(b, 0).into())?;
+        }
+        sock.connect_timeout(&to.into(), Duration::from_secs(2))?;
+        sock.set_tcp_nodelay(true)?;
+        socks.push(TcpStream::from(sock));
+    }
+    let start = Instant::now();
+    let end = start + run;
+    let threads: Vec<_> = socks
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut s)| {
+            std::thread::spawn(move || -> (Fate, Duration) {
+                let mut stall = Duration::ZERO;
+                let mut n = 0u64;
+                loop {
+                    let last = Instant::now() >= end;
+                    let msg = (((i as u64) << 40) | n).to_be_bytes();
+                    n += 1;
+                    let asked = Instant::now();
+                    if let Err(e) = s.write_all(&msg) {
+                        return (Fate::Broken(format!("write: {e}")), stall);
+                    }
+                    // An echo may take a failover to come back: waited for
+                    // up to 5 s (TCP retransmits meanwhile).
+                    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+                    let mut buf = [0u8; 8];
+                    match s.read_exact(&mut buf) {
+                        Ok(()) if buf == msg => {}
+                        Ok(()) => return (Fate::Broken("a different echo".into()), stall),
+                        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                            return (Fate::Silent, asked.elapsed().max(stall));
+                        }
+                        Err(e) => return (Fate::Broken(format!("read: {e}")), stall),
+                    }
+                    stall = stall.max(asked.elapsed());
+                    if last {
+                        return (Fate::Survived, stall);
+                    }
+                    std::thread::sleep(interval);
+                }
+            })
+        })
+        .collect();
+    let (mut survived, mut broken, mut silent, mut max_stall) = (0, Vec::new(), 0, Duration::ZERO);
+    for t in threads {
+        let (fate, stall) = t
+            .join()
+            .map_err(|_| std::io::Error::other("a connection's thread panicked"))?;
+        max_stall = max_stall.max(stall);
+        match fate {
+            Fate::Survived => survived += 1,
+            Fate::Broken(e) => broken.push(e),
+            Fate::Silent => silent += 1,
+        }
+    }
+    Ok(serde_json::json!({
+        "conns": conns,
+        "survived": survived,
+        "broken": broken.len(),
+        "silent": silent,
+        "why_broken": broken.into_iter().take(3).collect::<Vec<_>>(),
+        "max_stall_ms": max_stall.as_millis() as u64,
+    }))
 }
 
 fn flood(addr: &str, port: u16, seconds: u64, flows: usize, payload: usize) -> std::io::Result<u64> {
@@ -631,6 +740,29 @@ fn main() {
             }
             Err(e) => {
                 eprintln!("gap: {e}");
+                1
+            }
+        },
+        Cmd::Survive {
+            addr,
+            port,
+            conns,
+            seconds,
+            interval_ms,
+            bind,
+        } => match survive(
+            SocketAddr::new(addr, port),
+            conns,
+            Duration::from_secs(seconds),
+            Duration::from_millis(interval_ms),
+            bind,
+        ) {
+            Ok(j) => {
+                println!("{j}");
+                0
+            }
+            Err(e) => {
+                eprintln!("survive: {e}");
                 1
             }
         },

@@ -1,0 +1,1097 @@
+//! Flow sync: the north-south flows through virtual IPs held by hosts,
+//! carried from each holder's agent to the other holders', so that the
+//! holder that owns the VIP next translates them on, from the NAT address
+//! and port they began at (that address is answered where the VIP's owner
+//! is: `compile::lb::compile_nat`).
+//!
+//! - The dataplane tells of each flow it confirms through a ring
+//!   (`SDN_NAT_SYNC`); those go to the peers within [`SEND_EVERY`].
+//! - Every [`SCAN_EVERY`] the flow table is read: flows whose state moved,
+//!   or whose last packet is [`REFRESH_NS`] newer than the peers were last
+//!   told, go again (so the peers' copies live as long as the flow), and
+//!   flows gone (reset, timed out) are said gone.
+//! - A connection begins with a full batch: every flow the sender holds of
+//!   the VIPs the two hold together (a resync after any break, and after
+//!   any batch that could not be queued).
+//! - Connections are mutual TLS between agents of the cluster's CA; each
+//!   side deals only with the hosts that hold a VIP with it.
+//! - A received flow is written only for a VIP the two hold together, from
+//!   a NAT address of one of its holders, to a live member of the VIP's
+//!   service here; its service and member slot are this host's own. A
+//!   flow this host saw a packet of more recently is left as it is, and
+//!   so is a NAT port another flow holds here.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use aya::maps::{Array, HashMap as BpfHashMap, MapData};
+use dataplane_common::lb::{
+    LbBackend, NatFlow, NatKey, NatReverseKey, NatService, NatServiceKey, NatSyncEvent, LB_BACKENDS, LB_BACKENDS_MAP,
+    LB_BACKEND_LIVE, NAT_FLOWS, NAT_REVERSE, NAT_SERVICES, NAT_SYNC,
+};
+use dataplane_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
+use prost::Message as _;
+use sdn_proto::tls::{Acceptor, Connector, Files, Role};
+use sdn_proto::v1 as pb;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+
+use crate::compile::Resources;
+use crate::dataplane::monotonic_ns;
+
+/// The port agents listen on for their peers' flows (on the underlay
+/// address).
+pub const DEFAULT_PORT: u16 = 7946;
+/// How long a confirmed flow waits to be sent (to go in one batch with
+/// others).
+const SEND_EVERY: Duration = Duration::from_millis(50);
+/// How often the flow table is read for flows that moved or went.
+const SCAN_EVERY: Duration = Duration::from_secs(1);
+/// A flow whose last packet is this much newer than the peers were told is
+/// sent again.
+const REFRESH_NS: u64 = 2_000_000_000;
+/// The largest frame read (a full batch is cut into frames of at most
+/// [`FRAME_FLOWS`] flows).
+const MAX_FRAME: usize = 4 << 20;
+const FRAME_FLOWS: usize = 4096;
+/// Batches queued for a peer; past this the peer is resynchronised.
+const QUEUE: usize = 256;
+/// A peer not reachable is dialled again after this.
+const REDIAL: Duration = Duration::from_millis(500);
+
+/// The virtual IPs held by hosts that this host holds, each with what its
+/// flows may be.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub groups: Vec<Group>,
+}
+
+/// One virtual IP held by hosts, this host among them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Group {
+    pub vip_id: String,
+    pub addresses: BTreeSet<IpAddr>,
+    /// The NAT addresses of its holders: a flow from another is refused.
+    pub nats: BTreeSet<IpAddr>,
+    /// The other holders, by host, at their underlay addresses.
+    pub peers: BTreeMap<String, Ipv4Addr>,
+}
+
+impl Plan {
+    fn group_of_vip(&self, vip: &IpAddr) -> Option<&Group> {
+        self.groups.iter().find(|g| g.addresses.contains(vip))
+    }
+
+    /// The peers, each with the groups it shares with this host.
+    fn peers(&self) -> BTreeMap<String, (Ipv4Addr, Vec<Group>)> {
+        let mut out: BTreeMap<String, (Ipv4Addr, Vec<Group>)> = BTreeMap::new();
+        for g in &self.groups {
+            for (h, a) in &g.peers {
+                out.entry(h.clone()).or_insert((*a, Vec::new())).1.push(g.clone());
+            }
+        }
+        out
+    }
+}
+
+/// What this host shares with whom, from its share: the VIPs held by
+/// hosts it holds, with the NAT addresses of their holders (from the load
+/// balancer whose VIP it is) and the other holders' underlay addresses.
+/// Also says what cannot be carried, and why.
+pub fn plan(res: &Resources, host: &str) -> (Plan, Vec<String>) {
+    let mut problems = Vec::new();
+    let lbs: Vec<&pb::LoadBalancerOnHost> = res
+        .values()
+        .filter_map(|r| match &r.kind {
+            Some(pb::resource::Kind::LoadBalancer(l)) => Some(l),
+            _ => None,
+        })
+        .collect();
+    let mut groups = Vec::new();
+    for r in res.values() {
+        let Some(pb::resource::Kind::VirtualIp(on)) = &r.kind else {
+            continue;
+        };
+        let Some(v) = &on.virtual_ip else { continue };
+        if on.uplink_device.is_empty() || !v.holders.iter().any(|h| h.host_id == host) {
+            continue;
+        }
+        let addresses: BTreeSet<IpAddr> = [v.ipv4.parse().ok(), v.ipv6.parse().ok()]
+            .into_iter()
+            .flatten()
+            .collect();
+        let holders: BTreeSet<&str> = v.holders.iter().map(|h| h.host_id.as_str()).collect();
+        let mut nats = BTreeSet::new();
+        let mut peers = BTreeMap::new();
+        for l in &lbs {
+            let Some(lb) = &l.load_balancer else { continue };
+            let vips: Vec<IpAddr> = [lb.vip_v4.parse().ok(), lb.vip_v6.parse().ok()]
+                .into_iter()
+                .flatten()
+                .collect();
+            if lb.vpc_id != v.vpc_id || !vips.iter().any(|a| addresses.contains(a)) {
+                continue;
+            }
+            for h in lb.nat_hosts.iter().filter(|h| holders.contains(h.host_id.as_str())) {
+                nats.extend(
+                    [h.ipv4.parse::<IpAddr>().ok(), h.ipv6.parse().ok()]
+                        .into_iter()
+                        .flatten(),
+                );
+                if h.host_id == host {
+                    continue;
+                }
+                match l.nat_underlays.get(&h.host_id).and_then(|u| u.parse::<Ipv4Addr>().ok()) {
+                    Some(u) => {
+                        peers.insert(h.host_id.clone(), u);
+                    }
+                    None => problems.push(format!(
+                        "virtual ip {}: holder {} has no IPv4 underlay address in the share; its flows are not carried to it",
+                        v.id, h.host_id
+                    )),
+                }
+            }
+        }
+        groups.push(Group {
+            vip_id: v.id.clone(),
+            addresses,
+            nats,
+            peers,
+        });
+    }
+    (Plan { groups }, problems)
+}
+
+/// Counts for the metrics, the logs and the tests.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Flows sent to peers (each peer counted).
+    pub sent: AtomicU64,
+    /// Full batches sent (one per connection, and per resync).
+    pub resyncs: AtomicU64,
+    /// Flows received and written.
+    pub applied: AtomicU64,
+    /// Flows received and left alone: this host's copy is newer.
+    pub older: AtomicU64,
+    /// Flows received and refused (not a shared VIP, no such member here,
+    /// a NAT port another flow holds, malformed).
+    pub refused: AtomicU64,
+    /// Flows removed because a peer said they ended.
+    pub removed: AtomicU64,
+    /// Connections from peers refused (not a holder, bad certificate).
+    pub refused_peers: AtomicU64,
+}
+
+/// The flows this host sent or wrote last, by key: what the peers were told
+/// (the flow's last packet and state), so that a received flow is not sent
+/// back and a sent one is sent again only when it moved.
+type Known = Arc<Mutex<HashMap<NatKey, (u64, u32)>>>;
+
+/// The flow sync of one agent.
+pub struct FlowSync {
+    plan: watch::Sender<Plan>,
+    pub stats: Arc<Stats>,
+}
+
+impl FlowSync {
+    /// Starts it (within a runtime): listens on `listen` for the peers'
+    /// flows and sends this host's to the peers' `port`.
+    pub async fn start(pin_dir: &Path, files: Files, listen: SocketAddr, port: u16) -> anyhow::Result<FlowSync> {
+        let acceptor = Arc::new(Acceptor::new(files.clone()).map_err(anyhow::Error::msg)?);
+        let connector = Arc::new(Connector::to_agents(files).map_err(anyhow::Error::msg)?);
+        let maps = pin_dir.join("maps");
+        let ring = MapData::from_pin(maps.join(NAT_SYNC)).with_context(|| format!("opening pinned map {NAT_SYNC}"))?;
+        let ring = aya::maps::RingBuf::try_from(aya::maps::Map::RingBuf(ring))?;
+        // Checked now: a missing map is an error at start, not in a task.
+        Tables::open(&maps)?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding the flow sync address {listen}"))?;
+        let (tx, rx) = watch::channel(Plan::default());
+        let stats = Arc::new(Stats::default());
+        let known: Known = Default::default();
+        tokio::spawn(serve(
+            listener,
+            acceptor,
+            maps.clone(),
+            rx.clone(),
+            known.clone(),
+            stats.clone(),
+        ));
+        tokio::spawn(source(ring, maps, connector, port, rx, known, stats.clone()));
+        tracing::info!(listen = %listen, "flows through virtual IPs held by hosts are carried to the other holders");
+        Ok(FlowSync { plan: tx, stats })
+    }
+
+    pub fn set(&self, plan: Plan) {
+        self.plan.send_if_modified(|p| {
+            if *p == plan {
+                return false;
+            }
+            *p = plan;
+            true
+        });
+    }
+}
+
+/// The dataplane's tables a flow is read from and written to.
+struct Tables {
+    flows: BpfHashMap<MapData, NatKey, NatFlow>,
+    reverse: BpfHashMap<MapData, NatReverseKey, NatKey>,
+    services: BpfHashMap<MapData, NatServiceKey, NatService>,
+    backends: Array<MapData, LbBackend>,
+}
+
+impl Tables {
+    fn open(maps: &Path) -> anyhow::Result<Tables> {
+        let pin = |name: &str| MapData::from_pin(maps.join(name)).with_context(|| format!("opening pinned map {name}"));
+        Ok(Tables {
+            flows: BpfHashMap::try_from(aya::maps::Map::HashMap(pin(NAT_FLOWS)?))?,
+            reverse: BpfHashMap::try_from(aya::maps::Map::HashMap(pin(NAT_REVERSE)?))?,
+            services: BpfHashMap::try_from(aya::maps::Map::HashMap(pin(NAT_SERVICES)?))?,
+            backends: Array::try_from(aya::maps::Map::Array(pin(LB_BACKENDS_MAP)?))?,
+        })
+    }
+
+    /// The slot of member `addr`:`port` in service `id`, if it is live.
+    fn slot(&self, id: u32, addr: &[u8; 16], port: u16, cache: &mut HashMap<u32, Vec<LbBackend>>) -> Option<u16> {
+        let slots = cache.entry(id).or_insert_with(|| {
+            (0..LB_BACKENDS)
+                .map(|s| self.backends.get(&(id * LB_BACKENDS + s), 0).unwrap_or_default())
+                .collect()
+        });
+        slots
+            .iter()
+            .position(|b| b.flags & LB_BACKEND_LIVE != 0 && b.addr == *addr && b.port == port)
+            .map(|s| s as u16)
+    }
+}
+
+fn addr16(a: &IpAddr) -> (u8, [u8; 16]) {
+    match a {
+        IpAddr::V4(v) => {
+            let mut o = [0u8; 16];
+            o[..4].copy_from_slice(&v.octets());
+            (FAMILY_V4, o)
+        }
+        IpAddr::V6(v) => (FAMILY_V6, v.octets()),
+    }
+}
+
+fn ip_of(family: u8, a: &[u8; 16]) -> IpAddr {
+    if family == FAMILY_V4 {
+        IpAddr::from([a[0], a[1], a[2], a[3]])
+    } else {
+        IpAddr::from(*a)
+    }
+}
+
+fn wire_addr(family: u8, a: &[u8; 16]) -> Vec<u8> {
+    if family == FAMILY_V4 {
+        a[..4].to_vec()
+    } else {
+        a.to_vec()
+    }
+}
+
+fn key_pb(k: &NatKey) -> pb::SyncedFlowKey {
+    pb::SyncedFlowKey {
+        zone: k.zone,
+        proto: k.proto as u32,
+        client: wire_addr(k.family, &k.client),
+        client_port: k.client_port as u32,
+        vip: wire_addr(k.family, &k.vip),
+        vip_port: k.vport as u32,
+    }
+}
+
+fn flow_pb(k: &NatKey, f: &NatFlow, now: u64) -> pb::SyncedFlow {
+    pb::SyncedFlow {
+        key: Some(key_pb(k)),
+        vni: f.vni,
+        member: wire_addr(k.family, &f.backend),
+        member_port: f.backend_port as u32,
+        nat: wire_addr(k.family, &f.nat),
+        nat_port: f.nat_port as u32,
+        flags: f.flags,
+        member_ack: f.member_ack,
+        client_isn: f.client_isn,
+        age_ms: now.saturating_sub(f.created_ns) / 1_000_000,
+        idle_ms: now.saturating_sub(f.last_seen_ns) / 1_000_000,
+    }
+}
+
+/// An address of the key's family, from the wire.
+fn read_addr(field: &str, b: &[u8], family: Option<u8>) -> Result<(u8, [u8; 16]), String> {
+    let (f, a) = match b.len() {
+        4 => addr16(&IpAddr::from(<[u8; 4]>::try_from(b).expect("4 bytes"))),
+        16 => addr16(&IpAddr::from(<[u8; 16]>::try_from(b).expect("16 bytes"))),
+        n => return Err(format!("{field}: {n} bytes is no IPv4 or IPv6 address")),
+    };
+    if family.is_some_and(|x| x != f) {
+        return Err(format!("{field}: not of the flow's family"));
+    }
+    Ok((f, a))
+}
+
+fn read_port(field: &str, p: u32) -> Result<u16, String> {
+    match u16::try_from(p) {
+        Ok(x) if x != 0 => Ok(x),
+        _ => Err(format!("{field}: {p} is no port")),
+    }
+}
+
+fn key_of(k: &pb::SyncedFlowKey) -> Result<NatKey, String> {
+    let proto = match k.proto {
+        p if p == PROTO_TCP as u32 || p == PROTO_UDP as u32 => p as u8,
+        p => return Err(format!("key.proto: {p} is neither TCP nor UDP")),
+    };
+    let (family, vip) = read_addr("key.vip", &k.vip, None)?;
+    let (_, client) = read_addr("key.client", &k.client, Some(family))?;
+    Ok(NatKey {
+        zone: k.zone,
+        family,
+        proto,
+        client_port: read_port("key.client_port", k.client_port)?,
+        vport: read_port("key.vip_port", k.vip_port)?,
+        _pad: 0,
+        client,
+        vip,
+    })
+}
+
+/// The flags a peer's flow may carry (its TCP state and whether it counts
+/// as open).
+const FLAGS_CARRIED: u32 = dataplane_common::lb::NAT_F_CLOSING
+    | dataplane_common::lb::NAT_F_ACKED
+    | dataplane_common::lb::NAT_F_FIN_IN
+    | dataplane_common::lb::NAT_F_FIN_OUT
+    | dataplane_common::lb::LB_FLOW_OPEN
+    | dataplane_common::lb::LB_FLOW_CLOSED;
+
+/// Writes a peer's batch into the dataplane, each flow checked against
+/// the VIPs `group` shares with the peer and this host's own services.
+fn apply(batch: &pb::FlowSyncBatch, groups: &[Group], t: &mut Tables, known: &Known, stats: &Stats, peer: &str) {
+    let now = monotonic_ns();
+    let mut slots = HashMap::new();
+    let mut refused: Vec<String> = Vec::new();
+    let mut known = known.lock().unwrap_or_else(|p| p.into_inner());
+    for f in &batch.flows {
+        match apply_one(f, groups, t, &mut slots, &mut known, now) {
+            Ok(true) => {
+                stats.applied.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(false) => {
+                stats.older.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                if refused.len() < 3 {
+                    refused.push(e);
+                }
+            }
+        }
+    }
+    for k in &batch.removed {
+        let Ok(key) = key_of(k) else { continue };
+        if groups
+            .iter()
+            .all(|g| !g.addresses.contains(&ip_of(key.family, &key.vip)))
+        {
+            continue;
+        }
+        // Only a copy no packet moved here since it was written.
+        let Ok(f) = t.flows.get(&key, 0) else { continue };
+        if known.get(&key).map(|k| k.0) != Some(f.last_seen_ns) {
+            continue;
+        }
+        let rk = reverse_key(&key, &f);
+        if t.reverse.get(&rk, 0).is_ok_and(|k| k == key) {
+            let _ = t.reverse.remove(&rk);
+        }
+        if t.flows.remove(&key).is_ok() {
+            stats.removed.fetch_add(1, Ordering::Relaxed);
+        }
+        known.remove(&key);
+    }
+    if !refused.is_empty() {
+        tracing::warn!(peer = %peer, first = %refused.join("; "), "flows from a peer refused");
+    }
+}
+
+fn reverse_key(k: &NatKey, f: &NatFlow) -> NatReverseKey {
+    NatReverseKey {
+        vni: f.vni,
+        family: k.family,
+        proto: k.proto,
+        backend_port: f.backend_port,
+        nat_port: f.nat_port,
+        _pad: 0,
+        backend: f.backend,
+        nat: f.nat,
+    }
+}
+
+/// One flow of a peer's: `Ok(true)` written, `Ok(false)` this host's copy
+/// is newer.
+fn apply_one(
+    f: &pb::SyncedFlow,
+    groups: &[Group],
+    t: &mut Tables,
+    slots: &mut HashMap<u32, Vec<LbBackend>>,
+    known: &mut HashMap<NatKey, (u64, u32)>,
+    now: u64,
+) -> Result<bool, String> {
+    let key = key_of(f.key.as_ref().ok_or("key: missing")?)?;
+    let vip = ip_of(key.family, &key.vip);
+    let group = groups
+        .iter()
+        .find(|g| g.addresses.contains(&vip))
+        .ok_or_else(|| format!("key.vip: {vip} is no virtual IP held with this peer"))?;
+    let (_, nat) = read_addr("nat", &f.nat, Some(key.family))?;
+    if !group.nats.contains(&ip_of(key.family, &nat)) {
+        return Err(format!(
+            "nat: {} is no NAT address of a holder of {}",
+            ip_of(key.family, &nat),
+            group.vip_id
+        ));
+    }
+    let (_, backend) = read_addr("member", &f.member, Some(key.family))?;
+    let backend_port = read_port("member_port", f.member_port)?;
+    let svc_key = NatServiceKey {
+        family: key.family,
+        proto: key.proto,
+        port: key.vport,
+        addr: key.vip,
+    };
+    let ns = t
+        .services
+        .get(&svc_key, 0)
+        .map_err(|_| format!("key: {vip} port {} is no service translated here", key.vport))?;
+    if ns.vni != f.vni {
+        return Err(format!("vni: {} is not the service's VPC ({})", f.vni, ns.vni));
+    }
+    let slot = t.slot(ns.lb.id, &backend, backend_port, slots).ok_or_else(|| {
+        format!(
+            "member: {}:{backend_port} is no live member of the service here",
+            ip_of(key.family, &backend)
+        )
+    })?;
+    let last_seen = now.saturating_sub(f.idle_ms.saturating_mul(1_000_000));
+    let flow = NatFlow {
+        backend,
+        nat,
+        backend_port,
+        nat_port: read_port("nat_port", f.nat_port)?,
+        service: ns.lb.id,
+        slot,
+        _pad: 0,
+        flags: f.flags & FLAGS_CARRIED,
+        vni: f.vni,
+        reply_ack: 0,
+        member_ack: f.member_ack,
+        client_isn: f.client_isn,
+        created_ns: now.saturating_sub(f.age_ms.saturating_mul(1_000_000)),
+        last_seen_ns: last_seen,
+        packets_in: 0,
+        packets_out: 0,
+        bytes_in: 0,
+        bytes_out: 0,
+    };
+    let mut write = flow;
+    if let Ok(mine) = t.flows.get(&key, 0) {
+        if mine.last_seen_ns >= last_seen {
+            return Ok(false);
+        }
+        if (mine.nat, mine.nat_port, mine.backend, mine.backend_port) != (nat, flow.nat_port, backend, backend_port) {
+            // Another flow on the tuple here (a new connection): the newer
+            // one stands, and the old one's reply goes with it.
+            let rk = reverse_key(&key, &mine);
+            if t.reverse.get(&rk, 0).is_ok_and(|k| k == key) {
+                let _ = t.reverse.remove(&rk);
+            }
+        } else {
+            // The counters are this host's own.
+            write.packets_in = mine.packets_in;
+            write.packets_out = mine.packets_out;
+            write.bytes_in = mine.bytes_in;
+            write.bytes_out = mine.bytes_out;
+        }
+    }
+    let rk = reverse_key(&key, &flow);
+    if let Ok(other) = t.reverse.get(&rk, 0) {
+        if other != key {
+            return Err(format!(
+                "nat_port: {} port {} is held here by another flow",
+                ip_of(key.family, &nat),
+                flow.nat_port
+            ));
+        }
+    }
+    // The flow first, then its reply (as the dataplane writes them).
+    t.flows
+        .insert(key, write, 0)
+        .map_err(|e| format!("the flow table is full or refused the flow: {e}"))?;
+    if let Err(e) = t.reverse.insert(rk, key, 0) {
+        let _ = t.flows.remove(&key);
+        return Err(format!("the reply table is full or refused the flow: {e}"));
+    }
+    known.insert(key, (last_seen, write.flags));
+    Ok(true)
+}
+
+/// Reads one length-delimited batch (`None`: the peer closed).
+async fn read_batch<S: AsyncRead + Unpin>(s: &mut S) -> anyhow::Result<Option<pb::FlowSyncBatch>> {
+    let mut len = [0u8; 4];
+    match s.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    anyhow::ensure!(len <= MAX_FRAME, "a frame of {len} bytes (at most {MAX_FRAME})");
+    let mut buf = vec![0u8; len];
+    s.read_exact(&mut buf).await?;
+    Ok(Some(
+        pb::FlowSyncBatch::decode(buf.as_slice()).context("a malformed batch")?,
+    ))
+}
+
+async fn write_batch<S: AsyncWrite + Unpin>(s: &mut S, b: &pb::FlowSyncBatch) -> std::io::Result<()> {
+    let buf = b.encode_to_vec();
+    s.write_all(&(buf.len() as u32).to_be_bytes()).await?;
+    s.write_all(&buf).await?;
+    s.flush().await
+}
+
+/// Takes the peers' connections: each must be an agent of a host that
+/// holds a VIP with this one; its batches are written.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    acceptor: Arc<Acceptor>,
+    maps: PathBuf,
+    plan: watch::Receiver<Plan>,
+    known: Known,
+    stats: Arc<Stats>,
+) {
+    loop {
+        let (sock, remote) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "flow sync: accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (acceptor, maps, plan, known, stats) = (
+            acceptor.clone(),
+            maps.clone(),
+            plan.clone(),
+            known.clone(),
+            stats.clone(),
+        );
+        tokio::spawn(async move {
+            let mut tls = match acceptor.accept(sock, Some(remote)).await {
+                Ok(t) => t,
+                Err(e) => {
+                    stats.refused_peers.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(remote = %remote, error = %e, "flow sync: a connection refused");
+                    return;
+                }
+            };
+            let id = tls.peer().identity.clone();
+            let host = match id {
+                Some(i) if i.role == Role::Agent => i.name,
+                other => {
+                    stats.refused_peers.fetch_add(1, Ordering::Relaxed);
+                    let who = other.map(|i| i.uri()).unwrap_or_else(|| "no identity".into());
+                    tracing::warn!(remote = %remote, identity = %who, "flow sync: only agents send flows; refused");
+                    return;
+                }
+            };
+            let mut tables = match Tables::open(&maps) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "flow sync: the dataplane's tables cannot be opened");
+                    return;
+                }
+            };
+            let mut announced = false;
+            loop {
+                let batch = match read_batch(&mut tls).await {
+                    Ok(Some(b)) => b,
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::warn!(peer = %host, error = %format!("{e:#}"), "flow sync: the peer's connection broke");
+                        return;
+                    }
+                };
+                // The VIPs held with that host now (the plan may change
+                // while the connection lasts).
+                let groups: Vec<Group> = plan
+                    .borrow()
+                    .groups
+                    .iter()
+                    .filter(|g| g.peers.contains_key(&host))
+                    .cloned()
+                    .collect();
+                if groups.is_empty() {
+                    stats.refused_peers.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(peer = %host, remote = %remote, "flow sync: the host holds no virtual IP with this one; refused");
+                    return;
+                }
+                if !announced {
+                    tracing::info!(peer = %host, remote = %remote, "flow sync: the peer's flows are taken");
+                    announced = true;
+                }
+                let before = stats.applied.load(Ordering::Relaxed);
+                apply(&batch, &groups, &mut tables, &known, &stats, &host);
+                if batch.full {
+                    tracing::info!(
+                        peer = %host,
+                        flows = batch.flows.len(),
+                        written = stats.applied.load(Ordering::Relaxed) - before,
+                        "flow sync: a full batch from the peer"
+                    );
+                }
+            }
+        });
+    }
+}
+
+/// A peer's sender: its queue and whether it must be resynchronised.
+struct Link {
+    tx: mpsc::Sender<Arc<pb::FlowSyncBatch>>,
+    resync: Arc<AtomicBool>,
+    groups: watch::Sender<Vec<Group>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Reads the dataplane's confirmed flows and the flow table, and sends
+/// what moved to the peers (one sender task each).
+async fn source(
+    ring: aya::maps::RingBuf<MapData>,
+    maps: PathBuf,
+    connector: Arc<Connector>,
+    port: u16,
+    mut plan: watch::Receiver<Plan>,
+    known: Known,
+    stats: Arc<Stats>,
+) {
+    // SAFETY: the ring owns its descriptor and keeps it open for as long
+    // as the AsyncFd holds it.
+    let mut fd = match unsafe { tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+    {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::error!(error = %e, "flow sync: the dataplane's ring cannot be read; flows are not carried");
+            return;
+        }
+    };
+    let mut links: BTreeMap<String, Link> = BTreeMap::new();
+    let mut pending: HashMap<NatKey, pb::SyncedFlow> = HashMap::new();
+    let mut send = tokio::time::interval(SEND_EVERY);
+    let mut scan = tokio::time::interval(SCAN_EVERY);
+    scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut flows: Option<BpfHashMap<MapData, NatKey, NatFlow>> = None;
+    let mut current = Plan::default();
+    loop {
+        tokio::select! {
+            changed = plan.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                current = plan.borrow_and_update().clone();
+                relink(&mut links, &current, &maps, &connector, port, &stats);
+            }
+            guard = fd.readable_mut() => {
+                let Ok(mut guard) = guard else { return };
+                let now = monotonic_ns();
+                let ring = guard.get_inner_mut();
+                let mut known = known.lock().unwrap_or_else(|p| p.into_inner());
+                for _ in 0..65536 {
+                    let Some(item) = ring.next() else { break };
+                    if item.len() < std::mem::size_of::<NatSyncEvent>() {
+                        continue;
+                    }
+                    // SAFETY: the programs write whole events; read unaligned.
+                    let e: NatSyncEvent = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const NatSyncEvent) };
+                    if current.group_of_vip(&ip_of(e.key.family, &e.key.vip)).is_none() {
+                        continue;
+                    }
+                    known.insert(e.key, (e.flow.last_seen_ns, e.flow.flags));
+                    pending.insert(e.key, flow_pb(&e.key, &e.flow, now));
+                }
+                guard.clear_ready();
+            }
+            _ = send.tick() => {
+                if pending.is_empty() {
+                    continue;
+                }
+                let batch = std::mem::take(&mut pending);
+                fan_out(&links, &current, batch.into_iter().collect(), Vec::new(), &stats);
+            }
+            _ = scan.tick() => {
+                if current.groups.is_empty() {
+                    continue;
+                }
+                if flows.is_none() {
+                    flows = MapData::from_pin(maps.join(NAT_FLOWS))
+                        .ok()
+                        .and_then(|m| BpfHashMap::try_from(aya::maps::Map::HashMap(m)).ok());
+                }
+                let Some(table) = &flows else { continue };
+                let (moved, gone) = changes(table, &current, &known);
+                if !moved.is_empty() || !gone.is_empty() {
+                    fan_out(&links, &current, moved, gone, &stats);
+                }
+            }
+        }
+    }
+}
+
+/// The flows of the plan's VIPs that moved since the peers were told, and
+/// those gone; `known` is brought up to date.
+fn changes(
+    table: &BpfHashMap<MapData, NatKey, NatFlow>,
+    plan: &Plan,
+    known: &Known,
+) -> (Vec<(NatKey, pb::SyncedFlow)>, Vec<NatKey>) {
+    let now = monotonic_ns();
+    let mut moved = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut known = known.lock().unwrap_or_else(|p| p.into_inner());
+    for (k, f) in table.iter().filter_map(Result::ok) {
+        if plan.group_of_vip(&ip_of(k.family, &k.vip)).is_none() {
+            continue;
+        }
+        seen.insert(k);
+        let send = match known.get(&k) {
+            None => true,
+            Some((last, flags)) => *flags != f.flags || f.last_seen_ns >= last.saturating_add(REFRESH_NS),
+        };
+        if send {
+            known.insert(k, (f.last_seen_ns, f.flags));
+            moved.push((k, flow_pb(&k, &f, now)));
+        }
+    }
+    let gone: Vec<NatKey> = known.keys().filter(|k| !seen.contains(k)).copied().collect();
+    for k in &gone {
+        known.remove(k);
+    }
+    (moved, gone)
+}
+
+/// Sends flows and removals to the peers of their VIPs.
+fn fan_out(
+    links: &BTreeMap<String, Link>,
+    plan: &Plan,
+    flows: Vec<(NatKey, pb::SyncedFlow)>,
+    gone: Vec<NatKey>,
+    stats: &Stats,
+) {
+    for g in &plan.groups {
+        let mine = |k: &NatKey| g.addresses.contains(&ip_of(k.family, &k.vip));
+        let batch = Arc::new(pb::FlowSyncBatch {
+            full: false,
+            flows: flows.iter().filter(|(k, _)| mine(k)).map(|(_, f)| f.clone()).collect(),
+            removed: gone.iter().filter(|k| mine(k)).map(key_pb).collect(),
+        });
+        if batch.flows.is_empty() && batch.removed.is_empty() {
+            continue;
+        }
+        for h in g.peers.keys() {
+            let Some(l) = links.get(h) else { continue };
+            if l.tx.try_send(batch.clone()).is_err() {
+                // Full or not connected: the next connection (or the next
+                // loop of this one) sends everything.
+                l.resync.store(true, Ordering::Relaxed);
+            } else {
+                stats.sent.fetch_add(batch.flows.len() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Starts a sender for each new peer, stops those no longer peers, and
+/// tells the others which VIPs they share.
+fn relink(
+    links: &mut BTreeMap<String, Link>,
+    plan: &Plan,
+    maps: &Path,
+    connector: &Arc<Connector>,
+    port: u16,
+    stats: &Arc<Stats>,
+) {
+    let peers = plan.peers();
+    links.retain(|h, l| {
+        let keep = peers.get(h).is_some_and(|(a, _)| {
+            // A peer whose underlay moved is dialled again at the new one.
+            l.groups.borrow().iter().all(|g| g.peers.get(h) == Some(a))
+        });
+        if !keep {
+            l.task.abort();
+        }
+        keep
+    });
+    for (h, (addr, groups)) in peers {
+        if let Some(l) = links.get(&h) {
+            let _ = l.groups.send(groups);
+            continue;
+        }
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let resync = Arc::new(AtomicBool::new(true));
+        let (gtx, grx) = watch::channel(groups);
+        let task = tokio::spawn(send_to(
+            h.clone(),
+            SocketAddr::new(IpAddr::V4(addr), port),
+            connector.clone(),
+            maps.to_path_buf(),
+            rx,
+            resync.clone(),
+            grx,
+            stats.clone(),
+        ));
+        links.insert(
+            h,
+            Link {
+                tx,
+                resync,
+                groups: gtx,
+                task,
+            },
+        );
+    }
+}
+
+/// Keeps a connection to one peer: a full batch first (and after any batch
+/// that could not be queued), then what the source sends.
+#[allow(clippy::too_many_arguments)]
+async fn send_to(
+    host: String,
+    addr: SocketAddr,
+    connector: Arc<Connector>,
+    maps: PathBuf,
+    mut rx: mpsc::Receiver<Arc<pb::FlowSyncBatch>>,
+    resync: Arc<AtomicBool>,
+    groups: watch::Receiver<Vec<Group>>,
+    stats: Arc<Stats>,
+) {
+    let mut logged = false;
+    loop {
+        let conn = async {
+            let tcp = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+                .await
+                .map_err(|_| anyhow::anyhow!("connecting timed out"))??;
+            tcp.set_nodelay(true)?;
+            let tls = connector.connect(tcp).await?;
+            let id = sdn_proto::tls::peer_identity(&tls).map_err(anyhow::Error::msg)?;
+            anyhow::ensure!(
+                id.role == Role::Agent && id.name == host,
+                "the peer at {addr} is {}, not the agent of {host}",
+                id.uri()
+            );
+            Ok::<_, anyhow::Error>(tls)
+        }
+        .await;
+        let mut tls = match conn {
+            Ok(t) => t,
+            Err(e) => {
+                if !logged {
+                    tracing::warn!(peer = %host, addr = %addr, error = %format!("{e:#}"), "flow sync: the peer cannot be reached; retrying");
+                    logged = true;
+                }
+                resync.store(true, Ordering::Relaxed);
+                tokio::time::sleep(REDIAL).await;
+                continue;
+            }
+        };
+        logged = false;
+        tracing::info!(peer = %host, addr = %addr, "flow sync: connected to the peer");
+        resync.store(true, Ordering::Relaxed);
+        let result: anyhow::Result<()> = async {
+            loop {
+                if resync.swap(false, Ordering::Relaxed) {
+                    // What is queued is in the full batch.
+                    while rx.try_recv().is_ok() {}
+                    let g = groups.borrow().clone();
+                    let n = send_full(&mut tls, &maps, &g).await?;
+                    stats.resyncs.fetch_add(1, Ordering::Relaxed);
+                    stats.sent.fetch_add(n as u64, Ordering::Relaxed);
+                    tracing::info!(peer = %host, flows = n, "flow sync: a full batch sent");
+                }
+                let Some(b) = rx.recv().await else { return Ok(()) };
+                write_batch(&mut tls, &b).await?;
+            }
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(peer = %host, error = %format!("{e:#}"), "flow sync: the connection to the peer broke; reconnecting");
+        }
+        tokio::time::sleep(REDIAL).await;
+    }
+}
+
+/// Every flow of the VIPs shared with a peer, in frames of at most
+/// [`FRAME_FLOWS`].
+async fn send_full<S: AsyncWrite + Unpin>(s: &mut S, maps: &Path, groups: &[Group]) -> anyhow::Result<usize> {
+    let table: BpfHashMap<MapData, NatKey, NatFlow> = BpfHashMap::try_from(aya::maps::Map::HashMap(
+        MapData::from_pin(maps.join(NAT_FLOWS)).with_context(|| format!("opening pinned map {NAT_FLOWS}"))?,
+    ))?;
+    let now = monotonic_ns();
+    let flows: Vec<pb::SyncedFlow> = table
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, _)| groups.iter().any(|g| g.addresses.contains(&ip_of(k.family, &k.vip))))
+        .map(|(k, f)| flow_pb(&k, &f, now))
+        .collect();
+    let n = flows.len();
+    let mut chunks = flows.chunks(FRAME_FLOWS).peekable();
+    if chunks.peek().is_none() {
+        write_batch(
+            s,
+            &pb::FlowSyncBatch {
+                full: true,
+                ..Default::default()
+            },
+        )
+        .await?;
+    }
+    for c in chunks {
+        write_batch(
+            s,
+            &pb::FlowSyncBatch {
+                full: true,
+                flows: c.to_vec(),
+                removed: Vec::new(),
+            },
+        )
+        .await?;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow() -> pb::SyncedFlow {
+        pb::SyncedFlow {
+            key: Some(pb::SyncedFlowKey {
+                zone: 2,
+                proto: 6,
+                client: vec![198, 51, 100, 7],
+                client_port: 40000,
+                vip: vec![10, 0, 0, 100],
+                vip_port: 80,
+            }),
+            vni: 7,
+            member: vec![10, 0, 0, 5],
+            member_port: 8080,
+            nat: vec![10, 0, 0, 200],
+            nat_port: 2000,
+            ..Default::default()
+        }
+    }
+
+    /// Keys from the wire are checked field by field, and read back as
+    /// they were written.
+    #[test]
+    fn keys_are_checked_and_read_back() {
+        let f = flow();
+        let k = key_of(f.key.as_ref().unwrap()).unwrap();
+        assert_eq!(
+            (k.family, k.proto, k.client_port, k.vport, k.zone),
+            (FAMILY_V4, 6, 40000, 80, 2)
+        );
+        assert_eq!(key_pb(&k), *f.key.as_ref().unwrap());
+        let bad = |edit: fn(&mut pb::SyncedFlowKey), want: &str| {
+            let mut k = f.key.clone().unwrap();
+            edit(&mut k);
+            let e = key_of(&k).unwrap_err();
+            assert!(e.starts_with(want), "{e}");
+        };
+        bad(|k| k.proto = 1, "key.proto");
+        bad(|k| k.vip = vec![1, 2, 3], "key.vip");
+        bad(|k| k.client = vec![0; 16], "key.client");
+        bad(|k| k.client_port = 0, "key.client_port");
+        bad(|k| k.vip_port = 70000, "key.vip_port");
+    }
+
+    /// The plan shares each VIP held by hosts with its other holders, at
+    /// their underlay addresses, with every holder's NAT addresses.
+    #[test]
+    fn the_plan_names_the_other_holders_and_their_nat_addresses() {
+        let mut res = Resources::new();
+        let vip = pb::VirtualIp {
+            id: "va".into(),
+            vpc_id: "v1".into(),
+            ipv4: "10.0.0.100".into(),
+            holders: ["h1", "h2"]
+                .iter()
+                .map(|h| pb::VipHolder {
+                    host_id: h.to_string(),
+                    priority: 100,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        res.insert(
+            "vip/va".into(),
+            pb::Resource {
+                kind: Some(pb::resource::Kind::VirtualIp(pb::VirtualIpOnHost {
+                    virtual_ip: Some(vip),
+                    vni: 7,
+                    uplink_device: "up0".into(),
+                })),
+                ..Default::default()
+            },
+        );
+        let lb = pb::LoadBalancerOnHost {
+            load_balancer: Some(pb::LoadBalancer {
+                id: "lb".into(),
+                vpc_id: "v1".into(),
+                vip_v4: "10.0.0.100".into(),
+                exposure: "zone".into(),
+                nat_hosts: ["h1", "h2", "h3"]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, h)| pb::NatHost {
+                        host_id: h.to_string(),
+                        ipv4: format!("10.0.0.{}", 200 + i),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+            vni: 7,
+            nat_underlays: [("h1", "192.0.2.1"), ("h2", "192.0.2.2"), ("h3", "192.0.2.3")]
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        res.insert(
+            "lb/lb".into(),
+            pb::Resource {
+                kind: Some(pb::resource::Kind::LoadBalancer(lb)),
+                ..Default::default()
+            },
+        );
+        let (p, problems) = plan(&res, "h1");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(p.groups.len(), 1);
+        let g = &p.groups[0];
+        assert_eq!(g.peers, [("h2".to_string(), Ipv4Addr::new(192, 0, 2, 2))].into());
+        let nats: Vec<String> = g.nats.iter().map(|a| a.to_string()).collect();
+        assert_eq!(nats, ["10.0.0.200", "10.0.0.201"], "h3 is a NAT host, not a holder");
+        // h3 holds nothing: no plan.
+        assert!(plan(&res, "h3").0.groups.is_empty());
+    }
+}
