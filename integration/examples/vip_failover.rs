@@ -16,9 +16,20 @@
 //! VIP answers. Ours: the echo server is a VM behind the load balancer,
 //! so the figure includes the grant, the translation and the tunnel.
 //!
+//! The same kills measure the share of established TCP connections that
+//! survive (`sdn-probe survive`: `CONNS` connections, 32 by default,
+//! exchanging every 100 ms through the VIP; a connection survives when its
+//! last exchange comes back). Ours carries the flows to the other holder
+//! (flow sync); the peer is the pair its users run for that: keepalived
+//! with conntrackd (FTFW, its primary-backup script on each transition)
+//! in front of two servers, nftables DNAT spreading new connections
+//! (`numgen random`), the servers' gateway a second VIP of the pair. Each
+//! is also run without its sync (ours with `--flow-sync-port 0`,
+//! keepalived without conntrackd), which shows what the sync is worth.
+//!
 //! Run as root after `cargo build --workspace --bins`:
 //! `cargo run -p sdn-integration --example vip_failover` (`KILLS`,
-//! `INTERVAL_CS`).
+//! `INTERVAL_CS`, `CONNS`).
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -41,6 +52,49 @@ fn interval_cs() -> u32 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5)
+}
+
+/// Connections per kill in the survival runs.
+fn conns() -> usize {
+    std::env::var("CONNS").ok().and_then(|v| v.parse().ok()).unwrap_or(32)
+}
+
+/// Runs `sdn-probe survive` from `ns` (source `bind`) to `addr`:`port`:
+/// `conns` connections for `seconds`; how many survived, and the longest
+/// wait for an echo (ms).
+fn survive(
+    ns: String,
+    addr: &'static str,
+    port: &'static str,
+    bind: &'static str,
+    seconds: u32,
+) -> std::thread::JoinHandle<(usize, u64)> {
+    std::thread::spawn(move || {
+        let out = ns_sh(
+            &ns,
+            &[
+                bin("sdn-probe").to_str().unwrap(),
+                "survive",
+                addr,
+                port,
+                "--conns",
+                &conns().to_string(),
+                "--seconds",
+                &seconds.to_string(),
+                "--bind",
+                bind,
+            ],
+        )
+        .expect("the connections' probe");
+        let j: serde_json::Value = serde_json::from_str(out.trim()).expect("the probe's JSON");
+        if j["survived"].as_u64() != Some(conns() as u64) {
+            eprintln!("  connections: {j}");
+        }
+        (
+            j["survived"].as_u64().unwrap_or(0) as usize,
+            j["max_stall_ms"].as_u64().unwrap_or(0),
+        )
+    })
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -77,7 +131,9 @@ fn probe(
     })
 }
 
-async fn ours(n: usize) -> anyhow::Result<Vec<f64>> {
+/// Our failovers: the gap of each, and how many connections survived it.
+async fn ours(n: usize, sync: bool) -> anyhow::Result<(Vec<f64>, Vec<(usize, u64)>)> {
+    let sync_off: &[&str] = if sync { &[] } else { &["--flow-sync-port", "0"] };
     let mut lab = sdn_integration::lab::Lab::new("vfo", &["h1", "h2", "h3"])
         .zone(
             "ext",
@@ -92,9 +148,14 @@ async fn ours(n: usize) -> anyhow::Result<Vec<f64>> {
         .subnet("a-web", "va", "10.40.1.0/24", "fd40:1::/64")
         .group("open-a", open_rules())
         .vm("m1", "h1", "a-web", &["open-a"])
+        .vm("m2", "h1", "a-web", &["open-a"])
+        .secure()
+        .agent_args(sync_off)
         .start()
         .await?;
-    let _echo = lab.topo.serve(&["m1"], &[], &["--udp", "9001"])?;
+    let _echo = lab
+        .topo
+        .serve(&["m1", "m2"], &[], &["--udp", "9001", "--tcp", "9000"])?;
     let mut lb = exposed(load_balancer("lbh", "dept-a", "va", VIP, ""), "h2", "10.40.1.202");
     lb.nat_hosts.push(pb::NatHost {
         host_id: "h3".into(),
@@ -109,13 +170,23 @@ async fn ours(n: usize) -> anyhow::Result<Vec<f64>> {
     if let pb::operation::Op::PutVirtualIp(x) = &mut v {
         x.advert_interval_cs = interval_cs();
     }
-    let ops = vec![
+    let mut ops = vec![
         put_lb(lb),
         pool("udp", "lbh"),
         m,
         listener("dns", "lbh", "udp", 53, "udp", "maglev"),
+        pool("echo", "lbh"),
+        listener("echo", "lbh", "tcp", 7000, "echo", "maglev"),
         v,
     ];
+    // The connections' two servers.
+    for vm in ["m1", "m2"] {
+        let mut m = member(&format!("echo-{vm}"), "echo", vm, "", 1);
+        if let pb::operation::Op::PutMember(x) = &mut m {
+            x.port = 9000;
+        }
+        ops.insert(5, m);
+    }
     anyhow::ensure!(lab.cluster.apply(ops).await?.enforced, "not enforced");
     let zone = lab.topo.zone_ns("ext").name.clone();
     ns_sh(&zone, &["ip", "route", "replace", &format!("{VIP}/32"), "dev", "br0"])?;
@@ -128,6 +199,7 @@ async fn ours(n: usize) -> anyhow::Result<Vec<f64>> {
     let mut client = lab.cluster.client().await?;
     let answers = |zone: &str| ns_sh(zone, &[bin("sdn-probe").to_str().unwrap(), "connect", "udp", VIP, "53"]).is_ok();
     let mut gaps = Vec::new();
+    let mut survived = Vec::new();
     let mut epoch = 0;
     for i in 0..n {
         // h2 (back, or at the start) owns it in a new epoch, and h3 let go.
@@ -150,17 +222,27 @@ async fn ours(n: usize) -> anyhow::Result<Vec<f64>> {
         }
         wait_for("the VIP to answer", Duration::from_secs(10), || answers(&zone))?;
         std::thread::sleep(Duration::from_millis(500));
+        let c = survive(zone.clone(), VIP, "7000", "10.99.0.1", 4);
         let p = probe(zone.clone(), VIP, "53", "10.99.0.1", 3);
         std::thread::sleep(Duration::from_millis(1000));
         lab.cluster.agent("h2").kill();
         lab.topo.host_ns("h2").sh(&["ip", "link", "set", "up-ext", "down"])?;
         let g = p.join().map_err(|_| anyhow::anyhow!("the probe panicked"))?;
-        eprintln!("ours, kill {}: {g:.0} ms", i + 1);
+        let kept = c.join().map_err(|_| anyhow::anyhow!("the probe panicked"))?;
+        eprintln!(
+            "ours{}, kill {}: {g:.0} ms, {}/{} connections survived, stalled {} ms at most",
+            if sync { "" } else { " (no flow sync)" },
+            i + 1,
+            kept.0,
+            conns(),
+            kept.1
+        );
         gaps.push(g);
+        survived.push(kept);
         lab.topo.host_ns("h2").sh(&["ip", "link", "set", "up-ext", "up"])?;
         lab.cluster.start_agent(&lab.topo, "h2")?;
     }
-    Ok(gaps)
+    Ok((gaps, survived))
 }
 
 /// One of the keepalived pair: VRRPv2 every second at its defaults, or
@@ -241,17 +323,216 @@ fn keepalived(n: usize, fast: bool) -> anyhow::Result<Vec<f64>> {
     Ok(gaps)
 }
 
+/// conntrackd of one of the pair: FTFW over UDP on the inside link to the
+/// other (`me` and `peer` its addresses), its sockets in `dir`.
+fn conntrackd_conf(dir: &Path, name: &str, me: &str, peer: &str) -> String {
+    let d = dir.display();
+    format!(
+        "Sync {{\n  Mode FTFW {{\n  }}\n  UDP {{\n    IPv4_address {me}\n    IPv4_Destination_Address {peer}\n    Port 3780\n    Interface eth1\n    Checksum on\n  }}\n}}\n\
+         General {{\n  HashSize 32768\n  HashLimit 131072\n  LogFile {d}/{name}.log\n  Syslog off\n  LockFile {d}/{name}.lock\n  UNIX {{\n    Path {d}/{name}.ctl\n  }}\n  NetlinkBufferSize 2097152\n  NetlinkBufferSizeMaxGrowth 8388608\n\
+         Filter From Userspace {{\n    Protocol Accept {{\n      TCP\n    }}\n    Address Ignore {{\n      IPv4_address 127.0.0.1\n      IPv4_address {KA_NAT_VIP}\n      IPv4_address {KA_GW_VIP}\n      IPv4_address {me}\n    }}\n  }}\n}}\n"
+    )
+}
+
+const KA_NAT_VIP: &str = "10.79.0.100";
+const KA_GW_VIP: &str = "10.80.0.100";
+
+/// keepalived of one of the pair: the outside VIP (the service's) and the
+/// inside one (the servers' gateway) in one sync group, at our interval;
+/// with conntrackd, its primary-backup script on every transition.
+fn keepalived_nat_conf(name: &str, priority: u8, script: Option<&Path>) -> String {
+    let interval = format!("{:.2}", f64::from(interval_cs()) / 100.0);
+    let notify = script
+        .map(|s| {
+            let s = s.display();
+            format!("  notify_master \"{s} primary\"\n  notify_backup \"{s} backup\"\n  notify_fault \"{s} fault\"\n")
+        })
+        .unwrap_or_default();
+    let inst = |i: &str, dev: &str, vrid: u8, vip: &str| {
+        format!(
+            "vrrp_instance {i} {{\n  state BACKUP\n  interface {dev}\n  virtual_router_id {vrid}\n  priority {priority}\n  advert_int {interval}\n  virtual_ipaddress {{\n    {vip}/24\n  }}\n}}\n"
+        )
+    };
+    format!(
+        "global_defs {{\n  router_id {name}\n  vrrp_version 3\n  script_user root\n  enable_script_security\n}}\n\
+         vrrp_sync_group G {{\n  group {{\n    VO\n    VI\n  }}\n{notify}}}\n{}{}",
+        inst("VO", "eth0", 61, KA_NAT_VIP),
+        inst("VI", "eth1", 62, KA_GW_VIP)
+    )
+}
+
+/// keepalived (with conntrackd when `sync`) in front of two TCP echo
+/// servers; `n` kills of the primary; connections surviving each.
+fn keepalived_nat(n: usize, sync: bool) -> anyhow::Result<Vec<(usize, u64)>> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let br = Netns::new("kcs-br")?;
+    for b in ["br0", "br1"] {
+        br.sh(&["ip", "link", "add", b, "type", "bridge"])?;
+        br.sh(&["ip", "link", "set", b, "up"])?;
+    }
+    let mut nss = Vec::new();
+    // (namespace, [(device, bridge, address)]), gateway
+    let plan: [(&str, Vec<(&str, &str, &str)>, Option<&str>); 5] = [
+        ("c", vec![("eth0", "br0", "10.79.0.3/24")], None),
+        (
+            "a",
+            vec![("eth0", "br0", "10.79.0.1/24"), ("eth1", "br1", "10.80.0.1/24")],
+            None,
+        ),
+        (
+            "b",
+            vec![("eth0", "br0", "10.79.0.2/24"), ("eth1", "br1", "10.80.0.2/24")],
+            None,
+        ),
+        ("s1", vec![("eth0", "br1", "10.80.0.11/24")], Some(KA_GW_VIP)),
+        ("s2", vec![("eth0", "br1", "10.80.0.12/24")], Some(KA_GW_VIP)),
+    ];
+    for (e, links, gw) in &plan {
+        let ns = Netns::new(&format!("kcs-{e}"))?;
+        for (dev, bridge, addr) in links {
+            let peer = format!("kcs{e}{dev}");
+            sh(&[
+                "ip", "link", "add", dev, "netns", &ns.name, "type", "veth", "peer", "name", &peer, "netns", &br.name,
+            ])?;
+            br.sh(&["ip", "link", "set", &peer, "master", bridge, "up"])?;
+            ns.sh(&["ip", "addr", "add", addr, "dev", dev])?;
+            ns.sh(&["ip", "link", "set", dev, "up"])?;
+        }
+        if let Some(gw) = gw {
+            ns.sh(&["ip", "route", "add", "default", "via", gw])?;
+        }
+        nss.push(ns);
+    }
+    for lb in ["kcs-a", "kcs-b"] {
+        ns_sh(lb, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        // The service: new connections to either server, at random.
+        ns_sh(
+            lb,
+            &[
+                "nft",
+                &format!(
+                    "add table ip lb; add chain ip lb pre {{ type nat hook prerouting priority -100 ; }}; \
+                     add rule ip lb pre ip daddr {KA_NAT_VIP} tcp dport 7000 dnat to numgen random mod 2 map {{ 0 : 10.80.0.11, 1 : 10.80.0.12 }} : 9000"
+                ),
+            ],
+        )?;
+    }
+    let mut servers = Vec::new();
+    for s in ["s1", "s2"] {
+        servers.push(Proc::spawn(
+            &format!("echo-{s}"),
+            Some(&format!("kcs-{s}")),
+            &bin("sdn-probe"),
+            &["serve", "--tcp", "9000"],
+            d,
+        )?);
+    }
+    let mut ctds = Vec::new();
+    let mut scripts = Vec::new();
+    for (name, me, peer) in [("a", "10.80.0.1", "10.80.0.2"), ("b", "10.80.0.2", "10.80.0.1")] {
+        if !sync {
+            scripts.push(None);
+            continue;
+        }
+        let conf = d.join(format!("ctd-{name}.conf"));
+        std::fs::write(&conf, conntrackd_conf(d, &format!("ctd-{name}"), me, peer))?;
+        ctds.push(Proc::spawn(
+            &format!("conntrackd-{name}"),
+            Some(&format!("kcs-{name}")),
+            Path::new("/usr/sbin/conntrackd"),
+            &["-C", conf.to_str().unwrap()],
+            d,
+        )?);
+        // The script conntrackd ships for keepalived (primary-backup.sh),
+        // for this instance's configuration.
+        let script = d.join(format!("primary-backup-{name}.sh"));
+        let c = conf.display();
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nC=\"/usr/sbin/conntrackd -C {c}\"\ncase \"$1\" in\n\
+                 primary) $C -c; $C -f; $C -R; $C -B ;;\n\
+                 backup) $C -t; $C -n ;;\n\
+                 fault) $C -t ;;\nesac\nexit 0\n"
+            ),
+        )?;
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        scripts.push(Some(script));
+    }
+    let holds = |ns: &str| {
+        sh(&["ip", "-n", ns, "-br", "addr", "show", "dev", "eth0"]).is_ok_and(|s| s.contains(KA_NAT_VIP))
+            && sh(&["ip", "-n", ns, "-br", "addr", "show", "dev", "eth1"]).is_ok_and(|s| s.contains(KA_GW_VIP))
+    };
+    let start = |ns: &str, name: &str, prio: u8, script: &Option<std::path::PathBuf>| {
+        let conf = keepalived_nat_conf(name, prio, script.as_deref());
+        Keepalived::start(ns, d, name, &conf)
+    };
+    let _b = start("kcs-b", "kb", 100, &scripts[1])?;
+    let mut survived = Vec::new();
+    for i in 0..n {
+        let mut a = start("kcs-a", &format!("ka{i}"), 200, &scripts[0])?;
+        wait_for("a to hold both VIPs", Duration::from_secs(20), || {
+            holds("kcs-a") && !sh(&["ip", "-n", "kcs-b", "-br", "addr"]).is_ok_and(|s| s.contains(KA_NAT_VIP))
+        })?;
+        std::thread::sleep(Duration::from_millis(500));
+        let c = survive("kcs-c".into(), KA_NAT_VIP, "7000", "10.79.0.3", 4);
+        std::thread::sleep(Duration::from_millis(1000));
+        a.crash();
+        for dev in ["eth0", "eth1"] {
+            sh(&["ip", "-n", "kcs-br", "link", "set", &format!("kcsa{dev}"), "down"])?;
+        }
+        let kept = c.join().map_err(|_| anyhow::anyhow!("the probe panicked"))?;
+        eprintln!(
+            "keepalived{}, kill {}: {}/{} connections survived, stalled {} ms at most",
+            if sync { " + conntrackd" } else { "" },
+            i + 1,
+            kept.0,
+            conns(),
+            kept.1
+        );
+        survived.push(kept);
+        // Back: what the dead keepalived left on its links goes with it.
+        let _ = sh(&[
+            "ip",
+            "-n",
+            "kcs-a",
+            "addr",
+            "del",
+            &format!("{KA_NAT_VIP}/24"),
+            "dev",
+            "eth0",
+        ]);
+        let _ = sh(&[
+            "ip",
+            "-n",
+            "kcs-a",
+            "addr",
+            "del",
+            &format!("{KA_GW_VIP}/24"),
+            "dev",
+            "eth1",
+        ]);
+        for dev in ["eth0", "eth1"] {
+            sh(&["ip", "-n", "kcs-br", "link", "set", &format!("kcsa{dev}"), "up"])?;
+        }
+    }
+    drop(ctds);
+    drop(servers);
+    drop(nss);
+    Ok(survived)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let n = kills();
     let ms = 10 * interval_cs();
     let t0 = Instant::now();
+    let (ours_gaps, ours_kept) = ours(n, true).await?;
+    let (_, ours_unsynced) = ours(n, false).await?;
     let mut rows = Vec::new();
     for (name, gaps) in [
-        (
-            format!("ours: VRRPv3 every {ms} ms, the controller's grant"),
-            ours(n).await?,
-        ),
+        (format!("ours: VRRPv3 every {ms} ms, the controller's grant"), ours_gaps),
         (
             "keepalived, defaults (VRRPv2 every 1 s)".to_string(),
             keepalived(n, false)?,
@@ -270,9 +551,40 @@ async fn main() -> anyhow::Result<()> {
     }
     let ours_med = rows[0].1;
     println!(
-        "\nkeepalived at its defaults is silent {:.1}x as long as ours; at our interval, {:.2}x ({:.0} s in all)",
+        "\nkeepalived at its defaults is silent {:.1}x as long as ours; at our interval, {:.2}x",
         rows[1].1 / ours_med,
         rows[2].1 / ours_med,
+    );
+    let ka_synced = keepalived_nat(n, true)?;
+    let ka_unsynced = keepalived_nat(n, false)?;
+    let c = conns();
+    println!(
+        "\n| established TCP connections through a failover (VRRP every {ms} ms) | kills | connections | survived | share | longest stall, median of kills, ms |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|");
+    let mut shares = Vec::new();
+    for (name, kept) in [
+        ("ours, flow sync", &ours_kept),
+        ("ours, no flow sync (`--flow-sync-port 0`)", &ours_unsynced),
+        ("keepalived + conntrackd (FTFW), nftables DNAT", &ka_synced),
+        ("keepalived alone, nftables DNAT", &ka_unsynced),
+    ] {
+        let total = c * kept.len();
+        let got: usize = kept.iter().map(|k| k.0).sum();
+        let share = got as f64 / total.max(1) as f64;
+        shares.push(share);
+        let mut stalls: Vec<f64> = kept.iter().map(|k| k.1 as f64).collect();
+        println!(
+            "| {name} | {} | {total} | {got} | {:.1}% | {:.0} |",
+            kept.len(),
+            100.0 * share,
+            median(&mut stalls)
+        );
+    }
+    println!(
+        "\nours keeps {:.1}% of connections, keepalived with conntrackd {:.1}% ({:.0} s in all)",
+        100.0 * shares[0],
+        100.0 * shares[2],
         t0.elapsed().as_secs_f64()
     );
     Ok(())
