@@ -1229,7 +1229,9 @@ impl Dataplane {
                 } else {
                     live.insert((k, nat_reverse(&k, &f)));
                 }
-                if !confirmed {
+                // A copy of another holder's flow that carried nothing here
+                // is that holder's to report.
+                if !confirmed || f.packets_in | f.packets_out == 0 {
                     continue;
                 }
                 let (ck, cv) = nat_flow_key(&k, &f);
@@ -1971,6 +1973,40 @@ pub fn read_mirror_counters(pin_dir: &Path) -> anyhow::Result<Vec<m::MirrorState
         out.push(sum);
     }
     Ok(out)
+}
+
+/// The confirmed north-south flows in the dataplane under `pin_dir`, for
+/// `sdn-agent nat-flows`: a copy another holder sent carried no packets
+/// here (`carried: false`).
+pub fn read_nat_flows(pin_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    use dataplane_common::lb as l;
+    let name = l::NAT_FLOWS;
+    let data =
+        MapData::from_pin(pin_dir.join("maps").join(name)).with_context(|| format!("opening pinned map {name}"))?;
+    let h: BpfHashMap<MapData, l::NatKey, l::NatFlow> = BpfHashMap::try_from(aya::maps::Map::HashMap(data))?;
+    let now = monotonic_ns();
+    let ip = |family: u8, a: &[u8; 16]| crate::flows::addr(family, a).to_string();
+    Ok(h.iter()
+        .filter_map(Result::ok)
+        .map(|(k, f)| {
+            serde_json::json!({
+                "proto": k.proto,
+                "zone": k.zone,
+                "client": ip(k.family, &k.client),
+                "client_port": k.client_port,
+                "vip": ip(k.family, &k.vip),
+                "vip_port": k.vport,
+                "vni": f.vni,
+                "nat": ip(k.family, &f.nat),
+                "nat_port": f.nat_port,
+                "member": ip(k.family, &f.backend),
+                "member_port": f.backend_port,
+                "flags": f.flags,
+                "idle_ms": now.saturating_sub(f.last_seen_ns) / 1_000_000,
+                "carried": f.packets_in | f.packets_out != 0,
+            })
+        })
+        .collect())
 }
 
 pub fn read_counters(pin_dir: &Path) -> anyhow::Result<(Counters, Counters)> {

@@ -126,6 +126,12 @@ enum Cmd {
         #[arg(long, default_value = "/sys/fs/bpf/sdn")]
         pin_dir: PathBuf,
     },
+    /// Print the north-south flows this host translates (or holds copies
+    /// of, from the other holders of a virtual IP) as JSON lines.
+    NatFlows {
+        #[arg(long, default_value = "/sys/fs/bpf/sdn")]
+        pin_dir: PathBuf,
+    },
     /// Print the border-firewall verdict of each recent flow, with the rule
     /// that decided it, as JSON lines.
     Verdicts {
@@ -274,6 +280,11 @@ async fn main() -> anyhow::Result<()> {
             // Programs and maps stay pinned: traffic keeps flowing while the
             // agent is down, and the next agent adopts them.
             tracing::info!("agent stopping; the dataplane stays in place");
+        }
+        Cmd::NatFlows { pin_dir } => {
+            for f in dataplane::read_nat_flows(&pin_dir)? {
+                println!("{f}");
+            }
         }
         Cmd::Counters { pin_dir } => {
             let (drops, stats) = dataplane::read_counters(&pin_dir)?;

@@ -4,24 +4,33 @@
 //! and port they began at (that address is answered where the VIP's owner
 //! is: `compile::lb::compile_nat`).
 //!
-//! - The dataplane tells of each flow it confirms through a ring
-//!   (`SDN_NAT_SYNC`); those go to the peers within [`SEND_EVERY`].
+//! - The dataplane tells of each flow of such a VIP it confirms through a
+//!   ring (`SDN_NAT_SYNC`); those go to the peers within [`SEND_EVERY`].
 //! - Every [`SCAN_EVERY`] the flow table is read: flows whose state moved,
 //!   or whose last packet is [`REFRESH_NS`] newer than the peers were last
 //!   told, go again (so the peers' copies live as long as the flow), and
 //!   flows gone (reset, timed out) are said gone.
-//! - A connection begins with a full batch: every flow the sender holds of
-//!   the VIPs the two hold together (a resync after any break, and after
-//!   any batch that could not be queued).
-//! - Connections are mutual TLS between agents of the cluster's CA; each
-//!   side deals only with the hosts that hold a VIP with it.
-//! - A received flow is written only for a VIP the two hold together, from
-//!   a NAT address of one of its holders, to a live member of the VIP's
-//!   service here; its service and member slot are this host's own. A
-//!   flow this host saw a packet of more recently is left as it is, and
-//!   so is a NAT port another flow holds here.
+//! - Only flows this host carried packets of are sent: a copy received and
+//!   never used here goes back to no one.
+//! - A connection begins with a full batch: every flow the sender carried
+//!   of the VIPs the two hold together (a resync after any break, after any
+//!   batch that could not be queued, and when the VIPs they share change).
+//!   Its last frame says so: the receiver then drops the sender's copies
+//!   it did not list (flows that ended while the two were apart).
+//! - Connections are mutual TLS between agents of the cluster's CA, from
+//!   and to the underlay addresses of hosts that hold a VIP with this one.
+//! - A received flow is written only for a VIP the two hold together (its
+//!   VPC and address), from a NAT address of one of its holders, to a live
+//!   member of the VIP's service here; its service and member slot are this
+//!   host's own. While this host holds the VIP's lease, flows it has are
+//!   neither replaced nor removed by a peer; a flow it saw a packet of more
+//!   recently is left as it is; a NAT port another flow holds here is
+//!   refused; and the copies one host may hold of its peers' flows are
+//!   capped ([`COPIES_MAX`]), so a peer cannot fill the table.
+//! - Map work runs off the runtime's workers (the VRRP speakers share
+//!   them).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,8 +41,9 @@ use anyhow::Context as _;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use dataplane_common::lb::{
     LbBackend, NatFlow, NatKey, NatReverseKey, NatService, NatServiceKey, NatSyncEvent, LB_BACKENDS, LB_BACKENDS_MAP,
-    LB_BACKEND_LIVE, NAT_FLOWS, NAT_REVERSE, NAT_SERVICES, NAT_SYNC,
+    LB_BACKEND_LIVE, LB_FLOWS_MAX, NAT_FLOWS, NAT_REVERSE, NAT_SERVICES, NAT_SYNC,
 };
+use dataplane_common::maps::{VipLease, ZoneAddrKey, VIP_LEASES};
 use dataplane_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 use prost::Message as _;
 use sdn_proto::tls::{Acceptor, Connector, Files, Role};
@@ -55,14 +65,21 @@ const SCAN_EVERY: Duration = Duration::from_secs(1);
 /// A flow whose last packet is this much newer than the peers were told is
 /// sent again.
 const REFRESH_NS: u64 = 2_000_000_000;
-/// The largest frame read (a full batch is cut into frames of at most
-/// [`FRAME_FLOWS`] flows).
-const MAX_FRAME: usize = 4 << 20;
+/// The most flows (and removals) in one frame, and the largest frame read.
 const FRAME_FLOWS: usize = 4096;
+const MAX_FRAME: usize = 4 << 20;
 /// Batches queued for a peer; past this the peer is resynchronised.
 const QUEUE: usize = 256;
 /// A peer not reachable is dialled again after this.
 const REDIAL: Duration = Duration::from_millis(500);
+/// A frame not written within this ends the connection (the peer stopped
+/// reading); the next one begins with a full batch.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The copies of peers' flows this host holds at most: half its flow
+/// table, the rest for its own.
+pub const COPIES_MAX: usize = LB_FLOWS_MAX as usize / 2;
+/// Connections from peers at once, at most.
+const CONNECTIONS_MAX: usize = 16;
 
 /// The virtual IPs held by hosts that this host holds, each with what its
 /// flows may be.
@@ -75,6 +92,8 @@ pub struct Plan {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Group {
     pub vip_id: String,
+    /// Its VPC's VNI: addresses of different VPCs may be alike.
+    pub vni: u32,
     pub addresses: BTreeSet<IpAddr>,
     /// The NAT addresses of its holders: a flow from another is refused.
     pub nats: BTreeSet<IpAddr>,
@@ -82,9 +101,15 @@ pub struct Group {
     pub peers: BTreeMap<String, Ipv4Addr>,
 }
 
+impl Group {
+    fn has(&self, vni: u32, family: u8, vip: &[u8; 16]) -> bool {
+        self.vni == vni && self.addresses.contains(&ip_of(family, vip))
+    }
+}
+
 impl Plan {
-    fn group_of_vip(&self, vip: &IpAddr) -> Option<&Group> {
-        self.groups.iter().find(|g| g.addresses.contains(vip))
+    fn has(&self, vni: u32, family: u8, vip: &[u8; 16]) -> bool {
+        self.groups.iter().any(|g| g.has(vni, family, vip))
     }
 
     /// The peers, each with the groups it shares with this host.
@@ -128,7 +153,7 @@ pub fn plan(res: &Resources, host: &str) -> (Plan, Vec<String>) {
         let holders: BTreeSet<&str> = v.holders.iter().map(|h| h.host_id.as_str()).collect();
         let mut nats = BTreeSet::new();
         let mut peers = BTreeMap::new();
-        for l in &lbs {
+        for l in lbs.iter().filter(|l| l.vni == on.vni) {
             let Some(lb) = &l.load_balancer else { continue };
             let vips: Vec<IpAddr> = [lb.vip_v4.parse().ok(), lb.vip_v6.parse().ok()]
                 .into_iter()
@@ -159,6 +184,7 @@ pub fn plan(res: &Resources, host: &str) -> (Plan, Vec<String>) {
         }
         groups.push(Group {
             vip_id: v.id.clone(),
+            vni: on.vni,
             addresses,
             nats,
             peers,
@@ -176,21 +202,43 @@ pub struct Stats {
     pub resyncs: AtomicU64,
     /// Flows received and written.
     pub applied: AtomicU64,
-    /// Flows received and left alone: this host's copy is newer.
+    /// Flows received and left alone: this host's copy is newer, or this
+    /// host holds the VIP's lease.
     pub older: AtomicU64,
     /// Flows received and refused (not a shared VIP, no such member here,
-    /// a NAT port another flow holds, malformed).
+    /// a NAT port another flow holds, too many copies, malformed).
     pub refused: AtomicU64,
-    /// Flows removed because a peer said they ended.
+    /// Copies removed because their peer said they ended, or no longer
+    /// listed them.
     pub removed: AtomicU64,
-    /// Connections from peers refused (not a holder, bad certificate).
+    /// Connections from peers refused (not a holder, bad certificate, too
+    /// many).
     pub refused_peers: AtomicU64,
 }
 
-/// The flows this host sent or wrote last, by key: what the peers were told
-/// (the flow's last packet and state), so that a received flow is not sent
-/// back and a sent one is sent again only when it moved.
-type Known = Arc<Mutex<HashMap<NatKey, (u64, u32)>>>;
+/// What the peers were told and what they sent.
+#[derive(Default)]
+struct Book {
+    /// The flows this host sent, by key: their last packet and state as
+    /// sent (a flow is sent again only when it moved, and said gone when
+    /// it is).
+    told: HashMap<NatKey, (u64, u32)>,
+    /// The copies of peers' flows written here: the peer, and the last
+    /// packet as written (a copy no packet moved here since may be
+    /// removed by its peer).
+    copies: HashMap<NatKey, (String, u64)>,
+}
+
+type Shared = Arc<Mutex<Book>>;
+
+fn lock(b: &Shared) -> std::sync::MutexGuard<'_, Book> {
+    b.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether a flow carried packets here (a copy never used has none).
+fn carried(f: &NatFlow) -> bool {
+    f.packets_in | f.packets_out != 0
+}
 
 /// The flow sync of one agent.
 pub struct FlowSync {
@@ -214,16 +262,16 @@ impl FlowSync {
             .with_context(|| format!("binding the flow sync address {listen}"))?;
         let (tx, rx) = watch::channel(Plan::default());
         let stats = Arc::new(Stats::default());
-        let known: Known = Default::default();
+        let book: Shared = Default::default();
         tokio::spawn(serve(
             listener,
             acceptor,
             maps.clone(),
             rx.clone(),
-            known.clone(),
+            book.clone(),
             stats.clone(),
         ));
-        tokio::spawn(source(ring, maps, connector, port, rx, known, stats.clone()));
+        tokio::spawn(source(ring, maps, connector, port, rx, book, stats.clone()));
         tracing::info!(listen = %listen, "flows through virtual IPs held by hosts are carried to the other holders");
         Ok(FlowSync { plan: tx, stats })
     }
@@ -245,6 +293,7 @@ struct Tables {
     reverse: BpfHashMap<MapData, NatReverseKey, NatKey>,
     services: BpfHashMap<MapData, NatServiceKey, NatService>,
     backends: Array<MapData, LbBackend>,
+    leases: BpfHashMap<MapData, ZoneAddrKey, VipLease>,
 }
 
 impl Tables {
@@ -255,6 +304,7 @@ impl Tables {
             reverse: BpfHashMap::try_from(aya::maps::Map::HashMap(pin(NAT_REVERSE)?))?,
             services: BpfHashMap::try_from(aya::maps::Map::HashMap(pin(NAT_SERVICES)?))?,
             backends: Array::try_from(aya::maps::Map::Array(pin(LB_BACKENDS_MAP)?))?,
+            leases: BpfHashMap::try_from(aya::maps::Map::HashMap(pin(VIP_LEASES)?))?,
         })
     }
 
@@ -269,6 +319,16 @@ impl Tables {
             .iter()
             .position(|b| b.flags & LB_BACKEND_LIVE != 0 && b.addr == *addr && b.port == port)
             .map(|s| s as u16)
+    }
+
+    /// Whether this host answers for `vip` now (its lease runs).
+    fn leased(&self, family: u8, vip: &[u8; 16], now: u64) -> bool {
+        let k = ZoneAddrKey {
+            family,
+            _pad: [0; 3],
+            addr: *vip,
+        };
+        self.leases.get(&k, 0).is_ok_and(|l| l.until_ns > now)
     }
 }
 
@@ -374,56 +434,6 @@ const FLAGS_CARRIED: u32 = dataplane_common::lb::NAT_F_CLOSING
     | dataplane_common::lb::LB_FLOW_OPEN
     | dataplane_common::lb::LB_FLOW_CLOSED;
 
-/// Writes a peer's batch into the dataplane, each flow checked against
-/// the VIPs `group` shares with the peer and this host's own services.
-fn apply(batch: &pb::FlowSyncBatch, groups: &[Group], t: &mut Tables, known: &Known, stats: &Stats, peer: &str) {
-    let now = monotonic_ns();
-    let mut slots = HashMap::new();
-    let mut refused: Vec<String> = Vec::new();
-    let mut known = known.lock().unwrap_or_else(|p| p.into_inner());
-    for f in &batch.flows {
-        match apply_one(f, groups, t, &mut slots, &mut known, now) {
-            Ok(true) => {
-                stats.applied.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(false) => {
-                stats.older.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
-                stats.refused.fetch_add(1, Ordering::Relaxed);
-                if refused.len() < 3 {
-                    refused.push(e);
-                }
-            }
-        }
-    }
-    for k in &batch.removed {
-        let Ok(key) = key_of(k) else { continue };
-        if groups
-            .iter()
-            .all(|g| !g.addresses.contains(&ip_of(key.family, &key.vip)))
-        {
-            continue;
-        }
-        // Only a copy no packet moved here since it was written.
-        let Ok(f) = t.flows.get(&key, 0) else { continue };
-        if known.get(&key).map(|k| k.0) != Some(f.last_seen_ns) {
-            continue;
-        }
-        let rk = reverse_key(&key, &f);
-        if t.reverse.get(&rk, 0).is_ok_and(|k| k == key) {
-            let _ = t.reverse.remove(&rk);
-        }
-        if t.flows.remove(&key).is_ok() {
-            stats.removed.fetch_add(1, Ordering::Relaxed);
-        }
-        known.remove(&key);
-    }
-    if !refused.is_empty() {
-        tracing::warn!(peer = %peer, first = %refused.join("; "), "flows from a peer refused");
-    }
-}
-
 fn reverse_key(k: &NatKey, f: &NatFlow) -> NatReverseKey {
     NatReverseKey {
         vni: f.vni,
@@ -437,22 +447,114 @@ fn reverse_key(k: &NatKey, f: &NatFlow) -> NatReverseKey {
     }
 }
 
-/// One flow of a peer's: `Ok(true)` written, `Ok(false)` this host's copy
-/// is newer.
+/// What one received frame did.
+#[derive(Default)]
+struct Applied {
+    refused: Vec<String>,
+}
+
+/// Writes a peer's frame into the dataplane (blocking: map calls), each
+/// flow checked against the VIPs `groups` shares with the peer and this
+/// host's own services; `listed` gathers the keys of a full batch.
+fn apply(
+    batch: &pb::FlowSyncBatch,
+    groups: &[Group],
+    t: &mut Tables,
+    book: &Shared,
+    stats: &Stats,
+    peer: &str,
+    listed: &mut HashSet<NatKey>,
+) -> Applied {
+    let now = monotonic_ns();
+    let mut slots = HashMap::new();
+    let mut out = Applied::default();
+    for f in &batch.flows {
+        let r = apply_one(f, groups, t, &mut slots, book, peer, now);
+        match r {
+            Ok((key, written)) => {
+                if batch.full {
+                    listed.insert(key);
+                }
+                if written {
+                    stats.applied.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    stats.older.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Err(e) => {
+                stats.refused.fetch_add(1, Ordering::Relaxed);
+                if out.refused.len() < 3 {
+                    out.refused.push(e);
+                }
+            }
+        }
+    }
+    for k in &batch.removed {
+        if let Ok(key) = key_of(k) {
+            if remove_copy(t, book, peer, &key, now) {
+                stats.removed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+    out
+}
+
+/// Removes `peer`'s copy of flow `key`, unless this host holds the VIP's
+/// lease or a packet moved the copy here since it was written.
+fn remove_copy(t: &mut Tables, book: &Shared, peer: &str, key: &NatKey, now: u64) -> bool {
+    let Some(written) = lock(book).copies.get(key).filter(|(p, _)| p == peer).map(|c| c.1) else {
+        return false;
+    };
+    let Ok(f) = t.flows.get(key, 0) else {
+        lock(book).copies.remove(key);
+        return false;
+    };
+    if f.last_seen_ns != written || carried(&f) || t.leased(key.family, &key.vip, now) {
+        return false;
+    }
+    let rk = reverse_key(key, &f);
+    if t.reverse.get(&rk, 0).is_ok_and(|k| k == *key) {
+        let _ = t.reverse.remove(&rk);
+    }
+    let gone = t.flows.remove(key).is_ok();
+    lock(book).copies.remove(key);
+    gone
+}
+
+/// After a full batch: `peer`'s copies it did not list end here.
+fn prune(t: &mut Tables, book: &Shared, peer: &str, listed: &HashSet<NatKey>, stats: &Stats) {
+    let now = monotonic_ns();
+    let stale: Vec<NatKey> = lock(book)
+        .copies
+        .iter()
+        .filter(|(k, (p, _))| p == peer && !listed.contains(*k))
+        .map(|(k, _)| *k)
+        .collect();
+    for k in stale {
+        if remove_copy(t, book, peer, &k, now) {
+            stats.removed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One flow of a peer's: its key, and whether it was written (`false`:
+/// this host's copy is newer, or this host holds the VIP's lease and has
+/// the flow). Every check comes before any write.
 fn apply_one(
     f: &pb::SyncedFlow,
     groups: &[Group],
     t: &mut Tables,
     slots: &mut HashMap<u32, Vec<LbBackend>>,
-    known: &mut HashMap<NatKey, (u64, u32)>,
+    book: &Shared,
+    peer: &str,
     now: u64,
-) -> Result<bool, String> {
+) -> Result<(NatKey, bool), String> {
     let key = key_of(f.key.as_ref().ok_or("key: missing")?)?;
     let vip = ip_of(key.family, &key.vip);
     let group = groups
         .iter()
-        .find(|g| g.addresses.contains(&vip))
-        .ok_or_else(|| format!("key.vip: {vip} is no virtual IP held with this peer"))?;
+        .find(|g| g.has(f.vni, key.family, &key.vip))
+        .ok_or_else(|| format!("key.vip: {vip} (vni {}) is no virtual IP held with this peer", f.vni))?;
     let (_, nat) = read_addr("nat", &f.nat, Some(key.family))?;
     if !group.nats.contains(&ip_of(key.family, &nat)) {
         return Err(format!(
@@ -483,7 +585,7 @@ fn apply_one(
         )
     })?;
     let last_seen = now.saturating_sub(f.idle_ms.saturating_mul(1_000_000));
-    let flow = NatFlow {
+    let mut flow = NatFlow {
         backend,
         nat,
         backend_port,
@@ -503,49 +605,60 @@ fn apply_one(
         bytes_in: 0,
         bytes_out: 0,
     };
-    let mut write = flow;
-    if let Ok(mine) = t.flows.get(&key, 0) {
-        if mine.last_seen_ns >= last_seen {
-            return Ok(false);
+    let mine = t.flows.get(&key, 0).ok();
+    if let Some(m) = &mine {
+        if m.last_seen_ns >= last_seen || t.leased(key.family, &key.vip, now) {
+            return Ok((key, false));
         }
-        if (mine.nat, mine.nat_port, mine.backend, mine.backend_port) != (nat, flow.nat_port, backend, backend_port) {
-            // Another flow on the tuple here (a new connection): the newer
-            // one stands, and the old one's reply goes with it.
-            let rk = reverse_key(&key, &mine);
-            if t.reverse.get(&rk, 0).is_ok_and(|k| k == key) {
-                let _ = t.reverse.remove(&rk);
-            }
-        } else {
-            // The counters are this host's own.
-            write.packets_in = mine.packets_in;
-            write.packets_out = mine.packets_out;
-            write.bytes_in = mine.bytes_in;
-            write.bytes_out = mine.bytes_out;
-        }
+    } else if lock(book).copies.len() >= COPIES_MAX {
+        return Err(format!("too many copies of peers' flows here ({COPIES_MAX})"));
     }
     let rk = reverse_key(&key, &flow);
-    if let Ok(other) = t.reverse.get(&rk, 0) {
-        if other != key {
-            return Err(format!(
-                "nat_port: {} port {} is held here by another flow",
-                ip_of(key.family, &nat),
-                flow.nat_port
-            ));
+    if t.reverse.get(&rk, 0).is_ok_and(|other| other != key) {
+        return Err(format!(
+            "nat_port: {} port {} is held here by another flow",
+            ip_of(key.family, &nat),
+            flow.nat_port
+        ));
+    }
+    let same = mine
+        .is_some_and(|m| (m.nat, m.nat_port, m.backend, m.backend_port) == (nat, flow.nat_port, backend, backend_port));
+    if let (Some(m), true) = (&mine, same) {
+        // The counters are this host's own.
+        flow.packets_in = m.packets_in;
+        flow.packets_out = m.packets_out;
+        flow.bytes_in = m.bytes_in;
+        flow.bytes_out = m.bytes_out;
+    }
+    // The flow first, then its reply (as the dataplane writes them). A new
+    // copy never replaces a flow the dataplane made meanwhile.
+    const BPF_NOEXIST: u64 = 1;
+    t.flows
+        .insert(key, flow, if mine.is_some() { 0 } else { BPF_NOEXIST })
+        .map_err(|e| format!("the flow table refused the flow: {e}"))?;
+    if let Err(e) = t.reverse.insert(rk, key, 0) {
+        match &mine {
+            Some(m) => {
+                let _ = t.flows.insert(key, *m, 0);
+            }
+            None => {
+                let _ = t.flows.remove(&key);
+            }
+        }
+        return Err(format!("the reply table refused the flow: {e}"));
+    }
+    // Another flow on the tuple before (a new connection): its reply goes.
+    if let (Some(m), false) = (&mine, same) {
+        let old = reverse_key(&key, m);
+        if t.reverse.get(&old, 0).is_ok_and(|k| k == key) {
+            let _ = t.reverse.remove(&old);
         }
     }
-    // The flow first, then its reply (as the dataplane writes them).
-    t.flows
-        .insert(key, write, 0)
-        .map_err(|e| format!("the flow table is full or refused the flow: {e}"))?;
-    if let Err(e) = t.reverse.insert(rk, key, 0) {
-        let _ = t.flows.remove(&key);
-        return Err(format!("the reply table is full or refused the flow: {e}"));
-    }
-    known.insert(key, (last_seen, write.flags));
-    Ok(true)
+    lock(book).copies.insert(key, (peer.to_string(), last_seen));
+    Ok((key, true))
 }
 
-/// Reads one length-delimited batch (`None`: the peer closed).
+/// Reads one length-delimited frame (`None`: the peer closed).
 async fn read_batch<S: AsyncRead + Unpin>(s: &mut S) -> anyhow::Result<Option<pb::FlowSyncBatch>> {
     let mut len = [0u8; 4];
     match s.read_exact(&mut len).await {
@@ -555,30 +668,45 @@ async fn read_batch<S: AsyncRead + Unpin>(s: &mut S) -> anyhow::Result<Option<pb
     }
     let len = u32::from_be_bytes(len) as usize;
     anyhow::ensure!(len <= MAX_FRAME, "a frame of {len} bytes (at most {MAX_FRAME})");
-    let mut buf = vec![0u8; len];
-    s.read_exact(&mut buf).await?;
-    Ok(Some(
-        pb::FlowSyncBatch::decode(buf.as_slice()).context("a malformed batch")?,
-    ))
+    let mut buf = Vec::with_capacity(len.min(64 << 10));
+    (&mut *s).take(len as u64).read_to_end(&mut buf).await?;
+    anyhow::ensure!(buf.len() == len, "the connection ended within a frame");
+    let b = pb::FlowSyncBatch::decode(buf.as_slice()).context("a malformed frame")?;
+    anyhow::ensure!(
+        b.flows.len() + b.removed.len() <= FRAME_FLOWS,
+        "a frame of {} flows and removals (at most {FRAME_FLOWS})",
+        b.flows.len() + b.removed.len()
+    );
+    Ok(Some(b))
 }
 
-async fn write_batch<S: AsyncWrite + Unpin>(s: &mut S, b: &pb::FlowSyncBatch) -> std::io::Result<()> {
+async fn write_batch<S: AsyncWrite + Unpin>(s: &mut S, b: &pb::FlowSyncBatch) -> anyhow::Result<()> {
     let buf = b.encode_to_vec();
-    s.write_all(&(buf.len() as u32).to_be_bytes()).await?;
-    s.write_all(&buf).await?;
-    s.flush().await
+    let write = async {
+        s.write_all(&(buf.len() as u32).to_be_bytes()).await?;
+        s.write_all(&buf).await?;
+        s.flush().await
+    };
+    tokio::time::timeout(WRITE_TIMEOUT, write)
+        .await
+        .map_err(|_| anyhow::anyhow!("the peer took no frame for {WRITE_TIMEOUT:?}"))??;
+    Ok(())
 }
 
-/// Takes the peers' connections: each must be an agent of a host that
-/// holds a VIP with this one; its batches are written.
+/// Takes the peers' connections: from the underlay address of a host that
+/// holds a VIP with this one, with that host's agent certificate; its
+/// frames are written. One connection per peer (a new one replaces the
+/// old), [`CONNECTIONS_MAX`] in all.
 async fn serve(
     listener: tokio::net::TcpListener,
     acceptor: Arc<Acceptor>,
     maps: PathBuf,
     plan: watch::Receiver<Plan>,
-    known: Known,
+    book: Shared,
     stats: Arc<Stats>,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
+    let current: Arc<Mutex<HashMap<String, u64>>> = Default::default();
     loop {
         let (sock, remote) = match listener.accept().await {
             Ok(x) => x,
@@ -588,14 +716,31 @@ async fn serve(
                 continue;
             }
         };
-        let (acceptor, maps, plan, known, stats) = (
+        let from_peer = plan
+            .borrow()
+            .groups
+            .iter()
+            .any(|g| g.peers.values().any(|a| IpAddr::V4(*a) == remote.ip()));
+        let Ok(permit) = slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ())
+            .and_then(|p| from_peer.then_some(p).ok_or(()))
+        else {
+            stats.refused_peers.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(remote = %remote, "flow sync: a connection from no peer's address, or too many; closed");
+            continue;
+        };
+        let (acceptor, maps, plan, book, stats, current2) = (
             acceptor.clone(),
             maps.clone(),
             plan.clone(),
-            known.clone(),
+            book.clone(),
             stats.clone(),
+            current.clone(),
         );
         tokio::spawn(async move {
+            let _permit = permit;
             let mut tls = match acceptor.accept(sock, Some(remote)).await {
                 Ok(t) => t,
                 Err(e) => {
@@ -604,24 +749,47 @@ async fn serve(
                     return;
                 }
             };
-            let id = tls.peer().identity.clone();
-            let host = match id {
-                Some(i) if i.role == Role::Agent => i.name,
+            let groups_of = |host: &str| -> Vec<Group> {
+                plan.borrow()
+                    .groups
+                    .iter()
+                    .filter(|g| g.peers.get(host).is_some_and(|a| IpAddr::V4(*a) == remote.ip()))
+                    .cloned()
+                    .collect()
+            };
+            let host = match tls.peer().identity.clone() {
+                Some(i) if i.role == Role::Agent && !groups_of(&i.name).is_empty() => i.name,
                 other => {
                     stats.refused_peers.fetch_add(1, Ordering::Relaxed);
                     let who = other.map(|i| i.uri()).unwrap_or_else(|| "no identity".into());
-                    tracing::warn!(remote = %remote, identity = %who, "flow sync: only agents send flows; refused");
+                    tracing::warn!(remote = %remote, identity = %who, "flow sync: not the agent of a host holding a virtual IP with this one, from its address; refused");
                     return;
                 }
             };
-            let mut tables = match Tables::open(&maps) {
-                Ok(t) => t,
-                Err(e) => {
+            // A peer's new connection replaces its old one (which ends at
+            // its next frame).
+            let generation = {
+                let mut c = lock_map(&current2);
+                let g = c.get(&host).map_or(0, |g| g + 1);
+                c.insert(host.clone(), g);
+                g
+            };
+            let replaced = || lock_map(&current2).get(&host) != Some(&generation);
+            tracing::info!(peer = %host, remote = %remote, "flow sync: the peer's flows are taken");
+            let mut tables = match tokio::task::spawn_blocking({
+                let maps = maps.clone();
+                move || Tables::open(&maps)
+            })
+            .await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
                     tracing::error!(error = %format!("{e:#}"), "flow sync: the dataplane's tables cannot be opened");
                     return;
                 }
+                Err(_) => return,
             };
-            let mut announced = false;
+            let mut listed: HashSet<NatKey> = HashSet::new();
             loop {
                 let batch = match read_batch(&mut tls).await {
                     Ok(Some(b)) => b,
@@ -631,37 +799,51 @@ async fn serve(
                         return;
                     }
                 };
-                // The VIPs held with that host now (the plan may change
-                // while the connection lasts).
-                let groups: Vec<Group> = plan
-                    .borrow()
-                    .groups
-                    .iter()
-                    .filter(|g| g.peers.contains_key(&host))
-                    .cloned()
-                    .collect();
-                if groups.is_empty() {
-                    stats.refused_peers.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(peer = %host, remote = %remote, "flow sync: the host holds no virtual IP with this one; refused");
+                if replaced() {
+                    tracing::info!(peer = %host, "flow sync: the peer connected again; its old connection closed");
                     return;
                 }
-                if !announced {
-                    tracing::info!(peer = %host, remote = %remote, "flow sync: the peer's flows are taken");
-                    announced = true;
+                // The VIPs held with that host now (the plan may change
+                // while the connection lasts).
+                let groups = groups_of(&host);
+                if groups.is_empty() {
+                    stats.refused_peers.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(peer = %host, "flow sync: the host no longer holds a virtual IP with this one; its connection closed");
+                    return;
                 }
+                let (b2, s2, h2) = (book.clone(), stats.clone(), host.clone());
                 let before = stats.applied.load(Ordering::Relaxed);
-                apply(&batch, &groups, &mut tables, &known, &stats, &host);
-                if batch.full {
+                let done = tokio::task::spawn_blocking(move || {
+                    let a = apply(&batch, &groups, &mut tables, &b2, &s2, &h2, &mut listed);
+                    if batch.full_done {
+                        prune(&mut tables, &b2, &h2, &listed, &s2);
+                    }
+                    (tables, listed, a, batch.full_done, batch.flows.len())
+                })
+                .await;
+                let Ok((t, l, a, full_done, n)) = done else { return };
+                tables = t;
+                listed = l;
+                if !a.refused.is_empty() {
+                    tracing::warn!(peer = %host, first = %a.refused.join("; "), "flows from a peer refused");
+                }
+                if full_done {
                     tracing::info!(
                         peer = %host,
-                        flows = batch.flows.len(),
+                        listed = listed.len(),
                         written = stats.applied.load(Ordering::Relaxed) - before,
+                        last_frame = n,
                         "flow sync: a full batch from the peer"
                     );
+                    listed.clear();
                 }
             }
         });
     }
+}
+
+fn lock_map<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A peer's sender: its queue and whether it must be resynchronised.
@@ -669,6 +851,7 @@ struct Link {
     tx: mpsc::Sender<Arc<pb::FlowSyncBatch>>,
     resync: Arc<AtomicBool>,
     groups: watch::Sender<Vec<Group>>,
+    addr: Ipv4Addr,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -680,7 +863,7 @@ async fn source(
     connector: Arc<Connector>,
     port: u16,
     mut plan: watch::Receiver<Plan>,
-    known: Known,
+    book: Shared,
     stats: Arc<Stats>,
 ) {
     // SAFETY: the ring owns its descriptor and keeps it open for as long
@@ -698,7 +881,6 @@ async fn source(
     let mut send = tokio::time::interval(SEND_EVERY);
     let mut scan = tokio::time::interval(SCAN_EVERY);
     scan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut flows: Option<BpfHashMap<MapData, NatKey, NatFlow>> = None;
     let mut current = Plan::default();
     loop {
         tokio::select! {
@@ -713,7 +895,7 @@ async fn source(
                 let Ok(mut guard) = guard else { return };
                 let now = monotonic_ns();
                 let ring = guard.get_inner_mut();
-                let mut known = known.lock().unwrap_or_else(|p| p.into_inner());
+                let mut book = lock(&book);
                 for _ in 0..65536 {
                     let Some(item) = ring.next() else { break };
                     if item.len() < std::mem::size_of::<NatSyncEvent>() {
@@ -721,12 +903,13 @@ async fn source(
                     }
                     // SAFETY: the programs write whole events; read unaligned.
                     let e: NatSyncEvent = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const NatSyncEvent) };
-                    if current.group_of_vip(&ip_of(e.key.family, &e.key.vip)).is_none() {
+                    if !current.has(e.flow.vni, e.key.family, &e.key.vip) {
                         continue;
                     }
-                    known.insert(e.key, (e.flow.last_seen_ns, e.flow.flags));
+                    book.told.insert(e.key, (e.flow.last_seen_ns, e.flow.flags));
                     pending.insert(e.key, flow_pb(&e.key, &e.flow, now));
                 }
+                drop(book);
                 guard.clear_ready();
             }
             _ = send.tick() => {
@@ -740,13 +923,10 @@ async fn source(
                 if current.groups.is_empty() {
                     continue;
                 }
-                if flows.is_none() {
-                    flows = MapData::from_pin(maps.join(NAT_FLOWS))
-                        .ok()
-                        .and_then(|m| BpfHashMap::try_from(aya::maps::Map::HashMap(m)).ok());
-                }
-                let Some(table) = &flows else { continue };
-                let (moved, gone) = changes(table, &current, &known);
+                let (m, p, b) = (maps.clone(), current.clone(), book.clone());
+                let Ok(Ok((moved, gone))) = tokio::task::spawn_blocking(move || changes(&m, &p, &b)).await else {
+                    continue;
+                };
                 if !moved.is_empty() || !gone.is_empty() {
                     fan_out(&links, &current, moved, gone, &stats);
                 }
@@ -755,39 +935,57 @@ async fn source(
     }
 }
 
-/// The flows of the plan's VIPs that moved since the peers were told, and
-/// those gone; `known` is brought up to date.
-fn changes(
-    table: &BpfHashMap<MapData, NatKey, NatFlow>,
-    plan: &Plan,
-    known: &Known,
-) -> (Vec<(NatKey, pb::SyncedFlow)>, Vec<NatKey>) {
+/// The flows of the plan's VIPs carried here that moved since the peers
+/// were told, and those gone (blocking: map calls).
+#[allow(clippy::type_complexity)]
+fn changes(maps: &Path, plan: &Plan, book: &Shared) -> anyhow::Result<(Vec<(NatKey, pb::SyncedFlow)>, Vec<NatKey>)> {
+    let table: BpfHashMap<MapData, NatKey, NatFlow> = BpfHashMap::try_from(aya::maps::Map::HashMap(
+        MapData::from_pin(maps.join(NAT_FLOWS)).with_context(|| format!("opening pinned map {NAT_FLOWS}"))?,
+    ))?;
     let now = monotonic_ns();
+    let ours: Vec<(NatKey, NatFlow)> = table
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, f)| carried(f) && plan.has(f.vni, k.family, &k.vip))
+        .collect();
     let mut moved = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    let mut known = known.lock().unwrap_or_else(|p| p.into_inner());
-    for (k, f) in table.iter().filter_map(Result::ok) {
-        if plan.group_of_vip(&ip_of(k.family, &k.vip)).is_none() {
-            continue;
+    let mut seen = HashSet::new();
+    let candidates: Vec<NatKey> = {
+        let mut book = lock(book);
+        for (k, f) in &ours {
+            seen.insert(*k);
+            let send = match book.told.get(k) {
+                None => true,
+                Some((last, flags)) => *flags != f.flags || f.last_seen_ns >= last.saturating_add(REFRESH_NS),
+            };
+            if send {
+                book.told.insert(*k, (f.last_seen_ns, f.flags));
+                moved.push((*k, flow_pb(k, f, now)));
+            }
         }
-        seen.insert(k);
-        let send = match known.get(&k) {
-            None => true,
-            Some((last, flags)) => *flags != f.flags || f.last_seen_ns >= last.saturating_add(REFRESH_NS),
-        };
-        if send {
-            known.insert(k, (f.last_seen_ns, f.flags));
-            moved.push((k, flow_pb(&k, &f, now)));
+        book.told.keys().filter(|k| !seen.contains(*k)).copied().collect()
+    };
+    // A walk of a table being written may miss a key: gone only if it is
+    // not there when asked.
+    let gone: Vec<NatKey> = candidates.into_iter().filter(|k| table.get(k, 0).is_err()).collect();
+    let copies: Vec<NatKey> = {
+        let mut b = lock(book);
+        for k in &gone {
+            b.told.remove(k);
         }
+        b.copies.keys().copied().collect()
+    };
+    // Copies whose flow left the table (timed out here) are forgotten.
+    let left: Vec<NatKey> = copies.into_iter().filter(|k| table.get(k, 0).is_err()).collect();
+    let mut b = lock(book);
+    for k in left {
+        b.copies.remove(&k);
     }
-    let gone: Vec<NatKey> = known.keys().filter(|k| !seen.contains(k)).copied().collect();
-    for k in &gone {
-        known.remove(k);
-    }
-    (moved, gone)
+    Ok((moved, gone))
 }
 
-/// Sends flows and removals to the peers of their VIPs.
+/// Sends flows and removals to the peers of their VIPs, in frames of at
+/// most [`FRAME_FLOWS`].
 fn fan_out(
     links: &BTreeMap<String, Link>,
     plan: &Plan,
@@ -796,30 +994,51 @@ fn fan_out(
     stats: &Stats,
 ) {
     for g in &plan.groups {
-        let mine = |k: &NatKey| g.addresses.contains(&ip_of(k.family, &k.vip));
-        let batch = Arc::new(pb::FlowSyncBatch {
-            full: false,
-            flows: flows.iter().filter(|(k, _)| mine(k)).map(|(_, f)| f.clone()).collect(),
-            removed: gone.iter().filter(|k| mine(k)).map(key_pb).collect(),
-        });
-        if batch.flows.is_empty() && batch.removed.is_empty() {
+        let mine: Vec<pb::SyncedFlow> = flows
+            .iter()
+            .filter(|(k, f)| g.has(f.vni, k.family, &k.vip))
+            .map(|(_, f)| f.clone())
+            .collect();
+        // A removal names no VNI: the address alone says which VIP.
+        let removed: Vec<pb::SyncedFlowKey> = gone
+            .iter()
+            .filter(|k| g.addresses.contains(&ip_of(k.family, &k.vip)))
+            .map(key_pb)
+            .collect();
+        if mine.is_empty() && removed.is_empty() {
             continue;
+        }
+        let mut frames = Vec::new();
+        for c in mine.chunks(FRAME_FLOWS) {
+            frames.push(Arc::new(pb::FlowSyncBatch {
+                flows: c.to_vec(),
+                ..Default::default()
+            }));
+        }
+        for c in removed.chunks(FRAME_FLOWS) {
+            frames.push(Arc::new(pb::FlowSyncBatch {
+                removed: c.to_vec(),
+                ..Default::default()
+            }));
         }
         for h in g.peers.keys() {
             let Some(l) = links.get(h) else { continue };
-            if l.tx.try_send(batch.clone()).is_err() {
-                // Full or not connected: the next connection (or the next
-                // loop of this one) sends everything.
-                l.resync.store(true, Ordering::Relaxed);
-            } else {
-                stats.sent.fetch_add(batch.flows.len() as u64, Ordering::Relaxed);
+            for f in &frames {
+                if l.tx.try_send(f.clone()).is_err() {
+                    // Full or not connected: the next connection (or the
+                    // next loop of this one) sends everything.
+                    l.resync.store(true, Ordering::Relaxed);
+                    break;
+                }
+                stats.sent.fetch_add(f.flows.len() as u64, Ordering::Relaxed);
             }
         }
     }
 }
 
-/// Starts a sender for each new peer, stops those no longer peers, and
-/// tells the others which VIPs they share.
+/// Starts a sender for each new peer, stops those no longer peers (or
+/// whose underlay moved), and tells the others which VIPs they share
+/// (resynchronising them when that changed).
 fn relink(
     links: &mut BTreeMap<String, Link>,
     plan: &Plan,
@@ -830,10 +1049,7 @@ fn relink(
 ) {
     let peers = plan.peers();
     links.retain(|h, l| {
-        let keep = peers.get(h).is_some_and(|(a, _)| {
-            // A peer whose underlay moved is dialled again at the new one.
-            l.groups.borrow().iter().all(|g| g.peers.get(h) == Some(a))
-        });
+        let keep = peers.get(h).is_some_and(|(a, _)| *a == l.addr);
         if !keep {
             l.task.abort();
         }
@@ -841,7 +1057,12 @@ fn relink(
     });
     for (h, (addr, groups)) in peers {
         if let Some(l) = links.get(&h) {
-            let _ = l.groups.send(groups);
+            if *l.groups.borrow() != groups {
+                let _ = l.groups.send(groups);
+                l.resync.store(true, Ordering::Relaxed);
+                // Wakes the sender if it waits on its queue.
+                let _ = l.tx.try_send(Arc::new(pb::FlowSyncBatch::default()));
+            }
             continue;
         }
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -863,6 +1084,7 @@ fn relink(
                 tx,
                 resync,
                 groups: gtx,
+                addr,
                 task,
             },
         );
@@ -920,26 +1142,36 @@ async fn send_to(
                     // What is queued is in the full batch.
                     while rx.try_recv().is_ok() {}
                     let g = groups.borrow().clone();
-                    let n = send_full(&mut tls, &maps, &g).await?;
+                    let m = maps.clone();
+                    let frames = tokio::task::spawn_blocking(move || full(&m, &g))
+                        .await
+                        .map_err(|e| anyhow::anyhow!("reading the flow table: {e}"))??;
+                    let n: usize = frames.iter().map(|f| f.flows.len()).sum();
+                    for f in &frames {
+                        write_batch(&mut tls, f).await?;
+                    }
                     stats.resyncs.fetch_add(1, Ordering::Relaxed);
                     stats.sent.fetch_add(n as u64, Ordering::Relaxed);
                     tracing::info!(peer = %host, flows = n, "flow sync: a full batch sent");
                 }
                 let Some(b) = rx.recv().await else { return Ok(()) };
-                write_batch(&mut tls, &b).await?;
+                if !b.flows.is_empty() || !b.removed.is_empty() {
+                    write_batch(&mut tls, &b).await?;
+                }
             }
         }
         .await;
         if let Err(e) = result {
             tracing::warn!(peer = %host, error = %format!("{e:#}"), "flow sync: the connection to the peer broke; reconnecting");
         }
+        resync.store(true, Ordering::Relaxed);
         tokio::time::sleep(REDIAL).await;
     }
 }
 
-/// Every flow of the VIPs shared with a peer, in frames of at most
-/// [`FRAME_FLOWS`].
-async fn send_full<S: AsyncWrite + Unpin>(s: &mut S, maps: &Path, groups: &[Group]) -> anyhow::Result<usize> {
+/// Every flow carried here of the VIPs shared with a peer, in frames of at
+/// most [`FRAME_FLOWS`], the last one marked (blocking: map calls).
+fn full(maps: &Path, groups: &[Group]) -> anyhow::Result<Vec<pb::FlowSyncBatch>> {
     let table: BpfHashMap<MapData, NatKey, NatFlow> = BpfHashMap::try_from(aya::maps::Map::HashMap(
         MapData::from_pin(maps.join(NAT_FLOWS)).with_context(|| format!("opening pinned map {NAT_FLOWS}"))?,
     ))?;
@@ -947,33 +1179,27 @@ async fn send_full<S: AsyncWrite + Unpin>(s: &mut S, maps: &Path, groups: &[Grou
     let flows: Vec<pb::SyncedFlow> = table
         .iter()
         .filter_map(Result::ok)
-        .filter(|(k, _)| groups.iter().any(|g| g.addresses.contains(&ip_of(k.family, &k.vip))))
+        .filter(|(k, f)| carried(f) && groups.iter().any(|g| g.has(f.vni, k.family, &k.vip)))
         .map(|(k, f)| flow_pb(&k, &f, now))
         .collect();
-    let n = flows.len();
-    let mut chunks = flows.chunks(FRAME_FLOWS).peekable();
-    if chunks.peek().is_none() {
-        write_batch(
-            s,
-            &pb::FlowSyncBatch {
-                full: true,
-                ..Default::default()
-            },
-        )
-        .await?;
+    let mut frames: Vec<pb::FlowSyncBatch> = flows
+        .chunks(FRAME_FLOWS)
+        .map(|c| pb::FlowSyncBatch {
+            full: true,
+            flows: c.to_vec(),
+            ..Default::default()
+        })
+        .collect();
+    if frames.is_empty() {
+        frames.push(pb::FlowSyncBatch {
+            full: true,
+            ..Default::default()
+        });
     }
-    for c in chunks {
-        write_batch(
-            s,
-            &pb::FlowSyncBatch {
-                full: true,
-                flows: c.to_vec(),
-                removed: Vec::new(),
-            },
-        )
-        .await?;
+    if let Some(last) = frames.last_mut() {
+        last.full_done = true;
     }
-    Ok(n)
+    Ok(frames)
 }
 
 #[cfg(test)]

@@ -591,7 +591,15 @@ impl Manager {
             }
         };
         for g in grants {
-            if self.releases.remove(&g.virtual_ip_id) {
+            // A release is done when the controller says so (or answers at
+            // all for a VIP no longer held here: it may no longer hold the
+            // host as a holder); the answer to a claim sent before it
+            // leaves it due.
+            if g.reason == "released" || !self.vips.contains_key(&g.virtual_ip_id) {
+                self.releases.remove(&g.virtual_ip_id);
+                continue;
+            }
+            if self.releases.contains(&g.virtual_ip_id) {
                 continue;
             }
             let Some(v) = self.vips.get_mut(&g.virtual_ip_id) else {

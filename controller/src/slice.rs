@@ -95,6 +95,11 @@ pub fn names(state: &State, host: &str) -> BTreeSet<String> {
     // translates them within a lease only), and those of the VPCs whose
     // network it holds (where the address's owner is; held by hosts, the
     // owner's host is where the holders' NAT addresses are answered).
+    let local_or_nat: BTreeSet<&str> = local
+        .iter()
+        .copied()
+        .chain(nat_lbs.iter().map(|l| l.vpc_id.as_str()))
+        .collect();
     for v in state.virtual_ips.values() {
         let held_here = v
             .holders
@@ -104,7 +109,10 @@ pub fn names(state: &State, host: &str) -> BTreeSet<String> {
                 && nat_lbs
                     .iter()
                     .any(|l| l.vpc_id == v.vpc_id && l.vips().any(|a| v.addresses().any(|b| a == b))));
-        if held_here || vpcs.contains(v.vpc_id.as_str()) {
+        // (Held by hosts: only the VPC's own hosts, not its peers', learn
+        // its holders and owner.)
+        let of_vpc = if v.host_held() { &local_or_nat } else { &vpcs };
+        if held_here || of_vpc.contains(v.vpc_id.as_str()) {
             out.insert(format!("vip/{}", v.id));
         }
     }

@@ -93,6 +93,88 @@ fn has_address(lab: &sdn_integration::lab::Lab, host: &str) -> bool {
         .is_ok_and(|s| s.contains(VIP))
 }
 
+/// The north-south flows in `host`'s dataplane (`sdn-agent nat-flows`).
+fn nat_flows(lab: &sdn_integration::lab::Lab, host: &str) -> Vec<serde_json::Value> {
+    let out = std::process::Command::new(sdn_integration::bin("sdn-agent"))
+        .args(["nat-flows", "--pin-dir", lab.cluster.pin_dir(host).to_str().unwrap()])
+        .output()
+        .expect("sdn-agent nat-flows");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+/// A flow as a holder's agent would send it: client 203.0.113.`client`
+/// through the VIP's echo service to `member`:9000 from `nat`.
+fn synced(client: u8, vip: [u8; 4], member: &str, nat: &str) -> pb::SyncedFlow {
+    let v4 = |a: &str| a.parse::<std::net::Ipv4Addr>().unwrap().octets().to_vec();
+    pb::SyncedFlow {
+        key: Some(pb::SyncedFlowKey {
+            zone: 1,
+            proto: 6,
+            client: vec![203, 0, 113, client],
+            client_port: 5555,
+            vip: vip.to_vec(),
+            vip_port: 7000,
+        }),
+        vni: 0,
+        member: v4(member),
+        member_port: 9000,
+        nat: v4(nat),
+        nat_port: 60_000 + client as u32,
+        flags: 2,
+        idle_ms: 10,
+        age_ms: 100,
+        ..Default::default()
+    }
+}
+
+/// Connects to `to`'s flow sync port from `from`'s namespace (its
+/// underlay address) with `uri`'s certificate of the lab's CA, and writes
+/// `frames` (each its length first, unless raw). Whether the handshake
+/// passed; what the server did after the frames is read as "closed".
+fn attack(
+    lab: &sdn_integration::lab::Lab,
+    from: &str,
+    to: &str,
+    uri: &str,
+    frames: Vec<(bool, Vec<u8>)>,
+) -> Result<String, String> {
+    let ns = lab.topo.host_ns(from).name.clone();
+    let addr: std::net::SocketAddr = format!("{}:7946", lab.topo.underlay_ip(to)).parse().unwrap();
+    let files = lab.cluster.pki.as_ref().expect("a secured lab").files(uri).unwrap();
+    std::thread::spawn(move || {
+        sdn_integration::enter_netns(&ns).map_err(|e| e.to_string())?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let tcp = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let c = sdn_proto::tls::Connector::to_agents(files).map_err(|e| e.to_string())?;
+            let mut tls = c.connect(tcp).await.map_err(|e| format!("handshake: {e}"))?;
+            for (raw, f) in frames {
+                if !raw {
+                    let _ = tls.write_all(&(f.len() as u32).to_be_bytes()).await;
+                }
+                let _ = tls.write_all(&f).await;
+                let _ = tls.flush().await;
+            }
+            let mut b = [0u8; 1];
+            match tokio::time::timeout(Duration::from_secs(2), tls.read(&mut b)).await {
+                Ok(_) => Ok("closed".to_string()),
+                Err(_) => Ok("open".to_string()),
+            }
+        })
+    })
+    .join()
+    .unwrap()
+}
+
 fn signal(lab: &mut sdn_integration::lab::Lab, host: &str, sig: i32) {
     let pid = lab.cluster.agent(host).pid().expect("the agent runs");
     // SAFETY: signalling a process this test started.
@@ -301,6 +383,107 @@ async fn a_vip_held_by_two_nat_hosts_is_answered_by_its_lease_holder_alone() {
     .unwrap();
     sdn_integration::wait_for("h2 to answer again", Duration::from_secs(5), || {
         zone_get(&lab) == "m1 10.40.1.202"
+    })
+    .unwrap();
+
+    // The flow sync port, attacked. h3 (the backup) takes flows only from
+    // the agent of a host holding the VIP with it, from that host's
+    // underlay address, and only flows that can be the VIP's: a NAT
+    // host that holds no VIP with it (h1, with its own agent certificate)
+    // is closed before TLS; another identity from h2's address (a
+    // tenant's certificate) after it; h2's own certificate (a compromised
+    // holder) has its flows checked one by one, and an oversize frame
+    // ends its connection.
+    let vip4: [u8; 4] = VIP.parse::<std::net::Ipv4Addr>().unwrap().octets();
+    let m1 = lab.topo.vm("m1").v4.split('/').next().unwrap().to_string();
+    let vni = nat_flows(&lab, "h2")
+        .iter()
+        .find_map(|f| f["vni"].as_u64())
+        .expect("h2 carries flows of the VIP") as u32;
+    let frame = |flows: Vec<pb::SyncedFlow>| {
+        (
+            false,
+            prost::Message::encode_to_vec(&pb::FlowSyncBatch {
+                flows,
+                ..Default::default()
+            }),
+        )
+    };
+    let with_vni = |mut f: pb::SyncedFlow| {
+        f.vni = vni;
+        f
+    };
+    let r = attack(
+        &lab,
+        "h1",
+        "h3",
+        "sdn://agent/h1",
+        vec![frame(vec![with_vni(synced(8, vip4, &m1, "10.40.1.202"))])],
+    );
+    assert!(
+        r.as_ref().is_err_and(|e| e.starts_with("handshake")),
+        "h1 reached h3's flow sync: {r:?}"
+    );
+    let r = attack(
+        &lab,
+        "h2",
+        "h3",
+        "sdn://tenant/dept-a/mallory",
+        vec![frame(vec![with_vni(synced(8, vip4, &m1, "10.40.1.202"))])],
+    );
+    assert_eq!(r.as_deref(), Ok("closed"), "a tenant's certificate was kept");
+    let frames = vec![
+        // A flow h2 could send: written (the control).
+        frame(vec![with_vni(synced(9, vip4, &m1, "10.40.1.202"))]),
+        // Another VIP; another VPC; a NAT address of no holder (h1's); a
+        // member that is none.
+        frame(vec![
+            with_vni(synced(10, [10, 40, 1, 99], &m1, "10.40.1.202")),
+            synced(11, vip4, &m1, "10.40.1.202"),
+            with_vni(synced(12, vip4, &m1, "10.40.1.201")),
+        ]),
+        frame(vec![with_vni(synced(13, vip4, "10.40.1.77", "10.40.1.202"))]),
+        // Not a frame at all, then a frame too large.
+        (false, vec![0xff; 64]),
+    ];
+    let r = attack(&lab, "h2", "h3", "sdn://agent/h2", frames);
+    assert_eq!(r.as_deref(), Ok("closed"), "a garbled frame was kept reading");
+    let r = attack(
+        &lab,
+        "h2",
+        "h3",
+        "sdn://agent/h2",
+        vec![(true, (64u32 << 20).to_be_bytes().to_vec())],
+    );
+    assert_eq!(r.as_deref(), Ok("closed"), "an oversize frame was kept reading");
+    let clients: Vec<String> = nat_flows(&lab, "h3")
+        .iter()
+        .filter_map(|f| f["client"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        clients.iter().any(|c| c == "203.0.113.9"),
+        "the control flow was not written: {clients:?}"
+    );
+    for bad in 8..=13 {
+        let c = format!("203.0.113.{bad}");
+        assert!(bad == 9 || !clients.contains(&c), "h3 took a hostile flow from {c}");
+    }
+    let log = lab.cluster.agent_log("h3");
+    for want in [
+        "not the agent of a host holding a virtual IP with this one",
+        "is no virtual IP held with this peer",
+        "is no NAT address of a holder",
+        "is no live member of the service here",
+        "a malformed frame",
+        "at most 4194304",
+    ] {
+        assert!(log.contains(want), "h3 never said {want:?}:\n{log}");
+    }
+    // The real h2 connects again at its next flow; its full batch does
+    // not list the forged control flow, so h3 drops it.
+    sdn_integration::wait_for("h3 to drop the flow h2 never carried", Duration::from_secs(10), || {
+        let _ = zone_get(&lab);
+        !nat_flows(&lab, "h3").iter().any(|f| f["client"] == "203.0.113.9")
     })
     .unwrap();
 

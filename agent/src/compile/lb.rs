@@ -93,7 +93,7 @@ pub struct VipOwner {
 /// translates.
 pub fn compile_nat(
     lbs: &[&pb::LoadBalancerOnHost],
-    owners: &BTreeMap<IpAddr, VipOwner>,
+    owners: &BTreeMap<(u32, IpAddr), VipOwner>,
     host: &str,
     plan: &mut LbPlan,
     rejected: &mut Vec<String>,
@@ -127,7 +127,7 @@ pub fn compile_nat(
                 // of the VIP the host holds with others (when that owner's
                 // underlay is known).
                 let owner = owners
-                    .get(&vip)
+                    .get(&(l.vni, vip))
                     .filter(|o| o.holders.contains(&h.host_id) && o.holders.contains(&o.owner))
                     .map(|o| o.owner.as_str())
                     .filter(|o| {
@@ -664,8 +664,8 @@ mod tests {
         // are answered at h2 (its flows go on from the address they began
         // at); the other family's stay where they are.
         let vip = a.load_balancer.as_ref().unwrap().vip_v4.parse().unwrap();
-        let owners: BTreeMap<IpAddr, VipOwner> = [(
-            vip,
+        let owners: BTreeMap<(u32, IpAddr), VipOwner> = [(
+            (7, vip),
             VipOwner {
                 holders: ["h1".to_string(), "h2".to_string()].into(),
                 owner: "h2".into(),
@@ -682,9 +682,14 @@ mod tests {
             let e = ep(&p, "fd00::200").unwrap();
             assert_eq!(e.host_v4, [192, 0, 2, 1], "{host}");
         }
+        // The same address in another VPC moves nothing.
+        let other: BTreeMap<(u32, IpAddr), VipOwner> = [((8, vip), owners[&(7, vip)].clone())].into();
+        let mut p = compile_lbs(&[&a], &mut LbSlots::default(), &mut Vec::new(), 0, &|_| false);
+        compile_nat(&[&a], &other, "h1", &mut p, &mut Vec::new());
+        assert_eq!(ep(&p, "10.0.0.200").unwrap().flags, EP_F_NAT);
         // An owner that is no holder moves nothing.
         let mut stray = owners.clone();
-        stray.get_mut(&vip).unwrap().owner = "h3".into();
+        stray.get_mut(&(7, vip)).unwrap().owner = "h3".into();
         let mut p = compile_lbs(&[&a], &mut LbSlots::default(), &mut Vec::new(), 0, &|_| false);
         compile_nat(&[&a], &stray, "h3", &mut p, &mut Vec::new());
         assert_eq!(ep(&p, "10.0.0.200").unwrap().host_v4, [192, 0, 2, 1]);

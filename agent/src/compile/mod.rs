@@ -409,7 +409,8 @@ impl Compiler {
         let mut systems: Vec<&pb::InformationSystem> = Vec::new();
         let mut lbs: Vec<&pb::LoadBalancerOnHost> = Vec::new();
         let mut held_vips: BTreeSet<IpAddr> = BTreeSet::new();
-        let mut vip_owners: BTreeMap<IpAddr, lb::VipOwner> = BTreeMap::new();
+        let mut vip_owners: BTreeMap<(u32, IpAddr), lb::VipOwner> = BTreeMap::new();
+        let mut leased_vips: BTreeSet<(u32, IpAddr)> = BTreeSet::new();
         for r in res.values() {
             match &r.kind {
                 Some(pb::resource::Kind::Port(p)) => ports.push((r, p)),
@@ -441,12 +442,14 @@ impl Compiler {
                     if let Some(x) = v.virtual_ip.as_ref().filter(|_| !v.uplink_device.is_empty()) {
                         let addrs = [x.ipv4.parse::<IpAddr>().ok(), x.ipv6.parse::<IpAddr>().ok()];
                         held_vips.extend(addrs.iter().flatten());
+                        // Addresses of VPCs may be alike: by VPC.
+                        leased_vips.extend(addrs.iter().flatten().map(|a| (v.vni, *a)));
                         if !x.owner_host_id.is_empty() {
                             let o = lb::VipOwner {
                                 holders: x.holders.iter().map(|h| h.host_id.clone()).collect(),
                                 owner: x.owner_host_id.clone(),
                             };
-                            vip_owners.extend(addrs.iter().flatten().map(|a| (*a, o.clone())));
+                            vip_owners.extend(addrs.iter().flatten().map(|a| ((v.vni, *a), o.clone())));
                         }
                     }
                 }
@@ -607,7 +610,7 @@ impl Compiler {
                 dataplane_common::lb::NatService {
                     lb: s.info,
                     vni: n.service.vni,
-                    flags: if d.held_vips.contains(&key_address_nat(&n.key)) {
+                    flags: if leased_vips.contains(&(n.service.vni, key_address_nat(&n.key))) {
                         dataplane_common::lb::NAT_SVC_F_LEASE
                     } else {
                         0

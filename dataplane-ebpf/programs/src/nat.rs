@@ -27,7 +27,7 @@ use dataplane_common::{
     lb::{
         nat_timeout, NatFlow, NatKey, NatReverseKey, NatService, NatServiceKey, NatSyncEvent, LB_BACKENDS,
         LB_FLOW_CLOSED, LB_FLOW_OPEN, NAT_CLOSE_WINDOW, NAT_F_ACKED, NAT_F_CLOSING, NAT_F_FIN_IN, NAT_F_FIN_OUT,
-        NAT_F_REPLIED, NAT_PORT_FIRST, NAT_PORT_TRIES,
+        NAT_F_REPLIED, NAT_PORT_FIRST, NAT_PORT_TRIES, NAT_SVC_F_LEASE,
     },
     maps::{CtKey, DOOR_VPC, DOOR_ZONE, EP_F_GATEWAY, EP_F_NAT, EP_F_PEER, FW_ALLOW},
     DropReason, Stat, DIR_INGRESS, PROTO_TCP, PROTO_UDP,
@@ -640,11 +640,21 @@ fn promote(key: &NatKey, f: &NatFlow, rk: &NatReverseKey) -> Result<(), DropReas
     Ok(())
 }
 
-/// Tells the agent of a confirmed flow (it carries the flows of VIPs held
-/// by hosts to the other holders). A full ring loses the event: the
-/// agent's next pass over the flows carries the flow all the same.
+/// Tells the agent of a confirmed flow of a VIP held by hosts (it carries
+/// them to the other holders). A full ring loses the event: the agent's
+/// next pass over the flows carries the flow all the same.
 #[inline(always)]
 fn tell(key: &NatKey, f: &NatFlow) {
+    let sk = NatServiceKey {
+        family: key.family,
+        proto: key.proto,
+        port: key.vport,
+        addr: key.vip,
+    };
+    // SAFETY: only the flags are read.
+    if unsafe { NAT_SERVICES.get(&sk) }.is_none_or(|ns| ns.flags & NAT_SVC_F_LEASE == 0) {
+        return;
+    }
     if let Some(mut e) = NAT_SYNC.reserve::<NatSyncEvent>(0) {
         let p = e.as_mut_ptr();
         // SAFETY: the reserved entry is this program's until submitted.
