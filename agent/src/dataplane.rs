@@ -173,7 +173,7 @@ fn sync_hash<K: Pod + Ord, V: Pod + PartialEq>(
 pub const NAT_FLOW_CONTEXT: u32 = 0x8000_0000;
 
 /// A north-south flow's reply key.
-fn nat_reverse(
+pub fn nat_reverse(
     k: &dataplane_common::lb::NatKey,
     f: &dataplane_common::lb::NatFlow,
 ) -> dataplane_common::lb::NatReverseKey {

@@ -240,10 +240,13 @@ async fn main() -> anyhow::Result<()> {
                 .context("starting the virtual IPs' VRRP speakers")?;
             match (flow_sync_port, underlay_ip, cli.tls.files().map_err(anyhow::Error::msg)?) {
                 (0, _, _) => tracing::info!("flow sync off: a virtual IP's failover cuts its connections"),
-                (port, Some(ip), Some(files)) => agent
-                    .start_flow_sync(&pin_dir, files, std::net::SocketAddr::from((ip, port)), port)
-                    .await
-                    .context("starting the flow sync")?,
+                (port, Some(ip), Some(files)) => {
+                    let listen = std::net::SocketAddr::from((ip, port));
+                    // The rest of the agent runs without it.
+                    if let Err(e) = agent.start_flow_sync(&pin_dir, files, listen, port).await {
+                        tracing::error!(error = %format!("{e:#}"), "flow sync off: a virtual IP's failover cuts its connections");
+                    }
+                }
                 (_, None, _) => tracing::warn!(
                     "flow sync off: it listens on the underlay address, and there is no --underlay-ip; a virtual IP's failover cuts its connections"
                 ),

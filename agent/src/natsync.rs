@@ -52,7 +52,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
 use crate::compile::Resources;
-use crate::dataplane::monotonic_ns;
+use crate::dataplane::{monotonic_ns, nat_reverse as reverse_key};
 
 /// The port agents listen on for their peers' flows (on the underlay
 /// address).
@@ -65,9 +65,14 @@ const SCAN_EVERY: Duration = Duration::from_secs(1);
 /// A flow whose last packet is this much newer than the peers were told is
 /// sent again.
 const REFRESH_NS: u64 = 2_000_000_000;
-/// The most flows (and removals) in one frame, and the largest frame read.
+/// The most flows (and removals) in one frame, and the largest frame read
+/// (4,096 flows take about 600 KiB).
 const FRAME_FLOWS: usize = 4096;
-const MAX_FRAME: usize = 4 << 20;
+const MAX_FRAME: usize = 1 << 20;
+/// An idle sender sends an empty frame this often; a receiver that hears
+/// nothing for [`IDLE_TIMEOUT`] closes the connection (its peer is gone).
+const HEARTBEAT: Duration = Duration::from_secs(5);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Batches queued for a peer; past this the peer is resynchronised.
 const QUEUE: usize = 256;
 /// A peer not reachable is dialled again after this.
@@ -222,11 +227,34 @@ struct Book {
     /// The flows this host sent, by key: their last packet and state as
     /// sent (a flow is sent again only when it moved, and said gone when
     /// it is).
-    told: HashMap<NatKey, (u64, u32)>,
+    told: HashMap<NatKey, (u64, u32, u32)>,
     /// The copies of peers' flows written here: the peer, and the last
     /// packet as written (a copy no packet moved here since may be
     /// removed by its peer).
     copies: HashMap<NatKey, (String, u64)>,
+    /// How many copies each peer has here (each has a cap).
+    per_peer: HashMap<String, usize>,
+}
+
+impl Book {
+    fn add_copy(&mut self, key: NatKey, peer: &str, last_seen: u64) {
+        if let Some((old, _)) = self.copies.insert(key, (peer.to_string(), last_seen)) {
+            self.drop_count(&old);
+        }
+        *self.per_peer.entry(peer.to_string()).or_default() += 1;
+    }
+
+    fn forget_copy(&mut self, key: &NatKey) {
+        if let Some((peer, _)) = self.copies.remove(key) {
+            self.drop_count(&peer);
+        }
+    }
+
+    fn drop_count(&mut self, peer: &str) {
+        if let Some(n) = self.per_peer.get_mut(peer) {
+            *n = n.saturating_sub(1);
+        }
+    }
 }
 
 type Shared = Arc<Mutex<Book>>;
@@ -321,14 +349,19 @@ impl Tables {
             .map(|s| s as u16)
     }
 
-    /// Whether this host answers for `vip` now (its lease runs).
-    fn leased(&self, family: u8, vip: &[u8; 16], now: u64) -> bool {
+    /// Whether this host answers for `vip` now and saw a packet of flow
+    /// `f` since it began to: such a flow is this host's to keep. (A flow
+    /// from before, kept in the tables across the agent's or the host's
+    /// death, is not: the peer that carried it meanwhile knows better.)
+    fn owns(&self, family: u8, vip: &[u8; 16], f: &NatFlow, now: u64) -> bool {
         let k = ZoneAddrKey {
             family,
             _pad: [0; 3],
             addr: *vip,
         };
-        self.leases.get(&k, 0).is_ok_and(|l| l.until_ns > now)
+        self.leases
+            .get(&k, 0)
+            .is_ok_and(|l| l.until_ns > now && f.last_seen_ns >= l.since_ns)
     }
 }
 
@@ -434,19 +467,6 @@ const FLAGS_CARRIED: u32 = dataplane_common::lb::NAT_F_CLOSING
     | dataplane_common::lb::LB_FLOW_OPEN
     | dataplane_common::lb::LB_FLOW_CLOSED;
 
-fn reverse_key(k: &NatKey, f: &NatFlow) -> NatReverseKey {
-    NatReverseKey {
-        vni: f.vni,
-        family: k.family,
-        proto: k.proto,
-        backend_port: f.backend_port,
-        nat_port: f.nat_port,
-        _pad: 0,
-        backend: f.backend,
-        nat: f.nat,
-    }
-}
-
 /// What one received frame did.
 #[derive(Default)]
 struct Applied {
@@ -506,10 +526,10 @@ fn remove_copy(t: &mut Tables, book: &Shared, peer: &str, key: &NatKey, now: u64
         return false;
     };
     let Ok(f) = t.flows.get(key, 0) else {
-        lock(book).copies.remove(key);
+        lock(book).forget_copy(key);
         return false;
     };
-    if f.last_seen_ns != written || carried(&f) || t.leased(key.family, &key.vip, now) {
+    if f.last_seen_ns != written || carried(&f) || t.owns(key.family, &key.vip, &f, now) {
         return false;
     }
     let rk = reverse_key(key, &f);
@@ -517,13 +537,29 @@ fn remove_copy(t: &mut Tables, book: &Shared, peer: &str, key: &NatKey, now: u64
         let _ = t.reverse.remove(&rk);
     }
     let gone = t.flows.remove(key).is_ok();
-    lock(book).copies.remove(key);
+    lock(book).forget_copy(key);
     gone
 }
 
-/// After a full batch: `peer`'s copies it did not list end here.
-fn prune(t: &mut Tables, book: &Shared, peer: &str, listed: &HashSet<NatKey>, stats: &Stats) {
+/// After a full batch: `peer`'s copies of the VIPs it `covers` that it did
+/// not list end here.
+fn prune(
+    t: &mut Tables,
+    book: &Shared,
+    peer: &str,
+    listed: &HashSet<NatKey>,
+    covers: &[pb::CoveredVip],
+    stats: &Stats,
+) {
     let now = monotonic_ns();
+    let covered: HashSet<(u32, IpAddr)> = covers
+        .iter()
+        .filter_map(|c| {
+            read_addr("covers.address", &c.address, None)
+                .ok()
+                .map(|(f, a)| (c.vni, ip_of(f, &a)))
+        })
+        .collect();
     let stale: Vec<NatKey> = lock(book)
         .copies
         .iter()
@@ -531,7 +567,11 @@ fn prune(t: &mut Tables, book: &Shared, peer: &str, listed: &HashSet<NatKey>, st
         .map(|(k, _)| *k)
         .collect();
     for k in stale {
-        if remove_copy(t, book, peer, &k, now) {
+        let of_covered = t
+            .flows
+            .get(&k, 0)
+            .is_ok_and(|f| covered.contains(&(f.vni, ip_of(k.family, &k.vip))));
+        if of_covered && remove_copy(t, book, peer, &k, now) {
             stats.removed.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -607,11 +647,20 @@ fn apply_one(
     };
     let mine = t.flows.get(&key, 0).ok();
     if let Some(m) = &mine {
-        if m.last_seen_ns >= last_seen || t.leased(key.family, &key.vip, now) {
+        if m.last_seen_ns >= last_seen || t.owns(key.family, &key.vip, m, now) {
             return Ok((key, false));
         }
-    } else if lock(book).copies.len() >= COPIES_MAX {
-        return Err(format!("too many copies of peers' flows here ({COPIES_MAX})"));
+    } else {
+        let peers = groups
+            .iter()
+            .flat_map(|g| g.peers.keys())
+            .collect::<BTreeSet<_>>()
+            .len()
+            .max(1);
+        let cap = COPIES_MAX / peers;
+        if lock(book).per_peer.get(peer).copied().unwrap_or(0) >= cap {
+            return Err(format!("too many copies of this peer's flows here ({cap})"));
+        }
     }
     let rk = reverse_key(&key, &flow);
     if t.reverse.get(&rk, 0).is_ok_and(|other| other != key) {
@@ -636,7 +685,12 @@ fn apply_one(
     t.flows
         .insert(key, flow, if mine.is_some() { 0 } else { BPF_NOEXIST })
         .map_err(|e| format!("the flow table refused the flow: {e}"))?;
-    if let Err(e) = t.reverse.insert(rk, key, 0) {
+    let reply_there = t.reverse.get(&rk, 0).is_ok_and(|k| k == key);
+    if let Err(e) = if reply_there {
+        Ok(())
+    } else {
+        t.reverse.insert(rk, key, BPF_NOEXIST)
+    } {
         match &mine {
             Some(m) => {
                 let _ = t.flows.insert(key, *m, 0);
@@ -654,7 +708,7 @@ fn apply_one(
             let _ = t.reverse.remove(&old);
         }
     }
-    lock(book).copies.insert(key, (peer.to_string(), last_seen));
+    lock(book).add_copy(key, peer, last_seen);
     Ok((key, true))
 }
 
@@ -671,13 +725,42 @@ async fn read_batch<S: AsyncRead + Unpin>(s: &mut S) -> anyhow::Result<Option<pb
     let mut buf = Vec::with_capacity(len.min(64 << 10));
     (&mut *s).take(len as u64).read_to_end(&mut buf).await?;
     anyhow::ensure!(buf.len() == len, "the connection ended within a frame");
-    let b = pb::FlowSyncBatch::decode(buf.as_slice()).context("a malformed frame")?;
+    // Counted before decoding: a frame of empty entries would decode into
+    // far more memory than it takes on the wire.
+    let n = entries(&buf).context("a malformed frame")?;
     anyhow::ensure!(
-        b.flows.len() + b.removed.len() <= FRAME_FLOWS,
-        "a frame of {} flows and removals (at most {FRAME_FLOWS})",
-        b.flows.len() + b.removed.len()
+        n <= FRAME_FLOWS,
+        "a frame of {n} flows and removals (at most {FRAME_FLOWS})"
     );
-    Ok(Some(b))
+    Ok(Some(
+        pb::FlowSyncBatch::decode(buf.as_slice()).context("a malformed frame")?,
+    ))
+}
+
+/// The flows, removals and covered VIPs a frame holds, from its top-level
+/// fields alone.
+fn entries(mut buf: &[u8]) -> anyhow::Result<usize> {
+    use prost::bytes::Buf as _;
+    let mut n = 0;
+    while buf.has_remaining() {
+        let key = prost::encoding::decode_varint(&mut buf)?;
+        let skip = match key & 7 {
+            0 => {
+                prost::encoding::decode_varint(&mut buf)?;
+                0
+            }
+            1 => 8,
+            2 => usize::try_from(prost::encoding::decode_varint(&mut buf)?)?,
+            5 => 4,
+            w => anyhow::bail!("wire type {w} of field {}", key >> 3),
+        };
+        anyhow::ensure!(skip <= buf.remaining(), "field {} runs past the frame", key >> 3);
+        buf.advance(skip);
+        if matches!(key >> 3, 2 | 3 | 5) {
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 async fn write_batch<S: AsyncWrite + Unpin>(s: &mut S, b: &pb::FlowSyncBatch) -> anyhow::Result<()> {
@@ -791,11 +874,15 @@ async fn serve(
             };
             let mut listed: HashSet<NatKey> = HashSet::new();
             loop {
-                let batch = match read_batch(&mut tls).await {
-                    Ok(Some(b)) => b,
-                    Ok(None) => return,
-                    Err(e) => {
+                let batch = match tokio::time::timeout(IDLE_TIMEOUT, read_batch(&mut tls)).await {
+                    Ok(Ok(Some(b))) => b,
+                    Ok(Ok(None)) => return,
+                    Ok(Err(e)) => {
                         tracing::warn!(peer = %host, error = %format!("{e:#}"), "flow sync: the peer's connection broke");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!(peer = %host, "flow sync: the peer sent nothing for {IDLE_TIMEOUT:?}; its connection closed");
                         return;
                     }
                 };
@@ -811,12 +898,16 @@ async fn serve(
                     tracing::warn!(peer = %host, "flow sync: the host no longer holds a virtual IP with this one; its connection closed");
                     return;
                 }
+                if batch.flows.is_empty() && batch.removed.is_empty() && !batch.full_done {
+                    // A heartbeat.
+                    continue;
+                }
                 let (b2, s2, h2) = (book.clone(), stats.clone(), host.clone());
                 let before = stats.applied.load(Ordering::Relaxed);
                 let done = tokio::task::spawn_blocking(move || {
                     let a = apply(&batch, &groups, &mut tables, &b2, &s2, &h2, &mut listed);
                     if batch.full_done {
-                        prune(&mut tables, &b2, &h2, &listed, &s2);
+                        prune(&mut tables, &b2, &h2, &listed, &batch.covers, &s2);
                     }
                     (tables, listed, a, batch.full_done, batch.flows.len())
                 })
@@ -906,7 +997,7 @@ async fn source(
                     if !current.has(e.flow.vni, e.key.family, &e.key.vip) {
                         continue;
                     }
-                    book.told.insert(e.key, (e.flow.last_seen_ns, e.flow.flags));
+                    book.told.insert(e.key, (e.flow.last_seen_ns, e.flow.flags, e.flow.vni));
                     pending.insert(e.key, flow_pb(&e.key, &e.flow, now));
                 }
                 drop(book);
@@ -936,9 +1027,13 @@ async fn source(
 }
 
 /// The flows of the plan's VIPs carried here that moved since the peers
-/// were told, and those gone (blocking: map calls).
+/// were told, and those gone, with their VNIs (blocking: map calls).
 #[allow(clippy::type_complexity)]
-fn changes(maps: &Path, plan: &Plan, book: &Shared) -> anyhow::Result<(Vec<(NatKey, pb::SyncedFlow)>, Vec<NatKey>)> {
+fn changes(
+    maps: &Path,
+    plan: &Plan,
+    book: &Shared,
+) -> anyhow::Result<(Vec<(NatKey, pb::SyncedFlow)>, Vec<(NatKey, u32)>)> {
     let table: BpfHashMap<MapData, NatKey, NatFlow> = BpfHashMap::try_from(aya::maps::Map::HashMap(
         MapData::from_pin(maps.join(NAT_FLOWS)).with_context(|| format!("opening pinned map {NAT_FLOWS}"))?,
     ))?;
@@ -948,29 +1043,38 @@ fn changes(maps: &Path, plan: &Plan, book: &Shared) -> anyhow::Result<(Vec<(NatK
         .filter_map(Result::ok)
         .filter(|(k, f)| carried(f) && plan.has(f.vni, k.family, &k.vip))
         .collect();
-    let mut moved = Vec::new();
-    let mut seen = HashSet::new();
-    let candidates: Vec<NatKey> = {
+    let seen: HashSet<NatKey> = ours.iter().map(|(k, _)| *k).collect();
+    // Under the lock only the comparison; the frames are built after.
+    let (moving, candidates): (Vec<(NatKey, NatFlow)>, Vec<(NatKey, u32)>) = {
         let mut book = lock(book);
-        for (k, f) in &ours {
-            seen.insert(*k);
-            let send = match book.told.get(k) {
+        let moving: Vec<(NatKey, NatFlow)> = ours
+            .into_iter()
+            .filter(|(k, f)| match book.told.get(k) {
                 None => true,
-                Some((last, flags)) => *flags != f.flags || f.last_seen_ns >= last.saturating_add(REFRESH_NS),
-            };
-            if send {
-                book.told.insert(*k, (f.last_seen_ns, f.flags));
-                moved.push((*k, flow_pb(k, f, now)));
-            }
+                Some((last, flags, _)) => *flags != f.flags || f.last_seen_ns >= last.saturating_add(REFRESH_NS),
+            })
+            .collect();
+        for (k, f) in &moving {
+            book.told.insert(*k, (f.last_seen_ns, f.flags, f.vni));
         }
-        book.told.keys().filter(|k| !seen.contains(*k)).copied().collect()
+        let candidates = book
+            .told
+            .iter()
+            .filter(|(k, _)| !seen.contains(*k))
+            .map(|(k, t)| (*k, t.2))
+            .collect();
+        (moving, candidates)
     };
+    let moved = moving.iter().map(|(k, f)| (*k, flow_pb(k, f, now))).collect();
     // A walk of a table being written may miss a key: gone only if it is
     // not there when asked.
-    let gone: Vec<NatKey> = candidates.into_iter().filter(|k| table.get(k, 0).is_err()).collect();
+    let gone: Vec<(NatKey, u32)> = candidates
+        .into_iter()
+        .filter(|(k, _)| table.get(k, 0).is_err())
+        .collect();
     let copies: Vec<NatKey> = {
         let mut b = lock(book);
-        for k in &gone {
+        for (k, _) in &gone {
             b.told.remove(k);
         }
         b.copies.keys().copied().collect()
@@ -979,7 +1083,7 @@ fn changes(maps: &Path, plan: &Plan, book: &Shared) -> anyhow::Result<(Vec<(NatK
     let left: Vec<NatKey> = copies.into_iter().filter(|k| table.get(k, 0).is_err()).collect();
     let mut b = lock(book);
     for k in left {
-        b.copies.remove(&k);
+        b.forget_copy(&k);
     }
     Ok((moved, gone))
 }
@@ -990,7 +1094,7 @@ fn fan_out(
     links: &BTreeMap<String, Link>,
     plan: &Plan,
     flows: Vec<(NatKey, pb::SyncedFlow)>,
-    gone: Vec<NatKey>,
+    gone: Vec<(NatKey, u32)>,
     stats: &Stats,
 ) {
     for g in &plan.groups {
@@ -999,11 +1103,10 @@ fn fan_out(
             .filter(|(k, f)| g.has(f.vni, k.family, &k.vip))
             .map(|(_, f)| f.clone())
             .collect();
-        // A removal names no VNI: the address alone says which VIP.
         let removed: Vec<pb::SyncedFlowKey> = gone
             .iter()
-            .filter(|k| g.addresses.contains(&ip_of(k.family, &k.vip)))
-            .map(key_pb)
+            .filter(|(k, vni)| g.has(*vni, k.family, &k.vip))
+            .map(|(k, _)| key_pb(k))
             .collect();
         if mine.is_empty() && removed.is_empty() {
             continue;
@@ -1154,9 +1257,12 @@ async fn send_to(
                     stats.sent.fetch_add(n as u64, Ordering::Relaxed);
                     tracing::info!(peer = %host, flows = n, "flow sync: a full batch sent");
                 }
-                let Some(b) = rx.recv().await else { return Ok(()) };
-                if !b.flows.is_empty() || !b.removed.is_empty() {
-                    write_batch(&mut tls, &b).await?;
+                match tokio::time::timeout(HEARTBEAT, rx.recv()).await {
+                    // Idle: a heartbeat, so the peer knows this end lives.
+                    Err(_) => write_batch(&mut tls, &pb::FlowSyncBatch::default()).await?,
+                    Ok(None) => return Ok(()),
+                    Ok(Some(b)) if b.flows.is_empty() && b.removed.is_empty() => {}
+                    Ok(Some(b)) => write_batch(&mut tls, &b).await?,
                 }
             }
         }
@@ -1198,6 +1304,17 @@ fn full(maps: &Path, groups: &[Group]) -> anyhow::Result<Vec<pb::FlowSyncBatch>>
     }
     if let Some(last) = frames.last_mut() {
         last.full_done = true;
+        // What the batch speaks for: the receiver prunes only those VIPs'
+        // copies.
+        last.covers = groups
+            .iter()
+            .flat_map(|g| {
+                g.addresses.iter().map(|a| pb::CoveredVip {
+                    vni: g.vni,
+                    address: wire_addr(addr16(a).0, &addr16(a).1),
+                })
+            })
+            .collect();
     }
     Ok(frames)
 }
@@ -1247,6 +1364,26 @@ mod tests {
         bad(|k| k.client = vec![0; 16], "key.client");
         bad(|k| k.client_port = 0, "key.client_port");
         bad(|k| k.vip_port = 70000, "key.vip_port");
+    }
+
+    /// A frame's entries are counted from its top-level fields before it
+    /// is decoded; a field that runs past the frame is malformed.
+    #[test]
+    fn frames_are_counted_before_they_are_decoded() {
+        let b = pb::FlowSyncBatch {
+            full: true,
+            flows: vec![flow(), pb::SyncedFlow::default()],
+            removed: vec![pb::SyncedFlowKey::default(); 3],
+            full_done: true,
+            covers: vec![pb::CoveredVip::default()],
+        };
+        let buf = b.encode_to_vec();
+        assert_eq!(entries(&buf).unwrap(), 6);
+        assert!(entries(&buf[..buf.len() - 1]).is_err());
+        // 100,000 empty flows: 200 KB on the wire, counted, never decoded.
+        let empty = vec![0x12u8, 0x00].repeat(100_000);
+        assert_eq!(entries(&empty).unwrap(), 100_000);
+        assert!(entries(&[0x0f]).is_err(), "wire type 7");
     }
 
     /// The plan shares each VIP held by hosts with its other holders, at

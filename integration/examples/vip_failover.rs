@@ -70,23 +70,24 @@ fn survive(
     seconds: u32,
 ) -> std::thread::JoinHandle<(usize, u64)> {
     std::thread::spawn(move || {
-        let out = ns_sh(
+        let n = conns().to_string();
+        // A probe that cannot even open its connections counts them all
+        // lost, and says why.
+        let j = run_probe(
             &ns,
             &[
-                bin("sdn-probe").to_str().unwrap(),
                 "survive",
                 addr,
                 port,
                 "--conns",
-                &conns().to_string(),
+                &n,
                 "--seconds",
                 &seconds.to_string(),
                 "--bind",
                 bind,
             ],
         )
-        .expect("the connections' probe");
-        let j: serde_json::Value = serde_json::from_str(out.trim()).expect("the probe's JSON");
+        .unwrap_or_else(|e| serde_json::json!({ "survived": 0, "error": e }));
         if j["survived"].as_u64() != Some(conns() as u64) {
             eprintln!("  connections: {j}");
         }
@@ -95,6 +96,15 @@ fn survive(
             j["max_stall_ms"].as_u64().unwrap_or(0),
         )
     })
+}
+
+/// `sdn-probe ARGS` in `ns`: the JSON it prints, or why it failed.
+fn run_probe(ns: &str, args: &[&str]) -> Result<serde_json::Value, String> {
+    let probe = bin("sdn-probe");
+    let mut all = vec![probe.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = ns_sh(ns, &all).map_err(|e| e.to_string())?;
+    serde_json::from_str(out.trim()).map_err(|e| format!("the probe's output: {e}"))
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -112,21 +122,11 @@ fn probe(
     seconds: u32,
 ) -> std::thread::JoinHandle<f64> {
     std::thread::spawn(move || {
-        let out = ns_sh(
+        let j = run_probe(
             &ns,
-            &[
-                bin("sdn-probe").to_str().unwrap(),
-                "gap",
-                addr,
-                port,
-                "--seconds",
-                &seconds.to_string(),
-                "--bind",
-                bind,
-            ],
+            &["gap", addr, port, "--seconds", &seconds.to_string(), "--bind", bind],
         )
         .expect("the probe");
-        let j: serde_json::Value = serde_json::from_str(out.trim()).expect("the probe's JSON");
         j["max_gap_ms"].as_f64().unwrap_or(f64::NAN)
     })
 }
