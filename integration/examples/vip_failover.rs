@@ -245,6 +245,24 @@ async fn ours(n: usize, sync: bool) -> anyhow::Result<(Vec<f64>, Vec<(usize, u64
     Ok((gaps, survived))
 }
 
+/// An `sdn-probe serve ARGS` echo server in each namespace `PREFIX-NAME`.
+fn echo_servers(prefix: &str, names: &[&str], args: &[&str], dir: &Path) -> anyhow::Result<Vec<Proc>> {
+    let mut all = vec!["serve"];
+    all.extend_from_slice(args);
+    names
+        .iter()
+        .map(|n| {
+            Proc::spawn(
+                &format!("echo-{n}"),
+                Some(&format!("{prefix}-{n}")),
+                &bin("sdn-probe"),
+                &all,
+                dir,
+            )
+        })
+        .collect()
+}
+
 /// One of the keepalived pair: VRRPv2 every second at its defaults, or
 /// VRRPv3 at our interval.
 fn keepalived_at(ns: &str, dir: &Path, name: &str, priority: u8, fast: bool) -> anyhow::Result<Keepalived> {
@@ -274,16 +292,7 @@ fn keepalived(n: usize, fast: bool) -> anyhow::Result<Vec<f64>> {
         ns.sh(&["ip", "link", "set", "eth0", "up"])?;
         ends.push(ns);
     }
-    let mut servers = Vec::new();
-    for e in ["a", "b"] {
-        servers.push(Proc::spawn(
-            &format!("echo-{e}"),
-            Some(&format!("kfo-{e}")),
-            &bin("sdn-probe"),
-            &["serve", "--udp", "9001"],
-            dir.path(),
-        )?);
-    }
+    let servers = echo_servers("kfo", &["a", "b"], &["--udp", "9001"], dir.path())?;
     let holds =
         |ns: &str| sh(&["ip", "-n", ns, "-br", "addr", "show", "dev", "eth0"]).is_ok_and(|s| s.contains(KA_VIP));
     let _b = keepalived_at("kfo-b", dir.path(), "kb", 100, fast)?;
@@ -418,16 +427,7 @@ fn keepalived_nat(n: usize, sync: bool) -> anyhow::Result<Vec<(usize, u64)>> {
             ],
         )?;
     }
-    let mut servers = Vec::new();
-    for s in ["s1", "s2"] {
-        servers.push(Proc::spawn(
-            &format!("echo-{s}"),
-            Some(&format!("kcs-{s}")),
-            &bin("sdn-probe"),
-            &["serve", "--tcp", "9000"],
-            d,
-        )?);
-    }
+    let servers = echo_servers("kcs", &["s1", "s2"], &["--tcp", "9000"], d)?;
     let mut ctds = Vec::new();
     let mut scripts = Vec::new();
     for (name, me, peer) in [("a", "10.80.0.1", "10.80.0.2"), ("b", "10.80.0.2", "10.80.0.1")] {
