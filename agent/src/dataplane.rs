@@ -44,6 +44,16 @@ pub const MIRROR_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
 pub const MIRROR_OVERLAY_PROGRAM: &str = "mirror_from_overlay";
 const MIRROR_OVERLAY_PIN: &str = "mirror-overlay";
 
+/// VRRP's observers on a holder port's device, before the pipeline's
+/// entries (their link pins are `vrrp-IFINDEX-DIR`), and on the VXLAN
+/// device.
+pub const VRRP_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
+    ("vrrp_from_vm", TcAttachType::Ingress, "ingress"),
+    ("vrrp_to_vm", TcAttachType::Egress, "egress"),
+];
+pub const VRRP_OVERLAY_PROGRAM: &str = "vrrp_from_overlay";
+const VRRP_OVERLAY_PIN: &str = "vrrp-overlay";
+
 /// The program on the VXLAN device's ingress, and its link pin's name.
 pub const OVERLAY_PROGRAM: &str = "from_overlay";
 const OVERLAY_PIN: &str = "overlay-ingress";
@@ -64,6 +74,8 @@ pub fn tc_programs() -> impl Iterator<Item = &'static str> {
         .chain([OVERLAY_PROGRAM])
         .chain(MIRROR_PROGRAMS.iter().map(|p| p.0))
         .chain([MIRROR_OVERLAY_PROGRAM])
+        .chain(VRRP_PROGRAMS.iter().map(|p| p.0))
+        .chain([VRRP_OVERLAY_PROGRAM])
         .chain(stage::PROGRAMS.iter().map(|s| s.1))
 }
 
@@ -339,6 +351,11 @@ pub struct Dataplane {
     /// adopted from an earlier agent and swapped), and whether the VXLAN
     /// device's does.
     mirror_links: BTreeSet<u32>,
+    /// Whether VRRP's observer is on the VXLAN device (attached by this
+    /// process).
+    vrrp_overlay_link: bool,
+    /// Holder ports with VRRP's observers attached by this process.
+    vrrp_links: BTreeSet<u32>,
     mirror_overlay_link: bool,
 }
 
@@ -688,6 +705,8 @@ impl Dataplane {
             nat_records: Default::default(),
             mirror_gen: [0; m::MIRROR_SLOTS as usize],
             mirror_links: BTreeSet::new(),
+            vrrp_overlay_link: false,
+            vrrp_links: BTreeSet::new(),
             mirror_overlay_link: false,
         };
         // An upgrade: the earlier version's flows are in the new table
@@ -1812,6 +1831,69 @@ impl Dataplane {
             }
         }
         Ok(total)
+    }
+
+    /// Puts VRRP's observers first on the devices of the holder ports
+    /// here (`ports`), and on the VXLAN device while any is; takes them off
+    /// every other device, and forgets the advertisements of ports that no
+    /// longer hold. The routers' map is written before (see `reconcile`).
+    pub fn apply_vrrp(&mut self, ports: &BTreeSet<u32>) -> anyhow::Result<()> {
+        let held = self.linked("vrrp-");
+        for ifx in held.difference(ports) {
+            for (_, _, dir) in VRRP_PROGRAMS {
+                let _ = std::fs::remove_file(self.pin_dir.join("links").join(format!("vrrp-{ifx}-{dir}")));
+            }
+            tracing::info!(ifindex = ifx, "VRRP observers detached");
+        }
+        {
+            let map = self.ebpf.map_mut(m::VRRP_SEEN).context("map VRRP_SEEN missing")?;
+            let mut seen: BpfHashMap<&mut MapData, m::VrrpSeenKey, m::VrrpSeen> = BpfHashMap::try_from(map)?;
+            let stale: Vec<m::VrrpSeenKey> = seen
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| !ports.contains(&k.ifindex))
+                .collect();
+            for k in stale {
+                let _ = seen.remove(&k);
+            }
+        }
+        self.vrrp_links.retain(|i| ports.contains(i));
+        // Attached, or (left by an earlier agent) swapped to this load's
+        // programs, once per device.
+        for ifx in ports {
+            if self.vrrp_links.contains(ifx) {
+                continue;
+            }
+            let name = ifname(*ifx).with_context(|| format!("no device of ifindex {ifx} for VRRP"))?;
+            for (prog, attach_type, dir) in VRRP_PROGRAMS {
+                let pin = self.pin_dir.join("links").join(format!("vrrp-{ifx}-{dir}"));
+                self.attach_pinned_at(prog, attach_type, &name, &pin, LinkOrder::first())?;
+            }
+            self.vrrp_links.insert(*ifx);
+            tracing::info!(device = %name, ifindex = ifx, adopted = held.contains(ifx), "VRRP observers attached");
+        }
+        let pin = self.pin_dir.join("links").join(VRRP_OVERLAY_PIN);
+        if ports.is_empty() {
+            let _ = std::fs::remove_file(&pin);
+        } else {
+            let vx = self.config.vxlan_ifindex;
+            let name = ifname(vx).context("VRRP of holder ports here needs the VXLAN device")?;
+            // Attached once, or swapped to this load's program.
+            if !self.vrrp_overlay_link {
+                self.attach_pinned_at(
+                    VRRP_OVERLAY_PROGRAM,
+                    TcAttachType::Ingress,
+                    &name,
+                    &pin,
+                    LinkOrder::first(),
+                )?;
+                self.vrrp_overlay_link = true;
+            }
+        }
+        if ports.is_empty() {
+            self.vrrp_overlay_link = false;
+        }
+        Ok(())
     }
 
     /// Devices that have mirroring's observers attached.

@@ -197,6 +197,7 @@ tables! {
     zone_uplink: u32 => u32 = hash(m::ZONE_UPLINK, ZONES_MAX, "zones"),
     zone_endpoints: ZoneAddrKey => ZoneEndpoint = hash(m::ZONE_ENDPOINTS, ZONE_ENDPOINTS_MAX, "addresses of VPCs with a zone"),
     endpoints: EndpointKey => Endpoint = hash(m::ENDPOINTS, ENDPOINTS_MAX, "overlay endpoints"),
+    vrrp_groups: m::VrrpKey => m::VrrpGroup = hash(m::VRRP_GROUPS, m::VRRP_GROUPS_MAX, "VRRP routers"),
     // Ports last: a port entry is written when everything it uses is.
     ports: u32 => PortInfo = hash(m::PORTS, PORTS_MAX, "ports"),
 }
@@ -467,6 +468,7 @@ impl Reconciler {
             zone_uplink: d.zone_uplink.clone(),
             zone_endpoints: d.zone_endpoints.clone(),
             endpoints: d.endpoints.clone(),
+            vrrp_groups: d.vrrp_groups.clone(),
             ports: d.ports.clone(),
         };
         want.check_capacity()?;

@@ -18,6 +18,15 @@
 //! - On taking the address it announces it (gratuitous ARP). Falling back
 //!   to Backup, or leaving, it releases the lease at once, so the new
 //!   Master is granted without waiting for it.
+//!
+//! Virtual IPs held by ports (tenant VMs running their own VRRP): the VM
+//! speaks, and the relay programs record each holder port's last
+//! advertisement (`SDN_VRRP_SEEN`). While a holder port here advertises
+//! (a priority above 0, within two of its intervals), this host claims
+//! the virtual IP for that port every interval of the virtual IP; when it
+//! stops, or resigns, the claim is released. The grant moves the
+//! virtual IP's owner in the share, and every host of the VPC then routes
+//! its addresses to that port (`compile::vrrp`).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -28,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use dataplane_common::maps::{VipLease, ZoneAddrKey, VIP_LEASES};
+use dataplane_common::maps::{VipLease, VrrpSeen, VrrpSeenKey, ZoneAddrKey, VIP_LEASES, VRRP_SEEN};
 use dataplane_common::{FAMILY_V4, FAMILY_V6};
 use futures::TryStreamExt as _;
 use sdn_proto::v1 as pb;
@@ -119,6 +128,66 @@ pub fn held(res: &Resources, host: &str, addrs: &dyn Fn(&str) -> Vec<IpAddr>) ->
     (out, problems)
 }
 
+/// A virtual IP a holder port here may speak for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortHeld {
+    pub id: String,
+    pub port_id: String,
+    /// The port's device.
+    pub ifindex: u32,
+    pub vrid: u8,
+    /// The virtual IP's advertisement interval (the claims' pace), in
+    /// centiseconds.
+    pub interval_cs: u16,
+}
+
+/// The virtual IPs held by ports that ports here hold; `ifindex` gives a
+/// port's device.
+pub fn port_held(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>) -> Vec<PortHeld> {
+    let local: BTreeMap<&str, &str> = res
+        .values()
+        .filter_map(|r| match &r.kind {
+            Some(pb::resource::Kind::Port(p)) => Some((p.id.as_str(), p.device.as_str())),
+            _ => None,
+        })
+        .collect();
+    let mut out = Vec::new();
+    for r in res.values() {
+        let Some(pb::resource::Kind::VirtualIp(on)) = &r.kind else {
+            continue;
+        };
+        let Some(v) = &on.virtual_ip else { continue };
+        if !on.uplink_device.is_empty() {
+            continue;
+        }
+        for h in &v.holders {
+            let Some(ifx) = local.get(h.port_id.as_str()).and_then(|d| ifindex(d)) else {
+                continue;
+            };
+            out.push(PortHeld {
+                id: v.id.clone(),
+                port_id: h.port_id.clone(),
+                ifindex: ifx,
+                vrid: v.vrid.min(255) as u8,
+                interval_cs: if v.advert_interval_cs == 0 {
+                    10
+                } else {
+                    v.advert_interval_cs.min(4095) as u16
+                },
+            });
+        }
+    }
+    out
+}
+
+/// Whether an advertisement last seen `age_ns` ago, of `interval_cs`,
+/// still says its port speaks: within two intervals, and 100 ms for the
+/// scheduling of both ends.
+fn speaks(seen: &VrrpSeen, age_ns: u64) -> bool {
+    let interval_ns = u64::from(seen.interval_cs.max(1)) * 10_000_000;
+    seen.priority > 0 && age_ns <= 2 * interval_ns + 100_000_000
+}
+
 /// Counts for the metrics and the tests.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -132,6 +201,7 @@ pub struct Stats {
 /// The manager of the held virtual IPs.
 pub struct Vips {
     want: watch::Sender<Vec<Held>>,
+    want_ports: watch::Sender<Vec<PortHeld>>,
     pub stats: Arc<Stats>,
 }
 
@@ -141,10 +211,29 @@ impl Vips {
         let map = MapData::from_pin(pin_dir.join("maps").join(VIP_LEASES))
             .with_context(|| format!("opening pinned map {VIP_LEASES}"))?;
         let leases: BpfHashMap<MapData, ZoneAddrKey, VipLease> = BpfHashMap::try_from(aya::maps::Map::HashMap(map))?;
+        let map = MapData::from_pin(pin_dir.join("maps").join(VRRP_SEEN))
+            .with_context(|| format!("opening pinned map {VRRP_SEEN}"))?;
+        let seen: BpfHashMap<MapData, VrrpSeenKey, VrrpSeen> = BpfHashMap::try_from(aya::maps::Map::HashMap(map))?;
         let (tx, rx) = watch::channel(Vec::new());
+        let (ports_tx, ports_rx) = watch::channel(Vec::new());
         let stats = Arc::new(Stats::default());
-        tokio::spawn(manage(host, controllers, leases, rx, stats.clone()));
-        Ok(Vips { want: tx, stats })
+        tokio::spawn(manage(host, controllers, (leases, seen), (rx, ports_rx), stats.clone()));
+        Ok(Vips {
+            want: tx,
+            want_ports: ports_tx,
+            stats,
+        })
+    }
+
+    /// The virtual IPs held by ports here.
+    pub fn set_ports(&self, held: Vec<PortHeld>) {
+        self.want_ports.send_if_modified(|w| {
+            let changed = *w != held;
+            if changed {
+                *w = held;
+            }
+            changed
+        });
     }
 
     pub fn set(&self, held: Vec<Held>) {
@@ -179,6 +268,15 @@ struct Vip {
     /// once over, when it stopped).
     since_ns: u64,
     until_ns: u64,
+}
+
+/// A virtual IP a holder port here may speak for, and what it does.
+struct PortVip {
+    held: PortHeld,
+    /// The port advertises as Master.
+    speaking: bool,
+    /// The last claim for it was granted.
+    granted: bool,
 }
 
 impl Vip {
@@ -237,11 +335,15 @@ struct Manager {
     host: String,
     controllers: Arc<Vec<String>>,
     leases: BpfHashMap<MapData, ZoneAddrKey, VipLease>,
+    seen: BpfHashMap<MapData, VrrpSeenKey, VrrpSeen>,
     stats: Arc<Stats>,
     vips: BTreeMap<String, Vip>,
     wanted: BTreeMap<String, Held>,
-    /// Releases owed to the controller (held no more, or no longer Master).
-    releases: std::collections::BTreeSet<String>,
+    /// Virtual IPs held by ports here, by id.
+    ports: BTreeMap<String, PortVip>,
+    /// Releases owed to the controller (held no more, or no longer Master),
+    /// with the port they were claimed for (empty: this host).
+    releases: BTreeMap<String, String>,
     gen: u64,
     ev_tx: mpsc::UnboundedSender<(String, u64, Msg)>,
     /// Speakers to start again, not before this.
@@ -258,8 +360,11 @@ struct Manager {
 async fn manage(
     host: String,
     controllers: Vec<String>,
-    leases: BpfHashMap<MapData, ZoneAddrKey, VipLease>,
-    mut want: watch::Receiver<Vec<Held>>,
+    (leases, seen): (
+        BpfHashMap<MapData, ZoneAddrKey, VipLease>,
+        BpfHashMap<MapData, VrrpSeenKey, VrrpSeen>,
+    ),
+    (mut want, mut want_ports): (watch::Receiver<Vec<Held>>, watch::Receiver<Vec<PortHeld>>),
     stats: Arc<Stats>,
 ) {
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<(String, u64, Msg)>();
@@ -271,9 +376,11 @@ async fn manage(
         host,
         controllers: Arc::new(controllers),
         leases,
+        seen,
         stats,
         vips: BTreeMap::new(),
         wanted: BTreeMap::new(),
+        ports: BTreeMap::new(),
         releases: Default::default(),
         gen: 0,
         ev_tx,
@@ -296,6 +403,13 @@ async fn manage(
                 m.wanted = want.borrow_and_update().iter().map(|h| (h.id.clone(), h.clone())).collect();
                 m.reconcile().await;
             }
+            changed = want_ports.changed() => {
+                if changed.is_err() {
+                    continue;
+                }
+                let held = want_ports.borrow_and_update().clone();
+                m.set_ports(held);
+            }
             Some((id, gen, msg)) = ev_rx.recv() => {
                 if m.vips.get(&id).is_none_or(|v| v.gen != gen) {
                     // An earlier speaker's.
@@ -317,6 +431,7 @@ async fn manage(
             }
             _ = tick.tick() => {
                 m.check_links().await;
+                m.check_ports();
                 if m.retry_at.is_some_and(|t| Instant::now() >= t) {
                     m.retry_at = None;
                     m.reconcile().await;
@@ -342,7 +457,7 @@ impl Manager {
             Event::State(s) => {
                 if v.master {
                     tracing::info!(virtual_ip = %id, state = s.name(), "VRRP: no longer master; releasing the virtual ip");
-                    self.releases.insert(id.to_string());
+                    self.releases.insert(id.to_string(), String::new());
                 }
                 v.master = false;
                 v.granted = None;
@@ -369,7 +484,7 @@ impl Manager {
         let Some(v) = self.vips.remove(id) else { return };
         let _ = v.stop.send(true);
         if v.master {
-            self.releases.insert(id.to_string());
+            self.releases.insert(id.to_string(), String::new());
         }
         v.answering.store(false, Relaxed);
         let now_ns = crate::dataplane::monotonic_ns();
@@ -382,6 +497,69 @@ impl Manager {
             let _ = self.leases.insert(key(*a), lease, 0);
         }
         remove_address(&v.held.uplink, &v.held.addresses).await;
+    }
+
+    /// Takes the virtual IPs held by ports here; a port that no longer
+    /// holds one and spoke for it releases it.
+    fn set_ports(&mut self, held: Vec<PortHeld>) {
+        let mut next: BTreeMap<String, PortVip> = BTreeMap::new();
+        for h in held {
+            // One holder port per virtual IP here speaks at a time; a
+            // second holder port of it here is watched as well.
+            let id = if next.contains_key(&h.id) {
+                format!("{}#{}", h.id, h.port_id)
+            } else {
+                h.id.clone()
+            };
+            let old = self.ports.remove(&id).filter(|p| p.held == h);
+            next.insert(
+                id,
+                old.unwrap_or(PortVip {
+                    held: h,
+                    speaking: false,
+                    granted: false,
+                }),
+            );
+        }
+        for (_, p) in std::mem::take(&mut self.ports) {
+            if p.speaking {
+                tracing::info!(virtual_ip = %p.held.id, port = %p.held.port_id, "port no longer holds the virtual ip: releasing");
+                self.releases.insert(p.held.id.clone(), p.held.port_id.clone());
+            }
+        }
+        self.ports = next;
+    }
+
+    /// Reads which holder ports here speak for their virtual IPs: one
+    /// that begins is claimed for at once; one that stops (silence, or a
+    /// priority of 0) is released.
+    fn check_ports(&mut self) {
+        if self.ports.is_empty() {
+            return;
+        }
+        let now = crate::dataplane::monotonic_ns();
+        for p in self.ports.values_mut() {
+            let k = VrrpSeenKey {
+                ifindex: p.held.ifindex,
+                vrid: p.held.vrid,
+                family: dataplane_common::FAMILY_V4,
+                _pad: [0; 2],
+            };
+            let speaking = self
+                .seen
+                .get(&k, 0)
+                .is_ok_and(|s| speaks(&s, now.saturating_sub(s.last_ns)));
+            if speaking && !p.speaking {
+                tracing::info!(virtual_ip = %p.held.id, port = %p.held.port_id, "port speaks VRRP for the virtual ip: claiming it");
+                self.releases.remove(&p.held.id);
+                self.last_claim = Instant::now() - Duration::from_secs(60);
+            } else if !speaking && p.speaking {
+                tracing::info!(virtual_ip = %p.held.id, port = %p.held.port_id, "port stopped speaking VRRP for the virtual ip: releasing it");
+                self.releases.insert(p.held.id.clone(), p.held.port_id.clone());
+                p.granted = false;
+            }
+            p.speaking = speaking;
+        }
     }
 
     /// A holder whose uplink lost its carrier stands back until it is back.
@@ -518,10 +696,12 @@ impl Manager {
         let interval = self
             .vips
             .values()
-            .map(|v| Duration::from_millis(10 * u64::from(v.held.cfg.interval_cs)))
+            .map(|v| v.held.cfg.interval_cs)
+            .chain(self.ports.values().map(|p| p.held.interval_cs))
+            .map(|cs| Duration::from_millis(10 * u64::from(cs)))
             .min()
             .unwrap_or(Duration::from_secs(1));
-        let masters = self.vips.values().any(|v| v.master);
+        let masters = self.vips.values().any(|v| v.master) || self.ports.values().any(|p| p.speaking);
         if self.releases.is_empty() && !(masters && self.last_claim.elapsed() >= interval) {
             return;
         }
@@ -535,9 +715,14 @@ impl Manager {
                 release: false,
             })
             .collect();
-        claims.extend(self.releases.iter().map(|id| pb::VipClaim {
+        claims.extend(self.ports.values().filter(|p| p.speaking).map(|p| pb::VipClaim {
+            virtual_ip_id: p.held.id.clone(),
+            port_id: p.held.port_id.clone(),
+            release: false,
+        }));
+        claims.extend(self.releases.iter().map(|(id, port)| pb::VipClaim {
             virtual_ip_id: id.clone(),
-            port_id: String::new(),
+            port_id: port.clone(),
             release: true,
         }));
         claims.truncate(crate::vips::CLAIMS_PER_CALL);
@@ -595,11 +780,33 @@ impl Manager {
             // all for a VIP no longer held here: it may no longer hold the
             // host as a holder); the answer to a claim sent before it
             // leaves it due.
-            if g.reason == "released" || !self.vips.contains_key(&g.virtual_ip_id) {
+            let port = self
+                .ports
+                .values_mut()
+                .find(|p| p.held.id == g.virtual_ip_id && p.speaking);
+            if g.reason == "released" || (!self.vips.contains_key(&g.virtual_ip_id) && port.is_none()) {
                 self.releases.remove(&g.virtual_ip_id);
                 continue;
             }
-            if self.releases.contains(&g.virtual_ip_id) {
+            if self.releases.contains_key(&g.virtual_ip_id) {
+                continue;
+            }
+            if let Some(p) = port {
+                if g.granted {
+                    self.stats.claims_granted.fetch_add(1, Relaxed);
+                    if !p.granted {
+                        self.stats.taken.fetch_add(1, Relaxed);
+                        tracing::info!(virtual_ip = %g.virtual_ip_id, port = %p.held.port_id, epoch = g.epoch, "virtual ip granted to the port that speaks for it");
+                    }
+                } else {
+                    self.stats.claims_refused.fetch_add(1, Relaxed);
+                    if p.granted {
+                        tracing::warn!(virtual_ip = %g.virtual_ip_id, port = %p.held.port_id, reason = %g.reason, "claim for the port refused");
+                    } else {
+                        tracing::debug!(virtual_ip = %g.virtual_ip_id, port = %p.held.port_id, reason = %g.reason, "claim for the port refused");
+                    }
+                }
+                p.granted = g.granted;
                 continue;
             }
             let Some(v) = self.vips.get_mut(&g.virtual_ip_id) else {
@@ -700,9 +907,9 @@ impl Manager {
         let claims = self
             .releases
             .iter()
-            .map(|id| pb::VipClaim {
+            .map(|(id, port)| pb::VipClaim {
                 virtual_ip_id: id.clone(),
-                port_id: String::new(),
+                port_id: port.clone(),
                 release: true,
             })
             .collect();

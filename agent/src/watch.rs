@@ -370,6 +370,12 @@ impl Agent {
                 desired.rejected.push(e);
             }
         }
+        // VRRP of holder ports, after their entries and programs.
+        if let Err(e) = self.dp.apply_vrrp(&desired.vrrp_ports) {
+            let e = format!("VRRP of virtual ips held by ports: {e:#}");
+            tracing::error!(error = %e, "VRRP not relayed; the rest is enforced");
+            desired.rejected.push(e);
+        }
         // Load balancers' services.
         if let Err(e) = self.dp.apply_lb(&desired.lb) {
             let e = format!("load balancers: {e:#}");
@@ -390,6 +396,7 @@ impl Agent {
                 dataplane::addresses(name).unwrap_or_default()
             });
             v.set(held);
+            v.set_ports(crate::vips::port_held(&self.resources, &dataplane::ifindex));
             for p in problems {
                 tracing::error!(error = %p, "virtual ip not held");
                 desired.rejected.push(p);

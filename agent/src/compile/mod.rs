@@ -13,6 +13,7 @@ pub mod mirror;
 mod overlay;
 mod sg;
 pub mod systems;
+pub mod vrrp;
 mod zones;
 
 pub use firewalls::fw_rule_id;
@@ -91,6 +92,10 @@ pub struct Desired {
     pub systems: systems::SystemPlan,
     /// Load balancers: their services, backends and tables.
     pub lb: lb::LbPlan,
+    /// VRRP routers of virtual IPs held by ports with a holder here.
+    pub vrrp_groups: BTreeMap<dataplane_common::maps::VrrpKey, dataplane_common::maps::VrrpGroup>,
+    /// The holder ports here whose VRRP is relayed.
+    pub vrrp_ports: BTreeSet<u32>,
 }
 
 /// Keeps each of `ids` (in order) in the slot it had (`slots`, updated
@@ -411,6 +416,7 @@ impl Compiler {
         let mut held_vips: BTreeSet<IpAddr> = BTreeSet::new();
         let mut vip_owners: BTreeMap<(u32, IpAddr), lb::VipOwner> = BTreeMap::new();
         let mut leased_vips: BTreeSet<(u32, IpAddr)> = BTreeSet::new();
+        let mut port_vips: Vec<&pb::VirtualIpOnHost> = Vec::new();
         for r in res.values() {
             match &r.kind {
                 Some(pb::resource::Kind::Port(p)) => ports.push((r, p)),
@@ -439,6 +445,13 @@ impl Compiler {
                 // Virtual IPs are the VRRP speakers' (`crate::vips`); those
                 // held by NAT hosts fence their VIP's translation.
                 Some(pb::resource::Kind::VirtualIp(v)) => {
+                    if v.uplink_device.is_empty()
+                        && v.virtual_ip
+                            .as_ref()
+                            .is_some_and(|x| x.holders.iter().all(|h| !h.port_id.is_empty()))
+                    {
+                        port_vips.push(v);
+                    }
                     if let Some(x) = v.virtual_ip.as_ref().filter(|_| !v.uplink_device.is_empty()) {
                         let addrs = [x.ipv4.parse::<IpAddr>().ok(), x.ipv6.parse::<IpAddr>().ok()];
                         held_vips.extend(addrs.iter().flatten());
@@ -472,6 +485,18 @@ impl Compiler {
             d.next_expiry = Some(d.next_expiry.map_or(t, |n| n.min(t)));
         }
         let local: BTreeMap<&str, &pb::Port> = ports.iter().map(|(_, p)| (p.id.as_str(), *p)).collect();
+        // Every port's record, for the virtual IPs ports hold.
+        let port_eps: BTreeMap<&str, &pb::Endpoint> = if port_vips.is_empty() {
+            BTreeMap::new()
+        } else {
+            endpoints
+                .values()
+                .flatten()
+                .map(|(_, e)| *e)
+                .chain(networks.iter().flat_map(|(_, n)| n.endpoints.iter()))
+                .map(|e| (e.port_id.as_str(), e))
+                .collect()
+        };
         let zone_no = compile_zones(&zones, &exchanges, ifindex, &mut d)?;
         let fw_no = compile_firewalls(&firewalls, &mut d)?;
         let mut subnet_vni: BTreeMap<&str, u32> = BTreeMap::new();
@@ -510,6 +535,8 @@ impl Compiler {
                 eps.extend(part.entries.iter().copied());
                 d.rejected.extend(part.rejected.iter().cloned());
             }
+            let owned = vrrp::owner_endpoints(&port_vips, n.vni, &eps, &port_eps);
+            eps.extend(owned);
             d.endpoints.extend(eps);
             for g in &n.gateways {
                 subnet_vni.insert(&g.subnet_id, n.vni);
@@ -758,6 +785,20 @@ impl Compiler {
             d.missing_devices.extend(part.missing_device.iter().cloned());
             d.rejected.extend(part.rejected.iter().cloned());
         }
+        // A quarantined holder neither speaks nor hears.
+        let holder_here = |id: &str| {
+            local
+                .get(id)
+                .filter(|_| !d.quarantined.contains_key(id))
+                .and_then(|p| ifindex(&p.device))
+        };
+        // The owner port of a virtual IP here may send from its addresses.
+        d.port_addrs.extend(
+            vrrp::owner_addresses(&port_vips, &holder_here)
+                .into_iter()
+                .filter(|k| d.ports.contains_key(&k.ifindex)),
+        );
+        (d.vrrp_groups, d.vrrp_ports) = vrrp::groups(&port_vips, &port_eps, &holder_here, &mut d.rejected);
         for (key, n) in &numbers {
             let Some(Ok(policy)) = self.policies.get(key).map(|c| &c.part) else {
                 continue;

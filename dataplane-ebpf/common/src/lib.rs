@@ -119,6 +119,14 @@ pub enum DropReason {
     /// From a zone, a packet for a virtual IP this host holds but whose
     /// lease has run out (or was never granted): another holder owns it.
     VipFenced = 37,
+    /// A VRRP advertisement for a virtual IP's router from no holder of
+    /// it, or not as the holder sends (another MAC or source address, a
+    /// TTL other than 255, a router id no virtual IP of the VPC has), or
+    /// from the overlay by a host that is not the holder's.
+    VrrpNotHolder = 38,
+    /// A holder's VRRP advertisement above the priority it was declared
+    /// with.
+    VrrpPriority = 39,
 }
 
 /// Number of slots in the drop counter array (room to grow).
@@ -126,7 +134,7 @@ pub const DROP_REASON_SLOTS: u32 = 48;
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 38] = [
+    pub const ALL: [DropReason; 40] = [
         DropReason::UnknownPort,
         DropReason::Truncated,
         DropReason::UnsupportedEthertype,
@@ -165,6 +173,8 @@ impl DropReason {
         DropReason::NatNoPort,
         DropReason::NatSynOnFlow,
         DropReason::VipFenced,
+        DropReason::VrrpNotHolder,
+        DropReason::VrrpPriority,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -208,6 +218,8 @@ impl DropReason {
             DropReason::NatNoPort => "nat_no_port",
             DropReason::NatSynOnFlow => "nat_syn_on_flow",
             DropReason::VipFenced => "vip_fenced",
+            DropReason::VrrpNotHolder => "vrrp_not_holder",
+            DropReason::VrrpPriority => "vrrp_priority",
         }
     }
 }

@@ -418,6 +418,93 @@ pub struct VipLease {
 
 const _: () = assert!(core::mem::size_of::<VipLease>() == 24);
 
+/// VRRP of virtual IPs held by ports (tenant VMs running their own VRRP,
+/// keepalived's default multicast to 224.0.0.18): the routers by VPC and
+/// router id ([`VrrpKey`] -> [`VrrpGroup`]), and the advertisements each
+/// holder port here last sent ([`VrrpSeenKey`] -> [`VrrpSeen`]), which
+/// the agent reads to claim the virtual IP for the port that speaks.
+pub const VRRP_GROUPS: &str = "SDN_VRRP_GROUPS";
+pub const VRRP_SEEN: &str = "SDN_VRRP_SEEN";
+pub const VRRP_GROUPS_MAX: u32 = 4096;
+pub const VRRP_SEEN_MAX: u32 = 4096;
+/// Holders of one virtual IP, at most (the API's limit).
+pub const VRRP_MEMBERS: usize = 8;
+/// `skb->mark` of an advertisement relayed to a holder port here: the
+/// port's egress observer lets it into the VM past the pipeline. Only our
+/// programs set it (a VM's marks are scrubbed when its packets leave its
+/// namespace).
+pub const VRRP_MARK: u32 = 0x7672_7270;
+
+/// A VRRP router: the VPC's VNI, the router id and the family (4).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VrrpKey {
+    pub vni: u32,
+    pub vrid: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// One holder port of a VRRP router.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VrrpMember {
+    /// The port's IPv4 address: its advertisements' only source.
+    pub addr: [u8; 4],
+    /// Its host's underlay address (network order).
+    pub host_v4: [u8; 4],
+    /// Its device here; 0: on another host.
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    /// The highest priority it may advertise (its declared one).
+    pub priority: u8,
+    pub _pad: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<VrrpMember>() == 20);
+
+/// The holders of a VRRP router, and the other hosts with one (each gets
+/// one copy of an advertisement sent here).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VrrpGroup {
+    pub members: [VrrpMember; VRRP_MEMBERS],
+    pub hosts: [[u8; 4]; VRRP_MEMBERS],
+    pub n_members: u32,
+    pub n_hosts: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<VrrpGroup>() == 200);
+
+/// A holder port's advertisements of one router.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VrrpSeenKey {
+    pub ifindex: u32,
+    pub vrid: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// The last advertisement a holder port sent (written on each).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct VrrpSeen {
+    /// `CLOCK_MONOTONIC` nanoseconds (coarse).
+    pub last_ns: u64,
+    /// Advertisements relayed, in all.
+    pub adverts: u64,
+    /// Its advertisement interval in centiseconds (VRRPv2's seconds
+    /// converted).
+    pub interval_cs: u16,
+    pub priority: u8,
+    /// VRRP version, 2 or 3.
+    pub version: u8,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<VrrpSeen>() == 24);
+
 /// Where an address of a VPC with a zone lives, and its zone.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -919,6 +1006,10 @@ mod pod {
     unsafe impl aya::Pod for ZoneAddrKey {}
     unsafe impl aya::Pod for ZoneEndpoint {}
     unsafe impl aya::Pod for VipLease {}
+    unsafe impl aya::Pod for VrrpKey {}
+    unsafe impl aya::Pod for VrrpGroup {}
+    unsafe impl aya::Pod for VrrpSeenKey {}
+    unsafe impl aya::Pod for VrrpSeen {}
     unsafe impl aya::Pod for ExchangeRule {}
     unsafe impl aya::Pod for FwPolicy {}
     unsafe impl aya::Pod for FwRule {}

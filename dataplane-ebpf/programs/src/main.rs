@@ -58,6 +58,8 @@ mod policy;
 mod port;
 #[cfg(target_arch = "bpf")]
 mod uplink;
+#[cfg(target_arch = "bpf")]
+mod vrrp;
 
 #[cfg(target_arch = "bpf")]
 mod progs {
@@ -164,6 +166,30 @@ mod progs {
     #[inline(always)]
     pub fn mirror_from_overlay(mut ctx: TcContext) -> i32 {
         crate::mirror::from_overlay(&mut ctx)
+    }
+
+    /// VRRP of tenant VMs: what a holder port's VM advertises (TC ingress
+    /// of its device, before `from_vm`).
+    #[classifier]
+    #[inline(always)]
+    pub fn vrrp_from_vm(mut ctx: TcContext) -> i32 {
+        crate::vrrp::from_vm(&mut ctx)
+    }
+
+    /// VRRP of tenant VMs: relayed advertisements into a holder port's VM
+    /// (TC egress of its device, before `to_vm`).
+    #[classifier]
+    #[inline(always)]
+    pub fn vrrp_to_vm(ctx: TcContext) -> i32 {
+        crate::vrrp::to_vm(&ctx)
+    }
+
+    /// VRRP of tenant VMs: other hosts' holders' advertisements (TC
+    /// ingress of the VXLAN device, before `from_overlay`).
+    #[classifier]
+    #[inline(always)]
+    pub fn vrrp_from_overlay(mut ctx: TcContext) -> i32 {
+        crate::vrrp::from_overlay(&mut ctx)
     }
 
     /// Packets arriving from a zone uplink (TC ingress).

@@ -17,14 +17,15 @@ use dataplane_common::{
     maps::{
         system_index, AddrIdentity, AddrKey, CtKey, CtValue, DenyEvent, DnsCopy, Endpoint, EndpointKey, EventLimiter,
         ExchangeRule, FwPolicy, FwRule, FwVerdict, HostConfig, MirrorCfg, MirrorPort, MirrorState, MirrorVni,
-        PolicyDirKey, PortAddrKey, PortInfo, PrefixLens, RuleKey, RuleName, VipLease, ZoneAddrKey, ZoneEndpoint,
-        CT_MAX, CT_ORIGIN_IN, CT_ORIGIN_OUT, CT_SYN_MAX, DNS_COPY_MAX, DNS_PER_PORT_PER_SEC, DNS_PER_SEC,
-        DNS_ROLE_ANSWERED, DNS_ROLE_ASKED, ENDPOINTS_MAX, EVENTS_BYTES, EVENTS_PER_PORT_PER_SEC, EVENTS_PER_SEC,
-        EVENT_PORT_LIMIT_MAX, EVENT_REASONS, EXCHANGE_MAX, FW_NAMES_MAX, FW_POLICIES_MAX, FW_RULES_MAX,
-        FW_VERDICTS_MAX, LIMIT_DENIALS, LIMIT_DNS, LIMIT_GUARDS, LIMIT_SLOTS, MIRROR_PORTS_MAX, MIRROR_SENDERS_MAX,
-        MIRROR_SLOTS, POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX, PORT_F_QUARANTINED, PORT_LIMIT_DNS,
-        PORT_LIMIT_GUARDS, SG_ADDR_MAX, SG_RULES_MAX, SIDE_FOR, SIDE_SENT, SYSTEM_BYTES_LEN, SYSTEM_PORTS_MAX,
-        SYSTEM_SLOTS, UPLINK_ADDRS_MAX, VIP_LEASES_MAX, VPC_NETS_MAX, ZONES_MAX, ZONE_ENDPOINTS_MAX, ZONE_NETS_MAX,
+        PolicyDirKey, PortAddrKey, PortInfo, PrefixLens, RuleKey, RuleName, VipLease, VrrpGroup, VrrpKey, VrrpSeen,
+        VrrpSeenKey, ZoneAddrKey, ZoneEndpoint, CT_MAX, CT_ORIGIN_IN, CT_ORIGIN_OUT, CT_SYN_MAX, DNS_COPY_MAX,
+        DNS_PER_PORT_PER_SEC, DNS_PER_SEC, DNS_ROLE_ANSWERED, DNS_ROLE_ASKED, ENDPOINTS_MAX, EVENTS_BYTES,
+        EVENTS_PER_PORT_PER_SEC, EVENTS_PER_SEC, EVENT_PORT_LIMIT_MAX, EVENT_REASONS, EXCHANGE_MAX, FW_NAMES_MAX,
+        FW_POLICIES_MAX, FW_RULES_MAX, FW_VERDICTS_MAX, LIMIT_DENIALS, LIMIT_DNS, LIMIT_GUARDS, LIMIT_SLOTS,
+        MIRROR_PORTS_MAX, MIRROR_SENDERS_MAX, MIRROR_SLOTS, POLICY_PLENS_MAX, PORTS_MAX, PORT_ADDRS_MAX,
+        PORT_F_QUARANTINED, PORT_LIMIT_DNS, PORT_LIMIT_GUARDS, SG_ADDR_MAX, SG_RULES_MAX, SIDE_FOR, SIDE_SENT,
+        SYSTEM_BYTES_LEN, SYSTEM_PORTS_MAX, SYSTEM_SLOTS, UPLINK_ADDRS_MAX, VIP_LEASES_MAX, VPC_NETS_MAX,
+        VRRP_GROUPS_MAX, VRRP_SEEN_MAX, ZONES_MAX, ZONE_ENDPOINTS_MAX, ZONE_NETS_MAX,
     },
     stage, DropReason, Stat, DROP_REASON_SLOTS, STAT_SLOTS,
 };
@@ -469,6 +470,12 @@ pub static NAT_REVERSE: HashMap<NatReverseKey, NatKey> = HashMap::pinned(LB_FLOW
 /// A secret of this host that the NAT ports of new flows are drawn with,
 /// set by the agent (so a zone's host cannot work out which ports a
 /// client's flows would take).
+#[map(name = "SDN_VRRP_GROUPS")]
+pub static VRRP_GROUPS: HashMap<VrrpKey, VrrpGroup> = HashMap::pinned(VRRP_GROUPS_MAX, 0);
+
+#[map(name = "SDN_VRRP_SEEN")]
+pub static VRRP_SEEN: HashMap<VrrpSeenKey, VrrpSeen> = HashMap::pinned(VRRP_SEEN_MAX, 0);
+
 #[map(name = "SDN_VIP_LEASES")]
 pub static VIP_LEASES: HashMap<ZoneAddrKey, VipLease> = HashMap::pinned(VIP_LEASES_MAX, 0);
 

@@ -164,7 +164,7 @@ fn flow(ctx: &TcContext) -> Flow {
 }
 
 #[inline(always)]
-fn mark(ctx: &TcContext) -> u32 {
+pub fn mark(ctx: &TcContext) -> u32 {
     // SAFETY: reading a field of the context.
     unsafe { (*ctx.skb.skb).mark }
 }

@@ -116,6 +116,21 @@ enum Cmd {
         #[arg(long)]
         bind: Option<std::net::IpAddr>,
     },
+    /// Answers each TCP connection on PORT (IPv4) with NAME, then closes
+    /// it: which of several servers behind one address answered.
+    Name { port: u16, name: String },
+    /// Connects to ADDR:PORT and prints what the server says before it
+    /// closes (see `name`); exits 0 only if it said something.
+    Who {
+        addr: std::net::IpAddr,
+        port: u16,
+        #[arg(long, default_value_t = 1000)]
+        timeout_ms: u64,
+    },
+    /// Sends one unsolicited neighbour advertisement for TARGET out of
+    /// DEV, from TARGET, to all nodes (with the override flag and DEV's
+    /// MAC as the target link-layer address), as a VRRP Master does.
+    Na { target: std::net::Ipv6Addr, dev: String },
     /// Answers each connection on PORT (IPv4) with the byte it sends, then
     /// closes it: a server for connections per second, one thread.
     Accept { port: u16 },
@@ -642,9 +657,83 @@ fn new_flows(
     Ok(sent)
 }
 
+fn unsolicited_na(target: std::net::Ipv6Addr, dev: &str) -> std::io::Result<()> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let c = std::ffi::CString::new(dev).map_err(std::io::Error::other)?;
+    // SAFETY: a NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if ifindex == 0 {
+        return Err(std::io::Error::other(format!("no device {dev}")));
+    }
+    let mac: Vec<u8> = std::fs::read_to_string(format!("/sys/class/net/{dev}/address"))?
+        .trim()
+        .split(':')
+        .filter_map(|h| u8::from_str_radix(h, 16).ok())
+        .collect();
+    let s = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))?;
+    s.set_multicast_hops_v6(255)?;
+    s.set_multicast_if_v6(ifindex)?;
+    // The source is the target (which a Backup does not have: the caller
+    // allows binding to it with `net.ipv6.ip_nonlocal_bind`).
+    s.bind(&SockAddr::from(std::net::SocketAddrV6::new(target, 0, 0, ifindex)))?;
+    // Type 136, code 0, checksum (the kernel's), override flag, target,
+    // then the target link-layer address option.
+    let mut p = vec![136u8, 0, 0, 0, 0x20, 0, 0, 0];
+    p.extend_from_slice(&target.octets());
+    p.extend_from_slice(&[2, 1]);
+    p.extend_from_slice(&mac);
+    let all = std::net::SocketAddrV6::new(std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1), 0, 0, ifindex);
+    s.send_to(&p, &SockAddr::from(all))?;
+    Ok(())
+}
+
+fn name_server(port: u16, name: &str) -> std::io::Result<()> {
+    let l = TcpListener::bind(("0.0.0.0", port))?;
+    for c in l.incoming() {
+        let Ok(mut c) = c else { continue };
+        let _ = c.write_all(name.as_bytes());
+    }
+    Ok(())
+}
+
+fn who(addr: std::net::IpAddr, port: u16, timeout: Duration) -> std::io::Result<String> {
+    let mut c = TcpStream::connect_timeout(&SocketAddr::new(addr, port), timeout)?;
+    c.set_read_timeout(Some(timeout))?;
+    let mut out = String::new();
+    c.read_to_string(&mut out)?;
+    if out.is_empty() {
+        return Err(std::io::Error::other("the server said nothing"));
+    }
+    Ok(out)
+}
+
 fn main() {
     let cli = Cli::parse();
     let code = match cli.cmd {
+        Cmd::Na { target, dev } => match unsolicited_na(target, &dev) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("na: {e}");
+                1
+            }
+        },
+        Cmd::Name { port, name } => match name_server(port, &name) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("name: {e}");
+                1
+            }
+        },
+        Cmd::Who { addr, port, timeout_ms } => match who(addr, port, Duration::from_millis(timeout_ms)) {
+            Ok(s) => {
+                println!("{s}");
+                0
+            }
+            Err(e) => {
+                println!("error: {e}");
+                1
+            }
+        },
         Cmd::Serve { tcp, udp } => match serve(tcp, udp) {
             Ok(()) => 0,
             Err(e) => {

@@ -1,0 +1,290 @@
+//! Virtual IPs held by tenant VMs that run their own VRRP: real keepalived
+//! in VM namespaces on two hosts, speaking VRRPv3 to 224.0.0.18 across our
+//! dataplane.
+//!
+//! - The holders hear each other (the relay crosses hosts): one Master,
+//!   one Backup.
+//! - The one that speaks becomes the owner in the overlay: the controller
+//!   grants it, and clients on both hosts reach the VIP (IPv4 and IPv6) at
+//!   that VM. Before any holder speaks, the VIP is nobody's.
+//! - Failover when the Master's keepalived is killed, and preemption back.
+//! - Only the owner may send from the VIP: the backup's gratuitous ARP and
+//!   unsolicited NA for it are refused; the owner's pass.
+//! - Attacks: a VM that holds nothing runs keepalived for the same router
+//!   with the highest priority; a holder advertises above its declared
+//!   priority; another VPC uses the same router id. None moves the VIP.
+
+use std::time::{Duration, Instant};
+
+use sdn_integration::keepalived::Keepalived;
+use sdn_integration::lab::{Lab, TENANT};
+use sdn_integration::ops::*;
+use sdn_integration::{bin, privileged, Proc};
+use sdn_proto::v1 as pb;
+
+const VIP: &str = "10.61.0.100";
+const VIP6: &str = "fd61::100";
+const WVIP: &str = "10.62.0.100";
+
+/// keepalived in a VM: VRRPv3 every 100 ms on eth0, router 51.
+fn conf(name: &str, priority: u8, vip: &str) -> String {
+    format!(
+        "global_defs {{\n  router_id {name}\n  vrrp_version 3\n}}\n\
+         vrrp_instance VI {{\n  state BACKUP\n  interface eth0\n  virtual_router_id 51\n  priority {priority}\n  \
+         advert_int 0.1\n  virtual_ipaddress {{\n    {vip}/24\n  }}\n}}\n"
+    )
+}
+
+fn keepalived(lab: &Lab, vm: &str, priority: u8, vip: &str) -> Keepalived {
+    let ns = lab.topo.vm(vm).ns.name.clone();
+    let name = format!("ka-{vm}-{priority}");
+    Keepalived::start(&ns, &lab.topo.dir, &name, &conf(&name, priority, vip)).unwrap()
+}
+
+async fn vip(lab: &Lab, id: &str) -> pb::VirtualIp {
+    let mut c = lab.cluster.client().await.unwrap();
+    let l = c
+        .list(pb::ListRequest {
+            kind: pb::Kind::VirtualIp as i32,
+            stale: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    l.virtual_ips.into_iter().find(|v| v.id == id).expect("the virtual ip")
+}
+
+/// Waits until `port` owns virtual IP `id`; its epoch.
+async fn owned_by(lab: &Lab, id: &str, port: &str, within: Duration) -> u64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let v = vip(lab, id).await;
+        if v.owner_port_id == port {
+            return v.epoch;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{port} never owned {id}: {v:?}\nh1:\n{}\nh2:\n{}",
+            lab.cluster.agent_log("h1"),
+            lab.cluster.agent_log("h2")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Which holder's server answers at `addr` from VM `from` (None: no
+/// answer).
+fn who(lab: &Lab, from: &str, addr: &str) -> Option<String> {
+    let p = bin("sdn-probe");
+    lab.topo
+        .vm(from)
+        .ns
+        .sh(&[p.to_str().unwrap(), "who", addr, "8080", "--timeout-ms", "500"])
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// Polls until `from` is answered by `want` at `addr`; how long it took.
+fn answered_by(lab: &Lab, from: &str, addr: &str, want: &str, within: Duration) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let got = who(lab, from, addr);
+        if got.as_deref() == Some(want) {
+            return t0.elapsed();
+        }
+        assert!(
+            t0.elapsed() < within,
+            "{from} -> {addr}: answered by {got:?}, not {want}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether keepalived in VM `vm` has the address on its eth0 (it does as
+/// Master).
+fn holds(lab: &Lab, vm: &str, addr: &str) -> bool {
+    lab.topo
+        .vm(vm)
+        .ns
+        .sh(&["ip", "-br", "addr", "show", "dev", "eth0"])
+        .is_ok_and(|s| s.contains(addr))
+}
+
+fn drops(lab: &Lab, host: &str, reason: &str) -> u64 {
+    lab.counter(host, "drops", reason)
+}
+
+/// A gratuitous ARP for the VIP from VM `vm`.
+fn garp(lab: &Lab, vm: &str) {
+    let ns = &lab.topo.vm(vm).ns;
+    // (A Backup does not have the address: arping binds to it all the same.)
+    ns.sysctl("net.ipv4.ip_nonlocal_bind=1").unwrap();
+    let r = ns.sh(&["arping", "-U", "-c", "1", "-w", "1", "-i", "eth0", "-S", VIP, VIP]);
+    eprintln!("arping from {vm}: {r:?}");
+    std::thread::sleep(Duration::from_millis(200));
+}
+
+/// An unsolicited NA for the VIP's IPv6 address from VM `vm`.
+fn unsolicited_na(lab: &Lab, vm: &str) {
+    let ns = &lab.topo.vm(vm).ns;
+    ns.sysctl("net.ipv6.ip_nonlocal_bind=1").unwrap();
+    let p = bin("sdn-probe");
+    ns.sh(&[p.to_str().unwrap(), "na", VIP6, "eth0"]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+}
+
+#[tokio::test]
+async fn tenant_vms_running_keepalived_own_their_virtual_ip() {
+    if !privileged() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mut v = virtual_ip("tv", TENANT, "v", VIP, 51, false, &[("a1", 200), ("a2", 100)]);
+    if let pb::operation::Op::PutVirtualIp(x) = &mut v {
+        x.ipv6 = VIP6.into();
+    }
+    // Another VPC's virtual IP on the same router id.
+    let w = virtual_ip("wv", TENANT, "w", WVIP, 51, false, &[("y", 100)]);
+    let lab = Lab::new("tvr", &["h1", "h2"])
+        .vpc("v", None)
+        .subnet("s", "v", "10.61.0.0/24", "fd61::/64")
+        .vpc("w", None)
+        .subnet("t", "w", "10.62.0.0/24", "")
+        .group("open", open_rules())
+        .vm("a1", "h1", "s", &["open"])
+        .vm("a2", "h2", "s", &["open"])
+        .vm("c1", "h1", "s", &["open"])
+        .vm("c2", "h2", "s", &["open"])
+        .vm("x", "h2", "s", &["open"])
+        .vm("y", "h1", "t", &["open"])
+        .then(vec![v, w])
+        .start()
+        .await
+        .unwrap();
+    let mut servers: Vec<Proc> = Vec::new();
+    for vm in ["a1", "a2", "x", "y"] {
+        let ns = lab.topo.vm(vm).ns.name.clone();
+        let args = ["name", "8080", vm];
+        servers.push(
+            Proc::spawn(
+                &format!("name-{vm}"),
+                Some(&ns),
+                &bin("sdn-probe"),
+                &args,
+                &lab.topo.dir,
+            )
+            .unwrap(),
+        );
+    }
+
+    // Nobody speaks yet: the VIP is nobody's (fail closed).
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(who(&lab, "c2", VIP), None, "the VIP answered before any holder spoke");
+    assert!(vip(&lab, "tv").await.owner_port_id.is_empty());
+
+    // Both holders run keepalived; they hear each other across the hosts.
+    let mut k1 = keepalived(&lab, "a1", 200, VIP);
+    let mut k2 = keepalived(&lab, "a2", 100, VIP);
+    let _ky = keepalived(&lab, "y", 100, WVIP);
+    let epoch = owned_by(&lab, "tv", "a1", Duration::from_secs(10)).await;
+    answered_by(&lab, "c2", VIP, "a1", Duration::from_secs(5));
+    answered_by(&lab, "c1", VIP, "a1", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(holds(&lab, "a1", VIP), "a1 is not Master");
+    assert!(!holds(&lab, "a2", VIP), "a2 is Master too: it does not hear a1");
+    // The same router id in VPC w is w's own.
+    owned_by(&lab, "wv", "y", Duration::from_secs(5)).await;
+    assert!(holds(&lab, "y", WVIP));
+    assert_eq!(who(&lab, "c1", VIP).as_deref(), Some("a1"));
+
+    // IPv6: the VIP's second address lives at the owner too.
+    keep_v6(&lab, "a1");
+    assert!(
+        lab.topo.reach_addr("c2", VIP6, "icmp", 0),
+        "the VIP's IPv6 address does not reach its owner"
+    );
+
+    // Only the owner may announce the VIP.
+    let (arp1, arp2) = (drops(&lab, "h1", "spoof_arp"), drops(&lab, "h2", "spoof_arp"));
+    garp(&lab, "a2");
+    garp(&lab, "a1");
+    assert!(
+        drops(&lab, "h2", "spoof_arp") > arp2,
+        "the backup's gratuitous ARP passed"
+    );
+    assert_eq!(
+        drops(&lab, "h1", "spoof_arp"),
+        arp1,
+        "the owner's gratuitous ARP was refused"
+    );
+    // (An NA from an address not the port's is `spoof_ip`; for a target
+    // not the port's, `spoof_nd`.)
+    let nd = |h: &str| drops(&lab, h, "spoof_ip") + drops(&lab, h, "spoof_nd");
+    let (nd1, nd2) = (nd("h1"), nd("h2"));
+    unsolicited_na(&lab, "a2");
+    unsolicited_na(&lab, "a1");
+    assert!(nd("h2") > nd2, "the backup's unsolicited NA passed");
+    assert_eq!(nd("h1"), nd1, "the owner's unsolicited NA was refused");
+
+    // Failover: a1's keepalived dies without a word.
+    k1.crash();
+    let t0 = Instant::now();
+    let epoch2 = owned_by(&lab, "tv", "a2", Duration::from_secs(10)).await;
+    assert!(epoch2 > epoch);
+    answered_by(&lab, "c2", VIP, "a2", Duration::from_secs(5));
+    let failover = t0.elapsed();
+    answered_by(&lab, "c1", VIP, "a2", Duration::from_secs(5));
+    eprintln!(
+        "failover: {} ms from the kill to the first answer from a2",
+        failover.as_millis()
+    );
+    assert!(failover < Duration::from_secs(3), "failover took {failover:?}");
+
+    // a1 comes back with the higher priority and preempts.
+    k1 = keepalived(&lab, "a1", 200, VIP);
+    owned_by(&lab, "tv", "a1", Duration::from_secs(10)).await;
+    answered_by(&lab, "c2", VIP, "a1", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!holds(&lab, "a2", VIP), "a2 did not fall back to Backup");
+
+    // Attack: x holds nothing and advertises the router at 254.
+    let kx = keepalived(&lab, "x", 254, VIP);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(holds(&lab, "x", VIP), "x should believe it is Master (it hears nobody)");
+    assert!(!holds(&lab, "a2", VIP), "x's advertisements reached a2");
+    assert!(holds(&lab, "a1", VIP), "x's advertisements reached a1");
+    assert_eq!(vip(&lab, "tv").await.owner_port_id, "a1");
+    assert_eq!(who(&lab, "c2", VIP).as_deref(), Some("a1"));
+    drop(kx);
+
+    // Attack: a2 advertises at 250, above its declared 100.
+    k2.crash();
+    let over = drops(&lab, "h2", "vrrp_priority");
+    let _k2 = keepalived(&lab, "a2", 250, VIP);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        drops(&lab, "h2", "vrrp_priority") > over,
+        "a2's advertisements were not refused"
+    );
+    assert!(holds(&lab, "a1", VIP), "a2's advertisements reached a1");
+    assert_eq!(vip(&lab, "tv").await.owner_port_id, "a1");
+    assert_eq!(who(&lab, "c2", VIP).as_deref(), Some("a1"));
+    drop(k1);
+    drop(servers);
+}
+
+/// The owner's VM answers on the VIP's IPv6 address (keepalived protects
+/// the IPv4 one only here).
+fn keep_v6(lab: &Lab, vm: &str) {
+    let ns = &lab.topo.vm(vm).ns;
+    let _ = ns.sh(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{VIP6}/128"),
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+}
