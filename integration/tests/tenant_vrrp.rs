@@ -2,21 +2,22 @@
 //! in VM namespaces on two hosts, speaking VRRPv3 to 224.0.0.18 across our
 //! dataplane.
 //!
-//! - The holders hear each other (the relay crosses hosts): one Master,
-//!   one Backup.
+//! - The holders hear each other (the relay copies within a host and
+//!   across hosts): one Master, two Backups.
 //! - The one that speaks becomes the owner in the overlay: the controller
 //!   grants it, and clients on both hosts reach the VIP (IPv4 and IPv6) at
 //!   that VM. Before any holder speaks, the VIP is nobody's.
 //! - Failover when the Master's keepalived is killed, and preemption back.
 //! - Only the owner may send from the VIP: the backup's gratuitous ARP and
 //!   unsolicited NA for it are refused; the owner's pass.
+//! - VRRPv2 (keepalived's default) works as VRRPv3 does.
 //! - Attacks: a VM that holds nothing runs keepalived for the same router
 //!   with the highest priority; a holder advertises above its declared
 //!   priority; another VPC uses the same router id. None moves the VIP.
 
 use std::time::{Duration, Instant};
 
-use sdn_integration::keepalived::Keepalived;
+use sdn_integration::keepalived::{instance, Keepalived};
 use sdn_integration::lab::{Lab, TENANT};
 use sdn_integration::ops::*;
 use sdn_integration::{bin, privileged, Proc};
@@ -26,19 +27,21 @@ const VIP: &str = "10.61.0.100";
 const VIP6: &str = "fd61::100";
 const WVIP: &str = "10.62.0.100";
 
-/// keepalived in a VM: VRRPv3 every 100 ms on eth0, router 51.
-fn conf(name: &str, priority: u8, vip: &str) -> String {
-    format!(
-        "global_defs {{\n  router_id {name}\n  vrrp_version 3\n}}\n\
-         vrrp_instance VI {{\n  state BACKUP\n  interface eth0\n  virtual_router_id 51\n  priority {priority}\n  \
-         advert_int 0.1\n  virtual_ipaddress {{\n    {vip}/24\n  }}\n}}\n"
-    )
+/// keepalived in a VM on eth0, router 51: VRRPv3 every 100 ms.
+fn keepalived(lab: &Lab, vm: &str, priority: u8, vip: &str) -> Keepalived {
+    keepalived_as(lab, vm, priority, vip, 3, "0.1")
 }
 
-fn keepalived(lab: &Lab, vm: &str, priority: u8, vip: &str) -> Keepalived {
+fn keepalived_as(lab: &Lab, vm: &str, priority: u8, vip: &str, version: u8, interval: &str) -> Keepalived {
     let ns = lab.topo.vm(vm).ns.name.clone();
     let name = format!("ka-{vm}-{priority}");
-    Keepalived::start(&ns, &lab.topo.dir, &name, &conf(&name, priority, vip)).unwrap()
+    Keepalived::start(
+        &ns,
+        &lab.topo.dir,
+        &name,
+        &instance(&name, 51, priority, interval, version, vip),
+    )
+    .unwrap()
 }
 
 async fn vip(lab: &Lab, id: &str) -> pb::VirtualIp {
@@ -139,7 +142,15 @@ async fn tenant_vms_running_keepalived_own_their_virtual_ip() {
         eprintln!("skipped: needs root");
         return;
     }
-    let mut v = virtual_ip("tv", TENANT, "v", VIP, 51, false, &[("a1", 200), ("a2", 100)]);
+    let mut v = virtual_ip(
+        "tv",
+        TENANT,
+        "v",
+        VIP,
+        51,
+        false,
+        &[("a1", 200), ("a2", 100), ("a3", 50)],
+    );
     if let pb::operation::Op::PutVirtualIp(x) = &mut v {
         x.ipv6 = VIP6.into();
     }
@@ -153,6 +164,7 @@ async fn tenant_vms_running_keepalived_own_their_virtual_ip() {
         .group("open", open_rules())
         .vm("a1", "h1", "s", &["open"])
         .vm("a2", "h2", "s", &["open"])
+        .vm("a3", "h1", "s", &["open"])
         .vm("c1", "h1", "s", &["open"])
         .vm("c2", "h2", "s", &["open"])
         .vm("x", "h2", "s", &["open"])
@@ -185,13 +197,19 @@ async fn tenant_vms_running_keepalived_own_their_virtual_ip() {
     // Both holders run keepalived; they hear each other across the hosts.
     let mut k1 = keepalived(&lab, "a1", 200, VIP);
     let mut k2 = keepalived(&lab, "a2", 100, VIP);
-    let _ky = keepalived(&lab, "y", 100, WVIP);
+    let _k3 = keepalived(&lab, "a3", 50, VIP);
+    // (keepalived's defaults there: VRRPv2, every second.)
+    let _ky = keepalived_as(&lab, "y", 100, WVIP, 2, "1");
     let epoch = owned_by(&lab, "tv", "a1", Duration::from_secs(10)).await;
     answered_by(&lab, "c2", VIP, "a1", Duration::from_secs(5));
     answered_by(&lab, "c1", VIP, "a1", Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(500));
     assert!(holds(&lab, "a1", VIP), "a1 is not Master");
     assert!(!holds(&lab, "a2", VIP), "a2 is Master too: it does not hear a1");
+    assert!(
+        !holds(&lab, "a3", VIP),
+        "a3 is Master too: it does not hear a1 on its own host"
+    );
     // The same router id in VPC w is w's own.
     owned_by(&lab, "wv", "y", Duration::from_secs(5)).await;
     assert!(holds(&lab, "y", WVIP));

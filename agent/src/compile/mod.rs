@@ -798,7 +798,13 @@ impl Compiler {
                 .into_iter()
                 .filter(|k| d.ports.contains_key(&k.ifindex)),
         );
-        (d.vrrp_groups, d.vrrp_ports) = vrrp::groups(&port_vips, &port_eps, &holder_here, &mut d.rejected);
+        (d.vrrp_groups, d.vrrp_ports) = vrrp::groups(
+            &port_vips,
+            &port_eps,
+            &holder_here,
+            &|id| local.contains_key(id),
+            &mut d.rejected,
+        );
         for (key, n) in &numbers {
             let Some(Ok(policy)) = self.policies.get(key).map(|c| &c.part) else {
                 continue;

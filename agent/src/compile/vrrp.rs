@@ -95,12 +95,14 @@ pub(super) fn owner_addresses(
 }
 
 /// The VRRP routers with a holder port here, and those ports' devices.
-/// `ifindex` gives a port's device here (`None`: the port is elsewhere, or
-/// quarantined: it then neither speaks nor hears).
+/// `ifindex` gives the device of a port here that may speak (`None`: the
+/// port is elsewhere, or quarantined); `here` says whether a port is on
+/// this host at all (a quarantined one neither speaks nor hears).
 pub(super) fn groups(
     vips: &[&pb::VirtualIpOnHost],
     port_eps: &BTreeMap<&str, &pb::Endpoint>,
     ifindex: &dyn Fn(&str) -> Option<u32>,
+    here: &dyn Fn(&str) -> bool,
     rejected: &mut Vec<String>,
 ) -> (BTreeMap<VrrpKey, VrrpGroup>, BTreeSet<u32>) {
     let mut out = BTreeMap::new();
@@ -109,9 +111,12 @@ pub(super) fn groups(
         let Some(v) = &on.virtual_ip else { continue };
         let mut g = VrrpGroup::default();
         let mut hosts: BTreeSet<[u8; 4]> = BTreeSet::new();
-        let mut here = Vec::new();
+        let mut speakers = Vec::new();
         for h in v.holders.iter().take(VRRP_MEMBERS) {
             let local = ifindex(&h.port_id);
+            if local.is_none() && here(&h.port_id) {
+                continue;
+            }
             let Some(e) = port_eps.get(h.port_id.as_str()) else {
                 if local.is_some() {
                     rejected.push(format!(
@@ -137,7 +142,7 @@ pub(super) fn groups(
                 _ => continue,
             };
             if let Some(ifx) = local {
-                here.push(ifx);
+                speakers.push(ifx);
             } else {
                 hosts.insert(host_v4);
             }
@@ -151,7 +156,7 @@ pub(super) fn groups(
             };
             g.n_members += 1;
         }
-        if here.is_empty() {
+        if speakers.is_empty() {
             continue;
         }
         for (i, h) in hosts.iter().enumerate() {
@@ -172,7 +177,128 @@ pub(super) fn groups(
             continue;
         }
         out.insert(k, g);
-        ports.extend(here);
+        ports.extend(speakers);
     }
     (out, ports)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(port: &str, v4: &str, host: &str) -> pb::Endpoint {
+        pb::Endpoint {
+            port_id: port.into(),
+            mac: "02:00:00:00:00:01".into(),
+            ipv4: v4.into(),
+            ipv6: String::new(),
+            host_id: host.into(),
+            host_underlay_ip: host.into(),
+            vpc_id: "v".into(),
+        }
+    }
+
+    fn vip(holders: &[(&str, u32)], owner: &str) -> pb::VirtualIpOnHost {
+        pb::VirtualIpOnHost {
+            virtual_ip: Some(pb::VirtualIp {
+                id: "tv".into(),
+                ipv4: "10.0.0.100".into(),
+                ipv6: "fd00::100".into(),
+                vrid: 51,
+                holders: holders
+                    .iter()
+                    .map(|(p, prio)| pb::VipHolder {
+                        port_id: p.to_string(),
+                        host_id: String::new(),
+                        priority: *prio,
+                    })
+                    .collect(),
+                owner_port_id: owner.into(),
+                ..Default::default()
+            }),
+            vni: 7,
+            uplink_device: String::new(),
+        }
+    }
+
+    #[test]
+    fn routers_list_holders_once_per_host_and_leave_out_the_quarantined() {
+        let eps = [
+            ep("a", "10.0.0.1", "192.0.2.1"),
+            ep("b", "10.0.0.2", "192.0.2.2"),
+            ep("c", "10.0.0.3", "192.0.2.2"),
+            ep("q", "10.0.0.4", "192.0.2.1"),
+            ep("six", "", "192.0.2.1"),
+        ];
+        let port_eps: BTreeMap<&str, &pb::Endpoint> = eps.iter().map(|e| (e.port_id.as_str(), e)).collect();
+        // `a` and `six` are here; `q` is here but quarantined.
+        let here = |p: &str| match p {
+            "a" => Some(11),
+            "six" => Some(12),
+            _ => None,
+        };
+        let v = vip(&[("a", 200), ("b", 100), ("c", 300), ("q", 50), ("six", 10)], "");
+        let mut rejected = Vec::new();
+        let (groups, ports) = super::groups(
+            &[&v],
+            &port_eps,
+            &here,
+            &|p| matches!(p, "a" | "six" | "q"),
+            &mut rejected,
+        );
+        assert_eq!(ports, BTreeSet::from([11]));
+        let g = groups
+            .get(&VrrpKey {
+                vni: 7,
+                vrid: 51,
+                family: FAMILY_V4,
+                _pad: [0; 2],
+            })
+            .expect("the router");
+        // `q` is left out, and so is `six`, which has no IPv4 address (with
+        // why).
+        assert_eq!(g.n_members, 3);
+        assert_eq!(g.members[0].ifindex, 11);
+        assert_eq!(g.members[0].priority, 200);
+        assert_eq!(g.members[2].priority, 254, "priorities are capped at 254");
+        assert_eq!(g.n_hosts, 1, "one copy per other host");
+        assert_eq!(g.hosts[0], [192, 0, 2, 2]);
+        assert_eq!(rejected.len(), 1, "{rejected:?}");
+        assert!(rejected[0].contains("six"), "{rejected:?}");
+
+        // No holder here: no router.
+        let none = |_: &str| None;
+        let (groups, ports) = super::groups(&[&v], &port_eps, &none, &|_| false, &mut Vec::new());
+        assert!(groups.is_empty() && ports.is_empty());
+    }
+
+    #[test]
+    fn the_owner_alone_gets_the_addresses() {
+        let eps = [ep("a", "10.0.0.1", "192.0.2.1"), ep("b", "10.0.0.2", "192.0.2.2")];
+        let port_eps: BTreeMap<&str, &pb::Endpoint> = eps.iter().map(|e| (e.port_id.as_str(), e)).collect();
+        let b_ep = Endpoint {
+            ifindex: 0,
+            host_v4: [192, 0, 2, 2],
+            mac: [2, 0, 0, 0, 0, 2],
+            flags: 0,
+            vni: 7,
+            policy: 0,
+        };
+        let overlay: BTreeMap<EndpointKey, Endpoint> = BTreeMap::from([(key(7, "10.0.0.2".parse().unwrap()), b_ep)]);
+        // Before any grant the addresses are nobody's.
+        let v = vip(&[("a", 200), ("b", 100)], "");
+        assert!(owner_endpoints(&[&v], 7, &overlay, &port_eps).is_empty());
+        let v = vip(&[("a", 200), ("b", 100)], "b");
+        let got = owner_endpoints(&[&v], 7, &overlay, &port_eps);
+        assert_eq!(got.len(), 2, "IPv4 and IPv6");
+        assert!(got.iter().all(|(_, e)| *e == b_ep));
+        // Another VPC's share moves nothing.
+        assert!(owner_endpoints(&[&v], 8, &overlay, &port_eps).is_empty());
+        // The owner sends from them only where it is.
+        let here = |p: &str| (p == "b").then_some(21);
+        let addrs = owner_addresses(&[&v], &here);
+        assert_eq!(addrs.len(), 2);
+        assert!(addrs.iter().all(|k| k.ifindex == 21));
+        assert!(owner_addresses(&[&v], &|_: &str| None).is_empty());
+    }
 }
