@@ -152,9 +152,10 @@ enum Cmd {
         /// 1 to 254, or 255 for the address owner.
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..))]
         priority: u8,
-        /// The protected IPv4 addresses.
+        /// The protected addresses, all IPv4 or all IPv6 (VRRP over that
+        /// family).
         #[arg(long = "address", required = true)]
-        addresses: Vec<std::net::Ipv4Addr>,
+        addresses: Vec<std::net::IpAddr>,
         /// Advertisement interval, centiseconds (1 to 4095).
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u16).range(1..=4095))]
         interval_cs: u16,
@@ -162,9 +163,9 @@ enum Cmd {
         #[arg(long)]
         no_preempt: bool,
         /// This router's address on the link (default: the interface's
-        /// first IPv4 address).
+        /// first IPv4 address, or its IPv6 link-local one).
         #[arg(long)]
-        source: Option<std::net::Ipv4Addr>,
+        source: Option<std::net::IpAddr>,
     },
     /// Detach every program and remove every pin (uninstall).
     Purge {
@@ -348,16 +349,27 @@ async fn main() -> anyhow::Result<()> {
         } => {
             use sdn_agent::vrrp::{machine, speaker};
             let link = speaker::Link::of(&interface).with_context(|| format!("interface {interface}"))?;
-            let source = source
-                .or_else(|| speaker::first_ipv4(&interface))
-                .with_context(|| format!("{interface} has no IPv4 address: give --source"))?;
+            let v6 = addresses[0].is_ipv6();
+            if addresses.iter().any(|a| a.is_ipv6() != v6) {
+                anyhow::bail!("--address: all IPv4 or all IPv6 (one virtual router speaks one family)");
+            }
+            let source = match source {
+                Some(s) if s.is_ipv6() != v6 => anyhow::bail!("--source: of the addresses' family"),
+                Some(s) => s,
+                None if v6 => speaker::link_local(&interface)
+                    .map(std::net::IpAddr::V6)
+                    .with_context(|| format!("{interface} has no IPv6 link-local address: give --source"))?,
+                None => speaker::first_ipv4(&interface)
+                    .map(std::net::IpAddr::V4)
+                    .with_context(|| format!("{interface} has no IPv4 address: give --source"))?,
+            };
             let cfg = machine::Config {
                 vrid,
                 priority,
                 interval_cs,
                 preempt: !no_preempt,
-                addresses: addresses.into_iter().map(std::net::IpAddr::V4).collect(),
-                primary: source.into(),
+                addresses,
+                primary: source,
             };
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

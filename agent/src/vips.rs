@@ -52,10 +52,11 @@ use crate::vrrp::speaker::{self, Event, Link};
 pub struct Held {
     pub id: String,
     pub uplink: String,
-    /// The VRRP router, its source the uplink's first IPv4 address.
+    /// The VRRP router, its source the uplink's first IPv4 address (or,
+    /// for an IPv6 VIP alone, its link-local address).
     pub cfg: Config,
     /// Every address of the virtual IP (the VRRP router protects the
-    /// IPv4 ones).
+    /// IPv4 one when there is one).
     pub addresses: Vec<IpAddr>,
     /// The highest epoch the share says was granted.
     pub epoch: u64,
@@ -94,22 +95,44 @@ pub fn held(res: &Resources, host: &str, addrs: &dyn Fn(&str) -> Vec<IpAddr>) ->
             problems.push(format!("virtual ip {}: its VPC has no zone uplink", v.id));
             continue;
         }
-        let Ok(v4) = v.ipv4.parse::<std::net::Ipv4Addr>() else {
-            problems.push(format!(
-                "virtual ip {}: only IPv4 addresses are held by hosts so far (VRRP for IPv6 is not spoken)",
-                v.id
-            ));
-            continue;
+        let v4 = v.ipv4.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4);
+        let v6 = v.ipv6.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6);
+        // VRRP over IPv4 when the VIP has an IPv4 address (its IPv6 one
+        // goes along: announced and answered with it); over IPv6 from the
+        // uplink's link-local address for an IPv6 VIP alone.
+        let (protected, source) = match (v4, v6) {
+            (Some(a), _) => match first_v4(&on.uplink_device) {
+                Some(s) => (a, IpAddr::V4(s)),
+                None => {
+                    problems.push(format!(
+                        "virtual ip {}: uplink {} has no IPv4 address to speak VRRP from",
+                        v.id, on.uplink_device
+                    ));
+                    continue;
+                }
+            },
+            (None, Some(a)) => {
+                let ll = addrs(&on.uplink_device).into_iter().find_map(|x| match x {
+                    IpAddr::V6(x) if x.segments()[0] & 0xffc0 == 0xfe80 => Some(x),
+                    _ => None,
+                });
+                match ll {
+                    Some(s) => (a, IpAddr::V6(s)),
+                    None => {
+                        problems.push(format!(
+                            "virtual ip {}: uplink {} has no IPv6 link-local address to speak VRRP from",
+                            v.id, on.uplink_device
+                        ));
+                        continue;
+                    }
+                }
+            }
+            (None, None) => {
+                problems.push(format!("virtual ip {}: no address", v.id));
+                continue;
+            }
         };
-        let Some(source) = first_v4(&on.uplink_device) else {
-            problems.push(format!(
-                "virtual ip {}: uplink {} has no IPv4 address to speak VRRP from",
-                v.id, on.uplink_device
-            ));
-            continue;
-        };
-        let mut addresses = vec![IpAddr::V4(v4)];
-        addresses.extend(v.ipv6.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6));
+        let addresses: Vec<IpAddr> = v4.into_iter().chain(v6).collect();
         out.push(Held {
             id: v.id.clone(),
             uplink: on.uplink_device.clone(),
@@ -118,8 +141,8 @@ pub fn held(res: &Resources, host: &str, addrs: &dyn Fn(&str) -> Vec<IpAddr>) ->
                 priority: me.priority.clamp(1, 254) as u8,
                 interval_cs: v.advert_interval_cs.clamp(1, 4095) as u16,
                 preempt: !v.no_preempt,
-                addresses: vec![IpAddr::V4(v4)],
-                primary: IpAddr::V4(source),
+                addresses: vec![protected],
+                primary: source,
             },
             addresses,
             epoch: v.epoch,

@@ -36,6 +36,10 @@ fn zone_get(lab: &sdn_integration::lab::Lab) -> String {
 
 /// The virtual IP as the controller has it.
 async fn vip(lab: &sdn_integration::lab::Lab) -> pb::VirtualIp {
+    vip_of(lab, "hvip").await
+}
+
+async fn vip_of(lab: &sdn_integration::lab::Lab, id: &str) -> pb::VirtualIp {
     let mut c = lab.cluster.client().await.unwrap();
     let l = c
         .list(pb::ListRequest {
@@ -45,17 +49,18 @@ async fn vip(lab: &sdn_integration::lab::Lab) -> pb::VirtualIp {
         .await
         .unwrap()
         .into_inner();
-    l.virtual_ips
-        .into_iter()
-        .find(|v| v.id == "hvip")
-        .expect("the virtual ip")
+    l.virtual_ips.into_iter().find(|v| v.id == id).expect("the virtual ip")
 }
 
 /// Waits until `host` owns the VIP in an epoch above `above`; its epoch.
 async fn owned_by(lab: &sdn_integration::lab::Lab, host: &str, above: u64) -> u64 {
+    owned_of(lab, "hvip", host, above).await
+}
+
+async fn owned_of(lab: &sdn_integration::lab::Lab, id: &str, host: &str, above: u64) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let v = vip(lab).await;
+        let v = vip_of(lab, id).await;
         if v.owner_host_id == host && v.epoch > above {
             return v.epoch;
         }
@@ -555,4 +560,219 @@ async fn a_vip_held_by_two_nat_hosts_is_answered_by_its_lease_holder_alone() {
             "no record of {line}: {audit}"
         );
     }
+}
+
+const VIP6: &str = "fd40:1::100";
+
+/// An IPv6 VIP alone, held by two NAT hosts: their agents speak VRRPv3
+/// over IPv6 on the uplink (link-local sources, ff02::12); the owner
+/// answers neighbour solicitations for it and translates within its
+/// lease; when it dies the other takes over and announces the address
+/// with an unsolicited NA that moves the zone's neighbour entry.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ipv6_vip_held_by_hosts_moves_with_vrrp_over_ipv6() {
+    if !privileged() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mut lab = sdn_integration::lab::Lab::new("hv6", &["h1", "h2", "h3"])
+        .zone(
+            "ext",
+            UPLINK,
+            EXT.0,
+            EXT.1,
+            &["10.0.0.0/8", "fd00::/8"],
+            &["10.99.0.1", "fd77::1"],
+        )
+        .tenant("dept-a")
+        .vpc("va", Some("ext"))
+        .subnet("a-web", "va", "10.40.1.0/24", "fd40:1::/64")
+        .group("open-a", open_rules())
+        .vm("m1", "h1", "a-web", &["open-a"])
+        .start()
+        .await
+        .expect("the lab");
+    let _m1 = lab.nginx("m1");
+    let mut lb = load_balancer("lb6", "dept-a", "va", "", VIP6);
+    lb.exposure = "zone".into();
+    for (h, a) in [("h2", "fd40:1::202"), ("h3", "fd40:1::203")] {
+        lb.nat_hosts.push(pb::NatHost {
+            host_id: h.into(),
+            ipv4: String::new(),
+            ipv6: a.into(),
+        });
+    }
+    let mut web = member("web6-m1", "web6", "m1", "", 1);
+    if let pb::operation::Op::PutMember(x) = &mut web {
+        x.port = 8080;
+    }
+    let mut v = virtual_ip("hv6", "dept-a", "va", "", 41, true, &[("h2", 200), ("h3", 100)]);
+    if let pb::operation::Op::PutVirtualIp(x) = &mut v {
+        x.ipv6 = VIP6.into();
+    }
+    let ops = vec![
+        put_lb(lb),
+        pool("web6", "lb6"),
+        web,
+        listener("http6", "lb6", "tcp", 80, "web6", "maglev"),
+        v,
+    ];
+    assert!(lab.cluster.apply(ops).await.expect("the load balancer").enforced);
+    let z = lab.topo.zone_ns("ext");
+    z.sh(&["ip", "-6", "route", "replace", &format!("{VIP6}/128"), "dev", "br0"])
+        .unwrap();
+    let get = || {
+        z.sh(&[
+            "curl",
+            "-sS",
+            "-m",
+            "1",
+            "--interface",
+            "fd77::1",
+            &format!("http://[{VIP6}]/"),
+        ])
+        .unwrap_or_else(|e| format!("error: {e}"))
+        .trim()
+        .to_string()
+    };
+    let mac = |h: &str| {
+        lab.topo
+            .host_ns(h)
+            .sh(&["cat", &format!("/sys/class/net/{UPLINK}/address")])
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let pcap = lab.topo.dir.join("hv6.pcap");
+    let mut capture = sdn_integration::Proc::spawn(
+        "tshark-hv6",
+        Some(&z.name),
+        std::path::Path::new("/usr/bin/tshark"),
+        &[
+            "-i",
+            "br0",
+            "-f",
+            "icmp6 or ip6 proto 112 or tcp port 80",
+            "-w",
+            pcap.to_str().unwrap(),
+        ],
+        &lab.topo.dir,
+    )
+    .unwrap();
+    sdn_integration::wait_for("the capture", Duration::from_secs(10), || pcap.exists()).unwrap();
+
+    // h2 wins over IPv6, is granted and answers; the zone reaches the
+    // member through it.
+    let e1 = owned_of(&lab, "hv6", "h2", 0).await;
+    if sdn_integration::wait_for("h2 to answer", Duration::from_secs(5), || get() == "m1 fd40:1::202").is_err() {
+        std::thread::sleep(Duration::from_millis(500));
+        panic!(
+            "h2 does not answer: {}\nh2 neigh: {:?} route: {:?}\ncapture: {:?}\nneighbours: {:?}\nh2 drops: {}\nh2: {}",
+            get(),
+            lab.topo.host_ns("h2").sh(&["ip", "-6", "neigh"]),
+            lab.topo.host_ns("h2").sh(&["ip", "-6", "route", "get", "fd77::1"]),
+            sdn_integration::sh(&[
+                "tshark",
+                "-r",
+                pcap.to_str().unwrap(),
+                "-Y",
+                "tcp",
+                "-T",
+                "fields",
+                "-e",
+                "eth.src",
+                "-e",
+                "eth.dst",
+                "-e",
+                "ipv6.src",
+                "-e",
+                "ipv6.dst",
+                "-e",
+                "tcp.flags.str"
+            ]),
+            z.sh(&["ip", "-6", "neigh"]),
+            lab.drops("h2").map(|d| d.to_string()).unwrap_or_default(),
+            lab.cluster.agent_log("h2")
+        );
+    }
+
+    // h2 dies: h3 takes over, announces the VIP, and answers.
+    lab.cluster.agent("h2").kill();
+    lab.topo
+        .host_ns("h2")
+        .sh(&["ip", "link", "set", UPLINK, "down"])
+        .unwrap();
+    let t0 = Instant::now();
+    owned_of(&lab, "hv6", "h3", e1).await;
+    sdn_integration::wait_for("h3 to answer", Duration::from_secs(5), || get() == "m1 fd40:1::203").unwrap();
+    eprintln!(
+        "IPv6 VIP answered through h3 {} ms after h2 died",
+        t0.elapsed().as_millis()
+    );
+    // The zone's neighbour entry for the VIP is h3's uplink.
+    let neigh = z.sh(&["ip", "-6", "neigh", "show", VIP6, "dev", "br0"]).unwrap();
+    assert!(neigh.contains(&mac("h3")), "the zone's neighbour entry: {neigh}");
+    std::thread::sleep(Duration::from_millis(300));
+    capture.stop();
+
+    // Both holders advertised VRRPv3 over IPv6 (good checksums, hop limit
+    // 255, link-local sources); h3 sent an unsolicited NA for the VIP
+    // from its uplink's MAC.
+    let pcap = pcap.to_str().unwrap();
+    let ads = sdn_integration::sh(&[
+        "tshark",
+        "-r",
+        pcap,
+        "-Y",
+        "vrrp",
+        "-T",
+        "fields",
+        "-e",
+        "eth.src",
+        "-e",
+        "ipv6.src",
+        "-e",
+        "vrrp.version",
+        "-e",
+        "vrrp.checksum.status",
+        "-e",
+        "ipv6.hlim",
+        "-e",
+        "vrrp.ipv6_addr",
+    ])
+    .unwrap();
+    let mut speakers = std::collections::BTreeSet::new();
+    for l in ads.lines() {
+        let f: Vec<&str> = l.split('\t').collect();
+        assert_eq!(&f[2..], ["3", "1", "255", VIP6], "{l}");
+        assert!(f[1].starts_with("fe80::"), "{l}");
+        speakers.insert(f[0].to_string());
+    }
+    assert!(
+        speakers.contains(&mac("h2")) && speakers.contains(&mac("h3")),
+        "{speakers:?}"
+    );
+    let na = sdn_integration::sh(&[
+        "tshark",
+        "-r",
+        pcap,
+        "-Y",
+        "icmpv6.type == 136 && icmpv6.nd.na.flag.s == 0",
+        "-T",
+        "fields",
+        "-e",
+        "eth.src",
+        "-e",
+        "ipv6.src",
+        "-e",
+        "icmpv6.nd.na.flag.o",
+        "-e",
+        "icmpv6.nd.na.target_address",
+    ])
+    .unwrap();
+    assert!(
+        na.lines()
+            .any(|l| l.split('\t').collect::<Vec<_>>() == [mac("h3").as_str(), VIP6, "1", VIP6]),
+        "no unsolicited NA for the VIP from h3:\n{na}"
+    );
 }

@@ -176,12 +176,6 @@ impl State {
                 ));
             }
             if by_host {
-                if ip.is_ipv6() {
-                    return Err(c.err(
-                        field,
-                        "hosts hold IPv4 virtual ips only (their VRRP for IPv6 is not built): give the VIP's IPv4 address",
-                    ));
-                }
                 self.check_host_held_address(c, field, v, ip)?;
             } else {
                 self.vpc_address(c, field, &v.vpc_id, ip)?;
@@ -648,7 +642,7 @@ mod tests {
             &mut s,
             &format!("{HOSTS_VIP}ipv6: 'fd30::101', {two}}}\n"),
             "ipv6",
-            "hosts hold IPv4 virtual ips only",
+            "fd30::101 is no load balancer's VIP",
         );
         refused(
             &mut s,
