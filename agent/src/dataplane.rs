@@ -1859,18 +1859,27 @@ impl Dataplane {
         }
         self.vrrp_links.retain(|i| ports.contains(i));
         // Attached, or (left by an earlier agent) swapped to this load's
-        // programs, once per device.
+        // programs, once per device; one that fails leaves the others be.
+        let mut failed = Vec::new();
         for ifx in ports {
             if self.vrrp_links.contains(ifx) {
                 continue;
             }
-            let name = ifname(*ifx).with_context(|| format!("no device of ifindex {ifx} for VRRP"))?;
-            for (prog, attach_type, dir) in VRRP_PROGRAMS {
-                let pin = self.pin_dir.join("links").join(format!("vrrp-{ifx}-{dir}"));
-                self.attach_pinned_at(prog, attach_type, &name, &pin, LinkOrder::first())?;
+            let attach = |dp: &mut Self| -> anyhow::Result<String> {
+                let name = ifname(*ifx).with_context(|| format!("no device of ifindex {ifx}"))?;
+                for (prog, attach_type, dir) in VRRP_PROGRAMS {
+                    let pin = dp.pin_dir.join("links").join(format!("vrrp-{ifx}-{dir}"));
+                    dp.attach_pinned_at(prog, attach_type, &name, &pin, LinkOrder::first())?;
+                }
+                Ok(name)
+            };
+            match attach(self) {
+                Ok(name) => {
+                    self.vrrp_links.insert(*ifx);
+                    tracing::info!(device = %name, ifindex = ifx, adopted = held.contains(ifx), "VRRP observers attached");
+                }
+                Err(e) => failed.push(format!("ifindex {ifx}: {e:#}")),
             }
-            self.vrrp_links.insert(*ifx);
-            tracing::info!(device = %name, ifindex = ifx, adopted = held.contains(ifx), "VRRP observers attached");
         }
         let pin = self.pin_dir.join("links").join(VRRP_OVERLAY_PIN);
         if ports.is_empty() {
@@ -1892,6 +1901,9 @@ impl Dataplane {
         }
         if ports.is_empty() {
             self.vrrp_overlay_link = false;
+        }
+        if !failed.is_empty() {
+            anyhow::bail!("VRRP observers not attached: {}", failed.join("; "));
         }
         Ok(())
     }

@@ -203,11 +203,12 @@ pub fn port_held(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>) -> Vec<
     out
 }
 
-/// Whether an advertisement last seen `age_ns` ago, of `interval_cs`,
-/// still says its port speaks: within two intervals, and 100 ms for the
+/// Whether an advertisement last seen `age_ns` ago still says its port
+/// speaks: within two intervals (its own, no longer than the virtual IP's
+/// `interval_cs`; the relay refuses longer ones), and 100 ms for the
 /// scheduling of both ends.
-fn speaks(seen: &VrrpSeen, age_ns: u64) -> bool {
-    let interval_ns = u64::from(seen.interval_cs.max(1)) * 10_000_000;
+fn speaks(seen: &VrrpSeen, interval_cs: u16, age_ns: u64) -> bool {
+    let interval_ns = u64::from(seen.interval_cs.min(interval_cs).max(1)) * 10_000_000;
     seen.priority > 0 && age_ns <= 2 * interval_ns + 100_000_000
 }
 
@@ -352,7 +353,7 @@ enum Msg {
 type Client = pb::agent_client::AgentClient<tonic::transport::Channel>;
 
 /// The answer to one call of claims: when it was sent, and the grants.
-type Answer = (Instant, Result<Vec<pb::VipGrant>, String>);
+type Answer = (Instant, Vec<pb::VipClaim>, Result<Vec<pb::VipGrant>, String>);
 
 struct Manager {
     host: String,
@@ -362,11 +363,11 @@ struct Manager {
     stats: Arc<Stats>,
     vips: BTreeMap<String, Vip>,
     wanted: BTreeMap<String, Held>,
-    /// Virtual IPs held by ports here, by id.
-    ports: BTreeMap<String, PortVip>,
+    /// Virtual IPs held by ports here, by id and port.
+    ports: BTreeMap<(String, String), PortVip>,
     /// Releases owed to the controller (held no more, or no longer Master),
     /// with the port they were claimed for (empty: this host).
-    releases: BTreeMap<String, String>,
+    releases: std::collections::BTreeSet<(String, String)>,
     gen: u64,
     ev_tx: mpsc::UnboundedSender<(String, u64, Msg)>,
     /// Speakers to start again, not before this.
@@ -447,9 +448,9 @@ async fn manage(
                     }
                 }
             }
-            Some((sent, answer)) = ans_rx.recv() => {
+            Some((sent, claims, answer)) = ans_rx.recv() => {
                 m.in_flight = false;
-                m.on_answer(sent, answer);
+                m.on_answer(sent, &claims, answer);
                 m.enforce().await;
             }
             _ = tick.tick() => {
@@ -473,14 +474,14 @@ impl Manager {
             Event::State(State::Master) => {
                 tracing::info!(virtual_ip = %id, "VRRP master: claiming the virtual ip");
                 v.master = true;
-                self.releases.remove(id);
+                self.releases.remove(&(id.to_string(), String::new()));
                 // Claim at once.
                 self.last_claim = Instant::now() - Duration::from_secs(60);
             }
             Event::State(s) => {
                 if v.master {
                     tracing::info!(virtual_ip = %id, state = s.name(), "VRRP: no longer master; releasing the virtual ip");
-                    self.releases.insert(id.to_string(), String::new());
+                    self.releases.insert((id.to_string(), String::new()));
                 }
                 v.master = false;
                 v.granted = None;
@@ -507,7 +508,7 @@ impl Manager {
         let Some(v) = self.vips.remove(id) else { return };
         let _ = v.stop.send(true);
         if v.master {
-            self.releases.insert(id.to_string(), String::new());
+            self.releases.insert((id.to_string(), String::new()));
         }
         v.answering.store(false, Relaxed);
         let now_ns = crate::dataplane::monotonic_ns();
@@ -523,20 +524,21 @@ impl Manager {
     }
 
     /// Takes the virtual IPs held by ports here; a port that no longer
-    /// holds one and spoke for it releases it.
+    /// holds one (or whose holding changed) and spoke for it releases it.
     fn set_ports(&mut self, held: Vec<PortHeld>) {
-        let mut next: BTreeMap<String, PortVip> = BTreeMap::new();
+        let mut next: BTreeMap<(String, String), PortVip> = BTreeMap::new();
         for h in held {
-            // One holder port per virtual IP here speaks at a time; a
-            // second holder port of it here is watched as well.
-            let id = if next.contains_key(&h.id) {
-                format!("{}#{}", h.id, h.port_id)
-            } else {
-                h.id.clone()
+            let key = (h.id.clone(), h.port_id.clone());
+            let old = match self.ports.remove(&key) {
+                Some(p) if p.held == h => Some(p),
+                Some(p) => {
+                    self.ports.insert(key.clone(), p);
+                    None
+                }
+                None => None,
             };
-            let old = self.ports.remove(&id).filter(|p| p.held == h);
             next.insert(
-                id,
+                key,
                 old.unwrap_or(PortVip {
                     held: h,
                     speaking: false,
@@ -544,10 +546,10 @@ impl Manager {
                 }),
             );
         }
-        for (_, p) in std::mem::take(&mut self.ports) {
+        for (key, p) in std::mem::take(&mut self.ports) {
             if p.speaking {
-                tracing::info!(virtual_ip = %p.held.id, port = %p.held.port_id, "port no longer holds the virtual ip: releasing");
-                self.releases.insert(p.held.id.clone(), p.held.port_id.clone());
+                tracing::info!(virtual_ip = %key.0, port = %key.1, "port no longer holds the virtual ip as it did: releasing");
+                self.releases.insert(key);
             }
         }
         self.ports = next;
@@ -571,14 +573,14 @@ impl Manager {
             let speaking = self
                 .seen
                 .get(&k, 0)
-                .is_ok_and(|s| speaks(&s, now.saturating_sub(s.last_ns)));
+                .is_ok_and(|s| speaks(&s, p.held.interval_cs, now.saturating_sub(s.last_ns)));
             if speaking && !p.speaking {
                 tracing::info!(virtual_ip = %p.held.id, port = %p.held.port_id, "port speaks VRRP for the virtual ip: claiming it");
-                self.releases.remove(&p.held.id);
+                self.releases.remove(&(p.held.id.clone(), p.held.port_id.clone()));
                 self.last_claim = Instant::now() - Duration::from_secs(60);
             } else if !speaking && p.speaking {
                 tracing::info!(virtual_ip = %p.held.id, port = %p.held.port_id, "port stopped speaking VRRP for the virtual ip: releasing it");
-                self.releases.insert(p.held.id.clone(), p.held.port_id.clone());
+                self.releases.insert((p.held.id.clone(), p.held.port_id.clone()));
                 p.granted = false;
             }
             p.speaking = speaking;
@@ -743,11 +745,19 @@ impl Manager {
             port_id: p.held.port_id.clone(),
             release: false,
         }));
-        claims.extend(self.releases.iter().map(|(id, port)| pb::VipClaim {
-            virtual_ip_id: id.clone(),
-            port_id: port.clone(),
-            release: true,
-        }));
+        // One entry per virtual IP in a call (the controller refuses a
+        // second): a release of a virtual IP claimed in this call, or
+        // released twice, waits for a later call.
+        let mut named: std::collections::BTreeSet<String> = claims.iter().map(|c| c.virtual_ip_id.clone()).collect();
+        for (id, port) in &self.releases {
+            if named.insert(id.clone()) {
+                claims.push(pb::VipClaim {
+                    virtual_ip_id: id.clone(),
+                    port_id: port.clone(),
+                    release: true,
+                });
+            }
+        }
         claims.truncate(crate::vips::CLAIMS_PER_CALL);
         self.last_claim = Instant::now();
         self.in_flight = true;
@@ -771,8 +781,14 @@ impl Manager {
             let answer = match slot.as_mut() {
                 None => Err("no controller reachable".to_string()),
                 Some(cl) => {
-                    match tokio::time::timeout(wait, cl.claim_virtual_ips(pb::VipClaims { host_id: host, claims }))
-                        .await
+                    match tokio::time::timeout(
+                        wait,
+                        cl.claim_virtual_ips(pb::VipClaims {
+                            host_id: host,
+                            claims: claims.clone(),
+                        }),
+                    )
+                    .await
                     {
                         Ok(Ok(r)) => Ok(r.into_inner().grants),
                         Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), s.message())),
@@ -785,11 +801,12 @@ impl Manager {
                 *slot = None;
             }
             drop(slot);
-            let _ = answers.send((sent, answer));
+            let _ = answers.send((sent, claims, answer));
         });
     }
 
-    fn on_answer(&mut self, sent: Instant, answer: Result<Vec<pb::VipGrant>, String>) {
+    /// Takes the controller's answers, one per claim sent, in order.
+    fn on_answer(&mut self, sent: Instant, claims: &[pb::VipClaim], answer: Result<Vec<pb::VipGrant>, String>) {
         let grants = match answer {
             Ok(g) => g,
             Err(e) => {
@@ -798,35 +815,37 @@ impl Manager {
                 return;
             }
         };
-        for g in grants {
-            // A release is done when the controller says so (or answers at
-            // all for a VIP no longer held here: it may no longer hold the
-            // host as a holder); the answer to a claim sent before it
-            // leaves it due.
-            let port = self
-                .ports
-                .values_mut()
-                .find(|p| p.held.id == g.virtual_ip_id && p.speaking);
-            if g.reason == "released" || (!self.vips.contains_key(&g.virtual_ip_id) && port.is_none()) {
-                self.releases.remove(&g.virtual_ip_id);
+        for (c, g) in claims.iter().zip(grants) {
+            let key = (c.virtual_ip_id.clone(), c.port_id.clone());
+            if c.release {
+                // Answered: released, or refused for good (the virtual IP,
+                // or this holder of it, is gone).
+                if g.reason != "released" {
+                    tracing::debug!(virtual_ip = %key.0, port = %key.1, reason = %g.reason, "release answered");
+                }
+                self.releases.remove(&key);
                 continue;
             }
-            if self.releases.contains_key(&g.virtual_ip_id) {
+            if self.releases.contains(&key) {
+                // Released since the claim was sent.
                 continue;
             }
-            if let Some(p) = port {
+            if !c.port_id.is_empty() {
+                let Some(p) = self.ports.get_mut(&key).filter(|p| p.speaking) else {
+                    continue;
+                };
                 if g.granted {
                     self.stats.claims_granted.fetch_add(1, Relaxed);
                     if !p.granted {
                         self.stats.taken.fetch_add(1, Relaxed);
-                        tracing::info!(virtual_ip = %g.virtual_ip_id, port = %p.held.port_id, epoch = g.epoch, "virtual ip granted to the port that speaks for it");
+                        tracing::info!(virtual_ip = %key.0, port = %key.1, epoch = g.epoch, "virtual ip granted to the port that speaks for it");
                     }
                 } else {
                     self.stats.claims_refused.fetch_add(1, Relaxed);
                     if p.granted {
-                        tracing::warn!(virtual_ip = %g.virtual_ip_id, port = %p.held.port_id, reason = %g.reason, "claim for the port refused");
+                        tracing::warn!(virtual_ip = %key.0, port = %key.1, reason = %g.reason, "claim for the port refused");
                     } else {
-                        tracing::debug!(virtual_ip = %g.virtual_ip_id, port = %p.held.port_id, reason = %g.reason, "claim for the port refused");
+                        tracing::debug!(virtual_ip = %key.0, port = %key.1, reason = %g.reason, "claim for the port refused");
                     }
                 }
                 p.granted = g.granted;

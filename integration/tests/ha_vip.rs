@@ -696,6 +696,10 @@ async fn an_ipv6_vip_held_by_hosts_moves_with_vrrp_over_ipv6() {
         );
     }
 
+    // (The capture takes a moment to begin after its file appears: h2's
+    // advertisements are in it by now.)
+    std::thread::sleep(Duration::from_millis(1000));
+
     // h2 dies: h3 takes over, announces the VIP, and answers.
     lab.cluster.agent("h2").kill();
     lab.topo
@@ -750,7 +754,9 @@ async fn an_ipv6_vip_held_by_hosts_moves_with_vrrp_over_ipv6() {
     }
     assert!(
         speakers.contains(&mac("h2")) && speakers.contains(&mac("h3")),
-        "{speakers:?}"
+        "advertisements from {speakers:?}; h2 is {}, h3 is {}",
+        mac("h2"),
+        mac("h3")
     );
     let na = sdn_integration::sh(&[
         "tshark",

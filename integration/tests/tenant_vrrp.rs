@@ -210,7 +210,20 @@ async fn tenant_vms_running_keepalived_own_their_virtual_ip() {
         !holds(&lab, "a3", VIP),
         "a3 is Master too: it does not hear a1 on its own host"
     );
-    // The same router id in VPC w is w's own.
+    // The same router id in VPC w is w's own. Its virtual IP says 100 ms,
+    // y advertises every second: refused (y would keep the address for
+    // seconds after falling silent), until the virtual IP says a second.
+    // (keepalived waits three of its intervals before it first speaks.)
+    sdn_integration::wait_for("y's advertisements to be refused", Duration::from_secs(8), || {
+        drops(&lab, "h1", "vrrp_interval") > 0
+    })
+    .unwrap();
+    assert!(vip(&lab, "wv").await.owner_port_id.is_empty());
+    let mut w = virtual_ip("wv", TENANT, "w", WVIP, 51, false, &[("y", 100)]);
+    if let pb::operation::Op::PutVirtualIp(x) = &mut w {
+        x.advert_interval_cs = 100;
+    }
+    assert!(lab.cluster.apply(vec![w]).await.unwrap().enforced);
     owned_by(&lab, "wv", "y", Duration::from_secs(5)).await;
     assert!(holds(&lab, "y", WVIP));
     assert_eq!(who(&lab, "c1", VIP).as_deref(), Some("a1"));

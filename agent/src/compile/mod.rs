@@ -785,12 +785,18 @@ impl Compiler {
             d.missing_devices.extend(part.missing_device.iter().cloned());
             d.rejected.extend(part.rejected.iter().cloned());
         }
-        // A quarantined holder neither speaks nor hears.
+        // A quarantined holder, or one whose port is rejected here, neither
+        // speaks nor hears.
         let holder_here = |id: &str| {
             local
                 .get(id)
                 .filter(|_| !d.quarantined.contains_key(id))
                 .and_then(|p| ifindex(&p.device))
+                .filter(|i| {
+                    d.ports
+                        .get(i)
+                        .is_some_and(|p| p.flags & (PORT_F_QUARANTINED | PORT_F_REJECTED) == 0)
+                })
         };
         // The owner port of a virtual IP here may send from its addresses.
         d.port_addrs.extend(

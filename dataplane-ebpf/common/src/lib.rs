@@ -127,6 +127,10 @@ pub enum DropReason {
     /// A holder's VRRP advertisement above the priority it was declared
     /// with.
     VrrpPriority = 39,
+    /// A holder's VRRP advertisement with a longer interval than its
+    /// virtual IP's (it would keep the address that long after falling
+    /// silent), or sooner than 2 ms after its last, or longer than any.
+    VrrpInterval = 40,
 }
 
 /// Number of slots in the drop counter array (room to grow).
@@ -134,7 +138,7 @@ pub const DROP_REASON_SLOTS: u32 = 48;
 
 impl DropReason {
     /// Every reason, in index order.
-    pub const ALL: [DropReason; 40] = [
+    pub const ALL: [DropReason; 41] = [
         DropReason::UnknownPort,
         DropReason::Truncated,
         DropReason::UnsupportedEthertype,
@@ -175,6 +179,7 @@ impl DropReason {
         DropReason::VipFenced,
         DropReason::VrrpNotHolder,
         DropReason::VrrpPriority,
+        DropReason::VrrpInterval,
     ];
 
     /// Stable snake_case name, used in logs and metrics.
@@ -220,6 +225,7 @@ impl DropReason {
             DropReason::VipFenced => "vip_fenced",
             DropReason::VrrpNotHolder => "vrrp_not_holder",
             DropReason::VrrpPriority => "vrrp_priority",
+            DropReason::VrrpInterval => "vrrp_interval",
         }
     }
 }

@@ -470,11 +470,23 @@ const _: () = assert!(core::mem::size_of::<VrrpMember>() == 20);
 pub struct VrrpGroup {
     pub members: [VrrpMember; VRRP_MEMBERS],
     pub hosts: [[u8; 4]; VRRP_MEMBERS],
-    pub n_members: u32,
-    pub n_hosts: u32,
+    pub n_members: u16,
+    pub n_hosts: u16,
+    /// The longest advertisement interval a holder may announce, in
+    /// centiseconds: the virtual IP's.
+    pub interval_cs: u16,
+    pub _pad: u16,
 }
 
 const _: () = assert!(core::mem::size_of::<VrrpGroup>() == 200);
+
+/// A holder port's advertisements closer together than this are dropped
+/// (`vrrp_rate`): VRRP's shortest interval is 10 ms, and a Master sends
+/// one more at most when it changes state.
+pub const VRRP_MIN_GAP_NS: u64 = 2_000_000;
+/// The longest advertisement relayed, in bytes from the Ethernet header:
+/// an IPv4 header with options and 255 addresses.
+pub const VRRP_LEN_MAX: u32 = 14 + 60 + 8 + 255 * 4;
 
 /// A holder port's advertisements of one router.
 #[repr(C)]
@@ -490,7 +502,7 @@ pub struct VrrpSeenKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct VrrpSeen {
-    /// `CLOCK_MONOTONIC` nanoseconds (coarse).
+    /// `CLOCK_MONOTONIC` nanoseconds.
     pub last_ns: u64,
     /// Advertisements relayed, in all.
     pub adverts: u64,

@@ -467,9 +467,7 @@ pub static NAT_FLOWS: HashMap<NatKey, NatFlow> = HashMap::pinned(LB_FLOWS_MAX, 0
 #[map(name = "SDN_NAT_REVERSE")]
 pub static NAT_REVERSE: HashMap<NatReverseKey, NatKey> = HashMap::pinned(LB_FLOWS_MAX, 0);
 
-/// A secret of this host that the NAT ports of new flows are drawn with,
-/// set by the agent (so a zone's host cannot work out which ports a
-/// client's flows would take).
+/// VRRP routers of virtual IPs held by ports (`vrrp.rs`).
 #[map(name = "SDN_VRRP_GROUPS")]
 pub static VRRP_GROUPS: HashMap<VrrpKey, VrrpGroup> = HashMap::pinned(VRRP_GROUPS_MAX, 0);
 
@@ -479,6 +477,9 @@ pub static VRRP_SEEN: HashMap<VrrpSeenKey, VrrpSeen> = HashMap::pinned(VRRP_SEEN
 #[map(name = "SDN_VIP_LEASES")]
 pub static VIP_LEASES: HashMap<ZoneAddrKey, VipLease> = HashMap::pinned(VIP_LEASES_MAX, 0);
 
+/// A secret of this host that the NAT ports of new flows are drawn with,
+/// set by the agent (so a zone's host cannot work out which ports a
+/// client's flows would take).
 #[map(name = "SDN_NAT_SEED")]
 pub static NAT_SEED: Array<u32> = Array::pinned(1, 0);
 

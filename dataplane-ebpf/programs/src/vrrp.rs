@@ -4,10 +4,13 @@
 //! A VM running keepalived advertises to 224.0.0.18, which the overlay
 //! does not route. `vrrp_from_vm` takes those advertisements off the
 //! port: one from a holder of the VPC's router, as the holder sends it
-//! (its MAC and address, TTL 255, a priority no higher than declared), is
+//! (its MAC and address, TTL 255, a priority no higher than declared, an
+//! interval no longer than its virtual IP's, not within 2 ms of its last,
+//! no longer than 255 addresses make it), is
 //! copied to the router's other holder ports here and, once per host, to
 //! the hosts of its holders elsewhere; anything else is dropped
-//! (`vrrp_not_holder`, `vrrp_priority`). The port's last advertisement is
+//! (`vrrp_not_holder`, `vrrp_priority`, `vrrp_interval`). The port's last
+//! advertisement is
 //! recorded (`SDN_VRRP_SEEN`): the agent claims the virtual IP for the
 //! port that speaks. On another host, `vrrp_from_overlay` checks the copy
 //! again (the sending host must be the holder's) and hands it to the
@@ -18,7 +21,10 @@
 
 use aya_ebpf::{helpers::gen, programs::TcContext};
 use dataplane_common::{
-    maps::{VrrpGroup, VrrpKey, VrrpSeen, VrrpSeenKey, PORT_F_QUARANTINED, PORT_F_REJECTED, VRRP_MARK, VRRP_MEMBERS},
+    maps::{
+        VrrpGroup, VrrpKey, VrrpSeen, VrrpSeenKey, PORT_F_QUARANTINED, PORT_F_REJECTED, VRRP_LEN_MAX, VRRP_MARK,
+        VRRP_MEMBERS, VRRP_MIN_GAP_NS,
+    },
     DropReason, FAMILY_V4,
 };
 
@@ -129,7 +135,7 @@ fn relay(ctx: &mut TcContext, g: &VrrpGroup, except: u32, vni: u32, hosts: bool)
     ctx.set_mark(VRRP_MARK);
     let mut i = 0;
     while i < VRRP_MEMBERS {
-        if i as u32 >= g.n_members {
+        if i >= g.n_members as usize {
             break;
         }
         let to = g.members[i].ifindex;
@@ -150,7 +156,7 @@ fn relay(ctx: &mut TcContext, g: &VrrpGroup, except: u32, vni: u32, hosts: bool)
     };
     let mut j = 0;
     while j < VRRP_MEMBERS {
-        if j as u32 >= g.n_hosts {
+        if j >= g.n_hosts as usize {
             break;
         }
         // Each copy is encapsulated while it is sent: the key is set again
@@ -188,7 +194,7 @@ pub fn from_vm(ctx: &mut TcContext) -> i32 {
     let mut found = false;
     let mut i = 0;
     while i < VRRP_MEMBERS {
-        if i as u32 >= g.n_members {
+        if i >= g.n_members as usize {
             break;
         }
         let m = &g.members[i];
@@ -204,16 +210,25 @@ pub fn from_vm(ctx: &mut TcContext) -> i32 {
     if a.priority > declared {
         return refuse(DropReason::VrrpPriority);
     }
+    if a.interval_cs > g.interval_cs || ctx.len() > VRRP_LEN_MAX {
+        return refuse(DropReason::VrrpInterval);
+    }
     let key = VrrpSeenKey {
         ifindex: ifx,
         vrid: a.vrid,
         family: FAMILY_V4,
         _pad: [0; 2],
     };
-    // SAFETY: a helper with no arguments.
-    let now = unsafe { gen::bpf_ktime_get_coarse_ns() };
+    // SAFETY: a helper with no arguments. (Not the coarse clock: two
+    // advertisements of a state change may come within one of its ticks.)
+    let now = unsafe { gen::bpf_ktime_get_ns() };
     // SAFETY: a read of a map value.
-    let adverts = unsafe { VRRP_SEEN.get(&key) }.map_or(0, |s| s.adverts);
+    let (adverts, last) = unsafe { VRRP_SEEN.get(&key) }.map_or((0, 0), |s| (s.adverts, s.last_ns));
+    // A holder flooding advertisements has each copied to every other
+    // holder: no more than one each 2 ms.
+    if last != 0 && now.wrapping_sub(last) < VRRP_MIN_GAP_NS {
+        return refuse(DropReason::VrrpInterval);
+    }
     let seen = VrrpSeen {
         last_ns: now,
         adverts: adverts + 1,
@@ -231,10 +246,13 @@ pub fn from_vm(ctx: &mut TcContext) -> i32 {
 /// goes in; everything else on to the pipeline's entry.
 #[inline(always)]
 pub fn to_vm(ctx: &TcContext) -> i32 {
-    if mark(ctx) == VRRP_MARK {
-        TC_ACT_OK
-    } else {
-        TCX_NEXT
+    if mark(ctx) != VRRP_MARK {
+        return TCX_NEXT;
+    }
+    // SAFETY: a read of a map value.
+    match unsafe { PORTS.get(&Pkt::ifindex(ctx)) } {
+        Some(p) if p.flags & (PORT_F_QUARANTINED | PORT_F_REJECTED) == 0 => TC_ACT_OK,
+        _ => TC_ACT_SHOT,
     }
 }
 
@@ -258,7 +276,7 @@ pub fn from_overlay(ctx: &mut TcContext) -> i32 {
     let mut found = false;
     let mut i = 0;
     while i < VRRP_MEMBERS {
-        if i as u32 >= g.n_members {
+        if i >= g.n_members as usize {
             break;
         }
         let m = &g.members[i];
@@ -273,6 +291,9 @@ pub fn from_overlay(ctx: &mut TcContext) -> i32 {
     }
     if a.priority > declared {
         return refuse(DropReason::VrrpPriority);
+    }
+    if a.interval_cs > g.interval_cs || ctx.len() > VRRP_LEN_MAX {
+        return refuse(DropReason::VrrpInterval);
     }
     relay(ctx, g, 0, vni, false);
     TC_ACT_SHOT
