@@ -17,6 +17,11 @@
 //! holder ports there. A copy enters a VM through its device's egress,
 //! marked so that `vrrp_to_vm` lets it past the pipeline.
 //!
+//! keepalived's `unicast_peer` mode sends each advertisement to one peer:
+//! from a holder port, it is checked and recorded the same way, then the
+//! pipeline carries it like any packet (the security groups must allow
+//! protocol 112 between the holders).
+//!
 //! Every other packet goes on unchanged to the next program.
 
 use aya_ebpf::{helpers::gen, programs::TcContext};
@@ -50,10 +55,12 @@ struct Advert {
     vrid: u8,
     priority: u8,
     interval_cs: u16,
+    /// To the VRRP group (else to one peer: keepalived's `unicast_peer`).
+    multicast: bool,
 }
 
 enum Seen {
-    /// Not IPv4 VRRP to the VRRP group.
+    /// Not IPv4 VRRP.
     Other,
     /// VRRP to the group, but cut short, fragmented or not an
     /// advertisement of version 2 or 3.
@@ -61,7 +68,9 @@ enum Seen {
     Advert(Advert),
 }
 
-/// Reads an IPv4 VRRP advertisement to 224.0.0.18.
+/// Reads an IPv4 VRRP advertisement (to 224.0.0.18, or to one peer). A
+/// malformed one to a peer is `Other`: the pipeline judges it as any
+/// packet.
 #[inline(always)]
 fn advert(ctx: &TcContext) -> Seen {
     let Some(eth) = load::<TcContext, 14>(ctx, 0) else {
@@ -73,20 +82,22 @@ fn advert(ctx: &TcContext) -> Seen {
     let Some(ip) = load::<TcContext, 20>(ctx, ETH_HLEN) else {
         return Seen::Other;
     };
-    if ip[9] != PROTO_VRRP || ip[16..20] != VRRP_GROUP_V4 {
+    if ip[9] != PROTO_VRRP {
         return Seen::Other;
     }
+    let multicast = ip[16..20] == VRRP_GROUP_V4;
+    let bad = if multicast { Seen::Bad } else { Seen::Other };
     let ihl = (ip[0] & 0x0f) as usize * 4;
     // A fragment (offset or more-fragments) is no advertisement.
     if ip[0] >> 4 != 4 || ihl < 20 || (ip[6] & 0x3f) != 0 || ip[7] != 0 {
-        return Seen::Bad;
+        return bad;
     }
     let Some(v) = load::<TcContext, 8>(ctx, ETH_HLEN + (ihl & 0x3c)) else {
-        return Seen::Bad;
+        return bad;
     };
     let version = v[0] >> 4;
     if v[0] & 0x0f != 1 || !(version == 2 || version == 3) {
-        return Seen::Bad;
+        return bad;
     }
     // VRRPv3: 12 bits of centiseconds; VRRPv2: seconds in one octet.
     let interval_cs = if version == 3 {
@@ -106,6 +117,7 @@ fn advert(ctx: &TcContext) -> Seen {
         vrid: v[1],
         priority: v[2],
         interval_cs,
+        multicast,
     })
 }
 
@@ -188,6 +200,11 @@ pub fn from_vm(ctx: &mut TcContext) -> i32 {
         return TCX_NEXT;
     }
     let Some(g) = group(port.vni, a.vrid) else {
+        // To a peer, of no virtual IP's router: the security groups judge
+        // it as any packet.
+        if !a.multicast {
+            return TCX_NEXT;
+        }
         return refuse(DropReason::VrrpNotHolder);
     };
     let mut declared = 0u8;
@@ -238,6 +255,11 @@ pub fn from_vm(ctx: &mut TcContext) -> i32 {
         _pad: 0,
     };
     let _ = VRRP_SEEN.insert(&key, &seen, 0);
+    if !a.multicast {
+        // To one peer (keepalived's `unicast_peer`): the pipeline carries
+        // it, under the security groups.
+        return TCX_NEXT;
+    }
     relay(ctx, g, ifx, port.vni, true);
     TC_ACT_SHOT
 }
@@ -262,6 +284,8 @@ pub fn from_overlay(ctx: &mut TcContext) -> i32 {
     let a = match advert(ctx) {
         Seen::Other => return TCX_NEXT,
         Seen::Bad => return refuse(DropReason::VrrpNotHolder),
+        // To one peer: an ordinary packet of the overlay.
+        Seen::Advert(a) if !a.multicast => return TCX_NEXT,
         Seen::Advert(a) => a,
     };
     let Some(key) = tunnel_of(ctx) else {
