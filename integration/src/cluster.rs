@@ -276,6 +276,23 @@ impl Cluster {
         ))
     }
 
+    /// Virtual IP `id` as the controller has it now (its owner and epoch).
+    pub async fn virtual_ip(&self, id: &str) -> pb::VirtualIp {
+        let mut c = self.client().await.expect("a connection");
+        let l = c
+            .list(pb::ListRequest {
+                kind: pb::Kind::VirtualIp as i32,
+                stale: false,
+            })
+            .await
+            .expect("the virtual ips")
+            .into_inner();
+        l.virtual_ips
+            .into_iter()
+            .find(|v| v.id == id)
+            .unwrap_or_else(|| panic!("no virtual ip {id}"))
+    }
+
     /// A connection to the controller as `uri` (on a secured controller:
     /// the identity whose certificate the run's CA issues).
     pub async fn channel_as(&self, uri: &str) -> Result<tonic::transport::Channel, tonic::Status> {

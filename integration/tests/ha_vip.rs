@@ -40,16 +40,7 @@ async fn vip(lab: &sdn_integration::lab::Lab) -> pb::VirtualIp {
 }
 
 async fn vip_of(lab: &sdn_integration::lab::Lab, id: &str) -> pb::VirtualIp {
-    let mut c = lab.cluster.client().await.unwrap();
-    let l = c
-        .list(pb::ListRequest {
-            kind: pb::Kind::VirtualIp as i32,
-            stale: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    l.virtual_ips.into_iter().find(|v| v.id == id).expect("the virtual ip")
+    lab.cluster.virtual_ip(id).await
 }
 
 /// Waits until `host` owns the VIP in an epoch above `above`; its epoch.

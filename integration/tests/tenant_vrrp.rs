@@ -45,16 +45,7 @@ fn keepalived_as(lab: &Lab, vm: &str, priority: u8, vip: &str, version: u8, inte
 }
 
 async fn vip(lab: &Lab, id: &str) -> pb::VirtualIp {
-    let mut c = lab.cluster.client().await.unwrap();
-    let l = c
-        .list(pb::ListRequest {
-            kind: pb::Kind::VirtualIp as i32,
-            stale: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    l.virtual_ips.into_iter().find(|v| v.id == id).expect("the virtual ip")
+    lab.cluster.virtual_ip(id).await
 }
 
 /// Waits until `port` owns virtual IP `id`; its epoch.

@@ -27,8 +27,8 @@
 use aya_ebpf::{helpers::gen, programs::TcContext};
 use dataplane_common::{
     maps::{
-        VrrpGroup, VrrpKey, VrrpSeen, VrrpSeenKey, PORT_F_QUARANTINED, PORT_F_REJECTED, VRRP_LEN_MAX, VRRP_MARK,
-        VRRP_MEMBERS, VRRP_MIN_GAP_NS,
+        VrrpGroup, VrrpKey, VrrpMember, VrrpSeen, VrrpSeenKey, PORT_F_QUARANTINED, PORT_F_REJECTED, VRRP_LEN_MAX,
+        VRRP_MARK, VRRP_MEMBERS, VRRP_MIN_GAP_NS,
     },
     DropReason, FAMILY_V4,
 };
@@ -139,6 +139,43 @@ fn group(vni: u32, vrid: u8) -> Option<&'static VrrpGroup> {
     unsafe { VRRP_GROUPS.get(&key) }
 }
 
+/// The priority the holder `is` picks out was declared with, if one is.
+#[inline(always)]
+fn declared(g: &VrrpGroup, is: impl Fn(&VrrpMember) -> bool) -> Option<u8> {
+    let mut out = None;
+    let mut i = 0;
+    while i < VRRP_MEMBERS {
+        if i >= g.n_members as usize {
+            break;
+        }
+        if is(&g.members[i]) {
+            out = Some(g.members[i].priority);
+        }
+        i += 1;
+    }
+    out
+}
+
+/// An advertisement of a holder (`declared`: its declared priority) as
+/// its virtual IP allows: TTL 255, its priority at most, its interval at
+/// most, and no longer than any.
+#[inline(always)]
+fn within(ctx: &TcContext, a: &Advert, g: &VrrpGroup, declared: Option<u8>) -> Result<(), DropReason> {
+    let Some(declared) = declared else {
+        return Err(DropReason::VrrpNotHolder);
+    };
+    if a.ttl != 255 {
+        return Err(DropReason::VrrpNotHolder);
+    }
+    if a.priority > declared {
+        return Err(DropReason::VrrpPriority);
+    }
+    if a.interval_cs > g.interval_cs || ctx.len() > VRRP_LEN_MAX {
+        return Err(DropReason::VrrpInterval);
+    }
+    Ok(())
+}
+
 /// Copies the packet into each holder port here but `except`, and (when
 /// `hosts`) once to each other host with a holder.
 #[inline(always)]
@@ -207,28 +244,12 @@ pub fn from_vm(ctx: &mut TcContext) -> i32 {
         }
         return refuse(DropReason::VrrpNotHolder);
     };
-    let mut declared = 0u8;
-    let mut found = false;
-    let mut i = 0;
-    while i < VRRP_MEMBERS {
-        if i >= g.n_members as usize {
-            break;
-        }
-        let m = &g.members[i];
-        if m.ifindex == ifx && m.addr == a.src {
-            declared = m.priority;
-            found = true;
-        }
-        i += 1;
-    }
-    if !found || a.smac != port.mac || a.ttl != 255 {
+    let declared = declared(g, |m| m.ifindex == ifx && m.addr == a.src);
+    if a.smac != port.mac {
         return refuse(DropReason::VrrpNotHolder);
     }
-    if a.priority > declared {
-        return refuse(DropReason::VrrpPriority);
-    }
-    if a.interval_cs > g.interval_cs || ctx.len() > VRRP_LEN_MAX {
-        return refuse(DropReason::VrrpInterval);
+    if let Err(r) = within(ctx, &a, g, declared) {
+        return refuse(r);
     }
     let key = VrrpSeenKey {
         ifindex: ifx,
@@ -296,28 +317,11 @@ pub fn from_overlay(ctx: &mut TcContext) -> i32 {
     let Some(g) = group(vni, a.vrid) else {
         return refuse(DropReason::VrrpNotHolder);
     };
-    let mut declared = 0u8;
-    let mut found = false;
-    let mut i = 0;
-    while i < VRRP_MEMBERS {
-        if i >= g.n_members as usize {
-            break;
-        }
-        let m = &g.members[i];
-        if m.ifindex == 0 && m.addr == a.src && m.host_v4 == sender && m.mac == a.smac {
-            declared = m.priority;
-            found = true;
-        }
-        i += 1;
-    }
-    if !found || a.ttl != 255 {
-        return refuse(DropReason::VrrpNotHolder);
-    }
-    if a.priority > declared {
-        return refuse(DropReason::VrrpPriority);
-    }
-    if a.interval_cs > g.interval_cs || ctx.len() > VRRP_LEN_MAX {
-        return refuse(DropReason::VrrpInterval);
+    let declared = declared(g, |m| {
+        m.ifindex == 0 && m.addr == a.src && m.host_v4 == sender && m.mac == a.smac
+    });
+    if let Err(r) = within(ctx, &a, g, declared) {
+        return refuse(r);
     }
     relay(ctx, g, 0, vni, false);
     TC_ACT_SHOT
