@@ -13,7 +13,7 @@ cargo test --workspace -- --test-threads=1
 echo "[test] every benchmark, once, short (smoke)" >&2
 bash scripts/bench.sh --smoke
 echo "[test] checking that nothing was left behind" >&2
-leftover_ns=$(ip netns list | grep -E '^(sg[a-z]|ov[a-z]|zn[a-z]|cl[a-z0-9]|demo|lat|fwb|rcmp|hsc|rcu|flw|rec|slg|fcb|mir|mcb|bwp|sab|lbt|lbh|lbc|lbcp|lbn|vrp|hav|vfo|kfo|kcs|tvr|tvu|hv6)-' || true)
+leftover_ns=$(ip netns list | grep -E '^(sg[a-z]|ov[a-z]|zn[a-z]|cl[a-z0-9]|demo|lat|fwb|rcmp|hsc|rcu|flw|rec|slg|fcb|mir|mcb|bwp|sab|lbt|lbh|lbc|lbcp|lbn|vrp|hav|vfo|kfo|kcs|tvr|tvu|tvc|hv6)-' || true)
 leftover_mounts=$(grep -E ' /tmp/sdn-' /proc/mounts || true)
 if [[ -n "$leftover_ns$leftover_mounts" ]]; then
     echo "[test] FAILED: tests left namespaces or mounts behind:" >&2

@@ -351,9 +351,9 @@ pub struct Dataplane {
     /// adopted from an earlier agent and swapped), and whether the VXLAN
     /// device's does.
     mirror_links: BTreeSet<u32>,
-    /// Whether VRRP's observer is on the VXLAN device (attached by this
-    /// process).
-    vrrp_overlay_link: bool,
+    /// The VXLAN device VRRP's observer is on (attached by this process;
+    /// 0: none).
+    vrrp_overlay_link: u32,
     /// Holder ports with VRRP's observers attached by this process.
     vrrp_links: BTreeSet<u32>,
     mirror_overlay_link: bool,
@@ -705,7 +705,7 @@ impl Dataplane {
             nat_records: Default::default(),
             mirror_gen: [0; m::MIRROR_SLOTS as usize],
             mirror_links: BTreeSet::new(),
-            vrrp_overlay_link: false,
+            vrrp_overlay_link: 0,
             vrrp_links: BTreeSet::new(),
             mirror_overlay_link: false,
         };
@@ -1881,26 +1881,39 @@ impl Dataplane {
                 Err(e) => failed.push(format!("ifindex {ifx}: {e:#}")),
             }
         }
-        let pin = self.pin_dir.join("links").join(VRRP_OVERLAY_PIN);
-        if ports.is_empty() {
-            let _ = std::fs::remove_file(&pin);
-        } else {
-            let vx = self.config.vxlan_ifindex;
-            let name = ifname(vx).context("VRRP of holder ports here needs the VXLAN device")?;
-            // Attached once, or swapped to this load's program.
-            if !self.vrrp_overlay_link {
-                self.attach_pinned_at(
-                    VRRP_OVERLAY_PROGRAM,
-                    TcAttachType::Ingress,
-                    &name,
-                    &pin,
-                    LinkOrder::first(),
-                )?;
-                self.vrrp_overlay_link = true;
+        // The VXLAN device's observer, pinned by the device's ifindex (a
+        // device made anew gets it again).
+        let vx = self.config.vxlan_ifindex;
+        let want = (!ports.is_empty()).then_some(vx);
+        if let Ok(rd) = std::fs::read_dir(self.pin_dir.join("links")) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().to_string();
+                if n.starts_with(VRRP_OVERLAY_PIN) && want.is_none_or(|x| n != format!("{VRRP_OVERLAY_PIN}-{x}")) {
+                    let _ = std::fs::remove_file(e.path());
+                }
             }
         }
-        if ports.is_empty() {
-            self.vrrp_overlay_link = false;
+        match want {
+            None => self.vrrp_overlay_link = 0,
+            Some(x) if x != self.vrrp_overlay_link => {
+                let pin = self.pin_dir.join("links").join(format!("{VRRP_OVERLAY_PIN}-{x}"));
+                let r = ifname(x)
+                    .context("VRRP of holder ports here needs the VXLAN device")
+                    .and_then(|name| {
+                        self.attach_pinned_at(
+                            VRRP_OVERLAY_PROGRAM,
+                            TcAttachType::Ingress,
+                            &name,
+                            &pin,
+                            LinkOrder::first(),
+                        )
+                    });
+                match r {
+                    Ok(()) => self.vrrp_overlay_link = x,
+                    Err(e) => failed.push(format!("the VXLAN device: {e:#}")),
+                }
+            }
+            Some(_) => {}
         }
         if !failed.is_empty() {
             anyhow::bail!("VRRP observers not attached: {}", failed.join("; "));

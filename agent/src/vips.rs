@@ -730,31 +730,38 @@ impl Manager {
         if self.releases.is_empty() && !(masters && self.last_claim.elapsed() >= interval) {
             return;
         }
-        let mut claims: Vec<pb::VipClaim> = self
-            .vips
-            .iter()
-            .filter(|(_, v)| v.master)
-            .map(|(id, _)| pb::VipClaim {
-                virtual_ip_id: id.clone(),
-                port_id: String::new(),
-                release: false,
-            })
-            .collect();
-        claims.extend(self.ports.values().filter(|p| p.speaking).map(|p| pb::VipClaim {
-            virtual_ip_id: p.held.id.clone(),
-            port_id: p.held.port_id.clone(),
-            release: false,
-        }));
         // One entry per virtual IP in a call (the controller refuses a
-        // second): a release of a virtual IP claimed in this call, or
-        // released twice, waits for a later call.
-        let mut named: std::collections::BTreeSet<String> = claims.iter().map(|c| c.virtual_ip_id.clone()).collect();
+        // second). Releases go first: a port's claim of a virtual IP that
+        // another port here still owes a release of waits for the next
+        // call, 20 ms on, so the controller hears of the release first.
+        let mut claims: Vec<pb::VipClaim> = Vec::new();
+        let mut named: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
         for (id, port) in &self.releases {
             if named.insert(id.clone()) {
                 claims.push(pb::VipClaim {
                     virtual_ip_id: id.clone(),
                     port_id: port.clone(),
                     release: true,
+                });
+            }
+        }
+        let wanted = self
+            .vips
+            .iter()
+            .filter(|(_, v)| v.master)
+            .map(|(id, _)| (id.clone(), String::new()))
+            .chain(
+                self.ports
+                    .values()
+                    .filter(|p| p.speaking)
+                    .map(|p| (p.held.id.clone(), p.held.port_id.clone())),
+            );
+        for (id, port) in wanted {
+            if named.insert(id.clone()) {
+                claims.push(pb::VipClaim {
+                    virtual_ip_id: id,
+                    port_id: port,
+                    release: false,
                 });
             }
         }
@@ -808,7 +815,16 @@ impl Manager {
     /// Takes the controller's answers, one per claim sent, in order.
     fn on_answer(&mut self, sent: Instant, claims: &[pb::VipClaim], answer: Result<Vec<pb::VipGrant>, String>) {
         let grants = match answer {
-            Ok(g) => g,
+            Ok(g) if g.len() == claims.len() => g,
+            Ok(g) => {
+                self.stats.claims_failed.fetch_add(1, Relaxed);
+                tracing::warn!(
+                    claims = claims.len(),
+                    answers = g.len(),
+                    "the controller answered another number of claims than were sent; made again"
+                );
+                return;
+            }
             Err(e) => {
                 self.stats.claims_failed.fetch_add(1, Relaxed);
                 tracing::warn!(error = %e, "virtual ip claims failed; made again");

@@ -59,6 +59,16 @@ pub fn claim_actor(host: &str) -> String {
     format!("sdn://agent/{host} (vrrp)")
 }
 
+/// A virtual IP's owner changes at most this often.
+pub const OWNER_CHANGE_MIN_MS: u64 = 1000;
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// Handles one host's claims on the leader.
 pub async fn claim(
     store: &Store,
@@ -147,7 +157,18 @@ pub async fn claim(
                     continue;
                 }
             }
-            if let Some((h, until)) = l.held.get(&v.id).filter(|(h, until)| *h != holder && *until > now) {
+            // Held by ports, a preempting virtual IP goes from a lease holder
+            // to a claimant of higher declared priority at once: a holder
+            // that took it in a gap (its VM advertising within its own
+            // priority) keeps it only until a higher one claims again. (No
+            // dataplane fences a port's lease: the share's owner routes.)
+            let priority = |t: &VipHolderTarget| v.holders.iter().find(|h| h.target == *t).map_or(0, |h| h.priority);
+            let preempts = |h: &VipHolderTarget| !v.host_held() && v.preempt && priority(&holder) > priority(h);
+            if let Some((h, until)) = l
+                .held
+                .get(&v.id)
+                .filter(|(h, until)| *h != holder && *until > now && !preempts(h))
+            {
                 g.reason = format!(
                     "virtual ip {} is held by {} (epoch {}) for {} ms more",
                     v.id,
@@ -174,6 +195,20 @@ pub async fn claim(
                 grants.push(g);
                 continue;
             }
+            // Damping: a virtual IP changes owner at most once a second, so
+            // holders that give it back and forth (a tenant's VMs resigning
+            // in turn) cost the log one write a second at most.
+            let since_ms = wall_ms().saturating_sub(v.owner_since_unix_ms);
+            if v.owner.is_some() && since_ms < OWNER_CHANGE_MIN_MS {
+                g.reason = format!(
+                    "virtual ip {} changed owner {since_ms} ms ago; the next change waits {} ms",
+                    v.id,
+                    OWNER_CHANGE_MIN_MS - since_ms
+                );
+                g.epoch = v.epoch;
+                grants.push(g);
+                continue;
+            }
             to_write.push((grants.len(), v.clone(), holder));
             grants.push(g);
         }
@@ -181,10 +216,7 @@ pub async fn claim(
     if to_write.is_empty() {
         return Ok(grants);
     }
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+    let now_ms = wall_ms();
     let ops: Vec<Op> = to_write
         .iter()
         .map(|(_, v, holder)| {

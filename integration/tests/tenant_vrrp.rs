@@ -384,3 +384,91 @@ async fn keepalived_with_unicast_peers_owns_its_virtual_ip() {
     eprintln!("unicast failover: {} ms", t0.elapsed().as_millis());
     drop(servers);
 }
+
+/// The controller's word on ports' claims: a preempting virtual IP goes
+/// from a lease holder to a claimant of higher declared priority at once
+/// (a holder that took it in a gap keeps it only until a higher one
+/// claims again), never to a lower one while the lease runs; and its owner
+/// changes at most once a second, however its holders give it back and
+/// forth.
+#[tokio::test]
+async fn the_controller_preempts_by_declared_priority_and_damps_changes() {
+    if !privileged() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let lab = Lab::new("tvc", &["h1", "h2"])
+        .vpc("v", None)
+        .subnet("s", "v", "10.64.0.0/24", "")
+        .group("open", open_rules())
+        .vm("p1", "h1", "s", &["open"])
+        .vm("p2", "h2", "s", &["open"])
+        .then(vec![virtual_ip(
+            "pv",
+            TENANT,
+            "v",
+            "10.64.0.100",
+            53,
+            false,
+            &[("p1", 200), ("p2", 100)],
+        )])
+        .start()
+        .await
+        .unwrap();
+    let addr = std::sync::Arc::new(lab.cluster.addr.clone());
+    let claim = move |host: &'static str, port: &'static str| {
+        let addr = addr.clone();
+        async move {
+            let ch = sdn_proto::connect(addr.as_str()).await.unwrap();
+            let g = pb::agent_client::AgentClient::new(ch)
+                .claim_virtual_ips(pb::VipClaims {
+                    host_id: host.into(),
+                    claims: vec![pb::VipClaim {
+                        virtual_ip_id: "pv".into(),
+                        port_id: port.into(),
+                        release: false,
+                    }],
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .grants;
+            assert_eq!(g.len(), 1);
+            g.into_iter().next().unwrap()
+        }
+    };
+    // p2 (100) claims first and gets it.
+    let g = claim("h2", "p2").await;
+    assert!(g.granted, "{g:?}");
+    // p1 (200) at once: damped, whatever its priority.
+    let g = claim("h1", "p1").await;
+    assert!(!g.granted && g.reason.contains("changed owner"), "{g:?}");
+    // p2 keeps renewing its lease; a second on, p1 preempts it all the same.
+    let renew = tokio::spawn({
+        let claim = claim.clone();
+        async move {
+            let mut refused = None;
+            for _ in 0..30 {
+                let g = claim("h2", "p2").await;
+                if !g.granted {
+                    refused = Some(g.reason);
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            refused
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let g = claim("h1", "p1").await;
+    assert!(g.granted, "a higher holder did not preempt: {g:?}");
+    assert_eq!(vip(&lab, "pv").await.owner_port_id, "p1");
+    let refused = renew.await.unwrap().expect("p2's renewals went on being granted");
+    assert!(refused.contains("held by port p1"), "{refused}");
+    // The other way, a second on: p1 renews, p2 (lower) is refused.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(claim("h1", "p1").await.granted);
+    let g = claim("h2", "p2").await;
+    assert!(!g.granted && g.reason.contains("held by port p1"), "{g:?}");
+    assert_eq!(vip(&lab, "pv").await.owner_port_id, "p1");
+}

@@ -162,6 +162,13 @@ pub fn from_uplink<C: Pkt>(ctx: &C, m: &mut Meta) -> Result<Arrival, DropReason>
             let target: [u8; 16] = load(ctx, m.l4_off as usize + 8).ok_or(DropReason::Truncated)?;
             zone_endpoint(FAMILY_V6, &target).is_none()
         } else if (m.proto == PROTO_ICMPV6 && m.icmp_type == ND_NA) || is_icmp_error(m.proto, m.icmp_type) {
+            if m.proto == PROTO_ICMPV6 && m.icmp_type == ND_NA {
+                // No advertisement for a VPC's address, as above.
+                let target: [u8; 16] = load(ctx, m.l4_off as usize + 8).ok_or(DropReason::Truncated)?;
+                if zone_endpoint(FAMILY_V6, &target).is_some() {
+                    return Err(DropReason::UplinkToHost);
+                }
+            }
             // To a virtual IP within its lease too: the host's solicitations
             // for the members' replies it sends on go out from the VIP.
             match vip_lease(m.now, m.family, &m.dst) {

@@ -263,8 +263,9 @@ pub fn from_vm(ctx: &mut TcContext) -> i32 {
     // SAFETY: a read of a map value.
     let (adverts, last) = unsafe { VRRP_SEEN.get(&key) }.map_or((0, 0), |s| (s.adverts, s.last_ns));
     // A holder flooding advertisements has each copied to every other
-    // holder: no more than one each 2 ms.
-    if last != 0 && now.wrapping_sub(last) < VRRP_MIN_GAP_NS {
+    // holder: no more than one each 2 ms. (keepalived's unicast mode sends
+    // one to each peer at once; the pipeline carries those one for one.)
+    if a.multicast && last != 0 && now.wrapping_sub(last) < VRRP_MIN_GAP_NS {
         return refuse(DropReason::VrrpInterval);
     }
     let seen = VrrpSeen {
