@@ -291,6 +291,35 @@ async fn tenant_vms_running_keepalived_own_their_virtual_ip() {
     assert!(holds(&lab, "a1", VIP), "a2's advertisements reached a1");
     assert_eq!(vip(&lab, "tv").await.owner_port_id, "a1");
     assert_eq!(who(&lab, "c2", VIP).as_deref(), Some("a1"));
+
+    // Attack: a3 floods advertisements (within its priority): one in 2 ms
+    // at most is copied on, the rest are dropped where they are sent.
+    let flooded = drops(&lab, "h1", "vrrp_interval");
+    let sent: u64 = lab
+        .topo
+        .vm("a3")
+        .ns
+        .sh(&[
+            bin("sdn-probe").to_str().unwrap(),
+            "vrrp-flood",
+            "eth0",
+            "51",
+            "50",
+            VIP,
+            "--count",
+            "5000",
+        ])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let refused = drops(&lab, "h1", "vrrp_interval") - flooded;
+    eprintln!("a3 sent {sent} advertisements; {refused} were dropped");
+    assert!(
+        sent == 5000 && refused >= sent * 3 / 4,
+        "only {refused} of {sent} dropped"
+    );
+    assert_eq!(vip(&lab, "tv").await.owner_port_id, "a1");
     drop(k1);
     drop(servers);
 }

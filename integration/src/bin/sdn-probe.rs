@@ -131,6 +131,17 @@ enum Cmd {
     /// DEV, from TARGET, to all nodes (with the override flag and DEV's
     /// MAC as the target link-layer address), as a VRRP Master does.
     Na { target: std::net::Ipv6Addr, dev: String },
+    /// Sends COUNT VRRPv3 advertisements for router VRID at PRIORITY,
+    /// protecting ADDRESS, to 224.0.0.18 out of DEV (TTL 255), as fast as
+    /// it can; prints the number sent.
+    VrrpFlood {
+        dev: String,
+        vrid: u8,
+        priority: u8,
+        address: std::net::Ipv4Addr,
+        #[arg(long, default_value_t = 1000)]
+        count: u64,
+    },
     /// Answers each connection on PORT (IPv4) with the byte it sends, then
     /// closes it: a server for connections per second, one thread.
     Accept { port: u16 },
@@ -687,6 +698,25 @@ fn unsolicited_na(target: std::net::Ipv6Addr, dev: &str) -> std::io::Result<()> 
     Ok(())
 }
 
+fn vrrp_flood(dev: &str, vrid: u8, priority: u8, address: std::net::Ipv4Addr, count: u64) -> std::io::Result<u64> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let s = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(112)))?;
+    s.bind_device(Some(dev.as_bytes()))?;
+    s.set_multicast_ttl_v4(255)?;
+    // VRRPv3 advertisement, every 10 cs; the checksum is left 0 (the relay
+    // does not read it).
+    let mut m = vec![0x31, vrid, priority, 1, 0, 10, 0, 0];
+    m.extend_from_slice(&address.octets());
+    let to = SockAddr::from(std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(224, 0, 0, 18), 0));
+    let mut sent = 0;
+    for _ in 0..count {
+        if s.send_to(&m, &to).is_ok() {
+            sent += 1;
+        }
+    }
+    Ok(sent)
+}
+
 fn name_server(port: u16, name: &str) -> std::io::Result<()> {
     let l = TcpListener::bind(("0.0.0.0", port))?;
     for c in l.incoming() {
@@ -710,6 +740,22 @@ fn who(addr: std::net::IpAddr, port: u16, timeout: Duration) -> std::io::Result<
 fn main() {
     let cli = Cli::parse();
     let code = match cli.cmd {
+        Cmd::VrrpFlood {
+            dev,
+            vrid,
+            priority,
+            address,
+            count,
+        } => match vrrp_flood(&dev, vrid, priority, address, count) {
+            Ok(n) => {
+                println!("{n}");
+                0
+            }
+            Err(e) => {
+                eprintln!("vrrp-flood: {e}");
+                1
+            }
+        },
         Cmd::Na { target, dev } => match unsolicited_na(target, &dev) {
             Ok(()) => 0,
             Err(e) => {
