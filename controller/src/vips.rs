@@ -52,6 +52,9 @@ pub struct Leases {
     /// When this replica began granting in `term`.
     since: Option<Instant>,
     held: HashMap<String, (VipHolderTarget, Instant)>,
+    /// When each virtual IP last changed owner on this replica (the
+    /// damping's clock: a monotonic one, never another replica's).
+    changed: HashMap<String, Instant>,
 }
 
 /// What the actor of a grant is called in the audit log.
@@ -87,6 +90,7 @@ pub async fn claim(
         l.term = term;
         l.since = Some(Instant::now());
         l.held.clear();
+        l.changed.clear();
     }
     if !store.quorum_fresh(QUORUM_FRESH) {
         return Err(Status::unavailable(
@@ -104,6 +108,7 @@ pub async fn claim(
         let state = &shared.state;
         // Leases of virtual IPs gone since.
         l.held.retain(|id, _| state.virtual_ips.contains_key(id));
+        l.changed.retain(|id, _| state.virtual_ips.contains_key(id));
         for (i, c) in claims.iter().enumerate() {
             let mut g = pb::VipGrant {
                 virtual_ip_id: c.virtual_ip_id.clone(),
@@ -197,8 +202,13 @@ pub async fn claim(
             }
             // Damping: a virtual IP changes owner at most once a second, so
             // holders that give it back and forth (a tenant's VMs resigning
-            // in turn) cost the log one write a second at most.
-            let since_ms = wall_ms().saturating_sub(v.owner_since_unix_ms);
+            // in turn) cost the log one write a second at most. (Counted
+            // from this replica's own grants: a new leader's first change
+            // is not damped.)
+            let since_ms = l
+                .changed
+                .get(&v.id)
+                .map_or(u64::MAX, |t| now.duration_since(*t).as_millis() as u64);
             if v.owner.is_some() && since_ms < OWNER_CHANGE_MIN_MS {
                 g.reason = format!(
                     "virtual ip {} changed owner {since_ms} ms ago; the next change waits {} ms",
@@ -244,6 +254,7 @@ pub async fn claim(
                 g.epoch = now_v.epoch;
                 // The lease the agent was told (`g.lease_ms`, from `v`).
                 l.held.insert(v.id.clone(), (holder.clone(), now + lease(&v)));
+                l.changed.insert(v.id.clone(), now);
                 tracing::info!(
                     virtual_ip = %v.id,
                     owner = %holder.describe(),
