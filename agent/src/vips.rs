@@ -113,7 +113,7 @@ pub fn held(res: &Resources, host: &str, addrs: &dyn Fn(&str) -> Vec<IpAddr>) ->
             },
             (None, Some(a)) => {
                 let ll = addrs(&on.uplink_device).into_iter().find_map(|x| match x {
-                    IpAddr::V6(x) if x.segments()[0] & 0xffc0 == 0xfe80 => Some(x),
+                    IpAddr::V6(x) if x.is_unicast_link_local() => Some(x),
                     _ => None,
                 });
                 match ll {
@@ -192,15 +192,22 @@ pub fn port_held(res: &Resources, ifindex: &dyn Fn(&str) -> Option<u32>) -> Vec<
                 port_id: h.port_id.clone(),
                 ifindex: ifx,
                 vrid: v.vrid.min(255) as u8,
-                interval_cs: if v.advert_interval_cs == 0 {
-                    10
-                } else {
-                    v.advert_interval_cs.min(4095) as u16
-                },
+                interval_cs: port_interval_cs(v),
             });
         }
     }
     out
+}
+
+/// The advertisement interval of a virtual IP held by ports, in
+/// centiseconds (0 in the API: 10), as the relay enforces it and the
+/// agent paces its claims.
+pub fn port_interval_cs(v: &pb::VirtualIp) -> u16 {
+    if v.advert_interval_cs == 0 {
+        10
+    } else {
+        v.advert_interval_cs.min(4095) as u16
+    }
 }
 
 /// Whether an advertisement last seen `age_ns` ago still says its port

@@ -163,11 +163,7 @@ pub(super) fn groups(
             g.hosts[i] = *h;
         }
         g.n_hosts = hosts.len() as u16;
-        g.interval_cs = if v.advert_interval_cs == 0 {
-            10
-        } else {
-            v.advert_interval_cs.min(4095) as u16
-        };
+        g.interval_cs = crate::vips::port_interval_cs(v);
         let k = VrrpKey {
             vni: on.vni,
             vrid: v.vrid.min(255) as u8,

@@ -62,7 +62,7 @@ pub fn link_local(name: &str) -> Option<Ipv6Addr> {
         .ok()?
         .into_iter()
         .find_map(|a| match a {
-            IpAddr::V6(a) if a.segments()[0] & 0xffc0 == 0xfe80 => Some(a),
+            IpAddr::V6(a) if a.is_unicast_link_local() => Some(a),
             _ => None,
         })
 }
