@@ -657,6 +657,7 @@ impl Dataplane {
                 .with_context(|| format!("program {name} missing from the object"))?
                 .try_into()?;
             p.load()
+                .map_err(verifier_said)
                 .with_context(|| format!("verifying and loading program {name}"))?;
         }
         let xdp: &mut Xdp = ebpf
@@ -664,6 +665,7 @@ impl Dataplane {
             .with_context(|| format!("program {XDP_PROGRAM} missing from the object"))?
             .try_into()?;
         xdp.load()
+            .map_err(verifier_said)
             .with_context(|| format!("verifying and loading program {XDP_PROGRAM}"))?;
         // This load's stages, in this load's own program array, pinned
         // under a name of its own: the entry programs swapped in later use
@@ -2266,5 +2268,19 @@ impl Dataplane {
             verified_insns: info.verified_insns,
             stack_bytes,
         })
+    }
+}
+
+/// A program the kernel refused, with the end of what its verifier said
+/// (the reason is on its last lines; the whole log can be megabytes).
+fn verifier_said(e: aya::programs::ProgramError) -> anyhow::Error {
+    match e {
+        aya::programs::ProgramError::LoadError { io_error, verifier_log } => {
+            let log = verifier_log.to_string();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+            anyhow::anyhow!("{io_error}; the verifier's last words:\n{tail}")
+        }
+        other => other.into(),
     }
 }

@@ -330,6 +330,7 @@ async fn main() -> anyhow::Result<()> {
                 "mirror": mirror,
                 "systems": systems,
                 "vip_leases": sdn_agent::vips::read_leases(&pin_dir).unwrap_or_default(),
+                "nat_pickups": sdn_agent::natsync::read_pickups(&pin_dir).unwrap_or_default(),
             });
             println!("{}", serde_json::to_string_pretty(&j)?);
         }

@@ -29,6 +29,14 @@
 //!   capped ([`COPIES_MAX`]), so a peer cannot fill the table.
 //! - Map work runs off the runtime's workers (the VRRP speakers share
 //!   them).
+//! - Flows not carried yet when the owner failed (confirmed in its last
+//!   moments, or while the two were apart) are picked up: each full batch
+//!   begins with the sender's secret for NAT ports, and when this host
+//!   takes a VIP over from a peer, for [`PICKUP_WINDOW`] the dataplane
+//!   takes a TCP segment of a flow it does not know, to a Maglev listener
+//!   of that VIP, as the peer's flow (`SDN_NAT_PICKUP`): Maglev gives it
+//!   the same member as there, and the peer's NAT address and secret the
+//!   same NAT port, so the member sees the connection it knows.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -40,8 +48,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use dataplane_common::lb::{
-    LbBackend, NatFlow, NatKey, NatReverseKey, NatService, NatServiceKey, NatSyncEvent, LB_BACKENDS, LB_BACKENDS_MAP,
-    LB_BACKEND_LIVE, LB_FLOWS_MAX, NAT_FLOWS, NAT_REVERSE, NAT_SERVICES, NAT_SYNC,
+    LbBackend, NatFlow, NatKey, NatPickup, NatPickupKey, NatReverseKey, NatService, NatServiceKey, NatSyncEvent,
+    LB_BACKENDS, LB_BACKENDS_MAP, LB_BACKEND_LIVE, LB_FLOWS_MAX, NAT_FLOWS, NAT_PICKUP, NAT_REVERSE, NAT_SEED,
+    NAT_SERVICES, NAT_SYNC,
 };
 use dataplane_common::maps::{VipLease, ZoneAddrKey, VIP_LEASES};
 use dataplane_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
@@ -77,6 +86,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 const QUEUE: usize = 256;
 /// A peer not reachable is dialled again after this.
 const REDIAL: Duration = Duration::from_millis(500);
+/// How long after taking a VIP over this host picks up the previous
+/// owner's flows it was not told of.
+pub const PICKUP_WINDOW: Duration = Duration::from_secs(60);
 /// A frame not written within this ends the connection (the peer stopped
 /// reading); the next one begins with a full batch.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -90,7 +102,11 @@ const CONNECTIONS_MAX: usize = 16;
 /// flows may be.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Plan {
+    /// This host.
+    pub me: String,
     pub groups: Vec<Group>,
+    /// Each group's owner now (by virtual IP id), if it has one.
+    pub owners: BTreeMap<String, String>,
 }
 
 /// One virtual IP held by hosts, this host among them.
@@ -102,6 +118,8 @@ pub struct Group {
     pub addresses: BTreeSet<IpAddr>,
     /// The NAT addresses of its holders: a flow from another is refused.
     pub nats: BTreeSet<IpAddr>,
+    /// The same, by holder.
+    pub nat_of: BTreeMap<String, BTreeSet<IpAddr>>,
     /// The other holders, by host, at their underlay addresses.
     pub peers: BTreeMap<String, Ipv4Addr>,
 }
@@ -143,6 +161,7 @@ pub fn plan(res: &Resources, host: &str) -> (Plan, Vec<String>) {
         })
         .collect();
     let mut groups = Vec::new();
+    let mut owners = BTreeMap::new();
     for r in res.values() {
         let Some(pb::resource::Kind::VirtualIp(on)) = &r.kind else {
             continue;
@@ -157,6 +176,7 @@ pub fn plan(res: &Resources, host: &str) -> (Plan, Vec<String>) {
             .collect();
         let holders: BTreeSet<&str> = v.holders.iter().map(|h| h.host_id.as_str()).collect();
         let mut nats = BTreeSet::new();
+        let mut nat_of: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
         let mut peers = BTreeMap::new();
         for l in lbs.iter().filter(|l| l.vni == on.vni) {
             let Some(lb) = &l.load_balancer else { continue };
@@ -168,11 +188,11 @@ pub fn plan(res: &Resources, host: &str) -> (Plan, Vec<String>) {
                 continue;
             }
             for h in lb.nat_hosts.iter().filter(|h| holders.contains(h.host_id.as_str())) {
-                nats.extend(
-                    [h.ipv4.parse::<IpAddr>().ok(), h.ipv6.parse().ok()]
-                        .into_iter()
-                        .flatten(),
-                );
+                let own = [h.ipv4.parse::<IpAddr>().ok(), h.ipv6.parse().ok()]
+                    .into_iter()
+                    .flatten();
+                nat_of.entry(h.host_id.clone()).or_default().extend(own.clone());
+                nats.extend(own);
                 if h.host_id == host {
                     continue;
                 }
@@ -187,15 +207,26 @@ pub fn plan(res: &Resources, host: &str) -> (Plan, Vec<String>) {
                 }
             }
         }
+        if !v.owner_host_id.is_empty() {
+            owners.insert(v.id.clone(), v.owner_host_id.clone());
+        }
         groups.push(Group {
             vip_id: v.id.clone(),
             vni: on.vni,
             addresses,
             nats,
+            nat_of,
             peers,
         });
     }
-    (Plan { groups }, problems)
+    (
+        Plan {
+            me: host.to_string(),
+            groups,
+            owners,
+        },
+        problems,
+    )
 }
 
 /// Counts for the metrics, the logs and the tests.
@@ -259,6 +290,9 @@ impl Book {
 
 type Shared = Arc<Mutex<Book>>;
 
+/// The peers' secrets for NAT ports, by host, as their full batches said.
+type Seeds = Arc<Mutex<HashMap<String, u32>>>;
+
 fn lock(b: &Shared) -> std::sync::MutexGuard<'_, Book> {
     b.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -285,20 +319,26 @@ impl FlowSync {
         let ring = aya::maps::RingBuf::try_from(aya::maps::Map::RingBuf(ring))?;
         // Checked now: a missing map is an error at start, not in a task.
         Tables::open(&maps)?;
+        let pickup = BpfHashMap::try_from(aya::maps::Map::HashMap(
+            MapData::from_pin(maps.join(NAT_PICKUP)).with_context(|| format!("opening pinned map {NAT_PICKUP}"))?,
+        ))?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding the flow sync address {listen}"))?;
         let (tx, rx) = watch::channel(Plan::default());
         let stats = Arc::new(Stats::default());
         let book: Shared = Default::default();
+        let seeds: Seeds = Default::default();
         tokio::spawn(serve(
             listener,
             acceptor,
             maps.clone(),
             rx.clone(),
             book.clone(),
+            seeds.clone(),
             stats.clone(),
         ));
+        tokio::spawn(pickups(pickup, rx.clone(), seeds));
         tokio::spawn(source(ring, maps, connector, port, rx, book, stats.clone()));
         tracing::info!(listen = %listen, "flows through virtual IPs held by hosts are carried to the other holders");
         Ok(FlowSync { plan: tx, stats })
@@ -786,6 +826,7 @@ async fn serve(
     maps: PathBuf,
     plan: watch::Receiver<Plan>,
     book: Shared,
+    seeds: Seeds,
     stats: Arc<Stats>,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
@@ -814,11 +855,12 @@ async fn serve(
             tracing::debug!(remote = %remote, "flow sync: a connection from no peer's address, or too many; closed");
             continue;
         };
-        let (acceptor, maps, plan, book, stats, current2) = (
+        let (acceptor, maps, plan, book, seeds, stats, current2) = (
             acceptor.clone(),
             maps.clone(),
             plan.clone(),
             book.clone(),
+            seeds.clone(),
             stats.clone(),
             current.clone(),
         );
@@ -897,6 +939,9 @@ async fn serve(
                     stats.refused_peers.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(peer = %host, "flow sync: the host no longer holds a virtual IP with this one; its connection closed");
                     return;
+                }
+                if batch.nat_seed != 0 {
+                    lock_map(&seeds).insert(host.clone(), batch.nat_seed);
                 }
                 if batch.flows.is_empty() && batch.removed.is_empty() && !batch.full_done {
                     // A heartbeat.
@@ -1302,6 +1347,10 @@ fn full(maps: &Path, groups: &[Group]) -> anyhow::Result<Vec<pb::FlowSyncBatch>>
             ..Default::default()
         });
     }
+    let seeds: Array<MapData, u32> = Array::try_from(aya::maps::Map::Array(
+        MapData::from_pin(maps.join(NAT_SEED)).with_context(|| format!("opening pinned map {NAT_SEED}"))?,
+    ))?;
+    frames[0].nat_seed = seeds.get(&0, 0).context("reading this host's secret for NAT ports")?;
     if let Some(last) = frames.last_mut() {
         last.full_done = true;
         // What the batch speaks for: the receiver prunes only those VIPs'
@@ -1317,6 +1366,179 @@ fn full(maps: &Path, groups: &[Group]) -> anyhow::Result<Vec<pb::FlowSyncBatch>>
             .collect();
     }
     Ok(frames)
+}
+
+/// The takeovers in the dataplane (`sdn-agent counters`): each VIP address,
+/// the previous owner's NAT address, the flows picked up, and whether the
+/// window is open.
+pub fn read_pickups(pin_dir: &Path) -> anyhow::Result<Vec<serde_json::Value>> {
+    let map = MapData::from_pin(pin_dir.join("maps").join(NAT_PICKUP))
+        .with_context(|| format!("opening pinned map {NAT_PICKUP}"))?;
+    let table: BpfHashMap<MapData, NatPickupKey, NatPickup> = BpfHashMap::try_from(aya::maps::Map::HashMap(map))?;
+    let now = monotonic_ns();
+    let mut out = Vec::new();
+    for e in table.iter() {
+        let (k, p) = e?;
+        out.push(serde_json::json!({
+            "vni": k.vni,
+            "address": ip_of(k.family, &k.addr).to_string(),
+            "previous_nat": ip_of(k.family, &p.nat).to_string(),
+            "picked": p.picked,
+            "open": now < p.until_ns,
+        }));
+    }
+    Ok(out)
+}
+
+/// A takeover whose previous owner's flows are being picked up.
+struct Takeover {
+    from: String,
+    keys: Vec<NatPickupKey>,
+    until_ns: u64,
+}
+
+/// Keeps the dataplane's takeovers (`SDN_NAT_PICKUP`): when the share
+/// names this host the owner of a VIP another holder owned before, that
+/// holder's NAT addresses and secret are written for [`PICKUP_WINDOW`];
+/// when the VIP moves on, or the window ends, they are removed, and how
+/// many flows were picked up is logged. (A handful of map calls, rarely:
+/// they run on the runtime.)
+async fn pickups(
+    mut table: BpfHashMap<MapData, NatPickupKey, NatPickup>,
+    mut plan: watch::Receiver<Plan>,
+    seeds: Seeds,
+) {
+    // Stale entries of an agent before this one.
+    let stale: Vec<NatPickupKey> = table.keys().filter_map(Result::ok).collect();
+    for k in stale {
+        let _ = table.remove(&k);
+    }
+    let mut owner_before: HashMap<String, String> = HashMap::new();
+    let mut active: HashMap<String, Takeover> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let end = |table: &mut BpfHashMap<MapData, NatPickupKey, NatPickup>, vip: &str, t: Takeover, why: &str| {
+        let picked: u64 = t
+            .keys
+            .iter()
+            .filter_map(|k| table.get(k, 0).ok())
+            .map(|p| p.picked)
+            .sum();
+        for k in &t.keys {
+            let _ = table.remove(k);
+        }
+        tracing::info!(virtual_ip = %vip, previous = %t.from, picked, "flow pickup ended: {why}");
+    };
+    loop {
+        tokio::select! {
+            changed = plan.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let p = plan.borrow_and_update().clone();
+                for g in &p.groups {
+                    let owner = p.owners.get(&g.vip_id);
+                    let before = owner_before.get(&g.vip_id).cloned();
+                    let mine = owner.is_some_and(|o| *o == p.me);
+                    if !mine {
+                        if let Some(t) = active.remove(&g.vip_id) {
+                            end(&mut table, &g.vip_id, t, "the virtual IP moved on");
+                        }
+                    } else if let Some(from) = before.filter(|b| *b != p.me) {
+                        if let Some(t) = active.remove(&g.vip_id) {
+                            end(&mut table, &g.vip_id, t, "taken over again");
+                        }
+                        if let Some(t) = take_over(&mut table, g, &from, &seeds) {
+                            active.insert(g.vip_id.clone(), t);
+                        }
+                    }
+                    if let Some(o) = owner {
+                        owner_before.insert(g.vip_id.clone(), o.clone());
+                    }
+                }
+                let held: HashSet<&str> = p.groups.iter().map(|g| g.vip_id.as_str()).collect();
+                owner_before.retain(|id, _| held.contains(id.as_str()));
+                let gone: Vec<String> = active.keys().filter(|id| !held.contains(id.as_str())).cloned().collect();
+                for id in gone {
+                    if let Some(t) = active.remove(&id) {
+                        end(&mut table, &id, t, "this host no longer holds the virtual IP");
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                let now = monotonic_ns();
+                let done: Vec<String> = active.iter().filter(|(_, t)| t.until_ns <= now).map(|(id, _)| id.clone()).collect();
+                for id in done {
+                    if let Some(t) = active.remove(&id) {
+                        end(&mut table, &id, t, "its window is over");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Writes the takeover of `g` from `from`: its NAT address of each of the
+/// VIP's families, and its secret.
+fn take_over(
+    table: &mut BpfHashMap<MapData, NatPickupKey, NatPickup>,
+    g: &Group,
+    from: &str,
+    seeds: &Seeds,
+) -> Option<Takeover> {
+    let Some(seed) = lock_map(seeds).get(from).copied() else {
+        tracing::warn!(
+            virtual_ip = %g.vip_id,
+            previous = %from,
+            "taken over from a holder whose flow sync never reached this host: its flows not carried here are lost"
+        );
+        return None;
+    };
+    let until_ns = monotonic_ns() + PICKUP_WINDOW.as_nanos() as u64;
+    let mut keys = Vec::new();
+    for a in &g.addresses {
+        let (family, addr) = addr16(a);
+        let Some(nat) = g
+            .nat_of
+            .get(from)
+            .and_then(|n| n.iter().find(|n| addr16(n).0 == family))
+        else {
+            tracing::warn!(virtual_ip = %g.vip_id, previous = %from, address = %a, "the previous owner has no NAT address of this family: its flows to it are not picked up");
+            continue;
+        };
+        let key = NatPickupKey {
+            vni: g.vni,
+            family,
+            _pad: [0; 3],
+            addr,
+        };
+        let value = NatPickup {
+            nat: addr16(nat).1,
+            seed,
+            _pad: 0,
+            until_ns,
+            picked: 0,
+        };
+        match table.insert(key, value, 0) {
+            Ok(()) => keys.push(key),
+            Err(e) => {
+                tracing::warn!(virtual_ip = %g.vip_id, address = %a, error = %e, "the takeover cannot be written: the previous owner's flows not carried here are lost")
+            }
+        }
+    }
+    if keys.is_empty() {
+        return None;
+    }
+    tracing::info!(
+        virtual_ip = %g.vip_id,
+        previous = %from,
+        window_s = PICKUP_WINDOW.as_secs(),
+        "taken over: the previous owner's flows not carried here are picked up"
+    );
+    Some(Takeover {
+        from: from.to_string(),
+        keys,
+        until_ns,
+    })
 }
 
 #[cfg(test)]
@@ -1376,6 +1598,7 @@ mod tests {
             removed: vec![pb::SyncedFlowKey::default(); 3],
             full_done: true,
             covers: vec![pb::CoveredVip::default()],
+            nat_seed: 0x8765_4321,
         };
         let buf = b.encode_to_vec();
         assert_eq!(entries(&buf).unwrap(), 6);
@@ -1395,6 +1618,7 @@ mod tests {
             id: "va".into(),
             vpc_id: "v1".into(),
             ipv4: "10.0.0.100".into(),
+            owner_host_id: "h2".into(),
             holders: ["h1", "h2"]
                 .iter()
                 .map(|h| pb::VipHolder {
@@ -1454,6 +1678,11 @@ mod tests {
         assert_eq!(g.peers, [("h2".to_string(), Ipv4Addr::new(192, 0, 2, 2))].into());
         let nats: Vec<String> = g.nats.iter().map(|a| a.to_string()).collect();
         assert_eq!(nats, ["10.0.0.200", "10.0.0.201"], "h3 is a NAT host, not a holder");
+        // The previous owner's NAT address, should this host take over.
+        assert_eq!(p.owners.get("va").map(String::as_str), Some("h2"));
+        assert_eq!(p.me, "h1");
+        let h2: Vec<String> = g.nat_of["h2"].iter().map(|a| a.to_string()).collect();
+        assert_eq!(h2, ["10.0.0.201"]);
         // h3 holds nothing: no plan.
         assert!(plan(&res, "h3").0.groups.is_empty());
     }

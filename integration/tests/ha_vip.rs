@@ -6,6 +6,7 @@
 //! holders leaves one answering; an owner cut off (its agent frozen) stops
 //! answering when its lease ends, before the other is granted.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use sdn_integration::ops::*;
@@ -772,4 +773,232 @@ async fn an_ipv6_vip_held_by_hosts_moves_with_vrrp_over_ipv6() {
             .any(|l| l.split('\t').collect::<Vec<_>>() == [mac("h3").as_str(), VIP6, "1", VIP6]),
         "no unsolicited NA for the VIP from h3:\n{na}"
     );
+}
+
+/// The north-south flows of `host` through `port` of the VIP from the
+/// zone's client, by client port: (member, NAT address, NAT port).
+fn flows_through(lab: &sdn_integration::lab::Lab, host: &str, port: u64) -> BTreeMap<u64, (String, String, u64)> {
+    nat_flows(lab, host)
+        .iter()
+        .filter(|f| f["vip"] == VIP && f["vip_port"] == port && f["client"] == "10.99.0.1")
+        .map(|f| {
+            (
+                f["client_port"].as_u64().unwrap(),
+                (
+                    f["member"].as_str().unwrap().to_string(),
+                    f["nat"].as_str().unwrap().to_string(),
+                    f["nat_port"].as_u64().unwrap(),
+                ),
+            )
+        })
+        .collect()
+}
+
+/// `sdn-probe survive` from the zone's client: `conns` TCP connections
+/// through the VIP's `port`, each exchanging every 100 ms for `seconds`.
+fn survive_from_zone(
+    lab: &sdn_integration::lab::Lab,
+    port: u16,
+    conns: usize,
+    seconds: u64,
+) -> std::thread::JoinHandle<serde_json::Value> {
+    let ns = lab.topo.zone_ns("ext").name.clone();
+    std::thread::spawn(move || {
+        let out = sdn_integration::ns_sh(
+            &ns,
+            &[
+                sdn_integration::bin("sdn-probe").to_str().unwrap(),
+                "survive",
+                VIP,
+                &port.to_string(),
+                "--conns",
+                &conns.to_string(),
+                "--seconds",
+                &seconds.to_string(),
+                "--bind",
+                "10.99.0.1",
+            ],
+        )
+        .expect("the connections' probe");
+        serde_json::from_str(out.trim()).expect("the probe's JSON")
+    })
+}
+
+/// Flows the flow sync never carried (it was cut while they opened) go on
+/// when their holder dies: the new owner picks each up at its first
+/// segment, to the member Maglev gives it (two members here), from the
+/// dead owner's NAT address and port. A listener of another scheduler has
+/// nothing to pick up with, and its connections are lost (the control).
+/// A zone host's forged segments in the window open nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn flows_never_carried_are_picked_up_by_the_new_owner_on_the_same_member() {
+    if !privileged() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mut lab = sdn_integration::lab::Lab::new("hpu", &["h1", "h2", "h3"])
+        .zone("ext", UPLINK, EXT.0, EXT.1, &["10.0.0.0/8", "fd00::/8"], &["10.99.0.1"])
+        .tenant("dept-a")
+        .vpc("va", Some("ext"))
+        .subnet("a-web", "va", "10.40.1.0/24", "fd40:1::/64")
+        .group("open-a", open_rules())
+        .vm("m1", "h1", "a-web", &["open-a"])
+        .vm("m2", "h1", "a-web", &["open-a"])
+        .secure()
+        .start()
+        .await
+        .expect("the lab");
+    let _echo = lab.topo.serve(&["m1", "m2"], &[], &["--tcp", "9000"]).unwrap();
+    let mut lb = exposed(load_balancer("lbh", "dept-a", "va", VIP, ""), "h2", "10.40.1.202");
+    lb.nat_hosts.push(pb::NatHost {
+        host_id: "h3".into(),
+        ipv4: "10.40.1.203".into(),
+        ipv6: String::new(),
+    });
+    let mut ops = vec![put_lb(lb), pool("echo", "lbh"), pool("echo-lc", "lbh")];
+    for (m, pool_id, vm) in [
+        ("e-m1", "echo", "m1"),
+        ("e-m2", "echo", "m2"),
+        ("l-m1", "echo-lc", "m1"),
+        ("l-m2", "echo-lc", "m2"),
+    ] {
+        let mut op = member(m, pool_id, vm, "", 1);
+        if let pb::operation::Op::PutMember(x) = &mut op {
+            x.port = 9000;
+        }
+        ops.push(op);
+    }
+    ops.push(listener("echo", "lbh", "tcp", 7000, "echo", "maglev"));
+    ops.push(listener("echo-lc", "lbh", "tcp", 7001, "echo-lc", "least_connections"));
+    ops.push(virtual_ip(
+        "hvip",
+        "dept-a",
+        "va",
+        VIP,
+        40,
+        true,
+        &[("h2", 200), ("h3", 100)],
+    ));
+    assert!(lab.cluster.apply(ops).await.expect("the load balancer").enforced);
+    lab.topo
+        .zone_ns("ext")
+        .sh(&["ip", "route", "replace", &format!("{VIP}/32"), "dev", "br0"])
+        .unwrap();
+    let e1 = owned_by(&lab, "h2", 0).await;
+    sdn_integration::wait_for("h2 to answer", Duration::from_secs(5), || has_address(&lab, "h2")).unwrap();
+    // h3 heard from h2's flow sync (and so its secret for NAT ports).
+    sdn_integration::wait_for("h2's first full batch at h3", Duration::from_secs(10), || {
+        lab.cluster
+            .agent_log("h3")
+            .contains("flow sync: a full batch from the peer")
+    })
+    .unwrap();
+
+    // The flow sync between the two is cut (nftables on h3, both ways).
+    let h3 = lab.topo.host_ns("h3");
+    h3.sh(&["nft", "add", "table", "inet", "synccut"]).unwrap();
+    for (chain, hook, dir) in [("in", "input", "dport"), ("out", "output", "dport")] {
+        h3.sh(&[
+            "nft",
+            &format!("add chain inet synccut {chain} {{ type filter hook {hook} priority 0 ; }}"),
+        ])
+        .unwrap();
+        h3.sh(&["nft", &format!("add rule inet synccut {chain} tcp {dir} 7946 drop")])
+            .unwrap();
+    }
+    let maglev = survive_from_zone(&lab, 7000, 16, 6);
+    let least = survive_from_zone(&lab, 7001, 8, 6);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let at_h2 = flows_through(&lab, "h2", 7000);
+    assert_eq!(at_h2.len(), 16, "h2 does not translate the connections: {at_h2:?}");
+    let members: BTreeSet<&str> = at_h2.values().map(|(m, _, _)| m.as_str()).collect();
+    assert_eq!(members.len(), 2, "Maglev sent all 16 to one member: {at_h2:?}");
+    assert_eq!(flows_through(&lab, "h2", 7001).len(), 8);
+    assert!(
+        flows_through(&lab, "h3", 7000).is_empty() && flows_through(&lab, "h3", 7001).is_empty(),
+        "the flows reached h3 before the failover"
+    );
+
+    // h2 dies; h3 takes the VIP over and picks up h2's flows at their
+    // next segment.
+    lab.cluster.agent("h2").kill();
+    lab.topo
+        .host_ns("h2")
+        .sh(&["ip", "link", "set", UPLINK, "down"])
+        .unwrap();
+    owned_by(&lab, "h3", e1).await;
+    let kept = maglev.join().unwrap();
+    let lost = least.join().unwrap();
+    eprintln!("maglev listener: {kept}\nleast-connections listener: {lost}");
+    let log = lab.cluster.agent_log("h3");
+    assert_eq!(kept["survived"], 16, "connections lost: {kept}\n{log}");
+    assert_eq!(
+        lost["survived"], 0,
+        "connections of a listener without Maglev survived though never carried: {lost}"
+    );
+    assert!(
+        log.contains("taken over: the previous owner's flows not carried here are picked up"),
+        "{log}"
+    );
+    // Each went on at h3 as it was at h2: the same member, from h2's NAT
+    // address and port.
+    let at_h3 = flows_through(&lab, "h3", 7000);
+    assert_eq!(at_h3, at_h2, "picked up differently from how h2 translated them");
+    let pickups = lab.drops("h3").unwrap()["nat_pickups"].clone();
+    let picked = pickups
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["address"] == VIP))
+        .unwrap_or_else(|| panic!("no takeover in h3's dataplane: {pickups}"))
+        .clone();
+    assert_eq!(picked["previous_nat"], "10.40.1.202");
+    assert!(picked["picked"].as_u64().unwrap() >= 16, "{picked}");
+
+    // A zone host forges segments of flows nobody opened (an ACK scan of
+    // the listener) within the window: taken up, they reach no member and
+    // open no flow; the client's new connections work.
+    let before = picked["picked"].as_u64().unwrap();
+    let scan = lab
+        .topo
+        .zone_ns("ext")
+        .sh(&[
+            "nmap",
+            "-n",
+            "-Pn",
+            "-sA",
+            "-S",
+            "10.99.0.1",
+            "-e",
+            "br0",
+            "-g",
+            "4242",
+            "-p",
+            "7000",
+            VIP,
+        ])
+        .unwrap_or_else(|e| e.to_string());
+    eprintln!("{scan}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = lab.drops("h3").unwrap()["nat_pickups"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|p| p["address"] == VIP)
+                .map(|p| p["picked"].as_u64().unwrap())
+        })
+        .unwrap();
+    assert!(
+        after > before,
+        "the forged segment was not even taken up ({before} -> {after})"
+    );
+    let flows = flows_through(&lab, "h3", 7000);
+    assert!(
+        !flows.contains_key(&4242) && flows.len() == 16,
+        "a forged segment opened a flow: {flows:?}"
+    );
+    let fresh = survive_from_zone(&lab, 7000, 4, 1).join().unwrap();
+    assert_eq!(fresh["survived"], 4, "{fresh}");
+    let _ = lab
+        .topo
+        .host_ns("h3")
+        .sh(&["nft", "delete", "table", "inet", "synccut"]);
 }

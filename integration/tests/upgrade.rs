@@ -76,7 +76,14 @@ fn previous_build(release: &str, package: &str) -> Option<PathBuf> {
         .args(["build", "--locked", "-p", package, "--bin", package])
         .status()
         .unwrap();
-    assert!(st.success(), "building the previous release's {package}");
+    if !st.success() {
+        let df = std::process::Command::new("df")
+            .args(["-h", root.to_str().unwrap()])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        panic!("building the previous release's {package} failed (cargo's errors are above); free space where it builds:\n{df}");
+    }
     std::fs::write(&stamp, release).unwrap();
     Some(binary)
 }

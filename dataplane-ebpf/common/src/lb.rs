@@ -26,6 +26,7 @@ pub const NAT_FLOWS_NEW: &str = "SDN_NAT_FLOWS_NEW";
 pub const NAT_SEED: &str = "SDN_NAT_SEED";
 pub const NAT_REVERSE_NEW: &str = "SDN_NAT_REVERSE_NEW";
 pub const NAT_SYNC: &str = "SDN_NAT_SYNC";
+pub const NAT_PICKUP: &str = "SDN_NAT_PICKUP";
 
 /// Clients a host remembers the member of, for source persistence (an
 /// LRU; a VM has only its own addresses, so it holds two per service).
@@ -284,6 +285,40 @@ pub struct NatFlow {
     pub bytes_out: u64,
 }
 
+/// A virtual IP held by hosts that this host took over from another
+/// holder a moment ago: a TCP segment of a flow it does not know, to one
+/// of the VIP's Maglev listeners, is picked up as that holder's flow.
+/// Maglev gives it the same member there as here, and the holder's NAT
+/// address and its secret for NAT ports give it the same NAT port, so the
+/// member sees the connection it knows. (A flow flow sync carried is
+/// known already; this is for those it had not carried yet.)
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct NatPickupKey {
+    pub vni: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+    pub addr: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct NatPickup {
+    /// The previous owner's NAT address (of the VIP's family).
+    pub nat: [u8; 16],
+    /// The previous owner's secret for NAT ports (its `SDN_NAT_SEED`).
+    pub seed: u32,
+    pub _pad: u32,
+    /// Until when (monotonic ns, as `bpf_ktime_get_ns`).
+    pub until_ns: u64,
+    /// Segments taken as a previous owner's flow's so far (the first of
+    /// each flow, and any after one refused further on).
+    pub picked: u64,
+}
+
+/// Entries of [`NAT_PICKUP`]: one per address of a VIP held by hosts.
+pub const NAT_PICKUP_MAX: u32 = 1024;
+
 /// Bytes of [`NAT_SYNC`]: room for about 2,000 [`NatSyncEvent`]s between
 /// two reads of the agent.
 pub const NAT_SYNC_BYTES: u32 = 256 << 10;
@@ -325,6 +360,11 @@ pub const NAT_F_ACKED: u32 = 16;
 /// the member's: with both, a SYN on the tuple may open a new flow.
 pub const NAT_F_FIN_IN: u32 = 32;
 pub const NAT_F_FIN_OUT: u32 = 64;
+/// Picked up from the previous owner of the VIP ([`NatPickup`]): not
+/// confirmed until the member answers the segment that picked it up with
+/// one of its own (an unknown connection gets a reset); a SYN on its tuple
+/// opens a new flow.
+pub const NAT_F_PICKUP: u32 = 128;
 /// A client's FIN or RST is taken as closing (the closing timeout) when
 /// its sequence number is within this much past the member's last
 /// acknowledgement; only an exact match ends a flow at once (RST).
@@ -353,6 +393,8 @@ const _: () = assert!(core::mem::size_of::<NatService>() == 40);
 const _: () = assert!(core::mem::size_of::<NatKey>() == 44);
 const _: () = assert!(core::mem::size_of::<NatFlow>() == 112);
 const _: () = assert!(core::mem::size_of::<NatReverseKey>() == 44);
+const _: () = assert!(core::mem::size_of::<NatPickupKey>() == 24);
+const _: () = assert!(core::mem::size_of::<NatPickup>() == 40);
 const _: () = assert!(core::mem::size_of::<LbServiceKey>() == 24);
 const _: () = assert!(core::mem::size_of::<LbService>() == 16);
 const _: () = assert!(core::mem::size_of::<LbPersistKey>() == 24);
@@ -412,4 +454,6 @@ mod pod {
     unsafe impl aya::Pod for NatFlow {}
     unsafe impl aya::Pod for NatReverseKey {}
     unsafe impl aya::Pod for NatSyncEvent {}
+    unsafe impl aya::Pod for NatPickupKey {}
+    unsafe impl aya::Pod for NatPickup {}
 }

@@ -11,8 +11,8 @@ use aya_ebpf::{
 use dataplane_common::{
     lb::{
         LbBackend, LbConns, LbFlow, LbFlowKey, LbPersist, LbPersistKey, LbReverse, LbReverseKey, LbService,
-        LbServiceKey, NatFlow, NatKey, NatReverseKey, NatService, NatServiceKey, LB_BACKENDS, LB_FLOWS_MAX,
-        LB_FLOWS_NEW_MAX, LB_PERSIST_MAX, LB_SERVICES_MAX, LB_TABLE_SIZE, NAT_SYNC_BYTES,
+        LbServiceKey, NatFlow, NatKey, NatPickup, NatPickupKey, NatReverseKey, NatService, NatServiceKey, LB_BACKENDS,
+        LB_FLOWS_MAX, LB_FLOWS_NEW_MAX, LB_PERSIST_MAX, LB_SERVICES_MAX, LB_TABLE_SIZE, NAT_PICKUP_MAX, NAT_SYNC_BYTES,
     },
     maps::{
         system_index, AddrIdentity, AddrKey, CtKey, CtValue, DenyEvent, DnsCopy, Endpoint, EndpointKey, EventLimiter,
@@ -490,6 +490,11 @@ pub static NAT_FLOWS_NEW: LruHashMap<NatKey, NatFlow> = LruHashMap::pinned(LB_FL
 
 #[map(name = "SDN_NAT_REVERSE_NEW")]
 pub static NAT_REVERSE_NEW: LruHashMap<NatReverseKey, NatKey> = LruHashMap::pinned(LB_FLOWS_NEW_MAX, 0);
+
+/// Takeovers of VIPs held by hosts, whose previous owner's flows are
+/// picked up for a while (written by the agent).
+#[map(name = "SDN_NAT_PICKUP")]
+pub static NAT_PICKUP: HashMap<NatPickupKey, NatPickup> = HashMap::pinned(NAT_PICKUP_MAX, 0);
 
 #[map(name = "SDN_NAT_SYNC")]
 pub static NAT_SYNC: RingBuf = RingBuf::pinned(NAT_SYNC_BYTES, 0);

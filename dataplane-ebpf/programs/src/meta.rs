@@ -51,6 +51,9 @@ pub const LB_EST: u8 = 2;
 /// Its backend from before, not confirmed yet: it moves to the confirmed
 /// flows once conntrack confirms the client's side.
 pub const LB_EST_NEW: u8 = 3;
+/// North-south: a segment of a flow the VIP's previous owner translated,
+/// picked up here (`NAT_PICKUP`).
+pub const LB_PICKUP: u8 = 4;
 
 /// Which table an entry was found in.
 pub const T_MAIN: u8 = 1;
@@ -149,8 +152,8 @@ pub struct Meta {
     pub lb_cursor: u16,
     /// The flow's service has source persistence.
     pub lb_persist: u8,
-    /// North-south: `LB_NEW`, `LB_EST` or `LB_EST_NEW` for a flow from the
-    /// zone to a VIP translated here; `LB_NONE` otherwise.
+    /// North-south: `LB_NEW`, `LB_EST`, `LB_EST_NEW` or `LB_PICKUP` for a
+    /// flow from the zone to a VIP translated here; `LB_NONE` otherwise.
     pub nat: u8,
     pub _pad2: [u8; 4],
     /// North-south: the client's address and port (the packet's source

@@ -25,9 +25,9 @@
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{
     lb::{
-        nat_timeout, NatFlow, NatKey, NatReverseKey, NatService, NatServiceKey, NatSyncEvent, LB_BACKENDS,
-        LB_FLOW_CLOSED, LB_FLOW_OPEN, NAT_CLOSE_WINDOW, NAT_F_ACKED, NAT_F_CLOSING, NAT_F_FIN_IN, NAT_F_FIN_OUT,
-        NAT_F_REPLIED, NAT_PORT_FIRST, NAT_PORT_TRIES, NAT_SVC_F_LEASE,
+        nat_timeout, NatFlow, NatKey, NatPickupKey, NatReverseKey, NatService, NatServiceKey, NatSyncEvent,
+        LB_BACKENDS, LB_FLOW_CLOSED, LB_FLOW_OPEN, NAT_CLOSE_WINDOW, NAT_F_ACKED, NAT_F_CLOSING, NAT_F_FIN_IN,
+        NAT_F_FIN_OUT, NAT_F_PICKUP, NAT_F_REPLIED, NAT_PORT_FIRST, NAT_PORT_TRIES, NAT_SVC_F_LEASE, SCHED_TABLE_HASH,
     },
     maps::{CtKey, DOOR_VPC, DOOR_ZONE, EP_F_GATEWAY, EP_F_NAT, EP_F_PEER, FW_ALLOW},
     DropReason, Stat, DIR_INGRESS, PROTO_TCP, PROTO_UDP,
@@ -39,10 +39,10 @@ use crate::{
     guard::{exchange_admits, pure_syn},
     lb,
     maps::{
-        count, LB_CONNS, LB_CURSOR, NAT_FLOWS, NAT_FLOWS_NEW, NAT_REVERSE, NAT_REVERSE_NEW, NAT_SEED, NAT_SERVICES,
-        NAT_SYNC,
+        count, LB_CONNS, LB_CURSOR, NAT_FLOWS, NAT_FLOWS_NEW, NAT_PICKUP, NAT_REVERSE, NAT_REVERSE_NEW, NAT_SEED,
+        NAT_SERVICES, NAT_SYNC,
     },
-    meta::{Meta, E_NAT, K_IP, LB_EST, LB_EST_NEW, LB_NEW, LB_NONE, LB_NO_CURSOR, O_PORT, O_TUNNEL, X_NONE},
+    meta::{Meta, E_NAT, K_IP, LB_EST, LB_EST_NEW, LB_NEW, LB_NONE, LB_NO_CURSOR, LB_PICKUP, O_PORT, O_TUNNEL, X_NONE},
     overlay::endpoint,
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     port,
@@ -211,8 +211,12 @@ pub fn schedule(m: &mut Meta) -> Result<(), DropReason> {
                 (*p).flags,
             )
         };
+        // A SYN on the tuple of a flow picked up (unconfirmed: perhaps a
+        // zone's host forged the segment that picked it up) opens a new one.
+        let forged = syn && flags & NAT_F_PICKUP != 0;
         if service == ns.lb.id
             && vni == ns.vni
+            && !forged
             && lb::holds(ns.lb.id, slot, &backend, backend_port)
             && m.now.saturating_sub(seen) <= nat_timeout(m.proto, flags, state == LB_EST)
         {
@@ -224,12 +228,16 @@ pub fn schedule(m: &mut Meta) -> Result<(), DropReason> {
     let (nat, nat_port, state) = match known {
         Some(k) => k,
         None => {
-            if m.proto == PROTO_TCP && !syn {
-                return Err(DropReason::CtNotSyn);
-            }
+            // Only a SYN opens a TCP flow, but for a flow picked up.
+            let (nat, seed, state) = if m.proto == PROTO_TCP && !syn {
+                let (nat, seed) = pickup(m, &ns)?;
+                (nat, seed, LB_PICKUP)
+            } else {
+                (ns.nat, NAT_SEED.get(0).copied().unwrap_or(0), LB_NEW)
+            };
             lb::pick(m, &ns.lb)?;
-            let port = free_port(m, &ns)?;
-            (ns.nat, port, LB_NEW)
+            let port = free_port(m, ns.vni, &nat, seed)?;
+            (nat, port, state)
         }
     };
     m.lb = LB_NONE;
@@ -244,29 +252,63 @@ pub fn schedule(m: &mut Meta) -> Result<(), DropReason> {
     into_vpc(m)
 }
 
-/// A NAT port for a new flow to the member now in `m`: one no flow of the
-/// NAT address to that member's address and port holds, from a hash of
-/// the client's address and port and the VIP's port (so a client's
-/// retransmitted first packet, scheduled again, finds the same port free).
+/// A TCP segment of a flow unknown here, to a VIP this host took over a
+/// moment ago from another holder (`NAT_PICKUP`): if the listener is
+/// Maglev's, the previous owner's NAT address and secret for NAT ports.
+/// With them the flow gets the member Maglev gives it (the same on every
+/// holder) and the first NAT port that secret draws that is free here:
+/// the previous owner's. The flow is unconfirmed until the member answers
+/// (`outbound`). Anything else is not a flow's first packet
+/// (`ct_not_syn`).
 #[inline(never)]
-fn free_port(m: &Meta, ns: &NatService) -> Result<u16, DropReason> {
+fn pickup(m: &Meta, ns: &NatService) -> Result<([u8; 16], u32), DropReason> {
+    if ns.lb.scheduler != SCHED_TABLE_HASH || ns.flags & NAT_SVC_F_LEASE == 0 || m.tcp_flags & TCP_RST != 0 {
+        return Err(DropReason::CtNotSyn);
+    }
+    let key = NatPickupKey {
+        vni: ns.vni,
+        family: m.family,
+        _pad: [0; 3],
+        addr: m.dst,
+    };
+    let Some(p) = NAT_PICKUP.get_ptr_mut(&key) else {
+        return Err(DropReason::CtNotSyn);
+    };
+    // SAFETY: a live map value, read field by field.
+    let (nat, seed, until) = unsafe { ((*p).nat, (*p).seed, (*p).until_ns) };
+    if m.now > until {
+        return Err(DropReason::CtNotSyn);
+    }
+    // SAFETY: as above; racing updates only lose counts.
+    unsafe { (*p).picked += 1 };
+    Ok((nat, seed))
+}
+
+/// A NAT port of the NAT address `nat` for a new flow to the member now in
+/// `m`: one no flow of that address to that member's address and port
+/// holds, from a hash of the client's address and port, the VIP's port and
+/// the host's secret `seed` (so a client's retransmitted first packet,
+/// scheduled again, finds the same port free; and a holder that takes the
+/// VIP over finds the port of a flow of the previous owner's).
+#[inline(never)]
+fn free_port(m: &Meta, vni: u32, nat: &[u8; 16], seed: u32) -> Result<u16, DropReason> {
     let span = (u16::MAX - NAT_PORT_FIRST) as u32 + 1;
     let c = &m.src;
     let w = |i: usize| u32::from_ne_bytes([c[i], c[i + 1], c[i + 2], c[i + 3]]);
     let mut h = w(0) ^ w(4).rotate_left(7) ^ w(8).rotate_left(13) ^ w(12).rotate_left(19);
     h ^= ((m.sport as u32) << 16) | m.lb_vport as u32;
-    h ^= NAT_SEED.get(0).copied().unwrap_or(0);
+    h ^= seed;
     h = h.wrapping_mul(0x9e37_79b1);
     h ^= h >> 15;
     let mut rk = NatReverseKey {
-        vni: ns.vni,
+        vni,
         family: m.family,
         proto: m.proto,
         backend_port: m.dport,
         nat_port: 0,
         _pad: 0,
         backend: m.dst,
-        nat: ns.nat,
+        nat: *nat,
     };
     for i in 0..NAT_PORT_TRIES {
         // A stride prime to the span (64512 = 2^10 * 3^2 * 7): distinct ports.
@@ -312,8 +354,10 @@ pub fn commit(ctx: &mut TcContext, m: &Meta) -> Result<(), DropReason> {
     match m.nat {
         LB_NEW => {
             retire(&key, m.family, m.proto);
-            record(m, &key)?
+            unpick(&key, m.family, m.proto);
+            record(m, &key, 0)?
         }
+        LB_PICKUP => record(m, &key, NAT_F_PICKUP)?,
         LB_EST_NEW => {
             let Some(f) = NAT_FLOWS_NEW.get_ptr_mut(&key) else {
                 return Err(DropReason::NatNoFlow);
@@ -516,9 +560,10 @@ fn reverse_key(f: &NatFlow, family: u8, proto: u8) -> NatReverseKey {
 
 /// A new flow, unconfirmed, and its reply. Its reply's key is claimed
 /// first: a flow of another CPU that took the same NAT port since the
-/// port was found free keeps it, and this packet is refused.
+/// port was found free keeps it, and this packet is refused. `flags`:
+/// [`NAT_F_PICKUP`] or none.
 #[inline(never)]
-fn record(m: &Meta, key: &NatKey) -> Result<(), DropReason> {
+fn record(m: &Meta, key: &NatKey, flags: u32) -> Result<(), DropReason> {
     let f = NatFlow {
         backend: m.dst,
         nat: m.src,
@@ -527,7 +572,7 @@ fn record(m: &Meta, key: &NatKey) -> Result<(), DropReason> {
         service: m.lb_service,
         slot: m.lb_slot,
         _pad: 0,
-        flags: 0,
+        flags,
         vni: m.nat_vni,
         reply_ack: 0,
         member_ack: 0,
@@ -583,6 +628,20 @@ fn retire(key: &NatKey, family: u8, proto: u8) {
     }
 }
 
+/// A SYN on the tuple of a flow picked up and never answered: that flow
+/// goes, with its reply (the new flow may draw another NAT port).
+#[inline(never)]
+fn unpick(key: &NatKey, family: u8, proto: u8) {
+    let Some(p) = NAT_FLOWS_NEW.get_ptr(key) else {
+        return;
+    };
+    // SAFETY: a live map value, read field by field.
+    let (rk, flags) = unsafe { (reverse_key(&*p, family, proto), (*p).flags) };
+    if flags & NAT_F_PICKUP != 0 {
+        forget(key, &rk, false);
+    }
+}
+
 /// Records the firewall's verdict of a north-south flow.
 #[inline(never)]
 fn record_verdict(m: &Meta) {
@@ -621,7 +680,7 @@ fn close(f: &mut NatFlow) {
 #[inline(never)]
 fn promote(key: &NatKey, f: &NatFlow, rk: &NatReverseKey) -> Result<(), DropReason> {
     let mut nf = *f;
-    nf.flags = (nf.flags & !NAT_F_REPLIED) | LB_FLOW_OPEN;
+    nf.flags = (nf.flags & !(NAT_F_REPLIED | NAT_F_PICKUP)) | LB_FLOW_OPEN;
     // The flow first, then its reply (see `record`). When either table is
     // full, the packet that would confirm the flow is refused and the flow
     // stays unconfirmed (its LRU may let it go; no confirmed flow goes).
@@ -753,7 +812,14 @@ pub fn outbound(ctx: &mut TcContext, m: &Meta) -> Result<u32, DropReason> {
     if reset {
         forget(&key, &rk, confirmed);
     } else if !confirmed {
-        if m.proto == PROTO_TCP {
+        if m.proto == PROTO_TCP && f.flags & NAT_F_PICKUP != 0 {
+            // The member answers a flow picked up: it knows the connection
+            // (it resets one it does not, and answers no SYN here).
+            if m.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_ACK {
+                return Err(DropReason::NatNoFlow);
+            }
+            promote(&key, f, &rk)?;
+        } else if m.proto == PROTO_TCP {
             if m.tcp_flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
                 f.flags |= NAT_F_REPLIED;
                 f.reply_ack = m.tcp_seq.wrapping_add(1);
