@@ -48,9 +48,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use dataplane_common::lb::{
-    LbBackend, NatFlow, NatKey, NatPickup, NatPickupKey, NatReverseKey, NatService, NatServiceKey, NatSyncEvent,
-    LB_BACKENDS, LB_BACKENDS_MAP, LB_BACKEND_LIVE, LB_FLOWS_MAX, NAT_FLOWS, NAT_PICKUP, NAT_REVERSE, NAT_SEED,
-    NAT_SERVICES, NAT_SYNC,
+    nat_secret, LbBackend, NatFlow, NatKey, NatPickup, NatPickupKey, NatReverseKey, NatService, NatServiceKey,
+    NatSyncEvent, LB_BACKENDS, LB_BACKENDS_MAP, LB_BACKEND_LIVE, LB_FLOWS_MAX, NAT_FLOWS, NAT_PICKUP, NAT_REVERSE,
+    NAT_SEED, NAT_SERVICES, NAT_SYNC,
 };
 use dataplane_common::maps::{VipLease, ZoneAddrKey, VIP_LEASES};
 use dataplane_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
@@ -118,8 +118,10 @@ pub struct Group {
     pub addresses: BTreeSet<IpAddr>,
     /// The NAT addresses of its holders: a flow from another is refused.
     pub nats: BTreeSet<IpAddr>,
-    /// The same, by holder.
-    pub nat_of: BTreeMap<String, BTreeSet<IpAddr>>,
+    /// By holder, the NAT address each of the VIP's addresses is
+    /// translated from there (the load balancer's with that VIP, its
+    /// family).
+    pub nat_of: BTreeMap<String, BTreeMap<IpAddr, IpAddr>>,
     /// The other holders, by host, at their underlay addresses.
     pub peers: BTreeMap<String, Ipv4Addr>,
 }
@@ -176,7 +178,7 @@ pub fn plan(res: &Resources, host: &str) -> (Plan, Vec<String>) {
             .collect();
         let holders: BTreeSet<&str> = v.holders.iter().map(|h| h.host_id.as_str()).collect();
         let mut nats = BTreeSet::new();
-        let mut nat_of: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
+        let mut nat_of: BTreeMap<String, BTreeMap<IpAddr, IpAddr>> = BTreeMap::new();
         let mut peers = BTreeMap::new();
         for l in lbs.iter().filter(|l| l.vni == on.vni) {
             let Some(lb) = &l.load_balancer else { continue };
@@ -188,10 +190,15 @@ pub fn plan(res: &Resources, host: &str) -> (Plan, Vec<String>) {
                 continue;
             }
             for h in lb.nat_hosts.iter().filter(|h| holders.contains(h.host_id.as_str())) {
-                let own = [h.ipv4.parse::<IpAddr>().ok(), h.ipv6.parse().ok()]
+                let own: Vec<IpAddr> = [h.ipv4.parse::<IpAddr>().ok(), h.ipv6.parse().ok()]
                     .into_iter()
-                    .flatten();
-                nat_of.entry(h.host_id.clone()).or_default().extend(own.clone());
+                    .flatten()
+                    .collect();
+                for a in vips.iter().filter(|a| addresses.contains(a)) {
+                    if let Some(n) = own.iter().find(|n| n.is_ipv4() == a.is_ipv4()) {
+                        nat_of.entry(h.host_id.clone()).or_default().insert(*a, *n);
+                    }
+                }
                 nats.extend(own);
                 if h.host_id == host {
                     continue;
@@ -290,8 +297,9 @@ impl Book {
 
 type Shared = Arc<Mutex<Book>>;
 
-/// The peers' secrets for NAT ports, by host, as their full batches said.
-type Seeds = Arc<Mutex<HashMap<String, u32>>>;
+/// The peers' secrets for their NAT addresses' ports, by host and address,
+/// as their full batches said.
+type Seeds = Arc<Mutex<HashMap<(String, IpAddr), u32>>>;
 
 fn lock(b: &Shared) -> std::sync::MutexGuard<'_, Book> {
     b.lock().unwrap_or_else(|p| p.into_inner())
@@ -796,7 +804,7 @@ fn entries(mut buf: &[u8]) -> anyhow::Result<usize> {
         };
         anyhow::ensure!(skip <= buf.remaining(), "field {} runs past the frame", key >> 3);
         buf.advance(skip);
-        if matches!(key >> 3, 2 | 3 | 5) {
+        if matches!(key >> 3, 2 | 3 | 5 | 6) {
             n += 1;
         }
     }
@@ -940,8 +948,25 @@ async fn serve(
                     tracing::warn!(peer = %host, "flow sync: the host no longer holds a virtual IP with this one; its connection closed");
                     return;
                 }
-                if batch.nat_seed != 0 {
-                    lock_map(&seeds).insert(host.clone(), batch.nat_seed);
+                if !batch.nat_secrets.is_empty() {
+                    // Only for the peer's own NAT addresses of the VIPs the
+                    // two hold.
+                    let own: HashSet<IpAddr> = groups
+                        .iter()
+                        .filter_map(|g| g.nat_of.get(&host))
+                        .flat_map(|n| n.values().copied())
+                        .collect();
+                    let mut s = lock_map(&seeds);
+                    for n in &batch.nat_secrets {
+                        match read_addr("nat secret address", &n.nat, None) {
+                            Ok((family, a)) if n.secret != 0 && own.contains(&ip_of(family, &a)) => {
+                                s.insert((host.clone(), ip_of(family, &a)), n.secret);
+                            }
+                            _ => {
+                                tracing::warn!(peer = %host, "flow sync: a secret for no NAT address of the peer's; ignored")
+                            }
+                        }
+                    }
                 }
                 if batch.flows.is_empty() && batch.removed.is_empty() && !batch.full_done {
                     // A heartbeat.
@@ -1224,6 +1249,7 @@ fn relink(
             rx,
             resync.clone(),
             grx,
+            plan.me.clone(),
             stats.clone(),
         ));
         links.insert(
@@ -1250,6 +1276,7 @@ async fn send_to(
     mut rx: mpsc::Receiver<Arc<pb::FlowSyncBatch>>,
     resync: Arc<AtomicBool>,
     groups: watch::Receiver<Vec<Group>>,
+    me: String,
     stats: Arc<Stats>,
 ) {
     let mut logged = false;
@@ -1291,7 +1318,8 @@ async fn send_to(
                     while rx.try_recv().is_ok() {}
                     let g = groups.borrow().clone();
                     let m = maps.clone();
-                    let frames = tokio::task::spawn_blocking(move || full(&m, &g))
+                    let me = me.clone();
+                    let frames = tokio::task::spawn_blocking(move || full(&m, &g, &me))
                         .await
                         .map_err(|e| anyhow::anyhow!("reading the flow table: {e}"))??;
                     let n: usize = frames.iter().map(|f| f.flows.len()).sum();
@@ -1322,7 +1350,7 @@ async fn send_to(
 
 /// Every flow carried here of the VIPs shared with a peer, in frames of at
 /// most [`FRAME_FLOWS`], the last one marked (blocking: map calls).
-fn full(maps: &Path, groups: &[Group]) -> anyhow::Result<Vec<pb::FlowSyncBatch>> {
+fn full(maps: &Path, groups: &[Group], me: &str) -> anyhow::Result<Vec<pb::FlowSyncBatch>> {
     let table: BpfHashMap<MapData, NatKey, NatFlow> = BpfHashMap::try_from(aya::maps::Map::HashMap(
         MapData::from_pin(maps.join(NAT_FLOWS)).with_context(|| format!("opening pinned map {NAT_FLOWS}"))?,
     ))?;
@@ -1350,7 +1378,22 @@ fn full(maps: &Path, groups: &[Group]) -> anyhow::Result<Vec<pb::FlowSyncBatch>>
     let seeds: Array<MapData, u32> = Array::try_from(aya::maps::Map::Array(
         MapData::from_pin(maps.join(NAT_SEED)).with_context(|| format!("opening pinned map {NAT_SEED}"))?,
     ))?;
-    frames[0].nat_seed = seeds.get(&0, 0).context("reading this host's secret for NAT ports")?;
+    let seed = seeds.get(&0, 0).context("reading this host's secret for NAT ports")?;
+    let nats: BTreeSet<IpAddr> = groups
+        .iter()
+        .filter_map(|g| g.nat_of.get(me))
+        .flat_map(|n| n.values().copied())
+        .collect();
+    frames[0].nat_secrets = nats
+        .iter()
+        .map(|n| {
+            let (family, a) = addr16(n);
+            pb::NatSecret {
+                nat: wire_addr(family, &a),
+                secret: nat_secret(seed, &a),
+            }
+        })
+        .collect();
     if let Some(last) = frames.last_mut() {
         last.full_done = true;
         // What the batch speaks for: the receiver prunes only those VIPs'
@@ -1485,24 +1528,21 @@ fn take_over(
     from: &str,
     seeds: &Seeds,
 ) -> Option<Takeover> {
-    let Some(seed) = lock_map(seeds).get(from).copied() else {
-        tracing::warn!(
-            virtual_ip = %g.vip_id,
-            previous = %from,
-            "taken over from a holder whose flow sync never reached this host: its flows not carried here are lost"
-        );
-        return None;
-    };
     let until_ns = monotonic_ns() + PICKUP_WINDOW.as_nanos() as u64;
     let mut keys = Vec::new();
     for a in &g.addresses {
         let (family, addr) = addr16(a);
-        let Some(nat) = g
-            .nat_of
-            .get(from)
-            .and_then(|n| n.iter().find(|n| addr16(n).0 == family))
-        else {
-            tracing::warn!(virtual_ip = %g.vip_id, previous = %from, address = %a, "the previous owner has no NAT address of this family: its flows to it are not picked up");
+        let Some(nat) = g.nat_of.get(from).and_then(|n| n.get(a)) else {
+            tracing::warn!(virtual_ip = %g.vip_id, previous = %from, address = %a, "the previous owner translates this address from no NAT address: its flows to it are not picked up");
+            continue;
+        };
+        let Some(secret) = lock_map(seeds).get(&(from.to_string(), *nat)).copied() else {
+            tracing::warn!(
+                virtual_ip = %g.vip_id,
+                previous = %from,
+                address = %a,
+                "taken over from a holder whose flow sync never told this host its secret: its flows not carried here are lost"
+            );
             continue;
         };
         let key = NatPickupKey {
@@ -1513,7 +1553,7 @@ fn take_over(
         };
         let value = NatPickup {
             nat: addr16(nat).1,
-            seed,
+            secret,
             _pad: 0,
             until_ns,
             picked: 0,
@@ -1598,10 +1638,13 @@ mod tests {
             removed: vec![pb::SyncedFlowKey::default(); 3],
             full_done: true,
             covers: vec![pb::CoveredVip::default()],
-            nat_seed: 0x8765_4321,
+            nat_secrets: vec![pb::NatSecret {
+                nat: vec![10, 0, 0, 1],
+                secret: 0x8765_4321,
+            }],
         };
         let buf = b.encode_to_vec();
-        assert_eq!(entries(&buf).unwrap(), 6);
+        assert_eq!(entries(&buf).unwrap(), 7);
         assert!(entries(&buf[..buf.len() - 1]).is_err());
         // 100,000 empty flows: 200 KB on the wire, counted, never decoded.
         let empty = vec![0x12u8, 0x00].repeat(100_000);
@@ -1681,8 +1724,11 @@ mod tests {
         // The previous owner's NAT address, should this host take over.
         assert_eq!(p.owners.get("va").map(String::as_str), Some("h2"));
         assert_eq!(p.me, "h1");
-        let h2: Vec<String> = g.nat_of["h2"].iter().map(|a| a.to_string()).collect();
-        assert_eq!(h2, ["10.0.0.201"]);
+        let h2: Vec<(String, String)> = g.nat_of["h2"]
+            .iter()
+            .map(|(a, n)| (a.to_string(), n.to_string()))
+            .collect();
+        assert_eq!(h2, [("10.0.0.100".to_string(), "10.0.0.201".to_string())]);
         // h3 holds nothing: no plan.
         assert!(plan(&res, "h3").0.groups.is_empty());
     }

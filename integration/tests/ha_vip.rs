@@ -829,9 +829,12 @@ fn survive_from_zone(
 /// segment, to the member Maglev gives it (two members here), from the
 /// dead owner's NAT address and port. A listener of another scheduler has
 /// nothing to pick up with, and its connections are lost (the control).
-/// A zone host's forged segments in the window open nothing.
+/// A zone host's forged segments in the window open nothing: neither of a
+/// tuple nobody opened, nor on a real connection's own tuple before its
+/// client speaks (the member's answer does not fit the forged numbers).
 #[tokio::test(flavor = "multi_thread")]
 async fn flows_never_carried_are_picked_up_by_the_new_owner_on_the_same_member() {
+    const QUIET_PORT: u16 = 45_000;
     if !privileged() {
         eprintln!("skipped: needs root");
         return;
@@ -908,9 +911,38 @@ async fn flows_never_carried_are_picked_up_by_the_new_owner_on_the_same_member()
     }
     let maglev = survive_from_zone(&lab, 7000, 16, 6);
     let least = survive_from_zone(&lab, 7001, 8, 6);
+    // And one connection that stays quiet through the failover, from a
+    // port the test knows, until told to speak.
+    let go = lab.topo.dir.join("quiet-go");
+    let quiet_script = format!(
+        "import os, socket, time\n\
+         s = socket.socket()\n\
+         s.bind(('10.99.0.1', {QUIET_PORT}))\n\
+         s.connect(('{VIP}', 7000))\n\
+         s.sendall(b'12345678')\n\
+         assert s.recv(8) == b'12345678'\n\
+         print('ready', flush=True)\n\
+         while not os.path.exists('{go}'):\n    time.sleep(0.05)\n\
+         s.settimeout(8)\n\
+         s.sendall(b'abcdefgh')\n\
+         print('echo', s.recv(8).decode(), flush=True)\n",
+        go = go.display()
+    );
+    let quiet = sdn_integration::Proc::spawn(
+        "quiet",
+        Some(&lab.topo.zone_ns("ext").name),
+        std::path::Path::new("/usr/bin/python3"),
+        &["-c", &quiet_script],
+        &lab.topo.dir,
+    )
+    .unwrap();
+    sdn_integration::wait_for("the quiet connection", Duration::from_secs(5), || {
+        quiet.log_text().contains("ready")
+    })
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let at_h2 = flows_through(&lab, "h2", 7000);
-    assert_eq!(at_h2.len(), 16, "h2 does not translate the connections: {at_h2:?}");
+    assert_eq!(at_h2.len(), 17, "h2 does not translate the connections: {at_h2:?}");
     let members: BTreeSet<&str> = at_h2.values().map(|(m, _, _)| m.as_str()).collect();
     assert_eq!(members.len(), 2, "Maglev sent all 16 to one member: {at_h2:?}");
     assert_eq!(flows_through(&lab, "h2", 7001).len(), 8);
@@ -930,6 +962,39 @@ async fn flows_never_carried_are_picked_up_by_the_new_owner_on_the_same_member()
     let kept = maglev.join().unwrap();
     let lost = least.join().unwrap();
     eprintln!("maglev listener: {kept}\nleast-connections listener: {lost}");
+
+    // A zone host forges a segment on the quiet connection's own tuple
+    // (numbers it cannot know): h3 takes it up, the member answers with
+    // numbers that do not fit it, and h3 drops the answer; the flow stays
+    // unconfirmed. Then the real client speaks, and its connection goes on.
+    let refused = lab.counter("h3", "drops", "nat_no_flow");
+    sdn_integration::ns_sh(
+        &lab.topo.zone_ns("ext").name,
+        &[
+            "/usr/bin/python3",
+            "-c",
+            &format!(
+                "from scapy.all import *\nconf.verb = 0\n\
+                 send(IP(src='10.99.0.1', dst='{VIP}')/TCP(sport={QUIET_PORT}, dport=7000, flags='A', \
+                 seq=0x1234567, ack=0x7654321)/Raw(b'forged!!'))\n"
+            ),
+        ],
+    )
+    .expect("scapy send");
+    sdn_integration::wait_for("the member's answer to be refused", Duration::from_secs(3), || {
+        lab.counter("h3", "drops", "nat_no_flow") > refused
+    })
+    .unwrap();
+    assert!(
+        !flows_through(&lab, "h3", 7000).contains_key(&u64::from(QUIET_PORT)),
+        "the forged segment's flow was confirmed"
+    );
+    std::fs::write(&go, b"").unwrap();
+    sdn_integration::wait_for("the quiet connection's echo", Duration::from_secs(10), || {
+        quiet.log_text().contains("echo")
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", quiet.log_text()));
+    assert!(quiet.log_text().contains("echo abcdefgh"), "{}", quiet.log_text());
     let log = lab.cluster.agent_log("h3");
     assert_eq!(kept["survived"], 16, "connections lost: {kept}\n{log}");
     assert_eq!(
@@ -951,7 +1016,7 @@ async fn flows_never_carried_are_picked_up_by_the_new_owner_on_the_same_member()
         .unwrap_or_else(|| panic!("no takeover in h3's dataplane: {pickups}"))
         .clone();
     assert_eq!(picked["previous_nat"], "10.40.1.202");
-    assert!(picked["picked"].as_u64().unwrap() >= 16, "{picked}");
+    assert!(picked["picked"].as_u64().unwrap() >= 17, "{picked}");
 
     // A zone host forges segments of flows nobody opened (an ACK scan of
     // the listener) within the window: taken up, they reach no member and
@@ -992,7 +1057,7 @@ async fn flows_never_carried_are_picked_up_by_the_new_owner_on_the_same_member()
     );
     let flows = flows_through(&lab, "h3", 7000);
     assert!(
-        !flows.contains_key(&4242) && flows.len() == 16,
+        !flows.contains_key(&4242) && flows.len() == 17,
         "a forged segment opened a flow: {flows:?}"
     );
     let fresh = survive_from_zone(&lab, 7000, 4, 1).join().unwrap();

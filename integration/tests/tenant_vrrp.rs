@@ -127,6 +127,45 @@ fn unsolicited_na(lab: &Lab, vm: &str) {
     std::thread::sleep(Duration::from_millis(200));
 }
 
+/// From a capture in the new Master: seconds from its first
+/// advertisement to the first datagram to the VIP it received after it.
+fn speaker_to_owner(pcap: &std::path::Path, me: &str) -> f64 {
+    let out = std::process::Command::new("tshark")
+        .args([
+            "-r",
+            pcap.to_str().unwrap(),
+            "-T",
+            "fields",
+            "-e",
+            "frame.time_epoch",
+            "-e",
+            "ip.proto",
+            "-e",
+            "ip.src",
+        ])
+        .output()
+        .expect("tshark");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rows: Vec<(f64, &str, &str)> = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split('\t').collect();
+            Some((f.first()?.parse().ok()?, *f.get(1)?, *f.get(2)?))
+        })
+        .collect();
+    let spoke = rows
+        .iter()
+        .find(|(_, p, src)| *p == "112" && *src == me)
+        .unwrap_or_else(|| panic!("no advertisement from {me} in the capture:\n{text}"))
+        .0;
+    let reached = rows
+        .iter()
+        .find(|(t, p, _)| *p == "17" && *t >= spoke)
+        .unwrap_or_else(|| panic!("nothing reached {me} after it spoke:\n{text}"))
+        .0;
+    reached - spoke
+}
+
 #[tokio::test]
 async fn tenant_vms_running_keepalived_own_their_virtual_ip() {
     if !privileged() {
@@ -248,7 +287,41 @@ async fn tenant_vms_running_keepalived_own_their_virtual_ip() {
     assert!(nd("h2") > nd2, "the backup's unsolicited NA passed");
     assert_eq!(nd("h1"), nd1, "the owner's unsolicited NA was refused");
 
-    // Failover: a1's keepalived dies without a word.
+    // Failover: a1's keepalived dies without a word. A capture in a2
+    // sees its first advertisement as Master and the first of c2's
+    // datagrams to the VIP (1 kHz) that the overlay delivers to it.
+    let a2 = lab.topo.vm("a2");
+    let pcap = lab.topo.dir.join("a2-failover.pcap");
+    let mut capture = Proc::spawn(
+        "tcpdump-a2",
+        Some(&a2.ns.name),
+        &sdn_integration::supervisor::which("tcpdump"),
+        &[
+            "-i",
+            "eth0",
+            "-U",
+            "-n",
+            "-w",
+            pcap.to_str().unwrap(),
+            &format!("ip proto 112 or (udp and dst host {VIP} and dst port 5999)"),
+        ],
+        &lab.topo.dir,
+    )
+    .unwrap();
+    sdn_integration::wait_for("tcpdump in a2", Duration::from_secs(10), || {
+        capture.log_text().contains("listening on")
+    })
+    .unwrap();
+    let stream = {
+        let ns = lab.topo.vm("c2").ns.name.clone();
+        std::thread::spawn(move || {
+            sdn_integration::ns_sh(
+                &ns,
+                &[bin("sdn-probe").to_str().unwrap(), "gap", VIP, "5999", "--seconds", "4"],
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
     k1.crash();
     let t0 = Instant::now();
     let epoch2 = owned_by(&lab, "tv", "a2", Duration::from_secs(10)).await;
@@ -261,6 +334,18 @@ async fn tenant_vms_running_keepalived_own_their_virtual_ip() {
         failover.as_millis()
     );
     assert!(failover < Duration::from_secs(3), "failover took {failover:?}");
+    let _ = stream.join();
+    capture.stop();
+    let lag = speaker_to_owner(&pcap, a2.v4.split('/').next().unwrap());
+    eprintln!(
+        "a2's first advertisement as Master to the overlay's first delivery to it: {:.1} ms",
+        lag * 1e3
+    );
+    assert!(
+        lag < 0.1,
+        "the overlay followed the speaker after {:.1} ms: more than one advertisement (100 ms)",
+        lag * 1e3
+    );
 
     // a1 comes back with the higher priority and preempts.
     k1 = keepalived(&lab, "a1", 200, VIP);

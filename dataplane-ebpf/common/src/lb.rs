@@ -275,7 +275,9 @@ pub struct NatFlow {
     pub member_ack: u32,
     /// TCP: the client's first sequence number (its SYN's): the member's
     /// SYN-ACK must acknowledge it, so an answer of another flow that
-    /// once held the NAT port is never taken for this one's.
+    /// once held the NAT port is never taken for this one's. (A flow
+    /// picked up, [`NAT_F_PICKUP`]: the sequence number of the client's
+    /// latest segment, and `reply_ack` what it acknowledged.)
     pub client_isn: u32,
     pub created_ns: u64,
     pub last_seen_ns: u64,
@@ -306,8 +308,9 @@ pub struct NatPickupKey {
 pub struct NatPickup {
     /// The previous owner's NAT address (of the VIP's family).
     pub nat: [u8; 16],
-    /// The previous owner's secret for NAT ports (its `SDN_NAT_SEED`).
-    pub seed: u32,
+    /// The previous owner's secret for that address's NAT ports
+    /// ([`nat_secret`]).
+    pub secret: u32,
     pub _pad: u32,
     /// Until when (monotonic ns, as `bpf_ktime_get_ns`).
     pub until_ns: u64,
@@ -369,6 +372,16 @@ pub const NAT_F_PICKUP: u32 = 128;
 /// its sequence number is within this much past the member's last
 /// acknowledgement; only an exact match ends a flow at once (RST).
 pub const NAT_CLOSE_WINDOW: u32 = 65_536;
+/// A member's segment answers a flow picked up (`NAT_F_PICKUP`) only if
+/// it acknowledges at most this far past the client's segment that picked
+/// the flow up, and its own sequence number is within this of what that
+/// segment acknowledged: the bytes each side may have had in flight. A
+/// zone's host forging segments on another's tuple guesses both (and the
+/// member answers a segment out of its window twice a second at most).
+pub const NAT_PICKUP_SLACK: u32 = 4 << 20;
+/// A SYN on the tuple of a flow picked up and not answered opens a new
+/// flow only this long after (a forged SYN cannot end it at once).
+pub const NAT_PICKUP_HOLD_NS: u64 = 1_000_000_000;
 /// NAT ports a host gives a member's address and port: from this one up.
 pub const NAT_PORT_FIRST: u16 = 1024;
 /// Tries at a free NAT port for a new flow before it is refused.
@@ -434,6 +447,86 @@ pub fn flow_hash(proto: u8, client: &[u8; 16], client_port: u16, vip: &[u8; 16],
     h.wrapping_add(h << 15)
 }
 
+/// Bob Jenkins' lookup3 over 32-bit words (Linux's `jhash2`), from
+/// `initval`: keyed by it, so that which inputs collide depends on it.
+#[inline(always)]
+pub fn jhash_words<const N: usize>(k: &[u32; N], initval: u32) -> u32 {
+    let mut a = 0xdead_beef_u32.wrapping_add((N as u32) << 2).wrapping_add(initval);
+    let (mut b, mut c) = (a, a);
+    let mut i = 0;
+    while N - i > 3 {
+        a = a.wrapping_add(k[i]);
+        b = b.wrapping_add(k[i + 1]);
+        c = c.wrapping_add(k[i + 2]);
+        a = a.wrapping_sub(c) ^ c.rotate_left(4);
+        c = c.wrapping_add(b);
+        b = b.wrapping_sub(a) ^ a.rotate_left(6);
+        a = a.wrapping_add(c);
+        c = c.wrapping_sub(b) ^ b.rotate_left(8);
+        b = b.wrapping_add(a);
+        a = a.wrapping_sub(c) ^ c.rotate_left(16);
+        c = c.wrapping_add(b);
+        b = b.wrapping_sub(a) ^ a.rotate_left(19);
+        a = a.wrapping_add(c);
+        c = c.wrapping_sub(b) ^ b.rotate_left(4);
+        b = b.wrapping_add(a);
+        i += 3;
+    }
+    let left = N - i;
+    if left == 0 {
+        return c;
+    }
+    if left == 3 {
+        c = c.wrapping_add(k[i + 2]);
+    }
+    if left >= 2 {
+        b = b.wrapping_add(k[i + 1]);
+    }
+    a = a.wrapping_add(k[i]);
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(14));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(11));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(25));
+    c ^= b;
+    c = c.wrapping_sub(b.rotate_left(16));
+    a ^= c;
+    a = a.wrapping_sub(c.rotate_left(4));
+    b ^= a;
+    b = b.wrapping_sub(a.rotate_left(14));
+    c ^= b;
+    c.wrapping_sub(b.rotate_left(24))
+}
+
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    let w = |i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}
+
+/// The secret a host draws the NAT ports of its NAT address `nat` with:
+/// its own secret (`SDN_NAT_SEED`) keyed over the address, so that a peer
+/// told it (to pick the host's flows up) learns nothing of the host's
+/// other NAT addresses.
+#[inline(always)]
+pub fn nat_secret(host_seed: u32, nat: &[u8; 16]) -> u32 {
+    jhash_words(&words(nat), host_seed)
+}
+
+/// Where a new flow's NAT ports are drawn from (the first try; later ones
+/// step from it): the client's address and port and the VIP's port, keyed
+/// by the NAT address's secret ([`nat_secret`]). A zone's host, knowing
+/// neither, cannot tell which of its tuples share a port with another's.
+#[inline(always)]
+pub fn nat_port_hash(client: &[u8; 16], client_port: u16, vport: u16, secret: u32) -> u32 {
+    let c = words(client);
+    jhash_words(
+        &[c[0], c[1], c[2], c[3], ((client_port as u32) << 16) | vport as u32],
+        secret,
+    )
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
@@ -456,4 +549,42 @@ mod pod {
     unsafe impl aya::Pod for NatSyncEvent {}
     unsafe impl aya::Pod for NatPickupKey {}
     unsafe impl aya::Pod for NatPickup {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4(a: [u8; 4]) -> [u8; 16] {
+        let mut x = [0u8; 16];
+        x[..4].copy_from_slice(&a);
+        x
+    }
+
+    /// The ports of two tuples collide or not by the secret: flipping the
+    /// same bits of the address and the client port (which cancel out in
+    /// a hash that XORs the fields together) moves the port, whatever the
+    /// secret; and the same tuple draws differently under other secrets.
+    #[test]
+    fn nat_ports_are_drawn_by_the_secret_from_the_whole_tuple() {
+        let span = (u16::MAX - NAT_PORT_FIRST) as u32 + 1;
+        let a = v4([10, 99, 0, 1]);
+        let b = v4([10, 99, 0x12, 0x35]);
+        let flip = u16::from_ne_bytes([0x12, 0x34]);
+        for secret in [1u32, 0xdead_beef, 0x8765_4321, u32::MAX] {
+            let x = nat_port_hash(&a, 40_000, 7000, secret);
+            let y = nat_port_hash(&b, 40_000 ^ flip, 7000, secret);
+            assert_ne!(x % span, y % span, "secret {secret:#x}");
+            assert_eq!(x, nat_port_hash(&a, 40_000, 7000, secret), "not deterministic");
+        }
+        let mut ports = [0u32; 64];
+        for (i, p) in ports.iter_mut().enumerate() {
+            *p = nat_port_hash(&a, 40_000, 7000, i as u32 + 1) % span;
+        }
+        ports.sort_unstable();
+        let distinct = 1 + ports.windows(2).filter(|w| w[0] != w[1]).count();
+        assert!(distinct > 60, "the secret hardly moves the port: {ports:?}");
+        // A host's secrets differ by NAT address.
+        assert_ne!(nat_secret(7, &v4([10, 40, 1, 202])), nat_secret(7, &v4([10, 40, 1, 203])));
+    }
 }

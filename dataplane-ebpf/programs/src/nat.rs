@@ -25,9 +25,10 @@
 use aya_ebpf::programs::TcContext;
 use dataplane_common::{
     lb::{
-        nat_timeout, NatFlow, NatKey, NatPickupKey, NatReverseKey, NatService, NatServiceKey, NatSyncEvent,
-        LB_BACKENDS, LB_FLOW_CLOSED, LB_FLOW_OPEN, NAT_CLOSE_WINDOW, NAT_F_ACKED, NAT_F_CLOSING, NAT_F_FIN_IN,
-        NAT_F_FIN_OUT, NAT_F_PICKUP, NAT_F_REPLIED, NAT_PORT_FIRST, NAT_PORT_TRIES, NAT_SVC_F_LEASE, SCHED_TABLE_HASH,
+        nat_port_hash, nat_secret, nat_timeout, NatFlow, NatKey, NatPickupKey, NatReverseKey, NatService,
+        NatServiceKey, NatSyncEvent, LB_BACKENDS, LB_FLOW_CLOSED, LB_FLOW_OPEN, NAT_CLOSE_WINDOW, NAT_F_ACKED,
+        NAT_F_CLOSING, NAT_F_FIN_IN, NAT_F_FIN_OUT, NAT_F_PICKUP, NAT_F_REPLIED, NAT_PICKUP_HOLD_NS, NAT_PICKUP_SLACK,
+        NAT_PORT_FIRST, NAT_PORT_TRIES, NAT_SVC_F_LEASE, SCHED_TABLE_HASH,
     },
     maps::{CtKey, DOOR_VPC, DOOR_ZONE, EP_F_GATEWAY, EP_F_NAT, EP_F_PEER, FW_ALLOW},
     DropReason, Stat, DIR_INGRESS, PROTO_TCP, PROTO_UDP,
@@ -200,7 +201,7 @@ pub fn schedule(m: &mut Meta) -> Result<(), DropReason> {
     let mut known = None;
     if let Some((p, state)) = found {
         // SAFETY: a live map value, read field by field.
-        let (service, vni, slot, backend, backend_port, seen, flags) = unsafe {
+        let (service, vni, slot, backend, backend_port, seen, flags, created) = unsafe {
             (
                 (*p).service,
                 (*p).vni,
@@ -209,11 +210,17 @@ pub fn schedule(m: &mut Meta) -> Result<(), DropReason> {
                 (*p).backend_port,
                 (*p).last_seen_ns,
                 (*p).flags,
+                (*p).created_ns,
             )
         };
-        // A SYN on the tuple of a flow picked up (unconfirmed: perhaps a
-        // zone's host forged the segment that picked it up) opens a new one.
+        // A SYN on the tuple of a flow picked up and not answered (perhaps
+        // a zone's host forged the segment that picked it up) opens a new
+        // one; but not at once, so that a forged SYN cannot end a flow
+        // being picked up.
         let forged = syn && flags & NAT_F_PICKUP != 0;
+        if forged && m.now.saturating_sub(created) < NAT_PICKUP_HOLD_NS {
+            return Err(DropReason::NatSynOnFlow);
+        }
         if service == ns.lb.id
             && vni == ns.vni
             && !forged
@@ -229,14 +236,15 @@ pub fn schedule(m: &mut Meta) -> Result<(), DropReason> {
         Some(k) => k,
         None => {
             // Only a SYN opens a TCP flow, but for a flow picked up.
-            let (nat, seed, state) = if m.proto == PROTO_TCP && !syn {
-                let (nat, seed) = pickup(m, &ns)?;
-                (nat, seed, LB_PICKUP)
+            let (nat, secret, state) = if m.proto == PROTO_TCP && !syn {
+                let (nat, secret) = pickup(m, &ns)?;
+                (nat, secret, LB_PICKUP)
             } else {
-                (ns.nat, NAT_SEED.get(0).copied().unwrap_or(0), LB_NEW)
+                let seed = NAT_SEED.get(0).copied().unwrap_or(0);
+                (ns.nat, nat_secret(seed, &ns.nat), LB_NEW)
             };
             lb::pick(m, &ns.lb)?;
-            let port = free_port(m, ns.vni, &nat, seed)?;
+            let port = free_port(m, ns.vni, &nat, secret)?;
             (nat, port, state)
         }
     };
@@ -254,15 +262,21 @@ pub fn schedule(m: &mut Meta) -> Result<(), DropReason> {
 
 /// A TCP segment of a flow unknown here, to a VIP this host took over a
 /// moment ago from another holder (`NAT_PICKUP`): if the listener is
-/// Maglev's, the previous owner's NAT address and secret for NAT ports.
-/// With them the flow gets the member Maglev gives it (the same on every
-/// holder) and the first NAT port that secret draws that is free here:
-/// the previous owner's. The flow is unconfirmed until the member answers
-/// (`outbound`). Anything else is not a flow's first packet
-/// (`ct_not_syn`).
+/// Maglev's (without source persistence, which may have placed the flow
+/// elsewhere), the previous owner's NAT address and its secret for that
+/// address's ports. With them the flow gets the member Maglev gives it
+/// (the same on every holder) and the first NAT port that secret draws
+/// that is free here: the previous owner's. The flow is unconfirmed until
+/// the member answers it (`outbound`). Only a segment a connection's
+/// middle can be (an ACK, neither SYN nor RST) is picked up; anything
+/// else is not a flow's first packet (`ct_not_syn`).
 #[inline(never)]
 fn pickup(m: &Meta, ns: &NatService) -> Result<([u8; 16], u32), DropReason> {
-    if ns.lb.scheduler != SCHED_TABLE_HASH || ns.flags & NAT_SVC_F_LEASE == 0 || m.tcp_flags & TCP_RST != 0 {
+    if ns.lb.scheduler != SCHED_TABLE_HASH
+        || ns.lb.persistence_secs != 0
+        || ns.flags & NAT_SVC_F_LEASE == 0
+        || m.tcp_flags & (TCP_SYN | TCP_RST | TCP_ACK) != TCP_ACK
+    {
         return Err(DropReason::CtNotSyn);
     }
     let key = NatPickupKey {
@@ -275,31 +289,26 @@ fn pickup(m: &Meta, ns: &NatService) -> Result<([u8; 16], u32), DropReason> {
         return Err(DropReason::CtNotSyn);
     };
     // SAFETY: a live map value, read field by field.
-    let (nat, seed, until) = unsafe { ((*p).nat, (*p).seed, (*p).until_ns) };
+    let (nat, secret, until) = unsafe { ((*p).nat, (*p).secret, (*p).until_ns) };
     if m.now > until {
         return Err(DropReason::CtNotSyn);
     }
     // SAFETY: as above; racing updates only lose counts.
     unsafe { (*p).picked += 1 };
-    Ok((nat, seed))
+    Ok((nat, secret))
 }
 
 /// A NAT port of the NAT address `nat` for a new flow to the member now in
 /// `m`: one no flow of that address to that member's address and port
-/// holds, from a hash of the client's address and port, the VIP's port and
-/// the host's secret `seed` (so a client's retransmitted first packet,
-/// scheduled again, finds the same port free; and a holder that takes the
-/// VIP over finds the port of a flow of the previous owner's).
+/// holds, drawn from the client's address and port and the VIP's port
+/// keyed by the address's `secret` ([`nat_port_hash`]; so a client's
+/// retransmitted first packet, scheduled again, finds the same port free;
+/// and a holder that takes the VIP over finds the port of a flow of the
+/// previous owner's).
 #[inline(never)]
-fn free_port(m: &Meta, vni: u32, nat: &[u8; 16], seed: u32) -> Result<u16, DropReason> {
+fn free_port(m: &Meta, vni: u32, nat: &[u8; 16], secret: u32) -> Result<u16, DropReason> {
     let span = (u16::MAX - NAT_PORT_FIRST) as u32 + 1;
-    let c = &m.src;
-    let w = |i: usize| u32::from_ne_bytes([c[i], c[i + 1], c[i + 2], c[i + 3]]);
-    let mut h = w(0) ^ w(4).rotate_left(7) ^ w(8).rotate_left(13) ^ w(12).rotate_left(19);
-    h ^= ((m.sport as u32) << 16) | m.lb_vport as u32;
-    h ^= seed;
-    h = h.wrapping_mul(0x9e37_79b1);
-    h ^= h >> 15;
+    let h = nat_port_hash(&m.src, m.sport, m.lb_vport, secret);
     let mut rk = NatReverseKey {
         vni,
         family: m.family,
@@ -367,6 +376,12 @@ pub fn commit(ctx: &mut TcContext, m: &Meta) -> Result<(), DropReason> {
             let rk = reverse_key(f, m.family, m.proto);
             claim_new(&rk, &key)?;
             seen_in(f, m);
+            if f.flags & NAT_F_PICKUP != 0 {
+                // The client's latest segment: what the member's answer
+                // must be near.
+                f.client_isn = m.tcp_seq;
+                f.reply_ack = m.tcp_ack;
+            }
             let c = closes(f, m);
             if c == CLOSE_NOW && m.tcp_flags & TCP_RST != 0 {
                 forget(&key, &rk, false);
@@ -574,7 +589,9 @@ fn record(m: &Meta, key: &NatKey, flags: u32) -> Result<(), DropReason> {
         _pad: 0,
         flags,
         vni: m.nat_vni,
-        reply_ack: 0,
+        // A flow picked up: what the client's segment acknowledged (see
+        // `answers_pickup`).
+        reply_ack: if flags & NAT_F_PICKUP != 0 { m.tcp_ack } else { 0 },
         member_ack: 0,
         client_isn: m.tcp_seq,
         created_ns: m.now,
@@ -725,6 +742,26 @@ fn tell(key: &NatKey, f: &NatFlow) {
     }
 }
 
+/// Whether a member's segment answers the flow picked up `f` (unconfirmed):
+/// a reset at the sequence number the client's last segment acknowledged
+/// (a connection the member does not know; it ends the flow); or a plain
+/// ACK near the client's last segment both ways ([`NAT_PICKUP_SLACK`]).
+/// Another tuple's segment that drew the same NAT port (or a forged one
+/// on the client's own) lands in a connection of the member's whose
+/// numbers it does not know: its answer is dropped and the flow is not
+/// confirmed.
+#[inline(always)]
+fn answers_pickup(f: &NatFlow, m: &Meta) -> bool {
+    if m.proto != PROTO_TCP {
+        return false;
+    }
+    if m.tcp_flags & TCP_RST != 0 {
+        return m.tcp_seq == f.reply_ack;
+    }
+    let near = |x: u32, to: u32| x.wrapping_sub(to).wrapping_add(NAT_PICKUP_SLACK) <= 2 * NAT_PICKUP_SLACK;
+    m.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_ACK && near(m.tcp_ack, f.client_isn) && near(m.tcp_seq, f.reply_ack)
+}
+
 /// The zone guard and the border firewall of the flow `key` as it was
 /// opened (from the client to the VIP), through the NAT address `nat` of
 /// its VPC.
@@ -789,6 +826,9 @@ pub fn outbound(ctx: &mut TcContext, m: &Meta) -> Result<u32, DropReason> {
         return Err(DropReason::NatNoFlow);
     }
     rejudge(m, &key, &f.nat)?;
+    if !confirmed && f.flags & NAT_F_PICKUP != 0 && !answers_pickup(f, m) {
+        return Err(DropReason::NatNoFlow);
+    }
     let uplink = uplink_of(key.zone).ok_or(DropReason::NoRoute)?;
     f.last_seen_ns = m.now;
     f.packets_out += 1;
@@ -813,11 +853,7 @@ pub fn outbound(ctx: &mut TcContext, m: &Meta) -> Result<u32, DropReason> {
         forget(&key, &rk, confirmed);
     } else if !confirmed {
         if m.proto == PROTO_TCP && f.flags & NAT_F_PICKUP != 0 {
-            // The member answers a flow picked up: it knows the connection
-            // (it resets one it does not, and answers no SYN here).
-            if m.tcp_flags & (TCP_SYN | TCP_ACK) != TCP_ACK {
-                return Err(DropReason::NatNoFlow);
-            }
+            // The member answered the flow picked up as its own.
             promote(&key, f, &rk)?;
         } else if m.proto == PROTO_TCP {
             if m.tcp_flags & (TCP_SYN | TCP_ACK) == (TCP_SYN | TCP_ACK) {
