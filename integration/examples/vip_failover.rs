@@ -26,6 +26,9 @@
 //! (`numgen random`), the servers' gateway a second VIP of the pair. Each
 //! is also run without its sync (ours with `--flow-sync-port 0`,
 //! keepalived without conntrackd), which shows what the sync is worth.
+//! Ours runs once more with the sync up at the start and cut (nftables on
+//! the backup) while the connections open: none of them is carried, and
+//! the backup picks them up (Maglev, the dead owner's NAT secret).
 //!
 //! Run as root after `cargo build --workspace --bins`:
 //! `cargo run -p sdn-integration --example vip_failover` (`KILLS`,
@@ -132,8 +135,22 @@ fn probe(
 }
 
 /// Our failovers: the gap of each, and how many connections survived it.
-async fn ours(n: usize, sync: bool) -> anyhow::Result<(Vec<f64>, Vec<(usize, u64)>)> {
-    let sync_off: &[&str] = if sync { &[] } else { &["--flow-sync-port", "0"] };
+/// How ours runs its flow sync.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sync {
+    On,
+    /// Off (`--flow-sync-port 0`).
+    Off,
+    /// Up at the start, cut while each kill's connections open.
+    Cut,
+}
+
+async fn ours(n: usize, sync: Sync) -> anyhow::Result<(Vec<f64>, Vec<(usize, u64)>)> {
+    let sync_off: &[&str] = if sync == Sync::Off {
+        &["--flow-sync-port", "0"]
+    } else {
+        &[]
+    };
     let mut lab = sdn_integration::lab::Lab::new("vfo", &["h1", "h2", "h3"])
         .zone(
             "ext",
@@ -221,6 +238,18 @@ async fn ours(n: usize, sync: bool) -> anyhow::Result<(Vec<f64>, Vec<(usize, u64
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         wait_for("the VIP to answer", Duration::from_secs(10), || answers(&zone))?;
+        if sync == Sync::Cut {
+            // The backup has heard the owner's secrets (its first full
+            // batch) before the cut.
+            wait_for("h2's flow sync at h3", Duration::from_secs(10), || {
+                lab.cluster
+                    .agent_log("h3")
+                    .contains("flow sync: a full batch from the peer")
+            })?;
+            lab.topo
+                .host_ns("h3")
+                .nft_cut("synccut", &["tcp dport 7946", "tcp sport 7946"])?;
+        }
         std::thread::sleep(Duration::from_millis(500));
         let c = survive(zone.clone(), VIP, "7000", "10.99.0.1", 4);
         let p = probe(zone.clone(), VIP, "53", "10.99.0.1", 3);
@@ -231,7 +260,11 @@ async fn ours(n: usize, sync: bool) -> anyhow::Result<(Vec<f64>, Vec<(usize, u64
         let kept = c.join().map_err(|_| anyhow::anyhow!("the probe panicked"))?;
         eprintln!(
             "ours{}, kill {}: {g:.0} ms, {}/{} connections survived, stalled {} ms at most",
-            if sync { "" } else { " (no flow sync)" },
+            match sync {
+                Sync::On => "",
+                Sync::Off => " (no flow sync)",
+                Sync::Cut => " (flow sync cut, pickup)",
+            },
             i + 1,
             kept.0,
             conns(),
@@ -239,6 +272,9 @@ async fn ours(n: usize, sync: bool) -> anyhow::Result<(Vec<f64>, Vec<(usize, u64
         );
         gaps.push(g);
         survived.push(kept);
+        if sync == Sync::Cut {
+            lab.topo.host_ns("h3").nft_mend("synccut")?;
+        }
         lab.topo.host_ns("h2").sh(&["ip", "link", "set", "up-ext", "up"])?;
         lab.cluster.start_agent(&lab.topo, "h2")?;
     }
@@ -528,8 +564,9 @@ async fn main() -> anyhow::Result<()> {
     let n = kills();
     let ms = 10 * interval_cs();
     let t0 = Instant::now();
-    let (ours_gaps, ours_kept) = ours(n, true).await?;
-    let (_, ours_unsynced) = ours(n, false).await?;
+    let (ours_gaps, ours_kept) = ours(n, Sync::On).await?;
+    let (_, ours_unsynced) = ours(n, Sync::Off).await?;
+    let (_, ours_picked) = ours(n, Sync::Cut).await?;
     let mut rows = Vec::new();
     for (name, gaps) in [
         (format!("ours: VRRPv3 every {ms} ms, the controller's grant"), ours_gaps),
@@ -566,6 +603,10 @@ async fn main() -> anyhow::Result<()> {
     for (name, kept) in [
         ("ours, flow sync", &ours_kept),
         ("ours, no flow sync (`--flow-sync-port 0`)", &ours_unsynced),
+        (
+            "ours, flow sync cut while the connections open: picked up",
+            &ours_picked,
+        ),
         ("keepalived + conntrackd (FTFW), nftables DNAT", &ka_synced),
         ("keepalived alone, nftables DNAT", &ka_unsynced),
     ] {
@@ -584,7 +625,7 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "\nours keeps {:.1}% of connections, keepalived with conntrackd {:.1}% ({:.0} s in all)",
         100.0 * shares[0],
-        100.0 * shares[2],
+        100.0 * shares[3],
         t0.elapsed().as_secs_f64()
     );
     Ok(())

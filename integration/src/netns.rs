@@ -25,6 +25,27 @@ impl Netns {
     pub fn sysctl(&self, kv: &str) -> anyhow::Result<()> {
         self.sh(&["sysctl", "-qw", kv]).map(|_| ())
     }
+
+    /// A partition by nftables: an `inet` table `table` dropping what each
+    /// of `matches` (nft match expressions) matches, in and out.
+    pub fn nft_cut(&self, table: &str, matches: &[&str]) -> anyhow::Result<()> {
+        self.sh(&["nft", "add", "table", "inet", table])?;
+        for (chain, hook) in [("in", "input"), ("out", "output")] {
+            self.sh(&[
+                "nft",
+                &format!("add chain inet {table} {chain} {{ type filter hook {hook} priority 0 ; }}"),
+            ])?;
+            for m in matches {
+                self.sh(&["nft", &format!("add rule inet {table} {chain} {m} drop")])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a partition [`Netns::nft_cut`] made.
+    pub fn nft_mend(&self, table: &str) -> anyhow::Result<()> {
+        self.sh(&["nft", "delete", "table", "inet", table]).map(|_| ())
+    }
 }
 
 impl Drop for Netns {

@@ -172,6 +172,35 @@ fn attack(
     .unwrap()
 }
 
+/// A member of `pool` at VM `vm`'s `port`.
+fn member_at(id: &str, pool: &str, vm: &str, port: u32) -> pb::operation::Op {
+    let mut op = member(id, pool, vm, "", 1);
+    if let pb::operation::Op::PutMember(x) = &mut op {
+        x.port = port;
+    }
+    op
+}
+
+/// Applies `ops` (a load balancer exposed through h2 and h3) with the VIP
+/// held by h2 (priority 200) and h3 (100); the zone then reaches the VIP
+/// on its link, at whichever host answers ARP for it.
+async fn held_by_h2_and_h3(lab: &sdn_integration::lab::Lab, mut ops: Vec<pb::operation::Op>) {
+    ops.push(virtual_ip(
+        "hvip",
+        "dept-a",
+        "va",
+        VIP,
+        40,
+        true,
+        &[("h2", 200), ("h3", 100)],
+    ));
+    assert!(lab.cluster.apply(ops).await.expect("the load balancer").enforced);
+    lab.topo
+        .zone_ns("ext")
+        .sh(&["ip", "route", "replace", &format!("{VIP}/32"), "dev", "br0"])
+        .unwrap();
+}
+
 fn signal(lab: &mut sdn_integration::lab::Lab, host: &str, sig: i32) {
     let pid = lab.cluster.agent(host).pid().expect("the agent runs");
     // SAFETY: signalling a process this test started.
@@ -215,30 +244,12 @@ async fn a_vip_held_by_two_nat_hosts_is_answered_by_its_lease_holder_alone() {
         ("udp-m1", "udp", 9001),
         ("echo-m1", "echo", 9000),
     ] {
-        let mut op = member(m, pool_id, "m1", "", 1);
-        if let pb::operation::Op::PutMember(x) = &mut op {
-            x.port = port;
-        }
-        ops.push(op);
+        ops.push(member_at(m, pool_id, "m1", port));
     }
     ops.push(listener("http", "lbh", "tcp", 80, "web", "maglev"));
     ops.push(listener("dns", "lbh", "udp", 53, "udp", "maglev"));
     ops.push(listener("echo", "lbh", "tcp", 7000, "echo", "maglev"));
-    ops.push(virtual_ip(
-        "hvip",
-        "dept-a",
-        "va",
-        VIP,
-        40,
-        true,
-        &[("h2", 200), ("h3", 100)],
-    ));
-    assert!(lab.cluster.apply(ops).await.expect("the load balancer").enforced);
-    // The zone reaches the VIP on its link: whoever answers ARP for it.
-    lab.topo
-        .zone_ns("ext")
-        .sh(&["ip", "route", "replace", &format!("{VIP}/32"), "dev", "br0"])
-        .unwrap();
+    held_by_h2_and_h3(&lab, ops).await;
 
     // h2 (priority 200) wins, is granted epoch 1 and answers; h3 does not.
     let e1 = owned_by(&lab, "h2", 0).await;
@@ -487,17 +498,10 @@ async fn a_vip_held_by_two_nat_hosts_is_answered_by_its_lease_holder_alone() {
     // 3. A partition between the holders (nftables drops VRRP on h2):
     // both are VRRP masters, but the controller refuses h3 while h2's
     // lease runs. Only h2 answers, throughout.
-    let h2 = lab.topo.host_ns("h2");
-    h2.sh(&["nft", "add", "table", "inet", "vrrpcut"]).unwrap();
-    for (chain, hook) in [("in", "input"), ("out", "output")] {
-        h2.sh(&[
-            "nft",
-            &format!("add chain inet vrrpcut {chain} {{ type filter hook {hook} priority 0 ; }}"),
-        ])
+    lab.topo
+        .host_ns("h2")
+        .nft_cut("vrrpcut", &["ip protocol vrrp"])
         .unwrap();
-        h2.sh(&["nft", &format!("add rule inet vrrpcut {chain} ip protocol vrrp drop")])
-            .unwrap();
-    }
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(2) {
         let l3 = lease(&lab, "h3").expect("h3's lease");
@@ -534,10 +538,7 @@ async fn a_vip_held_by_two_nat_hosts_is_answered_by_its_lease_holder_alone() {
     })
     .unwrap();
     signal(&mut lab, "h2", libc::SIGCONT);
-    let _ = lab
-        .topo
-        .host_ns("h2")
-        .sh(&["nft", "delete", "table", "inet", "vrrpcut"]);
+    let _ = lab.topo.host_ns("h2").nft_mend("vrrpcut");
     // The audit records every grant, by the claiming host's agent.
     let audit = lab
         .cluster
@@ -865,28 +866,11 @@ async fn flows_never_carried_are_picked_up_by_the_new_owner_on_the_same_member()
         ("l-m1", "echo-lc", "m1"),
         ("l-m2", "echo-lc", "m2"),
     ] {
-        let mut op = member(m, pool_id, vm, "", 1);
-        if let pb::operation::Op::PutMember(x) = &mut op {
-            x.port = 9000;
-        }
-        ops.push(op);
+        ops.push(member_at(m, pool_id, vm, 9000));
     }
     ops.push(listener("echo", "lbh", "tcp", 7000, "echo", "maglev"));
     ops.push(listener("echo-lc", "lbh", "tcp", 7001, "echo-lc", "least_connections"));
-    ops.push(virtual_ip(
-        "hvip",
-        "dept-a",
-        "va",
-        VIP,
-        40,
-        true,
-        &[("h2", 200), ("h3", 100)],
-    ));
-    assert!(lab.cluster.apply(ops).await.expect("the load balancer").enforced);
-    lab.topo
-        .zone_ns("ext")
-        .sh(&["ip", "route", "replace", &format!("{VIP}/32"), "dev", "br0"])
-        .unwrap();
+    held_by_h2_and_h3(&lab, ops).await;
     let e1 = owned_by(&lab, "h2", 0).await;
     sdn_integration::wait_for("h2 to answer", Duration::from_secs(5), || has_address(&lab, "h2")).unwrap();
     // h3 heard from h2's flow sync (and so its secret for NAT ports).
@@ -898,17 +882,10 @@ async fn flows_never_carried_are_picked_up_by_the_new_owner_on_the_same_member()
     .unwrap();
 
     // The flow sync between the two is cut (nftables on h3, both ways).
-    let h3 = lab.topo.host_ns("h3");
-    h3.sh(&["nft", "add", "table", "inet", "synccut"]).unwrap();
-    for (chain, hook, dir) in [("in", "input", "dport"), ("out", "output", "dport")] {
-        h3.sh(&[
-            "nft",
-            &format!("add chain inet synccut {chain} {{ type filter hook {hook} priority 0 ; }}"),
-        ])
+    lab.topo
+        .host_ns("h3")
+        .nft_cut("synccut", &["tcp dport 7946", "tcp sport 7946"])
         .unwrap();
-        h3.sh(&["nft", &format!("add rule inet synccut {chain} tcp {dir} 7946 drop")])
-            .unwrap();
-    }
     let maglev = survive_from_zone(&lab, 7000, 16, 6);
     let least = survive_from_zone(&lab, 7001, 8, 6);
     // And one connection that stays quiet through the failover, from a
@@ -1062,8 +1039,5 @@ async fn flows_never_carried_are_picked_up_by_the_new_owner_on_the_same_member()
     );
     let fresh = survive_from_zone(&lab, 7000, 4, 1).join().unwrap();
     assert_eq!(fresh["survived"], 4, "{fresh}");
-    let _ = lab
-        .topo
-        .host_ns("h3")
-        .sh(&["nft", "delete", "table", "inet", "synccut"]);
+    let _ = lab.topo.host_ns("h3").nft_mend("synccut");
 }

@@ -585,6 +585,9 @@ mod tests {
         let distinct = 1 + ports.windows(2).filter(|w| w[0] != w[1]).count();
         assert!(distinct > 60, "the secret hardly moves the port: {ports:?}");
         // A host's secrets differ by NAT address.
-        assert_ne!(nat_secret(7, &v4([10, 40, 1, 202])), nat_secret(7, &v4([10, 40, 1, 203])));
+        assert_ne!(
+            nat_secret(7, &v4([10, 40, 1, 202])),
+            nat_secret(7, &v4([10, 40, 1, 203]))
+        );
     }
 }
