@@ -1,0 +1,774 @@
+//! The proxy: listeners (HTTP/1.1 and HTTP/2, cleartext or TLS with SNI),
+//! each request matched against its listener's rules in order and sent to
+//! a member of its pool over kept-alive connections, or answered with a
+//! redirect or a fixed response.
+//!
+//! What a request must be before any rule sees it:
+//! - its host (the authority, else `Host`) a valid authority without user
+//!   information (400), and on TLS one the connection's certificate covers
+//!   (421: a client cannot ask one name's certificate and another's pool);
+//! - its path normalised as the members will read it (percent-encoded
+//!   unreserved characters decoded, dot segments removed, slashes merged),
+//!   and forwarded so; an encoded dot, slash or backslash is refused (400),
+//!   so no spelling of a path slips past a rule that a member would take
+//!   for the same;
+//! - not CONNECT (405).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::http::uri::Authority;
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::config::{self, Action, Config, Scheduler};
+use crate::sched::{Key, Pool};
+use crate::tls;
+
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// A connection to a member not made within this fails the request (and
+/// sets the member aside).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A member's answer (its headers) not come within this: 504.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+/// A client's request headers not read within this: the connection ends.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes not done within this end.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Idle kept-alive connections to members are closed after this.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// HTTP/2 clients are pinged this often, and dropped when a ping is not
+/// answered within the same.
+pub const H2_KEEPALIVE: Duration = Duration::from_secs(30);
+/// Client connections at once, per proxy; past this new ones wait.
+pub const CONNECTIONS_MAX: usize = 16_384;
+
+/// A listener's certificates, rules and pools as served now (replaced
+/// whole on reload: a new connection takes the new certificates, a new
+/// request the new rules).
+pub struct Served {
+    pub listener: config::Listener,
+    acceptor: Option<(Arc<boring::ssl::SslAcceptor>, Arc<tls::Names>)>,
+    rules: Vec<(config::Rule, Option<regex::Regex>)>,
+    pools: HashMap<String, Arc<Pool>>,
+}
+
+/// A running listener: its socket's task, what it serves, and its stop
+/// (its connections finish their requests and close).
+struct Running {
+    served: Arc<RwLock<Arc<Served>>>,
+    task: JoinHandle<()>,
+    stop: watch::Sender<bool>,
+}
+
+/// The proxy: its listeners by address, and its pools by name.
+pub struct Proxy {
+    running: HashMap<SocketAddr, Running>,
+    pools: HashMap<String, (config::Pool, Arc<Pool>)>,
+    client: Client<HttpConnector, Body>,
+    slots: Arc<Semaphore>,
+}
+
+impl Default for Proxy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Proxy {
+    pub fn new() -> Proxy {
+        let mut c = HttpConnector::new();
+        c.set_nodelay(true);
+        c.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(IDLE_TIMEOUT)
+            .pool_timer(TokioTimer::new())
+            .build(c);
+        Proxy {
+            running: HashMap::new(),
+            pools: HashMap::new(),
+            client,
+            slots: Arc::new(Semaphore::new(CONNECTIONS_MAX)),
+        }
+    }
+
+    /// Serves `c`: everything is prepared first (certificates, rules,
+    /// sockets); on any error nothing changes. A pool whose definition did
+    /// not change is kept with its state (learned cookies, members set
+    /// aside, requests in flight). Listeners kept (same address) take the
+    /// new certificates for their next connection and the new rules and
+    /// pools for their next request; the others stop (their connections
+    /// finish what they carry) or start.
+    pub async fn apply(&mut self, c: &Config) -> Result<(), String> {
+        let pools: HashMap<String, (config::Pool, Arc<Pool>)> = c
+            .pools
+            .iter()
+            .map(|p| {
+                let kept = self.pools.get(&p.name).filter(|(old, _)| same_pool(old, p));
+                let pool = kept.map_or_else(|| Arc::new(Pool::new(p)), |(_, x)| x.clone());
+                (p.name.clone(), (p.clone(), pool))
+            })
+            .collect();
+        let by_name: HashMap<String, Arc<Pool>> = pools.iter().map(|(n, (_, p))| (n.clone(), p.clone())).collect();
+        let mut prepared = Vec::new();
+        for (i, l) in c.listeners.iter().enumerate() {
+            let acceptor = match &l.tls {
+                Some(t) => {
+                    let (a, names) = tls::acceptor(&t.certificates, &format!("listeners[{i}].tls"))?;
+                    Some((Arc::new(a), Arc::new(names)))
+                }
+                None => None,
+            };
+            let mut rules = Vec::new();
+            for (j, r) in l.rules.iter().enumerate() {
+                let re = match &r.path_regex {
+                    Some(re) => Some(
+                        regex::Regex::new(&format!("^(?:{re})$"))
+                            .map_err(|e| format!("listeners[{i}].rules[{j}].path_regex: {e}"))?,
+                    ),
+                    None => None,
+                };
+                rules.push((r.clone(), re));
+            }
+            let served = Arc::new(Served {
+                listener: l.clone(),
+                acceptor,
+                rules,
+                pools: by_name.clone(),
+            });
+            let kept = self.running.get(&l.listen).is_some_and(|r| !r.task.is_finished());
+            let socket = if kept {
+                None
+            } else {
+                Some(
+                    bind(l.listen)
+                        .await
+                        .map_err(|e| format!("listeners[{i}].listen: {}: {e}", l.listen))?,
+                )
+            };
+            prepared.push((l.listen, served, socket));
+        }
+        // Nothing can fail from here on.
+        self.pools = pools;
+        let wanted: Vec<SocketAddr> = prepared.iter().map(|p| p.0).collect();
+        self.running.retain(|a, r| {
+            let keep = wanted.contains(a);
+            if !keep {
+                r.task.abort();
+                let _ = r.stop.send(true);
+            }
+            keep
+        });
+        for (addr, served, socket) in prepared {
+            match socket {
+                None => {
+                    let r = &self.running[&addr];
+                    *r.served.write().unwrap_or_else(|p| p.into_inner()) = served;
+                }
+                Some(socket) => {
+                    if let Some(old) = self.running.remove(&addr) {
+                        old.task.abort();
+                        let _ = old.stop.send(true);
+                    }
+                    let shared = Arc::new(RwLock::new(served));
+                    let (stop, stopped) = watch::channel(false);
+                    let task = tokio::spawn(accept(
+                        socket,
+                        shared.clone(),
+                        self.client.clone(),
+                        self.slots.clone(),
+                        stopped,
+                    ));
+                    self.running.insert(
+                        addr,
+                        Running {
+                            served: shared,
+                            task,
+                            stop,
+                        },
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a pool's definition is unchanged (its state can be kept).
+fn same_pool(a: &config::Pool, b: &config::Pool) -> bool {
+    a.scheduler == b.scheduler
+        && a.cookie.as_ref().map(|c| (&c.name, c.mode)) == b.cookie.as_ref().map(|c| (&c.name, c.mode))
+        && a.members.len() == b.members.len()
+        && a.members
+            .iter()
+            .zip(&b.members)
+            .all(|(x, y)| x.name == y.name && x.address == y.address && x.weight == y.weight)
+}
+
+/// A listening socket (SO_REUSEADDR, so a restarted proxy binds at once).
+async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    s.set_reuseaddr(true)?;
+    s.bind(addr)?;
+    s.listen(1024)
+}
+
+async fn accept(
+    socket: TcpListener,
+    served: Arc<RwLock<Arc<Served>>>,
+    client: Client<HttpConnector, Body>,
+    slots: Arc<Semaphore>,
+    stopped: watch::Receiver<bool>,
+) {
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let (tcp, peer) = match socket.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = served.read().unwrap_or_else(|p| p.into_inner()).acceptor.clone();
+        let (served, client, mut stopped) = (served.clone(), client.clone(), stopped.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .http2()
+                .timer(TokioTimer::new())
+                .keep_alive_interval(H2_KEEPALIVE)
+                .keep_alive_timeout(H2_KEEPALIVE);
+            let mut conn = Conn {
+                peer,
+                tls: None,
+                served,
+                client,
+            };
+            macro_rules! serve {
+                ($io:expr) => {{
+                    let svc = hyper::service::service_fn(move |req| conn.clone().handle(req));
+                    let c = builder.serve_connection($io, svc);
+                    tokio::pin!(c);
+                    tokio::select! {
+                        _ = c.as_mut() => {}
+                        _ = async { let _ = stopped.wait_for(|s| *s).await; } => {
+                            c.as_mut().graceful_shutdown();
+                            let _ = c.await;
+                        }
+                    }
+                }};
+            }
+            match acceptor {
+                None => serve!(TokioIo::new(tcp)),
+                Some((a, names)) => {
+                    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_boring::accept(&a, tcp)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(client = %peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    };
+                    let chosen = names.chosen(stream.ssl().servername(boring::ssl::NameType::HOST_NAME));
+                    conn.tls = Some((names, chosen));
+                    serve!(TokioIo::new(stream))
+                }
+            }
+        });
+    }
+}
+
+/// One client connection.
+#[derive(Clone)]
+struct Conn {
+    peer: SocketAddr,
+    /// TLS: the listener's certificates' names, and which one this
+    /// connection got.
+    tls: Option<(Arc<tls::Names>, usize)>,
+    served: Arc<RwLock<Arc<Served>>>,
+    client: Client<HttpConnector, Body>,
+}
+
+/// Headers of one hop only (RFC 9110 7.6.1), never forwarded.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in listed {
+        h.remove(n);
+    }
+    // A length beside a transfer coding is not the message's (RFC 9112
+    // 6.3): the coding goes, and so does the length.
+    if h.contains_key(header::TRANSFER_ENCODING) {
+        h.remove(header::CONTENT_LENGTH);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+}
+
+/// The request's cookie `name`, if any.
+fn cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// HTTP/2 clients send cookies as several fields; an HTTP/1.1 member gets
+/// one (RFC 9113 8.2.3).
+fn join_cookies(h: &mut HeaderMap) {
+    if h.get_all(header::COOKIE).iter().count() < 2 {
+        return;
+    }
+    let all: Vec<&str> = h
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if let Ok(v) = HeaderValue::from_str(&all.join("; ")) {
+        h.insert(header::COOKIE, v);
+    }
+}
+
+fn full(status: StatusCode, body: impl Into<Bytes>, content_type: &str) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()).map_err(|never| match never {}).boxed());
+    *r.status_mut() = status;
+    if let Ok(v) = HeaderValue::from_str(content_type) {
+        r.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+/// The host a request names (its authority, else its `Host`), checked:
+/// lower case, without port or final dot; and the authority as sent.
+fn host_of(req: &Request<Incoming>) -> Result<(String, Option<Authority>), ()> {
+    let a = match req.uri().authority() {
+        Some(a) => Some(a.clone()),
+        None => match req.headers().get(header::HOST) {
+            Some(h) => Some(Authority::try_from(h.as_bytes()).map_err(|_| ())?),
+            None => None,
+        },
+    };
+    let Some(a) = a else {
+        return Ok((String::new(), None));
+    };
+    if a.as_str().contains('@') {
+        return Err(());
+    }
+    let host = a.host().trim_end_matches('.').to_ascii_lowercase();
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    Ok((host, Some(a)))
+}
+
+/// The path as members read it: percent-encoded unreserved characters
+/// decoded, slashes merged, dot segments removed (RFC 3986 5.2.4). None:
+/// a path no rule can judge (an encoded dot, slash or backslash, or a
+/// byte that is no path's).
+fn normal_path(path: &str) -> Option<String> {
+    let b = path.as_bytes();
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            let v = u8::from_str_radix(hex, 16).ok()?;
+            if v.is_ascii_alphanumeric() || b"-_~".contains(&v) {
+                decoded.push(v as char);
+            } else if b"./\\".contains(&v) || v < 0x20 || v == 0x7f {
+                return None;
+            } else {
+                decoded.push('%');
+                decoded.push_str(&hex.to_ascii_uppercase());
+            }
+            i += 3;
+            continue;
+        }
+        if b[i] == b'\\' {
+            return None;
+        }
+        decoded.push(b[i] as char);
+        i += 1;
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = decoded.split('/').collect();
+    let last = segments.len() - 1;
+    for (k, s) in segments.iter().enumerate() {
+        match *s {
+            "" | "." if k != last => {}
+            "." | "" => out.push(""),
+            ".." => {
+                out.pop();
+                if k == last {
+                    out.push("");
+                }
+            }
+            s => out.push(s),
+        }
+    }
+    Some(format!("/{}", out.join("/")))
+}
+
+fn matches(r: &config::Rule, re: Option<&regex::Regex>, req: &Request<Incoming>, host: &str, path: &str) -> bool {
+    if let Some(h) = &r.host {
+        let h = h.to_ascii_lowercase();
+        let ok = match h.strip_prefix("*.") {
+            Some(rest) => host
+                .strip_suffix(rest)
+                .and_then(|p| p.strip_suffix('.'))
+                .is_some_and(|label| !label.is_empty()),
+            None => host == h,
+        };
+        if !ok {
+            return false;
+        }
+    }
+    if r.path_prefix.as_ref().is_some_and(|p| !path.starts_with(p.as_str())) {
+        return false;
+    }
+    if re.is_some_and(|re| !re.is_match(path)) {
+        return false;
+    }
+    if let Some(hm) = &r.header {
+        let mut values = req.headers().get_all(hm.name.as_str()).iter();
+        let ok = match &hm.value {
+            Some(v) => values.any(|x| x.as_bytes() == v.as_bytes()),
+            None => values.next().is_some(),
+        };
+        if !ok {
+            return false;
+        }
+    }
+    if r.method.as_ref().is_some_and(|m| req.method().as_str() != m) {
+        return false;
+    }
+    true
+}
+
+/// Counts a request in flight on its member until its response ends.
+struct InFlight(Arc<crate::sched::Member>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Conn {
+    async fn handle(self, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+        if req.method() == Method::CONNECT {
+            return Ok(full(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is not served\n",
+                "text/plain",
+            ));
+        }
+        let Ok((host, authority)) = host_of(&req) else {
+            return Ok(full(StatusCode::BAD_REQUEST, "bad host\n", "text/plain"));
+        };
+        if let Some((names, chosen)) = &self.tls {
+            if !names.covers(*chosen, &host) {
+                return Ok(full(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "this connection's certificate does not name that host\n",
+                    "text/plain",
+                ));
+            }
+        }
+        let Some(path) = normal_path(req.uri().path()) else {
+            return Ok(full(StatusCode::BAD_REQUEST, "bad path\n", "text/plain"));
+        };
+        let served = self.served.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let action = served
+            .rules
+            .iter()
+            .find(|(r, re)| matches(r, re.as_ref(), &req, &host, &path))
+            .map(|(r, _)| r.action.clone())
+            .or_else(|| served.listener.default_pool.clone().map(Action::Pool));
+        let Some(action) = action else {
+            return Ok(full(StatusCode::NOT_FOUND, "no rule matches\n", "text/plain"));
+        };
+        let pool = match action {
+            Action::Redirect { location, status } => {
+                let mut r = full(
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::FOUND),
+                    "",
+                    "text/plain",
+                );
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    r.headers_mut().insert(header::LOCATION, v);
+                }
+                return Ok(r);
+            }
+            Action::Respond {
+                status,
+                body,
+                content_type,
+            } => {
+                return Ok(full(
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
+                    body,
+                    content_type.as_deref().unwrap_or("text/plain"),
+                ))
+            }
+            Action::Pool(p) => p,
+        };
+        let Some(pool) = served.pools.get(&pool).cloned() else {
+            return Ok(full(StatusCode::SERVICE_UNAVAILABLE, "no such pool\n", "text/plain"));
+        };
+        let target = match req.uri().query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        Ok(self.forward(req, &served.listener, &pool, authority, target).await)
+    }
+
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        listener: &config::Listener,
+        pool: &Arc<Pool>,
+        authority: Option<Authority>,
+        target: String,
+    ) -> Response<Body> {
+        let (mut parts, body) = req.into_parts();
+        let persisted = pool
+            .cookie
+            .as_ref()
+            .and_then(|c| cookie(&parts.headers, &c.name))
+            .map(str::to_string);
+        let hashed = match &pool.scheduler {
+            Scheduler::HashHeader(h) => parts
+                .headers
+                .get(h.as_str())
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+            Scheduler::HashCookie(c) => cookie(&parts.headers, c).map(str::to_string),
+            _ => None,
+        };
+        let key = Key {
+            cookie: persisted.as_deref(),
+            hash: hashed.as_deref(),
+        };
+        strip_hop_by_hop(&mut parts.headers);
+        join_cookies(&mut parts.headers);
+        if let Some(a) = &authority {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        if listener.forwarded {
+            forwarded(&mut parts.headers, self.peer, self.tls.is_some());
+        }
+        // A request without a body may be sent again: to another member
+        // when the first refused the connection, or (idempotent ones) when
+        // a kept-alive connection closed under it.
+        let bodiless = hyper::body::Body::is_end_stream(&body);
+        let idempotent = matches!(
+            parts.method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+        );
+        let mut body = Some(body.boxed());
+        let mut skip = None;
+        for attempt in 0..2 {
+            let i = pool.pick(&key, skip);
+            let member = pool.members[i].clone();
+            let Ok(uri) = format!("http://{}{}", member.address, target).parse::<Uri>() else {
+                return full(StatusCode::BAD_REQUEST, "bad request target\n", "text/plain");
+            };
+            let mut up = Request::new(match body.take() {
+                Some(b) => b,
+                None => Empty::new().map_err(|never| match never {}).boxed(),
+            });
+            *up.method_mut() = parts.method.clone();
+            *up.uri_mut() = uri;
+            *up.version_mut() = Version::HTTP_11;
+            *up.headers_mut() = parts.headers.clone();
+            member.active.fetch_add(1, Ordering::Relaxed);
+            let flight = InFlight(member.clone());
+            let answer = match tokio::time::timeout(ANSWER_TIMEOUT, self.client.request(up)).await {
+                Ok(a) => a,
+                Err(_) => {
+                    tracing::warn!(pool = %pool.name, member = %member.name, "a member did not answer in time");
+                    return full(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "the member did not answer in time\n",
+                        "text/plain",
+                    );
+                }
+            };
+            match answer {
+                Ok(resp) => {
+                    let (mut rp, rb) = resp.into_parts();
+                    strip_hop_by_hop(&mut rp.headers);
+                    if let Some(c) = &pool.cookie {
+                        match c.mode {
+                            config::CookieMode::Insert if persisted.as_deref() != Some(member.name.as_str()) => {
+                                let secure = if self.tls.is_some() { "; Secure" } else { "" };
+                                let v = format!("{}={}; Path=/; HttpOnly{secure}", c.name, member.name);
+                                if let Ok(v) = HeaderValue::from_str(&v) {
+                                    rp.headers.append(header::SET_COOKIE, v);
+                                }
+                            }
+                            config::CookieMode::Learn => {
+                                for v in rp
+                                    .headers
+                                    .get_all(header::SET_COOKIE)
+                                    .iter()
+                                    .filter_map(|v| v.to_str().ok())
+                                {
+                                    if let Some((k, val)) = v.split(';').next().and_then(|kv| kv.trim().split_once('='))
+                                    {
+                                        if k == c.name && !val.is_empty() {
+                                            pool.learn(val, i);
+                                        }
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    // The count ends with the response's body.
+                    let rb = rb
+                        .map_frame(move |f| {
+                            let _ = &flight;
+                            f
+                        })
+                        .boxed();
+                    return Response::from_parts(rp, rb);
+                }
+                Err(e) if e.is_connect() => {
+                    pool.set_aside(i);
+                    tracing::warn!(pool = %pool.name, member = %member.name, address = %member.address, error = %e, "a member refused the connection; set aside for a while");
+                    if attempt == 0 && bodiless && pool.members.len() > 1 {
+                        skip = Some(i);
+                        continue;
+                    }
+                    return full(StatusCode::BAD_GATEWAY, "the member cannot be reached\n", "text/plain");
+                }
+                Err(e) => {
+                    tracing::warn!(pool = %pool.name, member = %member.name, error = %e, "a member's answer failed");
+                    if attempt == 0 && bodiless && idempotent {
+                        continue;
+                    }
+                    return full(StatusCode::BAD_GATEWAY, "the member's answer failed\n", "text/plain");
+                }
+            }
+        }
+        full(StatusCode::BAD_GATEWAY, "no member answered\n", "text/plain")
+    }
+}
+
+/// `X-Forwarded-For` (appended to), `X-Forwarded-Proto`,
+/// `X-Forwarded-Host` and `Forwarded` (RFC 7239, appended to) for the
+/// client at `peer`. (`Host` was checked as an authority: it holds no
+/// quote.)
+fn forwarded(h: &mut HeaderMap, peer: SocketAddr, tls: bool) {
+    let ip = peer.ip().to_canonical();
+    let proto = if tls { "https" } else { "http" };
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert("x-forwarded-for", v);
+    }
+    h.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if tls { "https" } else { "http" }),
+    );
+    match h.get(header::HOST).cloned() {
+        Some(host) => h.insert("x-forwarded-host", host),
+        None => h.remove("x-forwarded-host"),
+    };
+    let node = if ip.is_ipv6() {
+        format!("\"[{ip}]\"")
+    } else {
+        ip.to_string()
+    };
+    let mut fwd = format!("for={node};proto={proto}");
+    if let Some(host) = h.get(header::HOST).and_then(|v| v.to_str().ok()) {
+        fwd.push_str(&format!(";host=\"{}\"", host.replace(['"', '\\'], "")));
+    }
+    let all = match h.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {fwd}"),
+        None => fwd,
+    };
+    if let Ok(v) = HeaderValue::from_str(&all) {
+        h.insert(header::FORWARDED, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normal_path;
+
+    /// Every spelling of a path a member would read as another is read as
+    /// that one, or refused.
+    #[test]
+    fn paths_are_read_as_members_read_them() {
+        for (p, want) in [
+            ("/admin", Some("/admin")),
+            ("//admin", Some("/admin")),
+            ("/./admin", Some("/admin")),
+            ("/x/../admin", Some("/admin")),
+            ("/%61dmin", Some("/admin")),
+            ("/a/b/", Some("/a/b/")),
+            ("/a/b/..", Some("/a/")),
+            ("/../../etc", Some("/etc")),
+            ("/", Some("/")),
+            ("/a%20b", Some("/a%20b")),
+            ("/%2e%2e/admin", None),
+            ("/a%2fb", None),
+            ("/a\\b", None),
+            ("/a%5cb", None),
+            ("/a%zz", None),
+            ("/a%0a", None),
+        ] {
+            assert_eq!(normal_path(p).as_deref(), want, "{p}");
+        }
+    }
+}

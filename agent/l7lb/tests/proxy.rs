@@ -1,0 +1,425 @@
+//! The proxy against real peers on loopback: nginx members, curl as the
+//! client (HTTP/1.1, HTTP/2 in clear and over TLS), openssl for the
+//! certificates each SNI name gets.
+
+use std::io::Write as _;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A child killed on drop.
+struct Kid(Child);
+
+impl Drop for Kid {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn wait_port(port: u16) {
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "nothing listens on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// nginx on `port`, answering every request with its name, how many
+/// requests its connection carried, and the forwarding headers it got;
+/// it sets a session cookie of its own (`SESS`).
+fn nginx(dir: &Path, name: &str, port: u16) -> Kid {
+    let d = dir.join(format!("nginx-{name}"));
+    std::fs::create_dir_all(&d).unwrap();
+    let conf = format!(
+        "master_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log stderr;\nevents {{}}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+         server {{\n    listen 127.0.0.1:{port};\n    location / {{\n\
+         add_header Set-Cookie \"SESS={name}-$request_id; Path=/\";\n\
+         return 200 \"{name} reqs=$connection_requests uri=$request_uri xff=[$http_x_forwarded_for] \
+         fwd=[$http_forwarded] host=[$http_host] proto=[$http_x_forwarded_proto]\\n\";\n    }}\n  }}\n}}\n",
+        d = d.display()
+    );
+    std::fs::write(d.join("nginx.conf"), conf).unwrap();
+    let child = Command::new("nginx")
+        .args([
+            "-p",
+            d.to_str().unwrap(),
+            "-c",
+            d.join("nginx.conf").to_str().unwrap(),
+            "-g",
+            "daemon off;",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nginx");
+    wait_port(port);
+    Kid(child)
+}
+
+/// A self-signed certificate for `names` (the first is its CN).
+fn cert(dir: &Path, file: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+    let (c, k) = (dir.join(format!("{file}.pem")), dir.join(format!("{file}.key")));
+    let san: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).collect();
+    let st = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+        ])
+        .args(["-subj", &format!("/CN={}", names[0])])
+        .args(["-addext", &format!("subjectAltName={}", san.join(","))])
+        .args(["-keyout", k.to_str().unwrap(), "-out", c.to_str().unwrap()])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "openssl req");
+    (c, k)
+}
+
+/// The subject of the certificate the proxy shows for `sni`.
+fn subject(port: u16, sni: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect 127.0.0.1:{port} -servername {sni} </dev/null 2>/dev/null | openssl x509 -noout -subject"
+        ))
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// curl with `args`; its output (body, then what `-w` asks).
+fn curl(args: &[&str]) -> String {
+    let out = Command::new("curl")
+        .args(["-sS", "-m", "5"])
+        .args(args)
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn first_word(s: &str) -> String {
+    s.split_whitespace().next().unwrap_or("").to_string()
+}
+
+struct Lb {
+    child: Kid,
+    config: PathBuf,
+    log: PathBuf,
+}
+
+impl Lb {
+    fn start(dir: &Path, config: &str, port: u16) -> Lb {
+        let path = dir.join("l7lb.json");
+        std::fs::write(&path, config).unwrap();
+        let log = dir.join("l7lb.log");
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_sdn-l7lb"))
+            .args(["--config", path.to_str().unwrap()])
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap();
+        wait_port(port);
+        Lb {
+            child: Kid(child),
+            config: path,
+            log,
+        }
+    }
+
+    /// Writes a new configuration and signals a reload; waits until the
+    /// proxy said what it did.
+    fn reload(&self, config: &str) -> String {
+        let before = std::fs::read_to_string(&self.log).unwrap_or_default().len();
+        let mut f = std::fs::File::create(&self.config).unwrap();
+        f.write_all(config.as_bytes()).unwrap();
+        drop(f);
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.0.id() as i32, libc::SIGHUP) };
+        let t0 = Instant::now();
+        loop {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let new = &log[before.min(log.len())..];
+            if new.contains("reloaded") || new.contains("refused") {
+                return new.to_string();
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5), "no reload: {log}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn config(port: u16, tls_port: u16, m: &[u16], certs: &[(PathBuf, PathBuf)], extra_rules: &str) -> String {
+    let certs: Vec<String> = certs
+        .iter()
+        .map(|(c, k)| format!(r#"{{"cert": "{}", "key": "{}"}}"#, c.display(), k.display()))
+        .collect();
+    format!(
+        r#"{{
+  "listeners": [
+    {{"name": "web", "listen": "127.0.0.1:{port}", "default_pool": "web",
+      "rules": [{extra_rules}
+        {{"name": "api", "host": "api.example", "action": {{"pool": "api"}}}},
+        {{"name": "static", "path_prefix": "/static/", "action": {{"respond": {{"status": 200, "body": "static\n"}}}}}},
+        {{"name": "users", "path_regex": "/users/[0-9]+", "action": {{"pool": "sticky"}}}},
+        {{"name": "canary", "header": {{"name": "x-canary", "value": "1"}}, "action": {{"pool": "canary"}}}},
+        {{"name": "no-delete", "method": "DELETE", "action": {{"respond": {{"status": 405, "body": "no\n"}}}}}},
+        {{"name": "old", "path_prefix": "/old", "action": {{"redirect": {{"location": "https://new.example/", "status": 301}}}}}},
+        {{"name": "hashed", "path_prefix": "/h/", "action": {{"pool": "hashed"}}}},
+        {{"name": "learned", "path_prefix": "/l/", "action": {{"pool": "learned"}}}}
+      ]}},
+    {{"name": "secure", "listen": "127.0.0.1:{tls_port}", "default_pool": "web",
+      "tls": {{"certificates": [{certs}]}}}}
+  ],
+  "pools": [
+    {{"name": "web", "scheduler": "round_robin", "members": [
+      {{"name": "m1", "address": "127.0.0.1:{m1}"}}, {{"name": "m2", "address": "127.0.0.1:{m2}"}}]}},
+    {{"name": "api", "scheduler": "round_robin", "members": [{{"name": "m3", "address": "127.0.0.1:{m3}"}}]}},
+    {{"name": "canary", "scheduler": "round_robin", "members": [{{"name": "m4", "address": "127.0.0.1:{m4}"}}]}},
+    {{"name": "sticky", "scheduler": "round_robin", "cookie": {{"name": "SRV", "mode": "insert"}}, "members": [
+      {{"name": "m1", "address": "127.0.0.1:{m1}"}}, {{"name": "m2", "address": "127.0.0.1:{m2}"}},
+      {{"name": "m3", "address": "127.0.0.1:{m3}"}}]}},
+    {{"name": "hashed", "scheduler": {{"hash_header": "x-user"}}, "members": [
+      {{"name": "m1", "address": "127.0.0.1:{m1}"}}, {{"name": "m2", "address": "127.0.0.1:{m2}"}},
+      {{"name": "m3", "address": "127.0.0.1:{m3}"}}]}},
+    {{"name": "learned", "scheduler": "round_robin", "cookie": {{"name": "SESS", "mode": "learn"}}, "members": [
+      {{"name": "m1", "address": "127.0.0.1:{m1}"}}, {{"name": "m2", "address": "127.0.0.1:{m2}"}},
+      {{"name": "m3", "address": "127.0.0.1:{m3}"}}]}}
+  ]
+}}"#,
+        certs = certs.join(", "),
+        m1 = m[0],
+        m2 = m[1],
+        m3 = m[2],
+        m4 = m[3],
+    )
+}
+
+#[test]
+fn http_and_https_requests_are_routed_balanced_and_kept() {
+    for tool in ["nginx", "curl", "openssl"] {
+        assert!(have(tool), "{tool} is needed: scripts/setup.sh installs it");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let m: Vec<u16> = (0..4).map(|_| free_port()).collect();
+    let mut members: Vec<Option<Kid>> = ["m1", "m2", "m3", "m4"]
+        .iter()
+        .zip(&m)
+        .map(|(n, p)| Some(nginx(d, n, *p)))
+        .collect();
+    let certs = vec![
+        cert(d, "default", &["default.example"]),
+        cert(d, "a", &["a.example"]),
+        cert(d, "b", &["*.b.example"]),
+    ];
+    let (port, tls_port) = (free_port(), free_port());
+    let lb = Lb::start(d, &config(port, tls_port, &m, &certs, ""), port);
+    let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
+
+    // Round robin over HTTP/1.1; the members see who asked, and how.
+    let names: Vec<String> = (0..4).map(|_| first_word(&curl(&[&url("/")]))).collect();
+    assert_eq!(names, ["m1", "m2", "m1", "m2"]);
+    let seen = curl(&["-H", "Host: www.example:8080", &url("/x?y=1")]);
+    for want in [
+        "uri=/x?y=1",
+        "xff=[127.0.0.1]",
+        "proto=[http]",
+        "host=[www.example:8080]",
+        "fwd=[for=127.0.0.1;proto=http;host=\"www.example:8080\"]",
+    ] {
+        assert!(seen.contains(want), "{want} not in {seen}");
+    }
+    // A client's own X-Forwarded-For is kept, and the proxy's hop added.
+    let seen = curl(&["-H", "X-Forwarded-For: 203.0.113.7", &url("/")]);
+    assert!(seen.contains("xff=[203.0.113.7, 127.0.0.1]"), "{seen}");
+    // Connections to the members are kept alive and used again.
+    let reqs: Vec<u64> = (0..6)
+        .map(|_| {
+            let s = curl(&[&url("/")]);
+            s.split("reqs=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(
+        reqs.iter().any(|r| *r > 1),
+        "no connection to a member carried two requests: {reqs:?}"
+    );
+
+    // HTTP/2 in clear (prior knowledge), and over TLS with ALPN.
+    let v = curl(&[
+        "--http2-prior-knowledge",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_version}",
+        &url("/"),
+    ]);
+    assert_eq!(v, "2");
+    let https = |sni: &str, extra: &[&str]| {
+        let mut a = vec![
+            "-k".to_string(),
+            "--resolve".to_string(),
+            format!("{sni}:{tls_port}:127.0.0.1"),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a.push(format!("https://{sni}:{tls_port}/"));
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        curl(&a)
+    };
+    assert_eq!(https("a.example", &["-o", "/dev/null", "-w", "%{http_version}"]), "2");
+    assert_eq!(
+        https("a.example", &["--http1.1", "-o", "/dev/null", "-w", "%{http_version}"]),
+        "1.1"
+    );
+    let body = https("a.example", &[]);
+    assert!(body.contains("proto=[https]"), "{body}");
+    // Each name gets its certificate: exact, wildcard, else the first.
+    assert!(subject(tls_port, "a.example").contains("CN = a.example"));
+    assert!(subject(tls_port, "x.b.example").contains("CN = *.b.example"));
+    assert!(subject(tls_port, "other.example").contains("CN = default.example"));
+
+    // On TLS, a request must be for a name of the connection's
+    // certificate: a.example's connection asking for api.example is
+    // misdirected.
+    let r = https(
+        "a.example",
+        &["-H", "Host: api.example", "-o", "/dev/null", "-w", "%{http_code}"],
+    );
+    assert_eq!(r, "421");
+    // A host that is no authority, and paths that would slip past a rule.
+    assert_eq!(
+        curl(&[
+            "-H",
+            "Host: x\";for=6.6.6.6",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &url("/")
+        ]),
+        "400"
+    );
+    assert_eq!(curl(&["--path-as-is", &url("//static/../static/./a.js")]), "static\n");
+    assert_eq!(curl(&["--path-as-is", &url("/%73tatic/a.js")]), "static\n");
+    assert_eq!(
+        curl(&[
+            "--path-as-is",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &url("/static%2fa.js")
+        ]),
+        "400"
+    );
+    let seen = curl(&["--path-as-is", &url("/x/../y/./z?q=1")]);
+    assert!(seen.contains("uri=/y/z?q=1"), "{seen}");
+
+    // Forwarding rules, in order.
+    assert_eq!(first_word(&curl(&["-H", "Host: api.example", &url("/")])), "m3");
+    assert_eq!(curl(&[&url("/static/app.js")]), "static\n");
+    assert_eq!(first_word(&curl(&["-H", "x-canary: 1", &url("/")])), "m4");
+    assert_ne!(first_word(&curl(&["-H", "x-canary: 2", &url("/")])), "m4");
+    assert_eq!(
+        curl(&["-X", "DELETE", "-o", "/dev/null", "-w", "%{http_code}", &url("/")]),
+        "405"
+    );
+    let r = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} %{redirect_url}",
+        &url("/old/page"),
+    ]);
+    assert_eq!(r, "301 https://new.example/");
+    // (The regex must match the whole path: /users/12x is the default
+    // pool's, which sets no persistence cookie.)
+    let h = curl(&["-D", "-", "-o", "/dev/null", &url("/users/12")]);
+    assert!(h.contains("SRV="), "{h}");
+    let h = curl(&["-D", "-", "-o", "/dev/null", &url("/users/12x")]);
+    assert!(!h.contains("SRV="), "{h}");
+
+    // Cookie persistence, inserted: the first answer names the member,
+    // and a client that sends it back stays there.
+    let jar = d.join("jar");
+    let first = first_word(&curl(&["-c", jar.to_str().unwrap(), &url("/users/1")]));
+    let jar_text = std::fs::read_to_string(&jar).unwrap();
+    assert!(jar_text.contains(&format!("SRV\t{first}")), "{jar_text}");
+    for _ in 0..6 {
+        assert_eq!(
+            first_word(&curl(&["-b", jar.to_str().unwrap(), &url("/users/2")])),
+            first
+        );
+    }
+    // Learned: the member's own session cookie brings its client back.
+    let jar2 = d.join("jar2");
+    let first = first_word(&curl(&["-c", jar2.to_str().unwrap(), &url("/l/a")]));
+    for _ in 0..6 {
+        let s = curl(&["-b", jar2.to_str().unwrap(), &url("/l/b")]);
+        assert_eq!(first_word(&s), first, "{s}");
+    }
+    // A consistent hash of a header: each user keeps its member.
+    for u in ["alice", "bob", "carol", "dave"] {
+        let h = format!("x-user: {u}");
+        let a: Vec<String> = (0..4).map(|_| first_word(&curl(&["-H", &h, &url("/h/")]))).collect();
+        assert!(a.iter().all(|x| *x == a[0]), "{u}: {a:?}");
+    }
+
+    // A member killed: requests go to the other, none fails; it comes
+    // back into the rotation once restarted (after it was set aside).
+    members[1] = None;
+    let names: Vec<String> = (0..6).map(|_| first_word(&curl(&[&url("/")]))).collect();
+    assert!(names.iter().all(|n| n == "m1"), "{names:?}");
+    members[1] = Some(nginx(d, "m2", m[1]));
+    std::thread::sleep(sdn_l7lb::sched::SET_ASIDE + Duration::from_millis(500));
+    let names: Vec<String> = (0..4).map(|_| first_word(&curl(&[&url("/")]))).collect();
+    assert!(names.iter().any(|n| n == "m2"), "m2 never came back: {names:?}");
+
+    // Reloads: a new rule takes effect on the connections that stay; a
+    // configuration with a mistake is refused, naming the field, and the
+    // one served stays.
+    let rule =
+        r#"{"name": "maint", "path_prefix": "/maint", "action": {"respond": {"status": 503, "body": "later\n"}}},"#;
+    let said = lb.reload(&config(port, tls_port, &m, &certs, rule));
+    assert!(said.contains("reloaded"), "{said}");
+    assert_eq!(curl(&[&url("/maint")]), "later\n");
+    let bad = config(port, tls_port, &m, &certs, rule).replace("/users/[0-9]+", "/users/[0-9+");
+    let said = lb.reload(&bad);
+    assert!(
+        said.contains("refused") && said.contains("listeners[0].rules[3].path_regex"),
+        "{said}"
+    );
+    assert_eq!(curl(&[&url("/maint")]), "later\n");
+    assert_eq!(first_word(&curl(&["-H", "Host: api.example", &url("/")])), "m3");
+}
