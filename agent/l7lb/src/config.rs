@@ -116,7 +116,57 @@ pub struct Pool {
     /// Cookie persistence.
     #[serde(default)]
     pub cookie: Option<Cookie>,
+    /// Health checks of each member (none: every member is taken as up).
+    #[serde(default)]
+    pub health: Option<Health>,
     pub members: Vec<Member>,
+}
+
+/// An HTTP health check, as haproxy's `option httpchk` with `http-check
+/// expect`: a GET of `path` on a new connection to each member every
+/// `interval_ms`; it passes when the answer comes within `timeout_ms` with
+/// one of `status` and, if `body` is given, a body (its first 64 KiB)
+/// that contains it. A member goes down after `fall` failures in a row
+/// and up after `rise` passes; the first check decides at once.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    #[serde(default = "slash")]
+    pub path: String,
+    /// The `Host` of the checks (none: the member's address).
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default = "ok")]
+    pub status: Vec<u16>,
+    #[serde(default)]
+    pub body: Option<String>,
+    #[serde(default = "two_seconds")]
+    pub interval_ms: u64,
+    #[serde(default = "one_second")]
+    pub timeout_ms: u64,
+    #[serde(default = "two")]
+    pub rise: u32,
+    #[serde(default = "three")]
+    pub fall: u32,
+}
+
+fn slash() -> String {
+    "/".into()
+}
+fn ok() -> Vec<u16> {
+    vec![200]
+}
+fn two_seconds() -> u64 {
+    2000
+}
+fn one_second() -> u64 {
+    1000
+}
+fn two() -> u32 {
+    2
+}
+fn three() -> u32 {
+    3
 }
 
 #[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
@@ -214,6 +264,9 @@ impl Config {
             if let Some(c) = &p.cookie {
                 cookie_name(&format!("{at}.cookie.name"), &c.name)?;
             }
+            if let Some(h) = &p.health {
+                h.check(&format!("{at}.health"))?;
+            }
         }
         let mut listeners = BTreeSet::new();
         let mut addresses = BTreeSet::new();
@@ -299,6 +352,50 @@ impl Config {
     }
 }
 
+impl Health {
+    fn check(&self, at: &str) -> Result<(), String> {
+        if !self.path.starts_with('/') || self.path.parse::<hyper::Uri>().is_err() {
+            return Err(format!("{at}.path: {:?} is not a request path", self.path));
+        }
+        if let Some(h) = &self.host {
+            if hyper::http::uri::Authority::try_from(h.as_str()).is_err() || h.contains('@') {
+                return Err(format!("{at}.host: {h:?} is not a host"));
+            }
+        }
+        if self.status.is_empty() {
+            return Err(format!("{at}.status: name at least one status"));
+        }
+        if let Some(s) = self.status.iter().find(|s| !(100..=599).contains(*s)) {
+            return Err(format!("{at}.status: {s} is not an HTTP status"));
+        }
+        if self.body.as_ref().is_some_and(|b| b.is_empty() || b.len() > 1024) {
+            return Err(format!("{at}.body: 1 to 1024 bytes to look for"));
+        }
+        if !(HEALTH_INTERVAL_MIN_MS..=HEALTH_INTERVAL_MAX_MS).contains(&self.interval_ms) {
+            return Err(format!(
+                "{at}.interval_ms: {} is not within {HEALTH_INTERVAL_MIN_MS} to {HEALTH_INTERVAL_MAX_MS}",
+                self.interval_ms
+            ));
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > self.interval_ms {
+            return Err(format!(
+                "{at}.timeout_ms: {} is not within 1 to the interval ({})",
+                self.timeout_ms, self.interval_ms
+            ));
+        }
+        for (field, v) in [("rise", self.rise), ("fall", self.fall)] {
+            if !(1..=100).contains(&v) {
+                return Err(format!("{at}.{field}: {v} is not within 1 to 100"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The shortest and longest interval between a member's health checks.
+pub const HEALTH_INTERVAL_MIN_MS: u64 = 100;
+pub const HEALTH_INTERVAL_MAX_MS: u64 = 3_600_000;
+
 fn name(field: &str, n: &str) -> Result<(), String> {
     if n.is_empty() || n.len() > 63 || !n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
         return Err(format!(
@@ -375,6 +472,26 @@ mod tests {
                 "\"path_regex\"",
                 "\"path_prefix\": \"x\", \"path_regex\"",
                 "listeners[0].rules[0].path_prefix",
+            ),
+            (
+                "\"scheduler\": \"round_robin\",",
+                "\"scheduler\": \"round_robin\", \"health\": {\"path\": \"health\"},",
+                "pools[0].health.path",
+            ),
+            (
+                "\"scheduler\": \"round_robin\",",
+                "\"scheduler\": \"round_robin\", \"health\": {\"status\": [200, 700]},",
+                "pools[0].health.status",
+            ),
+            (
+                "\"scheduler\": \"round_robin\",",
+                "\"scheduler\": \"round_robin\", \"health\": {\"interval_ms\": 500, \"timeout_ms\": 900},",
+                "pools[0].health.timeout_ms",
+            ),
+            (
+                "\"scheduler\": \"round_robin\",",
+                "\"scheduler\": \"round_robin\", \"health\": {\"fall\": 0},",
+                "pools[0].health.fall",
             ),
         ] {
             assert_eq!(GOOD.matches(from).count(), 1, "{from}");

@@ -9,6 +9,7 @@
 //! its configuration ([`config::Config`]).
 
 pub mod config;
+pub mod health;
 pub mod proxy;
 pub mod sched;
 pub mod tls;

@@ -74,10 +74,18 @@ struct Running {
     stop: watch::Sender<bool>,
 }
 
+/// A pool as configured: its definition, its state, and its health
+/// checks (they stop when it is dropped).
+struct Kept {
+    def: config::Pool,
+    pool: Arc<Pool>,
+    _checks: Option<crate::health::Checks>,
+}
+
 /// The proxy: its listeners by address, and its pools by name.
 pub struct Proxy {
     running: HashMap<SocketAddr, Running>,
-    pools: HashMap<String, (config::Pool, Arc<Pool>)>,
+    pools: HashMap<String, Kept>,
     client: Client<HttpConnector, Body>,
     slots: Arc<Semaphore>,
 }
@@ -108,7 +116,8 @@ impl Proxy {
     /// Serves `c`: everything is prepared first (certificates, rules,
     /// sockets); on any error nothing changes. A pool whose definition did
     /// not change is kept with its state (learned cookies, members set
-    /// aside, requests in flight). Listeners kept (same address) take the
+    /// aside, requests in flight, what its health checks said; the checks
+    /// start again if their definition changed). Listeners kept (same address) take the
     /// new certificates for their next connection and the new rules and
     /// pools for their next request; the others stop (their connections
     /// finish what they carry) or start.
@@ -117,8 +126,8 @@ impl Proxy {
             .pools
             .iter()
             .map(|p| {
-                let kept = self.pools.get(&p.name).filter(|(old, _)| same_pool(old, p));
-                let pool = kept.map_or_else(|| Arc::new(Pool::new(p)), |(_, x)| x.clone());
+                let kept = self.pools.get(&p.name).filter(|k| same_pool(&k.def, p));
+                let pool = kept.map_or_else(|| Arc::new(Pool::new(p)), |k| k.pool.clone());
                 (p.name.clone(), (p.clone(), pool))
             })
             .collect();
@@ -162,7 +171,29 @@ impl Proxy {
             prepared.push((l.listen, served, socket));
         }
         // Nothing can fail from here on.
-        self.pools = pools;
+        let mut old = std::mem::take(&mut self.pools);
+        for (name, (def, pool)) in pools {
+            let checks = match old.remove(&name) {
+                Some(k) if Arc::ptr_eq(&k.pool, &pool) && k.def.health == def.health => k._checks,
+                kept => {
+                    if kept.is_some_and(|k| Arc::ptr_eq(&k.pool, &pool)) && def.health.is_none() {
+                        // Checks removed: every member counts as up again.
+                        for m in &pool.members {
+                            m.healthy.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    def.health.as_ref().map(|h| crate::health::start(&pool, h))
+                }
+            };
+            self.pools.insert(
+                name,
+                Kept {
+                    def,
+                    pool,
+                    _checks: checks,
+                },
+            );
+        }
         let wanted: Vec<SocketAddr> = prepared.iter().map(|p| p.0).collect();
         self.running.retain(|a, r| {
             let keep = wanted.contains(a);
@@ -614,7 +645,13 @@ impl Conn {
         let mut body = Some(body.boxed());
         let mut skip = None;
         for attempt in 0..2 {
-            let i = pool.pick(&key, skip);
+            let Some(i) = pool.pick(&key, skip) else {
+                return full(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no member of the pool is up\n",
+                    "text/plain",
+                );
+            };
             let member = pool.members[i].clone();
             let Ok(uri) = format!("http://{}{}", member.address, target).parse::<Uri>() else {
                 return full(StatusCode::BAD_REQUEST, "bad request target\n", "text/plain");

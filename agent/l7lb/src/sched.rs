@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +27,17 @@ pub struct Member {
     pub active: AtomicUsize,
     /// Set aside until (ms since the pool was made; 0: not).
     down_until_ms: AtomicU64,
+    /// What its health checks say (up until a check says otherwise; always
+    /// up in a pool without checks).
+    pub healthy: AtomicBool,
+}
+
+impl Member {
+    /// Its health check passed: a connection it refused before no longer
+    /// sets it aside.
+    pub fn restore(&self) {
+        self.down_until_ms.store(0, Ordering::Relaxed);
+    }
 }
 
 pub struct Pool {
@@ -68,6 +79,7 @@ impl Pool {
                         weight: m.weight,
                         active: AtomicUsize::new(0),
                         down_until_ms: AtomicU64::new(0),
+                        healthy: AtomicBool::new(true),
                     })
                 })
                 .collect(),
@@ -84,7 +96,11 @@ impl Pool {
     }
 
     fn up(&self, i: usize) -> bool {
-        self.members[i].down_until_ms.load(Ordering::Relaxed) <= self.now_ms()
+        self.healthy(i) && self.members[i].down_until_ms.load(Ordering::Relaxed) <= self.now_ms()
+    }
+
+    fn healthy(&self, i: usize) -> bool {
+        self.members[i].healthy.load(Ordering::Relaxed)
     }
 
     /// Sets a member aside after a failed connection.
@@ -95,9 +111,10 @@ impl Pool {
     }
 
     /// The member for a request: its persistence cookie's, if that member
-    /// is up; else the scheduler's among those up (all, if none is).
-    /// `skip`: a member that just failed this request.
-    pub fn pick(&self, key: &Key, skip: Option<usize>) -> usize {
+    /// is up; else the scheduler's among those up (else among the healthy
+    /// ones set aside). `skip`: a member that just failed this request.
+    /// None: no member passes its health checks.
+    pub fn pick(&self, key: &Key, skip: Option<usize>) -> Option<usize> {
         if let (Some(c), Some(v)) = (&self.cookie, key.cookie) {
             let found = match c.mode {
                 CookieMode::Insert => self.members.iter().position(|m| m.name == v),
@@ -110,24 +127,26 @@ impl Pool {
                 }
             };
             if let Some(i) = found.filter(|i| *i < self.members.len() && self.up(*i) && Some(*i) != skip) {
-                return i;
+                return Some(i);
             }
         }
         let mut eligible: Vec<usize> = (0..self.members.len())
             .filter(|i| self.up(*i) && Some(*i) != skip)
             .collect();
         if eligible.is_empty() {
-            eligible = (0..self.members.len()).filter(|i| Some(*i) != skip).collect();
+            eligible = (0..self.members.len())
+                .filter(|i| self.healthy(*i) && Some(*i) != skip)
+                .collect();
         }
         if eligible.is_empty() {
-            return 0;
+            return None;
         }
-        match (&self.scheduler, key.hash) {
+        Some(match (&self.scheduler, key.hash) {
             (Scheduler::HashHeader(_) | Scheduler::HashCookie(_), Some(v)) => self.rendezvous(&eligible, v),
             (Scheduler::WeightedRoundRobin, _) => self.smooth(&eligible),
             (Scheduler::LeastConnections, _) => self.least(&eligible),
             _ => eligible[self.cursor.fetch_add(1, Ordering::Relaxed) % eligible.len()],
-        }
+        })
     }
 
     /// nginx's smooth weighted round robin over `eligible`.
@@ -206,6 +225,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A name's well-spread hash (to spread members' timers).
+pub(crate) fn spread(name: &str) -> u64 {
+    mix(fnv1a(name.as_bytes(), 0xcbf2_9ce4_8422_2325))
+}
+
 /// splitmix64's finaliser: every input bit moves every output bit.
 fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -235,6 +259,7 @@ mod tests {
                 name: "SRV".into(),
                 mode,
             }),
+            health: None,
             members: weights
                 .iter()
                 .enumerate()
@@ -255,7 +280,7 @@ mod tests {
     fn counts(p: &Pool, n: usize) -> Vec<usize> {
         let mut c = vec![0; p.members.len()];
         for _ in 0..n {
-            c[p.pick(&NONE, None)] += 1;
+            c[p.pick(&NONE, None).unwrap()] += 1;
         }
         c
     }
@@ -269,7 +294,7 @@ mod tests {
         let p = pool(Scheduler::WeightedRoundRobin, &[1, 3, 1], None);
         assert_eq!(counts(&p, 500), [100, 300, 100]);
         // Smooth: the heavy member's turns are spread, not in a run.
-        let seq: Vec<usize> = (0..5).map(|_| p.pick(&NONE, None)).collect();
+        let seq: Vec<usize> = (0..5).map(|_| p.pick(&NONE, None).unwrap()).collect();
         assert_eq!(seq, [1, 0, 1, 2, 1]);
         let p = pool(Scheduler::LeastConnections, &[1, 1], None);
         p.members[0].active.store(3, Ordering::Relaxed);
@@ -287,6 +312,7 @@ mod tests {
                 },
                 skip,
             )
+            .unwrap()
         };
         let users: Vec<String> = (0..400).map(|i| format!("user-{i}")).collect();
         let before: Vec<usize> = users.iter().map(|u| pick(u, None)).collect();
@@ -315,9 +341,9 @@ mod tests {
             cookie: Some("m2"),
             hash: None,
         };
-        assert!((0..10).all(|_| p.pick(&k, None) == 2));
+        assert!((0..10).all(|_| p.pick(&k, None) == Some(2)));
         p.set_aside(2);
-        assert!((0..10).all(|_| p.pick(&k, None) != 2));
+        assert!((0..10).all(|_| p.pick(&k, None) != Some(2)));
         // A cookie naming no member is scheduled as none.
         let k = Key {
             cookie: Some("m9"),
@@ -330,6 +356,25 @@ mod tests {
             cookie: Some("sess-1"),
             hash: None,
         };
-        assert!((0..10).all(|_| p.pick(&k, None) == 1));
+        assert!((0..10).all(|_| p.pick(&k, None) == Some(1)));
+    }
+
+    /// A member its checks call down gets nothing, even by its cookie or
+    /// when every other is set aside; none healthy: no member at all.
+    #[test]
+    fn an_unhealthy_member_is_never_picked() {
+        let p = pool(Scheduler::RoundRobin, &[1, 1, 1], Some(CookieMode::Insert));
+        p.members[1].healthy.store(false, Ordering::Relaxed);
+        let k = Key {
+            cookie: Some("m1"),
+            hash: None,
+        };
+        assert!((0..10).all(|_| p.pick(&k, None) != Some(1)));
+        p.set_aside(0);
+        p.set_aside(2);
+        assert!((0..10).all(|_| matches!(p.pick(&NONE, None), Some(0 | 2))));
+        p.members[0].healthy.store(false, Ordering::Relaxed);
+        p.members[2].healthy.store(false, Ordering::Relaxed);
+        assert_eq!(p.pick(&NONE, None), None);
     }
 }

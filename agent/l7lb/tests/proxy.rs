@@ -39,7 +39,8 @@ fn wait_port(port: u16) {
 
 /// nginx on `port`, answering every request with its name, how many
 /// requests its connection carried, and the forwarding headers it got;
-/// it sets a session cookie of its own (`SESS`).
+/// it sets a session cookie of its own (`SESS`). `/health` is the file
+/// [`set_health`] writes.
 fn nginx(dir: &Path, name: &str, port: u16) -> Kid {
     let d = dir.join(format!("nginx-{name}"));
     std::fs::create_dir_all(&d).unwrap();
@@ -47,13 +48,17 @@ fn nginx(dir: &Path, name: &str, port: u16) -> Kid {
         "master_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log stderr;\nevents {{}}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
          fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-         server {{\n    listen 127.0.0.1:{port};\n    location / {{\n\
+         server {{\n    listen 127.0.0.1:{port};\n\
+         location = /health {{\n      root {d}/www;\n      default_type text/plain;\n    }}\n    location / {{\n\
          add_header Set-Cookie \"SESS={name}-$request_id; Path=/\";\n\
          return 200 \"{name} reqs=$connection_requests uri=$request_uri xff=[$http_x_forwarded_for] \
          fwd=[$http_forwarded] host=[$http_host] proto=[$http_x_forwarded_proto]\\n\";\n    }}\n  }}\n}}\n",
         d = d.display()
     );
     std::fs::write(d.join("nginx.conf"), conf).unwrap();
+    if !d.join("www").exists() {
+        set_health(dir, name, Some("ok"));
+    }
     let child = Command::new("nginx")
         .args([
             "-p",
@@ -69,6 +74,18 @@ fn nginx(dir: &Path, name: &str, port: u16) -> Kid {
         .expect("nginx");
     wait_port(port);
     Kid(child)
+}
+
+/// What member `name`'s `/health` answers: 200 with `body`, or 404.
+fn set_health(dir: &Path, name: &str, body: Option<&str>) {
+    let www = dir.join(format!("nginx-{name}")).join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    match body {
+        Some(b) => std::fs::write(www.join("health"), b).unwrap(),
+        None => {
+            let _ = std::fs::remove_file(www.join("health"));
+        }
+    }
 }
 
 /// A self-signed certificate for `names` (the first is its CN).
@@ -422,4 +439,157 @@ fn http_and_https_requests_are_routed_balanced_and_kept() {
     );
     assert_eq!(curl(&[&url("/maint")]), "later\n");
     assert_eq!(first_word(&curl(&["-H", "Host: api.example", &url("/")])), "m3");
+}
+
+/// The names of the members that answered `n` requests; every request
+/// must get an answer of `status`.
+fn answers(url: &str, n: usize, status: &str) -> Vec<String> {
+    (0..n)
+        .map(|_| {
+            let out = curl(&["-w", "\n%{http_code}", url]);
+            let (body, code) = out.trim_end().rsplit_once('\n').unwrap_or(("", out.trim_end()));
+            assert_eq!(code, status, "{out}");
+            first_word(body)
+        })
+        .collect()
+}
+
+/// Waits until `n` requests in a row are answered 200 by members that
+/// satisfy `ok`; how long that took.
+fn until(url: &str, ok: impl Fn(&[String]) -> bool, what: &str) -> Duration {
+    let t0 = Instant::now();
+    loop {
+        let a = (0..6).map(|_| first_word(&curl(&[url]))).collect::<Vec<_>>();
+        if ok(&a) {
+            return t0.elapsed();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{what}: still {a:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn health_checks_take_failing_members_out_and_bring_them_back() {
+    for tool in ["nginx", "curl"] {
+        assert!(have(tool), "{tool} is needed: scripts/setup.sh installs it");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let m: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut members: Vec<Option<Kid>> = ["m1", "m2", "m3"]
+        .iter()
+        .zip(&m)
+        .map(|(n, p)| Some(nginx(d, n, *p)))
+        .collect();
+    let port = free_port();
+    let conf = |health: &str| {
+        format!(
+            r#"{{"listeners": [{{"name": "web", "listen": "127.0.0.1:{port}", "default_pool": "web"}}],
+  "pools": [{{"name": "web", "scheduler": "round_robin", {health}
+    "members": [{{"name": "m1", "address": "127.0.0.1:{}"}}, {{"name": "m2", "address": "127.0.0.1:{}"}},
+                {{"name": "m3", "address": "127.0.0.1:{}"}}]}}]}}"#,
+            m[0], m[1], m[2]
+        )
+    };
+    let checked = conf(
+        r#""health": {"path": "/health", "body": "ok", "interval_ms": 200, "timeout_ms": 150, "rise": 2, "fall": 2},"#,
+    );
+    let lb = Lb::start(d, &checked, port);
+    let url = format!("http://127.0.0.1:{port}/");
+    let all_three = |a: &[String]| ["m1", "m2", "m3"].iter().all(|n| a.iter().any(|x| x == n));
+    until(&url, all_three, "every member in the rotation at first");
+    let log = || std::fs::read_to_string(&lb.log).unwrap();
+
+    // Each way of failing a check, one member at a time: while it fails,
+    // every request is answered by the others; it comes back once its
+    // check passes again.
+    let without = |name: &'static str| move |a: &[String]| a.iter().all(|x| x != name && !x.is_empty());
+    type Fail<'a> = (
+        &'static str,
+        &'a str,
+        Box<dyn Fn(&mut Vec<Option<Kid>>) + 'a>,
+        Box<dyn Fn(&mut Vec<Option<Kid>>) + 'a>,
+    );
+    let cases: Vec<Fail> = vec![
+        (
+            "m2",
+            "the body does not contain",
+            Box::new(|_| set_health(d, "m2", Some("sick"))),
+            Box::new(|_| set_health(d, "m2", Some("ok"))),
+        ),
+        (
+            "m3",
+            "status 404",
+            Box::new(|_| set_health(d, "m3", None)),
+            Box::new(|_| set_health(d, "m3", Some("ok"))),
+        ),
+        (
+            // Frozen: its socket still takes connections, nothing answers.
+            "m1",
+            "no answer within 150 ms",
+            Box::new(|k| unsafe {
+                libc::kill(k[0].as_ref().unwrap().0.id() as i32, libc::SIGSTOP);
+            }),
+            Box::new(|k| unsafe {
+                libc::kill(k[0].as_ref().unwrap().0.id() as i32, libc::SIGCONT);
+            }),
+        ),
+        (
+            "m2",
+            "connecting",
+            Box::new(|k| k[1] = None),
+            Box::new(|k| k[1] = Some(nginx(d, "m2", m[1]))),
+        ),
+    ];
+    for (name, reason, fail, mend) in &cases {
+        fail(&mut members);
+        let took = until(&url, without(name), &format!("{name} taken out ({reason})"));
+        eprintln!("{name} out after {took:?} ({reason})");
+        let a = answers(&url, 12, "200");
+        assert!(a.iter().all(|x| x != name), "{name} still answers: {a:?}");
+        // (A refused connection sets the member aside before its check
+        // says so.)
+        let t0 = Instant::now();
+        while !log()
+            .lines()
+            .any(|l| l.contains("member down") && l.contains(&format!("member={name}")) && l.contains(reason))
+        {
+            assert!(
+                t0.elapsed() < Duration::from_secs(3),
+                "no 'member down' for {name} with {reason:?}:\n{}",
+                log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        mend(&mut members);
+        let took = until(&url, all_three, &format!("{name} back"));
+        eprintln!("{name} back after {took:?}");
+    }
+    assert!(log().contains("member up"), "{}", log());
+
+    // None passes: 503, said so; one passing again is enough.
+    for n in ["m1", "m2", "m3"] {
+        set_health(d, n, Some("sick"));
+    }
+    let t0 = Instant::now();
+    loop {
+        let out = curl(&["-o", "/dev/null", "-w", "%{http_code}", &url]);
+        if out == "503" {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "never 503: {out}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(curl(&[&url]), "no member of the pool is up\n");
+    set_health(d, "m3", Some("ok"));
+    until(&url, |a| a.iter().all(|x| x == "m3"), "m3 alone");
+
+    // A reload that drops the checks: every member is taken again; one
+    // that brings them back: the failing ones go out again.
+    let said = lb.reload(&conf(""));
+    assert!(said.contains("reloaded"), "{said}");
+    until(&url, all_three, "every member once the checks are gone");
+    let said = lb.reload(&checked);
+    assert!(said.contains("reloaded"), "{said}");
+    until(&url, |a| a.iter().all(|x| x == "m3"), "m3 alone once checked again");
 }
