@@ -119,6 +119,11 @@ pub struct Pool {
     /// Health checks of each member (none: every member is taken as up).
     #[serde(default)]
     pub health: Option<Health>,
+    /// The PROXY protocol (v1, text, or v2, binary) on each connection to
+    /// a member, naming the client; such connections carry one client's
+    /// requests only.
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocol>,
     pub members: Vec<Member>,
 }
 
@@ -191,6 +196,13 @@ pub enum Scheduler {
 pub struct Cookie {
     pub name: String,
     pub mode: CookieMode,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ProxyProtocol {
+    V1,
+    V2,
 }
 
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]

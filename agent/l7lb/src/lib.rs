@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod health;
+pub mod pp;
 pub mod proxy;
 pub mod sched;
 pub mod tls;

@@ -241,6 +241,7 @@ impl Proxy {
 /// Whether a pool's definition is unchanged (its state can be kept).
 fn same_pool(a: &config::Pool, b: &config::Pool) -> bool {
     a.scheduler == b.scheduler
+        && a.proxy_protocol == b.proxy_protocol
         && a.cookie.as_ref().map(|c| (&c.name, c.mode)) == b.cookie.as_ref().map(|c| (&c.name, c.mode))
         && a.members.len() == b.members.len()
         && a.members
@@ -281,6 +282,7 @@ async fn accept(
             }
         };
         let _ = tcp.set_nodelay(true);
+        let Ok(local) = tcp.local_addr() else { continue };
         let acceptor = served.read().unwrap_or_else(|p| p.into_inner()).acceptor.clone();
         let (served, client, mut stopped) = (served.clone(), client.clone(), stopped.clone());
         tokio::spawn(async move {
@@ -299,6 +301,8 @@ async fn accept(
                 tls: None,
                 served,
                 client,
+                local,
+                private: Arc::default(),
             };
             macro_rules! serve {
                 ($io:expr) => {{
@@ -343,6 +347,10 @@ struct Conn {
     tls: Option<(Arc<tls::Names>, usize)>,
     served: Arc<RwLock<Arc<Served>>>,
     client: Client<HttpConnector, Body>,
+    /// The address the client reached.
+    local: SocketAddr,
+    /// Its own connections to members with the PROXY protocol.
+    private: Arc<crate::pp::Private>,
 }
 
 /// Headers of one hop only (RFC 9110 7.6.1), never forwarded.
@@ -666,7 +674,11 @@ impl Conn {
             *up.headers_mut() = parts.headers.clone();
             member.active.fetch_add(1, Ordering::Relaxed);
             let flight = InFlight(member.clone());
-            let answer = match tokio::time::timeout(ANSWER_TIMEOUT, self.client.request(up)).await {
+            let sent = match pool.proxy_protocol {
+                None => self.client.request(up),
+                Some(v) => self.private.client(v, self.peer, self.local).request(up),
+            };
+            let answer = match tokio::time::timeout(ANSWER_TIMEOUT, sent).await {
                 Ok(a) => a,
                 Err(_) => {
                     tracing::warn!(pool = %pool.name, member = %member.name, "a member did not answer in time");

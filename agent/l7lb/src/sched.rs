@@ -44,6 +44,7 @@ pub struct Pool {
     pub name: String,
     pub scheduler: Scheduler,
     pub cookie: Option<config::Cookie>,
+    pub proxy_protocol: Option<config::ProxyProtocol>,
     pub members: Vec<Arc<Member>>,
     cursor: AtomicUsize,
     /// Smooth weighted round robin's current weights.
@@ -69,6 +70,7 @@ impl Pool {
             name: p.name.clone(),
             scheduler: p.scheduler.clone(),
             cookie: p.cookie.clone(),
+            proxy_protocol: p.proxy_protocol,
             members: p
                 .members
                 .iter()
@@ -260,6 +262,7 @@ mod tests {
                 mode,
             }),
             health: None,
+            proxy_protocol: None,
             members: weights
                 .iter()
                 .enumerate()

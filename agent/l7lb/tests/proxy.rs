@@ -593,3 +593,84 @@ fn health_checks_take_failing_members_out_and_bring_them_back() {
     assert!(said.contains("reloaded"), "{said}");
     until(&url, |a| a.iter().all(|x| x == "m3"), "m3 alone once checked again");
 }
+
+/// nginx taking the PROXY protocol on `port`: it answers with its name,
+/// the client and destination the header named, and how many requests
+/// its connection carried.
+fn nginx_pp(dir: &Path, name: &str, port: u16) -> Kid {
+    let d = dir.join(format!("nginx-{name}"));
+    std::fs::create_dir_all(&d).unwrap();
+    let conf = format!(
+        "master_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log stderr;\nevents {{}}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
+         fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
+         server {{\n    listen 127.0.0.1:{port} proxy_protocol;\n    location / {{\n\
+         return 200 \"{name} client=$proxy_protocol_addr:$proxy_protocol_port \
+         dst=$proxy_protocol_server_addr:$proxy_protocol_server_port reqs=$connection_requests\\n\";\n    }}\n  }}\n}}\n",
+        d = d.display()
+    );
+    std::fs::write(d.join("nginx.conf"), conf).unwrap();
+    let child = Command::new("nginx")
+        .args([
+            "-p",
+            d.to_str().unwrap(),
+            "-c",
+            d.join("nginx.conf").to_str().unwrap(),
+            "-g",
+            "daemon off;",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nginx");
+    wait_port(port);
+    Kid(child)
+}
+
+/// A word `key=value` of `s`: the value.
+fn field<'a>(s: &'a str, key: &str) -> &'a str {
+    s.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|w| w.strip_prefix('=')))
+        .unwrap_or("")
+}
+
+#[test]
+fn the_proxy_protocol_names_each_client_to_its_member() {
+    for tool in ["nginx", "curl"] {
+        assert!(have(tool), "{tool} is needed: scripts/setup.sh installs it");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (p1, p2) = (free_port(), free_port());
+    let _m = (nginx_pp(d, "v1", p1), nginx_pp(d, "v2", p2));
+    let port = free_port();
+    let conf = format!(
+        r#"{{"listeners": [{{"name": "web", "listen": "127.0.0.1:{port}", "default_pool": "one",
+      "rules": [{{"name": "two", "path_prefix": "/two/", "action": {{"pool": "two"}}}}]}}],
+  "pools": [
+    {{"name": "one", "scheduler": "round_robin", "proxy_protocol": "v1",
+      "members": [{{"name": "v1", "address": "127.0.0.1:{p1}"}}]}},
+    {{"name": "two", "scheduler": "round_robin", "proxy_protocol": "v2",
+      "members": [{{"name": "v2", "address": "127.0.0.1:{p2}"}}]}}]}}"#
+    );
+    let _lb = Lb::start(d, &conf, port);
+    // Clients one after another, each on its own connection with two
+    // requests: nginx reads each client's own port from the header (v1
+    // and v2), and the address it reached; the two requests of a client
+    // share its connection to the member, and no client's request rides
+    // another's (it would be named as that client).
+    for path in ["/", "/two/"] {
+        let url = format!("http://127.0.0.1:{port}{path}");
+        for _ in 0..3 {
+            let out = curl(&["-w", "local_port=%{local_port}\n", &url, &url]);
+            let lines: Vec<&str> = out.lines().collect();
+            assert_eq!(lines.len(), 4, "{out}");
+            let mine = field(lines[1], "local_port");
+            for (k, answer) in [lines[0], lines[2]].iter().enumerate() {
+                assert_eq!(field(answer, "client"), format!("127.0.0.1:{mine}"), "{out}");
+                assert_eq!(field(answer, "dst"), format!("127.0.0.1:{port}"), "{out}");
+                assert_eq!(field(answer, "reqs"), (k + 1).to_string(), "{out}");
+            }
+        }
+    }
+}
