@@ -14,3 +14,4 @@ pub mod pp;
 pub mod proxy;
 pub mod sched;
 pub mod tls;
+pub mod upgrade;

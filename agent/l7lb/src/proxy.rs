@@ -72,6 +72,8 @@ struct Running {
     served: Arc<RwLock<Arc<Served>>>,
     task: JoinHandle<()>,
     stop: watch::Sender<bool>,
+    /// The listening socket (a copy of its descriptor), for an upgrade.
+    fd: std::os::fd::OwnedFd,
 }
 
 /// A pool as configured: its definition, its state, and its health
@@ -88,6 +90,9 @@ pub struct Proxy {
     pools: HashMap<String, Kept>,
     client: Client<HttpConnector, Body>,
     slots: Arc<Semaphore>,
+    /// Listening sockets handed over by the process this one upgrades,
+    /// taken by the first configuration's listeners of the same address.
+    spare: HashMap<SocketAddr, std::net::TcpListener>,
 }
 
 impl Default for Proxy {
@@ -110,7 +115,42 @@ impl Proxy {
             pools: HashMap::new(),
             client,
             slots: Arc::new(Semaphore::new(CONNECTIONS_MAX)),
+            spare: HashMap::new(),
         }
+    }
+
+    /// Listening sockets from the process this one replaces: the next
+    /// [`apply`](Self::apply) serves on them instead of binding, so no
+    /// connection waiting in their queues is lost. Those it does not use
+    /// are closed.
+    pub fn adopt(&mut self, sockets: Vec<std::net::TcpListener>) {
+        for s in sockets {
+            if let Ok(a) = s.local_addr() {
+                self.spare.insert(a, s);
+            }
+        }
+    }
+
+    /// Copies of the listening sockets' descriptors, for the process that
+    /// replaces this one.
+    pub fn listening(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.running.values().map(|r| r.fd.as_fd()).collect()
+    }
+
+    /// Stops accepting on every listener (the sockets stay open in the
+    /// process that took them over); the connections finish what they
+    /// carry and close.
+    pub fn stop_accepting(&mut self) {
+        for (_, r) in self.running.drain() {
+            r.task.abort();
+            let _ = r.stop.send(true);
+        }
+    }
+
+    /// Client connections open now.
+    pub fn connections(&self) -> usize {
+        CONNECTIONS_MAX - self.slots.available_permits()
     }
 
     /// Serves `c`: everything is prepared first (certificates, rules,
@@ -162,15 +202,19 @@ impl Proxy {
             let socket = if kept {
                 None
             } else {
-                Some(
-                    bind(l.listen)
-                        .await
-                        .map_err(|e| format!("listeners[{i}].listen: {}: {e}", l.listen))?,
-                )
+                let socket = match self.spare.get(&l.listen) {
+                    Some(s) => s.try_clone().and_then(|s| {
+                        s.set_nonblocking(true)?;
+                        TcpListener::from_std(s)
+                    }),
+                    None => bind(l.listen).await,
+                };
+                Some(socket.map_err(|e| format!("listeners[{i}].listen: {}: {e}", l.listen))?)
             };
             prepared.push((l.listen, served, socket));
         }
         // Nothing can fail from here on.
+        self.spare.clear();
         let mut old = std::mem::take(&mut self.pools);
         for (name, (def, pool)) in pools {
             let checks = match old.remove(&name) {
@@ -216,6 +260,10 @@ impl Proxy {
                     }
                     let shared = Arc::new(RwLock::new(served));
                     let (stop, stopped) = watch::channel(false);
+                    let Ok(fd) = std::os::fd::AsFd::as_fd(&socket).try_clone_to_owned() else {
+                        tracing::error!(listen = %addr, "cannot keep the listening socket's descriptor; not serving it");
+                        continue;
+                    };
                     let task = tokio::spawn(accept(
                         socket,
                         shared.clone(),
@@ -229,6 +277,7 @@ impl Proxy {
                             served: shared,
                             task,
                             stop,
+                            fd,
                         },
                     );
                 }

@@ -152,21 +152,45 @@ struct Lb {
 
 impl Lb {
     fn start(dir: &Path, config: &str, port: u16) -> Lb {
-        let path = dir.join("l7lb.json");
+        let lb = Lb::spawn(dir, "l7lb", config, &[]);
+        wait_port(port);
+        lb
+    }
+
+    /// The proxy as process `name` (its files named so), with `extra`
+    /// arguments; not waited for.
+    fn spawn(dir: &Path, name: &str, config: &str, extra: &[&str]) -> Lb {
+        let path = dir.join(format!("{name}.json"));
         std::fs::write(&path, config).unwrap();
-        let log = dir.join("l7lb.log");
+        let log = dir.join(format!("{name}.log"));
         let f = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_sdn-l7lb"))
             .args(["--config", path.to_str().unwrap()])
+            .args(extra)
             .stdout(f.try_clone().unwrap())
             .stderr(f)
             .spawn()
             .unwrap();
-        wait_port(port);
         Lb {
             child: Kid(child),
             config: path,
             log,
+        }
+    }
+
+    fn said(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit by itself: whether it succeeded.
+    fn exits_within(&mut self, limit: Duration) -> bool {
+        let t0 = Instant::now();
+        loop {
+            if let Some(st) = self.child.0.try_wait().unwrap() {
+                return st.success();
+            }
+            assert!(t0.elapsed() < limit, "still running after {limit:?}:\n{}", self.said());
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -673,4 +697,142 @@ fn the_proxy_protocol_names_each_client_to_its_member() {
             }
         }
     }
+}
+
+/// A member that answers after `delay` (Python's HTTP server).
+fn slow_member(port: u16, delay: &str) -> Kid {
+    let code = [
+        "import http.server,time".to_string(),
+        "class H(http.server.BaseHTTPRequestHandler):".into(),
+        "  protocol_version='HTTP/1.1'".into(),
+        "  def do_GET(s):".into(),
+        format!("    time.sleep({delay}); b=b'slow\\n'; s.send_response(200)"),
+        "    s.send_header('Content-Length',str(len(b))); s.end_headers(); s.wfile.write(b)".into(),
+        "  def log_message(s,*a): pass".into(),
+        format!("http.server.ThreadingHTTPServer(('127.0.0.1',{port}),H).serve_forever()"),
+    ]
+    .join("\n");
+    let child = Command::new("python3")
+        .args(["-c", &code])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3");
+    wait_port(port);
+    Kid(child)
+}
+
+#[test]
+fn an_upgrade_under_load_loses_no_request() {
+    for tool in ["nginx", "curl", "python3"] {
+        assert!(have(tool), "{tool} is needed: scripts/setup.sh installs it");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let m: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let _members = (nginx(d, "m1", m[0]), nginx(d, "m2", m[1]), slow_member(m[2], "1.5"));
+    let port = free_port();
+    let conf = format!(
+        r#"{{"listeners": [{{"name": "web", "listen": "127.0.0.1:{port}", "default_pool": "web",
+      "rules": [{{"name": "slow", "path_prefix": "/slow", "action": {{"pool": "slow"}}}}]}}],
+  "pools": [
+    {{"name": "web", "scheduler": "round_robin", "members": [
+      {{"name": "m1", "address": "127.0.0.1:{}"}}, {{"name": "m2", "address": "127.0.0.1:{}"}}]}},
+    {{"name": "slow", "scheduler": "round_robin", "members": [{{"name": "s", "address": "127.0.0.1:{}"}}]}}]}}"#,
+        m[0], m[1], m[2]
+    );
+    let ctl = d.join("control.sock");
+    let ctl_s = ctl.to_str().unwrap();
+    let mut first = Lb::spawn(d, "first", &conf, &["--control", ctl_s]);
+    wait_port(port);
+
+    // Load: two clients, each making connections of three requests one
+    // after another, until told to stop; every answer's status kept.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let url = format!("http://127.0.0.1:{port}/");
+    let load: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, url) = (stop.clone(), url.clone());
+            std::thread::spawn(move || {
+                let mut codes = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let out = curl(&[
+                        "-o",
+                        "/dev/null",
+                        "-o",
+                        "/dev/null",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}\n",
+                        &url,
+                        &url,
+                        &url,
+                    ]);
+                    codes.extend(out.lines().map(str::to_string));
+                }
+                codes
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(700));
+    // A request in flight across the upgrade: sent to the old process,
+    // answered 1.5 s later.
+    let slow_url = format!("http://127.0.0.1:{port}/slow");
+    let slow = std::thread::spawn(move || curl(&[&slow_url]));
+    std::thread::sleep(Duration::from_millis(200));
+
+    let mut second = Lb::spawn(d, "second", &conf, &["--control", ctl_s, "--upgrade"]);
+    assert!(
+        first.exits_within(Duration::from_secs(10)),
+        "the old proxy failed:\n{}",
+        first.said()
+    );
+    let said = first.said();
+    for want in ["handed the listening sockets to the new proxy", "draining", "drained"] {
+        assert!(said.contains(want), "{want:?} not in the old proxy's log:\n{said}");
+    }
+    assert!(
+        second.said().contains("took the running proxy's listening sockets"),
+        "{}",
+        second.said()
+    );
+    assert_eq!(
+        slow.join().unwrap(),
+        "slow\n",
+        "the request in flight across the upgrade"
+    );
+    std::thread::sleep(Duration::from_millis(700));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let codes: Vec<String> = load.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let bad: Vec<&String> = codes.iter().filter(|c| *c != "200").collect();
+    eprintln!(
+        "{} requests across the upgrade, {} not answered 200",
+        codes.len(),
+        bad.len()
+    );
+    assert!(codes.len() >= 30, "too little load to show anything: {}", codes.len());
+    assert!(bad.is_empty(), "requests lost across the upgrade: {bad:?}");
+
+    // An upgrade to a process whose configuration is refused: it exits,
+    // and the running one goes on serving, its control socket too.
+    let broken = conf.replace("\"round_robin\"", "\"no_such_scheduler\"");
+    let mut third = Lb::spawn(d, "third", &broken, &["--control", ctl_s, "--upgrade"]);
+    assert!(
+        !third.exits_within(Duration::from_secs(10)),
+        "a broken configuration was served"
+    );
+    let t0 = Instant::now();
+    while !second.said().contains("abandoned") {
+        assert!(t0.elapsed() < Duration::from_secs(10), "{}", second.said());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(first_word(&curl(&[&url])).len(), 2);
+    let mut fourth = Lb::spawn(d, "fourth", &conf, &["--control", ctl_s, "--upgrade"]);
+    assert!(second.exits_within(Duration::from_secs(10)), "{}", second.said());
+    assert!(fourth.said().contains("took the running proxy's listening sockets"));
+    assert_eq!(first_word(&curl(&[&url])).len(), 2);
+    // SIGTERM drains as well, and ends.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(fourth.child.0.id() as i32, libc::SIGTERM) };
+    assert!(fourth.exits_within(Duration::from_secs(10)), "{}", fourth.said());
 }
