@@ -18,6 +18,53 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     #[serde(default)]
     pub pools: Vec<Pool>,
+    /// Client connections' time limits.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+}
+
+/// How long a client connection may go without its first request, idle
+/// between requests (HTTP/2 pings do not count), or stalled in the middle
+/// of one (no byte moved either way).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    #[serde(default = "ten_seconds")]
+    pub first_request_ms: u64,
+    #[serde(default = "a_minute")]
+    pub idle_ms: u64,
+    #[serde(default = "a_minute")]
+    pub stalled_ms: u64,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            first_request_ms: ten_seconds(),
+            idle_ms: a_minute(),
+            stalled_ms: a_minute(),
+        }
+    }
+}
+
+fn ten_seconds() -> u64 {
+    10_000
+}
+fn a_minute() -> u64 {
+    60_000
+}
+
+impl Timeouts {
+    pub fn limits(&self) -> crate::guard::Limits {
+        let ms = std::time::Duration::from_millis;
+        let shortest = self.first_request_ms.min(self.idle_ms).min(self.stalled_ms);
+        crate::guard::Limits {
+            first_request: ms(self.first_request_ms),
+            idle: ms(self.idle_ms),
+            stalled: ms(self.stalled_ms),
+            tick: ms((shortest / 4).clamp(10, 500)),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -40,6 +87,11 @@ pub struct Listener {
     /// `Forwarded` towards the members (on unless said otherwise).
     #[serde(default = "yes")]
     pub forwarded: bool,
+    /// Clients whose own forwarding headers are believed (proxies in
+    /// front of this one): theirs are appended to. From any other client
+    /// those headers (and `X-Real-IP` and the like) are dropped.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 fn yes() -> bool {
@@ -229,6 +281,13 @@ fn one() -> u32 {
 /// The largest weight a member may have.
 pub const WEIGHT_MAX: u32 = 1000;
 
+impl Listener {
+    /// Its trusted proxies, parsed (checked before).
+    pub fn trusted(&self) -> Vec<ipnetwork::IpNetwork> {
+        self.trusted_proxies.iter().filter_map(|n| n.parse().ok()).collect()
+    }
+}
+
 impl Config {
     /// Reads and checks a configuration: its JSON, then every field.
     pub fn parse(text: &str) -> Result<Config, String> {
@@ -239,6 +298,15 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), String> {
+        for (field, v) in [
+            ("first_request_ms", self.timeouts.first_request_ms),
+            ("idle_ms", self.timeouts.idle_ms),
+            ("stalled_ms", self.timeouts.stalled_ms),
+        ] {
+            if !(100..=3_600_000).contains(&v) {
+                return Err(format!("timeouts.{field}: {v} is not within 100 to 3600000"));
+            }
+        }
         let mut pools = BTreeSet::new();
         for (i, p) in self.pools.iter().enumerate() {
             let at = format!("pools[{i}]");
@@ -296,10 +364,17 @@ impl Config {
                     return Err(format!("{at}.tls.certificates: HTTPS needs at least one certificate"));
                 }
             }
+            for (k, n) in l.trusted_proxies.iter().enumerate() {
+                n.parse::<ipnetwork::IpNetwork>()
+                    .map_err(|e| format!("{at}.trusted_proxies[{k}]: {n:?}: {e}"))?;
+            }
             if let Some(p) = &l.default_pool {
                 if !pools.contains(p.as_str()) {
                     return Err(format!("{at}.default_pool: no pool is named {p:?}"));
                 }
+            }
+            if l.rules.len() > RULES_MAX {
+                return Err(format!("{at}.rules: {} rules, at most {RULES_MAX}", l.rules.len()));
             }
             for (j, r) in l.rules.iter().enumerate() {
                 let at = format!("{at}.rules[{j}]");
@@ -317,9 +392,21 @@ impl Config {
                     if !p.starts_with('/') {
                         return Err(format!("{at}.path_prefix: {p:?} does not begin with /"));
                     }
+                    // Paths are judged as members read them: a prefix in
+                    // another spelling would never match.
+                    match crate::proxy::normal_path(p) {
+                        Some(n) if n == *p && !p.contains(';') => {}
+                        Some(n) if !p.contains(';') => {
+                            return Err(format!("{at}.path_prefix: {p:?} is read as {n:?}; write it so"))
+                        }
+                        _ => return Err(format!("{at}.path_prefix: {p:?} is no path a request can have")),
+                    }
                 }
                 if let Some(re) = &r.path_regex {
-                    regex::Regex::new(re).map_err(|e| format!("{at}.path_regex: {e}"))?;
+                    if re.len() > REGEX_LEN_MAX {
+                        return Err(format!("{at}.path_regex: longer than {REGEX_LEN_MAX} bytes"));
+                    }
+                    path_regex(re).map_err(|e| format!("{at}.path_regex: {e}"))?;
                 }
                 if let Some(h) = &r.header {
                     header_name(&format!("{at}.header.name"), &h.name)?;
@@ -402,6 +489,20 @@ impl Health {
         }
         Ok(())
     }
+}
+
+/// Rules per listener, at most.
+pub const RULES_MAX: usize = 1000;
+/// A path regular expression's length, at most.
+pub const REGEX_LEN_MAX: usize = 1024;
+
+/// A rule's path expression, anchored to the whole path, within limits
+/// of size so no rule costs much per request.
+pub fn path_regex(re: &str) -> Result<regex::Regex, regex::Error> {
+    regex::RegexBuilder::new(&format!("^(?:{re})$"))
+        .size_limit(256 * 1024)
+        .dfa_size_limit(1024 * 1024)
+        .build()
 }
 
 /// The shortest and longest interval between a member's health checks.
@@ -504,6 +605,31 @@ mod tests {
                 "\"scheduler\": \"round_robin\",",
                 "\"scheduler\": \"round_robin\", \"health\": {\"fall\": 0},",
                 "pools[0].health.fall",
+            ),
+            (
+                "\"path_regex\": \"^/a/[0-9]+$\"",
+                "\"path_prefix\": \"/a/%7e/\"",
+                "listeners[0].rules[0].path_prefix: \"/a/%7e/\" is read as \"/a/~/\"",
+            ),
+            (
+                "\"path_regex\": \"^/a/[0-9]+$\"",
+                "\"path_prefix\": \"/a;x/\"",
+                "listeners[0].rules[0].path_prefix",
+            ),
+            (
+                "\"path_regex\": \"^/a/[0-9]+$\"",
+                "\"path_regex\": \"(a{100}){100}(b{100}){100}\"",
+                "listeners[0].rules[0].path_regex",
+            ),
+            (
+                "\"default_pool\": \"p\",",
+                "\"default_pool\": \"p\", \"trusted_proxies\": [\"10.0.0.0/33\"],",
+                "listeners[0].trusted_proxies",
+            ),
+            (
+                "\"listeners\": [",
+                "\"timeouts\": {\"idle_ms\": 5}, \"listeners\": [",
+                "timeouts.idle_ms",
             ),
         ] {
             assert_eq!(GOOD.matches(from).count(), 1, "{from}");

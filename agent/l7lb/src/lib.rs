@@ -9,6 +9,7 @@
 //! its configuration ([`config::Config`]).
 
 pub mod config;
+pub mod guard;
 pub mod health;
 pub mod pp;
 pub mod proxy;

@@ -57,6 +57,28 @@ async fn drain(proxy: &mut Proxy, limit: Duration) {
     }
 }
 
+/// Each client connection may need a file for a connection to a member:
+/// the soft limit of open files is raised to the hard one.
+fn raise_file_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                tracing::warn!("could not raise the limit of open files");
+            }
+        }
+    }
+    tracing::info!(
+        connections_max = sdn_l7lb::proxy::connections_max(),
+        "client connections at most"
+    );
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -65,6 +87,7 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    raise_file_limit();
     // Before anything else: a SIGHUP sent while starting reloads, not kills.
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

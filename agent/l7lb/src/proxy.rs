@@ -53,8 +53,34 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// HTTP/2 clients are pinged this often, and dropped when a ping is not
 /// answered within the same.
 pub const H2_KEEPALIVE: Duration = Duration::from_secs(30);
-/// Client connections at once, per proxy; past this new ones wait.
+/// Client connections at once, per proxy, at most; past this new ones
+/// wait. Fewer when the process may open fewer files (each client
+/// connection may need one to a member): see [`connections_max`].
 pub const CONNECTIONS_MAX: usize = 16_384;
+/// A request's path, at most (longer: 414).
+pub const PATH_MAX: usize = 8 * 1024;
+/// A client's request headers, at most (HTTP/1.1; HTTP/2's are 16 KiB).
+pub const HEADER_BUFFER_MAX: usize = 64 * 1024;
+/// Streams at once on one HTTP/2 connection.
+pub const H2_STREAMS_MAX: u32 = 100;
+/// Idle kept-alive connections to one member, at most.
+pub const IDLE_PER_MEMBER_MAX: usize = 64;
+
+/// Client connections this process can hold: half of what it may open,
+/// less a reserve, and no more than [`CONNECTIONS_MAX`].
+pub fn connections_max() -> usize {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given.
+    let files = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 {
+        r.rlim_cur as usize
+    } else {
+        1024
+    };
+    (files.saturating_sub(128) / 2).clamp(64, CONNECTIONS_MAX)
+}
 
 /// A listener's certificates, rules and pools as served now (replaced
 /// whole on reload: a new connection takes the new certificates, a new
@@ -64,6 +90,10 @@ pub struct Served {
     acceptor: Option<(Arc<boring::ssl::SslAcceptor>, Arc<tls::Names>)>,
     rules: Vec<(config::Rule, Option<regex::Regex>)>,
     pools: HashMap<String, Arc<Pool>>,
+    /// The client connections' time limits.
+    limits: crate::guard::Limits,
+    /// Clients whose forwarding headers are appended to.
+    trusted: Vec<ipnetwork::IpNetwork>,
 }
 
 /// A running listener: its socket's task, what it serves, and its stop
@@ -90,6 +120,7 @@ pub struct Proxy {
     pools: HashMap<String, Kept>,
     client: Client<HttpConnector, Body>,
     slots: Arc<Semaphore>,
+    slots_max: usize,
     /// Listening sockets handed over by the process this one upgrades,
     /// taken by the first configuration's listeners of the same address.
     spare: HashMap<SocketAddr, std::net::TcpListener>,
@@ -108,13 +139,15 @@ impl Proxy {
         c.set_connect_timeout(Some(CONNECT_TIMEOUT));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(IDLE_TIMEOUT)
+            .pool_max_idle_per_host(IDLE_PER_MEMBER_MAX)
             .pool_timer(TokioTimer::new())
             .build(c);
         Proxy {
             running: HashMap::new(),
             pools: HashMap::new(),
             client,
-            slots: Arc::new(Semaphore::new(CONNECTIONS_MAX)),
+            slots: Arc::new(Semaphore::new(connections_max())),
+            slots_max: connections_max(),
             spare: HashMap::new(),
         }
     }
@@ -150,7 +183,7 @@ impl Proxy {
 
     /// Client connections open now.
     pub fn connections(&self) -> usize {
-        CONNECTIONS_MAX - self.slots.available_permits()
+        self.slots_max - self.slots.available_permits()
     }
 
     /// Serves `c`: everything is prepared first (certificates, rules,
@@ -184,10 +217,9 @@ impl Proxy {
             let mut rules = Vec::new();
             for (j, r) in l.rules.iter().enumerate() {
                 let re = match &r.path_regex {
-                    Some(re) => Some(
-                        regex::Regex::new(&format!("^(?:{re})$"))
-                            .map_err(|e| format!("listeners[{i}].rules[{j}].path_regex: {e}"))?,
-                    ),
+                    Some(re) => {
+                        Some(config::path_regex(re).map_err(|e| format!("listeners[{i}].rules[{j}].path_regex: {e}"))?)
+                    }
                     None => None,
                 };
                 rules.push((r.clone(), re));
@@ -197,6 +229,8 @@ impl Proxy {
                 acceptor,
                 rules,
                 pools: by_name.clone(),
+                limits: c.timeouts.limits(),
+                trusted: l.trusted(),
             });
             let kept = self.running.get(&l.listen).is_some_and(|r| !r.task.is_finished());
             let socket = if kept {
@@ -318,6 +352,8 @@ async fn accept(
     slots: Arc<Semaphore>,
     stopped: watch::Receiver<bool>,
 ) {
+    let per_client = Arc::new(crate::guard::PerClient::default());
+    let mut refused_logged = std::time::Instant::now() - Duration::from_secs(60);
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
@@ -330,19 +366,33 @@ async fn accept(
                 continue;
             }
         };
+        let Some(counted) = per_client.admit(peer.ip(), crate::guard::PER_CLIENT_MAX) else {
+            if refused_logged.elapsed() > Duration::from_secs(1) {
+                refused_logged = std::time::Instant::now();
+                tracing::warn!(client = %peer.ip(), max = crate::guard::PER_CLIENT_MAX, "a client has too many connections open; its new ones are closed (said at most once a second)");
+            }
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let Ok(local) = tcp.local_addr() else { continue };
-        let acceptor = served.read().unwrap_or_else(|p| p.into_inner()).acceptor.clone();
+        let (acceptor, limits) = {
+            let s = served.read().unwrap_or_else(|p| p.into_inner());
+            (s.acceptor.clone(), s.limits)
+        };
         let (served, client, mut stopped) = (served.clone(), client.clone(), stopped.clone());
         tokio::spawn(async move {
             let _slot = slot;
+            let _counted = counted;
+            let activity = Arc::new(crate::guard::Activity::default());
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(HEADER_BUFFER_MAX)
                 .http2()
                 .timer(TokioTimer::new())
+                .max_concurrent_streams(H2_STREAMS_MAX)
                 .keep_alive_interval(H2_KEEPALIVE)
                 .keep_alive_timeout(H2_KEEPALIVE);
             let mut conn = Conn {
@@ -352,6 +402,7 @@ async fn accept(
                 client,
                 local,
                 private: Arc::default(),
+                activity: activity.clone(),
             };
             macro_rules! serve {
                 ($io:expr) => {{
@@ -360,16 +411,23 @@ async fn accept(
                     tokio::pin!(c);
                     tokio::select! {
                         _ = c.as_mut() => {}
+                        why = activity.watch(limits) => {
+                            tracing::debug!(client = %peer, why, "connection closed");
+                        }
                         _ = async { let _ = stopped.wait_for(|s| *s).await; } => {
                             c.as_mut().graceful_shutdown();
-                            let _ = c.await;
+                            tokio::select! {
+                                _ = c.as_mut() => {}
+                                _ = activity.watch(limits) => {}
+                            }
                         }
                     }
                 }};
             }
             match acceptor {
-                None => serve!(TokioIo::new(tcp)),
+                None => serve!(TokioIo::new(crate::guard::Watched::new(tcp, activity.clone()))),
                 Some((a, names)) => {
+                    let tcp = crate::guard::Watched::new(tcp, activity.clone());
                     let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_boring::accept(&a, tcp)).await {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
@@ -398,6 +456,8 @@ struct Conn {
     client: Client<HttpConnector, Body>,
     /// The address the client reached.
     local: SocketAddr,
+    /// What the connection does (requests in flight, bytes moved).
+    activity: Arc<crate::guard::Activity>,
     /// Its own connections to members with the PROXY protocol.
     private: Arc<crate::pp::Private>,
 }
@@ -487,8 +547,17 @@ fn host_of(req: &Request<Incoming>) -> Result<(String, Option<Authority>), ()> {
     if a.as_str().contains('@') {
         return Err(());
     }
-    let host = a.host().trim_end_matches('.').to_ascii_lowercase();
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let raw = a.host();
+    let host = match raw.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().map_err(|_| ())?.to_string(),
+        None => {
+            // A name or an IPv4 address: nothing a header's syntax reads.
+            if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) {
+                return Err(());
+            }
+            raw.trim_end_matches('.').to_ascii_lowercase()
+        }
+    };
     Ok((host, Some(a)))
 }
 
@@ -496,35 +565,44 @@ fn host_of(req: &Request<Incoming>) -> Result<(String, Option<Authority>), ()> {
 /// decoded, slashes merged, dot segments removed (RFC 3986 5.2.4). None:
 /// a path no rule can judge (an encoded dot, slash or backslash, or a
 /// byte that is no path's).
-fn normal_path(path: &str) -> Option<String> {
+pub(crate) fn normal_path(path: &str) -> Option<String> {
     let b = path.as_bytes();
-    let mut decoded = String::with_capacity(path.len());
+    let mut decoded: Vec<u8> = Vec::with_capacity(path.len());
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' {
             let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            if !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+                return None;
+            }
             let v = u8::from_str_radix(hex, 16).ok()?;
             if v.is_ascii_alphanumeric() || b"-_~".contains(&v) {
-                decoded.push(v as char);
-            } else if b"./\\".contains(&v) || v < 0x20 || v == 0x7f {
+                decoded.push(v);
+            } else if b"./\\;".contains(&v) || v < 0x20 || v == 0x7f {
                 return None;
             } else {
-                decoded.push('%');
-                decoded.push_str(&hex.to_ascii_uppercase());
+                decoded.push(b'%');
+                decoded.extend_from_slice(hex.to_ascii_uppercase().as_bytes());
             }
             i += 3;
             continue;
         }
-        if b[i] == b'\\' {
+        if b[i] == b'\\' || b[i] < 0x20 || b[i] == 0x7f {
             return None;
         }
-        decoded.push(b[i] as char);
+        decoded.push(b[i]);
         i += 1;
     }
+    let decoded = String::from_utf8(decoded).ok()?;
     let mut out: Vec<&str> = Vec::new();
     let segments: Vec<&str> = decoded.split('/').collect();
     let last = segments.len() - 1;
     for (k, s) in segments.iter().enumerate() {
+        // A dot segment with parameters (`..;x`) is one to some servers
+        // (Tomcat, Jetty) and not to others: refused.
+        if s.contains(';') && matches!(s.split(';').next(), Some("." | "..")) {
+            return None;
+        }
         match *s {
             "" | "." if k != last => {}
             "." | "" => out.push(""),
@@ -538,6 +616,19 @@ fn normal_path(path: &str) -> Option<String> {
         }
     }
     Some(format!("/{}", out.join("/")))
+}
+
+/// The path rules judge: each segment without its parameters (`;...`),
+/// which servers that take them (Tomcat, Jetty) ignore when they route.
+pub(crate) fn rule_view(path: &str) -> std::borrow::Cow<'_, str> {
+    if !path.contains(';') {
+        return path.into();
+    }
+    path.split('/')
+        .map(|seg| seg.split(';').next().unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("/")
+        .into()
 }
 
 fn matches(r: &config::Rule, re: Option<&regex::Regex>, req: &Request<Incoming>, host: &str, path: &str) -> bool {
@@ -587,37 +678,61 @@ impl Drop for InFlight {
 
 impl Conn {
     async fn handle(self, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+        let flight = self.activity.begin();
+        let resp = self.answer(req).await;
+        // The request counts as in flight until its response's end.
+        Ok(resp.map(|b| {
+            b.map_frame(move |f| {
+                let _ = &flight;
+                f
+            })
+            .boxed()
+        }))
+    }
+
+    async fn answer(self, req: Request<Incoming>) -> Response<Body> {
+        // Methods are case-sensitive (RFC 9110 9.1), but some frameworks
+        // upper-case them: `delete` would pass a rule on DELETE and be run
+        // as one.
+        if !req
+            .method()
+            .as_str()
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_')
+        {
+            return full(StatusCode::BAD_REQUEST, "methods are upper case\n", "text/plain");
+        }
         if req.method() == Method::CONNECT {
-            return Ok(full(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "CONNECT is not served\n",
-                "text/plain",
-            ));
+            return full(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not served\n", "text/plain");
         }
         let Ok((host, authority)) = host_of(&req) else {
-            return Ok(full(StatusCode::BAD_REQUEST, "bad host\n", "text/plain"));
+            return full(StatusCode::BAD_REQUEST, "bad host\n", "text/plain");
         };
         if let Some((names, chosen)) = &self.tls {
             if !names.covers(*chosen, &host) {
-                return Ok(full(
+                return full(
                     StatusCode::MISDIRECTED_REQUEST,
                     "this connection's certificate does not name that host\n",
                     "text/plain",
-                ));
+                );
             }
         }
+        if req.uri().path().len() > PATH_MAX {
+            return full(StatusCode::URI_TOO_LONG, "the path is too long\n", "text/plain");
+        }
         let Some(path) = normal_path(req.uri().path()) else {
-            return Ok(full(StatusCode::BAD_REQUEST, "bad path\n", "text/plain"));
+            return full(StatusCode::BAD_REQUEST, "bad path\n", "text/plain");
         };
+        let judged = rule_view(&path).into_owned();
         let served = self.served.read().unwrap_or_else(|p| p.into_inner()).clone();
         let action = served
             .rules
             .iter()
-            .find(|(r, re)| matches(r, re.as_ref(), &req, &host, &path))
+            .find(|(r, re)| matches(r, re.as_ref(), &req, &host, &judged))
             .map(|(r, _)| r.action.clone())
             .or_else(|| served.listener.default_pool.clone().map(Action::Pool));
         let Some(action) = action else {
-            return Ok(full(StatusCode::NOT_FOUND, "no rule matches\n", "text/plain"));
+            return full(StatusCode::NOT_FOUND, "no rule matches\n", "text/plain");
         };
         let pool = match action {
             Action::Redirect { location, status } => {
@@ -629,35 +744,35 @@ impl Conn {
                 if let Ok(v) = HeaderValue::from_str(&location) {
                     r.headers_mut().insert(header::LOCATION, v);
                 }
-                return Ok(r);
+                return r;
             }
             Action::Respond {
                 status,
                 body,
                 content_type,
             } => {
-                return Ok(full(
+                return full(
                     StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
                     body,
                     content_type.as_deref().unwrap_or("text/plain"),
-                ))
+                )
             }
             Action::Pool(p) => p,
         };
         let Some(pool) = served.pools.get(&pool).cloned() else {
-            return Ok(full(StatusCode::SERVICE_UNAVAILABLE, "no such pool\n", "text/plain"));
+            return full(StatusCode::SERVICE_UNAVAILABLE, "no such pool\n", "text/plain");
         };
         let target = match req.uri().query() {
             Some(q) => format!("{path}?{q}"),
             None => path,
         };
-        Ok(self.forward(req, &served.listener, &pool, authority, target).await)
+        self.forward(req, &served, &pool, authority, target).await
     }
 
     async fn forward(
         &self,
         req: Request<Incoming>,
-        listener: &config::Listener,
+        served: &Served,
         pool: &Arc<Pool>,
         authority: Option<Authority>,
         target: String,
@@ -688,8 +803,9 @@ impl Conn {
                 parts.headers.insert(header::HOST, v);
             }
         }
-        if listener.forwarded {
-            forwarded(&mut parts.headers, self.peer, self.tls.is_some());
+        if served.listener.forwarded {
+            let trusted = served.trusted.iter().any(|n| n.contains(self.peer.ip().to_canonical()));
+            forwarded(&mut parts.headers, self.peer, self.tls.is_some(), trusted);
         }
         // A request without a body may be sent again: to another member
         // when the first refused the connection, or (idempotent ones) when
@@ -778,6 +894,14 @@ impl Conn {
                         .boxed();
                     return Response::from_parts(rp, rb);
                 }
+                Err(e) if e.is_connect() && local_failure(&e) => {
+                    tracing::error!(error = %e, "the proxy is out of files or ports; the member is not blamed");
+                    return full(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the proxy is overloaded\n",
+                        "text/plain",
+                    );
+                }
                 Err(e) if e.is_connect() => {
                     pool.set_aside(i);
                     tracing::warn!(pool = %pool.name, member = %member.name, address = %member.address, error = %e, "a member refused the connection; set aside for a while");
@@ -800,11 +924,51 @@ impl Conn {
     }
 }
 
-/// `X-Forwarded-For` (appended to), `X-Forwarded-Proto`,
-/// `X-Forwarded-Host` and `Forwarded` (RFC 7239, appended to) for the
-/// client at `peer`. (`Host` was checked as an authority: it holds no
-/// quote.)
-fn forwarded(h: &mut HeaderMap, peer: SocketAddr, tls: bool) {
+/// Whether a failed connection to a member failed here (no file, no
+/// port, no memory), not at the member.
+fn local_failure(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.raw_os_error(),
+                Some(libc::EMFILE | libc::ENFILE | libc::EADDRNOTAVAIL | libc::ENOBUFS | libc::ENOMEM)
+            );
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Headers that name a client's address or how it came, dropped from a
+/// client that is no trusted proxy.
+const CLIENT_ADDRESS_HEADERS: [&str; 12] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-forwarded-server",
+    "x-forwarded-ssl",
+    "x-forwarded-scheme",
+    "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+];
+
+/// `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host` and
+/// `Forwarded` (RFC 7239) for the client at `peer`: the chains appended
+/// to when the client is a trusted proxy, else begun here. (`Host` was
+/// checked: a name, an IPv4 or a bracketed IPv6 address, and a port.)
+fn forwarded(h: &mut HeaderMap, peer: SocketAddr, tls: bool, trusted: bool) {
+    if !trusted {
+        // What a client says of earlier hops is not believed: the chain
+        // begins here.
+        for n in CLIENT_ADDRESS_HEADERS {
+            h.remove(n);
+        }
+    }
     let ip = peer.ip().to_canonical();
     let proto = if tls { "https" } else { "http" };
     let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
@@ -842,7 +1006,7 @@ fn forwarded(h: &mut HeaderMap, peer: SocketAddr, tls: bool) {
 
 #[cfg(test)]
 mod tests {
-    use super::normal_path;
+    use super::{normal_path, rule_view};
 
     /// Every spelling of a path a member would read as another is read as
     /// that one, or refused.
@@ -865,8 +1029,17 @@ mod tests {
             ("/a%5cb", None),
             ("/a%zz", None),
             ("/a%0a", None),
+            ("/caf\u{e9}/", Some("/caf\u{e9}/")),
+            ("/manager;x/html", Some("/manager;x/html")),
+            ("/x/..;/manager/html", None),
+            ("/x/.;y/a", None),
+            ("/a%3bb", None),
+            ("/a%+5", None),
         ] {
             assert_eq!(normal_path(p).as_deref(), want, "{p}");
         }
+        // Rules judge the path without the segments' parameters.
+        assert_eq!(rule_view("/manager;jsessionid=1/html;x"), "/manager/html");
+        assert_eq!(rule_view("/a/b"), "/a/b");
     }
 }

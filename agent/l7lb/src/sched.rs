@@ -16,6 +16,10 @@ pub const SET_ASIDE: Duration = Duration::from_secs(5);
 /// Session cookies learned, at most, per pool; past this the half least
 /// recently used is forgotten.
 pub const LEARNED_MAX: usize = 100_000;
+/// Requests in flight to one member, at most (each holds a connection to
+/// it); a member at this is passed over, and a pool whose members all are
+/// answers 503.
+pub const MEMBER_IN_FLIGHT_MAX: usize = 512;
 /// A learned cookie's value longer than this is not remembered.
 pub const LEARNED_VALUE_MAX: usize = 256;
 
@@ -101,8 +105,10 @@ impl Pool {
         self.healthy(i) && self.members[i].down_until_ms.load(Ordering::Relaxed) <= self.now_ms()
     }
 
+    /// Healthy, and not at its cap of requests in flight.
     fn healthy(&self, i: usize) -> bool {
         self.members[i].healthy.load(Ordering::Relaxed)
+            && self.members[i].active.load(Ordering::Relaxed) < MEMBER_IN_FLIGHT_MAX
     }
 
     /// Sets a member aside after a failed connection.
@@ -377,7 +383,9 @@ mod tests {
         p.set_aside(2);
         assert!((0..10).all(|_| matches!(p.pick(&NONE, None), Some(0 | 2))));
         p.members[0].healthy.store(false, Ordering::Relaxed);
-        p.members[2].healthy.store(false, Ordering::Relaxed);
-        assert_eq!(p.pick(&NONE, None), None);
+        p.members[2].active.store(MEMBER_IN_FLIGHT_MAX, Ordering::Relaxed);
+        assert_eq!(p.pick(&NONE, None), None, "one unhealthy, one at its cap");
+        p.members[2].active.store(MEMBER_IN_FLIGHT_MAX - 1, Ordering::Relaxed);
+        assert_eq!(p.pick(&NONE, None), Some(2));
     }
 }

@@ -52,7 +52,7 @@ fn nginx(dir: &Path, name: &str, port: u16) -> Kid {
          location = /health {{\n      root {d}/www;\n      default_type text/plain;\n    }}\n    location / {{\n\
          add_header Set-Cookie \"SESS={name}-$request_id; Path=/\";\n\
          return 200 \"{name} reqs=$connection_requests uri=$request_uri xff=[$http_x_forwarded_for] \
-         fwd=[$http_forwarded] host=[$http_host] proto=[$http_x_forwarded_proto]\\n\";\n    }}\n  }}\n}}\n",
+         fwd=[$http_forwarded] host=[$http_host] proto=[$http_x_forwarded_proto] real=[$http_x_real_ip]\\n\";\n    }}\n  }}\n}}\n",
         d = d.display()
     );
     std::fs::write(d.join("nginx.conf"), conf).unwrap();
@@ -235,7 +235,7 @@ fn config(port: u16, tls_port: u16, m: &[u16], certs: &[(PathBuf, PathBuf)], ext
         {{"name": "hashed", "path_prefix": "/h/", "action": {{"pool": "hashed"}}}},
         {{"name": "learned", "path_prefix": "/l/", "action": {{"pool": "learned"}}}}
       ]}},
-    {{"name": "secure", "listen": "127.0.0.1:{tls_port}", "default_pool": "web",
+    {{"name": "secure", "listen": "127.0.0.1:{tls_port}", "default_pool": "web", "trusted_proxies": ["127.0.0.0/8"],
       "tls": {{"certificates": [{certs}]}}}}
   ],
   "pools": [
@@ -297,9 +297,20 @@ fn http_and_https_requests_are_routed_balanced_and_kept() {
     ] {
         assert!(seen.contains(want), "{want} not in {seen}");
     }
-    // A client's own X-Forwarded-For is kept, and the proxy's hop added.
-    let seen = curl(&["-H", "X-Forwarded-For: 203.0.113.7", &url("/")]);
-    assert!(seen.contains("xff=[203.0.113.7, 127.0.0.1]"), "{seen}");
+    // A client's own forwarding headers are not believed: the chains
+    // begin with it, and X-Real-IP is dropped...
+    let spoof = [
+        "-H",
+        "X-Forwarded-For: 203.0.113.7",
+        "-H",
+        "Forwarded: for=203.0.113.7",
+        "-H",
+        "X-Real-IP: 203.0.113.7",
+    ];
+    let seen = curl(&[&spoof[..], &[url("/").as_str()]].concat());
+    for want in ["xff=[127.0.0.1]", "fwd=[for=127.0.0.1;proto=http;host=", "real=[]"] {
+        assert!(seen.contains(want), "{want} not in {seen}");
+    }
     // Connections to the members are kept alive and used again.
     let reqs: Vec<u64> = (0..6)
         .map(|_| {
@@ -345,6 +356,16 @@ fn http_and_https_requests_are_routed_balanced_and_kept() {
     );
     let body = https("a.example", &[]);
     assert!(body.contains("proto=[https]"), "{body}");
+    // ... except from a trusted proxy (this listener trusts 127.0.0.0/8):
+    // its chains are appended to.
+    let body = https("a.example", &spoof);
+    for want in [
+        "xff=[203.0.113.7, 127.0.0.1]",
+        "fwd=[for=203.0.113.7, for=127.0.0.1;proto=https",
+        "real=[203.0.113.7]",
+    ] {
+        assert!(body.contains(want), "{want} not in {body}");
+    }
     // Each name gets its certificate: exact, wildcard, else the first.
     assert!(subject(tls_port, "a.example").contains("CN = a.example"));
     assert!(subject(tls_port, "x.b.example").contains("CN = *.b.example"));
@@ -384,6 +405,22 @@ fn http_and_https_requests_are_routed_balanced_and_kept() {
         ]),
         "400"
     );
+    // Path parameters (Tomcat's `;jsessionid=`) do not hide a path from
+    // its rule, nor a dot segment; nor a method in lower case; nor a host
+    // that a header's syntax would split.
+    assert_eq!(curl(&["--path-as-is", &url("/static;x/a.js")]), "static\n");
+    for (args, want) in [
+        (vec!["--path-as-is", "/x/..;/static/a.js"], "400"),
+        (vec!["-X", "delete", "/"], "400"),
+        (vec!["-H", "Host: x,for=6.6.6.6", "/"], "400"),
+    ] {
+        let (path, args) = args.split_last().unwrap();
+        let u = url(path);
+        let got = curl(&[args, &["-o", "/dev/null", "-w", "%{http_code}", u.as_str()]].concat());
+        assert_eq!(got, want, "{args:?} {path}");
+    }
+    let long = format!("/{}", "a".repeat(9000));
+    assert_eq!(curl(&["-o", "/dev/null", "-w", "%{http_code}", &url(&long)]), "414");
     let seen = curl(&["--path-as-is", &url("/x/../y/./z?q=1")]);
     assert!(seen.contains("uri=/y/z?q=1"), "{seen}");
 
@@ -835,4 +872,101 @@ fn an_upgrade_under_load_loses_no_request() {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(fourth.child.0.id() as i32, libc::SIGTERM) };
     assert!(fourth.exits_within(Duration::from_secs(10)), "{}", fourth.said());
+}
+
+/// How long until the proxy closes `s` (reading and dropping whatever it
+/// sends); panics past `limit`.
+fn closed_after(s: &mut std::net::TcpStream, limit: Duration) -> Duration {
+    use std::io::Read as _;
+    let t0 = Instant::now();
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return t0.elapsed(),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return t0.elapsed(),
+            Err(e) => panic!("still open after {:?}: {e}", t0.elapsed()),
+        }
+    }
+}
+
+#[test]
+fn clients_cannot_hold_connections() {
+    for tool in ["nginx", "curl"] {
+        assert!(have(tool), "{tool} is needed: scripts/setup.sh installs it");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let m = free_port();
+    let _member = nginx(d, "m1", m);
+    let port = free_port();
+    let conf = |timeouts: &str| {
+        format!(
+            r#"{{{timeouts} "listeners": [{{"name": "web", "listen": "127.0.0.1:{port}", "default_pool": "web"}}],
+  "pools": [{{"name": "web", "scheduler": "round_robin", "members": [{{"name": "m1", "address": "127.0.0.1:{m}"}}]}}]}}"#
+        )
+    };
+    let lb = Lb::start(
+        d,
+        &conf(r#""timeouts": {"first_request_ms": 300, "idle_ms": 500, "stalled_ms": 500},"#),
+        port,
+    );
+    let connect = || std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    use std::io::Write as _;
+
+    // Nothing sent (not even the protocol's first bytes): closed.
+    let took = closed_after(&mut connect(), Duration::from_secs(3));
+    assert!(took >= Duration::from_millis(250), "closed too soon: {took:?}");
+    // HTTP/2's preface and settings, then nothing (its pings answered by
+    // the kernel's buffer): closed all the same.
+    let mut s = connect();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .unwrap();
+    closed_after(&mut s, Duration::from_secs(3));
+    // A request answered, then idle: closed.
+    let mut s = connect();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let took = closed_after(&mut s, Duration::from_secs(3));
+    assert!(took >= Duration::from_millis(450), "closed before idle: {took:?}");
+    // A body promised and not sent: closed in the middle of the request.
+    let mut s = connect();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+        .unwrap();
+    closed_after(&mut s, Duration::from_secs(3));
+    // Requests that keep moving are not cut: a client that sends one
+    // every 200 ms (under the idle limit) over 2 s keeps its connection.
+    let mut s = connect();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 4096];
+    for _ in 0..10 {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        use std::io::Read as _;
+        let n = s.read(&mut buf).unwrap();
+        assert!(
+            String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"),
+            "cut while active"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    drop(s);
+
+    // One source address holds at most 512 connections; past that its new
+    // ones are closed at once, while its open ones and other addresses
+    // are served.
+    let said = lb.reload(&conf(""));
+    assert!(said.contains("reloaded"), "{said}");
+    let held: Vec<std::net::TcpStream> = (0..512).map(|_| connect()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let took = closed_after(&mut connect(), Duration::from_secs(2));
+    assert!(took < Duration::from_millis(500), "the 513th waited {took:?}");
+    let other = curl(&["--interface", "127.0.0.2", &format!("http://127.0.0.1:{port}/")]);
+    assert_eq!(first_word(&other), "m1", "{other}");
+    let mut first = held.into_iter().next().unwrap();
+    first.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut buf = [0u8; 64];
+    use std::io::Read as _;
+    let n = first.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    assert!(lb.said().contains("too many connections"), "{}", lb.said());
 }
