@@ -37,43 +37,47 @@ fn wait_port(port: u16) {
     }
 }
 
-/// nginx on `port`, answering every request with its name, how many
-/// requests its connection carried, and the forwarding headers it got;
-/// it sets a session cookie of its own (`SESS`). `/health` is the file
-/// [`set_health`] writes.
-fn nginx(dir: &Path, name: &str, port: u16) -> Kid {
+/// nginx as member `name` on `port` (`listen` options after the address,
+/// then the `server` block's `locations`), in a directory of its own.
+fn run_nginx(dir: &Path, name: &str, port: u16, listen: &str, locations: &str) -> Kid {
     let d = dir.join(format!("nginx-{name}"));
     std::fs::create_dir_all(&d).unwrap();
     let conf = format!(
         "master_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log stderr;\nevents {{}}\n\
          http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
          fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-         server {{\n    listen 127.0.0.1:{port};\n\
-         location = /health {{\n      root {d}/www;\n      default_type text/plain;\n    }}\n    location / {{\n\
-         add_header Set-Cookie \"SESS={name}-$request_id; Path=/\";\n\
-         return 200 \"{name} reqs=$connection_requests uri=$request_uri xff=[$http_x_forwarded_for] \
-         fwd=[$http_forwarded] host=[$http_host] proto=[$http_x_forwarded_proto] real=[$http_x_real_ip]\\n\";\n    }}\n  }}\n}}\n",
+         server {{\n    listen 127.0.0.1:{port}{listen};\n{locations}\n  }}\n}}\n",
         d = d.display()
     );
     std::fs::write(d.join("nginx.conf"), conf).unwrap();
-    if !d.join("www").exists() {
-        set_health(dir, name, Some("ok"));
-    }
     let child = Command::new("nginx")
-        .args([
-            "-p",
-            d.to_str().unwrap(),
-            "-c",
-            d.join("nginx.conf").to_str().unwrap(),
-            "-g",
-            "daemon off;",
-        ])
+        .args(["-p", d.to_str().unwrap(), "-c", d.join("nginx.conf").to_str().unwrap()])
+        .args(["-g", "daemon off;"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("nginx");
     wait_port(port);
     Kid(child)
+}
+
+/// nginx on `port`, answering every request with its name, how many
+/// requests its connection carried, and the forwarding headers it got;
+/// it sets a session cookie of its own (`SESS`). `/health` is the file
+/// [`set_health`] writes.
+fn nginx(dir: &Path, name: &str, port: u16) -> Kid {
+    let www = dir.join(format!("nginx-{name}")).join("www");
+    if !www.exists() {
+        set_health(dir, name, Some("ok"));
+    }
+    let locations = format!(
+        "    location = /health {{\n      root {www};\n      default_type text/plain;\n    }}\n    location / {{\n\
+         add_header Set-Cookie \"SESS={name}-$request_id; Path=/\";\n\
+         return 200 \"{name} reqs=$connection_requests uri=$request_uri xff=[$http_x_forwarded_for] \
+         fwd=[$http_forwarded] host=[$http_host] proto=[$http_x_forwarded_proto] real=[$http_x_real_ip]\\n\";\n    }}",
+        www = www.display()
+    );
+    run_nginx(dir, name, port, "", &locations)
 }
 
 /// What member `name`'s `/health` answers: 200 with `body`, or 404.
@@ -659,33 +663,11 @@ fn health_checks_take_failing_members_out_and_bring_them_back() {
 /// the client and destination the header named, and how many requests
 /// its connection carried.
 fn nginx_pp(dir: &Path, name: &str, port: u16) -> Kid {
-    let d = dir.join(format!("nginx-{name}"));
-    std::fs::create_dir_all(&d).unwrap();
-    let conf = format!(
-        "master_process off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log stderr;\nevents {{}}\n\
-         http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
-         fastcgi_temp_path {d}/fcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-         server {{\n    listen 127.0.0.1:{port} proxy_protocol;\n    location / {{\n\
-         return 200 \"{name} client=$proxy_protocol_addr:$proxy_protocol_port \
-         dst=$proxy_protocol_server_addr:$proxy_protocol_server_port reqs=$connection_requests\\n\";\n    }}\n  }}\n}}\n",
-        d = d.display()
+    let locations = format!(
+        "    location / {{\n      return 200 \"{name} client=$proxy_protocol_addr:$proxy_protocol_port \
+         dst=$proxy_protocol_server_addr:$proxy_protocol_server_port reqs=$connection_requests\\n\";\n    }}"
     );
-    std::fs::write(d.join("nginx.conf"), conf).unwrap();
-    let child = Command::new("nginx")
-        .args([
-            "-p",
-            d.to_str().unwrap(),
-            "-c",
-            d.join("nginx.conf").to_str().unwrap(),
-            "-g",
-            "daemon off;",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nginx");
-    wait_port(port);
-    Kid(child)
+    run_nginx(dir, name, port, " proxy_protocol", &locations)
 }
 
 /// A word `key=value` of `s`: the value.
