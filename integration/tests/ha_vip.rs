@@ -207,19 +207,28 @@ fn signal(lab: &mut sdn_integration::lab::Lab, host: &str, sig: i32) {
     unsafe { libc::kill(pid as i32, sig) };
 }
 
+/// The HA lab: three hosts, the zone `ext` with hosts at `zone_hosts`,
+/// and a VPC of dept-a whose subnet holds the member VMs `vms`, on h1.
+fn ha_lab(tag: &str, zone_hosts: &[&str], vms: &[&str]) -> sdn_integration::lab::LabBuilder {
+    let mut lab = sdn_integration::lab::Lab::new(tag, &["h1", "h2", "h3"])
+        .zone("ext", UPLINK, EXT.0, EXT.1, &["10.0.0.0/8", "fd00::/8"], zone_hosts)
+        .tenant("dept-a")
+        .vpc("va", Some("ext"))
+        .subnet("a-web", "va", "10.40.1.0/24", "fd40:1::/64")
+        .group("open-a", open_rules());
+    for vm in vms {
+        lab = lab.vm(vm, "h1", "a-web", &["open-a"]);
+    }
+    lab
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_vip_held_by_two_nat_hosts_is_answered_by_its_lease_holder_alone() {
     if !privileged() {
         eprintln!("skipped: needs root");
         return;
     }
-    let mut lab = sdn_integration::lab::Lab::new("hav", &["h1", "h2", "h3"])
-        .zone("ext", UPLINK, EXT.0, EXT.1, &["10.0.0.0/8", "fd00::/8"], &["10.99.0.1"])
-        .tenant("dept-a")
-        .vpc("va", Some("ext"))
-        .subnet("a-web", "va", "10.40.1.0/24", "fd40:1::/64")
-        .group("open-a", open_rules())
-        .vm("m1", "h1", "a-web", &["open-a"])
+    let mut lab = ha_lab("hav", &["10.99.0.1"], &["m1"])
         .secure()
         .start()
         .await
@@ -568,20 +577,7 @@ async fn an_ipv6_vip_held_by_hosts_moves_with_vrrp_over_ipv6() {
         eprintln!("skipped: needs root");
         return;
     }
-    let mut lab = sdn_integration::lab::Lab::new("hv6", &["h1", "h2", "h3"])
-        .zone(
-            "ext",
-            UPLINK,
-            EXT.0,
-            EXT.1,
-            &["10.0.0.0/8", "fd00::/8"],
-            &["10.99.0.1", "fd77::1"],
-        )
-        .tenant("dept-a")
-        .vpc("va", Some("ext"))
-        .subnet("a-web", "va", "10.40.1.0/24", "fd40:1::/64")
-        .group("open-a", open_rules())
-        .vm("m1", "h1", "a-web", &["open-a"])
+    let mut lab = ha_lab("hv6", &["10.99.0.1", "fd77::1"], &["m1"])
         .start()
         .await
         .expect("the lab");
@@ -840,14 +836,7 @@ async fn flows_never_carried_are_picked_up_by_the_new_owner_on_the_same_member()
         eprintln!("skipped: needs root");
         return;
     }
-    let mut lab = sdn_integration::lab::Lab::new("hpu", &["h1", "h2", "h3"])
-        .zone("ext", UPLINK, EXT.0, EXT.1, &["10.0.0.0/8", "fd00::/8"], &["10.99.0.1"])
-        .tenant("dept-a")
-        .vpc("va", Some("ext"))
-        .subnet("a-web", "va", "10.40.1.0/24", "fd40:1::/64")
-        .group("open-a", open_rules())
-        .vm("m1", "h1", "a-web", &["open-a"])
-        .vm("m2", "h1", "a-web", &["open-a"])
+    let mut lab = ha_lab("hpu", &["10.99.0.1"], &["m1", "m2"])
         .secure()
         .start()
         .await

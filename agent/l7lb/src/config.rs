@@ -160,7 +160,7 @@ pub enum Action {
     },
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Pool {
     pub name: String,
@@ -243,7 +243,7 @@ pub enum Scheduler {
 /// cookie naming the member; a request carrying it goes there while the
 /// member is up) or `learn` (a cookie the members set, such as a session
 /// id, is remembered with the member that set it).
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Cookie {
     pub name: String,
@@ -264,7 +264,7 @@ pub enum CookieMode {
     Learn,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Member {
     /// Unique in its pool; the value of an inserted cookie.

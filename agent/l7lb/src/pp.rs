@@ -14,12 +14,12 @@ use std::task::{Context, Poll};
 
 use hyper::Uri;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::config::ProxyProtocol;
-use crate::proxy::{Body, CONNECT_TIMEOUT, IDLE_TIMEOUT};
+use crate::proxy::Body;
 
 /// The header for a client at `client` that reached `local` (both made
 /// one family: a v4 address on a v6 socket is read as v4, and one v4
@@ -94,16 +94,10 @@ impl Private {
             ProxyProtocol::V2 => 1,
         };
         self.0[i].get_or_init(|| {
-            let mut inner = HttpConnector::new();
-            inner.set_nodelay(true);
-            inner.set_connect_timeout(Some(CONNECT_TIMEOUT));
-            Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(IDLE_TIMEOUT)
-                .pool_timer(TokioTimer::new())
-                .build(Connector {
-                    inner,
-                    header: header(v, client, local).into(),
-                })
+            crate::proxy::member_client(Connector {
+                inner: crate::proxy::member_connector(),
+                header: header(v, client, local).into(),
+            })
         })
     }
 }

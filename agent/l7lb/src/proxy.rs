@@ -134,20 +134,14 @@ impl Default for Proxy {
 
 impl Proxy {
     pub fn new() -> Proxy {
-        let mut c = HttpConnector::new();
-        c.set_nodelay(true);
-        c.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(IDLE_TIMEOUT)
-            .pool_max_idle_per_host(IDLE_PER_MEMBER_MAX)
-            .pool_timer(TokioTimer::new())
-            .build(c);
+        let client = member_client(member_connector());
+        let slots_max = connections_max();
         Proxy {
             running: HashMap::new(),
             pools: HashMap::new(),
             client,
-            slots: Arc::new(Semaphore::new(connections_max())),
-            slots_max: connections_max(),
+            slots: Arc::new(Semaphore::new(slots_max)),
+            slots_max,
             spare: HashMap::new(),
         }
     }
@@ -321,16 +315,36 @@ impl Proxy {
     }
 }
 
-/// Whether a pool's definition is unchanged (its state can be kept).
+/// Whether a pool's definition is unchanged but for its health checks
+/// (its state can be kept; the checks start again if they changed).
 fn same_pool(a: &config::Pool, b: &config::Pool) -> bool {
-    a.scheduler == b.scheduler
-        && a.proxy_protocol == b.proxy_protocol
-        && a.cookie.as_ref().map(|c| (&c.name, c.mode)) == b.cookie.as_ref().map(|c| (&c.name, c.mode))
-        && a.members.len() == b.members.len()
-        && a.members
-            .iter()
-            .zip(&b.members)
-            .all(|(x, y)| x.name == y.name && x.address == y.address && x.weight == y.weight)
+    let bare = |p: &config::Pool| config::Pool {
+        health: None,
+        ..p.clone()
+    };
+    bare(a) == bare(b)
+}
+
+/// A client towards members: kept-alive connections, `connector`'s
+/// connections (TCP_NODELAY and the connect timeout set on the plain
+/// connector it wraps, see [`member_connector`]).
+pub(crate) fn member_client<C>(connector: C) -> Client<C, Body>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone,
+{
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(IDLE_TIMEOUT)
+        .pool_max_idle_per_host(IDLE_PER_MEMBER_MAX)
+        .pool_timer(TokioTimer::new())
+        .build(connector)
+}
+
+/// A connector to members: no Nagle delay, [`CONNECT_TIMEOUT`].
+pub(crate) fn member_connector() -> HttpConnector {
+    let mut c = HttpConnector::new();
+    c.set_nodelay(true);
+    c.set_connect_timeout(Some(CONNECT_TIMEOUT));
+    c
 }
 
 /// A listening socket (SO_REUSEADDR, so a restarted proxy binds at once).

@@ -99,11 +99,13 @@ pub fn listen(path: &Path) -> Result<UnixListener, String> {
     Ok(l)
 }
 
-/// The old process's side of one control connection: hands `sockets`
-/// over when asked; true once the new process said `ready` (this one must
-/// then stop accepting and call [`Asked::bye`]).
+/// A new process that took the sockets and serves: the old one stops
+/// accepting, then says [`Asked::bye`].
 pub struct Asked(AsyncBufReader<UnixStream>);
 
+/// The old process's side of one control connection: hands `sockets`
+/// over when asked. `Some` once the new process said `ready`; `None` when
+/// it went away before (this one serves on).
 pub async fn serve_one(s: UnixStream, sockets: &[BorrowedFd<'_>]) -> Result<Option<Asked>, String> {
     let mut r = AsyncBufReader::new(s);
     let mut line = String::new();
