@@ -5,9 +5,9 @@
 //!
 //! | role | may |
 //! |---|---|
-//! | platform | tenants, VPCs, subnets, hosts, ports; load balancers exposed to their VPC only; virtual IPs held by ports; read everything |
+//! | platform | tenants, VPCs, subnets, hosts, ports; load balancers exposed to their VPC only (with their HTTP listeners); certificates; virtual IPs held by ports; read everything |
 //! | admin | every other kind (zones, exchange paths, firewalls, quarantines, security groups, peerings, load balancers, virtual IPs); read everything; cluster membership |
-//! | tenant | its own tenant's security groups, load balancers exposed to their VPC only, and virtual IPs held by its ports; read its own tenant's objects and the audit records it made |
+//! | tenant | its own tenant's security groups, load balancers exposed to their VPC only (with their HTTP listeners), certificates, and virtual IPs held by its ports; read its own tenant's objects and the audit records it made |
 //! | supervisor | read everything, the audit log and enforcement; change nothing |
 //! | agent | `Register`, `Watch`, `Ack` for the host its certificate names |
 //! | replica | the Raft and cluster services, and requests it forwards for a caller |
@@ -173,6 +173,7 @@ impl Caller {
                     platform_kind(kind)
                         || (lb_kind(kind) && !batch.zone_exposed(op, state))
                         || (kind == Kind::VirtualIp && !vip_host_held(op, state))
+                        || kind == Kind::Certificate
                 }
                 Role::Admin => !platform_kind(kind),
                 Role::Tenant => tenant_may_write(tenant, op, &batch, state),
@@ -197,11 +198,11 @@ impl Caller {
                     }
                     Role::Tenant => {
                         format!(
-                            "a tenant changes only its own tenant's security groups, load balancers and virtual ips ({tenant})"
+                            "a tenant changes only its own tenant's security groups, load balancers, certificates and virtual ips ({tenant})"
                         )
                     }
                     Role::Platform => {
-                        "the platform provisions tenants, VPCs, subnets, hosts, ports and virtual ips held by ports"
+                        "the platform provisions tenants, VPCs, subnets, hosts, ports, certificates and virtual ips held by ports"
                             .into()
                     }
                     Role::Admin => "the platform provisions tenants, VPCs, subnets, hosts and ports".into(),
@@ -221,7 +222,10 @@ fn platform_kind(kind: Kind) -> bool {
 
 /// The load balancers' kinds.
 fn lb_kind(kind: Kind) -> bool {
-    matches!(kind, Kind::LoadBalancer | Kind::Pool | Kind::Listener | Kind::Member)
+    matches!(
+        kind,
+        Kind::LoadBalancer | Kind::Pool | Kind::Listener | Kind::Member | Kind::HttpListener
+    )
 }
 
 /// The load balancers and pools a batch puts, as it leaves them (the last
@@ -276,6 +280,7 @@ impl<'a> BatchLbs<'a> {
             }
             Op::PutPool(p) => Some(&p.load_balancer_id),
             Op::PutListener(l) => Some(&l.load_balancer_id),
+            Op::PutHttpListener(l) => Some(&l.load_balancer_id),
             Op::PutMember(m) => self.pool_lb(&m.pool_id, state),
             _ => None,
         };
@@ -288,7 +293,7 @@ impl<'a> BatchLbs<'a> {
     /// exposed to its zone (before or after), or one of its listeners.
     fn zone_exposed(&self, op: &'a Op, state: &'a State) -> bool {
         let (kind, _) = op.key();
-        if kind != Kind::LoadBalancer && kind != Kind::Listener {
+        if !matches!(kind, Kind::LoadBalancer | Kind::Listener | Kind::HttpListener) {
             return false;
         }
         self.touched(op, state).iter().any(|l| l.exposure == Exposure::Zone)
@@ -308,7 +313,13 @@ fn tenant_may_write<'a>(tenant: &str, op: &'a Op, batch: &BatchLbs<'a>, state: &
     if kind == Kind::VirtualIp {
         return !vip_host_held(op, state) && vip_own(tenant, op, state);
     }
+    let certificate_now = |id: &str| state.certificates.get(id).map(|c| c.tenant_id == tenant);
     match op {
+        Op::PutCertificate(c) => c.tenant_id == tenant && certificate_now(&c.id).unwrap_or(true),
+        Op::Delete {
+            kind: Kind::Certificate,
+            id,
+        } => certificate_now(id) == Some(true),
         Op::PutSecurityGroup(g) => g.tenant_id == tenant && owned_now(&g.id).unwrap_or(true),
         Op::Delete {
             kind: Kind::SecurityGroup,

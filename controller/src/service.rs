@@ -138,6 +138,18 @@ fn tenant_view(s: &sdn_policies::State, tenant: &str) -> sdn_policies::State {
         .filter(|(_, x)| x.tenant_id == tenant)
         .map(|(k, x)| (k.clone(), x.clone()))
         .collect();
+    v.certificates = s
+        .certificates
+        .iter()
+        .filter(|(_, x)| x.tenant_id == tenant)
+        .map(|(k, x)| (k.clone(), x.clone()))
+        .collect();
+    v.http_listeners = s
+        .http_listeners
+        .iter()
+        .filter(|(_, x)| v.load_balancers.contains_key(&x.load_balancer_id))
+        .map(|(k, x)| (k.clone(), x.clone()))
+        .collect();
     v
 }
 

@@ -306,6 +306,17 @@ impl Shares {
                 })
             })
         };
+        // The proxy resources of a load balancer's HTTP listeners, with the
+        // hosts of their ports (as the listeners are now; a listener's own
+        // change adds the ports it had).
+        let proxies_of_lb = |lb: &str, dirty: &mut BTreeSet<String>, hosts: &mut BTreeSet<String>| {
+            for l in state.http_listeners.values().filter(|l| l.load_balancer_id == lb) {
+                for p in &l.proxy_ports {
+                    dirty.insert(format!("proxy/{p}"));
+                    hosts.extend(state.ports.get(p).map(|x| x.host_id.clone()));
+                }
+            }
+        };
         for (kind, id, old) in before {
             let new = state.get(*kind, id);
             let both = || old.iter().chain(new.iter());
@@ -336,13 +347,26 @@ impl Shares {
                             let name = format!("lb/{}", l.id);
                             hosts.extend(self.holders_of(&name).cloned());
                             dirty.insert(name);
+                            proxies_of_lb(&l.id, &mut dirty, &mut hosts);
                         }
+                    }
+                    // The load balancers it runs the proxy of: its
+                    // addresses are their HTTP listeners' backends.
+                    for l in state.http_listeners.values().filter(|l| l.proxy_ports.contains(id)) {
+                        let name = format!("lb/{}", l.load_balancer_id);
+                        hosts.extend(self.holders_of(&name).cloned());
+                        dirty.insert(name);
+                        dirty.insert(format!("proxy/{id}"));
                     }
                 }
                 Kind::Subnet => {
                     for o in both() {
                         let Object::Subnet(s) = o else { continue };
                         dirty.insert(format!("vpc/{}", s.vpc_id));
+                    }
+                    // Its proxy ports are told its gateway.
+                    for p in state.ports.values().filter(|p| p.subnet_id == *id) {
+                        dirty.insert(format!("proxy/{}", p.id));
                     }
                     all_zones(&mut dirty);
                 }
@@ -465,6 +489,7 @@ impl Shares {
                             let name = format!("lb/{lb}");
                             hosts.extend(self.holders_of(&name).cloned());
                             dirty.insert(name);
+                            proxies_of_lb(&lb, &mut dirty, &mut hosts);
                         }
                     }
                 }
@@ -493,6 +518,27 @@ impl Shares {
                         hosts.extend(self.holders_of(&format!("vpc/{}", v.vpc_id)).cloned());
                     }
                     dirty.insert(name);
+                }
+                Kind::HttpListener => {
+                    // Its load balancer's hosts reach its proxy ports; the
+                    // ports' hosts, as they were and are, run the proxy.
+                    for o in both() {
+                        let Object::HttpListener(l) = o else { continue };
+                        let name = format!("lb/{}", l.load_balancer_id);
+                        hosts.extend(self.holders_of(&name).cloned());
+                        dirty.insert(name);
+                        for p in &l.proxy_ports {
+                            let name = format!("proxy/{p}");
+                            hosts.extend(self.holders_of(&name).cloned());
+                            hosts.extend(state.ports.get(p).map(|x| x.host_id.clone()));
+                            dirty.insert(name);
+                        }
+                    }
+                }
+                Kind::Certificate => {
+                    for l in state.http_listeners.values().filter(|l| l.certificate_ids.contains(id)) {
+                        dirty.extend(l.proxy_ports.iter().map(|p| format!("proxy/{p}")));
+                    }
                 }
                 Kind::Tenant => {}
             }

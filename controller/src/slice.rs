@@ -150,6 +150,9 @@ pub fn names(state: &State, host: &str) -> BTreeSet<String> {
             .chain(nat_lbs.iter().copied())
             .map(|l| format!("lb/{}", l.id)),
     );
+    // Its ports that run an HTTP proxy: with their certificates' keys,
+    // held by this host alone.
+    out.extend(state.proxy_ports_on(host).map(|p| format!("proxy/{}", p.id)));
     quarantines_into(state, host, &local, &mut out);
     out
 }
@@ -232,6 +235,7 @@ pub fn build(state: &State, host: &str, name: &str) -> Option<pb::Resource> {
         }
         "system" => R::InformationSystem(state.information_systems.get(id)?.to_pb()),
         "lb" => R::LoadBalancer(lb_on_host(state, id)?),
+        "proxy" => R::HttpProxy(proxy_on_host(state, host, id)?),
         "vip" => {
             let v = state.virtual_ips.get(id)?;
             let vpc = state.vpcs.get(&v.vpc_id)?;
@@ -357,6 +361,61 @@ mod tests {
     use super::*;
     use sdn_policies::*;
 
+    /// The example cloud with its HTTPS front.
+    fn front() -> State {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/examples");
+        let mut s = State::default();
+        for f in ["gov-cloud", "http-listeners.yaml"] {
+            let ops: Vec<Op> = manifest::dependency_order(manifest::load_path(&std::path::Path::new(root).join(f)).unwrap())
+                .into_iter()
+                .map(|l| l.op)
+                .collect();
+            s.apply_batch(&ops).unwrap();
+        }
+        s
+    }
+
+    /// A proxy port's resource, keys and all, is its own host's alone;
+    /// every host of the VPC reaches the proxies through the load
+    /// balancer's VIP.
+    #[test]
+    fn a_proxy_is_its_hosts_alone_and_reached_through_the_vip() {
+        let s = front();
+        let on1 = names(&s, "hv-01");
+        assert!(on1.contains("proxy/portal-proxy-1") && !on1.contains("proxy/portal-proxy-2"), "{on1:?}");
+        assert!(build(&s, "hv-02", "proxy/portal-proxy-1").is_none(), "another host's proxy is not built");
+        let Some(pb::resource::Kind::HttpProxy(p)) = build(&s, "hv-01", "proxy/portal-proxy-1").unwrap().kind else {
+            panic!("not a proxy")
+        };
+        assert_eq!(p.gateway_v4, "10.30.0.1");
+        assert_eq!(p.prefix_v4, 24);
+        let https = p
+            .listeners
+            .iter()
+            .find(|l| l.listener.as_ref().unwrap().id == "portal-web-https")
+            .unwrap();
+        assert!(https.certificates[0].key_pem.contains("PRIVATE KEY"));
+        let members: Vec<&str> = https.pools[0].backends.iter().map(|b| b.addresses[0].as_str()).collect();
+        assert_eq!(members, ["10.30.0.11", "10.30.0.12"]);
+        assert_eq!(https.pools[0].backends[0].port, 8080);
+        // A listing gives no key.
+        let listed = convert::list_to_pb(&s, None, 1);
+        assert!(listed.certificates[0].key_pem.is_empty() && !listed.certificates[0].cert_pem.is_empty());
+        // The load balancer, on every host of the VPC: an L4 listener per
+        // HTTP listener, to the proxy ports.
+        let Some(pb::resource::Kind::LoadBalancer(lb)) = build(&s, "hv-02", "lb/portal-l7").unwrap().kind else {
+            panic!("not a load balancer")
+        };
+        let l = lb
+            .listeners
+            .iter()
+            .find(|l| l.listener.as_ref().unwrap().id == "http-listener/portal-web-https")
+            .unwrap();
+        assert_eq!(l.listener.as_ref().unwrap().port, 443);
+        let backends: Vec<(&str, u32)> = l.backends.iter().map(|b| (b.addresses[0].as_str(), b.port)).collect();
+        assert_eq!(backends, [("10.30.0.21", 443), ("10.30.0.22", 443)]);
+    }
+
     /// Agents of earlier releases get each VPC's ports inside its resource,
     /// and no endpoint resources; a port's change changes the VPC's version.
     #[test]
@@ -436,6 +495,39 @@ mod tests {
     }
 }
 
+/// A member as a backend of a listener on `listener_port`.
+fn backend(
+    state: &State,
+    lb: &sdn_policies::LoadBalancer,
+    m: &sdn_policies::Member,
+    listener_port: u16,
+) -> pb::BackendOnHost {
+    pb::BackendOnHost {
+        member_id: m.id.clone(),
+        addresses: state.member_addresses(m, lb).iter().map(|a| a.to_string()).collect(),
+        port: u32::from(if m.port == 0 { listener_port } else { m.port }),
+        weight: m.weight,
+        state: m.state.name().into(),
+        drain_until_unix_ms: match (m.state, m.draining_since_unix_ms) {
+            (sdn_policies::MemberState::Draining, Some(t)) => {
+                let drain = state.pools.get(&m.pool_id).map_or(0, |p| p.drain());
+                t + u64::from(drain) * 1000
+            }
+            _ => 0,
+        },
+        port_id: match &m.target {
+            sdn_policies::MemberTarget::Port(p) => p.clone(),
+            sdn_policies::MemberTarget::Address(_) => String::new(),
+        },
+        // Only while a check stands behind it: a pool's check
+        // removed, or a member moved to an address, leaves no
+        // health that nobody can clear.
+        down: m.health.as_ref().is_some_and(|h| !h.up)
+            && matches!(m.target, sdn_policies::MemberTarget::Port(_))
+            && state.pools.get(&m.pool_id).is_some_and(|p| p.health.is_some()),
+    }
+}
+
 /// A load balancer with its listeners and their members resolved.
 fn lb_on_host(state: &State, id: &str) -> Option<pb::LoadBalancerOnHost> {
     let lb = state.load_balancers.get(id)?;
@@ -450,34 +542,56 @@ fn lb_on_host(state: &State, id: &str) -> Option<pb::LoadBalancerOnHost> {
                 .members
                 .values()
                 .filter(|m| m.pool_id == l.pool_id)
-                .map(|m| pb::BackendOnHost {
-                    member_id: m.id.clone(),
-                    addresses: state.member_addresses(m, lb).iter().map(|a| a.to_string()).collect(),
-                    port: u32::from(if m.port == 0 { l.port } else { m.port }),
-                    weight: m.weight,
-                    state: m.state.name().into(),
-                    drain_until_unix_ms: match (m.state, m.draining_since_unix_ms) {
-                        (sdn_policies::MemberState::Draining, Some(t)) => {
-                            let drain = state.pools.get(&m.pool_id).map_or(0, |p| p.drain());
-                            t + u64::from(drain) * 1000
-                        }
-                        _ => 0,
-                    },
-                    port_id: match &m.target {
-                        sdn_policies::MemberTarget::Port(p) => p.clone(),
-                        sdn_policies::MemberTarget::Address(_) => String::new(),
-                    },
-                    // Only while a check stands behind it: a pool's check
-                    // removed, or a member moved to an address, leaves no
-                    // health that nobody can clear.
-                    down: m.health.as_ref().is_some_and(|h| !h.up)
-                        && matches!(m.target, sdn_policies::MemberTarget::Port(_))
-                        && state.pools.get(&m.pool_id).is_some_and(|p| p.health.is_some()),
-                })
+                .map(|m| backend(state, lb, m, l.port))
                 .collect(),
             health: state.pools.get(&l.pool_id).and_then(|p| p.to_pb().health),
         })
-        .collect();
+        .collect::<Vec<_>>();
+    // An HTTP listener reaches its proxy ports as an L4 listener would
+    // members: by a consistent hash of each flow, so a proxy keeps its
+    // flows while others come and go.
+    let http = state
+        .http_listeners
+        .values()
+        .filter(|l| l.load_balancer_id == lb.id)
+        .map(|l| pb::ListenerOnHost {
+            listener: Some(pb::Listener {
+                id: format!("http-listener/{}", l.id),
+                load_balancer_id: lb.id.clone(),
+                protocol: "tcp".into(),
+                port: l.port.into(),
+                pool_id: String::new(),
+                scheduler: sdn_policies::Scheduler::Maglev.name().into(),
+                persistence_secs: 0,
+            }),
+            backends: l
+                .proxy_ports
+                .iter()
+                .filter_map(|p| state.ports.get(p))
+                .map(|p| pb::BackendOnHost {
+                    member_id: format!("proxy/{}", p.id),
+                    addresses: p
+                        .addresses()
+                        .filter(|a| {
+                            if a.is_ipv4() {
+                                lb.vip_v4.is_some()
+                            } else {
+                                lb.vip_v6.is_some()
+                            }
+                        })
+                        .map(|a| a.to_string())
+                        .collect(),
+                    port: l.port.into(),
+                    weight: 1,
+                    state: sdn_policies::MemberState::Enabled.name().into(),
+                    drain_until_unix_ms: 0,
+                    port_id: String::new(),
+                    down: false,
+                })
+                .collect(),
+            health: None,
+        });
+    let listeners = listeners.into_iter().chain(http).collect();
     let nat_underlays = lb
         .nat_hosts
         .iter()
@@ -492,4 +606,57 @@ fn lb_on_host(state: &State, id: &str) -> Option<pb::LoadBalancerOnHost> {
         listeners,
         nat_underlays,
     })
+}
+
+/// A port of `host` that runs an HTTP proxy, with the listeners it serves,
+/// their certificates (keys included) and their pools' members.
+fn proxy_on_host(state: &State, host: &str, port_id: &str) -> Option<pb::HttpProxyOnHost> {
+    let port = state.ports.get(port_id).filter(|p| p.host_id == host)?;
+    let subnet = state.subnets.get(&port.subnet_id)?;
+    let listeners: Vec<pb::HttpListenerOnHost> = state
+        .http_listeners
+        .values()
+        .filter(|l| l.proxy_ports.iter().any(|p| p == port_id))
+        .filter_map(|l| {
+            let lb = state.load_balancers.get(&l.load_balancer_id)?;
+            Some(pb::HttpListenerOnHost {
+                listener: Some(l.to_pb()),
+                certificates: l
+                    .certificate_ids
+                    .iter()
+                    .filter_map(|c| state.certificates.get(c))
+                    .map(sdn_policies::convert::certificate_with_key)
+                    .collect(),
+                pools: l
+                    .pools()
+                    .into_iter()
+                    .filter_map(|p| state.pools.get(p))
+                    .map(|p| pb::HttpPoolOnHost {
+                        pool: Some(p.to_pb()),
+                        backends: state
+                            .members
+                            .values()
+                            .filter(|m| m.pool_id == p.id)
+                            .map(|m| backend(state, lb, m, l.port))
+                            .collect(),
+                    })
+                    .collect(),
+            })
+        })
+        .collect();
+    if listeners.is_empty() {
+        return None;
+    }
+    Some(pb::HttpProxyOnHost {
+        port: Some(port.to_pb()),
+        gateway_v4: text(subnet.gateway_v4()),
+        gateway_v6: text(subnet.gateway_v6()),
+        prefix_v4: subnet.cidr_v4.map_or(0, |n| n.prefix().into()),
+        prefix_v6: subnet.cidr_v6.map_or(0, |n| n.prefix().into()),
+        listeners,
+    })
+}
+
+fn text<T: ToString>(a: Option<T>) -> String {
+    a.map(|a| a.to_string()).unwrap_or_default()
 }

@@ -56,7 +56,16 @@ pub trait ApiResource: Sized {
     /// The API's message for an object of this kind.
     type Pb;
     fn from_pb(at: &At, pb: &Self::Pb) -> Result<Self, FieldError>;
+    /// An object as a listing gives it back (a listing holds no secret).
+    fn from_listing(at: &At, pb: &Self::Pb) -> Result<Self, FieldError> {
+        Self::from_pb(at, pb)
+    }
+    /// The object as an answer gives it.
     fn to_pb(&self) -> Self::Pb;
+    /// The object as a put sends it: whole, secrets included.
+    fn to_pb_put(&self) -> Self::Pb {
+        self.to_pb()
+    }
 }
 
 macro_rules! api_kinds {
@@ -83,7 +92,7 @@ macro_rules! api_kinds {
         pub fn op_to_pb(op: &m::Op) -> pb::Operation {
             use pb::operation::Op as P;
             let o = match op {
-                $(m::Op::$put(x) => P::$put(x.to_pb()),)*
+                $(m::Op::$put(x) => P::$put(x.to_pb_put()),)*
                 m::Op::Delete { kind, id } => P::Delete(pb::ObjectRef {
                     kind: kind_to_pb(*kind) as i32,
                     id: id.clone(),
@@ -126,7 +135,7 @@ macro_rules! api_kinds {
             let mut out = Vec::new();
             $(for (i, x) in r.$list.iter().enumerate() {
                 let at = format!(concat!(stringify!($list), "[{}]"), i);
-                out.push(m::Op::$put(<m::$ty as ApiResource>::from_pb(&At(&at), x)?));
+                out.push(m::Op::$put(<m::$ty as ApiResource>::from_listing(&At(&at), x)?));
             })*
             Ok(out)
         }
@@ -622,6 +631,297 @@ impl ApiResource for m::VirtualIp {
             owner_since_unix_ms: self.owner_since_unix_ms,
         }
     }
+}
+
+impl ApiResource for m::Certificate {
+    type Pb = pb::Certificate;
+    fn from_pb(at: &At, x: &pb::Certificate) -> Result<Self, FieldError> {
+        let (names, not_after_unix) =
+            read_certificate(&x.cert_pem, &x.key_pem, now_unix()).map_err(|(f, m)| at.err(f, m))?;
+        Ok(m::Certificate {
+            id: x.id.clone(),
+            tenant_id: x.tenant_id.trim().to_string(),
+            name: x.name.clone(),
+            cert_pem: x.cert_pem.clone(),
+            key_pem: x.key_pem.clone(),
+            names,
+            not_after_unix,
+        })
+    }
+    /// As listed: without its key, with the names and expiry the
+    /// controller read from it.
+    fn from_listing(_: &At, x: &pb::Certificate) -> Result<Self, FieldError> {
+        Ok(m::Certificate {
+            id: x.id.clone(),
+            tenant_id: x.tenant_id.clone(),
+            name: x.name.clone(),
+            cert_pem: x.cert_pem.clone(),
+            key_pem: String::new(),
+            names: x.names.clone(),
+            not_after_unix: x.not_after_unix,
+        })
+    }
+    fn to_pb_put(&self) -> pb::Certificate {
+        certificate_with_key(self)
+    }
+    /// Without the key: a certificate's key is never read back.
+    fn to_pb(&self) -> pb::Certificate {
+        pb::Certificate {
+            id: self.id.clone(),
+            tenant_id: self.tenant_id.clone(),
+            name: self.name.clone(),
+            cert_pem: self.cert_pem.clone(),
+            key_pem: String::new(),
+            names: self.names.clone(),
+            not_after_unix: self.not_after_unix,
+        }
+    }
+}
+
+/// A certificate with its key, for the agent of a host that serves it.
+pub fn certificate_with_key(c: &m::Certificate) -> pb::Certificate {
+    pb::Certificate {
+        key_pem: c.key_pem.clone(),
+        ..c.to_pb()
+    }
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Reads a certificate (with its chain) and its key: the names it is for
+/// and when it expires; an error names the field (`cert_pem`, `key_pem`).
+/// A certificate expired at `now`, or a key that is not the certificate's,
+/// is refused.
+pub fn read_certificate(cert_pem: &str, key_pem: &str, now: i64) -> Result<(Vec<String>, i64), (&'static str, String)> {
+    use boring::asn1::Asn1Time;
+    use boring::nid::Nid;
+    use boring::pkey::PKey;
+    use boring::x509::X509;
+    if cert_pem.trim().is_empty() {
+        return Err(("cert_pem", "give the certificate in PEM".into()));
+    }
+    if cert_pem.len() > m::CERTIFICATE_PEM_MAX {
+        return Err(("cert_pem", format!("longer than {} bytes", m::CERTIFICATE_PEM_MAX)));
+    }
+    if key_pem.trim().is_empty() {
+        return Err(("key_pem", "give the private key in PEM".into()));
+    }
+    if key_pem.len() > m::KEY_PEM_MAX {
+        return Err(("key_pem", format!("longer than {} bytes", m::KEY_PEM_MAX)));
+    }
+    let chain = X509::stack_from_pem(cert_pem.as_bytes()).map_err(|_| ("cert_pem", "not PEM certificates".into()))?;
+    let leaf = chain.first().ok_or(("cert_pem", "no certificate in it".to_string()))?;
+    let key =
+        PKey::private_key_from_pem(key_pem.as_bytes()).map_err(|_| ("key_pem", "not a PEM private key".to_string()))?;
+    let public = leaf
+        .public_key()
+        .map_err(|_| ("cert_pem", "its public key cannot be read".to_string()))?;
+    if !public.public_eq(&key) {
+        return Err(("key_pem", "the key is not the certificate's".into()));
+    }
+    let epoch = Asn1Time::from_unix(0).map_err(|_| ("cert_pem", "no clock".to_string()))?;
+    let until = epoch
+        .diff(leaf.not_after())
+        .map_err(|_| ("cert_pem", "its expiry cannot be read".to_string()))?;
+    let not_after = i64::from(until.days) * 86_400 + i64::from(until.secs);
+    if not_after <= now {
+        return Err(("cert_pem", format!("expired at {} (Unix time)", not_after)));
+    }
+    let mut names: Vec<String> = leaf
+        .subject_alt_names()
+        .map(|s| s.iter().filter_map(|n| n.dnsname().map(str::to_string)).collect())
+        .unwrap_or_default();
+    if names.is_empty() {
+        names.extend(
+            leaf.subject_name()
+                .entries_by_nid(Nid::COMMONNAME)
+                .filter_map(|e| e.data().as_utf8().ok().map(|s| s.to_string())),
+        );
+    }
+    Ok((names, not_after))
+}
+
+impl ApiResource for m::HttpListener {
+    type Pb = pb::HttpListener;
+    fn from_pb(at: &At, x: &pb::HttpListener) -> Result<Self, FieldError> {
+        let protocol = match x.protocol.trim() {
+            "http" => m::HttpProtocol::Http,
+            "https" => m::HttpProtocol::Https,
+            p => return Err(at.err("protocol", format!("must be http or https, got {p:?}"))),
+        };
+        let key = opt_text(&x.hash_key).map(str::to_string);
+        let scheduler = match (x.scheduler.trim(), key) {
+            ("" | "round_robin", None) => m::HttpScheduler::RoundRobin,
+            ("weighted_round_robin", None) => m::HttpScheduler::WeightedRoundRobin,
+            ("least_connections", None) => m::HttpScheduler::LeastConnections,
+            ("hash_header", Some(k)) => m::HttpScheduler::HashHeader(k),
+            ("hash_cookie", Some(k)) => m::HttpScheduler::HashCookie(k),
+            ("hash_header" | "hash_cookie", None) => {
+                return Err(at.err("hash_key", "a hash scheduler needs the header or cookie to hash"))
+            }
+            ("" | "round_robin" | "weighted_round_robin" | "least_connections", Some(_)) => {
+                return Err(at.err("hash_key", "only hash_header and hash_cookie hash a key"))
+            }
+            (s, _) => {
+                return Err(at.err(
+                    "scheduler",
+                    format!(
+                        "must be one of round_robin, weighted_round_robin, least_connections, hash_header, hash_cookie, got {s:?}"
+                    ),
+                ))
+            }
+        };
+        let cookie = match (opt_text(&x.cookie_name), x.cookie_mode.trim()) {
+            (None, "") => None,
+            (None, _) => return Err(at.err("cookie_name", "a cookie mode needs the cookie's name")),
+            (Some(n), "" | "insert") => Some(m::HttpCookie {
+                name: n.to_string(),
+                mode: m::HttpCookieMode::Insert,
+            }),
+            (Some(n), "learn") => Some(m::HttpCookie {
+                name: n.to_string(),
+                mode: m::HttpCookieMode::Learn,
+            }),
+            (Some(_), o) => return Err(at.err("cookie_mode", format!("must be insert or learn, got {o:?}"))),
+        };
+        let proxy_protocol = match x.proxy_protocol.trim() {
+            "" => None,
+            "v1" => Some(m::ProxyProtocol::V1),
+            "v2" => Some(m::ProxyProtocol::V2),
+            o => return Err(at.err("proxy_protocol", format!("must be v1 or v2 (or empty), got {o:?}"))),
+        };
+        let rules = x
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| http_rule_from_pb(&At(&format!("{}.rules[{i}]", at.0)), r))
+            .collect::<Result<_, _>>()?;
+        let trusted_proxies = x
+            .trusted_proxies
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                n.trim()
+                    .parse()
+                    .map_err(|e| at.err(&format!("trusted_proxies[{i}]"), format!("{n:?}: {e}")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(m::HttpListener {
+            id: x.id.clone(),
+            load_balancer_id: x.load_balancer_id.trim().to_string(),
+            protocol,
+            port: port_from_pb(at, "port", x.port)?,
+            certificate_ids: x.certificate_ids.iter().map(|c| c.trim().to_string()).collect(),
+            rules,
+            pool_id: opt_text(&x.pool_id).map(str::to_string),
+            scheduler,
+            cookie,
+            proxy_protocol,
+            proxy_ports: x.proxy_ports.iter().map(|p| p.trim().to_string()).collect(),
+            trusted_proxies,
+            waf_policy_id: opt_text(&x.waf_policy_id).map(str::to_string),
+        })
+    }
+    fn to_pb(&self) -> pb::HttpListener {
+        pb::HttpListener {
+            id: self.id.clone(),
+            load_balancer_id: self.load_balancer_id.clone(),
+            protocol: self.protocol.name().into(),
+            port: self.port.into(),
+            certificate_ids: self.certificate_ids.clone(),
+            rules: self.rules.iter().map(http_rule_to_pb).collect(),
+            pool_id: self.pool_id.clone().unwrap_or_default(),
+            scheduler: self.scheduler.name().into(),
+            hash_key: self.scheduler.key().into(),
+            cookie_name: self.cookie.as_ref().map(|c| c.name.clone()).unwrap_or_default(),
+            cookie_mode: self.cookie.as_ref().map(|c| c.mode.name().into()).unwrap_or_default(),
+            proxy_protocol: self.proxy_protocol.map(|p| p.name().into()).unwrap_or_default(),
+            proxy_ports: self.proxy_ports.clone(),
+            trusted_proxies: self.trusted_proxies.iter().map(|n| n.to_string()).collect(),
+            waf_policy_id: self.waf_policy_id.clone().unwrap_or_default(),
+        }
+    }
+}
+
+fn http_rule_from_pb(at: &At, r: &pb::HttpRule) -> Result<m::HttpRule, FieldError> {
+    let text = |t: &str| opt_text(t).map(str::to_string);
+    let header = match (opt_text(&r.header_name), &r.header_value) {
+        (None, v) if !v.is_empty() => return Err(at.err("header_name", "a header value needs the header's name")),
+        (None, _) => None,
+        (Some(n), v) => Some((n.to_string(), (!v.is_empty()).then(|| v.clone()))),
+    };
+    let to_pool = text(&r.pool_id);
+    let redirect = !r.redirect_location.is_empty() || r.redirect_status != 0;
+    let respond = r.respond_status != 0 || !r.respond_body.is_empty() || !r.respond_content_type.is_empty();
+    let action = match (to_pool, redirect, respond) {
+        (Some(p), false, false) => m::HttpAction::Pool(p),
+        (None, true, false) => m::HttpAction::Redirect {
+            location: r.redirect_location.clone(),
+            status: u16::try_from(r.redirect_status)
+                .map_err(|_| at.err("redirect_status", format!("{} is not a redirect", r.redirect_status)))?,
+        },
+        (None, false, true) => m::HttpAction::Respond {
+            status: u16::try_from(r.respond_status)
+                .map_err(|_| at.err("respond_status", format!("{} is no status", r.respond_status)))?,
+            body: r.respond_body.clone(),
+            content_type: text(&r.respond_content_type),
+        },
+        (None, false, false) => {
+            return Err(at.err(
+                "pool_id",
+                "a rule needs an action: a pool_id, a redirect or a fixed response",
+            ))
+        }
+        _ => {
+            return Err(at.err(
+                "pool_id",
+                "a rule has one action: a pool_id, a redirect or a fixed response",
+            ))
+        }
+    };
+    Ok(m::HttpRule {
+        name: r.name.clone(),
+        host: text(&r.host),
+        path_prefix: text(&r.path_prefix),
+        path_regex: text(&r.path_regex),
+        header,
+        method: text(&r.method),
+        action,
+    })
+}
+
+fn http_rule_to_pb(r: &m::HttpRule) -> pb::HttpRule {
+    let mut x = pb::HttpRule {
+        name: r.name.clone(),
+        host: r.host.clone().unwrap_or_default(),
+        path_prefix: r.path_prefix.clone().unwrap_or_default(),
+        path_regex: r.path_regex.clone().unwrap_or_default(),
+        header_name: r.header.as_ref().map(|h| h.0.clone()).unwrap_or_default(),
+        header_value: r.header.as_ref().and_then(|h| h.1.clone()).unwrap_or_default(),
+        method: r.method.clone().unwrap_or_default(),
+        ..Default::default()
+    };
+    match &r.action {
+        m::HttpAction::Pool(p) => x.pool_id = p.clone(),
+        m::HttpAction::Redirect { location, status } => {
+            x.redirect_location = location.clone();
+            x.redirect_status = (*status).into();
+        }
+        m::HttpAction::Respond {
+            status,
+            body,
+            content_type,
+        } => {
+            x.respond_status = (*status).into();
+            x.respond_body = body.clone();
+            x.respond_content_type = content_type.clone().unwrap_or_default();
+        }
+    }
+    x
 }
 
 impl ApiResource for m::Listener {
@@ -1162,8 +1462,12 @@ mod tests {
     #[test]
     fn a_listing_reads_back_as_the_state_it_lists() {
         let dir = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/gov-cloud"));
+        let l7 = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/http-listeners.yaml"));
         let mut ops: Vec<m::Op> = crate::manifest::dependency_order(crate::manifest::load_path(&dir).unwrap())
             .into_iter()
+            .chain(crate::manifest::dependency_order(
+                crate::manifest::load_path(&l7).unwrap(),
+            ))
             .map(|l| l.op)
             .collect();
         ops.push(m::Op::PutQuarantine(m::Quarantine {
@@ -1188,8 +1492,23 @@ mod tests {
                 k.name()
             );
         }
-        assert_eq!(state.objects().collect::<Vec<_>>(), again.objects().collect::<Vec<_>>());
-        // Through the operations too, every kind's put and a delete.
+        // A certificate is listed without its key, and is otherwise the same.
+        let keyless = |s: &m::State| -> Vec<m::Object> {
+            s.objects()
+                .map(|o| match o {
+                    m::Object::Certificate(mut c) => {
+                        c.key_pem.clear();
+                        m::Object::Certificate(c)
+                    }
+                    o => o,
+                })
+                .collect()
+        };
+        assert!(listed.certificates.iter().all(|c| c.key_pem.is_empty()) && !listed.certificates.is_empty());
+        assert!(again.certificates.values().all(|c| c.key_pem.is_empty()));
+        assert_eq!(keyless(&state), keyless(&again));
+        // Through the operations too, every kind's put and a delete: a put
+        // carries the key.
         let pb_ops: Vec<pb::Operation> = ops.iter().map(op_to_pb).collect();
         assert_eq!(ops_from_pb(&pb_ops).unwrap(), ops);
         let delete = m::Op::Delete {

@@ -326,6 +326,22 @@ impl State {
                 ));
             }
         }
+        for o in self
+            .http_listeners
+            .values()
+            .filter(|o| o.load_balancer_id == l.load_balancer_id)
+        {
+            count += 1;
+            if l.protocol == LbProtocol::Tcp && o.port == l.port {
+                return Err(c.err(
+                    "port",
+                    format!(
+                        "load balancer {} already has http listener {} on tcp/{}",
+                        l.load_balancer_id, o.id, l.port
+                    ),
+                ));
+            }
+        }
         if count > LB_LISTENERS_MAX {
             return Err(c.err(
                 "load_balancer_id",
@@ -408,6 +424,15 @@ impl State {
                         ),
                     ));
                 }
+                if let Some(l) = self.http_listeners.values().find(|l| l.proxy_ports.contains(id)) {
+                    return Err(c.err(
+                        "port_id",
+                        format!(
+                            "port {id} runs the proxy of http listener {}: a proxy port is no member",
+                            l.id
+                        ),
+                    ));
+                }
             }
             MemberTarget::Address(ip) => {
                 self.vpc_address(c, "address", &lb.vpc_id, *ip)?;
@@ -486,6 +511,7 @@ impl State {
             Kind::LoadBalancer => id,
             Kind::Pool => &self.pools.get(id)?.load_balancer_id,
             Kind::Listener => &self.listeners.get(id)?.load_balancer_id,
+            Kind::HttpListener => &self.http_listeners.get(id)?.load_balancer_id,
             Kind::Member => &self.pools.get(&self.members.get(id)?.pool_id)?.load_balancer_id,
             _ => return None,
         };

@@ -20,6 +20,7 @@
 
 pub mod convert;
 pub mod index;
+pub mod l7;
 pub mod lb;
 pub mod limits;
 pub mod manifest;

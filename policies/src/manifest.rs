@@ -172,6 +172,105 @@ struct NatHostSpec {
 
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct CertificateSpec {
+    #[serde(default)]
+    display_name: Option<String>,
+    /// PEM: the certificate, then its chain.
+    certificate: String,
+    /// PEM: its private key. Never rendered back.
+    #[serde(default)]
+    private_key: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct HttpListenerSpec {
+    load_balancer: String,
+    protocol: model::HttpProtocol,
+    port: u16,
+    #[serde(default)]
+    certificates: Vec<String>,
+    #[serde(default)]
+    rules: Vec<HttpRuleSpec>,
+    #[serde(default)]
+    pool: Option<String>,
+    #[serde(default)]
+    scheduler: Option<String>,
+    #[serde(default)]
+    hash_key: Option<String>,
+    #[serde(default)]
+    cookie: Option<HttpCookieSpec>,
+    #[serde(default)]
+    proxy_protocol: Option<model::ProxyProtocol>,
+    proxy_ports: Vec<String>,
+    #[serde(default)]
+    trusted_proxies: Vec<IpNetwork>,
+    #[serde(default)]
+    waf_policy: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct HttpCookieSpec {
+    name: String,
+    #[serde(default)]
+    mode: Option<model::HttpCookieMode>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct HttpRuleSpec {
+    name: String,
+    #[serde(default)]
+    host: Option<String>,
+    #[serde(default)]
+    path_prefix: Option<String>,
+    #[serde(default)]
+    path_regex: Option<String>,
+    #[serde(default)]
+    header: Option<HttpHeaderSpec>,
+    #[serde(default)]
+    method: Option<String>,
+    #[serde(default)]
+    pool: Option<String>,
+    #[serde(default)]
+    redirect: Option<HttpRedirectSpec>,
+    #[serde(default)]
+    respond: Option<HttpRespondSpec>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct HttpHeaderSpec {
+    name: String,
+    #[serde(default)]
+    value: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct HttpRedirectSpec {
+    location: String,
+    #[serde(default = "found")]
+    status: u16,
+}
+
+fn found() -> u16 {
+    302
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct HttpRespondSpec {
+    status: u16,
+    #[serde(default)]
+    body: String,
+    #[serde(default)]
+    content_type: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct ListenerSpec {
     load_balancer: String,
     protocol: model::LbProtocol,
@@ -1531,6 +1630,186 @@ impl ManifestResource for model::VirtualIp {
     }
 }
 
+impl ManifestResource for model::Certificate {
+    type Spec = CertificateSpec;
+    fn from_manifest(metadata: Metadata, spec: Option<CertificateSpec>) -> Result<Self, String> {
+        let tenant_id = need_tenant(&metadata, "Certificate")?;
+        let spec = self::spec(spec)?;
+        let key = spec
+            .private_key
+            .ok_or("spec.privateKey: a certificate needs its private key (it is never shown back)")?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        let (names, not_after_unix) =
+            crate::convert::read_certificate(&spec.certificate, &key, now).map_err(|(f, m)| {
+                let f = if f == "key_pem" { "privateKey" } else { "certificate" };
+                format!("spec.{f}: {m}")
+            })?;
+        Ok(model::Certificate {
+            name: display_name(spec.display_name, &metadata.name),
+            id: metadata.name,
+            tenant_id,
+            cert_pem: spec.certificate,
+            key_pem: key,
+            names,
+            not_after_unix,
+        })
+    }
+    /// Without the private key, which is never shown.
+    fn to_manifest(&self) -> (&str, Option<&str>, serde_json::Value) {
+        let mut spec = serde_json::json!({ "certificate": self.cert_pem });
+        put_display_name(&mut spec, &self.name, &self.id);
+        (&self.id, Some(&self.tenant_id), spec)
+    }
+}
+
+impl ManifestResource for model::HttpListener {
+    type Spec = HttpListenerSpec;
+    fn from_manifest(metadata: Metadata, spec: Option<HttpListenerSpec>) -> Result<Self, String> {
+        let spec = self::spec(spec)?;
+        let scheduler = match (spec.scheduler.as_deref().unwrap_or("round_robin"), spec.hash_key) {
+            ("round_robin", None) => model::HttpScheduler::RoundRobin,
+            ("weighted_round_robin", None) => model::HttpScheduler::WeightedRoundRobin,
+            ("least_connections", None) => model::HttpScheduler::LeastConnections,
+            ("hash_header", Some(k)) => model::HttpScheduler::HashHeader(k),
+            ("hash_cookie", Some(k)) => model::HttpScheduler::HashCookie(k),
+            ("hash_header" | "hash_cookie", None) => {
+                return Err("spec.hashKey: a hash scheduler needs the header or cookie to hash".into())
+            }
+            ("round_robin" | "weighted_round_robin" | "least_connections", Some(_)) => {
+                return Err("spec.hashKey: only hash_header and hash_cookie hash a key".into())
+            }
+            (o, _) => {
+                return Err(format!(
+                    "spec.scheduler: must be one of round_robin, weighted_round_robin, least_connections, hash_header, hash_cookie, got {o:?}"
+                ))
+            }
+        };
+        let rules = spec
+            .rules
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let action = match (r.pool, r.redirect, r.respond) {
+                    (Some(p), None, None) => model::HttpAction::Pool(p),
+                    (None, Some(x), None) => model::HttpAction::Redirect {
+                        location: x.location,
+                        status: x.status,
+                    },
+                    (None, None, Some(x)) => model::HttpAction::Respond {
+                        status: x.status,
+                        body: x.body,
+                        content_type: x.content_type,
+                    },
+                    _ => return Err(format!("spec.rules[{i}]: give one of pool, redirect and respond")),
+                };
+                Ok(model::HttpRule {
+                    name: r.name,
+                    host: r.host,
+                    path_prefix: r.path_prefix,
+                    path_regex: r.path_regex,
+                    header: r.header.map(|h| (h.name, h.value)),
+                    method: r.method,
+                    action,
+                })
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(model::HttpListener {
+            id: metadata.name,
+            load_balancer_id: spec.load_balancer,
+            protocol: spec.protocol,
+            port: spec.port,
+            certificate_ids: spec.certificates,
+            rules,
+            pool_id: spec.pool,
+            scheduler,
+            cookie: spec.cookie.map(|c| model::HttpCookie {
+                name: c.name,
+                mode: c.mode.unwrap_or(model::HttpCookieMode::Insert),
+            }),
+            proxy_protocol: spec.proxy_protocol,
+            proxy_ports: spec.proxy_ports,
+            trusted_proxies: spec.trusted_proxies,
+            waf_policy_id: spec.waf_policy,
+        })
+    }
+    fn to_manifest(&self) -> (&str, Option<&str>, serde_json::Value) {
+        let mut spec = serde_json::json!({
+            "loadBalancer": self.load_balancer_id,
+            "protocol": self.protocol,
+            "port": self.port,
+            "proxyPorts": self.proxy_ports,
+        });
+        if !self.certificate_ids.is_empty() {
+            spec["certificates"] = serde_json::json!(self.certificate_ids);
+        }
+        if let Some(p) = &self.pool_id {
+            spec["pool"] = serde_json::json!(p);
+        }
+        if self.scheduler != model::HttpScheduler::RoundRobin {
+            spec["scheduler"] = serde_json::json!(self.scheduler.name());
+        }
+        put_text(&mut spec, "hashKey", self.scheduler.key());
+        if let Some(c) = &self.cookie {
+            spec["cookie"] = serde_json::json!({"name": c.name, "mode": c.mode});
+        }
+        if let Some(p) = self.proxy_protocol {
+            spec["proxyProtocol"] = serde_json::json!(p);
+        }
+        if !self.trusted_proxies.is_empty() {
+            spec["trustedProxies"] =
+                serde_json::json!(self.trusted_proxies.iter().map(|n| n.to_string()).collect::<Vec<_>>());
+        }
+        if let Some(w) = &self.waf_policy_id {
+            spec["wafPolicy"] = serde_json::json!(w);
+        }
+        if !self.rules.is_empty() {
+            spec["rules"] = self
+                .rules
+                .iter()
+                .map(|r| {
+                    let mut j = serde_json::json!({ "name": r.name });
+                    for (f, v) in [
+                        ("host", &r.host),
+                        ("pathPrefix", &r.path_prefix),
+                        ("pathRegex", &r.path_regex),
+                        ("method", &r.method),
+                    ] {
+                        if let Some(v) = v {
+                            j[f] = serde_json::json!(v);
+                        }
+                    }
+                    if let Some((name, value)) = &r.header {
+                        j["header"] = serde_json::json!({ "name": name });
+                        if let Some(v) = value {
+                            j["header"]["value"] = serde_json::json!(v);
+                        }
+                    }
+                    match &r.action {
+                        model::HttpAction::Pool(p) => j["pool"] = serde_json::json!(p),
+                        model::HttpAction::Redirect { location, status } => {
+                            j["redirect"] = serde_json::json!({"location": location, "status": status})
+                        }
+                        model::HttpAction::Respond {
+                            status,
+                            body,
+                            content_type,
+                        } => {
+                            j["respond"] = serde_json::json!({"status": status, "body": body});
+                            if let Some(t) = content_type {
+                                j["respond"]["contentType"] = serde_json::json!(t);
+                            }
+                        }
+                    }
+                    j
+                })
+                .collect();
+        }
+        (&self.id, None, spec)
+    }
+}
+
 impl ManifestResource for model::Listener {
     type Spec = ListenerSpec;
     fn from_manifest(metadata: Metadata, spec: Option<ListenerSpec>) -> Result<Self, String> {
@@ -2180,6 +2459,7 @@ mod schema_tests {
             "gov-cloud/30-peering.yaml",
             "gov-cloud/40-hosts-and-ports.yaml",
             "gov-cloud/70-load-balancers.yaml",
+            "http-listeners.yaml",
         ] {
             let text = std::fs::read_to_string(format!("{}/examples/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap();
             for doc in serde_yaml::Deserializer::from_str(&text) {
@@ -2277,6 +2557,14 @@ mod schema_tests {
             let kind = l.op.key().0;
             seen.insert(kind.manifest_kind().unwrap());
             let yaml = to_yaml(&[render(&l.op).unwrap()]);
+            if kind == model::Kind::Certificate {
+                // Rendered without its key, which is never shown: it does
+                // not apply again as it is.
+                assert!(!yaml.contains("PRIVATE KEY") && !yaml.contains("privateKey"), "{yaml}");
+                let e = parse_str("x.yaml", &yaml).unwrap_err();
+                assert!(e.message.starts_with("spec.privateKey:"), "{e:?}");
+                continue;
+            }
             assert_eq!(parse_str("x.yaml", &yaml).unwrap()[0].op, l.op, "{yaml}");
         }
         assert_eq!(

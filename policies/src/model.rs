@@ -480,6 +480,198 @@ pub struct Listener {
     pub persistence_secs: u32,
 }
 
+/// A TLS certificate and its private key, for its tenant's HTTPS
+/// listeners. `names` and `not_after_unix` are read from the certificate
+/// when it is taken in; the key is never given back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Certificate {
+    pub id: String,
+    pub tenant_id: String,
+    pub name: String,
+    /// PEM: the certificate, then its chain.
+    pub cert_pem: String,
+    /// PEM: its private key.
+    pub key_pem: String,
+    /// Its subject alternative names (DNS), else its common name.
+    pub names: Vec<String>,
+    /// When it expires (Unix seconds).
+    pub not_after_unix: i64,
+}
+
+/// A certificate's PEM text (with its chain), at most.
+pub const CERTIFICATE_PEM_MAX: usize = 64 * 1024;
+/// A private key's PEM text, at most.
+pub const KEY_PEM_MAX: usize = 16 * 1024;
+
+/// HTTP or HTTPS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpProtocol {
+    Http,
+    Https,
+}
+
+impl HttpProtocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            HttpProtocol::Http => "http",
+            HttpProtocol::Https => "https",
+        }
+    }
+}
+
+/// How an HTTP listener picks a member of a pool for a request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HttpScheduler {
+    RoundRobin,
+    WeightedRoundRobin,
+    LeastConnections,
+    /// A consistent hash of this request header's value (weighted).
+    HashHeader(String),
+    /// The same, of this cookie's value.
+    HashCookie(String),
+}
+
+impl HttpScheduler {
+    pub fn name(&self) -> &'static str {
+        match self {
+            HttpScheduler::RoundRobin => "round_robin",
+            HttpScheduler::WeightedRoundRobin => "weighted_round_robin",
+            HttpScheduler::LeastConnections => "least_connections",
+            HttpScheduler::HashHeader(_) => "hash_header",
+            HttpScheduler::HashCookie(_) => "hash_cookie",
+        }
+    }
+
+    /// The header or cookie hashed on (empty for the others).
+    pub fn key(&self) -> &str {
+        match self {
+            HttpScheduler::HashHeader(k) | HttpScheduler::HashCookie(k) => k,
+            _ => "",
+        }
+    }
+}
+
+/// Cookie persistence, as haproxy's `cookie NAME insert` or a learned
+/// session cookie.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpCookie {
+    pub name: String,
+    pub mode: HttpCookieMode,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpCookieMode {
+    Insert,
+    Learn,
+}
+
+impl HttpCookieMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            HttpCookieMode::Insert => "insert",
+            HttpCookieMode::Learn => "learn",
+        }
+    }
+}
+
+/// The PROXY protocol's version towards members.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    V1,
+    V2,
+}
+
+impl ProxyProtocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProxyProtocol::V1 => "v1",
+            ProxyProtocol::V2 => "v2",
+        }
+    }
+}
+
+/// What a matching HTTP rule does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HttpAction {
+    /// To a pool of the load balancer.
+    Pool(String),
+    Redirect {
+        location: String,
+        status: u16,
+    },
+    Respond {
+        status: u16,
+        body: String,
+        content_type: Option<String>,
+    },
+}
+
+/// A forwarding rule: every condition given must hold.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpRule {
+    pub name: String,
+    pub host: Option<String>,
+    pub path_prefix: Option<String>,
+    pub path_regex: Option<String>,
+    /// A header's name, and the value it must have if one is given.
+    pub header: Option<(String, Option<String>)>,
+    pub method: Option<String>,
+    pub action: HttpAction,
+}
+
+/// An HTTP or HTTPS listener of a load balancer: its VIPs' `port` reaches
+/// the proxies on `proxy_ports`, which route each request by `rules`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HttpListener {
+    pub id: String,
+    pub load_balancer_id: String,
+    pub protocol: HttpProtocol,
+    pub port: u16,
+    /// HTTPS: 1 to [`HTTP_CERTIFICATES_MAX`]; the first is served to a
+    /// client that names none of theirs.
+    pub certificate_ids: Vec<String>,
+    pub rules: Vec<HttpRule>,
+    /// Where a request no rule matches goes (`None`: a 404 answer).
+    pub pool_id: Option<String>,
+    pub scheduler: HttpScheduler,
+    pub cookie: Option<HttpCookie>,
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// Ports of the load balancer's VPC that run the proxy.
+    pub proxy_ports: Vec<String>,
+    pub trusted_proxies: Vec<IpNetwork>,
+    pub waf_policy_id: Option<String>,
+}
+
+/// Certificates of one HTTPS listener, at most.
+pub const HTTP_CERTIFICATES_MAX: usize = 16;
+/// Rules of one HTTP listener, at most.
+pub const HTTP_RULES_MAX: usize = 256;
+/// Proxy ports of one HTTP listener, at most.
+pub const HTTP_PROXY_PORTS_MAX: usize = 8;
+/// Trusted proxies of one HTTP listener, at most.
+pub const HTTP_TRUSTED_MAX: usize = 64;
+/// A fixed answer's body, at most.
+pub const HTTP_BODY_MAX: usize = 4096;
+
+impl HttpListener {
+    /// The pools its rules and default send requests to, each once.
+    pub fn pools(&self) -> std::collections::BTreeSet<&str> {
+        self.rules
+            .iter()
+            .filter_map(|r| match &r.action {
+                HttpAction::Pool(p) => Some(p.as_str()),
+                _ => None,
+            })
+            .chain(self.pool_id.as_deref())
+            .collect()
+    }
+}
+
 /// How a pool's members are checked.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -917,6 +1109,10 @@ macro_rules! for_each_kind {
             (Member, Member, "member", members, PutMember, list: members, order: 9, manifest: ["Member"], log: 17),
             (VirtualIp, VirtualIp, "virtual_ip", virtual_ips, PutVirtualIp,
                 list: virtual_ips, order: 10, manifest: ["VirtualIp"], log: 18),
+            (Certificate, Certificate, "certificate", certificates, PutCertificate,
+                list: certificates, order: 7, manifest: ["Certificate"], log: 19),
+            (HttpListener, HttpListener, "http_listener", http_listeners, PutHttpListener,
+                list: http_listeners, order: 10, manifest: ["HttpListener"], log: 20),
         }
     };
 }
@@ -1480,6 +1676,48 @@ impl Resource for Listener {
     }
 }
 
+impl Resource for Certificate {
+    fn describe(&self) -> String {
+        format!("put certificate {}: {}", self.id, self.summary())
+    }
+    fn summary(&self) -> String {
+        format!(
+            "tenant={} names={} not_after={}",
+            self.tenant_id,
+            self.names.join(","),
+            self.not_after_unix
+        )
+    }
+}
+
+impl Resource for HttpListener {
+    fn describe(&self) -> String {
+        format!("put http listener {}: {}", self.id, self.summary())
+    }
+    fn summary(&self) -> String {
+        let mut s = format!(
+            "lb={} {}/{} rules={} pool={} scheduler={} proxies={}",
+            self.load_balancer_id,
+            self.protocol.name(),
+            self.port,
+            self.rules.len(),
+            self.pool_id.as_deref().unwrap_or("-"),
+            self.scheduler.name(),
+            self.proxy_ports.join(",")
+        );
+        if !self.certificate_ids.is_empty() {
+            s += &format!(" certificates={}", self.certificate_ids.join(","));
+        }
+        if let Some(c) = &self.cookie {
+            s += &format!(" cookie={}:{}", c.name, c.mode.name());
+        }
+        if let Some(p) = self.proxy_protocol {
+            s += &format!(" proxy_protocol={}", p.name());
+        }
+        s
+    }
+}
+
 impl Resource for Pool {
     fn describe(&self) -> String {
         format!("put pool {}: {}", self.id, self.summary())
@@ -1661,6 +1899,8 @@ mod log_form {
                 "listener",
                 "member",
                 "virtual_ip",
+                "certificate",
+                "http_listener",
             ],
             "a kind was inserted or moved: add new kinds at the end of the table"
         );

@@ -69,6 +69,10 @@ pub struct State {
     pub members: BTreeMap<String, Member>,
     #[serde(default)]
     pub virtual_ips: BTreeMap<String, VirtualIp>,
+    #[serde(default)]
+    pub certificates: BTreeMap<String, Certificate>,
+    #[serde(default)]
+    pub http_listeners: BTreeMap<String, HttpListener>,
     /// What validation allows beyond each object's own rules; the same on
     /// every replica.
     #[serde(default)]
@@ -111,6 +115,10 @@ struct Stored {
     #[serde(default)]
     virtual_ips: BTreeMap<String, VirtualIp>,
     #[serde(default)]
+    certificates: BTreeMap<String, Certificate>,
+    #[serde(default)]
+    http_listeners: BTreeMap<String, HttpListener>,
+    #[serde(default)]
     settings: Settings,
 }
 
@@ -135,6 +143,8 @@ impl From<Stored> for State {
             listeners: x.listeners,
             members: x.members,
             virtual_ips: x.virtual_ips,
+            certificates: x.certificates,
+            http_listeners: x.http_listeners,
             settings: x.settings,
             index: Index::default(),
         };
@@ -395,6 +405,8 @@ impl State {
             Op::PutListener(x) => self.put_listener(c, x)?,
             Op::PutMember(x) => self.put_member(c, x)?,
             Op::PutVirtualIp(x) => self.put_virtual_ip(c, x)?,
+            Op::PutCertificate(x) => self.put_certificate(c, x)?,
+            Op::PutHttpListener(x) => self.put_http_listener(c, x)?,
             Op::Delete { kind, id } => self.delete(c, *kind, id)?,
         }
         Ok(())
@@ -1489,7 +1501,11 @@ impl State {
             ));
         }
         let was = self.replace(Kind::Port, &p.id, Some(Object::Port(p.clone())));
-        if let Err(e) = self.check_member_ports(c, p).and_then(|_| self.check_vip_ports(c, p)) {
+        if let Err(e) = self
+            .check_member_ports(c, p)
+            .and_then(|_| self.check_vip_ports(c, p))
+            .and_then(|_| self.check_proxy_ports(c, p))
+        {
             self.replace(Kind::Port, &p.id, was);
             return Err(e);
         }
@@ -1759,8 +1775,17 @@ impl State {
         if let Some(what) = self.vip_using(kind, id) {
             return in_use(what);
         }
+        if let Some(what) = self.http_using(kind, id) {
+            return in_use(what);
+        }
         match kind {
-            Kind::LoadBalancer | Kind::Pool | Kind::Listener | Kind::Member | Kind::VirtualIp => {
+            Kind::LoadBalancer
+            | Kind::Pool
+            | Kind::Listener
+            | Kind::Member
+            | Kind::VirtualIp
+            | Kind::Certificate
+            | Kind::HttpListener => {
                 if self.replace(kind, id, None).is_none() {
                     return Err(c.err("id", format!("unknown {} {id:?}", kind.name().replace('_', " "))));
                 }

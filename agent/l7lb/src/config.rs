@@ -10,9 +10,9 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub listeners: Vec<Listener>,
@@ -26,7 +26,7 @@ pub struct Config {
 /// How long a client connection may go without its first request, idle
 /// between requests (HTTP/2 pings do not count), or stalled in the middle
 /// of one (no byte moved either way).
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Timeouts {
     #[serde(default = "ten_seconds")]
@@ -67,7 +67,7 @@ impl Timeouts {
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listener {
     pub name: String,
@@ -98,13 +98,13 @@ fn yes() -> bool {
     true
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tls {
     pub certificates: Vec<Certificate>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Certificate {
     /// PEM: the certificate, then its chain.
@@ -114,7 +114,7 @@ pub struct Certificate {
 }
 
 /// A forwarding rule: every condition given must hold.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     pub name: String,
@@ -135,7 +135,7 @@ pub struct Rule {
     pub action: Action,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderMatch {
     pub name: String,
@@ -143,7 +143,7 @@ pub struct HeaderMatch {
     pub value: Option<String>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Action {
     /// To a pool's members.
@@ -160,7 +160,7 @@ pub enum Action {
     },
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Pool {
     pub name: String,
@@ -185,7 +185,7 @@ pub struct Pool {
 /// one of `status` and, if `body` is given, a body (its first 64 KiB)
 /// that contains it. A member goes down after `fall` failures in a row
 /// and up after `rise` passes; the first check decides at once.
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Health {
     #[serde(default = "slash")]
@@ -226,7 +226,7 @@ fn three() -> u32 {
     3
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Scheduler {
     RoundRobin,
@@ -243,28 +243,28 @@ pub enum Scheduler {
 /// cookie naming the member; a request carrying it goes there while the
 /// member is up) or `learn` (a cookie the members set, such as a session
 /// id, is remembered with the member that set it).
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Cookie {
     pub name: String,
     pub mode: CookieMode,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum ProxyProtocol {
     V1,
     V2,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum CookieMode {
     Insert,
     Learn,
 }
 
-#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Member {
     /// Unique in its pool; the value of an inserted cookie.
@@ -377,75 +377,81 @@ impl Config {
                 return Err(format!("{at}.rules: {} rules, at most {RULES_MAX}", l.rules.len()));
             }
             for (j, r) in l.rules.iter().enumerate() {
-                let at = format!("{at}.rules[{j}]");
-                name(&format!("{at}.name"), &r.name)?;
-                if let Some(h) = &r.host {
-                    let bare = h.strip_prefix("*.").unwrap_or(h);
-                    if bare.is_empty()
-                        || bare.contains('*')
-                        || !bare.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-                    {
-                        return Err(format!("{at}.host: {h:?} is not a host name (or *.name)"));
-                    }
+                r.check(&format!("{at}.rules[{j}]"), |p| pools.contains(p))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Rule {
+    /// Checks a rule, its errors named under `at` (`listeners[0].rules[2]`);
+    /// `has_pool` says whether a pool of that name is there.
+    pub fn check(&self, at: &str, has_pool: impl Fn(&str) -> bool) -> Result<(), String> {
+        let r = self;
+        name(&format!("{at}.name"), &r.name)?;
+        if let Some(h) = &r.host {
+            let bare = h.strip_prefix("*.").unwrap_or(h);
+            if bare.is_empty()
+                || bare.contains('*')
+                || !bare.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+            {
+                return Err(format!("{at}.host: {h:?} is not a host name (or *.name)"));
+            }
+        }
+        if let Some(p) = &r.path_prefix {
+            if !p.starts_with('/') {
+                return Err(format!("{at}.path_prefix: {p:?} does not begin with /"));
+            }
+            // Paths are judged as members read them: a prefix in
+            // another spelling would never match.
+            match crate::proxy::normal_path(p) {
+                Some(n) if n == *p && !p.contains(';') => {}
+                Some(n) if !p.contains(';') => {
+                    return Err(format!("{at}.path_prefix: {p:?} is read as {n:?}; write it so"))
                 }
-                if let Some(p) = &r.path_prefix {
-                    if !p.starts_with('/') {
-                        return Err(format!("{at}.path_prefix: {p:?} does not begin with /"));
-                    }
-                    // Paths are judged as members read them: a prefix in
-                    // another spelling would never match.
-                    match crate::proxy::normal_path(p) {
-                        Some(n) if n == *p && !p.contains(';') => {}
-                        Some(n) if !p.contains(';') => {
-                            return Err(format!("{at}.path_prefix: {p:?} is read as {n:?}; write it so"))
-                        }
-                        _ => return Err(format!("{at}.path_prefix: {p:?} is no path a request can have")),
-                    }
+                _ => return Err(format!("{at}.path_prefix: {p:?} is no path a request can have")),
+            }
+        }
+        if let Some(re) = &r.path_regex {
+            if re.len() > REGEX_LEN_MAX {
+                return Err(format!("{at}.path_regex: longer than {REGEX_LEN_MAX} bytes"));
+            }
+            path_regex(re).map_err(|e| format!("{at}.path_regex: {e}"))?;
+        }
+        if let Some(h) = &r.header {
+            header_name(&format!("{at}.header.name"), &h.name)?;
+            if let Some(v) = &h.value {
+                hyper::header::HeaderValue::from_str(v)
+                    .map_err(|_| format!("{at}.header.value: {v:?} cannot be a header's value"))?;
+            }
+        }
+        if let Some(m) = &r.method {
+            if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+                return Err(format!("{at}.method: {m:?} is no method (upper case, as GET)"));
+            }
+        }
+        match &r.action {
+            Action::Pool(p) if !has_pool(p) => return Err(format!("{at}.action.pool: no pool is named {p:?}")),
+            Action::Redirect { location, status } => {
+                if ![301, 302, 303, 307, 308].contains(status) {
+                    return Err(format!("{at}.action.redirect.status: {status} is not a redirect"));
                 }
-                if let Some(re) = &r.path_regex {
-                    if re.len() > REGEX_LEN_MAX {
-                        return Err(format!("{at}.path_regex: longer than {REGEX_LEN_MAX} bytes"));
-                    }
-                    path_regex(re).map_err(|e| format!("{at}.path_regex: {e}"))?;
+                hyper::header::HeaderValue::from_str(location)
+                    .map_err(|_| format!("{at}.action.redirect.location: {location:?} cannot be a location"))?;
+            }
+            Action::Respond {
+                status, content_type, ..
+            } => {
+                if !(200..=599).contains(status) {
+                    return Err(format!("{at}.action.respond.status: {status} is not within 200 to 599"));
                 }
-                if let Some(h) = &r.header {
-                    header_name(&format!("{at}.header.name"), &h.name)?;
-                    if let Some(v) = &h.value {
-                        hyper::header::HeaderValue::from_str(v)
-                            .map_err(|_| format!("{at}.header.value: {v:?} cannot be a header's value"))?;
-                    }
-                }
-                if let Some(m) = &r.method {
-                    if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
-                        return Err(format!("{at}.method: {m:?} is no method (upper case, as GET)"));
-                    }
-                }
-                match &r.action {
-                    Action::Pool(p) if !pools.contains(p.as_str()) => {
-                        return Err(format!("{at}.action.pool: no pool is named {p:?}"))
-                    }
-                    Action::Redirect { location, status } => {
-                        if ![301, 302, 303, 307, 308].contains(status) {
-                            return Err(format!("{at}.action.redirect.status: {status} is not a redirect"));
-                        }
-                        hyper::header::HeaderValue::from_str(location)
-                            .map_err(|_| format!("{at}.action.redirect.location: {location:?} cannot be a location"))?;
-                    }
-                    Action::Respond {
-                        status, content_type, ..
-                    } => {
-                        if !(200..=599).contains(status) {
-                            return Err(format!("{at}.action.respond.status: {status} is not within 200 to 599"));
-                        }
-                        if let Some(t) = content_type {
-                            hyper::header::HeaderValue::from_str(t).map_err(|_| {
-                                format!("{at}.action.respond.content_type: {t:?} cannot be a header's value")
-                            })?;
-                        }
-                    }
-                    _ => {}
+                if let Some(t) = content_type {
+                    hyper::header::HeaderValue::from_str(t)
+                        .map_err(|_| format!("{at}.action.respond.content_type: {t:?} cannot be a header's value"))?;
                 }
             }
+            _ => {}
         }
         Ok(())
     }
@@ -518,13 +524,13 @@ fn name(field: &str, n: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn header_name(field: &str, h: &str) -> Result<(), String> {
+pub fn header_name(field: &str, h: &str) -> Result<(), String> {
     hyper::header::HeaderName::from_bytes(h.as_bytes())
         .map(|_| ())
         .map_err(|_| format!("{field}: {h:?} is no header name"))
 }
 
-fn cookie_name(field: &str, c: &str) -> Result<(), String> {
+pub fn cookie_name(field: &str, c: &str) -> Result<(), String> {
     // RFC 6265: a token.
     if c.is_empty()
         || !c

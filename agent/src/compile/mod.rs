@@ -466,7 +466,8 @@ impl Compiler {
                         }
                     }
                 }
-                Some(pb::resource::Kind::Quarantine(_)) | None => {}
+                // HTTP proxies are the proxy supervisor's (`crate::l7`).
+                Some(pb::resource::Kind::HttpProxy(_)) | Some(pb::resource::Kind::Quarantine(_)) | None => {}
             }
         }
         let mut d = Desired {

@@ -271,6 +271,7 @@ fn object_tenants(o: &Object, was: bool, state: &State, gone: &[(Kind, String, O
         Object::LoadBalancer(l) => vec![l.tenant_id.clone()],
         Object::Pool(p) => lb_tenant(&p.load_balancer_id).into_iter().collect(),
         Object::Listener(l) => lb_tenant(&l.load_balancer_id).into_iter().collect(),
+        Object::HttpListener(l) => lb_tenant(&l.load_balancer_id).into_iter().collect(),
         Object::Member(m) => pool_tenant(&m.pool_id).into_iter().collect(),
         Object::Tenant(t) => vec![t.id.clone()],
         Object::Vpc(v) => vec![v.tenant_id.clone()],
@@ -278,6 +279,7 @@ fn object_tenants(o: &Object, was: bool, state: &State, gone: &[(Kind, String, O
         Object::Port(p) => vec![p.tenant_id.clone()],
         Object::SecurityGroup(g) => vec![g.tenant_id.clone()],
         Object::VirtualIp(v) => vec![v.tenant_id.clone()],
+        Object::Certificate(x) => vec![x.tenant_id.clone()],
         Object::VpcPeering(p) => [&p.vpc_a, &p.vpc_b].into_iter().filter_map(|v| vpc_tenant(v)).collect(),
         // A mirror session is the supervisors' business, not the tenants'
         // it copies; so is an information system's measure.
@@ -295,8 +297,17 @@ fn object_tenants(o: &Object, was: bool, state: &State, gone: &[(Kind, String, O
     out
 }
 
+/// An object as its audit record shows it: a certificate's private key
+/// as its SHA-256 alone, so a record tells a changed key without holding it.
 fn json(o: &Object) -> Value {
-    serde_json::from_slice(&o.to_json()).unwrap_or(Value::Null)
+    let mut v: Value = serde_json::from_slice(&o.to_json()).unwrap_or(Value::Null);
+    if let Object::Certificate(c) = o {
+        v["key_pem"] = Value::String(format!(
+            "(private key, sha256 {})",
+            hex(&sdn_proto::audit::sha256(c.key_pem.as_bytes()))
+        ));
+    }
+    v
 }
 
 /// What changed between two versions of an object, field by field: a
