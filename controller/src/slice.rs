@@ -366,10 +366,11 @@ mod tests {
         let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/examples");
         let mut s = State::default();
         for f in ["gov-cloud", "http-listeners.yaml"] {
-            let ops: Vec<Op> = manifest::dependency_order(manifest::load_path(&std::path::Path::new(root).join(f)).unwrap())
-                .into_iter()
-                .map(|l| l.op)
-                .collect();
+            let ops: Vec<Op> =
+                manifest::dependency_order(manifest::load_path(&std::path::Path::new(root).join(f)).unwrap())
+                    .into_iter()
+                    .map(|l| l.op)
+                    .collect();
             s.apply_batch(&ops).unwrap();
         }
         s
@@ -382,8 +383,14 @@ mod tests {
     fn a_proxy_is_its_hosts_alone_and_reached_through_the_vip() {
         let s = front();
         let on1 = names(&s, "hv-01");
-        assert!(on1.contains("proxy/portal-proxy-1") && !on1.contains("proxy/portal-proxy-2"), "{on1:?}");
-        assert!(build(&s, "hv-02", "proxy/portal-proxy-1").is_none(), "another host's proxy is not built");
+        assert!(
+            on1.contains("proxy/portal-proxy-1") && !on1.contains("proxy/portal-proxy-2"),
+            "{on1:?}"
+        );
+        assert!(
+            build(&s, "hv-02", "proxy/portal-proxy-1").is_none(),
+            "another host's proxy is not built"
+        );
         let Some(pb::resource::Kind::HttpProxy(p)) = build(&s, "hv-01", "proxy/portal-proxy-1").unwrap().kind else {
             panic!("not a proxy")
         };
@@ -395,7 +402,11 @@ mod tests {
             .find(|l| l.listener.as_ref().unwrap().id == "portal-web-https")
             .unwrap();
         assert!(https.certificates[0].key_pem.contains("PRIVATE KEY"));
-        let members: Vec<&str> = https.pools[0].backends.iter().map(|b| b.addresses[0].as_str()).collect();
+        let members: Vec<&str> = https.pools[0]
+            .backends
+            .iter()
+            .map(|b| b.addresses[0].as_str())
+            .collect();
         assert_eq!(members, ["10.30.0.11", "10.30.0.12"]);
         assert_eq!(https.pools[0].backends[0].port, 8080);
         // A listing gives no key.

@@ -322,3 +322,75 @@ pub fn delete(kind: pb::Kind, id: &str) -> Op {
         id: id.into(),
     })
 }
+/// A certificate of `tenant` from PEM text.
+pub fn certificate(id: &str, tenant: &str, cert_pem: &str, key_pem: &str) -> Op {
+    Op::PutCertificate(pb::Certificate {
+        id: id.into(),
+        tenant_id: tenant.into(),
+        name: id.into(),
+        cert_pem: cert_pem.into(),
+        key_pem: key_pem.into(),
+        ..Default::default()
+    })
+}
+/// An HTTP listener of `lb` on `port` with a default pool, run on
+/// `proxy_ports`; HTTPS when it has certificates.
+pub fn http_listener(
+    id: &str,
+    lb: &str,
+    port: u32,
+    pool: &str,
+    certificates: &[&str],
+    proxy_ports: &[&str],
+) -> pb::HttpListener {
+    pb::HttpListener {
+        id: id.into(),
+        load_balancer_id: lb.into(),
+        protocol: if certificates.is_empty() { "http" } else { "https" }.into(),
+        port,
+        certificate_ids: certificates.iter().map(|c| c.to_string()).collect(),
+        pool_id: pool.into(),
+        proxy_ports: proxy_ports.iter().map(|p| p.to_string()).collect(),
+        ..Default::default()
+    }
+}
+/// A self-signed certificate for `names` (the first as its common name),
+/// made by openssl: its PEM and its key's.
+pub fn self_signed(names: &[&str]) -> (String, String) {
+    static MADE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("sdn-self-signed-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (crt, key) = (dir.join("c.pem"), dir.join("k.pem"));
+    let san: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).collect();
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-days",
+            "30",
+            "-nodes",
+        ])
+        .arg("-subj")
+        .arg(format!("/CN={}", names[0]))
+        .arg("-addext")
+        .arg(format!("subjectAltName={}", san.join(",")))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&crt)
+        .output()
+        .expect("openssl runs");
+    let made = (std::fs::read_to_string(&crt), std::fs::read_to_string(&key));
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (made.0.unwrap(), made.1.unwrap())
+}

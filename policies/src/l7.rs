@@ -107,7 +107,7 @@ impl State {
         }
         let mut seen = BTreeSet::new();
         for (i, id) in l.certificate_ids.iter().enumerate() {
-            if !self.certificates.get(id).is_some_and(|x| x.tenant_id == lb.tenant_id) {
+            if self.certificates.get(id).is_none_or(|x| x.tenant_id != lb.tenant_id) {
                 return Err(c.err(
                     &format!("certificate_ids[{i}]"),
                     format!("tenant {} has no certificate {id:?}", lb.tenant_id),
@@ -178,7 +178,7 @@ impl State {
         for (i, p) in l.proxy_ports.iter().enumerate() {
             let at = format!("proxy_ports[{i}]");
             let in_vpc = self.index().port_vpc.get(p).is_some_and(|v| *v == lb.vpc_id);
-            if !self.ports.get(p).is_some_and(|x| x.tenant_id == lb.tenant_id) || !in_vpc {
+            if self.ports.get(p).is_none_or(|x| x.tenant_id != lb.tenant_id) || !in_vpc {
                 return Err(c.err(
                     &at,
                     format!("vpc {} of tenant {} has no port {p:?}", lb.vpc_id, lb.tenant_id),

@@ -392,7 +392,11 @@ pub fn content(before: &[(Kind, String, Option<Object>)], state: &State) -> Vec<
         // A whole object goes in as its JSON, as the store keeps it (the
         // same text serde_json makes of it as a value).
         let whole = |key: &str, o: &Object| {
-            let j = o.to_json();
+            // A certificate's key never goes in.
+            let j = match o {
+                Object::Certificate(_) => json(o).to_string().into_bytes(),
+                _ => o.to_json(),
+            };
             let mut t = String::with_capacity(j.len() + key.len() + 5);
             t.push_str("{\"");
             t.push_str(key);
@@ -567,6 +571,40 @@ mod tests {
         assert_eq!(
             c[0].detail,
             r#"{"after":{"id":"web","tenant_id":"acme","name":"web","rules":[{"id":"r22","direction":"ingress","ether_type":"IPv4","protocol":"tcp","ports":[22,22],"remote":"any"}]}}"#
+        );
+    }
+
+    /// A certificate's key is recorded as its digest alone, created,
+    /// changed or deleted.
+    #[test]
+    fn a_certificates_key_is_never_recorded() {
+        let cert = |key: &str| {
+            Object::Certificate(sdn_policies::Certificate {
+                id: "c".into(),
+                tenant_id: "acme".into(),
+                name: "c".into(),
+                cert_pem: "CERT".into(),
+                key_pem: key.into(),
+                names: vec!["a.example".into()],
+                not_after_unix: 1,
+            })
+        };
+        let mut state = State::default();
+        state.replace(Kind::Certificate, "c", Some(cert("SECRET-ONE")));
+        let created = content(&[(Kind::Certificate, "c".into(), None)], &state);
+        let changed = content(&[(Kind::Certificate, "c".into(), Some(cert("SECRET-TWO")))], &state);
+        state.replace(Kind::Certificate, "c", None);
+        let deleted = content(&[(Kind::Certificate, "c".into(), Some(cert("SECRET-ONE")))], &state);
+        for c in [&created, &changed, &deleted] {
+            assert_eq!(c.len(), 1);
+            assert!(!c[0].detail.contains("SECRET"), "{}", c[0].detail);
+            assert!(c[0].detail.contains("(private key, sha256 "), "{}", c[0].detail);
+            assert_eq!(c[0].tenants, ["acme"]);
+        }
+        assert!(
+            changed[0].detail.contains("key_pem"),
+            "a changed key shows: {}",
+            changed[0].detail
         );
     }
 
