@@ -6,6 +6,7 @@ pub mod dataplane;
 pub mod events;
 pub mod flows;
 pub mod health;
+pub mod l7;
 pub mod metrics;
 pub mod mirror;
 pub mod natsync;

@@ -810,6 +810,42 @@ mod tests {
     /// reported.
     #[test]
     fn shares_kept_current_equal_shares_built_from_scratch() {
+        let certificate = |key: &str| {
+            Op::PutCertificate(Certificate {
+                id: "c".into(),
+                tenant_id: "t".into(),
+                name: "c".into(),
+                cert_pem: "CERT".into(),
+                key_pem: key.into(),
+                names: vec!["a.example".into()],
+                not_after_unix: i64::MAX,
+            })
+        };
+        // A port made for the proxy: no VM's.
+        let proxy_port = |id: &str, host: &str, ip: &str| match port(id, host, "s1", ip, &[]) {
+            Op::PutPort(p) => Op::PutPort(Port {
+                vm_id: String::new(),
+                ..p
+            }),
+            _ => unreachable!(),
+        };
+        let http_listener = |ports: &[&str]| {
+            Op::PutHttpListener(HttpListener {
+                id: "hl".into(),
+                load_balancer_id: "lb7".into(),
+                protocol: HttpProtocol::Https,
+                port: 443,
+                certificate_ids: vec!["c".into()],
+                rules: vec![],
+                pool_id: Some("pw".into()),
+                scheduler: HttpScheduler::RoundRobin,
+                cookie: None,
+                proxy_protocol: None,
+                proxy_ports: ports.iter().map(|p| p.to_string()).collect(),
+                trusted_proxies: vec![],
+                waf_policy_id: None,
+            })
+        };
         let mut state = State::default();
         let mut shares = Shares::default();
         let mut revision = 0;
@@ -976,6 +1012,63 @@ mod tests {
             // and those of its own port's VPC.
             (vec![host("h4", "192.0.2.44")], Some(&["h3", "h4"])),
             (vec![del(Kind::LoadBalancer, "lbz")], Some(&["h3", "h4"])),
+            // An HTTPS listener whose proxy runs on port x of h3: h3 alone
+            // holds proxy/x, with the certificate's key.
+            (
+                vec![
+                    proxy_port("x", "h3", "10.1.0.24"),
+                    Op::PutLoadBalancer(LoadBalancer {
+                        id: "lb7".into(),
+                        tenant_id: "t".into(),
+                        vpc_id: "v1".into(),
+                        name: "lb7".into(),
+                        vip_v4: Some("10.1.0.100".parse().unwrap()),
+                        vip_v6: None,
+                        exposure: Exposure::Vpc,
+                        nat_hosts: vec![],
+                    }),
+                    Op::PutPool(Pool {
+                        id: "pw".into(),
+                        load_balancer_id: "lb7".into(),
+                        name: "pw".into(),
+                        health: None,
+                        drain_secs: 0,
+                    }),
+                    certificate("one"),
+                    http_listener(&["x"]),
+                ],
+                None,
+            ),
+            // The key rotated: the proxy's host alone hears.
+            (vec![certificate("two")], Some(&["h3"])),
+            // A member joins the pool: the proxy's host alone (the load
+            // balancer's hosts reach the proxies, not the members).
+            (
+                vec![Op::PutMember(Member {
+                    id: "m".into(),
+                    pool_id: "pw".into(),
+                    target: MemberTarget::Port("d".into()),
+                    port: 8080,
+                    weight: 1,
+                    state: MemberState::Enabled,
+                    draining_since_unix_ms: None,
+                    health: None,
+                    health_report: false,
+                })],
+                Some(&["h3"]),
+            ),
+            // The proxy port moves to h4: h3 loses proxy/x and its key.
+            (vec![proxy_port("x", "h4", "10.1.0.24")], Some(&["h3", "h4"])),
+            // A second proxy port on h3, then x is no longer one.
+            (
+                vec![proxy_port("y", "h3", "10.1.0.27"), http_listener(&["x", "y"])],
+                Some(&["h3", "h4"]),
+            ),
+            (vec![http_listener(&["y"])], Some(&["h3", "h4"])),
+            (
+                vec![del(Kind::HttpListener, "hl"), del(Kind::Certificate, "c")],
+                Some(&["h3", "h4"]),
+            ),
         ];
         for (i, (ops, expect)) in steps.into_iter().enumerate() {
             let applied = state.apply(&ops).unwrap_or_else(|e| panic!("step {i}: {e}"));

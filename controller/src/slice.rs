@@ -293,7 +293,9 @@ pub fn legacy_share(
     resources
         .iter()
         .filter_map(|(n, r)| match &r.kind {
-            Some(R::Endpoint(_)) => None,
+            // Nor HTTP proxies, which such agents do not run: their keys
+            // stay home.
+            Some(R::Endpoint(_)) | Some(R::HttpProxy(_)) => None,
             Some(R::VpcNetwork(v)) => {
                 let mut v = v.clone();
                 v.endpoints = by_vpc.get(v.vpc_id.as_str()).cloned().unwrap_or_default();
@@ -596,7 +598,8 @@ fn lb_on_host(state: &State, id: &str) -> Option<pb::LoadBalancerOnHost> {
                     weight: 1,
                     state: sdn_policies::MemberState::Enabled.name().into(),
                     drain_until_unix_ms: 0,
-                    port_id: String::new(),
+                    // So a quarantined proxy port takes no new flow.
+                    port_id: p.id.clone(),
                     down: false,
                 })
                 .collect(),

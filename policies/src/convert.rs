@@ -636,16 +636,15 @@ impl ApiResource for m::VirtualIp {
 impl ApiResource for m::Certificate {
     type Pb = pb::Certificate;
     fn from_pb(at: &At, x: &pb::Certificate) -> Result<Self, FieldError> {
-        let (names, not_after_unix) =
-            read_certificate(&x.cert_pem, &x.key_pem, now_unix()).map_err(|(f, m)| at.err(f, m))?;
+        let read = read_certificate(&x.cert_pem, &x.key_pem, now_unix()).map_err(|(f, m)| at.err(f, m))?;
         Ok(m::Certificate {
             id: x.id.clone(),
             tenant_id: x.tenant_id.trim().to_string(),
             name: x.name.clone(),
-            cert_pem: x.cert_pem.clone(),
+            cert_pem: read.chain_pem,
             key_pem: x.key_pem.clone(),
-            names,
-            not_after_unix,
+            names: read.names,
+            not_after_unix: read.not_after_unix,
         })
     }
     /// As listed: without its key, with the names and expiry the
@@ -692,11 +691,21 @@ fn now_unix() -> i64 {
         .map_or(0, |d| d.as_secs() as i64)
 }
 
-/// Reads a certificate (with its chain) and its key: the names it is for
-/// and when it expires; an error names the field (`cert_pem`, `key_pem`).
-/// A certificate expired at `now`, or a key that is not the certificate's,
+/// A certificate as read: its chain written out again (nothing but the
+/// certificates), the names it is for and when it expires.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ReadCertificate {
+    pub chain_pem: String,
+    pub names: Vec<String>,
+    pub not_after_unix: i64,
+}
+
+/// Reads a certificate (with its chain) and its key; an error names the
+/// field (`cert_pem`, `key_pem`). A certificate expired at `now`, a key
+/// that is not the certificate's, or a `cert_pem` holding anything but
+/// certificates (a key pasted with them would be shown to every reader)
 /// is refused.
-pub fn read_certificate(cert_pem: &str, key_pem: &str, now: i64) -> Result<(Vec<String>, i64), (&'static str, String)> {
+pub fn read_certificate(cert_pem: &str, key_pem: &str, now: i64) -> Result<ReadCertificate, (&'static str, String)> {
     use boring::asn1::Asn1Time;
     use boring::nid::Nid;
     use boring::pkey::PKey;
@@ -713,7 +722,25 @@ pub fn read_certificate(cert_pem: &str, key_pem: &str, now: i64) -> Result<(Vec<
     if key_pem.len() > m::KEY_PEM_MAX {
         return Err(("key_pem", format!("longer than {} bytes", m::KEY_PEM_MAX)));
     }
+    if let Some(label) = cert_pem
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("-----BEGIN "))
+        .map(|l| l.trim_end_matches('-'))
+        .find(|l| *l != "CERTIFICATE")
+    {
+        return Err((
+            "cert_pem",
+            format!("holds a {label} block: certificates only (the key goes in key_pem)"),
+        ));
+    }
     let chain = X509::stack_from_pem(cert_pem.as_bytes()).map_err(|_| ("cert_pem", "not PEM certificates".into()))?;
+    let mut chain_pem = String::new();
+    for c in &chain {
+        let pem = c
+            .to_pem()
+            .map_err(|_| ("cert_pem", "a certificate cannot be written out".to_string()))?;
+        chain_pem.push_str(&String::from_utf8_lossy(&pem));
+    }
     let leaf = chain.first().ok_or(("cert_pem", "no certificate in it".to_string()))?;
     let key =
         PKey::private_key_from_pem(key_pem.as_bytes()).map_err(|_| ("key_pem", "not a PEM private key".to_string()))?;
@@ -742,7 +769,11 @@ pub fn read_certificate(cert_pem: &str, key_pem: &str, now: i64) -> Result<(Vec<
                 .filter_map(|e| e.data().as_utf8().ok().map(|s| s.to_string())),
         );
     }
-    Ok((names, not_after))
+    Ok(ReadCertificate {
+        chain_pem,
+        names,
+        not_after_unix: not_after,
+    })
 }
 
 impl ApiResource for m::HttpListener {

@@ -5,6 +5,7 @@
 //! controller takes no rule the proxy would refuse.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 
 use crate::model::*;
 use crate::state::{BatchError, Ctx, State};
@@ -213,6 +214,7 @@ impl State {
                     ),
                 ));
             }
+            self.proxy_port_fits(&self.ports[p], lb).map_err(|m| c.err(&at, m))?;
         }
         self.replace(Kind::HttpListener, &l.id, Some(Object::HttpListener(l.clone())));
         Ok(())
@@ -241,8 +243,78 @@ impl State {
         }
     }
 
+    /// Whether `port` may run `lb`'s proxy: a port made for it (no VM's
+    /// network card, whose device the agent would take over, nor a
+    /// virtual IP's holder), with an address of each of the load
+    /// balancer's VIP families, which no member of it names.
+    fn proxy_port_fits(&self, port: &Port, lb: &LoadBalancer) -> Result<(), String> {
+        let p = &port.id;
+        if !port.vm_id.is_empty() {
+            return Err(format!(
+                "port {p} is a network card of vm {}: a proxy port is made for the proxy alone (no vm_id)",
+                port.vm_id
+            ));
+        }
+        let holder = VipHolderTarget::Port(p.clone());
+        if let Some(v) = self
+            .virtual_ips
+            .values()
+            .find(|v| v.holders.iter().any(|h| h.target == holder))
+        {
+            return Err(format!(
+                "port {p} holds virtual ip {}: a proxy port holds nothing else",
+                v.id
+            ));
+        }
+        for (family, wanted, has) in [
+            ("IPv4", lb.vip_v4.is_some(), port.ipv4.is_some()),
+            ("IPv6", lb.vip_v6.is_some(), port.ipv6.is_some()),
+        ] {
+            if wanted && !has {
+                return Err(format!(
+                    "port {p} has no {family} address, and load balancer {} has an {family} VIP",
+                    lb.id
+                ));
+            }
+        }
+        for a in port.addresses() {
+            if let Some(m) = self
+                .members_of_lb(&lb.id)
+                .find(|m| m.target == MemberTarget::Address(a))
+            {
+                return Err(format!(
+                    "{a}, port {p}'s address, is member {} of pool {}: a proxy port is no member",
+                    m.id, m.pool_id
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A member given by address: no proxy port of its load balancer has
+    /// it (the proxy would send requests to itself).
+    pub(crate) fn check_member_not_proxy(&self, c: &Ctx, lb: &LoadBalancer, ip: IpAddr) -> Result<(), BatchError> {
+        for l in self.http_listeners.values().filter(|l| l.load_balancer_id == lb.id) {
+            if let Some(p) = l
+                .proxy_ports
+                .iter()
+                .filter_map(|p| self.ports.get(p))
+                .find(|p| p.addresses().any(|a| a == ip))
+            {
+                return Err(c.err(
+                    "address",
+                    format!(
+                        "{ip} is port {}'s, which runs the proxy of http listener {}",
+                        p.id, l.id
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// A port changed: a proxy port stays in its load balancer's VPC and
-    /// tenant.
+    /// tenant, and fit to run the proxy.
     pub(crate) fn check_proxy_ports(&self, c: &Ctx, port: &Port) -> Result<(), BatchError> {
         let vpc = self.index().port_vpc.get(&port.id).map(String::as_str).unwrap_or("");
         for l in self
@@ -262,6 +334,7 @@ impl State {
                     ),
                 ));
             }
+            self.proxy_port_fits(port, lb).map_err(|m| c.err("vm_id", m))?;
         }
         Ok(())
     }
@@ -496,6 +569,37 @@ mod tests {
             "port_id",
             "a proxy port is no member",
         );
+        // A VM's network card is no proxy port, nor a port without an
+        // address of the VIP's family; a member's address is no proxy's.
+        apply(
+            &mut s,
+            "kind: Port\nmetadata: {name: vmcard, tenant: civil-affairs}\nspec: {subnet: civil-affairs-portal, host: hv-01, device: tap-vmcard, mac: '02:30:00:00:00:31', ipv4: 10.30.0.31, vm: portal-9}\n---\nkind: Port\nmetadata: {name: v6only, tenant: civil-affairs}\nspec: {subnet: civil-affairs-portal, host: hv-01, device: l7-v6only, mac: '02:30:00:00:00:32', ipv6: 'fd30::32'}\n",
+        )
+        .unwrap();
+        refused(
+            &mut s,
+            &listener("proxyPorts: [vmcard]"),
+            "proxy_ports[0]",
+            "a network card of vm portal-9",
+        );
+        refused(
+            &mut s,
+            &listener("proxyPorts: [v6only]"),
+            "proxy_ports[0]",
+            "has no IPv4 address",
+        );
+        refused(
+            &mut s,
+            "kind: Member\nmetadata: {name: m9}\nspec: {pool: portal-app, address: 10.30.0.22}\n",
+            "address",
+            "is port portal-proxy-2's, which runs the proxy",
+        );
+        refused(
+            &mut s,
+            "kind: Port\nmetadata: {name: portal-proxy-2, tenant: civil-affairs}\nspec: {subnet: civil-affairs-portal, host: hv-02, device: l7-portal-2, mac: '02:30:00:00:00:22', ipv4: 10.30.0.22, vm: taken}\n",
+            "vm_id",
+            "a network card of vm taken",
+        );
         // A port serves the proxy of one load balancer.
         let other = "kind: Pool\nmetadata: {name: p-lb}\nspec: {loadBalancer: portal-lb}\n";
         refused(
@@ -594,9 +698,21 @@ mod tests {
             text[begin..end].lines().map(str::trim).collect::<Vec<_>>().join("\n") + "\n"
         };
         let (cert, key) = (block("CERTIFICATE"), block("PRIVATE KEY"));
-        let (names, until) = read_certificate(&cert, &key, 0).unwrap();
-        assert_eq!(names.len(), 2);
-        let e = read_certificate(&cert, &key, until).unwrap_err();
+        let read = read_certificate(&cert, &key, 0).unwrap();
+        assert_eq!(read.names.len(), 2);
+        assert_eq!(read.chain_pem, cert, "a chain in its own form is kept as it is");
+        // Text around the blocks is dropped; a key among the certificates
+        // is refused (it would be shown to every reader).
+        assert_eq!(
+            read_certificate(&format!("issued to the portal\n{cert}"), &key, 0)
+                .unwrap()
+                .chain_pem,
+            cert
+        );
+        let e = read_certificate(&format!("{cert}{key}"), &key, 0).unwrap_err();
+        assert_eq!(e.0, "cert_pem");
+        assert!(e.1.contains("holds a PRIVATE KEY block"), "{e:?}");
+        let e = read_certificate(&cert, &key, read.not_after_unix).unwrap_err();
         assert_eq!(e.0, "cert_pem");
         assert!(e.1.contains("expired"), "{e:?}");
         let other = boring::ec::EcKey::generate(

@@ -436,6 +436,7 @@ impl State {
             }
             MemberTarget::Address(ip) => {
                 self.vpc_address(c, "address", &lb.vpc_id, *ip)?;
+                self.check_member_not_proxy(c, lb, *ip)?;
                 if let Some(o) = self.lb_of_address(&lb.vpc_id, *ip) {
                     return Err(c.err("address", format!("{ip} is load balancer {}'s own address", o.id)));
                 }

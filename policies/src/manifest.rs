@@ -1641,19 +1641,18 @@ impl ManifestResource for model::Certificate {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs() as i64);
-        let (names, not_after_unix) =
-            crate::convert::read_certificate(&spec.certificate, &key, now).map_err(|(f, m)| {
-                let f = if f == "key_pem" { "privateKey" } else { "certificate" };
-                format!("spec.{f}: {m}")
-            })?;
+        let read = crate::convert::read_certificate(&spec.certificate, &key, now).map_err(|(f, m)| {
+            let f = if f == "key_pem" { "privateKey" } else { "certificate" };
+            format!("spec.{f}: {m}")
+        })?;
         Ok(model::Certificate {
             name: display_name(spec.display_name, &metadata.name),
             id: metadata.name,
             tenant_id,
-            cert_pem: spec.certificate,
+            cert_pem: read.chain_pem,
             key_pem: key,
-            names,
-            not_after_unix,
+            names: read.names,
+            not_after_unix: read.not_after_unix,
         })
     }
     /// Without the private key, which is never shown.

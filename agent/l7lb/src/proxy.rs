@@ -348,11 +348,15 @@ pub(crate) fn member_connector() -> HttpConnector {
 }
 
 /// A listening socket (SO_REUSEADDR, so a restarted proxy binds at once).
+/// An IPv6 one takes IPv6 alone, so `0.0.0.0:P` and `[::]:P` are two
+/// listeners side by side.
 async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let s = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
-        tokio::net::TcpSocket::new_v6()?
+        let s = tokio::net::TcpSocket::new_v6()?;
+        nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Ipv6V6Only, &true)?;
+        s
     };
     s.set_reuseaddr(true)?;
     s.bind(addr)?;

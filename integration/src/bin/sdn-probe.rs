@@ -99,8 +99,8 @@ enum Cmd {
     },
     /// Opens CONNS TCP connections to an echo server and exchanges 8 bytes
     /// on each every `interval_ms` for SECONDS (one thread each); prints
-    /// JSON: how many connections survived (their last exchange, awaited
-    /// up to 5 s, came back), how many were reset or closed, and the
+    /// JSON: how many connections survived (each echo, awaited up to
+    /// `patience_secs`, came back), how many were reset or closed, and the
     /// longest wait for an echo (`max_stall_ms`). Established connections
     /// through a failover: they survive or they do not.
     Survive {
@@ -112,6 +112,12 @@ enum Cmd {
         seconds: u64,
         #[arg(long, default_value_t = 100)]
         interval_ms: u64,
+        /// How long an echo is awaited before the connection counts as
+        /// silent. TCP retransmits a lost segment after 0.2, 0.6, 1.4, 3.0
+        /// and 6.2 s: a path back after 3 s is seen only by a wait beyond
+        /// 6.2 s.
+        #[arg(long, default_value_t = 5)]
+        patience_secs: u64,
         /// Source address (one of this machine's).
         #[arg(long)]
         bind: Option<std::net::IpAddr>,
@@ -403,7 +409,7 @@ enum Fate {
     Survived,
     /// Reset, closed, or an echo that differs.
     Broken(String),
-    /// An echo never came back (within 5 s at the end).
+    /// An echo never came back (within the patience given).
     Silent,
 }
 
@@ -412,6 +418,7 @@ fn survive(
     conns: usize,
     run: Duration,
     interval: Duration,
+    patience: Duration,
     bind: Option<std::net::IpAddr>,
 ) -> std::io::Result<serde_json::Value> {
     let mut socks = Vec::new();
@@ -446,8 +453,8 @@ fn survive(
                         return (Fate::Broken(format!("write: {e}")), stall);
                     }
                     // An echo may take a failover to come back: waited for
-                    // up to 5 s (TCP retransmits meanwhile).
-                    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+                    // (TCP retransmits meanwhile).
+                    s.set_read_timeout(Some(patience)).ok();
                     let mut buf = [0u8; 8];
                     match s.read_exact(&mut buf) {
                         Ok(()) if buf == msg => {}
@@ -884,12 +891,14 @@ fn main() {
             conns,
             seconds,
             interval_ms,
+            patience_secs,
             bind,
         } => match survive(
             SocketAddr::new(addr, port),
             conns,
             Duration::from_secs(seconds),
             Duration::from_millis(interval_ms),
+            Duration::from_secs(patience_secs),
             bind,
         ) {
             Ok(j) => {
