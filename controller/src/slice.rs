@@ -358,156 +358,6 @@ fn endpoint(state: &State, p: &sdn_policies::Port) -> pb::Endpoint {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use sdn_policies::*;
-
-    /// The example cloud with its HTTPS front.
-    fn front() -> State {
-        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/examples");
-        let mut s = State::default();
-        for f in ["gov-cloud", "http-listeners.yaml"] {
-            let ops: Vec<Op> =
-                manifest::dependency_order(manifest::load_path(&std::path::Path::new(root).join(f)).unwrap())
-                    .into_iter()
-                    .map(|l| l.op)
-                    .collect();
-            s.apply_batch(&ops).unwrap();
-        }
-        s
-    }
-
-    /// A proxy port's resource, keys and all, is its own host's alone;
-    /// every host of the VPC reaches the proxies through the load
-    /// balancer's VIP.
-    #[test]
-    fn a_proxy_is_its_hosts_alone_and_reached_through_the_vip() {
-        let s = front();
-        let on1 = names(&s, "hv-01");
-        assert!(
-            on1.contains("proxy/portal-proxy-1") && !on1.contains("proxy/portal-proxy-2"),
-            "{on1:?}"
-        );
-        assert!(
-            build(&s, "hv-02", "proxy/portal-proxy-1").is_none(),
-            "another host's proxy is not built"
-        );
-        let Some(pb::resource::Kind::HttpProxy(p)) = build(&s, "hv-01", "proxy/portal-proxy-1").unwrap().kind else {
-            panic!("not a proxy")
-        };
-        assert_eq!(p.gateway_v4, "10.30.0.1");
-        assert_eq!(p.prefix_v4, 24);
-        let https = p
-            .listeners
-            .iter()
-            .find(|l| l.listener.as_ref().unwrap().id == "portal-web-https")
-            .unwrap();
-        assert!(https.certificates[0].key_pem.contains("PRIVATE KEY"));
-        let members: Vec<&str> = https.pools[0]
-            .backends
-            .iter()
-            .map(|b| b.addresses[0].as_str())
-            .collect();
-        assert_eq!(members, ["10.30.0.11", "10.30.0.12"]);
-        assert_eq!(https.pools[0].backends[0].port, 8080);
-        // A listing gives no key.
-        let listed = convert::list_to_pb(&s, None, 1);
-        assert!(listed.certificates[0].key_pem.is_empty() && !listed.certificates[0].cert_pem.is_empty());
-        // The load balancer, on every host of the VPC: an L4 listener per
-        // HTTP listener, to the proxy ports.
-        let Some(pb::resource::Kind::LoadBalancer(lb)) = build(&s, "hv-02", "lb/portal-l7").unwrap().kind else {
-            panic!("not a load balancer")
-        };
-        let l = lb
-            .listeners
-            .iter()
-            .find(|l| l.listener.as_ref().unwrap().id == "http-listener/portal-web-https")
-            .unwrap();
-        assert_eq!(l.listener.as_ref().unwrap().port, 443);
-        let backends: Vec<(&str, u32)> = l.backends.iter().map(|b| (b.addresses[0].as_str(), b.port)).collect();
-        assert_eq!(backends, [("10.30.0.21", 443), ("10.30.0.22", 443)]);
-    }
-
-    /// Agents of earlier releases get each VPC's ports inside its resource,
-    /// and no endpoint resources; a port's change changes the VPC's version.
-    #[test]
-    fn the_earlier_form_lists_ports_inside_their_vpc() {
-        let port = |id: &str, host: &str, last: u8| {
-            Op::PutPort(Port {
-                id: id.into(),
-                tenant_id: "t".into(),
-                subnet_id: "s".into(),
-                host_id: host.into(),
-                device: format!("tap-{id}"),
-                mac: Mac([2, 0, 0, 0, 0, last]),
-                ipv4: Some(format!("10.1.0.{last}").parse().unwrap()),
-                ipv6: None,
-                security_group_ids: vec![],
-                vm_id: String::new(),
-            })
-        };
-        let mut state = State::default();
-        state
-            .apply(&[
-                Op::PutTenant(Tenant {
-                    id: "t".into(),
-                    name: "t".into(),
-                }),
-                Op::PutHost(Host {
-                    id: "h1".into(),
-                    underlay_ip: "192.0.2.1".parse().unwrap(),
-                }),
-                Op::PutHost(Host {
-                    id: "h2".into(),
-                    underlay_ip: "192.0.2.2".parse().unwrap(),
-                }),
-                Op::PutVpc(Vpc {
-                    id: "v".into(),
-                    tenant_id: "t".into(),
-                    name: "v".into(),
-                    vni: 100,
-                    zone_id: String::new(),
-                    border_policy_id: String::new(),
-                }),
-                Op::PutSubnet(Subnet {
-                    id: "s".into(),
-                    vpc_id: "v".into(),
-                    cidr_v4: Some("10.1.0.0/24".parse().unwrap()),
-                    cidr_v6: None,
-                }),
-                port("a", "h1", 5),
-                port("b", "h2", 6),
-            ])
-            .unwrap();
-        let share = |state: &State| -> BTreeMap<crate::shares::Name, std::sync::Arc<pb::Resource>> {
-            host_slice(state, "h2")
-                .into_iter()
-                .map(|(n, r)| (n.into(), std::sync::Arc::new(r)))
-                .collect()
-        };
-        let new = share(&state);
-        assert!(
-            new.contains_key("endpoint/a") && new.contains_key("endpoint/b"),
-            "{new:?}"
-        );
-        let old = legacy_share(&new);
-        assert!(!old.keys().any(|n| n.starts_with("endpoint/")), "{old:?}");
-        let Some(pb::resource::Kind::VpcNetwork(v)) = &old["vpc/v"].kind else {
-            panic!()
-        };
-        let ports: Vec<(&str, &str)> = v
-            .endpoints
-            .iter()
-            .map(|e| (e.port_id.as_str(), e.host_underlay_ip.as_str()))
-            .collect();
-        assert_eq!(ports, [("a", "192.0.2.1"), ("b", "192.0.2.2")]);
-        let version = old["vpc/v"].version.clone();
-        state.apply(&[port("a", "h1", 7)]).unwrap();
-        assert_ne!(legacy_share(&share(&state))["vpc/v"].version, version);
-    }
-}
-
 /// A member as a backend of a listener on `listener_port`.
 fn backend(
     state: &State,
@@ -673,4 +523,154 @@ fn proxy_on_host(state: &State, host: &str, port_id: &str) -> Option<pb::HttpPro
 
 fn text<T: ToString>(a: Option<T>) -> String {
     a.map(|a| a.to_string()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sdn_policies::*;
+
+    /// The example cloud with its HTTPS front.
+    fn front() -> State {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../policies/examples");
+        let mut s = State::default();
+        for f in ["gov-cloud", "http-listeners.yaml"] {
+            let ops: Vec<Op> =
+                manifest::dependency_order(manifest::load_path(&std::path::Path::new(root).join(f)).unwrap())
+                    .into_iter()
+                    .map(|l| l.op)
+                    .collect();
+            s.apply_batch(&ops).unwrap();
+        }
+        s
+    }
+
+    /// A proxy port's resource, keys and all, is its own host's alone;
+    /// every host of the VPC reaches the proxies through the load
+    /// balancer's VIP.
+    #[test]
+    fn a_proxy_is_its_hosts_alone_and_reached_through_the_vip() {
+        let s = front();
+        let on1 = names(&s, "hv-01");
+        assert!(
+            on1.contains("proxy/portal-proxy-1") && !on1.contains("proxy/portal-proxy-2"),
+            "{on1:?}"
+        );
+        assert!(
+            build(&s, "hv-02", "proxy/portal-proxy-1").is_none(),
+            "another host's proxy is not built"
+        );
+        let Some(pb::resource::Kind::HttpProxy(p)) = build(&s, "hv-01", "proxy/portal-proxy-1").unwrap().kind else {
+            panic!("not a proxy")
+        };
+        assert_eq!(p.gateway_v4, "10.30.0.1");
+        assert_eq!(p.prefix_v4, 24);
+        let https = p
+            .listeners
+            .iter()
+            .find(|l| l.listener.as_ref().unwrap().id == "portal-web-https")
+            .unwrap();
+        assert!(https.certificates[0].key_pem.contains("PRIVATE KEY"));
+        let members: Vec<&str> = https.pools[0]
+            .backends
+            .iter()
+            .map(|b| b.addresses[0].as_str())
+            .collect();
+        assert_eq!(members, ["10.30.0.11", "10.30.0.12"]);
+        assert_eq!(https.pools[0].backends[0].port, 8080);
+        // A listing gives no key.
+        let listed = convert::list_to_pb(&s, None, 1);
+        assert!(listed.certificates[0].key_pem.is_empty() && !listed.certificates[0].cert_pem.is_empty());
+        // The load balancer, on every host of the VPC: an L4 listener per
+        // HTTP listener, to the proxy ports.
+        let Some(pb::resource::Kind::LoadBalancer(lb)) = build(&s, "hv-02", "lb/portal-l7").unwrap().kind else {
+            panic!("not a load balancer")
+        };
+        let l = lb
+            .listeners
+            .iter()
+            .find(|l| l.listener.as_ref().unwrap().id == "http-listener/portal-web-https")
+            .unwrap();
+        assert_eq!(l.listener.as_ref().unwrap().port, 443);
+        let backends: Vec<(&str, u32)> = l.backends.iter().map(|b| (b.addresses[0].as_str(), b.port)).collect();
+        assert_eq!(backends, [("10.30.0.21", 443), ("10.30.0.22", 443)]);
+    }
+
+    /// Agents of earlier releases get each VPC's ports inside its resource,
+    /// and no endpoint resources; a port's change changes the VPC's version.
+    #[test]
+    fn the_earlier_form_lists_ports_inside_their_vpc() {
+        let port = |id: &str, host: &str, last: u8| {
+            Op::PutPort(Port {
+                id: id.into(),
+                tenant_id: "t".into(),
+                subnet_id: "s".into(),
+                host_id: host.into(),
+                device: format!("tap-{id}"),
+                mac: Mac([2, 0, 0, 0, 0, last]),
+                ipv4: Some(format!("10.1.0.{last}").parse().unwrap()),
+                ipv6: None,
+                security_group_ids: vec![],
+                vm_id: String::new(),
+            })
+        };
+        let mut state = State::default();
+        state
+            .apply(&[
+                Op::PutTenant(Tenant {
+                    id: "t".into(),
+                    name: "t".into(),
+                }),
+                Op::PutHost(Host {
+                    id: "h1".into(),
+                    underlay_ip: "192.0.2.1".parse().unwrap(),
+                }),
+                Op::PutHost(Host {
+                    id: "h2".into(),
+                    underlay_ip: "192.0.2.2".parse().unwrap(),
+                }),
+                Op::PutVpc(Vpc {
+                    id: "v".into(),
+                    tenant_id: "t".into(),
+                    name: "v".into(),
+                    vni: 100,
+                    zone_id: String::new(),
+                    border_policy_id: String::new(),
+                }),
+                Op::PutSubnet(Subnet {
+                    id: "s".into(),
+                    vpc_id: "v".into(),
+                    cidr_v4: Some("10.1.0.0/24".parse().unwrap()),
+                    cidr_v6: None,
+                }),
+                port("a", "h1", 5),
+                port("b", "h2", 6),
+            ])
+            .unwrap();
+        let share = |state: &State| -> BTreeMap<crate::shares::Name, std::sync::Arc<pb::Resource>> {
+            host_slice(state, "h2")
+                .into_iter()
+                .map(|(n, r)| (n.into(), std::sync::Arc::new(r)))
+                .collect()
+        };
+        let new = share(&state);
+        assert!(
+            new.contains_key("endpoint/a") && new.contains_key("endpoint/b"),
+            "{new:?}"
+        );
+        let old = legacy_share(&new);
+        assert!(!old.keys().any(|n| n.starts_with("endpoint/")), "{old:?}");
+        let Some(pb::resource::Kind::VpcNetwork(v)) = &old["vpc/v"].kind else {
+            panic!()
+        };
+        let ports: Vec<(&str, &str)> = v
+            .endpoints
+            .iter()
+            .map(|e| (e.port_id.as_str(), e.host_underlay_ip.as_str()))
+            .collect();
+        assert_eq!(ports, [("a", "192.0.2.1"), ("b", "192.0.2.2")]);
+        let version = old["vpc/v"].version.clone();
+        state.apply(&[port("a", "h1", 7)]).unwrap();
+        assert_ne!(legacy_share(&share(&state))["vpc/v"].version, version);
+    }
 }
