@@ -513,16 +513,12 @@ fn proxy_on_host(state: &State, host: &str, port_id: &str) -> Option<pb::HttpPro
     }
     Some(pb::HttpProxyOnHost {
         port: Some(port.to_pb()),
-        gateway_v4: text(subnet.gateway_v4()),
-        gateway_v6: text(subnet.gateway_v6()),
+        gateway_v4: sdn_policies::convert::text_of(subnet.gateway_v4()),
+        gateway_v6: sdn_policies::convert::text_of(subnet.gateway_v6()),
         prefix_v4: subnet.cidr_v4.map_or(0, |n| n.prefix().into()),
         prefix_v6: subnet.cidr_v6.map_or(0, |n| n.prefix().into()),
         listeners,
     })
-}
-
-fn text<T: ToString>(a: Option<T>) -> String {
-    a.map(|a| a.to_string()).unwrap_or_default()
 }
 
 #[cfg(test)]

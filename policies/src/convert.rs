@@ -487,7 +487,8 @@ fn opt_v6(at: &At, field: &str, t: &str) -> Result<Option<std::net::Ipv6Addr>, F
         .transpose()
 }
 
-fn text_of<T: ToString>(a: Option<T>) -> String {
+/// An optional value as the API's text (empty: none).
+pub fn text_of<T: ToString>(a: Option<T>) -> String {
     a.map(|a| a.to_string()).unwrap_or_default()
 }
 
@@ -685,7 +686,8 @@ pub fn certificate_with_key(c: &m::Certificate) -> pb::Certificate {
     }
 }
 
-fn now_unix() -> i64 {
+/// The clock, in Unix seconds.
+pub(crate) fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
@@ -784,28 +786,11 @@ impl ApiResource for m::HttpListener {
             "https" => m::HttpProtocol::Https,
             p => return Err(at.err("protocol", format!("must be http or https, got {p:?}"))),
         };
-        let key = opt_text(&x.hash_key).map(str::to_string);
-        let scheduler = match (x.scheduler.trim(), key) {
-            ("" | "round_robin", None) => m::HttpScheduler::RoundRobin,
-            ("weighted_round_robin", None) => m::HttpScheduler::WeightedRoundRobin,
-            ("least_connections", None) => m::HttpScheduler::LeastConnections,
-            ("hash_header", Some(k)) => m::HttpScheduler::HashHeader(k),
-            ("hash_cookie", Some(k)) => m::HttpScheduler::HashCookie(k),
-            ("hash_header" | "hash_cookie", None) => {
-                return Err(at.err("hash_key", "a hash scheduler needs the header or cookie to hash"))
-            }
-            ("" | "round_robin" | "weighted_round_robin" | "least_connections", Some(_)) => {
-                return Err(at.err("hash_key", "only hash_header and hash_cookie hash a key"))
-            }
-            (s, _) => {
-                return Err(at.err(
-                    "scheduler",
-                    format!(
-                        "must be one of round_robin, weighted_round_robin, least_connections, hash_header, hash_cookie, got {s:?}"
-                    ),
-                ))
-            }
-        };
+        let scheduler = m::HttpScheduler::parse(opt_text(&x.scheduler), opt_text(&x.hash_key).map(str::to_string))
+            .map_err(|(f, e)| match f {
+                m::HttpSchedulerField::Name => at.err("scheduler", e),
+                m::HttpSchedulerField::Key => at.err("hash_key", e),
+            })?;
         let cookie = match (opt_text(&x.cookie_name), x.cookie_mode.trim()) {
             (None, "") => None,
             (None, _) => return Err(at.err("cookie_name", "a cookie mode needs the cookie's name")),

@@ -1638,9 +1638,7 @@ impl ManifestResource for model::Certificate {
         let key = spec
             .private_key
             .ok_or("spec.privateKey: a certificate needs its private key (it is never shown back)")?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
+        let now = crate::convert::now_unix();
         let read = crate::convert::read_certificate(&spec.certificate, &key, now).map_err(|(f, m)| {
             let f = if f == "key_pem" { "privateKey" } else { "certificate" };
             format!("spec.{f}: {m}")
@@ -1667,24 +1665,11 @@ impl ManifestResource for model::HttpListener {
     type Spec = HttpListenerSpec;
     fn from_manifest(metadata: Metadata, spec: Option<HttpListenerSpec>) -> Result<Self, String> {
         let spec = self::spec(spec)?;
-        let scheduler = match (spec.scheduler.as_deref().unwrap_or("round_robin"), spec.hash_key) {
-            ("round_robin", None) => model::HttpScheduler::RoundRobin,
-            ("weighted_round_robin", None) => model::HttpScheduler::WeightedRoundRobin,
-            ("least_connections", None) => model::HttpScheduler::LeastConnections,
-            ("hash_header", Some(k)) => model::HttpScheduler::HashHeader(k),
-            ("hash_cookie", Some(k)) => model::HttpScheduler::HashCookie(k),
-            ("hash_header" | "hash_cookie", None) => {
-                return Err("spec.hashKey: a hash scheduler needs the header or cookie to hash".into())
-            }
-            ("round_robin" | "weighted_round_robin" | "least_connections", Some(_)) => {
-                return Err("spec.hashKey: only hash_header and hash_cookie hash a key".into())
-            }
-            (o, _) => {
-                return Err(format!(
-                    "spec.scheduler: must be one of round_robin, weighted_round_robin, least_connections, hash_header, hash_cookie, got {o:?}"
-                ))
-            }
-        };
+        let scheduler =
+            model::HttpScheduler::parse(spec.scheduler.as_deref(), spec.hash_key).map_err(|(f, e)| match f {
+                model::HttpSchedulerField::Name => format!("spec.scheduler: {e}"),
+                model::HttpSchedulerField::Key => format!("spec.hashKey: {e}"),
+            })?;
         let rules = spec
             .rules
             .into_iter()

@@ -544,6 +544,32 @@ impl HttpScheduler {
         }
     }
 
+    /// A scheduler from its name (none: round robin) and the key a hash
+    /// scheduler hashes. An error says which of the two is wrong, and why.
+    pub fn parse(name: Option<&str>, key: Option<String>) -> Result<HttpScheduler, (HttpSchedulerField, String)> {
+        match (name.unwrap_or("round_robin"), key) {
+            ("round_robin", None) => Ok(HttpScheduler::RoundRobin),
+            ("weighted_round_robin", None) => Ok(HttpScheduler::WeightedRoundRobin),
+            ("least_connections", None) => Ok(HttpScheduler::LeastConnections),
+            ("hash_header", Some(k)) => Ok(HttpScheduler::HashHeader(k)),
+            ("hash_cookie", Some(k)) => Ok(HttpScheduler::HashCookie(k)),
+            ("hash_header" | "hash_cookie", None) => Err((
+                HttpSchedulerField::Key,
+                "a hash scheduler needs the header or cookie to hash".into(),
+            )),
+            ("round_robin" | "weighted_round_robin" | "least_connections", Some(_)) => Err((
+                HttpSchedulerField::Key,
+                "only hash_header and hash_cookie hash a key".into(),
+            )),
+            (o, _) => Err((
+                HttpSchedulerField::Name,
+                format!(
+                    "must be one of round_robin, weighted_round_robin, least_connections, hash_header, hash_cookie, got {o:?}"
+                ),
+            )),
+        }
+    }
+
     /// The header or cookie hashed on (empty for the others).
     pub fn key(&self) -> &str {
         match self {
@@ -551,6 +577,13 @@ impl HttpScheduler {
             _ => "",
         }
     }
+}
+
+/// Which part of an HTTP scheduler [`HttpScheduler::parse`] refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpSchedulerField {
+    Name,
+    Key,
 }
 
 /// Cookie persistence, as haproxy's `cookie NAME insert` or a learned

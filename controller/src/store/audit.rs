@@ -297,17 +297,25 @@ fn object_tenants(o: &Object, was: bool, state: &State, gone: &[(Kind, String, O
     out
 }
 
-/// An object as its audit record shows it: a certificate's private key
-/// as its SHA-256 alone, so a record tells a changed key without holding it.
-fn json(o: &Object) -> Value {
-    let mut v: Value = serde_json::from_slice(&o.to_json()).unwrap_or(Value::Null);
-    if let Object::Certificate(c) = o {
-        v["key_pem"] = Value::String(format!(
-            "(private key, sha256 {})",
-            hex(&sdn_proto::audit::sha256(c.key_pem.as_bytes()))
-        ));
+/// An object's JSON as its audit record shows it: as the store keeps it,
+/// but a certificate's private key as its SHA-256 alone, so a record tells
+/// a changed key without holding it.
+fn shown(o: &Object) -> Vec<u8> {
+    match o {
+        Object::Certificate(c) => Object::Certificate(sdn_policies::Certificate {
+            key_pem: format!(
+                "(private key, sha256 {})",
+                hex(&sdn_proto::audit::sha256(c.key_pem.as_bytes()))
+            ),
+            ..c.clone()
+        })
+        .to_json(),
+        _ => o.to_json(),
     }
-    v
+}
+
+fn json(o: &Object) -> Value {
+    serde_json::from_slice(&shown(o)).unwrap_or(Value::Null)
 }
 
 /// What changed between two versions of an object, field by field: a
@@ -392,11 +400,7 @@ pub fn content(before: &[(Kind, String, Option<Object>)], state: &State) -> Vec<
         // A whole object goes in as its JSON, as the store keeps it (the
         // same text serde_json makes of it as a value).
         let whole = |key: &str, o: &Object| {
-            // A certificate's key never goes in.
-            let j = match o {
-                Object::Certificate(_) => json(o).to_string().into_bytes(),
-                _ => o.to_json(),
-            };
+            let j = shown(o);
             let mut t = String::with_capacity(j.len() + key.len() + 5);
             t.push_str("{\"");
             t.push_str(key);
