@@ -37,6 +37,7 @@ PKGS=(
     chromium-headless-shell # the browser the topology page is checked in
     nginx-light         # backends behind the load balancers
     haproxy             # the peer of the load balancer's figures
+    nghttp2-client wrk  # h2load and wrk: HTTP/2 and HTTP/1.1 load on the HTTP proxy
     keepalived conntrackd # VRRP peers of the virtual IPs, and their figures' baseline
 )
 missing=()

@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod natsync;
 pub mod overlay;
+pub mod proxies;
 pub mod reconcile;
 pub mod records;
 pub mod testrun;

@@ -71,6 +71,26 @@ impl FlowArgs {
     }
 }
 
+/// The HTTP proxies of this host's proxy ports.
+#[derive(clap::Args)]
+struct ProxyArgs {
+    /// The proxy's binary (default: `sdn-l7lb` beside this one's, else on
+    /// PATH). Replacing it upgrades the running proxies without dropping
+    /// a connection.
+    #[arg(long = "l7lb-binary")]
+    binary: Option<PathBuf>,
+    /// Where each proxy's namespace name, configuration and certificate
+    /// files (keys among them, root's alone) are kept.
+    #[arg(long = "proxy-dir", default_value = "/run/sdn/proxies")]
+    root: PathBuf,
+    /// The MTU of the proxies' links (room left for the overlay's header).
+    #[arg(long = "proxy-mtu", default_value_t = 1450, value_parser = clap::value_parser!(u32).range(1280..=9000))]
+    mtu: u32,
+    /// How long a proxy being removed may drain its connections (seconds).
+    #[arg(long = "proxy-drain-secs", default_value_t = 60)]
+    drain: u64,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Watch the controller and enforce this host's share.
@@ -120,6 +140,8 @@ enum Cmd {
         flows: FlowArgs,
         #[command(flatten)]
         syslog: sdn_proto::syslog::SyslogArgs,
+        #[command(flatten)]
+        proxies: ProxyArgs,
     },
     /// Print drop and pass counters as JSON.
     Counters {
@@ -196,6 +218,7 @@ async fn main() -> anyhow::Result<()> {
             flow_sync_port,
             flows,
             syslog,
+            proxies,
         } => {
             let mut dp = dataplane::Dataplane::load_sized(&pin_dir, flow_table_size)
                 .with_context(|| format!("loading the dataplane under {}", pin_dir.display()))?;
@@ -236,6 +259,16 @@ async fn main() -> anyhow::Result<()> {
             agent.export(flow_settings.as_ref(), events, records)?;
             agent.start_mirroring(underlay_ip.map(std::net::IpAddr::V4))?;
             agent.start_usage()?;
+            agent
+                .start_proxies(sdn_agent::proxies::Settings {
+                    binary: proxies
+                        .binary
+                        .unwrap_or_else(sdn_agent::proxies::Settings::default_binary),
+                    root: proxies.root,
+                    mtu: proxies.mtu,
+                    drain: std::time::Duration::from_secs(proxies.drain),
+                })
+                .context("starting the HTTP proxies' supervision")?;
             agent
                 .start_vips(&pin_dir)
                 .context("starting the virtual IPs' VRRP speakers")?;

@@ -67,6 +67,9 @@ pub struct Agent {
     vips: Option<crate::vips::Vips>,
     /// Their flows, carried to the other holders.
     flow_sync: Option<crate::natsync::FlowSync>,
+    /// The HTTP proxies of this host's proxy ports (started with the
+    /// runtime).
+    proxies: Option<crate::proxies::Proxies>,
 }
 
 /// What an agent makes of its flow table's passes.
@@ -134,6 +137,7 @@ impl Agent {
             usage: Default::default(),
             vips: None,
             flow_sync: None,
+            proxies: None,
         })
     }
 
@@ -152,6 +156,12 @@ impl Agent {
 
     /// Starts the VRRP speakers' manager for the virtual IPs this host
     /// holds (within a runtime).
+    /// Runs the HTTP proxies of this host's proxy ports.
+    pub fn start_proxies(&mut self, settings: crate::proxies::Settings) -> anyhow::Result<()> {
+        self.proxies = Some(crate::proxies::Proxies::new(&self.host, settings)?);
+        Ok(())
+    }
+
     pub fn start_vips(&mut self, pin_dir: &std::path::Path) -> anyhow::Result<()> {
         self.vips = Some(crate::vips::Vips::start(
             self.host.clone(),
@@ -298,6 +308,12 @@ impl Agent {
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         let started = std::time::Instant::now();
+        // The proxies' devices first: their ports are enforced in this
+        // same pass.
+        let proxied = match &mut self.proxies {
+            Some(p) if tokio::runtime::Handle::try_current().is_ok() => p.sync(&self.resources),
+            _ => Default::default(),
+        };
         let mut desired = self.compiler.compile(&self.resources, &dataplane::ifindex, now_ms)?;
         let compiled = started.elapsed();
         // A device whose addresses cannot be listed keeps the ones enforced.
@@ -313,6 +329,8 @@ impl Agent {
                     .collect()
             }
         });
+        desired.rejected.extend(proxied.problems);
+        desired.missing_devices.extend(proxied.waiting);
         let want: BTreeSet<u32> = desired.ports.keys().copied().collect();
         // Detach from devices that are no longer ports before their entries go.
         let gone: BTreeSet<u32> = self
@@ -627,6 +645,10 @@ impl Agent {
                     }
                 }
                 _ = collect.tick() => {
+                    if self.proxies.as_ref().is_some_and(|p| p.binary_changed()) {
+                        tracing::info!("the HTTP proxy's binary changed: upgrading the proxies");
+                        pending = true;
+                    }
                     if self.uplink_addresses_moved() {
                         tracing::info!("an uplink's addresses changed: enforcing them");
                         pending = true;

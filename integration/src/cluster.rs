@@ -38,6 +38,20 @@ pub struct Cluster {
     pub agent_extra: Vec<String>,
 }
 
+/// Agents stop first, then the HTTP proxies they ran (which outlive an
+/// agent by design; their namespaces go with them).
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.agents.clear();
+        for ns in self.proxy_slots() {
+            for pid in self.proxy_pids(&ns) {
+                // SAFETY: kill(2) of a proxy this run's agents started.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
 /// The identity the harness provisions as on a secured controller.
 pub const PLATFORM: &str = "sdn://platform/integration";
 /// The identity of `sdnctl` in a secured run.
@@ -198,6 +212,43 @@ impl Cluster {
         self.respawn_controller()
     }
 
+    /// Where the agents keep their HTTP proxies' slots (each slot's
+    /// namespace has the slot's name).
+    pub fn proxy_dir(&self) -> PathBuf {
+        self.dir.join("proxies")
+    }
+
+    /// The processes running the HTTP proxy of `slot` (those whose
+    /// command line names its directory).
+    pub fn proxy_pids(&self, slot: &str) -> std::collections::BTreeSet<u32> {
+        let needle = self.proxy_dir().join(slot).join("config.json").display().to_string();
+        std::fs::read_dir("/proc")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                    .filter(|pid| {
+                        std::fs::read(format!("/proc/{pid}/cmdline"))
+                            .is_ok_and(|c| c.split(|b| *b == 0).any(|a| a == needle.as_bytes()))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The slots of the HTTP proxies the agents run, by name.
+    pub fn proxy_slots(&self) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(self.proxy_dir())
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| n.starts_with("sdnl7-"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+
     pub fn pin_dir(&self, host: &str) -> PathBuf {
         self.bpffs.path.join(host)
     }
@@ -209,7 +260,12 @@ impl Cluster {
     /// Starts a host's agent with `more` arguments after the lab's own.
     pub fn start_agent_with(&mut self, topo: &Topology, host: &str, more: &[&str]) -> anyhow::Result<()> {
         let underlay = topo.underlay_ip(host);
-        let mut args = vec!["--underlay-ip".to_string(), underlay];
+        let mut args = vec![
+            "--underlay-ip".to_string(),
+            underlay,
+            "--proxy-dir".to_string(),
+            self.proxy_dir().display().to_string(),
+        ];
         args.extend(self.agent_extra.iter().map(|a| a.replace("{host}", host)));
         args.extend(more.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -84,6 +84,14 @@ impl Activity {
         (since(&self.last_end_ms) > limits.idle).then_some("idle")
     }
 
+    /// Resolves once the connection began a request, or after `grace`.
+    pub async fn first_request(&self, grace: Duration) {
+        let until = tokio::time::Instant::now() + grace;
+        while self.requests.load(Ordering::Relaxed) == 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Resolves when the connection should be closed, with why.
     pub async fn watch(&self, limits: Limits) -> &'static str {
         loop {

@@ -48,6 +48,9 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// TLS handshakes not done within this end.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// When the proxy stops accepting, a connection that has not begun a
+/// request yet is given this long to (its request may be on the way).
+pub const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
 /// Idle kept-alive connections to members are closed after this.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// HTTP/2 clients are pinged this often, and dropped when a ping is not
@@ -433,10 +436,20 @@ async fn accept(
                             tracing::debug!(client = %peer, why, "connection closed");
                         }
                         _ = async { let _ = stopped.wait_for(|s| *s).await; } => {
-                            c.as_mut().graceful_shutdown();
-                            tokio::select! {
-                                _ = c.as_mut() => {}
-                                _ = activity.watch(limits) => {}
+                            // A connection taken just before the stop may
+                            // have its first request on the way: it is read
+                            // and answered before the connection is let go
+                            // (HTTP/1.1 would close it at once, unanswered).
+                            let done = tokio::select! {
+                                _ = c.as_mut() => true,
+                                _ = activity.first_request(FIRST_REQUEST_GRACE) => false,
+                            };
+                            if !done {
+                                c.as_mut().graceful_shutdown();
+                                tokio::select! {
+                                    _ = c.as_mut() => {}
+                                    _ = activity.watch(limits) => {}
+                                }
                             }
                         }
                     }
