@@ -542,9 +542,11 @@ fn new_netns() -> Result<std::fs::File, String> {
     .map_err(|_| "making a network namespace panicked".to_string())?
 }
 
-/// The processes running the slot's proxy: those whose command line
-/// names its configuration.
+/// The processes running the slot's proxy: root's, whose command line
+/// names its configuration. (Another user's process naming it could
+/// otherwise have its namespace taken for the proxy's.)
 fn slot_pids(slot: &Slot) -> Vec<libc::pid_t> {
+    use std::os::unix::fs::MetadataExt as _;
     let config = slot.config();
     let needle = config.as_os_str().as_encoded_bytes();
     let Ok(procs) = std::fs::read_dir("/proc") else {
@@ -553,6 +555,7 @@ fn slot_pids(slot: &Slot) -> Vec<libc::pid_t> {
     let mut out: Vec<libc::pid_t> = procs
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<libc::pid_t>().ok())
+        .filter(|pid| std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|m| m.uid() == 0))
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.split(|b| *b == 0).any(|arg| arg == needle))
         })
@@ -630,7 +633,7 @@ fn plumb(slot: &Slot, netns: &std::fs::File, p: &Plumbing, mtu: u32, adopted: bo
     if alias.is_none() || !adopted {
         let ns = format!("/proc/{}/fd/{}", std::process::id(), netns.as_raw_fd());
         ip(&[
-            "link", "add", &p.device, "type", "veth", "peer", "name", INNER, "netns", &ns,
+            "link", "add", "name", &p.device, "type", "veth", "peer", "name", INNER, "netns", &ns,
         ])?;
         ip(&["link", "set", "dev", &p.device, "alias", &slot.alias()])?;
     }
