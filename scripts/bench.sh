@@ -33,6 +33,7 @@ run() {
 run "per-packet cost and rule-count scaling" "$bin/bench_rules" "${smoke_args[@]}"
 run "the load balancer's per-packet cost" "$bin/bench_lb" "${smoke_args[@]}"
 run "the load balancer against nftables DNAT and haproxy" "$bin/lb_compare"
+run "the HTTP proxy against nginx and haproxy, one core each" "$bin/l7_compare"
 run "a virtual IP's failover gap against keepalived" "$bin/vip_failover"
 run "iptables / nftables, stateful" "$bin/firewall_compare"
 run "iptables / nftables, every packet a new flow" env NEW_FLOWS=1 "$bin/firewall_compare"

@@ -204,18 +204,22 @@ fn health(h: &pb::HealthCheck) -> px::Health {
 }
 
 /// An id as a name of the proxy's (letters, digits, `-` and `_`, at most
-/// 50 bytes).
+/// 40 bytes: room for the place before it and `-v6` after, within the
+/// proxy's 50). Names must not meet: an id that does not pass as it is
+/// (`m.1` beside `m_1`, or too long) is cut and followed by a hash of it
+/// whole. A name stays the same for the same id, so persistence cookies
+/// (the member's name) hold across reloads and proxies.
 fn name(id: &str) -> String {
-    id.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .take(50)
-        .collect()
+    let kept = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    if id.len() <= 40 && id.chars().all(kept) {
+        return id.to_string();
+    }
+    let head: String = id.chars().map(|c| if kept(c) { c } else { '_' }).take(23).collect();
+    // FNV-1a, 64 bits: stable across releases.
+    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{head}-{h:016x}")
 }
 
 #[cfg(test)]
@@ -323,7 +327,7 @@ mod tests {
         let c = px::Config::parse(&text).unwrap();
         assert_eq!(c.listeners.len(), 2, "IPv4 and IPv6");
         let l = &c.listeners[0];
-        assert_eq!(l.name, "0-portal_https");
+        assert!(l.name.starts_with("0-portal_https-"), "{}", l.name);
         assert_eq!(l.listen, "0.0.0.0:443".parse().unwrap());
         assert_eq!(c.listeners[1].listen, "[::]:443".parse().unwrap());
         let certs = &l.tls.as_ref().unwrap().certificates;
@@ -338,7 +342,7 @@ mod tests {
             .any(|f| f.path == Path::new("/run/p/listener0-certificate0.crt") && f.text == "CERT second"));
         assert_eq!(c.pools.len(), 1);
         let p = &c.pools[0];
-        assert_eq!(p.name, "0-web_1");
+        assert!(p.name.starts_with("0-web_1-"), "{}", p.name);
         assert_eq!(p.members.len(), 1, "disabled and draining members take no request");
         assert_eq!(p.members[0].address, "10.1.0.11:8080".parse().unwrap());
         assert_eq!(p.scheduler, px::Scheduler::HashCookie("SESSION".into()));
@@ -348,7 +352,13 @@ mod tests {
             (h.path.as_str(), h.status.clone()),
             ("/healthz", vec![200, 201, 202, 203, 204])
         );
-        assert!(matches!(&l.rules[0].action, px::Action::Pool(n) if n == "0-web_1"));
+        assert!(matches!(&l.rules[0].action, px::Action::Pool(n) if *n == p.name));
+        // Ids that would meet once made names stay apart; one that passes
+        // as it is stays itself.
+        assert_ne!(name("m.1"), name("m_1"));
+        assert_eq!(name("m_1"), "m_1");
+        assert_ne!(name(&"a".repeat(60)), name(&"a".repeat(61)));
+        assert!(name(&"a".repeat(60)).len() <= 40);
         assert!(matches!(&l.rules[1].action, px::Action::Respond { status: 503, .. }));
         // The empty default pool: a last rule answers 503.
         assert_eq!(l.default_pool, None);

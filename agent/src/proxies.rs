@@ -201,6 +201,26 @@ pub struct Synced {
 
 impl Proxies {
     pub fn new(host: &str, settings: Settings) -> anyhow::Result<Proxies> {
+        use std::os::unix::fs::MetadataExt as _;
+        // Absolute: the proxy runs in its slot's directory, and its
+        // processes are known by the paths they were given.
+        anyhow::ensure!(
+            settings.root.is_absolute(),
+            "--proxy-dir {} is not an absolute path",
+            settings.root.display()
+        );
+        anyhow::ensure!(
+            settings.binary.is_absolute() || settings.binary.components().count() == 1,
+            "--l7lb-binary {} is neither an absolute path nor a name on PATH",
+            settings.binary.display()
+        );
+        if let Ok(m) = std::fs::symlink_metadata(&settings.root) {
+            anyhow::ensure!(
+                m.is_dir() && m.uid() == 0,
+                "the proxies' directory {} is not a directory of root's (a link, or another user's): keys are written there",
+                settings.root.display()
+            );
+        }
         std::fs::create_dir_all(&settings.root)
             .and_then(|()| std::fs::set_permissions(&settings.root, std::fs::Permissions::from_mode(0o700)))
             .map_err(|e| anyhow::anyhow!("the proxies' directory {}: {e}", settings.root.display()))?;
@@ -542,13 +562,18 @@ fn new_netns() -> Result<std::fs::File, String> {
     .map_err(|_| "making a network namespace panicked".to_string())?
 }
 
-/// The processes running the slot's proxy: root's, whose command line
-/// names its configuration. (Another user's process naming it could
-/// otherwise have its namespace taken for the proxy's.)
+/// The processes running the slot's proxy: root's, running a binary
+/// named `sdn-l7lb` (replaced on disk or not) with `--config` the slot's
+/// configuration, in a network namespace that is neither this agent's nor
+/// the host's first process's. Anything else naming the file (an editor,
+/// a pager, another user's process) is never taken for the proxy, nor
+/// signalled.
 fn slot_pids(slot: &Slot) -> Vec<libc::pid_t> {
     use std::os::unix::fs::MetadataExt as _;
     let config = slot.config();
     let needle = config.as_os_str().as_encoded_bytes();
+    let netns_of = |pid: &str| std::fs::metadata(format!("/proc/{pid}/ns/net")).ok().map(|m| m.ino());
+    let not_theirs = [netns_of("self"), netns_of("1")];
     let Ok(procs) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -557,7 +582,21 @@ fn slot_pids(slot: &Slot) -> Vec<libc::pid_t> {
         .filter_map(|e| e.file_name().to_str()?.parse::<libc::pid_t>().ok())
         .filter(|pid| std::fs::metadata(format!("/proc/{pid}")).is_ok_and(|m| m.uid() == 0))
         .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.split(|b| *b == 0).any(|arg| arg == needle))
+            std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| {
+                exe.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n == "sdn-l7lb" || n.starts_with("sdn-l7lb "))
+            })
+        })
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+                args.windows(2).any(|w| w[0] == b"--config" && w[1] == needle)
+            })
+        })
+        .filter(|pid| {
+            let ns = netns_of(&pid.to_string());
+            ns.is_some() && !not_theirs.contains(&ns)
         })
         .collect();
     out.sort();
@@ -589,10 +628,18 @@ async fn stop_pids(slot: &Slot, grace: Duration) {
 async fn take_down(slot: Slot, device: String) {
     let port = slot.port.clone();
     let done = tokio::task::spawn_blocking(move || {
+        // Keys first. The device may be gone already (with the namespace,
+        // once its last process left): only one still marked as this
+        // slot's is removed.
+        let removed = std::fs::remove_dir_all(&slot.dir).map_err(|e| format!("{}: {e}", slot.dir.display()));
         if !device.is_empty() && device_alias(&device).ok().flatten().as_deref() == Some(slot.alias().as_str()) {
-            ip(&["link", "del", "dev", &device])?;
+            if let Err(e) = ip(&["link", "del", "dev", &device]) {
+                if device_alias(&device).ok().flatten().is_some() {
+                    return Err(e);
+                }
+            }
         }
-        std::fs::remove_dir_all(&slot.dir).map_err(|e| format!("{}: {e}", slot.dir.display()))
+        removed
     })
     .await;
     match done {

@@ -70,6 +70,9 @@ pub struct Agent {
     /// The HTTP proxies of this host's proxy ports (started with the
     /// runtime).
     proxies: Option<crate::proxies::Proxies>,
+    /// A proxy failed to be set up, or waits for its old slot: tried
+    /// again on the next collection tick whatever the ack said.
+    proxies_retry: bool,
 }
 
 /// What an agent makes of its flow table's passes.
@@ -138,6 +141,7 @@ impl Agent {
             vips: None,
             flow_sync: None,
             proxies: None,
+            proxies_retry: false,
         })
     }
 
@@ -329,6 +333,7 @@ impl Agent {
                     .collect()
             }
         });
+        self.proxies_retry = !proxied.problems.is_empty() || !proxied.waiting.is_empty();
         desired.rejected.extend(proxied.problems);
         desired.missing_devices.extend(proxied.waiting);
         let want: BTreeSet<u32> = desired.ports.keys().copied().collect();
@@ -645,6 +650,9 @@ impl Agent {
                     }
                 }
                 _ = collect.tick() => {
+                    if self.proxies_retry {
+                        pending = true;
+                    }
                     if self.proxies.as_ref().is_some_and(|p| p.binary_changed()) {
                         tracing::info!("the HTTP proxy's binary changed: upgrading the proxies");
                         pending = true;

@@ -2003,7 +2003,8 @@ fn last_address(n: IpNetwork) -> IpAddr {
     }
 }
 
-/// Checks a Linux interface name: 1-15 bytes, no '/', whitespace or ':'.
+/// Checks a Linux interface name: 1-15 bytes, no '/', whitespace, ':'
+/// or '%' (which the kernel would expand into a name of its choosing).
 pub fn check_device(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > 15 {
         return Err(format!("{name:?} is not 1-15 bytes long"));
@@ -2012,7 +2013,7 @@ pub fn check_device(name: &str) -> Result<(), String> {
         || name == ".."
         || name
             .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+            .any(|c| c == '/' || c == ':' || c == '%' || c.is_whitespace() || c.is_control())
     {
         return Err(format!("{name:?} is not a valid interface name"));
     }

@@ -88,7 +88,7 @@ impl Activity {
     pub async fn first_request(&self, grace: Duration) {
         let until = tokio::time::Instant::now() + grace;
         while self.requests.load(Ordering::Relaxed) == 0 && tokio::time::Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
 
