@@ -215,11 +215,15 @@ fn name(id: &str) -> String {
         return id.to_string();
     }
     let head: String = id.chars().map(|c| if kept(c) { c } else { '_' }).take(23).collect();
-    // FNV-1a, 64 bits: stable across releases.
-    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    format!("{head}-{h:016x}")
+    format!("{head}-{:016x}", fnv1a64(id.as_bytes()))
+}
+
+/// FNV-1a, 64 bits: stable across restarts and releases, for names that
+/// must stay the same (proxies' member names, slots).
+pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]

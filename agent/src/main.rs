@@ -79,8 +79,8 @@ struct ProxyArgs {
     /// a connection.
     #[arg(long = "l7lb-binary")]
     binary: Option<PathBuf>,
-    /// Where each proxy's namespace name, configuration and certificate
-    /// files (keys among them, root's alone) are kept.
+    /// Where each proxy's configuration and certificate files (keys among
+    /// them, root's alone) are kept; an absolute path.
     #[arg(long = "proxy-dir", default_value = "/run/sdn/proxies")]
     root: PathBuf,
     /// The MTU of the proxies' links (room left for the overlay's header).

@@ -83,7 +83,7 @@ impl Settings {
 /// A proxy port's place on this host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Slot {
-    /// The namespace's and the directory's name.
+    /// The directory's name (the namespace is named nowhere).
     name: String,
     dir: PathBuf,
     port: String,
@@ -91,14 +91,7 @@ struct Slot {
 
 impl Slot {
     fn of(root: &Path, host: &str, port: &str) -> Slot {
-        // FNV-1a, 64 bits: stable across restarts and releases.
-        let h = host
-            .bytes()
-            .chain([0])
-            .chain(port.bytes())
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-            });
+        let h = crate::l7::fnv1a64(format!("{host}\0{port}").as_bytes());
         let name = format!("sdnl7-{:012x}", h >> 16);
         Slot {
             dir: root.join(&name),
@@ -175,7 +168,7 @@ struct Running {
     /// A digest of the configuration and files last written.
     written: u64,
     /// The binary as last started (device, inode, modified).
-    binary: Option<(u64, u64, i64, i64)>,
+    binary: Option<BinaryId>,
     tx: mpsc::UnboundedSender<Cmd>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -240,11 +233,6 @@ impl Proxies {
         now.is_some() && self.running.values().any(|r| r.binary != now)
     }
 
-    /// The ports whose proxies run (for tests and metrics).
-    pub fn ports(&self) -> Vec<String> {
-        self.running.keys().cloned().collect()
-    }
-
     /// Makes the running proxies those of `resources`. Runs within the
     /// agent's runtime.
     pub fn sync(&mut self, resources: &crate::compile::Resources) -> Synced {
@@ -281,6 +269,7 @@ impl Proxies {
                 self.stopping.insert(r.slot.name.clone(), r.task);
             }
         }
+        let binary = binary_id(&self.settings.binary);
         for (port, p) in wanted {
             let slot = Slot::of(&self.settings.root, &self.host, port);
             if self.stopping.contains_key(&slot.name) {
@@ -288,7 +277,7 @@ impl Proxies {
                     .push((port.to_string(), "its previous proxy is still stopping".into()));
                 continue;
             }
-            if let Err(e) = self.one(&slot, p) {
+            if let Err(e) = self.one(&slot, p, binary) {
                 tracing::error!(port = %port, error = %e, "HTTP proxy not set up; the port fails closed");
                 out.problems.push(format!("HTTP proxy on port {port}: {e}"));
             }
@@ -297,11 +286,11 @@ impl Proxies {
     }
 
     /// Sets up, reconfigures or upgrades one port's proxy.
-    fn one(&mut self, slot: &Slot, p: &pb::HttpProxyOnHost) -> Result<(), String> {
+    /// `binary` is the proxy's binary on disk as this pass found it.
+    fn one(&mut self, slot: &Slot, p: &pb::HttpProxyOnHost, binary: Option<BinaryId>) -> Result<(), String> {
         let plumbing = Plumbing::of(p)?;
         let (config, files) = crate::l7::proxy_config(p, &slot.dir)?;
         let digest = digest(&config, &files);
-        let binary = binary_id(&self.settings.binary);
         if let Some(r) = self.running.get_mut(&slot.port) {
             if r.written != digest {
                 write_slot(slot, &config, &files)?;
@@ -831,7 +820,10 @@ fn digest(config: &str, files: &[crate::l7::ProxyFile]) -> u64 {
 }
 
 /// What identifies the binary on disk: replaced, it differs.
-fn binary_id(path: &Path) -> Option<(u64, u64, i64, i64)> {
+/// A file's device, inode and modification time.
+type BinaryId = (u64, u64, i64, i64);
+
+fn binary_id(path: &Path) -> Option<BinaryId> {
     use std::os::unix::fs::MetadataExt as _;
     let found = if path.components().count() == 1 {
         std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(path)).find(|c| c.exists()))?

@@ -158,14 +158,14 @@ impl Agent {
         Ok(())
     }
 
-    /// Starts the VRRP speakers' manager for the virtual IPs this host
-    /// holds (within a runtime).
     /// Runs the HTTP proxies of this host's proxy ports.
     pub fn start_proxies(&mut self, settings: crate::proxies::Settings) -> anyhow::Result<()> {
         self.proxies = Some(crate::proxies::Proxies::new(&self.host, settings)?);
         Ok(())
     }
 
+    /// Starts the VRRP speakers' manager for the virtual IPs this host
+    /// holds (within a runtime).
     pub fn start_vips(&mut self, pin_dir: &std::path::Path) -> anyhow::Result<()> {
         self.vips = Some(crate::vips::Vips::start(
             self.host.clone(),

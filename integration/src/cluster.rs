@@ -212,8 +212,7 @@ impl Cluster {
         self.respawn_controller()
     }
 
-    /// Where the agents keep their HTTP proxies' slots (each slot's
-    /// namespace has the slot's name).
+    /// Where the agents keep their HTTP proxies' slots.
     pub fn proxy_dir(&self) -> PathBuf {
         self.dir.join("proxies")
     }
